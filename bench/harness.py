@@ -1,0 +1,306 @@
+"""Shared benchmark harness: providers x modes (forward / backward / full), median of repeats,
+peak extra memory, max error against an fp64 reference, machine-readable JSON rows.
+
+A benchmark script builds inputs once per shape, lists :class:`Provider` objects (ours, the
+torch reference, peers such as Liger when installed) and calls :func:`run_case`. Each row
+records the device, library versions and git commit so results in ``bench/results/`` can be
+compared across runs. Speed is only compared as ratios within one run.
+
+Memory: on CUDA, ``max_memory_allocated`` above the allocation before the call. On CPU, the
+Linux peak-RSS counter (``VmHWM``) reset through ``/proc/self/clear_refs`` before the call,
+with glibc's mmap threshold lowered so freed blocks go back to the OS between measurements.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+MODES = ("forward", "backward", "full")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass
+class Provider:
+    """One implementation under test. ``fn(**inputs)`` returns a tensor or a tuple of tensors;
+    the first tensor is compared to the reference, all floating outputs feed the backward."""
+
+    name: str
+    fn: Callable[..., Any]
+    #: returns why this provider cannot run here (shown in the table), or None
+    missing: Callable[[], str | None] = lambda: None
+
+
+# ----------------------------------------------------------------------------- environment
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                       cwd=Path(__file__).parent, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "git_commit": _git_commit(), "host": platform.node()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        env["device"] = f"cpu ({os.cpu_count()} cores)"
+    return env
+
+
+# ----------------------------------------------------------------------------- timing, memory
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, reps: int = 5,
+            setup: Callable[[], Any] | None = None) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU). ``setup`` runs before
+    each repeat, outside the timed region."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+_MALLOC_TUNED = False
+
+
+def _tune_glibc_malloc() -> None:
+    """Make freed large blocks return to the OS so the RSS peak of one call is not hidden by
+    memory a previous call left in the heap (M_MMAP_THRESHOLD = -3)."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    except OSError:
+        pass
+    _MALLOC_TUNED = True
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak memory above what was allocated before ``fn`` ran (outputs kept alive count)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak
+    if sys.platform != "linux":
+        return None
+    _tune_glibc_malloc()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    out = fn()
+    peak = (_status_kib("VmHWM") - base) * 1024
+    del out
+    return max(peak, 0)
+
+
+# ----------------------------------------------------------------------------- one case
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _float_outputs(out: Any) -> list[torch.Tensor]:
+    return [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
+
+
+def _backward_loss(out: Any, weights: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A scalar that gives every floating output a fixed random upstream gradient."""
+    total = None
+    for i, t in enumerate(_float_outputs(out)):
+        if i not in weights:
+            g = torch.Generator(device="cpu").manual_seed(1234 + i)
+            weights[i] = torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device)
+        term = (t.float() * weights[i]).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise RuntimeError("provider output has nothing to differentiate")
+    return total
+
+
+def run_case(
+    op: str,
+    shape: dict,
+    inputs: dict[str, Any],
+    providers: Sequence[Provider],
+    *,
+    modes: Iterable[str] = MODES,
+    reference: torch.Tensor | None = None,
+    flops: dict[str, float] | None = None,
+    bytes_moved: dict[str, float] | None = None,
+    warmup: int = 2,
+    reps: int = 5,
+    measure_memory: bool = True,
+) -> list[dict]:
+    """Benchmark every provider in every mode on the same ``inputs``; return one row each.
+
+    ``reference`` is the fp64 answer the first output is compared with. ``flops`` /
+    ``bytes_moved`` per mode turn times into TFLOP/s and GB/s.
+    """
+    device = next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
+    grad_leaves = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    env = environment()
+    rows = []
+    for p in providers:
+        why = p.missing()
+        if why is not None:
+            rows.append({"op": op, "provider": p.name, "shape": shape, "skipped": why, **env})
+            continue
+        weights: dict[int, torch.Tensor] = {}
+
+        def clear_grads():
+            for leaf in grad_leaves:
+                leaf.grad = None
+
+        def forward():
+            with torch.no_grad() if not grad_leaves else torch.enable_grad():
+                return p.fn(**inputs)
+
+        def full():
+            out = p.fn(**inputs)
+            _backward_loss(out, weights).backward()
+            return out
+
+        err = None
+        if reference is not None:
+            with torch.no_grad():
+                first = _tensors(p.fn(**inputs))[0]
+            err = (first.double() - reference.double().to(first.device)).abs().max().item()
+        for mode in modes:
+            if mode != "forward" and not grad_leaves:
+                continue
+            state: dict[str, Any] = {}
+            if mode == "forward":
+                fn, setup = (lambda: _run_no_grad(p, inputs)), None
+            elif mode == "full":
+                fn, setup = full, clear_grads
+            else:
+                def setup():
+                    clear_grads()
+                    state["loss"] = _backward_loss(p.fn(**inputs), weights)
+
+                def fn():
+                    state["loss"].backward()
+            try:
+                ms = time_ms(fn, device, warmup=warmup, reps=reps, setup=setup)
+                if measure_memory:
+                    if setup:
+                        setup()
+                    mem = peak_extra_bytes(fn, device)
+                else:
+                    mem = None
+            except torch.OutOfMemoryError as e:  # a provider that cannot fit is a result too
+                rows.append({"op": op, "provider": p.name, "mode": mode, "shape": shape,
+                             "skipped": f"out of memory: {str(e).splitlines()[0]}", **env})
+                continue
+            row = {"op": op, "provider": p.name, "mode": mode, "shape": shape, "ms": ms,
+                   "peak_extra_mib": None if mem is None else mem / 2**20,
+                   "max_abs_err": err, **env,
+                   "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            if flops and mode in flops:
+                row["tflops"] = flops[mode] / (ms * 1e-3) / 1e12
+            if bytes_moved and mode in bytes_moved:
+                row["gbps"] = bytes_moved[mode] / (ms * 1e-3) / 1e9
+            rows.append(row)
+            clear_grads()
+        del weights
+    return rows
+
+
+def _run_no_grad(p: Provider, inputs: dict[str, Any]):
+    with torch.no_grad():
+        return p.fn(**inputs)
+
+
+# ----------------------------------------------------------------------------- output
+
+def print_table(rows: Sequence[dict], extra: Sequence[str] = ()) -> None:
+    cols = ["provider", "mode", "shape", "ms", "tflops", "gbps", "peak_extra_mib", "max_abs_err",
+            *extra]
+    present = [c for c in cols if any(c in r for r in rows)]
+    print(" | ".join(present))
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['provider']} | skipped: {r['skipped']}")
+            continue
+        cells = []
+        for c in present:
+            v = r.get(c)
+            if isinstance(v, float):
+                cells.append(f"{v:.3g}" if c != "ms" else f"{v:.3f}")
+            elif isinstance(v, dict):
+                cells.append(",".join(f"{k}={x}" for k, x in v.items()))
+            else:
+                cells.append("" if v is None else str(v))
+        print(" | ".join(cells))
+
+
+def save_rows(rows: Sequence[dict], name: str, out_dir: Path | None = None) -> Path:
+    """Write rows to ``bench/results/<name>.json`` atomically; returns the path."""
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(list(rows), indent=1, default=str))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,100 @@
+"""Choosing an implementation for an op: ``impl="auto"|"torch"|"triton"|"cuda"``.
+
+Every public op takes ``impl``. ``"torch"`` is the pure-PyTorch reference, available
+everywhere. ``"triton"`` needs the ``triton`` package and either a CUDA tensor or the Triton
+interpreter (``TRITON_INTERPRET=1``, how CI runs kernels on a CPU). ``"cuda"`` needs a CUDA
+tensor and the just-in-time built extension of ``csrc/``. ``"auto"`` picks the fastest path
+that is present for the tensor's device: cuda > triton > torch on a GPU, torch on a CPU (the
+interpreter is 1000x slower than torch, so it is only used when asked for).
+
+Asking for a path that is not there raises :class:`ImplUnavailableError` naming what is missing,
+never a silent fallback. The chosen path is logged once per op.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from typing import Callable, Iterable
+
+import torch
+
+log = logging.getLogger("r1fast.ops")
+
+IMPLS = ("auto", "torch", "triton", "cuda")
+
+
+class ImplUnavailableError(RuntimeError):
+    """The requested implementation of an op cannot run here; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_missing(device: torch.device) -> str | None:
+    """Why Triton cannot run on ``device``, or None when it can."""
+    if not triton_importable():
+        return "the `triton` package is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpret():
+        return None
+    return (f"Triton kernels need CUDA tensors (got device {device.type!r}); on a CPU set "
+            "TRITON_INTERPRET=1 before the first launch to use the (slow) interpreter")
+
+
+def cuda_missing(device: torch.device, op: str) -> str | None:
+    """Why the CUDA extension cannot run ``op`` on ``device``, or None when it can."""
+    if device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors (got device {device.type!r})"
+    from r1fast.ops import _cuda_ext  # local: building the extension is expensive
+
+    return _cuda_ext.missing(op)
+
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def resolve_impl(
+    op: str,
+    impl: str,
+    device: torch.device,
+    supported: Iterable[str] = ("torch",),
+) -> str:
+    """Return the concrete implementation (``torch``/``triton``/``cuda``) to run ``op`` with.
+
+    ``supported`` lists the implementations that ``op`` has. Raises ``ValueError`` for an unknown
+    ``impl`` and :class:`ImplUnavailableError` when the requested one cannot run here.
+    """
+    supported = tuple(supported)
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    checks: dict[str, Callable[[], str | None]] = {
+        "torch": lambda: None,
+        "triton": lambda: triton_missing(device),
+        "cuda": lambda: cuda_missing(device, op),
+    }
+    if impl == "auto":
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+        chosen = next(i for i in order if i in supported and checks[i]() is None)
+    else:
+        if impl not in supported:
+            raise ImplUnavailableError(
+                f"{op}: impl={impl!r} is not implemented for this op; available: {supported}")
+        why = checks[impl]()
+        if why is not None:
+            raise ImplUnavailableError(f"{op}: impl={impl!r} is unavailable: {why}")
+        chosen = impl
+    key = (op, impl, chosen)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("r1fast.ops.%s: impl=%s -> %s on %s", op, impl, chosen, device.type)
+    return chosen

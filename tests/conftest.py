@@ -1,0 +1,20 @@
+"""Test-wide setup. Without a GPU, Triton kernels run in the interpreter; the variable must be
+set before the first kernel launch, so it is set here, before any test imports a kernel."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
