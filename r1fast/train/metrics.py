@@ -1,0 +1,72 @@
+"""Run metrics: one JSON line per step (``metrics.jsonl``), TensorBoard scalars, a progress bar.
+
+Only rank 0 writes. JSONL is the machine-readable record (plots, tests, resume checks);
+TensorBoard is for people; the progress bar shows the latest reward and accuracy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+
+def _scalar(v) -> float:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().item())
+    return float(v)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 total_steps: int | None = None, progress: bool = True, initial_step: int = 0,
+                 desc: str = "grpo"):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._bar = None
+        self._file = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> dict:
+        row = {"step": step, "time": time.time()}
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        if not self.enabled:
+            return row
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            shown = {k: f"{row[k]:.3g}" for k in ("reward_mean", "accuracy", "loss", "kl")
+                     if k in row}
+            self._bar.set_postfix(shown)
+            self._bar.update(1)
+        return row
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from r1fast.rollout.sampler import SamplingConfig, filter_logits, generate, sample_tokens
+
+
+class ToyDecoder:
+    """A causal 'model' whose next-token logits depend on the whole prefix (sum of embeddings),
+    with a KV cache (the running prefix) so cached stepping can be checked against recompute."""
+
+    def __init__(self, vocab=11, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(vocab, vocab, generator=g)
+        self.calls = 0
+
+    def full_logits(self, tokens):  # [B, n] -> [B, n, V]
+        return torch.cumsum(self.emb[tokens], dim=1) + 0.3 * torch.arange(tokens.shape[1])[None, :, None]
+
+    def reset(self, batch, max_len):
+        self.cache = torch.zeros(batch, 0, dtype=torch.long)
+
+    def step(self, tokens, offset):
+        assert offset == self.cache.shape[1], "tokens must be fed contiguously"
+        self.cache = torch.cat([self.cache, tokens], 1)
+        self.calls += 1
+        return self.full_logits(self.cache)[:, offset:]
+
+
+def test_generate_matches_recompute_and_respects_prompts():
+    dec = ToyDecoder()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    cfg = SamplingConfig(temperature=0.7, max_new_tokens=6, stop_token_ids=(10,))
+    out = generate(dec, prompts, cfg, eos_token_id=0, generator=torch.Generator().manual_seed(1))
+    for p, c, lp, tr in zip(prompts, out.completion_ids, out.logprobs, out.truncated):
+        assert 1 <= len(c) <= 6 and len(lp) == len(c)
+        seq = torch.tensor([p + c])
+        ref = torch.log_softmax(dec.full_logits(seq)[0, len(p) - 1: -1] / 0.7, -1)
+        ref_lp = ref.gather(-1, torch.tensor(c)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lp), ref_lp)
+        stopped = c[-1] in (0, 10)
+        assert tr == (not stopped)
+        assert all(t not in (0, 10) for t in c[:-1])
+
+
+def test_greedy_is_argmax():
+    dec = ToyDecoder()
+    out = generate(dec, [[1, 2]], SamplingConfig(temperature=0, max_new_tokens=4), eos_token_id=99)
+    seq = [1, 2]
+    for _ in range(4):
+        seq.append(int(dec.full_logits(torch.tensor([seq]))[0, -1].argmax()))
+    assert out.completion_ids[0] == seq[2:]
+    assert out.truncated == [True]
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 1.0, 2)[0, 2:]).all()
+    kept = ~torch.isinf(filter_logits(logits, 0.8, 0))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = ~torch.isinf(filter_logits(logits, 0.81, 0))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_sampling_frequencies_follow_truncated_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(20000, 1)
+    tok, lp = sample_tokens(logits, SamplingConfig(top_p=0.8), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=4).float() / tok.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.02, rtol=0)
+    # recorded log-probs are of the untruncated distribution
+    assert torch.allclose(lp[tok == 0], torch.log(torch.tensor(0.5)))
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
+                                dict(max_new_tokens=0)])
+def test_bad_sampling_config(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SamplingConfig(**kw)

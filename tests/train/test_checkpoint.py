@@ -1,0 +1,72 @@
+import json
+import multiprocessing as mp
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from r1fast.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_state,
+                                     save_checkpoint, set_rng_state)
+
+
+def test_save_load_roundtrip_and_latest(tmp_path):
+    state = {"w": torch.randn(3, 4), "nested": {"step": 3, "lst": [1, 2.0]}}
+    save_checkpoint(tmp_path, 1, state, {"data_pos": 7})
+    save_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, {"data_pos": 9})
+    path = latest_checkpoint(tmp_path)
+    assert path.name == "step_00000002"
+    loaded, meta = load_checkpoint(path)
+    assert meta["data_pos"] == 9 and meta["step"] == 2
+    assert torch.equal(loaded["w"], torch.ones(2))
+
+
+def test_keep_last(tmp_path):
+    for s in range(4):
+        save_checkpoint(tmp_path, s, {"s": s}, {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def _killed_save(root):
+    save_checkpoint(root, 1, {"v": torch.zeros(1)}, {"ok": 1})
+    # the second save dies after writing everything but before the commit
+    save_checkpoint(root, 2, {"v": torch.ones(1)}, {"ok": 2}, _before_commit=lambda: os._exit(9))
+
+
+def test_kill_during_save_keeps_last_good(tmp_path):
+    p = mp.get_context("spawn").Process(target=_killed_save, args=(str(tmp_path),))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 9
+    path = latest_checkpoint(tmp_path)
+    assert path.name == "step_00000001"
+    state, meta = load_checkpoint(path)
+    assert meta["ok"] == 1 and torch.equal(state["v"], torch.zeros(1))
+    # a later save cleans the debris and commits
+    save_checkpoint(tmp_path, 2, {"v": torch.ones(1)}, {"ok": 2})
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_rng_state_roundtrip(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    st = rng_state()
+    save_checkpoint(tmp_path, 0, {"rng": st}, {})
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    loaded, _ = load_checkpoint(latest_checkpoint(tmp_path))  # weights_only load
+    set_rng_state(loaded["rng"])
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_unsafe_pickle_rejected(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    d = tmp_path / "step_00000001"
+    d.mkdir()
+    torch.save({"x": Evil()}, d / "rank_00000.pt")
+    (d / "meta.json").write_text(json.dumps({"world_size": 1, "step": 1}))
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        load_checkpoint(d)

@@ -1,0 +1,62 @@
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from r1fast.config import ConfigError, dump_toml, from_dict, load, parse_overrides
+
+
+@dataclasses.dataclass
+class Inner:
+    kl_coef: float = 0.0
+    """doc"""
+    kl: Literal["k1", "k3"] | None = None
+    steps: int = 3
+    stops: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class Outer:
+    algo: Inner = dataclasses.field(default_factory=Inner)
+    name: str = "x"
+    flag: bool = False
+
+
+def test_overrides_parse_toml_literals():
+    assert parse_overrides(["--algo.kl_coef=0.001", "--algo.kl", "k3", "--flag=true"]) == {
+        "algo": {"kl_coef": 0.001, "kl": "k3"}, "flag": True}
+
+
+def test_load_recipe_and_overrides(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "r"\n[algo]\nkl_coef = 0.1\nsteps = 5\nstops = [1, 2]\n')
+    cfg = load(Outer, p, ["--algo.kl_coef=1", "--algo.kl=k1"])
+    assert cfg == Outer(algo=Inner(kl_coef=1.0, kl="k1", steps=5, stops=(1, 2)), name="r")
+    # round trip through TOML
+    p2 = tmp_path / "r2.toml"
+    p2.write_text(dump_toml(cfg))
+    assert load(Outer, p2) == cfg
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--algo.kl_coeff=1"], r"unknown config key 'algo.kl_coeff'; did you mean 'algo.kl_coef'"),
+    (["--algo.steps=1.5"], r"'algo.steps' must be an integer"),
+    (["--algo.kl=k9"], r"'algo.kl'"),
+    (["--flag=3"], r"'flag' must be true or false"),
+    (["--algo=3"], r"'algo' must be a table"),
+    (["algo.steps=3"], r"must look like --section.key=value"),
+    (["--algo.steps"], r"has no value"),
+])
+def test_bad_keys_are_named(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load(Outer, None, overrides)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load(Outer, tmp_path / "nope.toml")
+
+
+def test_from_dict_nested_unknown():
+    with pytest.raises(ConfigError, match="unknown config key 'algo.nope'"):
+        from_dict(Outer, {"algo": {"nope": 1}})
