@@ -34,22 +34,24 @@ def _unknown_key(key: str, prefix: str, known: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     """Check ``value`` against the annotation ``tp`` (after from __future__ annotations were
-    resolved), converting only where lossless (int -> float, list -> tuple)."""
+    resolved), converting only where lossless (int -> float, list -> tuple). ``base`` is the
+    default a nested dataclass table is merged onto."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        # TOML has no null: the string "none" sets an optional field to None
+        if (value is None or value == "none") and type(None) in args:
             return None
         errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return _coerce(value, a, key, base)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"config key '{key}': {value!r} does not match {tp}")
@@ -79,6 +81,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
+        value = dict(value)
+        if "preset" in value and hasattr(tp, "preset"):  # e.g. [model] preset = "tiny-dense"
+            name = value.pop("preset")
+            try:
+                base = tp.preset(name)
+            except ValueError as e:
+                raise ConfigError(f"config key '{key}.preset': {e}") from e
+        if dataclasses.is_dataclass(base) and not isinstance(base, type):
+            value = merge(_shallow_fields(base), value)
         return from_dict(tp, value, prefix=key + ".")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -101,15 +112,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _shallow_fields(obj: Any) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unset fields keep their defaults."""
+    """Build dataclass ``cls`` from a (nested) dict. Unset fields keep their defaults; a nested
+    table is merged onto that field's default (so ``[model] hidden_size = 32`` changes one field
+    of the default model), or onto ``cls.preset(name)`` when the table has ``preset = name``."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise _unknown_key(key, prefix, sorted(fields))
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        base = _field_default(fields[key]) if isinstance(value, dict) else None
+        kwargs[key] = _coerce(value, hints[key], prefix + key, base)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -189,6 +213,8 @@ def dump_toml(cfg: Any) -> str:
     lines: list[str] = []
 
     def fmt(v: Any) -> str:
+        if v is None:
+            return '"none"'
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
@@ -200,7 +226,7 @@ def dump_toml(cfg: Any) -> str:
         return repr(v)
 
     def emit(d: dict, prefix: str) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
         tables = {k: v for k, v in d.items() if isinstance(v, dict)}
         if prefix and scalars:
             lines.append(f"[{prefix}]")

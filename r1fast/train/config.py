@@ -1,0 +1,197 @@
+"""Configuration of a GRPO run: one dataclass per component, composed in :class:`TrainConfig`.
+
+A TOML recipe (``recipes/*.toml``) mirrors this nesting (``[model]``, ``[parallel]``,
+``[algo]``, ``[rollout]``, ``[optim]``, ``[data]``, ``[reward]``, ``[run]``); any field can be
+overridden from the command line as ``--algo.kl_coef=0.001`` (see :mod:`r1fast.config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from r1fast import config as _config
+from r1fast.policy.config import ModelConfig, ParallelConfig
+
+
+@dataclass
+class AlgoConfig:
+    """The GRPO objective (DESIGN §3) and the update schedule."""
+
+    group_size: int = 8
+    """G: completions sampled per prompt."""
+    estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    """Group advantage: grpo (mean/std), drgrpo (mean only), rloo (leave-one-out)."""
+    adv_eps: float = 1e-6
+    """eps in (r - mean) / (std + eps)."""
+    loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    """Policy-gradient surrogate."""
+    clip_low: float = 0.2
+    """Lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip (clip-higher, DAPO): ratio <= 1 + clip_high."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c for negative advantages (e.g. 3.0); None disables."""
+    kl: Optional[Literal["k1", "k2", "k3", "k3+"]] = "k3"
+    """KL estimator against the reference policy; None disables the KL term."""
+    kl_coef: float = 1e-3
+    """beta: weight of the KL term in the per-token loss."""
+    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                 "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """Loss aggregation over the global batch (seq-mean-token-mean is the R1 paper's form)."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling against the sampler's log-probs: cap C; None disables."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch (the rollout batch is split into this many)."""
+    ref_reset_every: int = 0
+    """Copy the policy into the reference every N steps (0: the reference stays frozen)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (they carry no gradient), as DAPO does."""
+    overlong_filter: bool = False
+    """Mask the loss of completions truncated at max_new_tokens."""
+    router_replay: bool = False
+    """Train on the routing decisions recorded during generation (R3)."""
+    use_fused_kernels: bool = True
+    """Compute log-probs and the loss with r1fast's fused ops (False: plain full logits)."""
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ValueError(f"algo.group_size must be >= 1, got {self.group_size}")
+        if self.ppo_epochs < 1 or self.mini_batches < 1:
+            raise ValueError("algo.ppo_epochs and algo.mini_batches must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of completions."""
+
+    temperature: float = 1.0
+    """Sampling temperature, also used by the trainer's log-probs so ratios compare like with like."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables."""
+    max_new_tokens: int = 48
+    """Completion length limit."""
+
+
+@dataclass
+class OptimConfig:
+    """Megatron-core's (distributed) Adam optimizer and the LR schedule."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """LR decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
+
+
+@dataclass
+class DataConfig:
+    """The prompt source."""
+
+    task: Literal["countdown", "arithmetic"] = "arithmetic"
+    """Synthetic reasoning task (see r1fast.data)."""
+    prompts_per_step: int = 4
+    """Distinct prompts per step (each sampled group_size times)."""
+    seed: int = 0
+    """Seed of the task generator and of the prompt order."""
+    num_train: int = 2000
+    """Training problems generated."""
+    num_test: int = 100
+    """Held-out problems generated."""
+
+
+@dataclass
+class RewardConfig:
+    """Rule-based rewards, weighted and summed."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    """Reward name -> weight (names from r1fast.rewards)."""
+    timeout_s: float = 5.0
+    """Per-call time limit of a reward function."""
+    workers: int = 1
+    """Worker processes evaluating rewards (0: in-process, no timeout protection)."""
+    accuracy_metric: str = "accuracy"
+    """Which reward part is reported as 'accuracy'."""
+
+
+@dataclass
+class RunConfig:
+    """Where and how long."""
+
+    out_dir: str = "runs/grpo"
+    """Run folder: metrics.jsonl, tensorboard/, checkpoints/, config.toml."""
+    steps: int = 10
+    """GRPO steps (rollout + update) in total, including resumed ones."""
+    seed: int = 0
+    """Seed of model init and sampling."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    resume: bool = True
+    """Continue from out_dir/checkpoints/latest when present."""
+    init_from: Optional[str] = None
+    """Start from weights: a Hugging Face folder (safetensors) or an r1fast checkpoint folder."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole GRPO run."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("tiny-moe"))
+    """Policy architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP/PP/EP layout (DP is what remains of the world size)."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Objective and update schedule."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Rewards."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Output, length, checkpoints."""
+
+    def __post_init__(self):
+        self.model.validate()
+
+
+def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Recipe TOML + dotted overrides -> a validated :class:`TrainConfig`."""
+    try:
+        return _config.load(TrainConfig, recipe, overrides)
+    except ValueError as e:
+        if isinstance(e, _config.ConfigError):
+            raise
+        raise _config.ConfigError(str(e)) from e
+
+
+def with_changes(cfg: TrainConfig, **sections) -> TrainConfig:
+    """Copy of ``cfg`` with some sections' fields replaced: ``with_changes(cfg, run={"steps": 3})``."""
+    out = cfg
+    for name, changes in sections.items():
+        out = dataclasses.replace(out, **{name: dataclasses.replace(getattr(out, name), **changes)})
+    return out
