@@ -196,7 +196,7 @@ def merge(base: dict, extra: dict) -> dict:
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load ``cls`` from an optional TOML recipe plus dotted overrides."""
     data: dict = {}
-    if path is not None:
+    if path:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")

@@ -35,6 +35,9 @@ class SamplingConfig:
     """Completion length limit; completions that hit it are 'truncated' (overlong)."""
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a row ends after it emits any of these (eos is always a stop token)."""
+    vocab_limit: int | None = None
+    """Sample only ids below this (a model vocabulary padded beyond the tokenizer's); like
+    top-k it restricts what is sampled, not the recorded log-prob."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -85,12 +88,19 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from ``logits[B, V]``; returns (tokens [B] int64, logp [B] fp32)."""
     logits = logits.float()
+    if cfg.vocab_limit is not None and cfg.vocab_limit < logits.shape[-1]:
+        allowed = torch.arange(logits.shape[-1], device=logits.device) < cfg.vocab_limit
+    else:
+        allowed = None
     if cfg.temperature == 0:
-        tokens = logits.argmax(-1)
+        masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+        tokens = masked.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
         return tokens, logp
     scaled = logits / cfg.temperature
     logp_all = torch.log_softmax(scaled, -1)
+    if allowed is not None:
+        scaled = scaled.masked_fill(~allowed, float("-inf"))
     probs = filter_logits(scaled, cfg.top_p, cfg.top_k).softmax(-1)
     tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Sequence
 
 from r1fast import config as _config
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.optim import OptimConfig
 
 
 @dataclass
@@ -79,30 +80,6 @@ class RolloutConfig:
 
 
 @dataclass
-class OptimConfig:
-    """Megatron-core's (distributed) Adam optimizer and the LR schedule."""
-
-    lr: float = 1e-4
-    """Peak learning rate."""
-    min_lr: float = 0.0
-    """Final learning rate of the cosine schedule."""
-    schedule: Literal["constant", "cosine"] = "constant"
-    """LR decay after warmup."""
-    warmup_steps: int = 0
-    """Linear warmup steps."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-    adam_beta1: float = 0.9
-    """Adam beta1."""
-    adam_beta2: float = 0.999
-    """Adam beta2."""
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-    distributed_optimizer: bool = True
-    """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
-
-
-@dataclass
 class DataConfig:
     """The prompt source."""
 
@@ -166,8 +143,8 @@ class TrainConfig:
     """Objective and update schedule."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer and LR schedule."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    """Optimizer and LR schedule (megatron-core's); total_steps is set from the run length."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompts."""
     reward: RewardConfig = field(default_factory=RewardConfig)

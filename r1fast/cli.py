@@ -1,0 +1,61 @@
+"""The ``r1fast`` command line.
+
+    r1fast demo                         the CPU demo (what `make demo` runs)
+    r1fast train RECIPE [--a.b=v ...]   GRPO training from a TOML recipe with dotted overrides
+    r1fast policy [--preset NAME]       build a policy, print its parameter count and a log-prob
+    r1fast plan RECIPE [--gpu-mem GiB]  per-GPU memory plan of a recipe's layout
+
+Each subcommand is a thin shell over the Python API it names; heavy imports happen inside the
+subcommand so ``r1fast --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _demo(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from r1fast.demo import main as demo_main
+
+    return demo_main(list(rest))
+
+
+def _train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from r1fast.train.grpo import train_main
+
+    return train_main(args.recipe, list(rest))
+
+
+def _policy(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from r1fast.policy.__main__ import main as policy_main
+
+    return policy_main(list(rest))
+
+
+def _plan(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from r1fast.plan import plan_main
+
+    return plan_main([args.recipe, *rest])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r1fast", description="R1-style RL for MoE models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run the CPU demo", add_help=False)
+    p.set_defaults(fn=_demo)
+    p = sub.add_parser("train", help="GRPO training from a TOML recipe")
+    p.add_argument("recipe", help="path to a TOML recipe, e.g. recipes/tiny.toml")
+    p.set_defaults(fn=_train)
+    p = sub.add_parser("policy", help="build a policy and print its size and a log-prob",
+                       add_help=False)
+    p.set_defaults(fn=_policy)
+    p = sub.add_parser("plan", help="per-GPU memory plan of a recipe")
+    p.add_argument("recipe")
+    p.set_defaults(fn=_plan)
+    args, rest = parser.parse_known_args(argv)
+    return int(args.fn(args, rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""From sampled completions to the tensors of a policy update.
+
+A GRPO batch is ``N = prompts x group_size`` sequences ``prompt + completion``. The trainer
+predicts token ``t+1`` from position ``t``, so each row becomes ``tokens = seq[:-1]`` and
+``targets = seq[1:]``, padded to one length ``L`` (the pipeline sends fixed shapes), with a loss
+mask that is 1 exactly on the completion's targets. Dropped rows (dynamic sampling, overlong
+filtering) keep their place with an all-zero mask, so shapes and group layout never change,
+and the normalisers count only what is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class UpdateBatch:
+    tokens: torch.Tensor  # [N, L] int64 model input
+    targets: torch.Tensor  # [N, L] int64 next tokens (pad where masked)
+    mask: torch.Tensor  # [N, L] float32, 1 on completion targets that enter the loss
+    rollout_logp: torch.Tensor  # [N, L] float32 sampler log-probs at the completion targets
+    advantages: torch.Tensor  # [N] float32
+    keep: torch.Tensor  # [N] bool, rows that enter the loss
+
+    def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
+        return UpdateBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+
+def build_update_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                       rollout_logprobs: Sequence[Sequence[float]], advantages: torch.Tensor,
+                       keep: torch.Tensor, pad_id: int, length: int | None = None) -> UpdateBatch:
+    """Pad ``prompt + completion`` rows to one length (``length`` or the longest row - 1)."""
+    n = len(prompts)
+    if not (len(completions) == len(rollout_logprobs) == n == advantages.numel() == keep.numel()):
+        raise ValueError("prompts, completions, rollout_logprobs, advantages and keep must have "
+                         "one entry per sequence")
+    longest = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
+    L = longest if length is None else length
+    if L < longest:
+        raise ValueError(f"length {L} is shorter than the longest sequence ({longest})")
+    tokens = torch.full((n, L), pad_id, dtype=torch.long)
+    targets = torch.full((n, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, L)
+    roll = torch.zeros(n, L)
+    for i, (p, c, lp) in enumerate(zip(prompts, completions, rollout_logprobs)):
+        seq = torch.tensor(list(p) + list(c), dtype=torch.long)
+        m = len(seq) - 1
+        tokens[i, :m] = seq[:-1]
+        targets[i, :m] = seq[1:]
+        if c and bool(keep[i]):
+            mask[i, len(p) - 1: m] = 1.0
+        roll[i, len(p) - 1: m] = torch.tensor(lp, dtype=torch.float32)
+    return UpdateBatch(tokens, targets, mask, roll, advantages.float(), keep.bool())
+
+
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] bool: rows of groups whose rewards are not all equal (DAPO dynamic sampling)."""
+    g = rewards.view(-1, group_size)
+    varied = (g.max(-1).values - g.min(-1).values) > 0
+    return varied.repeat_interleave(group_size)
+
+
+def split_even(n: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices of ``range(n)``; n must divide evenly."""
+    if parts < 1 or n % parts != 0:
+        raise ValueError(f"cannot split {n} rows into {parts} equal parts")
+    k = n // parts
+    return [slice(i * k, (i + 1) * k) for i in range(parts)]

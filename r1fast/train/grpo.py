@@ -1,0 +1,337 @@
+"""The GRPO loop: sample groups, score them with rules, update the MoE policy.
+
+One step (``GRPOTrainer.step``), on every data-parallel rank for its share of the prompts:
+
+1. **rollout**: take ``prompts_per_step`` prompts (each DP rank its slice), sample
+   ``group_size`` completions per prompt from the policy, with the sampler's log-probs (and the
+   routing decisions, for router replay);
+2. **rewards**: rule-based rewards in sandboxed workers (a failing reward scores 0, counted);
+3. **advantages**: group-normalised (grpo / drgrpo / rloo), optional dynamic sampling (drop
+   groups with identical rewards) and overlong filtering (mask truncated completions);
+4. **old and reference log-probs**: recomputed by the trainer (not the sampler) with the
+   current policy and the frozen reference, through the fused log-prob op;
+5. **update**: ``ppo_epochs`` passes of ``mini_batches`` optimizer steps, each a megatron
+   forward-backward whose last stage computes :func:`r1fast.ops.fused_linear_policy_loss`
+   from hidden states (no logits), with the global normaliser of the mini-batch so the loss is
+   exact under data parallelism; megatron's distributed optimizer clips and steps.
+
+Metrics (reward, accuracy, lengths, clip fraction, KL, entropy, grad norm, tokens/s, and the
+rollout-vs-trainer log-prob mismatch) go to ``metrics.jsonl`` and TensorBoard each step;
+checkpoints (model, optimizer, RNG, data position) are atomic and resume bit-exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r1fast import ops
+from r1fast.config import dump_toml
+from r1fast.rollout.sampler import SamplingConfig, generate
+from r1fast.train.batch import UpdateBatch, build_update_batch, groups_with_signal, split_even
+from r1fast.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_state,
+                                     save_checkpoint, set_rng_state)
+from r1fast.train.config import TrainConfig, load_train_config
+from r1fast.train.metrics import MetricsLogger
+from r1fast.train.policy_io import (PolicyDecoder, copy_weights, load_model_state,
+                                    model_state, optimizer_state, load_optimizer_state)
+from r1fast.train.task import TaskData, build_task
+
+log = logging.getLogger("r1fast.train")
+
+
+class GRPOTrainer:
+    """``GRPOTrainer(config).fit()`` runs a GRPO job; the CLI's ``r1fast train`` calls this."""
+
+    def __init__(self, config: TrainConfig, *, task: TaskData | None = None,
+                 reward: Callable | None = None):
+        from r1fast.policy import build_optimizer, build_policy
+
+        self.cfg = config
+        torch.manual_seed(config.run.seed)
+        self.policy = build_policy(config.model, config.parallel, seed=config.run.seed)
+        self.info = self.policy.info
+        a = config.algo
+        n_updates = config.run.steps * a.ppo_epochs * a.mini_batches
+        optim_cfg = dataclasses.replace(config.optim, total_steps=max(
+            n_updates, config.optim.warmup_steps + 1))
+        self.optimizer, self.scheduler = build_optimizer(self.policy, optim_cfg)
+        self.reference = None
+        if a.kl is not None and a.kl_coef > 0:
+            self.reference = build_policy(config.model, config.parallel, seed=config.run.seed,
+                                          trainable=False)
+        self.task = task or build_task(config, reward=reward)
+        if self.task.tokenizer.vocab_size > config.model.vocab_size:
+            raise ValueError(f"the tokenizer has {self.task.tokenizer.vocab_size} tokens but "
+                             f"model.vocab_size is {config.model.vocab_size}")
+        self.run_dir = Path(config.run.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step_idx = 0
+        self.loss_cfg = ops.PolicyLossConfig(
+            loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
+            kl=a.kl if self.reference is not None else None, kl_coef=a.kl_coef, agg=a.agg,
+            tis_cap=a.tis_cap)
+        self.sampling = SamplingConfig(
+            temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+            top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
+            vocab_limit=self.task.tokenizer.vocab_size)
+        if config.run.init_from:
+            load_model_state(self.policy, config.run.init_from, self.optimizer)
+        if config.run.resume:
+            self._maybe_resume()
+        if self.reference is not None and self.step_idx == 0:
+            copy_weights(self.policy, self.reference)
+
+    # -------------------------------------------------------------------------- plumbing
+    @property
+    def is_logger(self) -> bool:
+        return self.info.rank == 0
+
+    def _dp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    def _dp_sum(self, values: Sequence[float]) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.policy.device)
+        if self.info.dp > 1:
+            dist.all_reduce(t, group=self._dp_group())
+        return t.tolist()
+
+    def _maybe_resume(self) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return
+        state, meta = load_checkpoint(path)
+        load_model_state(self.policy, state["model"], self.optimizer)
+        load_optimizer_state(self.optimizer, self.scheduler, state["optimizer"])
+        if self.reference is not None:
+            load_model_state(self.reference, state["reference"])
+        self.task.load_state_dict(meta["data"])
+        set_rng_state(state["rng"])
+        self.step_idx = int(meta["step"])
+        log.info("resumed from %s at step %d", path, self.step_idx)
+
+    def save(self) -> Path:
+        state = {"model": model_state(self.policy),
+                 "optimizer": optimizer_state(self.optimizer, self.scheduler),
+                 "rng": rng_state()}
+        if self.reference is not None:
+            state["reference"] = model_state(self.reference)
+        meta = {"data": self.task.state_dict(), "config": dump_toml(self.cfg)}
+        return save_checkpoint(self.ckpt_dir, self.step_idx, state, meta)
+
+    # -------------------------------------------------------------------------- one step
+    def _rollout(self, examples: list[dict]) -> dict[str, Any]:
+        G = self.cfg.algo.group_size
+        tok = self.task.tokenizer
+        prompts = [tok.encode(ex["prompt"], add_bos=True) for ex in examples for _ in range(G)]
+        # TP/EP/PP ranks of one DP replica must sample identically: seed by (run, step, dp rank)
+        gen = torch.Generator(device="cpu").manual_seed(
+            self.cfg.run.seed * 1_000_003 + self.step_idx * 101 + self.info.dp_rank)
+        decoder = PolicyDecoder(self.policy)
+        out = generate(decoder, prompts, self.sampling, eos_token_id=tok.eos_id, generator=gen)
+        texts = [tok.decode(c) for c in out.completion_ids]
+        return {"rollout": out, "texts": texts,
+                "examples": [ex for ex in examples for _ in range(G)]}
+
+    def _update(self, batch: UpdateBatch, old: torch.Tensor, ref: torch.Tensor | None,
+                ) -> dict[str, float]:
+        """PPO epochs x mini-batches of megatron forward-backward + optimizer step."""
+        a = self.cfg.algo
+        mbs = self.cfg.parallel.micro_batch_size or batch.num_rows // a.mini_batches
+        stats: dict[str, list[float]] = {}
+        for _ in range(a.ppo_epochs):
+            for sl in split_even(batch.num_rows, a.mini_batches):
+                mb = batch.rows(sl)
+                norm = self._global_normalizer(mb)
+                micro = []
+                for part in split_even(mb.num_rows, max(mb.num_rows // mbs, 1)):
+                    micro.append({"tokens": mb.tokens[part], "targets": mb.targets[part],
+                                  "mask": mb.mask[part], "adv": mb.advantages[part],
+                                  "old": old[sl][part], "rollout": mb.rollout_logp[part],
+                                  "ref": None if ref is None else ref[sl][part]})
+                results = self.policy.forward_backward(micro, self._loss_fn(norm))
+                ok, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(1)
+                if not ok:
+                    raise FloatingPointError("optimizer step skipped: non-finite gradients")
+                for r in results:
+                    for k, v in r.items():
+                        stats.setdefault(k, []).append(float(v))
+                stats.setdefault("grad_norm", []).append(float(grad_norm or 0.0))
+        return {k: sum(v) / len(v) for k, v in stats.items()} | {
+            "loss": sum(stats.get("loss", [0.0]))  # microbatch losses are shares of the total
+            / (a.ppo_epochs * a.mini_batches)}
+
+    def _global_normalizer(self, mb: UpdateBatch) -> float:
+        agg = self.cfg.algo.agg
+        kept_seqs = float(mb.keep.sum())
+        if agg == "token-mean":
+            local = float(mb.mask.sum())
+        elif agg == "seq-mean-token-sum-norm":
+            local = kept_seqs * mb.tokens.shape[1]
+        else:
+            local = kept_seqs
+        return max(self._dp_sum([local])[0], 1.0)
+
+    def _loss_fn(self, normalizer: float):
+        cfg, temperature = self.loss_cfg, self.cfg.rollout.temperature
+        tis = self.cfg.algo.tis_cap is not None
+        fused = self.cfg.algo.use_fused_kernels
+
+        def loss_fn(hidden, weight, mb):
+            dev = hidden.device
+            kw = dict(temperature=temperature, tp_group=self.policy.tp_group,
+                      global_normalizer=normalizer, return_entropy=True,
+                      rollout_logp=mb["rollout"].to(dev) if tis else None)
+            ref = None if mb["ref"] is None else mb["ref"].to(dev)
+            if fused:
+                return ops.fused_linear_policy_loss(
+                    hidden, weight, mb["targets"].to(dev), mb["old"].to(dev), mb["adv"].to(dev),
+                    mb["mask"].to(dev), ref, cfg, **kw)
+            return _unfused_policy_loss(hidden, weight, mb, ref, cfg, **kw)
+
+        return loss_fn
+
+    def step(self) -> dict[str, float]:
+        """One GRPO step; returns the metrics logged for it."""
+        a = self.cfg.algo
+        t0 = time.perf_counter()
+        examples = self.task.next_prompts(self.cfg.data.prompts_per_step, self.info.dp,
+                                          self.info.dp_rank)
+        ro = self._rollout(examples)
+        t_gen = time.perf_counter()
+        rewards = self.task.score(ro["texts"], ro["examples"])
+        r = torch.tensor(rewards["total"], dtype=torch.float32)
+        adv = ops.group_advantages(r, group_size=a.group_size, estimator=a.estimator,
+                                   eps=a.adv_eps, impl="torch")
+        keep = torch.ones_like(r, dtype=torch.bool)
+        if a.dynamic_sampling:
+            keep &= groups_with_signal(r, a.group_size)
+        truncated = torch.tensor(ro["rollout"].truncated)
+        if a.overlong_filter:
+            keep &= ~truncated
+        rollout = ro["rollout"]
+        # one padded length for every DP rank: the pipeline and the collectives need equal shapes
+        local_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
+                                                          rollout.completion_ids)) - 1
+        length = int(self._dp_max(local_len))
+        batch = build_update_batch(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
+                                   adv, keep, self.task.tokenizer.pad_id, length)
+        with torch.no_grad():
+            old = self.policy.logprobs(batch.tokens, batch.targets,
+                                       self.cfg.rollout.temperature).cpu()
+            ref = None if self.reference is None else self.reference.logprobs(
+                batch.tokens, batch.targets, self.cfg.rollout.temperature).cpu()
+        t_logp = time.perf_counter()
+        upd = self._update(batch, old, ref)
+        t_upd = time.perf_counter()
+        self.step_idx += 1
+        if self.reference is not None and a.ref_reset_every and self.step_idx % a.ref_reset_every == 0:
+            copy_weights(self.policy, self.reference)
+        comp_mask = torch.zeros_like(batch.mask)
+        for i, (p, c) in enumerate(zip(rollout.prompt_ids, rollout.completion_ids)):
+            comp_mask[i, len(p) - 1: len(p) - 1 + len(c)] = 1
+        mismatch = ((old - batch.rollout_logp).abs() * comp_mask).sum()
+        n_tok = float(comp_mask.sum())
+        lens = [len(c) for c in rollout.completion_ids]
+        sums = self._dp_sum([
+            float(r.sum()), float((r * r).sum()), float(r.numel()),
+            float(sum(rewards[self.cfg.reward.accuracy_metric])), float(sum(lens)), n_tok,
+            float(mismatch), float(truncated.sum()), float(keep.sum()),
+            float(sum(p_len + c for p_len, c in zip(map(len, rollout.prompt_ids), lens)))])
+        (r_sum, r2_sum, n, acc_sum, len_sum, tok_sum, mm_sum, trunc_sum, keep_sum, all_tok) = sums
+        mean = r_sum / n
+        metrics = {
+            "reward_mean": mean, "reward_std": max(r2_sum / n - mean * mean, 0.0) ** 0.5,
+            "accuracy": acc_sum / n, "response_length": len_sum / n,
+            "truncated_frac": trunc_sum / n, "kept_frac": keep_sum / n,
+            "logp_mismatch": mm_sum / max(tok_sum, 1.0),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "time_generation_s": t_gen - t0, "time_logprobs_s": t_logp - t_gen,
+            "time_update_s": t_upd - t_logp,
+            "tokens_per_s": all_tok / max(t_upd - t0, 1e-9),
+        }
+        for k in ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm", "ratio_max",
+                  "ratio_min"):
+            if k in upd:
+                metrics[k.replace("_mean", "") if k in ("kl_mean", "entropy_mean") else k] = upd[k]
+        for part, vals in rewards.items():
+            if part != "total":
+                metrics[f"reward/{part}"] = self._dp_sum([float(sum(vals))])[0] / n
+        metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
+        return metrics
+
+    def _dp_max(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.long, device=self.policy.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank, not only DP: PP/TP need it too
+        return int(t.item())
+
+    # -------------------------------------------------------------------------- the loop
+    def fit(self) -> list[dict]:
+        """Run until ``run.steps``; returns the metrics rows of the steps run here."""
+        run = self.cfg.run
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(dump_toml(self.cfg))
+        logger = MetricsLogger(self.run_dir, enabled=self.is_logger, tensorboard=run.tensorboard,
+                               progress=run.progress, total_steps=run.steps,
+                               initial_step=self.step_idx)
+        rows = []
+        try:
+            while self.step_idx < run.steps:
+                metrics = self.step()
+                rows.append(logger.log(self.step_idx, metrics))
+                if run.save_every and self.step_idx % run.save_every == 0:
+                    self.save()
+            if not run.save_every or self.step_idx % run.save_every != 0:
+                self.save()
+        finally:
+            logger.close()
+            self.task.close()
+        return rows
+
+
+def _unfused_policy_loss(hidden, weight, mb, ref, cfg, *, temperature, global_normalizer,
+                         rollout_logp, return_entropy, **_):
+    """The same loss through full logits (the baseline ``use_fused_kernels=false`` measures)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    dev = hidden.device
+    logits = gather_from_tensor_model_parallel_region(hidden.float() @ weight.float().t())
+    logits = logits / temperature  # [b, L, V]
+    logp_all = torch.log_softmax(logits, -1)
+    targets = mb["targets"].to(dev)
+    logp = logp_all.gather(-1, targets[..., None])[..., 0]
+    loss, metrics = ops.policy_loss(
+        logp, mb["old"].to(dev), mb["adv"].to(dev), mb["mask"].to(dev), ref_logp=ref,
+        loss=cfg.loss, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        kl=cfg.kl, kl_coef=cfg.kl_coef, agg=cfg.agg, global_normalizer=global_normalizer,
+        rollout_logp=rollout_logp, tis_cap=cfg.tis_cap, max_len=targets.shape[1], impl="torch")
+    if return_entropy:
+        m = mb["mask"].to(dev)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        metrics["entropy_mean"] = (ent.detach() * m).sum() / m.sum().clamp_min(1)
+    return loss, metrics
+
+
+def train_main(recipe: str | None, overrides: Sequence[str]) -> int:
+    """``r1fast train RECIPE [--a.b=v ...]``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_train_config(recipe, overrides)
+    trainer = GRPOTrainer(cfg)
+    rows = trainer.fit()
+    if trainer.is_logger:
+        last = rows[-1] if rows else {}
+        print(f"done: {trainer.step_idx} steps, run folder {trainer.run_dir} "
+              f"(metrics.jsonl, tensorboard/, checkpoints/); last reward "
+              f"{last.get('reward_mean', float('nan')):.3f}", file=sys.stderr)
+    return 0
