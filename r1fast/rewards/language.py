@@ -1,0 +1,127 @@
+"""Language-consistency reward: the fraction of chain-of-thought words in the target language.
+
+DeepSeek-R1 adds this reward in its reasoning-RL stage because R1-Zero mixed languages in its
+thoughts. Language is approximated by Unicode script, which needs no model:
+
+- a *word* is a maximal run of letters (combining marks stay with their letter); Han,
+  Hiragana and Katakana characters are each a word of their own, since those scripts do not
+  separate words with spaces; digits, punctuation and symbols are not words;
+- a word is *in the target language* when every letter in it belongs to one of the target's
+  scripts (``en`` -> Latin, ``zh`` -> Han, ``ja`` -> Han/Hiragana/Katakana, ...). A Latin word
+  with a Cyrillic lookalike inside (``pаssword``) therefore does not count as English;
+- the reward is ``score * target_words / words`` over the thought (see
+  :func:`r1fast.rewards.extract.thought_text`), ``empty_score`` when it has no words.
+"""
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, replace
+
+from r1fast.rewards.extract import DEFAULT_MAX_CHARS, tail, thought_text
+
+LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
+    "en": frozenset({"LATIN"}),
+    "fr": frozenset({"LATIN"}),
+    "de": frozenset({"LATIN"}),
+    "es": frozenset({"LATIN"}),
+    "zh": frozenset({"HAN"}),
+    "ja": frozenset({"HAN", "HIRAGANA", "KATAKANA"}),
+    "ko": frozenset({"HANGUL"}),
+    "ru": frozenset({"CYRILLIC"}),
+    "el": frozenset({"GREEK"}),
+    "ar": frozenset({"ARABIC"}),
+    "he": frozenset({"HEBREW"}),
+    "hi": frozenset({"DEVANAGARI"}),
+    "th": frozenset({"THAI"}),
+}
+# Scripts written without spaces between words: each character counts as one word.
+_PER_CHAR = frozenset({"HAN", "HIRAGANA", "KATAKANA", "THAI"})
+_NAMED = ("LATIN", "CYRILLIC", "GREEK", "HIRAGANA", "KATAKANA", "HANGUL", "ARABIC", "HEBREW",
+          "DEVANAGARI", "THAI")
+
+
+def script_of(ch: str) -> str:
+    """Unicode script of a letter, from its character name ("OTHER" when not recognised)."""
+    if ch.isascii():
+        return "LATIN" if ch.isalpha() else "OTHER"
+    name = unicodedata.name(ch, "")
+    if name.startswith(("CJK UNIFIED IDEOGRAPH", "CJK COMPATIBILITY IDEOGRAPH")):
+        return "HAN"
+    for script in _NAMED:
+        if name.startswith(script):
+            return script
+    if name.startswith("HALFWIDTH KATAKANA"):
+        return "KATAKANA"
+    return "OTHER"
+
+
+def word_counts(text: str, scripts: frozenset[str]) -> tuple[int, int]:
+    """(words, words entirely in ``scripts``) of ``text``, per the module docstring's rules."""
+    total = hits = 0
+    in_word = False
+    word_ok = True
+    for ch in text:
+        if ch.isalpha():
+            script = script_of(ch)
+            if script in _PER_CHAR:
+                if in_word:
+                    total, hits, in_word = total + 1, hits + word_ok, False
+                total += 1
+                hits += script in scripts
+                continue
+            if not in_word:
+                in_word, word_ok = True, True
+            word_ok = word_ok and script in scripts
+        elif in_word and unicodedata.category(ch).startswith("M"):
+            continue  # a combining accent belongs to the word it decorates
+        elif in_word:
+            total, hits, in_word = total + 1, hits + word_ok, False
+    if in_word:
+        total, hits = total + 1, hits + word_ok
+    return total, hits
+
+
+@dataclass(frozen=True)
+class LanguageRewardConfig:
+    """Target language and scores of the language-consistency reward."""
+
+    target: str = "en"
+    """Target language code, a key of ``LANGUAGE_SCRIPTS``."""
+    score: float = 1.0
+    """Reward when every word of the thought is in the target language."""
+    empty_score: float = 0.0
+    """Reward for a thought without any word."""
+    think_in_prompt: bool = False
+    """The prompt already opened ``<think>``."""
+    max_chars: int = DEFAULT_MAX_CHARS
+    """Only the last ``max_chars`` characters of the thought are scored."""
+
+    def __post_init__(self):
+        from r1fast.ops._validate import check_choice, check_range  # lazy: keeps workers torch-free
+        check_choice("target", self.target, sorted(LANGUAGE_SCRIPTS))
+        check_range("max_chars", self.max_chars, 1)
+
+
+def language_consistency(completion: str, config: LanguageRewardConfig | None = None) -> float:
+    """Fraction of thought words in the target language, times ``score``."""
+    cfg = config or LanguageRewardConfig()
+    thought = tail(thought_text(completion, cfg.think_in_prompt), cfg.max_chars)
+    total, hits = word_counts(thought, LANGUAGE_SCRIPTS[cfg.target])
+    return cfg.empty_score if total == 0 else cfg.score * hits / total
+
+
+class LanguageReward:
+    """``(completion, example) -> float`` in ``[0, score]``; the example is not used."""
+
+    name = "language"
+    sandbox = False
+
+    def __init__(self, config: LanguageRewardConfig | None = None, **overrides):
+        base = config or LanguageRewardConfig()
+        self.config = replace(base, **overrides) if overrides else base
+
+    def __call__(self, completion: str, example: dict | None = None) -> float:
+        return language_consistency(completion, self.config)
+
+    def __repr__(self) -> str:
+        return f"LanguageReward({self.config})"

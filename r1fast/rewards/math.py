@@ -1,0 +1,179 @@
+"""Math accuracy reward: is the final answer equal to the ground truth?
+
+The R1-Zero accuracy reward. The answer is pulled out of the completion by
+:func:`r1fast.rewards.extract.extract_answer` (last ``\\boxed{}`` after ``</think>``, then the
+fallbacks described there) and compared with ``example["answer"]`` in three tiers:
+
+1. guards, no parsing: an over-long answer, nesting deeper than ``max_nesting`` (the LaTeX
+   parser's time grows exponentially with nested parentheses: 50 levels take seconds), or any
+   non-ASCII digit (fullwidth ``５``, Arabic-Indic ``٥``, bold ``𝟓``) -> wrong;
+2. exact arithmetic: when both sides are plain arithmetic (integers, decimals, ``\\frac``,
+   ``+ - * / ^``), they are evaluated exactly by :mod:`r1fast.rewards.arith` and compared as
+   rationals; a value too large to hold (``9^{9^{9}}``, ``10^{100000}``) is wrong, decided
+   without ever computing it;
+3. otherwise math-verify (LaTeX extraction only: its plain-expression path runs sympy's
+   ``parse_expr``, which uses ``eval``), or, when math-verify is missing, a whitespace- and
+   ``$``-insensitive string comparison.
+
+Tier 3 can still hang inside sympy on hostile symbolic input, and no signal can interrupt a
+long C-level computation, so this reward is marked ``sandbox = True``: the
+:class:`~r1fast.rewards.runner.RewardRunner` runs it in worker processes that it kills on
+timeout. When called directly on the main thread, math-verify's own alarm-based timeouts
+(``parse_timeout_s``) are used as a second line of defence.
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+import unicodedata
+from dataclasses import dataclass, replace
+
+from r1fast.rewards.arith import ArithConfig, ArithRangeError, ArithDomainError, ArithSyntaxError, evaluate
+from r1fast.rewards.extract import DEFAULT_MAX_CHARS, extract_answer
+
+_HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
+
+
+@dataclass(frozen=True)
+class MathRewardConfig:
+    """Scores, extraction and equivalence settings of the math accuracy reward."""
+
+    correct_score: float = 1.0
+    """Reward for an answer equal to the ground truth."""
+    wrong_score: float = 0.0
+    """Reward for a wrong, missing or unparsable answer."""
+    answer_key: str = "answer"
+    """Field of the example holding the ground-truth answer (a str or a number)."""
+    require_boxed: bool = False
+    """Only a ``\\boxed{}`` answer counts (no ``Answer:`` / after-``</think>`` fallback)."""
+    think_in_prompt: bool = False
+    """The prompt already opened ``<think>``, so the completion starts inside the thought."""
+    max_chars: int = DEFAULT_MAX_CHARS
+    """Only the last ``max_chars`` characters of a completion are read."""
+    max_answer_chars: int = 256
+    """Longer extracted answers are wrong without being parsed."""
+    max_nesting: int = 12
+    """Answers nested deeper (``( [ {``) are wrong without being parsed."""
+    exact_arithmetic: bool = True
+    """Decide plain-arithmetic pairs by exact rational equality (no rounding, no math-verify)."""
+    use_math_verify: bool = True
+    """Use math-verify for symbolic answers when it is installed."""
+    parse_timeout_s: int = 3
+    """math-verify's own timeout (seconds, SIGALRM, main thread only); 0 disables it."""
+
+    def __post_init__(self):
+        # Imported here, not at module level: reward workers unpickle this class without
+        # running __init__, so they never pay for importing torch (which _validate does).
+        from r1fast.ops._validate import check_range
+        check_range("max_answer_chars", self.max_answer_chars, 1)
+        check_range("max_nesting", self.max_nesting, 1)
+        check_range("max_chars", self.max_chars, 1)
+        check_range("parse_timeout_s", self.parse_timeout_s, 0)
+        if not isinstance(self.answer_key, str) or not self.answer_key:
+            raise ValueError(f"answer_key must be a non-empty str, got {self.answer_key!r}")
+
+
+_NUMERIC = ArithConfig(max_chars=512, max_depth=32, max_bits=4096)
+
+
+def _nesting(s: str) -> int:
+    depth = best = 0
+    for c in s:
+        if c in "([{":
+            depth += 1
+            best = max(best, depth)
+        elif c in ")]}" and depth:
+            depth -= 1
+    return best
+
+
+def _has_foreign_digit(s: str) -> bool:
+    return any(not c.isascii() and unicodedata.category(c) == "Nd" for c in s)
+
+
+def _clean(s: str) -> str:
+    s = s.strip().strip("$").strip()
+    return s[:-1].strip() if s.endswith(".") else s
+
+
+def _exact(s: str) -> object:
+    """The exact value, None when not plain arithmetic, or the string "huge"/"undefined"."""
+    try:
+        return evaluate(s, _NUMERIC).value
+    except ArithSyntaxError:
+        return None
+    except ArithRangeError:
+        return "huge"
+    except ArithDomainError:
+        return "undefined"
+
+
+def _math_verify_equal(pred: str, gold: str, timeout_s: int) -> bool:
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    # SIGALRM only works on the main thread; elsewhere the caller (a killed worker) bounds time.
+    t = timeout_s if timeout_s > 0 and threading.current_thread() is threading.main_thread() else None
+    extraction = [LatexExtractionConfig()]
+    gold_parsed = parse(f"${gold}$", extraction, parsing_timeout=t)
+    pred_parsed = parse(f"${pred}$", extraction, parsing_timeout=t)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=t))
+
+
+def warm_up() -> None:
+    """Build math-verify's LaTeX parser once (the first parse costs ~0.3 s); reward workers
+    call this at startup so the cost never counts against a call's timeout."""
+    if _HAS_MATH_VERIFY:
+        _math_verify_equal("\\frac{1}{2}", "0.5", 5)
+
+
+def answers_equal(pred: str, gold: str, config: MathRewardConfig | None = None) -> bool:
+    """Whether the extracted answer ``pred`` equals ``gold`` (tiers in the module docstring)."""
+    cfg = config or MathRewardConfig()
+    pred, gold = _clean(pred), _clean(str(gold))
+    if not pred or not gold:
+        return False
+    if len(pred) > cfg.max_answer_chars or _nesting(pred) > cfg.max_nesting:
+        return False
+    if _has_foreign_digit(pred):
+        return False
+    if cfg.exact_arithmetic:
+        pv, gv = _exact(pred), _exact(gold)
+        if isinstance(pv, str):  # too large to represent, or undefined: never a valid answer
+            return False
+        if pv is not None and gv is not None and not isinstance(gv, str):
+            return pv == gv
+    if cfg.use_math_verify and _HAS_MATH_VERIFY:
+        return _math_verify_equal(pred, gold, cfg.parse_timeout_s)
+    return "".join(pred.split()) == "".join(gold.split())
+
+
+class MathAccuracyReward:
+    """``(completion, example) -> correct_score | wrong_score`` against ``example[answer_key]``."""
+
+    name = "math_accuracy"
+    sandbox = True  # tier 3 can hang: the runner puts this reward in killable workers
+
+    def __init__(self, config: MathRewardConfig | None = None, **overrides):
+        base = config or MathRewardConfig()
+        self.config = replace(base, **overrides) if overrides else base
+
+    @property
+    def preload_modules(self) -> tuple[str, ...]:
+        """Modules a worker imports before its first call, so imports never eat a timeout."""
+        return ("r1fast.rewards.math:warm_up",) if self.config.use_math_verify and _HAS_MATH_VERIFY else ()
+
+    def __call__(self, completion: str, example: dict) -> float:
+        cfg = self.config
+        if cfg.answer_key not in example:
+            raise ValueError(f"example has no {cfg.answer_key!r} field (the ground-truth answer)")
+        pred = extract_answer(completion, require_boxed=cfg.require_boxed,
+                              think_in_prompt=cfg.think_in_prompt, max_chars=cfg.max_chars)
+        if pred is None:
+            return cfg.wrong_score
+        ok = answers_equal(pred, str(example[cfg.answer_key]), cfg)
+        return cfg.correct_score if ok else cfg.wrong_score
+
+    def __repr__(self) -> str:
+        return f"MathAccuracyReward({self.config})"

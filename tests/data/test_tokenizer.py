@@ -1,0 +1,100 @@
+"""Character tokenizer: layout, round trips over generated data, save/load, bad input."""
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from r1fast.data.tasks import generate_arithmetic, generate_countdown
+from r1fast.data.template import sft_example
+from r1fast.data.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, CharTokenizer, Tokenizer
+
+TOK = CharTokenizer()
+
+
+def test_layout():
+    assert TOK.vocab_size == len(TOK) == 102 < 128
+    assert (TOK.pad_id, TOK.bos_id, TOK.eos_id, TOK.unk_id, TOK.think_id, TOK.think_end_id) == (0, 1, 2, 3, 4, 5)
+    assert TOK.id_to_token[:6] == list(SPECIAL_TOKENS)
+    assert TOK.encode("<think></think>") == [4, 5]
+    assert TOK.encode("A", add_bos=True, add_eos=True) == [1, 6 + DEFAULT_ALPHABET.index("A"), 2]
+    assert Tokenizer is CharTokenizer and CharTokenizer() == TOK
+
+
+def test_round_trip_generated_data():
+    data = generate_countdown(50, seed=0) + generate_arithmetic(50, seed=0)
+    for e in data:
+        for text in (e["prompt"], sft_example(e)["completion"], e["prompt"] + sft_example(e)["completion"]):
+            ids = TOK.encode(text, errors="strict")
+            assert all(0 <= i < TOK.vocab_size for i in ids)
+            assert TOK.decode(ids) == text
+        assert TOK.encode(sft_example(e)["completion"]).count(TOK.think_id) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(alphabet=DEFAULT_ALPHABET, max_size=20),
+                          st.sampled_from(["<think>", "</think>", "<", "<eos>", "</"])), max_size=12))
+def test_round_trip_property(pieces):
+    text = "".join(pieces)
+    ids = TOK.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == TOK.bos_id and ids[-1] == TOK.eos_id
+    assert TOK.decode(ids) == text
+    assert TOK.decode(ids, skip_special_tokens=False) == "<bos>" + text + "<eos>"
+
+
+def test_unknown_characters():
+    assert TOK.encode("a\u00e9b") == [TOK.encode("a")[0], TOK.unk_id, TOK.encode("b")[0]]
+    assert TOK.decode(TOK.encode("a\u00e9")) == "a\ufffd"
+    with pytest.raises(ValueError, match=r"character 'é' \(U\+00E9\) at position 1"):
+        TOK.encode("a\u00e9", errors="strict")
+
+
+def test_encode_batch_padding():
+    ids, mask = TOK.encode_batch(["ab", "abcd"], add_bos=True)
+    assert ids[0][:2] == [0, 0] and mask == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    ids, mask = TOK.encode_batch(["ab", "abcd"], padding_side="right")
+    assert ids[0][2:] == [0, 0] and mask[0] == [1, 1, 0, 0]
+    assert TOK.encode_batch([]) == ([], [])
+
+
+def test_save_load(tmp_path):
+    path = TOK.save(tmp_path / "ckpt")
+    assert path.endswith("tokenizer.json")
+    assert CharTokenizer.load(tmp_path / "ckpt") == TOK
+    assert CharTokenizer.load(path) == TOK
+    fitted = CharTokenizer.fit(["<think>cab</think>", "ba!"])
+    assert fitted.alphabet == "!abc"
+    fitted.save(tmp_path / "f")
+    again = CharTokenizer.load(tmp_path / "f")
+    assert again == fitted and again.decode(again.encode("<think>abc!")) == "<think>abc!"
+    assert json.loads(open(path).read())["vocab"] == TOK.id_to_token  # plain, diffable JSON
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="alphabet must not repeat characters"):
+        CharTokenizer("aab")
+    with pytest.raises(ValueError, match="alphabet must have at most 122 characters"):
+        CharTokenizer("".join(chr(0x100 + i) for i in range(123)))
+    with pytest.raises(ValueError, match="alphabet must be a non-empty str"):
+        CharTokenizer("")
+    with pytest.raises(ValueError, match="text must be a str"):
+        TOK.encode(b"bytes")
+    with pytest.raises(ValueError, match="errors must be one of"):
+        TOK.encode("a", errors="ignore")
+    with pytest.raises(ValueError, match=r"token id must be in \[0, 102\), got 102"):
+        TOK.decode([102])
+    with pytest.raises(ValueError, match=r"token id must be in \[0, 102\), got -1"):
+        TOK.decode([-1])
+    with pytest.raises(ValueError, match="padding_side must be one of"):
+        TOK.encode_batch(["a"], padding_side="middle")
+    with pytest.raises(ValueError, match="path must be a directory holding tokenizer.json"):
+        CharTokenizer.load(tmp_path / "missing")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="tokenizer data must have format"):
+        CharTokenizer.load(bad)
+    bad.write_text(json.dumps({**TOK.to_dict(), "version": 99}))
+    with pytest.raises(ValueError, match="tokenizer version must be 1"):
+        CharTokenizer.load(bad)
+    bad.write_text(json.dumps({**TOK.to_dict(), "vocab": list(SPECIAL_TOKENS) + ["ab"]}))
+    with pytest.raises(ValueError, match="single characters"):
+        CharTokenizer.load(bad)
