@@ -85,8 +85,14 @@ def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tenso
 
 
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from ``logits[B, V]``; returns (tokens [B] int64, logp [B] fp32)."""
+                  generator: torch.Generator | None = None,
+                  uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from ``logits[B, V]``; returns (tokens [B] int64, logp [B] fp32).
+
+    With ``uniforms`` ([B] in [0, 1)) each row is sampled by inverting its CDF at its own
+    number, so a row's sample does not depend on which other rows share the batch (the same
+    completions at any data-parallel layout); otherwise ``torch.multinomial`` with ``generator``.
+    """
     logits = logits.float()
     if cfg.vocab_limit is not None and cfg.vocab_limit < logits.shape[-1]:
         allowed = torch.arange(logits.shape[-1], device=logits.device) < cfg.vocab_limit
@@ -102,18 +108,34 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     if allowed is not None:
         scaled = scaled.masked_fill(~allowed, float("-inf"))
     probs = filter_logits(scaled, cfg.top_p, cfg.top_k).softmax(-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if uniforms is not None:
+        cdf = probs.cumsum(-1)
+        u = uniforms.to(cdf)[:, None] * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True)[:, 0]
+        # never land on a zero-probability id through rounding at the top of the CDF
+        tokens = torch.minimum(tokens, probs.gt(0).cumsum(-1).argmax(-1))
+    else:
+        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
 
 
 @torch.no_grad()
 def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
              eos_token_id: int, generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu") -> Rollout:
-    """Sample one completion per prompt (repeat prompts for groups)."""
+             device: torch.device | str = "cpu", row_seeds: Sequence[int] | None = None) -> Rollout:
+    """Sample one completion per prompt (repeat prompts for groups).
+
+    ``row_seeds`` gives every row its own random stream (see :func:`sample_tokens`), which makes
+    a row's completion independent of the batch it is generated in.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     B = len(prompts)
+    row_gens = None
+    if row_seeds is not None:
+        if len(row_seeds) != B:
+            raise ValueError(f"row_seeds must have one seed per prompt ({B}), got {len(row_seeds)}")
+        row_gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
     lens = torch.tensor([len(p) for p in prompts], device=device)
     min_len, max_prompt = int(lens.min()), int(lens.max())
     total = max_prompt + cfg.max_new_tokens
@@ -128,9 +150,14 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingCo
     logps = torch.zeros(B, total, dtype=torch.float32, device=device)
     pos = min_len
     while pos < total:
-        tok, lp = sample_tokens(logits, cfg, generator)
         in_prompt = pos < lens
         active = ~in_prompt & ~done
+        uniforms = None
+        if row_gens is not None:  # a row draws only for the tokens it generates
+            uniforms = torch.zeros(B, dtype=torch.float64)
+            for i in active.nonzero()[:, 0].tolist():
+                uniforms[i] = torch.rand(1, generator=row_gens[i], dtype=torch.float64)[0]
+        tok, lp = sample_tokens(logits, cfg, generator, uniforms)
         tok = torch.where(in_prompt, buf[:, pos], torch.where(done, torch.zeros_like(tok), tok))
         buf[:, pos] = tok
         logps[:, pos] = torch.where(active, lp, torch.zeros_like(lp))

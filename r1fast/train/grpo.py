@@ -45,6 +45,9 @@ from r1fast.train.task import TaskData, build_task
 
 log = logging.getLogger("r1fast.train")
 
+#: per-update metrics of the loss, averaged over data-parallel replicas
+UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "ratio_mean")
+
 
 class GRPOTrainer:
     """``GRPOTrainer(config).fit()`` runs a GRPO job; the CLI's ``r1fast train`` calls this."""
@@ -132,11 +135,14 @@ class GRPOTrainer:
         G = self.cfg.algo.group_size
         tok = self.task.tokenizer
         prompts = [tok.encode(ex["prompt"], add_bos=True) for ex in examples for _ in range(G)]
-        # TP/EP/PP ranks of one DP replica must sample identically: seed by (run, step, dp rank)
-        gen = torch.Generator(device="cpu").manual_seed(
-            self.cfg.run.seed * 1_000_003 + self.step_idx * 101 + self.info.dp_rank)
-        decoder = PolicyDecoder(self.policy)
-        out = generate(decoder, prompts, self.sampling, eos_token_id=tok.eos_id, generator=gen)
+        # every completion has its own random stream, a function of (run seed, step, its index in
+        # the global batch): the same samples at any TP/EP/PP/DP layout, identical across the
+        # ranks of one model replica, and reproducible after a resume
+        first = self.info.dp_rank * len(prompts)
+        seeds = [hash((self.cfg.run.seed, self.step_idx, first + i)) & 0x7FFF_FFFF_FFFF_FFFF
+                 for i in range(len(prompts))]
+        out = generate(PolicyDecoder(self.policy), prompts, self.sampling,
+                       eos_token_id=tok.eos_id, row_seeds=seeds)
         texts = [tok.decode(c) for c in out.completion_ids]
         return {"rollout": out, "texts": texts,
                 "examples": [ex for ex in examples for _ in range(G)]}
@@ -166,9 +172,34 @@ class GRPOTrainer:
                     for k, v in r.items():
                         stats.setdefault(k, []).append(float(v))
                 stats.setdefault("grad_norm", []).append(float(grad_norm or 0.0))
-        return {k: sum(v) / len(v) for k, v in stats.items()} | {
-            "loss": sum(stats.get("loss", [0.0]))  # microbatch losses are shares of the total
-            / (a.ppo_epochs * a.mini_batches)}
+        grad_norm = stats.pop("grad_norm")
+        # loss terms are shares of the global loss: sum them; other metrics are averages
+        local = {k: (sum(v) if k == "loss" else sum(v) / len(v)) for k, v in stats.items()}
+        out = self._reduce_last_stage(local, UPDATE_METRICS)
+        for k, op in (("ratio_min", dist.ReduceOp.MIN), ("ratio_max", dist.ReduceOp.MAX)):
+            out[k] = self._extreme_last_stage(local.get(k), op)  # collective: every rank calls
+        out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
+        out["grad_norm"] = sum(grad_norm) / len(grad_norm)  # global already (megatron)
+        return out
+
+    def _reduce_last_stage(self, local: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
+        """Average ``keys`` over data-parallel replicas. Only the last pipeline stage computes
+        the loss metrics; TP ranks hold copies; every rank receives the result."""
+        owner = self.policy.gpt.post_process and self.info.tp_rank == 0
+        vals = torch.tensor([float(local.get(k, 0.0)) if owner else 0.0 for k in keys],
+                            dtype=torch.float64, device=self.policy.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(vals)
+        return dict(zip(keys, (vals / self.info.dp).tolist()))
+
+    def _extreme_last_stage(self, value: float | None, op) -> float:
+        """Min or max of a last-stage metric over every rank that has it."""
+        neutral = float("inf") if op == dist.ReduceOp.MIN else float("-inf")
+        t = torch.tensor([neutral if value is None else float(value)], dtype=torch.float64,
+                         device=self.policy.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(t, op=op)
+        return float(t.item())
 
     def _global_normalizer(self, mb: UpdateBatch) -> float:
         agg = self.cfg.algo.agg
@@ -244,14 +275,15 @@ class GRPOTrainer:
         lens = [len(c) for c in rollout.completion_ids]
         sums = self._dp_sum([
             float(r.sum()), float((r * r).sum()), float(r.numel()),
-            float(sum(rewards[self.cfg.reward.accuracy_metric])), float(sum(lens)), n_tok,
+            float(sum(rewards.get(self.cfg.reward.accuracy_metric, [0.0]))),
+            float(sum(lens)), n_tok,
             float(mismatch), float(truncated.sum()), float(keep.sum()),
             float(sum(p_len + c for p_len, c in zip(map(len, rollout.prompt_ids), lens)))])
         (r_sum, r2_sum, n, acc_sum, len_sum, tok_sum, mm_sum, trunc_sum, keep_sum, all_tok) = sums
         mean = r_sum / n
         metrics = {
             "reward_mean": mean, "reward_std": max(r2_sum / n - mean * mean, 0.0) ** 0.5,
-            "accuracy": acc_sum / n, "response_length": len_sum / n,
+            "response_length": len_sum / n,
             "truncated_frac": trunc_sum / n, "kept_frac": keep_sum / n,
             "logp_mismatch": mm_sum / max(tok_sum, 1.0),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
@@ -259,6 +291,8 @@ class GRPOTrainer:
             "time_update_s": t_upd - t_logp,
             "tokens_per_s": all_tok / max(t_upd - t0, 1e-9),
         }
+        if self.cfg.reward.accuracy_metric in rewards:
+            metrics["accuracy"] = acc_sum / n
         for k in ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm", "ratio_max",
                   "ratio_min"):
             if k in upd:
@@ -303,10 +337,14 @@ class GRPOTrainer:
 def _unfused_policy_loss(hidden, weight, mb, ref, cfg, *, temperature, global_normalizer,
                          rollout_logp, return_entropy, **_):
     """The same loss through full logits (the baseline ``use_fused_kernels=false`` measures)."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                               gather_from_tensor_model_parallel_region)
 
     dev = hidden.device
-    logits = gather_from_tensor_model_parallel_region(hidden.float() @ weight.float().t())
+    # the policy's head contract: every TP rank returns the FULL input gradient (the copy's
+    # backward all-reduces the vocab shards' partial gradients), as linear_logprob does
+    hidden = copy_to_tensor_model_parallel_region(hidden.float())
+    logits = gather_from_tensor_model_parallel_region(hidden @ weight.float().t())
     logits = logits / temperature  # [b, L, V]
     logp_all = torch.log_softmax(logits, -1)
     targets = mb["targets"].to(dev)

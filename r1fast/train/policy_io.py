@@ -83,6 +83,7 @@ def optimizer_state(optimizer, scheduler) -> dict[str, Any]:
     return {"optimizers": parts, "scheduler": scheduler.state_dict()}
 
 
+@torch.no_grad()
 def load_optimizer_state(optimizer, scheduler, state: dict[str, Any]) -> None:
     chain = _chained(optimizer)
     if len(chain) != len(state["optimizers"]):
@@ -93,9 +94,22 @@ def load_optimizer_state(optimizer, scheduler, state: dict[str, Any]) -> None:
         if "shards" in entry:
             params = {n: p for model in opt.model_chunks for n, p in model.module.named_parameters()}
             for name, tensors in entry["shards"].items():
-                opt._set_main_param_and_optimizer_states(params[name], tensors)
+                _set_shard(opt, params[name], tensors)
             opt._copy_main_params_to_model_params()
     scheduler.load_state_dict(state["scheduler"])
+
+
+def _set_shard(opt, model_param, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore one parameter's master shard and Adam state. Megatron's own setter copies into
+    the state its ``load_state_dict`` allocated, where one ``step`` tensor is shared by every
+    parameter (torch Adam then advances it once per parameter); give each its own tensors."""
+    if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        opt._set_main_param_and_optimizer_states(model_param, tensors)
+        return
+    group, order = opt.model_param_group_index_map[model_param]
+    main = opt.optimizer.param_groups[group]["params"][order]
+    main.copy_(tensors["param"])
+    opt.optimizer.state[main] = {k: v.clone() for k, v in tensors.items() if k != "param"}
 
 
 class PolicyDecoder:

@@ -75,3 +75,24 @@ def test_sampling_frequencies_follow_truncated_distribution():
 def test_bad_sampling_config(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         SamplingConfig(**kw)
+
+
+def test_row_seeds_make_rows_independent_of_batch():
+    dec = ToyDecoder()
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=5)
+    prompts = [[1, 2], [3], [4, 5, 6], [7], [8, 9, 10, 1]]
+    seeds = [11, 12, 13, 14, 15]
+    full = generate(dec, prompts, cfg, eos_token_id=0, row_seeds=seeds)
+    for part in (slice(2, 5), slice(4, 5), slice(0, 2)):  # other batch-mates, other min length
+        alone = generate(dec, prompts[part], cfg, eos_token_id=0, row_seeds=seeds[part])
+        assert full.completion_ids[part] == alone.completion_ids
+        torch.testing.assert_close(torch.tensor(sum(full.logprobs[part], [])),
+                                   torch.tensor(sum(alone.logprobs, [])))
+
+
+def test_inverse_cdf_sampling_frequencies():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(20000, 1)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tok, _ = sample_tokens(logits, SamplingConfig(top_k=3), uniforms=u)
+    freq = torch.bincount(tok, minlength=4).float() / tok.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.02, rtol=0)
