@@ -1,0 +1,240 @@
+"""Tests of MoE token permutation (``moe_permute`` / ``moe_unpermute``) on the torch reference
+and the Triton kernels (interpreter on a CPU, native on a GPU): forward and every gradient
+against the fp64 loop formulas, megatron-core's permute/unpermute, properties (identity for
+k=1 with unit weights, expert-contiguous stable order), bitwise determinism, poisoned outputs
+and bad inputs. CUDA kernels are held to the same checks in test_moe_cuda.py."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from r1fast.ops._dispatch import triton_missing
+from r1fast.ops.moe_permute import (
+    moe_permute,
+    moe_unpermute,
+    naive_moe_permute,
+    naive_moe_unpermute,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NO_TRITON = triton_missing(DEVICE)
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    NO_TRITON is not None, reason=str(NO_TRITON)))]
+needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=str(NO_TRITON))
+
+
+def make(T, k, E, H, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
+        torch.zeros(0, k, dtype=torch.int64)
+    w = torch.rand(T, k, generator=g)
+    y_scale = torch.randn(T * k, H, generator=g)  # expert "outputs" = permuted * y_scale
+    dout = torch.randn(T, H, generator=g)
+    return x, idx, w, y_scale, dout
+
+
+def pipeline(x, idx, w, y_scale, dout, E, impl):
+    """permute -> fake expert (elementwise) -> unpermute, then backward; returns every piece."""
+    xd = x.detach().clone().to(DEVICE).requires_grad_()
+    wd = w.detach().clone().to(DEVICE).requires_grad_()
+    perm, row_map, counts = moe_permute(xd, idx.to(DEVICE), E, impl=impl)
+    y = perm * y_scale.to(DEVICE, perm.dtype)
+    out = moe_unpermute(y, row_map, wd, impl=impl)
+    (out.double() * dout.to(DEVICE).double()).sum().backward()
+    return perm.detach(), row_map, counts, out.detach(), xd.grad, wd.grad
+
+
+def truth(x, idx, w, y_scale, dout, E):
+    xr = x.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    perm, row_map, counts = naive_moe_permute(xr, idx, E)
+    y = perm * y_scale.double()
+    out = naive_moe_unpermute(y, row_map, wr)
+    (out * dout.double()).sum().backward()
+    return perm.detach(), row_map, counts, out.detach(), xr.grad, wr.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T,k,E,H", [(1, 1, 4, 1), (7, 2, 8, 63), (7, 4, 16, 257),
+                                     (7, 8, 8, 33), (33, 1, 8, 7)])
+def test_matches_fp64_loops(impl, T, k, E, H):
+    x, idx, w, ys, dout = make(T, k, E, H)
+    got = pipeline(x, idx, w, ys, dout, E, impl)
+    want = truth(x, idx, w, ys, dout, E)
+    assert torch.equal(got[0].cpu().double(), want[0])  # permute is an exact copy
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
+    for a, b in zip(got[3:], want[3:]):
+        torch.testing.assert_close(a.cpu().double(), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rows(impl, dtype):
+    T, k, E, H = 7, 2, 8, 63
+    x, idx, w, ys, dout = make(T, k, E, H, dtype=dtype)
+    got = pipeline(x, idx, w, ys, dout, E, impl)
+    want = truth(x, idx, w, ys.to(dtype).float(), dout, E)
+    assert got[0].dtype == dtype and got[3].dtype == dtype and got[4].dtype == dtype
+    assert torch.equal(got[0].cpu().double(), want[0])
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    for a, b in zip(got[3:5], want[3:5]):  # rounded once to the row dtype (2 ulp: y, out)
+        torch.testing.assert_close(a.cpu().double(), b, atol=4 * ulp * b.abs().max().item(),
+                                   rtol=4 * ulp)
+    # dw sums products of half rows: its error is that of y's rounding
+    torch.testing.assert_close(got[5].cpu().double(), want[5], atol=4 * ulp * H ** 0.5,
+                               rtol=4 * ulp)
+
+
+def test_order_matches_megatron_core():
+    """Expert-contiguous, by token within an expert: Megatron's permute rows, and its
+    unpermute (with routing probs) gives the same combine."""
+    from megatron.core.transformer.moe.moe_utils import permute, unpermute
+
+    from r1fast.ops.moe_route import moe_route, routing_to_dense
+
+    T, E, k, H = 33, 8, 2, 16
+    x = torch.randn(T, H)
+    routing = moe_route(torch.randn(T, E), k, score="sigmoid", impl="torch")
+    probs, rmap = routing_to_dense(routing.weights, routing.indices, E)
+    mperm, _, sorted_idx = permute(x, rmap, num_out_tokens=T * k)
+    perm, row_map, counts = moe_permute(x, routing.indices, E, impl="torch")
+    assert torch.equal(perm, mperm)
+    assert torch.equal(counts, rmap.sum(0))
+    y = torch.randn(T * k, H)
+    mout = unpermute(y, sorted_idx, x.shape, probs=probs, routing_map=rmap)
+    torch.testing.assert_close(moe_unpermute(y, row_map, routing.weights, impl="torch"), mout)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(T=st.integers(1, 12), E=st.integers(1, 6), H=st.integers(1, 9),
+       impl=st.sampled_from(["torch", "triton"] if NO_TRITON is None else ["torch"]),
+       seed=st.integers(0, 2**16))
+def test_property_k1_unit_weights_is_identity(T, E, H, impl, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(DEVICE)
+    idx = torch.randint(0, E, (T, 1), generator=g).to(DEVICE)
+    perm, row_map, counts = moe_permute(x, idx, E, impl=impl)
+    back = moe_unpermute(perm, row_map, torch.ones(T, 1, device=DEVICE), impl=impl)
+    assert torch.equal(back, x)
+    # expert-contiguous and stable: experts ascend, tokens ascend within an expert
+    src = torch.empty(T, dtype=torch.int64, device=DEVICE)
+    src[row_map[:, 0]] = torch.arange(T, device=DEVICE)
+    keys = (idx[src, 0] * T + src).tolist()
+    assert keys == sorted(keys) and int(counts.sum()) == T
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_repeated_expert_in_a_row_and_stable_slot_order(impl):
+    x = torch.arange(6.0).view(3, 2).to(DEVICE)
+    idx = torch.tensor([[1, 1], [0, 1], [1, 0]], device=DEVICE)
+    perm, row_map, counts = moe_permute(x, idx, 2, impl=impl)
+    # expert 0: (t1,j0), (t2,j1); expert 1: (t0,j0), (t0,j1), (t1,j1), (t2,j0)
+    assert row_map.tolist() == [[2, 3], [0, 4], [5, 1]]
+    assert perm[:, 0].tolist() == [2.0, 4.0, 0.0, 0.0, 2.0, 4.0] and counts.tolist() == [2, 4]
+
+
+@needs_triton
+def test_triton_bitwise_deterministic():
+    check_deterministic("triton")
+
+
+def check_deterministic(impl):
+    x, idx, w, ys, dout = make(9, 4, 16, 65, seed=3)
+    a = pipeline(x, idx, w, ys, dout, 16, impl)
+    b = pipeline(x, idx, w, ys, dout, 16, impl)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@needs_triton
+def test_launchers_write_every_output():
+    from r1fast.kernels import moe_permute as kernels
+
+    check_launchers_write_every_output(kernels, 300)
+
+
+def check_launchers_write_every_output(K, H):
+    """NaN-poisoned outputs must be fully written. ``K``: Triton kernels or CUDA wrappers."""
+    T, k = 7, 2
+    x = torch.randn(T, H, device=DEVICE)
+    row_map = torch.randperm(T * k, device=DEVICE).view(T, k)
+    w = torch.rand(T, k, device=DEVICE)
+    y = torch.randn(T * k, H, device=DEVICE)
+    out = torch.full((T * k, H), float("nan"), device=DEVICE)
+    dw = torch.full((T, k), float("nan"), device=DEVICE)
+    K.scatter_rows(x, row_map, w, y, out=out, dw=dw)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(dw).all())
+    comb = torch.full((T, H), float("nan"), device=DEVICE)
+    K.gather_combine(y, row_map, w, out=comb)
+    assert bool(torch.isfinite(comb).all())
+
+
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    M = importlib.import_module("r1fast.ops.moe_permute")
+    x = torch.randn(5, 7, device=DEVICE, requires_grad=True)
+    row_map = torch.randperm(10, device=DEVICE).view(5, 2)
+    w = torch.rand(5, 2, device=DEVICE, requires_grad=True)
+    y = torch.randn(10, 7, device=DEVICE, requires_grad=True)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(M._permute_rows_op, (x, row_map, "triton"), test_utils=utils)
+    torch.library.opcheck(M._combine_rows_op, (y, row_map, w, "triton"), test_utils=utils)
+    torch.library.opcheck(M._combine_rows_op, (y, row_map, None, "triton"), test_utils=utils)
+
+
+def test_empty_batch():
+    perm, row_map, counts = moe_permute(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.int64),
+                                        3, impl="torch")
+    assert perm.shape == (0, 4) and counts.tolist() == [0, 0, 0]
+    assert moe_unpermute(perm, row_map, torch.zeros(0, 2), impl="torch").shape == (0, 4)
+
+
+X = torch.randn(4, 8)
+IDX = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
+BAD_PERMUTE = [
+    (dict(x=torch.randn(8)), "x must be 2-D"),
+    (dict(x=torch.zeros(4, 8, dtype=torch.int32)), "x must have dtype"),
+    (dict(indices=torch.zeros(4, 2)), "indices must have dtype"),
+    (dict(indices=torch.zeros(5, 2, dtype=torch.int64)), r"indices must have shape \[4, k\]"),
+    (dict(indices=torch.zeros(4, 0, dtype=torch.int64)), "at least one slot"),
+    (dict(indices=IDX * 0 - 1), r"expert ids in \[0, 4\)"),
+    (dict(num_experts=3), r"expert ids in \[0, 3\)"),
+    (dict(num_experts=0), "num_experts must be a positive int"),
+    (dict(impl="gpu"), "impl must be one of"),
+    (dict(x=torch.randn(4, 8, dtype=torch.float64), impl="triton"),
+     "takes float32, bfloat16 or float16 rows"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_PERMUTE, ids=[m for _, m in BAD_PERMUTE])
+def test_bad_permute_input(kwargs, match):
+    kw = {"x": X, "indices": IDX, "num_experts": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        moe_permute(kw.pop("x"), kw.pop("indices"), kw.pop("num_experts"), **kw)
+
+
+Y = torch.randn(8, 5)
+RM = torch.randperm(8).view(4, 2)
+BAD_UNPERMUTE = [
+    (dict(y=torch.randn(8)), "y must be 2-D"),
+    (dict(y=torch.randn(9, 5)), "row_map must have T\\*k = 9 entries"),
+    (dict(row_map=torch.zeros(4, 2)), "row_map must have dtype"),
+    (dict(row_map=torch.zeros(4, 2, dtype=torch.int64)), "row_map must be a permutation"),
+    (dict(row_map=RM + 1), "row_map must be a permutation"),
+    (dict(weights=torch.rand(2, 4)), r"weights must have shape \[4, 2\]"),
+    (dict(weights=torch.ones(4, 2, dtype=torch.int64)), "weights must have dtype"),
+    (dict(impl="cuda"), "impl='cuda'" if torch.cuda.is_available() else "CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_UNPERMUTE, ids=[m for _, m in BAD_UNPERMUTE])
+def test_bad_unpermute_input(kwargs, match):
+    if kwargs.get("impl") == "cuda" and torch.cuda.is_available():
+        pytest.skip("impl='cuda' is a valid choice on a GPU")
+    kw = {"y": Y, "row_map": RM, "weights": torch.rand(4, 2), **kwargs}
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        moe_unpermute(kw.pop("y"), kw.pop("row_map"), kw.pop("weights"), **kw)
