@@ -1,0 +1,256 @@
+"""``r1fast plan RECIPE``: will this recipe fit the GPUs? A per-GPU memory plan, instantly.
+
+    r1fast plan recipes/qwen3_30b_a3b.toml                       # 80 GiB GPUs, recipe's world
+    r1fast plan recipes/qwen3_30b_a3b.toml --gpu-mem 140         # H200
+    r1fast plan recipes/deepseek_v3.toml --recompute full --gpus 256
+    r1fast plan recipes/tiny.toml --override parallel.tp=2 --parallel.ep=2 --gpus 4
+
+Overrides use the trainer's dotted syntax (``--override parallel.ep=4`` or ``--parallel.ep=4``),
+so a plan describes exactly the run ``r1fast train`` would start. The numbers come from
+:func:`r1fast.plan_memory.plan_memory` (the formulas and assumptions are documented there);
+``--json`` prints them for scripts. An impossible layout (experts not divisible by ep, a
+world size that is not a multiple of tp*pp ...) is an error naming what does not divide.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+from r1fast.plan_memory import (DECODERS, SPECS, GiB, RECOMPUTE_MODES, MemoryPlan, StagePlan,
+                                plan_memory)
+
+__all__ = ["plan_main", "plan_memory", "format_plan", "MemoryPlan"]
+
+
+def _gib(n: float) -> str:
+    """Bytes in GiB, or MiB/KiB when small (so tiny recipes do not print 0.00)."""
+    if n >= 0.1 * GiB or n == 0:
+        return f"{n / GiB:.2f} GiB"
+    if n >= 0.1 * 1024 ** 2:
+        return f"{n / 1024 ** 2:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def _count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
+    """(component, detail, memory) rows of the worst stage; a component starting with "="
+    is a sub-total."""
+    w: StagePlan = plan.worst
+    m = cfg.model
+    opt = plan.options
+    dist_opt = cfg.optim.use_distributed_optimizer
+    experts = f"experts /EDP {plan.expert_dp}" if plan.ep > 1 else f"experts /DP {plan.dp}"
+    shard = (f"dense /DP {plan.dp}, {experts}" if dist_opt
+             else "not sharded (distributed optimizer off)")
+    rows = [
+        (f"parameters ({plan.params_dtype})",
+         f"{_count(w.dense_params)} dense + {_count(w.expert_params)} expert on this rank",
+         _gib(w.param_bytes)),
+        ("gradients (fp32 main_grad)", "megatron DDP grad_reduce_in_fp32, unsharded",
+         _gib(w.grad_bytes)),
+    ]
+    if w.master_bytes:
+        rows.append(("optimizer: fp32 master weights", shard, _gib(w.master_bytes)))
+    rows.append(("optimizer: Adam m, v (fp32)", shard, _gib(w.adam_bytes)))
+    if w.reference_bytes:
+        rows.append((f"reference policy ({plan.params_dtype})",
+                     f"frozen copy for the KL term (algo.kl = {cfg.algo.kl})",
+                     _gib(w.reference_bytes)))
+    rows.append(("= resident state", "", _gib(w.resident_bytes)))
+    per = ", ".join(f"{k} {_gib(v)}" for k, v in w.activation_bytes.items())
+    rows.append((f"activations (recompute {opt.recompute}, x{w.in_flight})",
+                 f"per micro-batch: {per}", _gib(w.activations_total)))
+    if w.logprob_fused_bytes or w.logprob_unfused_bytes:
+        name = "fused r1fast kernel" if cfg.algo.use_fused_kernels else "full logits"
+        other = (f"full fp32 logits [T, V/tp] would need {_gib(w.logprob_unfused_bytes)}"
+                 if cfg.algo.use_fused_kernels
+                 else f"the fused kernel would need {_gib(w.logprob_fused_bytes)}")
+        rows.append((f"log-prob head ({name})", other, _gib(w.logprob_bytes)))
+    rows.append((f"= training peak (+{opt.reserve_gib:g} GiB reserve)", "", _gib(w.train_peak)))
+    layers = w.layers[1] - w.layers[0]
+    if opt.decoder == "kv-cache":
+        rows.append(("rollout KV cache",
+                     f"{plan.rollout_seqs} seqs x {plan.seq_len} tok x {layers} layers x "
+                     f"{m.kv_heads // plan.tp} kv heads/tp x {m.kv_channels}",
+                     _gib(w.kv_cache_bytes)))
+    rows.append(("rollout sampling logits (fp32)",
+                 "[B, V] per step" if opt.decoder == "kv-cache"
+                 else "[B, L, V]: prefix-recomputing decoder", _gib(w.rollout_logits_bytes)))
+    rows.append((f"= rollout peak (+{opt.reserve_gib:g} GiB reserve)", "", _gib(w.rollout_peak)))
+    rows.append(("PEAK", f"fits {opt.gpu_mem_gib:g} GiB: {'yes' if plan.fits else 'NO'}",
+                 _gib(w.peak)))
+    return rows
+
+
+def format_plan(plan: MemoryPlan, cfg, title: str = "", use_rich: bool | None = None) -> str:
+    """The report as text (rich tables when ``rich`` is installed, plain columns otherwise)."""
+    m = cfg.model
+    moe = f", {m.num_experts} experts top-{m.moe_router_topk}" if m.is_moe else ", dense"
+    head = [
+        f"model   {_count(plan.total_params)} params ({_count(plan.active_params)} active), "
+        f"{plan.params_dtype}, {m.num_layers} layers{moe}",
+        f"layout  world {plan.world_size} = tp {plan.tp} x pp {plan.pp} x dp {plan.dp}; "
+        f"ep {plan.ep}, expert-dp {plan.expert_dp}; sequence parallel "
+        f"{'on' if plan.sequence_parallel else 'off'}",
+        f"rollout {plan.rollout_seqs} seqs per DP rank x {plan.seq_len} tokens "
+        f"({plan.prompt_len} prompt + {cfg.rollout.max_new_tokens} new)",
+        f"update  {cfg.algo.mini_batches} mini-batch(es) x {plan.micro_batches} micro-batch(es) "
+        f"of {plan.micro_batch_seqs} seq(s) = {plan.micro_batch_seqs * plan.seq_len} tokens",
+    ]
+    w = plan.worst
+    table_title = (f"per-GPU memory, worst pipeline stage {w.stage} "
+                   f"(layers {w.layers[0]}-{w.layers[1] - 1})")
+    rows = _rows(plan, cfg)
+    stage_rows = [(str(s.stage), f"{s.layers[0]}-{s.layers[1] - 1}",
+                   _count(s.dense_params + s.expert_params), _gib(s.train_peak),
+                   _gib(s.rollout_peak)) for s in plan.stages] if plan.pp > 1 else []
+    tail = [f"note: {n}" for n in plan.notes]
+    if use_rich is None:
+        try:
+            import rich  # noqa: F401
+            use_rich = True
+        except ImportError:
+            use_rich = False
+    if use_rich:
+        return _render_rich(title, head, table_title, rows, stage_rows, tail)
+    return _render_plain(title, head, table_title, rows, stage_rows, tail)
+
+
+def _render_plain(title, head, table_title, rows, stage_rows, tail) -> str:
+    out = [title] if title else []
+    out += head + ["", table_title]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    out.append(f"{'component':<{w0}}  {'detail':<{w1}}  {'memory':>10}")
+    for a, b, c in rows:
+        out.append(f"{a:<{w0}}  {b:<{w1}}  {c:>10}")
+    if stage_rows:
+        out += ["", "per pipeline stage:",
+                f"{'stage':>5}  {'layers':>7}  {'params/rank':>11}  {'train peak':>11}  "
+                f"{'rollout peak':>12}"]
+        out += [f"{a:>5}  {b:>7}  {c:>11}  {d:>11}  {e:>12}" for a, b, c, d, e in stage_rows]
+    return "\n".join(out + tail)
+
+
+def _render_rich(title, head, table_title, rows, stage_rows, tail) -> str:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text  # cells as Text: "[B, V]" must not be read as rich markup
+
+    console = Console(width=160, record=True, file=_Null(), color_system=None)
+    if title:
+        console.print(title, markup=False)
+    for line in head:
+        console.print(line, markup=False)
+    table = Table(title=table_title, title_justify="left")
+    table.add_column("component")
+    table.add_column("detail")
+    table.add_column("memory", justify="right", no_wrap=True)
+    for a, b, c in rows:
+        table.add_row(Text(a), Text(b), Text(c), end_section=a.startswith("="))
+    console.print(table)
+    if stage_rows:
+        st = Table(title="per pipeline stage", title_justify="left")
+        for name in ("stage", "layers", "params/rank", "train peak", "rollout peak"):
+            st.add_column(name, justify="right")
+        for r in stage_rows:
+            st.add_row(*(Text(x) for x in r))
+        console.print(st)
+    for line in tail:
+        console.print(line, markup=False, soft_wrap=True)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())
+
+
+class _Null:
+    """A write sink: rich records the text, which export_text returns."""
+
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        return None
+
+
+def _plan_dict(plan: MemoryPlan) -> dict:
+    d = dataclasses.asdict(plan)
+    d["worst_stage"] = plan.worst.stage
+    del d["worst"]
+    for st, obj in zip(d["stages"], plan.stages):
+        st["resident_bytes"] = obj.resident_bytes
+        st["peak"] = obj.peak
+    return d
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r1fast plan",
+                                description="per-GPU memory plan of a GRPO recipe")
+    p.add_argument("recipe", help="TOML recipe, e.g. recipes/qwen3_30b_a3b.toml")
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB",
+                   help="memory of one GPU in GiB (default 80; an H200 shows ~140)")
+    p.add_argument("--gpus", "--world-size", dest="world_size", type=int, default=None,
+                   help="GPUs in the job (default: parallel.world_size of the recipe, else "
+                        "tp*pp*dp with --dp, else the smallest valid world)")
+    p.add_argument("--dp", type=int, default=None,
+                   help="data-parallel size; the world is tp*pp*dp (ignored with --gpus)")
+    p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
+                   help="activation recompute counted in the total (all three are shown)")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="prompt tokens per sequence (default min(512, max_position_embeddings "
+                        "- max_new_tokens))")
+    p.add_argument("--decoder", choices=DECODERS, default="kv-cache",
+                   help="rollout memory model (default kv-cache)")
+    p.add_argument("--spec", choices=SPECS, default="te",
+                   help="layers the activations are counted for: te (Transformer Engine, flash "
+                        "attention; GPU default) or local (megatron local layers, as on CPU)")
+    p.add_argument("--reserve", type=float, default=2.0, metavar="GiB",
+                   help="runtime reserve added to each peak (default 2)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, e.g. parallel.ep=4 (repeatable); bare --a.b=v works too")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--check", action="store_true",
+                   help="exit with status 1 when the plan does not fit")
+    p.add_argument("--plain", action="store_true", help="plain text instead of rich tables")
+    return p
+
+
+def plan_main(argv: Sequence[str]) -> int:
+    """Entry of ``r1fast plan``: 0 (1 with ``--check`` when it does not fit), 2 on a bad
+    recipe, option or layout."""
+    from r1fast.config import ConfigError
+    from r1fast.train.config import load_train_config
+
+    parser = _parser()
+    args, rest = parser.parse_known_args(list(argv))
+    overrides = [o if o.startswith("--") else f"--{o}" for o in args.override] + list(rest)
+    try:
+        cfg = load_train_config(args.recipe, overrides)
+        world = args.world_size
+        if world is None and args.dp is not None:
+            if args.dp < 1:
+                raise ValueError(f"--dp must be >= 1, got {args.dp}")
+            world = cfg.parallel.tp * cfg.parallel.pp * args.dp
+        plan = plan_memory(cfg, world, args.gpu_mem, recompute=args.recompute,
+                           prompt_len=args.prompt_len, spec=args.spec,
+                           decoder=args.decoder, reserve_gib=args.reserve)
+    except (ConfigError, ValueError) as e:
+        print(f"r1fast plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(_plan_dict(plan), indent=1))
+    else:
+        title = f"r1fast plan {args.recipe}" + (f" {' '.join(overrides)}" if overrides else "")
+        print(format_plan(plan, cfg, title=title, use_rich=False if args.plain else None))
+    return 1 if args.check and not plan.fits else 0
+
+
+if __name__ == "__main__":
+    sys.exit(plan_main(sys.argv[1:]))

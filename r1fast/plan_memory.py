@@ -1,0 +1,533 @@
+"""Per-GPU memory model of a GRPO run: what ``r1fast plan`` prints, as numbers.
+
+Why a planner: a 30B or 671B MoE recipe either fits the GPUs it is launched on or dies with an
+out-of-memory error after minutes of start-up. Every term below is a closed formula of the
+recipe (model shape, TP/PP/EP layout, batch sizes, dtypes), so the answer is instant.
+
+Parameters follow megatron-core's layout exactly (the local GPT layer spec r1fast builds; the
+Transformer Engine spec fuses the norms into the next linear, which has the same count):
+
+- per layer: ``input_layernorm [H]``, ``linear_qkv [(nq + 2 nkv) d / tp, H]`` (+ its bias with
+  add_qkv_bias), ``q_layernorm``/``k_layernorm [d]`` each, ``linear_proj [H, nq d / tp]``,
+  ``pre_mlp_layernorm [H]``; a dense layer's ``linear_fc1 [2 F / tp, H]`` and
+  ``linear_fc2 [H, F / tp]`` (SwiGLU); an MoE layer's ``router [E, H]`` (replicated over TP),
+  ``E / ep`` whole experts of ``[2 Fm, H] + [H, Fm]`` (expert TP = 1) and a shared expert split
+  like a dense MLP (+ its ``[1, H]`` gate);
+- the embedding ``[V / tp, H]`` on the first pipeline stage, the final norm and the output
+  layer ``[V / tp, H]`` on the last (a tied output layer is still a second copy when pp > 1).
+
+Memory per rank, for each pipeline stage (the report shows the worst one). Assumptions,
+matching r1fast's policy (r1fast.policy.optim):
+
+- parameters in ``model.params_dtype``; megatron DDP keeps fp32 ``main_grad`` buffers for
+  every local parameter (``grad_reduce_in_fp32=True``), unsharded;
+- Adam keeps fp32 ``m`` and ``v``, plus fp32 master weights when the parameters are 16-bit;
+  with the distributed optimizer that state is split over the data-parallel ranks for dense
+  parameters (DP = world / (tp pp)) and, when ep > 1, over the expert-data-parallel ranks for
+  expert parameters (EDP = world / (ep pp)); megatron files experts under dense at ep = 1;
+- a frozen reference policy (parameters only) when the KL term is on;
+- activations of one micro-batch of ``micro_batch_size`` sequences of ``prompt_len +
+  max_new_tokens`` tokens, times the micro-batches 1F1B keeps in flight on the stage
+  (``min(pp - stage, n_micro)``), for three recompute settings (none; selective = megatron's
+  ``recompute_modules`` core_attn + layernorm + moe_act; full = uniform, one layer per
+  checkpoint), counted tensor by tensor for the Transformer Engine layers (flash attention)
+  or megatron's local layers, with balanced expert load;
+- the log-prob head on the last stage: full fp32 logits ``[T, V / tp]`` with their softmax and
+  gradient copies (a vocab-parallel cross-entropy; r1fast's own unfused baseline,
+  ``algo.use_fused_kernels = false``, even gathers ``[T, V]``), or the fused kernel's bounded
+  workspace (r1fast.ops.linear_logprob);
+- rollout: a KV cache for this DP rank's share of ``prompts_per_step * group_size`` sequences
+  while the weights and optimizer state stay resident (colocated training and sampling);
+- a fixed runtime reserve (CUDA context, NCCL buffers, allocator fragmentation).
+
+Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
+transient is below the training one), expert load imbalance (the busiest expert's rank holds
+more routed tokens), MTP/MLA, CPU offload, and megatron's buffer padding (< 1%).
+:func:`measure_state_bytes` and :func:`measure_saved_bytes` measure a built policy for
+comparison; tests/scale/test_plan.py checks the formulas against megatron that way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from r1fast.policy.config import ModelConfig, ParallelConfig
+
+GiB = 1024 ** 3
+RECOMPUTE_MODES = ("none", "selective", "full")
+DECODERS = ("kv-cache", "recompute")
+SPECS = ("te", "local")
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class PlanOptions:
+    """What the recipe does not say and the planner has to assume (``r1fast plan`` flags)."""
+
+    gpu_mem_gib: float = 80.0
+    """Memory of one GPU in GiB (80 for an H100 80GB, 141 for an H200)."""
+    world_size: Optional[int] = None
+    """GPUs in the job; None: ``parallel.world_size`` of the recipe, else the smallest valid
+    world, lcm(tp, ep) * pp."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute assumed for the total (all three are reported)."""
+    prompt_len: Optional[int] = None
+    """Prompt tokens per sequence; None: min(512, max_position_embeddings - max_new_tokens)."""
+    spec: Literal["te", "local"] = "te"
+    """Layer implementation the activations are counted for: "te" (Transformer Engine on GPU:
+    flash attention, fused RMSNorm) or "local" (megatron's local layers, as on CPU)."""
+    decoder: Literal["kv-cache", "recompute"] = "kv-cache"
+    """Rollout memory: a KV-cached decoder, or today's prefix-recomputing PolicyDecoder that
+    materialises full fp32 logits [B, L, V] on every rank."""
+    reserve_gib: float = 2.0
+    """CUDA context, NCCL buffers and allocator fragmentation, added to every peak."""
+
+    def validate(self) -> "PlanOptions":
+        if not (isinstance(self.gpu_mem_gib, (int, float)) and self.gpu_mem_gib > 0):
+            raise ValueError(f"gpu_mem_gib must be a number > 0, got {self.gpu_mem_gib!r}")
+        if self.world_size is not None and (not isinstance(self.world_size, int)
+                                            or self.world_size < 1):
+            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
+        if self.spec not in SPECS:
+            raise ValueError(f"spec must be one of {SPECS}, got {self.spec!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.prompt_len is not None and (not isinstance(self.prompt_len, int)
+                                            or self.prompt_len < 1):
+            raise ValueError(f"prompt_len must be an int >= 1, got {self.prompt_len!r}")
+        if not self.reserve_gib >= 0:
+            raise ValueError(f"reserve_gib must be >= 0, got {self.reserve_gib!r}")
+        return self
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage's rank (every TP/EP rank of a stage holds the same amount)."""
+
+    stage: int
+    """Pipeline stage index."""
+    layers: tuple[int, int]
+    """[first, last) global layer indices held."""
+    dense_params: int
+    """Local parameters that are replicated over data parallelism (attention, norms, dense MLP,
+    router, shared expert, embedding/output shards)."""
+    expert_params: int
+    """Local routed-expert parameters (replicated over expert data parallelism only)."""
+    param_bytes: int
+    """Local parameters in the model dtype."""
+    grad_bytes: int
+    """fp32 main_grad buffers of the local parameters."""
+    master_bytes: int
+    """fp32 master weights (16-bit models), this rank's optimizer shard."""
+    adam_bytes: int
+    """Adam m and v (fp32), this rank's optimizer shard."""
+    reference_bytes: int
+    """Frozen reference policy (KL), model dtype; 0 without KL."""
+    activation_bytes: dict[str, int]
+    """Saved activations of ONE micro-batch on this stage, per recompute mode."""
+    in_flight: int
+    """Micro-batches whose activations 1F1B holds at once on this stage."""
+    activations_total: int
+    """Activations held at the peak with the chosen recompute mode."""
+    logprob_fused_bytes: int
+    """Log-prob head, fused kernel: dz workspace + fp32 dW accumulator + per-token stats
+    (last stage only)."""
+    logprob_unfused_bytes: int
+    """Log-prob head through full logits [T, V/tp]: fp32 logits, softmax saved for backward,
+    fp32 gradient, plus the 16-bit matmul output (last stage only)."""
+    logprob_bytes: int
+    """The one the recipe uses (algo.use_fused_kernels)."""
+    kv_cache_bytes: int
+    """Rollout KV cache of this stage's layers for this DP rank's sequences."""
+    rollout_logits_bytes: int
+    """Sampling logits held during rollout (decoder-dependent)."""
+    train_peak: int
+    """Resident state + activations + log-prob head + reserve."""
+    rollout_peak: int
+    """Resident state + KV cache + sampling logits + reserve."""
+
+    @property
+    def resident_bytes(self) -> int:
+        return (self.param_bytes + self.grad_bytes + self.master_bytes + self.adam_bytes
+                + self.reference_bytes)
+
+    @property
+    def peak(self) -> int:
+        return max(self.train_peak, self.rollout_peak)
+
+
+@dataclass
+class MemoryPlan:
+    """``plan_memory``'s answer: the layout, per-stage numbers, the worst stage, the verdict."""
+
+    world_size: int
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    """Data-parallel size of dense parameters: world / (tp pp)."""
+    expert_dp: int
+    """Data-parallel size of expert parameters: world / (ep pp)."""
+    sequence_parallel: bool
+    total_params: int
+    """Parameters of the whole model (each counted once)."""
+    active_params: int
+    """Parameters one token passes through (top-k experts + shared + dense)."""
+    params_dtype: str
+    seq_len: int
+    """prompt_len + max_new_tokens."""
+    prompt_len: int
+    micro_batch_seqs: int
+    """Sequences per micro-batch."""
+    micro_batches: int
+    """Micro-batches per optimizer step on a DP rank."""
+    rollout_seqs: int
+    """Sequences this DP rank samples per step."""
+    stages: list[StagePlan]
+    worst: StagePlan
+    """The stage with the highest peak."""
+    gpu_mem_bytes: int
+    fits: bool
+    options: PlanOptions
+    notes: list[str] = field(default_factory=list)
+    """Warnings worth reading (e.g. what dominates when it does not fit)."""
+
+
+# ------------------------------------------------------------------------------ parameters
+
+def _attention_params(m: ModelConfig, tp: int) -> int:
+    H, d, nq, nkv = m.hidden_size, m.kv_channels, m.num_attention_heads, m.kv_heads
+    qkv_rows = (nq + 2 * nkv) * d // tp
+    n = H + qkv_rows * H + H * (nq * d // tp)  # input norm, linear_qkv, linear_proj
+    if m.add_qkv_bias:
+        n += qkv_rows
+    if m.qk_layernorm:
+        n += 2 * d
+    return n
+
+
+def layer_params(m: ModelConfig, layer: int, tp: int = 1, ep: int = 1) -> tuple[int, int]:
+    """(dense, expert) parameters of global layer ``layer`` on one rank."""
+    H = m.hidden_size
+    dense = _attention_params(m, tp) + H  # + pre_mlp_layernorm
+    if not m.is_moe or layer in m.dense_layers:
+        return dense + 3 * H * (m.ffn_hidden_size // tp), 0
+    dense += m.num_experts * H  # router, replicated over TP
+    if m.shared_expert_size is not None:
+        dense += 3 * H * (m.shared_expert_size // tp) + (H if m.shared_expert_gate else 0)
+    return dense, (m.num_experts // ep) * 3 * H * m.moe_ffn_hidden_size
+
+
+def stage_layers(m: ModelConfig, pp: int, stage: int) -> tuple[int, int]:
+    per = m.num_layers // pp
+    return stage * per, (stage + 1) * per
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int, ep: int, stage: int) -> tuple[int, int]:
+    """(dense, expert) parameters on one rank of pipeline stage ``stage``."""
+    lo, hi = stage_layers(m, pp, stage)
+    dense = expert = 0
+    for i in range(lo, hi):
+        d, e = layer_params(m, i, tp, ep)
+        dense += d
+        expert += e
+    vocab_shard = m.vocab_size // tp * m.hidden_size
+    if stage == 0:
+        dense += vocab_shard  # embedding
+    if stage == pp - 1:
+        dense += m.hidden_size  # final norm
+        if not (m.tie_embeddings and pp == 1):
+            dense += vocab_shard  # output layer (a tied one is a copy on the last stage)
+    return dense, expert
+
+
+def total_params(m: ModelConfig) -> int:
+    """The whole model's parameters, each counted once."""
+    dense, expert = stage_params(m, 1, 1, 1, 0)
+    return dense + expert
+
+
+def active_params(m: ModelConfig) -> int:
+    """Parameters a token passes through: the routed experts count k of E."""
+    n = total_params(m)
+    if m.is_moe:
+        moe_layers = m.num_layers - len(set(m.dense_layers))
+        n -= moe_layers * (m.num_experts - m.moe_router_topk) * 3 * m.hidden_size \
+            * m.moe_ffn_hidden_size
+    return n
+
+
+# ------------------------------------------------------------------------------ activations
+
+def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int,
+                           seq_len: int, mode: str, spec: str = "te") -> float:
+    """Bytes saved for backward per token of the micro-batch by one layer on one rank.
+
+    Counted tensor by tensor from what megatron-core keeps under r1fast's TransformerConfig
+    (unfused SwiGLU and RoPE: r1fast turns the apex/TE fusions off for exactness). ``sp`` is tp
+    with sequence parallelism, else 1: the residual stream is ``[T / sp, H]`` and megatron's TP
+    linears keep their SP-local input (re-gathered in the backward). Attention/MLP tensors are
+    ``[T, width / tp]``; routed-expert tensors ``[T k / sp, width]`` (balanced load).
+    ``spec``: "te" (Transformer Engine layers: flash attention, fused RMSNorm keeping input and
+    1/rms) or "local" (megatron's local layers, as on CPU: [s, s] softmax probabilities, k/v
+    repeated to every query head, torch RMSNorm also keeping its normalised input).
+    """
+    H, d, nq, nkv = m.hidden_size, m.kv_channels, m.num_attention_heads, m.kv_heads
+    if mode == "full":
+        return H / sp * act  # only the layer input is kept
+    selective = mode == "selective"
+    local = spec == "local"
+
+    def norm(width: float, rows: float) -> float:
+        """RMSNorm over ``width`` for ``rows`` rows per token: input, 1/rms (fp32), and (local)
+        the normalised input; the output is kept by the consumer (counted there)."""
+        return rows * (width * act + 4 + (width * act if local else 0))
+
+    # two RMSNorms on the residual stream + their outputs (the next linear's input), which
+    # layernorm recompute (selective) drops
+    out = 2 * norm(H, 1 / sp) + (0.0 if selective else 2 * H / sp * act)
+    # attention: the fused qkv output, q/k norms, RoPE cos/sin (q and k), core attention
+    attn = (nq + 2 * nkv) * d * act
+    if m.qk_layernorm:
+        attn += norm(d, nq + nkv) - (nq + nkv) * d * act  # the input is the qkv output
+    attn += 4 * d * act
+    if local:
+        attn += nq * d * act * (3 if nq != nkv else 2)  # q, k (and v) repeated to nq heads
+        attn += 0.0 if selective else nq * seq_len * act  # softmax probabilities [s, s]
+    else:
+        attn += (nq + nkv) * d * act  # q and k after RoPE (v is a view of the qkv output)
+        attn += 0.0 if selective else nq * 4  # flash attention's fp32 log-sum-exp
+    attn += nq * d * act  # core attention output = linear_proj input
+    out += attn / tp
+    if not m.is_moe or layer in m.dense_layers:
+        # SwiGLU: fc1 output [2F], silu output [F], linear half + offset [F], fc2 input [F]
+        return out + 5 * m.ffn_hidden_size / tp * act
+    k, E, Fm = m.moe_router_topk, m.num_experts, m.moe_ffn_hidden_size
+    # router (fp32): input copy, logits, scores, probabilities, routing map (bool),
+    # top-k indices and weights, permutation indices
+    out += (4 * H + 4 * 4 * E + E + 3 * 8 * k) / sp
+    # per routed token: expert input [H], fc1 output [2 Fm], silu output, linear half,
+    # product, probability-scaled fc2 input [Fm each] (moe_act recompute keeps input and fc1)
+    out += k * ((H + 2 * Fm) * act + (0 if selective else 4 * Fm * act) + 4) / sp
+    if m.shared_expert_size is not None:
+        out += 5 * m.shared_expert_size / tp * act
+    return out
+
+
+def _head_activation_bytes(m: ModelConfig, sp: int, act: int, spec: str) -> float:
+    # final RMSNorm (input, 1/rms, local: normalised) and the head's input [T, H] (gathered)
+    H = m.hidden_size
+    return (H * act + 4 + (H * act if spec == "local" else 0)) / sp + H * act
+
+
+def stage_activation_bytes(m: ModelConfig, par: ParallelConfig, stage: int, tokens: int,
+                           seq_len: int, mode: str, spec: str = "te") -> int:
+    """Saved activations of one micro-batch of ``tokens`` tokens on ``stage``."""
+    tp, pp = par.tp, par.pp
+    sp = tp if par.use_sequence_parallel(m) else 1
+    act = _BYTES[m.params_dtype]
+    lo, hi = stage_layers(m, pp, stage)
+    total = sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec)
+                for i in range(lo, hi))
+    if mode == "full":  # the backward re-runs one layer with everything saved
+        total += max(layer_activation_bytes(m, i, tp, sp, act, seq_len, "none", spec)
+                     for i in range(lo, hi))
+    if stage == pp - 1:
+        total += _head_activation_bytes(m, sp, act, spec)
+    return int(math.ceil(total * tokens))
+
+
+# ------------------------------------------------------------------------------ heads, rollout
+
+def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int) -> tuple[int, int]:
+    """(fused, unfused) transient bytes of the log-prob head for ``tokens`` tokens."""
+    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS
+
+    act = _BYTES[m.params_dtype]
+    v_local = m.vocab_size // tp
+    ct = min(tokens, DEFAULT_CHUNKS.triton_tokens)
+    cv = min(v_local, max(256, DEFAULT_CHUNKS.triton_workspace // max(1, ct) // 256 * 256))
+    fused = ct * cv * act  # dz workspace [ct, cv] in the input dtype
+    if tokens > ct and act < 4:
+        fused += v_local * m.hidden_size * 4  # fp32 dW accumulator across token chunks
+    fused += 7 * tokens * 4  # (m, s, S, z_y) partials + logp, entropy, lse
+    per_logit = 4 + 4 + 4 + (act if act < 4 else 0)  # logits, softmax, grad (+ 16-bit matmul out)
+    return int(fused), int(tokens * v_local * per_logit)
+
+
+def kv_cache_bytes(m: ModelConfig, tp: int, layers: int, seqs: int, seq_len: int) -> int:
+    """K and V of ``layers`` layers for ``seqs`` sequences of ``seq_len`` tokens on one rank."""
+    return 2 * layers * (m.kv_heads // tp) * m.kv_channels * seqs * seq_len * _BYTES[m.params_dtype]
+
+
+# ------------------------------------------------------------------------------ the plan
+
+def resolve_world_size(par: ParallelConfig, world_size: Optional[int]) -> int:
+    if world_size is not None:
+        return world_size
+    if par.world_size is not None:
+        return par.world_size
+    return math.lcm(par.tp, par.ep * par.etp) * par.pp
+
+
+def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0,
+                **options) -> MemoryPlan:
+    """Per-GPU memory plan of a :class:`r1fast.train.config.TrainConfig` on ``world_size``
+    GPUs of ``gpu_mem_gib`` GiB. ``options`` are the other :class:`PlanOptions` fields.
+    Raises ValueError for a layout that cannot hold the model (ParallelConfig.validate)."""
+    opts = PlanOptions(gpu_mem_gib=gpu_mem_gib, world_size=world_size, **options).validate()
+    m: ModelConfig = cfg.model
+    m.validate()
+    ws = resolve_world_size(cfg.parallel, opts.world_size)
+    par = dataclasses.replace(cfg.parallel, world_size=ws).validate(m)
+    tp, pp, ep = par.tp, par.pp, par.ep
+    dp, edp = par.dp, par.expert_dp
+    algo, rollout, data = cfg.algo, cfg.rollout, cfg.data
+    if data.prompts_per_step % dp != 0:
+        raise ValueError(f"data.prompts_per_step ({data.prompts_per_step}) must be divisible by "
+                         f"the data parallel size {dp} (world {ws} / (tp {tp} * pp {pp}))")
+    new = rollout.max_new_tokens
+    prompt = opts.prompt_len or max(1, min(512, m.max_position_embeddings - new))
+    seq_len = prompt + new
+    notes: list[str] = []
+    if seq_len > m.max_position_embeddings:
+        notes.append(f"prompt_len + max_new_tokens = {seq_len} exceeds "
+                     f"max_position_embeddings ({m.max_position_embeddings})")
+    rows = data.prompts_per_step * algo.group_size // dp  # this DP rank's sequences
+    rows_per_step = max(1, rows // algo.mini_batches)
+    # as the trainer splits a mini-batch: max(rows // micro_batch_size, 1) near-even parts
+    n_micro = max(1, rows_per_step // (par.micro_batch_size or rows_per_step))
+    mbs = -(-rows_per_step // n_micro)
+    tokens = mbs * seq_len
+
+    p_bytes = _BYTES[m.params_dtype]
+    master = 4 if p_bytes < 4 else 0  # fp32 master copy only for 16-bit parameters
+    # megatron treats experts as expert-parallel (own buffers, sharded over expert-DP) only when
+    # ep > 1; at ep = 1 they sit in the dense buffers and shard over DP like everything else
+    shard_dense = dp if cfg.optim.use_distributed_optimizer else 1
+    shard_expert = (edp if ep > 1 else dp) if cfg.optim.use_distributed_optimizer else 1
+    reference = algo.kl is not None
+    fused_head = algo.use_fused_kernels
+    reserve = int(opts.reserve_gib * GiB)
+
+    stages = []
+    for s in range(pp):
+        dense, expert = stage_params(m, tp, pp, ep, s)
+        n = dense + expert
+        acts = {mode: stage_activation_bytes(m, par, s, tokens, seq_len, mode,
+                                             opts.spec) for mode in RECOMPUTE_MODES}
+        in_flight = min(pp - s, n_micro)
+        act_total = acts[opts.recompute] * in_flight
+        if s == pp - 1:
+            lp_fused, lp_unfused = logprob_head_bytes(m, tp, tokens)
+        else:
+            lp_fused = lp_unfused = 0
+        lp = lp_fused if fused_head else lp_unfused
+        lo, hi = stage_layers(m, pp, s)
+        kv = kv_cache_bytes(m, tp, hi - lo, rows, seq_len)
+        # sampling logits [B, V] fp32 (gathered) + the local shard, one step of a KV decoder;
+        # the prefix-recomputing decoder holds them for every position [B, L, V]
+        positions = 1 if opts.decoder == "kv-cache" else seq_len
+        roll_logits = rows * positions * (m.vocab_size + m.vocab_size // tp) * 4
+        if opts.decoder == "recompute":
+            kv = 0
+        dense_shard = math.ceil(dense / shard_dense)
+        expert_shard = math.ceil(expert / shard_expert)
+        st = StagePlan(
+            stage=s, layers=(lo, hi), dense_params=dense, expert_params=expert,
+            param_bytes=n * p_bytes, grad_bytes=n * 4,
+            master_bytes=(dense_shard + expert_shard) * master,
+            adam_bytes=(dense_shard + expert_shard) * 8,
+            reference_bytes=n * p_bytes if reference else 0,
+            activation_bytes=acts, in_flight=in_flight, activations_total=act_total,
+            logprob_fused_bytes=lp_fused, logprob_unfused_bytes=lp_unfused, logprob_bytes=lp,
+            kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, train_peak=0, rollout_peak=0)
+        st.train_peak = st.resident_bytes + act_total + lp + reserve
+        st.rollout_peak = st.resident_bytes + kv + roll_logits + reserve
+        stages.append(st)
+    worst = max(stages, key=lambda st: st.peak)
+    gpu_bytes = int(opts.gpu_mem_gib * GiB)
+    fits = worst.peak <= gpu_bytes
+    if not fits:
+        parts = {"optimizer state": worst.master_bytes + worst.adam_bytes,
+                 "fp32 gradients": worst.grad_bytes, "parameters": worst.param_bytes,
+                 "reference policy": worst.reference_bytes,
+                 "activations": worst.activations_total, "log-prob head": worst.logprob_bytes,
+                 "rollout KV cache": worst.kv_cache_bytes,
+                 "rollout logits": worst.rollout_logits_bytes}
+        top = max(parts, key=parts.get)
+        notes.append(f"does not fit: stage {worst.stage} needs {worst.peak / GiB:.1f} GiB of "
+                     f"{opts.gpu_mem_gib:g}; the largest term is {top} "
+                     f"({parts[top] / GiB:.1f} GiB)")
+    knobs = [f.name for cls in (ParallelConfig, ModelConfig) for f in dataclasses.fields(cls)]
+    if opts.recompute != "none" and not any("recompute" in k for k in knobs):
+        notes.append(f"recompute '{opts.recompute}' is what megatron offers "
+                     f"(recompute_granularity / recompute_modules); r1fast's policy config has "
+                     f"no switch for it yet, so a run today keeps the 'none' activations")
+    if opts.decoder == "kv-cache":
+        recompute_logits = rows * seq_len * (m.vocab_size + m.vocab_size // tp) * 4
+        if recompute_logits > 0.05 * gpu_bytes:
+            notes.append(f"today's PolicyDecoder recomputes the prefix and keeps full fp32 "
+                         f"logits [B, L, V]: {recompute_logits / GiB:.1f} GiB per rank at this "
+                         f"batch; a KV-cached decoder (planned here) is needed at this scale")
+    return MemoryPlan(
+        world_size=ws, tp=tp, pp=pp, ep=ep, dp=dp, expert_dp=edp,
+        sequence_parallel=par.use_sequence_parallel(m), total_params=total_params(m),
+        active_params=active_params(m), params_dtype=m.params_dtype, seq_len=seq_len,
+        prompt_len=prompt, micro_batch_seqs=mbs, micro_batches=n_micro, rollout_seqs=rows,
+        stages=stages, worst=worst, gpu_mem_bytes=gpu_bytes, fits=fits, options=opts,
+        notes=notes)
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def measure_state_bytes(policy, optimizer=None) -> dict[str, int]:
+    """What a built policy (and its megatron optimizer, after a step) really holds on this rank:
+    ``params`` (sum of numel * element size), ``grads`` (DDP grad buffers), ``master`` (fp32
+    copies the optimizer owns) and ``adam`` (its state tensors). The planner's counterparts are
+    ``param_bytes``, ``grad_bytes``, ``master_bytes`` and ``adam_bytes``."""
+    import torch
+
+    params = list(policy.gpt.parameters())
+    own = {p.untyped_storage().data_ptr() for p in params}
+    out = {"params": sum(p.numel() * p.element_size() for p in params), "grads": 0,
+           "master": 0, "adam": 0}
+    module = policy.module
+    for buf in list(getattr(module, "buffers", [])) + list(
+            getattr(module, "expert_parallel_buffers", [])):
+        out["grads"] += buf.grad_data.numel() * buf.grad_data.element_size()
+    if optimizer is not None:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            inner = getattr(opt, "optimizer", opt)
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if p.untyped_storage().data_ptr() not in own:  # not a view of the model
+                        out["master"] += p.numel() * p.element_size()
+                    for v in inner.state.get(p, {}).values():
+                        if isinstance(v, torch.Tensor) and v.dim() > 0:  # not the step count
+                            out["adam"] += v.numel() * v.element_size()
+    return out
+
+
+def measure_saved_bytes(fn, exclude=()) -> tuple[object, int]:
+    """Run ``fn()`` and return (its result, bytes of the distinct storages autograd saved for
+    backward meanwhile), ignoring the storages of the tensors in ``exclude`` (the parameters).
+    The planner's counterpart is ``activation_bytes["none"] + logprob head``."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in skip:
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(seen.values())

@@ -1,0 +1,349 @@
+"""Tests of the memory planner (r1fast.plan_memory, ``r1fast plan``).
+
+The planner is checked against the real thing: megatron-core policies built by r1fast.policy
+(parameter counts per rank and per stage, parameter/gradient/optimizer bytes after an Adam
+step, bytes autograd saves for a training micro-batch), at 1 rank here and at TP/PP/EP layouts
+on 4 gloo processes (multiproc). The big recipes are planned and their headline numbers
+checked against the published model sizes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from r1fast.plan import format_plan, plan_main
+from r1fast.plan_memory import (GiB, measure_saved_bytes, measure_state_bytes, plan_memory,
+                                stage_activation_bytes, stage_params, total_params)
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.train.config import TrainConfig, load_train_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ROOT / "recipes"
+
+
+def recipe(name: str, *overrides: str) -> TrainConfig:
+    return load_train_config(RECIPES / name, list(overrides))
+
+
+# ----------------------------------------------------------------------------- vs megatron (1 rank)
+
+@pytest.fixture
+def megatron_rank():
+    """A one-process gloo group for megatron; torn down afterwards so other tests start clean."""
+    from r1fast.policy.parallel import destroy_parallel
+
+    yield
+    destroy_parallel()
+
+
+def _build(model: ModelConfig, trainable: bool = True):
+    from r1fast.policy.model import build_policy
+
+    return build_policy(model, ParallelConfig(), seed=0, trainable=trainable)
+
+
+@pytest.mark.parametrize("variant", ["tiny-recipe", "tiny-dsv3-dense0", "tiny-dense-tied"])
+def test_param_count_equals_megatron_model(megatron_rank, variant):
+    cfg = recipe("tiny.toml")
+    m = {"tiny-recipe": cfg.model,
+         "tiny-dsv3-dense0": ModelConfig.preset("tiny-dsv3").replace(dense_layers=(0,)),
+         "tiny-dense-tied": ModelConfig.preset("tiny-dense").replace(tie_embeddings=True)}[variant]
+    policy = _build(m, trainable=False)
+    real = policy.num_parameters()
+    local = sum(p.numel() for p in policy.gpt.parameters())
+    assert total_params(m) == real  # the brief asks for 10%; the layout formula is exact
+    dense, expert = stage_params(m, 1, 1, 1, 0)
+    assert dense + expert == local
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_param_grad_optimizer_bytes_match_measured(megatron_rank, dtype):
+    from r1fast.ops.linear_logprob import linear_logprob
+    from r1fast.policy.optim import OptimConfig, build_optimizer
+
+    cfg = recipe("tiny.toml", f"--model.params_dtype={dtype}")
+    policy = _build(cfg.model)
+    opt, _ = build_optimizer(policy, OptimConfig(lr=1e-3, total_steps=4))
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17))
+
+    def loss_fn(hidden, weight, mb):
+        b, length, h = hidden.shape
+        logp = linear_logprob(hidden.reshape(b * length, h), weight, mb["tokens"].reshape(-1),
+                              tp_group=policy.tp_group, impl="torch")
+        return -logp.mean(), {}
+
+    policy.forward_backward([{"tokens": tokens}], loss_fn)
+    ok, grad_norm, _ = opt.step()
+    assert ok and grad_norm > 0
+    real = measure_state_bytes(policy, opt)
+    plan = plan_memory(cfg, 1).worst
+    assert real["adam"] > 0 and real["grads"] > 0
+    # within 2% (the brief asks for 10%): megatron pads its grad buffer and keeps the torch
+    # RMSNorm weights of a bf16 model in fp32, nothing else differs
+    assert plan.param_bytes == pytest.approx(real["params"], rel=0.02)
+    assert plan.grad_bytes == pytest.approx(real["grads"], rel=0.02)
+    assert plan.adam_bytes == pytest.approx(real["adam"], rel=0.02)
+    assert plan.master_bytes == pytest.approx(real["master"], rel=0.02, abs=0)
+    assert (plan.master_bytes > 0) == (dtype == "bfloat16")
+    total_plan = plan.param_bytes + plan.grad_bytes + plan.master_bytes + plan.adam_bytes
+    assert total_plan == pytest.approx(sum(real.values()), rel=0.02)
+
+
+@pytest.mark.parametrize("preset,batch,length", [("tiny-moe", 3, 41), ("tiny-dsv3", 1, 63)])
+def test_activation_bytes_match_saved_tensors(megatron_rank, preset, batch, length):
+    """Bytes autograd saves in one training micro-batch (megatron's local layers, as on CPU)
+    against the planner's "local" count, within 10%."""
+    from r1fast.ops.linear_logprob import linear_logprob
+
+    m = ModelConfig.preset(preset)
+    policy = _build(m)
+    tokens = torch.randint(0, m.vocab_size, (batch, length))
+
+    def loss_fn(hidden, weight, mb):
+        b, n, h = hidden.shape
+        logp = linear_logprob(hidden.reshape(b * n, h), weight, mb["tokens"].reshape(-1),
+                              tp_group=policy.tp_group, impl="torch")
+        return -logp.mean(), {}
+
+    _, saved = measure_saved_bytes(
+        lambda: policy.forward_backward([{"tokens": tokens}], loss_fn),
+        exclude=list(policy.gpt.parameters()))
+    planned = stage_activation_bytes(m, ParallelConfig(world_size=1), 0, batch * length, length,
+                                     "none", "local")
+    assert planned == pytest.approx(saved, rel=0.10)
+
+
+# ----------------------------------------------------------------------------- vs megatron (4 ranks)
+
+@pytest.mark.multiproc
+def test_per_rank_counts_match_megatron_layouts(tmp_path):
+    """TP2xEP2, PP2xEP2 and TP2xPP2 on 4 gloo ranks: each rank's local parameters (dense and
+    expert) equal the planner's stage counts; at PP1 the saved activations (sequence parallel)
+    match within 10%."""
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--master-port", str(_free_port()), str(Path(__file__).with_name("_plan_worker.py")),
+           str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    m = ModelConfig.preset("tiny-dsv3").replace(dense_layers=(0,))
+    assert len(rows) == 12
+    for r in rows:
+        tp, pp, ep = r["layout"]
+        dense, expert = stage_params(m, tp, pp, ep, r["pp_rank"])
+        assert r["dense"] + r["expert"] == dense + expert, r
+        if ep > 1:  # megatron marks experts as expert-parallel only when ep > 1
+            assert (r["dense"], r["expert"]) == (dense, expert), r
+        if r["saved"] is not None:
+            par = ParallelConfig(tp=tp, pp=pp, ep=ep, world_size=4)
+            planned = stage_activation_bytes(m, par, 0, 2 * 24, 24, "none", "local")
+            assert planned == pytest.approx(r["saved"], rel=0.10), r
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- the big recipes
+
+def test_qwen3_30b_recipe_plans_and_prints(capsys):
+    cfg = recipe("qwen3_30b_a3b.toml")
+    plan = plan_memory(cfg)
+    # Qwen3-30B-A3B: 30.5 B total, 3.3 B active
+    assert 30.3e9 < plan.total_params < 30.7e9
+    assert 3.2e9 < plan.active_params < 3.5e9
+    assert (plan.world_size, plan.tp, plan.pp, plan.ep, plan.dp, plan.expert_dp) == \
+        (8, 1, 1, 8, 8, 1)
+    w = plan.worst
+    assert w.expert_params == 48 * 16 * 3 * 2048 * 768  # 16 whole experts per layer per rank
+    assert w.grad_bytes == 4 * (w.dense_params + w.expert_params)
+    assert w.adam_bytes == 8 * (math.ceil(w.dense_params / 8) + w.expert_params)
+    # the fused head is bounded, full logits are not
+    assert w.logprob_fused_bytes < w.logprob_unfused_bytes / 10
+    assert not plan.fits and plan_memory(cfg, gpu_mem_gib=140).fits
+    two_nodes = plan_memory(cfg, 16).worst
+    assert two_nodes.adam_bytes < 0.6 * w.adam_bytes  # expert-DP 2 halves the expert state
+    assert plan_main([str(RECIPES / "qwen3_30b_a3b.toml"), "--plain"]) == 0
+    text = capsys.readouterr().out
+    for label in ("parameters (bfloat16)", "gradients (fp32 main_grad)", "Adam m, v",
+                  "reference policy", "activations (recompute none", "log-prob head",
+                  "rollout KV cache", "PEAK", "fits 80 GiB: NO", "ep 8, expert-dp 1"):
+        assert label in text, label
+
+
+def test_deepseek_v3_recipe_loads_and_plans():
+    cfg = recipe("deepseek_v3.toml")
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_experts, m.moe_router_topk) == (61, 7168, 256, 8)
+    assert m.vocab_size % cfg.parallel.tp == 0
+    plan = plan_memory(cfg, recompute="full")
+    # DeepSeek-V3 has 671 B parameters; GQA in place of MLA adds ~0.6%
+    assert plan.total_params == pytest.approx(671e9, rel=0.02)
+    assert plan.world_size == 256 and plan.expert_dp == 1 and plan.sequence_parallel
+    assert plan.fits
+    w = plan.worst
+    assert w.expert_params == 58 * 1 * 3 * 7168 * 2048  # one expert of each MoE layer
+    assert w.activation_bytes["full"] < w.activation_bytes["selective"] \
+        < w.activation_bytes["none"]
+    assert not plan_memory(cfg, recompute="none").fits
+
+
+def test_json_and_rich_output(capsys):
+    assert plan_main([str(RECIPES / "tiny_tp2ep2.toml"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["world_size"], d["tp"], d["ep"], d["dp"], d["sequence_parallel"]) == \
+        (4, 2, 2, 2, True)
+    assert d["stages"][d["worst_stage"]]["peak"] >= d["stages"][0]["resident_bytes"]
+    cfg = recipe("tiny.toml", "--parallel.pp=2")
+    plan = plan_memory(cfg, 2)
+    plain = format_plan(plan, cfg, use_rich=False)
+    rich = format_plan(plan, cfg, use_rich=True)
+    for text in (plain, rich):
+        assert "per pipeline stage" in text and "PEAK" in text
+
+
+def test_cli_overrides_and_check(capsys):
+    args = [str(RECIPES / "tiny.toml"), "--override", "parallel.tp=2", "--parallel.ep=2",
+            "--gpus", "4", "--plain"]
+    assert plan_main(args) == 0
+    assert "world 4 = tp 2 x pp 1 x dp 2; ep 2, expert-dp 2" in capsys.readouterr().out
+    assert plan_main([str(RECIPES / "tiny.toml"), "--dp", "2", "--plain"]) == 0
+    assert "world 2 = tp 1 x pp 1 x dp 2" in capsys.readouterr().out
+    assert plan_main([str(RECIPES / "qwen3_30b_a3b.toml"), "--check", "--plain"]) == 1
+    assert plan_main([str(RECIPES / "qwen3_30b_a3b.toml"), "--check", "--gpu-mem", "140",
+                      "--plain"]) == 0
+
+
+# ----------------------------------------------------------------------------- impossible layouts
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["--parallel.ep=3"], 3, r"num_experts \(8\) must be divisible by ep \(3\)"),
+    (["--parallel.tp=4"], 6, r"world size 6 is not a multiple of tp\*pp = 4\*1"),
+    (["--parallel.ep=4"], 2, r"world size 2 is not a multiple of ep\*pp = 4\*1"),
+    (["--parallel.pp=3"], 3, r"num_layers \(2\) must be divisible by pp \(3\)"),
+    (["--parallel.tp=8"], 8, r"num_attention_heads \(4\) must be divisible by tp \(8\)"),
+    (["--parallel.tp=2", "--parallel.sequence_parallel=false"], 2,
+     r"MoE model at tp > 1 needs sequence_parallel"),
+    (["--data.prompts_per_step=3"], 2, r"prompts_per_step \(3\) must be divisible by the data "
+                                        r"parallel size 2"),
+])
+def test_impossible_layouts_raise(overrides, world, match, capsys):
+    cfg = recipe("tiny.toml", *overrides)
+    with pytest.raises(ValueError, match=match):
+        plan_memory(cfg, world)
+    assert plan_main([str(RECIPES / "tiny.toml"), *overrides, "--gpus", str(world)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast plan: error:") and re.search(match, err)
+
+
+def test_dsv3_needs_pp_dividing_61_layers():
+    with pytest.raises(ValueError, match=r"num_layers \(61\) must be divisible by pp \(2\)"):
+        plan_memory(recipe("deepseek_v3.toml", "--parallel.pp=2", "--parallel.ep=128"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"gpu_mem_gib": 0}, r"gpu_mem_gib must be a number > 0, got 0"),
+    ({"world_size": 0}, r"world_size must be an int >= 1, got 0"),
+    ({"recompute": "some"}, r"recompute must be one of \('none', 'selective', 'full'\)"),
+    ({"spec": "cuda"}, r"spec must be one of \('te', 'local'\)"),
+    ({"decoder": "vllm"}, r"decoder must be one of \('kv-cache', 'recompute'\)"),
+    ({"prompt_len": 0}, r"prompt_len must be an int >= 1, got 0"),
+    ({"reserve_gib": -1.0}, r"reserve_gib must be >= 0, got -1.0"),
+])
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_memory(recipe("tiny.toml"), **kwargs)
+
+
+def test_cli_bad_inputs(capsys, tmp_path):
+    assert plan_main([str(tmp_path / "missing.toml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    assert plan_main([str(RECIPES / "tiny.toml"), "--parallel.tpp=2"]) == 2
+    assert "did you mean 'parallel.tp'" in capsys.readouterr().err
+    assert plan_main([str(RECIPES / "tiny.toml"), "--dp", "0"]) == 2
+    assert "--dp must be >= 1, got 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- properties
+
+@st.composite
+def layouts(draw):
+    """A small MoE model and a layout that holds it."""
+    tp = draw(st.sampled_from([1, 2, 4]))
+    pp = draw(st.sampled_from([1, 2, 3]))
+    ep = draw(st.sampled_from([1, 2, 4, 8]))
+    per_stage = draw(st.integers(1, 3))
+    layers = pp * per_stage
+    m = ModelConfig(
+        vocab_size=tp * draw(st.integers(1, 40)), hidden_size=draw(st.sampled_from([8, 16, 24])),
+        num_layers=layers, num_attention_heads=4 * tp, num_query_groups=tp * draw(
+            st.sampled_from([1, 2, 4])), head_dim=draw(st.sampled_from([4, 8])),
+        ffn_hidden_size=tp * draw(st.integers(1, 9)), num_experts=8,
+        moe_ffn_hidden_size=tp * draw(st.integers(1, 5)), moe_router_topk=draw(st.integers(1, 8)),
+        dense_layers=tuple(sorted(draw(st.sets(st.integers(0, layers - 1), max_size=layers)))),
+        shared_expert_size=draw(st.sampled_from([None, 2 * tp])),
+        qk_layernorm=draw(st.booleans()), add_qkv_bias=draw(st.booleans()),
+        tie_embeddings=draw(st.booleans()),
+        params_dtype=draw(st.sampled_from(["float32", "bfloat16"]))).validate()
+    dp = draw(st.sampled_from([1, 2, 4]))
+    world = math.lcm(tp, ep) * pp * dp
+    return m, ParallelConfig(tp=tp, pp=pp, ep=ep, world_size=world).validate(m)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_shards_add_up_to_the_model(layout):
+    """Summing every rank's distinct shard gives the whole model: TP-split tensors times tp,
+    replicated norms/router once, experts times ep, stages once each (a tied output layer on the
+    last stage is the only copy, when pp > 1)."""
+    m, par = layout
+    tp, pp, ep = par.tp, par.pp, par.ep
+    total = 0
+    for s in range(pp):
+        dense_tp, expert_ep = stage_params(m, tp, pp, ep, s)
+        dense_1, _ = stage_params(m, 1, pp, 1, s)
+        # replicated part r satisfies dense_tp = r + split/tp and dense_1 = r + split
+        split = (dense_1 - dense_tp) * tp // (tp - 1) if tp > 1 else dense_1
+        replicated = dense_1 - split
+        assert replicated >= 0 and split >= 0
+        total += replicated + split + expert_ep * ep
+    tied_copy = m.vocab_size * m.hidden_size if (m.tie_embeddings and pp > 1) else 0
+    assert total - tied_copy == total_params(m)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts(), st.sampled_from([1, 2]))
+def test_more_data_parallel_never_costs_memory(layout, factor):
+    m, par = layout
+    cfg = TrainConfig(model=m, parallel=par)
+    cfg.data.prompts_per_step = 8 * par.dp * 2
+    small = plan_memory(cfg, par.world_size, spec="local")
+    big = plan_memory(cfg, par.world_size * 2 * factor, spec="local")
+    for a, b in zip(small.stages, big.stages):
+        assert b.master_bytes + b.adam_bytes <= a.master_bytes + a.adam_bytes
+        assert b.param_bytes == a.param_bytes and b.grad_bytes == a.grad_bytes
+        # selective never saves more than none; full keeps less once a stage has 2+ layers
+        acts = b.activation_bytes
+        assert acts["selective"] <= acts["none"]
+        if b.layers[1] - b.layers[0] >= 2:
+            assert acts["full"] <= acts["none"]
+    # fits is monotone in the GPU size
+    need = small.worst.peak / GiB
+    assert plan_memory(cfg, par.world_size, gpu_mem_gib=need * 1.01, spec="local").fits
+    assert not plan_memory(cfg, par.world_size, gpu_mem_gib=need * 0.99, spec="local").fits
