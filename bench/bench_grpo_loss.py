@@ -1,0 +1,169 @@
+"""Benchmark the GRPO policy loss and the fused hidden-states -> loss op.
+
+Two parts, each provider in forward / backward / full (forward + backward) mode:
+
+1. ``grpo_loss``: per-token log-probs in, scalar loss out (ppo + dual clip + k3 KL + TIS,
+   token-mean), padded ``[T/1024, 1024]``. Providers: the torch reference, r1fast's Triton
+   kernels, and Liger's ``triton_grpo_loss`` when ``liger_kernel`` is importable. Liger's op
+   takes LOGITS ``[B, L+1, V]`` (it computes the log-softmax itself), so its row includes a full
+   pass over ``T x V`` logits (``--liger-vocab``, default 32768) and its inputs alone are
+   ``T*V`` bf16; the comparison says what a logits-based loss costs, not the same work.
+   Bytes moved (ours): forward reads logp/old/ref/rollout (fp32) + mask (1 B) and writes the
+   saved gradient (fp32): 21 B/token; backward reads it and writes the gradient: 8 B/token.
+2. ``fused_linear_policy_loss``: hidden ``[T, H]`` and LM head ``[V, H]`` in, loss out, versus
+   "log-probs + separate loss" done the plain way (full logits, ``log_softmax``, gather, then
+   the torch loss). FLOPs: forward 2THV, full 8THV (the backward recomputes the logits).
+
+CUDA: T in {16384, 262144} for part 1 and T=16384, H=4096, V=151936 bf16 for part 2.
+CPU (default when no GPU): small shapes so the whole run takes well under a minute; the Triton
+rows appear on a CPU only with ``TRITON_INTERPRET=1`` (and are then interpreter timings).
+
+Usage: ``python bench/bench_grpo_loss.py [--tokens 16384 262144] [--skip-fused]``. Rows are
+saved with ``save_rows(rows, "grpo_loss_<device>")``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Provider, print_table, run_case, save_rows  # noqa: E402
+
+from r1fast.ops._dispatch import triton_missing  # noqa: E402
+from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss  # noqa: E402
+from r1fast.ops.policy_loss import PolicyLossConfig, config_kwargs, policy_loss  # noqa: E402
+
+CONFIG = PolicyLossConfig(loss="ppo", clip_high=0.28, dual_clip=3.0, kl="k3", kl_coef=0.04,
+                          tis_cap=2.0)
+SEQ_LEN = 1024
+
+
+def _liger_missing() -> str | None:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not installed"
+    if not torch.cuda.is_available():
+        return "Liger's Triton kernels need CUDA"
+    return None
+
+
+def loss_inputs(tokens: int, device: torch.device) -> dict:
+    b, length = max(1, tokens // SEQ_LEN), min(tokens, SEQ_LEN)
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(b, length, generator=g) * 5
+    old = logp + torch.randn(b, length, generator=g) * 0.2
+    out = dict(logp=logp, old=old, ref=logp + torch.randn(b, length, generator=g) * 0.2,
+               roll=old + torch.randn(b, length, generator=g) * 0.1,
+               adv=torch.randn(b, generator=g), mask=torch.rand(b, length, generator=g) > 0.1)
+    out = {k: v.to(device) for k, v in out.items()}
+    out["logp"].requires_grad_()
+    return out
+
+
+def _ours(impl: str):
+    def fn(logp, old, ref, roll, adv, mask):
+        return policy_loss(logp, old, adv, mask, ref_logp=ref, rollout_logp=roll, impl=impl,
+                           **config_kwargs(CONFIG))[0]
+    return fn
+
+
+def bench_loss(tokens: int, device: torch.device, liger_vocab: int) -> list[dict]:
+    inputs = loss_inputs(tokens, device)
+    with torch.no_grad():
+        ref64, _ = policy_loss(*(inputs[k].double() for k in ("logp", "old", "adv")),
+                               inputs["mask"], ref_logp=inputs["ref"].double(),
+                               rollout_logp=inputs["roll"].double(), impl="torch",
+                               **config_kwargs(CONFIG))
+    shape = {"T": tokens, "B": inputs["adv"].numel()}
+    providers = [
+        Provider("torch", _ours("torch")),
+        Provider("r1fast-triton", _ours("triton"), lambda: triton_missing(device)),
+    ]
+    rows = run_case("grpo_loss", shape, inputs, providers, reference=ref64,
+                    bytes_moved={"forward": 21 * tokens, "backward": 8 * tokens,
+                                 "full": 29 * tokens})
+    why = _liger_missing()
+    if why is not None:
+        rows.append({"op": "grpo_loss", "provider": "liger-triton-grpo (logits)", "shape": shape,
+                     "skipped": why})
+        return rows
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    b, length = inputs["logp"].shape
+    logits = torch.randn(b, length + 1, liger_vocab, device=device, dtype=torch.bfloat16,
+                         requires_grad=True)
+    ids = torch.randint(0, liger_vocab, (b, length), device=device)
+
+    def liger(logits, ids, old, ref, adv, mask):
+        return triton_grpo_loss(logits, old, ref, ids, adv, mask.float(), temperature=1.0,
+                                beta=CONFIG.kl_coef, eps_low=CONFIG.clip_low,
+                                eps_high=CONFIG.clip_high, inplace=False)[0]
+
+    lig_inputs = dict(logits=logits, ids=ids, old=inputs["old"], ref=inputs["ref"],
+                      adv=inputs["adv"], mask=inputs["mask"])
+    rows += run_case("grpo_loss", {**shape, "V": liger_vocab},
+                     lig_inputs, [Provider("liger-triton-grpo (logits)", liger)])
+    return rows
+
+
+def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
+                device: torch.device) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(tokens, hidden, generator=g)).to(device=device, dtype=dtype)
+    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(device=device, dtype=dtype)
+    y = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    old = (-torch.rand(tokens, generator=g) * 5).to(device)
+    per_seq = min(tokens, SEQ_LEN)
+    cu = torch.arange(0, tokens + 1, per_seq, device=device)
+    inputs = dict(hidden=x.requires_grad_(), weight=w.requires_grad_(), targets=y, old=old,
+                  ref=old + 0.1, roll=old - 0.05,
+                  adv=torch.randn(cu.numel() - 1, generator=g).to(device),
+                  mask=torch.ones(tokens, dtype=torch.bool, device=device), cu=cu)
+    impl = "triton" if device.type == "cuda" else "torch"
+
+    def fused(hidden, weight, targets, old, ref, roll, adv, mask, cu):
+        return fused_linear_policy_loss(hidden, weight, targets, old, adv, mask, ref, CONFIG,
+                                        cu_seqlens=cu, rollout_logp=roll, impl=impl)[0]
+
+    def separate(hidden, weight, targets, old, ref, roll, adv, mask, cu):
+        logits = (hidden @ weight.T).float()  # [T, V] materialised
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+        return policy_loss(logp, old, adv, mask, ref_logp=ref, rollout_logp=roll,
+                           cu_seqlens=cu, impl=impl, **config_kwargs(CONFIG))[0]
+
+    thv = tokens * hidden * vocab
+    shape = {"T": tokens, "H": hidden, "V": vocab, "dtype": str(dtype).replace("torch.", "")}
+    providers = [Provider(f"r1fast-fused ({impl})", fused),
+                 Provider("logits+log_softmax+loss (torch)", separate)]
+    return run_case("fused_linear_policy_loss", shape, inputs, providers,
+                    flops={"forward": 2 * thv, "backward": 6 * thv, "full": 8 * thv},
+                    reps=3 if device.type == "cuda" else 2, warmup=1)
+
+
+def main(argv=None) -> None:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+",
+                        default=[16384, 262144] if cuda else [4096, 16384])
+    parser.add_argument("--fused-shape", type=int, nargs=3, metavar=("T", "H", "V"),
+                        default=[16384, 4096, 151936] if cuda else [512, 128, 4096])
+    parser.add_argument("--liger-vocab", type=int, default=32768)
+    parser.add_argument("--skip-fused", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    rows = []
+    for t in args.tokens:
+        rows += bench_loss(t, device, args.liger_vocab)
+    if not args.skip_fused:
+        t, h, v = args.fused_shape
+        rows += bench_fused(t, h, v, torch.bfloat16 if cuda else torch.float32, device)
+    print_table(rows)
+    path = save_rows(rows, f"grpo_loss_{device.type}")
+    print(f"saved {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

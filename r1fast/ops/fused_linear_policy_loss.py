@@ -1,0 +1,107 @@
+"""Hidden states -> GRPO loss in one call, without ever materialising the logits.
+
+The trainer's last step per micro-batch is: LM head, log-prob of each sampled token, policy
+loss. Done naively that is a ``[T, V]`` logits tensor (5 GB in bf16 at T=16k, V=152k) plus
+autograd's copies of it. This op composes the two fused pieces instead:
+
+1. :func:`r1fast.ops.linear_logprob.linear_logprob` streams the logits in tiles and returns
+   ``logp [T]`` (and the entropy), with a backward that recomputes the tiles;
+2. :func:`r1fast.ops.policy_loss.policy_loss` turns ``logp`` into the scalar loss and metrics;
+   its Triton path saves ``d loss / d logp`` in the forward, so its backward is one multiply.
+
+Autograd chains them: ``d loss / d logp [T]`` (fp32) flows into the log-prob backward, which
+produces the gradients of ``hidden`` and ``weight``. The only per-token tensors kept are a few
+``[T]`` fp32 vectors. Positions whose mask is 0 get ``ignore_index`` as target, so padding may
+hold any token id and costs no gradient.
+
+Vocabulary parallelism (``tp_group``, Megatron layout): each rank passes its shard of the LM
+head; ``linear_logprob`` merges the softmax statistics across the group, so every rank computes
+the same ``logp`` and the same loss; ``weight`` receives this rank's shard of the gradient and
+``hidden`` the full gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1fast.ops._validate import INDEX_DTYPES, check_tensor
+from r1fast.ops.linear_logprob import linear_logprob
+from r1fast.ops.policy_loss import PolicyLossConfig, config_kwargs, policy_loss
+
+__all__ = ["fused_linear_policy_loss"]
+
+_IGNORE = -100  # target id that linear_logprob skips (logp 0, no gradient)
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    config: PolicyLossConfig = PolicyLossConfig(),
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    tp_group=None,
+    global_normalizer: float | torch.Tensor | None = None,
+    return_entropy: bool = False,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO policy loss from the last hidden states and the LM head.
+
+    Args:
+        hidden: ``[B, L, H]`` (padded, one sequence per row; ``cu_seqlens`` must be None) or
+            ``[T, H]`` (packed; ``cu_seqlens [B+1]`` required).
+        weight: ``[V, H]`` LM head (this rank's vocabulary shard under ``tp_group``), same dtype
+            as ``hidden``.
+        targets: sampled token ids, ``[B, L]`` or ``[T]``; ignored where ``mask`` is 0.
+        old_logp, mask, ref_logp, rollout_logp: per token, shaped like ``targets``;
+            ``advantages`` ``[B]`` or per token. See :func:`r1fast.ops.policy_loss.policy_loss`.
+        config: the loss variant, clipping, KL and aggregation (:class:`PolicyLossConfig`).
+        cu_seqlens: ``[B+1]`` offsets of the packed layout.
+        temperature: sampling temperature; logits are divided by it.
+        tp_group: vocabulary-parallel process group of the LM head, or None.
+        global_normalizer: the aggregation's GLOBAL denominator under data parallelism (see
+            ``policy_loss``).
+        return_entropy: also compute the policy entropy; reported as ``metrics["entropy_mean"]``
+            (mask-weighted mean over valid tokens; no gradient, it is not part of the loss).
+        impl: ``"auto"`` | ``"torch"`` | ``"triton"``, used for both the log-prob and the loss.
+
+    Returns:
+        ``(loss, metrics)`` as ``policy_loss``; backward gives gradients of ``hidden`` and
+        ``weight``.
+    """
+    if not isinstance(config, PolicyLossConfig):
+        raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    check_tensor("hidden", hidden, ndim=(2, 3))
+    padded = hidden.dim() == 3
+    if padded and cu_seqlens is not None:
+        raise ValueError("cu_seqlens must be None when hidden is padded [B, L, H] (one sequence "
+                         f"per row), got hidden of shape {list(hidden.shape)}")
+    if not padded and cu_seqlens is None:
+        raise ValueError("cu_seqlens [B+1] is required when hidden is packed [T, H]; pass hidden "
+                         "as [B, L, H] for one sequence per row")
+    tok_shape = tuple(hidden.shape[:-1])  # [B, L] or [T]
+    check_tensor("targets", targets, dtypes=INDEX_DTYPES, shape=tok_shape, device=hidden.device)
+    check_tensor("mask", mask, shape=tok_shape, device=hidden.device)
+
+    flat_targets = torch.where(mask.reshape(-1) != 0, targets.reshape(-1),
+                               torch.full_like(targets.reshape(-1), _IGNORE))  # [T]
+    out = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets,
+                         temperature, return_entropy, _IGNORE, tp_group=tp_group, impl=impl)
+    logp, entropy = out if return_entropy else (out, None)  # [T] fp32
+    loss, metrics = policy_loss(
+        logp.reshape(tok_shape), old_logp, advantages, mask, ref_logp=ref_logp,
+        global_normalizer=global_normalizer, rollout_logp=rollout_logp, cu_seqlens=cu_seqlens,
+        impl=impl, **config_kwargs(config))
+    if entropy is not None:
+        with torch.no_grad():
+            m = mask.reshape(-1).to(entropy.dtype)
+            n = m.sum()
+            metrics["entropy_mean"] = torch.where(
+                n > 0, (m * entropy).sum() / torch.where(n > 0, n, torch.ones_like(n)),
+                torch.zeros_like(n)).to(torch.float32)
+    return loss, metrics

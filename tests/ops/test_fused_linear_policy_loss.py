@@ -1,0 +1,228 @@
+"""fused_linear_policy_loss against fp64 full logits + the fp64 reference loss.
+
+The reference here materialises ``[T, V]`` logits in fp64 (``log_softmax`` then gather), feeds
+them to ``policy_loss`` on its fp64 torch path and backpropagates to fp64 copies of ``hidden``
+and ``weight``. The fused op (fp32, torch and Triton paths) must match loss, metrics and both
+gradients.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from r1fast.ops._dispatch import triton_missing
+from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
+from r1fast.ops.policy_loss import METRICS, PolicyLossConfig, config_kwargs, policy_loss
+
+IMPLS = ["torch", "triton"]
+CONFIGS = [
+    PolicyLossConfig(loss="ppo", dual_clip=3.0, kl="k3", kl_coef=0.2, tis_cap=2.0),
+    PolicyLossConfig(loss="gspo", clip_low=3e-4, clip_high=4e-4, agg="seq-mean-token-mean"),
+    PolicyLossConfig(loss="cispo", clip_high=0.28, kl="k3+", kl_coef=0.1,
+                     agg="seq-mean-token-sum-norm"),
+]
+TAU = 0.8
+
+
+def make_inputs(B, L, H, V, *, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, L, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2.0 / math.sqrt(H))
+    targets = torch.randint(0, V, (B, L), generator=g)
+    mask = torch.rand(B, L, generator=g) > 0.2
+    if B > 1:
+        mask[1] = False  # an empty sequence
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden @ weight.T / TAU, -1).gather(-1, targets[..., None])[..., 0]
+    old = logp + torch.randn(B, L, generator=g) * 0.3
+    ref = logp + torch.randn(B, L, generator=g) * 0.3
+    roll = old + torch.randn(B, L, generator=g) * 0.3
+    adv = torch.randn(B, generator=g)
+    targets = torch.where(mask, targets, torch.full_like(targets, -1))  # junk ids in padding
+    out = dict(hidden=hidden.to(dtype), weight=weight.to(dtype), targets=targets, old=old,
+               ref=ref, roll=roll, adv=adv, mask=mask)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def reference_fp64(inp, config, cu_seqlens=None, entropy=False):
+    """fp64 full logits -> logp (and entropy) -> fp64 reference loss; grads of hidden, weight."""
+    x = inp["hidden"].double().reshape(-1, inp["hidden"].shape[-1]).requires_grad_()
+    w = inp["weight"].double().requires_grad_()
+    logits = x @ w.T / TAU  # [T, V]
+    logz = torch.log_softmax(logits, -1)
+    tgt = inp["targets"].reshape(-1).clamp_min(0)  # padding ids are masked out below
+    logp = logz.gather(-1, tgt[:, None])[:, 0].reshape(inp["targets"].shape)
+    loss, metrics = policy_loss(
+        logp, inp["old"].double(), inp["adv"].double(), inp["mask"],
+        ref_logp=inp["ref"].double(),
+        rollout_logp=inp["roll"].double() if config.tis_cap is not None else None,
+        cu_seqlens=cu_seqlens, impl="torch", **config_kwargs(config))
+    loss.backward()
+    if entropy:
+        ent = -(logz.exp() * logz).sum(-1).detach()
+        m = inp["mask"].reshape(-1).double()
+        metrics["entropy_mean"] = (m * ent).sum() / m.sum()
+    return loss.detach(), x.grad, w.grad, metrics
+
+
+def run_fused(inp, config, impl, cu_seqlens=None, **kw):
+    x = inp["hidden"].clone().requires_grad_()
+    w = inp["weight"].clone().requires_grad_()
+    loss, metrics = fused_linear_policy_loss(
+        x, w, inp["targets"], inp["old"], inp["adv"], inp["mask"], inp["ref"], config,
+        rollout_logp=inp["roll"] if config.tis_cap is not None else None, temperature=TAU,
+        cu_seqlens=cu_seqlens, impl=impl, **kw)
+    loss.backward()
+    return loss.detach(), x.grad.reshape(-1, x.shape[-1]), w.grad, metrics
+
+
+def assert_close_to_reference(got, want, atol=1e-5):
+    torch.testing.assert_close(got[0].double(), want[0], atol=atol, rtol=1e-5)
+    for name, a, b in (("d hidden", got[1], want[1]), ("d weight", got[2], want[2])):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, atol=atol * scale, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for k in want[3]:
+        torch.testing.assert_close(got[3][k].double(), want[3][k].double(), atol=atol,
+                                   rtol=1e-5, msg=lambda m, k=k: f"metric {k}: {m}")
+
+
+def _skip_if_no_triton(impl, device):
+    if impl == "triton" and triton_missing(device) is not None:
+        pytest.skip(str(triton_missing(device)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("config", CONFIGS, ids=["ppo-dual-k3-tis", "gspo-smtm", "cispo-k3+"])
+def test_padded_matches_fp64(impl, config, device):
+    _skip_if_no_triton(impl, device)
+    inp = make_inputs(3, 5, 16, 37, seed=1, device=device)
+    got = run_fused(inp, config, impl, return_entropy=True)
+    want = reference_fp64(inp, config, entropy=True)
+    assert set(got[3]) == set(METRICS) | {"entropy_mean"}
+    assert_close_to_reference(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_matches_fp64_and_padded(impl, device):
+    _skip_if_no_triton(impl, device)
+    config = CONFIGS[0]
+    inp = make_inputs(3, 5, 16, 37, seed=2, device=device)
+    lens = [5, 0, 3]
+    keep = torch.arange(5, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    packed = {k: (v[keep] if v.dim() >= 2 and v.shape[:2] == (3, 5) else v)
+              for k, v in inp.items()}
+    packed["weight"] = inp["weight"]
+    cu = torch.tensor([0, 5, 5, 8], device=device)
+    got = run_fused(packed, config, impl, cu_seqlens=cu)
+    assert_close_to_reference(got, reference_fp64(packed, config, cu_seqlens=cu))
+    padded = dict(inp, mask=inp["mask"] & keep)
+    want = run_fused(padded, config, impl)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1][keep.reshape(-1)], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_global_normalizer_two_ranks(impl, device):
+    """Two data-parallel 'ranks' with the global normaliser: summed losses and gradients equal
+    the single-process ones."""
+    _skip_if_no_triton(impl, device)
+    config = PolicyLossConfig(kl="k3", kl_coef=0.1)
+    inp = make_inputs(4, 5, 8, 29, seed=3, device=device)
+    whole = run_fused(inp, config, impl)
+    n = float(inp["mask"].sum())
+    parts = [run_fused({k: (v[rows] if k not in ("weight",) else v) for k, v in inp.items()},
+                       config, impl, global_normalizer=n)
+             for rows in (slice(0, 1), slice(1, 4))]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], whole[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), whole[1], atol=1e-6,
+                               rtol=1e-5)
+    torch.testing.assert_close(parts[0][2] + parts[1][2], whole[2], atol=1e-6, rtol=1e-5)
+
+
+def test_low_precision_hidden(device):
+    inp = make_inputs(2, 4, 16, 33, seed=4, device=device, dtype=torch.bfloat16)
+    got = run_fused(inp, CONFIGS[0], "torch")
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    want = reference_fp64(inp, CONFIGS[0])  # fp64 of the same bf16 values
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2].double(), want[2], atol=2e-2, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs(device):
+    inp = make_inputs(2, 3, 8, 11, device=device)
+    args = (inp["hidden"], inp["weight"], inp["targets"], inp["old"], inp["adv"], inp["mask"])
+    with pytest.raises(ValueError, match="config must be a PolicyLossConfig, got dict"):
+        fused_linear_policy_loss(*args, None, {"loss": "ppo"})
+    with pytest.raises(ValueError, match=r"hidden must be 2-D or 3-D, got shape \(8,\)"):
+        fused_linear_policy_loss(inp["hidden"][0, 0], *args[1:])
+    with pytest.raises(ValueError, match="cu_seqlens must be None when hidden is padded"):
+        fused_linear_policy_loss(*args, cu_seqlens=torch.tensor([0, 3, 6], device=device))
+    flat = [a.reshape(-1, *a.shape[2:]) if a.dim() >= 2 else a for a in args]
+    with pytest.raises(ValueError, match=r"cu_seqlens \[B\+1\] is required when hidden is packed"):
+        fused_linear_policy_loss(*flat)
+    with pytest.raises(ValueError, match=r"targets must have shape \[2, 3\], got \[2, 2\]"):
+        fused_linear_policy_loss(args[0], args[1], args[2][:, :2], *args[3:])
+    with pytest.raises(ValueError, match="targets must have dtype in"):
+        fused_linear_policy_loss(args[0], args[1], args[2].float(), *args[3:])
+    with pytest.raises(ValueError, match=r"mask must have shape \[2, 3\]"):
+        fused_linear_policy_loss(*args[:5], args[5][:1])
+    with pytest.raises(ValueError, match=r"old_logp must have shape \[2, 3\]"):
+        fused_linear_policy_loss(args[0], args[1], args[2], args[3][:, :1], *args[4:])
+    with pytest.raises(ValueError, match="ref_logp is required when kl='k3'"):
+        fused_linear_policy_loss(*args, None, PolicyLossConfig(kl="k3"))
+    bad_targets = args[2].clone()
+    bad_targets[0, 0] = 11  # a valid (masked-in) token outside the vocabulary
+    mask = args[5].clone()
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 11\)"):
+        fused_linear_policy_loss(args[0], args[1], bad_targets, *args[3:5], mask)
+
+
+# ----------------------------------------------------------------------------- vocab parallel
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_worker(rank: int, port: int, impl: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        inp = make_inputs(3, 4, 8, 2 * 17, seed=5)  # same on every rank
+        config = CONFIGS[0]
+        full = run_fused(inp, config, impl, return_entropy=True)
+        rows = slice(rank * 17, (rank + 1) * 17)
+        shard = run_fused(dict(inp, weight=inp["weight"][rows].contiguous()), config, impl,
+                          tp_group=dist.group.WORLD, return_entropy=True)
+        torch.testing.assert_close(shard[0], full[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(shard[1], full[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(shard[2], full[2][rows], atol=1e-5, rtol=1e-5)
+        for k in full[3]:
+            torch.testing.assert_close(shard[3][k], full[3][k], atol=1e-6, rtol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~25 s: two spawned gloo processes, each importing torch
+@pytest.mark.multiproc
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_parallel_matches_unsharded(impl):
+    _skip_if_no_triton(impl, torch.device("cpu"))
+    assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1"
+    mp.spawn(_tp_worker, args=(_free_port(), impl), nprocs=WORLD, join=True)
