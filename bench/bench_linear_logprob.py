@@ -1,0 +1,176 @@
+"""Benchmark of the fused linear log-prob op: time, TFLOP/s, fraction of the bare-GEMM roofline,
+peak extra memory and max |logp error| against an fp64 reference.
+
+Providers:
+- ``naive torch``: full logits ``hidden @ weight.T`` then ``log_softmax`` / ``gather`` (plain
+  autograd, ``[T, V]`` tensors in the input dtype);
+- ``r1fast torch``: the chunked reference (``impl="torch"``);
+- ``r1fast triton``: the fused kernels (``impl="triton"``; CUDA only, the interpreter is far too
+  slow to time);
+- ``liger flce``: Liger's fused linear cross-entropy with ``reduction="none"`` (logp = -loss),
+  when ``liger_kernel`` is importable and CUDA is present.
+
+On CUDA the same run also times the bare GEMMs of the shape with ``torch.matmul`` (forward: one
+``[T, H] x [H, V]``; backward: ``dX = G W`` and ``dW = G^T X``; full: all three) as the roofline.
+The fused op does 2THV FLOPs forward and 8THV forward+backward (the backward recomputes the
+logits), so its full-mode fraction of the 3-GEMM roofline is at most 0.75.
+
+Examples:
+    python bench/bench_linear_logprob.py                 # CPU acceptance shape / GPU sweep
+    python bench/bench_linear_logprob.py --quick
+    python bench/bench_linear_logprob.py --T 16384 --H 4096 --V 151936 --dtype bf16 --modes full
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from harness import MODES, Provider, print_table, run_case, save_rows, time_ms  # noqa: E402
+
+from r1fast.ops.linear_logprob import linear_logprob, naive_linear_logprob  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="+", help="token counts (default depends on device)")
+    p.add_argument("--H", type=int, nargs="+", help="hidden sizes")
+    p.add_argument("--V", type=int, nargs="+", help="vocabulary sizes")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (fp32 CPU, bf16 CUDA)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--quick", action="store_true", help="one small shape, few repeats")
+    p.add_argument("--reps", type=int, help="timed repeats per mode")
+    p.add_argument("--gemm", action="store_true", help="time bare GEMMs on CPU too")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    return p.parse_args(argv)
+
+
+def shapes(args, cuda: bool) -> list[tuple[int, int, int]]:
+    if args.quick:
+        default = ([4096], [4096], [32000]) if cuda else ([512], [128], [8192])
+    elif cuda:
+        default = ([4096, 16384], [4096], [32000, 151936])
+    else:
+        default = ([4096], [256], [65536])  # acceptance shape: naive logits are 1 GiB in fp32
+    Ts, Hs, Vs = args.T or default[0], args.H or default[1], args.V or default[2]
+    return [(T, H, V) for T in Ts for H in Hs for V in Vs]
+
+
+def make_inputs(T, H, V, dtype, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, H, generator=g) / 2
+    weight = torch.randn(V, H, generator=g) * (2.0 / H**0.5)  # logits with std ~1
+    targets = torch.randint(0, V, (T,), generator=g)
+    return {"hidden": hidden.to(device, dtype).requires_grad_(),
+            "weight": weight.to(device, dtype).requires_grad_(),
+            "targets": targets.to(device)}
+
+
+def fp64_reference(inputs) -> torch.Tensor:
+    """logp of the same inputs in fp64, streamed by the chunked reference (no [T, V] tensor)."""
+    with torch.no_grad():
+        return linear_logprob(inputs["hidden"].double(), inputs["weight"].double(),
+                              inputs["targets"], impl="torch")
+
+
+def _liger_missing(cuda: bool) -> str | None:
+    if not cuda:
+        return "needs CUDA"
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return "liger_kernel is not installed"
+    return None
+
+
+def _liger_logp(hidden, weight, targets):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, targets)
+
+
+def providers(cuda: bool) -> list[Provider]:
+    return [
+        Provider("naive torch", lambda hidden, weight, targets:
+                 naive_linear_logprob(hidden, weight, targets)),
+        Provider("r1fast torch", lambda hidden, weight, targets:
+                 linear_logprob(hidden, weight, targets, impl="torch")),
+        Provider("r1fast triton", lambda hidden, weight, targets:
+                 linear_logprob(hidden, weight, targets, impl="triton"),
+                 missing=lambda: None if cuda else "needs CUDA (the interpreter is not timed)"),
+        Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda)),
+    ]
+
+
+def gemm_rows(inputs, shape, modes, device, flops, warmup, reps) -> tuple[list[dict], dict]:
+    """Bare torch.matmul GEMMs of the shape: the roofline rows and their times per mode."""
+    x, w = inputs["hidden"].detach(), inputs["weight"].detach()
+    grad = torch.randn(x.shape[0], w.shape[0], device=device, dtype=x.dtype)  # [T, V] dlogits
+    fns = {"forward": lambda: x @ w.T,
+           "backward": lambda: (grad @ w, grad.T @ x),
+           "full": lambda: (x @ w.T, grad @ w, grad.T @ x)}
+    gemm_flops = {"forward": flops["forward"], "backward": flops["forward"] * 2,
+                  "full": flops["forward"] * 3}
+    rows, times = [], {}
+    for mode in modes:
+        ms = time_ms(fns[mode], device, warmup=warmup, reps=reps)
+        times[mode] = ms
+        rows.append({"op": "linear_logprob", "provider": "bare GEMM (roofline)", "mode": mode,
+                     "shape": shape, "ms": ms, "tflops": gemm_flops[mode] / (ms * 1e-3) / 1e12})
+    del grad
+    return rows, times
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    warmup, reps = (1, args.reps or 3) if (args.quick or not cuda) else (2, args.reps or 5)
+    all_rows = []
+    for T, H, V in shapes(args, cuda):
+        shape = {"T": T, "H": H, "V": V, "dtype": str(dtype).replace("torch.", "")}
+        print(f"\n== linear_logprob T={T} H={H} V={V} {shape['dtype']} on {device.type}",
+              flush=True)
+        inputs = make_inputs(T, H, V, dtype, device)
+        reference = fp64_reference(inputs)
+        flops = {"forward": 2.0 * T * H * V, "backward": 6.0 * T * H * V, "full": 8.0 * T * H * V}
+        rows = run_case("linear_logprob", shape, inputs, providers(cuda), modes=args.modes,
+                        reference=reference, flops=flops, warmup=warmup, reps=reps)
+        if cuda or args.gemm:
+            g_rows, g_ms = gemm_rows(inputs, shape, args.modes, device, flops, warmup, reps)
+            for r in rows:
+                if r.get("mode") in g_ms and "ms" in r:
+                    r["frac_roofline"] = g_ms[r["mode"]] / r["ms"]
+            rows += g_rows
+        print_table(rows, extra=["frac_roofline"])
+        _acceptance(rows)
+        all_rows += rows
+        del inputs, reference
+    if not args.no_save:
+        name = f"linear_logprob_{device.type}"
+        print(f"\nsaved {save_rows(all_rows, name)}")
+    return all_rows
+
+
+def _acceptance(rows) -> None:
+    """Chunked reference vs naive: peak extra memory ratio (< 1/4 required) and errors."""
+    by = {(r["provider"], r.get("mode")): r for r in rows if "ms" in r}
+    for mode in MODES:
+        ref, naive = by.get(("r1fast torch", mode)), by.get(("naive torch", mode))
+        if not ref or not naive or not naive.get("peak_extra_mib"):
+            continue
+        ratio = ref["peak_extra_mib"] / naive["peak_extra_mib"]
+        print(f"acceptance[{mode}]: r1fast torch peak extra {ref['peak_extra_mib']:.1f} MiB vs "
+              f"naive {naive['peak_extra_mib']:.1f} MiB -> ratio {ratio:.3f} "
+              f"({'PASS' if ratio < 0.25 else 'FAIL'} < 0.25); max |logp err| vs fp64: "
+              f"r1fast {ref['max_abs_err']:.2e}, naive {naive['max_abs_err']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Fused linear log-prob + entropy: ``logp[t] = log softmax(x_t W^T / tau)[y_t]`` without [T, V].
+
+RL trainers need, for every sampled token, the log-probability of that token under the policy
+(and often the entropy of the policy's distribution), computed from the last hidden states
+``hidden [T, H]`` and the LM head ``weight [V, H]``. Materialising the logits costs ``T*V``
+floats (10 GB in fp32 at T=16k, V=152k) and plain autograd keeps several such tensors alive.
+This op streams the logits in tiles instead, keeping only online per-row statistics (DESIGN §3):
+
+    z = x W^T / tau           m = max z           s = sum exp(z - m)        S = sum exp(z - m) z
+    lse = m + log s           logp = z_y - lse    entropy = lse - S / s
+
+and its backward recomputes the logits tile by tile with ``p = exp(z - lse)``:
+
+    dz_j = g (1[j = y] - p_j) - h p_j (z_j - lse + entropy),   dx = dz W / tau,   dW = dz^T x / tau
+
+Two implementations, chosen by ``impl`` (see ``r1fast.ops._dispatch``):
+- ``"torch"``: the reference, pure PyTorch, chunked over tokens and vocabulary
+  (``chunk_tokens x chunk_vocab`` logit tiles), fp32 accumulation for 16-bit inputs (fp64 for
+  fp64 inputs, which makes ``torch.autograd.gradcheck`` possible), any device.
+- ``"triton"``: the fused kernels of ``r1fast.kernels.linear_logprob``, registered as
+  ``torch.library`` custom ops (with fake and autograd implementations) so the op composes
+  with ``torch.compile``.
+
+Vocabulary parallelism (``tp_group``, Megatron layout): each rank holds rows
+``[rank*V_local, (rank+1)*V_local)`` of the LM head and the full ``hidden``/``targets``. Each rank
+computes the partial (m, s, S, z_y) of its shard; one all-gather and the same merge rule that
+combines vocabulary splits inside the kernel give every rank the unsharded result. In the
+backward each rank computes its shard's ``dW`` and a partial ``dx`` that is all-reduced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from r1fast.ops._dispatch import resolve_impl
+from r1fast.ops._validate import INDEX_DTYPES, check_tensor
+
+__all__ = ["linear_logprob", "naive_linear_logprob", "LinearLogprobChunks", "DEFAULT_CHUNKS",
+           "merge_partials"]
+
+_OP = "linear_logprob"
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLogprobChunks:
+    """Chunk sizes used when a call passes ``chunk_tokens`` / ``chunk_vocab = None``."""
+
+    torch_tokens: int = 2048
+    """Token rows per tile of the torch reference; its extra memory is a few fp32 tiles of
+    ``torch_tokens x torch_vocab`` (64 MiB each at the defaults), independent of T*V."""
+    torch_vocab: int = 8192
+    """Vocabulary rows per tile of the torch reference."""
+    triton_tokens: int = 16384
+    """Token rows per backward chunk of the Triton path. With more than one chunk a 16-bit
+    weight needs an fp32 ``[V, H]`` dW accumulator that every chunk re-reads, so keep it large."""
+    triton_workspace: int = 1 << 28
+    """Elements of the Triton backward's dz workspace ``[chunk_tokens, chunk_vocab]`` when
+    ``chunk_vocab`` is not given (512 MiB in bf16): chunk_vocab = this / chunk_tokens."""
+
+
+DEFAULT_CHUNKS = LinearLogprobChunks()
+
+
+# ----------------------------------------------------------------------------- shared math
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_partials(stats: torch.Tensor) -> torch.Tensor:
+    """Merge partial statistics ``[P, 4, T]`` (rows m, s, S, z_y of P vocabulary pieces) into
+    ``[4, T]``: ``M = max m``, ``s = sum s e^{m-M}``, ``S = sum S e^{m-M}``, ``z_y = sum z_y``
+    (z_y is 0 in every piece but the one that holds the target)."""
+    m, s, sz, zy = stats.unbind(1)  # each [P, T]
+    big = m.amax(0)  # [T]; finite: every piece saw at least one column
+    scale = torch.exp(m - big)  # [P, T]; a piece with m = -inf (no columns) contributes 0
+    return torch.stack([big, (s * scale).sum(0), (sz * scale).sum(0), zy.sum(0)])
+
+
+def _finish(stats: torch.Tensor, ignored: torch.Tensor, group) -> tuple[torch.Tensor, ...]:
+    """(logp, entropy, lse), each [T], from this shard's [4, T] stats (merged over ``group``)."""
+    if group is not None:
+        parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, stats.contiguous(), group=group)
+        stats = merge_partials(torch.stack(parts))
+    m, s, sz, zy = stats.unbind(0)
+    lse = m + torch.log(s)
+    ent = lse - sz / s
+    logp = zy - lse
+    return logp.masked_fill(ignored, 0.0), ent.masked_fill(ignored, 0.0), lse
+
+
+def _row_grads(g, h, ignored: torch.Tensor, like: torch.Tensor):
+    """Upstream gradients of logp and entropy as dense [T] tensors, zero on ignored rows."""
+    g = torch.zeros_like(like) if g is None else g.to(like.dtype)
+    h = torch.zeros_like(like) if h is None else h.to(like.dtype)
+    return g.masked_fill(ignored, 0.0).contiguous(), h.masked_fill(ignored, 0.0).contiguous()
+
+
+# ----------------------------------------------------------------------------- naive formula
+
+def naive_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         temperature: float = 1.0, return_entropy: bool = False,
+                         ignore_index: int = -100):
+    """The textbook formula with the full ``[T, V]`` logits in the inputs' dtype (plain
+    autograd). Independent of the streamed implementations: tests run it on fp64 copies as
+    the ground truth, the benchmark times it as the "naive torch" baseline. No validation."""
+    logp_all = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)  # [T, V]
+    valid = targets != ignore_index
+    picked = logp_all.gather(1, torch.where(valid, targets, 0).long()[:, None])[:, 0]
+    logp = torch.where(valid, picked, torch.zeros_like(picked))
+    if not return_entropy:
+        return logp
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, torch.where(valid, ent, torch.zeros_like(ent))
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def _pick(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """z[t, idx[t]] where 0 <= idx[t] < z.shape[1], else 0.  z: [t, v], idx: [t]."""
+    hit = (idx >= 0) & (idx < z.shape[1])
+    val = z.gather(1, idx.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    return torch.where(hit, val, torch.zeros_like(val))
+
+
+def _torch_partials(hidden, weight, targets, inv_tau, vocab_start, ct, cv) -> torch.Tensor:
+    """[4, T] online statistics (m, s, S, z_y) of this weight shard, tile by tile."""
+    T = hidden.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    stats = torch.zeros(4, T, dtype=acc, device=hidden.device)
+    m, s, sz, zy = stats.unbind(0)  # views: updated in place
+    m.fill_(-math.inf)
+    y = targets.long() - vocab_start  # [T] shard-local ids; other shards' targets fall outside
+    for v0 in range(0, weight.shape[0], cv):
+        w = weight[v0:v0 + cv].to(acc)  # [cv, H]
+        for t0 in range(0, T, ct):
+            rows = slice(t0, t0 + ct)
+            z = (hidden[rows].to(acc) @ w.T).mul_(inv_tau)  # [ct, cv]
+            m_new = torch.maximum(m[rows], z.amax(1))
+            alpha = torch.exp(m[rows] - m_new)
+            e = (z - m_new[:, None]).exp_()  # [ct, cv]
+            s[rows] = s[rows] * alpha + e.sum(1)
+            zy[rows] += _pick(z, y[rows] - v0)
+            sz[rows] = sz[rows] * alpha + e.mul_(z).sum(1)
+            m[rows] = m_new
+    return stats
+
+
+def _dlogits(z, idx, lse, ent, g, h) -> torch.Tensor:
+    """dL/dz for a tile, computed in place over z.  z: [t, v]; row vectors: [t]."""
+    p = (z - lse[:, None]).exp_()
+    dz = z.sub_(lse[:, None]).add_(ent[:, None]).mul_(h[:, None]).add_(g[:, None]).mul_(p).neg_()
+    hit = (idx >= 0) & (idx < z.shape[1])
+    dz.scatter_add_(1, idx.clamp(0, z.shape[1] - 1)[:, None],
+                    torch.where(hit, g, torch.zeros_like(g))[:, None])
+    return dz
+
+
+def _torch_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, ct, cv,
+                 need_dw):
+    """(dx [T, H] in the accumulation dtype, dW [V, H] in weight's dtype or None)."""
+    T, H = hidden.shape
+    acc = _acc_dtype(hidden.dtype)
+    dx = torch.zeros(T, H, dtype=acc, device=hidden.device)
+    dw = torch.empty_like(weight) if need_dw else None
+    y = targets.long() - vocab_start
+    for v0 in range(0, weight.shape[0], cv):
+        w = weight[v0:v0 + cv].to(acc)  # [cv, H]
+        dw_c = torch.zeros_like(w) if need_dw else None  # fp32 accumulator of this vocab chunk
+        for t0 in range(0, T, ct):
+            rows = slice(t0, t0 + ct)
+            x = hidden[rows].to(acc)  # [ct, H]
+            z = (x @ w.T).mul_(inv_tau)  # [ct, cv]
+            dz = _dlogits(z, y[rows] - v0, lse[rows], ent[rows], g[rows], h[rows]).mul_(inv_tau)
+            dx[rows].addmm_(dz, w)
+            if need_dw:
+                dw_c.addmm_(dz.T, x)
+        if need_dw:
+            dw[v0:v0 + cv] = dw_c
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------- triton custom ops
+
+@torch.library.custom_op("r1fast::linear_logprob_partials", mutates_args=())
+def _triton_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     inv_temperature: float, vocab_start: int) -> torch.Tensor:
+    """[4, T] fp32 statistics (m, s, S, z_y) of this weight shard, vocabulary splits merged."""
+    from r1fast.kernels import linear_logprob as K  # lazy: importing needs triton
+
+    parts = K.forward_partials(hidden, weight, targets, inv_temperature, vocab_start)
+    return merge_partials(torch.stack(parts, dim=1))  # [splits, 4, T] -> [4, T]
+
+
+@_triton_partials.register_fake
+def _(hidden, weight, targets, inv_temperature, vocab_start):
+    return hidden.new_empty(4, hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("r1fast::linear_logprob_grads", mutates_args=())
+def _triton_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  lse: torch.Tensor, ent: torch.Tensor, grad_logp: torch.Tensor,
+                  grad_ent: torch.Tensor, inv_temperature: float, vocab_start: int,
+                  chunk_tokens: int, chunk_vocab: int,
+                  need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [T, H] fp32, dW [V, H] in weight's dtype, or [0, H] when not needed)."""
+    from r1fast.kernels import linear_logprob as K
+
+    dx, dw = K.backward(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature,
+                        vocab_start, chunk_tokens, chunk_vocab,
+                        need_weight_grad=need_weight_grad)
+    return dx, dw if need_weight_grad else weight.new_empty(0, weight.shape[1])
+
+
+@_triton_grads.register_fake
+def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature, vocab_start,
+      chunk_tokens, chunk_vocab, need_weight_grad):
+    rows = weight.shape[0] if need_weight_grad else 0
+    return (hidden.new_empty(hidden.shape, dtype=torch.float32),
+            weight.new_empty(rows, weight.shape[1]))
+
+
+@torch.library.custom_op("r1fast::linear_logprob", mutates_args=())
+def _triton_fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  inv_temperature: float, ignore_index: int, chunk_tokens: int,
+                  chunk_vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse), each [T] fp32: the single-rank Triton path."""
+    stats = _triton_partials(hidden, weight, targets, inv_temperature, 0)
+    return _finish(stats, targets == ignore_index, None)
+
+
+@_triton_fused.register_fake
+def _(hidden, weight, targets, inv_temperature, ignore_index, chunk_tokens, chunk_vocab):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+def _fused_setup(ctx, inputs, output):
+    hidden, weight, targets, inv_tau, ignore_index, ct, cv = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, targets, lse, ent)
+    ctx.args = (inv_tau, ignore_index, ct, cv)
+
+
+def _fused_backward(ctx, grad_logp, grad_ent, grad_lse):
+    hidden, weight, targets, lse, ent = ctx.saved_tensors
+    inv_tau, ignore_index, ct, cv = ctx.args
+    g, h = _row_grads(grad_logp, grad_ent, targets == ignore_index, lse)
+    need_dw = ctx.needs_input_grad[1]
+    dx, dw = _triton_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, 0, ct, cv, need_dw)
+    return dx.to(hidden.dtype), dw if need_dw else None, None, None, None, None, None
+
+
+_triton_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ----------------------------------------------------------------------------- autograd (torch, TP)
+
+class _LinearLogprobFn(torch.autograd.Function):
+    """Torch reference (any group) and the Triton path under vocabulary parallelism: partial
+    statistics of this shard -> merge over the group -> outputs; backward per shard, dx
+    all-reduced. ``backend`` is "torch" or "triton"."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_tau, ignore_index, group, backend, ct, cv):
+        rank = dist.get_rank(group) if group is not None else 0
+        vocab_start = rank * weight.shape[0]
+        if backend == "torch":
+            stats = _torch_partials(hidden, weight, targets, inv_tau, vocab_start, ct, cv)
+        else:
+            stats = _triton_partials(hidden, weight, targets, inv_tau, vocab_start)
+        ignored = targets == ignore_index
+        logp, ent, lse = _finish(stats, ignored, group)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.args = (inv_tau, ignore_index, group, backend, ct, cv, vocab_start)
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_ent):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        inv_tau, ignore_index, group, backend, ct, cv, vocab_start = ctx.args
+        g, h = _row_grads(grad_logp, grad_ent, targets == ignore_index, lse)
+        need_dw = ctx.needs_input_grad[1]
+        grads = _torch_grads if backend == "torch" else _triton_grads
+        dx, dw = grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, ct, cv,
+                       need_dw)
+        if group is not None:
+            dist.all_reduce(dx, group=group)  # every shard's vocabulary contributes to dx
+        return (dx.to(hidden.dtype), dw if need_dw else None) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------- public op
+
+def _check_chunk(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+
+
+def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index, tp_group,
+              chunk_tokens, chunk_vocab) -> None:
+    check_tensor("hidden", hidden, ndim=2, dtypes=_TORCH_DTYPES)
+    T, H = hidden.shape
+    check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), shape=(None, H),
+                 device=hidden.device)
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row, got shape [0, H]")
+    check_tensor("targets", targets, ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=hidden.device)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check_chunk("chunk_tokens", chunk_tokens)
+    _check_chunk("chunk_vocab", chunk_vocab)
+    world = 1
+    if tp_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("tp_group was given but torch.distributed is not initialized")
+        world = dist.get_world_size(tp_group)
+    v_total = weight.shape[0] * world
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= v_total))  # [T]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets must be in [0, {v_total}) (the vocabulary size) or equal "
+                         f"ignore_index={ignore_index}; got targets[{i}] = {int(targets[i])}")
+
+
+def _triton_chunks(T: int, chunk_tokens, chunk_vocab) -> tuple[int, int]:
+    ct = chunk_tokens or DEFAULT_CHUNKS.triton_tokens
+    if chunk_vocab is None:
+        chunk_vocab = max(256, DEFAULT_CHUNKS.triton_workspace // max(1, min(T, ct)) // 256 * 256)
+    return ct, chunk_vocab
+
+
+def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0, return_entropy: bool = False,
+                   ignore_index: int = -100, *, tp_group=None, impl: str = "auto",
+                   chunk_tokens: int | None = None, chunk_vocab: int | None = None):
+    """Log-probability (and entropy) of ``targets`` under ``softmax(hidden @ weight.T / tau)``.
+
+    Args:
+        hidden: ``[T, H]`` fp32/bf16/fp16 (fp64 with ``impl="torch"``) hidden states.
+        weight: ``[V, H]`` LM head of the same dtype (this rank's shard under ``tp_group``).
+        targets: ``[T]`` int64/int32 global vocabulary ids, or ``ignore_index``.
+        temperature: ``tau > 0``; logits are divided by it.
+        return_entropy: also return the entropy of each row's distribution.
+        ignore_index: rows with this target give logp 0 and entropy 0 and no gradient.
+        tp_group: process group of a vocabulary-parallel LM head (Megatron layout), or None.
+        impl: "auto" | "torch" | "triton" (see ``r1fast.ops._dispatch``).
+        chunk_tokens, chunk_vocab: tile sizes (torch: logit tiles; triton: the backward's dz
+            workspace); None uses ``DEFAULT_CHUNKS``.
+
+    Returns ``logp [T]`` float32 (float64 for fp64 inputs), or ``(logp, entropy)``. Gradients
+    flow to ``hidden`` and ``weight`` in their dtypes; dW is accumulated in fp32.
+    """
+    _validate(hidden, weight, targets, temperature, return_entropy, ignore_index, tp_group,
+              chunk_tokens, chunk_vocab)
+    chosen = resolve_impl(_OP, impl, hidden.device, supported=("torch", "triton"))
+    inv_tau = 1.0 / float(temperature)
+    if chosen == "torch":
+        ct = chunk_tokens or DEFAULT_CHUNKS.torch_tokens
+        cv = chunk_vocab or DEFAULT_CHUNKS.torch_vocab
+        logp, ent = _LinearLogprobFn.apply(hidden, weight, targets, inv_tau, ignore_index,
+                                           tp_group, "torch", ct, cv)
+    else:
+        if hidden.dtype not in _TRITON_DTYPES:
+            raise ValueError("hidden must have dtype in (float32, bfloat16, float16) for "
+                             f"impl='triton', got {str(hidden.dtype).replace('torch.', '')}")
+        ct, cv = _triton_chunks(hidden.shape[0], chunk_tokens, chunk_vocab)
+        if tp_group is None:
+            logp, ent, _ = _triton_fused(hidden, weight, targets, inv_tau, ignore_index, ct, cv)
+        else:
+            logp, ent = _LinearLogprobFn.apply(hidden, weight, targets, inv_tau, ignore_index,
+                                               tp_group, "triton", ct, cv)
+    return (logp, ent) if return_entropy else logp
