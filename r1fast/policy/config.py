@@ -1,0 +1,405 @@
+"""Typed configuration of the policy: what the model is (:class:`ModelConfig`) and how it is laid
+out over processes (:class:`ParallelConfig`).
+
+ModelConfig speaks the Hugging Face / paper vocabulary (hidden size, query groups, top-k,
+DeepSeek-V3 group-limited routing with an aux-loss-free expert bias ...) and is translated into
+a megatron-core ``TransformerConfig`` by :mod:`r1fast.policy.model`. Presets build tiny models
+that run on a CPU in milliseconds; :meth:`ModelConfig.from_hf_config` reads a ``transformers``
+config of the supported families (qwen3_moe, qwen3, qwen2).
+
+ParallelConfig holds the tensor (TP), pipeline (PP) and expert (EP) sizes; the data-parallel
+size is what is left of the world size. :meth:`ParallelConfig.validate` raises a ``ValueError``
+naming the first thing that does not divide.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_HF_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only (MoE) transformer, Qwen3/Qwen3-MoE/DeepSeek-V3 style."""
+
+    vocab_size: int = 256
+    """Vocabulary size (rows of the embedding and of the output layer)."""
+    hidden_size: int = 64
+    """Width of the residual stream, H."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads (grouped-query attention); None means one per query head (MHA)."""
+    head_dim: Optional[int] = None
+    """Per-head width (megatron kv_channels); None means hidden_size // num_attention_heads."""
+    ffn_hidden_size: int = 128
+    """Intermediate width of the dense SwiGLU MLP (dense models and dense layers of MoE models)."""
+    num_experts: Optional[int] = None
+    """Routed experts per MoE layer; None builds a dense model."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Intermediate width of one routed expert (SwiGLU)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to, k."""
+    dense_layers: tuple[int, ...] = ()
+    """0-based indices of layers that use the dense MLP in an MoE model (HF mlp_only_layers)."""
+    shared_expert_size: Optional[int] = None
+    """Intermediate width of an always-on shared expert (DeepSeek/Qwen2-MoE); None: none."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert by a learned sigmoid gate (Qwen2-MoE); DeepSeek-V3 has none."""
+    router_score: str = "softmax"
+    """Router score function: "softmax" (Qwen3-MoE, Mixtral) or "sigmoid" (DeepSeek-V3)."""
+    router_pre_softmax: bool = False
+    """softmax only: take the softmax over all experts before top-k (weights not renormalised
+    unless router_normalize); False takes the top-k of the logits and a softmax over those k,
+    which equals renormalising the full softmax (Qwen3-MoE norm_topk_prob=True)."""
+    router_n_groups: Optional[int] = None
+    """Group-limited routing (DeepSeek-V3): experts split into this many groups."""
+    router_topk_groups: Optional[int] = None
+    """Group-limited routing: groups kept per token."""
+    router_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias added to the scores for selection only, nudged
+    after each step towards equal load (DeepSeek-V3). Needs the sigmoid score."""
+    router_bias_update_rate: float = 1e-3
+    """Step of the expert-bias update, bias += rate * sign(mean_load - load)."""
+    router_scaling_factor: float = 1.0
+    """Multiplies the routing weights (DeepSeek-V3 uses 2.5)."""
+    router_normalize: Optional[bool] = None
+    """Renormalise the k selected weights to sum to 1; None: the op's default for the score
+    function (sigmoid: yes; softmax: implied by router_pre_softmax=False)."""
+    aux_loss_coef: float = 0.0
+    """Coefficient of the load-balancing auxiliary loss (0 disables it)."""
+    z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss (0 disables it)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    qk_layernorm: bool = True
+    """RMSNorm on each query/key head before RoPE (Qwen3); Qwen2 has none."""
+    add_qkv_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output layer weight."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the rotary table is built for."""
+    params_dtype: str = "float32"
+    """Parameter dtype: "float32", "bfloat16" or "float16"."""
+    init_std: float = 0.02
+    """Standard deviation of the random initialisation (when not loading weights)."""
+
+    # ----------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.params_dtype]
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 for an MoE layer, 0 for a dense one, per layer (megatron moe_layer_freq)."""
+        return [0 if i in self.dense_layers else 1 for i in range(self.num_layers)]
+
+    def validate(self) -> "ModelConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                     "ffn_hidden_size", "max_position_embeddings"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.num_attention_heads % self.kv_heads == 0,
+             f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+             f"num_query_groups ({self.kv_heads})")
+        need(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+             f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+             f"({self.num_attention_heads}) when head_dim is not given")
+        need(self.params_dtype in _DTYPES,
+             f"params_dtype must be one of {tuple(_DTYPES)}, got {self.params_dtype!r}")
+        need(self.router_score in ("softmax", "sigmoid"),
+             f"router_score must be one of ('softmax', 'sigmoid'), got {self.router_score!r}")
+        if self.is_moe:
+            need(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+            need(self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size >= 1,
+                 "moe_ffn_hidden_size must be set (>= 1) for an MoE model")
+            need(1 <= self.moe_router_topk <= self.num_experts,
+                 f"moe_router_topk must be in [1, num_experts={self.num_experts}], "
+                 f"got {self.moe_router_topk}")
+            need(all(0 <= i < self.num_layers for i in self.dense_layers),
+                 f"dense_layers must be layer indices in [0, {self.num_layers}), "
+                 f"got {self.dense_layers}")
+            if (self.router_n_groups is None) != (self.router_topk_groups is None):
+                raise ValueError("ModelConfig: router_n_groups and router_topk_groups must be "
+                                 "given together")
+            if self.router_n_groups is not None:
+                need(self.num_experts % self.router_n_groups == 0,
+                     f"num_experts ({self.num_experts}) must be divisible by router_n_groups "
+                     f"({self.router_n_groups})")
+                need(1 <= self.router_topk_groups <= self.router_n_groups,
+                     f"router_topk_groups must be in [1, router_n_groups={self.router_n_groups}],"
+                     f" got {self.router_topk_groups}")
+            need(not self.router_expert_bias or self.router_score == "sigmoid",
+                 "router_expert_bias (aux-loss-free balancing) needs router_score='sigmoid'")
+            need(not (self.router_pre_softmax and self.router_score == "sigmoid"),
+                 "router_pre_softmax applies to router_score='softmax' only")
+            need(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
+                 "aux_loss_coef and z_loss_coef must be >= 0")
+        else:
+            need(not self.dense_layers and self.shared_expert_size is None,
+                 "dense_layers/shared_expert_size need num_experts (an MoE model)")
+        return self
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {unknown}")
+        d = dict(d)
+        if "dense_layers" in d:
+            d["dense_layers"] = tuple(d["dense_layers"])
+        return cls(**d).validate()
+
+    # ----------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        """Tiny CPU-sized models: ``tiny-moe`` (Qwen3-MoE-like), ``tiny-dsv3`` (DeepSeek-V3-like
+        routing: sigmoid, groups, expert bias, shared expert), ``tiny-dense`` (Qwen3-like dense
+        student for distillation)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
+        return dataclasses.replace(PRESETS[name]).validate()
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "ModelConfig":
+        """Translate a ``transformers`` config (object or dict) of a supported family."""
+        get = (hf_config.get if isinstance(hf_config, dict)
+               else lambda k, default=None: getattr(hf_config, k, default))
+        model_type = get("model_type")
+        if model_type not in SUPPORTED_HF_MODEL_TYPES:
+            raise ValueError(f"from_hf_config: model_type must be one of "
+                             f"{SUPPORTED_HF_MODEL_TYPES}, got {model_type!r}")
+        act = get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"from_hf_config: hidden_act must be 'silu', got {act!r}")
+        if get("use_sliding_window", False):
+            raise ValueError("from_hf_config: sliding-window attention (use_sliding_window=True) "
+                             "is not supported")
+        rope = get("rope_parameters") or get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
+        if rope_type != "default":
+            raise ValueError(f"from_hf_config: only default RoPE is supported, got rope_type="
+                             f"{rope_type!r}")
+        theta = rope.get("rope_theta") if rope else None
+        theta = theta if theta is not None else get("rope_theta", 10000.0)
+        heads = get("num_attention_heads")
+        hidden = get("hidden_size")
+        dtype = get("torch_dtype") or get("dtype") or "float32"
+        dtype = str(dtype).replace("torch.", "")
+        kw: dict[str, Any] = dict(
+            vocab_size=get("vocab_size"), hidden_size=hidden, num_layers=get("num_hidden_layers"),
+            num_attention_heads=heads, num_query_groups=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or hidden // heads,
+            ffn_hidden_size=get("intermediate_size"), rope_theta=float(theta),
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(get("tie_word_embeddings", False)),
+            max_position_embeddings=get("max_position_embeddings", 4096),
+            params_dtype=dtype if dtype in _DTYPES else "float32",
+            init_std=get("initializer_range", 0.02),
+        )
+        if model_type == "qwen2":
+            kw.update(qk_layernorm=False, add_qkv_bias=True)
+        else:
+            if get("attention_bias", False):
+                raise ValueError("from_hf_config: attention_bias=True is not supported for "
+                                 f"{model_type}")
+            kw.update(qk_layernorm=True, add_qkv_bias=False)
+        if model_type == "qwen3_moe":
+            n_exp = get("num_experts") or get("num_local_experts")
+            step = get("decoder_sparse_step", 1) or 1
+            only = set(get("mlp_only_layers", []) or [])
+            dense = tuple(i for i in range(kw["num_layers"])
+                          if i in only or not (n_exp > 0 and (i + 1) % step == 0))
+            norm = bool(get("norm_topk_prob", False))
+            kw.update(num_experts=n_exp, moe_ffn_hidden_size=get("moe_intermediate_size"),
+                      moe_router_topk=get("num_experts_per_tok"), dense_layers=dense,
+                      router_score="softmax", router_pre_softmax=not norm,
+                      router_normalize=None if norm else False,
+                      aux_loss_coef=float(get("router_aux_loss_coef", 0.0) or 0.0)
+                      if get("output_router_logits", False) else 0.0)
+        return cls(**kw).validate()
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` dict of the matching HF family (qwen3_moe / qwen3 / qwen2)."""
+        if self.shared_expert_size is not None or self.router_score != "softmax" \
+                or self.router_n_groups is not None or self.router_expert_bias \
+                or self.router_scaling_factor != 1.0:
+            raise ValueError("to_hf_config: only Qwen3-MoE-style routing (softmax, no groups, no "
+                             "expert bias, no shared expert, scaling 1) has an HF layout here")
+        if self.add_qkv_bias and (self.qk_layernorm or self.is_moe):
+            raise ValueError("to_hf_config: qkv biases map to qwen2, which is dense without "
+                             "q/k norm")
+        if not self.add_qkv_bias and not self.qk_layernorm:
+            raise ValueError("to_hf_config: qwen3/qwen3_moe have q/k norm; a model without it "
+                             "and without qkv biases has no supported HF family")
+        model_type = "qwen2" if self.add_qkv_bias else ("qwen3_moe" if self.is_moe else "qwen3")
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]
+        d: dict[str, Any] = {
+            "architectures": [arch], "model_type": model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.kv_heads, "head_dim": self.kv_channels,
+            "intermediate_size": self.ffn_hidden_size, "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rope_theta": self.rope_theta, "initializer_range": self.init_std,
+            "attention_dropout": 0.0, "use_sliding_window": False, "dtype": self.params_dtype,
+        }
+        if model_type != "qwen2":
+            d["attention_bias"] = False
+        if self.is_moe:
+            d.update(num_experts=self.num_experts, moe_intermediate_size=self.moe_ffn_hidden_size,
+                     num_experts_per_tok=self.moe_router_topk, decoder_sparse_step=1,
+                     mlp_only_layers=list(self.dense_layers),
+                     norm_topk_prob=not self.router_pre_softmax or bool(self.router_normalize),
+                     router_aux_loss_coef=self.aux_loss_coef,
+                     output_router_logits=self.aux_loss_coef > 0)
+        return d
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over ``world_size`` processes. DP = world / (TP * PP); the expert
+    layers use EP out of the same ranks (expert DP = world / (EP * PP))."""
+
+    tp: int = 1
+    """Tensor parallel size: attention heads, MLP width and vocabulary split over tp ranks."""
+    pp: int = 1
+    """Pipeline parallel size: layers split over pp stages (one chunk per rank)."""
+    ep: int = 1
+    """Expert parallel size: routed experts split over ep ranks."""
+    etp: int = 1
+    """Expert tensor parallel size (only 1 is supported: whole experts per rank)."""
+    sequence_parallel: Optional[bool] = None
+    """Split the sequence over TP ranks outside attention/MLP. None: on exactly when tp > 1 and
+    the model has experts, because megatron refuses to train MoE at tp > 1 without it; off
+    otherwise. Requires the sequence length to be padded to a multiple of tp (done by Policy)."""
+    world_size: Optional[int] = None
+    """Number of processes; None: torch.distributed's world size (1 if not initialised)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per microbatch in forward_backward; None: the whole local batch at once."""
+
+    @property
+    def dp(self) -> int:
+        return self.resolved_world_size() // (self.tp * self.pp)
+
+    @property
+    def expert_dp(self) -> int:
+        return self.resolved_world_size() // (self.ep * self.etp * self.pp)
+
+    def resolved_world_size(self) -> int:
+        if self.world_size is not None:
+            return self.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return 1
+
+    def use_sequence_parallel(self, model: Optional[ModelConfig] = None) -> bool:
+        if self.sequence_parallel is not None:
+            return bool(self.sequence_parallel) and self.tp > 1
+        return self.tp > 1 and model is not None and model.is_moe
+
+    def validate(self, model: Optional[ModelConfig] = None) -> "ParallelConfig":
+        """Raise ValueError for a layout that cannot hold ``model`` on this world size."""
+        for name in ("tp", "pp", "ep", "etp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ParallelConfig: {name} must be an int >= 1, got {v!r}")
+        if self.etp != 1:
+            raise ValueError(f"ParallelConfig: etp (expert tensor parallel) must be 1, "
+                             f"got {self.etp}")
+        ws = self.resolved_world_size()
+        if ws % (self.tp * self.pp) != 0:
+            raise ValueError(f"ParallelConfig: world size {ws} is not a multiple of tp*pp = "
+                             f"{self.tp}*{self.pp}")
+        if ws % (self.ep * self.etp * self.pp) != 0:
+            raise ValueError(f"ParallelConfig: world size {ws} is not a multiple of ep*pp = "
+                             f"{self.ep}*{self.pp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("ParallelConfig: sequence_parallel needs tp > 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"ParallelConfig: micro_batch_size must be >= 1, "
+                             f"got {self.micro_batch_size}")
+        if model is None:
+            return self
+        if model.num_layers % self.pp != 0:
+            raise ValueError(f"ParallelConfig: num_layers ({model.num_layers}) must be divisible "
+                             f"by pp ({self.pp})")
+        if model.num_attention_heads % self.tp != 0:
+            raise ValueError(f"ParallelConfig: num_attention_heads ({model.num_attention_heads}) "
+                             f"must be divisible by tp ({self.tp})")
+        if model.kv_heads % self.tp != 0:
+            raise ValueError(f"ParallelConfig: num_query_groups ({model.kv_heads}) must be "
+                             f"divisible by tp ({self.tp})")
+        if model.vocab_size % self.tp != 0:
+            raise ValueError(f"ParallelConfig: vocab_size ({model.vocab_size}) must be divisible "
+                             f"by tp ({self.tp}); pad the vocabulary (padded rows would enter "
+                             f"the softmax, so r1fast does not pad silently)")
+        for name in ("ffn_hidden_size", "moe_ffn_hidden_size", "shared_expert_size"):
+            v = getattr(model, name)
+            if v is not None and v % self.tp != 0:
+                raise ValueError(f"ParallelConfig: {name} ({v}) must be divisible by tp "
+                                 f"({self.tp})")
+        if model.is_moe:
+            if model.num_experts % self.ep != 0:
+                raise ValueError(f"ParallelConfig: num_experts ({model.num_experts}) must be "
+                                 f"divisible by ep ({self.ep})")
+        elif self.ep != 1:
+            raise ValueError(f"ParallelConfig: ep must be 1 for a dense model, got {self.ep}")
+        if self.sequence_parallel is False and self.tp > 1 and model.is_moe:
+            raise ValueError("ParallelConfig: an MoE model at tp > 1 needs sequence_parallel "
+                             "(megatron refuses to train it otherwise); leave it None")
+        return self
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny-moe": ModelConfig(
+        vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+        head_dim=16, ffn_hidden_size=128, num_experts=8, moe_ffn_hidden_size=32,
+        moe_router_topk=2, router_score="softmax", qk_layernorm=True, max_position_embeddings=512,
+        aux_loss_coef=1e-3),
+    "tiny-dsv3": ModelConfig(
+        vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+        head_dim=16, ffn_hidden_size=128, num_experts=8, moe_ffn_hidden_size=32,
+        moe_router_topk=2, shared_expert_size=32, router_score="sigmoid", router_n_groups=4,
+        router_topk_groups=2, router_expert_bias=True, router_bias_update_rate=1e-3,
+        router_scaling_factor=2.5, qk_layernorm=True, max_position_embeddings=512),
+    "tiny-dense": ModelConfig(
+        vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+        head_dim=16, ffn_hidden_size=128, qk_layernorm=True, max_position_embeddings=512),
+}

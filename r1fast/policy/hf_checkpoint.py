@@ -1,0 +1,384 @@
+"""Hugging Face checkpoints in and out of the policy, at any TP/PP/EP layout.
+
+The on-disk layout is the HF one (``model.safetensors`` or shards + ``model.safetensors
+.index.json``, and ``config.json``) for Qwen3-MoE (``qwen3_moe``: per-expert
+``mlp.experts.{e}.{gate,up,down}_proj``, router ``mlp.gate.weight``, q/k norms), dense Qwen3
+(``qwen3``) and Qwen2 (``qwen2``: q/k/v biases, no q/k norm). Parts of a :class:`ModelConfig`
+that these families lack use the names of the HF families that have them: the aux-loss-free
+expert bias is DeepSeek-V3's ``mlp.gate.e_score_correction_bias``, the shared expert Qwen2-MoE's
+``mlp.shared_expert.*`` and ``mlp.shared_expert_gate.weight``. ``r1fast_config.json`` (the
+ModelConfig) is always written, so every policy round-trips exactly.
+
+Loading: each rank reads only its slices (safetensors ``get_slice``: TP rows/columns, its
+pipeline stage's layers, its EP share of the experts) and copies them into its parameters;
+no pickle. Saving: each tensor is all-gathered over its TP group, one owner per tensor sends
+it to rank 0, which writes the files.
+
+Megatron <-> HF layouts: ``linear_qkv`` [(nq + 2*nkv) * d, H] interleaves per KV group the
+group's query heads, then its key and value head, and TP splits it by groups;
+``linear_fc1`` of a SwiGLU MLP is [gate; up] *per TP shard*; ``linear_proj``/``linear_fc2``
+split their input dimension; embedding and output layer split the vocabulary rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from r1fast.policy.config import ModelConfig
+
+SAFETENSORS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+R1FAST_CONFIG = "r1fast_config.json"
+
+
+# ------------------------------------------------------------------------------------------
+# Which HF tensor(s) each megatron tensor is
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Map:
+    """How one local megatron tensor relates to HF tensors.
+
+    kind: ``rep`` (same tensor), ``rows`` / ``cols`` (TP split of dim 0 / 1), ``glu`` (TP
+    shard = [gate shard; up shard]), ``qkv`` (grouped q/k/v interleave, TP split by group).
+    ``tp`` is False for experts (expert tensor parallel size 1: whole experts per rank).
+    """
+
+    kind: str
+    keys: tuple[str, ...]
+    tp: bool = True
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+
+
+def _layer_map(rest: str, g: int, expert_offset: int) -> Optional[_Map]:
+    p = f"model.layers.{g}."
+    m = _EXPERT.match(rest)
+    if m:
+        e = expert_offset + int(m.group(1))
+        q = f"{p}mlp.experts.{e}."
+        if m.group(2) == "linear_fc1":
+            return _Map("glu", (q + "gate_proj.weight", q + "up_proj.weight"), tp=False)
+        return _Map("rep", (q + "down_proj.weight",), tp=False)
+    table: dict[str, _Map] = {
+        "input_layernorm.weight": _Map("rep", (p + "input_layernorm.weight",)),
+        "pre_mlp_layernorm.weight": _Map("rep", (p + "post_attention_layernorm.weight",)),
+        "self_attention.q_layernorm.weight": _Map("rep", (p + "self_attn.q_norm.weight",)),
+        "self_attention.k_layernorm.weight": _Map("rep", (p + "self_attn.k_norm.weight",)),
+        "self_attention.linear_proj.weight": _Map("cols", (p + "self_attn.o_proj.weight",)),
+        "mlp.linear_fc1.weight": _Map("glu", (p + "mlp.gate_proj.weight",
+                                              p + "mlp.up_proj.weight")),
+        "mlp.linear_fc2.weight": _Map("cols", (p + "mlp.down_proj.weight",)),
+        "mlp.router.weight": _Map("rep", (p + "mlp.gate.weight",)),
+        "mlp.router.expert_bias": _Map("rep", (p + "mlp.gate.e_score_correction_bias",)),
+        "mlp.shared_experts.linear_fc1.weight": _Map("glu", (p + "mlp.shared_expert.gate_proj"
+                                                             ".weight",
+                                                             p + "mlp.shared_expert.up_proj"
+                                                             ".weight")),
+        "mlp.shared_experts.linear_fc2.weight": _Map("cols", (p + "mlp.shared_expert.down_proj"
+                                                              ".weight",)),
+        "mlp.shared_experts.gate_weight": _Map("rep", (p + "mlp.shared_expert_gate.weight",)),
+    }
+    for part in ("weight", "bias"):
+        if rest == f"self_attention.linear_qkv.{part}":
+            return _Map("qkv", tuple(f"{p}self_attn.{x}_proj.{part}" for x in "qkv"))
+    return table.get(rest)
+
+
+def _local_tensors(policy) -> Iterator[tuple[str, torch.Tensor, _Map]]:
+    """(megatron name, local tensor, map) for every tensor of this rank's chunk that has an HF
+    counterpart: parameters, and the expert-bias buffers."""
+    from megatron.core import parallel_state as ps
+
+    gpt, cfg = policy.gpt, policy.model_cfg
+    experts_per_rank = (cfg.num_experts or 0) // max(policy.info.ep, 1)
+    expert_offset = ps.get_expert_model_parallel_rank() * experts_per_rank
+    layer_numbers = {i: layer.layer_number - 1 for i, layer in enumerate(gpt.decoder.layers)}
+    for name, t in gpt.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor) or name.endswith("_extra_state") \
+                or name.endswith("local_tokens_per_expert"):
+            continue
+        if name == "embedding.word_embeddings.weight":
+            yield name, t, _Map("rows", ("model.embed_tokens.weight",))
+        elif name == "output_layer.weight":
+            if cfg.tie_embeddings:
+                continue  # the last stage's copy of the embedding; the embedding is the truth
+            yield name, t, _Map("rows", ("lm_head.weight",))
+        elif name == "decoder.final_layernorm.weight":
+            yield name, t, _Map("rep", ("model.norm.weight",))
+        else:
+            m = _LAYER.match(name)
+            mp = _layer_map(m.group(2), layer_numbers[int(m.group(1))], expert_offset) \
+                if m else None
+            if mp is None:
+                raise RuntimeError(f"hf_checkpoint: no HF name for megatron tensor {name!r}")
+            yield name, t, mp
+
+
+def _qkv_groups(cfg: ModelConfig) -> tuple[int, int, int]:
+    return cfg.kv_heads, cfg.num_attention_heads // cfg.kv_heads, cfg.kv_channels
+
+
+# ------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------
+
+class _Reader:
+    """Lazy access to the tensors of a safetensors checkpoint (single file or index)."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        self._open = safe_open
+        index = os.path.join(path, INDEX)
+        single = os.path.join(path, SAFETENSORS)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self.files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        elif os.path.exists(single):
+            with safe_open(single, framework="pt") as f:
+                self.files = {k: single for k in f.keys()}
+        else:
+            raise ValueError(f"load_hf_checkpoint: no {SAFETENSORS} or {INDEX} in {path!r}")
+        self._handles: dict[str, Any] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def slice(self, key: str):
+        if key not in self.files:
+            raise ValueError(f"load_hf_checkpoint: checkpoint has no tensor {key!r}")
+        f = self.files[key]
+        if f not in self._handles:
+            self._handles[f] = self._open(f, framework="pt")
+        return self._handles[f].get_slice(key)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.slice(key)[start:stop]
+
+    def full(self, key: str) -> torch.Tensor:
+        return self.slice(key)[:]
+
+
+def _shard_value(reader: _Reader, mp: _Map, cfg: ModelConfig, tp: int, rank: int,
+                 shape: torch.Size) -> torch.Tensor:
+    """The value of this TP rank's shard of a megatron tensor, read from the checkpoint."""
+    if not mp.tp:
+        tp, rank = 1, 0
+    if mp.kind == "rep":
+        return reader.full(mp.keys[0])
+    if mp.kind == "rows":
+        n = shape[0]
+        return reader.rows(mp.keys[0], rank * n, (rank + 1) * n)
+    if mp.kind == "cols":
+        n = shape[1]
+        return reader.slice(mp.keys[0])[:, rank * n:(rank + 1) * n]
+    if mp.kind == "glu":
+        n = shape[0] // 2
+        return torch.cat([reader.rows(k, rank * n, (rank + 1) * n) for k in mp.keys], dim=0)
+    if mp.kind == "qkv":
+        groups, q_per_group, d = _qkv_groups(cfg)
+        g_local = groups // tp
+        parts = []
+        for g in range(rank * g_local, (rank + 1) * g_local):
+            parts.append(reader.rows(mp.keys[0], g * q_per_group * d, (g + 1) * q_per_group * d))
+            parts.append(reader.rows(mp.keys[1], g * d, (g + 1) * d))
+            parts.append(reader.rows(mp.keys[2], g * d, (g + 1) * d))
+        return torch.cat(parts, dim=0)
+    raise AssertionError(mp.kind)
+
+
+def load_model_config(path: str) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory: ``r1fast_config.json`` if present (exact),
+    else translated from the HF ``config.json``."""
+    mine = os.path.join(path, R1FAST_CONFIG)
+    if os.path.exists(mine):
+        with open(mine) as f:
+            return ModelConfig.from_dict(json.load(f))
+    hf = os.path.join(path, "config.json")
+    if not os.path.exists(hf):
+        raise ValueError(f"load_model_config: no {R1FAST_CONFIG} or config.json in {path!r}")
+    with open(hf) as f:
+        return ModelConfig.from_hf_config(json.load(f))
+
+
+def load_hf_checkpoint(policy, path: str) -> None:
+    """Copy the weights of the checkpoint at ``path`` into ``policy`` (every rank its slices).
+
+    Load before building the optimizer (for 16-bit params the optimizer keeps fp32 master
+    copies made at construction; otherwise call its ``reload_model_params()``)."""
+    from megatron.core import parallel_state as ps
+
+    cfg = policy.model_cfg
+    _check_same_architecture(cfg, load_model_config(path))
+    reader = _Reader(path)
+    tp, rank = policy.info.tp, ps.get_tensor_model_parallel_rank()
+    missing = []
+    with torch.no_grad():
+        for name, t, mp in _local_tensors(policy):
+            if not all(k in reader for k in mp.keys):
+                missing.extend(k for k in mp.keys if k not in reader)
+                continue
+            value = _shard_value(reader, mp, cfg, tp, rank, t.shape)
+            if tuple(value.shape) != tuple(t.shape):
+                raise ValueError(f"load_hf_checkpoint: {mp.keys} gives shape "
+                                 f"{list(value.shape)} for {name}, expected {list(t.shape)}")
+            t.data.copy_(value.to(t.dtype))
+        if cfg.tie_embeddings and policy.gpt.post_process and not policy.gpt.pre_process:
+            # The last stage's copy of the tied embedding.
+            w = policy.gpt.output_layer.weight
+            n = w.shape[0]
+            w.data.copy_(reader.rows("model.embed_tokens.weight", rank * n, (rank + 1) * n))
+    if missing:
+        raise ValueError(f"load_hf_checkpoint: checkpoint at {path!r} lacks {len(missing)} "
+                         f"tensors, e.g. {missing[:5]}")
+
+
+def _check_same_architecture(mine: ModelConfig, theirs: ModelConfig) -> None:
+    keys = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_heads",
+            "kv_channels", "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size",
+            "dense_layers", "shared_expert_size", "shared_expert_gate", "qk_layernorm",
+            "add_qkv_bias", "tie_embeddings", "router_expert_bias")
+    diff = [f"{k}: policy {getattr(mine, k)!r} vs checkpoint {getattr(theirs, k)!r}"
+            for k in keys if getattr(mine, k) != getattr(theirs, k)]
+    if diff:
+        raise ValueError("load_hf_checkpoint: the checkpoint's architecture differs: "
+                         + "; ".join(diff))
+
+
+# ------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------
+
+def _gather_tp(t: torch.Tensor, dim: int, group) -> list[torch.Tensor]:
+    size = dist.get_world_size(group)
+    if size == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def _full_hf(t: torch.Tensor, mp: _Map, cfg: ModelConfig, group) -> dict[str, torch.Tensor]:
+    """HF tensors of one megatron tensor (collective over the TP group when TP-split)."""
+    t = t.detach()
+    if mp.kind == "rep":
+        return {mp.keys[0]: t}
+    parts = _gather_tp(t, 0, group) if mp.tp else [t]
+    if mp.kind == "rows":
+        return {mp.keys[0]: torch.cat(parts, 0)}
+    if mp.kind == "cols":
+        return {mp.keys[0]: torch.cat(parts, 1)}
+    if mp.kind == "glu":
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return {mp.keys[0]: torch.cat([h[0] for h in halves], 0),
+                mp.keys[1]: torch.cat([h[1] for h in halves], 0)}
+    if mp.kind == "qkv":
+        groups, q_per_group, d = _qkv_groups(cfg)
+        full = torch.cat(parts, 0).view(groups, (q_per_group + 2) * d, *t.shape[1:])
+        q, k, v = full.split([q_per_group * d, d, d], dim=1)
+        tail = tuple(t.shape[1:])
+        return {mp.keys[0]: q.reshape(groups * q_per_group * d, *tail),
+                mp.keys[1]: k.reshape(groups * d, *tail), mp.keys[2]: v.reshape(groups * d, *tail)}
+    raise AssertionError(mp.kind)
+
+
+def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
+                         grads: bool = False) -> Optional[dict]:
+    """The whole model as HF-named full tensors on global rank 0 (None on other ranks).
+    Collective: every rank must call it. ``grads=True`` gathers the gradients instead
+    (``main_grad`` under DDP -- call optim.unshard_main_grads first with the distributed
+    optimizer -- else ``.grad``; tensors without a gradient are left out)."""
+    from megatron.core import parallel_state as ps
+
+    cfg = policy.model_cfg
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    dense_owner = policy.info.dp_rank == 0 and tp_rank == 0
+    expert_owner = ps.get_expert_data_parallel_rank() == 0
+    mine: dict[str, torch.Tensor] = {}
+    for name, t, mp in _local_tensors(policy):
+        if grads:
+            t = getattr(t, "main_grad", None) if hasattr(t, "main_grad") else t.grad
+            if t is None:
+                continue
+        full = _full_hf(t, mp, cfg, tp_group)  # every TP rank joins the gather
+        if (expert_owner if not mp.tp else dense_owner):
+            for k, v in full.items():
+                mine[k] = v.to(dtype or v.dtype).cpu().clone()
+    if dist.get_world_size() == 1:
+        return mine
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        out.update(part)
+    return out
+
+
+def save_hf_checkpoint(policy, path: str, *, dtype: Optional[torch.dtype] = None,
+                       max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``policy`` to ``path`` in the HF layout (collective; rank 0 writes).
+
+    Files: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json`` when larger than ``max_shard_bytes``), ``config.json``
+    when the model is of a supported HF family, and ``r1fast_config.json`` always.
+    """
+    from safetensors.torch import save_file
+
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    state = gather_hf_state_dict(policy, dtype)
+    if state is None:
+        dist.barrier()
+        return
+    os.makedirs(path, exist_ok=True)
+    keys = sorted(state)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in keys:
+        nbytes = state[k].numel() * state[k].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file({k: state[k].contiguous() for k in keys}, os.path.join(path, SAFETENSORS),
+                  metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: state[k].contiguous() for k in shard}, os.path.join(path, fname),
+                      metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(state[k].numel() * state[k].element_size() for k in keys)
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    cfg = policy.model_cfg
+    with open(os.path.join(path, R1FAST_CONFIG), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    try:
+        hf = cfg.to_hf_config()
+    except ValueError:
+        hf = None  # no HF family has this architecture; r1fast_config.json describes it
+    if hf is not None:
+        if dtype is not None:
+            hf["dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

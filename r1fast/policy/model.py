@@ -1,0 +1,648 @@
+"""The policy: a megatron-core ``GPTModel`` (MoE or dense) built from a :class:`ModelConfig`,
+laid out by a :class:`ParallelConfig`, with r1fast ops at the two hot spots (the MoE router and
+the log-prob head), behind a small API the trainer uses.
+
+Layout. Each rank holds one pipeline chunk: the embedding on the first stage, its share of the
+layers, the final norm and the vocab-parallel output layer on the last stage. The output layer
+is never applied as a matmul to get logits for training: :meth:`Policy.logprobs` and the
+``loss_fn`` of :meth:`Policy.forward_backward` receive the final-normed hidden states and the
+output-weight shard ``[V/tp, H]`` and call :func:`r1fast.ops.linear_logprob.linear_logprob`
+with the TP group, which merges the per-shard softmax statistics (no [T, V] tensor). The
+hidden states handed to a head are the same on every TP rank, and their backward expects the
+full input-gradient on every TP rank: a head must all-reduce its partial dx over the TP group,
+as the r1fast ops do when given ``tp_group`` (``linear_logprob``, ``fused_linear_policy_loss``).
+
+Pipeline parallelism. Everything that runs the model goes through megatron's own schedule
+(``get_forward_backward_func``): 1F1B send/recv of [L/sp, b, H] activations between stages,
+``forward_only`` for inference. Results appear on the last stage; the inference methods
+broadcast them over the pipeline group so that every rank returns the same tensor.
+
+Data parallelism. Each DP rank passes its own batch (:meth:`Policy.dp_shard` slices a global
+batch). In :meth:`forward_backward` the ``loss_fn`` returns this microbatch's share of the
+*global* loss (normalised by the global token/sequence count); the gradients of all
+microbatches and DP ranks are summed. Megatron's own scaling (divide by the number of
+microbatches, average over DP) is undone here, and the MoE auxiliary losses keep megatron's
+convention (a mean over microbatches and DP ranks).
+
+Sequences. ``tokens`` [B, L] are right-padded by the caller as needed; with sequence
+parallelism L is padded internally to a multiple of tp (the pad never influences real
+positions: attention is causal, and the router ignores pads in its load statistics).
+``position_ids`` (RoPE positions per token) may be given, e.g. for left-padded prompts.
+
+Generation. :meth:`Policy.forward_cached` decodes with megatron's static KV cache (pp=1, no
+sequence parallelism); :meth:`Policy.next_token_logits` recomputes the prefix on any layout.
+MoE routing can be recorded (:meth:`Policy.record_routing`) and replayed (``routing=`` of
+:meth:`Policy.logprobs` and of the batches of :meth:`Policy.forward_backward`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from r1fast.ops._validate import check_range, check_tensor
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.cpu_compat import apply_megatron_bridges, te_absent
+from r1fast.policy.parallel import ParallelInfo, init_parallel
+
+log = logging.getLogger("r1fast.policy")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]],
+                  "tuple[torch.Tensor, dict[str, Any]]"]
+
+
+# ------------------------------------------------------------------------------------------
+# Building
+# ------------------------------------------------------------------------------------------
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig):
+    """The megatron ``TransformerConfig`` of ``model`` under ``parallel``."""
+    from megatron.core.transformer import TransformerConfig
+
+    moe: dict[str, Any] = {}
+    if model.is_moe:
+        moe = dict(
+            num_moe_experts=model.num_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+            moe_router_topk=model.moe_router_topk, moe_layer_freq=model.moe_layer_pattern(),
+            moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+            moe_router_dtype="fp32", moe_router_score_function=model.router_score,
+            moe_router_pre_softmax=model.router_pre_softmax,
+            moe_router_num_groups=model.router_n_groups,
+            moe_router_group_topk=model.router_topk_groups,
+            moe_router_topk_scaling_factor=model.router_scaling_factor,
+            moe_router_enable_expert_bias=model.router_expert_bias,
+            moe_router_bias_update_rate=model.router_bias_update_rate,
+            moe_router_load_balancing_type="aux_loss" if model.aux_loss_coef > 0 else "none",
+            moe_aux_loss_coeff=model.aux_loss_coef,
+            moe_z_loss_coeff=model.z_loss_coef if model.z_loss_coef > 0 else None,
+            moe_shared_expert_intermediate_size=model.shared_expert_size,
+            moe_shared_expert_gate=model.shared_expert_gate,
+        )
+    dtype = model.torch_dtype
+    cfg = TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.kv_heads,
+        kv_channels=model.kv_channels, ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=model.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
+        sequence_parallel=parallel.use_sequence_parallel(model),
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, use_cpu_initialization=not torch.cuda.is_available(),
+        # The fused kernels below need apex/TE or CUDA; the plain torch paths are exact.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        **moe,
+    )
+    # Router options megatron's config has no field for (read by R1fastRouter).
+    cfg.r1fast_router_normalize = model.router_normalize
+    return cfg
+
+
+def layer_spec(model: ModelConfig, config, pp_rank: Optional[int] = None):
+    """Block spec of this pipeline stage: megatron's local (or, on a GPU with Transformer
+    Engine, TE) GPT layers, with every MoE layer's router replaced by :class:`R1fastRouter`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from r1fast.policy.router import R1fastRouter
+
+    use_te = torch.cuda.is_available() and not te_absent()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                      normalization="RMSNorm", pp_rank=pp_rank)
+    for layer in spec.layer_specs:
+        mlp = layer.submodules.mlp
+        if mlp.module is MoELayer:
+            mlp.submodules.router = R1fastRouter
+    return spec
+
+
+class Policy:
+    """One pipeline chunk of the model on this rank, plus what the trainer calls.
+
+    Attributes: ``model_cfg``, ``parallel_cfg``, ``info`` (:class:`ParallelInfo`),
+    ``config`` (megatron TransformerConfig), ``module`` (the model as the optimizer sees it:
+    megatron DDP when trainable) and ``gpt`` (the bare GPTModel chunk).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, info: ParallelInfo,
+                 config, gpt: torch.nn.Module) -> None:
+        self.model_cfg = model_cfg
+        self.parallel_cfg = parallel_cfg
+        self.info = info
+        self.config = config
+        self.gpt = gpt
+        self.module: torch.nn.Module = gpt
+
+    # -- layout -----------------------------------------------------------------------------
+    @property
+    def tp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
+    @property
+    def pp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_group()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return bool(self.config.sequence_parallel)
+
+    def dp_shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This DP rank's contiguous block of a global batch (dim 0 must divide by dp)."""
+        dp, r = self.info.dp, self.info.dp_rank
+        if x.shape[0] % dp != 0:
+            raise ValueError(f"dp_shard: batch size {x.shape[0]} must be divisible by the data "
+                             f"parallel size {dp}")
+        n = x.shape[0] // dp
+        return x[r * n:(r + 1) * n]
+
+    @property
+    def output_weight(self) -> Optional[torch.Tensor]:
+        """The vocab-parallel output weight shard [V/tp, H] (rows tp_rank*V/tp ...), on the last
+        stage; None elsewhere. With tied embeddings it is the (synchronised) embedding."""
+        if not self.gpt.post_process:
+            return None
+        if self.model_cfg.tie_embeddings:
+            return self.gpt.shared_embedding_or_output_weight()
+        return self.gpt.output_layer.weight
+
+    def num_parameters(self) -> int:
+        """Parameter count of the whole model (every rank returns the same number)."""
+        from megatron.core import parallel_state as ps
+
+        n = 0
+        for p in self.gpt.parameters():
+            if not getattr(p, "allreduce", True):  # expert weight: distinct per EP rank
+                if ps.get_expert_data_parallel_rank() != 0:
+                    continue
+            elif self.info.dp_rank != 0 or (self.info.tp_rank != 0
+                                            and not getattr(p, "tensor_model_parallel", False)):
+                continue  # a replica (over DP, or over TP for norms and the router)
+            n += p.numel()
+        if self.model_cfg.tie_embeddings and self.gpt.post_process and not self.gpt.pre_process \
+                and self.info.dp_rank == 0:
+            n -= self.output_weight.numel()  # the last stage's copy of the tied embedding
+        total = torch.tensor([n], dtype=torch.float64, device=self.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(total)
+        return int(total.item())
+
+    # -- running one stage ------------------------------------------------------------------
+    @property
+    def token_layout(self):
+        """How the tokens of a [b, L] microbatch are laid out at this rank's routers."""
+        from r1fast.policy.router import TokenLayout
+
+        return TokenLayout(tp=self.info.tp, tp_rank=self.info.tp_rank,
+                           sequence_parallel=self.sequence_parallel, tp_group=self.tp_group)
+
+    def _padded_len(self, length: int) -> int:
+        return self.token_layout.padded_len(length)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
+        if tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be non-empty [B, L], got {list(tokens.shape)}")
+        if tokens.shape[1] > self.model_cfg.max_position_embeddings:
+            raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds "
+                             f"max_position_embeddings={self.model_cfg.max_position_embeddings}")
+        return tokens.to(self.device, torch.int64)
+
+    def _rotary(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """RoPE angles for explicit positions, megatron's layout [S, B, 1, dim] (non-interleaved
+        halves, as RotaryEmbedding.get_emb builds them for 0..S-1)."""
+        inv_freq = self.gpt.rotary_pos_emb.inv_freq.to(self.device)
+        freqs = position_ids.t().to(torch.float32)[..., None] * inv_freq  # [S, B, dim/2]
+        return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+
+    def _stage_forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor]):
+        """Run this rank's chunk. First stage: embed ``tokens``; other stages read the tensor
+        the schedule received (``set_input_tensor``). Returns [L', b, H] (L' = padded L, /tp
+        under sequence parallelism); on the last stage final-normed."""
+        gpt = self.gpt
+        b, length = tokens.shape
+        lp = self._padded_len(length)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=self.device).expand(b, length)
+        if lp > length:
+            tokens = F.pad(tokens, (0, lp - length))
+            tail = position_ids[:, -1:] + torch.arange(1, lp - length + 1, device=self.device)
+            position_ids = torch.cat([position_ids, tail], dim=1)
+        padding_mask = None
+        if lp > length:
+            padding_mask = torch.zeros(b, lp, dtype=torch.bool, device=self.device)
+            padding_mask[:, length:] = True
+            if self.sequence_parallel:
+                n = lp // self.info.tp
+                padding_mask = padding_mask[:, self.info.tp_rank * n:(self.info.tp_rank + 1) * n]
+        decoder_input = None
+        if gpt.pre_process:
+            decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
+        hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=None,
+                             rotary_pos_emb=self._rotary(position_ids), padding_mask=padding_mask)
+        return hidden
+
+    def _to_head_input(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
+        """[L', b, H] last-stage output -> [b, L, H], the same on every TP rank. The backward
+        expects the full input-gradient on every TP rank, which is what the r1fast heads
+        deliver (linear_logprob all-reduces its partial dx over tp_group): under sequence
+        parallelism each rank then keeps its own slice, otherwise it passes through."""
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden,
+                                                          tensor_parallel_output_grad=False)
+        return hidden[:length].transpose(0, 1)
+
+    # -- MoE routing: replay and record -----------------------------------------------------
+    def _routers(self) -> list:
+        from r1fast.policy.router import R1fastRouter
+
+        return [m for m in self.gpt.modules() if isinstance(m, R1fastRouter)]
+
+    def moe_layers(self) -> list[int]:
+        """0-based (global) indices of the MoE layers held by this rank's pipeline stage."""
+        return sorted(r.layer_index for r in self._routers())
+
+    def set_routing_hook(self, hook) -> None:
+        """Give every router of this policy ``hook`` (a RouterReplay, or None to remove)."""
+        for r in self._routers():
+            r.routing_hook = hook
+
+    @contextlib.contextmanager
+    def _hooked(self, hook):
+        routers = self._routers()
+        previous = [r.routing_hook for r in routers]
+        for r in routers:
+            r.routing_hook = hook
+        try:
+            yield
+        finally:
+            for r, h in zip(routers, previous):
+                r.routing_hook = h
+
+    @contextlib.contextmanager
+    def _replaying(self, routing: Optional[Mapping[int, torch.Tensor]], shape):
+        """Replay ``routing`` ({layer: [b, L, k]}) in this microbatch's forward."""
+        if routing is None:
+            yield
+            return
+        from r1fast.policy.router_replay import RouterReplay
+
+        b, length = shape
+        targets = {}
+        for layer in self.moe_layers():
+            if layer not in routing:
+                continue
+            idx = routing[layer]
+            check_tensor(f"routing[{layer}]", idx, ndim=3, dtypes=(torch.int64, torch.int32))
+            k = self.model_cfg.moe_router_topk
+            if tuple(idx.shape) != (b, length, k):
+                raise ValueError(f"routing[{layer}] must have shape [{b}, {length}, {k}], "
+                                 f"got {list(idx.shape)}")
+            targets[layer] = self.token_layout.to_router_order(idx.to(self.device, torch.int64))
+        replay = RouterReplay()
+        with replay.replay(targets), self._hooked(replay):
+            yield
+
+    def record_routing(self, tokens: torch.Tensor, *,
+                       micro_batch_size: Optional[int] = None) -> dict[int, torch.Tensor]:
+        """Run an inference forward and return the experts each MoE layer of this stage chose:
+        ``{layer: [B, L, k] int64}``, the ``routing`` entry that :meth:`logprobs` and the
+        batches of :meth:`forward_backward` accept for replay."""
+        from r1fast.policy.router_replay import RouterReplay
+
+        tokens = self._check_tokens(tokens)
+        mbs = micro_batch_size or self.parallel_cfg.micro_batch_size or tokens.shape[0]
+        replay = RouterReplay()
+        with replay.record(), self._hooked(replay):
+            self._inference(tokens, lambda h, mb: (), [], mbs, broadcast=False)
+        length = tokens.shape[1]
+        # One recorded call per microbatch, in order.
+        sizes = [t.shape[0] for t in tokens.split(mbs)]
+        return {layer: torch.cat([self.token_layout.from_router_order(rows, b, length)
+                                  for rows, b in zip(replay.steps(layer), sizes)], dim=0)
+                for layer in replay.layers()}
+
+    # -- the schedule -----------------------------------------------------------------------
+    def _microbatches(self, batches: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+        if not batches:
+            raise ValueError("batches must hold at least one microbatch")
+        shape = None
+        for i, mb in enumerate(batches):
+            if "tokens" not in mb:
+                raise ValueError(f"batches[{i}] must have a 'tokens' entry [b, L]")
+            t = mb["tokens"]
+            check_tensor(f"batches[{i}]['tokens']", t, ndim=2, dtypes=(torch.int64, torch.int32))
+            if shape is None:
+                shape = tuple(t.shape)
+            elif tuple(t.shape) != shape and self.info.pp > 1:
+                raise ValueError(f"batches[{i}]['tokens'] must have the shape of batches[0] "
+                                 f"{list(shape)} under pipeline parallelism (the stages send "
+                                 f"fixed shapes), got {list(t.shape)}")
+        return shape
+
+    def _schedule(self, batches: Sequence[Mapping[str, Any]], head: Callable, forward_only: bool):
+        """Run megatron's forward(-backward) schedule over ``batches``; ``head(hidden[b,L,H],
+        batch)`` runs on the last stage. Returns the list of what ``head`` produced (last stage)
+        or [] (other stages)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        b, length = self._microbatches(batches)
+        batches = [{**mb, "tokens": self._check_tokens(mb["tokens"])} for mb in batches]
+        it = iter(batches)
+        self._reset_aux_loss_scale()
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            pos = mb.get("position_ids")
+            with self._replaying(mb.get("routing"), mb["tokens"].shape):
+                hidden = self._stage_forward(mb["tokens"],
+                                             None if pos is None else pos.to(self.device))
+
+            def loss_func(output, non_loss_data: bool = False):
+                return head(self._to_head_input(output, mb["tokens"].shape[1]), mb)
+
+            return hidden, loss_func
+
+        fb = get_forward_backward_func()
+        return fb(forward_step_func=forward_step, data_iterator=it, model=self.module,
+                  num_microbatches=len(batches), seq_length=self._padded_len(length),
+                  micro_batch_size=b, forward_only=forward_only,
+                  collect_non_loss_data=forward_only)
+
+    def _reset_aux_loss_scale(self) -> None:
+        """megatron keeps the gradient scale of the MoE auxiliary losses in a class variable:
+        the schedule copies its scale into it (shape [1]), while a backward outside the schedule
+        creates it as a 0-d tensor, after which the schedule's copy fails. Start each run from a
+        [1]-shaped 1 (the schedule then sets its own; a direct backward uses 1)."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=self.device)
+
+    def _broadcast_from_last_stage(self, value: Optional[torch.Tensor], shape, dtype):
+        if self.info.pp == 1:
+            return value
+        from megatron.core import parallel_state as ps
+
+        buf = value.contiguous() if value is not None else torch.empty(shape, dtype=dtype,
+                                                                        device=self.device)
+        dist.broadcast(buf, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+        return buf
+
+    def _inference(self, tokens: torch.Tensor, head: Callable, out_shapes: list[tuple],
+                   micro_batch_size: Optional[int], broadcast: bool,
+                   per_row: Optional[Mapping[str, Any]] = None):
+        """Forward-only schedule in eval mode under no_grad. ``per_row`` entries (a [B, ...]
+        tensor, or a {layer: [B, ...]} dict such as ``routing``) are split into the microbatch
+        dicts with the tokens. ``head(hidden, mb)`` returns a tuple of tensors per microbatch;
+        they are concatenated over microbatches (dim 0) into a tuple on the last stage,
+        broadcast over the pipeline group when ``broadcast`` (``out_shapes`` gives the shapes
+        other stages receive, fp32), else None elsewhere."""
+        mbs = micro_batch_size or self.parallel_cfg.micro_batch_size or tokens.shape[0]
+        if tokens.shape[0] % mbs != 0:
+            raise ValueError(f"micro_batch_size ({mbs}) must divide the batch size "
+                             f"{tokens.shape[0]}")
+        batches: list[dict[str, Any]] = [{"tokens": t} for t in tokens.split(mbs)]
+        for key, value in (per_row or {}).items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                for mb, part in zip(batches, value.split(mbs)):
+                    mb[key] = part
+                continue
+            for layer, idx in value.items():
+                check_tensor(f"{key}[{layer}]", idx, ndim=3)
+                for mb, part in zip(batches, idx.split(mbs)):
+                    mb.setdefault(key, {})[layer] = part
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                out = self._schedule(batches, head, forward_only=True)
+        finally:
+            self.module.train(was_training)
+        result = None
+        if self.gpt.post_process:
+            result = tuple(torch.cat(parts, dim=0) for parts in zip(*out))
+        if not broadcast:
+            return result
+        parts = result if result is not None else [None] * len(out_shapes)
+        return tuple(self._broadcast_from_last_stage(p, shape, torch.float32)
+                     for p, shape in zip(parts, out_shapes))
+
+    # -- public API -------------------------------------------------------------------------
+    def hidden_states(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        """Final-normed hidden states [B, L, H] on the last stage (None on other stages).
+
+        Without pipeline parallelism this runs under the caller's autograd mode (so it can be
+        differentiated); with PP it runs megatron's forward-only schedule under no_grad.
+        """
+        tokens = self._check_tokens(tokens)
+        if position_ids is not None:
+            check_tensor("position_ids", position_ids, shape=list(tokens.shape),
+                         dtypes=(torch.int64, torch.int32))
+        if self.info.pp == 1:
+            self._reset_aux_loss_scale()  # a backward from here weighs aux losses by 1
+            hidden = self._stage_forward(tokens, position_ids)
+            return self._to_head_input(hidden, tokens.shape[1])
+        out = self._inference(tokens, lambda h, mb: (h,), [], None, broadcast=False)
+        return None if out is None else out[0]
+
+    def logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                 return_entropy: bool = False, *, micro_batch_size: Optional[int] = None,
+                 broadcast: bool = True, routing: Optional[Mapping[int, torch.Tensor]] = None,
+                 impl: str = "auto"):
+        """log p(targets | tokens) [B, L] fp32 (and the entropy [B, L] when asked), computed by
+        ``linear_logprob`` on the vocab-parallel output layer; no full logits. ``targets`` equal
+        to -100 give 0. With PP the result is broadcast from the last stage to every rank.
+        ``routing`` ({layer: [B, L, k]}, e.g. from :meth:`record_routing` at rollout time)
+        replays those experts instead of routing."""
+        from r1fast.ops.linear_logprob import linear_logprob
+
+        tokens = self._check_tokens(tokens)
+        check_tensor("targets", targets, shape=list(tokens.shape),
+                     dtypes=(torch.int64, torch.int32))
+        check_range("temperature", temperature, 0.0, None, lo_open=True)
+        targets = targets.to(self.device, torch.int64)
+
+        def head(hidden, mb):
+            b, length, h = hidden.shape
+            out = linear_logprob(hidden.reshape(b * length, h), self.output_weight,
+                                 mb["targets"].reshape(-1), temperature=temperature,
+                                 return_entropy=return_entropy, tp_group=self.tp_group,
+                                 impl=impl)
+            if return_entropy:
+                return out[0].view(b, length), out[1].view(b, length)
+            return (out.view(b, length),)
+
+        shape = tuple(tokens.shape)
+        out = self._inference(tokens, head, [shape] * (2 if return_entropy else 1),
+                              micro_batch_size, broadcast,
+                              per_row={"targets": targets, "routing": routing})
+        if out is None:
+            return None
+        return out if return_entropy else out[0]
+
+    def logits(self, tokens: torch.Tensor, *, micro_batch_size: Optional[int] = None,
+               broadcast: bool = True) -> Optional[torch.Tensor]:
+        """Full logits [B, L, V] fp32 (gathered over TP): materialises [B, L, V], so use
+        :meth:`logprobs` for training-size batches."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        tokens = self._check_tokens(tokens)
+
+        def head(hidden, mb):
+            local = F.linear(hidden.float(), self.output_weight.float())  # [b, L, V/tp]
+            return (gather_from_tensor_model_parallel_region(local),)
+
+        shape = tuple(tokens.shape) + (self.model_cfg.vocab_size,)
+        out = self._inference(tokens, head, [shape], micro_batch_size, broadcast)
+        return None if out is None else out[0]
+
+    def next_token_logits(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                          **kw: Any) -> Optional[torch.Tensor]:
+        """Logits [B, V] of the token after position ``lengths-1`` of each row (default: the
+        last column), by recomputing the whole prefix (any layout; see :meth:`forward_cached`
+        for KV-cache decoding)."""
+        full = self.logits(tokens, **kw)
+        if full is None:
+            return None
+        b = tokens.shape[0]
+        last = torch.full((b,), tokens.shape[1] - 1, device=full.device) if lengths is None \
+            else lengths.to(full.device) - 1
+        return full[torch.arange(b, device=full.device), last]
+
+    def new_kv_cache(self, batch_size: int, max_length: int):
+        """A megatron static KV cache for :meth:`forward_cached` (generation)."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if self.info.pp > 1 or self.sequence_parallel:
+            raise ValueError("KV-cache generation supports pp=1 without sequence parallelism; "
+                             "use next_token_logits (prefix recomputation) for this layout")
+        if batch_size < 1 or not 1 <= max_length <= self.model_cfg.max_position_embeddings:
+            raise ValueError(f"new_kv_cache: batch_size must be >= 1 and max_length in [1, "
+                             f"{self.model_cfg.max_position_embeddings}], got {batch_size}, "
+                             f"{max_length}")
+        return StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=max_length)
+
+    def forward_cached(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Append ``tokens`` [B, n] (a prompt, then one token per step; all rows at the same
+        position) to ``cache`` and return the logits [B, V] fp32 of the last position, gathered
+        over TP. Matches :meth:`next_token_logits` of the full prefix (tested to 1e-6)."""
+        tokens = self._check_tokens(tokens)
+        start = cache.sequence_len_offset
+        if tokens.shape[0] != cache.max_batch_size:
+            raise ValueError(f"tokens: batch size {tokens.shape[0]} must equal the cache's "
+                             f"{cache.max_batch_size}")
+        if start + tokens.shape[1] > cache.max_sequence_length:
+            raise ValueError(f"tokens: the cache holds {cache.max_sequence_length} positions, "
+                             f"{start} used, {tokens.shape[1]} more do not fit")
+        pos = torch.arange(start, start + tokens.shape[1], device=self.device)
+        was_training = self.gpt.training
+        self.gpt.eval()
+        try:
+            with torch.no_grad():
+                out = self.gpt(tokens, pos.expand_as(tokens), None, inference_context=cache,
+                               runtime_gather_output=True)  # [B, 1, V]
+        finally:
+            self.gpt.train(was_training)
+        cache.sequence_len_offset += tokens.shape[1]
+        return out[:, -1].float()
+
+    def forward_backward(self, batches: Sequence[Mapping[str, Any]], loss_fn: LossFn, *,
+                         zero_grad: bool = True) -> list[dict[str, Any]]:
+        """One gradient accumulation over ``batches`` (the microbatches of this DP rank).
+
+        Each batch is a dict with ``tokens`` [b, L] (same shape in every microbatch), optional
+        ``position_ids`` [b, L] and ``routing`` ({layer: [b, L, k]} experts to replay), and
+        whatever ``loss_fn`` reads.
+        ``loss_fn(hidden [b, L, H], output_weight [V/tp, H], batch) -> (loss, metrics)`` runs on
+        the last stage; ``loss`` is this microbatch's share of the global loss (sum over all
+        microbatches of all DP ranks = the loss). Gradients land in the DDP buffers
+        (``param.main_grad``), summed and finalised (DP reduce, TP reduce of replicated norms,
+        embedding tie, expert-bias update) by megatron's finalize_model_grads; then call the
+        optimizer's ``step()``. Returns the per-microbatch ``metrics`` (last stage; [] elsewhere).
+        """
+        if not hasattr(self.module, "zero_grad_buffer"):
+            raise RuntimeError("forward_backward needs a trainable policy "
+                               "(build_policy(..., trainable=True))")
+        if zero_grad:
+            self.module.zero_grad_buffer()
+        n_micro = len(batches)
+        scale = float(n_micro * self.info.dp)  # undo megatron's 1/num_microbatches and DP mean
+
+        def head(hidden, mb):
+            loss, metrics = loss_fn(hidden, self.output_weight, mb)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn must return (scalar tensor loss, metrics dict)")
+            return loss * scale, {**metrics, "loss": loss.detach()}
+
+        self.module.train()
+        return list(self._schedule(batches, head, forward_only=False))
+
+
+def _mark_expert_params(gpt: torch.nn.Module) -> None:
+    """megatron flags routed-expert weights as expert-parallel (``allreduce=False``, reduced
+    over the expert-data-parallel group) only when EP > 1. With whole experts per rank
+    (etp = 1) and TP > 1 under sequence parallelism, each TP rank's experts see only that
+    rank's tokens, so their gradients must be summed over the expert-DP group (which spans the
+    TP ranks), never over the dense DP group only. Flagging them always is exact at EP = 1 too:
+    then expert DP = TP x DP."""
+    for name, p in gpt.named_parameters():
+        if ".mlp.experts." in name:
+            p.allreduce = False
+
+
+def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None,
+                 seed: int = 0, *, trainable: bool = True, ddp_config: Any = None) -> Policy:
+    """Initialise the parallel layout (if needed), build this rank's GPTModel chunk with the
+    r1fast router, and wrap it in megatron DDP when ``trainable`` (see r1fast.policy.optim)."""
+    from megatron.core.models.gpt import GPTModel
+
+    model_cfg.validate()
+    parallel_cfg = parallel_cfg or ParallelConfig()
+    apply_megatron_bridges()
+    info = init_parallel(parallel_cfg, model_cfg, seed=seed)
+    config = transformer_config(model_cfg, parallel_cfg)
+    gpt = GPTModel(
+        config=config, transformer_layer_spec=layer_spec(model_cfg, config),
+        vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.max_position_embeddings,
+        pre_process=info.is_first_stage, post_process=info.is_last_stage,
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        position_embedding_type="rope", rotary_base=int(model_cfg.rope_theta),
+        parallel_output=True)
+    if model_cfg.rope_theta != int(model_cfg.rope_theta):
+        # megatron types rotary_base as int; rebuild the table with the exact base.
+        dim = config.kv_channels
+        gpt.rotary_pos_emb.inv_freq = 1.0 / (model_cfg.rope_theta ** (
+            torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    _mark_expert_params(gpt)
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    policy = Policy(model_cfg, parallel_cfg, info, config, gpt)
+    if trainable:
+        from r1fast.policy.optim import wrap_ddp
+
+        wrap_ddp(policy, ddp_config)
+    else:
+        gpt.eval()
+        for p in gpt.parameters():
+            p.requires_grad_(False)
+    return policy

@@ -1,0 +1,141 @@
+"""Process layout: start torch.distributed and megatron-core's parallel state from a
+:class:`~r1fast.policy.config.ParallelConfig`.
+
+Ranks are arranged in megatron's default order ``tp-cp-ep-dp-pp``: neighbouring ranks share a
+tensor-parallel group, pipeline stages are the slowest-varying coordinate. The backend is NCCL
+with CUDA and gloo without (the CPU bridges of :mod:`r1fast.policy.cpu_compat` are applied
+here, before megatron builds anything). Under ``torchrun`` the usual environment variables are
+read; a single process with no environment initialises a one-rank group on a free local port.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.cpu_compat import apply_megatron_bridges
+
+_LAYOUT: Optional[tuple[int, int, int]] = None  # (tp, pp, ep) megatron was initialised with
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    """Where this process sits in the layout."""
+
+    world_size: int
+    """Total processes."""
+    rank: int
+    """Global rank."""
+    tp: int
+    """Tensor parallel size."""
+    pp: int
+    """Pipeline parallel size."""
+    ep: int
+    """Expert parallel size."""
+    dp: int
+    """Data parallel size (dense parameters)."""
+    tp_rank: int
+    """Rank inside the tensor parallel group."""
+    pp_rank: int
+    """Pipeline stage of this rank."""
+    ep_rank: int
+    """Rank inside the expert parallel group."""
+    dp_rank: int
+    """Rank inside the data parallel group."""
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def free_port() -> int:
+    """An unused local TCP port (for single-node gloo rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
+    """Initialise the default process group if it is not yet (idempotent)."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=timeout_s)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1, timeout=timeout)
+
+
+def init_parallel(parallel: ParallelConfig, model: Optional[ModelConfig] = None, seed: int = 0,
+                  backend: Optional[str] = None) -> ParallelInfo:
+    """Start torch.distributed and megatron's parallel state for ``parallel`` and seed the
+    model-parallel RNG streams. Idempotent for the same layout; a different layout while one is
+    active raises ``ValueError`` (call :func:`destroy_parallel` first)."""
+    global _LAYOUT
+    apply_megatron_bridges()
+    init_distributed(backend)
+    parallel = ParallelConfig(**{**parallel.__dict__, "world_size": dist.get_world_size()})
+    parallel.validate(model)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    layout = (parallel.tp, parallel.pp, parallel.ep)
+    if ps.model_parallel_is_initialized():
+        if _LAYOUT is not None and _LAYOUT != layout:
+            raise ValueError(f"init_parallel: megatron is already initialised with (tp, pp, ep) = "
+                             f"{_LAYOUT}, asked for {layout}; call destroy_parallel() first")
+    else:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            expert_model_parallel_size=parallel.ep,
+            expert_tensor_parallel_size=parallel.etp,
+        )
+        _LAYOUT = layout
+    model_parallel_cuda_manual_seed(seed)
+    return parallel_info()
+
+
+def parallel_info() -> ParallelInfo:
+    """The layout of the initialised megatron parallel state."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("parallel_info: call init_parallel() first")
+    return ParallelInfo(
+        world_size=dist.get_world_size(), rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy_parallel(destroy_process_group: bool = True) -> None:
+    """Tear down megatron's parallel state (and the default process group)."""
+    global _LAYOUT
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    _LAYOUT = None
+    if destroy_process_group and dist.is_initialized():
+        dist.destroy_process_group()

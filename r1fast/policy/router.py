@@ -1,0 +1,201 @@
+"""The MoE router of the policy: megatron's ``TopKRouter`` with its routing math replaced by
+:func:`r1fast.ops.moe_route.moe_route` (one fused kernel each way on a GPU; the fp32 torch
+reference on a CPU) and its auxiliary losses by ``moe_aux_loss`` / ``moe_z_loss``.
+
+What stays megatron's: the gate weight and its initialisation, the ``expert_bias`` and
+``local_tokens_per_expert`` buffers (so megatron's ``finalize_model_grads`` performs the
+aux-loss-free bias update after each step), the way auxiliary losses ride the backward pass
+(``MoEAuxLossAutoScaler``: the loss value is attached to a tensor of the forward and its
+gradient, scaled like the main loss, is injected in the backward) and the aux-loss tracker for
+logging. What the router returns is megatron's dispatcher format: ``probs`` [T, E] holding the
+k routing weights of each token at its experts' columns, and a boolean ``routing_map`` [T, E].
+
+Distributed semantics are megatron's: with sequence parallelism each TP rank routes its slice
+of the tokens; the load-balancing loss uses expert counts and the token total summed over the
+TP(xCP) group, and the z-loss coefficient is divided by that group's size, so that the
+contributions of the ranks add up to the one-rank loss.
+
+Router replay (rollout/training agreement): every router has ``layer_index`` (0-based over the
+whole model) and consults its ``routing_hook`` (set for all routers of a policy by
+``Policy.set_routing_hook``); a hook can hand back indices to replay (weights are recomputed
+from the current logits, so gradients flow) and receives the chosen indices to record.
+:class:`r1fast.policy.router_replay.RouterReplay` is such a hook. The token order a router sees
+is megatron's: sequence-major ``t = s * b + j`` over this rank's (sequence-parallel) slice;
+``Policy`` converts from and to the natural [B, L, k] layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    save_to_aux_losses_tracker,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+class RoutingHook(Protocol):
+    """What a router asks of the replay machinery, once per MoE layer per forward."""
+
+    def replay_indices(self, layer_index: int, num_tokens: int,
+                       device: torch.device) -> Optional[torch.Tensor]:
+        """The [num_tokens, k] int64 expert indices to use for this layer, or None to route."""
+
+    def record(self, layer_index: int, indices: torch.Tensor) -> None:
+        """Receive the [num_tokens, k] indices this layer used."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the tokens of a [b, L] microbatch reach a router of this rank: L padded to a
+    multiple of tp under sequence parallelism, sequence-major (megatron's [S, B] flattened),
+    and this TP rank's slice of the sequence under sequence parallelism."""
+
+    tp: int
+    """Tensor parallel size."""
+    tp_rank: int
+    """This rank's place in its TP group."""
+    sequence_parallel: bool
+    """Whether the sequence is split over the TP ranks."""
+    tp_group: Any = None
+    """The TP process group (for from_router_order under sequence parallelism)."""
+
+    def padded_len(self, length: int) -> int:
+        m = self.tp if self.sequence_parallel else 1
+        return -(-length // m) * m
+
+    def to_router_order(self, indices: torch.Tensor) -> torch.Tensor:
+        """[b, L, k] expert indices (batch-first, real positions) -> the [T, k] rows a router
+        sees (pad rows get experts 0..k-1)."""
+        b, length, k = indices.shape
+        lp = self.padded_len(length)
+        if lp > length:
+            pad = torch.arange(k, device=indices.device).expand(b, lp - length, k)
+            indices = torch.cat([indices, pad.to(indices.dtype)], dim=1)
+        rows = indices.transpose(0, 1)  # [Lp, b, k]
+        if self.sequence_parallel:
+            n = lp // self.tp
+            rows = rows[self.tp_rank * n:(self.tp_rank + 1) * n]
+        return rows.reshape(-1, k).contiguous()
+
+    def from_router_order(self, rows: torch.Tensor, b: int, length: int) -> torch.Tensor:
+        """Inverse of :meth:`to_router_order` ([T, k] -> [b, L, k]); all-gathers the TP slices
+        under sequence parallelism (collective over the TP group)."""
+        k = rows.shape[-1]
+        rows = rows.reshape(-1, b, k)  # [L', b, k]
+        if self.sequence_parallel:
+            parts = [torch.empty_like(rows) for _ in range(self.tp)]
+            torch.distributed.all_gather(parts, rows.contiguous(), group=self.tp_group)
+            rows = torch.cat(parts, dim=0)
+        return rows[:length].transpose(0, 1).contiguous()
+
+
+class R1fastRouter(TopKRouter):
+    """TopKRouter whose scores, top-k, weights and aux/z losses come from r1fast.ops."""
+
+    def __init__(self, config, pg_collection=None) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.normalize: Optional[bool] = getattr(config, "r1fast_router_normalize", None)
+        self.impl: str = getattr(config, "r1fast_impl", "auto")
+        self.layer_index: Optional[int] = None
+        self.routing_hook: Optional[RoutingHook] = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """megatron numbers layers from 1 over the whole model (PP offset included)."""
+        super().set_layer_number(layer_number)
+        self.layer_index = layer_number - 1
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32 whatever the activation dtype (a plain matmul: the TE GEMM
+        megatron would use is optional). [S, B, H] -> [S, B, E]."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(input.float(), self.weight.float(), bias)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        from r1fast.ops.moe_route import moe_route, moe_z_loss, routing_to_dense
+
+        cfg = self.config
+        num_experts = cfg.num_moe_experts
+        logits = logits.view(-1, num_experts)  # [T, E] fp32
+        num_tokens = logits.shape[0]
+        valid = None if padding_mask is None else ~padding_mask.reshape(-1).bool()  # [T]
+        training = self.training and torch.is_grad_enabled()
+
+        if training and cfg.moe_z_loss_coeff:
+            # Under sequence parallelism each TP(xCP) rank holds a slice of the tokens: with the
+            # global (valid) token count as the denominator the ranks' losses add up to the
+            # one-rank mean (megatron divides by the group size, which is the same without
+            # padding and wrong with it).
+            z_logits = logits if valid is None else logits[valid]
+            coeff = cfg.moe_z_loss_coeff
+            z_loss = moe_z_loss(z_logits, coeff, num_tokens=self._global_count(z_logits.shape[0]))
+            logits = MoEAuxLossAutoScaler.apply(logits, z_loss)
+            save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number,
+                                       self._num_layers_total())
+
+        hook = self.routing_hook
+        replay = None
+        if hook is not None and self.layer_index is not None:
+            replay = hook.replay_indices(self.layer_index, num_tokens, logits.device)
+        routing = moe_route(
+            logits, self.topk, score=cfg.moe_router_score_function,
+            pre_softmax=cfg.moe_router_pre_softmax, n_groups=cfg.moe_router_num_groups,
+            topk_groups=cfg.moe_router_group_topk, expert_bias=self.expert_bias,
+            scaling_factor=cfg.moe_router_topk_scaling_factor or 1.0,
+            normalize=self.normalize, replay_indices=replay, impl=self.impl)
+        weights, indices = routing.weights, routing.indices  # [T, k] fp32, [T, k] int64
+        if hook is not None and self.layer_index is not None:
+            hook.record(self.layer_index, indices.detach())
+
+        if training and self.is_aux_loss_enabled():
+            weights = self._attach_aux_loss(logits, weights, valid)
+
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            # Load of this microbatch, accumulated over the microbatches of a step; megatron's
+            # finalize_model_grads all-reduces it over TPxDP, moves the bias and zeroes it.
+            # Padding tokens pass through the experts but do not count as load.
+            chosen = indices if valid is None else indices[valid]
+            with torch.no_grad():
+                self.local_tokens_per_expert += torch.bincount(
+                    chosen.reshape(-1), minlength=num_experts).to(self.local_tokens_per_expert)
+
+        return routing_to_dense(weights, indices, num_experts)  # probs [T, E], map [T, E]
+
+    def _attach_aux_loss(self, logits: torch.Tensor, weights: torch.Tensor,
+                         valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """Megatron's load-balancing loss (scores = full softmax or normalised sigmoid, counts
+        of a plain top-k on them), attached to the routing weights."""
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+        from r1fast.ops.moe_route import moe_aux_loss, moe_aux_scores
+
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if coeff <= 0:  # enabled, but not as the plain per-microbatch "aux_loss" type
+            raise ValueError("R1fastRouter supports moe_router_load_balancing_type='aux_loss' only")
+        aux_logits = logits if valid is None else logits[valid]  # [T_valid, E]
+        scores, counts = moe_aux_scores(aux_logits, self.topk,
+                                        score=self.config.moe_router_score_function,
+                                        impl=self.impl)
+        # Counts and token total of the whole TP(xCP) group: under sequence parallelism each
+        # rank holds a slice of the tokens, and the balance loss is defined on all of them.
+        group = self.tp_cp_group
+        global_counts = reduce_from_tensor_model_parallel_region(counts.float(), group)
+        aux = moe_aux_loss(scores, global_counts, self.topk, coeff,
+                           num_tokens=self._global_count(aux_logits.shape[0]))
+        save_to_aux_losses_tracker("load_balancing_loss", aux / coeff, self.layer_number,
+                                   self._num_layers_total(), reduce_group=group)
+        return MoEAuxLossAutoScaler.apply(weights, aux)
+
+    def _global_count(self, local: int) -> int:
+        """Tokens of the whole TP(xCP) group (>= 1)."""
+        group = self.tp_cp_group
+        if group.size() == 1:
+            return max(local, 1)
+        total = torch.tensor([float(local)], device=self.weight.device)
+        torch.distributed.all_reduce(total, group=group)
+        return max(int(total.item()), 1)
+
+    def _num_layers_total(self) -> int:
+        return self.config.num_layers + (self.config.mtp_num_layers or 0)

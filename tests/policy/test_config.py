@@ -1,0 +1,193 @@
+"""ModelConfig / ParallelConfig: presets, validation messages (one test per bad input), the
+translation from and to Hugging Face configs, and the derived data-parallel sizes."""
+from __future__ import annotations
+
+import pytest
+
+from r1fast.policy.config import PRESETS, ModelConfig, ParallelConfig
+
+QWEN3_MOE = {
+    "model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "intermediate_size": 128, "moe_intermediate_size": 32, "num_experts": 8,
+    "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "max_position_embeddings": 128, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+    "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
+    "router_aux_loss_coef": 0.001, "output_router_logits": False, "dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid(name):
+    cfg = ModelConfig.preset(name)
+    assert cfg.validate() is cfg
+    assert cfg.is_moe == (name != "tiny-dense")
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        ModelConfig.preset("nope")
+
+
+def test_dsv3_preset_routing():
+    cfg = ModelConfig.preset("tiny-dsv3")
+    assert (cfg.router_score, cfg.router_n_groups, cfg.router_topk_groups) == ("sigmoid", 4, 2)
+    assert cfg.router_expert_bias and cfg.shared_expert_size == 32
+    assert cfg.router_scaling_factor == 2.5
+
+
+BAD_MODEL = [
+    (dict(hidden_size=0), r"hidden_size must be >= 1, got 0"),
+    (dict(num_query_groups=3), r"num_attention_heads \(4\) must be divisible by num_query_groups \(3\)"),
+    (dict(head_dim=None, hidden_size=66), r"hidden_size \(66\) must be divisible by num_attention_heads"),
+    (dict(params_dtype="int8"), r"params_dtype must be one of"),
+    (dict(router_score="relu"), r"router_score must be one of \('softmax', 'sigmoid'\)"),
+    (dict(moe_ffn_hidden_size=None), r"moe_ffn_hidden_size must be set"),
+    (dict(moe_router_topk=9), r"moe_router_topk must be in \[1, num_experts=8\], got 9"),
+    (dict(dense_layers=(5,)), r"dense_layers must be layer indices in \[0, 2\)"),
+    (dict(router_n_groups=4), r"router_n_groups and router_topk_groups must be given together"),
+    (dict(router_n_groups=3, router_topk_groups=1), r"num_experts \(8\) must be divisible by router_n_groups \(3\)"),
+    (dict(router_n_groups=4, router_topk_groups=5), r"router_topk_groups must be in \[1, router_n_groups=4\]"),
+    (dict(router_expert_bias=True), r"router_expert_bias .* needs router_score='sigmoid'"),
+    (dict(router_score="sigmoid", router_pre_softmax=True), r"router_pre_softmax applies to router_score='softmax' only"),
+    (dict(aux_loss_coef=-1.0), r"aux_loss_coef and z_loss_coef must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("changes,msg", BAD_MODEL)
+def test_model_validation_messages(changes, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig.preset("tiny-moe").replace(**changes)
+
+
+def test_dense_model_rejects_moe_only_fields():
+    with pytest.raises(ValueError, match="dense_layers/shared_expert_size need num_experts"):
+        ModelConfig.preset("tiny-dense").replace(shared_expert_size=16)
+
+
+def test_dict_round_trip_and_unknown_field():
+    cfg = ModelConfig.preset("tiny-dsv3").replace(dense_layers=(0,))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown fields \['bogus'\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+# ---------------------------------------------------------------------------- HF translation
+
+def test_from_hf_qwen3_moe():
+    cfg = ModelConfig.from_hf_config(dict(QWEN3_MOE, mlp_only_layers=[1], decoder_sparse_step=2))
+    assert cfg.num_experts == 8 and cfg.moe_router_topk == 2 and cfg.moe_ffn_hidden_size == 32
+    # HF: layer i is MoE iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0.
+    assert cfg.dense_layers == (0, 1, 2)
+    assert cfg.rope_theta == 1e6 and cfg.params_dtype == "bfloat16" and cfg.qk_layernorm
+    assert cfg.router_score == "softmax" and not cfg.router_pre_softmax
+    assert cfg.aux_loss_coef == 0.0  # HF applies the coefficient only with output_router_logits
+
+
+def test_from_hf_qwen3_moe_without_topk_renormalisation():
+    cfg = ModelConfig.from_hf_config(dict(QWEN3_MOE, norm_topk_prob=False,
+                                          output_router_logits=True))
+    assert cfg.router_pre_softmax and cfg.router_normalize is False
+    assert cfg.aux_loss_coef == 0.001
+
+
+def test_from_hf_qwen2_has_qkv_bias_and_no_qk_norm():
+    hf = {k: v for k, v in QWEN3_MOE.items() if "expert" not in k and k not in
+          ("moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+           "head_dim", "attention_bias")}
+    cfg = ModelConfig.from_hf_config(dict(hf, model_type="qwen2"))
+    assert cfg.add_qkv_bias and not cfg.qk_layernorm and not cfg.is_moe
+    assert cfg.kv_channels == 16
+
+
+def test_from_hf_accepts_a_transformers_object():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16)
+    cfg = ModelConfig.from_hf_config(hf)
+    assert cfg.kv_heads == 2 and cfg.kv_channels == 16 and not cfg.is_moe
+
+
+BAD_HF = [
+    (dict(model_type="llama"), r"model_type must be one of \('qwen3_moe', 'qwen3', 'qwen2'\), got 'llama'"),
+    (dict(hidden_act="gelu"), r"hidden_act must be 'silu', got 'gelu'"),
+    (dict(use_sliding_window=True), r"sliding-window attention"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), r"only default RoPE is supported, got rope_type='yarn'"),
+    (dict(attention_bias=True), r"attention_bias=True is not supported"),
+]
+
+
+@pytest.mark.parametrize("changes,msg", BAD_HF)
+def test_from_hf_rejections(changes, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig.from_hf_config(dict(QWEN3_MOE, **changes))
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig.preset("tiny-moe").replace(aux_loss_coef=0.0),
+    ModelConfig.preset("tiny-moe").replace(router_pre_softmax=True, router_normalize=False,
+                                           aux_loss_coef=0.0, dense_layers=(1,)),
+    ModelConfig.preset("tiny-dense"),
+    ModelConfig.preset("tiny-dense").replace(qk_layernorm=False, add_qkv_bias=True,
+                                             tie_embeddings=True),
+], ids=["qwen3_moe", "qwen3_moe-presoftmax", "qwen3", "qwen2-tied"])
+def test_to_hf_config_round_trip(cfg):
+    back = ModelConfig.from_hf_config(cfg.to_hf_config())
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_heads",
+                  "kv_channels", "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size",
+                  "moe_router_topk", "dense_layers", "router_pre_softmax", "qk_layernorm",
+                  "add_qkv_bias", "tie_embeddings", "rope_theta", "rms_norm_eps"):
+        assert getattr(back, field) == getattr(cfg, field), field
+
+
+def test_to_hf_config_rejects_deepseek_routing():
+    with pytest.raises(ValueError, match="only Qwen3-MoE-style routing"):
+        ModelConfig.preset("tiny-dsv3").to_hf_config()
+
+
+# ---------------------------------------------------------------------------- ParallelConfig
+
+def test_parallel_sizes_derived_from_world():
+    p = ParallelConfig(tp=2, pp=2, ep=4, world_size=8)
+    assert p.validate(ModelConfig.preset("tiny-moe")) is p
+    assert (p.dp, p.expert_dp) == (2, 1)
+    assert ParallelConfig(world_size=1).dp == 1
+
+
+def test_sequence_parallel_default():
+    moe, dense = ModelConfig.preset("tiny-moe"), ModelConfig.preset("tiny-dense")
+    assert ParallelConfig(tp=2).use_sequence_parallel(moe)
+    assert not ParallelConfig(tp=2).use_sequence_parallel(dense)
+    assert not ParallelConfig(tp=1).use_sequence_parallel(moe)
+    assert ParallelConfig(tp=2, sequence_parallel=True).use_sequence_parallel(dense)
+
+
+BAD_LAYOUT = [
+    (dict(tp=2, world_size=3), None, r"world size 3 is not a multiple of tp\*pp = 2\*1"),
+    (dict(ep=3, world_size=4), None, r"world size 4 is not a multiple of ep\*pp = 3\*1"),
+    (dict(tp=0), None, r"tp must be an int >= 1, got 0"),
+    (dict(etp=2, world_size=2), None, r"etp \(expert tensor parallel\) must be 1, got 2"),
+    (dict(sequence_parallel=True), None, r"sequence_parallel needs tp > 1"),
+    (dict(micro_batch_size=0), None, r"micro_batch_size must be >= 1, got 0"),
+    (dict(pp=4, world_size=4), "tiny-moe", r"num_layers \(2\) must be divisible by pp \(4\)"),
+    (dict(ep=3, world_size=3), "tiny-moe", r"num_experts \(8\) must be divisible by ep \(3\)"),
+    (dict(tp=8, world_size=8), "tiny-moe", r"num_attention_heads \(4\) must be divisible by tp \(8\)"),
+    (dict(tp=4, world_size=4), "tiny-moe", r"num_query_groups \(2\) must be divisible by tp \(4\)"),
+    (dict(tp=2, world_size=2), "odd-vocab", r"vocab_size \(255\) must be divisible by tp \(2\)"),
+    (dict(ep=2, world_size=2), "tiny-dense", r"ep must be 1 for a dense model, got 2"),
+    (dict(tp=2, world_size=2, sequence_parallel=False), "tiny-moe",
+     r"an MoE model at tp > 1 needs sequence_parallel"),
+]
+
+
+@pytest.mark.parametrize("layout,model,msg", BAD_LAYOUT)
+def test_parallel_validation_messages(layout, model, msg):
+    cfg = None
+    if model == "odd-vocab":
+        cfg = ModelConfig.preset("tiny-moe").replace(vocab_size=255)
+    elif model is not None:
+        cfg = ModelConfig.preset(model)
+    with pytest.raises(ValueError, match=msg):
+        ParallelConfig(**layout).validate(cfg)

@@ -1,0 +1,46 @@
+"""Process layout on one rank: init_parallel is idempotent, reports where this rank sits, and
+refuses a second, different layout; destroy_parallel tears everything down."""
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from r1fast.policy import parallel
+from r1fast.policy.config import ModelConfig, ParallelConfig
+
+
+def test_init_info_idempotence_and_destroy():
+    info = parallel.init_parallel(ParallelConfig(), ModelConfig.preset("tiny-moe"), seed=3)
+    try:
+        assert (info.world_size, info.rank, info.tp, info.pp, info.ep, info.dp) == \
+            (1, 0, 1, 1, 1, 1)
+        assert info.is_first_stage and info.is_last_stage
+        assert parallel.init_parallel(ParallelConfig()) == info
+        assert parallel.parallel_info() == info
+    finally:
+        parallel.destroy_parallel()
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"call init_parallel\(\) first"):
+        parallel.parallel_info()
+
+
+def test_layout_is_validated_against_the_world():
+    with pytest.raises(ValueError, match=r"world size 1 is not a multiple of tp\*pp = 2\*1"):
+        parallel.init_parallel(ParallelConfig(tp=2))
+    parallel.destroy_parallel()
+
+
+def test_a_different_layout_while_one_is_active():
+    parallel.init_parallel(ParallelConfig())
+    try:
+        parallel._LAYOUT = (2, 1, 1)  # as if megatron had been started at tp=2
+        with pytest.raises(ValueError, match=r"already initialised with \(tp, pp, ep\) = "
+                                             r"\(2, 1, 1\), asked for \(1, 1, 1\)"):
+            parallel.init_parallel(ParallelConfig())
+    finally:
+        parallel.destroy_parallel()
+
+
+def test_free_port():
+    port = parallel.free_port()
+    assert 0 < port < 65536
