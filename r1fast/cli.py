@@ -16,7 +16,7 @@ from typing import Sequence
 
 
 def _demo(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    from r1fast.demo import main as demo_main
+    from r1fast.pipeline.demo import main as demo_main
 
     return demo_main(list(rest))
 
@@ -45,13 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the CPU demo", add_help=False)
     p.set_defaults(fn=_demo)
     p = sub.add_parser("train", help="GRPO training from a TOML recipe")
-    p.add_argument("recipe", help="path to a TOML recipe, e.g. recipes/tiny.toml")
+    p.add_argument("recipe", help="path to a TOML recipe, e.g. recipes/tiny.toml; overrides "
+                   "follow as --section.key=value")
     p.set_defaults(fn=_train)
     p = sub.add_parser("policy", help="build a policy and print its size and a log-prob",
                        add_help=False)
     p.set_defaults(fn=_policy)
-    p = sub.add_parser("plan", help="per-GPU memory plan of a recipe")
-    p.add_argument("recipe")
+    p = sub.add_parser("plan", help="per-GPU memory plan of a recipe", add_help=False)
+    p.add_argument("recipe", nargs="?", default="--help")
     p.set_defaults(fn=_plan)
     args, rest = parser.parse_known_args(argv)
     return int(args.fn(args, rest) or 0)

@@ -1,6 +1,35 @@
 """Public ops of r1fast: each has a pure-PyTorch reference (fp32 accumulation, any device) and,
 where written, Triton and CUDA fast paths chosen with ``impl="auto"|"torch"|"triton"|"cuda"``.
+
+- :func:`linear_logprob`: log-prob (and entropy) of target tokens from hidden states and the
+  output weight, never materialising ``[tokens, vocab]`` logits; vocab-parallel with ``tp_group``.
+- :func:`group_advantages`: GRPO / Dr.GRPO / RLOO advantages per group of completions.
+- :func:`policy_loss`: clipped surrogate (ppo / gspo / cispo) + KL estimators + aggregation.
+- :func:`fused_linear_policy_loss`: hidden states -> GRPO loss in one call (the trainer's path).
+- :func:`moe_route`, :func:`moe_aux_loss`, :func:`moe_z_loss`: MoE routing and its losses.
+- :func:`moe_permute`, :func:`moe_unpermute`: expert-contiguous token order and its inverse.
+
+Importing this package needs neither Triton nor a GPU.
 """
 from r1fast.ops._dispatch import ImplUnavailableError
+from r1fast.ops.advantages import group_advantages
+from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
+from r1fast.ops.linear_logprob import linear_logprob
+from r1fast.ops.moe_permute import moe_permute, moe_unpermute
+from r1fast.ops.moe_route import MoERouting, moe_aux_loss, moe_route, moe_z_loss
+from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss
 
-__all__ = ["ImplUnavailableError"]
+__all__ = [
+    "ImplUnavailableError",
+    "linear_logprob",
+    "group_advantages",
+    "policy_loss",
+    "PolicyLossConfig",
+    "fused_linear_policy_loss",
+    "moe_route",
+    "MoERouting",
+    "moe_aux_loss",
+    "moe_z_loss",
+    "moe_permute",
+    "moe_unpermute",
+]

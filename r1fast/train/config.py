@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from r1fast import config as _config
 from r1fast.policy.config import ModelConfig, ParallelConfig
@@ -93,6 +93,10 @@ class DataConfig:
     """Training problems generated."""
     num_test: int = 100
     """Held-out problems generated."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Task generator fields, e.g. {min_digits = 1, max_digits = 2, ops = ["+"]}."""
+    template: Optional[str] = None
+    """Prompt template with a {question} placeholder; None: the R1-Zero default of r1fast.data."""
 
 
 @dataclass

@@ -39,8 +39,8 @@ from r1fast.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_sta
                                      save_checkpoint, set_rng_state)
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.metrics import MetricsLogger
-from r1fast.train.policy_io import (PolicyDecoder, copy_weights, load_model_state,
-                                    model_state, optimizer_state, load_optimizer_state)
+from r1fast.policy.optim import load_optim_state_dict, optim_state_dict
+from r1fast.train.policy_io import PolicyDecoder, copy_weights, load_model_state, model_state
 from r1fast.train.task import TaskData, build_task
 
 log = logging.getLogger("r1fast.train")
@@ -113,7 +113,7 @@ class GRPOTrainer:
             return
         state, meta = load_checkpoint(path)
         load_model_state(self.policy, state["model"], self.optimizer)
-        load_optimizer_state(self.optimizer, self.scheduler, state["optimizer"])
+        load_optim_state_dict(self.optimizer, self.scheduler, state["optimizer"])
         if self.reference is not None:
             load_model_state(self.reference, state["reference"])
         self.task.load_state_dict(meta["data"])
@@ -123,7 +123,7 @@ class GRPOTrainer:
 
     def save(self) -> Path:
         state = {"model": model_state(self.policy),
-                 "optimizer": optimizer_state(self.optimizer, self.scheduler),
+                 "optimizer": optim_state_dict(self.optimizer, self.scheduler),
                  "rng": rng_state()}
         if self.reference is not None:
             state["reference"] = model_state(self.reference)
@@ -141,18 +141,20 @@ class GRPOTrainer:
         first = self.info.dp_rank * len(prompts)
         seeds = [hash((self.cfg.run.seed, self.step_idx, first + i)) & 0x7FFF_FFFF_FFFF_FFFF
                  for i in range(len(prompts))]
-        out = generate(PolicyDecoder(self.policy), prompts, self.sampling,
+        from r1fast.rollout.kv_cache import make_decoder  # KV cache at pp == 1, else recompute
+        out = generate(make_decoder(self.policy), prompts, self.sampling,
                        eos_token_id=tok.eos_id, row_seeds=seeds)
         texts = [tok.decode(c) for c in out.completion_ids]
         return {"rollout": out, "texts": texts,
                 "examples": [ex for ex in examples for _ in range(G)]}
 
     def _update(self, batch: UpdateBatch, old: torch.Tensor, ref: torch.Tensor | None,
-                ) -> dict[str, float]:
+                routing: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
         """PPO epochs x mini-batches of megatron forward-backward + optimizer step."""
         a = self.cfg.algo
         mbs = self.cfg.parallel.micro_batch_size or batch.num_rows // a.mini_batches
         stats: dict[str, list[float]] = {}
+        timing = {"fwd_bwd": 0.0, "optimizer": 0.0}
         for _ in range(a.ppo_epochs):
             for sl in split_even(batch.num_rows, a.mini_batches):
                 mb = batch.rows(sl)
@@ -163,9 +165,15 @@ class GRPOTrainer:
                                   "mask": mb.mask[part], "adv": mb.advantages[part],
                                   "old": old[sl][part], "rollout": mb.rollout_logp[part],
                                   "ref": None if ref is None else ref[sl][part]})
+                    if routing is not None:
+                        micro[-1]["routing"] = {k: v[sl][part] for k, v in routing.items()}
+                t0 = time.perf_counter()
                 results = self.policy.forward_backward(micro, self._loss_fn(norm))
+                t1 = time.perf_counter()
                 ok, grad_norm, _ = self.optimizer.step()
                 self.scheduler.step(1)
+                timing["fwd_bwd"] += t1 - t0
+                timing["optimizer"] += time.perf_counter() - t1
                 if not ok:
                     raise FloatingPointError("optimizer step skipped: non-finite gradients")
                 for r in results:
@@ -180,6 +188,7 @@ class GRPOTrainer:
             out[k] = self._extreme_last_stage(local.get(k), op)  # collective: every rank calls
         out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
         out["grad_norm"] = sum(grad_norm) / len(grad_norm)  # global already (megatron)
+        out["time_fwd_bwd_s"], out["time_optimizer_s"] = timing["fwd_bwd"], timing["optimizer"]
         return out
 
     def _reduce_last_stage(self, local: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
@@ -256,13 +265,16 @@ class GRPOTrainer:
         length = int(self._dp_max(local_len))
         batch = build_update_batch(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
                                    adv, keep, self.task.tokenizer.pad_id, length)
+        # R3 router replay: the experts the rollout's forward chose for every token, replayed
+        # when the trainer recomputes log-probs and in the update (weights stay differentiable)
+        routing = self.policy.record_routing(batch.tokens) if a.router_replay else None
         with torch.no_grad():
             old = self.policy.logprobs(batch.tokens, batch.targets,
-                                       self.cfg.rollout.temperature).cpu()
+                                       self.cfg.rollout.temperature, routing=routing).cpu()
             ref = None if self.reference is None else self.reference.logprobs(
                 batch.tokens, batch.targets, self.cfg.rollout.temperature).cpu()
         t_logp = time.perf_counter()
-        upd = self._update(batch, old, ref)
+        upd = self._update(batch, old, ref, routing)
         t_upd = time.perf_counter()
         self.step_idx += 1
         if self.reference is not None and a.ref_reset_every and self.step_idx % a.ref_reset_every == 0:
@@ -294,7 +306,7 @@ class GRPOTrainer:
         if self.cfg.reward.accuracy_metric in rewards:
             metrics["accuracy"] = acc_sum / n
         for k in ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm", "ratio_max",
-                  "ratio_min"):
+                  "ratio_min", "time_fwd_bwd_s", "time_optimizer_s"):
             if k in upd:
                 metrics[k.replace("_mean", "") if k in ("kl_mean", "entropy_mean") else k] = upd[k]
         for part, vals in rewards.items():

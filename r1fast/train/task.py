@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from r1fast.data import CharTokenizer, PromptDataset, generate_task
+from r1fast.data import CharTokenizer, PromptDataset, generate_task, make_prompt
 from r1fast.rewards import CompositeReward, RewardRunner, RunnerConfig, get_reward
 
 TASK_REWARD = {"arithmetic": "math_accuracy", "countdown": "countdown"}
@@ -64,7 +64,10 @@ def build_task(cfg, reward: Callable | None = None) -> TaskData:
     """TaskData for a :class:`~r1fast.train.config.TrainConfig` (``reward`` replaces the
     recipe's reward parts, e.g. a custom function from the Python API)."""
     d, r = cfg.data, cfg.reward
-    examples = generate_task(d.task, d.num_train, split="train", seed=d.seed)
+    examples = generate_task(d.task, d.num_train, split="train", seed=d.seed, **d.task_options)
+    if d.template is not None:
+        for ex in examples:
+            ex["prompt"] = make_prompt(ex["question"], d.template)
     parts = reward_parts(d.task, r.weights) if reward is None else [("custom", reward, 1.0)]
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",
                               num_workers=max(r.workers, 1), timeout_s=r.timeout_s)

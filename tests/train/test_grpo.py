@@ -66,7 +66,8 @@ def test_fit_writes_metrics_and_resume_is_bitwise(tmp_path):
     first = run("resumed", 2)
     rest = run("resumed", 4)
     assert [r["step"] for r in rest] == [3, 4]
-    skip = {"time", "tokens_per_s", "time_generation_s", "time_logprobs_s", "time_update_s"}
+    skip = {"time", "tokens_per_s", "time_generation_s", "time_logprobs_s", "time_update_s",
+            "time_fwd_bwd_s", "time_optimizer_s"}
     for a, b in zip(full[2:], rest):
         assert {k: v for k, v in a.items() if k not in skip} == \
             {k: v for k, v in b.items() if k not in skip}
@@ -129,3 +130,16 @@ def test_tp2_ep2_steps_equal_one_rank(tmp_path):
         for key in ("reward_mean", "response_length", "loss", "grad_norm", "kl", "entropy",
                     "clip_frac", "logp_mismatch"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_router_replay_and_dynamic_sampling_run(tmp_path):
+    from r1fast.train.grpo import GRPOTrainer
+
+    rows = GRPOTrainer(make_cfg(tmp_path, "--run.steps=2", "--algo.router_replay=true",
+                                "--algo.dynamic_sampling=true", "--algo.overlong_filter=true",
+                                "--algo.ppo_epochs=2", "--algo.mini_batches=2"),
+                       reward=varied_reward).fit()
+    assert len(rows) == 2
+    # on-policy first mini-batch with replayed routing: the ratio is exactly 1 at the start
+    assert rows[0]["ratio_min"] <= 1.0 <= rows[0]["ratio_max"]
+    assert 0.0 <= rows[0]["kept_frac"] <= 1.0

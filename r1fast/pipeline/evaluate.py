@@ -1,0 +1,72 @@
+"""Evaluation as in the R1 report: pass@1 estimated from k samples per problem, and
+majority voting (cons@k).
+
+pass@1 = mean over problems of (correct samples / k), at a sampling temperature and top-p (the
+report uses 0.6 and 0.95). cons@k: the most frequent extracted answer among the k samples (ties
+to the first seen) is the model's answer; the problem counts as solved when that answer is
+correct. Correctness is the task's own reward (math accuracy or the Countdown checker) applied
+to ``\\boxed{answer}``, so both metrics use the same rule as training.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from r1fast.rewards import extract_answer, get_reward, is_well_formed
+from r1fast.rollout.sampler import SamplingConfig
+
+
+@dataclass
+class EvalResult:
+    pass_at_1: float
+    """Mean fraction of correct samples per problem."""
+    cons_at_k: float
+    """Fraction of problems whose majority answer is correct."""
+    format_rate: float
+    """Fraction of samples in the <think>...</think> + \\boxed{} format."""
+    mean_length: float
+    """Mean completion length in characters."""
+    k: int
+    num_problems: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict]) -> EvalResult:
+    """Metrics of already generated ``samples[i][j]`` for ``examples[i]``."""
+    if len(samples) != len(examples) or not samples:
+        raise ValueError("samples and examples must be non-empty and of the same length")
+    checkers: dict[str, object] = {}
+    pass_sum = cons_sum = fmt = length = 0.0
+    k = len(samples[0])
+    for outs, ex in zip(samples, examples):
+        check = checkers.setdefault(ex["reward"], get_reward(ex["reward"]))
+
+        def correct(answer: str | None) -> bool:
+            return answer is not None and check(f"\\boxed{{{answer}}}", ex) >= 1.0
+
+        answers = [extract_answer(o) for o in outs]
+        pass_sum += sum(correct(a) for a in answers) / len(outs)
+        voted = [a for a in answers if a is not None]
+        if voted:
+            majority = Counter(voted).most_common(1)[0][0]
+            cons_sum += correct(majority)
+        fmt += sum(is_well_formed(o) for o in outs) / len(outs)
+        length += sum(len(o) for o in outs) / len(outs)
+    n = len(examples)
+    return EvalResult(pass_sum / n, cons_sum / n, fmt / n, length / n, k, n)
+
+
+def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,
+                   top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
+                   policy=None, tokenizer=None) -> EvalResult:
+    """pass@1 and cons@k of the model folder ``model_dir`` (or a loaded policy) on ``examples``."""
+    from r1fast.pipeline.generation import load_model, sample
+
+    if policy is None:
+        policy, tokenizer = load_model(model_dir)
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    samples = sample(policy, tokenizer, [ex["prompt"] for ex in examples], k, cfg, seed=seed)
+    return score_samples(samples, examples)

@@ -1,0 +1,60 @@
+"""Loading a saved model folder and sampling from it: what evaluation, rejection sampling and
+distillation share.
+
+A model folder (written by :func:`r1fast.train.sft.save_model` or the GRPO stage) holds Hugging
+Face safetensors, ``r1fast_config.json`` (the exact architecture) and ``tokenizer.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from r1fast.data import CharTokenizer
+from r1fast.rollout.sampler import SamplingConfig, generate
+
+
+def load_model(path: str | Path, parallel=None):
+    """``(policy, tokenizer)`` of a model folder, frozen (no optimizer)."""
+    from r1fast.policy import ParallelConfig, build_policy, load_hf_checkpoint
+    from r1fast.policy.hf_checkpoint import load_model_config
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path} is not an r1fast model folder (no tokenizer.json)")
+    cfg = load_model_config(str(path))
+    policy = build_policy(cfg, parallel or ParallelConfig(), trainable=False)
+    load_hf_checkpoint(policy, str(path))
+    return policy, CharTokenizer.load(path)
+
+
+def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: SamplingConfig,
+           seed: int = 0, batch_rows: int = 64) -> list[list[str]]:
+    """``k`` completions (decoded text) per prompt, rows generated ``batch_rows`` at a time.
+
+    Row ``j`` of prompt ``i`` uses the random stream ``(seed, i, j)``, so results do not depend
+    on batching.
+    """
+    from r1fast.rollout.kv_cache import make_decoder
+
+    sampling = SamplingConfig(**{**sampling.__dict__, "vocab_limit": tokenizer.vocab_size})
+    rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
+    encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    out: list[list[str]] = [[""] * k for _ in prompts]
+    decoder = make_decoder(policy)  # KV cache at pp == 1, else prefix recomputation
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        seeds = [hash((seed, i, j)) & 0x7FFF_FFFF_FFFF_FFFF for i, j in chunk]
+        ro = generate(decoder, [encoded[i] for i, _ in chunk], sampling,
+                      eos_token_id=tokenizer.eos_id, row_seeds=seeds)
+        for (i, j), ids in zip(chunk, ro.completion_ids):
+            out[i][j] = tokenizer.decode(ids)
+    return out
+
+
+def free_model(policy) -> None:
+    """Drop a policy's tensors (stages load several models one after another)."""
+    del policy
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

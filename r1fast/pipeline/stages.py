@@ -1,0 +1,185 @@
+"""The stages of the DeepSeek-R1 pipeline, as functions from model folders and datasets to new
+model folders and datasets. Each runs alone (Python API or ``r1fast stage NAME``) and hands its
+artifacts to the next by path:
+
+- :func:`pretrain`  (synthetic demo only) a tiny base model from scratch on a noisy corpus;
+- :func:`grpo`      RL with rule rewards (R1-Zero when started from a base model);
+- :func:`sft`       supervised fine-tuning (cold start, rejection-sampled data, distillation);
+- :func:`rejection_sample`  k samples per prompt, keep the correct and well-formed ones (JSONL);
+- :func:`distill`   a teacher writes answers, a dense student is fine-tuned on them;
+- :func:`evaluate`  pass@1 from k samples and cons@k (see :mod:`r1fast.pipeline.evaluate`).
+
+Every model folder holds Hugging Face safetensors, ``r1fast_config.json`` and ``tokenizer.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+from r1fast.data import CharTokenizer, sft_target
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.optim import OptimConfig
+from r1fast.rewards import get_reward, is_well_formed
+from r1fast.rollout.sampler import SamplingConfig
+
+
+def _model_cfg(model_dir: str | Path) -> ModelConfig:
+    from r1fast.policy.hf_checkpoint import load_model_config
+
+    return load_model_config(str(model_dir))
+
+
+def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
+    """Atomically write ``rows`` as JSON lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------- supervised
+
+def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path | None = None,
+        model: ModelConfig | None = None, steps: int = 100, batch_size: int = 32,
+        lr: float = 1e-3, loss_on_prompt: bool = False, seed: int = 0,
+        parallel: ParallelConfig | None = None, progress: bool = False) -> Path:
+    """Fine-tune ``init_from`` (or a fresh ``model``) on ``{"prompt", "completion"}`` rows;
+    returns the model folder ``out_dir/model``."""
+    from r1fast.train.sft import SFTConfig, SFTTrainer
+
+    if (init_from is None) == (model is None):
+        raise ValueError("give exactly one of init_from (a model folder) or model (a config)")
+    cfg = SFTConfig(model=model or _model_cfg(init_from), parallel=parallel or ParallelConfig(),
+                    optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 10),
+                                      lr_decay_style="cosine", min_lr=lr / 10),
+                    steps=steps, batch_size=batch_size, loss_on_prompt=loss_on_prompt,
+                    init_from=None if init_from is None else str(init_from),
+                    out_dir=str(out_dir), seed=seed, progress=progress)
+    tokenizer = CharTokenizer.load(init_from) if init_from else CharTokenizer()
+    return SFTTrainer(cfg, list(examples), tokenizer).fit()
+
+
+def pretraining_corpus(examples: Sequence[dict], noise: float, seed: int = 0) -> list[dict]:
+    """The demo's stand-in for web text: worked problems in the answer format, where a fraction
+    ``noise`` of the final answers is wrong (a base model is a mixed-quality imitator)."""
+    rng = random.Random(seed)
+    rows = []
+    for ex in examples:
+        answer = ex["answer"]
+        if rng.random() < noise and answer.lstrip("-").isdigit():
+            answer = str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+        rows.append({"prompt": ex["prompt"], "completion": sft_target(ex["solution_cot"], answer)})
+    return rows
+
+
+def pretrain(examples: Sequence[dict], out_dir: str | Path, model: ModelConfig, *,
+             noise: float = 0.3, steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
+             seed: int = 0, **kw) -> Path:
+    """A tiny base model from scratch on a noisy corpus of worked problems (all tokens)."""
+    corpus = pretraining_corpus(examples, noise, seed)
+    return sft(corpus, out_dir, model=model, steps=steps, batch_size=batch_size, lr=lr,
+               loss_on_prompt=True, seed=seed, **kw)
+
+
+def cold_start_data(examples: Sequence[dict]) -> list[dict]:
+    """Clean, readable chains of thought ending in the boxed answer (R1's cold start)."""
+    return [{"prompt": ex["prompt"], "completion": sft_target(ex["solution_cot"], ex["answer"])}
+            for ex in examples]
+
+
+# ---------------------------------------------------------------------------- RL
+
+def grpo(init_from: str | Path, out_dir: str | Path, *, overrides: Sequence[str] = (),
+         recipe: str | Path | None = None) -> tuple[Path, list[dict]]:
+    """GRPO from the model folder ``init_from``; returns (``out_dir/model``, metrics rows)."""
+    from r1fast.train.config import load_train_config
+    from r1fast.train.grpo import GRPOTrainer
+    from r1fast.train.sft import save_model
+
+    cfg = load_train_config(recipe, list(overrides))
+    cfg = dataclasses.replace(cfg, model=_model_cfg(init_from),
+                              run=dataclasses.replace(cfg.run, init_from=str(init_from),
+                                                      out_dir=str(out_dir)))
+    trainer = GRPOTrainer(cfg)
+    rows = trainer.fit()
+    return save_model(trainer.policy, trainer.task.tokenizer, Path(out_dir) / "model"), rows
+
+
+# ---------------------------------------------------------------------------- sampling stages
+
+def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: str | Path, *,
+                     k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
+                     max_new_tokens: int = 64, seed: int = 0,
+                     keep_per_prompt: int | None = None,
+                     keep: str = "correct") -> tuple[Path, dict[str, Any]]:
+    """Sample ``k`` answers per prompt; keep the distinct ones that pass ``keep`` ("correct":
+    correct and well-formed, R1's rule; "well_formed"; "all"), at most ``keep_per_prompt`` per
+    prompt, as ``{"prompt", "completion"}`` JSONL rows. Returns (path, stats)."""
+    if keep not in ("correct", "well_formed", "all"):
+        raise ValueError(f"keep must be one of ('correct', 'well_formed', 'all'), got {keep!r}")
+    from r1fast.pipeline.generation import load_model, sample
+
+    policy, tok = load_model(model_dir)
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    samples = sample(policy, tok, [ex["prompt"] for ex in examples], k, cfg, seed=seed)
+    rows, solved = [], 0
+    checkers: dict[str, Any] = {}
+    for ex, outs in zip(examples, samples):
+        check = checkers.setdefault(ex["reward"], get_reward(ex["reward"]))
+        kept: list[str] = []
+        for o in outs:
+            ok = (keep == "all" or (is_well_formed(o) and (keep == "well_formed"
+                                                           or check(o, ex) >= 1.0)))
+            if ok and o not in kept:
+                kept.append(o)
+        kept = kept[:keep_per_prompt] if keep_per_prompt else kept
+        solved += bool(kept)
+        rows.extend({"prompt": ex["prompt"], "completion": o, "id": ex.get("id")} for o in kept)
+    stats = {"prompts": len(examples), "samples": len(examples) * k, "kept": len(rows),
+             "prompts_with_a_kept_sample": solved}
+    return write_jsonl(rows, out_path), stats
+
+
+def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Path, *,
+            student: ModelConfig | None = None, student_init: str | Path | None = None,
+            k: int = 4, temperature: float = 1.0, max_new_tokens: int = 64, steps: int = 200,
+            batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+            keep: str = "correct", teacher_data: str | Path | None = None) -> tuple[Path, dict]:
+    """The teacher answers ``examples`` (k samples each, correct ones kept, as R1's 800k
+    distillation set was), then a dense student (``student_init`` folder or a fresh
+    ``student`` config) is fine-tuned on them. ``teacher_data``: a JSONL the teacher already
+    wrote (e.g. by :func:`rejection_sample`), used instead of generating again. Returns
+    (student folder, data stats)."""
+    out_dir = Path(out_dir)
+    if teacher_data is not None:
+        data_path, stats = Path(teacher_data), {"reused": str(teacher_data)}
+    else:
+        data_path, stats = rejection_sample(teacher_dir, examples, out_dir / "teacher_data.jsonl",
+                                            k=k, temperature=temperature,
+                                            max_new_tokens=max_new_tokens, seed=seed, keep=keep)
+    rows = read_jsonl(data_path)
+    if not rows:
+        raise RuntimeError("the teacher produced no correct answer to distill")
+    model = sft(rows, out_dir, init_from=student_init, model=None if student_init else student,
+                steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    return model, stats
+
+
+def evaluate(model_dir: str | Path, examples: Sequence[dict], *, k: int = 8,
+             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 64,
+             seed: int = 0) -> dict[str, Any]:
+    """pass@1 (from k samples) and cons@k of a model folder on held-out examples."""
+    from r1fast.pipeline.evaluate import evaluate_model
+
+    return evaluate_model(model_dir, examples, k=k, temperature=temperature, top_p=top_p,
+                          max_new_tokens=max_new_tokens, seed=seed).as_dict()

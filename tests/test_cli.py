@@ -1,0 +1,37 @@
+"""The `r1fast` command line and the ops demo."""
+import subprocess
+import sys
+
+import pytest
+
+from r1fast.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "train", "policy", "plan"):
+        assert cmd in out
+
+
+def test_train_rejects_a_bad_key(tmp_path):
+    from r1fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'algo.kl_coef'"):
+        main(["train", "recipes/tiny.toml", "--algo.kl_coeff=0.1"])
+
+
+def test_ops_demo_reward_rises():
+    from r1fast.ops_demo import main as ops_demo
+
+    assert ops_demo(["--steps", "12", "--prompts", "4", "--group", "4", "--length", "6",
+                     "--vocab", "31"]) == 0
+
+
+def test_policy_command_prints_params_and_logprob():
+    out = subprocess.run([sys.executable, "-m", "r1fast.cli", "policy", "--preset", "tiny-moe"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "param" in out.stdout.lower() and "log" in out.stdout.lower()
