@@ -18,7 +18,7 @@ comparable, at the cost of ignoring the truncation's bias, as verl and TRL do by
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -122,11 +122,17 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
 @torch.no_grad()
 def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
              eos_token_id: int, generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu", row_seeds: Sequence[int] | None = None) -> Rollout:
+             device: torch.device | str = "cpu", row_seeds: Sequence[int] | None = None,
+             sync: Callable[[int, str], int] | None = None) -> Rollout:
     """Sample one completion per prompt (repeat prompts for groups).
 
     ``row_seeds`` gives every row its own random stream (see :func:`sample_tokens`), which makes
     a row's completion independent of the batch it is generated in.
+
+    ``sync(value, "min"|"max")`` reduces an integer over every process that must run the same
+    number of model calls (expert parallelism's all-to-all, pipeline stages): the prefill
+    length, the last position and the "all rows done" decision are then global, so no rank
+    stops calling the model while another still needs it.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -139,6 +145,8 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingCo
     lens = torch.tensor([len(p) for p in prompts], device=device)
     min_len, max_prompt = int(lens.min()), int(lens.max())
     total = max_prompt + cfg.max_new_tokens
+    if sync is not None:
+        min_len, total = sync(min_len, "min"), sync(total, "max")
     buf = torch.zeros(B, total, dtype=torch.long, device=device)  # [B, prompt + completion]
     for i, p in enumerate(prompts):
         buf[i, : len(p)] = torch.as_tensor(p, device=device)
@@ -164,7 +172,10 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingCo
         gen_len += active.long()
         done |= active & (torch.isin(tok, stops) | (gen_len >= cfg.max_new_tokens))
         pos += 1
-        if bool(done.all()) or pos >= total:
+        all_done = bool(done.all())
+        if sync is not None:
+            all_done = bool(sync(int(all_done), "min"))
+        if all_done or pos >= total:
             break
         logits = decoder.step(buf[:, pos - 1: pos], pos - 1)[:, -1]
     completions, lps, truncated = [], [], []

@@ -40,7 +40,8 @@ from r1fast.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_sta
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.metrics import MetricsLogger
 from r1fast.policy.optim import load_optim_state_dict, optim_state_dict
-from r1fast.train.policy_io import PolicyDecoder, copy_weights, load_model_state, model_state
+from r1fast.rollout.kv_cache import make_decoder
+from r1fast.train.policy_io import copy_weights, load_model_state, model_state
 from r1fast.train.task import TaskData, build_task
 
 log = logging.getLogger("r1fast.train")
@@ -141,8 +142,8 @@ class GRPOTrainer:
         first = self.info.dp_rank * len(prompts)
         seeds = [hash((self.cfg.run.seed, self.step_idx, first + i)) & 0x7FFF_FFFF_FFFF_FFFF
                  for i in range(len(prompts))]
-        from r1fast.rollout.kv_cache import make_decoder  # KV cache at pp == 1, else recompute
-        out = generate(make_decoder(self.policy), prompts, self.sampling,
+        # KV cache at pp == 1, else prefix recomputation; every rank makes the same model calls
+        out = generate(make_decoder(self.policy), prompts, self.sampling, sync=self._sync_int,
                        eos_token_id=tok.eos_id, row_seeds=seeds)
         texts = [tok.decode(c) for c in out.completion_ids]
         return {"rollout": out, "texts": texts,
@@ -262,7 +263,7 @@ class GRPOTrainer:
         # one padded length for every DP rank: the pipeline and the collectives need equal shapes
         local_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
                                                           rollout.completion_ids)) - 1
-        length = int(self._dp_max(local_len))
+        length = self._sync_int(local_len, "max")  # PP/TP/DP need equal shapes
         batch = build_update_batch(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
                                    adv, keep, self.task.tokenizer.pad_id, length)
         # R3 router replay: the experts the rollout's forward chose for every token, replayed
@@ -315,10 +316,12 @@ class GRPOTrainer:
         metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
         return metrics
 
-    def _dp_max(self, value: int) -> int:
+    def _sync_int(self, value: int, op: str) -> int:
+        """min/max of an int over every rank (generation loops must agree on their length)."""
+        if self.info.world_size == 1:
+            return value
         t = torch.tensor([value], dtype=torch.long, device=self.policy.device)
-        if self.info.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank, not only DP: PP/TP need it too
+        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
         return int(t.item())
 
     # -------------------------------------------------------------------------- the loop

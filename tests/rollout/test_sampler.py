@@ -96,3 +96,22 @@ def test_inverse_cdf_sampling_frequencies():
     tok, _ = sample_tokens(logits, SamplingConfig(top_k=3), uniforms=u)
     freq = torch.bincount(tok, minlength=4).float() / tok.numel()
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.02, rtol=0)
+
+
+def test_sync_makes_every_rank_run_the_same_model_calls():
+    """With a global prefill length / last position / done flag (as another rank with longer
+    prompts would impose), the decoder is called once per global position and the completions
+    are the same as without sync."""
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=4, stop_token_ids=(3,))
+    prompts, seeds = [[1, 2], [4, 5, 6]], [1, 2]
+    alone = generate(ToyDecoder(), prompts, cfg, eos_token_id=0, row_seeds=seeds)
+
+    answers = iter([1, 12])  # the global prefill length (min), the global last position (max)
+
+    def other_rank(value, op):  # afterwards: "all done?" -> the other rank is never done
+        return next(answers, 0)
+
+    dec = ToyDecoder()
+    synced = generate(dec, prompts, cfg, eos_token_id=0, row_seeds=seeds, sync=other_rank)
+    assert synced.completion_ids == alone.completion_ids
+    assert dec.calls == 12 - 1  # prefill of 1 token, then one call per position up to 12

@@ -1,0 +1,328 @@
+"""KVCacheDecoder against prefix recomputation (PolicyDecoder) on the tiny MoE policy: logits of
+prefill, one-token, multi-token and rewinding steps to 1e-5 on one rank and at TP2 (sequence
+parallel, padded steps) and EP2 with two gloo processes; the same completions from
+``generate``; the NaN-poisoned cache never read before written; the fallback choice of
+``make_decoder``; one test per bad input."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from r1fast.rollout.kv_cache import KVCacheDecoder, make_decoder
+from r1fast.rollout.sampler import SamplingConfig, generate
+
+MAX_LEN = 12
+# (offset, n): prefill, one-token steps, a multi-token step after the prompt, rewinds
+SCHEDULE = [(0, 5), (5, 1), (6, 1), (7, 3), (10, 1), (8, 2), (10, 2)]
+PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 8, 31], [7, 7, 100, 12], [250, 3, 19, 60, 2]]
+SEEDS = [11, 12, 13, 14]
+TOL = 1e-5
+
+
+def sharpen(policy, seed=5):
+    """O(1) weights, so that routing and logits are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.gpt.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "layernorm" in name
+                    else 0.15 * torch.randn(p.shape, generator=g))
+    return policy
+
+
+def batch_tokens(seed: int, batch: int = 3, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, MAX_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def run_schedule(decoder, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The logits [B, n, V] of each step of SCHEDULE."""
+    decoder.reset(tokens.shape[0], MAX_LEN)
+    return [decoder.step(tokens[:, o:o + n], o) for o, n in SCHEDULE]
+
+
+def sample(decoder, eos: int):
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=5)
+    return generate(decoder, PROMPTS, cfg, eos_token_id=eos, row_seeds=SEEDS)
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- one rank
+
+@pytest.fixture(scope="module")
+def policy():
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.model import build_policy
+    from r1fast.policy.parallel import destroy_parallel
+
+    yield sharpen(build_policy(ModelConfig.preset("tiny-moe"), ParallelConfig(), seed=0,
+                               trainable=False))
+    destroy_parallel()
+
+
+def test_steps_match_prefix_recomputation(policy):
+    from r1fast.train.policy_io import PolicyDecoder
+
+    tokens = batch_tokens(100)
+    kv, ref = run_schedule(KVCacheDecoder(policy), tokens), run_schedule(PolicyDecoder(policy),
+                                                                         tokens)
+    assert [x.shape for x in kv] == [(3, n, 256) for _, n in SCHEDULE]
+    assert all(x.dtype == torch.float32 for x in kv)
+    assert min(x.std().item() for x in ref) > 0.3  # logits far from uniform
+    assert max_diff(kv, ref) <= TOL
+
+
+def test_steps_match_an_independent_fp64_attention(policy):
+    """Swap each layer's core attention for an fp64 causal softmax that knows nothing of the
+    cache: the decoder's logits at every step must equal those of plain recomputation with
+    that attention, which checks the mask and RoPE positions independently of megatron's
+    DotProductAttention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from r1fast.train.policy_io import PolicyDecoder
+
+    class Fp64Causal(DotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kw):
+            sq, sk = query.shape[0], key.shape[0]
+            rep = query.shape[2] // key.shape[2]  # grouped-query heads
+            q = query.double().permute(1, 2, 0, 3)  # [B, heads, sq, d]
+            k = key.double().repeat_interleave(rep, 2).permute(1, 2, 0, 3)
+            v = value.double().repeat_interleave(rep, 2).permute(1, 2, 0, 3)
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, heads, sq, sk]
+            # query i sits at absolute position sk - sq + i (the cache ends at the last query)
+            future = torch.arange(sk)[None, :] > (sk - sq + torch.arange(sq))[:, None]
+            out = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+            return out.permute(2, 0, 1, 3).reshape(sq, query.shape[1], -1).to(query.dtype)
+
+    cores = [layer.self_attention.core_attention for layer in policy.gpt.decoder.layers]
+    try:
+        for core in cores:
+            core.__class__ = Fp64Causal
+        tokens = batch_tokens(101)
+        prefix = [(0, 5), (5, 1), (6, 3), (9, 1)]  # contiguous: sq at the cache's end
+        kv, ref = KVCacheDecoder(policy), PolicyDecoder(policy)
+        for d in (kv, ref):
+            d.reset(3, MAX_LEN)
+        for o, n in prefix:
+            a, b = kv.step(tokens[:, o:o + n], o), ref.step(tokens[:, o:o + n], o)
+            assert (a - b).abs().max().item() <= TOL, (o, n)
+    finally:
+        for core in cores:
+            core.__class__ = DotProductAttention
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 3)), min_size=1, max_size=6),
+       st.integers(1, 3))
+def test_any_schedule_of_steps_and_rewinds_matches_recomputation(policy, moves, batch):
+    """Property: for any sequence of steps (each rewinding 0-2 positions and feeding 1-3
+    tokens), every step's logits equal those of recomputing the whole prefix."""
+    from r1fast.train.policy_io import PolicyDecoder
+
+    tokens = batch_tokens(103, batch=batch)
+    kv, ref = KVCacheDecoder(policy), PolicyDecoder(policy)
+    for d in (kv, ref):
+        d.reset(batch, MAX_LEN)
+    filled = 0
+    for back, n in moves:
+        offset = min(max(0, filled - back), MAX_LEN - 1)
+        n = min(n, MAX_LEN - offset)
+        a, b = kv.step(tokens[:, offset:offset + n], offset), ref.step(
+            tokens[:, offset:offset + n], offset)
+        assert (a - b).abs().max().item() <= TOL, (offset, n)
+        filled = offset + n
+
+
+def test_generate_gives_the_same_completions(policy):
+    from r1fast.train.policy_io import PolicyDecoder
+
+    for eos in (3, 256):  # an id the random model emits (early stops), one it never emits
+        a, b = sample(KVCacheDecoder(policy), eos), sample(PolicyDecoder(policy), eos)
+        assert a.completion_ids == b.completion_ids and a.truncated == b.truncated
+        assert any(len(c) > 0 for c in a.completion_ids)
+        for x, y in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=TOL)
+
+
+def test_cache_is_poisoned_and_only_written_slots_are_read(policy):
+    dec = KVCacheDecoder(policy)
+    dec.reset(2, 8)
+    caches = dec.kv_buffers()
+    assert len(caches) == policy.model_cfg.num_layers
+    for keys, values in caches.values():
+        assert keys.shape[:2] == (8, 2) and torch.isnan(keys).all() and torch.isnan(values).all()
+    out = dec.step(batch_tokens(102, batch=2)[:, :5], 0)
+    assert torch.isfinite(out).all()
+    for keys, values in caches.values():
+        assert torch.isfinite(keys[:5]).all() and torch.isfinite(values[:5]).all()
+        assert torch.isnan(keys[5:]).all() and torch.isnan(values[5:]).all()
+    dec.reset(2, 8)  # same shape: the memory is reused and poisoned again
+    assert all(torch.isnan(k).all() for k, _ in dec.kv_buffers().values())
+
+
+def test_restores_the_callers_train_mode(policy):
+    dec = KVCacheDecoder(policy)
+    dec.reset(1, 4)
+    policy.module.train()
+    try:
+        assert torch.isfinite(dec.step(torch.tensor([[1, 2]]), 0)).all()
+        assert policy.module.training
+    finally:
+        policy.module.eval()
+
+
+def test_make_decoder_picks_the_kv_cache_and_falls_back(policy):
+    from r1fast.train.policy_io import PolicyDecoder
+
+    assert isinstance(make_decoder(policy), KVCacheDecoder)
+    # an attention other than megatron's local DotProductAttention (e.g. Transformer Engine's);
+    # swapped by hand: pytest's monkeypatch would delete a submodule on undo
+    attn = policy.gpt.decoder.layers[0].self_attention
+    core = attn.core_attention
+    attn.core_attention = torch.nn.Identity()
+    try:
+        assert isinstance(make_decoder(policy), PolicyDecoder)
+        with pytest.raises(ValueError, match="needs megatron's local DotProductAttention"):
+            KVCacheDecoder(policy)
+    finally:
+        attn.core_attention = core
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def dec(policy):
+    d = KVCacheDecoder(policy)
+    d.reset(2, 6)
+    d.step(torch.zeros(2, 3, dtype=torch.long), 0)
+    return d
+
+
+def test_step_before_reset(policy):
+    with pytest.raises(ValueError, match=r"call reset\(batch_size, max_len\) before step"):
+        KVCacheDecoder(policy).step(torch.zeros(1, 1, dtype=torch.long), 0)
+
+
+def test_tokens_not_2d(dec):
+    with pytest.raises(ValueError, match=r"tokens must be 2-D, got shape \(2,\)"):
+        dec.step(torch.zeros(2, dtype=torch.long), 3)
+
+
+def test_tokens_float(dec):
+    with pytest.raises(ValueError,
+                       match=r"tokens must have dtype in \(int64, int32\), got float32"):
+        dec.step(torch.zeros(2, 1), 3)
+
+
+def test_tokens_wrong_batch(dec):
+    with pytest.raises(ValueError, match=r"tokens must be \[batch_size=2, n >= 1\], got \[3, 1\]"):
+        dec.step(torch.zeros(3, 1, dtype=torch.long), 3)
+
+
+def test_tokens_empty(dec):
+    with pytest.raises(ValueError, match=r"tokens must be \[batch_size=2, n >= 1\], got \[2, 0\]"):
+        dec.step(torch.zeros(2, 0, dtype=torch.long), 3)
+
+
+def test_offset_past_the_cache(dec):
+    with pytest.raises(ValueError, match=r"offset must be an int in \[0, 3\].*got 4"):
+        dec.step(torch.zeros(2, 1, dtype=torch.long), 4)
+
+
+def test_offset_negative(dec):
+    with pytest.raises(ValueError, match=r"offset must be an int in \[0, 3\].*got -1"):
+        dec.step(torch.zeros(2, 1, dtype=torch.long), -1)
+
+
+def test_step_beyond_max_len(dec):
+    with pytest.raises(ValueError, match=r"positions 3\.\.6 exceed max_len=6"):
+        dec.step(torch.zeros(2, 4, dtype=torch.long), 3)
+
+
+def test_reset_bad_batch_size(policy):
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
+        KVCacheDecoder(policy).reset(0, 4)
+
+
+def test_reset_bad_max_len(policy):
+    with pytest.raises(ValueError, match=r"max_len must be an int in \[1, "
+                                         r"max_position_embeddings=512\], got 513"):
+        KVCacheDecoder(policy).reset(1, 513)
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
+    """Each layout in turn on this rank: TP2 (sequence parallel), EP2 (x DP2), PP2."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from r1fast.policy.config import ParallelConfig
+    from r1fast.policy.hf_checkpoint import load_hf_checkpoint, load_model_config
+    from r1fast.policy.model import build_policy
+    from r1fast.policy.parallel import destroy_parallel
+    from r1fast.train.policy_io import PolicyDecoder
+
+    cfg = load_model_config(ckpt)
+    out = {}
+    for name, layout in (("tp2", ParallelConfig(tp=2)), ("ep2", ParallelConfig(ep=2)),
+                         ("pp2", ParallelConfig(pp=2))):
+        policy = build_policy(cfg, layout, seed=0, trainable=False)
+        if name == "pp2":
+            try:
+                KVCacheDecoder(policy)
+                error = ""
+            except ValueError as e:
+                error = str(e)
+            out[name] = {"decoder": type(make_decoder(policy)).__name__, "error": error}
+        else:
+            load_hf_checkpoint(policy, ckpt)
+            tokens = batch_tokens(100 + policy.info.dp_rank)  # each DP rank its own batch
+            kv = run_schedule(KVCacheDecoder(policy), tokens)
+            ref = run_schedule(PolicyDecoder(policy), tokens)
+            a, b = sample(KVCacheDecoder(policy), 256), sample(PolicyDecoder(policy), 256)
+            out[name] = {"kv": kv, "ref": ref, "dp_rank": policy.info.dp_rank,
+                         "sp": policy.sequence_parallel, "kv_completions": a.completion_ids,
+                         "ref_completions": b.completion_ids,
+                         "decoder": type(make_decoder(policy)).__name__}
+        destroy_parallel(destroy_process_group=False)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    destroy_parallel()
+
+
+@pytest.mark.multiproc
+def test_tp2_ep2_match_recomputation_and_one_rank(policy, tmp_path):
+    from r1fast.policy.hf_checkpoint import save_hf_checkpoint
+    from r1fast.train.policy_io import PolicyDecoder
+
+    ckpt = str(tmp_path / "ckpt")
+    save_hf_checkpoint(policy, ckpt)
+    mp.start_processes(_worker, args=(2, _free_port(), ckpt, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    one_rank = {dp: run_schedule(PolicyDecoder(policy), batch_tokens(100 + dp)) for dp in (0, 1)}
+    completions = sample(PolicyDecoder(policy), 256).completion_ids
+    for r, res in enumerate(ranks):
+        assert res["tp2"]["sp"] and not res["ep2"]["sp"]
+        for name in ("tp2", "ep2"):
+            got = res[name]
+            assert got["decoder"] == "KVCacheDecoder"
+            assert max_diff(got["kv"], got["ref"]) <= TOL, (r, name)
+            assert max_diff(got["kv"], one_rank[got["dp_rank"]]) <= TOL, (r, name)
+            assert got["kv_completions"] == got["ref_completions"] == completions, (r, name)
+        assert res["pp2"]["decoder"] == "PolicyDecoder"
+        assert "needs pipeline parallel size 1, got pp=2" in res["pp2"]["error"]
