@@ -4,6 +4,8 @@
     r1fast train RECIPE [--a.b=v ...]   GRPO training from a TOML recipe with dotted overrides
     r1fast policy [--preset NAME]       build a policy, print its parameter count and a log-prob
     r1fast plan RECIPE [--gpu-mem GiB]  per-GPU memory plan of a recipe's layout
+    r1fast stage NAME [...]             one stage of the R1 pipeline (pretrain, sft, grpo,
+                                        rejection-sample, distill, evaluate)
 
 Each subcommand is a thin shell over the Python API it names; heavy imports happen inside the
 subcommand so ``r1fast --help`` is instant.
@@ -39,6 +41,12 @@ def _plan(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return plan_main([args.recipe, *rest])
 
 
+def _stage(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from r1fast.pipeline.cli import main as stage_main
+
+    return stage_main(list(rest))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="r1fast", description="R1-style RL for MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("plan", help="per-GPU memory plan of a recipe", add_help=False)
     p.add_argument("recipe", nargs="?", default="--help")
     p.set_defaults(fn=_plan)
+    p = sub.add_parser("stage", help="one stage of the R1 pipeline", add_help=False)
+    p.set_defaults(fn=_stage)
     args, rest = parser.parse_known_args(argv)
     return int(args.fn(args, rest) or 0)
 
