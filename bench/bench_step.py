@@ -2,9 +2,10 @@
 
 Phases: generation (rollout sampling), log-probs (old + reference, trainer side), loss +
 forward/backward (megatron schedule with the GRPO loss on the last stage), optimizer step.
-"kernels on" computes log-probs and the loss from hidden states with r1fast's fused ops;
-"kernels off" materialises full logits and uses the plain PyTorch loss. Tokens/s counts
-prompt + completion tokens of the step. Results: bench/results/step_<device>.json.
+"kernels on" computes the update's loss from hidden states with r1fast's fused op; "kernels off"
+materialises the full logits of the update and uses the plain PyTorch loss (old/reference
+log-probs use the fused log-prob op in both). Tokens/s counts prompt + completion tokens of the
+step. Results: bench/results/step_<device>.json.
 
     python bench/bench_step.py                 # tiny recipe on CPU
     python bench/bench_step.py --recipe recipes/tiny.toml --steps 4 --run.foo=...
