@@ -29,8 +29,8 @@ parallelism L is padded internally to a multiple of tp (the pad never influences
 positions: attention is causal, and the router ignores pads in its load statistics).
 ``position_ids`` (RoPE positions per token) may be given, e.g. for left-padded prompts.
 
-Generation. :meth:`Policy.forward_cached` decodes with megatron's static KV cache (pp=1, no
-sequence parallelism); :meth:`Policy.next_token_logits` recomputes the prefix on any layout.
+Generation. :class:`r1fast.rollout.kv_cache.KVCacheDecoder` decodes with megatron's static KV
+cache (pp=1, any TP/EP); :meth:`Policy.next_token_logits` recomputes the prefix on any layout.
 MoE routing can be recorded (:meth:`Policy.record_routing`) and replayed (``routing=`` of
 :meth:`Policy.logprobs` and of the batches of :meth:`Policy.forward_backward`).
 """
@@ -519,8 +519,8 @@ class Policy:
     def next_token_logits(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                           **kw: Any) -> Optional[torch.Tensor]:
         """Logits [B, V] of the token after position ``lengths-1`` of each row (default: the
-        last column), by recomputing the whole prefix (any layout; see :meth:`forward_cached`
-        for KV-cache decoding)."""
+        last column), by recomputing the whole prefix (any layout; see
+        :mod:`r1fast.rollout.kv_cache` for KV-cache decoding)."""
         full = self.logits(tokens, **kw)
         if full is None:
             return None
@@ -528,43 +528,6 @@ class Policy:
         last = torch.full((b,), tokens.shape[1] - 1, device=full.device) if lengths is None \
             else lengths.to(full.device) - 1
         return full[torch.arange(b, device=full.device), last]
-
-    def new_kv_cache(self, batch_size: int, max_length: int):
-        """A megatron static KV cache for :meth:`forward_cached` (generation)."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        if self.info.pp > 1 or self.sequence_parallel:
-            raise ValueError("KV-cache generation supports pp=1 without sequence parallelism; "
-                             "use next_token_logits (prefix recomputation) for this layout")
-        if batch_size < 1 or not 1 <= max_length <= self.model_cfg.max_position_embeddings:
-            raise ValueError(f"new_kv_cache: batch_size must be >= 1 and max_length in [1, "
-                             f"{self.model_cfg.max_position_embeddings}], got {batch_size}, "
-                             f"{max_length}")
-        return StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=max_length)
-
-    def forward_cached(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """Append ``tokens`` [B, n] (a prompt, then one token per step; all rows at the same
-        position) to ``cache`` and return the logits [B, V] fp32 of the last position, gathered
-        over TP. Matches :meth:`next_token_logits` of the full prefix (tested to 1e-6)."""
-        tokens = self._check_tokens(tokens)
-        start = cache.sequence_len_offset
-        if tokens.shape[0] != cache.max_batch_size:
-            raise ValueError(f"tokens: batch size {tokens.shape[0]} must equal the cache's "
-                             f"{cache.max_batch_size}")
-        if start + tokens.shape[1] > cache.max_sequence_length:
-            raise ValueError(f"tokens: the cache holds {cache.max_sequence_length} positions, "
-                             f"{start} used, {tokens.shape[1]} more do not fit")
-        pos = torch.arange(start, start + tokens.shape[1], device=self.device)
-        was_training = self.gpt.training
-        self.gpt.eval()
-        try:
-            with torch.no_grad():
-                out = self.gpt(tokens, pos.expand_as(tokens), None, inference_context=cache,
-                               runtime_gather_output=True)  # [B, 1, V]
-        finally:
-            self.gpt.train(was_training)
-        cache.sequence_len_offset += tokens.shape[1]
-        return out[:, -1].float()
 
     def forward_backward(self, batches: Sequence[Mapping[str, Any]], loss_fn: LossFn, *,
                          zero_grad: bool = True) -> list[dict[str, Any]]:

@@ -126,19 +126,6 @@ def test_forward_backward_equals_autograd_and_is_split_invariant(moe):
         assert torch.allclose(g_micro[name], g_ref[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_kv_cache_decoding_matches_prefix_recomputation(frozen):
-    tokens, _ = data(b=2, length=9, seed=3)
-    full = frozen.logits(tokens)
-    cache = frozen.new_kv_cache(batch_size=2, max_length=9)
-    out = frozen.forward_cached(tokens[:, :5], cache)  # prefill
-    assert (out - full[:, 4]).abs().max().item() < 1e-5
-    for i in range(5, 9):
-        out = frozen.forward_cached(tokens[:, i:i + 1], cache)
-        assert (out - full[:, i]).abs().max().item() < 1e-5
-    with pytest.raises(ValueError, match="the cache holds 9 positions, 9 used, 1 more do not fit"):
-        frozen.forward_cached(tokens[:, :1], cache)
-
-
 def test_routing_record_and_replay(frozen):
     tokens, targets = data(b=3, length=5, seed=4)
     routing = frozen.record_routing(tokens, micro_batch_size=1)
@@ -218,8 +205,6 @@ def test_dp_shard_single_rank(moe):
     (lambda p: p.forward_backward([{"tokens": torch.zeros(1, 2, dtype=torch.long)}],
                                   lambda h, w, mb: (h.sum(-1), {})),
      r"loss_fn must return \(scalar tensor loss, metrics dict\)"),
-    (lambda p: p.new_kv_cache(batch_size=0, max_length=4),
-     r"batch_size must be >= 1 and max_length in \[1, 512\], got 0, 4"),
 ])
 def test_bad_input_messages(moe, call, msg):
     with pytest.raises(ValueError, match=msg):
@@ -229,9 +214,3 @@ def test_bad_input_messages(moe, call, msg):
 def test_forward_backward_needs_a_trainable_policy(frozen):
     with pytest.raises(RuntimeError, match=r"needs a trainable policy"):
         frozen.forward_backward([{"tokens": torch.zeros(1, 2, dtype=torch.long)}], None)
-
-
-def test_forward_cached_batch_mismatch(frozen):
-    cache = frozen.new_kv_cache(batch_size=2, max_length=4)
-    with pytest.raises(ValueError, match=r"batch size 3 must equal the cache's 2"):
-        frozen.forward_cached(torch.zeros(3, 1, dtype=torch.long), cache)
