@@ -116,7 +116,11 @@ def _run(world, out_dir, extra):
 
 
 @pytest.mark.multiproc
-def test_tp2_ep2_steps_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("world, layout", [
+    (4, ["--parallel.tp=2", "--parallel.ep=2"]),  # TP2 x EP2 (x DP2 for the dense part)
+    (2, ["--parallel.pp=2"]),  # PP2: generation recomputes the prefix through the pipeline
+], ids=["tp2xep2", "pp2"])
+def test_parallel_steps_equal_one_rank(tmp_path, world, layout):
     # the load-balancing loss is computed per rank's tokens (megatron's micro-batch form), a
     # different objective under DP, so it is off for this equality
     init = tmp_path / "init"
@@ -124,7 +128,7 @@ def test_tp2_ep2_steps_equal_one_rank(tmp_path):
     extra = ["--run.steps=2", "--optim.lr=0.003", "--algo.kl_coef=0.01",
              "--model.aux_loss_coef=0.0", f"--run.init_from={init}"]
     one = _run(1, tmp_path / "one", extra)
-    four = _run(4, tmp_path / "four", [*extra, "--parallel.tp=2", "--parallel.ep=2"])
+    four = _run(world, tmp_path / "many", [*extra, *layout])
     for a, b in zip(one, four):
         assert a["reward_std"] > 0  # the policy gradient is not trivially zero
         for key in ("reward_mean", "response_length", "loss", "grad_norm", "kl", "entropy",
