@@ -66,6 +66,20 @@ def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return varied.repeat_interleave(group_size)
 
 
+def all_ranks_int(value: int, op: str) -> int:
+    """min or max (``op``) of an int over every process: shapes the pipeline and collectives
+    need equal, and the length of generation loops."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.long, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def split_even(n: int, parts: int) -> list[slice]:
     """``parts`` contiguous slices of ``range(n)``; n must divide evenly."""
     if parts < 1 or n % parts != 0:

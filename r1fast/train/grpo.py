@@ -34,7 +34,8 @@ import torch.distributed as dist
 from r1fast import ops
 from r1fast.config import dump_toml
 from r1fast.rollout.sampler import SamplingConfig, generate
-from r1fast.train.batch import UpdateBatch, build_update_batch, groups_with_signal, split_even
+from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
+                                groups_with_signal, split_even)
 from r1fast.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_state,
                                      save_checkpoint, set_rng_state)
 from r1fast.train.config import TrainConfig, load_train_config
@@ -143,7 +144,7 @@ class GRPOTrainer:
         seeds = [hash((self.cfg.run.seed, self.step_idx, first + i)) & 0x7FFF_FFFF_FFFF_FFFF
                  for i in range(len(prompts))]
         # KV cache at pp == 1, else prefix recomputation; every rank makes the same model calls
-        out = generate(make_decoder(self.policy), prompts, self.sampling, sync=self._sync_int,
+        out = generate(make_decoder(self.policy), prompts, self.sampling, sync=all_ranks_int,
                        eos_token_id=tok.eos_id, row_seeds=seeds)
         texts = [tok.decode(c) for c in out.completion_ids]
         return {"rollout": out, "texts": texts,
@@ -263,7 +264,7 @@ class GRPOTrainer:
         # one padded length for every DP rank: the pipeline and the collectives need equal shapes
         local_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
                                                           rollout.completion_ids)) - 1
-        length = self._sync_int(local_len, "max")  # PP/TP/DP need equal shapes
+        length = all_ranks_int(local_len, "max")  # PP/TP/DP need equal shapes
         batch = build_update_batch(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
                                    adv, keep, self.task.tokenizer.pad_id, length)
         # R3 router replay: the experts the rollout's forward chose for every token, replayed
@@ -315,14 +316,6 @@ class GRPOTrainer:
                 metrics[f"reward/{part}"] = self._dp_sum([float(sum(vals))])[0] / n
         metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
         return metrics
-
-    def _sync_int(self, value: int, op: str) -> int:
-        """min/max of an int over every rank (generation loops must agree on their length)."""
-        if self.info.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.long, device=self.policy.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-        return int(t.item())
 
     # -------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:

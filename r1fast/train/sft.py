@@ -21,7 +21,7 @@ import torch
 from r1fast import ops
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
-from r1fast.train.batch import build_update_batch, split_even
+from r1fast.train.batch import all_ranks_int, build_update_batch
 from r1fast.train.metrics import MetricsLogger
 
 
@@ -86,17 +86,9 @@ class SFTTrainer:
         comps = [p[1:] + c if self.cfg.loss_on_prompt else c for p, c in rows]
         n = len(rows)
         longest = max(len(p) + len(c) for p, c in zip(prompts, comps)) - 1
-        length = self._max_over_ranks(longest)
+        length = all_ranks_int(longest, "max")
         return build_update_batch(prompts, comps, [[0.0] * len(c) for c in comps], torch.zeros(n),
                                   torch.ones(n, dtype=torch.bool), self.tokenizer.pad_id, length)
-
-    def _max_over_ranks(self, value: int) -> int:
-        import torch.distributed as dist
-
-        t = torch.tensor([value])
-        if self.info.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
 
     def step(self) -> dict[str, float]:
         import torch.distributed as dist
