@@ -2,7 +2,7 @@
 
 The loss of a GRPO step is a function of five per-token fp32 streams (``logp``, ``old``, the
 advantage, the mask and optionally ``ref``/``rollout`` log-probs). Everything it needs fits in
-two launches:
+ONE launch of two phases:
 
 1. ``_grpo_loss_seq_kernel``: one program per sequence (its tokens are ``cu_seqlens[i] ..
    cu_seqlens[i+1]`` of the flat arrays, or ``i*L .. (i+1)*L`` for the padded ``[B, L]``
@@ -12,11 +12,11 @@ two launches:
    token the policy term, the KL term and ``d loss_t / d logp_t``, writes that derivative
    (already weighted by the mask and the per-sequence aggregation weight), and writes per
    sequence partial sums into ``stats[K, B]`` (columns below).
-2. ``_grpo_loss_reduce_kernel``: a single program folds ``stats`` over the sequences in a fixed
-   order and writes the final normalised loss and every metric into ``totals[NUM_TOTALS]`` -
-   no float atomics anywhere, so the loss and its gradient are bitwise reproducible run to run,
-   and the caller needs no further launch (the loss is problem-size independent launch-bound
-   work: ~0.3 MB at T=16k).
+2. the program that finishes last (an integer ticket counter tells it) folds ``stats`` over the
+   sequences in a fixed order and writes the final normalised loss and every metric into
+   ``totals[NUM_TOTALS]`` - no float atomics anywhere, so the loss and its gradient are bitwise
+   reproducible run to run, and the caller needs no further launch (the loss is launch-bound
+   work: ~0.3 MB at T=16k). ``_grpo_loss_reduce_kernel`` only runs for an empty batch.
 
 The backward is not a kernel of its own: ``grad_logp = dlogp * (grad_loss / D)``, one
 elementwise multiply done by the caller (``r1fast.ops.policy_loss``).
@@ -89,7 +89,8 @@ def _expm1(x):
 def _grpo_loss_seq_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, roll_ptr, cu_ptr,  # inputs (flat)
     stats_ptr, dlogp_ptr,  # outputs: stats [NUM_STATS, B], dlogp [N] fp32
-    B, seq_len, clip_low, clip_high, dual_c, kl_coef, tis_cap,
+    totals_ptr, norm_ptr, ticket_ptr,  # totals [NUM_TOTALS]; ticket: int32 counter, 0 at entry
+    B, seq_len, clip_low, clip_high, dual_c, kl_coef, tis_cap, norm_value,
     PADDED: tl.constexpr,  # sequence i is tokens [i*seq_len, (i+1)*seq_len); cu_ptr unread
     LOSS: tl.constexpr,  # 0 ppo, 1 gspo, 2 cispo
     DUAL: tl.constexpr,  # dual clip on (ppo/gspo only)
@@ -97,7 +98,9 @@ def _grpo_loss_seq_kernel(
     TIS: tl.constexpr,  # truncated IS against rollout log-probs
     SMTM: tl.constexpr,  # weight the gradient by 1/len_i (seq-mean-token-mean)
     ADV_PER_TOKEN: tl.constexpr,
+    NORM_MODE: tl.constexpr,  # see _reduce_totals
     BLOCK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if PADDED:
@@ -232,13 +235,32 @@ def _grpo_loss_seq_kernel(
     tl.store(stats_ptr + _S_RMIN * B + pid, tl.min(r_min, axis=0))
     tl.store(stats_ptr + _S_RMAX * B + pid, tl.max(r_max, axis=0))
     tl.store(stats_ptr + _S_TIS * B + pid, tl.sum(acc_tis, axis=0))
+    # The program that finishes last folds every sequence's sums into the totals, so the whole
+    # forward is one launch. The ticket is an integer atomic (exact; acq_rel orders the stats
+    # stores of every program before it), the float folding runs in a fixed order in one
+    # program: deterministic. The last program also resets the ticket for the next launch.
+    tl.debug_barrier()  # every thread's stores happen before the (cumulative) release below
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == B - 1:
+        _reduce_totals(stats_ptr, totals_ptr, norm_ptr, B, kl_coef, norm_value, SMTM, TIS,
+                       NORM_MODE, BLOCK_B)
+        tl.atomic_xchg(ticket_ptr, 0)
 
 
 @triton.jit
 def _grpo_loss_reduce_kernel(stats_ptr, totals_ptr, norm_ptr, B, kl_coef, norm_value,
                              SMTM: tl.constexpr, TIS: tl.constexpr, NORM_MODE: tl.constexpr,
                              BLOCK_B: tl.constexpr):
-    """Single program: fold the per-sequence sums in a fixed order (deterministic), normalise.
+    """The totals of an empty batch (B == 0: no sequence program runs to fold them)."""
+    _reduce_totals(stats_ptr, totals_ptr, norm_ptr, B, kl_coef, norm_value, SMTM, TIS,
+                   NORM_MODE, BLOCK_B)
+
+
+@triton.jit
+def _reduce_totals(stats_ptr, totals_ptr, norm_ptr, B, kl_coef, norm_value,
+                   SMTM: tl.constexpr, TIS: tl.constexpr, NORM_MODE: tl.constexpr,
+                   BLOCK_B: tl.constexpr):
+    """One program folds the per-sequence sums in a fixed order (deterministic), normalises.
 
     NORM_MODE: 0 -> D = N (local token count, 1 if N = 0); 1 -> D = ``norm_value``;
     2 -> D = ``norm_ptr[0]`` (a device tensor, e.g. an all-reduced global count)."""
@@ -336,7 +358,7 @@ def grpo_loss_fwd(
     totals: torch.Tensor | None = None,  # optional preallocated [NUM_TOTALS] fp32
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch both kernels; return ``(totals [NUM_TOTALS], dlogp [N], stats [NUM_STATS, B])``.
+    """One launch; return ``(totals [NUM_TOTALS], dlogp [N], stats [NUM_STATS, B])``.
 
     Inputs must already be validated, flat and contiguous (``r1fast.ops.policy_loss`` does that).
     The denominator D is ``normalizer[0]`` when that 1-element fp32 tensor is given, else
@@ -364,18 +386,33 @@ def grpo_loss_fwd(
     cu = cu_seqlens if cu_seqlens is not None else logp
     if block is None:
         block = _block_for(n // max(b, 1))
-    if b > 0:
+    norm_mode = 2 if normalizer is not None else (1 if norm_value > 0 else 0)
+    norm = normalizer if normalizer is not None else totals
+    block_b = max(16, min(1024, triton.next_power_of_2(max(b, 1))))
+    if b > 0:  # one launch: the last sequence program also folds the totals
         _grpo_loss_seq_kernel[(b,)](
             logp, old_logp, advantages, mask, ref, roll, cu, stats, dlogp,
+            totals, norm, _ticket(dev),
             b, int(seq_len), float(clip_low), float(clip_high), float(dual_clip or 0.0),
-            float(kl_coef), float(tis_cap or 0.0),
+            float(kl_coef), float(tis_cap or 0.0), float(norm_value),
             PADDED=cu_seqlens is None, LOSS=LOSSES[loss], DUAL=dual_clip is not None, KL=kl_id,
-            TIS=use_tis, SMTM=smtm, ADV_PER_TOKEN=adv_per_token,
-            BLOCK=block, num_warps=4 if block <= 1024 else 8)
-    norm_mode = 2 if normalizer is not None else (1 if norm_value > 0 else 0)
-    block_b = max(16, min(1024, triton.next_power_of_2(max(b, 1))))
-    _grpo_loss_reduce_kernel[(1,)](
-        stats, totals, normalizer if normalizer is not None else totals, b, float(kl_coef),
-        float(norm_value), SMTM=smtm, TIS=use_tis, NORM_MODE=norm_mode, BLOCK_B=block_b,
-        num_warps=4)
+            TIS=use_tis, SMTM=smtm, ADV_PER_TOKEN=adv_per_token, NORM_MODE=norm_mode,
+            BLOCK=block, BLOCK_B=block_b, num_warps=4 if block <= 1024 else 8)
+    else:
+        _grpo_loss_reduce_kernel[(1,)](
+            stats, totals, norm, b, float(kl_coef), float(norm_value), SMTM=smtm, TIS=use_tis,
+            NORM_MODE=norm_mode, BLOCK_B=block_b, num_warps=4)
     return totals, dlogp, stats
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The per-device int32 completion counter of the loss kernel, zeroed once (each launch
+    leaves it at 0 again), so a forward needs no memset launch. Launches of this kernel on
+    several streams of one device at the same time would share it: r1fast issues them on one."""
+    t = _TICKETS.get(device)
+    if t is None:
+        t = _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t

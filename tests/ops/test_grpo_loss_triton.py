@@ -250,3 +250,25 @@ def test_torch_compile_aot_eager(device):
     torch.testing.assert_close(value.detach(), want[0])
     torch.testing.assert_close(lp.grad, want[1])
     assert math.isfinite(float(clip))
+
+
+def test_forward_is_one_launch_and_leaves_the_ticket_at_zero(monkeypatch, device):
+    """The last sequence program folds the totals: no separate reduce launch for B > 0, and
+    the completion counter is back at 0 for the next launch (no memset needed)."""
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the reduce kernel must not be launched when B > 0")
+
+    monkeypatch.setattr(K, "_grpo_loss_reduce_kernel", NoLaunch())
+    g = torch.Generator().manual_seed(5)
+    logp = (-torch.rand(3, 7, generator=g)).to(device).requires_grad_(True)
+    old = logp.detach() + 0.05 * torch.randn(3, 7, generator=g).to(device)
+    adv, mask = torch.tensor([1.0, -1.0, 0.5], device=device), torch.ones(3, 7, device=device)
+    losses = []
+    for _ in range(2):
+        loss, _ = policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", impl="triton")
+        assert int(K._ticket(logp.device).item()) == 0
+        losses.append(loss.item())
+    ref, _ = policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", impl="torch")
+    assert losses[0] == losses[1] and abs(losses[0] - ref.item()) < 1e-6
