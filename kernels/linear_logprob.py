@@ -86,20 +86,23 @@ def _logit_tile(x_ptr, w_ptr, offs_t, offs_v, mask_t, mask_v, H, stride_xt, stri
 
 
 @triton.jit
+def _grouped_pid(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row block, column block) of program ``pid`` in grouped order: GROUP row blocks x all
+    column blocks are adjacent program ids, so a wave of programs reuses the same rows in L2."""
+    per_group = GROUP * n_cols
+    first = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_rows - first, GROUP)
+    local = pid % per_group
+    return first + local % group_size, local // group_size
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, y_ptr, m_ptr, s_ptr, sz_ptr, zy_ptr,
                 T, V, H, stride_xt, stride_wv, inv_tau, vocab_start, NUM_SPLITS, T_BUCKET,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 GROUP_T: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
-    # grouped ordering: GROUP_T row blocks x all splits are adjacent program ids
-    pid = tl.program_id(0)
-    n_t = tl.cdiv(T, BLOCK_T)
-    per_group = GROUP_T * NUM_SPLITS
-    first_t = (pid // per_group) * GROUP_T
-    group_size = tl.minimum(n_t - first_t, GROUP_T)
-    local = pid % per_group
-    pid_t = first_t + local % group_size
-    split = local // group_size
+    pid_t, split = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), NUM_SPLITS, GROUP_T)
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
@@ -144,13 +147,8 @@ def _dz_kernel(x_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, dz_ptr,
                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                GROUP_T: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    n_t = tl.cdiv(T, BLOCK_T)
-    n_v = tl.cdiv(V, BLOCK_V)
-    first_t = (pid // (GROUP_T * n_v)) * GROUP_T
-    group_size = tl.minimum(n_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % group_size)
-    pid_v = (pid % (GROUP_T * n_v)) // group_size
+    pid_t, pid_v = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(V, BLOCK_V),
+                                GROUP_T)
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -180,13 +178,8 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, st
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
     """C[M, N] (+)= A[M, K] @ B[K, N], fp32 accumulator; C may be fp32 or 16-bit."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
-    group_size = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * n_n)) // group_size
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
