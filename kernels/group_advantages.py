@@ -33,6 +33,16 @@ ESTIMATORS = {"grpo": 0, "drgrpo": 1, "rloo": 2}
 
 
 @triton.jit
+def _load_rewards(r_ptr, perm_ptr, j, inb, CONTIG: tl.constexpr):
+    """Rewards at group positions ``j`` (fp32) and their indices in ``rewards``."""
+    if CONTIG:
+        idx = j
+    else:
+        idx = tl.load(perm_ptr + j, mask=inb, other=0)
+    return tl.load(r_ptr + idx, mask=inb, other=0.0).to(tl.float32), idx
+
+
+@triton.jit
 def _group_advantages_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, group_size, eps,
                              EST: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
@@ -58,11 +68,7 @@ def _group_advantages_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, group_size, eps,
     for s in range(start, end, BLOCK):
         j = s + offs0
         inb = j < end
-        if CONTIG:
-            idx = j
-        else:
-            idx = tl.load(perm_ptr + j, mask=inb, other=0)
-        r = tl.load(r_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+        r, idx = _load_rewards(r_ptr, perm_ptr, j, inb, CONTIG)
         acc += tl.where(inb, r - r0, 0.0)
         v_min = tl.minimum(v_min, tl.where(inb, r, float("inf")))
         v_max = tl.maximum(v_max, tl.where(inb, r, float("-inf")))
@@ -76,11 +82,7 @@ def _group_advantages_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, group_size, eps,
         for s in range(start, end, BLOCK):
             j = s + offs0
             inb = j < end
-            if CONTIG:
-                idx = j
-            else:
-                idx = tl.load(perm_ptr + j, mask=inb, other=0)
-            r = tl.load(r_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+            r, _ = _load_rewards(r_ptr, perm_ptr, j, inb, CONTIG)
             c = tl.where(inb, (r - r0) - mean, 0.0)
             acc2 += c * c
         denom = tl.sqrt(tl.sum(acc2, axis=0) / nm1) + eps
@@ -89,11 +91,7 @@ def _group_advantages_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, group_size, eps,
     for s in range(start, end, BLOCK):
         j = s + offs0
         inb = j < end
-        if CONTIG:
-            idx = j
-        else:
-            idx = tl.load(perm_ptr + j, mask=inb, other=0)
-        r = tl.load(r_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+        r, idx = _load_rewards(r_ptr, perm_ptr, j, inb, CONTIG)
         c = (r - r0) - mean
         if EST == 0:
             a = c / denom
