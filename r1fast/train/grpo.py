@@ -40,6 +40,7 @@ from r1fast.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_sta
                                      save_checkpoint, set_rng_state)
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.metrics import MetricsLogger
+from r1fast.ops.policy_loss import config_kwargs
 from r1fast.policy.optim import load_optim_state_dict, optim_state_dict
 from r1fast.rollout.kv_cache import make_decoder
 from r1fast.train.policy_io import copy_weights, load_model_state, model_state
@@ -359,9 +360,8 @@ def _unfused_policy_loss(hidden, weight, mb, ref, cfg, *, temperature, global_no
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     loss, metrics = ops.policy_loss(
         logp, mb["old"].to(dev), mb["adv"].to(dev), mb["mask"].to(dev), ref_logp=ref,
-        loss=cfg.loss, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        kl=cfg.kl, kl_coef=cfg.kl_coef, agg=cfg.agg, global_normalizer=global_normalizer,
-        rollout_logp=rollout_logp, tis_cap=cfg.tis_cap, max_len=targets.shape[1], impl="torch")
+        global_normalizer=global_normalizer, rollout_logp=rollout_logp,
+        max_len=targets.shape[1], impl="torch", **config_kwargs(cfg))
     if return_entropy:
         m = mb["mask"].to(dev)
         ent = -(logp_all.exp() * logp_all).sum(-1)

@@ -147,3 +147,16 @@ def test_router_replay_and_dynamic_sampling_run(tmp_path):
     # on-policy first mini-batch with replayed routing: the ratio is exactly 1 at the start
     assert rows[0]["ratio_min"] <= 1.0 <= rows[0]["ratio_max"]
     assert 0.0 <= rows[0]["kept_frac"] <= 1.0
+
+
+def test_fused_and_full_logits_updates_agree(tmp_path):
+    """use_fused_kernels=false (full logits, plain loss) is the same objective as the fused op."""
+    from r1fast.train.grpo import GRPOTrainer
+
+    def run(name, *extra):
+        return GRPOTrainer(make_cfg(tmp_path / name, "--run.steps=2", "--algo.kl_coef=0.01",
+                                    *extra), reward=varied_reward).fit()
+
+    for a, b in zip(run("fused"), run("full", "--algo.use_fused_kernels=false")):
+        for key in ("loss", "grad_norm", "entropy", "kl", "reward_mean"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
