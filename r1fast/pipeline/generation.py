@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from r1fast.data import CharTokenizer
 from r1fast.rollout.sampler import SamplingConfig, generate
 
@@ -51,10 +49,3 @@ def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: Sampling
         for (i, j), ids in zip(chunk, ro.completion_ids):
             out[i][j] = tokenizer.decode(ids)
     return out
-
-
-def free_model(policy) -> None:
-    """Drop a policy's tensors (stages load several models one after another)."""
-    del policy
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

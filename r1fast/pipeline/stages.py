@@ -22,15 +22,11 @@ from typing import Any, Sequence
 
 from r1fast.data import CharTokenizer, sft_target
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.hf_checkpoint import load_model_config
 from r1fast.policy.optim import OptimConfig
 from r1fast.rewards import get_reward, is_well_formed
 from r1fast.rollout.sampler import SamplingConfig
-
-
-def _model_cfg(model_dir: str | Path) -> ModelConfig:
-    from r1fast.policy.hf_checkpoint import load_model_config
-
-    return load_model_config(str(model_dir))
+from r1fast.train.metrics import read_jsonl
 
 
 def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
@@ -41,10 +37,6 @@ def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
     return path
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------- supervised
@@ -59,7 +51,7 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
 
     if (init_from is None) == (model is None):
         raise ValueError("give exactly one of init_from (a model folder) or model (a config)")
-    cfg = SFTConfig(model=model or _model_cfg(init_from), parallel=parallel or ParallelConfig(),
+    cfg = SFTConfig(model=model or load_model_config(str(init_from)), parallel=parallel or ParallelConfig(),
                     optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 10),
                                       lr_decay_style="cosine", min_lr=lr / 10),
                     steps=steps, batch_size=batch_size, loss_on_prompt=loss_on_prompt,
@@ -107,7 +99,7 @@ def grpo(init_from: str | Path, out_dir: str | Path, *, overrides: Sequence[str]
     from r1fast.train.sft import save_model
 
     cfg = load_train_config(recipe, list(overrides))
-    cfg = dataclasses.replace(cfg, model=_model_cfg(init_from),
+    cfg = dataclasses.replace(cfg, model=load_model_config(str(init_from)),
                               run=dataclasses.replace(cfg.run, init_from=str(init_from),
                                                       out_dir=str(out_dir)))
     trainer = GRPOTrainer(cfg)

@@ -68,5 +68,6 @@ class MetricsLogger:
             self._bar.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file (metrics, datasets)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

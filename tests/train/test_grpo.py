@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from r1fast.train.batch import build_update_batch
 from r1fast.train.config import load_train_config
-from r1fast.train.metrics import read_metrics
+from r1fast.train.metrics import read_jsonl
 
 BASE = ["--model.vocab_size=128", "--data.prompts_per_step=2", "--algo.group_size=4",
         "--rollout.max_new_tokens=6", "--reward.workers=0", "--run.progress=false",
@@ -73,7 +73,7 @@ def test_fit_writes_metrics_and_resume_is_bitwise(tmp_path):
             {k: v for k, v in b.items() if k not in skip}
     for a, b in zip(full[:2], first):
         assert a["loss"] == b["loss"] and a["reward_mean"] == b["reward_mean"]
-    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     for key in ("reward_mean", "reward_std", "response_length", "clip_frac", "kl",
                 "entropy", "grad_norm", "tokens_per_s", "logp_mismatch"):
         assert key in rows[-1], key
