@@ -19,7 +19,7 @@ import logging
 from typing import Sequence
 
 from r1fast.pipeline import stages
-from r1fast.pipeline.demo import TEMPLATE, demo_examples, dense_model, moe_model
+from r1fast.pipeline.demo import demo_examples, dense_model, moe_model, task_overrides
 
 MODELS = {"tiny-moe": moe_model, "tiny-dense": dense_model}
 
@@ -73,9 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          seed=args.seed)
     elif args.name == "grpo":
         need("out", "init")
-        task = ["--data.task=arithmetic", f"--data.num_train={args.num_train}",
-                '--data.task_options={min_digits = 1, max_digits = %d, ops = ["+"]}' % args.digits,
-                "--data.template=" + json.dumps(TEMPLATE)]
+        task = task_overrides(args.digits, args.num_train, args.seed)
         out, _ = stages.grpo(args.init, args.out, overrides=[*task, *overrides])
     elif args.name == "rejection-sample":
         need("out", "model")

@@ -104,14 +104,21 @@ def dense_model() -> ModelConfig:
     return ModelConfig.preset("tiny-dense").replace(vocab_size=104, max_position_embeddings=160)
 
 
-def rl_overrides(cfg: DemoConfig, metrics_name: str) -> list[str]:
+def task_overrides(digits: int, num_train: int, seed: int) -> list[str]:
+    """The GRPO trainer draws its own prompts: the demo's task, problem space and template."""
+    return ["--data.task=arithmetic", f"--data.num_train={num_train}", f"--data.seed={seed}",
+            '--data.task_options={min_digits = 1, max_digits = %d, ops = ["+"]}' % digits,
+            "--data.template=" + json.dumps(TEMPLATE)]
+
+
+def rl_overrides(cfg: DemoConfig) -> list[str]:
     return [f"--run.steps={cfg.rl_steps}", "--run.progress=false", "--run.tensorboard=false",
-            "--data.task=arithmetic", f"--data.num_train={cfg.num_train}",
             f"--data.prompts_per_step={cfg.rl_prompts_per_step}", "--algo.group_size=8",
             f"--rollout.max_new_tokens={cfg.max_new_tokens}", "--rollout.temperature=1.0",
             f"--optim.lr={cfg.rl_lr}",
             # no KL penalty (as DAPO and Dr.GRPO): 40 steps stay close to the start anyway
-            "--algo.kl_coef=0.0", "--reward.workers=0", f"--data.seed={cfg.seed}"]
+            "--algo.kl_coef=0.0", "--reward.workers=0",
+            *task_overrides(cfg.digits, cfg.num_train, cfg.seed)]
 
 
 class Demo:
@@ -137,15 +144,9 @@ class Demo:
                  f"format {r['format_rate']:.2f}")
 
     def rl(self, name: str, init: Path) -> Path:
-        model, rows = stages.grpo(init, self.root / name,
-                                  overrides=self._task_overrides(rl_overrides(self.cfg, name)))
+        model, rows = stages.grpo(init, self.root / name, overrides=rl_overrides(self.cfg))
         self.curves[name] = rows
         return model
-
-    def _task_overrides(self, base: list[str]) -> list[str]:
-        # the RL trainer draws its own prompts: hand it the demo's task and template
-        return base + ["--data.task_options={min_digits = 1, max_digits = %d, ops = [\"+\"]}"
-                       % self.cfg.digits, "--data.template=" + json.dumps(TEMPLATE)]
 
     def run(self) -> Path:
         c = self.cfg
