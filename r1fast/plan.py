@@ -225,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
 def plan_main(argv: Sequence[str]) -> int:
     """Entry of ``r1fast plan``: 0 (1 with ``--check`` when it does not fit), 2 on a bad
     recipe, option or layout."""
-    from r1fast.config import ConfigError
+    from r1fast.typed_toml import ConfigError
     from r1fast.train.config import load_train_config
 
     parser = _parser()

@@ -17,7 +17,7 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_train_rejects_a_bad_key(tmp_path):
-    from r1fast.config import ConfigError
+    from r1fast.typed_toml import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'algo.kl_coef'"):
         main(["train", "recipes/tiny.toml", "--algo.kl_coeff=0.1"])

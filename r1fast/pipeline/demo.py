@@ -226,7 +226,7 @@ def plot_curves(curves: dict[str, list[dict]], out: Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from r1fast.config import load
+    from r1fast.typed_toml import load
 
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(prog="r1fast demo", description=__doc__.splitlines()[0])

@@ -2,7 +2,7 @@
 
 A TOML recipe (``recipes/*.toml``) mirrors this nesting (``[model]``, ``[parallel]``,
 ``[algo]``, ``[rollout]``, ``[optim]``, ``[data]``, ``[reward]``, ``[run]``); any field can be
-overridden from the command line as ``--algo.kl_coef=0.001`` (see :mod:`r1fast.config`).
+overridden from the command line as ``--algo.kl_coef=0.001`` (see :mod:`r1fast.typed_toml`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from r1fast import config as _config
+from r1fast import typed_toml as _config
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from r1fast import ops
-from r1fast.config import dump_toml
+from r1fast.typed_toml import dump_toml
 from r1fast.rollout.sampler import SamplingConfig, generate
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)

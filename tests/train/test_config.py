@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from r1fast.config import ConfigError, dump_toml, from_dict, load, parse_overrides
+from r1fast.typed_toml import ConfigError, dump_toml, from_dict, load, parse_overrides
 
 
 @dataclasses.dataclass
