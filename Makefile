@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned in the SAME pip command as megatron-core: alone, megatron-core's
-# `torch>=2.6` would resolve to a multi-GB CUDA build (DESIGN §5).
+# `torch>=2.6` would resolve to a multi-GB CUDA build (docs/DESIGN.md §5).
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.r1fast-installed
 PYTEST_ARGS ?=

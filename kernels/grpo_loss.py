@@ -21,7 +21,7 @@ ONE launch of two phases:
 The backward is not a kernel of its own: ``grad_logp = dlogp * (grad_loss / D)``, one
 elementwise multiply done by the caller (``r1fast.ops.policy_loss``).
 
-Math (DESIGN §3), all in fp32, ``r`` the importance ratio:
+Math (docs/DESIGN.md §3), all in fp32, ``r`` the importance ratio:
 
 * ppo / gspo: ``l = max(-A r, -A clip(r, 1-el, 1+eh))`` equals ``-A min(r, 1+eh)`` for A > 0 and
   ``-A max(r, 1-el)`` for A < 0; dual clip (A < 0): ``l = -c A`` once ``r > c``. The gradient is

@@ -1,8 +1,8 @@
 """Triton kernels for the fused linear log-prob + entropy op (forward and backward).
 
-What is computed (DESIGN §3). For hidden states ``x[T, H]``, an LM-head shard ``W[V, H]`` and
-a temperature ``tau``, the logits are ``z = x W^T / tau`` (``[T, V]``, never stored). The forward
-streams ``z`` tile by tile and keeps, per row, the online statistics
+What is computed (docs/DESIGN.md §3). For hidden states ``x[T, H]``, an LM-head shard
+``W[V, H]`` and a temperature ``tau``, the logits are ``z = x W^T / tau`` (``[T, V]``, never
+stored). The forward streams ``z`` tile by tile and keeps, per row, the online statistics
 
     m  = max_j z_j                       (running max; -inf before the first tile)
     s  = sum_j exp(z_j - m)              (rescaled by exp(m_old - m_new) when m grows)

@@ -1,4 +1,4 @@
-"""Group-relative advantages: GRPO's critic-free baseline (DESIGN §3).
+"""Group-relative advantages: GRPO's critic-free baseline (docs/DESIGN.md §3).
 
 For each prompt the trainer samples a group of G completions and scores each with a scalar
 reward. The advantage of completion i is its reward compared with the rest of its group:

@@ -4,7 +4,8 @@ RL trainers need, for every sampled token, the log-probability of that token und
 (and often the entropy of the policy's distribution), computed from the last hidden states
 ``hidden [T, H]`` and the LM head ``weight [V, H]``. Materialising the logits costs ``T*V``
 floats (10 GB in fp32 at T=16k, V=152k) and plain autograd keeps several such tensors alive.
-This op streams the logits in tiles instead, keeping only online per-row statistics (DESIGN §3):
+This op streams the logits in tiles instead, keeping only online per-row statistics
+(docs/DESIGN.md §3):
 
     z = x W^T / tau           m = max z           s = sum exp(z - m)        S = sum exp(z - m) z
     lse = m + log s           logp = z_y - lse    entropy = lse - S / s

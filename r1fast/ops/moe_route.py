@@ -32,7 +32,7 @@ int64)``; ``weights`` is differentiable w.r.t. ``logits``. Implementations (``im
 n_groups <= 64). The fast paths are ``torch.library`` custom ops with fake and autograd
 registrations, so they trace under ``torch.compile``.
 
-Aux losses (DESIGN §3), kept apart from routing so the caller picks the token counts:
+Aux losses (docs/DESIGN.md §3), kept apart from routing so the caller picks the token counts:
 :func:`moe_aux_scores` gives Megatron's aux-loss scores (full softmax, or sigmoid normalised
 per token) with the counts of a plain top-k on them; :func:`moe_aux_loss` is
 ``coef*E/(k*T^2) * sum_e n_e * sum_t P_te``; :func:`moe_z_loss` is ``coef/T * sum_t lse(l_t)^2``.

@@ -16,7 +16,7 @@ IMPLS = ["torch", "triton"]
 
 
 def naive_fp64(rewards, group_ids, estimator, eps=1e-6):
-    """DESIGN §3 written out per group in Python floats (fp64)."""
+    """docs/DESIGN.md §3 written out per group in Python floats (fp64)."""
     r = [float(x) for x in rewards.double().cpu()]
     ids = [int(g) for g in group_ids.cpu()]
     out = [0.0] * len(r)

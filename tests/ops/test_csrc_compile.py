@@ -62,7 +62,7 @@ def test_cu_compiles_for_sm90(path, tmp_path):
 @pytest.mark.parametrize("path", CPP_FILES, ids=[p.name for p in CPP_FILES])
 def test_cpp_bindings_syntax_check(path, tmp_path):
     """The CPU torch wheel ships the c10/cuda headers but not the generated
-    cuda_cmake_macros.h; an empty shim stands in for it (DESIGN §5)."""
+    cuda_cmake_macros.h; an empty shim stands in for it (docs/DESIGN.md §5)."""
     shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
