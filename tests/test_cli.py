@@ -1,4 +1,4 @@
-"""The `r1fast` command line and the ops demo."""
+"""The `r1fast` command line."""
 import subprocess
 import sys
 
@@ -21,13 +21,6 @@ def test_train_rejects_a_bad_key(tmp_path):
 
     with pytest.raises(ConfigError, match="did you mean 'algo.kl_coef'"):
         main(["train", "recipes/tiny.toml", "--algo.kl_coeff=0.1"])
-
-
-def test_ops_demo_reward_rises():
-    from r1fast.ops_demo import main as ops_demo
-
-    assert ops_demo(["--steps", "12", "--prompts", "4", "--group", "4", "--length", "6",
-                     "--vocab", "31"]) == 0
 
 
 def test_policy_command_prints_params_and_logprob():

@@ -44,7 +44,7 @@ Not modelled: forward-only passes (old and reference log-probs: no saved activat
 transient is below the training one), expert load imbalance (the busiest expert's rank holds
 more routed tokens), MTP/MLA, CPU offload, and megatron's buffer padding (< 1%).
 :func:`measure_state_bytes` and :func:`measure_saved_bytes` measure a built policy for
-comparison; tests/scale/test_plan.py checks the formulas against megatron that way.
+comparison; tests/plan/test_plan.py checks the formulas against megatron that way.
 """
 from __future__ import annotations
 
@@ -374,84 +374,99 @@ def resolve_world_size(par: ParallelConfig, world_size: Optional[int]) -> int:
     return math.lcm(par.tp, par.ep * par.etp) * par.pp
 
 
-def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0,
-                **options) -> MemoryPlan:
-    """Per-GPU memory plan of a :class:`r1fast.train.config.TrainConfig` on ``world_size``
-    GPUs of ``gpu_mem_gib`` GiB. ``options`` are the other :class:`PlanOptions` fields.
-    Raises ValueError for a layout that cannot hold the model (ParallelConfig.validate)."""
-    opts = PlanOptions(gpu_mem_gib=gpu_mem_gib, world_size=world_size, **options).validate()
-    m: ModelConfig = cfg.model
-    m.validate()
-    ws = resolve_world_size(cfg.parallel, opts.world_size)
-    par = dataclasses.replace(cfg.parallel, world_size=ws).validate(m)
-    tp, pp, ep = par.tp, par.pp, par.ep
-    dp, edp = par.dp, par.expert_dp
-    algo, rollout, data = cfg.algo, cfg.rollout, cfg.data
+@dataclass(frozen=True)
+class _Batch:
+    """One DP rank's share of a step: what activations, the KV cache and logits scale with."""
+
+    prompt_len: int
+    seq_len: int
+    """prompt_len + max_new_tokens."""
+    rows: int
+    """Sequences this DP rank samples per step."""
+    n_micro: int
+    """Micro-batches per mini-batch."""
+    mbs: int
+    """Sequences per micro-batch."""
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one micro-batch."""
+        return self.mbs * self.seq_len
+
+
+def _batch(cfg, par: ParallelConfig, opts: PlanOptions) -> _Batch:
+    """Split this DP rank's sequences as the trainer does; raises ValueError when the prompts of
+    a step do not divide over the data-parallel ranks."""
+    m, algo, data = cfg.model, cfg.algo, cfg.data
+    dp = par.dp
     if data.prompts_per_step % dp != 0:
         raise ValueError(f"data.prompts_per_step ({data.prompts_per_step}) must be divisible by "
-                         f"the data parallel size {dp} (world {ws} / (tp {tp} * pp {pp}))")
-    new = rollout.max_new_tokens
+                         f"the data parallel size {dp} (world {par.world_size} / "
+                         f"(tp {par.tp} * pp {par.pp}))")
+    new = cfg.rollout.max_new_tokens
     prompt = opts.prompt_len or max(1, min(512, m.max_position_embeddings - new))
-    seq_len = prompt + new
-    notes: list[str] = []
-    if seq_len > m.max_position_embeddings:
-        notes.append(f"prompt_len + max_new_tokens = {seq_len} exceeds "
-                     f"max_position_embeddings ({m.max_position_embeddings})")
     rows = data.prompts_per_step * algo.group_size // dp  # this DP rank's sequences
     rows_per_step = max(1, rows // algo.mini_batches)
     # as the trainer splits a mini-batch: max(rows // micro_batch_size, 1) near-even parts
     n_micro = max(1, rows_per_step // (par.micro_batch_size or rows_per_step))
     mbs = -(-rows_per_step // n_micro)
-    tokens = mbs * seq_len
+    return _Batch(prompt_len=prompt, seq_len=prompt + new, rows=rows, n_micro=n_micro, mbs=mbs)
 
+
+def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
+                opts: PlanOptions) -> StagePlan:
+    """Every term of one rank of pipeline stage ``stage`` (see the module docstring)."""
+    m: ModelConfig = cfg.model
+    tp, pp, ep, dp = par.tp, par.pp, par.ep, par.dp
     p_bytes = _BYTES[m.params_dtype]
     master = 4 if p_bytes < 4 else 0  # fp32 master copy only for 16-bit parameters
     # megatron treats experts as expert-parallel (own buffers, sharded over expert-DP) only when
     # ep > 1; at ep = 1 they sit in the dense buffers and shard over DP like everything else
-    shard_dense = dp if cfg.optim.use_distributed_optimizer else 1
-    shard_expert = (edp if ep > 1 else dp) if cfg.optim.use_distributed_optimizer else 1
-    reference = algo.kl is not None
-    fused_head = algo.use_fused_kernels
+    dist_opt = cfg.optim.use_distributed_optimizer
+    shard_dense = dp if dist_opt else 1
+    shard_expert = (par.expert_dp if ep > 1 else dp) if dist_opt else 1
     reserve = int(opts.reserve_gib * GiB)
 
-    stages = []
-    for s in range(pp):
-        dense, expert = stage_params(m, tp, pp, ep, s)
-        n = dense + expert
-        acts = {mode: stage_activation_bytes(m, par, s, tokens, seq_len, mode,
-                                             opts.spec) for mode in RECOMPUTE_MODES}
-        in_flight = min(pp - s, n_micro)
-        act_total = acts[opts.recompute] * in_flight
-        if s == pp - 1:
-            lp_fused, lp_unfused = logprob_head_bytes(m, tp, tokens)
-        else:
-            lp_fused = lp_unfused = 0
-        lp = lp_fused if fused_head else lp_unfused
-        lo, hi = stage_layers(m, pp, s)
-        kv = kv_cache_bytes(m, tp, hi - lo, rows, seq_len)
-        # sampling logits [B, V] fp32 (gathered) + the local shard, one step of a KV decoder;
-        # the prefix-recomputing decoder holds them for every position [B, L, V]
-        positions = 1 if opts.decoder == "kv-cache" else seq_len
-        roll_logits = rows * positions * (m.vocab_size + m.vocab_size // tp) * 4
-        if opts.decoder == "recompute":
-            kv = 0
-        dense_shard = math.ceil(dense / shard_dense)
-        expert_shard = math.ceil(expert / shard_expert)
-        st = StagePlan(
-            stage=s, layers=(lo, hi), dense_params=dense, expert_params=expert,
-            param_bytes=n * p_bytes, grad_bytes=n * 4,
-            master_bytes=(dense_shard + expert_shard) * master,
-            adam_bytes=(dense_shard + expert_shard) * 8,
-            reference_bytes=n * p_bytes if reference else 0,
-            activation_bytes=acts, in_flight=in_flight, activations_total=act_total,
-            logprob_fused_bytes=lp_fused, logprob_unfused_bytes=lp_unfused, logprob_bytes=lp,
-            kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, train_peak=0, rollout_peak=0)
-        st.train_peak = st.resident_bytes + act_total + lp + reserve
-        st.rollout_peak = st.resident_bytes + kv + roll_logits + reserve
-        stages.append(st)
-    worst = max(stages, key=lambda st: st.peak)
-    gpu_bytes = int(opts.gpu_mem_gib * GiB)
-    fits = worst.peak <= gpu_bytes
+    dense, expert = stage_params(m, tp, pp, ep, stage)
+    n = dense + expert
+    acts = {mode: stage_activation_bytes(m, par, stage, batch.tokens, batch.seq_len, mode,
+                                         opts.spec) for mode in RECOMPUTE_MODES}
+    in_flight = min(pp - stage, batch.n_micro)
+    act_total = acts[opts.recompute] * in_flight
+    if stage == pp - 1:
+        lp_fused, lp_unfused = logprob_head_bytes(m, tp, batch.tokens)
+    else:
+        lp_fused = lp_unfused = 0
+    lp = lp_fused if cfg.algo.use_fused_kernels else lp_unfused
+    lo, hi = stage_layers(m, pp, stage)
+    kv = kv_cache_bytes(m, tp, hi - lo, batch.rows, batch.seq_len)
+    # sampling logits [B, V] fp32 (gathered) + the local shard, one step of a KV decoder;
+    # the prefix-recomputing decoder holds them for every position [B, L, V]
+    positions = 1 if opts.decoder == "kv-cache" else batch.seq_len
+    roll_logits = batch.rows * positions * (m.vocab_size + m.vocab_size // tp) * 4
+    if opts.decoder == "recompute":
+        kv = 0
+    shard = math.ceil(dense / shard_dense) + math.ceil(expert / shard_expert)
+    st = StagePlan(
+        stage=stage, layers=(lo, hi), dense_params=dense, expert_params=expert,
+        param_bytes=n * p_bytes, grad_bytes=n * 4, master_bytes=shard * master,
+        adam_bytes=shard * 8, reference_bytes=n * p_bytes if cfg.algo.kl is not None else 0,
+        activation_bytes=acts, in_flight=in_flight, activations_total=act_total,
+        logprob_fused_bytes=lp_fused, logprob_unfused_bytes=lp_unfused, logprob_bytes=lp,
+        kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, train_peak=0, rollout_peak=0)
+    st.train_peak = st.resident_bytes + act_total + lp + reserve
+    st.rollout_peak = st.resident_bytes + kv + roll_logits + reserve
+    return st
+
+
+def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
+           opts: PlanOptions) -> list[str]:
+    """Warnings worth reading: an over-long sequence, what dominates a plan that does not fit,
+    what today's code does not do yet."""
+    notes: list[str] = []
+    if batch.seq_len > m.max_position_embeddings:
+        notes.append(f"prompt_len + max_new_tokens = {batch.seq_len} exceeds "
+                     f"max_position_embeddings ({m.max_position_embeddings})")
     if not fits:
         parts = {"optimizer state": worst.master_bytes + worst.adam_bytes,
                  "fp32 gradients": worst.grad_bytes, "parameters": worst.param_bytes,
@@ -469,18 +484,36 @@ def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0
                      f"(recompute_granularity / recompute_modules); r1fast's policy config has "
                      f"no switch for it yet, so a run today keeps the 'none' activations")
     if opts.decoder == "kv-cache":
-        recompute_logits = rows * seq_len * (m.vocab_size + m.vocab_size // tp) * 4
-        if recompute_logits > 0.05 * gpu_bytes:
+        recompute_logits = batch.rows * batch.seq_len * (m.vocab_size + m.vocab_size // tp) * 4
+        if recompute_logits > 0.05 * int(opts.gpu_mem_gib * GiB):
             notes.append(f"today's PolicyDecoder recomputes the prefix and keeps full fp32 "
                          f"logits [B, L, V]: {recompute_logits / GiB:.1f} GiB per rank at this "
                          f"batch; a KV-cached decoder (planned here) is needed at this scale")
+    return notes
+
+
+def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0,
+                **options) -> MemoryPlan:
+    """Per-GPU memory plan of a :class:`r1fast.train.config.TrainConfig` on ``world_size``
+    GPUs of ``gpu_mem_gib`` GiB. ``options`` are the other :class:`PlanOptions` fields.
+    Raises ValueError for a layout that cannot hold the model (ParallelConfig.validate)."""
+    opts = PlanOptions(gpu_mem_gib=gpu_mem_gib, world_size=world_size, **options).validate()
+    m: ModelConfig = cfg.model
+    m.validate()
+    ws = resolve_world_size(cfg.parallel, opts.world_size)
+    par = dataclasses.replace(cfg.parallel, world_size=ws).validate(m)
+    batch = _batch(cfg, par, opts)
+    stages = [_stage_plan(cfg, par, s, batch, opts) for s in range(par.pp)]
+    worst = max(stages, key=lambda st: st.peak)
+    gpu_bytes = int(opts.gpu_mem_gib * GiB)
+    fits = worst.peak <= gpu_bytes
     return MemoryPlan(
-        world_size=ws, tp=tp, pp=pp, ep=ep, dp=dp, expert_dp=edp,
+        world_size=ws, tp=par.tp, pp=par.pp, ep=par.ep, dp=par.dp, expert_dp=par.expert_dp,
         sequence_parallel=par.use_sequence_parallel(m), total_params=total_params(m),
-        active_params=active_params(m), params_dtype=m.params_dtype, seq_len=seq_len,
-        prompt_len=prompt, micro_batch_seqs=mbs, micro_batches=n_micro, rollout_seqs=rows,
-        stages=stages, worst=worst, gpu_mem_bytes=gpu_bytes, fits=fits, options=opts,
-        notes=notes)
+        active_params=active_params(m), params_dtype=m.params_dtype, seq_len=batch.seq_len,
+        prompt_len=batch.prompt_len, micro_batch_seqs=batch.mbs, micro_batches=batch.n_micro,
+        rollout_seqs=batch.rows, stages=stages, worst=worst, gpu_mem_bytes=gpu_bytes, fits=fits,
+        options=opts, notes=_notes(m, par.tp, batch, worst, fits, opts))
 
 
 # ------------------------------------------------------------------------------ measuring

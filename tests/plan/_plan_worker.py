@@ -1,9 +1,9 @@
-"""torchrun worker for tests/scale/test_plan.py: build the tiny DeepSeek-V3-like policy at several
+"""torchrun worker for tests/plan/test_plan.py: build the tiny DeepSeek-V3-like policy at several
 TP/PP/EP layouts on 4 gloo processes and record, per rank, what it really holds (local
 parameter counts split dense/expert, and at PP1 the bytes autograd saves for one training
 micro-batch), so the test can compare each rank with the planner.
 
-    python -m torch.distributed.run --nproc-per-node 4 tests/scale/_plan_worker.py OUT.json
+    python -m torch.distributed.run --nproc-per-node 4 tests/plan/_plan_worker.py OUT.json
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from r1fast.ops.linear_logprob import linear_logprob
-from r1fast.plan_memory import measure_saved_bytes
+from r1fast.plan import measure_saved_bytes
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.model import build_policy
 from r1fast.policy.parallel import destroy_parallel

@@ -1,4 +1,4 @@
-"""Tests of the memory planner (r1fast.plan_memory, ``r1fast plan``).
+"""Tests of the memory planner (r1fast.plan: its memory model and ``r1fast plan``).
 
 The planner is checked against the real thing: megatron-core policies built by r1fast.policy
 (parameter counts per rank and per stage, parameter/gradient/optimizer bytes after an Adam
@@ -21,9 +21,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r1fast.plan import format_plan, plan_main
-from r1fast.plan_memory import (GiB, measure_saved_bytes, measure_state_bytes, plan_memory,
-                                stage_activation_bytes, stage_params, total_params)
+from r1fast.plan import (GiB, format_plan, measure_saved_bytes, measure_state_bytes, plan_main,
+                         plan_memory)
+from r1fast.plan.memory import stage_activation_bytes, stage_params, total_params
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.train.config import TrainConfig, load_train_config
 

@@ -7,7 +7,7 @@
 
 Overrides use the trainer's dotted syntax (``--override parallel.ep=4`` or ``--parallel.ep=4``),
 so a plan describes exactly the run ``r1fast train`` would start. The numbers come from
-:func:`r1fast.plan_memory.plan_memory` (the formulas and assumptions are documented there);
+:func:`r1fast.plan.memory.plan_memory` (the formulas and assumptions are documented there);
 ``--json`` prints them for scripts. An impossible layout (experts not divisible by ep, a
 world size that is not a multiple of tp*pp ...) is an error naming what does not divide.
 """
@@ -19,10 +19,10 @@ import json
 import sys
 from typing import Sequence
 
-from r1fast.plan_memory import (DECODERS, SPECS, GiB, RECOMPUTE_MODES, MemoryPlan, StagePlan,
+from r1fast.plan.memory import (DECODERS, SPECS, GiB, RECOMPUTE_MODES, MemoryPlan, StagePlan,
                                 plan_memory)
 
-__all__ = ["plan_main", "plan_memory", "format_plan", "MemoryPlan"]
+__all__ = ["plan_main", "format_plan"]
 
 
 def _gib(n: float) -> str:
