@@ -7,15 +7,20 @@ PY := $(VENV)/bin/python
 # `torch>=2.6` would resolve to a multi-GB CUDA build (docs/DESIGN.md §5).
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.r1fast-installed
+# pip's output goes here and is printed only when the install fails.
+INSTALL_LOG := $(VENV)/install.log
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow test-all bench install clean
 
 $(STAMP): pyproject.toml setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[dev]"
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing r1fast and $(TORCH_PIN) into $(VENV) (pip log: $(INSTALL_LOG))"
+	@{ $(PY) -m pip install --upgrade pip && \
+	   $(PY) -m pip install "$(TORCH_PIN)" -e ".[dev]"; } > $(INSTALL_LOG) 2>&1 || \
+	 { cat $(INSTALL_LOG); echo "install failed; the pip log above is in $(INSTALL_LOG)" >&2; \
+	   exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 

@@ -2,8 +2,9 @@
 
 - :mod:`~r1fast.policy.config`: ``ModelConfig`` (architecture, presets, HF translation) and
   ``ParallelConfig`` (TP/PP/EP/DP layout with validation).
-- :mod:`~r1fast.policy.parallel`: start torch.distributed and megatron's parallel state.
-- :mod:`~r1fast.policy.cpu_compat`: the bridges that let megatron-core run on CPU/gloo.
+- :mod:`~r1fast.policy.parallel`: start torch.distributed and megatron's parallel state;
+  ``init_parallel`` is where :mod:`r1fast.megatron_compat` (the bridges that let
+  megatron-core run on CPU/gloo and without Transformer Engine) is installed.
 - :mod:`~r1fast.policy.model`: ``build_policy`` -> ``Policy`` (hidden states, vocab-parallel
   log-probs via r1fast.ops.linear_logprob, logits, pipelined forward/backward).
 - :mod:`~r1fast.policy.router`: the MoE router calling r1fast.ops.moe_route (with replay hook).

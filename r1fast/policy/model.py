@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from r1fast.ops._validate import check_range, check_tensor
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.cpu_compat import apply_megatron_bridges, te_absent
+from r1fast.megatron_compat import te_absent
 from r1fast.policy.parallel import ParallelInfo, init_parallel
 
 log = logging.getLogger("r1fast.policy")
@@ -581,7 +581,6 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] 
 
     model_cfg.validate()
     parallel_cfg = parallel_cfg or ParallelConfig()
-    apply_megatron_bridges()
     info = init_parallel(parallel_cfg, model_cfg, seed=seed)
     config = transformer_config(model_cfg, parallel_cfg)
     gpt = GPTModel(

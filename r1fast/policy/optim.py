@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from r1fast.policy.cpu_compat import apply_megatron_bridges
-
 
 @dataclass
 class OptimConfig:
@@ -83,7 +81,6 @@ def wrap_ddp(policy, ddp_config: Any = None) -> None:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
 
-    apply_megatron_bridges()
     if ddp_config is None:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,

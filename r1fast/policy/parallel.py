@@ -3,9 +3,11 @@
 
 Ranks are arranged in megatron's default order ``tp-cp-ep-dp-pp``: neighbouring ranks share a
 tensor-parallel group, pipeline stages are the slowest-varying coordinate. The backend is NCCL
-with CUDA and gloo without (the CPU bridges of :mod:`r1fast.policy.cpu_compat` are applied
-here, before megatron builds anything). Under ``torchrun`` the usual environment variables are
-read; a single process with no environment initialises a one-rank group on a free local port.
+with CUDA and gloo without. :func:`init_parallel` is the one place that installs the megatron
+adapters (:func:`r1fast.megatron_compat.install`: the CPU bridges when CUDA is absent), right
+after torch.distributed starts and before megatron builds anything. Under ``torchrun`` the usual
+environment variables are read; a single process with no environment initialises a one-rank
+group on a free local port.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from r1fast.megatron_compat import install as install_megatron_compat
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.cpu_compat import apply_megatron_bridges
 
 _LAYOUT: Optional[tuple[int, int, int]] = None  # (tp, pp, ep) megatron was initialised with
 
@@ -86,8 +88,8 @@ def init_parallel(parallel: ParallelConfig, model: Optional[ModelConfig] = None,
     model-parallel RNG streams. Idempotent for the same layout; a different layout while one is
     active raises ``ValueError`` (call :func:`destroy_parallel` first)."""
     global _LAYOUT
-    apply_megatron_bridges()
     init_distributed(backend)
+    install_megatron_compat()  # after the process group: its WARNING line is rank 0's only
     parallel = ParallelConfig(**{**parallel.__dict__, "world_size": dist.get_world_size()})
     parallel.validate(model)
     from megatron.core import parallel_state as ps

@@ -10,7 +10,7 @@ Scenarios:
   before the step and the full weights after it. Saves ``logprobs``, ``grad_norm``,
   ``dp_rank``, ``dp``, ``logp_sum``, and on rank 0 ``grads`` and ``state`` (HF-named full
   tensors).
-- ``uneven``: the gloo collective bridges of r1fast.policy.cpu_compat on their own.
+- ``uneven``: the gloo collective bridges of r1fast.megatron_compat on their own.
 """
 from __future__ import annotations
 
@@ -144,15 +144,15 @@ def parity(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def uneven(args: dict[str, Any]) -> dict[str, Any]:
-    """The gloo bridges of cpu_compat on their own: uneven all-gather / reduce-scatter along the
+    """The gloo bridges of megatron_compat alone: uneven all-gather / reduce-scatter along the
     first dimension and all-to-all with tensor split sizes, against the even-size truth."""
     import torch
     import torch.distributed as dist
 
-    from r1fast.policy.cpu_compat import apply_megatron_bridges
+    from r1fast.megatron_compat import install
     from r1fast.policy.parallel import init_distributed
 
-    apply_megatron_bridges()
+    install()
     init_distributed()
     from megatron.core.tensor_parallel import mappings
 
