@@ -10,17 +10,15 @@
 // per-expert counts go to a shared-memory histogram (integer atomics: exact) and are flushed
 // to global memory once per block. The backward recomputes the scores from the logits and
 // writes each dlogits element once (a per-warp shared row scatters the k slot gradients).
-//
 // Permutation: one block per token, 16-byte vector loads when the row allows; every output
 // element is written by one thread, and the k-slot sums and dot products are reduced in a fixed
 // order: no float atomics anywhere, results are bitwise reproducible.
-//
 // No torch headers here (see moe_route.h); fp32 math; no fast-math intrinsics, so expf and
 // divisions are IEEE-accurate.
+#include <type_traits>
+
 #include "moe_route.h"
 #include "moe_route_device.h"
-
-#include <type_traits>
 
 namespace {
 
@@ -595,8 +593,7 @@ int r1_moe_gather_combine(const void* y, int dtype, const int64_t* row_map, cons
 
 const char* r1_error_string(int code) {
   if (code == 0) return "no error";
-  if (code == R1_ERR_ARGS)
-    return "unsupported arguments (sizes or dtype outside the kernel's limits)";
+  if (code == R1_ERR_ARGS) return "unsupported arguments (sizes or dtype outside its limits)";
   return cudaGetErrorString((cudaError_t)code);
 }
 

@@ -29,9 +29,8 @@ parallelism L is padded internally to a multiple of tp (the pad never influences
 positions: attention is causal, and the router ignores pads in its load statistics).
 ``position_ids`` (RoPE positions per token) may be given, e.g. for left-padded prompts.
 
-Generation. :class:`r1fast.rollout.kv_cache.KVCacheDecoder` decodes with megatron's static KV
-cache (pp=1, any TP/EP); :meth:`Policy.next_token_logits` recomputes the prefix on any layout.
-MoE routing can be recorded (:meth:`Policy.record_routing`) and replayed (``routing=`` of
+Generation. :mod:`r1fast.rollout` decodes through the public pieces :meth:`Policy.rotary_table`,
+:meth:`Policy.head_input` and :meth:`Policy.vocab_logits` (or :meth:`Policy.logits`). MoE routing can be recorded (:meth:`Policy.record_routing`) and replayed (``routing=`` of
 :meth:`Policy.logprobs` and of the batches of :meth:`Policy.forward_backward`).
 """
 from __future__ import annotations
@@ -224,9 +223,9 @@ class Policy:
                              f"max_position_embeddings={self.model_cfg.max_position_embeddings}")
         return tokens.to(self.device, torch.int64)
 
-    def _rotary(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """RoPE angles for explicit positions, megatron's layout [S, B, 1, dim] (non-interleaved
-        halves, as RotaryEmbedding.get_emb builds them for 0..S-1)."""
+    def rotary_table(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """RoPE angles for explicit positions ``[B, S]``, megatron's layout [S, B, 1, dim]
+        (non-interleaved halves, as RotaryEmbedding.get_emb builds them for 0..S-1)."""
         inv_freq = self.gpt.rotary_pos_emb.inv_freq.to(self.device)
         freqs = position_ids.t().to(torch.float32)[..., None] * inv_freq  # [S, B, dim/2]
         return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
@@ -255,10 +254,11 @@ class Policy:
         if gpt.pre_process:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
         hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=None,
-                             rotary_pos_emb=self._rotary(position_ids), padding_mask=padding_mask)
+                             rotary_pos_emb=self.rotary_table(position_ids),
+                             padding_mask=padding_mask)
         return hidden
 
-    def _to_head_input(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
+    def head_input(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
         """[L', b, H] last-stage output -> [b, L, H], the same on every TP rank. The backward
         expects the full input-gradient on every TP rank, which is what the r1fast heads
         deliver (linear_logprob all-reduces its partial dx over tp_group): under sequence
@@ -377,7 +377,7 @@ class Policy:
                                              None if pos is None else pos.to(self.device))
 
             def loss_func(output, non_loss_data: bool = False):
-                return head(self._to_head_input(output, mb["tokens"].shape[1]), mb)
+                return head(self.head_input(output, mb["tokens"].shape[1]), mb)
 
             return hidden, loss_func
 
@@ -461,7 +461,7 @@ class Policy:
         if self.info.pp == 1:
             self._reset_aux_loss_scale()  # a backward from here weighs aux losses by 1
             hidden = self._stage_forward(tokens, position_ids)
-            return self._to_head_input(hidden, tokens.shape[1])
+            return self.head_input(hidden, tokens.shape[1])
         out = self._inference(tokens, lambda h, mb: (h,), [], None, broadcast=False)
         return None if out is None else out[0]
 
@@ -504,30 +504,22 @@ class Policy:
                broadcast: bool = True) -> Optional[torch.Tensor]:
         """Full logits [B, L, V] fp32 (gathered over TP): materialises [B, L, V], so use
         :meth:`logprobs` for training-size batches."""
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
         tokens = self._check_tokens(tokens)
 
         def head(hidden, mb):
-            local = F.linear(hidden.float(), self.output_weight.float())  # [b, L, V/tp]
-            return (gather_from_tensor_model_parallel_region(local),)
+            return (self.vocab_logits(hidden),)
 
         shape = tuple(tokens.shape) + (self.model_cfg.vocab_size,)
         out = self._inference(tokens, head, [shape], micro_batch_size, broadcast)
         return None if out is None else out[0]
 
-    def next_token_logits(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-                          **kw: Any) -> Optional[torch.Tensor]:
-        """Logits [B, V] of the token after position ``lengths-1`` of each row (default: the
-        last column), by recomputing the whole prefix (any layout; see
-        :mod:`r1fast.rollout.kv_cache` for KV-cache decoding)."""
-        full = self.logits(tokens, **kw)
-        if full is None:
-            return None
-        b = tokens.shape[0]
-        last = torch.full((b,), tokens.shape[1] - 1, device=full.device) if lengths is None \
-            else lengths.to(full.device) - 1
-        return full[torch.arange(b, device=full.device), last]
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on head inputs ``[..., H]`` (see :meth:`head_input`): fp32 logits
+        ``[..., V]`` of the whole vocabulary, gathered over the TP group (collective)."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        local = F.linear(hidden.float(), self.output_weight.float())  # [..., V/tp]
+        return gather_from_tensor_model_parallel_region(local)
 
     def forward_backward(self, batches: Sequence[Mapping[str, Any]], loss_fn: LossFn, *,
                          zero_grad: bool = True) -> list[dict[str, Any]]:
@@ -562,12 +554,10 @@ class Policy:
 
 
 def _mark_expert_params(gpt: torch.nn.Module) -> None:
-    """megatron flags routed-expert weights as expert-parallel (``allreduce=False``, reduced
-    over the expert-data-parallel group) only when EP > 1. With whole experts per rank
-    (etp = 1) and TP > 1 under sequence parallelism, each TP rank's experts see only that
-    rank's tokens, so their gradients must be summed over the expert-DP group (which spans the
-    TP ranks), never over the dense DP group only. Flagging them always is exact at EP = 1 too:
-    then expert DP = TP x DP."""
+    """Flag routed-expert weights expert-parallel (``allreduce=False``: reduced over the
+    expert-DP group) at any EP; megatron does it only for EP > 1. Under sequence parallelism
+    each TP rank's experts see only its tokens, so their gradients must be summed over expert
+    DP (which spans the TP ranks); at EP = 1, expert DP = TP x DP, so this is exact there too."""
     for name, p in gpt.named_parameters():
         if ".mlp.experts." in name:
             p.allreduce = False

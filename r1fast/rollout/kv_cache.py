@@ -34,7 +34,7 @@ Three things megatron's static path does not do for us, and why this file does t
 Scope: pipeline parallelism 1 (any TP/EP/DP); megatron's local ``DotProductAttention`` (the
 layer spec r1fast builds without Transformer Engine). A Transformer Engine attention takes the
 mask type megatron chooses (``no_mask`` after the prompt) and ignores our mask, so for it
-:func:`make_decoder` falls back to :class:`r1fast.train.policy_io.PolicyDecoder`, as it does
+:func:`make_decoder` falls back to :class:`r1fast.rollout.recompute.RecomputeDecoder`, as it does
 for pp > 1 (there a decode step would need the pipeline schedule and a cache per stage).
 
 All rows share positions (the sampler's contract), so one offset serves the whole batch; a
@@ -62,16 +62,17 @@ def kv_cache_unsupported_reason(policy) -> str | None:
 
     if policy.info.pp > 1:
         return (f"KVCacheDecoder needs pipeline parallel size 1, got pp={policy.info.pp}; use "
-                f"r1fast.train.policy_io.PolicyDecoder (prefix recomputation) for this layout")
+                f"r1fast.rollout.recompute.RecomputeDecoder (prefix recomputation) for this "
+                f"layout")
     config = policy.config
     if getattr(config, "flash_decode", False) or getattr(config, "window_size", None):
         return ("KVCacheDecoder supports full causal attention without flash_decode; use "
-                "PolicyDecoder for sliding-window or flash-decode configs")
+                "RecomputeDecoder for sliding-window or flash-decode configs")
     for layer in policy.gpt.decoder.layers:
         core = layer.self_attention.core_attention
         if not isinstance(core, DotProductAttention):
             return (f"KVCacheDecoder needs megatron's local DotProductAttention (it passes an "
-                    f"explicit causal mask), got {type(core).__name__}; use PolicyDecoder")
+                    f"explicit causal mask), got {type(core).__name__}; use RecomputeDecoder")
     return None
 
 
@@ -94,8 +95,8 @@ class KVCacheDecoder:
     ``reset(B, max_len)`` allocates (or re-poisons) the cache; ``step(tokens[B, n], offset)``
     runs the ``n`` new positions against the cached prefix ``0 .. offset-1`` and returns their
     logits ``[B, n, V]`` fp32 (gathered over TP, on ``tokens.device``), equal to those of
-    :class:`r1fast.train.policy_io.PolicyDecoder` up to float rounding. Every rank of a TP/EP
-    group must call ``step`` together (the forward is collective), as with PolicyDecoder.
+    :class:`r1fast.rollout.recompute.RecomputeDecoder` up to float rounding. Every rank of a
+    TP/EP group must call ``step`` together (the forward is collective), as with that one.
     """
 
     def __init__(self, policy) -> None:
@@ -154,11 +155,9 @@ class KVCacheDecoder:
             self.context.key_value_memory_dict[attn.layer_number] = (keys, values)
         if self._rotary is None or self._rotary.shape[0] != cap:
             # the training forward's table for positions 0..cap-1 (same values per position)
-            self._rotary = self.policy._rotary(torch.arange(cap, device=device)[None])
+            self._rotary = self.policy.rotary_table(torch.arange(cap, device=device)[None])
 
     def step(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
         if self.context is None:
             raise ValueError("KVCacheDecoder: call reset(batch_size, max_len) before step()")
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
@@ -198,19 +197,17 @@ class KVCacheDecoder:
             hidden = gpt.decoder(hidden_states=hidden, attention_mask=mask[None, None],
                                  rotary_pos_emb=self._rotary, inference_context=self.context,
                                  padding_mask=padding_mask)
-            hidden = policy._to_head_input(hidden, n)  # [B, n, H], same on every TP rank
-            # the head of Policy.logits: fp32 matmul on the vocab shard, gathered over TP
-            local = F.linear(hidden.float(), policy.output_weight.float())  # [B, n, V/tp]
-            logits = gather_from_tensor_model_parallel_region(local)  # [B, n, V]
+            hidden = policy.head_input(hidden, n)  # [B, n, H], same on every TP rank
+            logits = policy.vocab_logits(hidden)  # [B, n, V] fp32, the head of Policy.logits
         self.filled = offset + n
         return logits.float().to(tokens.device)
 
 
 def make_decoder(policy):
     """The fastest exact decoder for ``policy``: :class:`KVCacheDecoder` where it applies
-    (pp == 1, megatron's local attention), else prefix recomputation (PolicyDecoder)."""
+    (pp == 1, megatron's local attention), else prefix recomputation (RecomputeDecoder)."""
     global _fallback_logged
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     reason = kv_cache_unsupported_reason(policy)
     if reason is None:
@@ -218,4 +215,4 @@ def make_decoder(policy):
     if not _fallback_logged:
         log.info("sampling without a KV cache: %s", reason)
         _fallback_logged = True
-    return PolicyDecoder(policy)
+    return RecomputeDecoder(policy)

@@ -1,6 +1,6 @@
-"""Moving a policy's weights in and out (checkpoints, reference copies, HF folders) and the
-sampler's view of a policy. Optimizer shards are saved by :mod:`r1fast.policy.optim`
-(``optim_state_dict``: each rank its own distributed-optimizer shard, no gather)."""
+"""Moving a policy's weights in and out: checkpoints, reference copies, HF model folders.
+Optimizer shards are saved by :mod:`r1fast.policy.optim` (``optim_state_dict``: each rank its
+own distributed-optimizer shard, no gather)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,23 +54,27 @@ def copy_weights(src, dst) -> None:
     load_model_state(dst, model_state(src))
 
 
-class PolicyDecoder:
-    """The sampler's view of a policy (see :class:`r1fast.rollout.sampler.Decoder`).
+def save_model(policy, tokenizer, path: str | Path) -> Path:
+    """A self-contained model folder: HF safetensors + config.json, r1fast_config.json and the
+    tokenizer (collective; rank 0 writes). Written under a temporary name, then renamed."""
+    import os
+    import shutil
 
-    Each step runs the policy on the whole prefix and keeps the logits of the new positions:
-    exact and simple, quadratic in length. It works at every TP/EP/PP layout (logits are
-    gathered over TP and broadcast from the last pipeline stage).
-    """
+    import torch.distributed as dist
 
-    def __init__(self, policy):
-        self.policy = policy
-        self.buf: torch.Tensor | None = None
+    from r1fast.policy import save_hf_checkpoint
 
-    def reset(self, batch_size: int, max_len: int) -> None:
-        self.buf = torch.zeros(batch_size, max_len, dtype=torch.long)
-
-    def step(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
-        n = tokens.shape[1]
-        self.buf[:, offset: offset + n] = tokens.cpu()
-        logits = self.policy.logits(self.buf[:, : offset + n])  # [B, offset + n, V]
-        return logits[:, offset: offset + n].float().cpu()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    save_hf_checkpoint(policy, str(tmp))
+    if rank == 0:
+        tokenizer.save(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path

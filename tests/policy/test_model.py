@@ -73,16 +73,18 @@ def test_logprobs_and_entropy_match_fp64_formula(moe, length):
         assert (ent.double() - ref_ent).abs().max().item() < 1e-5
 
 
-def test_logits_agree_with_logprobs_and_next_token(moe):
+def test_logits_agree_with_logprobs_and_vocab_logits(moe):
     tokens, targets = data(b=3, length=5, seed=1)
     logits = moe.logits(tokens)
     assert logits.shape == (3, 5, 256)
     ref = torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     lp = moe.logprobs(tokens, targets, micro_batch_size=1)
     assert (lp.double() - torch.where(targets == -100, 0.0, ref)).abs().max().item() < 1e-5
-    lengths = torch.tensor([5, 2, 3])
-    nxt = moe.next_token_logits(tokens, lengths)
-    assert torch.equal(nxt, logits[torch.arange(3), lengths - 1])
+    # the public head the rollout decoders use: hidden states -> the same logits
+    with torch.no_grad():
+        head = moe.vocab_logits(moe.hidden_states(tokens))
+    assert head.shape == (3, 5, 256) and head.dtype == torch.float32
+    assert (head - logits).abs().max().item() < 1e-5
 
 
 def test_num_parameters(moe):

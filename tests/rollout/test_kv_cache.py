@@ -1,4 +1,4 @@
-"""KVCacheDecoder against prefix recomputation (PolicyDecoder) on the tiny MoE policy: logits of
+"""KVCacheDecoder against prefix recomputation (RecomputeDecoder) on the tiny MoE policy: logits of
 prefill, one-token, multi-token and rewinding steps to 1e-5 on one rank and at TP2 (sequence
 parallel, padded steps) and EP2 with two gloo processes; the same completions from
 ``generate``; the NaN-poisoned cache never read before written; the fallback choice of
@@ -69,10 +69,10 @@ def policy():
 
 
 def test_steps_match_prefix_recomputation(policy):
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     tokens = batch_tokens(100)
-    kv, ref = run_schedule(KVCacheDecoder(policy), tokens), run_schedule(PolicyDecoder(policy),
+    kv, ref = run_schedule(KVCacheDecoder(policy), tokens), run_schedule(RecomputeDecoder(policy),
                                                                          tokens)
     assert [x.shape for x in kv] == [(3, n, 256) for _, n in SCHEDULE]
     assert all(x.dtype == torch.float32 for x in kv)
@@ -86,7 +86,7 @@ def test_steps_match_an_independent_fp64_attention(policy):
     that attention, which checks the mask and RoPE positions independently of megatron's
     DotProductAttention."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     class Fp64Causal(DotProductAttention):
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kw):
@@ -107,7 +107,7 @@ def test_steps_match_an_independent_fp64_attention(policy):
             core.__class__ = Fp64Causal
         tokens = batch_tokens(101)
         prefix = [(0, 5), (5, 1), (6, 3), (9, 1)]  # contiguous: sq at the cache's end
-        kv, ref = KVCacheDecoder(policy), PolicyDecoder(policy)
+        kv, ref = KVCacheDecoder(policy), RecomputeDecoder(policy)
         for d in (kv, ref):
             d.reset(3, MAX_LEN)
         for o, n in prefix:
@@ -125,10 +125,10 @@ def test_steps_match_an_independent_fp64_attention(policy):
 def test_any_schedule_of_steps_and_rewinds_matches_recomputation(policy, moves, batch):
     """Property: for any sequence of steps (each rewinding 0-2 positions and feeding 1-3
     tokens), every step's logits equal those of recomputing the whole prefix."""
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     tokens = batch_tokens(103, batch=batch)
-    kv, ref = KVCacheDecoder(policy), PolicyDecoder(policy)
+    kv, ref = KVCacheDecoder(policy), RecomputeDecoder(policy)
     for d in (kv, ref):
         d.reset(batch, MAX_LEN)
     filled = 0
@@ -142,10 +142,10 @@ def test_any_schedule_of_steps_and_rewinds_matches_recomputation(policy, moves, 
 
 
 def test_generate_gives_the_same_completions(policy):
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     for eos in (3, 256):  # an id the random model emits (early stops), one it never emits
-        a, b = sample(KVCacheDecoder(policy), eos), sample(PolicyDecoder(policy), eos)
+        a, b = sample(KVCacheDecoder(policy), eos), sample(RecomputeDecoder(policy), eos)
         assert a.completion_ids == b.completion_ids and a.truncated == b.truncated
         assert any(len(c) > 0 for c in a.completion_ids)
         for x, y in zip(a.logprobs, b.logprobs):
@@ -180,7 +180,7 @@ def test_restores_the_callers_train_mode(policy):
 
 
 def test_make_decoder_picks_the_kv_cache_and_falls_back(policy):
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     assert isinstance(make_decoder(policy), KVCacheDecoder)
     # an attention other than megatron's local DotProductAttention (e.g. Transformer Engine's);
@@ -189,7 +189,7 @@ def test_make_decoder_picks_the_kv_cache_and_falls_back(policy):
     core = attn.core_attention
     attn.core_attention = torch.nn.Identity()
     try:
-        assert isinstance(make_decoder(policy), PolicyDecoder)
+        assert isinstance(make_decoder(policy), RecomputeDecoder)
         with pytest.raises(ValueError, match="needs megatron's local DotProductAttention"):
             KVCacheDecoder(policy)
     finally:
@@ -275,7 +275,7 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     from r1fast.policy.hf_checkpoint import load_hf_checkpoint, load_model_config
     from r1fast.policy.model import build_policy
     from r1fast.policy.parallel import destroy_parallel
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     cfg = load_model_config(ckpt)
     out = {}
@@ -293,8 +293,8 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
             load_hf_checkpoint(policy, ckpt)
             tokens = batch_tokens(100 + policy.info.dp_rank)  # each DP rank its own batch
             kv = run_schedule(KVCacheDecoder(policy), tokens)
-            ref = run_schedule(PolicyDecoder(policy), tokens)
-            a, b = sample(KVCacheDecoder(policy), 256), sample(PolicyDecoder(policy), 256)
+            ref = run_schedule(RecomputeDecoder(policy), tokens)
+            a, b = sample(KVCacheDecoder(policy), 256), sample(RecomputeDecoder(policy), 256)
             out[name] = {"kv": kv, "ref": ref, "dp_rank": policy.info.dp_rank,
                          "sp": policy.sequence_parallel, "kv_completions": a.completion_ids,
                          "ref_completions": b.completion_ids,
@@ -307,15 +307,15 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
 @pytest.mark.multiproc
 def test_tp2_ep2_match_recomputation_and_one_rank(policy, tmp_path):
     from r1fast.policy.hf_checkpoint import save_hf_checkpoint
-    from r1fast.train.policy_io import PolicyDecoder
+    from r1fast.rollout.recompute import RecomputeDecoder
 
     ckpt = str(tmp_path / "ckpt")
     save_hf_checkpoint(policy, ckpt)
     mp.start_processes(_worker, args=(2, _free_port(), ckpt, str(tmp_path)), nprocs=2,
                        join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    one_rank = {dp: run_schedule(PolicyDecoder(policy), batch_tokens(100 + dp)) for dp in (0, 1)}
-    completions = sample(PolicyDecoder(policy), 256).completion_ids
+    one_rank = {dp: run_schedule(RecomputeDecoder(policy), batch_tokens(100 + dp)) for dp in (0, 1)}
+    completions = sample(RecomputeDecoder(policy), 256).completion_ids
     for r, res in enumerate(ranks):
         assert res["tp2"]["sp"] and not res["ep2"]["sp"]
         for name in ("tp2", "ep2"):
@@ -324,5 +324,5 @@ def test_tp2_ep2_match_recomputation_and_one_rank(policy, tmp_path):
             assert max_diff(got["kv"], got["ref"]) <= TOL, (r, name)
             assert max_diff(got["kv"], one_rank[got["dp_rank"]]) <= TOL, (r, name)
             assert got["kv_completions"] == got["ref_completions"] == completions, (r, name)
-        assert res["pp2"]["decoder"] == "PolicyDecoder"
+        assert res["pp2"]["decoder"] == "RecomputeDecoder"
         assert "needs pipeline parallel size 1, got pp=2" in res["pp2"]["error"]
