@@ -35,7 +35,7 @@ from harness import Provider, print_table, run_case, save_rows  # noqa: E402
 
 from r1fast.ops._dispatch import triton_missing  # noqa: E402
 from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss  # noqa: E402
-from r1fast.ops.policy_loss import PolicyLossConfig, config_kwargs, policy_loss  # noqa: E402
+from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss  # noqa: E402
 
 CONFIG = PolicyLossConfig(loss="ppo", clip_high=0.28, dual_clip=3.0, kl="k3", kl_coef=0.04,
                           tis_cap=2.0)
@@ -65,8 +65,8 @@ def loss_inputs(tokens: int, device: torch.device) -> dict:
 
 def _ours(impl: str):
     def fn(logp, old, ref, roll, adv, mask):
-        return policy_loss(logp, old, adv, mask, ref_logp=ref, rollout_logp=roll, impl=impl,
-                           **config_kwargs(CONFIG))[0]
+        return policy_loss(logp, old, adv, mask, CONFIG, ref_logp=ref, rollout_logp=roll,
+                           impl=impl)[0]
     return fn
 
 
@@ -74,9 +74,8 @@ def bench_loss(tokens: int, device: torch.device, liger_vocab: int) -> list[dict
     inputs = loss_inputs(tokens, device)
     with torch.no_grad():
         ref64, _ = policy_loss(*(inputs[k].double() for k in ("logp", "old", "adv")),
-                               inputs["mask"], ref_logp=inputs["ref"].double(),
-                               rollout_logp=inputs["roll"].double(), impl="torch",
-                               **config_kwargs(CONFIG))
+                               inputs["mask"], CONFIG, ref_logp=inputs["ref"].double(),
+                               rollout_logp=inputs["roll"].double(), impl="torch")
     shape = {"T": tokens, "B": inputs["adv"].numel()}
     providers = [
         Provider("torch", _ours("torch")),
@@ -131,8 +130,8 @@ def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
     def separate(hidden, weight, targets, old, ref, roll, adv, mask, cu):
         logits = (hidden @ weight.T).float()  # [T, V] materialised
         logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
-        return policy_loss(logp, old, adv, mask, ref_logp=ref, rollout_logp=roll,
-                           cu_seqlens=cu, impl=impl, **config_kwargs(CONFIG))[0]
+        return policy_loss(logp, old, adv, mask, CONFIG, ref_logp=ref, rollout_logp=roll,
+                           cu_seqlens=cu, impl=impl)[0]
 
     thv = tokens * hidden * vocab
     shape = {"T": tokens, "H": hidden, "V": vocab, "dtype": str(dtype).replace("torch.", "")}

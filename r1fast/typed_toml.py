@@ -122,16 +122,41 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
+FLATTEN = {"flatten": True}
+"""``field(metadata=FLATTEN)`` on a nested-dataclass field: its fields are read and written
+directly in the parent's table (``[algo] kl_coef`` for ``AlgoConfig.objective.kl_coef``), so a
+component config can be embedded whole without changing the recipe keys."""
+
+
+def _flattened(cls: type) -> dict[str, str]:
+    """Key in ``cls``'s table -> the flattened field that holds it."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flatten"):
+            child = typing.get_type_hints(cls)[f.name]
+            out.update({c.name: f.name for c in dataclasses.fields(child) if c.init})
+    return out
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict. Unset fields keep their defaults; a nested
     table is merged onto that field's default (so ``[model] hidden_size = 32`` changes one field
-    of the default model), or onto ``cls.preset(name)`` when the table has ``preset = name``."""
+    of the default model), or onto ``cls.preset(name)`` when the table has ``preset = name``.
+    Keys of a :data:`FLATTEN` field's dataclass are gathered into that field."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    owner = _flattened(cls)
+    data = dict(data)
+    for key in [k for k in data if k in owner and k not in fields]:
+        holder = data.get(owner[key], {})  # a table, or the field's object from a merged base
+        if dataclasses.is_dataclass(holder):
+            holder = _shallow_fields(holder)
+        data[owner[key]] = {**holder, key: data.pop(key)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise _unknown_key(key, prefix, sorted(fields))
+            raise _unknown_key(key, prefix, sorted((set(fields) - set(owner.values()))
+                                                   | set(owner)))
         base = _field_default(fields[key]) if isinstance(value, dict) else None
         kwargs[key] = _coerce(value, hints[key], prefix + key, base)
     try:
@@ -140,9 +165,19 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         raise ConfigError(f"config '{prefix.rstrip('.') or cls.__name__}': {e}") from e
 
 
-def to_dict(cfg: Any) -> dict:
-    """A plain nested dict (TOML/JSON-serialisable) of a config dataclass."""
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """A plain nested dict (TOML/JSON-serialisable) of a config dataclass; the fields of a
+    :data:`FLATTEN` field appear in the parent's table."""
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        return cfg
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = to_dict(getattr(cfg, f.name))
+        if f.metadata.get("flatten"):
+            out.update(value)
+        else:
+            out[f.name] = value
+    return out
 
 
 def _parse_literal(text: str) -> Any:

@@ -1,8 +1,16 @@
 """Test-wide setup. Without a GPU, Triton kernels run in the interpreter; the variable must be
 set before the first kernel launch, so it is set here, before any test imports a kernel."""
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# Helpers shared by several test files import as ``tests.helpers.<module>``; test files never
+# import each other. The repository root is appended (not prepended) so nothing is shadowed.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -17,7 +17,7 @@ from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
 from r1fast.ops.linear_logprob import linear_logprob
 from r1fast.ops.moe_permute import moe_permute, moe_unpermute
 from r1fast.ops.moe_route import MoERouting, moe_aux_loss, moe_route, moe_z_loss
-from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss
+from r1fast.ops.policy_loss import PolicyLossConfig, loss_denominator, policy_loss
 
 __all__ = [
     "ImplUnavailableError",
@@ -25,6 +25,7 @@ __all__ = [
     "group_advantages",
     "policy_loss",
     "PolicyLossConfig",
+    "loss_denominator",
     "fused_linear_policy_loss",
     "moe_route",
     "MoERouting",

@@ -25,7 +25,7 @@ import torch
 
 from r1fast.ops._validate import INDEX_DTYPES, check_tensor
 from r1fast.ops.linear_logprob import linear_logprob
-from r1fast.ops.policy_loss import PolicyLossConfig, config_kwargs, policy_loss
+from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss
 
 __all__ = ["fused_linear_policy_loss"]
 
@@ -94,9 +94,9 @@ def fused_linear_policy_loss(
                          temperature, return_entropy, _IGNORE, tp_group=tp_group, impl=impl)
     logp, entropy = out if return_entropy else (out, None)  # [T] fp32
     loss, metrics = policy_loss(
-        logp.reshape(tok_shape), old_logp, advantages, mask, ref_logp=ref_logp,
+        logp.reshape(tok_shape), old_logp, advantages, mask, config, ref_logp=ref_logp,
         global_normalizer=global_normalizer, rollout_logp=rollout_logp, cu_seqlens=cu_seqlens,
-        impl=impl, **config_kwargs(config))
+        impl=impl)
     if entropy is not None:
         with torch.no_grad():
             m = mask.reshape(-1).to(entropy.dtype)

@@ -1,4 +1,5 @@
-"""The GRPO policy loss: clipped importance-ratio objective + KL penalty, aggregated (DESIGN §3).
+"""The GRPO policy loss: clipped importance-ratio objective + KL penalty, aggregated
+(docs/DESIGN.md §3).
 
 Per token t of completion i (``m`` the mask, ``A`` the advantage), all in fp32:
 
@@ -36,9 +37,11 @@ multiply).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -52,8 +55,8 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
 METRICS = ("pg_loss", "kl_loss", "clip_frac", "dual_clip_frac", "kl_mean", "ratio_min",
            "ratio_mean", "ratio_max", "tis_mean", "num_tokens")
 
-__all__ = ["PolicyLossConfig", "policy_loss", "policy_loss_reference", "LOSSES",
-           "KL_ESTIMATORS", "AGGREGATIONS", "METRICS"]
+__all__ = ["PolicyLossConfig", "policy_loss", "policy_loss_reference", "loss_denominator",
+           "LOSSES", "KL_ESTIMATORS", "AGGREGATIONS", "METRICS"]
 
 
 def _check_number(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -64,12 +67,15 @@ def _check_number(name: str, value: object, *, allow_none: bool = False) -> None
                          f"got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PolicyLossConfig:
     """How the per-token policy loss is formed and aggregated (see the module docstring).
+
+    The one declaration of the loss options: the ops take it as an object, and the trainer's
+    ``[algo]`` table holds one (its fields appear directly in ``[algo]``: ``--algo.kl_coef``).
     Frozen: it is safe as a default argument and can be shared between calls."""
 
-    loss: str = "ppo"
+    loss: Literal["ppo", "gspo", "cispo"] = "ppo"
     """Objective: ``"ppo"`` (token ratio), ``"gspo"`` (sequence ratio), ``"cispo"`` (clipped
     IS-weighted REINFORCE)."""
     clip_low: float = 0.2
@@ -79,12 +85,13 @@ class PolicyLossConfig:
     dual_clip: Optional[float] = None
     """c of dual-clip PPO (e.g. 3.0): for A < 0 the loss is capped at ``-c A``; > 1; ppo/gspo
     only. None disables it."""
-    kl: Optional[str] = None
+    kl: Optional[Literal["k1", "k2", "k3", "k3+"]] = None
     """KL estimator to the reference policy: ``"k1"``, ``"k2"``, ``"k3"``, ``"k3+"`` or None.
     Needs ``ref_logp``; with ``kl_coef = 0`` it is only reported (``kl_mean``)."""
     kl_coef: float = 0.0
     """beta: weight of the KL term in the per-token loss; >= 0 (> 0 needs ``kl``)."""
-    agg: str = "token-mean"
+    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                 "seq-mean-token-sum-norm"] = "token-mean"
     """Aggregation: ``"token-mean"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"``,
     ``"seq-mean-token-sum-norm"``."""
     tis_cap: Optional[float] = None
@@ -193,19 +200,35 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
     return _Layout(padded, num_seqs, max_len, adv_per_token, cu_seqlens)
 
 
+def loss_denominator(agg: str, *, num_tokens, num_seqs: int, max_len: int):
+    """The denominator of aggregation ``agg``: the one place it is defined.
+
+    ``num_tokens`` is the (mask-weighted) count of valid tokens N, ``num_seqs`` the count of
+    sequences B, ``max_len`` L_max: N for token-mean, B * L_max for seq-mean-token-sum-norm
+    (Dr.GRPO), B for the seq-mean-* modes. Callers pass local counts for a one-process loss, or
+    counts summed over data-parallel ranks for the ``global_normalizer`` of a sharded batch.
+    Not clamped: an empty batch gives 0, and each caller decides what 0 means."""
+    check_choice("agg", agg, AGGREGATIONS)
+    if agg == "token-mean":
+        return num_tokens
+    if agg == "seq-mean-token-sum-norm":
+        return num_seqs * max_len
+    return num_seqs
+
+
 def _denominator(cfg: PolicyLossConfig, layout: _Layout, num_tokens: torch.Tensor,
                  global_normalizer) -> torch.Tensor | float:
-    """Local default normaliser of the aggregation, or the given global one."""
+    """The given global normaliser, else the local one (an empty batch divides by 1)."""
     if global_normalizer is not None:
         if isinstance(global_normalizer, torch.Tensor):
             return global_normalizer.reshape(()).to(device=num_tokens.device,
                                                     dtype=num_tokens.dtype)
         return float(global_normalizer)
-    if cfg.agg == "token-mean":
-        return torch.where(num_tokens > 0, num_tokens, torch.ones_like(num_tokens))
-    if cfg.agg == "seq-mean-token-sum-norm":
-        return float(max(layout.num_seqs * layout.max_len, 1))
-    return float(max(layout.num_seqs, 1))
+    local = loss_denominator(cfg.agg, num_tokens=num_tokens, num_seqs=layout.num_seqs,
+                             max_len=layout.max_len)
+    if isinstance(local, torch.Tensor):
+        return torch.where(local > 0, local, torch.ones_like(local))
+    return float(max(local, 1))
 
 
 def _finish_metrics(num: dict[str, torch.Tensor], denom, n: torch.Tensor) -> dict:
@@ -337,53 +360,71 @@ def _reference(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seql
     denom = _denominator(cfg, layout, n.detach(), global_normalizer)
     loss = (pg_num + kl_num) / denom
 
-    with torch.no_grad():
-        r = ratio.detach()
-        pos, neg = adv > 0, adv < 0
-        clipped = (pos & (r > hi)) | (neg & (r < lo))
-        dual = (neg & (r > cfg.dual_clip)) if cfg.dual_clip is not None and cfg.loss != "cispo" \
-            else torch.zeros_like(valid)
-        inf = torch.full((), float("inf"), dtype=cdt, device=lp.device)
-        sums = {
-            "pg": pg_num.detach(), "kl": kl_num.detach(),
-            "clip": torch.where(valid & clipped, m, zero).sum(),
-            "dual": torch.where(valid & dual, m, zero).sum(),
-            "klraw": kl_seq.detach().sum(),
-            "ratio": torch.where(valid, m * r, zero).sum(),
-            "rmin": torch.where(valid, r, inf).amin() if r.numel() else inf,
-            "rmax": torch.where(valid, r, -inf).amax() if r.numel() else -inf,
-            "tis": torch.where(valid, m * tis_w, zero).sum() if tis_w is not None else n,
-        }
-        metrics = _finish_metrics(sums, denom, n.detach())
+    metrics = _reference_metrics(cfg, ratio, adv, valid, m, tis_w, pg_num, kl_num, kl_seq, n,
+                                 denom)
     return loss, metrics
 
 
+@torch.no_grad()
+def _reference_metrics(cfg: PolicyLossConfig, ratio, adv, valid, m, tis_w, pg_num, kl_num,
+                       kl_seq, n, denom) -> dict[str, torch.Tensor]:
+    """The reference path's masked sums -> :func:`_finish_metrics` (no autograd)."""
+    r = ratio.detach()
+    lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
+    pos, neg = adv > 0, adv < 0
+    clipped = (pos & (r > hi)) | (neg & (r < lo))
+    dual = (neg & (r > cfg.dual_clip)) if cfg.dual_clip is not None and cfg.loss != "cispo" \
+        else torch.zeros_like(valid)
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    inf = torch.full((), float("inf"), dtype=r.dtype, device=r.device)
+    sums = {
+        "pg": pg_num.detach(), "kl": kl_num.detach(),
+        "clip": torch.where(valid & clipped, m, zero).sum(),
+        "dual": torch.where(valid & dual, m, zero).sum(),
+        "klraw": kl_seq.detach().sum(),
+        "ratio": torch.where(valid, m * r, zero).sum(),
+        "rmin": torch.where(valid, r, inf).amin() if r.numel() else inf,
+        "rmax": torch.where(valid, r, -inf).amax() if r.numel() else -inf,
+        "tis": torch.where(valid, m * tis_w, zero).sum() if tis_w is not None else n.detach(),
+    }
+    return _finish_metrics(sums, denom, n.detach())
+
+
 # ----------------------------------------------------------------------------- triton op
+
+@functools.lru_cache(maxsize=64)
+def _config_from_key(key: str) -> PolicyLossConfig:
+    return PolicyLossConfig(**json.loads(key))
+
+
+def _config_key(cfg: PolicyLossConfig) -> str:
+    """The config as the custom op's one string argument (ops take tensors and scalars only);
+    decoded once per distinct config by :func:`_config_from_key`."""
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
 
 @torch.library.custom_op("r1fast::grpo_loss", mutates_args=())
 def _grpo_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                   ref_logp: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor],
-                  normalizer: Optional[torch.Tensor], num_seqs: int, seq_len: int, loss: str,
-                  clip_low: float, clip_high: float, dual_clip: Optional[float],
-                  kl: Optional[str], kl_coef: float, tis_cap: Optional[float], agg: str,
-                  norm_value: float, adv_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  normalizer: Optional[torch.Tensor], num_seqs: int, seq_len: int,
+                  norm_value: float, adv_per_token: bool,
+                  config: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat inputs -> (totals [12] fp32: loss and metrics, dlogp [N] fp32: saved gradient).
-    See ``r1fast.kernels.grpo_loss.grpo_loss_fwd`` for the arguments."""
+    ``config`` is :func:`_config_key` of the :class:`PolicyLossConfig`; see
+    ``r1fast.kernels.grpo_loss.grpo_loss_fwd`` for the other arguments."""
     from r1fast.kernels.grpo_loss import grpo_loss_fwd  # lazy: needs triton
 
     totals, dlogp, _ = grpo_loss_fwd(
         logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp,
-        num_seqs=num_seqs, seq_len=seq_len, loss=loss, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, kl=kl, kl_coef=kl_coef, tis_cap=tis_cap, agg=agg,
-        norm_value=norm_value, normalizer=normalizer, adv_per_token=adv_per_token)
+        num_seqs=num_seqs, seq_len=seq_len, norm_value=norm_value, normalizer=normalizer,
+        adv_per_token=adv_per_token, **dataclasses.asdict(_config_from_key(config)))
     return totals, dlogp
 
 
 @_grpo_loss_op.register_fake
 def _(logp, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp, normalizer,
-      num_seqs, seq_len, loss, clip_low, clip_high, dual_clip, kl, kl_coef, tis_cap, agg,
-      norm_value, adv_per_token):
+      num_seqs, seq_len, norm_value, adv_per_token, config):
     return (logp.new_empty((_NUM_TOTALS,), dtype=torch.float32),
             logp.new_empty(logp.shape, dtype=torch.float32))
 
@@ -399,7 +440,7 @@ def _grpo_loss_backward(ctx, grad_totals, grad_dlogp):
     # detached, and dlogp is a saved intermediate. One elementwise multiply over the tokens.
     dlogp, totals = ctx.saved_tensors
     scale = grad_totals[_T_LOSS] / totals[_T_DENOM]
-    return ((dlogp * scale).to(ctx.logp_dtype),) + (None,) * 19
+    return ((dlogp * scale).to(ctx.logp_dtype),) + (None,) * 12
 
 
 _grpo_loss_op.register_autograd(_grpo_loss_backward, setup_context=_grpo_loss_setup_context)
@@ -427,21 +468,17 @@ def _policy_loss_triton(logp, old_logp, advantages, mask, ref_logp, rollout_logp
         norm_tensor = global_normalizer.reshape(1).to(device=logp.device, dtype=torch.float32)
     elif global_normalizer is not None:
         norm_value = float(global_normalizer)
-    elif cfg.agg == "seq-mean-token-sum-norm":
-        norm_value = float(max(layout.num_seqs * layout.max_len, 1))
-    elif cfg.agg != "token-mean":
-        norm_value = float(max(layout.num_seqs, 1))
+    elif cfg.agg != "token-mean":  # token-mean: the kernel counts the tokens itself
+        norm_value = float(max(loss_denominator(cfg.agg, num_tokens=0, num_seqs=layout.num_seqs,
+                                                max_len=layout.max_len), 1))
     adv = flat(advantages) if layout.adv_per_token else advantages.contiguous()
     totals, _ = _grpo_loss_op(
         flat(logp), flat(old_logp).detach(), adv.detach(), flat(mask),
         None if layout.padded else layout.cu_seqlens.contiguous(),
         flat(ref_logp).detach() if cfg.kl is not None else None,
         flat(rollout_logp).detach() if cfg.tis_cap is not None else None,
-        norm_tensor, layout.num_seqs, logp.shape[1] if layout.padded else 0,
-        cfg.loss, float(cfg.clip_low), float(cfg.clip_high),
-        None if cfg.dual_clip is None else float(cfg.dual_clip), cfg.kl, float(cfg.kl_coef),
-        None if cfg.tis_cap is None else float(cfg.tis_cap), cfg.agg, norm_value,
-        layout.adv_per_token)
+        norm_tensor, layout.num_seqs, logp.shape[1] if layout.padded else 0, norm_value,
+        layout.adv_per_token, _config_key(cfg))
     t = totals.detach()
     return totals[_T_LOSS], {name: t[slot] for name, slot in _METRIC_SLOTS.items()}
 
@@ -453,18 +490,11 @@ def policy_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    config: PolicyLossConfig = PolicyLossConfig(),
     *,
     ref_logp: torch.Tensor | None = None,
-    loss: str = "ppo",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl: str | None = None,
-    kl_coef: float = 0.0,
-    agg: str = "token-mean",
-    global_normalizer: float | torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
-    tis_cap: float | None = None,
+    global_normalizer: float | torch.Tensor | None = None,
     max_len: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
@@ -479,14 +509,13 @@ def policy_loss(
             batch with N == B is read per token).
         mask: same shape, bool, or float weights ``m`` (0 excludes a token; positions with
             ``m == 0`` may hold any value, NaN included).
-        ref_logp: reference-policy log-probs, needed when ``kl`` is set.
-        loss, clip_low, clip_high, dual_clip, kl, kl_coef, agg, tis_cap: as
-            :class:`PolicyLossConfig` (validated by it).
-        global_normalizer: the denominator of ``agg`` over the GLOBAL batch under data
-            parallelism (N_global valid tokens for token-mean, B_global sequences for
-            seq-mean-*, B_global * L_max_global for seq-mean-token-sum-norm); a positive number
-            or 1-element tensor. None: the local value (for token-mean, the local N, or 1 if N=0).
-        rollout_logp: the rollout engine's log-probs for truncated IS (with ``tis_cap``).
+        config: the objective, clipping, KL estimator and aggregation
+            (:class:`PolicyLossConfig`).
+        ref_logp: reference-policy log-probs, needed when ``config.kl`` is set.
+        rollout_logp: the rollout engine's log-probs for truncated IS (with ``config.tis_cap``).
+        global_normalizer: the denominator of ``config.agg`` over the GLOBAL batch under data
+            parallelism (:func:`loss_denominator` of the global counts); a positive number or
+            1-element tensor. None: the local value (1 for an empty batch).
         max_len: L_max of seq-mean-token-sum-norm; defaults to L (padded) or the longest
             sequence (packed). Ignored when ``global_normalizer`` is given.
         cu_seqlens: ``[B+1]`` int offsets of the packed layout (non-decreasing, 0 to N).
@@ -502,18 +531,13 @@ def policy_loss(
         ratio, or the sequence ratio for gspo), ``tis_mean`` (mean TIS weight, 1 without TIS)
         and ``num_tokens`` (local N). Token averages are mask-weighted over the local batch.
     """
-    cfg = PolicyLossConfig(loss=loss, clip_low=clip_low, clip_high=clip_high,
-                           dual_clip=dual_clip, kl=kl, kl_coef=kl_coef, agg=agg, tis_cap=tis_cap)
+    if not isinstance(config, PolicyLossConfig):
+        raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     layout = _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqlens,
-                       max_len, global_normalizer, cfg)
+                       max_len, global_normalizer, config)
     chosen = resolve_impl("policy_loss", impl, logp.device, supported=("torch", "triton"))
     if chosen == "triton":
         return _policy_loss_triton(logp, old_logp, advantages, mask, ref_logp, rollout_logp,
-                                   layout, cfg, global_normalizer)
+                                   layout, config, global_normalizer)
     return _reference(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqlens,
-                      layout, cfg, global_normalizer)
-
-
-def config_kwargs(config: PolicyLossConfig) -> dict:
-    """The keyword arguments of :func:`policy_loss` that a :class:`PolicyLossConfig` holds."""
-    return dataclasses.asdict(config)
+                      layout, config, global_normalizer)

@@ -1,7 +1,7 @@
 """Loading a saved model folder and sampling from it: what evaluation, rejection sampling and
 distillation share.
 
-A model folder (written by :func:`r1fast.train.sft.save_model` or the GRPO stage) holds Hugging
+A model folder (written by :func:`r1fast.train.policy_io.save_model` or the GRPO stage) holds Hugging
 Face safetensors, ``r1fast_config.json`` (the exact architecture) and ``tokenizer.json``.
 """
 from __future__ import annotations

@@ -96,7 +96,6 @@ def grpo(init_from: str | Path, out_dir: str | Path, *, overrides: Sequence[str]
     """GRPO from the model folder ``init_from``; returns (``out_dir/model``, metrics rows)."""
     from r1fast.train.config import load_train_config
     from r1fast.train.grpo import GRPOTrainer
-    from r1fast.train.sft import save_model
 
     cfg = load_train_config(recipe, list(overrides))
     cfg = dataclasses.replace(cfg, model=load_model_config(str(init_from)),
@@ -104,7 +103,7 @@ def grpo(init_from: str | Path, out_dir: str | Path, *, overrides: Sequence[str]
                                                       out_dir=str(out_dir)))
     trainer = GRPOTrainer(cfg)
     rows = trainer.fit()
-    return save_model(trainer.policy, trainer.task.tokenizer, Path(out_dir) / "model"), rows
+    return trainer.engine.save_model(trainer.task.tokenizer, Path(out_dir) / "model"), rows
 
 
 # ---------------------------------------------------------------------------- sampling stages

@@ -12,13 +12,25 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from r1fast import typed_toml as _config
+from r1fast.ops.policy_loss import PolicyLossConfig
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
+from r1fast.typed_toml import FLATTEN
+
+
+def _grpo_objective() -> PolicyLossConfig:
+    """The recipe defaults of the GRPO objective: DAPO's clip-higher, a k3 KL penalty, and the
+    R1 paper's seq-mean-token-mean aggregation."""
+    return PolicyLossConfig(clip_high=0.28, kl="k3", kl_coef=1e-3, agg="seq-mean-token-mean")
 
 
 @dataclass
 class AlgoConfig:
-    """The GRPO objective (DESIGN §3) and the update schedule."""
+    """The GRPO objective (docs/DESIGN.md §3) and the update schedule.
+
+    The loss options are :class:`r1fast.ops.PolicyLossConfig`'s own fields, written directly
+    in ``[algo]`` (``loss``, ``clip_low``, ``clip_high``, ``dual_clip``, ``kl``, ``kl_coef``,
+    ``agg``, ``tis_cap``; e.g. ``--algo.kl_coef=0.001``) and held in :attr:`objective`."""
 
     group_size: int = 8
     """G: completions sampled per prompt."""
@@ -26,23 +38,9 @@ class AlgoConfig:
     """Group advantage: grpo (mean/std), drgrpo (mean only), rloo (leave-one-out)."""
     adv_eps: float = 1e-6
     """eps in (r - mean) / (std + eps)."""
-    loss: Literal["ppo", "gspo", "cispo"] = "ppo"
-    """Policy-gradient surrogate."""
-    clip_low: float = 0.2
-    """Lower clip: ratio >= 1 - clip_low."""
-    clip_high: float = 0.28
-    """Upper clip (clip-higher, DAPO): ratio <= 1 + clip_high."""
-    dual_clip: Optional[float] = None
-    """Dual-clip constant c for negative advantages (e.g. 3.0); None disables."""
-    kl: Optional[Literal["k1", "k2", "k3", "k3+"]] = "k3"
-    """KL estimator against the reference policy; None disables the KL term."""
-    kl_coef: float = 1e-3
-    """beta: weight of the KL term in the per-token loss."""
-    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                 "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
-    """Loss aggregation over the global batch (seq-mean-token-mean is the R1 paper's form)."""
-    tis_cap: Optional[float] = None
-    """Truncated importance sampling against the sampler's log-probs: cap C; None disables."""
+    objective: PolicyLossConfig = field(default_factory=_grpo_objective, metadata=FLATTEN)
+    """The policy loss: surrogate, clipping, KL estimator and coefficient, aggregation, TIS.
+    A KL term is used only with kl_coef > 0 (then a frozen reference policy is kept)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1

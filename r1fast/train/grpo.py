@@ -29,27 +29,38 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from r1fast import ops
-from r1fast.typed_toml import dump_toml
-from r1fast.rollout.sampler import SamplingConfig, generate
+from r1fast.rollout.kv_cache import make_decoder
+from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)
-from r1fast.train.checkpoint import (latest_checkpoint, load_checkpoint, rng_state,
-                                     save_checkpoint, set_rng_state)
+from r1fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from r1fast.train.config import TrainConfig, load_train_config
+from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger
-from r1fast.ops.policy_loss import config_kwargs
-from r1fast.policy.optim import load_optim_state_dict, optim_state_dict
-from r1fast.rollout.kv_cache import make_decoder
 from r1fast.train.policy_io import copy_weights, load_model_state, model_state
 from r1fast.train.task import TaskData, build_task
+from r1fast.typed_toml import dump_toml
 
 log = logging.getLogger("r1fast.train")
 
 #: per-update metrics of the loss, averaged over data-parallel replicas
 UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "ratio_mean")
+#: metrics of the update reported per step (kl_mean and entropy_mean as kl and entropy)
+REPORTED_UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm",
+                           "ratio_max", "ratio_min", "time_fwd_bwd_s", "time_optimizer_s")
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """One step's samples on this DP rank: ``G`` completions per prompt, rows adjacent."""
+
+    rollout: Rollout
+    texts: list[str]
+    """Decoded completions."""
+    examples: list[dict]
+    """The example of each row (its prompt's, repeated G times)."""
 
 
 class GRPOTrainer:
@@ -57,21 +68,19 @@ class GRPOTrainer:
 
     def __init__(self, config: TrainConfig, *, task: TaskData | None = None,
                  reward: Callable | None = None):
-        from r1fast.policy import build_optimizer, build_policy
+        from r1fast.policy import build_policy
 
         self.cfg = config
-        torch.manual_seed(config.run.seed)
-        self.policy = build_policy(config.model, config.parallel, seed=config.run.seed)
-        self.info = self.policy.info
         a = config.algo
-        n_updates = config.run.steps * a.ppo_epochs * a.mini_batches
-        optim_cfg = dataclasses.replace(config.optim, total_steps=max(
-            n_updates, config.optim.warmup_steps + 1))
-        self.optimizer, self.scheduler = build_optimizer(self.policy, optim_cfg)
-        self.reference = None
-        if a.kl is not None and a.kl_coef > 0:
-            self.reference = build_policy(config.model, config.parallel, seed=config.run.seed,
-                                          trainable=False)
+        self.engine = TrainEngine(config.model, config.parallel, config.optim,
+                                  total_updates=config.run.steps * a.ppo_epochs * a.mini_batches,
+                                  seed=config.run.seed, init_from=config.run.init_from)
+        self.policy, self.info = self.engine.policy, self.engine.info
+        use_kl = a.objective.kl is not None and a.objective.kl_coef > 0
+        self.reference = build_policy(config.model, config.parallel, seed=config.run.seed,
+                                      trainable=False) if use_kl else None
+        # without a reference there is no KL term, not even a reported one
+        self.loss_cfg = a.objective if use_kl else dataclasses.replace(a.objective, kl=None)
         self.task = task or build_task(config, reward=reward)
         if self.task.tokenizer.vocab_size > config.model.vocab_size:
             raise ValueError(f"the tokenizer has {self.task.tokenizer.vocab_size} tokens but "
@@ -79,62 +88,62 @@ class GRPOTrainer:
         self.run_dir = Path(config.run.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step_idx = 0
-        self.loss_cfg = ops.PolicyLossConfig(
-            loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
-            kl=a.kl if self.reference is not None else None, kl_coef=a.kl_coef, agg=a.agg,
-            tis_cap=a.tis_cap)
         self.sampling = SamplingConfig(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
             top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
             vocab_limit=self.task.tokenizer.vocab_size)
-        if config.run.init_from:
-            load_model_state(self.policy, config.run.init_from, self.optimizer)
         if config.run.resume:
             self._maybe_resume()
         if self.reference is not None and self.step_idx == 0:
             copy_weights(self.policy, self.reference)
 
-    # -------------------------------------------------------------------------- plumbing
     @property
     def is_logger(self) -> bool:
-        return self.info.rank == 0
+        return self.engine.is_logger
 
-    def _dp_group(self):
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_group()
-
-    def _dp_sum(self, values: Sequence[float]) -> list[float]:
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.policy.device)
-        if self.info.dp > 1:
-            dist.all_reduce(t, group=self._dp_group())
-        return t.tolist()
-
+    # -------------------------------------------------------------------------- checkpoints
     def _maybe_resume(self) -> None:
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             return
         state, meta = load_checkpoint(path)
-        load_model_state(self.policy, state["model"], self.optimizer)
-        load_optim_state_dict(self.optimizer, self.scheduler, state["optimizer"])
+        self.engine.load_state_dict(state)
         if self.reference is not None:
             load_model_state(self.reference, state["reference"])
         self.task.load_state_dict(meta["data"])
-        set_rng_state(state["rng"])
         self.step_idx = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step_idx)
 
     def save(self) -> Path:
-        state = {"model": model_state(self.policy),
-                 "optimizer": optim_state_dict(self.optimizer, self.scheduler),
-                 "rng": rng_state()}
+        state = self.engine.state_dict()
         if self.reference is not None:
             state["reference"] = model_state(self.reference)
         meta = {"data": self.task.state_dict(), "config": dump_toml(self.cfg)}
         return save_checkpoint(self.ckpt_dir, self.step_idx, state, meta)
 
     # -------------------------------------------------------------------------- one step
-    def _rollout(self, examples: list[dict]) -> dict[str, Any]:
+    def step(self) -> dict[str, float]:
+        """One GRPO step: rollout -> rewards -> advantages -> log-probs -> update."""
+        t0 = time.perf_counter()
+        samples = self._rollout(self.task.next_prompts(self.cfg.data.prompts_per_step,
+                                                       self.info.dp, self.info.dp_rank))
+        t_gen = time.perf_counter()
+        rewards = self.task.score(samples.texts, samples.examples)
+        batch, truncated = self._advantages(samples.rollout, rewards["total"])
+        # R3 router replay: the experts the rollout's forward chose for every token, replayed
+        # when the trainer recomputes log-probs and in the update (weights stay differentiable)
+        routing = self.policy.record_routing(batch.tokens) if self.cfg.algo.router_replay \
+            else None
+        old, ref = self._old_and_ref_logprobs(batch, routing)
+        t_logp = time.perf_counter()
+        upd = self._update(batch, old, ref, routing)
+        t_upd = time.perf_counter()
+        self._advance()
+        timing = {"time_generation_s": t_gen - t0, "time_logprobs_s": t_logp - t_gen,
+                  "time_update_s": t_upd - t_logp, "time_step_s": t_upd - t0}
+        return self._step_metrics(samples.rollout, rewards, batch, old, truncated, upd, timing)
+
+    def _rollout(self, examples: list[dict]) -> RolloutBatch:
         G = self.cfg.algo.group_size
         tok = self.task.tokenizer
         prompts = [tok.encode(ex["prompt"], add_bos=True) for ex in examples for _ in range(G)]
@@ -147,86 +156,99 @@ class GRPOTrainer:
         # KV cache at pp == 1, else prefix recomputation; every rank makes the same model calls
         out = generate(make_decoder(self.policy), prompts, self.sampling, sync=all_ranks_int,
                        eos_token_id=tok.eos_id, row_seeds=seeds)
-        texts = [tok.decode(c) for c in out.completion_ids]
-        return {"rollout": out, "texts": texts,
-                "examples": [ex for ex in examples for _ in range(G)]}
+        return RolloutBatch(out, [tok.decode(c) for c in out.completion_ids],
+                            [ex for ex in examples for _ in range(G)])
 
+    def _advantages(self, rollout: Rollout, rewards: Sequence[float]):
+        """Group advantages, the rows kept (dynamic sampling, overlong filtering), and the
+        padded update batch -> ``(batch, truncated [N] bool)``."""
+        a = self.cfg.algo
+        r = torch.tensor(rewards, dtype=torch.float32, device=self.engine.device)
+        adv = ops.group_advantages(r, group_size=a.group_size, estimator=a.estimator,
+                                   eps=a.adv_eps, impl="auto").cpu()
+        keep = torch.ones(len(rewards), dtype=torch.bool)
+        if a.dynamic_sampling:
+            keep &= groups_with_signal(r.cpu(), a.group_size)
+        truncated = torch.tensor(rollout.truncated)
+        if a.overlong_filter:
+            keep &= ~truncated
+        local_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
+                                                          rollout.completion_ids)) - 1
+        length = all_ranks_int(local_len, "max")  # PP/TP/DP need equal shapes
+        batch = build_update_batch(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
+                                   adv, keep, self.task.tokenizer.pad_id, length)
+        return batch, truncated
+
+    def _old_and_ref_logprobs(self, batch: UpdateBatch, routing):
+        """Log-probs of the sampled tokens under the policy before the update (with the
+        rollout's routing when replaying) and under the frozen reference (None without KL)."""
+        temperature = self.cfg.rollout.temperature
+        with torch.no_grad():
+            old = self.policy.logprobs(batch.tokens, batch.targets, temperature,
+                                       routing=routing).cpu()
+            ref = None if self.reference is None else self.reference.logprobs(
+                batch.tokens, batch.targets, temperature).cpu()
+        return old, ref
+
+    def _advance(self) -> None:
+        """The step is done: count it and reset the reference when it is due."""
+        self.step_idx += 1
+        every = self.cfg.algo.ref_reset_every
+        if self.reference is not None and every and self.step_idx % every == 0:
+            copy_weights(self.policy, self.reference)
+
+    # -------------------------------------------------------------------------- the update
     def _update(self, batch: UpdateBatch, old: torch.Tensor, ref: torch.Tensor | None,
                 routing: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
         """PPO epochs x mini-batches of megatron forward-backward + optimizer step."""
         a = self.cfg.algo
-        mbs = self.cfg.parallel.micro_batch_size or batch.num_rows // a.mini_batches
         stats: dict[str, list[float]] = {}
-        timing = {"fwd_bwd": 0.0, "optimizer": 0.0}
+        grad_norms: list[float] = []
+        timing = {"time_fwd_bwd_s": 0.0, "time_optimizer_s": 0.0}
         for _ in range(a.ppo_epochs):
             for sl in split_even(batch.num_rows, a.mini_batches):
                 mb = batch.rows(sl)
-                norm = self._global_normalizer(mb)
-                micro = []
-                for part in split_even(mb.num_rows, max(mb.num_rows // mbs, 1)):
-                    micro.append({"tokens": mb.tokens[part], "targets": mb.targets[part],
-                                  "mask": mb.mask[part], "adv": mb.advantages[part],
-                                  "old": old[sl][part], "rollout": mb.rollout_logp[part],
-                                  "ref": None if ref is None else ref[sl][part]})
-                    if routing is not None:
-                        micro[-1]["routing"] = {k: v[sl][part] for k, v in routing.items()}
-                t0 = time.perf_counter()
-                results = self.policy.forward_backward(micro, self._loss_fn(norm))
-                t1 = time.perf_counter()
-                ok, grad_norm, _ = self.optimizer.step()
-                self.scheduler.step(1)
-                timing["fwd_bwd"] += t1 - t0
-                timing["optimizer"] += time.perf_counter() - t1
-                if not ok:
-                    raise FloatingPointError("optimizer step skipped: non-finite gradients")
-                for r in results:
+                micro = self._micro_batches(mb, old[sl], None if ref is None else ref[sl],
+                                            None if routing is None else
+                                            {k: v[sl] for k, v in routing.items()})
+                upd = self.engine.update(micro, self._loss_fn(self._global_normalizer(mb)))
+                timing["time_fwd_bwd_s"] += upd.time_fwd_bwd_s
+                timing["time_optimizer_s"] += upd.time_optimizer_s
+                grad_norms.append(upd.grad_norm)
+                for r in upd.metrics:
                     for k, v in r.items():
                         stats.setdefault(k, []).append(float(v))
-                stats.setdefault("grad_norm", []).append(float(grad_norm or 0.0))
-        grad_norm = stats.pop("grad_norm")
         # loss terms are shares of the global loss: sum them; other metrics are averages
         local = {k: (sum(v) if k == "loss" else sum(v) / len(v)) for k, v in stats.items()}
-        out = self._reduce_last_stage(local, UPDATE_METRICS)
-        for k, op in (("ratio_min", dist.ReduceOp.MIN), ("ratio_max", dist.ReduceOp.MAX)):
-            out[k] = self._extreme_last_stage(local.get(k), op)  # collective: every rank calls
+        out = self.engine.last_stage_reduce(local, UPDATE_METRICS)
+        for k, op in (("ratio_min", "min"), ("ratio_max", "max")):
+            out[k] = self.engine.last_stage_extreme(local.get(k), op)  # collective: every rank
         out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
-        out["grad_norm"] = sum(grad_norm) / len(grad_norm)  # global already (megatron)
-        out["time_fwd_bwd_s"], out["time_optimizer_s"] = timing["fwd_bwd"], timing["optimizer"]
-        return out
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)  # global already (megatron)
+        return {**out, **timing}
 
-    def _reduce_last_stage(self, local: dict[str, float], keys: Sequence[str]) -> dict[str, float]:
-        """Average ``keys`` over data-parallel replicas. Only the last pipeline stage computes
-        the loss metrics; TP ranks hold copies; every rank receives the result."""
-        owner = self.policy.gpt.post_process and self.info.tp_rank == 0
-        vals = torch.tensor([float(local.get(k, 0.0)) if owner else 0.0 for k in keys],
-                            dtype=torch.float64, device=self.policy.device)
-        if self.info.world_size > 1:
-            dist.all_reduce(vals)
-        return dict(zip(keys, (vals / self.info.dp).tolist()))
-
-    def _extreme_last_stage(self, value: float | None, op) -> float:
-        """Min or max of a last-stage metric over every rank that has it."""
-        neutral = float("inf") if op == dist.ReduceOp.MIN else float("-inf")
-        t = torch.tensor([neutral if value is None else float(value)], dtype=torch.float64,
-                         device=self.policy.device)
-        if self.info.world_size > 1:
-            dist.all_reduce(t, op=op)
-        return float(t.item())
+    def _micro_batches(self, mb: UpdateBatch, old, ref, routing) -> list[dict[str, Any]]:
+        """Split a mini-batch into ``parallel.micro_batch_size`` rows per micro-batch."""
+        mbs = self.cfg.parallel.micro_batch_size or mb.num_rows
+        micro = []
+        for part in split_even(mb.num_rows, max(mb.num_rows // mbs, 1)):
+            micro.append({"tokens": mb.tokens[part], "targets": mb.targets[part],
+                          "mask": mb.mask[part], "adv": mb.advantages[part],
+                          "old": old[part], "rollout": mb.rollout_logp[part],
+                          "ref": None if ref is None else ref[part]})
+            if routing is not None:
+                micro[-1]["routing"] = {k: v[part] for k, v in routing.items()}
+        return micro
 
     def _global_normalizer(self, mb: UpdateBatch) -> float:
-        agg = self.cfg.algo.agg
-        kept_seqs = float(mb.keep.sum())
-        if agg == "token-mean":
-            local = float(mb.mask.sum())
-        elif agg == "seq-mean-token-sum-norm":
-            local = kept_seqs * mb.tokens.shape[1]
-        else:
-            local = kept_seqs
-        return max(self._dp_sum([local])[0], 1.0)
+        """The aggregation's denominator over the whole (all DP ranks) mini-batch."""
+        local = ops.loss_denominator(self.loss_cfg.agg, num_tokens=float(mb.mask.sum()),
+                                     num_seqs=float(mb.keep.sum()), max_len=mb.tokens.shape[1])
+        return max(self.engine.dp_sum([local])[0], 1.0)
 
     def _loss_fn(self, normalizer: float):
         cfg, temperature = self.loss_cfg, self.cfg.rollout.temperature
-        tis = self.cfg.algo.tis_cap is not None
+        tis = cfg.tis_cap is not None
         fused = self.cfg.algo.use_fused_kernels
 
         def loss_fn(hidden, weight, mb):
@@ -243,78 +265,42 @@ class GRPOTrainer:
 
         return loss_fn
 
-    def step(self) -> dict[str, float]:
-        """One GRPO step; returns the metrics logged for it."""
-        a = self.cfg.algo
-        t0 = time.perf_counter()
-        examples = self.task.next_prompts(self.cfg.data.prompts_per_step, self.info.dp,
-                                          self.info.dp_rank)
-        ro = self._rollout(examples)
-        t_gen = time.perf_counter()
-        rewards = self.task.score(ro["texts"], ro["examples"])
+    # -------------------------------------------------------------------------- metrics
+    def _step_metrics(self, rollout: Rollout, rewards: dict[str, list[float]],
+                      batch: UpdateBatch, old: torch.Tensor, truncated: torch.Tensor,
+                      upd: dict[str, float], timing: dict[str, float]) -> dict[str, float]:
+        """The step's row of metrics.jsonl: sums over DP ranks, then means per completion."""
         r = torch.tensor(rewards["total"], dtype=torch.float32)
-        adv = ops.group_advantages(r, group_size=a.group_size, estimator=a.estimator,
-                                   eps=a.adv_eps, impl="torch")
-        keep = torch.ones_like(r, dtype=torch.bool)
-        if a.dynamic_sampling:
-            keep &= groups_with_signal(r, a.group_size)
-        truncated = torch.tensor(ro["rollout"].truncated)
-        if a.overlong_filter:
-            keep &= ~truncated
-        rollout = ro["rollout"]
-        # one padded length for every DP rank: the pipeline and the collectives need equal shapes
-        local_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
-                                                          rollout.completion_ids)) - 1
-        length = all_ranks_int(local_len, "max")  # PP/TP/DP need equal shapes
-        batch = build_update_batch(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
-                                   adv, keep, self.task.tokenizer.pad_id, length)
-        # R3 router replay: the experts the rollout's forward chose for every token, replayed
-        # when the trainer recomputes log-probs and in the update (weights stay differentiable)
-        routing = self.policy.record_routing(batch.tokens) if a.router_replay else None
-        with torch.no_grad():
-            old = self.policy.logprobs(batch.tokens, batch.targets,
-                                       self.cfg.rollout.temperature, routing=routing).cpu()
-            ref = None if self.reference is None else self.reference.logprobs(
-                batch.tokens, batch.targets, self.cfg.rollout.temperature).cpu()
-        t_logp = time.perf_counter()
-        upd = self._update(batch, old, ref, routing)
-        t_upd = time.perf_counter()
-        self.step_idx += 1
-        if self.reference is not None and a.ref_reset_every and self.step_idx % a.ref_reset_every == 0:
-            copy_weights(self.policy, self.reference)
-        comp_mask = torch.zeros_like(batch.mask)
-        for i, (p, c) in enumerate(zip(rollout.prompt_ids, rollout.completion_ids)):
-            comp_mask[i, len(p) - 1: len(p) - 1 + len(c)] = 1
+        prompt_lens = [len(p) for p in rollout.prompt_ids]
+        comp_lens = [len(c) for c in rollout.completion_ids]
+        comp_mask = torch.zeros_like(batch.mask)  # completion targets, kept or not
+        for i, (p, c) in enumerate(zip(prompt_lens, comp_lens)):
+            comp_mask[i, p - 1: p - 1 + c] = 1
         mismatch = ((old - batch.rollout_logp).abs() * comp_mask).sum()
-        n_tok = float(comp_mask.sum())
-        lens = [len(c) for c in rollout.completion_ids]
-        sums = self._dp_sum([
+        acc_key = self.cfg.reward.accuracy_metric
+        (r_sum, r2_sum, n, acc_sum, len_sum, tok_sum, mm_sum, trunc_sum, keep_sum,
+         all_tok) = self.engine.dp_sum([
             float(r.sum()), float((r * r).sum()), float(r.numel()),
-            float(sum(rewards.get(self.cfg.reward.accuracy_metric, [0.0]))),
-            float(sum(lens)), n_tok,
-            float(mismatch), float(truncated.sum()), float(keep.sum()),
-            float(sum(p_len + c for p_len, c in zip(map(len, rollout.prompt_ids), lens)))])
-        (r_sum, r2_sum, n, acc_sum, len_sum, tok_sum, mm_sum, trunc_sum, keep_sum, all_tok) = sums
+            float(sum(rewards.get(acc_key, [0.0]))), float(sum(comp_lens)),
+            float(comp_mask.sum()), float(mismatch), float(truncated.sum()),
+            float(batch.keep.sum()), float(sum(prompt_lens) + sum(comp_lens))])
         mean = r_sum / n
         metrics = {
             "reward_mean": mean, "reward_std": max(r2_sum / n - mean * mean, 0.0) ** 0.5,
             "response_length": len_sum / n,
             "truncated_frac": trunc_sum / n, "kept_frac": keep_sum / n,
-            "logp_mismatch": mm_sum / max(tok_sum, 1.0),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "time_generation_s": t_gen - t0, "time_logprobs_s": t_logp - t_gen,
-            "time_update_s": t_upd - t_logp,
-            "tokens_per_s": all_tok / max(t_upd - t0, 1e-9),
+            "logp_mismatch": mm_sum / max(tok_sum, 1.0), "lr": self.engine.lr,
+            **{k: v for k, v in timing.items() if k != "time_step_s"},
+            "tokens_per_s": all_tok / max(timing["time_step_s"], 1e-9),
         }
-        if self.cfg.reward.accuracy_metric in rewards:
+        if acc_key in rewards:
             metrics["accuracy"] = acc_sum / n
-        for k in ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm", "ratio_max",
-                  "ratio_min", "time_fwd_bwd_s", "time_optimizer_s"):
+        for k in REPORTED_UPDATE_METRICS:
             if k in upd:
                 metrics[k.replace("_mean", "") if k in ("kl_mean", "entropy_mean") else k] = upd[k]
         for part, vals in rewards.items():
             if part != "total":
-                metrics[f"reward/{part}"] = self._dp_sum([float(sum(vals))])[0] / n
+                metrics[f"reward/{part}"] = self.engine.dp_sum([float(sum(vals))])[0] / n
         metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
         return metrics
 
@@ -359,9 +345,9 @@ def _unfused_policy_loss(hidden, weight, mb, ref, cfg, *, temperature, global_no
     targets = mb["targets"].to(dev)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     loss, metrics = ops.policy_loss(
-        logp, mb["old"].to(dev), mb["adv"].to(dev), mb["mask"].to(dev), ref_logp=ref,
+        logp, mb["old"].to(dev), mb["adv"].to(dev), mb["mask"].to(dev), cfg, ref_logp=ref,
         global_normalizer=global_normalizer, rollout_logp=rollout_logp,
-        max_len=targets.shape[1], impl="torch", **config_kwargs(cfg))
+        max_len=targets.shape[1], impl="torch")
     if return_entropy:
         m = mb["mask"].to(dev)
         ent = -(logp_all.exp() * logp_all).sum(-1)

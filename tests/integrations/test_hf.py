@@ -54,9 +54,7 @@ def test_grpo_loss_and_grads_equal_model_logits_path():
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logp = reference_logp(model, ids, None).float()
-    ref_loss, _ = ops.policy_loss(logp, old, adv, comp, ref_logp=ref, loss="ppo", clip_low=0.2,
-                                  clip_high=0.28, kl="k3", kl_coef=0.01, agg="seq-mean-token-mean",
-                                  impl="torch")
+    ref_loss, _ = ops.policy_loss(logp, old, adv, comp, cfg, ref_logp=ref, impl="torch")
     ref_loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 1e-6
     for n, p in model.named_parameters():

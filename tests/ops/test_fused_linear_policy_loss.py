@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from r1fast.ops._dispatch import triton_missing
 from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
-from r1fast.ops.policy_loss import METRICS, PolicyLossConfig, config_kwargs, policy_loss
+from r1fast.ops.policy_loss import METRICS, PolicyLossConfig, policy_loss
 
 IMPLS = ["torch", "triton"]
 CONFIGS = [
@@ -59,10 +59,10 @@ def reference_fp64(inp, config, cu_seqlens=None, entropy=False):
     tgt = inp["targets"].reshape(-1).clamp_min(0)  # padding ids are masked out below
     logp = logz.gather(-1, tgt[:, None])[:, 0].reshape(inp["targets"].shape)
     loss, metrics = policy_loss(
-        logp, inp["old"].double(), inp["adv"].double(), inp["mask"],
+        logp, inp["old"].double(), inp["adv"].double(), inp["mask"], config,
         ref_logp=inp["ref"].double(),
         rollout_logp=inp["roll"].double() if config.tis_cap is not None else None,
-        cu_seqlens=cu_seqlens, impl="torch", **config_kwargs(config))
+        cu_seqlens=cu_seqlens, impl="torch")
     loss.backward()
     if entropy:
         ent = -(logz.exp() * logz).sum(-1).detach()

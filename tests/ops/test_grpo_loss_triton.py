@@ -1,12 +1,11 @@
 """policy_loss through the Triton kernels (interpreter on a CPU, native on a GPU).
 
 Every case is checked against both the torch reference (``impl="torch"``) and the plain fp64
-formula of tests/ops/test_policy_loss.py (loaded from that file, so the two stay one formula).
+formula of tests/helpers/policy_loss_cases.py (shared with tests/ops/test_policy_loss.py, so
+the two paths are checked against one formula).
 Sizes are tiny: the interpreter is ~1000x slower than compiled code.
 """
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +14,9 @@ from hypothesis import given, settings
 pytest.importorskip("triton")
 
 from r1fast.kernels import grpo_loss as K  # noqa: E402
-from r1fast.ops.policy_loss import AGGREGATIONS, METRICS, policy_loss  # noqa: E402
+from r1fast.ops.policy_loss import AGGREGATIONS, METRICS, PolicyLossConfig  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "_policy_loss_tests", Path(__file__).with_name("test_policy_loss.py"))
-P = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(P)
+import tests.helpers.policy_loss_cases as P  # noqa: E402
 
 
 def assert_same_result(got, want, atol=1e-6, rtol=1e-6):
@@ -141,9 +137,9 @@ def test_clamps_match_fp64(device):
 
 def test_empty_batch(device):
     z = torch.zeros(0, 4, device=device, requires_grad=True)
-    value, metrics = policy_loss(z, z.detach(), torch.zeros(0, device=device),
-                                 torch.zeros(0, 4, dtype=torch.bool, device=device),
-                                 impl="triton")
+    value, metrics = P.call_policy_loss(z, z.detach(), torch.zeros(0, device=device),
+                                        torch.zeros(0, 4, dtype=torch.bool, device=device),
+                                        impl="triton")
     value.backward()
     assert float(value.detach()) == 0.0 and z.grad.shape == (0, 4)
 
@@ -217,19 +213,20 @@ def test_expm1_kernel_helper_accuracy(device):
 
 
 def test_custom_op_registration(device):
-    from r1fast.ops.policy_loss import _grpo_loss_op
+    from r1fast.ops.policy_loss import _config_key, _grpo_loss_op
 
     flat, adv, cu, _ = _flat_inputs(device)
     logp = flat["logp"].clone().requires_grad_()
+    ppo = _config_key(PolicyLossConfig(loss="ppo", clip_high=0.28, dual_clip=3.0, kl="k3",
+                                       kl_coef=0.1, tis_cap=2.0, agg="seq-mean-token-mean"))
     for cu_seqlens, norm in ((cu, None), (cu, torch.tensor([9.0], device=device))):
         args = (logp, flat["old"], adv, flat["mask"], cu_seqlens, flat["ref"], flat["roll"],
-                norm, 4, 0, "ppo", 0.2, 0.28, 3.0, "k3", 0.1, 2.0, "seq-mean-token-mean", 0.0,
-                False)
+                norm, 4, 0, 0.0, False, ppo)
         torch.library.opcheck(_grpo_loss_op, args)
     padded = P.make_batch(2, 5, device=device)
     args = (padded["logp"].reshape(-1).requires_grad_(), padded["old"].reshape(-1),
-            padded["adv"], padded["mask"].reshape(-1), None, None, None, None, 2, 5, "gspo",
-            0.2, 0.2, None, None, 0.0, None, "token-mean", 0.0, False)
+            padded["adv"], padded["mask"].reshape(-1), None, None, None, None, 2, 5, 0.0, False,
+            _config_key(PolicyLossConfig(loss="gspo")))
     torch.library.opcheck(_grpo_loss_op, args)
 
 
@@ -238,8 +235,8 @@ def test_torch_compile_aot_eager(device):
     kw = P.grid_kwargs(("ppo", 3.0), 2.0, "k3", "token-mean", batch)
 
     def step(lp):
-        value, metrics = policy_loss(lp, batch["old"], batch["adv"], batch["mask"],
-                                     impl="triton", **kw)
+        value, metrics = P.call_policy_loss(lp, batch["old"], batch["adv"], batch["mask"],
+                                            impl="triton", **kw)
         return value, metrics["clip_frac"]
 
     compiled = torch.compile(step, backend="aot_eager")
@@ -267,8 +264,9 @@ def test_forward_is_one_launch_and_leaves_the_ticket_at_zero(monkeypatch, device
     adv, mask = torch.tensor([1.0, -1.0, 0.5], device=device), torch.ones(3, 7, device=device)
     losses = []
     for _ in range(2):
-        loss, _ = policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", impl="triton")
+        loss, _ = P.call_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean",
+                                     impl="triton")
         assert int(K._ticket(logp.device).item()) == 0
         losses.append(loss.item())
-    ref, _ = policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", impl="torch")
+    ref, _ = P.call_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", impl="torch")
     assert losses[0] == losses[1] and abs(losses[0] - ref.item()) < 1e-6

@@ -1,15 +1,14 @@
 """The GRPO trainer on a tiny MoE policy (CPU, megatron-core under gloo)."""
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from r1fast.train.batch import build_update_batch
 from r1fast.train.config import load_train_config
 from r1fast.train.metrics import read_jsonl
+from tests.helpers.spawn import run_ranks
 
 BASE = ["--model.vocab_size=128", "--data.prompts_per_step=2", "--algo.group_size=4",
         "--rollout.max_new_tokens=6", "--reward.workers=0", "--run.progress=false",
@@ -81,16 +80,7 @@ def test_fit_writes_metrics_and_resume_is_bitwise(tmp_path):
 
 # ----------------------------------------------------------------------------- multi-rank
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir, extra):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _worker(rank, out_dir, extra):
     from r1fast.train.grpo import GRPOTrainer
 
     rows = GRPOTrainer(make_cfg(out_dir, *extra), reward=varied_reward).fit()
@@ -109,8 +99,7 @@ def _save_init(rank, out_dir):
 
 
 def _run(world, out_dir, extra):
-    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir), extra), nprocs=world,
-                       join=True, start_method="spawn")
+    run_ranks(world, _worker, str(out_dir), extra)
     with open(os.path.join(out_dir, "rows.json")) as f:
         return json.load(f)
 
@@ -124,7 +113,7 @@ def test_parallel_steps_equal_one_rank(tmp_path, world, layout):
     # the load-balancing loss is computed per rank's tokens (megatron's micro-batch form), a
     # different objective under DP, so it is off for this equality
     init = tmp_path / "init"
-    mp.start_processes(_save_init, args=(str(init),), nprocs=1, join=True, start_method="spawn")
+    run_ranks(1, _save_init, str(init))
     extra = ["--run.steps=2", "--optim.lr=0.003", "--algo.kl_coef=0.01",
              "--model.aux_loss_coef=0.0", f"--run.init_from={init}"]
     one = _run(1, tmp_path / "one", extra)

@@ -1,0 +1,150 @@
+"""The training engine: the policy, its optimizer and the collectives every trainer shares.
+
+GRPO (:mod:`r1fast.train.grpo`), SFT (:mod:`r1fast.train.sft`) and any other objective trained
+on the megatron-core policy need the same things, so they live here once:
+
+* construction: the policy at the configured TP/PP/EP layout, megatron's distributed optimizer
+  and LR schedule sized to the number of updates, optional initial weights;
+* :meth:`TrainEngine.update`: one gradient accumulation over this rank's micro-batches
+  (megatron's forward-backward schedule) and a *guarded* optimizer step: a skipped step or a
+  non-finite gradient norm stops training with an error instead of writing garbage weights;
+* reductions on the policy's device (NCCL rejects CPU tensors): sums over data-parallel
+  replicas, and the metrics that only the last pipeline stage computes, averaged or summed
+  over DP and received by every rank;
+* checkpoint state: model, optimizer shard and RNG, in one dict.
+
+An objective supplies only its batches and a ``loss_fn(hidden, output_weight, micro_batch)``
+that returns this micro-batch's share of the global loss (see
+:meth:`r1fast.policy.model.Policy.forward_backward`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.optim import OptimConfig, load_optim_state_dict, optim_state_dict
+from r1fast.train.checkpoint import rng_state, set_rng_state
+from r1fast.train.policy_io import load_model_state, model_state
+
+
+@dataclasses.dataclass
+class UpdateResult:
+    """What one :meth:`TrainEngine.update` returns."""
+
+    metrics: list[dict[str, Any]]
+    """The loss function's metrics per micro-batch (last pipeline stage; [] elsewhere)."""
+    grad_norm: float
+    """Global gradient norm before clipping (the same on every rank)."""
+    time_fwd_bwd_s: float
+    """Seconds in the forward-backward schedule."""
+    time_optimizer_s: float
+    """Seconds in the optimizer step."""
+
+
+class TrainEngine:
+    """The trainable policy of a run with its optimizer (see the module docstring)."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
+                 total_updates: int, seed: int, init_from: Optional[str] = None):
+        from r1fast.policy import build_optimizer, build_policy
+
+        torch.manual_seed(seed)
+        self.policy = build_policy(model, parallel, seed=seed)
+        self.info = self.policy.info
+        optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
+        self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
+        if init_from:
+            load_model_state(self.policy, init_from, self.optimizer)
+
+    # ------------------------------------------------------------------------- training
+    def update(self, micro_batches: Sequence[Mapping[str, Any]], loss_fn) -> UpdateResult:
+        """Forward-backward over ``micro_batches``, then one guarded optimizer step."""
+        t0 = time.perf_counter()
+        results = self.policy.forward_backward(micro_batches, loss_fn)
+        t1 = time.perf_counter()
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        t2 = time.perf_counter()
+        grad_norm = float(grad_norm or 0.0)
+        if not ok:
+            raise FloatingPointError("optimizer step skipped: non-finite gradients")
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm {grad_norm}: training stopped "
+                                     f"(check optim.lr and the model config for inf/nan)")
+        return UpdateResult(list(results), grad_norm, t1 - t0, t2 - t1)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------------- reductions
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    @property
+    def is_logger(self) -> bool:
+        """Rank 0 writes metrics, configs and model folders."""
+        return self.info.rank == 0
+
+    @property
+    def holds_loss_metrics(self) -> bool:
+        """This rank's loss metrics count: last pipeline stage, first TP rank (TP ranks hold
+        copies)."""
+        return bool(self.policy.gpt.post_process) and self.info.tp_rank == 0
+
+    def dp_sum(self, values: Sequence[float]) -> list[float]:
+        """Sum each value over the data-parallel replicas (fp64)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        if self.info.dp > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return t.tolist()
+
+    def last_stage_reduce(self, local: Mapping[str, float], keys: Sequence[str],
+                          op: str = "mean") -> dict[str, float]:
+        """``keys`` of a last-stage metrics dict, summed (``op="sum"``) or averaged over the DP
+        replicas; every rank receives the result (collective)."""
+        owner = self.holds_loss_metrics
+        vals = torch.tensor([float(local.get(k, 0.0)) if owner else 0.0 for k in keys],
+                            dtype=torch.float64, device=self.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(vals)
+        if op == "mean":
+            vals = vals / self.info.dp
+        return dict(zip(keys, vals.tolist()))
+
+    def last_stage_extreme(self, value: Optional[float], op: str) -> float:
+        """``"min"`` or ``"max"`` of a last-stage metric over every rank that has it."""
+        neutral = float("inf") if op == "min" else float("-inf")
+        t = torch.tensor([neutral if value is None else float(value)], dtype=torch.float64,
+                         device=self.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+        return float(t.item())
+
+    # ------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's model chunk, optimizer shard and RNG state."""
+        return {"model": model_state(self.policy),
+                "optimizer": optim_state_dict(self.optimizer, self.scheduler),
+                "rng": rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_model_state(self.policy, state["model"], self.optimizer)
+        load_optim_state_dict(self.optimizer, self.scheduler, state["optimizer"])
+        set_rng_state(state["rng"])
+
+    def save_model(self, tokenizer, path: str | Path) -> Path:
+        """The policy as a self-contained HF model folder (see :func:`policy_io.save_model`)."""
+        from r1fast.train.policy_io import save_model
+
+        return save_model(self.policy, tokenizer, path)
