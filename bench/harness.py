@@ -178,6 +178,32 @@ def _backward_loss(out: Any, weights: dict[int, torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def _mode_functions(p: "Provider", inputs: dict[str, Any], grad_leaves: list[torch.Tensor],
+                    weights: dict[int, torch.Tensor]):
+    """``(clear_grads, {mode: (timed fn, untimed setup or None)})`` for one provider: forward
+    under no_grad, full = forward + backward, backward = the backward of a fresh forward."""
+    state: dict[str, Any] = {}
+
+    def clear_grads():
+        for leaf in grad_leaves:
+            leaf.grad = None
+
+    def full():
+        out = p.fn(**inputs)
+        _backward_loss(out, weights).backward()
+        return out
+
+    def backward_setup():
+        clear_grads()
+        state["loss"] = _backward_loss(p.fn(**inputs), weights)
+
+    def backward():
+        state["loss"].backward()
+
+    return clear_grads, {"forward": ((lambda: _run_no_grad(p, inputs)), None),
+                         "full": (full, clear_grads), "backward": (backward, backward_setup)}
+
+
 def run_case(
     op: str,
     shape: dict,
@@ -207,20 +233,7 @@ def run_case(
             rows.append({"op": op, "provider": p.name, "shape": shape, "skipped": why, **env})
             continue
         weights: dict[int, torch.Tensor] = {}
-
-        def clear_grads():
-            for leaf in grad_leaves:
-                leaf.grad = None
-
-        def forward():
-            with torch.no_grad() if not grad_leaves else torch.enable_grad():
-                return p.fn(**inputs)
-
-        def full():
-            out = p.fn(**inputs)
-            _backward_loss(out, weights).backward()
-            return out
-
+        clear_grads, mode_fns = _mode_functions(p, inputs, grad_leaves, weights)
         err = None
         if reference is not None:
             with torch.no_grad():
@@ -229,18 +242,7 @@ def run_case(
         for mode in modes:
             if mode != "forward" and not grad_leaves:
                 continue
-            state: dict[str, Any] = {}
-            if mode == "forward":
-                fn, setup = (lambda: _run_no_grad(p, inputs)), None
-            elif mode == "full":
-                fn, setup = full, clear_grads
-            else:
-                def setup():
-                    clear_grads()
-                    state["loss"] = _backward_loss(p.fn(**inputs), weights)
-
-                def fn():
-                    state["loss"].backward()
+            fn, setup = mode_fns[mode]
             try:
                 ms = time_ms(fn, device, warmup=warmup, reps=reps, setup=setup)
                 if measure_memory:

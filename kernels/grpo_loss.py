@@ -85,6 +85,11 @@ def _expm1(x):
     return tl.where(tl.abs(x) < 0.5, small, tl.exp(x) - 1.0)
 
 
+# One program per sequence, and one launch for the whole loss: a pre-pass (length, GSPO's
+# sequence ratio), the token pass (loss, metrics, saved dlogp), and the fold of the totals by
+# the last program to finish. It stays one function (longer than the ~80-line guideline)
+# because the three passes share the per-sequence registers and the ticket protocol; helpers
+# it can share are separate @triton.jit functions above.
 @triton.jit
 def _grpo_loss_seq_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, roll_ptr, cu_ptr,  # inputs (flat)
