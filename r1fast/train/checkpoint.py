@@ -7,13 +7,23 @@ finished writing, and the ``latest`` pointer is replaced atomically after that. 
 at any moment therefore leaves either the old checkpoint or the new one, never a torn one.
 
 Files are loaded with ``torch.load(weights_only=True)``: checkpoints hold only tensors and plain
-Python containers, so a hostile file cannot execute code.
+Python containers, so a hostile file cannot execute code. ``meta.json`` records the sha256 and
+size of every rank file; :func:`load_checkpoint` verifies them, so a flipped byte or a rank file
+from another checkpoint is an error that names the file, never a silent resume.
+
+A damaged ``latest`` pointer (missing target, empty, a path outside the folder, a step without
+``meta.json``) does not hide the committed checkpoints: :func:`latest_checkpoint` then scans for
+the newest complete ``step_<N>`` folder and logs a WARNING. ``keep_last`` never deletes a
+checkpoint of a later step than the one just saved.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +33,12 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+log = logging.getLogger("r1fast.train")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be used (damaged, tampered, incomplete)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -75,6 +91,49 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _gather(obj: Any, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def file_digest(path: str | Path) -> dict:
+    """``{"sha256": hex, "bytes": size}`` of a file's content."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in a nested state holding NaN or Inf."""
+    bad: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            bad.append(prefix or "<tensor>")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            bad += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad += nonfinite_tensors(v, f"{prefix}[{i}]")
+    return bad
+
+
+def check_finite_state(state: Any, what: str) -> None:
+    """Raise ``FloatingPointError`` naming the tensors of ``state`` that hold NaN/Inf."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise FloatingPointError(f"{what}: non-finite values (NaN/Inf) in tensor(s) "
+                                 f"{', '.join(bad[:5])}{more}; refusing to write them")
+
+
 def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
                     keep_last: int | None = 2,
                     _before_commit: Callable[[], None] | None = None) -> Path:
@@ -84,6 +143,14 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     the rename: a kill there must leave the previous checkpoint as ``latest``.
     """
     rank, world = _rank_world()
+    bad = nonfinite_tensors(rank_state)
+    # every rank must agree to write before any rank changes the folder (collective decision)
+    all_bad = [b for r in _gather(bad, world) for b in r]
+    if all_bad:
+        more = f" (and {len(all_bad) - 5} more)" if len(all_bad) > 5 else ""
+        raise FloatingPointError(f"checkpoint of step {step}: non-finite values (NaN/Inf) in "
+                                 f"tensor(s) {', '.join(all_bad[:5])}{more}; not written, the "
+                                 f"previous checkpoint stays the latest")
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -93,10 +160,12 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
             shutil.rmtree(tmp)  # debris of an earlier killed save
         tmp.mkdir()
     _barrier()
-    _write_file(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save(rank_state, f))
+    name = f"rank_{rank:05d}.pt"
+    _write_file(tmp / name, lambda f: torch.save(rank_state, f))
+    digests = _gather((name, file_digest(tmp / name)), world)
     _barrier()
     if rank == 0:
-        meta = {**meta, "step": step, "world_size": world}
+        meta = {**meta, "step": step, "world_size": world, "files": dict(digests)}
         _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_dir(tmp)
         if _before_commit is not None:
@@ -110,30 +179,123 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
         os.replace(pointer, root / LATEST)
         _fsync_dir(root)
         if keep_last:
-            done = sorted(p for p in root.glob("step_*") if p.is_dir())
+            # only older steps: a checkpoint of a later step (another run's, or one this run
+            # has not reached) is never removed here
+            done = sorted(s for s, _ in _step_dirs(root) if s <= step)
             for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(root / f"step_{old:08d}")
     _barrier()
     return final
 
 
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step_<N>`` folder under ``root``, by step."""
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.fullmatch(p.name)
+            if m and p.is_dir() and not p.is_symlink():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def is_complete(path: Path) -> bool:
+    """A committed checkpoint folder: a readable ``meta.json`` with its step and world size,
+    and every rank file it lists."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        world = int(meta["world_size"])
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((path / f"rank_{r:05d}.pt").is_file() for r in range(world))
+
+
+def _pointer_target(root: Path) -> tuple[Path | None, str]:
+    """The folder ``latest`` names, or None and why it cannot be used."""
+    pointer = root / LATEST
+    try:
+        name = pointer.read_text().strip()
+    except OSError as e:
+        return None, f"{pointer} cannot be read ({e.strerror})"
+    except UnicodeDecodeError:
+        return None, f"{pointer} is not text"
+    if not _STEP_DIR.fullmatch(name):
+        return None, f"{pointer} holds {name[:60]!r}, not a step_<N> folder name"
+    path = root / name
+    if not path.is_dir():
+        return None, f"{pointer} names {name}, which does not exist"
+    if not is_complete(path):
+        return None, f"{pointer} names {name}, which has no valid meta.json or misses a rank file"
+    return path, ""
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The last committed checkpoint folder under ``root``, or None."""
+    """The last committed checkpoint folder under ``root``, or None when there is none.
+
+    Follows the ``latest`` pointer; when the pointer is missing or damaged, the newest complete
+    ``step_<N>`` folder is used instead and a WARNING says so."""
     root = Path(root)
     pointer = root / LATEST
-    if not pointer.is_file():
+    if pointer.exists() or pointer.is_symlink():
+        path, why = _pointer_target(root)
+        if path is not None:
+            return path
+    else:
+        why = f"{pointer} is missing"
+    complete = [p for _, p in _step_dirs(root) if is_complete(p)]
+    if not complete:
+        if pointer.exists() or pointer.is_symlink():
+            log.warning("%s, and %s holds no complete checkpoint", why, root)
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    log.warning("%s; using the newest complete checkpoint %s instead", why, complete[-1])
+    return complete[-1]
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """Return ``(rank_state, meta)`` of this rank from checkpoint folder ``path``."""
+def has_run_files(run_dir: str | Path) -> list[str]:
+    """What in a run folder a fresh start would overwrite: checkpoint folders (complete or not)
+    and a non-empty metrics.jsonl."""
+    run_dir = Path(run_dir)
+    found = [p.name for _, p in _step_dirs(run_dir / "checkpoints")]
+    found = [f"checkpoints/{n}" for n in found]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    return found
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
+    """Return ``(rank_state, meta)`` of this rank from checkpoint folder ``path``.
+
+    With ``verify`` (the default) this rank's file must match the sha256 and size that
+    ``meta.json`` records; a mismatch raises :class:`CheckpointError` naming the file."""
     rank, world = _rank_world()
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    if meta["world_size"] != world:
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        written_by = int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {meta_path} is unreadable or incomplete "
+                              f"({type(e).__name__}: {e})") from e
+    if written_by != world:
+        raise ValueError(f"checkpoint {path} was written by {written_by} ranks, this run has "
                          f"{world}; resume with the same parallel layout")
-    state = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
+    name = f"rank_{rank:05d}.pt"
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} is missing")
+    if verify:
+        want = meta.get("files", {}).get(name)
+        if want is None:
+            log.warning("checkpoint %s records no checksum for %s (written by an older r1fast); "
+                        "loading it unverified", path, name)
+        else:
+            got = file_digest(file)
+            if got != want:
+                raise CheckpointError(
+                    f"checkpoint file {file} is damaged or was changed after it was written: "
+                    f"sha256 {got['sha256'][:16]}.. ({got['bytes']} bytes), meta.json records "
+                    f"{want['sha256'][:16]}.. ({want['bytes']} bytes)")
+    state = torch.load(file, map_location="cpu", weights_only=True)
     return state, meta

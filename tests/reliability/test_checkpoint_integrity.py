@@ -1,0 +1,131 @@
+"""Hostile checkpoint folders: a damaged ``latest`` pointer, tampered or truncated rank files,
+broken ``meta.json``, non-finite states. None may hide or delete a committed checkpoint, and no
+non-finite tensor may be written."""
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from r1fast.train.checkpoint import (CheckpointError, has_run_files, latest_checkpoint,
+                                     load_checkpoint, save_checkpoint)
+
+pytestmark = pytest.mark.reliability
+
+
+def _two_checkpoints(root):
+    save_checkpoint(root, 1, {"w": torch.zeros(4)}, {"data": 1})
+    save_checkpoint(root, 2, {"w": torch.ones(4)}, {"data": 2})
+    return root / "step_00000002"
+
+
+@pytest.mark.parametrize("pointer", [
+    "step_00000009",            # names a folder that does not exist
+    "",                         # empty
+    "../..",                    # outside the checkpoint folder
+    "/etc",                     # absolute path
+    "step_00000003",            # a step folder without meta.json (created below)
+    "\x00\xff garbage",         # not a name at all
+    None,                       # the pointer file is missing
+    "dir",                      # the pointer is a directory
+])
+def test_damaged_pointer_finds_newest_complete_checkpoint(tmp_path, caplog, pointer):
+    newest = _two_checkpoints(tmp_path)
+    (tmp_path / "step_00000003").mkdir()  # torn: no meta.json, no rank file
+    (tmp_path / "latest").unlink()
+    if pointer == "dir":
+        (tmp_path / "latest").mkdir()
+    elif pointer is not None:
+        (tmp_path / "latest").write_bytes(pointer.encode("utf-8", "surrogateescape"))
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        found = latest_checkpoint(tmp_path)
+    assert found == newest
+    assert any("newest complete checkpoint" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
+    state, meta = load_checkpoint(found)
+    assert meta["data"] == 2 and torch.equal(state["w"], torch.ones(4))
+
+
+def test_step_without_rank_file_is_not_complete(tmp_path, caplog):
+    _two_checkpoints(tmp_path)
+    os.remove(tmp_path / "step_00000002" / "rank_00000.pt")
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert "misses a rank file" in caplog.text
+
+
+def test_intact_pointer_is_quiet(tmp_path, caplog):
+    newest = _two_checkpoints(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        assert latest_checkpoint(tmp_path) == newest
+    assert not caplog.records
+    assert latest_checkpoint(tmp_path / "nothing_here") is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append", "swap", "empty"])
+def test_tampered_rank_file_is_an_error_naming_it(tmp_path, damage):
+    path = _two_checkpoints(tmp_path)
+    f = path / "rank_00000.pt"
+    data = bytearray(f.read_bytes())
+    if damage == "flip":  # 40 flipped bytes in the middle of the tensor data
+        mid = len(data) // 2
+        for i in range(mid, mid + 40):
+            data[i] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "append":
+        data += b"\0" * 16
+    elif damage == "swap":  # a rank file of another (valid) checkpoint
+        data = bytearray((tmp_path / "step_00000001" / "rank_00000.pt").read_bytes())
+    else:
+        data = bytearray()
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rank_00000.pt"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("meta", ["", "{", "[]", '{"step": 2}', '{"world_size": "x"}'])
+def test_broken_meta_json_is_an_error_naming_it(tmp_path, meta):
+    path = _two_checkpoints(tmp_path)
+    (path / "meta.json").write_text(meta)
+    with pytest.raises(CheckpointError, match="meta.json"):
+        load_checkpoint(path)
+    # and it is not taken for a committed checkpoint
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_meta_records_checksums_of_every_rank_file(tmp_path):
+    path = _two_checkpoints(tmp_path)
+    files = json.loads((path / "meta.json").read_text())["files"]
+    assert set(files) == {"rank_00000.pt"}
+    assert len(files["rank_00000.pt"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_state_is_never_written(tmp_path, bad):
+    _two_checkpoints(tmp_path)
+    state = {"model": {"layer.weight": torch.tensor([1.0, bad])}, "step": torch.tensor(3)}
+    with pytest.raises(FloatingPointError, match="model.layer.weight"):
+        save_checkpoint(tmp_path, 3, state, {})
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    assert not (tmp_path / "step_00000003").exists()
+    assert not (tmp_path / ".tmp_step_00000003").exists()
+
+
+def test_keep_last_never_deletes_later_steps(tmp_path):
+    for s in (4, 5):
+        save_checkpoint(tmp_path, s, {"s": torch.tensor(s)}, {})
+    # a save of an earlier step (a restart) keeps every later checkpoint
+    save_checkpoint(tmp_path, 1, {"s": torch.tensor(1)}, {}, keep_last=1)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [
+        "step_00000001", "step_00000004", "step_00000005"]
+
+
+def test_has_run_files(tmp_path):
+    assert has_run_files(tmp_path) == []
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert has_run_files(tmp_path) == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
+    assert has_run_files(tmp_path) == ["checkpoints/step_00000001", "metrics.jsonl"]
