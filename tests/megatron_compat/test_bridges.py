@@ -6,7 +6,6 @@ one WARNING line; the warning filters; sequence parallelism with torch norms; an
 collectives (2 processes)."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import pathlib
@@ -20,12 +19,9 @@ import torch
 from r1fast import megatron_compat
 from r1fast.megatron_compat import cpu, quiet, versions
 from r1fast.megatron_compat.torch_proxy import TorchOnCPU
+from tests.helpers import dist as _dist
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "r1fast_policy_test_dist", pathlib.Path(__file__).parent.parent / "policy" / "_dist.py")
-_dist = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_dist)
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU bridges are off on GPU")
 # torch.Tensor defines neither method itself: both are the C base class's.

@@ -1,36 +1,23 @@
 """Tests of the CUDA kernels of MoE routing and permutation (csrc/moe_route.cu), GPU only.
 
-The checks are the very ones the Triton path passes (test_moe_route_triton.py,
-test_moe_permute.py), run with ``impl="cuda"`` and the CUDA launcher wrappers, plus what is
-specific to the CUDA kernels: the E <= 512 / k <= 16 / n_groups <= 64 limits (groups >= 32 use
-the second register of group scores), the vectorised and scalar row paths, and agreement with
-the Triton kernels. Without a CUDA device the module is skipped; with one, an extension that
+The checks are the very ones the Triton path passes (the case bodies of
+tests/helpers/moe_route_cases.py and tests/helpers/moe_permute_cases.py), run with
+``impl="cuda"`` and the CUDA launcher wrappers, plus what is specific to the CUDA kernels:
+the E <= 512 / k <= 16 / n_groups <= 64 limits (groups >= 32 use the second register of group
+scores), the vectorised and scalar row paths, and agreement with the Triton kernels. Without a CUDA device the module is skipped; with one, an extension that
 fails to build fails the tests (it is not skipped).
 """
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import moe_permute_cases as P
+from tests.helpers import moe_route_cases as R
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _sibling(name: str):
-    """Load a sibling test module by path to reuse its checks (not collected twice)."""
-    spec = importlib.util.spec_from_file_location(f"_moe_cuda_{name}",
-                                                  Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-R = _sibling("test_moe_route_triton")
-P = _sibling("test_moe_permute")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -141,12 +128,12 @@ def test_cuda_permute_matches_fp64_loops(T, k, E, H):
         for a, b in zip(got, want):
             torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-5)
         return
-    P.test_matches_fp64_loops("cuda", T, k, E, H)
+    P.check_matches_fp64_loops("cuda", T, k, E, H)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_permute_half_precision(dtype):
-    P.test_half_precision_rows("cuda", dtype)
+    P.check_half_precision_rows("cuda", dtype)
 
 
 @pytest.mark.parametrize("H", [63, 64, 300, 7168])  # scalar and 16-byte vector paths
@@ -161,7 +148,7 @@ def test_cuda_permute_bitwise_deterministic():
 
 
 def test_cuda_permute_stable_order():
-    P.test_repeated_expert_in_a_row_and_stable_slot_order("cuda")
+    P.check_repeated_expert_stable_order("cuda")
 
 
 @settings(max_examples=20, deadline=None)

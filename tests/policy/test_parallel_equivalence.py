@@ -10,18 +10,11 @@ and one target is ignored. Each DP rank takes its share of the batch as microbat
 sequence, the loss is normalised by the global token count. All ranks are gloo subprocesses."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
 from r1fast.policy.config import ModelConfig
-
-_spec = importlib.util.spec_from_file_location("r1fast_policy_test_dist",
-                                               pathlib.Path(__file__).with_name("_dist.py"))
-_dist = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_dist)
+from tests.helpers import dist as _dist
 
 pytestmark = [
     pytest.mark.multiproc,

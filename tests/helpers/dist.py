@@ -1,7 +1,8 @@
-"""Multi-process helper of the policy tests: start N gloo ranks as plain subprocesses (one
-``python tests/policy/_dist.py`` per rank, torchrun-style environment, a free port), run a
-scenario in each, and return what each rank saved. Subprocesses (not multiprocessing.spawn)
-keep the workers independent of how pytest imports test modules.
+"""Multi-process helper of the policy and megatron_compat tests: start N gloo ranks as plain
+subprocesses (one ``python tests/helpers/dist.py <scenario> <out>`` per rank, torchrun-style
+environment, a free port), run a scenario in each, and return what each rank saved.
+Subprocesses (not multiprocessing.spawn) keep the workers independent of how pytest imports
+test modules. Test files import it as ``from tests.helpers import dist``.
 
 Scenarios:
 - ``parity``: load a checkpoint at a TP/PP/EP layout (optionally create it first, at world
@@ -21,7 +22,7 @@ import sys
 import tempfile
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 
 def launch(world_size: int, scenario: str, args: dict[str, Any], timeout: float = 300.0
