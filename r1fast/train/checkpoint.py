@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,9 +87,31 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """A barrier over every process when torch.distributed is initialised, else nothing."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+_barrier = barrier
+
+
+def set_aside(run_dir: str | Path, names: tuple[str, ...]) -> Path:
+    """Move the ``names`` that exist in ``run_dir`` into a new ``run_dir/previous_<time>/``
+    (never deletes anything); returns that folder."""
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run_dir / f"previous_{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir / f"previous_{stamp}_{n}"
+    aside.mkdir(parents=True)
+    for name in names:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, aside / name)
+    _fsync_dir(run_dir)
+    return aside
 
 
 def _gather(obj: Any, world: int) -> list:

@@ -57,10 +57,18 @@ class AlgoConfig:
     """Compute log-probs and the loss with r1fast's fused ops (False: plain full logits)."""
 
     def __post_init__(self):
-        if self.group_size < 1:
-            raise ValueError(f"algo.group_size must be >= 1, got {self.group_size}")
+        if self.group_size < 2:
+            raise ValueError(f"algo.group_size must be >= 2, got {self.group_size}: the "
+                             f"{self.estimator} advantage of a group of one completion is always 0,"
+                             f" so nothing would be learned")
         if self.ppo_epochs < 1 or self.mini_batches < 1:
-            raise ValueError("algo.ppo_epochs and algo.mini_batches must be >= 1")
+            raise ValueError(f"algo.ppo_epochs and algo.mini_batches must be >= 1, got "
+                             f"{self.ppo_epochs} and {self.mini_batches}")
+        if not self.adv_eps > 0:
+            raise ValueError(f"algo.adv_eps must be > 0, got {self.adv_eps}")
+        if self.ref_reset_every < 0:
+            raise ValueError(f"algo.ref_reset_every must be >= 0 (0: never), got "
+                             f"{self.ref_reset_every}")
 
 
 @dataclass
@@ -110,6 +118,12 @@ class RewardConfig:
     accuracy_metric: str = "accuracy"
     """Which reward part is reported as 'accuracy'."""
 
+    def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ValueError(f"reward.timeout_s must be > 0 seconds, got {self.timeout_s}")
+        if self.workers < 0:
+            raise ValueError(f"reward.workers must be >= 0 (0: in-process), got {self.workers}")
+
 
 @dataclass
 class RunConfig:
@@ -131,6 +145,19 @@ class RunConfig:
     """Also write TensorBoard scalars."""
     progress: bool = True
     """Show a progress bar."""
+    overwrite: bool = False
+    """Allow starting from step 0 in an out_dir that already holds checkpoints or metrics (no
+    usable checkpoint, or resume=false). Nothing is deleted: the old checkpoints/, metrics.jsonl
+    and tensorboard/ move to out_dir/previous_<time>/. Without it such a start is an error."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"run.steps must be >= 1, got {self.steps}")
+        if self.save_every < 0:
+            raise ValueError(f"run.save_every must be >= 0 (0: only at the end), got "
+                             f"{self.save_every}")
+        if not str(self.out_dir).strip():
+            raise ValueError("run.out_dir must be a folder path, got an empty string")
 
 
 @dataclass

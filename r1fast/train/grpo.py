@@ -35,13 +35,14 @@ from r1fast.rollout.kv_cache import make_decoder
 from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)
-from r1fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint, set_aside)
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.engine import TrainEngine
-from r1fast.train.metrics import MetricsLogger
+from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.policy_io import copy_weights, load_model_state, model_state
 from r1fast.train.task import TaskData, build_task
-from r1fast.typed_toml import dump_toml
+from r1fast.typed_toml import ConfigError, dump_toml
 
 log = logging.getLogger("r1fast.train")
 
@@ -103,8 +104,16 @@ class GRPOTrainer:
 
     # -------------------------------------------------------------------------- checkpoints
     def _maybe_resume(self) -> None:
+        """Continue from the newest committed checkpoint of ``run.out_dir`` (the ``latest``
+        pointer, or a scan when it is damaged). Without one, a fresh start must not overwrite
+        an existing run (:meth:`_check_fresh_start`).
+
+        The LR schedule's length is the checkpoint's (megatron restores ``lr_decay_steps``
+        from it): a resume with a different ``run.steps`` keeps the old schedule and warns,
+        because stretching a cosine/linear decay in the middle would make the LR jump."""
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
+            self._check_fresh_start()
             return
         state, meta = load_checkpoint(path)
         self.engine.load_state_dict(state)
@@ -113,6 +122,43 @@ class GRPOTrainer:
         self.task.load_state_dict(meta["data"])
         self.step_idx = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step_idx)
+        if self.is_logger:
+            dropped, torn = truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
+            if dropped or torn:
+                log.info("metrics.jsonl: dropped %d row(s) after step %d (logged again from the "
+                         "checkpoint) and %d unreadable line(s)", dropped, self.step_idx, torn)
+        a = self.cfg.algo
+        want = max(self.cfg.run.steps * a.ppo_epochs * a.mini_batches,
+                   self.cfg.optim.warmup_steps + 1)
+        have = int(self.engine.scheduler.lr_decay_steps)
+        if have != want:
+            log.warning(
+                "run.steps=%d asks for an LR schedule of %d updates, but the checkpoint's "
+                "schedule (kept) has %d (lr_decay_style=%s): the LR continues on the "
+                "checkpoint's schedule%s", self.cfg.run.steps, want, have,
+                self.cfg.optim.lr_decay_style,
+                ", and stays at optim.min_lr after its end" if want > have
+                and self.cfg.optim.lr_decay_style != "constant" else "")
+
+    def _check_fresh_start(self) -> None:
+        """Step 0 in a folder that holds checkpoints or metrics: an error unless
+        ``run.overwrite``; with it the old files move to ``previous_<time>/`` (never deleted)."""
+        found = has_run_files(self.run_dir)
+        if not found:
+            return
+        if not self.cfg.run.overwrite:
+            why = "holds no complete checkpoint" if self.cfg.run.resume else "has run.resume=false"
+            raise ConfigError(
+                f"run folder {self.run_dir} already holds {', '.join(found[:3])}"
+                f"{' ...' if len(found) > 3 else ''} but {why}: starting over from step 0 needs "
+                f"--run.overwrite=true (the old files are kept in {self.run_dir}/previous_<time>/)"
+                f", or choose another --run.out_dir")
+        if self.is_logger:
+            aside = set_aside(self.run_dir, ("checkpoints", "metrics.jsonl", "tensorboard",
+                                             "config.toml"))
+            log.warning("run.overwrite: starting from step 0; the previous run's files are in %s",
+                        aside)
+        barrier()
 
     def save(self) -> Path:
         state = self.engine.state_dict()
@@ -308,6 +354,8 @@ class GRPOTrainer:
     def fit(self) -> list[dict]:
         """Run until ``run.steps``; returns the metrics rows of the steps run here."""
         run = self.cfg.run
+        if self.step_idx == 0:
+            self._check_fresh_start()
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(dump_toml(self.cfg))
@@ -316,6 +364,10 @@ class GRPOTrainer:
                                initial_step=self.step_idx)
         rows = []
         try:
+            if self.step_idx >= run.steps:
+                log.warning("the checkpoint is at step %d and run.steps=%d: nothing to do (raise "
+                            "--run.steps to continue)", self.step_idx, run.steps)
+                return rows
             while self.step_idx < run.steps:
                 metrics = self.step()
                 rows.append(logger.log(self.step_idx, metrics))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Mapping
@@ -71,3 +72,35 @@ class MetricsLogger:
 def read_jsonl(path: str | Path) -> list[dict]:
     """The rows of a JSON-lines file (metrics, datasets)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> tuple[int, int]:
+    """Drop the rows of a metrics file logged after ``last_step`` (a resume from the checkpoint
+    of ``last_step`` logs them again) and lines that are not JSON objects (a torn last line of
+    a killed run). The file is replaced atomically. Returns ``(rows dropped, torn lines)``."""
+    path = Path(path)
+    if not path.is_file():
+        return 0, 0
+    kept, dropped, torn = [], 0, 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if not isinstance(row, dict):
+            torn += 1
+        elif isinstance(row.get("step"), (int, float)) and row["step"] > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped or torn:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(k + "\n" for k in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped, torn

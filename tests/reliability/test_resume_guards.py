@@ -1,0 +1,65 @@
+"""A GRPO run over a hostile run folder: a damaged ``latest`` pointer must resume from the
+newest committed checkpoint, a fresh start never overwrites or deletes an existing run without
+``run.overwrite``, resumed metrics have no duplicate steps, a longer run.steps says what
+happens to the LR schedule."""
+import logging
+
+import pytest
+
+from r1fast.train.config import load_train_config
+from r1fast.train.metrics import read_jsonl
+from r1fast.typed_toml import ConfigError
+
+pytestmark = pytest.mark.reliability
+
+BASE = ["--model.vocab_size=128", "--data.prompts_per_step=1", "--algo.group_size=2",
+        "--rollout.max_new_tokens=4", "--reward.workers=0", "--run.progress=false",
+        "--run.tensorboard=false", "--data.num_train=16", "--algo.kl_coef=0"]
+
+
+def _fit(out, *extra):
+    from r1fast.train.grpo import GRPOTrainer
+
+    cfg = load_train_config(None, [*BASE, f"--run.out_dir={out}", *extra])
+    return GRPOTrainer(cfg).fit()
+
+
+def test_damaged_pointer_resumes_newest_and_metrics_are_truncated(tmp_path, caplog):
+    out = tmp_path / "run"
+    _fit(out, "--run.steps=2", "--run.save_every=1")
+    ckpts = out / "checkpoints"
+    assert (ckpts / "step_00000002").is_dir() and (ckpts / "step_00000001").is_dir()
+    (ckpts / "latest").write_text("../..")
+    # a crash after logging steps 3 and 4 but before their checkpoint, with a torn last line
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
+    with caplog.at_level(logging.INFO, logger="r1fast.train"):
+        rows = _fit(out, "--run.steps=3", "--run.save_every=1")
+    assert [r["step"] for r in rows] == [3]
+    assert "newest complete checkpoint" in caplog.text and "step_00000002" in caplog.text
+    assert "dropped 2 row(s) after step 2" in caplog.text
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    # the LR schedule of the checkpoint is kept, and the log says so
+    assert "checkpoint's schedule (kept)" in caplog.text
+    assert (ckpts / "step_00000002").is_dir() and (ckpts / "step_00000003").is_dir()
+
+
+def test_fresh_start_over_an_existing_run_needs_overwrite(tmp_path):
+    out = tmp_path / "run"
+    _fit(out, "--run.steps=1")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # every checkpoint torn (no meta.json): no silent restart, nothing deleted
+    (out / "checkpoints" / "step_00000001" / "meta.json").unlink()
+    with pytest.raises(ConfigError, match="--run.overwrite=true") as e:
+        _fit(out, "--run.steps=1")
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="resume=false"):
+        _fit(out, "--run.steps=1", "--run.resume=false")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    # with the flag the old files are moved aside, never deleted
+    rows = _fit(out, "--run.steps=1", "--run.overwrite=true")
+    assert [r["step"] for r in rows] == [1]
+    aside = list(out.glob("previous_*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000001").is_dir()
+    assert len(read_jsonl(aside[0] / "metrics.jsonl")) == 1
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
