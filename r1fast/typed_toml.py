@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -34,10 +35,11 @@ def _unknown_key(key: str, prefix: str, known: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
 
 
-def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
+def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True) -> Any:
     """Check ``value`` against the annotation ``tp`` (after from __future__ annotations were
     resolved), converting only where lossless (int -> float, list -> tuple). ``base`` is the
-    default a nested dataclass table is merged onto."""
+    default a nested dataclass table is merged onto. A float must be finite (TOML's ``nan`` and
+    ``inf`` are rejected) unless ``finite`` is False (a field with :data:`ALLOW_NONFINITE`)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -51,7 +53,7 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key, base)
+                return _coerce(value, a, key, base, finite)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"config key '{key}': {value!r} does not match {tp}")
@@ -64,13 +66,15 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         args = typing.get_args(tp)
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", finite=finite)
+                         for i, v in enumerate(value))
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"config key '{key}' must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{key}[{i}]", finite=finite)
+                         for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
-        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        out = [_coerce(v, item, f"{key}[{i}]", finite=finite) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
@@ -90,10 +94,12 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
                 raise ConfigError(f"config key '{key}.preset': {e}") from e
         if dataclasses.is_dataclass(base) and not isinstance(base, type):
             value = merge(_shallow_fields(base), value)
-        return from_dict(tp, value, prefix=key + ".")
+        return from_dict(tp, value, prefix=key + "." if key else "")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if finite and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -121,6 +127,10 @@ def _field_default(f: dataclasses.Field) -> Any:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
 
+
+ALLOW_NONFINITE = {"allow_nonfinite": True}
+"""``field(metadata=ALLOW_NONFINITE)`` on a float field lets it be ``inf``/``nan``; every
+other float of a config must be finite."""
 
 FLATTEN = {"flatten": True}
 """``field(metadata=FLATTEN)`` on a nested-dataclass field: its fields are read and written
@@ -158,7 +168,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             raise _unknown_key(key, prefix, sorted((set(fields) - set(owner.values()))
                                                    | set(owner)))
         base = _field_default(fields[key]) if isinstance(value, dict) else None
-        kwargs[key] = _coerce(value, hints[key], prefix + key, base)
+        # a FLATTEN field's keys are named as the user wrote them: in the parent's table
+        name = prefix.rstrip(".") if fields[key].metadata.get("flatten") else prefix + key
+        kwargs[key] = _coerce(value, hints[key], name, base,
+                              finite=not fields[key].metadata.get("allow_nonfinite", False))
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing

@@ -340,6 +340,17 @@ def save_hf_checkpoint(policy, path: str, *, dtype: Optional[torch.dtype] = None
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     state = gather_hf_state_dict(policy, dtype)
+    # rank 0 holds every tensor: it checks them and tells the others (no rank may hang)
+    bad = [] if state is None else [k for k in sorted(state) if state[k].is_floating_point()
+                                    and not bool(torch.isfinite(state[k]).all())]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [bad]
+        dist.broadcast_object_list(box, src=0)
+        bad = box[0]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise FloatingPointError(f"save_hf_checkpoint: tensor(s) {', '.join(bad[:5])}{more} hold "
+                                 f"NaN/Inf; nothing written to {path}")
     if state is None:
         dist.barrier()
         return

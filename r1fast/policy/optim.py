@@ -16,6 +16,7 @@ the scheduler state.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,20 +53,44 @@ class OptimConfig:
     """After warmup: "constant", "cosine" or "linear" decay to min_lr."""
     use_distributed_optimizer: bool = True
     """Shard the fp32 optimizer state over the data-parallel ranks (ZeRO-1)."""
+    max_nonfinite_skips: int = 0
+    """Optimizer steps whose loss or global gradient norm is NaN/Inf that may be skipped (each
+    with a WARNING; weights, moments and LR unchanged) in a run before it stops with an error."""
+
+    def __post_init__(self):
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """The checks of single values (run when the config is made, i.e. at load time)."""
+        for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                     "sgd_momentum", "clip_grad"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"OptimConfig: optim.{name} must be a finite number, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"OptimConfig: optim.lr must be > 0, got {self.lr}")
+        if self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError(f"OptimConfig: clip_grad and weight_decay must be >= 0, got "
+                             f"optim.clip_grad={self.clip_grad}, "
+                             f"optim.weight_decay={self.weight_decay}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
+            raise ValueError(f"OptimConfig: optim.adam_beta1 and optim.adam_beta2 must be in "
+                             f"[0, 1) and optim.adam_eps > 0, got {self.adam_beta1}, "
+                             f"{self.adam_beta2}, {self.adam_eps}")
+        if self.max_nonfinite_skips < 0:
+            raise ValueError(f"OptimConfig: optim.max_nonfinite_skips must be >= 0, got "
+                             f"{self.max_nonfinite_skips}")
 
     def validate(self) -> "OptimConfig":
+        self._check_values()
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"OptimConfig: optimizer must be one of ('adam', 'sgd'), "
                              f"got {self.optimizer!r}")
         if self.lr_decay_style not in ("constant", "cosine", "linear"):
             raise ValueError(f"OptimConfig: lr_decay_style must be one of ('constant', 'cosine',"
                              f" 'linear'), got {self.lr_decay_style!r}")
-        if not self.lr > 0:
-            raise ValueError(f"OptimConfig: lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"OptimConfig: min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.clip_grad < 0 or self.weight_decay < 0:
-            raise ValueError("OptimConfig: clip_grad and weight_decay must be >= 0")
         if self.optimizer == "sgd" and self.use_distributed_optimizer:
             raise ValueError("OptimConfig: megatron's distributed optimizer supports adam only; "
                              "use optimizer='adam' or use_distributed_optimizer=False")
@@ -144,10 +169,29 @@ def _snapshot(obj: Any) -> Any:
     return obj
 
 
+def _init_unstepped_adam(inner) -> None:
+    """Give an Adam that has not stepped yet (a checkpoint before the first step, or after
+    only skipped non-finite steps) the state torch would create at its first step: zero
+    moments and step 0 (megatron's state_dict needs a "step"; resuming from it is identical
+    to starting fresh)."""
+    if inner is None or not all("betas" in g for g in inner.param_groups):
+        return
+    if any("step" in st for st in inner.state.values()):
+        return
+    for group in inner.param_groups:
+        for p in group["params"]:
+            st = inner.state[p]
+            st.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            st.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+            st["step"] = torch.tensor(0.0)
+
+
 def optim_state_dict(optimizer, scheduler) -> dict[str, Any]:
     """This rank's optimizer state (its DP shard of Adam's moments and fp32 params, plus the
     rank-independent parts) and the scheduler state, for ``torch.save`` per rank. Reload it
     with :func:`load_optim_state_dict` into an optimizer built for the same layout."""
+    for opt in _sub_optimizers(optimizer):
+        _init_unstepped_adam(getattr(opt, "optimizer", None))
     params = []
     for opt in _sub_optimizers(optimizer):
         if hasattr(opt, "gbuf_ranges"):  # distributed: fp32 main param + moments per shard

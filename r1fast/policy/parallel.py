@@ -90,7 +90,12 @@ def init_parallel(parallel: ParallelConfig, model: Optional[ModelConfig] = None,
     global _LAYOUT
     init_distributed(backend)
     install_megatron_compat()  # after the process group: its WARNING line is rank 0's only
-    parallel = ParallelConfig(**{**parallel.__dict__, "world_size": dist.get_world_size()})
+    world = dist.get_world_size()
+    if parallel.world_size is not None and parallel.world_size != world:
+        raise ValueError(f"parallel.world_size={parallel.world_size}, but torch.distributed has "
+                         f"{world} process(es) (torchrun --nproc-per-node x --nnodes / "
+                         f"WORLD_SIZE); set it to {world} or leave it out")
+    parallel = ParallelConfig(**{**parallel.__dict__, "world_size": world})
     parallel.validate(model)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

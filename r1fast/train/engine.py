@@ -6,8 +6,10 @@ on the megatron-core policy need the same things, so they live here once:
 * construction: the policy at the configured TP/PP/EP layout, megatron's distributed optimizer
   and LR schedule sized to the number of updates, optional initial weights;
 * :meth:`TrainEngine.update`: one gradient accumulation over this rank's micro-batches
-  (megatron's forward-backward schedule) and a *guarded* optimizer step: a skipped step or a
-  non-finite gradient norm stops training with an error instead of writing garbage weights;
+  (megatron's forward-backward schedule) and a *guarded* optimizer step: the loss and the
+  global gradient norm are checked BEFORE any weight changes; a non-finite one skips the step
+  (weights, optimizer moments and LR schedule untouched, a WARNING), up to
+  ``optim.max_nonfinite_skips`` times in the run, then stops training with an error;
 * reductions on the policy's device (NCCL rejects CPU tensors): sums over data-parallel
   replicas, and the metrics that only the last pipeline stage computes, averaged or summed
   over DP and received by every rank;
@@ -20,6 +22,7 @@ that returns this micro-batch's share of the global loss (see
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -32,6 +35,12 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig, load_optim_state_dict, optim_state_dict
 from r1fast.train.checkpoint import rng_state, set_rng_state
 from r1fast.train.policy_io import load_model_state, model_state
+
+log = logging.getLogger("r1fast.train")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met more non-finite losses / gradient norms than ``optim.max_nonfinite_skips``."""
 
 
 @dataclasses.dataclass
@@ -46,6 +55,8 @@ class UpdateResult:
     """Seconds in the forward-backward schedule."""
     time_optimizer_s: float
     """Seconds in the optimizer step."""
+    skipped: bool = False
+    """The step was skipped (non-finite loss or gradient norm): nothing changed."""
 
 
 class TrainEngine:
@@ -60,25 +71,66 @@ class TrainEngine:
         self.info = self.policy.info
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
+        self.max_nonfinite_skips = optim.max_nonfinite_skips
+        self.nonfinite_skips = 0
+        """Steps skipped so far in the run (saved in checkpoints)."""
         if init_from:
             load_model_state(self.policy, init_from, self.optimizer)
 
     # ------------------------------------------------------------------------- training
     def update(self, micro_batches: Sequence[Mapping[str, Any]], loss_fn) -> UpdateResult:
-        """Forward-backward over ``micro_batches``, then one guarded optimizer step."""
+        """Forward-backward over ``micro_batches``, then one guarded optimizer step.
+
+        megatron's ``optimizer.step()`` is unrolled (prepare_grads -> global grad norm -> clip
+        -> step_with_ready_grads) so that the loss and the norm are checked before any weight
+        changes: a non-finite one skips the step, or raises :class:`NonFiniteError` once more
+        than ``optim.max_nonfinite_skips`` steps were skipped."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
         t0 = time.perf_counter()
-        results = self.policy.forward_backward(micro_batches, loss_fn)
+        results = list(self.policy.forward_backward(micro_batches, loss_fn))
         t1 = time.perf_counter()
-        ok, grad_norm, _ = self.optimizer.step()
+        found_inf = bool(self.optimizer.prepare_grads())  # main grads; True only via a scaler
+        grad_norm = float(self.optimizer.get_grad_norm() or 0.0)  # global over every shard
+        bad_loss = self._any_rank([not math.isfinite(float(r["loss"])) for r in results
+                                   if "loss" in r])
+        if found_inf or bad_loss or not math.isfinite(grad_norm):
+            what = ("non-finite loss" if bad_loss else
+                    f"non-finite gradient norm {grad_norm}" if not math.isfinite(grad_norm)
+                    else "non-finite gradients (grad scaler)")
+            self._skip(what)
+            return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1,
+                                skipped=True)
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = opt.get_parameters()
+            if params and opt.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        if not self.optimizer.step_with_ready_grads():
+            raise FloatingPointError("megatron's optimizer reported a failed step after the "
+                                     "finite-value checks passed")
         self.scheduler.step(1)
-        t2 = time.perf_counter()
-        grad_norm = float(grad_norm or 0.0)
-        if not ok:
-            raise FloatingPointError("optimizer step skipped: non-finite gradients")
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm {grad_norm}: training stopped "
-                                     f"(check optim.lr and the model config for inf/nan)")
-        return UpdateResult(list(results), grad_norm, t1 - t0, t2 - t1)
+        return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1)
+
+    def _any_rank(self, flags: Sequence[bool]) -> bool:
+        """True on every rank when any flag on any rank is True (collective)."""
+        t = torch.tensor([float(any(flags))], dtype=torch.float64, device=self.device)
+        if self.info.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _skip(self, what: str) -> None:
+        self.nonfinite_skips += 1
+        if self.nonfinite_skips > self.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"{what}: training stopped after {self.nonfinite_skips} non-finite step(s) "
+                f"(optim.max_nonfinite_skips={self.max_nonfinite_skips}); the weights are those "
+                f"of the last finite step. Check optim.lr, the model config and the rewards for "
+                f"inf/nan, or allow skips with --optim.max_nonfinite_skips=N")
+        log.warning("%s: optimizer step skipped, weights unchanged (%d of at most %d skips, "
+                    "optim.max_nonfinite_skips)", what, self.nonfinite_skips,
+                    self.max_nonfinite_skips)
 
     @property
     def lr(self) -> float:
@@ -136,12 +188,13 @@ class TrainEngine:
         """This rank's model chunk, optimizer shard and RNG state."""
         return {"model": model_state(self.policy),
                 "optimizer": optim_state_dict(self.optimizer, self.scheduler),
-                "rng": rng_state()}
+                "rng": rng_state(), "nonfinite_skips": self.nonfinite_skips}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         load_model_state(self.policy, state["model"], self.optimizer)
         load_optim_state_dict(self.optimizer, self.scheduler, state["optimizer"])
         set_rng_state(state["rng"])
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
 
     def save_model(self, tokenizer, path: str | Path) -> Path:
         """The policy as a self-contained HF model folder (see :func:`policy_io.save_model`)."""

@@ -1,0 +1,146 @@
+"""Non-finite and out-of-range values: refused at config load time with a one-line error naming
+the key; a non-finite loss or gradient norm never changes the weights (skipped up to
+optim.max_nonfinite_skips times, then a clear error); nothing non-finite is exported."""
+import logging
+
+import pytest
+import torch
+
+from r1fast.train.config import load_train_config
+from r1fast.typed_toml import ConfigError
+
+pytestmark = pytest.mark.reliability
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--optim.lr=inf", "optim.lr"),
+    ("--optim.lr=-inf", "optim.lr"),
+    ("--optim.lr=nan", "optim.lr"),
+    ("--optim.lr=0", "optim.lr"),
+    ("--optim.lr=-0.1", "optim.lr"),
+    ("--optim.adam_beta1=1.5", "optim.adam_beta1"),
+    ("--optim.adam_eps=0", "optim.adam_eps"),
+    ("--optim.max_nonfinite_skips=-1", "optim.max_nonfinite_skips"),
+    ("--model.rms_norm_eps=nan", "model.rms_norm_eps"),
+    ("--model.router_scaling_factor=nan", "model.router_scaling_factor"),
+    ("--model.router_scaling_factor=inf", "model.router_scaling_factor"),
+    ("--algo.kl_coef=nan", "algo.kl_coef"),
+    ("--algo.clip_high=inf", "algo.clip_high"),
+    ("--rollout.temperature=nan", "rollout.temperature"),
+    ("--reward.timeout_s=inf", "reward.timeout_s"),
+    ("--reward.timeout_s=0", "reward.timeout_s"),
+    ("--reward.workers=-1", "reward.workers"),
+    ("--run.steps=-3", "run.steps"),
+    ("--run.steps=0", "run.steps"),
+    ("--run.save_every=-2", "run.save_every"),
+    ("--algo.group_size=1", "algo.group_size"),
+    ("--algo.group_size=0", "algo.group_size"),
+    ("--algo.adv_eps=0", "algo.adv_eps"),
+    ("--algo.ref_reset_every=-1", "algo.ref_reset_every"),
+])
+def test_bad_config_value_is_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, [override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg, msg
+
+
+def test_group_size_one_says_why():
+    with pytest.raises(ConfigError, match=r"algo.group_size must be >= 2.*always 0"):
+        load_train_config(None, ["--algo.group_size=1", "--algo.estimator=rloo"])
+
+
+def test_world_size_mismatch_is_an_error():
+    from r1fast.policy.config import ParallelConfig
+    from r1fast.policy.parallel import init_parallel
+
+    with pytest.raises(ValueError, match=r"parallel.world_size=16.*1 process"):
+        init_parallel(ParallelConfig(world_size=16))
+
+
+# ------------------------------------------------------------------------------ the update
+@pytest.fixture(scope="module")
+def engine_factory():
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.optim import OptimConfig
+    from r1fast.train.engine import TrainEngine
+
+    model = ModelConfig.preset("tiny-moe")
+    model.vocab_size = 64
+
+    def make(skips):
+        return TrainEngine(model, ParallelConfig(), OptimConfig(lr=1e-2,
+                                                                max_nonfinite_skips=skips),
+                           total_updates=10, seed=0)
+    return make
+
+
+def _batch():
+    torch.manual_seed(1)
+    return [{"tokens": torch.randint(0, 64, (2, 8))}]
+
+
+def _loss(kind):
+    def fn(hidden, weight, mb):
+        logits = hidden.float() @ weight.float().t()
+        loss = logits.logsumexp(-1).mean()
+        if kind == "nan_loss":
+            loss = loss * float("nan")
+        elif kind == "inf_loss":
+            loss = loss + float("inf")
+        elif kind == "nan_grad":  # finite loss (0), NaN gradient: d sqrt(0 * |h|) = inf * 0
+            loss = loss * 0 + torch.sqrt(hidden.float().abs() * 0).sum()
+        return loss, {}
+    return fn
+
+
+def _weights(engine):
+    return {k: v.detach().clone() for k, v in engine.policy.gpt.state_dict().items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+@pytest.mark.parametrize("kind", ["nan_loss", "inf_loss", "nan_grad"])
+def test_non_finite_step_never_changes_weights(engine_factory, kind, caplog):
+    from r1fast.train.engine import NonFiniteError
+
+    eng = engine_factory(1)
+    before, steps_before = _weights(eng), eng.scheduler.num_steps
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        res = eng.update(_batch(), _loss(kind))
+    assert res.skipped and "optimizer step skipped" in caplog.text
+    after = _weights(eng)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert eng.scheduler.num_steps == steps_before
+    with pytest.raises(NonFiniteError, match="max_nonfinite_skips=1"):
+        eng.update(_batch(), _loss(kind))
+    after = _weights(eng)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert eng.nonfinite_skips == 2
+    assert eng.state_dict()["nonfinite_skips"] == 2  # saved even before any real step
+
+
+def test_default_stops_at_the_first_non_finite_step(engine_factory):
+    from r1fast.train.engine import NonFiniteError
+
+    eng = engine_factory(0)
+    ok = eng.update(_batch(), _loss("ok"))
+    assert not ok.skipped and ok.grad_norm > 0
+    before = _weights(eng)
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        eng.update(_batch(), _loss("nan_loss"))
+    assert all(torch.equal(v, _weights(eng)[k]) for k, v in before.items())
+
+
+def test_non_finite_weights_are_never_exported(engine_factory, tmp_path):
+    from r1fast.policy.hf_checkpoint import save_hf_checkpoint
+
+    eng = engine_factory(0)
+    w = eng.policy.gpt.decoder.final_layernorm.weight
+    with torch.no_grad():
+        w[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="model.norm.weight"):
+        save_hf_checkpoint(eng.policy, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    from r1fast.train.checkpoint import save_checkpoint
+    with pytest.raises(FloatingPointError, match="final_layernorm"):
+        save_checkpoint(tmp_path / "ckpt", 1, eng.state_dict(), {})
