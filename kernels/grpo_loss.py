@@ -397,7 +397,7 @@ def grpo_loss_fwd(
     if b > 0:  # one launch: the last sequence program also folds the totals
         _grpo_loss_seq_kernel[(b,)](
             logp, old_logp, advantages, mask, ref, roll, cu, stats, dlogp,
-            totals, norm, _ticket(dev),
+            totals, norm, _armed_ticket(dev),
             b, int(seq_len), float(clip_low), float(clip_high), float(dual_clip or 0.0),
             float(kl_coef), float(tis_cap or 0.0), float(norm_value),
             PADDED=cu_seqlens is None, LOSS=LOSSES[loss], DUAL=dual_clip is not None, KL=kl_id,
@@ -413,11 +413,54 @@ def grpo_loss_fwd(
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 
 
+def prepare(device: torch.device | str | None = None) -> None:
+    """Allocate the completion tickets now: of ``device``, or of the CPU (interpreter) and every
+    visible CUDA device. Called by the first launch; call it before capturing a CUDA graph that
+    contains the loss (an allocation inside a capture would come from the graph's private pool,
+    which later replays reuse), or run the loss once outside the capture (the usual warm-up)."""
+    if device is not None:
+        devices = [torch.device(device)]
+    else:
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for d in devices:
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+        if d not in _TICKETS:
+            _TICKETS[d] = torch.zeros(1, dtype=torch.int32, device=d)
+
+
+def _key(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _ticket(device: torch.device) -> torch.Tensor:
-    """The per-device int32 completion counter of the loss kernel, zeroed once (each launch
-    leaves it at 0 again), so a forward needs no memset launch. Launches of this kernel on
-    several streams of one device at the same time would share it: r1fast issues them on one."""
-    t = _TICKETS.get(device)
+    """The per-device int32 completion counter of the loss kernel. Allocated eagerly for every
+    device at the first launch (:func:`prepare`), never inside a CUDA-graph capture (that
+    raises: call :func:`prepare` or run the loss once before capturing)."""
+    key = _key(device)
+    t = _TICKETS.get(key)
     if t is None:
-        t = _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        if key.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("grpo_loss: the completion ticket of device "
+                               f"{key} must be allocated before CUDA-graph capture: call "
+                               "r1fast.kernels.grpo_loss.prepare() or run the loss once first")
+        prepare()
+        prepare(key)
+        t = _TICKETS[key]
     return t
+
+
+def _armed_ticket(device: torch.device) -> torch.Tensor:
+    """The ticket, reset to 0 in stream order before the launch (one 4-byte memset, no host
+    sync, captured by CUDA graphs as a memset node). The kernel's last program also sets it
+    back to 0, but a launch that never finished (an abort, an interrupted graph replay, a
+    launch on another stream sharing the counter) would leave it non-zero, and then no
+    program would see ``ticket == B - 1``: ``totals`` would stay uninitialised with no error.
+    The reset makes every launch start from 0 whatever happened before. Launches of this kernel
+    on two streams of one device at the same time still share the counter: r1fast issues them
+    on one stream."""
+    return _ticket(device).zero_()

@@ -8,6 +8,12 @@ ninja, the first time an op needs it. The build directory is cached (``R1FAST_EX
 ``~/.cache/r1fast/torch_extensions/<torch>-cu<cuda>/<stem>``): later processes reuse it and ninja
 rebuilds only what changed. A build is tried once per process; its failure is remembered.
 
+Everything here is answered once per process and cached: the environment check (CUDA torch, a
+device, nvcc, ninja -- ``is_ninja_available`` starts a ``ninja --version`` subprocess, 1-20 ms),
+each op's :func:`missing` answer and its loaded module, so the dispatch on the hot path of an
+op costs a dictionary lookup. :func:`clear_caches` forgets them (tests, or after installing a
+toolkit in a running process).
+
 :func:`missing` is what ``r1fast.ops._dispatch`` calls; it names exactly what is absent:
 a CPU-only torch, no CUDA device, no nvcc, no ninja, ``build failed: <first error line>``, or the
 op not being in the built extension. Ops not listed in ``_OPS`` default to stem = op name and
@@ -15,6 +21,7 @@ any function named ``<op>`` or ``<op>_*`` in it, so a new ``csrc/<op>.cu`` needs
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -77,6 +84,7 @@ def first_error_line(text: str) -> str:
     return lines[0] if lines else "unknown error"
 
 
+@functools.lru_cache(maxsize=None)
 def _environment_missing() -> str | None:
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (no CUDA torch)"
@@ -123,9 +131,10 @@ def _spec(op: str) -> tuple[str, tuple[str, ...] | None]:
     return op, None  # None: any function named `op` or `op_*`
 
 
+@functools.lru_cache(maxsize=None)
 def missing(op: str) -> str | None:
     """Why the CUDA kernels of ``op`` cannot run in this process, or None when they can.
-    Builds the extension on first use (a minute or so), so call it lazily."""
+    Builds the extension on first use (a minute or so), so call it lazily. Cached per op."""
     why = _environment_missing()
     if why is not None:
         return why
@@ -148,9 +157,24 @@ def missing(op: str) -> str | None:
 
 def load(op: str) -> ModuleType:
     """The built extension module holding ``op``; raises ImplUnavailableError otherwise."""
+    module = _loaded.get(op)
+    if module is not None:
+        return module
     why = missing(op)
     if why is not None:
         raise ImplUnavailableError(f"{op}: impl='cuda' is unavailable: {why}")
     module = _build(_spec(op)[0])
     assert not isinstance(module, str)
+    _loaded[op] = module
     return module
+
+
+_loaded: dict[str, ModuleType] = {}  # op -> its module, once load() succeeded
+
+
+def clear_caches() -> None:
+    """Forget the cached environment check, ``missing`` answers and loaded modules (not the
+    builds: a failed build stays failed for this process)."""
+    _environment_missing.cache_clear()
+    missing.cache_clear()
+    _loaded.clear()

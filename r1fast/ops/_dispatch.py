@@ -8,7 +8,16 @@ that is present for the tensor's device: cuda > triton > torch on a GPU, torch o
 interpreter is 1000x slower than torch, so it is only used when asked for).
 
 Asking for a path that is not there raises :class:`ImplUnavailableError` naming what is missing,
-never a silent fallback. The chosen path is logged once per op.
+never a silent fallback. The chosen path is logged once per op. What is present is answered once
+per process (cached), so choosing costs no subprocess or file lookup on the hot path.
+
+Debug checks: no op waits for the GPU (a host sync: ``.item()``, ``.tolist()``, ``.cpu()``,
+``bool(t)``, ``torch.bincount``, ``nonzero``) on its hot path. Checks that need the values of
+device tensors (indices in range, a row map that is a permutation, targets inside the
+vocabulary) run only when :func:`debug_checks` is on: ``R1FAST_DEBUG_CHECKS=1`` in the
+environment (read at each call, so a test or a debugging session can switch it), or the
+``validate=True`` argument of the op. Shape, dtype and device checks always run (they read
+metadata only).
 """
 from __future__ import annotations
 
@@ -37,6 +46,14 @@ def triton_importable() -> bool:
 def triton_interpret() -> bool:
     """True when Triton kernels run in the interpreter (on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def debug_checks(validate: bool | None = None) -> bool:
+    """Whether an op runs its value checks (host syncs): ``validate`` when given, else the
+    environment variable ``R1FAST_DEBUG_CHECKS`` (``1``/``true``/``yes`` turn them on)."""
+    if validate is not None:
+        return bool(validate)
+    return os.environ.get("R1FAST_DEBUG_CHECKS", "0").strip().lower() in ("1", "true", "yes")
 
 
 def triton_missing(device: torch.device) -> str | None:

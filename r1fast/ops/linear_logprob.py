@@ -36,7 +36,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from r1fast.ops._dispatch import resolve_impl
+from r1fast.ops._dispatch import debug_checks, resolve_impl
 from r1fast.ops._validate import INDEX_DTYPES, check_tensor
 
 __all__ = ["linear_logprob", "naive_linear_logprob", "LinearLogprobChunks", "DEFAULT_CHUNKS",
@@ -304,7 +304,7 @@ def _check_chunk(name: str, value) -> None:
 
 
 def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index, tp_group,
-              chunk_tokens, chunk_vocab) -> None:
+              chunk_tokens, chunk_vocab, validate=None) -> None:
     check_tensor("hidden", hidden, ndim=2, dtypes=_TORCH_DTYPES)
     T, H = hidden.shape
     check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), shape=(None, H),
@@ -326,6 +326,8 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("tp_group was given but torch.distributed is not initialized")
         world = dist.get_world_size(tp_group)
+    if not debug_checks(validate):  # the targets' values: a host sync, debug mode only
+        return
     v_total = weight.shape[0] * world
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= v_total))  # [T]
     if bool(bad.any()):
@@ -344,7 +346,8 @@ def _triton_chunks(T: int, chunk_tokens, chunk_vocab) -> tuple[int, int]:
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    temperature: float = 1.0, return_entropy: bool = False,
                    ignore_index: int = -100, *, tp_group=None, impl: str = "auto",
-                   chunk_tokens: int | None = None, chunk_vocab: int | None = None):
+                   chunk_tokens: int | None = None, chunk_vocab: int | None = None,
+                   validate: bool | None = None):
     """Log-probability (and entropy) of ``targets`` under ``softmax(hidden @ weight.T / tau)``.
 
     Args:
@@ -358,12 +361,15 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         impl: "auto" | "torch" | "triton" (see ``r1fast.ops._dispatch``).
         chunk_tokens, chunk_vocab: tile sizes (torch: logit tiles; triton: the backward's dz
             workspace); None uses ``DEFAULT_CHUNKS``.
+        validate: check that every target is in the vocabulary or ``ignore_index`` (a host
+            sync); None follows ``R1FAST_DEBUG_CHECKS`` (off: an out-of-range target is
+            undefined behaviour, as indexing out of range).
 
     Returns ``logp [T]`` float32 (float64 for fp64 inputs), or ``(logp, entropy)``. Gradients
     flow to ``hidden`` and ``weight`` in their dtypes; dW is accumulated in fp32.
     """
     _validate(hidden, weight, targets, temperature, return_entropy, ignore_index, tp_group,
-              chunk_tokens, chunk_vocab)
+              chunk_tokens, chunk_vocab, validate)
     chosen = resolve_impl(_OP, impl, hidden.device, supported=("torch", "triton"))
     inv_tau = 1.0 / float(temperature)
     if chosen == "torch":

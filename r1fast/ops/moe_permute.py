@@ -10,7 +10,13 @@ token, then by slot (a stable sort of the flattened indices), which is the order
 
 Row map: a stable ``torch.argsort`` of the T*k expert ids (deterministic on CPU and CUDA; one
 radix sort of ~131K int64 at T=16384, k=8) and a scatter of ``arange`` through it; counts come
-from ``torch.bincount``. The row copies and the weighted combine are the bandwidth-bound part
+from a ``searchsorted`` of the sorted ids (``torch.bincount`` would wait for the GPU: its output
+size depends on the data).
+
+Host syncs: none on the hot path when ``num_experts`` is given. The value checks (expert ids in
+``[0, E)``, a row map that is a permutation) need the data, so they run only under
+``R1FAST_DEBUG_CHECKS=1`` or ``validate=True`` (``r1fast.ops._dispatch.debug_checks``);
+out-of-range ids otherwise give undefined rows, as an out-of-range index into a tensor would. The row copies and the weighted combine are the bandwidth-bound part
 and run in the Triton (``r1fast.kernels.moe_permute``) or CUDA (``csrc/moe_route.cu``) kernels.
 
 Gradients: permute is differentiable w.r.t. ``x`` (``dx[t] = sum_j dpermuted[row_map[t,j]]``);
@@ -24,7 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from r1fast.ops._dispatch import resolve_impl
+from r1fast.ops._dispatch import debug_checks, resolve_impl
 from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,13 +43,21 @@ class MoEPermuted(NamedTuple):
     tokens_per_expert: Tensor  # [E] int64
 
 
+def expert_counts(sorted_ids: Tensor, num_experts: int) -> Tensor:
+    """``[E]`` int64 count of each expert id in the ascending ``sorted_ids`` (no host sync,
+    unlike ``torch.bincount`` on CUDA, whose output size depends on the data)."""
+    edges = torch.arange(num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    bounds = torch.searchsorted(sorted_ids, edges)  # first position of each id
+    return (bounds[1:] - bounds[:-1]).to(torch.int64)
+
+
 def permute_row_map(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """``(row_map [T, k] int64, tokens_per_expert [E] int64)`` for expert ids ``indices``."""
     flat = indices.reshape(-1).to(torch.int64)  # [T*k]
     order = torch.argsort(flat, stable=True)  # slots sorted by expert, then by (t, j)
     row_map = torch.empty_like(flat)
     row_map[order] = torch.arange(flat.numel(), device=flat.device)
-    return row_map.view(indices.shape), torch.bincount(flat, minlength=num_experts)
+    return row_map.view(indices.shape), expert_counts(flat[order], num_experts)
 
 
 # ----------------------------------------------------------------------------- fast paths
@@ -220,11 +234,13 @@ def _resolve(op: str, impl: str, x: Tensor, k: int) -> str:
 
 
 def moe_permute(x: Tensor, indices: Tensor, num_experts: Optional[int] = None, *,
-                impl: str = "auto") -> MoEPermuted:
+                impl: str = "auto", validate: Optional[bool] = None) -> MoEPermuted:
     """Copy token rows ``x [T, H]`` to expert-contiguous order for expert ids ``indices [T, k]``.
 
     Returns :class:`MoEPermuted` ``(permuted [T*k, H], row_map [T, k] int64,
-    tokens_per_expert [E] int64)``; ``E = num_experts`` or ``max(indices) + 1``.
+    tokens_per_expert [E] int64)``; ``E = num_experts`` or ``max(indices) + 1`` (one host sync:
+    pass ``num_experts`` on the hot path). ``validate``: check that the ids are in ``[0, E)``
+    (a host sync); None follows ``R1FAST_DEBUG_CHECKS``.
     """
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     T, H = x.shape
@@ -239,7 +255,8 @@ def moe_permute(x: Tensor, indices: Tensor, num_experts: Optional[int] = None, *
         num_experts = int(indices.max()) + 1 if indices.numel() else 1
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if indices.numel() and bool(((indices < 0) | (indices >= num_experts)).any()):
+    if debug_checks(validate) and indices.numel() and \
+            bool(((indices < 0) | (indices >= num_experts)).any()):
         raise ValueError(f"indices must hold expert ids in [0, {num_experts}), got values in "
                          f"[{int(indices.min())}, {int(indices.max())}]")
     chosen = _resolve("moe_permute", impl, x, k)
@@ -251,27 +268,31 @@ def moe_permute(x: Tensor, indices: Tensor, num_experts: Optional[int] = None, *
     return MoEPermuted(permuted, row_map, counts)
 
 
-def check_row_map(row_map: Tensor, num_rows: int, device: torch.device) -> None:
-    """``row_map`` must be [T, k] integers forming a permutation of 0..T*k-1 (one host sync;
-    a repeated row would make the backward write one row twice and drop another)."""
+def check_row_map(row_map: Tensor, num_rows: int, device: torch.device, *,
+                  values: bool = True) -> None:
+    """``row_map`` must be [T, k] integers forming a permutation of 0..T*k-1 (a repeated row
+    would make the backward write one row twice and drop another). The shape/dtype checks read
+    metadata; the permutation check (``values=True``) sorts the map: a host sync."""
     check_tensor("row_map", row_map, ndim=2, dtypes=INDEX_DTYPES, device=device)
     if row_map.numel() != num_rows:
         raise ValueError(f"row_map must have T*k = {num_rows} entries (one per row of y), "
                          f"got shape {list(row_map.shape)}")
-    if row_map.numel():
+    if values and row_map.numel():
         srt = row_map.reshape(-1).sort().values
         if not bool((srt == torch.arange(num_rows, device=device)).all()):
             raise ValueError(f"row_map must be a permutation of 0..{num_rows - 1} "
                              "(as returned by moe_permute)")
 
 
-def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, impl: str = "auto") -> Tensor:
+def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, impl: str = "auto",
+                  validate: Optional[bool] = None) -> Tensor:
     """Combine expert outputs ``y [T*k, H]`` back to tokens: ``out[t] = sum_j weights[t, j] *
     y[row_map[t, j]]`` (fp32 sum in slot order), returned as ``[T, H]`` in the dtype of ``y``.
-    Differentiable w.r.t. ``y`` and ``weights``."""
+    Differentiable w.r.t. ``y`` and ``weights``. ``validate``: check that ``row_map`` is a
+    permutation (a sort and a host sync); None follows ``R1FAST_DEBUG_CHECKS``."""
     check_tensor("y", y, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weights", weights, ndim=2, dtypes=FLOAT_DTYPES, device=y.device)
-    check_row_map(row_map, y.shape[0], y.device)
+    check_row_map(row_map, y.shape[0], y.device, values=debug_checks(validate))
     if tuple(weights.shape) != tuple(row_map.shape):
         raise ValueError(f"weights must have shape {list(row_map.shape)} (as row_map), "
                          f"got {list(weights.shape)}")

@@ -45,8 +45,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from r1fast.ops._dispatch import resolve_impl
+from r1fast.ops._dispatch import debug_checks, resolve_impl
 from r1fast.ops._validate import INDEX_DTYPES, check_choice, check_range, check_tensor
+from r1fast.ops.moe_permute import expert_counts
 
 SCORES = ("softmax", "sigmoid")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -178,7 +179,7 @@ def _route_reference(logits: Tensor, cfg: MoERouteConfig, expert_bias: Optional[
     if cfg.normalize_resolved:
         u = u / (u.sum(-1, keepdim=True) + EPS)
     weights = u * cfg.scaling_factor
-    counts = torch.bincount(indices.reshape(-1), minlength=E)
+    counts = expert_counts(indices.reshape(-1).sort().values, E)  # no host sync (bincount syncs)
     return MoERouting(weights, indices, counts)
 
 
@@ -190,7 +191,7 @@ def _aux_scores_reference(logits: Tensor, topk: int, score: str) -> tuple[Tensor
         sg = torch.sigmoid(l)
         p = sg / (sg.sum(-1, keepdim=True) + EPS)
     idx = _topk_lowest_first(p.detach(), topk)
-    return p, torch.bincount(idx.reshape(-1), minlength=l.shape[1])
+    return p, expert_counts(idx.reshape(-1).sort().values, l.shape[1])
 
 
 def naive_moe_route(logits: Tensor, topk: int, *, score: str = "softmax",
@@ -433,12 +434,13 @@ def _check_logits(logits: Tensor) -> tuple[int, int]:
 
 
 def check_replay_indices(replay_indices: Tensor, T: int, k: int, E: int,
-                         device: torch.device) -> None:
-    """Replayed indices must be [T, k] integers in [0, E), distinct within a row (one host
-    sync: wrong indices would make a kernel read outside the row)."""
+                         device: torch.device, *, values: bool = True) -> None:
+    """Replayed indices must be [T, k] integers in [0, E), distinct within a row (wrong indices
+    would make a kernel read outside the row). Shape/dtype always; the values (one host sync)
+    when ``values`` is true."""
     check_tensor("replay_indices", replay_indices, dtypes=INDEX_DTYPES, shape=(T, k),
                  device=device)
-    if replay_indices.numel() == 0:
+    if not values or replay_indices.numel() == 0:
         return
     out_of_range = ((replay_indices < 0) | (replay_indices >= E)).any()
     srt = replay_indices.sort(dim=1).values
@@ -475,11 +477,14 @@ def moe_route(
     normalize: Optional[bool] = None,
     replay_indices: Optional[Tensor] = None,
     impl: str = "auto",
+    validate: Optional[bool] = None,
 ) -> MoERouting:
     """Route ``logits`` [T, E] to ``topk`` experts per token (semantics in the module doc).
 
     ``expert_bias`` [E] fp32 shifts the selection only; ``replay_indices`` [T, k] (int64/int32,
     distinct in-range experts per row) replaces the selection. ``scaling_factor=None`` means 1.
+    ``validate``: check the replayed ids' values (a host sync); None follows
+    ``R1FAST_DEBUG_CHECKS`` (``r1fast.ops._dispatch.debug_checks``).
     """
     T, E = _check_logits(logits)
     cfg = MoERouteConfig(topk=topk, score=score, pre_softmax=bool(pre_softmax),
@@ -491,7 +496,8 @@ def moe_route(
         check_tensor("expert_bias", expert_bias, dtypes=(torch.float32,), shape=(E,),
                      device=logits.device)
     if replay_indices is not None:
-        check_replay_indices(replay_indices, T, topk, E, logits.device)
+        check_replay_indices(replay_indices, T, topk, E, logits.device,
+                             values=debug_checks(validate))
     chosen = _resolve("moe_route", impl, logits, _cuda_route_limit(E, cfg))
     if chosen == "torch":
         return _route_reference(logits, cfg, expert_bias, replay_indices)

@@ -180,3 +180,39 @@ def check_aux_scores(score, T, E, k, impl):
     assert torch.equal(counts.cpu(), cn)
     scale = xr.grad.abs().max().item()
     torch.testing.assert_close(logits.grad.cpu().double(), xr.grad, atol=2e-6 * scale, rtol=1e-5)
+
+
+def selection_key(logits, score="sigmoid", expert_bias=None):
+    """The fp64 key that the top-k selection ranks (score, plus the expert bias)."""
+    x = logits.detach().double().cpu()
+    s = torch.sigmoid(x) if score == "sigmoid" else x
+    return s + expert_bias.detach().double().cpu() if expert_bias is not None else s
+
+
+def rows_agree_up_to_ties(ind_a, ind_b, key, *, topk, groups=None, tol=1e-5):
+    """Compare two implementations' choices ``ind_a``/``ind_b`` [T, k] on the fp64 selection
+    ``key`` [T, E] and return the bool mask [T] of rows whose indices are identical. A row may
+    differ only at a tie: its chosen keys, sorted, agree within ``tol`` (experts exchanged
+    for equal-key experts), or, with ``groups=(n_groups, topk_groups)``, the group scores tie
+    at the group cut-off within ``tol`` (a whole group exchanged). Anything else fails the
+    assertion, naming the first offending row. Two kernels that compute the score with
+    different exp() implementations (CUDA ``expf``, Triton ``ex2.approx``) flip near-ties
+    now and then; that is not an error, a different choice of clearly unequal experts is."""
+    a, b = ind_a.cpu().long(), ind_b.cpu().long()
+    same = (a == b).all(-1)
+    rows = (~same).nonzero().flatten().tolist()
+    for t in rows:
+        ka = key[t, a[t]].sort().values
+        kb = key[t, b[t]].sort().values
+        if torch.allclose(ka, kb, atol=tol, rtol=0):
+            continue
+        if groups is not None:
+            G, kg = groups
+            E = key.shape[1]
+            m = topk // kg
+            gs = key[t].view(G, E // G).topk(m, dim=-1).values.sum(-1).sort(descending=True)
+            if kg < G and float(gs.values[kg - 1] - gs.values[kg]) <= tol:
+                continue
+        raise AssertionError(f"row {t}: indices {a[t].tolist()} vs {b[t].tolist()} choose keys "
+                             f"{ka.tolist()} vs {kb.tolist()}: not a tie within {tol}")
+    return same

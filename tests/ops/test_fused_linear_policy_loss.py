@@ -159,7 +159,8 @@ def test_low_precision_hidden(device):
 
 # ----------------------------------------------------------------------------- bad input
 
-def test_bad_inputs(device):
+def test_bad_inputs(device, monkeypatch):
+    monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")  # the target-range check is debug-only
     inp = make_inputs(2, 3, 8, 11, device=device)
     args = (inp["hidden"], inp["weight"], inp["targets"], inp["old"], inp["adv"], inp["mask"])
     with pytest.raises(ValueError, match="config must be a PolicyLossConfig, got dict"):

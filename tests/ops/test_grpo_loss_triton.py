@@ -251,7 +251,7 @@ def test_torch_compile_aot_eager(device):
 
 def test_forward_is_one_launch_and_leaves_the_ticket_at_zero(monkeypatch, device):
     """The last sequence program folds the totals: no separate reduce launch for B > 0, and
-    the completion counter is back at 0 for the next launch (no memset needed)."""
+    the completion counter is back at 0 after it (each launch also resets it first)."""
 
     class NoLaunch:
         def __getitem__(self, grid):
@@ -270,3 +270,34 @@ def test_forward_is_one_launch_and_leaves_the_ticket_at_zero(monkeypatch, device
         losses.append(loss.item())
     ref, _ = P.call_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", impl="torch")
     assert losses[0] == losses[1] and abs(losses[0] - ref.item()) < 1e-6
+
+
+@pytest.mark.parametrize("poison", [2, 5, -1])
+def test_a_ticket_left_non_zero_cannot_poison_the_next_call(poison, device):
+    """An aborted launch (or a graph replay cut short) can leave the completion counter
+    non-zero; every launch resets it first, so the next call is still right: with the ticket
+    left at B-1 = 2 the first program to finish would otherwise fold partial sums, and at 5 or
+    -1 no program would fold at all (totals left uninitialised)."""
+    g = torch.Generator().manual_seed(9)
+    logp = (-torch.rand(3, 7, generator=g)).to(device)
+    old = logp + 0.05 * torch.randn(3, 7, generator=g).to(device)
+    adv, mask = torch.tensor([1.0, -1.0, 0.5], device=device), torch.ones(3, 7, device=device)
+    want, _ = P.call_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean", impl="torch")
+    K.prepare(logp.device)
+    for _ in range(2):
+        K._ticket(logp.device).fill_(poison)
+        got, metrics = P.call_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean",
+                                          impl="triton")
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        assert int(metrics["num_tokens"]) == 21
+        assert int(K._ticket(logp.device).item()) == 0
+
+
+def test_ticket_is_allocated_eagerly_per_device(device):
+    K.prepare()
+    assert torch.device("cpu") in K._TICKETS
+    if torch.cuda.is_available():
+        assert all(torch.device("cuda", i) in K._TICKETS
+                   for i in range(torch.cuda.device_count()))
+    t = K._ticket(device)
+    assert t.dtype == torch.int32 and t.numel() == 1 and K._ticket(device) is t

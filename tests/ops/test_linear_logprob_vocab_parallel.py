@@ -74,7 +74,8 @@ def _worker(rank: int, port: int, impl: str) -> None:
         hidden, weight, targets, _, _ = _inputs(T, H, V, torch.float32)
         targets[3] = V
         try:
-            linear_logprob(hidden, weight[rows], targets, impl=impl, tp_group=dist.group.WORLD)
+            linear_logprob(hidden, weight[rows], targets, impl=impl, tp_group=dist.group.WORLD,
+                           validate=True)
         except ValueError as e:
             assert f"targets must be in [0, {V})" in str(e), str(e)
         else:

@@ -99,6 +99,10 @@ def test_cuda_limits_fall_back_or_raise():
 
 
 def test_cuda_agrees_with_triton_at_scale():
+    """Same choices up to ties: CUDA computes the sigmoid with IEEE ``expf``, Triton with
+    ``ex2.approx``, so near-tied experts (or groups) may be exchanged in a few of the 4096
+    rows; a row may differ only where its keys tie (``rows_agree_up_to_ties``), and every row
+    that chose the same experts must have the same weights and gradients."""
     from r1fast.ops.moe_route import moe_route
 
     logits = torch.randn(4096, 256, device="cuda", requires_grad=True)
@@ -109,11 +113,17 @@ def test_cuda_agrees_with_triton_at_scale():
         r = moe_route(logits, 8, impl=impl, **kw)
         (g,) = torch.autograd.grad((r.weights * torch.arange(8.0, device="cuda")).sum(), logits)
         out[impl] = (r, g)
-    assert torch.equal(out["cuda"][0].indices, out["triton"][0].indices)
-    assert torch.equal(out["cuda"][0].tokens_per_expert, out["triton"][0].tokens_per_expert)
-    torch.testing.assert_close(out["cuda"][0].weights, out["triton"][0].weights, atol=1e-6,
-                               rtol=1e-5)
-    torch.testing.assert_close(out["cuda"][1], out["triton"][1], atol=1e-6, rtol=1e-5)
+    (rc, gc), (rt, gt) = out["cuda"], out["triton"]
+    key = R.selection_key(logits, "sigmoid", bias)
+    same = R.rows_agree_up_to_ties(rc.indices, rt.indices, key, topk=8, groups=(8, 4))
+    assert int((~same).sum()) <= 8, f"{int((~same).sum())} rows differ: more than ties explain"
+    for r in (rc, rt):  # each implementation's counts match its own choices
+        want = torch.bincount(r.indices.reshape(-1), minlength=256)
+        assert torch.equal(r.tokens_per_expert, want)
+    rows = same.cuda()
+    assert torch.equal(rc.indices[rows], rt.indices[rows])
+    torch.testing.assert_close(rc.weights[rows], rt.weights[rows], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gc[rows], gt[rows], atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- permutation

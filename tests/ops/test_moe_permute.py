@@ -136,7 +136,8 @@ BAD_PERMUTE = [
 
 
 @pytest.mark.parametrize("kwargs,match", BAD_PERMUTE, ids=[m for _, m in BAD_PERMUTE])
-def test_bad_permute_input(kwargs, match):
+def test_bad_permute_input(kwargs, match, monkeypatch):
+    monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")  # the ids' range check is debug-only
     kw = {"x": X, "indices": IDX, "num_experts": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         moe_permute(kw.pop("x"), kw.pop("indices"), kw.pop("num_experts"), **kw)
@@ -157,7 +158,8 @@ BAD_UNPERMUTE = [
 
 
 @pytest.mark.parametrize("kwargs,match", BAD_UNPERMUTE, ids=[m for _, m in BAD_UNPERMUTE])
-def test_bad_unpermute_input(kwargs, match):
+def test_bad_unpermute_input(kwargs, match, monkeypatch):
+    monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")  # the permutation check is debug-only
     if kwargs.get("impl") == "cuda" and torch.cuda.is_available():
         pytest.skip("impl='cuda' is a valid choice on a GPU")
     kw = {"y": Y, "row_map": RM, "weights": torch.rand(4, 2), **kwargs}

@@ -279,7 +279,8 @@ BAD_ROUTE = [
 
 
 @pytest.mark.parametrize("kwargs,match", BAD_ROUTE, ids=[m for _, m in BAD_ROUTE])
-def test_bad_route_input(kwargs, match):
+def test_bad_route_input(kwargs, match, monkeypatch):
+    monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")  # replayed ids' values are debug-only
     kw = {"logits": L, "topk": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         moe_route(kw.pop("logits"), kw.pop("topk"), **kw)
