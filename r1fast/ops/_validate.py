@@ -52,8 +52,12 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
 
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
                 *, lo_open: bool = False, hi_open: bool = False) -> None:
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
-          (hi is not None and (value >= hi if hi_open else value > hi))
+    """Raise ``ValueError`` unless ``lo <= value <= hi`` (open ends with ``lo_open`` /
+    ``hi_open``). NaN is never in range (its comparisons are all False, so it is tested
+    explicitly)."""
+    bad = value != value or \
+        (lo is not None and (value <= lo if lo_open else value < lo)) or \
+        (hi is not None and (value >= hi if hi_open else value > hi))
     if bad:
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"

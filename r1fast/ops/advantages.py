@@ -14,7 +14,11 @@ group after group, N divisible by G) or as ``group_index`` (any integer group id
 groups of different sizes allowed, members anywhere).
 
 Advantages are constants of the policy-gradient loss, so no gradient flows back to the rewards
-(the output never requires grad). All arithmetic accumulates in fp32; the result is fp32.
+(the output never requires grad). The reference computes in fp64 and returns fp32, so rewards of
+any finite fp32 magnitude (1e20 included) give finite advantages; the Triton kernel accumulates
+in fp32 and is used only while ``max |r| <= TRITON_MAX_ABS_REWARD`` (its squares cannot
+overflow there), larger rewards take the reference. Rewards beyond ``MAX_ABS_REWARD`` (whose
+drgrpo/rloo advantages would not fit fp32) and NaN/Inf raise ``ValueError``.
 
 Implementations: :func:`group_advantages_reference` (pure PyTorch, any device) and the Triton
 kernel in ``r1fast.kernels.group_advantages`` registered as ``torch.ops.r1fast.group_advantages``.
@@ -30,6 +34,10 @@ from r1fast.ops._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, chec
                                   check_range, check_tensor)
 
 ESTIMATORS = ("grpo", "drgrpo", "rloo")
+#: largest |reward| accepted: a spread of 2x this times G/(G-1) still fits fp32
+MAX_ABS_REWARD = 8.0e37
+#: largest |reward| the fp32 Triton kernel takes (G * (2r)^2 stays far below fp32's max)
+TRITON_MAX_ABS_REWARD = 1.0e15
 
 __all__ = ["group_advantages", "group_advantages_reference", "ESTIMATORS"]
 
@@ -40,10 +48,11 @@ def group_advantages_reference(rewards: torch.Tensor, group_index: torch.Tensor,
                                estimator: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
     """Pure-PyTorch advantages for validated inputs: ``rewards [N]``, ``group_index [N]``.
 
-    Computes in fp32 (fp64 when the rewards are fp64) with two passes per group (mean, then
-    squared deviations) on rewards shifted by their group's first member, and returns fp32.
+    Computes in fp64 (rewards of 1e20 would overflow fp32 squares to Inf, then NaN) with two
+    passes per group (mean, then squared deviations) on rewards shifted by their group's first
+    member, and returns fp32.
     """
-    cdt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    cdt = torch.float64
     r = rewards.detach().to(cdt)  # [N]
     if r.numel() == 0:
         return torch.zeros(0, dtype=torch.float32, device=r.device)
@@ -131,8 +140,14 @@ def group_advantages(
         ``[N]`` float32 advantages; 0 for groups of one and for groups of equal rewards.
     """
     check_tensor("rewards", rewards, ndim=1, dtypes=FLOAT_DTYPES)
-    check_finite("rewards", rewards)
     n = rewards.shape[0]
+    # one host sync for both value checks: NaN/Inf and magnitude
+    amax = float(rewards.detach().abs().max().double()) if n else 0.0
+    if not math.isfinite(amax):
+        check_finite("rewards", rewards)  # names NaN or Inf
+    if amax > MAX_ABS_REWARD:
+        raise ValueError(f"rewards must be finite with |r| <= {MAX_ABS_REWARD:g} (their "
+                         f"advantages must fit fp32), got max |r| = {amax:g}")
     if (group_size is None) == (group_index is None):
         raise ValueError("exactly one of group_size and group_index must be given, got "
                          f"group_size={group_size!r} and group_index="
@@ -157,7 +172,7 @@ def group_advantages(
     chosen = resolve_impl("group_advantages", impl, rewards.device,
                           supported=("torch", "triton"))
     rewards = rewards.detach()
-    if chosen == "triton":
+    if chosen == "triton" and amax <= TRITON_MAX_ABS_REWARD:
         return _group_advantages_op(rewards, group_size or 0, group_index, estimator,
                                     float(eps))
     if group_index is None:

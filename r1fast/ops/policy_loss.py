@@ -187,14 +187,29 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
         if isinstance(max_len, bool) or not isinstance(max_len, int):
             raise ValueError(f"max_len must be an int, got {type(max_len).__name__}")
         check_range("max_len", max_len, 1)
+    tensor_norm = isinstance(global_normalizer, torch.Tensor)
     if global_normalizer is not None:
-        if isinstance(global_normalizer, torch.Tensor):
+        if tensor_norm:
             if global_normalizer.numel() != 1:
                 raise ValueError("global_normalizer must be a number or a 1-element tensor, got "
                                  f"shape {list(global_normalizer.shape)}")
         else:
             _check_number("global_normalizer", global_normalizer)
             check_range("global_normalizer", global_normalizer, 0.0, lo_open=True)
+    if not torch.compiler.is_compiling() and (mask.is_floating_point() or tensor_norm):
+        # value checks that need the data, in one host sync: a float mask is a weight (>= 0,
+        # finite); a tensor normaliser must be finite and > 0 like a number one
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        bad_mask = (~(torch.isfinite(mask) & (mask >= 0))).sum().double() \
+            if mask.is_floating_point() else zero
+        norm = global_normalizer.detach().reshape(()).double().to(dev) if tensor_norm else zero
+        n_bad, norm = torch.stack([bad_mask, norm]).tolist()
+        if n_bad:
+            raise ValueError(f"mask is a per-token weight and must be finite and >= 0, got "
+                             f"{int(n_bad)} negative or NaN/Inf value(s)")
+        if tensor_norm and not (math.isfinite(norm) and norm > 0):
+            raise ValueError(f"global_normalizer must be a finite number > 0, got the tensor "
+                             f"value {norm}")
     if max_len is None:
         max_len = length if length is not None else 0
     return _Layout(padded, num_seqs, max_len, adv_per_token, cu_seqlens)
