@@ -8,11 +8,14 @@
                                         rejection-sample, distill, evaluate)
 
 Each subcommand is a thin shell over the Python API it names; heavy imports happen inside the
-subcommand so ``r1fast --help`` is instant.
+subcommand so ``r1fast --help`` is instant. A bad config value, input file or checkpoint is one
+line on stderr, ``r1fast: error: <message>``, and exit code 2 (1 for a run stopped by non-finite
+values); set ``R1FAST_DEBUG=1`` for the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -65,7 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("stage", help="one stage of the R1 pipeline", add_help=False)
     p.set_defaults(fn=_stage)
     args, rest = parser.parse_known_args(argv)
-    return int(args.fn(args, rest) or 0)
+    try:
+        return int(args.fn(args, rest) or 0)
+    except (ValueError, FloatingPointError) as e:
+        # a bad config, input or checkpoint (ValueError, ConfigError) exits 2 like argparse's
+        # usage errors; a run stopped by non-finite values exits 1. One line each: the
+        # traceback is for developers (R1FAST_DEBUG=1).
+        if os.environ.get("R1FAST_DEBUG", "") not in ("", "0"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"r1fast: error: {msg}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
 
 
 if __name__ == "__main__":

@@ -16,11 +16,45 @@ def test_help_lists_subcommands(capsys):
         assert cmd in out
 
 
-def test_train_rejects_a_bad_key(tmp_path):
-    from r1fast.typed_toml import ConfigError
-
-    with pytest.raises(ConfigError, match="did you mean 'algo.kl_coef'"):
+def test_train_rejects_a_bad_key(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["train", "recipes/tiny.toml", "--algo.kl_coeff=0.1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast: error: ") and "did you mean 'algo.kl_coef'" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("override,key", [
+    ("--optim.lr=inf", "optim.lr"), ("--model.rms_norm_eps=nan", "model.rms_norm_eps"),
+    ("--model.router_scaling_factor=nan", "model.router_scaling_factor"),
+    ("--run.steps=-1", "run.steps"), ("--run.save_every=-1", "run.save_every"),
+    ("--reward.workers=-2", "reward.workers"), ("--algo.group_size=1", "algo.group_size"),
+    ("--algo.kl_coef=inf", "algo.kl_coef"), ("--run.stepz=3", "run.stepz"),
+])
+def test_config_errors_are_one_line_exit_2(override, key, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "recipes/tiny.toml", override, f"--run.out_dir={tmp_path}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast: error: ") and key in err and err.count("\n") == 1, err
+
+
+@pytest.mark.reliability
+def test_missing_recipe_and_debug_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nsteps = 3\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "R1FAST_DEBUG"}
+    out = subprocess.run([sys.executable, "-m", "r1fast.cli", "train", str(bad)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("r1fast: error: ") and str(bad) in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    out = subprocess.run([sys.executable, "-m", "r1fast.cli", "train", str(bad)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**env, "R1FAST_DEBUG": "1"})
+    assert out.returncode != 0 and "Traceback" in out.stderr
 
 
 def test_policy_command_prints_params_and_logprob():
