@@ -25,7 +25,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -165,6 +165,11 @@ class _Reader:
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         return self.slice(key)[start:stop]
 
+    def info(self, key: str) -> tuple[tuple[int, ...], str]:
+        """(full shape, safetensors dtype name such as "BF16") of a tensor, without reading it."""
+        sl = self.slice(key)
+        return tuple(sl.get_shape()), sl.get_dtype()
+
     def full(self, key: str) -> torch.Tensor:
         return self.slice(key)[:]
 
@@ -211,8 +216,66 @@ def load_model_config(path: str) -> ModelConfig:
         return ModelConfig.from_hf_config(json.load(f))
 
 
-def load_hf_checkpoint(policy, path: str) -> None:
+#: safetensors dtypes a weight may have (any float; ints and bools are never weights)
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+#: checkpoint tensors that are not weights of any policy and are ignored
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def _hf_shapes(mp: _Map, cfg: ModelConfig, tp: int,
+               shape: torch.Size) -> dict[str, tuple[int, ...]]:
+    """The full shape of each checkpoint tensor that a local megatron tensor of ``shape``
+    is read from (TP shards times the TP size; the q/k/v split of a fused qkv)."""
+    n = tp if mp.tp else 1
+    shape = tuple(shape)
+    if mp.kind == "rep":
+        return {mp.keys[0]: shape}
+    if mp.kind == "rows":
+        return {mp.keys[0]: (shape[0] * n, *shape[1:])}
+    if mp.kind == "cols":
+        return {mp.keys[0]: (shape[0], shape[1] * n, *shape[2:])}
+    if mp.kind == "glu":
+        return {k: (shape[0] // 2 * n, *shape[1:]) for k in mp.keys}
+    if mp.kind == "qkv":
+        groups, q_per_group, d = _qkv_groups(cfg)
+        q, kv = (groups * q_per_group * d, *shape[1:]), (groups * d, *shape[1:])
+        return {mp.keys[0]: q, mp.keys[1]: kv, mp.keys[2]: kv}
+    raise AssertionError(mp.kind)
+
+
+def _entry_problems(reader: _Reader, want: dict[str, tuple[int, ...]]) -> list[str]:
+    """Why the checkpoint's tensors ``want`` (key -> full shape) cannot be loaded, if they
+    cannot: a non-float dtype or a shape other than the policy's (no slicing of a larger one)."""
+    out = []
+    for key, shape in want.items():
+        got, dtype = reader.info(key)
+        if dtype not in _FLOAT_DTYPES:
+            out.append(f"{key} has dtype {dtype}, a weight must be a float tensor "
+                       f"({'/'.join(_FLOAT_DTYPES[:4])})")
+        elif got != tuple(shape):
+            out.append(f"{key} has shape {list(got)}, the policy needs {list(shape)}")
+    return out
+
+
+def _load_one(t: torch.Tensor, value: torch.Tensor, keys: Sequence[str],
+              allow_nonfinite: bool) -> list[str]:
+    if not allow_nonfinite and value.is_floating_point() and \
+            not bool(torch.isfinite(value).all()):
+        return [f"{'/'.join(keys)} holds NaN or Inf values (allow_nonfinite=True loads it "
+                f"anyway)"]
+    t.data.copy_(value.to(t.dtype))
+    return []
+
+
+def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> None:
     """Copy the weights of the checkpoint at ``path`` into ``policy`` (every rank its slices).
+
+    Strict: every tensor's full shape and dtype must be the policy's (a larger embedding is
+    never sliced to fit, an int/bool tensor never cast), the checkpoint must have every tensor
+    the policy needs and no tensor it does not use (``rotary_emb.inv_freq`` buffers, and
+    ``lm_head.weight`` of a tied model, are ignored), and no weight may hold NaN/Inf unless
+    ``allow_nonfinite``. All problems are reported together in one ``ValueError`` (the same on
+    every rank: collective when torch.distributed runs several processes).
 
     Load before building the optimizer (for 16-bit params the optimizer keeps fp32 master
     copies made at construction; otherwise call its ``reload_model_params()``)."""
@@ -222,25 +285,58 @@ def load_hf_checkpoint(policy, path: str) -> None:
     _check_same_architecture(cfg, load_model_config(path))
     reader = _Reader(path)
     tp, rank = policy.info.tp, ps.get_tensor_model_parallel_rank()
-    missing = []
+    missing: list[str] = []
+    problems: list[str] = []
+    used: set[str] = set()
     with torch.no_grad():
         for name, t, mp in _local_tensors(policy):
+            used.update(mp.keys)
             if not all(k in reader for k in mp.keys):
                 missing.extend(k for k in mp.keys if k not in reader)
                 continue
+            bad = _entry_problems(reader, _hf_shapes(mp, cfg, tp, t.shape))
+            if bad:
+                problems.extend(bad)
+                continue
             value = _shard_value(reader, mp, cfg, tp, rank, t.shape)
             if tuple(value.shape) != tuple(t.shape):
-                raise ValueError(f"load_hf_checkpoint: {mp.keys} gives shape "
-                                 f"{list(value.shape)} for {name}, expected {list(t.shape)}")
-            t.data.copy_(value.to(t.dtype))
+                problems.append(f"{'/'.join(mp.keys)} gives shape {list(value.shape)} for "
+                                f"{name}, expected {list(t.shape)}")
+                continue
+            problems.extend(_load_one(t, value, mp.keys, allow_nonfinite))
         if cfg.tie_embeddings and policy.gpt.post_process and not policy.gpt.pre_process:
             # The last stage's copy of the tied embedding.
+            key = "model.embed_tokens.weight"
+            used.add(key)
             w = policy.gpt.output_layer.weight
             n = w.shape[0]
-            w.data.copy_(reader.rows("model.embed_tokens.weight", rank * n, (rank + 1) * n))
+            if key not in reader:
+                missing.append(key)
+            else:
+                bad = _entry_problems(reader, {key: (n * tp, *w.shape[1:])})
+                problems.extend(bad or _load_one(w, reader.rows(key, rank * n, (rank + 1) * n),
+                                                 (key,), allow_nonfinite))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (missing, problems, sorted(used)))
+        missing = [k for p in parts for k in p[0]]
+        problems = [k for p in parts for k in p[1]]
+        used = {k for p in parts for k in p[2]}
+    missing = list(dict.fromkeys(missing))
+    problems = list(dict.fromkeys(problems))
+    extra = sorted(k for k in reader.files if k not in used and not _IGNORED.match(k)
+                   and not (cfg.tie_embeddings and k == "lm_head.weight"))
+    report = []
     if missing:
-        raise ValueError(f"load_hf_checkpoint: checkpoint at {path!r} lacks {len(missing)} "
-                         f"tensors, e.g. {missing[:5]}")
+        report.append(f"lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    if extra:
+        report.append(f"has {len(extra)} tensors the policy does not use (another "
+                      f"architecture?), e.g. {extra[:5]}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        report.append("; ".join(problems[:5]) + more)
+    if report:
+        raise ValueError(f"load_hf_checkpoint: checkpoint at {path!r} " + "; ".join(report))
 
 
 def _check_same_architecture(mine: ModelConfig, theirs: ModelConfig) -> None:
