@@ -4,6 +4,7 @@
     r1fast train RECIPE [--a.b=v ...]   GRPO training from a TOML recipe with dotted overrides
     r1fast policy [--preset NAME]       build a policy, print its parameter count and a log-prob
     r1fast plan RECIPE [--gpu-mem GiB]  per-GPU memory plan of a recipe's layout
+    r1fast export RUN OUT_DIR           a run's checkpoint as a Hugging Face folder
     r1fast stage NAME [...]             one stage of the R1 pipeline (pretrain, sft, grpo,
                                         rejection-sample, distill, evaluate)
 
@@ -44,6 +45,12 @@ def _plan(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return plan_main([args.recipe, *rest])
 
 
+def _export(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from r1fast.train.export import export_main
+
+    return export_main(list(rest))
+
+
 def _stage(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from r1fast.pipeline.cli import main as stage_main
 
@@ -65,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("plan", help="per-GPU memory plan of a recipe", add_help=False)
     p.add_argument("recipe", nargs="?", default="--help")
     p.set_defaults(fn=_plan)
+    p = sub.add_parser("export", help="a training checkpoint -> a Hugging Face folder",
+                       add_help=False)
+    p.set_defaults(fn=_export)
     p = sub.add_parser("stage", help="one stage of the R1 pipeline", add_help=False)
     p.set_defaults(fn=_stage)
     args, rest = parser.parse_known_args(argv)

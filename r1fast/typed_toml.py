@@ -86,7 +86,7 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
         value = dict(value)
-        if "preset" in value and hasattr(tp, "preset"):  # e.g. [model] preset = "tiny-dense"
+        if "preset" in value and callable(getattr(tp, "preset", None)):  # [model] preset = ".."
             name = value.pop("preset")
             try:
                 base = tp.preset(name)
@@ -241,8 +241,9 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load ``cls`` from an optional TOML recipe plus dotted overrides."""
+def read(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict:
+    """The raw nested dict of an optional TOML recipe plus dotted overrides (what the user
+    wrote, before defaults: callers can tell whether a table was given at all)."""
     data: dict = {}
     if path:
         path = Path(path)
@@ -252,8 +253,12 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"recipe {path} is not valid TOML: {e}") from e
-    data = merge(data, parse_overrides(overrides))
-    return from_dict(cls, data)
+    return merge(data, parse_overrides(overrides))
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load ``cls`` from an optional TOML recipe plus dotted overrides."""
+    return from_dict(cls, read(path, overrides))
 
 
 def dump_toml(cfg: Any) -> str:

@@ -11,6 +11,7 @@ from r1fast.data.dataset import PromptDataset
 from r1fast.data.tasks import (TASKS, ArithmeticConfig, CountdownConfig, generate_arithmetic,
                                generate_countdown, generate_task, split_of)
 from r1fast.data.template import PROMPT_TEMPLATE, make_prompt, sft_example, sft_target
+from r1fast.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from r1fast.data.tokenizer import SPECIAL_TOKENS, CharTokenizer, Tokenizer
 
 __all__ = [
@@ -18,5 +19,5 @@ __all__ = [
     "TASKS", "ArithmeticConfig", "CountdownConfig", "generate_arithmetic", "generate_countdown",
     "generate_task", "split_of",
     "PROMPT_TEMPLATE", "make_prompt", "sft_example", "sft_target",
-    "SPECIAL_TOKENS", "CharTokenizer", "Tokenizer",
+    "SPECIAL_TOKENS", "CharTokenizer", "Tokenizer", "HFTokenizer", "load_tokenizer",
 ]

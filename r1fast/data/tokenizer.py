@@ -11,7 +11,9 @@ which covers every prompt, chain of thought and answer the task generators produ
 ``decode(encode(text)) == text`` for all of them. ``<think>`` and ``</think>`` are matched in the
 text (they are content: the model writes them); pad/bos/eos are only ever added by the
 ``add_bos``/``add_eos``/padding options, so a literal ``"<eos>"`` in text stays five characters.
-A character outside the alphabet becomes ``<unk>`` (or raises, with ``errors="strict"``).
+A character outside the alphabet is an error naming it (``errors="replace"`` maps it to
+``<unk>`` instead, for callers that ask for that explicitly); U+FFFD, which ``decode`` writes
+for ``<unk>``, encodes back to ``<unk>``.
 
 ``save(dir)`` writes ``dir/tokenizer.json``; ``CharTokenizer.load(dir)`` reads it back.
 """
@@ -61,6 +63,13 @@ class CharTokenizer:
     unk_id = property(lambda self: 3, doc="id of <unk>")
     think_id = property(lambda self: 4, doc="id of <think>")
     think_end_id = property(lambda self: 5, doc="id of </think>")
+    stop_ids = property(lambda self: (2,), doc="ids that end a completion: <eos>")
+    has_chat_template = False
+    name = "r1fast-char"
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = True) -> str:
+        raise ValueError("the r1fast character tokenizer has no chat template; use plain prompts "
+                         "(data.chat_template = false) or a Hugging Face tokenizer folder")
 
     @classmethod
     def fit(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -75,8 +84,9 @@ class CharTokenizer:
 
     # -- encode / decode -----------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
-               errors: str = "replace") -> list[int]:
-        """Ids of ``text``; ``errors="strict"`` raises on a character outside the alphabet."""
+               errors: str = "strict") -> list[int]:
+        """Ids of ``text``; a character outside the alphabet raises (``errors="replace"``:
+        ``<unk>``)."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         if errors not in ("replace", "strict"):
@@ -91,11 +101,12 @@ class CharTokenizer:
                     ids.append(self._special_to_id[tag])
                     i += len(tag)
                     continue
-            tid = self._char_to_id.get(c)
+            # U+FFFD is how decode() writes <unk>: it encodes back to <unk> (a round trip)
+            tid = self.unk_id if c == "\ufffd" else self._char_to_id.get(c)
             if tid is None:
                 if errors == "strict":
                     raise ValueError(f"text has character {c!r} (U+{ord(c):04X}) at position {i} "
-                                     "outside the tokenizer alphabet")
+                                     f"outside the alphabet of {self!r}: {text[:200]!r}")
                 tid = self.unk_id
             ids.append(tid)
             i += 1

@@ -8,8 +8,14 @@
     r1fast stage distill --teacher runs/x/zero/model --out runs/x/student --student tiny-dense
     r1fast stage evaluate --model runs/x/zero/model --k 4
 
-Problems are the demo's additions (``--digits``, ``--seed``); models are folders written by a
-previous stage; datasets are JSONL of ``{"prompt", "completion"}``.
+Problems are the demo's additions (``--digits``, ``--seed``), or a user's dataset file with
+``--problems FILE [--preset gsm8k|math|...]`` (prompts rendered with the model folder's tokenizer
+and chat template; ``grpo`` takes ``--data.path=FILE --data.preset=...`` like ``r1fast train``).
+Models are folders written by a previous stage or Hugging Face checkpoint folders; SFT datasets
+are JSONL of ``{"prompt", "completion"}``.
+
+    r1fast stage grpo --init ckpt/Qwen3-tiny --out runs/q --data.path=gsm8k.jsonl --data.preset=gsm8k
+    r1fast stage evaluate --model runs/q/model --problems gsm8k_test.jsonl --preset gsm8k --k 8
 """
 from __future__ import annotations
 
@@ -49,8 +55,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--digits", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--problems", help="dataset file/folder of problems (rejection-sample, "
+                    "distill, evaluate) instead of the demo's additions")
+    ap.add_argument("--preset", help="column layout of --problems (gsm8k, math, dapo, ...)")
+    ap.add_argument("--template", help="prompt template for --problems ({question}, or r1-zero)")
     args, overrides = ap.parse_known_args(argv)
     train = demo_examples(args.num_train, "train", args.seed, args.digits)
+
+    def problems(model_dir: str, demo: list[dict]) -> list[dict]:
+        if args.problems is None:
+            return demo
+        return stages.load_problems(args.problems, model_dir, preset=args.preset,
+                                    template=args.template)
 
     def need(*names: str) -> None:
         missing = [n for n in names if getattr(args, n.replace("-", "_")) is None]
@@ -73,18 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                          seed=args.seed)
     elif args.name == "grpo":
         need("out", "init")
-        task = task_overrides(args.digits, args.num_train, args.seed)
+        user_data = any(o.startswith("--data.path") for o in overrides)
+        task = [] if user_data else task_overrides(args.digits, args.num_train, args.seed)
         out, _ = stages.grpo(args.init, args.out, overrides=[*task, *overrides])
     elif args.name == "rejection-sample":
         need("out", "model")
-        out, stats = stages.rejection_sample(args.model, train[-args.prompts:], args.out, k=args.k,
+        rows = problems(args.model, train)[-args.prompts:]
+        out, stats = stages.rejection_sample(args.model, rows, args.out, k=args.k,
                                              temperature=args.temperature,
                                              max_new_tokens=args.max_new_tokens, seed=args.seed)
         print(json.dumps(stats))
     elif args.name == "distill":
         need("out", "teacher")
         out, stats = stages.distill(
-            args.teacher, train[-args.prompts:], args.out,
+            args.teacher, problems(args.teacher, train)[-args.prompts:], args.out,
             student=None if args.student_init else MODELS[args.student](),
             student_init=args.student_init, k=args.k, temperature=args.temperature,
             max_new_tokens=args.max_new_tokens, steps=args.steps, lr=args.lr, seed=args.seed,
@@ -92,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(stats))
     else:
         need("model")
-        test = demo_examples(args.num_test, "test", args.seed, args.digits)
+        test = problems(args.model, demo_examples(args.num_test, "test", args.seed, args.digits))
         print(json.dumps(stages.evaluate(args.model, test, k=args.k, temperature=args.temperature,
                                          max_new_tokens=args.max_new_tokens, seed=args.seed)))
         return 0

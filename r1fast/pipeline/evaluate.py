@@ -4,16 +4,18 @@ majority voting (cons@k).
 pass@1 = mean over problems of (correct samples / k), at a sampling temperature and top-p (the
 report uses 0.6 and 0.95). cons@k: the most frequent extracted answer among the k samples (ties
 to the first seen) is the model's answer; the problem counts as solved when that answer is
-correct. Correctness is the task's own reward (math accuracy or the Countdown checker) applied
-to ``\\boxed{answer}``, so both metrics use the same rule as training.
+correct. Votes compare answers as math-verify does (``5``, ``5.0`` and ``\\frac{10}{2}`` are one
+vote); samples without an extractable final answer cast no vote and are counted
+(``no_answer_rate``). Correctness is the example's own reward (its ``reward`` field: math
+accuracy or the Countdown checker; math accuracy for dataset rows without one) applied to
+``\\boxed{answer}``, so both metrics use the same rule as training.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from r1fast.rewards import extract_answer, get_reward, is_well_formed
+from r1fast.rewards import answers_equal, extract_answer, get_reward, is_well_formed
 from r1fast.rollout.sampler import SamplingConfig
 
 
@@ -29,9 +31,33 @@ class EvalResult:
     """Mean completion length in characters."""
     k: int
     num_problems: int
+    no_answer_rate: float = 0.0
+    """Fraction of samples with no extractable final answer."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def checker(example: dict, cache: dict) -> object:
+    """The reward that decides whether an answer to ``example`` is correct."""
+    name = example.get("reward") or "math_accuracy"
+    if name not in cache:
+        cache[name] = get_reward(name)
+    return cache[name]
+
+
+def majority_answer(answers: Sequence[str]) -> str | None:
+    """The answer of the largest group of equivalent answers (math-verify equality; ties to the
+    group seen first), or None when there is none."""
+    groups: list[list[str]] = []
+    for a in answers:
+        for g in groups:
+            if a == g[0] or answers_equal(a, g[0]):
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    return max(groups, key=len)[0] if groups else None
 
 
 def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict]) -> EvalResult:
@@ -39,24 +65,24 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict]) ->
     if len(samples) != len(examples) or not samples:
         raise ValueError("samples and examples must be non-empty and of the same length")
     checkers: dict[str, object] = {}
-    pass_sum = cons_sum = fmt = length = 0.0
+    pass_sum = cons_sum = fmt = length = missing = 0.0
     k = len(samples[0])
     for outs, ex in zip(samples, examples):
-        check = checkers.setdefault(ex["reward"], get_reward(ex["reward"]))
+        check = checker(ex, checkers)
 
         def correct(answer: str | None) -> bool:
             return answer is not None and check(f"\\boxed{{{answer}}}", ex) >= 1.0
 
         answers = [extract_answer(o) for o in outs]
         pass_sum += sum(correct(a) for a in answers) / len(outs)
-        voted = [a for a in answers if a is not None]
-        if voted:
-            majority = Counter(voted).most_common(1)[0][0]
+        majority = majority_answer([a for a in answers if a is not None])
+        if majority is not None:
             cons_sum += correct(majority)
+        missing += sum(a is None for a in answers) / len(outs)
         fmt += sum(is_well_formed(o) for o in outs) / len(outs)
         length += sum(len(o) for o in outs) / len(outs)
     n = len(examples)
-    return EvalResult(pass_sum / n, cons_sum / n, fmt / n, length / n, k, n)
+    return EvalResult(pass_sum / n, cons_sum / n, fmt / n, length / n, k, n, missing / n)
 
 
 def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,

@@ -1,15 +1,17 @@
 """Loading a saved model folder and sampling from it: what evaluation, rejection sampling and
 distillation share.
 
-A model folder (written by :func:`r1fast.train.policy_io.save_model` or the GRPO stage) holds Hugging
-Face safetensors, ``r1fast_config.json`` (the exact architecture) and ``tokenizer.json``.
+A model folder (written by :func:`r1fast.train.policy_io.save_model`, the GRPO stage, or any
+Hugging Face ``save_pretrained``) holds safetensors, ``config.json`` / ``r1fast_config.json``
+(the architecture) and the tokenizer (r1fast's character tokenizer or a Hugging Face one, whose
+stop tokens end the samples).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-from r1fast.data import CharTokenizer
+from r1fast.data import load_tokenizer
 from r1fast.rollout.sampler import SamplingConfig, generate
 
 
@@ -19,12 +21,14 @@ def load_model(path: str | Path, parallel=None):
     from r1fast.policy.hf_checkpoint import load_model_config
 
     path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise ValueError(f"{path} is not an r1fast model folder (no tokenizer.json)")
     cfg = load_model_config(str(path))
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"model folder {path}: the tokenizer has {tokenizer.vocab_size} tokens "
+                         f"but the model's vocab_size is {cfg.vocab_size}")
     policy = build_policy(cfg, parallel or ParallelConfig(), trainable=False)
     load_hf_checkpoint(policy, str(path))
-    return policy, CharTokenizer.load(path)
+    return policy, tokenizer
 
 
 def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: SamplingConfig,
@@ -36,7 +40,8 @@ def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: Sampling
     """
     from r1fast.rollout.kv_cache import make_decoder
 
-    sampling = SamplingConfig(**{**sampling.__dict__, "vocab_limit": tokenizer.vocab_size})
+    sampling = SamplingConfig(**{**sampling.__dict__, "vocab_limit": tokenizer.vocab_size,
+                                 "stop_token_ids": tuple(tokenizer.stop_ids)})
     rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
     out: list[list[str]] = [[""] * k for _ in prompts]

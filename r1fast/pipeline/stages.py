@@ -9,22 +9,24 @@ artifacts to the next by path:
 - :func:`distill`   a teacher writes answers, a dense student is fine-tuned on them;
 - :func:`evaluate`  pass@1 from k samples and cons@k (see :mod:`r1fast.pipeline.evaluate`).
 
-Every model folder holds Hugging Face safetensors, ``r1fast_config.json`` and ``tokenizer.json``.
+Every model folder holds Hugging Face safetensors, ``config.json`` / ``r1fast_config.json`` and
+its tokenizer; a Hugging Face checkpoint folder works as a starting point, with its tokenizer and
+chat template. :func:`load_problems` reads a user's dataset file (see :mod:`r1fast.data.files`)
+with prompts rendered for a model folder's tokenizer.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
 from pathlib import Path
 from typing import Any, Sequence
 
-from r1fast.data import CharTokenizer, sft_target
+from r1fast.data import CharTokenizer, load_tokenizer, sft_target
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.hf_checkpoint import load_model_config
 from r1fast.policy.optim import OptimConfig
-from r1fast.rewards import get_reward, is_well_formed
+from r1fast.rewards import is_well_formed
 from r1fast.rollout.sampler import SamplingConfig
 from r1fast.train.metrics import read_jsonl
 
@@ -44,9 +46,11 @@ def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
 def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path | None = None,
         model: ModelConfig | None = None, steps: int = 100, batch_size: int = 32,
         lr: float = 1e-3, loss_on_prompt: bool = False, seed: int = 0,
-        parallel: ParallelConfig | None = None, progress: bool = False) -> Path:
+        parallel: ParallelConfig | None = None, progress: bool = False,
+        tokenizer=None) -> Path:
     """Fine-tune ``init_from`` (or a fresh ``model``) on ``{"prompt", "completion"}`` rows;
-    returns the model folder ``out_dir/model``."""
+    returns the model folder ``out_dir/model``. The tokenizer is ``init_from``'s, else
+    ``tokenizer`` (e.g. a teacher's), else the character tokenizer."""
     from r1fast.train.sft import SFTConfig, SFTTrainer
 
     if (init_from is None) == (model is None):
@@ -57,8 +61,9 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
                     steps=steps, batch_size=batch_size, loss_on_prompt=loss_on_prompt,
                     init_from=None if init_from is None else str(init_from),
                     out_dir=str(out_dir), seed=seed, progress=progress)
-    tokenizer = CharTokenizer.load(init_from) if init_from else CharTokenizer()
-    return SFTTrainer(cfg, list(examples), tokenizer).fit()
+    if init_from:
+        tokenizer = load_tokenizer(init_from)
+    return SFTTrainer(cfg, list(examples), tokenizer or CharTokenizer()).fit()
 
 
 def pretraining_corpus(examples: Sequence[dict], noise: float, seed: int = 0) -> list[dict]:
@@ -93,20 +98,39 @@ def cold_start_data(examples: Sequence[dict]) -> list[dict]:
 
 def grpo(init_from: str | Path, out_dir: str | Path, *, overrides: Sequence[str] = (),
          recipe: str | Path | None = None) -> tuple[Path, list[dict]]:
-    """GRPO from the model folder ``init_from``; returns (``out_dir/model``, metrics rows)."""
+    """GRPO from the model folder ``init_from`` (its architecture and tokenizer); returns
+    (``out_dir/model``, metrics rows)."""
     from r1fast.train.config import load_train_config
     from r1fast.train.grpo import GRPOTrainer
 
-    cfg = load_train_config(recipe, list(overrides))
-    cfg = dataclasses.replace(cfg, model=load_model_config(str(init_from)),
-                              run=dataclasses.replace(cfg.run, init_from=str(init_from),
-                                                      out_dir=str(out_dir)))
+    cfg = load_train_config(recipe, [*overrides, f"--run.init_from={init_from}",
+                                     f"--run.out_dir={out_dir}"])
     trainer = GRPOTrainer(cfg)
     rows = trainer.fit()
     return trainer.engine.save_model(trainer.task.tokenizer, Path(out_dir) / "model"), rows
 
 
 # ---------------------------------------------------------------------------- sampling stages
+
+def load_problems(path: str | Path, model_dir: str | Path, *, preset: str | None = None,
+                  prompt_key: str | None = None, answer_key: str | None = None,
+                  template: str | None = None, chat_template: bool = True,
+                  system_prompt: str | None = None) -> list[dict]:
+    """Problems of a dataset file, each with its ``prompt`` rendered for ``model_dir``'s
+    tokenizer (template, then chat template), ready for the sampling stages."""
+    from r1fast.data.files import load_examples
+    from r1fast.train.config import DataConfig
+    from r1fast.train.task import render_prompt
+
+    data = DataConfig(template=template, chat_template=chat_template,
+                      system_prompt=system_prompt)
+    tokenizer = load_tokenizer(model_dir)
+    examples, _ = load_examples(path, preset=preset, prompt_key=prompt_key,
+                                answer_key=answer_key)
+    for ex in examples:
+        ex["prompt"] = render_prompt(ex, tokenizer, data)
+    return examples
+
 
 def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: str | Path, *,
                      k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
@@ -118,6 +142,7 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
     prompt, as ``{"prompt", "completion"}`` JSONL rows. Returns (path, stats)."""
     if keep not in ("correct", "well_formed", "all"):
         raise ValueError(f"keep must be one of ('correct', 'well_formed', 'all'), got {keep!r}")
+    from r1fast.pipeline.evaluate import checker
     from r1fast.pipeline.generation import load_model, sample
 
     policy, tok = load_model(model_dir)
@@ -126,7 +151,7 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
     rows, solved = [], 0
     checkers: dict[str, Any] = {}
     for ex, outs in zip(examples, samples):
-        check = checkers.setdefault(ex["reward"], get_reward(ex["reward"]))
+        check = checker(ex, checkers)
         kept: list[str] = []
         for o in outs:
             ok = (keep == "all" or (is_well_formed(o) and (keep == "well_formed"
@@ -161,8 +186,10 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
     rows = read_jsonl(data_path)
     if not rows:
         raise RuntimeError("the teacher produced no correct answer to distill")
+    # a fresh student speaks the teacher's tokenizer (its prompts and answers are in it)
     model = sft(rows, out_dir, init_from=student_init, model=None if student_init else student,
-                steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+                steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                tokenizer=None if student_init else load_tokenizer(teacher_dir))
     return model, stats
 
 

@@ -16,7 +16,7 @@ from r1fast.rewards.extract import extract_answer, last_boxed, split_think, thou
 from r1fast.rewards.format import FormatReward, FormatRewardConfig, is_well_formed
 from r1fast.rewards.language import LanguageReward, LanguageRewardConfig, language_consistency
 from r1fast.rewards.math import MathAccuracyReward, MathRewardConfig, answers_equal
-from r1fast.rewards.registry import available_rewards, get_reward, register_reward
+from r1fast.rewards.registry import RoutedReward, available_rewards, get_reward, register_reward
 from r1fast.rewards.reward_model import RewardModelConfig, RewardModelReward
 from r1fast.rewards.runner import RewardOutput, RewardRunner, RunnerConfig
 from r1fast.rewards.workers import TaskOutcome, WorkerPool
@@ -29,7 +29,7 @@ __all__ = [
     "FormatReward", "FormatRewardConfig", "is_well_formed",
     "LanguageReward", "LanguageRewardConfig", "language_consistency",
     "MathAccuracyReward", "MathRewardConfig", "answers_equal",
-    "available_rewards", "get_reward", "register_reward",
+    "available_rewards", "get_reward", "register_reward", "RoutedReward",
     "RewardModelConfig", "RewardModelReward",
     "RewardOutput", "RewardRunner", "RunnerConfig",
     "TaskOutcome", "WorkerPool",

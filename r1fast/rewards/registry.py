@@ -1,11 +1,14 @@
 """Rewards by name, so that configs and the CLI can say ``rewards: [math_accuracy, format]``.
 
 ``get_reward("countdown", format_score=0.0)`` builds a reward with config overrides;
-``register_reward("mine")`` (usable as a decorator) adds a factory. Factories take keyword
-arguments and return a reward ``(completion, example) -> float``.
+``register_reward("mine", fn)`` (usable as a decorator) adds a reward ``(completion, example)
+-> float``, or a factory that takes keyword arguments and returns one; a registered name can be
+used in a recipe's ``[reward] weights`` and in a dataset row's ``reward`` field.
+:class:`RoutedReward` scores each example with the reward its row names.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from r1fast.rewards.compose import RewardFn
@@ -26,12 +29,61 @@ def register_reward(name: str, factory: Callable[..., RewardFn] | None = None):
     def add(f: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         if not callable(f):
             raise ValueError(f"factory for reward {name!r} must be callable, got {type(f).__name__}")
-        if name in _REGISTRY and _REGISTRY[name] is not f:
+        if name in _REGISTRY and _REGISTRY[name] is not f and \
+                getattr(_REGISTRY[name], "reward", None) is not f:
             raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = f
+        _REGISTRY[name] = _as_factory(name, f) if _is_reward_fn(f) else f
         return f
 
     return add if factory is None else add(factory)
+
+
+def _is_reward_fn(f: Callable) -> bool:
+    """A reward takes (completion, example) positionally; a factory takes keywords only."""
+    if isinstance(f, type):
+        return False
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
+def _as_factory(name: str, fn: RewardFn) -> Callable[..., RewardFn]:
+    def factory(**kwargs) -> RewardFn:
+        if kwargs:
+            raise ValueError(f"reward {name!r} is a plain function and takes no options, got "
+                             f"{sorted(kwargs)}")
+        return fn
+    factory.reward = fn  # type: ignore[attr-defined]
+    return factory
+
+
+class RoutedReward:
+    """Scores each example with the registered reward named by its ``reward`` field, or with
+    ``default`` when it has none (datasets that mix sources, e.g. verl's ``data_source``)."""
+
+    def __init__(self, default: str):
+        get_reward(default)  # an unknown default is an error now, not at the first call
+        self.default = default
+        self._rewards: dict[str, RewardFn] = {}
+
+    def reward_for(self, example: dict) -> RewardFn:
+        name = example.get("reward") or self.default
+        if name not in self._rewards:
+            self._rewards[name] = get_reward(name)
+        return self._rewards[name]
+
+    def __call__(self, completion: str, example: dict) -> float:
+        return self.reward_for(example)(completion, example)
+
+    @property
+    def preload_modules(self) -> tuple[str, ...]:
+        return tuple(getattr(get_reward(self.default), "preload_modules", ()))
+
+    def __repr__(self) -> str:
+        return f"RoutedReward(default={self.default!r})"
 
 
 def available_rewards() -> list[str]:

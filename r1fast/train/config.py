@@ -87,22 +87,40 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    """The prompt source."""
+    """The prompt source: a dataset file (``path``) or a synthetic task (``task``)."""
 
+    path: Optional[str] = None
+    """Training data: a .jsonl / .json / .parquet file or a folder of them (see
+    r1fast.data.files); None: the synthetic ``task``."""
+    test_path: Optional[str] = None
+    """Held-out data in the same layout (for evaluation), or None."""
+    preset: Optional[Literal["gsm8k", "math", "dapo", "deepscaler", "countdown", "verl"]] = None
+    """Column layout of the files; None: ``prompt_key`` / ``answer_key``."""
+    prompt_key: Optional[str] = None
+    """Column of the prompt (text or chat messages) when no preset is given (default prompt)."""
+    answer_key: Optional[str] = None
+    """Column of the ground-truth answer when no preset is given (default answer)."""
+    chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (when the tokenizer has one)."""
+    system_prompt: Optional[str] = None
+    """A system message put before each prompt (chat template only)."""
+    max_prompt_tokens: int = 0
+    """Drop prompts longer than this many tokens (0: keep all); the count is logged."""
     task: Literal["countdown", "arithmetic"] = "arithmetic"
-    """Synthetic reasoning task (see r1fast.data)."""
+    """Synthetic reasoning task (see r1fast.data), used when ``path`` is None."""
     prompts_per_step: int = 4
     """Distinct prompts per step (each sampled group_size times)."""
     seed: int = 0
     """Seed of the task generator and of the prompt order."""
     num_train: int = 2000
-    """Training problems generated."""
+    """Training problems generated (synthetic task)."""
     num_test: int = 100
-    """Held-out problems generated."""
+    """Held-out problems generated (synthetic task)."""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Task generator fields, e.g. {min_digits = 1, max_digits = 2, ops = ["+"]}."""
     template: Optional[str] = None
-    """Prompt template with a {question} placeholder; None: the R1-Zero default of r1fast.data."""
+    """Prompt template with a {question} placeholder, or "r1-zero" for r1fast's R1-Zero
+    instruction; None: the synthetic task's own prompt, or the question alone for files."""
 
 
 @dataclass
@@ -186,13 +204,52 @@ class TrainConfig:
 
 
 def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Recipe TOML + dotted overrides -> a validated :class:`TrainConfig`."""
+    """Recipe TOML + dotted overrides -> a validated :class:`TrainConfig`.
+
+    The checkpoint defines the model: with ``run.init_from`` naming a model folder
+    (``config.json`` / ``r1fast_config.json``) and no ``[model]`` table, the architecture is the
+    folder's; ``[model]`` may add training choices (:data:`TRAINING_CHOICES`, e.g. the aux-loss
+    coefficient), and an architecture field it sets differently is an error listing the fields.
+    """
     try:
-        return _config.load(TrainConfig, recipe, overrides)
+        data = _config.read(recipe, overrides)
+        cfg = _config.from_dict(TrainConfig, data)
+        init = cfg.run.init_from
+        if init and _is_model_folder(init):
+            cfg = _model_from_checkpoint(cfg, init, data.get("model", {}))
+        return cfg
     except ValueError as e:
         if isinstance(e, _config.ConfigError):
             raise
         raise _config.ConfigError(str(e)) from e
+
+
+def _is_model_folder(path: str) -> bool:
+    return any((Path(path) / f).is_file() for f in ("config.json", "r1fast_config.json"))
+
+
+#: ModelConfig fields that are training choices, not architecture: [model] may set them on top
+#: of a checkpoint's architecture
+TRAINING_CHOICES = frozenset({"aux_loss_coef", "z_loss_coef", "router_bias_update_rate",
+                              "params_dtype", "init_std"})
+
+
+def _model_from_checkpoint(cfg: TrainConfig, init: str, given: dict) -> TrainConfig:
+    """The checkpoint's architecture, plus the training choices [model] sets; an architecture
+    field [model] sets differently is an error (all fields count as set with a preset)."""
+    from r1fast.policy.hf_checkpoint import load_model_config
+
+    theirs = load_model_config(init)
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    keys = set(names) if "preset" in given else set(given) & set(names)
+    diff = [f"{k}: [model] {getattr(cfg.model, k)!r} vs checkpoint {getattr(theirs, k)!r}"
+            for k in sorted(keys - TRAINING_CHOICES) if getattr(cfg.model, k) != getattr(theirs, k)]
+    if diff:
+        raise _config.ConfigError(f"[model] disagrees with run.init_from={init} (leave those "
+                                  f"fields out to take the checkpoint's): " + "; ".join(diff))
+    chosen = {k: getattr(cfg.model, k) for k in keys & TRAINING_CHOICES}
+    model = dataclasses.replace(theirs, **chosen)
+    return dataclasses.replace(cfg, model=model)
 
 
 def with_changes(cfg: TrainConfig, **sections) -> TrainConfig:

@@ -92,6 +92,7 @@ class GRPOTrainer:
         self.sampling = SamplingConfig(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
             top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
+            stop_token_ids=tuple(self.task.tokenizer.stop_ids),
             vocab_limit=self.task.tokenizer.vocab_size)
         if config.run.resume:
             self._maybe_resume()
@@ -359,6 +360,7 @@ class GRPOTrainer:
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(dump_toml(self.cfg))
+            self.task.tokenizer.save(self.run_dir / "tokenizer")  # for `r1fast export`
         logger = MetricsLogger(self.run_dir, enabled=self.is_logger, tensorboard=run.tensorboard,
                                progress=run.progress, total_steps=run.steps,
                                initial_step=self.step_idx)

@@ -21,6 +21,9 @@ def load_model_state(policy, source: Any, optimizer=None) -> None:
     so megatron re-copies its fp32 master weights from the new values."""
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if not path.is_dir():
+            raise ValueError(f"initial weights {path} do not exist (run.init_from / init_from "
+                             f"must be a Hugging Face folder or an r1fast checkpoint folder)")
         if (path / "config.json").is_file():
             from r1fast.policy.hf_checkpoint import load_hf_checkpoint
 
@@ -55,8 +58,10 @@ def copy_weights(src, dst) -> None:
 
 
 def save_model(policy, tokenizer, path: str | Path) -> Path:
-    """A self-contained model folder: HF safetensors + config.json, r1fast_config.json and the
-    tokenizer (collective; rank 0 writes). Written under a temporary name, then renamed."""
+    """A self-contained model folder: HF safetensors + config.json, r1fast_config.json, the
+    tokenizer and generation_config.json (its stop ids, so HF ``generate`` stops where r1fast's
+    sampler does). Collective; rank 0 writes, under a temporary name, then renames."""
+    import json
     import os
     import shutil
 
@@ -72,6 +77,10 @@ def save_model(policy, tokenizer, path: str | Path) -> Path:
     save_hf_checkpoint(policy, str(tmp))
     if rank == 0:
         tokenizer.save(tmp)
+        stops = [int(t) for t in tokenizer.stop_ids]
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": stops if len(stops) > 1 else stops[0],
+             "pad_token_id": int(tokenizer.pad_id)}, indent=1))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

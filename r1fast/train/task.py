@@ -1,17 +1,30 @@
 """What a run trains on: prompts, their tokenizer, and the rewards that score completions.
 
 :func:`build_task` turns the ``[data]`` and ``[reward]`` sections of a recipe into a
-:class:`TaskData`: the synthetic task's training split (a resumable :class:`PromptDataset`),
-the character tokenizer, and a :class:`RewardRunner` over the weighted reward parts. The reward
-name ``accuracy`` means "the checker of the task" (math accuracy for arithmetic, the equation
-checker for Countdown), so one recipe section serves every task.
+:class:`TaskData`: the training prompts (a dataset file read by :mod:`r1fast.data.files`, or a
+synthetic task), rendered as text for the run's tokenizer (the prompt template, then the
+tokenizer's chat template), in a resumable :class:`PromptDataset`, and a
+:class:`RewardRunner` over the weighted reward parts. The reward name ``accuracy`` means "the
+checker of this example": the reward its row names (``reward`` / verl ``data_source``), else
+math accuracy for files and the task's own checker for synthetic tasks (the equation checker
+for Countdown), so one recipe section serves every data source.
+
+The tokenizer is the model folder's (``run.init_from``): a Hugging Face tokenizer with its chat
+template and stop tokens, or r1fast's character tokenizer. Synthetic tasks are made for the
+character tokenizer; asking for one with another tokenizer is an error, not a silent run.
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Callable, Sequence
 
-from r1fast.data import CharTokenizer, PromptDataset, generate_task, make_prompt
-from r1fast.rewards import CompositeReward, RewardRunner, RunnerConfig, get_reward
+from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate_task,
+                         load_tokenizer, make_prompt)
+from r1fast.data.files import load_examples
+from r1fast.rewards import CompositeReward, RewardRunner, RoutedReward, RunnerConfig, get_reward
+
+log = logging.getLogger("r1fast.train")
 
 TASK_REWARD = {"arithmetic": "math_accuracy", "countdown": "countdown"}
 
@@ -52,23 +65,91 @@ class TaskData:
         self.runner.close()
 
 
-def reward_parts(task: str, weights: dict[str, float]) -> list[tuple[str, Callable, float]]:
+def reward_parts(task: str | None, weights: dict[str, float]) -> list[tuple[str, Callable, float]]:
+    """The weighted reward parts; ``accuracy`` is the task's checker (``task`` None: a dataset
+    file, whose rows may name their own reward)."""
     parts = []
     for name, w in weights.items():
-        registered = TASK_REWARD[task] if name == "accuracy" else name
-        parts.append((name, get_reward(registered), float(w)))
+        if name == "accuracy":
+            fn = get_reward(TASK_REWARD[task]) if task else RoutedReward("math_accuracy")
+        else:
+            fn = get_reward(name)
+        parts.append((name, fn, float(w)))
     return parts
 
 
-def build_task(cfg, reward: Callable | None = None) -> TaskData:
+def run_tokenizer(cfg):
+    """The model folder's tokenizer (``run.init_from``), or the character tokenizer."""
+    init = cfg.run.init_from
+    if init and Path(init).is_dir() and any((Path(init) / f).is_file() for f in
+                                            ("tokenizer.json", "tokenizer_config.json")):
+        return load_tokenizer(init)
+    return CharTokenizer()
+
+
+def render_prompt(ex: dict, tokenizer, d) -> str:
+    """An example's prompt text: the template around the question, then the chat template."""
+    template = PROMPT_TEMPLATE if d.template == "r1-zero" else d.template
+    if "messages" in ex and template is None:
+        messages = [dict(m) for m in ex["messages"]]
+    else:
+        question = ex["question"] if template is None else make_prompt(ex["question"], template)
+        messages = [{"role": "user", "content": question}]
+    if not (d.chat_template and tokenizer.has_chat_template):
+        if len(messages) > 1:
+            raise ValueError(f"example {ex.get('id')} is a chat conversation but the tokenizer "
+                             f"has no chat template (or data.chat_template is false)")
+        return messages[0]["content"]
+    if d.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": d.system_prompt})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _training_examples(cfg, tokenizer) -> list[dict]:
+    d = cfg.data
+    if d.path is None:
+        if not isinstance(tokenizer, CharTokenizer):
+            raise ValueError(f"data.task={d.task!r} is a synthetic task for r1fast's character "
+                             f"tokenizer, but run.init_from={cfg.run.init_from} has {tokenizer!r}; "
+                             f"set data.path to a dataset file")
+        examples = generate_task(d.task, d.num_train, split="train", seed=d.seed, **d.task_options)
+        if d.template is not None:
+            for ex in examples:
+                ex["prompt"] = render_prompt(ex, tokenizer, d)
+        return examples
+    if not Path(d.path).exists():
+        raise ValueError(f"data.path={d.path} does not exist (a .jsonl/.json/.parquet file or a "
+                         f"folder of them)")
+    examples, report = load_examples(d.path, preset=d.preset, prompt_key=d.prompt_key,
+                                     answer_key=d.answer_key)
+    log.info("%s", report.summary())
+    for ex in examples:
+        ex["prompt"] = render_prompt(ex, tokenizer, d)
+    return examples
+
+
+def _filter_long_prompts(examples: list[dict], tokenizer, limit: int) -> list[dict]:
+    if limit <= 0:
+        return examples
+    kept = [ex for ex in examples if len(tokenizer.encode(ex["prompt"], add_bos=True)) <= limit]
+    if len(kept) < len(examples):
+        log.warning("data.max_prompt_tokens=%d dropped %d of %d prompts", limit,
+                    len(examples) - len(kept), len(examples))
+    if not kept:
+        raise ValueError(f"data.max_prompt_tokens={limit} drops every prompt")
+    return kept
+
+
+def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     """TaskData for a :class:`~r1fast.train.config.TrainConfig` (``reward`` replaces the
-    recipe's reward parts, e.g. a custom function from the Python API)."""
+    recipe's reward parts, e.g. a custom function from the Python API; ``tokenizer`` defaults
+    to :func:`run_tokenizer`)."""
     d, r = cfg.data, cfg.reward
-    examples = generate_task(d.task, d.num_train, split="train", seed=d.seed, **d.task_options)
-    if d.template is not None:
-        for ex in examples:
-            ex["prompt"] = make_prompt(ex["question"], d.template)
-    parts = reward_parts(d.task, r.weights) if reward is None else [("custom", reward, 1.0)]
+    tokenizer = tokenizer or run_tokenizer(cfg)
+    examples = _filter_long_prompts(_training_examples(cfg, tokenizer), tokenizer,
+                                    d.max_prompt_tokens)
+    task = None if d.path is not None else d.task
+    parts = reward_parts(task, r.weights) if reward is None else [("custom", reward, 1.0)]
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",
                               num_workers=max(r.workers, 1), timeout_s=r.timeout_s)
-    return TaskData(examples, CharTokenizer(), parts, d.prompts_per_step, d.seed, runner_cfg)
+    return TaskData(examples, tokenizer, parts, d.prompts_per_step, d.seed, runner_cfg)

@@ -41,11 +41,14 @@ def test_round_trip_property(pieces):
     assert TOK.decode(ids, skip_special_tokens=False) == "<bos>" + text + "<eos>"
 
 
-def test_unknown_characters():
-    assert TOK.encode("a\u00e9b") == [TOK.encode("a")[0], TOK.unk_id, TOK.encode("b")[0]]
-    assert TOK.decode(TOK.encode("a\u00e9")) == "a\ufffd"
-    with pytest.raises(ValueError, match=r"character 'é' \(U\+00E9\) at position 1"):
-        TOK.encode("a\u00e9", errors="strict")
+def test_unknown_characters_are_an_error_unless_replacement_is_asked_for():
+    with pytest.raises(ValueError, match=r"character 'é' \(U\+00E9\) at position 1 outside the "
+                                         r"alphabet of CharTokenizer\(vocab_size=102\): 'a\\xe9'|"
+                                         r"character 'é' \(U\+00E9\) at position 1"):
+        TOK.encode("a\u00e9")  # never a silent <unk>
+    assert TOK.encode("a\u00e9b", errors="replace") == [TOK.encode("a")[0], TOK.unk_id,
+                                                        TOK.encode("b")[0]]
+    assert TOK.decode(TOK.encode("a\u00e9", errors="replace")) == "a\ufffd"
 
 
 def test_encode_batch_padding():

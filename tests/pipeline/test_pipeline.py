@@ -78,3 +78,13 @@ def test_real_demo_gains(tmp_path):
     teacher = rows["R1 (cold start + GRPO)"]["pass_at_1"]
     assert rows["distilled dense student"]["pass_at_1"] >= 0.8 * teacher, rows
     assert (root / "rl_curves.png").is_file() and (root / "results.md").is_file()
+
+
+def test_votes_group_equivalent_answers():
+    from r1fast.pipeline.evaluate import majority_answer, score_samples
+
+    assert majority_answer(["5", "6", "5.0", "\\frac{10}{2}"]) in ("5", "5.0", "\\frac{10}{2}")
+    assert majority_answer([]) is None
+    ex = {"answer": "5"}  # a dataset row: math accuracy by default
+    res = score_samples([["\\boxed{5}", "\\boxed{5.0}", "\\boxed{6}", "no answer at all"]], [ex])
+    assert res.pass_at_1 == 0.5 and res.cons_at_k == 1.0 and res.no_answer_rate == 0.25

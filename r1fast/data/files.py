@@ -1,0 +1,225 @@
+"""Prompt datasets from files: JSONL / JSON / parquet, one file or a folder of them, read with
+the ``datasets`` library (local files only), in the layouts users bring.
+
+Every row becomes an example ``{"id", "question" | "messages", "answer", "reward"?, ...}``:
+``question`` is the problem text (the prompt template and chat template are applied later,
+with the run's tokenizer), ``messages`` a chat conversation given by the file itself, ``answer``
+the ground truth the reward compares with, ``reward`` (optional) the registered reward that
+scores this row. Presets name the common layouts:
+
+==============  ==================================================  ===========================
+preset          prompt                                              answer
+==============  ==================================================  ===========================
+``gsm8k``       ``question``                                        after ``####`` of ``answer``
+``math``        ``problem``                                         last ``\\boxed{}`` of ``solution``
+``dapo``        ``prompt`` (text or chat messages)                  ``answer``
+``deepscaler``  ``problem``                                         ``answer``
+``countdown``   built from ``nums`` and ``target`` (reward countdown)  the target
+``verl``        ``prompt`` (chat messages), reward from ``data_source``  ``reward_model.ground_truth``
+==============  ==================================================  ===========================
+
+Without a preset, ``prompt_key`` / ``answer_key`` name the columns (default ``prompt`` /
+``answer``). A row's own ``reward`` field (or verl's ``data_source``) routes it to a reward.
+Bad rows (a missing key, an empty prompt, an answer that cannot be parsed) are skipped and
+counted, with the first offending row number in the report; a file where most rows are bad is
+an error, since then the layout is almost certainly not what the user thinks it is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from r1fast.rewards.extract import last_boxed
+
+log = logging.getLogger("r1fast.data")
+
+SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+#: verl data sources -> r1fast reward names (rows of other sources use the run's default)
+VERL_SOURCES = {"openai/gsm8k": "math_accuracy", "lighteval/MATH": "math_accuracy",
+                "DigitalLearningGmbH/MATH-lighteval": "math_accuracy",
+                "math_dapo": "math_accuracy", "countdown": "countdown"}
+
+
+class BadRow(ValueError):
+    """A row that does not fit the layout (skipped and counted)."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What reading a dataset found."""
+
+    path: str
+    rows: int
+    kept: int
+    bad: int
+    first_bad_row: Optional[int]
+    first_bad_reason: Optional[str]
+
+    def summary(self) -> str:
+        s = f"{self.path}: {self.kept} of {self.rows} rows kept"
+        if self.bad:
+            s += (f"; {self.bad} bad rows skipped (first: row {self.first_bad_row}, "
+                  f"{self.first_bad_reason})")
+        return s
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow(f"{what} is empty or not text ({value!r:.60})")
+    return value
+
+
+def _get(row: dict, key: str) -> Any:
+    """``row[key]`` (dotted keys reach into nested columns); None counts as missing, since
+    ``datasets`` fills the columns a row lacks with None."""
+    node: Any = row
+    for part in key.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            raise BadRow(f"missing key {key!r}")
+        node = node[part]
+    return node
+
+
+def _gsm8k_answer(text: Any) -> str:
+    text = _text(text, "answer")
+    if "####" not in text:
+        raise BadRow("answer has no '####' final-answer marker")
+    return _text(text.rsplit("####", 1)[1].strip().replace(",", ""), "final answer")
+
+
+def _boxed_answer(text: Any) -> str:
+    boxed = last_boxed(_text(text, "solution"))
+    if boxed is None:
+        raise BadRow("solution has no \\boxed{} answer")
+    return _text(boxed, "boxed answer")
+
+
+def _plain_answer(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value, "answer").strip()
+
+
+def _prompt(value: Any) -> dict:
+    """A text question, or a list of chat messages ``[{"role", "content"}]``."""
+    if isinstance(value, (list, tuple)):
+        msgs = [dict(m) for m in value]
+        if not msgs or any(not isinstance(m.get("content"), str) or "role" not in m
+                           for m in msgs):
+            raise BadRow("prompt messages must be a non-empty list of {role, content}")
+        return {"messages": msgs, "question": msgs[-1]["content"]}
+    return {"question": _text(value, "prompt")}
+
+
+def _countdown(row: dict) -> dict:
+    nums, target = _get(row, "nums"), _get(row, "target")
+    if not isinstance(nums, (list, tuple)) or not nums:
+        raise BadRow("nums must be a non-empty list")
+    question = (f"Using the numbers {list(nums)}, create an equation that equals {target}. "
+                f"Use each number once, with + - * /.")
+    return {"question": question, "numbers": [int(n) for n in nums], "target": int(target),
+            "answer": str(target), "reward": "countdown"}
+
+
+def _verl(row: dict) -> dict:
+    out = _prompt(_get(row, "prompt"))
+    out["answer"] = _plain_answer(_get(row, "reward_model.ground_truth"))
+    source = row.get("data_source")
+    if source in VERL_SOURCES:
+        out["reward"] = VERL_SOURCES[source]
+    out["data_source"] = source
+    return out
+
+
+def _keyed(prompt_key: str, answer_key: str, parse: Callable[[Any], str]):
+    def convert(row: dict) -> dict:
+        out = _prompt(_get(row, prompt_key))
+        out["answer"] = parse(_get(row, answer_key))
+        return out
+    return convert
+
+
+PRESETS: dict[str, Callable[[dict], dict]] = {
+    "gsm8k": _keyed("question", "answer", _gsm8k_answer),
+    "math": _keyed("problem", "solution", _boxed_answer),
+    "dapo": _keyed("prompt", "answer", _plain_answer),
+    "deepscaler": _keyed("problem", "answer", _plain_answer),
+    "countdown": _countdown,
+    "verl": _verl,
+}
+
+
+def data_files(path: str | Path) -> tuple[str, list[str]]:
+    """(``datasets`` builder, sorted file list) of a file or a folder of data files."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+        if not files:
+            raise ValueError(f"data folder {path} has no .jsonl/.json/.parquet files")
+    elif path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise ValueError(f"data file {path} must end in one of {sorted(SUFFIXES)}")
+        files = [path]
+    else:
+        raise ValueError(f"data path {path} does not exist")
+    kinds = {SUFFIXES[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"data folder {path} mixes file types {sorted(kinds)}; use one kind")
+    return kinds.pop(), [str(p) for p in files]
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a data file or folder, as dicts, in file order."""
+    import datasets
+
+    builder, files = data_files(path)
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a progress bar per tiny file is noise
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    return ds.to_list()
+
+
+def convert_rows(rows: list[dict], path: str, *, preset: Optional[str] = None,
+                 prompt_key: Optional[str] = None, answer_key: Optional[str] = None,
+                 max_bad_fraction: float = 0.5) -> tuple[list[dict], LoadReport]:
+    """Rows -> examples (see the module docstring) and the report of what was skipped."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"data.preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if preset is not None and (prompt_key or answer_key):
+        raise ValueError(f"data.prompt_key/answer_key cannot be combined with data.preset "
+                         f"({preset!r} fixes the columns)")
+    convert = PRESETS[preset] if preset else _keyed(prompt_key or "prompt",
+                                                    answer_key or "answer", _plain_answer)
+    examples, bad, first = [], 0, None
+    for i, row in enumerate(rows):
+        try:
+            ex = convert(row)
+        except BadRow as e:
+            bad += 1
+            first = first or (i, str(e))
+            continue
+        if isinstance(row.get("reward"), str):
+            ex["reward"] = row["reward"]
+        examples.append({"id": f"{Path(path).name}:{i}", "row": i, **ex})
+    report = LoadReport(str(path), len(rows), len(examples), bad,
+                        None if first is None else first[0], None if first is None else first[1])
+    if not rows or bad > max_bad_fraction * len(rows):
+        raise ValueError(f"data {path}: {bad} of {len(rows)} rows do not fit the layout "
+                         f"(preset={preset!r}, prompt_key={prompt_key!r}, "
+                         f"answer_key={answer_key!r}); first bad row {report.first_bad_row}: "
+                         f"{report.first_bad_reason}")
+    if bad:
+        log.warning("%s", report.summary())
+    return examples, report
+
+
+def load_examples(path: str | Path, **kw) -> tuple[list[dict], LoadReport]:
+    """Read and convert a dataset (see :func:`convert_rows` for the keywords)."""
+    return convert_rows(read_rows(path), str(path), **kw)

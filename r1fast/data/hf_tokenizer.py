@@ -1,0 +1,144 @@
+"""Hugging Face tokenizers behind r1fast's tokenizer interface, and one loader for both kinds.
+
+A model arrives as a Hugging Face folder: ``tokenizer.json`` + ``tokenizer_config.json``
+(vocabulary, special tokens, a chat template), often ``generation_config.json`` with several
+stop ids (Qwen ends a turn with ``<|im_end|>``, a document with ``<|endoftext|>``).
+:class:`HFTokenizer` wraps ``transformers.AutoTokenizer`` (local files only, never the
+network) with the small interface the trainer, sampler and stages use, the same one
+:class:`r1fast.data.tokenizer.CharTokenizer` has:
+
+    vocab_size, pad_id, eos_id, bos_id, stop_ids, encode(text, add_bos, add_eos),
+    decode(ids), apply_chat_template(messages), has_chat_template, save(folder), name
+
+Nothing is silent: text the tokenizer can only encode as its unknown token is an error naming
+the text and the tokenizer, and a folder that is neither kind of tokenizer is an error naming
+the folder. :func:`load_tokenizer` picks the kind from the folder's files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from r1fast.data.tokenizer import FILE_NAME, FORMAT, CharTokenizer
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer folder (see the module docstring)."""
+
+    def __init__(self, tokenizer, name: str, extra_stop_ids: Sequence[int] = ()):
+        self.tok = tokenizer
+        self.name = name
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {name}: has no eos token (tokenizer_config.json "
+                             f"eos_token); generation could never stop")
+        stops = [tokenizer.eos_token_id, *extra_stop_ids]
+        for tag in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = tokenizer.convert_tokens_to_ids(tag)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+                stops.append(tid)
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(int(t) for t in stops))
+        """Ids that end a completion: eos, generation_config's eos ids, end-of-turn tokens."""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HFTokenizer":
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"tokenizer folder {path}: transformers cannot load it ({e})") from e
+        extra: list[int] = []
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            extra = [eos] if isinstance(eos, int) else list(eos or [])
+        return cls(tok, str(path), extra)
+
+    # -- ids ------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce (base vocabulary + added tokens)."""
+        return len(self.tok)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tok.eos_token_id)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tok.bos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        """The pad token, or eos when the tokenizer has none (pads are always masked out)."""
+        return int(self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Ids of ``text`` (special tokens written in the text, e.g. a rendered chat template,
+        become their ids); bos/eos only when asked (bos only if the tokenizer has one)."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        ids = list(self.tok.encode(text, add_special_tokens=False))
+        unk = self.tok.unk_token_id
+        if unk is not None and unk in ids:
+            raise ValueError(f"tokenizer {self.name} cannot encode part of the text (it becomes "
+                             f"the unknown token {self.tok.unk_token!r}): {text[:200]!r}")
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, int(self.bos_id))
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict], *,
+                            add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the tokenizer's chat template, as text."""
+        if not self.has_chat_template:
+            raise ValueError(f"tokenizer {self.name} has no chat template (tokenizer_config.json "
+                             f"chat_template); set data.chat_template = false to use plain "
+                             f"prompts")
+        return self.tok.apply_chat_template(list(messages), tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer files into folder ``path`` (what ``AutoTokenizer`` loads)."""
+        os.makedirs(path, exist_ok=True)
+        self.tok.save_pretrained(str(path))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def is_char_tokenizer_folder(path: str | os.PathLike) -> bool:
+    file = Path(path) / FILE_NAME
+    if not file.is_file():
+        return False
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in model folder ``path``: r1fast's character tokenizer or a
+    Hugging Face tokenizer (``tokenizer.json`` / ``tokenizer_config.json`` / vocab files)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer folder {path} does not exist")
+    if is_char_tokenizer_folder(path):
+        return CharTokenizer.load(path)
+    hf_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((path / f).is_file() for f in hf_files):
+        raise ValueError(f"folder {path} holds no tokenizer (none of {', '.join(hf_files)})")
+    return HFTokenizer.load(path)

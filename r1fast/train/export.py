@@ -1,0 +1,82 @@
+"""``r1fast export RUN_OR_CHECKPOINT OUT_DIR``: a training checkpoint -> a Hugging Face folder.
+
+The output is what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
+load: safetensors in the HF family's names (``config.json``), ``generation_config.json`` with the
+tokenizer's stop ids, the tokenizer files, and ``r1fast_config.json`` (the exact architecture).
+
+``RUN_OR_CHECKPOINT`` is a run folder (``config.toml`` + ``checkpoints/``: its newest complete
+checkpoint is taken) or one ``checkpoints/step_N`` folder. Checkpoints hold one file per rank,
+so the export runs at the layout that wrote them: one process for a one-rank run, else under
+``torchrun --nproc-per-node N`` (``scripts/launch.sh``) with the run's parallel layout; the
+HF writer gathers the shards and rank 0 writes. The tokenizer is the run's (``tokenizer/``),
+else the one of its ``run.init_from`` folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+from typing import Sequence
+
+from r1fast import typed_toml
+
+log = logging.getLogger("r1fast.train")
+
+
+def _resolve(src: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) of ``src``."""
+    from r1fast.train.checkpoint import latest_checkpoint
+
+    if (src / "meta.json").is_file():
+        return src.parent.parent, src
+    if not (src / "config.toml").is_file():
+        raise ValueError(f"export: {src} is neither a run folder (config.toml + checkpoints/) nor "
+                         f"a checkpoint folder (meta.json)")
+    ckpt = latest_checkpoint(src / "checkpoints")
+    if ckpt is None:
+        raise ValueError(f"export: run folder {src} has no complete checkpoint")
+    return src, ckpt
+
+
+def _tokenizer(run_dir: Path, cfg):
+    from r1fast.data import load_tokenizer
+    from r1fast.train.task import run_tokenizer
+
+    if (run_dir / "tokenizer").is_dir():
+        return load_tokenizer(run_dir / "tokenizer")
+    log.warning("export: %s has no tokenizer/ folder (written by older runs); using the "
+                "tokenizer of run.init_from=%s", run_dir, cfg.run.init_from)
+    return run_tokenizer(cfg)
+
+
+def export_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """Write the policy of checkpoint ``src`` as an HF folder ``out`` (collective)."""
+    from r1fast.policy import build_policy
+    from r1fast.train.checkpoint import load_checkpoint
+    from r1fast.train.config import TrainConfig
+    from r1fast.train.policy_io import load_model_state, save_model
+
+    run_dir, ckpt = _resolve(Path(src))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    text = meta.get("config") or (run_dir / "config.toml").read_text()
+    cfg = typed_toml.from_dict(TrainConfig, tomllib.loads(text))
+    policy = build_policy(cfg.model, cfg.parallel, seed=cfg.run.seed, trainable=False)
+    state, _ = load_checkpoint(ckpt)
+    load_model_state(policy, state["model"])
+    path = save_model(policy, _tokenizer(run_dir, cfg), out)
+    log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), path)
+    return path
+
+
+def export_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="r1fast export", description=__doc__.splitlines()[0])
+    ap.add_argument("source", help="run folder or checkpoints/step_N folder")
+    ap.add_argument("out_dir", help="the Hugging Face folder to write")
+    args = ap.parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = export_checkpoint(args.source, args.out_dir)
+    print(f"exported to {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,83 @@
+"""Dataset files in the layouts users bring (r1fast.data.files), read with ``datasets``."""
+import json
+
+import datasets
+import pytest
+
+from r1fast.data.files import PRESETS, load_examples
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_gsm8k_jsonl(tmp_path):
+    rows = [{"question": "What is 2 + 3?", "answer": "2 plus 3.\n#### 5"},
+            {"question": "Big?", "answer": "so #### 1,234"}]
+    ex, report = load_examples(write_jsonl(tmp_path / "g.jsonl", rows), preset="gsm8k")
+    assert [e["answer"] for e in ex] == ["5", "1234"] and ex[0]["question"] == "What is 2 + 3?"
+    assert report.kept == 2 and report.bad == 0
+
+
+def test_math_parquet_and_a_folder_of_files(tmp_path):
+    folder = tmp_path / "math"
+    folder.mkdir()
+    for i in range(2):
+        datasets.Dataset.from_list([{"problem": f"p{i}", "solution": f"so $\\boxed{{\\frac{{{i}}}{{2}}}}$"}]
+                                   ).to_parquet(str(folder / f"part{i}.parquet"))
+    ex, _ = load_examples(folder, preset="math")
+    assert [e["answer"] for e in ex] == ["\\frac{0}{2}", "\\frac{1}{2}"]
+
+
+def test_verl_parquet_routes_rewards_by_data_source(tmp_path):
+    rows = [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "1+1?"}],
+             "reward_model": {"ground_truth": "2", "style": "rule"}},
+            {"data_source": "countdown", "prompt": [{"role": "user", "content": "make 4"}],
+             "reward_model": {"ground_truth": "4", "style": "rule"}},
+            {"data_source": "my/source", "prompt": [{"role": "system", "content": "s"},
+                                                    {"role": "user", "content": "q"}],
+             "reward_model": {"ground_truth": "x", "style": "rule"}}]
+    path = tmp_path / "v.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    ex, _ = load_examples(path, preset="verl")
+    assert [e.get("reward") for e in ex] == ["math_accuracy", "countdown", None]
+    assert ex[2]["messages"][0]["role"] == "system" and ex[2]["answer"] == "x"
+
+
+def test_custom_keys_and_a_row_reward_field(tmp_path):
+    rows = [{"q": "a?", "a": 3, "reward": "format"}, {"q": "b?", "a": "4"}]
+    ex, _ = load_examples(write_jsonl(tmp_path / "c.jsonl", rows), prompt_key="q", answer_key="a")
+    assert [(e["answer"], e.get("reward")) for e in ex] == [("3", "format"), ("4", None)]
+
+
+def test_bad_rows_are_counted_and_a_mostly_bad_file_is_an_error(tmp_path, caplog):
+    good = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(4)]
+    bad = [{"question": "", "answer": "#### 1"}, {"question": "q", "answer": "no marker"}]
+    ex, report = load_examples(write_jsonl(tmp_path / "b.jsonl", good + bad), preset="gsm8k")
+    assert report.kept == 4 and report.bad == 2 and report.first_bad_row == 4
+    assert "empty" in report.first_bad_reason and "2 bad rows skipped" in report.summary()
+    with pytest.raises(ValueError, match=r"m.jsonl: 3 of 4 rows do not fit the layout "
+                                         r"\(preset='gsm8k'.*first bad row 1: missing key"):
+        load_examples(write_jsonl(tmp_path / "m.jsonl", good[:1] + [{"x": 1}] * 3),
+                      preset="gsm8k")
+
+
+@pytest.mark.parametrize("path,kw,match", [
+    ("nope.jsonl", {}, "data path .*nope.jsonl does not exist"),
+    ("x.csv", {}, r"must end in one of \['.json', '.jsonl', '.parquet'\]"),
+    ("ok.jsonl", {"preset": "alpaca"}, "data.preset must be one of"),
+    ("ok.jsonl", {"preset": "gsm8k", "prompt_key": "q"}, "cannot be combined with data.preset"),
+])
+def test_bad_arguments(tmp_path, path, kw, match):
+    write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "answer": "1"}])
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=match):
+        load_examples(tmp_path / path, **kw)
+
+
+def test_every_preset_is_documented():
+    import r1fast.data.files as files
+
+    for name in PRESETS:
+        assert f"``{name}``" in files.__doc__

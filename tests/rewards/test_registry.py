@@ -1,0 +1,31 @@
+"""Rewards by name: plain functions and factories, and per-row routing."""
+import pickle
+
+import pytest
+
+from r1fast.rewards import RoutedReward, get_reward, register_reward
+
+
+def shouty(completion: str, example: dict) -> float:
+    return float(completion.isupper())
+
+
+def test_a_plain_function_registers_by_name_and_takes_no_options():
+    register_reward("test_shouty", shouty)
+    register_reward("test_shouty", shouty)  # the same function again is fine
+    assert get_reward("test_shouty") is shouty
+    with pytest.raises(ValueError, match="plain function and takes no options"):
+        get_reward("test_shouty", strict=True)
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("test_shouty", lambda c, e: 0.0)
+
+
+def test_routed_reward_uses_the_rows_reward_or_the_default():
+    register_reward("test_shouty2", shouty)
+    routed = RoutedReward("math_accuracy")
+    assert routed("\\boxed{4}", {"answer": "4"}) == 1.0
+    assert routed("ABC", {"answer": "4", "reward": "test_shouty2"}) == 1.0
+    assert routed("abc", {"answer": "4", "reward": "test_shouty2"}) == 0.0
+    pickle.dumps(routed)  # it runs in reward worker processes
+    with pytest.raises(ValueError, match="reward name must be one of"):
+        RoutedReward("nope")
