@@ -11,7 +11,7 @@ STAMP := $(VENV)/.r1fast-installed
 INSTALL_LOG := $(VENV)/install.log
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all bench install clean
+.PHONY: demo test test-slow test-all bench install clean gpu-check wheelhouse
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,30 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# The GPU proof (issue #18, docs/GPU.md): install offline from WHEELHOUSE (optional), build the
+# CUDA extension, run the GPU tests and the benchmarks, each stage time-limited, results written
+# stage by stage into RESULTS. Needs no network and no .venv: it uses .venv's python when there
+# is one, else $(PYTHON). Without CUDA it runs the dry mode (tiny shapes, Triton interpreter).
+RESULTS ?= gpu-check-results
+WHEELHOUSE ?=
+GPU_CHECK_ARGS ?=
+GPU_CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check:
+	$(GPU_CHECK_PY) scripts/gpu_check.py --results "$(RESULTS)" \
+	  $(if $(WHEELHOUSE),--wheelhouse "$(WHEELHOUSE)") $(GPU_CHECK_ARGS)
+
+# Wheels of the dependencies a GPU machine lacks, for an offline install there (git-ignored
+# folder; carry it with the checkout). --no-deps: torch/Triton come with the machine.
+PYTHON_VERSION ?= 3.12
+PLATFORM ?= manylinux2014_x86_64
+WHEELHOUSE_PKGS ?= megatron-core==0.16.1 liger-kernel math-verify latex2sympy2_extended \
+	antlr4-python3-runtime==4.13.2
+
+wheelhouse:
+	@test -n "$(WHEELHOUSE)" || { echo "usage: make wheelhouse WHEELHOUSE=<dir>" >&2; exit 2; }
+	$(GPU_CHECK_PY) -m pip download --only-binary=:all: --no-deps \
+	  --python-version $(PYTHON_VERSION) --implementation cp --platform $(PLATFORM) \
+	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+	  -d "$(WHEELHOUSE)" $(WHEELHOUSE_PKGS)

@@ -29,7 +29,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from harness import MODES, Provider, print_table, run_case, save_rows, time_ms  # noqa: E402
+from harness import (  # noqa: E402
+    MODES,
+    Provider,
+    interpreter_timed,
+    print_table,
+    run_case,
+    save_rows,
+    time_ms,
+)
 
 from r1fast.ops.linear_logprob import linear_logprob, naive_linear_logprob  # noqa: E402
 
@@ -102,7 +110,8 @@ def providers(cuda: bool) -> list[Provider]:
                  linear_logprob(hidden, weight, targets, impl="torch")),
         Provider("r1fast triton", lambda hidden, weight, targets:
                  linear_logprob(hidden, weight, targets, impl="triton"),
-                 missing=lambda: None if cuda else "needs CUDA (the interpreter is not timed)"),
+                 missing=lambda: None if cuda or interpreter_timed() else
+                 "needs CUDA (the interpreter is not timed)"),
         Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda)),
     ]
 

@@ -34,7 +34,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from harness import MODES, Provider, print_table, run_case, save_rows, time_ms  # noqa: E402
+from harness import (  # noqa: E402
+    MODES,
+    Provider,
+    interpreter_timed,
+    print_table,
+    run_case,
+    save_rows,
+    time_ms,
+)
 
 from r1fast.ops._dispatch import cuda_missing, triton_missing  # noqa: E402
 from r1fast.ops.moe_route import moe_route, routing_to_dense  # noqa: E402
@@ -70,6 +78,8 @@ def fast_missing(impl: str, device: torch.device, op: str):
     is refused (timing it says nothing about the kernels)."""
     def why():
         if device.type != "cuda":
+            if impl == "triton" and interpreter_timed():
+                return triton_missing(device)
             return f"needs CUDA (the Triton interpreter / no GPU on {device.type})"
         return triton_missing(device) if impl == "triton" else cuda_missing(device, op)
     return why

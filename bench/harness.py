@@ -6,6 +6,11 @@ torch reference, peers such as Liger when installed) and calls :func:`run_case`.
 records the device, library versions and git commit so results in ``bench/results/`` can be
 compared across runs. Speed is only compared as ratios within one run.
 
+Where rows go: ``bench/results/<name>.json``, or the folder named by ``R1FAST_BENCH_RESULTS``
+(how ``scripts/gpu_check.py`` collects them). Each row carries :func:`environment`: device,
+clocks (``nvidia-smi``, on CUDA), versions, commit, and the Triton autotuner's choices made so
+far in the process (``autotune``).
+
 Memory: on CUDA, ``max_memory_allocated`` above the allocation before the call. On CPU, the
 Linux peak-RSS counter (``VmHWM``) reset through ``/proc/self/clear_refs`` before the call,
 with glibc's mmap threshold lowered so freed blocks go back to the OS between measurements.
@@ -53,19 +58,73 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def gpu_clocks() -> dict | None:
+    """SM/memory clocks (current and max), power, temperature and driver of GPU 0 from
+    ``nvidia-smi``; None where it is absent or fails."""
+    fields = ["clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem", "power.draw",
+              "temperature.gpu", "driver_version"]
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}",
+                              "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+    return dict(zip(fields, values))
+
+
+def autotune_choices() -> dict:
+    """The configs Triton's autotuners of r1fast picked so far in this process:
+    ``{kernel: {key: config}}`` (empty under the interpreter, which does not autotune)."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return {}
+    found: dict[str, dict] = {}
+
+    def visit(name, obj):
+        if isinstance(obj, Autotuner) and getattr(obj, "cache", None):
+            found[name] = {str(k): str(v) for k, v in obj.cache.items()}
+
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("r1fast.kernels") or mod is None:
+            continue
+        for attr, value in list(vars(mod).items()):
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    visit(f"{mod_name}.{attr}[{k}]", v)
+            else:
+                visit(f"{mod_name}.{attr}", value)
+    return found
+
+
+def interpreter_timed() -> bool:
+    """Whether benchmarks also run the Triton paths under the interpreter on a CPU
+    (``R1FAST_BENCH_INTERPRET=1``, set by the dry mode of scripts/gpu_check.py at tiny shapes:
+    the numbers mean nothing, the code path is exercised)."""
+    return (os.environ.get("R1FAST_BENCH_INTERPRET", "0") == "1"
+            and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(),
-           "git_commit": _git_commit(), "host": platform.node()}
+           "git_commit": _git_commit(), "host": platform.node(),
+           "cuda_runtime": torch.version.cuda}
     try:
         import triton
 
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
+        env["clocks"] = gpu_clocks()
     else:
         env["device"] = f"cpu ({os.cpu_count()} cores)"
+    env["autotune"] = autotune_choices()
     return env
 
 
@@ -298,8 +357,13 @@ def print_table(rows: Sequence[dict], extra: Sequence[str] = ()) -> None:
 
 
 def save_rows(rows: Sequence[dict], name: str, out_dir: Path | None = None) -> Path:
-    """Write rows to ``bench/results/<name>.json`` atomically; returns the path."""
-    out_dir = out_dir or RESULTS_DIR
+    """Write rows to ``<out_dir>/<name>.json`` atomically (default: ``$R1FAST_BENCH_RESULTS``,
+    else ``bench/results/``); returns the path. Rows get the autotune choices made by now."""
+    env_dir = os.environ.get("R1FAST_BENCH_RESULTS")
+    out_dir = out_dir or (Path(env_dir) if env_dir else RESULTS_DIR)
+    tuned = autotune_choices()
+    if tuned:
+        rows = [{**r, "autotune": tuned} for r in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

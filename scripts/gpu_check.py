@@ -1,0 +1,600 @@
+#!/usr/bin/env python3
+"""The GPU proof in one command (issue #18): install, build, test and benchmark r1fast on one
+GPU, writing every result into a folder stage by stage, so a run cut short keeps what it did.
+
+Usage::
+
+    make gpu-check RESULTS=<dir> [WHEELHOUSE=<dir>] [GPU_CHECK_ARGS="--budget 470"]
+    python scripts/gpu_check.py --results <dir> [--wheelhouse <dir>] [--dry | --no-dry]
+                                [--budget SECONDS] [--limit STAGE=SECONDS ...]
+                                [--only STAGE,STAGE] [--benches NAME,NAME]
+
+Stages, in order, each in its own subprocess with its own time limit (``--limit``), all of them
+together inside ``--budget`` seconds (default 470: the GPU machines of this project are lent
+for about 8 minutes):
+
+``env``      device, clocks (``nvidia-smi``), versions (python, torch, CUDA, Triton, nvcc,
+             driver), the git commit, and which optional peers are importable.
+``install``  with ``--wheelhouse``: ``pip install --no-index --no-deps --no-build-isolation
+             --find-links WHEELHOUSE <every wheel in it>``, then r1fast itself the same way
+             (``-e .``). If pip cannot install r1fast (an old setuptools, no pip), an overlay
+             package is made instead: ``<tmp>/r1fast`` links ``r1fast/*``, ``kernels`` and
+             ``csrc`` of this checkout, and later stages get it on ``PYTHONPATH``. Without a
+             wheelhouse it only checks that ``r1fast.kernels`` imports (overlay if not).
+``build``    builds the CUDA extension (``r1fast.ops._cuda_ext``: ``missing(op)`` for every op
+             compiles ``csrc/`` once) and records build time or the first error line.
+``tests``    the GPU test files (CUDA and Triton kernels, ``-m "not slow"``) with a JUnit file;
+             the row counts passed / failed / skipped / errors and the first failures.
+``bench_*``  ``bench/bench_<name>.py`` at real shapes (T=16384, H=4096, V=151936 bf16;
+             E=256 k=8; H=4096/7168), each its own stage; its JSON rows (time, TFLOP/s or GB/s,
+             fraction of the floor, peak extra memory, error vs fp64, clocks, autotune choice)
+             are copied into ``results.jsonl``.
+
+Files written into RESULTS (at most five, flat, so the device tool returns all of them):
+
+``results.jsonl``  one JSON object per line: ``{"kind": "env"|"stage"|"bench", ...}``; every
+                   stage row has ``stage``, ``status`` (ok / failed / timeout / skipped),
+                   ``seconds``, ``limit_s``, ``detail``, and the run's device/commit/versions.
+``summary.md``     a markdown summary, rewritten after every stage.
+``gpu_check.log``  every stage's command and output.
+``junit.xml``      the test stage's JUnit report.
+
+Dry mode (``--dry``, the default where ``torch.cuda.is_available()`` is False): tiny shapes,
+``TRITON_INTERPRET=1``, the same stages, code paths and files (pip gets ``--dry-run``; the
+build stage records why the extension cannot build here; the benchmarks also time the Triton
+paths under the interpreter, ``R1FAST_BENCH_INTERPRET=1``). CI runs it through
+tests/ops/test_gpu_check.py.
+
+``make wheelhouse WHEELHOUSE=<dir> PYTHON_VERSION=3.12 PLATFORM=manylinux2014_x86_64`` fills the
+wheelhouse on a machine with network, for an air-gapped cluster or the GPU machine (see
+docs/GPU.md): ``pip download --only-binary=:all: --no-deps --python-version ... --platform ...
+-d DIR megatron-core==0.16.1 liger-kernel math-verify latex2sympy2_extended
+antlr4-python3-runtime==4.13.2`` (``--no-deps``: torch and Triton come with the machine's CUDA
+stack and must not be replaced). The folder is git-ignored; carry it with the checkout.
+
+Exit status: 0 when every stage that ran is ok or skipped, 1 otherwise (the files are written
+either way).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STAGES = ("env", "install", "build", "tests", "bench")
+BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step")
+
+# Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
+LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 150, "bench_linear_logprob": 90,
+          "bench_grpo_loss": 60, "bench_moe_route": 45, "bench_moe_permute": 45, "bench_step": 60}
+DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
+              "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
+              "bench_step": 120}
+
+GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
+             "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
+             "tests/ops/test_linear_logprob_triton.py", "tests/ops/test_fused_linear_policy_loss.py",
+             "tests/ops/test_host_sync.py"]
+# Dry: the CUDA file (collected, skipped without a device) and a few interpreter cases.
+DRY_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_grpo_loss_triton.py",
+             "-k", "cuda or ticket or poison"]
+
+BENCH_ARGS = {
+    "linear_logprob": ["--T", "16384", "--H", "4096", "--V", "151936", "--dtype", "bf16",
+                       "--modes", "full", "--reps", "3"],
+    "grpo_loss": ["--tokens", "16384", "262144"],
+    "moe_route": ["--T", "16384", "--E", "256", "--k", "8", "--reps", "10"],
+    "moe_permute": ["--T", "16384", "--H", "4096", "7168", "--k", "8", "--E", "256",
+                    "--reps", "10"],
+    "step": ["--steps", "2"],
+}
+DRY_BENCH_ARGS = {
+    "linear_logprob": ["--T", "32", "--H", "32", "--V", "256", "--modes", "full", "--reps", "1"],
+    "grpo_loss": ["--tokens", "256", "--fused-shape", "32", "32", "256"],
+    "moe_route": ["--T", "32", "--E", "16", "--k", "2", "--modes", "full", "--reps", "1"],
+    "moe_permute": ["--T", "32", "--H", "64", "--k", "2", "--E", "16", "--modes", "full",
+                    "--reps", "1"],
+    "step": ["--steps", "1"],
+}
+
+RESULT_FILES = ("results.jsonl", "summary.md", "gpu_check.log", "junit.xml")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _run_quiet(cmd: list[str], timeout: float = 10) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def parse_limits(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--limit takes STAGE=SECONDS, got {item!r}")
+        out[name.strip()] = float(value)
+    return out
+
+
+class Recorder:
+    """Appends rows to results.jsonl (flushed per row), logs, and rewrites summary.md."""
+
+    def __init__(self, results: Path, dry: bool, base: dict):
+        self.dir = results
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dry = dry
+        self.base = base  # device, commit, versions: added to every row
+        self.rows: list[dict] = []
+        self.started = time.monotonic()
+        for name in ("results.jsonl", "gpu_check.log"):
+            (self.dir / name).write_text("")
+
+    def add(self, row: dict) -> None:
+        row = {**row, **{k: v for k, v in self.base.items() if k not in row}}
+        self.rows.append(row)
+        with open(self.dir / "results.jsonl", "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+    def log(self, text: str) -> None:
+        with open(self.dir / "gpu_check.log", "a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+    def summary(self, finished: bool) -> None:
+        (self.dir / "summary.md").write_text(render_summary(self.rows, self.dry, finished,
+                                                            time.monotonic() - self.started))
+
+
+# ----------------------------------------------------------------------------- environment
+
+def environment(dry: bool) -> dict:
+    import platform
+
+    env: dict = {"python": platform.python_version(), "dry": dry, "time": _now(),
+                 "git_commit": _run_quiet(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+                 "git_dirty": bool(_run_quiet(["git", "status", "--porcelain",
+                                               "--untracked-files=no"]))}
+    try:
+        import torch
+
+        env.update(torch=torch.__version__, cuda_runtime=torch.version.cuda,
+                   cuda_available=torch.cuda.is_available())
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            env.update(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
+                       gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                       capability=f"{p.major}.{p.minor}")
+        else:
+            env["device"] = f"cpu ({os.cpu_count()} cores)"
+    except ImportError as e:
+        env.update(torch=None, device="unknown", torch_error=str(e))
+    for mod in ("triton", "megatron.core", "liger_kernel", "transformer_engine", "math_verify"):
+        env[f"have_{mod.split('.')[0]}"] = _version_of(mod)
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
+                                    if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    if nvcc:
+        m = re.search(r"release ([\d.]+)", _run_quiet([nvcc, "--version"]) or "")
+        env["nvcc"] = m.group(1) if m else nvcc
+    else:
+        env["nvcc"] = None
+    clocks = _run_quiet(["nvidia-smi", "--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,"
+                         "clocks.max.mem,power.draw,power.limit,temperature.gpu,driver_version",
+                         "--format=csv,noheader,nounits", "-i", "0"])
+    if clocks:
+        keys = ["name", "clocks_sm_mhz", "clocks_max_sm_mhz", "clocks_mem_mhz",
+                "clocks_max_mem_mhz", "power_w", "power_limit_w", "temperature_c", "driver"]
+        env["clocks"] = dict(zip(keys, [v.strip() for v in clocks.splitlines()[0].split(",")]))
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env
+
+
+def _version_of(module: str) -> str | None:
+    import importlib.metadata as md
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    dist = {"megatron.core": "megatron-core", "liger_kernel": "liger-kernel",
+            "transformer_engine": "transformer-engine", "math_verify": "math-verify"}
+    try:
+        return md.version(dist.get(module, module))
+    except md.PackageNotFoundError:
+        return "present"
+
+
+# ----------------------------------------------------------------------------- stage runner
+
+class Runner:
+    def __init__(self, args, rec: Recorder):
+        self.args = args
+        self.rec = rec
+        self.dry = args.dry
+        self.deadline = time.monotonic() + args.budget
+        self.limits = {**(DRY_LIMITS if self.dry else LIMITS), **parse_limits(args.limit)}
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+        if self.dry:
+            self.env.update(TRITON_INTERPRET="1", R1FAST_BENCH_INTERPRET="1")
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self.ok = True
+        self.tmp = Path(tempfile.mkdtemp(prefix="r1fast_gpu_check_"))
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def limit_for(self, stage: str) -> float:
+        return max(0.0, min(self.limits.get(stage, 60.0), self.remaining() - 3.0))
+
+    def run(self, stage: str, cmd: list[str], limit: float) -> tuple[str, int | None, str, float]:
+        """Run ``cmd`` in its own process group; (status, rc, output, seconds)."""
+        self.rec.log(f"\n===== {stage} ({_now()}, limit {limit:.0f} s)\n$ {' '.join(cmd)}")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=limit)
+            status = "ok" if proc.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            status = "timeout"
+        seconds = time.monotonic() - t0
+        self.rec.log(out or "")
+        self.rec.log(f"----- {stage}: {status} rc={proc.returncode} in {seconds:.1f} s")
+        return status, proc.returncode, out or "", seconds
+
+    def record(self, stage: str, status: str, seconds: float, limit: float, detail: str,
+               **extra) -> None:
+        if status not in ("ok", "skipped"):
+            self.ok = False
+        self.rec.add({"kind": "stage", "stage": stage, "status": status,
+                      "seconds": round(seconds, 2), "limit_s": round(limit), "detail": detail,
+                      **extra})
+        self.rec.summary(finished=False)
+
+    def out_of_time(self, stage: str) -> bool:
+        if self.remaining() < 8:
+            self.record(stage, "skipped", 0.0, self.limit_for(stage),
+                        "no time left in the budget")
+            return True
+        return False
+
+    # --------------------------------------------------------------------- stages
+
+    def stage_install(self) -> None:
+        stage = "install"
+        if self.out_of_time(stage):
+            return
+        limit = self.limit_for(stage)
+        t0 = time.monotonic()
+        notes = []
+        wh = self.args.wheelhouse
+        pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+               "--no-build-isolation", "--disable-pip-version-check"]
+        if self.dry:
+            pip.append("--dry-run")
+        installed_r1fast = False
+        wheels_ok = True
+        if wh:
+            wheels = sorted(str(p) for p in Path(wh).glob("*.whl"))
+            if wheels:
+                status, rc, out, _ = self.run("install wheels", [*pip, "--find-links", wh,
+                                                                 *wheels], limit)
+                notes.append(f"{len(wheels)} wheels: {status}")
+                if status != "ok":
+                    wheels_ok = False
+                    notes.append(_last_line(out))
+            else:
+                notes.append(f"no wheels in {wh}")
+            status, rc, out, _ = self.run("install r1fast",
+                                          [*pip, "--find-links", wh, "-e", str(ROOT)],
+                                          max(5.0, limit - (time.monotonic() - t0)))
+            installed_r1fast = status == "ok"
+            notes.append(f"r1fast (pip -e): {status}")
+            if status != "ok":
+                notes.append(_last_line(out))
+        else:
+            notes.append("no wheelhouse given: nothing installed")
+        check = [sys.executable, "-c", "import r1fast.kernels, r1fast.csrc, r1fast.ops; "
+                 "print(r1fast.__file__)"]
+        status, rc, out, _ = self.run("import check", check, 30)
+        method = "pip" if installed_r1fast and not self.dry else "present"
+        if status != "ok":
+            overlay = self.make_overlay()
+            self.env["PYTHONPATH"] = os.pathsep.join([str(overlay), self.env["PYTHONPATH"]])
+            status, rc, out, _ = self.run("import check (overlay)", check, 30)
+            method = f"overlay {overlay}"
+        notes.append(f"r1fast imports: {status} ({method})")
+        self.record(stage, "ok" if status == "ok" and wheels_ok else "failed",
+                    time.monotonic() - t0, limit,
+                    "; ".join(notes), wheelhouse=wh, method=method)
+
+    def make_overlay(self) -> Path:
+        """``<tmp>/r1fast`` mirroring the installed layout with links into the checkout."""
+        top = self.tmp / "overlay"
+        pkg = top / "r1fast"
+        pkg.mkdir(parents=True, exist_ok=True)
+        for entry in (ROOT / "r1fast").iterdir():
+            if entry.name != "__pycache__" and not (pkg / entry.name).exists():
+                (pkg / entry.name).symlink_to(entry)
+        for name, src in (("kernels", ROOT / "kernels"), ("csrc", ROOT / "csrc")):
+            if not (pkg / name).exists():
+                (pkg / name).symlink_to(src)
+        return top
+
+    def stage_build(self) -> None:
+        stage = "build"
+        if self.out_of_time(stage):
+            return
+        limit = self.limit_for(stage)
+        code = ("import json, time\n"
+                "from r1fast.ops import _cuda_ext\n"
+                "t0 = time.monotonic()\n"
+                "ops = list(_cuda_ext._OPS)\n"
+                "res = {op: _cuda_ext.missing(op) for op in ops}\n"
+                "print('BUILD_JSON ' + json.dumps({'missing': res, "
+                "'seconds': time.monotonic() - t0}))\n")
+        status, rc, out, secs = self.run(stage, [sys.executable, "-c", code], limit)
+        info = _marker_json(out, "BUILD_JSON") or {}
+        missing = info.get("missing") or {}
+        reasons = sorted({v for v in missing.values() if v})
+        if status == "ok" and reasons:
+            # no CUDA here is expected in dry mode; a failed build on a GPU is a failure
+            status = "skipped" if self.dry or not self._cuda() else "failed"
+        detail = "; ".join(reasons) if reasons else (
+            f"extension built/loaded for {', '.join(missing)}" if missing else _last_line(out))
+        self.record(stage, status, secs, limit, detail, missing=missing,
+                    build_seconds=info.get("seconds"))
+
+    def stage_tests(self) -> None:
+        stage = "tests"
+        if self.out_of_time(stage):
+            return
+        limit = self.limit_for(stage)
+        junit = self.rec.dir / "junit.xml"
+        files = DRY_TESTS if self.dry else GPU_TESTS
+        if junit.exists():
+            junit.unlink()
+        # -v: one line per test, so a run cut short still says what passed (junit is written
+        # only at the end)
+        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "not slow",
+               "--tb=line", f"--junitxml={junit}", *files]
+        status, rc, out, secs = self.run(stage, cmd, limit)
+        counts = _junit_counts(junit) or _verbose_counts(out)
+        if status == "failed" and rc == 5:  # no test collected
+            detail = "no tests collected"
+        else:
+            detail = ", ".join(f"{v} {k}" for k, v in counts.items()
+                               if k not in ("failures_list", "partial"))
+            if counts.get("partial"):
+                detail += " (no JUnit file: counted from the log, run cut short)"
+        self.record(stage, status, secs, limit, detail,
+                    **{k: v for k, v in counts.items()})
+
+    def stage_bench(self, name: str) -> None:
+        stage = f"bench_{name}"
+        if self.out_of_time(stage):
+            return
+        limit = self.limit_for(stage)
+        script = ROOT / "bench" / f"bench_{name}.py"
+        if not script.exists():
+            self.record(stage, "skipped", 0.0, limit, f"no {script.name}")
+            return
+        out_dir = self.tmp / stage
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.env["R1FAST_BENCH_RESULTS"] = str(out_dir)
+        args = (DRY_BENCH_ARGS if self.dry else BENCH_ARGS)[name]
+        status, rc, out, secs = self.run(stage, [sys.executable, str(script), *args], limit)
+        n = 0
+        for path in sorted(out_dir.glob("*.json")):
+            try:
+                rows = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for row in rows:
+                self.rec.add({"kind": "bench", "bench": name, "file": path.name, **row})
+                n += 1
+        detail = f"{n} rows" + ("" if status == "ok" else f"; {_last_line(out)}")
+        self.record(stage, status, secs, limit, detail, rows=n)
+
+    def _cuda(self) -> bool:
+        return bool(self.rec.base.get("cuda_available"))
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _marker_json(text: str, marker: str) -> dict | None:
+    for line in (text or "").splitlines():
+        if line.startswith(marker + " "):
+            try:
+                return json.loads(line[len(marker) + 1:])
+            except ValueError:
+                return None
+    return None
+
+
+def _verbose_counts(text: str) -> dict:
+    """Counts from ``pytest -v`` lines (a run killed before writing its JUnit file)."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "passed": 0}
+    failed = []
+    for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", text or "",
+                         re.M):
+        word = m.group(2)
+        key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failures", "ERROR": "errors",
+               "SKIPPED": "skipped", "XFAIL": "skipped"}[word]
+        counts[key] += 1
+        counts["tests"] += 1
+        if key in ("failures", "errors"):
+            failed.append(m.group(1))
+    counts["failures_list"] = failed[:20]
+    counts["partial"] = True
+    return counts
+
+
+def _junit_counts(path: Path) -> dict:
+    """Totals of a pytest JUnit file (and the first failing test ids)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed = []
+    for s in suites:
+        for k in counts:
+            counts[k] += int(s.get(k, 0))
+        for case in s.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname')}::{case.get('name')}")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failures_list"] = failed[:20]
+    return counts
+
+
+# ----------------------------------------------------------------------------- summary
+
+_BENCH_COLS = ("op", "provider", "mode", "shape", "ms", "tflops", "gbps", "frac_roofline",
+               "frac_copy", "peak_extra_mib", "max_abs_err", "skipped")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={x}" for k, x in v.items())
+    return str(v).replace("|", "/").replace("\n", " ")[:160]
+
+
+def render_summary(rows: list[dict], dry: bool, finished: bool, elapsed: float) -> str:
+    env = next((r for r in rows if r.get("kind") == "env"), {})
+    stages = [r for r in rows if r.get("kind") == "stage"]
+    bench = [r for r in rows if r.get("kind") == "bench"]
+    lines = [f"# r1fast gpu-check{' (DRY: tiny shapes, Triton interpreter)' if dry else ''}", ""]
+    lines.append(f"- state: {'finished' if finished else 'in progress or cut short'} after "
+                 f"{elapsed:.0f} s")
+    for key in ("device", "clocks", "torch", "cuda_runtime", "triton", "nvcc", "python",
+                "git_commit", "git_dirty", "have_megatron", "have_liger_kernel",
+                "have_transformer_engine", "time"):
+        if key in env:
+            lines.append(f"- {key}: {_fmt(env[key])}")
+    lines += ["", "## Stages", "", "| stage | status | seconds | limit s | detail |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in stages:
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('limit_s', '')} "
+                     f"| {_fmt(r.get('detail'))} |")
+    failing = [t for r in stages for t in r.get("failures_list", []) or []]
+    if failing:
+        lines += ["", "Failing tests:", ""] + [f"- {t}" for t in failing]
+    if bench:
+        lines += ["", "## Benchmarks", "", "| bench | " + " | ".join(_BENCH_COLS) + " |",
+                  "| --- |" + " --- |" * len(_BENCH_COLS)]
+        for r in bench:
+            lines.append(f"| {r.get('bench')} | " + " | ".join(_fmt(r.get(c)) for c in _BENCH_COLS)
+                         + " |")
+        tuned = {k: v for r in bench for k, v in (r.get("autotune") or {}).items()}
+        if tuned:
+            lines += ["", "Autotune choices:", ""] + [f"- {k}: {_fmt(v)}" for k, v in
+                                                      sorted(tuned.items())]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", required=True, help="folder for the result files")
+    p.add_argument("--wheelhouse", default=None, help="folder of wheels to install offline")
+    dry = p.add_mutually_exclusive_group()
+    dry.add_argument("--dry", dest="dry", action="store_true", default=None,
+                     help="tiny shapes + Triton interpreter (default without CUDA)")
+    dry.add_argument("--no-dry", dest="dry", action="store_false")
+    p.add_argument("--budget", type=float, default=470.0, help="seconds for all stages")
+    p.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
+                   help="override one stage's limit (bench stages: bench_<name>)")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {STAGES}")
+    p.add_argument("--benches", default=",".join(BENCHES),
+                   help=f"comma-separated subset of {BENCHES}")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.wheelhouse == "":
+        args.wheelhouse = None
+    if args.dry is None:
+        try:
+            import torch
+
+            args.dry = not torch.cuda.is_available()
+        except ImportError:
+            args.dry = True
+    if args.dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+    only = set((args.only or ",".join(STAGES)).split(","))
+    unknown = only - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--only: unknown stages {sorted(unknown)}; choose from {STAGES}")
+    benches = [b for b in args.benches.split(",") if b]
+    bad = set(benches) - set(BENCHES)
+    if bad:
+        raise SystemExit(f"--benches: unknown {sorted(bad)}; choose from {BENCHES}")
+    results = Path(args.results).resolve()
+    t0 = time.monotonic()
+    env = environment(args.dry)
+    base = {k: env.get(k) for k in ("device", "git_commit", "torch", "cuda_runtime", "nvcc",
+                                    "python", "dry", "cuda_available")}
+    base["triton_version"] = env.get("have_triton")
+    rec = Recorder(results, args.dry, base)
+    rec.add({"kind": "env", **env})
+    rec.add({"kind": "stage", "stage": "env", "status": "ok",
+             "seconds": round(time.monotonic() - t0, 2), "limit_s": LIMITS["env"],
+             "detail": f"{env.get('device')}; torch {env.get('torch')}"})
+    rec.summary(finished=False)
+    runner = Runner(args, rec)
+    try:
+        if "install" in only:
+            runner.stage_install()
+        if "build" in only:
+            runner.stage_build()
+        if "tests" in only:
+            runner.stage_tests()
+        if "bench" in only:
+            for name in benches:
+                runner.stage_bench(name)
+    finally:
+        rec.summary(finished=True)
+        shutil.rmtree(runner.tmp, ignore_errors=True)
+    print((results / "summary.md").read_text())
+    return 0 if runner.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``make gpu-check`` in its dry mode (no CUDA: tiny shapes, the Triton interpreter): the same
+stages and result files as on a GPU (scripts/gpu_check.py, docs/GPU.md), written stage by
+stage, so a run cut short still leaves what it finished."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="on a GPU, gpu-check runs for real (minutes)")
+
+
+def _run(results: Path, *args: str, timeout: float = 170) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "R1FAST_BENCH_RESULTS"}
+    return subprocess.run([sys.executable, str(SCRIPT), "--results", str(results), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(results: Path) -> list[dict]:
+    lines = (results / "results.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_dry_run_writes_every_result_file(tmp_path):
+    res = _run(tmp_path / "out", "--dry", "--benches", "linear_logprob", "--budget", "150")
+    out = tmp_path / "out"
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"results.jsonl", "summary.md", "gpu_check.log",
+                                               "junit.xml"}
+    rows = _rows(out)
+    env = [r for r in rows if r["kind"] == "env"]
+    assert len(env) == 1 and env[0]["dry"] is True and env[0]["git_commit"]
+    stages = {r["stage"]: r for r in rows if r["kind"] == "stage"}
+    assert list(stages) == ["env", "install", "build", "tests", "bench_linear_logprob"]
+    assert all(r["status"] in ("ok", "skipped") for r in stages.values()), stages
+    assert "CPU-only" in stages["build"]["detail"] or "CUDA" in stages["build"]["detail"]
+    assert stages["tests"]["tests"] > 0 and stages["tests"]["failures"] == 0
+    bench = [r for r in rows if r["kind"] == "bench"]
+    assert bench and all(r["device"] and "git_commit" in r for r in bench)
+    # the dry mode times the Triton path under the interpreter (same code path as on a GPU)
+    assert any(r.get("provider") == "r1fast triton" and r.get("ms") for r in bench), bench
+    ET.parse(out / "junit.xml")
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# r1fast gpu-check (DRY") and "state: finished" in summary
+    for name in stages:
+        assert f"| {name} |" in summary
+    assert "## Benchmarks" in summary and "r1fast triton" in summary
+
+
+def test_a_stage_past_its_limit_is_recorded_and_the_files_stay(tmp_path):
+    res = _run(tmp_path, "--dry", "--only", "tests", "--limit", "tests=2", timeout=60)
+    assert res.returncode == 1  # a timed-out stage fails the run, the files are still there
+    stages = {r["stage"]: r for r in _rows(tmp_path) if r["kind"] == "stage"}
+    assert stages["tests"]["status"] == "timeout" and stages["tests"]["limit_s"] == 2
+    assert "| tests | timeout |" in (tmp_path / "summary.md").read_text()
+
+
+def test_make_targets_call_the_script():
+    out = subprocess.run(["make", "-n", "gpu-check", "RESULTS=/tmp/x", "WHEELHOUSE=/tmp/w"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    assert "scripts/gpu_check.py" in out and '--results "/tmp/x"' in out
+    assert '--wheelhouse "/tmp/w"' in out
+    out = subprocess.run(["make", "-n", "wheelhouse", "WHEELHOUSE=/tmp/w", "PYTHON_VERSION=3.12",
+                          "PLATFORM=manylinux2014_x86_64"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    for part in ("pip download", "--only-binary=:all:", "--python-version 3.12",
+                 "--platform manylinux2014_x86_64", "megatron-core==0.16.1", "liger-kernel",
+                 "math-verify"):
+        assert part in out, part
