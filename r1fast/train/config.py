@@ -93,7 +93,12 @@ class DataConfig:
     """Training data: a .jsonl / .json / .parquet file or a folder of them (see
     r1fast.data.files); None: the synthetic ``task``."""
     test_path: Optional[str] = None
-    """Held-out data in the same layout (for evaluation), or None."""
+    """Held-out data in the same layout, or None: evaluated at the end of training (pass@1 over
+    ``eval_k`` samples at T=0.6/top-p 0.95, cons@k), written to out_dir/eval.jsonl."""
+    eval_k: int = 4
+    """Samples per held-out problem."""
+    eval_max_problems: int = 64
+    """Held-out problems evaluated (the first ones of test_path)."""
     preset: Optional[Literal["gsm8k", "math", "dapo", "deepscaler", "countdown", "verl"]] = None
     """Column layout of the files; None: ``prompt_key`` / ``answer_key``."""
     prompt_key: Optional[str] = None

@@ -22,6 +22,7 @@ checkpoints (model, optimizer, RNG, data position) are atomic and resume bit-exa
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -351,6 +352,34 @@ class GRPOTrainer:
         metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
         return metrics
 
+    # -------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, Any] | None:
+        """pass@1 / cons@k of the policy on ``data.test_path`` (collective; rank 0 appends the
+        result to out_dir/eval.jsonl); None without a test set."""
+        from r1fast.data.files import load_examples
+        from r1fast.pipeline.evaluate import evaluate_model
+        from r1fast.train.task import render_prompt
+
+        d = self.cfg.data
+        if d.test_path is None:
+            return None
+        examples, _ = load_examples(d.test_path, preset=d.preset, prompt_key=d.prompt_key,
+                                    answer_key=d.answer_key)
+        examples = examples[:d.eval_max_problems]
+        for ex in examples:
+            ex["prompt"] = render_prompt(ex, self.task.tokenizer, d)
+        result = evaluate_model(None, examples, k=d.eval_k,
+                                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                seed=self.cfg.run.seed, policy=self.policy,
+                                tokenizer=self.task.tokenizer).as_dict()
+        row = {"step": self.step_idx, "test_path": d.test_path, **result}
+        if self.is_logger:
+            with open(self.run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        log.info("eval at step %d: pass@1 %.3f, cons@%d %.3f on %d problems", self.step_idx,
+                 result["pass_at_1"], d.eval_k, result["cons_at_k"], result["num_problems"])
+        return row
+
     # -------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         """Run until ``run.steps``; returns the metrics rows of the steps run here."""
@@ -377,6 +406,7 @@ class GRPOTrainer:
                     self.save()
             if not run.save_every or self.step_idx % run.save_every != 0:
                 self.save()
+            self.evaluate()
         finally:
             logger.close()
             self.task.close()

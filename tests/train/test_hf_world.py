@@ -76,10 +76,13 @@ def test_cli_train_two_steps_then_export_loads_in_transformers(world, tmp_path):
     out = tmp_path / "grpo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "r1fast.cli", "train", str(ROOT / "recipes/hf_tiny.toml"),
-           *overrides(world, out, "--run.steps=2")]
+           *overrides(world, out, "--run.steps=2", f"--data.test_path={world['gsm8k_test']}",
+                      "--data.eval_k=2", "--data.eval_max_problems=3")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    (ev,) = read_jsonl(out / "eval.jsonl")
+    assert ev["step"] == 2 and ev["num_problems"] == 3 and ev["k"] == 2
     assert isinstance(load_tokenizer(out / "tokenizer"), HFTokenizer)
     exported = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "r1fast.cli", "export", str(out), str(exported)],
@@ -100,6 +103,8 @@ def test_resume_is_exact(world, tmp_path):
     run(world, tmp_path / "resumed", 1)
     resumed = run(world, tmp_path / "resumed", 2)
     assert len(resumed) == 1 and whole[0]["reward_mean"] >= 0
+    # data.test_path was not set: no evaluation; with it, the end of training evaluates
+    assert not (tmp_path / "whole/eval.jsonl").exists()
     for k in KEYS:
         assert whole[1][k] == resumed[0][k], (k, whole[1][k], resumed[0][k])
     assert any(r["grad_norm"] > 0 for r in whole)
