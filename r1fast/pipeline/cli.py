@@ -30,8 +30,7 @@ from r1fast.pipeline.demo import demo_examples, dense_model, moe_model, task_ove
 MODELS = {"tiny-moe": moe_model, "tiny-dense": dense_model}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="r1fast stage", description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=("pretrain", "sft", "grpo", "rejection-sample", "distill",
                                      "evaluate"))
@@ -59,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "distill, evaluate) instead of the demo's additions")
     ap.add_argument("--preset", help="column layout of --problems (gsm8k, math, dapo, ...)")
     ap.add_argument("--template", help="prompt template for --problems ({question}, or r1-zero)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    ap = _parser()
     args, overrides = ap.parse_known_args(argv)
     train = demo_examples(args.num_train, "train", args.seed, args.digits)
 
