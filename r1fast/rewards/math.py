@@ -18,18 +18,20 @@ fallbacks described there) and compared with ``example["answer"]`` in three tier
 Tier 3 can still hang inside sympy on hostile symbolic input, and no signal can interrupt a
 long C-level computation, so this reward is marked ``sandbox = True``: the
 :class:`~r1fast.rewards.runner.RewardRunner` runs it in worker processes that it kills on
-timeout. When called directly on the main thread, math-verify's own alarm-based timeouts
-(``parse_timeout_s``) are used as a second line of defence.
+timeout. Inside the check, tier 3 has a budget of ``parse_timeout_s`` seconds of CPU time
+(:func:`r1fast.rewards.workers.cpu_time_limit`, on the main thread, in a worker and in-process
+alike); an answer that needs more is wrong. math-verify's own wall-clock alarms are off: with
+them a correct, deeply nested answer was right on an idle machine and wrong on a busy one.
 """
 from __future__ import annotations
 
 import importlib.util
-import threading
 import unicodedata
 from dataclasses import dataclass, replace
 
 from r1fast.rewards.arith import ArithConfig, ArithRangeError, ArithDomainError, ArithSyntaxError, evaluate
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, extract_answer
+from r1fast.rewards.workers import CpuTimeExceeded, cpu_time_limit
 
 _HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
 
@@ -58,8 +60,9 @@ class MathRewardConfig:
     """Decide plain-arithmetic pairs by exact rational equality (no rounding, no math-verify)."""
     use_math_verify: bool = True
     """Use math-verify for symbolic answers when it is installed."""
-    parse_timeout_s: int = 3
-    """math-verify's own timeout (seconds, SIGALRM, main thread only); 0 disables it."""
+    parse_timeout_s: float = 3
+    """CPU-time budget of the math-verify tier (seconds of this process's CPU, not wall time;
+    main thread only; 0 disables it). Exceeding it makes the answer wrong."""
 
     def __post_init__(self):
         # Imported here, not at module level: reward workers unpickle this class without
@@ -108,17 +111,29 @@ def _exact(s: str) -> object:
         return "undefined"
 
 
-def _math_verify_equal(pred: str, gold: str, timeout_s: int) -> bool:
+def _math_verify_equal(pred: str, gold: str, cpu_s: float) -> bool:
     from math_verify import LatexExtractionConfig, parse, verify
 
-    # SIGALRM only works on the main thread; elsewhere the caller (a killed worker) bounds time.
-    t = timeout_s if timeout_s > 0 and threading.current_thread() is threading.main_thread() else None
+    # No wall-clock alarms (parsing_timeout / timeout_seconds None): a CPU-time budget instead,
+    # so the verdict does not depend on machine load. Signals only work on the main thread;
+    # elsewhere the caller (a killed worker) bounds the time.
+    for mod in ("math_verify.parser", "math_verify.grader"):
+        # their one-time "timeout is disabled, provide your own" warning: we do (above)
+        module = importlib.import_module(mod)
+        if hasattr(module, "TIMEOUT_WARNING_SHOWN"):
+            module.TIMEOUT_WARNING_SHOWN = True
     extraction = [LatexExtractionConfig()]
-    gold_parsed = parse(f"${gold}$", extraction, parsing_timeout=t)
-    pred_parsed = parse(f"${pred}$", extraction, parsing_timeout=t)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=t))
+    with cpu_time_limit(cpu_s) as token:
+        try:
+            gold_parsed = parse(f"${gold}$", extraction, parsing_timeout=None)
+            pred_parsed = parse(f"${pred}$", extraction, parsing_timeout=None)
+            if not gold_parsed or not pred_parsed:
+                return False
+            return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+        except CpuTimeExceeded as exc:
+            if exc.token is not token:  # an outer (per-call) limit: not ours to decide
+                raise
+            return False
 
 
 def warm_up() -> None:

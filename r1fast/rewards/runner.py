@@ -6,11 +6,14 @@ the weighted total per completion plus the raw score of every reward part. Where
 - ``batched`` parts (a reward model: ``score_batch``) run in this process, a batch at a time;
 - ``mode="auto"`` (default): parts marked ``sandbox = True`` (math accuracy) and plain callables
   without the attribute (unknown code) run in a :class:`~r1fast.rewards.workers.WorkerPool`,
-  one call per completion, each with a hard ``timeout_s`` enforced by killing the worker;
+  one call per completion, each with a CPU-time limit (``cpu_time_s``: seconds of CPU, so a
+  verdict does not depend on machine load) and a hard wall-clock ``timeout_s`` enforced by
+  killing the worker's whole process group;
   parts marked ``sandbox = False`` (countdown, format, language: bounded and linear) run
   in-process, which is much faster;
 - ``mode="process"``: every non-batched part in workers; ``mode="inline"``: everything
-  in-process (fast, for tests and trusted rewards, but with no hard timeout).
+  in-process (fast, for tests and trusted rewards): the same CPU-time limit on the main
+  thread, but no hard wall-clock kill (C code that never returns to Python is not bounded).
 
 A call that raises, returns a non-number or a non-finite value, times out, or kills its worker
 scores 0.0 for that part; the failure is counted (see :meth:`RewardRunner.metrics`) and logged
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from r1fast.rewards.compose import CompositeReward, RewardPart, reward_name
-from r1fast.rewards.workers import TaskOutcome, WorkerPool
+from r1fast.rewards.workers import CpuTimeExceeded, TaskOutcome, WorkerPool, cpu_time_limit
 
 logger = logging.getLogger("r1fast.rewards")
 
@@ -44,7 +47,12 @@ class RunnerConfig:
     num_workers: int = 2
     """Worker processes for sandboxed parts."""
     timeout_s: float = 5.0
-    """Hard limit per call in a worker, in seconds."""
+    """Hard wall-clock limit per call in a worker, in seconds (the worker is killed): the outer
+    bound; what decides a verdict is ``cpu_time_s``."""
+    cpu_time_s: float | None = None
+    """CPU-time limit per call, in seconds of the scoring process's CPU (load-independent),
+    the same in worker and inline mode (main thread); an exceeded call is a "timeout".
+    None: ``timeout_s``."""
     start_method: str = "spawn"
     """multiprocessing start method of the workers; spawn inherits no threads or CUDA state."""
     memory_limit_mb: int | None = 4096
@@ -61,6 +69,8 @@ class RunnerConfig:
         check_choice("mode", self.mode, ("auto", "process", "inline"))
         check_range("num_workers", self.num_workers, 1)
         check_range("timeout_s", self.timeout_s, 0, lo_open=True)
+        if self.cpu_time_s is not None:
+            check_range("cpu_time_s", self.cpu_time_s, 0, lo_open=True)
         check_range("log_failures", self.log_failures, 0)
 
 
@@ -140,7 +150,8 @@ class RewardRunner:
             self._pool = WorkerPool(cfg.num_workers, start_method=cfg.start_method,
                                     memory_limit_mb=cfg.memory_limit_mb, preload=preload,
                                     max_tasks_per_worker=cfg.max_tasks_per_worker,
-                                    startup_timeout_s=cfg.startup_timeout_s)
+                                    startup_timeout_s=cfg.startup_timeout_s,
+                                    cpu_limit_s=self._cpu_limit_s)
         return self._pool
 
     def start(self) -> None:
@@ -185,11 +196,22 @@ class RewardRunner:
             return TaskOutcome("error", 0.0, f"reward returned a non-finite value {v}")
         return TaskOutcome("ok", v)
 
+    @property
+    def _cpu_limit_s(self) -> float:
+        cfg = self.config
+        return cfg.timeout_s if cfg.cpu_time_s is None else cfg.cpu_time_s
+
     def _inline(self, fn, completions, examples) -> list[TaskOutcome]:
         out = []
         for c, e in zip(completions, examples):
             try:
-                out.append(self._checked(fn(c, e)))
+                with cpu_time_limit(self._cpu_limit_s) as token:
+                    value = fn(c, e)
+                out.append(self._checked(value))
+            except CpuTimeExceeded as exc:  # the same CPU limit as in a worker
+                if exc.token is not token:
+                    raise
+                out.append(TaskOutcome("timeout", 0.0, f"call {exc}"))
             except Exception as exc:  # a buggy reward must not stop training: scored 0, counted
                 out.append(TaskOutcome("error", 0.0, f"{type(exc).__name__}: {exc}"[:500]))
         return out

@@ -17,7 +17,13 @@ its processes breaks the whole pool. :class:`WorkerPool` is small and does exact
   outcome instead of an exception;
 - a worker may carry an address-space limit (``memory_limit_mb``) so a reward that tries to
   build a gigantic number fails with MemoryError inside the worker, and workers are recycled
-  after ``max_tasks_per_worker`` calls (sympy's caches grow).
+  after ``max_tasks_per_worker`` calls (sympy's caches grow);
+- a call may carry a CPU-time limit (``cpu_limit_s``): :func:`cpu_time_limit` (SIGPROF, counts
+  this process's CPU seconds, so the verdict does not depend on how busy the machine is) plus
+  ``RLIMIT_CPU`` as a backstop for C code that never returns to Python (the kernel's SIGXCPU
+  ends the worker; reported as a timeout). The wall-clock kill stays the outer bound;
+- each worker leads its own session (process group): a killed worker's children (a reward
+  that started a subprocess) are killed with it (``os.killpg``).
 
 Failures of the pool itself (a worker that cannot start or import its modules) raise
 RuntimeError: those are setup errors that would otherwise silently zero every reward.
@@ -25,12 +31,14 @@ Not thread-safe: use one pool from one thread.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import time
 import weakref
 from collections import deque
@@ -51,8 +59,89 @@ class TaskOutcome:
     """Error text for failures."""
 
 
-def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...]) -> None:
+class CpuTimeExceeded(BaseException):
+    """Raised (from SIGPROF) when a :func:`cpu_time_limit` block used up its CPU seconds.
+
+    A BaseException, so library code that catches ``Exception`` (math-verify, sympy) cannot
+    swallow it; ``token`` is the value the block's ``with`` yielded (which limit fired)."""
+
+    def __init__(self, token: object, seconds: float):
+        super().__init__(f"exceeded its CPU-time limit of {seconds:g} s")
+        self.token, self.seconds = token, seconds
+
+
+_LIMITS: list[tuple[object, float, float]] = []  # (token, CPU deadline, seconds), nested blocks
+_PREV_HANDLER: list = []
+
+
+def _arm() -> None:
+    if not _LIMITS:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        return
+    deadline = min(d for _, d, _ in _LIMITS)
+    signal.setitimer(signal.ITIMER_PROF, max(deadline - time.process_time(), 1e-4))
+
+
+def _on_sigprof(signum, frame) -> None:
+    if not _LIMITS:
+        return
+    token, deadline, seconds = min(_LIMITS, key=lambda e: e[1])
+    if time.process_time() + 1e-3 < deadline:  # timer granularity: not yet
+        _arm()
+        return
+    raise CpuTimeExceeded(token, seconds)
+
+
+def cpu_time_limit(seconds: float | None):
+    """``with cpu_time_limit(s) as token:`` raises :class:`CpuTimeExceeded` (``.token is
+    token``) once the block used ``s`` seconds of this process's CPU time (user + system, the
+    clock of ``time.process_time`` and ``ITIMER_PROF``), however loaded the machine is. Blocks
+    nest (the earliest deadline fires, with its own token). A no-op (token None) off the main
+    thread, where no signal handler runs, or when ``seconds`` is None or <= 0."""
+    if not seconds or seconds <= 0 or not hasattr(signal, "setitimer") or \
+            threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext(None)
+    return _CpuLimit(float(seconds))
+
+
+class _CpuLimit:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.token = object()
+
+    def __enter__(self) -> object:
+        if not _LIMITS:
+            _PREV_HANDLER.append(signal.signal(signal.SIGPROF, _on_sigprof))
+        _LIMITS.append((self.token, time.process_time() + self.seconds, self.seconds))
+        _arm()
+        return self.token
+
+    def __exit__(self, *exc) -> None:
+        _LIMITS[:] = [e for e in _LIMITS if e[0] is not self.token]
+        _arm()
+        if not _LIMITS:
+            signal.signal(signal.SIGPROF, _PREV_HANDLER.pop())
+
+
+def _set_cpu_backstop(cpu_limit_s: float | None) -> None:
+    """RLIMIT_CPU soft limit at (CPU used + the call's limit + 2 s): when C code ignores
+    SIGPROF, the kernel's SIGXCPU ends the worker on CPU time, not wall time."""
+    if not cpu_limit_s:
+        return
+    import resource
+
+    used = time.process_time()
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    want = int(math.ceil(used + cpu_limit_s + 2.0))
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (want, hard))
+
+
+def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
+                 cpu_limit_s: float | None = None) -> None:
     """Worker process body (module-level so that spawn can import it)."""
+    os.setsid()  # its own session and process group: a kill takes its children too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which kills us
     if memory_limit_mb:
         import resource
@@ -81,10 +170,14 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...]) ->
         task_id, payload = msg
         try:
             fn, args = pickle.loads(payload)
-            value = float(fn(*args))
+            _set_cpu_backstop(cpu_limit_s)
+            with cpu_time_limit(cpu_limit_s):
+                value = float(fn(*args))
             if not math.isfinite(value):
                 raise ValueError(f"reward returned a non-finite value {value}")
             reply = (task_id, "ok", value)
+        except CpuTimeExceeded as exc:
+            reply = (task_id, "timeout", f"call {exc}")
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # SystemExit from user code included: report, keep serving
@@ -96,9 +189,11 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...]) ->
 
 
 class _Worker:
-    def __init__(self, ctx, memory_limit_mb: int | None, preload: tuple[str, ...]):
+    def __init__(self, ctx, memory_limit_mb: int | None, preload: tuple[str, ...],
+                 cpu_limit_s: float | None = None):
         parent, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, memory_limit_mb, preload),
+        self.proc = ctx.Process(target=_worker_main,
+                                args=(child, memory_limit_mb, preload, cpu_limit_s),
                                 daemon=True, name="r1fast-reward-worker")
         self.proc.start()
         child.close()
@@ -110,6 +205,17 @@ class _Worker:
         self.served = 0
 
     def kill(self) -> None:
+        """SIGKILL the worker's whole process group (it and any process a reward started),
+        then the worker itself in case it died before it became a group leader."""
+        pid = self.proc.pid
+        if pid is not None:
+            try:
+                # setsid() done (always before "ready"): the group is the worker's own, never
+                # ours, and it may outlive the worker (a reward's child process)
+                if self.ready or os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass  # the worker has already exited and been reaped: nothing to kill
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(timeout=5)
@@ -136,7 +242,8 @@ class WorkerPool:
 
     def __init__(self, num_workers: int = 2, *, start_method: str = "spawn",
                  memory_limit_mb: int | None = 4096, preload: Sequence[str] = (),
-                 max_tasks_per_worker: int | None = 10_000, startup_timeout_s: float = 120.0):
+                 max_tasks_per_worker: int | None = 10_000, startup_timeout_s: float = 120.0,
+                 cpu_limit_s: float | None = None):
         from r1fast.ops._validate import check_choice, check_range
         check_range("num_workers", num_workers, 1)
         check_choice("start_method", start_method, mp.get_all_start_methods())
@@ -145,6 +252,10 @@ class WorkerPool:
         if max_tasks_per_worker is not None:
             check_range("max_tasks_per_worker", max_tasks_per_worker, 1)
         check_range("startup_timeout_s", startup_timeout_s, 0, lo_open=True)
+        if cpu_limit_s is not None:
+            check_range("cpu_limit_s", cpu_limit_s, 0, lo_open=True)
+        self.cpu_limit_s = cpu_limit_s
+        """CPU seconds per call (None: only the wall-clock ``timeout_s`` of :meth:`run`)."""
         self.num_workers = int(num_workers)
         self._ctx = mp.get_context(start_method)
         self.memory_limit_mb = memory_limit_mb
@@ -157,7 +268,7 @@ class WorkerPool:
 
     # -- worker lifecycle ------------------------------------------------------------------
     def _spawn(self) -> _Worker:
-        w = _Worker(self._ctx, self.memory_limit_mb, self.preload)
+        w = _Worker(self._ctx, self.memory_limit_mb, self.preload, self.cpu_limit_s)
         self._workers.append(w)
         return w
 
@@ -218,8 +329,9 @@ class WorkerPool:
                 except (EOFError, OSError):
                     self._fail(w, results, "crash", self._death(w))
                     continue
-                results[task_id] = (TaskOutcome("ok", payload) if status == "ok"
-                                    else TaskOutcome("error", 0.0, str(payload)))
+                results[task_id] = (TaskOutcome("ok", payload) if status == "ok" else
+                                    TaskOutcome("timeout" if status == "timeout" else "error",
+                                                0.0, str(payload)))
                 w.task, w.deadline, w.served = None, math.inf, w.served + 1
                 if self.max_tasks_per_worker and w.served >= self.max_tasks_per_worker:
                     w.stop()
@@ -229,7 +341,11 @@ class WorkerPool:
                 if not w.ready:
                     self._on_startup_message(w)
                 else:
-                    self._fail(w, results, "crash", self._death(w))
+                    why = self._death(w)
+                    cpu = w.proc.exitcode == -signal.SIGXCPU
+                    self._fail(w, results, "timeout" if cpu else "crash",
+                               "call exceeded its CPU-time limit (SIGXCPU); worker ended"
+                               if cpu else why)
         now = time.monotonic()
         for w in list(self._workers):
             if w.task is not None and now >= w.deadline:

@@ -1,0 +1,101 @@
+"""Rewards under hostile load: a verdict decided by CPU time, not wall time (the same limit in
+a worker and in-process), and a killed worker takes its child processes with it."""
+import os
+import time
+
+import pytest
+
+from r1fast.rewards.runner import RewardRunner
+from r1fast.rewards.workers import CpuTimeExceeded, WorkerPool, cpu_time_limit
+from tests.helpers import reward_cases as rc
+
+pytestmark = pytest.mark.reliability
+
+
+def test_cpu_limit_counts_cpu_not_wall_time():
+    with cpu_time_limit(0.2):
+        time.sleep(0.6)  # a busy machine: wall time passes, this process uses no CPU
+    with pytest.raises(CpuTimeExceeded) as e:
+        with cpu_time_limit(0.2) as token:
+            rc.spin()
+    assert e.value.token is token
+
+
+def test_nested_limits_fire_with_the_earliest_deadline():
+    with pytest.raises(CpuTimeExceeded) as e:
+        with cpu_time_limit(0.2) as outer:
+            with cpu_time_limit(30) as inner:
+                rc.spin()
+    assert e.value.token is outer and e.value.token is not inner
+    with cpu_time_limit(30):  # the handler and timer are restored after the blocks
+        rc.spin(0.05)
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_same_cpu_limit_in_worker_and_in_process(mode):
+    reward = [("spin", rc.spin_reward, 1.0), ("sleepy", rc.sleepy_reward, 1.0)]
+    runner = RewardRunner(reward, mode=mode, num_workers=1, timeout_s=20.0, cpu_time_s=0.3)
+    with runner:
+        t0 = time.monotonic()
+        out = runner(["a", "b"], [{"sleep": 0.8}, {"sleep": 0.8}])
+        took = time.monotonic() - t0
+    # the spinning part stops on CPU time (long before the 20 s wall kill); the sleeping part
+    # uses 0.8 s of wall time but no CPU: it is not a timeout
+    assert out.status["spin"] == ["timeout", "timeout"]
+    assert out.status["sleepy"] == ["ok", "ok"] and out.parts["sleepy"] == [1.0, 1.0]
+    assert took < 15
+
+
+def test_killed_worker_takes_its_children(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    with WorkerPool(1, memory_limit_mb=None) as pool:
+        out = pool.run([(rc.child_then_spin, (str(pid_file),))], timeout_s=3.0)
+    assert out[0].status == "timeout"
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        if _is_zombie(child):
+            return
+        time.sleep(0.05)
+    os.kill(child, 9)  # clean up before failing
+    pytest.fail(f"the reward's child process {child} outlived its killed worker")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_math_verdict_does_not_depend_on_wall_time(monkeypatch):
+    """A correct symbolic answer whose check waits (a loaded machine) stays correct: the
+    budget is CPU time. With math-verify's 1 s wall-clock alarm this was scored wrong."""
+    pytest.importorskip("math_verify")
+    import math_verify.parser as mv_parser
+
+    from r1fast.rewards.math import MathRewardConfig, answers_equal
+
+    real = mv_parser.extract_target_from_pred  # runs inside math-verify's timed region
+
+    def slow(*a, **k):
+        time.sleep(1.3)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mv_parser, "extract_target_from_pred", slow)
+    assert answers_equal("\\sqrt{x^2}", "|x|", MathRewardConfig(parse_timeout_s=1))
+
+    # and the CPU budget still bounds it: a check that burns more CPU than allowed is wrong
+    def busy(*a, **k):
+        rc.spin(2.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mv_parser, "extract_target_from_pred", busy)
+    t0 = time.process_time()
+    assert not answers_equal("\\sqrt{x^2}", "|x|", MathRewardConfig(parse_timeout_s=0.2))
+    assert time.process_time() - t0 < 1.5
