@@ -68,8 +68,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
+from gpu_check_report import (  # noqa: E402
+    _junit_counts,
+    _last_line,
+    _marker_json,
+    _verbose_counts,
+    render_summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -421,109 +429,6 @@ class Runner:
 
     def _cuda(self) -> bool:
         return bool(self.rec.base.get("cuda_available"))
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _marker_json(text: str, marker: str) -> dict | None:
-    for line in (text or "").splitlines():
-        if line.startswith(marker + " "):
-            try:
-                return json.loads(line[len(marker) + 1:])
-            except ValueError:
-                return None
-    return None
-
-
-def _verbose_counts(text: str) -> dict:
-    """Counts from ``pytest -v`` lines (a run killed before writing its JUnit file)."""
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "passed": 0}
-    failed = []
-    for m in re.finditer(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", text or "",
-                         re.M):
-        word = m.group(2)
-        key = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failures", "ERROR": "errors",
-               "SKIPPED": "skipped", "XFAIL": "skipped"}[word]
-        counts[key] += 1
-        counts["tests"] += 1
-        if key in ("failures", "errors"):
-            failed.append(m.group(1))
-    counts["failures_list"] = failed[:20]
-    counts["partial"] = True
-    return counts
-
-
-def _junit_counts(path: Path) -> dict:
-    """Totals of a pytest JUnit file (and the first failing test ids)."""
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return {}
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed = []
-    for s in suites:
-        for k in counts:
-            counts[k] += int(s.get(k, 0))
-        for case in s.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failed.append(f"{case.get('classname')}::{case.get('name')}")
-    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    counts["failures_list"] = failed[:20]
-    return counts
-
-
-# ----------------------------------------------------------------------------- summary
-
-_BENCH_COLS = ("op", "provider", "mode", "shape", "ms", "tflops", "gbps", "frac_roofline",
-               "frac_copy", "peak_extra_mib", "max_abs_err", "skipped")
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return ",".join(f"{k}={x}" for k, x in v.items())
-    return str(v).replace("|", "/").replace("\n", " ")[:160]
-
-
-def render_summary(rows: list[dict], dry: bool, finished: bool, elapsed: float) -> str:
-    env = next((r for r in rows if r.get("kind") == "env"), {})
-    stages = [r for r in rows if r.get("kind") == "stage"]
-    bench = [r for r in rows if r.get("kind") == "bench"]
-    lines = [f"# r1fast gpu-check{' (DRY: tiny shapes, Triton interpreter)' if dry else ''}", ""]
-    lines.append(f"- state: {'finished' if finished else 'in progress or cut short'} after "
-                 f"{elapsed:.0f} s")
-    for key in ("device", "clocks", "torch", "cuda_runtime", "triton", "nvcc", "python",
-                "git_commit", "git_dirty", "have_megatron", "have_liger_kernel",
-                "have_transformer_engine", "time"):
-        if key in env:
-            lines.append(f"- {key}: {_fmt(env[key])}")
-    lines += ["", "## Stages", "", "| stage | status | seconds | limit s | detail |",
-              "| --- | --- | --- | --- | --- |"]
-    for r in stages:
-        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('limit_s', '')} "
-                     f"| {_fmt(r.get('detail'))} |")
-    failing = [t for r in stages for t in r.get("failures_list", []) or []]
-    if failing:
-        lines += ["", "Failing tests:", ""] + [f"- {t}" for t in failing]
-    if bench:
-        lines += ["", "## Benchmarks", "", "| bench | " + " | ".join(_BENCH_COLS) + " |",
-                  "| --- |" + " --- |" * len(_BENCH_COLS)]
-        for r in bench:
-            lines.append(f"| {r.get('bench')} | " + " | ".join(_fmt(r.get(c)) for c in _BENCH_COLS)
-                         + " |")
-        tuned = {k: v for r in bench for k, v in (r.get("autotune") or {}).items()}
-        if tuned:
-            lines += ["", "Autotune choices:", ""] + [f"- {k}: {_fmt(v)}" for k, v in
-                                                      sorted(tuned.items())]
-    lines.append("")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main

@@ -77,3 +77,25 @@ def test_make_targets_call_the_script():
                  "--platform manylinux2014_x86_64", "megatron-core==0.16.1", "liger-kernel",
                  "math-verify"):
         assert part in out, part
+
+
+def test_overlay_makes_r1fast_importable_without_pip(tmp_path):
+    """The install stage's fallback: links in a temporary package mirror the installed layout
+    (``kernels/`` as ``r1fast.kernels``), and win over an installed r1fast on PYTHONPATH."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.parse_args(["--results", str(tmp_path / "r"), "--dry"])
+    runner = mod.Runner(args, mod.Recorder(tmp_path / "r", True, {}))
+    overlay = runner.make_overlay()
+    code = "import r1fast.kernels.grpo_loss, r1fast.ops, r1fast.csrc; print(r1fast.__file__)"
+    env = dict(os.environ, PYTHONPATH=str(overlay))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import shutil
+
+    shutil.rmtree(runner.tmp, ignore_errors=True)
+    assert out.stdout.strip().startswith(str(overlay)), out.stdout
