@@ -23,6 +23,7 @@ class UpdateBatch:
     rollout_logp: torch.Tensor  # [N, L] float32 sampler log-probs at the completion targets
     advantages: torch.Tensor  # [N] float32
     keep: torch.Tensor  # [N] bool, rows that enter the loss
+    lengths: torch.Tensor  # [N] int64 real tokens per row (len(prompt) + len(completion) - 1)
 
     def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
         return UpdateBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
@@ -56,7 +57,8 @@ def build_update_batch(prompts: Sequence[Sequence[int]], completions: Sequence[S
         if c and bool(keep[i]):
             mask[i, len(p) - 1: m] = 1.0
         roll[i, len(p) - 1: m] = torch.tensor(lp, dtype=torch.float32)
-    return UpdateBatch(tokens, targets, mask, roll, advantages.float(), keep.bool())
+    lengths = torch.tensor([len(p) + len(c) - 1 for p, c in zip(prompts, completions)])
+    return UpdateBatch(tokens, targets, mask, roll, advantages.float(), keep.bool(), lengths)
 
 
 def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, 
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
+from r1fast.train.packing import PackedMicroBatch, fullest_bin, packed_micro_batches
 from r1fast.train.policy_io import copy_weights, load_model_state, model_state
 from r1fast.train.task import TaskData, build_task
 from r1fast.typed_toml import ConfigError, dump_toml
@@ -229,14 +230,46 @@ class GRPOTrainer:
 
     def _old_and_ref_logprobs(self, batch: UpdateBatch, routing):
         """Log-probs of the sampled tokens under the policy before the update (with the
-        rollout's routing when replaying) and under the frozen reference (None without KL)."""
+        rollout's routing when replaying) and under the frozen reference (None without KL),
+        [N, L] in the padded layout; computed on packed micro-batches when packing is on."""
         temperature = self.cfg.rollout.temperature
+        packs = self._packs(batch)
+        if packs is None:
+            inputs, kw = (batch.tokens, batch.targets), {}
+        else:
+            width = max(len(p.rows) for p in packs) + 2
+            inputs = tuple(torch.cat([p.pack(x) for p in packs]) for x in (batch.tokens,
+                                                                            batch.targets))
+            kw = {"micro_batch_size": 1,
+                  "cu_seqlens": torch.stack([p.cu_seqlens(width) for p in packs])}
+            if routing is not None:
+                routing = {k: torch.cat([p.pack(v) for p in packs]) for k, v in routing.items()}
+
+        def unpacked(x: torch.Tensor) -> torch.Tensor:
+            if packs is None:
+                return x.cpu()
+            out = torch.zeros_like(batch.mask)
+            for i, p in enumerate(packs):
+                p.unpack(x[i:i + 1].cpu(), out)
+            return out
+
         with torch.no_grad():
-            old = self.policy.logprobs(batch.tokens, batch.targets, temperature,
-                                       routing=routing).cpu()
-            ref = None if self.reference is None else self.reference.logprobs(
-                batch.tokens, batch.targets, temperature).cpu()
+            old = unpacked(self.policy.logprobs(*inputs, temperature, routing=routing, **kw))
+            ref = None if self.reference is None else unpacked(
+                self.reference.logprobs(*inputs, temperature, **kw))
         return old, ref
+
+    def _packs(self, batch: UpdateBatch) -> list[PackedMicroBatch] | None:
+        """The packed micro-batches of ``batch``, or None when packing is off. Their length is
+        agreed by every rank (the pipeline sends fixed shapes) and divides by tp under
+        sequence parallelism."""
+        budget = self.cfg.parallel.max_tokens_per_microbatch
+        if budget <= 0:
+            return None
+        lengths = batch.lengths.tolist()
+        multiple = self.info.tp if self.policy.sequence_parallel else 1
+        T = all_ranks_int(fullest_bin(lengths, budget), "max")
+        return packed_micro_batches(lengths, budget, length=-(-T // multiple) * multiple)
 
     def _advance(self) -> None:
         """The step is done: count it and reset the reference when it is due."""
@@ -276,7 +309,11 @@ class GRPOTrainer:
         return {**out, **timing}
 
     def _micro_batches(self, mb: UpdateBatch, old, ref, routing) -> list[dict[str, Any]]:
-        """Split a mini-batch into ``parallel.micro_batch_size`` rows per micro-batch."""
+        """Split a mini-batch into ``parallel.micro_batch_size`` rows per micro-batch, or into
+        packed micro-batches under the token budget."""
+        packs = self._packs(mb)
+        if packs is not None:
+            return [self._packed_micro_batch(p, mb, old, ref, routing) for p in packs]
         mbs = self.cfg.parallel.micro_batch_size or mb.num_rows
         micro = []
         for part in split_even(mb.num_rows, max(mb.num_rows // mbs, 1)):
@@ -287,6 +324,17 @@ class GRPOTrainer:
             if routing is not None:
                 micro[-1]["routing"] = {k: v[part] for k, v in routing.items()}
         return micro
+
+    @staticmethod
+    def _packed_micro_batch(p: PackedMicroBatch, mb: UpdateBatch, old, ref, routing) -> dict:
+        """One packed micro-batch: [1, T] token streams, per-row advantages (0 for the tail)."""
+        out = {"tokens": p.pack(mb.tokens), "targets": p.pack(mb.targets),
+               "mask": p.pack(mb.mask), "old": p.pack(old), "rollout": p.pack(mb.rollout_logp),
+               "ref": None if ref is None else p.pack(ref), "cu_seqlens": p.cu_seqlens(),
+               "adv": torch.cat([mb.advantages[p.rows], mb.advantages.new_zeros(1)])}
+        if routing is not None:
+            out["routing"] = {k: p.pack(v) for k, v in routing.items()}
+        return out
 
     def _global_normalizer(self, mb: UpdateBatch) -> float:
         """The aggregation's denominator over the whole (all DP ranks) mini-batch."""
@@ -301,15 +349,20 @@ class GRPOTrainer:
 
         def loss_fn(hidden, weight, mb):
             dev = hidden.device
+            packed = "cu_seqlens" in mb  # [1, T] streams -> the ops' packed [T] layout
+            t = {k: None if mb[k] is None else (mb[k].reshape(-1) if packed else mb[k]).to(dev)
+                 for k in ("targets", "old", "mask", "rollout", "ref")}
             kw = dict(temperature=temperature, tp_group=self.policy.tp_group,
                       global_normalizer=normalizer, return_entropy=True,
-                      rollout_logp=mb["rollout"].to(dev) if tis else None)
-            ref = None if mb["ref"] is None else mb["ref"].to(dev)
+                      rollout_logp=t["rollout"] if tis else None,
+                      cu_seqlens=mb["cu_seqlens"].to(dev) if packed else None)
+            if packed:
+                hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+            args = (hidden, weight, t["targets"], t["old"], mb["adv"].to(dev), t["mask"],
+                    t["ref"], cfg)
             if fused:
-                return ops.fused_linear_policy_loss(
-                    hidden, weight, mb["targets"].to(dev), mb["old"].to(dev), mb["adv"].to(dev),
-                    mb["mask"].to(dev), ref, cfg, **kw)
-            return _unfused_policy_loss(hidden, weight, mb, ref, cfg, **kw)
+                return ops.fused_linear_policy_loss(*args, **kw)
+            return _unfused_policy_loss(*args, **kw)
 
         return loss_fn
 
@@ -413,29 +466,26 @@ class GRPOTrainer:
         return rows
 
 
-def _unfused_policy_loss(hidden, weight, mb, ref, cfg, *, temperature, global_normalizer,
-                         rollout_logp, return_entropy, **_):
-    """The same loss through full logits (the baseline ``use_fused_kernels=false`` measures)."""
+def _unfused_policy_loss(hidden, weight, targets, old, adv, mask, ref, cfg, *, temperature,
+                         global_normalizer, rollout_logp, return_entropy, cu_seqlens, **_):
+    """The same loss through full logits (the baseline ``use_fused_kernels=false`` measures);
+    the arguments of :func:`r1fast.ops.fused_linear_policy_loss`."""
     from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
                                                gather_from_tensor_model_parallel_region)
 
-    dev = hidden.device
     # the policy's head contract: every TP rank returns the FULL input gradient (the copy's
     # backward all-reduces the vocab shards' partial gradients), as linear_logprob does
     hidden = copy_to_tensor_model_parallel_region(hidden.float())
     logits = gather_from_tensor_model_parallel_region(hidden @ weight.float().t())
-    logits = logits / temperature  # [b, L, V]
-    logp_all = torch.log_softmax(logits, -1)
-    targets = mb["targets"].to(dev)
+    logp_all = torch.log_softmax(logits / temperature, -1)  # [b, L, V] or [T, V]
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     loss, metrics = ops.policy_loss(
-        logp, mb["old"].to(dev), mb["adv"].to(dev), mb["mask"].to(dev), cfg, ref_logp=ref,
-        global_normalizer=global_normalizer, rollout_logp=rollout_logp,
-        max_len=targets.shape[1], impl="torch")
+        logp, old, adv, mask, cfg, ref_logp=ref, global_normalizer=global_normalizer,
+        rollout_logp=rollout_logp, cu_seqlens=cu_seqlens,
+        max_len=None if cu_seqlens is not None else targets.shape[1], impl="torch")
     if return_entropy:
-        m = mb["mask"].to(dev)
         ent = -(logp_all.exp() * logp_all).sum(-1)
-        metrics["entropy_mean"] = (ent.detach() * m).sum() / m.sum().clamp_min(1)
+        metrics["entropy_mean"] = (ent.detach() * mask).sum() / mask.sum().clamp_min(1)
     return loss, metrics
 
 

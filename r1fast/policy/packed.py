@@ -1,0 +1,28 @@
+"""The packed-sequence layout of one micro-batch, as the policy's forward needs it.
+
+Packed sequences lie end to end in one row of ``T`` tokens, with ``cu_seqlens`` [S+1] marking
+their boundaries (0 = cu[0] <= ... <= cu[S] = T; empty sequences are allowed, so a batch of
+packed rows can share one padded ``cu_seqlens`` width). Each sequence must look to the model
+as if it were alone: RoPE positions restart at 0 at every boundary, and attention is causal
+within a sequence and blocked across sequences (a block-diagonal causal mask). On megatron's
+local attention the mask is explicit ([1, 1, T, T] bool, True = hidden); Transformer Engine's
+THD format would take ``cu_seqlens`` directly.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def packed_layout(cu_seqlens: torch.Tensor, length: int,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(position_ids [1, T], attention_mask [1, 1, T, T])`` of packed sequences."""
+    cu = cu_seqlens.reshape(-1).long()  # checked where it lives (the trainer's CPU copy)
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != length or bool((cu.diff() < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {length}, got "
+                         f"{cu.tolist()}")
+    cu = cu.to(device)
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu.diff())  # [T]
+    idx = torch.arange(length, device=device)
+    positions = idx - cu[seg]
+    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
+    return positions[None], ~allowed[None, None]

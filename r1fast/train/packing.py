@@ -1,0 +1,106 @@
+"""Packed micro-batches: sequences end to end under a token budget, no padding between them.
+
+A GRPO batch has rows of very uneven length (prompts of 20-300 tokens, long-tailed
+completions). Padding every row to the longest one spends most of the update's FLOPs on pads
+and lets one long row set the memory peak of its whole micro-batch. Packing instead:
+
+1. :func:`pack_rows` assigns rows to micro-batches greedily (longest first, each into the
+   first micro-batch with room: first-fit decreasing), so each holds at most
+   ``max_tokens`` real tokens; the assignment depends only on the lengths (deterministic);
+2. :class:`PackedMicroBatch` lays the rows of one micro-batch end to end as ONE sequence of
+   ``T`` tokens with ``cu_seqlens`` marking the boundaries; the policy restarts positions and
+   blocks attention at them (:mod:`r1fast.policy.packed`), so each row sees only itself. The
+   tail up to ``T`` (one length for every micro-batch: the pipeline sends fixed shapes) is one
+   more "row" whose loss mask is 0;
+3. per-token tensors of the padded :class:`~r1fast.train.batch.UpdateBatch` (``[N, L, ...]``)
+   are gathered into the packed order with :meth:`PackedMicroBatch.pack` and results scattered
+   back with :meth:`PackedMicroBatch.unpack`.
+
+The fused loss ops take the packed layout natively (``cu_seqlens``), with per-row advantages;
+the aggregation's global normaliser is the same as for the padded layout, so the loss and its
+gradients equal the padded ones up to float rounding.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+
+def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Row indices per micro-batch: first-fit decreasing under ``max_tokens`` real tokens.
+    A row longer than the budget gets a micro-batch of its own. Rows of length 0 are left
+    out (nothing to compute)."""
+    if max_tokens < 1:
+        raise ValueError(f"parallel.max_tokens_per_microbatch must be >= 1, got {max_tokens}")
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - n)
+    return [sorted(b) for b in bins]  # rows in batch order inside a micro-batch
+
+
+@dataclasses.dataclass
+class PackedMicroBatch:
+    """Rows ``rows`` of a padded batch, laid end to end in one sequence of ``length`` tokens."""
+
+    rows: list[int]
+    """Indices of the packed rows in the padded batch."""
+    lengths: list[int]
+    """Real tokens of each packed row."""
+    length: int
+    """T: tokens of the packed sequence (real tokens, then the tail)."""
+
+    def cu_seqlens(self, width: int | None = None) -> torch.Tensor:
+        """int32 boundaries: the rows, then the tail as one more sequence; padded to ``width``
+        entries by repeating T (empty sequences), so packed rows can be stacked."""
+        ends = torch.tensor([0, *self.lengths, self.length - sum(self.lengths)]).cumsum(0)
+        if width is not None:
+            ends = torch.cat([ends, ends[-1:].expand(width - ends.numel())])
+        return ends.to(torch.int32)
+
+    def _index(self, width: int) -> torch.Tensor:
+        """Flat indices into a padded [N, L] tensor of the real tokens, in packed order."""
+        return torch.cat([r * width + torch.arange(n) for r, n in zip(self.rows, self.lengths)])
+
+    def pack(self, x: torch.Tensor, fill=0) -> torch.Tensor:
+        """Padded ``x`` [N, L, ...] -> packed [1, T, ...] (the tail holds ``fill``)."""
+        flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+        real = flat[self._index(x.shape[1]).to(x.device)]
+        tail = real.new_full((self.length - real.shape[0], *x.shape[2:]), fill)
+        return torch.cat([real, tail])[None]
+
+    def unpack(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """Scatter packed [1, T, ...] results into the rows of padded ``out`` [N, L, ...]."""
+        flat = out.view(out.shape[0] * out.shape[1], *out.shape[2:])
+        n = sum(self.lengths)
+        flat[self._index(out.shape[1]).to(out.device)] = packed[0, :n].to(out.dtype)
+
+
+def packed_micro_batches(valid_lengths: Sequence[int], max_tokens: int,
+                         multiple: int = 1, length: int | None = None) -> list[PackedMicroBatch]:
+    """The packed micro-batches of rows with ``valid_lengths`` real tokens. Every one has the
+    same length: ``length`` if given (e.g. agreed over ranks), else the fullest bin, rounded up
+    to ``multiple`` (sequence parallelism)."""
+    bins = pack_rows(valid_lengths, max_tokens)
+    fullest = max((sum(valid_lengths[i] for i in b) for b in bins), default=1)
+    T = length if length is not None else -(-fullest // multiple) * multiple
+    if T < fullest:
+        raise ValueError(f"packed length {T} is shorter than the fullest micro-batch ({fullest})")
+    return [PackedMicroBatch(b, [valid_lengths[i] for i in b], T) for b in bins]
+
+
+def fullest_bin(valid_lengths: Sequence[int], max_tokens: int) -> int:
+    """Real tokens of the fullest micro-batch :func:`pack_rows` makes."""
+    return max((sum(valid_lengths[i] for i in b) for b in pack_rows(valid_lengths, max_tokens)),
+               default=1)
