@@ -41,7 +41,8 @@ from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, 
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
-from r1fast.train.packing import PackedMicroBatch, fullest_bin, packed_micro_batches
+from r1fast.train.packing import (PackedMicroBatch, fullest_bin, pack_rows,
+                                  packed_micro_batches)
 from r1fast.train.policy_io import copy_weights, load_model_state, model_state
 from r1fast.train.task import TaskData, build_task
 from r1fast.typed_toml import ConfigError, dump_toml
@@ -237,7 +238,7 @@ class GRPOTrainer:
         if packs is None:
             inputs, kw = (batch.tokens, batch.targets), {}
         else:
-            width = max(len(p.rows) for p in packs) + 2
+            width = max(len(p.rows) for p in packs) + 2  # cu_seqlens of every pack, stacked
             inputs = tuple(torch.cat([p.pack(x) for p in packs]) for x in (batch.tokens,
                                                                             batch.targets))
             kw = {"micro_batch_size": 1,
@@ -269,7 +270,10 @@ class GRPOTrainer:
         lengths = batch.lengths.tolist()
         multiple = self.info.tp if self.policy.sequence_parallel else 1
         T = all_ranks_int(fullest_bin(lengths, budget), "max")
-        return packed_micro_batches(lengths, budget, length=-(-T // multiple) * multiple)
+        # the same number on every rank: expert parallelism's all-to-all spans DP ranks
+        count = all_ranks_int(len(pack_rows(lengths, budget)), "max")
+        return packed_micro_batches(lengths, budget, length=-(-T // multiple) * multiple,
+                                    count=count)
 
     def _advance(self) -> None:
         """The step is done: count it and reset the reference when it is due."""

@@ -71,7 +71,8 @@ class PackedMicroBatch:
 
     def _index(self, width: int) -> torch.Tensor:
         """Flat indices into a padded [N, L] tensor of the real tokens, in packed order."""
-        return torch.cat([r * width + torch.arange(n) for r, n in zip(self.rows, self.lengths)])
+        parts = [r * width + torch.arange(n) for r, n in zip(self.rows, self.lengths)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def pack(self, x: torch.Tensor, fill=0) -> torch.Tensor:
         """Padded ``x`` [N, L, ...] -> packed [1, T, ...] (the tail holds ``fill``)."""
@@ -88,11 +89,18 @@ class PackedMicroBatch:
 
 
 def packed_micro_batches(valid_lengths: Sequence[int], max_tokens: int,
-                         multiple: int = 1, length: int | None = None) -> list[PackedMicroBatch]:
+                         multiple: int = 1, length: int | None = None,
+                         count: int | None = None) -> list[PackedMicroBatch]:
     """The packed micro-batches of rows with ``valid_lengths`` real tokens. Every one has the
     same length: ``length`` if given (e.g. agreed over ranks), else the fullest bin, rounded up
-    to ``multiple`` (sequence parallelism)."""
+    to ``multiple`` (sequence parallelism). ``count``: pad the list with empty micro-batches
+    (all tail, no loss) to this many, so that every rank runs the same number of forwards (the
+    MoE all-to-all of expert parallelism spans data-parallel ranks)."""
     bins = pack_rows(valid_lengths, max_tokens)
+    if count is not None:
+        if count < len(bins):
+            raise ValueError(f"count {count} is smaller than the {len(bins)} micro-batches needed")
+        bins += [[] for _ in range(count - len(bins))]
     fullest = max((sum(valid_lengths[i] for i in b) for b in bins), default=1)
     T = length if length is not None else -(-fullest // multiple) * multiple
     if T < fullest:

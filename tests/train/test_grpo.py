@@ -105,17 +105,20 @@ def _run(world, out_dir, extra):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world, layout", [
-    (4, ["--parallel.tp=2", "--parallel.ep=2"]),  # TP2 x EP2 (x DP2 for the dense part)
-    (2, ["--parallel.pp=2"]),  # PP2: generation recomputes the prefix through the pipeline
-], ids=["tp2xep2", "pp2"])
-def test_parallel_steps_equal_one_rank(tmp_path, world, layout):
+@pytest.mark.parametrize("world, layout, packed", [
+    (4, ["--parallel.tp=2", "--parallel.ep=2"], False),  # TP2 x EP2 (x DP2 for the dense part)
+    (2, ["--parallel.pp=2"], False),  # PP2: generation recomputes the prefix through the pipeline
+    (4, ["--parallel.tp=2", "--parallel.ep=2"], True),  # packed micro-batches under a budget
+    (2, ["--parallel.pp=2"], True),
+], ids=["tp2xep2", "pp2", "tp2xep2-packed", "pp2-packed"])
+def test_parallel_steps_equal_one_rank(tmp_path, world, layout, packed):
     # the load-balancing loss is computed per rank's tokens (megatron's micro-batch form), a
     # different objective under DP, so it is off for this equality
     init = tmp_path / "init"
     run_ranks(1, _save_init, str(init))
     extra = ["--run.steps=2", "--optim.lr=0.003", "--algo.kl_coef=0.01",
-             "--model.aux_loss_coef=0.0", f"--run.init_from={init}"]
+             "--model.aux_loss_coef=0.0", f"--run.init_from={init}",
+             *(["--parallel.max_tokens_per_microbatch=256"] if packed else [])]  # ~2 rows each
     one = _run(1, tmp_path / "one", extra)
     four = _run(world, tmp_path / "many", [*extra, *layout])
     for a, b in zip(one, four):
