@@ -53,12 +53,14 @@ def test_one_update_lowers_the_loss_on_a_fixed_batch(tmp_path):
     assert after < before - 1e-3, (before, after)
 
 
-def test_fit_writes_metrics_and_resume_is_bitwise(tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--parallel.max_tokens_per_microbatch=256"]],
+                         ids=["padded", "packed"])
+def test_fit_writes_metrics_and_resume_is_bitwise(tmp_path, layout):
     from r1fast.train.grpo import GRPOTrainer
 
     def run(folder, steps, *extra):
         return GRPOTrainer(make_cfg(tmp_path / folder, f"--run.steps={steps}", "--optim.lr=0.003",
-                                    *extra), reward=varied_reward).fit()
+                                    *layout, *extra), reward=varied_reward).fit()
 
     full = run("full", 4, "--run.save_every=2")
     assert len(full) == 4 and full[0]["reward_std"] > 0
