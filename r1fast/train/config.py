@@ -84,6 +84,17 @@ class RolloutConfig:
     max_new_tokens: int = 48
     """Completion length limit."""
 
+    def __post_init__(self):
+        if not self.temperature > 0:  # the trainer's log-probs divide the logits by it
+            raise ValueError(f"rollout.temperature must be > 0 (training divides the logits by "
+                             f"it), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
 
 @dataclass
 class DataConfig:

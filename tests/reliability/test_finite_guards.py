@@ -37,6 +37,11 @@ pytestmark = pytest.mark.reliability
     ("--algo.group_size=0", "algo.group_size"),
     ("--algo.adv_eps=0", "algo.adv_eps"),
     ("--algo.ref_reset_every=-1", "algo.ref_reset_every"),
+    ("--rollout.temperature=0", "rollout.temperature"),
+    ("--rollout.top_p=0", "rollout.top_p"),
+    ("--rollout.top_p=1.5", "rollout.top_p"),
+    ("--rollout.top_k=-1", "rollout.top_k"),
+    ("--rollout.max_new_tokens=0", "rollout.max_new_tokens"),
 ])
 def test_bad_config_value_is_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -144,3 +149,25 @@ def test_non_finite_weights_are_never_exported(engine_factory, tmp_path):
     from r1fast.train.checkpoint import save_checkpoint
     with pytest.raises(FloatingPointError, match="final_layernorm"):
         save_checkpoint(tmp_path / "ckpt", 1, eng.state_dict(), {})
+
+
+def test_a_grpo_run_that_diverges_stops_and_never_saves_non_finite(tmp_path):
+    """lr=1e30 is finite (so it passes the config check) but blows the weights up: the run
+    must stop with NonFiniteError instead of finishing "done", and every checkpoint it wrote
+    holds finite tensors only."""
+    from r1fast.train.checkpoint import load_checkpoint, nonfinite_tensors
+    from r1fast.train.engine import NonFiniteError
+    from r1fast.train.grpo import GRPOTrainer
+
+    cfg = load_train_config(None, [
+        "--model.vocab_size=128", "--data.prompts_per_step=1", "--algo.group_size=2",
+        "--rollout.max_new_tokens=4", "--reward.workers=0", "--run.progress=false",
+        "--run.tensorboard=false", "--data.num_train=16", "--algo.kl_coef=0",
+        "--optim.lr=1e30", "--optim.clip_grad=0", "--run.steps=6", "--run.save_every=1",
+        f"--run.out_dir={tmp_path}"])
+    with pytest.raises(NonFiniteError, match="max_nonfinite_skips=0"):
+        GRPOTrainer(cfg).fit()
+    saved = sorted((tmp_path / "checkpoints").glob("step_*"))
+    for path in saved:
+        state, _ = load_checkpoint(path)
+        assert nonfinite_tensors(state) == [], path
