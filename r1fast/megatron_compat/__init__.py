@@ -57,7 +57,8 @@ def install() -> list[str]:
             cpu.announce()
         if te_absent() and "te_general_gemm" not in _APPLIED:
             te.bridge_te_general_gemm()
-            _APPLIED.append("te_general_gemm")
+            te.bridge_mla_te_flag()
+            _APPLIED.extend(["te_general_gemm", "mla_have_te"])
     return applied_bridges()
 
 

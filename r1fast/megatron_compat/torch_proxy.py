@@ -180,6 +180,8 @@ CUDA_NAMING_MODULES = {
         "ColumnParallelLinear/RowParallelLinear/VocabParallelEmbedding: device=current_device()",
     "megatron.core.models.common.embeddings.rotary_pos_embedding":
         "RotaryEmbedding.__init__/forward/get_freqs: .to(torch.cuda.current_device())",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding":
+        "YarnRotaryEmbedding.__init__ (MLA with YaRN): inv_freq .to(current_device())",
     "megatron.core.models.gpt.gpt_model":
         "GPTModel._preprocess: sequence_len_offset tensor on current_device()",
     "megatron.core.transformer.attention":

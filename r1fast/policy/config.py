@@ -5,7 +5,12 @@ ModelConfig speaks the Hugging Face / paper vocabulary (hidden size, query group
 DeepSeek-V3 group-limited routing with an aux-loss-free expert bias ...) and is translated into
 a megatron-core ``TransformerConfig`` by :mod:`r1fast.policy.model`. Presets build tiny models
 that run on a CPU in milliseconds; :meth:`ModelConfig.from_hf_config` reads a ``transformers``
-config of the supported families (qwen3_moe, qwen3, qwen2).
+config of the supported families (qwen3_moe, qwen3, qwen2, deepseek_v3).
+
+Multi-head latent attention (``attention="mla"``, DeepSeek-V2/V3) uses megatron-core's
+``MLASelfAttention``: q is ``hidden -> q_lora_rank -> RMSNorm -> heads x (qk_nope + qk_rope)``
+(or one projection when ``q_lora_rank`` is None), k/v come from a compressed latent
+``hidden -> kv_lora_rank (+ qk_rope shared RoPE key) -> RMSNorm -> heads x (qk_nope + v)``.
 
 ParallelConfig holds the tensor (TP), pipeline (PP) and expert (EP) sizes; the data-parallel
 size is what is left of the world size. :meth:`ParallelConfig.validate` raises a ``ValueError``
@@ -20,7 +25,9 @@ from typing import Any, Optional
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_HF_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2")
+SUPPORTED_HF_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2", "deepseek_v3")
+ATTENTIONS = ("gqa", "mla")
+ROPE_TYPES = ("default", "yarn")
 
 
 @dataclass
@@ -79,6 +86,37 @@ class ModelConfig:
     """Coefficient of the router z-loss (0 disables it)."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding."""
+    attention: str = "gqa"
+    """"gqa" (grouped-query attention, Qwen) or "mla" (multi-head latent attention, DeepSeek)."""
+    q_lora_rank: Optional[int] = None
+    """MLA: rank of the query down-projection (then RMSNorm, then up); None: one q projection."""
+    kv_lora_rank: Optional[int] = None
+    """MLA: rank of the compressed key/value latent (required for attention="mla")."""
+    qk_nope_head_dim: Optional[int] = None
+    """MLA: per-head q/k dims without RoPE."""
+    qk_rope_head_dim: Optional[int] = None
+    """MLA: per-head q/k dims with (decoupled) RoPE; the RoPE key is shared by all heads."""
+    v_head_dim: Optional[int] = None
+    """MLA: per-head value width (may differ from qk_nope + qk_rope)."""
+    rope_type: str = "default"
+    """"default" or "yarn" (YaRN context extension, MLA only, as DeepSeek-V3 configures it)."""
+    rope_factor: float = 1.0
+    """YaRN: scaling factor (DeepSeek-V3: 40)."""
+    rope_original_max_position: Optional[int] = None
+    """YaRN: context length of pre-training (None: max_position_embeddings)."""
+    rope_beta_fast: float = 32.0
+    """YaRN: high-frequency boundary (rotations)."""
+    rope_beta_slow: float = 1.0
+    """YaRN: low-frequency boundary (rotations)."""
+    rope_mscale: float = 1.0
+    """YaRN: mscale of the cos/sin attention factor."""
+    rope_mscale_all_dim: float = 0.0
+    """YaRN: mscale_all_dim; the softmax scale is multiplied by (0.1 mscale_all_dim ln factor
+    + 1)^2 when it is non-zero."""
+    mtp_layers: int = 0
+    """Multi-token-prediction layers of the checkpoint (num_nextn_predict_layers): not built
+    (GRPO does not train them); load_hf_checkpoint keeps their tensors and save writes them
+    back unchanged."""
     rms_norm_eps: float = 1e-6
     """Epsilon of every RMSNorm."""
     qk_layernorm: bool = True
@@ -100,8 +138,19 @@ class ModelConfig:
         return self.num_experts is not None
 
     @property
+    def is_mla(self) -> bool:
+        return self.attention == "mla"
+
+    @property
     def kv_heads(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head q/k width: qk_nope + qk_rope under MLA, else kv_channels."""
+        if self.is_mla:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.kv_channels
 
     @property
     def kv_channels(self) -> int:
@@ -126,7 +175,11 @@ class ModelConfig:
         need(self.num_attention_heads % self.kv_heads == 0,
              f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
              f"num_query_groups ({self.kv_heads})")
-        need(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+        need(self.attention in ATTENTIONS,
+             f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        self._validate_attention(need)
+        need(self.is_mla or self.head_dim is not None
+             or self.hidden_size % self.num_attention_heads == 0,
              f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
              f"({self.num_attention_heads}) when head_dim is not given")
         need(self.params_dtype in _DTYPES,
@@ -163,6 +216,34 @@ class ModelConfig:
             need(not self.dense_layers and self.shared_expert_size is None,
                  "dense_layers/shared_expert_size need num_experts (an MoE model)")
         return self
+
+    def _validate_attention(self, need) -> None:
+        mla_fields = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                      "v_head_dim")
+        if not self.is_mla:
+            for name in mla_fields:
+                need(getattr(self, name) is None, f"{name} is an MLA field: set attention='mla'"
+                     f" or leave {name} None")
+            need(self.rope_type == "default",
+                 f"rope_type {self.rope_type!r} needs attention='mla' (only default RoPE for gqa)")
+        else:
+            for name in mla_fields[1:]:
+                v = getattr(self, name)
+                need(v is not None and v >= 1, f"{name} must be set (>= 1) for attention='mla', "
+                     f"got {v}")
+            need(self.q_lora_rank is None or self.q_lora_rank >= 1,
+                 f"q_lora_rank must be None or >= 1, got {self.q_lora_rank}")
+            need(self.qk_rope_head_dim % 2 == 0,
+                 f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+            need(self.kv_heads == self.num_attention_heads,
+                 f"num_query_groups ({self.kv_heads}) must equal num_attention_heads "
+                 f"({self.num_attention_heads}) under MLA (or be None)")
+            need(not self.add_qkv_bias, "add_qkv_bias is not supported with attention='mla'")
+        need(self.rope_type in ROPE_TYPES,
+             f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.rope_type == "yarn":
+            need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
+        need(self.mtp_layers >= 0, f"mtp_layers must be >= 0, got {self.mtp_layers}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
@@ -210,7 +291,7 @@ class ModelConfig:
                              "is not supported")
         rope = get("rope_parameters") or get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
-        if rope_type != "default":
+        if rope_type != "default" and model_type != "deepseek_v3":
             raise ValueError(f"from_hf_config: only default RoPE is supported, got rope_type="
                              f"{rope_type!r}")
         theta = rope.get("rope_theta") if rope else None
@@ -230,6 +311,10 @@ class ModelConfig:
             params_dtype=dtype if dtype in _DTYPES else "float32",
             init_std=get("initializer_range", 0.02),
         )
+        if model_type == "deepseek_v3":
+            from r1fast.policy.hf_deepseek import deepseek_from_hf
+
+            return cls(**deepseek_from_hf(get, kw)).validate()
         if model_type == "qwen2":
             kw.update(qk_layernorm=False, add_qkv_bias=True)
         else:
@@ -253,7 +338,12 @@ class ModelConfig:
         return cls(**kw).validate()
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The ``config.json`` dict of the matching HF family (qwen3_moe / qwen3 / qwen2)."""
+        """The ``config.json`` dict of the matching HF family (qwen3_moe / qwen3 / qwen2;
+        deepseek_v3 for MLA)."""
+        if self.is_mla:
+            from r1fast.policy.hf_deepseek import deepseek_to_hf
+
+            return deepseek_to_hf(self, self._hf_common())
         if self.shared_expert_size is not None or self.router_score != "softmax" \
                 or self.router_n_groups is not None or self.router_expert_bias \
                 or self.router_scaling_factor != 1.0:
@@ -268,18 +358,7 @@ class ModelConfig:
         model_type = "qwen2" if self.add_qkv_bias else ("qwen3_moe" if self.is_moe else "qwen3")
         arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]
-        d: dict[str, Any] = {
-            "architectures": [arch], "model_type": model_type, "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.kv_channels,
-            "intermediate_size": self.ffn_hidden_size, "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
-            "rope_theta": self.rope_theta, "initializer_range": self.init_std,
-            "attention_dropout": 0.0, "use_sliding_window": False, "dtype": self.params_dtype,
-        }
+        d = {"architectures": [arch], "model_type": model_type, **self._hf_common()}
         if model_type != "qwen2":
             d["attention_bias"] = False
         if self.is_moe:
@@ -290,6 +369,20 @@ class ModelConfig:
                      router_aux_loss_coef=self.aux_loss_coef,
                      output_router_logits=self.aux_loss_coef > 0)
         return d
+
+    def _hf_common(self) -> dict[str, Any]:
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.kv_heads, "head_dim": self.kv_channels,
+            "intermediate_size": self.ffn_hidden_size, "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rope_theta": self.rope_theta, "initializer_range": self.init_std,
+            "attention_dropout": 0.0, "use_sliding_window": False, "dtype": self.params_dtype,
+        }
 
 
 @dataclass
@@ -313,6 +406,11 @@ class ParallelConfig:
     """Number of processes; None: torch.distributed's world size (1 if not initialised)."""
     micro_batch_size: Optional[int] = None
     """Sequences per microbatch in forward_backward; None: the whole local batch at once."""
+    max_tokens_per_microbatch: int = 0
+    """Token budget of a packed micro-batch: the trainer packs sequences end to end (no padding
+    between them, a block-diagonal causal mask, positions restarting per sequence) into
+    micro-batches of at most this many tokens, so memory follows tokens, not rows. 0: padded
+    micro-batches of ``micro_batch_size`` rows."""
 
     @property
     def dp(self) -> int:

@@ -59,8 +59,21 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 
 
-def _layer_map(rest: str, g: int, expert_offset: int) -> Optional[_Map]:
+_MLA = {  # megatron MLASelfAttention -> HF DeepseekV3Attention (TP splits q/kv heads by rows)
+    "linear_q_proj": ("rows", "q_proj"), "linear_q_down_proj": ("rows", "q_a_proj"),
+    "q_layernorm": ("rep", "q_a_layernorm"), "linear_q_up_proj": ("rows", "q_b_proj"),
+    "linear_kv_down_proj": ("rows", "kv_a_proj_with_mqa"),
+    "kv_layernorm": ("rep", "kv_a_layernorm"), "linear_kv_up_proj": ("rows", "kv_b_proj"),
+}
+
+
+def _layer_map(rest: str, g: int, expert_offset: int, deepseek: bool = False) -> Optional[_Map]:
     p = f"model.layers.{g}."
+    m = re.match(r"^self_attention\.(\w+)\.weight$", rest)
+    if deepseek and m and m.group(1) in _MLA:
+        kind, hf = _MLA[m.group(1)]
+        return _Map(kind, (f"{p}self_attn.{hf}.weight",))
+    shared = "mlp.shared_experts." if deepseek else "mlp.shared_expert."
     m = _EXPERT.match(rest)
     if m:
         e = expert_offset + int(m.group(1))
@@ -79,12 +92,9 @@ def _layer_map(rest: str, g: int, expert_offset: int) -> Optional[_Map]:
         "mlp.linear_fc2.weight": _Map("cols", (p + "mlp.down_proj.weight",)),
         "mlp.router.weight": _Map("rep", (p + "mlp.gate.weight",)),
         "mlp.router.expert_bias": _Map("rep", (p + "mlp.gate.e_score_correction_bias",)),
-        "mlp.shared_experts.linear_fc1.weight": _Map("glu", (p + "mlp.shared_expert.gate_proj"
-                                                             ".weight",
-                                                             p + "mlp.shared_expert.up_proj"
-                                                             ".weight")),
-        "mlp.shared_experts.linear_fc2.weight": _Map("cols", (p + "mlp.shared_expert.down_proj"
-                                                              ".weight",)),
+        "mlp.shared_experts.linear_fc1.weight": _Map("glu", (p + shared + "gate_proj.weight",
+                                                             p + shared + "up_proj.weight")),
+        "mlp.shared_experts.linear_fc2.weight": _Map("cols", (p + shared + "down_proj.weight",)),
         "mlp.shared_experts.gate_weight": _Map("rep", (p + "mlp.shared_expert_gate.weight",)),
     }
     for part in ("weight", "bias"):
@@ -116,8 +126,8 @@ def _local_tensors(policy) -> Iterator[tuple[str, torch.Tensor, _Map]]:
             yield name, t, _Map("rep", ("model.norm.weight",))
         else:
             m = _LAYER.match(name)
-            mp = _layer_map(m.group(2), layer_numbers[int(m.group(1))], expert_offset) \
-                if m else None
+            mp = _layer_map(m.group(2), layer_numbers[int(m.group(1))], expert_offset,
+                            cfg.is_mla) if m else None
             if mp is None:
                 raise RuntimeError(f"hf_checkpoint: no HF name for megatron tensor {name!r}")
             yield name, t, mp
@@ -326,6 +336,11 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
     problems = list(dict.fromkeys(problems))
     extra = sorted(k for k in reader.files if k not in used and not _IGNORED.match(k)
                    and not (cfg.tie_embeddings and k == "lm_head.weight"))
+    mtp = [k for k in extra if _is_mtp(k, cfg)]
+    extra = [k for k in extra if not _is_mtp(k, cfg)]
+    # MTP layers are not built: save_hf_checkpoint copies them back from here, unchanged (a
+    # checkpoint may lack them although its config counts them: transformers saves none).
+    policy.hf_passthrough = (os.path.abspath(path), mtp)
     report = []
     if missing:
         report.append(f"lacks {len(missing)} tensors, e.g. {missing[:5]}")
@@ -339,11 +354,28 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
         raise ValueError(f"load_hf_checkpoint: checkpoint at {path!r} " + "; ".join(report))
 
 
+def _is_mtp(key: str, cfg: ModelConfig) -> bool:
+    """A tensor of a multi-token-prediction layer (DeepSeek-V3: model.layers.{L + i}.*)."""
+    m = re.match(r"^model\.layers\.(\d+)\.", key)
+    return m is not None and cfg.num_layers <= int(m.group(1)) < cfg.num_layers + cfg.mtp_layers
+
+
+def _passthrough(policy) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors the policy keeps but does not build (MTP layers), read again from
+    the checkpoint it was loaded from."""
+    src, keys = getattr(policy, "hf_passthrough", (None, []))
+    if not keys:
+        return {}
+    reader = _Reader(src)
+    return {k: reader.full(k) for k in keys}
+
+
 def _check_same_architecture(mine: ModelConfig, theirs: ModelConfig) -> None:
     keys = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_heads",
             "kv_channels", "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size",
             "dense_layers", "shared_expert_size", "shared_expert_gate", "qk_layernorm",
-            "add_qkv_bias", "tie_embeddings", "router_expert_bias")
+            "add_qkv_bias", "tie_embeddings", "router_expert_bias", "attention", "q_lora_rank",
+            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "mtp_layers")
     diff = [f"{k}: policy {getattr(mine, k)!r} vs checkpoint {getattr(theirs, k)!r}"
             for k in keys if getattr(mine, k) != getattr(theirs, k)]
     if diff:
@@ -450,6 +482,7 @@ def save_hf_checkpoint(policy, path: str, *, dtype: Optional[torch.dtype] = None
     if state is None:
         dist.barrier()
         return
+    state.update(_passthrough(policy))
     os.makedirs(path, exist_ok=True)
     keys = sorted(state)
     shards: list[list[str]] = [[]]

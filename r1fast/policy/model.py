@@ -3,35 +3,26 @@ laid out by a :class:`ParallelConfig`, with r1fast ops at the two hot spots (the
 the log-prob head), behind a small API the trainer uses.
 
 Layout. Each rank holds one pipeline chunk: the embedding on the first stage, its share of the
-layers, the final norm and the vocab-parallel output layer on the last stage. The output layer
-is never applied as a matmul to get logits for training: :meth:`Policy.logprobs` and the
-``loss_fn`` of :meth:`Policy.forward_backward` receive the final-normed hidden states and the
-output-weight shard ``[V/tp, H]`` and call :func:`r1fast.ops.linear_logprob.linear_logprob`
-with the TP group, which merges the per-shard softmax statistics (no [T, V] tensor). The
-hidden states handed to a head are the same on every TP rank, and their backward expects the
-full input-gradient on every TP rank: a head must all-reduce its partial dx over the TP group,
-as the r1fast ops do when given ``tp_group`` (``linear_logprob``, ``fused_linear_policy_loss``).
+layers, the final norm and the vocab-parallel output layer on the last stage. Training never
+applies the output layer as a matmul: heads (:meth:`Policy.logprobs`, the ``loss_fn`` of
+:meth:`Policy.forward_backward`) get the final-normed hidden states, the same on every TP rank,
+and the weight shard ``[V/tp, H]``, and call r1fast's vocab-parallel ops (no [T, V] tensor),
+which also return the full input-gradient on every TP rank, as the backward expects.
 
-Pipeline parallelism. Everything that runs the model goes through megatron's own schedule
-(``get_forward_backward_func``): 1F1B send/recv of [L/sp, b, H] activations between stages,
-``forward_only`` for inference. Results appear on the last stage; the inference methods
-broadcast them over the pipeline group so that every rank returns the same tensor.
+Pipeline parallelism. Everything runs through megatron's schedule (``get_forward_backward_func``:
+1F1B send/recv of [L/sp, b, H] activations, ``forward_only`` for inference); inference results
+are broadcast from the last stage so every rank returns the same tensor.
 
-Data parallelism. Each DP rank passes its own batch (:meth:`Policy.dp_shard` slices a global
-batch). In :meth:`forward_backward` the ``loss_fn`` returns this microbatch's share of the
-*global* loss (normalised by the global token/sequence count); the gradients of all
-microbatches and DP ranks are summed. Megatron's own scaling (divide by the number of
-microbatches, average over DP) is undone here, and the MoE auxiliary losses keep megatron's
-convention (a mean over microbatches and DP ranks).
+Data parallelism. Each DP rank passes its own batch (:meth:`Policy.dp_shard`). ``loss_fn``
+returns the microbatch's share of the *global* loss, and megatron's 1/num_microbatches and DP
+mean are undone, so gradients are sums; the MoE aux losses keep megatron's mean convention.
 
-Sequences. ``tokens`` [B, L] are right-padded by the caller as needed; with sequence
-parallelism L is padded internally to a multiple of tp (the pad never influences real
-positions: attention is causal, and the router ignores pads in its load statistics).
-``position_ids`` (RoPE positions per token) may be given, e.g. for left-padded prompts.
-
-Generation. :mod:`r1fast.rollout` decodes through the public pieces :meth:`Policy.rotary_table`,
-:meth:`Policy.head_input` and :meth:`Policy.vocab_logits` (or :meth:`Policy.logits`). MoE routing can be recorded (:meth:`Policy.record_routing`) and replayed (``routing=`` of
-:meth:`Policy.logprobs` and of the batches of :meth:`Policy.forward_backward`).
+Sequences. ``tokens`` [B, L] are right-padded (or packed, with ``position_ids`` restarting per
+sequence and a block-diagonal ``attention_mask``); under sequence parallelism L is padded to a
+multiple of tp inside (causal attention keeps pads out of real positions; routers ignore them).
+Decoders (:mod:`r1fast.rollout`) use :meth:`Policy.rotary_table`, :meth:`Policy.head_input`
+and :meth:`Policy.vocab_logits`; MoE routing is recorded by :meth:`Policy.record_routing` and
+replayed with ``routing=`` in :meth:`Policy.logprobs` and :meth:`Policy.forward_backward`.
 """
 from __future__ import annotations
 
@@ -45,8 +36,10 @@ import torch.nn.functional as F
 
 from r1fast.ops._validate import check_range, check_tensor
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.mla import check_mla_positions
+from r1fast.policy.packed import packed_layout
 from r1fast.megatron_compat import te_absent
-from r1fast.policy.parallel import ParallelInfo, init_parallel
+from r1fast.policy.parallel import ParallelInfo, init_parallel, mark_expert_params
 
 log = logging.getLogger("r1fast.policy")
 
@@ -60,8 +53,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]],
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     """The megatron ``TransformerConfig`` of ``model`` under ``parallel``."""
-    from megatron.core.transformer import TransformerConfig
+    from r1fast.policy.mla import mla_config_kwargs
 
+    config_cls, mla = mla_config_kwargs(model)  # MLATransformerConfig + its fields for MLA
     moe: dict[str, Any] = {}
     if model.is_moe:
         moe = dict(
@@ -82,13 +76,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
             moe_shared_expert_gate=model.shared_expert_gate,
         )
     dtype = model.torch_dtype
-    cfg = TransformerConfig(
+    cfg = config_cls(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.kv_heads,
         kv_channels=model.kv_channels, ffn_hidden_size=model.ffn_hidden_size,
         normalization="RMSNorm", layernorm_epsilon=model.rms_norm_eps, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=model.add_qkv_bias,
-        qk_layernorm=model.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        qk_layernorm=model.qk_layernorm or model.is_mla, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=model.init_std,
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
@@ -98,7 +92,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         # The fused kernels below need apex/TE or CUDA; the plain torch paths are exact.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-        **moe,
+        **moe, **mla,
     )
     # Router options megatron's config has no field for (read by R1fastRouter).
     cfg.r1fast_router_normalize = model.router_normalize
@@ -111,11 +105,13 @@ def layer_spec(model: ModelConfig, config, pp_rank: Optional[int] = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from r1fast.policy.mla import use_mla_core_attention
     from r1fast.policy.router import R1fastRouter
 
     use_te = torch.cuda.is_available() and not te_absent()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization="RMSNorm", pp_rank=pp_rank)
+    use_mla_core_attention(spec)  # ours where the local attention rejects MLA's head dims
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
         if mlp.module is MoELayer:
@@ -230,13 +226,18 @@ class Policy:
         freqs = position_ids.t().to(torch.float32)[..., None] * inv_freq  # [S, B, dim/2]
         return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
 
-    def _stage_forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor]):
+    def _stage_forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor],
+                       attention_mask: Optional[torch.Tensor] = None):
         """Run this rank's chunk. First stage: embed ``tokens``; other stages read the tensor
         the schedule received (``set_input_tensor``). Returns [L', b, H] (L' = padded L, /tp
-        under sequence parallelism); on the last stage final-normed."""
+        under sequence parallelism); on the last stage final-normed. ``attention_mask``
+        [b|1, 1, L, L] bool (True = hidden), e.g. block-diagonal for packed sequences; None:
+        causal."""
         gpt = self.gpt
         b, length = tokens.shape
         lp = self._padded_len(length)
+        if self.model_cfg.is_mla:
+            check_mla_positions(position_ids, length)
         if position_ids is None:
             position_ids = torch.arange(length, device=self.device).expand(b, length)
         if lp > length:
@@ -250,11 +251,14 @@ class Policy:
             if self.sequence_parallel:
                 n = lp // self.info.tp
                 padding_mask = padding_mask[:, self.info.tp_rank * n:(self.info.tp_rank + 1) * n]
+        if attention_mask is not None and lp > length:  # pads see nothing real, none see them
+            attention_mask = F.pad(attention_mask, (0, lp - length, 0, lp - length), value=True)
         decoder_input = None
         if gpt.pre_process:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
-        hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=None,
-                             rotary_pos_emb=self.rotary_table(position_ids),
+        hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
+                             rotary_pos_emb=None if self.model_cfg.is_mla  # MLA ropes itself
+                             else self.rotary_table(position_ids),
                              padding_mask=padding_mask)
         return hidden
 
@@ -371,10 +375,13 @@ class Policy:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            pos = mb.get("position_ids")
+            pos, mask, cu = mb.get("position_ids"), None, mb.get("cu_seqlens")
+            if cu is not None:  # packed sequences (r1fast.policy.packed)
+                pos, mask = packed_layout(cu, mb["tokens"].shape[1], self.device)
             with self._replaying(mb.get("routing"), mb["tokens"].shape):
                 hidden = self._stage_forward(mb["tokens"],
-                                             None if pos is None else pos.to(self.device))
+                                             None if pos is None else pos.to(self.device),
+                                             None if mask is None else mask.to(self.device))
 
             def loss_func(output, non_loss_data: bool = False):
                 return head(self.head_input(output, mb["tokens"].shape[1]), mb)
@@ -388,10 +395,9 @@ class Policy:
                   collect_non_loss_data=forward_only)
 
     def _reset_aux_loss_scale(self) -> None:
-        """megatron keeps the gradient scale of the MoE auxiliary losses in a class variable:
-        the schedule copies its scale into it (shape [1]), while a backward outside the schedule
-        creates it as a 0-d tensor, after which the schedule's copy fails. Start each run from a
-        [1]-shaped 1 (the schedule then sets its own; a direct backward uses 1)."""
+        """megatron keeps the MoE aux-loss gradient scale in a class variable that the schedule
+        copies a [1] tensor into, while a backward outside the schedule makes it 0-d (and the
+        next copy fails): start each run from a [1]-shaped 1."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1, device=self.device)
@@ -468,12 +474,13 @@ class Policy:
     def logprobs(self, tokens: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                  return_entropy: bool = False, *, micro_batch_size: Optional[int] = None,
                  broadcast: bool = True, routing: Optional[Mapping[int, torch.Tensor]] = None,
-                 impl: str = "auto"):
+                 impl: str = "auto", cu_seqlens: Optional[torch.Tensor] = None):
         """log p(targets | tokens) [B, L] fp32 (and the entropy [B, L] when asked), computed by
         ``linear_logprob`` on the vocab-parallel output layer; no full logits. ``targets`` equal
         to -100 give 0. With PP the result is broadcast from the last stage to every rank.
         ``routing`` ({layer: [B, L, k]}, e.g. from :meth:`record_routing` at rollout time)
-        replays those experts instead of routing."""
+        replays those experts instead of routing. ``cu_seqlens`` [B, S+1]: each row holds
+        packed sequences with these boundaries (r1fast.policy.packed)."""
         from r1fast.ops.linear_logprob import linear_logprob
 
         tokens = self._check_tokens(tokens)
@@ -495,15 +502,15 @@ class Policy:
         shape = tuple(tokens.shape)
         out = self._inference(tokens, head, [shape] * (2 if return_entropy else 1),
                               micro_batch_size, broadcast,
-                              per_row={"targets": targets, "routing": routing})
+                              per_row={"targets": targets, "routing": routing,
+                                       "cu_seqlens": cu_seqlens})
         if out is None:
             return None
         return out if return_entropy else out[0]
 
     def logits(self, tokens: torch.Tensor, *, micro_batch_size: Optional[int] = None,
                broadcast: bool = True) -> Optional[torch.Tensor]:
-        """Full logits [B, L, V] fp32 (gathered over TP): materialises [B, L, V], so use
-        :meth:`logprobs` for training-size batches."""
+        """Full logits [B, L, V] fp32 (gathered over TP; use :meth:`logprobs` for training)."""
         tokens = self._check_tokens(tokens)
 
         def head(hidden, mb):
@@ -553,16 +560,6 @@ class Policy:
         return list(self._schedule(batches, head, forward_only=False))
 
 
-def _mark_expert_params(gpt: torch.nn.Module) -> None:
-    """Flag routed-expert weights expert-parallel (``allreduce=False``: reduced over the
-    expert-DP group) at any EP; megatron does it only for EP > 1. Under sequence parallelism
-    each TP rank's experts see only its tokens, so their gradients must be summed over expert
-    DP (which spans the TP ranks); at EP = 1, expert DP = TP x DP, so this is exact there too."""
-    for name, p in gpt.named_parameters():
-        if ".mlp.experts." in name:
-            p.allreduce = False
-
-
 def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None,
                  seed: int = 0, *, trainable: bool = True, ddp_config: Any = None) -> Policy:
     """Initialise the parallel layout (if needed), build this rank's GPTModel chunk with the
@@ -580,12 +577,12 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] 
         share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         position_embedding_type="rope", rotary_base=int(model_cfg.rope_theta),
         parallel_output=True)
-    if model_cfg.rope_theta != int(model_cfg.rope_theta):
+    if model_cfg.rope_theta != int(model_cfg.rope_theta) and not model_cfg.is_mla:
         # megatron types rotary_base as int; rebuild the table with the exact base.
         dim = config.kv_channels
         gpt.rotary_pos_emb.inv_freq = 1.0 / (model_cfg.rope_theta ** (
             torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    _mark_expert_params(gpt)
+    mark_expert_params(gpt)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     policy = Policy(model_cfg, parallel_cfg, info, config, gpt)

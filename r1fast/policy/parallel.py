@@ -146,3 +146,13 @@ def destroy_parallel(destroy_process_group: bool = True) -> None:
     _LAYOUT = None
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def mark_expert_params(gpt: torch.nn.Module) -> None:
+    """Flag routed-expert weights expert-parallel (``allreduce=False``: reduced over the
+    expert-DP group) at any EP; megatron does it only for EP > 1. Under sequence parallelism
+    each TP rank's experts see only its tokens, so their gradients must be summed over expert
+    DP (which spans the TP ranks); at EP = 1, expert DP = TP x DP, so this is exact there too."""
+    for name, p in gpt.named_parameters():
+        if ".mlp.experts." in name:
+            p.allreduce = False

@@ -1,0 +1,112 @@
+"""The ``deepseek_v3`` Hugging Face config <-> :class:`ModelConfig` (DeepSeek-V3/R1, Moonlight,
+Kimi-K2 checkpoints all use this family).
+
+What maps to what: MLA (``q_lora_rank`` None means one q projection, ``kv_lora_rank``,
+``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``), YaRN from ``rope_parameters`` /
+``rope_scaling`` (``factor``, ``original_max_position_embeddings``, ``beta_fast``,
+``beta_slow``, ``mscale``, ``mscale_all_dim``), the first ``first_k_dense_replace`` layers dense,
+``n_routed_experts`` routed experts of width ``moe_intermediate_size``, ``n_shared_experts``
+shared experts fused into one of width ``n_shared_experts * moe_intermediate_size``, sigmoid
+scores with the ``e_score_correction_bias`` (always present in the family), group-limited
+selection (``n_group``/``topk_group``), ``norm_topk_prob``, ``routed_scaling_factor``, and
+``num_nextn_predict_layers`` multi-token-prediction layers (kept as tensors, not built).
+RoPE must be interleaved (``rope_interleave=True``, DeepSeek's layout, which megatron's MLA
+assumes).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+_YARN_KEYS = (("factor", "rope_factor"), ("original_max_position_embeddings",
+                                          "rope_original_max_position"),
+              ("beta_fast", "rope_beta_fast"), ("beta_slow", "rope_beta_slow"),
+              ("mscale", "rope_mscale"), ("mscale_all_dim", "rope_mscale_all_dim"))
+
+
+def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig keyword arguments of a ``deepseek_v3`` config (``get(key, default)``),
+    on top of ``base`` (the family-independent ones)."""
+    if get("attention_bias", False):
+        raise ValueError("from_hf_config: attention_bias=True is not supported for deepseek_v3")
+    if get("rope_interleave", True) is False:
+        raise ValueError("from_hf_config: deepseek_v3 with rope_interleave=False is not "
+                         "supported (megatron's MLA applies DeepSeek's interleaved RoPE)")
+    if (get("scoring_func", "sigmoid") or "sigmoid") != "sigmoid":
+        raise ValueError(f"from_hf_config: deepseek_v3 scoring_func must be 'sigmoid', got "
+                         f"{get('scoring_func')!r}")
+    kw = dict(base)
+    heads = kw["num_attention_heads"]
+    kw.update(attention="mla", num_query_groups=heads, head_dim=None, qk_layernorm=True,
+              add_qkv_bias=False, q_lora_rank=get("q_lora_rank"),
+              kv_lora_rank=get("kv_lora_rank"), qk_nope_head_dim=get("qk_nope_head_dim"),
+              qk_rope_head_dim=get("qk_rope_head_dim"), v_head_dim=get("v_head_dim"),
+              mtp_layers=int(get("num_nextn_predict_layers", 0) or 0))
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"from_hf_config: deepseek_v3 rope_type must be 'default' or 'yarn', "
+                         f"got {rope_type!r}")
+    kw["rope_type"] = rope_type
+    if rope_type == "yarn":
+        for hf_key, key in _YARN_KEYS:
+            if rope.get(hf_key) is not None:
+                kw[key] = (int if key == "rope_original_max_position" else float)(rope[hf_key])
+    n_exp = get("n_routed_experts")
+    if n_exp:
+        n_dense = get("first_k_dense_replace", 0) or 0
+        freq = get("moe_layer_freq", 1) or 1
+        dense = tuple(i for i in range(kw["num_layers"]) if i < n_dense or i % freq != 0)
+        n_shared = get("n_shared_experts", 0) or 0
+        n_group, topk_group = get("n_group", 1) or 1, get("topk_group", 1) or 1
+        kw.update(num_experts=n_exp, moe_ffn_hidden_size=get("moe_intermediate_size"),
+                  moe_router_topk=get("num_experts_per_tok"), dense_layers=dense,
+                  shared_expert_size=n_shared * get("moe_intermediate_size") or None,
+                  router_score="sigmoid", router_expert_bias=True,
+                  router_n_groups=n_group if n_group > 1 else None,
+                  router_topk_groups=topk_group if n_group > 1 else None,
+                  router_scaling_factor=float(get("routed_scaling_factor", 1.0) or 1.0),
+                  router_normalize=bool(get("norm_topk_prob", True)),
+                  router_bias_update_rate=0.0)
+    return kw
+
+
+def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
+    """The ``deepseek_v3`` config.json of an MLA ModelConfig (``base``: the shared keys)."""
+    if cfg.is_moe and (cfg.router_score != "sigmoid" or not cfg.router_expert_bias
+                       or cfg.router_pre_softmax or cfg.shared_expert_gate):
+        raise ValueError("to_hf_config: deepseek_v3 routes with sigmoid scores and the expert "
+                         "bias, no pre-softmax, no shared-expert gate")
+    n_dense = len(cfg.dense_layers)
+    if cfg.is_moe and tuple(cfg.dense_layers) != tuple(range(n_dense)):
+        raise ValueError(f"to_hf_config: deepseek_v3 needs the dense layers first "
+                         f"(first_k_dense_replace), got dense_layers={cfg.dense_layers}")
+    d = dict(base)
+    for key in ("head_dim", "use_sliding_window"):
+        d.pop(key, None)
+    d.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+             num_key_value_heads=cfg.num_attention_heads, attention_bias=False,
+             q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+             v_head_dim=cfg.v_head_dim, rope_interleave=True,
+             num_nextn_predict_layers=cfg.mtp_layers)
+    rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+    if cfg.rope_type == "yarn":
+        for hf_key, key in _YARN_KEYS:
+            rope[hf_key] = getattr(cfg, key)
+        if rope["original_max_position_embeddings"] is None:
+            rope["original_max_position_embeddings"] = cfg.max_position_embeddings
+    d["rope_parameters"] = rope
+    if cfg.is_moe:
+        shared = cfg.shared_expert_size or 0
+        if shared % cfg.moe_ffn_hidden_size != 0:
+            raise ValueError(f"to_hf_config: shared_expert_size ({shared}) must be a multiple "
+                             f"of moe_ffn_hidden_size ({cfg.moe_ffn_hidden_size})")
+        d.update(n_routed_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                 num_experts_per_tok=cfg.moe_router_topk, first_k_dense_replace=n_dense,
+                 n_shared_experts=shared // cfg.moe_ffn_hidden_size,
+                 n_group=cfg.router_n_groups or 1, topk_group=cfg.router_topk_groups or 1,
+                 routed_scaling_factor=cfg.router_scaling_factor,
+                 norm_topk_prob=cfg.router_normalize is not False)
+    else:
+        d.update(n_routed_experts=None, first_k_dense_replace=cfg.num_layers)
+    return d

@@ -1,0 +1,145 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3) in the policy, on megatron-core's modules.
+
+megatron-core builds the MLA layer (``MLASelfAttention`` from the local or TE layer spec with
+``multi_latent_attention=True``; ``MLATransformerConfig`` carries the ranks and head dims and the
+YaRN parameters). What r1fast adds:
+
+* :func:`mla_config_kwargs`: the ``MLATransformerConfig`` class and fields of a
+  :class:`~r1fast.policy.config.ModelConfig` with ``attention="mla"``.
+* :class:`MLACoreAttention`: the core attention of the *local* spec. megatron's local
+  ``DotProductAttention`` cannot take MLA's ``k_channels``/``v_channels`` (q/k heads of width
+  ``qk_nope + qk_rope``, v heads of ``v_head_dim``); this module computes, per head,
+
+      out = softmax(Q K^T * scale + mask) V,      Q, K: [s, d_qk],  V: [s, d_v],
+
+  with the scale MLA hands it, ``mscale^2 / sqrt(qk_nope + qk_rope)`` where ``mscale = 0.1
+  mscale_all_dim ln(factor) + 1`` under YaRN with ``mscale_all_dim != 0`` (else 1), and a
+  causal mask aligned bottom-right (query i of sq sees keys 0 .. sk - sq + i, so decoding with a
+  KV cache works), or the boolean ``attention_mask`` megatron passes (True = hidden), e.g. the
+  block-diagonal mask of packed rows. Scores and softmax are fp32 (docs/DESIGN.md §4); the
+  output has the input dtype, shape ``[sq, b, heads * d_v]``. With Transformer Engine (GPU)
+  the TE spec's attention is used instead.
+* :func:`use_mla_core_attention`: puts it into a block spec in place of the local attention.
+
+RoPE: megatron's MLA applies DeepSeek's interleaved RoPE to positions ``0 .. s-1`` itself
+(and the YaRN cos/sin factor), so explicit ``position_ids`` other than those are refused
+(:func:`check_mla_positions`).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from r1fast.policy.config import ModelConfig
+
+
+def mla_config_kwargs(model: ModelConfig) -> tuple[type, dict[str, Any]]:
+    """(config class, extra fields) of ``model`` for megatron: ``TransformerConfig`` and {} for
+    grouped-query attention, ``MLATransformerConfig`` and the MLA/YaRN fields for MLA."""
+    from megatron.core.transformer import TransformerConfig
+
+    if not model.is_mla:
+        return TransformerConfig, {}
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    yarn = model.rope_type == "yarn"
+    return MLATransformerConfig, dict(
+        q_lora_rank=model.q_lora_rank, kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_nope_head_dim, qk_pos_emb_head_dim=model.qk_rope_head_dim,
+        v_head_dim=model.v_head_dim, rope_type="yarn" if yarn else "rope",
+        rotary_base=model.rope_theta,
+        rotary_scaling_factor=model.rope_factor if yarn else 1.0,
+        original_max_position_embeddings=(model.rope_original_max_position
+                                          or model.max_position_embeddings),
+        beta_fast=model.rope_beta_fast, beta_slow=model.rope_beta_slow,
+        mscale=model.rope_mscale, mscale_all_dim=model.rope_mscale_all_dim if yarn else 0.0)
+
+
+def softmax_scale(model: ModelConfig) -> float:
+    """The attention softmax scale MLA uses: mscale^2 / sqrt(qk_nope + qk_rope) (YaRN mscale
+    from rope_mscale_all_dim; 1 without YaRN)."""
+    import math
+
+    mscale = 1.0
+    if model.rope_type == "yarn" and model.rope_mscale_all_dim and model.rope_factor > 1:
+        mscale = 0.1 * model.rope_mscale_all_dim * math.log(model.rope_factor) + 1.0
+    return mscale * mscale / math.sqrt(model.qk_head_dim)
+
+
+class MLACoreAttention(torch.nn.Module):
+    """softmax(Q K^T * scale + mask) V with q/k head width != v head width (module docstring).
+
+    Built by megatron's ``MultiLatentAttention`` with the arguments of its core attention;
+    ``forward(query [sq, b, n, dqk], key [sk, b, n, dqk], value [sk, b, n, dv],
+    attention_mask)`` returns ``[sq, b, n * dv]``.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, k_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection: Any = None) -> None:
+        super().__init__()
+        if getattr(config, "context_parallel_size", 1) != 1:
+            raise ValueError("MLACoreAttention: context parallelism is not supported")
+        p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if p:
+            raise ValueError(f"MLACoreAttention: attention dropout must be 0, got {p}")
+        self.config = config
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.k_channels, self.v_channels = k_channels, v_channels
+        # megatron's Attention base class first builds this without k_channels, then MLA
+        # rebuilds it with them (and its scale); the first instance is discarded.
+        d = k_channels or getattr(config, "kv_channels", None) or 1
+        self.softmax_scale = softmax_scale if softmax_scale is not None else d ** -0.5
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type=None,
+                attention_bias: Optional[torch.Tensor] = None,
+                packed_seq_params: Any = None) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("MLACoreAttention: packed_seq_params / attention_bias are not "
+                             "supported (pass a boolean attention_mask for packed rows)")
+        sq, b, n, _ = query.shape
+        sk = key.shape[0]
+        q = query.permute(1, 2, 0, 3).float()           # [b, n, sq, dqk]
+        k = key.permute(1, 2, 3, 0).float()             # [b, n, dqk, sk]
+        v = value.permute(1, 2, 0, 3)                   # [b, n, sk, dv]
+        scores = torch.matmul(q, k) * self.softmax_scale  # [b, n, sq, sk] fp32
+        if attention_mask is not None:
+            hidden = attention_mask.to(torch.bool)
+        else:  # causal, aligned so that the last query sees every key
+            i = torch.arange(sq, device=query.device)[:, None]
+            j = torch.arange(sk, device=query.device)[None, :]
+            hidden = j > i + (sk - sq)
+        scores = scores.masked_fill(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        # a fully hidden row (a pad under a packed mask) gives NaN: it attends to nothing
+        probs = torch.nan_to_num(probs, nan=0.0)
+        out = torch.matmul(probs.to(v.dtype), v)        # [b, n, sq, dv]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, n * v.shape[-1])
+
+
+def use_mla_core_attention(spec) -> None:
+    """Replace the local spec's core attention of every MLA layer of ``spec`` (a block spec)
+    by :class:`MLACoreAttention`; TE attention (GPU) is kept."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    for layer in spec.layer_specs:
+        attn = layer.submodules.self_attention
+        if attn.module is MLASelfAttention and attn.submodules.core_attention in (
+                DotProductAttention, None):
+            attn.submodules.core_attention = MLACoreAttention
+
+
+def check_mla_positions(position_ids: Optional[torch.Tensor], length: int) -> None:
+    """megatron's MLA ropes positions 0..L-1 itself: refuse other explicit positions."""
+    if position_ids is None:
+        return
+    want = torch.arange(length, device=position_ids.device)
+    if not bool((position_ids[:, :length] == want).all()):
+        raise ValueError("position_ids: attention='mla' applies RoPE at positions 0..L-1 "
+                         "(megatron's MLA); right-pad rows instead of left-padding or packing")

@@ -1,0 +1,251 @@
+"""DeepSeek-V3 end to end on a tiny ``deepseek_v3`` model built offline with transformers: MLA
+with q LoRA and YaRN, 3 layers with the first dense, 8 routed experts in 4 groups (top-2
+groups, top-4 experts), one shared expert, a random correction bias, routed_scaling_factor 2.5.
+r1fast's log-probs and every gradient equal transformers' (fp32); export -> transformers reload
+is bit-exact; multi-token-prediction tensors are kept and written back unchanged; our MLA core
+attention equals an fp64 formula; bad configs name the field."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from r1fast.ops.linear_logprob import linear_logprob  # noqa: E402
+from r1fast.policy.config import ModelConfig, ParallelConfig  # noqa: E402
+from r1fast.policy.hf_checkpoint import (  # noqa: E402
+    gather_hf_state_dict, load_hf_checkpoint, load_model_config, save_hf_checkpoint)
+from r1fast.policy.mla import MLACoreAttention, softmax_scale  # noqa: E402
+from r1fast.policy.model import build_policy  # noqa: E402
+from r1fast.policy.parallel import destroy_parallel  # noqa: E402
+
+V = 128
+HF_CONFIG = dict(
+    vocab_size=V, hidden_size=48, intermediate_size=96, moe_intermediate_size=16,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+    first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    max_position_embeddings=256, tie_word_embeddings=False, rope_interleave=True,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_rank():
+    yield
+    destroy_parallel()
+
+
+def make_hf(seed: int = 0, **over):
+    torch.manual_seed(seed)
+    cfg = transformers.DeepseekV3Config(**{**HF_CONFIG, **over})
+    model = transformers.DeepseekV3ForCausalLM(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3 if name.endswith("gate.weight") else 0.1)
+            if "norm" in name:
+                p.add_(1.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand(b.shape) * 0.2 - 0.1)  # random, keys stay positive
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = make_hf()
+    path = str(tmp_path_factory.mktemp("dsv3"))
+    model.save_pretrained(path, safe_serialization=True)
+    return model, path
+
+
+def batch(seed: int = 1, b: int = 3, length: int = 13):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (b, length), generator=g)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = -100
+    return tokens, targets
+
+
+def hf_logprobs(model, tokens, targets):
+    logits = model(tokens).logits.float()
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return torch.where(targets == -100, 0.0, lp)
+
+
+def per_expert(named: dict) -> dict:
+    """Fused transformers expert parameters -> the per-expert checkpoint names."""
+    out = {}
+    for k, v in named.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            for e in range(v.shape[0]):
+                gate, up = v[e].chunk(2, dim=0)
+                out[f"{k[:-12]}{e}.gate_proj.weight"] = gate
+                out[f"{k[:-12]}{e}.up_proj.weight"] = up
+        elif k.endswith("mlp.experts.down_proj"):
+            for e in range(v.shape[0]):
+                out[f"{k[:-9]}{e}.down_proj.weight"] = v[e]
+        else:
+            out[k] = v
+    return out
+
+
+def load(path, trainable=False):
+    policy = build_policy(load_model_config(path), ParallelConfig(), trainable=trainable)
+    load_hf_checkpoint(policy, path)
+    return policy
+
+
+def test_config_translation(saved):
+    cfg = load_model_config(saved[1])
+    assert cfg.is_mla and cfg.q_lora_rank == 24 and cfg.kv_lora_rank == 16
+    assert (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (8, 4, 12)
+    assert cfg.dense_layers == (0,) and cfg.num_experts == 8 and cfg.shared_expert_size == 16
+    assert (cfg.router_score, cfg.router_n_groups, cfg.router_topk_groups) == ("sigmoid", 4, 2)
+    assert cfg.router_expert_bias and cfg.router_scaling_factor == 2.5
+    assert cfg.rope_type == "yarn" and cfg.rope_factor == 4.0 and cfg.rope_mscale_all_dim == 1.0
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
+
+
+def test_logprobs_match_hf(saved):
+    model, path = saved
+    policy = load(path)
+    tokens, targets = batch()
+    with torch.no_grad():
+        ref = hf_logprobs(model, tokens, targets)
+    mine = policy.logprobs(tokens, targets)
+    assert (mine.double() - ref).abs().max().item() < 1e-5
+
+
+def test_gradients_match_hf(saved):
+    model, path = saved
+    policy = load(path, trainable=True)
+    tokens, targets = batch(seed=2)
+    n = float((targets != -100).sum())
+    model.zero_grad()
+    (-hf_logprobs(model, tokens, targets).sum() / n).float().backward()
+    ref = per_expert({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+
+    def loss_fn(hidden, weight, mb):
+        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
+                            mb["targets"].reshape(-1), tp_group=policy.tp_group)
+        return -lp.sum() / n, {}
+
+    policy.forward_backward([{"tokens": tokens, "targets": targets}], loss_fn)
+    mine = gather_hf_state_dict(policy, grads=True)
+    assert set(mine) == set(ref)
+    for k in ref:
+        assert (mine[k] - ref[k]).abs().max().item() < 1e-5, k
+
+
+def test_export_then_reload_in_transformers_is_exact(saved, tmp_path):
+    model, path = saved
+    policy = load(path)
+    out = str(tmp_path / "export")
+    save_hf_checkpoint(policy, out)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["model_type"] == "deepseek_v3"
+    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(out).float()
+    ref, got = model.state_dict(), reloaded.state_dict()
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_mtp_layers_are_kept_and_written_back(saved, tmp_path):
+    """A checkpoint with num_nextn_predict_layers=1: the MTP layer (model.layers.3.*) is not
+    built, but export writes its tensors back bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    src = str(tmp_path / "mtp")
+    os.makedirs(src)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    mtp = {"model.layers.3.eh_proj.weight": torch.randn(48, 96, generator=g),
+           "model.layers.3.enorm.weight": torch.randn(48, generator=g).bfloat16(),
+           "model.layers.3.self_attn.kv_b_proj.weight": torch.randn(80, 16, generator=g)}
+    save_file({**tensors, **mtp}, os.path.join(src, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump({**hf, "num_nextn_predict_layers": 1}, f)
+    policy = load(src)
+    assert policy.model_cfg.mtp_layers == 1
+    out = str(tmp_path / "out")
+    save_hf_checkpoint(policy, out)
+    back = load_file(os.path.join(out, "model.safetensors"))
+    for k, v in mtp.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_nextn_predict_layers"] == 1
+
+
+def test_plain_q_projection_without_yarn(tmp_path):
+    """q_lora_rank None (one q projection, DeepSeek-V2-Lite style) and default RoPE."""
+    model = make_hf(seed=3, q_lora_rank=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    path = str(tmp_path / "plain")
+    model.save_pretrained(path, safe_serialization=True)
+    policy = load(path)
+    tokens, targets = batch(seed=4)
+    with torch.no_grad():
+        ref = hf_logprobs(model, tokens, targets)
+    assert (policy.logprobs(tokens, targets).double() - ref).abs().max().item() < 1e-5
+
+
+def _fp64_attention(q, k, v, scale, mask=None):
+    s = torch.einsum("qbnd,kbnd->bnqk", q.double(), k.double()) * scale
+    sq, sk = q.shape[0], k.shape[0]
+    hidden = mask if mask is not None else \
+        torch.arange(sk)[None, :] > torch.arange(sq)[:, None] + (sk - sq)
+    p = torch.softmax(s.masked_fill(hidden, float("-inf")), -1)
+    return torch.einsum("bnqk,kbnd->qbnd", p, v.double()).reshape(sq, q.shape[1], -1)
+
+
+@pytest.mark.parametrize("sq,sk", [(7, 7), (1, 9), (3, 9)])
+def test_core_attention_matches_fp64(sq, sk):
+    cfg = ModelConfig(vocab_size=V, hidden_size=48, num_attention_heads=4, attention="mla",
+                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                      rope_type="yarn", rope_factor=40.0, rope_mscale_all_dim=1.0).validate()
+    scale = softmax_scale(cfg)
+    m = 0.1 * math.log(40.0) + 1.0
+    assert scale == pytest.approx(m * m / math.sqrt(12))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(sq, 2, 4, 12, generator=g), torch.randn(sk, 2, 4, 12, generator=g)
+    v = torch.randn(sk, 2, 4, 5, generator=g)
+
+    class C:
+        attention_dropout = 0.0
+        context_parallel_size = 1
+
+    att = MLACoreAttention(C(), 1, None, "self", softmax_scale=scale, k_channels=12,
+                           v_channels=5)
+    out = att(q, k, v, None)
+    assert out.shape == (sq, 2, 20)
+    assert (out.double() - _fp64_attention(q, k, v, scale)).abs().max().item() < 1e-5
+    mask = torch.rand(sq, sk, generator=g) > 0.5
+    mask[:, 0] = False
+    got = att(q, k, v, mask[None, None])
+    assert (got.double() - _fp64_attention(q, k, v, scale, mask)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(kv_lora_rank=None), "kv_lora_rank must be set"),
+    (dict(attention="gqa"), "q_lora_rank is an MLA field"),
+    (dict(num_experts=6, router_n_groups=4), r"num_experts \(6\) must be divisible by "
+                                             r"router_n_groups"),
+    (dict(router_topk_groups=5), "router_topk_groups must be in"),
+    (dict(qk_rope_head_dim=3), "qk_rope_head_dim must be even"),
+])
+def test_bad_configs_name_the_field(saved, change, match):
+    cfg = load_model_config(saved[1])
+    with pytest.raises(ValueError, match=match):
+        cfg.replace(**change)
