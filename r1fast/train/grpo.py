@@ -113,8 +113,10 @@ class GRPOTrainer:
         an existing run (:meth:`_check_fresh_start`).
 
         The LR schedule's length is the checkpoint's (megatron restores ``lr_decay_steps``
-        from it): a resume with a different ``run.steps`` keeps the old schedule and warns,
-        because stretching a cosine/linear decay in the middle would make the LR jump."""
+        from it). A resume with a different ``run.steps`` extends a constant schedule (exact:
+        its LR does not depend on the length) and otherwise keeps the checkpoint's schedule
+        with a WARNING, because stretching a cosine/linear decay mid-run would make the LR jump
+        (past the old end the LR stays at ``optim.min_lr``)."""
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
             self._check_fresh_start()
@@ -134,15 +136,20 @@ class GRPOTrainer:
         a = self.cfg.algo
         want = max(self.cfg.run.steps * a.ppo_epochs * a.mini_batches,
                    self.cfg.optim.warmup_steps + 1)
-        have = int(self.engine.scheduler.lr_decay_steps)
-        if have != want:
+        sched = self.engine.scheduler
+        have = int(sched.lr_decay_steps)
+        if have != want and sched.lr_decay_style == "constant" and want > sched.lr_warmup_steps:
+            # a constant LR does not depend on the schedule's length: extending it is exact
+            sched.lr_decay_steps = sched.wd_incr_steps = want
+            log.info("run.steps=%d: the constant LR schedule is extended from %d to %d updates",
+                     self.cfg.run.steps, have, want)
+        elif have != want:
             log.warning(
                 "run.steps=%d asks for an LR schedule of %d updates, but the checkpoint's "
                 "schedule (kept) has %d (lr_decay_style=%s): the LR continues on the "
-                "checkpoint's schedule%s", self.cfg.run.steps, want, have,
-                self.cfg.optim.lr_decay_style,
-                ", and stays at optim.min_lr after its end" if want > have
-                and self.cfg.optim.lr_decay_style != "constant" else "")
+                "checkpoint's schedule%s; stretching a decay mid-run would make the LR jump",
+                self.cfg.run.steps, want, have, sched.lr_decay_style,
+                ", and stays at optim.min_lr after its end" if want > have else "")
 
     def _check_fresh_start(self) -> None:
         """Step 0 in a folder that holds checkpoints or metrics: an error unless

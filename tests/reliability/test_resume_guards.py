@@ -39,8 +39,8 @@ def test_damaged_pointer_resumes_newest_and_metrics_are_truncated(tmp_path, capl
     assert "newest complete checkpoint" in caplog.text and "step_00000002" in caplog.text
     assert "dropped 2 row(s) after step 2" in caplog.text
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
-    # the LR schedule of the checkpoint is kept, and the log says so
-    assert "checkpoint's schedule (kept)" in caplog.text
+    # a constant LR schedule is extended to the longer run (exact), and the log says so
+    assert "constant LR schedule is extended from 2 to 3 updates" in caplog.text
     assert (ckpts / "step_00000002").is_dir() and (ckpts / "step_00000003").is_dir()
 
 
@@ -63,3 +63,15 @@ def test_fresh_start_over_an_existing_run_needs_overwrite(tmp_path):
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000001").is_dir()
     assert len(read_jsonl(aside[0] / "metrics.jsonl")) == 1
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
+
+
+def test_longer_run_with_a_decaying_lr_says_the_schedule_is_kept(tmp_path, caplog):
+    out = tmp_path / "run"
+    cosine = ("--optim.lr_decay_style=cosine", "--optim.min_lr=0")
+    _fit(out, "--run.steps=1", *cosine)
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        rows = _fit(out, "--run.steps=3", *cosine)
+    assert [r["step"] for r in rows] == [2, 3]
+    assert "checkpoint's schedule (kept) has 1" in caplog.text
+    assert "stays at optim.min_lr after its end" in caplog.text
+    assert rows[-1]["lr"] == 0.0
