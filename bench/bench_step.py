@@ -9,6 +9,14 @@ step. Results: bench/results/step_<device>.json.
 
     python bench/bench_step.py                 # tiny recipe on CPU
     python bench/bench_step.py --recipe recipes/tiny.toml --steps 4 --run.foo=...
+    python bench/bench_step.py --mix           # the update on a realistic length mix:
+                                               # padded vs packed, one run
+
+``--mix`` times the trainer side of a step (old + reference log-probs, then the update) on a
+fixed batch whose lengths look like real RL data: prompts of 20-200 tokens, completions
+long-tailed (log-normal, median 60, capped at 512), padded rows versus packed micro-batches
+under ``--token-budget``; it reports the padding fraction, the times, the speed-up, the peak
+memory of each and the largest loss / grad-norm difference between the two layouts.
 """
 from __future__ import annotations
 
@@ -48,11 +56,99 @@ def run(recipe: str | None, steps: int, fused: bool, overrides: list[str]) -> di
     return out
 
 
+def length_mix(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Prompt and completion lengths of ``n`` rows, as in the module docstring."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = [rng.randint(20, 200) for _ in range(n)]
+    comps = [min(512, max(1, int(rng.lognormvariate(4.1, 0.9)))) for _ in range(n)]
+    return prompts, comps
+
+
+def update_mix(recipe: str, rows: int, budget: int, reps: int, overrides: list[str]) -> list[dict]:
+    """Old/ref log-probs + one update on the length mix, padded and packed (same batch)."""
+    import time
+
+    import torch
+
+    from harness import peak_extra_bytes
+    from r1fast.train.batch import build_update_batch
+    from r1fast.train.config import load_train_config
+    from r1fast.train.grpo import GRPOTrainer
+
+    p_len, c_len = length_mix(rows)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in p_len]
+    comps = [torch.randint(3, 90, (n,), generator=g).tolist() for n in c_len]
+    batch = build_update_batch(prompts, comps, [[-1.0] * n for n in c_len],
+                               torch.randn(rows, generator=g), torch.ones(rows, dtype=torch.bool),
+                               pad_id=0)
+    real = int(batch.lengths.sum())
+    out = []
+    for layout, budget_arg in (("padded", 0), ("packed", budget)):
+        extra = [f"--parallel.max_tokens_per_microbatch={budget_arg}"]
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_train_config(recipe, [*overrides, *extra, f"--run.out_dir={tmp}",
+                                             "--run.progress=false", "--run.tensorboard=false",
+                                             "--model.aux_loss_coef=0.0", "--optim.lr=1e-12"])  # weights stay put
+            tr = GRPOTrainer(cfg)
+
+            def once():
+                old, ref = tr._old_and_ref_logprobs(batch, None)
+                return tr._update(batch, old, ref)
+
+            once()  # warm-up
+            times, upd = [], None
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                upd = once()
+                times.append(time.perf_counter() - t0)
+            mem = peak_extra_bytes(once, torch.device("cpu"))
+            packs = tr._packs(batch)
+            computed = (len(packs) * packs[0].length if packs else batch.tokens.numel())
+            tr.task.close()
+        out.append({"op": "grpo_update_mix", "provider": layout, "rows": rows,
+                    "real_tokens": real, "computed_tokens": computed,
+                    "padding_frac": 1 - real / computed, "s": statistics.median(times),
+                    "peak_extra_mib": mem / 2**20, "loss": upd["loss"],
+                    "grad_norm": upd["grad_norm"], "token_budget": budget})
+    out[1]["speedup_vs_padded"] = out[0]["s"] / out[1]["s"]
+    out[1]["loss_abs_diff"] = abs(out[0]["loss"] - out[1]["loss"])
+    out[1]["grad_norm_rel_diff"] = abs(out[0]["grad_norm"] - out[1]["grad_norm"]) / \
+        max(out[0]["grad_norm"], 1e-12)
+    return out
+
+
+def main_mix(args, overrides) -> int:
+    env = environment()
+    rows = [{**r, **env} for r in update_mix(args.recipe, args.rows, args.token_budget,
+                                               args.steps, overrides)]
+    print(f"GRPO update on a realistic length mix ({args.rows} rows; prompts 20-200, "
+          f"completions log-normal), {env['device']}")
+    print("layout | computed tokens | padding | time s | peak extra MiB | loss | grad norm")
+    for r in rows:
+        print(f"{r['provider']:>6} | {r['computed_tokens']} | {r['padding_frac']:.2f} | "
+              f"{r['s']:.3f} | {r['peak_extra_mib']:.0f} | {r['loss']:.6f} | "
+              f"{r['grad_norm']:.6f}")
+    p = rows[1]
+    print(f"packed vs padded: {p['speedup_vs_padded']:.2f}x faster, |loss diff| "
+          f"{p['loss_abs_diff']:.2e}, grad-norm rel diff {p['grad_norm_rel_diff']:.2e}")
+    dev = "cpu" if env["device"].startswith("cpu") else "cuda"
+    print("saved", save_rows(rows, f"step_mix_{dev}"))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes/tiny.toml"))
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--mix", action="store_true", help="padded vs packed update, length mix")
+    ap.add_argument("--rows", type=int, default=32, help="rows of the --mix batch")
+    ap.add_argument("--token-budget", type=int, default=2048, help="packed micro-batch budget")
     args, overrides = ap.parse_known_args()
+    if args.mix:
+        return main_mix(args, overrides)
     env = environment()
     rows = []
     for fused in (True, False):
