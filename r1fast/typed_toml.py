@@ -81,20 +81,7 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
             raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
-        value = dict(value)
-        if "preset" in value and callable(getattr(tp, "preset", None)):  # [model] preset = ".."
-            name = value.pop("preset")
-            try:
-                base = tp.preset(name)
-            except ValueError as e:
-                raise ConfigError(f"config key '{key}.preset': {e}") from e
-        if dataclasses.is_dataclass(base) and not isinstance(base, type):
-            value = merge(_shallow_fields(base), value)
-        return from_dict(tp, value, prefix=key + "." if key else "")
+        return _coerce_table(value, tp, key, base)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
@@ -116,6 +103,25 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     return value
+
+
+def _coerce_table(value: Any, tp: type, key: str, base: Any) -> Any:
+    """A nested dataclass from a table, merged onto ``base`` (the field's default) or onto
+    ``tp.preset(name)`` when the table says ``preset = name``."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
+    value = dict(value)
+    if "preset" in value and callable(getattr(tp, "preset", None)):  # [model] preset = ".."
+        name = value.pop("preset")
+        try:
+            base = tp.preset(name)
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}.preset': {e}") from e
+    if dataclasses.is_dataclass(base) and not isinstance(base, type):
+        value = merge(_shallow_fields(base), value)
+    return from_dict(tp, value, prefix=key + "." if key else "")
 
 
 def _shallow_fields(obj: Any) -> dict:
