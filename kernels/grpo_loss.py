@@ -413,22 +413,20 @@ def grpo_loss_fwd(
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 
 
-def prepare(device: torch.device | str | None = None) -> None:
-    """Allocate the completion tickets now: of ``device``, or of the CPU (interpreter) and every
-    visible CUDA device. Called by the first launch; call it before capturing a CUDA graph that
-    contains the loss (an allocation inside a capture would come from the graph's private pool,
-    which later replays reuse), or run the loss once outside the capture (the usual warm-up)."""
-    if device is not None:
-        devices = [torch.device(device)]
-    else:
-        devices = [torch.device("cpu")]
-        if torch.cuda.is_available():
-            devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    for d in devices:
-        if d.type == "cuda" and d.index is None:
-            d = torch.device("cuda", torch.cuda.current_device())
-        if d not in _TICKETS:
-            _TICKETS[d] = torch.zeros(1, dtype=torch.int32, device=d)
+def prepare(device: torch.device | str | None = None) -> torch.Tensor:
+    """Allocate the completion ticket of ``device`` (default: the current CUDA device, else the
+    CPU for the interpreter) now, and return it. The first launch on a device calls it; call it
+    before capturing a CUDA graph that contains the loss (an allocation inside a capture would
+    come from the graph's private pool, which later replays reuse), or run the loss once outside
+    the capture (the usual warm-up). Only that device is touched: no CUDA context is created on
+    the other GPUs a rank can see."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = _key(torch.device(device))
+    t = _TICKETS.get(key)
+    if t is None:
+        t = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=key)
+    return t
 
 
 def _key(device: torch.device) -> torch.device:
@@ -438,9 +436,9 @@ def _key(device: torch.device) -> torch.device:
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
-    """The per-device int32 completion counter of the loss kernel. Allocated eagerly for every
-    device at the first launch (:func:`prepare`), never inside a CUDA-graph capture (that
-    raises: call :func:`prepare` or run the loss once before capturing)."""
+    """The per-device int32 completion counter of the loss kernel, allocated by :func:`prepare`
+    at the first launch on the device, never inside a CUDA-graph capture (that raises: call
+    :func:`prepare` or run the loss once before capturing)."""
     key = _key(device)
     t = _TICKETS.get(key)
     if t is None:
@@ -448,9 +446,7 @@ def _ticket(device: torch.device) -> torch.Tensor:
             raise RuntimeError("grpo_loss: the completion ticket of device "
                                f"{key} must be allocated before CUDA-graph capture: call "
                                "r1fast.kernels.grpo_loss.prepare() or run the loss once first")
-        prepare()
-        prepare(key)
-        t = _TICKETS[key]
+        t = prepare(key)
     return t
 
 

@@ -294,10 +294,7 @@ def test_a_ticket_left_non_zero_cannot_poison_the_next_call(poison, device):
 
 
 def test_ticket_is_allocated_eagerly_per_device(device):
-    K.prepare()
-    assert torch.device("cpu") in K._TICKETS
-    if torch.cuda.is_available():
-        assert all(torch.device("cuda", i) in K._TICKETS
-                   for i in range(torch.cuda.device_count()))
-    t = K._ticket(device)
-    assert t.dtype == torch.int32 and t.numel() == 1 and K._ticket(device) is t
+    t = K.prepare(device)
+    assert t.device.type == device.type and t.dtype == torch.int32 and t.numel() == 1
+    assert K._ticket(device) is t and K.prepare(device) is t  # one per device, kept
+    assert K.prepare() is K._ticket(device)  # default: the current CUDA device, else the CPU
