@@ -83,7 +83,7 @@ def render_summary(rows: list[dict], dry: bool, finished: bool, elapsed: float) 
     lines = [f"# r1fast gpu-check{' (DRY: tiny shapes, Triton interpreter)' if dry else ''}", ""]
     lines.append(f"- state: {'finished' if finished else 'in progress or cut short'} after "
                  f"{elapsed:.0f} s")
-    for key in ("device", "clocks", "torch", "cuda_runtime", "triton", "nvcc", "python",
+    for key in ("device", "clocks", "torch", "cuda_runtime", "have_triton", "nvcc", "python",
                 "git_commit", "git_dirty", "have_megatron", "have_liger_kernel",
                 "have_transformer_engine", "time"):
         if key in env:
