@@ -63,7 +63,7 @@ def _junit_counts(path: Path) -> dict:
 
 
 _BENCH_COLS = ("op", "provider", "mode", "shape", "ms", "tflops", "gbps", "frac_roofline",
-               "frac_copy", "peak_extra_mib", "max_abs_err", "skipped")
+               "frac_copy", "peak_extra_mib", "max_abs_err", "step_s", "tokens_per_s", "skipped")
 
 
 def _fmt(v) -> str:
