@@ -16,7 +16,9 @@ size depends on the data).
 Host syncs: none on the hot path when ``num_experts`` is given. The value checks (expert ids in
 ``[0, E)``, a row map that is a permutation) need the data, so they run only under
 ``R1FAST_DEBUG_CHECKS=1`` or ``validate=True`` (``r1fast.ops._dispatch.debug_checks``);
-out-of-range ids otherwise give undefined rows, as an out-of-range index into a tensor would. The row copies and the weighted combine are the bandwidth-bound part
+out-of-range ids otherwise give undefined rows, as an out-of-range index into a tensor would.
+
+The row copies and the weighted combine are the bandwidth-bound part
 and run in the Triton (``r1fast.kernels.moe_permute``) or CUDA (``csrc/moe_route.cu``) kernels.
 
 Gradients: permute is differentiable w.r.t. ``x`` (``dx[t] = sum_j dpermuted[row_map[t,j]]``);
