@@ -63,7 +63,8 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
     rows.append(("optimizer: Adam m, v (fp32)", shard, _gib(w.adam_bytes)))
     if w.reference_bytes:
         rows.append((f"reference policy ({plan.params_dtype})",
-                     f"frozen copy for the KL term (algo.kl = {cfg.algo.kl})",
+                     f"frozen copy for the KL term (algo.kl = {cfg.algo.objective.kl}, "
+                     f"kl_coef = {cfg.algo.objective.kl_coef})",
                      _gib(w.reference_bytes)))
     rows.append(("= resident state", "", _gib(w.resident_bytes)))
     per = ", ".join(f"{k} {_gib(v)}" for k, v in w.activation_bytes.items())

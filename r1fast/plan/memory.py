@@ -450,7 +450,7 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     st = StagePlan(
         stage=stage, layers=(lo, hi), dense_params=dense, expert_params=expert,
         param_bytes=n * p_bytes, grad_bytes=n * 4, master_bytes=shard * master,
-        adam_bytes=shard * 8, reference_bytes=n * p_bytes if cfg.algo.kl is not None else 0,
+        adam_bytes=shard * 8, reference_bytes=n * p_bytes if _uses_reference(cfg) else 0,
         activation_bytes=acts, in_flight=in_flight, activations_total=act_total,
         logprob_fused_bytes=lp_fused, logprob_unfused_bytes=lp_unfused, logprob_bytes=lp,
         kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, train_peak=0, rollout_peak=0)
@@ -564,3 +564,10 @@ def measure_saved_bytes(fn, exclude=()) -> tuple[object, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return result, sum(seen.values())
+
+
+def _uses_reference(cfg) -> bool:
+    """Whether GRPO keeps a frozen reference policy: a KL term with kl_coef > 0 (as the
+    trainer decides, r1fast/train/grpo.py)."""
+    obj = cfg.algo.objective
+    return obj.kl is not None and obj.kl_coef > 0

@@ -394,13 +394,18 @@ class ParallelConfig:
     """Tensor parallel size: attention heads, MLP width and vocabulary split over tp ranks."""
     pp: int = 1
     """Pipeline parallel size: layers split over pp stages (one chunk per rank)."""
+    pp_first_stage_layers: Optional[int] = None
+    """Uneven pipelines: layers on the first stage (megatron num_layers_in_first_pipeline_stage);
+    None: an even share. The middle stages split what the first/last leave evenly."""
+    pp_last_stage_layers: Optional[int] = None
+    """Uneven pipelines: layers on the last stage (e.g. fewer, as it also holds the head)."""
     ep: int = 1
     """Expert parallel size: routed experts split over ep ranks."""
     etp: int = 1
     """Expert tensor parallel size (only 1 is supported: whole experts per rank)."""
     sequence_parallel: Optional[bool] = None
     """Split the sequence over TP ranks outside attention/MLP. None: on exactly when tp > 1 and
-    the model has experts, because megatron refuses to train MoE at tp > 1 without it; off
+    the model has experts (megatron refuses to train MoE at tp > 1 without it) or MLA; off
     otherwise. Requires the sequence length to be padded to a multiple of tp (done by Policy)."""
     world_size: Optional[int] = None
     """Number of processes; None: torch.distributed's world size (1 if not initialised)."""
@@ -420,6 +425,34 @@ class ParallelConfig:
     def expert_dp(self) -> int:
         return self.resolved_world_size() // (self.ep * self.etp * self.pp)
 
+    def stage_layers(self, num_layers: int) -> list[int]:
+        """Layers of each pipeline stage (raises ValueError naming the field when the split
+        does not add up to ``num_layers``)."""
+        first, last, pp = self.pp_first_stage_layers, self.pp_last_stage_layers, self.pp
+        for name, v in (("pp_first_stage_layers", first), ("pp_last_stage_layers", last)):
+            if v is not None and (pp == 1 or v < 1):
+                raise ValueError(f"ParallelConfig: {name} must be None at pp=1 and >= 1 "
+                                 f"otherwise, got {v} at pp={pp}")
+        if first is not None and last is not None and pp == 2 and first + last != num_layers:
+            raise ValueError(f"ParallelConfig: pp_first_stage_layers + pp_last_stage_layers "
+                             f"({first} + {last}) must equal num_layers ({num_layers}) at pp=2")
+        if first is None and last is None and num_layers % pp != 0:
+            raise ValueError(f"ParallelConfig: num_layers ({num_layers}) must be divisible by pp "
+                             f"({pp}), or set pp_first_stage_layers / pp_last_stage_layers")
+        middle = pp - (first is not None) - (last is not None)
+        rest = num_layers - (first or 0) - (last or 0)
+        if middle == 0 and rest != 0 or middle and (rest < middle or rest % middle != 0):
+            raise ValueError(f"ParallelConfig: pp_first_stage_layers/pp_last_stage_layers "
+                             f"({first}/{last}) do not split num_layers ({num_layers}) "
+                             f"over pp={pp} stages: {rest} layers left for {middle} stages")
+        each = rest // middle if middle else 0
+        out = [each] * pp
+        if first is not None:
+            out[0] = first
+        if last is not None:
+            out[-1] = last
+        return out
+
     def resolved_world_size(self) -> int:
         if self.world_size is not None:
             return self.world_size
@@ -430,7 +463,7 @@ class ParallelConfig:
     def use_sequence_parallel(self, model: Optional[ModelConfig] = None) -> bool:
         if self.sequence_parallel is not None:
             return bool(self.sequence_parallel) and self.tp > 1
-        return self.tp > 1 and model is not None and model.is_moe
+        return self.tp > 1 and model is not None and (model.is_moe or model.is_mla)
 
     def validate(self, model: Optional[ModelConfig] = None) -> "ParallelConfig":
         """Raise ValueError for a layout that cannot hold ``model`` on this world size."""
@@ -455,9 +488,7 @@ class ParallelConfig:
                              f"got {self.micro_batch_size}")
         if model is None:
             return self
-        if model.num_layers % self.pp != 0:
-            raise ValueError(f"ParallelConfig: num_layers ({model.num_layers}) must be divisible "
-                             f"by pp ({self.pp})")
+        self.stage_layers(model.num_layers)
         if model.num_attention_heads % self.tp != 0:
             raise ValueError(f"ParallelConfig: num_attention_heads ({model.num_attention_heads}) "
                              f"must be divisible by tp ({self.tp})")
@@ -479,6 +510,9 @@ class ParallelConfig:
                                  f"divisible by ep ({self.ep})")
         elif self.ep != 1:
             raise ValueError(f"ParallelConfig: ep must be 1 for a dense model, got {self.ep}")
+        if self.sequence_parallel is False and self.tp > 1 and model.is_mla:
+            raise ValueError("ParallelConfig: attention='mla' at tp > 1 needs sequence_parallel "
+                             "(r1fast.policy.mla.DuplicatedLinear); leave it None")
         if self.sequence_parallel is False and self.tp > 1 and model.is_moe:
             raise ValueError("ParallelConfig: an MoE model at tp > 1 needs sequence_parallel "
                              "(megatron refuses to train it otherwise); leave it None")

@@ -59,10 +59,11 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 
 
-_MLA = {  # megatron MLASelfAttention -> HF DeepseekV3Attention (TP splits q/kv heads by rows)
-    "linear_q_proj": ("rows", "q_proj"), "linear_q_down_proj": ("rows", "q_a_proj"),
+_MLA = {  # megatron MLASelfAttention -> HF DeepseekV3Attention (TP splits the up projections
+    # by heads; the down projections are whole on every rank, see r1fast.policy.mla)
+    "linear_q_proj": ("rows", "q_proj"), "linear_q_down_proj": ("rep", "q_a_proj"),
     "q_layernorm": ("rep", "q_a_layernorm"), "linear_q_up_proj": ("rows", "q_b_proj"),
-    "linear_kv_down_proj": ("rows", "kv_a_proj_with_mqa"),
+    "linear_kv_down_proj": ("rep", "kv_a_proj_with_mqa"),
     "kv_layernorm": ("rep", "kv_a_layernorm"), "linear_kv_up_proj": ("rows", "kv_b_proj"),
 }
 

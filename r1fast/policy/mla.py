@@ -19,7 +19,8 @@ YaRN parameters). What r1fast adds:
   block-diagonal mask of packed rows. Scores and softmax are fp32 (docs/DESIGN.md §4); the
   output has the input dtype, shape ``[sq, b, heads * d_v]``. With Transformer Engine (GPU)
   the TE spec's attention is used instead.
-* :func:`use_mla_core_attention`: puts it into a block spec in place of the local attention.
+* :class:`DuplicatedLinear`: MLA's down projections, replicated over TP (why: its docstring).
+* :func:`use_mla_local_modules`: puts both into a block spec of the local kind.
 
 RoPE: megatron's MLA applies DeepSeek's interleaved RoPE to positions ``0 .. s-1`` itself
 (and the YaRN cos/sin factor), so explicit ``position_ids`` other than those are refused
@@ -122,17 +123,62 @@ class MLACoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(sq, b, n * v.shape[-1])
 
 
-def use_mla_core_attention(spec) -> None:
-    """Replace the local spec's core attention of every MLA layer of ``spec`` (a block spec)
-    by :class:`MLACoreAttention`; TE attention (GPU) is kept."""
+class DuplicatedLinear(torch.nn.Module):
+    """``y = x W^T`` with the whole ``W [out, in]`` on every TP rank: MLA's q and kv down
+    projections in the local spec (TE's ``parallel_mode="duplicated"``).
+
+    megatron's local spec makes them ``ColumnParallelLinear`` and gathers the output over TP;
+    the backward of that gather keeps only this rank's slice of the gradient, but the shared
+    RoPE key ``k_pos_emb`` taken from it feeds only this rank's heads, so its gradient is a
+    partial sum and the kv down projection's gradient comes out wrong at TP > 1 (measured:
+    4% off). Duplicated, the projection runs on this rank's sequence-parallel tokens, MLA
+    gathers ``k_pos_emb`` over the sequence (whose backward reduce-scatters, summing the heads'
+    contributions), and the weight is flagged ``sequence_parallel`` so megatron sums its
+    gradient over TP. MLA at TP > 1 therefore runs with sequence parallelism.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method,
+                 bias: bool = False, tp_group=None, **_: Any) -> None:
+        super().__init__()
+        if bias:
+            raise ValueError("DuplicatedLinear: bias is not supported")
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size,
+                                                     dtype=config.params_dtype))
+        init_method(self.weight)
+        import torch.distributed as dist
+
+        if tp_group is not None and dist.is_initialized() and dist.get_world_size(tp_group) > 1:
+            with torch.no_grad():  # one initial value on every TP rank
+                dist.broadcast(self.weight.data, src=dist.get_global_rank(tp_group, 0),
+                               group=tp_group)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+        self.weight.tensor_model_parallel = False
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight), None
+
+
+def use_mla_local_modules(spec) -> None:
+    """In every MLA layer of ``spec`` (a block spec) of the local (non-TE) kind: our core
+    attention and duplicated down projections (:class:`MLACoreAttention`,
+    :class:`DuplicatedLinear`). TE layers (GPU with Transformer Engine) are kept."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import multi_latent_attention as mla_module
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     for layer in spec.layer_specs:
         attn = layer.submodules.self_attention
-        if attn.module is MLASelfAttention and attn.submodules.core_attention in (
-                DotProductAttention, None):
-            attn.submodules.core_attention = MLACoreAttention
+        if attn.module is not mla_module.MLASelfAttention:
+            continue
+        sub = attn.submodules
+        if sub.core_attention in (DotProductAttention, None):
+            sub.core_attention = MLACoreAttention
+        if sub.linear_kv_down_proj is ColumnParallelLinear:
+            sub.linear_q_down_proj = sub.linear_kv_down_proj = DuplicatedLinear
+            # MLASelfAttention accepts its down projections from a fixed list of classes; the
+            # slot of modelopt's Linear is free without TE (see megatron_compat.te).
+            if not mla_module.HAVE_TE:
+                mla_module.Linear = DuplicatedLinear
 
 
 def check_mla_positions(position_ids: Optional[torch.Tensor], length: int) -> None:

@@ -85,6 +85,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         qk_layernorm=model.qk_layernorm or model.is_mla, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=model.init_std,
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        num_layers_in_first_pipeline_stage=parallel.pp_first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel.pp_last_stage_layers,
         expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=parallel.use_sequence_parallel(model),
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -105,13 +107,13 @@ def layer_spec(model: ModelConfig, config, pp_rank: Optional[int] = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from r1fast.policy.mla import use_mla_core_attention
+    from r1fast.policy.mla import use_mla_local_modules
     from r1fast.policy.router import R1fastRouter
 
     use_te = torch.cuda.is_available() and not te_absent()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization="RMSNorm", pp_rank=pp_rank)
-    use_mla_core_attention(spec)  # ours where the local attention rejects MLA's head dims
+    use_mla_local_modules(spec)  # MLA: our core attention + duplicated down projections
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
         if mlp.module is MoELayer:

@@ -97,7 +97,8 @@ def parity(args: dict[str, Any]) -> dict[str, Any]:
     from r1fast.policy.optim import OptimConfig, build_optimizer, unshard_main_grads
 
     ckpt = args["ckpt"]
-    layout = ParallelConfig(tp=args["tp"], pp=args["pp"], ep=args["ep"])
+    layout = ParallelConfig(tp=args["tp"], pp=args["pp"], ep=args["ep"],
+                            **args.get("layout", {}))  # e.g. uneven pipeline stage sizes
     if args.get("create"):
         cfg = ModelConfig.from_dict(args["model"])
         maker = build_policy(cfg, layout, seed=args.get("seed", 0), trainable=False)

@@ -249,3 +249,23 @@ def test_bad_configs_name_the_field(saved, change, match):
     cfg = load_model_config(saved[1])
     with pytest.raises(ValueError, match=match):
         cfg.replace(**change)
+
+
+@pytest.mark.parametrize("layout,match", [
+    (dict(pp=2, pp_first_stage_layers=1, pp_last_stage_layers=1),
+     r"pp_first_stage_layers \+ pp_last_stage_layers \(1 \+ 1\) must equal num_layers \(3\)"),
+    (dict(pp=2), r"num_layers \(3\) must be divisible by pp \(2\), or set pp_first_stage"),
+    (dict(pp=1, pp_first_stage_layers=1), "pp_first_stage_layers must be None at pp=1"),
+    (dict(tp=2, sequence_parallel=False), "attention='mla' at tp > 1 needs sequence_parallel"),
+])
+def test_bad_layouts_name_the_field(saved, layout, match):
+    cfg = load_model_config(saved[1])
+    with pytest.raises(ValueError, match=match):
+        ParallelConfig(world_size=2, **layout).validate(cfg)
+
+
+def test_uneven_pipeline_split():
+    assert ParallelConfig(pp=2, pp_first_stage_layers=1).stage_layers(3) == [1, 2]
+    assert ParallelConfig(pp=4, pp_first_stage_layers=13,
+                          pp_last_stage_layers=12).stage_layers(61) == [13, 18, 18, 12]
+    assert sum(ParallelConfig(pp=16, pp_first_stage_layers=1).stage_layers(61)) == 61
