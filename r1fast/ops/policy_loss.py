@@ -45,7 +45,7 @@ from typing import Literal, Optional
 
 import torch
 
-from r1fast.ops._dispatch import resolve_impl
+from r1fast.ops._dispatch import debug_checks, resolve_impl
 from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_tensor
 
 LOSSES = ("ppo", "gspo", "cispo")
@@ -155,7 +155,7 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
             raise ValueError("cu_seqlens must have B+1 >= 1 entries, got 0")
         num_seqs = cu_seqlens.numel() - 1
         length = None
-        if not torch.compiler.is_compiling():  # value checks need the data (one sync)
+        if _value_checks(dev):  # value checks need the data (one sync)
             lens = cu_seqlens.diff().long()  # [B]
             zero = lens.new_zeros(())
             first, last, decreasing, length = torch.stack([
@@ -196,7 +196,7 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
         else:
             _check_number("global_normalizer", global_normalizer)
             check_range("global_normalizer", global_normalizer, 0.0, lo_open=True)
-    if not torch.compiler.is_compiling() and (mask.is_floating_point() or tensor_norm):
+    if _value_checks(dev) and (mask.is_floating_point() or tensor_norm):
         # value checks that need the data, in one host sync: a float mask is a weight (>= 0,
         # finite); a tensor normaliser must be finite and > 0 like a number one
         zero = torch.zeros((), dtype=torch.float64, device=dev)
@@ -210,9 +210,19 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
         if tensor_norm and not (math.isfinite(norm) and norm > 0):
             raise ValueError(f"global_normalizer must be a finite number > 0, got the tensor "
                              f"value {norm}")
+    if max_len is None and length is None and not padded and global_normalizer is None \
+            and cfg.agg == "seq-mean-token-sum-norm" and not torch.compiler.is_compiling():
+        length = int(cu_seqlens.diff().max()) if num_seqs > 0 else 0  # needed: L_max (a sync)
     if max_len is None:
         max_len = length if length is not None else 0
     return _Layout(padded, num_seqs, max_len, adv_per_token, cu_seqlens)
+
+
+def _value_checks(device: torch.device) -> bool:
+    """Whether ``_validate`` reads tensor values: always for CPU tensors (no device to wait
+    for), on an accelerator only under ``R1FAST_DEBUG_CHECKS=1`` (each read is a host sync on
+    the hot path), never while compiling."""
+    return not torch.compiler.is_compiling() and (device.type == "cpu" or debug_checks())
 
 
 def loss_denominator(agg: str, *, num_tokens, num_seqs: int, max_len: int):
