@@ -53,6 +53,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from r1fast.plan.mla_memory import mla_activation_bytes as _mla_activation_bytes
+from r1fast.plan.mla_memory import mla_params as _mla_params
 from r1fast.policy.config import ModelConfig, ParallelConfig
 
 GiB = 1024 ** 3
@@ -200,6 +202,8 @@ class MemoryPlan:
 # ------------------------------------------------------------------------------ parameters
 
 def _attention_params(m: ModelConfig, tp: int) -> int:
+    if m.is_mla:
+        return _mla_params(m, tp)
     H, d, nq, nkv = m.hidden_size, m.kv_channels, m.num_attention_heads, m.kv_heads
     qkv_rows = (nq + 2 * nkv) * d // tp
     n = H + qkv_rows * H + H * (nq * d // tp)  # input norm, linear_qkv, linear_proj
@@ -222,14 +226,19 @@ def layer_params(m: ModelConfig, layer: int, tp: int = 1, ep: int = 1) -> tuple[
     return dense, (m.num_experts // ep) * 3 * H * m.moe_ffn_hidden_size
 
 
-def stage_layers(m: ModelConfig, pp: int, stage: int) -> tuple[int, int]:
-    per = m.num_layers // pp
-    return stage * per, (stage + 1) * per
+def stage_layers(m: ModelConfig, pp: int, stage: int,
+                 split: Optional[list[int]] = None) -> tuple[int, int]:
+    """[lo, hi) global layers of ``stage``; ``split``: layers per stage (ParallelConfig
+    .stage_layers, uneven pipelines), None: an even split."""
+    split = split or [m.num_layers // pp] * pp
+    lo = sum(split[:stage])
+    return lo, lo + split[stage]
 
 
-def stage_params(m: ModelConfig, tp: int, pp: int, ep: int, stage: int) -> tuple[int, int]:
+def stage_params(m: ModelConfig, tp: int, pp: int, ep: int, stage: int,
+                 split: Optional[list[int]] = None) -> tuple[int, int]:
     """(dense, expert) parameters on one rank of pipeline stage ``stage``."""
-    lo, hi = stage_layers(m, pp, stage)
+    lo, hi = stage_layers(m, pp, stage, split)
     dense = expert = 0
     for i in range(lo, hi):
         d, e = layer_params(m, i, tp, ep)
@@ -290,6 +299,9 @@ def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: in
     # two RMSNorms on the residual stream + their outputs (the next linear's input), which
     # layernorm recompute (selective) drops
     out = 2 * norm(H, 1 / sp) + (0.0 if selective else 2 * H / sp * act)
+    if m.is_mla:
+        out += _mla_activation_bytes(m, tp, sp, act, seq_len, selective, local, norm)
+        return out + _mlp_activation_bytes(m, layer, tp, sp, act, selective)
     # attention: the fused qkv output, q/k norms, RoPE cos/sin (q and k), core attention
     attn = (nq + 2 * nkv) * d * act
     if m.qk_layernorm:
@@ -303,6 +315,13 @@ def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: in
         attn += 0.0 if selective else nq * 4  # flash attention's fp32 log-sum-exp
     attn += nq * d * act  # core attention output = linear_proj input
     out += attn / tp
+    return out + _mlp_activation_bytes(m, layer, tp, sp, act, selective)
+
+
+def _mlp_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int,
+                          selective: bool) -> float:
+    out = 0.0
+    H = m.hidden_size
     if not m.is_moe or layer in m.dense_layers:
         # SwiGLU: fc1 output [2F], silu output [F], linear half + offset [F], fc2 input [F]
         return out + 5 * m.ffn_hidden_size / tp * act
@@ -330,7 +349,7 @@ def stage_activation_bytes(m: ModelConfig, par: ParallelConfig, stage: int, toke
     tp, pp = par.tp, par.pp
     sp = tp if par.use_sequence_parallel(m) else 1
     act = _BYTES[m.params_dtype]
-    lo, hi = stage_layers(m, pp, stage)
+    lo, hi = stage_layers(m, pp, stage, par.stage_layers(m.num_layers))
     total = sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec)
                 for i in range(lo, hi))
     if mode == "full":  # the backward re-runs one layer with everything saved
@@ -360,7 +379,13 @@ def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int) -> tuple[int, int]:
 
 
 def kv_cache_bytes(m: ModelConfig, tp: int, layers: int, seqs: int, seq_len: int) -> int:
-    """K and V of ``layers`` layers for ``seqs`` sequences of ``seq_len`` tokens on one rank."""
+    """K and V of ``layers`` layers for ``seqs`` sequences of ``seq_len`` tokens on one rank.
+    MLA: megatron's static inference context (r1fast's KV-cache decoder) caches the expanded
+    per-head keys and values, (qk_nope + qk_rope + v) per head, not the compressed latent
+    (kv_lora + qk_rope per token) that an absorbed-MLA decoder would keep."""
+    if m.is_mla:
+        per_token = (m.num_attention_heads // tp) * (m.qk_head_dim + m.v_head_dim)
+        return layers * per_token * seqs * seq_len * _BYTES[m.params_dtype]
     return 2 * layers * (m.kv_heads // tp) * m.kv_channels * seqs * seq_len * _BYTES[m.params_dtype]
 
 
@@ -427,7 +452,8 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     shard_expert = (par.expert_dp if ep > 1 else dp) if dist_opt else 1
     reserve = int(opts.reserve_gib * GiB)
 
-    dense, expert = stage_params(m, tp, pp, ep, stage)
+    split = par.stage_layers(m.num_layers)
+    dense, expert = stage_params(m, tp, pp, ep, stage, split)
     n = dense + expert
     acts = {mode: stage_activation_bytes(m, par, stage, batch.tokens, batch.seq_len, mode,
                                          opts.spec) for mode in RECOMPUTE_MODES}
@@ -438,7 +464,7 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     else:
         lp_fused = lp_unfused = 0
     lp = lp_fused if cfg.algo.use_fused_kernels else lp_unfused
-    lo, hi = stage_layers(m, pp, stage)
+    lo, hi = stage_layers(m, pp, stage, split)
     kv = kv_cache_bytes(m, tp, hi - lo, batch.rows, batch.seq_len)
     # sampling logits [B, V] fp32 (gathered) + the local shard, one step of a KV decoder;
     # the prefix-recomputing decoder holds them for every position [B, L, V]
