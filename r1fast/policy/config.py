@@ -268,8 +268,9 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
         """Tiny CPU-sized models: ``tiny-moe`` (Qwen3-MoE-like), ``tiny-dsv3`` (DeepSeek-V3-like
-        routing: sigmoid, groups, expert bias, shared expert), ``tiny-dense`` (Qwen3-like dense
-        student for distillation)."""
+        routing: sigmoid, groups, expert bias, shared expert; GQA attention), ``tiny-dsv3-mla``
+        (the DeepSeek-V3 architecture: MLA, dense first layer, V3 routing), ``tiny-dense``
+        (Qwen3-like dense student for distillation)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {tuple(PRESETS)}")
         return dataclasses.replace(PRESETS[name]).validate()
@@ -510,6 +511,10 @@ class ParallelConfig:
                                  f"divisible by ep ({self.ep})")
         elif self.ep != 1:
             raise ValueError(f"ParallelConfig: ep must be 1 for a dense model, got {self.ep}")
+        if model.is_mla and self.max_tokens_per_microbatch:
+            raise ValueError("ParallelConfig: max_tokens_per_microbatch (packed rows) needs "
+                             "per-row positions, which attention='mla' does not take (megatron's "
+                             "MLA ropes positions 0..L-1): set it to 0")
         if self.sequence_parallel is False and self.tp > 1 and model.is_mla:
             raise ValueError("ParallelConfig: attention='mla' at tp > 1 needs sequence_parallel "
                              "(r1fast.policy.mla.DuplicatedLinear); leave it None")
@@ -531,6 +536,13 @@ PRESETS: dict[str, ModelConfig] = {
         moe_router_topk=2, shared_expert_size=32, router_score="sigmoid", router_n_groups=4,
         router_topk_groups=2, router_expert_bias=True, router_bias_update_rate=1e-3,
         router_scaling_factor=2.5, qk_layernorm=True, max_position_embeddings=512),
+    "tiny-dsv3-mla": ModelConfig(  # DeepSeek-V3 in small: MLA + V3 routing, first layer dense
+        vocab_size=256, hidden_size=64, num_layers=3, num_attention_heads=4, attention="mla",
+        q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, ffn_hidden_size=128, num_experts=8, moe_ffn_hidden_size=32,
+        moe_router_topk=4, dense_layers=(0,), shared_expert_size=32, router_score="sigmoid",
+        router_n_groups=4, router_topk_groups=2, router_expert_bias=True,
+        router_bias_update_rate=0.0, router_scaling_factor=2.5, max_position_embeddings=512),
     "tiny-dense": ModelConfig(
         vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
         head_dim=16, ffn_hidden_size=128, qk_layernorm=True, max_position_embeddings=512),

@@ -269,3 +269,16 @@ def test_uneven_pipeline_split():
     assert ParallelConfig(pp=4, pp_first_stage_layers=13,
                           pp_last_stage_layers=12).stage_layers(61) == [13, 18, 18, 12]
     assert sum(ParallelConfig(pp=16, pp_first_stage_layers=1).stage_layers(61)) == 61
+
+
+def test_tiny_mla_preset_builds_and_refuses_packing():
+    cfg = ModelConfig.preset("tiny-dsv3-mla")
+    assert cfg.is_mla and cfg.dense_layers == (0,) and cfg.router_n_groups == 4
+    with pytest.raises(ValueError, match="max_tokens_per_microbatch .* set it to 0"):
+        ParallelConfig(max_tokens_per_microbatch=64, world_size=1).validate(cfg)
+    policy = build_policy(cfg, ParallelConfig(), trainable=False)
+    tokens, targets = batch(length=9)
+    lp = policy.logprobs(tokens, targets)
+    assert lp.shape == (3, 9) and bool(torch.isfinite(lp).all())
+    with pytest.raises(ValueError, match="attention='mla' applies RoPE at positions 0..L-1"):
+        policy.hidden_states(tokens, position_ids=torch.arange(9).expand(3, 9) + 2)
