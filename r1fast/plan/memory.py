@@ -29,7 +29,7 @@ matching r1fast's policy (r1fast.policy.optim):
 - activations of one micro-batch of ``micro_batch_size`` sequences of ``prompt_len +
   max_new_tokens`` tokens, times the micro-batches 1F1B keeps in flight on the stage
   (``min(pp - stage, n_micro)``), for three recompute settings (none; selective = megatron's
-  ``recompute_modules`` core_attn + layernorm + moe_act; full = uniform, one layer per
+  ``recompute_modules`` core_attn, as ParallelConfig.recompute sets it; full = uniform, one layer per
   checkpoint), counted tensor by tensor for the Transformer Engine layers (flash attention)
   or megatron's local layers, with balanced expert load;
 - the log-prob head on the last stage: full fp32 logits ``[T, V / tp]`` with their softmax and
@@ -296,9 +296,8 @@ def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: in
         the normalised input; the output is kept by the consumer (counted there)."""
         return rows * (width * act + 4 + (width * act if local else 0))
 
-    # two RMSNorms on the residual stream + their outputs (the next linear's input), which
-    # layernorm recompute (selective) drops
-    out = 2 * norm(H, 1 / sp) + (0.0 if selective else 2 * H / sp * act)
+    # two RMSNorms on the residual stream + their outputs (the next linear's input)
+    out = 2 * norm(H, 1 / sp) + 2 * H / sp * act
     if m.is_mla:
         out += _mla_activation_bytes(m, tp, sp, act, seq_len, selective, local, norm)
         return out + _mlp_activation_bytes(m, layer, tp, sp, act, selective)
@@ -330,8 +329,8 @@ def _mlp_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int
     # top-k indices and weights, permutation indices
     out += (4 * H + 4 * 4 * E + E + 3 * 8 * k) / sp
     # per routed token: expert input [H], fc1 output [2 Fm], silu output, linear half,
-    # product, probability-scaled fc2 input [Fm each] (moe_act recompute keeps input and fc1)
-    out += k * ((H + 2 * Fm) * act + (0 if selective else 4 * Fm * act) + 4) / sp
+    # product, probability-scaled fc2 input [Fm each]
+    out += k * ((H + 2 * Fm) * act + 4 * Fm * act + 4) / sp
     if m.shared_expert_size is not None:
         out += 5 * m.shared_expert_size / tp * act
     return out

@@ -400,6 +400,12 @@ class ParallelConfig:
     None: an even share. The middle stages split what the first/last leave evenly."""
     pp_last_stage_layers: Optional[int] = None
     """Uneven pipelines: layers on the last stage (e.g. fewer, as it also holds the head)."""
+    recompute: str = "none"
+    """Activation recompute (megatron's granularities): "none"; "selective" recomputes the
+    core attention in the backward (megatron recompute_modules=["core_attn"]: the [s, s]
+    softmax of the local attention; megatron's "layernorm" needs Transformer Engine and
+    "moe_act" grouped GEMM, neither used here); "full" keeps only each layer's input and
+    re-runs the whole layer (recompute_method="uniform", recompute_num_layers=1)."""
     ep: int = 1
     """Expert parallel size: routed experts split over ep ranks."""
     etp: int = 1
@@ -425,6 +431,17 @@ class ParallelConfig:
     @property
     def expert_dp(self) -> int:
         return self.resolved_world_size() // (self.ep * self.etp * self.pp)
+
+    def megatron_kwargs(self) -> dict[str, Any]:
+        """The TransformerConfig fields of the pipeline split and of activation recompute."""
+        kw: dict[str, Any] = dict(num_layers_in_first_pipeline_stage=self.pp_first_stage_layers,
+                                  num_layers_in_last_pipeline_stage=self.pp_last_stage_layers)
+        if self.recompute == "selective":
+            kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+        elif self.recompute == "full":
+            kw.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+        return kw
 
     def stage_layers(self, num_layers: int) -> list[int]:
         """Layers of each pipeline stage (raises ValueError naming the field when the split
@@ -482,6 +499,9 @@ class ParallelConfig:
         if ws % (self.ep * self.etp * self.pp) != 0:
             raise ValueError(f"ParallelConfig: world size {ws} is not a multiple of ep*pp = "
                              f"{self.ep}*{self.pp}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"ParallelConfig: recompute must be one of ('none', 'selective', "
+                             f"'full'), got {self.recompute!r}")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("ParallelConfig: sequence_parallel needs tp > 1")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:

@@ -117,8 +117,10 @@ class MLACoreAttention(torch.nn.Module):
             hidden = j > i + (sk - sq)
         scores = scores.masked_fill(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        # a fully hidden row (a pad under a packed mask) gives NaN: it attends to nothing
-        probs = torch.nan_to_num(probs, nan=0.0)
+        if attention_mask is not None:
+            # a fully hidden row (a pad under a packed mask) gives NaN: it attends to nothing
+            # (the causal mask never hides a whole row; skipping this saves an [s, s] copy)
+            probs = torch.nan_to_num(probs, nan=0.0)
         out = torch.matmul(probs.to(v.dtype), v)        # [b, n, sq, dv]
         return out.permute(2, 0, 1, 3).reshape(sq, b, n * v.shape[-1])
 

@@ -85,8 +85,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         qk_layernorm=model.qk_layernorm or model.is_mla, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=model.init_std,
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
-        num_layers_in_first_pipeline_stage=parallel.pp_first_stage_layers,
-        num_layers_in_last_pipeline_stage=parallel.pp_last_stage_layers,
+        **parallel.megatron_kwargs(),  # uneven pipeline split, activation recompute
         expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=parallel.use_sequence_parallel(model),
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -212,13 +211,16 @@ class Policy:
     def _padded_len(self, length: int) -> int:
         return self.token_layout.padded_len(length)
 
-    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _check_tokens(self, tokens: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
         if tokens.shape[0] < 1 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be non-empty [B, L], got {list(tokens.shape)}")
-        if tokens.shape[1] > self.model_cfg.max_position_embeddings:
-            raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds "
-                             f"max_position_embeddings={self.model_cfg.max_position_embeddings}")
+        longest, limit = tokens.shape[1], self.model_cfg.max_position_embeddings
+        if cu_seqlens is not None:  # packed rows: positions restart at every sequence
+            longest = int(cu_seqlens.reshape(-1, cu_seqlens.shape[-1]).diff(dim=-1).max())
+        if longest > limit:
+            raise ValueError(f"tokens: sequence length {longest} exceeds "
+                             f"max_position_embeddings={limit}")
         return tokens.to(self.device, torch.int64)
 
     def rotary_table(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -371,7 +373,8 @@ class Policy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         b, length = self._microbatches(batches)
-        batches = [{**mb, "tokens": self._check_tokens(mb["tokens"])} for mb in batches]
+        batches = [{**mb, "tokens": self._check_tokens(mb["tokens"], mb.get("cu_seqlens"))}
+                   for mb in batches]
         it = iter(batches)
         self._reset_aux_loss_scale()
 
@@ -485,7 +488,7 @@ class Policy:
         packed sequences with these boundaries (r1fast.policy.packed)."""
         from r1fast.ops.linear_logprob import linear_logprob
 
-        tokens = self._check_tokens(tokens)
+        tokens = self._check_tokens(tokens, cu_seqlens)
         check_tensor("targets", targets, shape=list(tokens.shape),
                      dtypes=(torch.int64, torch.int32))
         check_range("temperature", temperature, 0.0, None, lo_open=True)
