@@ -460,11 +460,8 @@ class Policy:
 
     # -- public API -------------------------------------------------------------------------
     def hidden_states(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
-        """Final-normed hidden states [B, L, H] on the last stage (None on other stages).
-
-        Without pipeline parallelism this runs under the caller's autograd mode (so it can be
-        differentiated); with PP it runs megatron's forward-only schedule under no_grad.
-        """
+        """Final-normed hidden states [B, L, H] on the last stage (None on other stages): under
+        the caller's autograd mode at pp == 1, megatron's forward-only schedule (no_grad) else."""
         tokens = self._check_tokens(tokens)
         if position_ids is not None:
             check_tensor("position_ids", position_ids, shape=list(tokens.shape),
