@@ -124,3 +124,18 @@ def test_grpo_update_packed_equals_padded(tmp_path):
         assert abs(upd_a[key] - upd_b[key]) <= 1e-5 * max(1.0, abs(upd_a[key])), key
     assert upd_a["grad_norm"] > 0
     assert max((w_a[k] - w_b[k]).abs().max().item() for k in w_a) < 1e-5
+
+
+def test_a_packed_row_may_exceed_max_positions_but_no_sequence_may():
+    from r1fast.policy import ParallelConfig, build_policy
+    from r1fast.policy.config import ModelConfig
+
+    model = dataclasses.replace(ModelConfig.preset("tiny-moe"), vocab_size=128,
+                                max_position_embeddings=16)
+    policy = build_policy(model, ParallelConfig(), trainable=False)
+    tokens = torch.randint(3, 100, (1, 30))
+    out = policy.logprobs(tokens, tokens, micro_batch_size=1,
+                          cu_seqlens=torch.tensor([[0, 10, 20, 30]]))  # three 10-token rows
+    assert out.shape == (1, 30) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="sequence length 20 exceeds max_position_embeddings=16"):
+        policy.logprobs(tokens, tokens, micro_batch_size=1, cu_seqlens=torch.tensor([[0, 20, 30]]))
