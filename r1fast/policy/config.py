@@ -74,7 +74,9 @@ class ModelConfig:
     """Aux-loss-free balancing: a per-expert bias added to the scores for selection only, nudged
     after each step towards equal load (DeepSeek-V3). Needs the sigmoid score."""
     router_bias_update_rate: float = 1e-3
-    """Step of the expert-bias update, bias += rate * sign(mean_load - load)."""
+    """Step of the aux-loss-free expert-bias update after each optimizer step, bias += rate *
+    sign(mean_load - load) (megatron's finalize_model_grads); 0 switches the update off and
+    keeps the bias fixed, as RL recipes and imported deepseek_v3 checkpoints do."""
     router_scaling_factor: float = 1.0
     """Multiplies the routing weights (DeepSeek-V3 uses 2.5)."""
     router_normalize: Optional[bool] = None

@@ -9,6 +9,13 @@ expert bias is DeepSeek-V3's ``mlp.gate.e_score_correction_bias``, the shared ex
 ``mlp.shared_expert.*`` and ``mlp.shared_expert_gate.weight``. ``r1fast_config.json`` (the
 ModelConfig) is always written, so every policy round-trips exactly.
 
+DeepSeek-V3 (``deepseek_v3``, an MLA ModelConfig): ``self_attn.q_a_proj`` / ``q_a_layernorm`` /
+``q_b_proj`` (or ``q_proj``), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``,
+``o_proj``; ``mlp.shared_experts.*`` (plural) and the ``mlp.gate.e_score_correction_bias``.
+Multi-token-prediction layers (``model.layers.{num_layers + i}.*``, ``mtp_layers``) are not
+built: load records their names and save copies them back, bit for bit, from the checkpoint
+the policy was loaded from (so that folder must still exist at export).
+
 Loading: each rank reads only its slices (safetensors ``get_slice``: TP rows/columns, its
 pipeline stage's layers, its EP share of the experts) and copies them into its parameters;
 no pickle. Saving: each tensor is all-gathered over its TP group, one owner per tensor sends
