@@ -102,6 +102,10 @@ class R1fastRouter(TopKRouter):
         self.impl: str = getattr(config, "r1fast_impl", "auto")
         self.layer_index: Optional[int] = None
         self.routing_hook: Optional[RoutingHook] = None
+        # tokens routed to each expert by the training forwards since expert_load() last read
+        # it (valid tokens only; not saved in checkpoints)
+        self.register_buffer("load_counts", torch.zeros(config.num_moe_experts,
+                                                        dtype=torch.float64), persistent=False)
 
     def set_layer_number(self, layer_number: int) -> None:
         """megatron numbers layers from 1 over the whole model (PP offset included)."""
@@ -153,14 +157,17 @@ class R1fastRouter(TopKRouter):
         if training and self.is_aux_loss_enabled():
             weights = self._attach_aux_loss(logits, weights, valid)
 
-        if self.enable_expert_bias and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             # Load of this microbatch, accumulated over the microbatches of a step; megatron's
             # finalize_model_grads all-reduces it over TPxDP, moves the bias and zeroes it.
             # Padding tokens pass through the experts but do not count as load.
             chosen = indices if valid is None else indices[valid]
             with torch.no_grad():
-                self.local_tokens_per_expert += torch.bincount(
-                    chosen.reshape(-1), minlength=num_experts).to(self.local_tokens_per_expert)
+                counts = torch.bincount(chosen.reshape(-1), minlength=num_experts)
+                if self.training:
+                    self.load_counts += counts.to(self.load_counts)
+                if self.enable_expert_bias:
+                    self.local_tokens_per_expert += counts.to(self.local_tokens_per_expert)
 
         return routing_to_dense(weights, indices, num_experts)  # probs [T, E], map [T, E]
 
@@ -199,3 +206,23 @@ class R1fastRouter(TopKRouter):
 
     def _num_layers_total(self) -> int:
         return self.config.num_layers + (self.config.mtp_num_layers or 0)
+
+
+def expert_load(policy, reset: bool = True) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert ``{layer: [E] float64}`` for the MoE layers of this rank's
+    pipeline stage, counted by the training forwards since the last call (``reset``) and summed
+    over the tensor x data parallel group (collective there), e.g. to log the per-expert load
+    and its imbalance (max / mean) next to the aux-loss-free bias. Recomputed forwards
+    (``recompute = "full"``) count twice, which leaves the shares unchanged."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for router in sorted(policy._routers(), key=lambda r: r.layer_index):
+        load = router.load_counts.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(load, group=ps.get_tensor_and_data_parallel_group())
+        if reset:
+            router.load_counts.zero_()
+        out[router.layer_index] = load
+    return out

@@ -282,3 +282,23 @@ def test_tiny_mla_preset_builds_and_refuses_packing():
     assert lp.shape == (3, 9) and bool(torch.isfinite(lp).all())
     with pytest.raises(ValueError, match="attention='mla' applies RoPE at positions 0..L-1"):
         policy.hidden_states(tokens, position_ids=torch.arange(9).expand(3, 9) + 2)
+
+
+def test_expert_load_counts_every_routed_token():
+    from r1fast.policy.router import expert_load
+
+    cfg = ModelConfig.preset("tiny-dsv3-mla")
+    policy = build_policy(cfg, ParallelConfig())
+    tokens, targets = batch(length=9)
+
+    def loss_fn(hidden, weight, mb):
+        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
+                            mb["targets"].reshape(-1))
+        return -lp.mean(), {}
+
+    policy.forward_backward([{"tokens": tokens, "targets": targets}], loss_fn)
+    load = expert_load(policy)
+    assert sorted(load) == [1, 2]  # layer 0 is dense
+    for counts in load.values():
+        assert counts.shape == (8,) and counts.sum().item() == 3 * 9 * cfg.moe_router_topk
+    assert all(c.sum().item() == 0 for c in expert_load(policy).values())  # reset
