@@ -559,7 +559,8 @@ PRESETS: dict[str, ModelConfig] = {
         router_topk_groups=2, router_expert_bias=True, router_bias_update_rate=1e-3,
         router_scaling_factor=2.5, qk_layernorm=True, max_position_embeddings=512),
     "tiny-dsv3-mla": ModelConfig(  # DeepSeek-V3 in small: MLA + V3 routing, first layer dense
-        vocab_size=256, hidden_size=64, num_layers=3, num_attention_heads=4, attention="mla",
+        vocab_size=256, hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=4,
+        attention="mla", router_normalize=True,
         q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=16, ffn_hidden_size=128, num_experts=8, moe_ffn_hidden_size=32,
         moe_router_topk=4, dense_layers=(0,), shared_expert_size=32, router_score="sigmoid",

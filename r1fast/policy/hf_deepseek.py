@@ -108,5 +108,6 @@ def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
                  routed_scaling_factor=cfg.router_scaling_factor,
                  norm_topk_prob=cfg.router_normalize is not False)
     else:
-        d.update(n_routed_experts=None, first_k_dense_replace=cfg.num_layers)
+        raise ValueError("to_hf_config: deepseek_v3 has routed experts; a dense MLA model has "
+                         "no HF family here (r1fast_config.json describes it)")
     return d

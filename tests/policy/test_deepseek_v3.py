@@ -274,6 +274,7 @@ def test_uneven_pipeline_split():
 def test_tiny_mla_preset_builds_and_refuses_packing():
     cfg = ModelConfig.preset("tiny-dsv3-mla")
     assert cfg.is_mla and cfg.dense_layers == (0,) and cfg.router_n_groups == 4
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
     with pytest.raises(ValueError, match="max_tokens_per_microbatch .* set it to 0"):
         ParallelConfig(max_tokens_per_microbatch=64, world_size=1).validate(cfg)
     policy = build_policy(cfg, ParallelConfig(), trainable=False)
