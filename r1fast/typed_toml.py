@@ -79,7 +79,9 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a table, got {value!r}")
-        return dict(value)
+        args = typing.get_args(tp)
+        item = args[1] if len(args) == 2 else Any  # dict[str, float]: each value is checked
+        return {k: _coerce(v, item, f"{key}.{k}", finite=finite) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _coerce_table(value, tp, key, base)
     if tp is float:
