@@ -245,7 +245,7 @@ class GRPOTrainer:
         if packs is None:
             inputs, kw = (batch.tokens, batch.targets), {}
         else:
-            width = max(len(p.rows) for p in packs) + 2  # cu_seqlens of every pack, stacked
+            width = max(len(p.segments()) for p in packs) + 1  # every pack's cu_seqlens, stacked
             inputs = tuple(torch.cat([p.pack(x) for p in packs]) for x in (batch.tokens,
                                                                             batch.targets))
             kw = {"micro_batch_size": 1,
@@ -338,11 +338,13 @@ class GRPOTrainer:
 
     @staticmethod
     def _packed_micro_batch(p: PackedMicroBatch, mb: UpdateBatch, old, ref, routing) -> dict:
-        """One packed micro-batch: [1, T] token streams, per-row advantages (0 for the tail)."""
+        """One packed micro-batch: [1, T] token streams, per-row advantages (0 for the tail's
+        pieces)."""
         out = {"tokens": p.pack(mb.tokens), "targets": p.pack(mb.targets),
                "mask": p.pack(mb.mask), "old": p.pack(old), "rollout": p.pack(mb.rollout_logp),
                "ref": None if ref is None else p.pack(ref), "cu_seqlens": p.cu_seqlens(),
-               "adv": torch.cat([mb.advantages[p.rows], mb.advantages.new_zeros(1)])}
+               "adv": torch.cat([mb.advantages[p.rows],
+                                 mb.advantages.new_zeros(p.num_tail_pieces)])}
         if routing is not None:
             out["routing"] = {k: p.pack(v) for k, v in routing.items()}
         return out

@@ -60,11 +60,25 @@ class PackedMicroBatch:
     """Real tokens of each packed row."""
     length: int
     """T: tokens of the packed sequence (real tokens, then the tail)."""
+    max_piece: int = 0
+    """The tail is cut into pieces of at most this many tokens (the longest row of the batch),
+    so no packed "sequence" is longer than a real row; 0: the tail is one piece."""
+
+    def segments(self) -> list[int]:
+        """Lengths of the packed sequences: the rows, then the pieces of the tail (>= 1)."""
+        tail = self.length - sum(self.lengths)
+        piece = self.max_piece or max(tail, 1)
+        return [*self.lengths, *([piece] * (tail // piece)), *([tail % piece] if tail % piece
+                                                               or not tail else [])]
+
+    @property
+    def num_tail_pieces(self) -> int:
+        return len(self.segments()) - len(self.rows)
 
     def cu_seqlens(self, width: int | None = None) -> torch.Tensor:
-        """int32 boundaries: the rows, then the tail as one more sequence; padded to ``width``
-        entries by repeating T (empty sequences), so packed rows can be stacked."""
-        ends = torch.tensor([0, *self.lengths, self.length - sum(self.lengths)]).cumsum(0)
+        """int32 boundaries of :meth:`segments`; padded to ``width`` entries by repeating T
+        (empty sequences), so packed rows can be stacked."""
+        ends = torch.tensor([0, *self.segments()]).cumsum(0)
         if width is not None:
             ends = torch.cat([ends, ends[-1:].expand(width - ends.numel())])
         return ends.to(torch.int32)
@@ -97,6 +111,7 @@ def packed_micro_batches(valid_lengths: Sequence[int], max_tokens: int,
     (all tail, no loss) to this many, so that every rank runs the same number of forwards (the
     MoE all-to-all of expert parallelism spans data-parallel ranks)."""
     bins = pack_rows(valid_lengths, max_tokens)
+    longest = max(valid_lengths, default=1)
     if count is not None:
         if count < len(bins):
             raise ValueError(f"count {count} is smaller than the {len(bins)} micro-batches needed")
@@ -105,7 +120,7 @@ def packed_micro_batches(valid_lengths: Sequence[int], max_tokens: int,
     T = length if length is not None else -(-fullest // multiple) * multiple
     if T < fullest:
         raise ValueError(f"packed length {T} is shorter than the fullest micro-batch ({fullest})")
-    return [PackedMicroBatch(b, [valid_lengths[i] for i in b], T) for b in bins]
+    return [PackedMicroBatch(b, [valid_lengths[i] for i in b], T, max(longest, 1)) for b in bins]
 
 
 def fullest_bin(valid_lengths: Sequence[int], max_tokens: int) -> int:
