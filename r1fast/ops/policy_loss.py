@@ -134,6 +134,28 @@ class _Layout:
     cu_seqlens: Optional[torch.Tensor]  # packed only: [B+1] as given
 
 
+def _check_cu_seqlens(cu_seqlens, n: int, dev) -> tuple[int, int | None]:
+    """(B, L_max or None) of a packed layout's ``cu_seqlens``; its values are checked (one
+    sync) where :func:`_value_checks` allows, and L_max is known only then."""
+    if cu_seqlens is None:
+        raise ValueError(f"cu_seqlens [B+1] is required for packed 1-D inputs (logp of shape "
+                         f"[{n}]); pass padded [B, L] tensors otherwise")
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must have B+1 >= 1 entries, got 0")
+    num_seqs = cu_seqlens.numel() - 1
+    if not _value_checks(dev):
+        return num_seqs, None
+    lens = cu_seqlens.diff().long()  # [B]
+    first, last, decreasing, length = torch.stack([
+        cu_seqlens[0].long(), cu_seqlens[-1].long(), (lens < 0).sum(),
+        lens.max() if num_seqs > 0 else lens.new_zeros(())]).tolist()
+    if first != 0 or last != n or decreasing:
+        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to N={n} (the length of "
+                         f"logp), got first={first}, last={last}")
+    return num_seqs, length
+
+
 def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqlens, max_len,
               global_normalizer, cfg: PolicyLossConfig) -> _Layout:
     check_tensor("logp", logp, ndim=(1, 2), dtypes=FLOAT_DTYPES)
@@ -147,24 +169,7 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
                              f"packed [N] layout), got logp of shape {list(shape)}")
         num_seqs, length = shape
     else:
-        if cu_seqlens is None:
-            raise ValueError("cu_seqlens [B+1] is required for packed 1-D inputs (logp of shape "
-                             f"{list(shape)}); pass padded [B, L] tensors otherwise")
-        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=dev)
-        if cu_seqlens.numel() < 1:
-            raise ValueError("cu_seqlens must have B+1 >= 1 entries, got 0")
-        num_seqs = cu_seqlens.numel() - 1
-        length = None
-        if _value_checks(dev):  # value checks need the data (one sync)
-            lens = cu_seqlens.diff().long()  # [B]
-            zero = lens.new_zeros(())
-            first, last, decreasing, length = torch.stack([
-                cu_seqlens[0].long(), cu_seqlens[-1].long(), (lens < 0).sum(),
-                lens.max() if num_seqs > 0 else zero]).tolist()
-            if first != 0 or last != shape[0] or decreasing:
-                raise ValueError("cu_seqlens must be non-decreasing from 0 to N="
-                                 f"{shape[0]} (the length of logp), got first={first}, "
-                                 f"last={last}")
+        num_seqs, length = _check_cu_seqlens(cu_seqlens, shape[0], dev)
     check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, device=dev)
     if tuple(advantages.shape) == shape:
         adv_per_token = True  # packed with N == B reads per token (documented)
