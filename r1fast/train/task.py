@@ -117,9 +117,6 @@ def _training_examples(cfg, tokenizer) -> list[dict]:
             for ex in examples:
                 ex["prompt"] = render_prompt(ex, tokenizer, d)
         return examples
-    if not Path(d.path).exists():
-        raise ValueError(f"data.path={d.path} does not exist (a .jsonl/.json/.parquet file or a "
-                         f"folder of them)")
     examples, report = load_examples(d.path, preset=d.preset, prompt_key=d.prompt_key,
                                      answer_key=d.answer_key)
     log.info("%s", report.summary())
@@ -145,6 +142,10 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     recipe's reward parts, e.g. a custom function from the Python API; ``tokenizer`` defaults
     to :func:`run_tokenizer`)."""
     d, r = cfg.data, cfg.reward
+    for key, path in (("data.path", d.path), ("data.test_path", d.test_path)):
+        if path is not None and not Path(path).exists():  # before any training, not after
+            raise ValueError(f"{key}={path} does not exist (a .jsonl/.json/.parquet file or a "
+                             f"folder of them)")
     tokenizer = tokenizer or run_tokenizer(cfg)
     examples = _filter_long_prompts(_training_examples(cfg, tokenizer), tokenizer,
                                     d.max_prompt_tokens)

@@ -50,3 +50,13 @@ def test_accuracy_means_the_checker_of_the_task():
     assert name == "accuracy" and type(fn).__name__ == "CountdownReward" and weight == 2.0
     with pytest.raises(ValueError, match="reward name must be one of"):
         reward_parts("countdown", {"no_such_reward": 1.0})
+
+
+@pytest.mark.parametrize("key", ["path", "test_path"])
+def test_missing_data_files_fail_before_training(tmp_path, key):
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"prompt": "p", "answer": "1"}\n')
+    paths = {"path": str(good), "test_path": str(good)}
+    paths[key] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match=f"data.{key}=.*missing.jsonl does not exist"):
+        build_task(cfg(f"--data.path={paths['path']}", f"--data.test_path={paths['test_path']}"))
