@@ -17,11 +17,11 @@ transformers = pytest.importorskip("transformers")
 
 from r1fast.ops.linear_logprob import linear_logprob  # noqa: E402
 from r1fast.policy.config import ModelConfig, ParallelConfig  # noqa: E402
-from r1fast.policy.hf_checkpoint import (  # noqa: E402
-    gather_hf_state_dict, load_hf_checkpoint, load_model_config, save_hf_checkpoint)
+from r1fast.policy.hf_checkpoint import load_model_config, save_hf_checkpoint  # noqa: E402
 from r1fast.policy.mla import MLACoreAttention, softmax_scale  # noqa: E402
 from r1fast.policy.model import build_policy  # noqa: E402
 from r1fast.policy.parallel import destroy_parallel  # noqa: E402
+from tests.helpers.hf_parity import check_gradients_match_hf, hf_logprobs, load  # noqa: E402
 
 V = 128
 HF_CONFIG = dict(
@@ -73,35 +73,6 @@ def batch(seed: int = 1, b: int = 3, length: int = 13):
     return tokens, targets
 
 
-def hf_logprobs(model, tokens, targets):
-    logits = model(tokens).logits.float()
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return torch.where(targets == -100, 0.0, lp)
-
-
-def per_expert(named: dict) -> dict:
-    """Fused transformers expert parameters -> the per-expert checkpoint names."""
-    out = {}
-    for k, v in named.items():
-        if k.endswith("mlp.experts.gate_up_proj"):
-            for e in range(v.shape[0]):
-                gate, up = v[e].chunk(2, dim=0)
-                out[f"{k[:-12]}{e}.gate_proj.weight"] = gate
-                out[f"{k[:-12]}{e}.up_proj.weight"] = up
-        elif k.endswith("mlp.experts.down_proj"):
-            for e in range(v.shape[0]):
-                out[f"{k[:-9]}{e}.down_proj.weight"] = v[e]
-        else:
-            out[k] = v
-    return out
-
-
-def load(path, trainable=False):
-    policy = build_policy(load_model_config(path), ParallelConfig(), trainable=trainable)
-    load_hf_checkpoint(policy, path)
-    return policy
-
-
 def test_config_translation(saved):
     cfg = load_model_config(saved[1])
     assert cfg.is_mla and cfg.q_lora_rank == 24 and cfg.kv_lora_rank == 16
@@ -125,23 +96,7 @@ def test_logprobs_match_hf(saved):
 
 def test_gradients_match_hf(saved):
     model, path = saved
-    policy = load(path, trainable=True)
-    tokens, targets = batch(seed=2)
-    n = float((targets != -100).sum())
-    model.zero_grad()
-    (-hf_logprobs(model, tokens, targets).sum() / n).float().backward()
-    ref = per_expert({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
-
-    def loss_fn(hidden, weight, mb):
-        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
-                            mb["targets"].reshape(-1), tp_group=policy.tp_group)
-        return -lp.sum() / n, {}
-
-    policy.forward_backward([{"tokens": tokens, "targets": targets}], loss_fn)
-    mine = gather_hf_state_dict(policy, grads=True)
-    assert set(mine) == set(ref)
-    for k in ref:
-        assert (mine[k] - ref[k]).abs().max().item() < 1e-5, k
+    check_gradients_match_hf(model, path, *batch(seed=2))
 
 
 def test_export_then_reload_in_transformers_is_exact(saved, tmp_path):

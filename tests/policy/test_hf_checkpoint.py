@@ -19,6 +19,7 @@ from r1fast.policy.hf_checkpoint import (  # noqa: E402
     INDEX, gather_hf_state_dict, load_hf_checkpoint, load_model_config, save_hf_checkpoint)
 from r1fast.policy.model import build_policy  # noqa: E402
 from r1fast.policy.parallel import destroy_parallel  # noqa: E402
+from tests.helpers.hf_parity import check_gradients_match_hf, hf_logprobs, load  # noqa: E402
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -78,39 +79,6 @@ def batch(seed: int = 1, b: int = 3, length: int = 11):
     return tokens, targets
 
 
-def hf_logprobs(model, tokens, targets, position_ids=None):
-    logits = model(tokens, position_ids=position_ids).logits.float()
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return torch.where(targets == -100, 0.0, lp)
-
-
-def per_expert(named: dict) -> dict:
-    """transformers 5 keeps the experts of a layer as fused 3-D parameters (``experts.
-    gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]) and writes per-expert keys on
-    save; map fused names to the per-expert checkpoint names."""
-    out = {}
-    for k, v in named.items():
-        if k.endswith("mlp.experts.gate_up_proj"):
-            base = k[: -len("gate_up_proj")]
-            for e in range(v.shape[0]):
-                gate, up = v[e].chunk(2, dim=0)
-                out[f"{base}{e}.gate_proj.weight"] = gate
-                out[f"{base}{e}.up_proj.weight"] = up
-        elif k.endswith("mlp.experts.down_proj"):
-            base = k[: -len("down_proj")]
-            for e in range(v.shape[0]):
-                out[f"{base}{e}.down_proj.weight"] = v[e]
-        else:
-            out[k] = v
-    return out
-
-
-def load(path, trainable=False):
-    policy = build_policy(load_model_config(path), ParallelConfig(), trainable=trainable)
-    load_hf_checkpoint(policy, path)
-    return policy
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_logprobs_match_hf(saved, name):
     model, path = saved[name]
@@ -139,26 +107,9 @@ def test_position_ids_match_hf(saved):
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe-dense0-nonorm", "qwen2", "qwen3-tied"])
 def test_gradients_match_hf(saved, name):
-    """Every parameter's gradient of a summed log-prob loss, policy (megatron DDP main_grad,
-    exported to HF names) vs transformers' autograd."""
+    """Every parameter's gradient (|grad| up to ~0.5; measured differences ~3e-7)."""
     model, path = saved[name]
-    policy = load(path, trainable=True)
-    tokens, targets = batch(seed=2)
-    n = float((targets != -100).sum())
-    model.zero_grad()
-    (-hf_logprobs(model, tokens, targets).sum() / n).float().backward()
-    ref = per_expert({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
-
-    def loss_fn(hidden, weight, mb):
-        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
-                            mb["targets"].reshape(-1), tp_group=policy.tp_group)
-        return -lp.sum() / n, {}
-
-    policy.forward_backward([{"tokens": tokens, "targets": targets}], loss_fn)
-    mine = gather_hf_state_dict(policy, grads=True)
-    assert set(mine) == set(ref)
-    for k in ref:  # |grad| up to ~0.5; measured differences ~3e-7
-        assert (mine[k] - ref[k]).abs().max().item() < 1e-5, k
+    check_gradients_match_hf(model, path, *batch(seed=2))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
