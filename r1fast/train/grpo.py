@@ -41,8 +41,7 @@ from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, 
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
-from r1fast.train.packing import (PackedMicroBatch, fullest_bin, pack_rows,
-                                  packed_micro_batches)
+from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
 from r1fast.train.policy_io import copy_weights, load_model_state, model_state
 from r1fast.train.task import TaskData, build_task
 from r1fast.typed_toml import ConfigError, dump_toml
@@ -274,13 +273,9 @@ class GRPOTrainer:
         budget = self.cfg.parallel.max_tokens_per_microbatch
         if budget <= 0:
             return None
-        lengths = batch.lengths.tolist()
         multiple = self.info.tp if self.policy.sequence_parallel else 1
-        T = all_ranks_int(fullest_bin(lengths, budget), "max")
-        # the same number on every rank: expert parallelism's all-to-all spans DP ranks
-        count = all_ranks_int(len(pack_rows(lengths, budget)), "max")
-        return packed_micro_batches(lengths, budget, length=-(-T // multiple) * multiple,
-                                    count=count)
+        return packed_micro_batches(batch.lengths.tolist(), budget, multiple,
+                                    agree=all_ranks_int)
 
     def _advance(self) -> None:
         """The step is done: count it and reset the reference when it is due."""

@@ -23,7 +23,7 @@ gradients equal the padded ones up to float rounding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -104,26 +104,25 @@ class PackedMicroBatch:
 
 def packed_micro_batches(valid_lengths: Sequence[int], max_tokens: int,
                          multiple: int = 1, length: int | None = None,
-                         count: int | None = None) -> list[PackedMicroBatch]:
+                         count: int | None = None,
+                         agree: Callable[[int, str], int] | None = None) -> list[PackedMicroBatch]:
     """The packed micro-batches of rows with ``valid_lengths`` real tokens. Every one has the
-    same length: ``length`` if given (e.g. agreed over ranks), else the fullest bin, rounded up
-    to ``multiple`` (sequence parallelism). ``count``: pad the list with empty micro-batches
-    (all tail, no loss) to this many, so that every rank runs the same number of forwards (the
-    MoE all-to-all of expert parallelism spans data-parallel ranks)."""
+    same length: ``length`` if given, else the fullest bin, rounded up to ``multiple``
+    (sequence parallelism). ``count``: pad the list with empty micro-batches (all tail, no
+    loss) to this many. ``agree(value, "max")`` (e.g. ``r1fast.train.batch.all_ranks_int``)
+    takes the fullest bin and the count over every rank: the pipeline sends fixed shapes, and
+    every rank must run the same number of forwards (the MoE all-to-all of expert parallelism
+    spans data-parallel ranks)."""
     bins = pack_rows(valid_lengths, max_tokens)
     longest = max(valid_lengths, default=1)
+    fullest = max((sum(valid_lengths[i] for i in b) for b in bins), default=1)
+    if agree is not None:
+        fullest, count = agree(fullest, "max"), agree(len(bins), "max")
     if count is not None:
         if count < len(bins):
             raise ValueError(f"count {count} is smaller than the {len(bins)} micro-batches needed")
         bins += [[] for _ in range(count - len(bins))]
-    fullest = max((sum(valid_lengths[i] for i in b) for b in bins), default=1)
     T = length if length is not None else -(-fullest // multiple) * multiple
     if T < fullest:
         raise ValueError(f"packed length {T} is shorter than the fullest micro-batch ({fullest})")
     return [PackedMicroBatch(b, [valid_lengths[i] for i in b], T, max(longest, 1)) for b in bins]
-
-
-def fullest_bin(valid_lengths: Sequence[int], max_tokens: int) -> int:
-    """Real tokens of the fullest micro-batch :func:`pack_rows` makes."""
-    return max((sum(valid_lengths[i] for i in b) for b in pack_rows(valid_lengths, max_tokens)),
-               default=1)
