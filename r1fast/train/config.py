@@ -151,8 +151,19 @@ class RewardConfig:
     """Worker processes evaluating rewards (0: in-process, no timeout protection)."""
     accuracy_metric: str = "accuracy"
     """Which reward part is reported as 'accuracy'."""
+    language: Optional[str] = None
+    """R1 stage 2: target language (a code of r1fast.rewards.language.LANGUAGE_SCRIPTS, e.g.
+    "en") of the ``language`` part, the share of target-language words in the chain of
+    thought; it joins ``weights`` at 1.0 (R1 sums it with accuracy) unless ``weights.language``
+    sets its weight. None: a ``weights.language`` part targets English."""
 
     def __post_init__(self):
+        if self.language is not None:
+            from r1fast.rewards.language import LANGUAGE_SCRIPTS
+            if self.language not in LANGUAGE_SCRIPTS:
+                raise ValueError(f"reward.language must be one of {sorted(LANGUAGE_SCRIPTS)}, "
+                                 f"got {self.language!r}")
+            self.weights = {**self.weights, "language": self.weights.get("language", 1.0)}
         if not self.timeout_s > 0:
             raise ValueError(f"reward.timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.workers < 0:
