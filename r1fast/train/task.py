@@ -65,13 +65,17 @@ class TaskData:
         self.runner.close()
 
 
-def reward_parts(task: str | None, weights: dict[str, float]) -> list[tuple[str, Callable, float]]:
+def reward_parts(task: str | None, weights: dict[str, float],
+                 language: str | None = None) -> list[tuple[str, Callable, float]]:
     """The weighted reward parts; ``accuracy`` is the task's checker (``task`` None: a dataset
-    file, whose rows may name their own reward)."""
+    file, whose rows may name their own reward); ``language`` the target of the ``language``
+    part (reward.language)."""
     parts = []
     for name, w in weights.items():
         if name == "accuracy":
             fn = get_reward(TASK_REWARD[task]) if task else RoutedReward("math_accuracy")
+        elif name == "language" and language is not None:
+            fn = get_reward("language", target=language)
         else:
             fn = get_reward(name)
         parts.append((name, fn, float(w)))
@@ -150,7 +154,8 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     examples = _filter_long_prompts(_training_examples(cfg, tokenizer), tokenizer,
                                     d.max_prompt_tokens)
     task = None if d.path is not None else d.task
-    parts = reward_parts(task, r.weights) if reward is None else [("custom", reward, 1.0)]
+    parts = (reward_parts(task, r.weights, language=r.language) if reward is None
+             else [("custom", reward, 1.0)])
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",
                               num_workers=max(r.workers, 1), timeout_s=r.timeout_s)
     return TaskData(examples, tokenizer, parts, d.prompts_per_step, d.seed, runner_cfg)
