@@ -8,7 +8,12 @@ alphabet to one id, and the think tags to one id each:
 
 The default alphabet is newline plus the 95 printable ASCII characters (102 ids in all, < 128),
 which covers every prompt, chain of thought and answer the task generators produce, so
-``decode(encode(text)) == text`` for all of them. ``<think>`` and ``</think>`` are matched in the
+``decode(encode(text)) == text`` for all of them. ``CharTokenizer.with_scripts("greek")`` appends
+the letters of a second script (:data:`SCRIPT_ALPHABETS`: Greek or Cyrillic, upper and lower
+case, Greek with its accented vowels) after the default alphabet, so every default id keeps its
+meaning (a model trained on the default vocabulary stays valid, its new rows are untrained) and
+a model can write, and the language-consistency reward can see, a second language; the
+default tokenizer has no such letter and could only encode it as ``<unk>``. ``<think>`` and ``</think>`` are matched in the
 text (they are content: the model writes them); pad/bos/eos are only ever added by the
 ``add_bos``/``add_eos``/padding options, so a literal ``"<eos>"`` in text stays five characters.
 A character outside the alphabet is an error naming it (``errors="replace"`` maps it to
@@ -26,10 +31,25 @@ from typing import Iterable, Sequence
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<think>", "</think>")
 TEXT_SPECIALS = ("<think>", "</think>")  # specials that appear in text and are matched there
 DEFAULT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+def _letters(*ranges: tuple[int, int]) -> str:
+    """The assigned letters of inclusive code point ranges (U+03A2 is a hole in Greek)."""
+    return "".join(chr(c) for lo, hi in ranges for c in range(lo, hi + 1) if chr(c).isalpha())
+
+
+#: Second scripts a character tokenizer can add (name -> letters, in a fixed order).
+SCRIPT_ALPHABETS: dict[str, str] = {
+    # A-Omega, alpha-omega (final sigma included), then the tonos vowels of modern Greek
+    "greek": _letters((0x391, 0x3A9), (0x3B1, 0x3C9), (0x386, 0x386), (0x388, 0x38A),
+                      (0x38C, 0x38C), (0x38E, 0x38F), (0x3AC, 0x3AF), (0x3CC, 0x3CE)),
+    # A-Ya, a-ya, then Yo and yo
+    "cyrillic": _letters((0x410, 0x44F), (0x401, 0x401), (0x451, 0x451)),
+}
 FILE_NAME = "tokenizer.json"
 FORMAT = "r1fast-char-tokenizer"
 VERSION = 1
-MAX_VOCAB = 128
+MAX_VOCAB = 256  # the tiny presets' vocabulary: the default plus both scripts fit
 
 
 class CharTokenizer:
@@ -70,6 +90,19 @@ class CharTokenizer:
     def apply_chat_template(self, messages, *, add_generation_prompt: bool = True) -> str:
         raise ValueError("the r1fast character tokenizer has no chat template; use plain prompts "
                          "(data.chat_template = false) or a Hugging Face tokenizer folder")
+
+    @classmethod
+    def with_scripts(cls, *scripts: str) -> "CharTokenizer":
+        """The default alphabet followed by the letters of each named script
+        (:data:`SCRIPT_ALPHABETS`), in the order given: default ids are unchanged."""
+        if not scripts:
+            raise ValueError(f"scripts must name at least one of {sorted(SCRIPT_ALPHABETS)}")
+        extra = ""
+        for name in scripts:
+            if name not in SCRIPT_ALPHABETS:
+                raise ValueError(f"script must be one of {sorted(SCRIPT_ALPHABETS)}, got {name!r}")
+            extra += SCRIPT_ALPHABETS[name]
+        return cls(DEFAULT_ALPHABET + extra)
 
     @classmethod
     def fit(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -195,4 +228,4 @@ class CharTokenizer:
 
 
 Tokenizer = CharTokenizer  # the name the trainer uses
-__all__ = ["CharTokenizer", "Tokenizer", "SPECIAL_TOKENS", "DEFAULT_ALPHABET"]
+__all__ = ["CharTokenizer", "Tokenizer", "SPECIAL_TOKENS", "DEFAULT_ALPHABET", "SCRIPT_ALPHABETS"]

@@ -6,7 +6,9 @@ from hypothesis import given, settings, strategies as st
 
 from r1fast.data.tasks import generate_arithmetic, generate_countdown
 from r1fast.data.template import sft_example
-from r1fast.data.tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, CharTokenizer, Tokenizer
+from r1fast.data.tokenizer import (DEFAULT_ALPHABET, SCRIPT_ALPHABETS, SPECIAL_TOKENS, CharTokenizer,
+                                   Tokenizer)
+from r1fast.rewards.language import language_consistency, script_of
 
 TOK = CharTokenizer()
 
@@ -75,8 +77,12 @@ def test_save_load(tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="alphabet must not repeat characters"):
         CharTokenizer("aab")
-    with pytest.raises(ValueError, match="alphabet must have at most 122 characters"):
-        CharTokenizer("".join(chr(0x100 + i) for i in range(123)))
+    with pytest.raises(ValueError, match="alphabet must have at most 250 characters"):
+        CharTokenizer("".join(chr(0x100 + i) for i in range(251)))
+    with pytest.raises(ValueError, match="script must be one of .*'greek'.*got 'klingon'"):
+        CharTokenizer.with_scripts("greek", "klingon")
+    with pytest.raises(ValueError, match="scripts must name at least one"):
+        CharTokenizer.with_scripts()
     with pytest.raises(ValueError, match="alphabet must be a non-empty str"):
         CharTokenizer("")
     with pytest.raises(ValueError, match="text must be a str"):
@@ -101,3 +107,53 @@ def test_bad_input(tmp_path):
     bad.write_text(json.dumps({**TOK.to_dict(), "vocab": list(SPECIAL_TOKENS) + ["ab"]}))
     with pytest.raises(ValueError, match="single characters"):
         CharTokenizer.load(bad)
+
+
+# -- a second script ---------------------------------------------------------------------------
+MIXED = "<think>First add the ones, \u03c0\u03c1\u03ce\u03c4\u03b1 \u03c4\u03b9\u03c2 \u03bc\u03bf\u03bd\u03ac\u03b4\u03b5\u03c2, then the tens.</think> \\boxed{5}"
+
+
+def test_second_script_keeps_default_ids():
+    greek = CharTokenizer.with_scripts("greek")
+    assert greek.id_to_token[:TOK.vocab_size] == TOK.id_to_token  # a default model stays valid
+    assert greek.vocab_size == TOK.vocab_size + len(SCRIPT_ALPHABETS["greek"])
+    both = CharTokenizer.with_scripts("greek", "cyrillic")
+    assert both.vocab_size == 102 + 63 + 66 <= 256
+    for name, script in (("greek", "GREEK"), ("cyrillic", "CYRILLIC")):
+        letters = SCRIPT_ALPHABETS[name]
+        assert all(script_of(c) == script for c in letters), name  # really that script's letters
+        assert len(set(letters)) == len(letters)
+    assert "\u03c2" in SCRIPT_ALPHABETS["greek"] and "\u03ce" in SCRIPT_ALPHABETS["greek"]  # ς, ώ
+    assert "\u0451" in SCRIPT_ALPHABETS["cyrillic"]  # ё
+
+
+def test_mixed_sentence_scores_the_same_after_a_round_trip(tmp_path):
+    """The language reward sees what the model wrote: 7 English words + 3 Greek ones."""
+    raw = language_consistency(MIXED)
+    assert raw == pytest.approx(7 / 10)
+    greek = CharTokenizer.with_scripts("greek")
+    greek.save(tmp_path)
+    loaded = CharTokenizer.load(tmp_path)  # what a model folder hands the sampler
+    ids = loaded.encode(MIXED)
+    assert max(ids) >= TOK.vocab_size and loaded.decode(ids) == MIXED
+    assert language_consistency(loaded.decode(ids)) == raw
+    # the default alphabet cannot carry Greek: strict refuses, replace hides the mixing
+    with pytest.raises(ValueError, match="outside the alphabet"):
+        TOK.encode(MIXED)
+    assert language_consistency(TOK.decode(TOK.encode(MIXED, errors="replace"))) == 1.0
+    cyr = "<think>add \u0441\u043b\u043e\u0436\u0438\u0442\u044c \u0401\u0436 ones</think>"
+    both = CharTokenizer.with_scripts("greek", "cyrillic")
+    assert both.decode(both.encode(cyr)) == cyr
+    assert language_consistency(cyr) == pytest.approx(2 / 4)
+
+
+def test_mixed_sentence_round_trip_with_a_real_bpe_tokenizer(tmp_path):
+    """A byte-level BPE (the tiny HF world's) carries any script: same score after the trip."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? First add the ones, then the tens."] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    ids = hf.encode(MIXED)
+    assert hf.decode(ids) == MIXED
+    assert language_consistency(hf.decode(ids)) == language_consistency(MIXED) == pytest.approx(7 / 10)
