@@ -9,6 +9,11 @@ an equation such as ``\\boxed{(50 + 25) - (7 - 3)}``. Scoring, as in TinyZero:
   (0.1): the model at least produced an answer in the right place;
 - correct -> ``correct_score`` (1.0).
 
+That 0.1 is TinyZero's format reward, so Countdown needs no separate one: the ``format`` reward
+scores Countdown rows 0 (its ``credited_elsewhere``), and ``weights = {accuracy = 1.0}`` or
+``{accuracy = 1.0, format = 0.1}`` both give exactly TinyZero's 0 / 0.1 / 1.0
+(``recipes/countdown_tinyzero.toml``).
+
 TinyZero requires each number exactly once (``exactly_once=True``, the default); with
 ``exactly_once=False`` each may be used at most once. The equation may carry its result on
 one side (``(50 + 25) - (7 - 3) = 71`` or ``71 = ...``); that side must then be the target.

@@ -12,12 +12,32 @@ R1-Zero's second rule-based reward. Two strictness levels:
 
 Only ``str.find``/``count`` and the linear box scanner are used: no regular expression that
 could backtrack on hostile text.
+
+Counted once: some checkers already pay for the format. Countdown scores as TinyZero does (0 for
+no answer, 0.1 for an extracted but wrong equation, 1.0 for a correct one), so its 0.1 *is* the
+format reward; a separate format part on top would count the format twice (0.2 for a wrong
+equation, 1.1 for a right one). Rows whose ``reward`` field names such a checker
+(``credited_elsewhere``, default ``("countdown",)``) score 0 here, with a one-time warning, so a
+recipe with ``weights = {accuracy = 1.0, format = 0.1}`` gives Countdown rows exactly TinyZero's
+scores and every other row R1's accuracy + format.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, THINK_CLOSE, THINK_OPEN, last_boxed
+
+log = logging.getLogger("r1fast.rewards")
+_WARNED: set[str] = set()
+
+
+def _warn_once(checker: str) -> None:
+    if checker not in _WARNED:
+        _WARNED.add(checker)
+        log.warning("format reward: rows checked by %r already carry their format credit "
+                    "(TinyZero's 0.1 for an answered equation); the format part scores them 0 "
+                    "so the format counts once (FormatRewardConfig.credited_elsewhere)", checker)
 
 
 @dataclass(frozen=True)
@@ -34,10 +54,17 @@ class FormatRewardConfig:
     """Reward for a well-formed completion (0 otherwise)."""
     max_chars: int = 4 * DEFAULT_MAX_CHARS
     """Completions longer than this are not well-formed (bounds the scan)."""
+    credited_elsewhere: tuple[str, ...] = ("countdown",)
+    """Checkers (a row's ``reward`` field) whose score already includes format credit; rows
+    they check score 0 here so the format counts once (see the module docstring); () scores
+    every row."""
 
     def __post_init__(self):
         from r1fast.ops._validate import check_range  # lazy: keeps reward workers torch-free
         check_range("max_chars", self.max_chars, 1)
+        names = self.credited_elsewhere
+        if not isinstance(names, tuple) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"credited_elsewhere must be a tuple of reward names, got {names!r}")
 
 
 def is_well_formed(completion: str, config: FormatRewardConfig | None = None) -> bool:
@@ -82,6 +109,10 @@ class FormatReward:
         self.config = replace(base, **overrides) if overrides else base
 
     def __call__(self, completion: str, example: dict | None = None) -> float:
+        checker = (example or {}).get("reward")
+        if checker is not None and checker in self.config.credited_elsewhere:
+            _warn_once(checker)
+            return 0.0
         return self.config.score if is_well_formed(completion, self.config) else 0.0
 
     def __repr__(self) -> str:

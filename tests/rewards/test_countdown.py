@@ -112,3 +112,49 @@ def test_missing_fields():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CountdownRewardConfig(**kwargs)
+
+
+# -- TinyZero's scheme counted once ------------------------------------------------------------
+def _tinyzero(completion: str, ex: dict) -> float:
+    """TinyZero's compute_score, written out independently: 0 without an answer, 1.0 for a
+    correct equation, 0.1 for any other answer."""
+    from r1fast.rewards.extract import extract_answer
+
+    eq = extract_answer(completion)
+    if eq is None:
+        return 0.0
+    return 1.0 if check_equation(eq, ex["numbers"], ex["target"]) else 0.1
+
+
+@pytest.mark.parametrize("weights", [{"accuracy": 1.0}, {"accuracy": 1.0, "format": 0.1}])
+def test_tinyzero_scheme_counted_once_through_the_recipe_parts(weights, caplog):
+    """The trainer's reward parts on generated Countdown rows give TinyZero's 0 / 0.1 / 1.0,
+    whether or not the recipe also names the format reward (it would stack to 0.2 / 1.1)."""
+    from r1fast.data.tasks import generate_countdown
+    from r1fast.rewards import CompositeReward
+    from r1fast.train.task import reward_parts
+
+    reward = CompositeReward(reward_parts("countdown", weights))
+    rows = generate_countdown(5, seed=1)
+    seen = set()
+    for ex in rows:
+        for text in (box(ex["answer"]), box(ex["answer"] + " + 1"), "<think>no answer</think>",
+                     f"\\boxed{{{ex['answer']}}}"):
+            total, parts = reward.score(text, ex)
+            assert total == pytest.approx(_tinyzero(text, ex)), (text, parts)
+            seen.add(round(total, 6))
+    assert seen == {0.0, 0.1, 1.0}  # every branch of the scheme was exercised
+    if "format" in weights:
+        assert "already carry their format credit" in caplog.text
+
+
+def test_format_still_counts_on_other_rows_and_can_score_countdown_rows():
+    from r1fast.rewards import FormatReward
+
+    ok = "<think>r</think> \\boxed{5}"
+    assert FormatReward()(ok, {"answer": "5", "reward": "math_accuracy"}) == 1.0
+    assert FormatReward()(ok, {"answer": "5"}) == 1.0
+    assert FormatReward()(ok, {**EX, "reward": "countdown"}) == 0.0
+    assert FormatReward(credited_elsewhere=())(ok, {**EX, "reward": "countdown"}) == 1.0
+    with pytest.raises(ValueError, match="credited_elsewhere must be a tuple"):
+        FormatReward(credited_elsewhere="countdown")
