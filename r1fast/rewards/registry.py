@@ -4,7 +4,12 @@
 ``register_reward("mine", fn)`` (usable as a decorator) adds a reward ``(completion, example)
 -> float``, or a factory that takes keyword arguments and returns one; a registered name can be
 used in a recipe's ``[reward] weights`` and in a dataset row's ``reward`` field.
-:class:`RoutedReward` scores each example with the reward its row names.
+:class:`RoutedReward` scores each example with the reward its row names (``"rule"``: the
+default checker).
+
+``reward_model`` needs a trained model: ``get_reward("reward_model", model=...)`` wraps a model
+object; a recipe names a reward-model folder in ``[reward] reward_model`` instead (loaded by
+:func:`r1fast.train.reward_model_io.load_reward_model`, which the rewards layer cannot import).
 """
 from __future__ import annotations
 
@@ -62,7 +67,8 @@ def _as_factory(name: str, fn: RewardFn) -> Callable[..., RewardFn]:
 
 class RoutedReward:
     """Scores each example with the registered reward named by its ``reward`` field, or with
-    ``default`` when it has none (datasets that mix sources, e.g. verl's ``data_source``)."""
+    ``default`` when it has none or says ``"rule"`` (datasets that mix sources, e.g. verl's
+    ``data_source``, or rule and reward-model rows)."""
 
     def __init__(self, default: str):
         get_reward(default)  # an unknown default is an error now, not at the first call
@@ -71,6 +77,8 @@ class RoutedReward:
 
     def reward_for(self, example: dict) -> RewardFn:
         name = example.get("reward") or self.default
+        if name == "rule":
+            name = self.default
         if name not in self._rewards:
             self._rewards[name] = get_reward(name)
         return self._rewards[name]
@@ -102,4 +110,13 @@ register_reward("math_accuracy", MathAccuracyReward)
 register_reward("countdown", CountdownReward)
 register_reward("format", FormatReward)
 register_reward("language", LanguageReward)
-register_reward("reward_model", RewardModelReward)
+def _reward_model(**kwargs) -> RewardModelReward:
+    """A :class:`RewardModelReward` around ``model=`` (and ``tokenizer=``, config fields)."""
+    if kwargs.get("model") is None:
+        raise ValueError("reward 'reward_model' needs a trained model: in a recipe set [reward] "
+                         "reward_model = \"<folder>\" (the model/ folder `r1fast stage "
+                         "reward-model` writes); in Python pass model=<callable>")
+    return RewardModelReward(**kwargs)
+
+
+register_reward("reward_model", _reward_model)

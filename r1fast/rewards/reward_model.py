@@ -14,6 +14,14 @@ and harmlessness. :class:`RewardModelReward` wraps any model into the common rew
 Scoring runs in batches of ``batch_size`` under ``torch.no_grad`` in the calling process (the
 model lives there, on its device), so the runner treats it as a batched, in-process reward.
 torch is imported only when a batch is scored.
+
+``sync`` is for models whose forward is collective over several processes (a megatron model
+under expert or pipeline parallelism, :mod:`r1fast.train.reward_model_io`): each process
+counts its batches, ``sync(count)`` returns the largest count over the processes, and a
+process with fewer batches calls the model on empty batches (an empty text list, or ``[0, 1]``
+id/mask tensors) until it has made as many calls as the others; the model must return no
+scores for them. Named in a recipe (``[reward] reward_model = FOLDER``), a trained reward
+model is loaded by :func:`r1fast.train.reward_model_io.load_reward_model`.
 """
 from __future__ import annotations
 
@@ -57,14 +65,17 @@ class RewardModelReward:
     batched = True
 
     def __init__(self, model: Callable[..., Any], tokenizer: Any = None,
-                 config: RewardModelConfig | None = None, **overrides):
+                 config: RewardModelConfig | None = None, *,
+                 sync: Callable[[int], int] | None = None, **overrides):
         if not callable(model):
             raise ValueError(f"model must be callable (a torch module or a function), got {type(model).__name__}")
         if tokenizer is not None and not callable(getattr(tokenizer, "encode", None)):
             raise ValueError("tokenizer must have an encode(str) -> list[int] method")
         base = config or RewardModelConfig()
         self.config = replace(base, **overrides) if overrides else base
-        self.model, self.tokenizer = model, tokenizer
+        if sync is not None and not callable(sync):
+            raise ValueError(f"sync must be callable (int -> int) or None, got {type(sync).__name__}")
+        self.model, self.tokenizer, self.sync = model, tokenizer, sync
 
     def _text(self, completion: str, example: dict) -> str:
         if self.config.include_prompt:
@@ -93,7 +104,7 @@ class RewardModelReward:
                 out = self.model(texts)
         else:
             ids = [list(self.tokenizer.encode(t))[-self.config.max_length:] for t in texts]
-            longest = max(1, max(len(x) for x in ids))
+            longest = max(1, max((len(x) for x in ids), default=0))
             input_ids = torch.full((len(ids), longest), self._pad_id(), dtype=torch.long)  # [B, T]
             mask = torch.zeros((len(ids), longest), dtype=torch.long)  # [B, T]
             for row, seq in enumerate(ids):
@@ -123,6 +134,10 @@ class RewardModelReward:
         out: list[float] = []
         for start in range(0, len(texts), bs):
             out.extend(self._run(texts[start:start + bs]))
+        if self.sync is not None:  # idle calls until every process made as many as the busiest
+            mine = -(-len(texts) // bs)
+            for _ in range(int(self.sync(mine)) - mine):
+                self._run([])
         return out
 
     def __call__(self, completion: str, example: dict) -> float:

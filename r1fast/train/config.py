@@ -7,6 +7,7 @@ overridden from the command line as ``--algo.kl_coef=0.001`` (see :mod:`r1fast.t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -141,10 +142,13 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    """Rule-based rewards, weighted and summed."""
+    """Rule-based rewards, weighted and summed; optionally a trained reward model for the rows
+    that route to it (R1's stage 4: rule rewards for reasoning, a reward model for general
+    prompts; see r1fast.train.task)."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
-    """Reward name -> weight (names from r1fast.rewards)."""
+    """Reward name -> weight (names from r1fast.rewards), for every row that does not route to
+    the reward model; ``reward_model`` may be one of them (then ``reward_model`` must be set)."""
     timeout_s: float = 5.0
     """Per-call time limit of a reward function."""
     workers: int = 1
@@ -156,6 +160,16 @@ class RewardConfig:
     "en") of the ``language`` part, the share of target-language words in the chain of
     thought; it joins ``weights`` at 1.0 (R1 sums it with accuracy) unless ``weights.language``
     sets its weight. None: a ``weights.language`` part targets English."""
+    reward_model: Optional[str] = None
+    """A reward-model folder (the ``model/`` folder ``r1fast stage reward-model`` writes),
+    loaded once at the run's parallel layout and scored in this process, in batches. Rows whose
+    ``reward`` field is ``"reward_model"`` (or ``"model"``) are scored by it alone, as
+    ``reward_model_weight * score`` of ``prompt + completion`` (the rendered prompt the policy
+    saw: train the reward model on pairs whose prompts look the same)."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score on the rows routed to it."""
+    reward_model_batch_size: int = 16
+    """Texts per reward-model forward."""
 
     def __post_init__(self):
         if self.language is not None:
@@ -166,6 +180,12 @@ class RewardConfig:
             self.weights = {**self.weights, "language": self.weights.get("language", 1.0)}
         if not self.timeout_s > 0:
             raise ValueError(f"reward.timeout_s must be > 0 seconds, got {self.timeout_s}")
+        if self.reward_model_batch_size < 1:
+            raise ValueError(f"reward.reward_model_batch_size must be >= 1, got "
+                             f"{self.reward_model_batch_size}")
+        if not math.isfinite(self.reward_model_weight):
+            raise ValueError(f"reward.reward_model_weight must be finite, got "
+                             f"{self.reward_model_weight}")
         if self.workers < 0:
             raise ValueError(f"reward.workers must be >= 0 (0: in-process), got {self.workers}")
 

@@ -9,6 +9,11 @@ checker of this example": the reward its row names (``reward`` / verl ``data_sou
 math accuracy for files and the task's own checker for synthetic tasks (the equation checker
 for Countdown), so one recipe section serves every data source.
 
+R1's stage 4 mixes sources: with ``[reward] reward_model`` naming a trained reward-model folder,
+rows whose ``reward`` field is ``"reward_model"`` (or ``"model"``) are general prompts scored by
+that model alone, every other row by the weighted parts, and the step reports each source's
+share and mean (:mod:`r1fast.train.reward_routing`).
+
 The tokenizer is the model folder's (``run.init_from``): a Hugging Face tokenizer with its chat
 template and stop tokens, or r1fast's character tokenizer. Synthetic tasks are made for the
 character tokenizer; asking for one with another tokenizer is an error, not a silent run.
@@ -21,8 +26,9 @@ from typing import Callable, Sequence
 
 from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate_task,
                          load_tokenizer, make_prompt)
-from r1fast.data.files import load_examples
+from r1fast.data.files import convert_rows, read_rows
 from r1fast.rewards import CompositeReward, RewardRunner, RoutedReward, RunnerConfig, get_reward
+from r1fast.train.reward_routing import MixedScorer, general_example, row_source, split_rows
 
 log = logging.getLogger("r1fast.train")
 
@@ -30,12 +36,22 @@ TASK_REWARD = {"arithmetic": "math_accuracy", "countdown": "countdown"}
 
 
 class TaskData:
+    """The prompts of a run, their tokenizer and the rewards. ``model_reward``: the reward
+    model that scores the rows routed to it (``reward`` field ``"reward_model"``), with weight
+    ``model_weight``; None: every row is scored by ``reward_parts``."""
+
     def __init__(self, examples: Sequence[dict], tokenizer, reward_parts: Sequence[tuple],
-                 prompts_per_step: int, seed: int, runner_config: RunnerConfig):
+                 prompts_per_step: int, seed: int, runner_config: RunnerConfig,
+                 model_reward: Callable | None = None, model_weight: float = 1.0):
         self.tokenizer = tokenizer
         self.dataset = PromptDataset(list(examples), prompts_per_step, seed=seed)
         self.runner = RewardRunner(CompositeReward(list(reward_parts)), runner_config)
         self.part_names = [name for name, _, _ in reward_parts]
+        self.mixed = None
+        if model_reward is not None:
+            model = RewardRunner(CompositeReward([("reward_model", model_reward, model_weight)]),
+                                 runner_config)
+            self.mixed = MixedScorer(self.runner, model)
 
     def next_prompts(self, n: int, dp: int, dp_rank: int) -> list[dict]:
         """This DP rank's slice of the next ``n`` prompts (every rank draws the same batch)."""
@@ -47,11 +63,16 @@ class TaskData:
         return batch[dp_rank * k:(dp_rank + 1) * k]
 
     def score(self, texts: Sequence[str], examples: Sequence[dict]) -> dict[str, list[float]]:
-        """``{"total": [...], <part>: [...]}`` per completion."""
+        """``{"total": [...], <part>: [...]}`` per completion (with a reward model, also the
+        per-source columns of :class:`~r1fast.train.reward_routing.MixedScorer`)."""
+        if self.mixed is not None:
+            return self.mixed(list(texts), list(examples))
         out = self.runner(list(texts), list(examples))
         return {"total": list(out.total), **{k: list(v) for k, v in out.parts.items()}}
 
     def failure_metrics(self) -> dict[str, float]:
+        if self.mixed is not None:
+            return self.mixed.failure_metrics()
         m = self.runner.metrics()
         return {k: m.get(f"rewards/{k}", 0.0) for k in ("errors", "timeouts", "crashes")}
 
@@ -62,20 +83,28 @@ class TaskData:
         self.dataset.load_state_dict(state)
 
     def close(self) -> None:
-        self.runner.close()
+        if self.mixed is not None:
+            self.mixed.close()  # both runners
+        else:
+            self.runner.close()
 
 
-def reward_parts(task: str | None, weights: dict[str, float],
-                 language: str | None = None) -> list[tuple[str, Callable, float]]:
+def reward_parts(task: str | None, weights: dict[str, float], language: str | None = None,
+                 model_reward: Callable | None = None) -> list[tuple[str, Callable, float]]:
     """The weighted reward parts; ``accuracy`` is the task's checker (``task`` None: a dataset
     file, whose rows may name their own reward); ``language`` the target of the ``language``
-    part (reward.language)."""
+    part (reward.language); ``reward_model`` the loaded ``model_reward`` (reward.reward_model)."""
     parts = []
     for name, w in weights.items():
         if name == "accuracy":
             fn = get_reward(TASK_REWARD[task]) if task else RoutedReward("math_accuracy")
         elif name == "language" and language is not None:
             fn = get_reward("language", target=language)
+        elif name == "reward_model":
+            if model_reward is None:
+                raise ValueError("reward.weights has reward_model, which needs reward.reward_model"
+                                 " = <reward-model folder> (written by r1fast stage reward-model)")
+            fn = model_reward
         else:
             fn = get_reward(name)
         parts.append((name, fn, float(w)))
@@ -121,12 +150,53 @@ def _training_examples(cfg, tokenizer) -> list[dict]:
             for ex in examples:
                 ex["prompt"] = render_prompt(ex, tokenizer, d)
         return examples
-    examples, report = load_examples(d.path, preset=d.preset, prompt_key=d.prompt_key,
-                                     answer_key=d.answer_key)
-    log.info("%s", report.summary())
+    examples = _file_examples(d)
     for ex in examples:
         ex["prompt"] = render_prompt(ex, tokenizer, d)
     return examples
+
+
+def _file_examples(d) -> list[dict]:
+    """The rows of ``data.path``: rule rows in the preset's layout (bad ones skipped and
+    counted), rows routed to the reward model with their prompt only, in file order."""
+    rows = read_rows(d.path)
+    rule, model = split_rows(rows)
+    examples, report = convert_rows([rows[i] for i in rule], str(d.path), preset=d.preset,
+                                    prompt_key=d.prompt_key, answer_key=d.answer_key) \
+        if rule else ([], None)
+    name = Path(d.path).name
+    for ex in examples:  # row numbers of the whole file, not of the rule rows alone
+        ex["row"] = rule[ex["row"]]
+        ex["id"] = f"{name}:{ex['row']}"
+    if report is not None:
+        log.info("%s", report.summary() + (f" (of the {len(rule)} rule rows)" if model else ""))
+    examples += [general_example(rows[i], i, str(d.path), d.preset, d.prompt_key) for i in model]
+    if model:
+        log.info("%s: %d rows routed to the reward model", d.path, len(model))
+    return sorted(examples, key=lambda ex: ex["row"])
+
+
+def _model_reward(cfg, examples: list[dict]):
+    """The recipe's reward model (None without ``reward.reward_model``); routed rows without
+    one are an error, a reward model nothing uses a WARNING."""
+    r = cfg.reward
+    routed = sum(row_source(ex) == "model" for ex in examples)
+    if r.reward_model is None:
+        if routed:
+            raise ValueError(f"{routed} of {len(examples)} rows of data.path={cfg.data.path} have "
+                             f"reward = 'reward_model' (or 'model'), which needs "
+                             f"reward.reward_model = <reward-model folder>")
+        return None
+    if not routed and "reward_model" not in r.weights:
+        log.warning("reward.reward_model=%s is loaded but unused: no row routes to it (reward "
+                    "field 'reward_model') and reward.weights has no reward_model",
+                    r.reward_model)
+    from r1fast.train.batch import all_ranks_int
+    from r1fast.train.reward_model_io import load_reward_model
+
+    return load_reward_model(r.reward_model, cfg.parallel, seed=cfg.run.seed,
+                             batch_size=r.reward_model_batch_size, what="reward.reward_model",
+                             sync=lambda n: all_ranks_int(n, "max"))
 
 
 def _filter_long_prompts(examples: list[dict], tokenizer, limit: int) -> list[dict]:
@@ -154,8 +224,10 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     examples = _filter_long_prompts(_training_examples(cfg, tokenizer), tokenizer,
                                     d.max_prompt_tokens)
     task = None if d.path is not None else d.task
-    parts = (reward_parts(task, r.weights, language=r.language) if reward is None
-             else [("custom", reward, 1.0)])
+    model_reward = _model_reward(cfg, examples)
+    parts = (reward_parts(task, r.weights, language=r.language, model_reward=model_reward)
+             if reward is None else [("custom", reward, 1.0)])
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",
                               num_workers=max(r.workers, 1), timeout_s=r.timeout_s)
-    return TaskData(examples, tokenizer, parts, d.prompts_per_step, d.seed, runner_cfg)
+    return TaskData(examples, tokenizer, parts, d.prompts_per_step, d.seed, runner_cfg,
+                    model_reward=model_reward, model_weight=r.reward_model_weight)

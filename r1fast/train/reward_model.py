@@ -1,0 +1,343 @@
+"""Training a reward model (R1's stage 4): Bradley-Terry on preference pairs.
+
+A preference pair is a JSONL/JSON/parquet row ``{"prompt", "chosen", "rejected"}`` (read with
+``datasets``, as :mod:`r1fast.data.files` reads prompts). The reward model is the policy
+architecture with a scalar head (:mod:`r1fast.train.reward_model_io`), started from a model
+folder (``init_from``: backbone and tokenizer) at any TP/PP/EP/DP layout, and trained to score
+``prompt + chosen`` above ``prompt + rejected``:
+
+    loss = mean over pairs of  -log sigmoid(r(prompt + chosen) - r(prompt + rejected))
+
+(:func:`bradley_terry_loss`, computed as ``softplus(r_rejected - r_chosen)``, stable for any
+margin). Each step draws ``batch_size`` pairs (every DP rank its share); a rank's micro-batch
+holds its chosen rows then its rejected rows, so each pair is scored in one forward; the loss
+is each rank's share of the global mean, through megatron's forward-backward and distributed
+optimizer with the guarded step of :class:`~r1fast.train.engine.TrainEngine` (the head is one
+more parameter of the same optimizer, clipped and checked with the rest).
+
+Held-out accuracy is the share of test pairs whose chosen response scores higher (a tie counts
+one half), measured before training and at the end. ``r1fast stage reward-model --init MODEL
+--data pairs.jsonl --test pairs_test.jsonl --out DIR`` writes ``DIR/metrics.jsonl``,
+``DIR/eval.json``, the reward-model folder ``DIR/model`` (what ``[reward] reward_model``
+names) and, for models with a Hugging Face family, ``DIR/hf`` (an
+``AutoModelForSequenceClassification`` folder).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.optim import OptimConfig
+from r1fast.train.batch import all_ranks_int
+from r1fast.train.engine import TrainEngine
+from r1fast.train.metrics import MetricsLogger
+from r1fast.train.reward_model_io import (META_FILE, PolicyRewardModel, RewardBackbone,
+                                          encode_texts, export_sequence_classifier, head_scores,
+                                          load_head, save_reward_model)
+
+log = logging.getLogger("r1fast.train")
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(kw_only=True)
+class RewardModelTrainConfig:
+    """One reward-model training run."""
+
+    init_from: str
+    """Model folder to start from (Hugging Face or r1fast): the backbone's architecture, weights
+    and tokenizer. The head starts random (std ``model.init_std``)."""
+    data: str
+    """Training pairs: a .jsonl / .json / .parquet file or a folder of them, rows
+    ``{"prompt", "chosen", "rejected"}`` (strings; prompt may be empty)."""
+    test: Optional[str] = None
+    """Held-out pairs in the same layout (accuracy before and after training), or None."""
+    out_dir: str = "runs/reward_model"
+    """Run folder: metrics.jsonl, eval.json, model/ (the reward model), hf/ (its export)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP/PP/EP layout (DP is what remains of the world size)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    """Optimizer and schedule (total_steps is set from steps)."""
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Pairs per step (global, split over DP ranks)."""
+    max_length: int = 0
+    """Tokens per text (bos + prompt + response + eos, keeping the end); 0: the model's
+    max_position_embeddings."""
+    eval_batch_size: int = 32
+    """Texts per forward when scoring the held-out pairs."""
+    aux_loss_coef: Optional[float] = None
+    """MoE load-balancing loss coefficient during this training; None: the checkpoint's."""
+    seed: int = 0
+    """Head init and pair-order seed."""
+    progress: bool = False
+    """Show a progress bar."""
+    export_hf: bool = True
+    """Also write out_dir/hf, the Hugging Face sequence-classifier layout (when the backbone has
+    an HF family; otherwise a WARNING)."""
+
+    def __post_init__(self):
+        for name, lo in (("steps", 1), ("batch_size", 1), ("eval_batch_size", 1),
+                         ("max_length", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"reward model: {name} must be >= {lo}, got "
+                                 f"{getattr(self, name)}")
+        if self.max_length == 1:
+            raise ValueError("reward model: max_length must be 0 (the model's) or >= 2")
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair ``-log sigmoid(chosen - rejected)`` [P] (fp32 or wider), as
+    ``softplus(rejected - chosen)``: no overflow for any margin."""
+    dtype = torch.promote_types(chosen.dtype, torch.float32)
+    return F.softplus(rejected.to(dtype) - chosen.to(dtype))
+
+
+def load_pairs(path: str | Path) -> list[dict]:
+    """The preference pairs of a data file or folder; a bad row is a one-line error naming the
+    file, the row and the key."""
+    from r1fast.data.files import read_rows
+
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"preference pairs {path}: no rows")
+    for i, row in enumerate(rows):
+        for key in PAIR_KEYS:
+            v = row.get(key)
+            if not isinstance(v, str) or (key != "prompt" and not v.strip()):
+                what = "a string" if key == "prompt" else "a non-empty string"
+                raise ValueError(f"preference pairs {path} row {i}: key {key!r} must be {what}, "
+                                 f"got {v!r:.60}")
+        if row["chosen"] == row["rejected"]:
+            raise ValueError(f"preference pairs {path} row {i}: 'chosen' and 'rejected' are the "
+                             f"same text (the pair says nothing)")
+    return [{k: row[k] for k in PAIR_KEYS} for row in rows]
+
+
+class RewardEngine(TrainEngine):
+    """A :class:`TrainEngine` whose DDP module (and so its optimizer, grad clipping and
+    non-finite guard) holds the scalar head next to the backbone. Builds like
+    ``TrainEngine.__init__`` except that the policy is built bare, the head added, and then
+    megatron DDP wraps both (``policy.gpt`` stays the bare GPT chunk, so HF save/load of the
+    backbone is untouched)."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
+                 total_updates: int, seed: int, init_from: Optional[str] = None):
+        import types
+
+        from r1fast.policy import build_optimizer, build_policy
+        from r1fast.policy.optim import wrap_ddp
+        from r1fast.train.policy_io import load_model_state
+
+        torch.manual_seed(seed)
+        self.policy = build_policy(model, parallel, seed=seed, trainable=False)
+        gpt = self.policy.gpt
+        for p in gpt.parameters():  # build_policy(trainable=False) froze them
+            p.requires_grad_(True)
+        gpt.train()
+        self.backbone = RewardBackbone(gpt, model.hidden_size, init_std=model.init_std, seed=seed)
+        shim = types.SimpleNamespace(gpt=self.backbone, config=self.policy.config)
+        wrap_ddp(shim)  # the policy's DDP setup, over backbone + head
+        self.policy.module = shim.module
+        self.info = self.policy.info
+        if init_from:  # before the optimizer: it copies the fp32 master weights at construction
+            load_model_state(self.policy, init_from)
+            if (Path(init_from) / META_FILE).is_file() and self.backbone.score is not None:
+                with torch.no_grad():  # a reward model trained further: its head too
+                    self.backbone.score.weight.copy_(load_head(init_from, model.hidden_size))
+        optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
+        self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
+        self.max_nonfinite_skips = optim.max_nonfinite_skips
+        self.nonfinite_skips = 0
+
+    @property
+    def head_weight(self) -> Optional[torch.Tensor]:
+        """The head [1, H] (last pipeline stage; None elsewhere)."""
+        return None if self.backbone.score is None else self.backbone.score.weight
+
+
+def pair_loss_fn(engine: RewardEngine, total_pairs: float):
+    """``loss_fn`` of a micro-batch ``{"tokens" [2P, L], "lengths" [2P]}`` (P chosen rows then
+    their P rejected rows): this micro-batch's share of the global mean Bradley-Terry loss."""
+
+    def loss_fn(hidden, output_weight, mb):
+        r = head_scores(engine.head_weight, hidden, mb["lengths"])  # [2P]
+        chosen, rejected = r.chunk(2)
+        per_pair = bradley_terry_loss(chosen, rejected)
+        loss = per_pair.sum() / total_pairs
+        return loss, {"bt_sum": per_pair.detach().sum(),
+                      "correct": (chosen > rejected).float().sum().detach()
+                      + 0.5 * (chosen == rejected).float().sum().detach(),
+                      "margin_sum": (chosen - rejected).detach().sum()}
+
+    return loss_fn
+
+
+class RewardModelTrainer:
+    """``RewardModelTrainer(config).fit()`` trains, evaluates and saves a reward model (see the
+    module docstring). Collective: every rank of the layout runs it."""
+
+    def __init__(self, config: RewardModelTrainConfig):
+        from r1fast.data import load_tokenizer
+        from r1fast.policy.hf_checkpoint import load_model_config
+
+        self.cfg = config
+        if (Path(config.out_dir) / "metrics.jsonl").exists():
+            raise ValueError(f"reward model: out_dir {config.out_dir} already holds a run "
+                             f"(metrics.jsonl); choose another folder")
+        self.train_pairs = load_pairs(config.data)  # bad files fail before the model is built
+        self.test_pairs = load_pairs(config.test) if config.test else []
+        model = load_model_config(config.init_from)
+        if config.aux_loss_coef is not None:
+            model = dataclasses.replace(model, aux_loss_coef=config.aux_loss_coef)
+        self.tokenizer = load_tokenizer(config.init_from)
+        self.max_length = config.max_length or model.max_position_embeddings
+        if self.max_length > model.max_position_embeddings:
+            raise ValueError(f"reward model: max_length={self.max_length} exceeds the model's "
+                             f"max_position_embeddings={model.max_position_embeddings}")
+        self.engine = RewardEngine(model, config.parallel, config.optim,
+                                   total_updates=config.steps, seed=config.seed,
+                                   init_from=config.init_from)
+        self.policy, self.info = self.engine.policy, self.engine.info
+        if config.batch_size % self.info.dp:
+            raise ValueError(f"reward model: batch_size ({config.batch_size}) must be divisible "
+                             f"by the data parallel size ({self.info.dp})")
+        self.scorer = PolicyRewardModel(self.policy, self.engine.head_weight, self.tokenizer,
+                                        self.max_length)
+        self.rng = random.Random(config.seed)
+
+    def _micro_batch(self) -> dict[str, torch.Tensor]:
+        """This DP rank's share of the next global batch of pairs: its chosen rows, then their
+        rejected rows (every rank draws the same global batch)."""
+        n, k = self.cfg.batch_size, self.cfg.batch_size // self.info.dp
+        pairs = [self.train_pairs[self.rng.randrange(len(self.train_pairs))] for _ in range(n)]
+        mine = pairs[self.info.dp_rank * k:(self.info.dp_rank + 1) * k]
+        texts = [p["prompt"] + p["chosen"] for p in mine] + [p["prompt"] + p["rejected"]
+                                                            for p in mine]
+        tokens, lengths = encode_texts(self.tokenizer, texts, self.max_length)  # [2k, L], [2k]
+        width = all_ranks_int(tokens.shape[1], "max")  # one shape on every rank
+        tokens = F.pad(tokens, (0, width - tokens.shape[1]), value=int(self.tokenizer.pad_id))
+        return {"tokens": tokens, "lengths": lengths}
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step on ``batch_size`` pairs: loss, train accuracy and mean margin of
+        the batch (before the step), grad norm, lr."""
+        n = float(self.cfg.batch_size)
+        upd = self.engine.update([self._micro_batch()], pair_loss_fn(self.engine, n))
+        local = {k: sum(float(r[k]) for r in upd.metrics)
+                 for k in ("bt_sum", "correct", "margin_sum")}
+        sums = self.engine.last_stage_reduce(local, list(local), op="sum")
+        return {"loss": sums["bt_sum"] / n, "accuracy": sums["correct"] / n,
+                "margin": sums["margin_sum"] / n, "grad_norm": upd.grad_norm,
+                "lr": self.engine.lr, "skipped": float(upd.skipped)}
+
+    def score_pairs(self, pairs: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen scores [P], rejected scores [P]) of ``pairs``, all on this rank, in batches
+        of eval_batch_size texts; collective (ranks with fewer batches make idle calls)."""
+        texts = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"]
+                                                             for p in pairs]
+        bs = self.cfg.eval_batch_size
+        chunks = [texts[i:i + bs] for i in range(0, len(texts), bs)]
+        for _ in range(all_ranks_int(len(chunks), "max") - len(chunks)):
+            chunks.append([])
+        scores = torch.cat([self.scorer(c) for c in chunks]) if chunks else torch.zeros(0)
+        return scores[:len(pairs)], scores[len(pairs):]
+
+    def heldout(self) -> dict[str, float]:
+        """Accuracy (a tie counts 1/2) and mean margin on the test pairs, each DP rank scoring
+        its share."""
+        mine = self.test_pairs[self.info.dp_rank::self.info.dp]
+        chosen, rejected = self.score_pairs(mine)
+        correct = float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
+        c, n, m = self.engine.dp_sum([correct, float(len(mine)),
+                                      float((chosen - rejected).sum())])
+        return {"accuracy": c / n, "margin": m / n, "pairs": int(n)}
+
+    def fit(self) -> dict:
+        """Train for ``steps``, evaluate, save ``out_dir/model`` (and ``out_dir/hf``); returns
+        the summary written to ``out_dir/eval.json``."""
+        cfg, out = self.cfg, Path(self.cfg.out_dir)
+        before = self.heldout() if self.test_pairs else None
+        logger = MetricsLogger(out, enabled=self.engine.is_logger, tensorboard=False,
+                               progress=cfg.progress, total_steps=cfg.steps, desc="reward-model")
+        try:
+            rows = [logger.log(i, self.step()) for i in range(1, cfg.steps + 1)]
+        finally:
+            logger.close()
+        after = self.heldout() if self.test_pairs else None
+        summary = {"train_pairs": len(self.train_pairs), "steps": cfg.steps,
+                   "final_train_loss": rows[-1]["loss"], "test_pairs": len(self.test_pairs)}
+        if after is not None:
+            summary.update(heldout_accuracy_before=before["accuracy"],
+                           heldout_accuracy=after["accuracy"], heldout_margin=after["margin"])
+        path = save_reward_model(self.policy, self.engine.head_weight, self.tokenizer,
+                                 out / "model", max_length=self.max_length, summary=summary)
+        summary["model"] = str(path)
+        if self.engine.is_logger:
+            hf = export_sequence_classifier(path, out / "hf") if cfg.export_hf else None
+            summary["hf"] = None if hf is None else str(hf)
+            (out / "eval.json").write_text(json.dumps(summary, indent=1))
+        _barrier()
+        return summary
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="r1fast stage reward-model",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--init", required=True, help="model folder to start from (backbone + "
+                    "tokenizer)")
+    ap.add_argument("--data", required=True, help="training pairs (JSONL/JSON/parquet file or "
+                    "folder) with prompt, chosen, rejected")
+    ap.add_argument("--test", help="held-out pairs in the same layout")
+    ap.add_argument("--out", required=True, help="run folder (model/ is the reward model)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
+    ap.add_argument("--max-length", type=int, default=0, help="tokens per text (0: the model's)")
+    ap.add_argument("--aux-loss-coef", type=float, help="MoE aux-loss coefficient (default: the "
+                    "checkpoint's)")
+    ap.add_argument("--seed", type=int, default=0)
+    for name in ("tp", "pp", "ep"):
+        ap.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size (under "
+                        f"torchrun)")
+    ap.add_argument("--no-export", action="store_true", help="skip the out/hf export")
+    ap.add_argument("--progress", action="store_true")
+    return ap
+
+
+def stage_main(argv: Sequence[str]) -> int:
+    """``r1fast stage reward-model ...``: train, print the summary (JSON) and the folder."""
+    args = _parser().parse_args(list(argv))
+    logging.basicConfig(level=logging.WARNING)
+    cfg = RewardModelTrainConfig(
+        init_from=args.init, data=args.data, test=args.test, out_dir=args.out,
+        parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
+        optim=OptimConfig(lr=args.lr), steps=args.steps, batch_size=args.batch_size,
+        max_length=args.max_length, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
+        progress=args.progress, export_hf=not args.no_export)
+    summary = RewardModelTrainer(cfg).fit()
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(summary))
+        print(summary["model"], file=sys.stderr)
+    return 0
