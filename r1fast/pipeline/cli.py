@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from typing import Sequence
 
 from r1fast.pipeline import stages
@@ -33,7 +34,7 @@ MODELS = {"tiny-moe": moe_model, "tiny-dense": dense_model}
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="r1fast stage", description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=("pretrain", "sft", "grpo", "rejection-sample", "distill",
-                                     "evaluate"))
+                                     "evaluate", "reward-model"))
     ap.add_argument("--out", help="output folder (a .jsonl path for rejection-sample)")
     ap.add_argument("--init", help="model folder to start from (sft, grpo)")
     ap.add_argument("--model", help="preset for pretrain (tiny-moe, tiny-dense) or the model "
@@ -63,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if rest[:1] == ["reward-model"]:  # its own options (--data pairs, --test ...)
+        from r1fast.train.reward_model import stage_main
+
+        return stage_main(rest[1:])
     ap = _parser()
     args, overrides = ap.parse_known_args(argv)
     train = demo_examples(args.num_train, "train", args.seed, args.digits)
