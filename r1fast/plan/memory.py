@@ -26,12 +26,13 @@ matching r1fast's policy (r1fast.policy.optim):
   parameters (DP = world / (tp pp)) and, when ep > 1, over the expert-data-parallel ranks for
   expert parameters (EDP = world / (ep pp)); megatron files experts under dense at ep = 1;
 - a frozen reference policy (parameters only) when the KL term is on;
-- activations of one micro-batch of ``micro_batch_size`` sequences of ``prompt_len +
-  max_new_tokens`` tokens, times the micro-batches 1F1B keeps in flight on the stage
-  (``min(pp - stage, n_micro)``), for three recompute settings (none; selective = megatron's
-  ``recompute_modules`` core_attn, as ParallelConfig.recompute sets it; full = uniform, one layer per
-  checkpoint), counted tensor by tensor for the Transformer Engine layers (flash attention)
-  or megatron's local layers, with balanced expert load;
+- activations (r1fast.plan.activations): the peak saved tensors of one micro-batch of
+  ``micro_batch_size`` sequences of ``prompt_len + max_new_tokens`` tokens, for three recompute
+  settings (none; selective = megatron's ``recompute_modules`` core_attn, as
+  ParallelConfig.recompute sets it; full = uniform, one layer per checkpoint), counted tensor
+  by tensor for the Transformer Engine layers (flash attention) or megatron's local layers
+  (GQA or MLA), with balanced expert load; 1F1B keeps ``min(pp - stage, n_micro)``
+  micro-batches in flight on a stage (full recompute: their layer inputs, one re-run layer);
 - the log-prob head on the last stage: full fp32 logits ``[T, V / tp]`` with their softmax and
   gradient copies (a vocab-parallel cross-entropy; r1fast's own unfused baseline,
   ``algo.use_fused_kernels = false``, even gathers ``[T, V]``), or the fused kernel's bounded
@@ -42,9 +43,10 @@ matching r1fast's policy (r1fast.policy.optim):
 
 Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
 transient is below the training one), expert load imbalance (the busiest expert's rank holds
-more routed tokens), MTP/MLA, CPU offload, and megatron's buffer padding (< 1%).
-:func:`measure_state_bytes` and :func:`measure_saved_bytes` measure a built policy for
-comparison; tests/plan/test_plan.py checks the formulas against megatron that way.
+more routed tokens), MTP layers (not built), packed micro-batches, CPU offload, and megatron's
+buffer padding (< 1%). r1fast.plan.measure measures a built policy for comparison;
+tests/plan/test_plan.py and tests/policy/test_recompute.py hold the formulas to megatron that
+way.
 """
 from __future__ import annotations
 
@@ -53,7 +55,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from r1fast.plan.mla_memory import mla_activation_bytes as _mla_activation_bytes
+from r1fast.plan.activations import (_BYTES, held_activation_bytes,  # noqa: F401 (re-exports)
+                                     layer_activation_bytes, stage_activation_bytes)
+from r1fast.plan.measure import (measure_peak_saved_bytes, measure_saved_bytes,  # noqa: F401
+                                 measure_state_bytes)
 from r1fast.plan.mla_memory import mla_params as _mla_params
 from r1fast.policy.config import ModelConfig, ParallelConfig
 
@@ -61,7 +66,6 @@ GiB = 1024 ** 3
 RECOMPUTE_MODES = ("none", "selective", "full")
 DECODERS = ("kv-cache", "recompute")
 SPECS = ("te", "local")
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -130,7 +134,7 @@ class StagePlan:
     reference_bytes: int
     """Frozen reference policy (KL), model dtype; 0 without KL."""
     activation_bytes: dict[str, int]
-    """Saved activations of ONE micro-batch on this stage, per recompute mode."""
+    """Peak saved activations of ONE micro-batch on this stage, per recompute mode."""
     in_flight: int
     """Micro-batches whose activations 1F1B holds at once on this stage."""
     activations_total: int
@@ -270,95 +274,6 @@ def active_params(m: ModelConfig) -> int:
     return n
 
 
-# ------------------------------------------------------------------------------ activations
-
-def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int,
-                           seq_len: int, mode: str, spec: str = "te") -> float:
-    """Bytes saved for backward per token of the micro-batch by one layer on one rank.
-
-    Counted tensor by tensor from what megatron-core keeps under r1fast's TransformerConfig
-    (unfused SwiGLU and RoPE: r1fast turns the apex/TE fusions off for exactness). ``sp`` is tp
-    with sequence parallelism, else 1: the residual stream is ``[T / sp, H]`` and megatron's TP
-    linears keep their SP-local input (re-gathered in the backward). Attention/MLP tensors are
-    ``[T, width / tp]``; routed-expert tensors ``[T k / sp, width]`` (balanced load).
-    ``spec``: "te" (Transformer Engine layers: flash attention, fused RMSNorm keeping input and
-    1/rms) or "local" (megatron's local layers, as on CPU: [s, s] softmax probabilities, k/v
-    repeated to every query head, torch RMSNorm also keeping its normalised input).
-    """
-    H, d, nq, nkv = m.hidden_size, m.kv_channels, m.num_attention_heads, m.kv_heads
-    if mode == "full":
-        return H / sp * act  # only the layer input is kept
-    selective = mode == "selective"
-    local = spec == "local"
-
-    def norm(width: float, rows: float) -> float:
-        """RMSNorm over ``width`` for ``rows`` rows per token: input, 1/rms (fp32), and (local)
-        the normalised input; the output is kept by the consumer (counted there)."""
-        return rows * (width * act + 4 + (width * act if local else 0))
-
-    # two RMSNorms on the residual stream + their outputs (the next linear's input)
-    out = 2 * norm(H, 1 / sp) + 2 * H / sp * act
-    if m.is_mla:
-        out += _mla_activation_bytes(m, tp, sp, act, seq_len, selective, local, norm)
-        return out + _mlp_activation_bytes(m, layer, tp, sp, act, selective)
-    # attention: the fused qkv output, q/k norms, RoPE cos/sin (q and k), core attention
-    attn = (nq + 2 * nkv) * d * act
-    if m.qk_layernorm:
-        attn += norm(d, nq + nkv) - (nq + nkv) * d * act  # the input is the qkv output
-    attn += 4 * d * act
-    if local:
-        attn += nq * d * act * (3 if nq != nkv else 2)  # q, k (and v) repeated to nq heads
-        attn += 0.0 if selective else nq * seq_len * act  # softmax probabilities [s, s]
-    else:
-        attn += (nq + nkv) * d * act  # q and k after RoPE (v is a view of the qkv output)
-        attn += 0.0 if selective else nq * 4  # flash attention's fp32 log-sum-exp
-    attn += nq * d * act  # core attention output = linear_proj input
-    out += attn / tp
-    return out + _mlp_activation_bytes(m, layer, tp, sp, act, selective)
-
-
-def _mlp_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int,
-                          selective: bool) -> float:
-    out = 0.0
-    H = m.hidden_size
-    if not m.is_moe or layer in m.dense_layers:
-        # SwiGLU: fc1 output [2F], silu output [F], linear half + offset [F], fc2 input [F]
-        return out + 5 * m.ffn_hidden_size / tp * act
-    k, E, Fm = m.moe_router_topk, m.num_experts, m.moe_ffn_hidden_size
-    # router (fp32): input copy, logits, scores, probabilities, routing map (bool),
-    # top-k indices and weights, permutation indices
-    out += (4 * H + 4 * 4 * E + E + 3 * 8 * k) / sp
-    # per routed token: expert input [H], fc1 output [2 Fm], silu output, linear half,
-    # product, probability-scaled fc2 input [Fm each]
-    out += k * ((H + 2 * Fm) * act + 4 * Fm * act + 4) / sp
-    if m.shared_expert_size is not None:
-        out += 5 * m.shared_expert_size / tp * act
-    return out
-
-
-def _head_activation_bytes(m: ModelConfig, sp: int, act: int, spec: str) -> float:
-    # final RMSNorm (input, 1/rms, local: normalised) and the head's input [T, H] (gathered)
-    H = m.hidden_size
-    return (H * act + 4 + (H * act if spec == "local" else 0)) / sp + H * act
-
-
-def stage_activation_bytes(m: ModelConfig, par: ParallelConfig, stage: int, tokens: int,
-                           seq_len: int, mode: str, spec: str = "te") -> int:
-    """Saved activations of one micro-batch of ``tokens`` tokens on ``stage``."""
-    tp, pp = par.tp, par.pp
-    sp = tp if par.use_sequence_parallel(m) else 1
-    act = _BYTES[m.params_dtype]
-    lo, hi = stage_layers(m, pp, stage, par.stage_layers(m.num_layers))
-    total = sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec)
-                for i in range(lo, hi))
-    if mode == "full":  # the backward re-runs one layer with everything saved
-        total += max(layer_activation_bytes(m, i, tp, sp, act, seq_len, "none", spec)
-                     for i in range(lo, hi))
-    if stage == pp - 1:
-        total += _head_activation_bytes(m, sp, act, spec)
-    return int(math.ceil(total * tokens))
-
-
 # ------------------------------------------------------------------------------ heads, rollout
 
 def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int) -> tuple[int, int]:
@@ -457,7 +372,8 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     acts = {mode: stage_activation_bytes(m, par, stage, batch.tokens, batch.seq_len, mode,
                                          opts.spec) for mode in RECOMPUTE_MODES}
     in_flight = min(pp - stage, batch.n_micro)
-    act_total = acts[opts.recompute] * in_flight
+    act_total = held_activation_bytes(m, par, stage, batch.tokens, batch.seq_len,
+                                      opts.recompute, opts.spec, in_flight)
     if stage == pp - 1:
         lp_fused, lp_unfused = logprob_head_bytes(m, tp, batch.tokens)
     else:
@@ -503,11 +419,6 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
         notes.append(f"does not fit: stage {worst.stage} needs {worst.peak / GiB:.1f} GiB of "
                      f"{opts.gpu_mem_gib:g}; the largest term is {top} "
                      f"({parts[top] / GiB:.1f} GiB)")
-    knobs = [f.name for cls in (ParallelConfig, ModelConfig) for f in dataclasses.fields(cls)]
-    if opts.recompute != "none" and not any("recompute" in k for k in knobs):
-        notes.append(f"recompute '{opts.recompute}' is what megatron offers "
-                     f"(recompute_granularity / recompute_modules); r1fast's policy config has "
-                     f"no switch for it yet, so a run today keeps the 'none' activations")
     if opts.decoder == "kv-cache":
         recompute_logits = batch.rows * batch.seq_len * (m.vocab_size + m.vocab_size // tp) * 4
         if recompute_logits > 0.05 * int(opts.gpu_mem_gib * GiB):
@@ -539,56 +450,6 @@ def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0
         prompt_len=batch.prompt_len, micro_batch_seqs=batch.mbs, micro_batches=batch.n_micro,
         rollout_seqs=batch.rows, stages=stages, worst=worst, gpu_mem_bytes=gpu_bytes, fits=fits,
         options=opts, notes=_notes(m, par.tp, batch, worst, fits, opts))
-
-
-# ------------------------------------------------------------------------------ measuring
-
-def measure_state_bytes(policy, optimizer=None) -> dict[str, int]:
-    """What a built policy (and its megatron optimizer, after a step) really holds on this rank:
-    ``params`` (sum of numel * element size), ``grads`` (DDP grad buffers), ``master`` (fp32
-    copies the optimizer owns) and ``adam`` (its state tensors). The planner's counterparts are
-    ``param_bytes``, ``grad_bytes``, ``master_bytes`` and ``adam_bytes``."""
-    import torch
-
-    params = list(policy.gpt.parameters())
-    own = {p.untyped_storage().data_ptr() for p in params}
-    out = {"params": sum(p.numel() * p.element_size() for p in params), "grads": 0,
-           "master": 0, "adam": 0}
-    module = policy.module
-    for buf in list(getattr(module, "buffers", [])) + list(
-            getattr(module, "expert_parallel_buffers", [])):
-        out["grads"] += buf.grad_data.numel() * buf.grad_data.element_size()
-    if optimizer is not None:
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            inner = getattr(opt, "optimizer", opt)
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    if p.untyped_storage().data_ptr() not in own:  # not a view of the model
-                        out["master"] += p.numel() * p.element_size()
-                    for v in inner.state.get(p, {}).values():
-                        if isinstance(v, torch.Tensor) and v.dim() > 0:  # not the step count
-                            out["adam"] += v.numel() * v.element_size()
-    return out
-
-
-def measure_saved_bytes(fn, exclude=()) -> tuple[object, int]:
-    """Run ``fn()`` and return (its result, bytes of the distinct storages autograd saved for
-    backward meanwhile), ignoring the storages of the tensors in ``exclude`` (the parameters).
-    The planner's counterpart is ``activation_bytes["none"] + logprob head``."""
-    import torch
-
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in skip:
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return result, sum(seen.values())
 
 
 def _uses_reference(cfg) -> bool:

@@ -1,6 +1,6 @@
-"""MLA terms of the per-GPU memory model (r1fast.plan.memory): parameters and saved
-activations of megatron's MLASelfAttention as r1fast builds it (duplicated down projections,
-r1fast.policy.mla)."""
+"""MLA parameters in the per-GPU memory model (r1fast.plan.memory): megatron's MLASelfAttention
+as r1fast builds it (duplicated down projections, r1fast.policy.mla). Its saved activations are
+in r1fast.plan.activations, next to grouped-query attention's."""
 from __future__ import annotations
 
 from r1fast.policy.config import ModelConfig
@@ -16,25 +16,3 @@ def mla_params(m: ModelConfig, tp: int) -> int:
     kv = H * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank \
         + m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)
     return H + q + kv + n * m.v_head_dim * H
-
-
-def mla_activation_bytes(m: ModelConfig, tp: int, sp: int, act: int, seq_len: int,
-                         selective: bool, local: bool, norm) -> float:
-    """Per token, MLA (megatron's MLASelfAttention, r1fast's duplicated down projections and
-    core attention): the SP-local down-projection outputs and their RMSNorms, the up-projection
-    outputs, q/k after RoPE, the core attention (local: fp32 q/k copies and [s, s] fp32
-    probabilities; TE: the log-sum-exp) and its output. Counted from the code, not measured."""
-    n = m.num_attention_heads / tp
-    dqk, dv = m.qk_head_dim, m.v_head_dim
-    out = 0.0
-    if m.q_lora_rank is not None:
-        out += norm(m.q_lora_rank, 1 / sp)
-    out += norm(m.kv_lora_rank, 1 / sp) + m.qk_rope_head_dim * act * (1 / sp + 1)
-    out += n * (dqk + m.qk_nope_head_dim + dv) * act  # q up, kv up outputs
-    out += 2 * n * dqk * act  # q and k after RoPE (concatenated)
-    if local:
-        out += 2 * n * dqk * 4 if act < 4 else 0.0  # fp32 q, k of the core attention
-        out += 0.0 if selective else n * seq_len * (4 + (act if act < 4 else 0))
-    else:
-        out += 0.0 if selective else n * 4
-    return out + n * dv * act  # core attention output = linear_proj input

@@ -102,7 +102,8 @@ def test_param_grad_optimizer_bytes_match_measured(megatron_rank, dtype):
 @pytest.mark.parametrize("preset,batch,length", [("tiny-moe", 3, 41), ("tiny-dsv3", 1, 63)])
 def test_activation_bytes_match_saved_tensors(megatron_rank, preset, batch, length):
     """Bytes autograd saves in one training micro-batch (megatron's local layers, as on CPU)
-    against the planner's "local" count, within 10%."""
+    against the planner's "local" count, within 3% (measured: 0.1%; the log-prob head's own
+    few tensors are not planned)."""
     from r1fast.ops.linear_logprob import linear_logprob
 
     m = ModelConfig.preset(preset)
@@ -120,7 +121,7 @@ def test_activation_bytes_match_saved_tensors(megatron_rank, preset, batch, leng
         exclude=list(policy.gpt.parameters()))
     planned = stage_activation_bytes(m, ParallelConfig(world_size=1), 0, batch * length, length,
                                      "none", "local")
-    assert planned == pytest.approx(saved, rel=0.10)
+    assert planned == pytest.approx(saved, rel=0.03)
 
 
 # ----------------------------------------------------------------------------- vs megatron (4 ranks)
@@ -129,7 +130,7 @@ def test_activation_bytes_match_saved_tensors(megatron_rank, preset, batch, leng
 def test_per_rank_counts_match_megatron_layouts(tmp_path):
     """TP2xEP2, PP2xEP2 and TP2xPP2 on 4 gloo ranks: each rank's local parameters (dense and
     expert) equal the planner's stage counts; at PP1 the saved activations (sequence parallel)
-    match within 10%."""
+    match within 3% (measured: 0.5%, the EP ranks' routed loads differ)."""
     out = tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
@@ -149,7 +150,7 @@ def test_per_rank_counts_match_megatron_layouts(tmp_path):
         if r["saved"] is not None:
             par = ParallelConfig(tp=tp, pp=pp, ep=ep, world_size=4)
             planned = stage_activation_bytes(m, par, 0, 2 * 24, 24, "none", "local")
-            assert planned == pytest.approx(r["saved"], rel=0.10), r
+            assert planned == pytest.approx(r["saved"], rel=0.03), r
 
 
 def _free_port() -> int:
