@@ -1,78 +1,78 @@
-"""KV-cached decoding from the megatron-core policy: the sampler's :class:`Decoder` in linear
-time per token instead of recomputing the whole prefix.
+"""KV-cached decoding from the megatron-core policy: linear time per token, ragged prompts
+prefilled once at their own lengths, finished rows dropped, routing recorded for replay.
 
 How it works. megatron-core's attention already knows how to decode with a cache: given a
 ``StaticInferenceContext`` it writes the keys/values of the new positions into per-layer
-buffers ``[max_len, B, groups/tp, head_dim]`` at ``context.sequence_len_offset`` and attends
-over ``buffer[:offset + n]`` (``Attention._adjust_key_value_for_inference``). Keys are cached
-*before* RoPE; the rotary table handed to the block must therefore cover absolute positions
-``0 .. capacity-1``, and megatron slices it itself (queries ``[offset, offset+n)``, keys
-``[0, offset+n)``). This module drives that machinery directly: embedding -> ``gpt.decoder``
-with the inference context -> the same fp32, TP-gathered output head as ``Policy.logits``.
+buffers ``[capacity, B, groups/tp, head_dim]`` at cache slot ``context.sequence_len_offset``
+and attends over ``buffer[:offset + n]`` (``Attention._adjust_key_value_for_inference``). Keys
+are cached *before* RoPE; megatron slices the rotary table we hand to the block along the slot
+axis (queries ``[offset, offset+n)``, keys ``[0, offset+n)``) and broadcasts it over the batch.
+This module drives that machinery directly: embedding -> ``gpt.decoder`` with the inference
+context -> the same fp32, TP-gathered output head as ``Policy.logits``.
 
-Three things megatron's static path does not do for us, and why this file does them:
+Ragged prompts: a left-padded prefill with per-row positions. Megatron's static context has
+ONE slot offset for the whole batch, so prompts of different lengths are left-padded to the
+longest (``P``): row ``b`` has ``pad_b`` pad slots, then its prompt, so every row's last prompt
+token sits in slot ``P-1`` and every row generates from slot ``P`` on, one slot per step. The
+position of slot ``s`` in row ``b`` is ``s - pad_b`` (the rotary table is per row,
+``[capacity, B, 1, dim]``), and the attention mask hides pad slots from every real query:
+each row computes exactly what it would alone. One prefill forward replaces the ``P - min_len``
+one-token steps the shared-position scheme spent feeding longer prompts.
 
-1. The causal mask. With an offset > 0 megatron switches the mask type to ``no_mask`` and the
-   local ``DotProductAttention`` asserts ``sq == sk`` when it would have to build a causal mask
-   itself, so a step of n > 1 tokens after the prompt would either crash or let a query see
-   later keys. We always pass an explicit boolean mask ``[1, 1, n', offset+n']`` hiding key
-   ``j`` from query ``i`` when ``j > offset + i``: exact causality for any step size.
+Three more things megatron's static path does not do, and why this file does them:
+
+1. The mask. With an offset > 0 megatron switches the mask type to ``no_mask`` and the local
+   ``DotProductAttention`` asserts ``sq == sk`` when it would build a causal mask itself. We
+   always pass an explicit boolean mask ``[B|1, 1, n', offset+n']``: key ``j`` is hidden from
+   query slot ``q`` when ``j > q`` or ``j`` is a left pad of the row (``j < pad_b``) other
+   than ``q`` itself (a pad query sees itself only, so no softmax row is empty).
 2. Sequence parallelism. With TP > 1 on an MoE model the policy runs with sequence
-   parallelism (tokens split over the TP ranks between attention blocks), so a step's length
-   must divide by tp -- a one-token decode step does not. Rather than flipping
-   ``sequence_parallel`` off in every linear layer (it is baked into the modules at build
-   time), a step is right-padded to a multiple of tp, exactly as the training forward pads.
-   The pad positions are written to the cache beyond the real ones and are never seen by a
-   real query (they lie in its causal future); the next step overwrites them because it
-   starts at the first pad position. The cache therefore holds ``max_len + tp - 1`` slots.
-   The cost is small: under sequence parallelism each rank's MLP/MoE still sees one token per
-   row, only attention handles tp query rows.
-3. Cache allocation. The buffers are allocated here (NaN-filled, so a slot that is read before
-   it is written shows up as NaN logits) and handed to megatron through
-   ``context.key_value_memory_dict``; megatron then reuses them.
+   parallelism, so a step's length must divide by tp: a step is right-padded to a multiple of
+   tp, as the training forward pads. Pad slots are written beyond the real ones, lie in every
+   real query's causal future and are overwritten by the next step; the cache holds
+   ``max_len + tp - 1`` slots. Routers see one token per row per rank, as in training.
+3. Cache allocation and compaction. The buffers are allocated here (NaN-filled, so a slot read
+   before it is written shows up as NaN logits) and handed to megatron through
+   ``context.key_value_memory_dict``. :meth:`KVCacheDecoder.keep` drops finished rows by
+   moving the kept rows' slots to the front of the batch axis (megatron attends over
+   ``buffer[:, :B']``), so later steps cost what the live rows cost.
 
-Scope: pipeline parallelism 1 (any TP/EP/DP); megatron's local ``DotProductAttention`` (the
-layer spec r1fast builds without Transformer Engine). A Transformer Engine attention takes the
-mask type megatron chooses (``no_mask`` after the prompt) and ignores our mask, so for it
-:func:`make_decoder` falls back to :class:`r1fast.rollout.recompute.RecomputeDecoder`, as it does
-for pp > 1 (there a decode step would need the pipeline schedule and a cache per stage).
+Layouts. Any TP/EP/DP; pipeline parallelism too: each stage keeps the cache of its own layers,
+hidden states go stage to stage with point-to-point sends (``[n'/tp, B', H]``), and the last
+stage's samples are broadcast over the pipeline group (:meth:`KVCacheDecoder.share`). A core
+attention other than megatron's local one (Transformer Engine's ignores our mask) is replaced,
+during decoding only, by a local ``DotProductAttention`` of the same layer (core attention has
+no weights). Multi-latent attention (MLA) ropes positions ``0..L-1`` itself inside megatron,
+so per-row positions are impossible: MLA decodes with a KV cache at shared positions (the
+sampler's shared-position loop, :meth:`KVCacheDecoder.step`), without ragged prefill.
+Routing capture works in both loops. Sliding-window and flash-decode configurations are refused.
 
-All rows share positions (the sampler's contract), so one offset serves the whole batch; a
-step may also rewind (``offset`` below the number of cached positions overwrites the tail).
+:func:`make_decoder` returns this decoder; prefix recomputation
+(:class:`r1fast.rollout.recompute.RecomputeDecoder`, quadratic, full logits per token) is only
+ever used when asked for explicitly, and then with a WARNING.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from r1fast.ops._validate import check_tensor
 
 log = logging.getLogger("r1fast.rollout")
 
-_fallback_logged = False
-
 
 def kv_cache_unsupported_reason(policy) -> str | None:
     """Why :class:`KVCacheDecoder` cannot serve ``policy`` (None when it can)."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    if policy.info.pp > 1:
-        return (f"KVCacheDecoder needs pipeline parallel size 1, got pp={policy.info.pp}; use "
-                f"r1fast.rollout.recompute.RecomputeDecoder (prefix recomputation) for this "
-                f"layout")
     config = policy.config
     if getattr(config, "flash_decode", False) or getattr(config, "window_size", None):
-        return ("KVCacheDecoder supports full causal attention without flash_decode; use "
-                "RecomputeDecoder for sliding-window or flash-decode configs")
-    for layer in policy.gpt.decoder.layers:
-        core = layer.self_attention.core_attention
-        if not isinstance(core, DotProductAttention):
-            return (f"KVCacheDecoder needs megatron's local DotProductAttention (it passes an "
-                    f"explicit causal mask), got {type(core).__name__}; use RecomputeDecoder")
+        return ("KVCacheDecoder supports full causal attention without flash_decode, got "
+                f"flash_decode={getattr(config, 'flash_decode', False)}, "
+                f"window_size={getattr(config, 'window_size', None)}")
     return None
 
 
@@ -89,14 +89,45 @@ def _inference(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-class KVCacheDecoder:
-    """The sampler's :class:`r1fast.rollout.sampler.Decoder` with a per-layer KV cache.
+def _local_core_attentions(policy) -> dict[int, torch.nn.Module]:
+    """{layer position: a local DotProductAttention} for every layer whose core attention is
+    neither megatron's local one nor r1fast's MLA core (e.g. Transformer Engine's)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
 
-    ``reset(B, max_len)`` allocates (or re-poisons) the cache; ``step(tokens[B, n], offset)``
-    runs the ``n`` new positions against the cached prefix ``0 .. offset-1`` and returns their
-    logits ``[B, n, V]`` fp32 (gathered over TP, on ``tokens.device``), equal to those of
-    :class:`r1fast.rollout.recompute.RecomputeDecoder` up to float rounding. Every rank of a
-    TP/EP group must call ``step`` together (the forward is collective), as with that one.
+    from r1fast.policy.mla import MLACoreAttention
+
+    out = {}
+    for i, layer in enumerate(policy.gpt.decoder.layers):
+        attn = layer.self_attention
+        if isinstance(attn.core_attention, (DotProductAttention, MLACoreAttention)):
+            continue
+        if policy.model_cfg.is_mla:
+            raise ValueError(f"KVCacheDecoder: MLA layer {attn.layer_number} has core attention "
+                             f"{type(attn.core_attention).__name__}, which ignores the decode "
+                             f"mask; only r1fast's MLACoreAttention can decode with a cache")
+        out[i] = DotProductAttention(config=attn.config, layer_number=attn.layer_number,
+                                     attn_mask_type=AttnMaskType.causal, attention_type="self",
+                                     softmax_scale=attn.config.softmax_scale,
+                                     pg_collection=getattr(attn, "pg_collection", None))
+    return out
+
+
+class KVCacheDecoder:
+    """The sampler's decoder with a per-layer KV cache (module doc).
+
+    Ragged protocol (:func:`r1fast.rollout.engine.generate_ragged`): ``prefill(tokens [B, P]
+    left-padded, pads [B], max_len)`` -> logits ``[B, V]`` of slot ``P-1``; ``decode(tokens
+    [B'])`` -> ``[B', V]`` of the next slot; ``keep(rows)`` drops rows; ``share(tokens, logp)``
+    gives every pipeline stage the last stage's samples. Logits come back on the policy's
+    device, fp32, and only on the last pipeline stage (None elsewhere).
+
+    Shared-position protocol (``r1fast.rollout.sampler``'s loop, MLA): ``reset(B, max_len)``;
+    ``step(tokens[B, n], offset)`` runs positions ``offset .. offset+n-1`` against the cached
+    prefix and returns their logits ``[B, n, V]`` fp32 on ``tokens.device`` on every rank; a
+    step may rewind (an offset below the filled slots overwrites the tail).
+
+    Every rank of a TP/EP/PP group must make the same calls (the forward is collective).
     """
 
     def __init__(self, policy) -> None:
@@ -105,15 +136,28 @@ class KVCacheDecoder:
             raise ValueError(reason)
         self.policy = policy
         self.attentions = [layer.self_attention for layer in policy.gpt.decoder.layers]
+        self._local_cores = _local_core_attentions(policy)
         # one step's length must divide by tp under sequence parallelism (see module doc)
         self.multiple = policy.info.tp if policy.sequence_parallel else 1
+        self.ragged = not policy.model_cfg.is_mla
+        """Whether rows may have their own positions (left-padded prefill): not under MLA."""
         self.context = None
         """megatron StaticInferenceContext holding the cache; None before reset()."""
         self.batch_size = 0
+        """Rows in the cache now (after keep(), the live rows)."""
         self.max_len = 0
         self.filled = 0
-        """Positions 0 .. filled-1 are in the cache."""
-        self._rotary: torch.Tensor | None = None  # [capacity, 1, 1, rot_dim]
+        """Slots 0 .. filled-1 are in the cache."""
+        self.pads: Optional[torch.Tensor] = None  # [B] int64 left pads (device)
+        self._has_pads = False
+        self._rotary: Optional[torch.Tensor] = None  # [capacity, B|1, 1, rot_dim]
+        self.recorder = None
+        """A r1fast.rollout.routing.RoutingRecorder while routing is recorded."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the decoder's tensors live (the policy's device)."""
+        return self.policy.device
 
     @property
     def capacity(self) -> int:
@@ -126,7 +170,10 @@ class KVCacheDecoder:
             raise ValueError("KVCacheDecoder: call reset(batch_size, max_len) first")
         return self.context.key_value_memory_dict
 
-    def reset(self, batch_size: int, max_len: int) -> None:
+    # -- setting up ---------------------------------------------------------------------------
+    def reset(self, batch_size: int, max_len: int, pads: Optional[torch.Tensor] = None) -> None:
+        """Allocate (or re-poison) the cache for ``batch_size`` rows of ``max_len`` slots;
+        ``pads`` [B] are the rows' left pads (default none: shared positions)."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         limit = self.policy.model_cfg.max_position_embeddings
@@ -136,7 +183,8 @@ class KVCacheDecoder:
             raise ValueError(f"max_len must be an int in [1, max_position_embeddings={limit}], "
                              f"got {max_len!r}")
         old = None if self.context is None else self.context.key_value_memory_dict
-        same_shape = old is not None and (batch_size, max_len) == (self.batch_size, self.max_len)
+        same_shape = old is not None and (batch_size, max_len) == (
+            next(iter(old.values()))[0].shape[1], self.max_len)
         self.batch_size, self.max_len, self.filled = batch_size, max_len, 0
         cap, device = self.capacity, self.policy.device
         dtype = self.policy.config.params_dtype
@@ -153,11 +201,113 @@ class KVCacheDecoder:
                 values = torch.full((cap, batch_size, groups, attn.val_hidden_size),
                                     float("nan"), dtype=dtype, device=device)
             self.context.key_value_memory_dict[attn.layer_number] = (keys, values)
-        if self._rotary is None or self._rotary.shape[0] != cap:
-            # the training forward's table for positions 0..cap-1 (same values per position)
-            self._rotary = self.policy.rotary_table(torch.arange(cap, device=device)[None])
+        if pads is None:
+            self.pads, self._has_pads = torch.zeros(batch_size, dtype=torch.long,
+                                                    device=device), False
+        else:
+            self.pads, self._has_pads = pads.to(device, torch.long), True
+        self._rotary = None
+        if not self.policy.model_cfg.is_mla:  # MLA ropes itself (module doc)
+            slots = torch.arange(cap, device=device)
+            if self._has_pads:  # per-row positions: slot - pad (pads themselves at 0)
+                positions = (slots[None, :] - self.pads[:, None]).clamp_min(0)  # [B, cap]
+            else:
+                positions = slots[None]  # [1, cap]: broadcast over the batch
+            self._rotary = self.policy.rotary_table(positions)  # [cap, B|1, 1, dim]
 
-    def step(self, tokens: torch.Tensor, offset: int) -> torch.Tensor:
+    # -- the ragged protocol ------------------------------------------------------------------
+    def prefill(self, tokens: torch.Tensor, pads: torch.Tensor, max_len: int,
+                dest: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Reset for ``tokens.shape[0]`` rows of ``max_len`` slots and run the left-padded
+        prompts ``tokens [B, P]`` (row b's prompt in slots ``pads[b] .. P-1``); returns the
+        logits ``[B, V]`` of slot ``P-1`` (last stage; None elsewhere). ``dest [B, P]``:
+        routing destinations of the tokens (-1: not recorded)."""
+        if not self.ragged:
+            raise ValueError("KVCacheDecoder.prefill: MLA ropes positions 0..L-1 inside "
+                             "megatron, so rows cannot have their own positions; use step()")
+        check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
+        check_tensor("pads", pads, shape=[tokens.shape[0]], dtypes=(torch.int64, torch.int32))
+        if tokens.shape[1] > max_len:
+            raise ValueError(f"tokens: {tokens.shape[1]} prompt slots exceed max_len={max_len}")
+        self.reset(tokens.shape[0], max_len, pads)
+        return self._forward(tokens, 0, dest, last_only=True)
+
+    def decode(self, tokens: torch.Tensor, dest: Optional[torch.Tensor] = None
+               ) -> Optional[torch.Tensor]:
+        """Feed one token per row (``tokens [B']``, the live rows in :meth:`keep` order) at the
+        next slot; logits ``[B', V]`` (last stage; None elsewhere)."""
+        check_tensor("tokens", tokens, ndim=1, dtypes=(torch.int64, torch.int32))
+        if self.filled + 1 > self.max_len:
+            raise ValueError(f"decode: slot {self.filled} exceeds max_len={self.max_len}")
+        return self._forward(tokens[:, None], self.filled,
+                             None if dest is None else dest[:, None], last_only=True)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the current batch, ascending, on the device): their
+        cache slots move to the front of the batch axis."""
+        check_tensor("rows", rows, ndim=1, dtypes=(torch.int64,))
+        m, f = rows.shape[0], self.filled
+        if not 1 <= m <= self.batch_size:
+            raise ValueError(f"keep: {m} rows, must be 1..{self.batch_size}")
+        rows = rows.to(self.policy.device)
+        for keys, values in self.context.key_value_memory_dict.values():
+            keys[:f, :m] = keys[:f, rows]  # the right side is a copy: no aliasing
+            values[:f, :m] = values[:f, rows]
+        self.pads = self.pads[rows]
+        if self._rotary is not None and self._rotary.shape[1] > 1:
+            self._rotary = self._rotary[:, rows]
+        self.batch_size = m
+
+    def share(self, tokens: torch.Tensor, logp: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last pipeline stage's sampled ``tokens`` / ``logp`` on every stage (as-is at
+        pp == 1)."""
+        if self.policy.info.pp == 1:
+            return tokens, logp
+        from megatron.core import parallel_state as ps
+
+        src, group = ps.get_pipeline_model_parallel_last_rank(), self.policy.pp_group
+        tokens, logp = tokens.contiguous(), logp.contiguous()
+        dist.broadcast(tokens, src=src, group=group)
+        dist.broadcast(logp, src=src, group=group)
+        return tokens, logp
+
+    # -- routing capture ----------------------------------------------------------------------
+    def start_recording(self, total: int) -> None:
+        """Record the routing of the next forwards into tables of ``total`` tokens
+        (r1fast.rollout.routing)."""
+        from r1fast.rollout.routing import RoutingRecorder
+
+        routers = self.policy._routers()
+        layers = {r.layer_index: r.config.num_moe_experts for r in routers}
+        topk = self.policy.model_cfg.moe_router_topk
+        self.recorder = RoutingRecorder(layers, topk, total, self.policy.device)
+
+    def finish_recording(self) -> dict[int, torch.Tensor]:
+        """The recorded tables ``{layer: [total, k]}`` (host), combined over TP; stops."""
+        rec, self.recorder = self.recorder, None
+        if rec is None:
+            raise ValueError("finish_recording: start_recording was not called")
+        return rec.tables(self.policy.tp_group if self.policy.sequence_parallel else None)
+
+    def _router_dest(self, dest: torch.Tensor, padded: int) -> torch.Tensor:
+        """[B', n] destinations -> the [T] rows this rank's routers see (module doc of
+        r1fast.rollout.routing): step padding -1, sequence-major, this rank's SP slice."""
+        n = dest.shape[1]
+        dest = dest.to(self.policy.device, torch.long)
+        if padded > n:
+            dest = F.pad(dest, (0, padded - n), value=-1)
+        rows = dest.t()  # [padded, B']
+        if self.policy.sequence_parallel:
+            per = padded // self.policy.info.tp
+            r = self.policy.info.tp_rank
+            rows = rows[r * per:(r + 1) * per]
+        return rows.reshape(-1)
+
+    # -- the shared-position protocol ---------------------------------------------------------
+    def step(self, tokens: torch.Tensor, offset: int,
+             dest: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``dest [B, n]``: routing destinations of the tokens while recording (-1: none)."""
         if self.context is None:
             raise ValueError("KVCacheDecoder: call reset(batch_size, max_len) before step()")
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
@@ -171,48 +321,118 @@ class KVCacheDecoder:
         if offset + n > self.max_len:
             raise ValueError(f"tokens: positions {offset}..{offset + n - 1} exceed "
                              f"max_len={self.max_len} given to reset()")
+        logits = self._forward(tokens, offset, dest, last_only=False)
+        logits = self.policy._broadcast_from_last_stage(
+            logits, (b, n, self.policy.model_cfg.vocab_size), torch.float32)
+        return logits.to(tokens.device)
+
+    # -- one forward --------------------------------------------------------------------------
+    def _mask(self, offset: int, padded: int) -> torch.Tensor:
+        """True = hidden; [1, 1, n', end] without pads, [B', 1, n', end] with (module doc)."""
+        device = self.policy.device
+        end = offset + padded
+        slots = torch.arange(end, device=device)
+        query = torch.arange(offset, end, device=device)
+        hidden = slots[None, :] > query[:, None]  # [n', end] causal
+        if not self._has_pads:
+            return hidden[None, None]
+        left = slots[None, :] < self.pads[:, None]  # [B', end]
+        own = slots[None, :] == query[:, None]  # [n', end]
+        return (hidden[None] | (left[:, None, :] & ~own[None]))[:, None]
+
+    def _forward(self, tokens: torch.Tensor, offset: int, dest: Optional[torch.Tensor],
+                 last_only: bool) -> Optional[torch.Tensor]:
+        """Slots ``offset .. offset+n-1`` of every row; the last stage returns fp32 logits,
+        ``[B', V]`` of slot ``offset+n-1`` (``last_only``) or ``[B', n, V]``; None elsewhere."""
         policy, device = self.policy, self.policy.device
         gpt = policy.gpt
-        m = self.multiple
-        padded = -(-n // m) * m
-        ids = tokens.to(device, torch.int64)  # [B, n]
+        b, n = tokens.shape
+        padded = -(-n // self.multiple) * self.multiple
+        ids = tokens.to(device, torch.int64)  # [B', n]
         if padded > n:
-            ids = F.pad(ids, (0, padded - n))  # [B, padded]
+            ids = F.pad(ids, (0, padded - n))  # [B', padded]
         end = offset + padded
-        position_ids = torch.arange(offset, end, device=device).expand(b, padded)
-        # True = hidden: key j is in the future of query i (absolute position offset + i)
-        mask = torch.ones(padded, end, dtype=torch.bool, device=device).triu_(offset + 1)
+        positions = torch.arange(offset, end, device=device)[None, :] - self.pads[:, None]
         padding_mask = None
-        if padded > n:  # as the training forward does: routers ignore pads in their statistics
+        if padded > n:  # as the training forward does: routers ignore step pads in statistics
             padding_mask = torch.zeros(b, padded, dtype=torch.bool, device=device)
             padding_mask[:, n:] = True
             if policy.sequence_parallel:
-                rows = padded // m
+                rows = padded // self.multiple
                 r = policy.info.tp_rank
                 padding_mask = padding_mask[:, r * rows:(r + 1) * rows]
         self.context.sequence_len_offset = offset
         self.context.batch_size_offset = 0
-        with _inference(policy.module):
-            hidden = gpt.embedding(input_ids=ids, position_ids=position_ids)  # [padded(/tp), B, H]
-            hidden = gpt.decoder(hidden_states=hidden, attention_mask=mask[None, None],
+        if self.recorder is not None:
+            self.recorder.dest = None if dest is None else self._router_dest(dest, padded)
+        with _inference(policy.module), self._decode_modules():
+            hidden = self._stage_input(ids, positions.clamp_min(0), b, padded)
+            hidden = gpt.decoder(hidden_states=hidden, attention_mask=self._mask(offset, padded),
                                  rotary_pos_emb=self._rotary, inference_context=self.context,
-                                 padding_mask=padding_mask)
-            hidden = policy.head_input(hidden, n)  # [B, n, H], same on every TP rank
-            logits = policy.vocab_logits(hidden)  # [B, n, V] fp32, the head of Policy.logits
+                                 padding_mask=padding_mask)  # [padded(/tp), B', H]
+            logits = None
+            if gpt.post_process:
+                hidden = policy.head_input(hidden, n)  # [B', n, H], same on every TP rank
+                logits = policy.vocab_logits(hidden[:, -1] if last_only else hidden).float()
+            else:
+                self._send_next(hidden)
         self.filled = offset + n
-        return logits.float().to(tokens.device)
+        return logits
+
+    @contextlib.contextmanager
+    def _decode_modules(self) -> Iterator[None]:
+        """During a decode forward: local core attentions where the policy has others, and the
+        routing recorder as every router's hook."""
+        layers = self.policy.gpt.decoder.layers
+        saved = {i: layers[i].self_attention.core_attention for i in self._local_cores}
+        for i, core in self._local_cores.items():
+            layers[i].self_attention.core_attention = core
+        try:
+            if self.recorder is None:
+                yield
+            else:
+                with self.policy._hooked(self.recorder):
+                    yield
+        finally:
+            for i, core in saved.items():
+                layers[i].self_attention.core_attention = core
+
+    def _stage_input(self, ids: torch.Tensor, positions: torch.Tensor, b: int, padded: int):
+        """First stage: the embedding; other stages: the previous stage's hidden states."""
+        gpt, policy = self.policy.gpt, self.policy
+        if gpt.pre_process:
+            return gpt.embedding(input_ids=ids, position_ids=positions)  # [padded(/tp), B', H]
+        from megatron.core import parallel_state as ps
+
+        rows = padded // self.multiple if policy.sequence_parallel else padded
+        dtype = policy.config.pipeline_dtype or policy.config.params_dtype
+        buf = torch.empty(rows, b, policy.config.hidden_size, dtype=dtype, device=policy.device)
+        dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
+        gpt.decoder.set_input_tensor(buf)
+        return None
+
+    def _send_next(self, hidden: torch.Tensor) -> None:
+        from megatron.core import parallel_state as ps
+
+        dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
 
 
-def make_decoder(policy):
-    """The fastest exact decoder for ``policy``: :class:`KVCacheDecoder` where it applies
-    (pp == 1, megatron's local attention), else prefix recomputation (RecomputeDecoder)."""
-    global _fallback_logged
+def make_decoder(policy, *, recompute: bool = False):
+    """The rollout decoder of ``policy``: :class:`KVCacheDecoder` (an error naming the reason
+    where it cannot serve the policy), or, with ``recompute=True`` only, prefix recomputation
+    (:class:`r1fast.rollout.recompute.RecomputeDecoder`: every step re-runs the whole prefix
+    and builds full [B, L, V] logits, quadratic in length), with a WARNING at every call."""
     from r1fast.rollout.recompute import RecomputeDecoder
 
+    if recompute:
+        log.warning("rollout: sampling by PREFIX RECOMPUTATION (asked for): every token re-runs "
+                    "the whole prefix with full logits, 10-100x slower than the KV cache%s",
+                    "" if kv_cache_unsupported_reason(policy) is None else
+                    f" (the KV cache cannot serve this policy: "
+                    f"{kv_cache_unsupported_reason(policy)})")
+        return RecomputeDecoder(policy)
     reason = kv_cache_unsupported_reason(policy)
-    if reason is None:
-        return KVCacheDecoder(policy)
-    if not _fallback_logged:
-        log.info("sampling without a KV cache: %s", reason)
-        _fallback_logged = True
-    return RecomputeDecoder(policy)
+    if reason is not None:
+        raise ValueError(f"rollout: {reason}; prefix recomputation would serve it, 10-100x "
+                         f"slower: ask for it with make_decoder(policy, recompute=True)")
+    return KVCacheDecoder(policy)

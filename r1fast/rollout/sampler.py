@@ -1,14 +1,22 @@
-"""Batched autoregressive sampling with a KV cache: temperature, top-p, top-k, stop tokens.
+"""Batched autoregressive sampling: temperature, top-p, top-k, stop tokens, per-row seeds.
 
-The model is reached through a :class:`Decoder`: ``reset(batch, max_len)`` allocates its KV
-cache, ``step(tokens[B, n], offset)`` feeds ``n`` new tokens at positions ``offset..offset+n-1``
-for every row and returns the logits of those positions ``[B, n, V]``.
+:func:`generate` samples one completion per prompt through a decoder, in one of two loops:
 
-Prompts of different lengths are handled the way Megatron's text generation does it: the
-batch prefills the shortest prompt length together, then advances one position at a time for
-all rows; a row whose prompt is longer keeps being fed its own prompt token (the sample is
-discarded) until its prompt ends. All rows share positions, so no attention mask or padding
-enters the cache, and each row's tokens see exactly its own prefix.
+* **ragged** (:mod:`r1fast.rollout.engine`), for decoders with ``ragged = True``
+  (:class:`r1fast.rollout.kv_cache.KVCacheDecoder`): every prompt is prefilled once at its own
+  length (left-padded, per-row positions), sampling runs on the decoder's device, finished
+  rows leave the batch, and tokens / log-probs come back to the host once; it can record each
+  token's MoE routing for replay (R3).
+* **shared positions** (this module), for any decoder with ``reset(batch, max_len)`` and
+  ``step(tokens[B, n], offset) -> logits [B, n, V]`` (prefix recomputation, a KV cache under
+  MLA, test doubles): the way Megatron's text generation does it. The batch prefills the
+  shortest prompt length together, then advances one position at a time for all rows; a row
+  whose prompt is longer keeps being fed its own prompt token (the sample is discarded) until
+  its prompt ends. All rows share positions, so no attention mask or padding enters the cache.
+
+Both draw row ``i``'s randomness from its own generator (``row_seeds[i]``): its ``s``-th
+generated token inverts its CDF at the generator's ``s``-th float64 uniform, so both loops
+give the same completions from the same logits, whatever the batch.
 
 The sampler's log-prob of each chosen token is ``log_softmax(logits / temperature)`` over the
 FULL vocabulary, the same quantity the trainer recomputes; top-p/top-k truncation changes
@@ -18,9 +26,11 @@ comparable, at the cost of ignoring the truncation's bias, as verl and TRL do by
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
+
+from r1fast.rollout.routing import RolloutRouting, table_bounds
 
 
 @dataclasses.dataclass
@@ -66,6 +76,8 @@ class Rollout:
     """Sampler log-prob of each completion token (temperature-scaled full softmax)."""
     truncated: list[bool]
     """True when the completion hit max_new_tokens without a stop token."""
+    routing: Optional[RolloutRouting] = None
+    """The experts each MoE layer chose for every token while decoding (``record_routing``)."""
 
 
 def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
@@ -120,28 +132,57 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
 
 
 @torch.no_grad()
-def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+def generate(decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
              eos_token_id: int, generator: torch.Generator | None = None,
              device: torch.device | str = "cpu", row_seeds: Sequence[int] | None = None,
-             sync: Callable[[int, str], int] | None = None) -> Rollout:
-    """Sample one completion per prompt (repeat prompts for groups).
+             sync: Callable[[int, str], int] | None = None, *, record_routing: bool = False,
+             check_every: int = 8) -> Rollout:
+    """Sample one completion per prompt (repeat prompts for groups), with the ragged loop when
+    the decoder has it, else the shared-position loop (module doc).
 
-    ``row_seeds`` gives every row its own random stream (see :func:`sample_tokens`), which makes
-    a row's completion independent of the batch it is generated in.
+    ``row_seeds`` gives every row its own random stream, which makes a row's completion
+    independent of the batch it is generated in; without them the uniforms come from
+    ``generator`` (or torch's default one). ``device``: where the shared-position loop keeps
+    its buffers (the ragged loop uses the decoder's device).
 
     ``sync(value, "min"|"max")`` reduces an integer over every process that must run the same
-    number of model calls (expert parallelism's all-to-all, pipeline stages): the prefill
-    length, the last position and the "all rows done" decision are then global, so no rank
-    stops calling the model while another still needs it.
+    number of model calls (expert parallelism's all-to-all, pipeline stages), so no rank stops
+    calling the model while another still needs it.
+
+    ``record_routing`` (ragged loop only) fills ``Rollout.routing``; ``check_every``: steps
+    between the ragged loop's host reads (stop test, dropping finished rows).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     B = len(prompts)
-    row_gens = None
     if row_seeds is not None:
         if len(row_seeds) != B:
             raise ValueError(f"row_seeds must have one seed per prompt ({B}), got {len(row_seeds)}")
-        row_gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+        from r1fast.rollout.engine import row_uniforms
+
+        uniforms = row_uniforms(row_seeds, cfg.max_new_tokens)  # [B, max_new] float64
+    else:
+        uniforms = torch.rand(B, cfg.max_new_tokens, generator=generator, dtype=torch.float64)
+    if getattr(decoder, "ragged", False):
+        from r1fast.rollout.engine import generate_ragged
+
+        return generate_ragged(decoder, prompts, cfg, eos_token_id, uniforms, sync=sync,
+                               record_routing=record_routing, check_every=check_every)
+    if record_routing and not hasattr(decoder, "start_recording"):
+        raise ValueError(f"record_routing: {type(decoder).__name__} cannot record routing while "
+                         f"decoding (a KVCacheDecoder can); capture it after sampling instead "
+                         f"(Policy.record_routing)")
+    return _generate_shared(decoder, prompts, cfg, eos_token_id, uniforms, device, sync,
+                            record_routing)
+
+
+def _generate_shared(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                     eos_token_id: int, uniforms: torch.Tensor, device, sync,
+                     record_routing: bool = False) -> Rollout:
+    """The shared-position loop (module doc); row i's s-th generated token uses
+    ``uniforms[i, s]``. With ``record_routing`` the token fed at position p of row i is
+    recorded at table row ``starts[i] + p`` (r1fast.rollout.routing)."""
+    B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     min_len, max_prompt = int(lens.min()), int(lens.max())
     total = max_prompt + cfg.max_new_tokens
@@ -152,20 +193,24 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingCo
         buf[i, : len(p)] = torch.as_tensor(p, device=device)
     stops = torch.tensor(sorted({eos_token_id, *cfg.stop_token_ids}), device=device)
     decoder.reset(B, total)
-    logits = decoder.step(buf[:, :min_len], 0)[:, -1]  # [B, V]
+    starts = table_bounds([len(p) for p in prompts], cfg.max_new_tokens).to(device)
+    if record_routing:
+        decoder.start_recording(int(starts[-1]))
+        dest = starts[:-1, None] + torch.arange(min_len, device=device)
+        logits = decoder.step(buf[:, :min_len], 0, dest=dest)[:, -1]  # [B, V]
+    else:
+        logits = decoder.step(buf[:, :min_len], 0)[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     gen_len = torch.zeros(B, dtype=torch.long, device=device)
     logps = torch.zeros(B, total, dtype=torch.float32, device=device)
+    rows = torch.arange(B, device=device)
     pos = min_len
     while pos < total:
         in_prompt = pos < lens
         active = ~in_prompt & ~done
-        uniforms = None
-        if row_gens is not None:  # a row draws only for the tokens it generates
-            uniforms = torch.zeros(B, dtype=torch.float64)
-            for i in active.nonzero()[:, 0].tolist():
-                uniforms[i] = torch.rand(1, generator=row_gens[i], dtype=torch.float64)[0]
-        tok, lp = sample_tokens(logits, cfg, generator, uniforms)
+        # a row draws only for the tokens it generates: its gen_len-th uniform
+        u = uniforms.to(device)[rows, gen_len.clamp_max(cfg.max_new_tokens - 1)]
+        tok, lp = sample_tokens(logits.to(device), cfg, uniforms=u)
         tok = torch.where(in_prompt, buf[:, pos], torch.where(done, torch.zeros_like(tok), tok))
         buf[:, pos] = tok
         logps[:, pos] = torch.where(active, lp, torch.zeros_like(lp))
@@ -177,7 +222,11 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingCo
             all_done = bool(sync(int(all_done), "min"))
         if all_done or pos >= total:
             break
-        logits = decoder.step(buf[:, pos - 1: pos], pos - 1)[:, -1]
+        if record_routing:  # a row's token is an input of training unless the row is done
+            dest = torch.where(done, -1, starts[:-1] + pos - 1)[:, None]
+            logits = decoder.step(buf[:, pos - 1: pos], pos - 1, dest=dest)[:, -1]
+        else:
+            logits = decoder.step(buf[:, pos - 1: pos], pos - 1)[:, -1]
     completions, lps, truncated = [], [], []
     for i in range(B):
         start, n = int(lens[i]), int(gen_len[i])
@@ -185,4 +234,9 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingCo
         completions.append(ids)
         lps.append(logps[i, start: start + n].tolist())
         truncated.append(not (n > 0 and ids[-1] in set(stops.tolist())))
-    return Rollout([list(p) for p in prompts], completions, lps, truncated)
+    routing = None
+    if record_routing:
+        routing = RolloutRouting(decoder.finish_recording(), starts[:-1].tolist(),
+                                 [len(p) + len(c) - 1 for p, c in zip(prompts, completions)],
+                                 decoder.policy.model_cfg.moe_router_topk)
+    return Rollout([list(p) for p in prompts], completions, lps, truncated, routing)

@@ -1,8 +1,10 @@
-"""KVCacheDecoder against prefix recomputation (RecomputeDecoder) on the tiny MoE policy: logits of
-prefill, one-token, multi-token and rewinding steps to 1e-5 on one rank and at TP2 (sequence
-parallel, padded steps) and EP2 with two gloo processes; the same completions from
-``generate``; the NaN-poisoned cache never read before written; the fallback choice of
-``make_decoder``; one test per bad input."""
+"""KVCacheDecoder's shared-position steps against prefix recomputation (RecomputeDecoder) on the
+tiny MoE policy: logits of prefill, one-token, multi-token and rewinding steps to 1e-5 on one
+rank and at TP2 (sequence parallel, padded steps), EP2 and PP2 with two gloo processes; the
+same completions from ``generate``; the NaN-poisoned cache never read before written; a foreign
+core attention decoded through a local one; recomputation only when asked for; one test per
+bad input. The ragged loop (left-padded prefill, dropped rows, R3) is tested in
+tests/rollout/test_engine.py."""
 from __future__ import annotations
 
 import os
@@ -179,19 +181,49 @@ def test_restores_the_callers_train_mode(policy):
         policy.module.eval()
 
 
-def test_make_decoder_picks_the_kv_cache_and_falls_back(policy):
+def test_make_decoder_is_the_kv_cache_and_recomputation_is_opt_in(policy, caplog):
     from r1fast.rollout.recompute import RecomputeDecoder
 
     assert isinstance(make_decoder(policy), KVCacheDecoder)
-    # an attention other than megatron's local DotProductAttention (e.g. Transformer Engine's);
-    # swapped by hand: pytest's monkeypatch would delete a submodule on undo
+    with caplog.at_level("WARNING", logger="r1fast.rollout"):
+        assert isinstance(make_decoder(policy, recompute=True), RecomputeDecoder)
+    assert "PREFIX RECOMPUTATION (asked for)" in caplog.text
+    policy.config.window_size = (16, 0)  # a sliding window: the cache cannot serve it
+    try:
+        with pytest.raises(ValueError, match=r"full causal attention.*window_size=\(16, 0\).*"
+                                             r"make_decoder\(policy, recompute=True\)"):
+            make_decoder(policy)
+    finally:
+        policy.config.window_size = None
+
+
+def test_a_foreign_core_attention_decodes_through_a_local_one(policy):
+    """A core attention other than megatron's local one (Transformer Engine's ignores the
+    decode mask) is replaced by a local DotProductAttention during decoding only: the logits
+    still equal recomputation through the foreign module, which is back in place afterwards."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from r1fast.rollout.recompute import RecomputeDecoder
+
+    class Foreign(torch.nn.Module):  # computes what the local one computes, but is not it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args, **kw):
+            self.calls += 1
+            return self.inner(*args, **kw)
+
     attn = policy.gpt.decoder.layers[0].self_attention
     core = attn.core_attention
-    attn.core_attention = torch.nn.Identity()
+    attn.core_attention = foreign = Foreign(core)  # swapped by hand (see module doc)
     try:
-        assert isinstance(make_decoder(policy), RecomputeDecoder)
-        with pytest.raises(ValueError, match="needs megatron's local DotProductAttention"):
-            KVCacheDecoder(policy)
+        kv = KVCacheDecoder(policy)
+        tokens = batch_tokens(104)
+        a = run_schedule(kv, tokens)
+        assert foreign.calls == 0 and attn.core_attention is foreign
+        b = run_schedule(RecomputeDecoder(policy), tokens)
+        assert foreign.calls > 0 and isinstance(kv._local_cores[0], DotProductAttention)
+        assert max_diff(a, b) <= TOL
     finally:
         attn.core_attention = core
 
@@ -282,30 +314,22 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
     for name, layout in (("tp2", ParallelConfig(tp=2)), ("ep2", ParallelConfig(ep=2)),
                          ("pp2", ParallelConfig(pp=2))):
         policy = build_policy(cfg, layout, seed=0, trainable=False)
-        if name == "pp2":
-            try:
-                KVCacheDecoder(policy)
-                error = ""
-            except ValueError as e:
-                error = str(e)
-            out[name] = {"decoder": type(make_decoder(policy)).__name__, "error": error}
-        else:
-            load_hf_checkpoint(policy, ckpt)
-            tokens = batch_tokens(100 + policy.info.dp_rank)  # each DP rank its own batch
-            kv = run_schedule(KVCacheDecoder(policy), tokens)
-            ref = run_schedule(RecomputeDecoder(policy), tokens)
-            a, b = sample(KVCacheDecoder(policy), 256), sample(RecomputeDecoder(policy), 256)
-            out[name] = {"kv": kv, "ref": ref, "dp_rank": policy.info.dp_rank,
-                         "sp": policy.sequence_parallel, "kv_completions": a.completion_ids,
-                         "ref_completions": b.completion_ids,
-                         "decoder": type(make_decoder(policy)).__name__}
+        load_hf_checkpoint(policy, ckpt)
+        tokens = batch_tokens(100 + policy.info.dp_rank)  # each DP rank its own batch
+        kv = run_schedule(KVCacheDecoder(policy), tokens)
+        ref = run_schedule(RecomputeDecoder(policy), tokens)
+        a, b = sample(KVCacheDecoder(policy), 256), sample(RecomputeDecoder(policy), 256)
+        out[name] = {"kv": kv, "ref": ref, "dp_rank": policy.info.dp_rank,
+                     "sp": policy.sequence_parallel, "kv_completions": a.completion_ids,
+                     "ref_completions": b.completion_ids,
+                     "decoder": type(make_decoder(policy)).__name__}
         destroy_parallel(destroy_process_group=False)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     destroy_parallel()
 
 
 @pytest.mark.multiproc
-def test_tp2_ep2_match_recomputation_and_one_rank(policy, tmp_path):
+def test_tp2_ep2_pp2_match_recomputation_and_one_rank(policy, tmp_path):
     from r1fast.policy.hf_checkpoint import save_hf_checkpoint
     from r1fast.rollout.recompute import RecomputeDecoder
 
@@ -318,11 +342,9 @@ def test_tp2_ep2_match_recomputation_and_one_rank(policy, tmp_path):
     completions = sample(RecomputeDecoder(policy), 256).completion_ids
     for r, res in enumerate(ranks):
         assert res["tp2"]["sp"] and not res["ep2"]["sp"]
-        for name in ("tp2", "ep2"):
+        for name in ("tp2", "ep2", "pp2"):  # pp2: a cache per stage, sends between stages
             got = res[name]
             assert got["decoder"] == "KVCacheDecoder"
             assert max_diff(got["kv"], got["ref"]) <= TOL, (r, name)
             assert max_diff(got["kv"], one_rank[got["dp_rank"]]) <= TOL, (r, name)
             assert got["kv_completions"] == got["ref_completions"] == completions, (r, name)
-        assert res["pp2"]["decoder"] == "RecomputeDecoder"
-        assert "needs pipeline parallel size 1, got pp=2" in res["pp2"]["error"]
