@@ -69,6 +69,10 @@ class RolloutBatch:
 class GRPOTrainer:
     """``GRPOTrainer(config).fit()`` runs a GRPO job; the CLI's ``r1fast train`` calls this."""
 
+    replay_capture: str = "rollout"
+    """With ``algo.router_replay``: "rollout" replays the experts the decoder chose while
+    sampling (true R3); "posthoc" those of a separate forward over the finished sequences."""
+
     def __init__(self, config: TrainConfig, *, task: TaskData | None = None,
                  reward: Callable | None = None):
         from r1fast.policy import build_policy
@@ -186,10 +190,7 @@ class GRPOTrainer:
         t_gen = time.perf_counter()
         rewards = self.task.score(samples.texts, samples.examples)
         batch, truncated = self._advantages(samples.rollout, rewards["total"])
-        # R3 router replay: the experts the rollout's forward chose for every token, replayed
-        # when the trainer recomputes log-probs and in the update (weights stay differentiable)
-        routing = self.policy.record_routing(batch.tokens) if self.cfg.algo.router_replay \
-            else None
+        routing = self._replay_routing(samples.rollout, batch)
         old, ref = self._old_and_ref_logprobs(batch, routing)
         t_logp = time.perf_counter()
         upd = self._update(batch, old, ref, routing)
@@ -209,11 +210,30 @@ class GRPOTrainer:
         first = self.info.dp_rank * len(prompts)
         seeds = [hash((self.cfg.run.seed, self.step_idx, first + i)) & 0x7FFF_FFFF_FFFF_FFFF
                  for i in range(len(prompts))]
-        # KV cache at pp == 1, else prefix recomputation; every rank makes the same model calls
+        # KV-cached decoding on the policy's device; every rank makes the same model calls. R3:
+        # the decoder records the experts of every token it runs (replayed in training)
+        record = self.cfg.algo.router_replay and self._replay_capture() == "rollout"
         out = generate(make_decoder(self.policy), prompts, self.sampling, sync=all_ranks_int,
-                       eos_token_id=tok.eos_id, row_seeds=seeds)
+                       eos_token_id=tok.eos_id, row_seeds=seeds, record_routing=record)
         return RolloutBatch(out, [tok.decode(c) for c in out.completion_ids],
                             [ex for ex in examples for _ in range(G)])
+
+    def _replay_capture(self) -> str:
+        if self.replay_capture not in ("rollout", "posthoc"):
+            raise ValueError(f"GRPOTrainer.replay_capture must be 'rollout' or 'posthoc', got "
+                             f"{self.replay_capture!r}")
+        return self.replay_capture
+
+    def _replay_routing(self, rollout: Rollout, batch: UpdateBatch):
+        """R3 router replay: ``{layer: [N, L, k]}`` experts replayed when the trainer recomputes
+        log-probs and in the update (weights stay differentiable), or None without replay:
+        those the decoder ran while sampling, or (``replay_capture = "posthoc"``) those of a
+        separate forward over the sampled sequences."""
+        if not self.cfg.algo.router_replay:
+            return None
+        if self._replay_capture() == "rollout":
+            return rollout.routing.padded(batch.tokens.shape[1])
+        return self.policy.record_routing(batch.tokens)
 
     def _advantages(self, rollout: Rollout, rewards: Sequence[float]):
         """Group advantages, the rows kept (dynamic sampling, overlong filtering), and the
@@ -250,7 +270,8 @@ class GRPOTrainer:
             kw = {"micro_batch_size": 1,
                   "cu_seqlens": torch.stack([p.cu_seqlens(width) for p in packs])}
             if routing is not None:
-                routing = {k: torch.cat([p.pack(v) for p in packs]) for k, v in routing.items()}
+                routing = {k: torch.cat([_pack_routing(p, v) for p in packs])
+                           for k, v in routing.items()}
 
         def unpacked(x: torch.Tensor) -> torch.Tensor:
             if packs is None:
@@ -341,7 +362,7 @@ class GRPOTrainer:
                "adv": torch.cat([mb.advantages[p.rows],
                                  mb.advantages.new_zeros(p.num_tail_pieces)])}
         if routing is not None:
-            out["routing"] = {k: p.pack(v) for k, v in routing.items()}
+            out["routing"] = {k: _pack_routing(p, v) for k, v in routing.items()}
         return out
 
     def _global_normalizer(self, mb: UpdateBatch) -> float:
@@ -472,6 +493,15 @@ class GRPOTrainer:
             logger.close()
             self.task.close()
         return rows
+
+
+def _pack_routing(p: PackedMicroBatch, routing: torch.Tensor) -> torch.Tensor:
+    """Packed ``[1, T, k]`` experts of ``routing [N, L, k]``; the padding tail gets experts
+    0..k-1 (replay needs k distinct experts per token, a fill of 0 would repeat one)."""
+    out = p.pack(routing)
+    k = routing.shape[-1]
+    out[0, sum(p.lengths):] = torch.arange(k, dtype=out.dtype)
+    return out
 
 
 def _unfused_policy_loss(hidden, weight, targets, old, adv, mask, ref, cfg, *, temperature,
