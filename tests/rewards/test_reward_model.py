@@ -77,3 +77,41 @@ def test_bad_inputs():
         RewardModelConfig(max_length=0)
     with pytest.raises(ValueError, match="scale and bias must be finite"):
         RewardModelConfig(scale=float("nan"))
+
+
+def test_sync_pads_with_idle_calls_to_the_busiest_process():
+    """With ``sync`` (the max batch count over processes), a process with fewer batches calls
+    the model on empty batches until it made as many calls; the scores are unchanged."""
+    calls = []
+
+    def model(texts):
+        calls.append(len(texts))
+        return [float(len(t)) for t in texts]
+
+    rm = RewardModelReward(model, include_prompt=False, batch_size=2, sync=lambda n: n + 2)
+    assert rm.score_batch(["a", "bb", "ccc"], [{}] * 3) == [1.0, 2.0, 3.0]
+    assert calls == [2, 1, 0, 0]  # ceil(3 / 2) real calls, then 2 idle ones
+    calls.clear()
+    assert rm.score_batch([], []) == [] and calls == [0, 0]  # nothing to score: still in step
+
+    ids_seen = []
+
+    def by_ids(ids, mask):  # tokenizer mode: an idle call gets [0, 1] ids and mask
+        ids_seen.append(tuple(ids.shape))
+        return (ids * mask).sum(-1).double()
+
+    rm2 = RewardModelReward(by_ids, TOK, include_prompt=False, sync=lambda n: 2)
+    assert rm2.score_batch(["a"], [{}]) == [float(TOK.encode("a")[0])]
+    assert ids_seen == [(1, 1), (0, 1)]
+    with pytest.raises(ValueError, match="sync must be callable"):
+        RewardModelReward(model, sync=3)
+
+
+def test_reward_model_by_name_needs_a_model():
+    from r1fast.rewards import get_reward
+
+    with pytest.raises(ValueError, match=r"needs a trained model: in a recipe set \[reward\] "
+                                         r"reward_model = "):
+        get_reward("reward_model")
+    assert get_reward("reward_model", model=lambda t: [2.0] * len(t),
+                      include_prompt=False)("x", {}) == 2.0

@@ -1,5 +1,6 @@
 """What a run trains on: prompts, tokenizer and rewards (r1fast.train.task)."""
 import pytest
+import torch
 
 from r1fast.data import CharTokenizer
 from r1fast.train.config import load_train_config
@@ -60,3 +61,155 @@ def test_missing_data_files_fail_before_training(tmp_path, key):
     paths[key] = str(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match=f"data.{key}=.*missing.jsonl does not exist"):
         build_task(cfg(f"--data.path={paths['path']}", f"--data.test_path={paths['test_path']}"))
+
+
+# ------------------------------------------------------------------ stage 4: mixed sources
+
+MIXED_ROWS = [
+    {"prompt": "What is 2+3?", "answer": "5"},  # rule: no reward field
+    {"prompt": "Write a kind note.", "reward": "reward_model"},  # general prompt, no answer
+    {"prompt": "What is 4+4?", "answer": "8", "reward": "rule"},
+    {"prompt": "Say hello.", "reward": "model"},
+    {"prompt": "What is 1+1?", "answer": "2", "reward": "math_accuracy"},
+]
+RULE, MODEL_ROWS = [0, 2, 4], [1, 3]
+
+
+@pytest.fixture(scope="module")
+def reward_world(tmp_path_factory):
+    """(reward-model folder, mixed data file); destroys the parallel state afterwards."""
+    from r1fast.policy.parallel import destroy_parallel
+    from tests.helpers.reward_world import save_init, save_reward_folder, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("mixed")
+    rm = save_reward_folder(str(tmp / "rm"), save_init(str(tmp / "init")))
+    yield rm, write_jsonl(tmp / "mixed.jsonl", MIXED_ROWS), tmp
+    destroy_parallel()
+
+
+def _reference_scores(rm, texts):
+    """The reward model's scores written out by hand: policy hidden states, the last real
+    token of bos + text + eos, dot the head read from the folder."""
+    from safetensors.torch import load_file
+
+    from r1fast.policy.config import ParallelConfig
+    from r1fast.policy.hf_checkpoint import load_hf_checkpoint, load_model_config
+    from r1fast.policy.model import build_policy
+
+    policy = build_policy(load_model_config(rm), ParallelConfig(), trainable=False)
+    load_hf_checkpoint(policy, rm)
+    head = load_file(f"{rm}/reward_head.safetensors")["score.weight"][0]
+    tok, out = CharTokenizer(), []
+    for t in texts:  # one text at a time: no padding at all
+        ids = tok.encode(t, add_bos=True, add_eos=True)
+        with torch.no_grad():
+            hidden = policy.hidden_states(torch.tensor([ids]))[0, -1]
+        out.append(float(hidden.float() @ head))
+    return out
+
+
+def test_mixed_dataset_routes_rows_by_their_reward_field(reward_world):
+    """A TOML recipe naming the reward-model folder: rule rows get the weighted rule parts,
+    model rows the reward model alone (one forward for both), with per-source columns whose
+    means give each source's own mean (as the trainer would compute them)."""
+    from r1fast.train.reward_routing import source_means
+
+    rm, data, tmp = reward_world
+    recipe = tmp / "mixed.toml"
+    recipe.write_text(f'[data]\npath = "{data}"\nprompts_per_step = 2\n\n[reward]\nworkers = 0\n'
+                      f'reward_model = "{rm}"\nreward_model_weight = 0.5\n')
+    task = build_task(load_train_config(str(recipe)))
+    try:
+        exs = task.dataset.examples
+        assert [ex["row"] for ex in exs] == [0, 1, 2, 3, 4]  # file order, file row numbers
+        assert [ex.get("answer") for ex in exs] == ["5", None, "8", None, "2"]
+        assert {exs[i]["reward"] for i in MODEL_ROWS} == {"reward_model"}
+        reward = task.mixed.runners["model"].composite.parts[0].fn
+        seen, model = [], reward.model
+        reward.model = lambda texts: (seen.append(list(texts)), model(texts))[1]
+        texts = ["<think>2+3</think> \\boxed{5}", " Thanks, friend!", "<think>x</think> \\boxed{9}",
+                 " Hello there.", "\\boxed{2}"]
+        out = task.score(texts, exs)
+        want = _reference_scores(rm, [exs[i]["prompt"] + texts[i] for i in MODEL_ROWS])
+        assert seen == [[exs[i]["prompt"] + texts[i] for i in MODEL_ROWS]]  # one batched call
+        assert out["reward_model"] == pytest.approx([0, want[0], 0, want[1], 0], abs=1e-5)
+        assert out["accuracy"] == [1.0, 0.0, 0.0, 0.0, 1.0]
+        for i in RULE:
+            assert out["total"][i] == pytest.approx(out["accuracy"][i] + 0.1 * out["format"][i])
+        for j, i in enumerate(MODEL_ROWS):
+            assert out["total"][i] == pytest.approx(0.5 * want[j], abs=1e-5)
+            assert out["format"][i] == 0.0  # rule parts never ran on model rows
+        assert out["rows_rule"] == [1.0, 0.0, 1.0, 0.0, 1.0]
+        assert out["rows_model"] == [0.0, 1.0, 0.0, 1.0, 0.0]
+        assert [a + b for a, b in zip(out["total_rule"], out["total_model"])] == out["total"]
+        # the trainer logs reward/<part> = mean over all rows; source_means divides them
+        step = {f"reward/{k}": sum(v) / len(v) for k, v in out.items() if k != "total"}
+        means = source_means(step)
+        assert means["reward/source_rule"] == pytest.approx(
+            sum(out["total"][i] for i in RULE) / 3)
+        assert means["reward/source_model"] == pytest.approx(0.5 * sum(want) / 2, abs=1e-5)
+        rule_only = source_means({**step, "reward/rows_model": 0.0})
+        assert "reward/source_model" not in rule_only  # no model rows: no mean, not 0
+        assert task.failure_metrics() == {"errors": 0.0, "timeouts": 0.0, "crashes": 0.0}
+    finally:
+        task.close()
+
+
+def test_reward_model_in_weights_scores_every_rule_row(reward_world):
+    rm, data, _ = reward_world
+    task = build_task(cfg(f"--data.path={data}", f"--reward.reward_model={rm}",
+                          "--reward.weights={accuracy = 1.0, reward_model = 2.0}"))
+    try:
+        exs = task.dataset.examples
+        texts = ["\\boxed{5}", " hi", "\\boxed{8}", " yo", "\\boxed{3}"]
+        out = task.score(texts, exs)
+        want = _reference_scores(rm, [ex["prompt"] + t for ex, t in zip(exs, texts)])
+        assert out["reward_model"] == pytest.approx(want, abs=1e-5)
+        assert out["accuracy"] == [1.0, 0.0, 1.0, 0.0, 0.0]  # reward "rule": the default checker
+        for i in RULE:
+            assert out["total"][i] == pytest.approx(out["accuracy"][i] + 2.0 * want[i], abs=1e-5)
+        for i in MODEL_ROWS:
+            assert out["total"][i] == pytest.approx(want[i], abs=1e-5)  # weight 1.0 (default)
+    finally:
+        task.close()
+
+
+def test_mixed_routing_errors_name_the_key(reward_world, tmp_path):
+    from tests.helpers.reward_world import write_jsonl
+
+    rm, data, tmp = reward_world
+    with pytest.raises(ValueError, match=r"2 of 5 rows .* need.* reward.reward_model"):
+        build_task(cfg(f"--data.path={data}"))
+    with pytest.raises(ValueError, match="weights has reward_model, which needs "
+                                         "reward.reward_model"):
+        build_task(cfg("--reward.weights={accuracy = 1.0, reward_model = 1.0}"))
+    with pytest.raises(ValueError, match=r"reward.reward_model .*init is not a reward-model "
+                                         r"folder \(no reward_model.json\)"):
+        build_task(cfg(f"--data.path={data}", f"--reward.reward_model={tmp / 'init'}"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "answer": "1"},
+                                               {"prompt": " ", "reward": "reward_model"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1: key 'prompt' must be a non-empty "
+                                         r"prompt"):
+        build_task(cfg(f"--data.path={bad}", f"--reward.reward_model={rm}"))
+
+
+def test_stage_grpo_runs_on_a_mixed_dataset_with_per_source_metrics(reward_world):
+    """`stage grpo` on the mixed file: one GRPO step through the policy, both reward streams
+    logged, and their per-source means recoverable from the logged row."""
+    from r1fast.pipeline import stages
+    from r1fast.train.reward_routing import source_means
+
+    rm, data, tmp = reward_world
+    _, rows = stages.grpo(tmp / "init", tmp / "grpo", overrides=[
+        f"--data.path={data}", "--data.prompts_per_step=4", "--algo.group_size=2",
+        f"--reward.reward_model={rm}", "--reward.workers=0", "--rollout.max_new_tokens=6",
+        "--run.steps=1", "--run.progress=false", "--run.tensorboard=false"])
+    row = rows[-1]
+    assert row["reward/rows_rule"] + row["reward/rows_model"] == pytest.approx(1.0)
+    assert row["reward/total_rule"] + row["reward/total_model"] == pytest.approx(
+        row["reward_mean"], abs=1e-6)
+    assert row["reward/rows_model"] > 0 and row["reward/rows_rule"] > 0
+    means = source_means(row)
+    assert means["reward/source_model"] == pytest.approx(
+        row["reward/total_model"] / row["reward/rows_model"])
+    assert means["reward/source_model"] != 0.0  # the reward model scored real completions

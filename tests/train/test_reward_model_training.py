@@ -1,0 +1,209 @@
+"""Reward-model training (r1fast.train.reward_model): the Bradley-Terry loss and its gradient
+against fp64 references (a closed form, and transformers' sequence classifier of the exported
+folder, every parameter), TP2 / PP2 equal to one rank, pair-file errors, and a learning check
+through `r1fast stage reward-model`."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from r1fast.data import CharTokenizer
+from r1fast.policy.config import ParallelConfig
+from r1fast.policy.optim import OptimConfig
+from r1fast.policy.parallel import destroy_parallel
+from tests.helpers.reward_world import (MODEL, save_init, save_reward_folder, sorted_digit_pairs,
+                                        write_jsonl)
+from tests.helpers.spawn import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_rank():
+    yield
+    destroy_parallel()
+
+
+def test_bradley_terry_loss_and_gradient_match_a_closed_form_in_fp64():
+    from r1fast.train.reward_model import bradley_terry_loss
+
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.randn(64, generator=g) * 3
+    rejected = torch.randn(64, generator=g) * 3
+    chosen[:3] = torch.tensor([60.0, -60.0, 0.5])  # margins far past exp's fp32 range
+    rejected[:3] = torch.tensor([-60.0, 60.0, 0.5])
+    c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    bradley_terry_loss(c, r).sum().backward()
+    for i in range(64):
+        d = float(chosen[i]) - float(rejected[i])
+        # -log sigmoid(d) = log(1 + e^-d), written so neither branch overflows
+        want = math.log1p(math.exp(-d)) if d >= 0 else -d + math.log1p(math.exp(d))
+        dd = -1.0 / (1.0 + math.exp(d)) if d > -700 else -1.0  # d/dchosen = -sigmoid(-d)
+        got = float(bradley_terry_loss(chosen[i:i + 1].double(), rejected[i:i + 1].double()))
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-300), i
+        assert float(c.grad[i]) == pytest.approx(dd, rel=1e-6, abs=1e-30), i
+        assert float(r.grad[i]) == pytest.approx(-dd, rel=1e-6, abs=1e-30), i
+
+
+def _fixed_batch(n_pairs: int = 4, seed: int = 5):
+    from r1fast.train.reward_model_io import encode_texts
+
+    pairs = sorted_digit_pairs(n_pairs, seed)
+    pairs[0]["chosen"] += " and that is all"  # rows of different lengths: padding is exercised
+    texts = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"]
+                                                         for p in pairs]
+    return pairs, *encode_texts(CharTokenizer(), texts, MODEL.max_position_embeddings)
+
+
+def _hf_reference(hf_dir, tokens, lengths):
+    """(loss, scores [2P], grads by HF name) of the mean Bradley-Terry loss, transformers fp64."""
+    from tests.helpers.hf_parity import per_expert
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        hf_dir, experts_implementation="eager").double()  # grouped_mm has no fp64
+    model.eval()
+    mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+    scores = model(tokens, attention_mask=mask).logits[:, 0]  # [2P]
+    chosen, rejected = scores.chunk(2)
+    loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    loss.backward()
+    grads = per_expert({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    return float(loss), scores.detach(), grads
+
+
+def test_gradients_scores_and_folder_match_transformers_classifier(tmp_path):
+    """One rank: the loss, every backbone gradient and the head's (megatron DDP main_grad) equal
+    transformers' autograd through the exported sequence classifier in fp64; the saved folder
+    loaded by path scores like transformers."""
+    from r1fast.policy.hf_checkpoint import gather_hf_state_dict, load_model_config
+    from r1fast.train.reward_model import RewardEngine, pair_loss_fn
+    from r1fast.train.reward_model_io import export_sequence_classifier, load_reward_model
+
+    init = save_reward_folder(str(tmp_path / "rm0"), save_init(str(tmp_path / "init")))
+    engine = RewardEngine(load_model_config(init), ParallelConfig(), OptimConfig(lr=1e-3),
+                          total_updates=1, seed=0, init_from=init)  # head from the folder
+    hf_dir = export_sequence_classifier(init, tmp_path / "hf")
+    pairs, tokens, lengths = _fixed_batch()
+    want_loss, want_scores, want = _hf_reference(hf_dir, tokens, lengths)
+
+    metrics = engine.policy.forward_backward([{"tokens": tokens, "lengths": lengths}],
+                                             pair_loss_fn(engine, float(len(pairs))))
+    mine = gather_hf_state_dict(engine.policy, grads=True)
+    mine["score.weight"] = engine.head_weight.main_grad
+    assert float(metrics[0]["loss"]) == pytest.approx(want_loss, rel=1e-5)
+    assert not mine.pop("lm_head.weight").any()  # the LM head takes no part in the score
+    assert set(mine) == set(want) and "score.weight" in want
+    for k in want:
+        scale = max(1.0, want[k].abs().max().item())
+        assert (mine[k].double() - want[k]).abs().max().item() <= 1e-5 * scale, k
+    assert want["score.weight"].abs().max() > 1e-2  # the comparison is not of zeros
+
+    reward = load_reward_model(init)  # the folder, by path, through the reward interface
+    got = reward.score_batch([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                             [{"prompt": p["prompt"]} for p in pairs] * 2)
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), want_scores, atol=1e-5)
+
+
+def _parallel_worker(rank, out_dir, init, layout):
+    """Scores, loss and gradients of the fixed batch at ``layout`` (the one-rank run, with an
+    empty layout, first writes the reward-model folder both start from)."""
+    from megatron.core import parallel_state as ps
+
+    from r1fast.policy.hf_checkpoint import gather_hf_state_dict, load_model_config
+    from r1fast.policy.optim import unshard_main_grads
+    from r1fast.train.reward_model import RewardEngine, pair_loss_fn
+    from r1fast.train.reward_model_io import PolicyRewardModel
+
+    if not layout:
+        save_reward_folder(init, save_init(os.path.join(out_dir, "init")))
+    engine = RewardEngine(load_model_config(init), ParallelConfig(**layout),
+                          OptimConfig(lr=1e-3), total_updates=1, seed=0, init_from=init)
+    pairs, tokens, lengths = _fixed_batch()
+    scores = PolicyRewardModel(engine.policy, engine.head_weight, CharTokenizer(), 64)(
+        [p["prompt"] + p["chosen"] for p in pairs])
+    metrics = engine.policy.forward_backward([{"tokens": tokens, "lengths": lengths}],
+                                             pair_loss_fn(engine, float(len(pairs))))
+    unshard_main_grads(engine.policy)
+    grads = gather_hf_state_dict(engine.policy, grads=True)  # on global rank 0
+    out = {"scores": scores}
+    if engine.head_weight is not None and ps.get_tensor_model_parallel_rank() == 0:
+        out["head_grad"] = engine.head_weight.main_grad.clone()
+        out["loss"] = torch.tensor(float(metrics[0]["loss"]))
+    if grads is not None:
+        out["grads"] = grads
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    destroy_parallel()
+
+
+@pytest.mark.slow  # three gloo processes start megatron: ~40 s on 2 cores
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world, layout", [(2, {"tp": 2}), (2, {"pp": 2})], ids=["tp2", "pp2"])
+def test_parallel_reward_model_equals_one_rank(tmp_path, world, layout):
+    """TP2 (sequence-parallel MoE: the head reads gathered hidden states on both ranks) and PP2
+    (the head on the last stage, scores broadcast): scores, loss, every gradient and the head's
+    equal the one-rank run to 1e-5."""
+    init = str(tmp_path / "rm")
+    results = {}
+    for name, (w, lay) in {"one": (1, {}), "many": (world, layout)}.items():
+        os.makedirs(tmp_path / name)
+        run_ranks(w, _parallel_worker, str(tmp_path / name), init, lay)
+        ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True)
+                 for r in range(w)]
+        merged = {k: v for r in ranks for k, v in r.items()}
+        for r in ranks:  # every rank receives every score
+            assert torch.equal(r["scores"], ranks[0]["scores"])
+        results[name] = merged
+    one, many = results["one"], results["many"]
+    assert torch.allclose(one["scores"], many["scores"], atol=1e-5, rtol=0)
+    assert abs(float(one["loss"]) - float(many["loss"])) <= 1e-5
+    assert torch.allclose(one["head_grad"], many["head_grad"], atol=1e-5, rtol=0)
+    assert one["grads"].keys() == many["grads"].keys()
+    worst = max((one["grads"][k] - many["grads"][k]).abs().max().item() for k in one["grads"])
+    assert worst <= 1e-5, worst
+    assert one["head_grad"].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "a"}, r"row 1: key 'rejected' must be a non-empty string, got None"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, r"row 1: key 'prompt' must be a string"),
+    ({"prompt": "p", "chosen": " ", "rejected": "b"}, r"row 1: key 'chosen' must be a non-empty"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, r"row 1: 'chosen' and 'rejected' are the"),
+])
+def test_bad_pair_rows_are_one_line_errors_naming_file_row_and_key(tmp_path, row, message):
+    from r1fast.train.reward_model import load_pairs
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "", "chosen": "x", "rejected": "y"},
+                                                 row])
+    with pytest.raises(ValueError, match=f"pairs.jsonl {message}") as e:
+        load_pairs(path)
+    assert "\n" not in str(e.value)
+
+
+def test_stage_cli_learns_a_held_out_preference(tmp_path):
+    """`r1fast stage reward-model` on 512 generated pairs (seed 0; sorted digits preferred to
+    the same digits unsorted, so no bag of characters separates them), 200 held-out pairs
+    (seed 1): held-out accuracy goes from below chance to >= 0.9 in 60 steps."""
+    from r1fast.pipeline.cli import main
+
+    init = save_init(str(tmp_path / "init"))
+    train = write_jsonl(tmp_path / "train.jsonl", sorted_digit_pairs(512, 0))
+    test = write_jsonl(tmp_path / "test.jsonl", sorted_digit_pairs(200, 1))
+    out = tmp_path / "rm"
+    assert main(["reward-model", "--init", init, "--data", train, "--test", test, "--out",
+                 str(out), "--steps", "60", "--lr", "3e-3", "--batch-size", "32"]) == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["test_pairs"] == 200 and summary["train_pairs"] == 512
+    assert summary["heldout_accuracy"] >= 0.9, summary
+    assert summary["heldout_accuracy"] > summary["heldout_accuracy_before"] + 0.2, summary
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 60
+    assert sum(r["loss"] for r in rows[-10:]) < 0.5 * sum(r["loss"] for r in rows[:10])
+    meta = json.loads((out / "model" / "reward_model.json").read_text())
+    assert meta["heldout_accuracy"] == summary["heldout_accuracy"]
+    assert (out / "hf" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="already holds a run"):
+        main(["reward-model", "--init", init, "--data", train, "--out", str(out)])
