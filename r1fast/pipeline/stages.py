@@ -5,7 +5,8 @@ artifacts to the next by path:
 - :func:`pretrain`  (synthetic demo only) a tiny base model from scratch on a noisy corpus;
 - :func:`grpo`      RL with rule rewards (R1-Zero when started from a base model);
 - :func:`sft`       supervised fine-tuning (cold start, rejection-sampled data, distillation);
-- :func:`rejection_sample`  k samples per prompt, keep the correct and well-formed ones (JSONL);
+- :func:`rejection_sample`  k samples per prompt, keep the correct and readable ones (JSONL),
+  every dropped sample counted by reason (:mod:`r1fast.pipeline.filters`);
 - :func:`distill`   a teacher writes answers, a dense student is fine-tuned on them;
 - :func:`evaluate`  pass@1 from k samples and cons@k (see :mod:`r1fast.pipeline.evaluate`).
 
@@ -23,10 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from r1fast.data import CharTokenizer, load_tokenizer, sft_target
+from r1fast.pipeline.filters import RejectionFilterConfig
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.hf_checkpoint import load_model_config
 from r1fast.policy.optim import OptimConfig
-from r1fast.rewards import is_well_formed
 from r1fast.rollout.sampler import SamplingConfig
 from r1fast.train.metrics import read_jsonl
 
@@ -88,6 +89,17 @@ def pretrain(examples: Sequence[dict], out_dir: str | Path, model: ModelConfig, 
                loss_on_prompt=True, seed=seed, **kw)
 
 
+def mix_sft_data(rows: Sequence[dict], mix: str | Path | Sequence[dict], ratio: float,
+                 seed: int = 0) -> tuple[list[dict], dict]:
+    """R1 stage 3's data: ``rows`` (reasoning) with non-reasoning rows (a JSONL path or a
+    list) making up ``ratio`` of the result, deterministically from ``seed``; returns (rows,
+    counts). See :mod:`r1fast.pipeline.sft_data`."""
+    from r1fast.pipeline.sft_data import mix_non_reasoning, read_sft_rows
+
+    extra = read_sft_rows(mix) if isinstance(mix, (str, Path)) else list(mix)
+    return mix_non_reasoning(rows, extra, ratio, seed)
+
+
 def cold_start_data(examples: Sequence[dict]) -> list[dict]:
     """Clean, readable chains of thought ending in the boxed answer (R1's cold start)."""
     return [{"prompt": ex["prompt"], "completion": sft_target(ex["solution_cot"], ex["answer"])}
@@ -97,13 +109,17 @@ def cold_start_data(examples: Sequence[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------- RL
 
 def grpo(init_from: str | Path, out_dir: str | Path, *, overrides: Sequence[str] = (),
-         recipe: str | Path | None = None) -> tuple[Path, list[dict]]:
+         recipe: str | Path | None = None,
+         language: str | None = None) -> tuple[Path, list[dict]]:
     """GRPO from the model folder ``init_from`` (its architecture and tokenizer); returns
-    (``out_dir/model``, metrics rows)."""
+    (``out_dir/model``, metrics rows). ``language`` (R1 stage 2): add the language-consistency
+    reward toward that language (``reward.language``; weight 1.0 unless the recipe's
+    ``reward.weights.language`` says otherwise), logged as ``reward/language``."""
     from r1fast.train.config import load_train_config
     from r1fast.train.grpo import GRPOTrainer
 
-    cfg = load_train_config(recipe, [*overrides, f"--run.init_from={init_from}",
+    extra = [] if language is None else [f"--reward.language={language}"]
+    cfg = load_train_config(recipe, [*overrides, *extra, f"--run.init_from={init_from}",
                                      f"--run.out_dir={out_dir}"])
     trainer = GRPOTrainer(cfg)
     rows = trainer.fit()
@@ -135,35 +151,32 @@ def load_problems(path: str | Path, model_dir: str | Path, *, preset: str | None
 def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: str | Path, *,
                      k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                      max_new_tokens: int = 64, seed: int = 0,
-                     keep_per_prompt: int | None = None,
-                     keep: str = "correct") -> tuple[Path, dict[str, Any]]:
-    """Sample ``k`` answers per prompt; keep the distinct ones that pass ``keep`` ("correct":
-    correct and well-formed, R1's rule; "well_formed"; "all"), at most ``keep_per_prompt`` per
-    prompt, as ``{"prompt", "completion"}`` JSONL rows. Returns (path, stats)."""
-    if keep not in ("correct", "well_formed", "all"):
-        raise ValueError(f"keep must be one of ('correct', 'well_formed', 'all'), got {keep!r}")
+                     keep_per_prompt: int | None = None, keep: str = "correct",
+                     filters: RejectionFilterConfig | None = None) -> tuple[Path, dict[str, Any]]:
+    """Sample ``k`` answers per prompt and keep those that pass ``filters`` (default: R1's
+    rules, :class:`~r1fast.pipeline.filters.RejectionFilterConfig`; or the preset ``keep``:
+    "correct", "well_formed" or "all"), at most ``keep_per_prompt`` per prompt, as
+    ``{"prompt", "completion", "id"}`` JSONL rows. The summary (kept, rejected count per reason)
+    is also written next to them as ``<out>.summary.json``. Returns (path, summary)."""
+    if filters is None:
+        filters = RejectionFilterConfig.for_keep(keep)
+    elif keep != "correct":
+        raise ValueError(f"give keep ({keep!r}) or filters, not both")
     from r1fast.pipeline.evaluate import checker
+    from r1fast.pipeline.filters import filter_samples
     from r1fast.pipeline.generation import load_model, sample
 
     policy, tok = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     samples = sample(policy, tok, [ex["prompt"] for ex in examples], k, cfg, seed=seed)
-    rows, solved = [], 0
     checkers: dict[str, Any] = {}
-    for ex, outs in zip(examples, samples):
-        check = checker(ex, checkers)
-        kept: list[str] = []
-        for o in outs:
-            ok = (keep == "all" or (is_well_formed(o) and (keep == "well_formed"
-                                                           or check(o, ex) >= 1.0)))
-            if ok and o not in kept:
-                kept.append(o)
-        kept = kept[:keep_per_prompt] if keep_per_prompt else kept
-        solved += bool(kept)
-        rows.extend({"prompt": ex["prompt"], "completion": o, "id": ex.get("id")} for o in kept)
-    stats = {"prompts": len(examples), "samples": len(examples) * k, "kept": len(rows),
-             "prompts_with_a_kept_sample": solved}
-    return write_jsonl(rows, out_path), stats
+    rows, summary = filter_samples(examples, samples, lambda ex: checker(ex, checkers), filters,
+                                   keep_per_prompt)
+    path = write_jsonl(rows, out_path)
+    summary_path = path.with_suffix(".summary.json")
+    summary["summary_path"] = str(summary_path)
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    return path, summary
 
 
 def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Path, *,

@@ -1,0 +1,207 @@
+"""Which rejection-sampled answers become SFT data: R1's stage-3 filters, each a named reason.
+
+DeepSeek-R1's third stage samples many answers per prompt from the RL checkpoint and keeps only
+the correct ones that a person could read: the report filters out chains of thought with mixed
+languages, long paragraphs and code blocks. Here every rule is a small predicate with its
+threshold in :class:`RejectionFilterConfig`, and every dropped sample is counted under the
+*first* rule it fails, in this order (cheap and decisive rules first):
+
+==================  =================================================================
+``too_long``        longer than ``max_chars`` characters (0: no limit)
+``unparsable``      not ``<think>...</think>`` + a non-empty ``\\boxed{}`` answer
+``wrong``           the example's checker (its ``reward`` field, else math accuracy)
+                    scores it below 1
+``mixed_language``  share of thought words in ``language`` below ``min_language_share``
+``long_paragraph``  a paragraph (text between blank lines) over ``max_paragraph_chars``
+``code_block``      a fenced (```) code block
+``duplicate``       the same text (whitespace-normalised) as an answer already kept for
+                    this prompt
+==================  =================================================================
+
+so ``kept + sum(rejected.values()) + over_limit == samples`` (``over_limit``: distinct
+passing answers beyond ``keep_per_prompt``). :func:`filter_samples` returns the kept rows and
+that summary; :func:`format_summary` prints it as a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from r1fast.rewards import is_well_formed
+from r1fast.rewards.format import FormatRewardConfig
+from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
+
+REASONS = ("too_long", "unparsable", "wrong", "mixed_language", "long_paragraph", "code_block",
+           "duplicate")
+CODE_FENCE = "```"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectionFilterConfig:
+    """The rules of :mod:`r1fast.pipeline.filters`; a rule with its switch off keeps all."""
+
+    max_chars: int = 0
+    """``too_long``: completions longer than this many characters are dropped (0: no limit;
+    sampling's max_new_tokens already bounds the length)."""
+    require_format: bool = True
+    """``unparsable``: drop completions that are not one think block + a boxed answer."""
+    require_correct: bool = True
+    """``wrong``: drop completions the example's checker scores below 1."""
+    language: str | None = "en"
+    """``mixed_language``: target language of the thought (a code of
+    r1fast.rewards.language.LANGUAGE_SCRIPTS); None: no language rule."""
+    min_language_share: float = 0.95
+    """``mixed_language``: least share of thought words in ``language`` (a thought without
+    words passes); 0.95 leaves room for a symbol name such as "pi" written in Greek."""
+    max_paragraph_chars: int = 2000
+    """``long_paragraph``: longest paragraph allowed, in characters (about 300 English words
+    without a blank line); 0: no limit."""
+    reject_code_blocks: bool = True
+    """``code_block``: drop completions with a fenced code block."""
+    dedupe: bool = True
+    """``duplicate``: keep one copy of each distinct (whitespace-normalised) answer per prompt."""
+    think_in_prompt: bool = False
+    """The prompt already opened ``<think>`` (format and language rules start inside it)."""
+
+    def __post_init__(self):
+        from r1fast.ops._validate import check_choice, check_range
+        check_range("max_chars", self.max_chars, 0)
+        check_range("max_paragraph_chars", self.max_paragraph_chars, 0)
+        check_range("min_language_share", self.min_language_share, 0, 1)
+        if self.language is not None:
+            check_choice("language", self.language, sorted(LANGUAGE_SCRIPTS))
+
+    @classmethod
+    def for_keep(cls, keep: str) -> "RejectionFilterConfig":
+        """The rules behind ``rejection_sample(keep=...)``: "correct" (all of R1's rules),
+        "well_formed" (all but ``wrong``), "all" (only ``duplicate``)."""
+        if keep == "correct":
+            return cls()
+        if keep == "well_formed":
+            return cls(require_correct=False)
+        if keep == "all":
+            return cls(require_format=False, require_correct=False, language=None,
+                       max_paragraph_chars=0, reject_code_blocks=False)
+        raise ValueError(f"keep must be one of ('correct', 'well_formed', 'all'), got {keep!r}")
+
+
+# ---------------------------------------------------------------------------- predicates
+
+def too_long(text: str, cfg: RejectionFilterConfig) -> bool:
+    """Longer than ``cfg.max_chars`` characters (never, when it is 0)."""
+    return cfg.max_chars > 0 and len(text) > cfg.max_chars
+
+
+def unparsable(text: str, cfg: RejectionFilterConfig) -> bool:
+    """Not in the think-then-boxed-answer format (strict: one leading think block)."""
+    return not is_well_formed(text, FormatRewardConfig(think_in_prompt=cfg.think_in_prompt))
+
+
+def mixed_language(text: str, cfg: RejectionFilterConfig) -> bool:
+    """The thought's share of ``cfg.language`` words is below ``cfg.min_language_share``."""
+    lang = LanguageRewardConfig(target=cfg.language, empty_score=1.0,
+                                think_in_prompt=cfg.think_in_prompt)
+    return language_consistency(text, lang) < cfg.min_language_share
+
+
+def longest_paragraph(text: str) -> int:
+    """Characters of the longest paragraph; paragraphs are separated by blank lines."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    longest = current = 0
+    for line in lines:
+        if line.strip():
+            current += len(line) + (1 if current else 0)
+            longest = max(longest, current)
+        else:
+            current = 0
+    return longest
+
+
+def long_paragraph(text: str, cfg: RejectionFilterConfig) -> bool:
+    """A paragraph longer than ``cfg.max_paragraph_chars`` (never, when it is 0)."""
+    return cfg.max_paragraph_chars > 0 and longest_paragraph(text) > cfg.max_paragraph_chars
+
+
+def has_code_block(text: str) -> bool:
+    """A fenced markdown code block: an opening and a closing triple backtick."""
+    first = text.find(CODE_FENCE)
+    return first >= 0 and text.find(CODE_FENCE, first + len(CODE_FENCE)) >= 0
+
+
+def normalised(text: str) -> str:
+    """The text with runs of whitespace collapsed: what ``duplicate`` compares."""
+    return " ".join(text.split())
+
+
+def rejection_reason(text: str, example: dict, check: Callable[[str, dict], float],
+                     cfg: RejectionFilterConfig, kept: set[str]) -> str | None:
+    """The first rule ``text`` fails (a name of :data:`REASONS`), or None to keep it; ``kept``
+    holds the normalised answers already kept for this prompt."""
+    if too_long(text, cfg):
+        return "too_long"
+    if cfg.require_format and unparsable(text, cfg):
+        return "unparsable"
+    if cfg.require_correct and check(text, example) < 1.0:
+        return "wrong"
+    if cfg.language is not None and mixed_language(text, cfg):
+        return "mixed_language"
+    if long_paragraph(text, cfg):
+        return "long_paragraph"
+    if cfg.reject_code_blocks and has_code_block(text):
+        return "code_block"
+    if cfg.dedupe and normalised(text) in kept:
+        return "duplicate"
+    return None
+
+
+# ---------------------------------------------------------------------------- a whole batch
+
+def filter_samples(examples: Sequence[dict], samples: Sequence[Sequence[str]],
+                   checker_for: Callable[[dict], Callable[[str, dict], float]],
+                   cfg: RejectionFilterConfig, keep_per_prompt: int | None = None
+                   ) -> tuple[list[dict], dict[str, Any]]:
+    """Kept ``{"prompt", "completion", "id"}`` rows of ``samples[i]`` (answers to
+    ``examples[i]``) and the summary: prompts, samples, kept, prompts_with_a_kept_sample,
+    rejected (count per reason, every reason listed), over_limit, and the rules used."""
+    if len(samples) != len(examples):
+        raise ValueError(f"samples and examples must have the same length, got {len(samples)} "
+                         f"and {len(examples)}")
+    if keep_per_prompt is not None and keep_per_prompt < 1:
+        raise ValueError(f"keep_per_prompt must be >= 1 or None (no limit), got {keep_per_prompt}")
+    rejected = dict.fromkeys(REASONS, 0)
+    rows: list[dict] = []
+    solved = over = total = 0
+    for ex, outs in zip(examples, samples):
+        check = checker_for(ex)
+        kept: dict[str, str] = {}  # normalised -> text, in sampling order
+        for text in outs:
+            total += 1
+            reason = rejection_reason(text, ex, check, cfg, set(kept) if cfg.dedupe else set())
+            if reason is not None:
+                rejected[reason] += 1
+            elif keep_per_prompt is not None and len(kept) >= keep_per_prompt:
+                over += 1
+            else:
+                kept[normalised(text) if cfg.dedupe else str(len(kept))] = text
+        solved += bool(kept)
+        rows.extend({"prompt": ex["prompt"], "completion": t, "id": ex.get("id")}
+                    for t in kept.values())
+    summary = {"prompts": len(examples), "samples": total, "kept": len(rows),
+               "prompts_with_a_kept_sample": solved, "rejected": rejected, "over_limit": over,
+               "rules": dataclasses.asdict(cfg)}
+    return rows, summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a small table: kept, then each reason's count and share of samples."""
+    n = max(summary["samples"], 1)
+    lines = [f"rejection sampling: {summary['prompts']} prompts, {summary['samples']} samples, "
+             f"kept {summary['kept']} ({summary['kept'] / n:.1%}), "
+             f"{summary['prompts_with_a_kept_sample']} prompts with a kept answer"]
+    for reason, count in summary["rejected"].items():
+        lines.append(f"  {reason:<16} {count:>7}  {count / n:6.1%}")
+    if summary.get("over_limit"):
+        lines.append(f"  {'over_limit':<16} {summary['over_limit']:>7}  "
+                     f"{summary['over_limit'] / n:6.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""SFT datasets before they reach the trainer: reading, mixing in non-reasoning data, rendering
+prompts for a chat model, and dropping rows the model cannot hold.
+
+R1's third stage fine-tunes on ~600k reasoning samples (rejection-sampled from the RL model)
+plus ~200k non-reasoning ones (writing, factual QA, self-cognition, translation), so the model
+keeps its general abilities: a quarter of the set. :func:`mix_non_reasoning` builds such a set
+from two lists of ``{"prompt", "completion"}`` rows at a given share, deterministically from a
+seed, and reports the counts. Non-reasoning rows are used verbatim (R1 gave simple queries no
+chain of thought; write the completions the way the model should answer).
+
+The share is of rows, and the SFT trainer draws rows uniformly, so it is also the expected
+share of every batch. When the non-reasoning file has fewer rows than the share needs, rows
+repeat (each about equally often) and a warning says so.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("r1fast.pipeline")
+
+
+def read_sft_rows(path: str | Path) -> list[dict]:
+    """``{"prompt", "completion"}`` rows of a JSONL file; a line that is not such a row (both
+    strings, the completion non-empty) is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"SFT data {path} does not exist (a JSONL file of prompt/completion rows)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+        if (not isinstance(row, dict) or not isinstance(row.get("prompt"), str)
+                or not isinstance(row.get("completion"), str) or not row["completion"]):
+            raise ValueError(f"{path}:{n}: a row must have a str 'prompt' and a non-empty str "
+                             f"'completion', got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"SFT data {path} has no rows")
+    return rows
+
+
+def mix_non_reasoning(rows: Sequence[dict], extra: Sequence[dict], ratio: float,
+                      seed: int = 0) -> tuple[list[dict], dict[str, Any]]:
+    """``rows`` plus ``round(ratio * len(rows) / (1 - ratio))`` rows of ``extra``, shuffled,
+    each tagged with its ``source`` ("reasoning" / "non_reasoning"), so ``ratio`` of the result
+    is non-reasoning. Same inputs and seed, same output. Returns (rows, counts)."""
+    if not 0 <= ratio < 1 or isinstance(ratio, bool):
+        raise ValueError(f"mix ratio must be in [0, 1) (the non-reasoning share of the SFT set), "
+                         f"got {ratio!r}")
+    if not rows:
+        raise ValueError("rows must be a non-empty list of reasoning rows to mix into")
+    if ratio > 0 and not extra:
+        raise ValueError(f"mix ratio {ratio} needs non-reasoning rows, got none")
+    rng = random.Random(seed)
+    want = round(ratio * len(rows) / (1 - ratio))
+    if want <= len(extra):
+        picked = rng.sample(list(extra), want)
+    else:  # every row once per full pass, the remainder drawn without repeats
+        full, rest = divmod(want, len(extra))
+        picked = list(extra) * full + rng.sample(list(extra), rest)
+        log.warning("the non-reasoning set has %d rows but a share of %.3f needs %d: its rows "
+                    "repeat about %.1f times each", len(extra), ratio, want, want / len(extra))
+    mixed = ([{**r, "source": "reasoning"} for r in rows]
+             + [{**r, "source": "non_reasoning"} for r in picked])
+    rng.shuffle(mixed)
+    counts = {"reasoning": len(rows), "non_reasoning": want, "non_reasoning_available": len(extra),
+              "non_reasoning_share": want / len(mixed), "repeated": want > len(extra),
+              "ratio": ratio, "seed": seed}
+    return mixed, counts
+
+
+def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = True,
+                   system_prompt: str | None = None) -> list[dict]:
+    """Rows whose ``prompt`` is a user message rendered with the tokenizer's chat template
+    (with ``system_prompt`` first), as a chat model is prompted; unchanged when the tokenizer
+    has no template or ``chat_template`` is False. A system prompt with nothing to render it
+    is an error, not dropped."""
+    if not (chat_template and tokenizer.has_chat_template):
+        if system_prompt:
+            raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
+                             f"chat_template is false): it could not be used")
+        return [dict(r) for r in rows]
+    out = []
+    for r in rows:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+                   [{"role": "user", "content": r["prompt"]}]
+        out.append({**r, "prompt": tokenizer.apply_chat_template(messages,
+                                                                 add_generation_prompt=True)})
+    return out
+
+
+def drop_long_rows(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[dict], int]:
+    """Rows whose prompt + completion fit in ``max_tokens`` tokens (bos and eos counted, as the
+    SFT trainer encodes them), and how many were dropped (a warning names the count)."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2 (bos + eos), got {max_tokens}")
+    kept = [r for r in rows
+            if len(tokenizer.encode(r["prompt"], add_bos=True))
+            + len(tokenizer.encode(r["completion"], add_eos=True)) <= max_tokens]
+    dropped = len(rows) - len(kept)
+    if dropped:
+        log.warning("dropped %d of %d SFT rows longer than %d tokens", dropped, len(rows),
+                    max_tokens)
+    if not kept:
+        raise ValueError(f"every SFT row is longer than max_tokens={max_tokens}")
+    return kept, dropped
+
+
+def steps_for_epochs(epochs: float, rows: int, batch_size: int) -> int:
+    """Optimizer steps that show the trainer ``epochs`` passes' worth of rows (at least 1)."""
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
+    return max(1, math.ceil(epochs * rows / batch_size))

@@ -1,0 +1,104 @@
+"""R1 stage 3's SFT set: non-reasoning rows mixed in at a share, deterministically; reading,
+chat rendering and length filtering of SFT rows."""
+import json
+import logging
+from collections import Counter
+
+import pytest
+
+from r1fast.data import CharTokenizer
+from r1fast.pipeline import stages
+from r1fast.pipeline.sft_data import (drop_long_rows, mix_non_reasoning, read_sft_rows,
+                                      render_prompts, steps_for_epochs)
+
+REASONING = [{"prompt": f"Q{i}", "completion": f"<think>r{i}</think> \\boxed{{{i}}}"}
+             for i in range(30)]
+GENERAL = [{"prompt": f"write {i}", "completion": f"text {i}"} for i in range(100)]
+
+
+def _key(row):
+    return (row["prompt"], row["completion"])
+
+
+def test_mix_ratio_is_the_non_reasoning_share():
+    mixed, counts = mix_non_reasoning(REASONING, GENERAL, 0.25, seed=0)
+    by_source = Counter(r["source"] for r in mixed)
+    assert by_source == {"reasoning": 30, "non_reasoning": 10}  # 10 / 40 = 0.25
+    assert counts["non_reasoning_share"] == 0.25 and counts["reasoning"] == 30
+    assert counts["non_reasoning"] == 10 and not counts["repeated"]
+    # every reasoning row exactly once, non-reasoning rows distinct and from GENERAL
+    assert sorted(_key(r) for r in mixed if r["source"] == "reasoning") == sorted(map(_key, REASONING))
+    picked = [_key(r) for r in mixed if r["source"] == "non_reasoning"]
+    assert len(set(picked)) == 10 and set(picked) <= set(map(_key, GENERAL))
+    for ratio, n_extra in ((0.5, 30), (0.1, 3), (0.0, 0)):
+        mixed, c = mix_non_reasoning(REASONING, GENERAL, ratio, seed=1)
+        assert sum(r["source"] == "non_reasoning" for r in mixed) == n_extra == c["non_reasoning"]
+
+
+def test_mix_is_deterministic_in_the_seed():
+    a, _ = mix_non_reasoning(REASONING, GENERAL, 0.25, seed=3)
+    b, _ = mix_non_reasoning(REASONING, GENERAL, 0.25, seed=3)
+    c, _ = mix_non_reasoning(REASONING, GENERAL, 0.25, seed=4)
+    assert a == b and a != c
+    assert REASONING[0] == {"prompt": "Q0", "completion": "<think>r0</think> \\boxed{0}"}  # untouched
+
+
+def test_too_few_rows_repeat_evenly_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        mixed, counts = mix_non_reasoning(REASONING, GENERAL[:4], 0.25, seed=0)
+    assert counts["repeated"] and counts["non_reasoning"] == 10
+    uses = Counter(_key(r) for r in mixed if r["source"] == "non_reasoning")
+    assert sorted(uses.values()) == [2, 2, 3, 3]
+    assert "repeat" in caplog.text
+
+
+@pytest.mark.parametrize("ratio, extra, match", [
+    (1.0, GENERAL, r"mix ratio must be in \[0, 1\)"),
+    (-0.1, GENERAL, r"mix ratio must be in \[0, 1\)"),
+    (0.25, [], "needs non-reasoning rows"),
+])
+def test_bad_mix(ratio, extra, match):
+    with pytest.raises(ValueError, match=match):
+        mix_non_reasoning(REASONING, extra, ratio)
+
+
+def test_read_rows_and_the_stage_helper(tmp_path):
+    good = tmp_path / "general.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in GENERAL[:8]) + "\n")
+    assert read_sft_rows(good) == GENERAL[:8]
+    mixed, counts = stages.mix_sft_data(REASONING[:6], good, 0.25, seed=0)
+    assert counts["non_reasoning"] == 2 and len(mixed) == 8
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(GENERAL[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: a row must have a str 'prompt'"):
+        read_sft_rows(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON"):
+        read_sft_rows(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_sft_rows(tmp_path / "missing.jsonl")
+
+
+def test_length_filter_counts_bos_and_eos(caplog):
+    tok = CharTokenizer()
+    rows = [{"prompt": "ab", "completion": "cd"}, {"prompt": "ab", "completion": "cdefg"}]
+    kept, dropped = drop_long_rows(rows, tok, 6)  # 1 + 2 + 2 + 1 = 6 fits, 9 does not
+    assert kept == rows[:1] and dropped == 1 and "dropped 1 of 2" in caplog.text
+    with pytest.raises(ValueError, match="every SFT row is longer"):
+        drop_long_rows(rows, tok, 5)
+    assert steps_for_epochs(3, 17000, 96) == 532 and steps_for_epochs(0.01, 10, 96) == 1
+
+
+def test_chat_rendering(tmp_path):
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    out = render_prompts([{"prompt": "What is 2 + 3?", "completion": "5"}], hf,
+                         system_prompt="Think long.")
+    assert out[0]["prompt"] == ("<|im_start|>system\nThink long.<|im_end|>\n<|im_start|>user\n"
+                                "What is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    assert render_prompts(out[:1], hf, chat_template=False) == out[:1]
+    with pytest.raises(ValueError, match="system_prompt is set but"):
+        render_prompts(out, CharTokenizer(), system_prompt="x")
