@@ -533,10 +533,6 @@ class ParallelConfig:
                                  f"divisible by ep ({self.ep})")
         elif self.ep != 1:
             raise ValueError(f"ParallelConfig: ep must be 1 for a dense model, got {self.ep}")
-        if model.is_mla and self.max_tokens_per_microbatch:
-            raise ValueError("ParallelConfig: max_tokens_per_microbatch (packed rows) needs "
-                             "per-row positions, which attention='mla' does not take (megatron's "
-                             "MLA ropes positions 0..L-1): set it to 0")
         if self.sequence_parallel is False and self.tp > 1 and model.is_mla:
             raise ValueError("ParallelConfig: attention='mla' at tp > 1 needs sequence_parallel "
                              "(r1fast.policy.mla.DuplicatedLinear); leave it None")

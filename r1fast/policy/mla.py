@@ -17,14 +17,22 @@ YaRN parameters). What r1fast adds:
   causal mask aligned bottom-right (query i of sq sees keys 0 .. sk - sq + i, so decoding with a
   KV cache works), or the boolean ``attention_mask`` megatron passes (True = hidden), e.g. the
   block-diagonal mask of packed rows. Scores and softmax are fp32 (docs/DESIGN.md §4); the
-  output has the input dtype, shape ``[sq, b, heads * d_v]``. With Transformer Engine (GPU)
-  the TE spec's attention is used instead.
+  output has the input dtype, shape ``[sq, b, heads * d_v]``. Packed rows come as megatron's
+  ``thd`` layout (``[t, heads, d]`` and ``packed_seq_params``): without a mask, each sequence
+  attends causally to itself only. With Transformer Engine (GPU) the TE spec's attention is
+  used instead.
 * :class:`DuplicatedLinear`: MLA's down projections, replicated over TP (why: its docstring).
 * :func:`use_mla_local_modules`: puts both into a block spec of the local kind.
 
-RoPE: megatron's MLA applies DeepSeek's interleaved RoPE to positions ``0 .. s-1`` itself
-(and the YaRN cos/sin factor), so explicit ``position_ids`` other than those are refused
-(:func:`check_mla_positions`).
+RoPE: megatron's MLA applies DeepSeek's interleaved RoPE (and the YaRN cos/sin factor) itself,
+at positions ``0 .. s-1``, or, given megatron's packed-sequence parameters (``thd``, with
+``cu_seqlens``), at positions restarting at 0 in every packed sequence. So the policy's
+``position_ids`` reach MLA as :func:`mla_packed_params`: None for ``0 .. s-1``, packed-sequence
+parameters for one row of packed sequences (positions 0, 1, ... restarting at each boundary, as
+r1fast.policy.packed lays them out); anything else (e.g. left-padding offsets) is refused.
+RoPE scores depend only on position differences, so what keeps packed sequences apart is the
+block-diagonal mask; restarting the positions makes each sequence use the very angles it has
+alone (equal up to rounding otherwise, which grows with the position).
 """
 from __future__ import annotations
 
@@ -100,9 +108,18 @@ class MLACoreAttention(torch.nn.Module):
                 attention_mask: Optional[torch.Tensor], attn_mask_type=None,
                 attention_bias: Optional[torch.Tensor] = None,
                 packed_seq_params: Any = None) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("MLACoreAttention: packed_seq_params / attention_bias are not "
-                             "supported (pass a boolean attention_mask for packed rows)")
+        if attention_bias is not None:
+            raise ValueError("MLACoreAttention: attention_bias is not supported")
+        if packed_seq_params is not None:  # megatron's thd layout: [t, n, d], batch of 1
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"MLACoreAttention: packed_seq_params.qkv_format must be 'thd',"
+                                 f" got {packed_seq_params.qkv_format!r}")
+            if attention_mask is None:  # each packed sequence attends to itself only
+                from r1fast.policy.packed import packed_layout
+
+                _, attention_mask = packed_layout(packed_seq_params.cu_seqlens_q,
+                                                  query.shape[0], query.device)
+            query, key, value = query[:, None], key[:, None], value[:, None]
         sq, b, n, _ = query.shape
         sk = key.shape[0]
         q = query.permute(1, 2, 0, 3).float()           # [b, n, sq, dqk]
@@ -183,11 +200,33 @@ def use_mla_local_modules(spec) -> None:
                 mla_module.Linear = DuplicatedLinear
 
 
-def check_mla_positions(position_ids: Optional[torch.Tensor], length: int) -> None:
-    """megatron's MLA ropes positions 0..L-1 itself: refuse other explicit positions."""
+def mla_packed_params(position_ids: Optional[torch.Tensor], length: int):
+    """What MLA needs to know of ``position_ids`` [b, L] (see the module docstring): None when
+    every row is ``0 .. L-1`` (or no positions are given); megatron's ``PackedSeqParams``
+    (``thd``; ``cu_seqlens`` where the positions restart at 0) for one row of packed sequences;
+    a ValueError for anything else."""
     if position_ids is None:
-        return
-    want = torch.arange(length, device=position_ids.device)
-    if not bool((position_ids[:, :length] == want).all()):
-        raise ValueError("position_ids: attention='mla' applies RoPE at positions 0..L-1 "
-                         "(megatron's MLA); right-pad rows instead of left-padding or packing")
+        return None
+    pos = position_ids[:, :length].long()
+    idx = torch.arange(length, device=pos.device)
+    if bool((pos == idx).all()):
+        return None
+    starts = pos[0] == 0
+    steps = pos[0, 1:] == pos[0, :-1] + 1
+    if pos.shape[0] != 1 or not bool(starts[0]) or not bool((steps | starts[1:]).all()):
+        raise ValueError("position_ids: attention='mla' takes positions 0..L-1 per row, or one "
+                         "row of packed sequences (0, 1, ... restarting at 0 at each sequence, "
+                         "r1fast.policy.packed); right-pad rows instead of left-padding")
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.cat([idx[starts], idx.new_tensor([length])]).to(torch.int32)  # [S+1]
+    longest = int(cu.diff().max())
+    # megatron ropes each sequence at 0..len-1 from a table of max_seqlen rows (a table as long
+    # as the whole row would switch it to row offsets, which a single sequence never needs)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def check_mla_positions(position_ids: Optional[torch.Tensor], length: int) -> None:
+    """Superseded by :func:`mla_packed_params` (kept until the policy calls that)."""
+    mla_packed_params(position_ids, length)

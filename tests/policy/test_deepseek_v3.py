@@ -226,18 +226,83 @@ def test_uneven_pipeline_split():
     assert sum(ParallelConfig(pp=16, pp_first_stage_layers=1).stage_layers(61)) == 61
 
 
-def test_tiny_mla_preset_builds_and_refuses_packing():
+def test_tiny_mla_preset_builds_and_takes_packed_rows():
     cfg = ModelConfig.preset("tiny-dsv3-mla")
     assert cfg.is_mla and cfg.dense_layers == (0,) and cfg.router_n_groups == 4
     assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
-    with pytest.raises(ValueError, match="max_tokens_per_microbatch .* set it to 0"):
-        ParallelConfig(max_tokens_per_microbatch=64, world_size=1).validate(cfg)
+    ParallelConfig(max_tokens_per_microbatch=64, world_size=1).validate(cfg)
     policy = build_policy(cfg, ParallelConfig(), trainable=False)
     tokens, targets = batch(length=9)
     lp = policy.logprobs(tokens, targets)
     assert lp.shape == (3, 9) and bool(torch.isfinite(lp).all())
-    with pytest.raises(ValueError, match="attention='mla' applies RoPE at positions 0..L-1"):
+    with pytest.raises(ValueError, match="attention='mla' takes positions 0..L-1 per row, or "
+                                         "one row of packed sequences"):
         policy.hidden_states(tokens, position_ids=torch.arange(9).expand(3, 9) + 2)
+
+
+def test_packed_positions_become_megatron_packed_params():
+    from r1fast.policy.mla import mla_packed_params
+    from r1fast.policy.packed import packed_layout
+
+    assert mla_packed_params(None, 6) is None
+    assert mla_packed_params(torch.arange(6).expand(2, 6), 6) is None
+    pos, _ = packed_layout(torch.tensor([0, 2, 2, 7, 10]), 10)  # an empty sequence in between
+    params = mla_packed_params(pos, 10)
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 2, 7, 10]
+    assert params.cu_seqlens_kv.tolist() == [0, 2, 7, 10] and params.max_seqlen_q == 5
+    with pytest.raises(ValueError, match="one row of packed sequences"):
+        mla_packed_params(pos.expand(2, 10), 10)  # two packed rows in one micro-batch
+    with pytest.raises(ValueError, match="right-pad rows instead of left-padding"):
+        mla_packed_params(torch.tensor([[0, 1, 3, 4]]), 4)
+
+
+def _packed(lengths=(5, 9, 4), seed=6):
+    """Sequences of ``lengths`` alone (tokens, targets) and packed end to end in one row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        t = torch.randint(0, V, (1, n), generator=g)
+        y = torch.roll(t, -1, dims=1)
+        y[:, -1] = -100
+        rows.append((t, y))
+    cu = torch.tensor([[0, *torch.tensor(lengths).cumsum(0).tolist()]])
+    return rows, torch.cat([t for t, _ in rows], 1), torch.cat([y for _, y in rows], 1), cu
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_packed_mla_equals_each_sequence_alone(saved, recompute):
+    """One row of packed sequences (YaRN, q LoRA): log-probs equal transformers' on each
+    sequence alone (fp64 reference, 1e-5), and every gradient equals that of one micro-batch
+    per sequence (1e-5), also with the core attention recomputed (packed_seq_params reach the
+    checkpoint)."""
+    from r1fast.policy.hf_checkpoint import gather_hf_state_dict, load_hf_checkpoint
+
+    model, path = saved
+    rows, tokens, targets, cu = _packed()
+    policy = build_policy(load_model_config(path), ParallelConfig(recompute=recompute))
+    load_hf_checkpoint(policy, path)
+    if recompute == "none":
+        lp = policy.logprobs(tokens, targets, cu_seqlens=cu)
+        for (t, y), lo, hi in zip(rows, cu[0, :-1].tolist(), cu[0, 1:].tolist()):
+            with torch.no_grad():
+                ref = hf_logprobs(model, t, y)
+            assert (lp[:, lo:hi].double() - ref).abs().max().item() < 1e-5
+    n = float((targets != -100).sum())
+
+    def loss_fn(hidden, weight, mb):
+        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
+                            mb["targets"].reshape(-1))
+        return -lp.sum() / n, {}
+
+    policy.forward_backward([{"tokens": tokens, "targets": targets, "cu_seqlens": cu}], loss_fn)
+    packed = {k: v.clone() for k, v in gather_hf_state_dict(policy, grads=True).items()}
+    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows], loss_fn)
+    alone = gather_hf_state_dict(policy, grads=True)
+    assert set(packed) == set(alone)
+    for k in alone:
+        assert (packed[k] - alone[k]).abs().max().item() < 1e-5, k
+    assert max(v.abs().max().item() for v in alone.values()) > 1e-3  # gradients are not all 0
+    destroy_parallel()
 
 
 def test_expert_load_counts_every_routed_token():
