@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from r1fast.ops._validate import check_range, check_tensor
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.mla import check_mla_positions
+from r1fast.policy.mla import mla_packed_params
 from r1fast.policy.packed import packed_layout
 from r1fast.megatron_compat import te_absent
 from r1fast.policy.parallel import ParallelInfo, init_parallel, mark_expert_params
@@ -240,8 +240,6 @@ class Policy:
         gpt = self.gpt
         b, length = tokens.shape
         lp = self._padded_len(length)
-        if self.model_cfg.is_mla:
-            check_mla_positions(position_ids, length)
         if position_ids is None:
             position_ids = torch.arange(length, device=self.device).expand(b, length)
         if lp > length:
@@ -260,10 +258,11 @@ class Policy:
         decoder_input = None
         if gpt.pre_process:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
+        packed = mla_packed_params(position_ids, lp) if self.model_cfg.is_mla else None
         hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                              rotary_pos_emb=None if self.model_cfg.is_mla  # MLA ropes itself
                              else self.rotary_table(position_ids),
-                             padding_mask=padding_mask)
+                             padding_mask=padding_mask, packed_seq_params=packed)
         return hidden
 
     def head_input(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
