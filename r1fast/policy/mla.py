@@ -225,8 +225,3 @@ def mla_packed_params(position_ids: Optional[torch.Tensor], length: int):
     # as the whole row would switch it to row offsets, which a single sequence never needs)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
-
-
-def check_mla_positions(position_ids: Optional[torch.Tensor], length: int) -> None:
-    """Superseded by :func:`mla_packed_params` (kept until the policy calls that)."""
-    mla_packed_params(position_ids, length)
