@@ -1,0 +1,156 @@
+"""SFT from a TOML recipe: long reasoning traces (Sky-T1 style) or any prompt/completion JSONL.
+
+Sky-T1 showed that supervised fine-tuning alone turns an instruct model into a long-chain
+reasoner: ~17k correct traces from a reasoning teacher, 3 epochs, learning rate 1e-5, batch 96.
+``recipes/sky_t1_sft.toml`` is that recipe for ``r1fast stage sft --recipe``::
+
+    r1fast stage sft --recipe recipes/sky_t1_sft.toml --sft.data=traces.jsonl --parallel.tp=8
+
+A recipe has three tables: ``[sft]`` (:class:`SFTRecipe`: model folder, data, mixing, length
+limit, epochs or steps, batch), ``[optim]`` (:class:`r1fast.policy.optim.OptimConfig`; the
+total is set from the run length) and ``[parallel]``
+(:class:`r1fast.policy.config.ParallelConfig`); any key can be overridden as
+``--sft.steps=1``. The run reads the JSONL, mixes in non-reasoning rows
+(:mod:`r1fast.pipeline.sft_data`), renders prompts with the model's chat template, drops rows
+longer than the model can hold (counted), and trains with :class:`r1fast.train.sft.SFTTrainer`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from r1fast.policy.config import ParallelConfig
+from r1fast.policy.optim import OptimConfig
+
+
+@dataclass(kw_only=True)
+class SFTRecipe:
+    """What to fine-tune, on what, for how long."""
+
+    init_from: Optional[str] = None
+    """Model folder to fine-tune (Hugging Face checkpoint or an r1fast stage's output); it
+    defines the architecture and the tokenizer. Required."""
+    data: Optional[str] = None
+    """JSONL of {"prompt", "completion"} rows (the long reasoning traces). Required."""
+    out_dir: str = "runs/sft"
+    """Run folder: metrics.jsonl, data_summary.json and the model under model/."""
+    mix: Optional[str] = None
+    """JSONL of non-reasoning {"prompt", "completion"} rows mixed in at ``mix_ratio``."""
+    mix_ratio: float = 0.0
+    """Share of the SFT set drawn from ``mix`` (R1: 200k of 800k = 0.25); 0: no mixing."""
+    chat_template: bool = True
+    """Render each prompt as a user message with the tokenizer's chat template (when it has one)."""
+    system_prompt: Optional[str] = None
+    """A system message before each prompt (chat template only; Sky-T1 used one)."""
+    max_tokens: int = 0
+    """Drop rows whose prompt + completion exceed this many tokens (counted and reported);
+    0: the model's max_position_embeddings."""
+    epochs: float = 1.0
+    """Passes over the data, when ``steps`` is 0: steps = ceil(epochs * rows / batch_size)."""
+    steps: int = 0
+    """Optimizer steps; 0: as many as ``epochs`` passes need."""
+    batch_size: int = 32
+    """Sequences per optimizer step (global, split over data-parallel ranks)."""
+    warmup_fraction: float = 0.0
+    """Linear warmup over this share of the steps (sets optim.warmup_steps, which must then be
+    left at 0); 0: optim.warmup_steps as given."""
+    loss_on_prompt: bool = False
+    """Also train on prompt tokens (pre-training style); False: completions only."""
+    seed: int = 0
+    """Seed of the mixing, the data order and any fresh weights."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        if self.steps < 0 or (self.steps == 0 and not self.epochs > 0):
+            raise ValueError(f"sft.steps must be > 0, or 0 with sft.epochs > 0, got "
+                             f"steps={self.steps}, epochs={self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"sft.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens < 0:
+            raise ValueError(f"sft.max_tokens must be >= 0 (0: the model's positions), got "
+                             f"{self.max_tokens}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"sft.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.mix_ratio < 1:
+            raise ValueError(f"sft.mix_ratio must be in [0, 1), got {self.mix_ratio}")
+        if (self.mix is None) != (self.mix_ratio == 0):
+            raise ValueError(f"sft.mix and sft.mix_ratio go together (a file and a share > 0), "
+                             f"got mix={self.mix!r}, mix_ratio={self.mix_ratio}")
+
+
+@dataclass(kw_only=True)
+class SFTRun:
+    """A whole SFT recipe file."""
+
+    sft: SFTRecipe = field(default_factory=SFTRecipe)
+    """Model, data, length and batch."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    """Optimizer and learning-rate schedule; total_steps is set from the run length."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP/PP/EP layout (DP is what remains of the world size)."""
+
+
+def load_sft_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> SFTRun:
+    """A recipe TOML + ``--table.key=value`` overrides -> a validated :class:`SFTRun`."""
+    from r1fast import typed_toml
+
+    try:
+        return typed_toml.load(SFTRun, path, overrides)
+    except ValueError as e:
+        if isinstance(e, typed_toml.ConfigError):
+            raise
+        raise typed_toml.ConfigError(str(e)) from e
+
+
+def prepare_rows(recipe: SFTRecipe, tokenizer, max_positions: int) -> tuple[list[dict], dict]:
+    """The recipe's rows, mixed, rendered and length-filtered, and a summary of the counts."""
+    from r1fast.pipeline.sft_data import (drop_long_rows, mix_non_reasoning, read_sft_rows,
+                                          render_prompts)
+
+    rows = read_sft_rows(recipe.data)
+    summary: dict[str, Any] = {"data": recipe.data, "rows": len(rows)}
+    if recipe.mix is not None:
+        rows, summary["mix"] = mix_non_reasoning(rows, read_sft_rows(recipe.mix),
+                                                 recipe.mix_ratio, recipe.seed)
+    rows = render_prompts(rows, tokenizer, chat_template=recipe.chat_template,
+                          system_prompt=recipe.system_prompt)
+    limit = recipe.max_tokens or max_positions
+    rows, summary["dropped_too_long"] = drop_long_rows(rows, tokenizer, limit)
+    summary.update(max_tokens=limit, trained_rows=len(rows))
+    return rows, summary
+
+
+def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:
+    """Train as ``run`` says; returns (``out_dir/model``, data summary). The summary is also
+    written to ``out_dir/data_summary.json``."""
+    from r1fast.data import load_tokenizer
+    from r1fast.pipeline.sft_data import steps_for_epochs
+    from r1fast.policy.hf_checkpoint import load_model_config
+    from r1fast.train.sft import SFTConfig, SFTTrainer
+
+    r = run.sft
+    for key, value in (("sft.init_from", r.init_from), ("sft.data", r.data)):
+        if value is None:
+            raise ValueError(f"{key} is required (set it in the recipe or as --{key}=...)")
+    model = load_model_config(r.init_from)
+    tokenizer = load_tokenizer(r.init_from)
+    rows, summary = prepare_rows(r, tokenizer, model.max_position_embeddings)
+    steps = r.steps or steps_for_epochs(r.epochs, len(rows), r.batch_size)
+    summary["steps"] = steps
+    out = Path(r.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    optim = dataclasses.replace(run.optim, total_steps=steps)
+    if r.warmup_fraction:
+        if run.optim.warmup_steps:
+            raise ValueError(f"set sft.warmup_fraction ({r.warmup_fraction}) or "
+                             f"optim.warmup_steps ({run.optim.warmup_steps}), not both")
+        optim = dataclasses.replace(optim, warmup_steps=int(r.warmup_fraction * steps))
+    cfg = SFTConfig(model=model, parallel=run.parallel, optim=optim, steps=steps,
+                    batch_size=r.batch_size, loss_on_prompt=r.loss_on_prompt,
+                    init_from=r.init_from, out_dir=r.out_dir, seed=r.seed, progress=r.progress)
+    return SFTTrainer(cfg, rows, tokenizer).fit(), summary
