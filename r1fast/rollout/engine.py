@@ -101,9 +101,9 @@ def generate_ragged(decoder, prompts: Sequence[Sequence[int]], cfg, eos_token_id
     lens = torch.tensor(lens_host, device=device)
     # routing table rows: each row's prompt, then every generated token but the last
     bounds = table_bounds(lens_host, steps)
-    starts = bounds[:-1].to(device)
+    starts = torch.tensor(bounds[:-1], device=device)
     if record_routing:
-        decoder.start_recording(int(bounds[-1]))
+        decoder.start_recording(bounds[-1])
     u_all = uniforms.to(device)
     stops = torch.tensor(sorted({eos_token_id, *cfg.stop_token_ids}), device=device)
     out_tok = torch.zeros(B, steps, dtype=torch.long, device=device)
@@ -155,6 +155,6 @@ def generate_ragged(decoder, prompts: Sequence[Sequence[int]], cfg, eos_token_id
         truncated.append(not (n > 0 and ids[-1] in stop_set))
     if record_routing:
         lengths = [lens_host[i] + len(completions[i]) - 1 for i in range(B)]
-        routing = RolloutRouting(tables, bounds[:-1].tolist(), lengths,
+        routing = RolloutRouting(tables, bounds[:-1], lengths,
                                  decoder.policy.model_cfg.moe_router_topk)
     return Rollout([list(p) for p in prompts], completions, logps, truncated, routing)

@@ -45,12 +45,14 @@ def routing_dtype(num_experts: int) -> torch.dtype:
     raise ValueError(f"num_experts={num_experts}: at most 32768 experts can be recorded")
 
 
-def table_bounds(prompt_lens: Sequence[int], max_new_tokens: int) -> torch.Tensor:
-    """[B + 1] int64: where each row starts in the routing tables, then the total. A row has
+def table_bounds(prompt_lens: Sequence[int], max_new_tokens: int) -> list[int]:
+    """B + 1 ints: where each row starts in the routing tables, then the total. A row has
     ``len(prompt) + max_new_tokens - 1`` entries: its prompt and every generated token but the
     last (the inputs of training; the last token is only ever a target)."""
-    sizes = torch.tensor([0] + [n + max_new_tokens - 1 for n in prompt_lens])
-    return sizes.cumsum(0)
+    out = [0]
+    for n in prompt_lens:
+        out.append(out[-1] + n + max_new_tokens - 1)
+    return out
 
 
 @dataclasses.dataclass

@@ -193,9 +193,10 @@ def _generate_shared(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: Sa
         buf[i, : len(p)] = torch.as_tensor(p, device=device)
     stops = torch.tensor(sorted({eos_token_id, *cfg.stop_token_ids}), device=device)
     decoder.reset(B, total)
-    starts = table_bounds([len(p) for p in prompts], cfg.max_new_tokens).to(device)
+    bounds = table_bounds([len(p) for p in prompts], cfg.max_new_tokens)
+    starts = torch.tensor(bounds, device=device)
     if record_routing:
-        decoder.start_recording(int(starts[-1]))
+        decoder.start_recording(bounds[-1])
         dest = starts[:-1, None] + torch.arange(min_len, device=device)
         logits = decoder.step(buf[:, :min_len], 0, dest=dest)[:, -1]  # [B, V]
     else:
@@ -236,7 +237,7 @@ def _generate_shared(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: Sa
         truncated.append(not (n > 0 and ids[-1] in set(stops.tolist())))
     routing = None
     if record_routing:
-        routing = RolloutRouting(decoder.finish_recording(), starts[:-1].tolist(),
+        routing = RolloutRouting(decoder.finish_recording(), bounds[:-1],
                                  [len(p) + len(c) - 1 for p, c in zip(prompts, completions)],
                                  decoder.policy.model_cfg.moe_router_topk)
     return Rollout([list(p) for p in prompts], completions, lps, truncated, routing)
