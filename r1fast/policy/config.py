@@ -24,6 +24,9 @@ from typing import Any, Optional
 
 import torch
 
+from r1fast.policy.config_checks import (MODEL_RANGES, PARALLEL_RANGES, check_fields,
+                                         validated_from_hf)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED_HF_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2", "deepseek_v3")
 ATTENTIONS = ("gqa", "mla")
@@ -171,9 +174,7 @@ class ModelConfig:
             if not cond:
                 raise ValueError(f"ModelConfig: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "ffn_hidden_size", "max_position_embeddings"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields("ModelConfig", self, MODEL_RANGES)  # every number finite and in range
         need(self.num_attention_heads % self.kv_heads == 0,
              f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
              f"num_query_groups ({self.kv_heads})")
@@ -189,13 +190,13 @@ class ModelConfig:
         need(self.router_score in ("softmax", "sigmoid"),
              f"router_score must be one of ('softmax', 'sigmoid'), got {self.router_score!r}")
         if self.is_moe:
-            need(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
-            need(self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size >= 1,
+            need(self.moe_ffn_hidden_size is not None,
                  "moe_ffn_hidden_size must be set (>= 1) for an MoE model")
             need(1 <= self.moe_router_topk <= self.num_experts,
                  f"moe_router_topk must be in [1, num_experts={self.num_experts}], "
                  f"got {self.moe_router_topk}")
-            need(all(0 <= i < self.num_layers for i in self.dense_layers),
+            need(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
+                     for i in self.dense_layers),
                  f"dense_layers must be layer indices in [0, {self.num_layers}), "
                  f"got {self.dense_layers}")
             if (self.router_n_groups is None) != (self.router_topk_groups is None):
@@ -208,12 +209,18 @@ class ModelConfig:
                 need(1 <= self.router_topk_groups <= self.router_n_groups,
                      f"router_topk_groups must be in [1, router_n_groups={self.router_n_groups}],"
                      f" got {self.router_topk_groups}")
+                need(self.router_topk_groups <= self.moe_router_topk,
+                     f"router_topk_groups ({self.router_topk_groups}) must be <= "
+                     f"moe_router_topk ({self.moe_router_topk}): each kept group gives an expert")
+                kept = self.router_topk_groups * (self.num_experts // self.router_n_groups)
+                need(kept >= self.moe_router_topk,
+                     f"router_topk_groups ({self.router_topk_groups}) groups of "
+                     f"{self.num_experts // self.router_n_groups} experts hold {kept} experts, "
+                     f"fewer than moe_router_topk ({self.moe_router_topk})")
             need(not self.router_expert_bias or self.router_score == "sigmoid",
                  "router_expert_bias (aux-loss-free balancing) needs router_score='sigmoid'")
             need(not (self.router_pre_softmax and self.router_score == "sigmoid"),
                  "router_pre_softmax applies to router_score='softmax' only")
-            need(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
-                 "aux_loss_coef and z_loss_coef must be >= 0")
         else:
             need(not self.dense_layers and self.shared_expert_size is None,
                  "dense_layers/shared_expert_size need num_experts (an MoE model)")
@@ -233,8 +240,6 @@ class ModelConfig:
                 v = getattr(self, name)
                 need(v is not None and v >= 1, f"{name} must be set (>= 1) for attention='mla', "
                      f"got {v}")
-            need(self.q_lora_rank is None or self.q_lora_rank >= 1,
-                 f"q_lora_rank must be None or >= 1, got {self.q_lora_rank}")
             need(self.qk_rope_head_dim % 2 == 0,
                  f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
             need(self.kv_heads == self.num_attention_heads,
@@ -243,9 +248,6 @@ class ModelConfig:
             need(not self.add_qkv_bias, "add_qkv_bias is not supported with attention='mla'")
         need(self.rope_type in ROPE_TYPES,
              f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
-        if self.rope_type == "yarn":
-            need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
-        need(self.mtp_layers >= 0, f"mtp_layers must be >= 0, got {self.mtp_layers}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
@@ -317,7 +319,7 @@ class ModelConfig:
         if model_type == "deepseek_v3":
             from r1fast.policy.hf_deepseek import deepseek_from_hf
 
-            return cls(**deepseek_from_hf(get, kw)).validate()
+            return validated_from_hf(cls, deepseek_from_hf(get, kw), model_type)
         if model_type == "qwen2":
             kw.update(qk_layernorm=False, add_qkv_bias=True)
         else:
@@ -338,7 +340,7 @@ class ModelConfig:
                       router_normalize=None if norm else False,
                       aux_loss_coef=float(get("router_aux_loss_coef", 0.0) or 0.0)
                       if get("output_router_logits", False) else 0.0)
-        return cls(**kw).validate()
+        return validated_from_hf(cls, kw, model_type)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` dict of the matching HF family (qwen3_moe / qwen3 / qwen2;
@@ -426,6 +428,24 @@ class ParallelConfig:
     micro-batches of at most this many tokens, so memory follows tokens, not rows. 0: padded
     micro-batches of ``micro_batch_size`` rows."""
 
+    def __post_init__(self) -> None:
+        self._check_fields()  # a bad [parallel] value fails at load time, naming the field
+
+    def _check_fields(self) -> None:
+        """What needs neither the model nor the world size."""
+        check_fields("ParallelConfig", self, PARALLEL_RANGES)
+        if self.etp != 1:
+            raise ValueError(f"ParallelConfig: etp (expert tensor parallel) must be 1, "
+                             f"got {self.etp}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"ParallelConfig: recompute must be one of ('none', 'selective', "
+                             f"'full'), got {self.recompute!r}")
+        if self.sequence_parallel not in (None, True, False):
+            raise ValueError(f"ParallelConfig: sequence_parallel must be None, true or false, "
+                             f"got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("ParallelConfig: sequence_parallel needs tp > 1")
+
     @property
     def dp(self) -> int:
         return self.resolved_world_size() // (self.tp * self.pp)
@@ -487,13 +507,7 @@ class ParallelConfig:
 
     def validate(self, model: Optional[ModelConfig] = None) -> "ParallelConfig":
         """Raise ValueError for a layout that cannot hold ``model`` on this world size."""
-        for name in ("tp", "pp", "ep", "etp"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ParallelConfig: {name} must be an int >= 1, got {v!r}")
-        if self.etp != 1:
-            raise ValueError(f"ParallelConfig: etp (expert tensor parallel) must be 1, "
-                             f"got {self.etp}")
+        self._check_fields()
         ws = self.resolved_world_size()
         if ws % (self.tp * self.pp) != 0:
             raise ValueError(f"ParallelConfig: world size {ws} is not a multiple of tp*pp = "
@@ -501,14 +515,6 @@ class ParallelConfig:
         if ws % (self.ep * self.etp * self.pp) != 0:
             raise ValueError(f"ParallelConfig: world size {ws} is not a multiple of ep*pp = "
                              f"{self.ep}*{self.pp}")
-        if self.recompute not in ("none", "selective", "full"):
-            raise ValueError(f"ParallelConfig: recompute must be one of ('none', 'selective', "
-                             f"'full'), got {self.recompute!r}")
-        if self.sequence_parallel and self.tp == 1:
-            raise ValueError("ParallelConfig: sequence_parallel needs tp > 1")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"ParallelConfig: micro_batch_size must be >= 1, "
-                             f"got {self.micro_batch_size}")
         if model is None:
             return self
         self.stage_layers(model.num_layers)

@@ -23,9 +23,37 @@ _YARN_KEYS = (("factor", "rope_factor"), ("original_max_position_embeddings",
               ("mscale", "rope_mscale"), ("mscale_all_dim", "rope_mscale_all_dim"))
 
 
+def _given(get: Callable[..., Any], key: str, default: Any) -> Any:
+    """``get(key)``, or ``default`` when the key is absent or None (never for 0 or False: a
+    zero is the config's value, and the range checks judge it)."""
+    value = get(key)
+    return default if value is None else value
+
+
+def _check_hf(get: Callable[..., Any]) -> None:
+    """The deepseek_v3 keys whose errors would otherwise name r1fast's fields: MLA's head dims
+    and ranks, the expert groups."""
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        v = get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"from_hf_config: deepseek_v3 {key} must be an int >= 1 (multi-head "
+                             f"latent attention needs it), got {v!r}")
+    n_exp = get("n_routed_experts")
+    if not n_exp:
+        return
+    n_group, topk_group = _given(get, "n_group", 1), _given(get, "topk_group", 1)
+    if not isinstance(n_group, int) or n_group < 1 or n_exp % n_group != 0:
+        raise ValueError(f"from_hf_config: deepseek_v3 n_group must be an int >= 1 that divides "
+                         f"n_routed_experts ({n_exp}), got {n_group!r}")
+    if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        raise ValueError(f"from_hf_config: deepseek_v3 topk_group must be an int in [1, n_group="
+                         f"{n_group}], got {topk_group!r}")
+
+
 def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig keyword arguments of a ``deepseek_v3`` config (``get(key, default)``),
     on top of ``base`` (the family-independent ones)."""
+    _check_hf(get)
     if get("attention_bias", False):
         raise ValueError("from_hf_config: attention_bias=True is not supported for deepseek_v3")
     if get("rope_interleave", True) is False:
@@ -53,19 +81,22 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any]) -> dict[str,
                 kw[key] = (int if key == "rope_original_max_position" else float)(rope[hf_key])
     n_exp = get("n_routed_experts")
     if n_exp:
-        n_dense = get("first_k_dense_replace", 0) or 0
-        freq = get("moe_layer_freq", 1) or 1
+        n_dense = _given(get, "first_k_dense_replace", 0)
+        freq = _given(get, "moe_layer_freq", 1)
+        if not isinstance(freq, int) or freq < 1:
+            raise ValueError(f"from_hf_config: deepseek_v3 moe_layer_freq must be an int >= 1, "
+                             f"got {freq!r}")
         dense = tuple(i for i in range(kw["num_layers"]) if i < n_dense or i % freq != 0)
-        n_shared = get("n_shared_experts", 0) or 0
-        n_group, topk_group = get("n_group", 1) or 1, get("topk_group", 1) or 1
+        n_shared = _given(get, "n_shared_experts", 0)
+        n_group, topk_group = _given(get, "n_group", 1), _given(get, "topk_group", 1)
         kw.update(num_experts=n_exp, moe_ffn_hidden_size=get("moe_intermediate_size"),
                   moe_router_topk=get("num_experts_per_tok"), dense_layers=dense,
                   shared_expert_size=n_shared * get("moe_intermediate_size") or None,
                   router_score="sigmoid", router_expert_bias=True,
                   router_n_groups=n_group if n_group > 1 else None,
                   router_topk_groups=topk_group if n_group > 1 else None,
-                  router_scaling_factor=float(get("routed_scaling_factor", 1.0) or 1.0),
-                  router_normalize=bool(get("norm_topk_prob", True)),
+                  router_scaling_factor=float(_given(get, "routed_scaling_factor", 1.0)),
+                  router_normalize=bool(_given(get, "norm_topk_prob", True)),
                   router_bias_update_rate=0.0)
     return kw
 

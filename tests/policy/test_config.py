@@ -2,6 +2,9 @@
 translation from and to Hugging Face configs, and the derived data-parallel sizes."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
 from r1fast.policy.config import PRESETS, ModelConfig, ParallelConfig
@@ -38,7 +41,7 @@ def test_dsv3_preset_routing():
 
 
 BAD_MODEL = [
-    (dict(hidden_size=0), r"hidden_size must be >= 1, got 0"),
+    (dict(hidden_size=0), r"hidden_size must be an int >= 1, got 0"),
     (dict(num_query_groups=3), r"num_attention_heads \(4\) must be divisible by num_query_groups \(3\)"),
     (dict(head_dim=None, hidden_size=66), r"hidden_size \(66\) must be divisible by num_attention_heads"),
     (dict(params_dtype="int8"), r"params_dtype must be one of"),
@@ -51,7 +54,10 @@ BAD_MODEL = [
     (dict(router_n_groups=4, router_topk_groups=5), r"router_topk_groups must be in \[1, router_n_groups=4\]"),
     (dict(router_expert_bias=True), r"router_expert_bias .* needs router_score='sigmoid'"),
     (dict(router_score="sigmoid", router_pre_softmax=True), r"router_pre_softmax applies to router_score='softmax' only"),
-    (dict(aux_loss_coef=-1.0), r"aux_loss_coef and z_loss_coef must be >= 0"),
+    (dict(router_n_groups=4, router_topk_groups=3), r"router_topk_groups \(3\) must be <= moe_router_topk \(2\)"),
+    (dict(router_n_groups=4, router_topk_groups=1, moe_router_topk=3),
+     r"router_topk_groups \(1\) groups of 2 experts hold 2 experts, fewer than moe_router_topk \(3\)"),
+    (dict(dense_layers=(0.0,)), r"dense_layers must be layer indices in \[0, 2\)"),
 ]
 
 
@@ -170,7 +176,13 @@ BAD_LAYOUT = [
     (dict(tp=0), None, r"tp must be an int >= 1, got 0"),
     (dict(etp=2, world_size=2), None, r"etp \(expert tensor parallel\) must be 1, got 2"),
     (dict(sequence_parallel=True), None, r"sequence_parallel needs tp > 1"),
-    (dict(micro_batch_size=0), None, r"micro_batch_size must be >= 1, got 0"),
+    (dict(micro_batch_size=0), None, r"micro_batch_size must be None or an int >= 1, got 0"),
+    (dict(tp=1.0), None, r"tp must be an int >= 1, got 1.0"),
+    (dict(max_tokens_per_microbatch=-1), None, r"max_tokens_per_microbatch must be an int >= 0, got -1"),
+    (dict(pp_first_stage_layers=0), None, r"pp_first_stage_layers must be None or an int >= 1, got 0"),
+    (dict(world_size=0), None, r"world_size must be None or an int >= 1, got 0"),
+    (dict(recompute="some"), None, r"recompute must be one of \('none', 'selective', 'full'\), got 'some'"),
+    (dict(sequence_parallel="yes"), None, r"sequence_parallel must be None, true or false, got 'yes'"),
     (dict(pp=4, world_size=4), "tiny-moe", r"num_layers \(2\) must be divisible by pp \(4\)"),
     (dict(ep=3, world_size=3), "tiny-moe", r"num_experts \(8\) must be divisible by ep \(3\)"),
     (dict(tp=8, world_size=8), "tiny-moe", r"num_attention_heads \(4\) must be divisible by tp \(8\)"),
@@ -191,3 +203,93 @@ def test_parallel_validation_messages(layout, model, msg):
         cfg = ModelConfig.preset(model)
     with pytest.raises(ValueError, match=msg):
         ParallelConfig(**layout).validate(cfg)
+
+
+def test_parallel_fields_are_checked_when_the_config_is_made():
+    """A bad [parallel] value fails at load time (construction), before any layout is built."""
+    with pytest.raises(ValueError, match=r"ParallelConfig: tp must be an int >= 1, got 0"):
+        ParallelConfig(tp=0)
+    from r1fast.train.config import load_train_config
+
+    with pytest.raises(ValueError, match=r"ParallelConfig: ep must be an int >= 1, got -2"):
+        load_train_config(None, ["--parallel.ep=-2"])
+
+
+# ---------------------------------------------------------------------------- ranges (#16)
+
+NAN, INF = float("nan"), float("inf")
+# (field, a bad value, what the message says is allowed): every numeric ModelConfig field
+BAD_RANGE = [
+    ("vocab_size", 0, "an int >= 1"), ("hidden_size", -64, "an int >= 1"),
+    ("hidden_size", 64.0, "an int >= 1"), ("hidden_size", True, "an int >= 1"),
+    ("num_layers", 0, "an int >= 1"), ("num_attention_heads", 0, "an int >= 1"),
+    ("num_query_groups", 0, "None or an int >= 1"), ("head_dim", -16, "None or an int >= 1"),
+    ("ffn_hidden_size", 0, "an int >= 1"), ("num_experts", 0, "None or an int >= 1"),
+    ("moe_ffn_hidden_size", 0, "None or an int >= 1"), ("moe_router_topk", 0, "an int >= 1"),
+    ("shared_expert_size", -1, "None or an int >= 1"),
+    ("router_n_groups", 0, "None or an int >= 1"), ("router_topk_groups", 0, "None or an int >= 1"),
+    ("router_bias_update_rate", -1e-3, "a finite number >= 0"),
+    ("router_bias_update_rate", NAN, "a finite number >= 0"),
+    ("router_scaling_factor", NAN, "a finite number > 0"),
+    ("router_scaling_factor", 0.0, "a finite number > 0"),
+    ("router_scaling_factor", -2.5, "a finite number > 0"),
+    ("aux_loss_coef", -1.0, "a finite number >= 0"), ("aux_loss_coef", NAN, "a finite number >= 0"),
+    ("z_loss_coef", INF, "a finite number >= 0"),
+    ("rope_theta", 0.0, "a finite number > 0"), ("rope_theta", -1e4, "a finite number > 0"),
+    ("rope_theta", INF, "a finite number > 0"),
+    ("q_lora_rank", 0, "None or an int >= 1"), ("kv_lora_rank", -8, "None or an int >= 1"),
+    ("qk_nope_head_dim", 0, "None or an int >= 1"), ("qk_rope_head_dim", 0, "None or an int >= 1"),
+    ("v_head_dim", 0, "None or an int >= 1"),
+    ("rope_factor", 0.5, "a finite number >= 1"), ("rope_factor", NAN, "a finite number >= 1"),
+    ("rope_original_max_position", 0, "None or an int >= 1"),
+    ("rope_beta_fast", 0.0, "a finite number > 0"), ("rope_beta_slow", -1.0, "a finite number > 0"),
+    ("rope_mscale", -1.0, "a finite number >= 0"), ("rope_mscale_all_dim", NAN, "a finite number >= 0"),
+    ("mtp_layers", -1, "an int >= 0"),
+    ("rms_norm_eps", NAN, r"a finite number in \(0, 1\)"),
+    ("rms_norm_eps", 0.0, r"a finite number in \(0, 1\)"),
+    ("rms_norm_eps", -1e-6, r"a finite number in \(0, 1\)"),
+    ("rms_norm_eps", 1.0, r"a finite number in \(0, 1\)"),
+    ("max_position_embeddings", 0, "an int >= 1"),
+    ("init_std", 0.0, "a finite number > 0"), ("init_std", "0.02", "a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", BAD_RANGE,
+                         ids=[f"{f}={v!r}" for f, v, _ in BAD_RANGE])
+def test_every_number_is_checked_finite_and_in_range(field, value, allowed):
+    base = ModelConfig.preset("tiny-dsv3-mla")  # MoE, groups, MLA: every field is in use
+    with pytest.raises(ValueError) as err:
+        base.replace(**{field: value})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert re.fullmatch(rf"ModelConfig: {field} must be {allowed}, got {re.escape(repr(value))}",
+                        msg), msg
+
+
+def test_the_range_table_covers_every_numeric_field():
+    numeric = {f.name for f in dataclasses.fields(ModelConfig)
+               if f.type in ("int", "float", "Optional[int]", "Optional[float]")}
+    assert numeric == {field for field, _, _ in BAD_RANGE}
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--model.rms_norm_eps=0.0", r"rms_norm_eps must be a finite number in \(0, 1\), got 0.0"),
+    ("--model.router_scaling_factor=-1.0", r"router_scaling_factor must be a finite number > 0"),
+    ("--model.rope_theta=0.0", r"rope_theta must be a finite number > 0, got 0.0"),
+    ("--model.num_layers=0", r"num_layers must be an int >= 1, got 0"),
+])
+def test_ranges_are_checked_when_a_recipe_loads(override, match):
+    from r1fast.train.config import load_train_config
+
+    with pytest.raises(ValueError, match=match):
+        load_train_config(None, ["--model.preset=tiny-dsv3", override])
+
+
+def test_ranges_are_checked_on_hf_import():
+    with pytest.raises(ValueError, match=r"ModelConfig: rms_norm_eps must be a finite number in "
+                                         r"\(0, 1\), got nan$"):
+        ModelConfig.from_hf_config(dict(QWEN3_MOE, rms_norm_eps=float("nan")))
+    with pytest.raises(ValueError, match=r"moe_router_topk must be in \[1, num_experts=8\], got "
+                                         r"9 \(from_hf_config: moe_router_topk is qwen3_moe "
+                                         r"num_experts_per_tok"):
+        ModelConfig.from_hf_config(dict(QWEN3_MOE, num_experts_per_tok=9))

@@ -3,7 +3,8 @@ with q LoRA and YaRN, 3 layers with the first dense, 8 routed experts in 4 group
 groups, top-4 experts), one shared expert, a random correction bias, routed_scaling_factor 2.5.
 r1fast's log-probs and every gradient equal transformers' (fp32); export -> transformers reload
 is bit-exact; multi-token-prediction tensors are kept and written back unchanged; our MLA core
-attention equals an fp64 formula; bad configs name the field."""
+attention equals an fp64 formula; packed rows equal each sequence alone; bad configs (HF
+config.json, recipe [model] / [parallel]) name the field."""
 from __future__ import annotations
 
 import json
@@ -204,6 +205,65 @@ def test_bad_configs_name_the_field(saved, change, match):
     cfg = load_model_config(saved[1])
     with pytest.raises(ValueError, match=match):
         cfg.replace(**change)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(kv_lora_rank=None), r"deepseek_v3 kv_lora_rank must be an int >= 1 \(multi-head latent "
+                              r"attention needs it\), got None"),
+    (dict(n_group=3), r"deepseek_v3 n_group must be an int >= 1 that divides n_routed_experts "
+                      r"\(8\), got 3"),
+    (dict(topk_group=5), r"deepseek_v3 topk_group must be an int in \[1, n_group=4\], got 5"),
+    (dict(topk_group=0), r"deepseek_v3 topk_group must be an int in \[1, n_group=4\], got 0"),
+    (dict(num_experts_per_tok=9), r"moe_router_topk must be in \[1, num_experts=8\], got 9 "
+                                  r"\(from_hf_config: moe_router_topk is deepseek_v3 "
+                                  r"num_experts_per_tok"),
+    (dict(routed_scaling_factor=0.0), r"router_scaling_factor must be a finite number > 0, got "
+                                      r"0.0 \(from_hf_config: router_scaling_factor is "
+                                      r"deepseek_v3 routed_scaling_factor\)"),
+])
+def test_bad_hf_configs_name_the_key(saved, tmp_path, change, match):
+    """A bad deepseek_v3 config.json fails on load, naming its own key (no silent default:
+    topk_group = 0 or routed_scaling_factor = 0 is an error, not 1)."""
+    with open(os.path.join(saved[1], "config.json")) as f:
+        hf = {**json.load(f), **change}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(ValueError, match=match):
+        load_model_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["--model.attention=mla", "--model.qk_nope_head_dim=8", "--model.qk_rope_head_dim=4",
+      "--model.v_head_dim=8"], r"kv_lora_rank must be set \(>= 1\) for attention='mla', got None"),
+    (["--model.preset=tiny-dsv3-mla", "--model.router_n_groups=3"],
+     r"num_experts \(8\) must be divisible by router_n_groups \(3\)"),
+    (["--model.preset=tiny-dsv3-mla", "--model.router_topk_groups=5"],
+     r"router_topk_groups must be in \[1, router_n_groups=4\], got 5"),
+    (["--model.preset=tiny-dsv3-mla", "--parallel.pp_first_stage_layers=0"],
+     r"pp_first_stage_layers must be None or an int >= 1, got 0"),
+])
+def test_bad_recipes_name_the_field(overrides, match):
+    from r1fast.train.config import load_train_config
+
+    with pytest.raises(ValueError, match=match):
+        load_train_config(None, overrides)
+
+
+def test_a_recipe_pp_split_that_does_not_add_up_names_the_fields(capsys):
+    """The split is checked against the model where the layout is built (the trainer's
+    init_parallel, ``r1fast plan``): here through the planner, at the world it needs."""
+    from r1fast.plan import plan_main, plan_memory
+    from r1fast.train.config import load_train_config
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "tiny_dsv3_mla.toml")
+    split = ["--parallel.pp=2", "--parallel.pp_first_stage_layers=1",
+             "--parallel.pp_last_stage_layers=1"]
+    msg = (r"pp_first_stage_layers \+ pp_last_stage_layers \(1 \+ 1\) must equal num_layers "
+           r"\(3\) at pp=2")
+    with pytest.raises(ValueError, match=msg):
+        plan_memory(load_train_config(recipe, split), world_size=2)
+    assert plan_main([recipe, *split, "--gpus", "2"]) == 2
+    assert "pp_first_stage_layers + pp_last_stage_layers (1 + 1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layout,match", [
