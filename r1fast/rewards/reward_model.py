@@ -17,8 +17,8 @@ torch is imported only when a batch is scored.
 
 ``sync`` is for models whose forward is collective over several processes (a megatron model
 under expert or pipeline parallelism, :mod:`r1fast.train.reward_model_io`): each process
-counts its batches, ``sync(count)`` returns the largest count over the processes, and a
-process with fewer batches calls the model on empty batches (an empty text list, or ``[0, 1]``
+counts its batches, ``sync(count)`` (called before the first batch) returns the largest count
+over the processes, and a process with fewer batches calls the model on empty batches (an empty text list, or ``[0, 1]``
 id/mask tensors) until it has made as many calls as the others; the model must return no
 scores for them. Named in a recipe (``[reward] reward_model = FOLDER``), a trained reward
 model is loaded by :func:`r1fast.train.reward_model_io.load_reward_model`.
@@ -131,13 +131,12 @@ class RewardModelReward:
                              f"{len(completions)} and {len(examples)}")
         texts = [self._text(c, e) for c, e in zip(completions, examples)]
         bs = self.config.batch_size
+        batches = [texts[i:i + bs] for i in range(0, len(texts), bs)]
+        if self.sync is not None:  # agree first (before any collective forward), then pad
+            batches += [[]] * (int(self.sync(len(batches))) - len(batches))
         out: list[float] = []
-        for start in range(0, len(texts), bs):
-            out.extend(self._run(texts[start:start + bs]))
-        if self.sync is not None:  # idle calls until every process made as many as the busiest
-            mine = -(-len(texts) // bs)
-            for _ in range(int(self.sync(mine)) - mine):
-                self._run([])
+        for batch in batches:
+            out.extend(self._run(batch))
         return out
 
     def __call__(self, completion: str, example: dict) -> float:

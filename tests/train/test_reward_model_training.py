@@ -167,6 +167,35 @@ def test_parallel_reward_model_equals_one_rank(tmp_path, world, layout):
     assert one["head_grad"].abs().max() > 1e-2
 
 
+def _sync_worker(rank, out_dir, rm, layout, counts):
+    from r1fast.train.batch import all_ranks_int
+    from r1fast.train.reward_model_io import load_reward_model
+
+    if not layout:
+        save_reward_folder(rm, save_init(os.path.join(out_dir, "init")))
+    reward = load_reward_model(rm, ParallelConfig(**layout), batch_size=2,
+                               sync=lambda n: all_ranks_int(n, "max"))
+    texts = [f"text number {i}" for i in range(counts[rank])]
+    scores = reward.score_batch(texts, [{"prompt": "p: "}] * len(texts))
+    torch.save(torch.tensor(scores), os.path.join(out_dir, f"rank{rank}.pt"))
+    destroy_parallel()
+
+
+@pytest.mark.slow  # two gloo launches of megatron
+@pytest.mark.multiproc
+def test_ranks_with_fewer_texts_keep_the_expert_all_to_all_in_step(tmp_path):
+    """EP2 (the expert all-to-all spans both ranks): rank 0 scores 3 texts (2 batches), rank 1
+    none; rank 1 makes idle calls, nothing hangs, and rank 0's scores are the one-rank ones."""
+    rm = str(tmp_path / "rm")
+    run_ranks(1, _sync_worker, str(tmp_path), rm, {}, [3])
+    one = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    os.makedirs(tmp_path / "ep2")
+    run_ranks(2, _sync_worker, str(tmp_path / "ep2"), rm, {"ep": 2}, [3, 0])
+    many = [torch.load(tmp_path / "ep2" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert many[1].numel() == 0 and one.numel() == 3
+    assert torch.allclose(one, many[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "p", "chosen": "a"}, r"row 1: key 'rejected' must be a non-empty string, got None"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, r"row 1: key 'prompt' must be a string"),
