@@ -88,11 +88,15 @@ def test_sync_pads_with_idle_calls_to_the_busiest_process():
         calls.append(len(texts))
         return [float(len(t)) for t in texts]
 
-    rm = RewardModelReward(model, include_prompt=False, batch_size=2, sync=lambda n: n + 2)
+    def sync(n):  # agreement comes first: the model's forward is collective on other ranks
+        calls.append(f"sync {n}")
+        return n + 2
+
+    rm = RewardModelReward(model, include_prompt=False, batch_size=2, sync=sync)
     assert rm.score_batch(["a", "bb", "ccc"], [{}] * 3) == [1.0, 2.0, 3.0]
-    assert calls == [2, 1, 0, 0]  # ceil(3 / 2) real calls, then 2 idle ones
+    assert calls == ["sync 2", 2, 1, 0, 0]  # ceil(3 / 2) real calls, then 2 idle ones
     calls.clear()
-    assert rm.score_batch([], []) == [] and calls == [0, 0]  # nothing to score: still in step
+    assert rm.score_batch([], []) == [] and calls == ["sync 0", 0, 0]  # still in step
 
     ids_seen = []
 
