@@ -36,6 +36,7 @@ and finished rows go to a dump row.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -80,12 +81,20 @@ def _sample(decoder, logits: Optional[torch.Tensor], cfg, u: torch.Tensor, n: in
     return decoder.share(tok, lp.float())
 
 
-@torch.no_grad()
 def generate_ragged(decoder, prompts: Sequence[Sequence[int]], cfg, eos_token_id: int,
                     uniforms: torch.Tensor, *, sync: Optional[Callable[[int, str], int]] = None,
                     record_routing: bool = False, check_every: int = 8):
     """Sample one completion per prompt (module doc); returns a
-    :class:`r1fast.rollout.sampler.Rollout` (``routing`` set when ``record_routing``)."""
+    :class:`r1fast.rollout.sampler.Rollout` (``routing`` set when ``record_routing``). The
+    decoder's ``session()`` (when it has one) wraps the whole loop."""
+    session = getattr(decoder, "session", None)
+    with session() if session is not None else contextlib.nullcontext(), torch.no_grad():
+        return _generate_ragged(decoder, prompts, cfg, eos_token_id, uniforms, sync,
+                                record_routing, check_every)
+
+
+def _generate_ragged(decoder, prompts, cfg, eos_token_id, uniforms, sync, record_routing,
+                     check_every):
     from r1fast.rollout.sampler import Rollout
 
     if not isinstance(check_every, int) or check_every < 1:

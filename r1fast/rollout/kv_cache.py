@@ -1,51 +1,50 @@
 """KV-cached decoding from the megatron-core policy: linear time per token, ragged prompts
 prefilled once at their own lengths, finished rows dropped, routing recorded for replay.
 
-How it works. megatron-core's attention already knows how to decode with a cache: given a
-``StaticInferenceContext`` it writes the keys/values of the new positions into per-layer
-buffers ``[capacity, B, groups/tp, head_dim]`` at cache slot ``context.sequence_len_offset``
-and attends over ``buffer[:offset + n]`` (``Attention._adjust_key_value_for_inference``). Keys
-are cached *before* RoPE; megatron slices the rotary table we hand to the block along the slot
-axis (queries ``[offset, offset+n)``, keys ``[0, offset+n)``) and broadcasts it over the batch.
-This module drives that machinery directly: embedding -> ``gpt.decoder`` with the inference
-context -> the same fp32, TP-gathered output head as ``Policy.logits``.
+How it works. Each decode forward runs megatron's own modules -- embedding, ``gpt.decoder``
+(the transformer layers), then the same fp32, TP-gathered output head as ``Policy.logits`` --
+on the new slots only, with r1fast's :class:`r1fast.rollout.attention.CachedAttention` as
+every layer's core attention: megatron computes the new tokens' query/key/value and applies
+RoPE at the rotary table we hand it (the new slots' positions), the cached core attention
+writes keys/values into its layer's cache at the current slot offset and attends over the
+slots written so far (keys cached after RoPE: nothing is recomputed for old slots; see that
+module for why megatron's static inference context, which re-ropes the whole cache every step,
+is not used).
 
-Ragged prompts: a left-padded prefill with per-row positions. Megatron's static context has
-ONE slot offset for the whole batch, so prompts of different lengths are left-padded to the
-longest (``P``): row ``b`` has ``pad_b`` pad slots, then its prompt, so every row's last prompt
-token sits in slot ``P-1`` and every row generates from slot ``P`` on, one slot per step. The
-position of slot ``s`` in row ``b`` is ``s - pad_b`` (the rotary table is per row,
-``[capacity, B, 1, dim]``), and the attention mask hides pad slots from every real query:
-each row computes exactly what it would alone. One prefill forward replaces the ``P - min_len``
-one-token steps the shared-position scheme spent feeding longer prompts.
+Ragged prompts: a left-padded prefill with per-row positions. All rows share one slot offset,
+so prompts of different lengths are left-padded to the longest (``P``): row ``b`` has
+``pad_b`` pad slots, then its prompt, so every row's last prompt token sits in slot ``P-1`` and
+every row generates from slot ``P`` on, one slot per step. The position of slot ``s`` in row
+``b`` is ``s - pad_b`` (per-row RoPE), and the attention mask hides pad slots from every real
+query: each row computes exactly what it would alone. One prefill forward replaces the
+``P - min_len`` one-token steps the shared-position scheme spent feeding longer prompts.
 
-Three more things megatron's static path does not do, and why this file does them:
+Details, and why:
 
-1. The mask. With an offset > 0 megatron switches the mask type to ``no_mask`` and the local
-   ``DotProductAttention`` asserts ``sq == sk`` when it would build a causal mask itself. We
-   always pass an explicit boolean mask ``[B|1, 1, n', offset+n']``: key ``j`` is hidden from
-   query slot ``q`` when ``j > q`` or ``j`` is a left pad of the row (``j < pad_b``) other
-   than ``q`` itself (a pad query sees itself only, so no softmax row is empty).
+1. The mask. An explicit boolean mask ``[B|1, 1, n', offset+n']`` (True = hidden): key ``j``
+   is hidden from query slot ``q`` when ``j > q`` or ``j`` is a left pad of the row
+   (``j < pad_b``) other than ``q`` itself (a pad query sees itself only, so no softmax row is
+   empty). Exact causality for any step size, rewinds included.
 2. Sequence parallelism. With TP > 1 on an MoE model the policy runs with sequence
    parallelism, so a step's length must divide by tp: a step is right-padded to a multiple of
    tp, as the training forward pads. Pad slots are written beyond the real ones, lie in every
    real query's causal future and are overwritten by the next step; the cache holds
    ``max_len + tp - 1`` slots. Routers see one token per row per rank, as in training.
-3. Cache allocation and compaction. The buffers are allocated here (NaN-filled, so a slot read
-   before it is written shows up as NaN logits) and handed to megatron through
-   ``context.key_value_memory_dict``. :meth:`KVCacheDecoder.keep` drops finished rows by
-   moving the kept rows' slots to the front of the batch axis (megatron attends over
-   ``buffer[:, :B']``), so later steps cost what the live rows cost.
+3. Cache allocation and compaction. Buffers ``[capacity, B, groups/tp, head_dim]`` are
+   NaN-filled at allocation, so a slot read before it is written shows up as NaN logits.
+   :meth:`KVCacheDecoder.keep` drops finished rows by moving the kept rows' slots to the front
+   of the batch axis, so later steps cost what the live rows cost.
 
 Layouts. Any TP/EP/DP; pipeline parallelism too: each stage keeps the cache of its own layers,
 hidden states go stage to stage with point-to-point sends (``[n'/tp, B', H]``), and the last
-stage's samples are broadcast over the pipeline group (:meth:`KVCacheDecoder.share`). A core
-attention other than megatron's local one (Transformer Engine's ignores our mask) is replaced,
-during decoding only, by a local ``DotProductAttention`` of the same layer (core attention has
-no weights). Multi-latent attention (MLA) ropes positions ``0..L-1`` itself inside megatron,
-so per-row positions are impossible: MLA decodes with a KV cache at shared positions (the
-sampler's shared-position loop, :meth:`KVCacheDecoder.step`), without ragged prefill.
-Routing capture works in both loops. Sliding-window and flash-decode configurations are refused.
+stage's samples are broadcast over the pipeline group (:meth:`KVCacheDecoder.share`). The
+cached core attention replaces whatever core attention the policy was built with (megatron's
+local one, or Transformer Engine's on a GPU, which would ignore the decode mask) during
+decoding only; core attention has no weights. Multi-latent attention (MLA) ropes positions
+``0..L-1`` itself inside megatron, so per-row positions are impossible: MLA decodes through
+megatron's static inference context at shared positions (the sampler's shared-position loop,
+:meth:`KVCacheDecoder.step`), with r1fast's MLACoreAttention taking the mask. Routing capture
+works in both loops. Sliding-window and flash-decode configurations are refused.
 
 :func:`make_decoder` returns this decoder; prefix recomputation
 (:class:`r1fast.rollout.recompute.RecomputeDecoder`, quadratic, full logits per token) is only
@@ -79,37 +78,40 @@ def kv_cache_unsupported_reason(policy) -> str | None:
 @contextlib.contextmanager
 def _inference(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout, routers skip load statistics) and no autograd, restoring the
-    caller's mode: the trainer's policy is in train mode between rollouts."""
+    caller's mode: the trainer's policy is in train mode between rollouts. Switching walks
+    every submodule, so a rollout switches once (:meth:`KVCacheDecoder.session`), not per
+    step."""
     was_training = module.training
-    module.eval()
+    if was_training:
+        module.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        module.train(was_training)
+        if was_training:
+            module.train(True)
 
 
-def _local_core_attentions(policy) -> dict[int, torch.nn.Module]:
-    """{layer position: a local DotProductAttention} for every layer whose core attention is
-    neither megatron's local one nor r1fast's MLA core (e.g. Transformer Engine's)."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-
+def _decode_cores(policy, store) -> dict[int, torch.nn.Module]:
+    """{layer position: the core attention used while decoding}: a CachedAttention on
+    ``store`` for every layer, whatever the policy's own (megatron's local one, Transformer
+    Engine's); none under MLA, whose layers must have r1fast's MLACoreAttention (the only MLA
+    core that takes the decode mask) and decode through megatron's inference context."""
     from r1fast.policy.mla import MLACoreAttention
+    from r1fast.rollout.attention import CachedAttention
 
     out = {}
     for i, layer in enumerate(policy.gpt.decoder.layers):
         attn = layer.self_attention
-        if isinstance(attn.core_attention, (DotProductAttention, MLACoreAttention)):
-            continue
         if policy.model_cfg.is_mla:
-            raise ValueError(f"KVCacheDecoder: MLA layer {attn.layer_number} has core attention "
-                             f"{type(attn.core_attention).__name__}, which ignores the decode "
-                             f"mask; only r1fast's MLACoreAttention can decode with a cache")
-        out[i] = DotProductAttention(config=attn.config, layer_number=attn.layer_number,
-                                     attn_mask_type=AttnMaskType.causal, attention_type="self",
-                                     softmax_scale=attn.config.softmax_scale,
-                                     pg_collection=getattr(attn, "pg_collection", None))
+            if not isinstance(attn.core_attention, MLACoreAttention):
+                raise ValueError(f"KVCacheDecoder: MLA layer {attn.layer_number} has core "
+                                 f"attention {type(attn.core_attention).__name__}, which ignores "
+                                 f"the decode mask; only r1fast's MLACoreAttention can decode "
+                                 f"with a cache")
+            continue
+        scale = attn.config.softmax_scale or attn.hidden_size_per_attention_head ** -0.5
+        out[i] = CachedAttention(store, attn.layer_number, scale)
     return out
 
 
@@ -131,18 +133,23 @@ class KVCacheDecoder:
     """
 
     def __init__(self, policy) -> None:
+        from r1fast.rollout.attention import KVStore
+
         reason = kv_cache_unsupported_reason(policy)
         if reason is not None:
             raise ValueError(reason)
         self.policy = policy
         self.attentions = [layer.self_attention for layer in policy.gpt.decoder.layers]
-        self._local_cores = _local_core_attentions(policy)
+        self.mla = policy.model_cfg.is_mla
+        self.store = KVStore()
+        """r1fast's own cache (r1fast.rollout.attention); MLA uses megatron's context."""
+        self._cores = _decode_cores(policy, self.store)
         # one step's length must divide by tp under sequence parallelism (see module doc)
         self.multiple = policy.info.tp if policy.sequence_parallel else 1
-        self.ragged = not policy.model_cfg.is_mla
+        self.ragged = not self.mla
         """Whether rows may have their own positions (left-padded prefill): not under MLA."""
         self.context = None
-        """megatron StaticInferenceContext holding the cache; None before reset()."""
+        """MLA: megatron's StaticInferenceContext holding the cache."""
         self.batch_size = 0
         """Rows in the cache now (after keep(), the live rows)."""
         self.max_len = 0
@@ -150,7 +157,6 @@ class KVCacheDecoder:
         """Slots 0 .. filled-1 are in the cache."""
         self.pads: Optional[torch.Tensor] = None  # [B] int64 left pads (device)
         self._has_pads = False
-        self._rotary: Optional[torch.Tensor] = None  # [capacity, B|1, 1, rot_dim]
         self.recorder = None
         """A r1fast.rollout.routing.RoutingRecorder while routing is recorded."""
 
@@ -165,55 +171,58 @@ class KVCacheDecoder:
         return self.max_len + self.multiple - 1
 
     def kv_buffers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The cache, ``{layer_number: (keys, values)}``, each ``[capacity, B, groups/tp, d]``."""
-        if self.context is None:
+        """The cache, ``{layer_number: (keys, values)}``, each ``[capacity, B, groups/tp, d]``
+        (keys after RoPE; under MLA megatron's, before)."""
+        if self.pads is None:
             raise ValueError("KVCacheDecoder: call reset(batch_size, max_len) first")
-        return self.context.key_value_memory_dict
+        return self.context.key_value_memory_dict if self.mla else self.store.buffers
 
     # -- setting up ---------------------------------------------------------------------------
     def reset(self, batch_size: int, max_len: int, pads: Optional[torch.Tensor] = None) -> None:
         """Allocate (or re-poison) the cache for ``batch_size`` rows of ``max_len`` slots;
         ``pads`` [B] are the rows' left pads (default none: shared positions)."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         limit = self.policy.model_cfg.max_position_embeddings
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(max_len, int) or not 1 <= max_len <= limit:
             raise ValueError(f"max_len must be an int in [1, max_position_embeddings={limit}], "
                              f"got {max_len!r}")
-        old = None if self.context is None else self.context.key_value_memory_dict
-        same_shape = old is not None and (batch_size, max_len) == (
-            next(iter(old.values()))[0].shape[1], self.max_len)
         self.batch_size, self.max_len, self.filled = batch_size, max_len, 0
         cap, device = self.capacity, self.policy.device
         dtype = self.policy.config.params_dtype
-        self.context = StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=cap)
-        for attn in self.attentions:
-            if same_shape:  # a new batch of the same size: reuse the memory
-                keys, values = old[attn.layer_number]
-                keys.fill_(float("nan"))
-                values.fill_(float("nan"))
-            else:
-                groups = attn.num_query_groups_per_partition
-                keys = torch.full((cap, batch_size, groups, attn.key_hidden_size), float("nan"),
-                                  dtype=dtype, device=device)
-                values = torch.full((cap, batch_size, groups, attn.val_hidden_size),
-                                    float("nan"), dtype=dtype, device=device)
-            self.context.key_value_memory_dict[attn.layer_number] = (keys, values)
+        if self.mla:
+            self._reset_context(batch_size, cap, dtype, device)
+        else:
+            self.store.allocate(self.attentions, cap, batch_size, dtype, device)
         if pads is None:
             self.pads, self._has_pads = torch.zeros(batch_size, dtype=torch.long,
                                                     device=device), False
         else:
             self.pads, self._has_pads = pads.to(device, torch.long), True
-        self._rotary = None
-        if not self.policy.model_cfg.is_mla:  # MLA ropes itself (module doc)
-            slots = torch.arange(cap, device=device)
-            if self._has_pads:  # per-row positions: slot - pad (pads themselves at 0)
-                positions = (slots[None, :] - self.pads[:, None]).clamp_min(0)  # [B, cap]
-            else:
-                positions = slots[None]  # [1, cap]: broadcast over the batch
-            self._rotary = self.policy.rotary_table(positions)  # [cap, B|1, 1, dim]
+
+    def _reset_context(self, batch_size: int, cap: int, dtype, device) -> None:
+        """MLA: megatron's static context over NaN-filled buffers allocated here."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        old = None if self.context is None else self.context.key_value_memory_dict
+        self.context = StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=cap)
+        for attn in self.attentions:
+            shape = (cap, batch_size, attn.num_query_groups_per_partition)
+            prev = None if old is None else old.get(attn.layer_number)
+            if prev is not None and tuple(prev[0].shape[:3]) == shape:
+                prev[0].fill_(float("nan"))
+                prev[1].fill_(float("nan"))
+                self.context.key_value_memory_dict[attn.layer_number] = prev
+                continue
+            self.context.key_value_memory_dict[attn.layer_number] = (
+                torch.full(shape + (attn.key_hidden_size,), float("nan"), dtype=dtype,
+                           device=device),
+                torch.full(shape + (attn.val_hidden_size,), float("nan"), dtype=dtype,
+                           device=device))
+
+    def session(self):
+        """Context of a whole rollout: eval mode and no autograd once for all its steps."""
+        return _inference(self.policy.module)
 
     # -- the ragged protocol ------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, pads: torch.Tensor, max_len: int,
@@ -250,12 +259,13 @@ class KVCacheDecoder:
         if not 1 <= m <= self.batch_size:
             raise ValueError(f"keep: {m} rows, must be 1..{self.batch_size}")
         rows = rows.to(self.policy.device)
-        for keys, values in self.context.key_value_memory_dict.values():
-            keys[:f, :m] = keys[:f, rows]  # the right side is a copy: no aliasing
-            values[:f, :m] = values[:f, rows]
+        if self.mla:
+            for keys, values in self.context.key_value_memory_dict.values():
+                keys[:f, :m] = keys[:f, rows]  # the right side is a copy: no aliasing
+                values[:f, :m] = values[:f, rows]
+        else:
+            self.store.keep(rows, f)
         self.pads = self.pads[rows]
-        if self._rotary is not None and self._rotary.shape[1] > 1:
-            self._rotary = self._rotary[:, rows]
         self.batch_size = m
 
     def share(self, tokens: torch.Tensor, logp: torch.Tensor
@@ -308,7 +318,7 @@ class KVCacheDecoder:
     def step(self, tokens: torch.Tensor, offset: int,
              dest: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``dest [B, n]``: routing destinations of the tokens while recording (-1: none)."""
-        if self.context is None:
+        if self.pads is None:
             raise ValueError("KVCacheDecoder: call reset(batch_size, max_len) before step()")
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
         b, n = tokens.shape
@@ -361,14 +371,19 @@ class KVCacheDecoder:
                 rows = padded // self.multiple
                 r = policy.info.tp_rank
                 padding_mask = padding_mask[:, r * rows:(r + 1) * rows]
-        self.context.sequence_len_offset = offset
-        self.context.batch_size_offset = 0
         if self.recorder is not None:
             self.recorder.dest = None if dest is None else self._router_dest(dest, padded)
+        if self.mla:  # megatron's cache; MLA ropes slots offset.. itself
+            self.context.sequence_len_offset = offset
+            self.context.batch_size_offset = 0
+            context, rotary = self.context, None
+        else:  # our cache (CachedAttention); megatron ropes the new slots at their positions
+            self.store.offset = offset
+            context, rotary = None, policy.rotary_table(positions.clamp_min(0))  # [n', B', 1, d]
         with _inference(policy.module), self._decode_modules():
             hidden = self._stage_input(ids, positions.clamp_min(0), b, padded)
             hidden = gpt.decoder(hidden_states=hidden, attention_mask=self._mask(offset, padded),
-                                 rotary_pos_emb=self._rotary, inference_context=self.context,
+                                 rotary_pos_emb=rotary, inference_context=context,
                                  padding_mask=padding_mask)  # [padded(/tp), B', H]
             logits = None
             if gpt.post_process:
@@ -381,11 +396,11 @@ class KVCacheDecoder:
 
     @contextlib.contextmanager
     def _decode_modules(self) -> Iterator[None]:
-        """During a decode forward: local core attentions where the policy has others, and the
-        routing recorder as every router's hook."""
+        """During a decode forward: the cached core attentions in every layer (not under MLA),
+        and the routing recorder as every router's hook."""
         layers = self.policy.gpt.decoder.layers
-        saved = {i: layers[i].self_attention.core_attention for i in self._local_cores}
-        for i, core in self._local_cores.items():
+        saved = {i: layers[i].self_attention.core_attention for i in self._cores}
+        for i, core in self._cores.items():
             layers[i].self_attention.core_attention = core
         try:
             if self.recorder is None:

@@ -1,10 +1,11 @@
-"""The exact, layout-independent decoder: recompute the whole prefix at every step.
+"""The exact, layout-independent reference decoder: recompute the whole prefix at every step.
 
-:class:`RecomputeDecoder` is the sampler's :class:`r1fast.rollout.sampler.Decoder` for layouts
-the KV cache does not serve (pipeline parallelism, non-local attention): each step runs the
-policy on the whole prefix through :meth:`r1fast.policy.model.Policy.logits` (logits gathered
-over TP, broadcast from the last pipeline stage) and keeps the logits of the new positions.
-Quadratic in length; :func:`r1fast.rollout.kv_cache.make_decoder` picks it only when it must.
+:class:`RecomputeDecoder` is a shared-position decoder (``reset`` / ``step``, see
+r1fast.rollout.sampler): each step runs the policy on the whole prefix through
+:meth:`r1fast.policy.model.Policy.logits` (full ``[B, L, V]`` logits, gathered over TP,
+broadcast from the last pipeline stage) and keeps the logits of the new positions. Quadratic in
+length and 10-100x slower than the KV cache: it is the tests' reference, and a rollout decoder
+only when asked for (``make_decoder(policy, recompute=True)``, which warns).
 """
 from __future__ import annotations
 

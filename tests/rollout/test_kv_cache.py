@@ -198,10 +198,11 @@ def test_make_decoder_is_the_kv_cache_and_recomputation_is_opt_in(policy, caplog
 
 
 def test_a_foreign_core_attention_decodes_through_a_local_one(policy):
-    """A core attention other than megatron's local one (Transformer Engine's ignores the
-    decode mask) is replaced by a local DotProductAttention during decoding only: the logits
-    still equal recomputation through the foreign module, which is back in place afterwards."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    """Whatever core attention the policy has (here a foreign one; on a GPU Transformer
+    Engine's, which would ignore the decode mask), decoding runs r1fast's CachedAttention in
+    its place, during decoding only: the logits equal recomputation through the foreign module,
+    which is back in place afterwards."""
+    from r1fast.rollout.attention import CachedAttention
     from r1fast.rollout.recompute import RecomputeDecoder
 
     class Foreign(torch.nn.Module):  # computes what the local one computes, but is not it
@@ -222,7 +223,7 @@ def test_a_foreign_core_attention_decodes_through_a_local_one(policy):
         a = run_schedule(kv, tokens)
         assert foreign.calls == 0 and attn.core_attention is foreign
         b = run_schedule(RecomputeDecoder(policy), tokens)
-        assert foreign.calls > 0 and isinstance(kv._local_cores[0], DotProductAttention)
+        assert foreign.calls > 0 and isinstance(kv._cores[0], CachedAttention)
         assert max_diff(a, b) <= TOL
     finally:
         attn.core_attention = core
