@@ -231,6 +231,14 @@ CUDA_NAMING_MODULES = {
         "ConstantGradScaler/DynamicGradScaler (fp16 training): device='cuda'",
     "megatron.core.pipeline_parallel.utils":
         "ScheduleNode streams (combined 1F1B): torch.cuda.Stream/current_stream",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        "FileSystemWriterAsync.preload_tensors (distributed checkpoint save): "
+        "torch.cuda.synchronize",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        "save_state_dict_async_finalize: failure flag on torch.cuda.current_device()",
+    "megatron.core.dist_checkpointing.strategies.async_utils":
+        "AsyncRequest.execute_sync / AsyncCallsQueue: torch.cuda.synchronize, flags on "
+        "current_device()",
 }
 
 

@@ -230,8 +230,13 @@ def load_optim_state_dict(optimizer, scheduler, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for p, tensors in zip(shard, param_state):
                 opt._set_main_param_and_optimizer_states(p, tensors)
+    load_scheduler_state(scheduler, state["scheduler"])
+
+
+def load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
+    """Restore megatron's ``OptimizerParamScheduler`` from its ``state_dict()``."""
     scheduler.num_steps = 0  # megatron's load_state_dict advances by the saved step count
-    scheduler.load_state_dict(state["scheduler"])
+    scheduler.load_state_dict(state)
 
 
 def unshard_main_grads(policy) -> None:

@@ -1,15 +1,22 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable, verified checkpoints.
 
-A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding one ``rank_<r>.pt`` per
-process (its model shard, optimizer shard, RNG states) plus ``meta.json`` (step, data position,
-config). It is written under a temporary name and renamed into place only when every rank has
-finished writing, and the ``latest`` pointer is replaced atomically after that. A process killed
-at any moment therefore leaves either the old checkpoint or the new one, never a torn one.
+A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding
 
-Files are loaded with ``torch.load(weights_only=True)``: checkpoints hold only tensors and plain
-Python containers, so a hostile file cannot execute code. ``meta.json`` records the sha256 and
-size of every rank file; :func:`load_checkpoint` verifies them, so a flipped byte or a rank file
-from another checkpoint is an error that names the file, never a silent resume.
+- ``policy/`` (and ``reference/`` when the run has a frozen reference): the model and optimizer
+  in megatron-core's distributed-checkpoint format (:mod:`r1fast.policy.dist_ckpt`), written by
+  every rank and readable at ANY TP/PP/EP/DP layout;
+- one ``rank_<r>.pt`` per process with what belongs to that process only (its RNG states);
+- ``meta.json``: step, data position, config, layout, and the sha256 and size of every file.
+
+It is written under a temporary name and renamed into place only when every rank has finished
+writing, and the ``latest`` pointer is replaced atomically after that. A process killed at any
+moment therefore leaves either the old checkpoint or the new one, never a torn one.
+
+Rank files are loaded with ``torch.load(weights_only=True)`` (as megatron loads its common
+state): checkpoints hold only tensors and plain Python containers, so a hostile file cannot
+execute code. :func:`load_checkpoint` first verifies every file against ``meta.json`` (the files
+split over the ranks), so a flipped byte or a file from another checkpoint is an error that
+names the file, never a silent resume.
 
 A damaged ``latest`` pointer (missing target, empty, a path outside the folder, a step without
 ``meta.json``) does not hide the committed checkpoints: :func:`latest_checkpoint` then scans for
@@ -159,14 +166,21 @@ def check_finite_state(state: Any, what: str) -> None:
 
 def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
                     keep_last: int | None = 2,
+                    write_shared: Callable[[Path], None] | None = None,
+                    shared_tensors: Any = None,
                     _before_commit: Callable[[], None] | None = None) -> Path:
-    """Write this rank's ``rank_state`` and (rank 0) ``meta`` for ``step``; collective.
+    """Write this rank's ``rank_state``, the shared parts and (rank 0) ``meta`` for ``step``;
+    collective.
 
-    ``_before_commit`` is a test hook called on rank 0 after all files are written and before
-    the rename: a kill there must leave the previous checkpoint as ``latest``.
+    ``write_shared(folder)`` is called on every rank with the (temporary) checkpoint folder to
+    write the parts all ranks write together (the distributed model and optimizer state);
+    ``shared_tensors`` holds this rank's tensors it writes, checked for NaN/Inf with
+    ``rank_state`` before anything is written. ``_before_commit`` is a test hook called on rank 0
+    after all files are written and before the rename: a kill there must leave the previous
+    checkpoint as ``latest``.
     """
     rank, world = _rank_world()
-    bad = nonfinite_tensors(rank_state)
+    bad = nonfinite_tensors(rank_state) + nonfinite_tensors(shared_tensors or {})
     # every rank must agree to write before any rank changes the folder (collective decision)
     all_bad = [b for r in _gather(bad, world) for b in r]
     if all_bad:
@@ -183,12 +197,14 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
             shutil.rmtree(tmp)  # debris of an earlier killed save
         tmp.mkdir()
     _barrier()
+    if write_shared is not None:
+        write_shared(tmp)
     name = f"rank_{rank:05d}.pt"
     _write_file(tmp / name, lambda f: torch.save(rank_state, f))
-    digests = _gather((name, file_digest(tmp / name)), world)
     _barrier()
+    digests = _digest_files(tmp, rank, world)
     if rank == 0:
-        meta = {**meta, "step": step, "world_size": world, "files": dict(digests)}
+        meta = {**meta, "step": step, "world_size": world, "files": digests}
         _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_dir(tmp)
         if _before_commit is not None:
@@ -211,6 +227,32 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     return final
 
 
+def _files_of(folder: Path) -> list[str]:
+    """Every file under ``folder`` (but meta.json), as sorted relative paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != "meta.json")
+
+
+def _digest_files(folder: Path, rank: int, world: int) -> dict[str, dict]:
+    """``{relative path: file_digest}`` of every file under ``folder``; each rank hashes every
+    world-th file and the results are gathered (collective)."""
+    names = _files_of(folder) if rank == 0 else None
+    names = _broadcast(names, world)
+    mine = {n: file_digest(folder / n) for n in names[rank::world]}
+    out: dict[str, dict] = {}
+    for part in _gather(mine, world):
+        out.update(part)
+    return dict(sorted(out.items()))
+
+
+def _broadcast(obj: Any, world: int) -> Any:
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every ``step_<N>`` folder under ``root``, by step."""
     out = []
@@ -224,14 +266,16 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 def is_complete(path: Path) -> bool:
     """A committed checkpoint folder: a readable ``meta.json`` with its step and world size,
-    and every rank file it lists."""
+    every rank file, and every file it lists."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         world = int(meta["world_size"])
         int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = list(meta.get("files", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return all((path / f"rank_{r:05d}.pt").is_file() for r in range(world))
+    return (all((path / f"rank_{r:05d}.pt").is_file() for r in range(world))
+            and all((path / n).is_file() for n in listed))
 
 
 def _pointer_target(root: Path) -> tuple[Path | None, str]:
@@ -287,38 +331,70 @@ def has_run_files(run_dir: str | Path) -> list[str]:
     return found
 
 
-def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict, dict]:
-    """Return ``(rank_state, meta)`` of this rank from checkpoint folder ``path``.
-
-    With ``verify`` (the default) this rank's file must match the sha256 and size that
-    ``meta.json`` records; a mismatch raises :class:`CheckpointError` naming the file."""
-    rank, world = _rank_world()
-    path = Path(path)
-    meta_path = path / "meta.json"
+def read_meta(path: str | Path) -> dict:
+    """``meta.json`` of checkpoint folder ``path``; :class:`CheckpointError` when unreadable."""
+    meta_path = Path(path) / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
-        written_by = int(meta["world_size"])
+        int(meta["world_size"])
+        int(meta["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {meta_path} is unreadable or incomplete "
                               f"({type(e).__name__}: {e})") from e
+    return meta
+
+
+def verify_checkpoint(path: str | Path, meta: dict) -> None:
+    """Check every file ``meta.json`` lists against its sha256 and size (the files split over
+    the ranks; collective); :class:`CheckpointError` naming the damaged or missing files."""
+    rank, world = _rank_world()
+    path = Path(path)
+    files = meta.get("files") or {}
+    problems = []
+    for name in sorted(files)[rank::world]:
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+            continue
+        got, want = file_digest(file), files[name]
+        if got != want:
+            problems.append(
+                f"{file} is damaged or was changed after it was written: sha256 "
+                f"{got['sha256'][:16]}.. ({got['bytes']} bytes), meta.json records "
+                f"{want['sha256'][:16]}.. ({want['bytes']} bytes)")
+    problems = sorted(p for part in _gather(problems, world) for p in part)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint file {problems[0]}{more}")
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict | None, dict]:
+    """Return ``(rank_state, meta)`` of this rank from checkpoint folder ``path``; collective.
+
+    With ``verify`` (the default) every file must match the sha256 and size that ``meta.json``
+    records (:func:`verify_checkpoint`). ``rank_state`` is None when the checkpoint was written
+    by another number of ranks: its per-rank files do not belong to this run's ranks (the
+    shared ``policy/`` folder still loads at any layout). A checkpoint of the older format
+    (model and optimizer inside the rank files) only loads at the world size that wrote it."""
+    rank, world = _rank_world()
+    path = Path(path)
+    meta = read_meta(path)
+    written_by = int(meta["world_size"])
+    if verify:
+        if "files" not in meta:
+            log.warning("checkpoint %s records no checksums (written by an older r1fast); "
+                        "loading it unverified", path)
+        else:
+            verify_checkpoint(path, meta)
+    sharded = (path / "policy").is_dir()
     if written_by != world:
-        raise ValueError(f"checkpoint {path} was written by {written_by} ranks, this run has "
-                         f"{world}; resume with the same parallel layout")
-    name = f"rank_{rank:05d}.pt"
-    file = path / name
+        if not sharded:
+            raise ValueError(f"checkpoint {path} was written by {written_by} ranks, this run has "
+                             f"{world}; resume with the same parallel layout (this checkpoint "
+                             f"predates resharding)")
+        return None, meta
+    file = path / f"rank_{rank:05d}.pt"
     if not file.is_file():
         raise CheckpointError(f"checkpoint file {file} is missing")
-    if verify:
-        want = meta.get("files", {}).get(name)
-        if want is None:
-            log.warning("checkpoint %s records no checksum for %s (written by an older r1fast); "
-                        "loading it unverified", path, name)
-        else:
-            got = file_digest(file)
-            if got != want:
-                raise CheckpointError(
-                    f"checkpoint file {file} is damaged or was changed after it was written: "
-                    f"sha256 {got['sha256'][:16]}.. ({got['bytes']} bytes), meta.json records "
-                    f"{want['sha256'][:16]}.. ({want['bytes']} bytes)")
     state = torch.load(file, map_location="cpu", weights_only=True)
     return state, meta

@@ -13,7 +13,9 @@ on the megatron-core policy need the same things, so they live here once:
 * reductions on the policy's device (NCCL rejects CPU tensors): sums over data-parallel
   replicas, and the metrics that only the last pipeline stage computes, averaged or summed
   over DP and received by every rank;
-* checkpoint state: model, optimizer shard and RNG, in one dict.
+* checkpoint state: the model and optimizer in megatron's distributed-checkpoint format
+  (written by every rank, loadable at any TP/PP/EP/DP layout), this rank's RNG states, and the
+  layout-free rest (LR schedule, skip count) for ``meta.json``.
 
 An objective supplies only its batches and a ``loss_fn(hidden, output_weight, micro_batch)``
 that returns this micro-batch's share of the global loss (see
@@ -32,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.optim import OptimConfig, load_optim_state_dict, optim_state_dict
+from r1fast.policy.optim import (OptimConfig, load_optim_state_dict, load_scheduler_state,
+                                 optim_state_dict)
 from r1fast.train.checkpoint import rng_state, set_rng_state
 from r1fast.train.policy_io import load_model_state, model_state
 
@@ -184,8 +187,62 @@ class TrainEngine:
         return float(t.item())
 
     # ------------------------------------------------------------------------- checkpoints
+    def layout(self) -> dict[str, Any]:
+        """The parallel layout, as recorded in a checkpoint's meta.json."""
+        p, i = self.policy.parallel_cfg, self.info
+        return {"world_size": i.world_size, "tp": i.tp, "pp": i.pp, "ep": i.ep, "etp": p.etp,
+                "dp": i.dp, "pp_first_stage_layers": p.pp_first_stage_layers,
+                "pp_last_stage_layers": p.pp_last_stage_layers}
+
+    def rank_state(self) -> dict[str, Any]:
+        """What belongs to this process only: its RNG states."""
+        return {"rng": rng_state()}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The layout-free part of the engine's state (plain JSON values)."""
+        return {"layout": self.layout(), "scheduler": dict(self.scheduler.state_dict()),
+                "nonfinite_skips": self.nonfinite_skips}
+
+    def shared_tensors(self) -> dict[str, Any]:
+        """The tensors :meth:`write_shared` writes (for the finite-value check before it)."""
+        inner = [getattr(o, "optimizer", None) for o in
+                 getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        return {"model": {k: v for k, v in self.policy.gpt.state_dict().items()
+                          if isinstance(v, torch.Tensor)},
+                "optimizer": [{str(i): st for i, st in enumerate(o.state.values())}
+                              for o in inner if o is not None]}
+
+    def write_shared(self, folder: Path) -> None:
+        """Model and optimizer into ``folder/policy`` (megatron distributed checkpoint)."""
+        from r1fast.policy.dist_ckpt import save_sharded
+
+        save_sharded(self.policy, self.optimizer, Path(folder) / "policy")
+
+    def load_checkpoint(self, path: Path, rank_state: Optional[Mapping[str, Any]],
+                        meta: Mapping[str, Any]) -> None:
+        """Restore from a checkpoint folder (see :func:`r1fast.train.checkpoint.load_checkpoint`
+        for ``rank_state`` and ``meta``) at this layout, which may differ from the writer's: the
+        model and optimizer are resharded; the RNG states come back only at the same layout."""
+        from r1fast.policy.dist_ckpt import load_sharded
+
+        if rank_state is not None and "model" in rank_state:  # older format: same layout only
+            self.load_state_dict(rank_state)
+            return
+        load_sharded(self.policy, self.optimizer, Path(path) / "policy")
+        load_scheduler_state(self.scheduler, meta["scheduler"])
+        self.nonfinite_skips = int(meta.get("nonfinite_skips", 0))
+        written = meta.get("layout")
+        if rank_state is not None and written == self.layout():
+            set_rng_state(rank_state["rng"])
+        elif self.is_logger:
+            log.warning("checkpoint %s was written at layout %s and is resumed at %s: model and "
+                        "optimizer resharded; the per-rank RNG states are not restored (rollout "
+                        "sampling depends only on run.seed and the step)", path,
+                        _layout_text(written), _layout_text(self.layout()))
+
     def state_dict(self) -> dict[str, Any]:
-        """This rank's model chunk, optimizer shard and RNG state."""
+        """This rank's model chunk, optimizer shard and RNG state in one dict (same layout
+        only; checkpoints use :meth:`write_shared` + :meth:`rank_state`)."""
         return {"model": model_state(self.policy),
                 "optimizer": optim_state_dict(self.optimizer, self.scheduler),
                 "rng": rng_state(), "nonfinite_skips": self.nonfinite_skips}
@@ -201,3 +258,10 @@ class TrainEngine:
         from r1fast.train.policy_io import save_model
 
         return save_model(self.policy, tokenizer, path)
+
+
+def _layout_text(layout: Optional[Mapping[str, Any]]) -> str:
+    if not layout:
+        return "(not recorded)"
+    return (f"TP{layout['tp']} PP{layout['pp']} EP{layout['ep']} DP{layout['dp']} "
+            f"({layout['world_size']} ranks)")

@@ -5,10 +5,11 @@ load: safetensors in the HF family's names (``config.json``), ``generation_confi
 tokenizer's stop ids, the tokenizer files, and ``r1fast_config.json`` (the exact architecture).
 
 ``RUN_OR_CHECKPOINT`` is a run folder (``config.toml`` + ``checkpoints/``: its newest complete
-checkpoint is taken) or one ``checkpoints/step_N`` folder. Checkpoints hold one file per rank,
-so the export runs at the layout that wrote them: one process for a one-rank run, else under
-``torchrun --nproc-per-node N`` (``scripts/launch.sh``) with the run's parallel layout; the
-HF writer gathers the shards and rank 0 writes. The tokenizer is the run's (``tokenizer/``),
+checkpoint is taken) or one ``checkpoints/step_N`` folder. The model is in megatron's
+distributed-checkpoint format, so one process exports a checkpoint written at any layout (it
+builds the model at one rank); under ``torchrun --nproc-per-node N`` (``scripts/launch.sh``)
+the run's own parallel layout is used, the HF writer gathers the shards and rank 0 writes.
+Checkpoints of the older per-rank format export only at the layout that wrote them. The tokenizer is the run's (``tokenizer/``),
 else the one of its ``run.init_from`` folder.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -55,6 +57,8 @@ def _tokenizer(run_dir: Path, cfg):
 def export_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Write the policy of checkpoint ``src`` as an HF folder ``out`` (collective)."""
     from r1fast.policy import build_policy
+    from r1fast.policy.config import ParallelConfig
+    from r1fast.policy.dist_ckpt import load_sharded
     from r1fast.train.checkpoint import load_checkpoint
     from r1fast.train.config import TrainConfig
     from r1fast.train.policy_io import load_model_state, save_model
@@ -63,9 +67,15 @@ def export_checkpoint(src: str | Path, out: str | Path) -> Path:
     meta = json.loads((ckpt / "meta.json").read_text())
     text = meta.get("config") or (run_dir / "config.toml").read_text()
     cfg = typed_toml.from_dict(TrainConfig, tomllib.loads(text))
-    policy = build_policy(cfg.model, cfg.parallel, seed=cfg.run.seed, trainable=False)
+    parallel = cfg.parallel
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and (ckpt / "policy").is_dir():
+        parallel = ParallelConfig(world_size=1)  # any layout reshards into one process
+    policy = build_policy(cfg.model, parallel, seed=cfg.run.seed, trainable=False)
     state, _ = load_checkpoint(ckpt)
-    load_model_state(policy, state["model"])
+    if state is None or "model" not in state:
+        load_sharded(policy, None, ckpt / "policy")
+    else:
+        load_model_state(policy, state["model"])
     path = save_model(policy, _tokenizer(run_dir, cfg), out)
     log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), path)
     return path

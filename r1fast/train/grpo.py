@@ -42,7 +42,8 @@ from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
-from r1fast.train.policy_io import copy_weights, load_model_state, model_state
+from r1fast.policy.dist_ckpt import load_sharded, save_sharded
+from r1fast.train.policy_io import copy_weights, load_model_state
 from r1fast.train.task import TaskData, build_task
 from r1fast.typed_toml import ConfigError, dump_toml
 
@@ -125,9 +126,12 @@ class GRPOTrainer:
             self._check_fresh_start()
             return
         state, meta = load_checkpoint(path)
-        self.engine.load_state_dict(state)
+        self.engine.load_checkpoint(path, state, meta)
         if self.reference is not None:
-            load_model_state(self.reference, state["reference"])
+            if state is not None and "reference" in state:  # older format
+                load_model_state(self.reference, state["reference"])
+            else:
+                load_sharded(self.reference, None, path / "reference")
         self.task.load_state_dict(meta["data"])
         self.step_idx = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step_idx)
@@ -175,11 +179,20 @@ class GRPOTrainer:
         barrier()
 
     def save(self) -> Path:
-        state = self.engine.state_dict()
+        """A checkpoint of this step (collective): model, optimizer and reference in megatron's
+        distributed format (resumable at any layout), RNG per rank, data position in meta."""
+        def write_shared(folder: Path) -> None:
+            self.engine.write_shared(folder)
+            if self.reference is not None:
+                save_sharded(self.reference, None, folder / "reference")
+
+        shared = self.engine.shared_tensors()
         if self.reference is not None:
-            state["reference"] = model_state(self.reference)
-        meta = {"data": self.task.state_dict(), "config": dump_toml(self.cfg)}
-        return save_checkpoint(self.ckpt_dir, self.step_idx, state, meta)
+            shared["reference"] = list(self.reference.gpt.parameters())
+        meta = {"data": self.task.state_dict(), "config": dump_toml(self.cfg),
+                **self.engine.checkpoint_meta()}
+        return save_checkpoint(self.ckpt_dir, self.step_idx, self.engine.rank_state(), meta,
+                               write_shared=write_shared, shared_tensors=shared)
 
     # -------------------------------------------------------------------------- one step
     def step(self) -> dict[str, float]:

@@ -34,6 +34,13 @@ def load_model_state(policy, source: Any, optimizer=None) -> None:
         from r1fast.train.checkpoint import load_checkpoint
 
         state, _ = load_checkpoint(path)
+        if (path / "policy").is_dir():  # distributed checkpoint: any layout
+            from r1fast.policy.dist_ckpt import load_sharded
+
+            load_sharded(policy, None, path / "policy")
+            if optimizer is not None:
+                optimizer.reload_model_params()
+            return
         source = state["model"]
     own = policy.gpt.state_dict()
     missing = [k for k, v in own.items() if isinstance(v, torch.Tensor) and k not in source]

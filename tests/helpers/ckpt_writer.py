@@ -12,6 +12,14 @@ import torch
 SHAPE = (256, 1024)
 
 
+def write_shared(folder: Path, step: int) -> None:
+    """Stands in for the distributed model/optimizer files (``policy/``), so a kill may also
+    land while they are written."""
+    (folder / "policy").mkdir()
+    for i in range(2):
+        torch.save(torch.full(SHAPE, float(step + i)), folder / "policy" / f"part_{i}.pt")
+
+
 def main() -> None:
     path = Path(__file__).resolve().parents[2] / "r1fast" / "train" / "checkpoint.py"
     spec = importlib.util.spec_from_file_location("r1fast_checkpoint_file", path)
@@ -21,7 +29,8 @@ def main() -> None:
     while True:
         step += 1
         state = {"w": torch.full(SHAPE, float(step)), "step": step}
-        ckpt.save_checkpoint(root, step, state, {"data": step}, keep_last=2)
+        ckpt.save_checkpoint(root, step, state, {"data": step}, keep_last=2,
+                             write_shared=lambda folder, s=step: write_shared(folder, s))
         print(step, flush=True)
 
 

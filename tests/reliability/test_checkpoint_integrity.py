@@ -85,6 +85,37 @@ def test_tampered_rank_file_is_an_error_naming_it(tmp_path, damage):
         load_checkpoint(path)
 
 
+def _write_policy(folder):
+    (folder / "policy").mkdir()
+    for i in range(3):
+        torch.save(torch.full((64,), float(i)), folder / "policy" / f"__{i}_0.distcp")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+def test_tampered_shared_file_is_an_error_naming_it(tmp_path, damage, caplog):
+    """The distributed model/optimizer files (policy/) are verified like rank files."""
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(4)}, {"data": 1}, write_shared=_write_policy)
+    path = save_checkpoint(tmp_path, 2, {"w": torch.ones(4)}, {"data": 2},
+                           write_shared=_write_policy)
+    assert "policy/__1_0.distcp" in json.loads((path / "meta.json").read_text())["files"]
+    f = path / "policy" / "__1_0.distcp"
+    if damage == "missing":
+        f.unlink()
+        with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+            assert latest_checkpoint(tmp_path).name == "step_00000001"
+        with pytest.raises(CheckpointError, match=r"__1_0.distcp is missing"):
+            load_checkpoint(path)
+        return
+    data = bytearray(f.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[:-8]
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"policy/__1_0.distcp is damaged"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("meta", ["", "{", "[]", '{"step": 2}', '{"world_size": "x"}'])
 def test_broken_meta_json_is_an_error_naming_it(tmp_path, meta):
     path = _two_checkpoints(tmp_path)

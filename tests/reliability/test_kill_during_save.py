@@ -48,6 +48,9 @@ def test_random_kill_minus_9_never_loses_the_committed_checkpoint(tmp_path):
         state, meta = load_checkpoint(path)  # verifies the sha256 of the rank file
         assert meta["step"] == state["step"] == meta["data"] >= reported[-1]
         assert torch.equal(state["w"], torch.full(SHAPE, float(meta["step"])))
+        for i in range(2):  # the shared files (verified by load_checkpoint) are this step's
+            part = torch.load(path / "policy" / f"part_{i}.pt", weights_only=True)
+            assert torch.equal(part, torch.full(SHAPE, float(meta["step"] + i)))
         committed = meta["step"]
     # a save after all that debris commits and is the latest
     save_checkpoint(root, committed + 1, {"w": torch.ones(1), "step": committed + 1}, {})

@@ -75,3 +75,21 @@ def test_longer_run_with_a_decaying_lr_says_the_schedule_is_kept(tmp_path, caplo
     assert "checkpoint's schedule (kept) has 1" in caplog.text
     assert "stays at optim.min_lr after its end" in caplog.text
     assert rows[-1]["lr"] == 0.0
+
+
+def test_a_damaged_model_file_stops_the_resume_naming_it(tmp_path):
+    """The model and optimizer (megatron distributed checkpoint under policy/) are verified
+    against meta.json before anything is loaded: one flipped bit is an error naming the file,
+    never a resume on other weights."""
+    from r1fast.train.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    _fit(out, "--run.steps=1")
+    step = out / "checkpoints" / "step_00000001"
+    shards = sorted((step / "policy").glob("*.distcp"))
+    assert shards
+    data = bytearray(shards[0].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shards[0].write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"policy/{shards[0].name} is damaged"):
+        _fit(out, "--run.steps=2")

@@ -1,0 +1,108 @@
+"""Resharding the policy and its distributed optimizer (r1fast.policy.dist_ckpt): a checkpoint
+written at TP2 x EP2 (4 gloo ranks) loads at EP4, PP2 x EP2 and one rank with every weight,
+every Adam moment element and the step count exactly as written.
+
+The moments are set to known functions of the fp32 master weights before saving (exp_avg =
+w / 2 + 1/8, exp_avg_sq = w^2), so after loading at any layout each rank can check every element
+it owns against the weight it loaded, bit for bit."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.helpers.spawn import run_ranks
+
+SAVED_AT = dict(tp=2, ep=2)
+
+
+def _policy(layout: dict, seed: int):
+    from r1fast.policy import build_optimizer, build_policy
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.optim import OptimConfig
+
+    world = dist.get_world_size()
+    policy = build_policy(ModelConfig.preset("tiny-moe"),
+                          ParallelConfig(world_size=world, **layout), seed=seed)
+    optimizer, _ = build_optimizer(policy, OptimConfig(lr=1e-3))
+    return policy, optimizer
+
+
+def _adam_states(optimizer):
+    """(fp32 master param, its Adam state) of every parameter shard this rank owns."""
+    from r1fast.policy.dist_ckpt import _ensure_adam_state
+
+    _ensure_adam_state(optimizer)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                yield p, opt.optimizer.state[p]
+
+
+def _save(rank, folder, out):
+    from r1fast.policy.dist_ckpt import save_sharded
+    from r1fast.policy.hf_checkpoint import gather_hf_state_dict
+
+    dist.init_process_group("gloo")
+    policy, optimizer = _policy(SAVED_AT, seed=1)
+    with torch.no_grad():
+        for p, st in _adam_states(optimizer):
+            st["exp_avg"].copy_(p / 2 + 0.125)
+            st["exp_avg_sq"].copy_(p * p)
+            st["step"] = torch.tensor(3.0)
+    save_sharded(policy, optimizer, folder)
+    weights = gather_hf_state_dict(policy)
+    if rank == 0:
+        torch.save(weights, out)
+
+
+def _load(rank, layout, folder, saved_weights):
+    from r1fast.policy.dist_ckpt import load_sharded
+    from r1fast.policy.hf_checkpoint import gather_hf_state_dict
+
+    dist.init_process_group("gloo")
+    policy, optimizer = _policy(layout, seed=7)  # other random weights, overwritten by the load
+    load_sharded(policy, optimizer, folder)
+    weights = gather_hf_state_dict(policy)
+    if rank == 0:
+        want = torch.load(saved_weights)
+        assert set(weights) == set(want)
+        for k in want:
+            assert torch.equal(weights[k], want[k]), k
+    steps = set()
+    for p, st in _adam_states(optimizer):
+        assert torch.equal(st["exp_avg"], p / 2 + 0.125)
+        assert torch.equal(st["exp_avg_sq"], p * p)
+        assert float(st["step"]) == 3.0
+        steps.add(id(st["step"]))
+    assert len(steps) == len(list(_adam_states(optimizer)))  # one step tensor per parameter
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_ckpt")
+    run_ranks(4, _save, str(tmp / "ckpt"), str(tmp / "weights.pt"))
+    return tmp
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world, layout", [
+    (4, dict(ep=4)), (4, dict(pp=2, ep=2)), (1, {}), (4, dict(tp=2, ep=2)),
+], ids=["ep4", "pp2xep2", "one-rank", "same-layout"])
+def test_reshard_is_exact(saved, world, layout):
+    run_ranks(world, _load, layout, str(saved / "ckpt"), str(saved / "weights.pt"))
+
+
+def _load_weights_only_into_other_model(rank, folder):
+    from r1fast.policy import build_policy
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.dist_ckpt import load_sharded
+
+    dist.init_process_group("gloo")
+    policy = build_policy(ModelConfig.preset("tiny-moe").replace(num_layers=3),
+                          ParallelConfig(world_size=1), trainable=False)
+    with pytest.raises(ValueError, match=r"does not match this model .*it lacks .*layers\.2"):
+        load_sharded(policy, None, folder)
+
+
+@pytest.mark.multiproc
+def test_a_checkpoint_of_another_model_is_refused(saved):
+    run_ranks(1, _load_weights_only_into_other_model, str(saved / "ckpt"))
