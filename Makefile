@@ -61,7 +61,7 @@ gpu-check:
 PYTHON_VERSION ?= 3.12
 PLATFORM ?= manylinux2014_x86_64
 WHEELHOUSE_PKGS ?= megatron-core==0.16.1 liger-kernel math-verify latex2sympy2_extended \
-	antlr4-python3-runtime==4.13.2
+	antlr4-python3-runtime==4.13.2 psutil
 
 wheelhouse:
 	@test -n "$(WHEELHOUSE)" || { echo "usage: make wheelhouse WHEELHOUSE=<dir>" >&2; exit 2; }
