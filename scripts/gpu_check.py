@@ -26,7 +26,8 @@ for about 8 minutes):
 ``tests``    the GPU test files (CUDA and Triton kernels, ``-m "not slow"``) with a JUnit file;
              the row counts passed / failed / skipped / errors and the first failures.
 ``bench_*``  ``bench/bench_<name>.py`` at real shapes (T=16384, H=4096, V=151936 bf16;
-             E=256 k=8; H=4096/7168), each its own stage; its JSON rows (time, TFLOP/s or GB/s,
+             E=256 k=8; H=4096/7168; the GRPO step; the rollout length mix, old decoder vs
+             the ragged KV cache), each its own stage; its JSON rows (time, TFLOP/s or GB/s,
              fraction of the floor, peak extra memory, error vs fp64, clocks, autotune choice)
              are copied into ``results.jsonl``.
 
@@ -82,14 +83,15 @@ from gpu_check_report import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = ("env", "install", "build", "tests", "bench")
-BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step")
+BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "rollout")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 150, "bench_linear_logprob": 90,
-          "bench_grpo_loss": 60, "bench_moe_route": 45, "bench_moe_permute": 45, "bench_step": 60}
+          "bench_grpo_loss": 60, "bench_moe_route": 45, "bench_moe_permute": 45, "bench_step": 60,
+          "bench_rollout": 120}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
-              "bench_step": 120}
+              "bench_step": 120, "bench_rollout": 90}
 
 GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
@@ -108,6 +110,9 @@ BENCH_ARGS = {
     "moe_permute": ["--T", "16384", "--H", "4096", "7168", "--k", "8", "--E", "256",
                     "--reps", "10"],
     "step": ["--steps", "2"],
+    # 64 rows of the length mix on a small bf16 MoE (H=1024, 4 layers, 32 experts, V=32000)
+    "rollout": ["--rows", "64", "--hidden", "1024", "--layers", "4", "--experts", "32",
+                "--vocab", "32000", "--dtype", "bfloat16", "--reps", "2"],
 }
 DRY_BENCH_ARGS = {
     "linear_logprob": ["--T", "32", "--H", "32", "--V", "256", "--modes", "full", "--reps", "1"],
@@ -116,6 +121,8 @@ DRY_BENCH_ARGS = {
     "moe_permute": ["--T", "32", "--H", "64", "--k", "2", "--E", "16", "--modes", "full",
                     "--reps", "1"],
     "step": ["--steps", "1"],
+    "rollout": ["--rows", "4", "--max-new", "8", "--prompt-range", "4", "12", "--hidden", "32",
+                "--vocab", "256", "--reps", "1"],
 }
 
 RESULT_FILES = ("results.jsonl", "summary.md", "gpu_check.log", "junit.xml")
