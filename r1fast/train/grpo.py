@@ -44,6 +44,7 @@ from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.train.policy_io import copy_weights, load_model_state
+from r1fast.train.reward_routing import source_means
 from r1fast.train.task import TaskData, build_task
 from r1fast.typed_toml import ConfigError, dump_toml
 
@@ -444,6 +445,8 @@ class GRPOTrainer:
         for part, vals in rewards.items():
             if part != "total":
                 metrics[f"reward/{part}"] = self.engine.dp_sum([float(sum(vals))])[0] / n
+        # mixed rule / reward-model data: each source's mean reward over its own rows
+        metrics.update(source_means(metrics))
         metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
         return metrics
 

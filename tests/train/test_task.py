@@ -213,3 +213,5 @@ def test_stage_grpo_runs_on_a_mixed_dataset_with_per_source_metrics(reward_world
     assert means["reward/source_model"] == pytest.approx(
         row["reward/total_model"] / row["reward/rows_model"])
     assert means["reward/source_model"] != 0.0  # the reward model scored real completions
+    for k, v in means.items():  # the trainer logs them in the step's row
+        assert row[k] == pytest.approx(v), k
