@@ -150,9 +150,13 @@ class RewardConfig:
     """Reward name -> weight (names from r1fast.rewards), for every row that does not route to
     the reward model; ``reward_model`` may be one of them (then ``reward_model`` must be set)."""
     timeout_s: float = 5.0
-    """Per-call time limit of a reward function."""
+    """Wall-clock limit per reward call in a worker (the worker is killed): the outer bound."""
+    cpu_time_s: Optional[float] = None
+    """CPU-time limit per reward call, in seconds of CPU: what decides a "timeout" verdict, the
+    same on a busy and an idle machine, in workers and in-process. None: ``timeout_s``."""
     workers: int = 1
-    """Worker processes evaluating rewards (0: in-process, no timeout protection)."""
+    """Worker processes evaluating rewards (0: in-process: the CPU-time limit applies, there is
+    no wall-clock kill)."""
     accuracy_metric: str = "accuracy"
     """Which reward part is reported as 'accuracy'."""
     language: Optional[str] = None
@@ -180,6 +184,9 @@ class RewardConfig:
             self.weights = {**self.weights, "language": self.weights.get("language", 1.0)}
         if not self.timeout_s > 0:
             raise ValueError(f"reward.timeout_s must be > 0 seconds, got {self.timeout_s}")
+        if self.cpu_time_s is not None and not self.cpu_time_s > 0:
+            raise ValueError(f"reward.cpu_time_s must be > 0 seconds (or unset), got "
+                             f"{self.cpu_time_s}")
         if self.reward_model_batch_size < 1:
             raise ValueError(f"reward.reward_model_batch_size must be >= 1, got "
                              f"{self.reward_model_batch_size}")

@@ -228,6 +228,7 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     parts = (reward_parts(task, r.weights, language=r.language, model_reward=model_reward)
              if reward is None else [("custom", reward, 1.0)])
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",
-                              num_workers=max(r.workers, 1), timeout_s=r.timeout_s)
+                              num_workers=max(r.workers, 1), timeout_s=r.timeout_s,
+                              cpu_time_s=r.cpu_time_s)
     return TaskData(examples, tokenizer, parts, d.prompts_per_step, d.seed, runner_cfg,
                     model_reward=model_reward, model_weight=r.reward_model_weight)

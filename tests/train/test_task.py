@@ -46,6 +46,18 @@ def test_score_sums_weighted_parts_and_counts_failures():
         task.close()
 
 
+def test_reward_cpu_time_limit_reaches_the_runner(tmp_path):
+    """[reward] cpu_time_s (the load-independent verdict limit) is the runner's, with the
+    wall-clock timeout_s as the outer bound."""
+    cfg = load_train_config(None, ["--reward.workers=0", "--reward.cpu_time_s=0.7",
+                                   "--reward.timeout_s=9", f"--run.out_dir={tmp_path}"])
+    task = build_task(cfg)
+    try:
+        assert (task.runner.config.cpu_time_s, task.runner.config.timeout_s) == (0.7, 9.0)
+    finally:
+        task.close()
+
+
 def test_accuracy_means_the_checker_of_the_task():
     (name, fn, weight), = reward_parts("countdown", {"accuracy": 2.0})
     assert name == "accuracy" and type(fn).__name__ == "CountdownReward" and weight == 2.0
