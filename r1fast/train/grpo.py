@@ -40,7 +40,8 @@ from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, 
                                      save_checkpoint, set_aside)
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.engine import TrainEngine
-from r1fast.train.metrics import MetricsLogger, truncate_metrics
+from r1fast.train.metrics import (MetricsLogger, append_jsonl, gather_expert_load,
+                                  load_imbalance, truncate_metrics)
 from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.train.policy_io import copy_weights, load_model_state
@@ -97,6 +98,8 @@ class GRPOTrainer:
         self.run_dir = Path(config.run.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step_idx = 0
+        self.expert_loads: dict[int, list[float]] = {}
+        """Tokens per expert of each MoE layer in the last step (see expert_load.jsonl)."""
         self.sampling = SamplingConfig(
             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
             top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
@@ -137,6 +140,7 @@ class GRPOTrainer:
         self.step_idx = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step_idx)
         if self.is_logger:
+            truncate_metrics(self.run_dir / "expert_load.jsonl", self.step_idx)
             dropped, torn = truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
             if dropped or torn:
                 log.info("metrics.jsonl: dropped %d row(s) after step %d (logged again from the "
@@ -173,8 +177,8 @@ class GRPOTrainer:
                 f"--run.overwrite=true (the old files are kept in {self.run_dir}/previous_<time>/)"
                 f", or choose another --run.out_dir")
         if self.is_logger:
-            aside = set_aside(self.run_dir, ("checkpoints", "metrics.jsonl", "tensorboard",
-                                             "config.toml"))
+            aside = set_aside(self.run_dir, ("checkpoints", "metrics.jsonl", "expert_load.jsonl",
+                                             "tensorboard", "config.toml"))
             log.warning("run.overwrite: starting from step 0; the previous run's files are in %s",
                         aside)
         barrier()
@@ -447,6 +451,9 @@ class GRPOTrainer:
                 metrics[f"reward/{part}"] = self.engine.dp_sum([float(sum(vals))])[0] / n
         # mixed rule / reward-model data: each source's mean reward over its own rows
         metrics.update(source_means(metrics))
+        if self.policy.model_cfg.is_moe:  # the per-expert counts go to expert_load.jsonl
+            self.expert_loads = gather_expert_load(self.policy)
+            metrics.update(load_imbalance(self.expert_loads))
         metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
         return metrics
 
@@ -500,6 +507,10 @@ class GRPOTrainer:
             while self.step_idx < run.steps:
                 metrics = self.step()
                 rows.append(logger.log(self.step_idx, metrics))
+                if self.is_logger and self.expert_loads:
+                    append_jsonl(self.run_dir / "expert_load.jsonl", {
+                        "step": self.step_idx, "tokens_per_expert": {
+                            str(layer): counts for layer, counts in self.expert_loads.items()}})
                 if run.save_every and self.step_idx % run.save_every == 0:
                     self.save()
             if not run.save_every or self.step_idx % run.save_every != 0:

@@ -104,3 +104,36 @@ def truncate_metrics(path: str | Path, last_step: int) -> tuple[int, int]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return dropped, torn
+
+
+def gather_expert_load(policy) -> dict[int, list[float]]:
+    """Tokens the training forwards routed to each expert of every MoE layer (all pipeline
+    stages) since the last call, ``{layer: [E]}``, the same on every rank (collective)."""
+    import torch.distributed as dist
+
+    from r1fast.policy.router import expert_load
+
+    loads = {layer: load.tolist() for layer, load in expert_load(policy).items()}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, loads)
+        for part in parts:  # stages hold different layers; replicas hold the same sums
+            loads.update(part)
+    return dict(sorted(loads.items()))
+
+
+def load_imbalance(loads: Mapping[int, list[float]]) -> dict[str, float]:
+    """Max over mean of the per-expert token counts of a layer (1.0: perfectly balanced; E:
+    every token on one expert): the worst layer's and the mean over layers."""
+    ratios = [max(c) * len(c) / sum(c) for c in loads.values() if sum(c) > 0]
+    if not ratios:
+        return {}
+    return {"moe/load_imbalance_max": max(ratios),
+            "moe/load_imbalance_mean": sum(ratios) / len(ratios)}
+
+
+def append_jsonl(path: str | Path, row: Mapping) -> None:
+    """One JSON line appended to ``path`` (flushed: a killed run keeps its rows)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()

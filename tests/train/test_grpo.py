@@ -74,6 +74,14 @@ def test_fit_writes_metrics_and_resume_is_bitwise(tmp_path, layout):
             {k: v for k, v in b.items() if k not in skip}
     for a, b in zip(full[:2], first):
         assert a["loss"] == b["loss"] and a["reward_mean"] == b["reward_mean"]
+    # the per-expert load of every step, once each also after the resume
+    loads = read_jsonl(tmp_path / "resumed" / "expert_load.jsonl")
+    assert [r["step"] for r in loads] == [1, 2, 3, 4]
+    for row, metrics in zip(loads, full):
+        counts = row["tokens_per_expert"]
+        assert sorted(counts) == ["0", "1"] and all(sum(c) > 0 for c in counts.values())
+        worst = max(max(c) * len(c) / sum(c) for c in counts.values())
+        assert metrics["moe/load_imbalance_max"] == pytest.approx(worst)
     rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     for key in ("reward_mean", "reward_std", "response_length", "clip_frac", "kl",
                 "entropy", "grad_norm", "tokens_per_s", "logp_mismatch"):
