@@ -144,6 +144,19 @@ def test_non_finite_state_is_never_written(tmp_path, bad):
     assert not (tmp_path / ".tmp_step_00000003").exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_shared_tensors_are_never_written(tmp_path, bad):
+    """The distributed model/optimizer state is checked before any rank writes anything."""
+    _two_checkpoints(tmp_path)
+    calls = []
+    shared = {"optimizer": [{"0": {"exp_avg": torch.tensor([0.0, bad])}}]}
+    with pytest.raises(FloatingPointError, match=r"optimizer\[0\]\.0\.exp_avg"):
+        save_checkpoint(tmp_path, 3, {"rng": torch.zeros(2)}, {}, shared_tensors=shared,
+                        write_shared=calls.append)
+    assert calls == [] and latest_checkpoint(tmp_path).name == "step_00000002"
+    assert not (tmp_path / ".tmp_step_00000003").exists()
+
+
 def test_keep_last_never_deletes_later_steps(tmp_path):
     for s in (4, 5):
         save_checkpoint(tmp_path, s, {"s": torch.tensor(s)}, {})
