@@ -105,7 +105,9 @@ def format_plan(plan: MemoryPlan, cfg, title: str = "", use_rich: bool | None = 
         f"rollout {plan.rollout_seqs} seqs per DP rank x {plan.seq_len} tokens "
         f"({plan.prompt_len} prompt + {cfg.rollout.max_new_tokens} new)",
         f"update  {cfg.algo.mini_batches} mini-batch(es) x {plan.micro_batches} micro-batch(es) "
-        f"of {plan.micro_batch_seqs} seq(s) = {plan.micro_batch_seqs * plan.seq_len} tokens",
+        + (f"packed to {plan.micro_batch_tokens} tokens (parallel.max_tokens_per_microbatch; "
+           f"worst case: every row {plan.seq_len} tokens)" if plan.packed else
+           f"of {plan.micro_batch_seqs} seq(s) = {plan.micro_batch_tokens} tokens"),
     ]
     w = plan.worst
     table_title = (f"per-GPU memory, worst pipeline stage {w.stage} "

@@ -27,7 +27,9 @@ matching r1fast's policy (r1fast.policy.optim):
   expert parameters (EDP = world / (ep pp)); megatron files experts under dense at ep = 1;
 - a frozen reference policy (parameters only) when the KL term is on;
 - activations (r1fast.plan.activations): the peak saved tensors of one micro-batch of
-  ``micro_batch_size`` sequences of ``prompt_len + max_new_tokens`` tokens, for three recompute
+  ``micro_batch_size`` sequences of ``prompt_len + max_new_tokens`` tokens (with
+  ``parallel.max_tokens_per_microbatch``: ONE packed sequence of that many tokens, or of one
+  full-length row when that is longer, as r1fast.train.packing builds it), for three recompute
   settings (none; selective = megatron's ``recompute_modules`` core_attn, as
   ParallelConfig.recompute sets it; full = uniform, one layer per checkpoint), counted tensor
   by tensor for the Transformer Engine layers (flash attention) or megatron's local layers
@@ -43,7 +45,7 @@ matching r1fast's policy (r1fast.policy.optim):
 
 Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
 transient is below the training one), expert load imbalance (the busiest expert's rank holds
-more routed tokens), MTP layers (not built), packed micro-batches, CPU offload, and megatron's
+more routed tokens), MTP layers (not built), CPU offload, and megatron's
 buffer padding (< 1%). r1fast.plan.measure measures a built policy for comparison;
 tests/plan/test_plan.py and tests/policy/test_recompute.py hold the formulas to megatron that
 way.
@@ -191,6 +193,10 @@ class MemoryPlan:
     """Sequences per micro-batch."""
     micro_batches: int
     """Micro-batches per optimizer step on a DP rank."""
+    micro_batch_tokens: int
+    """Tokens of one micro-batch (packed: the one packed sequence's length)."""
+    packed: bool
+    """Micro-batches are packed under ``parallel.max_tokens_per_microbatch``."""
     rollout_seqs: int
     """Sequences this DP rank samples per step."""
     stages: list[StagePlan]
@@ -326,11 +332,20 @@ class _Batch:
     """Micro-batches per mini-batch."""
     mbs: int
     """Sequences per micro-batch."""
+    packed_tokens: int = 0
+    """With ``parallel.max_tokens_per_microbatch``: the length of the one packed sequence a
+    micro-batch is (0: padded micro-batches of ``mbs`` sequences)."""
 
     @property
     def tokens(self) -> int:
         """Tokens of one micro-batch."""
-        return self.mbs * self.seq_len
+        return self.packed_tokens or self.mbs * self.seq_len
+
+    @property
+    def attn_len(self) -> int:
+        """Length of the sequences attention sees: a packed micro-batch is one sequence (its
+        [T, T] block-diagonal mask on the local spec)."""
+        return self.packed_tokens or self.seq_len
 
 
 def _batch(cfg, par: ParallelConfig, opts: PlanOptions) -> _Batch:
@@ -349,6 +364,15 @@ def _batch(cfg, par: ParallelConfig, opts: PlanOptions) -> _Batch:
     # as the trainer splits a mini-batch: max(rows // micro_batch_size, 1) near-even parts
     n_micro = max(1, rows_per_step // (par.micro_batch_size or rows_per_step))
     mbs = -(-rows_per_step // n_micro)
+    budget = par.max_tokens_per_microbatch
+    if budget:
+        # the trainer packs rows first-fit under the budget (r1fast.train.packing); a row longer
+        # than the budget is a micro-batch of its own. Worst case: every row at full length.
+        seq = prompt + new
+        per_bin = max(1, budget // seq)
+        return _Batch(prompt_len=prompt, seq_len=seq, rows=rows,
+                      n_micro=-(-rows_per_step // per_bin), mbs=min(per_bin, rows_per_step),
+                      packed_tokens=max(budget, seq))
     return _Batch(prompt_len=prompt, seq_len=prompt + new, rows=rows, n_micro=n_micro, mbs=mbs)
 
 
@@ -369,10 +393,10 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     split = par.stage_layers(m.num_layers)
     dense, expert = stage_params(m, tp, pp, ep, stage, split)
     n = dense + expert
-    acts = {mode: stage_activation_bytes(m, par, stage, batch.tokens, batch.seq_len, mode,
+    acts = {mode: stage_activation_bytes(m, par, stage, batch.tokens, batch.attn_len, mode,
                                          opts.spec) for mode in RECOMPUTE_MODES}
     in_flight = min(pp - stage, batch.n_micro)
-    act_total = held_activation_bytes(m, par, stage, batch.tokens, batch.seq_len,
+    act_total = held_activation_bytes(m, par, stage, batch.tokens, batch.attn_len,
                                       opts.recompute, opts.spec, in_flight)
     if stage == pp - 1:
         lp_fused, lp_unfused = logprob_head_bytes(m, tp, batch.tokens)
@@ -448,6 +472,7 @@ def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0
         sequence_parallel=par.use_sequence_parallel(m), total_params=total_params(m),
         active_params=active_params(m), params_dtype=m.params_dtype, seq_len=batch.seq_len,
         prompt_len=batch.prompt_len, micro_batch_seqs=batch.mbs, micro_batches=batch.n_micro,
+        micro_batch_tokens=batch.tokens, packed=bool(batch.packed_tokens),
         rollout_seqs=batch.rows, stages=stages, worst=worst, gpu_mem_bytes=gpu_bytes, fits=fits,
         options=opts, notes=_notes(m, par.tp, batch, worst, fits, opts))
 

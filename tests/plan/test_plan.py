@@ -352,3 +352,37 @@ def test_more_data_parallel_never_costs_memory(layout, factor):
     need = small.worst.peak / GiB
     assert plan_memory(cfg, par.world_size, gpu_mem_gib=need * 1.01, spec="local").fits
     assert not plan_memory(cfg, par.world_size, gpu_mem_gib=need * 0.99, spec="local").fits
+
+
+@pytest.mark.parametrize("budget", [64, 160])
+def test_packed_peak_follows_the_token_budget(megatron_rank, budget):
+    """A packed micro-batch (rows end to end under parallel.max_tokens_per_microbatch) holds the
+    activations of ONE sequence of `budget` tokens: the peak autograd keeps in its
+    forward-backward is within 15% of the plan of that budget, whatever the row count."""
+    import itertools
+
+    from r1fast.ops.linear_logprob import linear_logprob
+    from r1fast.plan import plan_memory
+    from r1fast.plan.measure import measure_peak_saved_bytes
+
+    cfg = load_train_config(None, [f"--parallel.max_tokens_per_microbatch={budget}",
+                                   "--rollout.max_new_tokens=16"])
+    m = cfg.model
+    policy = _build(m)
+    g = torch.Generator().manual_seed(0)
+    lengths = [budget // 2, budget // 4, budget - budget // 2 - budget // 4]  # uneven rows
+    tokens = torch.randint(0, m.vocab_size, (1, budget), generator=g)
+    cu = torch.tensor([[0, *itertools.accumulate(lengths)]])
+
+    def loss_fn(hidden, weight, mb):
+        b, n, h = hidden.shape
+        logp = linear_logprob(hidden.reshape(b * n, h), weight, mb["tokens"].reshape(-1),
+                              impl="torch")
+        return -logp.mean(), {}
+
+    _, peak, _ = measure_peak_saved_bytes(
+        lambda: policy.forward_backward([{"tokens": tokens, "cu_seqlens": cu}], loss_fn),
+        exclude=list(policy.gpt.parameters()))
+    plan = plan_memory(cfg, world_size=1, prompt_len=16, spec="local")
+    assert plan.packed and plan.micro_batch_tokens == budget
+    assert plan.worst.activation_bytes["none"] == pytest.approx(peak, rel=0.15)
