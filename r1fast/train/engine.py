@@ -67,10 +67,10 @@ class TrainEngine:
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
                  total_updates: int, seed: int, init_from: Optional[str] = None):
-        from r1fast.policy import build_optimizer, build_policy
+        from r1fast.policy import build_optimizer
 
         torch.manual_seed(seed)
-        self.policy = build_policy(model, parallel, seed=seed)
+        self.policy = self._build_policy(model, parallel, seed)
         self.info = self.policy.info
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
@@ -78,7 +78,19 @@ class TrainEngine:
         self.nonfinite_skips = 0
         """Steps skipped so far in the run (saved in checkpoints)."""
         if init_from:
-            load_model_state(self.policy, init_from, self.optimizer)
+            self._load_initial_weights(init_from)
+
+    def _build_policy(self, model: ModelConfig, parallel: ParallelConfig, seed: int):
+        """The trainable policy (megatron DDP over it); objectives with extra trainable modules
+        (a reward model's head) override this."""
+        from r1fast.policy import build_policy
+
+        return build_policy(model, parallel, seed=seed)
+
+    def _load_initial_weights(self, init_from: str) -> None:
+        """Weights from a Hugging Face or r1fast checkpoint folder; the optimizer re-copies its
+        fp32 master weights from them."""
+        load_model_state(self.policy, init_from, self.optimizer)
 
     # ------------------------------------------------------------------------- training
     def update(self, micro_batches: Sequence[Mapping[str, Any]], loss_fn) -> UpdateResult:

@@ -128,39 +128,36 @@ def load_pairs(path: str | Path) -> list[dict]:
 
 class RewardEngine(TrainEngine):
     """A :class:`TrainEngine` whose DDP module (and so its optimizer, grad clipping and
-    non-finite guard) holds the scalar head next to the backbone. Builds like
-    ``TrainEngine.__init__`` except that the policy is built bare, the head added, and then
-    megatron DDP wraps both (``policy.gpt`` stays the bare GPT chunk, so HF save/load of the
-    backbone is untouched)."""
+    non-finite guard) holds the scalar head next to the backbone: the policy is built bare,
+    the head added, and then megatron DDP wraps both (``policy.gpt`` stays the bare GPT chunk,
+    so HF save/load of the backbone is untouched)."""
 
-    def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
-                 total_updates: int, seed: int, init_from: Optional[str] = None):
+    def _build_policy(self, model: ModelConfig, parallel: ParallelConfig, seed: int):
         import types
 
-        from r1fast.policy import build_optimizer, build_policy
+        from r1fast.policy import build_policy
         from r1fast.policy.optim import wrap_ddp
-        from r1fast.train.policy_io import load_model_state
 
-        torch.manual_seed(seed)
-        self.policy = build_policy(model, parallel, seed=seed, trainable=False)
-        gpt = self.policy.gpt
+        policy = build_policy(model, parallel, seed=seed, trainable=False)
+        gpt = policy.gpt
         for p in gpt.parameters():  # build_policy(trainable=False) froze them
             p.requires_grad_(True)
         gpt.train()
         self.backbone = RewardBackbone(gpt, model.hidden_size, init_std=model.init_std, seed=seed)
-        shim = types.SimpleNamespace(gpt=self.backbone, config=self.policy.config)
+        shim = types.SimpleNamespace(gpt=self.backbone, config=policy.config)
         wrap_ddp(shim)  # the policy's DDP setup, over backbone + head
-        self.policy.module = shim.module
-        self.info = self.policy.info
-        if init_from:  # before the optimizer: it copies the fp32 master weights at construction
-            load_model_state(self.policy, init_from)
-            if (Path(init_from) / META_FILE).is_file() and self.backbone.score is not None:
-                with torch.no_grad():  # a reward model trained further: its head too
-                    self.backbone.score.weight.copy_(load_head(init_from, model.hidden_size))
-        optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
-        self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
-        self.max_nonfinite_skips = optim.max_nonfinite_skips
-        self.nonfinite_skips = 0
+        policy.module = shim.module
+        return policy
+
+    def _load_initial_weights(self, init_from: str) -> None:
+        from r1fast.train.policy_io import load_model_state
+
+        load_model_state(self.policy, init_from)
+        if (Path(init_from) / META_FILE).is_file() and self.backbone.score is not None:
+            with torch.no_grad():  # a reward model trained further: its head too
+                self.backbone.score.weight.copy_(
+                    load_head(init_from, self.policy.model_cfg.hidden_size))
+        self.optimizer.reload_model_params()  # fp32 masters of the backbone and the head
 
     @property
     def head_weight(self) -> Optional[torch.Tensor]:
