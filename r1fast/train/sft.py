@@ -2,59 +2,141 @@
 
 The R1 pipeline has four supervised stages: pre-training a tiny base model (the demo only),
 the cold start on long readable chains of thought, SFT on rejection-sampled answers, and the
-distillation of a teacher's answers into a dense student. All are next-token cross-entropy on
-``prompt + completion`` pairs, computed from hidden states with
+distillation of a teacher's answers into a dense student; Sky-T1-style long-trace SFT
+(``recipes/sky_t1_sft.toml``) is the same loop on traces of many thousand tokens. All are
+next-token cross-entropy on ``prompt + completion`` pairs, computed from hidden states with
 :func:`r1fast.ops.linear_logprob` (no logits), through megatron's forward-backward and
-distributed optimizer, at any TP/PP/EP/DP layout. The loss is the mean over the completion
-tokens of the global batch (over all tokens with ``loss_on_prompt``).
+distributed optimizer, at any TP/PP/EP/DP layout.
+
+One step (:meth:`SFTTrainer.step`):
+
+1. every rank draws the same ``batch_size`` rows from the seeded data RNG and keeps its DP
+   share (so the rows of a step do not depend on the layout);
+2. the rows become micro-batches: packed end to end under the token budget
+   ``parallel.max_tokens_per_microbatch`` (:mod:`r1fast.train.packing`, the layout GRPO uses:
+   memory follows tokens, not the longest row), or padded micro-batches of
+   ``parallel.micro_batch_size`` rows, or (the default) the whole share as one padded one;
+3. :meth:`TrainEngine.update` accumulates the gradients of every micro-batch and takes one
+   guarded optimizer step. Each micro-batch contributes its share of ONE global mean: the
+   summed NLL of its target tokens over the target tokens of the whole global batch (over all
+   tokens with ``loss_on_prompt``), so the layout of micro-batches and ranks never changes
+   the loss or its gradient beyond rounding.
+
+Checkpoints follow GRPO's (:mod:`r1fast.train.checkpoint`): every ``save_every`` steps and at
+the end, the model and optimizer as a megatron distributed checkpoint (resumable at any
+layout), the RNG per rank, and in ``meta.json`` the data RNG, the config and the LR schedule.
+A run finds its latest checkpoint in ``out_dir/checkpoints`` and continues bit-exactly at the
+same layout; ``metrics.jsonl`` is cut back to the checkpoint's step first.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
 import random
+import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from r1fast import ops
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.config_checks import Range, check_fields
 from r1fast.policy.optim import OptimConfig
-from r1fast.train.batch import all_ranks_int, build_update_batch
+from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
+from r1fast.train.checkpoint import (CheckpointError, barrier, has_run_files, latest_checkpoint,
+                                     load_checkpoint, save_checkpoint, set_aside)
 from r1fast.train.engine import TrainEngine
-from r1fast.train.metrics import MetricsLogger
+from r1fast.train.metrics import MetricsLogger, truncate_metrics
+from r1fast.train.packing import packed_micro_batches
+
+log = logging.getLogger("r1fast.train")
+
+#: what a fresh start with ``overwrite`` moves to ``out_dir/previous_<time>/`` (the data
+#: summary is the recipe runner's, r1fast.pipeline.sft_recipe)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "model", "data_summary.json")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SFTConfig:
-    """One supervised run."""
+    """One supervised run. Every field is checked when the config is made."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("tiny-moe"))
     """Architecture (ignored fields are overwritten by init_from's config when given)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """TP/PP/EP layout."""
+    """TP/PP/EP layout and micro-batching: ``max_tokens_per_microbatch`` > 0 packs the rows
+    into micro-batches of at most that many tokens; else ``micro_batch_size`` rows per padded
+    micro-batch (None: the whole per-rank batch at once)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     """Optimizer and schedule (total_steps is set from steps)."""
     steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps in total, including resumed ones (>= 1)."""
     batch_size: int = 32
-    """Sequences per step (global, split over DP ranks)."""
+    """Sequences per step (global, split over DP ranks; >= 1)."""
     loss_on_prompt: bool = False
     """Train on every token (pre-training) instead of only the completion."""
     init_from: Optional[str] = None
     """Hugging Face / r1fast checkpoint folder to start from; None: random init."""
     out_dir: str = "runs/sft"
-    """Run folder: metrics.jsonl and the final checkpoint under model/."""
+    """Run folder: metrics.jsonl, checkpoints/ and the final model under model/."""
     seed: int = 0
-    """Init and data-order seed."""
+    """Init and data-order seed (>= 0)."""
     progress: bool = False
     """Show a progress bar."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end; a checkpoint is always written at the
+    end)."""
+    resume: bool = True
+    """Continue from ``out_dir/checkpoints`` when it holds a complete checkpoint."""
+    overwrite: bool = False
+    """Allow starting from step 0 in an out_dir that already holds checkpoints or metrics (no
+    usable checkpoint, or resume=False). Nothing is deleted: the old checkpoints/,
+    metrics.jsonl, model/ and data_summary.json move to out_dir/previous_<time>/. Without it
+    such a start is an error."""
+
+    def __post_init__(self) -> None:
+        _check_config(self)
+
+
+_RANGES = {"steps": Range(integer=True, lo=1), "batch_size": Range(integer=True, lo=1),
+           "save_every": Range(integer=True, lo=0), "seed": Range(integer=True, lo=0)}
+
+
+def _check_config(cfg: SFTConfig) -> None:
+    """One-line ValueErrors naming the field, its value and what is allowed."""
+    for name, cls in (("model", ModelConfig), ("parallel", ParallelConfig),
+                      ("optim", OptimConfig)):
+        if not isinstance(getattr(cfg, name), cls):
+            raise ValueError(f"SFTConfig: {name} must be a {cls.__name__}, got "
+                             f"{type(getattr(cfg, name)).__name__}")
+    check_fields("SFTConfig", cfg, _RANGES)
+    for name in ("loss_on_prompt", "progress", "resume", "overwrite"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"SFTConfig: {name} must be true or false, got "
+                             f"{getattr(cfg, name)!r}")
+    if not isinstance(cfg.out_dir, str) or not cfg.out_dir.strip():
+        raise ValueError(f"SFTConfig: out_dir must be a non-empty folder path, got "
+                         f"{cfg.out_dir!r}")
+    if cfg.init_from is not None and (not isinstance(cfg.init_from, str)
+                                      or not cfg.init_from.strip()):
+        raise ValueError(f"SFTConfig: init_from must be None or a model folder path, got "
+                         f"{cfg.init_from!r}")
+    cfg.model.validate()
+    # the engine sizes the schedule the same way; this checks optimizer name, decay style, ...
+    dataclasses.replace(cfg.optim, total_steps=max(cfg.steps, cfg.optim.warmup_steps + 1)
+                        ).validate()
 
 
 class SFTTrainer:
-    """``SFTTrainer(config, examples, tokenizer).fit()`` trains and saves ``out_dir/model``."""
+    """``SFTTrainer(config, examples, tokenizer).fit()`` trains and saves ``out_dir/model``;
+    with ``config.resume`` it continues from the run folder's latest checkpoint."""
 
     def __init__(self, config: SFTConfig, examples: Sequence[dict], tokenizer):
+        if not isinstance(config, SFTConfig):
+            raise ValueError(f"config must be an SFTConfig, got {type(config).__name__}")
         if not examples:
             raise ValueError("examples must be a non-empty list of {'prompt', 'completion'} dicts")
         for i, ex in enumerate(examples[:1000]):
@@ -66,14 +148,99 @@ class SFTTrainer:
                                   total_updates=config.steps, seed=config.seed,
                                   init_from=config.init_from)
         self.policy, self.info = self.engine.policy, self.engine.info
-        if config.batch_size % self.info.dp:
-            raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the data "
-                             f"parallel size ({self.info.dp})")
+        self._check_layout()
         self.data = [(tokenizer.encode(ex["prompt"], add_bos=True),
                       tokenizer.encode(ex["completion"], add_eos=True)) for ex in examples]
+        self.data_fingerprint = _fingerprint(self.data)
         self.rng = random.Random(config.seed)
+        self.run_dir = Path(config.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step_idx = 0
+        """Optimizer steps done (restored from a checkpoint on resume)."""
+        path = latest_checkpoint(self.ckpt_dir) if config.resume else None
+        if path is None:
+            self._check_fresh_start()
+        else:
+            self._resume(path)
 
-    def _batch(self):
+    def _check_layout(self) -> None:
+        cfg, dp = self.cfg, self.info.dp
+        if cfg.batch_size % dp:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the data "
+                             f"parallel size ({dp})")
+        rows, mbs = cfg.batch_size // dp, cfg.parallel.micro_batch_size
+        if cfg.parallel.max_tokens_per_microbatch > 0:
+            if mbs and self.engine.is_logger:
+                log.warning("parallel.micro_batch_size=%d is not used by SFT training: "
+                            "parallel.max_tokens_per_microbatch=%d packs the rows by tokens",
+                            mbs, cfg.parallel.max_tokens_per_microbatch)
+        elif mbs and mbs < rows and rows % mbs:
+            raise ValueError(f"parallel.micro_batch_size ({mbs}) must divide the rows per data "
+                             f"parallel rank (batch_size {cfg.batch_size} / dp {dp} = {rows}), "
+                             f"or be >= them")
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _check_fresh_start(self) -> None:
+        """Step 0 in a folder that holds checkpoints or metrics: an error unless ``overwrite``;
+        with it the old files move to ``previous_<time>/`` (never deleted)."""
+        found = has_run_files(self.run_dir)
+        if not found:
+            return
+        if not self.cfg.overwrite:
+            why = "holds no complete checkpoint" if self.cfg.resume else "has resume=False"
+            raise ValueError(
+                f"SFT run folder {self.run_dir} already holds {', '.join(found[:3])}"
+                f"{' ...' if len(found) > 3 else ''} but {why}: starting over from step 0 needs "
+                f"overwrite=True (SFTConfig.overwrite; in a recipe --sft.overwrite=true; the old "
+                f"files are kept in {self.run_dir}/previous_<time>/), or choose another out_dir")
+        if self.engine.is_logger:
+            aside = set_aside(self.run_dir, RUN_FILES)
+            log.warning("overwrite: SFT starts from step 0; the previous run's files are in %s",
+                        aside)
+        barrier()
+
+    def _resume(self, path: Path) -> None:
+        """Model, optimizer (resharded to this layout), LR schedule, data RNG and step from the
+        checkpoint ``path``; metrics.jsonl is cut back to its step."""
+        state, meta = load_checkpoint(path)
+        data = meta.get("sft_data")
+        if not isinstance(data, dict) or "rng" not in data:
+            raise CheckpointError(f"checkpoint {path} is not an SFT checkpoint (its meta.json has "
+                                  f"no sft_data); choose another out_dir for this SFT run")
+        self.engine.load_checkpoint(path, state, meta)
+        rng = data["rng"]
+        self.rng.setstate((rng["version"], tuple(rng["state"]), rng["gauss"]))
+        self.step_idx = int(meta["step"])
+        if self.engine.is_logger:
+            if data.get("fingerprint") != self.data_fingerprint:
+                log.warning("resuming %s with other training rows than the run's (%d rows, "
+                            "sha256 %.12s), now %d rows, sha256 %.12s; the data order from "
+                            "here on is not that of an uninterrupted run", path,
+                            data.get("rows", -1), str(data.get("fingerprint")), len(self.data),
+                            self.data_fingerprint)
+            dropped, torn = truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
+            if dropped or torn:
+                log.info("metrics.jsonl: dropped %d row(s) after step %d (logged again from the "
+                         "checkpoint) and %d unreadable line(s)", dropped, self.step_idx, torn)
+        log.info("resumed from %s at step %d", path, self.step_idx)
+        _fit_schedule(self.engine, self.cfg.steps, self.cfg.optim.warmup_steps)
+
+    def save(self) -> Path:
+        """A checkpoint of this step (collective): model and optimizer in megatron's
+        distributed format (resumable at any layout), RNG per rank, data RNG and config in
+        meta."""
+        from r1fast.typed_toml import dump_toml
+
+        version, state, gauss = self.rng.getstate()
+        meta = {"sft_data": {"rng": {"version": version, "state": list(state), "gauss": gauss},
+                             "rows": len(self.data), "fingerprint": self.data_fingerprint},
+                "config": dump_toml(self.cfg), **self.engine.checkpoint_meta()}
+        return save_checkpoint(self.ckpt_dir, self.step_idx, self.engine.rank_state(), meta,
+                               write_shared=self.engine.write_shared,
+                               shared_tensors=self.engine.shared_tensors())
+
+    # -------------------------------------------------------------------------- one step
+    def _batch(self) -> UpdateBatch:
         """This DP rank's share of the next global batch (every rank draws the same rows)."""
         rows = [self.data[self.rng.randrange(len(self.data))] for _ in range(self.cfg.batch_size)]
         k = self.cfg.batch_size // self.info.dp
@@ -86,31 +253,105 @@ class SFTTrainer:
         return build_update_batch(prompts, comps, [[0.0] * len(c) for c in comps], torch.zeros(n),
                                   torch.ones(n, dtype=torch.bool), self.tokenizer.pad_id, length)
 
+    def _micro_batches(self, batch: UpdateBatch) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of this rank's rows: packed ``[1, T]`` streams with ``cu_seqlens``
+        under the token budget (every rank runs the same number, of one length T agreed over
+        the ranks, a multiple of tp under sequence parallelism), else padded ``[b, L]``
+        micro-batches of ``parallel.micro_batch_size`` rows (default: all rows at once)."""
+        budget = self.cfg.parallel.max_tokens_per_microbatch
+        if budget > 0:
+            multiple = self.info.tp if self.policy.sequence_parallel else 1
+            packs = packed_micro_batches(batch.lengths.tolist(), budget, multiple,
+                                         agree=all_ranks_int)
+            pad = self.tokenizer.pad_id
+            return [{"tokens": p.pack(batch.tokens, pad), "targets": p.pack(batch.targets, pad),
+                     "mask": p.pack(batch.mask), "cu_seqlens": p.cu_seqlens()} for p in packs]
+        n = batch.num_rows
+        mbs = self.cfg.parallel.micro_batch_size or n
+        return [{"tokens": batch.tokens[s], "targets": batch.targets[s], "mask": batch.mask[s]}
+                for s in split_even(n, max(n // mbs, 1))]
+
+    def _normalizer(self, batch: UpdateBatch) -> float:
+        """Target tokens of the global batch (all DP ranks): the loss's one denominator."""
+        return max(self.engine.dp_sum([float(batch.mask.sum())])[0], 1.0)
+
+    def _loss_fn(self, total_tokens: float):
+        return _nll_loss(total_tokens, self.policy.tp_group)
+
     def step(self) -> dict[str, float]:
+        """One optimizer step over the next global batch; returns its metrics row."""
+        t0 = time.perf_counter()
         batch = self._batch()
-        total = max(self.engine.dp_sum([float(batch.mask.sum())])[0], 1.0)  # global tokens
-        micro = [{"tokens": batch.tokens, "targets": batch.targets, "mask": batch.mask}]
-        upd = self.engine.update(micro, _nll_loss(total, self.policy.tp_group))
+        total = self._normalizer(batch)
+        micro = self._micro_batches(batch)
+        upd = self.engine.update(micro, self._loss_fn(total))
+        self.step_idx += 1
         local = {"nll": sum(float(r["nll"]) for r in upd.metrics)}
         loss = self.engine.last_stage_reduce(local, ["nll"], op="sum")["nll"]
-        return {"loss": loss, "grad_norm": upd.grad_norm, "tokens": total, "lr": self.engine.lr}
+        seen = self.engine.dp_sum([float(batch.lengths.sum())])[0]  # real tokens run
+        return {"loss": loss, "grad_norm": upd.grad_norm, "tokens": total, "lr": self.engine.lr,
+                "micro_batches": len(micro),
+                "tokens_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
 
+    # -------------------------------------------------------------------------- the loop
     def fit(self) -> Path:
-        """Train for ``steps`` and save ``out_dir/model`` (HF safetensors + tokenizer)."""
-        out = Path(self.cfg.out_dir)
-        logger = MetricsLogger(out, enabled=self.engine.is_logger, tensorboard=False,
-                               progress=self.cfg.progress, total_steps=self.cfg.steps, desc="sft")
+        """Train until ``steps`` (checkpoints every ``save_every`` steps and at the end), then
+        save ``out_dir/model`` (HF safetensors + tokenizer) and return its path."""
+        cfg = self.cfg
+        logger = MetricsLogger(self.run_dir, enabled=self.engine.is_logger, tensorboard=False,
+                               progress=cfg.progress, total_steps=cfg.steps,
+                               initial_step=self.step_idx, desc="sft")
         try:
-            for i in range(1, self.cfg.steps + 1):
-                logger.log(i, self.step())
+            if self.step_idx >= cfg.steps:
+                log.warning("the checkpoint is at step %d and steps=%d: nothing to train (raise "
+                            "steps to continue); writing its model", self.step_idx, cfg.steps)
+            else:
+                while self.step_idx < cfg.steps:
+                    metrics = self.step()  # counts the step
+                    logger.log(self.step_idx, metrics)
+                    if cfg.save_every and self.step_idx % cfg.save_every == 0:
+                        self.save()
+                if not cfg.save_every or self.step_idx % cfg.save_every:
+                    self.save()
         finally:
             logger.close()
-        return self.engine.save_model(self.tokenizer, out / "model")
+        return self.engine.save_model(self.tokenizer, self.run_dir / "model")
+
+
+def _fit_schedule(engine: TrainEngine, steps: int, warmup_steps: int) -> None:
+    """After a resume, the LR schedule is the checkpoint's. A run with another ``steps``
+    extends a constant schedule (exact: its LR does not depend on the length) and otherwise
+    keeps the checkpoint's schedule with a WARNING (stretching a decay mid-run would make the
+    LR jump), as GRPO does."""
+    want = max(steps, warmup_steps + 1)
+    sched = engine.scheduler
+    have = int(sched.lr_decay_steps)
+    if have == want:
+        return
+    if sched.lr_decay_style == "constant" and want > sched.lr_warmup_steps:
+        sched.lr_decay_steps = sched.wd_incr_steps = want
+        log.info("steps=%d: the constant LR schedule is extended from %d to %d updates",
+                 steps, have, want)
+        return
+    log.warning("steps=%d asks for an LR schedule of %d updates, but the checkpoint's schedule "
+                "(kept) has %d (lr_decay_style=%s): the LR continues on the checkpoint's "
+                "schedule%s; stretching a decay mid-run would make the LR jump", steps, want,
+                have, sched.lr_decay_style,
+                ", and stays at optim.min_lr after its end" if want > have else "")
+
+
+def _fingerprint(rows: Sequence[tuple[list[int], list[int]]]) -> str:
+    """sha256 of the tokenised rows (a resume checks it is training on the same data)."""
+    h = hashlib.sha256()
+    for prompt, completion in rows:
+        h.update(array("q", [len(prompt), len(completion), *prompt, *completion]).tobytes())
+    return h.hexdigest()
 
 
 def _nll_loss(total_tokens: float, tp_group):
     """Next-token cross-entropy of the masked targets, this micro-batch's share of the mean over
-    the ``total_tokens`` of the global batch; from hidden states, no logits."""
+    the ``total_tokens`` of the global batch; from hidden states, no logits. Takes padded
+    ``[b, L]`` and packed ``[1, T]`` micro-batches alike: the loss is per token."""
 
     def loss_fn(hidden, weight, mb):
         b, length, h = hidden.shape
