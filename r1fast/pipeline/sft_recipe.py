@@ -7,12 +7,15 @@ reasoner: ~17k correct traces from a reasoning teacher, 3 epochs, learning rate 
     r1fast stage sft --recipe recipes/sky_t1_sft.toml --sft.data=traces.jsonl --parallel.tp=8
 
 A recipe has three tables: ``[sft]`` (:class:`SFTRecipe`: model folder, data, mixing, length
-limit, epochs or steps, batch), ``[optim]`` (:class:`r1fast.policy.optim.OptimConfig`; the
-total is set from the run length) and ``[parallel]``
-(:class:`r1fast.policy.config.ParallelConfig`); any key can be overridden as
-``--sft.steps=1``. The run reads the JSONL, mixes in non-reasoning rows
-(:mod:`r1fast.pipeline.sft_data`), renders prompts with the model's chat template, drops rows
-longer than the model can hold (counted), and trains with :class:`r1fast.train.sft.SFTTrainer`.
+limit, epochs or steps, batch, checkpoints and resume), ``[optim]``
+(:class:`r1fast.policy.optim.OptimConfig`; the total is set from the run length) and
+``[parallel]`` (:class:`r1fast.policy.config.ParallelConfig`: the layout, and
+``max_tokens_per_microbatch``, the token budget of the packed micro-batches that keeps memory
+bounded on long traces); any key can be overridden as ``--sft.steps=1``. The run reads the
+JSONL, mixes in non-reasoning rows (:mod:`r1fast.pipeline.sft_data`), renders prompts with the
+model's chat template, drops rows longer than the model can hold (counted), and trains with
+:class:`r1fast.train.sft.SFTTrainer`, checkpointing every ``sft.save_every`` steps and resuming
+from the run folder's latest checkpoint.
 """
 from __future__ import annotations
 
@@ -63,6 +66,16 @@ class SFTRecipe:
     """Seed of the mixing, the data order and any fresh weights."""
     progress: bool = True
     """Show a progress bar."""
+    save_every: int = 0
+    """Checkpoint (model, optimizer, data order) every N steps; 0: only at the end. A long run
+    killed in between resumes from its last checkpoint."""
+    resume: bool = True
+    """Continue from ``out_dir/checkpoints`` when it holds a complete checkpoint (resharded to
+    this run's ``[parallel]`` layout if that differs)."""
+    overwrite: bool = False
+    """Allow starting from step 0 in an out_dir that already holds checkpoints or metrics (the
+    old files move to ``out_dir/previous_<time>/``, never deleted); without it that is an
+    error."""
 
     def __post_init__(self):
         if self.steps < 0 or (self.steps == 0 and not self.epochs > 0):
@@ -70,6 +83,9 @@ class SFTRecipe:
                              f"steps={self.steps}, epochs={self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"sft.batch_size must be >= 1, got {self.batch_size}")
+        if self.save_every < 0:
+            raise ValueError(f"sft.save_every must be >= 0 (0: only at the end), got "
+                             f"{self.save_every}")
         if self.max_tokens < 0:
             raise ValueError(f"sft.max_tokens must be >= 0 (0: the model's positions), got "
                              f"{self.max_tokens}")
@@ -124,13 +140,32 @@ def prepare_rows(recipe: SFTRecipe, tokenizer, max_positions: int) -> tuple[list
     return rows, summary
 
 
+def sft_config(run: SFTRun, model, steps: int):
+    """The :class:`r1fast.train.sft.SFTConfig` of ``run`` for ``model`` (a ModelConfig) and a
+    run of ``steps`` steps (warmup from ``sft.warmup_fraction``)."""
+    from r1fast.train.sft import SFTConfig
+
+    r = run.sft
+    optim = dataclasses.replace(run.optim, total_steps=steps)
+    if r.warmup_fraction:
+        if run.optim.warmup_steps:
+            raise ValueError(f"set sft.warmup_fraction ({r.warmup_fraction}) or "
+                             f"optim.warmup_steps ({run.optim.warmup_steps}), not both")
+        optim = dataclasses.replace(optim, warmup_steps=int(r.warmup_fraction * steps))
+    return SFTConfig(model=model, parallel=run.parallel, optim=optim, steps=steps,
+                     batch_size=r.batch_size, loss_on_prompt=r.loss_on_prompt,
+                     init_from=r.init_from, out_dir=r.out_dir, seed=r.seed, progress=r.progress,
+                     save_every=r.save_every, resume=r.resume, overwrite=r.overwrite)
+
+
 def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:
-    """Train as ``run`` says; returns (``out_dir/model``, data summary). The summary is also
-    written to ``out_dir/data_summary.json``."""
+    """Train as ``run`` says (resuming from ``out_dir``'s latest checkpoint when there is one);
+    returns (``out_dir/model``, data summary). The summary is also written to
+    ``out_dir/data_summary.json``."""
     from r1fast.data import load_tokenizer
     from r1fast.pipeline.sft_data import steps_for_epochs
     from r1fast.policy.hf_checkpoint import load_model_config
-    from r1fast.train.sft import SFTConfig, SFTTrainer
+    from r1fast.train.sft import SFTTrainer
 
     r = run.sft
     for key, value in (("sft.init_from", r.init_from), ("sft.data", r.data)):
@@ -141,16 +176,10 @@ def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:
     rows, summary = prepare_rows(r, tokenizer, model.max_position_embeddings)
     steps = r.steps or steps_for_epochs(r.epochs, len(rows), r.batch_size)
     summary["steps"] = steps
+    # the trainer checks the run folder first (a fresh start over an old run is an error, or
+    # with overwrite moves the old files aside, data_summary.json included)
+    trainer = SFTTrainer(sft_config(run, model, steps), rows, tokenizer)
     out = Path(r.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    optim = dataclasses.replace(run.optim, total_steps=steps)
-    if r.warmup_fraction:
-        if run.optim.warmup_steps:
-            raise ValueError(f"set sft.warmup_fraction ({r.warmup_fraction}) or "
-                             f"optim.warmup_steps ({run.optim.warmup_steps}), not both")
-        optim = dataclasses.replace(optim, warmup_steps=int(r.warmup_fraction * steps))
-    cfg = SFTConfig(model=model, parallel=run.parallel, optim=optim, steps=steps,
-                    batch_size=r.batch_size, loss_on_prompt=r.loss_on_prompt,
-                    init_from=r.init_from, out_dir=r.out_dir, seed=r.seed, progress=r.progress)
-    return SFTTrainer(cfg, rows, tokenizer).fit(), summary
+    return trainer.fit(), summary
