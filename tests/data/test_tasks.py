@@ -10,6 +10,7 @@ from r1fast.data.tasks import (ArithmeticConfig, CountdownConfig, addition_cot, 
                                subtraction_cot)
 from r1fast.data.template import sft_example
 from r1fast.rewards import CountdownReward, FormatReward, MathAccuracyReward, evaluate
+from r1fast.rewards.format import FormatRewardConfig
 
 # "a op b op c = d" statements inside a chain of thought (d may be negative after a borrow)
 # (not preceded by a digit, a parenthesis or an operator: "(a - b) * 12 = 24" is not "12 = 24")
@@ -48,14 +49,18 @@ def test_split_of_fraction():
 
 def test_countdown_solutions_score_one():
     data = generate_countdown(300, "train", seed=0) + generate_countdown(100, "test", seed=0)
+    # countdown pays its own format credit (TinyZero's 0.1), so the format reward must not pay
+    # it again for countdown rows; with nothing credited elsewhere it accepts the layout
     reward, fmt = CountdownReward(), FormatReward()
+    layout = FormatReward(FormatRewardConfig(credited_elsewhere=()))
     for e in data:
         assert 3 <= len(e["numbers"]) <= 4 and all(1 <= x <= 99 for x in e["numbers"])
         assert 1 <= e["target"] <= 100
         res = evaluate(e["answer"])  # independent check of the stored equation
         assert res.value == e["target"] and Counter(res.literals) == Counter(e["numbers"])
         completion = sft_example(e)["completion"]
-        assert reward(completion, e) == 1.0 and fmt(completion, e) == 1.0
+        assert reward(completion, e) == 1.0 and layout(completion, e) == 1.0
+        assert fmt(completion, e) == 0.0
         assert_equations_true(e["solution_cot"])
         assert str(e["target"]) in e["prompt"] and e["reward"] == "countdown"
     assert set(Counter(len(e["numbers"]) for e in data)) == {3, 4}
