@@ -20,9 +20,9 @@ mean are undone, so gradients are sums; the MoE aux losses keep megatron's mean 
 Sequences. ``tokens`` [B, L] are right-padded (or packed, with ``position_ids`` restarting per
 sequence and a block-diagonal ``attention_mask``); under sequence parallelism L is padded to a
 multiple of tp inside (causal attention keeps pads out of real positions; routers ignore them).
-Decoders (:mod:`r1fast.rollout`) use :meth:`Policy.rotary_table`, :meth:`Policy.head_input`
-and :meth:`Policy.vocab_logits`; MoE routing is recorded by :meth:`Policy.record_routing` and
-replayed with ``routing=`` in :meth:`Policy.logprobs` and :meth:`Policy.forward_backward`.
+Decoders (:mod:`r1fast.rollout`) use :meth:`Policy.rotary_table`, :meth:`Policy.head_input`,
+:meth:`Policy.vocab_logits` and record MoE routing as they decode (post hoc: record_routing);
+``routing=`` in :meth:`Policy.logprobs` and :meth:`Policy.forward_backward` replays it.
 """
 from __future__ import annotations
 
