@@ -1,5 +1,8 @@
-"""The SFT trainer on the tiny MoE policy: it learns, and any parallel layout equals one rank."""
+"""The SFT trainer on the tiny MoE policy: it learns, any parallel layout equals one rank, every
+config field is checked when the config is made, and the recipe exposes checkpoints, resume and
+the token budget. (Micro-batches: test_sft_microbatches.py; resume: test_sft_resume.py.)"""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +86,61 @@ def test_parallel_sft_equals_one_rank(tmp_path, world, layout):
     assert w1.keys() == wn.keys() and w1
     worst = max((w1[k].double() - wn[k].double()).abs().max().item() for k in w1)
     assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("steps", 0, "SFTConfig: steps must be an int >= 1, got 0"),
+    ("steps", 2.5, "SFTConfig: steps must be an int >= 1, got 2.5"),
+    ("steps", True, "SFTConfig: steps must be an int >= 1, got True"),
+    ("batch_size", 0, "SFTConfig: batch_size must be an int >= 1, got 0"),
+    ("save_every", -1, "SFTConfig: save_every must be an int >= 0, got -1"),
+    ("seed", -3, "SFTConfig: seed must be an int >= 0, got -3"),
+    ("resume", "yes", "SFTConfig: resume must be true or false, got 'yes'"),
+    ("overwrite", 1, "SFTConfig: overwrite must be true or false, got 1"),
+    ("loss_on_prompt", None, "SFTConfig: loss_on_prompt must be true or false, got None"),
+    ("progress", "no", "SFTConfig: progress must be true or false, got 'no'"),
+    ("out_dir", " ", "SFTConfig: out_dir must be a non-empty folder path, got ' '"),
+    ("init_from", "", "SFTConfig: init_from must be None or a model folder path, got ''"),
+    ("model", "tiny-moe", "SFTConfig: model must be a ModelConfig, got str"),
+    ("parallel", {"tp": 2}, "SFTConfig: parallel must be a ParallelConfig, got dict"),
+    ("optim", OptimConfig(lr=1e-3, lr_decay_style="cosinus"), "lr_decay_style must be one of"),
+    ("model", dataclasses.replace(MODEL, moe_router_topk=9), "topk"),
+])
+def test_every_config_field_is_checked_at_construction(tmp_path, field, value, match):
+    with pytest.raises(ValueError) as err:
+        SFTConfig(**{"out_dir": str(tmp_path), field: value})
+    assert match in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_layout_errors_name_the_setting(tmp_path):
+    from r1fast.train.sft import SFTTrainer
+
+    cfg = make_cfg(tmp_path, ParallelConfig(micro_batch_size=3))  # 8 rows per rank
+    with pytest.raises(ValueError, match=r"parallel.micro_batch_size \(3\) must divide the rows "
+                                         r"per data parallel rank \(batch_size 8 / dp 1 = 8\)"):
+        SFTTrainer(cfg, examples(), CharTokenizer())
+    with pytest.raises(ValueError, match=r"examples\[1\] must be a dict with 'prompt' and "):
+        SFTTrainer(make_cfg(tmp_path), [{"prompt": "a", "completion": "b"}, {"prompt": "c"}],
+                   CharTokenizer())
+
+
+def test_recipe_exposes_checkpoints_resume_and_the_token_budget(tmp_path):
+    from r1fast.pipeline.sft_recipe import load_sft_recipe, sft_config
+    from r1fast.typed_toml import ConfigError
+
+    sky = load_sft_recipe(Path(__file__).resolve().parents[2] / "recipes" / "sky_t1_sft.toml")
+    # the long-trace recipe packs by tokens (one padded micro-batch of 96 traces would not fit)
+    assert sky.parallel.max_tokens_per_microbatch >= 16384
+    assert sky.sft.save_every > 0 and sky.sft.resume and not sky.sft.overwrite
+    run = load_sft_recipe(None, ["--sft.save_every=5", "--sft.resume=false",
+                                 "--sft.overwrite=true", "--parallel.max_tokens_per_microbatch=64",
+                                 f"--sft.out_dir={tmp_path}", "--sft.warmup_fraction=0.1"])
+    cfg = sft_config(run, MODEL, steps=30)
+    assert (cfg.save_every, cfg.resume, cfg.overwrite) == (5, False, True)
+    assert cfg.parallel.max_tokens_per_microbatch == 64 and cfg.optim.warmup_steps == 3
+    assert cfg.out_dir == str(tmp_path) and cfg.steps == 30
+    for bad, match in ((["--sft.save_every=-2"], "sft.save_every must be >= 0"),
+                       (["--parallel.max_tokens_per_microbatch=-1"], "max_tokens_per_microbatch"),
+                       (["--sft.resume=maybe"], "sft.resume")):
+        with pytest.raises(ConfigError, match=match):
+            load_sft_recipe(None, bad)
