@@ -54,6 +54,10 @@ class AlgoConfig:
     """Mask the loss of completions truncated at max_new_tokens."""
     router_replay: bool = False
     """Train on the routing decisions recorded during generation (R3)."""
+    router_replay_capture: Literal["rollout", "posthoc"] = "rollout"
+    """With router_replay: "rollout" replays the experts the decoder chose for every token
+    while sampling (true R3); "posthoc" those of a separate forward over the finished
+    sequences (the older capture: differs when the sampler's numerics differ)."""
     use_fused_kernels: bool = True
     """Compute log-probs and the loss with r1fast's fused ops (False: plain full logits)."""
 
@@ -84,6 +88,10 @@ class RolloutConfig:
     """Top-k sampling; 0 disables."""
     max_new_tokens: int = 48
     """Completion length limit."""
+    decoder: Literal["kv_cache", "recompute"] = "kv_cache"
+    """"kv_cache": ragged prefill, then one token per step from the KV cache (an error names why
+    when the policy cannot use it); "recompute": re-run the whole prefix for every token (full
+    logits, 10-100x slower; a WARNING at every rollout), for debugging."""
 
     def __post_init__(self):
         if not self.temperature > 0:  # the trainer's log-probs divide the logits by it
@@ -255,6 +263,11 @@ class TrainConfig:
 
     def __post_init__(self):
         self.model.validate()
+        if (self.rollout.decoder == "recompute" and self.algo.router_replay
+                and self.algo.router_replay_capture == "rollout"):
+            raise ValueError("rollout.decoder='recompute' cannot record the experts while "
+                             "decoding, which algo.router_replay_capture='rollout' asks for: set "
+                             "algo.router_replay_capture='posthoc' (or use the kv_cache decoder)")
 
 
 def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

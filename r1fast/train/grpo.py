@@ -72,10 +72,6 @@ class RolloutBatch:
 class GRPOTrainer:
     """``GRPOTrainer(config).fit()`` runs a GRPO job; the CLI's ``r1fast train`` calls this."""
 
-    replay_capture: str = "rollout"
-    """With ``algo.router_replay``: "rollout" replays the experts the decoder chose while
-    sampling (true R3); "posthoc" those of a separate forward over the finished sequences."""
-
     def __init__(self, config: TrainConfig, *, task: TaskData | None = None,
                  reward: Callable | None = None):
         from r1fast.policy import build_policy
@@ -230,26 +226,21 @@ class GRPOTrainer:
                  for i in range(len(prompts))]
         # KV-cached decoding on the policy's device; every rank makes the same model calls. R3:
         # the decoder records the experts of every token it runs (replayed in training)
-        record = self.cfg.algo.router_replay and self._replay_capture() == "rollout"
-        out = generate(make_decoder(self.policy), prompts, self.sampling, sync=all_ranks_int,
+        record = self.cfg.algo.router_replay and self.cfg.algo.router_replay_capture == "rollout"
+        decoder = make_decoder(self.policy, recompute=self.cfg.rollout.decoder == "recompute")
+        out = generate(decoder, prompts, self.sampling, sync=all_ranks_int,
                        eos_token_id=tok.eos_id, row_seeds=seeds, record_routing=record)
         return RolloutBatch(out, [tok.decode(c) for c in out.completion_ids],
                             [ex for ex in examples for _ in range(G)])
 
-    def _replay_capture(self) -> str:
-        if self.replay_capture not in ("rollout", "posthoc"):
-            raise ValueError(f"GRPOTrainer.replay_capture must be 'rollout' or 'posthoc', got "
-                             f"{self.replay_capture!r}")
-        return self.replay_capture
-
     def _replay_routing(self, rollout: Rollout, batch: UpdateBatch):
         """R3 router replay: ``{layer: [N, L, k]}`` experts replayed when the trainer recomputes
         log-probs and in the update (weights stay differentiable), or None without replay:
-        those the decoder ran while sampling, or (``replay_capture = "posthoc"``) those of a
-        separate forward over the sampled sequences."""
+        those the decoder ran while sampling, or (``algo.router_replay_capture = "posthoc"``)
+        those of a separate forward over the sampled sequences."""
         if not self.cfg.algo.router_replay:
             return None
-        if self._replay_capture() == "rollout":
+        if self.cfg.algo.router_replay_capture == "rollout":
             return rollout.routing.padded(batch.tokens.shape[1])
         return self.policy.record_routing(batch.tokens)
 

@@ -151,6 +151,34 @@ def test_router_replay_and_dynamic_sampling_run(tmp_path):
     assert 0.0 <= rows[0]["kept_frac"] <= 1.0
 
 
+@pytest.mark.parametrize("capture", ["rollout", "posthoc"])
+def test_replay_capture_and_recompute_decoder_are_config_switches(tmp_path, caplog, capture):
+    """[algo] router_replay_capture and [rollout] decoder reach the trainer: the recompute
+    decoder samples the same completions as the KV cache (it is the slow reference) and says
+    so loudly; either capture trains."""
+    import logging
+
+    from r1fast.train.grpo import GRPOTrainer
+
+    def run(name, *extra):
+        return GRPOTrainer(make_cfg(tmp_path / name, "--run.steps=1", "--algo.router_replay=true",
+                                    f"--algo.router_replay_capture={capture}", *extra),
+                           reward=varied_reward).fit()
+
+    kv = run("kv")
+    if capture == "rollout":  # the recompute decoder cannot record while decoding: said early
+        with pytest.raises(ValueError, match="router_replay_capture='posthoc'"):
+            run("slow", "--rollout.decoder=recompute")
+        return
+    with caplog.at_level(logging.WARNING, logger="r1fast"):
+        slow = run("slow", "--rollout.decoder=recompute")
+    assert "PREFIX RECOMPUTATION" in caplog.text
+    assert kv[0]["response_length"] == slow[0]["response_length"]
+    assert abs(kv[0]["loss"] - slow[0]["loss"]) <= 1e-5 * max(1.0, abs(kv[0]["loss"]))
+    with pytest.raises(ValueError, match="rollout.decoder"):
+        make_cfg(tmp_path / "bad", "--rollout.decoder=fast")
+
+
 def test_fused_and_full_logits_updates_agree(tmp_path):
     """use_fused_kernels=false (full logits, plain loss) is the same objective as the fused op."""
     from r1fast.train.grpo import GRPOTrainer
