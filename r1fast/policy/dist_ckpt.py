@@ -148,8 +148,8 @@ def load_sharded(policy, optimizer: Optional[Any], folder: str | Path) -> None:
 
 def check_same_model(policy, folder: str | Path) -> None:
     """One-line ValueError when the checkpoint in ``folder`` holds another model: a weight whose
-    global shape differs, or weights only one side has (megatron would fail deep inside with
-    every key listed)."""
+    global shape differs, or weights only one side has, over all ranks' chunks (megatron would
+    fail deep inside with every key listed); collective."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
@@ -171,6 +171,11 @@ def check_same_model(policy, folder: str | Path) -> None:
                 collect(v)
 
     collect(model)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # pipeline stages hold other layers
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, wanted)
+        for part in parts:
+            wanted.update(part)
     shapes = [f"{k} is {list(saved[k])} there and {list(wanted[k])} here"
               for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
     only_here = sorted(set(wanted) - set(saved))

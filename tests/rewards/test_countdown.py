@@ -127,12 +127,15 @@ def _tinyzero(completion: str, ex: dict) -> float:
 
 
 @pytest.mark.parametrize("weights", [{"accuracy": 1.0}, {"accuracy": 1.0, "format": 0.1}])
-def test_tinyzero_scheme_counted_once_through_the_recipe_parts(weights, caplog):
+def test_tinyzero_scheme_counted_once_through_the_recipe_parts(weights, caplog, monkeypatch):
     """The trainer's reward parts on generated Countdown rows give TinyZero's 0 / 0.1 / 1.0,
     whether or not the recipe also names the format reward (it would stack to 0.2 / 1.1)."""
     from r1fast.data.tasks import generate_countdown
-    from r1fast.rewards import CompositeReward
+    from r1fast.rewards import CompositeReward, format as format_reward
     from r1fast.train.task import reward_parts
+
+    # the warning is once per process: an earlier test of the suite may have used it up
+    monkeypatch.setattr(format_reward, "_WARNED", set())
 
     reward = CompositeReward(reward_parts("countdown", weights))
     rows = generate_countdown(5, seed=1)
