@@ -206,6 +206,28 @@ class TrainEngine:
                 "dp": i.dp, "pp_first_stage_layers": p.pp_first_stage_layers,
                 "pp_last_stage_layers": p.pp_last_stage_layers}
 
+    def fit_schedule(self, updates: int, warmup_steps: int, key: str) -> None:
+        """After a resume the LR schedule is the checkpoint's (megatron restores its length). A
+        run asking for another number of ``updates`` (set by the config ``key``) extends a
+        constant schedule (exact: its LR does not depend on the length) and otherwise keeps the
+        checkpoint's schedule with a WARNING: stretching a decay mid-run would make the LR
+        jump (past the old end the LR stays at ``optim.min_lr``)."""
+        want = max(updates, warmup_steps + 1)
+        sched = self.scheduler
+        have = int(sched.lr_decay_steps)
+        if have == want:
+            return
+        if sched.lr_decay_style == "constant" and want > sched.lr_warmup_steps:
+            sched.lr_decay_steps = sched.wd_incr_steps = want
+            log.info("%s: the constant LR schedule is extended from %d to %d updates", key,
+                     have, want)
+            return
+        log.warning("%s asks for an LR schedule of %d updates, but the checkpoint's schedule "
+                    "(kept) has %d (lr_decay_style=%s): the LR continues on the checkpoint's "
+                    "schedule%s; stretching a decay mid-run would make the LR jump", key, want,
+                    have, sched.lr_decay_style,
+                    ", and stays at optim.min_lr after its end" if want > have else "")
+
     def rank_state(self) -> dict[str, Any]:
         """What belongs to this process only: its RNG states."""
         return {"rng": rng_state()}

@@ -142,22 +142,8 @@ class GRPOTrainer:
                 log.info("metrics.jsonl: dropped %d row(s) after step %d (logged again from the "
                          "checkpoint) and %d unreadable line(s)", dropped, self.step_idx, torn)
         a = self.cfg.algo
-        want = max(self.cfg.run.steps * a.ppo_epochs * a.mini_batches,
-                   self.cfg.optim.warmup_steps + 1)
-        sched = self.engine.scheduler
-        have = int(sched.lr_decay_steps)
-        if have != want and sched.lr_decay_style == "constant" and want > sched.lr_warmup_steps:
-            # a constant LR does not depend on the schedule's length: extending it is exact
-            sched.lr_decay_steps = sched.wd_incr_steps = want
-            log.info("run.steps=%d: the constant LR schedule is extended from %d to %d updates",
-                     self.cfg.run.steps, have, want)
-        elif have != want:
-            log.warning(
-                "run.steps=%d asks for an LR schedule of %d updates, but the checkpoint's "
-                "schedule (kept) has %d (lr_decay_style=%s): the LR continues on the "
-                "checkpoint's schedule%s; stretching a decay mid-run would make the LR jump",
-                self.cfg.run.steps, want, have, sched.lr_decay_style,
-                ", and stays at optim.min_lr after its end" if want > have else "")
+        self.engine.fit_schedule(self.cfg.run.steps * a.ppo_epochs * a.mini_batches,
+                                 self.cfg.optim.warmup_steps, f"run.steps={self.cfg.run.steps}")
 
     def _check_fresh_start(self) -> None:
         """Step 0 in a folder that holds checkpoints or metrics: an error unless

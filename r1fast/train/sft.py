@@ -223,7 +223,7 @@ class SFTTrainer:
                 log.info("metrics.jsonl: dropped %d row(s) after step %d (logged again from the "
                          "checkpoint) and %d unreadable line(s)", dropped, self.step_idx, torn)
         log.info("resumed from %s at step %d", path, self.step_idx)
-        _fit_schedule(self.engine, self.cfg.steps, self.cfg.optim.warmup_steps)
+        self.engine.fit_schedule(self.cfg.steps, self.cfg.optim.warmup_steps, "steps")
 
     def save(self) -> Path:
         """A checkpoint of this step (collective): model and optimizer in megatron's
@@ -316,28 +316,6 @@ class SFTTrainer:
         finally:
             logger.close()
         return self.engine.save_model(self.tokenizer, self.run_dir / "model")
-
-
-def _fit_schedule(engine: TrainEngine, steps: int, warmup_steps: int) -> None:
-    """After a resume, the LR schedule is the checkpoint's. A run with another ``steps``
-    extends a constant schedule (exact: its LR does not depend on the length) and otherwise
-    keeps the checkpoint's schedule with a WARNING (stretching a decay mid-run would make the
-    LR jump), as GRPO does."""
-    want = max(steps, warmup_steps + 1)
-    sched = engine.scheduler
-    have = int(sched.lr_decay_steps)
-    if have == want:
-        return
-    if sched.lr_decay_style == "constant" and want > sched.lr_warmup_steps:
-        sched.lr_decay_steps = sched.wd_incr_steps = want
-        log.info("steps=%d: the constant LR schedule is extended from %d to %d updates",
-                 steps, have, want)
-        return
-    log.warning("steps=%d asks for an LR schedule of %d updates, but the checkpoint's schedule "
-                "(kept) has %d (lr_decay_style=%s): the LR continues on the checkpoint's "
-                "schedule%s; stretching a decay mid-run would make the LR jump", steps, want,
-                have, sched.lr_decay_style,
-                ", and stays at optim.min_lr after its end" if want > have else "")
 
 
 def _fingerprint(rows: Sequence[tuple[list[int], list[int]]]) -> str:
