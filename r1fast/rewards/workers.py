@@ -19,7 +19,8 @@ its processes breaks the whole pool. :class:`WorkerPool` is small and does exact
   build a gigantic number fails with MemoryError inside the worker, and workers are recycled
   after ``max_tasks_per_worker`` calls (sympy's caches grow);
 - a call may carry a CPU-time limit (``cpu_limit_s``): :func:`cpu_time_limit` (SIGPROF, counts
-  this process's CPU seconds, so the verdict does not depend on how busy the machine is) plus
+  the calling thread's CPU seconds, so the verdict depends neither on how busy the machine is
+  nor on other threads of the process) plus
   ``RLIMIT_CPU`` as a backstop for C code that never returns to Python (the kernel's SIGXCPU
   ends the worker; reported as a timeout). The wall-clock kill stays the outer bound;
 - each worker leads its own session (process group): a killed worker's children (a reward
@@ -79,14 +80,16 @@ def _arm() -> None:
         signal.setitimer(signal.ITIMER_PROF, 0)
         return
     deadline = min(d for _, d, _ in _LIMITS)
-    signal.setitimer(signal.ITIMER_PROF, max(deadline - time.process_time(), 1e-4))
+    # ITIMER_PROF counts the whole process's CPU, which is at least this thread's: it fires at
+    # or before the thread's deadline, and the handler re-arms when it came early
+    signal.setitimer(signal.ITIMER_PROF, max(deadline - time.thread_time(), 1e-4))
 
 
 def _on_sigprof(signum, frame) -> None:
     if not _LIMITS:
         return
     token, deadline, seconds = min(_LIMITS, key=lambda e: e[1])
-    if time.process_time() + 1e-3 < deadline:  # timer granularity: not yet
+    if time.thread_time() + 1e-3 < deadline:  # early (other threads' CPU, granularity)
         _arm()
         return
     raise CpuTimeExceeded(token, seconds)
@@ -94,8 +97,9 @@ def _on_sigprof(signum, frame) -> None:
 
 def cpu_time_limit(seconds: float | None):
     """``with cpu_time_limit(s) as token:`` raises :class:`CpuTimeExceeded` (``.token is
-    token``) once the block used ``s`` seconds of this process's CPU time (user + system, the
-    clock of ``time.process_time`` and ``ITIMER_PROF``), however loaded the machine is. Blocks
+    token``) once the block used ``s`` seconds of this thread's CPU time (user + system,
+    ``time.thread_time``), however loaded the machine is and whatever other threads of the
+    process burn (torch's OpenMP workers spin-wait after each parallel region). Blocks
     nest (the earliest deadline fires, with its own token). A no-op (token None) off the main
     thread, where no signal handler runs, or when ``seconds`` is None or <= 0."""
     if not seconds or seconds <= 0 or not hasattr(signal, "setitimer") or \
@@ -112,7 +116,7 @@ class _CpuLimit:
     def __enter__(self) -> object:
         if not _LIMITS:
             _PREV_HANDLER.append(signal.signal(signal.SIGPROF, _on_sigprof))
-        _LIMITS.append((self.token, time.process_time() + self.seconds, self.seconds))
+        _LIMITS.append((self.token, time.thread_time() + self.seconds, self.seconds))
         _arm()
         return self.token
 

@@ -96,6 +96,36 @@ def test_math_verdict_does_not_depend_on_wall_time(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(mv_parser, "extract_target_from_pred", busy)
-    t0 = time.process_time()
+    # this thread's CPU time: late in the suite other threads of the pytest process (left by
+    # earlier tests) also burn CPU, which process_time() would count
+    t0 = time.thread_time()
     assert not answers_equal("\\sqrt{x^2}", "|x|", MathRewardConfig(parse_timeout_s=0.2))
-    assert time.process_time() - t0 < 1.5
+    assert time.thread_time() - t0 < 1.5
+
+
+def test_cpu_limit_counts_only_the_calling_thread():
+    """Another thread of the process burning CPU (as torch's OpenMP workers do while they
+    spin-wait) must not use up a reward call's CPU budget: the limit is the calling thread's."""
+    import threading
+
+    from r1fast.rewards.workers import cpu_time_limit
+
+    stop = threading.Event()
+
+    def burn():
+        while not stop.is_set():
+            pass
+
+    other = threading.Thread(target=burn, daemon=True)
+    other.start()
+    try:
+        t0 = time.process_time()
+        with cpu_time_limit(0.3):
+            while time.process_time() - t0 < 1.0:  # the other thread's CPU, not ours
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        other.join()
+    with pytest.raises(CpuTimeExceeded, match="CPU-time limit of 0.3"):  # our own CPU counts
+        with cpu_time_limit(0.3):
+            rc.spin(5.0)
