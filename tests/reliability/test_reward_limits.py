@@ -108,8 +108,6 @@ def test_cpu_limit_counts_only_the_calling_thread():
     spin-wait) must not use up a reward call's CPU budget: the limit is the calling thread's."""
     import threading
 
-    from r1fast.rewards.workers import cpu_time_limit
-
     stop = threading.Event()
 
     def burn():
