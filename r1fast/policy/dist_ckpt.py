@@ -38,6 +38,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from r1fast.policy.optim import _init_unstepped_adam, _sub_optimizers
+
 # megatron's format of the distributed optimizer state that reshards over TP/PP/EP/DP
 OPTIM_FORMAT = "fully_reshardable"
 
@@ -67,13 +69,7 @@ def _quiet_deprecations():
         yield
 
 
-def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _ensure_adam_state(optimizer) -> None:
-    from r1fast.policy.optim import _init_unstepped_adam
-
     for opt in _sub_optimizers(optimizer):
         _init_unstepped_adam(getattr(opt, "optimizer", None))
 
@@ -151,6 +147,7 @@ def check_same_model(policy, folder: str | Path) -> None:
     global shape differs, or weights only one side has, over all ranks' chunks (megatron would
     fail deep inside with every key listed); collective."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     with _quiet_deprecations():
@@ -158,19 +155,8 @@ def check_same_model(policy, folder: str | Path) -> None:
                  if not k.startswith("optimizer.")}
     model = policy.gpt.sharded_state_dict()
     apply_factories(model)
-    wanted: dict[str, tuple] = {}
-
-    def collect(obj: Any) -> None:
-        if isinstance(obj, ShardedTensor):
-            wanted[obj.key] = tuple(obj.global_shape)
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                collect(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                collect(v)
-
-    collect(model)
+    wanted = {v.key: tuple(v.global_shape) for v in nested_values(model)
+              if isinstance(v, ShardedTensor)}
     if dist.is_initialized() and dist.get_world_size() > 1:  # pipeline stages hold other layers
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, wanted)

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.optim import (OptimConfig, load_optim_state_dict, load_scheduler_state,
-                                 optim_state_dict)
+from r1fast.policy.optim import (OptimConfig, _sub_optimizers, load_optim_state_dict,
+                                 load_scheduler_state, optim_state_dict)
 from r1fast.train.checkpoint import rng_state, set_rng_state
 from r1fast.train.policy_io import load_model_state, model_state
 
@@ -116,7 +116,7 @@ class TrainEngine:
             self._skip(what)
             return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1,
                                 skipped=True)
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in _sub_optimizers(self.optimizer):
             params = opt.get_parameters()
             if params and opt.config.clip_grad > 0.0:
                 clip_grad_by_total_norm_fp32(
@@ -239,8 +239,7 @@ class TrainEngine:
 
     def shared_tensors(self) -> dict[str, Any]:
         """The tensors :meth:`write_shared` writes (for the finite-value check before it)."""
-        inner = [getattr(o, "optimizer", None) for o in
-                 getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        inner = [getattr(o, "optimizer", None) for o in _sub_optimizers(self.optimizer)]
         return {"model": {k: v for k, v in self.policy.gpt.state_dict().items()
                           if isinstance(v, torch.Tensor)},
                 "optimizer": [{str(i): st for i, st in enumerate(o.state.values())}
