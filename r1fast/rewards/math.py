@@ -19,7 +19,7 @@ Tier 3 can still hang inside sympy on hostile symbolic input, and no signal can 
 long C-level computation, so this reward is marked ``sandbox = True``: the
 :class:`~r1fast.rewards.runner.RewardRunner` runs it in worker processes that it kills on
 timeout. Inside the check, tier 3 has a budget of ``parse_timeout_s`` seconds of CPU time
-(:func:`r1fast.rewards.workers.cpu_time_limit`, on the main thread, in a worker and in-process
+(:func:`r1fast.rewards.cpu_limit.cpu_time_limit`, on the main thread, in a worker and in-process
 alike); an answer that needs more is wrong. math-verify's own wall-clock alarms are off: with
 them a correct, deeply nested answer was right on an idle machine and wrong on a busy one.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 from r1fast.rewards.arith import ArithConfig, ArithRangeError, ArithDomainError, ArithSyntaxError, evaluate
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, extract_answer
-from r1fast.rewards.workers import CpuTimeExceeded, cpu_time_limit
+from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
 
 _HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from r1fast.rewards.compose import CompositeReward, RewardPart, reward_name
-from r1fast.rewards.workers import CpuTimeExceeded, TaskOutcome, WorkerPool, cpu_time_limit
+from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
+from r1fast.rewards.workers import TaskOutcome, WorkerPool
 
 logger = logging.getLogger("r1fast.rewards")
 

@@ -18,9 +18,9 @@ its processes breaks the whole pool. :class:`WorkerPool` is small and does exact
 - a worker may carry an address-space limit (``memory_limit_mb``) so a reward that tries to
   build a gigantic number fails with MemoryError inside the worker, and workers are recycled
   after ``max_tasks_per_worker`` calls (sympy's caches grow);
-- a call may carry a CPU-time limit (``cpu_limit_s``): :func:`cpu_time_limit` (SIGPROF, counts
-  the calling thread's CPU seconds, so the verdict depends neither on how busy the machine is
-  nor on other threads of the process) plus
+- a call may carry a CPU-time limit (``cpu_limit_s``):
+  :func:`r1fast.rewards.cpu_limit.cpu_time_limit` (the calling thread's CPU seconds, so the
+  verdict depends neither on how busy the machine is nor on other threads of the process) plus
   ``RLIMIT_CPU`` as a backstop for C code that never returns to Python (the kernel's SIGXCPU
   ends the worker; reported as a timeout). The wall-clock kill stays the outer bound;
 - each worker leads its own session (process group): a killed worker's children (a reward
@@ -32,20 +32,20 @@ Not thread-safe: use one pool from one thread.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import multiprocessing as mp
 import os
 import pickle
 import signal
-import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait as _wait
 from typing import Any, Callable, Sequence
+
+from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
 
 
 @dataclass(frozen=True)
@@ -58,73 +58,6 @@ class TaskOutcome:
     """The returned value when ok, else 0.0."""
     message: str = ""
     """Error text for failures."""
-
-
-class CpuTimeExceeded(BaseException):
-    """Raised (from SIGPROF) when a :func:`cpu_time_limit` block used up its CPU seconds.
-
-    A BaseException, so library code that catches ``Exception`` (math-verify, sympy) cannot
-    swallow it; ``token`` is the value the block's ``with`` yielded (which limit fired)."""
-
-    def __init__(self, token: object, seconds: float):
-        super().__init__(f"exceeded its CPU-time limit of {seconds:g} s")
-        self.token, self.seconds = token, seconds
-
-
-_LIMITS: list[tuple[object, float, float]] = []  # (token, CPU deadline, seconds), nested blocks
-_PREV_HANDLER: list = []
-
-
-def _arm() -> None:
-    if not _LIMITS:
-        signal.setitimer(signal.ITIMER_PROF, 0)
-        return
-    deadline = min(d for _, d, _ in _LIMITS)
-    # ITIMER_PROF counts the whole process's CPU, which is at least this thread's: it fires at
-    # or before the thread's deadline, and the handler re-arms when it came early
-    signal.setitimer(signal.ITIMER_PROF, max(deadline - time.thread_time(), 1e-4))
-
-
-def _on_sigprof(signum, frame) -> None:
-    if not _LIMITS:
-        return
-    token, deadline, seconds = min(_LIMITS, key=lambda e: e[1])
-    if time.thread_time() + 1e-3 < deadline:  # early (other threads' CPU, granularity)
-        _arm()
-        return
-    raise CpuTimeExceeded(token, seconds)
-
-
-def cpu_time_limit(seconds: float | None):
-    """``with cpu_time_limit(s) as token:`` raises :class:`CpuTimeExceeded` (``.token is
-    token``) once the block used ``s`` seconds of this thread's CPU time (user + system,
-    ``time.thread_time``), however loaded the machine is and whatever other threads of the
-    process burn (torch's OpenMP workers spin-wait after each parallel region). Blocks
-    nest (the earliest deadline fires, with its own token). A no-op (token None) off the main
-    thread, where no signal handler runs, or when ``seconds`` is None or <= 0."""
-    if not seconds or seconds <= 0 or not hasattr(signal, "setitimer") or \
-            threading.current_thread() is not threading.main_thread():
-        return contextlib.nullcontext(None)
-    return _CpuLimit(float(seconds))
-
-
-class _CpuLimit:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.token = object()
-
-    def __enter__(self) -> object:
-        if not _LIMITS:
-            _PREV_HANDLER.append(signal.signal(signal.SIGPROF, _on_sigprof))
-        _LIMITS.append((self.token, time.thread_time() + self.seconds, self.seconds))
-        _arm()
-        return self.token
-
-    def __exit__(self, *exc) -> None:
-        _LIMITS[:] = [e for e in _LIMITS if e[0] is not self.token]
-        _arm()
-        if not _LIMITS:
-            signal.signal(signal.SIGPROF, _PREV_HANDLER.pop())
 
 
 def _set_cpu_backstop(cpu_limit_s: float | None) -> None:
