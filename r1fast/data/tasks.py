@@ -255,7 +255,10 @@ def _make_arithmetic(cfg: ArithmeticConfig) -> Callable[[random.Random], tuple[s
             value, cot = a - b, subtraction_cot(a, b)
         else:
             value, cot = a * b, multiplication_cot(a, b)
-        return f"{a}{op}{b}", {"question": f"What is {a} {op} {b}?", "answer": str(value),
+        # + and * commute: a problem and its operand-swapped twin share one key, hence one
+        # split (a held-out 34+12 must not have 12+34 in training)
+        key = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else f"{a}{op}{b}"
+        return key, {"question": f"What is {a} {op} {b}?", "answer": str(value),
                                "a": a, "b": b, "op": op, "solution_cot": cot, "reward": "math_accuracy"}
     return make
 

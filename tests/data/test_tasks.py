@@ -41,6 +41,21 @@ def test_splits_disjoint(gen):
     assert all(e["split"] == "test" and split_of(e["id"], 0.1) == "test" for e in test)
 
 
+def test_held_out_excludes_operand_swapped_twins():
+    """34+12 held out while 12+34 trains would test recall, not addition: commutative problems
+    are split by their unordered operands (the demo's held-out set used to share 38 of 64)."""
+    def unordered(e):
+        return (min(e["a"], e["b"]), e["op"], max(e["a"], e["b"])) if e["op"] in "+*" else \
+            (e["a"], e["op"], e["b"])
+
+    kw = dict(min_digits=1, max_digits=2, ops=("+", "*", "-"))
+    train = generate_arithmetic(3000, "train", seed=0, **kw)
+    test = generate_arithmetic(300, "test", seed=0, **kw)
+    assert not {unordered(e) for e in train} & {unordered(e) for e in test}
+    assert len({unordered(e) for e in train}) == len(train)  # one form per problem
+    assert any(e["a"] > e["b"] for e in train if e["op"] == "+")  # both orders still asked
+
+
 def test_split_of_fraction():
     keys = [f"k{i}" for i in range(20000)]
     frac = sum(split_of(k, 0.25) == "test" for k in keys) / len(keys)
