@@ -9,13 +9,21 @@ vote); samples without an extractable final answer cast no vote and are counted
 (``no_answer_rate``). Correctness is the example's own reward (its ``reward`` field: math
 accuracy or the Countdown checker; math accuracy for dataset rows without one) applied to
 ``\\boxed{answer}``, so both metrics use the same rule as training.
+
+Each rate comes with its standard error over problems (the sample standard deviation of the
+per-problem values over sqrt(problems)): with k samples per problem the problems, not the
+samples, are the independent draws. ``language_mixing`` is the mean share of chain-of-thought
+words outside the target language (:mod:`r1fast.rewards.language`; a thought without words
+mixes nothing), the quantity R1's language-consistency reward drives down.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 from r1fast.rewards import answers_equal, extract_answer, get_reward, is_well_formed
+from r1fast.rewards.language import LanguageRewardConfig, language_consistency
 from r1fast.rollout.sampler import SamplingConfig
 
 
@@ -33,6 +41,16 @@ class EvalResult:
     num_problems: int
     no_answer_rate: float = 0.0
     """Fraction of samples with no extractable final answer."""
+    pass_at_1_se: float = 0.0
+    """Standard error of pass_at_1 over problems."""
+    cons_at_k_se: float = 0.0
+    """Standard error of cons_at_k over problems."""
+    language_mixing: float = 0.0
+    """Mean share of thought words outside the target language (``language``)."""
+    language_mixing_se: float = 0.0
+    """Standard error of language_mixing over problems."""
+    language: str = "en"
+    """Target language of ``language_mixing``."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -60,12 +78,25 @@ def majority_answer(answers: Sequence[str]) -> str | None:
     return max(groups, key=len)[0] if groups else None
 
 
-def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict]) -> EvalResult:
+def standard_error(values: Sequence[float]) -> float:
+    """Sample standard deviation over sqrt(n): the standard error of the mean of ``values``
+    (0.0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
+                  language: str = "en") -> EvalResult:
     """Metrics of already generated ``samples[i][j]`` for ``examples[i]``."""
     if len(samples) != len(examples) or not samples:
         raise ValueError("samples and examples must be non-empty and of the same length")
     checkers: dict[str, object] = {}
-    pass_sum = cons_sum = fmt = length = missing = 0.0
+    lang = LanguageRewardConfig(target=language, empty_score=1.0)
+    passes, solved, mixing = [], [], []
+    fmt = length = missing = 0.0
     k = len(samples[0])
     for outs, ex in zip(samples, examples):
         check = checker(ex, checkers)
@@ -74,20 +105,22 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict]) ->
             return answer is not None and check(f"\\boxed{{{answer}}}", ex) >= 1.0
 
         answers = [extract_answer(o) for o in outs]
-        pass_sum += sum(correct(a) for a in answers) / len(outs)
+        passes.append(sum(correct(a) for a in answers) / len(outs))
         majority = majority_answer([a for a in answers if a is not None])
-        if majority is not None:
-            cons_sum += correct(majority)
+        solved.append(float(majority is not None and correct(majority)))
+        mixing.append(sum(1.0 - language_consistency(o, lang) for o in outs) / len(outs))
         missing += sum(a is None for a in answers) / len(outs)
         fmt += sum(is_well_formed(o) for o in outs) / len(outs)
         length += sum(len(o) for o in outs) / len(outs)
     n = len(examples)
-    return EvalResult(pass_sum / n, cons_sum / n, fmt / n, length / n, k, n, missing / n)
+    return EvalResult(sum(passes) / n, sum(solved) / n, fmt / n, length / n, k, n, missing / n,
+                      standard_error(passes), standard_error(solved), sum(mixing) / n,
+                      standard_error(mixing), language)
 
 
 def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,
                    top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
-                   policy=None, tokenizer=None) -> EvalResult:
+                   policy=None, tokenizer=None, language: str = "en") -> EvalResult:
     """pass@1 and cons@k of the model folder ``model_dir`` (or a loaded policy) on ``examples``."""
     from r1fast.pipeline.generation import load_model, sample
 
@@ -95,4 +128,4 @@ def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature:
         policy, tokenizer = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     samples = sample(policy, tokenizer, [ex["prompt"] for ex in examples], k, cfg, seed=seed)
-    return score_samples(samples, examples)
+    return score_samples(samples, examples, language)

@@ -8,6 +8,8 @@ artifacts to the next by path:
 - :func:`rejection_sample`  k samples per prompt, keep the correct and readable ones (JSONL),
   every dropped sample counted by reason (:mod:`r1fast.pipeline.filters`);
 - :func:`distill`   a teacher writes answers, a dense student is fine-tuned on them;
+- :func:`reward_model`  a reward model (scalar head, Bradley-Terry) trained on preference
+  pairs, for stage 4's general prompts;
 - :func:`evaluate`  pass@1 from k samples and cons@k (see :mod:`r1fast.pipeline.evaluate`).
 
 Every model folder holds Hugging Face safetensors, ``config.json`` / ``r1fast_config.json`` and
@@ -206,11 +208,33 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
     return model, stats
 
 
+def reward_model(init_from: str | Path, pairs: str | Path, out_dir: str | Path, *,
+                 test: str | Path | None = None, steps: int = 100, batch_size: int = 16,
+                 lr: float = 1e-4, seed: int = 0,
+                 parallel: ParallelConfig | None = None) -> tuple[Path, dict]:
+    """R1 stage 4's reward model: ``init_from``'s backbone with a scalar head, trained with the
+    Bradley-Terry loss on ``{"prompt", "chosen", "rejected"}`` pairs (a JSONL path); held-out
+    accuracy on ``test`` before and after. Returns (the reward-model folder that ``[reward]
+    reward_model`` names, summary)."""
+    from r1fast.train.reward_model import RewardModelTrainConfig, RewardModelTrainer
+
+    cfg = RewardModelTrainConfig(init_from=str(init_from), data=str(pairs),
+                                 test=None if test is None else str(test),
+                                 out_dir=str(out_dir), parallel=parallel or ParallelConfig(),
+                                 optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 10)),
+                                 steps=steps, batch_size=batch_size, seed=seed)
+    summary = RewardModelTrainer(cfg).fit()
+    return Path(summary["model"]), summary
+
+
 def evaluate(model_dir: str | Path, examples: Sequence[dict], *, k: int = 8,
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 64,
-             seed: int = 0) -> dict[str, Any]:
-    """pass@1 (from k samples) and cons@k of a model folder on held-out examples."""
+             seed: int = 0, language: str = "en") -> dict[str, Any]:
+    """pass@1 (from k samples) and cons@k of a model folder on held-out examples, each with
+    its standard error over problems, and the chain of thought's mixing of languages other
+    than ``language``."""
     from r1fast.pipeline.evaluate import evaluate_model
 
     return evaluate_model(model_dir, examples, k=k, temperature=temperature, top_p=top_p,
-                          max_new_tokens=max_new_tokens, seed=seed).as_dict()
+                          max_new_tokens=max_new_tokens, seed=seed,
+                          language=language).as_dict()
