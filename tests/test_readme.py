@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-SLOW_MARK = "stages.pretrain("  # the whole R1 pipeline in miniature
+SLOW_MARK = "pretrain_base("  # the whole R1 pipeline in miniature
 
 
 def _params():

@@ -9,9 +9,14 @@
         --mix general.jsonl --mix-ratio 0.25                                     # R1 stage 3
     r1fast stage sft --recipe recipes/sky_t1_sft.toml --sft.data=traces.jsonl   # TOML recipe
     r1fast stage distill --teacher runs/x/zero/model --out runs/x/student --student tiny-dense
-    r1fast stage evaluate --model runs/x/zero/model --k 4
+    r1fast stage reward-model --init runs/x/rs_sft/model --data pairs.jsonl --test pairs_test.jsonl \
+        --out runs/x/rm                                                         # R1 stage 4
+    r1fast stage grpo --init runs/x/rs_sft/model --out runs/x/s4 --data.path=mixed.jsonl \
+        --reward.reward_model=runs/x/rm/model --language en                    # R1 stage 4
+    r1fast stage evaluate --model runs/x/zero/model --k 8
 
-Problems are the demo's additions (``--digits``, ``--seed``), or a user's dataset file with
+Problems are the demo's additions (:mod:`r1fast.pipeline.demo_task`; ``--num-train``,
+``--num-test``, ``--seed``), or a user's dataset file with
 ``--problems FILE [--preset gsm8k|math|...]`` (prompts rendered with the model folder's tokenizer
 and chat template; ``grpo`` takes ``--data.path=FILE --data.preset=...`` like ``r1fast train``).
 Models are folders written by a previous stage or Hugging Face checkpoint folders; SFT datasets
@@ -30,7 +35,8 @@ import sys
 from typing import Callable, Sequence
 
 from r1fast.pipeline import stages
-from r1fast.pipeline.demo import demo_examples, dense_model, moe_model, task_overrides
+from r1fast.pipeline import demo_task
+from r1fast.pipeline.demo import DemoConfig, dense_model, moe_model, pretrain_base, task_overrides
 
 MODELS = {"tiny-moe": moe_model, "tiny-dense": dense_model}
 DEFAULT_STEPS, DEFAULT_LR = 200, 1e-3
@@ -44,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="preset for pretrain (tiny-moe, tiny-dense) or the model "
                     "folder to sample/evaluate")
     ap.add_argument("--scripts", nargs="+", help="pretrain: the character tokenizer also "
-                    "writes these scripts (greek, cyrillic), for language-consistency runs")
+                    "writes these scripts (default: greek, the demo corpus's second language; "
+                    "cyrillic)")
     ap.add_argument("--teacher", help="teacher model folder (distill)")
     ap.add_argument("--student", default="tiny-dense", help="student preset (distill)")
     ap.add_argument("--student-init", help="student model folder to fine-tune (distill)")
@@ -57,15 +64,19 @@ def _parser() -> argparse.ArgumentParser:
                     "override its keys as --sft.KEY=VALUE")
     ap.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
     ap.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR})")
-    ap.add_argument("--noise", type=float, default=0.5, help="wrong answers in pretraining")
+    ap.add_argument("--long-share", type=float, default=DemoConfig.long_share,
+                    help="pretrain: share of corpus answers that reason column by column")
+    ap.add_argument("--greek-share", type=float, default=DemoConfig.greek_share,
+                    help="pretrain: chance that a connective of a corpus chain is Greek")
+    ap.add_argument("--greetings", type=int, default=DemoConfig.pretrain_greetings,
+                    help="pretrain: greeting rows (half warm, half poor) in the corpus")
     ap.add_argument("--k", type=int, default=4, help="samples per prompt")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--prompts", type=int, default=1024, help="training prompts to sample")
     ap.add_argument("--num-train", type=int, default=3000)
-    ap.add_argument("--num-test", type=int, default=64)
-    ap.add_argument("--digits", type=int, default=2)
+    ap.add_argument("--num-test", type=int, default=DemoConfig.num_test)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens)
     ap.add_argument("--problems", help="dataset file/folder of problems (rejection-sample, "
                     "distill, evaluate) instead of the demo's additions")
     ap.add_argument("--preset", help="column layout of --problems (gsm8k, math, dapo, ...)")
@@ -97,7 +108,7 @@ class _Run:
     @property
     def train(self) -> list[dict]:
         a = self.args
-        return demo_examples(a.num_train, "train", a.seed, a.digits)
+        return demo_task.problems(a.num_train, "train", a.seed)
 
     def problems(self, model_dir: str, demo: list[dict]) -> list[dict]:
         if self.args.problems is None:
@@ -115,14 +126,13 @@ class _Run:
         self.need("out")
         if a.model not in MODELS:
             self.ap.error(f"--model must be one of {tuple(MODELS)} for pretrain")
-        model, tokenizer = MODELS[a.model](), None
+        tokenizer = None
         if a.scripts:
             from r1fast.data import CharTokenizer
             tokenizer = CharTokenizer.with_scripts(*a.scripts)
-            # room for the new letters, rounded up to a multiple of 8 as the presets are
-            model = model.replace(vocab_size=max(model.vocab_size, -(-tokenizer.vocab_size // 8) * 8))
-        return stages.pretrain(self.train, a.out, model, steps=self.steps, noise=a.noise,
-                               seed=a.seed, tokenizer=tokenizer)
+        return pretrain_base(self.train, a.out, MODELS[a.model](), steps=self.steps,
+                             long_share=a.long_share, greek_share=a.greek_share, seed=a.seed,
+                             greetings=a.greetings, tokenizer=tokenizer)
 
     def sft(self) -> object:
         a = self.args
@@ -159,7 +169,7 @@ class _Run:
         a = self.args
         self.need("out", "init")
         user_data = any(o.startswith("--data.path") for o in self.overrides)
-        task = [] if user_data else task_overrides(a.digits, a.num_train, a.seed)
+        task = [] if user_data else task_overrides(a.num_train, a.seed)
         out, _ = stages.grpo(a.init, a.out, overrides=[*task, *self.overrides],
                              language=a.language)
         return out
@@ -203,7 +213,7 @@ class _Run:
     def evaluate(self) -> None:
         a = self.args
         self.need("model")
-        test = self.problems(a.model, demo_examples(a.num_test, "test", a.seed, a.digits))
+        test = self.problems(a.model, demo_task.problems(a.num_test, "test", a.seed))
         print(json.dumps(stages.evaluate(a.model, test, k=a.k, temperature=a.temperature,
                                          max_new_tokens=a.max_new_tokens, seed=a.seed)))
 

@@ -1,22 +1,19 @@
-"""Every stage of the R1 pipeline runs and hands its artifacts to the next (miniature sizes);
-the slow test runs the real demo and checks the accuracy gains of issue #8."""
+"""Every stage of the R1 pipeline runs and hands its artifacts to the next (miniature sizes),
+the demo runs end to end in miniature, and the slow test runs the real demo and checks the
+findings of issue #17."""
 import json
+import math
 
 import pytest
 
-from r1fast.pipeline import stages
-from r1fast.pipeline.demo import (Demo, DemoConfig, column_sum_cot, demo_examples, dense_model,
-                                  moe_model)
-from r1fast.pipeline.evaluate import score_samples
-
-
-def test_column_sum_cot():
-    assert column_sum_cot(75, 34) == "5+4=9 7+3=10"
-    assert column_sum_cot(9, 91) == "9+1=10 0+9+1=10"
+from r1fast.pipeline import demo_report, stages
+from r1fast.pipeline import demo_task as task
+from r1fast.pipeline.demo import Demo, DemoConfig, dense_model, moe_model
+from r1fast.pipeline.evaluate import score_samples, standard_error
 
 
 def test_score_samples_pass_at_1_and_majority():
-    exs = demo_examples(2, "test", 0, 2)
+    exs = task.problems(2, "test", 0)
     a0, a1 = exs[0]["answer"], exs[1]["answer"]
     wrong = str(int(a1) + 1)
     samples = [[f"<think>x</think> \\boxed{{{a0}}}", f"<think>x</think> \\boxed{{{a0}}}",
@@ -30,8 +27,8 @@ def test_score_samples_pass_at_1_and_majority():
 
 
 def test_every_stage_runs_and_hands_off(tmp_path):
-    train = demo_examples(64, "train", 0, 1)
-    test = demo_examples(4, "test", 0, 1)
+    train = task.problems(64, "train", 0)
+    test = task.problems(4, "test", 0)
     base = stages.pretrain(train, tmp_path / "base", moe_model(), steps=3, batch_size=8)
     assert (base / "model.safetensors").is_file() and (base / "tokenizer.json").is_file()
     r = stages.evaluate(base, test, k=2, max_new_tokens=8)
@@ -65,19 +62,115 @@ def test_stage_argument_errors(tmp_path):
         stages.rejection_sample(tmp_path, [], tmp_path / "x.jsonl", keep="best")
 
 
+MINI = ["--num_train=200", "--num_test=8", "--pretrain_steps=5", "--cold_start_examples=8",
+        "--cold_start_steps=2", "--rl_steps=2", "--rl_prompts_per_step=2", "--group_size=2",
+        "--rs_prompts=16", "--rs_k=2", "--rs_keep=all", "--sft_steps=2", "--rm_pairs=16",
+        "--rm_test_pairs=8", "--rm_steps=2", "--stage4_steps=4", "--eval_k=2",
+        "--max_new_tokens=16", "--greeting_names=4"]
+
+
+def test_demo_runs_every_stage_in_miniature(tmp_path, capsys):
+    """`r1fast demo` with every size cut down: all nine models are evaluated, the findings are
+    judged, both stage-4 reward streams are reported, and the files are written."""
+    from r1fast.pipeline.demo import main
+
+    out = tmp_path / "demo"
+    assert main([f"--out_dir={out}", *MINI]) == 0
+    rows = stages.read_jsonl(out / "eval.jsonl")
+    assert [r["stage"] for r in rows][0] == "base (pre-trained MoE)" and len(rows) == 9
+    assert all(r["k"] == 2 and r["num_problems"] == 8 and "pass_at_1_se" in r for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["findings"]) == 6 and 0 <= summary["greetings"]["after"]["rate"] <= 1
+    assert all(isinstance(f["holds"], bool) for f in summary["findings"])
+    assert 0.0 <= summary["reward_model"]["heldout_accuracy"] <= 1.0
+    assert set(summary["stage4_streams"]) == {"rule", "model"}
+    assert summary["stage3_mix"]["non_reasoning"] > 0
+    assert summary["compute"]["grpo_steps"] >= 1
+    for name in ("reward", "accuracy", "response_length", "language_mixing", "reward_sources"):
+        assert (out / f"rl_{name}.png").stat().st_size > 1000
+    stage4 = stages.read_jsonl(out / "stage4" / "metrics.jsonl")
+    # a step logs a source's mean when its batch drew rows of that source
+    assert any("reward/source_rule" in r for r in stage4)
+    assert any("reward/source_model" in r for r in stage4)
+    text = (out / "results.md").read_text()
+    assert "reward model held-out pair accuracy" in text and "| finding |" in text
+    assert text.splitlines()[0] in capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_real_demo_gains(tmp_path):
-    """`make demo`: RL raises held-out pass@1 by >= 15 points over the base; the distilled
-    student reaches >= 80% of its teacher's pass@1; the table and curves are written."""
+def test_real_demo_findings(tmp_path):
+    """`make demo`: every finding of issue #17 holds by more than two standard errors (R1 vs
+    R1-Zero: not below by more than two), pass@1 from 8 samples on 200 held-out problems,
+    the reward model ranks >= 90% of held-out pairs and stage 4 raises the reward-model
+    stream."""
     root = Demo(DemoConfig(out_dir=str(tmp_path / "demo"))).run()
-    rows = {r["stage"]: r for r in stages.read_jsonl(root / "eval.jsonl")}
-    base = rows["base (pre-trained MoE)"]["pass_at_1"]
-    rl = max(rows["R1-Zero (GRPO from base)"]["pass_at_1"],
-             rows["R1 (cold start + GRPO)"]["pass_at_1"])
-    assert rl >= base + 0.15, rows
-    teacher = rows["R1 (cold start + GRPO)"]["pass_at_1"]
-    assert rows["distilled dense student"]["pass_at_1"] >= 0.8 * teacher, rows
-    assert (root / "rl_curves.png").is_file() and (root / "results.md").is_file()
+    summary = json.loads((root / "summary.json").read_text())
+    assert all(f["holds"] for f in summary["findings"]), summary["findings"]
+    rows = stages.read_jsonl(root / "eval.jsonl")
+    assert all(r["k"] >= 8 and r["num_problems"] >= 200 for r in rows)
+    assert summary["reward_model"]["heldout_accuracy"] >= 0.9
+    start, end = summary["stage4_streams"]["model"]
+    assert end > start
+
+
+def test_demo_task_quick_answers_drop_the_carry_and_chains_are_right():
+    assert task.column_steps(47, 38) == ["7+8=15", "4+3+1=8"]
+    assert task.column_steps(9, 91) == ["9+1=10", "0+9+1=10"]
+    assert task.long_cot(47, 38) == "Add. 7+8=15 then 4+3+1=8 so 85"
+    assert task.carry_free_sum(47, 38) == 75 and task.carry_free_sum(99, 2) == 91
+    assert task.carry_free_sum(12, 34) == 46  # no carry: the quick answer is right
+    problems = task.problems(400, "train", 0)
+    by_prompt = {e["prompt"]: e for e in problems}
+    rows = task.base_corpus(problems, long_share=0.5, greek_share=1.0, seed=0)
+    long = [r for r in rows if " then " in r["completion"] or " μετά " in r["completion"]
+            or "άρα" in r["completion"]]
+    assert 150 < len(long) < 250  # about long_share of the corpus
+    assert all("then" not in r["completion"] and " so " not in r["completion"] for r in long)
+    for row in rows:  # every long chain's answer is right; quick answers drop carries
+        ex = by_prompt[row["prompt"]]
+        answer = row["completion"].rsplit("{", 1)[1].rstrip("}")
+        expect = ex["a"] + ex["b"] if row in long else task.carry_free_sum(ex["a"], ex["b"])
+        assert int(answer) == expect
+
+
+def test_demo_general_prompts_and_pairs():
+    train, test = task.names(300, "train", 0), task.names(100, "test", 0)
+    assert not set(train) & set(test) and len(set(train)) == 300
+    pairs = task.preference_pairs(50, "test", 0)
+    assert all(p["chosen"] != p["rejected"] and p["prompt"].startswith("Q: Greet ")
+               for p in pairs)
+    assert all(p["prompt"][len("Q: Greet "):].split(".")[0] in test for p in pairs)
+    rows = task.general_sft_rows(200, good_share=0.5, seed=0)
+    good = sum(r["completion"] == task.WARM for r in rows)
+    assert 70 < good < 130
+    assert all(r["reward"] == "reward_model" for r in task.general_rl_rows(5, 0))
+    with pytest.raises(ValueError, match="names: only"):
+        task.names(10 ** 6, "test", 0)
+
+
+def test_standard_errors_and_language_mixing():
+    assert standard_error([1.0]) == 0.0
+    assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
+    exs = [{"answer": "5"}, {"answer": "7"}]
+    samples = [["<think>then 2+3</think> \\boxed{5}", "<think>μετά 2+3</think> \\boxed{5}"],
+               ["<think>μετά άρα</think> \\boxed{6}", "<think>2+5=7</think> \\boxed{7}"]]
+    r = score_samples(samples, exs)
+    assert r.pass_at_1 == pytest.approx(0.75) and r.pass_at_1_se == pytest.approx(0.25)
+    # mixing per sample: 0, 1, 1, 0 (no words mixes nothing) -> per problem 0.5, 0.5
+    assert r.language_mixing == pytest.approx(0.5) and r.language_mixing_se == 0.0
+
+
+def test_findings_need_two_standard_errors():
+    a = {"pass_at_1": 0.9, "pass_at_1_se": 0.02}
+    b = {"pass_at_1": 0.8, "pass_at_1_se": 0.02}
+    diff, se = demo_report.gain(a, b)
+    assert diff == pytest.approx(0.1) and se == pytest.approx(math.sqrt(0.0008))
+    assert demo_report.finding("x", diff, se)["holds"]
+    assert not demo_report.finding("x", 0.05, 0.03)["holds"]
+    assert demo_report.finding("x", -0.05, 0.03, claim="not_below")["holds"]
+    assert not demo_report.finding("x", -0.07, 0.03, claim="not_below")["holds"]
+    with pytest.raises(ValueError, match="claim must be"):
+        demo_report.finding("x", 0.1, 0.01, claim="better")
 
 
 def test_votes_group_equivalent_answers():
@@ -88,3 +181,17 @@ def test_votes_group_equivalent_answers():
     ex = {"answer": "5"}  # a dataset row: math accuracy by default
     res = score_samples([["\\boxed{5}", "\\boxed{5.0}", "\\boxed{6}", "no answer at all"]], [ex])
     assert res.pass_at_1 == 0.5 and res.cons_at_k == 1.0 and res.no_answer_rate == 0.25
+
+
+def test_curves_of_mixed_source_runs_are_over_rule_rows():
+    """Stage 4 logs rule parts as 0.0 on reward-model rows: accuracy and language mixing are
+    plotted over the rule rows (a step without any is skipped)."""
+    rows = [{"step": 1, "accuracy": 0.375, "reward/language": 0.4375, "reward/rows_rule": 0.4375},
+            {"step": 2, "accuracy": 0.0, "reward/language": 0.0, "reward/rows_rule": 0.0},
+            {"step": 3, "accuracy": 0.5, "reward/language": 0.5, "reward/rows_rule": 0.5}]
+    steps, acc = demo_report.curve(rows, "accuracy")
+    assert steps == [1, 3] and acc == pytest.approx([0.375 / 0.4375, 1.0])
+    assert demo_report.curve(rows, "language_mixing")[1] == pytest.approx([0.0, 0.0])
+    plain = [{"step": 1, "accuracy": 0.25, "reward/language": 0.75}]  # a rule-only run
+    assert demo_report.curve(plain, "accuracy") == ([1], [0.25])
+    assert demo_report.curve(plain, "language_mixing") == ([1], [0.25])

@@ -13,7 +13,7 @@ from r1fast.train.task import build_task
 
 GREEK_MIX = ("<think>First add the ones, \u03c0\u03c1\u03ce\u03c4\u03b1 \u03c4\u03b9\u03c2 "
              "\u03bc\u03bf\u03bd\u03ac\u03b4\u03b5\u03c2, then the tens.</think> \\boxed{5}")
-SMALL = ["--num-train", "64", "--digits", "1", "--seed", "0"]
+SMALL = ["--num-train", "64", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
