@@ -222,7 +222,7 @@ class Demo:
         ev = {"base": self.evaluate("base (pre-trained MoE)", base)}
         zero = self.rl("r1_zero", base, c.rl_steps, ZERO_WEIGHTS)
         ev["zero"] = self.evaluate("R1-Zero (GRPO from base)", zero)
-        cold = stages.sft(task.cold_start_rows(self.train[:c.cold_start_examples]),
+        cold = stages.sft(stages.cold_start_data(self.train[:c.cold_start_examples]),
                           self.root / "cold_start", init_from=base, steps=c.cold_start_steps,
                           seed=c.seed)
         ev["cold"] = self.evaluate("cold-start SFT", cold)
@@ -275,8 +275,8 @@ class Demo:
         policy, tok = load_model(model_dir)
         outs = sample(policy, tok, [task.general_prompt(n) for n in names], c.eval_k,
                       SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=40), seed=c.seed)
-        per_name = [sum(task.is_warm_greeting(o, n) for o in replies) / len(replies)
-                    for n, replies in zip(names, outs)]
+        per_name = [sum(task.is_warm_greeting(o) for o in replies) / len(replies)
+                    for replies in outs]
         return {"rate": sum(per_name) / len(per_name), "rate_se": standard_error(per_name),
                 "names": len(names), "k": c.eval_k, "example": outs[0][0]}
 

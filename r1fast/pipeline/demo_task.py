@@ -104,12 +104,6 @@ def base_corpus(examples: Sequence[dict], long_share: float, greek_share: float,
     return rows
 
 
-def cold_start_rows(examples: Sequence[dict]) -> list[dict]:
-    """R1's cold start: clean, readable English chains ending in the boxed answer."""
-    return [{"prompt": ex["prompt"], "completion": sft_target(ex["solution_cot"], ex["answer"])}
-            for ex in examples]
-
-
 # ---------------------------------------------------------------------------- general prompts
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
@@ -128,20 +122,11 @@ def names(n: int, split: str, seed: int) -> list[str]:
     return rng.sample(pool, n)
 
 
+# The warm reply does not repeat the name: the 2-layer demo models cannot copy an unseen name
+# from the prompt (measured: "Greet Suve." -> "Hello Dube, ..."), and the demo is about the
+# reward model, not about copying. The poor replies are curt or rude.
 WARM = "Hello, nice to meet you!"
 POOR = ("Hi.", "What?", "Go away.", "Hello.")
-
-
-def good_greeting(name: str) -> str:
-    """The warm reply. It does not repeat the name: the 2-layer demo models cannot copy an
-    unseen name from the prompt (measured: "Greet Suve." -> "Hello Dube, ..."), and the
-    demo is about the reward model, not about copying."""
-    return WARM
-
-
-def poor_greeting(name: str, rng: random.Random) -> str:
-    """Curt or rude: what the reward model learns to rank lower."""
-    return rng.choice(POOR)
 
 
 def general_prompt(name: str) -> str:
@@ -155,7 +140,7 @@ def general_sft_rows(n: int, good_share: float, seed: int) -> list[dict]:
     pool = names(n, "train", seed)
     rows = []
     for name in pool:
-        reply = good_greeting(name) if rng.random() < good_share else poor_greeting(name, rng)
+        reply = WARM if rng.random() < good_share else rng.choice(POOR)
         rows.append({"prompt": general_prompt(name), "completion": reply})
     return rows
 
@@ -186,14 +171,14 @@ def preference_pairs(n: int, split: str, seed: int) -> list[dict]:
     (half the pairs) or over a near miss of itself (the other half)."""
     rng = random.Random(f"r1fast/demo/pairs/{split}/{seed}")
     pool = names(n, split, seed)
-    return [{"prompt": general_prompt(name), "chosen": good_greeting(name),
-             "rejected": poor_greeting(name, rng) if i % 2 else near_miss(rng)}
+    return [{"prompt": general_prompt(name), "chosen": WARM,
+             "rejected": rng.choice(POOR) if i % 2 else near_miss(rng)}
             for i, name in enumerate(pool)]
 
 
-def is_warm_greeting(reply: str, name: str) -> bool:
+def is_warm_greeting(reply: str) -> bool:
     """The preferred reply, exactly: what the held-out greeting rate counts."""
-    return reply.strip() == good_greeting(name)
+    return reply.strip() == WARM
 
 
 def general_rl_rows(n: int, seed: int) -> list[dict]:
