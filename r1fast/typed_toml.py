@@ -184,6 +184,13 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"config '{prefix.rstrip('.') or cls.__name__}': {e}") from e
+    except ValueError as e:
+        # a check that names its field bare ("clip_low must be ...", from an op's config that
+        # [algo] embeds flat) is reported under the key the user wrote: "algo.clip_low ..."
+        first = str(e).split(" ", 1)[0]
+        if isinstance(e, ConfigError) or not prefix or first not in fields:
+            raise
+        raise ConfigError(prefix + str(e)) from e
 
 
 def to_dict(cfg: Any) -> Any:

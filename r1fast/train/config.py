@@ -147,6 +147,16 @@ class DataConfig:
     """Prompt template with a {question} placeholder, or "r1-zero" for r1fast's R1-Zero
     instruction; None: the synthetic task's own prompt, or the question alone for files."""
 
+    def __post_init__(self):
+        # checked here, at load time: prompts_per_step=0 used to pass until the dataset was
+        # built after the model (seconds later) and was then reported as 'batch_size'
+        for key, low in (("prompts_per_step", 1), ("num_train", 1), ("num_test", 0),
+                         ("eval_k", 1), ("eval_max_problems", 1), ("max_prompt_tokens", 0)):
+            value = getattr(self, key)
+            if value < low:
+                allowed = " (0: keep all)" if key == "max_prompt_tokens" else ""
+                raise ValueError(f"data.{key} must be >= {low}{allowed}, got {value}")
+
 
 @dataclass
 class RewardConfig:

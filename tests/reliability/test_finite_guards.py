@@ -47,6 +47,20 @@ pytestmark = pytest.mark.reliability
     ("--reward.weights={accuracy=nan}", "reward.weights.accuracy"),
     ("--reward.weights={accuracy=inf, format=0.1}", "reward.weights.accuracy"),
     ('--reward.weights={accuracy="x"}', "reward.weights.accuracy"),
+    # [data] counts: prompts_per_step=0 passed the load and failed after the model was built,
+    # named 'batch_size'; the others were accepted
+    ("--data.prompts_per_step=0", "data.prompts_per_step"),
+    ("--data.prompts_per_step=-4", "data.prompts_per_step"),
+    ("--data.num_train=0", "data.num_train"),
+    ("--data.num_test=-1", "data.num_test"),
+    ("--data.eval_k=0", "data.eval_k"),
+    ("--data.eval_max_problems=-1", "data.eval_max_problems"),
+    ("--data.max_prompt_tokens=-5", "data.max_prompt_tokens"),
+    # the loss options [algo] embeds flat are named as written, not bare ('clip_low must ...')
+    ("--algo.clip_low=-1", "algo.clip_low"),
+    ("--algo.clip_low=1", "algo.clip_low"),
+    ("--algo.tis_cap=-1", "algo.tis_cap"),
+    ("--algo.dual_clip=0.5", "algo.dual_clip"),
 ])
 def test_bad_config_value_is_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
