@@ -40,11 +40,12 @@ hidden states go stage to stage with point-to-point sends (``[n'/tp, B', H]``), 
 stage's samples are broadcast over the pipeline group (:meth:`KVCacheDecoder.share`). The
 cached core attention replaces whatever core attention the policy was built with (megatron's
 local one, or Transformer Engine's on a GPU, which would ignore the decode mask) during
-decoding only; core attention has no weights. Multi-latent attention (MLA) ropes positions
-``0..L-1`` itself inside megatron, so per-row positions are impossible: MLA decodes through
-megatron's static inference context at shared positions (the sampler's shared-position loop,
-:meth:`KVCacheDecoder.step`), with r1fast's MLACoreAttention taking the mask. Routing capture
-works in both loops. Sliding-window and flash-decode configurations are refused.
+decoding only; core attention has no weights. Multi-latent attention (MLA) layers decode
+through :class:`r1fast.rollout.mla_latent.LatentMLAAttention` instead, swapped in for the whole
+self-attention: it caches MLA's compressed latent (``kv_lora + rope`` per token, not per head),
+attends in the absorbed form and applies RoPE at per-row positions itself, so MLA takes the
+same ragged loop. Routing capture works in both loops. Sliding-window and flash-decode
+configurations are refused.
 
 :func:`make_decoder` returns this decoder; prefix recomputation
 (:class:`r1fast.rollout.recompute.RecomputeDecoder`, quadratic, full logits per token) is only
@@ -95,21 +96,12 @@ def _inference(module: torch.nn.Module) -> Iterator[None]:
 def _decode_cores(policy, store) -> dict[int, torch.nn.Module]:
     """{layer position: the core attention used while decoding}: a CachedAttention on
     ``store`` for every layer, whatever the policy's own (megatron's local one, Transformer
-    Engine's); none under MLA, whose layers must have r1fast's MLACoreAttention (the only MLA
-    core that takes the decode mask) and decode through megatron's inference context."""
-    from r1fast.policy.mla import MLACoreAttention
+    Engine's). MLA layers swap their whole self-attention instead (r1fast.rollout.mla_latent)."""
     from r1fast.rollout.attention import CachedAttention
 
     out = {}
     for i, layer in enumerate(policy.gpt.decoder.layers):
         attn = layer.self_attention
-        if policy.model_cfg.is_mla:
-            if not isinstance(attn.core_attention, MLACoreAttention):
-                raise ValueError(f"KVCacheDecoder: MLA layer {attn.layer_number} has core "
-                                 f"attention {type(attn.core_attention).__name__}, which ignores "
-                                 f"the decode mask; only r1fast's MLACoreAttention can decode "
-                                 f"with a cache")
-            continue
         scale = attn.config.softmax_scale or attn.hidden_size_per_attention_head ** -0.5
         out[i] = CachedAttention(store, attn.layer_number, scale)
     return out
@@ -124,7 +116,7 @@ class KVCacheDecoder:
     gives every pipeline stage the last stage's samples. Logits come back on the policy's
     device, fp32, and only on the last pipeline stage (None elsewhere).
 
-    Shared-position protocol (``r1fast.rollout.sampler``'s loop, MLA): ``reset(B, max_len)``;
+    Shared-position protocol (``r1fast.rollout.sampler``'s loop): ``reset(B, max_len)``;
     ``step(tokens[B, n], offset)`` runs positions ``offset .. offset+n-1`` against the cached
     prefix and returns their logits ``[B, n, V]`` fp32 on ``tokens.device`` on every rank; a
     step may rewind (an offset below the filled slots overwrites the tail).
@@ -134,6 +126,7 @@ class KVCacheDecoder:
 
     def __init__(self, policy) -> None:
         from r1fast.rollout.attention import KVStore
+        from r1fast.rollout.mla_latent import LatentStore, latent_attentions
 
         reason = kv_cache_unsupported_reason(policy)
         if reason is not None:
@@ -141,15 +134,15 @@ class KVCacheDecoder:
         self.policy = policy
         self.attentions = [layer.self_attention for layer in policy.gpt.decoder.layers]
         self.mla = policy.model_cfg.is_mla
-        self.store = KVStore()
-        """r1fast's own cache (r1fast.rollout.attention); MLA uses megatron's context."""
-        self._cores = _decode_cores(policy, self.store)
+        self.store = LatentStore() if self.mla else KVStore()
+        """The cache: keys/values after RoPE (r1fast.rollout.attention), or MLA's latent
+        (r1fast.rollout.mla_latent)."""
+        self._cores = {} if self.mla else _decode_cores(policy, self.store)
+        self._latent = latent_attentions(policy, self.store) if self.mla else {}
         # one step's length must divide by tp under sequence parallelism (see module doc)
         self.multiple = policy.info.tp if policy.sequence_parallel else 1
-        self.ragged = not self.mla
-        """Whether rows may have their own positions (left-padded prefill): not under MLA."""
-        self.context = None
-        """MLA: megatron's StaticInferenceContext holding the cache."""
+        self.ragged = True
+        """Rows may have their own positions (left-padded prefill; r1fast.rollout.engine)."""
         self.batch_size = 0
         """Rows in the cache now (after keep(), the live rows)."""
         self.max_len = 0
@@ -170,12 +163,12 @@ class KVCacheDecoder:
         """Cache slots: max_len plus room for the padding of the last step."""
         return self.max_len + self.multiple - 1
 
-    def kv_buffers(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The cache, ``{layer_number: (keys, values)}``, each ``[capacity, B, groups/tp, d]``
-        (keys after RoPE; under MLA megatron's, before)."""
+    def kv_buffers(self) -> dict:
+        """The cache: ``{layer_number: (keys, values)}``, each ``[capacity, B, groups/tp, d]``
+        (keys after RoPE); under MLA ``{layer_number: latent [capacity, B, kv_lora + rope]}``."""
         if self.pads is None:
             raise ValueError("KVCacheDecoder: call reset(batch_size, max_len) first")
-        return self.context.key_value_memory_dict if self.mla else self.store.buffers
+        return self.store.buffers
 
     # -- setting up ---------------------------------------------------------------------------
     def reset(self, batch_size: int, max_len: int, pads: Optional[torch.Tensor] = None) -> None:
@@ -190,35 +183,12 @@ class KVCacheDecoder:
         self.batch_size, self.max_len, self.filled = batch_size, max_len, 0
         cap, device = self.capacity, self.policy.device
         dtype = self.policy.config.params_dtype
-        if self.mla:
-            self._reset_context(batch_size, cap, dtype, device)
-        else:
-            self.store.allocate(self.attentions, cap, batch_size, dtype, device)
+        self.store.allocate(self.attentions, cap, batch_size, dtype, device)
         if pads is None:
             self.pads, self._has_pads = torch.zeros(batch_size, dtype=torch.long,
                                                     device=device), False
         else:
             self.pads, self._has_pads = pads.to(device, torch.long), True
-
-    def _reset_context(self, batch_size: int, cap: int, dtype, device) -> None:
-        """MLA: megatron's static context over NaN-filled buffers allocated here."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        old = None if self.context is None else self.context.key_value_memory_dict
-        self.context = StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=cap)
-        for attn in self.attentions:
-            shape = (cap, batch_size, attn.num_query_groups_per_partition)
-            prev = None if old is None else old.get(attn.layer_number)
-            if prev is not None and tuple(prev[0].shape[:3]) == shape:
-                prev[0].fill_(float("nan"))
-                prev[1].fill_(float("nan"))
-                self.context.key_value_memory_dict[attn.layer_number] = prev
-                continue
-            self.context.key_value_memory_dict[attn.layer_number] = (
-                torch.full(shape + (attn.key_hidden_size,), float("nan"), dtype=dtype,
-                           device=device),
-                torch.full(shape + (attn.val_hidden_size,), float("nan"), dtype=dtype,
-                           device=device))
 
     def session(self):
         """Context of a whole rollout: eval mode and no autograd once for all its steps."""
@@ -231,9 +201,6 @@ class KVCacheDecoder:
         prompts ``tokens [B, P]`` (row b's prompt in slots ``pads[b] .. P-1``); returns the
         logits ``[B, V]`` of slot ``P-1`` (last stage; None elsewhere). ``dest [B, P]``:
         routing destinations of the tokens (-1: not recorded)."""
-        if not self.ragged:
-            raise ValueError("KVCacheDecoder.prefill: MLA ropes positions 0..L-1 inside "
-                             "megatron, so rows cannot have their own positions; use step()")
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
         check_tensor("pads", pads, shape=[tokens.shape[0]], dtypes=(torch.int64, torch.int32))
         if tokens.shape[1] > max_len:
@@ -259,12 +226,7 @@ class KVCacheDecoder:
         if not 1 <= m <= self.batch_size:
             raise ValueError(f"keep: {m} rows, must be 1..{self.batch_size}")
         rows = rows.to(self.policy.device)
-        if self.mla:
-            for keys, values in self.context.key_value_memory_dict.values():
-                keys[:f, :m] = keys[:f, rows]  # the right side is a copy: no aliasing
-                values[:f, :m] = values[:f, rows]
-        else:
-            self.store.keep(rows, f)
+        self.store.keep(rows, f)
         self.pads = self.pads[rows]
         self.batch_size = m
 
@@ -373,17 +335,16 @@ class KVCacheDecoder:
                 padding_mask = padding_mask[:, r * rows:(r + 1) * rows]
         if self.recorder is not None:
             self.recorder.dest = None if dest is None else self._router_dest(dest, padded)
-        if self.mla:  # megatron's cache; MLA ropes slots offset.. itself
-            self.context.sequence_len_offset = offset
-            self.context.batch_size_offset = 0
-            context, rotary = self.context, None
+        if self.mla:  # LatentMLAAttention ropes the new slots at their positions itself
+            self.store.begin(offset, positions.clamp_min(0))
+            rotary = None
         else:  # our cache (CachedAttention); megatron ropes the new slots at their positions
             self.store.offset = offset
-            context, rotary = None, policy.rotary_table(positions.clamp_min(0))  # [n', B', 1, d]
+            rotary = policy.rotary_table(positions.clamp_min(0))  # [n', B', 1, d]
         with _inference(policy.module), self._decode_modules():
             hidden = self._stage_input(ids, positions.clamp_min(0), b, padded)
             hidden = gpt.decoder(hidden_states=hidden, attention_mask=self._mask(offset, padded),
-                                 rotary_pos_emb=rotary, inference_context=context,
+                                 rotary_pos_emb=rotary,
                                  padding_mask=padding_mask)  # [padded(/tp), B', H]
             logits = None
             if gpt.post_process:
@@ -396,12 +357,14 @@ class KVCacheDecoder:
 
     @contextlib.contextmanager
     def _decode_modules(self) -> Iterator[None]:
-        """During a decode forward: the cached core attentions in every layer (not under MLA),
-        and the routing recorder as every router's hook."""
+        """During a decode forward: the cached core attentions in every layer (MLA: the latent
+        self-attentions), and the routing recorder as every router's hook."""
         layers = self.policy.gpt.decoder.layers
         saved = {i: layers[i].self_attention.core_attention for i in self._cores}
         for i, core in self._cores.items():
             layers[i].self_attention.core_attention = core
+        for i, latent in self._latent.items():
+            layers[i].self_attention = latent
         try:
             if self.recorder is None:
                 yield
@@ -411,6 +374,8 @@ class KVCacheDecoder:
         finally:
             for i, core in saved.items():
                 layers[i].self_attention.core_attention = core
+            for i, latent in self._latent.items():
+                layers[i].self_attention = latent.attn
 
     def _stage_input(self, ids: torch.Tensor, positions: torch.Tensor, b: int, padded: int):
         """First stage: the embedding; other stages: the previous stage's hidden states."""

@@ -7,7 +7,7 @@ it must equal the decoder's exactly. The training side's choices are read from t
 own outputs (``routing_map`` of every R1fastRouter forward), not from the replay machinery.
 
 Also: the recorded tables equal a post-hoc forward over the same sequences when the weights do
-not move (the two captures agree), the shared-position loop (MLA) records too, and the tables
+not move (the two captures agree), MLA's latent-cache decoding records too, and the tables
 are compact (uint8)."""
 from __future__ import annotations
 
@@ -156,9 +156,9 @@ def test_recorded_routing_equals_a_post_hoc_forward_when_weights_stay(policy):
             assert torch.equal(rec[layer][i, n:], torch.arange(2).expand(L - n, 2))
 
 
-def test_shared_position_loop_records_routing_too():
-    """Under MLA the KV cache decodes at shared positions; it records the same experts as a
-    post-hoc forward."""
+def test_mla_latent_cache_records_routing_too():
+    """Under MLA the KV cache decodes through the latent attention (r1fast.rollout.mla_latent),
+    ragged prompts included; it records the same experts as a post-hoc forward."""
     from r1fast.policy.config import ModelConfig, ParallelConfig
     from r1fast.policy.model import build_policy
     from r1fast.policy.parallel import destroy_parallel
@@ -169,7 +169,7 @@ def test_shared_position_loop_records_routing_too():
         mla = sharpen(build_policy(ModelConfig.preset("tiny-dsv3-mla"), ParallelConfig(), seed=0,
                                    trainable=False))
         dec = KVCacheDecoder(mla)
-        assert not dec.ragged
+        assert dec.ragged
         prompts, seeds = _prompts(3, n=4)
         ro = generate(dec, prompts, CFG, eos_token_id=1, row_seeds=seeds, record_routing=True)
         L = max(ro.routing.lengths)
