@@ -79,10 +79,11 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
     rows.append((f"= training peak (+{opt.reserve_gib:g} GiB reserve)", "", _gib(w.train_peak)))
     layers = w.layers[1] - w.layers[0]
     if opt.decoder == "kv-cache":
+        per_token = (f"MLA latent ({m.kv_lora_rank} + {m.qk_rope_head_dim})" if m.is_mla
+                     else f"{m.kv_heads // plan.tp} kv heads/tp x {m.kv_channels}")
         rows.append(("rollout KV cache",
                      f"{plan.rollout_seqs} seqs x {plan.seq_len} tok x {layers} layers x "
-                     f"{m.kv_heads // plan.tp} kv heads/tp x {m.kv_channels}",
-                     _gib(w.kv_cache_bytes)))
+                     f"{per_token}", _gib(w.kv_cache_bytes)))
     rows.append(("rollout sampling logits (fp32)",
                  "[B, V] per step" if opt.decoder == "kv-cache"
                  else "[B, L, V]: prefix-recomputing decoder", _gib(w.rollout_logits_bytes)))

@@ -87,8 +87,8 @@ class PlanOptions:
     """Layer implementation the activations are counted for: "te" (Transformer Engine on GPU:
     flash attention, fused RMSNorm) or "local" (megatron's local layers, as on CPU)."""
     decoder: Literal["kv-cache", "recompute"] = "kv-cache"
-    """Rollout memory: a KV-cached decoder, or today's prefix-recomputing PolicyDecoder that
-    materialises full fp32 logits [B, L, V] on every rank."""
+    """Rollout memory: the KV-cached decoder, or the prefix-recomputing decoder (an explicit
+    opt-in, ``rollout.decoder = "recompute"``) that materialises full fp32 logits [B, L, V]."""
     reserve_gib: float = 2.0
     """CUDA context, NCCL buffers and allocator fragmentation, added to every peak."""
 
@@ -300,11 +300,11 @@ def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int) -> tuple[int, int]:
 
 def kv_cache_bytes(m: ModelConfig, tp: int, layers: int, seqs: int, seq_len: int) -> int:
     """K and V of ``layers`` layers for ``seqs`` sequences of ``seq_len`` tokens on one rank.
-    MLA: megatron's static inference context (r1fast's KV-cache decoder) caches the expanded
-    per-head keys and values, (qk_nope + qk_rope + v) per head, not the compressed latent
-    (kv_lora + qk_rope per token) that an absorbed-MLA decoder would keep."""
+    MLA: r1fast's decoder caches the compressed latent, ``kv_lora + qk_rope`` numbers per token
+    and layer, whole on every TP rank (r1fast.rollout.mla_latent), instead of per-head keys and
+    values."""
     if m.is_mla:
-        per_token = (m.num_attention_heads // tp) * (m.qk_head_dim + m.v_head_dim)
+        per_token = m.kv_lora_rank + m.qk_rope_head_dim
         return layers * per_token * seqs * seq_len * _BYTES[m.params_dtype]
     return 2 * layers * (m.kv_heads // tp) * m.kv_channels * seqs * seq_len * _BYTES[m.params_dtype]
 
@@ -444,11 +444,9 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
                      f"{opts.gpu_mem_gib:g}; the largest term is {top} "
                      f"({parts[top] / GiB:.1f} GiB)")
     if opts.decoder == "kv-cache":
-        recompute_logits = batch.rows * batch.seq_len * (m.vocab_size + m.vocab_size // tp) * 4
-        if recompute_logits > 0.05 * int(opts.gpu_mem_gib * GiB):
-            notes.append(f"today's PolicyDecoder recomputes the prefix and keeps full fp32 "
-                         f"logits [B, L, V]: {recompute_logits / GiB:.1f} GiB per rank at this "
-                         f"batch; a KV-cached decoder (planned here) is needed at this scale")
+        notes.append("rollout: not counted are the transients of the prefill, one forward over "
+                     "every prompt of the DP rank at once (attention scores [B, heads/tp, P, P] "
+                     "fp32 and the layer's activations)")
     return notes
 
 

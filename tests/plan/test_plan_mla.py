@@ -49,3 +49,25 @@ def test_deepseek_v3_recipe_plan():
     plan = plan_memory(cfg, gpu_mem_gib=80.0)
     assert [s.layers for s in plan.stages] == [(0, 16), (16, 31), (31, 46), (46, 61)]
     assert max(s.train_peak for s in plan.stages) < 80 * 2**30
+    # the rollout's MLA cache is the latent (512 + 64 per token and layer): the plan fits
+    worst = max(plan.stages, key=lambda s: s.rollout_peak)
+    assert plan.fits and worst.rollout_peak < 80 * 2**30
+    assert plan.stages[0].kv_cache_bytes == 16 * (512 + 64) * 128 * 4608 * 2
+
+
+def test_kv_cache_bytes_are_the_decoders_buffers():
+    """The planner's rollout cache equals what KVCacheDecoder allocates (MLA: the latent)."""
+    from r1fast.plan.memory import kv_cache_bytes
+    from r1fast.policy.model import build_policy
+    from r1fast.policy.parallel import destroy_parallel
+    from r1fast.rollout.kv_cache import KVCacheDecoder
+
+    for m in (MLA, ModelConfig.preset("tiny-moe")):
+        try:
+            dec = KVCacheDecoder(build_policy(m, ParallelConfig(), trainable=False))
+            dec.reset(5, 40)
+            buffers = [t for v in dec.kv_buffers().values()
+                       for t in (v if isinstance(v, tuple) else (v,))]
+            assert sum(t.nbytes for t in buffers) == kv_cache_bytes(m, 1, m.num_layers, 5, 40)
+        finally:
+            destroy_parallel()
