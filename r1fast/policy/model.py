@@ -17,9 +17,10 @@ Data parallelism. Each DP rank passes its own batch (:meth:`Policy.dp_shard`). `
 returns the microbatch's share of the *global* loss, and megatron's 1/num_microbatches and DP
 mean are undone, so gradients are sums; the MoE aux losses keep megatron's mean convention.
 
-Sequences. ``tokens`` [B, L] are right-padded (or packed, with ``position_ids`` restarting per
-sequence and a block-diagonal ``attention_mask``); under sequence parallelism L is padded to a
-multiple of tp inside (causal attention keeps pads out of real positions; routers ignore them).
+Sequences. ``tokens`` [B, L] are right-padded, or packed (``cu_seqlens``: positions restart per
+sequence and attention stays within it, r1fast.policy.packed_attention); under sequence
+parallelism L is padded to a multiple of tp inside (pads stay out of real positions; routers
+ignore them).
 Decoders (:mod:`r1fast.rollout`) use :meth:`Policy.rotary_table`, :meth:`Policy.head_input`,
 :meth:`Policy.vocab_logits` and record MoE routing as they decode (post hoc: record_routing);
 ``routing=`` in :meth:`Policy.logprobs` and :meth:`Policy.forward_backward` replays it.
@@ -37,7 +38,6 @@ import torch.nn.functional as F
 from r1fast.ops._validate import check_range, check_tensor
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.mla import mla_packed_params
-from r1fast.policy.packed import packed_layout
 from r1fast.megatron_compat import te_absent
 from r1fast.policy.parallel import ParallelInfo, init_parallel, mark_expert_params
 
@@ -107,12 +107,14 @@ def layer_spec(model: ModelConfig, config, pp_rank: Optional[int] = None):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from r1fast.policy.mla import use_mla_local_modules
+    from r1fast.policy.packed_attention import use_packed_core_attention
     from r1fast.policy.router import R1fastRouter
 
     use_te = torch.cuda.is_available() and not te_absent()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization="RMSNorm", pp_rank=pp_rank)
     use_mla_local_modules(spec)  # MLA: our core attention + duplicated down projections
+    use_packed_core_attention(spec)  # local GQA: packed rows attend per sequence
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
         if mlp.module is MoELayer:
@@ -127,6 +129,7 @@ class Policy:
     ``config`` (megatron TransformerConfig), ``module`` (the model as the optimizer sees it:
     megatron DDP when trainable) and ``gpt`` (the bare GPTModel chunk).
     """
+    packed_attention = "segments"  # packed rows attend per sequence; "mask": the [T, T] mask
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, info: ParallelInfo,
                  config, gpt: torch.nn.Module) -> None:
@@ -141,13 +144,11 @@ class Policy:
     @property
     def tp_group(self):
         from megatron.core import parallel_state as ps
-
         return ps.get_tensor_model_parallel_group()
 
     @property
     def pp_group(self):
         from megatron.core import parallel_state as ps
-
         return ps.get_pipeline_model_parallel_group()
 
     @property
@@ -231,12 +232,12 @@ class Policy:
         return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
 
     def _stage_forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor],
-                       attention_mask: Optional[torch.Tensor] = None):
+                       attention_mask: Optional[torch.Tensor] = None, packed_seq_params=None):
         """Run this rank's chunk. First stage: embed ``tokens``; other stages read the tensor
         the schedule received (``set_input_tensor``). Returns [L', b, H] (L' = padded L, /tp
         under sequence parallelism); on the last stage final-normed. ``attention_mask``
-        [b|1, 1, L, L] bool (True = hidden), e.g. block-diagonal for packed sequences; None:
-        causal."""
+        [b|1, 1, L', L'] bool (True = hidden), e.g. block-diagonal for packed sequences; None:
+        causal. ``packed_seq_params``: megatron's ``thd`` boundaries of one packed row."""
         gpt = self.gpt
         b, length = tokens.shape
         lp = self._padded_len(length)
@@ -253,12 +254,10 @@ class Policy:
             if self.sequence_parallel:
                 n = lp // self.info.tp
                 padding_mask = padding_mask[:, self.info.tp_rank * n:(self.info.tp_rank + 1) * n]
-        if attention_mask is not None and lp > length:  # pads see nothing real, none see them
-            attention_mask = F.pad(attention_mask, (0, lp - length, 0, lp - length), value=True)
         decoder_input = None
         if gpt.pre_process:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
-        packed = mla_packed_params(position_ids, lp) if self.model_cfg.is_mla else None
+        packed = mla_packed_params(position_ids, lp) if self.model_cfg.is_mla else packed_seq_params
         hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                              rotary_pos_emb=None if self.model_cfg.is_mla  # MLA ropes itself
                              else self.rotary_table(position_ids),
@@ -371,6 +370,8 @@ class Policy:
         or [] (other stages)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from r1fast.policy.packed_attention import packed_inputs
+
         b, length = self._microbatches(batches)
         batches = [{**mb, "tokens": self._check_tokens(mb["tokens"], mb.get("cu_seqlens"))}
                    for mb in batches]
@@ -380,12 +381,11 @@ class Policy:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             pos, mask, cu = mb.get("position_ids"), None, mb.get("cu_seqlens")
-            if cu is not None:  # packed sequences (r1fast.policy.packed)
-                pos, mask = packed_layout(cu, mb["tokens"].shape[1], self.device)
+            if cu is not None:  # packed sequences: mask or per-sequence boundaries
+                pos, mask, cu = packed_inputs(self, cu, mb["tokens"].shape[1])
             with self._replaying(mb.get("routing"), mb["tokens"].shape):
                 hidden = self._stage_forward(mb["tokens"],
-                                             None if pos is None else pos.to(self.device),
-                                             None if mask is None else mask.to(self.device))
+                                             None if pos is None else pos.to(self.device), mask, cu)
 
             def loss_func(output, non_loss_data: bool = False):
                 return head(self.head_input(output, mb["tokens"].shape[1]), mb)
