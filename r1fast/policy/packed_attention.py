@@ -87,6 +87,8 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"segment_attention: cu_seqlens must rise from 0 to T={T}, got {cu}")
     lengths = [b - a for a, b in zip(cu, cu[1:])]
+    if T == 0:
+        return query.clone()  # [0, nq, d]: nothing to attend
     gqa = nq != nkv
     dev = query.device
     outs, where = [], []
