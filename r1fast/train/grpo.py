@@ -46,7 +46,7 @@ from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.train.policy_io import copy_weights, load_model_state
 from r1fast.train.reward_routing import source_means
-from r1fast.train.task import TaskData, build_task
+from r1fast.train.task import TaskData, build_task, check_inputs
 from r1fast.typed_toml import ConfigError, dump_toml
 
 log = logging.getLogger("r1fast.train")
@@ -78,6 +78,13 @@ class GRPOTrainer:
 
         self.cfg = config
         a = config.algo
+        self.run_dir = Path(config.run.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        # what can fail without the model fails before it is built (seconds of construction)
+        check_inputs(config, custom_reward=reward is not None or task is not None)
+        self._resume_from = latest_checkpoint(self.ckpt_dir) if config.run.resume else None
+        if self._resume_from is None and not config.run.overwrite:
+            self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.run.steps * a.ppo_epochs * a.mini_batches,
                                   seed=config.run.seed, init_from=config.run.init_from)
@@ -91,8 +98,6 @@ class GRPOTrainer:
         if self.task.tokenizer.vocab_size > config.model.vocab_size:
             raise ValueError(f"the tokenizer has {self.task.tokenizer.vocab_size} tokens but "
                              f"model.vocab_size is {config.model.vocab_size}")
-        self.run_dir = Path(config.run.out_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.step_idx = 0
         self.expert_loads: dict[int, list[float]] = {}
         """Tokens per expert of each MoE layer in the last step (see expert_load.jsonl)."""
@@ -121,7 +126,7 @@ class GRPOTrainer:
         its LR does not depend on the length) and otherwise keeps the checkpoint's schedule
         with a WARNING, because stretching a cosine/linear decay mid-run would make the LR jump
         (past the old end the LR stays at ``optim.min_lr``)."""
-        path = latest_checkpoint(self.ckpt_dir)
+        path = self._resume_from  # found before the model was built
         if path is None:
             self._check_fresh_start()
             return

@@ -111,6 +111,28 @@ def reward_parts(task: str | None, weights: dict[str, float], language: str | No
     return parts
 
 
+def check_inputs(cfg, custom_reward: bool = False) -> None:
+    """Cheap checks of a run's inputs, made before the model is built (seconds earlier than the
+    failure they prevent): every named path exists and every reward name is registered.
+    ``custom_reward``: the caller replaces the recipe's reward parts, whose names then do not
+    matter."""
+    from r1fast.rewards import available_rewards
+
+    for key, path in (("data.path", cfg.data.path), ("data.test_path", cfg.data.test_path),
+                      ("run.init_from", cfg.run.init_from),
+                      ("reward.reward_model", cfg.reward.reward_model)):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{key}={path} does not exist")
+    if custom_reward:
+        return
+    # the names reward_parts resolves itself; every other one goes through get_reward
+    own = {"accuracy", "reward_model", "language"}
+    for name in cfg.reward.weights:
+        if name not in own and name not in available_rewards():
+            raise ValueError(f"reward.weights names {name!r}, which is not a reward: use "
+                             f"accuracy or one of {tuple(available_rewards())}")
+
+
 def run_tokenizer(cfg):
     """The model folder's tokenizer (``run.init_from``), or the character tokenizer."""
     init = cfg.run.init_from

@@ -1,0 +1,79 @@
+"""Config errors that need no model fail before the model is built.
+
+Building the policy, its optimizer and the reference takes seconds (7-12 s for a real recipe on
+a loaded machine) and prints megatron's configuration dump; an error that only a file system or
+registry lookup can find -- a missing ``data.path`` or ``run.init_from``, a misspelt reward, a
+fresh start over an existing run -- must not wait for it. The tests replace the trainer's
+engine with one that fails the test if it is ever constructed, so each error must come first,
+and check it is one ``r1fast: error:`` line naming the key with exit code 2 through the CLI."""
+import pytest
+
+from r1fast.cli import main
+from r1fast.train.config import load_train_config
+
+pytestmark = pytest.mark.reliability
+
+BASE = ["--model.vocab_size=128", "--data.prompts_per_step=1", "--algo.group_size=2",
+        "--rollout.max_new_tokens=4", "--reward.workers=0", "--run.progress=false",
+        "--run.tensorboard=false", "--data.num_train=16", "--run.steps=1"]
+
+
+class _NoModel:
+    def __init__(self, *a, **k):
+        raise AssertionError("the model was built before the config error was raised")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import r1fast.train.grpo as grpo
+
+    monkeypatch.setattr(grpo, "TrainEngine", _NoModel)
+
+
+def _cases(tmp_path):
+    run = tmp_path / "old_run"  # a finished run's metrics, no checkpoint
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    missing = tmp_path / "missing"
+    return [
+        ([f"--data.path={missing}.jsonl"], "data.path="),
+        ([f"--data.test_path={missing}.jsonl"], "data.test_path="),
+        ([f"--run.init_from={missing}"], "run.init_from="),
+        ([f"--reward.reward_model={missing}"], "reward.reward_model="),
+        (["--reward.weights={acuracy=1.0}"], "reward.weights names 'acuracy'"),
+        (["--reward.weights={accuracy=1.0, formatt=0.1}"], "reward.weights names 'formatt'"),
+        ([f"--run.out_dir={run}"], "--run.overwrite=true"),
+        ([f"--run.out_dir={run}", "--run.resume=false"], "has run.resume=false"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_error_comes_before_the_model(tmp_path, no_model, i):
+    from r1fast.train.grpo import GRPOTrainer
+
+    extra, msg = _cases(tmp_path)[i]
+    cfg = load_train_config(None, [*BASE, f"--run.out_dir={tmp_path / 'run'}", *extra])
+    with pytest.raises(ValueError, match=msg.replace("[", r"\[")) as e:
+        GRPOTrainer(cfg)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("i", [0, 2, 4, 6])
+def test_cli_error_is_one_line_exit_2(tmp_path, no_model, capsys, i):
+    extra, msg = _cases(tmp_path)[i]
+    with pytest.raises(SystemExit) as e:
+        main(["train", "recipes/tiny.toml", *BASE, f"--run.out_dir={tmp_path / 'run'}", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1fast: error: ") and msg in err and err.count("\n") == 1, err
+
+
+def test_a_custom_reward_skips_the_name_check(tmp_path, no_model):
+    """With reward= the recipe's names are not used, so they are not an error: the trainer
+    goes on to build the model (here: the stand-in that refuses)."""
+    from r1fast.train.grpo import GRPOTrainer
+
+    cfg = load_train_config(None, [*BASE, f"--run.out_dir={tmp_path / 'run'}",
+                                   "--reward.weights={mine=1.0}"])
+    with pytest.raises(AssertionError, match="model was built"):
+        GRPOTrainer(cfg, reward=lambda text, ex: 0.0)
