@@ -427,6 +427,11 @@ class ParallelConfig:
     between them, a block-diagonal causal mask, positions restarting per sequence) into
     micro-batches of at most this many tokens, so memory follows tokens, not rows. 0: padded
     micro-batches of ``micro_batch_size`` rows."""
+    balance_dp_tokens: bool = True
+    """With packed micro-batches and DP > 1: move whole rows between the DP ranks before the
+    update so each holds about the same number of tokens (r1fast.train.balance; per
+    mini-batch, deterministic, the same update up to rounding). Off: each rank updates on the
+    rows it generated."""
 
     def __post_init__(self) -> None:
         self._check_fields()  # a bad [parallel] value fails at load time, naming the field

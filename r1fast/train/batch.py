@@ -24,6 +24,7 @@ class UpdateBatch:
     advantages: torch.Tensor  # [N] float32
     keep: torch.Tensor  # [N] bool, rows that enter the loss
     lengths: torch.Tensor  # [N] int64 real tokens per row (len(prompt) + len(completion) - 1)
+    prompt_lengths: torch.Tensor  # [N] int64 prompt tokens: completion targets start at p - 1
 
     def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
         return UpdateBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
@@ -58,7 +59,9 @@ def build_update_batch(prompts: Sequence[Sequence[int]], completions: Sequence[S
             mask[i, len(p) - 1: m] = 1.0
         roll[i, len(p) - 1: m] = torch.tensor(lp, dtype=torch.float32)
     lengths = torch.tensor([len(p) + len(c) - 1 for p, c in zip(prompts, completions)])
-    return UpdateBatch(tokens, targets, mask, roll, advantages.float(), keep.bool(), lengths)
+    prompt_lengths = torch.tensor([len(p) for p in prompts])
+    return UpdateBatch(tokens, targets, mask, roll, advantages.float(), keep.bool(), lengths,
+                       prompt_lengths)
 
 
 def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 from r1fast import ops
 from r1fast.rollout.kv_cache import make_decoder
 from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
+from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)
 from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, load_checkpoint,
@@ -196,6 +197,7 @@ class GRPOTrainer:
         rewards = self.task.score(samples.texts, samples.examples)
         batch, truncated = self._advantages(samples.rollout, rewards["total"])
         routing = self._replay_routing(samples.rollout, batch)
+        batch, routing, balance = self._balance(batch, routing)
         old, ref = self._old_and_ref_logprobs(batch, routing)
         t_logp = time.perf_counter()
         upd = self._update(batch, old, ref, routing)
@@ -203,7 +205,11 @@ class GRPOTrainer:
         self._advance()
         timing = {"time_generation_s": t_gen - t0, "time_logprobs_s": t_logp - t_gen,
                   "time_update_s": t_upd - t_logp, "time_step_s": t_upd - t0}
-        return self._step_metrics(samples.rollout, rewards, batch, old, truncated, upd, timing)
+        metrics = self._step_metrics(samples.rollout, rewards, batch, old, truncated, upd, timing)
+        if balance is not None:  # the fullest DP rank's tokens over the mean rank's
+            metrics.update(dp_token_imbalance_before=balance.before,
+                           dp_token_imbalance_after=balance.after)
+        return metrics
 
     def _rollout(self, examples: list[dict]) -> RolloutBatch:
         G = self.cfg.algo.group_size
@@ -254,6 +260,18 @@ class GRPOTrainer:
         batch = build_update_batch(rollout.prompt_ids, rollout.completion_ids, rollout.logprobs,
                                    adv, keep, self.task.tokenizer.pad_id, length)
         return batch, truncated
+
+    def _balance(self, batch: UpdateBatch, routing):
+        """Rows moved between the DP ranks so that each holds about the same number of tokens
+        (packed updates, ``parallel.balance_dp_tokens``; r1fast.train.balance) ->
+        ``(batch, routing, BalanceStats or None)``."""
+        par = self.cfg.parallel
+        if not (par.balance_dp_tokens and par.max_tokens_per_microbatch > 0 and self.info.dp > 1):
+            return batch, routing, None
+        from megatron.core import parallel_state as ps
+
+        return balance_over_dp(batch, routing, self.cfg.algo.mini_batches,
+                               ps.get_data_parallel_group(), self.info.dp_rank, self.info.dp)
 
     def _old_and_ref_logprobs(self, batch: UpdateBatch, routing):
         """Log-probs of the sampled tokens under the policy before the update (with the
@@ -403,9 +421,11 @@ class GRPOTrainer:
         r = torch.tensor(rewards["total"], dtype=torch.float32)
         prompt_lens = [len(p) for p in rollout.prompt_ids]
         comp_lens = [len(c) for c in rollout.completion_ids]
-        comp_mask = torch.zeros_like(batch.mask)  # completion targets, kept or not
-        for i, (p, c) in enumerate(zip(prompt_lens, comp_lens)):
-            comp_mask[i, p - 1: p - 1 + c] = 1
+        # completion targets, kept or not, of the batch's rows (balancing may have moved rows
+        # between DP ranks: the rollout's order is not the batch's)
+        slot = torch.arange(batch.mask.shape[1])[None, :]
+        comp_mask = ((slot >= batch.prompt_lengths[:, None] - 1)
+                     & (slot < batch.lengths[:, None])).to(batch.mask.dtype)
         mismatch = ((old - batch.rollout_logp).abs() * comp_mask).sum()
         acc_key = self.cfg.reward.accuracy_metric
         (r_sum, r2_sum, n, acc_sum, len_sum, tok_sum, mm_sum, trunc_sum, keep_sum,
