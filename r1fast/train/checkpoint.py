@@ -204,7 +204,7 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     _barrier()
     digests = _digest_files(tmp, rank, world)
     if rank == 0:
-        meta = {**meta, "step": step, "world_size": world, "files": digests}
+        meta = _sealed({**meta, "step": step, "world_size": world, "files": digests})
         _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_dir(tmp)
         if _before_commit is not None:
@@ -225,6 +225,24 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
                 shutil.rmtree(root / f"step_{old:08d}")
     _barrier()
     return final
+
+
+SEAL = "meta_sha256"
+
+
+def _seal_of(meta: dict) -> str:
+    """sha256 of ``meta`` without its seal, as JSON with sorted keys (the form it is read
+    back in, so the writer and a reader hash the same text)."""
+    body = {k: v for k, v in meta.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _sealed(meta: dict) -> dict:
+    """``meta`` with its own checksum: the file checksums protect the rank and model files,
+    this protects the step, data position and those checksums themselves (a flipped digit in
+    the data position would otherwise resume on other prompts, silently)."""
+    meta = json.loads(json.dumps(meta))  # tuples -> lists, int keys -> str: as it is read
+    return {**meta, SEAL: _seal_of(meta)}
 
 
 def _files_of(folder: Path) -> list[str]:
@@ -272,6 +290,8 @@ def is_complete(path: Path) -> bool:
         world = int(meta["world_size"])
         int(meta["step"])
         listed = list(meta.get("files", {}))
+        if SEAL in meta and meta[SEAL] != _seal_of(meta):
+            return False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return (all((path / f"rank_{r:05d}.pt").is_file() for r in range(world))
@@ -341,6 +361,9 @@ def read_meta(path: str | Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {meta_path} is unreadable or incomplete "
                               f"({type(e).__name__}: {e})") from e
+    if SEAL in meta and meta[SEAL] != _seal_of(meta):  # older checkpoints have no seal
+        raise CheckpointError(f"checkpoint {meta_path} is damaged or was changed after it was "
+                              f"written: its content does not match its {SEAL}")
     return meta
 
 

@@ -126,6 +126,42 @@ def test_broken_meta_json_is_an_error_naming_it(tmp_path, meta):
     assert latest_checkpoint(tmp_path).name == "step_00000001"
 
 
+def _edit_data(m):
+    m["data"] = 3  # resume on other prompts
+
+
+def _edit_step(m):
+    m["step"] = 7
+
+
+def _edit_checksum(m):  # the rank file's record replaced by another checkpoint's
+    m["files"]["rank_00000.pt"] = json.loads(
+        (m.pop("_root") / "step_00000001" / "meta.json").read_text())["files"]["rank_00000.pt"]
+
+
+def _edit_drop_checksums(m):
+    del m["files"]
+
+
+@pytest.mark.parametrize("edit", [_edit_data, _edit_step, _edit_checksum, _edit_drop_checksums],
+                         ids=["data", "step", "checksum", "no_checksums"])
+def test_edited_meta_json_is_an_error_naming_it(tmp_path, edit, caplog):
+    """meta.json carries its own sha256: a value changed in place (still valid JSON, so the
+    parse checks pass) is an error naming meta.json, never a resume at another data position,
+    step or with another file's checksum; and such a folder is not the newest complete one."""
+    path = _two_checkpoints(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["_root"] = tmp_path
+    edit(meta)
+    meta.pop("_root", None)
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    with pytest.raises(CheckpointError, match=r"step_00000002/meta.json is damaged"):
+        load_checkpoint(path)
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert "newest complete checkpoint" in caplog.text
+
+
 def test_meta_records_checksums_of_every_rank_file(tmp_path):
     path = _two_checkpoints(tmp_path)
     files = json.loads((path / "meta.json").read_text())["files"]
