@@ -6,7 +6,9 @@ A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding
   in megatron-core's distributed-checkpoint format (:mod:`r1fast.policy.dist_ckpt`), written by
   every rank and readable at ANY TP/PP/EP/DP layout;
 - one ``rank_<r>.pt`` per process with what belongs to that process only (its RNG states);
-- ``meta.json``: step, data position, config, layout, and the sha256 and size of every file.
+- ``meta.json``: step, data position, config, layout, the sha256 and size of every file, and
+  its own sha256 (``meta_sha256``, over the rest of it), so no part of a checkpoint goes
+  unchecked.
 
 It is written under a temporary name and renamed into place only when every rank has finished
 writing, and the ``latest`` pointer is replaced atomically after that. A process killed at any
