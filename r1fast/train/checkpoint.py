@@ -8,7 +8,7 @@ A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding
 - one ``rank_<r>.pt`` per process with what belongs to that process only (its RNG states);
 - ``meta.json``: step, data position, config, layout, the sha256 and size of every file, and
   its own sha256 (``meta_sha256``, over the rest of it), so no part of a checkpoint goes
-  unchecked.
+  unchecked (an older meta.json without it loads with a WARNING that it is not verified).
 
 It is written under a temporary name and renamed into place only when every rank has finished
 writing, and the ``latest`` pointer is replaced atomically after that. A process killed at any
@@ -397,10 +397,12 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict | No
     """Return ``(rank_state, meta)`` of this rank from checkpoint folder ``path``; collective.
 
     With ``verify`` (the default) every file must match the sha256 and size that ``meta.json``
-    records (:func:`verify_checkpoint`). ``rank_state`` is None when the checkpoint was written
-    by another number of ranks: its per-rank files do not belong to this run's ranks (the
-    shared ``policy/`` folder still loads at any layout). A checkpoint of the older format
-    (model and optimizer inside the rank files) only loads at the world size that wrote it."""
+    records (:func:`verify_checkpoint`); a meta.json without its own ``meta_sha256`` (an older
+    checkpoint) loads with a WARNING that it is not verified. ``rank_state`` is None when the
+    checkpoint was written by another number of ranks: its per-rank files do not belong to
+    this run's ranks (the shared ``policy/`` folder still loads at any layout). A checkpoint of
+    the older format (model and optimizer inside the rank files) only loads at the world size
+    that wrote it."""
     rank, world = _rank_world()
     path = Path(path)
     meta = read_meta(path)
@@ -410,6 +412,11 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict | No
             log.warning("checkpoint %s records no checksums (written by an older r1fast); "
                         "loading it unverified", path)
         else:
+            if SEAL not in meta and rank == 0:  # written before meta.json had its own seal
+                log.warning("checkpoint file %s is not verified: it has no %s (written by an "
+                            "older r1fast), so a changed step, data position or file checksum "
+                            "in it would go unnoticed; the other files are verified against it",
+                            path / "meta.json", SEAL)
             verify_checkpoint(path, meta)
     sharded = (path / "policy").is_dir()
     if written_by != world:

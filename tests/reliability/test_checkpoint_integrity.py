@@ -209,3 +209,25 @@ def test_has_run_files(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
     assert has_run_files(tmp_path) == ["checkpoints/step_00000001", "metrics.jsonl"]
+
+
+def test_meta_json_without_its_seal_loads_with_a_warning_naming_it(tmp_path, caplog):
+    """A checkpoint written before meta.json carried its own sha256 still loads (its other
+    files are verified against it), but never silently: a WARNING names its meta.json as not
+    verified. A sealed one loads without that WARNING."""
+    path = _two_checkpoints(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        load_checkpoint(path)
+    assert "not verified" not in caplog.text
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["meta_sha256"]
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        state, got = load_checkpoint(path)
+    assert torch.equal(state["w"], torch.ones(4)) and got["data"] == 2
+    assert f"checkpoint file {path / 'meta.json'} is not verified" in caplog.text
+    assert "meta_sha256" in caplog.text
+    with open(path / "rank_00000.pt", "ab") as f:  # the rank file is still checked
+        f.write(b"\0")
+    with pytest.raises(CheckpointError, match="rank_00000.pt is damaged"):
+        load_checkpoint(path)
