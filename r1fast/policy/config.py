@@ -5,7 +5,7 @@ ModelConfig speaks the Hugging Face / paper vocabulary (hidden size, query group
 DeepSeek-V3 group-limited routing with an aux-loss-free expert bias ...) and is translated into
 a megatron-core ``TransformerConfig`` by :mod:`r1fast.policy.model`. Presets build tiny models
 that run on a CPU in milliseconds; :meth:`ModelConfig.from_hf_config` reads a ``transformers``
-config of the supported families (qwen3_moe, qwen3, qwen2, deepseek_v3).
+config of the supported families (qwen3_moe, qwen3, qwen2, deepseek_v3, deepseek_v2).
 
 Multi-head latent attention (``attention="mla"``, DeepSeek-V2/V3) uses megatron-core's
 ``MLASelfAttention``: q is ``hidden -> q_lora_rank -> RMSNorm -> heads x (qk_nope + qk_rope)``
@@ -28,7 +28,7 @@ from r1fast.policy.config_checks import (MODEL_RANGES, PARALLEL_RANGES, check_fi
                                          validated_from_hf)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_HF_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2", "deepseek_v3")
+SUPPORTED_HF_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2", "deepseek_v3", "deepseek_v2")
 ATTENTIONS = ("gqa", "mla")
 ROPE_TYPES = ("default", "yarn")
 
@@ -296,7 +296,7 @@ class ModelConfig:
                              "is not supported")
         rope = get("rope_parameters") or get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
-        if rope_type != "default" and model_type != "deepseek_v3":
+        if rope_type != "default" and not model_type.startswith("deepseek"):
             raise ValueError(f"from_hf_config: only default RoPE is supported, got rope_type="
                              f"{rope_type!r}")
         theta = rope.get("rope_theta") if rope else None
@@ -316,10 +316,10 @@ class ModelConfig:
             params_dtype=dtype if dtype in _DTYPES else "float32",
             init_std=get("initializer_range", 0.02),
         )
-        if model_type == "deepseek_v3":
+        if model_type in ("deepseek_v3", "deepseek_v2"):
             from r1fast.policy.hf_deepseek import deepseek_from_hf
 
-            return validated_from_hf(cls, deepseek_from_hf(get, kw), model_type)
+            return validated_from_hf(cls, deepseek_from_hf(get, kw, model_type), model_type)
         if model_type == "qwen2":
             kw.update(qk_layernorm=False, add_qkv_bias=True)
         else:
@@ -344,7 +344,7 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` dict of the matching HF family (qwen3_moe / qwen3 / qwen2;
-        deepseek_v3 for MLA)."""
+        deepseek_v3 or deepseek_v2 for MLA)."""
         if self.is_mla:
             from r1fast.policy.hf_deepseek import deepseek_to_hf
 

@@ -12,6 +12,7 @@ ModelConfig) is always written, so every policy round-trips exactly.
 DeepSeek-V3 (``deepseek_v3``, an MLA ModelConfig): ``self_attn.q_a_proj`` / ``q_a_layernorm`` /
 ``q_b_proj`` (or ``q_proj``), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``,
 ``o_proj``; ``mlp.shared_experts.*`` (plural) and the ``mlp.gate.e_score_correction_bias``.
+DeepSeek-V2 (``deepseek_v2``) has the same names without the correction bias.
 Multi-token-prediction layers (``model.layers.{num_layers + i}.*``, ``mtp_layers``) are not
 built: load records their names and save copies them back, bit for bit, from the checkpoint
 the policy was loaded from (so that folder must still exist at export).

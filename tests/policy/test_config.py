@@ -117,7 +117,7 @@ def test_from_hf_accepts_a_transformers_object():
 
 
 BAD_HF = [
-    (dict(model_type="llama"), r"model_type must be one of \('qwen3_moe', 'qwen3', 'qwen2', 'deepseek_v3'\), got 'llama'"),
+    (dict(model_type="llama"), r"model_type must be one of \('qwen3_moe', 'qwen3', 'qwen2', 'deepseek_v3', 'deepseek_v2'\), got 'llama'"),
     (dict(hidden_act="gelu"), r"hidden_act must be 'silu', got 'gelu'"),
     (dict(use_sliding_window=True), r"sliding-window attention"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), r"only default RoPE is supported, got rope_type='yarn'"),
