@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -495,7 +496,9 @@ class GRPOTrainer:
             self._check_fresh_start()
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(dump_toml(self.cfg))
+            tmp = self.run_dir / "config.toml.tmp"  # atomic: a kill never leaves half a file
+            tmp.write_text(dump_toml(self.cfg))
+            os.replace(tmp, self.run_dir / "config.toml")
             self.task.tokenizer.save(self.run_dir / "tokenizer")  # for `r1fast export`
         logger = MetricsLogger(self.run_dir, enabled=self.is_logger, tensorboard=run.tensorboard,
                                progress=run.progress, total_steps=run.steps,
