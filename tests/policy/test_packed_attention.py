@@ -221,39 +221,38 @@ def test_core_attention_refuses_a_mask_with_packed_boundaries():
         destroy_parallel()
 
 
-def _tp2_worker(rank: int, ckpts: dict, out: str) -> None:
+def _tp2_worker(rank: int, name: str, ckpt: str, out: str) -> None:
     from r1fast.policy.hf_checkpoint import load_hf_checkpoint
     from r1fast.policy.model import build_policy
     from r1fast.policy.parallel import destroy_parallel
 
-    got = {}
-    for name, model, sp in (("moe", MOE, True), ("dense", DENSE, False)):
-        policy = build_policy(model, ParallelConfig(tp=2, sequence_parallel=sp))
-        assert policy.sequence_parallel == sp
-        load_hf_checkpoint(policy, ckpts[name])
-        got[name] = _packed_run(policy, model.vocab_size)
-        destroy_parallel()
+    model, sp = LAYOUTS[name]
+    policy = build_policy(model, ParallelConfig(tp=2, sequence_parallel=sp))
+    assert policy.sequence_parallel == sp
+    load_hf_checkpoint(policy, ckpt)
+    got = _packed_run(policy, model.vocab_size)
     if rank == 0:
         torch.save(got, out)
+    destroy_parallel()
+
+
+LAYOUTS = {"moe-sp": (MOE, True), "dense-no-sp": (DENSE, False)}  # (model, sequence parallel)
 
 
 @pytest.mark.multiproc
-@pytest.mark.slow  # two gloo ranks, four policies: ~60 s on 2 busy cores
+@pytest.mark.slow  # two gloo ranks: 10-40 s each, by how busy the 2 cores are
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo CPU layouts; GPU runs use NCCL")
-def test_packed_segments_at_tp2_equal_one_rank_alone(tmp_path):
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_packed_segments_at_tp2_equal_one_rank_alone(tmp_path, name):
     from r1fast.policy.hf_checkpoint import save_hf_checkpoint
     from r1fast.policy.model import build_policy
     from r1fast.policy.parallel import destroy_parallel
 
-    ckpts, alone = {}, {}
-    for name, model in (("moe", MOE), ("dense", DENSE)):
-        policy = build_policy(model, ParallelConfig(), seed=4)
-        ckpts[name] = str(tmp_path / name)
-        save_hf_checkpoint(policy, ckpts[name])
-        alone[name] = _alone_run(policy, model.vocab_size)
-        destroy_parallel()
-    out = str(tmp_path / "tp2.pt")
-    run_ranks(2, _tp2_worker, ckpts, out)
-    got = torch.load(out)
-    for name in alone:
-        _assert_close(got[name], alone[name])
+    model = LAYOUTS[name][0]
+    policy = build_policy(model, ParallelConfig(), seed=4)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "tp2.pt")
+    save_hf_checkpoint(policy, ckpt)
+    alone = _alone_run(policy, model.vocab_size)
+    destroy_parallel()
+    run_ranks(2, _tp2_worker, name, ckpt, out)
+    _assert_close(torch.load(out), alone)
