@@ -259,8 +259,8 @@ class Policy:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
         packed = mla_packed_params(position_ids, lp) if self.model_cfg.is_mla else packed_seq_params
         hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
-                             rotary_pos_emb=None if self.model_cfg.is_mla  # MLA ropes itself
-                             else self.rotary_table(position_ids),
+                             rotary_pos_emb=None if self.model_cfg.is_mla or packed is not None
+                             else self.rotary_table(position_ids),  # those rope in attention
                              padding_mask=padding_mask, packed_seq_params=packed)
         return hidden
 

@@ -32,6 +32,7 @@ Scores follow SDPA's precision: fp32 accumulation for fp32/bf16 inputs (docs/DES
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Optional
 
@@ -69,48 +70,77 @@ def segment_groups(lengths: list[int], slack: float = GROUP_SLACK) -> list[list[
     return groups
 
 
+@dataclasses.dataclass(frozen=True)
+class SegmentPlan:
+    """Where each segment group of one packed row goes (:func:`segment_plan`): built once per
+    micro-batch and shared by every layer."""
+
+    length: int
+    """T: tokens of the packed row."""
+    groups: tuple
+    """Per group: (``idx`` [G, Lg] rows of the padded batch in the packed row, ``real`` [G*Lg]
+    flat positions of its real tokens)."""
+    inverse: Optional[torch.Tensor]
+    """[T]: row t of the packed row in the concatenated real outputs; None when they are
+    already in order (one segment covers the row)."""
+
+
+def segment_plan(cu_seqlens: torch.Tensor, length: int, device: torch.device | None = None,
+                 slack: float = GROUP_SLACK) -> SegmentPlan:
+    """The :class:`SegmentPlan` of boundaries ``cu_seqlens`` [S+1] (0 .. ``length``)."""
+    cu = cu_seqlens.reshape(-1).tolist()
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != length or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {length}, got {cu}")
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    groups, where = [], []
+    for group in segment_groups(lengths, slack):
+        lg = lengths[group[0]]
+        starts = torch.tensor([cu[i] for i in group], device=device)  # [G]
+        lens = torch.tensor([lengths[i] for i in group], device=device)  # [G]
+        pos = torch.arange(lg, device=device)
+        # [G, Lg]: each segment right-padded by repeating its last token (finite, never seen)
+        idx = starts[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)
+        real = (pos[None, :] < lens[:, None]).reshape(-1).nonzero().squeeze(1)  # [sum L]
+        groups.append((idx, real))
+        where.append(idx.reshape(-1)[real])  # [sum L]: their rows in the packed order
+    inverse = None
+    if not (len(groups) == 1 and lengths.count(length) == 1) and length:
+        where_all = torch.cat(where)  # a permutation of 0 .. T-1
+        inverse = torch.empty_like(where_all)
+        inverse[where_all] = torch.arange(length, device=device)
+    return SegmentPlan(length=length, groups=tuple(groups), inverse=inverse)
+
+
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      cu_seqlens: torch.Tensor, scale: float,
-                      slack: float = GROUP_SLACK) -> torch.Tensor:
+                      cu_seqlens: torch.Tensor, scale: float, slack: float = GROUP_SLACK,
+                      plan: Optional[SegmentPlan] = None) -> torch.Tensor:
     """Causal attention within each packed segment.
 
     query [T, nq, d], key / value [T, nkv, d] (nq a multiple of nkv: grouped-query attention),
-    ``cu_seqlens`` [S+1] from 0 to T (non-decreasing), ``scale`` the softmax scale. Returns
-    [T, nq, d]: token t of segment s attends to the tokens of s up to itself only.
+    ``cu_seqlens`` [S+1] from 0 to T (non-decreasing), ``scale`` the softmax scale; ``plan``:
+    the :func:`segment_plan` of ``cu_seqlens`` when already built. Returns [T, nq, d]: token t
+    of segment s attends to the tokens of s up to itself only.
     """
     T, nq, d = query.shape
     nkv = key.shape[1]
     if nq % nkv:
         raise ValueError(f"segment_attention: query heads ({nq}) must be a multiple of key/value "
                          f"heads ({nkv})")
-    cu = cu_seqlens.reshape(-1).tolist()
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"segment_attention: cu_seqlens must rise from 0 to T={T}, got {cu}")
-    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    if plan is None:
+        plan = segment_plan(cu_seqlens, T, query.device, slack)
+    elif plan.length != T:
+        raise ValueError(f"segment_attention: the plan is for {plan.length} tokens, got {T}")
     if T == 0:
         return query.clone()  # [0, nq, d]: nothing to attend
-    gqa = nq != nkv
-    dev = query.device
-    outs, where = [], []
-    for group in segment_groups(lengths, slack):
-        lg = lengths[group[0]]
-        starts = torch.tensor([cu[i] for i in group], device=dev)  # [G]
-        lens = torch.tensor([lengths[i] for i in group], device=dev)  # [G]
-        pos = torch.arange(lg, device=dev)
-        # [G, Lg]: each segment right-padded by repeating its last token (finite, never seen)
-        idx = starts[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)
+    outs = []
+    for idx, real in plan.groups:
+        g, lg = idx.shape
         q, k, v = (x[idx].transpose(1, 2) for x in (query, key, value))  # [G, n, Lg, d]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                           enable_gqa=gqa)  # [G, nq, Lg, d]
-        real = pos[None, :] < lens[:, None]  # [G, Lg]
-        outs.append(o.transpose(1, 2)[real])  # [sum L, nq, d]
-        where.append(idx[real])  # [sum L]: their rows in the packed order
-    if len(outs) == 1 and len(lengths) and lengths.count(T) == 1:
-        return outs[0]  # one segment covers the row: already in order
-    where_all = torch.cat(where)  # a permutation of 0 .. T-1
-    inverse = torch.empty_like(where_all)
-    inverse[where_all] = torch.arange(T, device=dev)
-    return torch.cat(outs)[inverse]
+                                           enable_gqa=nq != nkv)  # [G, nq, Lg, d]
+        outs.append(o.transpose(1, 2).reshape(g * lg, nq, d)[real])  # [sum L, nq, d]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if plan.inverse is None else out[plan.inverse]
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -138,9 +168,19 @@ class PackedDotProductAttention(DotProductAttention):
         if self.softmax_offset is not None or self.scale_mask_softmax.window_size is not None:
             raise ValueError(f"{name}: softmax_type {self.config.softmax_type!r} / sliding "
                              f"windows are not supported on packed sequences")
+        table = getattr(packed_seq_params, "rotary_pos_emb", None)
+        if table is not None:  # RoPE of the row's own positions (SegmentedSeqParams)
+            from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+            from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+                _yarn_get_concentration_factor_from_config as yarn_mscale)
+
+            query, key = (apply_rotary_pos_emb(x[:, None], table, config=self.config,
+                                               mscale=yarn_mscale(self.config))[:, 0]
+                          for x in (query, key))  # as megatron ropes [s, b=1, n, d]
         # query-key layer scaling divides the scale by a coefficient the softmax multiplies back
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
-        out = segment_attention(query, key, value, packed_seq_params.cu_seqlens_q, scale)
+        out = segment_attention(query, key, value, packed_seq_params.cu_seqlens_q, scale,
+                                plan=getattr(packed_seq_params, "plan", None))
         return out.reshape(out.shape[0], -1)  # [t, nq * d]
 
 
@@ -161,12 +201,26 @@ def _segments_supported(policy) -> bool:
         for layer in layers)
 
 
+@dataclasses.dataclass
+class SegmentedSeqParams(PackedSeqParams):
+    """megatron's ``thd`` packed-sequence parameters plus what :class:`PackedDotProductAttention`
+    reuses in every layer of one micro-batch."""
+
+    plan: Optional[SegmentPlan] = None
+    """The :func:`segment_plan` of ``cu_seqlens_q``."""
+    rotary_pos_emb: Optional[torch.Tensor] = None
+    """RoPE angles of the row's tokens [T, 1, 1, dim] (``Policy.rotary_table`` of the restarted
+    positions). The policy then gives megatron no table, and the core attention ropes query
+    and key itself: megatron's ``thd`` RoPE would slice the table per sequence (a Python loop
+    per layer and per tensor) to apply the same angles."""
+
+
 def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     """``(position_ids [1, T], attention_mask, packed_seq_params)`` of one packed micro-batch of
     ``T = length`` tokens for ``policy`` (on its device): restarted positions, then either the
     block-diagonal mask [1, 1, T', T'] (``policy.packed_attention == "mask"``, MLA, the TE
-    spec; T' = T padded for sequence parallelism, the pads hidden) and None, or None and the
-    boundaries as :func:`thd_params` (``"segments"``)."""
+    spec; T' = T padded for sequence parallelism, the pads hidden) and None, or None and
+    :class:`SegmentedSeqParams` (``"segments"``; the pads one more sequence)."""
     mode = getattr(policy, "packed_attention", "segments")
     if mode not in MODES:
         raise ValueError(f"Policy.packed_attention must be one of {MODES}, got {mode!r}")
@@ -180,21 +234,27 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
                         "attention; this policy's layers have another (Transformer Engine), "
                         "so packed rows run the explicit [T, T] block-diagonal mask instead")
         mode = "mask"
-    pos, mask = packed_layout(cu_seqlens, length, policy.device)
     padded = policy._padded_len(length)
     if mode == "mask" or policy.model_cfg.is_mla:  # MLA: its own core attention takes the mask
+        pos, mask = packed_layout(cu_seqlens, length, policy.device)
         if padded > length:  # pads see nothing real, and nothing real sees them
             mask = F.pad(mask, (0, padded - length, 0, padded - length), value=True)
         return pos, mask, None
-    return pos, None, thd_params(cu_seqlens.reshape(-1).to(policy.device, torch.int32), padded)
+    cu = cu_seqlens.reshape(-1).to(policy.device, torch.int64)
+    if padded > length:  # the pads attend among themselves (their outputs are unused)
+        cu = torch.cat([cu, cu.new_tensor([padded])])
+    params = thd_params(cu, padded)  # checks the boundaries
+    starts = cu[:-1].repeat_interleave(cu.diff())  # [T']
+    pos = torch.arange(padded, device=policy.device) - starts  # positions restart per sequence
+    params.rotary_pos_emb = policy.rotary_table(pos[None])
+    return pos[None, :length], None, params
 
 
-def thd_params(cu_seqlens: torch.Tensor, padded_len: int) -> PackedSeqParams:
-    """megatron's ``PackedSeqParams`` (``thd``) of packed boundaries ``cu_seqlens`` [S+1], with
-    the pads up to ``padded_len`` (sequence parallelism) as one more sequence."""
-    cu = cu_seqlens
-    if padded_len > int(cu[-1]):  # the pads attend among themselves (their outputs are unused)
-        cu = torch.cat([cu, cu.new_tensor([padded_len])])
+def thd_params(cu_seqlens: torch.Tensor, length: int) -> SegmentedSeqParams:
+    """:class:`SegmentedSeqParams` (megatron's ``thd``, with the segment plan) of packed
+    boundaries ``cu_seqlens`` [S+1] rising from 0 to ``length``; no RoPE table."""
+    plan = segment_plan(cu_seqlens, length, cu_seqlens.device)
+    cu = cu_seqlens.to(torch.int32)
     longest = int(cu.diff().max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    return SegmentedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                              max_seqlen_q=longest, max_seqlen_kv=longest, plan=plan)

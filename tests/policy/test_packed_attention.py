@@ -100,7 +100,7 @@ def test_segment_groups_cover_each_segment_once_within_the_slack(lengths, slack)
 
 def test_segment_attention_bad_input():
     x = torch.zeros(5, 2, 3)
-    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to T=5"):
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the packed length 5"):
         segment_attention(x, x, x, torch.tensor([0, 3, 2, 5]), 1.0)
     with pytest.raises(ValueError, match="query heads \\(3\\) must be a multiple"):
         segment_attention(torch.zeros(5, 3, 3), x, x, torch.tensor([0, 5]), 1.0)
@@ -186,6 +186,7 @@ def test_policy_segments_equal_the_mask_path_and_each_sequence_alone():
         cu = _rows(MOE.vocab_size)[3]
         _, mask, params = packed_inputs(policy, cu, 19)
         assert mask is None and params.cu_seqlens_q.tolist() == [0, 6, 6, 7, 16, 19]
+        assert params.rotary_pos_emb.shape == (19, 1, 1, 16)  # roped in the core attention
         segments = _packed_run(policy, MOE.vocab_size)
         policy.packed_attention = "mask"
         _, mask, params = packed_inputs(policy, cu, 19)
