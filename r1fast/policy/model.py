@@ -104,21 +104,17 @@ def layer_spec(model: ModelConfig, config, pp_rank: Optional[int] = None):
     """Block spec of this pipeline stage: megatron's local (or, on a GPU with Transformer
     Engine, TE) GPT layers, with every MoE layer's router replaced by :class:`R1fastRouter`."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from r1fast.policy.local_experts import use_r1fast_moe
     from r1fast.policy.mla import use_mla_local_modules
     from r1fast.policy.packed_attention import use_packed_core_attention
-    from r1fast.policy.router import R1fastRouter
 
     use_te = torch.cuda.is_available() and not te_absent()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization="RMSNorm", pp_rank=pp_rank)
     use_mla_local_modules(spec)  # MLA: our core attention + duplicated down projections
     use_packed_core_attention(spec)  # local GQA: packed rows attend per sequence
-    for layer in spec.layer_specs:
-        mlp = layer.submodules.mlp
-        if mlp.module is MoELayer:
-            mlp.submodules.router = R1fastRouter
+    use_r1fast_moe(spec)  # our router; local experts without megatron's per-linear overhead
     return spec
 
 
