@@ -11,7 +11,7 @@ smaller and more numerous than padded ones, pay it more often.
 state dict) whose forward, when the experts are not tensor-parallel (``etp == 1``) and the
 layer is the plain bf16/fp32 gated-SiLU kind r1fast builds, computes per expert
 
-    y = ((silu(x W1a^T) * (x W1b^T)) * p) W2^T,     W1 = [W1a; W1b],
+    y = ((silu(x W1a^T) * (x W1b^T + offset)) * p) W2^T,     W1 = [W1a; W1b],
 
 with ``torch.nn.functional.linear`` on the experts' own weights: the same math as megatron's
 ``MLP`` (whose linears reduce to ``x W^T`` without expert TP). Anything else (expert TP, fp8,
@@ -35,7 +35,7 @@ class LeanSequentialMLP(SequentialMLP):
         return (self.tp_group is None or self.tp_group.size() == 1) and not (
             c.fp8 or c.fp4 or c.add_bias_linear or c.moe_apply_probs_on_input or recompute_act
             or getattr(c, "activation_func_clamp_value", None) is not None
-            or getattr(c, "glu_linear_offset", 0.0) or getattr(c, "use_te_activation_func", False)
+            or getattr(c, "use_te_activation_func", False)
         ) and c.gated_linear_unit and c.activation_func is F.silu
 
     def forward(self, permuted_local_hidden_states: torch.Tensor,
@@ -51,7 +51,10 @@ class LeanSequentialMLP(SequentialMLP):
         for expert, xs, ps in zip(self.local_experts, torch.split(x, counts),
                                   torch.split(probs, counts)):
             gate, up = F.linear(xs, expert.linear_fc1.weight).chunk(2, dim=-1)  # [n_e, F] each
-            h = (F.silu(gate) * up * ps.unsqueeze(-1)).to(xs.dtype)  # as MLP: scale, then cast
+            # megatron's GLU term to the letter, offset included: the same tensors are saved
+            # for the backward, so r1fast.plan's activation model (fit to MLP) still holds
+            h = F.silu(gate) * (up + self.config.glu_linear_offset)
+            h = (h * ps.unsqueeze(-1)).to(xs.dtype)  # as MLP: scale by the probs, then cast
             outs.append(F.linear(h, expert.linear_fc2.weight))  # [n_e, H]
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
 
