@@ -6,10 +6,12 @@ A packed micro-batch is one row of ``T`` tokens holding sequences of lengths ``L
 apart builds a block-diagonal causal ``[T, T]`` mask and runs ordinary attention over the whole
 row: every score of every pair of tokens is computed, then most are masked away. Here instead:
 
-1. the policy hands megatron the boundaries as ``PackedSeqParams`` (``qkv_format='thd'``) and no
-   mask (:func:`packed_inputs`, :func:`thd_params`); megatron's attention then squeezes the batch
-   dimension (``[t, heads, d]``) and applies RoPE per token from the policy's table (whose rows
-   are the restarted positions: the table is as long as the row, megatron's exact-offset case);
+1. the policy hands megatron the boundaries as :class:`SegmentedSeqParams` (megatron's
+   ``PackedSeqParams`` with ``qkv_format='thd'``, plus the :func:`segment_plan` built once per
+   micro-batch and the RoPE table of the restarted positions) and no mask or RoPE table of its
+   own (:func:`packed_inputs`); megatron's attention squeezes the batch dimension
+   (``[t, heads, d]``) and calls the core attention, which ropes query and key from that table
+   (megatron's ``thd`` RoPE would apply the same angles through a Python loop over sequences);
 2. :class:`PackedDotProductAttention`, swapped for megatron's ``DotProductAttention`` in the
    layer spec (:func:`use_packed_core_attention`), computes :func:`segment_attention`: segments
    of similar length are gathered into a padded batch ``[G, heads, Lg, d]`` (each right-padded
