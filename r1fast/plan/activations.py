@@ -18,10 +18,12 @@ Peak, per recompute mode (``ParallelConfig.recompute``):
   storage as the kept input). 1F1B keeps the inputs of every micro-batch in flight, but only one
   layer is re-run at a time (:func:`held_activation_bytes`).
 
-Two layer implementations (``spec``): "te" (Transformer Engine on a GPU: flash attention,
+Layer implementations (``spec``): "te" (Transformer Engine on a GPU: flash attention,
 fused RMSNorm) and "local" (megatron's local layers and r1fast's MLA core attention, as on
 CPU: [s, s] probabilities, k/v repeated to every query head, torch RMSNorm also keeping its
-normalised input). The local counts are held to measurements in tests/plan/test_plan.py and
+normalised input); "local-segments" is "local" for packed micro-batches, whose grouped-query
+attention runs per sequence through SDPA (r1fast.policy.packed_attention), keeping a
+log-sum-exp per query head instead of [s, s] probabilities (MLA keeps its masked core). The local counts are held to measurements in tests/plan/test_plan.py and
 tests/policy/test_recompute.py; the TE ones are counted from TE's documented saves.
 
 Per-token terms use ``sp`` (tp under sequence parallelism, else 1): the residual stream is
@@ -48,7 +50,7 @@ def _norm(width: float, rows: float, act: int, local: bool) -> float:
 
 
 def _gqa_attention_bytes(m: ModelConfig, tp: int, act: int, seq_len: int, rows: float,
-                         selective: bool, local: bool) -> float:
+                         selective: bool, local: bool, segments: bool = False) -> float:
     """Grouped-query attention (megatron's SelfAttention), per token on one rank."""
     d, nq, nkv = m.kv_channels, m.num_attention_heads / tp, m.kv_heads / tp
     rep = m.num_attention_heads > m.kv_heads  # k/v shared by several query heads
@@ -68,7 +70,10 @@ def _gqa_attention_bytes(m: ModelConfig, tp: int, act: int, seq_len: int, rows: 
             out += (nq + nkv) * d * act
         else:  # q; k and v repeated to every query head; [s, s] probabilities and causal mask
             out += nq * d * act + (2 * nq * d * act if rep else nkv * d * act)
-            out += nq * seq_len * (4 + (act if act < 4 else 0)) + seq_len / rows  # fp32 softmax
+            if segments:  # per-sequence SDPA: a log-sum-exp per query head, no [s, s] terms
+                out += nq * 4
+            else:
+                out += nq * seq_len * (4 + (act if act < 4 else 0)) + seq_len / rows
     else:  # flash attention keeps q and k after RoPE (v is a view), + its fp32 log-sum-exp
         out += (nq + nkv) * d * act + (0.0 if selective else nq * 4)
     return out + nq * d * act  # core attention output = linear_proj input
@@ -141,14 +146,15 @@ def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: in
     H = m.hidden_size
     if mode == "full":
         return H / sp * act
-    selective, local = mode == "selective", spec == "local"
+    selective, local = mode == "selective", spec != "te"
     # two RMSNorms on the residual stream; the first one's output (attention's input) here,
     # the second one's in the MLP
     out = 2 * _norm(H, 1 / sp, act, local) + H / sp * act
     if m.is_mla:
         out += _mla_attention_bytes(m, tp, sp, act, seq_len, rows, selective, local)
     else:
-        out += _gqa_attention_bytes(m, tp, act, seq_len, rows, selective, local)
+        out += _gqa_attention_bytes(m, tp, act, seq_len, rows, selective, local,
+                                    spec == "local-segments")
     return out + _mlp_activation_bytes(m, layer, tp, sp, act, rows * seq_len)
 
 
@@ -156,7 +162,7 @@ def head_activation_bytes(m: ModelConfig, sp: int, act: int, spec: str) -> float
     """Final RMSNorm (input, 1/rms, local: normalised) and the head's input [T, H] (gathered),
     per token on the last stage."""
     H = m.hidden_size
-    return _norm(H, 1 / sp, act, spec == "local") + H * act
+    return _norm(H, 1 / sp, act, spec != "te") + H * act
 
 
 def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, mode: str,
@@ -180,7 +186,7 @@ def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, 
         kept += m.kv_channels * 4  # the RoPE table r1fast passes, a checkpoint input
     # the re-run layer's first norm keeps the kept input itself (same storage), unless torch's
     # norm keeps an fp32 copy of a 16-bit input
-    shared = 0.0 if spec == "local" and act < 4 else m.hidden_size * act / sp
+    shared = 0.0 if spec != "te" and act < 4 else m.hidden_size * act / sp
     rerun = max(layer_activation_bytes(m, i, tp, sp, act, seq_len, "none", spec, rows)
                 for i in range(lo, hi)) - shared
     return kept, max(head, rerun)
