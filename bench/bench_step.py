@@ -15,7 +15,9 @@ step. Results: bench/results/step_<device>.json.
 ``--mix`` times the trainer side of a step (old + reference log-probs, then the update) on a
 fixed batch whose lengths look like real RL data: prompts of 20-200 tokens, completions
 long-tailed (log-normal, median 60, capped at 512), padded rows versus packed micro-batches
-under ``--token-budget``; it reports the padding fraction, the times (log-probs and update
+under ``--token-budget`` (old/reference log-probs of packed rows run under the trainer's
+larger no-grad budget, ``parallel.max_tokens_per_logprob_forward``, by default four times it);
+it reports the padding fraction, the times (log-probs and update
 apart), the speed-up, the peak memory of each and the loss / grad-norm differences to the padded
 layout. Packed rows run twice: attending per sequence (``packed``, the default; attention costs
 sum L_i^2) and under the explicit [T, T] block-diagonal mask (``packed-mask``, for comparison).

@@ -427,6 +427,11 @@ class ParallelConfig:
     between them, a block-diagonal causal mask, positions restarting per sequence) into
     micro-batches of at most this many tokens, so memory follows tokens, not rows. 0: padded
     micro-batches of ``micro_batch_size`` rows."""
+    max_tokens_per_logprob_forward: int = 0
+    """Token budget of one packed no-grad forward of the old and reference log-probs (verl's
+    log_prob_max_token_len_per_gpu): nothing is kept for a backward there, so it can be several
+    times ``max_tokens_per_microbatch`` and save forwards. 0: four times
+    ``max_tokens_per_microbatch``. Only with packing."""
     balance_dp_tokens: bool = True
     """With packed micro-batches and DP > 1: move whole rows between the DP ranks before the
     update so each holds about the same number of tokens (r1fast.train.balance; per

@@ -96,6 +96,7 @@ PARALLEL_RANGES: dict[str, Range] = {
     **{name: _OPTIONAL_INT for name in ("pp_first_stage_layers", "pp_last_stage_layers",
                                         "world_size", "micro_batch_size")},
     "max_tokens_per_microbatch": Range(integer=True, lo=0),
+    "max_tokens_per_logprob_forward": Range(integer=True, lo=0),
 }
 """ParallelConfig's numeric fields."""
 

@@ -279,7 +279,7 @@ class GRPOTrainer:
         rollout's routing when replaying) and under the frozen reference (None without KL),
         [N, L] in the padded layout; computed on packed micro-batches when packing is on."""
         temperature = self.cfg.rollout.temperature
-        packs = self._packs(batch)
+        packs = self._packs(batch, self._logprob_budget())
         if packs is None:
             inputs, kw = (batch.tokens, batch.targets), {}
         else:
@@ -306,13 +306,21 @@ class GRPOTrainer:
                 self.reference.logprobs(*inputs, temperature, **kw))
         return old, ref
 
-    def _packs(self, batch: UpdateBatch) -> list[PackedMicroBatch] | None:
-        """The packed micro-batches of ``batch``, or None when packing is off. Their length is
-        agreed by every rank (the pipeline sends fixed shapes) and divides by tp under
-        sequence parallelism."""
-        budget = self.cfg.parallel.max_tokens_per_microbatch
-        if budget <= 0:
+    def _logprob_budget(self) -> int:
+        """Tokens of one packed no-grad log-prob forward (parallel.max_tokens_per_logprob_forward,
+        default four update micro-batches)."""
+        par = self.cfg.parallel
+        return par.max_tokens_per_logprob_forward or 4 * par.max_tokens_per_microbatch
+
+    def _packs(self, batch: UpdateBatch, budget: int | None = None
+               ) -> list[PackedMicroBatch] | None:
+        """The packed micro-batches of ``batch`` under ``budget`` tokens (default the update's
+        max_tokens_per_microbatch), or None when packing is off. Their length is agreed by
+        every rank (the pipeline sends fixed shapes) and divides by tp under sequence
+        parallelism."""
+        if self.cfg.parallel.max_tokens_per_microbatch <= 0:
             return None
+        budget = budget or self.cfg.parallel.max_tokens_per_microbatch
         multiple = self.info.tp if self.policy.sequence_parallel else 1
         return packed_micro_batches(batch.lengths.tolist(), budget, multiple,
                                     agree=all_ranks_int)
