@@ -446,6 +446,10 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
         notes.append(f"does not fit: stage {worst.stage} needs {worst.peak / GiB:.1f} GiB of "
                      f"{opts.gpu_mem_gib:g}; the largest term is {top} "
                      f"({parts[top] / GiB:.1f} GiB)")
+    if batch.packed_tokens:
+        notes.append("log-probs: not counted are the transients of the no-grad log-prob "
+                     "forwards (parallel.max_tokens_per_logprob_forward tokens, one layer at a "
+                     "time; nothing is kept for a backward)")
     if opts.decoder == "kv-cache":
         notes.append("rollout: not counted are the transients of the prefill, one forward over "
                      "every prompt of the DP rank at once (attention scores [B, heads/tp, P, P] "
