@@ -124,11 +124,14 @@ def _save_init(rank, out_dir):
 
 def _fit_ranks(rank, out_dir, init, layout, steps):
     # a constant LR: a 1-step run continued to 2 steps has the schedule of a 2-step run; the
-    # MoE aux loss is per rank by design, so it is left out of a cross-layout comparison
+    # MoE aux loss is per rank by design, so it is left out of a cross-layout comparison.
+    # adam_eps 1e-3: Adam's first steps are lr * sign(g), so an element whose gradient is ~0
+    # moves by up to 2 lr between layouts that round differently; a large eps keeps the step
+    # proportional to such gradients, so the weight comparison tests the reshard, not that
     model = dataclasses.replace(MODEL, aux_loss_coef=0.0)
     cfg = SFTConfig(model=model, parallel=ParallelConfig(max_tokens_per_microbatch=48, **layout),
-                    optim=OptimConfig(lr=1e-3), steps=steps, batch_size=8, init_from=init,
-                    out_dir=out_dir)
+                    optim=OptimConfig(lr=1e-3, adam_eps=1e-3), steps=steps, batch_size=8,
+                    init_from=init, out_dir=out_dir)
     SFTTrainer(cfg, uneven_examples(), CharTokenizer()).fit()
 
 
