@@ -1,5 +1,5 @@
 """Comparing the policy with a ``transformers`` model of the same checkpoint: log-probs and
-every parameter's gradient (shared by the Qwen and DeepSeek-V3 checkpoint tests)."""
+every parameter's gradient, export -> reload (shared by the Qwen and DeepSeek checkpoint tests)."""
 import torch
 
 from r1fast.ops.linear_logprob import linear_logprob
@@ -62,3 +62,30 @@ def check_gradients_match_hf(model, path, tokens, targets, atol=1e-5) -> None:
     assert set(mine) == set(ref)
     for k in ref:
         assert (mine[k] - ref[k]).abs().max().item() < atol, k
+
+
+def next_token_batch(vocab: int, seed: int = 1, b: int = 3, length: int = 13):
+    """Random ``tokens`` [b, length] and their next tokens as ``targets`` (-100 at the end)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (b, length), generator=g)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = -100
+    return tokens, targets
+
+
+def check_export_reloads_exactly(policy, model, model_cls, out: str, model_type: str) -> None:
+    """``save_hf_checkpoint(policy, out)`` writes ``model_type``, and transformers' ``model_cls``
+    reloads every tensor of ``model`` (the checkpoint the policy came from) bit for bit."""
+    import json
+    import os
+
+    from r1fast.policy.hf_checkpoint import save_hf_checkpoint
+
+    save_hf_checkpoint(policy, out)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["model_type"] == model_type
+    reloaded = model_cls.from_pretrained(out).float()
+    ref, got = model.state_dict(), reloaded.state_dict()
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k

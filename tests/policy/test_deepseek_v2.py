@@ -6,18 +6,17 @@ transformers' (fp32); export -> transformers reload is bit-exact; the config rou
 group-limited greedy and norm_topk_prob=true are refused naming the key."""
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from r1fast.policy.config import ModelConfig  # noqa: E402
-from r1fast.policy.hf_checkpoint import load_model_config, save_hf_checkpoint  # noqa: E402
+from r1fast.policy.hf_checkpoint import load_model_config  # noqa: E402
 from r1fast.policy.parallel import destroy_parallel  # noqa: E402
-from tests.helpers.hf_parity import check_gradients_match_hf, hf_logprobs, load  # noqa: E402
+from tests.helpers.hf_parity import (check_export_reloads_exactly,  # noqa: E402
+                                     check_gradients_match_hf, hf_logprobs, load,
+                                     next_token_batch)
 
 V = 128
 HF_CONFIG = dict(
@@ -52,12 +51,8 @@ def saved(tmp_path_factory):
     return model, path
 
 
-def batch(seed: int = 1, b: int = 3, length: int = 13):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, V, (b, length), generator=g)
-    targets = torch.roll(tokens, -1, dims=1)
-    targets[:, -1] = -100
-    return tokens, targets
+def batch(seed: int = 1, length: int = 13):
+    return next_token_batch(V, seed, length=length)
 
 
 def test_config_translation(saved):
@@ -90,15 +85,8 @@ def test_gradients_match_hf(saved):
 
 def test_export_then_reload_in_transformers_is_exact(saved, tmp_path):
     model, path = saved
-    out = str(tmp_path / "export")
-    save_hf_checkpoint(load(path), out)
-    with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["model_type"] == "deepseek_v2"
-    reloaded = transformers.DeepseekV2ForCausalLM.from_pretrained(out).float()
-    ref, got = model.state_dict(), reloaded.state_dict()
-    assert set(got) == set(ref)
-    for k in ref:
-        assert torch.equal(got[k], ref[k]), k
+    check_export_reloads_exactly(load(path), model, transformers.DeepseekV2ForCausalLM,
+                                 str(tmp_path / "export"), "deepseek_v2")
 
 
 @pytest.mark.parametrize("over, match", [

@@ -22,7 +22,9 @@ from r1fast.policy.hf_checkpoint import load_model_config, save_hf_checkpoint  #
 from r1fast.policy.mla import MLACoreAttention, softmax_scale  # noqa: E402
 from r1fast.policy.model import build_policy  # noqa: E402
 from r1fast.policy.parallel import destroy_parallel  # noqa: E402
-from tests.helpers.hf_parity import check_gradients_match_hf, hf_logprobs, load  # noqa: E402
+from tests.helpers.hf_parity import (check_export_reloads_exactly,  # noqa: E402
+                                     check_gradients_match_hf, hf_logprobs, load,
+                                     next_token_batch)
 
 V = 128
 HF_CONFIG = dict(
@@ -67,11 +69,7 @@ def saved(tmp_path_factory):
 
 
 def batch(seed: int = 1, b: int = 3, length: int = 13):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, V, (b, length), generator=g)
-    targets = torch.roll(tokens, -1, dims=1)
-    targets[:, -1] = -100
-    return tokens, targets
+    return next_token_batch(V, seed, b, length)
 
 
 def test_config_translation(saved):
@@ -102,16 +100,8 @@ def test_gradients_match_hf(saved):
 
 def test_export_then_reload_in_transformers_is_exact(saved, tmp_path):
     model, path = saved
-    policy = load(path)
-    out = str(tmp_path / "export")
-    save_hf_checkpoint(policy, out)
-    with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["model_type"] == "deepseek_v3"
-    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(out).float()
-    ref, got = model.state_dict(), reloaded.state_dict()
-    assert set(got) == set(ref)
-    for k in ref:
-        assert torch.equal(got[k], ref[k]), k
+    check_export_reloads_exactly(load(path), model, transformers.DeepseekV3ForCausalLM,
+                                 str(tmp_path / "export"), "deepseek_v3")
 
 
 def test_mtp_layers_are_kept_and_written_back(saved, tmp_path):
