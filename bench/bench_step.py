@@ -197,7 +197,9 @@ def main_mix(args, overrides) -> int:
         print(f"{p['provider']} vs padded: {p['speedup_vs_padded']:.2f}x faster, |loss diff| "
               f"{p['loss_abs_diff']:.2e}, grad-norm rel diff {p['grad_norm_rel_diff']:.2e}")
     dev = "cpu" if env["device"].startswith("cpu") else "cuda"
-    print("saved", save_rows(rows, f"step_mix_{dev}"))
+    stem = Path(args.recipe).stem
+    name = f"step_mix_{dev}" if stem == "tiny" else f"step_mix_{stem}_{dev}"  # one file a recipe
+    print("saved", save_rows(rows, name))
     return 0
 
 

@@ -23,7 +23,10 @@ fused RMSNorm) and "local" (megatron's local layers and r1fast's MLA core attent
 CPU: [s, s] probabilities, k/v repeated to every query head, torch RMSNorm also keeping its
 normalised input); "local-segments" is "local" for packed micro-batches, whose grouped-query
 attention runs per sequence through SDPA (r1fast.policy.packed_attention), keeping a
-log-sum-exp per query head instead of [s, s] probabilities (MLA keeps its masked core). The local counts are held to measurements in tests/plan/test_plan.py and
+log-sum-exp per query head instead of [s, s] probabilities. Packed MLA also attends per
+sequence, but SDPA takes its math path for MLA's unequal q/v head dims and keeps each
+sequence's [L, L] probabilities; the plan still counts the whole row's [T, T] for it (an
+over-estimate: measured 6-25% below the plan on the tiny MLA recipe). The local counts are held to measurements in tests/plan/test_plan.py and
 tests/policy/test_recompute.py; the TE ones are counted from TE's documented saves.
 
 Per-token terms use ``sp`` (tp under sequence parallelism, else 1): the residual stream is

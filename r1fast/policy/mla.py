@@ -19,7 +19,9 @@ YaRN parameters). What r1fast adds:
   block-diagonal mask of packed rows. Scores and softmax are fp32 (docs/DESIGN.md §4); the
   output has the input dtype, shape ``[sq, b, heads * d_v]``. Packed rows come as megatron's
   ``thd`` layout (``[t, heads, d]`` and ``packed_seq_params``): without a mask, each sequence
-  attends causally to itself only. With Transformer Engine (GPU) the TE spec's attention is
+  attends causally to itself only, one SDPA call per group of similar-length sequences
+  (r1fast.policy.packed_attention's ``segment_attention``: cost sum L_i^2, not T^2; SDPA's
+  precision). With Transformer Engine (GPU) the TE spec's attention is
   used instead.
 * :class:`DuplicatedLinear`: MLA's down projections, replicated over TP (why: its docstring).
 * :func:`use_mla_local_modules`: puts both into a block spec of the local kind.
@@ -115,10 +117,11 @@ class MLACoreAttention(torch.nn.Module):
                 raise ValueError(f"MLACoreAttention: packed_seq_params.qkv_format must be 'thd',"
                                  f" got {packed_seq_params.qkv_format!r}")
             if attention_mask is None:  # each packed sequence attends to itself only
-                from r1fast.policy.packed import packed_layout
+                from r1fast.policy.packed_attention import segment_attention
 
-                _, attention_mask = packed_layout(packed_seq_params.cu_seqlens_q,
-                                                  query.shape[0], query.device)
+                out = segment_attention(query, key, value, packed_seq_params.cu_seqlens_q,
+                                        self.softmax_scale)  # [t, n, dv]
+                return out.reshape(out.shape[0], 1, -1)
             query, key, value = query[:, None], key[:, None], value[:, None]
         sq, b, n, _ = query.shape
         sk = key.shape[0]

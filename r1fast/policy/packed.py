@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 
-def packed_layout(cu_seqlens: torch.Tensor, length: int,
-                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(position_ids [1, T], attention_mask [1, 1, T, T])`` of packed sequences."""
+def packed_layout(cu_seqlens: torch.Tensor, length: int, device: torch.device | None = None,
+                  mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(position_ids [1, T], attention_mask [1, 1, T, T])`` of packed sequences (no mask,
+    None, with ``mask=False``)."""
     cu = cu_seqlens.reshape(-1).long()  # checked where it lives (the trainer's CPU copy)
     if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != length or bool((cu.diff() < 0).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {length}, got "
@@ -24,5 +25,7 @@ def packed_layout(cu_seqlens: torch.Tensor, length: int,
     seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu.diff())  # [T]
     idx = torch.arange(length, device=device)
     positions = idx - cu[seg]
+    if not mask:
+        return positions[None], None
     allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
     return positions[None], ~allowed[None, None]

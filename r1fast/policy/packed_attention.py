@@ -28,7 +28,8 @@ repeats T) are skipped.
 Without ``packed_seq_params`` (right-padded rows, the rollout's prefill) the module is megatron's
 ``DotProductAttention`` unchanged, and the KV-cache decoder may swap it out like any core
 attention. ``Policy.packed_attention = "mask"`` keeps the explicit-mask path (for comparison);
-MLA keeps its own core attention (r1fast.policy.mla, the mask path); the Transformer Engine spec
+MLA keeps its own core attention (r1fast.policy.mla), which calls :func:`segment_attention` on
+the boundaries megatron's MLA finds in the restarted positions; the Transformer Engine spec
 (GPU) keeps the mask path too, with a warning, as its attention is not this module.
 Scores follow SDPA's precision: fp32 accumulation for fp32/bf16 inputs (docs/DESIGN.md §4).
 """
@@ -118,9 +119,10 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       plan: Optional[SegmentPlan] = None) -> torch.Tensor:
     """Causal attention within each packed segment.
 
-    query [T, nq, d], key / value [T, nkv, d] (nq a multiple of nkv: grouped-query attention),
+    query / key [T, nq|nkv, d], value [T, nkv, dv] (nq a multiple of nkv: grouped-query
+    attention; dv may differ from d, as in MLA),
     ``cu_seqlens`` [S+1] from 0 to T (non-decreasing), ``scale`` the softmax scale; ``plan``:
-    the :func:`segment_plan` of ``cu_seqlens`` when already built. Returns [T, nq, d]: token t
+    the :func:`segment_plan` of ``cu_seqlens`` when already built. Returns [T, nq, dv]: token t
     of segment s attends to the tokens of s up to itself only.
     """
     T, nq, d = query.shape
@@ -132,15 +134,16 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         plan = segment_plan(cu_seqlens, T, query.device, slack)
     elif plan.length != T:
         raise ValueError(f"segment_attention: the plan is for {plan.length} tokens, got {T}")
+    dv = value.shape[-1]
     if T == 0:
-        return query.clone()  # [0, nq, d]: nothing to attend
+        return query.new_empty(0, nq, dv)  # nothing to attend
     outs = []
     for idx, real in plan.groups:
         g, lg = idx.shape
         q, k, v = (x[idx].transpose(1, 2) for x in (query, key, value))  # [G, n, Lg, d]
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                            enable_gqa=nq != nkv)  # [G, nq, Lg, d]
-        outs.append(o.transpose(1, 2).reshape(g * lg, nq, d)[real])  # [sum L, nq, d]
+        outs.append(o.transpose(1, 2).reshape(g * lg, nq, dv)[real])  # [sum L, nq, dv]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if plan.inverse is None else out[plan.inverse]
 
@@ -203,6 +206,15 @@ def _segments_supported(policy) -> bool:
         for layer in layers)
 
 
+def _mla_segments_supported(policy) -> bool:
+    """Whether every MLA layer of ``policy`` runs r1fast's MLACoreAttention (which attends per
+    packed sequence when it is given no mask)."""
+    from r1fast.policy.mla import MLACoreAttention
+
+    return all(isinstance(layer.self_attention.core_attention, MLACoreAttention)
+               for layer in policy.gpt.decoder.layers)
+
+
 @dataclasses.dataclass
 class SegmentedSeqParams(PackedSeqParams):
     """megatron's ``thd`` packed-sequence parameters plus what :class:`PackedDotProductAttention`
@@ -220,9 +232,11 @@ class SegmentedSeqParams(PackedSeqParams):
 def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     """``(position_ids [1, T], attention_mask, packed_seq_params)`` of one packed micro-batch of
     ``T = length`` tokens for ``policy`` (on its device): restarted positions, then either the
-    block-diagonal mask [1, 1, T', T'] (``policy.packed_attention == "mask"``, MLA, the TE
-    spec; T' = T padded for sequence parallelism, the pads hidden) and None, or None and
-    :class:`SegmentedSeqParams` (``"segments"``; the pads one more sequence)."""
+    block-diagonal mask [1, 1, T', T'] (``policy.packed_attention == "mask"``, the TE spec;
+    T' = T padded for sequence parallelism, the pads hidden) and None, or None and
+    :class:`SegmentedSeqParams` (``"segments"``; the pads one more sequence), or, for MLA on
+    r1fast's MLACoreAttention, neither (MLA takes its boundaries from the positions; the
+    sequence-parallel pads continue the last sequence, after every real token of it)."""
     mode = getattr(policy, "packed_attention", "segments")
     if mode not in MODES:
         raise ValueError(f"Policy.packed_attention must be one of {MODES}, got {mode!r}")
@@ -237,7 +251,12 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
                         "so packed rows run the explicit [T, T] block-diagonal mask instead")
         mode = "mask"
     padded = policy._padded_len(length)
-    if mode == "mask" or policy.model_cfg.is_mla:  # MLA: its own core attention takes the mask
+    if policy.model_cfg.is_mla and mode == "segments" and _mla_segments_supported(policy):
+        # MLA ropes the restarted positions itself (r1fast.policy.mla.mla_packed_params); its
+        # core attention attends per sequence from those boundaries (no mask)
+        pos, _ = packed_layout(cu_seqlens, length, policy.device, mask=False)
+        return pos, None, None
+    if mode == "mask" or policy.model_cfg.is_mla:  # MLA on another core attention: the mask
         pos, mask = packed_layout(cu_seqlens, length, policy.device)
         if padded > length:  # pads see nothing real, and nothing real sees them
             mask = F.pad(mask, (0, padded - length, 0, padded - length), value=True)

@@ -373,3 +373,23 @@ def test_expert_load_counts_every_routed_token():
     for counts in load.values():
         assert counts.shape == (8,) and counts.sum().item() == 3 * 9 * cfg.moe_router_topk
     assert all(c.sum().item() == 0 for c in expert_load(policy).values())  # reset
+
+
+def test_packed_mla_attends_per_sequence_without_a_mask(saved):
+    """Packed MLA rows run MLACoreAttention per sequence (no [T, T] mask is built), equal to
+    the explicit-mask path (packed_attention = "mask")."""
+    from r1fast.policy.hf_checkpoint import load_hf_checkpoint
+    from r1fast.policy.packed_attention import packed_inputs
+
+    _, path = saved
+    _, tokens, targets, cu = _packed()
+    policy = build_policy(load_model_config(path), ParallelConfig(), trainable=False)
+    load_hf_checkpoint(policy, path)
+    pos, mask, params = packed_inputs(policy, cu, tokens.shape[1])
+    assert mask is None and params is None  # MLA finds its boundaries in the positions
+    assert pos[0].tolist()[:3] == [0, 1, 2] and (pos == 0).sum() == cu.shape[1] - 1
+    segments = policy.logprobs(tokens, targets, cu_seqlens=cu)
+    policy.packed_attention = "mask"
+    masked = policy.logprobs(tokens, targets, cu_seqlens=cu)
+    assert (segments - masked).abs().max().item() < 1e-5
+    destroy_parallel()
