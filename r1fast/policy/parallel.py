@@ -82,6 +82,26 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
                                 world_size=1, timeout=timeout)
 
 
+def expected_world_size() -> int:
+    """Processes of this run: torch.distributed's once it is up, else torchrun's ``WORLD_SIZE``
+    (1 without it), so that a layout can be checked before anything starts."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_layout(parallel: ParallelConfig, model: Optional[ModelConfig] = None
+                 ) -> ParallelConfig:
+    """``parallel`` at this run's world size, validated for ``model`` (a ValueError naming the
+    field); cheap: no process group, no megatron (trainers call it before building anything)."""
+    world = expected_world_size()
+    if parallel.world_size is not None and parallel.world_size != world:
+        raise ValueError(f"parallel.world_size={parallel.world_size}, but torch.distributed has "
+                         f"{world} process(es) (torchrun --nproc-per-node x --nnodes / "
+                         f"WORLD_SIZE); set it to {world} or leave it out")
+    return ParallelConfig(**{**parallel.__dict__, "world_size": world}).validate(model)
+
+
 def init_parallel(parallel: ParallelConfig, model: Optional[ModelConfig] = None, seed: int = 0,
                   backend: Optional[str] = None) -> ParallelInfo:
     """Start torch.distributed and megatron's parallel state for ``parallel`` and seed the
@@ -90,13 +110,7 @@ def init_parallel(parallel: ParallelConfig, model: Optional[ModelConfig] = None,
     global _LAYOUT
     init_distributed(backend)
     install_megatron_compat()  # after the process group: its WARNING line is rank 0's only
-    world = dist.get_world_size()
-    if parallel.world_size is not None and parallel.world_size != world:
-        raise ValueError(f"parallel.world_size={parallel.world_size}, but torch.distributed has "
-                         f"{world} process(es) (torchrun --nproc-per-node x --nnodes / "
-                         f"WORLD_SIZE); set it to {world} or leave it out")
-    parallel = ParallelConfig(**{**parallel.__dict__, "world_size": world})
-    parallel.validate(model)
+    parallel = check_layout(parallel, model)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -113,11 +113,14 @@ def reward_parts(task: str | None, weights: dict[str, float], language: str | No
 
 def check_inputs(cfg, custom_reward: bool = False) -> None:
     """Cheap checks of a run's inputs, made before the model is built (seconds earlier than the
-    failure they prevent): every named path exists and every reward name is registered.
+    failure they prevent): the parallel layout fits this run's world size and the model, every
+    named path exists and every reward name is registered.
     ``custom_reward``: the caller replaces the recipe's reward parts, whose names then do not
     matter."""
+    from r1fast.policy.parallel import check_layout
     from r1fast.rewards import available_rewards
 
+    check_layout(cfg.parallel, cfg.model)  # world size and divisibility, before any start-up
     for key, path in (("data.path", cfg.data.path), ("data.test_path", cfg.data.test_path),
                       ("run.init_from", cfg.run.init_from),
                       ("reward.reward_model", cfg.reward.reward_model)):

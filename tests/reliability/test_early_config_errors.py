@@ -3,8 +3,9 @@
 Building the policy, its optimizer and the reference takes seconds (7-12 s for a real recipe on
 a loaded machine) and prints megatron's configuration dump; an error that only a file system or
 registry lookup can find -- a missing ``data.path`` or ``run.init_from``, a misspelt reward, a
-fresh start over an existing run -- must not wait for it. The tests replace the trainer's
-engine with one that fails the test if it is ever constructed, so each error must come first,
+fresh start over an existing run, a layout that does not fit the world size -- must not wait
+for it. The tests replace the trainer's engine with one that fails the test if it is ever
+constructed, so each error must come first,
 and check it is one ``r1fast: error:`` line naming the key with exit code 2 through the CLI."""
 import pytest
 
@@ -44,10 +45,12 @@ def _cases(tmp_path):
         (["--reward.weights={accuracy=1.0, formatt=0.1}"], "reward.weights names 'formatt'"),
         ([f"--run.out_dir={run}"], "--run.overwrite=true"),
         ([f"--run.out_dir={run}", "--run.resume=false"], "has run.resume=false"),
+        (["--parallel.world_size=4"], "parallel.world_size=4, but torch.distributed has 1"),
+        (["--parallel.tp=2"], "ParallelConfig: world size 1 is not a multiple of tp"),
     ]
 
 
-@pytest.mark.parametrize("i", range(8))
+@pytest.mark.parametrize("i", range(10))
 def test_error_comes_before_the_model(tmp_path, no_model, i):
     from r1fast.train.grpo import GRPOTrainer
 
@@ -58,7 +61,7 @@ def test_error_comes_before_the_model(tmp_path, no_model, i):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("i", [0, 2, 4, 6])
+@pytest.mark.parametrize("i", [0, 2, 4, 6, 8])
 def test_cli_error_is_one_line_exit_2(tmp_path, no_model, capsys, i):
     extra, msg = _cases(tmp_path)[i]
     with pytest.raises(SystemExit) as e:
