@@ -29,15 +29,13 @@ import torch.nn.functional as F
 
 
 class KVStore:
-    """The caches of every layer and the step's placement (slot offset, live rows)."""
+    """The caches of every layer and the step's placement (slot offset)."""
 
     def __init__(self) -> None:
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """{layer_number: (keys, values)}, each [capacity, B, groups/tp, head_dim]."""
         self.offset = 0
         """First slot of the current forward."""
-        self.rows = 0
-        """Live rows: the caches' batch entries 0 .. rows-1."""
 
     def allocate(self, attentions, capacity: int, batch: int, dtype, device) -> None:
         """NaN-filled buffers (reused, re-poisoned, when the shape is unchanged)."""
@@ -52,7 +50,6 @@ class KVStore:
             self.buffers[attn.layer_number] = (
                 torch.full(shape_k, float("nan"), dtype=dtype, device=device),
                 torch.full(shape_v, float("nan"), dtype=dtype, device=device))
-        self.rows = batch
 
     def keep(self, rows: torch.Tensor, filled: int) -> None:
         """Move the slots 0 .. filled-1 of ``rows`` to the front of the batch axis."""
@@ -60,7 +57,6 @@ class KVStore:
         for keys, values in self.buffers.values():
             keys[:filled, :m] = keys[:filled, rows]  # the right side is a copy: no aliasing
             values[:filled, :m] = values[:filled, rows]
-        self.rows = m
 
 
 class CachedAttention(torch.nn.Module):

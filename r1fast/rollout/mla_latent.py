@@ -35,7 +35,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 class LatentStore:
@@ -48,8 +47,10 @@ class LatentStore:
         """First slot of the current forward."""
         self.positions: Optional[torch.Tensor] = None
         """[B', n] RoPE positions of the current forward's slots (per row)."""
-        self.rows = 0
-        self._rope: Optional[tuple[torch.Tensor, float]] = None
+        self.capacity = 0
+        """Cache slots: every position a forward can ask for is below it."""
+        self._table: Optional[tuple[torch.Tensor, float]] = None  # [capacity, rope], mscale
+        self._rope: Optional[tuple[torch.Tensor, float]] = None  # the current forward's
 
     def allocate(self, attentions, capacity: int, batch: int, dtype, device) -> None:
         """NaN-filled buffers (reused, re-poisoned, when the shape is unchanged)."""
@@ -62,14 +63,13 @@ class LatentStore:
                 continue
             self.buffers[attn.layer_number] = torch.full(shape, float("nan"), dtype=dtype,
                                                          device=device)
-        self.rows = batch
+        self.capacity, self._table = capacity, None
 
     def keep(self, rows: torch.Tensor, filled: int) -> None:
         """Move the slots 0 .. filled-1 of ``rows`` to the front of the batch axis."""
         m = rows.shape[0]
         for latent in self.buffers.values():
             latent[:filled, :m] = latent[:filled, rows]  # the right side is a copy
-        self.rows = m
 
     def begin(self, offset: int, positions: torch.Tensor) -> None:
         """A forward over slots ``offset ..`` at RoPE ``positions`` [B', n] starts."""
@@ -77,13 +77,16 @@ class LatentStore:
 
     def rope_table(self, attn) -> tuple[torch.Tensor, float]:
         """(freqs [n, B', 1, rope] of the current positions, mscale) from ``attn``'s own rotary
-        module (plain or YaRN); every layer of a model has the same one, so it is built once
-        per forward."""
+        module (plain or YaRN). Every layer of a model has the same one: its table over all
+        ``capacity`` slots is built once per allocation (no host read of the positions), and
+        indexed once per forward."""
+        if self._table is None:
+            out = attn.rotary_pos_emb(self.capacity)
+            table, mscale = out if isinstance(out, tuple) else (out, 1.0)  # [cap, 1, 1, rope]
+            self._table = (table[:, 0, 0], mscale)
         if self._rope is None:
-            pos = self.positions
-            out = attn.rotary_pos_emb(int(pos.max()) + 1)
-            table, mscale = out if isinstance(out, tuple) else (out, 1.0)  # [P, 1, 1, rope]
-            self._rope = (table[:, 0, 0][pos.t()][:, :, None], mscale)  # [n, B', 1, rope]
+            table, mscale = self._table
+            self._rope = (table[self.positions.t()][:, :, None], mscale)  # [n, B', 1, rope]
         return self._rope
 
 

@@ -249,10 +249,19 @@ def test_kv_cache_ragged_loop_equals_recomputation_at_shared_positions(policy):
     assert part.completion_ids == [a.completion_ids[i] for i in order]
 
 
-def test_kv_cache_loop_reads_the_host_only_at_checks(policy, monkeypatch):
-    """The rollout code (r1fast/rollout: loop, sampler, decoder) reads device values on the
-    host only at the checks; megatron's own reads (its MoE dispatcher) are not counted."""
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dsv3-mla"])
+def test_kv_cache_loop_reads_the_host_only_at_checks(policy, monkeypatch, preset):
+    """The rollout code (r1fast/rollout: loop, sampler, decoder; MLA's latent attention too)
+    reads device values on the host only at the checks; megatron's own reads (its MoE
+    dispatcher) are not counted."""
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.model import build_policy
     from r1fast.rollout.kv_cache import KVCacheDecoder
+    from tests.rollout.test_kv_cache import sharpen
+
+    if preset != "tiny-moe":  # the same single-rank layout as the module's policy
+        policy = sharpen(build_policy(ModelConfig.preset(preset), ParallelConfig(), seed=0,
+                                      trainable=False))
 
     class Counting(KVCacheDecoder):
         decode_calls = 0
