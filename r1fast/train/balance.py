@@ -74,9 +74,7 @@ def balance_over_dp(batch: UpdateBatch, routing: Optional[dict[int, torch.Tensor
                  "routing": None if routing is None else {k: v[sl] for k, v in routing.items()}}
         gathered: list = [None] * dp
         dist.all_gather_object(gathered, local, group=group)
-        rows = [g["batch"] for g in gathered]
-        every = UpdateBatch(*(torch.cat([getattr(r, f.name) for r in rows])
-                              for f in dataclasses.fields(UpdateBatch)))
+        every = UpdateBatch.cat([g["batch"] for g in gathered])
         lengths = every.lengths.tolist()
         split = balanced_partition(lengths, dp)
         per = len(lengths) // dp
@@ -88,8 +86,7 @@ def balance_over_dp(batch: UpdateBatch, routing: Optional[dict[int, torch.Tensor
         if routing is not None:
             table = {k: torch.cat([g["routing"][k] for g in gathered])[mine] for k in routing}
         parts.append((every.rows(mine), table))
-    out = UpdateBatch(*(torch.cat([getattr(b, f.name) for b, _ in parts])
-                        for f in dataclasses.fields(UpdateBatch)))
+    out = UpdateBatch.cat([b for b, _ in parts])
     table = None if routing is None else {k: torch.cat([t[k] for _, t in parts])
                                           for k in routing}
     return out, table, BalanceStats(_imbalance(before), _imbalance(after))

@@ -29,6 +29,12 @@ class UpdateBatch:
     def rows(self, idx: torch.Tensor | slice) -> "UpdateBatch":
         return UpdateBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
+    @staticmethod
+    def cat(batches: Sequence["UpdateBatch"]) -> "UpdateBatch":
+        """The rows of ``batches`` one after the other (one padded length L)."""
+        return UpdateBatch(*(torch.cat([getattr(b, f.name) for b in batches])
+                             for f in dataclasses.fields(UpdateBatch)))
+
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
