@@ -198,20 +198,11 @@ def use_packed_core_attention(spec) -> None:
             sub.core_attention = PackedDotProductAttention
 
 
-def _segments_supported(policy) -> bool:
-    """Whether every attention layer of ``policy`` runs :class:`PackedDotProductAttention`."""
-    layers = policy.gpt.decoder.layers
-    return len(layers) == 0 or all(
-        isinstance(layer.self_attention.core_attention, PackedDotProductAttention)
-        for layer in layers)
-
-
-def _mla_segments_supported(policy) -> bool:
-    """Whether every MLA layer of ``policy`` runs r1fast's MLACoreAttention (which attends per
-    packed sequence when it is given no mask)."""
-    from r1fast.policy.mla import MLACoreAttention
-
-    return all(isinstance(layer.self_attention.core_attention, MLACoreAttention)
+def _cores_are(policy, core_type) -> bool:
+    """Whether every attention layer of ``policy`` runs a core attention of ``core_type``
+    (:class:`PackedDotProductAttention`, or r1fast's MLACoreAttention: the cores that attend
+    per packed sequence)."""
+    return all(isinstance(layer.self_attention.core_attention, core_type)
                for layer in policy.gpt.decoder.layers)
 
 
@@ -243,7 +234,8 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     if cu_seqlens.dim() == 2 and cu_seqlens.shape[0] != 1:
         raise ValueError(f"cu_seqlens: one packed row per micro-batch, got "
                          f"{list(cu_seqlens.shape)}")
-    if mode == "segments" and not policy.model_cfg.is_mla and not _segments_supported(policy):
+    if mode == "segments" and not policy.model_cfg.is_mla \
+            and not _cores_are(policy, PackedDotProductAttention):
         if not getattr(policy, "_warned_packed_mask", False):
             policy._warned_packed_mask = True
             log.warning("WARNING: packed_attention='segments' needs r1fast's local core "
@@ -251,7 +243,9 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
                         "so packed rows run the explicit [T, T] block-diagonal mask instead")
         mode = "mask"
     padded = policy._padded_len(length)
-    if policy.model_cfg.is_mla and mode == "segments" and _mla_segments_supported(policy):
+    from r1fast.policy.mla import MLACoreAttention
+
+    if policy.model_cfg.is_mla and mode == "segments" and _cores_are(policy, MLACoreAttention):
         # MLA ropes the restarted positions itself (r1fast.policy.mla.mla_packed_params); its
         # core attention attends per sequence from those boundaries (no mask)
         pos, _ = packed_layout(cu_seqlens, length, policy.device, mask=False)
