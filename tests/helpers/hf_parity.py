@@ -43,6 +43,17 @@ def load(path, trainable=False):
     return policy
 
 
+def summed_logprob_loss(policy, n: float):
+    """megatron's loss_fn of -(sum of the targets' log-probs) / n, through the fused
+    vocab-parallel head (the policy's TP group)."""
+    def loss_fn(hidden, weight, mb):
+        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
+                            mb["targets"].reshape(-1), tp_group=policy.tp_group)
+        return -lp.sum() / n, {}
+
+    return loss_fn
+
+
 def check_gradients_match_hf(model, path, tokens, targets, atol=1e-5) -> None:
     """Every parameter's gradient of a summed log-prob loss, policy (megatron DDP main_grad,
     exported to HF names) vs transformers' autograd."""
@@ -52,12 +63,8 @@ def check_gradients_match_hf(model, path, tokens, targets, atol=1e-5) -> None:
     (-hf_logprobs(model, tokens, targets).sum() / n).float().backward()
     ref = per_expert({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
 
-    def loss_fn(hidden, weight, mb):
-        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
-                            mb["targets"].reshape(-1), tp_group=policy.tp_group)
-        return -lp.sum() / n, {}
-
-    policy.forward_backward([{"tokens": tokens, "targets": targets}], loss_fn)
+    policy.forward_backward([{"tokens": tokens, "targets": targets}],
+                            summed_logprob_loss(policy, n))
     mine = gather_hf_state_dict(policy, grads=True)
     assert set(mine) == set(ref)
     for k in ref:

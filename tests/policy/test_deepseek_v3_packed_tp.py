@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from r1fast.ops.linear_logprob import linear_logprob
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from tests.helpers.hf_parity import summed_logprob_loss
 from tests.helpers.spawn import run_ranks
 
 pytestmark = [
@@ -42,15 +42,6 @@ def _rows():
     return rows, torch.cat([t for t, _ in rows], 1), torch.cat([y for _, y in rows], 1), cu
 
 
-def _loss_fn(policy, n):
-    def loss_fn(hidden, weight, mb):
-        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
-                            mb["targets"].reshape(-1), tp_group=policy.tp_group)
-        return -lp.sum() / n, {}
-
-    return loss_fn
-
-
 def _packed_run(policy):
     """(packed log-probs [1, T], every gradient of one packed micro-batch, by HF name)."""
     from r1fast.policy.hf_checkpoint import gather_hf_state_dict
@@ -60,7 +51,7 @@ def _packed_run(policy):
     lp = policy.logprobs(tokens, targets, cu_seqlens=cu)
     n = float((targets != -100).sum())
     policy.forward_backward([{"tokens": tokens, "targets": targets, "cu_seqlens": cu}],
-                            _loss_fn(policy, n))
+                            summed_logprob_loss(policy, n))
     unshard_main_grads(policy)  # the distributed optimizer left each rank its expert-DP shard
     grads = gather_hf_state_dict(policy, grads=True)  # on rank 0; None elsewhere
     return lp, None if grads is None else {k: v.clone() for k, v in grads.items()}
@@ -91,7 +82,7 @@ def test_packed_mla_at_tp2_equals_one_rank_alone(tmp_path):
     rows, _, targets, cu = _rows()
     n = float((targets != -100).sum())
     alone_lp = torch.cat([policy.logprobs(t, y) for t, y in rows], 1)
-    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows], _loss_fn(policy, n))
+    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows], summed_logprob_loss(policy, n))
     alone = gather_hf_state_dict(policy, grads=True)
     destroy_parallel()
     run_ranks(2, _tp2_worker, ckpt, out)

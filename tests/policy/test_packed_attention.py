@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r1fast.ops.linear_logprob import linear_logprob
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.packed_attention import segment_attention, segment_groups
+from tests.helpers.hf_parity import summed_logprob_loss
 from tests.helpers.spawn import run_ranks
 
 
@@ -125,15 +125,6 @@ def _rows(vocab, seed=3):
             torch.cat([y for _, y in rows], 1), cu)
 
 
-def _loss_fn(policy, n):
-    def loss_fn(hidden, weight, mb):
-        lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
-                            mb["targets"].reshape(-1), tp_group=policy.tp_group)
-        return -lp.sum() / n, {}
-
-    return loss_fn
-
-
 def _packed_run(policy, vocab):
     """(packed log-probs [1, T], every gradient of one packed micro-batch, by HF name)."""
     from r1fast.policy.hf_checkpoint import gather_hf_state_dict
@@ -143,7 +134,7 @@ def _packed_run(policy, vocab):
     lp = policy.logprobs(tokens, targets, cu_seqlens=cu)
     n = float((targets != -100).sum())
     policy.forward_backward([{"tokens": tokens, "targets": targets, "cu_seqlens": cu}],
-                            _loss_fn(policy, n))
+                            summed_logprob_loss(policy, n))
     unshard_main_grads(policy)
     grads = gather_hf_state_dict(policy, grads=True)  # on rank 0; None elsewhere
     return lp, None if grads is None else {k: v.clone() for k, v in grads.items()}
@@ -156,7 +147,7 @@ def _alone_run(policy, vocab):
     rows, _, targets, _ = _rows(vocab)
     n = float((targets != -100).sum())
     lp = torch.cat([policy.logprobs(t, y) for t, y in rows], 1)
-    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows], _loss_fn(policy, n))
+    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows], summed_logprob_loss(policy, n))
     grads = gather_hf_state_dict(policy, grads=True)
     return lp, {k: v.clone() for k, v in grads.items()}
 

@@ -40,7 +40,7 @@ import torch
 
 from r1fast.train.checkpoint import latest_checkpoint, load_checkpoint
 from r1fast.train.metrics import read_jsonl
-from tests.helpers.ckpt_state import checkpoint_state
+from tests.helpers.ckpt_state import assert_same, checkpoint_state
 from tests.helpers.resume_killer import run_config, varied_reward
 
 pytestmark = pytest.mark.reliability
@@ -58,23 +58,6 @@ def _tree(folder: Path) -> dict[str, str]:
 
 def _wall_clock(key: str) -> bool:
     return key == "time" or key.startswith("time_") or key.endswith("_per_s")
-
-
-def _same(a, b, where: str = "") -> None:
-    """Equal containers of bitwise-equal tensors and equal plain values."""
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 class Killer:
@@ -233,7 +216,7 @@ def test_kill_minus_9_during_resume_never_loses_the_checkpoint(tmp_path, events,
         (tmp_path / folder).mkdir()
     want = checkpoint_state(full / "checkpoints" / "step_00000002", tmp_path / "f")
     got = checkpoint_state(run / "checkpoints" / "step_00000002", tmp_path / "r")
-    _same(want, got)
+    assert_same(want, got)
     step1 = checkpoint_state(run / "checkpoints" / "step_00000001", tmp_path / "r")["policy"]
     assert any(k.startswith("optimizer.") for k in want["policy"])  # Adam state compared
     assert any(not torch.equal(v, want["policy"][k]) for k, v in step1.items()

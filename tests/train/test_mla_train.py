@@ -13,7 +13,7 @@ from r1fast.cli import main
 from r1fast.rewards import register_reward
 from r1fast.train.config import load_train_config
 from r1fast.train.metrics import read_jsonl
-from tests.helpers.ckpt_state import checkpoint_state
+from tests.helpers.ckpt_state import assert_same, checkpoint_state
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "tiny_dsv3_mla.toml")
@@ -40,23 +40,6 @@ def checkpoint(out: Path, step: int) -> dict:
     """This (only) rank's state in the step's checkpoint (RNG, and the model, optimizer and
     reference of the distributed checkpoint as full tensors), its checksums verified."""
     return checkpoint_state(out / "checkpoints" / f"step_{step:08d}", out)
-
-
-def assert_same(a, b, where: str = "") -> None:
-    """Equal containers of equal tensors (bitwise) and equal plain values."""
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_grpo_on_tiny_mla_runs_and_resumes_bitwise(tmp_path):

@@ -15,9 +15,8 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.metrics import read_jsonl
 from r1fast.train.sft import SFTConfig, SFTTrainer
-from tests.helpers.ckpt_state import checkpoint_state
+from tests.helpers.ckpt_state import assert_same, checkpoint_state
 from tests.helpers.spawn import run_ranks
-from tests.train.test_mla_train import assert_same
 from tests.train.test_sft_microbatches import uneven_examples
 
 MODEL = dataclasses.replace(ModelConfig.preset("tiny-moe"), vocab_size=128)
