@@ -26,8 +26,9 @@ attention runs per sequence through SDPA (r1fast.policy.packed_attention), keepi
 log-sum-exp per query head instead of [s, s] probabilities. Packed MLA also attends per
 sequence, but SDPA takes its math path for MLA's unequal q/v head dims and keeps each
 sequence's [L, L] probabilities; the plan still counts the whole row's [T, T] for it (an
-over-estimate: measured 6-25% below the plan on the tiny MLA recipe). The local counts are held to measurements in tests/plan/test_plan.py and
-tests/policy/test_recompute.py; the TE ones are counted from TE's documented saves.
+over-estimate: measured 6-25% below the plan on the tiny MLA recipe). The local counts are
+held to measurements in tests/plan/test_plan.py and tests/policy/test_recompute.py; the TE
+ones are counted from TE's documented saves.
 
 Per-token terms use ``sp`` (tp under sequence parallelism, else 1): the residual stream is
 ``[T / sp, H]`` and megatron's TP linears keep their SP-local input; attention tensors are

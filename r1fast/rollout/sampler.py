@@ -8,8 +8,8 @@
   rows leave the batch, and tokens / log-probs come back to the host once; it can record each
   token's MoE routing for replay (R3).
 * **shared positions** (this module), for any decoder with ``reset(batch, max_len)`` and
-  ``step(tokens[B, n], offset) -> logits [B, n, V]`` (prefix recomputation, test doubles): the way Megatron's text generation does it. The batch prefills the
-  shortest prompt length together, then advances one position at a time for all rows; a row
+  ``step(tokens[B, n], offset) -> logits [B, n, V]`` (prefix recomputation, test doubles):
+  the way Megatron's text generation does it. The batch prefills the shortest prompt length together, then advances one position at a time for all rows; a row
   whose prompt is longer keeps being fed its own prompt token (the sample is discarded) until
   its prompt ends. All rows share positions, so no attention mask or padding enters the cache.
 

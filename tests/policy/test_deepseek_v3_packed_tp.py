@@ -82,7 +82,8 @@ def test_packed_mla_at_tp2_equals_one_rank_alone(tmp_path):
     rows, _, targets, cu = _rows()
     n = float((targets != -100).sum())
     alone_lp = torch.cat([policy.logprobs(t, y) for t, y in rows], 1)
-    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows], summed_logprob_loss(policy, n))
+    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows],
+                            summed_logprob_loss(policy, n))
     alone = gather_hf_state_dict(policy, grads=True)
     destroy_parallel()
     run_ranks(2, _tp2_worker, ckpt, out)

@@ -147,7 +147,8 @@ def _alone_run(policy, vocab):
     rows, _, targets, _ = _rows(vocab)
     n = float((targets != -100).sum())
     lp = torch.cat([policy.logprobs(t, y) for t, y in rows], 1)
-    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows], summed_logprob_loss(policy, n))
+    policy.forward_backward([{"tokens": t, "targets": y} for t, y in rows],
+                            summed_logprob_loss(policy, n))
     grads = gather_hf_state_dict(policy, grads=True)
     return lp, {k: v.clone() for k, v in grads.items()}
 

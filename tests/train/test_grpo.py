@@ -133,7 +133,7 @@ def test_parallel_steps_equal_one_rank(tmp_path, world, layout, packed):
     four = _run(world, tmp_path / "many", [*extra, *layout])
     for a, b in zip(one, four):
         assert a["reward_std"] > 0  # the policy gradient is not trivially zero
-        if packed and world == 4:  # DP2: rows were balanced over the DP ranks (r1fast.train.balance)
+        if packed and world == 4:  # DP2: rows balanced over the DP ranks (r1fast.train.balance)
             assert b["dp_token_imbalance_after"] <= b["dp_token_imbalance_before"], b
         for key in ("reward_mean", "response_length", "loss", "grad_norm", "kl", "entropy",
                     "clip_frac", "logp_mismatch"):
