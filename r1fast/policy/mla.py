@@ -120,7 +120,8 @@ class MLACoreAttention(torch.nn.Module):
                 from r1fast.policy.packed_attention import segment_attention
 
                 out = segment_attention(query, key, value, packed_seq_params.cu_seqlens_q,
-                                        self.softmax_scale)  # [t, n, dv]
+                                        self.softmax_scale,
+                                        plan=getattr(packed_seq_params, "plan", None))
                 return out.reshape(out.shape[0], 1, -1)
             query, key, value = query[:, None], key[:, None], value[:, None]
         sq, b, n, _ = query.shape
@@ -220,11 +221,10 @@ def mla_packed_params(position_ids: Optional[torch.Tensor], length: int):
         raise ValueError("position_ids: attention='mla' takes positions 0..L-1 per row, or one "
                          "row of packed sequences (0, 1, ... restarting at 0 at each sequence, "
                          "r1fast.policy.packed); right-pad rows instead of left-padding")
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from r1fast.policy.packed_attention import thd_params
 
-    cu = torch.cat([idx[starts], idx.new_tensor([length])]).to(torch.int32)  # [S+1]
-    longest = int(cu.diff().max())
+    cu = torch.cat([idx[starts], idx.new_tensor([length])])  # [S+1]
     # megatron ropes each sequence at 0..len-1 from a table of max_seqlen rows (a table as long
-    # as the whole row would switch it to row offsets, which a single sequence never needs)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    # as the whole row would switch it to row offsets, which a single sequence never needs);
+    # the segment plan rides along, so the core attention of every layer reuses it
+    return thd_params(cu, length)
