@@ -107,7 +107,9 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, m_ptr, s_ptr, sz_ptr, zy_ptr,
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     # local target id; targets of other shards / ignore_index fall outside [0, V) and never match
-    y = tl.load(y_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64) - vocab_start  # [BT]
+    # int32: the [BT, BV] comparison with the column ids below costs half the registers of int64
+    y = (tl.load(y_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64) - vocab_start) \
+        .to(tl.int32)  # [BT]
 
     blocks_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), NUM_SPLITS)
     v_begin = split * blocks_per_split * BLOCK_V
@@ -190,7 +192,13 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, st
         + offs_k[None, :].to(tl.int64) * stride_ak  # [BM, BK]
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk \
         + offs_n[None, :].to(tl.int64) * stride_bn  # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Accumulating GEMMs start from C: adding C after the loop would hold a second
+    # [BM, BN] fp32 tile in registers at the epilogue, and the 128x256 tiles spill then.
+    if ACCUMULATE:
+        c_in = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+        acc = tl.load(c_in, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -202,10 +210,7 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, st
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-    mask_c = mask_m[:, None] & mask_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -216,13 +221,13 @@ def _cfg(names, values, warps, stages):
 
 _TILE = ("BLOCK_T", "BLOCK_V", "BLOCK_H")
 _MM = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-# Hopper, 16-bit inputs (wgmma): 128-row tiles over 8 warps, K=64 steps, 3-4 stages. Chosen from
-# an sm_90a ahead-of-time compile: these use <= 255 registers with (almost) no spills.
+# Hopper, 16-bit inputs (wgmma): 128-row tiles over 8 warps, K=64 steps, 3-4 stages. Every config
+# here compiles without spills inside a loop (bench/kernel_resources.py, sm_90, Triton 3.6); a
+# 128x256 tile does not fit: the forward then spilled 134 times in its vocabulary loop.
 _TILE_CONFIGS_16 = [
     _cfg(_TILE, (128, 128, 64), 8, 3),
     _cfg(_TILE, (128, 128, 64), 8, 4),
     _cfg(_TILE, (64, 256, 64), 8, 3),
-    _cfg(_TILE, (128, 256, 64), 8, 3),
     _cfg(_TILE, (128, 64, 64), 4, 4),
     _cfg(_TILE, (64, 128, 64), 4, 4),
 ]
@@ -232,9 +237,10 @@ _MM_CONFIGS_16 = [
     _cfg(_MM, (128, 128, 64), 8, 4),
     _cfg(_MM, (64, 128, 64), 4, 4),
 ]
-# fp32 inputs take the exact FMA path (no TF32): smaller tiles, or the accumulators spill.
+# fp32 inputs take the exact FMA path (no TF32): smaller tiles, or the accumulators spill
+# (64x64 with K=32 steps spilled in the forward's loop on 4 warps; K=16 steps do not).
 _TILE_CONFIGS_32 = [
-    _cfg(_TILE, (64, 64, 32), 4, 3),
+    _cfg(_TILE, (64, 64, 16), 4, 3),
     _cfg(_TILE, (64, 128, 32), 8, 3),
     _cfg(_TILE, (128, 64, 32), 8, 3),
 ]
