@@ -30,10 +30,13 @@ for about 8 minutes):
              the ragged KV cache), each its own stage; its JSON rows (time, TFLOP/s or GB/s,
              fraction of the floor, peak extra memory, error vs fp64, clocks, autotune choice)
              are copied into ``results.jsonl``.
+``resources``  last: ``bench/kernel_resources.py``, the registers, spills, shared memory and
+             instruction mix of each Triton kernel and autotune config, compiled for sm_90
+             (needs no GPU), one ``{"kind": "resources", ...}`` row per compiled kernel.
 
 Files written into RESULTS (at most five, flat, so the device tool returns all of them):
 
-``results.jsonl``  one JSON object per line: ``{"kind": "env"|"stage"|"bench", ...}``; every
+``results.jsonl``  one JSON object per line: ``{"kind": "env"|"stage"|"bench"|"resources", ...}``; every
                    stage row has ``stage``, ``status`` (ok / failed / timeout / skipped),
                    ``seconds``, ``limit_s``, ``detail``, and the run's device/commit/versions.
 ``summary.md``     a markdown summary, rewritten after every stage.
@@ -82,16 +85,16 @@ from gpu_check_report import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = ("env", "install", "build", "tests", "bench")
+STAGES = ("env", "install", "build", "tests", "bench", "resources")
 BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "rollout")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 150, "bench_linear_logprob": 90,
           "bench_grpo_loss": 60, "bench_moe_route": 45, "bench_moe_permute": 45, "bench_step": 60,
-          "bench_rollout": 120}
+          "bench_rollout": 120, "resources": 90}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
-              "bench_step": 120, "bench_rollout": 90}
+              "bench_step": 120, "bench_rollout": 90, "resources": 90}
 
 GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
@@ -124,6 +127,12 @@ DRY_BENCH_ARGS = {
     "rollout": ["--rows", "4", "--max-new", "8", "--prompt-range", "4", "12", "--hidden", "32",
                 "--vocab", "256", "--reps", "1"],
 }
+
+# bench/kernel_resources.py compiles for sm_90 without running anything (no GPU needed): the
+# kernels at their real shapes on a GPU machine, one small kernel in dry mode (the same code
+# path; the full report takes about 90 s on two CPU cores).
+RESOURCE_WORKLOADS = ["linear_logprob_bf16", "grpo_loss", "moe_route", "moe_permute"]
+DRY_RESOURCE_WORKLOADS = ["group_advantages"]
 
 RESULT_FILES = ("results.jsonl", "summary.md", "gpu_check.log", "junit.xml")
 
@@ -435,6 +444,31 @@ class Runner:
         detail = f"{n} rows" + ("" if status == "ok" else f"; {_last_line(out)}")
         self.record(stage, status, secs, limit, detail, rows=n)
 
+    def stage_resources(self) -> None:
+        stage = "resources"
+        if self.out_of_time(stage):
+            return
+        limit = self.limit_for(stage)
+        out_dir = self.tmp / stage
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.env["R1FAST_BENCH_RESULTS"] = str(out_dir)
+        workloads = DRY_RESOURCE_WORKLOADS if self.dry else RESOURCE_WORKLOADS
+        script = ROOT / "bench" / "kernel_resources.py"
+        status, rc, out, secs = self.run(
+            stage, [sys.executable, str(script), "--workloads", *workloads], limit)
+        rows = []
+        for path in sorted(out_dir.glob("kernel_resources_*.json")):
+            try:
+                rows += json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+        for row in rows:
+            self.rec.add({"kind": "resources", **row})
+        spilling = sum(1 for r in rows if r.get("spills_in_loops"))
+        detail = (f"{len(rows)} kernels, {spilling} with spills inside a loop"
+                  + ("" if status == "ok" else f"; {_last_line(out)}"))
+        self.record(stage, status, secs, limit, detail, rows=len(rows))
+
     def _cuda(self) -> bool:
         return bool(self.rec.base.get("cuda_available"))
 
@@ -502,6 +536,8 @@ def main(argv=None) -> int:
         if "bench" in only:
             for name in benches:
                 runner.stage_bench(name)
+        if "resources" in only:
+            runner.stage_resources()
     finally:
         rec.summary(finished=True)
         shutil.rmtree(runner.tmp, ignore_errors=True)

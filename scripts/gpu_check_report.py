@@ -106,5 +106,23 @@ def render_summary(rows: list[dict], dry: bool, finished: bool, elapsed: float) 
         if tuned:
             lines += ["", "Autotune choices:", ""] + [f"- {k}: {_fmt(v)}" for k, v in
                                                       sorted(tuned.items())]
+    lines += _resource_lines([r for r in rows if r.get("kind") == "resources"])
     lines.append("")
     return "\n".join(lines)
+
+
+def _resource_lines(rows: list[dict]) -> list[str]:
+    """The compiler's report per kernel and config (bench/kernel_resources.py)."""
+    if not rows:
+        return []
+    lines = ["", f"## Kernel resources ({rows[0].get('arch')}, Triton {rows[0].get('triton')})",
+             "", "| workload | kernel | meta-parameters | warps x stages | regs | stack B | "
+             "smem KiB | HGMMA | LDGSTS | spill instr. in loops |",
+             "| --- |" + " --- |" * 9]
+    for r in rows:
+        meta = {k: v for k, v in (r.get("constexprs") or {}).items() if k.startswith("BLOCK")}
+        lines.append(f"| {r.get('workload')} | {r.get('kernel')} | {_fmt(meta)} | "
+                     f"{r.get('num_warps')}x{r.get('num_stages')} | {r.get('regs')} | "
+                     f"{r.get('stack_bytes')} | {(r.get('shared_bytes') or 0) / 1024:.0f} | "
+                     f"{r.get('hgmma')} | {r.get('ldgsts')} | {r.get('spills_in_loops')} |")
+    return lines

@@ -41,7 +41,8 @@ def test_dry_run_writes_every_result_file(tmp_path):
     env = [r for r in rows if r["kind"] == "env"]
     assert len(env) == 1 and env[0]["dry"] is True and env[0]["git_commit"]
     stages = {r["stage"]: r for r in rows if r["kind"] == "stage"}
-    assert list(stages) == ["env", "install", "build", "tests", "bench_linear_logprob"]
+    assert list(stages) == ["env", "install", "build", "tests", "bench_linear_logprob",
+                            "resources"]
     assert all(r["status"] in ("ok", "skipped") for r in stages.values()), stages
     assert "CPU-only" in stages["build"]["detail"] or "CUDA" in stages["build"]["detail"]
     assert stages["tests"]["tests"] > 0 and stages["tests"]["failures"] == 0
@@ -55,6 +56,10 @@ def test_dry_run_writes_every_result_file(tmp_path):
     for name in stages:
         assert f"| {name} |" in summary
     assert "## Benchmarks" in summary and "r1fast triton" in summary
+    # the compiler's report runs for real (sm_90 cubins) even without a GPU
+    res = [r for r in rows if r["kind"] == "resources"]
+    assert res and all(r["regs"] > 0 and r["arch"] == "sm_90" for r in res), res
+    assert "## Kernel resources (sm_90" in summary
 
 
 def test_a_stage_past_its_limit_is_recorded_and_the_files_stay(tmp_path):
