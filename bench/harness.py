@@ -356,12 +356,14 @@ def print_table(rows: Sequence[dict], extra: Sequence[str] = ()) -> None:
         print(" | ".join(cells))
 
 
-def save_rows(rows: Sequence[dict], name: str, out_dir: Path | None = None) -> Path:
+def save_rows(rows: Sequence[dict], name: str, out_dir: Path | None = None, *,
+              with_autotune: bool = True) -> Path:
     """Write rows to ``<out_dir>/<name>.json`` atomically (default: ``$R1FAST_BENCH_RESULTS``,
-    else ``bench/results/``); returns the path. Rows get the autotune choices made by now."""
+    else ``bench/results/``); returns the path. Rows get the autotune choices made by now,
+    unless ``with_autotune`` is False (a process whose autotuner timed nothing real)."""
     env_dir = os.environ.get("R1FAST_BENCH_RESULTS")
     out_dir = out_dir or (Path(env_dir) if env_dir else RESULTS_DIR)
-    tuned = autotune_choices()
+    tuned = autotune_choices() if with_autotune else {}
     if tuned:
         rows = [{**r, "autotune": tuned} for r in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
