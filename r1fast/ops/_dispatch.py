@@ -56,6 +56,13 @@ def debug_checks(validate: bool | None = None) -> bool:
     return os.environ.get("R1FAST_DEBUG_CHECKS", "0").strip().lower() in ("1", "true", "yes")
 
 
+def value_checks(device: torch.device) -> bool:
+    """Whether an op reads tensor values to validate them: always for CPU tensors (no device to
+    wait for), on an accelerator only under ``R1FAST_DEBUG_CHECKS=1`` (each read is a host sync
+    on the hot path), never while compiling."""
+    return not torch.compiler.is_compiling() and (device.type == "cpu" or debug_checks())
+
+
 def triton_missing(device: torch.device) -> str | None:
     """Why Triton cannot run on ``device``, or None when it can."""
     if not triton_importable():

@@ -45,7 +45,7 @@ from typing import Literal, Optional
 
 import torch
 
-from r1fast.ops._dispatch import debug_checks, resolve_impl
+from r1fast.ops._dispatch import resolve_impl, value_checks
 from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_range, check_tensor
 
 LOSSES = ("ppo", "gspo", "cispo")
@@ -136,7 +136,7 @@ class _Layout:
 
 def _check_cu_seqlens(cu_seqlens, n: int, dev) -> tuple[int, int | None]:
     """(B, L_max or None) of a packed layout's ``cu_seqlens``; its values are checked (one
-    sync) where :func:`_value_checks` allows, and L_max is known only then."""
+    sync) where :func:`r1fast.ops._dispatch.value_checks` allows, and L_max is known only then."""
     if cu_seqlens is None:
         raise ValueError(f"cu_seqlens [B+1] is required for packed 1-D inputs (logp of shape "
                          f"[{n}]); pass padded [B, L] tensors otherwise")
@@ -144,7 +144,7 @@ def _check_cu_seqlens(cu_seqlens, n: int, dev) -> tuple[int, int | None]:
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have B+1 >= 1 entries, got 0")
     num_seqs = cu_seqlens.numel() - 1
-    if not _value_checks(dev):
+    if not value_checks(dev):
         return num_seqs, None
     lens = cu_seqlens.diff().long()  # [B]
     first, last, decreasing, length = torch.stack([
@@ -201,7 +201,7 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
         else:
             _check_number("global_normalizer", global_normalizer)
             check_range("global_normalizer", global_normalizer, 0.0, lo_open=True)
-    if _value_checks(dev) and (mask.is_floating_point() or tensor_norm):
+    if value_checks(dev) and (mask.is_floating_point() or tensor_norm):
         # value checks that need the data, in one host sync: a float mask is a weight (>= 0,
         # finite); a tensor normaliser must be finite and > 0 like a number one
         zero = torch.zeros((), dtype=torch.float64, device=dev)
@@ -221,13 +221,6 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
     if max_len is None:
         max_len = length if length is not None else 0
     return _Layout(padded, num_seqs, max_len, adv_per_token, cu_seqlens)
-
-
-def _value_checks(device: torch.device) -> bool:
-    """Whether ``_validate`` reads tensor values: always for CPU tensors (no device to wait
-    for), on an accelerator only under ``R1FAST_DEBUG_CHECKS=1`` (each read is a host sync on
-    the hot path), never while compiling."""
-    return not torch.compiler.is_compiling() and (device.type == "cpu" or debug_checks())
 
 
 def loss_denominator(agg: str, *, num_tokens, num_seqs: int, max_len: int):

@@ -178,6 +178,39 @@ def test_padded_policy_loss_triton_does_not_sync(mask_dtype, monkeypatch, no_deb
 
 
 @needs_triton
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_packed_policy_loss_triton_does_not_sync_on_an_accelerator(mask_dtype, monkeypatch,
+                                                                  no_debug):
+    """Packed inputs, a float mask and a tensor normaliser: their value checks (cu_seqlens
+    from 0 to N and non-decreasing, L_max, mask finite and >= 0, normaliser > 0) read the
+    device, so on an accelerator they run only under R1FAST_DEBUG_CHECKS. The CPU always runs
+    them (nothing waits there), so the accelerator's rule is put in place here."""
+    # the module, not the function r1fast.ops re-exports under the same name
+    policy_loss_module = sys.modules[policy_loss.__module__]
+    monkeypatch.setattr(policy_loss_module, "value_checks", lambda device: False)
+    g = torch.Generator().manual_seed(3)
+    logp = (-torch.rand(9, generator=g)).to(DEVICE).requires_grad_()
+    old = logp.detach() + 0.05
+    adv = torch.tensor([1.0, -1.0, 0.5], device=DEVICE)
+    mask = torch.ones(9, device=DEVICE, dtype=mask_dtype)
+    cu = torch.tensor([0, 2, 6, 9], device=DEVICE, dtype=torch.int32)
+    norm = torch.tensor([7.0], device=DEVICE)
+
+    def step():
+        for agg, kw in (("token-mean", {}), ("seq-mean-token-mean", {}),
+                        ("seq-mean-token-sum-norm", {"max_len": 4}),
+                        ("token-mean", {"global_normalizer": norm})):
+            loss, _ = policy_loss(logp, old, adv, mask, PolicyLossConfig(agg=agg),
+                                  cu_seqlens=cu, impl="triton", **kw)
+            loss.backward()
+
+    step()
+    with SyncRecorder(monkeypatch) as rec:
+        step()
+    assert rec.calls == []
+
+
+@needs_triton
 def test_padded_fused_linear_policy_loss_triton_does_not_sync(monkeypatch, no_debug):
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(2, 3, 8, generator=g).to(DEVICE).requires_grad_()
