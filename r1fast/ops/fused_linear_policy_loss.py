@@ -14,6 +14,12 @@ produces the gradients of ``hidden`` and ``weight``. The only per-token tensors 
 ``[T]`` fp32 vectors. Positions whose mask is 0 get ``ignore_index`` as target, so padding may
 hold any token id and costs no gradient.
 
+Skipping masked rows: prompt tokens and padding have mask 0, yet their logits would still be
+computed (forward and backward GEMMs are ``T x V x H`` each). ``active_rows`` (the flat indices
+where the mask is nonzero, built on the host with the batch, as the GRPO trainer does) makes
+the LM head run on those rows only. The op does not find them itself: on an accelerator that
+is a ``nonzero`` (a host sync) per call.
+
 Vocabulary parallelism (``tp_group``, Megatron layout): each rank passes its shard of the LM
 head; ``linear_logprob`` merges the softmax statistics across the group, so every rank computes
 the same ``logp`` and the same loss; ``weight`` receives this rank's shard of the gradient and
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from r1fast.ops._dispatch import value_checks
 from r1fast.ops._validate import INDEX_DTYPES, check_tensor
 from r1fast.ops.linear_logprob import linear_logprob
 from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss
@@ -48,6 +55,7 @@ def fused_linear_policy_loss(
     tp_group=None,
     global_normalizer: float | torch.Tensor | None = None,
     return_entropy: bool = False,
+    active_rows: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO policy loss from the last hidden states and the LM head.
@@ -68,6 +76,10 @@ def fused_linear_policy_loss(
             ``policy_loss``).
         return_entropy: also compute the policy entropy; reported as ``metrics["entropy_mean"]``
             (mask-weighted mean over valid tokens; no gradient, it is not part of the loss).
+        active_rows: ``[N]`` int64, the increasing flat indices (into ``targets.reshape(-1)``)
+            where ``mask`` is nonzero, or None. When given, the LM head runs on these rows only;
+            the result is the same. Checked against ``mask`` where value checks run (CPU tensors,
+            or ``R1FAST_DEBUG_CHECKS=1``).
         impl: ``"auto"`` | ``"torch"`` | ``"triton"``, used for both the log-prob and the loss.
 
     Returns:
@@ -90,9 +102,18 @@ def fused_linear_policy_loss(
 
     flat_targets = torch.where(mask.reshape(-1) != 0, targets.reshape(-1),
                                torch.full_like(targets.reshape(-1), _IGNORE))  # [T]
-    out = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets,
-                         temperature, return_entropy, _IGNORE, tp_group=tp_group, impl=impl)
-    logp, entropy = out if return_entropy else (out, None)  # [T] fp32
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+    if active_rows is not None:
+        _check_active_rows(active_rows, mask)
+        flat_hidden = flat_hidden.index_select(0, active_rows)  # [N, H]
+        flat_targets = flat_targets.index_select(0, active_rows)
+    out = linear_logprob(flat_hidden, weight, flat_targets, temperature, return_entropy,
+                         _IGNORE, tp_group=tp_group, impl=impl)
+    logp, entropy = out if return_entropy else (out, None)  # [T] or [N] fp32
+    if active_rows is not None:  # back to every position: 0 where masked (no gradient there)
+        logp = logp.new_zeros(mask.numel()).index_copy(0, active_rows, logp)
+        if entropy is not None:
+            entropy = entropy.new_zeros(mask.numel()).index_copy(0, active_rows, entropy)
     loss, metrics = policy_loss(
         logp.reshape(tok_shape), old_logp, advantages, mask, config, ref_logp=ref_logp,
         global_normalizer=global_normalizer, rollout_logp=rollout_logp, cu_seqlens=cu_seqlens,
@@ -105,3 +126,15 @@ def fused_linear_policy_loss(
                 n > 0, (m * entropy).sum() / torch.where(n > 0, n, torch.ones_like(n)),
                 torch.zeros_like(n)).to(torch.float32)
     return loss, metrics
+
+
+def _check_active_rows(active_rows: torch.Tensor, mask: torch.Tensor) -> None:
+    """Shape, dtype and device always; the values (exactly the nonzero positions of ``mask``,
+    increasing) where value checks run, since reading them waits for the device."""
+    check_tensor("active_rows", active_rows, ndim=1, dtypes=INDEX_DTYPES, device=mask.device)
+    if not value_checks(mask.device):
+        return
+    want = mask.reshape(-1).nonzero().squeeze(1)
+    if not torch.equal(active_rows.long(), want):
+        raise ValueError(f"active_rows must be the {want.numel()} increasing flat indices where "
+                         f"mask is nonzero, got {active_rows.numel()} indices that differ")

@@ -417,7 +417,10 @@ class GRPOTrainer:
             args = (hidden, weight, t["targets"], t["old"], mb["adv"].to(dev), t["mask"],
                     t["ref"], cfg)
             if fused:
-                return ops.fused_linear_policy_loss(*args, **kw)
+                # prompt and padding positions skip the LM head; the micro-batch is still on
+                # the host here, so finding them waits for no device
+                rows = mb["mask"].reshape(-1).nonzero().squeeze(1).to(dev)
+                return ops.fused_linear_policy_loss(*args, active_rows=rows, **kw)
             return _unfused_policy_loss(*args, **kw)
 
         return loss_fn

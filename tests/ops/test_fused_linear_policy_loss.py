@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -155,6 +156,51 @@ def test_low_precision_hidden(device):
     want = reference_fp64(inp, CONFIGS[0])  # fp64 of the same bf16 values
     torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[2].double(), want[2], atol=2e-2, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------- active rows
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_active_rows_skip_masked_rows_with_the_same_result(impl, packed, device, monkeypatch):
+    """Only the N rows with a nonzero mask reach the LM head; loss, metrics (entropy too) and
+    both gradients are those of the full computation, and masked rows get no gradient."""
+    flpl = sys.modules[fused_linear_policy_loss.__module__]  # r1fast.ops re-exports the name
+    _skip_if_no_triton(impl, device)
+    inp = make_inputs(3, 5, 16, 37, seed=5, device=device)
+    kw = {}
+    if packed:
+        inp = {k: (v.reshape(-1, *v.shape[2:]) if v.dim() >= 2 and v.shape[:2] == (3, 5) else v)
+               for k, v in inp.items()}
+        kw["cu_seqlens"] = torch.tensor([0, 5, 10, 15], device=device)
+    config = CONFIGS[0]
+    want = run_fused(inp, config, impl, return_entropy=True, **kw)
+    rows_seen = []
+    real = flpl.linear_logprob
+    monkeypatch.setattr(flpl, "linear_logprob",
+                        lambda h, *a, **k: rows_seen.append(h.shape[0]) or real(h, *a, **k))
+    rows = inp["mask"].reshape(-1).nonzero().squeeze(1)
+    got = run_fused(inp, config, impl, return_entropy=True, active_rows=rows, **kw)
+    assert rows_seen == [rows.numel()] and 0 < rows.numel() < 15
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-6)
+    for k in want[3]:
+        torch.testing.assert_close(got[3][k], want[3][k], atol=1e-6, rtol=1e-6)
+    masked = ~inp["mask"].reshape(-1)
+    assert got[1][masked].abs().max() == 0
+
+
+def test_active_rows_that_are_not_the_mask_are_refused(device):
+    inp = make_inputs(2, 3, 8, 11, device=device)
+    args = (inp["hidden"], inp["weight"], inp["targets"], inp["old"], inp["adv"], inp["mask"])
+    rows = inp["mask"].reshape(-1).nonzero().squeeze(1)
+    with pytest.raises(ValueError, match="active_rows must be the .* increasing flat indices"):
+        fused_linear_policy_loss(*args, active_rows=rows[:-1])
+    with pytest.raises(ValueError, match="active_rows must be the .* increasing flat indices"):
+        fused_linear_policy_loss(*args, active_rows=rows.flip(0))
+    with pytest.raises(ValueError, match="active_rows must have dtype in"):
+        fused_linear_policy_loss(*args, active_rows=rows.float())
 
 
 # ----------------------------------------------------------------------------- bad input
