@@ -30,6 +30,10 @@ for about 8 minutes):
              the ragged KV cache), each its own stage; its JSON rows (time, TFLOP/s or GB/s,
              fraction of the floor, peak extra memory, error vs fp64, clocks, autotune choice)
              are copied into ``results.jsonl``.
+``sanitizer``  ``scripts/sanitize_ops.py`` (every op once, forward and backward, small odd
+             shapes, Triton and CUDA paths) under ``compute-sanitizer --tool memcheck`` and
+             ``--tool racecheck``; recorded as skipped, with the reason, where there is no
+             ``compute-sanitizer``; in dry mode the ops run once without it.
 ``resources``  last: ``bench/kernel_resources.py``, the registers, spills, shared memory and
              instruction mix of each Triton kernel and autotune config, compiled for sm_90
              (needs no GPU), one ``{"kind": "resources", ...}`` row per compiled kernel.
@@ -85,16 +89,16 @@ from gpu_check_report import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = ("env", "install", "build", "tests", "bench", "resources")
+STAGES = ("env", "install", "build", "tests", "bench", "sanitizer", "resources")
 BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "rollout")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 180, "bench_linear_logprob": 90,
           "bench_grpo_loss": 60, "bench_moe_route": 45, "bench_moe_permute": 45, "bench_step": 60,
-          "bench_rollout": 120, "resources": 90}
+          "bench_rollout": 120, "sanitizer": 150, "resources": 90}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
-              "bench_step": 120, "bench_rollout": 90, "resources": 90}
+              "bench_step": 120, "bench_rollout": 90, "sanitizer": 90, "resources": 90}
 
 GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
@@ -444,6 +448,37 @@ class Runner:
         detail = f"{n} rows" + ("" if status == "ok" else f"; {_last_line(out)}")
         self.record(stage, status, secs, limit, detail, rows=n)
 
+    def stage_sanitizer(self) -> None:
+        stage = "sanitizer"
+        if self.out_of_time(stage):
+            return
+        limit = self.limit_for(stage)
+        script = [sys.executable, str(ROOT / "scripts" / "sanitize_ops.py")]
+        sanitizer = shutil.which("compute-sanitizer") or next(
+            (str(p) for p in (Path("/usr/local/cuda/bin/compute-sanitizer"),) if p.exists()), None)
+        if self.dry or sanitizer is None:
+            status, rc, out, secs = self.run(stage, script, limit)
+            why = "dry mode" if self.dry else "no compute-sanitizer on PATH or in /usr/local/cuda"
+            ran = out.count("SANITIZE_OK")
+            # the ops ran, the sanitizer did not: never reported as a sanitizer pass
+            self.record(stage, "skipped" if status == "ok" else status, secs, limit,
+                        f"{why}: {ran} op runs without compute-sanitizer"
+                        + ("" if status == "ok" else f"; {_last_line(out)}"))
+            return
+        results, t_all = {}, 0.0
+        for tool in ("memcheck", "racecheck"):
+            cmd = [sanitizer, "--tool", tool, "--error-exitcode", "3", "--print-limit", "20",
+                   *script]
+            status, rc, out, secs = self.run(f"{stage}_{tool}", cmd, limit / 2)
+            t_all += secs
+            errors = re.search(r"ERROR SUMMARY: (\d+) error", out)
+            results[tool] = {"status": status, "rc": rc, "op_runs": out.count("SANITIZE_OK"),
+                             "errors": int(errors.group(1)) if errors else None}
+        ok = all(r["status"] == "ok" and r["errors"] == 0 for r in results.values())
+        detail = "; ".join(f"{t}: {r['op_runs']} op runs, {r['errors']} errors ({r['status']})"
+                           for t, r in results.items())
+        self.record(stage, "ok" if ok else "failed", t_all, limit, detail, sanitizer=results)
+
     def stage_resources(self) -> None:
         stage = "resources"
         if self.out_of_time(stage):
@@ -536,6 +571,8 @@ def main(argv=None) -> int:
         if "bench" in only:
             for name in benches:
                 runner.stage_bench(name)
+        if "sanitizer" in only:
+            runner.stage_sanitizer()
         if "resources" in only:
             runner.stage_resources()
     finally:

@@ -42,7 +42,10 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert len(env) == 1 and env[0]["dry"] is True and env[0]["git_commit"]
     stages = {r["stage"]: r for r in rows if r["kind"] == "stage"}
     assert list(stages) == ["env", "install", "build", "tests", "bench_linear_logprob",
-                            "resources"]
+                            "sanitizer", "resources"]
+    # no sanitizer here: the ops ran without it, and that is not reported as a pass
+    assert stages["sanitizer"]["status"] == "skipped"
+    assert "5 op runs without compute-sanitizer" in stages["sanitizer"]["detail"]
     assert all(r["status"] in ("ok", "skipped") for r in stages.values()), stages
     assert "CPU-only" in stages["build"]["detail"] or "CUDA" in stages["build"]["detail"]
     assert stages["tests"]["tests"] > 0 and stages["tests"]["failures"] == 0
