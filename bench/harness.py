@@ -45,6 +45,9 @@ class Provider:
     fn: Callable[..., Any]
     #: returns why this provider cannot run here (shown in the table), or None
     missing: Callable[[], str | None] = lambda: None
+    #: another project's implementation: if it raises, its row records the error and the
+    #: benchmark goes on (an r1fast provider that raises stops the run)
+    peer: bool = False
 
 
 # ----------------------------------------------------------------------------- environment
@@ -230,11 +233,36 @@ def _backward_loss(out: Any, weights: dict[int, torch.Tensor]) -> torch.Tensor:
         if i not in weights:
             g = torch.Generator(device="cpu").manual_seed(1234 + i)
             weights[i] = torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device)
-        term = (t.float() * weights[i]).sum()
+        # fp32 for 16-bit outputs, fp64 stays fp64 (the reference's gradients)
+        term = (t.to(torch.promote_types(t.dtype, torch.float32)) * weights[i]).sum()
         total = term if total is None else total + term
     if total is None:
         raise RuntimeError("provider output has nothing to differentiate")
     return total
+
+
+def reference_grads(fn: Callable[..., Any], inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """fp64 gradients of ``fn`` for every input that requires grad, under the same fixed
+    upstream gradients the timed providers get: what ``run_case(grad_reference=...)`` compares
+    their gradients with. ``fn`` must accept fp64 copies of those inputs."""
+    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()
+              if isinstance(v, torch.Tensor) and v.requires_grad}
+    _backward_loss(fn(**{**inputs, **leaves}), {}).backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def _grad_errors(leaves: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict:
+    """max |grad - fp64 grad| / max |fp64 grad| per input (a relative error of the largest
+    entries, the same yardstick for every provider)."""
+    out = {}
+    for k, ref in want.items():
+        got = leaves[k].grad
+        if got is None:
+            out[k] = None
+            continue
+        scale = ref.abs().max().item() or 1.0
+        out[k] = (got.double() - ref.to(got.device)).abs().max().item() / scale
+    return out
 
 
 def _mode_functions(p: "Provider", inputs: dict[str, Any], grad_leaves: list[torch.Tensor],
@@ -263,6 +291,26 @@ def _mode_functions(p: "Provider", inputs: dict[str, Any], grad_leaves: list[tor
                          "full": (full, clear_grads), "backward": (backward, backward_setup)}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Case:
+    """What every provider of one :func:`run_case` call shares."""
+
+    op: str
+    shape: dict
+    inputs: dict[str, Any]
+    named_leaves: dict[str, torch.Tensor]
+    device: torch.device
+    modes: tuple[str, ...]
+    reference: torch.Tensor | None
+    grad_reference: dict[str, torch.Tensor] | None
+    flops: dict[str, float] | None
+    bytes_moved: dict[str, float] | None
+    warmup: int
+    reps: int
+    measure_memory: bool
+    env: dict
+
+
 def run_case(
     op: str,
     shape: dict,
@@ -271,6 +319,7 @@ def run_case(
     *,
     modes: Iterable[str] = MODES,
     reference: torch.Tensor | None = None,
+    grad_reference: dict[str, torch.Tensor] | None = None,
     flops: dict[str, float] | None = None,
     bytes_moved: dict[str, float] | None = None,
     warmup: int = 2,
@@ -279,52 +328,77 @@ def run_case(
 ) -> list[dict]:
     """Benchmark every provider in every mode on the same ``inputs``; return one row each.
 
-    ``reference`` is the fp64 answer the first output is compared with. ``flops`` /
-    ``bytes_moved`` per mode turn times into TFLOP/s and GB/s.
+    ``reference`` is the fp64 answer the first output is compared with; ``grad_reference``
+    (from :func:`reference_grads`) the fp64 gradients that each provider's gradients after a
+    ``full`` run are compared with (``max_grad_rel_err``). ``flops`` / ``bytes_moved`` per
+    mode turn times into TFLOP/s and GB/s. A peer provider (``Provider.peer``) that raises
+    gets a row saying so (its API may have moved on); an r1fast provider that raises stops
+    the run.
     """
-    device = next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
-    grad_leaves = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-    env = environment()
+    case = _Case(op, shape, inputs, {k: v for k, v in inputs.items()
+                                     if isinstance(v, torch.Tensor) and v.requires_grad},
+                 next(v.device for v in inputs.values() if isinstance(v, torch.Tensor)),
+                 tuple(modes), reference, grad_reference, flops, bytes_moved, warmup, reps,
+                 measure_memory, environment())
     rows = []
     for p in providers:
         why = p.missing()
         if why is not None:
-            rows.append({"op": op, "provider": p.name, "shape": shape, "skipped": why, **env})
+            rows.append({"op": op, "provider": p.name, "shape": shape, "skipped": why,
+                         **case.env})
             continue
-        weights: dict[int, torch.Tensor] = {}
-        clear_grads, mode_fns = _mode_functions(p, inputs, grad_leaves, weights)
-        err = None
-        if reference is not None:
-            with torch.no_grad():
-                first = _tensors(p.fn(**inputs))[0]
-            err = (first.double() - reference.double().to(first.device)).abs().max().item()
-        for mode in modes:
-            if mode != "forward" and not grad_leaves:
-                continue
-            fn, setup = mode_fns[mode]
-            try:
-                ms = time_ms(fn, device, warmup=warmup, reps=reps, setup=setup)
-                if measure_memory:
-                    if setup:
-                        setup()
-                    mem = peak_extra_bytes(fn, device)
-                else:
-                    mem = None
-            except torch.OutOfMemoryError as e:  # a provider that cannot fit is a result too
-                rows.append({"op": op, "provider": p.name, "mode": mode, "shape": shape,
-                             "skipped": f"out of memory: {str(e).splitlines()[0]}", **env})
-                continue
-            row = {"op": op, "provider": p.name, "mode": mode, "shape": shape, "ms": ms,
-                   "peak_extra_mib": None if mem is None else mem / 2**20,
-                   "max_abs_err": err, **env,
-                   "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            if flops and mode in flops:
-                row["tflops"] = flops[mode] / (ms * 1e-3) / 1e12
-            if bytes_moved and mode in bytes_moved:
-                row["gbps"] = bytes_moved[mode] / (ms * 1e-3) / 1e9
-            rows.append(row)
-            clear_grads()
-        del weights
+        try:
+            rows += _provider_rows(p, case)
+        except Exception as e:  # noqa: BLE001 -- recorded in the row, never swallowed
+            if not p.peer:
+                raise
+            first_line = (str(e).splitlines() or [""])[0][:300]
+            rows.append({"op": op, "provider": p.name, "shape": shape, **case.env,
+                         "skipped": f"the peer failed: {type(e).__name__}: {first_line}"})
+            print(f"{p.name}: the peer failed: {type(e).__name__}: {first_line}",
+                  file=sys.stderr)
+    return rows
+
+
+def _provider_rows(p: Provider, case: _Case) -> list[dict]:
+    """One provider's rows: forward error, then each mode's time, memory and errors."""
+    grad_leaves = list(case.named_leaves.values())
+    weights: dict[int, torch.Tensor] = {}
+    clear_grads, mode_fns = _mode_functions(p, case.inputs, grad_leaves, weights)
+    err = None
+    if case.reference is not None:
+        with torch.no_grad():
+            first = _tensors(p.fn(**case.inputs))[0]
+        err = (first.double() - case.reference.double().to(first.device)).abs().max().item()
+    rows = []
+    base = {"op": case.op, "provider": p.name, "shape": case.shape}
+    for mode in case.modes:
+        if mode != "forward" and not grad_leaves:
+            continue
+        fn, setup = mode_fns[mode]
+        try:
+            ms = time_ms(fn, case.device, warmup=case.warmup, reps=case.reps, setup=setup)
+            mem = None
+            if case.measure_memory:
+                if setup:
+                    setup()
+                mem = peak_extra_bytes(fn, case.device)
+        except torch.OutOfMemoryError as e:  # a provider that cannot fit is a result too
+            rows.append({**base, "mode": mode, **case.env,
+                         "skipped": f"out of memory: {str(e).splitlines()[0]}"})
+            continue
+        row = {**base, "mode": mode, "ms": ms,
+               "peak_extra_mib": None if mem is None else mem / 2**20,
+               "max_abs_err": err, **case.env,
+               "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if case.grad_reference is not None and mode == "full":  # grads of the last full run
+            row["max_grad_rel_err"] = _grad_errors(case.named_leaves, case.grad_reference)
+        if case.flops and mode in case.flops:
+            row["tflops"] = case.flops[mode] / (ms * 1e-3) / 1e12
+        if case.bytes_moved and mode in case.bytes_moved:
+            row["gbps"] = case.bytes_moved[mode] / (ms * 1e-3) / 1e9
+        rows.append(row)
+        clear_grads()
     return rows
 
 
@@ -337,7 +411,7 @@ def _run_no_grad(p: Provider, inputs: dict[str, Any]):
 
 def print_table(rows: Sequence[dict], extra: Sequence[str] = ()) -> None:
     cols = ["provider", "mode", "shape", "ms", "tflops", "gbps", "peak_extra_mib", "max_abs_err",
-            *extra]
+            "max_grad_rel_err", *extra]
     present = [c for c in cols if any(c in r for r in rows)]
     print(" | ".join(present))
     for r in rows:

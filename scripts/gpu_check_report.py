@@ -63,7 +63,8 @@ def _junit_counts(path: Path) -> dict:
 
 
 _BENCH_COLS = ("op", "provider", "mode", "shape", "ms", "tflops", "gbps", "frac_roofline",
-               "frac_copy", "peak_extra_mib", "max_abs_err", "step_s", "tokens_per_s", "skipped")
+               "frac_copy", "peak_extra_mib", "max_abs_err", "max_grad_rel_err", "step_s",
+               "tokens_per_s", "skipped")
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,54 @@
+"""The benchmark harness's own promises (bench/harness.py): gradients are checked against fp64
+under the same upstream gradient every provider gets, and a peer that raises leaves a row that
+says so while an r1fast provider that raises stops the run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from harness import Provider, reference_grads, run_case  # noqa: E402
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(7, 5, generator=g).requires_grad_(),
+            "w": torch.randn(5, 3, generator=g).requires_grad_()}
+
+
+def _f(x, w):
+    return torch.tanh(x @ w)
+
+
+def _wrong_grad(x, w):  # the right value, a wrong gradient for w
+    return torch.tanh(x @ w.detach()) + 0.0 * w.sum()
+
+
+def test_gradients_are_compared_with_fp64():
+    inputs = _inputs()
+    grads = reference_grads(_f, inputs)
+    assert all(g.dtype == torch.float64 for g in grads.values())
+    rows = run_case("f", {}, inputs, [Provider("right", _f), Provider("wrong", _wrong_grad)],
+                    modes=["full"], grad_reference=grads, reps=1, warmup=0,
+                    measure_memory=False)
+    err = {r["provider"]: r["max_grad_rel_err"] for r in rows}
+    assert err["right"]["x"] < 1e-6 and err["right"]["w"] < 1e-6
+    assert err["wrong"]["x"] < 1e-6 and err["wrong"]["w"] == pytest.approx(1.0)
+
+
+def _broken(x, w):
+    raise RuntimeError("an API that moved on\nsecond line")
+
+
+def test_a_failing_peer_is_a_row_and_a_failing_r1fast_provider_stops_the_run():
+    rows = run_case("f", {}, _inputs(), [Provider("peer", _broken, peer=True),
+                                         Provider("ours", _f)],
+                    modes=["forward"], reps=1, warmup=0, measure_memory=False)
+    assert rows[0]["skipped"] == "the peer failed: RuntimeError: an API that moved on"
+    assert rows[1]["provider"] == "ours" and rows[1]["ms"] > 0
+    with pytest.raises(RuntimeError, match="an API that moved on"):
+        run_case("f", {}, _inputs(), [Provider("ours", _broken)], modes=["forward"], reps=1,
+                 warmup=0, measure_memory=False)
