@@ -12,7 +12,11 @@ Two parts, each provider in forward / backward / full (forward + backward) mode:
    saved gradient (fp32): 21 B/token; backward reads it and writes the gradient: 8 B/token.
 2. ``fused_linear_policy_loss``: hidden ``[T, H]`` and LM head ``[V, H]`` in, loss out, versus
    "log-probs + separate loss" done the plain way (full logits, ``log_softmax``, gather, then
-   the torch loss). FLOPs: forward 2THV, full 8THV (the backward recomputes the logits).
+   the torch loss); on Liger's objective (PPO clip + k3 KL, token-mean) versus Liger's
+   ``LigerFusedLinearGRPOLoss``; and ``linear_logprob`` alone on the same inputs, so the loss's
+   overhead over it is a ratio from one run. Every full-mode row carries its gradients' error
+   against fp64 (``max_grad_rel_err``). FLOPs: forward 2THV, full 8THV (the backward
+   recomputes the logits).
 
 CUDA: T in {16384, 262144} for part 1 and T=16384, H=4096, V=151936 bf16 for part 2.
 CPU (default when no GPU): small shapes so the whole run takes well under a minute; the Triton
@@ -31,10 +35,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Provider, print_table, run_case, save_rows  # noqa: E402
+from harness import Provider, print_table, reference_grads, run_case, save_rows  # noqa: E402
 
 from r1fast.ops._dispatch import triton_missing  # noqa: E402
 from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss  # noqa: E402
+from r1fast.ops.linear_logprob import linear_logprob  # noqa: E402
 from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss  # noqa: E402
 
 CONFIG = PolicyLossConfig(loss="ppo", clip_high=0.28, dual_clip=3.0, kl="k3", kl_coef=0.04,
@@ -104,12 +109,57 @@ def bench_loss(tokens: int, device: torch.device, liger_vocab: int) -> list[dict
     lig_inputs = dict(logits=logits, ids=ids, old=inputs["old"], ref=inputs["ref"],
                       adv=inputs["adv"], mask=inputs["mask"])
     rows += run_case("grpo_loss", {**shape, "V": liger_vocab},
-                     lig_inputs, [Provider("liger-triton-grpo (logits)", liger)])
+                     lig_inputs, [Provider("liger-triton-grpo (logits)", liger, peer=True)])
     return rows
+
+
+# Liger's fused linear GRPO loss computes PPO clipping with a k3 KL, token-mean ("bnpo"); this
+# config is the same objective, so its r1fast and Liger rows compare like for like.
+LIGER_CONFIG = PolicyLossConfig(loss="ppo", clip_low=0.2, clip_high=0.28, kl="k3",
+                                kl_coef=0.04, agg="token-mean")
+
+
+def _fused(config: PolicyLossConfig, impl: str):
+    def fn(hidden, weight, targets, old, ref, roll, adv, mask, cu):
+        return fused_linear_policy_loss(
+            hidden, weight, targets, old, adv, mask, ref, config, cu_seqlens=cu,
+            rollout_logp=roll if config.tis_cap is not None else None, impl=impl)[0]
+    return fn
+
+
+def _separate(impl: str):
+    def fn(hidden, weight, targets, old, ref, roll, adv, mask, cu):
+        logits = (hidden @ weight.T).float()  # [T, V] materialised
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+        return policy_loss(logp, old, adv, mask, CONFIG, ref_logp=ref, rollout_logp=roll,
+                           cu_seqlens=cu, impl=impl)[0]
+    return fn
+
+
+def _logprob_alone(impl: str):
+    def fn(hidden, weight, targets, old, ref, roll, adv, mask, cu):
+        return linear_logprob(hidden, weight, targets, impl=impl)
+    return fn
+
+
+def _liger_fused(hidden, weight, targets, old, ref, roll, adv, mask, cu):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    b = adv.numel()
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=LIGER_CONFIG.kl_coef, epsilon_low=LIGER_CONFIG.clip_low,
+        epsilon_high=LIGER_CONFIG.clip_high, loss_type="bnpo", use_ref_model=True)
+    out = loss_fn(hidden.view(b, -1, hidden.shape[-1]), weight, targets.view(b, -1),
+                  mask.view(b, -1).to(hidden.dtype), adv, ref_per_token_logps=ref.view(b, -1),
+                  old_per_token_logps=old.view(b, -1))
+    return out[0] if isinstance(out, tuple) else out  # (loss, metrics) in recent versions
 
 
 def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
                 device: torch.device) -> list[dict]:
+    """Three groups, each against its own fp64 loss and gradients: the full config (fused vs
+    logits + torch loss); Liger's objective (fused vs Liger's fused linear GRPO); linear_logprob
+    alone (the yardstick of the fused loss's overhead, same run)."""
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(tokens, hidden, generator=g)).to(device=device, dtype=dtype)
     w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(device=device, dtype=dtype)
@@ -122,24 +172,25 @@ def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
                   adv=torch.randn(cu.numel() - 1, generator=g).to(device),
                   mask=torch.ones(tokens, dtype=torch.bool, device=device), cu=cu)
     impl = "triton" if device.type == "cuda" else "torch"
-
-    def fused(hidden, weight, targets, old, ref, roll, adv, mask, cu):
-        return fused_linear_policy_loss(hidden, weight, targets, old, adv, mask, ref, CONFIG,
-                                        cu_seqlens=cu, rollout_logp=roll, impl=impl)[0]
-
-    def separate(hidden, weight, targets, old, ref, roll, adv, mask, cu):
-        logits = (hidden @ weight.T).float()  # [T, V] materialised
-        logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
-        return policy_loss(logp, old, adv, mask, CONFIG, ref_logp=ref, rollout_logp=roll,
-                           cu_seqlens=cu, impl=impl)[0]
-
     thv = tokens * hidden * vocab
     shape = {"T": tokens, "H": hidden, "V": vocab, "dtype": str(dtype).replace("torch.", "")}
-    providers = [Provider(f"r1fast-fused ({impl})", fused),
-                 Provider("logits+log_softmax+loss (torch)", separate)]
-    return run_case("fused_linear_policy_loss", shape, inputs, providers,
-                    flops={"forward": 2 * thv, "backward": 6 * thv, "full": 8 * thv},
-                    reps=3 if device.type == "cuda" else 2, warmup=1)
+    flops = {"forward": 2 * thv, "backward": 6 * thv, "full": 8 * thv}
+    reps = 3 if device.type == "cuda" else 2
+    groups = [
+        ("fused_linear_policy_loss", _fused(CONFIG, "torch"),
+         [Provider(f"r1fast-fused ({impl})", _fused(CONFIG, impl)),
+          Provider("logits+log_softmax+loss (torch)", _separate(impl))]),
+        ("fused_linear_policy_loss (liger's objective)", _fused(LIGER_CONFIG, "torch"),
+         [Provider(f"r1fast-fused ({impl})", _fused(LIGER_CONFIG, impl)),
+          Provider("liger fused-linear grpo (bnpo)", _liger_fused, _liger_missing, peer=True)]),
+        ("linear_logprob (the fused loss's yardstick)", _logprob_alone("torch"),
+         [Provider(f"r1fast linear_logprob ({impl})", _logprob_alone(impl))]),
+    ]
+    rows = []
+    for op, reference_fn, providers in groups:
+        rows += run_case(op, shape, inputs, providers, flops=flops, reps=reps, warmup=1,
+                         grad_reference=reference_grads(reference_fn, inputs))
+    return rows
 
 
 def main(argv=None) -> None:

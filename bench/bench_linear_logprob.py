@@ -8,7 +8,13 @@ Providers:
 - ``r1fast triton``: the fused kernels (``impl="triton"``; CUDA only, the interpreter is far too
   slow to time);
 - ``liger flce``: Liger's fused linear cross-entropy with ``reduction="none"`` (logp = -loss),
-  when ``liger_kernel`` is importable and CUDA is present.
+  when ``liger_kernel`` is importable and CUDA is present;
+- ``naive torch.compile``: the naive formula through ``torch.compile`` (CUDA only: inductor's
+  CPU compile takes minutes on a two-core machine).
+
+Errors: ``max_abs_err`` is the forward's max |logp - fp64 logp|; in ``full`` mode
+``max_grad_rel_err`` compares every provider's gradients of hidden and weight (Liger's too)
+with fp64 gradients under the same upstream gradient: max |error| / max |fp64 gradient|.
 
 On CUDA the same run also times the bare GEMMs of the shape with ``torch.matmul`` (forward: one
 ``[T, H] x [H, V]``; backward: ``dX = G W`` and ``dW = G^T X``; full: all three) as the roofline.
@@ -34,6 +40,7 @@ from harness import (  # noqa: E402
     Provider,
     interpreter_timed,
     print_table,
+    reference_grads,
     run_case,
     save_rows,
     time_ms,
@@ -79,11 +86,27 @@ def make_inputs(T, H, V, dtype, device) -> dict:
             "targets": targets.to(device)}
 
 
-def fp64_reference(inputs) -> torch.Tensor:
-    """logp of the same inputs in fp64, streamed by the chunked reference (no [T, V] tensor)."""
+def _reference_logp(hidden, weight, targets):
+    return linear_logprob(hidden, weight, targets, impl="torch")
+
+
+def fp64_reference(inputs, with_grads: bool) -> tuple[torch.Tensor, dict | None]:
+    """logp of the same inputs in fp64, streamed by the chunked reference (no [T, V] tensor),
+    and (``with_grads``) the fp64 gradients of hidden and weight under the harness's upstream
+    gradient."""
     with torch.no_grad():
-        return linear_logprob(inputs["hidden"].double(), inputs["weight"].double(),
-                              inputs["targets"], impl="torch")
+        logp = _reference_logp(inputs["hidden"].double(), inputs["weight"].double(),
+                               inputs["targets"])
+    return logp, (reference_grads(_reference_logp, inputs) if with_grads else None)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_naive(hidden, weight, targets):
+    if "naive" not in _COMPILED:  # compiled at the first (untimed) call
+        _COMPILED["naive"] = torch.compile(naive_linear_logprob)
+    return _COMPILED["naive"](hidden, weight, targets)
 
 
 def _liger_missing(cuda: bool) -> str | None:
@@ -112,7 +135,10 @@ def providers(cuda: bool) -> list[Provider]:
                  linear_logprob(hidden, weight, targets, impl="triton"),
                  missing=lambda: None if cuda or interpreter_timed() else
                  "needs CUDA (the interpreter is not timed)"),
-        Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda)),
+        Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda), peer=True),
+        Provider("naive torch.compile", _compiled_naive,
+                 missing=lambda: None if cuda else "timed on CUDA only (inductor's CPU compile "
+                 "takes minutes on a two-core machine)", peer=True),
     ]
 
 
@@ -147,10 +173,11 @@ def main(argv=None) -> list[dict]:
         print(f"\n== linear_logprob T={T} H={H} V={V} {shape['dtype']} on {device.type}",
               flush=True)
         inputs = make_inputs(T, H, V, dtype, device)
-        reference = fp64_reference(inputs)
+        reference, grads = fp64_reference(inputs, with_grads="full" in args.modes)
         flops = {"forward": 2.0 * T * H * V, "backward": 6.0 * T * H * V, "full": 8.0 * T * H * V}
         rows = run_case("linear_logprob", shape, inputs, providers(cuda), modes=args.modes,
-                        reference=reference, flops=flops, warmup=warmup, reps=reps)
+                        reference=reference, grad_reference=grads, flops=flops, warmup=warmup,
+                        reps=reps)
         if cuda or args.gemm:
             g_rows, g_ms = gemm_rows(inputs, shape, args.modes, device, flops, warmup, reps)
             for r in rows:
@@ -160,10 +187,9 @@ def main(argv=None) -> list[dict]:
         print_table(rows, extra=["frac_roofline"])
         _acceptance(rows)
         all_rows += rows
-        del inputs, reference
-    if not args.no_save:
-        name = f"linear_logprob_{device.type}"
-        print(f"\nsaved {save_rows(all_rows, name)}")
+        del inputs, reference, grads
+        if not args.no_save:  # after every shape: a run cut short keeps what it measured
+            print(f"\nsaved {save_rows(all_rows, f'linear_logprob_{device.type}')}")
     return all_rows
 
 

@@ -113,7 +113,7 @@ def bench_case(op, T, H, k, E, dtype, device, modes, reps) -> list[dict]:
         Provider("r1fast cuda", ours("cuda"), fast_missing("cuda", device, f"moe_{op}")),
         Provider("r1fast triton", ours("triton"), fast_missing("triton", device, f"moe_{op}")),
         Provider("reference", ours("torch")),
-        Provider("megatron", mega, megatron_missing),
+        Provider("megatron", mega, megatron_missing, peer=True),
     ]
     rows = run_case(f"moe_{op}", shape, inputs, providers, modes=modes, reference=reference,
                     bytes_moved=bytes_moved, reps=reps)

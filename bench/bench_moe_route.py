@@ -15,7 +15,8 @@ Providers (same config, same logits):
 - ``r1fast triton``: kernels/moe_route.py, CUDA only (the CPU interpreter is far too slow);
 - ``reference``: ``impl="torch"`` (fp32 torch ops: sort-based top-k, gather, softmax);
 - ``megatron``: megatron-core's ``topk_routing_with_score_function`` (unfused), which returns
-  dense probs/routing map [T, E]; its error is measured after gathering its probs.
+  dense probs/routing map [T, E]; its error is measured after gathering its probs;
+- ``megatron torch.compile``: the same function through ``torch.compile`` (CUDA only).
 
 Configs: ``softmax`` = softmax after top-k (Qwen3/Mixtral), ``dsv3`` = sigmoid with expert bias,
 8 groups (topk_groups = min(4, k)), normalised, scaling 2.5 (DeepSeek-V3). Megatron takes the
@@ -120,13 +121,23 @@ def megatron_route(logits, k, kw):
         score_function=kw["score"], expert_bias=kw.get("expert_bias"))
 
 
-def max_error(p: Provider, logits, k, kw, ref_dense) -> float | None:
-    if p.missing() is not None:
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_megatron_route(logits, k, kw):
+    """megatron-core's router through ``torch.compile`` (compiled at the first, untimed call)."""
+    if "route" not in _COMPILED:
+        _COMPILED["route"] = torch.compile(megatron_route)
+    return _COMPILED["route"](logits, k, kw)
+
+
+def max_error(p: Provider, logits, k, kw, ref_dense, failed: set[str]) -> float | None:
+    if p.missing() is not None or p.name in failed:  # a failed peer's row says why already
         return None
     with torch.no_grad():
         out = p.fn(logits=logits)
-    dense = out[0] if p.name == "megatron" else routing_to_dense(out[0], out[1],
-                                                                 logits.shape[1])[0]
+    dense = out[0] if p.name.startswith("megatron") else routing_to_dense(out[0], out[1],
+                                                                          logits.shape[1])[0]
     return (dense.double() - ref_dense).abs().max().item()
 
 
@@ -142,7 +153,13 @@ def bench_case(T, E, k, config, dtype, device, modes, reps) -> list[dict]:
         Provider("r1fast cuda", ours("cuda"), fast_missing("cuda", device, "moe_route")),
         Provider("r1fast triton", ours("triton"), fast_missing("triton", device, "moe_route")),
         Provider("reference", ours("torch")),
-        Provider("megatron", lambda logits: megatron_route(logits, k, kw), megatron_missing),
+        Provider("megatron", lambda logits: megatron_route(logits, k, kw), megatron_missing,
+                 peer=True),
+        Provider("megatron torch.compile", lambda logits: compiled_megatron_route(logits, k, kw),
+                 lambda: megatron_missing() or (None if device.type == "cuda" else
+                                                "timed on CUDA only (inductor's CPU compile "
+                                                "takes minutes on a two-core machine)"),
+                 peer=True),
     ]
     elt = logits.element_size()
     fwd = T * E * elt + E * 4 + T * k * (4 + 8) + E * 8
@@ -157,7 +174,8 @@ def bench_case(T, E, k, config, dtype, device, modes, reps) -> list[dict]:
         sel = moe_route(logits.detach(), k, impl="torch", **kw).indices
         ref = moe_route(logits.detach().double(), k, impl="torch", replay_indices=sel, **kw)
     ref_dense = routing_to_dense(ref.weights, ref.indices, E)[0]
-    errs = {p.name: max_error(p, logits.detach(), k, kw, ref_dense) for p in providers}
+    failed = {r["provider"] for r in rows if "the peer failed" in str(r.get("skipped", ""))}
+    errs = {p.name: max_error(p, logits.detach(), k, kw, ref_dense, failed) for p in providers}
     for r in rows:
         if "ms" in r:
             r["max_abs_err"] = errs[r["provider"]]
