@@ -7,6 +7,8 @@ Providers:
 - ``r1fast torch``: the chunked reference (``impl="torch"``);
 - ``r1fast triton``: the fused kernels (``impl="triton"``; CUDA only, the interpreter is far too
   slow to time);
+- ``r1fast triton (gemm tiles)``: ``tiles="gemm"``, cuBLAS fp32 logit tiles reduced by Triton
+  row kernels (kernels/linear_logprob_gemm.py), the other arrangement of the same op;
 - ``liger flce``: Liger's fused linear cross-entropy with ``reduction="none"`` (logp = -loss),
   when ``liger_kernel`` is importable and CUDA is present;
 - ``naive torch.compile``: the naive formula through ``torch.compile`` (CUDA only: inductor's
@@ -133,6 +135,10 @@ def providers(cuda: bool) -> list[Provider]:
                  linear_logprob(hidden, weight, targets, impl="torch")),
         Provider("r1fast triton", lambda hidden, weight, targets:
                  linear_logprob(hidden, weight, targets, impl="triton"),
+                 missing=lambda: None if cuda or interpreter_timed() else
+                 "needs CUDA (the interpreter is not timed)"),
+        Provider("r1fast triton (gemm tiles)", lambda hidden, weight, targets:
+                 linear_logprob(hidden, weight, targets, impl="triton", tiles="gemm"),
                  missing=lambda: None if cuda or interpreter_timed() else
                  "needs CUDA (the interpreter is not timed)"),
         Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda), peer=True),

@@ -189,8 +189,20 @@ def linear_logprob(dtype: torch.dtype, T: int, H: int, V: int) -> None:
     x, w, y = _meta(T, H, dtype=dtype), _meta(V, H, dtype=dtype), _meta(T, dtype=torch.int64)
     K.forward_partials(x, w, y, 1.0, 0)
     rows = [_meta(T) for _ in range(4)]
-    ct, cv = _triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None)
+    ct, cv = _triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None, "fused")
     K.backward(x, w, y, *rows, 1.0, 0, ct, cv)
+
+
+def linear_logprob_gemm(T: int = 16384, H: int = 4096, V: int = 151936) -> None:
+    """The GEMM-tile arrangement's row kernels (its GEMMs are the vendor's), default chunks."""
+    from r1fast.kernels import linear_logprob_gemm as G
+    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, _triton_chunks
+
+    x, w = _meta(T, H, dtype=torch.bfloat16), _meta(V, H, dtype=torch.bfloat16)
+    y = _meta(T, dtype=torch.int64)
+    ct, cv = _triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None, "gemm")
+    G.forward_partials(x, w, y, 1.0, 0, ct, cv)
+    G.backward(x, w, y, *[_meta(T) for _ in range(4)], 1.0, 0, ct, cv)
 
 
 def grpo_loss(n_tokens: int = 262144, n_seqs: int = 256) -> None:
@@ -244,6 +256,7 @@ def group_advantages(n_groups: int = 4096, group_size: int = 16) -> None:
 WORKLOADS = {
     "linear_logprob_bf16": lambda: linear_logprob(torch.bfloat16, 16384, 4096, 151936),
     "linear_logprob_fp32": lambda: linear_logprob(torch.float32, 4096, 4096, 32768),
+    "linear_logprob_gemm_bf16": linear_logprob_gemm,
     "grpo_loss": grpo_loss,
     "moe_route": moe_route,
     "moe_permute": moe_permute,

@@ -135,7 +135,8 @@ DRY_BENCH_ARGS = {
 # bench/kernel_resources.py compiles for sm_90 without running anything (no GPU needed): the
 # kernels at their real shapes on a GPU machine, one small kernel in dry mode (the same code
 # path; the full report takes about 90 s on two CPU cores).
-RESOURCE_WORKLOADS = ["linear_logprob_bf16", "grpo_loss", "moe_route", "moe_permute"]
+RESOURCE_WORKLOADS = ["linear_logprob_bf16", "linear_logprob_gemm_bf16", "grpo_loss",
+                      "moe_route", "moe_permute"]
 DRY_RESOURCE_WORKLOADS = ["group_advantages"]
 
 RESULT_FILES = ("results.jsonl", "summary.md", "gpu_check.log", "junit.xml")

@@ -20,7 +20,10 @@ Two implementations, chosen by ``impl`` (see ``r1fast.ops._dispatch``):
   fp64 inputs, which makes ``torch.autograd.gradcheck`` possible), any device.
 - ``"triton"``: the fused kernels of ``r1fast.kernels.linear_logprob``, registered as
   ``torch.library`` custom ops (with fake and autograd implementations) so the op composes
-  with ``torch.compile``.
+  with ``torch.compile``. ``tiles="gemm"`` runs the same custom ops on the other arrangement,
+  ``r1fast.kernels.linear_logprob_gemm``: cuBLAS writes fp32 logit tiles into a bounded
+  workspace and Triton row kernels reduce them (which one is faster is a GPU measurement:
+  bench/bench_linear_logprob.py times both).
 
 Vocabulary parallelism (``tp_group``, Megatron layout): each rank holds rows
 ``[rank*V_local, (rank+1)*V_local)`` of the LM head and the full ``hidden``/``targets``. Each rank
@@ -45,6 +48,7 @@ __all__ = ["linear_logprob", "naive_linear_logprob", "LinearLogprobChunks", "DEF
 _OP = "linear_logprob"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
+_TILES = ("fused", "gemm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,16 +195,24 @@ def _torch_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, 
 
 @torch.library.custom_op("r1fast::linear_logprob_partials", mutates_args=())
 def _triton_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     inv_temperature: float, vocab_start: int) -> torch.Tensor:
-    """[4, T] fp32 statistics (m, s, S, z_y) of this weight shard, vocabulary splits merged."""
-    from r1fast.kernels import linear_logprob as K  # lazy: importing needs triton
+                     inv_temperature: float, vocab_start: int, tiles: str, chunk_tokens: int,
+                     chunk_vocab: int) -> torch.Tensor:
+    """[4, T] fp32 statistics (m, s, S, z_y) of this weight shard, vocabulary splits (fused
+    tiles) or chunks (GEMM tiles) merged."""
+    if tiles == "gemm":
+        from r1fast.kernels import linear_logprob_gemm as G  # lazy: importing needs triton
+
+        parts = G.forward_partials(hidden, weight, targets, inv_temperature, vocab_start,
+                                   chunk_tokens, chunk_vocab)
+        return merge_partials(parts)  # [chunks, 4, T] -> [4, T]
+    from r1fast.kernels import linear_logprob as K
 
     parts = K.forward_partials(hidden, weight, targets, inv_temperature, vocab_start)
     return merge_partials(torch.stack(parts, dim=1))  # [splits, 4, T] -> [4, T]
 
 
 @_triton_partials.register_fake
-def _(hidden, weight, targets, inv_temperature, vocab_start):
+def _(hidden, weight, targets, inv_temperature, vocab_start, tiles, chunk_tokens, chunk_vocab):
     return hidden.new_empty(4, hidden.shape[0], dtype=torch.float32)
 
 
@@ -208,10 +220,13 @@ def _(hidden, weight, targets, inv_temperature, vocab_start):
 def _triton_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   lse: torch.Tensor, ent: torch.Tensor, grad_logp: torch.Tensor,
                   grad_ent: torch.Tensor, inv_temperature: float, vocab_start: int,
-                  chunk_tokens: int, chunk_vocab: int,
-                  need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_tokens: int, chunk_vocab: int, need_weight_grad: bool,
+                  tiles: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [T, H] fp32, dW [V, H] in weight's dtype, or [0, H] when not needed)."""
-    from r1fast.kernels import linear_logprob as K
+    if tiles == "gemm":
+        from r1fast.kernels import linear_logprob_gemm as K
+    else:
+        from r1fast.kernels import linear_logprob as K
 
     dx, dw = K.backward(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature,
                         vocab_start, chunk_tokens, chunk_vocab,
@@ -221,7 +236,7 @@ def _triton_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 @_triton_grads.register_fake
 def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature, vocab_start,
-      chunk_tokens, chunk_vocab, need_weight_grad):
+      chunk_tokens, chunk_vocab, need_weight_grad, tiles):
     rows = weight.shape[0] if need_weight_grad else 0
     return (hidden.new_empty(hidden.shape, dtype=torch.float32),
             weight.new_empty(rows, weight.shape[1]))
@@ -230,31 +245,33 @@ def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature, v
 @torch.library.custom_op("r1fast::linear_logprob", mutates_args=())
 def _triton_fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   inv_temperature: float, ignore_index: int, chunk_tokens: int,
-                  chunk_vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  chunk_vocab: int, tiles: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse), each [T] fp32: the single-rank Triton path."""
-    stats = _triton_partials(hidden, weight, targets, inv_temperature, 0)
+    stats = _triton_partials(hidden, weight, targets, inv_temperature, 0, tiles, chunk_tokens,
+                             chunk_vocab)
     return _finish(stats, targets == ignore_index, None)
 
 
 @_triton_fused.register_fake
-def _(hidden, weight, targets, inv_temperature, ignore_index, chunk_tokens, chunk_vocab):
+def _(hidden, weight, targets, inv_temperature, ignore_index, chunk_tokens, chunk_vocab, tiles):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 def _fused_setup(ctx, inputs, output):
-    hidden, weight, targets, inv_tau, ignore_index, ct, cv = inputs
+    hidden, weight, targets, inv_tau, ignore_index, ct, cv, tiles = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, targets, lse, ent)
-    ctx.args = (inv_tau, ignore_index, ct, cv)
+    ctx.args = (inv_tau, ignore_index, ct, cv, tiles)
 
 
 def _fused_backward(ctx, grad_logp, grad_ent, grad_lse):
     hidden, weight, targets, lse, ent = ctx.saved_tensors
-    inv_tau, ignore_index, ct, cv = ctx.args
+    inv_tau, ignore_index, ct, cv, tiles = ctx.args
     g, h = _row_grads(grad_logp, grad_ent, targets == ignore_index, lse)
     need_dw = ctx.needs_input_grad[1]
-    dx, dw = _triton_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, 0, ct, cv, need_dw)
-    return dx.to(hidden.dtype), dw if need_dw else None, None, None, None, None, None
+    dx, dw = _triton_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, 0, ct, cv, need_dw,
+                           tiles)
+    return (dx.to(hidden.dtype), dw if need_dw else None) + (None,) * 6
 
 
 _triton_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -265,35 +282,36 @@ _triton_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 class _LinearLogprobFn(torch.autograd.Function):
     """Torch reference (any group) and the Triton path under vocabulary parallelism: partial
     statistics of this shard -> merge over the group -> outputs; backward per shard, dx
-    all-reduced. ``backend`` is "torch" or "triton"."""
+    all-reduced. ``backend`` is "torch" or "triton" (with ``tiles`` "fused" or "gemm")."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_tau, ignore_index, group, backend, ct, cv):
+    def forward(ctx, hidden, weight, targets, inv_tau, ignore_index, group, backend, ct, cv,
+                tiles="fused"):
         rank = dist.get_rank(group) if group is not None else 0
         vocab_start = rank * weight.shape[0]
         if backend == "torch":
             stats = _torch_partials(hidden, weight, targets, inv_tau, vocab_start, ct, cv)
         else:
-            stats = _triton_partials(hidden, weight, targets, inv_tau, vocab_start)
+            stats = _triton_partials(hidden, weight, targets, inv_tau, vocab_start, tiles, ct,
+                                     cv)
         ignored = targets == ignore_index
         logp, ent, lse = _finish(stats, ignored, group)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.args = (inv_tau, ignore_index, group, backend, ct, cv, vocab_start)
+        ctx.args = (inv_tau, ignore_index, group, backend, ct, cv, vocab_start, tiles)
         return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
-        inv_tau, ignore_index, group, backend, ct, cv, vocab_start = ctx.args
+        inv_tau, ignore_index, group, backend, ct, cv, vocab_start, tiles = ctx.args
         g, h = _row_grads(grad_logp, grad_ent, targets == ignore_index, lse)
         need_dw = ctx.needs_input_grad[1]
-        grads = _torch_grads if backend == "torch" else _triton_grads
-        dx, dw = grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, ct, cv,
-                       need_dw)
+        args = (hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, ct, cv, need_dw)
+        dx, dw = _torch_grads(*args) if backend == "torch" else _triton_grads(*args, tiles)
         if group is not None:
             dist.all_reduce(dx, group=group)  # every shard's vocabulary contributes to dx
-        return (dx.to(hidden.dtype), dw if need_dw else None) + (None,) * 7
+        return (dx.to(hidden.dtype), dw if need_dw else None) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------- public op
@@ -336,10 +354,13 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
                          f"ignore_index={ignore_index}; got targets[{i}] = {int(targets[i])}")
 
 
-def _triton_chunks(T: int, chunk_tokens, chunk_vocab) -> tuple[int, int]:
+def _triton_chunks(T: int, chunk_tokens, chunk_vocab, tiles: str) -> tuple[int, int]:
     ct = chunk_tokens or DEFAULT_CHUNKS.triton_tokens
     if chunk_vocab is None:
-        chunk_vocab = max(256, DEFAULT_CHUNKS.triton_workspace // max(1, min(T, ct)) // 256 * 256)
+        # GEMM tiles hold fp32 logits: half the columns keep the workspace's bytes those of
+        # DEFAULT_CHUNKS.triton_workspace 16-bit elements
+        elems = DEFAULT_CHUNKS.triton_workspace // (2 if tiles == "gemm" else 1)
+        chunk_vocab = max(256, elems // max(1, min(T, ct)) // 256 * 256)
     return ct, chunk_vocab
 
 
@@ -347,7 +368,7 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    temperature: float = 1.0, return_entropy: bool = False,
                    ignore_index: int = -100, *, tp_group=None, impl: str = "auto",
                    chunk_tokens: int | None = None, chunk_vocab: int | None = None,
-                   validate: bool | None = None):
+                   tiles: str = "fused", validate: bool | None = None):
     """Log-probability (and entropy) of ``targets`` under ``softmax(hidden @ weight.T / tau)``.
 
     Args:
@@ -360,7 +381,12 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         tp_group: process group of a vocabulary-parallel LM head (Megatron layout), or None.
         impl: "auto" | "torch" | "triton" (see ``r1fast.ops._dispatch``).
         chunk_tokens, chunk_vocab: tile sizes (torch: logit tiles; triton: the backward's dz
-            workspace); None uses ``DEFAULT_CHUNKS``.
+            workspace, and the forward's logit tiles with ``tiles="gemm"``); None uses
+            ``DEFAULT_CHUNKS``.
+        tiles: how ``impl="triton"`` computes the logits: ``"fused"`` (Triton GEMM tiles with
+            the softmax in their epilogue; the logits never reach memory) or ``"gemm"``
+            (cuBLAS fp32 logit tiles, reduced by Triton row kernels; see
+            ``r1fast.kernels.linear_logprob_gemm``). Any other impl takes only ``"fused"``.
         validate: check that every target is in the vocabulary or ``ignore_index`` (a host
             sync); None follows ``R1FAST_DEBUG_CHECKS`` (off: an out-of-range target is
             undefined behaviour, as indexing out of range).
@@ -370,7 +396,12 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """
     _validate(hidden, weight, targets, temperature, return_entropy, ignore_index, tp_group,
               chunk_tokens, chunk_vocab, validate)
+    if tiles not in _TILES:
+        raise ValueError(f"tiles must be one of {_TILES}, got {tiles!r}")
     chosen = resolve_impl(_OP, impl, hidden.device, supported=("torch", "triton"))
+    if tiles != "fused" and chosen != "triton":
+        raise ValueError(f"tiles={tiles!r} is a way of running impl='triton'; impl={impl!r} "
+                         f"runs {chosen!r} here, which takes only tiles='fused'")
     inv_tau = 1.0 / float(temperature)
     if chosen == "torch":
         ct = chunk_tokens or DEFAULT_CHUNKS.torch_tokens
@@ -381,10 +412,11 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         if hidden.dtype not in _TRITON_DTYPES:
             raise ValueError("hidden must have dtype in (float32, bfloat16, float16) for "
                              f"impl='triton', got {str(hidden.dtype).replace('torch.', '')}")
-        ct, cv = _triton_chunks(hidden.shape[0], chunk_tokens, chunk_vocab)
+        ct, cv = _triton_chunks(hidden.shape[0], chunk_tokens, chunk_vocab, tiles)
         if tp_group is None:
-            logp, ent, _ = _triton_fused(hidden, weight, targets, inv_tau, ignore_index, ct, cv)
+            logp, ent, _ = _triton_fused(hidden, weight, targets, inv_tau, ignore_index, ct, cv,
+                                         tiles)
         else:
             logp, ent = _LinearLogprobFn.apply(hidden, weight, targets, inv_tau, ignore_index,
-                                               tp_group, "triton", ct, cv)
+                                               tp_group, "triton", ct, cv, tiles)
     return (logp, ent) if return_entropy else logp

@@ -22,6 +22,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(triton_missing(DEVICE) is not None,
                                 reason=str(triton_missing(DEVICE)))
 IGNORE = -100
+# the two ways impl="triton" computes logit tiles (fused epilogue; cuBLAS tiles + row kernels)
+TILES = ["fused", "gemm"]
 
 
 def make_inputs(T, H, V, dtype=torch.float32, n_ignored=0, seed=0):
@@ -166,34 +168,37 @@ def test_launchers_allocate_no_tokens_times_vocab_tensor():
 
 # ----------------------------------------------------------------------------- the op
 
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("T,H,V", [(1, 7, 1), (7, 33, 257), (63, 7, 100)])
 @pytest.mark.parametrize("tau", [1.0, 0.6])
-def test_fp32_matches_fp64_naive(T, H, V, tau):
+def test_fp32_matches_fp64_naive(T, H, V, tau, tiles):
     hidden, weight, targets, g, h = make_inputs(T, H, V, n_ignored=T // 3)
     got = run_op(hidden, weight, targets, tau, g, h, impl="triton", chunk_tokens=32,
-                 chunk_vocab=64)
+                 chunk_vocab=64, tiles=tiles)
     assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
     assert_close_to_truth(got, fp64_truth(hidden, weight, targets, tau, g, h), 2e-5, 2e-5)
 
 
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs(dtype):
+def test_half_inputs(dtype, tiles):
     T, H, V = 21, 33, 70
     hidden, weight, targets, g, h = make_inputs(T, H, V, dtype=dtype, n_ignored=4)
     got = run_op(hidden, weight, targets, 0.9, g, h, impl="triton", chunk_tokens=8,
-                 chunk_vocab=48)
+                 chunk_vocab=48, tiles=tiles)
     assert got[2].dtype == dtype and got[3].dtype == dtype
     # the dz workspace is 16-bit (tensor-core GEMMs): gradients carry ~2 roundings of eps
     eps = torch.finfo(dtype).eps
     assert_close_to_truth(got, fp64_truth(hidden, weight, targets, 0.9, g, h), 2e-5, 4 * eps)
 
 
-def test_matches_torch_reference_and_ignore_index_in_vocab():
+@pytest.mark.parametrize("tiles", TILES)
+def test_matches_torch_reference_and_ignore_index_in_vocab(tiles):
     T, H, V = 17, 10, 77
     hidden, weight, targets, g, h = make_inputs(T, H, V)
     targets[[2, 9]] = 5
     kw = dict(ignore_index=5, chunk_tokens=6, chunk_vocab=30)
-    tri = run_op(hidden, weight, targets, 1.7, g, h, impl="triton", **kw)
+    tri = run_op(hidden, weight, targets, 1.7, g, h, impl="triton", tiles=tiles, **kw)
     ref = run_op(hidden, weight, targets, 1.7, g, h, impl="torch", **kw)
     assert tri[0][[2, 9]].eq(0).all() and tri[1][[2, 9]].eq(0).all()
     assert tri[2][[2, 9]].eq(0).all()
@@ -201,20 +206,22 @@ def test_matches_torch_reference_and_ignore_index_in_vocab():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
-def test_logp_only_frozen_weight_and_default_chunks():
+@pytest.mark.parametrize("tiles", TILES)
+def test_logp_only_frozen_weight_and_default_chunks(tiles):
     T, H, V = 9, 8, 40
     hidden, weight, targets, g, _ = make_inputs(T, H, V, n_ignored=2)
     x = hidden.clone().requires_grad_()
-    logp = linear_logprob(x, weight, targets, impl="triton")
+    logp = linear_logprob(x, weight, targets, impl="triton", tiles=tiles)
     (logp * g).sum().backward()
     t_logp, _, t_dx, _ = fp64_truth(hidden, weight, targets, 1.0, g, torch.zeros_like(g))
     torch.testing.assert_close(logp.detach().double(), t_logp, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(x.grad.double(), t_dx, atol=2e-5, rtol=2e-5)
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("tiles", TILES)
+def test_empty_batch(tiles):
     hidden, weight, targets, g, h = make_inputs(0, 4, 6)
-    logp, ent, dx, dw = run_op(hidden, weight, targets, 1.0, g, h, impl="triton")
+    logp, ent, dx, dw = run_op(hidden, weight, targets, 1.0, g, h, impl="triton", tiles=tiles)
     assert logp.shape == (0,) and dx.shape == (0, 4) and dw.eq(0).all()
 
 
@@ -232,10 +239,12 @@ def test_probabilities_over_the_vocabulary_sum_to_one(T, H, V, tau, seed):
     hidden, weight, _, _, _ = make_inputs(T, H, V, seed=seed)
     rows = hidden.repeat_interleave(V, dim=0)  # [T*V, H]
     ids = torch.arange(V, device=DEVICE).repeat(T)  # [T*V]
-    logp = linear_logprob(rows, weight, ids, tau, impl="triton").double().view(T, V)
-    torch.testing.assert_close(torch.logsumexp(logp, 1),
-                               torch.zeros(T, dtype=torch.float64, device=DEVICE),
-                               atol=1e-5, rtol=0)
+    for tiles in TILES:
+        logp = linear_logprob(rows, weight, ids, tau, impl="triton", tiles=tiles,
+                              chunk_vocab=16).double().view(T, V)
+        torch.testing.assert_close(torch.logsumexp(logp, 1),
+                                   torch.zeros(T, dtype=torch.float64, device=DEVICE),
+                                   atol=1e-5, rtol=0, msg=lambda m, t=tiles: f"{t}: {m}")
 
 
 # ----------------------------------------------------------------------------- torch.library
@@ -246,16 +255,18 @@ def test_opcheck_custom_ops():
     hidden.requires_grad_()
     weight.requires_grad_()
     ops = torch.ops.r1fast
-    torch.library.opcheck(ops.linear_logprob, (hidden, weight, targets, 1.25, IGNORE, 4, 8))
-    stats = ops.linear_logprob_partials(hidden.detach(), weight.detach(), targets, 1.25, 3)
-    torch.library.opcheck(ops.linear_logprob_partials,
-                          (hidden.detach(), weight.detach(), targets, 1.25, 3))
-    lse = stats[0] + stats[1].log()
-    ent = lse - stats[2] / stats[1]
-    for need_dw in (True, False):
-        torch.library.opcheck(ops.linear_logprob_grads,
-                              (hidden.detach(), weight.detach(), targets, lse, ent, g, h, 1.25,
-                               3, 4, 8, need_dw))
+    for tiles in TILES:
+        torch.library.opcheck(ops.linear_logprob,
+                              (hidden, weight, targets, 1.25, IGNORE, 4, 8, tiles))
+        args = (hidden.detach(), weight.detach(), targets, 1.25, 3, tiles, 4, 8)
+        stats = ops.linear_logprob_partials(*args)
+        torch.library.opcheck(ops.linear_logprob_partials, args)
+        lse = stats[0] + stats[1].log()
+        ent = lse - stats[2] / stats[1]
+        for need_dw in (True, False):
+            torch.library.opcheck(ops.linear_logprob_grads,
+                                  (hidden.detach(), weight.detach(), targets, lse, ent, g, h,
+                                   1.25, 3, 4, 8, need_dw, tiles))
 
 
 @pytest.mark.parametrize("backend",
@@ -293,3 +304,11 @@ def test_torch_compile(backend):
     if backend == "aot_record":
         assert "r1fast.linear_logprob.default" in seen, seen
         assert "r1fast.linear_logprob_grads.default" in seen, seen
+
+
+def test_tiles_are_checked_and_belong_to_the_triton_impl():
+    hidden, weight, targets, _, _ = make_inputs(3, 4, 5)
+    with pytest.raises(ValueError, match=r"tiles must be one of \('fused', 'gemm'\), got 'cublas'"):
+        linear_logprob(hidden, weight, targets, impl="triton", tiles="cublas")
+    with pytest.raises(ValueError, match="tiles='gemm' is a way of running impl='triton'"):
+        linear_logprob(hidden, weight, targets, impl="torch", tiles="gemm")

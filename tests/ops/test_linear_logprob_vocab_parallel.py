@@ -47,7 +47,7 @@ def _run(hidden, weight, targets, g, h, **kw):
     return logp.detach(), ent.detach(), x.grad, w.grad
 
 
-def _worker(rank: int, port: int, impl: str) -> None:
+def _worker(rank: int, port: int, impl: str, tiles: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
@@ -56,7 +56,8 @@ def _worker(rank: int, port: int, impl: str) -> None:
         rows = slice(rank * v_local, (rank + 1) * v_local)
         for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
             hidden, weight, targets, g, h = _inputs(T, H, V, dtype)
-            kw = dict(impl=impl, chunk_tokens=8, chunk_vocab=32)  # 2 x 3 chunks unsharded
+            kw = dict(impl=impl, chunk_tokens=8, chunk_vocab=32,  # 2 x 3 chunks unsharded
+                      tiles=tiles)
             full = _run(hidden, weight, targets, g, h, **kw)
             shard = _run(hidden, weight[rows].contiguous(), targets, g, h,
                          tp_group=dist.group.WORLD, **kw)
@@ -65,7 +66,8 @@ def _worker(rank: int, port: int, impl: str) -> None:
                 assert a.dtype == b.dtype, name
                 scale = max(1.0, b.abs().max().item()) if name in ("dx", "dW") else 1.0
                 torch.testing.assert_close(a.float(), b.float(), atol=tol * scale, rtol=tol,
-                                           msg=lambda m, n=name: f"{impl} {dtype} {n}: {m}")
+                                           msg=lambda m, n=name: f"{impl} {tiles} {dtype} "
+                                                                   f"{n}: {m}")
             # and the unsharded values are right (fp64 full-logits formula)
             naive = naive_linear_logprob(hidden.double(), weight.double(), targets, 0.8, True)
             for a, b in zip(shard[:2], naive):
@@ -85,10 +87,11 @@ def _worker(rank: int, port: int, impl: str) -> None:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_vocab_parallel_matches_unsharded(impl):
+@pytest.mark.parametrize("impl,tiles", [("torch", "fused"), ("triton", "fused"),
+                                        ("triton", "gemm")])
+def test_vocab_parallel_matches_unsharded(impl, tiles):
     if impl == "triton" and triton_missing(torch.device("cpu")) is not None:
         pytest.skip(str(triton_missing(torch.device("cpu"))))
     # children inherit TRITON_INTERPRET from this process's environment (set by conftest)
     assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1"
-    mp.spawn(_worker, args=(_free_port(), impl), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), impl, tiles), nprocs=WORLD, join=True)

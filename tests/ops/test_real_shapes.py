@@ -70,7 +70,8 @@ def _fp64_lse_ent(x, w64, chunk=1024):
     return torch.cat(lse), torch.cat(ent)
 
 
-def test_linear_logprob_at_the_real_shape_against_fp64():
+@pytest.mark.parametrize("tiles", ["fused", "gemm"])
+def test_linear_logprob_at_the_real_shape_against_fp64(tiles):
     x, w, y, g_logp, g_ent = _logprob_inputs()
     T, H, V = LOGPROB_SHAPE
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -78,7 +79,7 @@ def test_linear_logprob_at_the_real_shape_against_fp64():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    logp, ent = linear_logprob(xr, wr, y, TAU, True, IGNORE, impl="triton")
+    logp, ent = linear_logprob(xr, wr, y, TAU, True, IGNORE, impl="triton", tiles=tiles)
     ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
     if REAL:  # inputs, outputs and gradients aside, the op keeps its workspace under 2 GiB
         grads = xr.grad.numel() * xr.grad.element_size() + wr.grad.numel() * 2
