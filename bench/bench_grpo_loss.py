@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -156,10 +157,11 @@ def _liger_fused(hidden, weight, targets, old, ref, roll, adv, mask, cu):
 
 
 def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
-                device: torch.device) -> list[dict]:
-    """Three groups, each against its own fp64 loss and gradients: the full config (fused vs
-    logits + torch loss); Liger's objective (fused vs Liger's fused linear GRPO); linear_logprob
-    alone (the yardstick of the fused loss's overhead, same run)."""
+                device: torch.device) -> Iterator[list[dict]]:
+    """Three groups, each against its own fp64 loss and gradients, yielded one at a time:
+    linear_logprob alone (the yardstick of the fused loss's overhead, same run); the full
+    config (fused vs logits + torch loss); Liger's objective (fused vs Liger's fused linear
+    GRPO)."""
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(tokens, hidden, generator=g)).to(device=device, dtype=dtype)
     w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(device=device, dtype=dtype)
@@ -177,20 +179,18 @@ def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
     flops = {"forward": 2 * thv, "backward": 6 * thv, "full": 8 * thv}
     reps = 3 if device.type == "cuda" else 2
     groups = [
+        ("linear_logprob (the fused loss's yardstick)", _logprob_alone("torch"),
+         [Provider(f"r1fast linear_logprob ({impl})", _logprob_alone(impl))]),
         ("fused_linear_policy_loss", _fused(CONFIG, "torch"),
          [Provider(f"r1fast-fused ({impl})", _fused(CONFIG, impl)),
           Provider("logits+log_softmax+loss (torch)", _separate(impl))]),
         ("fused_linear_policy_loss (liger's objective)", _fused(LIGER_CONFIG, "torch"),
          [Provider(f"r1fast-fused ({impl})", _fused(LIGER_CONFIG, impl)),
           Provider("liger fused-linear grpo (bnpo)", _liger_fused, _liger_missing, peer=True)]),
-        ("linear_logprob (the fused loss's yardstick)", _logprob_alone("torch"),
-         [Provider(f"r1fast linear_logprob ({impl})", _logprob_alone(impl))]),
     ]
-    rows = []
     for op, reference_fn, providers in groups:
-        rows += run_case(op, shape, inputs, providers, flops=flops, reps=reps, warmup=1,
-                         grad_reference=reference_grads(reference_fn, inputs))
-    return rows
+        yield run_case(op, shape, inputs, providers, flops=flops, reps=reps, warmup=1,
+                       grad_reference=reference_grads(reference_fn, inputs))
 
 
 def main(argv=None) -> None:
@@ -204,14 +204,22 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-fused", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
-    rows = []
-    for t in args.tokens:
-        rows += bench_loss(t, device, args.liger_vocab)
-    if not args.skip_fused:
-        t, h, v = args.fused_shape
-        rows += bench_fused(t, h, v, torch.bfloat16 if cuda else torch.float32, device)
+    rows: list[dict] = []
+    path = None
+    # the fused op first (its targets), then the loss alone; saved as each part finishes, so a
+    # run stopped at its time limit keeps what it measured
+    parts = [] if args.skip_fused else [bench_fused(
+        *args.fused_shape, torch.bfloat16 if cuda else torch.float32, device)]
+
+    def loss_part(tokens: int) -> Iterator[list[dict]]:
+        yield bench_loss(tokens, device, args.liger_vocab)
+
+    parts += [loss_part(t) for t in args.tokens]
+    for part in parts:
+        for group in part:
+            rows += group
+            path = save_rows(rows, f"grpo_loss_{device.type}")
     print_table(rows)
-    path = save_rows(rows, f"grpo_loss_{device.type}")
     print(f"saved {len(rows)} rows to {path}")
 
 

@@ -128,23 +128,24 @@ def _liger_logp(hidden, weight, targets):
 
 
 def providers(cuda: bool) -> list[Provider]:
+    """Most wanted numbers first (a run may be stopped at its time limit): r1fast's two Triton
+    arrangements, the peer, then the slow baselines."""
+    on_gpu = (lambda: None if cuda or interpreter_timed() else
+              "needs CUDA (the interpreter is not timed)")
     return [
-        Provider("naive torch", lambda hidden, weight, targets:
-                 naive_linear_logprob(hidden, weight, targets)),
-        Provider("r1fast torch", lambda hidden, weight, targets:
-                 linear_logprob(hidden, weight, targets, impl="torch")),
         Provider("r1fast triton", lambda hidden, weight, targets:
-                 linear_logprob(hidden, weight, targets, impl="triton"),
-                 missing=lambda: None if cuda or interpreter_timed() else
-                 "needs CUDA (the interpreter is not timed)"),
+                 linear_logprob(hidden, weight, targets, impl="triton"), missing=on_gpu),
         Provider("r1fast triton (gemm tiles)", lambda hidden, weight, targets:
                  linear_logprob(hidden, weight, targets, impl="triton", tiles="gemm"),
-                 missing=lambda: None if cuda or interpreter_timed() else
-                 "needs CUDA (the interpreter is not timed)"),
+                 missing=on_gpu),
         Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda), peer=True),
+        Provider("naive torch", lambda hidden, weight, targets:
+                 naive_linear_logprob(hidden, weight, targets)),
         Provider("naive torch.compile", _compiled_naive,
                  missing=lambda: None if cuda else "timed on CUDA only (inductor's CPU compile "
                  "takes minutes on a two-core machine)", peer=True),
+        Provider("r1fast torch", lambda hidden, weight, targets:
+                 linear_logprob(hidden, weight, targets, impl="torch")),
     ]
 
 
@@ -173,29 +174,41 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     warmup, reps = (1, args.reps or 3) if (args.quick or not cuda) else (2, args.reps or 5)
-    all_rows = []
+    all_rows: list[dict] = []
+    saved: list = []
+
+    def keep(rows: list[dict]) -> None:
+        """Rows are saved as they come: a run stopped at its time limit keeps what it measured
+        (providers go from the most wanted numbers to the slowest)."""
+        all_rows.extend(rows)
+        if not args.no_save:
+            saved[:] = [save_rows(all_rows, f"linear_logprob_{device.type}")]
+
     for T, H, V in shapes(args, cuda):
         shape = {"T": T, "H": H, "V": V, "dtype": str(dtype).replace("torch.", "")}
         print(f"\n== linear_logprob T={T} H={H} V={V} {shape['dtype']} on {device.type}",
               flush=True)
         inputs = make_inputs(T, H, V, dtype, device)
-        reference, grads = fp64_reference(inputs, with_grads="full" in args.modes)
         flops = {"forward": 2.0 * T * H * V, "backward": 6.0 * T * H * V, "full": 8.0 * T * H * V}
-        rows = run_case("linear_logprob", shape, inputs, providers(cuda), modes=args.modes,
-                        reference=reference, grad_reference=grads, flops=flops, warmup=warmup,
-                        reps=reps)
-        if cuda or args.gemm:
+        g_ms: dict = {}
+        if cuda or args.gemm:  # the floor first: every later row is a fraction of it
             g_rows, g_ms = gemm_rows(inputs, shape, args.modes, device, flops, warmup, reps)
+            keep(g_rows)
+        reference, grads = fp64_reference(inputs, with_grads="full" in args.modes)
+        first = len(all_rows)
+        for p in providers(cuda):
+            rows = run_case("linear_logprob", shape, inputs, [p], modes=args.modes,
+                            reference=reference, grad_reference=grads, flops=flops,
+                            warmup=warmup, reps=reps)
             for r in rows:
                 if r.get("mode") in g_ms and "ms" in r:
                     r["frac_roofline"] = g_ms[r["mode"]] / r["ms"]
-            rows += g_rows
-        print_table(rows, extra=["frac_roofline"])
-        _acceptance(rows)
-        all_rows += rows
+            keep(rows)
+        print_table(all_rows[first:], extra=["frac_roofline"])
+        _acceptance(all_rows[first:])
         del inputs, reference, grads
-        if not args.no_save:  # after every shape: a run cut short keeps what it measured
-            print(f"\nsaved {save_rows(all_rows, f'linear_logprob_{device.type}')}")
+    if saved:
+        print(f"\nsaved {len(all_rows)} rows to {saved[0]}")
     return all_rows
 
 

@@ -41,7 +41,7 @@ def test_dry_run_writes_every_result_file(tmp_path):
     env = [r for r in rows if r["kind"] == "env"]
     assert len(env) == 1 and env[0]["dry"] is True and env[0]["git_commit"]
     stages = {r["stage"]: r for r in rows if r["kind"] == "stage"}
-    assert list(stages) == ["env", "install", "build", "tests", "bench_linear_logprob",
+    assert list(stages) == ["env", "install", "build", "bench_linear_logprob", "tests",
                             "sanitizer", "resources"]
     # no sanitizer here: the ops ran without it, and that is not reported as a pass
     assert stages["sanitizer"]["status"] == "skipped"
