@@ -14,7 +14,8 @@ Two parts, each provider in forward / backward / full (forward + backward) mode:
    "log-probs + separate loss" done the plain way (full logits, ``log_softmax``, gather, then
    the torch loss); on Liger's objective (PPO clip + k3 KL, token-mean) versus Liger's
    ``LigerFusedLinearGRPOLoss``; and ``linear_logprob`` alone on the same inputs, so the loss's
-   overhead over it is a ratio from one run. Every full-mode row carries its gradients' error
+   overhead over it is a ratio from one run. ``grad-in-forward`` rows: the gradients computed
+   in the forward (``grad_in_forward=True``, 6THV FLOPs). Every full-mode row carries its gradients' error
    against fp64 (``max_grad_rel_err``). FLOPs: forward 2THV, full 8THV (the backward
    recomputes the logits).
 
@@ -120,11 +121,12 @@ LIGER_CONFIG = PolicyLossConfig(loss="ppo", clip_low=0.2, clip_high=0.28, kl="k3
                                 kl_coef=0.04, agg="token-mean")
 
 
-def _fused(config: PolicyLossConfig, impl: str):
+def _fused(config: PolicyLossConfig, impl: str, grad_in_forward: bool = False):
     def fn(hidden, weight, targets, old, ref, roll, adv, mask, cu):
         return fused_linear_policy_loss(
             hidden, weight, targets, old, adv, mask, ref, config, cu_seqlens=cu,
-            rollout_logp=roll if config.tis_cap is not None else None, impl=impl)[0]
+            rollout_logp=roll if config.tis_cap is not None else None, impl=impl,
+            grad_in_forward=grad_in_forward)[0]
     return fn
 
 
@@ -178,14 +180,19 @@ def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
     shape = {"T": tokens, "H": hidden, "V": vocab, "dtype": str(dtype).replace("torch.", "")}
     flops = {"forward": 2 * thv, "backward": 6 * thv, "full": 8 * thv}
     reps = 3 if device.type == "cuda" else 2
+    def in_forward(config):  # 6THV: the gradients in the forward (Triton row kernels)
+        return Provider(f"r1fast-fused grad-in-forward ({impl})", _fused(config, impl, True),
+                        lambda: None if impl == "triton" else "needs impl='triton' (CUDA)")
+
     groups = [
         ("linear_logprob (the fused loss's yardstick)", _logprob_alone("torch"),
          [Provider(f"r1fast linear_logprob ({impl})", _logprob_alone(impl))]),
         ("fused_linear_policy_loss", _fused(CONFIG, "torch"),
-         [Provider(f"r1fast-fused ({impl})", _fused(CONFIG, impl)),
+         [Provider(f"r1fast-fused ({impl})", _fused(CONFIG, impl)), in_forward(CONFIG),
           Provider("logits+log_softmax+loss (torch)", _separate(impl))]),
         ("fused_linear_policy_loss (liger's objective)", _fused(LIGER_CONFIG, "torch"),
          [Provider(f"r1fast-fused ({impl})", _fused(LIGER_CONFIG, impl)),
+          in_forward(LIGER_CONFIG),
           Provider("liger fused-linear grpo (bnpo)", _liger_fused, _liger_missing, peer=True)]),
     ]
     for op, reference_fn, providers in groups:

@@ -84,20 +84,45 @@ def _tile_dz_kernel(z_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, V, str
 
 # ----------------------------------------------------------------------------- launchers
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result and fp32 accumulation: cuBLAS with ``out_dtype`` for
-    16-bit CUDA operands, an fp32 GEMM of upcast operands elsewhere (the same numbers)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a @ b`` in out's dtype, rounded once from fp32 accumulators."""
     if a.is_cuda:
         torch.mm(a, b, out=out)
     else:
         out.copy_(torch.mm(a.float(), b.float()))
+
+
+def tile_stats(z: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
+               vocab_start: int, out: torch.Tensor) -> torch.Tensor:
+    """``out [4, t]`` (views allowed) = the (m, s, S, z_y) of each row of the fp32 logit tile
+    ``z [t, v]`` (unit column stride) scaled by ``inv_temperature``; ``vocab_start`` is the
+    global id of the tile's first column."""
+    if z.shape[0]:
+        m, s, sz, zy = out
+        _tile_stats_kernel[(z.shape[0],)](
+            z, targets, m, s, sz, zy, z.shape[1], z.stride(0), inv_temperature, vocab_start,
+            BLOCK_V=_ROW_BLOCK, num_warps=8)
+    return out
+
+
+def tile_dz(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
+            grad_logp: torch.Tensor, grad_ent: torch.Tensor, inv_temperature: float,
+            vocab_start: int, out: torch.Tensor) -> torch.Tensor:
+    """``out [t, v]`` (its dtype, unit column stride) = ``dz / tau`` of the logit tile ``z``;
+    the row vectors are ``[t]`` fp32."""
+    if z.shape[0]:
+        _tile_dz_kernel[(z.shape[0],)](
+            z, out, targets, lse, ent, grad_logp, grad_ent, z.shape[1], z.stride(0),
+            out.stride(0), inv_temperature, vocab_start, BLOCK_V=_ROW_BLOCK, num_warps=8)
+    return out
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result and fp32 accumulation: cuBLAS with ``out_dtype`` for
+    16-bit CUDA operands, an fp32 GEMM of upcast operands elsewhere (the same numbers)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
 
 
 def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -115,11 +140,9 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
             t1 = min(T, t0 + ct)
             for c, v0 in enumerate(range(0, V, cv)):
                 v1 = min(V, v0 + cv)
-                z = _mm_fp32(hidden[t0:t1], weight[v0:v1].t())  # [t, v] fp32 logits * tau
-                m, s, sz, zy = stats[c, :, t0:t1]
-                _tile_stats_kernel[(t1 - t0,)](
-                    z, targets[t0:t1], m, s, sz, zy, v1 - v0, z.stride(0), inv_temperature,
-                    vocab_start + v0, BLOCK_V=_ROW_BLOCK, num_warps=8)
+                z = mm_fp32(hidden[t0:t1], weight[v0:v1].t())  # [t, v] fp32 logits * tau
+                tile_stats(z, targets[t0:t1], inv_temperature, vocab_start + v0,
+                           stats[c, :, t0:t1])
                 del z  # the allocator hands the same block to the next tile
     return stats
 
@@ -153,17 +176,15 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             for v0 in range(0, V, cv):
                 v1 = min(V, v0 + cv)
                 w = weight[v0:v1]
-                z = _mm_fp32(x, w.t())  # [t, v] fp32, recomputed
-                dz = ws[: t1 - t0, : v1 - v0]
-                _tile_dz_kernel[(t1 - t0,)](
-                    z, dz, targets[t0:t1], *r, v1 - v0, z.stride(0), dz.stride(0),
-                    inv_temperature, vocab_start + v0, BLOCK_V=_ROW_BLOCK, num_warps=8)
+                z = mm_fp32(x, w.t())  # [t, v] fp32, recomputed
+                dz = tile_dz(z, targets[t0:t1], *r, inv_temperature, vocab_start + v0,
+                             ws[: t1 - t0, : v1 - v0])
                 del z
-                dx[t0:t1] += _mm_fp32(dz, w)  # dx += dz @ W
+                dx[t0:t1] += mm_fp32(dz, w)  # dx += dz @ W
                 if dw is not None and one_chunk:  # dW of this vocabulary chunk, written once
-                    _mm_into(dz.t(), x, dw[v0:v1])
+                    mm_into(dz.t(), x, dw[v0:v1])
                 elif dw is not None:
-                    dw_acc[v0:v1] += _mm_fp32(dz.t(), x)
+                    dw_acc[v0:v1] += mm_fp32(dz.t(), x)
     if dw_acc is not None:
         dw.copy_(dw_acc)
     return dx, dw

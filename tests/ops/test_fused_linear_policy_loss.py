@@ -203,6 +203,74 @@ def test_active_rows_that_are_not_the_mask_are_refused(device):
         fused_linear_policy_loss(*args, active_rows=rows.float())
 
 
+# ----------------------------------------------------------------------------- grad in forward
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """A workspace of 4 x 37 logits: the in-forward gradient runs in chunks of 2 rows."""
+    import dataclasses
+
+    grad_mod = sys.modules["r1fast.ops.fused_linear_policy_grad"]
+    monkeypatch.setattr(grad_mod, "DEFAULT_CHUNKS",
+                        dataclasses.replace(grad_mod.DEFAULT_CHUNKS, triton_workspace=4 * 37))
+
+
+@pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[2:] + [
+    PolicyLossConfig(loss="ppo", kl="k1", kl_coef=0.3, agg="seq-mean-token-mean")],
+    ids=["ppo-dual-k3-tis", "cispo-k3+-drgrpo", "ppo-k1-smtm"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "active-rows"])
+def test_grad_in_forward_equals_the_recompute_path(config, layout, device, small_chunks):
+    """Same loss, metrics (entropy too) and gradients as the logits recomputed in the
+    backward, and both within fp64's; chunks of 2 rows, so a chunk's gradient is taken while
+    later rows still hold placeholders."""
+    _skip_if_no_triton("triton", device)
+    inp = make_inputs(3, 5, 16, 37, seed=6, device=device)
+    kw = dict(return_entropy=True)
+    if layout != "padded":
+        inp = {k: (v.reshape(-1, *v.shape[2:]) if v.dim() >= 2 and v.shape[:2] == (3, 5) else v)
+               for k, v in inp.items()}
+        kw["cu_seqlens"] = torch.tensor([0, 5, 10, 15], device=device)
+    if layout == "active-rows":
+        kw["active_rows"] = inp["mask"].reshape(-1).nonzero().squeeze(1)
+    want = run_fused(inp, config, "triton", **kw)
+    got = run_fused(inp, config, "triton", grad_in_forward=True, **kw)
+    for a, b, name in zip(got[:3], want[:3], ("loss", "d hidden", "d weight")):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for k in want[3]:
+        torch.testing.assert_close(got[3][k], want[3][k], atol=1e-6, rtol=1e-5)
+    ref = reference_fp64(inp, config, cu_seqlens=kw.get("cu_seqlens"), entropy=True)
+    assert_close_to_reference(got, ref)
+
+
+def test_grad_in_forward_scales_with_the_upstream_gradient_and_takes_bf16(device, small_chunks):
+    _skip_if_no_triton("triton", device)
+    config = CONFIGS[0]
+    inp = make_inputs(2, 4, 16, 37, seed=7, device=device, dtype=torch.bfloat16)
+    grads = []
+    for in_forward in (False, True):
+        x = inp["hidden"].clone().requires_grad_()
+        w = inp["weight"].clone().requires_grad_()
+        loss, _ = fused_linear_policy_loss(x, w, inp["targets"], inp["old"], inp["adv"],
+                                           inp["mask"], inp["ref"], config,
+                                           rollout_logp=inp["roll"], temperature=TAU,
+                                           impl="triton", grad_in_forward=in_forward)
+        (loss * 3.0).backward()
+        assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+        grads.append((x.grad.float(), w.grad.float()))
+    for a, b in zip(*grads):  # one bf16 rounding each, of the same fp32 values x 3
+        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=2e-2)
+
+
+def test_grad_in_forward_refuses_what_it_cannot_do(device):
+    inp = make_inputs(2, 3, 8, 11, device=device)
+    args = (inp["hidden"], inp["weight"], inp["targets"], inp["old"], inp["adv"], inp["mask"])
+    with pytest.raises(ValueError, match="grad_in_forward needs a token-level loss"):
+        fused_linear_policy_loss(*args, None, PolicyLossConfig(loss="gspo"),
+                                 grad_in_forward=True, impl="torch")
+    with pytest.raises(ValueError, match="grad_in_forward runs on Triton row kernels"):
+        fused_linear_policy_loss(*args, grad_in_forward=True, impl="torch")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_inputs(device, monkeypatch):
@@ -247,7 +315,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tp_worker(rank: int, port: int, impl: str) -> None:
+def _tp_worker(rank: int, port: int, impl: str, in_forward: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
@@ -256,7 +324,8 @@ def _tp_worker(rank: int, port: int, impl: str) -> None:
         full = run_fused(inp, config, impl, return_entropy=True)
         rows = slice(rank * 17, (rank + 1) * 17)
         shard = run_fused(dict(inp, weight=inp["weight"][rows].contiguous()), config, impl,
-                          tp_group=dist.group.WORLD, return_entropy=True)
+                          tp_group=dist.group.WORLD, return_entropy=True,
+                          grad_in_forward=in_forward)
         torch.testing.assert_close(shard[0], full[0], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(shard[1], full[1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shard[2], full[2][rows], atol=1e-5, rtol=1e-5)
@@ -268,8 +337,9 @@ def _tp_worker(rank: int, port: int, impl: str) -> None:
 
 @pytest.mark.slow  # ~25 s: two spawned gloo processes, each importing torch
 @pytest.mark.multiproc
-@pytest.mark.parametrize("impl", IMPLS)
-def test_vocab_parallel_matches_unsharded(impl):
+@pytest.mark.parametrize("impl,in_forward", [("torch", False), ("triton", False),
+                                             ("triton", True)])
+def test_vocab_parallel_matches_unsharded(impl, in_forward):
     _skip_if_no_triton(impl, torch.device("cpu"))
     assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1"
-    mp.spawn(_tp_worker, args=(_free_port(), impl), nprocs=WORLD, join=True)
+    mp.spawn(_tp_worker, args=(_free_port(), impl, in_forward), nprocs=WORLD, join=True)
