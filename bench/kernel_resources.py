@@ -23,7 +23,8 @@ Usage::
 
 Rows go to ``bench/results/kernel_resources_sm90.json`` (or ``$R1FAST_BENCH_RESULTS``), one per
 compiled kernel. This process must not run under ``TRITON_INTERPRET=1`` (the kernels would be
-interpreted, not compiled), so the script clears it before importing them.
+interpreted, not compiled), so the script clears it before importing them, and the module,
+imported elsewhere, refuses to compile where the kernels were already imported.
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Before triton.jit decorates r1fast's kernels: they must be compiled, not interpreted (the dry
-# mode of scripts/gpu_check.py exports TRITON_INTERPRET=1 to the whole run).
-os.environ["TRITON_INTERPRET"] = "0"
+if __name__ == "__main__":
+    # Before triton is imported: it reads TRITON_INTERPRET once, and the dry mode of
+    # scripts/gpu_check.py exports TRITON_INTERPRET=1 to the whole run. This process compiles.
+    os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -265,7 +267,13 @@ WORKLOADS = {
 
 
 def compile_workloads(names, arch: int = 90) -> list[dict]:
-    """Rows of every kernel the named workloads compile for ``sm_<arch>``."""
+    """Rows of every kernel the named workloads compile for ``sm_<arch>``. The kernels must be
+    imported by this call, in a process without ``TRITON_INTERPRET=1``: ``triton.jit`` decides
+    at import whether a kernel is compiled or interpreted."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or "r1fast.kernels" in sys.modules:
+        raise RuntimeError("kernel_resources compiles kernels: run it as its own process "
+                           "(python bench/kernel_resources.py), not where r1fast's kernels "
+                           "were imported or TRITON_INTERPRET=1 is set")
     with CompileOnlyDriver(arch) as drv:
         for name in names:
             drv.workload = name
