@@ -410,6 +410,14 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: b
                      PRECISION=_precision(a.dtype), **_meta(_INTERP_MM))
 
 
+def chunk_tiles(T: int, V: int, chunk_tokens: int, chunk_vocab: int):
+    """``(t0, t1, v0, v1)`` of every ``[chunk_tokens, chunk_vocab]`` tile of ``[T, V]``, the
+    token chunks outermost (the order the backward's accumulations rely on)."""
+    for t0 in range(0, T, chunk_tokens):
+        for v0 in range(0, V, chunk_vocab):
+            yield t0, min(T, t0 + chunk_tokens), v0, min(V, v0 + chunk_vocab)
+
+
 def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              lse: torch.Tensor, ent: torch.Tensor, grad_logp: torch.Tensor,
              grad_ent: torch.Tensor, inv_temperature: float, vocab_start: int,
@@ -444,18 +452,14 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         dw_acc = torch.empty(V, H, device=dw.device, dtype=torch.float32)
     ws_dtype = torch.float32 if hidden.dtype == torch.float32 else hidden.dtype
     ws = torch.empty(ct, cv, device=hidden.device, dtype=ws_dtype)  # [ct, cv] dz workspace
-    for t0 in range(0, T, ct):
-        t1 = min(T, t0 + ct)
-        x = hidden[t0:t1]
-        r = [v[t0:t1] for v in rows]
-        for v0 in range(0, V, cv):
-            v1 = min(V, v0 + cv)
-            w = weight[v0:v1]
-            dz = ws[: t1 - t0, : v1 - v0]
-            dz_chunk(x, w, targets[t0:t1], *r, inv_temperature, vocab_start + v0, dz)
-            matmul_into(dz, w, dx[t0:t1], accumulate=v0 > 0)        # dx += dz @ W
-            if dw is not None:
-                matmul_into(dz.t(), x, dw_acc[v0:v1], accumulate=t0 > 0)  # dW += dz^T @ x
+    for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
+        x, w = hidden[t0:t1], weight[v0:v1]
+        dz = ws[: t1 - t0, : v1 - v0]
+        dz_chunk(x, w, targets[t0:t1], *(v[t0:t1] for v in rows), inv_temperature,
+                 vocab_start + v0, dz)
+        matmul_into(dz, w, dx[t0:t1], accumulate=v0 > 0)        # dx += dz @ W
+        if dw is not None:
+            matmul_into(dz.t(), x, dw_acc[v0:v1], accumulate=t0 > 0)  # dW += dz^T @ x
     if dw_acc is not dw:
         dw.copy_(dw_acc)
     return dx, dw

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from r1fast.kernels.linear_logprob import INTERPRET, _device_ctx
+from r1fast.kernels.linear_logprob import INTERPRET, _device_ctx, chunk_tiles
 
 _ROW_BLOCK = 4096 if not INTERPRET else 64  # columns per step of a row kernel
 
@@ -136,14 +136,11 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     ct, cv = max(1, min(T, chunk_tokens)), min(V, chunk_vocab)
     stats = torch.empty(triton.cdiv(V, cv), 4, T, device=hidden.device, dtype=torch.float32)
     with _device_ctx(hidden):
-        for t0 in range(0, T, ct):
-            t1 = min(T, t0 + ct)
-            for c, v0 in enumerate(range(0, V, cv)):
-                v1 = min(V, v0 + cv)
-                z = mm_fp32(hidden[t0:t1], weight[v0:v1].t())  # [t, v] fp32 logits * tau
-                tile_stats(z, targets[t0:t1], inv_temperature, vocab_start + v0,
-                           stats[c, :, t0:t1])
-                del z  # the allocator hands the same block to the next tile
+        for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
+            z = mm_fp32(hidden[t0:t1], weight[v0:v1].t())  # [t, v] fp32 logits * tau
+            tile_stats(z, targets[t0:t1], inv_temperature, vocab_start + v0,
+                       stats[v0 // cv, :, t0:t1])
+            del z  # the allocator hands the same block to the next tile
     return stats
 
 
@@ -169,22 +166,17 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                                               dtype=torch.float32)
     ws = torch.empty(ct, cv, device=hidden.device, dtype=hidden.dtype)  # dz / tau
     with _device_ctx(hidden):
-        for t0 in range(0, T, ct):
-            t1 = min(T, t0 + ct)
-            x = hidden[t0:t1]
-            r = [v[t0:t1] for v in rows]
-            for v0 in range(0, V, cv):
-                v1 = min(V, v0 + cv)
-                w = weight[v0:v1]
-                z = mm_fp32(x, w.t())  # [t, v] fp32, recomputed
-                dz = tile_dz(z, targets[t0:t1], *r, inv_temperature, vocab_start + v0,
-                             ws[: t1 - t0, : v1 - v0])
-                del z
-                dx[t0:t1] += mm_fp32(dz, w)  # dx += dz @ W
-                if dw is not None and one_chunk:  # dW of this vocabulary chunk, written once
-                    mm_into(dz.t(), x, dw[v0:v1])
-                elif dw is not None:
-                    dw_acc[v0:v1] += mm_fp32(dz.t(), x)
+        for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
+            x, w = hidden[t0:t1], weight[v0:v1]
+            z = mm_fp32(x, w.t())  # [t, v] fp32, recomputed
+            dz = tile_dz(z, targets[t0:t1], *(v[t0:t1] for v in rows), inv_temperature,
+                         vocab_start + v0, ws[: t1 - t0, : v1 - v0])
+            del z
+            dx[t0:t1] += mm_fp32(dz, w)  # dx += dz @ W
+            if dw is not None and one_chunk:  # dW of this vocabulary chunk, written once
+                mm_into(dz.t(), x, dw[v0:v1])
+            elif dw is not None:
+                dw_acc[v0:v1] += mm_fp32(dz.t(), x)
     if dw_acc is not None:
         dw.copy_(dw_acc)
     return dx, dw
