@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 
 import pytest
@@ -309,14 +308,10 @@ def test_bad_inputs(device, monkeypatch):
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _tp_worker(rank: int, port: int, impl: str, in_forward: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def _tp_worker(rank: int, store: str, impl: str, in_forward: bool) -> None:
+    # a file rendezvous: no port to pick, so no other process can take it in between
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD)
     try:
         inp = make_inputs(3, 4, 8, 2 * 17, seed=5)  # same on every rank
@@ -339,7 +334,8 @@ def _tp_worker(rank: int, port: int, impl: str, in_forward: bool) -> None:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("impl,in_forward", [("torch", False), ("triton", False),
                                              ("triton", True)])
-def test_vocab_parallel_matches_unsharded(impl, in_forward):
+def test_vocab_parallel_matches_unsharded(impl, in_forward, tmp_path):
     _skip_if_no_triton(impl, torch.device("cpu"))
     assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1"
-    mp.spawn(_tp_worker, args=(_free_port(), impl, in_forward), nprocs=WORLD, join=True)
+    mp.spawn(_tp_worker, args=(str(tmp_path / "store"), impl, in_forward), nprocs=WORLD,
+             join=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -22,11 +21,6 @@ from r1fast.ops.linear_logprob import linear_logprob, naive_linear_logprob
 WORLD = 2
 IGNORE = -100
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(T, H, V, dtype):
@@ -47,8 +41,9 @@ def _run(hidden, weight, targets, g, h, **kw):
     return logp.detach(), ent.detach(), x.grad, w.grad
 
 
-def _worker(rank: int, port: int, impl: str, tiles: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def _worker(rank: int, store: str, impl: str, tiles: str) -> None:
+    # a file rendezvous: no port to pick, so no other process can take it in between
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD)
     try:
         T, H, v_local = 13, 9, 37
@@ -89,9 +84,9 @@ def _worker(rank: int, port: int, impl: str, tiles: str) -> None:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("impl,tiles", [("torch", "fused"), ("triton", "fused"),
                                         ("triton", "gemm")])
-def test_vocab_parallel_matches_unsharded(impl, tiles):
+def test_vocab_parallel_matches_unsharded(impl, tiles, tmp_path):
     if impl == "triton" and triton_missing(torch.device("cpu")) is not None:
         pytest.skip(str(triton_missing(torch.device("cpu"))))
     # children inherit TRITON_INTERPRET from this process's environment (set by conftest)
     assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1"
-    mp.spawn(_worker, args=(_free_port(), impl, tiles), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), impl, tiles), nprocs=WORLD, join=True)
