@@ -24,6 +24,8 @@ the same numbers, since bf16 products are exact in fp32.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -84,10 +86,23 @@ def _tile_dz_kernel(z_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, V, str
 
 # ----------------------------------------------------------------------------- launchers
 
+@contextlib.contextmanager
+def _ieee_fp32():
+    """fp32 GEMMs exact in fp32 (no TF32), whatever ``torch.backends.cuda.matmul.allow_tf32``
+    or ``set_float32_matmul_precision`` the caller chose: the fused tiles use IEEE fp32 too."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a @ b`` in out's dtype, rounded once from fp32 accumulators."""
     if a.is_cuda:
-        torch.mm(a, b, out=out)
+        with _ieee_fp32():
+            torch.mm(a, b, out=out)
     else:
         out.copy_(torch.mm(a.float(), b.float()))
 
@@ -122,7 +137,8 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     16-bit CUDA operands, an fp32 GEMM of upcast operands elsewhere (the same numbers)."""
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+    with _ieee_fp32():
+        return torch.mm(a.float(), b.float())
 
 
 def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

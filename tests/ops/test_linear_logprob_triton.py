@@ -312,3 +312,20 @@ def test_tiles_are_checked_and_belong_to_the_triton_impl():
         linear_logprob(hidden, weight, targets, impl="triton", tiles="cublas")
     with pytest.raises(ValueError, match="tiles='gemm' is a way of running impl='triton'"):
         linear_logprob(hidden, weight, targets, impl="torch", tiles="gemm")
+
+
+def test_gemm_tiles_run_fp32_without_tf32_and_leave_the_flag_as_it_was():
+    """fp32 GEMM tiles are exact in fp32 whatever the caller's TF32 setting (on a GPU the flag
+    would round them to TF32), and the setting is put back afterwards."""
+    matmul = torch.backends.cuda.matmul  # a settings object: monkeypatch cannot restore it
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        T, H, V = 11, 24, 90
+        hidden, weight, targets, g, h = make_inputs(T, H, V, n_ignored=2)
+        got = run_op(hidden, weight, targets, 0.8, g, h, impl="triton", tiles="gemm",
+                     chunk_tokens=4, chunk_vocab=32)
+        assert matmul.allow_tf32 is True
+    finally:
+        matmul.allow_tf32 = before
+    assert_close_to_truth(got, fp64_truth(hidden, weight, targets, 0.8, g, h), 2e-5, 2e-5)
