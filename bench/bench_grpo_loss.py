@@ -15,9 +15,9 @@ Two parts, each provider in forward / backward / full (forward + backward) mode:
    the torch loss); on Liger's objective (PPO clip + k3 KL, token-mean) versus Liger's
    ``LigerFusedLinearGRPOLoss``; and ``linear_logprob`` alone on the same inputs, so the loss's
    overhead over it is a ratio from one run. ``grad-in-forward`` rows: the gradients computed
-   in the forward (``grad_in_forward=True``, 6THV FLOPs). Every full-mode row carries its gradients' error
-   against fp64 (``max_grad_rel_err``). FLOPs: forward 2THV, full 8THV (the backward
-   recomputes the logits).
+   in the forward (``grad_in_forward=True``, 6THV FLOPs). Every full-mode row carries its
+   gradients' error against fp64 (``max_grad_rel_err``). FLOPs: forward 2THV, full 8THV (the
+   backward recomputes the logits).
 
 CUDA: T in {16384, 262144} for part 1 and T=16384, H=4096, V=151936 bf16 for part 2.
 CPU (default when no GPU): small shapes so the whole run takes well under a minute; the Triton

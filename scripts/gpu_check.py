@@ -40,9 +40,10 @@ for about 8 minutes):
 
 Files written into RESULTS (at most five, flat, so the device tool returns all of them):
 
-``results.jsonl``  one JSON object per line: ``{"kind": "env"|"stage"|"bench"|"resources", ...}``; every
-                   stage row has ``stage``, ``status`` (ok / failed / timeout / skipped),
-                   ``seconds``, ``limit_s``, ``detail``, and the run's device/commit/versions.
+``results.jsonl``  one JSON object per line, ``{"kind": "env"|"stage"|"bench"|"resources",
+                   ...}``; every stage row has ``stage``, ``status`` (ok / failed / timeout /
+                   skipped), ``seconds``, ``limit_s``, ``detail``, and the run's device,
+                   commit and versions.
 ``summary.md``     a markdown summary, rewritten after every stage.
 ``gpu_check.log``  every stage's command and output.
 ``junit.xml``      the test stage's JUnit report.
