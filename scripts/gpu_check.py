@@ -435,22 +435,33 @@ class Runner:
         if not script.exists():
             self.record(stage, "skipped", 0.0, limit, f"no {script.name}")
             return
-        out_dir = self.tmp / stage
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.env["R1FAST_BENCH_RESULTS"] = str(out_dir)
         args = (DRY_BENCH_ARGS if self.dry else BENCH_ARGS)[name]
-        status, rc, out, secs = self.run(stage, [sys.executable, str(script), *args], limit)
+        status, out, secs, files = self.run_writing_rows(
+            stage, [sys.executable, str(script), *args], limit)
         n = 0
-        for path in sorted(out_dir.glob("*.json")):
-            try:
-                rows = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
+        for file, rows in files:
             for row in rows:
-                self.rec.add({"kind": "bench", "bench": name, "file": path.name, **row})
+                self.rec.add({"kind": "bench", "bench": name, "file": file, **row})
                 n += 1
         detail = f"{n} rows" + ("" if status == "ok" else f"; {_last_line(out)}")
         self.record(stage, status, secs, limit, detail, rows=n)
+
+    def run_writing_rows(self, stage: str, cmd: list[str], limit: float
+                         ) -> tuple[str, str, float, list[tuple[str, list[dict]]]]:
+        """Run a script that saves JSON rows through bench/harness.py's ``save_rows`` into a
+        folder of its own (``R1FAST_BENCH_RESULTS``); ``(status, output, seconds, [(file
+        name, rows)])``, with whatever it saved before a failure or its time limit."""
+        out_dir = self.tmp / stage
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.env["R1FAST_BENCH_RESULTS"] = str(out_dir)
+        status, _, out, secs = self.run(stage, cmd, limit)
+        files = []
+        for path in sorted(out_dir.glob("*.json")):
+            try:
+                files.append((path.name, json.loads(path.read_text())))
+            except (OSError, ValueError):
+                continue
+        return status, out, secs, files
 
     def stage_sanitizer(self) -> None:
         stage = "sanitizer"
@@ -488,19 +499,11 @@ class Runner:
         if self.out_of_time(stage):
             return
         limit = self.limit_for(stage)
-        out_dir = self.tmp / stage
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.env["R1FAST_BENCH_RESULTS"] = str(out_dir)
         workloads = DRY_RESOURCE_WORKLOADS if self.dry else RESOURCE_WORKLOADS
         script = ROOT / "bench" / "kernel_resources.py"
-        status, rc, out, secs = self.run(
+        status, out, secs, files = self.run_writing_rows(
             stage, [sys.executable, str(script), "--workloads", *workloads], limit)
-        rows = []
-        for path in sorted(out_dir.glob("kernel_resources_*.json")):
-            try:
-                rows += json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
+        rows = [row for _, file_rows in files for row in file_rows]
         for row in rows:
             self.rec.add({"kind": "resources", **row})
         spilling = sum(1 for r in rows if r.get("spills_in_loops"))
