@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a pack
 from harness import (  # noqa: E402
     MODES,
     Provider,
+    compiled_at_first_call,
     interpreter_timed,
     print_table,
     reference_grads,
@@ -102,13 +103,7 @@ def fp64_reference(inputs, with_grads: bool) -> tuple[torch.Tensor, dict | None]
     return logp, (reference_grads(_reference_logp, inputs) if with_grads else None)
 
 
-_COMPILED: dict[str, object] = {}
-
-
-def _compiled_naive(hidden, weight, targets):
-    if "naive" not in _COMPILED:  # compiled at the first (untimed) call
-        _COMPILED["naive"] = torch.compile(naive_linear_logprob)
-    return _COMPILED["naive"](hidden, weight, targets)
+_compiled_naive = compiled_at_first_call(naive_linear_logprob)
 
 
 def _liger_missing(cuda: bool) -> str | None:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a pack
 from harness import (  # noqa: E402
     MODES,
     Provider,
+    compiled_at_first_call,
     interpreter_timed,
     print_table,
     run_case,
@@ -121,14 +122,7 @@ def megatron_route(logits, k, kw):
         score_function=kw["score"], expert_bias=kw.get("expert_bias"))
 
 
-_COMPILED: dict[str, object] = {}
-
-
-def compiled_megatron_route(logits, k, kw):
-    """megatron-core's router through ``torch.compile`` (compiled at the first, untimed call)."""
-    if "route" not in _COMPILED:
-        _COMPILED["route"] = torch.compile(megatron_route)
-    return _COMPILED["route"](logits, k, kw)
+compiled_megatron_route = compiled_at_first_call(megatron_route)
 
 
 def max_error(p: Provider, logits, k, kw, ref_dense, failed: set[str]) -> float | None:

@@ -52,3 +52,16 @@ def test_a_failing_peer_is_a_row_and_a_failing_r1fast_provider_stops_the_run():
     with pytest.raises(RuntimeError, match="an API that moved on"):
         run_case("f", {}, _inputs(), [Provider("ours", _broken)], modes=["forward"], reps=1,
                  warmup=0, measure_memory=False)
+
+
+def test_compiled_at_first_call_compiles_once_and_only_when_called(monkeypatch):
+    import harness
+
+    made = []
+    monkeypatch.setattr(harness.torch, "compile", lambda fn: made.append(fn) or fn)
+    wrapped = harness.compiled_at_first_call(_f)
+    assert made == []  # a skipped provider costs nothing
+    x, w = _inputs().values()
+    torch.testing.assert_close(wrapped(x, w), _f(x, w))
+    wrapped(x, w)
+    assert made == [_f]
