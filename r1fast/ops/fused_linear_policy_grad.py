@@ -76,7 +76,7 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        placeholder_logp: torch.Tensor, loss_of: LossOf, *, temperature: float,
-                       ignore_index: int, tp_group=None, chunk_rows: int | None = None
+                       ignore_index: int, tp_group=None
                        ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """``(loss, metrics, entropy [N])`` of ``loss_of`` applied to the log-probs of ``targets``
     under ``hidden [N, H] @ weight^T / tau``; the loss backpropagates into ``hidden`` and
@@ -84,15 +84,15 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
     ``loss_of(logp [N] fp32)`` returns the policy loss and its metrics. ``placeholder_logp
     [N]`` fills the rows whose log-probs are not computed yet when a chunk's gradient is taken
-    (the old log-probs: finite, ratio 1). ``chunk_rows`` defaults to what keeps the fp32
-    logits of a chunk within ``DEFAULT_CHUNKS.triton_workspace`` 16-bit elements' bytes.
+    (the old log-probs: finite, ratio 1). A chunk has as many rows as keep its fp32 logits
+    within the bytes of ``DEFAULT_CHUNKS.triton_workspace`` 16-bit elements.
     """
     from r1fast.kernels import linear_logprob_gemm as G  # lazy: importing needs triton
 
     N, H = hidden.shape
     V = weight.shape[0]
     vocab_start = (dist.get_rank(tp_group) if tp_group is not None else 0) * V
-    rows_per_chunk = chunk_rows or max(1, DEFAULT_CHUNKS.triton_workspace // (2 * V))
+    rows_per_chunk = max(1, DEFAULT_CHUNKS.triton_workspace // (2 * V))
     inv_tau = 1.0 / float(temperature)
     with torch.no_grad():
         x, w, y = hidden.detach().contiguous(), weight.detach().contiguous(), targets.contiguous()
