@@ -50,6 +50,18 @@ def make_inputs(B, L, H, V, *, seed=0, device="cpu", dtype=torch.float32):
     return {k: v.to(device) for k, v in out.items()}
 
 
+def pack(inp, keep):
+    """The per-token inputs of ``make_inputs(B, L, ...)`` packed to ``[T]``: the positions
+    where ``keep [B, L]`` is True, row after row; weight and advantages as they are."""
+    return {k: (v[keep] if k not in ("weight", "adv") else v) for k, v in inp.items()}
+
+
+def _every_position_packed(inp):
+    """``inp`` of ``make_inputs(3, 5, ...)`` with every position packed, and its cu_seqlens."""
+    keep = torch.ones(3, 5, dtype=torch.bool, device=inp["mask"].device)
+    return pack(inp, keep), torch.tensor([0, 5, 10, 15], device=keep.device)
+
+
 def reference_fp64(inp, config, cu_seqlens=None, entropy=False):
     """fp64 full logits -> logp (and entropy) -> fp64 reference loss; grads of hidden, weight."""
     x = inp["hidden"].double().reshape(-1, inp["hidden"].shape[-1]).requires_grad_()
@@ -116,9 +128,7 @@ def test_packed_matches_fp64_and_padded(impl, device):
     inp = make_inputs(3, 5, 16, 37, seed=2, device=device)
     lens = [5, 0, 3]
     keep = torch.arange(5, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-    packed = {k: (v[keep] if v.dim() >= 2 and v.shape[:2] == (3, 5) else v)
-              for k, v in inp.items()}
-    packed["weight"] = inp["weight"]
+    packed = pack(inp, keep)
     cu = torch.tensor([0, 5, 5, 8], device=device)
     got = run_fused(packed, config, impl, cu_seqlens=cu)
     assert_close_to_reference(got, reference_fp64(packed, config, cu_seqlens=cu))
@@ -169,9 +179,7 @@ def test_active_rows_skip_masked_rows_with_the_same_result(impl, packed, device,
     inp = make_inputs(3, 5, 16, 37, seed=5, device=device)
     kw = {}
     if packed:
-        inp = {k: (v.reshape(-1, *v.shape[2:]) if v.dim() >= 2 and v.shape[:2] == (3, 5) else v)
-               for k, v in inp.items()}
-        kw["cu_seqlens"] = torch.tensor([0, 5, 10, 15], device=device)
+        inp, kw["cu_seqlens"] = _every_position_packed(inp)
     config = CONFIGS[0]
     want = run_fused(inp, config, impl, return_entropy=True, **kw)
     rows_seen = []
@@ -226,9 +234,7 @@ def test_grad_in_forward_equals_the_recompute_path(config, layout, device, small
     inp = make_inputs(3, 5, 16, 37, seed=6, device=device)
     kw = dict(return_entropy=True)
     if layout != "padded":
-        inp = {k: (v.reshape(-1, *v.shape[2:]) if v.dim() >= 2 and v.shape[:2] == (3, 5) else v)
-               for k, v in inp.items()}
-        kw["cu_seqlens"] = torch.tensor([0, 5, 10, 15], device=device)
+        inp, kw["cu_seqlens"] = _every_position_packed(inp)
     if layout == "active-rows":
         kw["active_rows"] = inp["mask"].reshape(-1).nonzero().squeeze(1)
     want = run_fused(inp, config, "triton", **kw)
