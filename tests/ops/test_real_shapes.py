@@ -60,13 +60,14 @@ def _fp64_rows(x, w64, y, rows):
     return z, lse, torch.where(hit, zy - lse, zero), torch.where(hit, ent, zero), hit
 
 
-def _fp64_lse_ent(x, w64, chunk=1024):
-    """lse and entropy of every row in fp64, chunk by chunk (the full [T, V] would not fit)."""
+def _fp64_lse_ent(x, w64, y, chunk=1024):
+    """lse and entropy (0 on ignored rows) of every row in fp64, chunk by chunk (the full
+    [T, V] would not fit)."""
     lse, ent = [], []
-    for t in range(0, x.shape[0], chunk):
-        z = (x[t:t + chunk].double() @ w64.T) / TAU  # [chunk, V]
-        lse.append(torch.logsumexp(z, -1))
-        ent.append(lse[-1] - (torch.softmax(z, -1) * z).sum(-1))
+    for t in range(0, x.shape[0], chunk):  # keeps no chunk's [chunk, V] logits
+        _, chunk_lse, _, chunk_ent, _ = _fp64_rows(x, w64, y, slice(t, t + chunk))
+        lse.append(chunk_lse)
+        ent.append(chunk_ent)
     return torch.cat(lse), torch.cat(ent)
 
 
@@ -100,7 +101,7 @@ def test_linear_logprob_at_the_real_shape_against_fp64(tiles):
     _assert_rel(xr.grad[rows], dx64, 1e-2, "dx")  # bf16 output: 2^-8 relative rounding
     # dW on sampled vocabulary rows needs every token's lse and entropy
     cols = torch.randperm(V, generator=gen)[:SAMPLED].to(DEVICE)
-    lse_all, ent_all = _fp64_lse_ent(x, w64)
+    lse_all, ent_all = _fp64_lse_ent(x, w64, y)  # ignored rows are zeroed by hit_all below
     zc = (x.double() @ w64[cols].T) / TAU  # [T, C]
     pc = torch.exp(zc - lse_all[:, None])
     hit_all = (y != IGNORE).double()[:, None]
