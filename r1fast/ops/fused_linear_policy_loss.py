@@ -57,6 +57,7 @@ def fused_linear_policy_loss(
     global_normalizer: float | torch.Tensor | None = None,
     return_entropy: bool = False,
     active_rows: torch.Tensor | None = None,
+    tiles: str | None = None,
     grad_in_forward: bool = False,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -82,6 +83,9 @@ def fused_linear_policy_loss(
             where ``mask`` is nonzero, or None. When given, the LM head runs on these rows only;
             the result is the same. Checked against ``mask`` where value checks run (CPU tensors,
             or ``R1FAST_DEBUG_CHECKS=1``).
+        tiles: how the Triton path forms the logits (``linear_logprob``'s ``tiles``):
+            ``"fused"`` (Triton GEMM tiles, the default) or ``"gemm"`` (cuBLAS fp32 tiles).
+            ``grad_in_forward`` always uses cuBLAS tiles: None or ``"gemm"`` with it.
         grad_in_forward: compute the gradients of hidden and weight in the forward, chunk by
             chunk, instead of recomputing the logits in the backward: 6THV FLOPs instead of
             8THV, for an fp32 ``[V, H]`` accumulator and both gradients kept until the
@@ -128,6 +132,10 @@ def fused_linear_policy_loss(
             cu_seqlens=cu_seqlens, impl=impl)
 
     if grad_in_forward:
+        if tiles not in (None, "gemm"):
+            raise ValueError(f"tiles={tiles!r} with grad_in_forward=True: the in-forward "
+                             "gradient forms its logits with cuBLAS tiles; pass tiles=None or "
+                             "'gemm'")
         check_grad_in_forward(config, resolve_impl("linear_logprob", impl, hidden.device,
                                                    supported=("torch", "triton")))
         old_rows = old_logp.reshape(-1)
@@ -138,7 +146,7 @@ def fused_linear_policy_loss(
         entropy = at_positions(entropy) if return_entropy else None
     else:
         out = linear_logprob(flat_hidden, weight, flat_targets, temperature, return_entropy,
-                             _IGNORE, tp_group=tp_group, impl=impl)
+                             _IGNORE, tp_group=tp_group, impl=impl, tiles=tiles or "fused")
         logp, entropy = out if return_entropy else (out, None)  # [N] fp32
         loss, metrics = loss_of(logp)
         entropy = None if entropy is None else at_positions(entropy)

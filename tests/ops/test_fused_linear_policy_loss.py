@@ -7,6 +7,7 @@ gradients.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -274,6 +275,34 @@ def test_grad_in_forward_refuses_what_it_cannot_do(device):
                                  grad_in_forward=True, impl="torch")
     with pytest.raises(ValueError, match="grad_in_forward runs on Triton row kernels"):
         fused_linear_policy_loss(*args, grad_in_forward=True, impl="torch")
+    with pytest.raises(ValueError, match="tiles='fused' with grad_in_forward=True"):
+        fused_linear_policy_loss(*args, tiles="fused", grad_in_forward=True, impl="triton")
+
+
+@pytest.mark.parametrize("layout", ["padded", "active-rows"])
+def test_gemm_tiles_match_fp64(layout, device, monkeypatch):
+    """``tiles="gemm"`` reaches linear_logprob (a spy sees it) and gives the fp64 loss and
+    gradients; torch has no such arrangement and says so."""
+    _skip_if_no_triton("triton", device)
+    # the package re-exports the function under the module's name: fetch the module itself
+    op_module = importlib.import_module("r1fast.ops.fused_linear_policy_loss")
+    inner, seen = op_module.linear_logprob, []
+
+    def spy(*args, **kw):
+        seen.append(kw["tiles"])
+        return inner(*args, **kw)
+
+    monkeypatch.setattr(op_module, "linear_logprob", spy)
+    config = CONFIGS[0]
+    inp = make_inputs(3, 5, 16, 37, seed=8, device=device)
+    kw = dict(return_entropy=True)
+    if layout == "active-rows":
+        kw["active_rows"] = inp["mask"].reshape(-1).nonzero().squeeze(1)
+    got = run_fused(inp, config, "triton", tiles="gemm", **kw)
+    assert seen == ["gemm"]
+    assert_close_to_reference(got, reference_fp64(inp, config, entropy=True))
+    with pytest.raises(ValueError, match="tiles='gemm' is a way of running impl='triton'"):
+        run_fused(inp, config, "torch", tiles="gemm")
 
 
 # ----------------------------------------------------------------------------- bad input
