@@ -38,7 +38,7 @@ import torch.distributed as dist
 from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, _finish
 from r1fast.ops.policy_loss import PolicyLossConfig
 
-__all__ = ["forward_with_grads", "check_grad_in_forward"]
+__all__ = ["forward_with_grads", "check_grad_in_forward", "TOKEN_LEVEL_LOSSES"]
 
 #: losses whose gradient of a token's log-prob depends on that token alone
 TOKEN_LEVEL_LOSSES = ("ppo", "cispo")

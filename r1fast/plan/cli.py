@@ -71,7 +71,8 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
     rows.append((f"activations (recompute {opt.recompute}, x{w.in_flight})",
                  f"per micro-batch: {per}", _gib(w.activations_total)))
     if w.logprob_fused_bytes or w.logprob_unfused_bytes:
-        name = "fused r1fast kernel" if cfg.algo.use_fused_kernels else "full logits"
+        name = (f"fused r1fast kernel, {cfg.algo.logprob_head}" if cfg.algo.use_fused_kernels
+                else "full logits")
         other = (f"full fp32 logits [T, V/tp] would need {_gib(w.logprob_unfused_bytes)}"
                  if cfg.algo.use_fused_kernels
                  else f"the fused kernel would need {_gib(w.logprob_fused_bytes)}")

@@ -142,8 +142,9 @@ class StagePlan:
     activations_total: int
     """Activations held at the peak with the chosen recompute mode."""
     logprob_fused_bytes: int
-    """Log-prob head, fused kernel: dz workspace + fp32 dW accumulator + per-token stats
-    (last stage only)."""
+    """Log-prob head, fused op in the recipe's ``algo.logprob_head`` arrangement: its
+    workspace + fp32 dW accumulator + per-token stats, and with grad-in-forward the gradients
+    kept until the backward (last stage only)."""
     logprob_unfused_bytes: int
     """Log-prob head through full logits [T, V/tp]: fp32 logits, softmax saved for backward,
     fp32 gradient, plus the 16-bit matmul output (last stage only)."""
@@ -282,19 +283,32 @@ def active_params(m: ModelConfig) -> int:
 
 # ------------------------------------------------------------------------------ heads, rollout
 
-def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int) -> tuple[int, int]:
-    """(fused, unfused) transient bytes of the log-prob head for ``tokens`` tokens."""
+def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int,
+                       head: str = "fused") -> tuple[int, int]:
+    """(fused, unfused) transient bytes of the log-prob head for ``tokens`` tokens; the fused
+    op in the arrangement ``head`` (``algo.logprob_head``)."""
     from r1fast.ops.linear_logprob import DEFAULT_CHUNKS
 
     act = _BYTES[m.params_dtype]
-    v_local = m.vocab_size // tp
-    ct = min(tokens, DEFAULT_CHUNKS.triton_tokens)
-    cv = min(v_local, max(256, DEFAULT_CHUNKS.triton_workspace // max(1, ct) // 256 * 256))
-    fused = ct * cv * act  # dz workspace [ct, cv] in the input dtype
-    if tokens > ct and act < 4:
-        fused += v_local * m.hidden_size * 4  # fp32 dW accumulator across token chunks
-    fused += 7 * tokens * 4  # (m, s, S, z_y) partials + logp, entropy, lse
-    per_logit = 4 + 4 + 4 + (act if act < 4 else 0)  # logits, softmax, grad (+ 16-bit matmul out)
+    v_local, h = m.vocab_size // tp, m.hidden_size
+    rounded = act if act < 4 else 0  # a 16-bit copy of an fp32 buffer
+    if head == "grad-in-forward":
+        # per token chunk: fp32 logits [ct, V/tp] and dz in the input dtype; the fp32 dW
+        # accumulator and dx, and their rounded copies kept from the forward to the backward
+        ct = max(1, min(tokens, DEFAULT_CHUNKS.triton_workspace // (2 * v_local)))
+        fused = ct * v_local * (4 + act) + (v_local + tokens) * h * (4 + rounded)
+        fused += 4 * ct * 4 + 3 * tokens * 4  # a chunk's (m, s, S, z_y); logp, entropy, lse
+    else:
+        ct = min(tokens, DEFAULT_CHUNKS.triton_tokens)
+        # GEMM tiles hold fp32 logits: half the workspace's elements (linear_logprob)
+        elems = DEFAULT_CHUNKS.triton_workspace // (2 if head == "gemm" else 1)
+        cv = min(v_local, max(256, elems // max(1, ct) // 256 * 256))
+        # dz workspace [ct, cv] in the input dtype (+ the fp32 logit tile it is made from)
+        fused = ct * cv * (act + (4 if head == "gemm" else 0))
+        if tokens > ct and act < 4:
+            fused += v_local * h * 4  # fp32 dW accumulator across token chunks
+        fused += 7 * tokens * 4  # (m, s, S, z_y) partials + logp, entropy, lse
+    per_logit = 4 + 4 + 4 + rounded  # logits, softmax, grad (+ 16-bit matmul out)
     return int(fused), int(tokens * v_local * per_logit)
 
 
@@ -402,7 +416,7 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     act_total = held_activation_bytes(m, par, stage, batch.tokens, batch.attn_len,
                                       opts.recompute, spec, in_flight)
     if stage == pp - 1:
-        lp_fused, lp_unfused = logprob_head_bytes(m, tp, batch.tokens)
+        lp_fused, lp_unfused = logprob_head_bytes(m, tp, batch.tokens, cfg.algo.logprob_head)
     else:
         lp_fused = lp_unfused = 0
     lp = lp_fused if cfg.algo.use_fused_kernels else lp_unfused

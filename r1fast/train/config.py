@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from r1fast import typed_toml as _config
+from r1fast.ops.fused_linear_policy_grad import TOKEN_LEVEL_LOSSES
 from r1fast.ops.policy_loss import PolicyLossConfig
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
@@ -60,6 +61,18 @@ class AlgoConfig:
     sequences (the older capture: differs when the sampler's numerics differ)."""
     use_fused_kernels: bool = True
     """Compute log-probs and the loss with r1fast's fused ops (False: plain full logits)."""
+    logprob_head: Literal["fused", "gemm", "grad-in-forward"] = "fused"
+    """How the fused op arranges the LM head's GEMMs (docs/GPU.md; bench_grpo_loss measures
+    them): "fused" Triton GEMM tiles with the softmax in their epilogue, the backward
+    recomputes the logits (8THV FLOPs); "gemm" cuBLAS fp32 logit tiles reduced by Triton row
+    kernels (the same FLOPs, more memory traffic); "grad-in-forward" cuBLAS tiles with the
+    gradients formed in the forward (6THV FLOPs, for an fp32 [V/tp, H] accumulator and both
+    gradients kept until the backward; token-level losses ppo and cispo only). The last two
+    run on Triton only: a GPU, or kernel_impl="triton" under TRITON_INTERPRET=1."""
+    kernel_impl: Literal["auto", "torch", "triton"] = "auto"
+    """Implementation of the fused op (log-probs and loss): "auto" picks Triton on a GPU and
+    torch on a CPU; "torch" or "triton" is used as asked, or the run stops before the model
+    is built."""
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -71,6 +84,16 @@ class AlgoConfig:
                              f"{self.ppo_epochs} and {self.mini_batches}")
         if not self.adv_eps > 0:
             raise ValueError(f"algo.adv_eps must be > 0, got {self.adv_eps}")
+        for key, value, default in (("logprob_head", self.logprob_head, "fused"),
+                                    ("kernel_impl", self.kernel_impl, "auto")):
+            if value != default and not self.use_fused_kernels:
+                raise ValueError(f"algo.{key}={value!r} is a choice of the fused op, which "
+                                 f"algo.use_fused_kernels=false turns off: use {key}="
+                                 f"\"{default}\" or use_fused_kernels=true")
+        if self.logprob_head == "grad-in-forward" and self.objective.loss not in TOKEN_LEVEL_LOSSES:
+            raise ValueError(f"algo.logprob_head=\"grad-in-forward\" needs a token-level "
+                             f"algo.loss {TOKEN_LEVEL_LOSSES}, got {self.objective.loss!r} (it "
+                             "couples the tokens of a sequence)")
         if self.ref_reset_every < 0:
             raise ValueError(f"algo.ref_reset_every must be >= 0 (0: never), got "
                              f"{self.ref_reset_every}")

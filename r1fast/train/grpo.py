@@ -42,13 +42,15 @@ from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, 
                                      save_checkpoint, set_aside)
 from r1fast.train.config import TrainConfig, load_train_config
 from r1fast.train.engine import TrainEngine
+from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, gather_expert_load,
                                   load_imbalance, truncate_metrics)
 from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.train.policy_io import copy_weights, load_model_state
 from r1fast.train.reward_routing import source_means
-from r1fast.train.task import TaskData, build_task, check_inputs
+from r1fast.train.task import (TaskData, build_task, check_inputs, check_tokenizer_fits,
+                               run_tokenizer)
 from r1fast.typed_toml import ConfigError, dump_toml
 
 log = logging.getLogger("r1fast.train")
@@ -84,6 +86,9 @@ class GRPOTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         # what can fail without the model fails before it is built (seconds of construction)
         check_inputs(config, custom_reward=reward is not None or task is not None)
+        check_kernel_choice(a)
+        tokenizer = task.tokenizer if task is not None else run_tokenizer(config)
+        check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
         self._resume_from = latest_checkpoint(self.ckpt_dir) if config.run.resume else None
         if self._resume_from is None and not config.run.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
@@ -96,10 +101,7 @@ class GRPOTrainer:
                                       trainable=False) if use_kl else None
         # without a reference there is no KL term, not even a reported one
         self.loss_cfg = a.objective if use_kl else dataclasses.replace(a.objective, kl=None)
-        self.task = task or build_task(config, reward=reward)
-        if self.task.tokenizer.vocab_size > config.model.vocab_size:
-            raise ValueError(f"the tokenizer has {self.task.tokenizer.vocab_size} tokens but "
-                             f"model.vocab_size is {config.model.vocab_size}")
+        self.task = task or build_task(config, reward=reward, tokenizer=tokenizer)
         self.step_idx = 0
         self.expert_loads: dict[int, list[float]] = {}
         """Tokens per expert of each MoE layer in the last step (see expert_load.jsonl)."""
@@ -402,6 +404,9 @@ class GRPOTrainer:
         cfg, temperature = self.loss_cfg, self.cfg.rollout.temperature
         tis = cfg.tis_cap is not None
         fused = self.cfg.algo.use_fused_kernels
+        head = dict(impl=self.cfg.algo.kernel_impl,
+                    tiles="gemm" if self.cfg.algo.logprob_head == "gemm" else None,
+                    grad_in_forward=self.cfg.algo.logprob_head == "grad-in-forward")
 
         def loss_fn(hidden, weight, mb):
             dev = hidden.device
@@ -420,8 +425,8 @@ class GRPOTrainer:
                 # prompt and padding positions skip the LM head; the micro-batch is still on
                 # the host here, so finding them waits for no device
                 rows = mb["mask"].reshape(-1).nonzero().squeeze(1).to(dev)
-                return ops.fused_linear_policy_loss(*args, active_rows=rows, **kw)
-            return _unfused_policy_loss(*args, **kw)
+                return ops.fused_linear_policy_loss(*args, active_rows=rows, **head, **kw)
+            return unfused_policy_loss(*args, **kw)
 
         return loss_fn
 
@@ -545,29 +550,6 @@ def _pack_routing(p: PackedMicroBatch, routing: torch.Tensor) -> torch.Tensor:
     k = routing.shape[-1]
     out[0, sum(p.lengths):] = torch.arange(k, dtype=out.dtype)
     return out
-
-
-def _unfused_policy_loss(hidden, weight, targets, old, adv, mask, ref, cfg, *, temperature,
-                         global_normalizer, rollout_logp, return_entropy, cu_seqlens, **_):
-    """The same loss through full logits (the baseline ``use_fused_kernels=false`` measures);
-    the arguments of :func:`r1fast.ops.fused_linear_policy_loss`."""
-    from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
-                                               gather_from_tensor_model_parallel_region)
-
-    # the policy's head contract: every TP rank returns the FULL input gradient (the copy's
-    # backward all-reduces the vocab shards' partial gradients), as linear_logprob does
-    hidden = copy_to_tensor_model_parallel_region(hidden.float())
-    logits = gather_from_tensor_model_parallel_region(hidden @ weight.float().t())
-    logp_all = torch.log_softmax(logits / temperature, -1)  # [b, L, V] or [T, V]
-    logp = logp_all.gather(-1, targets[..., None])[..., 0]
-    loss, metrics = ops.policy_loss(
-        logp, old, adv, mask, cfg, ref_logp=ref, global_normalizer=global_normalizer,
-        rollout_logp=rollout_logp, cu_seqlens=cu_seqlens,
-        max_len=None if cu_seqlens is not None else targets.shape[1], impl="torch")
-    if return_entropy:
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-        metrics["entropy_mean"] = (ent.detach() * mask).sum() / mask.sum().clamp_min(1)
-    return loss, metrics
 
 
 def train_main(recipe: str | None, overrides: Sequence[str]) -> int:

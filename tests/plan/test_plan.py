@@ -387,3 +387,25 @@ def test_packed_peak_follows_the_token_budget(megatron_rank, budget):
     plan = plan_memory(cfg, world_size=1, prompt_len=16, spec="local")
     assert plan.packed and plan.micro_batch_tokens == budget
     assert plan.worst.activation_bytes["none"] == pytest.approx(peak, rel=0.15)
+
+
+def test_logprob_head_arrangements_are_planned():
+    """algo.logprob_head changes the head's bytes by what each arrangement allocates: cuBLAS
+    tiles add the fp32 logit tile beside the dz workspace (half as many columns); the
+    in-forward gradient holds an fp32 dW accumulator and keeps dW and dx, rounded to bf16,
+    until the backward."""
+    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS
+
+    plans = {head: plan_memory(recipe("qwen3_30b_a3b.toml", f"--algo.logprob_head={head}"))
+             for head in ("fused", "gemm", "grad-in-forward")}
+    m = recipe("qwen3_30b_a3b.toml").model
+    v, h, tp = m.vocab_size, m.hidden_size, plans["fused"].tp
+    fused, gemm, in_forward = (plans[k].worst for k in ("fused", "gemm", "grad-in-forward"))
+    workspace = DEFAULT_CHUNKS.triton_workspace * 2  # bytes of bf16 dz at the default chunk
+    assert fused.logprob_bytes <= workspace + 7 * 4 * 16384 + v // tp * h * 4
+    assert gemm.logprob_bytes - fused.logprob_bytes == pytest.approx(workspace / 2, rel=0.05)
+    kept = (v // tp + fused.logprob_unfused_bytes // (v // tp * 16)) * h * (4 + 2)
+    assert in_forward.logprob_bytes > kept
+    assert in_forward.train_peak - fused.train_peak == \
+        in_forward.logprob_bytes - fused.logprob_bytes
+    assert fused.logprob_unfused_bytes == in_forward.logprob_unfused_bytes

@@ -192,3 +192,66 @@ def test_fused_and_full_logits_updates_agree(tmp_path):
     for a, b in zip(run("fused"), run("full", "--algo.use_fused_kernels=false")):
         for key in ("loss", "grad_norm", "entropy", "kl", "reward_mean"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_logprob_heads_give_the_same_updates(tmp_path, monkeypatch):
+    """algo.logprob_head picks an arrangement of the LM head's GEMMs, not another objective:
+    Triton's fused tiles, cuBLAS tiles and the in-forward gradient (kernel_impl="triton", under
+    the interpreter here) match the torch path step for step, updates included."""
+    from r1fast import ops
+    from r1fast.train.grpo import GRPOTrainer
+
+    op, seen = ops.fused_linear_policy_loss, []
+
+    def spy(*args, **kw):
+        seen.append((kw["impl"], kw["tiles"], kw["grad_in_forward"]))
+        return op(*args, **kw)
+
+    monkeypatch.setattr(ops, "fused_linear_policy_loss", spy)
+
+    def run(name, *extra):
+        return GRPOTrainer(make_cfg(tmp_path / name, "--run.steps=2", "--algo.kl_coef=0.01",
+                                    *extra), reward=varied_reward).fit()
+
+    base = run("torch")
+    assert set(seen) == {("auto", None, False)}
+    for head, used in (("fused", ("triton", None, False)), ("gemm", ("triton", "gemm", False)),
+                       ("grad-in-forward", ("triton", None, True))):
+        seen.clear()
+        rows = run(head, "--algo.kernel_impl=triton", f"--algo.logprob_head={head}")
+        assert set(seen) == {used}, (head, set(seen))
+        for a, b in zip(base, rows, strict=True):
+            for key in ("loss", "grad_norm", "entropy", "kl", "reward_mean"):
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), \
+                    (head, key, a[key], b[key])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--algo.use_fused_kernels=false", "--algo.logprob_head=gemm"],
+     r"algo.logprob_head='gemm' is a choice of the fused op"),
+    (["--algo.use_fused_kernels=false", "--algo.kernel_impl=triton"],
+     r"algo.kernel_impl='triton' is a choice of the fused op"),
+    (["--algo.loss=gspo", "--algo.logprob_head=grad-in-forward"],
+     r"algo.logprob_head=\"grad-in-forward\" needs a token-level algo.loss .* got 'gspo'"),
+])
+def test_logprob_head_refuses_what_would_not_run(overrides, match):
+    from r1fast.typed_toml import ConfigError
+
+    with pytest.raises(ConfigError, match=match) as e:
+        load_train_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_logprob_head_off_triton_stops_before_the_model(tmp_path, monkeypatch):
+    """On a CPU, kernel_impl="auto" is torch, which has no cuBLAS-tile arrangement: the trainer
+    refuses at once (no model is built) instead of failing at the first loss."""
+    from r1fast.train import grpo
+
+    def no_engine(*a, **k):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(grpo, "TrainEngine", no_engine)
+    cfg = make_cfg(tmp_path, "--algo.logprob_head=grad-in-forward")
+    with pytest.raises(ValueError, match=r"algo.logprob_head='grad-in-forward' runs on Triton, "
+                                         r"but algo.kernel_impl='auto' resolves to 'torch'"):
+        grpo.GRPOTrainer(cfg, reward=varied_reward)
