@@ -177,6 +177,22 @@ def read_meta(path: str | Path, what: str = "reward model") -> dict:
     return meta
 
 
+def check_reward_model_folder(path: str | Path, what: str = "reward model") -> dict:
+    """The meta of reward-model folder ``path`` once its files are there: ``reward_model.json``,
+    the model's config and the score head. Cheap (no weights read), so a run checks it before
+    it builds its own model; a one-line error naming ``what`` otherwise."""
+    from r1fast.policy.hf_checkpoint import load_model_config
+
+    meta = read_meta(path, what)
+    try:
+        load_model_config(str(path))
+    except ValueError as e:
+        raise ValueError(f"{what} {path}: {e}") from None
+    if not (Path(path) / HEAD_FILE).is_file():
+        raise ValueError(f"{what} {path}: {HEAD_FILE} (the score head) is missing")
+    return meta
+
+
 def load_head(path: str | Path, hidden_size: int) -> torch.Tensor:
     """``score.weight`` [1, H] fp32 of a reward-model folder."""
     from safetensors.torch import load_file
@@ -205,7 +221,7 @@ def load_reward_model(path: str | Path, parallel=None, *, seed: int = 0, batch_s
     from r1fast.rewards.reward_model import RewardModelConfig, RewardModelReward
     from r1fast.train.policy_io import load_model_state
 
-    meta = read_meta(path, what)
+    meta = check_reward_model_folder(path, what)
     model_cfg = load_model_config(str(path))
     policy = build_policy(model_cfg, parallel or ParallelConfig(), seed=seed, trainable=False)
     load_model_state(policy, str(path))

@@ -126,6 +126,10 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
                       ("reward.reward_model", cfg.reward.reward_model)):
         if path is not None and not Path(path).exists():
             raise ValueError(f"{key}={path} does not exist")
+    if cfg.reward.reward_model is not None:
+        from r1fast.train.reward_model_io import check_reward_model_folder
+
+        check_reward_model_folder(cfg.reward.reward_model, "reward.reward_model")
     if custom_reward:
         return
     # the names reward_parts resolves itself; every other one goes through get_reward
@@ -134,6 +138,13 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
         if name not in own and name not in available_rewards():
             raise ValueError(f"reward.weights names {name!r}, which is not a reward: use "
                              f"accuracy or one of {tuple(available_rewards())}")
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, key: str) -> None:
+    """Every id ``tokenizer`` can produce has a row in a model of ``vocab_size`` (``key``)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {key} is "
+                         f"{vocab_size}: token ids past it have no embedding row")
 
 
 def run_tokenizer(cfg):

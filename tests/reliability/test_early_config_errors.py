@@ -7,9 +7,14 @@ fresh start over an existing run, a layout that does not fit the world size -- m
 for it. The tests replace the trainer's engine with one that fails the test if it is ever
 constructed, so each error must come first,
 and check it is one ``r1fast: error:`` line naming the key with exit code 2 through the CLI."""
+import json
+
 import pytest
 
 from r1fast.cli import main
+from r1fast.policy.config import ModelConfig
+from r1fast.policy.hf_checkpoint import R1FAST_CONFIG
+from r1fast.train.reward_model_io import FORMAT, META_FILE
 from r1fast.train.config import load_train_config
 
 pytestmark = pytest.mark.reliability
@@ -36,6 +41,12 @@ def _cases(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
     missing = tmp_path / "missing"
+    not_rm = tmp_path / "not_a_reward_model"  # a model folder without the reward files
+    not_rm.mkdir()
+    no_head = tmp_path / "no_head"  # a reward model whose score head was lost
+    no_head.mkdir()
+    (no_head / META_FILE).write_text(json.dumps({"format": FORMAT, "max_length": 64}))
+    (no_head / R1FAST_CONFIG).write_text(json.dumps(ModelConfig.preset("tiny-moe").to_dict()))
     return [
         ([f"--data.path={missing}.jsonl"], "data.path="),
         ([f"--data.test_path={missing}.jsonl"], "data.test_path="),
@@ -47,10 +58,14 @@ def _cases(tmp_path):
         ([f"--run.out_dir={run}", "--run.resume=false"], "has run.resume=false"),
         (["--parallel.world_size=4"], "parallel.world_size=4, but torch.distributed has 1"),
         (["--parallel.tp=2"], "ParallelConfig: world size 1 is not a multiple of tp"),
+        ([f"--reward.reward_model={not_rm}"], "is not a reward-model folder"),
+        ([f"--reward.reward_model={no_head}"], "reward_head.safetensors .the score head. is missing"),
+        (["--model.vocab_size=8"], "but model.vocab_size is 8"),
+        (["--algo.logprob_head=gemm"], "algo.logprob_head='gemm' runs on Triton"),
     ]
 
 
-@pytest.mark.parametrize("i", range(10))
+@pytest.mark.parametrize("i", range(14))
 def test_error_comes_before_the_model(tmp_path, no_model, i):
     from r1fast.train.grpo import GRPOTrainer
 
@@ -61,7 +76,7 @@ def test_error_comes_before_the_model(tmp_path, no_model, i):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("i", [0, 2, 4, 6, 8])
+@pytest.mark.parametrize("i", [0, 2, 4, 6, 8, 10, 12])
 def test_cli_error_is_one_line_exit_2(tmp_path, no_model, capsys, i):
     extra, msg = _cases(tmp_path)[i]
     with pytest.raises(SystemExit) as e:
