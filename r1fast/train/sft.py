@@ -38,7 +38,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -52,6 +52,7 @@ from r1fast.train.checkpoint import (CheckpointError, barrier, has_run_files, la
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import packed_micro_batches
+from r1fast.train.task import check_tokenizer_fits
 
 log = logging.getLogger("r1fast.train")
 
@@ -144,6 +145,13 @@ class SFTTrainer:
                 raise ValueError(f"examples[{i}] must be a dict with 'prompt' and 'completion'")
         self.cfg = config
         self.tokenizer = tokenizer
+        # what can fail without the model fails before it is built (seconds of construction)
+        check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
+        self.run_dir = Path(config.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if not config.overwrite and (not config.resume or latest_checkpoint(self.ckpt_dir)
+                                     is None):
+            self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.steps, seed=config.seed,
                                   init_from=config.init_from)
@@ -153,8 +161,6 @@ class SFTTrainer:
                       tokenizer.encode(ex["completion"], add_eos=True)) for ex in examples]
         self.data_fingerprint = _fingerprint(self.data)
         self.rng = random.Random(config.seed)
-        self.run_dir = Path(config.out_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.step_idx = 0
         """Optimizer steps done (restored from a checkpoint on resume)."""
         path = latest_checkpoint(self.ckpt_dir) if config.resume else None

@@ -113,6 +113,27 @@ def test_fresh_start_over_a_run_needs_overwrite_and_keeps_the_old_files(tmp_path
         SFTTrainer(make_cfg(run, steps=1), uneven_examples(), CharTokenizer())
 
 
+def test_refusals_come_before_the_model(tmp_path, monkeypatch):
+    """A fresh start over a run's files, or a tokenizer with more ids than the model has
+    embedding rows, is refused before the policy is built (seconds of construction)."""
+    import r1fast.train.sft as sft
+
+    def no_engine(*a, **k):
+        raise AssertionError("the model was built before the refusal")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    monkeypatch.setattr(sft, "TrainEngine", no_engine)
+    for cfg, match in ((make_cfg(run, steps=1), "holds no complete checkpoint"),
+                       (make_cfg(run, steps=1, resume=False), "has resume=False"),
+                       (dataclasses.replace(make_cfg(tmp_path / "new", steps=1),
+                                            model=dataclasses.replace(MODEL, vocab_size=8)),
+                        "the tokenizer has .* tokens but model.vocab_size is 8")):
+        with pytest.raises(ValueError, match=match):
+            SFTTrainer(cfg, uneven_examples(), CharTokenizer())
+
+
 # ------------------------------------------------------------------ resume at another layout
 
 def _save_init(rank, out_dir):
