@@ -9,8 +9,8 @@
                                         rejection-sample, distill, evaluate)
 
 Each subcommand is a thin shell over the Python API it names; heavy imports happen inside the
-subcommand so ``r1fast --help`` is instant. A bad config value, input file or checkpoint is one
-line on stderr, ``r1fast: error: <message>``, and exit code 2 (1 for a run stopped by non-finite
+subcommand so ``r1fast --help`` is instant. A bad config value, input file, checkpoint or
+command-line usage is one line on stderr, ``r1fast: error: <message>``, and exit code 2 (1 for a run stopped by non-finite
 values); set ``R1FAST_DEBUG=1`` for the traceback.
 """
 from __future__ import annotations
@@ -19,6 +19,16 @@ import argparse
 import os
 import sys
 from typing import Sequence
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as every other error of the CLI:
+    ``r1fast: error: <prog>: <message> (see <prog> --help)`` and exit code 2 (argparse prints
+    the whole usage block first). Every r1fast subcommand parses with it."""
+
+    def error(self, message: str):
+        msg = " ".join(message.split())
+        self.exit(2, f"r1fast: error: {self.prog}: {msg} (see {self.prog} --help)\n")
 
 
 def _demo(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -58,7 +68,7 @@ def _stage(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1fast", description="R1-style RL for MoE models")
+    parser = ArgumentParser(prog="r1fast", description="R1-style RL for MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the CPU demo", add_help=False)
     p.set_defaults(fn=_demo)

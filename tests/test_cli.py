@@ -71,6 +71,26 @@ def test_stage_cli_names_missing_arguments(capsys):
     assert "needs --init" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["bogus"], "r1fast: argument command: invalid choice: 'bogus'"),
+    (["train"], "r1fast train: the following arguments are required: recipe"),
+    (["stage", "sft"], "r1fast stage: stage sft needs --out, --init"),
+    (["stage", "nope"], "r1fast stage: argument name: invalid choice: 'nope'"),
+    (["plan", "recipes/tiny.toml", "--gpu-mem", "x"], "argument --gpu-mem: invalid float"),
+    (["policy", "--preset"], "argument --preset: expected one argument"),
+    (["export"], "r1fast export: the following arguments are required: source, out_dir"),
+    (["stage", "reward-model"], "r1fast stage reward-model: the following arguments are "
+                                "required: --init, --data, --out"),
+])
+def test_usage_errors_are_one_line_exit_2(argv, says, capsys):
+    """argparse's usage errors, in every subcommand, are one line like every other error."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("r1fast: error: ") and says in err, err
+    assert err.count("\n") == 1 and err.rstrip().endswith("--help)"), err
+
+
 def test_stage_cli_pretrain_then_evaluate(tmp_path, capsys):
     assert main(["stage", "pretrain", "--out", str(tmp_path / "b"), "--model", "tiny-dense",
                  "--steps", "2", "--num-train", "64"]) == 0

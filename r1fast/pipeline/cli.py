@@ -34,6 +34,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from r1fast.cli import ArgumentParser
 from r1fast.pipeline import stages
 from r1fast.pipeline import demo_task
 from r1fast.pipeline.demo import DemoConfig, dense_model, moe_model, pretrain_base, task_overrides
@@ -43,7 +44,7 @@ DEFAULT_STEPS, DEFAULT_LR = 200, 1e-3
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="r1fast stage", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="r1fast stage", description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=(*STAGES, "reward-model"))
     ap.add_argument("--out", help="output folder (a .jsonl path for rejection-sample)")
     ap.add_argument("--init", help="model folder to start from (sft, grpo)")

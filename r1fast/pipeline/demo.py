@@ -31,7 +31,6 @@ rl_*.png and every stage's folder.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from r1fast.cli import ArgumentParser
 from r1fast.data import CharTokenizer
 from r1fast.pipeline import demo_report as report
 from r1fast.pipeline import demo_task as task
@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from r1fast.typed_toml import load
 
     logging.basicConfig(level=logging.WARNING)
-    ap = argparse.ArgumentParser(prog="r1fast demo", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="r1fast demo", description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="DemoConfig fields as --field=value")
     args, rest = ap.parse_known_args(argv)
     cfg = load(DemoConfig, None, [*args.overrides, *rest])

@@ -19,6 +19,7 @@ import json
 import sys
 from typing import Sequence
 
+from r1fast.cli import ArgumentParser
 from r1fast.plan.memory import (DECODERS, SPECS, GiB, RECOMPUTE_MODES, MemoryPlan, StagePlan,
                                 plan_memory)
 
@@ -196,7 +197,7 @@ def _plan_dict(plan: MemoryPlan) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r1fast plan",
+    p = ArgumentParser(prog="r1fast plan",
                                 description="per-GPU memory plan of a GRPO recipe")
     p.add_argument("recipe", help="TOML recipe, e.g. recipes/qwen3_30b_a3b.toml")
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB",

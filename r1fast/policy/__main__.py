@@ -6,16 +6,17 @@ Single process by default; under ``torchrun --nproc-per-node N`` pass ``--tp/--p
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Optional, Sequence
+
+from r1fast.cli import ArgumentParser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from r1fast.policy.config import PRESETS
 
-    ap = argparse.ArgumentParser(prog="python -m r1fast.policy",
+    ap = ArgumentParser(prog="python -m r1fast.policy",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny-moe", choices=sorted(PRESETS))
     ap.add_argument("--hf", default=None, help="load this HF checkpoint directory instead")

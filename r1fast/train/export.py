@@ -14,7 +14,6 @@ else the one of its ``run.init_from`` folder.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from r1fast import typed_toml
+from r1fast.cli import ArgumentParser
 
 log = logging.getLogger("r1fast.train")
 
@@ -82,7 +82,7 @@ def export_checkpoint(src: str | Path, out: str | Path) -> Path:
 
 
 def export_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="r1fast export", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="r1fast export", description=__doc__.splitlines()[0])
     ap.add_argument("source", help="run folder or checkpoints/step_N folder")
     ap.add_argument("out_dir", help="the Hugging Face folder to write")
     args = ap.parse_args(list(argv))

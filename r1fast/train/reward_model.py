@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from r1fast.cli import ArgumentParser
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.batch import all_ranks_int
@@ -298,7 +299,7 @@ def _barrier() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="r1fast stage reward-model",
+    ap = ArgumentParser(prog="r1fast stage reward-model",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--init", required=True, help="model folder to start from (backbone + "
                     "tokenizer)")
