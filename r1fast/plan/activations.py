@@ -25,8 +25,9 @@ normalised input); "local-segments" is "local" for packed micro-batches, whose g
 attention runs per sequence through SDPA (r1fast.policy.packed_attention), keeping a
 log-sum-exp per query head instead of [s, s] probabilities. Packed MLA also attends per
 sequence, but SDPA takes its math path for MLA's unequal q/v head dims and keeps each
-sequence's [L, L] probabilities; the plan still counts the whole row's [T, T] for it (an
-over-estimate: measured 6-25% below the plan on the tiny MLA recipe). The local counts are
+sequence's [L, L] probabilities: the plan counts L scores per token, L the longest a
+sequence can be (``segment_len``; measured within 0.1% on the tiny MLA recipe with every
+sequence at that length). The local counts are
 held to measurements in tests/plan/test_plan.py and tests/policy/test_recompute.py; the TE
 ones are counted from TE's documented saves.
 
@@ -84,9 +85,12 @@ def _gqa_attention_bytes(m: ModelConfig, tp: int, act: int, seq_len: int, rows: 
 
 
 def _mla_attention_bytes(m: ModelConfig, tp: int, sp: int, act: int, seq_len: int,
-                         rows: float, selective: bool, local: bool) -> float:
+                         rows: float, selective: bool, local: bool,
+                         segment_len: int = 0) -> float:
     """Multi-head latent attention (megatron's MLASelfAttention with r1fast's duplicated down
-    projections and, locally, r1fast's core attention), per token on one rank."""
+    projections and, locally, r1fast's core attention), per token on one rank.
+    ``segment_len``: a packed row's sequences attend one by one (SDPA's math path), keeping
+    ``[L, L]`` probabilities each, L at most this; 0 for one [s, s] block per row."""
     n = m.num_attention_heads / tp
     dqk, dv = m.qk_head_dim, m.v_head_dim
     out = 0.0
@@ -99,7 +103,10 @@ def _mla_attention_bytes(m: ModelConfig, tp: int, sp: int, act: int, seq_len: in
     out += 4 * m.qk_rope_head_dim * act / rows  # RoPE cos/sin of q and k: [s, 1, 1, rope]
     if local and not selective:  # fp32 q, k; v; fp32 probabilities (+ a 16-bit copy); mask
         out += 2 * n * dqk * 4 + n * dv * act
-        out += n * seq_len * (4 + (act if act < 4 else 0)) + seq_len / rows
+        if segment_len:  # per sequence: L scores per token (worst case: every L at most)
+            out += n * segment_len * (4 + (act if act < 4 else 0))
+        else:
+            out += n * seq_len * (4 + (act if act < 4 else 0)) + seq_len / rows
     else:  # q, k after RoPE and v: the checkpoint's inputs, or what flash attention keeps
         out += (2 * n * dqk + n * dv) * act
         out += 0.0 if (local or selective) else n * 4  # flash attention's log-sum-exp
@@ -143,7 +150,8 @@ def _mlp_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int
 
 
 def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int,
-                           seq_len: int, mode: str, spec: str = "te", rows: float = 1) -> float:
+                           seq_len: int, mode: str, spec: str = "te", rows: float = 1,
+                           segment_len: int = 0) -> float:
     """Bytes saved for backward per token of the micro-batch by one layer on one rank, in
     recompute ``mode`` ("full": only the layer input), ``rows`` sequences per micro-batch.
     Unfused SwiGLU and RoPE: r1fast turns the apex/TE fusions off for exactness."""
@@ -155,7 +163,8 @@ def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: in
     # the second one's in the MLP
     out = 2 * _norm(H, 1 / sp, act, local) + H / sp * act
     if m.is_mla:
-        out += _mla_attention_bytes(m, tp, sp, act, seq_len, rows, selective, local)
+        out += _mla_attention_bytes(m, tp, sp, act, seq_len, rows, selective, local,
+                                    segment_len if spec == "local-segments" else 0)
     else:
         out += _gqa_attention_bytes(m, tp, act, seq_len, rows, selective, local,
                                     spec == "local-segments")
@@ -170,7 +179,7 @@ def head_activation_bytes(m: ModelConfig, sp: int, act: int, spec: str) -> float
 
 
 def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, mode: str,
-                 spec: str, rows: float) -> tuple[float, float]:
+                 spec: str, rows: float, segment_len: int = 0) -> tuple[float, float]:
     """(kept, transient) bytes per token of one micro-batch on ``stage``: ``kept`` stays from
     the forward to the backward; ``transient`` exists once per stage at a time (full
     recompute's re-run layer or the head, whichever is larger)."""
@@ -182,7 +191,7 @@ def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, 
     hi = lo + split[stage]
     head = head_activation_bytes(m, sp, act, spec) if stage == pp - 1 else 0.0
     kept = 8.0 if stage == 0 else 0.0  # the embedding keeps the token ids (int64)
-    kept += sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec, rows)
+    kept += sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec, rows, segment_len)
                 for i in range(lo, hi))
     if mode != "full":
         return kept + head, 0.0
@@ -191,23 +200,29 @@ def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, 
     # the re-run layer's first norm keeps the kept input itself (same storage), unless torch's
     # norm keeps an fp32 copy of a 16-bit input
     shared = 0.0 if spec != "te" and act < 4 else m.hidden_size * act / sp
-    rerun = max(layer_activation_bytes(m, i, tp, sp, act, seq_len, "none", spec, rows)
+    rerun = max(layer_activation_bytes(m, i, tp, sp, act, seq_len, "none", spec, rows,
+                                       segment_len)
                 for i in range(lo, hi)) - shared
     return kept, max(head, rerun)
 
 
 def stage_activation_bytes(m: ModelConfig, par: ParallelConfig, stage: int, tokens: int,
-                           seq_len: int, mode: str, spec: str = "te") -> int:
+                           seq_len: int, mode: str, spec: str = "te",
+                           segment_len: int = 0) -> int:
     """Peak saved activations of one micro-batch of ``tokens`` tokens (sequences of
-    ``seq_len``) on ``stage``, with recompute ``mode``."""
-    kept, transient = _stage_terms(m, par, stage, seq_len, mode, spec, tokens / seq_len)
+    ``seq_len``) on ``stage``, with recompute ``mode``; ``segment_len``: with spec
+    "local-segments", the longest sequence a packed row holds."""
+    kept, transient = _stage_terms(m, par, stage, seq_len, mode, spec, tokens / seq_len,
+                                   segment_len)
     return int(math.ceil((kept + transient) * tokens))
 
 
 def held_activation_bytes(m: ModelConfig, par: ParallelConfig, stage: int, tokens: int,
-                          seq_len: int, mode: str, spec: str, in_flight: int) -> int:
+                          seq_len: int, mode: str, spec: str, in_flight: int,
+                          segment_len: int = 0) -> int:
     """Peak saved activations on ``stage`` with ``in_flight`` micro-batches between their
     forward and backward (1F1B): each keeps its saved tensors; full recompute's re-run layer
     exists once."""
-    kept, transient = _stage_terms(m, par, stage, seq_len, mode, spec, tokens / seq_len)
+    kept, transient = _stage_terms(m, par, stage, seq_len, mode, spec, tokens / seq_len,
+                                   segment_len)
     return int(math.ceil((kept * in_flight + transient) * tokens))

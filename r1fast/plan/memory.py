@@ -408,13 +408,14 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     dense, expert = stage_params(m, tp, pp, ep, stage, split)
     n = dense + expert
     # packed micro-batches on the local spec: per-sequence attention (r1fast.policy.
-    # packed_attention), no [T, T] terms
+    # packed_attention), no [T, T] terms; MLA's keeps [L, L] per sequence of at most seq_len
     spec = "local-segments" if opts.spec == "local" and batch.packed_tokens else opts.spec
+    seg = batch.seq_len if spec == "local-segments" else 0
     acts = {mode: stage_activation_bytes(m, par, stage, batch.tokens, batch.attn_len, mode,
-                                         spec) for mode in RECOMPUTE_MODES}
+                                         spec, seg) for mode in RECOMPUTE_MODES}
     in_flight = min(pp - stage, batch.n_micro)
     act_total = held_activation_bytes(m, par, stage, batch.tokens, batch.attn_len,
-                                      opts.recompute, spec, in_flight)
+                                      opts.recompute, spec, in_flight, seg)
     if stage == pp - 1:
         lp_fused, lp_unfused = logprob_head_bytes(m, tp, batch.tokens, cfg.algo.logprob_head)
     else:

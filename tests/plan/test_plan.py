@@ -354,24 +354,30 @@ def test_more_data_parallel_never_costs_memory(layout, factor):
     assert not plan_memory(cfg, par.world_size, gpu_mem_gib=need * 0.99, spec="local").fits
 
 
-@pytest.mark.parametrize("budget", [64, 160])
-def test_packed_peak_follows_the_token_budget(megatron_rank, budget):
+@pytest.mark.parametrize("model, budget", [("tiny", 64), ("tiny", 160), ("tiny_dsv3_mla", 64),
+                                           ("tiny_dsv3_mla", 160)])
+def test_packed_peak_follows_the_token_budget(megatron_rank, model, budget):
     """A packed micro-batch (rows end to end under parallel.max_tokens_per_microbatch) keeps
     activations for `budget` tokens, its rows attending per sequence (no [T, T] terms): the
     peak autograd keeps in its forward-backward is within 15% of the plan of that budget,
-    whatever the rows (measured: 0.25% at budgets 64 and 160)."""
+    whatever the rows (measured: 0.25% at budgets 64 and 160). MLA keeps each sequence's
+    [L, L] probabilities, so its plan takes every row at its longest (prompt + completion,
+    32 here): with rows of that length the peak is within 1% (measured: 0.1%)."""
     import itertools
 
     from r1fast.ops.linear_logprob import linear_logprob
     from r1fast.plan import plan_memory
     from r1fast.plan.measure import measure_peak_saved_bytes
 
-    cfg = load_train_config(None, [f"--parallel.max_tokens_per_microbatch={budget}",
-                                   "--rollout.max_new_tokens=16"])
+    cfg = load_train_config(RECIPES / f"{model}.toml",
+                            [f"--parallel.max_tokens_per_microbatch={budget}",
+                             "--rollout.max_new_tokens=16"])
     m = cfg.model
     policy = _build(m)
     g = torch.Generator().manual_seed(0)
-    lengths = [budget // 2, budget // 4, budget - budget // 2 - budget // 4]  # uneven rows
+    mla = m.is_mla
+    lengths = ([32] * (budget // 32) if mla  # every row at its longest: the plan's worst case
+               else [budget // 2, budget // 4, budget - budget // 2 - budget // 4])  # uneven
     tokens = torch.randint(0, m.vocab_size, (1, budget), generator=g)
     cu = torch.tensor([[0, *itertools.accumulate(lengths)]])
 
@@ -386,7 +392,7 @@ def test_packed_peak_follows_the_token_budget(megatron_rank, budget):
         exclude=list(policy.gpt.parameters()))
     plan = plan_memory(cfg, world_size=1, prompt_len=16, spec="local")
     assert plan.packed and plan.micro_batch_tokens == budget
-    assert plan.worst.activation_bytes["none"] == pytest.approx(peak, rel=0.15)
+    assert plan.worst.activation_bytes["none"] == pytest.approx(peak, rel=0.01 if mla else 0.15)
 
 
 def test_logprob_head_arrangements_are_planned():
