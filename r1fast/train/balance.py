@@ -7,21 +7,21 @@ spans DP ranks; r1fast.train.packing pads the count with empty micro-batches): t
 waits for the fullest rank. This module moves rows between the DP ranks so that each gets about
 the same number of tokens:
 
-1. every rank's rows of mini-batch ``j`` are gathered over the DP group (all ranks of one
-   model replica -- its TP and PP ranks -- hold the same rows and make the same exchange);
-2. :func:`balanced_partition` splits them into ``dp`` parts of equal row count, greedily
+1. the row lengths of mini-batch ``j`` are gathered over the DP group (all ranks of one model
+   replica -- its TP and PP ranks -- hold the same rows and make the same exchange);
+2. :func:`balanced_partition` splits the rows into ``dp`` parts of equal row count, greedily
    (longest row first, into the part with the fewest tokens that still has room; ties by
-   index: deterministic, a function of the lengths only);
-3. each rank keeps its part, in global row order.
+   index: deterministic, a function of the lengths only), the same on every rank;
+3. each rank sends every other rank only the rows of that rank's part (one
+   ``scatter_object_list`` per source rank) and keeps its part in global row order.
 
 Balancing is done per mini-batch, so each optimizer step sees exactly the rows it saw before:
 the loss is a global sum over rows divided by a global normaliser and gradients are summed over
 DP, so the update equals the unbalanced one up to float rounding (tested). Row-level tensors
 (tokens, masks, advantages, sampler log-probs, R3 routing tables) travel together.
 
-Cost: the exchange gathers every rank's rows to every rank of the DP group (host tensors,
-``all_gather_object``), ``dp`` times the local batch of token ids and masks; an all-to-all of
-only the moved rows would send less.
+Cost: ``dp`` integers per row to every rank, then each row that changes rank is sent once, to
+its new rank (host tensors, pickled); rows that stay are not sent.
 """
 from __future__ import annotations
 
@@ -73,20 +73,45 @@ def balance_over_dp(batch: UpdateBatch, routing: Optional[dict[int, torch.Tensor
         local = {"batch": batch.rows(sl),
                  "routing": None if routing is None else {k: v[sl] for k, v in routing.items()}}
         gathered: list = [None] * dp
-        dist.all_gather_object(gathered, local, group=group)
-        every = UpdateBatch.cat([g["batch"] for g in gathered])
-        lengths = every.lengths.tolist()
+        dist.all_gather_object(gathered, local["batch"].lengths.tolist(), group=group)
+        lengths = [n for rank_lengths in gathered for n in rank_lengths]
         split = balanced_partition(lengths, dp)
         per = len(lengths) // dp
         for r in range(dp):
             before[r] += sum(lengths[r * per:(r + 1) * per])
             after[r] += sum(lengths[i] for i in split[r])
-        mine = torch.tensor(split[dp_rank], dtype=torch.long)
-        table = None
-        if routing is not None:
-            table = {k: torch.cat([g["routing"][k] for g in gathered])[mine] for k in routing}
-        parts.append((every.rows(mine), table))
+        pieces = _exchange(local, split, per, group, dp_rank, dp)  # by source rank
+        mine = UpdateBatch.cat([p["batch"] for p in pieces])  # global row order
+        table = None if routing is None else {
+            k: torch.cat([p["routing"][k] for p in pieces]) for k in routing}
+        parts.append((mine, table))
     out = UpdateBatch.cat([b for b, _ in parts])
     table = None if routing is None else {k: torch.cat([t[k] for _, t in parts])
                                           for k in routing}
     return out, table, BalanceStats(_imbalance(before), _imbalance(after))
+
+
+def _exchange(local: dict, split: list[list[int]], per: int, group, dp_rank: int,
+              dp: int) -> list[dict]:
+    """The rows of ``split[dp_rank]`` (global indices; rank r holds ``r*per .. r*per+per-1``)
+    as ``[{"batch", "routing"}]`` per source rank, ascending: each source scatters to every
+    rank the rows of that rank's part it holds, itself included (kept, not sent)."""
+    def take(rows: list[int]) -> dict:
+        idx = torch.tensor(rows, dtype=torch.long)
+        return {"batch": local["batch"].rows(idx), "routing": None if local["routing"] is None
+                else {k: v[idx] for k, v in local["routing"].items()}}
+
+    lo = dp_rank * per
+    outgoing = [take([i - lo for i in part if lo <= i < lo + per]) for part in split]
+    pieces = []
+    for src in range(dp):
+        if src == dp_rank:
+            pieces.append(outgoing[dp_rank])
+        box: list = [None]
+        src_global = src if group is None else dist.get_global_rank(group, src)
+        sent = [None if r == src else o for r, o in enumerate(outgoing)]  # own rows stay
+        dist.scatter_object_list(box, sent if src == dp_rank else None, src=src_global,
+                                 group=group)
+        if src != dp_rank:
+            pieces.append(box[0])
+    return pieces
