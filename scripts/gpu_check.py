@@ -87,6 +87,7 @@ from gpu_check_report import (  # noqa: E402
     _verbose_counts,
     render_summary,
 )
+from gpu_check_targets import render_targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -586,6 +587,9 @@ def main(argv=None) -> int:
         rec.summary(finished=True)
         shutil.rmtree(runner.tmp, ignore_errors=True)
     print((results / "summary.md").read_text())
+    # once more last, where the tail of a long log shows it
+    print("\n".join(["## Targets (issue #18)", "",
+                     *render_targets([r for r in rec.rows if r.get("kind") == "bench"])]))
     return 0 if runner.ok else 1
 
 

@@ -8,6 +8,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from gpu_check_targets import render_targets
+
 
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
@@ -97,6 +99,9 @@ def render_summary(rows: list[dict], dry: bool, finished: bool, elapsed: float) 
     failing = [t for r in stages for t in r.get("failures_list", []) or []]
     if failing:
         lines += ["", "Failing tests:", ""] + [f"- {t}" for t in failing]
+    if bench:
+        lines += ["", "## Targets (issue #18; ratios within this run)", "",
+                  *render_targets(bench)]
     if bench:
         lines += ["", "## Benchmarks", "", "| bench | " + " | ".join(_BENCH_COLS) + " |",
                   "| --- |" + " --- |" * len(_BENCH_COLS)]

@@ -59,6 +59,10 @@ def test_dry_run_writes_every_result_file(tmp_path):
     for name in stages:
         assert f"| {name} |" in summary
     assert "## Benchmarks" in summary and "r1fast triton" in summary
+    # the targets table, on the dry run's tiny shape and saying so
+    assert "## Targets (issue #18" in summary
+    assert "| linear_logprob logp error vs fp64 | <= 1e-4 |" in summary
+    assert "(not the issue's shape); r1fast triton" in summary
     # the compiler's report runs for real (sm_90 cubins) even without a GPU
     res = [r for r in rows if r["kind"] == "resources"]
     assert res and all(r["regs"] > 0 and r["arch"] == "sm_90" for r in res), res

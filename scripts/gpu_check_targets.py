@@ -1,0 +1,201 @@
+"""Issue #18's speed targets, read off the benchmark rows of one gpu-check run.
+
+The README carries "a table of the measured ratios against each target, misses included". This
+module computes that table from ``results.jsonl`` alone, so nobody transcribes a number by
+hand, and every ratio is taken between rows of the same run (same machine, clocks, versions):
+
+| target | ratio computed | met when |
+|---|---|---|
+| linear_logprob fwd+bwd vs the 8THV floor | ms / (bare GEMMs' ms x 8/6) | <= 1.25 |
+| linear_logprob vs Liger FLCE | Liger ms / r1fast ms | > 1 |
+| linear_logprob extra memory | peak_extra_mib | < 2048 |
+| linear_logprob logp error vs fp64 | max_abs_err | <= 1e-4 |
+| fused policy loss vs linear_logprob alone | fused ms / alone ms | <= 1.03 |
+| routing fwd+bwd vs megatron-core's router | megatron ms / r1fast ms | >= 5 |
+| permute, unpermute vs a copy | frac_copy | >= 0.70 |
+| GRPO step, kernels on vs off | off step_s / on step_s | >= 1.3 |
+
+The bare-GEMM "full" row times the three GEMMs of a forward and backward without recompute
+(6THV FLOPs), so the 8THV floor is that time x 8/6. r1fast's row is the faster of its
+arrangements (fused or cuBLAS tiles; the fused loss also with its gradient in the forward),
+named in the table. Shapes are the issue's (T=16384, H=4096, V=151936; E=256, k=8; H=4096)
+when the run has them; a dry run's tiny shapes are used as they are and the table says so.
+A target whose rows are missing, skipped or failed reads "not measured" with the reason.
+
+    python scripts/gpu_check_targets.py RESULTS/results.jsonl     # prints the markdown table
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+LOGPROB_SHAPE = {"T": 16384, "H": 4096, "V": 151936}
+ROUTE_SHAPE = {"T": 16384, "E": 256, "k": 8}
+PERMUTE_SHAPE = {"T": 16384, "H": 4096, "E": 256, "k": 8}
+R1FAST_LOGPROB = ("r1fast triton", "r1fast triton (gemm tiles)")
+
+
+def _full(rows: list[dict], bench: str, op: str | None = None) -> list[dict]:
+    """The bench's rows of ``op`` in mode full (or with no mode: the step benchmark)."""
+    return [r for r in rows if r.get("kind", "bench") == "bench" and r.get("bench") == bench
+            and (op is None or r.get("op") == op) and r.get("mode", "full") == "full"]
+
+
+def _at_shape(rows: list[dict], want: dict) -> tuple[list[dict], bool]:
+    """Rows at the shape ``want`` (its keys), else at the last shape present (a dry run)."""
+    hit = [r for r in rows if all((r.get("shape") or {}).get(k) == v for k, v in want.items())]
+    if hit or not rows:
+        return hit, bool(hit)
+    last = rows[-1].get("shape") or {}
+    return [r for r in rows if all((r.get("shape") or {}).get(k) == last.get(k)
+                                   for k in want)], False
+
+
+def _timed(rows: list[dict], providers) -> dict[str, dict]:
+    return {r["provider"]: r for r in rows if r.get("provider") in providers and "ms" in r}
+
+
+def _why_missing(rows: list[dict], providers) -> str:
+    notes = [f"{r['provider']}: {r.get('skipped') or r.get('error')}" for r in rows
+             if r.get("provider") in providers and (r.get("skipped") or r.get("error"))]
+    return "not measured" + (f" ({'; '.join(notes)})" if notes else " (no rows)")
+
+
+def _row(target: str, goal: str, value, met, where: str) -> dict:
+    return {"target": target, "goal": goal, "value": value, "met": met, "where": where}
+
+
+def _linear_logprob(rows: list[dict]) -> list[dict]:
+    lp, exact = _at_shape(_full(rows, "linear_logprob", "linear_logprob"), LOGPROB_SHAPE)
+    where = _shape_note(lp, exact)
+    ours = _timed(lp, R1FAST_LOGPROB)
+    out = []
+    if not ours:
+        why = _why_missing(lp, R1FAST_LOGPROB)
+        return [_row(t, g, why, None, where) for t, g in (
+            ("linear_logprob fwd+bwd / 8THV floor", "<= 1.25"), ("Liger FLCE / linear_logprob",
+                                                                 "> 1"),
+            ("linear_logprob extra memory (MiB)", "< 2048"),
+            ("linear_logprob logp error vs fp64", "<= 1e-4"))]
+    best = min(ours.values(), key=lambda r: r["ms"])
+    where = f"{where}; {best['provider']}"
+    gemm = _timed(lp, ("bare GEMM (roofline)",)).get("bare GEMM (roofline)")
+    ratio = best["ms"] / (gemm["ms"] * 8 / 6) if gemm else None
+    out.append(_row("linear_logprob fwd+bwd / 8THV floor", "<= 1.25",
+                    ratio if gemm else _why_missing(lp, ("bare GEMM (roofline)",)),
+                    None if ratio is None else ratio <= 1.25, where))
+    liger = _timed(lp, ("liger flce",)).get("liger flce")
+    ratio = liger["ms"] / best["ms"] if liger else None
+    out.append(_row("Liger FLCE / linear_logprob", "> 1",
+                    ratio if liger else _why_missing(lp, ("liger flce",)),
+                    None if ratio is None else ratio > 1, where))
+    mem = best.get("peak_extra_mib")
+    out.append(_row("linear_logprob extra memory (MiB)", "< 2048", mem,
+                    None if mem is None else mem < 2048, where))
+    err = best.get("max_abs_err")
+    out.append(_row("linear_logprob logp error vs fp64", "<= 1e-4", err,
+                    None if err is None else err <= 1e-4, where))
+    return out
+
+
+def _fused_loss(rows: list[dict]) -> dict:
+    fused, exact = _at_shape(_full(rows, "grpo_loss", "fused_linear_policy_loss"), LOGPROB_SHAPE)
+    alone, _ = _at_shape(_full(rows, "grpo_loss", "linear_logprob (the fused loss's yardstick)"),
+                         LOGPROB_SHAPE)
+    impl = "triton" if any("(triton)" in r.get("provider", "") for r in fused) else "torch"
+    ours = _timed(fused, (f"r1fast-fused ({impl})", f"r1fast-fused grad-in-forward ({impl})"))
+    base = _timed(alone, (f"r1fast linear_logprob ({impl})",))
+    goal, target = "<= 1.03", "fused policy loss / linear_logprob alone"
+    if not ours or not base:
+        return _row(target, goal, _why_missing(fused + alone, (
+            f"r1fast-fused ({impl})", f"r1fast linear_logprob ({impl})")), None,
+            _shape_note(fused, exact))
+    best = min(ours.values(), key=lambda r: r["ms"])
+    ratio = best["ms"] / next(iter(base.values()))["ms"]
+    return _row(target, goal, ratio, ratio <= 1.03,
+                f"{_shape_note(fused, exact)}; {best['provider']}")
+
+
+def _faster_than(rows: list[dict], exact: bool, target: str, peer: str, goal: float) -> dict:
+    ours = _timed(rows, ("r1fast cuda", "r1fast triton"))
+    them = _timed(rows, (peer,)).get(peer)
+    where = _shape_note(rows, exact)
+    if not ours or not them:
+        return _row(target, f">= {goal:g}", _why_missing(rows, ("r1fast cuda", "r1fast triton",
+                                                                peer)), None, where)
+    best = min(ours.values(), key=lambda r: r["ms"])
+    ratio = them["ms"] / best["ms"]
+    return _row(target, f">= {goal:g}", ratio, ratio >= goal, f"{where}; {best['provider']}")
+
+
+def _routing(rows: list[dict]) -> list[dict]:
+    route = _full(rows, "moe_route", "moe_route")
+    configs = sorted({(r.get("shape") or {}).get("config") for r in route} - {None})
+    return [_faster_than(*_at_shape([r for r in route if r["shape"].get("config") == c],
+                                    ROUTE_SHAPE),
+                         f"routing ({c}) megatron / r1fast", "megatron", 5.0) for c in configs]
+
+
+def _permutation(rows: list[dict]) -> list[dict]:
+    out = []
+    for op in ("moe_permute", "moe_unpermute"):
+        perm, exact = _at_shape(_full(rows, "moe_permute", op), PERMUTE_SHAPE)
+        ours = _timed(perm, ("r1fast cuda", "r1fast triton"))
+        target = f"{op.removeprefix('moe_')} / copy bandwidth"
+        if not ours or not any("frac_copy" in r for r in ours.values()):
+            out.append(_row(target, ">= 0.70", _why_missing(perm, ("r1fast cuda",
+                                                                   "r1fast triton")),
+                            None, _shape_note(perm, exact)))
+            continue
+        best = max(ours.values(), key=lambda r: r.get("frac_copy", 0.0))
+        out.append(_row(target, ">= 0.70", best["frac_copy"], best["frac_copy"] >= 0.7,
+                        f"{_shape_note(perm, exact)}; {best['provider']}"))
+    return out
+
+
+def _step(rows: list[dict]) -> dict:
+    step = {r["provider"]: r for r in _full(rows, "step", "grpo_step") if "step_s" in r}
+    on, off = step.get("r1fast kernels on"), step.get("r1fast kernels off")
+    target, goal = "GRPO step, kernels off / on", ">= 1.3"
+    if not on or not off:
+        return _row(target, goal, "not measured (no step rows)", None, "")
+    ratio = off["step_s"] / on["step_s"]
+    return _row(target, goal, ratio, ratio >= 1.3, on.get("recipe", ""))
+
+
+def _shape_note(rows: list[dict], exact: bool) -> str:
+    shape = (rows[0].get("shape") if rows else None) or {}
+    text = ", ".join(f"{k}={v}" for k, v in shape.items())
+    return text if exact else f"{text} (not the issue's shape)"
+
+
+def target_rows(rows: list[dict]) -> list[dict]:
+    """One row per target: ``target``, ``goal``, ``value`` (a ratio/number, or why not
+    measured), ``met`` (True/False, None when not measured) and ``where`` (shape, provider)."""
+    return [*_linear_logprob(rows), _fused_loss(rows), *_routing(rows), *_permutation(rows),
+            _step(rows)]
+
+
+def render_targets(rows: list[dict]) -> list[str]:
+    """The markdown table of :func:`target_rows` (a list of lines)."""
+    lines = ["| target | goal | measured | met | shape, provider |", "| --- | --- | --- | --- | --- |"]
+    for t in target_rows(rows):
+        value = f"{t['value']:.4g}" if isinstance(t["value"], float) else str(t["value"])
+        met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['goal']} | {value} | {met} | {t['where']} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python scripts/gpu_check_targets.py RESULTS/results.jsonl", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in Path(args[0]).read_text().splitlines() if line.strip()]
+    print("\n".join(render_targets(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

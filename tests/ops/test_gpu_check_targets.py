@@ -1,0 +1,92 @@
+"""scripts/gpu_check_targets.py: issue #18's target ratios from one run's bench rows (the table
+the README carries), on made-up rows whose answers are known."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from gpu_check_targets import main, render_targets, target_rows  # noqa: E402
+
+LP = {"T": 16384, "H": 4096, "V": 151936, "dtype": "bfloat16"}
+
+
+def bench(bench_name, op, provider, shape, **fields):
+    return {"kind": "bench", "bench": bench_name, "op": op, "provider": provider, "mode": "full",
+            "shape": shape, **fields}
+
+
+def run_rows(liger_ms=60.0, step_on=1.0):
+    tiny = {"T": 32, "H": 32, "V": 256, "dtype": "float32"}
+    route = [bench("moe_route", "moe_route", p, {"T": 16384, "E": 256, "k": 8, "config": c},
+                   ms=ms)
+             for c in ("softmax", "dsv3")
+             for p, ms in (("r1fast cuda", 0.1), ("r1fast triton", 0.2), ("megatron", 0.6))]
+    perm = {"T": 16384, "H": 4096, "k": 8, "E": 256, "dtype": "bfloat16"}
+    return [
+        {"kind": "env", "device": "NVIDIA H100"},
+        bench("linear_logprob", "linear_logprob", "r1fast triton", tiny, ms=1.0),  # other shape
+        bench("linear_logprob", "linear_logprob", "bare GEMM (roofline)", LP, ms=30.0),
+        bench("linear_logprob", "linear_logprob", "r1fast triton", LP, ms=50.0,
+              peak_extra_mib=900.0, max_abs_err=2e-5),
+        bench("linear_logprob", "linear_logprob", "r1fast triton (gemm tiles)", LP, ms=48.0,
+              peak_extra_mib=1100.0, max_abs_err=3e-5),
+        bench("linear_logprob", "linear_logprob", "liger flce", LP, ms=liger_ms),
+        bench("grpo_loss", "linear_logprob (the fused loss's yardstick)",
+              "r1fast linear_logprob (triton)", LP, ms=50.0),
+        bench("grpo_loss", "fused_linear_policy_loss", "r1fast-fused (triton)", LP, ms=51.0),
+        bench("grpo_loss", "fused_linear_policy_loss", "r1fast-fused grad-in-forward (triton)",
+              LP, ms=40.0),
+        *route,
+        bench("moe_permute", "moe_permute", "r1fast cuda", perm, ms=0.1, frac_copy=0.8),
+        {"kind": "bench", "bench": "moe_permute", "op": "moe_unpermute",
+         "provider": "r1fast cuda", "shape": perm, "skipped": "the extension did not build"},
+        {"kind": "bench", "bench": "step", "op": "grpo_step", "provider": "r1fast kernels on",
+         "step_s": step_on, "recipe": "recipes/tiny.toml"},
+        {"kind": "bench", "bench": "step", "op": "grpo_step", "provider": "r1fast kernels off",
+         "step_s": 1.5},
+    ]
+
+
+def test_each_ratio_is_taken_from_the_rows_of_its_target():
+    got = {t["target"]: t for t in target_rows(run_rows())}
+    floor = got["linear_logprob fwd+bwd / 8THV floor"]
+    # the faster arrangement over the bare GEMMs' 6THV time scaled to 8THV
+    assert floor["value"] == pytest.approx(48.0 / (30.0 * 8 / 6)) and floor["met"] is True
+    assert "r1fast triton (gemm tiles)" in floor["where"] and "T=16384" in floor["where"]
+    assert got["Liger FLCE / linear_logprob"]["value"] == pytest.approx(60.0 / 48.0)
+    assert got["linear_logprob extra memory (MiB)"]["value"] == 1100.0
+    assert got["linear_logprob logp error vs fp64"]["met"] is True
+    fused = got["fused policy loss / linear_logprob alone"]
+    assert fused["value"] == pytest.approx(40.0 / 50.0) and "grad-in-forward" in fused["where"]
+    for config in ("softmax", "dsv3"):
+        route = got[f"routing ({config}) megatron / r1fast"]
+        assert route["value"] == pytest.approx(6.0) and route["met"] is True
+        assert "r1fast cuda" in route["where"]
+    assert got["permute / copy bandwidth"]["value"] == 0.8
+    unpermute = got["unpermute / copy bandwidth"]
+    assert unpermute["met"] is None and "the extension did not build" in unpermute["value"]
+    assert got["GRPO step, kernels off / on"]["value"] == pytest.approx(1.5)
+
+
+def test_misses_are_shown_as_misses():
+    got = {t["target"]: t for t in target_rows(run_rows(liger_ms=40.0, step_on=1.4))}
+    assert got["Liger FLCE / linear_logprob"]["met"] is False
+    assert got["GRPO step, kernels off / on"]["met"] is False
+    table = "\n".join(render_targets(run_rows(liger_ms=40.0)))
+    assert "| Liger FLCE / linear_logprob | > 1 | 0.8333 | **no** |" in table
+
+
+def test_a_run_without_the_issue_shapes_says_so(tmp_path, capsys):
+    tiny = {"T": 32, "H": 32, "V": 256, "dtype": "float32"}
+    rows = [bench("linear_logprob", "linear_logprob", "r1fast triton", tiny, ms=1.0,
+                  peak_extra_mib=0.0, max_abs_err=1e-6)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "T=32, H=32, V=256, dtype=float32 (not the issue's shape)" in out
+    assert "| GRPO step, kernels off / on | >= 1.3 | not measured (no step rows) | - |" in out
