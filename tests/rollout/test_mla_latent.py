@@ -48,6 +48,36 @@ def test_steps_and_rewinds_match_recomputation(mla):
     assert max_diff(kv, ref) <= TOL * scale
 
 
+@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+def test_each_form_matches_recomputation(mla, form, monkeypatch):
+    """Forced for every forward (prefill, steps, rewinds), either form of the attention gives
+    the recomputation's logits; "auto" (the other tests) expands prefills and absorbs steps."""
+    from r1fast.rollout.mla_latent import LatentMLAAttention
+
+    calls = []
+    expands = LatentMLAAttention.expands
+
+    def spy(self, queries, keys):
+        calls.append(expands(self, queries, keys))
+        return calls[-1]
+
+    monkeypatch.setattr(LatentMLAAttention, "form", form)
+    monkeypatch.setattr(LatentMLAAttention, "expands", spy)
+    tokens = batch_tokens(3)
+    kv, ref = run_schedule(KVCacheDecoder(mla), tokens), run_schedule(RecomputeDecoder(mla), tokens)
+    assert calls and set(calls) == {form == "expanded"}
+    assert max_diff(kv, ref) <= TOL * max(x.abs().max().item() for x in ref)
+
+
+def test_auto_expands_prefills_and_absorbs_decode_steps(mla):
+    from r1fast.rollout.mla_latent import LatentStore, latent_attentions
+
+    attn = latent_attentions(mla, LatentStore())[0]
+    assert attn.form == "auto"
+    assert attn.expands(5, 5) and attn.expands(512, 512)
+    assert not attn.expands(1, 6) and not attn.expands(1, 4096)
+
+
 def test_ragged_loop_equals_recomputation(mla):
     """Prompts of 1..20 tokens, left-padded prefill with per-row RoPE, early stops dropping
     rows: the same completions and log-probs as the shared-position loop over recomputation."""
