@@ -345,8 +345,8 @@ def run_case(
     (from :func:`reference_grads`) the fp64 gradients that each provider's gradients after a
     ``full`` run are compared with (``max_grad_rel_err``). ``flops`` / ``bytes_moved`` per
     mode turn times into TFLOP/s and GB/s. A peer provider (``Provider.peer``) that raises
-    gets a row saying so (its API may have moved on); an r1fast provider that raises stops
-    the run.
+    gets a row saying so (its API may have moved on) after the rows of the modes it finished;
+    an r1fast provider that raises stops the run.
     """
     case = _Case(op, shape, inputs, {k: v for k, v in inputs.items()
                                      if isinstance(v, torch.Tensor) and v.requires_grad},
@@ -361,10 +361,11 @@ def run_case(
                          **case.env})
             continue
         try:
-            rows += _provider_rows(p, case)
+            _provider_rows(p, case, rows)
         except Exception as e:  # noqa: BLE001 -- recorded in the row, never swallowed
             if not p.peer:
                 raise
+            # the modes it finished keep their rows; this one says where it stopped
             first_line = (str(e).splitlines() or [""])[0][:300]
             rows.append({"op": op, "provider": p.name, "shape": shape, **case.env,
                          "skipped": f"the peer failed: {type(e).__name__}: {first_line}"})
@@ -373,8 +374,9 @@ def run_case(
     return rows
 
 
-def _provider_rows(p: Provider, case: _Case) -> list[dict]:
-    """One provider's rows: forward error, then each mode's time, memory and errors."""
+def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
+    """One provider's rows, appended to ``rows`` as each mode finishes: forward error, then
+    each mode's time, memory and errors."""
     grad_leaves = list(case.named_leaves.values())
     weights: dict[int, torch.Tensor] = {}
     clear_grads, mode_fns = _mode_functions(p, case.inputs, grad_leaves, weights)
@@ -383,7 +385,6 @@ def _provider_rows(p: Provider, case: _Case) -> list[dict]:
         with torch.no_grad():
             first = _tensors(p.fn(**case.inputs))[0]
         err = (first.double() - case.reference.double().to(first.device)).abs().max().item()
-    rows = []
     base = {"op": case.op, "provider": p.name, "shape": case.shape}
     for mode in case.modes:
         if mode != "forward" and not grad_leaves:
@@ -412,7 +413,6 @@ def _provider_rows(p: Provider, case: _Case) -> list[dict]:
             row["gbps"] = case.bytes_moved[mode] / (ms * 1e-3) / 1e9
         rows.append(row)
         clear_grads()
-    return rows
 
 
 def _run_no_grad(p: Provider, inputs: dict[str, Any]):

@@ -54,6 +54,27 @@ def test_a_failing_peer_is_a_row_and_a_failing_r1fast_provider_stops_the_run():
                  warmup=0, measure_memory=False)
 
 
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward moved on")
+
+
+def _forward_only(x, w):
+    return _NoBackward.apply(torch.tanh(x @ w))
+
+
+def test_a_peer_failing_in_a_later_mode_keeps_the_rows_it_finished():
+    rows = run_case("f", {}, _inputs(), [Provider("peer", _forward_only, peer=True)],
+                    modes=["forward", "backward"], reps=1, warmup=0, measure_memory=False)
+    assert [(r.get("mode"), "ms" in r) for r in rows] == [("forward", True), (None, False)]
+    assert rows[1]["skipped"] == "the peer failed: RuntimeError: backward moved on"
+
+
 def test_compiled_at_first_call_compiles_once_and_only_when_called(monkeypatch):
     import harness
 
