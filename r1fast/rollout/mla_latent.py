@@ -25,8 +25,10 @@ Absorbing pays per (query, cached token) pair, ``2 kv_lora + rope`` multiply-add
 against ``nope + rope + dv``, and saves expanding each cached token (``kv_lora (nope + dv)``). A
 decode step (one query over the cache) is cheapest absorbed; a prefill (n queries over the n
 tokens it writes) is cheapest *expanded*: per-head keys and values from the latent, as in
-training (V3: 2.7x fewer multiply-adds at 1k tokens, 3.4x for long ones). Each forward takes
-the cheaper form; the cache is the latent either way.
+training (V3: 2.7x fewer multiply-adds at 1k tokens, 3.4x for long ones), attended by
+``scaled_dot_product_attention`` (on a GPU a fused kernel, so the prefill's ``[B, h, P, P]``
+fp32 scores are never held). Each forward takes the cheaper form; the cache is the latent
+either way.
 
 :class:`LatentMLAAttention` is swapped in for a layer's ``MLASelfAttention`` while decoding (the
 policy's modules, weights included, are untouched). It reuses that module's own projections and
@@ -206,16 +208,18 @@ class LatentMLAAttention(torch.nn.Module):
         return torch.einsum("bhsc,hdc->sbhd", out, w_uv)
 
     def _expanded(self, q_nope, q_rope, keys, mask) -> torch.Tensor:
-        """Per-head keys and values expanded from the cached latent, as in training: the same
-        arguments and result as :meth:`_absorbed`."""
+        """Per-head keys and values expanded from the cached latent, as in training, through
+        ``scaled_dot_product_attention`` (fp32; on a GPU a fused kernel that never holds the
+        [n, end] scores): the same arguments and result as :meth:`_absorbed`."""
         w_uk, w_uv = (w.float() for w in self._up_weights())
+        h = q_nope.shape[1]
         c, k_rope = keys[..., :self.kv_lora], keys[:, None, :, self.kv_lora:]
         k_nope = torch.einsum("btc,hdc->bhtd", c, w_uk)  # [B', h, end, nope]
-        scores = (torch.matmul(q_nope, k_nope.transpose(-1, -2))
-                  + torch.matmul(q_rope, k_rope.transpose(-1, -2))) * self.scale  # [B',h,n,end]
-        probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, h, -1, -1)], dim=-1)  # [B', h, end, nope+rope]
         values = torch.einsum("btc,hdc->bhtd", c, w_uv)  # [B', h, end, dv]
-        return torch.matmul(probs, values).permute(2, 0, 1, 3)  # [n, B', h, dv]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            torch.cat([q_nope, q_rope], dim=-1), k, values, attn_mask=~mask, scale=self.scale)
+        return out.permute(2, 0, 1, 3)  # [n, B', h, dv]
 
 
 def latent_attentions(policy, store: LatentStore) -> dict[int, LatentMLAAttention]:
