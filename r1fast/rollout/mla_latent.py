@@ -26,8 +26,8 @@ against ``nope + rope + dv``, and saves expanding each cached token (``kv_lora (
 decode step (one query over the cache) is cheapest absorbed; a prefill (n queries over the n
 tokens it writes) is cheapest *expanded*: per-head keys and values from the latent, as in
 training (V3: 2.7x fewer multiply-adds at 1k tokens, 3.4x for long ones), attended by
-``scaled_dot_product_attention`` (on a GPU a fused kernel, so the prefill's ``[B, h, P, P]``
-fp32 scores are never held). Each forward takes the cheaper form; the cache is the latent
+``scaled_dot_product_attention`` (on a GPU, where a fused kernel takes these head sizes and
+the mask, the prefill's ``[B, h, P, P]`` fp32 scores are never held; unmeasured there). Each forward takes the cheaper form; the cache is the latent
 either way.
 
 :class:`LatentMLAAttention` is swapped in for a layer's ``MLASelfAttention`` while decoding (the
@@ -209,8 +209,8 @@ class LatentMLAAttention(torch.nn.Module):
 
     def _expanded(self, q_nope, q_rope, keys, mask) -> torch.Tensor:
         """Per-head keys and values expanded from the cached latent, as in training, through
-        ``scaled_dot_product_attention`` (fp32; on a GPU a fused kernel that never holds the
-        [n, end] scores): the same arguments and result as :meth:`_absorbed`."""
+        ``scaled_dot_product_attention`` (fp32; PyTorch picks its kernel): the same arguments
+        and result as :meth:`_absorbed`."""
         w_uk, w_uv = (w.float() for w in self._up_weights())
         h = q_nope.shape[1]
         c, k_rope = keys[..., :self.kv_lora], keys[:, None, :, self.kv_lora:]
