@@ -99,6 +99,40 @@ class LatentStore:
         return self._rope
 
 
+def attend_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor,
+                    mask: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """MLA attention over cached latents in the absorbed form: ``W_uk`` folded into the query,
+    scores and the weighted sum in latent space, ``W_uv`` applied after.
+
+    q_nope [B', h, n, nope], q_rope [B', h, n, rope] (after RoPE), keys [B', end, kv_lora +
+    rope] (the cache: normed latent, RoPE'd key), mask [B'|1, 1, n, end] bool (True =
+    hidden), w_uk [h, nope, kv_lora], w_uv [h, dv, kv_lora], all fp32 -> [n, B', h, dv] fp32.
+    """
+    kv_lora = w_uk.shape[-1]
+    q_cat = torch.cat([torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk), q_rope], dim=-1)
+    scores = torch.matmul(q_cat, keys[:, None].transpose(-1, -2)) * scale  # [B', h, n, end]
+    probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    out = torch.matmul(probs, keys[:, None, :, :kv_lora])  # [B', h, n, kv_lora]
+    return torch.einsum("bhsc,hdc->sbhd", out, w_uv)
+
+
+def attend_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor,
+                    mask: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """The same attention with per-head keys and values expanded from the cached latents, as
+    in training, through ``scaled_dot_product_attention`` (PyTorch picks its kernel): the
+    arguments and result of :func:`attend_absorbed`."""
+    kv_lora, h = w_uk.shape[-1], q_nope.shape[1]
+    c, k_rope = keys[..., :kv_lora], keys[:, None, :, kv_lora:]
+    k_nope = torch.einsum("btc,hdc->bhtd", c, w_uk)  # [B', h, end, nope]
+    k = torch.cat([k_nope, k_rope.expand(-1, h, -1, -1)], dim=-1)  # [B', h, end, nope + rope]
+    values = torch.einsum("btc,hdc->bhtd", c, w_uv)  # [B', h, end, dv]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        torch.cat([q_nope, q_rope], dim=-1), k, values, attn_mask=~mask, scale=scale)
+    return out.permute(2, 0, 1, 3)  # [n, B', h, dv]
+
+
 class LatentMLAAttention(torch.nn.Module):
     """Decode-time stand-in for megatron's ``MLASelfAttention`` ``attn`` (module doc): same call
     as the transformer layer makes, ``(hidden [n(/tp), B', H], attention_mask [B'|1, 1, n,
@@ -182,8 +216,10 @@ class LatentMLAAttention(torch.nn.Module):
         keys = latent[:end, :b].permute(1, 0, 2).float()  # [B', end, c + rope]
         q_nope = q_nope.permute(1, 2, 0, 3).float()  # [B', h, n, nope]
         q_rope = q_rope.permute(1, 2, 0, 3).float()  # [B', h, n, rope]
-        attend = self._expanded if self.expands(n, end) else self._absorbed
-        out = attend(q_nope, q_rope, keys, attention_mask).to(hidden_states.dtype)
+        attend = attend_expanded if self.expands(n, end) else attend_absorbed
+        w_uk, w_uv = (w.float() for w in self._up_weights())
+        out = attend(q_nope, q_rope, keys, attention_mask, w_uk, w_uv, self.scale)
+        out = out.to(hidden_states.dtype)
         return attn.linear_proj(out.reshape(n, b, self.heads * self.v_dim))
 
     def expands(self, queries: int, keys: int) -> bool:
@@ -195,31 +231,6 @@ class LatentMLAAttention(torch.nn.Module):
         per_key = self.kv_lora * (self.nope + self.v_dim)  # expanding a cached token
         per_pair = 2 * self.kv_lora - self.nope - self.v_dim  # what absorbing adds per pair
         return per_key * (keys - queries) < queries * keys * per_pair
-
-    def _absorbed(self, q_nope, q_rope, keys, mask) -> torch.Tensor:
-        """Attention in latent space: ``W_uk`` folded into the query, ``W_uv`` applied after.
-        q_nope [B', h, n, nope], q_rope [B', h, n, rope], keys [B', end, c + rope] fp32 ->
-        [n, B', h, dv] fp32."""
-        w_uk, w_uv = (w.float() for w in self._up_weights())
-        q_cat = torch.cat([torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk), q_rope], dim=-1)
-        scores = torch.matmul(q_cat, keys[:, None].transpose(-1, -2)) * self.scale  # [B',h,n,end]
-        probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-        out = torch.matmul(probs, keys[:, None, :, :self.kv_lora])  # [B', h, n, c]
-        return torch.einsum("bhsc,hdc->sbhd", out, w_uv)
-
-    def _expanded(self, q_nope, q_rope, keys, mask) -> torch.Tensor:
-        """Per-head keys and values expanded from the cached latent, as in training, through
-        ``scaled_dot_product_attention`` (fp32; PyTorch picks its kernel): the same arguments
-        and result as :meth:`_absorbed`."""
-        w_uk, w_uv = (w.float() for w in self._up_weights())
-        h = q_nope.shape[1]
-        c, k_rope = keys[..., :self.kv_lora], keys[:, None, :, self.kv_lora:]
-        k_nope = torch.einsum("btc,hdc->bhtd", c, w_uk)  # [B', h, end, nope]
-        k = torch.cat([k_nope, k_rope.expand(-1, h, -1, -1)], dim=-1)  # [B', h, end, nope+rope]
-        values = torch.einsum("btc,hdc->bhtd", c, w_uv)  # [B', h, end, dv]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            torch.cat([q_nope, q_rope], dim=-1), k, values, attn_mask=~mask, scale=self.scale)
-        return out.permute(2, 0, 1, 3)  # [n, B', h, dv]
 
 
 def latent_attentions(policy, store: LatentStore) -> dict[int, LatentMLAAttention]:
