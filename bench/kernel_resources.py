@@ -186,23 +186,23 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 def linear_logprob(dtype: torch.dtype, T: int, H: int, V: int) -> None:
     """Forward partials and the chunked backward (dz tiles, dx and dW GEMMs), default chunks."""
     from r1fast.kernels import linear_logprob as K
-    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, _triton_chunks
+    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, triton_chunks
 
     x, w, y = _meta(T, H, dtype=dtype), _meta(V, H, dtype=dtype), _meta(T, dtype=torch.int64)
     K.forward_partials(x, w, y, 1.0, 0)
     rows = [_meta(T) for _ in range(4)]
-    ct, cv = _triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None, "fused")
+    ct, cv = triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None, "fused")
     K.backward(x, w, y, *rows, 1.0, 0, ct, cv)
 
 
 def linear_logprob_gemm(T: int = 16384, H: int = 4096, V: int = 151936) -> None:
     """The GEMM-tile arrangement's row kernels (its GEMMs are the vendor's), default chunks."""
     from r1fast.kernels import linear_logprob_gemm as G
-    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, _triton_chunks
+    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, triton_chunks
 
     x, w = _meta(T, H, dtype=torch.bfloat16), _meta(V, H, dtype=torch.bfloat16)
     y = _meta(T, dtype=torch.int64)
-    ct, cv = _triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None, "gemm")
+    ct, cv = triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None, "gemm")
     G.forward_partials(x, w, y, 1.0, 0, ct, cv)
     G.backward(x, w, y, *[_meta(T) for _ in range(4)], 1.0, 0, ct, cv)
 

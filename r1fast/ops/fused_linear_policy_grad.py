@@ -38,7 +38,7 @@ import torch.distributed as dist
 from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, _finish
 from r1fast.ops.policy_loss import PolicyLossConfig
 
-__all__ = ["forward_with_grads", "check_grad_in_forward", "TOKEN_LEVEL_LOSSES"]
+__all__ = ["forward_with_grads", "check_grad_in_forward", "chunk_rows", "TOKEN_LEVEL_LOSSES"]
 
 #: losses whose gradient of a token's log-prob depends on that token alone
 TOKEN_LEVEL_LOSSES = ("ppo", "cispo")
@@ -74,6 +74,13 @@ class _PrecomputedGrads(torch.autograd.Function):
         return None, gx, gw, None, None
 
 
+def chunk_rows(N: int, V: int) -> int:
+    """Token rows per chunk of :func:`forward_with_grads` for ``N`` rows and ``V`` vocabulary
+    rows: as many as keep the chunk's fp32 logits within the bytes of
+    ``DEFAULT_CHUNKS.triton_workspace`` 16-bit elements."""
+    return max(1, min(N, DEFAULT_CHUNKS.triton_workspace // (2 * V)))
+
+
 def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        placeholder_logp: torch.Tensor, loss_of: LossOf, *, temperature: float,
                        ignore_index: int, tp_group=None
@@ -92,7 +99,6 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     N, H = hidden.shape
     V = weight.shape[0]
     vocab_start = (dist.get_rank(tp_group) if tp_group is not None else 0) * V
-    rows_per_chunk = max(1, DEFAULT_CHUNKS.triton_workspace // (2 * V))
     inv_tau = 1.0 / float(temperature)
     with torch.no_grad():
         x, w, y = hidden.detach().contiguous(), weight.detach().contiguous(), targets.contiguous()
@@ -102,7 +108,7 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         dx = torch.empty(N, H, device=x.device, dtype=torch.float32)
         dw = torch.zeros(V, H, device=x.device, dtype=torch.float32) \
             if weight.requires_grad else None
-        ct = max(1, min(N, rows_per_chunk))
+        ct = chunk_rows(N, V)
         stats = torch.empty(4, ct, device=x.device, dtype=torch.float32)
         ws = torch.empty(ct, V, device=x.device, dtype=x.dtype)  # dz / tau of a chunk
         for t0 in range(0, N, ct):

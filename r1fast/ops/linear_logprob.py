@@ -354,7 +354,9 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
                          f"ignore_index={ignore_index}; got targets[{i}] = {int(targets[i])}")
 
 
-def _triton_chunks(T: int, chunk_tokens, chunk_vocab, tiles: str) -> tuple[int, int]:
+def triton_chunks(T: int, chunk_tokens, chunk_vocab, tiles: str) -> tuple[int, int]:
+    """(chunk_tokens, chunk_vocab) the Triton path of ``T`` tokens uses for ``tiles``; None
+    takes ``DEFAULT_CHUNKS`` (the kernels clip them to T and V)."""
     ct = chunk_tokens or DEFAULT_CHUNKS.triton_tokens
     if chunk_vocab is None:
         # GEMM tiles hold fp32 logits: half the columns keep the workspace's bytes those of
@@ -412,7 +414,7 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         if hidden.dtype not in _TRITON_DTYPES:
             raise ValueError("hidden must have dtype in (float32, bfloat16, float16) for "
                              f"impl='triton', got {str(hidden.dtype).replace('torch.', '')}")
-        ct, cv = _triton_chunks(hidden.shape[0], chunk_tokens, chunk_vocab, tiles)
+        ct, cv = triton_chunks(hidden.shape[0], chunk_tokens, chunk_vocab, tiles)
         if tp_group is None:
             logp, ent, _ = _triton_fused(hidden, weight, targets, inv_tau, ignore_index, ct, cv,
                                          tiles)

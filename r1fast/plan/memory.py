@@ -287,7 +287,8 @@ def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int,
                        head: str = "fused") -> tuple[int, int]:
     """(fused, unfused) transient bytes of the log-prob head for ``tokens`` tokens; the fused
     op in the arrangement ``head`` (``algo.logprob_head``)."""
-    from r1fast.ops.linear_logprob import DEFAULT_CHUNKS
+    from r1fast.ops.fused_linear_policy_grad import chunk_rows
+    from r1fast.ops.linear_logprob import triton_chunks
 
     act = _BYTES[m.params_dtype]
     v_local, h = m.vocab_size // tp, m.hidden_size
@@ -295,14 +296,12 @@ def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int,
     if head == "grad-in-forward":
         # per token chunk: fp32 logits [ct, V/tp] and dz in the input dtype; the fp32 dW
         # accumulator and dx, and their rounded copies kept from the forward to the backward
-        ct = max(1, min(tokens, DEFAULT_CHUNKS.triton_workspace // (2 * v_local)))
+        ct = chunk_rows(tokens, v_local)
         fused = ct * v_local * (4 + act) + (v_local + tokens) * h * (4 + rounded)
         fused += 4 * ct * 4 + 3 * tokens * 4  # a chunk's (m, s, S, z_y); logp, entropy, lse
     else:
-        ct = min(tokens, DEFAULT_CHUNKS.triton_tokens)
-        # GEMM tiles hold fp32 logits: half the workspace's elements (linear_logprob)
-        elems = DEFAULT_CHUNKS.triton_workspace // (2 if head == "gemm" else 1)
-        cv = min(v_local, max(256, elems // max(1, ct) // 256 * 256))
+        ct, cv = triton_chunks(tokens, None, None, head)  # the op's own chunks, clipped below
+        ct, cv = min(tokens, ct), min(v_local, cv)
         # dz workspace [ct, cv] in the input dtype (+ the fp32 logit tile it is made from)
         fused = ct * cv * (act + (4 if head == "gemm" else 0))
         if tokens > ct and act < 4:
