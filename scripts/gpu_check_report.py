@@ -101,7 +101,7 @@ def render_summary(rows: list[dict], dry: bool, finished: bool, elapsed: float) 
         lines += ["", "Failing tests:", ""] + [f"- {t}" for t in failing]
     if bench:
         lines += ["", "## Targets (issue #18; ratios within this run)", "",
-                  *render_targets(bench)]
+                  *render_targets(rows)]
     if bench:
         lines += ["", "## Benchmarks", "", "| bench | " + " | ".join(_BENCH_COLS) + " |",
                   "| --- |" + " --- |" * len(_BENCH_COLS)]

@@ -66,37 +66,32 @@ def _row(target: str, goal: str, value, met, where: str) -> dict:
     return {"target": target, "goal": goal, "value": value, "met": met, "where": where}
 
 
+#: (target, goal, met) of linear_logprob at the issue's shape, in the table's order
+_LOGPROB_TARGETS = (
+    ("linear_logprob fwd+bwd / 8THV floor", "<= 1.25", lambda v: v <= 1.25),
+    ("Liger FLCE / linear_logprob", "> 1", lambda v: v > 1),
+    ("linear_logprob extra memory (MiB)", "< 2048", lambda v: v < 2048),
+    ("linear_logprob logp error vs fp64", "<= 1e-4", lambda v: v <= 1e-4),
+)
+
+
 def _linear_logprob(rows: list[dict]) -> list[dict]:
     lp, exact = _at_shape(_full(rows, "linear_logprob", "linear_logprob"), LOGPROB_SHAPE)
     where = _shape_note(lp, exact)
     ours = _timed(lp, R1FAST_LOGPROB)
-    out = []
     if not ours:
-        why = _why_missing(lp, R1FAST_LOGPROB)
-        return [_row(t, g, why, None, where) for t, g in (
-            ("linear_logprob fwd+bwd / 8THV floor", "<= 1.25"), ("Liger FLCE / linear_logprob",
-                                                                 "> 1"),
-            ("linear_logprob extra memory (MiB)", "< 2048"),
-            ("linear_logprob logp error vs fp64", "<= 1e-4"))]
-    best = min(ours.values(), key=lambda r: r["ms"])
-    where = f"{where}; {best['provider']}"
-    gemm = _timed(lp, ("bare GEMM (roofline)",)).get("bare GEMM (roofline)")
-    ratio = best["ms"] / (gemm["ms"] * 8 / 6) if gemm else None
-    out.append(_row("linear_logprob fwd+bwd / 8THV floor", "<= 1.25",
-                    ratio if gemm else _why_missing(lp, ("bare GEMM (roofline)",)),
-                    None if ratio is None else ratio <= 1.25, where))
-    liger = _timed(lp, ("liger flce",)).get("liger flce")
-    ratio = liger["ms"] / best["ms"] if liger else None
-    out.append(_row("Liger FLCE / linear_logprob", "> 1",
-                    ratio if liger else _why_missing(lp, ("liger flce",)),
-                    None if ratio is None else ratio > 1, where))
-    mem = best.get("peak_extra_mib")
-    out.append(_row("linear_logprob extra memory (MiB)", "< 2048", mem,
-                    None if mem is None else mem < 2048, where))
-    err = best.get("max_abs_err")
-    out.append(_row("linear_logprob logp error vs fp64", "<= 1e-4", err,
-                    None if err is None else err <= 1e-4, where))
-    return out
+        values = [_why_missing(lp, R1FAST_LOGPROB)] * len(_LOGPROB_TARGETS)
+    else:
+        best = min(ours.values(), key=lambda r: r["ms"])
+        where = f"{where}; {best['provider']}"
+        gemm = _timed(lp, ("bare GEMM (roofline)",)).get("bare GEMM (roofline)")
+        liger = _timed(lp, ("liger flce",)).get("liger flce")
+        values = [best["ms"] / (gemm["ms"] * 8 / 6) if gemm
+                  else _why_missing(lp, ("bare GEMM (roofline)",)),
+                  liger["ms"] / best["ms"] if liger else _why_missing(lp, ("liger flce",)),
+                  best.get("peak_extra_mib"), best.get("max_abs_err")]
+    return [_row(target, goal, value, met(value) if isinstance(value, (int, float)) else None,
+                 where) for (target, goal, met), value in zip(_LOGPROB_TARGETS, values)]
 
 
 def _fused_loss(rows: list[dict]) -> dict:
