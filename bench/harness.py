@@ -14,6 +14,12 @@ far in the process (``autotune``).
 Memory: on CUDA, ``max_memory_allocated`` above the allocation before the call. On CPU, the
 Linux peak-RSS counter (``VmHWM``) reset through ``/proc/self/clear_refs`` before the call,
 with glibc's mmap threshold lowered so freed blocks go back to the OS between measurements.
+
+Launches (CUDA only): one more call of each mode runs under the profiler, and the row counts
+what reached the GPU (:func:`device_activity`): kernels, memsets, and copies to the host. A
+copy to the host means the CPU waited for the GPU (``.item()``, ``bool(t)``, ``nonzero``), so
+``copies_to_host > 0`` is a host sync on that op's path; a target like "one launch each way"
+is read off ``launches``.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -227,6 +234,43 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
     return max(peak, 0)
 
 
+def summarize_device_events(events: Iterable[Any]) -> dict:
+    """``launches`` / ``memsets`` / ``copies_to_host`` / ``kernels {name: count}`` of the
+    profiler events that ran on the GPU (each has ``.name`` and ``.device_type``). CUPTI
+    names memory operations "Memcpy <kind> (...)" and "Memset (...)"; every other device
+    event is a kernel."""
+    from torch.autograd import DeviceType
+
+    on_gpu = [e.name for e in events if e.device_type == DeviceType.CUDA]
+    copies = [n for n in on_gpu if n.startswith("Memcpy")]
+    memsets = [n for n in on_gpu if n.startswith("Memset")]
+    kernels = [n for n in on_gpu if not n.startswith(("Memcpy", "Memset"))]
+    return {"launches": len(kernels), "memsets": len(memsets),
+            "copies_to_host": sum("DtoH" in n for n in copies),
+            "kernels": dict(Counter(n[:100] for n in kernels))}
+
+
+def device_activity(fn: Callable[[], Any], device: torch.device,
+                    setup: Callable[[], Any] | None = None) -> dict:
+    """:func:`summarize_device_events` of one call of ``fn`` (``setup`` runs before it,
+    outside the profile). Empty off CUDA; a profiler that cannot start (no CUPTI) gives
+    ``{"launches_error": why}``, so the row says the count is missing rather than zero."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    if setup:
+        setup()
+    torch.cuda.synchronize(device)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        return summarize_device_events(prof.events())
+    except RuntimeError as e:  # recorded in the row, never swallowed
+        return {"launches_error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+
+
 # ----------------------------------------------------------------------------- one case
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -411,6 +455,7 @@ def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
             row["tflops"] = case.flops[mode] / (ms * 1e-3) / 1e12
         if case.bytes_moved and mode in case.bytes_moved:
             row["gbps"] = case.bytes_moved[mode] / (ms * 1e-3) / 1e9
+        row.update(device_activity(fn, case.device, setup))
         rows.append(row)
         clear_grads()
 
@@ -424,7 +469,7 @@ def _run_no_grad(p: Provider, inputs: dict[str, Any]):
 
 def print_table(rows: Sequence[dict], extra: Sequence[str] = ()) -> None:
     cols = ["provider", "mode", "shape", "ms", "tflops", "gbps", "peak_extra_mib", "max_abs_err",
-            "max_grad_rel_err", *extra]
+            "max_grad_rel_err", "launches", "copies_to_host", *extra]
     present = [c for c in cols if any(c in r for r in rows)]
     print(" | ".join(present))
     for r in rows:

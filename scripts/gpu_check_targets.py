@@ -12,13 +12,15 @@ hand, and every ratio is taken between rows of the same run (same machine, clock
 | linear_logprob logp error vs fp64 | max_abs_err | <= 1e-4 |
 | fused policy loss vs linear_logprob alone | fused ms / alone ms | <= 1.03 |
 | routing fwd+bwd vs megatron-core's router | megatron ms / r1fast ms | >= 5 |
+| routing: one launch each way | GPU operations (kernels + memsets) of a forward, a backward | 1, 1 |
 | permute, unpermute vs a copy | frac_copy | >= 0.70 |
 | GRPO step, kernels on vs off | off step_s / on step_s | >= 1.3 |
 
 The bare-GEMM "full" row times the three GEMMs of a forward and backward without recompute
 (6THV FLOPs), so the 8THV floor is that time x 8/6. r1fast's row is the faster of its
 arrangements (fused or cuBLAS tiles; the fused loss also with its gradient in the forward),
-named in the table. Shapes are the issue's (T=16384, H=4096, V=151936; E=256, k=8; H=4096)
+named in the table; the launch count is that provider's, from its forward and backward rows
+(``launches``, ``memsets``: the harness's profile of one call). Shapes are the issue's (T=16384, H=4096, V=151936; E=256, k=8; H=4096)
 when the run has them; a dry run's tiny shapes are used as they are and the table says so.
 A target whose rows are missing, skipped or failed reads "not measured" with the reason.
 
@@ -127,9 +129,36 @@ def _faster_than(rows: list[dict], exact: bool, target: str, peer: str, goal: fl
 def _routing(rows: list[dict]) -> list[dict]:
     route = _full(rows, "moe_route", "moe_route")
     configs = sorted({(r.get("shape") or {}).get("config") for r in route} - {None})
-    return [_faster_than(*_at_shape([r for r in route if r["shape"].get("config") == c],
-                                    ROUTE_SHAPE),
-                         f"routing ({c}) megatron / r1fast", "megatron", 5.0) for c in configs]
+    out = []
+    for c in configs:
+        speed = _faster_than(*_at_shape([r for r in route if r["shape"].get("config") == c],
+                                        ROUTE_SHAPE),
+                             f"routing ({c}) megatron / r1fast", "megatron", 5.0)
+        out += [speed, _routing_launches(rows, c, speed)]
+    return out
+
+
+def _routing_launches(rows: list[dict], config: str, speed: dict) -> dict:
+    """The GPU operations one forward and one backward of the provider that ``speed`` found
+    fastest put on the device (kernels + memsets: a memset is a launch too)."""
+    target, goal = f"routing ({config}) launches forward, backward", "1, 1"
+    provider = speed["where"].rsplit("; ", 1)[-1] if speed["met"] is not None else None
+    counts = {}
+    for mode in ("forward", "backward"):
+        picked, _ = _at_shape([r for r in rows if r.get("bench") == "moe_route"
+                               and r.get("mode") == mode and r.get("provider") == provider
+                               and (r.get("shape") or {}).get("config") == config],
+                              ROUTE_SHAPE)
+        row = next((r for r in picked if "launches" in r), None)
+        if row is None:
+            why = next((r["launches_error"] for r in picked if "launches_error" in r),
+                       "no CUDA profile" if picked else f"no {mode} row")
+            return _row(target, goal, f"not measured ({provider or 'no r1fast row'}: {why})",
+                        None, speed["where"])
+        counts[mode] = row["launches"] + row.get("memsets", 0)
+    value = f"{counts['forward']}, {counts['backward']}"
+    return _row(target, goal, value, counts["forward"] == 1 and counts["backward"] == 1,
+                speed["where"])
 
 
 def _permutation(rows: list[dict]) -> list[dict]:

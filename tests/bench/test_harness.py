@@ -86,3 +86,48 @@ def test_compiled_at_first_call_compiles_once_and_only_when_called(monkeypatch):
     torch.testing.assert_close(wrapped(x, w), _f(x, w))
     wrapped(x, w)
     assert made == [_f]
+
+
+def test_device_events_are_counted_by_kind():
+    """The launch count a target like "one launch each way" is read from: kernels, memsets
+    and copies to the host counted apart, CPU events ignored (made-up CUPTI-named events)."""
+    from types import SimpleNamespace
+
+    from harness import summarize_device_events
+    from torch.autograd import DeviceType
+
+    def ev(name, dev=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=dev)
+
+    events = [ev("aten::topk", DeviceType.CPU), ev("_route_fwd_kernel"),
+              ev("Memset (Device)"), ev("Memcpy DtoH (Device -> Pinned)"),
+              ev("Memcpy HtoD (Pageable -> Device)"), ev("_route_fwd_kernel"),
+              ev("void at::native::vectorized_elementwise_kernel<4>" + "x" * 200)]
+    got = summarize_device_events(events)
+    assert (got["launches"], got["memsets"], got["copies_to_host"]) == (3, 1, 1)
+    assert got["kernels"]["_route_fwd_kernel"] == 2
+    assert max(len(k) for k in got["kernels"]) == 100  # long template names are cut
+    assert summarize_device_events([ev("aten::mm", DeviceType.CPU)])["launches"] == 0
+
+
+def test_rows_count_launches_on_cuda_only():
+    """Off CUDA there is nothing to profile: the rows carry no launch fields at all (not a
+    zero that would read as "no launch")."""
+    rows = run_case("f", {"n": 7}, _inputs(), [Provider("ours", _f)], modes=("forward",),
+                    reps=1, warmup=0, measure_memory=False)
+    assert rows and not any(k in rows[0] for k in ("launches", "memsets", "launches_error"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_activity_counts_what_reaches_the_gpu():
+    """On a GPU (run by `make gpu-check`): one in-place multiply is one kernel and no copy to
+    the host; reading a sum back is a kernel plus one copy to the host (a host sync)."""
+    from harness import device_activity
+
+    dev = torch.device("cuda")
+    a = torch.randn(4096, device=dev)
+    a.mul_(2).sum().item()  # warm: the kernels are loaded before the counted calls
+    one = device_activity(lambda: a.mul_(2), dev)
+    assert (one["launches"], one["copies_to_host"]) == (1, 0), one
+    read = device_activity(lambda: a.sum().item(), dev)
+    assert read["launches"] >= 1 and read["copies_to_host"] == 1, read

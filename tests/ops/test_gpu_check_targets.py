@@ -19,12 +19,21 @@ def bench(bench_name, op, provider, shape, **fields):
             "shape": shape, **fields}
 
 
-def run_rows(liger_ms=60.0, step_on=1.0):
+def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0):
     tiny = {"T": 32, "H": 32, "V": 256, "dtype": "float32"}
     route = [bench("moe_route", "moe_route", p, {"T": 16384, "E": 256, "k": 8, "config": c},
                    ms=ms)
              for c in ("softmax", "dsv3")
              for p, ms in (("r1fast cuda", 0.1), ("r1fast triton", 0.2), ("megatron", 0.6))]
+    route_shape = {"T": 16384, "E": 256, "k": 8, "config": "softmax"}
+    route += [{**bench("moe_route", "moe_route", p, route_shape, ms=0.05), "mode": mode,
+               "launches": n, "memsets": m}
+              for p, mode, n, m in (("r1fast cuda", "forward", 1, 0),
+                                    ("r1fast cuda", "backward", 1, route_bwd_memsets),
+                                    ("r1fast triton", "forward", 3, 0))]
+    route.append({**bench("moe_route", "moe_route", "r1fast cuda",
+                          {**route_shape, "config": "dsv3"}, ms=0.05), "mode": "forward",
+                  "launches_error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"})
     perm = {"T": 16384, "H": 4096, "k": 8, "E": 256, "dtype": "bfloat16"}
     return [
         {"kind": "env", "device": "NVIDIA H100"},
@@ -66,6 +75,11 @@ def test_each_ratio_is_taken_from_the_rows_of_its_target():
         route = got[f"routing ({config}) megatron / r1fast"]
         assert route["value"] == pytest.approx(6.0) and route["met"] is True
         assert "r1fast cuda" in route["where"]
+    # launches of the fastest provider (cuda), not of the slower triton rows
+    assert got["routing (softmax) launches forward, backward"]["value"] == "1, 1"
+    assert got["routing (softmax) launches forward, backward"]["met"] is True
+    dsv3 = got["routing (dsv3) launches forward, backward"]
+    assert dsv3["met"] is None and "CUPTI_ERROR_NOT_INITIALIZED" in dsv3["value"]
     assert got["permute / copy bandwidth"]["value"] == 0.8
     unpermute = got["unpermute / copy bandwidth"]
     assert unpermute["met"] is None and "the extension did not build" in unpermute["value"]
@@ -76,6 +90,9 @@ def test_misses_are_shown_as_misses():
     got = {t["target"]: t for t in target_rows(run_rows(liger_ms=40.0, step_on=1.4))}
     assert got["Liger FLCE / linear_logprob"]["met"] is False
     assert got["GRPO step, kernels off / on"]["met"] is False
+    zeroed = {t["target"]: t for t in target_rows(run_rows(route_bwd_memsets=1))}
+    launches = zeroed["routing (softmax) launches forward, backward"]
+    assert (launches["value"], launches["met"]) == ("1, 2", False)  # a memset is a launch
     table = "\n".join(render_targets(run_rows(liger_ms=40.0)))
     assert "| Liger FLCE / linear_logprob | > 1 | 0.8333 | **no** |" in table
 
