@@ -197,7 +197,8 @@ def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
     ]
     for op, reference_fn, providers in groups:
         yield run_case(op, shape, inputs, providers, flops=flops, reps=reps, warmup=1,
-                       grad_reference=reference_grads(reference_fn, inputs))
+                       grad_reference=reference_grads(reference_fn, inputs),
+                       count_launches=False)  # GEMM-bound: a launch count says nothing
 
 
 def main(argv=None) -> None:

@@ -365,6 +365,7 @@ class _Case:
     warmup: int
     reps: int
     measure_memory: bool
+    count_launches: bool
     env: dict
 
 
@@ -382,13 +383,16 @@ def run_case(
     warmup: int = 2,
     reps: int = 5,
     measure_memory: bool = True,
+    count_launches: bool = True,
 ) -> list[dict]:
     """Benchmark every provider in every mode on the same ``inputs``; return one row each.
 
     ``reference`` is the fp64 answer the first output is compared with; ``grad_reference``
     (from :func:`reference_grads`) the fp64 gradients that each provider's gradients after a
     ``full`` run are compared with (``max_grad_rel_err``). ``flops`` / ``bytes_moved`` per
-    mode turn times into TFLOP/s and GB/s. A peer provider (``Provider.peer``) that raises
+    mode turn times into TFLOP/s and GB/s. ``count_launches`` profiles one more call per mode
+    on CUDA (:func:`device_activity`); a benchmark of seconds-long GEMM-bound calls turns it
+    off, where a launch count says nothing and the call costs its stage's time. A peer provider (``Provider.peer``) that raises
     gets a row saying so (its API may have moved on) after the rows of the modes it finished;
     an r1fast provider that raises stops the run.
     """
@@ -396,7 +400,7 @@ def run_case(
                                      if isinstance(v, torch.Tensor) and v.requires_grad},
                  next(v.device for v in inputs.values() if isinstance(v, torch.Tensor)),
                  tuple(modes), reference, grad_reference, flops, bytes_moved, warmup, reps,
-                 measure_memory, environment())
+                 measure_memory, count_launches, environment())
     rows = []
     for p in providers:
         why = p.missing()
@@ -455,7 +459,8 @@ def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
             row["tflops"] = case.flops[mode] / (ms * 1e-3) / 1e12
         if case.bytes_moved and mode in case.bytes_moved:
             row["gbps"] = case.bytes_moved[mode] / (ms * 1e-3) / 1e9
-        row.update(device_activity(fn, case.device, setup))
+        if case.count_launches:
+            row.update(device_activity(fn, case.device, setup))
         rows.append(row)
         clear_grads()
 
