@@ -8,22 +8,29 @@ aggregation) the gradient of a token's log-prob depends on that token alone:
 ``g_t = dL/dlogp_t = c_t * dl_t/dlogp_t``, where ``c_t`` comes from the mask and lengths only.
 So a token chunk's logits, once reduced to its log-probs, can be turned into ``dz`` at once:
 
-    for each chunk of tokens (its fp32 logits over this shard's whole vocabulary fit the
-    workspace):
-        z = x_c W^T                               GEMM 1 (cuBLAS, fp32 out)
-        (m, s, S, z_y) -> lse, logp_c, entropy_c  Triton row kernel (+ merge over TP ranks)
-        g_c = d loss / d logp_c                   the policy loss's own autograd, evaluated at
-                                                  the log-probs known so far (token-local:
-                                                  the not-yet-known rows cannot matter)
-        dz = g_c (1[j = y] - p) / tau             Triton row kernel, in the input dtype
-        dx_c = dz W                               GEMM 2 (+ all-reduce over TP ranks)
-        dW  += dz^T x_c                           GEMM 3 (fp32 accumulator)
+    for each group of token chunks (its dz rows, 16-bit, fit DEFAULT_CHUNKS.grad_in_forward_dz):
+        for each chunk of the group (its fp32 logits over this shard's vocabulary fit the
+        workspace):
+            z = x_c W^T                               GEMM 1 (cuBLAS, fp32 out)
+            (m, s, S, z_y) -> lse, logp_c, entropy_c  Triton row kernel (+ merge over TP)
+            g_c = d loss / d logp_c                   the policy loss's own autograd, at the
+                                                      log-probs known so far (token-local:
+                                                      the not-yet-known rows cannot matter)
+            dz_c = g_c (1[j = y] - p) / tau           Triton row kernel, in the input dtype,
+                                                      into the group's rows
+        dx_g = dz_g W                                 GEMM 2 (+ all-reduce over TP ranks)
+        dW  += dz_g^T x_g                             GEMM 3 (fp32 accumulator)
 
-``6 T H V`` FLOPs, a quarter fewer. The price is memory: dW of every chunk is accumulated in an
-fp32 ``[V, H]`` buffer (2.5 GB for V=151936, H=4096 on one rank; a TP shard's rows
-otherwise), and ``dx``, ``dW`` are kept, rounded to the parameters' dtypes, from the forward to
-the backward. The loss value and metrics are the policy loss's, on the final log-probs; the
-backward multiplies the stored gradients by the loss's upstream gradient.
+``6 T H V`` FLOPs, a quarter fewer. Why groups: every dW GEMM writes an fp32 ``[V, H]`` result
+that the accumulator then adds (read both, write one: 10 GB at V=151936, H=4096). Per chunk of
+the ~880 rows whose fp32 logits fit the 512 MiB workspace, T=16384 would take 19 of those,
+~190 GB or ~55 ms at H100 bandwidth, more than the skipped GEMM saves (2THV, ~30 ms). One
+GEMM per group of ~3500 rows (1 GiB of dz) takes 5: the first writes the accumulator
+directly, four add, ~43 GB. The other price is memory: the fp32 ``[V, H]`` accumulator (2.5
+GB on one rank; a TP shard's rows otherwise) and the GEMM result added to it, the group's dz,
+and ``dx``, ``dW`` kept, rounded to the parameters' dtypes, from the forward to the backward.
+The loss value and metrics are the policy loss's, on the final log-probs; the backward
+multiplies the stored gradients by the loss's upstream gradient.
 
 Not for GSPO: its ratio is a sequence mean, so a token's gradient depends on the rest of its
 sequence (``ValueError``). The row kernels are those of ``r1fast.kernels.linear_logprob_gemm``.
@@ -38,7 +45,8 @@ import torch.distributed as dist
 from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, _finish
 from r1fast.ops.policy_loss import PolicyLossConfig
 
-__all__ = ["forward_with_grads", "check_grad_in_forward", "chunk_rows", "TOKEN_LEVEL_LOSSES"]
+__all__ = ["forward_with_grads", "check_grad_in_forward", "chunk_rows", "group_rows",
+           "TOKEN_LEVEL_LOSSES"]
 
 #: losses whose gradient of a token's log-prob depends on that token alone
 TOKEN_LEVEL_LOSSES = ("ppo", "cispo")
@@ -81,6 +89,14 @@ def chunk_rows(N: int, V: int) -> int:
     return max(1, min(N, DEFAULT_CHUNKS.triton_workspace // (2 * V)))
 
 
+def group_rows(N: int, V: int) -> int:
+    """Token rows whose dz :func:`forward_with_grads` gathers before one dW GEMM: whole chunks
+    of :func:`chunk_rows`, as many as fit ``DEFAULT_CHUNKS.grad_in_forward_dz`` elements
+    (at least one chunk, at most all ``N`` rows)."""
+    ct = chunk_rows(N, V)
+    return min(max(1, N), max(ct, DEFAULT_CHUNKS.grad_in_forward_dz // V // ct * ct))
+
+
 def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        placeholder_logp: torch.Tensor, loss_of: LossOf, *, temperature: float,
                        ignore_index: int, tp_group=None
@@ -92,47 +108,72 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     ``loss_of(logp [N] fp32)`` returns the policy loss and its metrics. ``placeholder_logp
     [N]`` fills the rows whose log-probs are not computed yet when a chunk's gradient is taken
     (the old log-probs: finite, ratio 1). A chunk has as many rows as keep its fp32 logits
-    within the bytes of ``DEFAULT_CHUNKS.triton_workspace`` 16-bit elements.
+    within the bytes of ``DEFAULT_CHUNKS.triton_workspace`` 16-bit elements; a group (one dx
+    and one dW GEMM) has :func:`group_rows` rows.
     """
-    from r1fast.kernels import linear_logprob_gemm as G  # lazy: importing needs triton
-
     N, H = hidden.shape
     V = weight.shape[0]
-    vocab_start = (dist.get_rank(tp_group) if tp_group is not None else 0) * V
     inv_tau = 1.0 / float(temperature)
     with torch.no_grad():
         x, w, y = hidden.detach().contiguous(), weight.detach().contiguous(), targets.contiguous()
-        ignored = y == ignore_index  # [N]
         logp = placeholder_logp.detach().float().clone()  # [N], overwritten chunk by chunk
         entropy = torch.zeros(N, device=x.device, dtype=torch.float32)
         dx = torch.empty(N, H, device=x.device, dtype=torch.float32)
-        dw = torch.zeros(V, H, device=x.device, dtype=torch.float32) \
-            if weight.requires_grad else None
-        ct = chunk_rows(N, V)
-        stats = torch.empty(4, ct, device=x.device, dtype=torch.float32)
-        ws = torch.empty(ct, V, device=x.device, dtype=x.dtype)  # dz / tau of a chunk
-        for t0 in range(0, N, ct):
-            t1 = min(N, t0 + ct)
-            rows, n = slice(t0, t1), t1 - t0
-            z = G.mm_fp32(x[rows], w.t())  # [n, V] fp32 logits * tau (GEMM 1)
-            G.tile_stats(z, y[rows], inv_tau, vocab_start, stats[:, :n])
-            lp, ent, lse = _finish(stats[:, :n], ignored[rows], tp_group)
-            logp[rows], entropy[rows] = lp, ent
-            g = _loss_grad(loss_of, logp)[rows].masked_fill(ignored[rows], 0.0)
-            dz = G.tile_dz(z, y[rows], lse, ent, g, torch.zeros_like(g), inv_tau, vocab_start,
-                           ws[:n])
-            del z
-            dx[rows] = G.mm_fp32(dz, w)  # GEMM 2
+        dw = None  # fp32 [V, H], written by the first group's GEMM
+        gr = group_rows(N, V)
+        dz = torch.empty(gr, V, device=x.device, dtype=x.dtype)  # dz / tau of a group's rows
+        for g0 in range(0, N, gr):
+            g1 = min(N, g0 + gr)
+            _group_dz(x, w, y, logp, entropy, loss_of, g0, g1, dz[: g1 - g0],
+                      inv_tau=inv_tau, ignore_index=ignore_index, tp_group=tp_group)
+            dx[g0:g1] = _mm_fp32(dz[: g1 - g0], w)  # GEMM 2
             if tp_group is not None:
-                dist.all_reduce(dx[rows], group=tp_group)  # every shard's vocabulary
-            if dw is not None:
-                dw += G.mm_fp32(dz.t(), x[rows])  # GEMM 3
+                dist.all_reduce(dx[g0:g1], group=tp_group)  # every shard's vocabulary
+            if weight.requires_grad:
+                part = _mm_fp32(dz[: g1 - g0].t(), x[g0:g1])  # [V, H] fp32 (GEMM 3)
+                dw = part if dw is None else dw.add_(part)
+                del part
+        del dz
+        if weight.requires_grad and dw is None:  # no rows: a zero gradient, not None
+            dw = torch.zeros(V, H, device=x.device, dtype=torch.float32)
         loss, metrics = loss_of(logp)
         grad_w = None if dw is None else dw.to(weight.dtype)
         grad_x = dx.to(hidden.dtype)
         del dw, dx
     # outside no_grad: the loss joins the autograd graph of hidden and weight here
     return _PrecomputedGrads.apply(loss, hidden, weight, grad_x, grad_w), metrics, entropy
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in fp32 from 16-bit operands (cuBLAS ``out_dtype`` on CUDA)."""
+    from r1fast.kernels.linear_logprob_gemm import mm_fp32  # lazy: importing needs triton
+
+    return mm_fp32(a, b)
+
+
+def _group_dz(x, w, y, logp, entropy, loss_of: LossOf, g0: int, g1: int, out: torch.Tensor, *,
+              inv_tau: float, ignore_index: int, tp_group) -> None:
+    """Rows ``[g0, g1)``, chunk by chunk: logits (GEMM 1), their statistics, the loss's
+    gradient at the log-probs known so far, and ``dz / tau`` into ``out [g1 - g0, V]``;
+    ``logp`` and ``entropy`` gain the rows."""
+    from r1fast.kernels import linear_logprob_gemm as G  # lazy: importing needs triton
+
+    V = w.shape[0]
+    vocab_start = (dist.get_rank(tp_group) if tp_group is not None else 0) * V
+    ct = chunk_rows(x.shape[0], V)
+    stats = torch.empty(4, ct, device=x.device, dtype=torch.float32)
+    for t0 in range(g0, g1, ct):
+        t1 = min(g1, t0 + ct)
+        rows, n = slice(t0, t1), t1 - t0
+        ignored = y[rows] == ignore_index  # [n]
+        z = G.mm_fp32(x[rows], w.t())  # [n, V] fp32 logits * tau
+        G.tile_stats(z, y[rows], inv_tau, vocab_start, stats[:, :n])
+        lp, ent, lse = _finish(stats[:, :n], ignored, tp_group)
+        logp[rows], entropy[rows] = lp, ent
+        g = _loss_grad(loss_of, logp)[rows].masked_fill(ignored, 0.0)
+        G.tile_dz(z, y[rows], lse, ent, g, torch.zeros_like(g), inv_tau, vocab_start,
+                  out[t0 - g0:t1 - g0])
+        del z
 
 
 def _loss_grad(loss_of: LossOf, logp: torch.Tensor) -> torch.Tensor:

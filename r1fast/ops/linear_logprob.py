@@ -66,6 +66,11 @@ class LinearLogprobChunks:
     triton_workspace: int = 1 << 28
     """Elements of the Triton backward's dz workspace ``[chunk_tokens, chunk_vocab]`` when
     ``chunk_vocab`` is not given (512 MiB in bf16): chunk_vocab = this / chunk_tokens."""
+    grad_in_forward_dz: int = 1 << 29
+    """16-bit elements of the dz rows that the in-forward gradient
+    (``r1fast.ops.fused_linear_policy_grad``) gathers, chunk by chunk, before one dW GEMM
+    (1 GiB): each dW GEMM re-reads and re-writes the fp32 ``[V, H]`` accumulator, so fewer,
+    longer GEMMs move less memory."""
 
 
 DEFAULT_CHUNKS = LinearLogprobChunks()

@@ -287,17 +287,20 @@ def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int,
                        head: str = "fused") -> tuple[int, int]:
     """(fused, unfused) transient bytes of the log-prob head for ``tokens`` tokens; the fused
     op in the arrangement ``head`` (``algo.logprob_head``)."""
-    from r1fast.ops.fused_linear_policy_grad import chunk_rows
+    from r1fast.ops.fused_linear_policy_grad import chunk_rows, group_rows
     from r1fast.ops.linear_logprob import triton_chunks
 
     act = _BYTES[m.params_dtype]
     v_local, h = m.vocab_size // tp, m.hidden_size
     rounded = act if act < 4 else 0  # a 16-bit copy of an fp32 buffer
     if head == "grad-in-forward":
-        # per token chunk: fp32 logits [ct, V/tp] and dz in the input dtype; the fp32 dW
-        # accumulator and dx, and their rounded copies kept from the forward to the backward
-        ct = chunk_rows(tokens, v_local)
-        fused = ct * v_local * (4 + act) + (v_local + tokens) * h * (4 + rounded)
+        # in the loop: a chunk's fp32 logits [ct, V/tp], a group's dz in the input dtype, fp32
+        # dx, the fp32 dW accumulator and (past the first group) the GEMM result added to it;
+        # at the end: dx and dW with their rounded copies, kept until the backward
+        ct, gr = chunk_rows(tokens, v_local), group_rows(tokens, v_local)
+        acc, dx = v_local * h * 4, tokens * h * 4
+        loop = ct * v_local * 4 + gr * v_local * act + dx + acc * (2 if tokens > gr else 1)
+        fused = max(loop, dx + acc + (v_local + tokens) * h * rounded)
         fused += 4 * ct * 4 + 3 * tokens * 4  # a chunk's (m, s, S, z_y); logp, entropy, lse
     else:
         ct, cv = triton_chunks(tokens, None, None, head)  # the op's own chunks, clipped below

@@ -215,12 +215,13 @@ def test_active_rows_that_are_not_the_mask_are_refused(device):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """A workspace of 4 x 37 logits: the in-forward gradient runs in chunks of 2 rows."""
+    """A workspace of 4 x 37 logits and 4 x 37 dz elements: the in-forward gradient runs in
+    chunks of 2 rows, and takes one dx and one dW GEMM per group of 4 rows (2 chunks)."""
     import dataclasses
 
     grad_mod = sys.modules["r1fast.ops.fused_linear_policy_grad"]
-    monkeypatch.setattr(grad_mod, "DEFAULT_CHUNKS",
-                        dataclasses.replace(grad_mod.DEFAULT_CHUNKS, triton_workspace=4 * 37))
+    monkeypatch.setattr(grad_mod, "DEFAULT_CHUNKS", dataclasses.replace(
+        grad_mod.DEFAULT_CHUNKS, triton_workspace=4 * 37, grad_in_forward_dz=4 * 37))
 
 
 @pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[2:] + [
@@ -246,6 +247,24 @@ def test_grad_in_forward_equals_the_recompute_path(config, layout, device, small
         torch.testing.assert_close(got[3][k], want[3][k], atol=1e-6, rtol=1e-5)
     ref = reference_fp64(inp, config, cu_seqlens=kw.get("cu_seqlens"), entropy=True)
     assert_close_to_reference(got, ref)
+
+
+def test_grad_in_forward_takes_one_dw_gemm_per_group(device, small_chunks, monkeypatch):
+    """dW is accumulated once per group of chunks, not once per chunk (each accumulation
+    re-reads and re-writes the fp32 [V, H] buffer): 15 rows in groups of 4 rows are 4 dW
+    GEMMs, each over a group's rows, where chunks of 2 rows would be 8."""
+    _skip_if_no_triton("triton", device)
+    grad_mod = sys.modules["r1fast.ops.fused_linear_policy_grad"]
+    assert (grad_mod.chunk_rows(15, 37), grad_mod.group_rows(15, 37)) == (2, 4)
+    calls = []
+    real = grad_mod._mm_fp32
+    monkeypatch.setattr(grad_mod, "_mm_fp32",
+                        lambda a, b: calls.append((tuple(a.shape), tuple(b.shape))) or real(a, b))
+    inp = make_inputs(3, 5, 16, 37, seed=6, device=device)
+    run_fused(inp, CONFIGS[0], "triton", grad_in_forward=True)
+    dw_rows = [a[1] for a, b in calls if a[0] == 37]  # dz^T [V, rows] @ x [rows, H]
+    dx_rows = [a[0] for a, b in calls if b == (37, 16)]  # dz [rows, V] @ W [V, H]
+    assert dw_rows == [4, 4, 4, 3] and dx_rows == [4, 4, 4, 3]
 
 
 def test_grad_in_forward_scales_with_the_upstream_gradient_and_takes_bf16(device, small_chunks):
@@ -348,6 +367,12 @@ def _tp_worker(rank: int, store: str, impl: str, in_forward: bool) -> None:
     # a file rendezvous: no port to pick, so no other process can take it in between
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=WORLD)
+    if in_forward:  # chunks of 2 rows in groups of 4: dx all-reduced per group, dW added
+        import dataclasses
+
+        grad_mod = sys.modules["r1fast.ops.fused_linear_policy_grad"]
+        grad_mod.DEFAULT_CHUNKS = dataclasses.replace(
+            grad_mod.DEFAULT_CHUNKS, triton_workspace=4 * 17, grad_in_forward_dz=4 * 17)
     try:
         inp = make_inputs(3, 4, 8, 2 * 17, seed=5)  # same on every rank
         config = CONFIGS[0]

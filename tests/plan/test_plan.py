@@ -415,3 +415,41 @@ def test_logprob_head_arrangements_are_planned():
     assert in_forward.train_peak - fused.train_peak == \
         in_forward.logprob_bytes - fused.logprob_bytes
     assert fused.logprob_unfused_bytes == in_forward.logprob_unfused_bytes
+
+
+def test_grad_in_forward_head_peak_is_measured(monkeypatch):
+    """The in-forward gradient's planned bytes against its measured peak (CPU RSS, fp32, the
+    Triton interpreter): two groups, so the fp32 dW accumulator and the GEMM result added to
+    it are alive together, which is most of the peak here (2 x 8 MiB of ~17 MiB)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from r1fast.ops._dispatch import triton_missing
+
+    if triton_missing(torch.device("cpu")) is not None:
+        pytest.skip(str(triton_missing(torch.device("cpu"))))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from harness import peak_extra_bytes
+
+    import r1fast.ops.fused_linear_policy_grad as grad_mod
+    from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
+    from r1fast.plan.memory import logprob_head_bytes
+
+    N, H, V = 64, 4096, 512
+    monkeypatch.setattr(grad_mod, "DEFAULT_CHUNKS", dataclasses.replace(
+        grad_mod.DEFAULT_CHUNKS, triton_workspace=2 * 16 * V, grad_in_forward_dz=32 * V))
+    assert (grad_mod.chunk_rows(N, V), grad_mod.group_rows(N, V)) == (16, 32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, N, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.02).requires_grad_()
+    targets = torch.randint(0, V, (1, N), generator=g)
+    args = (x, w, targets, torch.full((1, N), -6.0), torch.randn(1), torch.ones(1, N))
+
+    def head():
+        return fused_linear_policy_loss(*args, impl="triton", grad_in_forward=True)
+
+    head()  # warm: the interpreter's own first-call allocations are not the op's
+    measured = peak_extra_bytes(head, torch.device("cpu"))
+    model = SimpleNamespace(params_dtype="float32", vocab_size=V, hidden_size=H)
+    planned = logprob_head_bytes(model, 1, N, "grad-in-forward")[0]
+    assert measured == pytest.approx(planned, rel=0.1), (measured / 2**20, planned / 2**20)
