@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import torch
 

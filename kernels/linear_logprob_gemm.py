@@ -13,10 +13,12 @@ fp32 accumulation and output), and bandwidth-bound Triton row kernels read the t
   and two more GEMMs give ``dx += dz W`` (fp32) and ``dW = dz^T x``.
 
 Cost against the fused kernels: the same 2THV + 6THV FLOPs, plus 8 bytes per logit forward
-(write and read the fp32 tile) and 10 backward (write, read, write dz in 16 bits). At
-T=16384, V=151936 that is ~45 GB of traffic, ~15 ms at 3 TB/s, next to ~115 ms of GEMMs at
-700 TFLOP/s: this arrangement wins when cuBLAS runs its GEMMs more than ~12% faster than the
-fused Triton kernels run theirs. Which one does is measured by bench/bench_linear_logprob.py
+(write and read the fp32 tile) and 10 backward (write, read, write dz in 16 bits), and the
+backward's ``dx += dz W`` per vocabulary chunk (the fp32 ``[T, H]`` GEMM result written, then
+it and dx read and dx written: 1 GB per chunk at T=16384, H=4096; 19 chunks of 8192 columns).
+At T=16384, V=151936 that is ~45 + ~19 GB of traffic, ~20 ms at 3.35 TB/s, next to ~115 ms
+of GEMMs at 700 TFLOP/s: this arrangement wins when cuBLAS runs its GEMMs more than ~17%
+faster than the fused Triton kernels run theirs. Which one does is measured by bench/bench_linear_logprob.py
 on the GPU. Workspace: the fp32 tile and its 16-bit dz, ``chunk_tokens x chunk_vocab`` each.
 
 On a CPU (tests, the interpreter) the tile GEMM is an fp32 ``torch.mm`` of upcast operands:
