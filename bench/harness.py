@@ -391,7 +391,7 @@ def run_case(
     (from :func:`reference_grads`) the fp64 gradients that each provider's gradients after a
     ``full`` run are compared with (``max_grad_rel_err``). ``flops`` / ``bytes_moved`` per
     mode turn times into TFLOP/s and GB/s. ``count_launches`` profiles one more call per mode
-    on CUDA (:func:`device_activity`); a benchmark of seconds-long GEMM-bound calls turns it
+    of each non-peer provider on CUDA (:func:`device_activity`); a benchmark of seconds-long GEMM-bound calls turns it
     off, where a launch count says nothing and the call costs its stage's time. A peer provider (``Provider.peer``) that raises
     gets a row saying so (its API may have moved on) after the rows of the modes it finished;
     an r1fast provider that raises stops the run.
@@ -459,8 +459,8 @@ def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
             row["tflops"] = case.flops[mode] / (ms * 1e-3) / 1e12
         if case.bytes_moved and mode in case.bytes_moved:
             row["gbps"] = case.bytes_moved[mode] / (ms * 1e-3) / 1e9
-        if case.count_launches:
-            row.update(device_activity(fn, case.device, setup))
+        if case.count_launches and not p.peer:  # r1fast's and the reference's counts only:
+            row.update(device_activity(fn, case.device, setup))  # each profile costs time
         rows.append(row)
         clear_grads()
 

@@ -98,7 +98,7 @@ BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "r
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 180, "bench_linear_logprob": 150,
-          "bench_grpo_loss": 120, "bench_moe_route": 45, "bench_moe_permute": 45, "bench_step": 60,
+          "bench_grpo_loss": 120, "bench_moe_route": 60, "bench_moe_permute": 60, "bench_step": 60,
           "bench_rollout": 120, "sanitizer": 150, "resources": 90}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
