@@ -468,9 +468,10 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
                      "forwards (parallel.max_tokens_per_logprob_forward tokens, one layer at a "
                      "time; nothing is kept for a backward)")
     if opts.decoder == "kv-cache":
-        notes.append("rollout: not counted are the transients of the prefill, one forward over "
-                     "every prompt of the DP rank at once (attention scores [B, heads/tp, P, P] "
-                     "fp32 and the layer's activations)")
+        notes.append("rollout: not counted are the transients of the prefill, one no-grad "
+                     "forward over every prompt of the DP rank at once: a layer's tensors for "
+                     "B x P tokens and the [B, 1, P, P] boolean mask (measured on the CPU: "
+                     "0.1-0.4x one layer's training activations at those tokens)")
     return notes
 
 
