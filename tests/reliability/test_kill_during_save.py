@@ -73,8 +73,9 @@ def _check_latest(root: Path, reported: int, trial: int) -> int:
 
 
 @pytest.mark.parametrize("world, trials", [
-    (1, 3), (2, 3),
-    pytest.param(1, 12, marks=pytest.mark.slow), pytest.param(2, 12, marks=pytest.mark.slow)])
+    (1, 3), pytest.param(2, 3, marks=pytest.mark.multiproc),
+    pytest.param(1, 12, marks=pytest.mark.slow),
+    pytest.param(2, 12, marks=[pytest.mark.slow, pytest.mark.multiproc])])
 def test_random_kill_minus_9_never_loses_the_committed_checkpoint(tmp_path, world, trials):
     """``world`` = 2: two gloo ranks write each checkpoint (rank files, shared parts); each
     rank is killed in turn, so the kill may land in either rank's writes, in a collective, or
