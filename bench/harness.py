@@ -391,10 +391,11 @@ def run_case(
     (from :func:`reference_grads`) the fp64 gradients that each provider's gradients after a
     ``full`` run are compared with (``max_grad_rel_err``). ``flops`` / ``bytes_moved`` per
     mode turn times into TFLOP/s and GB/s. ``count_launches`` profiles one more call per mode
-    of each non-peer provider on CUDA (:func:`device_activity`); a benchmark of seconds-long GEMM-bound calls turns it
-    off, where a launch count says nothing and the call costs its stage's time. A peer provider (``Provider.peer``) that raises
-    gets a row saying so (its API may have moved on) after the rows of the modes it finished;
-    an r1fast provider that raises stops the run.
+    of each non-peer provider on CUDA (:func:`device_activity`); a benchmark of seconds-long
+    GEMM-bound calls turns it off, where a launch count says nothing and the call costs its
+    stage's time. A peer provider (``Provider.peer``) that raises gets a row saying so (its
+    API may have moved on) after the rows of the modes it finished; an r1fast provider that
+    raises stops the run.
     """
     case = _Case(op, shape, inputs, {k: v for k, v in inputs.items()
                                      if isinstance(v, torch.Tensor) and v.requires_grad},
