@@ -12,7 +12,7 @@ hand, and every ratio is taken between rows of the same run (same machine, clock
 | linear_logprob logp error vs fp64 | max_abs_err | <= 1e-4 |
 | fused policy loss vs linear_logprob alone | fused ms / alone ms | <= 1.03 |
 | routing fwd+bwd vs megatron-core's router | megatron ms / r1fast ms | >= 5 |
-| routing: one launch each way | GPU operations (kernels + memsets) of a forward, a backward | 1, 1 |
+| routing: one launch each way | kernels + memsets of a forward, of a backward | 1, 1 |
 | permute, unpermute vs a copy | frac_copy | >= 0.70 |
 | GRPO step, kernels on vs off | off step_s / on step_s | >= 1.3 |
 
@@ -20,8 +20,9 @@ The bare-GEMM "full" row times the three GEMMs of a forward and backward without
 (6THV FLOPs), so the 8THV floor is that time x 8/6. r1fast's row is the faster of its
 arrangements (fused or cuBLAS tiles; the fused loss also with its gradient in the forward),
 named in the table; the launch count is that provider's, from its forward and backward rows
-(``launches``, ``memsets``: the harness's profile of one call). Shapes are the issue's (T=16384, H=4096, V=151936; E=256, k=8; H=4096)
-when the run has them; a dry run's tiny shapes are used as they are and the table says so.
+(``launches``, ``memsets``: the harness's profile of one call). Shapes are the issue's
+(T=16384, H=4096, V=151936; E=256, k=8; H=4096) when the run has them; a dry run's tiny
+shapes are used as they are and the table says so.
 A target whose rows are missing, skipped or failed reads "not measured" with the reason.
 
     python scripts/gpu_check_targets.py RESULTS/results.jsonl     # prints the markdown table
