@@ -17,7 +17,8 @@ Two parts, each provider in forward / backward / full (forward + backward) mode:
    overhead over it is a ratio from one run. ``grad-in-forward`` rows: the gradients computed
    in the forward (``grad_in_forward=True``, 6THV FLOPs). Every full-mode row carries its
    gradients' error against fp64 (``max_grad_rel_err``). FLOPs: forward 2THV, full 8THV (the
-   backward recomputes the logits).
+   backward recomputes the logits); grad-in-forward rows 6THV forward and full (their TFLOP/s
+   is their own hardware rate; compare arrangements by ``ms``).
 
 CUDA: T in {16384, 262144} for part 1 and T=16384, H=4096, V=151936 bf16 for part 2.
 CPU (default when no GPU): small shapes so the whole run takes well under a minute; the Triton
@@ -180,9 +181,10 @@ def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
     shape = {"T": tokens, "H": hidden, "V": vocab, "dtype": str(dtype).replace("torch.", "")}
     flops = {"forward": 2 * thv, "backward": 6 * thv, "full": 8 * thv}
     reps = 3 if device.type == "cuda" else 2
-    def in_forward(config):  # 6THV: the gradients in the forward (Triton row kernels)
+    def in_forward(config):  # 6THV, all in the forward; its backward scales stored gradients
         return Provider(f"r1fast-fused grad-in-forward ({impl})", _fused(config, impl, True),
-                        lambda: None if impl == "triton" else "needs impl='triton' (CUDA)")
+                        lambda: None if impl == "triton" else "needs impl='triton' (CUDA)",
+                        flops={"forward": 6 * thv, "full": 6 * thv})
 
     groups = [
         ("linear_logprob (the fused loss's yardstick)", _logprob_alone("torch"),

@@ -55,6 +55,10 @@ class Provider:
     #: another project's implementation: if it raises, its row records the error and the
     #: benchmark goes on (an r1fast provider that raises stops the run)
     peer: bool = False
+    #: FLOPs per mode where this provider does other work than the case's ``flops`` say (an
+    #: arrangement that skips a GEMM): its TFLOP/s is then its own hardware rate. A mode
+    #: missing here gets no TFLOP/s.
+    flops: dict[str, float] | None = None
 
 
 def compiled_at_first_call(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -456,8 +460,9 @@ def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if case.grad_reference is not None and mode == "full":  # grads of the last full run
             row["max_grad_rel_err"] = _grad_errors(case.named_leaves, case.grad_reference)
-        if case.flops and mode in case.flops:
-            row["tflops"] = case.flops[mode] / (ms * 1e-3) / 1e12
+        flops = p.flops if p.flops is not None else case.flops
+        if flops and mode in flops:
+            row["tflops"] = flops[mode] / (ms * 1e-3) / 1e12
         if case.bytes_moved and mode in case.bytes_moved:
             row["gbps"] = case.bytes_moved[mode] / (ms * 1e-3) / 1e9
         if case.count_launches and not p.peer:  # r1fast's and the reference's counts only:

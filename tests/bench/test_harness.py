@@ -131,3 +131,18 @@ def test_device_activity_counts_what_reaches_the_gpu():
     assert (one["launches"], one["copies_to_host"]) == (1, 0), one
     read = device_activity(lambda: a.sum().item(), dev)
     assert read["launches"] >= 1 and read["copies_to_host"] == 1, read
+
+
+def test_a_provider_doing_other_work_reports_its_own_rate():
+    """Provider.flops overrides the case's FLOPs (an arrangement that skips a GEMM): its
+    TFLOP/s is its own rate, and a mode it does not list gets none."""
+    rows = run_case("f", {"n": 7}, _inputs(),
+                    [Provider("ours", _f), Provider("lighter", _f, flops={"full": 3.0})],
+                    modes=("forward", "full"), reps=1, warmup=0, measure_memory=False,
+                    flops={"forward": 1.0, "full": 4.0})
+    rate = {(r["provider"], r["mode"]): r.get("tflops") for r in rows}
+    ms = {(r["provider"], r["mode"]): r["ms"] for r in rows}
+    assert rate[("ours", "full")] == pytest.approx(4.0 / (ms[("ours", "full")] * 1e-3) / 1e12)
+    assert rate[("lighter", "full")] == pytest.approx(
+        3.0 / (ms[("lighter", "full")] * 1e-3) / 1e12)
+    assert rate[("lighter", "forward")] is None
