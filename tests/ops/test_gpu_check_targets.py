@@ -19,7 +19,7 @@ def bench(bench_name, op, provider, shape, **fields):
             "shape": shape, **fields}
 
 
-def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0):
+def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0, route_fwd_kernels=1):
     tiny = {"T": 32, "H": 32, "V": 256, "dtype": "float32"}
     route = [bench("moe_route", "moe_route", p, {"T": 16384, "E": 256, "k": 8, "config": c},
                    ms=ms)
@@ -28,7 +28,7 @@ def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0):
     route_shape = {"T": 16384, "E": 256, "k": 8, "config": "softmax"}
     route += [{**bench("moe_route", "moe_route", p, route_shape, ms=0.05), "mode": mode,
                "launches": n, "memsets": m}
-              for p, mode, n, m in (("r1fast cuda", "forward", 1, 0),
+              for p, mode, n, m in (("r1fast cuda", "forward", route_fwd_kernels, 0),
                                     ("r1fast cuda", "backward", 1, route_bwd_memsets),
                                     ("r1fast triton", "forward", 3, 0))]
     route.append({**bench("moe_route", "moe_route", "r1fast cuda",
@@ -92,7 +92,10 @@ def test_misses_are_shown_as_misses():
     assert got["GRPO step, kernels off / on"]["met"] is False
     zeroed = {t["target"]: t for t in target_rows(run_rows(route_bwd_memsets=1))}
     launches = zeroed["routing (softmax) launches forward, backward"]
-    assert (launches["value"], launches["met"]) == ("1, 2", False)  # a memset is a launch
+    assert (launches["value"], launches["met"]) == ("1, 1 (+1 memset)", True)  # shown
+    two = {t["target"]: t for t in target_rows(run_rows(route_fwd_kernels=2))}
+    launches = two["routing (softmax) launches forward, backward"]
+    assert (launches["value"], launches["met"]) == ("2, 1", False)
     table = "\n".join(render_targets(run_rows(liger_ms=40.0)))
     assert "| Liger FLCE / linear_logprob | > 1 | 0.8333 | **no** |" in table
 
