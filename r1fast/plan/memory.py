@@ -445,7 +445,7 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
 
 
 def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
-           opts: PlanOptions) -> list[str]:
+           opts: PlanOptions, prefill_tokens: int = 0) -> list[str]:
     """Warnings worth reading: an over-long sequence, what dominates a plan that does not fit,
     what today's code does not do yet."""
     notes: list[str] = []
@@ -468,10 +468,13 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
                      "forwards (parallel.max_tokens_per_logprob_forward tokens, one layer at a "
                      "time; nothing is kept for a backward)")
     if opts.decoder == "kv-cache":
-        notes.append("rollout: not counted are the transients of the prefill, one no-grad "
-                     "forward over every prompt of the DP rank at once: a layer's tensors for "
-                     "B x P tokens and the [B, 1, P, P] boolean mask (measured on the CPU: "
-                     "0.1-0.4x one layer's training activations at those tokens)")
+        tokens = (f"slices of rollout.prefill_tokens = {prefill_tokens} tokens"
+                  if prefill_tokens else "every prompt of the DP rank at once (B x P tokens; "
+                  "rollout.prefill_tokens bounds it)")
+        notes.append(f"rollout: not counted are the transients of the prefill, no-grad forwards "
+                     f"over {tokens}: a layer's tensors for those tokens and the boolean mask "
+                     f"(measured on the CPU: 0.1-0.4x one layer's training activations at the "
+                     f"same tokens)")
     return notes
 
 
@@ -497,7 +500,8 @@ def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0
         prompt_len=batch.prompt_len, micro_batch_seqs=batch.mbs, micro_batches=batch.n_micro,
         micro_batch_tokens=batch.tokens, packed=bool(batch.packed_tokens),
         rollout_seqs=batch.rows, stages=stages, worst=worst, gpu_mem_bytes=gpu_bytes, fits=fits,
-        options=opts, notes=_notes(m, par.tp, batch, worst, fits, opts))
+        options=opts, notes=_notes(m, par.tp, batch, worst, fits, opts,
+                                   cfg.rollout.prefill_tokens))
 
 
 def _uses_reference(cfg) -> bool:

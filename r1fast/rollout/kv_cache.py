@@ -124,13 +124,20 @@ class KVCacheDecoder:
     Every rank of a TP/EP/PP group must make the same calls (the forward is collective).
     """
 
-    def __init__(self, policy) -> None:
+    def __init__(self, policy, *, prefill_tokens: int = 0) -> None:
         from r1fast.rollout.attention import KVStore
         from r1fast.rollout.mla_latent import LatentStore, latent_attentions
 
         reason = kv_cache_unsupported_reason(policy)
         if reason is not None:
             raise ValueError(reason)
+        if not isinstance(prefill_tokens, int) or prefill_tokens < 0:
+            raise ValueError(f"prefill_tokens must be an int >= 0 (0: one forward), got "
+                             f"{prefill_tokens!r}")
+        self.prefill_tokens = prefill_tokens
+        """Tokens (rows x positions) one prefill forward may hold; 0: the whole prompt batch
+        at once. Longer batches are prefilled in slices of positions, each attending to the
+        cache of the slices before it, like a multi-token step."""
         self.policy = policy
         self.attentions = [layer.self_attention for layer in policy.gpt.decoder.layers]
         self.mla = policy.model_cfg.is_mla
@@ -200,13 +207,23 @@ class KVCacheDecoder:
         """Reset for ``tokens.shape[0]`` rows of ``max_len`` slots and run the left-padded
         prompts ``tokens [B, P]`` (row b's prompt in slots ``pads[b] .. P-1``); returns the
         logits ``[B, V]`` of slot ``P-1`` (last stage; None elsewhere). ``dest [B, P]``:
-        routing destinations of the tokens (-1: not recorded)."""
+        routing destinations of the tokens (-1: not recorded). Over ``prefill_tokens`` tokens
+        the positions go in slices, so one forward's transients are those of that many."""
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
         check_tensor("pads", pads, shape=[tokens.shape[0]], dtypes=(torch.int64, torch.int32))
         if tokens.shape[1] > max_len:
             raise ValueError(f"tokens: {tokens.shape[1]} prompt slots exceed max_len={max_len}")
         self.reset(tokens.shape[0], max_len, pads)
-        return self._forward(tokens, 0, dest, last_only=True)
+        B, P = tokens.shape
+        width = P  # positions per forward: all, or as many as fit prefill_tokens
+        if self.prefill_tokens and B * P > self.prefill_tokens:
+            width = max(1, self.prefill_tokens // B // self.multiple) * self.multiple
+        logits = None
+        for s0 in range(0, P, width):  # slots s0 .. s1-1 of every row
+            s1 = min(P, s0 + width)
+            logits = self._forward(tokens[:, s0:s1], s0,
+                                   None if dest is None else dest[:, s0:s1], last_only=True)
+        return logits
 
     def decode(self, tokens: torch.Tensor, dest: Optional[torch.Tensor] = None
                ) -> Optional[torch.Tensor]:
@@ -397,13 +414,17 @@ class KVCacheDecoder:
         dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
 
 
-def make_decoder(policy, *, recompute: bool = False):
+def make_decoder(policy, *, recompute: bool = False, prefill_tokens: int = 0):
     """The rollout decoder of ``policy``: :class:`KVCacheDecoder` (an error naming the reason
     where it cannot serve the policy), or, with ``recompute=True`` only, prefix recomputation
     (:class:`r1fast.rollout.recompute.RecomputeDecoder`: every step re-runs the whole prefix
-    and builds full [B, L, V] logits, quadratic in length), with a WARNING at every call."""
+    and builds full [B, L, V] logits, quadratic in length), with a WARNING at every call.
+    ``prefill_tokens``: the KV-cache decoder's prefill slice (:class:`KVCacheDecoder`)."""
     from r1fast.rollout.recompute import RecomputeDecoder
 
+    if recompute and prefill_tokens:
+        raise ValueError(f"prefill_tokens={prefill_tokens} is a setting of the KV-cache decoder; "
+                         "the prefix-recomputing decoder has no prefill (set it to 0)")
     if recompute:
         log.warning("rollout: sampling by PREFIX RECOMPUTATION (asked for): every token re-runs "
                     "the whole prefix with full logits, 10-100x slower than the KV cache%s",
@@ -415,4 +436,4 @@ def make_decoder(policy, *, recompute: bool = False):
     if reason is not None:
         raise ValueError(f"rollout: {reason}; prefix recomputation would serve it, 10-100x "
                          f"slower: ask for it with make_decoder(policy, recompute=True)")
-    return KVCacheDecoder(policy)
+    return KVCacheDecoder(policy, prefill_tokens=prefill_tokens)

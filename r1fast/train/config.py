@@ -115,6 +115,11 @@ class RolloutConfig:
     """"kv_cache": ragged prefill, then one token per step from the KV cache (an error names why
     when the policy cannot use it); "recompute": re-run the whole prefix for every token (full
     logits, 10-100x slower; a WARNING at every rollout), for debugging."""
+    prefill_tokens: int = 0
+    """Tokens (rows x prompt positions) one prefill forward of the KV-cache decoder may hold;
+    0: every prompt of the DP rank in one forward. A larger batch is prefilled in slices of
+    positions (the same numbers to float rounding), which bounds the prefill's transient
+    memory to that of this many tokens."""
 
     def __post_init__(self):
         if not self.temperature > 0:  # the trainer's log-probs divide the logits by it
@@ -124,6 +129,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"rollout.top_k must be >= 0 (0: off), got {self.top_k}")
+        if not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 0:
+            raise ValueError(f"rollout.prefill_tokens must be an int >= 0 (0: one forward), "
+                             f"got {self.prefill_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 

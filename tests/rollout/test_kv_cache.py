@@ -197,6 +197,51 @@ def test_make_decoder_is_the_kv_cache_and_recomputation_is_opt_in(policy, caplog
         policy.config.window_size = None
 
 
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dsv3-mla"])
+def test_a_sliced_prefill_equals_one_forward(policy, preset):
+    """prefill_tokens: the prompts go through in slices of positions, each attending to the
+    cache of the slices before it; the logits, every cache slot, the completions and the
+    recorded routing equal one forward's (left pads ending inside a later slice too)."""
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.model import build_policy
+    from r1fast.rollout.engine import left_pad
+
+    if preset != "tiny-moe":
+        policy = sharpen(build_policy(ModelConfig.preset(preset), ParallelConfig(), seed=0,
+                                      trainable=False))
+    prompts = [[5, 17, 3], [9, 1, 44, 2, 8, 31, 6, 90, 4, 11, 3], [7, 7, 100, 12, 1, 2, 5]]
+    tokens, pads = left_pad(prompts, policy.device)  # [3, 11]
+    whole, sliced = KVCacheDecoder(policy), KVCacheDecoder(policy, prefill_tokens=3 * 4)
+    calls = []
+    real = sliced._forward
+    sliced._forward = lambda t, o, d, last_only: calls.append((o, t.shape[1])) or real(
+        t, o, d, last_only)
+    with whole.session():
+        want = whole.prefill(tokens, pads, 16)
+        got = sliced.prefill(tokens, pads, 16)
+    assert calls == [(0, 4), (4, 4), (8, 3)]  # 12 tokens per forward: 4 positions of 3 rows
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+    for k, buf in whole.kv_buffers().items():
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in
+                          (buf, sliced.kv_buffers()[k]))):
+            torch.testing.assert_close(a[:11], b[:11], rtol=0, atol=TOL, equal_nan=True)
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=5)
+    runs = [generate(dec, prompts, cfg, eos_token_id=1, row_seeds=[1, 2, 3],
+                     record_routing=True) for dec in (KVCacheDecoder(policy),
+                                                      KVCacheDecoder(policy, prefill_tokens=8))]
+    assert runs[0].completion_ids == runs[1].completion_ids
+    assert runs[0].routing.tables.keys() == runs[1].routing.tables.keys()
+    for layer, table in runs[0].routing.tables.items():
+        assert torch.equal(table, runs[1].routing.tables[layer]), layer
+
+
+def test_prefill_tokens_is_checked(policy):
+    with pytest.raises(ValueError, match="prefill_tokens must be an int >= 0"):
+        KVCacheDecoder(policy, prefill_tokens=-1)
+    with pytest.raises(ValueError, match="prefill_tokens=8 is a setting of the KV-cache"):
+        make_decoder(policy, recompute=True, prefill_tokens=8)
+
+
 def test_a_foreign_core_attention_decodes_through_a_local_one(policy):
     """Whatever core attention the policy has (here a foreign one; on a GPU Transformer
     Engine's, which would ignore the decode mask), decoding runs r1fast's CachedAttention in

@@ -158,13 +158,21 @@ def test_router_replay_and_dynamic_sampling_run(tmp_path):
 
 
 @pytest.mark.parametrize("capture", ["rollout", "posthoc"])
-def test_replay_capture_and_recompute_decoder_are_config_switches(tmp_path, caplog, capture):
+def test_replay_capture_and_recompute_decoder_are_config_switches(tmp_path, caplog, capture,
+                                                                  monkeypatch):
     """[algo] router_replay_capture and [rollout] decoder reach the trainer: the recompute
     decoder samples the same completions as the KV cache (it is the slow reference) and says
-    so loudly; either capture trains."""
+    so loudly; either capture trains. [rollout] prefill_tokens reaches the decoder, and a
+    prefill in slices (its routing recorded for replay) trains the same step."""
     import logging
 
+    import r1fast.train.grpo as grpo_mod
     from r1fast.train.grpo import GRPOTrainer
+
+    made = []
+    real_make = grpo_mod.make_decoder
+    monkeypatch.setattr(grpo_mod, "make_decoder",
+                        lambda policy, **kw: made.append(kw) or real_make(policy, **kw))
 
     def run(name, *extra):
         return GRPOTrainer(make_cfg(tmp_path / name, "--run.steps=1", "--algo.router_replay=true",
@@ -173,6 +181,10 @@ def test_replay_capture_and_recompute_decoder_are_config_switches(tmp_path, capl
 
     kv = run("kv")
     if capture == "rollout":  # the recompute decoder cannot record while decoding: said early
+        sliced = run("sliced", "--rollout.prefill_tokens=8")
+        assert made[-1]["prefill_tokens"] == 8
+        assert kv[0]["response_length"] == sliced[0]["response_length"]
+        assert abs(kv[0]["loss"] - sliced[0]["loss"]) <= 1e-5 * max(1.0, abs(kv[0]["loss"]))
         with pytest.raises(ValueError, match="router_replay_capture='posthoc'"):
             run("slow", "--rollout.decoder=recompute")
         return
