@@ -257,8 +257,9 @@ def summarize_device_events(events: Iterable[Any]) -> dict:
 def device_activity(fn: Callable[[], Any], device: torch.device,
                     setup: Callable[[], Any] | None = None) -> dict:
     """:func:`summarize_device_events` of one call of ``fn`` (``setup`` runs before it,
-    outside the profile). Empty off CUDA; a profiler that cannot start (no CUPTI) gives
-    ``{"launches_error": why}``, so the row says the count is missing rather than zero."""
+    outside the profile). Empty off CUDA. A profiler that fails (no CUPTI, a trace it cannot
+    parse) gives ``{"launches_error": why}``: the row says the count is missing rather than
+    zero, and the benchmark's timed numbers are kept (``fn`` itself already ran untraced)."""
     if device.type != "cuda":
         return {}
     from torch.profiler import ProfilerActivity, profile
@@ -271,7 +272,7 @@ def device_activity(fn: Callable[[], Any], device: torch.device,
             fn()
             torch.cuda.synchronize(device)
         return summarize_device_events(prof.events())
-    except RuntimeError as e:  # recorded in the row, never swallowed
+    except Exception as e:  # noqa: BLE001 -- recorded in the row, never swallowed
         return {"launches_error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
 
 
