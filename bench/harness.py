@@ -266,8 +266,8 @@ def device_activity(fn: Callable[[], Any], device: torch.device,
 
     if setup:
         setup()
-    torch.cuda.synchronize(device)
     try:
+        torch.cuda.synchronize(device)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize(device)

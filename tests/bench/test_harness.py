@@ -146,3 +146,13 @@ def test_a_provider_doing_other_work_reports_its_own_rate():
     assert rate[("lighter", "full")] == pytest.approx(
         3.0 / (ms[("lighter", "full")] * 1e-3) / 1e12)
     assert rate[("lighter", "forward")] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failure is made by the missing GPU")
+def test_a_failing_launch_profile_is_a_field_not_a_crash():
+    """A profile that fails (here: CUDA asked for on a machine without it) leaves the reason
+    in ``launches_error``; the benchmark's timings stay."""
+    from harness import device_activity
+
+    got = device_activity(lambda: None, torch.device("cuda"))
+    assert set(got) == {"launches_error"} and got["launches_error"], got
