@@ -145,7 +145,8 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in fp32 from 16-bit operands (cuBLAS ``out_dtype`` on CUDA)."""
+    """``a @ b`` in fp32 from 16-bit operands (cuBLAS ``out_dtype`` on CUDA): the module's
+    three GEMMs."""
     from r1fast.kernels.linear_logprob_gemm import mm_fp32  # lazy: importing needs triton
 
     return mm_fp32(a, b)
@@ -166,7 +167,7 @@ def _group_dz(x, w, y, logp, entropy, loss_of: LossOf, g0: int, g1: int, out: to
         t1 = min(g1, t0 + ct)
         rows, n = slice(t0, t1), t1 - t0
         ignored = y[rows] == ignore_index  # [n]
-        z = G.mm_fp32(x[rows], w.t())  # [n, V] fp32 logits * tau
+        z = _mm_fp32(x[rows], w.t())  # [n, V] fp32 logits * tau (GEMM 1)
         G.tile_stats(z, y[rows], inv_tau, vocab_start, stats[:, :n])
         lp, ent, lse = _finish(stats[:, :n], ignored, tp_group)
         logp[rows], entropy[rows] = lp, ent
