@@ -18,8 +18,9 @@ backward's ``dx += dz W`` per vocabulary chunk (the fp32 ``[T, H]`` GEMM result 
 it and dx read and dx written: 1 GB per chunk at T=16384, H=4096; 19 chunks of 8192 columns).
 At T=16384, V=151936 that is ~45 + ~19 GB of traffic, ~20 ms at 3.35 TB/s, next to ~115 ms
 of GEMMs at 700 TFLOP/s: this arrangement wins when cuBLAS runs its GEMMs more than ~17%
-faster than the fused Triton kernels run theirs. Which one does is measured by bench/bench_linear_logprob.py
-on the GPU. Workspace: the fp32 tile and its 16-bit dz, ``chunk_tokens x chunk_vocab`` each.
+faster than the fused Triton kernels run theirs. Which one does is measured by
+bench/bench_linear_logprob.py on the GPU. Workspace: the fp32 tile and its 16-bit dz,
+``chunk_tokens x chunk_vocab`` each.
 
 On a CPU (tests, the interpreter) the tile GEMM is an fp32 ``torch.mm`` of upcast operands:
 the same numbers, since bf16 products are exact in fp32.

@@ -27,8 +27,8 @@ decode step (one query over the cache) is cheapest absorbed; a prefill (n querie
 tokens it writes) is cheapest *expanded*: per-head keys and values from the latent, as in
 training (V3: 2.7x fewer multiply-adds at 1k tokens, 3.4x for long ones), attended by
 ``scaled_dot_product_attention`` (on a GPU, where a fused kernel takes these head sizes and
-the mask, the prefill's ``[B, h, P, P]`` fp32 scores are never held; unmeasured there). Each forward takes the cheaper form; the cache is the latent
-either way.
+the mask, the prefill's ``[B, h, P, P]`` fp32 scores are never held; unmeasured there). Each
+forward takes the cheaper form; the cache is the latent either way.
 
 :class:`LatentMLAAttention` is swapped in for a layer's ``MLASelfAttention`` while decoding (the
 policy's modules, weights included, are untouched). It reuses that module's own projections and
