@@ -41,10 +41,12 @@ PERMUTE_SHAPE = {"T": 16384, "H": 4096, "E": 256, "k": 8}
 R1FAST_LOGPROB = ("r1fast triton", "r1fast triton (gemm tiles)")
 
 
-def _full(rows: list[dict], bench: str, op: str | None = None) -> list[dict]:
-    """The bench's rows of ``op`` in mode full (or with no mode: the step benchmark)."""
+def _bench_rows(rows: list[dict], bench: str, op: str | None = None,
+                mode: str = "full") -> list[dict]:
+    """The bench's rows of ``op`` in ``mode`` (a row with no mode, the step benchmark's, is
+    a full one)."""
     return [r for r in rows if r.get("kind", "bench") == "bench" and r.get("bench") == bench
-            and (op is None or r.get("op") == op) and r.get("mode", "full") == "full"]
+            and (op is None or r.get("op") == op) and r.get("mode", "full") == mode]
 
 
 def _at_shape(rows: list[dict], want: dict) -> tuple[list[dict], bool]:
@@ -67,8 +69,10 @@ def _why_missing(rows: list[dict], providers) -> str:
     return "not measured" + (f" ({'; '.join(notes)})" if notes else " (no rows)")
 
 
-def _row(target: str, goal: str, value, met, where: str) -> dict:
-    return {"target": target, "goal": goal, "value": value, "met": met, "where": where}
+def _row(target: str, goal: str, value, met, where: str, provider: str | None = None) -> dict:
+    """One target; ``provider``: the r1fast row it was measured on, where one was."""
+    return {"target": target, "goal": goal, "value": value, "met": met, "where": where,
+            "provider": provider}
 
 
 #: (target, goal, met) of linear_logprob at the issue's shape, in the table's order
@@ -81,7 +85,7 @@ _LOGPROB_TARGETS = (
 
 
 def _linear_logprob(rows: list[dict]) -> list[dict]:
-    lp, exact = _at_shape(_full(rows, "linear_logprob", "linear_logprob"), LOGPROB_SHAPE)
+    lp, exact = _at_shape(_bench_rows(rows, "linear_logprob", "linear_logprob"), LOGPROB_SHAPE)
     where = _shape_note(lp, exact)
     ours = _timed(lp, R1FAST_LOGPROB)
     if not ours:
@@ -100,8 +104,8 @@ def _linear_logprob(rows: list[dict]) -> list[dict]:
 
 
 def _fused_loss(rows: list[dict]) -> dict:
-    fused, exact = _at_shape(_full(rows, "grpo_loss", "fused_linear_policy_loss"), LOGPROB_SHAPE)
-    alone, _ = _at_shape(_full(rows, "grpo_loss", "linear_logprob (the fused loss's yardstick)"),
+    fused, exact = _at_shape(_bench_rows(rows, "grpo_loss", "fused_linear_policy_loss"), LOGPROB_SHAPE)
+    alone, _ = _at_shape(_bench_rows(rows, "grpo_loss", "linear_logprob (the fused loss's yardstick)"),
                          LOGPROB_SHAPE)
     impl = "triton" if any("(triton)" in r.get("provider", "") for r in fused) else "torch"
     ours = _timed(fused, (f"r1fast-fused ({impl})", f"r1fast-fused grad-in-forward ({impl})"))
@@ -126,11 +130,12 @@ def _faster_than(rows: list[dict], exact: bool, target: str, peer: str, goal: fl
                                                                 peer)), None, where)
     best = min(ours.values(), key=lambda r: r["ms"])
     ratio = them["ms"] / best["ms"]
-    return _row(target, f">= {goal:g}", ratio, ratio >= goal, f"{where}; {best['provider']}")
+    return _row(target, f">= {goal:g}", ratio, ratio >= goal, f"{where}; {best['provider']}",
+                best["provider"])
 
 
 def _routing(rows: list[dict]) -> list[dict]:
-    route = _full(rows, "moe_route", "moe_route")
+    route = _bench_rows(rows, "moe_route", "moe_route")
     configs = sorted({(r.get("shape") or {}).get("config") for r in route} - {None})
     out = []
     for c in configs:
@@ -145,11 +150,11 @@ def _routing_launches(rows: list[dict], config: str, speed: dict) -> dict:
     """The kernels one forward and one backward of the provider that ``speed`` found fastest
     put on the device, with their memsets shown beside (module doc)."""
     target, goal = f"routing ({config}) launches forward, backward", "1, 1"
-    provider = speed["where"].rsplit("; ", 1)[-1] if speed["met"] is not None else None
+    provider = speed["provider"]
     counts = {}
     for mode in ("forward", "backward"):
-        picked, _ = _at_shape([r for r in rows if r.get("bench") == "moe_route"
-                               and r.get("mode") == mode and r.get("provider") == provider
+        picked, _ = _at_shape([r for r in _bench_rows(rows, "moe_route", "moe_route", mode)
+                               if r.get("provider") == provider
                                and (r.get("shape") or {}).get("config") == config],
                               ROUTE_SHAPE)
         row = next((r for r in picked if "launches" in r), None)
@@ -166,7 +171,7 @@ def _routing_launches(rows: list[dict], config: str, speed: dict) -> dict:
 def _permutation(rows: list[dict]) -> list[dict]:
     out = []
     for op in ("moe_permute", "moe_unpermute"):
-        perm, exact = _at_shape(_full(rows, "moe_permute", op), PERMUTE_SHAPE)
+        perm, exact = _at_shape(_bench_rows(rows, "moe_permute", op), PERMUTE_SHAPE)
         ours = _timed(perm, ("r1fast cuda", "r1fast triton"))
         target = f"{op.removeprefix('moe_')} / copy bandwidth"
         if not ours or not any("frac_copy" in r for r in ours.values()):
@@ -181,7 +186,7 @@ def _permutation(rows: list[dict]) -> list[dict]:
 
 
 def _step(rows: list[dict]) -> dict:
-    step = {r["provider"]: r for r in _full(rows, "step", "grpo_step") if "step_s" in r}
+    step = {r["provider"]: r for r in _bench_rows(rows, "step", "grpo_step") if "step_s" in r}
     on, off = step.get("r1fast kernels on"), step.get("r1fast kernels off")
     target, goal = "GRPO step, kernels off / on", ">= 1.3"
     if not on or not off:
