@@ -62,8 +62,11 @@ def _check_latest(root: Path, reported: int, trial: int) -> int:
     state, meta = load_checkpoint(path)  # verifies the sha256 of every file meta.json lists
     step, world = meta["step"], meta["world_size"]
     assert step == meta["data"] >= reported
+    # this (one-process) reader gets rank 0's state from the loader when one rank wrote it
+    assert (state is None) == (world != 1)
     for rank in range(world):
-        rank_state = torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)
+        rank_state = state if state is not None else torch.load(
+            path / f"rank_{rank:05d}.pt", weights_only=True)
         assert rank_state["step"] == step
         assert torch.equal(rank_state["w"], torch.full(SHAPE, part_value(step, rank, -1)))
         for i in range(2):  # the shared files (verified by load_checkpoint) are this step's
