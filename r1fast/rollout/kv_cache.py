@@ -213,6 +213,9 @@ class KVCacheDecoder:
         check_tensor("pads", pads, shape=[tokens.shape[0]], dtypes=(torch.int64, torch.int32))
         if tokens.shape[1] > max_len:
             raise ValueError(f"tokens: {tokens.shape[1]} prompt slots exceed max_len={max_len}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens: no prompt slots (every prompt is empty); a prefill needs "
+                             "at least one token per row")
         self.reset(tokens.shape[0], max_len, pads)
         B, P = tokens.shape
         width = P  # positions per forward: all, or as many as fit prefill_tokens

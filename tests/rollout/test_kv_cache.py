@@ -240,6 +240,9 @@ def test_prefill_tokens_is_checked(policy):
         KVCacheDecoder(policy, prefill_tokens=-1)
     with pytest.raises(ValueError, match="prefill_tokens=8 is a setting of the KV-cache"):
         make_decoder(policy, recompute=True, prefill_tokens=8)
+    with pytest.raises(ValueError, match="tokens: no prompt slots"):  # no empty loop
+        KVCacheDecoder(policy, prefill_tokens=8).prefill(
+            torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, dtype=torch.long), 8)
 
 
 def test_a_foreign_core_attention_decodes_through_a_local_one(policy):
