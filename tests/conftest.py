@@ -18,6 +18,16 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Refuse to start on a Triton interpreter that cannot run r1fast's kernels: the Triton tests
+    would otherwise skip as "Triton unavailable" and the run would pass without testing them."""
+    from r1fast.ops._dispatch import interpreter_missing, triton_importable, triton_interpret
+
+    why = interpreter_missing() if triton_importable() and triton_interpret() else None
+    if why is not None:
+        raise pytest.UsageError(f"{why}; or set TRITON_INTERPRET=0 to skip the Triton tests")
+
+
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

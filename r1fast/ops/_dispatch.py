@@ -63,6 +63,38 @@ def value_checks(device: torch.device) -> bool:
     return not torch.compiler.is_compiling() and (device.type == "cpu" or debug_checks())
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_missing() -> str | None:
+    """Why this process's Triton interpreter cannot run r1fast's kernels, or None when it can.
+
+    Answered once per process by running a probe kernel whose loop starts at a tensor, the way
+    every r1fast kernel splits its work. Why a probe and not a version table: Triton 3.6's
+    interpreter turns such a bound into a Python index with ``int()`` of a one-element array,
+    which NumPy 2.4 made an error; Triton 3.8 squeezes the array first. The same pair of
+    packages works compiled on a GPU, so only the interpreter (CPU runs, CI) is refused.
+    """
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop_from_program_id(out_ptr, n):
+        for i in range(tl.program_id(0), n):
+            tl.store(out_ptr + i, i)
+
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        _loop_from_program_id[(1,)](out, 2)
+    except Exception as exc:  # the interpreter wraps its cause; the message names it
+        return (f"the Triton interpreter of triton {triton.__version__} cannot run r1fast's "
+                f"kernels with numpy {numpy.__version__} ({type(exc).__name__}: {exc}); "
+                "install numpy<2.4 or triton>=3.8")
+    if out.tolist() != [0, 1]:
+        return (f"the Triton interpreter of triton {triton.__version__} ran a probe loop "
+                f"wrongly (wrote {out.tolist()}, expected [0, 1])")
+    return None
+
+
 def triton_missing(device: torch.device) -> str | None:
     """Why Triton cannot run on ``device``, or None when it can."""
     if not triton_importable():
@@ -70,7 +102,7 @@ def triton_missing(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and triton_interpret():
-        return None
+        return interpreter_missing()
     return (f"Triton kernels need CUDA tensors (got device {device.type!r}); on a CPU set "
             "TRITON_INTERPRET=1 before the first launch to use the (slow) interpreter")
 
