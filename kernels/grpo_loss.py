@@ -451,8 +451,9 @@ def _ticket(device: torch.device) -> torch.Tensor:
 
 
 def _armed_ticket(device: torch.device) -> torch.Tensor:
-    """The ticket, reset to 0 in stream order before the launch (one 4-byte memset, no host
-    sync, captured by CUDA graphs as a memset node). The kernel's last program also sets it
+    """The ticket, reset to 0 in stream order before the launch (``zero_()``: on CUDA a
+    one-element fill kernel, no host sync, captured by CUDA graphs like any kernel; so a
+    forward is two launches). The kernel's last program also sets it
     back to 0, but a launch that never finished (an abort, an interrupted graph replay, a
     launch on another stream sharing the counter) would leave it non-zero, and then no
     program would see ``ticket == B - 1``: ``totals`` would stay uninitialised with no error.

@@ -21,8 +21,9 @@ The bare-GEMM "full" row times the three GEMMs of a forward and backward without
 arrangements (fused or cuBLAS tiles; the fused loss also with its gradient in the forward),
 named in the table; the launch count is that provider's, from its forward and backward rows
 (``launches``, ``memsets``: the harness's profile of one call). A launch is a kernel; a
-memset that zeroes an output in stream order (routing's expert counts, as grpo_loss's
-ticket) is shown beside the count, not hidden and not counted. Shapes are the issue's
+memset that zeroes an output in stream order (the CUDA router's ``cudaMemsetAsync`` of its
+expert counts) is shown beside the count, not hidden and not counted; torch's ``zero_()`` is a
+fill *kernel* on CUDA and counts (the Triton router's counts: its forward reads 2). Shapes are the issue's
 (T=16384, H=4096, V=151936; E=256, k=8; H=4096) when the run has them; a dry run's tiny
 shapes are used as they are and the table says so.
 A target whose rows are missing, skipped or failed reads "not measured" with the reason.
