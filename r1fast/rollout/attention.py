@@ -12,9 +12,16 @@ layer's attention computes query/key/value of the new tokens, applies RoPE to th
 own code, per-row positions) and calls its core attention. :class:`CachedAttention`, swapped in
 as that core attention while decoding, writes the new keys/values into its layer's cache at the
 current slot offset and attends over the cache's slots ``0 .. offset+n-1`` with
-``scaled_dot_product_attention`` (grouped-query heads without copies, ``enable_gqa``), under
-the decoder's boolean mask (True = hidden; converted to SDPA's True = attend). Keys are cached
-after RoPE, so nothing is recomputed for old slots.
+``scaled_dot_product_attention`` under the decoder's boolean mask (True = hidden; converted
+to SDPA's True = attend). Keys are cached after RoPE, so nothing is recomputed for old slots.
+
+Grouped-query heads without copies of the cache, and without ``enable_gqa``: PyTorch's fused
+CUDA kernels do not take ``enable_gqa`` together with an explicit mask, and SDPA then falls
+back to its math kernel, which repeats the keys and values to every head and holds fp32
+``[B, heads, n, end]`` scores (a prefill of 64k prompt tokens of a 32-head model: 4 GiB per
+copy per layer). Instead the ``rep`` query heads that share a key/value group are laid out as
+``rep`` times more queries of that group (``[B, groups, rep * n, d]``, a copy of the query
+only) with the mask's rows tiled to match, which a memory-efficient kernel takes as it is.
 
 Cache layout: ``[capacity, B, groups/tp, head_dim]`` per layer (megatron's), NaN-filled at
 allocation so a slot read before it is written shows up; rows are compacted in place
@@ -85,10 +92,17 @@ class CachedAttention(torch.nn.Module):
         keys, values = store.buffers[self.layer_number]
         keys[start:end, :b] = key
         values[start:end, :b] = value
-        q = query.permute(1, 2, 0, 3)  # [B', heads, n, d]
+        heads, groups = query.shape[2], keys.shape[2]
+        rep = heads // groups  # query heads per key/value group (megatron: group = head // rep)
+        # grouped heads become more queries of their group: [B', groups, rep * n, d], row
+        # r * n + i = head r of the group at slot i (module doc: no enable_gqa with a mask)
+        q = query.permute(1, 2, 0, 3).reshape(b, groups, rep * n, query.shape[-1])
         k = keys[:end, :b].permute(1, 2, 0, 3)  # [B', groups, end, d]
         v = values[:end, :b].permute(1, 2, 0, 3)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
-                                             scale=self.softmax_scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        attend = ~attention_mask  # [B'|1, 1, n, end], True = attend
+        if rep > 1:
+            attend = attend.repeat(1, 1, rep, 1)  # [B'|1, 1, rep * n, end]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend,
+                                             scale=self.softmax_scale)  # [B', groups, rep*n, dv]
+        out = out.reshape(b, heads, n, out.shape[-1])  # [B', heads, n, dv]
         return out.permute(2, 0, 1, 3).reshape(n, b, -1)  # [n, B', heads * dv]
