@@ -110,11 +110,16 @@ def attend_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tens
     hidden), w_uk [h, nope, kv_lora], w_uv [h, dv, kv_lora], all fp32 -> [n, B', h, dv] fp32.
     """
     kv_lora = w_uk.shape[-1]
+    b, h, n = q_nope.shape[:3]
     q_cat = torch.cat([torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk), q_rope], dim=-1)
-    scores = torch.matmul(q_cat, keys[:, None].transpose(-1, -2)) * scale  # [B', h, n, end]
+    # every head reads the same latent: heads become more queries ([B', h * n, c]) so the
+    # batched products read the cache as it is; a [B', h, ...] @ [B', 1, ...] product would
+    # copy the whole fp32 latent once per head (matmul expands broadcast batch dimensions)
+    q_cat = q_cat.reshape(b, h * n, q_cat.shape[-1])
+    scores = torch.bmm(q_cat, keys.transpose(1, 2)).view(b, h, n, -1) * scale  # [B', h, n, end]
     probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-    out = torch.matmul(probs, keys[:, None, :, :kv_lora])  # [B', h, n, kv_lora]
-    return torch.einsum("bhsc,hdc->sbhd", out, w_uv)
+    out = torch.bmm(probs.view(b, h * n, -1), keys[..., :kv_lora])  # [B', h * n, kv_lora]
+    return torch.einsum("bhsc,hdc->sbhd", out.view(b, h, n, kv_lora), w_uv)
 
 
 def attend_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor,
@@ -228,9 +233,16 @@ class LatentMLAAttention(torch.nn.Module):
         prefill (queries == keys), false for a decode step (one query). ``form`` forces one."""
         if self.form != "auto":
             return self.form == "expanded"
-        per_key = self.kv_lora * (self.nope + self.v_dim)  # expanding a cached token
-        per_pair = 2 * self.kv_lora - self.nope - self.v_dim  # what absorbing adds per pair
-        return per_key * (keys - queries) < queries * keys * per_pair
+        return expanded_is_cheaper(self.kv_lora, self.nope, self.v_dim, queries, keys)
+
+
+def expanded_is_cheaper(kv_lora: int, nope: int, v_dim: int, queries: int, keys: int) -> bool:
+    """Whether ``queries`` queries over ``keys`` cached tokens cost fewer multiply-adds per
+    head in the expanded form than in the absorbed one (module doc); the planner's prefill term
+    asks it too."""
+    per_key = kv_lora * (nope + v_dim)  # expanding a cached token
+    per_pair = 2 * kv_lora - nope - v_dim  # what absorbing adds per pair
+    return per_key * (keys - queries) < queries * keys * per_pair
 
 
 def latent_attentions(policy, store: LatentStore) -> dict[int, LatentMLAAttention]:
