@@ -89,6 +89,13 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
     rows.append(("rollout sampling logits (fp32)",
                  "[B, V] per step" if opt.decoder == "kv-cache"
                  else "[B, L, V]: prefix-recomputing decoder", _gib(w.rollout_logits_bytes)))
+    if opt.decoder == "kv-cache":
+        sliced = cfg.rollout.prefill_tokens and w.prefill_tokens < plan.rollout_seqs * \
+            plan.prompt_len
+        rows.append(("rollout prefill (transient)",
+                     f"one layer over {w.prefill_tokens} prompt tokens"
+                     + (" per slice" if sliced else " (all prompts at once)"),
+                     _gib(w.prefill_bytes)))
     rows.append((f"= rollout peak (+{opt.reserve_gib:g} GiB reserve)", "", _gib(w.rollout_peak)))
     rows.append(("PEAK", f"fits {opt.gpu_mem_gib:g} GiB: {'yes' if plan.fits else 'NO'}",
                  _gib(w.peak)))

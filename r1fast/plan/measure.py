@@ -11,6 +11,10 @@
   is the kept layer inputs plus one re-run layer, as the planner's
   :func:`~r1fast.plan.activations.stage_activation_bytes` predicts.
 
+- :func:`measure_peak_alloc_bytes`: the most bytes of storages created while a function ran
+  that are alive at once: every tensor an op makes, not only what autograd saves, so it also
+  measures no-grad forwards (the rollout's prefill, the planner's ``prefill_bytes``).
+
 Both saved-tensor measurements use ``torch.autograd.graph.saved_tensors_hooks`` and count each
 storage once (a view saved twice is one storage). The peak tracks liveness exactly: the pack
 hook wraps each saved tensor in a small holder that autograd owns, and a ``weakref.finalize``
@@ -114,5 +118,47 @@ def measure_peak_saved_bytes(fn: Callable[[], Any],
         return held
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
+        result = fn()
+    return result, total[1], total[0]
+
+
+def measure_peak_alloc_bytes(fn: Callable[[], Any]) -> tuple[Any, int, int]:
+    """Run ``fn()`` and return (its result, the peak bytes of storages created meanwhile and
+    alive at once, the bytes of those still alive when it returned).
+
+    A ``TorchDispatchMode`` sees every op's outputs; a storage not seen before (by data
+    pointer) counts its bytes until ``weakref.finalize`` on its Python object fires: torch
+    keeps one Python object per storage for the storage's whole life, so the callback runs when
+    the memory is freed. Storages that existed before (parameters, a cache written in place)
+    and outputs that alias an input count nothing. Not seen: workspaces inside one kernel."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    live: dict[int, int] = {}  # data pointer -> bytes, storages made during fn and alive
+    total = [0, 0]  # [alive now, peak]
+
+    def release(key: int) -> None:
+        total[0] -= live.pop(key)
+
+    class _Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs or {}))
+                      if isinstance(t, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in inputs or key in live or storage.nbytes() == 0:
+                    continue
+                live[key] = storage.nbytes()
+                total[0] += live[key]
+                total[1] = max(total[1], total[0])
+                weakref.finalize(storage, release, key)
+            return out
+
+    with _Allocations():
         result = fn()
     return result, total[1], total[0]

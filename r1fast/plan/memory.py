@@ -40,7 +40,9 @@ matching r1fast's policy (r1fast.policy.optim):
   ``algo.use_fused_kernels = false``, even gathers ``[T, V]``), or the fused kernel's bounded
   workspace (r1fast.ops.linear_logprob);
 - rollout: a KV cache for this DP rank's share of ``prompts_per_step * group_size`` sequences
-  while the weights and optimizer state stay resident (colocated training and sampling);
+  while the weights and optimizer state stay resident (colocated training and sampling), and
+  the transient of one prefill forward over those prompts, or over a slice of
+  ``rollout.prefill_tokens`` tokens (r1fast.plan.prefill);
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator fragmentation).
 
 Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
@@ -62,7 +64,9 @@ from r1fast.plan.activations import (_BYTES, held_activation_bytes,  # noqa: F40
 from r1fast.plan.measure import (measure_peak_saved_bytes, measure_saved_bytes,  # noqa: F401
                                  measure_state_bytes)
 from r1fast.plan.mla_memory import mla_params as _mla_params
+from r1fast.plan.prefill import prefill_bytes
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.rollout.kv_cache import prefill_width
 
 GiB = 1024 ** 3
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -154,10 +158,15 @@ class StagePlan:
     """Rollout KV cache of this stage's layers for this DP rank's sequences."""
     rollout_logits_bytes: int
     """Sampling logits held during rollout (decoder-dependent)."""
+    prefill_bytes: int
+    """Transient of one prefill forward of the KV-cache decoder (r1fast.plan.prefill): this
+    DP rank's prompts, in slices of ``rollout.prefill_tokens`` tokens when set."""
+    prefill_tokens: int
+    """Query tokens of that forward (rows x positions per slice)."""
     train_peak: int
     """Resident state + activations + log-prob head + reserve."""
     rollout_peak: int
-    """Resident state + KV cache + sampling logits + reserve."""
+    """Resident state + KV cache + sampling logits + prefill transient + reserve."""
 
     @property
     def resident_bytes(self) -> int:
@@ -429,8 +438,15 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     # the prefix-recomputing decoder holds them for every position [B, L, V]
     positions = 1 if opts.decoder == "kv-cache" else batch.seq_len
     roll_logits = batch.rows * positions * (m.vocab_size + m.vocab_size // tp) * 4
+    prefill = prefill_tokens = 0
     if opts.decoder == "recompute":
         kv = 0
+    else:
+        sp = tp if par.use_sequence_parallel(m) else 1
+        width = prefill_width(batch.rows, batch.prompt_len, cfg.rollout.prefill_tokens, sp)
+        prefill_tokens = batch.rows * width
+        prefill = prefill_bytes(m, tp, sp, _BYTES[m.params_dtype], (lo, hi), batch.rows, width,
+                                batch.prompt_len, "local" if opts.spec == "local" else "te")
     shard = math.ceil(dense / shard_dense) + math.ceil(expert / shard_expert)
     st = StagePlan(
         stage=stage, layers=(lo, hi), dense_params=dense, expert_params=expert,
@@ -438,9 +454,10 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
         adam_bytes=shard * 8, reference_bytes=n * p_bytes if _uses_reference(cfg) else 0,
         activation_bytes=acts, in_flight=in_flight, activations_total=act_total,
         logprob_fused_bytes=lp_fused, logprob_unfused_bytes=lp_unfused, logprob_bytes=lp,
-        kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, train_peak=0, rollout_peak=0)
+        kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, prefill_bytes=prefill,
+        prefill_tokens=prefill_tokens, train_peak=0, rollout_peak=0)
     st.train_peak = st.resident_bytes + act_total + lp + reserve
-    st.rollout_peak = st.resident_bytes + kv + roll_logits + reserve
+    st.rollout_peak = st.resident_bytes + kv + roll_logits + prefill + reserve
     return st
 
 
@@ -458,7 +475,8 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
                  "reference policy": worst.reference_bytes,
                  "activations": worst.activations_total, "log-prob head": worst.logprob_bytes,
                  "rollout KV cache": worst.kv_cache_bytes,
-                 "rollout logits": worst.rollout_logits_bytes}
+                 "rollout logits": worst.rollout_logits_bytes,
+                 "rollout prefill": worst.prefill_bytes}
         top = max(parts, key=parts.get)
         notes.append(f"does not fit: stage {worst.stage} needs {worst.peak / GiB:.1f} GiB of "
                      f"{opts.gpu_mem_gib:g}; the largest term is {top} "
@@ -467,14 +485,10 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
         notes.append("log-probs: not counted are the transients of the no-grad log-prob "
                      "forwards (parallel.max_tokens_per_logprob_forward tokens, one layer at a "
                      "time; nothing is kept for a backward)")
-    if opts.decoder == "kv-cache":
-        tokens = (f"slices of rollout.prefill_tokens = {prefill_tokens} tokens"
-                  if prefill_tokens else "every prompt of the DP rank at once (B x P tokens; "
-                  "rollout.prefill_tokens bounds it)")
-        notes.append(f"rollout: not counted are the transients of the prefill, no-grad forwards "
-                     f"over {tokens}: a layer's tensors for those tokens and the boolean mask "
-                     f"(measured on the CPU: 0.1-0.4x one layer's training activations at the "
-                     f"same tokens)")
+    if opts.decoder == "kv-cache" and not prefill_tokens and worst.prefill_bytes > GiB:
+        notes.append(f"rollout: the prefill runs every prompt of the DP rank in one forward "
+                     f"({worst.prefill_tokens} tokens, {worst.prefill_bytes / GiB:.1f} GiB "
+                     f"transient); rollout.prefill_tokens slices it")
     return notes
 
 

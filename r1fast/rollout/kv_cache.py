@@ -218,9 +218,7 @@ class KVCacheDecoder:
                              "at least one token per row")
         self.reset(tokens.shape[0], max_len, pads)
         B, P = tokens.shape
-        width = P  # positions per forward: all, or as many as fit prefill_tokens
-        if self.prefill_tokens and B * P > self.prefill_tokens:
-            width = max(1, self.prefill_tokens // B // self.multiple) * self.multiple
+        width = prefill_width(B, P, self.prefill_tokens, self.multiple)
         logits = None
         for s0 in range(0, P, width):  # slots s0 .. s1-1 of every row
             s1 = min(P, s0 + width)
@@ -415,6 +413,16 @@ class KVCacheDecoder:
         from megatron.core import parallel_state as ps
 
         dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+
+
+def prefill_width(rows: int, prompt_len: int, prefill_tokens: int, multiple: int = 1) -> int:
+    """Positions per prefill forward of :meth:`KVCacheDecoder.prefill`: the whole prompt, or
+    with ``prefill_tokens`` > 0 and more prompt tokens than that, as many positions as fit that
+    many tokens (a multiple of ``multiple``, the TP size under sequence parallelism; at least
+    one). The planner's prefill term (r1fast.plan.prefill) asks it too."""
+    if not prefill_tokens or rows * prompt_len <= prefill_tokens:
+        return prompt_len
+    return max(1, prefill_tokens // rows // multiple) * multiple
 
 
 def make_decoder(policy, *, recompute: bool = False, prefill_tokens: int = 0):

@@ -1,0 +1,87 @@
+"""The planner's prefill term (r1fast.plan.prefill) against the prefill it describes: the bytes
+a KV-cache decoder's prefill really makes on the tiny models (GQA MoE and MLA with dense, shared
+and routed experts), whole and in slices (the expanded and the absorbed MLA form), measured
+with measure_peak_alloc_bytes; and how the plan and its report carry the term."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1fast.plan import plan_memory
+from r1fast.plan.measure import measure_peak_alloc_bytes
+from r1fast.plan.prefill import prefill_bytes
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.rollout.kv_cache import KVCacheDecoder, prefill_width
+from r1fast.train.config import load_train_config
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+GiB = 2 ** 30
+
+
+@pytest.fixture(scope="module", params=["tiny-moe", "tiny-dsv3-mla"])
+def policy(request):
+    from r1fast.policy.model import build_policy
+    from r1fast.policy.parallel import destroy_parallel
+
+    yield build_policy(ModelConfig.preset(request.param), ParallelConfig(), seed=0,
+                       trainable=False)
+    destroy_parallel()
+
+
+def measured_prefill(policy, rows: int, prompt: int, prefill_tokens: int) -> int:
+    """Peak bytes a prefill makes, less its KV cache (the plan's kv_cache_bytes)."""
+    dec = KVCacheDecoder(policy, prefill_tokens=prefill_tokens)
+    g = torch.Generator().manual_seed(rows * prompt)
+    tokens = torch.randint(3, policy.model_cfg.vocab_size, (rows, prompt), generator=g)
+    pads = torch.randint(0, 4, (rows,), generator=g)
+    with dec.session():
+        _, peak, _ = measure_peak_alloc_bytes(lambda: dec.prefill(tokens, pads, prompt + 8))
+    cache = sum(t.nbytes for v in dec.kv_buffers().values()
+                for t in (v if isinstance(v, tuple) else (v,)))
+    return peak - cache
+
+
+# rows, prompt length, prefill_tokens: whole prefills; slices whose last one attends to more
+# slots than it has queries (MLA: expanded); two-position slices (MLA: absorbed)
+SHAPES = [(8, 32, 0), (32, 96, 0), (16, 200, 999), (8, 48, 16)]
+
+
+@pytest.mark.parametrize("rows, prompt, prefill_tokens", SHAPES)
+def test_planned_prefill_bounds_the_measured_one_closely(policy, rows, prompt, prefill_tokens):
+    m = policy.model_cfg
+    width = prefill_width(rows, prompt, prefill_tokens)
+    planned = prefill_bytes(m, 1, 1, 4, (0, m.num_layers), rows, width, prompt, "local")
+    planned += rows * 2 * m.vocab_size * 4  # the plan's sampling logits, [B, V] and a shard
+    measured = measured_prefill(policy, rows, prompt, prefill_tokens)
+    # an upper bound that is not a loose one
+    assert measured <= planned <= 1.3 * measured, (planned / measured, width)
+
+
+def test_slicing_bounds_the_prefill_and_the_plan_carries_it():
+    cfg = load_train_config(RECIPES / "deepseek_v3.toml", [])
+    whole = plan_memory(cfg)
+    cfg.rollout.prefill_tokens = 8192
+    sliced = plan_memory(cfg)
+    for a, b in zip(whole.stages, sliced.stages):
+        assert a.prefill_tokens == 128 * 512 and b.prefill_tokens == 128 * 64  # 64 positions
+        assert b.prefill_bytes < a.prefill_bytes / 3  # 8x fewer queries, MLA's L x L terms stay
+        # every other rollout term is unchanged: the peak moves by the prefill alone
+        assert a.rollout_peak - a.prefill_bytes == b.rollout_peak - b.prefill_bytes
+    assert any("rollout.prefill_tokens slices it" in n for n in whole.notes)
+    assert not any("prefill" in n for n in sliced.notes)
+    # DeepSeek-V3 at TP8 with sequence parallelism: routed copies of 64k tokens / 8 per rank
+    assert 5 * GiB < whole.worst.prefill_bytes < 10 * GiB
+
+
+def test_no_prefill_term_for_the_recomputing_decoder():
+    cfg = load_train_config(RECIPES / "tiny.toml", [])
+    assert plan_memory(cfg, decoder="recompute").worst.prefill_bytes == 0
+    assert plan_memory(cfg).worst.prefill_bytes > 0
+
+
+def test_prefill_width_is_the_decoders_slicing():
+    assert prefill_width(4, 10, 0) == 10  # 0: one forward
+    assert prefill_width(4, 10, 40) == 10  # fits
+    assert prefill_width(4, 10, 39) == 9
+    assert prefill_width(4, 10, 3) == 1  # at least one position
+    assert prefill_width(4, 10, 24, multiple=4) == 4  # a multiple of the TP size under SP
