@@ -1,7 +1,7 @@
 """The planner's measuring tools (r1fast.plan.measure) on hand-built autograd graphs whose saved
 tensors are known: ``x * x`` saves x (one storage, twice), ``exp`` saves its output, ``sum``
 saves nothing; a reentrant checkpoint saves its input and re-runs its function (saving again)
-in the backward."""
+in the backward; measure_peak_alloc_bytes follows every storage an op makes."""
 from __future__ import annotations
 
 import torch
@@ -48,3 +48,26 @@ def test_peak_with_checkpoints_is_in_the_backward():
     # backward of the second segment: x and h kept, h saved again (same storage), its output
     _, peak, left = measure_peak_saved_bytes(step)
     assert (peak, left) == (3 * BYTES, 0)
+
+
+def test_peak_alloc_bytes_follow_every_storage_made():
+    from r1fast.plan.measure import measure_peak_alloc_bytes
+
+    x = torch.randn(N)
+
+    def no_grad_chain():
+        with torch.no_grad():
+            a = x * 2  # +1
+            b = a + 1  # +1 (peak 2)
+            del a  # -1
+            c = b * b  # +1 (2 again)
+            c.add_(1)  # in place: nothing new
+            view = c[3:]  # a view: nothing new
+            del b  # -1: c's storage stays, through the view
+            return view
+
+    out, peak, left = measure_peak_alloc_bytes(no_grad_chain)
+    assert (peak, left) == (2 * BYTES, BYTES)
+    del out
+    _, peak, left = measure_peak_alloc_bytes(lambda: x.add_(1))  # in place on an input
+    assert (peak, left) == (0, 0)
