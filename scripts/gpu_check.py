@@ -25,7 +25,8 @@ for about 8 minutes):
              compiles ``csrc/`` once) and records build time or the first error line.
 ``bench_*``  ``bench/bench_<name>.py`` at real shapes (T=16384, H=4096, V=151936 bf16;
              E=256 k=8; H=4096/7168; the GRPO step; the rollout length mix, old decoder vs
-             the ragged KV cache), each its own stage; its JSON rows (time, TFLOP/s or GB/s,
+             the ragged KV cache; MLA's prefill and decode attention at DeepSeek-V3's sizes),
+             each its own stage; its JSON rows (time, TFLOP/s or GB/s,
              fraction of the floor, peak extra memory, error vs fp64, clocks, autotune choice)
              are copied into ``results.jsonl``.
 ``tests``    the GPU test files (CUDA and Triton kernels, ``-m "not slow"``) with a JUnit file;
@@ -94,15 +95,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # Order: the numbers #18 needs first (a stage the budget cuts is recorded as skipped, and
 # ``--only`` runs it in a second call), then the tests, the sanitizer and the compiler's report.
 STAGES = ("env", "install", "build", "bench", "tests", "sanitizer", "resources")
-BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "rollout")
+BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "rollout",
+           "mla_prefill")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 180, "bench_linear_logprob": 150,
           "bench_grpo_loss": 120, "bench_moe_route": 60, "bench_moe_permute": 60, "bench_step": 60,
-          "bench_rollout": 120, "sanitizer": 150, "resources": 90}
+          "bench_rollout": 120, "bench_mla_prefill": 45, "sanitizer": 150, "resources": 90}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
-              "bench_step": 120, "bench_rollout": 90, "sanitizer": 90, "resources": 90}
+              "bench_step": 120, "bench_rollout": 90, "bench_mla_prefill": 60, "sanitizer": 90,
+              "resources": 90}
 
 GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
@@ -125,6 +128,9 @@ BENCH_ARGS = {
     # 64 rows of the length mix on a small bf16 MoE (H=1024, 4 layers, 32 experts, V=32000)
     "rollout": ["--rows", "64", "--hidden", "1024", "--layers", "4", "--experts", "32",
                 "--vocab", "32000", "--dtype", "bfloat16", "--reps", "2"],
+    # DeepSeek-V3's MLA attention over a latent cache, 16 heads (TP8): prefill and decode step
+    "mla_prefill": ["--B", "4", "--P", "1024", "4096", "--heads", "16", "--queries", "0", "1",
+                    "--reps", "5"],
 }
 DRY_BENCH_ARGS = {
     "linear_logprob": ["--T", "32", "--H", "32", "--V", "256", "--modes", "full", "--reps", "1"],
@@ -135,6 +141,7 @@ DRY_BENCH_ARGS = {
     "step": ["--steps", "1"],
     "rollout": ["--rows", "4", "--max-new", "8", "--prompt-range", "4", "12", "--hidden", "32",
                 "--vocab", "256", "--reps", "1"],
+    "mla_prefill": ["--B", "1", "--P", "32", "--heads", "2", "--queries", "0", "1", "--reps", "1"],
 }
 
 # bench/kernel_resources.py compiles for sm_90 without running anything (no GPU needed): the
