@@ -110,6 +110,7 @@ DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear
 GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
              "tests/ops/test_linear_logprob_triton.py",
+             "tests/ops/test_linear_logprob_vocab_parallel.py",
              "tests/ops/test_fused_linear_policy_loss.py",
              "tests/ops/test_host_sync.py", "tests/ops/test_real_shapes.py",
              "tests/bench/test_harness.py", "tests/rollout/test_attention.py"]

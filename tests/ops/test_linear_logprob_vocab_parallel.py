@@ -1,4 +1,6 @@
-"""Vocabulary-parallel ``linear_logprob``: 2 gloo ranks on CPU, each holding half the LM head.
+"""Vocabulary-parallel ``linear_logprob``: 2 gloo ranks, each holding half the LM head: on a CPU,
+or both on the one GPU of a ``make gpu-check`` machine (NCCL refuses two ranks on one device;
+gloo all-reduces CUDA tensors), where the Triton paths run compiled.
 
 Each rank builds the same inputs (seeded), runs the unsharded op and the sharded op
 (``tp_group``) and checks that logp, entropy and dx are the unsharded values and that its dW is
@@ -23,6 +25,9 @@ IGNORE = -100
 
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _inputs(T, H, V, dtype):
     g = torch.Generator().manual_seed(1234)  # same on every rank: hidden/targets replicated
     hidden = torch.randn(T, H, generator=g).to(dtype)
@@ -30,7 +35,8 @@ def _inputs(T, H, V, dtype):
     targets = torch.randint(0, V, (T,), generator=g)
     targets[[1, 5]] = IGNORE
     targets[0], targets[2] = 0, V - 1  # first row of shard 0, last row of the last shard
-    return hidden, weight, targets, torch.randn(T, generator=g), torch.randn(T, generator=g)
+    out = hidden, weight, targets, torch.randn(T, generator=g), torch.randn(T, generator=g)
+    return tuple(t.to(DEVICE) for t in out)
 
 
 def _run(hidden, weight, targets, g, h, **kw):
@@ -85,8 +91,8 @@ def _worker(rank: int, store: str, impl: str, tiles: str) -> None:
 @pytest.mark.parametrize("impl,tiles", [("torch", "fused"), ("triton", "fused"),
                                         ("triton", "gemm")])
 def test_vocab_parallel_matches_unsharded(impl, tiles, tmp_path):
-    if impl == "triton" and triton_missing(torch.device("cpu")) is not None:
-        pytest.skip(str(triton_missing(torch.device("cpu"))))
-    # children inherit TRITON_INTERPRET from this process's environment (set by conftest)
-    assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1"
+    if impl == "triton" and triton_missing(DEVICE) is not None:
+        pytest.skip(str(triton_missing(DEVICE)))
+    # on a CPU the children inherit TRITON_INTERPRET from this process (set by conftest)
+    assert impl == "torch" or DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     mp.spawn(_worker, args=(str(tmp_path / "store"), impl, tiles), nprocs=WORLD, join=True)
