@@ -462,7 +462,7 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
 
 
 def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
-           opts: PlanOptions, prefill_tokens: int = 0) -> list[str]:
+           opts: PlanOptions, prefill_setting: int = 0) -> list[str]:
     """Warnings worth reading: an over-long sequence, what dominates a plan that does not fit,
     what today's code does not do yet."""
     notes: list[str] = []
@@ -485,7 +485,7 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
         notes.append("log-probs: not counted are the transients of the no-grad log-prob "
                      "forwards (parallel.max_tokens_per_logprob_forward tokens, one layer at a "
                      "time; nothing is kept for a backward)")
-    if opts.decoder == "kv-cache" and not prefill_tokens and worst.prefill_bytes > GiB:
+    if opts.decoder == "kv-cache" and not prefill_setting and worst.prefill_bytes > GiB:
         notes.append(f"rollout: the prefill runs every prompt of the DP rank in one forward "
                      f"({worst.prefill_tokens} tokens, {worst.prefill_bytes / GiB:.1f} GiB "
                      f"transient); rollout.prefill_tokens slices it")
