@@ -226,7 +226,8 @@ def moe_route(T: int = 16384, E: int = 256, k: int = 8) -> None:
     logits, bias = _meta(T, E), _meta(E)
     for score, bias_, groups, topk_groups, norm in ((0, None, 1, 1, True),
                                                     (1, bias, 8, 4, True)):
-        wts, idx, _ = K.route_fwd(logits, k, score, bias_, None, groups, topk_groups, 2.5, norm)
+        wts, idx, _ = K.route_fwd(logits, k, score, bias_, None, groups, topk_groups,
+                                  k // topk_groups, 2.5, norm)
         K.route_bwd(wts, logits, idx, score, 2.5, norm)
     scores, _ = K.aux_scores_fwd(logits, k, True)
     K.aux_scores_bwd(scores, logits, True)

@@ -478,7 +478,8 @@ bool valid_route(const r1_route_params& p) {
   if (p.topk < 1 || p.topk > R1_MAX_TOPK || p.topk > p.num_experts) return false;
   if (p.score < R1_SOFTMAX_POST || p.score > R1_SIGMOID) return false;
   if (p.n_groups < 1 || p.n_groups > R1_MAX_GROUPS || p.num_experts % p.n_groups != 0) return false;
-  if (p.n_groups > 1 && (p.topk_groups < 1 || p.topk_groups > p.n_groups || p.group_m < 1))
+  if (p.n_groups > 1 && (p.topk_groups < 1 || p.topk_groups > p.n_groups || p.group_m < 1 ||
+                         p.group_m > p.num_experts / p.n_groups))
     return false;
   return true;
 }

@@ -8,8 +8,9 @@ registers (E is small: 8..512), so every step below is a row reduction:
    full softmax (``pre_softmax=True``) or the sigmoid. Math is fp32 whatever the input dtype.
 2. selection key ``s + bias`` (aux-loss-free balancing: the bias moves choices, never weights).
 3. optional group-limited selection (DeepSeek-V3): experts form ``N_GROUPS`` contiguous groups;
-   a group's score is the sum of its top-``GROUP_M`` keys (``GROUP_M = topk // topk_groups``,
-   Megatron's rule; 2 for DeepSeek-V3); the best ``TOPK_GROUPS`` groups stay candidates.
+   a group's score is the sum of its top-``GROUP_M`` keys (by default ``topk // topk_groups``,
+   Megatron's rule, 2 for DeepSeek-V3; 1 for DeepSeek-V2's group_limited_greedy); the best
+   ``TOPK_GROUPS`` groups stay candidates.
 4. top-k by ``K`` rounds of "largest key, lowest index among equals" (ties break to the lowest
    expert index, deterministically), or the replayed indices.
 5. weights: the selected scores (softmax over the selected logits for softmax-after-top-k),
@@ -275,12 +276,13 @@ def _rows_contig(t: torch.Tensor) -> torch.Tensor:
 
 
 def route_fwd(logits: torch.Tensor, topk: int, score: int, expert_bias: torch.Tensor | None,
-              replay: torch.Tensor | None, n_groups: int, topk_groups: int, scaling: float,
-              normalize: bool, *, weights: torch.Tensor | None = None,
+              replay: torch.Tensor | None, n_groups: int, topk_groups: int, group_m: int,
+              scaling: float, normalize: bool, *, weights: torch.Tensor | None = None,
               indices: torch.Tensor | None = None, counts: torch.Tensor | None = None):
     """Launch the routing forward. Returns ``(weights [T,k] fp32, indices [T,k] int64,
-    counts [E] int64)``. ``weights``/``indices`` may be preallocated (tests poison them with
-    NaN / -1 to prove every element is written); ``counts`` is always zeroed here."""
+    counts [E] int64)``; ``group_m``: keys summed per group score. ``weights``/``indices`` may
+    be preallocated (tests poison them with NaN / -1 to prove every element is written);
+    ``counts`` is always zeroed here."""
     logits = _rows_contig(logits)
     T, E = logits.shape
     dev = logits.device
@@ -303,7 +305,7 @@ def route_fwd(logits: torch.Tensor, topk: int, score: int, expert_bias: torch.Te
         T, E, logits.stride(0), float(scaling), E // max(n_groups, 1),
         K=topk, SCORE=score, HAS_BIAS=expert_bias is not None, REPLAY=replay is not None,
         N_GROUPS=n_groups if groups else 1, TOPK_GROUPS=topk_groups if groups else 1,
-        GROUP_M=max(topk // max(topk_groups, 1), 1) if groups else 1, NORMALIZE=bool(normalize),
+        GROUP_M=group_m if groups else 1, NORMALIZE=bool(normalize),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(topk), BLOCK_G=block_g,
     )
     return weights, indices, counts

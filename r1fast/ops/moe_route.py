@@ -16,8 +16,10 @@ Megatron router can call :func:`moe_route` instead, and extend it where DeepSeek
   bias with sigmoid only; here it works with every score function.
 - group-limited selection (``n_groups``, ``topk_groups``; DeepSeek-V3 node-limited routing):
   experts form ``n_groups`` contiguous groups; a group's score is the sum of its top-m selection
-  keys with ``m = topk // topk_groups`` (Megatron's rule; DESIGN's "top-2" is DeepSeek-V3's
-  k=8, 4 groups); the ``topk_groups`` best groups stay, top-k is taken within them.
+  keys with ``m = group_score_topk``, by default ``topk // topk_groups`` (Megatron's rule;
+  DESIGN's "top-2" is DeepSeek-V3's k=8, 4 groups), 1 for DeepSeek-V2's
+  ``group_limited_greedy`` (a group ranks by its best expert); the ``topk_groups`` best groups
+  stay, top-k is taken within them.
 - ``scaling_factor`` multiplies the weights last. Ties break to the lowest expert index (in
   the group choice too), identically in every implementation.
 - replay (``replay_indices`` [T, k]): the routing recorded at rollout time is reused; weights are
@@ -81,6 +83,10 @@ class MoERouteConfig:
     """Group-limited routing: number of contiguous expert groups (None: off)."""
     topk_groups: Optional[int] = None
     """Group-limited routing: groups kept per token (needs ``n_groups``)."""
+    group_score_topk: Optional[int] = None
+    """Group-limited routing: how many of a group's best selection keys sum to its score.
+    None: ``topk // topk_groups`` (Megatron's rule, DeepSeek-V3); 1: the group's best expert
+    (DeepSeek-V2's ``group_limited_greedy``)."""
     scaling_factor: float = 1.0
     """Multiplies the final weights (DeepSeek-V3: 2.5)."""
     normalize: Optional[bool] = None
@@ -103,6 +109,13 @@ class MoERouteConfig:
     def grouped(self) -> bool:
         return self.n_groups is not None
 
+    @property
+    def group_m(self) -> int:
+        """Keys summed per group score (1 when not grouped: the kernels' neutral value)."""
+        if not self.grouped:
+            return 1
+        return self.group_score_topk or self.topk // self.topk_groups
+
     def validate(self, num_experts: int) -> None:
         E, k = num_experts, self.topk
         check_choice("score", self.score, SCORES)
@@ -121,6 +134,11 @@ class MoERouteConfig:
             if k > kg * (E // G):
                 raise ValueError(f"topk={k} must be <= topk_groups*experts_per_group = "
                                  f"{kg}*{E // G}")
+            if self.group_score_topk is not None:
+                check_range("group_score_topk", self.group_score_topk, 1, E // G)
+        elif self.group_score_topk is not None:
+            raise ValueError("group_score_topk needs group-limited routing (n_groups and "
+                             f"topk_groups), got group_score_topk={self.group_score_topk}")
         check_range("scaling_factor", float(self.scaling_factor), 0.0, None, lo_open=True)
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be None or a bool, got {self.normalize!r}")
@@ -149,7 +167,7 @@ def _group_limited_key(key: Tensor, cfg: MoERouteConfig) -> Tensor:
     """``key`` with the experts outside each token's best ``topk_groups`` groups set to -inf."""
     T, E = key.shape
     G, kg = cfg.n_groups, cfg.topk_groups
-    m = cfg.topk // kg
+    m = cfg.group_m
     # Values only: which equal keys are "the top m" does not change their sum.
     group_score = key.view(T, G, E // G).topk(m, dim=-1).values.sum(-1)  # [T, G]
     keep = torch.zeros(T, G, dtype=torch.bool, device=key.device)
@@ -196,7 +214,8 @@ def _aux_scores_reference(logits: Tensor, topk: int, score: str) -> tuple[Tensor
 
 def naive_moe_route(logits: Tensor, topk: int, *, score: str = "softmax",
                     pre_softmax: bool = False, n_groups: Optional[int] = None,
-                    topk_groups: Optional[int] = None, expert_bias: Optional[Tensor] = None,
+                    topk_groups: Optional[int] = None, group_score_topk: Optional[int] = None,
+                    expert_bias: Optional[Tensor] = None,
                     scaling_factor: float = 1.0, normalize: Optional[bool] = None,
                     replay_indices: Optional[Tensor] = None) -> MoERouting:
     """The routing rule written out token by token in fp64 with Python sorting: the independent
@@ -221,7 +240,7 @@ def naive_moe_route(logits: Tensor, topk: int, *, score: str = "softmax",
             key = [float(s[e].detach()) + bias[e] for e in range(E)]
             allowed = list(range(E))
             if n_groups is not None:
-                eg, m = E // n_groups, topk // topk_groups
+                eg, m = E // n_groups, group_score_topk or topk // topk_groups
                 gscore = [sum(sorted(key[g * eg:(g + 1) * eg], reverse=True)[:m])
                           for g in range(n_groups)]
                 best = sorted(range(n_groups), key=lambda g: (-gscore[g], g))[:topk_groups]
@@ -277,8 +296,8 @@ class _CudaRoute:
     launchers in ``r1fast.kernels.moe_route``)."""
 
     @staticmethod
-    def route_fwd(logits, topk, score, expert_bias, replay, n_groups, topk_groups, scaling,
-                  normalize, *, weights=None, indices=None, counts=None):
+    def route_fwd(logits, topk, score, expert_bias, replay, n_groups, topk_groups, group_m,
+                  scaling, normalize, *, weights=None, indices=None, counts=None):
         from r1fast.ops import _cuda_ext
 
         logits = logits.contiguous()
@@ -286,11 +305,12 @@ class _CudaRoute:
         weights = logits.new_empty((T, topk), dtype=torch.float32) if weights is None else weights
         indices = logits.new_empty((T, topk), dtype=torch.int64) if indices is None else indices
         counts = logits.new_empty((E,), dtype=torch.int64) if counts is None else counts
-        group_m = topk // topk_groups if n_groups > 1 else 1
+        grouped = n_groups > 1
         _cuda_ext.load("moe_route").moe_route_fwd(
             logits, expert_bias, None if replay is None else replay.to(torch.int64).contiguous(),
-            weights, indices, counts, topk, score, n_groups if n_groups > 1 else 1,
-            topk_groups if n_groups > 1 else 1, group_m, float(scaling), bool(normalize))
+            weights, indices, counts, topk, score, n_groups if grouped else 1,
+            topk_groups if grouped else 1, group_m if grouped else 1, float(scaling),
+            bool(normalize))
         return weights, indices, counts
 
     @staticmethod
@@ -329,14 +349,14 @@ class _CudaRoute:
 
 @torch.library.custom_op("r1fast::moe_route_fwd", mutates_args=())
 def _route_fwd_op(logits: Tensor, expert_bias: Optional[Tensor], replay_indices: Optional[Tensor],
-                  topk: int, score: int, n_groups: int, topk_groups: int, scaling: float,
-                  normalize: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+                  topk: int, score: int, n_groups: int, topk_groups: int, group_m: int,
+                  scaling: float, normalize: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     return _backend(impl).route_fwd(logits, topk, score, expert_bias, replay_indices, n_groups,
-                                    topk_groups, scaling, normalize)
+                                    topk_groups, group_m, scaling, normalize)
 
 
 @_route_fwd_op.register_fake
-def _(logits, expert_bias, replay_indices, topk, score, n_groups, topk_groups, scaling,
+def _(logits, expert_bias, replay_indices, topk, score, n_groups, topk_groups, group_m, scaling,
       normalize, impl):
     T, E = logits.shape
     return (logits.new_empty((T, topk), dtype=torch.float32),
@@ -356,7 +376,7 @@ def _(grad_weights, logits, indices, score, scaling, normalize, impl):
 
 
 def _route_setup(ctx, inputs, output):
-    logits, _bias, _replay, _k, score, _g, _kg, scaling, normalize, impl = inputs
+    logits, _bias, _replay, _k, score, _g, _kg, _m, scaling, normalize, impl = inputs
     ctx.save_for_backward(logits, output[1])
     ctx.args = (score, scaling, normalize, impl)
 
@@ -366,7 +386,7 @@ def _route_backward(ctx, grad_weights, _grad_indices, _grad_counts):
     if grad_weights is None:
         grad_weights = torch.zeros(indices.shape, dtype=torch.float32, device=indices.device)
     dl = _route_bwd_op(grad_weights, logits, indices, *ctx.args)
-    return dl, None, None, None, None, None, None, None, None, None
+    return dl, None, None, None, None, None, None, None, None, None, None
 
 
 _route_fwd_op.register_autograd(_route_backward, setup_context=_route_setup)
@@ -472,6 +492,7 @@ def moe_route(
     pre_softmax: bool = False,
     n_groups: Optional[int] = None,
     topk_groups: Optional[int] = None,
+    group_score_topk: Optional[int] = None,
     expert_bias: Optional[Tensor] = None,
     scaling_factor: Optional[float] = 1.0,
     normalize: Optional[bool] = None,
@@ -489,6 +510,7 @@ def moe_route(
     T, E = _check_logits(logits)
     cfg = MoERouteConfig(topk=topk, score=score, pre_softmax=bool(pre_softmax),
                          n_groups=n_groups, topk_groups=topk_groups,
+                         group_score_topk=group_score_topk,
                          scaling_factor=1.0 if scaling_factor is None else float(scaling_factor),
                          normalize=normalize)
     cfg.validate(E)
@@ -503,7 +525,7 @@ def moe_route(
         return _route_reference(logits, cfg, expert_bias, replay_indices)
     w, idx, counts = _route_fwd_op(
         logits, None if expert_bias is None else expert_bias.contiguous(), replay_indices,
-        cfg.topk, cfg.score_code, cfg.n_groups or 1, cfg.topk_groups or 1,
+        cfg.topk, cfg.score_code, cfg.n_groups or 1, cfg.topk_groups or 1, cfg.group_m,
         cfg.scaling_factor, cfg.normalize_resolved, chosen)
     return MoERouting(w, idx, counts)
 

@@ -19,7 +19,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CODE = {("softmax", False): 0, ("softmax", True): 1, ("sigmoid", False): 2, ("sigmoid", True): 2}
 
 
-# T, E, k, score, pre_softmax, groups (n_groups, topk_groups), bias, normalize
+# T, E, k, score, pre_softmax, groups (n_groups, topk_groups[, group_score_topk]), bias,
+# normalize; (8, 3, 1) is DeepSeek-V2's group_limited_greedy (a group ranks by its best expert)
 GRID = [
     (7, 8, 1, "softmax", False, None, False, None),
     (7, 8, 2, "sigmoid", False, None, True, None),
@@ -31,6 +32,8 @@ GRID = [
     (7, 256, 8, "sigmoid", False, (8, 4), True, None),
     (7, 256, 2, "softmax", True, None, True, True),
     (7, 256, 1, "sigmoid", False, None, False, None),
+    (33, 64, 6, "softmax", True, (8, 3, 1), False, False),
+    (7, 64, 8, "sigmoid", False, (8, 4, 3), True, None),
 ]
 
 
@@ -40,6 +43,8 @@ def make(T, E, k, score, pre, groups, bias, normalize, dtype=torch.float32, seed
     kw = dict(score=score, pre_softmax=pre, normalize=normalize, scaling_factor=2.5)
     if groups:
         kw.update(n_groups=groups[0], topk_groups=groups[1])
+        if len(groups) > 2:
+            kw["group_score_topk"] = groups[2]
     if bias:
         kw["expert_bias"] = (torch.randn(E, generator=g) * 0.05).to(DEVICE)
     return logits, kw
@@ -121,8 +126,8 @@ def check_launchers_write_every_output(K):
     w = torch.full((T, k), float("nan"), device=DEVICE)
     idx = torch.full((T, k), -1, dtype=torch.int64, device=DEVICE)
     counts = torch.full((E,), -7, dtype=torch.int64, device=DEVICE)
-    K.route_fwd(logits, k, 2, kw["expert_bias"], None, 8, 4, 2.5, True, weights=w, indices=idx,
-                counts=counts)
+    K.route_fwd(logits, k, 2, kw["expert_bias"], None, 8, 4, 2, 2.5, True, weights=w,
+                indices=idx, counts=counts)
     assert bool(torch.isfinite(w).all()) and bool((idx >= 0).all())
     assert int(counts.sum()) == T * k
     dl = torch.full((T, E), float("nan"), device=DEVICE)

@@ -31,6 +31,8 @@ CONFIGS = [
     ("sigmoid", False, (4, 2), None),
     ("softmax", False, (4, 2), None),
     ("softmax", True, (8, 4), None),
+    ("softmax", True, (8, 3, 1), None),  # DeepSeek-V2's group_limited_greedy
+    ("sigmoid", False, (4, 2, 3), None),
 ]
 
 
@@ -39,6 +41,8 @@ def route_kwargs(score, pre, groups, normalize, k, bias=None, scaling=1.0):
               expert_bias=bias)
     if groups is not None:
         kw.update(n_groups=groups[0], topk_groups=groups[1])
+        if len(groups) > 2:
+            kw["group_score_topk"] = groups[2]
     return kw
 
 
@@ -73,7 +77,8 @@ def test_reference_matches_naive(score, pre, groups, normalize, T, E, k, with_bi
     if groups is not None:  # fit the group rule to this (E, k): kg <= k, k <= kg * E/G
         G = min(groups[0], E)
         kg = min(groups[1], k, G)
-        groups = (G, kg) if k <= kg * (E // G) else None
+        m = tuple(min(x, E // G) for x in groups[2:])  # a group's score: <= its experts
+        groups = (G, kg, *m) if k <= kg * (E // G) else None
     logits = torch.randn(T, E) * 2
     bias = torch.randn(E) * 0.05 if with_bias else None
     check_against_naive(logits, k, route_kwargs(score, pre, groups, normalize, k, bias, 2.5))
@@ -263,6 +268,8 @@ BAD_ROUTE = [
     (dict(n_groups=3, topk_groups=1), "n_groups must divide the number of experts 8"),
     (dict(n_groups=4, topk_groups=3), r"topk_groups must be in \[1, 2\]"),
     (dict(topk=4, n_groups=4, topk_groups=1), r"topk=4 must be <= topk_groups\*experts_per_group"),
+    (dict(n_groups=4, topk_groups=2, group_score_topk=3), r"group_score_topk must be in \[1, 2\]"),
+    (dict(group_score_topk=1), "group_score_topk needs group-limited routing"),
     (dict(expert_bias=torch.zeros(7)), r"expert_bias must have shape \[8\]"),
     (dict(expert_bias=torch.zeros(8, dtype=torch.float64)), "expert_bias must have dtype"),
     (dict(scaling_factor=0.0), r"scaling_factor must be in \(0.0, inf\]"),
@@ -307,3 +314,32 @@ BAD_LOSS = [
 def test_bad_loss_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_group_limited_greedy_matches_transformers_deepseek_v2():
+    """group_score_topk=1 with the full softmax is DeepSeek-V2's group_limited_greedy: the same
+    experts and weights as transformers' own DeepseekV2TopkRouter (an independent
+    implementation: groups masked to 0 after the softmax, torch.topk)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    E, k, H = 64, 6, 32
+    cfg = transformers.DeepseekV2Config(hidden_size=H, n_routed_experts=E, num_experts_per_tok=k,
+                                        topk_method="group_limited_greedy", n_group=8,
+                                        topk_group=3, routed_scaling_factor=16.0)
+    router = DeepseekV2TopkRouter(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(E, H, generator=g))
+    hidden = torch.randn(97, H, generator=g)
+    logits, hf_w, hf_idx = router(hidden)
+    got = moe_route(logits, k, score="softmax", pre_softmax=True, n_groups=8, topk_groups=3,
+                    group_score_topk=1, scaling_factor=16.0, normalize=False, impl="torch")
+    order = hf_idx.argsort(dim=-1)  # transformers' top-k is unsorted; compare as sets
+    mine = got.indices.argsort(dim=-1)
+    assert torch.equal(got.indices.gather(1, mine), hf_idx.gather(1, order))
+    torch.testing.assert_close(got.weights.gather(1, mine), hf_w.gather(1, order))
+    # and it is not the sum-of-top-2 rule (k // topk_groups = 2) on these tokens
+    v3 = moe_route(logits, k, score="softmax", pre_softmax=True, n_groups=8, topk_groups=3,
+                   scaling_factor=16.0, normalize=False, impl="torch")
+    assert not torch.equal(v3.indices, got.indices)

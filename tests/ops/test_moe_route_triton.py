@@ -89,7 +89,7 @@ def test_custom_ops_pass_opcheck():
 
     logits = torch.randn(5, 8, device=DEVICE, requires_grad=True)
     bias = torch.randn(8, device=DEVICE)
-    torch.library.opcheck(M._route_fwd_op, (logits, bias, None, 2, 2, 4, 2, 2.5, True, "triton"),
+    torch.library.opcheck(M._route_fwd_op, (logits, bias, None, 2, 2, 4, 2, 1, 2.5, True, "triton"),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
     torch.library.opcheck(M._aux_fwd_op, (logits, 2, False, "triton"),
