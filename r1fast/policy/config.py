@@ -73,6 +73,11 @@ class ModelConfig:
     """Group-limited routing (DeepSeek-V3): experts split into this many groups."""
     router_topk_groups: Optional[int] = None
     """Group-limited routing: groups kept per token."""
+    router_group_score_topk: Optional[int] = None
+    """Group-limited routing: how many of a group's best scores sum to the group's score.
+    None: moe_router_topk // router_topk_groups (Megatron's rule; 2 for DeepSeek-V3); 1: the
+    group's best expert (DeepSeek-V2's group_limited_greedy). Loading a deepseek_v3 config sets
+    2 where Megatron's rule would differ (transformers' DeepSeek-V3 always sums the top 2)."""
     router_expert_bias: bool = False
     """Aux-loss-free balancing: a per-expert bias added to the scores for selection only, nudged
     after each step towards equal load (DeepSeek-V3). Needs the sigmoid score."""
@@ -217,6 +222,15 @@ class ModelConfig:
                      f"router_topk_groups ({self.router_topk_groups}) groups of "
                      f"{self.num_experts // self.router_n_groups} experts hold {kept} experts, "
                      f"fewer than moe_router_topk ({self.moe_router_topk})")
+                m = self.router_group_score_topk
+                per_group = self.num_experts // self.router_n_groups
+                need(m is None or (isinstance(m, int) and not isinstance(m, bool)
+                                   and 1 <= m <= per_group),
+                     f"router_group_score_topk must be None or an int in [1, experts per group="
+                     f"{per_group}], got {m!r}")
+            need(self.router_group_score_topk is None or self.router_n_groups is not None,
+                 "router_group_score_topk needs group-limited routing (router_n_groups), got "
+                 f"router_group_score_topk={self.router_group_score_topk!r}")
             need(not self.router_expert_bias or self.router_score == "sigmoid",
                  "router_expert_bias (aux-loss-free balancing) needs router_score='sigmoid'")
             need(not (self.router_pre_softmax and self.router_score == "sigmoid"),

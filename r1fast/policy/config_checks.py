@@ -72,7 +72,8 @@ MODEL_RANGES: dict[str, Range] = {
         "moe_router_topk", "max_position_embeddings")},
     **{name: _OPTIONAL_INT for name in (
         "num_query_groups", "head_dim", "num_experts", "moe_ffn_hidden_size",
-        "shared_expert_size", "router_n_groups", "router_topk_groups", "q_lora_rank",
+        "shared_expert_size", "router_n_groups", "router_topk_groups",
+        "router_group_score_topk", "q_lora_rank",
         "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
         "rope_original_max_position")},
     "mtp_layers": Range(integer=True, lo=0),
@@ -115,6 +116,7 @@ HF_KEYS: dict[str, str] = {
     "ffn_hidden_size": "intermediate_size", "moe_ffn_hidden_size": "moe_intermediate_size",
     "moe_router_topk": "num_experts_per_tok", "num_experts": "n_routed_experts / num_experts",
     "router_n_groups": "n_group", "router_topk_groups": "topk_group",
+    "router_group_score_topk": "topk_method (deepseek_v2)",
     "router_scaling_factor": "routed_scaling_factor", "init_std": "initializer_range",
     "mtp_layers": "num_nextn_predict_layers", "rope_factor": "rope_parameters.factor",
     "dense_layers": "first_k_dense_replace / mlp_only_layers",

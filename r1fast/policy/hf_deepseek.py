@@ -9,7 +9,9 @@ What maps to what: MLA (``q_lora_rank`` None means one q projection, ``kv_lora_r
 ``n_routed_experts`` routed experts of width ``moe_intermediate_size``, ``n_shared_experts``
 shared experts fused into one of width ``n_shared_experts * moe_intermediate_size``, sigmoid
 scores with the ``e_score_correction_bias`` (always present in the family), group-limited
-selection (``n_group``/``topk_group``), ``norm_topk_prob``, ``routed_scaling_factor``, and
+selection (``n_group``/``topk_group``; a group ranks by the sum of its top 2 scores, as
+transformers' DeepSeek-V3 does whatever ``num_experts_per_tok``), ``norm_topk_prob``,
+``routed_scaling_factor``, and
 ``num_nextn_predict_layers`` multi-token-prediction layers (kept as tensors, not built).
 RoPE must be interleaved (``rope_interleave=True``, DeepSeek's layout, which megatron's MLA
 assumes).
@@ -17,14 +19,18 @@ assumes).
 ``deepseek_v2`` is the same architecture (MLA, dense first layers, shared experts, the same
 tensor names) with softmax routing: scores are the softmax over every expert, the top-k of them
 are the weights (times ``routed_scaling_factor``), no correction bias, no MTP. Carried here:
-``topk_method = "greedy"`` (V2-Lite) with ``norm_topk_prob = false``. Refused with the reason:
-``group_limited_greedy`` (V2, V2.5) ranks a group by its best expert, while r1fast's router
-ranks it by the sum of its top ``k / topk_group`` (V3's rule); ``norm_topk_prob = true``, which
+``topk_method = "greedy"`` (V2-Lite) and ``"group_limited_greedy"`` (V2, V2.5: the
+``topk_group`` groups whose best expert scores highest, ``router_group_score_topk = 1``), with
+``norm_topk_prob = false``. Refused with the reason: ``norm_topk_prob = true``, which
 DeepSeek's own code applies and transformers 5 ignores.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
+#: transformers' DeepSeek-V3 scores a group by the sum of its top 2 (whatever the top-k)
+V3_GROUP_SCORE_TOPK = 2
 
 _YARN_KEYS = (("factor", "rope_factor"), ("original_max_position_embeddings",
                                           "rope_original_max_position"),
@@ -49,25 +55,29 @@ def _check_hf(get: Callable[..., Any], family: str) -> None:
                              f"latent attention needs it), got {v!r}")
     if family == "deepseek_v2":
         method = _given(get, "topk_method", "greedy")
-        if method != "greedy":
-            raise ValueError(f"from_hf_config: deepseek_v2 topk_method must be 'greedy', got "
-                             f"{method!r} (group_limited_greedy ranks a group by its best expert; "
-                             f"r1fast's router ranks it by the sum of its top k/topk_group)")
+        if method not in V2_TOPK_METHODS:
+            raise ValueError(f"from_hf_config: deepseek_v2 topk_method must be one of "
+                             f"{V2_TOPK_METHODS}, got {method!r}")
         if get("norm_topk_prob", False):
             raise ValueError("from_hf_config: deepseek_v2 norm_topk_prob must be false "
                              "(DeepSeek's code renormalises the top-k weights, transformers 5 "
                              "does not: the checkpoint's meaning is ambiguous)")
-        return
+        if method == "greedy":
+            return
     n_exp = get("n_routed_experts")
     if not n_exp:
         return
     n_group, topk_group = _given(get, "n_group", 1), _given(get, "topk_group", 1)
     if not isinstance(n_group, int) or n_group < 1 or n_exp % n_group != 0:
-        raise ValueError(f"from_hf_config: deepseek_v3 n_group must be an int >= 1 that divides "
+        raise ValueError(f"from_hf_config: {family} n_group must be an int >= 1 that divides "
                          f"n_routed_experts ({n_exp}), got {n_group!r}")
     if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
-        raise ValueError(f"from_hf_config: deepseek_v3 topk_group must be an int in [1, n_group="
+        raise ValueError(f"from_hf_config: {family} topk_group must be an int in [1, n_group="
                          f"{n_group}], got {topk_group!r}")
+    if family == "deepseek_v3" and n_group > 1 and n_exp // n_group < V3_GROUP_SCORE_TOPK:
+        raise ValueError(f"from_hf_config: deepseek_v3 n_group={n_group} leaves "
+                         f"{n_exp // n_group} expert per group; a group's score is the sum of "
+                         f"its top {V3_GROUP_SCORE_TOPK}")
 
 
 def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
@@ -111,36 +121,55 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
         dense = tuple(i for i in range(kw["num_layers"]) if i < n_dense or i % freq != 0)
         n_shared = _given(get, "n_shared_experts", 0)
         n_group, topk_group = _given(get, "n_group", 1), _given(get, "topk_group", 1)
+        k = get("num_experts_per_tok")
+        grouped = n_group > 1
+        # transformers' V3 sums a group's top 2 whatever k; r1fast's default is k // topk_group
+        v3_sum = V3_GROUP_SCORE_TOPK if grouped and k // topk_group != V3_GROUP_SCORE_TOPK \
+            else None
         kw.update(num_experts=n_exp, moe_ffn_hidden_size=get("moe_intermediate_size"),
-                  moe_router_topk=get("num_experts_per_tok"), dense_layers=dense,
+                  moe_router_topk=k, dense_layers=dense,
                   shared_expert_size=n_shared * get("moe_intermediate_size") or None,
                   router_score="sigmoid", router_expert_bias=True,
-                  router_n_groups=n_group if n_group > 1 else None,
-                  router_topk_groups=topk_group if n_group > 1 else None,
+                  router_n_groups=n_group if grouped else None,
+                  router_topk_groups=topk_group if grouped else None,
+                  router_group_score_topk=v3_sum,
                   router_scaling_factor=float(_given(get, "routed_scaling_factor", 1.0)),
                   router_normalize=bool(_given(get, "norm_topk_prob", True)),
                   router_bias_update_rate=0.0)
         if family == "deepseek_v2":  # softmax over every expert, top-k weights as they are
+            limited = _given(get, "topk_method", "greedy") == "group_limited_greedy" and grouped
             kw.update(router_score="softmax", router_pre_softmax=True, router_normalize=False,
-                      router_expert_bias=False, router_n_groups=None, router_topk_groups=None,
+                      router_expert_bias=False, router_n_groups=n_group if limited else None,
+                      router_topk_groups=topk_group if limited else None,
+                      router_group_score_topk=1 if limited else None,
                       router_bias_update_rate=0.0)
     return kw
 
 
+def _group_m(cfg) -> Optional[int]:
+    """Scores summed per group score (r1fast.ops.moe_route), None without groups."""
+    if cfg.router_n_groups is None:
+        return None
+    return cfg.router_group_score_topk or cfg.moe_router_topk // cfg.router_topk_groups
+
+
 def _family(cfg) -> str:
-    """deepseek_v3 (sigmoid scores with the expert bias) or deepseek_v2 (greedy softmax top-k
-    without renormalising); anything else has no DeepSeek layout."""
+    """deepseek_v3 (sigmoid scores with the expert bias, groups ranked by their top-2 sum) or
+    deepseek_v2 (softmax top-k without renormalising, groups ranked by their best expert);
+    anything else has no DeepSeek layout."""
+    m = _group_m(cfg)
     if cfg.router_score == "sigmoid" and cfg.router_expert_bias and not cfg.router_pre_softmax \
-            and not cfg.shared_expert_gate:
+            and not cfg.shared_expert_gate and m in (None, V3_GROUP_SCORE_TOPK):
         return "deepseek_v3"
     if cfg.router_score == "softmax" and cfg.router_pre_softmax and cfg.router_normalize is False \
-            and not cfg.router_expert_bias and cfg.router_n_groups is None \
+            and not cfg.router_expert_bias and m in (None, 1) \
             and not cfg.shared_expert_gate and not cfg.mtp_layers:
         return "deepseek_v2"
     raise ValueError("to_hf_config: an MLA model routes as deepseek_v3 (sigmoid scores and the "
-                     "expert bias, no pre-softmax, no shared-expert gate) or as deepseek_v2 "
-                     "(softmax over all experts, top-k weights not renormalised, no bias, no "
-                     "groups, no MTP)")
+                     "expert bias, no pre-softmax, no shared-expert gate, groups ranked by "
+                     "their top-2 sum) or as deepseek_v2 (softmax over all experts, top-k "
+                     "weights not renormalised, no bias, groups ranked by their best expert, "
+                     "no MTP)" + (f"; this one ranks groups by their top {m}" if m else ""))
 
 
 def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +211,9 @@ def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
         if family == "deepseek_v2":
             for key in ("rope_interleave", "num_nextn_predict_layers"):
                 d.pop(key)
-            d.update(topk_method="greedy", n_group=None, topk_group=None)
+            grouped = cfg.router_n_groups is not None
+            d.update(topk_method="group_limited_greedy" if grouped else "greedy",
+                     n_group=cfg.router_n_groups, topk_group=cfg.router_topk_groups)
     else:
         raise ValueError("to_hf_config: deepseek_v3 has routed experts; a dense MLA model has "
                          "no HF family here (r1fast_config.json describes it)")

@@ -97,6 +97,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     )
     # Router options megatron's config has no field for (read by R1fastRouter).
     cfg.r1fast_router_normalize = model.router_normalize
+    cfg.r1fast_router_group_score_topk = model.router_group_score_topk
     return cfg
 
 

@@ -99,6 +99,8 @@ class R1fastRouter(TopKRouter):
     def __init__(self, config, pg_collection=None) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.normalize: Optional[bool] = getattr(config, "r1fast_router_normalize", None)
+        self.group_score_topk: Optional[int] = getattr(config, "r1fast_router_group_score_topk",
+                                                       None)
         self.impl: str = getattr(config, "r1fast_impl", "auto")
         self.layer_index: Optional[int] = None
         self.routing_hook: Optional[RoutingHook] = None
@@ -147,7 +149,8 @@ class R1fastRouter(TopKRouter):
         routing = moe_route(
             logits, self.topk, score=cfg.moe_router_score_function,
             pre_softmax=cfg.moe_router_pre_softmax, n_groups=cfg.moe_router_num_groups,
-            topk_groups=cfg.moe_router_group_topk, expert_bias=self.expert_bias,
+            topk_groups=cfg.moe_router_group_topk, group_score_topk=self.group_score_topk,
+            expert_bias=self.expert_bias,
             scaling_factor=cfg.moe_router_topk_scaling_factor or 1.0,
             normalize=self.normalize, replay_indices=replay, impl=self.impl)
         weights, indices = routing.weights, routing.indices  # [T, k] fp32, [T, k] int64

@@ -228,6 +228,7 @@ BAD_RANGE = [
     ("moe_ffn_hidden_size", 0, "None or an int >= 1"), ("moe_router_topk", 0, "an int >= 1"),
     ("shared_expert_size", -1, "None or an int >= 1"),
     ("router_n_groups", 0, "None or an int >= 1"), ("router_topk_groups", 0, "None or an int >= 1"),
+    ("router_group_score_topk", 0, "None or an int >= 1"),
     ("router_bias_update_rate", -1e-3, "a finite number >= 0"),
     ("router_bias_update_rate", NAN, "a finite number >= 0"),
     ("router_scaling_factor", NAN, "a finite number > 0"),

@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 from r1fast.ops.linear_logprob import linear_logprob  # noqa: E402
 from r1fast.policy.config import ModelConfig, ParallelConfig  # noqa: E402
-from r1fast.policy.hf_checkpoint import load_model_config, save_hf_checkpoint  # noqa: E402
+from r1fast.policy.hf_checkpoint import (load_hf_checkpoint, load_model_config,  # noqa: E402
+                                         save_hf_checkpoint)
 from r1fast.policy.mla import MLACoreAttention, softmax_scale  # noqa: E402
 from r1fast.policy.model import build_policy  # noqa: E402
 from r1fast.policy.parallel import destroy_parallel  # noqa: E402
@@ -147,6 +148,29 @@ def test_plain_q_projection_without_yarn(tmp_path):
     assert (policy.logprobs(tokens, targets).double() - ref).abs().max().item() < 1e-5
 
 
+def test_groups_rank_by_their_top_two_whatever_the_top_k(tmp_path):
+    """transformers' DeepSeek-V3 scores a group by the sum of its best 2 whatever k; Megatron's
+    rule (r1fast's default) sums the best k // topk_group. With 2 groups of 4, keep 1, top-4
+    those differ (2 vs 4): the loader keeps transformers' rule, and exports it back."""
+    model = make_hf(seed=5, n_group=2, topk_group=1)
+    path = str(tmp_path / "top2")
+    model.save_pretrained(path, safe_serialization=True)
+    cfg = load_model_config(path)
+    assert (cfg.router_n_groups, cfg.router_topk_groups, cfg.router_group_score_topk) == (2, 1, 2)
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    tokens, targets = batch(seed=6)
+    with torch.no_grad():
+        ref = hf_logprobs(model, tokens, targets)
+    assert (load(path).logprobs(tokens, targets).double() - ref).abs().max().item() < 1e-5
+    # the rule matters on this batch: summing the top 4 routes other tokens elsewhere
+    megatron_rule = build_policy(cfg.replace(router_group_score_topk=None), ParallelConfig())
+    load_hf_checkpoint(megatron_rule, path)
+    assert (megatron_rule.logprobs(tokens, targets).double() - ref).abs().max().item() > 1e-3
+    # and a config that ranks groups another way has no deepseek_v3 layout
+    with pytest.raises(ValueError, match="this one ranks groups by their top 3"):
+        cfg.replace(router_group_score_topk=3).to_hf_config()
+
+
 def _fp64_attention(q, k, v, scale, mask=None):
     s = torch.einsum("qbnd,kbnd->bnqk", q.double(), k.double()) * scale
     sq, sk = q.shape[0], k.shape[0]
@@ -189,6 +213,10 @@ def test_core_attention_matches_fp64(sq, sk):
     (dict(num_experts=6, router_n_groups=4), r"num_experts \(6\) must be divisible by "
                                              r"router_n_groups"),
     (dict(router_topk_groups=5), "router_topk_groups must be in"),
+    (dict(router_group_score_topk=3), r"router_group_score_topk must be None or an int in "
+                                      r"\[1, experts per group=2\], got 3"),
+    (dict(router_n_groups=None, router_topk_groups=None, router_group_score_topk=1),
+     "router_group_score_topk needs group-limited routing"),
     (dict(qk_rope_head_dim=3), "qk_rope_head_dim must be even"),
 ])
 def test_bad_configs_name_the_field(saved, change, match):
@@ -204,6 +232,8 @@ def test_bad_configs_name_the_field(saved, change, match):
                       r"\(8\), got 3"),
     (dict(topk_group=5), r"deepseek_v3 topk_group must be an int in \[1, n_group=4\], got 5"),
     (dict(topk_group=0), r"deepseek_v3 topk_group must be an int in \[1, n_group=4\], got 0"),
+    (dict(n_group=8, topk_group=4), r"deepseek_v3 n_group=8 leaves 1 expert per group; a "
+                                    r"group's score is the sum of its top 2"),
     (dict(num_experts_per_tok=9), r"moe_router_topk must be in \[1, num_experts=8\], got 9 "
                                   r"\(from_hf_config: moe_router_topk is deepseek_v3 "
                                   r"num_experts_per_tok"),
