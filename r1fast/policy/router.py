@@ -163,10 +163,14 @@ class R1fastRouter(TopKRouter):
         if torch.is_grad_enabled():
             # Load of this microbatch, accumulated over the microbatches of a step; megatron's
             # finalize_model_grads all-reduces it over TPxDP, moves the bias and zeroes it.
-            # Padding tokens pass through the experts but do not count as load.
-            chosen = indices if valid is None else indices[valid]
+            # Padding tokens pass through the experts but do not count as load. No host sync
+            # (bincount and boolean indexing would wait for the GPU in every MoE layer).
             with torch.no_grad():
-                counts = torch.bincount(chosen.reshape(-1), minlength=num_experts)
+                counts = routing.tokens_per_expert  # [E], counted by the routing op
+                if valid is not None:
+                    counts = torch.zeros_like(counts).index_add_(
+                        0, indices.reshape(-1), valid[:, None].expand_as(indices).reshape(-1)
+                        .to(counts.dtype))
                 if self.training:
                     self.load_counts += counts.to(self.load_counts)
                 if self.enable_expert_bias:

@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from r1fast.ops import _cuda_ext, _dispatch
 from r1fast.ops._dispatch import triton_missing
@@ -27,65 +26,12 @@ from r1fast.ops.linear_logprob import linear_logprob
 from r1fast.ops.moe_permute import moe_permute, moe_unpermute
 from r1fast.ops.moe_route import moe_route
 from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss
+from tests.helpers.host_sync import SyncRecorder
 from tests.helpers.moe_route_cases import rows_agree_up_to_ties
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NO_TRITON = triton_missing(DEVICE)
 needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=str(NO_TRITON))
-
-_SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::bincount",
-             "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
-             "aten::masked_select", "aten::is_nonzero"}
-
-
-def _from_r1fast() -> bool:
-    """True when the innermost non-torch frame is r1fast code (not Triton's interpreter)."""
-    f = sys._getframe(2)
-    while f is not None:
-        name = f.f_code.co_filename
-        if "/triton/" in name:
-            return False
-        if "/r1fast/" in name or "/kernels/" in name:
-            return "/tests/" not in name
-        f = f.f_back
-    return False
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Records the host-syncing calls made from r1fast code while active (and on a GPU makes
-    every synchronising CUDA call raise)."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.calls: list[str] = []
-        self._cuda = DEVICE.type == "cuda"
-        for name in ("item", "tolist", "cpu", "numpy"):
-            original = getattr(torch.Tensor, name)
-
-            def wrapper(t, *a, _name=name, _orig=original, **kw):
-                if _from_r1fast():
-                    self.calls.append(f"Tensor.{_name}")
-                return _orig(t, *a, **kw)
-
-            monkeypatch.setattr(torch.Tensor, name, wrapper)
-
-    def __enter__(self):
-        if self._cuda:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        if self._cuda:
-            torch.cuda.set_sync_debug_mode("default")
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in _SYNC_OPS and _from_r1fast():
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.fixture
 def no_debug(monkeypatch):

@@ -119,6 +119,24 @@ def test_padding_tokens_are_excluded_from_losses_and_counts(name):
     assert (gwa - gwb).abs().max().item() < 1e-6
     if cfg.router_expert_bias:
         assert torch.equal(a.local_tokens_per_expert, b.local_tokens_per_expert)
+    assert torch.equal(a.load_counts, b.load_counts) and a.load_counts.sum() == valid * \
+        cfg.moe_router_topk
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_training_forward_does_not_wait_for_the_device(name, monkeypatch):
+    """Without padding the router issues no host sync from r1fast code (on a GPU each would
+    stall the launch queue once per MoE layer per micro-batch): the load counts come from the
+    routing op, not from bincount."""
+    from tests.helpers.host_sync import SyncRecorder
+
+    mine, _ = routers(CONFIGS[name])
+    x = torch.randn(7, 3, 64, generator=torch.Generator().manual_seed(6))
+    run(mine, x)  # warm-up
+    with SyncRecorder(monkeypatch) as rec:
+        run(mine, x)
+    assert rec.calls == []
+    assert mine.load_counts.sum().item() == 2 * 21 * CONFIGS[name].moe_router_topk
 
 
 class Hook:
