@@ -1,0 +1,89 @@
+"""The MoE layer's last step without float atomics: expert outputs summed back per token in a
+fixed order.
+
+megatron's alltoall dispatcher ends a MoE layer by un-permuting the expert outputs (already
+scaled by their routing weights) back to token order. Without Transformer Engine's fused
+permutation, which a GPU image without TE lacks, it does that with ``scatter_add_``: on a GPU,
+float atomics, so the k outputs of a token add up in whatever order the threads arrive and two
+forwards of the same batch differ in their last bits. For RL that matters: the old log-probs
+(a no-grad forward) and the update's first forward disagree, and the on-policy ratio is not 1
+(NeMo-RL #2255 / #2258, fixed there by TE's fused permutation). megatron switches to a
+deterministic ``index_add_`` only under ``torch.use_deterministic_algorithms(True)``, which
+changes every other op too.
+
+:class:`DeterministicCombineDispatcher` keeps megatron's dispatcher (metadata, all-to-alls,
+the sort by local expert, shared-expert overlap) and replaces that one scatter by
+:func:`r1fast.ops.moe_unpermute`: each token's k rows are found by a stable sort of the
+permutation (``row_map [T, k]``, no host sync) and summed in fp32 in slot order, with no
+atomics (Triton or CUDA kernel on a GPU, the torch reference on a CPU). Layers megatron
+configures another way (capacity factor with dropping or padding, routing maps padded for
+quantisation, TE's fused permutation) keep megatron's path, since a token then has another
+number of rows than k. :class:`R1fastMoELayer` builds its MoE layer with this dispatcher
+(r1fast.policy.local_experts.use_r1fast_moe puts it in the layer spec).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+__all__ = ["DeterministicCombineDispatcher", "R1fastMoELayer", "combine_row_map"]
+
+
+def combine_row_map(sorted_indices: torch.Tensor, num_tokens: int, topk: int) -> torch.Tensor:
+    """``row_map [T, k]``: the permuted rows of each token, in increasing row order, from
+    megatron's ``sorted_indices [T*k]`` (the token of each permuted row). A stable sort keeps
+    the order fixed for equal tokens; nothing is read on the host."""
+    order = torch.argsort(sorted_indices, stable=True)  # [T*k] rows grouped by token
+    return order.view(num_tokens, topk)
+
+
+class DeterministicCombineDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron's alltoall dispatcher with a fixed-order, atomics-free un-permutation (module
+    doc)."""
+
+    def _fixed_order_combine(self) -> bool:
+        c = self.config
+        return not (c.moe_permute_fusion or self.drop_and_pad
+                    or c.moe_expert_capacity_factor is not None
+                    or c.moe_router_padding_for_quantization)
+
+    def combine_postprocess(self, permutated_local_input_tokens: torch.Tensor) -> torch.Tensor:
+        if not self._fixed_order_combine():
+            return super().combine_postprocess(permutated_local_input_tokens)
+        from r1fast.ops.moe_permute import moe_unpermute
+
+        if self.shared_experts is not None:  # as megatron: the overlapped shared expert's end
+            self.shared_experts.linear_fc2_forward(permutated_local_input_tokens)
+            self.shared_experts.post_forward_comm()
+        rows = permutated_local_input_tokens  # [T*k, H], already scaled by the routing weights
+        num_tokens, k = self.hidden_shape_before_permute[0], self.config.moe_router_topk
+        if rows.shape[0] != num_tokens * k:
+            raise ValueError(f"DeterministicCombineDispatcher: {rows.shape[0]} permuted rows for "
+                             f"{num_tokens} tokens x top-{k}; every token must have k rows")
+        row_map = combine_row_map(self.reversed_local_input_permutation_mapping, num_tokens, k)
+        ones = torch.ones(row_map.shape, dtype=torch.float32, device=rows.device)
+        output = moe_unpermute(rows, row_map, ones).view(self.hidden_shape)  # [S, B, H]
+        if self.shared_experts is not None:
+            output = output + self.shared_experts.get_output()
+        return output
+
+
+class R1fastMoELayer(MoELayer):
+    """megatron's ``MoELayer`` whose alltoall dispatcher is :class:`DeterministicCombineDispatcher`
+    (other dispatcher types are kept as megatron builds them)."""
+
+    def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
+                 pg_collection=None):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        old = self.token_dispatcher
+        if type(old) is not MoEAlltoAllTokenDispatcher:
+            return
+        self.token_dispatcher = DeterministicCombineDispatcher(
+            self.num_local_experts, self.local_expert_indices, config=self.config,
+            pg_collection=pg_collection or get_default_pg_collection())
+        if old.shared_experts is not None:  # shared-expert overlap: megatron set it on the old
+            self.token_dispatcher.set_shared_experts(old.shared_experts)
