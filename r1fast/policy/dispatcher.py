@@ -18,19 +18,16 @@ permutation (``row_map [T, k]``, no host sync) and summed in fp32 in slot order,
 atomics (Triton or CUDA kernel on a GPU, the torch reference on a CPU). Layers megatron
 configures another way (capacity factor with dropping or padding, routing maps padded for
 quantisation, TE's fused permutation) keep megatron's path, since a token then has another
-number of rows than k. :class:`R1fastMoELayer` builds its MoE layer with this dispatcher
-(r1fast.policy.local_experts.use_r1fast_moe puts it in the layer spec).
+number of rows than k. :func:`use_fixed_order_combine` gives it to a built model's MoE layers
+(r1fast.policy.model.build_policy calls it).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-__all__ = ["DeterministicCombineDispatcher", "R1fastMoELayer", "combine_row_map"]
+__all__ = ["DeterministicCombineDispatcher", "combine_row_map", "use_fixed_order_combine"]
 
 
 def combine_row_map(sorted_indices: torch.Tensor, num_tokens: int, topk: int) -> torch.Tensor:
@@ -72,18 +69,16 @@ class DeterministicCombineDispatcher(MoEAlltoAllTokenDispatcher):
         return output
 
 
-class R1fastMoELayer(MoELayer):
-    """megatron's ``MoELayer`` whose alltoall dispatcher is :class:`DeterministicCombineDispatcher`
-    (other dispatcher types are kept as megatron builds them)."""
-
-    def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
-                 pg_collection=None):
-        super().__init__(config, submodules, layer_number, pg_collection)
-        old = self.token_dispatcher
-        if type(old) is not MoEAlltoAllTokenDispatcher:
-            return
-        self.token_dispatcher = DeterministicCombineDispatcher(
-            self.num_local_experts, self.local_expert_indices, config=self.config,
-            pg_collection=pg_collection or get_default_pg_collection())
-        if old.shared_experts is not None:  # shared-expert overlap: megatron set it on the old
-            self.token_dispatcher.set_shared_experts(old.shared_experts)
+def use_fixed_order_combine(model: torch.nn.Module) -> int:
+    """Give every MoE layer of ``model`` built with megatron's alltoall dispatcher the
+    fixed-order combine; returns how many. The dispatcher keeps its object and state (process
+    groups, shared-expert overlap): :class:`DeterministicCombineDispatcher` adds no state, only
+    the one method, so the object takes the subclass. (Replacing megatron's ``MoELayer`` in the
+    layer spec instead would lose the process groups megatron passes only to its own class.)"""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer) and \
+                type(module.token_dispatcher) is MoEAlltoAllTokenDispatcher:
+            module.token_dispatcher.__class__ = DeterministicCombineDispatcher
+            count += 1
+    return count

@@ -60,21 +60,17 @@ class LeanSequentialMLP(SequentialMLP):
 
 
 def use_r1fast_moe(spec) -> None:
-    """In every MoE layer of ``spec`` (a block spec): :class:`~r1fast.policy.dispatcher.
-    R1fastMoELayer` as the layer (its experts' outputs summed back per token without float
-    atomics), :class:`~r1fast.policy.router.R1fastRouter` as the router, and
-    :class:`LeanSequentialMLP` for megatron's ``SequentialMLP`` experts (grouped-GEMM experts,
-    TE's, are kept)."""
+    """In every MoE layer of ``spec`` (a block spec): :class:`~r1fast.policy.router.R1fastRouter`
+    as the router, and :class:`LeanSequentialMLP` for megatron's ``SequentialMLP`` experts
+    (grouped-GEMM experts, TE's, are kept)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from r1fast.policy.dispatcher import R1fastMoELayer
     from r1fast.policy.router import R1fastRouter
 
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
         if mlp.module is not MoELayer:
             continue
-        mlp.module = R1fastMoELayer
         mlp.submodules.router = R1fastRouter
         if getattr(mlp.submodules.experts, "module", None) is SequentialMLP:
             mlp.submodules.experts.module = LeanSequentialMLP
