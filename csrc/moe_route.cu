@@ -479,8 +479,7 @@ bool valid_route(const r1_route_params& p) {
   if (p.score < R1_SOFTMAX_POST || p.score > R1_SIGMOID) return false;
   if (p.n_groups < 1 || p.n_groups > R1_MAX_GROUPS || p.num_experts % p.n_groups != 0) return false;
   if (p.n_groups > 1 && (p.topk_groups < 1 || p.topk_groups > p.n_groups || p.group_m < 1 ||
-                         p.group_m > p.num_experts / p.n_groups))
-    return false;
+                         p.group_m > p.num_experts / p.n_groups)) return false;
   return true;
 }
 
