@@ -42,15 +42,7 @@ class DeterministicCombineDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's alltoall dispatcher with a fixed-order, atomics-free un-permutation (module
     doc)."""
 
-    def _fixed_order_combine(self) -> bool:
-        c = self.config
-        return not (c.moe_permute_fusion or self.drop_and_pad
-                    or c.moe_expert_capacity_factor is not None
-                    or c.moe_router_padding_for_quantization)
-
     def combine_postprocess(self, permutated_local_input_tokens: torch.Tensor) -> torch.Tensor:
-        if not self._fixed_order_combine():
-            return super().combine_postprocess(permutated_local_input_tokens)
         from r1fast.ops.moe_permute import moe_unpermute
 
         if self.shared_experts is not None:  # as megatron: the overlapped shared expert's end
@@ -70,15 +62,25 @@ class DeterministicCombineDispatcher(MoEAlltoAllTokenDispatcher):
 
 
 def use_fixed_order_combine(model: torch.nn.Module) -> int:
-    """Give every MoE layer of ``model`` built with megatron's alltoall dispatcher the
-    fixed-order combine; returns how many. The dispatcher keeps its object and state (process
-    groups, shared-expert overlap): :class:`DeterministicCombineDispatcher` adds no state, only
-    the one method, so the object takes the subclass. (Replacing megatron's ``MoELayer`` in the
-    layer spec instead would lose the process groups megatron passes only to its own class.)"""
+    """Give every MoE layer of ``model`` built with megatron's alltoall dispatcher, in a layout
+    with k rows per token, the fixed-order combine; returns how many. The dispatcher keeps its
+    object and state (process groups, shared-expert overlap):
+    :class:`DeterministicCombineDispatcher` adds no state, only the one method, so the object
+    takes the subclass. (Replacing megatron's ``MoELayer`` in the layer spec instead would lose
+    the process groups megatron passes only to its own class.)"""
     count = 0
     for module in model.modules():
-        if isinstance(module, MoELayer) and \
-                type(module.token_dispatcher) is MoEAlltoAllTokenDispatcher:
+        if isinstance(module, MoELayer) and _k_rows_per_token(module.token_dispatcher):
             module.token_dispatcher.__class__ = DeterministicCombineDispatcher
             count += 1
     return count
+
+
+def _k_rows_per_token(dispatcher) -> bool:
+    """megatron's plain alltoall dispatcher in a layout where every token has exactly k
+    permuted rows: no capacity dropping or padding, no routing map padded for quantisation,
+    no TE fused permutation (module doc)."""
+    c = dispatcher.config
+    return type(dispatcher) is MoEAlltoAllTokenDispatcher and not (
+        c.moe_permute_fusion or dispatcher.drop_and_pad or c.moe_expert_capacity_factor is not None
+        or c.moe_router_padding_for_quantization)
