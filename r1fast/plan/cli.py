@@ -90,8 +90,7 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
                  "[B, V] per step" if opt.decoder == "kv-cache"
                  else "[B, L, V]: prefix-recomputing decoder", _gib(w.rollout_logits_bytes)))
     if opt.decoder == "kv-cache":
-        sliced = cfg.rollout.prefill_tokens and w.prefill_tokens < plan.rollout_seqs * \
-            plan.prompt_len
+        sliced = w.prefill_tokens < plan.rollout_seqs * plan.prompt_len
         rows.append(("rollout prefill (transient)",
                      f"one layer over {w.prefill_tokens} prompt tokens"
                      + (" per slice" if sliced else " (all prompts at once)"),

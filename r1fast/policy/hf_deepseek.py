@@ -124,8 +124,8 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
         k = get("num_experts_per_tok")
         grouped = n_group > 1
         # transformers' V3 sums a group's top 2 whatever k; r1fast's default is k // topk_group
-        v3_sum = V3_GROUP_SCORE_TOPK if grouped and k // topk_group != V3_GROUP_SCORE_TOPK \
-            else None
+        default_m = _group_m(k, n_group if grouped else None, topk_group)
+        v3_sum = V3_GROUP_SCORE_TOPK if default_m not in (None, V3_GROUP_SCORE_TOPK) else None
         kw.update(num_experts=n_exp, moe_ffn_hidden_size=get("moe_intermediate_size"),
                   moe_router_topk=k, dense_layers=dense,
                   shared_expert_size=n_shared * get("moe_intermediate_size") or None,
@@ -146,18 +146,24 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
     return kw
 
 
-def _group_m(cfg) -> Optional[int]:
-    """Scores summed per group score (r1fast.ops.moe_route), None without groups."""
-    if cfg.router_n_groups is None:
+def _group_m(topk: int, n_groups: Optional[int], topk_groups: Optional[int],
+             group_score_topk: Optional[int] = None) -> Optional[int]:
+    """Scores summed per group score, as r1fast.ops.moe_route decides it; None without
+    groups."""
+    from r1fast.ops.moe_route import MoERouteConfig
+
+    if n_groups is None:
         return None
-    return cfg.router_group_score_topk or cfg.moe_router_topk // cfg.router_topk_groups
+    return MoERouteConfig(topk=topk, n_groups=n_groups, topk_groups=topk_groups,
+                          group_score_topk=group_score_topk).group_m
 
 
 def _family(cfg) -> str:
     """deepseek_v3 (sigmoid scores with the expert bias, groups ranked by their top-2 sum) or
     deepseek_v2 (softmax top-k without renormalising, groups ranked by their best expert);
     anything else has no DeepSeek layout."""
-    m = _group_m(cfg)
+    m = _group_m(cfg.moe_router_topk, cfg.router_n_groups, cfg.router_topk_groups,
+                 cfg.router_group_score_topk)
     if cfg.router_score == "sigmoid" and cfg.router_expert_bias and not cfg.router_pre_softmax \
             and not cfg.shared_expert_gate and m in (None, V3_GROUP_SCORE_TOPK):
         return "deepseek_v3"
