@@ -1,24 +1,34 @@
-"""The MoE layer's last step without float atomics: expert outputs summed back per token in a
-fixed order.
+"""The MoE layer's permutation and combine through r1fast's kernels: no host sync to permute,
+no float atomics forward or backward, no identity copies on one rank.
 
-megatron's alltoall dispatcher ends a MoE layer by un-permuting the expert outputs (already
-scaled by their routing weights) back to token order. Without Transformer Engine's fused
-permutation, which a GPU image without TE lacks, it does that with ``scatter_add_``: on a GPU,
-float atomics, so the k outputs of a token add up in whatever order the threads arrive and two
-forwards of the same batch differ in their last bits. For RL that matters: the old log-probs
-(a no-grad forward) and the update's first forward disagree, and the on-policy ratio is not 1
-(NeMo-RL #2255 / #2258, fixed there by TE's fused permutation). megatron switches to a
-deterministic ``index_add_`` only under ``torch.use_deterministic_algorithms(True)``, which
-changes every other op too.
+megatron's alltoall dispatcher, without Transformer Engine's fused permutation (which a GPU
+image without TE lacks), moves tokens with plain PyTorch ops, and three of them cost on a GPU:
 
-:class:`DeterministicCombineDispatcher` keeps megatron's dispatcher (metadata, all-to-alls,
-the sort by local expert, shared-expert overlap) and replaces that one scatter by
-:func:`r1fast.ops.moe_unpermute`: each token's k rows are found by a stable sort of the
-permutation (``row_map [T, k]``, no host sync) and summed in fp32 in slot order, with no
-atomics (Triton or CUDA kernel on a GPU, the torch reference on a CPU). Layers megatron
-configures another way (capacity factor with dropping or padding, routing maps padded for
-quantisation, TE's fused permutation) keep megatron's path, since a token then has another
-number of rows than k. :func:`use_fixed_order_combine` gives it to a built model's MoE layers
+- the permutation finds each expert's tokens with ``masked_select``, whose output size the
+  host must read: a wait for the GPU in every MoE layer, forward and backward, besides the
+  one megatron plans for the expert counts;
+- its gradient (``index_select``'s backward, ``index_add_``) and the final un-permutation
+  (``scatter_add_``) sum a token's k rows with float atomics, in whatever order the threads
+  arrive. Two forwards of the same batch then differ in their last bits, so the old
+  log-probs (a no-grad forward) and the update's first forward disagree and the on-policy
+  ratio is not 1 (NeMo-RL #2255 / #2258, fixed there by TE's fused permutation); megatron
+  switches to deterministic ops only under ``torch.use_deterministic_algorithms(True)``,
+  which changes every other op too;
+- on one rank (no expert or expert-tensor parallelism) it still "sorts the chunks by local
+  expert", an identity order, by splitting the tokens per expert and concatenating them
+  again: a copy of the [T*k, H] rows each way, and two Python calls per expert.
+
+:class:`FixedOrderDispatcher` keeps megatron's dispatcher (metadata, all-to-alls, the sort by
+local expert across ranks, shared-expert overlap, its one planned device-to-host copy of the
+counts) and replaces those steps: the expert ids of each token are read off the routing map
+with a cumulative sum (:func:`routing_indices`, no sync), :func:`r1fast.ops.moe_permute` copies
+the rows (the same expert-major, token-minor order as megatron's, so the all-to-all splits and
+counts still hold; its gradient sums a token's k rows in a fixed order) and
+:func:`r1fast.ops.moe_unpermute` sums the expert outputs back per token in fp32 in slot order.
+On a GPU these run in the Triton or CUDA kernels, on a CPU in the torch reference. Layers
+megatron configures another way (capacity factor with dropping or padding, routing maps padded
+for quantisation, TE's fused permutation) keep megatron's path, since a token then has another
+number of rows than k. :func:`use_fixed_order_dispatch` gives it to a built model's MoE layers
 (r1fast.policy.model.build_policy calls it).
 """
 from __future__ import annotations
@@ -27,51 +37,113 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-__all__ = ["DeterministicCombineDispatcher", "combine_row_map", "use_fixed_order_combine"]
+from r1fast.ops._dispatch import debug_checks
+
+__all__ = ["FixedOrderDispatcher", "routing_indices", "use_fixed_order_dispatch"]
 
 
-def combine_row_map(sorted_indices: torch.Tensor, num_tokens: int, topk: int) -> torch.Tensor:
-    """``row_map [T, k]``: the permuted rows of each token, in increasing row order, from
-    megatron's ``sorted_indices [T*k]`` (the token of each permuted row). A stable sort keeps
-    the order fixed for equal tokens; nothing is read on the host."""
-    order = torch.argsort(sorted_indices, stable=True)  # [T*k] rows grouped by token
-    return order.view(num_tokens, topk)
+def routing_indices(routing_map: torch.Tensor, topk: int) -> torch.Tensor:
+    """``[T, k]`` int64 expert ids, ascending per token, of a ``routing_map [T, E]`` with exactly
+    ``k`` chosen experts per token. No host sync (``nonzero``/``masked_select`` would read the
+    count): each chosen expert's slot is its running count along the row, and unchosen experts
+    are written to a spare column that is dropped. Under ``R1FAST_DEBUG_CHECKS=1`` the per-token
+    counts are checked (a host sync)."""
+    T, E = routing_map.shape
+    if debug_checks() and T and not bool((routing_map.sum(1) == topk).all()):
+        raise ValueError(f"routing_map must choose exactly topk={topk} experts per token, got "
+                         f"counts {sorted(set(routing_map.sum(1).tolist()))}")
+    slot = torch.where(routing_map, routing_map.cumsum(1) - 1, topk)  # [T, E], k = spare
+    experts = torch.arange(E, device=routing_map.device).expand(T, E)
+    out = torch.full((T, topk + 1), -1, dtype=torch.int64, device=routing_map.device)
+    return out.scatter_(1, slot, experts)[:, :topk]  # spare column: any unchosen id, dropped
 
 
-class DeterministicCombineDispatcher(MoEAlltoAllTokenDispatcher):
-    """megatron's alltoall dispatcher with a fixed-order, atomics-free un-permutation (module
-    doc)."""
+class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron's alltoall dispatcher permuting and combining through r1fast's kernels (module
+    doc). ``reversed_local_input_permutation_mapping`` holds r1fast's ``row_map [T, k]`` (the
+    permuted row of each token's slots) instead of megatron's token of each row, under megatron's
+    name so that its CUDA-graph capture of the preprocessing still carries it."""
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
+                            probs: torch.Tensor):
+        """megatron's preprocessing (metadata, its planned count copy) with the permutation
+        done by :func:`r1fast.ops.moe_permute`: [S, B, H] tokens -> ([T*k, H] rows, [T*k] probs),
+        rows of expert e contiguous, experts ascending, tokens ascending within one."""
+        from r1fast.ops.moe_permute import moe_permute
+
+        self.hidden_shape = hidden_states.shape
+        self.probs, self.routing_map = probs, routing_map
+        hidden_states = hidden_states.view(-1, self.hidden_shape[-1])  # [T, H]
+        self.tokens_per_expert = self.preprocess(routing_map)
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_permutation_1", self.tokens_per_expert)
+        self.hidden_shape_before_permute = hidden_states.shape
+        indices = routing_indices(routing_map, self.config.moe_router_topk)  # [T, k]
+        permuted = moe_permute(hidden_states, indices, num_experts=routing_map.shape[1])
+        row_map = permuted.row_map  # [T, k]
+        self.reversed_local_input_permutation_mapping = row_map
+        # each row's routing weight, read at its (token, expert) entry of probs; the gradient
+        # goes back through index_put (distinct entries: no sum, hence no atomics)
+        T, E = routing_map.shape
+        entry = torch.arange(T, device=indices.device).unsqueeze(1) * E + indices  # [T, k]
+        entry_of_row = torch.empty_like(entry.reshape(-1)).scatter_(
+            0, row_map.reshape(-1), entry.reshape(-1))  # [T*k]
+        return permuted.permuted, probs.reshape(-1)[entry_of_row]  # [T*k, H], [T*k]
+
+    def dispatch_postprocess(self, global_input_tokens: torch.Tensor,
+                             global_probs: torch.Tensor):
+        """On one rank the rows already are in local-expert order: megatron's sort by local
+        expert would copy them unchanged, so only its sync points run."""
+        if not self._one_rank():
+            return super().dispatch_postprocess(global_input_tokens, global_probs)
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc1_forward_and_act(global_input_tokens)
+        for point in ("before_permutation_2", "before_finish"):
+            self.tokens_per_expert = self._maybe_dtoh_and_synchronize(point,
+                                                                      self.tokens_per_expert)
+        tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
+        return global_input_tokens, tokens_per_expert, global_probs
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """On one rank the expert outputs already are in permuted order (module doc)."""
+        return hidden_states if self._one_rank() else super().combine_preprocess(hidden_states)
 
     def combine_postprocess(self, permutated_local_input_tokens: torch.Tensor) -> torch.Tensor:
+        """[T*k, H] expert outputs (already scaled by the routing weights) -> [S, B, H]."""
         from r1fast.ops.moe_permute import moe_unpermute
 
         if self.shared_experts is not None:  # as megatron: the overlapped shared expert's end
             self.shared_experts.linear_fc2_forward(permutated_local_input_tokens)
             self.shared_experts.post_forward_comm()
-        rows = permutated_local_input_tokens  # [T*k, H], already scaled by the routing weights
-        num_tokens, k = self.hidden_shape_before_permute[0], self.config.moe_router_topk
-        if rows.shape[0] != num_tokens * k:
-            raise ValueError(f"DeterministicCombineDispatcher: {rows.shape[0]} permuted rows for "
-                             f"{num_tokens} tokens x top-{k}; every token must have k rows")
-        row_map = combine_row_map(self.reversed_local_input_permutation_mapping, num_tokens, k)
+        rows = permutated_local_input_tokens
+        row_map = self.reversed_local_input_permutation_mapping  # [T, k]
+        if rows.shape[0] != row_map.numel():
+            raise ValueError(f"FixedOrderDispatcher: {rows.shape[0]} expert output rows for "
+                             f"{row_map.shape[0]} tokens x top-{row_map.shape[1]}; every token "
+                             "must have k rows")
         ones = torch.ones(row_map.shape, dtype=torch.float32, device=rows.device)
         output = moe_unpermute(rows, row_map, ones).view(self.hidden_shape)  # [S, B, H]
         if self.shared_experts is not None:
             output = output + self.shared_experts.get_output()
         return output
 
+    def _one_rank(self) -> bool:
+        """No expert or expert-tensor parallelism: megatron's chunk sort is the identity."""
+        return self.ep_size == 1 and self.tp_size == 1
 
-def use_fixed_order_combine(model: torch.nn.Module) -> int:
+
+def use_fixed_order_dispatch(model: torch.nn.Module) -> int:
     """Give every MoE layer of ``model`` built with megatron's alltoall dispatcher, in a layout
-    with k rows per token, the fixed-order combine; returns how many. The dispatcher keeps its
-    object and state (process groups, shared-expert overlap):
-    :class:`DeterministicCombineDispatcher` adds no state, only the one method, so the object
-    takes the subclass. (Replacing megatron's ``MoELayer`` in the layer spec instead would lose
-    the process groups megatron passes only to its own class.)"""
+    with k rows per token, :class:`FixedOrderDispatcher`; returns how many. The dispatcher keeps
+    its object and state (process groups, shared-expert overlap): the subclass adds no state,
+    only methods, so the object takes the subclass. (Replacing megatron's ``MoELayer`` in the
+    layer spec instead would lose the process groups megatron passes only to its own class.)"""
     count = 0
     for module in model.modules():
         if isinstance(module, MoELayer) and _k_rows_per_token(module.token_dispatcher):
-            module.token_dispatcher.__class__ = DeterministicCombineDispatcher
+            module.token_dispatcher.__class__ = FixedOrderDispatcher
             count += 1
     return count
 

@@ -564,7 +564,7 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] 
     r1fast router, and wrap it in megatron DDP when ``trainable`` (see r1fast.policy.optim)."""
     from megatron.core.models.gpt import GPTModel
 
-    from r1fast.policy.dispatcher import use_fixed_order_combine
+    from r1fast.policy.dispatcher import use_fixed_order_dispatch
 
     model_cfg.validate()
     parallel_cfg = parallel_cfg or ParallelConfig()
@@ -583,7 +583,7 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] 
         gpt.rotary_pos_emb.inv_freq = 1.0 / (model_cfg.rope_theta ** (
             torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     mark_expert_params(gpt)
-    use_fixed_order_combine(gpt)  # MoE outputs summed per token without float atomics
+    use_fixed_order_dispatch(gpt)  # MoE rows moved by r1fast kernels: no sync, no atomics
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     policy = Policy(model_cfg, parallel_cfg, info, config, gpt)

@@ -1,91 +1,169 @@
-"""The MoE layer's combine without float atomics (r1fast.policy.dispatcher): the policy's MoE
-layers use it; it equals megatron's un-permutation (to fp32 rounding; in bf16 it is closer to
-fp64, since megatron rounds after every add); no
-scatter_add_ / index_add_ runs in a forward; and on a GPU two forwards of the same batch are
-bitwise equal (megatron's unfused scatter_add_ is not)."""
+"""The MoE layer's permutation and combine through r1fast's kernels (r1fast.policy.dispatcher):
+the expert ids read off a routing map are those the map holds; r1fast's permutation has
+megatron's row order; a MoE layer computes megatron's outputs and gradients; no op sums rows
+with atomics (forward or backward) or makes the host read a size; the only host read left is
+megatron's planned copy of the expert counts; and on a GPU repeated forwards and backwards
+are bitwise equal."""
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from r1fast.ops.moe_permute import moe_unpermute
+from r1fast.ops.moe_permute import moe_permute
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.dispatcher import DeterministicCombineDispatcher, combine_row_map
+from r1fast.policy.dispatcher import FixedOrderDispatcher, routing_indices
 from r1fast.policy.parallel import destroy_parallel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROW_SUMS = {"aten::scatter_add_", "aten::scatter_add", "aten::index_add_", "aten::index_add"}
+SIZE_READS = {"aten::masked_select", "aten::nonzero"}
+
+
+def _random_map(T: int, E: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
+    return torch.zeros(T, E, dtype=torch.bool).scatter_(1, chosen, True)  # [T, E]
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(0, 40), E=st.integers(1, 20), data=st.data())
+def test_routing_indices_are_the_maps_experts(T, E, data):
+    k = data.draw(st.integers(1, E))
+    routing_map = _random_map(T, E, k, seed=data.draw(st.integers(0, 2**16)))
+    expected = routing_map.nonzero()[:, 1].view(T, k)  # row-major: ascending per token
+    assert torch.equal(routing_indices(routing_map, k), expected)
+
+
+def test_routing_indices_refuse_a_short_row_under_debug_checks(monkeypatch):
+    routing_map = _random_map(5, 8, 3, seed=0)
+    routing_map[2, routing_map[2].nonzero()[0]] = False
+    monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"exactly topk=3 experts per token, got counts \[2, 3\]"):
+        routing_indices(routing_map, 3)
+
+
+@pytest.mark.parametrize("T, E, k", [(1, 4, 1), (13, 8, 2), (33, 16, 6), (0, 4, 2)])
+def test_permutation_has_megatrons_row_order(T, E, k):
+    """The all-to-all splits and expert counts megatron computes assume its order."""
+    from megatron.core.transformer.moe.moe_utils import permute
+
+    routing_map = _random_map(T, E, k, seed=T)
+    tokens = torch.randn(T, 24, generator=torch.Generator().manual_seed(1))
+    probs = torch.rand(T, E, generator=torch.Generator().manual_seed(2)) * routing_map
+    theirs, their_probs, _ = permute(tokens, routing_map, probs=probs, num_out_tokens=T * k)
+    mine = moe_permute(tokens, routing_indices(routing_map, k), num_experts=E, impl="torch")
+    assert torch.equal(mine.permuted, theirs)
+    assert torch.equal(mine.tokens_per_expert, routing_map.sum(0))
+    entry_of_row = torch.empty(T * k, dtype=torch.int64)
+    entry_of_row[mine.row_map.reshape(-1)] = (torch.arange(T)[:, None] * E
+                                              + routing_indices(routing_map, k)).reshape(-1)
+    assert torch.equal(probs.reshape(-1)[entry_of_row], their_probs)
+
+
+def _first_moe_layer(policy):
+    layer = next(l.mlp for l in policy.gpt.decoder.layers if hasattr(l.mlp, "token_dispatcher"))
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    return layer
+
+
+def _forward_backward(layer, dispatcher_class, dtype=torch.float32):
+    """One MoE layer's output, input gradient and parameter gradients on fixed data."""
+    layer.token_dispatcher.__class__ = dispatcher_class
+    H = layer.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 3, H, generator=g).to(DEVICE, dtype).requires_grad_(True)  # [S, B, H]
+    upstream = torch.randn(37, 3, H, generator=g).to(DEVICE, dtype)
+    layer.zero_grad(set_to_none=True)
+    out, _ = layer(x)
+    out.backward(upstream)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dsv3"])  # dsv3: shared expert, sigmoid
+def test_moe_layer_equals_megatrons(preset):
+    from r1fast.policy.model import build_policy
+
+    policy = build_policy(ModelConfig.preset(preset), ParallelConfig(), seed=0, trainable=False)
+    try:
+        layer = _first_moe_layer(policy)
+        assert isinstance(layer.token_dispatcher, FixedOrderDispatcher)
+        out, dx, grads = _forward_backward(layer, FixedOrderDispatcher)
+        their_out, their_dx, their_grads = _forward_backward(layer, MoEAlltoAllTokenDispatcher)
+    finally:
+        destroy_parallel()
+    torch.testing.assert_close(out, their_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx, their_dx, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == their_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], their_grads[name], rtol=1e-6, atol=1e-6,
+                                   msg=name)
+
+
+class _Ops(TorchDispatchMode):
+    """The ops run while active, with their first output's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        self.ops.append((func._schema.name, tuple(getattr(first, "shape", ()))))
+        return out
 
 
 @pytest.fixture(scope="module")
 def policy():
     from r1fast.policy.model import build_policy
 
-    yield build_policy(ModelConfig.preset("tiny-moe"), ParallelConfig(), seed=0, trainable=False)
+    yield build_policy(ModelConfig.preset("tiny-dsv3"), ParallelConfig(), seed=0,
+                       trainable=False)
     destroy_parallel()
 
 
-def _megatron_permutation(T: int, E: int, k: int, H: int, dtype, seed: int = 0):
-    """megatron's permute of random tokens under a random top-k routing map, and the permuted
-    rows scaled as its experts leave them."""
-    from megatron.core.transformer.moe.moe_utils import permute
-
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(T, H, generator=g).to(dtype)
-    chosen = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
-    routing_map = torch.zeros(T, E, dtype=torch.bool).scatter_(1, chosen, True)
-    permuted, _, sorted_indices = permute(tokens, routing_map, num_out_tokens=T * k)
-    scaled = (permuted.float() * torch.rand(T * k, 1, generator=g)).to(dtype)
-    return scaled, sorted_indices, routing_map
-
-
-@pytest.mark.parametrize("T, E, k", [(1, 4, 1), (13, 8, 2), (33, 16, 6)])
-def test_combine_equals_megatrons_unpermute(T, E, k):
-    from megatron.core.transformer.moe.moe_utils import unpermute
-
-    H = 24
-    rows, sorted_indices, routing_map = _megatron_permutation(T, E, k, H, torch.float32)
-    row_map = combine_row_map(sorted_indices, T, k)
-    assert torch.equal(sorted_indices[row_map], torch.arange(T)[:, None].expand(T, k))
-    mine = moe_unpermute(rows, row_map, torch.ones(T, k), impl="torch")
-    theirs = unpermute(rows, sorted_indices, restore_shape=torch.Size([T, H]),
-                       routing_map=routing_map)
-    torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
-
-    rows16, sorted_indices, routing_map = _megatron_permutation(T, E, k, H, torch.bfloat16)
-    row_map = combine_row_map(sorted_indices, T, k)
-    exact = torch.zeros(T, H, dtype=torch.float64).index_add_(0, sorted_indices,
-                                                               rows16.double())
-    mine = moe_unpermute(rows16, row_map, torch.ones(T, k), impl="torch")
-    theirs = unpermute(rows16, sorted_indices, restore_shape=torch.Size([T, H]),
-                       routing_map=routing_map)
-    assert mine.dtype == theirs.dtype == torch.bfloat16
-    assert (mine.double() - exact).abs().max() <= (theirs.double() - exact).abs().max()
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
-def test_the_policy_combines_without_atomics(policy):
-    layers = [layer.mlp for layer in policy.gpt.decoder.layers]
-    assert layers and all(isinstance(m.token_dispatcher, DeterministicCombineDispatcher)
-                          for m in layers)
+def test_no_row_sums_with_atomics_and_no_size_reads(policy):
+    """Forward of the policy: no scatter_add/index_add at all, and nothing that makes the host
+    read a size. Backward of a MoE layer: the only scatter_add is the torch router's gather
+    gradient ([T, E], one entry per chosen expert: no collisions); no [*, H] row sums. megatron's
+    dispatcher fails both (masked_select; index_select's gradient is index_add)."""
     tokens = torch.randint(0, 256, (3, 11)).to(policy.device)
-    with _Ops() as ops:
+    with _Ops() as fwd:
         policy.logprobs(tokens, tokens)
-    assert not {"aten::scatter_add_", "aten::scatter_add", "aten::index_add_",
-                "aten::index_add"} & ops.names, sorted(ops.names)
+    names = {name for name, _ in fwd.ops}
+    assert not (ROW_SUMS | SIZE_READS) & names, sorted(names)
+
+    layer = _first_moe_layer(policy)
+    out, _ = layer(torch.randn(37, 3, layer.config.hidden_size, device=policy.device))
+    with _Ops() as bwd:
+        out.sum().backward()
+    H, E = layer.config.hidden_size, layer.config.num_moe_experts
+    sums = [(name, shape) for name, shape in bwd.ops if name in ROW_SUMS | SIZE_READS]
+    assert all(name.startswith("aten::scatter_add") and shape[-1] == E != H
+               for name, shape in sums), sums
+
+
+def test_only_the_planned_count_copy_reaches_the_host(policy, monkeypatch):
+    """Per MoE layer, one host read: the sequential experts' split sizes, from the counts
+    megatron copies to the host once at its planned point (on a GPU a CPU tensor by then).
+    megatron's own permutation adds two masked_selects and the chunk sort's split lists."""
+    from tests.helpers.host_sync import SyncRecorder
+
+    moe_layers = sum(hasattr(l.mlp, "token_dispatcher") for l in policy.gpt.decoder.layers)
+    tokens = torch.randint(0, 256, (3, 11)).to(policy.device)
+    with SyncRecorder(monkeypatch) as rec:
+        policy.logprobs(tokens, tokens)
+    assert rec.calls == ["Tensor.tolist"] * moe_layers
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="float atomics are a GPU matter")
-def test_two_forwards_are_bitwise_equal_on_a_gpu():
+def test_forwards_and_backwards_are_bitwise_equal_on_a_gpu():
     from r1fast.policy.model import build_policy
 
     cfg = ModelConfig.preset("tiny-moe").replace(params_dtype="bfloat16")
@@ -95,5 +173,11 @@ def test_two_forwards_are_bitwise_equal_on_a_gpu():
         tokens = torch.randint(0, 256, (16, 97), generator=g).to(gpu.device)
         first = gpu.logprobs(tokens, tokens)
         assert all(torch.equal(first, gpu.logprobs(tokens, tokens)) for _ in range(5))
+        layer = _first_moe_layer(gpu)
+        out, dx, grads = _forward_backward(layer, FixedOrderDispatcher, torch.bfloat16)
+        for _ in range(5):
+            again = _forward_backward(layer, FixedOrderDispatcher, torch.bfloat16)
+            assert torch.equal(out, again[0]) and torch.equal(dx, again[1])
+            assert all(torch.equal(grads[n], again[2][n]) for n in grads)
     finally:
         destroy_parallel()
