@@ -1,7 +1,8 @@
 """KVCacheDecoder's shared-position steps against prefix recomputation (RecomputeDecoder) on the
 tiny MoE policy: logits of prefill, one-token, multi-token and rewinding steps to 1e-5 on one
 rank and at TP2 (sequence parallel, padded steps), EP2 and PP2 with two gloo processes; the
-same completions from ``generate``; the NaN-poisoned cache never read before written; a foreign
+same completions from ``generate``; a decode step's only host reads (the expert counts); the
+NaN-poisoned cache never read before written; a foreign
 core attention decoded through a local one; recomputation only when asked for; one test per
 bad input. The ragged loop (left-padded prefill, dropped rows, R3) is tested in
 tests/rollout/test_engine.py."""
@@ -152,6 +153,23 @@ def test_generate_gives_the_same_completions(policy):
         assert any(len(c) > 0 for c in a.completion_ids)
         for x, y in zip(a.logprobs, b.logprobs):
             torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=TOL)
+
+
+def test_a_decode_step_reads_the_host_only_for_the_expert_counts(policy, monkeypatch):
+    """A one-token step (rollout's inner loop, per layer per token) reaches the host once per
+    MoE layer: the sequential experts' split sizes, from megatron's planned copy of the counts.
+    (Before r1fast's permutation, megatron's added two masked_selects per MoE layer.)"""
+    from tests.helpers.host_sync import SyncRecorder
+
+    moe_layers = sum(hasattr(l.mlp, "token_dispatcher") for l in policy.gpt.decoder.layers)
+    dec = make_decoder(policy)
+    tokens = batch_tokens(7)
+    with dec.session(), torch.no_grad():
+        dec.reset(tokens.shape[0], MAX_LEN)
+        dec.step(tokens[:, :4], 0)
+        with SyncRecorder(monkeypatch) as rec:
+            dec.step(tokens[:, 4:5], 4)
+    assert moe_layers and rec.calls == ["Tensor.tolist"] * moe_layers
 
 
 def test_cache_is_poisoned_and_only_written_slots_are_read(policy):
