@@ -261,13 +261,30 @@ def moe_permute(x: Tensor, indices: Tensor, num_experts: Optional[int] = None, *
             bool(((indices < 0) | (indices >= num_experts)).any()):
         raise ValueError(f"indices must hold expert ids in [0, {num_experts}), got values in "
                          f"[{int(indices.min())}, {int(indices.max())}]")
-    chosen = _resolve("moe_permute", impl, x, k)
     row_map, counts = permute_row_map(indices, num_experts)
+    return MoEPermuted(_permute_rows(x, row_map, impl, "moe_permute"), row_map, counts)
+
+
+def moe_permute_rows(x: Tensor, row_map: Tensor, *, impl: str = "auto",
+                     validate: Optional[bool] = None) -> Tensor:
+    """``permuted [T*k, H]`` with ``permuted[row_map[t, j]] = x[t]``, for a caller that already
+    holds the row map (megatron's dispatcher derives it from its routing map,
+    ``r1fast.policy.dispatcher``). Differentiable w.r.t. ``x``; the gradient sums a token's k
+    rows in slot order. ``validate``: check that ``row_map`` is a permutation (a sort and a
+    host sync); None follows ``R1FAST_DEBUG_CHECKS``."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_row_map(row_map, row_map.numel(), x.device, values=debug_checks(validate))
+    if row_map.shape[0] != x.shape[0]:
+        raise ValueError(f"row_map must have shape [{x.shape[0]}, k] (one row per token of x), "
+                         f"got {list(row_map.shape)}")
+    return _permute_rows(x, row_map.to(torch.int64), impl, "moe_permute_rows")
+
+
+def _permute_rows(x: Tensor, row_map: Tensor, impl: str, op: str) -> Tensor:
+    chosen = _resolve(op, impl, x, row_map.shape[1])
     if chosen == "torch":
-        permuted = _permute_reference(x, row_map)
-    else:
-        permuted = _permute_rows_op(x, row_map, chosen)
-    return MoEPermuted(permuted, row_map, counts)
+        return _permute_reference(x, row_map)
+    return _permute_rows_op(x, row_map, chosen)
 
 
 def check_row_map(row_map: Tensor, num_rows: int, device: torch.device, *,

@@ -20,10 +20,11 @@ image without TE lacks), moves tokens with plain PyTorch ops, and three of them 
 
 :class:`FixedOrderDispatcher` keeps megatron's dispatcher (metadata, all-to-alls, the sort by
 local expert across ranks, shared-expert overlap, its one planned device-to-host copy of the
-counts) and replaces those steps: the expert ids of each token are read off the routing map
-with a cumulative sum (:func:`routing_indices`, no sync), :func:`r1fast.ops.moe_permute` copies
-the rows (the same expert-major, token-minor order as megatron's, so the all-to-all splits and
-counts still hold; its gradient sums a token's k rows in a fixed order) and
+counts) and replaces those steps: each token's experts and their rows in megatron's
+expert-major, token-minor order are read off the routing map with a running count
+(:func:`routing_rows`, no sync; the same order, so the all-to-all splits and counts still
+hold), :func:`r1fast.ops.moe_permute_rows` copies the rows (its gradient sums a token's k rows
+in a fixed order) and
 :func:`r1fast.ops.moe_unpermute` sums the expert outputs back per token in fp32 in slot order.
 On a GPU these run in the Triton or CUDA kernels, on a CPU in the torch reference. Layers
 megatron configures another way (capacity factor with dropping or padding, routing maps padded
@@ -39,23 +40,25 @@ from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispa
 
 from r1fast.ops._dispatch import debug_checks
 
-__all__ = ["FixedOrderDispatcher", "routing_indices", "use_fixed_order_dispatch"]
+__all__ = ["FixedOrderDispatcher", "routing_rows", "use_fixed_order_dispatch"]
 
 
-def routing_indices(routing_map: torch.Tensor, topk: int) -> torch.Tensor:
-    """``[T, k]`` int64 expert ids, ascending per token, of a ``routing_map [T, E]`` with exactly
-    ``k`` chosen experts per token. No host sync (``nonzero``/``masked_select`` would read the
-    count): each chosen expert's slot is its running count along the row, and unchosen experts
-    are written to a spare column that is dropped. Under ``R1FAST_DEBUG_CHECKS=1`` the per-token
+def routing_rows(routing_map: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, row_map)``, both ``[T, k]`` int64, of a ``routing_map [T, E]`` with exactly
+    ``k`` chosen experts per token: each token's expert ids ascending, and the row each
+    (token, expert) takes in megatron's permuted order (expert-major, tokens ascending within
+    an expert). No host sync (``nonzero``/``masked_select`` would read the count): a chosen
+    entry's row is the running count of chosen entries in expert-major order, and a top-k of
+    the smallest rows per token picks them out. Under ``R1FAST_DEBUG_CHECKS=1`` the per-token
     counts are checked (a host sync)."""
     T, E = routing_map.shape
     if debug_checks() and T and not bool((routing_map.sum(1) == topk).all()):
         raise ValueError(f"routing_map must choose exactly topk={topk} experts per token, got "
                          f"counts {sorted(set(routing_map.sum(1).tolist()))}")
-    slot = torch.where(routing_map, routing_map.cumsum(1) - 1, topk)  # [T, E], k = spare
-    experts = torch.arange(E, device=routing_map.device).expand(T, E)
-    out = torch.full((T, topk + 1), -1, dtype=torch.int64, device=routing_map.device)
-    return out.scatter_(1, slot, experts)[:, :topk]  # spare column: any unchosen id, dropped
+    row = routing_map.t().reshape(-1).cumsum(0).view(E, T).t()  # [T, E] chosen: row + 1
+    key = torch.where(routing_map, row, T * E + 1)  # unchosen after every chosen one
+    rows_plus_one, indices = key.topk(topk, dim=1, largest=False, sorted=True)  # [T, k] each
+    return indices, rows_plus_one - 1
 
 
 class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
@@ -67,9 +70,9 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
                             probs: torch.Tensor):
         """megatron's preprocessing (metadata, its planned count copy) with the permutation
-        done by :func:`r1fast.ops.moe_permute`: [S, B, H] tokens -> ([T*k, H] rows, [T*k] probs),
+        done by :func:`r1fast.ops.moe_permute_rows`: [S, B, H] tokens -> ([T*k, H] rows, [T*k] probs),
         rows of expert e contiguous, experts ascending, tokens ascending within one."""
-        from r1fast.ops.moe_permute import moe_permute
+        from r1fast.ops.moe_permute import moe_permute_rows
 
         self.hidden_shape = hidden_states.shape
         self.probs, self.routing_map = probs, routing_map
@@ -80,17 +83,16 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
             "before_permutation_1", self.tokens_per_expert)
         self.hidden_shape_before_permute = hidden_states.shape
-        indices = routing_indices(routing_map, self.config.moe_router_topk)  # [T, k]
-        permuted = moe_permute(hidden_states, indices, num_experts=routing_map.shape[1])
-        row_map = permuted.row_map  # [T, k]
+        T, k = routing_map.shape[0], self.config.moe_router_topk
+        indices, row_map = routing_rows(routing_map, k)  # [T, k] each
         self.reversed_local_input_permutation_mapping = row_map
-        # each row's routing weight, read at its (token, expert) entry of probs; the gradient
-        # goes back through index_put (distinct entries: no sum, hence no atomics)
-        T, E = routing_map.shape
-        entry = torch.arange(T, device=indices.device).unsqueeze(1) * E + indices  # [T, k]
-        entry_of_row = torch.empty_like(entry.reshape(-1)).scatter_(
-            0, row_map.reshape(-1), entry.reshape(-1))  # [T*k]
-        return permuted.permuted, probs.reshape(-1)[entry_of_row]  # [T*k, H], [T*k]
+        permuted = moe_permute_rows(hidden_states, row_map)  # [T*k, H]
+        # each row's routing weight: gathered per slot (its gradient adds into distinct [T, E]
+        # entries: no collisions, so atomics there are exact), then placed at the slot's row
+        weights = probs.gather(1, indices)  # [T, k]
+        permuted_probs = weights.new_empty(T * k).scatter(0, row_map.reshape(-1),
+                                                          weights.reshape(-1))  # [T*k]
+        return permuted, permuted_probs
 
     def dispatch_postprocess(self, global_input_tokens: torch.Tensor,
                              global_probs: torch.Tensor):

@@ -23,7 +23,7 @@ from r1fast.ops import _cuda_ext, _dispatch
 from r1fast.ops._dispatch import triton_missing
 from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
 from r1fast.ops.linear_logprob import linear_logprob
-from r1fast.ops.moe_permute import moe_permute, moe_unpermute
+from r1fast.ops.moe_permute import moe_permute, moe_permute_rows, moe_unpermute
 from r1fast.ops.moe_route import moe_route
 from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss
 from tests.helpers.host_sync import SyncRecorder
@@ -52,7 +52,8 @@ def test_moe_permute_and_unpermute_do_not_sync(impl, monkeypatch, no_debug):
 
     def step():
         perm, row_map, counts = moe_permute(x, idx, 8, impl=impl)
-        moe_unpermute(perm * 2, row_map, w, impl=impl).sum().backward()
+        again = moe_permute_rows(x, row_map, impl=impl)
+        moe_unpermute(perm * 2 + again, row_map, w, impl=impl).sum().backward()
         return counts
 
     step()  # warm-up: compilation and autotuning may sync

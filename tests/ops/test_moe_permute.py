@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from r1fast.ops._dispatch import triton_missing
-from r1fast.ops.moe_permute import moe_permute, moe_unpermute
+from r1fast.ops.moe_permute import moe_permute, moe_permute_rows, moe_unpermute
 from tests.helpers.moe_permute_cases import (
     DEVICE,
     check_deterministic,
@@ -109,6 +109,43 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(M._permute_rows_op, (x, row_map, "triton"), test_utils=utils)
     torch.library.opcheck(M._combine_rows_op, (y, row_map, w, "triton"), test_utils=utils)
     torch.library.opcheck(M._combine_rows_op, (y, row_map, None, "triton"), test_utils=utils)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T,k,H", [(1, 1, 1), (7, 3, 63), (33, 2, 257), (0, 2, 5)])
+def test_permute_rows_by_any_row_map_matches_fp64(impl, T, k, H):
+    """``moe_permute_rows`` takes any permutation as the row map (not only an expert-sorted
+    one): ``out[row_map[t, j]] = x[t]`` exactly, and ``dx[t] = sum_j dout[row_map[t, j]]``
+    against an fp64 loop."""
+    g = torch.Generator().manual_seed(T * 31 + k)
+    x = torch.randn(T, H, generator=g).to(DEVICE).requires_grad_(True)
+    row_map = torch.randperm(T * k, generator=g).view(T, k).to(DEVICE)
+    out = moe_permute_rows(x, row_map, impl=impl)
+    assert out.shape == (T * k, H)
+    for t in range(T):
+        for j in range(k):
+            assert torch.equal(out[row_map[t, j]], x[t].detach())
+    dout = torch.randn(T * k, H, generator=g).to(DEVICE)
+    out.backward(dout)
+    exact = torch.stack([sum(dout[row_map[t, j]].double() for j in range(k)) for t in range(T)]) \
+        if T else torch.zeros(0, H, dtype=torch.float64)
+    torch.testing.assert_close(x.grad.double(), exact.to(DEVICE), rtol=1e-6, atol=1e-6)
+
+
+BAD_PERMUTE_ROWS = [
+    (dict(x=torch.randn(8)), "x must be 2-D"),
+    (dict(row_map=torch.randperm(10).view(5, 2)), r"row_map must have shape \[4, k\]"),
+    (dict(row_map=torch.zeros(4, 2, dtype=torch.int64)), "row_map must be a permutation"),
+    (dict(row_map=torch.zeros(4, 2)), "row_map must have dtype"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_PERMUTE_ROWS, ids=[m for _, m in BAD_PERMUTE_ROWS])
+def test_bad_permute_rows_input(kwargs, match, monkeypatch):
+    monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")  # the permutation check is debug-only
+    kw = {"x": X, "row_map": torch.randperm(8).view(4, 2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        moe_permute_rows(kw.pop("x"), kw.pop("row_map"))
 
 
 def test_empty_batch():

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from r1fast.ops.moe_permute import moe_permute
+from r1fast.ops.moe_permute import moe_permute, moe_permute_rows
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.dispatcher import FixedOrderDispatcher, routing_indices
+from r1fast.policy.dispatcher import FixedOrderDispatcher, routing_rows
 from r1fast.policy.parallel import destroy_parallel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,19 +31,21 @@ def _random_map(T: int, E: int, k: int, seed: int) -> torch.Tensor:
 
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(0, 40), E=st.integers(1, 20), data=st.data())
-def test_routing_indices_are_the_maps_experts(T, E, data):
+def test_routing_rows_are_the_maps_experts_in_megatrons_order(T, E, data):
     k = data.draw(st.integers(1, E))
     routing_map = _random_map(T, E, k, seed=data.draw(st.integers(0, 2**16)))
-    expected = routing_map.nonzero()[:, 1].view(T, k)  # row-major: ascending per token
-    assert torch.equal(routing_indices(routing_map, k), expected)
+    indices, row_map = routing_rows(routing_map, k)
+    assert torch.equal(indices, routing_map.nonzero()[:, 1].view(T, k))  # ascending per token
+    # the rows: moe_permute's stable argsort of the ids (megatron's order), another way
+    assert torch.equal(row_map, moe_permute(torch.zeros(T, 1), indices, num_experts=E).row_map)
 
 
-def test_routing_indices_refuse_a_short_row_under_debug_checks(monkeypatch):
+def test_routing_rows_refuse_a_short_row_under_debug_checks(monkeypatch):
     routing_map = _random_map(5, 8, 3, seed=0)
     routing_map[2, routing_map[2].nonzero()[0]] = False
     monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")
     with pytest.raises(ValueError, match=r"exactly topk=3 experts per token, got counts \[2, 3\]"):
-        routing_indices(routing_map, 3)
+        routing_rows(routing_map, 3)
 
 
 @pytest.mark.parametrize("T, E, k", [(1, 4, 1), (13, 8, 2), (33, 16, 6), (0, 4, 2)])
@@ -53,15 +55,9 @@ def test_permutation_has_megatrons_row_order(T, E, k):
 
     routing_map = _random_map(T, E, k, seed=T)
     tokens = torch.randn(T, 24, generator=torch.Generator().manual_seed(1))
-    probs = torch.rand(T, E, generator=torch.Generator().manual_seed(2)) * routing_map
-    theirs, their_probs, _ = permute(tokens, routing_map, probs=probs, num_out_tokens=T * k)
-    mine = moe_permute(tokens, routing_indices(routing_map, k), num_experts=E, impl="torch")
-    assert torch.equal(mine.permuted, theirs)
-    assert torch.equal(mine.tokens_per_expert, routing_map.sum(0))
-    entry_of_row = torch.empty(T * k, dtype=torch.int64)
-    entry_of_row[mine.row_map.reshape(-1)] = (torch.arange(T)[:, None] * E
-                                              + routing_indices(routing_map, k)).reshape(-1)
-    assert torch.equal(probs.reshape(-1)[entry_of_row], their_probs)
+    theirs, _, _ = permute(tokens, routing_map, num_out_tokens=T * k)
+    _, row_map = routing_rows(routing_map, k)
+    assert torch.equal(moe_permute_rows(tokens, row_map, impl="torch"), theirs)
 
 
 def _first_moe_layer(policy):
@@ -130,9 +126,10 @@ def policy():
 
 def test_no_row_sums_with_atomics_and_no_size_reads(policy):
     """Forward of the policy: no scatter_add/index_add at all, and nothing that makes the host
-    read a size. Backward of a MoE layer: the only scatter_add is the torch router's gather
-    gradient ([T, E], one entry per chosen expert: no collisions); no [*, H] row sums. megatron's
-    dispatcher fails both (masked_select; index_select's gradient is index_add)."""
+    read a size. Backward of a MoE layer: the only scatter_adds are gather gradients into
+    [T, E] routing tensors (the torch router's, the dispatcher's weights; one entry per chosen
+    expert: no collisions); no [*, H] row sums. megatron's dispatcher fails both (masked_select;
+    index_select's gradient is index_add)."""
     tokens = torch.randint(0, 256, (3, 11)).to(policy.device)
     with _Ops() as fwd:
         policy.logprobs(tokens, tokens)
