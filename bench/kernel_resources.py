@@ -245,6 +245,17 @@ def moe_permute(T: int = 16384, k: int = 8, hidden: tuple[int, ...] = (4096, 716
         K.gather_combine(y, row_map, wts)
 
 
+def moe_experts(rows: int = 2048) -> None:
+    """The grouped expert MLP of decoding (256 rows x top-8), bf16, at Qwen3-30B-A3B's and
+    DeepSeek-V3's expert sizes."""
+    from r1fast.kernels import moe_experts as K
+
+    for E, H, F in ((128, 2048, 768), (256, 7168, 2048)):
+        tables = [_meta(E, dtype=torch.int64) for _ in range(2)]
+        K.grouped_swiglu_mlp(_meta(rows, H, dtype=torch.bfloat16), _meta(E, dtype=torch.int64),
+                             *tables, _meta(rows), F)
+
+
 def group_advantages(n_groups: int = 4096, group_size: int = 16) -> None:
     """GRPO advantages, contiguous groups and groups given by a permutation."""
     from r1fast.kernels import group_advantages as K
@@ -263,6 +274,7 @@ WORKLOADS = {
     "grpo_loss": grpo_loss,
     "moe_route": moe_route,
     "moe_permute": moe_permute,
+    "moe_experts": moe_experts,
     "group_advantages": group_advantages,
 }
 

@@ -9,6 +9,8 @@ where written, Triton and CUDA fast paths chosen with ``impl="auto"|"torch"|"tri
 - :func:`moe_route`, :func:`moe_aux_loss`, :func:`moe_z_loss`: MoE routing and its losses.
 - :func:`moe_permute`, :func:`moe_unpermute`: expert-contiguous token order and its inverse
   (:func:`moe_permute_rows` when the caller already holds the row map).
+- :func:`moe_grouped_swiglu`: every routed expert's SwiGLU MLP in two grouped launches, with
+  the row counts read on the device (forward only: decoding).
 
 Importing this package needs neither Triton nor a GPU.
 """
@@ -16,6 +18,7 @@ from r1fast.ops._dispatch import ImplUnavailableError
 from r1fast.ops.advantages import group_advantages
 from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
 from r1fast.ops.linear_logprob import linear_logprob
+from r1fast.ops.moe_experts import ExpertTable, moe_grouped_swiglu
 from r1fast.ops.moe_permute import moe_permute, moe_permute_rows, moe_unpermute
 from r1fast.ops.moe_route import MoERouting, moe_aux_loss, moe_route, moe_z_loss
 from r1fast.ops.policy_loss import PolicyLossConfig, loss_denominator, policy_loss
@@ -35,4 +38,6 @@ __all__ = [
     "moe_permute",
     "moe_permute_rows",
     "moe_unpermute",
+    "moe_grouped_swiglu",
+    "ExpertTable",
 ]

@@ -1,7 +1,7 @@
 """The compiler's report on r1fast's Triton kernels (bench/kernel_resources.py): every kernel is
 compiled for sm_90 here, without a GPU, through r1fast's real launchers; the tests hold the
 linear_logprob configs to what issue #18 asks (no spills in a loop, tensor cores, pipelined
-loads) and check that the SASS reading can tell a spill in a loop from one outside."""
+loads), the grouped expert kernels to no spills at all, and check that the SASS reading can tell a spill in a loop from one outside."""
 from __future__ import annotations
 
 import json
@@ -47,6 +47,22 @@ def test_linear_logprob_bf16_configs_do_not_spill_in_loops(tmp_path):
         assert r["hgmma"] > 0 and r["ldgsts"] > 0, where  # wgmma fed by pipelined async copies
         assert r["shared_bytes"] <= 232448, where
         assert r["regs"] <= 255 and r["arch"] == "sm_90"
+
+
+def test_grouped_expert_configs_compile_without_spills(tmp_path):
+    """The decoding experts' two kernels, every autotune config, at Qwen3-30B-A3B's and
+    DeepSeek-V3's expert sizes: no stack frame at all, pipelined loads, and tensor cores
+    (wgmma from 64-row tiles; smaller tiles use mma.sync)."""
+    from r1fast.kernels import moe_experts as K
+
+    rows = _report(tmp_path, "moe_experts")
+    for name, kernel in (("fc1", "_fc1_swiglu_kernel"), ("fc2", "_fc2_kernel")):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert len(mine) == 2 * len(K._configs(name))  # two model sizes
+        for r in mine:
+            where = f"{kernel} {r['constexprs']} {r['num_warps']}x{r['num_stages']}"
+            assert r["stack_bytes"] == 0 and r["ldgsts"] > 0, where
+            assert (r["hgmma"] > 0) == (r["constexprs"]["BLOCK_M"] >= 64), where
 
 
 def test_small_kernels_compile_with_their_meta_parameters(tmp_path):

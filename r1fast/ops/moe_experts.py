@@ -1,0 +1,149 @@
+"""The routed experts of a MoE layer in two grouped launches, for decoding: every expert's
+SwiGLU MLP over its rows, with the row counts left on the device.
+
+    y[r] = (silu(x[r] W1a_e^T) * (x[r] W1b_e^T + offset) * p[r]) W2_e^T,   e = expert of row r,
+
+for rows ``x [n, H]`` sorted by expert (``counts [E]`` rows each, megatron's permuted order),
+``fc1_e = [W1a_e; W1b_e]`` of shape ``[2F, H]`` and ``fc2_e [H, F]`` -- megatron's gated-SiLU
+``MLP`` of each local expert, the probabilities applied after the activation as megatron does
+without ``moe_apply_probs_on_input``.
+
+megatron's sequential experts, on a GPU without Transformer Engine, run this as ~7 launches per
+expert after the host has read the counts (``tokens_per_expert.tolist()``, a wait for the GPU
+in every MoE layer). In a decoding step, with a few rows per expert, that is launch-bound:
+~900 launches per layer at E=128. :func:`moe_grouped_swiglu` is two Triton launches
+(``r1fast.kernels.moe_experts``) that find each tile's expert from the counts on the device;
+the weights stay in megatron's per-expert parameters and are reached through a table of their
+addresses (:class:`ExpertTable`, built once and rebuilt when a weight moves).
+
+Forward only: the rollout decoder uses it (``r1fast.policy.local_experts.grouped_experts``);
+the trainer's forwards and backwards keep megatron's experts, so old and new log-probs come
+from the same arithmetic. Accumulation is fp32 and the activation is applied to the fp32
+accumulators (megatron rounds gate/up to the parameter dtype first), so in bf16 the two agree
+to bf16 rounding, not bitwise. The torch path (``impl="torch"``, any device) loops over the
+experts with host counts in fp32; ``naive_moe_grouped_swiglu`` is the fp64 ground truth.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from r1fast.ops._dispatch import resolve_impl
+from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+__all__ = ["ExpertTable", "moe_grouped_swiglu", "naive_moe_grouped_swiglu"]
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ExpertTable:
+    """The experts' weights of one MoE layer, with device tables of their addresses.
+
+    ``fc1``: E tensors ``[2F, H]``; ``fc2``: E tensors ``[H, F]``; all contiguous, one dtype,
+    one device (checked once, and again whenever a weight's address changes: the kernels read
+    through raw addresses, so a stale table would read freed memory)."""
+
+    def __init__(self, fc1: Sequence[Tensor], fc2: Sequence[Tensor]) -> None:
+        if len(fc1) != len(fc2) or not fc1:
+            raise ValueError(f"ExpertTable: fc1 and fc2 must list the same number (>= 1) of "
+                             f"experts, got {len(fc1)} and {len(fc2)}")
+        self.fc1, self.fc2 = list(fc1), list(fc2)
+        self._addresses: tuple[int, ...] = ()
+        self._tables: tuple[Tensor, Tensor] | None = None
+        self._check()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.fc1)
+
+    @property
+    def ffn(self) -> int:
+        return self.fc2[0].shape[1]
+
+    @property
+    def hidden(self) -> int:
+        return self.fc2[0].shape[0]
+
+    def _check(self) -> None:
+        F2, H = self.fc1[0].shape
+        first = self.fc1[0]
+        for name, weights, shape in (("fc1", self.fc1, (F2, H)), ("fc2", self.fc2, (H, F2 // 2))):
+            for e, w in enumerate(weights):
+                if tuple(w.shape) != shape or F2 % 2:
+                    raise ValueError(f"ExpertTable: {name}[{e}] must have shape {list(shape)} "
+                                     f"(fc1 [2F, H], fc2 [H, F]), got {list(w.shape)}")
+                if w.dtype != first.dtype or w.device != first.device or not w.is_contiguous():
+                    raise ValueError(f"ExpertTable: {name}[{e}] must be contiguous "
+                                     f"{first.dtype} on {first.device}, got "
+                                     f"{w.dtype} on {w.device} (contiguous={w.is_contiguous()})")
+
+    def tables(self) -> tuple[Tensor, Tensor]:
+        """``(fc1 addresses [E], fc2 addresses [E])`` int64 on the weights' device."""
+        addresses = tuple(w.data_ptr() for w in self.fc1 + self.fc2)
+        if addresses != self._addresses:
+            self._check()
+            device = self.fc1[0].device
+            both = torch.tensor(addresses, dtype=torch.int64).to(device)  # once per move
+            self._tables = (both[: self.num_experts], both[self.num_experts:])
+            self._addresses = addresses
+        return self._tables
+
+
+def moe_grouped_swiglu(x: Tensor, counts: Tensor, experts: ExpertTable, probs: Tensor, *,
+                       glu_offset: float = 0.0, impl: str = "auto") -> Tensor:
+    """``y [n, H]`` (dtype of x), the module doc's formula, for ``x [n, H]`` sorted by expert
+    with ``counts [E]`` rows each (any integer dtype; on x's device for the Triton path, which
+    reads them there) and ``probs [n]``. ``counts`` must sum to ``n``; that is the caller's
+    (megatron's dispatcher's) invariant, not checked here (a host sync)."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    n, H = x.shape
+    E, F = experts.num_experts, experts.ffn
+    check_tensor("counts", counts, ndim=1, dtypes=INDEX_DTYPES, shape=(E,))
+    check_tensor("probs", probs, ndim=1, dtypes=FLOAT_DTYPES, shape=(n,), device=x.device)
+    if experts.hidden != H or experts.fc1[0].dtype != x.dtype:
+        raise ValueError(f"moe_grouped_swiglu: experts take [n, {experts.hidden}] "
+                         f"{experts.fc1[0].dtype} rows, got {list(x.shape)} {x.dtype}")
+    if torch.is_grad_enabled() and (x.requires_grad or experts.fc1[0].requires_grad):
+        raise ValueError("moe_grouped_swiglu is forward-only (decoding); run it under "
+                         "torch.no_grad(), training uses megatron's experts")
+    supported = ["torch", "triton"] if x.dtype in _FAST_DTYPES else ["torch"]
+    chosen = resolve_impl("moe_grouped_swiglu", impl, x.device, supported=supported)
+    if chosen == "torch":
+        return _reference(x, counts, experts, probs, glu_offset)
+    from r1fast.kernels.moe_experts import grouped_swiglu_mlp  # lazy: needs triton
+
+    fc1, fc2 = experts.tables()
+    return grouped_swiglu_mlp(x, counts.to(x.device), fc1, fc2, probs, F, glu_offset)
+
+
+def _reference(x: Tensor, counts: Tensor, experts: ExpertTable, probs: Tensor,
+               glu_offset: float) -> Tensor:
+    """Per-expert loop with host counts, fp32 accumulation (fp64 for fp64 rows)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = []
+    for e, (xs, ps) in enumerate(zip(torch.split(x, counts.tolist()),
+                                     torch.split(probs, counts.tolist()))):
+        gate, up = (xs.to(acc) @ experts.fc1[e].to(acc).t()).chunk(2, dim=-1)  # [n_e, F]
+        h = torch.nn.functional.silu(gate) * (up + glu_offset) * ps.to(acc).unsqueeze(-1)
+        h = h.to(x.dtype).to(acc)  # as the kernel (and megatron): h in the rows' dtype
+        out.append((h @ experts.fc2[e].to(acc).t()).to(x.dtype))  # [n_e, H]
+    return torch.cat(out) if out else x.new_empty((0, x.shape[1]))
+
+
+def naive_moe_grouped_swiglu(x: Tensor, counts: Sequence[int], fc1: Sequence[Tensor],
+                             fc2: Sequence[Tensor], probs: Tensor,
+                             glu_offset: float = 0.0) -> Tensor:
+    """The formula row by row in fp64 with Python loops (test ground truth)."""
+    rows, r = [], 0
+    for e, c in enumerate(counts):
+        w1, w2 = fc1[e].double(), fc2[e].double()
+        F = w2.shape[1]
+        for _ in range(int(c)):
+            v = x[r].double()
+            gate, up = w1[:F] @ v, w1[F:] @ v
+            h = gate / (1.0 + torch.exp(-gate)) * (up + glu_offset) * float(probs[r])
+            rows.append(w2 @ h)
+            r += 1
+    return torch.stack(rows) if rows else x.new_zeros((0, x.shape[1]), dtype=torch.float64)

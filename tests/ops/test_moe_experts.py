@@ -1,0 +1,144 @@
+"""moe_grouped_swiglu (r1fast.ops.moe_experts): every expert's SwiGLU MLP over its rows in two
+grouped launches, against a row-by-row fp64 loop: odd sizes, experts with no rows, one
+expert, no rows at all, any split of the rows (hypothesis); every output row written (outputs
+poisoned first); the address table rebuilt when a weight moves; forward only; one test per bad
+input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from r1fast.ops._dispatch import triton_missing
+from r1fast.ops.moe_experts import ExpertTable, moe_grouped_swiglu, naive_moe_grouped_swiglu
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NO_TRITON = triton_missing(DEVICE)
+needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=str(NO_TRITON))
+IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+#: max |y - fp64| / max |fp64|: fp32 accumulates exactly enough; 16-bit rows round h and y
+TOL = {torch.float32: 2e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _case(counts, H, F, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, E = sum(counts), len(counts)
+    x = torch.randn(n, H, generator=g).to(DEVICE, dtype)
+    fc1 = [(0.3 * torch.randn(2 * F, H, generator=g)).to(DEVICE, dtype) for _ in range(E)]
+    fc2 = [(0.3 * torch.randn(H, F, generator=g)).to(DEVICE, dtype) for _ in range(E)]
+    probs = torch.rand(n, generator=g).to(DEVICE)
+    return x, torch.tensor(counts, device=DEVICE), fc1, fc2, probs
+
+
+def _rel_err(y, exact):
+    assert y.shape == exact.shape
+    if not exact.numel():
+        return 0.0
+    return ((y.double().cpu() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("counts,H,F,dtype", [
+    ([3, 0, 5, 1], 24, 20, torch.float32),  # an expert with no rows
+    ([40], 8, 8, torch.float32),  # one expert, several row tiles
+    ([17, 2, 0, 0, 9], 33, 40, torch.bfloat16),  # odd H, F beyond one tile
+    ([1, 1, 1, 1, 1, 1, 1], 17, 5, torch.float16),  # more experts than rows per expert
+    ([0, 0, 0], 16, 16, torch.float32),  # no rows at all
+])
+def test_matches_fp64_rows(impl, counts, H, F, dtype):
+    x, c, fc1, fc2, probs = _case(counts, H, F, dtype)
+    with torch.no_grad():
+        y = moe_grouped_swiglu(x, c, ExpertTable(fc1, fc2), probs, glu_offset=0.5, impl=impl)
+    assert y.dtype == dtype and y.shape == x.shape
+    exact = naive_moe_grouped_swiglu(x.cpu(), counts, [w.cpu() for w in fc1],
+                                     [w.cpu() for w in fc2], probs.cpu(), 0.5)
+    assert _rel_err(y, exact) <= TOL[dtype]
+
+
+@needs_triton
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(counts=st.lists(st.integers(0, 21), min_size=1, max_size=9),
+       H=st.integers(1, 20), F=st.integers(1, 20), seed=st.integers(0, 999))
+def test_property_any_split_of_rows(counts, H, F, seed):
+    x, c, fc1, fc2, probs = _case(counts, H, F, torch.float32, seed)
+    with torch.no_grad():
+        y = moe_grouped_swiglu(x, c, ExpertTable(fc1, fc2), probs, impl="triton")
+    exact = naive_moe_grouped_swiglu(x.cpu(), counts, [w.cpu() for w in fc1],
+                                     [w.cpu() for w in fc2], probs.cpu())
+    assert _rel_err(y, exact) <= TOL[torch.float32]
+
+
+@needs_triton
+def test_kernels_write_every_row():
+    from r1fast.kernels.moe_experts import grouped_swiglu_mlp
+
+    counts = [5, 0, 19, 3]
+    x, c, fc1, fc2, probs = _case(counts, 21, 18, torch.float32)
+    table = ExpertTable(fc1, fc2)
+    h = torch.full((x.shape[0], 18), float("nan"), device=DEVICE)
+    out = torch.full_like(x, float("nan"))
+    grouped_swiglu_mlp(x, c, *table.tables(), probs, 18, h=h, out=out)
+    assert torch.isfinite(h).all() and torch.isfinite(out).all()
+    exact = naive_moe_grouped_swiglu(x.cpu(), counts, [w.cpu() for w in fc1],
+                                     [w.cpu() for w in fc2], probs.cpu())
+    assert _rel_err(out, exact) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_table_follows_a_moved_weight(impl):
+    x, c, fc1, fc2, probs = _case([4, 6], 12, 10, torch.float32)
+    table = ExpertTable(fc1, fc2)
+    with torch.no_grad():
+        before = moe_grouped_swiglu(x, c, table, probs, impl=impl)
+        fc1[1].data = 2 * fc1[1].data  # new storage: the old address is stale
+        table.fc1[1] = fc1[1]
+        after = moe_grouped_swiglu(x, c, table, probs, impl=impl)
+    exact = naive_moe_grouped_swiglu(x.cpu(), [4, 6], [w.cpu() for w in fc1],
+                                     [w.cpu() for w in fc2], probs.cpu())
+    assert _rel_err(after, exact) <= TOL[torch.float32]
+    assert torch.equal(after[:4], before[:4]) and not torch.allclose(after[4:], before[4:])
+
+
+def test_forward_only():
+    x, c, fc1, fc2, probs = _case([2, 3], 8, 8, torch.float32)
+    with pytest.raises(ValueError, match="forward-only"):
+        moe_grouped_swiglu(x.requires_grad_(), c, ExpertTable(fc1, fc2), probs, impl="torch")
+
+
+def _bad_table(kind):
+    fc1 = [torch.randn(16, 8) for _ in range(2)]
+    fc2 = [torch.randn(8, 8) for _ in range(2)]
+    if kind == "count":
+        return ExpertTable(fc1, fc2[:1])
+    if kind == "shape":
+        return ExpertTable(fc1, [torch.randn(8, 7), fc2[1]])
+    if kind == "dtype":
+        return ExpertTable([fc1[0], fc1[1].double()], fc2)
+    return ExpertTable([fc1[0], torch.randn(8, 16).t()], fc2)  # not contiguous
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("count", r"same number \(>= 1\) of experts, got 2 and 1"),
+    ("shape", r"fc2\[0\] must have shape \[8, 8\]"),
+    ("dtype", r"fc1\[1\] must be contiguous torch.float32"),
+    ("layout", r"fc1\[1\] must be contiguous .* \(contiguous=False\)"),
+])
+def test_bad_tables(kind, match):
+    with pytest.raises(ValueError, match=match):
+        _bad_table(kind)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("counts", torch.tensor([2, 3, 0]), r"counts must have shape"),
+    ("counts", torch.tensor([2.0, 3.0]), r"counts must have dtype"),
+    ("probs", torch.rand(4), r"probs must have shape"),
+    ("x", torch.randn(5, 9), r"experts take \[n, 8\] torch.float32 rows, got \[5, 9\]"),
+    ("x", torch.randn(5, 8).double(), r"experts take \[n, 8\] torch.float32 rows"),
+])
+def test_bad_inputs(field, value, match):
+    x, c, fc1, fc2, probs = _case([2, 3], 8, 8, torch.float32)
+    args = {"x": x.cpu(), "counts": c.cpu(), "probs": probs.cpu(), field: value}
+    table = ExpertTable([w.cpu() for w in fc1], [w.cpu() for w in fc2])
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        moe_grouped_swiglu(args["x"], args["counts"], table, args["probs"], impl="torch")
