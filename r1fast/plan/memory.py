@@ -445,8 +445,13 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
         sp = tp if par.use_sequence_parallel(m) else 1
         width = prefill_width(batch.rows, batch.prompt_len, cfg.rollout.prefill_tokens, sp)
         prefill_tokens = batch.rows * width
+        # the decoder's experts (r1fast.policy.local_experts.grouped_experts): grouped where
+        # asked, or by default on a GPU (the te spec)
+        grouped = cfg.rollout.experts == "grouped" or (cfg.rollout.experts == "auto"
+                                                       and opts.spec != "local")
         prefill = prefill_bytes(m, tp, sp, _BYTES[m.params_dtype], (lo, hi), batch.rows, width,
-                                batch.prompt_len, "local" if opts.spec == "local" else "te")
+                                batch.prompt_len, "local" if opts.spec == "local" else "te",
+                                grouped_experts=grouped)
     shard = math.ceil(dense / shard_dense) + math.ceil(expert / shard_expert)
     st = StagePlan(
         stage=stage, layers=(lo, hi), dense_params=dense, expert_params=expert,

@@ -29,9 +29,10 @@ measurements of r1fast.plan.measure.measure_peak_alloc_bytes in tests/plan/test_
   - MLP: the norm's output; a dense SwiGLU's ``[2F]``, ``[F]``, ``[F]`` and output; an MoE
     layer's router (fp32 logits, probabilities, scores; top-k ids and weights), four copies of
     the hidden state per routed slot (the permuted input, each expert's output, the
-    dispatcher's concatenations), one expert's SwiGLU at a time (r1fast runs megatron's
-    sequential experts: ``4 F`` for its ``k / E`` share of the tokens, balanced load), the
-    un-permuted fp32 sum, and the shared expert.
+    dispatcher's concatenations), one expert's SwiGLU at a time (megatron's sequential
+    experts: ``4 F`` for its ``k / E`` share of the tokens, balanced load) or, where the
+    rollout runs the grouped expert kernels (``rollout.experts``: on a GPU by default), their
+    activation ``[k, F]`` per token at once, the un-permuted fp32 sum, and the shared expert.
 
 Per-token terms follow r1fast.plan.activations: the residual stream and routed tokens per
 ``1 / sp`` of the tokens under sequence parallelism, attention tensors per ``1 / tp`` of the
@@ -98,7 +99,8 @@ def _attention_phase(m: ModelConfig, tp: int, sp: int, act: int, width: int, L: 
     return out + m.hidden_size * act / sp  # linear_proj's output
 
 
-def _mlp_phase(m: ModelConfig, layer: int, tp: int, sp: int, act: int, local: bool) -> float:
+def _mlp_phase(m: ModelConfig, layer: int, tp: int, sp: int, act: int, local: bool,
+               grouped: bool) -> float:
     """Bytes per token alive while one layer's MLP runs (besides the residual stream)."""
     H = m.hidden_size
     out = _norm_out(m, sp, act, local)
@@ -106,8 +108,12 @@ def _mlp_phase(m: ModelConfig, layer: int, tp: int, sp: int, act: int, local: bo
         return out + 4 * m.ffn_hidden_size / tp * act + H * act / sp
     E, k, F = m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size
     out += (3 * E * 4 + k * 16) / sp  # router: fp32 logits, probabilities, scores; ids, weights
+    out += 2 * E * 8 / sp  # the dispatcher's row search: int64 running counts and keys [T, E]
     out += k * 4 * H * act / sp  # permuted input, expert outputs, the dispatcher's concatenations
-    out += k / E * 4 * F * act / sp  # one sequential expert's SwiGLU at a time (balanced load)
+    if grouped:  # the grouped kernels' activation h [routed slots, F] (r1fast.ops.moe_experts)
+        out += k * F * act / sp
+    else:  # one sequential expert's SwiGLU at a time (balanced load)
+        out += k / E * 4 * F * act / sp
     out += H * 4 / sp  # the un-permuted sum
     if m.shared_expert_size is not None:
         out += 4 * m.shared_expert_size / tp * act + H * act / sp
@@ -115,15 +121,18 @@ def _mlp_phase(m: ModelConfig, layer: int, tp: int, sp: int, act: int, local: bo
 
 
 def prefill_bytes(m: ModelConfig, tp: int, sp: int, act: int, layers: tuple[int, int],
-                  rows: int, width: int, attn_len: int, spec: str = "te") -> int:
+                  rows: int, width: int, attn_len: int, spec: str = "te", *,
+                  grouped_experts: bool = False) -> int:
     """Peak transient bytes of one prefill forward over ``rows x width`` query tokens attending
     to ``attn_len`` slots, on one rank holding layers ``[first, last)`` (module doc); 0 for no
-    layers. ``spec``: "te" (a GPU) or "local" (megatron's local layers, as on a CPU)."""
+    layers. ``spec``: "te" (a GPU) or "local" (megatron's local layers, as on a CPU).
+    ``grouped_experts``: the routed experts run as the grouped kernels (``rollout.experts``)."""
     lo, hi = layers
     if hi <= lo or rows < 1 or width < 1:
         return 0
     local = spec != "te"
     attention = _attention_phase(m, tp, sp, act, width, attn_len, local)
-    phase = max(max(attention, _mlp_phase(m, i, tp, sp, act, local)) for i in range(lo, hi))
+    phase = max(max(attention, _mlp_phase(m, i, tp, sp, act, local, grouped_experts))
+                for i in range(lo, hi))
     per_token = 3 * m.hidden_size * act / sp + attn_len + phase
     return int(math.ceil(per_token * rows * width))

@@ -34,6 +34,8 @@ number of rows than k. :func:`use_fixed_order_dispatch` gives it to a built mode
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
@@ -66,6 +68,10 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
     doc). ``reversed_local_input_permutation_mapping`` holds r1fast's ``row_map [T, k]`` (the
     permuted row of each token's slots) instead of megatron's token of each row, under megatron's
     name so that its CUDA-graph capture of the preprocessing still carries it."""
+
+    device_counts: bool = False
+    """On one rank: keep the expert counts on the device (no copy to the host, no wait), for
+    experts that read them there (``r1fast.policy.local_experts.grouped_experts``)."""
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
                             probs: torch.Tensor):
@@ -130,6 +136,14 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
         if self.shared_experts is not None:
             output = output + self.shared_experts.get_output()
         return output
+
+    def _maybe_dtoh_and_synchronize(self, point: str,
+                                    tokens_per_expert: Optional[torch.Tensor] = None):
+        """megatron's planned copy of the counts to the host and its wait, skipped when the
+        experts read the counts on the device and no all-to-all needs them on the host."""
+        if self.device_counts and self._one_rank():
+            return tokens_per_expert
+        return super()._maybe_dtoh_and_synchronize(point, tokens_per_expert)
 
     def _one_rank(self) -> bool:
         """No expert or expert-tensor parallelism: megatron's chunk sort is the identity."""

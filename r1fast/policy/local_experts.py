@@ -17,16 +17,35 @@ with ``torch.nn.functional.linear`` on the experts' own weights: the same math a
 ``MLP`` (whose linears reduce to ``x W^T`` without expert TP). Anything else (expert TP, fp8,
 biases, other activations, probabilities on the input, clamped GLU) runs megatron's forward.
 Gradients reach the weights through autograd as before (megatron DDP hooks ``param.grad``).
+
+Decoding (:func:`grouped_experts`, entered by the rollout decoder): the same experts as two
+grouped launches, :func:`r1fast.ops.moe_experts.moe_grouped_swiglu`, reading the per-expert
+row counts on the device. On one rank (no EP, no expert TP) the dispatcher then leaves the
+counts there (:class:`r1fast.policy.dispatcher.FixedOrderDispatcher`'s ``device_counts``), so a
+decoding step's MoE layers neither wait for the GPU nor launch per expert. Forward only; the
+trainer's forwards keep the loop above, so old and new log-probs share their arithmetic.
 """
 from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+log = logging.getLogger("r1fast.policy")
+
+#: what :func:`grouped_experts` accepts
+EXPERT_MODES = ("auto", "grouped", "sequential")
+
 
 class LeanSequentialMLP(SequentialMLP):
     """``SequentialMLP`` with a direct forward for non-TP gated-SiLU experts (module doc)."""
+
+    grouped_impl: Optional[str] = None
+    """The impl of the grouped kernels while :func:`grouped_experts` is active, else None."""
 
     def _lean(self) -> bool:
         c = self.config
@@ -46,6 +65,8 @@ class LeanSequentialMLP(SequentialMLP):
             return super().forward(permuted_local_hidden_states, tokens_per_expert,
                                    permuted_probs)
         x, probs = permuted_local_hidden_states, permuted_probs
+        if self.grouped_impl is not None:
+            return self._grouped_forward(x, tokens_per_expert, probs), None
         counts = tokens_per_expert.tolist()
         outs = []
         for expert, xs, ps in zip(self.local_experts, torch.split(x, counts),
@@ -57,6 +78,62 @@ class LeanSequentialMLP(SequentialMLP):
             h = (h * ps.unsqueeze(-1)).to(xs.dtype)  # as MLP: scale by the probs, then cast
             outs.append(F.linear(h, expert.linear_fc2.weight))  # [n_e, H]
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
+
+    def _grouped_forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                         probs: torch.Tensor) -> torch.Tensor:
+        """[n, H] rows sorted by local expert -> [n, H] through the grouped kernels."""
+        from r1fast.ops.moe_experts import ExpertTable, moe_grouped_swiglu
+
+        table = getattr(self, "_r1fast_table", None)
+        if table is None:  # the addresses are re-read (and the table rebuilt) at every call
+            table = self._r1fast_table = ExpertTable(
+                [e.linear_fc1.weight for e in self.local_experts],
+                [e.linear_fc2.weight for e in self.local_experts])
+        return moe_grouped_swiglu(x, tokens_per_expert, table, probs.float(),
+                                  glu_offset=self.config.glu_linear_offset,
+                                  impl=self.grouped_impl)
+
+
+@contextlib.contextmanager
+def grouped_experts(model: torch.nn.Module, mode: str = "auto") -> Iterator[Optional[str]]:
+    """While active, the lean experts of ``model`` compute through the grouped kernels (module
+    doc); yields the impl used, or None when the loop stays. ``mode``: "grouped" (an error
+    names what is missing: Triton on this device, or a layer that can use it), "sequential"
+    (the loop), "auto" (grouped on a GPU with Triton, the loop elsewhere)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from r1fast.ops._dispatch import ImplUnavailableError, triton_missing
+    from r1fast.policy.dispatcher import FixedOrderDispatcher
+
+    if mode not in EXPERT_MODES:
+        raise ValueError(f"experts must be one of {EXPERT_MODES}, got {mode!r}")
+    moe = [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = [m for m in moe if isinstance(m.experts, LeanSequentialMLP) and m.experts._lean()]
+    device = next(model.parameters()).device
+    why = triton_missing(device) or (None if layers else "no MoE layer has r1fast's lean "
+                                     "experts (expert TP, fp8, biases or another activation)")
+    if mode == "sequential" or (mode == "auto" and (device.type != "cuda" or not moe)):
+        yield None
+        return
+    if why:
+        if mode == "grouped":
+            raise ImplUnavailableError(f"experts='grouped' is unavailable: {why}")
+        log.warning("rollout: experts='auto' decodes through megatron's per-expert loop on "
+                    "this GPU (a launch per expert, a wait per MoE layer): %s", why)
+        yield None
+        return
+    for layer in layers:
+        layer.experts.grouped_impl = "triton"
+        if isinstance(layer.token_dispatcher, FixedOrderDispatcher):
+            layer.token_dispatcher.device_counts = True
+    log.info("rollout: %d MoE layers decode through the grouped expert kernels", len(layers))
+    try:
+        yield "triton"
+    finally:
+        for layer in layers:
+            layer.experts.grouped_impl = None
+            if isinstance(layer.token_dispatcher, FixedOrderDispatcher):
+                layer.token_dispatcher.device_counts = False
 
 
 def use_r1fast_moe(spec) -> None:

@@ -124,7 +124,7 @@ class KVCacheDecoder:
     Every rank of a TP/EP/PP group must make the same calls (the forward is collective).
     """
 
-    def __init__(self, policy, *, prefill_tokens: int = 0) -> None:
+    def __init__(self, policy, *, prefill_tokens: int = 0, experts: str = "auto") -> None:
         from r1fast.rollout.attention import KVStore
         from r1fast.rollout.mla_latent import LatentStore, latent_attentions
 
@@ -134,6 +134,14 @@ class KVCacheDecoder:
         if not isinstance(prefill_tokens, int) or prefill_tokens < 0:
             raise ValueError(f"prefill_tokens must be an int >= 0 (0: one forward), got "
                              f"{prefill_tokens!r}")
+        from r1fast.policy.local_experts import EXPERT_MODES
+
+        if experts not in EXPERT_MODES:
+            raise ValueError(f"experts must be one of {EXPERT_MODES}, got {experts!r}")
+        self.experts = experts
+        """How a session computes the routed experts (r1fast.policy.local_experts): "grouped"
+        kernels (no per-expert launches, counts kept on the device), megatron's "sequential"
+        loop, or "auto" (grouped on a GPU)."""
         self.prefill_tokens = prefill_tokens
         """Tokens (rows x positions) one prefill forward may hold; 0: the whole prompt batch
         at once. Longer batches are prefilled in slices of positions, each attending to the
@@ -197,9 +205,14 @@ class KVCacheDecoder:
         else:
             self.pads, self._has_pads = pads.to(device, torch.long), True
 
-    def session(self):
-        """Context of a whole rollout: eval mode and no autograd once for all its steps."""
-        return _inference(self.policy.module)
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Context of a whole rollout: eval mode and no autograd once for all its steps, and
+        the MoE experts as the decoder's ``experts`` asks."""
+        from r1fast.policy.local_experts import grouped_experts
+
+        with _inference(self.policy.module), grouped_experts(self.policy.gpt, self.experts):
+            yield
 
     # -- the ragged protocol ------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, pads: torch.Tensor, max_len: int,
@@ -425,17 +438,22 @@ def prefill_width(rows: int, prompt_len: int, prefill_tokens: int, multiple: int
     return max(1, prefill_tokens // rows // multiple) * multiple
 
 
-def make_decoder(policy, *, recompute: bool = False, prefill_tokens: int = 0):
+def make_decoder(policy, *, recompute: bool = False, prefill_tokens: int = 0,
+                 experts: str = "auto"):
     """The rollout decoder of ``policy``: :class:`KVCacheDecoder` (an error naming the reason
     where it cannot serve the policy), or, with ``recompute=True`` only, prefix recomputation
     (:class:`r1fast.rollout.recompute.RecomputeDecoder`: every step re-runs the whole prefix
     and builds full [B, L, V] logits, quadratic in length), with a WARNING at every call.
-    ``prefill_tokens``: the KV-cache decoder's prefill slice (:class:`KVCacheDecoder`)."""
+    ``prefill_tokens``, ``experts``: the KV-cache decoder's prefill slice and expert kernels
+    (:class:`KVCacheDecoder`)."""
     from r1fast.rollout.recompute import RecomputeDecoder
 
     if recompute and prefill_tokens:
         raise ValueError(f"prefill_tokens={prefill_tokens} is a setting of the KV-cache decoder; "
                          "the prefix-recomputing decoder has no prefill (set it to 0)")
+    if recompute and experts == "grouped":
+        raise ValueError("experts='grouped' is a setting of the KV-cache decoder; the "
+                         "prefix-recomputing decoder runs megatron's experts (set it to 'auto')")
     if recompute:
         log.warning("rollout: sampling by PREFIX RECOMPUTATION (asked for): every token re-runs "
                     "the whole prefix with full logits, 10-100x slower than the KV cache%s",
@@ -447,4 +465,4 @@ def make_decoder(policy, *, recompute: bool = False, prefill_tokens: int = 0):
     if reason is not None:
         raise ValueError(f"rollout: {reason}; prefix recomputation would serve it, 10-100x "
                          f"slower: ask for it with make_decoder(policy, recompute=True)")
-    return KVCacheDecoder(policy, prefill_tokens=prefill_tokens)
+    return KVCacheDecoder(policy, prefill_tokens=prefill_tokens, experts=experts)

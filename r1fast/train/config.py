@@ -120,6 +120,11 @@ class RolloutConfig:
     0: every prompt of the DP rank in one forward. A larger batch is prefilled in slices of
     positions (the same numbers to float rounding), which bounds the prefill's transient
     memory to that of this many tokens."""
+    experts: Literal["auto", "grouped", "sequential"] = "auto"
+    """How the KV-cache decoder computes the routed experts: "grouped" (two Triton launches
+    per MoE layer, the row counts kept on the GPU: no per-expert launches, no wait per layer;
+    an error where Triton cannot run), "sequential" (megatron's per-expert loop, as training),
+    "auto" (grouped on a GPU). Sampling only: the trainer's log-probs always use the loop."""
 
     def __post_init__(self):
         if not self.temperature > 0:  # the trainer's log-probs divide the logits by it

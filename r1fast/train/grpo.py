@@ -228,7 +228,8 @@ class GRPOTrainer:
         # the decoder records the experts of every token it runs (replayed in training)
         record = self.cfg.algo.router_replay and self.cfg.algo.router_replay_capture == "rollout"
         decoder = make_decoder(self.policy, recompute=self.cfg.rollout.decoder == "recompute",
-                               prefill_tokens=self.cfg.rollout.prefill_tokens)
+                               prefill_tokens=self.cfg.rollout.prefill_tokens,
+                               experts=self.cfg.rollout.experts)
         out = generate(decoder, prompts, self.sampling, sync=all_ranks_int,
                        eos_token_id=tok.eos_id, row_seeds=seeds, record_routing=record)
         return RolloutBatch(out, [tok.decode(c) for c in out.completion_ids],

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1fast.ops._dispatch import triton_missing
 from r1fast.plan import plan_memory
 from r1fast.plan.measure import measure_peak_alloc_bytes
 from r1fast.plan.prefill import prefill_bytes
@@ -28,9 +29,10 @@ def policy(request):
     destroy_parallel()
 
 
-def measured_prefill(policy, rows: int, prompt: int, prefill_tokens: int) -> int:
+def measured_prefill(policy, rows: int, prompt: int, prefill_tokens: int,
+                     experts: str = "sequential") -> int:
     """Peak bytes a prefill makes, less its KV cache (the plan's kv_cache_bytes)."""
-    dec = KVCacheDecoder(policy, prefill_tokens=prefill_tokens)
+    dec = KVCacheDecoder(policy, prefill_tokens=prefill_tokens, experts=experts)
     g = torch.Generator().manual_seed(rows * prompt)
     tokens = torch.randint(3, policy.model_cfg.vocab_size, (rows, prompt), generator=g)
     pads = torch.randint(0, 4, (rows,), generator=g)
@@ -55,6 +57,18 @@ def test_planned_prefill_bounds_the_measured_one_closely(policy, rows, prompt, p
     measured = measured_prefill(policy, rows, prompt, prefill_tokens)
     # an upper bound that is not a loose one
     assert measured <= planned <= 1.3 * measured, (planned / measured, width)
+
+
+@pytest.mark.skipif(triton_missing(torch.device("cpu")) is not None,
+                    reason="the grouped expert kernels need Triton's interpreter here")
+def test_planned_prefill_with_grouped_experts_bounds_the_measured_one(policy):
+    """The grouped kernels hold every routed slot's activation [k, F] at once."""
+    m, rows, prompt = policy.model_cfg, 16, 40
+    planned = prefill_bytes(m, 1, 1, 4, (0, m.num_layers), rows, prompt, prompt, "local",
+                            grouped_experts=True)
+    planned += rows * 2 * m.vocab_size * 4
+    measured = measured_prefill(policy, rows, prompt, 0, experts="grouped")
+    assert measured <= planned <= 1.3 * measured, planned / measured
 
 
 def test_slicing_bounds_the_prefill_and_the_plan_carries_it():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from r1fast.ops._dispatch import triton_missing
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.local_experts import LeanSequentialMLP
 
@@ -61,3 +62,71 @@ def test_other_configurations_run_megatrons_forward(experts, field, value):
     if field == "recompute_granularity":
         e.config.recompute_modules = ["moe_act"]
     assert not e._lean()
+
+
+# ----------------------------------------------------------------------------- grouped_experts
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(triton_missing(DEVICE) is not None,
+                                  reason=str(triton_missing(DEVICE)))
+
+
+@pytest.fixture(scope="module")
+def policy():
+    from r1fast.policy.model import build_policy
+    from r1fast.policy.parallel import destroy_parallel
+
+    yield build_policy(ModelConfig.preset("tiny-dsv3"), ParallelConfig(), seed=2,
+                       trainable=False)
+    destroy_parallel()
+
+
+@needs_triton
+def test_grouped_experts_equal_the_loop_without_host_reads(policy, monkeypatch):
+    """A forward inside grouped_experts gives the loop's log-probs (fp32: to rounding), reaches
+    the host not once (the loop: once per MoE layer) and skips megatron's copy of the counts
+    to the host; leaving restores the loop."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from r1fast.policy.local_experts import grouped_experts
+    from tests.helpers.host_sync import SyncRecorder
+
+    def no_count_copy(*args, **kwargs):
+        raise AssertionError("megatron's copy of the expert counts to the host ran")
+
+    tokens = torch.randint(0, 256, (3, 13), generator=torch.Generator().manual_seed(4))
+    tokens = tokens.to(policy.device)
+    loop = policy.logprobs(tokens, tokens)
+    with grouped_experts(policy.gpt, "grouped") as impl, torch.no_grad():
+        assert impl == "triton"
+        policy.logprobs(tokens, tokens)  # once: the address tables (and, on a GPU, autotuning)
+        with SyncRecorder(monkeypatch) as rec, monkeypatch.context() as m:
+            m.setattr(MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", no_count_copy)
+            grouped = policy.logprobs(tokens, tokens)
+    assert rec.calls == []
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+    experts = [m for m in policy.gpt.modules() if isinstance(m, LeanSequentialMLP)]
+    assert len(experts) == 2 and all(e.grouped_impl is None for e in experts)
+    with SyncRecorder(monkeypatch) as rec:
+        again = policy.logprobs(tokens, tokens)
+    assert rec.calls == ["Tensor.tolist"] * 2 and torch.equal(again, loop)
+
+
+def test_grouped_experts_modes(policy, monkeypatch):
+    from r1fast.ops._dispatch import ImplUnavailableError
+    from r1fast.policy.local_experts import grouped_experts
+
+    with grouped_experts(policy.gpt, "sequential") as impl:
+        assert impl is None
+    if not torch.cuda.is_available():  # "auto" decodes through the loop on a CPU
+        with grouped_experts(policy.gpt, "auto") as impl:
+            assert impl is None
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton cannot run on this CPU now
+        with pytest.raises(ImplUnavailableError, match="experts='grouped' is unavailable: "
+                           "Triton kernels need CUDA tensors"):
+            with grouped_experts(policy.gpt, "grouped"):
+                pass
+    with pytest.raises(ValueError, match=r"experts must be one of \('auto', 'grouped', "
+                       r"'sequential'\), got 'fast'"):
+        with grouped_experts(policy.gpt, "fast"):
+            pass

@@ -1,7 +1,8 @@
 """KVCacheDecoder's shared-position steps against prefix recomputation (RecomputeDecoder) on the
 tiny MoE policy: logits of prefill, one-token, multi-token and rewinding steps to 1e-5 on one
 rank and at TP2 (sequence parallel, padded steps), EP2 and PP2 with two gloo processes; the
-same completions from ``generate``; a decode step's only host reads (the expert counts); the
+same completions from ``generate``; a decode step's only host reads (the expert counts, none
+with the grouped expert kernels, which decode the same logits); the
 NaN-poisoned cache never read before written; a foreign
 core attention decoded through a local one; recomputation only when asked for; one test per
 bad input. The ragged loop (left-padded prefill, dropped rows, R3) is tested in
@@ -17,6 +18,7 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from r1fast.ops._dispatch import triton_missing
 from r1fast.rollout.kv_cache import KVCacheDecoder, make_decoder
 from r1fast.rollout.sampler import SamplingConfig, generate
 
@@ -162,7 +164,7 @@ def test_a_decode_step_reads_the_host_only_for_the_expert_counts(policy, monkeyp
     from tests.helpers.host_sync import SyncRecorder
 
     moe_layers = sum(hasattr(l.mlp, "token_dispatcher") for l in policy.gpt.decoder.layers)
-    dec = make_decoder(policy)
+    dec = make_decoder(policy, experts="sequential")  # "auto" is the grouped kernels on a GPU
     tokens = batch_tokens(7)
     with dec.session(), torch.no_grad():
         dec.reset(tokens.shape[0], MAX_LEN)
@@ -170,6 +172,34 @@ def test_a_decode_step_reads_the_host_only_for_the_expert_counts(policy, monkeyp
         with SyncRecorder(monkeypatch) as rec:
             dec.step(tokens[:, 4:5], 4)
     assert moe_layers and rec.calls == ["Tensor.tolist"] * moe_layers
+
+
+@pytest.mark.skipif(triton_missing(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                    is not None, reason="the grouped expert kernels need Triton")
+def test_grouped_experts_decode_the_same_logits_without_host_reads(policy, monkeypatch):
+    """experts='grouped': the steps' logits equal the loop's (fp32, to 1e-5), and a one-token
+    step does not reach the host at all."""
+    from tests.helpers.host_sync import SyncRecorder
+
+    tokens = batch_tokens(8)
+    loop = make_decoder(policy, experts="sequential")
+    grouped = make_decoder(policy, experts="grouped")
+    with loop.session():
+        want = run_schedule(loop, tokens)
+    with grouped.session():
+        got = run_schedule(grouped, tokens)
+        with SyncRecorder(monkeypatch) as rec:
+            grouped.step(tokens[:, 9:10], 9)
+    assert max_diff(got, want) < TOL and rec.calls == []
+
+
+def test_experts_setting_is_checked(policy):
+    with pytest.raises(ValueError, match=r"experts must be one of \('auto', 'grouped', "
+                       r"'sequential'\), got 'fused'"):
+        make_decoder(policy, experts="fused")
+    with pytest.raises(ValueError, match="experts='grouped' is a setting of the KV-cache "
+                       "decoder"):
+        make_decoder(policy, recompute=True, experts="grouped")
 
 
 def test_cache_is_poisoned_and_only_written_slots_are_read(policy):
