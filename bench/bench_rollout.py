@@ -16,6 +16,10 @@ same in every provider; the samples otherwise come from the policy). Providers:
 ``ragged``       ``generate`` now: left-padded prefill once at each prompt's length, device-side
                  sampling, finished rows dropped every ``--check-every`` steps, one copy back.
 ``ragged + R3``  the same, recording every token's experts (uint8 tables) for router replay.
+``ragged, grouped experts``  ``ragged`` with the routed experts as two grouped Triton launches
+                 per MoE layer and the counts kept on the device (``rollout.experts =
+                 "grouped"``; where Triton runs: a GPU, or the interpreter in dry mode). The
+                 other ragged providers run megatron's per-expert loop ("sequential").
 
 Reported per provider: generated tokens/s (and prompt + completion tokens/s), the padding
 fraction (token slots the model ran that were not a prompt or fed completion token), the time
@@ -165,6 +169,7 @@ def timed(fn, dec, prompts, seeds, dev, peak: bool) -> dict:
 
 
 def run(args) -> list[dict]:
+    from r1fast.ops._dispatch import triton_missing
     from r1fast.rollout.kv_cache import KVCacheDecoder
     from r1fast.rollout.sampler import SamplingConfig, generate
 
@@ -186,8 +191,13 @@ def run(args) -> list[dict]:
             lambda d, p, s: generate(d, p, cfg, eos, row_seeds=s, check_every=args.check_every,
                                      record_routing=True),
     }
+    if triton_missing(dev) is None:  # GPU, or the interpreter (dry mode)
+        providers["ragged KV cache, grouped experts"] = providers["ragged KV cache"]
+    else:
+        print(f"ragged KV cache, grouped experts: skipped ({triton_missing(dev)})")
     decoders = {name: KVCacheDecoderBefore(policy) if name.startswith("before")
-                else KVCacheDecoder(policy) for name in providers}
+                else KVCacheDecoder(policy, experts="grouped" if "grouped" in name
+                                    else "sequential") for name in providers}
     for name, fn in providers.items():  # warm-up on two short rows (first launches, allocator)
         fn(ForcedLengths(decoders[name], p_len[:2], [min(c, 4) for c in c_len[:2]], eos),
            prompts[:2], seeds[:2])

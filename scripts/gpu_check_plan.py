@@ -7,16 +7,17 @@ itself (subprocesses, limits, result files) is gpu_check.py."""
 # ``--only`` runs it in a second call), then the tests, the sanitizer and the compiler's report.
 STAGES = ("env", "install", "build", "bench", "tests", "sanitizer", "resources")
 BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "rollout",
-           "mla_prefill")
+           "mla_prefill", "moe_experts")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 180, "bench_linear_logprob": 150,
           "bench_grpo_loss": 120, "bench_moe_route": 60, "bench_moe_permute": 60, "bench_step": 60,
-          "bench_rollout": 120, "bench_mla_prefill": 45, "sanitizer": 150, "resources": 90}
+          "bench_rollout": 120, "bench_mla_prefill": 45, "bench_moe_experts": 45, "sanitizer": 150,
+          "resources": 90}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
-              "bench_step": 120, "bench_rollout": 90, "bench_mla_prefill": 60, "sanitizer": 90,
-              "resources": 90}
+              "bench_step": 120, "bench_rollout": 90, "bench_mla_prefill": 60,
+              "bench_moe_experts": 60, "sanitizer": 90, "resources": 90}
 
 GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
@@ -25,7 +26,8 @@ GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/ops/test_fused_linear_policy_loss.py",
              "tests/ops/test_host_sync.py", "tests/ops/test_real_shapes.py",
              "tests/bench/test_harness.py", "tests/rollout/test_attention.py",
-             "tests/policy/test_dispatcher.py"]
+             "tests/policy/test_dispatcher.py", "tests/ops/test_moe_experts.py",
+             "tests/policy/test_local_experts.py"]
 # Dry: the CUDA file (collected, skipped without a device) and a few interpreter cases.
 DRY_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_grpo_loss_triton.py",
              "-k", "cuda or ticket or poison"]
@@ -41,6 +43,8 @@ BENCH_ARGS = {
     # 64 rows of the length mix on a small bf16 MoE (H=1024, 4 layers, 32 experts, V=32000)
     "rollout": ["--rows", "64", "--hidden", "1024", "--layers", "4", "--experts", "32",
                 "--vocab", "32000", "--dtype", "bfloat16", "--reps", "2"],
+    # a decoding step's routed experts at Qwen3-30B-A3B's sizes: 32 and 256 rows x top-8
+    "moe_experts": ["--rows", "256", "2048", "--E", "128", "--H", "2048", "--F", "768"],
     # DeepSeek-V3's MLA attention over a latent cache, 16 heads (TP8): prefill and decode step
     "mla_prefill": ["--B", "4", "--P", "1024", "4096", "--heads", "16", "--queries", "0", "1",
                     "--reps", "5"],
@@ -55,11 +59,12 @@ DRY_BENCH_ARGS = {
     "rollout": ["--rows", "4", "--max-new", "8", "--prompt-range", "4", "12", "--hidden", "32",
                 "--vocab", "256", "--reps", "1"],
     "mla_prefill": ["--B", "1", "--P", "32", "--heads", "2", "--queries", "0", "1", "--reps", "1"],
+    "moe_experts": ["--rows", "24", "--E", "4", "--H", "32", "--F", "16", "--reps", "1"],
 }
 
 # bench/kernel_resources.py compiles for sm_90 without running anything (no GPU needed): the
 # kernels at their real shapes on a GPU machine, one small kernel in dry mode (the same code
 # path; the full report takes about 90 s on two CPU cores).
 RESOURCE_WORKLOADS = ["linear_logprob_bf16", "linear_logprob_gemm_bf16", "grpo_loss",
-                      "moe_route", "moe_permute"]
+                      "moe_route", "moe_permute", "moe_experts"]
 DRY_RESOURCE_WORKLOADS = ["group_advantages"]
