@@ -40,22 +40,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _expert_tile(counts_ptr, E, tile, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(expert, its first row, [BLOCK_M] mask of the tile's rows that exist, their offsets
-    within the expert, whether the tile exists) of global row tile ``tile``. Past the last
-    expert's tiles the mask is all false (no expert id equals E, so its row count sums to 0)
-    and the expert is clamped to E - 1 for the address load."""
+def _tile(counts_ptr, w_table_ptr, elem_ptr, E, n_out,
+          BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: (its expert's weight pointer, rows [BLOCK_M] int64 and their mask,
+    output columns [BLOCK_N] of ``n_out`` and their mask, whether the tile exists). Row tile
+    ``pid // column blocks`` of the concatenated per-expert tilings: the expert is the number
+    of experts whose tiles all come before it. Past the last expert's tiles the row mask is
+    all false (no expert id equals E, so the row count sums to 0) and the expert is clamped to
+    E - 1 for the address load (``elem_ptr`` gives the weights' element type)."""
+    pid = tl.program_id(0)
+    n_cols = tl.cdiv(n_out, BLOCK_N)
+    tile = pid // n_cols
     e_ids = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + e_ids, mask=e_ids < E, other=0).to(tl.int32)  # [BLOCK_E]
     tiles = (cnt + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles, 0)  # first tile after expert e
-    e = tl.sum((tile_end <= tile).to(tl.int32), 0)  # experts wholly before this tile
-    valid = e < E
+    e = tl.sum((tile_end <= tile).to(tl.int32), 0)
     first_tile = tl.sum(tl.where(e_ids == e, tile_end - tiles, 0), 0)
     first_row = tl.sum(tl.where(e_ids < e, cnt, 0), 0)
     rows_e = tl.sum(tl.where(e_ids == e, cnt, 0), 0)
     local = (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows within expert e
-    return tl.minimum(e, E - 1), first_row, local < rows_e, local, valid
+    w_ptr = tl.load(w_table_ptr + tl.minimum(e, E - 1)).to(
+        tl.pointer_type(elem_ptr.dtype.element_ty))
+    cols = (pid % n_cols) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (w_ptr, (first_row + local).to(tl.int64), local < rows_e, cols, cols < n_out,
+            e < E)
 
 
 @triton.jit
@@ -63,14 +72,9 @@ def _fc1_swiglu_kernel(x_ptr, counts_ptr, w_table_ptr, probs_ptr, h_ptr,
                        E, H, F, stride_x, stride_h, glu_offset, N_BUCKET,
                        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    n_cols = tl.cdiv(F, BLOCK_N)
-    e, first_row, mask_m, local, valid = _expert_tile(counts_ptr, E, pid // n_cols, BLOCK_E,
-                                                      BLOCK_M)
-    w_ptr = tl.load(w_table_ptr + e).to(tl.pointer_type(x_ptr.dtype.element_ty))  # [2F, H]
-    rows = (first_row + local).to(tl.int64)  # [BM] rows of x and h
-    cols = (pid % n_cols) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] of F
-    mask_n = cols < F
+    # w: the expert's [2F, H]; rows of x and h [BM]; columns of F [BN]
+    w_ptr, rows, mask_m, cols, mask_n, valid = _tile(counts_ptr, w_table_ptr, x_ptr, E, F,
+                                                     BLOCK_E, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_x + offs_k[None, :]  # [BM, BK]
     g_ptrs = w_ptr + cols[None, :].to(tl.int64) * H + offs_k[:, None]  # [BK, BN] gate rows
@@ -101,14 +105,9 @@ def _fc1_swiglu_kernel(x_ptr, counts_ptr, w_table_ptr, probs_ptr, h_ptr,
 def _fc2_kernel(h_ptr, counts_ptr, w_table_ptr, y_ptr, E, H, F, stride_h, stride_y, N_BUCKET,
                 BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    n_cols = tl.cdiv(H, BLOCK_N)
-    e, first_row, mask_m, local, valid = _expert_tile(counts_ptr, E, pid // n_cols, BLOCK_E,
-                                                      BLOCK_M)
-    w_ptr = tl.load(w_table_ptr + e).to(tl.pointer_type(h_ptr.dtype.element_ty))  # [H, F]
-    rows = (first_row + local).to(tl.int64)
-    cols = (pid % n_cols) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] of H
-    mask_n = cols < H
+    # w: the expert's [H, F]; rows of h and y [BM]; columns of H [BN]
+    w_ptr, rows, mask_m, cols, mask_n, valid = _tile(counts_ptr, w_table_ptr, h_ptr, E, H,
+                                                     BLOCK_E, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]  # [BM, BK]
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * F + offs_k[:, None]  # [BK, BN]
