@@ -70,8 +70,10 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
     name so that its CUDA-graph capture of the preprocessing still carries it."""
 
     device_counts: bool = False
-    """On one rank: keep the expert counts on the device (no copy to the host, no wait), for
-    experts that read them there (``r1fast.policy.local_experts.grouped_experts``)."""
+    """Hand the experts the per-local-expert counts as a device tensor, for experts that read
+    them there (``r1fast.policy.local_experts.grouped_experts``); on one rank they then never
+    go to the host (no copy, no wait; across ranks megatron still reads its all-to-all
+    splits)."""
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor,
                             probs: torch.Tensor):
@@ -84,6 +86,7 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
         self.probs, self.routing_map = probs, routing_map
         hidden_states = hidden_states.view(-1, self.hidden_shape[-1])  # [T, H]
         self.tokens_per_expert = self.preprocess(routing_map)
+        self._counts_on_device = self.tokens_per_expert  # [E_local], before any host copy
         if self.shared_experts is not None:
             self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
         self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
@@ -103,9 +106,11 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
     def dispatch_postprocess(self, global_input_tokens: torch.Tensor,
                              global_probs: torch.Tensor):
         """On one rank the rows already are in local-expert order: megatron's sort by local
-        expert would copy them unchanged, so only its sync points run."""
+        expert would copy them unchanged, so only its sync points run. Across ranks, megatron's
+        step, handing on the device counts when asked (``device_counts``)."""
         if not self._one_rank():
-            return super().dispatch_postprocess(global_input_tokens, global_probs)
+            tokens, counts, probs = super().dispatch_postprocess(global_input_tokens, global_probs)
+            return tokens, self._counts_on_device if self.device_counts else counts, probs
         if self.shared_experts is not None:
             self.shared_experts.linear_fc1_forward_and_act(global_input_tokens)
         for point in ("before_permutation_2", "before_finish"):

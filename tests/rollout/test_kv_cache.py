@@ -396,7 +396,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
-    """Each layout in turn on this rank: TP2 (sequence parallel), EP2 (x DP2), PP2."""
+    """Each layout in turn on this rank: TP2 (sequence parallel), EP2 (x DP2; also with the
+    grouped expert kernels), PP2."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -416,7 +417,12 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
         kv = run_schedule(KVCacheDecoder(policy), tokens)
         ref = run_schedule(RecomputeDecoder(policy), tokens)
         a, b = sample(KVCacheDecoder(policy), 256), sample(RecomputeDecoder(policy), 256)
-        out[name] = {"kv": kv, "ref": ref, "dp_rank": policy.info.dp_rank,
+        grouped = None
+        if name == "ep2" and triton_missing(torch.device("cpu")) is None:
+            dec = KVCacheDecoder(policy, experts="grouped")  # device counts across EP ranks
+            with dec.session():
+                grouped = run_schedule(dec, tokens)
+        out[name] = {"kv": kv, "ref": ref, "grouped": grouped, "dp_rank": policy.info.dp_rank,
                      "sp": policy.sequence_parallel, "kv_completions": a.completion_ids,
                      "ref_completions": b.completion_ids,
                      "decoder": type(make_decoder(policy)).__name__}
@@ -445,3 +451,5 @@ def test_tp2_ep2_pp2_match_recomputation_and_one_rank(policy, tmp_path):
             assert max_diff(got["kv"], got["ref"]) <= TOL, (r, name)
             assert max_diff(got["kv"], one_rank[got["dp_rank"]]) <= TOL, (r, name)
             assert got["kv_completions"] == got["ref_completions"] == completions, (r, name)
+        if triton_missing(torch.device("cpu")) is None:  # the grouped experts at EP2
+            assert max_diff(res["ep2"]["grouped"], res["ep2"]["kv"]) <= TOL, r
