@@ -158,8 +158,9 @@ class FixedOrderDispatcher(MoEAlltoAllTokenDispatcher):
 def use_fixed_order_dispatch(model: torch.nn.Module) -> int:
     """Give every MoE layer of ``model`` built with megatron's alltoall dispatcher, in a layout
     with k rows per token, :class:`FixedOrderDispatcher`; returns how many. The dispatcher keeps
-    its object and state (process groups, shared-expert overlap): the subclass adds no state,
-    only methods, so the object takes the subclass. (Replacing megatron's ``MoELayer`` in the
+    its object and state (process groups, shared-expert overlap): the subclass needs no
+    initialisation (methods, a class-level ``device_counts`` default, and attributes each
+    forward sets), so the object takes the subclass. (Replacing megatron's ``MoELayer`` in the
     layer spec instead would lose the process groups megatron passes only to its own class.)"""
     count = 0
     for module in model.modules():
