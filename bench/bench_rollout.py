@@ -191,10 +191,11 @@ def run(args) -> list[dict]:
             lambda d, p, s: generate(d, p, cfg, eos, row_seeds=s, check_every=args.check_every,
                                      record_routing=True),
     }
-    if triton_missing(dev) is None:  # GPU, or the interpreter (dry mode)
+    no_triton = triton_missing(dev)
+    if no_triton is None:  # GPU, or the interpreter (dry mode)
         providers["ragged KV cache, grouped experts"] = providers["ragged KV cache"]
     else:
-        print(f"ragged KV cache, grouped experts: skipped ({triton_missing(dev)})")
+        print(f"ragged KV cache, grouped experts: skipped ({no_triton})")
     decoders = {name: KVCacheDecoderBefore(policy) if name.startswith("before")
                 else KVCacheDecoder(policy, experts="grouped" if "grouped" in name
                                     else "sequential") for name in providers}

@@ -122,9 +122,8 @@ def _reference(x: Tensor, counts: Tensor, experts: ExpertTable, probs: Tensor,
                glu_offset: float) -> Tensor:
     """Per-expert loop with host counts, fp32 accumulation (fp64 for fp64 rows)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = []
-    for e, (xs, ps) in enumerate(zip(torch.split(x, counts.tolist()),
-                                     torch.split(probs, counts.tolist()))):
+    sizes, out = counts.tolist(), []  # one host read
+    for e, (xs, ps) in enumerate(zip(torch.split(x, sizes), torch.split(probs, sizes))):
         gate, up = (xs.to(acc) @ experts.fc1[e].to(acc).t()).chunk(2, dim=-1)  # [n_e, F]
         h = torch.nn.functional.silu(gate) * (up + glu_offset) * ps.to(acc).unsqueeze(-1)
         h = h.to(x.dtype).to(acc)  # as the kernel (and megatron): h in the rows' dtype

@@ -41,6 +41,13 @@ log = logging.getLogger("r1fast.policy")
 EXPERT_MODES = ("auto", "grouped", "sequential")
 
 
+def check_expert_mode(mode: str) -> str:
+    """``mode`` when it is one of :data:`EXPERT_MODES`, else the error naming them."""
+    if mode not in EXPERT_MODES:
+        raise ValueError(f"experts must be one of {EXPERT_MODES}, got {mode!r}")
+    return mode
+
+
 class LeanSequentialMLP(SequentialMLP):
     """``SequentialMLP`` with a direct forward for non-TP gated-SiLU experts (module doc)."""
 
@@ -105,8 +112,7 @@ def grouped_experts(model: torch.nn.Module, mode: str = "auto") -> Iterator[Opti
     from r1fast.ops._dispatch import ImplUnavailableError, triton_missing
     from r1fast.policy.dispatcher import FixedOrderDispatcher
 
-    if mode not in EXPERT_MODES:
-        raise ValueError(f"experts must be one of {EXPERT_MODES}, got {mode!r}")
+    check_expert_mode(mode)
     moe = [m for m in model.modules() if isinstance(m, MoELayer)]
     layers = [m for m in moe if isinstance(m.experts, LeanSequentialMLP) and m.experts._lean()]
     device = next(model.parameters()).device
@@ -122,18 +128,19 @@ def grouped_experts(model: torch.nn.Module, mode: str = "auto") -> Iterator[Opti
                     "this GPU (a launch per expert, a wait per MoE layer): %s", why)
         yield None
         return
-    for layer in layers:
-        layer.experts.grouped_impl = "triton"
-        if isinstance(layer.token_dispatcher, FixedOrderDispatcher):
-            layer.token_dispatcher.device_counts = True
+
+    def switch(impl: Optional[str]) -> None:  # the experts' kernels, the counts' place
+        for layer in layers:
+            layer.experts.grouped_impl = impl
+            if isinstance(layer.token_dispatcher, FixedOrderDispatcher):
+                layer.token_dispatcher.device_counts = impl is not None
+
+    switch("triton")
     log.info("rollout: %d MoE layers decode through the grouped expert kernels", len(layers))
     try:
         yield "triton"
     finally:
-        for layer in layers:
-            layer.experts.grouped_impl = None
-            if isinstance(layer.token_dispatcher, FixedOrderDispatcher):
-                layer.token_dispatcher.device_counts = False
+        switch(None)
 
 
 def use_r1fast_moe(spec) -> None:

@@ -134,11 +134,9 @@ class KVCacheDecoder:
         if not isinstance(prefill_tokens, int) or prefill_tokens < 0:
             raise ValueError(f"prefill_tokens must be an int >= 0 (0: one forward), got "
                              f"{prefill_tokens!r}")
-        from r1fast.policy.local_experts import EXPERT_MODES
+        from r1fast.policy.local_experts import check_expert_mode
 
-        if experts not in EXPERT_MODES:
-            raise ValueError(f"experts must be one of {EXPERT_MODES}, got {experts!r}")
-        self.experts = experts
+        self.experts = check_expert_mode(experts)
         """How a session computes the routed experts (r1fast.policy.local_experts): "grouped"
         kernels (no per-expert launches, counts kept on the device), megatron's "sequential"
         loop, or "auto" (grouped on a GPU)."""
