@@ -5,9 +5,11 @@ megatron-core announcing, once per module, that Apex/Transformer Engine are abse
 megatron's torch fallbacks on purpose wherever TE is absent); megatron tripping over its own
 default ``cuda_graph_scope``; torch 2.13 deprecating the collective names megatron-core 0.16
 still calls; and, in an INFO-level run, megatron's FSDP package (unused by r1fast) logging
-that TE is absent. Each warning is filtered here *by its exact text, category and emitting
-module*, with the reason it is harmless, so that any other warning -- from these modules too --
-still shows; the one logger is raised to WARNING only.
+that TE is absent; and, with a CUDA build of torch but no visible device, torch logging (when
+megatron imports ``torch.utils.cpp_extension``) that it found no CUDA runtime. Each warning is
+filtered here *by its exact text, category and emitting module* (each log line by its exact
+format string and logger), with the reason it is harmless, so that any other warning -- from
+these modules too -- still shows; the one logger is raised to WARNING only.
 
 :func:`install_filters` runs when :mod:`r1fast.megatron_compat` is imported (r1fast.policy's
 model and parallel modules import it at the top, before they import megatron), and again from
@@ -72,12 +74,40 @@ LOGGERS: tuple[tuple[str, int, str], ...] = (
 kept), so that their INFO lines stay out of an INFO-level r1fast run; warnings still show."""
 
 
+LOG_LINES: tuple[tuple[str, str, str], ...] = (
+    # (logger, exact format string of the record, why)
+    ("torch.utils.cpp_extension", "No CUDA runtime is found, using CUDA_HOME='%s'",
+     "a CUDA build of torch with no visible device (a CPU machine, or a GPU machine with "
+     "CUDA_VISIBLE_DEVICES='') logs it when megatron-core imports torch.utils.cpp_extension; "
+     "r1fast's own line (the CPU bridges' announcement) names that case, and r1fast builds no "
+     "CUDA extension without a device"),
+)
+"""Log records dropped from one logger when their format string (``record.msg``, before its
+arguments) is exactly this text; any other record of that logger still shows."""
+
+
+class _DropLogLine(logging.Filter):
+    """Drops the records of one logger whose format string is exactly ``line``."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__()
+        self.line = line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.line
+
+
 def install_filters() -> None:
     """Add one ``ignore`` filter per :data:`FILTERS` entry, matching the whole message and the
-    exact module name, and raise the :data:`LOGGERS` that are still unconfigured."""
+    exact module name, one log filter per :data:`LOG_LINES` entry (once per logger), and raise
+    the :data:`LOGGERS` that are still unconfigured."""
     for message, category, module, _why in FILTERS:
         warnings.filterwarnings("ignore", message=re.escape(message) + r"\Z", category=category,
                                 module=re.escape(module) + r"\Z")
+    for name, line, _why in LOG_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLogLine) and f.line == line for f in logger.filters):
+            logger.addFilter(_DropLogLine(line))
     for name, level, _why in LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:

@@ -289,6 +289,21 @@ def test_filters_match_exact_message_and_module_only():
     assert all(why for *_, why in quiet.FILTERS)
 
 
+def test_log_filter_drops_the_exact_line_of_its_logger_only(caplog):
+    name, line, why = quiet.LOG_LINES[0]
+    quiet.install_filters()
+    quiet.install_filters()  # twice: still one filter
+    logger = logging.getLogger(name)
+    assert sum(isinstance(f, quiet._DropLogLine) for f in logger.filters) == 1
+    with caplog.at_level(logging.DEBUG):
+        logger.warning(line, "/usr/local")
+        logger.warning(line + " (and more)", "/usr/local")
+        logger.warning("something else")
+        logging.getLogger("someone.else").warning(line, "/usr/local")
+    assert [r.name for r in caplog.records] == [name, name, "someone.else"]
+    assert why
+
+
 _FIRST_RUN = """
 import logging
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # as `r1fast train`
