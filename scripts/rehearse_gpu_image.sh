@@ -43,8 +43,8 @@ image_pkgs=(torch==2.11.0 "numpy<2.4" transformers==5.17.0 tokenizers==0.23.2
 if [ ! -x "$py" ]; then
   echo "rehearse: building $venv (torch 2.11 with its CUDA libraries, ~5 GB)"
   "$py312" -m venv "$venv"
-  "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q "${image_pkgs[@]}"
+  { "$py" -m pip install -q --upgrade pip && "$py" -m pip install -q "${image_pkgs[@]}"; } \
+    > "$work/venv.log" 2>&1 || { cat "$work/venv.log"; rm -rf "$venv"; exit 1; }
 fi
 "$py" -c 'import torch, triton; print("rehearse: torch", torch.__version__, "triton", triton.__version__)'
 
@@ -55,12 +55,12 @@ make -C "$clone" -s wheelhouse WHEELHOUSE="$work/wheelhouse" PYTHON="$py" >/dev/
 # What the device's install stage runs (scripts/gpu_check.py stage_install), for real here.
 pipi=("$py" -m pip install -q --no-index --no-deps --no-build-isolation
       --disable-pip-version-check --find-links "$work/wheelhouse")
-"${pipi[@]}" "$work/wheelhouse"/*.whl
-"${pipi[@]}" -e "$clone"
+{ "${pipi[@]}" "$work/wheelhouse"/*.whl && "${pipi[@]}" -e "$clone"; } > "$work/install.log" 2>&1 \
+  || { cat "$work/install.log"; exit 1; }
 
 status=0
 echo "rehearse: 1/3 make gpu-check (dry)"
-make -C "$clone" gpu-check PYTHON="$py" RESULTS="$work/results" > "$work/gpu_check.out" 2>&1 \
+make -C "$clone" gpu-check PYTHON="$py" RESULTS="$work/results" WHEELHOUSE="$work/wheelhouse" > "$work/gpu_check.out" 2>&1 \
   || { status=1; echo "rehearse: gpu-check FAILED (see $work/gpu_check.out)"; }
 grep -E '^\| [a-z_]+ \| (ok|failed|skipped|timeout)' "$work/results/summary.md" || true
 
