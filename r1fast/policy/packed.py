@@ -7,25 +7,53 @@ as if it were alone: RoPE positions restart at 0 at every boundary, and attentio
 within a sequence and blocked across sequences (a block-diagonal causal mask). On megatron's
 local attention the mask is explicit ([1, 1, T, T] bool, True = hidden); Transformer Engine's
 THD format would take ``cu_seqlens`` directly.
+
+Where the boundaries live: the trainer packs on the host, so ``cu_seqlens`` arrives as a CPU
+tensor and everything derived from it (positions, segment ids, the segment plan of
+r1fast.policy.packed_attention) is computed there and sent to the GPU by
+:func:`to_device_once`: one pinned, non-blocking copy. Deriving them on the GPU instead needs
+data-dependent shapes (``repeat_interleave``, ``nonzero``, a length read to the host), each a
+wait for the GPU to drain, a few per micro-batch.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+
+def to_device_once(device: torch.device | str | None,
+                   tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Host int64 ``tensors`` on ``device``, through one copy that does not make the host wait:
+    on CUDA they are concatenated into pinned memory and copied with ``non_blocking=True``
+    (a copy from ordinary pageable memory, as ``torch.tensor(..., device=)`` makes, waits for
+    the stream to drain first); elsewhere (CPU, meta) a plain ``.to``. Views of the one copy."""
+    tensors = [t.to(torch.int64) for t in tensors]
+    if device is None or not tensors:
+        return tensors
+    device = torch.device(device)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view(t.shape) for part, t in zip(parts, tensors)]
 
 
 def packed_layout(cu_seqlens: torch.Tensor, length: int, device: torch.device | None = None,
                   mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(position_ids [1, T], attention_mask [1, 1, T, T])`` of packed sequences (no mask,
     None, with ``mask=False``)."""
-    cu = cu_seqlens.reshape(-1).long()  # checked where it lives (the trainer's CPU copy)
+    cu = cu_seqlens.reshape(-1).to("cpu", torch.int64)  # the trainer's host copy: no wait
     if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != length or bool((cu.diff() < 0).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {length}, got "
                          f"{cu.tolist()}")
-    cu = cu.to(device)
-    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu.diff())  # [T]
-    idx = torch.arange(length, device=device)
-    positions = idx - cu[seg]
+    seg = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())  # [T] on the host
+    positions, seg = to_device_once(device or cu_seqlens.device,
+                                    [torch.arange(length) - cu[seg], seg])
     if not mask:
         return positions[None], None
+    idx = torch.arange(length, device=seg.device)
     allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
     return positions[None], ~allowed[None, None]

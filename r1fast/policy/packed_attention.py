@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from r1fast.policy.packed import packed_layout
+from r1fast.policy.packed import packed_layout, to_device_once
 
 log = logging.getLogger("r1fast.policy")
 
@@ -90,28 +90,34 @@ class SegmentPlan:
 
 def segment_plan(cu_seqlens: torch.Tensor, length: int, device: torch.device | None = None,
                  slack: float = GROUP_SLACK) -> SegmentPlan:
-    """The :class:`SegmentPlan` of boundaries ``cu_seqlens`` [S+1] (0 .. ``length``)."""
+    """The :class:`SegmentPlan` of boundaries ``cu_seqlens`` [S+1] (0 .. ``length``), for
+    ``device``. Planned on the host and sent in one non-blocking copy (r1fast.policy.packed):
+    give the host copy of ``cu_seqlens`` (a device tensor is read here, a wait)."""
     cu = cu_seqlens.reshape(-1).tolist()
     if len(cu) < 2 or cu[0] != 0 or cu[-1] != length or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {length}, got {cu}")
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    groups, where = [], []
+    host, where = [], []
     for group in segment_groups(lengths, slack):
         lg = lengths[group[0]]
-        starts = torch.tensor([cu[i] for i in group], device=device)  # [G]
-        lens = torch.tensor([lengths[i] for i in group], device=device)  # [G]
-        pos = torch.arange(lg, device=device)
+        starts = torch.tensor([cu[i] for i in group])  # [G]
+        lens = torch.tensor([lengths[i] for i in group])  # [G]
+        pos = torch.arange(lg)
         # [G, Lg]: each segment right-padded by repeating its last token (finite, never seen)
         idx = starts[:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)
         real = (pos[None, :] < lens[:, None]).reshape(-1).nonzero().squeeze(1)  # [sum L]
-        groups.append((idx, real))
+        host += [idx, real]
         where.append(idx.reshape(-1)[real])  # [sum L]: their rows in the packed order
-    inverse = None
-    if not (len(groups) == 1 and lengths.count(length) == 1) and length:
+    in_order = len(where) == 1 and lengths.count(length) == 1
+    if not in_order and length:
         where_all = torch.cat(where)  # a permutation of 0 .. T-1
         inverse = torch.empty_like(where_all)
-        inverse[where_all] = torch.arange(length, device=device)
-    return SegmentPlan(length=length, groups=tuple(groups), inverse=inverse)
+        inverse[where_all] = torch.arange(length)
+        host.append(inverse)
+    sent = to_device_once(device or cu_seqlens.device, host)
+    groups = tuple(zip(sent[0:2 * len(where):2], sent[1:2 * len(where):2]))
+    inverse = sent[-1] if len(sent) > 2 * len(where) else None
+    return SegmentPlan(length=length, groups=groups, inverse=inverse)
 
 
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -255,21 +261,26 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
         if padded > length:  # pads see nothing real, and nothing real sees them
             mask = F.pad(mask, (0, padded - length, 0, padded - length), value=True)
         return pos, mask, None
-    cu = cu_seqlens.reshape(-1).to(policy.device, torch.int64)
+    cu = cu_seqlens.reshape(-1).to("cpu", torch.int64)  # the trainer's host copy: no wait
     if padded > length:  # the pads attend among themselves (their outputs are unused)
         cu = torch.cat([cu, cu.new_tensor([padded])])
-    params = thd_params(cu, padded)  # checks the boundaries
-    starts = cu[:-1].repeat_interleave(cu.diff())  # [T']
-    pos = torch.arange(padded, device=policy.device) - starts  # positions restart per sequence
+    params = thd_params(cu, padded, policy.device)  # checks the boundaries
+    starts = cu[:-1].repeat_interleave(cu.diff())  # [T'] on the host
+    # positions restart per sequence
+    pos = to_device_once(policy.device, [torch.arange(padded) - starts])[0]
     params.rotary_pos_emb = policy.rotary_table(pos[None])
     return pos[None, :length], None, params
 
 
-def thd_params(cu_seqlens: torch.Tensor, length: int) -> SegmentedSeqParams:
+def thd_params(cu_seqlens: torch.Tensor, length: int,
+               device: torch.device | None = None) -> SegmentedSeqParams:
     """:class:`SegmentedSeqParams` (megatron's ``thd``, with the segment plan) of packed
-    boundaries ``cu_seqlens`` [S+1] rising from 0 to ``length``; no RoPE table."""
-    plan = segment_plan(cu_seqlens, length, cu_seqlens.device)
-    cu = cu_seqlens.to(torch.int32)
-    longest = int(cu.diff().max())
+    boundaries ``cu_seqlens`` [S+1] rising from 0 to ``length``, on ``device`` (default: where
+    ``cu_seqlens`` is); no RoPE table. Planned on the host (give the host copy: no wait)."""
+    device = device or cu_seqlens.device
+    host = cu_seqlens.reshape(-1).to("cpu", torch.int64)
+    plan = segment_plan(host, length, device)
+    longest = int(host.diff().max()) if host.numel() > 1 else 0  # host: no wait
+    cu = to_device_once(device, [host])[0].to(torch.int32)
     return SegmentedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                               max_seqlen_q=longest, max_seqlen_kv=longest, plan=plan)

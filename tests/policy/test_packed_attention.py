@@ -7,7 +7,9 @@ padded batch); a hypothesis property test over random boundaries. Then the polic
 attending per sequence give the log-probs and every gradient of the explicit-mask path and of
 each sequence run alone; and at TP 2 (heads split; with and without sequence parallelism, the
 row one token longer than a multiple of tp so the sequence-parallel pad is in play) they equal
-one rank's (slow).
+one rank's (slow). The boundaries' derived tensors are planned on the host and sent in one
+copy: they build for the meta device (whose values cannot be read) and, on a GPU, under
+torch's sync-error mode.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.packed_attention import segment_attention, segment_groups
+from r1fast.policy.packed import packed_layout, to_device_once
+from r1fast.policy.packed_attention import (segment_attention, segment_groups, segment_plan,
+                                            thd_params)
 from tests.helpers.hf_parity import summed_logprob_loss
 from tests.helpers.spawn import run_ranks
 
@@ -96,6 +100,60 @@ def test_segment_groups_cover_each_segment_once_within_the_slack(lengths, slack)
         longest = lengths[grp[0]]
         assert all(lengths[i] <= longest for i in grp)
         assert len(grp) * longest ** 2 <= slack * sum(lengths[i] ** 2 for i in grp) + 1e-9
+
+
+def _plans(cu: torch.Tensor, device: torch.device):
+    T = int(cu[-1])
+    plan = segment_plan(cu, T, device)
+    params = thd_params(cu, T, device)
+    pos, mask = packed_layout(cu, T, device)
+    flat = [t for g in plan.groups for t in g] + [params.cu_seqlens_q, pos, mask]
+    return plan, params, flat + ([] if plan.inverse is None else [plan.inverse])
+
+
+BOUNDARY_CASES = [[5, 0, 3, 9], [7], [0, 4, 4], [1] * 6, [2, 11, 2, 3]]
+
+
+@pytest.mark.parametrize("lengths", BOUNDARY_CASES)
+def test_packed_plans_are_made_on_the_host(lengths):
+    """On the meta device nothing can be read back (nonzero, repeat_interleave without a size,
+    .tolist() all raise), as on a GPU nothing can without a wait: the plan, the thd params and
+    the packed layout still build from a host ``cu_seqlens``, with the CPU ones' shapes."""
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cpu_plan, cpu_params, cpu_flat = _plans(cu, torch.device("cpu"))
+    meta_plan, meta_params, meta_flat = _plans(cu, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in meta_flat)
+    assert [t.shape for t in meta_flat] == [t.shape for t in cpu_flat]
+    assert meta_params.max_seqlen_q == cpu_params.max_seqlen_q == max(lengths)
+    assert cpu_params.cu_seqlens_q.tolist() == cu.tolist()
+    assert cpu_params.cu_seqlens_q.dtype == meta_params.cu_seqlens_q.dtype == torch.int32
+
+
+def test_to_device_once_returns_views_of_one_copy():
+    parts = [torch.arange(6).view(2, 3), torch.tensor([7], dtype=torch.int32), torch.empty(0)]
+    got = to_device_once("cpu", parts)
+    assert [t.shape for t in got] == [t.shape for t in parts]
+    assert all(t.dtype == torch.int64 for t in got)
+    assert got[0].tolist() == [[0, 1, 2], [3, 4, 5]] and got[1].tolist() == [7]
+    assert got[0].untyped_storage().data_ptr() == got[1].untyped_storage().data_ptr()
+    assert to_device_once("cpu", []) == [] and to_device_once(None, parts)[1].dtype == torch.int64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_plans_reach_the_gpu_without_a_wait():
+    """The plans of every case built on the GPU under sync-error mode (a pageable copy or a
+    data-dependent shape would raise), equal to the CPU ones."""
+    for lengths in BOUNDARY_CASES:
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        _, _, cpu_flat = _plans(cu, torch.device("cpu"))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, _, gpu_flat = _plans(cu, torch.device("cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for a, b in zip(cpu_flat, gpu_flat):
+            assert b.is_cuda and torch.equal(a, b.cpu())
 
 
 def test_segment_attention_bad_input():
