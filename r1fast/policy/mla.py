@@ -204,13 +204,15 @@ def use_mla_local_modules(spec) -> None:
                 mla_module.Linear = DuplicatedLinear
 
 
-def mla_packed_params(position_ids: Optional[torch.Tensor], length: int):
-    """What MLA needs to know of ``position_ids`` [b, L] (see the module docstring): None when
-    every row is ``0 .. L-1`` (or no positions are given); megatron's ``PackedSeqParams``
-    (``thd``; ``cu_seqlens`` where the positions restart at 0) for one row of packed sequences;
-    a ValueError for anything else."""
-    if position_ids is None:
-        return None
+def mla_packed_params(position_ids: Optional[torch.Tensor], length: int, given=None):
+    """What MLA needs to know of ``position_ids`` [b, L] (see the module docstring): ``given``
+    when there is one (:func:`mla_thd_params`, built from the host's boundaries: nothing is
+    read); None when every row is ``0 .. L-1`` (or no positions are given); megatron's
+    ``PackedSeqParams`` (``thd``; ``cu_seqlens`` where the positions restart at 0) for one row
+    of packed sequences, found by reading the positions (a wait on a GPU); a ValueError for
+    anything else."""
+    if given is not None or position_ids is None:
+        return given
     pos = position_ids[:, :length].long()
     idx = torch.arange(length, device=pos.device)
     if bool((pos == idx).all()):
@@ -228,3 +230,15 @@ def mla_packed_params(position_ids: Optional[torch.Tensor], length: int):
     # as the whole row would switch it to row offsets, which a single sequence never needs);
     # the segment plan rides along, so the core attention of every layer reuses it
     return thd_params(cu, length)
+
+
+def mla_thd_params(cu_seqlens: torch.Tensor, length: int, device: torch.device):
+    """:func:`mla_packed_params`' answer for a packed row from its host boundaries
+    ``cu_seqlens`` [S+1] instead of from the positions: empty sequences dropped, the last one
+    running to ``length`` (the sequence-parallel pads continue it); None when one sequence
+    covers the row (as its positions are then ``0 .. length-1``)."""
+    from r1fast.policy.packed_attention import thd_params
+
+    cu = torch.unique_consecutive(cu_seqlens.reshape(-1).to("cpu", torch.int64))
+    cu[-1] = length
+    return None if cu.numel() <= 2 else thd_params(cu, length, device)

@@ -238,7 +238,8 @@ class Policy:
         gpt = self.gpt
         b, length = tokens.shape
         lp = self._padded_len(length)
-        if position_ids is None:
+        explicit = position_ids is not None  # MLA finds packed rows only in given positions
+        if not explicit:
             position_ids = torch.arange(length, device=self.device).expand(b, length)
         if lp > length:
             tokens = F.pad(tokens, (0, lp - length))
@@ -254,7 +255,8 @@ class Policy:
         decoder_input = None
         if gpt.pre_process:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
-        packed = mla_packed_params(position_ids, lp) if self.model_cfg.is_mla else packed_seq_params
+        packed = mla_packed_params(position_ids if explicit else None, lp, packed_seq_params) \
+            if self.model_cfg.is_mla else packed_seq_params
         hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                              rotary_pos_emb=None if self.model_cfg.is_mla or packed is not None
                              else self.rotary_table(position_ids),  # those rope in attention

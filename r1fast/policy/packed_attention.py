@@ -232,8 +232,10 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     block-diagonal mask [1, 1, T', T'] (``policy.packed_attention == "mask"``, the TE spec;
     T' = T padded for sequence parallelism, the pads hidden) and None, or None and
     :class:`SegmentedSeqParams` (``"segments"``; the pads one more sequence), or, for MLA on
-    r1fast's MLACoreAttention, neither (MLA takes its boundaries from the positions; the
-    sequence-parallel pads continue the last sequence, after every real token of it)."""
+    r1fast's MLACoreAttention, no mask and the thd boundaries MLA would find in the positions
+    (the sequence-parallel pads continue the last sequence, after every real token of it).
+    Everything is derived on the host from ``cu_seqlens`` (give the host copy) and sent to
+    the device without a wait (r1fast.policy.packed)."""
     mode = getattr(policy, "packed_attention", "segments")
     if mode not in MODES:
         raise ValueError(f"Policy.packed_attention must be one of {MODES}, got {mode!r}")
@@ -249,13 +251,14 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
                         "so packed rows run the explicit [T, T] block-diagonal mask instead")
         mode = "mask"
     padded = policy._padded_len(length)
-    from r1fast.policy.mla import MLACoreAttention
+    from r1fast.policy.mla import MLACoreAttention, mla_thd_params
 
     if policy.model_cfg.is_mla and mode == "segments" and _cores_are(policy, MLACoreAttention):
-        # MLA ropes the restarted positions itself (r1fast.policy.mla.mla_packed_params); its
-        # core attention attends per sequence from those boundaries (no mask)
+        # MLA ropes the restarted positions itself from thd boundaries (the ones
+        # r1fast.policy.mla.mla_packed_params would read off the positions, built here on the
+        # host); its core attention attends per sequence from them (no mask)
         pos, _ = packed_layout(cu_seqlens, length, policy.device, mask=False)
-        return pos, None, None
+        return pos, None, mla_thd_params(cu_seqlens, padded, policy.device)
     if mode == "mask" or policy.model_cfg.is_mla:  # MLA on another core attention: the mask
         pos, mask = packed_layout(cu_seqlens, length, policy.device)
         if padded > length:  # pads see nothing real, and nothing real sees them

@@ -416,7 +416,8 @@ def test_packed_mla_attends_per_sequence_without_a_mask(saved):
     policy = build_policy(load_model_config(path), ParallelConfig(), trainable=False)
     load_hf_checkpoint(policy, path)
     pos, mask, params = packed_inputs(policy, cu, tokens.shape[1])
-    assert mask is None and params is None  # MLA finds its boundaries in the positions
+    # no mask; the boundaries MLA would find in the positions, built from the host's cu_seqlens
+    assert mask is None and params.cu_seqlens_q.tolist() == cu[0].tolist()
     assert pos[0].tolist()[:3] == [0, 1, 2] and (pos == 0).sum() == cu.shape[1] - 1
     segments = policy.logprobs(tokens, targets, cu_seqlens=cu)
     policy.packed_attention = "mask"

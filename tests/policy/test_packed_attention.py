@@ -129,6 +129,29 @@ def test_packed_plans_are_made_on_the_host(lengths):
     assert cpu_params.cu_seqlens_q.dtype == meta_params.cu_seqlens_q.dtype == torch.int32
 
 
+@pytest.mark.parametrize("lengths", BOUNDARY_CASES)
+@pytest.mark.parametrize("pads", [0, 3])
+def test_mla_boundaries_from_the_host_equal_those_read_off_the_positions(lengths, pads):
+    """packed_inputs hands MLA the thd boundaries built from the host's cu_seqlens; they must
+    be what mla_packed_params finds in the positions (pads continue the last sequence)."""
+    from r1fast.policy.mla import mla_packed_params, mla_thd_params
+
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    T = int(cu[-1])
+    pos, _ = packed_layout(cu, T, mask=False)
+    pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pads + 1)], dim=1)  # [1, T + pads]
+    read = mla_packed_params(pos, T + pads)
+    host = mla_thd_params(cu, T + pads, torch.device("cpu"))
+    assert (read is None) == (host is None)
+    if host is not None:
+        assert torch.equal(read.cu_seqlens_q, host.cu_seqlens_q)
+        assert read.max_seqlen_q == host.max_seqlen_q
+        assert [[t.tolist() for t in g] for g in read.plan.groups] == \
+            [[t.tolist() for t in g] for g in host.plan.groups]
+        assert mla_packed_params(pos, T + pads, host) is host  # given: nothing read
+        assert mla_thd_params(cu, T + pads, torch.device("meta")).cu_seqlens_q.is_meta
+
+
 def test_to_device_once_returns_views_of_one_copy():
     parts = [torch.arange(6).view(2, 3), torch.tensor([7], dtype=torch.int32), torch.empty(0)]
     got = to_device_once("cpu", parts)
