@@ -28,6 +28,7 @@ GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/bench/test_harness.py", "tests/rollout/test_attention.py",
              "tests/policy/test_dispatcher.py", "tests/ops/test_moe_experts.py",
              "tests/policy/test_local_experts.py",
+             "tests/policy/test_transfer.py",
              "tests/policy/test_packed_attention.py::test_packed_plans_reach_the_gpu_without_a_wait"]
 # Dry: the CUDA file (collected, skipped without a device) and a few interpreter cases.
 DRY_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_grpo_loss_triton.py",

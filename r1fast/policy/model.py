@@ -40,6 +40,7 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.mla import mla_packed_params
 from r1fast.megatron_compat import te_absent
 from r1fast.policy.parallel import ParallelInfo, init_parallel, mark_expert_params
+from r1fast.policy.transfer import to_device_async
 
 log = logging.getLogger("r1fast.policy")
 
@@ -219,7 +220,7 @@ class Policy:
         if longest > limit:
             raise ValueError(f"tokens: sequence length {longest} exceeds "
                              f"max_position_embeddings={limit}")
-        return tokens.to(self.device, torch.int64)
+        return to_device_async(tokens.to(torch.int64), self.device)  # no wait for the GPU
 
     def rotary_table(self, position_ids: torch.Tensor) -> torch.Tensor:
         """RoPE angles for explicit positions ``[B, S]``, megatron's layout [S, B, 1, dim]
@@ -238,8 +239,7 @@ class Policy:
         gpt = self.gpt
         b, length = tokens.shape
         lp = self._padded_len(length)
-        explicit = position_ids is not None  # MLA finds packed rows only in given positions
-        if not explicit:
+        if not (explicit := position_ids is not None):  # MLA: packed rows in given ones only
             position_ids = torch.arange(length, device=self.device).expand(b, length)
         if lp > length:
             tokens = F.pad(tokens, (0, lp - length))

@@ -10,35 +10,16 @@ THD format would take ``cu_seqlens`` directly.
 
 Where the boundaries live: the trainer packs on the host, so ``cu_seqlens`` arrives as a CPU
 tensor and everything derived from it (positions, segment ids, the segment plan of
-r1fast.policy.packed_attention) is computed there and sent to the GPU by
-:func:`to_device_once`: one pinned, non-blocking copy. Deriving them on the GPU instead needs
+r1fast.policy.packed_attention) is computed there and sent to the GPU in one pinned,
+non-blocking copy (r1fast.policy.transfer). Deriving them on the GPU instead needs
 data-dependent shapes (``repeat_interleave``, ``nonzero``, a length read to the host), each a
 wait for the GPU to drain, a few per micro-batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-
-def to_device_once(device: torch.device | str | None,
-                   tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Host int64 ``tensors`` on ``device``, through one copy that does not make the host wait:
-    on CUDA they are concatenated into pinned memory and copied with ``non_blocking=True``
-    (a copy from ordinary pageable memory, as ``torch.tensor(..., device=)`` makes, waits for
-    the stream to drain first); elsewhere (CPU, meta) a plain ``.to``. Views of the one copy."""
-    tensors = [t.to(torch.int64) for t in tensors]
-    if device is None or not tensors:
-        return tensors
-    device = torch.device(device)
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
-    parts = flat.split([t.numel() for t in tensors])
-    return [part.view(t.shape) for part, t in zip(parts, tensors)]
+from r1fast.policy.transfer import to_device_once
 
 
 def packed_layout(cu_seqlens: torch.Tensor, length: int, device: torch.device | None = None,

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from r1fast.policy.packed import packed_layout, to_device_once
+from r1fast.policy.packed import packed_layout
+from r1fast.policy.transfer import to_device_once
 
 log = logging.getLogger("r1fast.policy")
 

@@ -47,6 +47,7 @@ from r1fast.train.metrics import (MetricsLogger, append_jsonl, gather_expert_loa
                                   load_imbalance, truncate_metrics)
 from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
+from r1fast.policy.transfer import to_device_async
 from r1fast.train.policy_io import copy_weights, load_model_state
 from r1fast.train.reward_routing import source_means
 from r1fast.train.task import (TaskData, build_task, check_inputs, check_tokenizer_fits,
@@ -413,20 +414,21 @@ class GRPOTrainer:
         def loss_fn(hidden, weight, mb):
             dev = hidden.device
             packed = "cu_seqlens" in mb  # [1, T] streams -> the ops' packed [T] layout
-            t = {k: None if mb[k] is None else (mb[k].reshape(-1) if packed else mb[k]).to(dev)
-                 for k in ("targets", "old", "mask", "rollout", "ref")}
+            # the micro-batch is on the host: non-blocking copies (a plain one waits for the
+            # forward just queued to finish, r1fast.policy.transfer)
+            t = {k: to_device_async(None if mb[k] is None else
+                                    mb[k].reshape(-1) if packed else mb[k], dev)
+                 for k in ("targets", "old", "mask", "rollout", "ref", "adv")}
             kw = dict(temperature=temperature, tp_group=self.policy.tp_group,
                       global_normalizer=normalizer, return_entropy=True,
                       rollout_logp=t["rollout"] if tis else None,
-                      cu_seqlens=mb["cu_seqlens"].to(dev) if packed else None)
+                      cu_seqlens=to_device_async(mb["cu_seqlens"], dev) if packed else None)
             if packed:
                 hidden = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
-            args = (hidden, weight, t["targets"], t["old"], mb["adv"].to(dev), t["mask"],
-                    t["ref"], cfg)
+            args = (hidden, weight, t["targets"], t["old"], t["adv"], t["mask"], t["ref"], cfg)
             if fused:
-                # prompt and padding positions skip the LM head; the micro-batch is still on
-                # the host here, so finding them waits for no device
-                rows = mb["mask"].reshape(-1).nonzero().squeeze(1).to(dev)
+                # prompt and padding positions skip the LM head; found on the host (no wait)
+                rows = to_device_async(mb["mask"].reshape(-1).nonzero().squeeze(1), dev)
                 return ops.fused_linear_policy_loss(*args, active_rows=rows, **head, **kw)
             return unfused_policy_loss(*args, **kw)
 

@@ -46,6 +46,7 @@ from r1fast import ops
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.config_checks import Range, check_fields
 from r1fast.policy.optim import OptimConfig
+from r1fast.policy.transfer import to_device_async
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
 from r1fast.train.checkpoint import (CheckpointError, barrier, has_run_files, latest_checkpoint,
                                      load_checkpoint, save_checkpoint, set_aside)
@@ -340,9 +341,10 @@ def _nll_loss(total_tokens: float, tp_group):
     def loss_fn(hidden, weight, mb):
         b, length, h = hidden.shape
         dev = hidden.device
-        logp = ops.linear_logprob(hidden.reshape(b * length, h), weight,
-                                  mb["targets"].to(dev).reshape(-1), tp_group=tp_group)
-        nll = -(logp * mb["mask"].to(dev).reshape(-1)).sum() / total_tokens
+        targets, mask = (to_device_async(mb[k], dev) for k in ("targets", "mask"))  # no wait
+        logp = ops.linear_logprob(hidden.reshape(b * length, h), weight, targets.reshape(-1),
+                                  tp_group=tp_group)
+        nll = -(logp * mask.reshape(-1)).sum() / total_tokens
         return nll, {"nll": nll.detach()}
 
     return loss_fn

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.packed import packed_layout, to_device_once
+from r1fast.policy.packed import packed_layout
 from r1fast.policy.packed_attention import (segment_attention, segment_groups, segment_plan,
                                             thd_params)
 from tests.helpers.hf_parity import summed_logprob_loss
@@ -150,16 +150,6 @@ def test_mla_boundaries_from_the_host_equal_those_read_off_the_positions(lengths
             [[t.tolist() for t in g] for g in host.plan.groups]
         assert mla_packed_params(pos, T + pads, host) is host  # given: nothing read
         assert mla_thd_params(cu, T + pads, torch.device("meta")).cu_seqlens_q.is_meta
-
-
-def test_to_device_once_returns_views_of_one_copy():
-    parts = [torch.arange(6).view(2, 3), torch.tensor([7], dtype=torch.int32), torch.empty(0)]
-    got = to_device_once("cpu", parts)
-    assert [t.shape for t in got] == [t.shape for t in parts]
-    assert all(t.dtype == torch.int64 for t in got)
-    assert got[0].tolist() == [[0, 1, 2], [3, 4, 5]] and got[1].tolist() == [7]
-    assert got[0].untyped_storage().data_ptr() == got[1].untyped_storage().data_ptr()
-    assert to_device_once("cpu", []) == [] and to_device_once(None, parts)[1].dtype == torch.int64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
