@@ -31,10 +31,10 @@ def packed_layout(cu_seqlens: torch.Tensor, length: int, device: torch.device | 
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {length}, got "
                          f"{cu.tolist()}")
     seg = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())  # [T] on the host
-    positions, seg = to_device_once(device or cu_seqlens.device,
-                                    [torch.arange(length) - cu[seg], seg])
+    positions = torch.arange(length) - cu[seg]
     if not mask:
-        return positions[None], None
+        return to_device_once(device or cu_seqlens.device, [positions])[0][None], None
+    positions, seg = to_device_once(device or cu_seqlens.device, [positions, seg])
     idx = torch.arange(length, device=seg.device)
     allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
     return positions[None], ~allowed[None, None]

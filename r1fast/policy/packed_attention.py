@@ -115,10 +115,9 @@ def segment_plan(cu_seqlens: torch.Tensor, length: int, device: torch.device | N
         inverse = torch.empty_like(where_all)
         inverse[where_all] = torch.arange(length)
         host.append(inverse)
-    sent = to_device_once(device or cu_seqlens.device, host)
-    groups = tuple(zip(sent[0:2 * len(where):2], sent[1:2 * len(where):2]))
-    inverse = sent[-1] if len(sent) > 2 * len(where) else None
-    return SegmentPlan(length=length, groups=groups, inverse=inverse)
+    sent, n = to_device_once(device or cu_seqlens.device, host), 2 * len(where)
+    inverse = sent[n] if len(sent) > n else None
+    return SegmentPlan(length=length, groups=tuple(zip(sent[:n:2], sent[1:n:2])), inverse=inverse)
 
 
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -269,11 +268,9 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     if padded > length:  # the pads attend among themselves (their outputs are unused)
         cu = torch.cat([cu, cu.new_tensor([padded])])
     params = thd_params(cu, padded, policy.device)  # checks the boundaries
-    starts = cu[:-1].repeat_interleave(cu.diff())  # [T'] on the host
-    # positions restart per sequence
-    pos = to_device_once(policy.device, [torch.arange(padded) - starts])[0]
-    params.rotary_pos_emb = policy.rotary_table(pos[None])
-    return pos[None, :length], None, params
+    pos, _ = packed_layout(cu, padded, policy.device, mask=False)  # [1, T'], restarting
+    params.rotary_pos_emb = policy.rotary_table(pos)
+    return pos[:, :length], None, params
 
 
 def thd_params(cu_seqlens: torch.Tensor, length: int,
@@ -284,7 +281,7 @@ def thd_params(cu_seqlens: torch.Tensor, length: int,
     device = device or cu_seqlens.device
     host = cu_seqlens.reshape(-1).to("cpu", torch.int64)
     plan = segment_plan(host, length, device)
-    longest = int(host.diff().max()) if host.numel() > 1 else 0  # host: no wait
+    longest = int(host.diff().max())  # on the host: no wait (segment_plan checked S >= 1)
     cu = to_device_once(device, [host])[0].to(torch.int32)
     return SegmentedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                               max_seqlen_q=longest, max_seqlen_kv=longest, plan=plan)
