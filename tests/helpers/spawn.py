@@ -1,9 +1,21 @@
-"""Running a function on several gloo ranks of this machine (torch.multiprocessing spawn with a
-torchrun-style environment), for the tests that compare a parallel layout with one rank."""
+"""Running a function on several gloo ranks of this machine, for the tests that compare a
+parallel layout with one rank.
+
+Two rendezvous: :func:`run_ranks` gives ``fn`` a torchrun-style environment (``RANK``,
+``MASTER_PORT``, ...) for code that calls ``init_process_group()`` itself; :func:`run_gloo`
+makes the group from a file store (no port to pick, so no other process can take it in
+between) and tears it down in step. Both pin each rank to one intra-op thread: two ranks of
+two threads each on a 2-core CI box would oversubscribe it. Each rank enables faulthandler,
+so that a rank killed by a signal (an abort in C++ teardown, a segfault) leaves every
+thread's Python stack in the test's captured stderr rather than only "terminated with
+signal SIGABRT".
+"""
+import faulthandler
 import os
 import socket
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -13,10 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _one_thread_with_stacks() -> None:
+    faulthandler.enable(all_threads=True)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 def _entry(rank, world, port, fn, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _one_thread_with_stacks()
     fn(rank, *args)
 
 
@@ -24,4 +42,24 @@ def run_ranks(world: int, fn, *args) -> None:
     """``fn(rank, *args)`` on ``world`` spawned processes (``fn`` must be importable: a
     module-level function of a test file or helper)."""
     mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
+                       start_method="spawn")
+
+
+def _gloo_entry(rank, world, store, fn, args):
+    _one_thread_with_stacks()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    try:
+        fn(rank, *args)
+        # every rank finishes its last collective before any rank closes its sockets: a rank
+        # that tears down while its peer is still in gloo is what makes teardown racy
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(world: int, store: str, fn, *args) -> None:
+    """``fn(rank, *args)`` on ``world`` spawned processes inside the default gloo group,
+    made from the file store ``store`` (a path in a fresh temporary folder)."""
+    mp.start_processes(_gloo_entry, args=(world, store, fn, args), nprocs=world, join=True,
                        start_method="spawn")

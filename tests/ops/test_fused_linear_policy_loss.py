@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from r1fast.ops._dispatch import triton_missing
 from r1fast.ops.fused_linear_policy_loss import fused_linear_policy_loss
 from r1fast.ops.policy_loss import METRICS, PolicyLossConfig, policy_loss
+from tests.helpers.spawn import run_gloo
 
 IMPLS = ["torch", "triton"]
 CONFIGS = [
@@ -362,32 +362,25 @@ def test_bad_inputs(device, monkeypatch):
 WORLD = 2
 
 
-
-def _tp_worker(rank: int, store: str, impl: str, in_forward: bool) -> None:
-    # a file rendezvous: no port to pick, so no other process can take it in between
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD)
+def _tp_worker(rank: int, impl: str, in_forward: bool) -> None:
     if in_forward:  # chunks of 2 rows in groups of 4: dx all-reduced per group, dW added
         import dataclasses
 
         grad_mod = sys.modules["r1fast.ops.fused_linear_policy_grad"]
         grad_mod.DEFAULT_CHUNKS = dataclasses.replace(
             grad_mod.DEFAULT_CHUNKS, triton_workspace=4 * 17, grad_in_forward_dz=4 * 17)
-    try:
-        inp = make_inputs(3, 4, 8, 2 * 17, seed=5)  # same on every rank
-        config = CONFIGS[0]
-        full = run_fused(inp, config, impl, return_entropy=True)
-        rows = slice(rank * 17, (rank + 1) * 17)
-        shard = run_fused(dict(inp, weight=inp["weight"][rows].contiguous()), config, impl,
-                          tp_group=dist.group.WORLD, return_entropy=True,
-                          grad_in_forward=in_forward)
-        torch.testing.assert_close(shard[0], full[0], atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(shard[1], full[1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(shard[2], full[2][rows], atol=1e-5, rtol=1e-5)
-        for k in full[3]:
-            torch.testing.assert_close(shard[3][k], full[3][k], atol=1e-6, rtol=1e-6)
-    finally:
-        dist.destroy_process_group()
+    inp = make_inputs(3, 4, 8, 2 * 17, seed=5)  # same on every rank
+    config = CONFIGS[0]
+    full = run_fused(inp, config, impl, return_entropy=True)
+    rows = slice(rank * 17, (rank + 1) * 17)
+    shard = run_fused(dict(inp, weight=inp["weight"][rows].contiguous()), config, impl,
+                      tp_group=dist.group.WORLD, return_entropy=True,
+                      grad_in_forward=in_forward)
+    torch.testing.assert_close(shard[0], full[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(shard[1], full[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shard[2], full[2][rows], atol=1e-5, rtol=1e-5)
+    for k in full[3]:
+        torch.testing.assert_close(shard[3][k], full[3][k], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.slow  # ~25 s: two spawned gloo processes, each importing torch
@@ -397,5 +390,4 @@ def _tp_worker(rank: int, store: str, impl: str, in_forward: bool) -> None:
 def test_vocab_parallel_matches_unsharded(impl, in_forward, tmp_path):
     _skip_if_no_triton(impl, torch.device("cpu"))
     assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1"
-    mp.spawn(_tp_worker, args=(str(tmp_path / "store"), impl, in_forward), nprocs=WORLD,
-             join=True)
+    run_gloo(WORLD, str(tmp_path / "store"), _tp_worker, impl, in_forward)

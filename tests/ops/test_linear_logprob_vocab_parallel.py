@@ -2,8 +2,8 @@
 or both on the one GPU of a ``make gpu-check`` machine (NCCL refuses two ranks on one device;
 gloo all-reduces CUDA tensors), where the Triton paths run compiled.
 
-Each rank builds the same inputs (seeded), runs the unsharded op and the sharded op
-(``tp_group``) and checks that logp, entropy and dx are the unsharded values and that its dW is
+Each rank (``tests.helpers.spawn.run_gloo``) builds the same inputs (seeded), runs the
+unsharded op and the sharded op (``tp_group``) and checks that logp, entropy and dx are the unsharded values and that its dW is
 its shard's rows of the unsharded dW, for the torch reference and the Triton path (interpreter
 on CPU). Targets fall on both shards, and some rows are ignored.
 """
@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from r1fast.ops._dispatch import triton_missing
 from r1fast.ops.linear_logprob import linear_logprob, naive_linear_logprob
+from tests.helpers.spawn import run_gloo
 
 WORLD = 2
 IGNORE = -100
-
-
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -47,44 +45,34 @@ def _run(hidden, weight, targets, g, h, **kw):
     return logp.detach(), ent.detach(), x.grad, w.grad
 
 
-def _worker(rank: int, store: str, impl: str, tiles: str) -> None:
-    # a file rendezvous: no port to pick, so no other process can take it in between
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD)
-    try:
-        T, H, v_local = 13, 9, 37
-        V = v_local * WORLD
-        rows = slice(rank * v_local, (rank + 1) * v_local)
-        for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
-            hidden, weight, targets, g, h = _inputs(T, H, V, dtype)
-            kw = dict(impl=impl, chunk_tokens=8, chunk_vocab=32,  # 2 x 3 chunks unsharded
-                      tiles=tiles)
-            full = _run(hidden, weight, targets, g, h, **kw)
-            shard = _run(hidden, weight[rows].contiguous(), targets, g, h,
-                         tp_group=dist.group.WORLD, **kw)
-            want = (*full[:3], full[3][rows])
-            for name, a, b in zip(("logp", "entropy", "dx", "dW"), shard, want):
-                assert a.dtype == b.dtype, name
-                scale = max(1.0, b.abs().max().item()) if name in ("dx", "dW") else 1.0
-                torch.testing.assert_close(a.float(), b.float(), atol=tol * scale, rtol=tol,
-                                           msg=lambda m, n=name: f"{impl} {tiles} {dtype} "
-                                                                   f"{n}: {m}")
-            # and the unsharded values are right (fp64 full-logits formula)
-            naive = naive_linear_logprob(hidden.double(), weight.double(), targets, 0.8, True)
-            for a, b in zip(shard[:2], naive):
-                torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=2e-5)
-        # targets are checked against the full vocabulary, not the shard
-        hidden, weight, targets, _, _ = _inputs(T, H, V, torch.float32)
-        targets[3] = V
-        try:
-            linear_logprob(hidden, weight[rows], targets, impl=impl, tp_group=dist.group.WORLD,
-                           validate=True)
-        except ValueError as e:
-            assert f"targets must be in [0, {V})" in str(e), str(e)
-        else:
-            raise AssertionError("out-of-vocabulary target was accepted")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, impl: str, tiles: str) -> None:
+    T, H, v_local = 13, 9, 37
+    V = v_local * WORLD
+    rows = slice(rank * v_local, (rank + 1) * v_local)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+        hidden, weight, targets, g, h = _inputs(T, H, V, dtype)
+        kw = dict(impl=impl, chunk_tokens=8, chunk_vocab=32,  # 2 x 3 chunks unsharded
+                  tiles=tiles)
+        full = _run(hidden, weight, targets, g, h, **kw)
+        shard = _run(hidden, weight[rows].contiguous(), targets, g, h,
+                     tp_group=dist.group.WORLD, **kw)
+        want = (*full[:3], full[3][rows])
+        for name, a, b in zip(("logp", "entropy", "dx", "dW"), shard, want):
+            assert a.dtype == b.dtype, name
+            scale = max(1.0, b.abs().max().item()) if name in ("dx", "dW") else 1.0
+            torch.testing.assert_close(a.float(), b.float(), atol=tol * scale, rtol=tol,
+                                       msg=lambda m, n=name: f"{impl} {tiles} {dtype} "
+                                                               f"{n}: {m}")
+        # and the unsharded values are right (fp64 full-logits formula)
+        naive = naive_linear_logprob(hidden.double(), weight.double(), targets, 0.8, True)
+        for a, b in zip(shard[:2], naive):
+            torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=2e-5)
+    # targets are checked against the full vocabulary, not the shard
+    hidden, weight, targets, _, _ = _inputs(T, H, V, torch.float32)
+    targets[3] = V
+    with pytest.raises(ValueError, match=re.escape(f"targets must be in [0, {V})")):
+        linear_logprob(hidden, weight[rows], targets, impl=impl, tp_group=dist.group.WORLD,
+                       validate=True)
 
 
 @pytest.mark.multiproc
@@ -95,4 +83,4 @@ def test_vocab_parallel_matches_unsharded(impl, tiles, tmp_path):
         pytest.skip(str(triton_missing(DEVICE)))
     # on a CPU the children inherit TRITON_INTERPRET from this process (set by conftest)
     assert impl == "torch" or DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    mp.spawn(_worker, args=(str(tmp_path / "store"), impl, tiles), nprocs=WORLD, join=True)
+    run_gloo(WORLD, str(tmp_path / "store"), _worker, impl, tiles)
