@@ -10,17 +10,16 @@ tests/rollout/test_engine.py."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from r1fast.ops._dispatch import triton_missing
 from r1fast.rollout.kv_cache import KVCacheDecoder, make_decoder
 from r1fast.rollout.sampler import SamplingConfig, generate
+from tests.helpers.spawn import run_ranks
 
 MAX_LEN = 12
 # (offset, n): prefill, one-token steps, a multi-token step after the prompt, rewinds
@@ -389,18 +388,9 @@ def test_reset_bad_max_len(policy):
 
 # ----------------------------------------------------------------------------- two ranks
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
+def _worker(rank: int, ckpt: str, out_dir: str) -> None:
     """Each layout in turn on this rank: TP2 (sequence parallel), EP2 (x DP2; also with the
     grouped expert kernels), PP2."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
     from r1fast.policy.config import ParallelConfig
     from r1fast.policy.hf_checkpoint import load_hf_checkpoint, load_model_config
     from r1fast.policy.model import build_policy
@@ -438,8 +428,7 @@ def test_tp2_ep2_pp2_match_recomputation_and_one_rank(policy, tmp_path):
 
     ckpt = str(tmp_path / "ckpt")
     save_hf_checkpoint(policy, ckpt)
-    mp.start_processes(_worker, args=(2, _free_port(), ckpt, str(tmp_path)), nprocs=2,
-                       join=True, start_method="spawn")
+    run_ranks(2, _worker, ckpt, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     one_rank = {dp: run_schedule(RecomputeDecoder(policy), batch_tokens(100 + dp)) for dp in (0, 1)}
     completions = sample(RecomputeDecoder(policy), 256).completion_ids

@@ -11,13 +11,13 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from r1fast.rollout.kv_cache import KVCacheDecoder
 from r1fast.rollout.recompute import RecomputeDecoder
 from r1fast.rollout.sampler import SamplingConfig, generate
-from tests.rollout.test_kv_cache import (MAX_LEN, TOL, _free_port, batch_tokens, max_diff,
-                                         run_schedule, sharpen)
+from tests.helpers.spawn import run_ranks
+from tests.rollout.test_kv_cache import (MAX_LEN, TOL, batch_tokens, max_diff, run_schedule,
+                                         sharpen)
 
 YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_position=8,
             rope_mscale=1.0, rope_mscale_all_dim=1.0)
@@ -119,10 +119,7 @@ def test_the_cache_is_the_latent_poisoned_until_written():
         destroy_parallel()
 
 
-def _tp2_worker(rank: int, world: int, port: int, ckpt: str, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _tp2_worker(rank: int, ckpt: str, out_dir: str) -> None:
     from r1fast.policy.config import ParallelConfig
     from r1fast.policy.hf_checkpoint import load_hf_checkpoint, load_model_config
     from r1fast.policy.model import build_policy
@@ -150,8 +147,7 @@ def test_tp2_sequence_parallel_equals_one_rank(tmp_path):
         ref = run_schedule(RecomputeDecoder(policy), batch_tokens(100))
     finally:
         destroy_parallel()
-    mp.start_processes(_tp2_worker, args=(2, _free_port(), ckpt, str(tmp_path)), nprocs=2,
-                       join=True, start_method="spawn")
+    run_ranks(2, _tp2_worker, ckpt, str(tmp_path))
     scale = max(x.abs().max().item() for x in ref)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
