@@ -233,7 +233,9 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     T' = T padded for sequence parallelism, the pads hidden) and None, or None and
     :class:`SegmentedSeqParams` (``"segments"``; the pads one more sequence), or, for MLA on
     r1fast's MLACoreAttention, no mask and the thd boundaries MLA would find in the positions
-    (the sequence-parallel pads continue the last sequence, after every real token of it).
+    (the sequence-parallel pads continue the last sequence, after every real token of it);
+    there, a row that holds one sequence gives ``(None, None, None)``: its positions are the
+    default ``0 .. T-1``, which MLA then takes without reading them off the device.
     Everything is derived on the host from ``cu_seqlens`` (give the host copy) and sent to
     the device without a wait (r1fast.policy.packed)."""
     mode = getattr(policy, "packed_attention", "segments")
@@ -257,8 +259,11 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
         # MLA ropes the restarted positions itself from thd boundaries (the ones
         # r1fast.policy.mla.mla_packed_params would read off the positions, built here on the
         # host); its core attention attends per sequence from them (no mask)
+        thd = mla_thd_params(cu_seqlens, padded, policy.device)
+        if thd is None:  # one sequence: explicit positions would only make MLA read them
+            return None, None, None
         pos, _ = packed_layout(cu_seqlens, length, policy.device, mask=False)
-        return pos, None, mla_thd_params(cu_seqlens, padded, policy.device)
+        return pos, None, thd
     if mode == "mask" or policy.model_cfg.is_mla:  # MLA on another core attention: the mask
         pos, mask = packed_layout(cu_seqlens, length, policy.device)
         if padded > length:  # pads see nothing real, and nothing real sees them

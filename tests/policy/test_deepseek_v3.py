@@ -349,6 +349,31 @@ def _packed(lengths=(5, 9, 4), seed=6):
     return rows, torch.cat([t for t, _ in rows], 1), torch.cat([y for _, y in rows], 1), cu
 
 
+def test_packed_mla_row_of_one_sequence_takes_the_default_positions(saved, monkeypatch):
+    """A packed row holding one sequence hands MLA no positions and no boundaries (its
+    positions are the default 0..T-1), so the forward reads nothing off them; its log-probs
+    are those of the unpacked row."""
+    from r1fast.policy import model
+    from r1fast.policy.hf_checkpoint import load_hf_checkpoint
+    from r1fast.policy.packed_attention import packed_inputs
+
+    _, path = saved
+    rows, _, _, _ = _packed(lengths=(11,))
+    tokens, targets = rows[0]
+    cu = torch.tensor([[0, 11]])
+    policy = build_policy(load_model_config(path), ParallelConfig(), trainable=False)
+    load_hf_checkpoint(policy, path)
+    assert packed_inputs(policy, cu, 11) == (None, None, None)
+    plain = policy.logprobs(tokens, targets)
+    real, given = model.mla_packed_params, []  # the positions the forward hands MLA
+    monkeypatch.setattr(model, "mla_packed_params",
+                        lambda pos, *a: given.append(pos) or real(pos, *a))
+    packed = policy.logprobs(tokens, targets, cu_seqlens=cu)
+    assert given and all(pos is None for pos in given)
+    assert torch.equal(packed, plain)
+    destroy_parallel()
+
+
 @pytest.mark.parametrize("recompute", ["none", "selective"])
 def test_packed_mla_equals_each_sequence_alone(saved, recompute):
     """One row of packed sequences (YaRN, q LoRA): log-probs equal transformers' on each
