@@ -41,7 +41,8 @@ def launch(world_size: int, scenario: str, args: dict[str, Any], timeout: float 
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   PYTHONWARNINGS="ignore")
+                   PYTHONWARNINGS="ignore",
+                   PYTHONFAULTHANDLER="1")  # a rank killed by a signal logs every stack
         env.setdefault("TRITON_INTERPRET", "1")
         log = open(os.path.join(out, f"rank{rank}.log"), "w")
         procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__), scenario, out],
