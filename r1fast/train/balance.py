@@ -21,7 +21,9 @@ DP, so the update equals the unbalanced one up to float rounding (tested). Row-l
 (tokens, masks, advantages, sampler log-probs, R3 routing tables) travel together.
 
 Cost: ``dp`` integers per row to every rank, then each row that changes rank is sent once, to
-its new rank (host tensors, pickled); rows that stay are not sent.
+its new rank (host tensors, pickled); rows that stay are not sent. :class:`BalanceStats`
+counts the rows and tensor bytes a rank sent (GRPO logs them as ``dp_balance_rows_sent`` and
+``dp_balance_bytes_sent``; tests/train/test_balance.py checks them against the rows that moved).
 """
 from __future__ import annotations
 
@@ -52,10 +54,17 @@ def balanced_partition(lengths: Sequence[int], parts: int) -> list[list[int]]:
 
 @dataclasses.dataclass
 class BalanceStats:
-    """Real tokens on the fullest rank over the mean rank, before and after balancing."""
+    """What balancing did, seen from one rank."""
 
     before: float
+    """Real tokens on the fullest rank over the mean rank, before balancing."""
     after: float
+    """The same ratio after balancing."""
+    rows_sent: int = 0
+    """Rows this rank sent to other ranks (its rows that stay are not sent)."""
+    bytes_sent: int = 0
+    """Tensor bytes of those rows (every UpdateBatch field and routing table; the pickling
+    around them not counted)."""
 
 
 def _imbalance(tokens_per_rank: Sequence[int]) -> float:
@@ -68,7 +77,7 @@ def balance_over_dp(batch: UpdateBatch, routing: Optional[dict[int, torch.Tensor
                     ) -> tuple[UpdateBatch, Optional[dict[int, torch.Tensor]], BalanceStats]:
     """This rank's rows after balancing each of the ``mini_batches`` over the ``dp`` ranks of
     ``group`` (module doc); ``routing`` ({layer: [N, L, k]} or None) follows its rows."""
-    parts, before, after = [], [0] * dp, [0] * dp
+    parts, before, after, rows_sent, bytes_sent = [], [0] * dp, [0] * dp, 0, 0
     for sl in split_even(batch.num_rows, mini_batches):
         local = {"batch": batch.rows(sl),
                  "routing": None if routing is None else {k: v[sl] for k, v in routing.items()}}
@@ -80,7 +89,9 @@ def balance_over_dp(batch: UpdateBatch, routing: Optional[dict[int, torch.Tensor
         for r in range(dp):
             before[r] += sum(lengths[r * per:(r + 1) * per])
             after[r] += sum(lengths[i] for i in split[r])
-        pieces = _exchange(local, split, per, group, dp_rank, dp)  # by source rank
+        pieces, sent = _exchange(local, split, per, group, dp_rank, dp)  # by source rank
+        rows_sent += sum(p["batch"].num_rows for p in sent)
+        bytes_sent += sum(_nbytes(p) for p in sent)
         mine = UpdateBatch.cat([p["batch"] for p in pieces])  # global row order
         table = None if routing is None else {
             k: torch.cat([p["routing"][k] for p in pieces]) for k in routing}
@@ -88,14 +99,23 @@ def balance_over_dp(batch: UpdateBatch, routing: Optional[dict[int, torch.Tensor
     out = UpdateBatch.cat([b for b, _ in parts])
     table = None if routing is None else {k: torch.cat([t[k] for _, t in parts])
                                           for k in routing}
-    return out, table, BalanceStats(_imbalance(before), _imbalance(after))
+    return out, table, BalanceStats(_imbalance(before), _imbalance(after), rows_sent,
+                                    bytes_sent)
+
+
+def _nbytes(piece: dict) -> int:
+    """Tensor bytes of an exchanged ``{"batch", "routing"}`` piece."""
+    tables = list((piece["routing"] or {}).values())
+    fields = [getattr(piece["batch"], f.name) for f in dataclasses.fields(piece["batch"])]
+    return sum(t.numel() * t.element_size() for t in fields + tables)
 
 
 def _exchange(local: dict, split: list[list[int]], per: int, group, dp_rank: int,
-              dp: int) -> list[dict]:
+              dp: int) -> tuple[list[dict], list[dict]]:
     """The rows of ``split[dp_rank]`` (global indices; rank r holds ``r*per .. r*per+per-1``)
     as ``[{"batch", "routing"}]`` per source rank, ascending: each source scatters to every
-    rank the rows of that rank's part it holds, itself included (kept, not sent)."""
+    rank the rows of that rank's part it holds, itself included (kept, not sent). Also the
+    pieces this rank sent to the others."""
     def take(rows: list[int]) -> dict:
         idx = torch.tensor(rows, dtype=torch.long)
         return {"batch": local["batch"].rows(idx), "routing": None if local["routing"] is None
@@ -114,4 +134,4 @@ def _exchange(local: dict, split: list[list[int]], per: int, group, dp_rank: int
                                  group=group)
         if src != dp_rank:
             pieces.append(box[0])
-    return pieces
+    return pieces, [o for r, o in enumerate(outgoing) if r != dp_rank]

@@ -212,7 +212,9 @@ class GRPOTrainer:
         metrics = self._step_metrics(samples.rollout, rewards, batch, old, truncated, upd, timing)
         if balance is not None:  # the fullest DP rank's tokens over the mean rank's
             metrics.update(dp_token_imbalance_before=balance.before,
-                           dp_token_imbalance_after=balance.after)
+                           dp_token_imbalance_after=balance.after,
+                           dp_balance_rows_sent=balance.rows_sent,  # by this rank
+                           dp_balance_bytes_sent=balance.bytes_sent)
         return metrics
 
     def _rollout(self, examples: list[dict]) -> RolloutBatch:

@@ -93,3 +93,13 @@ def test_exchange_gives_each_rank_its_part(tmp_path, world):
             assert torch.equal(r["table"][i, :, 0], (src.tokens[j] % 7).to(torch.uint8))
         # mini-batch 0 is rows 0-1 of both ranks (advantages < 2 or 10-11): it stays mini-batch 0
         assert all(a % 10 < 2 for a in out.advantages[:2].tolist())
+    # only the rows that change rank are sent, each once: a row's tensors (every field at
+    # L=80, and its [80, 1] uint8 routing table) per row that moved
+    row = res[0]["in"].rows(slice(0, 1))
+    row_bytes = sum(t.numel() * t.element_size() for t in vars(row).values()) + 80
+    for rank, r in enumerate(res):
+        mine = {float(a) for a in r["in"].advantages}
+        moved = sum(float(a) in mine for o, other in enumerate(res) if o != rank
+                    for a in other["out"].advantages)
+        assert r["stats"].rows_sent == moved and r["stats"].bytes_sent == moved * row_bytes
+    assert sum(r["stats"].rows_sent for r in res) > 0  # the skewed batch does move rows

@@ -139,6 +139,7 @@ def test_parallel_steps_equal_one_rank(tmp_path, world, layout, packed):
         assert a["reward_std"] > 0  # the policy gradient is not trivially zero
         if packed and world == 4:  # DP2: rows balanced over the DP ranks (r1fast.train.balance)
             assert b["dp_token_imbalance_after"] <= b["dp_token_imbalance_before"], b
+            assert b["dp_balance_rows_sent"] >= 0 and b["dp_balance_bytes_sent"] >= 0, b
         for key in ("reward_mean", "response_length", "loss", "grad_norm", "kl", "entropy",
                     "clip_frac", "logp_mismatch"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
