@@ -12,17 +12,12 @@ signal SIGABRT".
 """
 import faulthandler
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from r1fast.policy.parallel import free_port
 
 
 def _one_thread_with_stacks() -> None:

@@ -3,9 +3,10 @@ or both on the one GPU of a ``make gpu-check`` machine (NCCL refuses two ranks o
 gloo all-reduces CUDA tensors), where the Triton paths run compiled.
 
 Each rank (``tests.helpers.spawn.run_gloo``) builds the same inputs (seeded), runs the
-unsharded op and the sharded op (``tp_group``) and checks that logp, entropy and dx are the unsharded values and that its dW is
-its shard's rows of the unsharded dW, for the torch reference and the Triton path (interpreter
-on CPU). Targets fall on both shards, and some rows are ignored.
+unsharded op and the sharded op (``tp_group``) and checks that logp, entropy and dx are the
+unsharded values and that its dW is its shard's rows of the unsharded dW, for the torch
+reference and the Triton path (interpreter on CPU). Targets fall on both shards, and some rows
+are ignored.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from r1fast.plan import (GiB, format_plan, measure_saved_bytes, measure_state_by
                          plan_memory)
 from r1fast.plan.memory import stage_activation_bytes, stage_params, total_params
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.parallel import free_port
 from r1fast.train.config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +135,7 @@ def test_per_rank_counts_match_megatron_layouts(tmp_path):
     out = tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-           "--master-port", str(_free_port()), str(Path(__file__).with_name("_plan_worker.py")),
+           "--master-port", str(free_port()), str(Path(__file__).with_name("_plan_worker.py")),
            str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -151,14 +152,6 @@ def test_per_rank_counts_match_megatron_layouts(tmp_path):
             par = ParallelConfig(tp=tp, pp=pp, ep=ep, world_size=4)
             planned = stage_activation_bytes(m, par, 0, 2 * 24, 24, "none", "local")
             assert planned == pytest.approx(r["saved"], rel=0.03), r
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- the big recipes
