@@ -245,15 +245,23 @@ def moe_permute(T: int = 16384, k: int = 8, hidden: tuple[int, ...] = (4096, 716
         K.gather_combine(y, row_map, wts)
 
 
-def moe_experts(rows: int = 2048) -> None:
-    """The grouped expert MLP of decoding (256 rows x top-8), bf16, at Qwen3-30B-A3B's and
-    DeepSeek-V3's expert sizes."""
+def moe_experts(rows: int = 2048, train_rows: int = 16384) -> None:
+    """The grouped expert MLP, bf16, at Qwen3-30B-A3B's and DeepSeek-V3's expert sizes: the
+    forward of decoding (256 rows x top-8), and the training forward (keeping ``[g | u]``) and
+    backward of 2048 tokens x top-8."""
     from r1fast.kernels import moe_experts as K
 
     for E, H, F in ((128, 2048, 768), (256, 7168, 2048)):
         tables = [_meta(E, dtype=torch.int64) for _ in range(2)]
-        K.grouped_swiglu_mlp(_meta(rows, H, dtype=torch.bfloat16), _meta(E, dtype=torch.int64),
-                             *tables, _meta(rows), F)
+        counts = _meta(E, dtype=torch.int64)
+        K.grouped_swiglu_mlp(_meta(rows, H, dtype=torch.bfloat16), counts, *tables,
+                             _meta(rows), F)
+        x, pre = _meta(train_rows, H, dtype=torch.bfloat16), _meta(train_rows, 2 * F,
+                                                                  dtype=torch.bfloat16)
+        h, probs = _meta(train_rows, F, dtype=torch.bfloat16), _meta(train_rows)
+        K.grouped_swiglu_mlp(x, counts, *tables, probs, F, pre=pre, h=h)
+        K.grouped_swiglu_mlp_backward(_meta(train_rows, H, dtype=torch.bfloat16), x, pre, h,
+                                      counts, *tables, probs)
 
 
 def group_advantages(n_groups: int = 4096, group_size: int = 16) -> None:

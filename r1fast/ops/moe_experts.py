@@ -1,27 +1,31 @@
-"""The routed experts of a MoE layer in two grouped launches, for decoding: every expert's
-SwiGLU MLP over its rows, with the row counts left on the device.
+"""The routed experts of a MoE layer as grouped launches: every expert's SwiGLU MLP over its
+rows, forward and backward, with the row counts left on the device.
 
-    y[r] = (silu(x[r] W1a_e^T) * (x[r] W1b_e^T + offset) * p[r]) W2_e^T,   e = expert of row r,
+    y[r] = (silu(g_r) * (u_r + offset) * p[r]) W2_e^T,     [g_r | u_r] = x[r] W1_e^T,
 
-for rows ``x [n, H]`` sorted by expert (``counts [E]`` rows each, megatron's permuted order),
-``fc1_e = [W1a_e; W1b_e]`` of shape ``[2F, H]`` and ``fc2_e [H, F]`` -- megatron's gated-SiLU
-``MLP`` of each local expert, the probabilities applied after the activation as megatron does
-without ``moe_apply_probs_on_input``.
+with e the expert of row r, for rows ``x [n, H]`` sorted by expert (``counts [E]`` rows each,
+megatron's permuted order), ``fc1_e = [W1a_e; W1b_e]`` of shape ``[2F, H]`` and ``fc2_e [H, F]``
+-- megatron's gated-SiLU ``MLP`` of each local expert, the probabilities applied after the
+activation as megatron does without ``moe_apply_probs_on_input``.
 
 megatron's sequential experts, on a GPU without Transformer Engine, run this as ~7 launches per
-expert after the host has read the counts (``tokens_per_expert.tolist()``, a wait for the GPU
-in every MoE layer). In a decoding step, with a few rows per expert, that is launch-bound:
-~900 launches per layer at E=128. :func:`moe_grouped_swiglu` is two Triton launches
-(``r1fast.kernels.moe_experts``) that find each tile's expert from the counts on the device;
-the weights stay in megatron's per-expert parameters and are reached through a table of their
-addresses (:class:`ExpertTable`, built once and rebuilt when a weight moves).
+expert (more in the backward) after the host has read the counts (``tokens_per_expert.tolist()``,
+a wait for the GPU in every MoE layer). With a few rows per expert (decoding) that is
+launch-bound: ~900 launches per layer at E=128. :func:`moe_grouped_swiglu` is two Triton
+launches forward and four backward (``r1fast.kernels.moe_experts``) that find each tile's
+expert from the counts on the device; the weights stay in megatron's per-expert parameters and
+are reached through a table of their addresses (:class:`ExpertTable`, built once and rebuilt
+when a weight moves). Under autograd the forward also keeps the pre-activations ``[g | u]``
+``[n, 2F]`` and ``h [n, F]`` for the backward (megatron's MLP keeps as much), and the weight
+gradients arrive as views of one ``[E, ...]`` tensor per projection.
 
-Forward only: the rollout decoder uses it (``r1fast.policy.local_experts.grouped_experts``);
-the trainer's forwards and backwards keep megatron's experts, so old and new log-probs come
-from the same arithmetic. Accumulation is fp32 and the activation is applied to the fp32
-accumulators (megatron rounds gate/up to the parameter dtype first), so in bf16 the two agree
-to bf16 rounding, not bitwise. The torch path (``impl="torch"``, any device) loops over the
-experts with host counts in fp32; ``naive_moe_grouped_swiglu`` is the fp64 ground truth.
+Users: the rollout decoder (``r1fast.policy.local_experts.grouped_experts``, forward only) and
+the trainer (``parallel.experts``: ``r1fast.policy.local_experts.use_grouped_experts``). The
+pre-activations are rounded to the rows' dtype before the activation, as megatron's linear
+returns them; the activation and the probability are applied in fp32 and rounded once
+(megatron rounds after each op), so in bf16 the two agree to bf16 rounding, not bitwise. The
+torch path (``impl="torch"``, any device) loops over the experts with host counts (autograd
+through torch ops); ``naive_moe_grouped_swiglu`` is the fp64 ground truth.
 """
 from __future__ import annotations
 
@@ -105,17 +109,55 @@ def moe_grouped_swiglu(x: Tensor, counts: Tensor, experts: ExpertTable, probs: T
     if experts.hidden != H or experts.fc1[0].dtype != x.dtype:
         raise ValueError(f"moe_grouped_swiglu: experts take [n, {experts.hidden}] "
                          f"{experts.fc1[0].dtype} rows, got {list(x.shape)} {x.dtype}")
-    if torch.is_grad_enabled() and (x.requires_grad or experts.fc1[0].requires_grad):
-        raise ValueError("moe_grouped_swiglu is forward-only (decoding); run it under "
-                         "torch.no_grad(), training uses megatron's experts")
     supported = ["torch", "triton"] if x.dtype in _FAST_DTYPES else ["torch"]
     chosen = resolve_impl("moe_grouped_swiglu", impl, x.device, supported=supported)
     if chosen == "torch":
         return _reference(x, counts, experts, probs, glu_offset)
+    counts = counts.to(x.device)
+    weights = experts.fc1 + experts.fc2
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [x, probs] + weights):
+        return _GroupedSwiGLU.apply(x, probs, counts, experts, float(glu_offset), *weights)
     from r1fast.kernels.moe_experts import grouped_swiglu_mlp  # lazy: needs triton
 
     fc1, fc2 = experts.tables()
-    return grouped_swiglu_mlp(x, counts.to(x.device), fc1, fc2, probs, F, glu_offset)
+    return grouped_swiglu_mlp(x, counts, fc1, fc2, probs, F, glu_offset)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """The Triton path under autograd: the forward keeps ``[g | u]`` and ``h``, the backward
+    is four grouped launches (``r1fast.kernels.moe_experts``)."""
+
+    @staticmethod
+    def forward(ctx, x, probs, counts, experts: ExpertTable, glu_offset: float, *weights):
+        from r1fast.kernels.moe_experts import grouped_swiglu_mlp  # lazy: needs triton
+
+        n, F = x.shape[0], experts.ffn
+        fc1, fc2 = experts.tables()
+        pre, h = x.new_empty((n, 2 * F)), x.new_empty((n, F))  # kept for the backward
+        y = grouped_swiglu_mlp(x, counts, fc1, fc2, probs, F, glu_offset, h=h, pre=pre)
+        # the weights too: autograd's version check then refuses a backward after they
+        # changed in place (the tables point at them)
+        ctx.save_for_backward(x, probs, counts, pre, h, fc1, fc2, *weights)
+        ctx.glu_offset = glu_offset
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        from r1fast.kernels.moe_experts import grouped_swiglu_mlp_backward
+
+        x, probs, counts, pre, h, fc1, fc2 = ctx.saved_tensors[:7]
+        need_x, need_probs = ctx.needs_input_grad[:2]
+        need_w = any(ctx.needs_input_grad[5:])
+        E = counts.numel()
+        grads = grouped_swiglu_mlp_backward(dy, x, pre, h, counts, fc1, fc2, probs,
+                                            ctx.glu_offset, x_grad=need_x, weights=need_w)
+        weight_grads = [None] * (2 * E)
+        if need_w:  # [E, 2F, H] and [E, H, F] -> one view per expert parameter
+            weight_grads = list(grads["fc1"].unbind(0)) + list(grads["fc2"].unbind(0))
+        return (grads["x"] if need_x else None,
+                grads["probs"].to(probs.dtype) if need_probs else None,
+                None, None, None, *weight_grads)
 
 
 def _reference(x: Tensor, counts: Tensor, experts: ExpertTable, probs: Tensor,
@@ -124,7 +166,9 @@ def _reference(x: Tensor, counts: Tensor, experts: ExpertTable, probs: Tensor,
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     sizes, out = counts.tolist(), []  # one host read
     for e, (xs, ps) in enumerate(zip(torch.split(x, sizes), torch.split(probs, sizes))):
-        gate, up = (xs.to(acc) @ experts.fc1[e].to(acc).t()).chunk(2, dim=-1)  # [n_e, F]
+        # [g | u] rounded to the rows' dtype, as the kernel and megatron's linear
+        pre = (xs.to(acc) @ experts.fc1[e].to(acc).t()).to(x.dtype).to(acc)  # [n_e, 2F]
+        gate, up = pre.chunk(2, dim=-1)  # [n_e, F] each
         h = torch.nn.functional.silu(gate) * (up + glu_offset) * ps.to(acc).unsqueeze(-1)
         h = h.to(x.dtype).to(acc)  # as the kernel (and megatron): h in the rows' dtype
         out.append((h @ experts.fc2[e].to(acc).t()).to(x.dtype))  # [n_e, H]

@@ -50,15 +50,21 @@ def test_linear_logprob_bf16_configs_do_not_spill_in_loops(tmp_path):
 
 
 def test_grouped_expert_configs_compile_without_spills(tmp_path):
-    """The decoding experts' two kernels, every autotune config, at Qwen3-30B-A3B's and
-    DeepSeek-V3's expert sizes: no stack frame at all, pipelined loads, and tensor cores
-    (wgmma from 64-row tiles; smaller tiles use mma.sync)."""
+    """The grouped experts' kernels, every autotune config, at Qwen3-30B-A3B's and DeepSeek-V3's
+    expert sizes: no stack frame at all, pipelined loads, and tensor cores (wgmma from 64-row
+    tiles; smaller tiles use mma.sync). Compiled: fc1 for decoding and for training (keeping
+    [g | u]); the row GEMM as y = h W2^T (decoding's and training's row counts share a
+    specialisation), dh = dy W2 with the SwiGLU backward (its own configs), dx = da W1; the
+    weight gradients of fc1 and fc2 (one specialisation serves both)."""
     from r1fast.kernels import moe_experts as K
 
     rows = _report(tmp_path, "moe_experts")
-    for name, kernel in (("fc1", "_fc1_swiglu_kernel"), ("fc2", "_fc2_kernel")):
+    per_size = {"_fc1_swiglu_kernel": 2 * len(K._configs("fc1")),
+                "_rows_kernel": 2 * len(K._configs("rows")) + len(K._configs("dh")),
+                "_weight_grad_kernel": len(K._configs("wgrad"))}  # fc1's and fc2's: one build
+    for kernel, count in per_size.items():
         mine = [r for r in rows if r["kernel"] == kernel]
-        assert len(mine) == 2 * len(K._configs(name))  # two model sizes
+        assert len(mine) == 2 * count, (kernel, len(mine))  # two model sizes
         for r in mine:
             where = f"{kernel} {r['constexprs']} {r['num_warps']}x{r['num_stages']}"
             assert r["stack_bytes"] == 0 and r["ldgsts"] > 0, where

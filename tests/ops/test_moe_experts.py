@@ -1,8 +1,9 @@
-"""moe_grouped_swiglu (r1fast.ops.moe_experts): every expert's SwiGLU MLP over its rows in two
-grouped launches, against a row-by-row fp64 loop: odd sizes, experts with no rows, one
-expert, no rows at all, any split of the rows (hypothesis); every output row written (outputs
-poisoned first); the address table rebuilt when a weight moves; forward only; one test per bad
-input."""
+"""moe_grouped_swiglu (r1fast.ops.moe_experts): every expert's SwiGLU MLP over its rows in
+grouped launches, against a row-by-row fp64 loop (forward) and fp64 autograd (the gradients of
+x, probs and every expert's two weights): odd sizes, experts with no rows, one expert, no rows
+at all, any split of the rows (hypothesis); every output and gradient element written (outputs
+poisoned first); the address table rebuilt when a weight moves; a weight changed between
+forward and backward refused; one test per bad input."""
 from __future__ import annotations
 
 import pytest
@@ -100,12 +101,6 @@ def test_the_table_follows_a_moved_weight(impl):
     assert torch.equal(after[:4], before[:4]) and not torch.allclose(after[4:], before[4:])
 
 
-def test_forward_only():
-    x, c, fc1, fc2, probs = _case([2, 3], 8, 8, torch.float32)
-    with pytest.raises(ValueError, match="forward-only"):
-        moe_grouped_swiglu(x.requires_grad_(), c, ExpertTable(fc1, fc2), probs, impl="torch")
-
-
 def _bad_table(kind):
     fc1 = [torch.randn(16, 8) for _ in range(2)]
     fc2 = [torch.randn(8, 8) for _ in range(2)]
@@ -142,3 +137,132 @@ def test_bad_inputs(field, value, match):
     table = ExpertTable([w.cpu() for w in fc1], [w.cpu() for w in fc2])
     with pytest.raises(ValueError, match=match), torch.no_grad():
         moe_grouped_swiglu(args["x"], args["counts"], table, args["probs"], impl="torch")
+
+
+# ----------------------------------------------------------------------------- gradients
+
+#: max |grad - fp64| / max |fp64| per gradient: 16-bit runs round [g | u], h, da and the results
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 6e-3}
+
+
+def _fp64_grads(x, counts, fc1, fc2, probs, dy, offset):
+    """y and the gradients of x, probs, fc1[e], fc2[e] by fp64 autograd of the formula, one
+    expert at a time (independent of both impls' code)."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in [x, probs, *fc1, *fc2]]
+    xd, pd, w1, w2 = leaves[0], leaves[1], leaves[2:2 + len(fc1)], leaves[2 + len(fc1):]
+    outs, r = [], 0
+    for e, c in enumerate(counts):
+        gate, up = (xd[r:r + c] @ w1[e].t()).chunk(2, dim=-1)
+        outs.append((gate * torch.sigmoid(gate) * (up + offset) * pd[r:r + c, None]) @ w2[e].t())
+        r += c
+    y = torch.cat(outs)
+    grads = torch.autograd.grad(y, leaves, dy.detach().cpu().double(), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return y, grads
+
+
+def _grads(x, c, fc1, fc2, probs, dy, offset, impl):
+    leaves = [t.detach().clone().requires_grad_() for t in [x, probs, *fc1, *fc2]]
+    E = len(fc1)
+    table = ExpertTable(leaves[2:2 + E], leaves[2 + E:])
+    y = moe_grouped_swiglu(leaves[0], c, table, leaves[1], glu_offset=offset, impl=impl)
+    y.backward(dy)
+    return y, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("counts,H,F,dtype", [
+    ([3, 0, 5, 1], 24, 20, torch.float32),  # an expert with no rows
+    ([40], 8, 8, torch.float32),  # one expert, several row tiles
+    ([17, 2, 0, 0, 9], 33, 40, torch.bfloat16),  # odd H, F beyond one tile
+    ([1, 1, 1, 1, 1, 1, 1], 17, 5, torch.float16),  # more experts than rows per expert
+    ([0, 0, 0], 16, 16, torch.float32),  # no rows at all: zero weight gradients
+])
+def test_gradients_match_fp64_autograd(impl, counts, H, F, dtype):
+    x, c, fc1, fc2, probs = _case(counts, H, F, dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    y, grads = _grads(x, c, fc1, fc2, probs, dy, 0.5, impl)
+    y64, want = _fp64_grads(x, counts, fc1, fc2, probs, dy, 0.5)
+    assert _rel_err(y, y64.detach()) <= TOL[dtype]
+    names = ["x", "probs"] + [f"fc1[{e}]" for e in range(len(counts))] + \
+        [f"fc2[{e}]" for e in range(len(counts))]
+    scale = {}  # a gradient is judged against the largest of its kind (all experts' fc1, ...)
+    for name, w in zip(names, want):
+        kind = name.split("[")[0]
+        scale[kind] = max(scale.get(kind, 0.0), w.abs().max().item() if w.numel() else 0.0)
+    for name, g, w in zip(names, grads, want):
+        assert g is not None and g.dtype == (torch.float32 if name == "probs" else dtype), name
+        err = (g.double().cpu() - w).abs().max().item() if w.numel() else 0.0
+        assert err <= GRAD_TOL[dtype] * max(scale[name.split("[")[0]], 1e-30), (name, err)
+
+
+@needs_triton
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(counts=st.lists(st.integers(0, 21), min_size=1, max_size=6),
+       H=st.integers(1, 20), F=st.integers(1, 20), seed=st.integers(0, 999))
+def test_property_gradients_for_any_split_of_rows(counts, H, F, seed):
+    x, c, fc1, fc2, probs = _case(counts, H, F, torch.float32, seed)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    _, grads = _grads(x, c, fc1, fc2, probs, dy, 0.0, "triton")
+    _, want = _fp64_grads(x, counts, fc1, fc2, probs, dy, 0.0)
+    for g, w in zip(grads, want):
+        if w.numel():
+            scale = max(w.abs().max().item(), 1e-6)
+            assert (g.double().cpu() - w).abs().max().item() <= GRAD_TOL[torch.float32] * scale
+
+
+@needs_triton
+def test_backward_kernels_write_every_element():
+    """da, dx and both weight gradients poisoned with NaN: every element is written, an
+    expert with no rows gets exact zeros, and the unpoisoned call agrees bitwise."""
+    from r1fast.kernels.moe_experts import grouped_swiglu_mlp, grouped_swiglu_mlp_backward
+
+    counts, H, F = [5, 0, 19, 3], 21, 18
+    x, c, fc1, fc2, probs = _case(counts, H, F, torch.float32)
+    table = ExpertTable(fc1, fc2)
+    n, E = x.shape[0], len(counts)
+    pre = torch.full((n, 2 * F), float("nan"), device=DEVICE)
+    h = torch.full((n, F), float("nan"), device=DEVICE)
+    grouped_swiglu_mlp(x, c, *table.tables(), probs, F, 0.25, h=h, pre=pre)
+    assert torch.isfinite(pre).all() and torch.isfinite(h).all()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    nan = float("nan")
+    poisoned = {"da": torch.full((n, 2 * F), nan, device=DEVICE),
+                "x": torch.full_like(x, nan), "fc1": torch.full((E, 2 * F, H), nan, device=DEVICE),
+                "fc2": torch.full((E, H, F), nan, device=DEVICE)}
+    got = grouped_swiglu_mlp_backward(dy, x, pre, h, c, *table.tables(), probs, 0.25,
+                                      out=poisoned)
+    clean = grouped_swiglu_mlp_backward(dy, x, pre, h, c, *table.tables(), probs, 0.25)
+    for name in ("x", "probs", "fc1", "fc2"):
+        assert torch.isfinite(got[name]).all(), name
+        assert torch.equal(got[name], clean[name]), name
+    assert torch.isfinite(poisoned["da"]).all()
+    assert not got["fc1"][1].any() and not got["fc2"][1].any()  # expert 1 has no rows
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_the_gradients_asked_for(impl):
+    """Weights that need gradients with rows that do not (a frozen embedding upstream), and the
+    reverse: autograd gets exactly the gradients it asked for, and they match."""
+    x, c, fc1, fc2, probs = _case([4, 0, 7], 12, 10, torch.float32)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    _, want = _fp64_grads(x, [4, 0, 7], fc1, fc2, probs, dy, 0.0)
+    w1 = [w.clone().requires_grad_() for w in fc1]
+    y = moe_grouped_swiglu(x, c, ExpertTable(w1, fc2), probs, impl=impl)
+    y.backward(dy)
+    for e, w in enumerate(w1):
+        assert (w.grad.double().cpu() - want[2 + e]).abs().max() <= 1e-4
+    xr = x.clone().requires_grad_()
+    moe_grouped_swiglu(xr, c, ExpertTable(fc1, fc2), probs, impl=impl).backward(dy)
+    assert (xr.grad.double().cpu() - want[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_weight_changed_before_the_backward_is_refused(impl):
+    x, c, fc1, fc2, probs = _case([3, 4], 8, 6, torch.float32)
+    w2 = [w.clone().requires_grad_() for w in fc2]
+    y = moe_grouped_swiglu(x.requires_grad_(), c, ExpertTable(fc1, w2), probs, impl=impl)
+    with torch.no_grad():
+        w2[0].mul_(2.0)  # an optimizer step between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
