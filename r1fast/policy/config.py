@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 import torch
 
-from r1fast.policy.config_checks import (MODEL_RANGES, PARALLEL_RANGES, check_fields,
+from r1fast.policy.config_checks import (MODEL_RANGES, PARALLEL_CHOICES, PARALLEL_RANGES,
+                                         check_fields, pipeline_stage_layers,
                                          validated_from_hf)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -451,6 +452,13 @@ class ParallelConfig:
     update so each holds about the same number of tokens (r1fast.train.balance; per
     mini-batch, deterministic, the same update up to rounding). Off: each rank updates on the
     rows it generated."""
+    experts: str = "auto"
+    """How the policy's forwards and backwards compute the routed experts (r1fast's lean
+    gated-SiLU experts, etp=1): "grouped" (r1fast's grouped Triton kernels, two launches
+    forward and four backward per MoE layer; on one rank the row counts stay on the GPU: no
+    wait per layer; an error where Triton cannot run), "sequential" (megatron's per-expert
+    loop: a launch per expert, the counts read on the host), "auto" (grouped on a GPU, the
+    loop on a CPU). The KV-cache decoder has its own ``rollout.experts``."""
 
     def __post_init__(self) -> None:
         self._check_fields()  # a bad [parallel] value fails at load time, naming the field
@@ -461,9 +469,10 @@ class ParallelConfig:
         if self.etp != 1:
             raise ValueError(f"ParallelConfig: etp (expert tensor parallel) must be 1, "
                              f"got {self.etp}")
-        if self.recompute not in ("none", "selective", "full"):
-            raise ValueError(f"ParallelConfig: recompute must be one of ('none', 'selective', "
-                             f"'full'), got {self.recompute!r}")
+        for name, allowed in PARALLEL_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ParallelConfig: {name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
         if self.sequence_parallel not in (None, True, False):
             raise ValueError(f"ParallelConfig: sequence_parallel must be None, true or false, "
                              f"got {self.sequence_parallel!r}")
@@ -492,30 +501,8 @@ class ParallelConfig:
     def stage_layers(self, num_layers: int) -> list[int]:
         """Layers of each pipeline stage (raises ValueError naming the field when the split
         does not add up to ``num_layers``)."""
-        first, last, pp = self.pp_first_stage_layers, self.pp_last_stage_layers, self.pp
-        for name, v in (("pp_first_stage_layers", first), ("pp_last_stage_layers", last)):
-            if v is not None and (pp == 1 or v < 1):
-                raise ValueError(f"ParallelConfig: {name} must be None at pp=1 and >= 1 "
-                                 f"otherwise, got {v} at pp={pp}")
-        if first is not None and last is not None and pp == 2 and first + last != num_layers:
-            raise ValueError(f"ParallelConfig: pp_first_stage_layers + pp_last_stage_layers "
-                             f"({first} + {last}) must equal num_layers ({num_layers}) at pp=2")
-        if first is None and last is None and num_layers % pp != 0:
-            raise ValueError(f"ParallelConfig: num_layers ({num_layers}) must be divisible by pp "
-                             f"({pp}), or set pp_first_stage_layers / pp_last_stage_layers")
-        middle = pp - (first is not None) - (last is not None)
-        rest = num_layers - (first or 0) - (last or 0)
-        if middle == 0 and rest != 0 or middle and (rest < middle or rest % middle != 0):
-            raise ValueError(f"ParallelConfig: pp_first_stage_layers/pp_last_stage_layers "
-                             f"({first}/{last}) do not split num_layers ({num_layers}) "
-                             f"over pp={pp} stages: {rest} layers left for {middle} stages")
-        each = rest // middle if middle else 0
-        out = [each] * pp
-        if first is not None:
-            out[0] = first
-        if last is not None:
-            out[-1] = last
-        return out
+        return pipeline_stage_layers(self.pp_first_stage_layers, self.pp_last_stage_layers,
+                                     self.pp, num_layers)
 
     def resolved_world_size(self) -> int:
         if self.world_size is not None:

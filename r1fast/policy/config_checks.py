@@ -101,6 +101,43 @@ PARALLEL_RANGES: dict[str, Range] = {
 }
 """ParallelConfig's numeric fields."""
 
+PARALLEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "recompute": ("none", "selective", "full"),
+    "experts": ("auto", "grouped", "sequential"),
+}
+"""ParallelConfig's fields that take one of a few names."""
+
+
+def pipeline_stage_layers(first: Optional[int], last: Optional[int], pp: int,
+                          num_layers: int) -> list[int]:
+    """Layers of each of ``pp`` pipeline stages, ``first``/``last`` on the first/last stage
+    when given (ParallelConfig's ``pp_first_stage_layers``/``pp_last_stage_layers``), the
+    middle stages an even share; raises ValueError naming the field when the split does not
+    add up to ``num_layers``."""
+    for name, v in (("pp_first_stage_layers", first), ("pp_last_stage_layers", last)):
+        if v is not None and (pp == 1 or v < 1):
+            raise ValueError(f"ParallelConfig: {name} must be None at pp=1 and >= 1 "
+                             f"otherwise, got {v} at pp={pp}")
+    if first is not None and last is not None and pp == 2 and first + last != num_layers:
+        raise ValueError(f"ParallelConfig: pp_first_stage_layers + pp_last_stage_layers "
+                         f"({first} + {last}) must equal num_layers ({num_layers}) at pp=2")
+    if first is None and last is None and num_layers % pp != 0:
+        raise ValueError(f"ParallelConfig: num_layers ({num_layers}) must be divisible by pp "
+                         f"({pp}), or set pp_first_stage_layers / pp_last_stage_layers")
+    middle = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if middle == 0 and rest != 0 or middle and (rest < middle or rest % middle != 0):
+        raise ValueError(f"ParallelConfig: pp_first_stage_layers/pp_last_stage_layers "
+                         f"({first}/{last}) do not split num_layers ({num_layers}) "
+                         f"over pp={pp} stages: {rest} layers left for {middle} stages")
+    each = rest // middle if middle else 0
+    out = [each] * pp
+    if first is not None:
+        out[0] = first
+    if last is not None:
+        out[-1] = last
+    return out
+
 
 def check_fields(owner: str, obj: Any, ranges: dict[str, Range]) -> None:
     """Raise ``ValueError("<owner>: <field> must be <allowed>, got <value>")`` for the first

@@ -18,12 +18,16 @@ with ``torch.nn.functional.linear`` on the experts' own weights: the same math a
 biases, other activations, probabilities on the input, clamped GLU) runs megatron's forward.
 Gradients reach the weights through autograd as before (megatron DDP hooks ``param.grad``).
 
-Decoding (:func:`grouped_experts`, entered by the rollout decoder): the same experts as two
-grouped launches, :func:`r1fast.ops.moe_experts.moe_grouped_swiglu`, reading the per-expert
-row counts on the device. On one rank (no EP, no expert TP) the dispatcher then leaves the
-counts there (:class:`r1fast.policy.dispatcher.FixedOrderDispatcher`'s ``device_counts``), so a
-decoding step's MoE layers neither wait for the GPU nor launch per expert. Forward only; the
-trainer's forwards keep the loop above, so old and new log-probs share their arithmetic.
+The grouped kernels: the same experts as two grouped launches forward and four backward,
+:func:`r1fast.ops.moe_experts.moe_grouped_swiglu`, reading the per-expert row counts on the
+device. On one rank (no EP, no expert TP) the dispatcher then leaves the counts there
+(:class:`r1fast.policy.dispatcher.FixedOrderDispatcher`'s ``device_counts``), so the MoE layers
+neither wait for the GPU nor launch per expert. The trainer chooses them for its forwards and
+backwards with ``parallel.experts`` (:func:`use_grouped_experts`, at build time), the rollout
+decoder with ``rollout.experts`` (:func:`grouped_experts`, while it decodes). Both default to
+"auto": grouped on a GPU with Triton, the loop on a CPU. The two differ at the rounding of 16-bit
+runs (r1fast.ops.moe_experts), so old and new log-probs share their arithmetic only when the
+trainer's forwards all run one of them, which a built policy does.
 """
 from __future__ import annotations
 
@@ -101,46 +105,81 @@ class LeanSequentialMLP(SequentialMLP):
                                   impl=self.grouped_impl)
 
 
-@contextlib.contextmanager
-def grouped_experts(model: torch.nn.Module, mode: str = "auto") -> Iterator[Optional[str]]:
-    """While active, the lean experts of ``model`` compute through the grouped kernels (module
-    doc); yields the impl used, or None when the loop stays. ``mode``: "grouped" (an error
-    names what is missing: Triton on this device, or a layer that can use it), "sequential"
-    (the loop), "auto" (grouped on a GPU with Triton, the loop elsewhere)."""
+def _lean_layers(model: torch.nn.Module) -> list:
+    """The MoE layers of ``model`` whose experts are r1fast's lean ones (grouped-capable)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return [m for m in model.modules() if isinstance(m, MoELayer)
+            and isinstance(m.experts, LeanSequentialMLP) and m.experts._lean()]
+
+
+def _resolve(model: torch.nn.Module, mode: str, key: str) -> Optional[str]:
+    """The grouped kernels' impl ``mode`` gives ``model`` ("triton"), or None for the loop:
+    "grouped" is an error naming what is missing, "auto" on a GPU warns when it keeps
+    megatron's per-expert loop (not when the experts are Transformer Engine's grouped GEMM)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from r1fast.ops._dispatch import ImplUnavailableError, triton_missing
-    from r1fast.policy.dispatcher import FixedOrderDispatcher
 
     check_expert_mode(mode)
     moe = [m for m in model.modules() if isinstance(m, MoELayer)]
-    layers = [m for m in moe if isinstance(m.experts, LeanSequentialMLP) and m.experts._lean()]
     device = next(model.parameters()).device
-    why = triton_missing(device) or (None if layers else "no MoE layer has r1fast's lean "
-                                     "experts (expert TP, fp8, biases or another activation)")
     if mode == "sequential" or (mode == "auto" and (device.type != "cuda" or not moe)):
-        yield None
-        return
-    if why:
-        if mode == "grouped":
-            raise ImplUnavailableError(f"experts='grouped' is unavailable: {why}")
-        log.warning("rollout: experts='auto' decodes through megatron's per-expert loop on "
-                    "this GPU (a launch per expert, a wait per MoE layer): %s", why)
-        yield None
-        return
+        return None
+    why = triton_missing(device) or (None if _lean_layers(model) else "no MoE layer has "
+                                     "r1fast's lean experts (expert TP, fp8, biases or another "
+                                     "activation)")
+    if why is None:
+        return "triton"
+    if mode == "grouped":
+        raise ImplUnavailableError(f"{key}='grouped' is unavailable: {why}")
+    if any(isinstance(m.experts, SequentialMLP) for m in moe):
+        log.warning("%s='auto' runs the experts through megatron's per-expert loop on this "
+                    "GPU (a launch per expert, a wait per MoE layer): %s", key, why)
+    return None
 
-    def switch(impl: Optional[str]) -> None:  # the experts' kernels, the counts' place
-        for layer in layers:
-            layer.experts.grouped_impl = impl
-            if isinstance(layer.token_dispatcher, FixedOrderDispatcher):
-                layer.token_dispatcher.device_counts = impl is not None
 
-    switch("triton")
-    log.info("rollout: %d MoE layers decode through the grouped expert kernels", len(layers))
+def _switch(layers: list, impls: list) -> None:
+    """Each layer's experts to its impl (None: the loop) and its dispatcher's counts to where
+    the experts read them (the device for the grouped kernels)."""
+    from r1fast.policy.dispatcher import FixedOrderDispatcher
+
+    for layer, impl in zip(layers, impls):
+        layer.experts.grouped_impl = impl
+        if isinstance(layer.token_dispatcher, FixedOrderDispatcher):
+            layer.token_dispatcher.device_counts = impl is not None
+
+
+def use_grouped_experts(model: torch.nn.Module, mode: str = "auto",
+                        key: str = "parallel.experts") -> Optional[str]:
+    """From now on, the lean experts of ``model`` compute (forward and backward) through the
+    grouped kernels, or through the loop; returns the impl used ("triton") or None. ``mode``
+    as :func:`grouped_experts`; ``key`` names the setting in errors and warnings."""
+    impl = _resolve(model, mode, key)
+    layers = _lean_layers(model)
+    _switch(layers, [impl] * len(layers))
+    if impl is not None:
+        log.info("%s: %d MoE layers compute through the grouped expert kernels", key,
+                 len(layers))
+    return impl
+
+
+@contextlib.contextmanager
+def grouped_experts(model: torch.nn.Module, mode: str = "auto",
+                    key: str = "rollout.experts") -> Iterator[Optional[str]]:
+    """While active, the lean experts of ``model`` compute through the grouped kernels (module
+    doc), or through the loop; yields the impl used, or None for the loop; leaving restores
+    what was set before (the trainer's :func:`use_grouped_experts`). ``mode``: "grouped" (an
+    error names what is missing: Triton on this device, or a layer that can use it),
+    "sequential" (the loop), "auto" (grouped on a GPU with Triton, the loop elsewhere)."""
+    impl = _resolve(model, mode, key)
+    layers = _lean_layers(model)
+    before = [layer.experts.grouped_impl for layer in layers]
+    _switch(layers, [impl] * len(layers))
     try:
-        yield "triton"
+        yield impl
     finally:
-        switch(None)
+        _switch(layers, before)
 
 
 def use_r1fast_moe(spec) -> None:

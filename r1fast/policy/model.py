@@ -125,8 +125,7 @@ class Policy:
 
     Attributes: ``model_cfg``, ``parallel_cfg``, ``info`` (:class:`ParallelInfo`),
     ``config`` (megatron TransformerConfig), ``module`` (the model as the optimizer sees it:
-    megatron DDP when trainable) and ``gpt`` (the bare GPTModel chunk).
-    """
+    megatron DDP when trainable) and ``gpt`` (the bare GPTModel chunk)."""
     packed_attention = "segments"  # packed rows attend per sequence; "mask": the [T, T] mask
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, info: ParallelInfo,
@@ -540,8 +539,7 @@ class Policy:
         microbatches of all DP ranks = the loss). Gradients land in the DDP buffers
         (``param.main_grad``), summed and finalised (DP reduce, TP reduce of replicated norms,
         embedding tie, expert-bias update) by megatron's finalize_model_grads; then call the
-        optimizer's ``step()``. Returns the per-microbatch ``metrics`` (last stage; [] elsewhere).
-        """
+        optimizer's ``step()``. Returns the per-microbatch ``metrics`` (last stage; else [])."""
         if not hasattr(self.module, "zero_grad_buffer"):
             raise RuntimeError("forward_backward needs a trainable policy "
                                "(build_policy(..., trainable=True))")
@@ -567,6 +565,7 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] 
     from megatron.core.models.gpt import GPTModel
 
     from r1fast.policy.dispatcher import use_fixed_order_dispatch
+    from r1fast.policy.local_experts import use_grouped_experts
 
     model_cfg.validate()
     parallel_cfg = parallel_cfg or ParallelConfig()
@@ -588,6 +587,7 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] 
     use_fixed_order_dispatch(gpt)  # MoE rows moved by r1fast kernels: no sync, no atomics
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
+    use_grouped_experts(gpt, parallel_cfg.experts)  # after the move: the kernels' device
     policy = Policy(model_cfg, parallel_cfg, info, config, gpt)
     if trainable:
         from r1fast.policy.optim import wrap_ddp

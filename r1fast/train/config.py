@@ -124,7 +124,8 @@ class RolloutConfig:
     """How the KV-cache decoder computes the routed experts: "grouped" (two Triton launches
     per MoE layer, the row counts kept on the GPU: no per-expert launches, no wait per layer;
     an error where Triton cannot run), "sequential" (megatron's per-expert loop, as training),
-    "auto" (grouped on a GPU). Sampling only: the trainer's log-probs always use the loop."""
+    "auto" (grouped on a GPU). Sampling only: the trainer's forwards and backwards follow
+    ``parallel.experts``."""
 
     def __post_init__(self):
         if not self.temperature > 0:  # the trainer's log-probs divide the logits by it

@@ -183,6 +183,7 @@ BAD_LAYOUT = [
     (dict(world_size=0), None, r"world_size must be None or an int >= 1, got 0"),
     (dict(recompute="some"), None, r"recompute must be one of \('none', 'selective', 'full'\), got 'some'"),
     (dict(sequence_parallel="yes"), None, r"sequence_parallel must be None, true or false, got 'yes'"),
+    (dict(experts="fast"), None, r"experts must be one of \('auto', 'grouped', 'sequential'\), got 'fast'"),
     (dict(pp=4, world_size=4), "tiny-moe", r"num_layers \(2\) must be divisible by pp \(4\)"),
     (dict(ep=3, world_size=3), "tiny-moe", r"num_experts \(8\) must be divisible by ep \(3\)"),
     (dict(tp=8, world_size=8), "tiny-moe", r"num_attention_heads \(4\) must be divisible by tp \(8\)"),

@@ -17,6 +17,7 @@ from r1fast.ops.moe_permute import moe_permute, moe_permute_rows
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.dispatcher import FixedOrderDispatcher, routing_rows
 from r1fast.policy.parallel import destroy_parallel
+from tests.helpers.moe_layer import first_moe_layer, layer_forward_backward
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROW_SUMS = {"aten::scatter_add_", "aten::scatter_add", "aten::index_add_", "aten::index_add"}
@@ -60,37 +61,18 @@ def test_permutation_has_megatrons_row_order(T, E, k):
     assert torch.equal(moe_permute_rows(tokens, row_map, impl="torch"), theirs)
 
 
-def _first_moe_layer(policy):
-    layer = next(l.mlp for l in policy.gpt.decoder.layers if hasattr(l.mlp, "token_dispatcher"))
-    for p in layer.parameters():
-        p.requires_grad_(True)
-    return layer
-
-
-def _forward_backward(layer, dispatcher_class, dtype=torch.float32):
-    """One MoE layer's output, input gradient and parameter gradients on fixed data."""
-    layer.token_dispatcher.__class__ = dispatcher_class
-    H = layer.config.hidden_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(37, 3, H, generator=g).to(DEVICE, dtype).requires_grad_(True)  # [S, B, H]
-    upstream = torch.randn(37, 3, H, generator=g).to(DEVICE, dtype)
-    layer.zero_grad(set_to_none=True)
-    out, _ = layer(x)
-    out.backward(upstream)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return out.detach(), x.grad, grads
-
-
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dsv3"])  # dsv3: shared expert, sigmoid
 def test_moe_layer_equals_megatrons(preset):
     from r1fast.policy.model import build_policy
 
-    policy = build_policy(ModelConfig.preset(preset), ParallelConfig(), seed=0, trainable=False)
+    # the loop's experts: this compares dispatchers (the grouped experts: test_local_experts)
+    policy = build_policy(ModelConfig.preset(preset), ParallelConfig(experts="sequential"),
+                          seed=0, trainable=False)
     try:
-        layer = _first_moe_layer(policy)
+        layer = first_moe_layer(policy)
         assert isinstance(layer.token_dispatcher, FixedOrderDispatcher)
-        out, dx, grads = _forward_backward(layer, FixedOrderDispatcher)
-        their_out, their_dx, their_grads = _forward_backward(layer, MoEAlltoAllTokenDispatcher)
+        out, dx, grads = layer_forward_backward(layer, FixedOrderDispatcher)
+        their_out, their_dx, their_grads = layer_forward_backward(layer, MoEAlltoAllTokenDispatcher)
     finally:
         destroy_parallel()
     torch.testing.assert_close(out, their_out, rtol=1e-6, atol=1e-6)
@@ -119,8 +101,9 @@ class _Ops(TorchDispatchMode):
 def policy():
     from r1fast.policy.model import build_policy
 
-    yield build_policy(ModelConfig.preset("tiny-dsv3"), ParallelConfig(), seed=0,
-                       trainable=False)
+    # the loop's experts (the tests count its host reads; the grouped ones: test_local_experts)
+    yield build_policy(ModelConfig.preset("tiny-dsv3"), ParallelConfig(experts="sequential"),
+                       seed=0, trainable=False)
     destroy_parallel()
 
 
@@ -136,7 +119,7 @@ def test_no_row_sums_with_atomics_and_no_size_reads(policy):
     names = {name for name, _ in fwd.ops}
     assert not (ROW_SUMS | SIZE_READS) & names, sorted(names)
 
-    layer = _first_moe_layer(policy)
+    layer = first_moe_layer(policy)
     out, _ = layer(torch.randn(37, 3, layer.config.hidden_size, device=policy.device))
     with _Ops() as bwd:
         out.sum().backward()
@@ -173,10 +156,10 @@ def test_forwards_and_backwards_are_bitwise_equal_on_a_gpu():
         tokens = torch.randint(0, 256, (16, 97), generator=g).to(gpu.device)
         first = gpu.logprobs(tokens, tokens)
         assert all(torch.equal(first, gpu.logprobs(tokens, tokens)) for _ in range(5))
-        layer = _first_moe_layer(gpu)
-        out, dx, grads = _forward_backward(layer, FixedOrderDispatcher, torch.bfloat16)
+        layer = first_moe_layer(gpu)
+        out, dx, grads = layer_forward_backward(layer, FixedOrderDispatcher, torch.bfloat16)
         for _ in range(5):
-            again = _forward_backward(layer, FixedOrderDispatcher, torch.bfloat16)
+            again = layer_forward_backward(layer, FixedOrderDispatcher, torch.bfloat16)
             assert torch.equal(out, again[0]) and torch.equal(dx, again[1])
             assert all(torch.equal(grads[n], again[2][n]) for n in grads)
     finally:

@@ -1,6 +1,8 @@
 """LeanSequentialMLP (r1fast.policy.local_experts) against megatron's own SequentialMLP forward on
 the same module: outputs and the gradients of tokens, probabilities and every expert weight,
-with experts that get no token; and the configurations that must fall back to megatron's."""
+with experts that get no token; the configurations that must fall back to megatron's; the
+grouped kernels in decoding (grouped_experts) and in training (parallel.experts): the loop's
+numbers, no host read, the modes and their errors."""
 from __future__ import annotations
 
 import copy
@@ -76,8 +78,9 @@ def policy():
     from r1fast.policy.model import build_policy
     from r1fast.policy.parallel import destroy_parallel
 
-    yield build_policy(ModelConfig.preset("tiny-dsv3"), ParallelConfig(), seed=2,
-                       trainable=False)
+    # built with the loop (on a GPU "auto" would build it grouped): the tests switch
+    yield build_policy(ModelConfig.preset("tiny-dsv3"), ParallelConfig(experts="sequential"),
+                       seed=2, trainable=False)
     destroy_parallel()
 
 
@@ -130,3 +133,66 @@ def test_grouped_experts_modes(policy, monkeypatch):
                        r"'sequential'\), got 'fast'"):
         with grouped_experts(policy.gpt, "fast"):
             pass
+
+
+@needs_triton
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dsv3"])  # dsv3: shared expert, sigmoid
+def test_grouped_training_equals_the_loop_without_host_reads(preset, monkeypatch):
+    """parallel.experts="grouped": a MoE layer's forward and backward give the loop's output
+    and the gradients of its input and every parameter (router and shared expert included;
+    fp32, to rounding), with no host read and no copy of the counts to the host (on a GPU:
+    no synchronising CUDA call); switching the built policy to the loop gives the loop back."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from r1fast.policy.local_experts import use_grouped_experts
+    from r1fast.policy.model import build_policy
+    from r1fast.policy.parallel import destroy_parallel
+    from tests.helpers.host_sync import SyncRecorder
+    from tests.helpers.moe_layer import first_moe_layer, layer_forward_backward, layer_inputs
+
+    def no_count_copy(*args, **kwargs):
+        raise AssertionError("megatron's copy of the expert counts to the host ran")
+
+    policy = build_policy(ModelConfig.preset(preset), ParallelConfig(experts="grouped"),
+                          seed=3, trainable=False)
+    try:
+        layer = first_moe_layer(policy)
+        assert layer.experts.grouped_impl == "triton"
+        inputs = layer_inputs(layer)
+        layer_forward_backward(layer, inputs=inputs)  # once: the address tables (autotuning)
+        with SyncRecorder(monkeypatch) as rec, monkeypatch.context() as m:
+            m.setattr(MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize", no_count_copy)
+            out, dx, grads = layer_forward_backward(layer, inputs=inputs)
+        assert rec.calls == []
+        assert use_grouped_experts(policy.gpt, "sequential") is None
+        assert layer.experts.grouped_impl is None
+        want_out, want_dx, want_grads = layer_forward_backward(layer, inputs=inputs)
+    finally:
+        destroy_parallel()
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    assert sum(name.startswith("experts.local_experts.") for name in grads) == 16  # 8 x 2
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-5,
+                                   msg=name)
+
+
+def test_the_decoders_setting_gives_the_trainers_back(policy):
+    """rollout.experts switches the experts while decoding; leaving restores what
+    parallel.experts set (here the loop, then grouped)."""
+    from r1fast.policy.local_experts import grouped_experts, use_grouped_experts
+
+    layers = [m for m in policy.gpt.modules() if isinstance(m, LeanSequentialMLP)]
+    impl = "triton" if triton_missing(DEVICE) is None else None
+    if impl is not None:
+        with grouped_experts(policy.gpt, "grouped"):
+            assert all(e.grouped_impl == "triton" for e in layers)
+        assert all(e.grouped_impl is None for e in layers)
+        use_grouped_experts(policy.gpt, "grouped")
+    try:
+        with grouped_experts(policy.gpt, "sequential") as inside:
+            assert inside is None and all(e.grouped_impl is None for e in layers)
+        assert all(e.grouped_impl == impl for e in layers)
+    finally:
+        use_grouped_experts(policy.gpt, "sequential")

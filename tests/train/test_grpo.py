@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from r1fast.ops._dispatch import triton_missing
 from r1fast.train.batch import build_update_batch
 from r1fast.train.config import load_train_config
 from r1fast.train.metrics import read_jsonl
@@ -272,3 +273,28 @@ def test_logprob_head_off_triton_stops_before_the_model(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"algo.logprob_head='grad-in-forward' runs on Triton, "
                                          r"but algo.kernel_impl='auto' resolves to 'torch'"):
         grpo.GRPOTrainer(cfg, reward=varied_reward)
+
+
+@pytest.mark.slow  # ~4.5 min here: the interpreter runs every MoE layer of every forward
+@pytest.mark.skipif(triton_missing(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                    is not None, reason="the grouped expert kernels need Triton")
+def test_grouped_experts_train_the_loops_steps(tmp_path):
+    """[parallel] experts = "grouped" reaches the trainer: its forwards and backwards run the
+    grouped kernels (policy and reference) and two GRPO steps give the loop's metrics (fp32,
+    to rounding). The default suite checks one MoE layer (tests/policy/test_local_experts.py)."""
+    from r1fast.policy.local_experts import LeanSequentialMLP
+    from r1fast.train.grpo import GRPOTrainer
+
+    rows = {}
+    for mode in ("sequential", "grouped"):
+        trainer = GRPOTrainer(make_cfg(tmp_path / mode, "--run.steps=2", "--optim.lr=0.003",
+                                       "--algo.kl_coef=0.01", f"--parallel.experts={mode}"),
+                              reward=varied_reward)
+        experts = [m for m in trainer.policy.gpt.modules() if isinstance(m, LeanSequentialMLP)]
+        assert experts and all(e.grouped_impl == (None if mode == "sequential" else "triton")
+                               for e in experts)
+        rows[mode] = trainer.fit()
+    for a, b in zip(rows["sequential"], rows["grouped"]):
+        assert a["reward_std"] > 0
+        for key in ("reward_mean", "loss", "grad_norm", "kl", "entropy", "logp_mismatch"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
