@@ -130,7 +130,7 @@ def _router_bytes(m: ModelConfig, act: int, mb_tokens: float) -> float:
 
 
 def _mlp_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int,
-                          mb_tokens: float) -> float:
+                          mb_tokens: float, grouped_experts: bool = False) -> float:
     H = m.hidden_size
     if not m.is_moe or layer in m.dense_layers:
         # SwiGLU: its input [H / sp], fc1 output [2F], silu output [F], linear half [F],
@@ -141,9 +141,10 @@ def _mlp_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int
     # needs no fp32 copy; the experts keep permuted copies
     out = H / sp * act if m.shared_expert_size is not None or act == 4 else 0.0
     out += _router_bytes(m, act, mb_tokens / sp) / sp
-    # per routed token: expert input [H], fc1 output [2 Fm], silu output, linear half,
-    # product, probability-scaled fc2 input [Fm each], its probability (fp32)
-    out += k * ((H + 2 * Fm) * act + 4 * Fm * act + 4) / sp
+    # per routed token: expert input [H], fc1 output [2 Fm], its probability (fp32); the loop
+    # also keeps silu output, linear half, product, probability-scaled fc2 input [Fm each],
+    # the grouped kernels only h [Fm] (r1fast.ops.moe_experts)
+    out += k * ((H + 2 * Fm) * act + (1 if grouped_experts else 4) * Fm * act + 4) / sp
     if m.shared_expert_size is not None:
         out += 5 * m.shared_expert_size / tp * act
     return out
@@ -151,10 +152,11 @@ def _mlp_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int
 
 def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: int,
                            seq_len: int, mode: str, spec: str = "te", rows: float = 1,
-                           segment_len: int = 0) -> float:
+                           segment_len: int = 0, grouped_experts: bool = False) -> float:
     """Bytes saved for backward per token of the micro-batch by one layer on one rank, in
-    recompute ``mode`` ("full": only the layer input), ``rows`` sequences per micro-batch.
-    Unfused SwiGLU and RoPE: r1fast turns the apex/TE fusions off for exactness."""
+    recompute ``mode`` ("full": only the layer input), ``rows`` sequences per micro-batch,
+    the routed experts through the loop or the grouped kernels. Unfused SwiGLU and RoPE:
+    r1fast turns the apex/TE fusions off for exactness."""
     H = m.hidden_size
     if mode == "full":
         return H / sp * act
@@ -168,7 +170,7 @@ def layer_activation_bytes(m: ModelConfig, layer: int, tp: int, sp: int, act: in
     else:
         out += _gqa_attention_bytes(m, tp, act, seq_len, rows, selective, local,
                                     spec == "local-segments")
-    return out + _mlp_activation_bytes(m, layer, tp, sp, act, rows * seq_len)
+    return out + _mlp_activation_bytes(m, layer, tp, sp, act, rows * seq_len, grouped_experts)
 
 
 def head_activation_bytes(m: ModelConfig, sp: int, act: int, spec: str) -> float:
@@ -190,9 +192,11 @@ def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, 
     lo = sum(split[:stage])
     hi = lo + split[stage]
     head = head_activation_bytes(m, sp, act, spec) if stage == pp - 1 else 0.0
+    # parallel.experts: "auto" is grouped on a GPU (the te spec)
+    grouped = par.experts == "grouped" or (par.experts == "auto" and spec == "te")
     kept = 8.0 if stage == 0 else 0.0  # the embedding keeps the token ids (int64)
-    kept += sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec, rows, segment_len)
-                for i in range(lo, hi))
+    kept += sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec, rows, segment_len,
+                                       grouped) for i in range(lo, hi))
     if mode != "full":
         return kept + head, 0.0
     if not m.is_mla:
@@ -201,7 +205,7 @@ def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, 
     # norm keeps an fp32 copy of a 16-bit input
     shared = 0.0 if spec != "te" and act < 4 else m.hidden_size * act / sp
     rerun = max(layer_activation_bytes(m, i, tp, sp, act, seq_len, "none", spec, rows,
-                                       segment_len)
+                                       segment_len, grouped)
                 for i in range(lo, hi)) - shared
     return kept, max(head, rerun)
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from r1fast.plan import (GiB, format_plan, measure_saved_bytes, measure_state_bytes, plan_main,
                          plan_memory)
+from r1fast.ops._dispatch import triton_missing
 from r1fast.plan.memory import stage_activation_bytes, stage_params, total_params
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.parallel import free_port
@@ -100,15 +101,21 @@ def test_param_grad_optimizer_bytes_match_measured(megatron_rank, dtype):
     assert total_plan == pytest.approx(sum(real.values()), rel=0.02)
 
 
-@pytest.mark.parametrize("preset,batch,length", [("tiny-moe", 3, 41), ("tiny-dsv3", 1, 63)])
-def test_activation_bytes_match_saved_tensors(megatron_rank, preset, batch, length):
-    """Bytes autograd saves in one training micro-batch (megatron's local layers, as on CPU)
-    against the planner's "local" count, within 3% (measured: 0.1%; the log-prob head's own
-    few tensors are not planned)."""
+@pytest.mark.parametrize("preset,batch,length,experts", [
+    ("tiny-moe", 3, 41, "sequential"), ("tiny-dsv3", 1, 63, "sequential"),
+    pytest.param("tiny-dsv3", 1, 63, "grouped", marks=pytest.mark.skipif(
+        triton_missing(torch.device("cpu")) is not None, reason="grouped experts need Triton")),
+])
+def test_activation_bytes_match_saved_tensors(megatron_rank, preset, batch, length, experts):
+    """Bytes autograd saves in one training micro-batch (megatron's local layers, as on CPU;
+    the routed experts through the loop or the grouped kernels) against the planner's "local"
+    count, within 3% (measured: 0.1%; the log-prob head's own few tensors are not planned)."""
     from r1fast.ops.linear_logprob import linear_logprob
+    from r1fast.policy.local_experts import use_grouped_experts
 
     m = ModelConfig.preset(preset)
     policy = _build(m)
+    use_grouped_experts(policy.gpt, experts)
     tokens = torch.randint(0, m.vocab_size, (batch, length))
 
     def loss_fn(hidden, weight, mb):
@@ -120,8 +127,8 @@ def test_activation_bytes_match_saved_tensors(megatron_rank, preset, batch, leng
     _, saved = measure_saved_bytes(
         lambda: policy.forward_backward([{"tokens": tokens}], loss_fn),
         exclude=list(policy.gpt.parameters()))
-    planned = stage_activation_bytes(m, ParallelConfig(world_size=1), 0, batch * length, length,
-                                     "none", "local")
+    planned = stage_activation_bytes(m, ParallelConfig(world_size=1, experts=experts), 0,
+                                     batch * length, length, "none", "local")
     assert planned == pytest.approx(saved, rel=0.03)
 
 
