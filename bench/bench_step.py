@@ -2,9 +2,11 @@
 
 Phases: generation (rollout sampling), log-probs (old + reference, trainer side), loss +
 forward/backward (megatron schedule with the GRPO loss on the last stage), optimizer step.
-"kernels on" computes the update's loss from hidden states with r1fast's fused op; "kernels off"
-materialises the full logits of the update and uses the plain PyTorch loss (old/reference
-log-probs use the fused log-prob op in both). Tokens/s counts prompt + completion tokens of the
+"kernels on" computes the update's loss from hidden states with r1fast's fused op and the routed
+experts as configured (``parallel.experts`` / ``rollout.experts``: grouped kernels on a GPU);
+"kernels off" materialises the full logits of the update, uses the plain PyTorch loss and runs
+megatron's per-expert loop in training and decoding (old/reference log-probs use the fused
+log-prob op in both; routing and permutation are r1fast's in both). Tokens/s counts prompt + completion tokens of the
 step. Results: bench/results/step_<device>.json.
 
     python bench/bench_step.py                 # tiny recipe on CPU
@@ -45,7 +47,9 @@ def run(recipe: str | None, steps: int, fused: bool, overrides: list[str]) -> di
         cfg = load_train_config(recipe, [*overrides, f"--run.out_dir={tmp}",
                                          f"--run.steps={steps + 1}", "--run.progress=false",
                                          "--run.tensorboard=false", "--run.resume=false",
-                                         f"--algo.use_fused_kernels={'true' if fused else 'false'}"])
+                                         f"--algo.use_fused_kernels={'true' if fused else 'false'}",
+                                         *([] if fused else ["--parallel.experts=sequential",
+                                                             "--rollout.experts=sequential"])])
         trainer = GRPOTrainer(cfg)
         rows = [trainer.step() for _ in range(steps + 1)][1:]  # the first step warms up
         trainer.task.close()

@@ -12,7 +12,7 @@ BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "r
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 180, "bench_linear_logprob": 150,
           "bench_grpo_loss": 120, "bench_moe_route": 60, "bench_moe_permute": 60, "bench_step": 60,
-          "bench_rollout": 120, "bench_mla_prefill": 45, "bench_moe_experts": 45, "sanitizer": 150,
+          "bench_rollout": 120, "bench_mla_prefill": 45, "bench_moe_experts": 75, "sanitizer": 150,
           "resources": 90}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
@@ -45,8 +45,10 @@ BENCH_ARGS = {
     # 64 rows of the length mix on a small bf16 MoE (H=1024, 4 layers, 32 experts, V=32000)
     "rollout": ["--rows", "64", "--hidden", "1024", "--layers", "4", "--experts", "32",
                 "--vocab", "32000", "--dtype", "bfloat16", "--reps", "2"],
-    # a decoding step's routed experts at Qwen3-30B-A3B's sizes: 32 and 256 rows x top-8
-    "moe_experts": ["--rows", "256", "2048", "--E", "128", "--H", "2048", "--F", "768"],
+    # the routed experts at Qwen3-30B-A3B's sizes: a decoding step of 32 and 256 tokens x top-8
+    # (forward), a training micro-batch of 2048 tokens x top-8 (forward + backward)
+    "moe_experts": ["--rows", "256", "2048", "--train-rows", "16384", "--E", "128", "--H",
+                    "2048", "--F", "768"],
     # DeepSeek-V3's MLA attention over a latent cache, 16 heads (TP8): prefill and decode step
     "mla_prefill": ["--B", "4", "--P", "1024", "4096", "--heads", "16", "--queries", "0", "1",
                     "--reps", "5"],
@@ -61,7 +63,8 @@ DRY_BENCH_ARGS = {
     "rollout": ["--rows", "4", "--max-new", "8", "--prompt-range", "4", "12", "--hidden", "32",
                 "--vocab", "256", "--reps", "1"],
     "mla_prefill": ["--B", "1", "--P", "32", "--heads", "2", "--queries", "0", "1", "--reps", "1"],
-    "moe_experts": ["--rows", "24", "--E", "4", "--H", "32", "--F", "16", "--reps", "1"],
+    "moe_experts": ["--rows", "24", "--train-rows", "40", "--E", "4", "--H", "32", "--F", "16",
+                    "--reps", "1"],
 }
 
 # bench/kernel_resources.py compiles for sm_90 without running anything (no GPU needed): the
