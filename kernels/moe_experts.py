@@ -221,9 +221,9 @@ def _configs(name: str) -> list:
     """Row tiles from 16 (decoding: a few rows per expert) to 128 (prefill and training
     batches). fc1 holds two accumulators (gate and up) and loads two weight tiles, so its
     tiles are narrower, and so are those of dh, whose epilogue is the SwiGLU backward; the
-    weight gradients reduce over an expert's rows, so their tiles are
-    square and long in k. Every config compiles for sm_90 without spilling
-    (bench/kernel_resources.py, workload ``moe_experts``)."""
+    weight gradients reduce over an expert's rows, so their tiles are square and long in k.
+    Every config compiles for sm_90 without spilling (bench/kernel_resources.py, workload
+    ``moe_experts``)."""
     shapes = {
         "fc1": [(16, 64, 64, 4, 4), (32, 64, 64, 8, 3), (64, 64, 64, 8, 3),
                 (128, 64, 64, 8, 3)],
@@ -247,6 +247,8 @@ _KEYS = {"fc1": ["E", "H", "F", "N_BUCKET", "SAVE_PRE"],
          "wgrad": ["E", "M", "N", "N_BUCKET"]}
 _KERNELS = {"fc1": _fc1_swiglu_kernel, "rows": _rows_kernel, "dh": _rows_kernel,
             "wgrad": _weight_grad_kernel}
+#: where the row-count bucket sits among each kernel's runtime arguments
+_BUCKET_AT = {"fc1": 13, "rows": 11, "dh": 11, "wgrad": 9}
 _INTERP_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 _tuned: dict[str, object] = {}
 
@@ -274,10 +276,6 @@ def _launch(name: str, n: int, E: int, grid_of, *args, **constexprs) -> None:
     before, after = args[:_BUCKET_AT[name]], args[_BUCKET_AT[name]:]
     grid = (lambda m: (grid_of(m),))
     _kernel(name)[grid(fixed) if INTERPRET else grid](*before, bucket, *after, **fixed)
-
-
-#: where the row-count bucket sits among each kernel's runtime arguments
-_BUCKET_AT = {"fc1": 13, "rows": 11, "dh": 11, "wgrad": 9}
 
 
 def _row_tiles(n: int, E: int, cols: int):

@@ -4,8 +4,9 @@ On a GPU: linear_logprob at T=16384, H=4096, V=151936 bf16 (T*V > 2^31, the tune
 several vocabulary splits), checked against fp64 on sampled rows (logp, entropy, dx) and sampled
 vocabulary rows (dW), with its extra memory; the GRPO loss over 20480 sequences and 50 launches
 (bitwise identical, the completion ticket back at 0); routing at T=16384, E=256, k=8 with the
-softmax and DeepSeek-V3 settings; permutation at E=256, k=8, H=4096 and 7168. A few seconds
-each. On a CPU the same code runs at small shapes under the Triton interpreter, so CI keeps it
+softmax and DeepSeek-V3 settings; permutation at E=256, k=8, H=4096 and 7168; the grouped
+experts' forward and backward over 16384 routed rows at Qwen3-30B-A3B's expert sizes. A few
+seconds each. On a CPU the same code runs at small shapes under the Triton interpreter, so CI keeps it
 working; scripts/gpu_check.py runs this file in its tests stage.
 """
 from __future__ import annotations
@@ -231,3 +232,50 @@ def test_permutation_at_e256_k8(impl, H):
     torch.testing.assert_close(y, yt, atol=0, rtol=2**-7)  # fused multiply-adds may round apart
     _assert_rel(gx, gxt.double(), 2**-7, "dx")  # bf16 sums of k products: ulps apart
     torch.testing.assert_close(gw, gwt, atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_experts_training_at_qwen3_30b_sizes():
+    """The grouped experts' forward and backward at Qwen3-30B-A3B's expert sizes (E=128,
+    H=2048, F=768) over a training micro-batch (16384 routed rows, bf16, two experts with no
+    rows): the output and every gradient of three sampled experts (the busiest among them)
+    against fp64 autograd of their rows, exact zeros for the empty ones, and a second backward
+    bitwise equal (no atomics)."""
+    from r1fast.ops.moe_experts import ExpertTable, moe_grouped_swiglu
+
+    E, H, F, n = (128, 2048, 768, 16384) if REAL else (6, 40, 24, 70)
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.multinomial(torch.ones(E), n, replacement=True, generator=gen).bincount(
+        minlength=E)
+    counts[1] += counts[0] + counts[2]  # experts 0 and 2 get no rows
+    counts[0] = counts[2] = 0
+    leaves = [(torch.randn(n, H, generator=gen)).to(DEVICE, torch.bfloat16),
+              torch.rand(n, generator=gen).to(DEVICE)]
+    leaves += [(torch.randn(2 * F, H, generator=gen) / H ** 0.5).to(DEVICE, torch.bfloat16)
+               for _ in range(E)]
+    leaves += [(torch.randn(H, F, generator=gen) / F ** 0.5).to(DEVICE, torch.bfloat16)
+               for _ in range(E)]
+    leaves = [t.requires_grad_() for t in leaves]
+    dy = torch.randn(n, H, generator=gen).to(DEVICE, torch.bfloat16)
+    table = ExpertTable(leaves[2:2 + E], leaves[2 + E:])
+    runs = []
+    for _ in range(2):
+        y = moe_grouped_swiglu(leaves[0], counts.to(DEVICE), table, leaves[1], impl="triton")
+        runs.append([y.detach()] + list(torch.autograd.grad(y, leaves, dy)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    y, gx, gp = runs[0][:3]
+    gw1, gw2 = runs[0][3:3 + E], runs[0][3 + E:]
+    assert not gw1[0].any() and not gw2[2].any()
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    for e in (1, E // 2, E - 1):
+        rows = slice(int(starts[e]), int(starts[e + 1]))
+        x64, p64 = (leaves[0][rows].double().detach().requires_grad_(),
+                    leaves[1][rows].double().detach().requires_grad_())
+        w1, w2 = (table.fc1[e].double().detach().requires_grad_(),
+                  table.fc2[e].double().detach().requires_grad_())
+        gate, up = (x64 @ w1.T).chunk(2, dim=-1)
+        want = (gate * torch.sigmoid(gate) * up * p64[:, None]) @ w2.T
+        wants = torch.autograd.grad(want, (x64, p64, w1, w2), dy[rows].double())
+        _assert_rel(y[rows], want.detach(), 3e-2, f"y of expert {e}")
+        for name, got, w in zip(("dx", "dprobs", "dW1", "dW2"),
+                                (gx[rows], gp[rows], gw1[e], gw2[e]), wants):
+            _assert_rel(got, w, 3e-2, f"{name} of expert {e}")
