@@ -407,18 +407,38 @@ def _worker(rank: int, ckpt: str, out_dir: str) -> None:
         kv = run_schedule(KVCacheDecoder(policy), tokens)
         ref = run_schedule(RecomputeDecoder(policy), tokens)
         a, b = sample(KVCacheDecoder(policy), 256), sample(RecomputeDecoder(policy), 256)
-        grouped = None
+        grouped = grouped_training = None
         if name == "ep2" and triton_missing(torch.device("cpu")) is None:
             dec = KVCacheDecoder(policy, experts="grouped")  # device counts across EP ranks
             with dec.session():
                 grouped = run_schedule(dec, tokens)
+            grouped_training = _grouped_training_diff(policy)
         out[name] = {"kv": kv, "ref": ref, "grouped": grouped, "dp_rank": policy.info.dp_rank,
+                     "grouped_training": grouped_training,
                      "sp": policy.sequence_parallel, "kv_completions": a.completion_ids,
                      "ref_completions": b.completion_ids,
                      "decoder": type(make_decoder(policy)).__name__}
         destroy_parallel(destroy_process_group=False)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     destroy_parallel()
+
+
+def _grouped_training_diff(policy) -> float:
+    """Largest relative difference (max |a - b| / max |b| per tensor) between a MoE layer's
+    forward and backward (output, input and parameter gradients) through the grouped kernels
+    and through the loop, on this rank."""
+    from r1fast.policy.local_experts import use_grouped_experts
+    from tests.helpers.moe_layer import first_moe_layer, layer_forward_backward
+
+    layer = first_moe_layer(policy)
+    runs = []
+    for mode in ("grouped", "sequential"):
+        impl = use_grouped_experts(policy.gpt, mode)
+        assert layer.experts.grouped_impl == impl == ("triton" if mode == "grouped" else None)
+        out, dx, grads = layer_forward_backward(layer)
+        runs.append([out, dx, *(grads[k] for k in sorted(grads))])
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(*runs))
 
 
 @pytest.mark.multiproc
@@ -442,3 +462,4 @@ def test_tp2_ep2_pp2_match_recomputation_and_one_rank(policy, tmp_path):
             assert got["kv_completions"] == got["ref_completions"] == completions, (r, name)
         if triton_missing(torch.device("cpu")) is None:  # the grouped experts at EP2
             assert max_diff(res["ep2"]["grouped"], res["ep2"]["kv"]) <= TOL, r
+            assert res["ep2"]["grouped_training"] <= 1e-5, r  # forward + backward, fp32
