@@ -15,6 +15,12 @@ hand, and every ratio is taken between rows of the same run (same machine, clock
 | routing: one launch each way | kernels of a forward, of a backward (memsets shown) | 1, 1 |
 | permute, unpermute vs a copy | frac_copy | >= 0.70 |
 | GRPO step, kernels on vs off | off step_s / on step_s | >= 1.3 |
+| grouped experts vs the per-expert loop (decoding, training) | loop ms / grouped ms | >= 1 |
+
+The last two rows are not the issue's: they check r1fast's own default, ``"auto"`` = the grouped
+expert kernels on a GPU (``rollout.experts``, ``parallel.experts``), at Qwen3-30B-A3B's expert
+sizes (a decoding step of 256 routed rows, forward; a training micro-batch of 16384, forward
+and backward).
 
 The bare-GEMM "full" row times the three GEMMs of a forward and backward without recompute
 (6THV FLOPs), so the 8THV floor is that time x 8/6. r1fast's row is the faster of its
@@ -39,6 +45,9 @@ from pathlib import Path
 LOGPROB_SHAPE = {"T": 16384, "H": 4096, "V": 151936}
 ROUTE_SHAPE = {"T": 16384, "E": 256, "k": 8}
 PERMUTE_SHAPE = {"T": 16384, "H": 4096, "E": 256, "k": 8}
+#: (mode, shape) of the grouped experts' rows: a decoding step, a training micro-batch
+EXPERTS_CASES = {"decoding": ("forward", {"rows": 256, "E": 128, "H": 2048, "F": 768}),
+                 "training": ("full", {"rows": 16384, "E": 128, "H": 2048, "F": 768})}
 R1FAST_LOGPROB = ("r1fast triton", "r1fast triton (gemm tiles)")
 
 
@@ -196,6 +205,26 @@ def _step(rows: list[dict]) -> dict:
     return _row(target, goal, ratio, ratio >= 1.3, on.get("recipe", ""))
 
 
+def _experts(rows: list[dict]) -> list[dict]:
+    """The grouped expert kernels against the per-expert loop (module doc: r1fast's default)."""
+    out = []
+    for case, (mode, shape) in EXPERTS_CASES.items():
+        runs, exact = _at_shape(_bench_rows(rows, "moe_experts", "moe_grouped_swiglu", mode),
+                                shape)
+        timed = _timed(runs, ("r1fast triton", "per-expert loop"))
+        target = f"grouped experts ({case}): loop / grouped"
+        where = _shape_note(runs, exact)
+        if len(timed) < 2:
+            out.append(_row(target, ">= 1", _why_missing(runs, ("r1fast triton",
+                                                                "per-expert loop")),
+                            None, where))
+            continue
+        ratio = timed["per-expert loop"]["ms"] / timed["r1fast triton"]["ms"]
+        out.append(_row(target, ">= 1", ratio, ratio >= 1, f"{where}; r1fast triton",
+                        "r1fast triton"))
+    return out
+
+
 def _shape_note(rows: list[dict], exact: bool) -> str:
     shape = (rows[0].get("shape") if rows else None) or {}
     text = ", ".join(f"{k}={v}" for k, v in shape.items())
@@ -206,7 +235,7 @@ def target_rows(rows: list[dict]) -> list[dict]:
     """One row per target: ``target``, ``goal``, ``value`` (a ratio/number, or why not
     measured), ``met`` (True/False, None when not measured) and ``where`` (shape, provider)."""
     return [*_linear_logprob(rows), _fused_loss(rows), *_routing(rows), *_permutation(rows),
-            _step(rows)]
+            _step(rows), *_experts(rows)]
 
 
 def render_targets(rows: list[dict]) -> list[str]:

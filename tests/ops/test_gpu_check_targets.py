@@ -19,7 +19,22 @@ def bench(bench_name, op, provider, shape, **fields):
             "shape": shape, **fields}
 
 
-def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0, route_fwd_kernels=1):
+def experts_rows(grouped_train_ms=2.0):
+    """The grouped experts' rows: a decoding step at two row counts, a training micro-batch."""
+    size = {"E": 128, "H": 2048, "F": 768, "dtype": "bfloat16"}
+    out = []
+    for rows, mode, case, grouped, loop in ((256, "forward", {}, 0.1, 0.9),
+                                            (2048, "forward", {}, 0.3, 1.2),
+                                            (16384, "full", {"case": "training"},
+                                             grouped_train_ms, 3.0)):
+        shape = {"rows": rows, **size, **case}
+        out += [{**bench("moe_experts", "moe_grouped_swiglu", p, shape, ms=ms), "mode": mode}
+                for p, ms in (("r1fast triton", grouped), ("per-expert loop", loop))]
+    return out
+
+
+def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0, route_fwd_kernels=1,
+             grouped_train_ms=2.0):
     tiny = {"T": 32, "H": 32, "V": 256, "dtype": "float32"}
     route = [bench("moe_route", "moe_route", p, {"T": 16384, "E": 256, "k": 8, "config": c},
                    ms=ms)
@@ -57,6 +72,7 @@ def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0, route_fwd_kernels=
          "step_s": step_on, "recipe": "recipes/tiny.toml"},
         {"kind": "bench", "bench": "step", "op": "grpo_step", "provider": "r1fast kernels off",
          "step_s": 1.5},
+        *experts_rows(grouped_train_ms),
     ]
 
 
@@ -84,12 +100,19 @@ def test_each_ratio_is_taken_from_the_rows_of_its_target():
     unpermute = got["unpermute / copy bandwidth"]
     assert unpermute["met"] is None and "the extension did not build" in unpermute["value"]
     assert got["GRPO step, kernels off / on"]["value"] == pytest.approx(1.5)
+    # the decoding step of 256 rows (not 2048), the training micro-batch
+    assert got["grouped experts (decoding): loop / grouped"]["value"] == pytest.approx(9.0)
+    training = got["grouped experts (training): loop / grouped"]
+    assert training["value"] == pytest.approx(1.5) and training["met"] is True
+    assert "rows=16384" in training["where"]
 
 
 def test_misses_are_shown_as_misses():
     got = {t["target"]: t for t in target_rows(run_rows(liger_ms=40.0, step_on=1.4))}
     assert got["Liger FLCE / linear_logprob"]["met"] is False
     assert got["GRPO step, kernels off / on"]["met"] is False
+    slow = {t["target"]: t for t in target_rows(run_rows(grouped_train_ms=4.0))}
+    assert slow["grouped experts (training): loop / grouped"]["met"] is False
     zeroed = {t["target"]: t for t in target_rows(run_rows(route_bwd_memsets=1))}
     launches = zeroed["routing (softmax) launches forward, backward"]
     assert (launches["value"], launches["met"]) == ("1, 1 (+1 memset)", True)  # shown
@@ -110,3 +133,4 @@ def test_a_run_without_the_issue_shapes_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "T=32, H=32, V=256, dtype=float32 (not the issue's shape)" in out
     assert "| GRPO step, kernels off / on | >= 1.3 | not measured (no step rows) | - |" in out
+    assert "| grouped experts (training): loop / grouped | >= 1 | not measured (no rows) |" in out
