@@ -20,6 +20,14 @@ needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=str(NO_TRITON))
 IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
 #: max |y - fp64| / max |fp64|: fp32 accumulates exactly enough; 16-bit rows round h and y
 TOL = {torch.float32: 2e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+#: (rows per expert, H, F, dtype) of the forward and gradient tests
+CASES = [
+    ([3, 0, 5, 1], 24, 20, torch.float32),  # an expert with no rows
+    ([40], 8, 8, torch.float32),  # one expert, several row tiles
+    ([17, 2, 0, 0, 9], 33, 40, torch.bfloat16),  # odd H, F beyond one tile
+    ([1, 1, 1, 1, 1, 1, 1], 17, 5, torch.float16),  # more experts than rows per expert
+    ([0, 0, 0], 16, 16, torch.float32),  # no rows at all (and zero weight gradients)
+]
 
 
 def _case(counts, H, F, dtype, seed=0):
@@ -40,13 +48,7 @@ def _rel_err(y, exact):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("counts,H,F,dtype", [
-    ([3, 0, 5, 1], 24, 20, torch.float32),  # an expert with no rows
-    ([40], 8, 8, torch.float32),  # one expert, several row tiles
-    ([17, 2, 0, 0, 9], 33, 40, torch.bfloat16),  # odd H, F beyond one tile
-    ([1, 1, 1, 1, 1, 1, 1], 17, 5, torch.float16),  # more experts than rows per expert
-    ([0, 0, 0], 16, 16, torch.float32),  # no rows at all
-])
+@pytest.mark.parametrize("counts,H,F,dtype", CASES)
 def test_matches_fp64_rows(impl, counts, H, F, dtype):
     x, c, fc1, fc2, probs = _case(counts, H, F, dtype)
     with torch.no_grad():
@@ -171,13 +173,7 @@ def _grads(x, c, fc1, fc2, probs, dy, offset, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("counts,H,F,dtype", [
-    ([3, 0, 5, 1], 24, 20, torch.float32),  # an expert with no rows
-    ([40], 8, 8, torch.float32),  # one expert, several row tiles
-    ([17, 2, 0, 0, 9], 33, 40, torch.bfloat16),  # odd H, F beyond one tile
-    ([1, 1, 1, 1, 1, 1, 1], 17, 5, torch.float16),  # more experts than rows per expert
-    ([0, 0, 0], 16, 16, torch.float32),  # no rows at all: zero weight gradients
-])
+@pytest.mark.parametrize("counts,H,F,dtype", CASES)
 def test_gradients_match_fp64_autograd(impl, counts, H, F, dtype):
     x, c, fc1, fc2, probs = _case(counts, H, F, dtype)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
