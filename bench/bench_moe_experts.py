@@ -108,8 +108,8 @@ def bench_training_case(n: int, E: int, H: int, F: int, dtype, device,
                 tables[key] = ExpertTable(views1, views2)
             table = tables[key]
             table.fc1, table.fc2 = views1, views2  # this call's autograd views, same addresses
-            return moe_grouped_swiglu(x, counts if impl == "triton" else counts.cpu(), table,
-                                      probs, impl=impl)
+            # the loop reads the device counts on the host each call, as megatron's does
+            return moe_grouped_swiglu(x, counts, table, probs, impl=impl)
         return fn
 
     with torch.no_grad():
