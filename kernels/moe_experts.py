@@ -253,13 +253,22 @@ _INTERP_TILE = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 _tuned: dict[str, object] = {}
 
 
+#: outputs a config may leave partly unwritten, zeroed before each autotuning trial and before
+#: the chosen config's run: dh's dp has one row per column block, and a wider tile writes fewer
+#: rows than a narrower trial did (their sums would be counted twice)
+_RESET = {"dh": ["dp_ptr"]}
+
+
+def autotuned(name: str):
+    """Kernel ``name`` under Triton's autotuner (its configs, keys and resets)."""
+    return triton.autotune(_configs(name), key=_KEYS[name],
+                           reset_to_zero=_RESET.get(name))(_KERNELS[name])
+
+
 def _kernel(name: str):
     """Plain under the interpreter; autotuned on a GPU (built once)."""
     if name not in _tuned:
-        kernel = _KERNELS[name]
-        if not INTERPRET:
-            kernel = triton.autotune(_configs(name), key=_KEYS[name])(kernel)
-        _tuned[name] = kernel
+        _tuned[name] = _KERNELS[name] if INTERPRET else autotuned(name)
     return _tuned[name]
 
 

@@ -262,3 +262,18 @@ def test_a_weight_changed_before_the_backward_is_refused(impl):
         w2[0].mul_(2.0)  # an optimizer step between forward and backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@needs_triton
+def test_autotuning_zeroes_the_partial_sums_between_trials():
+    """On a GPU the autotuner runs every config of dh on the same dp buffer before the chosen
+    one: a wide tile writes fewer column blocks than a narrow trial did, so dp must be zeroed
+    before each run (the interpreter does not autotune; the GPU check is test_real_shapes'
+    F=768 case)."""
+    from r1fast.kernels import moe_experts as K
+
+    assert K.autotuned("dh").reset_to_zero == ["dp_ptr"]
+    widths = {c.kwargs["BLOCK_N"] for c in K._configs("dh")}
+    assert len(widths) > 1  # the configs do differ in width: the reset matters
+    for name in ("fc1", "rows", "wgrad"):  # these write every element under any config
+        assert not K.autotuned(name).reset_to_zero
