@@ -46,6 +46,7 @@ This module imports nothing from r1fast and needs ``triton``; without a GPU set
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -281,6 +282,21 @@ def _kernel(name: str):
     return _tuned[name]
 
 
+_pinned: dict[str, triton.Config] = {}
+
+
+@contextlib.contextmanager
+def pinned_config(name: str, config: triton.Config):
+    """While active, kernel ``name`` launches with ``config`` instead of the autotuner's pick
+    (or the interpreter's small tile): tests check every config's numbers, not only those of
+    the one a GPU picks for their shape."""
+    _pinned[name] = config
+    try:
+        yield
+    finally:
+        del _pinned[name]
+
+
 def _launch(name: str, n: int, E: int, grid_of, *args, **constexprs) -> None:
     """Launch kernel ``name`` for ``n`` rows, ``grid_of(meta) -> programs``; ``args`` are the
     kernel's runtime arguments before the row-count bucket (an autotune key that the kernel
@@ -288,12 +304,19 @@ def _launch(name: str, n: int, E: int, grid_of, *args, **constexprs) -> None:
     precision = "ieee" if args[0].dtype == torch.float32 or INTERPRET else "tf32"
     fixed = dict(BLOCK_E=triton.next_power_of_2(E), UPCAST=INTERPRET, PRECISION=precision,
                  **constexprs)
-    if INTERPRET:
+    kernel, pinned = _kernel(name), _pinned.get(name)
+    if pinned is not None:
+        kernel = _KERNELS[name]
+        fixed.update(pinned.kwargs)
+        if not INTERPRET:
+            fixed.update(num_warps=pinned.num_warps, num_stages=pinned.num_stages)
+    elif INTERPRET:
         fixed.update(_INTERP_TILE)
     bucket = triton.next_power_of_2(max(n, 1))
     before, after = args[:_BUCKET_AT[name]], args[_BUCKET_AT[name]:]
     grid = (lambda m: (grid_of(m),))
-    _kernel(name)[grid(fixed) if INTERPRET else grid](*before, bucket, *after, **fixed)
+    autotuned_here = pinned is None and not INTERPRET
+    kernel[grid if autotuned_here else grid(fixed)](*before, bucket, *after, **fixed)
 
 
 def _row_tiles(n: int, E: int, cols: int):

@@ -295,3 +295,39 @@ def test_rows_that_are_a_strided_view(impl):
     assert _rel_err(y.detach(), want.detach()) <= TOL[torch.float32]
     assert (wide.grad[:, ::2].double().cpu() - grads[0]).abs().max() <= 1e-5
     assert not wide.grad[:, 1::2].any()
+
+
+def _config_cases():
+    """(kernel, config index) of every autotune config; under the interpreter all but each
+    kernel's last (largest) config are slow (~6 s each there; on a GPU they all run)."""
+    from r1fast.kernels import moe_experts as K
+
+    cases = []
+    for name in ("fc1", "rows", "dh", "wgrad"):
+        last = len(K._configs(name)) - 1
+        cases += [pytest.param(name, i, id=f"{name}-{i}", marks=[pytest.mark.slow]
+                               if i != last and DEVICE.type != "cuda" else [])
+                  for i in range(last + 1)]
+    return cases
+
+
+@needs_triton
+@pytest.mark.parametrize("name,index", _config_cases() if NO_TRITON is None else [])
+def test_every_autotune_config_gives_the_fp64_numbers(name, index):
+    """Each config of each kernel pinned in turn (a GPU run checks only the autotuner's pick
+    for its shapes): an expert of more rows than the tallest tile, one with none, H and F wider
+    than one column block; the output and every gradient against fp64."""
+    from r1fast.kernels import moe_experts as K
+
+    counts, H, F = [131, 0, 5, 19], 72, 80
+    x, c, fc1, fc2, probs = _case(counts, H, F, torch.float32, seed=7)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    y64, want = _fp64_grads(x, counts, fc1, fc2, probs, dy, 0.25)
+    config = K._configs(name)[index]
+    with K.pinned_config(name, config):
+        y, grads = _grads(x, c, fc1, fc2, probs, dy, 0.25, "triton")
+    where = f"{name} {config.kwargs}"
+    assert _rel_err(y.detach(), y64.detach()) <= TOL[torch.float32], where
+    for g, w in zip(grads, want):
+        assert (g.double().cpu() - w).abs().max() <= GRAD_TOL[torch.float32] * max(
+            w.abs().max().item(), 1e-6), where
