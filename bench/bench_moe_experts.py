@@ -7,11 +7,12 @@ Decoding (``--rows``, forward only): a step has few rows per expert, so the work
 every expert's weights once: the yardstick is ``copy_`` of the bytes moved (all weights, the
 rows in and out, the activation h written and read back), ``frac_copy = copy_ms / ms``.
 
-Training (``--train-rows``, forward + backward, mode ``full``): a micro-batch's routed rows,
-``18 n H F`` FLOPs (the forward's three ``n x H x F`` GEMMs, the backward's six), reported as
-TFLOP/s, with the error of every gradient against fp64. The weights are one stacked leaf per
-projection viewed per expert, so both providers pay autograd's stacking of the per-expert
-weight gradients.
+Training (``--train-rows``, forward + backward, mode ``full``): a micro-batch's routed rows
+through one MoE layer's experts module as the trainer builds it (megatron's SequentialMLP with
+r1fast's lean forward), ``18 n H F`` FLOPs (the forward's three ``n x H x F`` GEMMs, the
+backward's six) as TFLOP/s: the grouped kernels, r1fast's per-expert loop, and megatron's own
+SequentialMLP forward (the peer, with its per-linear bookkeeping); the gradients of the rows
+and routing weights against fp64 (every provider also makes the weight gradients).
 
 Reported also: peak extra memory and the max error against the fp64 loop.
 
@@ -33,6 +34,7 @@ from bench_moe_route import add_copy_fraction, fast_missing  # noqa: E402
 from harness import Provider, print_table, run_case, save_rows  # noqa: E402
 
 from r1fast.ops.moe_experts import ExpertTable, moe_grouped_swiglu  # noqa: E402
+from r1fast.policy.local_experts import LeanSequentialMLP  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,48 +84,77 @@ def bench_case(n: int, E: int, H: int, F: int, dtype, device, reps: int) -> list
     return rows
 
 
+def experts_module(E: int, H: int, F: int, dtype):
+    """The routed experts of one MoE layer as the trainer builds them: megatron's SequentialMLP
+    with r1fast's lean forward (``LeanSequentialMLP``), its weights trainable."""
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.local_experts import LeanSequentialMLP
+    from r1fast.policy.model import build_policy
+
+    heads = max(1, H // 128)
+    model = ModelConfig.preset("tiny-moe").replace(
+        hidden_size=H, num_layers=1, num_attention_heads=heads, num_query_groups=heads,
+        head_dim=H // heads, num_experts=E, moe_ffn_hidden_size=F, moe_router_topk=min(8, E),
+        params_dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype])
+    policy = build_policy(model, ParallelConfig(experts="sequential"), seed=0, trainable=False)
+    experts = next(m for m in policy.gpt.modules() if isinstance(m, LeanSequentialMLP))
+    for p in experts.parameters():
+        p.requires_grad_(True)
+    return experts
+
+
 def bench_training_case(n: int, E: int, H: int, F: int, dtype, device,
                         reps: int) -> list[dict]:
-    """Forward + backward of ``n`` routed rows (module doc), the gradients of the rows, the
-    routing weights and both projections checked against fp64."""
+    """Forward + backward of ``n`` routed rows through one MoE layer's experts module (module
+    doc): r1fast's grouped kernels, r1fast's per-expert loop, megatron's own SequentialMLP
+    forward; the gradients of the rows and routing weights checked against fp64 (the weight
+    gradients are computed by all three, not compared)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
     from harness import reference_grads
+    from r1fast.policy.parallel import destroy_parallel
 
-    g = torch.Generator().manual_seed(1)
-    counts = torch.multinomial(torch.ones(E), n, replacement=True, generator=g).bincount(
-        minlength=E).to(device)
-    inputs = {
-        "x": torch.randn(n, H, generator=g).to(dtype).to(device).requires_grad_(),
-        "probs": torch.rand(n, generator=g).to(device).requires_grad_(),
-        "fc1": (torch.randn(E, 2 * F, H, generator=g) / H ** 0.5).to(dtype).to(device)
-        .requires_grad_(),
-        "fc2": (torch.randn(E, H, F, generator=g) / F ** 0.5).to(dtype).to(device)
-        .requires_grad_()}
-    tables: dict[tuple, ExpertTable] = {}
+    experts = experts_module(E, H, F, dtype)
+    try:
+        g = torch.Generator().manual_seed(1)
+        counts = torch.multinomial(torch.ones(E), n, replacement=True, generator=g).bincount(
+            minlength=E).to(device)
+        inputs = {"x": torch.randn(n, H, generator=g).to(dtype).to(device).requires_grad_(),
+                  "probs": torch.rand(n, generator=g).to(device).requires_grad_()}
+        fc1 = [e.linear_fc1.weight for e in experts.local_experts]
+        fc2 = [e.linear_fc2.weight for e in experts.local_experts]
+        table64 = ExpertTable([w.detach().double() for w in fc1],
+                              [w.detach().double() for w in fc2])
+        offset = experts.config.glu_linear_offset
 
-    def run(impl):
-        def fn(x, probs, fc1, fc2):
-            views1, views2 = list(fc1.unbind(0)), list(fc2.unbind(0))  # [2F, H], [H, F] each
-            key = (fc1.data_ptr(), fc2.data_ptr())
-            if key not in tables:  # once per stack: the address table stays valid
-                tables[key] = ExpertTable(views1, views2)
-            table = tables[key]
-            table.fc1, table.fc2 = views1, views2  # this call's autograd views, same addresses
-            # the loop reads the device counts on the host each call, as megatron's does
-            return moe_grouped_swiglu(x, counts, table, probs, impl=impl)
-        return fn
+        def fp64(x, probs):
+            return moe_grouped_swiglu(x, counts, table64, probs, glu_offset=offset,
+                                      impl="torch")
 
-    with torch.no_grad():
-        fp64 = {k: v.detach().double() for k, v in inputs.items()}
-        reference = run("torch")(**fp64)
-    grads = reference_grads(run("torch"), inputs)
-    providers = [Provider("r1fast triton", run("triton"),
-                          fast_missing("triton", device, "moe_grouped_swiglu")),
-                 Provider("per-expert loop", run("torch"))]
-    shape = {"rows": n, "E": E, "H": H, "F": F, "dtype": str(dtype).split(".")[-1],
-             "case": "training"}
-    return run_case("moe_grouped_swiglu", shape, inputs, providers, modes=["full"],
-                    reference=reference, grad_reference=grads,
-                    flops={"full": 18.0 * n * H * F}, reps=reps)
+        def run(forward, grouped):
+            def fn(x, probs):
+                experts.grouped_impl = "triton" if grouped else None
+                for w in fc1 + fc2:  # each call makes its weight gradients afresh
+                    w.grad = None
+                return forward(experts, x, counts, probs)[0]
+            return fn
+
+        with torch.no_grad():
+            reference = fp64(**{k: v.detach().double() for k, v in inputs.items()})
+        grads = reference_grads(fp64, inputs)
+        providers = [
+            Provider("r1fast triton", run(LeanSequentialMLP.forward, True),
+                     fast_missing("triton", device, "moe_grouped_swiglu")),
+            Provider("per-expert loop", run(LeanSequentialMLP.forward, False)),
+            Provider("megatron SequentialMLP", run(SequentialMLP.forward, False), peer=True)]
+        shape = {"rows": n, "E": E, "H": H, "F": F, "dtype": str(dtype).split(".")[-1],
+                 "case": "training"}
+        return run_case("moe_grouped_swiglu", shape, inputs, providers, modes=["full"],
+                        reference=reference, grad_reference=grads,
+                        flops={"full": 18.0 * n * H * F}, reps=reps)
+    finally:
+        experts.grouped_impl = None
+        destroy_parallel()
 
 
 def main(argv=None) -> None:

@@ -16,11 +16,12 @@ hand, and every ratio is taken between rows of the same run (same machine, clock
 | permute, unpermute vs a copy | frac_copy | >= 0.70 |
 | GRPO step, kernels on vs off | off step_s / on step_s | >= 1.3 |
 | grouped experts vs the per-expert loop (decoding, training) | loop ms / grouped ms | >= 1 |
+| grouped experts vs megatron's SequentialMLP (training) | megatron ms / grouped ms | >= 1 |
 
-The last two rows are not the issue's: they check r1fast's own default, ``"auto"`` = the grouped
-expert kernels on a GPU (``rollout.experts``, ``parallel.experts``), at Qwen3-30B-A3B's expert
-sizes (a decoding step of 256 routed rows, forward; a training micro-batch of 16384, forward
-and backward).
+The last three rows are not the issue's: they check r1fast's own default, ``"auto"`` = the
+grouped expert kernels on a GPU (``rollout.experts``, ``parallel.experts``), at Qwen3-30B-A3B's
+expert sizes (a decoding step of 256 routed rows, forward; a training micro-batch of 16384,
+forward and backward, also against megatron's own per-expert forward).
 
 The bare-GEMM "full" row times the three GEMMs of a forward and backward without recompute
 (6THV FLOPs), so the 8THV floor is that time x 8/6. r1fast's row is the faster of its
@@ -206,22 +207,26 @@ def _step(rows: list[dict]) -> dict:
 
 
 def _experts(rows: list[dict]) -> list[dict]:
-    """The grouped expert kernels against the per-expert loop (module doc: r1fast's default)."""
+    """The grouped expert kernels against the per-expert loop, and in training against
+    megatron's own SequentialMLP (module doc: r1fast's default)."""
     out = []
     for case, (mode, shape) in EXPERTS_CASES.items():
         runs, exact = _at_shape(_bench_rows(rows, "moe_experts", "moe_grouped_swiglu", mode),
                                 shape)
-        timed = _timed(runs, ("r1fast triton", "per-expert loop"))
-        target = f"grouped experts ({case}): loop / grouped"
         where = _shape_note(runs, exact)
-        if len(timed) < 2:
-            out.append(_row(target, ">= 1", _why_missing(runs, ("r1fast triton",
-                                                                "per-expert loop")),
-                            None, where))
-            continue
-        ratio = timed["per-expert loop"]["ms"] / timed["r1fast triton"]["ms"]
-        out.append(_row(target, ">= 1", ratio, ratio >= 1, f"{where}; r1fast triton",
-                        "r1fast triton"))
+        others = ("per-expert loop",) + (("megatron SequentialMLP",) if case == "training"
+                                         else ())
+        for other in others:
+            target = (f"grouped experts ({case}): "
+                      f"{'loop' if other == 'per-expert loop' else 'megatron'} / grouped")
+            timed = _timed(runs, ("r1fast triton", other))
+            if len(timed) < 2:
+                out.append(_row(target, ">= 1", _why_missing(runs, ("r1fast triton", other)),
+                                None, where))
+                continue
+            ratio = timed[other]["ms"] / timed["r1fast triton"]["ms"]
+            out.append(_row(target, ">= 1", ratio, ratio >= 1, f"{where}; r1fast triton",
+                            "r1fast triton"))
     return out
 
 

@@ -30,6 +30,9 @@ def experts_rows(grouped_train_ms=2.0):
         shape = {"rows": rows, **size, **case}
         out += [{**bench("moe_experts", "moe_grouped_swiglu", p, shape, ms=ms), "mode": mode}
                 for p, ms in (("r1fast triton", grouped), ("per-expert loop", loop))]
+        if case:
+            out.append({**bench("moe_experts", "moe_grouped_swiglu", "megatron SequentialMLP",
+                                shape, ms=4.0), "mode": mode})
     return out
 
 
@@ -105,6 +108,8 @@ def test_each_ratio_is_taken_from_the_rows_of_its_target():
     training = got["grouped experts (training): loop / grouped"]
     assert training["value"] == pytest.approx(1.5) and training["met"] is True
     assert "rows=16384" in training["where"]
+    megatron = got["grouped experts (training): megatron / grouped"]
+    assert megatron["value"] == pytest.approx(2.0) and megatron["met"] is True
 
 
 def test_misses_are_shown_as_misses():
