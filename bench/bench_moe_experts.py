@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-from bench_moe_route import add_copy_fraction, fast_missing  # noqa: E402
-from harness import Provider, print_table, run_case, save_rows  # noqa: E402
+from bench_moe_route import add_copy_fraction, fast_missing, megatron_missing  # noqa: E402
+from harness import Provider, environment, print_table, run_case, save_rows  # noqa: E402
 
 from r1fast.ops.moe_experts import ExpertTable, moe_grouped_swiglu  # noqa: E402
-from r1fast.policy.local_experts import LeanSequentialMLP  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,9 +108,17 @@ def bench_training_case(n: int, E: int, H: int, F: int, dtype, device,
     doc): r1fast's grouped kernels, r1fast's per-expert loop, megatron's own SequentialMLP
     forward; the gradients of the rows and routing weights checked against fp64 (the weight
     gradients are computed by all three, not compared)."""
+    shape = {"rows": n, "E": E, "H": H, "F": F, "dtype": str(dtype).split(".")[-1],
+             "case": "training"}
+    why = megatron_missing()  # the decoding case runs without it
+    if why is not None:
+        return [{"op": "moe_grouped_swiglu", "provider": p, "shape": shape, "skipped": why,
+                 **environment()}
+                for p in ("r1fast triton", "per-expert loop", "megatron SequentialMLP")]
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     from harness import reference_grads
+    from r1fast.policy.local_experts import LeanSequentialMLP
     from r1fast.policy.parallel import destroy_parallel
 
     experts = experts_module(E, H, F, dtype)
@@ -147,8 +154,6 @@ def bench_training_case(n: int, E: int, H: int, F: int, dtype, device,
                      fast_missing("triton", device, "moe_grouped_swiglu")),
             Provider("per-expert loop", run(LeanSequentialMLP.forward, False)),
             Provider("megatron SequentialMLP", run(SequentialMLP.forward, False), peer=True)]
-        shape = {"rows": n, "E": E, "H": H, "F": F, "dtype": str(dtype).split(".")[-1],
-                 "case": "training"}
         return run_case("moe_grouped_swiglu", shape, inputs, providers, modes=["full"],
                         reference=reference, grad_reference=grads,
                         flops={"full": 18.0 * n * H * F}, reps=reps)
