@@ -10,7 +10,7 @@ BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "r
            "mla_prefill", "moe_experts")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
-LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 180, "bench_linear_logprob": 150,
+LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 240, "bench_linear_logprob": 150,
           "bench_grpo_loss": 120, "bench_moe_route": 60, "bench_moe_permute": 60, "bench_step": 60,
           "bench_rollout": 120, "bench_mla_prefill": 45, "bench_moe_experts": 75, "sanitizer": 150,
           "resources": 90}
