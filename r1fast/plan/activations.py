@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.config_checks import runs_grouped
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -192,8 +193,7 @@ def _stage_terms(m: ModelConfig, par: ParallelConfig, stage: int, seq_len: int, 
     lo = sum(split[:stage])
     hi = lo + split[stage]
     head = head_activation_bytes(m, sp, act, spec) if stage == pp - 1 else 0.0
-    # parallel.experts: "auto" is grouped on a GPU (the te spec)
-    grouped = par.experts == "grouped" or (par.experts == "auto" and spec == "te")
+    grouped = runs_grouped(par.experts, on_gpu=spec == "te")  # parallel.experts
     kept = 8.0 if stage == 0 else 0.0  # the embedding keeps the token ids (int64)
     kept += sum(layer_activation_bytes(m, i, tp, sp, act, seq_len, mode, spec, rows, segment_len,
                                        grouped) for i in range(lo, hi))

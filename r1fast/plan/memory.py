@@ -66,6 +66,7 @@ from r1fast.plan.measure import (measure_peak_saved_bytes, measure_saved_bytes, 
 from r1fast.plan.mla_memory import mla_params as _mla_params
 from r1fast.plan.prefill import prefill_bytes
 from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.config_checks import runs_grouped
 from r1fast.rollout.kv_cache import prefill_width
 
 GiB = 1024 ** 3
@@ -445,10 +446,8 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
         sp = tp if par.use_sequence_parallel(m) else 1
         width = prefill_width(batch.rows, batch.prompt_len, cfg.rollout.prefill_tokens, sp)
         prefill_tokens = batch.rows * width
-        # the decoder's experts (r1fast.policy.local_experts.grouped_experts): grouped where
-        # asked, or by default on a GPU (the te spec)
-        grouped = cfg.rollout.experts == "grouped" or (cfg.rollout.experts == "auto"
-                                                       and opts.spec != "local")
+        # the decoder's experts (r1fast.policy.local_experts.grouped_experts)
+        grouped = runs_grouped(cfg.rollout.experts, on_gpu=opts.spec != "local")
         prefill = prefill_bytes(m, tp, sp, _BYTES[m.params_dtype], (lo, hi), batch.rows, width,
                                 batch.prompt_len, "local" if opts.spec == "local" else "te",
                                 grouped_experts=grouped)

@@ -101,9 +101,20 @@ PARALLEL_RANGES: dict[str, Range] = {
 }
 """ParallelConfig's numeric fields."""
 
+EXPERT_MODES = ("auto", "grouped", "sequential")
+"""How the routed experts run (``parallel.experts``, ``rollout.experts``): r1fast's grouped
+kernels, megatron's per-expert loop, or "auto": grouped on a GPU."""
+
+
+def runs_grouped(mode: str, on_gpu: bool) -> bool:
+    """Whether experts setting ``mode`` runs the grouped kernels on a GPU (``on_gpu``) or not
+    (what the planner assumes; r1fast.policy.local_experts decides at run time)."""
+    return mode == "grouped" or (mode == "auto" and on_gpu)
+
+
 PARALLEL_CHOICES: dict[str, tuple[str, ...]] = {
     "recompute": ("none", "selective", "full"),
-    "experts": ("auto", "grouped", "sequential"),
+    "experts": EXPERT_MODES,
 }
 """ParallelConfig's fields that take one of a few names."""
 

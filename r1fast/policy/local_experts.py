@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-log = logging.getLogger("r1fast.policy")
+from r1fast.policy.config_checks import EXPERT_MODES
 
-#: what :func:`grouped_experts` accepts
-EXPERT_MODES = ("auto", "grouped", "sequential")
+log = logging.getLogger("r1fast.policy")
 
 
 def check_expert_mode(mode: str) -> str:
@@ -105,30 +104,29 @@ class LeanSequentialMLP(SequentialMLP):
                                   impl=self.grouped_impl)
 
 
-def _lean_layers(model: torch.nn.Module) -> list:
-    """The MoE layers of ``model`` whose experts are r1fast's lean ones (grouped-capable)."""
+def _moe_layers(model: torch.nn.Module) -> tuple[list, list]:
+    """(every MoE layer of ``model``, those whose experts are r1fast's lean ones)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    return [m for m in model.modules() if isinstance(m, MoELayer)
-            and isinstance(m.experts, LeanSequentialMLP) and m.experts._lean()]
+    moe = [m for m in model.modules() if isinstance(m, MoELayer)]
+    return moe, [m for m in moe if isinstance(m.experts, LeanSequentialMLP)
+                 and m.experts._lean()]
 
 
-def _resolve(model: torch.nn.Module, mode: str, key: str) -> Optional[str]:
-    """The grouped kernels' impl ``mode`` gives ``model`` ("triton"), or None for the loop:
-    "grouped" is an error naming what is missing, "auto" on a GPU warns when it keeps
-    megatron's per-expert loop (not when the experts are Transformer Engine's grouped GEMM)."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
+def _resolve(model: torch.nn.Module, moe: list, lean: list, mode: str,
+             key: str) -> Optional[str]:
+    """The grouped kernels' impl ``mode`` gives ``model`` (its ``moe`` layers, the ``lean``
+    ones among them): "triton", or None for the loop. "grouped" is an error naming what is
+    missing, "auto" on a GPU warns when it keeps megatron's per-expert loop (not when the
+    experts are Transformer Engine's grouped GEMM)."""
     from r1fast.ops._dispatch import ImplUnavailableError, triton_missing
 
     check_expert_mode(mode)
-    moe = [m for m in model.modules() if isinstance(m, MoELayer)]
     device = next(model.parameters()).device
     if mode == "sequential" or (mode == "auto" and (device.type != "cuda" or not moe)):
         return None
-    why = triton_missing(device) or (None if _lean_layers(model) else "no MoE layer has "
-                                     "r1fast's lean experts (expert TP, fp8, biases or another "
-                                     "activation)")
+    why = triton_missing(device) or (None if lean else "no MoE layer has r1fast's lean "
+                                     "experts (expert TP, fp8, biases or another activation)")
     if why is None:
         return "triton"
     if mode == "grouped":
@@ -155,8 +153,8 @@ def use_grouped_experts(model: torch.nn.Module, mode: str = "auto",
     """From now on, the lean experts of ``model`` compute (forward and backward) through the
     grouped kernels, or through the loop; returns the impl used ("triton") or None. ``mode``
     as :func:`grouped_experts`; ``key`` names the setting in errors and warnings."""
-    impl = _resolve(model, mode, key)
-    layers = _lean_layers(model)
+    moe, layers = _moe_layers(model)
+    impl = _resolve(model, moe, layers, mode, key)
     _switch(layers, [impl] * len(layers))
     if impl is not None:
         log.info("%s: %d MoE layers compute through the grouped expert kernels", key,
@@ -172,8 +170,8 @@ def grouped_experts(model: torch.nn.Module, mode: str = "auto",
     what was set before (the trainer's :func:`use_grouped_experts`). ``mode``: "grouped" (an
     error names what is missing: Triton on this device, or a layer that can use it),
     "sequential" (the loop), "auto" (grouped on a GPU with Triton, the loop elsewhere)."""
-    impl = _resolve(model, mode, key)
-    layers = _lean_layers(model)
+    moe, layers = _moe_layers(model)
+    impl = _resolve(model, moe, layers, mode, key)
     before = [layer.experts.grouped_impl for layer in layers]
     _switch(layers, [impl] * len(layers))
     try:
