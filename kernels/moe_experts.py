@@ -369,17 +369,21 @@ def grouped_swiglu_mlp_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Te
     ``out`` may hold preallocated ``da``, ``x``, ``fc1``, ``fc2`` (tests poison them)."""
     n, H = x.shape
     F, E = h.shape[1], counts.numel()
-    out = dict(out or {})
-    da = out.get("da", pre.new_empty(pre.shape))  # [n, 2F]
-    grads = {"x": out.get("x", x.new_empty(x.shape))} if x_grad else {}
+    out = out or {}
+
+    def buffer(name, like, shape):  # the caller's, else a new one
+        return out[name] if name in out else like.new_empty(shape)
+
+    da = buffer("da", pre, pre.shape)  # [n, 2F]
+    grads = {"x": buffer("x", x, x.shape)} if x_grad else {}
     if weights:
-        grads["fc1"] = out.get("fc1", x.new_empty((E, 2 * F, H)))
-        grads["fc2"] = out.get("fc2", x.new_empty((E, H, F)))
+        grads["fc1"] = buffer("fc1", x, (E, 2 * F, H))
+        grads["fc2"] = buffer("fc2", x, (E, H, F))
     if n == 0:
         grads["probs"] = probs.new_zeros((0,), dtype=torch.float32)
-        for name in ("fc1", "fc2"):
-            if weights:
-                grads[name].zero_()
+        if weights:
+            grads["fc1"].zero_()
+            grads["fc2"].zero_()
         return grads
     counts, dy = counts.contiguous(), dy.contiguous()
     # one row of dp per column block of the tile the autotuner picks: as many as the

@@ -115,9 +115,10 @@ def moe_grouped_swiglu(x: Tensor, counts: Tensor, experts: ExpertTable, probs: T
         return _reference(x, counts, experts, probs, glu_offset)
     counts = counts.to(x.device)
     x = x.contiguous()  # the kernels step along a row's features with stride 1
-    weights = experts.fc1 + experts.fc2
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [x, probs] + weights):
-        return _GroupedSwiGLU.apply(x, probs, counts, experts, float(glu_offset), *weights)
+    if torch.is_grad_enabled():  # decoding runs without: no list of the weights there
+        weights = experts.fc1 + experts.fc2
+        if any(t.requires_grad for t in [x, probs] + weights):
+            return _GroupedSwiGLU.apply(x, probs, counts, experts, float(glu_offset), *weights)
     from r1fast.kernels.moe_experts import grouped_swiglu_mlp  # lazy: needs triton
 
     fc1, fc2 = experts.tables()
