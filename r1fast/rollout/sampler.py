@@ -17,19 +17,26 @@ Both draw row ``i``'s randomness from its own generator (``row_seeds[i]``): its 
 generated token inverts its CDF at the generator's ``s``-th float64 uniform, so both loops
 give the same completions from the same logits, whatever the batch.
 
-The sampler's log-prob of each chosen token is ``log_softmax(logits / temperature)`` over the
-FULL vocabulary, the same quantity the trainer recomputes; top-p/top-k truncation changes
-what is sampled, not the recorded log-prob (so the importance ratio of the trainer stays
-comparable, at the cost of ignoring the truncation's bias, as verl and TRL do by default).
+The log-prob recorded for each chosen token is, by default (``logprobs="full"``),
+``log_softmax(logits / temperature)`` over the FULL vocabulary, the quantity the trainer
+recomputes: top-p/top-k truncation changes what is sampled, not the recorded log-prob, and
+its bias is ignored (as verl and TRL do by default). ``logprobs="sampled"`` records the
+log-prob under the distribution actually sampled from (after ``vocab_limit``, top-k and
+top-p; vLLM's "processed" log-probs), so that truncated importance sampling against it
+(``tis_cap``) weighs each token by ``pi / mu`` of the policy that really sampled it.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Literal, Optional, Protocol, Sequence
 
 import torch
 
 from r1fast.rollout.routing import RolloutRouting, table_bounds
+
+
+#: what :attr:`SamplingConfig.logprobs` may be
+LOGPROB_MODES = ("full", "sampled")
 
 
 @dataclasses.dataclass
@@ -46,7 +53,11 @@ class SamplingConfig:
     """Generation of a row ends after it emits any of these (eos is always a stop token)."""
     vocab_limit: int | None = None
     """Sample only ids below this (a model vocabulary padded beyond the tokenizer's); like
-    top-k it restricts what is sampled, not the recorded log-prob."""
+    top-k it restricts what is sampled, not the "full" recorded log-prob."""
+    logprobs: Literal["full", "sampled"] = "full"
+    """The recorded log-prob of a sampled token: "full" (the temperature-scaled softmax over
+    the whole vocabulary, what the trainer computes) or "sampled" (the distribution sampled
+    from, after vocab_limit, top-k and top-p; 0 for greedy)."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -57,6 +68,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.logprobs not in LOGPROB_MODES:
+            raise ValueError(f"logprobs must be one of {LOGPROB_MODES}, got {self.logprobs!r}")
 
 
 class Decoder(Protocol):
@@ -72,7 +85,8 @@ class Rollout:
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     logprobs: list[list[float]]
-    """Sampler log-prob of each completion token (temperature-scaled full softmax)."""
+    """Sampler log-prob of each completion token (of the full temperature-scaled softmax, or of
+    the truncated distribution sampled from: ``SamplingConfig.logprobs``)."""
     truncated: list[bool]
     """True when the completion hit max_new_tokens without a stop token."""
     routing: Optional[RolloutRouting] = None
@@ -112,13 +126,18 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     if cfg.temperature == 0:
         masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
         tokens = masked.argmax(-1)
+        if cfg.logprobs == "sampled":  # a point mass
+            return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
         return tokens, logp
     scaled = logits / cfg.temperature
-    logp_all = torch.log_softmax(scaled, -1)
+    logp_all = torch.log_softmax(scaled, -1)  # [B, V]
     if allowed is not None:
         scaled = scaled.masked_fill(~allowed, float("-inf"))
-    probs = filter_logits(scaled, cfg.top_p, cfg.top_k).softmax(-1)
+    kept = filter_logits(scaled, cfg.top_p, cfg.top_k)  # [B, V], -inf outside
+    probs = kept.softmax(-1)
+    if cfg.logprobs == "sampled":
+        logp_all = torch.log_softmax(kept, -1)
     if uniforms is not None:
         cdf = probs.cumsum(-1)
         u = uniforms.to(cdf)[:, None] * cdf[:, -1:]

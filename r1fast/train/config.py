@@ -17,6 +17,7 @@ from r1fast.ops.fused_linear_policy_grad import TOKEN_LEVEL_LOSSES
 from r1fast.ops.policy_loss import PolicyLossConfig
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
+from r1fast.rollout.sampler import LOGPROB_MODES
 from r1fast.typed_toml import FLATTEN
 
 
@@ -111,6 +112,13 @@ class RolloutConfig:
     """Top-k sampling; 0 disables."""
     max_new_tokens: int = 48
     """Completion length limit."""
+    logprobs: Literal["full", "sampled"] = "full"
+    """The rollout log-prob recorded per token (``rollout_logp``: TIS's ``mu`` and the
+    ``logp_mismatch`` metric): "full" (the temperature-scaled softmax over the vocabulary, the
+    trainer's own quantity; top-p/top-k truncation is then a bias nothing corrects, a WARNING)
+    or "sampled" (the truncated distribution the tokens were drawn from, vLLM's "processed"
+    log-probs; with ``algo.tis_cap`` each token is weighted by ``pi / mu`` of the policy that
+    really sampled it)."""
     decoder: Literal["kv_cache", "recompute"] = "kv_cache"
     """"kv_cache": ragged prefill, then one token per step from the KV cache (an error names why
     when the policy cannot use it); "recompute": re-run the whole prefix for every token (full
@@ -135,6 +143,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"rollout.top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.logprobs not in LOGPROB_MODES:
+            raise ValueError(f"rollout.logprobs must be one of {LOGPROB_MODES}, got "
+                             f"{self.logprobs!r}")
         if not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 0:
             raise ValueError(f"rollout.prefill_tokens must be an int >= 0 (0: one forward), "
                              f"got {self.prefill_tokens!r}")
@@ -315,6 +326,26 @@ class TrainConfig:
             raise ValueError("rollout.decoder='recompute' cannot record the experts while "
                              "decoding, which algo.router_replay_capture='rollout' asks for: set "
                              "algo.router_replay_capture='posthoc' (or use the kv_cache decoder)")
+
+
+def sampling_warnings(cfg: TrainConfig) -> list[str]:
+    """What the trainer warns about its sampling: a truncated sampler whose bias nothing
+    corrects, or sampled log-probs that nothing reads but a metric."""
+    r, tis = cfg.rollout, cfg.algo.objective.tis_cap
+    truncated = r.top_p < 1 or r.top_k > 0
+    if truncated and (r.logprobs == "full" or tis is None):
+        what = (f"rollout.top_p={r.top_p}" if r.top_p < 1 else "") + (
+            " and " if r.top_p < 1 and r.top_k > 0 else "") + (
+            f"rollout.top_k={r.top_k}" if r.top_k > 0 else "")
+        return [f"{what}: completions are drawn from a truncated distribution, but the loss is "
+                f"of the full policy, and nothing corrects the difference (a biased gradient); "
+                f"set rollout.logprobs='sampled' with algo.tis_cap (e.g. 2.0) to weigh each "
+                f"token by pi/mu, or sample untruncated (top_p=1, top_k=0)"]
+    if r.logprobs == "sampled" and tis is None:
+        return ["rollout.logprobs='sampled' without algo.tis_cap: the sampled log-probs feed "
+                "only the logp_mismatch metric (which then includes the truncation); set "
+                "algo.tis_cap to correct the loss with them"]
+    return []
 
 
 def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -40,7 +40,7 @@ from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)
 from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, load_checkpoint,
                                      save_checkpoint, set_aside)
-from r1fast.train.config import TrainConfig, load_train_config
+from r1fast.train.config import TrainConfig, load_train_config, sampling_warnings
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, gather_expert_load,
@@ -57,10 +57,11 @@ from r1fast.typed_toml import ConfigError, dump_toml
 log = logging.getLogger("r1fast.train")
 
 #: per-update metrics of the loss, averaged over data-parallel replicas
-UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "ratio_mean")
+UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "ratio_mean", "tis_mean")
 #: metrics of the update reported per step (kl_mean and entropy_mean as kl and entropy)
 REPORTED_UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm",
-                           "ratio_max", "ratio_min", "time_fwd_bwd_s", "time_optimizer_s")
+                           "ratio_max", "ratio_min", "tis_mean", "time_fwd_bwd_s",
+                           "time_optimizer_s")
 
 
 @dataclasses.dataclass
@@ -110,7 +111,9 @@ class GRPOTrainer:
             temperature=config.rollout.temperature, top_p=config.rollout.top_p,
             top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
             stop_token_ids=tuple(self.task.tokenizer.stop_ids),
-            vocab_limit=self.task.tokenizer.vocab_size)
+            vocab_limit=self.task.tokenizer.vocab_size, logprobs=config.rollout.logprobs)
+        for warning in sampling_warnings(config) if self.is_logger else ():
+            log.warning(warning)
         if config.run.resume:
             self._maybe_resume()
         if self.reference is not None and self.step_idx == 0:

@@ -43,6 +43,7 @@ pytestmark = pytest.mark.reliability
     ("--rollout.top_p=0", "rollout.top_p"),
     ("--rollout.top_p=1.5", "rollout.top_p"),
     ("--rollout.top_k=-1", "rollout.top_k"),
+    ("--rollout.logprobs=processed", "rollout.logprobs"),
     ("--rollout.max_new_tokens=0", "rollout.max_new_tokens"),
     ("--rollout.prefill_tokens=-1", "rollout.prefill_tokens"),
     ("--reward.weights={accuracy=nan}", "reward.weights.accuracy"),

@@ -115,3 +115,32 @@ def test_sync_makes_every_rank_run_the_same_model_calls():
     synced = generate(dec, prompts, cfg, eos_token_id=0, row_seeds=seeds, sync=other_rank)
     assert synced.completion_ids == alone.completion_ids
     assert dec.calls == 12 - 1  # prefill of 1 token, then one call per position up to 12
+
+
+@pytest.mark.parametrize("kw, kept", [(dict(top_p=0.8), [0.5, 0.3, 0.0, 0.0]),
+                                      (dict(top_k=3), [0.5, 0.3, 0.15, 0.0]),
+                                      (dict(top_k=3, vocab_limit=2), [0.5, 0.3, 0.0, 0.0])])
+def test_sampled_logprobs_are_of_the_truncated_distribution(kw, kept):
+    """logprobs='sampled' records log mu of the distribution sampled from; the tokens are the
+    same as with 'full' (the same uniforms), whose log-probs are of the untruncated softmax."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = torch.log(p).float().repeat(64, 1) * 0.7  # temperature 0.7 undoes the 0.7
+    u = torch.rand(64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    full_tok, full_lp = sample_tokens(logits, SamplingConfig(temperature=0.7, **kw), uniforms=u)
+    tok, lp = sample_tokens(logits, SamplingConfig(temperature=0.7, logprobs="sampled", **kw),
+                            uniforms=u)
+    assert torch.equal(tok, full_tok)
+    mu = torch.tensor(kept, dtype=torch.float64) / sum(kept)
+    torch.testing.assert_close(lp.double(), mu.log()[tok], rtol=0, atol=1e-6)
+    torch.testing.assert_close(full_lp.double(), p.log()[tok], rtol=0, atol=1e-6)
+
+
+def test_sampled_logprobs_of_greedy_are_zero():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    tok, lp = sample_tokens(logits, SamplingConfig(temperature=0, logprobs="sampled"))
+    assert torch.equal(tok, logits.argmax(-1)) and torch.equal(lp, torch.zeros(5))
+
+
+def test_bad_logprobs_mode_is_named():
+    with pytest.raises(ValueError, match="logprobs must be one of .*'processed'"):
+        SamplingConfig(logprobs="processed")

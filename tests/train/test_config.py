@@ -60,3 +60,19 @@ def test_missing_recipe_file(tmp_path):
 def test_from_dict_nested_unknown():
     with pytest.raises(ConfigError, match="unknown config key 'algo.nope'"):
         from_dict(Outer, {"algo": {"nope": 1}})
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ([], None),
+    (["--rollout.top_p=0.95"], "rollout.top_p=0.95: completions are drawn from a truncated"),
+    (["--rollout.top_p=0.9", "--rollout.top_k=20", "--algo.tis_cap=2"],
+     "rollout.top_p=0.9 and rollout.top_k=20: completions"),
+    (["--rollout.top_k=20", "--rollout.logprobs=sampled"], "rollout.top_k=20: completions"),
+    (["--rollout.top_k=20", "--rollout.logprobs=sampled", "--algo.tis_cap=2"], None),
+    (["--rollout.logprobs=sampled"], "without algo.tis_cap"),
+])
+def test_sampling_warnings_name_an_uncorrected_truncation(overrides, says):
+    from r1fast.train.config import load_train_config, sampling_warnings
+
+    warnings = sampling_warnings(load_train_config(None, overrides))
+    assert warnings == [] if says is None else (len(warnings) == 1 and says in warnings[0])

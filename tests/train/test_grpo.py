@@ -298,3 +298,29 @@ def test_grouped_experts_train_the_loops_steps(tmp_path):
         assert a["reward_std"] > 0
         for key in ("reward_mean", "loss", "grad_norm", "kl", "entropy", "logp_mismatch"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_sampled_logprobs_weigh_a_truncated_sampler(tmp_path, caplog):
+    """rollout.logprobs='sampled' records the truncated distribution's log-probs: the same
+    completions as 'full', a positive logp_mismatch (old log-probs are of the full policy) and
+    TIS weights pi/mu < 1; the untruncated-loss bias of 'full' is a WARNING."""
+    import logging
+
+    from r1fast.train.grpo import GRPOTrainer
+
+    def run(name, *extra):
+        with caplog.at_level(logging.WARNING, logger="r1fast"):
+            caplog.clear()
+            rows = GRPOTrainer(make_cfg(tmp_path / name, "--run.steps=1", "--rollout.top_k=8",
+                                        "--algo.tis_cap=2.0", *extra),
+                               reward=varied_reward).fit()
+            return rows[0], caplog.text
+
+    full, full_log = run("full")
+    sampled, sampled_log = run("sampled", "--rollout.logprobs=sampled")
+    assert "rollout.top_k=8: completions are drawn from a truncated" in full_log
+    assert "truncated distribution" not in sampled_log
+    assert full["response_length"] == sampled["response_length"]
+    assert full["logp_mismatch"] < 1e-4 < sampled["logp_mismatch"]
+    assert abs(full["tis_mean"] - 1.0) < 1e-4
+    assert 0.0 < sampled["tis_mean"] < 1.0 - 1e-3
