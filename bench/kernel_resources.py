@@ -254,14 +254,15 @@ def moe_experts(rows: int = 2048, train_rows: int = 16384) -> None:
     for E, H, F in ((128, 2048, 768), (256, 7168, 2048)):
         tables = [_meta(E, dtype=torch.int64) for _ in range(2)]
         counts = _meta(E, dtype=torch.int64)
+        # aligned: torch's allocators give megatron's expert weights 16-byte aligned addresses
         K.grouped_swiglu_mlp(_meta(rows, H, dtype=torch.bfloat16), counts, *tables,
-                             _meta(rows), F)
+                             _meta(rows), F, aligned=True)
         x, pre = _meta(train_rows, H, dtype=torch.bfloat16), _meta(train_rows, 2 * F,
                                                                   dtype=torch.bfloat16)
         h, probs = _meta(train_rows, F, dtype=torch.bfloat16), _meta(train_rows)
-        K.grouped_swiglu_mlp(x, counts, *tables, probs, F, pre=pre, h=h)
+        K.grouped_swiglu_mlp(x, counts, *tables, probs, F, aligned=True, pre=pre, h=h)
         K.grouped_swiglu_mlp_backward(_meta(train_rows, H, dtype=torch.bfloat16), x, pre, h,
-                                      counts, *tables, probs)
+                                      counts, *tables, probs, aligned=True)
 
 
 def group_advantages(n_groups: int = 4096, group_size: int = 16) -> None:

@@ -58,13 +58,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _tile(counts_ptr, w_table_ptr, elem_ptr, E, n_out,
-          BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+          BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          W_ALIGNED: tl.constexpr):
     """This program's tile: (its expert's weight pointer, rows [BLOCK_M] int64 and their mask,
     output columns [BLOCK_N] of ``n_out`` and their mask, whether the tile exists). Row tile
     ``pid // column blocks`` of the concatenated per-expert tilings: the expert is the number
     of experts whose tiles all come before it. Past the last expert's tiles the row mask is
     all false (no expert id equals E, so the row count sums to 0) and the expert is clamped to
-    E - 1 for the address load (``elem_ptr`` gives the weights' element type)."""
+    E - 1 for the address load (``elem_ptr`` gives the weights' element type). ``W_ALIGNED``:
+    every address in the table is a multiple of 16 bytes. Said to the compiler, it lets the
+    weight tiles be loaded 16 bytes at a time and pipelined (cp.async); an address read from
+    memory is otherwise assumed 1-byte aligned, and a 16-bit weight tile comes in element by
+    element, outside the pipeline."""
     pid = tl.program_id(0)
     n_cols = tl.cdiv(n_out, BLOCK_N)
     tile = pid // n_cols
@@ -79,6 +84,8 @@ def _tile(counts_ptr, w_table_ptr, elem_ptr, E, n_out,
     local = (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows within expert e
     w_ptr = tl.load(w_table_ptr + tl.minimum(e, E - 1)).to(
         tl.pointer_type(elem_ptr.dtype.element_ty))
+    if W_ALIGNED:
+        w_ptr = tl.multiple_of(w_ptr, 16)
     cols = (pid % n_cols) * BLOCK_N + tl.arange(0, BLOCK_N)
     return (w_ptr, (first_row + local).to(tl.int64), local < rows_e, cols, cols < n_out,
             e < E)
@@ -89,14 +96,16 @@ def _fc1_swiglu_kernel(x_ptr, counts_ptr, w_table_ptr, probs_ptr, h_ptr, a_ptr,
                        E, H, F, stride_x, stride_h, stride_a, glu_offset, N_BUCKET,
                        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, W_ALIGNED: tl.constexpr):
     # w: the expert's [2F, H]; rows of x and h [BM]; columns of F [BN]
     w_ptr, rows, mask_m, cols, mask_n, valid = _tile(counts_ptr, w_table_ptr, x_ptr, E, F,
-                                                     BLOCK_E, BLOCK_M, BLOCK_N)
+                                                     BLOCK_E, BLOCK_M, BLOCK_N, W_ALIGNED)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_x + offs_k[None, :]  # [BM, BK]
     g_ptrs = w_ptr + cols[None, :].to(tl.int64) * H + offs_k[:, None]  # [BK, BN] gate rows
-    u_ptrs = g_ptrs + F.to(tl.int64) * H  # up rows follow the gate rows
+    # up rows follow the gate rows; no method call on F, which the compiler makes a Python
+    # int constant when it is 1
+    u_ptrs = w_ptr + (cols[None, :] + F).to(tl.int64) * H + offs_k[:, None]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.where(valid, H, 0)  # tiles past the last expert run no iteration
@@ -152,10 +161,10 @@ def _rows_kernel(a_ptr, counts_ptr, w_table_ptr, out_ptr, E, K, N, stride_a, str
                  pre_ptr, probs_ptr, dp_ptr, n_rows, stride_pre, glu_offset,
                  BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, SWIGLU_BWD: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, W_ALIGNED: tl.constexpr):
     # out[rows of e, :N] = A[rows of e, :K] @ W_e; with SWIGLU_BWD, out is da (N = F)
     w_ptr, rows, mask_m, cols, mask_n, valid = _tile(counts_ptr, w_table_ptr, a_ptr, E, N,
-                                                     BLOCK_E, BLOCK_M, BLOCK_N)
+                                                     BLOCK_E, BLOCK_M, BLOCK_N, W_ALIGNED)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]  # [BM, BK]
     w_ptrs = (w_ptr + offs_k[:, None].to(tl.int64) * stride_wk
@@ -325,23 +334,26 @@ def _row_tiles(n: int, E: int, cols: int):
 
 
 def _rows(a: torch.Tensor, counts: torch.Tensor, table: torch.Tensor, out: torch.Tensor,
-          K: int, N: int, stride_wk: int, stride_wn: int) -> None:
+          K: int, N: int, stride_wk: int, stride_wn: int, aligned: bool) -> None:
     """``out[rows of e, :N] = a[rows of e, :K] @ W_e`` (``W_e[k, j]`` at ``k * stride_wk + j *
     stride_wn`` from the table's address of expert e)."""
     n, E = a.shape[0], counts.numel()
     _launch("rows", n, E, _row_tiles(n, E, N), a, counts, table, out, E, K, N, a.stride(0),
-            out.stride(0), stride_wk, stride_wn, a, a, a, n, 0, 0.0, SWIGLU_BWD=False)
+            out.stride(0), stride_wk, stride_wn, a, a, a, n, 0, 0.0, SWIGLU_BWD=False,
+            W_ALIGNED=aligned)
 
 
 def grouped_swiglu_mlp(x: torch.Tensor, counts: torch.Tensor, fc1_table: torch.Tensor,
                        fc2_table: torch.Tensor, probs: torch.Tensor, ffn: int,
-                       glu_offset: float = 0.0, *, h: torch.Tensor | None = None,
-                       out: torch.Tensor | None = None,
+                       glu_offset: float = 0.0, *, aligned: bool,
+                       h: torch.Tensor | None = None, out: torch.Tensor | None = None,
                        pre: torch.Tensor | None = None) -> torch.Tensor:
     """``out [n, H]`` (dtype of x): each expert's SwiGLU MLP over its rows of ``x [n, H]``,
     scaled by ``probs [n]`` before the down projection. ``counts [E]`` rows per expert (on
     x's device), ``fc1_table``/``fc2_table [E]`` int64 addresses of contiguous ``[2*ffn, H]``
-    and ``[H, ffn]`` weights of x's dtype. ``h [n, ffn]`` / ``out`` may be preallocated (tests
+    and ``[H, ffn]`` weights of x's dtype; ``aligned``: every address in both tables is a
+    multiple of 16 bytes (a promise to the compiler: ``ExpertTable.aligned``; False runs
+    slower loads, not wrong ones). ``h [n, ffn]`` / ``out`` may be preallocated (tests
     poison them); ``pre [n, 2*ffn]``, when given, receives the pre-activations ``[g | u]`` (the
     backward's input)."""
     n, H = x.shape
@@ -353,16 +365,18 @@ def grouped_swiglu_mlp(x: torch.Tensor, counts: torch.Tensor, fc1_table: torch.T
     counts = counts.contiguous()
     _launch("fc1", n, E, _row_tiles(n, E, ffn), x, counts, fc1_table, probs.contiguous(), h,
             h if pre is None else pre, E, H, ffn, x.stride(0), h.stride(0),
-            0 if pre is None else pre.stride(0), float(glu_offset), SAVE_PRE=pre is not None)
-    _rows(h, counts, fc2_table, out, ffn, H, 1, ffn)  # y = h W_2^T
+            0 if pre is None else pre.stride(0), float(glu_offset), SAVE_PRE=pre is not None,
+            W_ALIGNED=aligned)
+    _rows(h, counts, fc2_table, out, ffn, H, 1, ffn, aligned)  # y = h W_2^T
     return out
 
 
 def grouped_swiglu_mlp_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Tensor,
                                 h: torch.Tensor, counts: torch.Tensor, fc1_table: torch.Tensor,
                                 fc2_table: torch.Tensor, probs: torch.Tensor,
-                                glu_offset: float = 0.0, *, x_grad: bool = True,
-                                weights: bool = True, out: dict | None = None) -> dict:
+                                glu_offset: float = 0.0, *, aligned: bool,
+                                x_grad: bool = True, weights: bool = True,
+                                out: dict | None = None) -> dict:
     """Gradients of :func:`grouped_swiglu_mlp` from ``dy [n, H]``, given the forward's ``x``,
     ``pre [n, 2F]`` and ``h [n, F]``: a dict with ``probs [n]`` (fp32) always, ``x [n, H]``
     when ``x_grad``, ``fc1 [E, 2F, H]`` and ``fc2 [E, H, F]`` (x's dtype) when ``weights``.
@@ -393,10 +407,10 @@ def grouped_swiglu_mlp_backward(dy: torch.Tensor, x: torch.Tensor, pre: torch.Te
     dp = torch.zeros((triton.cdiv(F, narrowest), n), device=x.device, dtype=torch.float32)
     _launch("dh", n, E, _row_tiles(n, E, F), dy, counts, fc2_table, da, E, H, F,
             dy.stride(0), da.stride(0), F, 1, pre, probs.contiguous(), dp, n, pre.stride(0),
-            float(glu_offset), SWIGLU_BWD=True)  # dh = dy W_2 -> da, dp
+            float(glu_offset), SWIGLU_BWD=True, W_ALIGNED=aligned)  # dh = dy W_2 -> da, dp
     grads["probs"] = dp.sum(0)
     if x_grad:
-        _rows(da, counts, fc1_table, grads["x"], 2 * F, H, H, 1)  # dx = da W_1
+        _rows(da, counts, fc1_table, grads["x"], 2 * F, H, H, 1, aligned)  # dx = da W_1
     if weights:
         for name, a, b in (("fc1", da, x), ("fc2", dy, h)):
             M, N = a.shape[1], b.shape[1]

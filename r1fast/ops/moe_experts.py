@@ -29,6 +29,7 @@ through torch ops); ``naive_moe_grouped_swiglu`` is the fp64 ground truth.
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -40,6 +41,7 @@ from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 __all__ = ["ExpertTable", "moe_grouped_swiglu", "naive_moe_grouped_swiglu"]
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+log = logging.getLogger(__name__)
 
 
 class ExpertTable:
@@ -47,7 +49,9 @@ class ExpertTable:
 
     ``fc1``: E tensors ``[2F, H]``; ``fc2``: E tensors ``[H, F]``; all contiguous, one dtype,
     one device (checked once, and again whenever a weight's address changes: the kernels read
-    through raw addresses, so a stale table would read freed memory)."""
+    through raw addresses, so a stale table would read freed memory). :attr:`aligned` says
+    whether every address is a multiple of 16 bytes, which lets the kernels load weight tiles
+    16 bytes at a time and pipeline them; an unaligned table runs slower and says so."""
 
     def __init__(self, fc1: Sequence[Tensor], fc2: Sequence[Tensor]) -> None:
         if len(fc1) != len(fc2) or not fc1:
@@ -56,6 +60,8 @@ class ExpertTable:
         self.fc1, self.fc2 = list(fc1), list(fc2)
         self._addresses: tuple[int, ...] = ()
         self._tables: tuple[Tensor, Tensor] | None = None
+        self.aligned = False
+        """Every address of the last :meth:`tables` a multiple of 16 bytes."""
         self._check()
 
     @property
@@ -92,6 +98,12 @@ class ExpertTable:
             both = torch.tensor(addresses, dtype=torch.int64).to(device)  # once per move
             self._tables = (both[: self.num_experts], both[self.num_experts:])
             self._addresses = addresses
+            self.aligned = all(a % 16 == 0 for a in addresses)
+            if not self.aligned and device.type == "cuda":
+                log.warning("ExpertTable: an expert weight's address is not a multiple of 16 "
+                            "bytes; the grouped expert kernels load these weights element by "
+                            "element, unpipelined (slower). Allocate each expert's weights "
+                            "16-byte aligned to restore the fast loads")
         return self._tables
 
 
@@ -122,7 +134,8 @@ def moe_grouped_swiglu(x: Tensor, counts: Tensor, experts: ExpertTable, probs: T
     from r1fast.kernels.moe_experts import grouped_swiglu_mlp  # lazy: needs triton
 
     fc1, fc2 = experts.tables()
-    return grouped_swiglu_mlp(x, counts, fc1, fc2, probs, F, glu_offset)
+    return grouped_swiglu_mlp(x, counts, fc1, fc2, probs, F, glu_offset,
+                              aligned=experts.aligned)
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
@@ -136,11 +149,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
         n, F = x.shape[0], experts.ffn
         fc1, fc2 = experts.tables()
         pre, h = x.new_empty((n, 2 * F)), x.new_empty((n, F))  # kept for the backward
-        y = grouped_swiglu_mlp(x, counts, fc1, fc2, probs, F, glu_offset, h=h, pre=pre)
+        y = grouped_swiglu_mlp(x, counts, fc1, fc2, probs, F, glu_offset,
+                               aligned=experts.aligned, h=h, pre=pre)
         # the weights too: autograd's version check then refuses a backward after they
         # changed in place (the tables point at them)
         ctx.save_for_backward(x, probs, counts, pre, h, fc1, fc2, *weights)
-        ctx.glu_offset = glu_offset
+        ctx.glu_offset, ctx.aligned = glu_offset, experts.aligned
         return y
 
     @staticmethod
@@ -153,7 +167,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
         need_w = any(ctx.needs_input_grad[5:])
         E = counts.numel()
         grads = grouped_swiglu_mlp_backward(dy, x, pre, h, counts, fc1, fc2, probs,
-                                            ctx.glu_offset, x_grad=need_x, weights=need_w)
+                                            ctx.glu_offset, aligned=ctx.aligned,
+                                            x_grad=need_x, weights=need_w)
         weight_grads = [None] * (2 * E)
         if need_w:  # [E, 2F, H] and [E, H, F] -> one view per expert parameter
             weight_grads = list(grads["fc1"].unbind(0)) + list(grads["fc2"].unbind(0))

@@ -27,6 +27,7 @@ CASES = [
     ([17, 2, 0, 0, 9], 33, 40, torch.bfloat16),  # odd H, F beyond one tile
     ([1, 1, 1, 1, 1, 1, 1], 17, 5, torch.float16),  # more experts than rows per expert
     ([0, 0, 0], 16, 16, torch.float32),  # no rows at all (and zero weight gradients)
+    ([2, 3], 1, 1, torch.float32),  # H = F = 1: a compiled kernel gets them as constants
 ]
 
 
@@ -81,7 +82,7 @@ def test_kernels_write_every_row():
     table = ExpertTable(fc1, fc2)
     h = torch.full((x.shape[0], 18), float("nan"), device=DEVICE)
     out = torch.full_like(x, float("nan"))
-    grouped_swiglu_mlp(x, c, *table.tables(), probs, 18, h=h, out=out)
+    grouped_swiglu_mlp(x, c, *table.tables(), probs, 18, aligned=table.aligned, h=h, out=out)
     assert torch.isfinite(h).all() and torch.isfinite(out).all()
     exact = naive_moe_grouped_swiglu(x.cpu(), counts, [w.cpu() for w in fc1],
                                      [w.cpu() for w in fc2], probs.cpu())
@@ -101,6 +102,32 @@ def test_the_table_follows_a_moved_weight(impl):
                                      [w.cpu() for w in fc2], probs.cpu())
     assert _rel_err(after, exact) <= TOL[torch.float32]
     assert torch.equal(after[:4], before[:4]) and not torch.allclose(after[4:], before[4:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weights_off_16_byte_alignment(impl):
+    """Weights viewed at a 4-byte offset into one buffer (as a packed parameter buffer may
+    place them): the table says unaligned, and the kernels (told so) give the same numbers."""
+    counts, H, F = [4, 0, 7], 12, 10
+    x, c, fc1, fc2, probs = _case(counts, H, F, torch.float32)
+    fresh = ExpertTable(fc1, fc2)
+    fresh.tables()
+    assert fresh.aligned  # the caching allocators' blocks are at least 64-byte aligned
+    flat = torch.cat([w.reshape(-1) for w in fc1 + fc2])
+    buf = torch.empty(1 + flat.numel(), device=DEVICE)
+    buf[1:] = flat  # the first weight starts 4 bytes past a 16-byte boundary
+    views, at = [], 1
+    for w in fc1 + fc2:
+        views.append(buf[at:at + w.numel()].view(w.shape))
+        at += w.numel()
+    shifted = ExpertTable(views[:3], views[3:])
+    shifted.tables()
+    assert not shifted.aligned
+    with torch.no_grad():
+        y = moe_grouped_swiglu(x, c, shifted, probs, impl=impl)
+    exact = naive_moe_grouped_swiglu(x.cpu(), counts, [w.cpu() for w in fc1],
+                                     [w.cpu() for w in fc2], probs.cpu())
+    assert _rel_err(y, exact) <= TOL[torch.float32]
 
 
 def _bad_table(kind):
@@ -219,7 +246,8 @@ def test_backward_kernels_write_every_element():
     n, E = x.shape[0], len(counts)
     pre = torch.full((n, 2 * F), float("nan"), device=DEVICE)
     h = torch.full((n, F), float("nan"), device=DEVICE)
-    grouped_swiglu_mlp(x, c, *table.tables(), probs, F, 0.25, h=h, pre=pre)
+    grouped_swiglu_mlp(x, c, *table.tables(), probs, F, 0.25, aligned=table.aligned, h=h,
+                       pre=pre)
     assert torch.isfinite(pre).all() and torch.isfinite(h).all()
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     nan = float("nan")
@@ -227,8 +255,9 @@ def test_backward_kernels_write_every_element():
                 "x": torch.full_like(x, nan), "fc1": torch.full((E, 2 * F, H), nan, device=DEVICE),
                 "fc2": torch.full((E, H, F), nan, device=DEVICE)}
     got = grouped_swiglu_mlp_backward(dy, x, pre, h, c, *table.tables(), probs, 0.25,
-                                      out=poisoned)
-    clean = grouped_swiglu_mlp_backward(dy, x, pre, h, c, *table.tables(), probs, 0.25)
+                                      aligned=table.aligned, out=poisoned)
+    clean = grouped_swiglu_mlp_backward(dy, x, pre, h, c, *table.tables(), probs, 0.25,
+                                        aligned=table.aligned)
     for name in ("x", "probs", "fc1", "fc2"):
         assert torch.isfinite(got[name]).all(), name
         assert torch.equal(got[name], clean[name]), name
