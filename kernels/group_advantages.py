@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1fast.kernels._launch import on_device_of
+
 ESTIMATORS = {"grpo": 0, "drgrpo": 1, "rloo": 2}
 
 
@@ -130,7 +132,8 @@ def group_advantages_fwd(
     if block is None:
         block = max(16, min(1024, triton.next_power_of_2(max(typical, 1))))
     if num_groups > 0:
-        _group_advantages_kernel[(num_groups,)](
-            rewards, perm, offsets, out, int(group_size or 0), float(eps),
-            EST=ESTIMATORS[estimator], CONTIG=contig, BLOCK=block, num_warps=4)
+        with on_device_of(rewards):
+            _group_advantages_kernel[(num_groups,)](
+                rewards, perm, offsets, out, int(group_size or 0), float(eps),
+                EST=ESTIMATORS[estimator], CONTIG=contig, BLOCK=block, num_warps=4)
     return out

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1fast.kernels._launch import on_device_of
+
 LOSSES = {"ppo": 0, "gspo": 1, "cispo": 2}
 KLS = {None: 0, "k1": 1, "k2": 2, "k3": 3, "k3+": 4}
 
@@ -395,18 +397,20 @@ def grpo_loss_fwd(
     norm = normalizer if normalizer is not None else totals
     block_b = max(16, min(1024, triton.next_power_of_2(max(b, 1))))
     if b > 0:  # one launch: the last sequence program also folds the totals
-        _grpo_loss_seq_kernel[(b,)](
-            logp, old_logp, advantages, mask, ref, roll, cu, stats, dlogp,
-            totals, norm, _armed_ticket(dev),
-            b, int(seq_len), float(clip_low), float(clip_high), float(dual_clip or 0.0),
-            float(kl_coef), float(tis_cap or 0.0), float(norm_value),
-            PADDED=cu_seqlens is None, LOSS=LOSSES[loss], DUAL=dual_clip is not None, KL=kl_id,
-            TIS=use_tis, SMTM=smtm, ADV_PER_TOKEN=adv_per_token, NORM_MODE=norm_mode,
-            BLOCK=block, BLOCK_B=block_b, num_warps=4 if block <= 1024 else 8)
+        with on_device_of(logp):
+            _grpo_loss_seq_kernel[(b,)](
+                logp, old_logp, advantages, mask, ref, roll, cu, stats, dlogp,
+                totals, norm, _armed_ticket(dev),
+                b, int(seq_len), float(clip_low), float(clip_high), float(dual_clip or 0.0),
+                float(kl_coef), float(tis_cap or 0.0), float(norm_value),
+                PADDED=cu_seqlens is None, LOSS=LOSSES[loss], DUAL=dual_clip is not None, KL=kl_id,
+                TIS=use_tis, SMTM=smtm, ADV_PER_TOKEN=adv_per_token, NORM_MODE=norm_mode,
+                BLOCK=block, BLOCK_B=block_b, num_warps=4 if block <= 1024 else 8)
     else:
-        _grpo_loss_reduce_kernel[(1,)](
-            stats, totals, norm, b, float(kl_coef), float(norm_value), SMTM=smtm, TIS=use_tis,
-            NORM_MODE=norm_mode, BLOCK_B=block_b, num_warps=4)
+        with on_device_of(stats):
+            _grpo_loss_reduce_kernel[(1,)](
+                stats, totals, norm, b, float(kl_coef), float(norm_value), SMTM=smtm, TIS=use_tis,
+                NORM_MODE=norm_mode, BLOCK_B=block_b, num_warps=4)
     return totals, dlogp, stats
 
 

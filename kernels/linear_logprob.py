@@ -37,17 +37,19 @@ interpreter computes bf16 ``tl.dot`` wrongly, so under the interpreter tiles are
 before the dot (exact: bf16 products are exact in fp32). The dz workspace is stored in the input
 dtype for bf16/fp16 (so the two backward GEMMs run on tensor cores) and in fp32 for fp32.
 
-This module imports nothing from r1fast and needs ``triton``; without a GPU set
-``TRITON_INTERPRET=1`` *before importing it* (triton.jit reads it at decoration time).
+This module imports nothing from r1fast but the package's launch helper and needs ``triton``;
+without a GPU set ``TRITON_INTERPRET=1`` *before importing it* (triton.jit reads it at
+decoration time).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from r1fast.kernels._launch import on_device_of
 
 #: triton.jit returns interpreted functions when this is set at import time, so the launchers
 #: decide block sizes and the bf16 upcast from the same snapshot.
@@ -324,10 +326,6 @@ def default_num_splits(T: int, V: int, device: torch.device) -> int:
     return max(1, min(splits, triton.cdiv(V, 512)))
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------- launchers
 
 def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -357,7 +355,7 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]) * splits,)
 
-    with _device_ctx(hidden):
+    with on_device_of(hidden):
         kernel[grid](hidden, weight, targets, m, s, sz, zy, T, V, H, hidden.stride(0),
                      weight.stride(0), inv_temperature, vocab_start, splits, _bucket(T),
                      GROUP_T=_FWD_GROUP_T,
@@ -381,7 +379,7 @@ def dz_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)
 
-    with _device_ctx(hidden):
+    with on_device_of(hidden):
         kernel[grid](hidden, weight, targets, lse, ent, grad_logp, grad_ent, out,
                      T, V, H, hidden.stride(0), weight.stride(0), out.stride(0),
                      inv_temperature, vocab_start, _bucket(T),
@@ -403,7 +401,7 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: b
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    with _device_ctx(a):
+    with on_device_of(a):
         kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                      c.stride(0), c.stride(1), _bucket(K), ACCUMULATE=accumulate,
                      GROUP_M=_GROUP, UPCAST=INTERPRET and a.dtype != torch.float32,

@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from r1fast.kernels.linear_logprob import INTERPRET, _device_ctx, chunk_tiles
+from r1fast.kernels._launch import on_device_of
+
+from r1fast.kernels.linear_logprob import INTERPRET, chunk_tiles
 
 _ROW_BLOCK = 4096 if not INTERPRET else 64  # columns per step of a row kernel
 
@@ -117,9 +119,10 @@ def tile_stats(z: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
     global id of the tile's first column."""
     if z.shape[0]:
         m, s, sz, zy = out
-        _tile_stats_kernel[(z.shape[0],)](
-            z, targets, m, s, sz, zy, z.shape[1], z.stride(0), inv_temperature, vocab_start,
-            BLOCK_V=_ROW_BLOCK, num_warps=8)
+        with on_device_of(z):
+            _tile_stats_kernel[(z.shape[0],)](
+                z, targets, m, s, sz, zy, z.shape[1], z.stride(0), inv_temperature, vocab_start,
+                BLOCK_V=_ROW_BLOCK, num_warps=8)
     return out
 
 
@@ -129,9 +132,10 @@ def tile_dz(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ent: torc
     """``out [t, v]`` (its dtype, unit column stride) = ``dz / tau`` of the logit tile ``z``;
     the row vectors are ``[t]`` fp32."""
     if z.shape[0]:
-        _tile_dz_kernel[(z.shape[0],)](
-            z, out, targets, lse, ent, grad_logp, grad_ent, z.shape[1], z.stride(0),
-            out.stride(0), inv_temperature, vocab_start, BLOCK_V=_ROW_BLOCK, num_warps=8)
+        with on_device_of(z):
+            _tile_dz_kernel[(z.shape[0],)](
+                z, out, targets, lse, ent, grad_logp, grad_ent, z.shape[1], z.stride(0),
+                out.stride(0), inv_temperature, vocab_start, BLOCK_V=_ROW_BLOCK, num_warps=8)
     return out
 
 
@@ -154,7 +158,7 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     ct, cv = max(1, min(T, chunk_tokens)), min(V, chunk_vocab)
     stats = torch.empty(triton.cdiv(V, cv), 4, T, device=hidden.device, dtype=torch.float32)
-    with _device_ctx(hidden):
+    with on_device_of(hidden):
         for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
             z = mm_fp32(hidden[t0:t1], weight[v0:v1].t())  # [t, v] fp32 logits * tau
             tile_stats(z, targets[t0:t1], inv_temperature, vocab_start + v0,
@@ -184,7 +188,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     dw_acc = None if dw is None or one_chunk else torch.zeros(V, H, device=dw.device,
                                                               dtype=torch.float32)
     ws = torch.empty(ct, cv, device=hidden.device, dtype=hidden.dtype)  # dz / tau
-    with _device_ctx(hidden):
+    with on_device_of(hidden):
         for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
             x, w = hidden[t0:t1], weight[v0:v1]
             z = mm_fp32(x, w.t())  # [t, v] fp32, recomputed

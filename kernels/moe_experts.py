@@ -41,8 +41,8 @@ which needs only ``n``: programs past the last tile run no loop iterations and s
 Accumulation is fp32; fp32 operands use ``input_precision="ieee"``; the interpreter computes
 bf16 ``tl.dot`` wrongly, so there the tiles are upcast (exact: bf16 products are exact in fp32).
 
-This module imports nothing from r1fast and needs ``triton``; without a GPU set
-``TRITON_INTERPRET=1`` *before importing it*.
+This module imports nothing from r1fast but the package's launch helper and needs ``triton``;
+without a GPU set ``TRITON_INTERPRET=1`` *before importing it*.
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from r1fast.kernels._launch import on_device_of
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -325,7 +327,8 @@ def _launch(name: str, n: int, E: int, grid_of, *args, **constexprs) -> None:
     before, after = args[:_BUCKET_AT[name]], args[_BUCKET_AT[name]:]
     grid = (lambda m: (grid_of(m),))
     autotuned_here = pinned is None and not INTERPRET
-    kernel[grid if autotuned_here else grid(fixed)](*before, bucket, *after, **fixed)
+    with on_device_of(args[0]):
+        kernel[grid if autotuned_here else grid(fixed)](*before, bucket, *after, **fixed)
 
 
 def _row_tiles(n: int, E: int, cols: int):

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1fast.kernels._launch import on_device_of
+
 
 @triton.jit
 def _scatter_rows_kernel(
@@ -101,12 +103,13 @@ def scatter_rows(x: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor |
         return out, dw
     if weights is not None:
         weights = weights.contiguous()
-    _scatter_rows_kernel[(T,)](
-        x, row_map, weights if weights is not None else x, y if y is not None else x, out,
-        dw if dw is not None else out, H, x.stride(0), y.stride(0) if y is not None else 0,
-        out.stride(0), K=k, HAS_W=weights is not None, HAS_DW=y is not None,
-        BLOCK_H=_block_h(H), BLOCK_K=triton.next_power_of_2(k),
-    )
+    with on_device_of(x):
+        _scatter_rows_kernel[(T,)](
+            x, row_map, weights if weights is not None else x, y if y is not None else x, out,
+            dw if dw is not None else out, H, x.stride(0), y.stride(0) if y is not None else 0,
+            out.stride(0), K=k, HAS_W=weights is not None, HAS_DW=y is not None,
+            BLOCK_H=_block_h(H), BLOCK_K=triton.next_power_of_2(k),
+        )
     return out, dw
 
 
@@ -120,8 +123,9 @@ def gather_combine(y: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor
         out = y.new_empty((T, H))
     if T == 0 or H == 0:
         return out
-    _gather_combine_kernel[(T,)](
-        y, row_map.contiguous(), weights.contiguous() if weights is not None else y, out,
-        H, y.stride(0), out.stride(0), K=k, HAS_W=weights is not None, BLOCK_H=_block_h(H),
-    )
+    with on_device_of(y):
+        _gather_combine_kernel[(T,)](
+            y, row_map.contiguous(), weights.contiguous() if weights is not None else y, out,
+            H, y.stride(0), out.stride(0), K=k, HAS_W=weights is not None, BLOCK_H=_block_h(H),
+        )
     return out

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from r1fast.kernels._launch import on_device_of
+
 SOFTMAX_POST, SOFTMAX_PRE, SIGMOID = 0, 1, 2
 
 
@@ -299,15 +301,16 @@ def route_fwd(logits: torch.Tensor, topk: int, score: int, expert_bias: torch.Te
     block_t = _block_t(T, block_e * block_g)
     if replay is not None:
         replay = replay.to(torch.int64).contiguous()
-    _route_fwd_kernel[(triton.cdiv(T, block_t),)](
-        logits, expert_bias if expert_bias is not None else logits,
-        replay if replay is not None else indices, weights, indices, counts,
-        T, E, logits.stride(0), float(scaling), E // max(n_groups, 1),
-        K=topk, SCORE=score, HAS_BIAS=expert_bias is not None, REPLAY=replay is not None,
-        N_GROUPS=n_groups if groups else 1, TOPK_GROUPS=topk_groups if groups else 1,
-        GROUP_M=group_m if groups else 1, NORMALIZE=bool(normalize),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(topk), BLOCK_G=block_g,
-    )
+    with on_device_of(logits):
+        _route_fwd_kernel[(triton.cdiv(T, block_t),)](
+            logits, expert_bias if expert_bias is not None else logits,
+            replay if replay is not None else indices, weights, indices, counts,
+            T, E, logits.stride(0), float(scaling), E // max(n_groups, 1),
+            K=topk, SCORE=score, HAS_BIAS=expert_bias is not None, REPLAY=replay is not None,
+            N_GROUPS=n_groups if groups else 1, TOPK_GROUPS=topk_groups if groups else 1,
+            GROUP_M=group_m if groups else 1, NORMALIZE=bool(normalize),
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(topk), BLOCK_G=block_g,
+        )
     return weights, indices, counts
 
 
@@ -324,12 +327,13 @@ def route_bwd(grad_weights: torch.Tensor, logits: torch.Tensor, indices: torch.T
         return grad_logits
     block_e = triton.next_power_of_2(E)
     block_t = _block_t(T, block_e)
-    _route_bwd_kernel[(triton.cdiv(T, block_t),)](
-        grad_weights.contiguous(), logits, indices.contiguous(), grad_logits,
-        T, E, logits.stride(0), grad_logits.stride(0), float(scaling),
-        K=topk, SCORE=score, NORMALIZE=bool(normalize),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(topk),
-    )
+    with on_device_of(logits):
+        _route_bwd_kernel[(triton.cdiv(T, block_t),)](
+            grad_weights.contiguous(), logits, indices.contiguous(), grad_logits,
+            T, E, logits.stride(0), grad_logits.stride(0), float(scaling),
+            K=topk, SCORE=score, NORMALIZE=bool(normalize),
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(topk),
+        )
     return grad_logits
 
 
@@ -346,9 +350,10 @@ def aux_scores_fwd(logits: torch.Tensor, topk: int, sigmoid: bool, *,
         return scores, counts
     block_e = triton.next_power_of_2(E)
     block_t = _block_t(T, block_e)
-    _aux_fwd_kernel[(triton.cdiv(T, block_t),)](
-        logits, scores, counts, T, E, logits.stride(0),
-        K=topk, SIGMOID=bool(sigmoid), BLOCK_T=block_t, BLOCK_E=block_e)
+    with on_device_of(logits):
+        _aux_fwd_kernel[(triton.cdiv(T, block_t),)](
+            logits, scores, counts, T, E, logits.stride(0),
+            K=topk, SIGMOID=bool(sigmoid), BLOCK_T=block_t, BLOCK_E=block_e)
     return scores, counts
 
 
@@ -362,7 +367,8 @@ def aux_scores_bwd(grad_scores: torch.Tensor, logits: torch.Tensor, sigmoid: boo
         return grad_logits
     block_e = triton.next_power_of_2(E)
     block_t = _block_t(T, block_e)
-    _aux_bwd_kernel[(triton.cdiv(T, block_t),)](
-        grad_scores.contiguous(), logits, grad_logits, T, E, logits.stride(0),
-        grad_logits.stride(0), SIGMOID=bool(sigmoid), BLOCK_T=block_t, BLOCK_E=block_e)
+    with on_device_of(logits):
+        _aux_bwd_kernel[(triton.cdiv(T, block_t),)](
+            grad_scores.contiguous(), logits, grad_logits, T, E, logits.stride(0),
+            grad_logits.stride(0), SIGMOID=bool(sigmoid), BLOCK_T=block_t, BLOCK_E=block_e)
     return grad_logits
