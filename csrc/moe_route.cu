@@ -204,7 +204,9 @@ route_bwd_kernel(const float* __restrict__ grad_w, const T* __restrict__ logits,
       if (e < E) row_buf[e] = 0.f;
     }
     __syncwarp();
-    if (in_k) row_buf[my_idx] = dz;
+    // an index outside [0, E) (a malformed replay; values are checked only under debug
+    // checks) must not write into the next warp's row: its gradient is dropped instead
+    if (in_k && static_cast<unsigned>(my_idx) < static_cast<unsigned>(E)) row_buf[my_idx] = dz;
     __syncwarp();
     T* out = grad_logits + t * E;
 #pragma unroll

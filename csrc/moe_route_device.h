@@ -44,11 +44,17 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Is candidate (k1, i1) better than (k2, i2)? Larger key wins, then the lower index.
+// Is candidate (k1, i1) better than (k2, i2)? Larger key wins, then the lower index; NaN is
+// above every number (as torch.sort orders it). A total order even with NaN keys, so both lanes
+// of every shuffle exchange keep the same winner (with `k1 > k2` alone, lane i could keep a NaN
+// and lane i^16 a number, the lanes would disagree on the winner, and an expert could be
+// picked twice in a row).
 __device__ __forceinline__ bool better(float k1, int i1, float k2, int i2) {
   if (i2 == kNone) return i1 != kNone;
   if (i1 == kNone) return false;
-  return k1 > k2 || (k1 == k2 && i1 < i2);
+  const bool nan1 = isnan(k1), nan2 = isnan(k2);
+  if (nan1 != nan2) return nan1;
+  return (!nan1 && k1 > k2) || ((nan1 || k1 == k2) && i1 < i2);
 }
 
 // Warp-wide best (key, idx), carrying `val` along; every lane ends with the same winner.

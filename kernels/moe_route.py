@@ -51,6 +51,15 @@ def _scores(l, cmask, SCORE: tl.constexpr):
 
 
 @triton.jit
+def _nan_as_largest(key):
+    """Selection keys with NaN ranked above every number, as torch.topk ranks it. A NaN
+    router logit (a diverging run) otherwise matches no maximum (``key == mx`` is false), and
+    the argmax below returned column 2^30: an expert id out of range, fed to the
+    permutation."""
+    return tl.where(key != key, float("inf"), key)
+
+
+@triton.jit
 def _argmax_first(key, cand, cols):
     """Per row, the lowest column among candidates holding the largest key. A row whose
     candidates all hold -inf still returns its lowest candidate, never a taken column."""
@@ -113,6 +122,7 @@ def _route_fwd_kernel(
     if not REPLAY:
         if HAS_BIAS:
             key = s + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+        key = _nan_as_largest(key)
         if N_GROUPS > 1:
             cand = _group_candidates(key, cand, cols, e_per_group, N_GROUPS, TOPK_GROUPS,
                                      GROUP_M, BLOCK_G)
@@ -227,8 +237,9 @@ def _aux_fwd_kernel(
     p = _aux_scores(l, cmask, SIGMOID)  # [BT, BE]
     tl.store(p_ptr + rows64[:, None] * E + cols[None, :], p, mask=m2)
     taken = (rows[:, None] < 0) & (cols[None, :] < 0)  # [BT, BE] all False
+    key = _nan_as_largest(p)
     for _j in tl.static_range(K):
-        ij = _argmax_first(p, m2 & (taken == 0), cols)
+        ij = _argmax_first(key, m2 & (taken == 0), cols)
         taken = taken | (cols[None, :] == ij[:, None])
     hist = tl.sum(tl.where(taken & rmask[:, None], 1, 0), 0).to(tl.int64)
     tl.atomic_add(counts_ptr + cols, hist, mask=cmask & (hist > 0))

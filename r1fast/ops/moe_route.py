@@ -25,7 +25,8 @@ Megatron router can call :func:`moe_route` instead, and extend it where DeepSeek
 - replay (``replay_indices`` [T, k]): the routing recorded at rollout time is reused; weights are
   recomputed from the current logits for those experts (so gradients flow), and the counts are
   those of the replayed indices. Replayed indices are validated (range, distinct per row): one
-  host sync; the plain path has none. NaN logits give unspecified (but in-range) routing.
+  host sync; the plain path has none. NaN logits give unspecified weights,
+  but k distinct in-range experts per row (NaN ranks above every number, as in torch.topk).
 
 Returns :class:`MoERouting` ``(weights [T,k] fp32, indices [T,k] int64, tokens_per_expert [E]
 int64)``; ``weights`` is differentiable w.r.t. ``logits``. Implementations (``impl``):

@@ -187,6 +187,27 @@ def check_aux_scores(score, T, E, k, impl):
     torch.testing.assert_close(logits.grad.cpu().double(), xr.grad, atol=2e-6 * scale, rtol=1e-5)
 
 
+NAN_ROUTES = [dict(score="softmax"), dict(score="softmax", pre_softmax=True),
+              dict(score="sigmoid", n_groups=8, topk_groups=4, scaling_factor=2.5)]
+
+
+def check_nan_logits(kw, impl):
+    """A diverging run's NaN router logits (scattered, and whole rows): which experts win is
+    unspecified, but every row holds k distinct in-range experts, the counts are theirs, and
+    the aux-loss counts add up."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(96, 64, generator=g)
+    logits[torch.rand(96, 64, generator=g) < 0.05] = float("nan")
+    logits[:8] = float("nan")
+    r = moe_route(logits.to(DEVICE), 8, impl=impl, **kw)
+    idx = r.indices.long().cpu()
+    assert ((idx >= 0) & (idx < 64)).all(), "an expert id out of range"
+    assert (idx.sort(1).values.diff(dim=1) > 0).all(), "an expert chosen twice in a row"
+    assert torch.equal(r.tokens_per_expert.cpu(), torch.bincount(idx.reshape(-1), minlength=64))
+    _, counts = moe_aux_scores(logits.to(DEVICE), 8, score=kw["score"], impl=impl)
+    assert int(counts.sum()) == 96 * 8
+
+
 def selection_key(logits, score="sigmoid", expert_bias=None):
     """The fp64 key that the top-k selection ranks (score, plus the expert bias)."""
     x = logits.detach().double().cpu()

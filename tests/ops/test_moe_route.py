@@ -21,6 +21,7 @@ from r1fast.ops.moe_route import (
     naive_moe_route,
     routing_to_dense,
 )
+from tests.helpers.moe_route_cases import NAN_ROUTES, check_nan_logits
 
 # (score, pre_softmax, groups, normalize): every branch of the rule
 CONFIGS = [
@@ -343,3 +344,8 @@ def test_group_limited_greedy_matches_transformers_deepseek_v2():
     v3 = moe_route(logits, k, score="softmax", pre_softmax=True, n_groups=8, topk_groups=3,
                    scaling_factor=16.0, normalize=False, impl="torch")
     assert not torch.equal(v3.indices, got.indices)
+
+
+@pytest.mark.parametrize("kw", NAN_ROUTES, ids=["post", "pre", "dsv3"])
+def test_nan_logits_still_pick_distinct_experts(kw):
+    check_nan_logits(kw, "torch")

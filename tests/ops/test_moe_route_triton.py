@@ -19,11 +19,13 @@ from r1fast.ops.moe_route import moe_route
 from tests.helpers.moe_route_cases import (
     DEVICE,
     GRID,
+    NAN_ROUTES,
     check_aux_scores,
     check_deterministic,
     check_half_precision,
     check_launchers_write_every_output,
     check_matches_naive,
+    check_nan_logits,
     check_replay,
     check_ties,
     check_weights_sum,
@@ -104,3 +106,8 @@ def test_auto_picks_a_fast_path_on_gpu():
     ref = moe_route(logits, 8, impl="torch")
     got = moe_route(logits, 8)
     assert torch.equal(ref.indices, got.indices)
+
+
+@pytest.mark.parametrize("kw", NAN_ROUTES, ids=["post", "pre", "dsv3"])
+def test_nan_logits_still_pick_distinct_experts(kw):
+    check_nan_logits(kw, "triton")
