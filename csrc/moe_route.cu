@@ -13,8 +13,7 @@
 // Permutation: one block per token, 16-byte vector loads when the row allows; every output
 // element is written by one thread, and the k-slot sums and dot products are reduced in a fixed
 // order: no float atomics anywhere, results are bitwise reproducible.
-// No torch headers here (see moe_route.h); fp32 math; no fast-math intrinsics, so expf and
-// divisions are IEEE-accurate.
+// No torch headers (moe_route.h); fp32 math, no fast-math: expf and divisions are IEEE-accurate.
 #include <type_traits>
 
 #include "moe_route.h"
@@ -204,8 +203,7 @@ route_bwd_kernel(const float* __restrict__ grad_w, const T* __restrict__ logits,
       if (e < E) row_buf[e] = 0.f;
     }
     __syncwarp();
-    // an index outside [0, E) (a malformed replay; values are checked only under debug
-    // checks) must not write into the next warp's row: its gradient is dropped instead
+    // a replayed id outside [0, E) (checked only in debug) must not write the next warp's row
     if (in_k && static_cast<unsigned>(my_idx) < static_cast<unsigned>(E)) row_buf[my_idx] = dz;
     __syncwarp();
     T* out = grad_logits + t * E;

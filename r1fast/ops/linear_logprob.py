@@ -132,6 +132,19 @@ def naive_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 # ----------------------------------------------------------------------------- torch reference
 
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``hidden [..., H] @ weight [V, H]^T`` as fp32 logits ``[..., V]`` accumulated in fp32,
+    for sampling and inference (no gradient). For 16-bit CUDA operands cuBLAS writes fp32
+    directly; the upcast GEMM used elsewhere would first copy the weight to fp32 (1.2 GB at
+    Qwen3-30B-A3B's vocabulary, every decoded token). The same numbers to summation order."""
+    if (hidden.is_cuda and hidden.dtype == weight.dtype
+            and weight.dtype in (torch.bfloat16, torch.float16)
+            and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))):
+        flat = torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.t(), out_dtype=torch.float32)
+        return flat.view(*hidden.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(hidden.float(), weight.float())
+
+
 def _pick(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """z[t, idx[t]] where 0 <= idx[t] < z.shape[1], else 0.  z: [t, v], idx: [t]."""
     hit = (idx >= 0) & (idx < z.shape[1])

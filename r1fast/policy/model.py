@@ -36,11 +36,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from r1fast.ops._validate import check_range, check_tensor
+from r1fast.ops.linear_logprob import fp32_logits
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.mla import mla_packed_params
 from r1fast.megatron_compat import te_absent
 from r1fast.policy.parallel import ParallelInfo, init_parallel, mark_expert_params
-from r1fast.policy.transfer import to_device_async
+from r1fast.policy.transfer import to_device_async, to_device_once
 
 log = logging.getLogger("r1fast.policy")
 
@@ -130,11 +131,8 @@ class Policy:
 
     def __init__(self, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, info: ParallelInfo,
                  config, gpt: torch.nn.Module) -> None:
-        self.model_cfg = model_cfg
-        self.parallel_cfg = parallel_cfg
-        self.info = info
-        self.config = config
-        self.gpt = gpt
+        self.model_cfg, self.parallel_cfg, self.info = model_cfg, parallel_cfg, info
+        self.config, self.gpt = config, gpt  # megatron TransformerConfig, the GPTModel chunk
         self.module: torch.nn.Module = gpt
 
     # -- layout -----------------------------------------------------------------------------
@@ -310,17 +308,17 @@ class Policy:
         from r1fast.policy.router_replay import RouterReplay
 
         b, length = shape
-        targets = {}
-        for layer in self.moe_layers():
-            if layer not in routing:
-                continue
+        layers, k = [i for i in self.moe_layers() if i in routing], self.model_cfg.moe_router_topk
+        for layer in layers:
             idx = routing[layer]
             check_tensor(f"routing[{layer}]", idx, ndim=3, dtypes=(torch.int64, torch.int32))
-            k = self.model_cfg.moe_router_topk
             if tuple(idx.shape) != (b, length, k):
                 raise ValueError(f"routing[{layer}] must have shape [{b}, {length}, {k}], "
                                  f"got {list(idx.shape)}")
-            targets[layer] = self.token_layout.to_router_order(idx.to(self.device, torch.int64))
+        # every layer in one copy that does not wait (a plain .to() of a host tensor waits for
+        # the previous micro-batch's backward): no idle GPU between micro-batches
+        moved = to_device_once(self.device, [routing[layer] for layer in layers])
+        targets = {i: self.token_layout.to_router_order(t) for i, t in zip(layers, moved)}
         replay = RouterReplay()
         with replay.replay(targets), self._hooked(replay):
             yield
@@ -524,7 +522,7 @@ class Policy:
         ``[..., V]`` of the whole vocabulary, gathered over the TP group (collective)."""
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        local = F.linear(hidden.float(), self.output_weight.float())  # [..., V/tp]
+        local = fp32_logits(hidden, self.output_weight)  # [..., V/tp]
         return gather_from_tensor_model_parallel_region(local)
 
     def forward_backward(self, batches: Sequence[Mapping[str, Any]], loss_fn: LossFn, *,
@@ -579,10 +577,11 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] 
         position_embedding_type="rope", rotary_base=int(model_cfg.rope_theta),
         parallel_output=True)
     if model_cfg.rope_theta != int(model_cfg.rope_theta) and not model_cfg.is_mla:
-        # megatron types rotary_base as int; rebuild the table with the exact base.
-        dim = config.kv_channels
-        gpt.rotary_pos_emb.inv_freq = 1.0 / (model_cfg.rope_theta ** (
-            torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        # megatron types rotary_base as int; rebuild the table with the exact base, where
+        # megatron put it (a plain attribute: .cuda() below would not move a CPU one)
+        dim, rope = config.kv_channels, gpt.rotary_pos_emb
+        rope.inv_freq = 1.0 / (model_cfg.rope_theta ** (torch.arange(
+            0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
     mark_expert_params(gpt)
     use_fixed_order_dispatch(gpt)  # MoE rows moved by r1fast kernels: no sync, no atomics
     if torch.cuda.is_available():

@@ -310,3 +310,24 @@ def test_module_imports_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([3])" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp32_logits_accumulate_in_fp32(dtype):
+    """The sampler's logits: fp32, within fp32 rounding of the fp64 product of the 16-bit
+    values (on a GPU, 16-bit operands take cuBLAS's fp32-output GEMM); under autograd the
+    weight still gets its gradient."""
+    from r1fast.ops.linear_logprob import fp32_logits
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 64, generator=g).to(dev, dtype)  # [b, L, H]
+    weight = torch.randn(257, 64, generator=g).to(dev, dtype)  # [V, H]
+    with torch.no_grad():
+        z = fp32_logits(hidden, weight)
+    assert z.dtype == torch.float32 and z.shape == (3, 5, 257)
+    exact = hidden.double() @ weight.double().t()
+    assert (z.double() - exact).abs().max().item() <= 1e-5 * exact.abs().max().item()
+    w = weight.clone().requires_grad_()
+    fp32_logits(hidden, w).sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
