@@ -139,7 +139,9 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     if cfg.logprobs == "sampled":
         logp_all = torch.log_softmax(kept, -1)
     if uniforms is not None:
-        cdf = probs.cumsum(-1)
+        # zero-probability ids get zero width: a single-row CUDA cumsum (a CUB scan) may move
+        # by a rounding unit across them, which would give a masked id a sliver of mass
+        cdf = torch.where(probs > 0, probs.cumsum(-1), 0.0).cummax(-1).values
         u = uniforms.to(cdf)[:, None] * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True)[:, 0]
         # never land on a zero-probability id through rounding at the top of the CDF
@@ -223,12 +225,13 @@ def _generate_shared(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: Sa
     gen_len = torch.zeros(B, dtype=torch.long, device=device)
     logps = torch.zeros(B, total, dtype=torch.float32, device=device)
     rows = torch.arange(B, device=device)
+    uniforms = uniforms.to(device)  # once, not per position
     pos = min_len
     while pos < total:
         in_prompt = pos < lens
         active = ~in_prompt & ~done
         # a row draws only for the tokens it generates: its gen_len-th uniform
-        u = uniforms.to(device)[rows, gen_len.clamp_max(cfg.max_new_tokens - 1)]
+        u = uniforms[rows, gen_len.clamp_max(cfg.max_new_tokens - 1)]
         tok, lp = sample_tokens(logits.to(device), cfg, uniforms=u)
         tok = torch.where(in_prompt, buf[:, pos], torch.where(done, torch.zeros_like(tok), tok))
         buf[:, pos] = tok

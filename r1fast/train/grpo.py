@@ -305,9 +305,9 @@ class GRPOTrainer:
         def unpacked(x: torch.Tensor) -> torch.Tensor:
             if packs is None:
                 return x.cpu()
-            out = torch.zeros_like(batch.mask)
+            out, host = torch.zeros_like(batch.mask), x.cpu()  # one device->host copy
             for i, p in enumerate(packs):
-                p.unpack(x[i:i + 1].cpu(), out)
+                p.unpack(host[i:i + 1], out)
             return out
 
         with torch.no_grad():
