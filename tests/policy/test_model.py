@@ -216,3 +216,15 @@ def test_bad_input_messages(moe, call, msg):
 def test_forward_backward_needs_a_trainable_policy(frozen):
     with pytest.raises(RuntimeError, match=r"needs a trainable policy"):
         frozen.forward_backward([{"tokens": torch.zeros(1, 2, dtype=torch.long)}], None)
+
+
+def test_a_fractional_rope_base_is_exact_and_on_the_models_device():
+    """megatron types rotary_base as int: a base like 12345.5 is rebuilt exactly, on the
+    device megatron put its table (a plain attribute, which moving the model would not)."""
+    cfg = ModelConfig.preset("tiny-moe").replace(rope_theta=12345.5)
+    policy = build_policy(cfg, ParallelConfig(), seed=0, trainable=False)
+    inv = policy.gpt.rotary_pos_emb.inv_freq
+    dim = policy.config.kv_channels
+    want = 1.0 / (12345.5 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    torch.testing.assert_close(inv.double().cpu(), want, rtol=1e-6, atol=0)
+    assert inv.device == next(policy.gpt.parameters()).device
