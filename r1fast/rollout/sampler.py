@@ -130,14 +130,11 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
             return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
         return tokens, logp
-    scaled = logits / cfg.temperature
-    logp_all = torch.log_softmax(scaled, -1)  # [B, V]
-    if allowed is not None:
-        scaled = scaled.masked_fill(~allowed, float("-inf"))
+    full = logits / cfg.temperature  # [B, V]
+    scaled = full if allowed is None else full.masked_fill(~allowed, float("-inf"))
     kept = filter_logits(scaled, cfg.top_p, cfg.top_k)  # [B, V], -inf outside
     probs = kept.softmax(-1)
-    if cfg.logprobs == "sampled":
-        logp_all = torch.log_softmax(kept, -1)
+    logp_all = torch.log_softmax(kept if cfg.logprobs == "sampled" else full, -1)  # [B, V]
     if uniforms is not None:
         # zero-probability ids get zero width: a single-row CUDA cumsum (a CUB scan) may move
         # by a rounding unit across them, which would give a masked id a sliver of mass
