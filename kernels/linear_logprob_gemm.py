@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from r1fast.kernels._launch import on_device_of
-
 from r1fast.kernels.linear_logprob import INTERPRET, chunk_tiles
 
 _ROW_BLOCK = 4096 if not INTERPRET else 64  # columns per step of a row kernel

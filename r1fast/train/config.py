@@ -332,13 +332,12 @@ def sampling_warnings(cfg: TrainConfig) -> list[str]:
     """What the trainer warns about its sampling: a truncated sampler whose bias nothing
     corrects, or sampled log-probs that nothing reads but a metric."""
     r, tis = cfg.rollout, cfg.algo.objective.tis_cap
-    truncated = r.top_p < 1 or r.top_k > 0
-    if truncated and (r.logprobs == "full" or tis is None):
-        what = (f"rollout.top_p={r.top_p}" if r.top_p < 1 else "") + (
-            " and " if r.top_p < 1 and r.top_k > 0 else "") + (
-            f"rollout.top_k={r.top_k}" if r.top_k > 0 else "")
-        return [f"{what}: completions are drawn from a truncated distribution, but the loss is "
-                f"of the full policy, and nothing corrects the difference (a biased gradient); "
+    truncation = ([f"rollout.top_p={r.top_p}"] if r.top_p < 1 else []) + (
+        [f"rollout.top_k={r.top_k}"] if r.top_k > 0 else [])
+    if truncation and (r.logprobs == "full" or tis is None):
+        return [f"{' and '.join(truncation)}: completions are drawn from a truncated "
+                f"distribution, but the loss is of the full policy, and nothing corrects the "
+                f"difference (a biased gradient); "
                 f"set rollout.logprobs='sampled' with algo.tis_cap (e.g. 2.0) to weigh each "
                 f"token by pi/mu, or sample untruncated (top_p=1, top_k=0)"]
     if r.logprobs == "sampled" and tis is None:

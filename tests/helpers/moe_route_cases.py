@@ -5,6 +5,7 @@ and the CUDA path (tests/ops/test_moe_cuda.py) run the same ``check_*`` bodies o
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from r1fast.ops.moe_route import (
@@ -187,8 +188,11 @@ def check_aux_scores(score, T, E, k, impl):
     torch.testing.assert_close(logits.grad.cpu().double(), xr.grad, atol=2e-6 * scale, rtol=1e-5)
 
 
-NAN_ROUTES = [dict(score="softmax"), dict(score="softmax", pre_softmax=True),
-              dict(score="sigmoid", n_groups=8, topk_groups=4, scaling_factor=2.5)]
+#: the routing settings of :func:`check_nan_logits` (parametrize ``kw`` with them)
+NAN_ROUTES = [pytest.param(dict(score="softmax"), id="post"),
+              pytest.param(dict(score="softmax", pre_softmax=True), id="pre"),
+              pytest.param(dict(score="sigmoid", n_groups=8, topk_groups=4, scaling_factor=2.5),
+                           id="dsv3")]
 
 
 def check_nan_logits(kw, impl):

@@ -126,7 +126,7 @@ def test_cuda_agrees_with_triton_at_scale():
     torch.testing.assert_close(gc[rows], gt[rows], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kw", R.NAN_ROUTES, ids=["post", "pre", "dsv3"])
+@pytest.mark.parametrize("kw", R.NAN_ROUTES)
 def test_cuda_nan_logits_still_pick_distinct_experts(kw):
     """The warp argmax orders NaN above every number: a total order, so every lane agrees on
     each winner (with ``k1 > k2`` alone an expert could be picked twice in a row)."""
