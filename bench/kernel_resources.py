@@ -183,16 +183,18 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def linear_logprob(dtype: torch.dtype, T: int, H: int, V: int) -> None:
-    """Forward partials and the chunked backward (dz tiles, dx and dW GEMMs), default chunks."""
+def linear_logprob(dtype: torch.dtype, T: int, H: int, V: int, row_tau: bool = False) -> None:
+    """Forward partials and the chunked backward (dz tiles, dx and dW GEMMs), default chunks;
+    ``row_tau``: with one temperature per row (the kernels' ``ROW_TAU`` variants)."""
     from r1fast.kernels import linear_logprob as K
     from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, triton_chunks
 
     x, w, y = _meta(T, H, dtype=dtype), _meta(V, H, dtype=dtype), _meta(T, dtype=torch.int64)
-    K.forward_partials(x, w, y, 1.0, 0)
+    inv_tau = _meta(T) if row_tau else 1.0
+    K.forward_partials(x, w, y, inv_tau, 0)
     rows = [_meta(T) for _ in range(4)]
     ct, cv = triton_chunks(T, DEFAULT_CHUNKS.triton_tokens, None, "fused")
-    K.backward(x, w, y, *rows, 1.0, 0, ct, cv)
+    K.backward(x, w, y, *rows, inv_tau, 0, ct, cv)
 
 
 def linear_logprob_gemm(T: int = 16384, H: int = 4096, V: int = 151936) -> None:
@@ -279,6 +281,8 @@ def group_advantages(n_groups: int = 4096, group_size: int = 16) -> None:
 WORKLOADS = {
     "linear_logprob_bf16": lambda: linear_logprob(torch.bfloat16, 16384, 4096, 151936),
     "linear_logprob_fp32": lambda: linear_logprob(torch.float32, 4096, 4096, 32768),
+    "linear_logprob_bf16_row_tau": lambda: linear_logprob(torch.bfloat16, 16384, 4096, 151936,
+                                                          row_tau=True),
     "linear_logprob_gemm_bf16": linear_logprob_gemm,
     "grpo_loss": grpo_loss,
     "moe_route": moe_route,

@@ -1,8 +1,9 @@
 """Triton kernels for the fused linear log-prob + entropy op (forward and backward).
 
 What is computed (docs/DESIGN.md §3). For hidden states ``x[T, H]``, an LM-head shard
-``W[V, H]`` and a temperature ``tau``, the logits are ``z = x W^T / tau`` (``[T, V]``, never
-stored). The forward streams ``z`` tile by tile and keeps, per row, the online statistics
+``W[V, H]`` and a temperature ``tau`` (one float, or one per row: ``ROW_TAU``), the logits are
+``z = x W^T / tau`` (``[T, V]``, never stored). The forward streams ``z`` tile by tile and
+keeps, per row, the online statistics
 
     m  = max_j z_j                       (running max; -inf before the first tile)
     s  = sum_j exp(z_j - m)              (rescaled by exp(m_old - m_new) when m grows)
@@ -88,6 +89,17 @@ def _logit_tile(x_ptr, w_ptr, offs_t, offs_v, mask_t, mask_v, H, stride_xt, stri
 
 
 @triton.jit
+def _inv_tau_of_rows(inv_tau, offs_t, mask_t, ROW_TAU: tl.constexpr):
+    """The factor 1/tau of rows ``offs_t``: ``[BT, 1]`` loaded from ``inv_tau [T]`` with
+    ``ROW_TAU``, else the one float ``inv_tau`` itself (the scalar path's code is unchanged)."""
+    if ROW_TAU:
+        scale = tl.load(inv_tau + offs_t, mask=mask_t, other=1.0)[:, None]
+    else:
+        scale = inv_tau
+    return scale
+
+
+@triton.jit
 def _grouped_pid(pid, n_rows, n_cols, GROUP: tl.constexpr):
     """(row block, column block) of program ``pid`` in grouped order: GROUP row blocks x all
     column blocks are adjacent program ids, so a wave of programs reuses the same rows in L2."""
@@ -103,11 +115,12 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, m_ptr, s_ptr, sz_ptr, zy_ptr,
                 T, V, H, stride_xt, stride_wv, inv_tau, vocab_start, NUM_SPLITS, T_BUCKET,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 GROUP_T: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, ROW_TAU: tl.constexpr):
     pid_t, split = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), NUM_SPLITS, GROUP_T)
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
+    scale = _inv_tau_of_rows(inv_tau, offs_t, mask_t, ROW_TAU)  # [BT, 1], or the one float
     # local target id; targets of other shards / ignore_index fall outside [0, V) and never match
     # int32: the [BT, BV] comparison with the column ids below costs half the registers of int64
     y = (tl.load(y_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64) - vocab_start) \
@@ -126,7 +139,7 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, m_ptr, s_ptr, sz_ptr, zy_ptr,
         mask_v = offs_v < V
         acc = _logit_tile(x_ptr, w_ptr, offs_t, offs_v, mask_t, mask_v, H, stride_xt, stride_wv,
                           BLOCK_T, BLOCK_V, BLOCK_H, EVEN_H, UPCAST, PRECISION)
-        z = tl.where(mask_v[None, :], acc * inv_tau, float("-inf"))  # [BT, BV]
+        z = tl.where(mask_v[None, :], acc * scale, float("-inf"))  # [BT, BV]
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: each block has a valid column
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])  # padded columns: exp(-inf) = 0
@@ -150,7 +163,7 @@ def _dz_kernel(x_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, dz_ptr,
                T, V, H, stride_xt, stride_wv, stride_dzt, inv_tau, vocab_start, T_BUCKET,
                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                GROUP_T: tl.constexpr, EVEN_H: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, ROW_TAU: tl.constexpr):
     pid_t, pid_v = _grouped_pid(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(V, BLOCK_V),
                                 GROUP_T)
 
@@ -163,14 +176,15 @@ def _dz_kernel(x_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, dz_ptr,
     ent = tl.load(ent_ptr + offs_t, mask=mask_t, other=0.0)
     g = tl.load(g_ptr + offs_t, mask=mask_t, other=0.0)
     h = tl.load(h_ptr + offs_t, mask=mask_t, other=0.0)
+    scale = _inv_tau_of_rows(inv_tau, offs_t, mask_t, ROW_TAU)  # [BT, 1], or the one float
 
     acc = _logit_tile(x_ptr, w_ptr, offs_t, offs_v, mask_t, mask_v, H, stride_xt, stride_wv,
                       BLOCK_T, BLOCK_V, BLOCK_H, EVEN_H, UPCAST, PRECISION)
-    z = acc * inv_tau
+    z = acc * scale
     p = tl.exp(z - lse[:, None])  # [BT, BV], fp32: 1 - p_y never goes through a 16-bit buffer
     dz = tl.where(offs_v[None, :] == y[:, None], g[:, None], 0.0) \
         - p * (g[:, None] + h[:, None] * (z - lse[:, None] + ent[:, None]))
-    dz = dz * inv_tau  # fold 1/tau of both dx and dW here
+    dz = dz * scale  # fold 1/tau of both dx and dW here
     ptrs = dz_ptr + offs_t[:, None].to(tl.int64) * stride_dzt + offs_v[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
 
@@ -328,14 +342,23 @@ def default_num_splits(T: int, V: int, device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------- launchers
 
+def rows_of(inv_temperature: float | torch.Tensor, t0: int, t1: int) -> float | torch.Tensor:
+    """The inverse temperature of token rows ``[t0, t1)``: the one float, or that slice of the
+    ``[T]`` fp32 tensor of one per row."""
+    if isinstance(inv_temperature, torch.Tensor):
+        return inv_temperature[t0:t1]
+    return inv_temperature
+
+
 def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     inv_temperature: float, vocab_start: int = 0, *,
+                     inv_temperature: float | torch.Tensor, vocab_start: int = 0, *,
                      num_splits: int | None = None,
                      out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
     """Per-split online statistics (m, s, S, zy), each ``[num_splits, T]`` fp32.
 
     ``hidden [T, H]`` and ``weight [V, H]`` share a dtype (fp32/bf16/fp16); ``targets [T]`` hold
-    global ids, ``vocab_start`` is the global id of ``weight``'s first row. ``out`` may hold
+    global ids, ``vocab_start`` is the global id of ``weight``'s first row; ``inv_temperature``
+    is one float or a contiguous ``[T]`` fp32 tensor (one per row). ``out`` may hold
     preallocated buffers (tests fill them with NaN to prove every element is written)."""
     T, H = hidden.shape
     V = weight.shape[0]
@@ -360,16 +383,18 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                      weight.stride(0), inv_temperature, vocab_start, splits, _bucket(T),
                      GROUP_T=_FWD_GROUP_T,
                      UPCAST=INTERPRET and hidden.dtype != torch.float32,
-                     PRECISION=_precision(hidden.dtype), **_meta(_INTERP_TILE))
+                     PRECISION=_precision(hidden.dtype),
+                     ROW_TAU=isinstance(inv_temperature, torch.Tensor), **_meta(_INTERP_TILE))
     return out
 
 
 def dz_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              lse: torch.Tensor, ent: torch.Tensor, grad_logp: torch.Tensor,
-             grad_ent: torch.Tensor, inv_temperature: float, vocab_start: int,
+             grad_ent: torch.Tensor, inv_temperature: float | torch.Tensor, vocab_start: int,
              out: torch.Tensor) -> torch.Tensor:
     """Write ``dz / tau`` for ``hidden [t, H]`` x ``weight [v, H]`` into ``out [t, v]`` (a view
-    of the workspace whose rows may be strided). Row vectors are ``[t]`` fp32."""
+    of the workspace whose rows may be strided). Row vectors (and a tensor
+    ``inv_temperature``) are ``[t]`` fp32."""
     T, H = hidden.shape
     V = weight.shape[0]
     if T == 0 or V == 0:
@@ -385,7 +410,8 @@ def dz_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                      inv_temperature, vocab_start, _bucket(T),
                      GROUP_T=_GROUP,
                      UPCAST=INTERPRET and hidden.dtype != torch.float32,
-                     PRECISION=_precision(hidden.dtype), **_meta(_INTERP_TILE))
+                     PRECISION=_precision(hidden.dtype),
+                     ROW_TAU=isinstance(inv_temperature, torch.Tensor), **_meta(_INTERP_TILE))
     return out
 
 
@@ -418,7 +444,7 @@ def chunk_tiles(T: int, V: int, chunk_tokens: int, chunk_vocab: int):
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              lse: torch.Tensor, ent: torch.Tensor, grad_logp: torch.Tensor,
-             grad_ent: torch.Tensor, inv_temperature: float, vocab_start: int,
+             grad_ent: torch.Tensor, inv_temperature: float | torch.Tensor, vocab_start: int,
              chunk_tokens: int, chunk_vocab: int, *, need_weight_grad: bool = True,
              grad_hidden: torch.Tensor | None = None,
              grad_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -453,8 +479,8 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
         x, w = hidden[t0:t1], weight[v0:v1]
         dz = ws[: t1 - t0, : v1 - v0]
-        dz_chunk(x, w, targets[t0:t1], *(v[t0:t1] for v in rows), inv_temperature,
-                 vocab_start + v0, dz)
+        dz_chunk(x, w, targets[t0:t1], *(v[t0:t1] for v in rows),
+                 rows_of(inv_temperature, t0, t1), vocab_start + v0, dz)
         matmul_into(dz, w, dx[t0:t1], accumulate=v0 > 0)        # dx += dz @ W
         if dw is not None:
             matmul_into(dz.t(), x, dw_acc[v0:v1], accumulate=t0 > 0)  # dW += dz^T @ x

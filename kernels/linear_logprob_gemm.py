@@ -34,16 +34,27 @@ import triton
 import triton.language as tl
 
 from r1fast.kernels._launch import on_device_of
-from r1fast.kernels.linear_logprob import INTERPRET, chunk_tiles
+from r1fast.kernels.linear_logprob import INTERPRET, chunk_tiles, rows_of
 
 _ROW_BLOCK = 4096 if not INTERPRET else 64  # columns per step of a row kernel
 
 
 @triton.jit
+def _inv_tau_of_row(inv_tau, row, ROW_TAU: tl.constexpr):
+    """1/tau of one row: ``inv_tau[row]`` with ``ROW_TAU``, else the one float ``inv_tau``."""
+    if ROW_TAU:
+        scale = tl.load(inv_tau + row)
+    else:
+        scale = inv_tau
+    return scale
+
+
+@triton.jit
 def _tile_stats_kernel(z_ptr, y_ptr, m_ptr, s_ptr, sz_ptr, zy_ptr, V, stride_zt, inv_tau,
-                       vocab_start, BLOCK_V: tl.constexpr):
+                       vocab_start, BLOCK_V: tl.constexpr, ROW_TAU: tl.constexpr):
     """One row of an fp32 logit tile -> this chunk's online statistics of ``z * inv_tau``."""
     row = tl.program_id(0)
+    scale = _inv_tau_of_row(inv_tau, row, ROW_TAU)
     y = (tl.load(y_ptr + row).to(tl.int64) - vocab_start).to(tl.int32)  # local id, or outside
     z_row = z_ptr + row.to(tl.int64) * stride_zt
     m = float("-inf")
@@ -53,7 +64,7 @@ def _tile_stats_kernel(z_ptr, y_ptr, m_ptr, s_ptr, sz_ptr, zy_ptr, V, stride_zt,
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
-        z = tl.load(z_row + offs, mask=mask, other=float("-inf")) * inv_tau  # [BV]
+        z = tl.load(z_row + offs, mask=mask, other=float("-inf")) * scale  # [BV]
         m_new = tl.maximum(m, tl.max(z, axis=0))
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new)  # masked columns: exp(-inf) = 0
@@ -69,9 +80,11 @@ def _tile_stats_kernel(z_ptr, y_ptr, m_ptr, s_ptr, sz_ptr, zy_ptr, V, stride_zt,
 
 @triton.jit
 def _tile_dz_kernel(z_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, V, stride_zt,
-                    stride_dzt, inv_tau, vocab_start, BLOCK_V: tl.constexpr):
+                    stride_dzt, inv_tau, vocab_start, BLOCK_V: tl.constexpr,
+                    ROW_TAU: tl.constexpr):
     """One row: ``dz / tau`` from the fp32 logits, in dz's dtype (the next GEMMs' input)."""
     row = tl.program_id(0)
+    scale = _inv_tau_of_row(inv_tau, row, ROW_TAU)
     y = (tl.load(y_ptr + row).to(tl.int64) - vocab_start).to(tl.int32)
     lse = tl.load(lse_ptr + row)
     ent = tl.load(ent_ptr + row)
@@ -82,10 +95,10 @@ def _tile_dz_kernel(z_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, V, str
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
-        z = tl.load(z_row + offs, mask=mask, other=0.0) * inv_tau
+        z = tl.load(z_row + offs, mask=mask, other=0.0) * scale
         p = tl.exp(z - lse)  # fp32: 1 - p_y never goes through a 16-bit number
         dz = tl.where(offs == y, g, 0.0) - p * (g + h * (z - lse + ent))
-        tl.store(dz_row + offs, (dz * inv_tau).to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_row + offs, (dz * scale).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -111,30 +124,33 @@ def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(torch.mm(a.float(), b.float()))
 
 
-def tile_stats(z: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
+def tile_stats(z: torch.Tensor, targets: torch.Tensor, inv_temperature: float | torch.Tensor,
                vocab_start: int, out: torch.Tensor) -> torch.Tensor:
     """``out [4, t]`` (views allowed) = the (m, s, S, z_y) of each row of the fp32 logit tile
-    ``z [t, v]`` (unit column stride) scaled by ``inv_temperature``; ``vocab_start`` is the
-    global id of the tile's first column."""
+    ``z [t, v]`` (unit column stride) scaled by ``inv_temperature`` (one float, or ``[t]``
+    fp32: one per row); ``vocab_start`` is the global id of the tile's first column."""
     if z.shape[0]:
         m, s, sz, zy = out
         with on_device_of(z):
             _tile_stats_kernel[(z.shape[0],)](
                 z, targets, m, s, sz, zy, z.shape[1], z.stride(0), inv_temperature, vocab_start,
-                BLOCK_V=_ROW_BLOCK, num_warps=8)
+                BLOCK_V=_ROW_BLOCK, ROW_TAU=isinstance(inv_temperature, torch.Tensor),
+                num_warps=8)
     return out
 
 
 def tile_dz(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
-            grad_logp: torch.Tensor, grad_ent: torch.Tensor, inv_temperature: float,
-            vocab_start: int, out: torch.Tensor) -> torch.Tensor:
+            grad_logp: torch.Tensor, grad_ent: torch.Tensor,
+            inv_temperature: float | torch.Tensor, vocab_start: int,
+            out: torch.Tensor) -> torch.Tensor:
     """``out [t, v]`` (its dtype, unit column stride) = ``dz / tau`` of the logit tile ``z``;
     the row vectors are ``[t]`` fp32."""
     if z.shape[0]:
         with on_device_of(z):
             _tile_dz_kernel[(z.shape[0],)](
                 z, out, targets, lse, ent, grad_logp, grad_ent, z.shape[1], z.stride(0),
-                out.stride(0), inv_temperature, vocab_start, BLOCK_V=_ROW_BLOCK, num_warps=8)
+                out.stride(0), inv_temperature, vocab_start, BLOCK_V=_ROW_BLOCK,
+                ROW_TAU=isinstance(inv_temperature, torch.Tensor), num_warps=8)
     return out
 
 
@@ -148,7 +164,7 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     inv_temperature: float, vocab_start: int, chunk_tokens: int,
+                     inv_temperature: float | torch.Tensor, vocab_start: int, chunk_tokens: int,
                      chunk_vocab: int) -> torch.Tensor:
     """``[n_chunks, 4, T]`` fp32 statistics (m, s, S, z_y) of each vocabulary chunk of this
     weight shard; the caller merges them as it merges vocabulary splits."""
@@ -160,7 +176,7 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     with on_device_of(hidden):
         for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
             z = mm_fp32(hidden[t0:t1], weight[v0:v1].t())  # [t, v] fp32 logits * tau
-            tile_stats(z, targets[t0:t1], inv_temperature, vocab_start + v0,
+            tile_stats(z, targets[t0:t1], rows_of(inv_temperature, t0, t1), vocab_start + v0,
                        stats[v0 // cv, :, t0:t1])
             del z  # the allocator hands the same block to the next tile
     return stats
@@ -168,7 +184,7 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              lse: torch.Tensor, ent: torch.Tensor, grad_logp: torch.Tensor,
-             grad_ent: torch.Tensor, inv_temperature: float, vocab_start: int,
+             grad_ent: torch.Tensor, inv_temperature: float | torch.Tensor, vocab_start: int,
              chunk_tokens: int, chunk_vocab: int, *,
              need_weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dx [T, H]`` fp32 and ``dW [V, H]`` in weight's dtype (None when not needed), as
@@ -191,8 +207,9 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         for t0, t1, v0, v1 in chunk_tiles(T, V, ct, cv):
             x, w = hidden[t0:t1], weight[v0:v1]
             z = mm_fp32(x, w.t())  # [t, v] fp32, recomputed
-            dz = tile_dz(z, targets[t0:t1], *(v[t0:t1] for v in rows), inv_temperature,
-                         vocab_start + v0, ws[: t1 - t0, : v1 - v0])
+            dz = tile_dz(z, targets[t0:t1], *(v[t0:t1] for v in rows),
+                         rows_of(inv_temperature, t0, t1), vocab_start + v0,
+                         ws[: t1 - t0, : v1 - v0])
             del z
             dx[t0:t1] += mm_fp32(dz, w)  # dx += dz @ W
             if dw is not None and one_chunk:  # dW of this vocabulary chunk, written once

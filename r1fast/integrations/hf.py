@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from r1fast import ops
+from r1fast.ops._validate import FLOAT_DTYPES, check_tensor
 
 
 def hf_hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -37,16 +38,33 @@ def hf_hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return hidden, head.weight
 
 
+def per_token_temperature(temperature: float | torch.Tensor, input_ids: torch.Tensor
+                          ) -> float | torch.Tensor:
+    """A float as it is; a ``[B]`` tensor of per-sample temperatures as ``[B, L-1]``, one per
+    next-token position of ``input_ids [B, L]``."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    B, L = input_ids.shape
+    check_tensor("temperature", temperature, dtypes=FLOAT_DTYPES, shape=(B,),
+                 device=input_ids.device)
+    return temperature[:, None].expand(B, L - 1)
+
+
 def hf_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
-    """Log-prob of each next token, ``[B, L-1]`` fp32 (and entropy when asked)."""
+                temperature: float | torch.Tensor = 1.0, return_entropy: bool = False,
+                impl: str = "auto"):
+    """Log-prob of each next token, ``[B, L-1]`` fp32 (and entropy when asked);
+    ``temperature`` is one float or ``[B]``, one per sample."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, L] with L >= 2, got {tuple(input_ids.shape)}")
+    tau = per_token_temperature(temperature, input_ids)
     hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask)
     B, L, H = hidden.shape
     targets = input_ids[:, 1:].reshape(-1)
+    if isinstance(tau, torch.Tensor):
+        tau = tau.reshape(-1)  # [B * (L-1)]
     out = ops.linear_logprob(hidden[:, :-1].reshape(-1, H), weight, targets,
-                             temperature=temperature, return_entropy=return_entropy, impl=impl)
+                             temperature=tau, return_entropy=return_entropy, impl=impl)
     if return_entropy:
         return out[0].view(B, L - 1), out[1].view(B, L - 1)
     return out.view(B, L - 1)
@@ -55,18 +73,21 @@ def hf_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  completion_mask: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                  ref_logp: torch.Tensor | None = None,
-                 config: "ops.PolicyLossConfig | None" = None, *, temperature: float = 1.0,
+                 config: "ops.PolicyLossConfig | None" = None, *,
+                 temperature: float | torch.Tensor = 1.0,
                  rollout_logp: torch.Tensor | None = None,
                  global_normalizer: float | None = None, impl: str = "auto"):
     """GRPO loss of an HF causal LM from hidden states.
 
     ``completion_mask``, ``old_logp``, ``ref_logp``, ``rollout_logp``: ``[B, L-1]`` aligned with
-    the next-token targets ``input_ids[:, 1:]``; ``advantages``: ``[B]`` per sequence.
-    Returns ``(loss, metrics)`` as :func:`r1fast.ops.policy_loss`.
+    the next-token targets ``input_ids[:, 1:]``; ``advantages``: ``[B]`` per sequence;
+    ``temperature``: one float or ``[B]``, one per sample. Returns ``(loss, metrics)`` as
+    :func:`r1fast.ops.policy_loss`.
     """
+    tau = per_token_temperature(temperature, input_ids)
     hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask)
     config = config or ops.PolicyLossConfig()
     return ops.fused_linear_policy_loss(
         hidden[:, :-1], weight, input_ids[:, 1:], old_logp, advantages, completion_mask,
-        ref_logp, config, rollout_logp=rollout_logp, temperature=temperature,
+        ref_logp, config, rollout_logp=rollout_logp, temperature=tau,
         global_normalizer=global_normalizer, impl=impl)

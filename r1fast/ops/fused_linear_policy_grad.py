@@ -42,7 +42,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from r1fast.ops.linear_logprob import DEFAULT_CHUNKS, _finish
+from r1fast.ops.linear_logprob import (DEFAULT_CHUNKS, _check_temperature, _finish,
+                                       inverse_temperature)
 from r1fast.ops.policy_loss import PolicyLossConfig
 
 __all__ = ["forward_with_grads", "check_grad_in_forward", "chunk_rows", "group_rows",
@@ -98,8 +99,8 @@ def group_rows(N: int, V: int) -> int:
 
 
 def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       placeholder_logp: torch.Tensor, loss_of: LossOf, *, temperature: float,
-                       ignore_index: int, tp_group=None
+                       placeholder_logp: torch.Tensor, loss_of: LossOf, *,
+                       temperature: float | torch.Tensor, ignore_index: int, tp_group=None
                        ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """``(loss, metrics, entropy [N])`` of ``loss_of`` applied to the log-probs of ``targets``
     under ``hidden [N, H] @ weight^T / tau``; the loss backpropagates into ``hidden`` and
@@ -107,13 +108,15 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
     ``loss_of(logp [N] fp32)`` returns the policy loss and its metrics. ``placeholder_logp
     [N]`` fills the rows whose log-probs are not computed yet when a chunk's gradient is taken
-    (the old log-probs: finite, ratio 1). A chunk has as many rows as keep its fp32 logits
+    (the old log-probs: finite, ratio 1). ``temperature`` is one float or ``[N]``, one per row
+    (as ``linear_logprob``'s). A chunk has as many rows as keep its fp32 logits
     within the bytes of ``DEFAULT_CHUNKS.triton_workspace`` 16-bit elements; a group (one dx
     and one dW GEMM) has :func:`group_rows` rows.
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    inv_tau = 1.0 / float(temperature)
+    _check_temperature(temperature, N, hidden.device)
+    inv_tau = inverse_temperature(temperature, targets, ignore_index)  # float or [N] fp32
     with torch.no_grad():
         x, w, y = hidden.detach().contiguous(), weight.detach().contiguous(), targets.contiguous()
         logp = placeholder_logp.detach().float().clone()  # [N], overwritten chunk by chunk
@@ -153,11 +156,12 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _group_dz(x, w, y, logp, entropy, loss_of: LossOf, g0: int, g1: int, out: torch.Tensor, *,
-              inv_tau: float, ignore_index: int, tp_group) -> None:
+              inv_tau: float | torch.Tensor, ignore_index: int, tp_group) -> None:
     """Rows ``[g0, g1)``, chunk by chunk: logits (GEMM 1), their statistics, the loss's
     gradient at the log-probs known so far, and ``dz / tau`` into ``out [g1 - g0, V]``;
     ``logp`` and ``entropy`` gain the rows."""
     from r1fast.kernels import linear_logprob_gemm as G  # lazy: importing needs triton
+    from r1fast.kernels.linear_logprob import rows_of
 
     V = w.shape[0]
     vocab_start = (dist.get_rank(tp_group) if tp_group is not None else 0) * V
@@ -168,12 +172,12 @@ def _group_dz(x, w, y, logp, entropy, loss_of: LossOf, g0: int, g1: int, out: to
         rows, n = slice(t0, t1), t1 - t0
         ignored = y[rows] == ignore_index  # [n]
         z = _mm_fp32(x[rows], w.t())  # [n, V] fp32 logits * tau (GEMM 1)
-        G.tile_stats(z, y[rows], inv_tau, vocab_start, stats[:, :n])
+        G.tile_stats(z, y[rows], rows_of(inv_tau, t0, t1), vocab_start, stats[:, :n])
         lp, ent, lse = _finish(stats[:, :n], ignored, tp_group)
         logp[rows], entropy[rows] = lp, ent
         g = _loss_grad(loss_of, logp)[rows].masked_fill(ignored, 0.0)
-        G.tile_dz(z, y[rows], lse, ent, g, torch.zeros_like(g), inv_tau, vocab_start,
-                  out[t0 - g0:t1 - g0])
+        G.tile_dz(z, y[rows], lse, ent, g, torch.zeros_like(g), rows_of(inv_tau, t0, t1),
+                  vocab_start, out[t0 - g0:t1 - g0])
         del z
 
 

@@ -52,7 +52,7 @@ def fused_linear_policy_loss(
     *,
     cu_seqlens: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     tp_group=None,
     global_normalizer: float | torch.Tensor | None = None,
     return_entropy: bool = False,
@@ -73,7 +73,9 @@ def fused_linear_policy_loss(
             ``advantages`` ``[B]`` or per token. See :func:`r1fast.ops.policy_loss.policy_loss`.
         config: the loss variant, clipping, KL and aggregation (:class:`PolicyLossConfig`).
         cu_seqlens: ``[B+1]`` offsets of the packed layout.
-        temperature: sampling temperature; logits are divided by it.
+        temperature: sampling temperature; logits are divided by it. One float, or a tensor
+            shaped like ``targets`` (per-sample temperatures, repeated over each sample's
+            tokens; no gradient); its value on masked positions does not matter.
         tp_group: vocabulary-parallel process group of the LM head, or None.
         global_normalizer: the aggregation's GLOBAL denominator under data parallelism (see
             ``policy_loss``).
@@ -110,6 +112,9 @@ def fused_linear_policy_loss(
     tok_shape = tuple(hidden.shape[:-1])  # [B, L] or [T]
     check_tensor("targets", targets, dtypes=INDEX_DTYPES, shape=tok_shape, device=hidden.device)
     check_tensor("mask", mask, shape=tok_shape, device=hidden.device)
+    if isinstance(temperature, torch.Tensor):
+        check_tensor("temperature", temperature, shape=tok_shape, device=hidden.device)
+        temperature = temperature.reshape(-1)  # [T]
 
     flat_targets = torch.where(mask.reshape(-1) != 0, targets.reshape(-1),
                                torch.full_like(targets.reshape(-1), _IGNORE))  # [T]
@@ -118,6 +123,8 @@ def fused_linear_policy_loss(
         _check_active_rows(active_rows, mask)
         flat_hidden = flat_hidden.index_select(0, active_rows)  # [N, H]
         flat_targets = flat_targets.index_select(0, active_rows)
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.index_select(0, active_rows)  # [N]
 
     def at_positions(rows_value: torch.Tensor) -> torch.Tensor:
         """[N] per active row -> [T] per position, 0 where masked (no gradient there)."""

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from r1fast.ops._dispatch import debug_checks, resolve_impl
-from r1fast.ops._validate import INDEX_DTYPES, check_tensor
+from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 __all__ = ["linear_logprob", "naive_linear_logprob", "LinearLogprobChunks", "DEFAULT_CHUNKS",
            "merge_partials"]
@@ -115,11 +115,14 @@ def _row_grads(g, h, ignored: torch.Tensor, like: torch.Tensor):
 # ----------------------------------------------------------------------------- naive formula
 
 def naive_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         temperature: float = 1.0, return_entropy: bool = False,
+                         temperature: float | torch.Tensor = 1.0, return_entropy: bool = False,
                          ignore_index: int = -100):
     """The textbook formula with the full ``[T, V]`` logits in the inputs' dtype (plain
     autograd). Independent of the streamed implementations: tests run it on fp64 copies as
-    the ground truth, the benchmark times it as the "naive torch" baseline. No validation."""
+    the ground truth, the benchmark times it as the "naive torch" baseline. No validation.
+    ``temperature``: one float or ``[T]``, one per row."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(hidden.dtype)[:, None]  # [T, 1]
     logp_all = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)  # [T, V]
     valid = targets != ignore_index
     picked = logp_all.gather(1, torch.where(valid, targets, 0).long()[:, None])[:, 0]
@@ -145,6 +148,11 @@ def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(hidden.float(), weight.float())
 
 
+def _row_factor(inv_tau: float | torch.Tensor, rows: slice) -> float | torch.Tensor:
+    """1/tau of token rows ``rows`` as a factor of their logit tile: the float, or ``[t, 1]``."""
+    return inv_tau[rows, None] if isinstance(inv_tau, torch.Tensor) else inv_tau
+
+
 def _pick(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """z[t, idx[t]] where 0 <= idx[t] < z.shape[1], else 0.  z: [t, v], idx: [t]."""
     hit = (idx >= 0) & (idx < z.shape[1])
@@ -164,7 +172,7 @@ def _torch_partials(hidden, weight, targets, inv_tau, vocab_start, ct, cv) -> to
         w = weight[v0:v0 + cv].to(acc)  # [cv, H]
         for t0 in range(0, T, ct):
             rows = slice(t0, t0 + ct)
-            z = (hidden[rows].to(acc) @ w.T).mul_(inv_tau)  # [ct, cv]
+            z = (hidden[rows].to(acc) @ w.T).mul_(_row_factor(inv_tau, rows))  # [ct, cv]
             m_new = torch.maximum(m[rows], z.amax(1))
             alpha = torch.exp(m[rows] - m_new)
             e = (z - m_new[:, None]).exp_()  # [ct, cv]
@@ -199,8 +207,9 @@ def _torch_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, 
         for t0 in range(0, T, ct):
             rows = slice(t0, t0 + ct)
             x = hidden[rows].to(acc)  # [ct, H]
-            z = (x @ w.T).mul_(inv_tau)  # [ct, cv]
-            dz = _dlogits(z, y[rows] - v0, lse[rows], ent[rows], g[rows], h[rows]).mul_(inv_tau)
+            scale = _row_factor(inv_tau, rows)
+            z = (x @ w.T).mul_(scale)  # [ct, cv]
+            dz = _dlogits(z, y[rows] - v0, lse[rows], ent[rows], g[rows], h[rows]).mul_(scale)
             dx[rows].addmm_(dz, w)
             if need_dw:
                 dw_c.addmm_(dz.T, x)
@@ -211,33 +220,43 @@ def _torch_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, 
 
 # ----------------------------------------------------------------------------- triton custom ops
 
+def _kernel_tau(inv_temperature: float, inv_temperature_rows: torch.Tensor | None):
+    """What the kernels take: the ``[T]`` fp32 factors when given, else the one float."""
+    return inv_temperature if inv_temperature_rows is None else inv_temperature_rows
+
+
 @torch.library.custom_op("r1fast::linear_logprob_partials", mutates_args=())
 def _triton_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     inv_temperature: float, vocab_start: int, tiles: str, chunk_tokens: int,
+                     inv_temperature: float, inv_temperature_rows: torch.Tensor | None,
+                     vocab_start: int, tiles: str, chunk_tokens: int,
                      chunk_vocab: int) -> torch.Tensor:
     """[4, T] fp32 statistics (m, s, S, z_y) of this weight shard, vocabulary splits (fused
-    tiles) or chunks (GEMM tiles) merged."""
+    tiles) or chunks (GEMM tiles) merged. ``inv_temperature_rows [T]`` fp32, when given,
+    replaces ``inv_temperature`` with one factor per row."""
+    inv_tau = _kernel_tau(inv_temperature, inv_temperature_rows)
     if tiles == "gemm":
         from r1fast.kernels import linear_logprob_gemm as G  # lazy: importing needs triton
 
-        parts = G.forward_partials(hidden, weight, targets, inv_temperature, vocab_start,
+        parts = G.forward_partials(hidden, weight, targets, inv_tau, vocab_start,
                                    chunk_tokens, chunk_vocab)
         return merge_partials(parts)  # [chunks, 4, T] -> [4, T]
     from r1fast.kernels import linear_logprob as K
 
-    parts = K.forward_partials(hidden, weight, targets, inv_temperature, vocab_start)
+    parts = K.forward_partials(hidden, weight, targets, inv_tau, vocab_start)
     return merge_partials(torch.stack(parts, dim=1))  # [splits, 4, T] -> [4, T]
 
 
 @_triton_partials.register_fake
-def _(hidden, weight, targets, inv_temperature, vocab_start, tiles, chunk_tokens, chunk_vocab):
+def _(hidden, weight, targets, inv_temperature, inv_temperature_rows, vocab_start, tiles,
+      chunk_tokens, chunk_vocab):
     return hidden.new_empty(4, hidden.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("r1fast::linear_logprob_grads", mutates_args=())
 def _triton_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   lse: torch.Tensor, ent: torch.Tensor, grad_logp: torch.Tensor,
-                  grad_ent: torch.Tensor, inv_temperature: float, vocab_start: int,
+                  grad_ent: torch.Tensor, inv_temperature: float,
+                  inv_temperature_rows: torch.Tensor | None, vocab_start: int,
                   chunk_tokens: int, chunk_vocab: int, need_weight_grad: bool,
                   tiles: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [T, H] fp32, dW [V, H] in weight's dtype, or [0, H] when not needed)."""
@@ -246,15 +265,15 @@ def _triton_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     else:
         from r1fast.kernels import linear_logprob as K
 
-    dx, dw = K.backward(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature,
-                        vocab_start, chunk_tokens, chunk_vocab,
-                        need_weight_grad=need_weight_grad)
+    dx, dw = K.backward(hidden, weight, targets, lse, ent, grad_logp, grad_ent,
+                        _kernel_tau(inv_temperature, inv_temperature_rows), vocab_start,
+                        chunk_tokens, chunk_vocab, need_weight_grad=need_weight_grad)
     return dx, dw if need_weight_grad else weight.new_empty(0, weight.shape[1])
 
 
 @_triton_grads.register_fake
-def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature, vocab_start,
-      chunk_tokens, chunk_vocab, need_weight_grad, tiles):
+def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature,
+      inv_temperature_rows, vocab_start, chunk_tokens, chunk_vocab, need_weight_grad, tiles):
     rows = weight.shape[0] if need_weight_grad else 0
     return (hidden.new_empty(hidden.shape, dtype=torch.float32),
             weight.new_empty(rows, weight.shape[1]))
@@ -262,34 +281,36 @@ def _(hidden, weight, targets, lse, ent, grad_logp, grad_ent, inv_temperature, v
 
 @torch.library.custom_op("r1fast::linear_logprob", mutates_args=())
 def _triton_fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  inv_temperature: float, ignore_index: int, chunk_tokens: int,
-                  chunk_vocab: int, tiles: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  inv_temperature: float, inv_temperature_rows: torch.Tensor | None,
+                  ignore_index: int, chunk_tokens: int, chunk_vocab: int,
+                  tiles: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse), each [T] fp32: the single-rank Triton path."""
-    stats = _triton_partials(hidden, weight, targets, inv_temperature, 0, tiles, chunk_tokens,
-                             chunk_vocab)
+    stats = _triton_partials(hidden, weight, targets, inv_temperature, inv_temperature_rows, 0,
+                             tiles, chunk_tokens, chunk_vocab)
     return _finish(stats, targets == ignore_index, None)
 
 
 @_triton_fused.register_fake
-def _(hidden, weight, targets, inv_temperature, ignore_index, chunk_tokens, chunk_vocab, tiles):
+def _(hidden, weight, targets, inv_temperature, inv_temperature_rows, ignore_index,
+      chunk_tokens, chunk_vocab, tiles):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 def _fused_setup(ctx, inputs, output):
-    hidden, weight, targets, inv_tau, ignore_index, ct, cv, tiles = inputs
+    hidden, weight, targets, inv_tau, inv_tau_rows, ignore_index, ct, cv, tiles = inputs
     _, ent, lse = output
-    ctx.save_for_backward(hidden, weight, targets, lse, ent)
+    ctx.save_for_backward(hidden, weight, targets, lse, ent, inv_tau_rows)
     ctx.args = (inv_tau, ignore_index, ct, cv, tiles)
 
 
 def _fused_backward(ctx, grad_logp, grad_ent, grad_lse):
-    hidden, weight, targets, lse, ent = ctx.saved_tensors
+    hidden, weight, targets, lse, ent, inv_tau_rows = ctx.saved_tensors
     inv_tau, ignore_index, ct, cv, tiles = ctx.args
     g, h = _row_grads(grad_logp, grad_ent, targets == ignore_index, lse)
     need_dw = ctx.needs_input_grad[1]
-    dx, dw = _triton_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, 0, ct, cv, need_dw,
-                           tiles)
-    return (dx.to(hidden.dtype), dw if need_dw else None) + (None,) * 6
+    dx, dw = _triton_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, inv_tau_rows, 0,
+                           ct, cv, need_dw, tiles)
+    return (dx.to(hidden.dtype), dw if need_dw else None) + (None,) * 7
 
 
 _triton_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -297,10 +318,16 @@ _triton_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 # ----------------------------------------------------------------------------- autograd (torch, TP)
 
+def _split_tau(inv_tau: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """(the float, None) or (1.0, the ``[T]`` factors): the custom ops' two arguments."""
+    return (1.0, inv_tau) if isinstance(inv_tau, torch.Tensor) else (inv_tau, None)
+
+
 class _LinearLogprobFn(torch.autograd.Function):
     """Torch reference (any group) and the Triton path under vocabulary parallelism: partial
     statistics of this shard -> merge over the group -> outputs; backward per shard, dx
-    all-reduced. ``backend`` is "torch" or "triton" (with ``tiles`` "fused" or "gemm")."""
+    all-reduced. ``backend`` is "torch" or "triton" (with ``tiles`` "fused" or "gemm");
+    ``inv_tau`` is one float or ``[T]`` factors (no gradient)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_tau, ignore_index, group, backend, ct, cv,
@@ -310,23 +337,30 @@ class _LinearLogprobFn(torch.autograd.Function):
         if backend == "torch":
             stats = _torch_partials(hidden, weight, targets, inv_tau, vocab_start, ct, cv)
         else:
-            stats = _triton_partials(hidden, weight, targets, inv_tau, vocab_start, tiles, ct,
-                                     cv)
+            stats = _triton_partials(hidden, weight, targets, *_split_tau(inv_tau), vocab_start,
+                                     tiles, ct, cv)
         ignored = targets == ignore_index
         logp, ent, lse = _finish(stats, ignored, group)
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.args = (inv_tau, ignore_index, group, backend, ct, cv, vocab_start, tiles)
+        rows = inv_tau if isinstance(inv_tau, torch.Tensor) else None
+        ctx.save_for_backward(hidden, weight, targets, lse, ent, rows)
+        ctx.args = (None if rows is not None else inv_tau, ignore_index, group, backend, ct, cv,
+                    vocab_start, tiles)
         return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_ent):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        hidden, weight, targets, lse, ent, rows = ctx.saved_tensors
         inv_tau, ignore_index, group, backend, ct, cv, vocab_start, tiles = ctx.args
+        inv_tau = rows if rows is not None else inv_tau
         g, h = _row_grads(grad_logp, grad_ent, targets == ignore_index, lse)
         need_dw = ctx.needs_input_grad[1]
-        args = (hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, ct, cv, need_dw)
-        dx, dw = _torch_grads(*args) if backend == "torch" else _triton_grads(*args, tiles)
+        if backend == "torch":
+            dx, dw = _torch_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start,
+                                  ct, cv, need_dw)
+        else:
+            dx, dw = _triton_grads(hidden, weight, targets, lse, ent, g, h, *_split_tau(inv_tau),
+                                   vocab_start, ct, cv, need_dw, tiles)
         if group is not None:
             dist.all_reduce(dx, group=group)  # every shard's vocabulary contributes to dx
         return (dx.to(hidden.dtype), dw if need_dw else None) + (None,) * 8
@@ -348,9 +382,7 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row, got shape [0, H]")
     check_tensor("targets", targets, ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=hidden.device)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    _check_temperature(temperature, T, hidden.device)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -362,14 +394,47 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("tp_group was given but torch.distributed is not initialized")
         world = dist.get_world_size(tp_group)
-    if not debug_checks(validate):  # the targets' values: a host sync, debug mode only
+    if not debug_checks(validate):  # the values below: a host sync, debug mode only
         return
+    if isinstance(temperature, torch.Tensor):
+        bad = (targets != ignore_index) & ~(torch.isfinite(temperature) & (temperature > 0))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"temperature must be finite and > 0 on every row that is not "
+                             f"ignored; got temperature[{i}] = {float(temperature[i])}")
     v_total = weight.shape[0] * world
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= v_total))  # [T]
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"targets must be in [0, {v_total}) (the vocabulary size) or equal "
                          f"ignore_index={ignore_index}; got targets[{i}] = {int(targets[i])}")
+
+
+def _check_temperature(temperature, T: int, device: torch.device) -> None:
+    """One finite float > 0, or a ``[T]`` float tensor on ``device`` without a gradient (its
+    values are checked with the targets', in debug mode)."""
+    if isinstance(temperature, torch.Tensor):
+        check_tensor("temperature", temperature, ndim=1, dtypes=FLOAT_DTYPES, shape=(T,),
+                     device=device)
+        if temperature.requires_grad:
+            raise ValueError("temperature requires grad, but linear_logprob gives it no "
+                             "gradient; pass temperature.detach()")
+    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError("temperature must be a finite number > 0 or a [T] float tensor, got "
+                         f"{temperature!r}")
+
+
+def inverse_temperature(temperature: float | torch.Tensor, targets: torch.Tensor,
+                        ignore_index: int, dtype: torch.dtype = torch.float32
+                        ) -> float | torch.Tensor:
+    """``1 / temperature``: a float, or a contiguous ``[T]`` tensor of ``dtype`` with 1 on the
+    ignored rows (whatever their temperature: a 0 there must not make their discarded logits,
+    and through them the gradients, NaN)."""
+    if not isinstance(temperature, torch.Tensor):
+        return 1.0 / float(temperature)
+    inv = torch.reciprocal(temperature.detach().to(dtype))  # [T]
+    return torch.where(targets == ignore_index, torch.ones_like(inv), inv).contiguous()
 
 
 def triton_chunks(T: int, chunk_tokens, chunk_vocab, tiles: str) -> tuple[int, int]:
@@ -385,7 +450,7 @@ def triton_chunks(T: int, chunk_tokens, chunk_vocab, tiles: str) -> tuple[int, i
 
 
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   temperature: float = 1.0, return_entropy: bool = False,
+                   temperature: float | torch.Tensor = 1.0, return_entropy: bool = False,
                    ignore_index: int = -100, *, tp_group=None, impl: str = "auto",
                    chunk_tokens: int | None = None, chunk_vocab: int | None = None,
                    tiles: str = "fused", validate: bool | None = None):
@@ -395,7 +460,9 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         hidden: ``[T, H]`` fp32/bf16/fp16 (fp64 with ``impl="torch"``) hidden states.
         weight: ``[V, H]`` LM head of the same dtype (this rank's shard under ``tp_group``).
         targets: ``[T]`` int64/int32 global vocabulary ids, or ``ignore_index``.
-        temperature: ``tau > 0``; logits are divided by it.
+        temperature: ``tau > 0``; logits are divided by it. One float, or a ``[T]`` float
+            tensor with one per row (per-sample temperatures, repeated over each sample's
+            tokens; no gradient). The kernels take ``1 / tau`` in fp32 (fp64 for fp64 inputs).
         return_entropy: also return the entropy of each row's distribution.
         ignore_index: rows with this target give logp 0 and entropy 0 and no gradient.
         tp_group: process group of a vocabulary-parallel LM head (Megatron layout), or None.
@@ -407,9 +474,10 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
             the softmax in their epilogue; the logits never reach memory) or ``"gemm"``
             (cuBLAS fp32 logit tiles, reduced by Triton row kernels; see
             ``r1fast.kernels.linear_logprob_gemm``). Any other impl takes only ``"fused"``.
-        validate: check that every target is in the vocabulary or ``ignore_index`` (a host
-            sync); None follows ``R1FAST_DEBUG_CHECKS`` (off: an out-of-range target is
-            undefined behaviour, as indexing out of range).
+        validate: check that every target is in the vocabulary or ``ignore_index``, and a
+            tensor temperature finite and > 0 on the other rows (a host sync); None follows
+            ``R1FAST_DEBUG_CHECKS`` (off: an out-of-range target is undefined behaviour, as
+            indexing out of range).
 
     Returns ``logp [T]`` float32 (float64 for fp64 inputs), or ``(logp, entropy)``. Gradients
     flow to ``hidden`` and ``weight`` in their dtypes; dW is accumulated in fp32.
@@ -422,7 +490,7 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if tiles != "fused" and chosen != "triton":
         raise ValueError(f"tiles={tiles!r} is a way of running impl='triton'; impl={impl!r} "
                          f"runs {chosen!r} here, which takes only tiles='fused'")
-    inv_tau = 1.0 / float(temperature)
+    inv_tau = inverse_temperature(temperature, targets, ignore_index, _acc_dtype(hidden.dtype))
     if chosen == "torch":
         ct = chunk_tokens or DEFAULT_CHUNKS.torch_tokens
         cv = chunk_vocab or DEFAULT_CHUNKS.torch_vocab
@@ -434,8 +502,8 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                              f"impl='triton', got {str(hidden.dtype).replace('torch.', '')}")
         ct, cv = triton_chunks(hidden.shape[0], chunk_tokens, chunk_vocab, tiles)
         if tp_group is None:
-            logp, ent, _ = _triton_fused(hidden, weight, targets, inv_tau, ignore_index, ct, cv,
-                                         tiles)
+            logp, ent, _ = _triton_fused(hidden, weight, targets, *_split_tau(inv_tau),
+                                         ignore_index, ct, cv, tiles)
         else:
             logp, ent = _LinearLogprobFn.apply(hidden, weight, targets, inv_tau, ignore_index,
                                                tp_group, "triton", ct, cv, tiles)

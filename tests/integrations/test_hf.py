@@ -61,6 +61,35 @@ def test_grpo_loss_and_grads_equal_model_logits_path():
         torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_per_sample_temperatures():
+    """A [B] temperature: each sample's log-probs (and its GRPO loss gradients) are those of
+    the model's logits divided by its own temperature."""
+    model = tiny_qwen3(2)
+    B, L = 3, 8
+    ids = torch.randint(0, 97, (B, L))
+    tau = torch.tensor([0.6, 1.0, 1.4])
+    ours = hf_logprobs(model, ids, temperature=tau)
+    ref = reference_logp(model, ids, None, tau.double()[:, None, None])
+    assert (ours.double() - ref).abs().max() < 1e-5
+
+    comp = torch.ones(B, L - 1)
+    old = ref.float().detach() + 0.05 * torch.randn(B, L - 1)
+    adv = torch.tensor([1.0, -0.5, 0.3])
+    cfg = ops.PolicyLossConfig(loss="ppo", agg="seq-mean-token-mean")
+    loss, _ = hf_grpo_loss(model, ids, None, comp, old, adv, None, cfg, temperature=tau)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logp = reference_logp(model, ids, None, tau.double()[:, None, None]).float()
+    ref_loss, _ = ops.policy_loss(logp, old, adv, comp, cfg, impl="torch")
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-6
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    with pytest.raises(ValueError, match=r"temperature must have shape \[3\], got \[2\]"):
+        hf_logprobs(model, ids, temperature=tau[:2])
+
+
 def test_rejects_softcapped_heads():
     model = tiny_qwen3()
     model.config.final_logit_softcapping = 30.0

@@ -63,11 +63,14 @@ def _every_position_packed(inp):
     return pack(inp, keep), torch.tensor([0, 5, 10, 15], device=keep.device)
 
 
-def reference_fp64(inp, config, cu_seqlens=None, entropy=False):
-    """fp64 full logits -> logp (and entropy) -> fp64 reference loss; grads of hidden, weight."""
+def reference_fp64(inp, config, cu_seqlens=None, entropy=False, tau=TAU):
+    """fp64 full logits -> logp (and entropy) -> fp64 reference loss; grads of hidden, weight.
+    ``tau``: one float, or one per token (shaped like the targets)."""
     x = inp["hidden"].double().reshape(-1, inp["hidden"].shape[-1]).requires_grad_()
     w = inp["weight"].double().requires_grad_()
-    logits = x @ w.T / TAU  # [T, V]
+    if isinstance(tau, torch.Tensor):
+        tau = tau.double().reshape(-1, 1)  # [T, 1]
+    logits = x @ w.T / tau  # [T, V]
     logz = torch.log_softmax(logits, -1)
     tgt = inp["targets"].reshape(-1).clamp_min(0)  # padding ids are masked out below
     logp = logz.gather(-1, tgt[:, None])[:, 0].reshape(inp["targets"].shape)
@@ -84,12 +87,12 @@ def reference_fp64(inp, config, cu_seqlens=None, entropy=False):
     return loss.detach(), x.grad, w.grad, metrics
 
 
-def run_fused(inp, config, impl, cu_seqlens=None, **kw):
+def run_fused(inp, config, impl, cu_seqlens=None, tau=TAU, **kw):
     x = inp["hidden"].clone().requires_grad_()
     w = inp["weight"].clone().requires_grad_()
     loss, metrics = fused_linear_policy_loss(
         x, w, inp["targets"], inp["old"], inp["adv"], inp["mask"], inp["ref"], config,
-        rollout_logp=inp["roll"] if config.tis_cap is not None else None, temperature=TAU,
+        rollout_logp=inp["roll"] if config.tis_cap is not None else None, temperature=tau,
         cu_seqlens=cu_seqlens, impl=impl, **kw)
     loss.backward()
     return loss.detach(), x.grad.reshape(-1, x.shape[-1]), w.grad, metrics
@@ -247,6 +250,31 @@ def test_grad_in_forward_equals_the_recompute_path(config, layout, device, small
         torch.testing.assert_close(got[3][k], want[3][k], atol=1e-6, rtol=1e-5)
     ref = reference_fp64(inp, config, cu_seqlens=kw.get("cu_seqlens"), entropy=True)
     assert_close_to_reference(got, ref)
+
+
+@pytest.mark.parametrize("impl,in_forward", [("torch", False), ("triton", False),
+                                              ("triton", True)])
+@pytest.mark.parametrize("layout", ["padded", "active-rows"])
+def test_per_sample_temperature_matches_fp64(impl, in_forward, layout, device, small_chunks):
+    """One temperature per sample, repeated over its tokens; 0 (invalid) on masked positions,
+    which must not matter. Loss, metrics (entropy too) and both gradients against fp64; the
+    in-forward gradient runs chunks of 2 rows, each with its own slice of temperatures."""
+    _skip_if_no_triton(impl, device)
+    config = CONFIGS[0]
+    inp = make_inputs(3, 5, 16, 37, seed=8, device=device)
+    tau = torch.tensor([0.6, 1.0, 1.7], device=device)[:, None].expand(3, 5)  # [B, L]
+    kw = dict(return_entropy=True, grad_in_forward=in_forward)
+    if layout == "active-rows":
+        kw["active_rows"] = inp["mask"].reshape(-1).nonzero().squeeze(1)
+    got = run_fused(inp, config, impl, tau=torch.where(inp["mask"], tau, 0.0), **kw)
+    assert_close_to_reference(got, reference_fp64(inp, config, entropy=True, tau=tau))
+
+
+def test_a_temperature_tensor_must_be_shaped_like_the_targets(device):
+    inp = make_inputs(2, 3, 8, 11, device=device)
+    args = (inp["hidden"], inp["weight"], inp["targets"], inp["old"], inp["adv"], inp["mask"])
+    with pytest.raises(ValueError, match=r"temperature must have shape \[2, 3\], got \[2\]"):
+        fused_linear_policy_loss(*args, temperature=torch.ones(2, device=device))
 
 
 def test_grad_in_forward_takes_one_dw_gemm_per_group(device, small_chunks, monkeypatch):

@@ -83,13 +83,15 @@ def test_moe_route_does_not_sync(impl, monkeypatch, no_debug):
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_linear_logprob_does_not_sync(impl, monkeypatch, no_debug):
+@pytest.mark.parametrize("per_row_tau", [False, True], ids=["one-tau", "row-tau"])
+def test_linear_logprob_does_not_sync(impl, per_row_tau, monkeypatch, no_debug):
     h = torch.randn(6, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(13, 8, device=DEVICE, requires_grad=True)
     t = torch.tensor([0, 3, -100, 12, 5, 1], device=DEVICE)
+    tau = torch.linspace(0.5, 1.5, 6, device=DEVICE) if per_row_tau else 0.9
 
     def step():
-        logp, ent = linear_logprob(h, w, t, return_entropy=True, impl=impl)
+        logp, ent = linear_logprob(h, w, t, tau, return_entropy=True, impl=impl)
         (logp.sum() + ent.sum()).backward()
 
     step()

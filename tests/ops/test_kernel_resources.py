@@ -27,16 +27,23 @@ def _report(tmp_path: Path, *workloads: str) -> list[dict]:
     return json.loads((tmp_path / "kernel_resources_sm90.json").read_text())
 
 
-def test_linear_logprob_bf16_configs_do_not_spill_in_loops(tmp_path):
+@pytest.mark.parametrize("workload", [
+    "linear_logprob_bf16",
+    pytest.param("linear_logprob_bf16_row_tau", marks=pytest.mark.slow)])  # ~50 s more
+def test_linear_logprob_bf16_configs_do_not_spill_in_loops(workload, tmp_path):
     """T=16384, H=4096, V=151936 bf16: every autotune config of the forward, the dz tiles and
-    both backward GEMMs, as a GPU run would try them."""
+    both backward GEMMs, as a GPU run would try them (with one temperature, and with one per
+    row: the kernels' ROW_TAU variants)."""
     from r1fast.kernels import linear_logprob as K
 
-    rows = _report(tmp_path, "linear_logprob_bf16")
+    rows = _report(tmp_path, workload)
     by_kernel = {}
     for r in rows:
         by_kernel.setdefault(r["kernel"], []).append(r)
     assert set(by_kernel) == {"_fwd_kernel", "_dz_kernel", "_mm_kernel"}
+    row_tau = workload.endswith("row_tau")
+    assert all(r["constexprs"]["ROW_TAU"] == row_tau
+               for r in by_kernel["_fwd_kernel"] + by_kernel["_dz_kernel"])
     assert len(by_kernel["_fwd_kernel"]) == len(K._TILE_CONFIGS_16)
     assert len(by_kernel["_dz_kernel"]) == len(K._TILE_CONFIGS_16)
     # dx = dz @ W (row-major dz), dW = dz^T @ x (transposed dz), dx accumulated over vocab chunks

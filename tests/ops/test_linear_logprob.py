@@ -96,6 +96,50 @@ def test_half_inputs_accumulate_in_fp32(dtype, T, H, V):
     assert_close_to_truth(got, fp64_truth(hidden, weight, targets, 1.3, g, h), 2e-5, 2 * eps)
 
 
+def row_temperatures(T, seed=1, ignored=None):
+    """[T] per-row temperatures in [0.3, 2.3); 0 (invalid) on the ``ignored`` rows, which the
+    op must not read."""
+    tau = torch.rand(T, generator=torch.Generator().manual_seed(seed)) * 2 + 0.3
+    if ignored is not None:
+        tau[ignored] = 0.0
+    return tau
+
+
+@pytest.mark.parametrize("T,H,V", SHAPES)
+@pytest.mark.parametrize("chunks", [(None, None), (4, 17)])
+def test_per_row_temperature_matches_fp64_naive(T, H, V, chunks):
+    hidden, weight, targets, g, h = make_inputs(T, H, V, n_ignored=T // 3)
+    tau = row_temperatures(T, ignored=targets == IGNORE)
+    got = run_op(hidden, weight, targets, tau, g, h, impl="torch",
+                 chunk_tokens=chunks[0], chunk_vocab=chunks[1])
+    truth_tau = torch.where(targets == IGNORE, 1.0, tau).double()  # the truth divides by tau
+    assert_close_to_truth(got, fp64_truth(hidden, weight, targets, truth_tau, g, h), 2e-5, 2e-5)
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+
+
+def test_per_row_temperature_fp64_gradcheck():
+    hidden, weight, targets, _, _ = make_inputs(4, 3, 5, dtype=torch.float64, n_ignored=1)
+    tau = row_temperatures(4).double()
+
+    def fn(x, w):
+        return linear_logprob(x, w, targets, tau, True, impl="torch", chunk_tokens=3,
+                              chunk_vocab=2)
+
+    assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), weight.requires_grad_()),
+                                    eps=1e-6, atol=1e-8)
+
+
+def test_equal_row_temperatures_give_the_scalar_result():
+    hidden, weight, targets, g, h = make_inputs(9, 6, 11, n_ignored=2)
+    # tau = 0.5: 1/tau is exact, so both paths multiply by the same fp32 factor
+    scalar = run_op(hidden, weight, targets, 0.5, g, h, impl="torch", chunk_tokens=4,
+                    chunk_vocab=5)
+    rows = run_op(hidden, weight, targets, torch.full((9,), 0.5), g, h, impl="torch",
+                  chunk_tokens=4, chunk_vocab=5)
+    for a, b in zip(scalar, rows):
+        assert torch.equal(a, b)
+
+
 def test_fp64_gradcheck():
     hidden, weight, targets, _, _ = make_inputs(3, 4, 5, dtype=torch.float64, n_ignored=1)
     hidden.requires_grad_()
@@ -279,6 +323,16 @@ BAD = {
     "temperature_nan": (dict(temperature=float("nan")), "temperature must be a finite number"),
     "temperature_inf": (dict(temperature=float("inf")), "temperature must be a finite number"),
     "temperature_str": (dict(temperature="1"), "temperature must be a finite number"),
+    "temperature_rows_len": (dict(temperature=torch.ones(4)),
+                             r"temperature must have shape \[5\], got \[4\]"),
+    "temperature_rows_int": (dict(temperature=torch.ones(5, dtype=torch.int64)),
+                             "temperature must have dtype in"),
+    "temperature_rows_grad": (dict(temperature=torch.ones(5, requires_grad=True)),
+                              r"temperature requires grad.*temperature.detach\(\)"),
+    "temperature_rows_zero": (dict(temperature=torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])),
+                              r"finite and > 0 .*temperature\[3\] = 0.0"),
+    "temperature_rows_nan": (dict(temperature=torch.tensor([float("nan"), 1, 1, 1, 1.0])),
+                             r"finite and > 0 .*temperature\[0\] = nan"),
     "return_entropy_int": (dict(return_entropy=1), "return_entropy must be a bool"),
     "ignore_index_float": (dict(ignore_index=-100.0), "ignore_index must be an int"),
     "chunk_tokens_zero": (dict(chunk_tokens=0), "chunk_tokens must be None or a positive int"),

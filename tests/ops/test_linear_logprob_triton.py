@@ -8,6 +8,7 @@ so an element a kernel forgets to write shows up.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import pytest
@@ -179,6 +180,67 @@ def test_fp32_matches_fp64_naive(T, H, V, tau, tiles):
     assert_close_to_truth(got, fp64_truth(hidden, weight, targets, tau, g, h), 2e-5, 2e-5)
 
 
+def row_temperatures(T, ignored=None, seed=1):
+    """[T] per-row temperatures in [0.3, 2.3), 0 (invalid) on ``ignored`` rows: the op must
+    not read them."""
+    tau = torch.rand(T, generator=torch.Generator().manual_seed(seed)) * 2 + 0.3
+    if ignored is not None:
+        tau[ignored.cpu()] = 0.0
+    return tau.to(DEVICE)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("T,H,V", [(1, 7, 1), (7, 33, 257), (63, 7, 100)])
+def test_per_row_temperature_matches_fp64_naive(T, H, V, tiles):
+    """One temperature per row (chunk_tokens=32 splits the 63 rows: each chunk reads its own
+    slice of them), every gradient against fp64."""
+    hidden, weight, targets, g, h = make_inputs(T, H, V, n_ignored=T // 3)
+    tau = row_temperatures(T, ignored=targets == IGNORE)
+    got = run_op(hidden, weight, targets, tau, g, h, impl="triton", chunk_tokens=32,
+                 chunk_vocab=64, tiles=tiles)
+    truth_tau = torch.where(targets == IGNORE, 1.0, tau).double()
+    assert_close_to_truth(got, fp64_truth(hidden, weight, targets, truth_tau, g, h), 2e-5, 2e-5)
+
+
+@pytest.mark.parametrize("tiles", TILES)
+def test_per_row_temperature_half_inputs(tiles):
+    T, H, V = 21, 33, 70
+    hidden, weight, targets, g, h = make_inputs(T, H, V, dtype=torch.bfloat16, n_ignored=4)
+    tau = row_temperatures(T, ignored=targets == IGNORE)
+    got = run_op(hidden, weight, targets, tau.to(torch.bfloat16), g, h, impl="triton",
+                 chunk_tokens=8, chunk_vocab=48, tiles=tiles)
+    truth_tau = torch.where(targets == IGNORE, 1.0, tau.to(torch.bfloat16).double())
+    eps = torch.finfo(torch.bfloat16).eps
+    assert_close_to_truth(got, fp64_truth(hidden, weight, targets, truth_tau, g, h), 2e-5,
+                          4 * eps)
+
+
+@settings(max_examples=5, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(T=st.integers(1, 9), H=st.integers(1, 12), V=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+def test_each_row_is_its_own_temperature_call(T, H, V, seed):
+    """A row's log-prob and entropy under per-row temperatures are those of a call with its
+    temperature for every row: rows never mix in the forward, and the one-float path
+    multiplies by the same fp32 factor. Bitwise under the interpreter (the same tiles); on a
+    GPU the autotuner may give the two kernel variants different tiles (another summation
+    order), so there to 1e-6."""
+    hidden, weight, targets, _, _ = make_inputs(T, H, V, seed=seed)
+    # powers of two: 1/tau is exact both ways (an fp32 reciprocal of the tensor, an fp64
+    # reciprocal of the float rounded to fp32), so both paths multiply by the same factor
+    gen = torch.Generator().manual_seed(seed)
+    tau = (2.0 ** torch.randint(-2, 3, (T,), generator=gen)).to(DEVICE)  # [T] in 1/4 .. 4
+    for tiles in TILES:
+        logp, ent = linear_logprob(hidden, weight, targets, tau, True, impl="triton",
+                                   tiles=tiles, chunk_vocab=16)
+        for t in range(T):
+            one_lp, one_ent = linear_logprob(hidden, weight, targets, float(tau[t]), True,
+                                             impl="triton", tiles=tiles, chunk_vocab=16)
+            tol = 0 if DEVICE.type == "cpu" else 1e-6
+            torch.testing.assert_close(logp[t], one_lp[t], atol=tol, rtol=tol)
+            torch.testing.assert_close(ent[t], one_ent[t], atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(dtype, tiles):
@@ -255,10 +317,11 @@ def test_opcheck_custom_ops():
     hidden.requires_grad_()
     weight.requires_grad_()
     ops = torch.ops.r1fast
-    for tiles in TILES:
+    rows = torch.linspace(0.5, 2.0, T, device=DEVICE)  # per-row 1/tau
+    for tiles, tau_rows in itertools.product(TILES, (None, rows)):
         torch.library.opcheck(ops.linear_logprob,
-                              (hidden, weight, targets, 1.25, IGNORE, 4, 8, tiles))
-        args = (hidden.detach(), weight.detach(), targets, 1.25, 3, tiles, 4, 8)
+                              (hidden, weight, targets, 1.25, tau_rows, IGNORE, 4, 8, tiles))
+        args = (hidden.detach(), weight.detach(), targets, 1.25, tau_rows, 3, tiles, 4, 8)
         stats = ops.linear_logprob_partials(*args)
         torch.library.opcheck(ops.linear_logprob_partials, args)
         lse = stats[0] + stats[1].log()
@@ -266,7 +329,7 @@ def test_opcheck_custom_ops():
         for need_dw in (True, False):
             torch.library.opcheck(ops.linear_logprob_grads,
                                   (hidden.detach(), weight.detach(), targets, lse, ent, g, h,
-                                   1.25, 3, 4, 8, need_dw, tiles))
+                                   1.25, tau_rows, 3, 4, 8, need_dw, tiles))
 
 
 @pytest.mark.parametrize("backend",

@@ -3,13 +3,14 @@ or both on the one GPU of a ``make gpu-check`` machine (NCCL refuses two ranks o
 gloo all-reduces CUDA tensors), where the Triton paths run compiled.
 
 Each rank (``tests.helpers.spawn.run_gloo``) builds the same inputs (seeded), runs the
-unsharded op and the sharded op (``tp_group``) and checks that logp, entropy and dx are the
-unsharded values and that its dW is its shard's rows of the unsharded dW, for the torch
-reference and the Triton path (interpreter on CPU). Targets fall on both shards, and some rows
-are ignored.
+unsharded op and the sharded op (``tp_group``), with one temperature and with one per row, and
+checks that logp, entropy and dx are the unsharded values and that its dW is its shard's rows
+of the unsharded dW, for the torch reference and the Triton path (interpreter on CPU).
+Targets fall on both shards, and some rows are ignored.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -38,10 +39,10 @@ def _inputs(T, H, V, dtype):
     return tuple(t.to(DEVICE) for t in out)
 
 
-def _run(hidden, weight, targets, g, h, **kw):
+def _run(hidden, weight, targets, g, h, tau, **kw):
     x = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    logp, ent = linear_logprob(x, w, targets, 0.8, True, **kw)
+    logp, ent = linear_logprob(x, w, targets, tau, True, **kw)
     ((logp * g).sum() + (ent * h).sum()).backward()
     return logp.detach(), ent.detach(), x.grad, w.grad
 
@@ -50,12 +51,14 @@ def _worker(rank: int, impl: str, tiles: str) -> None:
     T, H, v_local = 13, 9, 37
     V = v_local * WORLD
     rows = slice(rank * v_local, (rank + 1) * v_local)
-    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+    row_tau = torch.linspace(0.4, 2.0, T, device=DEVICE)  # one temperature per row
+    for (dtype, tol), tau in itertools.product(((torch.float32, 2e-5), (torch.bfloat16, 2e-2)),
+                                               (0.8, row_tau)):
         hidden, weight, targets, g, h = _inputs(T, H, V, dtype)
         kw = dict(impl=impl, chunk_tokens=8, chunk_vocab=32,  # 2 x 3 chunks unsharded
                   tiles=tiles)
-        full = _run(hidden, weight, targets, g, h, **kw)
-        shard = _run(hidden, weight[rows].contiguous(), targets, g, h,
+        full = _run(hidden, weight, targets, g, h, tau, **kw)
+        shard = _run(hidden, weight[rows].contiguous(), targets, g, h, tau,
                      tp_group=dist.group.WORLD, **kw)
         want = (*full[:3], full[3][rows])
         for name, a, b in zip(("logp", "entropy", "dx", "dW"), shard, want):
@@ -63,9 +66,10 @@ def _worker(rank: int, impl: str, tiles: str) -> None:
             scale = max(1.0, b.abs().max().item()) if name in ("dx", "dW") else 1.0
             torch.testing.assert_close(a.float(), b.float(), atol=tol * scale, rtol=tol,
                                        msg=lambda m, n=name: f"{impl} {tiles} {dtype} "
-                                                               f"{n}: {m}")
+                                                               f"{type(tau)} {n}: {m}")
         # and the unsharded values are right (fp64 full-logits formula)
-        naive = naive_linear_logprob(hidden.double(), weight.double(), targets, 0.8, True)
+        naive_tau = tau.double() if isinstance(tau, torch.Tensor) else tau
+        naive = naive_linear_logprob(hidden.double(), weight.double(), targets, naive_tau, True)
         for a, b in zip(shard[:2], naive):
             torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=2e-5)
     # targets are checked against the full vocabulary, not the shard
