@@ -56,6 +56,7 @@ def test_linear_logprob_bf16_configs_do_not_spill_in_loops(workload, tmp_path):
         assert r["regs"] <= 255 and r["arch"] == "sm_90"
 
 
+@pytest.mark.slow  # ~30 s of compiling; bench/results/kernel_resources_sm90.json holds its rows
 def test_grouped_expert_configs_compile_without_spills(tmp_path):
     """The grouped experts' kernels, every autotune config, at Qwen3-30B-A3B's and DeepSeek-V3's
     expert sizes: no stack frame at all, pipelined loads, and tensor cores (wgmma from 64-row

@@ -68,8 +68,10 @@ def _weights(folder):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world, layout", [
-    (4, {"tp": 2, "ep": 2}),  # TP2 x EP2, and DP2 for the dense part
-    # ~55 s; PP's schedule is the GRPO trainer's too, checked by its packed PP2 test
+    # both slow (~35-55 s each on 2 cores): SFT runs the GRPO trainer's megatron model,
+    # optimizer and schedules, whose TP2 x EP2 and PP2 equality with one rank the default suite
+    # checks (tests/train/test_grpo.py, tests/policy/test_parallel_equivalence.py)
+    pytest.param(4, {"tp": 2, "ep": 2}, marks=pytest.mark.slow),  # and DP2 for the dense part
     pytest.param(2, {"pp": 2}, marks=pytest.mark.slow),
 ], ids=["tp2xep2", "pp2"])
 def test_parallel_sft_equals_one_rank(tmp_path, world, layout):
