@@ -42,8 +42,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from r1fast.ops._dispatch import debug_checks
 from r1fast.ops.linear_logprob import (DEFAULT_CHUNKS, _check_temperature, _finish,
-                                       inverse_temperature)
+                                       check_temperature_values, inverse_temperature)
 from r1fast.ops.policy_loss import PolicyLossConfig
 
 __all__ = ["forward_with_grads", "check_grad_in_forward", "chunk_rows", "group_rows",
@@ -116,6 +117,8 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     N, H = hidden.shape
     V = weight.shape[0]
     _check_temperature(temperature, N, hidden.device)
+    if debug_checks():  # a host sync, as linear_logprob's value checks
+        check_temperature_values(temperature, targets, ignore_index)
     inv_tau = inverse_temperature(temperature, targets, ignore_index)  # float or [N] fp32
     with torch.no_grad():
         x, w, y = hidden.detach().contiguous(), weight.detach().contiguous(), targets.contiguous()

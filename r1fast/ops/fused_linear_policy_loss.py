@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from r1fast.ops._dispatch import resolve_impl, value_checks
-from r1fast.ops._validate import INDEX_DTYPES, check_tensor
+from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from r1fast.ops.fused_linear_policy_grad import check_grad_in_forward, forward_with_grads
 from r1fast.ops.linear_logprob import linear_logprob
 from r1fast.ops.policy_loss import PolicyLossConfig, policy_loss
@@ -113,7 +113,8 @@ def fused_linear_policy_loss(
     check_tensor("targets", targets, dtypes=INDEX_DTYPES, shape=tok_shape, device=hidden.device)
     check_tensor("mask", mask, shape=tok_shape, device=hidden.device)
     if isinstance(temperature, torch.Tensor):
-        check_tensor("temperature", temperature, shape=tok_shape, device=hidden.device)
+        check_tensor("temperature", temperature, dtypes=FLOAT_DTYPES, shape=tok_shape,
+                     device=hidden.device)
         temperature = temperature.reshape(-1)  # [T]
 
     flat_targets = torch.where(mask.reshape(-1) != 0, targets.reshape(-1),

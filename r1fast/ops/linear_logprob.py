@@ -220,9 +220,19 @@ def _torch_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, 
 
 # ----------------------------------------------------------------------------- triton custom ops
 
-def _kernel_tau(inv_temperature: float, inv_temperature_rows: torch.Tensor | None):
-    """What the kernels take: the ``[T]`` fp32 factors when given, else the one float."""
-    return inv_temperature if inv_temperature_rows is None else inv_temperature_rows
+def _kernel_tau(inv_temperature: float, inv_temperature_rows: torch.Tensor | None,
+                hidden: torch.Tensor):
+    """What the kernels take: the ``[T]`` fp32 factors when given (checked: the kernels read
+    them as ``ptr + row``, so another dtype, stride or length would be misread), else the one
+    float."""
+    if inv_temperature_rows is None:
+        return inv_temperature
+    check_tensor("inv_temperature_rows", inv_temperature_rows, dtypes=(torch.float32,),
+                 shape=(hidden.shape[0],), device=hidden.device)
+    if not inv_temperature_rows.is_contiguous():
+        raise ValueError("inv_temperature_rows must be contiguous (the kernels read row t at "
+                         f"offset t), got stride {inv_temperature_rows.stride()}")
+    return inv_temperature_rows
 
 
 @torch.library.custom_op("r1fast::linear_logprob_partials", mutates_args=())
@@ -233,7 +243,7 @@ def _triton_partials(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     """[4, T] fp32 statistics (m, s, S, z_y) of this weight shard, vocabulary splits (fused
     tiles) or chunks (GEMM tiles) merged. ``inv_temperature_rows [T]`` fp32, when given,
     replaces ``inv_temperature`` with one factor per row."""
-    inv_tau = _kernel_tau(inv_temperature, inv_temperature_rows)
+    inv_tau = _kernel_tau(inv_temperature, inv_temperature_rows, hidden)
     if tiles == "gemm":
         from r1fast.kernels import linear_logprob_gemm as G  # lazy: importing needs triton
 
@@ -266,7 +276,7 @@ def _triton_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         from r1fast.kernels import linear_logprob as K
 
     dx, dw = K.backward(hidden, weight, targets, lse, ent, grad_logp, grad_ent,
-                        _kernel_tau(inv_temperature, inv_temperature_rows), vocab_start,
+                        _kernel_tau(inv_temperature, inv_temperature_rows, hidden), vocab_start,
                         chunk_tokens, chunk_vocab, need_weight_grad=need_weight_grad)
     return dx, dw if need_weight_grad else weight.new_empty(0, weight.shape[1])
 
@@ -396,12 +406,7 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
         world = dist.get_world_size(tp_group)
     if not debug_checks(validate):  # the values below: a host sync, debug mode only
         return
-    if isinstance(temperature, torch.Tensor):
-        bad = (targets != ignore_index) & ~(torch.isfinite(temperature) & (temperature > 0))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"temperature must be finite and > 0 on every row that is not "
-                             f"ignored; got temperature[{i}] = {float(temperature[i])}")
+    check_temperature_values(temperature, targets, ignore_index)
     v_total = weight.shape[0] * world
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= v_total))  # [T]
     if bool(bad.any()):
@@ -423,6 +428,18 @@ def _check_temperature(temperature, T: int, device: torch.device) -> None:
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError("temperature must be a finite number > 0 or a [T] float tensor, got "
                          f"{temperature!r}")
+
+
+def check_temperature_values(temperature, targets: torch.Tensor, ignore_index: int) -> None:
+    """A tensor temperature is finite and > 0 on every row that is not ignored (a host sync:
+    callers run it in debug mode only)."""
+    if not isinstance(temperature, torch.Tensor):
+        return
+    bad = (targets != ignore_index) & ~(torch.isfinite(temperature) & (temperature > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"temperature must be finite and > 0 on every row that is not "
+                         f"ignored; got temperature[{i}] = {float(temperature[i])}")
 
 
 def inverse_temperature(temperature: float | torch.Tensor, targets: torch.Tensor,

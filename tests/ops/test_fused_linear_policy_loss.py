@@ -275,6 +275,22 @@ def test_a_temperature_tensor_must_be_shaped_like_the_targets(device):
     args = (inp["hidden"], inp["weight"], inp["targets"], inp["old"], inp["adv"], inp["mask"])
     with pytest.raises(ValueError, match=r"temperature must have shape \[2, 3\], got \[2\]"):
         fused_linear_policy_loss(*args, temperature=torch.ones(2, device=device))
+    with pytest.raises(ValueError, match=r"temperature must have dtype in \(float32"):
+        fused_linear_policy_loss(*args, temperature=torch.ones(2, 3, dtype=torch.int64,
+                                                               device=device))
+
+
+@pytest.mark.parametrize("in_forward", [False, True], ids=["recompute", "grad-in-forward"])
+def test_a_zero_temperature_on_a_scored_token_is_named_in_debug_mode(in_forward, device,
+                                                                      monkeypatch):
+    _skip_if_no_triton("triton", device)
+    monkeypatch.setenv("R1FAST_DEBUG_CHECKS", "1")
+    inp = make_inputs(2, 3, 8, 11, device=device)
+    inp["mask"] = torch.ones_like(inp["mask"])
+    tau = torch.ones(2, 3, device=device)
+    tau[0, 1] = 0.0
+    with pytest.raises(ValueError, match=r"finite and > 0 .*temperature\[1\] = 0.0"):
+        run_fused(inp, CONFIGS[0], "triton", tau=tau, grad_in_forward=in_forward)
 
 
 def test_grad_in_forward_takes_one_dw_gemm_per_group(device, small_chunks, monkeypatch):

@@ -332,6 +332,21 @@ def test_opcheck_custom_ops():
                                    1.25, tau_rows, 3, 4, 8, need_dw, tiles))
 
 
+def test_custom_ops_refuse_row_factors_they_would_misread():
+    """The kernels read row t's 1/tau at offset t of an fp32 buffer: the public custom ops
+    refuse anything else rather than read the wrong rows or past the end."""
+    T, H, V = 5, 6, 20
+    hidden, weight, targets, _, _ = make_inputs(T, H, V)
+    good = torch.ones(T, device=DEVICE)
+    bad = {"stride": (torch.ones(T, 2, device=DEVICE)[:, 0], "must be contiguous"),
+           "dtype": (good.to(torch.bfloat16), r"must have dtype in \(float32\)"),
+           "length": (good[:-1], r"must have shape \[5\], got \[4\]")}
+    for rows, message in bad.values():
+        with pytest.raises(ValueError, match="inv_temperature_rows " + message):
+            torch.ops.r1fast.linear_logprob(hidden, weight, targets, 1.0, rows, IGNORE, 4, 8,
+                                            "fused")
+
+
 @pytest.mark.parametrize("backend",
                          ["aot_record", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile(backend):
