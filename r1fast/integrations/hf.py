@@ -41,20 +41,22 @@ def hf_hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 def per_token_temperature(temperature: float | torch.Tensor, input_ids: torch.Tensor
                           ) -> float | torch.Tensor:
     """A float as it is; a ``[B]`` tensor of per-sample temperatures as ``[B, L-1]``, one per
-    next-token position of ``input_ids [B, L]``."""
+    next-token position of ``input_ids [B, L]``; a ``[B, L-1]`` tensor (one per token) as it
+    is."""
     if not isinstance(temperature, torch.Tensor):
         return temperature
     B, L = input_ids.shape
-    check_tensor("temperature", temperature, dtypes=FLOAT_DTYPES, shape=(B,),
+    shape = (B, L - 1) if temperature.dim() == 2 else (B,)
+    check_tensor("temperature", temperature, dtypes=FLOAT_DTYPES, shape=shape,
                  device=input_ids.device)
-    return temperature[:, None].expand(B, L - 1)
+    return temperature if temperature.dim() == 2 else temperature[:, None].expand(B, L - 1)
 
 
 def hf_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 temperature: float | torch.Tensor = 1.0, return_entropy: bool = False,
                 impl: str = "auto"):
     """Log-prob of each next token, ``[B, L-1]`` fp32 (and entropy when asked);
-    ``temperature`` is one float or ``[B]``, one per sample."""
+    ``temperature`` is one float, ``[B]`` (one per sample) or ``[B, L-1]`` (one per token)."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, L] with L >= 2, got {tuple(input_ids.shape)}")
     tau = per_token_temperature(temperature, input_ids)
@@ -81,7 +83,7 @@ def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
     ``completion_mask``, ``old_logp``, ``ref_logp``, ``rollout_logp``: ``[B, L-1]`` aligned with
     the next-token targets ``input_ids[:, 1:]``; ``advantages``: ``[B]`` per sequence;
-    ``temperature``: one float or ``[B]``, one per sample. Returns ``(loss, metrics)`` as
+    ``temperature``: one float, ``[B]`` or ``[B, L-1]``. Returns ``(loss, metrics)`` as
     :func:`r1fast.ops.policy_loss`.
     """
     tau = per_token_temperature(temperature, input_ids)

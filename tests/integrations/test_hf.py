@@ -68,9 +68,9 @@ def test_per_sample_temperatures():
     B, L = 3, 8
     ids = torch.randint(0, 97, (B, L))
     tau = torch.tensor([0.6, 1.0, 1.4])
-    ours = hf_logprobs(model, ids, temperature=tau)
+    per_sample = hf_logprobs(model, ids, temperature=tau)
     ref = reference_logp(model, ids, None, tau.double()[:, None, None])
-    assert (ours.double() - ref).abs().max() < 1e-5
+    assert (per_sample.double() - ref).abs().max() < 1e-5
 
     comp = torch.ones(B, L - 1)
     old = ref.float().detach() + 0.05 * torch.randn(B, L - 1)
@@ -86,8 +86,12 @@ def test_per_sample_temperatures():
     assert abs(loss.item() - ref_loss.item()) < 1e-6
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    per_token = hf_logprobs(model, ids, temperature=tau[:, None].expand(B, L - 1))
+    assert torch.equal(per_token, per_sample)
     with pytest.raises(ValueError, match=r"temperature must have shape \[3\], got \[2\]"):
         hf_logprobs(model, ids, temperature=tau[:2])
+    with pytest.raises(ValueError, match=r"temperature must have shape \[3, 7\], got \[3, 8\]"):
+        hf_logprobs(model, ids, temperature=torch.ones(B, L))
 
 
 def test_rejects_softcapped_heads():
