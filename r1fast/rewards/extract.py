@@ -10,7 +10,8 @@ of that region. The rules, in order (the first that yields something wins):
 2. the last complete ``\\boxed{...}`` in the region, braces balanced (``\\{`` and ``\\}`` are
    literal braces and do not nest); ``\\boxed 5`` (no braces) is accepted too;
 3. the last ``<answer> ... </answer>`` pair (TinyZero's tag);
-4. the rest of the line after the last ``Answer:`` (any case);
+4. the rest of the line after the last ``Answer:`` (any case) or ``####`` before a number
+   (GSM8K's marker, which verl's GSM8K prompts ask for), whichever comes last;
 5. only when ``</think>`` was present: the region itself when it is one short line, otherwise
    the last plain number in it.
 
@@ -102,12 +103,20 @@ def last_tagged(text: str, open_tag: str = ANSWER_OPEN, close_tag: str = ANSWER_
     return text[start + len(open_tag):end]
 
 
+#: GSM8K's marker counts only before something that starts like a number (``#### 72``,
+#: ``#### -3``, ``#### $5``, ``#### \frac...``), not before a markdown heading (``#### Step``)
+_GSM8K_ANSWER = re.compile(r"####[ \t]*(?=[-0-9.$\\])")
+
+
 def after_answer_marker(text: str) -> str | None:
-    """The rest of the line after the last ``Answer:`` (case-insensitive), cleaned, or None."""
-    pos = text.lower().rfind("answer:")
-    if pos < 0:
+    """The rest of the line after the last ``Answer:`` (case-insensitive) or GSM8K's ``####``
+    marker, whichever comes last, cleaned, or None."""
+    answer = text.lower().rfind("answer:")
+    gsm8k = [m.end() for m in _GSM8K_ANSWER.finditer(text)]
+    starts = ([answer + len("answer:")] if answer >= 0 else []) + gsm8k[-1:]
+    if not starts:
         return None
-    line = text[pos + len("answer:"):].split("\n", 1)[0]
+    line = text[max(starts):].split("\n", 1)[0]
     line = line.strip().strip("$").strip().rstrip(".").strip()
     return line or None
 

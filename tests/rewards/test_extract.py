@@ -76,6 +76,11 @@ def test_fallbacks():
     assert extract_answer("") is None
     assert extract_answer("<think>t</think>   ") is None
     assert after_answer_marker("ANSWER: $5$") == "5"
+    assert after_answer_marker("so #### 1,000\nmore") == "1,000"  # GSM8K's marker
+    assert after_answer_marker("Answer: 5, checking #### 7") == "7"  # the later marker wins
+    assert after_answer_marker("#### 7 Answer: 5") == "5"
+    assert after_answer_marker("Answer: 5\n#### Step 3: check") == "5"  # a heading, not GSM8K's
+    assert after_answer_marker("#### Final words") is None
     assert last_tagged("<answer>1</answer><answer>2") is None  # the last tag never closes
 
 

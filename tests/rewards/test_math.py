@@ -21,6 +21,8 @@ def score(completion, answer="283"):
     "\\boxed{x = 283}",
     "\\boxed{280 + 3}",
     "<think>t</think> Answer: 283",
+    "Let's think step by step. 280 + 3 = 283 #### 283",     # GSM8K's marker (verl's prompts)
+    "<think>t</think> #### 283\n",
     "<think>t</think> 283",
     "\\boxed{1} wait, no: \\boxed{283}",
 ])
