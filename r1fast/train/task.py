@@ -148,11 +148,22 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, key: str) -> None:
 
 
 def run_tokenizer(cfg):
-    """The model folder's tokenizer (``run.init_from``), or the character tokenizer."""
+    """The model folder's tokenizer (``run.init_from``), or the character tokenizer.
+
+    A folder without tokenizer files gets the character tokenizer only for a synthetic task
+    (``data.path`` unset), with a warning; with a dataset file that is an error: its text would
+    be encoded as characters into a model trained on another vocabulary."""
     init = cfg.run.init_from
     if init and Path(init).is_dir() and any((Path(init) / f).is_file() for f in
                                             ("tokenizer.json", "tokenizer_config.json")):
         return load_tokenizer(init)
+    if init:
+        if cfg.data.path is not None:
+            raise ValueError(f"run.init_from={init} holds no tokenizer (tokenizer.json or "
+                             f"tokenizer_config.json), and data.path={cfg.data.path} needs the "
+                             f"model's own: copy its tokenizer files into that folder")
+        log.warning("run.init_from=%s holds no tokenizer: the synthetic task data.task=%s "
+                    "uses r1fast's character tokenizer", init, cfg.data.task)
     return CharTokenizer()
 
 

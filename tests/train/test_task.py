@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from r1fast.data import CharTokenizer
-from r1fast.train.config import load_train_config
+from r1fast.train.config import load_train_config, with_changes
 from r1fast.train.task import build_task, reward_parts
 
 
@@ -227,3 +227,23 @@ def test_stage_grpo_runs_on_a_mixed_dataset_with_per_source_metrics(reward_world
     assert means["reward/source_model"] != 0.0  # the reward model scored real completions
     for k, v in means.items():  # the trainer logs them in the step's row
         assert row[k] == pytest.approx(v), k
+
+
+def test_a_model_folder_without_a_tokenizer_is_never_silently_read_as_characters(tmp_path,
+                                                                                  caplog):
+    """Weights-only folder (config.json, no tokenizer files): a dataset file is refused, naming
+    the folder; a synthetic task takes the character tokenizer and says so."""
+    from r1fast.train.task import run_tokenizer
+
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "1+1", "answer": "2"}\n')
+    synthetic = with_changes(load_train_config(None, []), run={"init_from": str(folder)})
+    with pytest.raises(ValueError, match=rf"run.init_from={folder} holds no tokenizer .*"
+                                         rf"data.path={data}"):
+        run_tokenizer(with_changes(synthetic, data={"path": str(data)}))
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        assert isinstance(run_tokenizer(synthetic), CharTokenizer)
+    assert "holds no tokenizer: the synthetic task" in caplog.text
