@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from r1fast.rewards import answers_equal, extract_answer, get_reward, is_well_formed
+from r1fast.rewards.extract import as_scored
 from r1fast.rewards.language import LanguageRewardConfig, language_consistency
 from r1fast.rollout.sampler import SamplingConfig
 
@@ -100,17 +101,18 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
     k = len(samples[0])
     for outs, ex in zip(samples, examples):
         check = checker(ex, checkers)
+        read = [as_scored(o, ex.get("prompt", "")) for o in outs]  # a <think> the prompt opened
 
         def correct(answer: str | None) -> bool:
             return answer is not None and check(f"\\boxed{{{answer}}}", ex) >= 1.0
 
-        answers = [extract_answer(o) for o in outs]
+        answers = [extract_answer(o) for o in read]
         passes.append(sum(correct(a) for a in answers) / len(outs))
         majority = majority_answer([a for a in answers if a is not None])
         solved.append(float(majority is not None and correct(majority)))
-        mixing.append(sum(1.0 - language_consistency(o, lang) for o in outs) / len(outs))
+        mixing.append(sum(1.0 - language_consistency(o, lang) for o in read) / len(outs))
         missing += sum(a is None for a in answers) / len(outs)
-        fmt += sum(is_well_formed(o) for o in outs) / len(outs)
+        fmt += sum(is_well_formed(o) for o in read) / len(outs)
         length += sum(len(o) for o in outs) / len(outs)
     n = len(examples)
     return EvalResult(sum(passes) / n, sum(solved) / n, fmt / n, length / n, k, n, missing / n,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from r1fast.rewards import is_well_formed
+from r1fast.rewards.extract import as_scored
 from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
 
@@ -137,14 +138,17 @@ def normalised(text: str) -> str:
 def rejection_reason(text: str, example: dict, check: Callable[[str, dict], float],
                      cfg: RejectionFilterConfig, kept: set[str]) -> str | None:
     """The first rule ``text`` fails (a name of :data:`REASONS`), or None to keep it; ``kept``
-    holds the normalised answers already kept for this prompt."""
+    holds the normalised answers already kept for this prompt. A completion whose prompt
+    opened ``<think>`` is read with it in front (:func:`~r1fast.rewards.extract.as_scored`),
+    unless ``cfg.think_in_prompt`` already says so."""
+    read = text if cfg.think_in_prompt else as_scored(text, example.get("prompt", ""))
     if too_long(text, cfg):
         return "too_long"
-    if cfg.require_format and unparsable(text, cfg):
+    if cfg.require_format and unparsable(read, cfg):
         return "unparsable"
-    if cfg.require_correct and check(text, example) < 1.0:
+    if cfg.require_correct and check(read, example) < 1.0:
         return "wrong"
-    if cfg.language is not None and mixed_language(text, cfg):
+    if cfg.language is not None and mixed_language(read, cfg):
         return "mixed_language"
     if long_paragraph(text, cfg):
         return "long_paragraph"

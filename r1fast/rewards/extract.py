@@ -139,6 +139,14 @@ def split_think(text: str, think_in_prompt: bool = False) -> tuple[str | None, s
     return head, region
 
 
+def as_scored(completion: str, prompt: str) -> str:
+    """The completion as the rewards read it: with the ``<think>`` its prompt opened put back
+    in front. Chat templates of thinking models (DeepSeek-R1-Distill, QwQ, Qwen3-*-Thinking)
+    end the generation prompt with ``<think>\n``, so their completions start inside the
+    thought and would otherwise never be well-formed."""
+    return THINK_OPEN + completion if prompt.rstrip().endswith(THINK_OPEN) else completion
+
+
 def thought_text(text: str, think_in_prompt: bool = False) -> str:
     """The chain of thought for language scoring: inside the think block when there is one;
     for a truncated completion (no ``</think>``) everything after ``<think>``; else all text."""

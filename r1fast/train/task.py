@@ -28,6 +28,7 @@ from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate
                          load_tokenizer, make_prompt)
 from r1fast.data.files import convert_rows, read_rows
 from r1fast.rewards import CompositeReward, RewardRunner, RoutedReward, RunnerConfig, get_reward
+from r1fast.rewards.extract import as_scored
 from r1fast.train.reward_routing import MixedScorer, general_example, row_source, split_rows
 
 log = logging.getLogger("r1fast.train")
@@ -64,10 +65,13 @@ class TaskData:
 
     def score(self, texts: Sequence[str], examples: Sequence[dict]) -> dict[str, list[float]]:
         """``{"total": [...], <part>: [...]}`` per completion (with a reward model, also the
-        per-source columns of :class:`~r1fast.train.reward_routing.MixedScorer`)."""
+        per-source columns of :class:`~r1fast.train.reward_routing.MixedScorer`). The rule
+        rewards read a completion whose prompt opened ``<think>`` with it in front
+        (:func:`~r1fast.rewards.extract.as_scored`)."""
+        rule_texts = [as_scored(t, ex.get("prompt", "")) for t, ex in zip(texts, examples)]
         if self.mixed is not None:
-            return self.mixed(list(texts), list(examples))
-        out = self.runner(list(texts), list(examples))
+            return self.mixed(list(texts), list(examples), rule_texts)
+        out = self.runner(rule_texts, list(examples))
         return {"total": list(out.total), **{k: list(v) for k, v in out.parts.items()}}
 
     def failure_metrics(self) -> dict[str, float]:
@@ -270,6 +274,10 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     tokenizer = tokenizer or run_tokenizer(cfg)
     examples = _filter_long_prompts(_training_examples(cfg, tokenizer), tokenizer,
                                     d.max_prompt_tokens)
+    opened = sum(as_scored("", ex["prompt"]) != "" for ex in examples)
+    if opened:
+        log.info("%d of %d prompts end with <think> (the chat template opens the thought): "
+                 "the rule rewards read each completion with it in front", opened, len(examples))
     task = None if d.path is not None else d.task
     model_reward = _model_reward(cfg, examples)
     parts = (reward_parts(task, r.weights, language=r.language, model_reward=model_reward)

@@ -51,6 +51,20 @@ def test_batch_counts_every_reason_once_and_keeps_the_rest():
     assert "kept 2 (22.2%)" in table and "mixed_language" in table and "11.1%" in table
 
 
+def test_a_prompt_that_opened_the_thought_is_read_with_it():
+    """A thinking model's template ends the prompt with '<think>\n': its completions start
+    inside the thought, pass the format rule, and are kept as written (without the tag)."""
+    opened = {**EX, "prompt": EX["prompt"] + "<think>\n"}
+    inside = GOOD.removeprefix("<think>")
+    assert rejection_reason(inside, EX, MATH, RULES, set()) == "unparsable"
+    assert rejection_reason(inside, opened, MATH, RULES, set()) is None
+    assert rejection_reason(GOOD, opened, MATH, RULES, set()) == "unparsable"  # opened twice
+    mixed = SAMPLES["mixed_language"].removeprefix("<think>")
+    assert rejection_reason(mixed, opened, MATH, RULES, set()) == "mixed_language"
+    rows, _ = filter_samples([opened], [[inside]], lambda ex: MATH, RULES)
+    assert rows == [{"prompt": opened["prompt"], "completion": inside, "id": 7}]
+
+
 def test_first_failing_rule_is_the_one_counted():
     wrong_and_mixed = f"<think>First add the ones, {GREEK}.</think> \\boxed{{6}}"
     assert rejection_reason(wrong_and_mixed, EX, MATH, RULES, set()) == "wrong"

@@ -1,6 +1,7 @@
 """Every stage of the R1 pipeline runs and hands its artifacts to the next (miniature sizes),
 the demo runs end to end in miniature, and the slow test runs the real demo and checks the
 findings of issue #17."""
+import dataclasses
 import json
 import math
 
@@ -24,6 +25,12 @@ def test_score_samples_pass_at_1_and_majority():
     assert r.pass_at_1 == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert r.cons_at_k == pytest.approx(0.5)  # problem 0 by majority, problem 1 voted wrong
     assert r.format_rate == pytest.approx(6 / 8)
+    # a chat template that opens the thought: completions start inside it, same scores
+    opened = [dict(ex, prompt=ex["prompt"] + "<think>\n") for ex in exs]
+    inside = [[o.removeprefix("<think>") for o in outs] for outs in samples]
+    got = score_samples(inside, opened)
+    assert got.mean_length == pytest.approx(r.mean_length - 7 * 6 / 8)  # 6 dropped a <think>
+    assert dataclasses.replace(got, mean_length=r.mean_length) == r
 
 
 def test_every_stage_runs_and_hands_off(tmp_path):

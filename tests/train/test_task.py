@@ -247,3 +247,18 @@ def test_a_model_folder_without_a_tokenizer_is_never_silently_read_as_characters
     with caplog.at_level("WARNING", logger="r1fast.train"):
         assert isinstance(run_tokenizer(synthetic), CharTokenizer)
     assert "holds no tokenizer: the synthetic task" in caplog.text
+
+
+def test_a_prompt_that_opens_the_thought_is_scored_with_it():
+    """Thinking models' chat templates end the prompt with '<think>\\n': the completion starts
+    inside the thought, and the rule rewards read it with the '<think>' in front."""
+    task = build_task(cfg())
+    try:
+        ex = dict(task.next_prompts(4, 1, 0)[0])
+        text = f"adding</think> \\boxed{{{ex['answer']}}}"
+        opened = dict(ex, prompt=ex["prompt"] + "<think>\n")
+        assert task.score([text], [opened])["format"] == [1.0]
+        assert task.score([text], [ex])["format"] == [0.0]  # the prompt did not open it
+        assert task.score(["<think>" + text], [opened])["format"] == [0.0]  # opened twice
+    finally:
+        task.close()
