@@ -11,12 +11,16 @@ scores this row. Presets name the common layouts:
 preset          prompt                                              answer
 ==============  ==================================================  ===========================
 ``gsm8k``       ``question``                                        after ``####`` of ``answer``
-``math``        ``problem``                                         last ``\\boxed{}`` of ``solution``
+``math``        ``problem``                                         the ``\\boxed{}`` of ``solution``
 ``dapo``        ``prompt`` (text or chat messages)                  ``answer``
 ``deepscaler``  ``problem``                                         ``answer``
 ``countdown``   built from ``nums`` and ``target`` (reward countdown)  the target
 ``verl``        ``prompt`` (chat messages), reward from ``data_source``  ``reward_model.ground_truth``
 ==============  ==================================================  ===========================
+
+A MATH solution with several ``\\boxed{}`` (a multi-part answer) is a bad row; a float answer
+is written positionally (``0.00001``, not ``1e-05``); countdown numbers must be integers; a
+verl ground truth ``{"target", "numbers"}`` (TinyZero's countdown) gives the countdown fields.
 
 Without a preset, ``prompt_key`` / ``answer_key`` name the columns (default ``prompt`` /
 ``answer``). A row's own ``reward`` field (or verl's ``data_source``) routes it to a reward.
@@ -27,7 +31,9 @@ an error, since then the layout is almost certainly not what the user thinks it 
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -91,42 +97,68 @@ def _gsm8k_answer(text: Any) -> str:
 
 
 def _boxed_answer(text: Any) -> str:
-    boxed = last_boxed(_text(text, "solution"))
+    text = _text(text, "solution")
+    boxed = last_boxed(text)
     if boxed is None:
         raise BadRow("solution has no \\boxed{} answer")
+    boxes = text.count("\\boxed")
+    if boxes > 1:  # a multi-part answer: its last box alone would be scored as the whole
+        raise BadRow(f"solution has {boxes} \\boxed{{}} answers: which is meant is ambiguous")
     return _text(boxed, "boxed answer")
 
 
 def _plain_answer(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadRow(f"answer is {value}")
+        # positional, as a model writes it: str() would give '1e-05' or '1e+16'
+        return format(decimal.Decimal(repr(value)), "f")
     return _text(value, "answer").strip()
+
+
+def _integer(value: Any, key: str) -> int:
+    """An integer-valued number; a fractional or non-numeric value is a bad row naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not value.is_integer()):
+        raise BadRow(f"{key} must hold integers, got {value!r:.60}")
+    return int(value)
 
 
 def _prompt(value: Any) -> dict:
     """A text question, or a list of chat messages ``[{"role", "content"}]``."""
     if isinstance(value, (list, tuple)):
-        msgs = [dict(m) for m in value]
-        if not msgs or any(not isinstance(m.get("content"), str) or "role" not in m
-                           for m in msgs):
+        if not value or any(not isinstance(m, dict) or not isinstance(m.get("content"), str)
+                            or "role" not in m for m in value):
             raise BadRow("prompt messages must be a non-empty list of {role, content}")
+        msgs = [dict(m) for m in value]
         return {"messages": msgs, "question": msgs[-1]["content"]}
     return {"question": _text(value, "prompt")}
 
 
-def _countdown(row: dict) -> dict:
-    nums, target = _get(row, "nums"), _get(row, "target")
+def _countdown_fields(nums: Any, target: Any) -> dict:
+    """The countdown checker's fields: integer ``numbers`` and ``target``."""
     if not isinstance(nums, (list, tuple)) or not nums:
         raise BadRow("nums must be a non-empty list")
-    question = (f"Using the numbers {list(nums)}, create an equation that equals {target}. "
-                f"Use each number once, with + - * /.")
-    return {"question": question, "numbers": [int(n) for n in nums], "target": int(target),
-            "answer": str(target), "reward": "countdown"}
+    numbers, goal = [_integer(n, "nums") for n in nums], _integer(target, "target")
+    return {"numbers": numbers, "target": goal, "answer": str(goal), "reward": "countdown"}
+
+
+def _countdown(row: dict) -> dict:
+    fields = _countdown_fields(_get(row, "nums"), _get(row, "target"))
+    question = (f"Using the numbers {fields['numbers']}, create an equation that equals "
+                f"{fields['target']}. Use each number once, with + - * /.")
+    return {"question": question, **fields}
 
 
 def _verl(row: dict) -> dict:
     out = _prompt(_get(row, "prompt"))
-    out["answer"] = _plain_answer(_get(row, "reward_model.ground_truth"))
+    truth = _get(row, "reward_model.ground_truth")
+    if isinstance(truth, dict):  # TinyZero's countdown: {"target", "numbers"}
+        out.update(_countdown_fields(_get(truth, "numbers"), _get(truth, "target")))
+    else:
+        out["answer"] = _plain_answer(truth)
     source = row.get("data_source")
     if source in VERL_SOURCES:
         out["reward"] = VERL_SOURCES[source]

@@ -63,6 +63,36 @@ def test_bad_rows_are_counted_and_a_mostly_bad_file_is_an_error(tmp_path, caplog
                       preset="gsm8k")
 
 
+def test_values_are_read_as_written_and_ambiguous_rows_are_bad(tmp_path):
+    """Float answers positionally (str() would give '1e-05'), a MATH solution with two boxes
+    and fractional countdown numbers are bad rows naming why, TinyZero's countdown ground truth
+    gives the countdown fields, and verl messages that are not dicts are a bad row."""
+    path = tmp_path / "f.parquet"
+    datasets.Dataset.from_list([{"prompt": "p", "answer": v} for v in (1e-05, 1e16, 72.5)]
+                               ).to_parquet(str(path))
+    ex, _ = load_examples(path)
+    assert [e["answer"] for e in ex] == ["0.00001", "10000000000000000", "72.5"]
+
+    rows = [{"problem": f"p{i}", "solution": "\\boxed{2}"} for i in range(3)]
+    rows.append({"problem": "two parts", "solution": "(a) \\boxed{2} (b) \\boxed{3}"})
+    ex, report = load_examples(write_jsonl(tmp_path / "m.jsonl", rows), preset="math")
+    assert report.bad == 1 and report.first_bad_row == 3
+    assert "2 \\boxed{} answers" in report.first_bad_reason
+
+    rows = [{"nums": [3, 5, 7], "target": 8}] * 3 + [{"nums": [3.7, 2], "target": 10}]
+    ex, report = load_examples(write_jsonl(tmp_path / "c.jsonl", rows), preset="countdown")
+    assert ex[0]["numbers"] == [3, 5, 7] and report.first_bad_row == 3
+    assert report.first_bad_reason == "nums must hold integers, got 3.7"
+
+    verl = [{"data_source": "countdown", "prompt": [{"role": "user", "content": "make 10"}],
+             "reward_model": {"ground_truth": {"target": 10, "numbers": [2, 5, 1]}}}] * 3
+    verl.append({"data_source": "x", "prompt": ["not a message"],
+                 "reward_model": {"ground_truth": "1"}})
+    ex, report = load_examples(write_jsonl(tmp_path / "v.jsonl", verl), preset="verl")
+    assert (ex[0]["numbers"], ex[0]["target"], ex[0]["reward"]) == ([2, 5, 1], 10, "countdown")
+    assert report.first_bad_row == 3 and "list of {role, content}" in report.first_bad_reason
+
+
 @pytest.mark.parametrize("path,kw,match", [
     ("nope.jsonl", {}, "data path .*nope.jsonl does not exist"),
     ("x.csv", {}, r"must end in one of \['.json', '.jsonl', '.parquet'\]"),
