@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate_task,
                          load_tokenizer, make_prompt)
 from r1fast.data.files import convert_rows, read_rows
-from r1fast.rewards import CompositeReward, RewardRunner, RoutedReward, RunnerConfig, get_reward
+from r1fast.rewards import (CompositeReward, RewardRunner, RoutedReward, RunnerConfig,
+                            available_rewards, get_reward)
 from r1fast.rewards.extract import as_scored
 from r1fast.train.reward_routing import MixedScorer, general_example, row_source, split_rows
 
@@ -122,7 +123,6 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
     ``custom_reward``: the caller replaces the recipe's reward parts, whose names then do not
     matter."""
     from r1fast.policy.parallel import check_layout
-    from r1fast.rewards import available_rewards
 
     check_layout(cfg.parallel, cfg.model)  # world size and divisibility, before any start-up
     for key, path in (("data.path", cfg.data.path), ("data.test_path", cfg.data.test_path),
@@ -172,21 +172,32 @@ def run_tokenizer(cfg):
 
 
 def render_prompt(ex: dict, tokenizer, d) -> str:
-    """An example's prompt text: the template around the question, then the chat template."""
+    """An example's prompt text: the template around the question (a conversation's last
+    message), then the chat template with ``data.system_prompt`` unless the row has its own."""
     template = PROMPT_TEMPLATE if d.template == "r1-zero" else d.template
-    if "messages" in ex and template is None:
-        messages = [dict(m) for m in ex["messages"]]
-    else:
-        question = ex["question"] if template is None else make_prompt(ex["question"], template)
-        messages = [{"role": "user", "content": question}]
+    messages = [dict(m) for m in ex.get("messages", ())] or \
+        [{"role": "user", "content": ex["question"]}]
+    if template is not None:  # the earlier turns (a system message too) stay as they are
+        messages[-1]["content"] = make_prompt(ex["question"], template)
     if not (d.chat_template and tokenizer.has_chat_template):
-        if len(messages) > 1:
-            raise ValueError(f"example {ex.get('id')} is a chat conversation but the tokenizer "
-                             f"has no chat template (or data.chat_template is false)")
+        if len(messages) > 1 or d.system_prompt:
+            what = "is a chat conversation" if len(messages) > 1 else \
+                f"needs data.system_prompt={d.system_prompt!r} in a chat"
+            raise ValueError(f"example {ex.get('id')} {what}, but the tokenizer has no chat "
+                             f"template (or data.chat_template is false)")
         return messages[0]["content"]
     if d.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": d.system_prompt})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _warn_own_system_prompts(examples: list[dict], d) -> None:
+    """Rows with their own system message keep it over ``data.system_prompt``: say how many."""
+    own = sum(bool(ex.get("messages")) and ex["messages"][0]["role"] == "system"
+              for ex in examples)
+    if d.system_prompt and own:
+        log.warning("%d of %d rows carry their own system message, which they keep instead "
+                    "of data.system_prompt", own, len(examples))
 
 
 def _training_examples(cfg, tokenizer) -> list[dict]:
@@ -204,6 +215,7 @@ def _training_examples(cfg, tokenizer) -> list[dict]:
     examples = _file_examples(d)
     for ex in examples:
         ex["prompt"] = render_prompt(ex, tokenizer, d)
+    _warn_own_system_prompts(examples, d)
     return examples
 
 
@@ -216,9 +228,16 @@ def _file_examples(d) -> list[dict]:
                                     prompt_key=d.prompt_key, answer_key=d.answer_key) \
         if rule else ([], None)
     name = Path(d.path).name
+    known = available_rewards()
     for ex in examples:  # row numbers of the whole file, not of the rule rows alone
         ex["row"] = rule[ex["row"]]
         ex["id"] = f"{name}:{ex['row']}"
+        # RoutedReward's names: a registered reward, "rule" or none (the run's checker); a
+        # typo would otherwise fail every call of the row, counted as a reward error
+        if ex.get("reward") not in (None, "", "rule", *known):
+            raise ValueError(f"{d.path} row {ex['row']}: reward={ex['reward']!r} is not a "
+                             f"reward; use one of {tuple(known)}, 'rule' (the run's checker) "
+                             f"or reward_model")
     if report is not None:
         log.info("%s", report.summary() + (f" (of the {len(rule)} rule rows)" if model else ""))
     examples += [general_example(rows[i], i, str(d.path), d.preset, d.prompt_key) for i in model]

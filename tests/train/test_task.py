@@ -262,3 +262,41 @@ def test_a_prompt_that_opens_the_thought_is_scored_with_it():
         assert task.score(["<think>" + text], [opened])["format"] == [0.0]  # opened twice
     finally:
         task.close()
+
+
+def test_a_row_naming_an_unknown_reward_is_an_error_before_training(tmp_path):
+    data = tmp_path / "typo.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n'
+                    '{"prompt": "2+2", "answer": "4", "reward": "mathh"}\n')
+    with pytest.raises(ValueError, match=r"typo.jsonl row 1: reward='mathh' is not a reward; "
+                                         r"use one of \(.*'math_accuracy'.*\), 'rule'"):
+        build_task(cfg(f"--data.path={data}"))
+
+
+def test_prompt_rendering_keeps_every_turn_and_says_what_it_cannot_do(tmp_path, caplog):
+    """data.template wraps a conversation's last message and keeps the earlier turns (its
+    system message too); data.system_prompt without a chat template is an error; rows with
+    their own system message are counted in a warning."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.train.task import _warn_own_system_prompts, render_prompt
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? Be brief. assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    chat = {"id": "c", "question": "What is 2 + 3?",
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "What is 2 + 3?"}]}
+    d = load_train_config(None, ["--data.template=Q: {question}\nA:"]).data
+    out = render_prompt(chat, hf, d)
+    assert out.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert "<|im_start|>user\nQ: What is 2 + 3?\nA:<|im_end|>" in out
+
+    d = load_train_config(None, ["--data.system_prompt=Think.", "--data.chat_template=false"]).data
+    with pytest.raises(ValueError, match=r"example q needs data.system_prompt='Think.' in a "
+                                         r"chat, but the tokenizer has no chat template"):
+        render_prompt({"id": "q", "question": "1+1"}, hf, d)
+
+    d = load_train_config(None, ["--data.system_prompt=Think."]).data
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        _warn_own_system_prompts([chat, {"id": "q", "question": "1+1"}], d)
+    assert "1 of 2 rows carry their own system message" in caplog.text
