@@ -249,6 +249,12 @@ def convert_rows(rows: list[dict], path: str, *, preset: Optional[str] = None,
                          f"{report.first_bad_reason}")
     if bad:
         log.warning("%s", report.summary())
+    if preset == "verl":
+        other = sorted({str(ex.get("data_source")) for ex in examples
+                        if ex.get("data_source") not in VERL_SOURCES})
+        if other:
+            log.warning("%s: rows of data_source %s have no reward of their own: the run's "
+                        "accuracy checker scores them", path, other[:5])
     return examples, report
 
 

@@ -213,6 +213,9 @@ def _training_examples(cfg, tokenizer) -> list[dict]:
                 ex["prompt"] = render_prompt(ex, tokenizer, d)
         return examples
     examples = _file_examples(d)
+    if d.chat_template and not tokenizer.has_chat_template:
+        log.warning("data.chat_template is true but %r has no chat template: the prompts are "
+                    "plain text (set data.chat_template = false to say so)", tokenizer)
     for ex in examples:
         ex["prompt"] = render_prompt(ex, tokenizer, d)
     _warn_own_system_prompts(examples, d)

@@ -30,7 +30,7 @@ def test_math_parquet_and_a_folder_of_files(tmp_path):
     assert [e["answer"] for e in ex] == ["\\frac{0}{2}", "\\frac{1}{2}"]
 
 
-def test_verl_parquet_routes_rewards_by_data_source(tmp_path):
+def test_verl_parquet_routes_rewards_by_data_source(tmp_path, caplog):
     rows = [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "1+1?"}],
              "reward_model": {"ground_truth": "2", "style": "rule"}},
             {"data_source": "countdown", "prompt": [{"role": "user", "content": "make 4"}],
@@ -42,6 +42,7 @@ def test_verl_parquet_routes_rewards_by_data_source(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(path))
     ex, _ = load_examples(path, preset="verl")
     assert [e.get("reward") for e in ex] == ["math_accuracy", "countdown", None]
+    assert "rows of data_source ['my/source'] have no reward of their own" in caplog.text
     assert ex[2]["messages"][0]["role"] == "system" and ex[2]["answer"] == "x"
 
 

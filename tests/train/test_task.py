@@ -300,3 +300,15 @@ def test_prompt_rendering_keeps_every_turn_and_says_what_it_cannot_do(tmp_path, 
     with caplog.at_level("WARNING", logger="r1fast.train"):
         _warn_own_system_prompts([chat, {"id": "q", "question": "1+1"}], d)
     assert "1 of 2 rows carry their own system message" in caplog.text
+
+
+def test_a_dataset_asking_for_a_missing_chat_template_is_told(tmp_path, caplog):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n' * 4)
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        build_task(cfg(f"--data.path={data}")).close()  # the character tokenizer: no template
+    assert "data.chat_template is true but CharTokenizer" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        build_task(cfg(f"--data.path={data}", "--data.chat_template=false")).close()
+    assert "chat_template" not in caplog.text
