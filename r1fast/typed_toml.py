@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -280,17 +282,20 @@ def dump_toml(cfg: Any) -> str:
     """Render a config as TOML (tables for nested dataclasses), for run folders."""
     lines: list[str] = []
 
+    def key(k: str) -> str:  # a bare TOML key, or a quoted one ("a.b", "with space")
+        return k if _BARE_KEY.fullmatch(k) else json.dumps(k, ensure_ascii=False)
+
     def fmt(v: Any) -> str:
         if v is None:
             return '"none"'
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):  # JSON's escapes are TOML's: newlines, quotes, control chars
+            return json.dumps(v, ensure_ascii=False)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+            return "{" + ", ".join(f"{key(k)} = {fmt(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     def emit(d: dict, prefix: str) -> None:
@@ -299,7 +304,7 @@ def dump_toml(cfg: Any) -> str:
         if prefix and scalars:
             lines.append(f"[{prefix}]")
         for k, v in scalars.items():
-            lines.append(f"{k} = {fmt(v)}")
+            lines.append(f"{key(k)} = {fmt(v)}")
         if scalars:
             lines.append("")
         for k, v in tables.items():
@@ -307,3 +312,20 @@ def dump_toml(cfg: Any) -> str:
 
     emit(to_dict(cfg), "")
     return "\n".join(lines)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def config_changes(saved: str, now: str) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` of every field in which two
+    :func:`dump_toml` texts differ (a key only one of them has counts, with None)."""
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            out.update(flat(v, name + ".") if isinstance(v, dict) else {name: v})
+        return out
+
+    a, b = flat(tomllib.loads(saved)), flat(tomllib.loads(now))
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]

@@ -76,3 +76,18 @@ def test_sampling_warnings_name_an_uncorrected_truncation(overrides, says):
 
     warnings = sampling_warnings(load_train_config(None, overrides))
     assert warnings == [] if says is None else (len(warnings) == 1 and says in warnings[0])
+
+
+def test_dump_toml_round_trips_any_text_and_key():
+    """Strings with newlines, quotes and control characters, and keys that need quoting,
+    come back from the run folder's config.toml as they went in."""
+    import tomllib
+
+    from r1fast.train.config import load_train_config
+
+    cfg = load_train_config(None, ['--data.system_prompt=Think.\n"Then" answer\t\x01.',
+                                   '--reward.weights={"a.b" = 0.5, accuracy = 1.0}'])
+    back = tomllib.loads(dump_toml(cfg))
+    assert back["data"]["system_prompt"] == 'Think.\n"Then" answer\t\x01.'
+    assert back["reward"]["weights"] == cfg.reward.weights and "a.b" in cfg.reward.weights
+
