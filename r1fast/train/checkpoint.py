@@ -430,3 +430,26 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict | No
         raise CheckpointError(f"checkpoint file {file} is missing")
     state = torch.load(file, map_location="cpu", weights_only=True)
     return state, meta
+
+
+def check_resumed_config(saved: str | None, now: str, path, free: tuple[str, ...]) -> None:
+    """A resume whose config differs from the checkpoint's (``saved``, the ``dump_toml`` text
+    in its meta) says so: ``optim.*`` changes are an error, since megatron restores the
+    optimizer and its LR schedule from the checkpoint and they would not apply; any other
+    change is a WARNING listing it. Keys starting with one of ``free`` (run length, layout,
+    logging) may change silently."""
+    from r1fast.typed_toml import ConfigError, config_changes
+
+    if not saved:
+        return
+    changes = [c for c in config_changes(saved, now) if not c[0].startswith(free)]
+    optim = [c for c in changes if c[0].startswith("optim.")]
+    if optim:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in optim)
+        raise ConfigError(f"resuming {path} with other optimizer settings ({listed}): the "
+                          f"optimizer and its LR schedule resume from the checkpoint, so these "
+                          f"would not apply; resume with the checkpoint's values, or start a new "
+                          f"run from the model (run.init_from / init_from)")
+    if changes:
+        log.warning("resuming %s with a config that differs from the checkpoint's: %s", path,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))

@@ -38,8 +38,9 @@ from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)
-from r1fast.train.checkpoint import (barrier, has_run_files, latest_checkpoint, load_checkpoint,
-                                     save_checkpoint, set_aside)
+from r1fast.train.checkpoint import (barrier, check_resumed_config, has_run_files,
+                                     latest_checkpoint, load_checkpoint, save_checkpoint,
+                                     set_aside)
 from r1fast.train.config import TrainConfig, load_train_config, sampling_warnings
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
@@ -73,6 +74,11 @@ class RolloutBatch:
     """Decoded completions."""
     examples: list[dict]
     """The example of each row (its prompt's, repeated G times)."""
+
+
+#: config keys a resume may change without a word: the run's length, layout and logging
+_FREE_ON_RESUME = ("run.steps", "run.resume", "run.overwrite", "run.progress",
+                   "run.tensorboard", "run.save_every", "parallel.")
 
 
 class GRPOTrainer:
@@ -139,6 +145,7 @@ class GRPOTrainer:
             self._check_fresh_start()
             return
         state, meta = load_checkpoint(path)
+        check_resumed_config(meta.get("config"), dump_toml(self.cfg), path, _FREE_ON_RESUME)
         self.engine.load_checkpoint(path, state, meta)
         if self.reference is not None:
             if state is not None and "reference" in state:  # older format
@@ -173,7 +180,7 @@ class GRPOTrainer:
                 f", or choose another --run.out_dir")
         if self.is_logger:
             aside = set_aside(self.run_dir, ("checkpoints", "metrics.jsonl", "expert_load.jsonl",
-                                             "tensorboard", "config.toml"))
+                                             "eval.jsonl", "tensorboard", "config.toml"))
             log.warning("run.overwrite: starting from step 0; the previous run's files are in %s",
                         aside)
         barrier()
@@ -265,6 +272,10 @@ class GRPOTrainer:
         truncated = torch.tensor(rollout.truncated)
         if a.overlong_filter:
             keep &= ~truncated
+        if (a.dynamic_sampling or a.overlong_filter) and not bool(keep.any()):
+            log.warning("step %d: algo.dynamic_sampling / overlong_filter kept none of this "
+                        "rank's %d completions: they add no gradient (the optimizer still "
+                        "steps)", self.step_idx + 1, len(rewards))
         local_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
                                                           rollout.completion_ids)) - 1
         length = all_ranks_int(local_len, "max")  # PP/TP/DP need equal shapes

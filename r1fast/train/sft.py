@@ -48,12 +48,14 @@ from r1fast.policy.config_checks import Range, check_fields
 from r1fast.policy.optim import OptimConfig
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
-from r1fast.train.checkpoint import (CheckpointError, barrier, has_run_files, latest_checkpoint,
-                                     load_checkpoint, save_checkpoint, set_aside)
+from r1fast.train.checkpoint import (CheckpointError, barrier, check_resumed_config,
+                                     has_run_files, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint, set_aside)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import packed_micro_batches
 from r1fast.train.task import check_tokenizer_fits
+from r1fast.typed_toml import dump_toml
 
 log = logging.getLogger("r1fast.train")
 
@@ -214,6 +216,9 @@ class SFTTrainer:
         if not isinstance(data, dict) or "rng" not in data:
             raise CheckpointError(f"checkpoint {path} is not an SFT checkpoint (its meta.json has "
                                   f"no sft_data); choose another out_dir for this SFT run")
+        check_resumed_config(meta.get("config"), dump_toml(self.cfg), path,
+                             ("steps", "resume", "overwrite", "progress", "save_every",
+                              "parallel."))
         self.engine.load_checkpoint(path, state, meta)
         rng = data["rng"]
         self.rng.setstate((rng["version"], tuple(rng["state"]), rng["gauss"]))
@@ -236,8 +241,6 @@ class SFTTrainer:
         """A checkpoint of this step (collective): model and optimizer in megatron's
         distributed format (resumable at any layout), RNG per rank, data RNG and config in
         meta."""
-        from r1fast.typed_toml import dump_toml
-
         version, state, gauss = self.rng.getstate()
         meta = {"sft_data": {"rng": {"version": version, "state": list(state), "gauss": gauss},
                              "rows": len(self.data), "fingerprint": self.data_fingerprint},

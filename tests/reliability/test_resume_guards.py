@@ -56,12 +56,14 @@ def test_fresh_start_over_an_existing_run_needs_overwrite(tmp_path):
     with pytest.raises(ConfigError, match="resume=false"):
         _fit(out, "--run.steps=1", "--run.resume=false")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-    # with the flag the old files are moved aside, never deleted
+    # with the flag the old files are moved aside, never deleted (the eval rows too)
+    (out / "eval.jsonl").write_text('{"step": 1, "pass_at_1": 0.0}\n')
     rows = _fit(out, "--run.steps=1", "--run.overwrite=true")
     assert [r["step"] for r in rows] == [1]
     aside = list(out.glob("previous_*"))
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000001").is_dir()
     assert len(read_jsonl(aside[0] / "metrics.jsonl")) == 1
+    assert (aside[0] / "eval.jsonl").is_file() and not (out / "eval.jsonl").exists()
     assert len(read_jsonl(out / "metrics.jsonl")) == 1
 
 
@@ -93,3 +95,29 @@ def test_a_damaged_model_file_stops_the_resume_naming_it(tmp_path):
     shards[0].write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"policy/{shards[0].name} is damaged"):
         _fit(out, "--run.steps=2")
+
+
+def test_a_resume_with_another_config_says_so_and_other_optimizer_settings_stop_it(tmp_path,
+                                                                                     caplog):
+    """Megatron restores the optimizer and its LR schedule from the checkpoint, so a changed
+    optim.lr would not apply: an error naming it. Other changes resume with a warning listing
+    them; the run's length does not count."""
+    out = tmp_path / "run"
+    _fit(out, "--run.steps=1")
+    with pytest.raises(ConfigError, match=r"other optimizer settings \(optim.lr: checkpoint "
+                                          r"0.0001, now 5e-06\)"):
+        _fit(out, "--run.steps=2", "--optim.lr=5e-6")
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        rows = _fit(out, "--run.steps=2", "--algo.clip_high=0.25")
+    assert [r["step"] for r in rows] == [2]
+    assert "differs from the checkpoint's: algo.clip_high: 0.28 -> 0.25" in caplog.text
+    assert "run.steps" not in caplog.text.split("differs from the checkpoint's")[1]
+
+
+def test_a_step_whose_completions_are_all_filtered_out_says_so(tmp_path, caplog):
+    """The untrained policy scores 0 on every sample, so dynamic sampling keeps no group: the
+    step adds no gradient, and the log says so instead of a quiet kept_frac = 0."""
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        rows = _fit(tmp_path / "run", "--run.steps=1", "--algo.dynamic_sampling=true")
+    assert rows[0]["kept_frac"] == 0.0
+    assert "step 1: algo.dynamic_sampling / overlong_filter kept none" in caplog.text
