@@ -125,6 +125,11 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
     from r1fast.policy.parallel import check_layout
 
     check_layout(cfg.parallel, cfg.model)  # world size and divisibility, before any start-up
+    # the model here is the final one (run.init_from's architecture, when it names a folder)
+    if cfg.rollout.max_new_tokens >= cfg.model.max_position_embeddings:
+        raise ValueError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room "
+                         f"for a prompt in the model's context (model.max_position_embeddings="
+                         f"{cfg.model.max_position_embeddings})")
     for key, path in (("data.path", cfg.data.path), ("data.test_path", cfg.data.test_path),
                       ("run.init_from", cfg.run.init_from),
                       ("reward.reward_model", cfg.reward.reward_model)):
@@ -142,6 +147,9 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
         if name not in own and name not in available_rewards():
             raise ValueError(f"reward.weights names {name!r}, which is not a reward: use "
                              f"accuracy or one of {tuple(available_rewards())}")
+    if cfg.reward.accuracy_metric not in cfg.reward.weights:  # else no "accuracy" is logged
+        raise ValueError(f"reward.accuracy_metric={cfg.reward.accuracy_metric!r} is not one of "
+                         f"the reward parts {tuple(cfg.reward.weights)} (reward.weights)")
 
 
 def check_tokenizer_fits(tokenizer, vocab_size: int, key: str) -> None:

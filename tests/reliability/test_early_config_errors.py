@@ -62,10 +62,14 @@ def _cases(tmp_path):
         ([f"--reward.reward_model={no_head}"], "reward_head.safetensors .the score head. is missing"),
         (["--model.vocab_size=8"], "but model.vocab_size is 8"),
         (["--algo.logprob_head=gemm"], "algo.logprob_head='gemm' runs on Triton"),
+        (["--reward.accuracy_metric=acc"], "reward.accuracy_metric='acc' is not one of the "
+                                           "reward parts"),
+        (["--model.max_position_embeddings=64", "--rollout.max_new_tokens=100"],
+         "rollout.max_new_tokens=100 leaves no room for a prompt"),
     ]
 
 
-@pytest.mark.parametrize("i", range(14))
+@pytest.mark.parametrize("i", range(16))
 def test_error_comes_before_the_model(tmp_path, no_model, i):
     from r1fast.train.grpo import GRPOTrainer
 
