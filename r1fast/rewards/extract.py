@@ -139,12 +139,17 @@ def split_think(text: str, think_in_prompt: bool = False) -> tuple[str | None, s
     return head, region
 
 
+def opens_thought(prompt: str) -> bool:
+    """Whether ``prompt`` ends by opening the thought: chat templates of thinking models
+    (DeepSeek-R1-Distill, QwQ, Qwen3-*-Thinking) end the generation prompt with
+    ``<think>\n``, so their completions start inside the thought."""
+    return prompt.rstrip().endswith(THINK_OPEN)
+
+
 def as_scored(completion: str, prompt: str) -> str:
-    """The completion as the rewards read it: with the ``<think>`` its prompt opened put back
-    in front. Chat templates of thinking models (DeepSeek-R1-Distill, QwQ, Qwen3-*-Thinking)
-    end the generation prompt with ``<think>\n``, so their completions start inside the
-    thought and would otherwise never be well-formed."""
-    return THINK_OPEN + completion if prompt.rstrip().endswith(THINK_OPEN) else completion
+    """The completion as the rewards read it: with the ``<think>`` its prompt opened
+    (:func:`opens_thought`) put back in front, else it would never be well-formed."""
+    return THINK_OPEN + completion if opens_thought(prompt) else completion
 
 
 def thought_text(text: str, think_in_prompt: bool = False) -> str:

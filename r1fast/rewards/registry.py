@@ -65,6 +65,10 @@ def _as_factory(name: str, fn: RewardFn) -> Callable[..., RewardFn]:
     return factory
 
 
+#: values of a row's ``reward`` field that mean "the run's default checker"
+DEFAULT_ROUTES = (None, "", "rule")
+
+
 class RoutedReward:
     """Scores each example with the registered reward named by its ``reward`` field, or with
     ``default`` when it has none or says ``"rule"`` (datasets that mix sources, e.g. verl's
@@ -76,8 +80,8 @@ class RoutedReward:
         self._rewards: dict[str, RewardFn] = {}
 
     def reward_for(self, example: dict) -> RewardFn:
-        name = example.get("reward") or self.default
-        if name == "rule":
+        name = example.get("reward")
+        if name in DEFAULT_ROUTES:
             name = self.default
         if name not in self._rewards:
             self._rewards[name] = get_reward(name)

@@ -29,7 +29,8 @@ from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate
 from r1fast.data.files import convert_rows, read_rows
 from r1fast.rewards import (CompositeReward, RewardRunner, RoutedReward, RunnerConfig,
                             available_rewards, get_reward)
-from r1fast.rewards.extract import as_scored
+from r1fast.rewards.extract import as_scored, opens_thought
+from r1fast.rewards.registry import DEFAULT_ROUTES
 from r1fast.train.reward_routing import MixedScorer, general_example, row_source, split_rows
 
 log = logging.getLogger("r1fast.train")
@@ -243,9 +244,9 @@ def _file_examples(d) -> list[dict]:
     for ex in examples:  # row numbers of the whole file, not of the rule rows alone
         ex["row"] = rule[ex["row"]]
         ex["id"] = f"{name}:{ex['row']}"
-        # RoutedReward's names: a registered reward, "rule" or none (the run's checker); a
-        # typo would otherwise fail every call of the row, counted as a reward error
-        if ex.get("reward") not in (None, "", "rule", *known):
+        # RoutedReward's names: a registered reward or a default route (the run's checker);
+        # a typo would otherwise fail every call of the row, counted as a reward error
+        if ex.get("reward") not in (*DEFAULT_ROUTES, *known):
             raise ValueError(f"{d.path} row {ex['row']}: reward={ex['reward']!r} is not a "
                              f"reward; use one of {tuple(known)}, 'rule' (the run's checker) "
                              f"or reward_model")
@@ -304,7 +305,7 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     tokenizer = tokenizer or run_tokenizer(cfg)
     examples = _filter_long_prompts(_training_examples(cfg, tokenizer), tokenizer,
                                     d.max_prompt_tokens)
-    opened = sum(as_scored("", ex["prompt"]) != "" for ex in examples)
+    opened = sum(opens_thought(ex["prompt"]) for ex in examples)
     if opened:
         log.info("%d of %d prompts end with <think> (the chat template opens the thought): "
                  "the rule rewards read each completion with it in front", opened, len(examples))
