@@ -171,6 +171,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         holder = data.get(owner[key], {})  # a table, or the field's object from a merged base
         if dataclasses.is_dataclass(holder):
             holder = _shallow_fields(holder)
+        elif key in holder and holder[key] != data[key]:
+            # both spellings were written (recipe and override, say): neither may win quietly
+            raise ConfigError(f"config key '{prefix}{key}' = {data[key]!r} is also given as "
+                              f"'{prefix}{owner[key]}.{key}' = {holder[key]!r}; write it once")
         data[owner[key]] = {**holder, key: data.pop(key)}
     kwargs = {}
     for key, value in data.items():

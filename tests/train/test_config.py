@@ -91,3 +91,19 @@ def test_dump_toml_round_trips_any_text_and_key():
     assert back["data"]["system_prompt"] == 'Think.\n"Then" answer\t\x01.'
     assert back["reward"]["weights"] == cfg.reward.weights and "a.b" in cfg.reward.weights
 
+
+
+def test_both_spellings_of_a_flattened_key_must_agree(tmp_path):
+    """``[algo] kl_coef`` is ``algo.objective.kl_coef``: a recipe writing one spelling and an
+    override the other used to keep the flat one silently, whichever came last."""
+    from r1fast.train.config import load_train_config
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[algo]\nkl_coef = 0.1\n")
+    with pytest.raises(ConfigError, match=r"'algo.kl_coef' = 0.1 is also given as "
+                                          r"'algo.objective.kl_coef' = 0.2; write it once"):
+        load_train_config(recipe, ["--algo.objective.kl_coef=0.2"])
+    # the same value twice is no conflict; either spelling alone is read
+    assert load_train_config(recipe, ["--algo.objective.kl_coef=0.1"]).algo.objective.kl_coef == 0.1
+    assert load_train_config(None, ["--algo.objective.kl_coef=0.3"]).algo.objective.kl_coef == 0.3
+    assert load_train_config(recipe, ["--algo.kl_coef=0.4"]).algo.objective.kl_coef == 0.4
