@@ -276,8 +276,20 @@ TASKS: dict[str, Callable[..., list[dict]]] = {
 }
 
 
+TASK_CONFIGS: dict[str, type] = {"countdown": CountdownConfig, "arithmetic": ArithmeticConfig}
+
+
+def task_config(task: str, options: dict, key: str = "task_options"):
+    """The config of the task named ``task`` from a table of its fields: an unknown field, a
+    wrong type or an out-of-range value is a one-line error naming ``key.<field>``."""
+    from r1fast.typed_toml import from_dict
+
+    if task not in TASK_CONFIGS:
+        raise ValueError(f"task must be one of {tuple(sorted(TASK_CONFIGS))}, got {task!r}")
+    return from_dict(TASK_CONFIGS[task], options, prefix=key + ".")
+
+
 def generate_task(task: str, n: int, split: str = "train", seed: int = 0, **overrides) -> list[dict]:
     """Examples of the task named ``task`` (a key of ``TASKS``), config fields as overrides."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {tuple(sorted(TASKS))}, got {task!r}")
-    return TASKS[task](n, split=split, seed=seed, **overrides)
+    config = task_config(task, overrides)  # names a bad task or option first
+    return TASKS[task](n, split=split, seed=seed, config=config)

@@ -187,8 +187,9 @@ class DataConfig:
     """Seed of the task generator and of the prompt order."""
     num_train: int = 2000
     """Training problems generated (synthetic task)."""
-    num_test: int = 100
-    """Held-out problems generated (synthetic task)."""
+    num_test: int = 0
+    """Held-out problems of the synthetic task evaluated at the end of training like
+    ``test_path`` (its test split, disjoint from training by problem key); 0: none."""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Task generator fields, e.g. {min_digits = 1, max_digits = 2, ops = ["+"]}."""
     template: Optional[str] = None
@@ -204,6 +205,18 @@ class DataConfig:
             if value < low:
                 allowed = " (0: keep all)" if key == "max_prompt_tokens" else ""
                 raise ValueError(f"data.{key} must be >= {low}{allowed}, got {value}")
+        if self.num_test and (self.path is not None or self.test_path is not None):
+            given = "data.path" if self.path is not None else "data.test_path"
+            raise ValueError(f"data.num_test={self.num_test} counts held-out problems of the "
+                             f"synthetic data.task, but {given} is set (its held-out rows are "
+                             f"data.test_path, capped by data.eval_max_problems)")
+        if self.task_options:  # a typo here used to surface as a raw TypeError at build time
+            if self.path is not None:
+                raise ValueError(f"data.task_options={self.task_options} configures the "
+                                 f"synthetic data.task, but data.path={self.path} is set: "
+                                 f"drop one")
+            from r1fast.data.tasks import task_config
+            task_config(self.task, self.task_options, "data.task_options")
 
 
 @dataclass

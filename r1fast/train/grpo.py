@@ -498,25 +498,22 @@ class GRPOTrainer:
 
     # -------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, Any] | None:
-        """pass@1 / cons@k of the policy on ``data.test_path`` (collective; rank 0 appends the
-        result to out_dir/eval.jsonl); None without a test set."""
-        from r1fast.data.files import load_examples
+        """pass@1 / cons@k of the policy on the held-out problems (``data.test_path``, or
+        ``data.num_test`` of the synthetic task's test split); collective; rank 0 appends the
+        result to out_dir/eval.jsonl. None without held-out problems."""
         from r1fast.pipeline.evaluate import evaluate_model
-        from r1fast.train.task import render_prompt
+        from r1fast.train.task import held_out_examples
 
         d = self.cfg.data
-        if d.test_path is None:
+        held_out = held_out_examples(self.cfg, self.task.tokenizer)
+        if held_out is None:
             return None
-        examples, _ = load_examples(d.test_path, preset=d.preset, prompt_key=d.prompt_key,
-                                    answer_key=d.answer_key)
-        examples = examples[:d.eval_max_problems]
-        for ex in examples:
-            ex["prompt"] = render_prompt(ex, self.task.tokenizer, d)
+        source, examples = held_out
         result = evaluate_model(None, examples, k=d.eval_k,
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 seed=self.cfg.run.seed, policy=self.policy,
                                 tokenizer=self.task.tokenizer).as_dict()
-        row = {"step": self.step_idx, "test_path": d.test_path, **result}
+        row = {"step": self.step_idx, "test_path": d.test_path, "held_out": source, **result}
         if self.is_logger:
             with open(self.run_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate_task,
                          load_tokenizer, make_prompt)
-from r1fast.data.files import convert_rows, read_rows
+from r1fast.data.files import convert_rows, load_examples, read_rows
 from r1fast.rewards import (CompositeReward, RewardRunner, RoutedReward, RunnerConfig,
                             available_rewards, get_reward)
 from r1fast.rewards.extract import as_scored, opens_thought
@@ -216,11 +216,7 @@ def _training_examples(cfg, tokenizer) -> list[dict]:
             raise ValueError(f"data.task={d.task!r} is a synthetic task for r1fast's character "
                              f"tokenizer, but run.init_from={cfg.run.init_from} has {tokenizer!r}; "
                              f"set data.path to a dataset file")
-        examples = generate_task(d.task, d.num_train, split="train", seed=d.seed, **d.task_options)
-        if d.template is not None:
-            for ex in examples:
-                ex["prompt"] = render_prompt(ex, tokenizer, d)
-        return examples
+        return _synthetic_examples(d, tokenizer, d.num_train, "train")
     examples = _file_examples(d)
     if d.chat_template and not tokenizer.has_chat_template:
         log.warning("data.chat_template is true but %r has no chat template: the prompts are "
@@ -229,6 +225,33 @@ def _training_examples(cfg, tokenizer) -> list[dict]:
         ex["prompt"] = render_prompt(ex, tokenizer, d)
     _warn_own_system_prompts(examples, d)
     return examples
+
+
+def _synthetic_examples(d, tokenizer, n: int, split: str) -> list[dict]:
+    """``n`` problems of the synthetic ``data.task``'s ``split`` (train and test are disjoint
+    by problem key), in the task's own prompt unless ``data.template`` is set."""
+    examples = generate_task(d.task, n, split=split, seed=d.seed, **d.task_options)
+    if d.template is not None:
+        for ex in examples:
+            ex["prompt"] = render_prompt(ex, tokenizer, d)
+    return examples
+
+
+def held_out_examples(cfg, tokenizer) -> tuple[str, list[dict]] | None:
+    """What the end of training evaluates, named, with rendered prompts: the first
+    ``data.eval_max_problems`` rows of ``data.test_path``, or ``data.num_test`` problems of the
+    synthetic task's test split; None when neither is asked for."""
+    d = cfg.data
+    if d.test_path is not None:
+        examples, _ = load_examples(d.test_path, preset=d.preset, prompt_key=d.prompt_key,
+                                    answer_key=d.answer_key)
+        examples = examples[:d.eval_max_problems]
+        for ex in examples:
+            ex["prompt"] = render_prompt(ex, tokenizer, d)
+        return str(d.test_path), examples
+    if d.path is None and d.num_test:
+        return f"{d.task}:test", _synthetic_examples(d, tokenizer, d.num_test, "test")
+    return None
 
 
 def _file_examples(d) -> list[dict]:

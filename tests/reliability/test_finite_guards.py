@@ -58,6 +58,12 @@ pytestmark = pytest.mark.reliability
     ("--data.eval_k=0", "data.eval_k"),
     ("--data.eval_max_problems=-1", "data.eval_max_problems"),
     ("--data.max_prompt_tokens=-5", "data.max_prompt_tokens"),
+    # the synthetic task's options: a typo was a raw TypeError when the data was built
+    ("--data.task_options={min_digit=1}", "data.task_options.min_digits"),
+    ('--data.task_options={max_digits="2"}', "data.task_options.max_digits"),
+    ("--data.task_options={min_digits=0}", "data.task_options.min_digits"),
+    ('--data.task_options={ops=["/"]}', "data.task_options.ops"),
+    ("--data.task_options={min_value=1}", "data.task_options.min_value"),  # arithmetic has none
     # the loss options [algo] embeds flat are named as written, not bare ('clip_low must ...')
     ("--algo.clip_low=-1", "algo.clip_low"),
     ("--algo.clip_low=1", "algo.clip_low"),
@@ -194,3 +200,10 @@ def test_a_grpo_run_that_diverges_stops_and_never_saves_non_finite(tmp_path):
     for path in saved:  # the model and optimizer (distributed checkpoint) and the rank file
         state = checkpoint_state(path, tmp_path)
         assert state["policy"] and nonfinite_tensors(state) == [], path
+
+
+def test_task_options_with_a_dataset_are_an_error():
+    """data.task_options configure the synthetic task only; with data.path they did nothing."""
+    with pytest.raises(ConfigError, match=r"data.task_options=\{'min_digits': 1\} configures "
+                                          r"the synthetic data.task, but data.path=x.jsonl"):
+        load_train_config(None, ["--data.path=x.jsonl", "--data.task_options={min_digits=1}"])

@@ -324,3 +324,25 @@ def test_sampled_logprobs_weigh_a_truncated_sampler(tmp_path, caplog):
     assert full["logp_mismatch"] < 1e-4 < sampled["logp_mismatch"]
     assert abs(full["tis_mean"] - 1.0) < 1e-4
     assert 0.0 < sampled["tis_mean"] < 1.0 - 1e-3
+
+
+def test_synthetic_task_evaluates_its_held_out_split(tmp_path):
+    """data.num_test used to be read and never used: a synthetic run now evaluates that many
+    problems of the task's test split (none of them a training problem) at the end."""
+    from r1fast.train.grpo import GRPOTrainer
+    from r1fast.train.task import held_out_examples
+
+    cfg = make_cfg(tmp_path, "--run.steps=1", "--data.num_test=3", "--data.eval_k=2")
+    tr = GRPOTrainer(cfg)
+    source, held_out = held_out_examples(cfg, tr.task.tokenizer)
+    train_ids = {ex["id"] for ex in tr.task.dataset.examples}
+    assert source == "arithmetic:test" and len(held_out) == 3
+    assert all(ex["split"] == "test" and ex["id"] not in train_ids for ex in held_out)
+    tr.fit()
+    (ev,) = read_jsonl(tmp_path / "eval.jsonl")
+    assert (ev["step"], ev["held_out"], ev["num_problems"], ev["k"]) == (1, "arithmetic:test", 3, 2)
+    # the default asks for no evaluation; num_test with a dataset names what to use instead
+    assert held_out_examples(make_cfg(tmp_path), tr.task.tokenizer) is None
+    with pytest.raises(ValueError, match=r"data.num_test=3 counts held-out problems of the "
+                                         r"synthetic data.task, but data.path is set"):
+        make_cfg(tmp_path, "--data.path=x.jsonl", "--data.num_test=3")
