@@ -61,8 +61,8 @@ log = logging.getLogger("r1fast.train")
 UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "ratio_mean", "tis_mean")
 #: metrics of the update reported per step (kl_mean and entropy_mean as kl and entropy)
 REPORTED_UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm",
-                           "ratio_max", "ratio_min", "tis_mean", "time_fwd_bwd_s",
-                           "time_optimizer_s")
+                           "ratio_max", "ratio_min", "tis_mean", "updates_skipped",
+                           "time_fwd_bwd_s", "time_optimizer_s")
 
 
 @dataclasses.dataclass
@@ -274,8 +274,8 @@ class GRPOTrainer:
             keep &= ~truncated
         if (a.dynamic_sampling or a.overlong_filter) and not bool(keep.any()):
             log.warning("step %d: algo.dynamic_sampling / overlong_filter kept none of this "
-                        "rank's %d completions: they add no gradient (the optimizer still "
-                        "steps)", self.step_idx + 1, len(rewards))
+                        "rank's %d completions: they add no gradient", self.step_idx + 1,
+                        len(rewards))
         local_len = max(len(p) + len(c) for p, c in zip(rollout.prompt_ids,
                                                           rollout.completion_ids)) - 1
         length = all_ranks_int(local_len, "max")  # PP/TP/DP need equal shapes
@@ -361,25 +361,38 @@ class GRPOTrainer:
         stats: dict[str, list[float]] = {}
         grad_norms: list[float] = []
         timing = {"time_fwd_bwd_s": 0.0, "time_optimizer_s": 0.0}
+        skipped = 0
         for _ in range(a.ppo_epochs):
             for sl in split_even(batch.num_rows, a.mini_batches):
                 mb = batch.rows(sl)
+                normalizer, kept = self._global_normalizer(mb)
+                if kept == 0:  # no gradient on any rank: a step would only move the moments,
+                    skipped += 1  # the weight decay and the LR schedule
+                    continue
                 micro = self._micro_batches(mb, old[sl], None if ref is None else ref[sl],
                                             None if routing is None else
                                             {k: v[sl] for k, v in routing.items()})
-                upd = self.engine.update(micro, self._loss_fn(self._global_normalizer(mb)))
+                upd = self.engine.update(micro, self._loss_fn(normalizer))
                 timing["time_fwd_bwd_s"] += upd.time_fwd_bwd_s
                 timing["time_optimizer_s"] += upd.time_optimizer_s
                 grad_norms.append(upd.grad_norm)
                 for r in upd.metrics:
                     for k, v in r.items():
                         stats.setdefault(k, []).append(float(v))
+        if skipped:
+            log.warning("step %d: %d of %d optimizer steps skipped (weights, moments and LR "
+                        "schedule unchanged): algo.dynamic_sampling / overlong_filter kept no "
+                        "completion of their mini-batch on any rank", self.step_idx + 1,
+                        skipped, a.ppo_epochs * a.mini_batches)
         # loss terms are shares of the global loss: sum them; other metrics are averages
         local = {k: (sum(v) if k == "loss" else sum(v) / len(v)) for k, v in stats.items()}
         out = self.engine.last_stage_reduce(local, UPDATE_METRICS)
+        out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
+        out["updates_skipped"] = skipped
+        if not grad_norms:  # nothing ran: no ratio to report, no gradient
+            return {**out, "grad_norm": 0.0, **timing}
         for k, op in (("ratio_min", "min"), ("ratio_max", "max")):
             out[k] = self.engine.last_stage_extreme(local.get(k), op)  # collective: every rank
-        out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)  # global already (megatron)
         return {**out, **timing}
 
@@ -413,11 +426,13 @@ class GRPOTrainer:
             out["routing"] = {k: _pack_routing(p, v) for k, v in routing.items()}
         return out
 
-    def _global_normalizer(self, mb: UpdateBatch) -> float:
-        """The aggregation's denominator over the whole (all DP ranks) mini-batch."""
+    def _global_normalizer(self, mb: UpdateBatch) -> tuple[float, int]:
+        """The aggregation's denominator over the whole (all DP ranks) mini-batch, and the
+        number of its rows kept (one all-reduce)."""
         local = ops.loss_denominator(self.loss_cfg.agg, num_tokens=float(mb.mask.sum()),
                                      num_seqs=float(mb.keep.sum()), max_len=mb.tokens.shape[1])
-        return max(self.engine.dp_sum([local])[0], 1.0)
+        total, kept = self.engine.dp_sum([local, float(mb.keep.sum())])
+        return max(total, 1.0), int(kept)
 
     def _loss_fn(self, normalizer: float):
         cfg, temperature = self.loss_cfg, self.cfg.rollout.temperature

@@ -44,7 +44,7 @@ def test_one_update_lowers_the_loss_on_a_fixed_batch(tmp_path):
     def loss_now():
         mb = [{"tokens": batch.tokens, "targets": batch.targets, "mask": batch.mask,
                "adv": batch.advantages, "old": old, "rollout": batch.rollout_logp, "ref": ref}]
-        out = tr.policy.forward_backward(mb, tr._loss_fn(tr._global_normalizer(batch)))
+        out = tr.policy.forward_backward(mb, tr._loss_fn(tr._global_normalizer(batch)[0]))
         return float(out[0]["loss"])
 
     before = loss_now()
@@ -150,7 +150,7 @@ def test_router_replay_and_dynamic_sampling_run(tmp_path):
     from r1fast.train.grpo import GRPOTrainer
 
     rows = GRPOTrainer(make_cfg(tmp_path, "--run.steps=2", "--algo.router_replay=true",
-                                "--algo.dynamic_sampling=true", "--algo.overlong_filter=true",
+                                "--algo.dynamic_sampling=true",
                                 "--algo.ppo_epochs=2", "--algo.mini_batches=2"),
                        reward=varied_reward).fit()
     assert len(rows) == 2
@@ -346,3 +346,29 @@ def test_synthetic_task_evaluates_its_held_out_split(tmp_path):
     with pytest.raises(ValueError, match=r"data.num_test=3 counts held-out problems of the "
                                          r"synthetic data.task, but data.path is set"):
         make_cfg(tmp_path, "--data.path=x.jsonl", "--data.num_test=3")
+
+
+def test_a_step_that_keeps_no_completion_takes_no_optimizer_step(tmp_path, caplog):
+    """dynamic_sampling drops every group of a constant reward: such a step used to step the
+    optimizer anyway (Adam moments, weight decay and the LR schedule moved the weights)."""
+    from r1fast.train.grpo import GRPOTrainer
+
+    tr = GRPOTrainer(make_cfg(tmp_path, "--run.steps=1", "--algo.dynamic_sampling=true",
+                              "--algo.overlong_filter=true", "--algo.mini_batches=2",
+                              "--optim.weight_decay=0.1"),
+                     reward=lambda completion, example: 1.0)
+    before = {k: v.detach().clone() for k, v in tr.policy.gpt.state_dict().items()
+              if isinstance(v, torch.Tensor)}
+    lr_steps = tr.engine.scheduler.num_steps
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        (row,) = tr.fit()
+    assert row["kept_frac"] == 0 and row["updates_skipped"] == 2 and row["grad_norm"] == 0
+    assert "2 of 2 optimizer steps skipped" in caplog.text
+    assert tr.engine.scheduler.num_steps == lr_steps
+    after = tr.policy.gpt.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # a step with signal skips nothing
+    (row,) = GRPOTrainer(make_cfg(tmp_path / "varied", "--run.steps=1",
+                                  "--algo.dynamic_sampling=true", "--optim.weight_decay=0.1"),
+                         reward=varied_reward).fit()
+    assert row["updates_skipped"] == 0 and row["grad_norm"] > 0
