@@ -167,14 +167,17 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     owner = _flattened(cls)
     data = dict(data)
+    # the FLATTEN fields' own tables as written (a merged base holds the field's object instead)
+    written = {k: v for k, v in data.items() if k in owner.values() and isinstance(v, dict)}
     for key in [k for k in data if k in owner and k not in fields]:
+        table = written.get(owner[key], {})
+        if key in table and table[key] != data[key]:
+            # both spellings were written (recipe and override, say): neither may win quietly
+            raise ConfigError(f"config key '{prefix}{key}' = {data[key]!r} is also given as "
+                              f"'{prefix}{owner[key]}.{key}' = {table[key]!r}; write it once")
         holder = data.get(owner[key], {})  # a table, or the field's object from a merged base
         if dataclasses.is_dataclass(holder):
             holder = _shallow_fields(holder)
-        elif key in holder and holder[key] != data[key]:
-            # both spellings were written (recipe and override, say): neither may win quietly
-            raise ConfigError(f"config key '{prefix}{key}' = {data[key]!r} is also given as "
-                              f"'{prefix}{owner[key]}.{key}' = {holder[key]!r}; write it once")
         data[owner[key]] = {**holder, key: data.pop(key)}
     kwargs = {}
     for key, value in data.items():
