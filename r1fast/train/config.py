@@ -178,7 +178,8 @@ class DataConfig:
     system_prompt: Optional[str] = None
     """A system message put before each prompt (chat template only)."""
     max_prompt_tokens: int = 0
-    """Drop prompts longer than this many tokens (0: keep all); the count is logged."""
+    """Drop prompts longer than this many tokens, counted in a warning (0: keep all, and a
+    prompt that does not fit the context beside rollout.max_new_tokens is an error)."""
     task: Literal["countdown", "arithmetic"] = "arithmetic"
     """Synthetic reasoning task (see r1fast.data), used when ``path`` is None."""
     prompts_per_step: int = 4

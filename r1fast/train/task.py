@@ -131,6 +131,12 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
         raise ValueError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room "
                          f"for a prompt in the model's context (model.max_position_embeddings="
                          f"{cfg.model.max_position_embeddings})")
+    room = cfg.model.max_position_embeddings - cfg.rollout.max_new_tokens
+    if cfg.data.max_prompt_tokens > room:
+        raise ValueError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} keeps prompts "
+                         f"that do not fit: model.max_position_embeddings="
+                         f"{cfg.model.max_position_embeddings} leaves {room} tokens beside "
+                         f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
     for key, path in (("data.path", cfg.data.path), ("data.test_path", cfg.data.test_path),
                       ("run.init_from", cfg.run.init_from),
                       ("reward.reward_model", cfg.reward.reward_model)):
@@ -304,16 +310,31 @@ def _model_reward(cfg, examples: list[dict]):
                              sync=lambda n: all_ranks_int(n, "max"))
 
 
-def _filter_long_prompts(examples: list[dict], tokenizer, limit: int) -> list[dict]:
-    if limit <= 0:
-        return examples
-    kept = [ex for ex in examples if len(tokenizer.encode(ex["prompt"], add_bos=True)) <= limit]
-    if len(kept) < len(examples):
-        log.warning("data.max_prompt_tokens=%d dropped %d of %d prompts", limit,
-                    len(examples) - len(kept), len(examples))
-    if not kept:
-        raise ValueError(f"data.max_prompt_tokens={limit} drops every prompt")
-    return kept
+def _prompts_that_fit(examples: list[dict], tokenizer, cfg) -> list[dict]:
+    """The prompts under ``data.max_prompt_tokens`` (the dropped ones counted in a WARNING);
+    without that cap, a prompt longer than the context leaves next to ``rollout.max_new_tokens``
+    is an error now rather than at the step that draws it."""
+    limit = cfg.data.max_prompt_tokens
+    lengths = [len(tokenizer.encode(ex["prompt"], add_bos=True)) for ex in examples]
+    if limit > 0:
+        kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
+        if len(kept) < len(examples):
+            log.warning("data.max_prompt_tokens=%d dropped %d of %d prompts", limit,
+                        len(examples) - len(kept), len(examples))
+        if not kept:
+            raise ValueError(f"data.max_prompt_tokens={limit} drops every prompt")
+        return kept
+    room = cfg.model.max_position_embeddings - cfg.rollout.max_new_tokens
+    long = [i for i, n in enumerate(lengths) if n > room]
+    if long:
+        worst = max(long, key=lengths.__getitem__)
+        raise ValueError(f"{len(long)} of {len(examples)} prompts are longer than the {room} "
+                         f"tokens model.max_position_embeddings="
+                         f"{cfg.model.max_position_embeddings} leaves beside rollout."
+                         f"max_new_tokens={cfg.rollout.max_new_tokens} (the longest, "
+                         f"{examples[worst].get('id', worst)}, has {lengths[worst]}); set "
+                         f"data.max_prompt_tokens={room} to drop them")
+    return examples
 
 
 def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
@@ -326,8 +347,7 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
             raise ValueError(f"{key}={path} does not exist (a .jsonl/.json/.parquet file or a "
                              f"folder of them)")
     tokenizer = tokenizer or run_tokenizer(cfg)
-    examples = _filter_long_prompts(_training_examples(cfg, tokenizer), tokenizer,
-                                    d.max_prompt_tokens)
+    examples = _prompts_that_fit(_training_examples(cfg, tokenizer), tokenizer, cfg)
     opened = sum(opens_thought(ex["prompt"]) for ex in examples)
     if opened:
         log.info("%d of %d prompts end with <think> (the chat template opens the thought): "

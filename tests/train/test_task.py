@@ -312,3 +312,30 @@ def test_a_dataset_asking_for_a_missing_chat_template_is_told(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="r1fast.train"):
         build_task(cfg(f"--data.path={data}", "--data.chat_template=false")).close()
     assert "chat_template" not in caplog.text
+
+
+def test_prompts_too_long_for_the_context_fail_at_load_or_are_dropped_loudly(caplog):
+    """A prompt longer than the context leaves beside max_new_tokens used to fail at the step
+    that drew it, with a KV-cache message naming neither key."""
+    from r1fast.train.task import check_inputs
+
+    task = build_task(cfg())
+    lengths = [len(task.tokenizer.encode(ex["prompt"], add_bos=True))
+               for ex in task.dataset.examples]
+    task.close()
+    room = min(lengths) + 1  # some prompts fit, most do not
+    tight = ["--model.max_position_embeddings=256", f"--rollout.max_new_tokens={256 - room}"]
+    with pytest.raises(ValueError, match=rf"prompts are longer than the {room} tokens model."
+                                         rf"max_position_embeddings=256 leaves beside rollout."
+                                         rf"max_new_tokens={256 - room} \(the longest, .* has "
+                                         rf"{max(lengths)}\); set data.max_prompt_tokens={room}"):
+        build_task(cfg(*tight))
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        task = build_task(cfg(*tight, f"--data.max_prompt_tokens={room}"))
+    kept = sum(n <= room for n in lengths)
+    assert len(task.dataset.examples) == kept and 0 < kept < len(lengths)
+    assert f"data.max_prompt_tokens={room} dropped {len(lengths) - kept} of 40" in caplog.text
+    task.close()
+    with pytest.raises(ValueError, match=rf"data.max_prompt_tokens={room + 1} keeps prompts "
+                                         rf"that do not fit"):
+        check_inputs(cfg(*tight, f"--data.max_prompt_tokens={room + 1}"))
