@@ -11,6 +11,8 @@ Providers:
   row kernels (kernels/linear_logprob_gemm.py), the other arrangement of the same op;
 - ``liger flce``: Liger's fused linear cross-entropy with ``reduction="none"`` (logp = -loss),
   when ``liger_kernel`` is importable and CUDA is present;
+- ``r1fast triton (per-row tau)``: the fused kernels with a ``[T]`` temperature tensor (all
+  1.0): what one temperature per sample costs over the scalar;
 - ``naive torch.compile``: the naive formula through ``torch.compile`` (CUDA only: inductor's
   CPU compile takes minutes on a two-core machine).
 
@@ -122,6 +124,13 @@ def _liger_logp(hidden, weight, targets):
     return -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, targets)
 
 
+def _per_row_tau_logp(hidden, weight, targets):
+    """The fused kernels reading one temperature per row (every row at 1.0, so the fp64
+    reference still applies): the cost of a per-sample temperature over the scalar one."""
+    tau = torch.ones(targets.shape[0], device=targets.device, dtype=torch.float32)
+    return linear_logprob(hidden, weight, targets, impl="triton", temperature=tau)
+
+
 def providers(cuda: bool) -> list[Provider]:
     """Most wanted numbers first (a run may be stopped at its time limit): r1fast's two Triton
     arrangements, the peer, then the slow baselines."""
@@ -134,6 +143,7 @@ def providers(cuda: bool) -> list[Provider]:
                  linear_logprob(hidden, weight, targets, impl="triton", tiles="gemm"),
                  missing=on_gpu),
         Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda), peer=True),
+        Provider("r1fast triton (per-row tau)", _per_row_tau_logp, missing=on_gpu),
         Provider("naive torch", lambda hidden, weight, targets:
                  naive_linear_logprob(hidden, weight, targets)),
         Provider("naive torch.compile", _compiled_naive,

@@ -17,11 +17,14 @@ hand, and every ratio is taken between rows of the same run (same machine, clock
 | GRPO step, kernels on vs off | off step_s / on step_s | >= 1.3 |
 | grouped experts vs the per-expert loop (decoding, training) | loop ms / grouped ms | >= 1 |
 | grouped experts vs megatron's SequentialMLP (training) | megatron ms / grouped ms | >= 1 |
+| one temperature per row vs one for all (fused tiles) | per-row ms / scalar ms | <= 1.05 |
 
-The last three rows are not the issue's: they check r1fast's own default, ``"auto"`` = the
+The last four rows are not the issue's. Three check r1fast's own default, ``"auto"`` = the
 grouped expert kernels on a GPU (``rollout.experts``, ``parallel.experts``), at Qwen3-30B-A3B's
 expert sizes (a decoding step of 256 routed rows, forward; a training micro-batch of 16384,
-forward and backward, also against megatron's own per-expert forward).
+forward and backward, also against megatron's own per-expert forward). The last prices a
+per-sample temperature (``linear_logprob(temperature=[T] tensor)``): the fused kernels read one
+more float per row, so it should cost next to nothing.
 
 The bare-GEMM "full" row times the three GEMMs of a forward and backward without recompute
 (6THV FLOPs), so the 8THV floor is that time x 8/6. r1fast's row is the faster of its
@@ -112,6 +115,17 @@ def _linear_logprob(rows: list[dict]) -> list[dict]:
                   best.get("peak_extra_mib"), best.get("max_abs_err")]
     return [_row(target, goal, value, met(value) if isinstance(value, (int, float)) else None,
                  where) for (target, goal, met), value in zip(_LOGPROB_TARGETS, values)]
+
+
+def _per_row_temperature(rows: list[dict]) -> dict:
+    lp, exact = _at_shape(_bench_rows(rows, "linear_logprob", "linear_logprob"), LOGPROB_SHAPE)
+    pair = ("r1fast triton", "r1fast triton (per-row tau)")
+    timed = _timed(lp, pair)
+    target, goal, where = "per-row temperature / one temperature", "<= 1.05", _shape_note(lp, exact)
+    if len(timed) < 2:
+        return _row(target, goal, _why_missing(lp, pair), None, where)
+    ratio = timed[pair[1]]["ms"] / timed[pair[0]]["ms"]
+    return _row(target, goal, ratio, ratio <= 1.05, f"{where}; {pair[1]}", pair[1])
 
 
 def _fused_loss(rows: list[dict]) -> dict:
@@ -240,7 +254,7 @@ def target_rows(rows: list[dict]) -> list[dict]:
     """One row per target: ``target``, ``goal``, ``value`` (a ratio/number, or why not
     measured), ``met`` (True/False, None when not measured) and ``where`` (shape, provider)."""
     return [*_linear_logprob(rows), _fused_loss(rows), *_routing(rows), *_permutation(rows),
-            _step(rows), *_experts(rows)]
+            _step(rows), *_experts(rows), _per_row_temperature(rows)]
 
 
 def render_targets(rows: list[dict]) -> list[str]:

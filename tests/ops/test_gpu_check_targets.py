@@ -62,6 +62,7 @@ def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0, route_fwd_kernels=
         bench("linear_logprob", "linear_logprob", "r1fast triton (gemm tiles)", LP, ms=48.0,
               peak_extra_mib=1100.0, max_abs_err=3e-5),
         bench("linear_logprob", "linear_logprob", "liger flce", LP, ms=liger_ms),
+        bench("linear_logprob", "linear_logprob", "r1fast triton (per-row tau)", LP, ms=51.0),
         bench("grpo_loss", "linear_logprob (the fused loss's yardstick)",
               "r1fast linear_logprob (triton)", LP, ms=50.0),
         bench("grpo_loss", "fused_linear_policy_loss", "r1fast-fused (triton)", LP, ms=51.0),
@@ -110,6 +111,9 @@ def test_each_ratio_is_taken_from_the_rows_of_its_target():
     assert "rows=16384" in training["where"]
     megatron = got["grouped experts (training): megatron / grouped"]
     assert megatron["value"] == pytest.approx(2.0) and megatron["met"] is True
+    # per-row temperatures against the same fused arrangement, not the faster gemm tiles
+    tau = got["per-row temperature / one temperature"]
+    assert tau["value"] == pytest.approx(51.0 / 50.0) and tau["met"] is True
 
 
 def test_misses_are_shown_as_misses():
