@@ -98,3 +98,20 @@ def test_stage_cli_pretrain_then_evaluate(tmp_path, capsys):
                  "--num-test", "2", "--max-new-tokens", "4",
                  "--num-train", "64"]) == 0
     assert '"pass_at_1"' in capsys.readouterr().out
+
+
+def test_export_never_replaces_a_folder_it_was_not_told_to(tmp_path, capsys):
+    """``r1fast export RUN OUT`` deleted whatever OUT held (a user's notes included) and wrote
+    the model there; a non-empty OUT is now refused before anything is read or written."""
+    out = tmp_path / "important"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "no_run"), str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "already exists and is not empty" in err and "--overwrite" in err
+    assert (out / "notes.txt").read_text() == "precious"
+    # with --overwrite it goes on to the source (here: not a run, named as such)
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "no_run"), str(out), "--overwrite"])
+    assert "is neither a run folder" in capsys.readouterr().err

@@ -54,8 +54,9 @@ def _tokenizer(run_dir: Path, cfg):
     return run_tokenizer(cfg)
 
 
-def export_checkpoint(src: str | Path, out: str | Path) -> Path:
-    """Write the policy of checkpoint ``src`` as an HF folder ``out`` (collective)."""
+def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the policy of checkpoint ``src`` as an HF folder ``out`` (collective); an
+    existing non-empty ``out`` is replaced only with ``overwrite``."""
     from r1fast.policy import build_policy
     from r1fast.policy.config import ParallelConfig
     from r1fast.policy.dist_ckpt import load_sharded
@@ -63,7 +64,11 @@ def export_checkpoint(src: str | Path, out: str | Path) -> Path:
     from r1fast.train.config import TrainConfig
     from r1fast.train.policy_io import load_model_state, save_model
 
-    run_dir, ckpt = _resolve(Path(src))
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"export: {out} already exists and is not empty; it would be "
+                         f"replaced whole (pass --overwrite to allow that)")
+    run_dir, ckpt = _resolve(Path(src).resolve())  # a relative step_N still finds its run
     meta = json.loads((ckpt / "meta.json").read_text())
     text = meta.get("config") or (run_dir / "config.toml").read_text()
     cfg = typed_toml.from_dict(TrainConfig, tomllib.loads(text))
@@ -84,9 +89,11 @@ def export_checkpoint(src: str | Path, out: str | Path) -> Path:
 def export_main(argv: Sequence[str]) -> int:
     ap = ArgumentParser(prog="r1fast export", description=__doc__.splitlines()[0])
     ap.add_argument("source", help="run folder or checkpoints/step_N folder")
-    ap.add_argument("out_dir", help="the Hugging Face folder to write")
+    ap.add_argument("out_dir", help="the Hugging Face folder to write (new or empty)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing out_dir, whatever it holds")
     args = ap.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = export_checkpoint(args.source, args.out_dir)
+    path = export_checkpoint(args.source, args.out_dir, overwrite=args.overwrite)
     print(f"exported to {path}", file=sys.stderr)
     return 0

@@ -88,9 +88,14 @@ def save_model(policy, tokenizer, path: str | Path) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": stops if len(stops) > 1 else stops[0],
              "pad_token_id": int(tokenizer.pad_id)}, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
+        old = path.with_name(path.name + ".old")
+        if path.exists():  # set aside, not deleted, until the new folder is in place
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
     return path
