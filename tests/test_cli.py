@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from r1fast.cli import main
 
@@ -115,3 +116,22 @@ def test_export_never_replaces_a_folder_it_was_not_told_to(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "no_run"), str(out), "--overwrite"])
     assert "is neither a run folder" in capsys.readouterr().err
+
+
+def test_export_of_an_sft_run(tmp_path):
+    """`r1fast export` of an SFT run failed with "unknown config key 'steps'" (it read every
+    checkpoint's config as a GRPO TrainConfig); it now writes the same weights the SFT run
+    saved as its model, with the run's tokenizer."""
+    from safetensors.torch import load_file
+
+    from r1fast.pipeline import stages
+    from r1fast.pipeline.demo import dense_model
+
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(8)]
+    model = stages.sft(rows, tmp_path / "sft", model=dense_model(), steps=1, batch_size=4)
+    out = tmp_path / "hf"
+    assert main(["export", str(tmp_path / "sft"), str(out)]) == 0
+    ours, theirs = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (out / "tokenizer.json").read_text() == (model / "tokenizer.json").read_text()

@@ -4,7 +4,7 @@ The output is what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.
 load: safetensors in the HF family's names (``config.json``), ``generation_config.json`` with the
 tokenizer's stop ids, the tokenizer files, and ``r1fast_config.json`` (the exact architecture).
 
-``RUN_OR_CHECKPOINT`` is a run folder (``config.toml`` + ``checkpoints/``: its newest complete
+``RUN_OR_CHECKPOINT`` is a GRPO or SFT run folder (``checkpoints/``: its newest complete
 checkpoint is taken) or one ``checkpoints/step_N`` folder. The model is in megatron's
 distributed-checkpoint format, so one process exports a checkpoint written at any layout (it
 builds the model at one rank); under ``torchrun --nproc-per-node N`` (``scripts/launch.sh``)
@@ -34,13 +34,23 @@ def _resolve(src: Path) -> tuple[Path, Path]:
 
     if (src / "meta.json").is_file():
         return src.parent.parent, src
-    if not (src / "config.toml").is_file():
-        raise ValueError(f"export: {src} is neither a run folder (config.toml + checkpoints/) nor "
-                         f"a checkpoint folder (meta.json)")
+    if not (src / "config.toml").is_file() and not (src / "checkpoints").is_dir():
+        raise ValueError(f"export: {src} is neither a run folder (checkpoints/) nor a checkpoint "
+                         f"folder (meta.json)")
     ckpt = latest_checkpoint(src / "checkpoints")
     if ckpt is None:
         raise ValueError(f"export: run folder {src} has no complete checkpoint")
     return src, ckpt
+
+
+def _run_config(text: str):
+    """The run's config from its checkpoint's TOML: a GRPO run's TrainConfig (``[run]`` table)
+    or an SFT run's SFTConfig."""
+    from r1fast.train.config import TrainConfig
+    from r1fast.train.sft import SFTConfig
+
+    data = tomllib.loads(text)
+    return typed_toml.from_dict(TrainConfig if "run" in data else SFTConfig, data)
 
 
 def _tokenizer(run_dir: Path, cfg):
@@ -49,9 +59,13 @@ def _tokenizer(run_dir: Path, cfg):
 
     if (run_dir / "tokenizer").is_dir():
         return load_tokenizer(run_dir / "tokenizer")
+    init_from = cfg.run.init_from if hasattr(cfg, "run") else cfg.init_from
+    if init_from is None:
+        raise ValueError(f"export: {run_dir} has no tokenizer/ folder (written by older runs) "
+                         f"and its config has no init_from to take one from")
     log.warning("export: %s has no tokenizer/ folder (written by older runs); using the "
-                "tokenizer of run.init_from=%s", run_dir, cfg.run.init_from)
-    return run_tokenizer(cfg)
+                "tokenizer of init_from=%s", run_dir, init_from)
+    return run_tokenizer(cfg) if hasattr(cfg, "run") else load_tokenizer(init_from)
 
 
 def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -61,7 +75,6 @@ def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False)
     from r1fast.policy.config import ParallelConfig
     from r1fast.policy.dist_ckpt import load_sharded
     from r1fast.train.checkpoint import load_checkpoint
-    from r1fast.train.config import TrainConfig
     from r1fast.train.policy_io import load_model_state, save_model
 
     out = Path(out)
@@ -71,11 +84,12 @@ def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False)
     run_dir, ckpt = _resolve(Path(src).resolve())  # a relative step_N still finds its run
     meta = json.loads((ckpt / "meta.json").read_text())
     text = meta.get("config") or (run_dir / "config.toml").read_text()
-    cfg = typed_toml.from_dict(TrainConfig, tomllib.loads(text))
+    cfg = _run_config(text)
     parallel = cfg.parallel
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and (ckpt / "policy").is_dir():
         parallel = ParallelConfig(world_size=1)  # any layout reshards into one process
-    policy = build_policy(cfg.model, parallel, seed=cfg.run.seed, trainable=False)
+    policy = build_policy(cfg.model, parallel, trainable=False,
+                          seed=cfg.run.seed if hasattr(cfg, "run") else cfg.seed)
     state, _ = load_checkpoint(ckpt)
     if state is None or "model" not in state:
         load_sharded(policy, None, ckpt / "policy")

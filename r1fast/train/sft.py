@@ -61,7 +61,7 @@ log = logging.getLogger("r1fast.train")
 
 #: what a fresh start with ``overwrite`` moves to ``out_dir/previous_<time>/`` (the data
 #: summary is the recipe runner's, r1fast.pipeline.sft_recipe)
-RUN_FILES = ("checkpoints", "metrics.jsonl", "model", "data_summary.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "model", "data_summary.json", "tokenizer")
 
 
 @dataclass(kw_only=True)
@@ -308,6 +308,8 @@ class SFTTrainer:
         """Train until ``steps`` (checkpoints every ``save_every`` steps and at the end), then
         save ``out_dir/model`` (HF safetensors + tokenizer) and return its path."""
         cfg = self.cfg
+        if self.engine.is_logger:  # `r1fast export` of a checkpoint reads it from here
+            self.tokenizer.save(self.run_dir / "tokenizer")
         logger = MetricsLogger(self.run_dir, enabled=self.engine.is_logger, tensorboard=False,
                                progress=cfg.progress, total_steps=cfg.steps,
                                initial_step=self.step_idx, desc="sft")
