@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/r1fast demo
+	$(VENV)/bin/r1fast demo $(DEMO_ARGS)
 
 # Default suite: everything not marked slow. pytest exits 5 when no test ran, which fails make.
 test: $(STAMP)

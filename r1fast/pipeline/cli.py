@@ -3,6 +3,7 @@
     r1fast stage pretrain --out runs/x/base --model tiny-moe --steps 500
     r1fast stage grpo --init runs/x/base/model --out runs/x/zero --run.steps=40
     r1fast stage grpo --init runs/x/cold/model --out runs/x/r1 --language en   # R1 stage 2
+    r1fast stage grpo --init runs/x/base/model --out runs/x/g --recipe recipes/tiny.toml --steps 20
     r1fast stage sft --init runs/x/base/model --out runs/x/cold --cold-start 200
     r1fast stage rejection-sample --model runs/x/zero/model --out runs/x/rs.jsonl --k 4
     r1fast stage sft --init runs/x/base/model --out runs/x/rs_sft --data runs/x/rs.jsonl \\
@@ -18,7 +19,8 @@
 Problems are the demo's additions (:mod:`r1fast.pipeline.demo_task`; ``--num-train``,
 ``--num-test``, ``--seed``), or a user's dataset file with
 ``--problems FILE [--preset gsm8k|math|...]`` (prompts rendered with the model folder's tokenizer
-and chat template; ``grpo`` takes ``--data.path=FILE --data.preset=...`` like ``r1fast train``).
+and chat template; ``grpo`` takes ``--data.path=FILE --data.preset=...`` or a ``--recipe`` like
+``r1fast train``). An option the stage does not read is an error, never ignored.
 Models are folders written by a previous stage or Hugging Face checkpoint folders; SFT datasets
 are JSONL of ``{"prompt", "completion"}``. ``rejection-sample`` prints how many samples each
 readability rule dropped and writes that summary next to its JSONL.
@@ -40,11 +42,48 @@ from r1fast.pipeline import demo_task
 from r1fast.pipeline.demo import DemoConfig, dense_model, moe_model, pretrain_base, task_overrides
 
 MODELS = {"tiny-moe": moe_model, "tiny-dense": dense_model}
-DEFAULT_STEPS, DEFAULT_LR = 200, 1e-3
+DEFAULT_STEPS, DEFAULT_LR, PRETRAIN_LR = 200, 1e-3, 3e-3
+DEFAULT_PROMPTS = 1024  # demo problems sampled by rejection-sample / distill
+SAMPLING = ("k", "temperature", "max_new_tokens")
+FILTERS = ("keep", "language", "max_chars", "max_paragraph_chars", "min_language_share",
+           "allow_code_blocks")
+PROBLEMS = ("problems", "preset", "template")
+#: the options (argparse dests) each stage reads; giving it any other one is an error, since
+#: an option that is accepted and then ignored runs something other than what was asked
+STAGE_OPTIONS: dict[str, frozenset[str]] = {name: frozenset(opts) for name, opts in {
+    "pretrain": ("out", "model", "scripts", "steps", "lr", "long_share", "greek_share",
+                 "greetings", "num_train", "seed"),
+    "sft": ("out", "init", "data", "cold_start", "mix", "mix_ratio", "recipe", "steps", "lr",
+            "num_train", "seed"),
+    "grpo": ("out", "init", "recipe", "steps", "lr", "language", "num_train", "seed"),
+    "rejection-sample": ("out", "model", "overwrite", "prompts", "num_train", "seed", *SAMPLING,
+                         *FILTERS, *PROBLEMS),
+    "distill": ("out", "teacher", "student", "student_init", "data", "overwrite", "prompts",
+                "num_train", "seed", "steps", "lr", *SAMPLING, *FILTERS, *PROBLEMS),
+    "evaluate": ("model", "num_test", "seed", *SAMPLING, *PROBLEMS),
+}.items()}
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = ArgumentParser(prog="r1fast stage", description=__doc__.splitlines()[0])
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _parser(probe: bool = False) -> argparse.ArgumentParser:
+    """The stage command line; ``probe``: every default suppressed, so that parsing names
+    exactly the options the user wrote."""
+    def default(value):
+        return argparse.SUPPRESS if probe else value
+
+    ap = ArgumentParser(prog="r1fast stage", description=__doc__.splitlines()[0],
+                        argument_default=argparse.SUPPRESS if probe else None)
     ap.add_argument("name", choices=(*STAGES, "reward-model"))
     ap.add_argument("--out", help="output folder (a .jsonl path for rejection-sample)")
     ap.add_argument("--init", help="model folder to start from (sft, grpo)")
@@ -54,55 +93,77 @@ def _parser() -> argparse.ArgumentParser:
                     "writes these scripts (default: greek, the demo corpus's second language; "
                     "cyrillic)")
     ap.add_argument("--teacher", help="teacher model folder (distill)")
-    ap.add_argument("--student", default="tiny-dense", help="student preset (distill)")
+    ap.add_argument("--student", choices=tuple(MODELS),
+                    help="student preset (distill; default tiny-dense)")
     ap.add_argument("--student-init", help="student model folder to fine-tune (distill)")
-    ap.add_argument("--data", help="JSONL of prompt/completion rows (sft, distill)")
-    ap.add_argument("--cold-start", type=int, help="sft on N clean chains of thought")
+    ap.add_argument("--data", help="JSONL of prompt/completion rows (sft; distill: the "
+                    "teacher's answers, already sampled)")
+    ap.add_argument("--cold-start", type=_at_least(1), help="sft on N clean chains of thought")
     ap.add_argument("--mix", help="sft: JSONL of non-reasoning prompt/completion rows to mix in")
     ap.add_argument("--mix-ratio", type=float, help="sft: share of the SFT set from --mix "
                     "(R1: 0.25)")
-    ap.add_argument("--recipe", help="sft: a TOML recipe (e.g. recipes/sky_t1_sft.toml); "
-                    "override its keys as --sft.KEY=VALUE")
-    ap.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    ap.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR})")
-    ap.add_argument("--long-share", type=float, default=DemoConfig.long_share,
+    ap.add_argument("--recipe", help="sft, grpo: a TOML recipe (e.g. recipes/sky_t1_sft.toml); "
+                    "override its keys as --section.KEY=VALUE")
+    ap.add_argument("--steps", type=_at_least(1), help=f"optimizer steps (default "
+                    f"{DEFAULT_STEPS}; grpo: sets run.steps)")
+    ap.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR}, pretrain "
+                    f"{PRETRAIN_LR}; grpo: sets optim.lr)")
+    ap.add_argument("--long-share", type=float, default=default(DemoConfig.long_share),
                     help="pretrain: share of corpus answers that reason column by column")
-    ap.add_argument("--greek-share", type=float, default=DemoConfig.greek_share,
+    ap.add_argument("--greek-share", type=float, default=default(DemoConfig.greek_share),
                     help="pretrain: chance that a connective of a corpus chain is Greek")
-    ap.add_argument("--greetings", type=int, default=DemoConfig.pretrain_greetings,
+    ap.add_argument("--greetings", type=_at_least(0),
+                    default=default(DemoConfig.pretrain_greetings),
                     help="pretrain: greeting rows (half warm, half poor) in the corpus")
-    ap.add_argument("--k", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--prompts", type=int, default=1024, help="training prompts to sample")
-    ap.add_argument("--num-train", type=int, default=3000)
-    ap.add_argument("--num-test", type=int, default=DemoConfig.num_test)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens)
+    ap.add_argument("--k", type=_at_least(1), default=default(4), help="samples per prompt")
+    ap.add_argument("--temperature", type=float, default=default(0.6))
+    ap.add_argument("--prompts", type=_at_least(1), help=f"problems to sample (default: the "
+                    f"last {DEFAULT_PROMPTS} demo problems, or every row of --problems; "
+                    f"its first N)")
+    ap.add_argument("--num-train", type=_at_least(1), default=default(3000))
+    ap.add_argument("--num-test", type=_at_least(1), default=default(DemoConfig.num_test))
+    ap.add_argument("--seed", type=int, default=default(0))
+    ap.add_argument("--max-new-tokens", type=_at_least(1),
+                    default=default(DemoConfig.max_new_tokens))
     ap.add_argument("--problems", help="dataset file/folder of problems (rejection-sample, "
                     "distill, evaluate) instead of the demo's additions")
     ap.add_argument("--preset", help="column layout of --problems (gsm8k, math, dapo, ...)")
     ap.add_argument("--template", help="prompt template for --problems ({question}, or r1-zero)")
     ap.add_argument("--language", help="grpo: add the language-consistency reward toward this "
-                    "language (en, zh, el, ...); rejection-sample: the thought's language "
-                    "('none': no language rule; default en)")
-    ap.add_argument("--keep", default="correct", choices=("correct", "well_formed", "all"),
-                    help="rejection-sample: rule preset (all = only drop duplicates)")
-    ap.add_argument("--max-chars", type=int, help="rejection-sample: drop longer completions")
-    ap.add_argument("--max-paragraph-chars", type=int,
+                    "language (en, zh, el, ...); rejection-sample, distill: the thought's "
+                    "language ('none': no language rule; default en)")
+    ap.add_argument("--keep", default=default("correct"),
+                    choices=("correct", "well_formed", "all"),
+                    help="rejection-sample, distill: rule preset (all = only drop empty answers and "
+                    "duplicates)")
+    ap.add_argument("--max-chars", type=_at_least(1),
+                    help="rejection-sample: drop longer completions")
+    ap.add_argument("--max-paragraph-chars", type=_at_least(0),
                     help="rejection-sample: longest paragraph kept (default 2000; 0: no limit)")
     ap.add_argument("--min-language-share", type=float,
                     help="rejection-sample: least share of thought words in --language (0.95)")
     ap.add_argument("--allow-code-blocks", action="store_true",
                     help="rejection-sample: keep completions with fenced code blocks")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="rejection-sample, distill: replace an existing output JSONL")
     return ap
+
+
+def _given(argv: Sequence[str]) -> frozenset[str]:
+    """The options (dests) written on the command line, told apart from defaulted ones."""
+    return frozenset(vars(_parser(probe=True).parse_known_args(argv)[0]))
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 class _Run:
     """One parsed command line; each stage is a method returning what it prints."""
 
     def __init__(self, ap: argparse.ArgumentParser, args: argparse.Namespace,
-                 overrides: list[str]):
-        self.ap, self.args, self.overrides = ap, args, overrides
+                 overrides: list[str], given: frozenset[str]):
+        self.ap, self.args, self.overrides, self.given = ap, args, overrides, given
         self.steps = DEFAULT_STEPS if args.steps is None else args.steps
         self.lr = DEFAULT_LR if args.lr is None else args.lr
 
@@ -111,27 +172,63 @@ class _Run:
         a = self.args
         return demo_task.problems(a.num_train, "train", a.seed)
 
+    def unused(self, *dests: str, why: str) -> None:
+        """An error when one of ``dests`` was given: in this case the stage does not read it."""
+        given = [_flag(d) for d in dests if d in self.given]
+        if given:
+            self.ap.error(f"stage {self.args.name} does not use {', '.join(given)} {why}")
+
     def problems(self, model_dir: str, demo: list[dict]) -> list[dict]:
         if self.args.problems is None:
             return demo
+        self.unused("num_train", "num_test", why="with --problems (its rows are the problems)")
         return stages.load_problems(self.args.problems, model_dir, preset=self.args.preset,
                                     template=self.args.template)
+
+    def sampled_problems(self, model_dir: str) -> list[dict]:
+        """What rejection-sample / distill answer: ``--prompts`` of the demo's training
+        problems (the last ones: a cold start trains on the first) or of ``--problems``."""
+        rows = self.problems(model_dir, self.train)
+        n = self.args.prompts
+        if n is None:
+            n = DEFAULT_PROMPTS if self.args.problems is None else len(rows)
+        if n > len(rows):
+            where = ("--problems " + self.args.problems if self.args.problems
+                     else "the demo's --num-train")
+            self.ap.error(f"--prompts {n} is more than the {len(rows)} problems of {where}")
+        return rows[:n] if self.args.problems else rows[-n:]
 
     def need(self, *names: str) -> None:
         missing = [n for n in names if getattr(self.args, n.replace("-", "_")) is None]
         if missing:
             self.ap.error(f"stage {self.args.name} needs " + ", ".join("--" + n for n in missing))
 
+    def filters(self):
+        import dataclasses
+
+        from r1fast.pipeline.filters import RejectionFilterConfig
+
+        a = self.args
+        rules = {k: v for k, v in (("max_chars", a.max_chars),
+                                   ("max_paragraph_chars", a.max_paragraph_chars),
+                                   ("min_language_share", a.min_language_share)) if v is not None}
+        if a.language is not None:
+            rules["language"] = None if a.language == "none" else a.language
+        if a.allow_code_blocks:
+            rules["reject_code_blocks"] = False
+        return dataclasses.replace(RejectionFilterConfig.for_keep(a.keep), **rules)
+
     def pretrain(self) -> object:
         a = self.args
-        self.need("out")
+        self.need("out", "model")
         if a.model not in MODELS:
-            self.ap.error(f"--model must be one of {tuple(MODELS)} for pretrain")
+            self.ap.error(f"--model must be one of {tuple(MODELS)} for pretrain, got {a.model!r}")
         tokenizer = None
         if a.scripts:
             from r1fast.data import CharTokenizer
             tokenizer = CharTokenizer.with_scripts(*a.scripts)
         return pretrain_base(self.train, a.out, MODELS[a.model](), steps=self.steps,
+                             lr=PRETRAIN_LR if a.lr is None else a.lr,
                              long_share=a.long_share, greek_share=a.greek_share, seed=a.seed,
                              greetings=a.greetings, tokenizer=tokenizer)
 
@@ -142,8 +239,16 @@ class _Run:
         self.need("out", "init")
         if (a.data is None) == (a.cold_start is None):
             self.ap.error("sft needs exactly one of --data FILE.jsonl or --cold-start N")
-        rows = (stages.read_jsonl(a.data) if a.data
-                else stages.cold_start_data(self.train[:a.cold_start]))
+        if a.data is not None:
+            from r1fast.pipeline.sft_data import read_sft_rows
+
+            self.unused("num_train", why="with --data (it sizes --cold-start's demo problems)")
+            rows = read_sft_rows(a.data)
+        else:
+            if a.cold_start > a.num_train:
+                self.ap.error(f"--cold-start {a.cold_start} is more than --num-train "
+                              f"{a.num_train} demo problems")
+            rows = stages.cold_start_data(self.train[:a.cold_start])
         if (a.mix is None) != (a.mix_ratio is None):
             self.ap.error("--mix FILE and --mix-ratio R go together")
         if a.mix is not None:
@@ -155,46 +260,43 @@ class _Run:
     def sft_recipe(self) -> object:
         from r1fast.pipeline.sft_recipe import load_sft_recipe, run_sft_recipe
 
-        a = self.args
-        given = [f"--{n.replace('_', '-')}" for n in ("out", "init", "data", "cold_start", "mix",
-                                                      "mix_ratio", "steps", "lr")
-                 if getattr(a, n) is not None]
+        given = sorted(_flag(d) for d in self.given - {"name", "recipe"})
         if given:
             self.ap.error(f"with --recipe, set {', '.join(given)} in the recipe or as "
-                          f"--sft.KEY=VALUE (e.g. --sft.data=FILE, --optim.lr=1e-5)")
-        out, summary = run_sft_recipe(load_sft_recipe(a.recipe, self.overrides))
+                          f"--sft.KEY=VALUE (e.g. --sft.data=FILE, --optim.lr=1e-5, --sft.seed=1)")
+        out, summary = run_sft_recipe(load_sft_recipe(self.args.recipe, self.overrides))
         print(json.dumps(summary))
         return out
 
     def grpo(self) -> object:
         a = self.args
         self.need("out", "init")
-        user_data = any(o.startswith("--data.path") for o in self.overrides)
-        task = [] if user_data else task_overrides(a.num_train, a.seed)
-        out, _ = stages.grpo(a.init, a.out, overrides=[*task, *self.overrides],
-                             language=a.language)
+        own_data = a.recipe is not None or any(o.split("=")[0] == "--data.path"
+                                               for o in self.overrides)
+        if own_data:
+            self.unused("num_train", why="with --recipe or --data.path (the demo task's size)")
+        flags = [f"--{key}={getattr(a, dest)}" for dest, key in (
+            ("steps", "run.steps"), ("lr", "optim.lr"), ("seed", "run.seed"),
+            ("seed", "data.seed")) if dest in self.given]
+        written = {o.split("=")[0] for o in self.overrides}
+        clash = [f for f in flags if f.split("=")[0] in written]
+        if clash:
+            self.ap.error(f"{', '.join(f.split('=')[0] for f in clash)} set twice: by "
+                          f"--steps/--lr/--seed and as an override; give one")
+        task = [] if own_data else task_overrides(a.num_train)
+        out, _ = stages.grpo(a.init, a.out, recipe=a.recipe,
+                             overrides=[*task, *flags, *self.overrides], language=a.language)
         return out
 
     def rejection_sample(self) -> object:
-        import dataclasses
-
-        from r1fast.pipeline.filters import RejectionFilterConfig, format_summary
+        from r1fast.pipeline.filters import format_summary
 
         a = self.args
         self.need("out", "model")
-        rules = {k: v for k, v in (("max_chars", a.max_chars),
-                                   ("max_paragraph_chars", a.max_paragraph_chars),
-                                   ("min_language_share", a.min_language_share)) if v is not None}
-        if a.language is not None:
-            rules["language"] = None if a.language == "none" else a.language
-        if a.allow_code_blocks:
-            rules["reject_code_blocks"] = False
-        filters = dataclasses.replace(RejectionFilterConfig.for_keep(a.keep), **rules)
-        rows = self.problems(a.model, self.train)[-a.prompts:]
-        out, summary = stages.rejection_sample(a.model, rows, a.out, k=a.k,
-                                               temperature=a.temperature,
+        out, summary = stages.rejection_sample(a.model, self.sampled_problems(a.model), a.out,
+                                               k=a.k, temperature=a.temperature,
                                                max_new_tokens=a.max_new_tokens, seed=a.seed,
-                                               filters=filters)
+                                               filters=self.filters(), overwrite=a.overwrite)
         print(format_summary(summary))
         print(json.dumps(summary))
         return out
@@ -202,12 +304,20 @@ class _Run:
     def distill(self) -> object:
         a = self.args
         self.need("out", "teacher")
+        if a.student_init is not None:
+            self.unused("student", why="with --student-init (that folder is the student)")
+        if a.data is not None:
+            self.unused("prompts", "num_train", "overwrite", *SAMPLING, *FILTERS, *PROBLEMS,
+                        why="with --data (the teacher's answers are read from it)")
+            problems, filters = [], None
+        else:
+            problems, filters = self.sampled_problems(a.teacher), self.filters()
+        student = None if a.student_init else MODELS[a.student or "tiny-dense"]()
         out, stats = stages.distill(
-            a.teacher, self.problems(a.teacher, self.train)[-a.prompts:], a.out,
-            student=None if a.student_init else MODELS[a.student](),
-            student_init=a.student_init, k=a.k, temperature=a.temperature,
-            max_new_tokens=a.max_new_tokens, steps=self.steps, lr=self.lr, seed=a.seed,
-            teacher_data=a.data)
+            a.teacher, problems, a.out, student=student, student_init=a.student_init, k=a.k,
+            temperature=a.temperature, max_new_tokens=a.max_new_tokens, steps=self.steps,
+            lr=self.lr, seed=a.seed, filters=filters, teacher_data=a.data,
+            overwrite=a.overwrite)
         print(json.dumps(stats))
         return out
 
@@ -237,13 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return stage_main(rest[1:])
     ap = _parser()
-    args, overrides = ap.parse_known_args(argv)
+    args, overrides = ap.parse_known_args(rest)
+    if args.name == "reward-model":
+        ap.error("write reward-model first, before its options: r1fast stage reward-model "
+                 "--init DIR --data PAIRS.jsonl --out DIR ... (it has options of its own)")
     if overrides and (args.name not in TAKES_OVERRIDES
                       or (args.name == "sft" and args.recipe is None)):
         ap.error(f"unrecognized arguments for stage {args.name}: {' '.join(overrides)}")
-    if args.language is not None and args.name not in ("grpo", "rejection-sample"):
-        ap.error("--language is for grpo (reward) and rejection-sample (filter)")
-    out = STAGES[args.name](_Run(ap, args, overrides))
+    given = _given(rest)
+    unused = sorted(_flag(d) for d in given - STAGE_OPTIONS[args.name] - {"name"})
+    if unused:
+        reads = ", ".join(sorted(_flag(d) for d in STAGE_OPTIONS[args.name]))
+        ap.error(f"stage {args.name} does not use {', '.join(unused)}; it reads {reads}")
+    out = STAGES[args.name](_Run(ap, args, overrides, given))
     if out is not None:
         print(out)
     return 0

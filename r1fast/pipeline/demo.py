@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +47,9 @@ from r1fast.pipeline import demo_report as report
 from r1fast.pipeline import demo_task as task
 from r1fast.pipeline import stages
 from r1fast.policy.config import ModelConfig
+from r1fast.train.metrics import read_jsonl
+
+log = logging.getLogger("r1fast.pipeline")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -118,6 +122,45 @@ class DemoConfig:
     """Held-out names whose greetings are sampled (eval_k each) before and after stage 4."""
     max_new_tokens: int = 64
     """Completion length limit."""
+    overwrite: bool = False
+    """Delete a run folder that already holds files (with a warning) and run again; without
+    it such a folder is an error, so an earlier run is never mixed into or lost."""
+
+    def __post_init__(self):
+        # checked at load: a bad size used to fail at the end of a 15-minute run
+        for key, low, why in _DEMO_MINIMUMS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"demo {key} must be an integer >= {low}{why}, got {value!r}")
+        for key in ("cold_start_examples", "rs_prompts"):
+            if getattr(self, key) > self.num_train:
+                raise ValueError(f"demo {key} ({getattr(self, key)}) must be <= num_train "
+                                 f"({self.num_train}): they are drawn from the training problems")
+        for key in ("long_share", "greek_share", "student_long_share", "general_good_share",
+                    "general_sft_share", "stage4_general_share"):
+            value, high = getattr(self, key), key in ("general_sft_share", "stage4_general_share")
+            if not 0 <= value <= 1 or (high and value == 1):
+                raise ValueError(f"demo {key} must be in [0, 1{')' if high else ']'} (a share), "
+                                 f"got {value!r}")
+        for key in ("rl_lr", "sft_lr", "distill_lr", "rm_lr", "rs_temperature"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"demo {key} must be > 0, got {getattr(self, key)!r}")
+        if self.rs_keep not in ("correct", "well_formed", "all"):
+            raise ValueError(f"demo rs_keep must be one of 'correct', 'well_formed', 'all', got "
+                             f"{self.rs_keep!r}")
+
+
+#: (field, least value, why) of DemoConfig's integer fields
+_DEMO_MINIMUMS = (
+    ("num_train", 1, ""), ("num_test", 2, " (a standard error needs two problems)"),
+    ("pretrain_greetings", 0, ""), ("pretrain_steps", 1, ""), ("cold_start_examples", 1, ""),
+    ("cold_start_steps", 1, ""),
+    ("rl_steps", 2, " (the length finding compares the first and last steps)"),
+    ("rl_prompts_per_step", 1, ""), ("group_size", 2, " (GRPO's group)"), ("rs_prompts", 1, ""),
+    ("rs_k", 1, ""), ("sft_steps", 1, ""), ("rm_pairs", 1, ""), ("rm_test_pairs", 1, ""),
+    ("rm_steps", 1, ""), ("stage4_steps", 1, ""), ("eval_k", 1, ""),
+    ("greeting_names", 2, " (a standard error needs two names)"), ("max_new_tokens", 1, ""),
+)
 
 
 def moe_model() -> ModelConfig:
@@ -134,7 +177,8 @@ def demo_tokenizer() -> CharTokenizer:
 
 def pretrain_base(examples: Sequence[dict], out_dir: str | Path, model: ModelConfig, *,
                   steps: int, long_share: float, greek_share: float, seed: int,
-                  greetings: int = 0, tokenizer: CharTokenizer | None = None) -> Path:
+                  greetings: int = 0, tokenizer: CharTokenizer | None = None,
+                  lr: float = 3e-3) -> Path:
     """A base model from scratch on the demo's corpus (every token trained, prompt included)
     plus ``greetings`` greeting rows of mixed quality (a web-trained base has seen some); the
     character tokenizer writes the demo's second script unless ``tokenizer`` is given."""
@@ -145,13 +189,15 @@ def pretrain_base(examples: Sequence[dict], out_dir: str | Path, model: ModelCon
     tokenizer = tokenizer or demo_tokenizer()
     if tokenizer.vocab_size > model.vocab_size:  # room for the letters, a multiple of 8
         model = model.replace(vocab_size=-(-tokenizer.vocab_size // 8) * 8)
-    return stages.sft(corpus, out_dir, model=model, steps=steps, batch_size=32, lr=3e-3,
+    return stages.sft(corpus, out_dir, model=model, steps=steps, batch_size=32, lr=lr,
                       loss_on_prompt=True, seed=seed, tokenizer=tokenizer)
 
 
-def task_overrides(num_train: int, seed: int) -> list[str]:
-    """The GRPO trainer draws its own prompts: the demo's problem space and template."""
-    return ["--data.task=arithmetic", f"--data.num_train={num_train}", f"--data.seed={seed}",
+def task_overrides(num_train: int, seed: int | None = None) -> list[str]:
+    """The GRPO trainer draws its own prompts: the demo's problem space and template (and
+    ``data.seed`` unless None)."""
+    return ["--data.task=arithmetic", f"--data.num_train={num_train}",
+            *([] if seed is None else [f"--data.seed={seed}"]),
             '--data.task_options={min_digits = 1, max_digits = 2, ops = ["+"]}',
             "--data.template=" + json.dumps(task.TEMPLATE)]
 
@@ -216,6 +262,7 @@ class Demo:
 
     def run(self) -> Path:
         c = self.cfg
+        clear_run_folder(self.root, c.overwrite)
         self.log(f"R1 recipe demo: {len(self.train)} train / {len(self.test)} held-out "
                  f"additions, run folder {self.root}")
         base = self.pretrain("base", moe_model(), c.long_share)
@@ -252,7 +299,7 @@ class Demo:
         general = task.general_sft_rows(2 * c.rs_prompts, c.general_good_share, c.seed)
         # R1's non-reasoning SFT data, in miniature (also a file for `r1fast stage sft --mix`)
         stages.write_jsonl(general, self.root / "general_sft.jsonl")
-        mixed, counts = stages.mix_sft_data(stages.read_jsonl(rs_path), general,
+        mixed, counts = stages.mix_sft_data(read_jsonl(rs_path), general,
                                             c.general_sft_share, c.seed)
         self.summary["rejection_sampling"] = rs_stats
         self.summary["stage3_mix"] = counts
@@ -337,7 +384,7 @@ class Demo:
 
         c = self.cfg
         policy, tok = load_model(student_base)
-        rows = stages.read_jsonl(rs_data)
+        rows = read_jsonl(rs_data)
         sft_tokens = sum(len(tok.encode(r["prompt"] + r["completion"])) + 2
                          for r in rows) / len(rows)
         prompts = [ex["prompt"] for ex in self.train[:64]]
@@ -371,10 +418,11 @@ class Demo:
         self.summary.update(findings=findings, eval=self.rows,
                             seconds=round(time.time() - self.t0, 1))
         stages.write_jsonl(self.rows, self.root / "eval.jsonl")
-        (self.root / "summary.json").write_text(json.dumps(self.summary, indent=1) + "\n")
+        stages.write_text_atomic(self.root / "summary.json",
+                                 json.dumps(self.summary, indent=1) + "\n")
         text = "\n\n".join([report.format_table(self.rows), report.format_findings(findings),
                             self.stage4_text()])
-        (self.root / "results.md").write_text(text + "\n")
+        stages.write_text_atomic(self.root / "results.md", text + "\n")
         report.plot_curves(self.curves, self.root)
         print(text)
         self.log(f"done: run folder {self.root} (results.md, eval.jsonl, summary.json, rl_*.png, "
@@ -392,6 +440,24 @@ class Demo:
                 f"each): {greet['before']['rate']:.3f} ± {greet['before']['rate_se']:.3f} after "
                 f"stage 3, {greet['after']['rate']:.3f} ± {greet['after']['rate_se']:.3f} after "
                 f"stage 4.")
+
+
+def clear_run_folder(root: Path, overwrite: bool) -> None:
+    """An error if ``root`` already holds files, unless ``overwrite`` (then it is deleted,
+    loudly): the stages would otherwise resume or refuse one by one, mixing two runs."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"demo out_dir {root} is a file, not a folder")
+    held = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if not held:
+        return
+    if not overwrite:
+        raise ValueError(f"demo out_dir {root} already holds a run ({', '.join(held[:4])}"
+                         f"{', ...' if len(held) > 4 else ''}); give --out_dir=NEW, or "
+                         f"--overwrite=true to delete it and run again (make demo "
+                         f"DEMO_ARGS=--overwrite=true)")
+    log.warning("demo overwrite=true: deleting the earlier run in %s (%d entries)", root,
+                len(held))
+    shutil.rmtree(root)
 
 
 def rl_length_finding(rows: Sequence[dict]) -> dict:

@@ -7,6 +7,7 @@ threshold in :class:`RejectionFilterConfig`, and every dropped sample is counted
 *first* rule it fails, in this order (cheap and decisive rules first):
 
 ==================  =================================================================
+``empty``           nothing but whitespace (always on: an SFT row needs a completion)
 ``too_long``        longer than ``max_chars`` characters (0: no limit)
 ``unparsable``      not ``<think>...</think>`` + a non-empty ``\\boxed{}`` answer
 ``wrong``           the example's checker (its ``reward`` field, else math accuracy)
@@ -33,8 +34,8 @@ from r1fast.rewards.extract import as_scored
 from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
 
-REASONS = ("too_long", "unparsable", "wrong", "mixed_language", "long_paragraph", "code_block",
-           "duplicate")
+REASONS = ("empty", "too_long", "unparsable", "wrong", "mixed_language", "long_paragraph",
+           "code_block", "duplicate")
 CODE_FENCE = "```"
 
 
@@ -76,7 +77,7 @@ class RejectionFilterConfig:
     @classmethod
     def for_keep(cls, keep: str) -> "RejectionFilterConfig":
         """The rules behind ``rejection_sample(keep=...)``: "correct" (all of R1's rules),
-        "well_formed" (all but ``wrong``), "all" (only ``duplicate``)."""
+        "well_formed" (all but ``wrong``), "all" (only ``duplicate``; ``empty`` is always on)."""
         if keep == "correct":
             return cls()
         if keep == "well_formed":
@@ -142,6 +143,8 @@ def rejection_reason(text: str, example: dict, check: Callable[[str, dict], floa
     opened ``<think>`` is read with it in front (:func:`~r1fast.rewards.extract.as_scored`),
     unless ``cfg.think_in_prompt`` already says so."""
     read = text if cfg.think_in_prompt else as_scored(text, example.get("prompt", ""))
+    if not text.strip():  # always: an SFT row needs something to learn, even under keep="all"
+        return "empty"
     if too_long(text, cfg):
         return "too_long"
     if cfg.require_format and unparsable(read, cfg):

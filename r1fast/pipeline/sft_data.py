@@ -62,6 +62,9 @@ def mix_non_reasoning(rows: Sequence[dict], extra: Sequence[dict], ratio: float,
         raise ValueError(f"mix ratio {ratio} needs non-reasoning rows, got none")
     rng = random.Random(seed)
     want = round(ratio * len(rows) / (1 - ratio))
+    if ratio > 0 and want == 0:
+        log.warning("a non-reasoning share of %s beside %d reasoning rows rounds to 0 rows: "
+                    "nothing is mixed in", ratio, len(rows))
     if want <= len(extra):
         picked = rng.sample(list(extra), want)
     else:  # every row once per full pass, the remainder drawn without repeats
@@ -82,19 +85,29 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
                    system_prompt: str | None = None) -> list[dict]:
     """Rows whose ``prompt`` is a user message rendered with the tokenizer's chat template
     (with ``system_prompt`` first), as a chat model is prompted; unchanged when the tokenizer
-    has no template or ``chat_template`` is False. A system prompt with nothing to render it
-    is an error, not dropped."""
+    has no template or ``chat_template`` is False. Rows marked ``"prompt_rendered": true``
+    (rejection-sampled rows: the prompt is the text the model was given) are kept as they are,
+    so their template is not applied twice (an INFO line counts them). A system prompt with
+    nothing to render it is an error, not dropped."""
     if not (chat_template and tokenizer.has_chat_template):
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
         return [dict(r) for r in rows]
-    out = []
+    out, as_given = [], 0
     for r in rows:
+        if r.get("prompt_rendered") is True:
+            out.append(dict(r))
+            as_given += 1
+            continue
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                    [{"role": "user", "content": r["prompt"]}]
         out.append({**r, "prompt": tokenizer.apply_chat_template(messages,
                                                                  add_generation_prompt=True)})
+    if as_given:
+        log.info("%d of %d SFT rows are marked prompt_rendered (already in the model's "
+                 "prompt format, e.g. rejection-sampled): the chat template%s is not applied "
+                 "to them", as_given, len(rows), " and system_prompt" if system_prompt else "")
     return out
 
 

@@ -164,6 +164,7 @@ def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:
     ``out_dir/data_summary.json``."""
     from r1fast.data import load_tokenizer
     from r1fast.pipeline.sft_data import steps_for_epochs
+    from r1fast.pipeline.stages import write_text_atomic
     from r1fast.policy.hf_checkpoint import load_model_config
     from r1fast.train.sft import SFTTrainer
 
@@ -181,5 +182,5 @@ def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:
     trainer = SFTTrainer(sft_config(run, model, steps), rows, tokenizer)
     out = Path(r.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "data_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "data_summary.json", json.dumps(summary, indent=1) + "\n")
     return trainer.fit(), summary

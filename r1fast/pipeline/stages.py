@@ -31,17 +31,22 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.hf_checkpoint import load_model_config
 from r1fast.policy.optim import OptimConfig
 from r1fast.rollout.sampler import SamplingConfig
-from r1fast.train.metrics import read_jsonl
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash leaves the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
     """Atomically write ``rows`` as JSON lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------- supervised
@@ -154,16 +159,27 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
                      k: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                      max_new_tokens: int = 64, seed: int = 0,
                      keep_per_prompt: int | None = None, keep: str = "correct",
-                     filters: RejectionFilterConfig | None = None) -> tuple[Path, dict[str, Any]]:
+                     filters: RejectionFilterConfig | None = None,
+                     overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Sample ``k`` answers per prompt and keep those that pass ``filters`` (default: R1's
     rules, :class:`~r1fast.pipeline.filters.RejectionFilterConfig`; or the preset ``keep``:
     "correct", "well_formed" or "all"), at most ``keep_per_prompt`` per prompt, as
-    ``{"prompt", "completion", "id"}`` JSONL rows. The summary (kept, rejected count per reason)
-    is also written next to them as ``<out>.summary.json``. Returns (path, summary)."""
+    ``{"prompt", "completion", "id", "prompt_rendered"}`` JSONL rows (``prompt_rendered``: the
+    prompt is the exact text the model was given, chat template included, so an SFT recipe
+    does not template it again). The summary (kept, rejected count per reason) is also
+    written next to them as ``<out>.summary.json``. An existing ``out_path`` is an error
+    unless ``overwrite``; keeping no sample is an error (the summary is still written).
+    Returns (path, summary)."""
     if filters is None:
         filters = RejectionFilterConfig.for_keep(keep)
     elif keep != "correct":
         raise ValueError(f"give keep ({keep!r}) or filters, not both")
+    path = Path(out_path)
+    if path.is_dir():
+        raise ValueError(f"rejection sampling output {path} is a folder; give a .jsonl path")
+    if path.exists() and not overwrite:
+        raise ValueError(f"rejection sampling output {path} already exists; give a new path or "
+                         f"overwrite=True (--overwrite) to replace it")
     from r1fast.pipeline.evaluate import checker
     from r1fast.pipeline.filters import filter_samples
     from r1fast.pipeline.generation import load_model, sample
@@ -174,36 +190,47 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
     checkers: dict[str, Any] = {}
     rows, summary = filter_samples(examples, samples, lambda ex: checker(ex, checkers), filters,
                                    keep_per_prompt)
-    path = write_jsonl(rows, out_path)
     summary_path = path.with_suffix(".summary.json")
     summary["summary_path"] = str(summary_path)
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-    return path, summary
+    write_text_atomic(summary_path, json.dumps(summary, indent=1) + "\n")
+    if not rows:
+        dropped = {r: n for r, n in summary["rejected"].items() if n}
+        raise ValueError(f"rejection sampling kept none of {summary['samples']} samples "
+                         f"(dropped: {dropped}); nothing written to {path}, counts in "
+                         f"{summary_path}")
+    return write_jsonl([dict(r, prompt_rendered=True) for r in rows], path), summary
 
 
 def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Path, *,
             student: ModelConfig | None = None, student_init: str | Path | None = None,
             k: int = 4, temperature: float = 1.0, max_new_tokens: int = 64, steps: int = 200,
             batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
-            keep: str = "correct", teacher_data: str | Path | None = None) -> tuple[Path, dict]:
-    """The teacher answers ``examples`` (k samples each, correct ones kept, as R1's 800k
-    distillation set was), then a dense student (``student_init`` folder or a fresh
-    ``student`` config) is fine-tuned on them. ``teacher_data``: a JSONL the teacher already
-    wrote (e.g. by :func:`rejection_sample`), used instead of generating again. Returns
-    (student folder, data stats)."""
+            keep: str = "correct", filters: RejectionFilterConfig | None = None,
+            teacher_data: str | Path | None = None,
+            overwrite: bool = False) -> tuple[Path, dict]:
+    """The teacher answers ``examples`` (k samples each, kept by ``filters`` or the preset
+    ``keep``, correct ones by default, as R1's 800k distillation set was; written to
+    ``out_dir/teacher_data.jsonl``, replaced only with ``overwrite``), then a dense student
+    (``student_init`` folder or a fresh ``student`` config) is fine-tuned on them.
+    ``teacher_data``: a JSONL the teacher already wrote (e.g. by :func:`rejection_sample`),
+    used instead of generating again. Returns (student folder, data stats)."""
+    from r1fast.pipeline.sft_data import read_sft_rows
+
+    if (student_init is None) == (student is None):
+        raise ValueError("give exactly one of student_init (a model folder) or student (a "
+                         "config)")
     out_dir = Path(out_dir)
     if teacher_data is not None:
         data_path, stats = Path(teacher_data), {"reused": str(teacher_data)}
     else:
         data_path, stats = rejection_sample(teacher_dir, examples, out_dir / "teacher_data.jsonl",
                                             k=k, temperature=temperature,
-                                            max_new_tokens=max_new_tokens, seed=seed, keep=keep)
-    rows = read_jsonl(data_path)
-    if not rows:
-        raise RuntimeError("the teacher produced no correct answer to distill")
+                                            max_new_tokens=max_new_tokens, seed=seed, keep=keep,
+                                            filters=filters, overwrite=overwrite)
+    rows = read_sft_rows(data_path)
     # a fresh student speaks the teacher's tokenizer (its prompts and answers are in it)
-    model = sft(rows, out_dir, init_from=student_init, model=None if student_init else student,
-                steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+    model = sft(rows, out_dir, init_from=student_init, model=student, steps=steps,
+                batch_size=batch_size, lr=lr, seed=seed,
                 tokenizer=None if student_init else load_tokenizer(teacher_dir))
     return model, stats
 

@@ -13,6 +13,7 @@ EX = {"prompt": "Q: 2 + 3 = ?\nA: ", "answer": "5", "id": 7}  # a math row (math
 GOOD = "<think>First add the ones: 2 + 3 = 5.</think> \\boxed{5}"
 GREEK = "\u03c0\u03c1\u03ce\u03c4\u03b1 \u03c4\u03b9\u03c2 \u03bc\u03bf\u03bd\u03ac\u03b4\u03b5\u03c2"
 SAMPLES = {  # reason -> a sample failing that rule (and, by construction, no earlier one)
+    "empty": " \n",
     "too_long": "<think>" + "add the ones. " * 30 + "</think> \\boxed{5}",
     "unparsable": "the answer is 5",
     "wrong": "<think>First add the ones.</think> \\boxed{6}",
@@ -41,14 +42,14 @@ def test_batch_counts_every_reason_once_and_keeps_the_rest():
     rows, summary = filter_samples(examples, samples, lambda ex: MATH, RULES)
     assert summary["rejected"] == {**dict.fromkeys(REASONS, 1)}
     assert list(summary["rejected"]) == list(REASONS)
-    assert summary["samples"] == 9 and summary["kept"] == 2 and summary["prompts"] == 2
-    assert summary["kept"] + sum(summary["rejected"].values()) + summary["over_limit"] == 9
+    assert summary["samples"] == 10 and summary["kept"] == 2 and summary["prompts"] == 2
+    assert summary["kept"] + sum(summary["rejected"].values()) + summary["over_limit"] == 10
     assert summary["prompts_with_a_kept_sample"] == 2
     assert rows == [{"prompt": EX["prompt"], "completion": GOOD, "id": 7},
                     {"prompt": "other", "completion": GOOD, "id": 8}]
     assert summary["rules"]["max_paragraph_chars"] == 200
     table = format_summary(summary)
-    assert "kept 2 (22.2%)" in table and "mixed_language" in table and "11.1%" in table
+    assert "kept 2 (20.0%)" in table and "mixed_language" in table and "10.0%" in table
 
 
 def test_a_prompt_that_opened_the_thought_is_read_with_it():

@@ -11,6 +11,7 @@ from r1fast.pipeline import demo_report, stages
 from r1fast.pipeline import demo_task as task
 from r1fast.pipeline.demo import Demo, DemoConfig, dense_model, moe_model
 from r1fast.pipeline.evaluate import score_samples, standard_error
+from r1fast.train.metrics import read_jsonl
 
 
 def test_score_samples_pass_at_1_and_majority():
@@ -52,7 +53,7 @@ def test_every_stage_runs_and_hands_off(tmp_path):
     path, stats = stages.rejection_sample(cold, train[:3], tmp_path / "rs.jsonl", k=2,
                                           max_new_tokens=6, keep="all")
     assert stats["samples"] == 6 and stats["kept"] >= 3
-    rows = stages.read_jsonl(path)
+    rows = read_jsonl(path)
     assert {"prompt", "completion"} <= set(rows[0])
     rs = stages.sft(rows, tmp_path / "rs_sft", init_from=base, steps=2, batch_size=4)
     student, dstats = stages.distill(rs, train[:3], tmp_path / "student", student=dense_model(),
@@ -83,7 +84,7 @@ def test_demo_runs_every_stage_in_miniature(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert main([f"--out_dir={out}", *MINI]) == 0
-    rows = stages.read_jsonl(out / "eval.jsonl")
+    rows = read_jsonl(out / "eval.jsonl")
     assert [r["stage"] for r in rows][0] == "base (pre-trained MoE)" and len(rows) == 9
     assert all(r["k"] == 2 and r["num_problems"] == 8 and "pass_at_1_se" in r for r in rows)
     summary = json.loads((out / "summary.json").read_text())
@@ -95,7 +96,7 @@ def test_demo_runs_every_stage_in_miniature(tmp_path, capsys):
     assert summary["compute"]["grpo_steps"] >= 1
     for name in ("reward", "accuracy", "response_length", "language_mixing", "reward_sources"):
         assert (out / f"rl_{name}.png").stat().st_size > 1000
-    stage4 = stages.read_jsonl(out / "stage4" / "metrics.jsonl")
+    stage4 = read_jsonl(out / "stage4" / "metrics.jsonl")
     # a step logs a source's mean when its batch drew rows of that source
     assert any("reward/source_rule" in r for r in stage4)
     assert any("reward/source_model" in r for r in stage4)
@@ -113,7 +114,7 @@ def test_real_demo_findings(tmp_path):
     root = Demo(DemoConfig(out_dir=str(tmp_path / "demo"))).run()
     summary = json.loads((root / "summary.json").read_text())
     assert all(f["holds"] for f in summary["findings"]), summary["findings"]
-    rows = stages.read_jsonl(root / "eval.jsonl")
+    rows = read_jsonl(root / "eval.jsonl")
     assert all(r["k"] >= 8 and r["num_problems"] >= 200 for r in rows)
     assert summary["reward_model"]["heldout_accuracy"] >= 0.9
     start, end = summary["stage4_streams"]["model"]
@@ -202,3 +203,35 @@ def test_curves_of_mixed_source_runs_are_over_rule_rows():
     plain = [{"step": 1, "accuracy": 0.25, "reward/language": 0.75}]  # a rule-only run
     assert demo_report.curve(plain, "accuracy") == ([1], [0.25])
     assert demo_report.curve(plain, "language_mixing") == ([1], [0.25])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--rl_steps=1", "rl_steps must be an integer >= 2"),
+    ("--stage4_general_share=1.0", r"stage4_general_share must be in \[0, 1\)"),
+    ("--rs_prompts=5000", r"rs_prompts \(5000\) must be <= num_train"),
+    ("--rs_keep=best", "rs_keep must be one of"),
+    ("--num_test=1", "a standard error needs two problems"),
+])
+def test_demo_config_is_checked_at_load(override, match):
+    """These failed at the end of a 15-minute run (variance of one value, a division by 0)."""
+    from r1fast.typed_toml import load
+
+    with pytest.raises(ValueError, match=match):
+        load(DemoConfig, None, [override])
+
+
+def test_demo_never_mixes_into_an_earlier_run(tmp_path, caplog):
+    """A second `make demo` into the same folder resumed some stages, refused others and
+    crashed at the report; now it is an error before any work, or a loud fresh start."""
+    from r1fast.pipeline.demo import clear_run_folder
+
+    root = tmp_path / "demo"
+    clear_run_folder(root, overwrite=False)  # a new folder: nothing to do
+    (root / "base").mkdir(parents=True)
+    (root / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a run \(base, summary.json\).*"
+                                         r"--overwrite=true"):
+        clear_run_folder(root, overwrite=False)
+    assert (root / "summary.json").exists()
+    clear_run_folder(root, overwrite=True)
+    assert not root.exists() and "deleting the earlier run" in caplog.text

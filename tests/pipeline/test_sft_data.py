@@ -102,3 +102,27 @@ def test_chat_rendering(tmp_path):
     assert render_prompts(out[:1], hf, chat_template=False) == out[:1]
     with pytest.raises(ValueError, match="system_prompt is set but"):
         render_prompts(out, CharTokenizer(), system_prompt="x")
+
+
+def test_rejection_sampled_prompts_are_not_templated_twice(tmp_path, caplog):
+    """Rows that rejection sampling wrote carry the prompt the model saw, chat template
+    included (``prompt_rendered``); an SFT recipe over them used to wrap it a second time."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    plain = {"prompt": "What is 2 + 3?", "completion": "5"}
+    seen = render_prompts([plain], hf)[0]
+    sampled = dict(seen, prompt_rendered=True)
+    with caplog.at_level(logging.INFO, logger="r1fast.pipeline"):
+        out = render_prompts([sampled, plain], hf)
+    assert out == [sampled, seen]  # the marked row as written, the plain one templated once
+    assert out[0]["prompt"].count("<|im_start|>user") == 1
+    assert "1 of 2 SFT rows are marked prompt_rendered" in caplog.text
+
+
+def test_a_share_that_rounds_to_no_rows_warns(caplog):
+    mixed, counts = mix_non_reasoning(REASONING[:2], GENERAL, 0.1)  # 0.1 * 2 / 0.9 -> 0
+    assert counts["non_reasoning"] == 0 and len(mixed) == 2
+    assert "rounds to 0 rows: nothing is mixed in" in caplog.text

@@ -8,6 +8,7 @@ import pytest
 from r1fast.data import CharTokenizer
 from r1fast.pipeline import stages
 from r1fast.pipeline.cli import main
+from r1fast.train.metrics import read_jsonl
 from r1fast.train.config import load_train_config
 from r1fast.train.task import build_task
 
@@ -70,8 +71,9 @@ def test_rejection_sample_then_sft_with_a_mix(greek_base, tmp_path, capsys):
     assert "rejection sampling: 3 prompts, 6 samples" in printed
     assert summary["samples"] == 6 and summary["kept"] + sum(summary["rejected"].values()) == 6
     assert summary["rules"]["require_correct"] is False  # --keep all
-    # SFT on those rows plus a quarter of non-reasoning ones (at least one row was kept)
-    rows = stages.read_jsonl(rs) or [{"prompt": "Q: 1+1", "completion": "<think>1+1=2</think> \\boxed{2}"}]
+    # SFT on those rows plus a quarter of non-reasoning ones (--keep all keeps one per prompt)
+    rows = read_jsonl(rs)
+    assert len(rows) >= 3 and all(r["prompt_rendered"] is True for r in rows)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]})
                             + "\n" for r in rows * 3))
@@ -80,7 +82,7 @@ def test_rejection_sample_then_sft_with_a_mix(greek_base, tmp_path, capsys):
                                for i in range(20)))
     assert main(["sft", "--init", str(greek_base), "--out", str(tmp_path / "sft"),
                  "--data", str(data), "--mix", str(general), "--mix-ratio", "0.25",
-                 "--steps", "1", *SMALL]) == 0
+                 "--steps", "1", "--seed", "0"]) == 0
     mix = json.loads(capsys.readouterr().out.splitlines()[0])["mix"]
     n = 3 * len(rows)
     assert mix["reasoning"] == n and mix["non_reasoning"] == round(n / 3)
@@ -96,7 +98,32 @@ def test_rejection_sample_then_sft_with_a_mix(greek_base, tmp_path, capsys):
     (["sft", "--recipe", "recipes/sky_t1_sft.toml", "--steps", "3"],
      "with --recipe, set --steps in the recipe"),
     (["pretrain", "--out", "x", "--model", "tiny-moe", "--language", "el"],
-     "--language is for grpo"),
+     "stage pretrain does not use --language; it reads"),
+    # options a stage used to accept and ignore
+    (["evaluate", "--model", "m", "--steps", "3", "--keep", "all"],
+     "stage evaluate does not use --keep, --steps"),
+    (["evaluate", "--model", "m", "--problems", "p.jsonl", "--num-test", "5"],
+     "does not use --num-test with --problems"),
+    (["distill", "--teacher", "t", "--out", "o", "--data", "d.jsonl", "--k", "3"],
+     "does not use --k with --data"),
+    (["distill", "--teacher", "t", "--out", "o", "--student-init", "s", "--student",
+      "tiny-dense"], "does not use --student with --student-init"),
+    (["grpo", "--init", "i", "--out", "o", "--recipe", "r.toml", "--num-train", "5"],
+     "does not use --num-train with --recipe"),
+    (["grpo", "--init", "i", "--out", "o", "--steps", "3", "--run.steps=4"],
+     "--run.steps set twice"),
+    (["sft", "--recipe", "recipes/sky_t1_sft.toml", "--seed", "3"],
+     "with --recipe, set --seed in the recipe"),
+    # values that used to slice or look up silently
+    (["rejection-sample", "--model", "m", "--out", "o", "--prompts", "0"],
+     "argument --prompts: must be an integer >= 1, got '0'"),
+    (["sft", "--out", "x", "--init", "y", "--cold-start", "-1"],
+     "argument --cold-start: must be an integer >= 1"),
+    (["sft", "--out", "x", "--init", "y", "--cold-start", "50", "--num-train", "10"],
+     "--cold-start 50 is more than --num-train 10"),
+    (["distill", "--teacher", "t", "--out", "o", "--student", "nope"],
+     "argument --student: invalid choice: 'nope'"),
+    (["--seed", "1", "reward-model"], "write reward-model first"),
 ])
 def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -104,3 +131,91 @@ def test_argument_errors(argv, message, capsys):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
 
+
+
+def _capture(monkeypatch, name):
+    """Replace ``stages.<name>`` by a recorder of its arguments (the CLI's hand-off)."""
+    calls = []
+
+    def record(*args, **kw):
+        calls.append((args, kw))
+        return "recorded", {"prompts": 0, "samples": 0, "kept": 0, "rejected": {},
+                            "prompts_with_a_kept_sample": 0, "over_limit": 0}
+
+    monkeypatch.setattr(stages, name, record)
+    return calls
+
+
+def test_stage_grpo_reads_recipe_steps_lr_and_seed(monkeypatch, tmp_path):
+    """`stage grpo --recipe R --steps --lr --seed` used to train the demo task with the
+    defaults, exit 0; each is now in the config the trainer gets."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[data]\ntask = "countdown"\nnum_train = 40\n')
+    calls = _capture(monkeypatch, "grpo")
+    assert main(["grpo", "--init", "i", "--out", "o", "--recipe", str(recipe), "--steps", "3",
+                 "--lr", "5e-4", "--seed", "7"]) == 0
+    (init, out), kw = calls[0]
+    assert kw["recipe"] == str(recipe)
+    cfg = load_train_config(kw["recipe"], kw["overrides"])
+    assert cfg.data.task == "countdown" and cfg.data.num_train == 40  # the recipe's, not the demo's
+    assert (cfg.run.steps, cfg.optim.lr, cfg.run.seed, cfg.data.seed) == (3, 5e-4, 7, 7)
+    calls.clear()  # no recipe: the demo task, and nothing set that was not asked for
+    assert main(["grpo", "--init", "i", "--out", "o"]) == 0
+    cfg = load_train_config(None, calls[0][1]["overrides"])
+    assert cfg.data.task == "arithmetic" and cfg.run.steps == load_train_config(None).run.steps
+
+
+def test_sampling_stages_take_every_problem_and_the_filter_flags(monkeypatch, tmp_path,
+                                                                greek_base):
+    """A --problems file longer than 1024 rows was cut to its last 1024 without a word, and
+    distill ignored the filter flags."""
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ?", "answer": str(i + 1)})
+                                + "\n" for i in range(1100)))
+    calls = _capture(monkeypatch, "rejection_sample")
+    assert main(["rejection-sample", "--model", str(greek_base), "--out", "o.jsonl",
+                 "--problems", str(problems)]) == 0
+    assert len(calls[0][0][1]) == 1100
+    calls.clear()
+    assert main(["rejection-sample", "--model", str(greek_base), "--out", "o.jsonl",
+                 "--problems", str(problems), "--prompts", "5"]) == 0
+    assert [ex["answer"] for ex in calls[0][0][1]] == ["1", "2", "3", "4", "5"]  # the first 5
+    dcalls = _capture(monkeypatch, "distill")
+    assert main(["distill", "--teacher", str(greek_base), "--out", "s", "--prompts", "4",
+                 "--max-chars", "50", "--language", "none", "--keep", "well_formed"]) == 0
+    filters = dcalls[0][1]["filters"]
+    assert filters.max_chars == 50 and filters.language is None
+    assert filters.require_correct is False and len(dcalls[0][0][1]) == 4
+    with pytest.raises(SystemExit):
+        main(["rejection-sample", "--model", str(greek_base), "--out", "o.jsonl",
+              "--problems", str(problems), "--prompts", "2000"])
+
+
+def test_pretrain_reads_lr(monkeypatch):
+    import r1fast.pipeline.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "pretrain_base", lambda *a, **kw: seen.update(kw))
+    assert main(["pretrain", "--out", "o", "--model", "tiny-dense", "--lr", "0.01"]) == 0
+    assert seen["lr"] == 0.01
+    assert main(["pretrain", "--out", "o", "--model", "tiny-dense"]) == 0
+    assert seen["lr"] == 3e-3  # the demo's pre-training rate when none is given
+
+
+def test_rejection_sampling_that_keeps_nothing_is_an_error(greek_base, tmp_path):
+    """Keeping no sample exited 0 with an empty JSONL, and the next stage failed with a
+    message about something else; an existing --out was replaced without a word."""
+    out = tmp_path / "rs.jsonl"
+    args = ["rejection-sample", "--model", str(greek_base), "--out", str(out), "--k", "2",
+            "--prompts", "2", "--max-new-tokens", "4", "--max-chars", "1", *SMALL]
+    with pytest.raises(ValueError, match="kept none of 4 samples"):
+        main(args)
+    assert not out.exists()
+    summary = json.loads((tmp_path / "rs.summary.json").read_text())
+    assert summary["kept"] == 0 and sum(summary["rejected"].values()) == 4
+    out.write_text("earlier\n")
+    with pytest.raises(ValueError, match="already exists; give a new path or overwrite"):
+        main(args)
+    assert out.read_text() == "earlier\n"
+    with pytest.raises(ValueError, match="is a folder"):
+        main([*args[:3], "--out", str(tmp_path), *args[5:]])
