@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from r1fast.data.template import make_prompt
 
@@ -270,13 +270,17 @@ def generate_arithmetic(n: int, split: str = "train", seed: int = 0,
     return _generate(_make_arithmetic(cfg), "arithmetic", n, split, seed, cfg.test_fraction)
 
 
-TASKS: dict[str, Callable[..., list[dict]]] = {
-    "countdown": generate_countdown,
-    "arithmetic": generate_arithmetic,
+class TaskSpec(NamedTuple):
+    """A synthetic task: its generator and the config dataclass of its options."""
+
+    generate: Callable[..., list[dict]]
+    config: type
+
+
+TASKS: dict[str, TaskSpec] = {
+    "countdown": TaskSpec(generate_countdown, CountdownConfig),
+    "arithmetic": TaskSpec(generate_arithmetic, ArithmeticConfig),
 }
-
-
-TASK_CONFIGS: dict[str, type] = {"countdown": CountdownConfig, "arithmetic": ArithmeticConfig}
 
 
 def task_config(task: str, options: dict, key: str = "task_options"):
@@ -284,12 +288,12 @@ def task_config(task: str, options: dict, key: str = "task_options"):
     wrong type or an out-of-range value is a one-line error naming ``key.<field>``."""
     from r1fast.typed_toml import from_dict
 
-    if task not in TASK_CONFIGS:
-        raise ValueError(f"task must be one of {tuple(sorted(TASK_CONFIGS))}, got {task!r}")
-    return from_dict(TASK_CONFIGS[task], options, prefix=key + ".")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(sorted(TASKS))}, got {task!r}")
+    return from_dict(TASKS[task].config, options, prefix=key + ".")
 
 
 def generate_task(task: str, n: int, split: str = "train", seed: int = 0, **overrides) -> list[dict]:
     """Examples of the task named ``task`` (a key of ``TASKS``), config fields as overrides."""
     config = task_config(task, overrides)  # names a bad task or option first
-    return TASKS[task](n, split=split, seed=seed, config=config)
+    return TASKS[task].generate(n, split=split, seed=seed, config=config)

@@ -230,7 +230,8 @@ class GRPOTrainer:
     def _rollout(self, examples: list[dict]) -> RolloutBatch:
         G = self.cfg.algo.group_size
         tok = self.task.tokenizer
-        prompts = [tok.encode(ex["prompt"], add_bos=True) for ex in examples for _ in range(G)]
+        ids = [tok.encode(ex["prompt"], add_bos=True) for ex in examples]  # once per prompt
+        prompts = [list(p) for p in ids for _ in range(G)]
         # every completion has its own random stream, a function of (run seed, step, its index in
         # the global batch): the same samples at any TP/EP/PP/DP layout, identical across the
         # ranks of one model replica, and reproducible after a resume
@@ -429,9 +430,10 @@ class GRPOTrainer:
     def _global_normalizer(self, mb: UpdateBatch) -> tuple[float, int]:
         """The aggregation's denominator over the whole (all DP ranks) mini-batch, and the
         number of its rows kept (one all-reduce)."""
+        rows = float(mb.keep.sum())
         local = ops.loss_denominator(self.loss_cfg.agg, num_tokens=float(mb.mask.sum()),
-                                     num_seqs=float(mb.keep.sum()), max_len=mb.tokens.shape[1])
-        total, kept = self.engine.dp_sum([local, float(mb.keep.sum())])
+                                     num_seqs=rows, max_len=mb.tokens.shape[1])
+        total, kept = self.engine.dp_sum([local, rows])
         return max(total, 1.0), int(kept)
 
     def _loss_fn(self, normalizer: float):
@@ -517,10 +519,9 @@ class GRPOTrainer:
         ``data.num_test`` of the synthetic task's test split); collective; rank 0 appends the
         result to out_dir/eval.jsonl. None without held-out problems."""
         from r1fast.pipeline.evaluate import evaluate_model
-        from r1fast.train.task import held_out_examples
 
         d = self.cfg.data
-        held_out = held_out_examples(self.cfg, self.task.tokenizer)
+        held_out = self.task.held_out  # loaded and length-checked at start-up
         if held_out is None:
             return None
         source, examples = held_out

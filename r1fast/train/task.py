@@ -41,12 +41,16 @@ TASK_REWARD = {"arithmetic": "math_accuracy", "countdown": "countdown"}
 class TaskData:
     """The prompts of a run, their tokenizer and the rewards. ``model_reward``: the reward
     model that scores the rows routed to it (``reward`` field ``"reward_model"``), with weight
-    ``model_weight``; None: every row is scored by ``reward_parts``."""
+    ``model_weight``; None: every row is scored by ``reward_parts``. ``held_out``: what the
+    end of training evaluates (:func:`held_out_examples`)."""
 
     def __init__(self, examples: Sequence[dict], tokenizer, reward_parts: Sequence[tuple],
                  prompts_per_step: int, seed: int, runner_config: RunnerConfig,
-                 model_reward: Callable | None = None, model_weight: float = 1.0):
+                 model_reward: Callable | None = None, model_weight: float = 1.0,
+                 held_out: tuple[str, list[dict]] | None = None):
         self.tokenizer = tokenizer
+        self.held_out = held_out
+        """(name, examples) the end of training evaluates, prompts rendered; None: nothing."""
         self.dataset = PromptDataset(list(examples), prompts_per_step, seed=seed)
         self.runner = RewardRunner(CompositeReward(list(reward_parts)), runner_config)
         self.part_names = [name for name, _, _ in reward_parts]
@@ -117,6 +121,11 @@ def reward_parts(task: str | None, weights: dict[str, float], language: str | No
     return parts
 
 
+def prompt_room(cfg) -> int:
+    """Tokens a prompt may have (bos included): the context less the completion's budget."""
+    return cfg.model.max_position_embeddings - cfg.rollout.max_new_tokens
+
+
 def check_inputs(cfg, custom_reward: bool = False) -> None:
     """Cheap checks of a run's inputs, made before the model is built (seconds earlier than the
     failure they prevent): the parallel layout fits this run's world size and the model, every
@@ -127,11 +136,11 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
 
     check_layout(cfg.parallel, cfg.model)  # world size and divisibility, before any start-up
     # the model here is the final one (run.init_from's architecture, when it names a folder)
-    if cfg.rollout.max_new_tokens >= cfg.model.max_position_embeddings:
+    room = prompt_room(cfg)
+    if room <= 0:
         raise ValueError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room "
                          f"for a prompt in the model's context (model.max_position_embeddings="
                          f"{cfg.model.max_position_embeddings})")
-    room = cfg.model.max_position_embeddings - cfg.rollout.max_new_tokens
     if cfg.data.max_prompt_tokens > room:
         raise ValueError(f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} keeps prompts "
                          f"that do not fit: model.max_position_embeddings="
@@ -310,25 +319,26 @@ def _model_reward(cfg, examples: list[dict]):
                              sync=lambda n: all_ranks_int(n, "max"))
 
 
-def _prompts_that_fit(examples: list[dict], tokenizer, cfg) -> list[dict]:
+def _prompts_that_fit(examples: list[dict], tokenizer, cfg, what: str = "prompts") -> list[dict]:
     """The prompts under ``data.max_prompt_tokens`` (the dropped ones counted in a WARNING);
     without that cap, a prompt longer than the context leaves next to ``rollout.max_new_tokens``
-    is an error now rather than at the step that draws it."""
+    is an error now rather than at the step (or the evaluation) that draws it. ``what`` names
+    the examples in messages."""
     limit = cfg.data.max_prompt_tokens
     lengths = [len(tokenizer.encode(ex["prompt"], add_bos=True)) for ex in examples]
     if limit > 0:
         kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
         if len(kept) < len(examples):
-            log.warning("data.max_prompt_tokens=%d dropped %d of %d prompts", limit,
-                        len(examples) - len(kept), len(examples))
+            log.warning("data.max_prompt_tokens=%d dropped %d of %d %s", limit,
+                        len(examples) - len(kept), len(examples), what)
         if not kept:
-            raise ValueError(f"data.max_prompt_tokens={limit} drops every prompt")
+            raise ValueError(f"data.max_prompt_tokens={limit} drops every one of the {what}")
         return kept
-    room = cfg.model.max_position_embeddings - cfg.rollout.max_new_tokens
+    room = prompt_room(cfg)
     long = [i for i, n in enumerate(lengths) if n > room]
     if long:
         worst = max(long, key=lengths.__getitem__)
-        raise ValueError(f"{len(long)} of {len(examples)} prompts are longer than the {room} "
+        raise ValueError(f"{len(long)} of {len(examples)} {what} are longer than the {room} "
                          f"tokens model.max_position_embeddings="
                          f"{cfg.model.max_position_embeddings} leaves beside rollout."
                          f"max_new_tokens={cfg.rollout.max_new_tokens} (the longest, "
@@ -348,6 +358,10 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
                              f"folder of them)")
     tokenizer = tokenizer or run_tokenizer(cfg)
     examples = _prompts_that_fit(_training_examples(cfg, tokenizer), tokenizer, cfg)
+    held_out = held_out_examples(cfg, tokenizer)
+    if held_out is not None:  # measured now, not when the end-of-training evaluation runs
+        source, rows = held_out
+        held_out = source, _prompts_that_fit(rows, tokenizer, cfg, f"held-out prompts ({source})")
     opened = sum(opens_thought(ex["prompt"]) for ex in examples)
     if opened:
         log.info("%d of %d prompts end with <think> (the chat template opens the thought): "
@@ -360,4 +374,5 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
                               num_workers=max(r.workers, 1), timeout_s=r.timeout_s,
                               cpu_time_s=r.cpu_time_s)
     return TaskData(examples, tokenizer, parts, d.prompts_per_step, d.seed, runner_cfg,
-                    model_reward=model_reward, model_weight=r.reward_model_weight)
+                    model_reward=model_reward, model_weight=r.reward_model_weight,
+                    held_out=held_out)

@@ -1,4 +1,6 @@
 """What a run trains on: prompts, tokenizer and rewards (r1fast.train.task)."""
+import json
+
 import pytest
 import torch
 
@@ -339,3 +341,26 @@ def test_prompts_too_long_for_the_context_fail_at_load_or_are_dropped_loudly(cap
     with pytest.raises(ValueError, match=rf"data.max_prompt_tokens={room + 1} keeps prompts "
                                          rf"that do not fit"):
         check_inputs(cfg(*tight, f"--data.max_prompt_tokens={room + 1}"))
+
+
+def test_held_out_prompts_are_measured_at_load_too(tmp_path, caplog):
+    """A test_path prompt too long for the context used to fail only in the evaluation after
+    the last step; it is now measured with the training prompts, and evaluated from there."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text('{"prompt": "1+1", "answer": "2"}\n' * 4)
+    test.write_text('{"prompt": "2+2", "answer": "4"}\n'
+                    + json.dumps({"prompt": "9" * 300, "answer": "9"}) + "\n")
+    args = [f"--data.path={train}", f"--data.test_path={test}", "--data.chat_template=false",
+            "--model.max_position_embeddings=256", "--rollout.max_new_tokens=16"]
+    with pytest.raises(ValueError, match=rf"1 of 2 held-out prompts \({test}\) are longer than "
+                                         rf"the 240 tokens"):
+        build_task(cfg(*args))
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        task = build_task(cfg(*args, "--data.max_prompt_tokens=240"))
+    assert "dropped 1 of 2 held-out prompts" in caplog.text
+    source, examples = task.held_out
+    assert source == str(test) and [ex["answer"] for ex in examples] == ["4"]
+    task.close()
+    task = build_task(cfg(f"--data.path={train}", "--data.chat_template=false"))
+    assert task.held_out is None  # nothing asked for, nothing evaluated
+    task.close()
