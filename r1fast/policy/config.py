@@ -344,6 +344,12 @@ class ModelConfig:
             kw.update(qk_layernorm=True, add_qkv_bias=False)
         if model_type == "qwen3_moe":
             n_exp = get("num_experts") or get("num_local_experts")
+            for key, value in (("num_experts", n_exp), ("num_experts_per_tok",
+                               get("num_experts_per_tok")),
+                               ("moe_intermediate_size", get("moe_intermediate_size"))):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"from_hf_config: qwen3_moe {key} must be an int >= 1, "
+                                     f"got {value!r}")
             step = get("decoder_sparse_step", 1) or 1
             only = set(get("mlp_only_layers", []) or [])
             dense = tuple(i for i in range(kw["num_layers"])

@@ -30,6 +30,7 @@ split their input dimension; embedding and output layer split the vocabulary row
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ import torch
 import torch.distributed as dist
 
 from r1fast.policy.config import ModelConfig
+
+log = logging.getLogger("r1fast.policy")
 
 SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -301,7 +304,7 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
     from megatron.core import parallel_state as ps
 
     cfg = policy.model_cfg
-    _check_same_architecture(cfg, load_model_config(path))
+    _check_same_architecture(cfg, load_model_config(path), path)
     reader = _Reader(path)
     tp, rank = policy.info.tp, ps.get_tensor_model_parallel_rank()
     missing: list[str] = []
@@ -379,17 +382,37 @@ def _passthrough(policy) -> dict[str, torch.Tensor]:
     return {k: reader.full(k) for k in keys}
 
 
-def _check_same_architecture(mine: ModelConfig, theirs: ModelConfig) -> None:
+#: fields whose difference leaves every tensor's shape alone: not an error (a longer context or
+#: another RoPE base is a legitimate start), but the checkpoint computed something else
+_MATH_FIELDS = ("rope_theta", "rms_norm_eps", "max_position_embeddings", "rope_type",
+                "rope_factor", "rope_original_max_position", "rope_beta_fast", "rope_beta_slow",
+                "rope_mscale", "rope_mscale_all_dim", "moe_router_topk", "router_score",
+                "router_pre_softmax", "router_n_groups", "router_topk_groups",
+                "router_group_score_topk", "router_scaling_factor", "router_normalize")
+
+
+def _check_same_architecture(mine: ModelConfig, theirs: ModelConfig, path: str = "") -> None:
+    """A shape-changing difference is an error; a difference in :data:`_MATH_FIELDS` a
+    WARNING naming each field (the policy will not compute what the checkpoint did)."""
     keys = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_heads",
             "kv_channels", "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size",
             "dense_layers", "shared_expert_size", "shared_expert_gate", "qk_layernorm",
             "add_qkv_bias", "tie_embeddings", "router_expert_bias", "attention", "q_lora_rank",
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "mtp_layers")
-    diff = [f"{k}: policy {getattr(mine, k)!r} vs checkpoint {getattr(theirs, k)!r}"
-            for k in keys if getattr(mine, k) != getattr(theirs, k)]
+
+    def differ(names):
+        return [f"{k}: policy {getattr(mine, k)!r} vs checkpoint {getattr(theirs, k)!r}"
+                for k in names if getattr(mine, k) != getattr(theirs, k)]
+
+    diff = differ(keys)
     if diff:
         raise ValueError("load_hf_checkpoint: the checkpoint's architecture differs: "
                          + "; ".join(diff))
+    diff = differ(_MATH_FIELDS)
+    if diff:
+        log.warning("load_hf_checkpoint: %s was trained with other settings than this policy "
+                    "uses (its weights load; the outputs will differ): %s", path or "the "
+                    "checkpoint", "; ".join(diff))
 
 
 # ------------------------------------------------------------------------------------------
@@ -429,9 +452,16 @@ def _full_hf(t: torch.Tensor, mp: _Map, cfg: ModelConfig, group) -> dict[str, to
     raise AssertionError(mp.kind)
 
 
+def _kept_fp32(cfg: ModelConfig, key: str) -> bool:
+    """DeepSeek's router weight and expert-bias, which transformers keeps in fp32 whatever the
+    checkpoint's dtype (``_keep_in_fp32_modules_strict``): bf16 would flip expert choices."""
+    return cfg.is_mla and key.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"))
+
+
 def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
                          grads: bool = False) -> Optional[dict]:
-    """The whole model as HF-named full tensors on global rank 0 (None on other ranks).
+    """The whole model as HF-named full tensors on global rank 0 (None on other ranks), in
+    ``dtype`` when given (DeepSeek's router weight and bias stay fp32, as in transformers).
     Collective: every rank must call it. ``grads=True`` gathers the gradients instead
     (``main_grad`` under DDP -- call optim.unshard_main_grads first with the distributed
     optimizer -- else ``.grad``; tensors without a gradient are left out)."""
@@ -451,7 +481,8 @@ def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
         full = _full_hf(t, mp, cfg, tp_group)  # every TP rank joins the gather
         if (expert_owner if not mp.tp else dense_owner):
             for k, v in full.items():
-                mine[k] = v.to(dtype or v.dtype).cpu().clone()
+                to = torch.float32 if dtype is not None and _kept_fp32(cfg, k) else dtype
+                mine[k] = v.to(to or v.dtype).cpu().clone()
     if dist.get_world_size() == 1:
         return mine
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None

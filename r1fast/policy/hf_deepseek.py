@@ -16,6 +16,16 @@ transformers' DeepSeek-V3 does whatever ``num_experts_per_tok``), ``norm_topk_pr
 RoPE must be interleaved (``rope_interleave=True``, DeepSeek's layout, which megatron's MLA
 assumes).
 
+Read as transformers 5 reads them (each checked against its logits): YaRN's cos/sin factor
+(``attention_factor``, else the mscale ratio when both mscales are non-zero, else
+``0.1 ln(factor) + 1``; megatron always takes the ratio, so ``rope_mscale`` is solved for it,
+and export writes ``attention_factor`` when transformers would infer another one); a
+top-level ``original_max_position_embeddings`` over the rope dict's; routing keys missing
+from config.json take transformers' class defaults (:data:`_HF_DEFAULTS`, e.g. V3's
+``n_group = 8``); ``norm_topk_prob: null`` is off. Errors: YaRN without ``factor``, or with
+``truncate = false`` (megatron always rounds the correction range). MLA's latent norms use eps
+1e-6 whatever ``rms_norm_eps`` (r1fast.policy.mla).
+
 ``deepseek_v2`` is the same architecture (MLA, dense first layers, shared experts, the same
 tensor names) with softmax routing: scores are the softmax over every expert, the top-k of them
 are the weights (times ``routed_scaling_factor``), no correction bias, no MTP. Carried here:
@@ -26,7 +36,11 @@ DeepSeek's own code applies and transformers 5 ignores.
 """
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Callable, Optional
+
+log = logging.getLogger("r1fast.policy")
 
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 #: transformers' DeepSeek-V3 scores a group by the sum of its top 2 (whatever the top-k)
@@ -36,6 +50,77 @@ _YARN_KEYS = (("factor", "rope_factor"), ("original_max_position_embeddings",
                                           "rope_original_max_position"),
               ("beta_fast", "rope_beta_fast"), ("beta_slow", "rope_beta_slow"),
               ("mscale", "rope_mscale"), ("mscale_all_dim", "rope_mscale_all_dim"))
+
+
+#: transformers 5's class defaults (DeepseekV3Config / DeepseekV2Config) of the routing keys a
+#: config.json may leave out: transformers reads such a checkpoint with them, so r1fast does too
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+                    "norm_topk_prob": True, "first_k_dense_replace": 3, "n_shared_experts": 1},
+    "deepseek_v2": {"n_group": None, "topk_group": None, "routed_scaling_factor": 1.0,
+                    "norm_topk_prob": False, "first_k_dense_replace": 0, "n_shared_experts": 2,
+                    "topk_method": "greedy"},
+}
+_ABSENT = object()
+
+
+def _with_hf_defaults(get: Callable[..., Any], family: str) -> Callable[..., Any]:
+    """``get`` that answers an absent routing key with transformers' default for ``family``
+    (an INFO line names them); a key present as None stays None."""
+    defaults = _HF_DEFAULTS[family]
+    missing = {k: v for k, v in defaults.items() if get(k, _ABSENT) is _ABSENT}
+    if missing:
+        log.info("from_hf_config: %s config.json has no %s; using transformers' defaults",
+                 family, ", ".join(f"{k} (-> {v!r})" for k, v in missing.items()))
+
+    def get_or_default(key: str, default: Any = None) -> Any:
+        value = get(key, _ABSENT)
+        return missing.get(key, default) if value is _ABSENT else value
+
+    return get_or_default
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude factor ``0.1 mscale ln(factor) + 1`` (1 when ``factor <= 1``), as
+    transformers and megatron both define it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_from_hf(rope: dict, get: Callable[..., Any], family: str) -> dict[str, Any]:
+    """ModelConfig's YaRN fields of a ``yarn`` rope dict, read as transformers reads it.
+
+    megatron scales cos/sin by ``yarn_mscale(f, mscale) / yarn_mscale(f, mscale_all_dim)``;
+    transformers uses ``attention_factor`` when given, that ratio when both mscales are
+    non-zero, else ``yarn_mscale(f)``. ``rope_mscale`` is set so megatron's ratio is
+    transformers' factor (``mscale_all_dim`` also sets the softmax scale, so it is kept). A
+    top-level ``original_max_position_embeddings`` wins over the dict's, as in transformers.
+    ``truncate = false`` (an unrounded correction range) megatron cannot do: an error."""
+    if rope.get("factor") is None:
+        raise ValueError(f"from_hf_config: {family} rope_parameters of rope_type 'yarn' need "
+                         f"'factor' (transformers requires it too)")
+    if rope.get("truncate", True) is not True:
+        raise ValueError(f"from_hf_config: {family} yarn truncate={rope['truncate']!r} is not "
+                         f"supported (megatron's YaRN always rounds the correction range)")
+    kw: dict[str, Any] = {}
+    for hf_key, key in _YARN_KEYS:
+        if rope.get(hf_key) is not None:
+            kw[key] = (int if key == "rope_original_max_position" else float)(rope[hf_key])
+    if get("original_max_position_embeddings") is not None:
+        kw["rope_original_max_position"] = int(get("original_max_position_embeddings"))
+    factor, all_dim = kw["rope_factor"], kw.get("rope_mscale_all_dim", 0.0)
+    target = rope.get("attention_factor")
+    if target is None:
+        both = rope.get("mscale") and rope.get("mscale_all_dim")
+        target = (yarn_mscale(factor, rope["mscale"]) / yarn_mscale(factor, all_dim) if both
+                  else yarn_mscale(factor))
+    mscale = kw.get("rope_mscale", 1.0)
+    if not math.isclose(yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim), target,
+                        rel_tol=1e-12):  # solve megatron's ratio for mscale (factor > 1 here)
+        kw["rope_mscale"] = (float(target) * yarn_mscale(factor, all_dim) - 1.0) / (
+            0.1 * math.log(factor))
+        log.info("from_hf_config: %s YaRN cos/sin factor %.6g (transformers' rule) is "
+                 "megatron's with mscale=%.6g", family, target, kw["rope_mscale"])
+    return kw
 
 
 def _given(get: Callable[..., Any], key: str, default: Any) -> Any:
@@ -84,6 +169,7 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
                      family: str = "deepseek_v3") -> dict[str, Any]:
     """ModelConfig keyword arguments of a ``deepseek_v3`` or ``deepseek_v2`` config
     (``get(key, default)``), on top of ``base`` (the family-independent ones)."""
+    get = _with_hf_defaults(get, family)
     _check_hf(get, family)
     if get("attention_bias", False):
         raise ValueError(f"from_hf_config: attention_bias=True is not supported for {family}")
@@ -108,9 +194,7 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
                          f"got {rope_type!r}")
     kw["rope_type"] = rope_type
     if rope_type == "yarn":
-        for hf_key, key in _YARN_KEYS:
-            if rope.get(hf_key) is not None:
-                kw[key] = (int if key == "rope_original_max_position" else float)(rope[hf_key])
+        kw.update(_yarn_from_hf(rope, get, family))
     n_exp = get("n_routed_experts")
     if n_exp:
         n_dense = _given(get, "first_k_dense_replace", 0)
@@ -134,7 +218,7 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
                   router_topk_groups=topk_group if grouped else None,
                   router_group_score_topk=v3_sum,
                   router_scaling_factor=float(_given(get, "routed_scaling_factor", 1.0)),
-                  router_normalize=bool(_given(get, "norm_topk_prob", True)),
+                  router_normalize=bool(get("norm_topk_prob")),  # null: off, as in HF
                   router_bias_update_rate=0.0)
         if family == "deepseek_v2":  # softmax over every expert, top-k weights as they are
             limited = _given(get, "topk_method", "greedy") == "group_limited_greedy" and grouped
@@ -156,6 +240,15 @@ def _group_m(topk: int, n_groups: Optional[int], topk_groups: Optional[int],
         return None
     return MoERouteConfig(topk=topk, n_groups=n_groups, topk_groups=topk_groups,
                           group_score_topk=group_score_topk).group_m
+
+
+def _normalizes(cfg) -> bool:
+    """Whether r1fast's router renormalises the top-k weights (None: for sigmoid top-k > 1,
+    as r1fast.ops.moe_route resolves it), which is what ``norm_topk_prob`` means."""
+    from r1fast.ops.moe_route import MoERouteConfig
+
+    return MoERouteConfig(topk=cfg.moe_router_topk, score=cfg.router_score,
+                          normalize=cfg.router_normalize).normalize_resolved
 
 
 def _family(cfg) -> str:
@@ -202,6 +295,10 @@ def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
             rope[hf_key] = getattr(cfg, key)
         if rope["original_max_position_embeddings"] is None:
             rope["original_max_position_embeddings"] = cfg.max_position_embeddings
+        f, m, m_all = cfg.rope_factor, cfg.rope_mscale, cfg.rope_mscale_all_dim
+        ours = yarn_mscale(f, m) / yarn_mscale(f, m_all)
+        if not (m and m_all) and not math.isclose(ours, yarn_mscale(f), rel_tol=1e-12):
+            rope["attention_factor"] = ours  # transformers would infer yarn_mscale(f)
     d["rope_parameters"] = rope
     if cfg.is_moe:
         shared = cfg.shared_expert_size or 0
@@ -213,7 +310,7 @@ def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
                  n_shared_experts=shared // cfg.moe_ffn_hidden_size,
                  n_group=cfg.router_n_groups or 1, topk_group=cfg.router_topk_groups or 1,
                  routed_scaling_factor=cfg.router_scaling_factor,
-                 norm_topk_prob=cfg.router_normalize is not False)
+                 norm_topk_prob=_normalizes(cfg))
         if family == "deepseek_v2":
             for key in ("rope_interleave", "num_nextn_predict_layers"):
                 d.pop(key)

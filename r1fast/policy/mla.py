@@ -24,7 +24,10 @@ YaRN parameters). What r1fast adds:
   precision). With Transformer Engine (GPU) the TE spec's attention is
   used instead.
 * :class:`DuplicatedLinear`: MLA's down projections, replicated over TP (why: its docstring).
-* :func:`use_mla_local_modules`: puts both into a block spec of the local kind.
+* :func:`use_mla_local_modules`: puts both into a block spec of the local kind, and builds
+  the two latent RMSNorms (``q_a_layernorm`` / ``kv_a_layernorm``) with eps
+  :data:`LATENT_NORM_EPS` = 1e-6, as DeepSeek's code and transformers do whatever
+  ``rms_norm_eps`` says (megatron would pass ``rms_norm_eps``).
 
 RoPE: megatron's MLA applies DeepSeek's interleaved RoPE (and the YaRN cos/sin factor) itself,
 at positions ``0 .. s-1``, or, given megatron's packed-sequence parameters (``thd``, with
@@ -181,11 +184,37 @@ class DuplicatedLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight), None
 
 
-def use_mla_local_modules(spec) -> None:
+#: eps of MLA's latent RMSNorms in DeepSeek's reference code and transformers' DeepSeek-V2/V3
+#: (``DeepseekV3RMSNorm(q_lora_rank)``: the default, not ``config.rms_norm_eps``)
+LATENT_NORM_EPS = 1e-6
+
+
+def _with_latent_eps(norm):
+    """The norm class / ModuleSpec ``norm`` built with eps :data:`LATENT_NORM_EPS` (megatron
+    passes ``layernorm_epsilon``); what it builds is ``norm``'s own module, so parameter names
+    and checkpoints are unchanged."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(norm, ModuleSpec):
+        return ModuleSpec(module=_with_latent_eps(norm.module), params=norm.params,
+                          submodules=norm.submodules)
+    if not isinstance(norm, type) or getattr(norm, "latent_eps_of", None) is not None:
+        return norm  # IdentityOp-like placeholders, or already wrapped
+
+    def build(cls, *args, eps=None, **kwargs):
+        return norm(*args, eps=LATENT_NORM_EPS, **kwargs)
+
+    return type(f"Latent{norm.__name__}", (), {"__new__": build, "latent_eps_of": norm})
+
+
+def use_mla_local_modules(spec, rms_norm_eps: float = LATENT_NORM_EPS) -> None:
     """In every MLA layer of ``spec`` (a block spec) of the local (non-TE) kind: our core
     attention and duplicated down projections (:class:`MLACoreAttention`,
-    :class:`DuplicatedLinear`). TE layers (GPU with Transformer Engine) are kept."""
+    :class:`DuplicatedLinear`). TE layers (GPU with Transformer Engine) are kept. In every MLA
+    layer the latent norms get eps :data:`LATENT_NORM_EPS`; where TE fuses them into a linear
+    (built with ``rms_norm_eps``), another ``rms_norm_eps`` is an error."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer import multi_latent_attention as mla_module
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -194,6 +223,17 @@ def use_mla_local_modules(spec) -> None:
         if attn.module is not mla_module.MLASelfAttention:
             continue
         sub = attn.submodules
+        for name in ("q_layernorm", "kv_layernorm"):
+            norm = getattr(sub, name)
+            if getattr(norm, "module", norm) is IdentityOp:  # TE: fused into the up projection
+                if rms_norm_eps != LATENT_NORM_EPS:
+                    raise ValueError(f"model.rms_norm_eps={rms_norm_eps} with Transformer "
+                                     f"Engine's MLA layers: TE fuses the latent RMSNorms into "
+                                     f"their linears with that eps, where DeepSeek uses "
+                                     f"{LATENT_NORM_EPS}; use rms_norm_eps={LATENT_NORM_EPS} or "
+                                     f"run without Transformer Engine")
+            else:
+                setattr(sub, name, _with_latent_eps(norm))
         if sub.core_attention in (DotProductAttention, None):
             sub.core_attention = MLACoreAttention
         if sub.linear_kv_down_proj is ColumnParallelLinear:

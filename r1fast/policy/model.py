@@ -115,7 +115,7 @@ def layer_spec(model: ModelConfig, config, pp_rank: Optional[int] = None):
     use_te = torch.cuda.is_available() and not te_absent()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization="RMSNorm", pp_rank=pp_rank)
-    use_mla_local_modules(spec)  # MLA: our core attention + duplicated down projections
+    use_mla_local_modules(spec, model.rms_norm_eps)  # MLA: core attention, projections, eps
     use_packed_core_attention(spec)  # local GQA: packed rows attend per sequence
     use_r1fast_moe(spec)  # our router; local experts without megatron's per-linear overhead
     return spec
