@@ -238,8 +238,9 @@ def load_model_config(path: str) -> ModelConfig:
         return ModelConfig.from_hf_config(json.load(f))
 
 
-#: safetensors dtypes a weight may have (any float; ints and bools are never weights)
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+#: safetensors dtypes a weight may have (ints and bools are never weights; FP8 weights need
+#: their block scales, ``weight_scale_inv``, which the loader does not apply)
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 #: checkpoint tensors that are not weights of any policy and are ignored
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -271,9 +272,13 @@ def _entry_problems(reader: _Reader, want: dict[str, tuple[int, ...]]) -> list[s
     out = []
     for key, shape in want.items():
         got, dtype = reader.info(key)
-        if dtype not in _FLOAT_DTYPES:
+        if dtype.startswith("F8"):
+            out.append(f"{key} is {dtype}, block-quantized (DeepSeek-V3's FP8 release): "
+                       f"dequantize the checkpoint to bf16 first (its weight_scale_inv tensors "
+                       f"are not applied here)")
+        elif dtype not in _FLOAT_DTYPES:
             out.append(f"{key} has dtype {dtype}, a weight must be a float tensor "
-                       f"({'/'.join(_FLOAT_DTYPES[:4])})")
+                       f"({'/'.join(_FLOAT_DTYPES)})")
         elif got != tuple(shape):
             out.append(f"{key} has shape {list(got)}, the policy needs {list(shape)}")
     return out

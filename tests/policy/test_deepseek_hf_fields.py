@@ -138,3 +138,18 @@ def test_loading_into_other_math_settings_warns(tmp_path, caplog):
         load_hf_checkpoint(policy, str(tmp_path))
     assert "rope_theta: policy 500000.0 vs checkpoint 10000.0" in caplog.text
     assert "router_scaling_factor: policy 1.0 vs checkpoint 2.5" in caplog.text
+
+
+def test_fp8_weights_are_refused_not_cast(tmp_path):
+    """FP8 tensors were cast to the policy's dtype without their block scales (wrong weights,
+    no error unless a scale tensor happened to be left over)."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_hf(seed=13)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.1.mlp.experts.0.up_proj.weight"
+    state[key] = state[key].to(torch.float8_e4m3fn)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{key} is F8_E4M3, block-quantized"):
+        load(str(tmp_path))
