@@ -118,8 +118,8 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
     ap.add_argument("--k", type=_at_least(1), default=default(4), help="samples per prompt")
     ap.add_argument("--temperature", type=float, default=default(0.6))
     ap.add_argument("--prompts", type=_at_least(1), help=f"problems to sample (default: the "
-                    f"last {DEFAULT_PROMPTS} demo problems, or every row of --problems; "
-                    f"its first N)")
+                    f"last {DEFAULT_PROMPTS} demo problems or all of them if fewer, or every "
+                    f"row of --problems; its first N)")
     ap.add_argument("--num-train", type=_at_least(1), default=default(3000))
     ap.add_argument("--num-test", type=_at_least(1), default=default(DemoConfig.num_test))
     ap.add_argument("--seed", type=int, default=default(0))
@@ -190,8 +190,8 @@ class _Run:
         problems (the last ones: a cold start trains on the first) or of ``--problems``."""
         rows = self.problems(model_dir, self.train)
         n = self.args.prompts
-        if n is None:
-            n = DEFAULT_PROMPTS if self.args.problems is None else len(rows)
+        if n is None:  # not asked for: up to the default, never an error
+            n = min(DEFAULT_PROMPTS, len(rows)) if self.args.problems is None else len(rows)
         if n > len(rows):
             where = ("--problems " + self.args.problems if self.args.problems
                      else "the demo's --num-train")

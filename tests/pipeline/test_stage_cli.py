@@ -180,6 +180,10 @@ def test_sampling_stages_take_every_problem_and_the_filter_flags(monkeypatch, tm
     assert main(["rejection-sample", "--model", str(greek_base), "--out", "o.jsonl",
                  "--problems", str(problems), "--prompts", "5"]) == 0
     assert [ex["answer"] for ex in calls[0][0][1]] == ["1", "2", "3", "4", "5"]  # the first 5
+    calls.clear()
+    assert main(["rejection-sample", "--model", str(greek_base), "--out", "o.jsonl",
+                 "--num-train", "64"]) == 0
+    assert len(calls[0][0][1]) == 64  # fewer demo problems than the default 1024: all of them
     dcalls = _capture(monkeypatch, "distill")
     assert main(["distill", "--teacher", str(greek_base), "--out", "s", "--prompts", "4",
                  "--max-chars", "50", "--language", "none", "--keep", "well_formed"]) == 0
