@@ -96,8 +96,7 @@ def test_stage_cli_pretrain_then_evaluate(tmp_path, capsys):
     assert main(["stage", "pretrain", "--out", str(tmp_path / "b"), "--model", "tiny-dense",
                  "--steps", "2", "--num-train", "64"]) == 0
     assert main(["stage", "evaluate", "--model", str(tmp_path / "b" / "model"), "--k", "1",
-                 "--num-test", "2", "--max-new-tokens", "4",
-                 "--num-train", "64"]) == 0
+                 "--num-test", "2", "--max-new-tokens", "4"]) == 0
     assert '"pass_at_1"' in capsys.readouterr().out
 
 
