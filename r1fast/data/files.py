@@ -12,7 +12,7 @@ preset          prompt                                              answer
 ==============  ==================================================  ===========================
 ``gsm8k``       ``question``                                        after ``####`` of ``answer``
 ``math``        ``problem``                                         the ``\\boxed{}`` of ``solution``
-``dapo``        ``prompt`` (text or chat messages)                  ``answer``
+``dapo``        ``prompt`` (chat), DAPO's instruction taken off     ``reward_model.ground_truth``
 ``deepscaler``  ``problem``                                         ``answer``
 ``countdown``   built from ``nums`` and ``target`` (reward countdown)  the target
 ``verl``        ``prompt`` (chat messages), reward from ``data_source``  ``reward_model.ground_truth``
@@ -166,6 +166,29 @@ def _verl(row: dict) -> dict:
     return out
 
 
+#: DAPO-Math-17k wraps every problem in its own instruction (the answer on an "Answer:" line,
+#: no \boxed{}); the ``dapo`` preset keeps the bare problem, so that ``data.template`` (e.g.
+#: r1-zero's) is the one instruction the model reads. ``verl`` keeps the prompt as written.
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response "
+               "should be of the form Answer: $Answer (without quotes) where $Answer is the "
+               "answer to the problem.\n\n")
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+def _dapo(row: dict) -> dict:
+    """BytedTsinghua-SIA/DAPO-Math-17k (and its AIME-2024 test file): verl's layout (a chat
+    ``prompt``, ``reward_model.ground_truth``, ``data_source`` math_dapo), the problem taken
+    out of DAPO's instruction when it is there."""
+    out = _verl(row)
+    text = out["question"]
+    if text.startswith(DAPO_PREFIX) and text.endswith(DAPO_SUFFIX):
+        out["question"] = text[len(DAPO_PREFIX):-len(DAPO_SUFFIX)]
+        out["messages"][-1]["content"] = out["question"]
+        if len(out["messages"]) == 1:
+            del out["messages"]  # a plain question: the run's template and system prompt apply
+    return out
+
+
 def _keyed(prompt_key: str, answer_key: str, parse: Callable[[Any], str]):
     def convert(row: dict) -> dict:
         out = _prompt(_get(row, prompt_key))
@@ -177,7 +200,7 @@ def _keyed(prompt_key: str, answer_key: str, parse: Callable[[Any], str]):
 PRESETS: dict[str, Callable[[dict], dict]] = {
     "gsm8k": _keyed("question", "answer", _gsm8k_answer),
     "math": _keyed("problem", "solution", _boxed_answer),
-    "dapo": _keyed("prompt", "answer", _plain_answer),
+    "dapo": _dapo,
     "deepscaler": _keyed("problem", "answer", _plain_answer),
     "countdown": _countdown,
     "verl": _verl,

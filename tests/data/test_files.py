@@ -112,3 +112,24 @@ def test_every_preset_is_documented():
 
     for name in PRESETS:
         assert f"``{name}``" in files.__doc__
+
+
+def test_dapo_math_17k_as_published(tmp_path):
+    """The DAPO-Math-17k parquet has no 'answer' column (every row was a bad row); its prompt
+    is a chat list wrapping the problem in DAPO's own "Answer:" instruction, which the preset
+    takes off so the run's template (r1-zero's \\boxed{}) is the only one."""
+    from r1fast.data.files import DAPO_PREFIX, DAPO_SUFFIX
+
+    def row(content, truth):
+        return {"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": "i"},
+                "prompt": [{"role": "user", "content": content}],
+                "reward_model": {"ground_truth": truth, "style": "rule-lighteval/MATH_v2"}}
+
+    rows = [row(DAPO_PREFIX + "What is $1+1$?" + DAPO_SUFFIX, "2"), row("Plain: 3+4?", "7")]
+    path = tmp_path / "dapo.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    ex, report = load_examples(path, preset="dapo")
+    assert report.kept == 2
+    assert ex[0]["question"] == "What is $1+1$?" and "messages" not in ex[0]
+    assert (ex[0]["answer"], ex[0]["reward"]) == ("2", "math_accuracy")
+    assert ex[1]["messages"] == [{"role": "user", "content": "Plain: 3+4?"}]  # as written
