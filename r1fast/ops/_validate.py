@@ -7,6 +7,11 @@ from typing import Sequence
 
 import torch
 
+from r1fast.checks import check_choice, check_range  # the torch-free checks
+
+__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "check_tensor", "check_finite", "check_choice",
+           "check_range"]
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -43,23 +48,3 @@ def check_tensor(
 def check_finite(name: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
-
-
-def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
-                *, lo_open: bool = False, hi_open: bool = False) -> None:
-    """Raise ``ValueError`` unless ``lo <= value <= hi`` (open ends with ``lo_open`` /
-    ``hi_open``). NaN is never in range (its comparisons are all False, so it is tested
-    explicitly)."""
-    bad = value != value or \
-        (lo is not None and (value <= lo if lo_open else value < lo)) or \
-        (hi is not None and (value >= hi if hi_open else value > hi))
-    if bad:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {lb}{lo if lo is not None else '-inf'}, "
-                         f"{hi if hi is not None else 'inf'}{rb}, got {value}")

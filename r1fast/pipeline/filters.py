@@ -33,6 +33,7 @@ from r1fast.rewards import is_well_formed
 from r1fast.rewards.extract import as_scored
 from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
+from r1fast.checks import check_choice, check_range
 
 REASONS = ("empty", "too_long", "unparsable", "wrong", "mixed_language", "long_paragraph",
            "code_block", "duplicate")
@@ -67,7 +68,6 @@ class RejectionFilterConfig:
     """The prompt already opened ``<think>`` (format and language rules start inside it)."""
 
     def __post_init__(self):
-        from r1fast.ops._validate import check_choice, check_range
         check_range("max_chars", self.max_chars, 0)
         check_range("max_paragraph_chars", self.max_paragraph_chars, 0)
         check_range("min_language_share", self.min_language_share, 0, 1)

@@ -31,6 +31,7 @@ from fractions import Fraction
 
 from r1fast.rewards.arith import ArithConfig, ArithError, evaluate
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, extract_answer
+from r1fast.checks import check_range
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,6 @@ class CountdownRewardConfig:
     """Deepest parenthesis nesting accepted in an equation."""
 
     def __post_init__(self):
-        from r1fast.ops._validate import check_range  # lazy: keeps reward workers torch-free
         check_range("max_equation_chars", self.max_equation_chars, 1)
         check_range("max_depth", self.max_depth, 1)
         check_range("max_chars", self.max_chars, 1)

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, THINK_CLOSE, THINK_OPEN, last_boxed
+from r1fast.checks import check_range
 
 log = logging.getLogger("r1fast.rewards")
 _WARNED: set[str] = set()
@@ -60,7 +61,6 @@ class FormatRewardConfig:
     every row."""
 
     def __post_init__(self):
-        from r1fast.ops._validate import check_range  # lazy: keeps reward workers torch-free
         check_range("max_chars", self.max_chars, 1)
         names = self.credited_elsewhere
         if not isinstance(names, tuple) or not all(isinstance(n, str) and n for n in names):

@@ -18,6 +18,7 @@ import unicodedata
 from dataclasses import dataclass, replace
 
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, tail, thought_text
+from r1fast.checks import check_choice, check_range
 
 LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
     "en": frozenset({"LATIN"}),
@@ -97,7 +98,6 @@ class LanguageRewardConfig:
     """Only the last ``max_chars`` characters of the thought are scored."""
 
     def __post_init__(self):
-        from r1fast.ops._validate import check_choice, check_range  # lazy: keeps workers torch-free
         check_choice("target", self.target, sorted(LANGUAGE_SCRIPTS))
         check_range("max_chars", self.max_chars, 1)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from r1fast.rewards.arith import ArithConfig, ArithRangeError, ArithDomainError, ArithSyntaxError, evaluate
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, extract_answer
 from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
+from r1fast.checks import check_range
 
 _HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
 
@@ -65,9 +66,6 @@ class MathRewardConfig:
     main thread only; 0 disables it). Exceeding it makes the answer wrong."""
 
     def __post_init__(self):
-        # Imported here, not at module level: reward workers unpickle this class without
-        # running __init__, so they never pay for importing torch (which _validate does).
-        from r1fast.ops._validate import check_range
         check_range("max_answer_chars", self.max_answer_chars, 1)
         check_range("max_nesting", self.max_nesting, 1)
         check_range("max_chars", self.max_chars, 1)

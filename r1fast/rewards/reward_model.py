@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
+from r1fast.checks import check_range
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ class RewardModelConfig:
     """See ``scale``."""
 
     def __post_init__(self):
-        from r1fast.ops._validate import check_range
         check_range("batch_size", self.batch_size, 1)
         check_range("max_length", self.max_length, 1)
         if not (math.isfinite(self.scale) and math.isfinite(self.bias)):

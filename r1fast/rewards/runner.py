@@ -31,6 +31,7 @@ from typing import Sequence
 from r1fast.rewards.compose import CompositeReward, RewardPart, reward_name
 from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
 from r1fast.rewards.workers import TaskOutcome, WorkerPool
+from r1fast.checks import check_choice, check_range
 
 logger = logging.getLogger("r1fast.rewards")
 
@@ -66,7 +67,6 @@ class RunnerConfig:
     """Warnings logged per (part, failure kind); later failures are only counted."""
 
     def __post_init__(self):
-        from r1fast.ops._validate import check_choice, check_range
         check_choice("mode", self.mode, ("auto", "process", "inline"))
         check_range("num_workers", self.num_workers, 1)
         check_range("timeout_s", self.timeout_s, 0, lo_open=True)

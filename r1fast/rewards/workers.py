@@ -46,6 +46,7 @@ from multiprocessing.connection import wait as _wait
 from typing import Any, Callable, Sequence
 
 from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
+from r1fast.checks import check_choice, check_range
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,6 @@ class WorkerPool:
                  memory_limit_mb: int | None = 4096, preload: Sequence[str] = (),
                  max_tasks_per_worker: int | None = 10_000, startup_timeout_s: float = 120.0,
                  cpu_limit_s: float | None = None):
-        from r1fast.ops._validate import check_choice, check_range
         check_range("num_workers", num_workers, 1)
         check_choice("start_method", start_method, mp.get_all_start_methods())
         if memory_limit_mb is not None:

@@ -29,3 +29,20 @@ def test_routed_reward_uses_the_rows_reward_or_the_default():
     pickle.dumps(routed)  # it runs in reward worker processes
     with pytest.raises(ValueError, match="reward name must be one of"):
         RoutedReward("nope")
+
+
+def test_a_routed_reward_in_a_fresh_worker_never_imports_torch():
+    """Dataset runs score with RoutedReward, which builds its rewards on a worker's first call;
+    their config checks imported torch there (about 2 s of CPU inside that call's time limit,
+    again after every worker restart)."""
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys\n"
+            "from r1fast.rewards.registry import RoutedReward\n"
+            "r = pickle.loads(pickle.dumps(RoutedReward('math_accuracy')))\n"
+            "score = r('<think>x</think> \\\\boxed{2}', {'answer': '2', 'reward': 'rule'})\n"
+            "print(score, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["1.0", "False"]

@@ -58,7 +58,9 @@ def importable_tests():
 def test_failures_score_zero_counted_and_workers_replaced(importable_tests, caplog):
     parts = [(length, 1.0), (sleeper, 1.0), ("loop", looper, 1.0), (raiser, 1.0), (crasher, 1.0),
              (returns_nan, 1.0), (returns_text, 1.0), (FormatReward(), 0.5)]
-    with RewardRunner(parts, timeout_s=1.0, num_workers=2) as runner:
+    # cpu_time_s above timeout_s: the busy loop is ended by the wall-clock kill (a restart);
+    # with both at 1 s the worker's own CPU limit won the race now and then (no restart)
+    with RewardRunner(parts, timeout_s=1.0, cpu_time_s=30.0, num_workers=2) as runner:
         assert runner.placement["format"] == "inline" and runner.placement["sleeper"] == "worker"
         with caplog.at_level(logging.WARNING, logger="r1fast.rewards"):
             out = runner(["<think>t</think> \\boxed{1}"], [{}])
