@@ -8,12 +8,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: the bottom of every layer: plain-Python argument checks (no r1fast import, no torch), so a
+#: reward worker that validates its config never imports torch
+BASE = {"r1fast.checks"}
 # package folder -> the r1fast packages its modules may import (besides their own)
 ALLOWED = {
     "kernels": set(),
-    "r1fast/ops": {"r1fast.kernels", "r1fast.csrc"},
-    "r1fast/rollout": {"r1fast.ops", "r1fast.policy"},
-    "r1fast/rewards": {"r1fast.ops"},
+    "r1fast/ops": {"r1fast.kernels", "r1fast.csrc", *BASE},
+    "r1fast/rollout": {"r1fast.ops", "r1fast.policy", *BASE},
+    "r1fast/rewards": {"r1fast.ops", *BASE},
 }
 
 
@@ -38,6 +41,14 @@ def test_layer_imports_only_what_is_below(folder):
     bad = {f"{f.relative_to(ROOT)}: {m}" for f in files for m in r1fast_imports(f)
            if not any(m == a or m.startswith(a + ".") for a in allowed)}
     assert not bad, f"{folder} may import only {sorted(allowed)}; found:\n" + "\n".join(sorted(bad))
+
+
+def test_the_base_imports_nothing():
+    for module in BASE:
+        tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert imported <= {"__future__", "typing"}, f"{module} imports {sorted(imported)}"
 
 
 def test_no_source_file_over_600_lines():
