@@ -25,6 +25,7 @@ from typing import Sequence
 from r1fast.rewards import answers_equal, extract_answer, get_reward, is_well_formed
 from r1fast.rewards.extract import as_scored
 from r1fast.rewards.language import LanguageRewardConfig, language_consistency
+from r1fast.rewards.registry import DEFAULT_ROUTES
 from r1fast.rollout.sampler import SamplingConfig
 
 
@@ -58,8 +59,11 @@ class EvalResult:
 
 
 def checker(example: dict, cache: dict) -> object:
-    """The reward that decides whether an answer to ``example`` is correct."""
-    name = example.get("reward") or "math_accuracy"
+    """The reward that decides whether an answer to ``example`` is correct: its ``reward``
+    field, or math accuracy where training's default checker would score it (no field, or
+    "rule")."""
+    name = example.get("reward")
+    name = "math_accuracy" if name in DEFAULT_ROUTES else name
     if name not in cache:
         cache[name] = get_reward(name)
     return cache[name]

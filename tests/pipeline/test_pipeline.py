@@ -235,3 +235,11 @@ def test_demo_never_mixes_into_an_earlier_run(tmp_path, caplog):
     assert (root / "summary.json").exists()
     clear_run_folder(root, overwrite=True)
     assert not root.exists() and "deleting the earlier run" in caplog.text
+
+
+def test_rows_routed_to_the_run_checker_evaluate_too():
+    """A test row with reward = "rule" (training's default checker, as verl-style files write
+    it) crashed the end-of-training evaluation, after the final checkpoint."""
+    exs = [{"prompt": "1+1", "answer": "2", "reward": "rule"}, {"prompt": "2+2", "answer": "4"}]
+    r = score_samples([["<think>x</think> \\boxed{2}"], ["<think>x</think> \\boxed{5}"]], exs)
+    assert r.pass_at_1 == pytest.approx(0.5)
