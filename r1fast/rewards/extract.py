@@ -5,8 +5,10 @@ final answer in ``\\boxed{...}``. Every rule-based reward therefore starts by cu
 completion into its chain of thought and its answer region, and then by pulling the answer out
 of that region. The rules, in order (the first that yields something wins):
 
-1. the region is the text after the LAST ``</think>`` when there is one, else the whole text
-   (a tentative ``\\boxed{}`` written while thinking must not count as the answer);
+1. the region is the text after the LAST ``</think>`` when there is one (a tentative
+   ``\\boxed{}`` written while thinking must not count as the answer); a thought that was
+   opened (``<think>``, or by the prompt) and never closed leaves no answer at all (a
+   completion cut off mid-thought); a completion without think tags is all answer region;
 2. the last complete ``\\boxed{...}`` in the region, braces balanced (``\\{`` and ``\\}`` are
    literal braces and do not nest); ``\\boxed 5`` (no braces) is accepted too;
 3. the last ``<answer> ... </answer>`` pair (TinyZero's tag);
@@ -117,7 +119,7 @@ def after_answer_marker(text: str) -> str | None:
     if not starts:
         return None
     line = text[max(starts):].split("\n", 1)[0]
-    line = line.strip().strip("$").strip().rstrip(".").strip()
+    line = line.strip().strip("*_").strip().strip("$").strip().rstrip(".").strip()  # **Answer:** 72
     return line or None
 
 
@@ -166,8 +168,11 @@ def extract_answer(text: str, *, require_boxed: bool = False, think_in_prompt: b
                    max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
     """The final answer of a completion as a stripped string, or None (rules in the module
     docstring)."""
+    opened = think_in_prompt or THINK_OPEN in text
     text = tail(text, max_chars)
     cot, region = split_think(text, think_in_prompt)
+    if cot is None and opened:  # cut off inside the thought: nothing was answered
+        return None
     boxed = last_boxed(region)
     if boxed is not None:
         return boxed.strip() or None

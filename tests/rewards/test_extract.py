@@ -88,3 +88,22 @@ def test_extract_reads_only_the_tail():
     text = "\\boxed{1}" + "x" * 200 + "\\boxed{2}"
     assert extract_answer(text, max_chars=50) == "2"
     assert extract_answer("\\boxed{1}" + "x" * 200, max_chars=50) is None
+
+
+def test_a_thought_cut_off_before_closing_answers_nothing():
+    """A tentative box inside a thought that never closed (a completion that hit
+    max_new_tokens mid-thought) earned full accuracy; a plain completion without think tags
+    is still all answer."""
+    from r1fast.rewards import get_reward
+
+    math = get_reward("math_accuracy")
+    cut = "<think>I guess \\boxed{72} hmm wait let me re"
+    assert extract_answer(cut) is None and math(cut, {"answer": "72"}) == 0.0
+    assert extract_answer("I guess \\boxed{72} hmm wait let me re", think_in_prompt=True) is None
+    assert extract_answer("so the sum is \\boxed{72}") == "72"  # no think tags at all
+    assert extract_answer("<think>ok</think> \\boxed{72}") == "72"
+
+
+def test_a_markdown_answer_marker():
+    assert extract_answer("<think>t</think> **Answer:** 72") == "72"
+    assert extract_answer("<think>t</think> **Answer: 72**") == "72"
