@@ -106,6 +106,12 @@ _LIMITS: list[tuple[object, float, float]] = []  # (token, CPU deadline, seconds
 _PREV_HANDLER: list = []
 
 
+def limit_active() -> bool:
+    """Whether a :func:`cpu_time_limit` block is open (on the main thread): code inside a
+    reward call that the runner bounds can leave the verdict to that limit."""
+    return bool(_LIMITS)
+
+
 def _thread_timer() -> _ThreadCpuTimer | None:
     global _TIMER
     if _LIBC is None:

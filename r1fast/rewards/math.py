@@ -18,9 +18,10 @@ fallbacks described there) and compared with ``example["answer"]`` in three tier
 Tier 3 can still hang inside sympy on hostile symbolic input, and no signal can interrupt a
 long C-level computation, so this reward is marked ``sandbox = True``: the
 :class:`~r1fast.rewards.runner.RewardRunner` runs it in worker processes that it kills on
-timeout. Inside the check, tier 3 has a budget of ``parse_timeout_s`` seconds of CPU time
-(:func:`r1fast.rewards.cpu_limit.cpu_time_limit`, on the main thread, in a worker and in-process
-alike); an answer that needs more is wrong. math-verify's own wall-clock alarms are off: with
+timeout. Inside a runner's call, tier 3 is bounded by that call's CPU limit (a check that
+needs more is counted as a timeout); elsewhere (evaluation, rejection sampling) by
+``parse_timeout_s`` seconds of CPU time (:func:`r1fast.rewards.cpu_limit.cpu_time_limit`, main
+thread), and an answer that needs more is wrong. math-verify's own wall-clock alarms are off: with
 them a correct, deeply nested answer was right on an idle machine and wrong on a busy one.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, replace
 
 from r1fast.rewards.arith import ArithConfig, ArithRangeError, ArithDomainError, ArithSyntaxError, evaluate
 from r1fast.rewards.extract import DEFAULT_MAX_CHARS, extract_answer
-from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
+from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit, limit_active
 from r1fast.checks import check_range
 
 _HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
@@ -62,8 +63,11 @@ class MathRewardConfig:
     use_math_verify: bool = True
     """Use math-verify for symbolic answers when it is installed."""
     parse_timeout_s: float = 3
-    """CPU-time budget of the math-verify tier (seconds of this process's CPU, not wall time;
-    main thread only; 0 disables it). Exceeding it makes the answer wrong."""
+    """CPU-time budget of the math-verify tier when no reward-call limit is open (evaluation,
+    rejection sampling, direct calls): seconds of this thread's CPU, main thread only; 0
+    disables it; exceeding it makes the answer wrong. Inside a RewardRunner call, that call's
+    own limit (``reward.cpu_time_s``, else ``reward.timeout_s``) bounds the check instead, and
+    a check that exceeds it is counted as the call's timeout, not scored as a wrong answer."""
 
     def __post_init__(self):
         check_range("max_answer_chars", self.max_answer_chars, 1)
@@ -121,15 +125,21 @@ def _math_verify_equal(pred: str, gold: str, cpu_s: float) -> bool:
         if hasattr(module, "TIMEOUT_WARNING_SHOWN"):
             module.TIMEOUT_WARNING_SHOWN = True
     extraction = [LatexExtractionConfig()]
+
+    def equal() -> bool:
+        gold_parsed = parse(f"${gold}$", extraction, parsing_timeout=None)
+        pred_parsed = parse(f"${pred}$", extraction, parsing_timeout=None)
+        if not gold_parsed or not pred_parsed:
+            return False
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+    if limit_active():  # inside a reward call: its limit decides, and the runner counts it
+        return equal()
     with cpu_time_limit(cpu_s) as token:
         try:
-            gold_parsed = parse(f"${gold}$", extraction, parsing_timeout=None)
-            pred_parsed = parse(f"${pred}$", extraction, parsing_timeout=None)
-            if not gold_parsed or not pred_parsed:
-                return False
-            return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+            return equal()
         except CpuTimeExceeded as exc:
-            if exc.token is not token:  # an outer (per-call) limit: not ours to decide
+            if exc.token is not token:  # an outer limit: not ours to decide
                 raise
             return False
 

@@ -109,3 +109,23 @@ def test_missing_answer_field():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MathRewardConfig(**kwargs)
+
+
+def test_a_slow_check_inside_a_runner_call_is_a_counted_timeout():
+    """math-verify's own budget scored a correct answer it could not finish as wrong, with
+    status "ok" and no count anywhere, and reward.cpu_time_s / timeout_s never reached it.
+    Inside a runner call the call's limit now decides (a counted timeout); a direct call keeps
+    parse_timeout_s (wrong when exceeded)."""
+    from r1fast.rewards import MathAccuracyReward, RewardRunner
+    from r1fast.rewards.math import warm_up
+
+    warm_up()
+    c, ex = "<think>x</think> \\boxed{\\sqrt{2}+\\sqrt{3}}", {"answer": "\\sqrt{5+2\\sqrt{6}}"}
+    tight = MathAccuracyReward(parse_timeout_s=0.005)
+    assert tight(c, ex) == 0.0  # outside a reward call: its own budget, as before
+    runner = RewardRunner(tight, mode="inline", cpu_time_s=0.005)
+    out = runner([c], [ex])
+    assert out.status == {"math_accuracy": ["timeout"]}
+    assert runner.metrics()["rewards/timeouts"] == 1.0
+    roomy = RewardRunner(tight, mode="inline", cpu_time_s=30.0)  # the call's limit, not 0.005
+    assert roomy([c], [ex]).parts == {"math_accuracy": [1.0]}
