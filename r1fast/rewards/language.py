@@ -9,11 +9,15 @@ thoughts. Language is approximated by Unicode script, which needs no model:
 - a word is *in the target language* when every letter in it belongs to one of the target's
   scripts (``en`` -> Latin, ``zh`` -> Han, ``ja`` -> Han/Hiragana/Katakana, ...). A Latin word
   with a Cyrillic lookalike inside (``pаssword``) therefore does not count as English;
+- math is not language: LaTeX command names (``\\frac``, ``\\sqrt``, ``\\times``, ``\\alpha``)
+  and one-letter words (variables ``x``, ``n``; symbols ``π``) are counted in neither total;
+  prose inside ``\\text{...}`` still counts;
 - the reward is ``score * target_words / words`` over the thought (see
   :func:`r1fast.rewards.extract.thought_text`), ``empty_score`` when it has no words.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, replace
 
@@ -56,29 +60,39 @@ def script_of(ch: str) -> str:
     return "OTHER"
 
 
+#: a LaTeX command name (``\\frac``): notation, not a word
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+
+
 def word_counts(text: str, scripts: frozenset[str]) -> tuple[int, int]:
     """(words, words entirely in ``scripts``) of ``text``, per the module docstring's rules."""
     total = hits = 0
-    in_word = False
+    letters = 0  # letters of the current word (0: not in a word)
     word_ok = True
-    for ch in text:
+
+    def close() -> None:
+        nonlocal total, hits, letters
+        if letters > 1:  # one letter: a variable or symbol, not a word
+            total, hits = total + 1, hits + word_ok
+        letters = 0
+
+    for ch in _LATEX_COMMAND.sub(" ", text):
         if ch.isalpha():
             script = script_of(ch)
             if script in _PER_CHAR:
-                if in_word:
-                    total, hits, in_word = total + 1, hits + word_ok, False
+                close()
                 total += 1
                 hits += script in scripts
                 continue
-            if not in_word:
-                in_word, word_ok = True, True
+            if not letters:
+                word_ok = True
+            letters += 1
             word_ok = word_ok and script in scripts
-        elif in_word and unicodedata.category(ch).startswith("M"):
+        elif letters and unicodedata.category(ch).startswith("M"):
             continue  # a combining accent belongs to the word it decorates
-        elif in_word:
-            total, hits, in_word = total + 1, hits + word_ok, False
-    if in_word:
-        total, hits = total + 1, hits + word_ok
+        else:
+            close()
+    close()
     return total, hits
 
 

@@ -2,8 +2,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from r1fast.rewards.language import (LanguageReward, LanguageRewardConfig, language_consistency, script_of,
-                                     word_counts)
+from r1fast.rewards.language import (LANGUAGE_SCRIPTS, LanguageReward, LanguageRewardConfig,
+                                     language_consistency, script_of, word_counts)
 
 EN = LanguageReward()
 
@@ -68,3 +68,14 @@ def test_bad_target():
 def test_bad_max_chars():
     with pytest.raises(ValueError, match="max_chars must be in"):
         LanguageRewardConfig(max_chars=0)
+
+
+def test_math_notation_is_not_a_foreign_language():
+    """LaTeX command names and variables counted as Latin words: a Chinese thought with a
+    fraction scored 0.4 toward zh; a one-letter word is a variable or symbol in either total."""
+    zh = LanguageRewardConfig(target="zh")
+    assert language_consistency("<think>设 x = 3，则 \\frac{x}{2} = 1.5</think>", zh) == 1.0
+    assert language_consistency("<think>我们计算 \\sqrt{2} \\times \\sqrt{8} = 4</think>", zh) == 1.0
+    assert word_counts("Let x be \\alpha times π", LANGUAGE_SCRIPTS["en"]) == (3, 3)
+    # prose inside \text{} is still language
+    assert word_counts("因此 \\text{apples}", LANGUAGE_SCRIPTS["zh"]) == (3, 2)
