@@ -97,7 +97,8 @@ def _gsm8k_answer(text: Any) -> str:
 
 
 def _boxed_answer(text: Any) -> str:
-    text = _text(text, "solution")
+    # a few MATH solutions box their answer with \fbox, which Hendrycks' extractor accepts
+    text = _text(text, "solution").replace("\\fbox{", "\\boxed{")
     boxed = last_boxed(text)
     if boxed is None:
         raise BadRow("solution has no \\boxed{} answer")

@@ -79,6 +79,9 @@ def test_values_are_read_as_written_and_ambiguous_rows_are_bad(tmp_path):
     ex, report = load_examples(write_jsonl(tmp_path / "m.jsonl", rows), preset="math")
     assert report.bad == 1 and report.first_bad_row == 3
     assert "2 \\boxed{} answers" in report.first_bad_reason
+    fbox = [{"problem": "p", "solution": "so it is $\\fbox{7}$."}]  # as a few MATH rows write it
+    ex, _ = load_examples(write_jsonl(tmp_path / "fbox.jsonl", fbox), preset="math")
+    assert ex[0]["answer"] == "7"
 
     rows = [{"nums": [3, 5, 7], "target": 8}] * 3 + [{"nums": [3.7, 2], "target": 10}]
     ex, report = load_examples(write_jsonl(tmp_path / "c.jsonl", rows), preset="countdown")
