@@ -150,6 +150,15 @@ def _tokenize(text: str, cfg: ArithConfig) -> list[tuple[str, object]]:
                 toks.append(("op", _LATEX_OPS[name]))
             elif name in _LATEX_FRAC:
                 toks.append(("op", "frac"))
+                # LaTeX's shorthand \frac13 = \frac{1}{3}: one digit per unbraced argument
+                while j < n and text[j] == " ":
+                    j += 1
+                for _ in range(2):
+                    if j < n and "0" <= text[j] <= "9":
+                        toks += [("op", "{"), ("num", Fraction(int(text[j]))), ("op", "}")]
+                        j += 1
+                    else:
+                        break
             elif name not in _LATEX_SKIP:
                 raise ArithSyntaxError(f"unsupported LaTeX command \\{name}")
             i = j

@@ -110,3 +110,13 @@ def test_flags_restrict_grammar():
 def test_non_str_input():
     with pytest.raises(ArithSyntaxError, match="must be a str"):
         evaluate(5)  # type: ignore[arg-type]
+
+
+def test_frac_shorthand_with_one_digit_arguments():
+    """\\frac13 (LaTeX's shorthand) went to math-verify, which rounds, while \\frac{1}{3} was
+    decided exactly: 0.333333 counted against one spelling and not the other."""
+    from r1fast.rewards.math import answers_equal
+
+    assert evaluate("\\frac13").value == evaluate("\\frac{1}{3}").value == Fraction(1, 3)
+    assert evaluate("\\frac 12").value == evaluate("\\frac1{2}").value == Fraction(1, 2)
+    assert answers_equal("0.333333", "\\frac13") == answers_equal("0.333333", "\\frac{1}{3}")
