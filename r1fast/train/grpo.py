@@ -44,8 +44,8 @@ from r1fast.train.checkpoint import (barrier, check_resumed_config, has_run_file
 from r1fast.train.config import TrainConfig, load_train_config, sampling_warnings
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
-from r1fast.train.metrics import (MetricsLogger, append_jsonl, gather_expert_load,
-                                  load_imbalance, truncate_metrics)
+from r1fast.train.metrics import (MetricsLogger, append_jsonl, combine_micro_metrics,
+                                  gather_expert_load, load_imbalance, truncate_metrics)
 from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.policy.transfer import to_device_async
@@ -385,8 +385,7 @@ class GRPOTrainer:
                         "schedule unchanged): algo.dynamic_sampling / overlong_filter kept no "
                         "completion of their mini-batch on any rank", self.step_idx + 1,
                         skipped, a.ppo_epochs * a.mini_batches)
-        # loss terms are shares of the global loss: sum them; other metrics are averages
-        local = {k: (sum(v) if k == "loss" else sum(v) / len(v)) for k, v in stats.items()}
+        local = combine_micro_metrics(stats)  # loss summed, extremes, token-weighted means
         out = self.engine.last_stage_reduce(local, UPDATE_METRICS)
         out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
         out["updates_skipped"] = skipped
@@ -430,9 +429,9 @@ class GRPOTrainer:
     def _global_normalizer(self, mb: UpdateBatch) -> tuple[float, int]:
         """The aggregation's denominator over the whole (all DP ranks) mini-batch, and the
         number of its rows kept (one all-reduce)."""
-        rows = float(mb.keep.sum())
+        rows = float(mb.keep.sum())  # Dr.GRPO's L: the constant generation budget, as in TRL
         local = ops.loss_denominator(self.loss_cfg.agg, num_tokens=float(mb.mask.sum()),
-                                     num_seqs=rows, max_len=mb.tokens.shape[1])
+                                     num_seqs=rows, max_len=self.cfg.rollout.max_new_tokens)
         total, kept = self.engine.dp_sum([local, rows])
         return max(total, 1.0), int(kept)
 

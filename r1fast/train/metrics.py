@@ -132,6 +132,29 @@ def load_imbalance(loads: Mapping[int, list[float]]) -> dict[str, float]:
             "moe/load_imbalance_mean": sum(ratios) / len(ratios)}
 
 
+def combine_micro_metrics(stats: Mapping[str, list[float]]) -> dict[str, float | None]:
+    """One rank's update metrics from its micro-batches' rows (``stats[key]`` in micro-batch
+    order): ``loss`` summed (each is a share of the global loss); ``ratio_min`` /
+    ``ratio_max`` the extremes over micro-batches that had tokens (None when none had: a
+    micro-batch without tokens reports a neutral 1.0); every other metric a mean weighted by
+    the micro-batches' ``num_tokens``, so a 5-token micro-batch counts for its 5 tokens."""
+    counts = stats.get("num_tokens")
+    out: dict[str, float | None] = {}
+    for key, vals in stats.items():
+        aligned = counts is not None and len(counts) == len(vals)
+        weighted = aligned and sum(counts) > 0
+        if key == "loss":
+            out[key] = sum(vals)
+        elif key in ("ratio_min", "ratio_max") and aligned:
+            had = [v for v, n in zip(vals, counts) if n > 0]
+            out[key] = (min(had) if key == "ratio_min" else max(had)) if had else None
+        elif weighted and key != "num_tokens":
+            out[key] = sum(v * n for v, n in zip(vals, counts)) / sum(counts)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
 def append_jsonl(path: str | Path, row: Mapping) -> None:
     """One JSON line appended to ``path`` (flushed: a killed run keeps its rows)."""
     with open(path, "a") as f:

@@ -372,3 +372,19 @@ def test_a_step_that_keeps_no_completion_takes_no_optimizer_step(tmp_path, caplo
                                   "--algo.dynamic_sampling=true", "--optim.weight_decay=0.1"),
                          reward=varied_reward).fit()
     assert row["updates_skipped"] == 0 and row["grad_norm"] > 0
+
+
+def test_dr_grpo_divides_by_the_generation_budget(tmp_path):
+    """Dr.GRPO's divisor was B x the step's padded width (longest prompt + completion), so
+    one long prompt in a step shrank every token's gradient (13x in the review's example);
+    it is B x rollout.max_new_tokens, the same at every step, as TRL's dr_grpo."""
+    from r1fast.train.grpo import GRPOTrainer
+
+    tr = GRPOTrainer(make_cfg(tmp_path, "--algo.agg=seq-mean-token-sum-norm",
+                              "--rollout.max_new_tokens=24"))
+    comps = [[5] * 10, [6] * 20]
+    for prompt_len in (3, 300):
+        batch = build_update_batch([[7] * prompt_len] * 2, comps, [[0.0] * 10, [0.0] * 20],
+                                   torch.tensor([1.0, -1.0]), torch.ones(2, dtype=torch.bool),
+                                   pad_id=0)
+        assert tr._global_normalizer(batch) == (2 * 24, 2)

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from r1fast.train.metrics import MetricsLogger, read_jsonl
+from r1fast.train.metrics import MetricsLogger, combine_micro_metrics, read_jsonl
 
 
 def test_rows_are_written_and_read_back(tmp_path):
@@ -28,3 +28,18 @@ def test_disabled_logger_writes_nothing(tmp_path):
 def test_read_jsonl_skips_blank_lines(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
     assert read_jsonl(tmp_path / "a.jsonl") == [{"a": 1}, {"a": 2}]
+
+
+def test_micro_batch_metrics_keep_extremes_and_weigh_tokens():
+    """ratio_min / ratio_max were averaged over micro-batches (a 3.0 among three 1.0s showed
+    as 1.5), an empty micro-batch's neutral 1.0 pulled them toward 1, and a 5-token
+    micro-batch weighed as much as a 5000-token one in every mean."""
+    stats = {"loss": [0.5, 0.25, 0.0, 0.25], "num_tokens": [5000.0, 10.0, 0.0, 5.0],
+             "ratio_max": [3.0, 1.0, 1.0, 1.2], "ratio_min": [0.9, 0.5, 1.0, 0.95],
+             "clip_frac": [0.1, 1.0, 0.0, 1.0]}
+    out = combine_micro_metrics(stats)
+    assert out["loss"] == 1.0  # shares of the global loss: summed
+    assert (out["ratio_max"], out["ratio_min"]) == (3.0, 0.5)
+    assert math.isclose(out["clip_frac"], (500 + 10 + 5) / 5015)
+    # a rank without tokens has no ratio (the extreme over ranks skips it)
+    assert combine_micro_metrics({"ratio_max": [1.0], "num_tokens": [0.0]})["ratio_max"] is None
