@@ -136,9 +136,11 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     probs = kept.softmax(-1)
     logp_all = torch.log_softmax(kept if cfg.logprobs == "sampled" else full, -1)  # [B, V]
     if uniforms is not None:
-        # zero-probability ids get zero width: a single-row CUDA cumsum (a CUB scan) may move
+        # fp64: in an fp32 CDF near 1, every id under half an fp32 step (~3e-8; tens of
+        # thousands of a 152k vocabulary) had zero width and could never be drawn.
+        # Zero-probability ids get zero width: a single-row CUDA cumsum (a CUB scan) may move
         # by a rounding unit across them, which would give a masked id a sliver of mass
-        cdf = torch.where(probs > 0, probs.cumsum(-1), 0.0).cummax(-1).values
+        cdf = torch.where(probs > 0, probs.double().cumsum(-1), 0.0).cummax(-1).values  # [B, V]
         u = uniforms.to(cdf)[:, None] * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True)[:, 0]
         # never land on a zero-probability id through rounding at the top of the CDF

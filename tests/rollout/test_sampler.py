@@ -144,3 +144,16 @@ def test_sampled_logprobs_of_greedy_are_zero():
 def test_bad_logprobs_mode_is_named():
     with pytest.raises(ValueError, match="logprobs must be one of .*'processed'"):
         SamplingConfig(logprobs="processed")
+
+
+def test_low_probability_ids_late_in_the_vocabulary_can_be_drawn():
+    """In an fp32 CDF near 1, an id under half an fp32 step had zero width (tens of thousands
+    of a 152k vocabulary could never be sampled); the fp64 CDF gives it its width."""
+    V, rare = 151_936, 100_000
+    logits = torch.full((1, V), -40.0)
+    logits[0, 0], logits[0, rare], logits[0, V - 1] = 0.0, -18.5, -7.0  # p(rare) ~ 9e-9
+    p = torch.softmax(logits.double(), -1)[0]
+    below = float(p[:rare].sum())  # the CDF just before the rare id
+    u = torch.tensor([below + float(p[rare]) / 2], dtype=torch.float64)  # inside its width
+    tok, lp = sample_tokens(logits, SamplingConfig(temperature=1.0), uniforms=u)
+    assert int(tok) == rare and abs(float(lp) - float(p[rare].log())) < 1e-4
