@@ -115,7 +115,11 @@ def _yarn_from_hf(rope: dict, get: Callable[..., Any], family: str) -> dict[str,
                   else yarn_mscale(factor))
     mscale = kw.get("rope_mscale", 1.0)
     if not math.isclose(yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim), target,
-                        rel_tol=1e-12):  # solve megatron's ratio for mscale (factor > 1 here)
+                        rel_tol=1e-12):  # solve megatron's ratio for mscale
+        if factor <= 1:
+            raise ValueError(f"from_hf_config: {family} yarn attention_factor={target} with "
+                             f"factor={factor} <= 1 is not supported (megatron's YaRN leaves "
+                             f"cos/sin unscaled there)")
         kw["rope_mscale"] = (float(target) * yarn_mscale(factor, all_dim) - 1.0) / (
             0.1 * math.log(factor))
         log.info("from_hf_config: %s YaRN cos/sin factor %.6g (transformers' rule) is "

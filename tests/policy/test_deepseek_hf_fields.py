@@ -84,6 +84,7 @@ def test_fields_read_as_transformers_reads_them(variant, tmp_path):
 @pytest.mark.parametrize("rope, match", [
     ({**YARN, "truncate": False}, "yarn truncate=False is not supported"),
     ({k: v for k, v in YARN.items() if k != "factor"}, "rope_type 'yarn' need 'factor'"),
+    ({**YARN, "factor": 1.0, "attention_factor": 1.5}, "factor=1.0 <= 1 is not supported"),
 ])
 def test_yarn_that_cannot_be_matched_is_an_error(rope, match):
     with pytest.raises(ValueError, match=match):
