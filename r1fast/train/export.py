@@ -59,13 +59,16 @@ def _tokenizer(run_dir: Path, cfg):
 
     if (run_dir / "tokenizer").is_dir():
         return load_tokenizer(run_dir / "tokenizer")
-    init_from = cfg.run.init_from if hasattr(cfg, "run") else cfg.init_from
-    if init_from is None:
-        raise ValueError(f"export: {run_dir} has no tokenizer/ folder (written by older runs) "
-                         f"and its config has no init_from to take one from")
+    if hasattr(cfg, "run"):  # a GRPO run: the run's own rule (init_from's, else characters)
+        log.warning("export: %s has no tokenizer/ folder (written by older runs); using the "
+                    "tokenizer of run.init_from=%s", run_dir, cfg.run.init_from)
+        return run_tokenizer(cfg)
+    if cfg.init_from is None:
+        raise ValueError(f"export: SFT run {run_dir} has no tokenizer/ folder (written by older "
+                         f"runs) and its config has no init_from to take one from")
     log.warning("export: %s has no tokenizer/ folder (written by older runs); using the "
-                "tokenizer of init_from=%s", run_dir, init_from)
-    return run_tokenizer(cfg) if hasattr(cfg, "run") else load_tokenizer(init_from)
+                "tokenizer of init_from=%s", run_dir, cfg.init_from)
+    return load_tokenizer(cfg.init_from)
 
 
 def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
