@@ -8,9 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: the bottom of every layer: plain-Python argument checks (no r1fast import, no torch), so a
-#: reward worker that validates its config never imports torch
-BASE = {"r1fast.checks"}
+#: the bottom of every layer: plain-Python argument checks and atomic writes (no r1fast import,
+#: no torch), so a reward worker that validates its config never imports torch
+BASE = {"r1fast.checks", "r1fast.atomic"}
 # package folder -> the r1fast packages its modules may import (besides their own)
 ALLOWED = {
     "kernels": set(),
@@ -48,7 +48,8 @@ def test_the_base_imports_nothing():
         tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert imported <= {"__future__", "typing"}, f"{module} imports {sorted(imported)}"
+        assert imported <= {"__future__", "typing", "os", "pathlib"}, \
+            f"{module} imports {sorted(imported)}"
 
 
 def test_no_source_file_over_600_lines():

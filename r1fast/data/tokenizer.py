@@ -28,6 +28,8 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from r1fast.atomic import write_text_atomic
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<think>", "</think>")
 TEXT_SPECIALS = ("<think>", "</think>")  # specials that appear in text and are matched there
 DEFAULT_ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -203,12 +205,8 @@ class CharTokenizer:
 
     def save(self, path: str | os.PathLike) -> str:
         """Write ``tokenizer.json`` into directory ``path`` (created if needed); return the file."""
-        os.makedirs(path, exist_ok=True)
         file = os.path.join(path, FILE_NAME)
-        tmp = file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=True, indent=1)
-        os.replace(tmp, file)  # atomic: a crash mid-save never leaves a half-written file
+        write_text_atomic(file, json.dumps(self.to_dict(), ensure_ascii=True, indent=1))
         return file
 
     @classmethod

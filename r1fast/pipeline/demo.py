@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from r1fast.atomic import write_text_atomic
 from r1fast.cli import ArgumentParser
 from r1fast.data import CharTokenizer
 from r1fast.pipeline import demo_report as report
@@ -418,11 +419,11 @@ class Demo:
         self.summary.update(findings=findings, eval=self.rows,
                             seconds=round(time.time() - self.t0, 1))
         stages.write_jsonl(self.rows, self.root / "eval.jsonl")
-        stages.write_text_atomic(self.root / "summary.json",
+        write_text_atomic(self.root / "summary.json",
                                  json.dumps(self.summary, indent=1) + "\n")
         text = "\n\n".join([report.format_table(self.rows), report.format_findings(findings),
                             self.stage4_text()])
-        stages.write_text_atomic(self.root / "results.md", text + "\n")
+        write_text_atomic(self.root / "results.md", text + "\n")
         report.plot_curves(self.curves, self.root)
         print(text)
         self.log(f"done: run folder {self.root} (results.md, eval.jsonl, summary.json, rl_*.png, "

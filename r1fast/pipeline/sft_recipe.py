@@ -164,7 +164,7 @@ def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:
     ``out_dir/data_summary.json``."""
     from r1fast.data import load_tokenizer
     from r1fast.pipeline.sft_data import steps_for_epochs
-    from r1fast.pipeline.stages import write_text_atomic
+    from r1fast.atomic import write_text_atomic
     from r1fast.policy.hf_checkpoint import load_model_config
     from r1fast.train.sft import SFTTrainer
 

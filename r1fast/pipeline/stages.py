@@ -20,28 +20,17 @@ with prompts rendered for a model folder's tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any, Sequence
 
 from r1fast.data import CharTokenizer, load_tokenizer, sft_target
 from r1fast.pipeline.filters import RejectionFilterConfig
+from r1fast.atomic import write_text_atomic
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.hf_checkpoint import load_model_config
 from r1fast.policy.optim import OptimConfig
 from r1fast.rollout.sampler import SamplingConfig
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash leaves the
-    old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1fast.atomic import fsync_dir
+
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 log = logging.getLogger("r1fast.train")
@@ -49,14 +51,6 @@ log = logging.getLogger("r1fast.train")
 
 class CheckpointError(ValueError):
     """A checkpoint that exists but cannot be used (damaged, tampered, incomplete)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, writer: Callable[[Any], None]) -> None:
@@ -119,7 +113,7 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...]) -> Path:
     for name in names:
         if (run_dir / name).exists():
             os.replace(run_dir / name, aside / name)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     return aside
 
 
@@ -208,17 +202,17 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     if rank == 0:
         meta = _sealed({**meta, "step": step, "world_size": world, "files": digests})
         _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if _before_commit is not None:
             _before_commit()
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         pointer = root / (LATEST + ".tmp")
         _write_file(pointer, lambda f: f.write(final.name.encode()))
         os.replace(pointer, root / LATEST)
-        _fsync_dir(root)
+        fsync_dir(root)
         if keep_last:
             # only older steps: a checkpoint of a later step (another run's, or one this run
             # has not reached) is never removed here

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from r1fast import ops
+from r1fast.atomic import write_text_atomic
 from r1fast.rollout.kv_cache import make_decoder
 from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.balance import balance_over_dp
@@ -544,9 +544,7 @@ class GRPOTrainer:
             self._check_fresh_start()
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_dir / "config.toml.tmp"  # atomic: a kill never leaves half a file
-            tmp.write_text(dump_toml(self.cfg))
-            os.replace(tmp, self.run_dir / "config.toml")
+            write_text_atomic(self.run_dir / "config.toml", dump_toml(self.cfg))
             self.task.tokenizer.save(self.run_dir / "tokenizer")  # for `r1fast export`
         logger = MetricsLogger(self.run_dir, enabled=self.is_logger, tensorboard=run.tensorboard,
                                progress=run.progress, total_steps=run.steps,

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from r1fast.atomic import write_text_atomic
 
 
 def _scalar(v) -> float:
@@ -97,12 +98,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> tuple[int, int]:
         else:
             kept.append(line)
     if dropped or torn:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(k + "\n" for k in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(k + "\n" for k in kept))
     return dropped, torn
 
 

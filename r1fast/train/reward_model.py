@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from r1fast.atomic import write_text_atomic
 from r1fast.cli import ArgumentParser
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
@@ -286,7 +287,7 @@ class RewardModelTrainer:
         if self.engine.is_logger:
             hf = export_sequence_classifier(path, out / "hf") if cfg.export_hf else None
             summary["hf"] = None if hf is None else str(hf)
-            (out / "eval.json").write_text(json.dumps(summary, indent=1))
+            write_text_atomic(out / "eval.json", json.dumps(summary, indent=1))
         _barrier()
         return summary
 
