@@ -178,9 +178,10 @@ class _Run:
         if given:
             self.ap.error(f"stage {self.args.name} does not use {', '.join(given)} {why}")
 
-    def problems(self, model_dir: str, demo: list[dict]) -> list[dict]:
+    def problems(self, model_dir: str, demo: Callable[[], list[dict]]) -> list[dict]:
+        """The ``--problems`` file's rows, else ``demo()`` (generated only then)."""
         if self.args.problems is None:
-            return demo
+            return demo()
         self.unused("num_train", "num_test", why="with --problems (its rows are the problems)")
         return stages.load_problems(self.args.problems, model_dir, preset=self.args.preset,
                                     template=self.args.template)
@@ -188,7 +189,7 @@ class _Run:
     def sampled_problems(self, model_dir: str) -> list[dict]:
         """What rejection-sample / distill answer: ``--prompts`` of the demo's training
         problems (the last ones: a cold start trains on the first) or of ``--problems``."""
-        rows = self.problems(model_dir, self.train)
+        rows = self.problems(model_dir, lambda: self.train)
         n = self.args.prompts
         if n is None:  # not asked for: up to the default, never an error
             n = min(DEFAULT_PROMPTS, len(rows)) if self.args.problems is None else len(rows)
@@ -199,9 +200,9 @@ class _Run:
         return rows[:n] if self.args.problems else rows[-n:]
 
     def need(self, *names: str) -> None:
-        missing = [n for n in names if getattr(self.args, n.replace("-", "_")) is None]
+        missing = [_flag(n) for n in names if getattr(self.args, n) is None]
         if missing:
-            self.ap.error(f"stage {self.args.name} needs " + ", ".join("--" + n for n in missing))
+            self.ap.error(f"stage {self.args.name} needs " + ", ".join(missing))
 
     def filters(self):
         import dataclasses
@@ -324,7 +325,7 @@ class _Run:
     def evaluate(self) -> None:
         a = self.args
         self.need("model")
-        test = self.problems(a.model, demo_task.problems(a.num_test, "test", a.seed))
+        test = self.problems(a.model, lambda: demo_task.problems(a.num_test, "test", a.seed))
         print(json.dumps(stages.evaluate(a.model, test, k=a.k, temperature=a.temperature,
                                          max_new_tokens=a.max_new_tokens, seed=a.seed)))
 
