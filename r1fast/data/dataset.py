@@ -6,6 +6,8 @@ epoch, each epoch in its own deterministic order (a permutation seeded by ``(see
 so it depends on nothing but those two numbers), and its whole position is two integers:
 ``state_dict() -> {"epoch", "position", ...}``. ``load_state_dict`` checks that the examples are
 the same ones (count and a fingerprint of their ids/prompts) before resuming.
+:class:`RowStream` is the same walk for trainers that take fixed-size batches across epoch
+ends (SFT, the reward model): its state is one integer.
 """
 from __future__ import annotations
 
@@ -20,6 +22,39 @@ def _fingerprint(examples: Sequence[dict]) -> str:
         h.update(str(ex.get("id", ex.get("prompt", ""))).encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """Epoch ``epoch``'s permutation of ``range(num_rows)``: a function of the three numbers
+    only (string seeding is stable across processes and Python versions)."""
+    order = list(range(num_rows))
+    random.Random(f"r1fast/dataset/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+class RowStream:
+    """Row indices drawn without replacement: epoch after epoch, each a fresh
+    :func:`epoch_order`, read in order; a batch may straddle two epochs (Megatron's samplers
+    do the same). Its whole state is ``position``, the rows handed out so far, so a trainer
+    resumes by setting it (``steps * batch_size`` when the batch size is fixed)."""
+
+    def __init__(self, num_rows: int, seed: int):
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
+            raise ValueError(f"num_rows must be an int >= 1, got {num_rows!r}")
+        self.num_rows, self.seed, self.position = num_rows, int(seed), 0
+        self._epoch, self._order = -1, []
+
+    def take(self, k: int) -> list[int]:
+        """The next ``k`` row indices."""
+        out = []
+        while len(out) < k:
+            epoch, at = divmod(self.position, self.num_rows)
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, epoch_order(self.num_rows, self.seed, epoch)
+            got = self._order[at:at + k - len(out)]
+            out += got
+            self.position += len(got)
+        return out
 
 
 class PromptDataset:
@@ -56,9 +91,8 @@ class PromptDataset:
 
     def _order_for(self, epoch: int) -> list[int]:
         if self._order_epoch != epoch:
-            order = list(range(len(self.examples)))
-            if self.shuffle:
-                random.Random(f"r1fast/dataset/{self.seed}/{epoch}").shuffle(order)
+            n = len(self.examples)
+            order = epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
             self._order, self._order_epoch = order, epoch
         return self._order
 

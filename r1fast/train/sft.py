@@ -10,8 +10,10 @@ distributed optimizer, at any TP/PP/EP/DP layout.
 
 One step (:meth:`SFTTrainer.step`):
 
-1. every rank draws the same ``batch_size`` rows from the seeded data RNG and keeps its DP
-   share (so the rows of a step do not depend on the layout);
+1. every rank takes the same next ``batch_size`` rows of the data order and keeps its DP
+   share (so the rows of a step do not depend on the layout). The order is drawn without
+   replacement, each epoch a fresh seeded permutation (:class:`r1fast.data.RowStream`), so
+   ``epochs = 1`` shows every row once;
 2. the rows become micro-batches: packed end to end under the token budget
    ``parallel.max_tokens_per_microbatch`` (:mod:`r1fast.train.packing`, the layout GRPO uses:
    memory follows tokens, not the longest row), or padded micro-batches of
@@ -24,7 +26,8 @@ One step (:meth:`SFTTrainer.step`):
 
 Checkpoints follow GRPO's (:mod:`r1fast.train.checkpoint`): every ``save_every`` steps and at
 the end, the model and optimizer as a megatron distributed checkpoint (resumable at any
-layout), the RNG per rank, and in ``meta.json`` the data RNG, the config and the LR schedule.
+layout), the RNG per rank, and in ``meta.json`` the data position, the config and the LR
+schedule.
 A run finds its latest checkpoint in ``out_dir/checkpoints`` and continues bit-exactly at the
 same layout; ``metrics.jsonl`` is cut back to the checkpoint's step first.
 """
@@ -33,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import random
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from typing import Optional, Sequence
 import torch
 
 from r1fast import ops
+from r1fast.data.dataset import RowStream
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.config_checks import Range, check_fields
 from r1fast.policy.optim import OptimConfig
@@ -162,8 +165,9 @@ class SFTTrainer:
         self._check_layout()
         self.data = [(tokenizer.encode(ex["prompt"], add_bos=True),
                       tokenizer.encode(ex["completion"], add_eos=True)) for ex in examples]
+        _check_rows(self.data, config.model.max_position_embeddings)
         self.data_fingerprint = _fingerprint(self.data)
-        self.rng = random.Random(config.seed)
+        self.order = RowStream(len(self.data), config.seed)
         self.step_idx = 0
         """Optimizer steps done (restored from a checkpoint on resume)."""
         path = latest_checkpoint(self.ckpt_dir) if config.resume else None
@@ -209,20 +213,26 @@ class SFTTrainer:
         barrier()
 
     def _resume(self, path: Path) -> None:
-        """Model, optimizer (resharded to this layout), LR schedule, data RNG and step from the
+        """Model, optimizer (resharded to this layout), LR schedule, data position and step from the
         checkpoint ``path``; metrics.jsonl is cut back to its step."""
         state, meta = load_checkpoint(path)
         data = meta.get("sft_data")
-        if not isinstance(data, dict) or "rng" not in data:
+        if not isinstance(data, dict) or not ("position" in data or "rng" in data):
             raise CheckpointError(f"checkpoint {path} is not an SFT checkpoint (its meta.json has "
                                   f"no sft_data); choose another out_dir for this SFT run")
         check_resumed_config(meta.get("config"), dump_toml(self.cfg), path,
                              ("steps", "resume", "overwrite", "progress", "save_every",
                               "parallel."))
         self.engine.load_checkpoint(path, state, meta)
-        rng = data["rng"]
-        self.rng.setstate((rng["version"], tuple(rng["state"]), rng["gauss"]))
         self.step_idx = int(meta["step"])
+        if "position" in data:
+            self.order.position = int(data["position"])
+        else:  # r1fast <= 0.17 drew rows with replacement from a saved RNG
+            self.order.position = self.step_idx * self.cfg.batch_size
+            log.warning("checkpoint %s drew SFT rows with replacement (an older r1fast); the "
+                        "run continues without replacement from row %d of the epoch order, so "
+                        "its data order is not that of an uninterrupted run", path,
+                        self.order.position)
         if self.engine.is_logger:
             if data.get("fingerprint") != self.data_fingerprint:
                 log.warning("resuming %s with other training rows than the run's (%d rows, "
@@ -239,11 +249,10 @@ class SFTTrainer:
 
     def save(self) -> Path:
         """A checkpoint of this step (collective): model and optimizer in megatron's
-        distributed format (resumable at any layout), RNG per rank, data RNG and config in
-        meta."""
-        version, state, gauss = self.rng.getstate()
-        meta = {"sft_data": {"rng": {"version": version, "state": list(state), "gauss": gauss},
-                             "rows": len(self.data), "fingerprint": self.data_fingerprint},
+        distributed format (resumable at any layout), RNG per rank, data position and config
+        in meta."""
+        meta = {"sft_data": {"position": self.order.position, "rows": len(self.data),
+                             "fingerprint": self.data_fingerprint},
                 "config": dump_toml(self.cfg), **self.engine.checkpoint_meta()}
         return save_checkpoint(self.ckpt_dir, self.step_idx, self.engine.rank_state(), meta,
                                write_shared=self.engine.write_shared,
@@ -252,7 +261,7 @@ class SFTTrainer:
     # -------------------------------------------------------------------------- one step
     def _batch(self) -> UpdateBatch:
         """This DP rank's share of the next global batch (every rank draws the same rows)."""
-        rows = [self.data[self.rng.randrange(len(self.data))] for _ in range(self.cfg.batch_size)]
+        rows = [self.data[i] for i in self.order.take(self.cfg.batch_size)]
         k = self.cfg.batch_size // self.info.dp
         rows = rows[self.info.dp_rank * k:(self.info.dp_rank + 1) * k]
         prompts = [[p[0]] if self.cfg.loss_on_prompt else p for p, _ in rows]
@@ -328,6 +337,26 @@ class SFTTrainer:
         finally:
             logger.close()
         return self.engine.save_model(self.tokenizer, self.run_dir / "model")
+
+
+def _check_rows(rows: Sequence[tuple[list[int], list[int]]], max_positions: int) -> None:
+    """Every row must fit the model (found at start-up, not at the step that draws it) and
+    have a first token to predict from (a tokenizer without bos encodes "" to nothing)."""
+    empty = [i for i, (p, _) in enumerate(rows) if not p]
+    if empty:
+        raise ValueError(f"SFT rows {empty[:5]}{' ...' if len(empty) > 5 else ''} "
+                         f"({len(empty)} in all) have an empty prompt and this tokenizer adds "
+                         f"no bos, so their first token has nothing to be predicted from; give "
+                         f"each row a non-empty prompt")
+    # the model reads prompt + completion minus the last token
+    long = [(i, len(p) + len(c) - 1) for i, (p, c) in enumerate(rows)
+            if len(p) + len(c) - 1 > max_positions]
+    if long:
+        shown = ", ".join(f"row {i}: {n}" for i, n in long[:5])
+        raise ValueError(f"{len(long)} SFT row(s) are longer than model.max_position_embeddings="
+                         f"{max_positions} tokens ({shown}{' ...' if len(long) > 5 else ''}); "
+                         f"drop them first (an SFT recipe drops and counts them) or use a model "
+                         f"with a longer context")
 
 
 def _fingerprint(rows: Sequence[tuple[list[int], list[int]]]) -> str:

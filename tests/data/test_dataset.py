@@ -1,7 +1,9 @@
-"""PromptDataset: epochs, determinism, resumable position."""
+"""PromptDataset and RowStream: epochs, determinism, resumable position."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from r1fast.data.dataset import PromptDataset
+from r1fast.data.dataset import PromptDataset, RowStream
 
 
 def examples(n):
@@ -77,3 +79,29 @@ def test_bad_state():
         ds.load_state_dict({"epoch": 0})
     with pytest.raises(ValueError, match="position in"):
         ds.load_state_dict({**state, "position": 9})
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_rows=st.integers(1, 40), seed=st.integers(0, 5),
+       chunks=st.lists(st.integers(1, 50), min_size=1, max_size=8))
+def test_row_stream_is_without_replacement_and_chunking_free(num_rows, seed, chunks):
+    stream = RowStream(num_rows, seed)
+    taken = [i for k in chunks for i in stream.take(k)]
+    assert stream.position == len(taken)
+    # each full epoch is a permutation; the stream does not depend on how it was chunked
+    for e in range(len(taken) // num_rows):
+        assert sorted(taken[e * num_rows:(e + 1) * num_rows]) == list(range(num_rows))
+    assert taken == RowStream(num_rows, seed).take(len(taken))
+    resumed = RowStream(num_rows, seed)
+    resumed.position = len(taken) // 2
+    assert resumed.take(len(taken) - len(taken) // 2) == taken[len(taken) // 2:]
+
+
+def test_row_stream_epochs_differ_and_match_the_dataset_order():
+    stream = RowStream(50, 3)
+    first, second = stream.take(50), stream.take(50)
+    assert first != second and sorted(first) == sorted(second)
+    ds = PromptDataset([{"id": i} for i in range(50)], 50, seed=3)
+    assert [ex["id"] for ex in ds.next_batch()] == first
+    with pytest.raises(ValueError, match="num_rows must be an int >= 1, got 0"):
+        RowStream(0, 0)

@@ -127,6 +127,43 @@ def test_layout_errors_name_the_setting(tmp_path):
                    CharTokenizer())
 
 
+def test_one_epoch_of_batches_shows_every_row_once(tmp_path):
+    from r1fast.train.sft import SFTTrainer
+
+    rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(48)]
+    tok = CharTokenizer()
+    trainer = SFTTrainer(make_cfg(tmp_path), rows, tok)
+    drawn = []
+    for _ in range(48 // 8):  # batch_size 8: one epoch
+        for row in trainer._batch().tokens.tolist():
+            text = tok.decode(row)  # specials (bos, pad) skipped
+            drawn.append(text[:text.index("=") + 1])
+    # draws with replacement left about 37% of the rows out of an epoch
+    assert sorted(drawn) == sorted(r["prompt"] for r in rows)
+    assert trainer.order.position == 48
+
+
+def test_rows_that_cannot_train_fail_at_construction(tmp_path):
+    from r1fast.data.tiny_hf import addition_problems, build_tokenizer, gsm8k_rows
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.train.sft import SFTTrainer
+
+    rows = examples(8) + [{"prompt": "1+1=", "completion": "2" * 80}]  # 85 > 64 positions
+    small = dataclasses.replace(MODEL, max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"^1 SFT row\(s\) are longer than model.max_position_"
+                                         r"embeddings=64 tokens \(row 8: 85\)"):
+        SFTTrainer(dataclasses.replace(make_cfg(tmp_path), model=small), rows, CharTokenizer())
+    build_tokenizer(tmp_path / "tok", [r["question"] + " " + r["answer"]
+                                       for r in gsm8k_rows(addition_problems(50, 0))])
+    no_bos = HFTokenizer.load(tmp_path / "tok")
+    assert no_bos.encode("", add_bos=True) == []
+    wide = dataclasses.replace(MODEL, vocab_size=512)
+    with pytest.raises(ValueError, match=r"SFT rows \[1\] \(1 in all\) have an empty prompt"):
+        SFTTrainer(dataclasses.replace(make_cfg(tmp_path / "run"), model=wide),
+                   [{"prompt": "3 + 4 =", "completion": "7"}, {"prompt": "", "completion": "7"}],
+                   no_bos)
+
+
 def test_recipe_exposes_checkpoints_resume_and_the_token_budget(tmp_path):
     from r1fast.pipeline.sft_recipe import load_sft_recipe, sft_config
     from r1fast.typed_toml import ConfigError
