@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from r1fast.atomic import write_text_atomic
 from r1fast.cli import ArgumentParser
+from r1fast.data.dataset import RowStream
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.batch import all_ranks_int
@@ -215,32 +215,34 @@ class RewardModelTrainer:
                              f"by the data parallel size ({self.info.dp})")
         self.scorer = PolicyRewardModel(self.policy, self.engine.head_weight, self.tokenizer,
                                         self.max_length)
-        self.rng = random.Random(config.seed)
+        self.order = RowStream(len(self.train_pairs), config.seed)  # without replacement
 
     def _micro_batch(self) -> dict[str, torch.Tensor]:
         """This DP rank's share of the next global batch of pairs: its chosen rows, then their
-        rejected rows (every rank draws the same global batch)."""
+        rejected rows (every rank takes the same global batch), and how many texts were cut."""
         n, k = self.cfg.batch_size, self.cfg.batch_size // self.info.dp
-        pairs = [self.train_pairs[self.rng.randrange(len(self.train_pairs))] for _ in range(n)]
+        pairs = [self.train_pairs[i] for i in self.order.take(n)]
         mine = pairs[self.info.dp_rank * k:(self.info.dp_rank + 1) * k]
         texts = [p["prompt"] + p["chosen"] for p in mine] + [p["prompt"] + p["rejected"]
                                                             for p in mine]
-        tokens, lengths = encode_texts(self.tokenizer, texts, self.max_length)  # [2k, L], [2k]
+        tokens, lengths, cut = encode_texts(self.tokenizer, texts, self.max_length)  # [2k, L]
         width = all_ranks_int(tokens.shape[1], "max")  # one shape on every rank
         tokens = F.pad(tokens, (0, width - tokens.shape[1]), value=int(self.tokenizer.pad_id))
-        return {"tokens": tokens, "lengths": lengths}
+        return {"tokens": tokens, "lengths": lengths}, cut
 
     def step(self) -> dict[str, float]:
         """One optimizer step on ``batch_size`` pairs: loss, train accuracy and mean margin of
         the batch (before the step), grad norm, lr."""
         n = float(self.cfg.batch_size)
-        upd = self.engine.update([self._micro_batch()], pair_loss_fn(self.engine, n))
+        micro, cut = self._micro_batch()
+        upd = self.engine.update([micro], pair_loss_fn(self.engine, n))
         local = {k: sum(float(r[k]) for r in upd.metrics)
                  for k in ("bt_sum", "correct", "margin_sum")}
         sums = self.engine.last_stage_reduce(local, list(local), op="sum")
         return {"loss": sums["bt_sum"] / n, "accuracy": sums["correct"] / n,
                 "margin": sums["margin_sum"] / n, "grad_norm": upd.grad_norm,
-                "lr": self.engine.lr, "skipped": float(upd.skipped)}
+                "lr": self.engine.lr, "skipped": float(upd.skipped),
+                "texts_cut": self.engine.dp_sum([float(cut)])[0]}
 
     def score_pairs(self, pairs: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen scores [P], rejected scores [P]) of ``pairs``, all on this rank, in batches

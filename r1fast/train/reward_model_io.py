@@ -11,6 +11,8 @@ TP reduction (megatron's grad norm counts a replicated parameter once, on TP ran
 Text -> tokens is :func:`encode_texts`, shared by training and scoring so both see the same
 ids: ``tokenizer.encode(prompt + response, add_bos=True, add_eos=True)``, cut to its last
 ``max_length`` tokens (the end carries the answer and the token the head reads), right-padded.
+A cut is never silent: scoring warns the first time and counts ``texts_cut``; training logs
+``texts_cut`` per step.
 
 A reward-model folder (``r1fast stage reward-model`` writes ``OUT/model``; a recipe's
 ``[reward] reward_model`` names it) is an ordinary model folder plus two files:
@@ -74,17 +76,20 @@ def head_scores(weight: torch.Tensor, hidden: torch.Tensor, lengths: torch.Tenso
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens [B, L] int64, lengths [B] int64)``: each text with bos and eos, cut to its last
-    ``max_length`` tokens, right-padded with the tokenizer's pad id (see the module docstring)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(tokens [B, L] int64, lengths [B] int64, cut)``: each text with bos and eos, cut to its
+    last ``max_length`` tokens, right-padded with the tokenizer's pad id (see the module
+    docstring); ``cut`` counts the texts that lost their start (callers report it)."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (a token and the eos), got {max_length}")
-    ids = [tokenizer.encode(t, add_bos=True, add_eos=True)[-max_length:] for t in texts]
+    full = [tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]
+    cut = sum(len(x) > max_length for x in full)
+    ids = [x[-max_length:] for x in full]
     longest = max(len(x) for x in ids)
     tokens = torch.full((len(ids), longest), int(tokenizer.pad_id), dtype=torch.long)
     for row, seq in enumerate(ids):
         tokens[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return tokens, torch.tensor([len(x) for x in ids], dtype=torch.long)
+    return tokens, torch.tensor([len(x) for x in ids], dtype=torch.long), cut
 
 
 class PolicyRewardModel:
@@ -103,6 +108,8 @@ class PolicyRewardModel:
                              f"its model.vocab_size is {policy.model_cfg.vocab_size}")
         self.policy, self.head_weight = policy, head_weight
         self.tokenizer, self.max_length = tokenizer, int(max_length)
+        self.texts_cut = 0
+        """Texts scored so far that were longer than ``max_length`` (their start cut off)."""
 
     def scores(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores [B] of encoded rows (every rank receives them)."""
@@ -117,7 +124,14 @@ class PolicyRewardModel:
             pad = int(self.tokenizer.pad_id)
             self.scores(torch.full((1, 1), pad, dtype=torch.long), torch.ones(1, dtype=torch.long))
             return torch.zeros(0)
-        return self.scores(*encode_texts(self.tokenizer, texts, self.max_length))
+        tokens, lengths, cut = encode_texts(self.tokenizer, texts, self.max_length)
+        if cut and not self.texts_cut:
+            log.warning("reward model: %d of %d texts are longer than its max_length=%d tokens "
+                        "and are scored on their last %d tokens (the prompt's start is cut); "
+                        "later cuts are counted in texts_cut", cut, len(texts),
+                        self.max_length, self.max_length)
+        self.texts_cut += cut
+        return self.scores(tokens, lengths)
 
 
 # ------------------------------------------------------------------------------------------

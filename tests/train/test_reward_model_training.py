@@ -56,7 +56,33 @@ def _fixed_batch(n_pairs: int = 4, seed: int = 5):
     pairs[0]["chosen"] += " and that is all"  # rows of different lengths: padding is exercised
     texts = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"]
                                                          for p in pairs]
-    return pairs, *encode_texts(CharTokenizer(), texts, MODEL.max_position_embeddings)
+    tokens, lengths, cut = encode_texts(CharTokenizer(), texts, MODEL.max_position_embeddings)
+    assert cut == 0
+    return pairs, tokens, lengths
+
+
+def test_texts_over_max_length_keep_their_end_and_are_counted_and_warned(caplog):
+    from r1fast.train.reward_model_io import PolicyRewardModel, encode_texts
+
+    tok = CharTokenizer()
+    tokens, lengths, cut = encode_texts(tok, ["abcdefgh", "ab"], 5)
+    assert cut == 1 and lengths.tolist() == [5, 4]
+    assert tokens[0].tolist() == tok.encode("abcdefgh", add_bos=True, add_eos=True)[-5:]
+
+    class Stub(PolicyRewardModel):  # the scoring forward is not what this test is about
+        def scores(self, tokens, lengths):
+            return torch.zeros(tokens.shape[0])
+
+    class Policy:
+        model_cfg = MODEL
+
+    scorer = Stub(Policy(), None, tok, 5)
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        scorer(["abcdefgh", "ab"])
+        scorer(["abcdefghij"])
+    warned = [r.getMessage() for r in caplog.records if "max_length=5" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("reward model: 1 of 2 texts are longer")
+    assert scorer.texts_cut == 2
 
 
 def _hf_reference(hf_dir, tokens, lengths):
