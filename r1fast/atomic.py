@@ -21,6 +21,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def sync_tree(path: str | os.PathLike) -> None:
+    """``fsync`` every file and folder under ``path`` (and ``path``): before a folder written
+    by other libraries (safetensors, tokenizers) is renamed into place."""
+    root = Path(path)
+    for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # deepest first
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(root)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through ``path.tmp`` and a rename; parents are
     created. Returns ``path``."""

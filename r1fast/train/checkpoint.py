@@ -125,11 +125,15 @@ def _gather(obj: Any, world: int) -> list:
     return out
 
 
-def file_digest(path: str | Path) -> dict:
-    """``{"sha256": hex, "bytes": size}`` of a file's content."""
+def file_digest(path: str | Path, sync: bool = False) -> dict:
+    """``{"sha256": hex, "bytes": size}`` of a file's content; ``sync`` also makes the file
+    durable (``fsync``) first: the writers of a checkpoint's shared parts (megatron's
+    ``common.pt``, ``metadata.json``) do not."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
             size += len(chunk)
@@ -189,8 +193,9 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     tmp = root / f".tmp_step_{step:08d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # debris of an earlier killed save
+        for debris in root.glob(".tmp_step_*"):  # folders of saves killed before their rename
+            log.info("removing %s, left by a save that did not finish", debris)
+            shutil.rmtree(debris)
         tmp.mkdir()
     _barrier()
     if write_shared is not None:
@@ -202,7 +207,8 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     if rank == 0:
         meta = _sealed({**meta, "step": step, "world_size": world, "files": digests})
         _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        fsync_dir(tmp)
+        for folder in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:  # deepest entries too
+            fsync_dir(folder)
         if _before_commit is not None:
             _before_commit()
         if final.exists():
@@ -248,11 +254,11 @@ def _files_of(folder: Path) -> list[str]:
 
 
 def _digest_files(folder: Path, rank: int, world: int) -> dict[str, dict]:
-    """``{relative path: file_digest}`` of every file under ``folder``; each rank hashes every
-    world-th file and the results are gathered (collective)."""
+    """``{relative path: file_digest}`` of every file under ``folder``; each rank syncs and
+    hashes every world-th file and the results are gathered (collective)."""
     names = _files_of(folder) if rank == 0 else None
     names = _broadcast(names, world)
-    mine = {n: file_digest(folder / n) for n in names[rank::world]}
+    mine = {n: file_digest(folder / n, sync=True) for n in names[rank::world]}
     out: dict[str, dict] = {}
     for part in _gather(mine, world):
         out.update(part)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from r1fast.atomic import fsync_dir, sync_tree
+
 
 def model_state(policy) -> dict[str, torch.Tensor]:
     """This rank's model chunk (tensors only, cloned out of megatron's contiguous buffers)."""
@@ -88,12 +90,14 @@ def save_model(policy, tokenizer, path: str | Path) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": stops if len(stops) > 1 else stops[0],
              "pad_token_id": int(tokenizer.pad_id)}, indent=1))
+        sync_tree(tmp)  # durable before the rename publishes it
         old = path.with_name(path.name + ".old")
         if path.exists():  # set aside, not deleted, until the new folder is in place
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
         if old.exists():
             shutil.rmtree(old)
     if dist.is_initialized():

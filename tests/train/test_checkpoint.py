@@ -43,9 +43,29 @@ def test_kill_during_save_keeps_last_good(tmp_path):
     assert path.name == "step_00000001"
     state, meta = load_checkpoint(path)
     assert meta["ok"] == 1 and torch.equal(state["v"], torch.zeros(1))
-    # a later save cleans the debris and commits
-    save_checkpoint(tmp_path, 2, {"v": torch.ones(1)}, {"ok": 2})
-    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    assert (tmp_path / ".tmp_step_00000002").is_dir()
+    # a later save (of another step) removes the killed save's folder and commits
+    save_checkpoint(tmp_path, 3, {"v": torch.ones(1)}, {"ok": 3})
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert not list(tmp_path.glob(".tmp_step_*"))
+
+
+def test_every_file_and_folder_of_a_checkpoint_is_synced(tmp_path, monkeypatch):
+    synced, fsync = set(), os.fsync
+
+    def recording_fsync(fd):
+        # entries are synced under the temporary name, before the rename that commits them
+        synced.add(os.readlink(f"/proc/self/fd/{fd}").replace("/.tmp_step_", "/step_"))
+        fsync(fd)
+
+    def write_shared(folder):  # like megatron's writer: files in a subfolder, never synced
+        (folder / "policy").mkdir()
+        (folder / "policy" / "common.pt").write_bytes(b"x" * 10)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    final = save_checkpoint(tmp_path, 1, {"v": torch.ones(2)}, {}, write_shared=write_shared)
+    entries = {str(p) for p in final.rglob("*")} | {str(final), str(tmp_path)}
+    assert entries <= synced, sorted(entries - synced)
 
 
 def test_rng_state_roundtrip(tmp_path):
