@@ -117,7 +117,7 @@ def test_export_never_replaces_a_folder_it_was_not_told_to(tmp_path, capsys):
     assert "is neither a run folder" in capsys.readouterr().err
 
 
-def test_export_of_an_sft_run(tmp_path):
+def test_export_of_an_sft_run(tmp_path, capsys):
     """`r1fast export` of an SFT run failed with "unknown config key 'steps'" (it read every
     checkpoint's config as a GRPO TrainConfig); it now writes the same weights the SFT run
     saved as its model, with the run's tokenizer."""
@@ -134,3 +134,9 @@ def test_export_of_an_sft_run(tmp_path):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (out / "tokenizer.json").read_text() == (model / "tokenizer.json").read_text()
+    # --overwrite onto the run itself (or a folder above it) moved the run aside and deleted it
+    for target in (tmp_path / "sft", tmp_path):
+        with pytest.raises(SystemExit):
+            main(["export", str(tmp_path / "sft"), str(target), "--overwrite"])
+        assert "is or holds the run being exported" in capsys.readouterr().err
+    assert (tmp_path / "sft" / "checkpoints").is_dir() and (model / "model.safetensors").is_file()

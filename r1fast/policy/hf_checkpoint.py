@@ -377,6 +377,15 @@ def _is_mtp(key: str, cfg: ModelConfig) -> bool:
     return m is not None and cfg.num_layers <= int(m.group(1)) < cfg.num_layers + cfg.mtp_layers
 
 
+def keep_mtp_from(policy, path: str) -> list[str]:
+    """Record the MTP tensors of the HF folder ``path`` to be copied back by
+    :func:`save_hf_checkpoint` (an export of a run that started from ``path``: MTP layers are
+    not trained, so the start's tensors are the run's). Returns their names."""
+    keys = sorted(k for k in _Reader(path).files if _is_mtp(k, policy.model_cfg))
+    policy.hf_passthrough = (os.path.abspath(path), keys)
+    return keys
+
+
 def _passthrough(policy) -> dict[str, torch.Tensor]:
     """The checkpoint tensors the policy keeps but does not build (MTP layers), read again from
     the checkpoint it was loaded from."""

@@ -9,8 +9,10 @@ checkpoint is taken) or one ``checkpoints/step_N`` folder. The model is in megat
 distributed-checkpoint format, so one process exports a checkpoint written at any layout (it
 builds the model at one rank); under ``torchrun --nproc-per-node N`` (``scripts/launch.sh``)
 the run's own parallel layout is used, the HF writer gathers the shards and rank 0 writes.
-Checkpoints of the older per-rank format export only at the layout that wrote them. The tokenizer is the run's (``tokenizer/``),
-else the one of its ``run.init_from`` folder.
+Checkpoints of the older per-rank format export only at the layout that wrote them. The
+tokenizer is the run's (``tokenizer/``), else the one of its ``run.init_from`` folder; MTP
+layers (never trained) are copied from ``init_from``. ``OUT_DIR`` may not be the run folder or
+hold it.
 """
 from __future__ import annotations
 
@@ -53,6 +55,31 @@ def _run_config(text: str):
     return typed_toml.from_dict(TrainConfig if "run" in data else SFTConfig, data)
 
 
+def _run_field(cfg, name: str):
+    """``run.<name>`` of a GRPO TrainConfig, ``<name>`` of an SFTConfig."""
+    return getattr(cfg.run if hasattr(cfg, "run") else cfg, name)
+
+
+def _keep_mtp(policy, cfg) -> None:
+    """MTP layers (DeepSeek-V3) are not built, so checkpoints do not hold them; the HF folder
+    takes them, unchanged, from the run's ``init_from``, as the run's own ``model/`` does."""
+    from r1fast.policy.hf_checkpoint import keep_mtp_from
+
+    if not cfg.model.mtp_layers:
+        return
+    init = _run_field(cfg, "init_from")
+    if init and Path(init, "config.json").is_file():
+        if keep_mtp_from(policy, init):
+            return
+        log.info("export: init_from=%s holds no MTP tensors (transformers saves none); the HF "
+                 "folder has none either", init)
+        return
+    log.warning("export: the model has mtp_layers=%d but the run's init_from=%s is gone, so the "
+                "HF folder has NO multi-token-prediction tensors although its config counts "
+                "them; copy them from the original checkpoint if you need them",
+                cfg.model.mtp_layers, init)
+
+
 def _tokenizer(run_dir: Path, cfg):
     from r1fast.data import load_tokenizer
     from r1fast.train.task import run_tokenizer
@@ -85,19 +112,24 @@ def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False)
         raise ValueError(f"export: {out} already exists and is not empty; it would be "
                          f"replaced whole (pass --overwrite to allow that)")
     run_dir, ckpt = _resolve(Path(src).resolve())  # a relative step_N still finds its run
+    target = out.resolve()
+    if run_dir.is_relative_to(target) or ckpt.is_relative_to(target):
+        raise ValueError(f"export: out_dir {out} is or holds the run being exported ({run_dir});"
+                         f" replacing it would delete the run's checkpoints; choose another "
+                         f"folder (e.g. {run_dir / 'hf'})")
     meta = json.loads((ckpt / "meta.json").read_text())
     text = meta.get("config") or (run_dir / "config.toml").read_text()
     cfg = _run_config(text)
     parallel = cfg.parallel
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and (ckpt / "policy").is_dir():
         parallel = ParallelConfig(world_size=1)  # any layout reshards into one process
-    policy = build_policy(cfg.model, parallel, trainable=False,
-                          seed=cfg.run.seed if hasattr(cfg, "run") else cfg.seed)
+    policy = build_policy(cfg.model, parallel, trainable=False, seed=_run_field(cfg, "seed"))
     state, _ = load_checkpoint(ckpt)
     if state is None or "model" not in state:
         load_sharded(policy, None, ckpt / "policy")
     else:
         load_model_state(policy, state["model"])
+    _keep_mtp(policy, cfg)
     path = save_model(policy, _tokenizer(run_dir, cfg), out)
     log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), path)
     return path

@@ -105,12 +105,10 @@ def test_export_then_reload_in_transformers_is_exact(saved, tmp_path):
                                  str(tmp_path / "export"), "deepseek_v3")
 
 
-def test_mtp_layers_are_kept_and_written_back(saved, tmp_path):
-    """A checkpoint with num_nextn_predict_layers=1: the MTP layer (model.layers.3.*) is not
-    built, but export writes its tensors back bit for bit."""
+def _with_mtp(path, tmp_path):
+    """A copy of the checkpoint ``path`` with num_nextn_predict_layers=1 and MTP tensors."""
     from safetensors.torch import load_file, save_file
 
-    _, path = saved
     src = str(tmp_path / "mtp")
     os.makedirs(src)
     tensors = load_file(os.path.join(path, "model.safetensors"))
@@ -124,15 +122,43 @@ def test_mtp_layers_are_kept_and_written_back(saved, tmp_path):
         hf = json.load(f)
     with open(os.path.join(src, "config.json"), "w") as f:
         json.dump({**hf, "num_nextn_predict_layers": 1}, f)
-    policy = load(src)
-    assert policy.model_cfg.mtp_layers == 1
-    out = str(tmp_path / "out")
-    save_hf_checkpoint(policy, out)
+    return src, mtp
+
+
+def _check_mtp_written_back(out, mtp):
+    from safetensors.torch import load_file
+
     back = load_file(os.path.join(out, "model.safetensors"))
     for k, v in mtp.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["num_nextn_predict_layers"] == 1
+
+
+def test_mtp_layers_are_kept_and_written_back(saved, tmp_path):
+    """A checkpoint with num_nextn_predict_layers=1: the MTP layer (model.layers.3.*) is not
+    built, but export writes its tensors back bit for bit."""
+    src, mtp = _with_mtp(saved[1], tmp_path)
+    policy = load(src)
+    assert policy.model_cfg.mtp_layers == 1
+    out = str(tmp_path / "out")
+    save_hf_checkpoint(policy, out)
+    _check_mtp_written_back(out, mtp)
+
+
+def test_export_of_a_run_takes_the_mtp_layers_from_its_init_from(saved, tmp_path):
+    """`r1fast export` builds the model from the run's config, so the MTP tensors (never
+    trained) were silently missing from its HF folder; it now copies them from init_from."""
+    from r1fast.data import CharTokenizer
+    from r1fast.train.export import export_checkpoint
+    from r1fast.train.sft import SFTConfig, SFTTrainer
+
+    src, mtp = _with_mtp(saved[1], tmp_path)
+    rows = [{"prompt": "1+1=", "completion": "2"}] * 4
+    SFTTrainer(SFTConfig(model=load_model_config(src), steps=1, batch_size=2, init_from=src,
+                         out_dir=str(tmp_path / "run")), rows, CharTokenizer()).fit()
+    out = export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    _check_mtp_written_back(out, mtp)
 
 
 def test_plain_q_projection_without_yarn(tmp_path):
