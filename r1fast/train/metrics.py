@@ -38,7 +38,10 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            # on resume, points after the checkpoint (logged again from it) are purged, as
+            # metrics.jsonl is cut back
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=initial_step + 1 if initial_step else None)
         if progress:
             from tqdm.auto import tqdm
 

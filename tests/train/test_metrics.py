@@ -43,3 +43,25 @@ def test_micro_batch_metrics_keep_extremes_and_weigh_tokens():
     assert math.isclose(out["clip_frac"], (500 + 10 + 5) / 5015)
     # a rank without tokens has no ratio (the extreme over ranks skips it)
     assert combine_micro_metrics({"ratio_max": [1.0], "num_tokens": [0.0]})["ratio_max"] is None
+
+
+def test_a_resumed_run_purges_tensorboard_points_after_its_checkpoint(tmp_path):
+    """metrics.jsonl is cut back to the checkpoint's step on resume; TensorBoard kept the
+    crashed run's later points beside the resumed run's."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    from r1fast.train.metrics import truncate_metrics
+
+    crashed = MetricsLogger(tmp_path, tensorboard=True, progress=False)
+    for step in (1, 2, 3):  # the checkpoint was at step 1
+        crashed.log(step, {"loss": 10.0 + step})
+    crashed.close()
+    truncate_metrics(tmp_path / "metrics.jsonl", 1)
+    resumed = MetricsLogger(tmp_path, tensorboard=True, progress=False, initial_step=1)
+    for step in (2, 3):
+        resumed.log(step, {"loss": 20.0 + step})
+    resumed.close()
+    want = [(1, 11.0), (2, 22.0), (3, 23.0)]
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == want
+    events = EventMultiplexer({"run": str(tmp_path / "tensorboard")}).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("run", "loss")] == want
