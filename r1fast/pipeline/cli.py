@@ -46,7 +46,7 @@ DEFAULT_STEPS, DEFAULT_LR, PRETRAIN_LR = 200, 1e-3, 3e-3
 DEFAULT_PROMPTS = 1024  # demo problems sampled by rejection-sample / distill
 SAMPLING = ("k", "temperature", "max_new_tokens")
 FILTERS = ("keep", "language", "max_chars", "max_paragraph_chars", "min_language_share",
-           "allow_code_blocks")
+           "allow_code_blocks", "keep_truncated")
 PROBLEMS = ("problems", "preset", "template")
 #: the options (argparse dests) each stage reads; giving it any other one is an error, since
 #: an option that is accepted and then ignored runs something other than what was asked
@@ -144,6 +144,9 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     help="rejection-sample: least share of thought words in --language (0.95)")
     ap.add_argument("--allow-code-blocks", action="store_true",
                     help="rejection-sample: keep completions with fenced code blocks")
+    ap.add_argument("--keep-truncated", action="store_true",
+                    help="rejection-sample: keep completions cut at --max-new-tokens (SFT "
+                         "then ends them with the eos)")
     ap.add_argument("--overwrite", action="store_true",
                     help="rejection-sample, distill: replace an existing output JSONL")
     return ap
@@ -217,6 +220,8 @@ class _Run:
             rules["language"] = None if a.language == "none" else a.language
         if a.allow_code_blocks:
             rules["reject_code_blocks"] = False
+        if a.keep_truncated:
+            rules["reject_truncated"] = False
         return dataclasses.replace(RejectionFilterConfig.for_keep(a.keep), **rules)
 
     def pretrain(self) -> object:

@@ -47,6 +47,7 @@ from r1fast.data import CharTokenizer
 from r1fast.pipeline import demo_report as report
 from r1fast.pipeline import demo_task as task
 from r1fast.pipeline import stages
+from r1fast.pipeline.filters import RejectionFilterConfig
 from r1fast.policy.config import ModelConfig
 from r1fast.train.metrics import read_jsonl
 
@@ -95,6 +96,9 @@ class DemoConfig:
     rs_keep: str = "correct"
     """Rejection-sampling rule preset (r1fast.pipeline.filters): "correct" (R1's rules:
     correct, well-formed, one language, deduplicated), "well_formed" or "all"."""
+    rs_keep_truncated: bool = False
+    """Keep rejection samples cut at ``max_new_tokens`` (every preset drops them: SFT would end
+    them with the eos); for miniature runs whose few tokens cut nearly every answer."""
     general_sft_share: float = 0.2
     """Share of non-reasoning rows (greetings) in stage 3's SFT set."""
     general_good_share: float = 0.3
@@ -293,10 +297,12 @@ class Demo:
         """Rejection sampling from R1 plus non-reasoning rows, SFT of the base."""
         c = self.cfg
         prompts = self.train[-c.rs_prompts:]
+        rules = dataclasses.replace(RejectionFilterConfig.for_keep(c.rs_keep),
+                                    reject_truncated=not c.rs_keep_truncated)
         rs_path, rs_stats = stages.rejection_sample(r1, prompts, self.root / "rs_data.jsonl",
                                                     k=c.rs_k, temperature=c.rs_temperature,
                                                     max_new_tokens=c.max_new_tokens,
-                                                    seed=c.seed, keep=c.rs_keep)
+                                                    seed=c.seed, filters=rules)
         general = task.general_sft_rows(2 * c.rs_prompts, c.general_good_share, c.seed)
         # R1's non-reasoning SFT data, in miniature (also a file for `r1fast stage sft --mix`)
         stages.write_jsonl(general, self.root / "general_sft.jsonl")

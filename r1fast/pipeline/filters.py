@@ -8,6 +8,8 @@ threshold in :class:`RejectionFilterConfig`, and every dropped sample is counted
 
 ==================  =================================================================
 ``empty``           nothing but whitespace (always on: an SFT row needs a completion)
+``truncated``       cut at ``max_new_tokens`` before a stop token (on in every preset: SFT
+                    appends the eos, so the student would learn to stop mid-text)
 ``too_long``        longer than ``max_chars`` characters (0: no limit)
 ``unparsable``      not ``<think>...</think>`` + a non-empty ``\\boxed{}`` answer
 ``wrong``           the example's checker (its ``reward`` field, else math accuracy)
@@ -35,7 +37,7 @@ from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
 from r1fast.checks import check_choice, check_range
 
-REASONS = ("empty", "too_long", "unparsable", "wrong", "mixed_language", "long_paragraph",
+REASONS = ("empty", "truncated", "too_long", "unparsable", "wrong", "mixed_language", "long_paragraph",
            "code_block", "duplicate")
 CODE_FENCE = "```"
 
@@ -62,6 +64,9 @@ class RejectionFilterConfig:
     without a blank line); 0: no limit."""
     reject_code_blocks: bool = True
     """``code_block``: drop completions with a fenced code block."""
+    reject_truncated: bool = True
+    """``truncated``: drop completions cut at the sampling limit before a stop token (SFT ends
+    every completion with the eos, so a cut one would teach stopping mid-text)."""
     dedupe: bool = True
     """``duplicate``: keep one copy of each distinct (whitespace-normalised) answer per prompt."""
     think_in_prompt: bool = False
@@ -77,7 +82,8 @@ class RejectionFilterConfig:
     @classmethod
     def for_keep(cls, keep: str) -> "RejectionFilterConfig":
         """The rules behind ``rejection_sample(keep=...)``: "correct" (all of R1's rules),
-        "well_formed" (all but ``wrong``), "all" (only ``duplicate``; ``empty`` is always on)."""
+        "well_formed" (all but ``wrong``), "all" (only ``truncated`` and ``duplicate``;
+        ``empty`` is always on)."""
         if keep == "correct":
             return cls()
         if keep == "well_formed":
@@ -137,14 +143,18 @@ def normalised(text: str) -> str:
 
 
 def rejection_reason(text: str, example: dict, check: Callable[[str, dict], float],
-                     cfg: RejectionFilterConfig, kept: set[str]) -> str | None:
+                     cfg: RejectionFilterConfig, kept: set[str],
+                     truncated: bool = False) -> str | None:
     """The first rule ``text`` fails (a name of :data:`REASONS`), or None to keep it; ``kept``
-    holds the normalised answers already kept for this prompt. A completion whose prompt
+    holds the normalised answers already kept for this prompt; ``truncated``: generation cut
+    the text at its token limit. A completion whose prompt
     opened ``<think>`` is read with it in front (:func:`~r1fast.rewards.extract.as_scored`),
     unless ``cfg.think_in_prompt`` already says so."""
     read = text if cfg.think_in_prompt else as_scored(text, example.get("prompt", ""))
     if not text.strip():  # always: an SFT row needs something to learn, even under keep="all"
         return "empty"
+    if truncated and cfg.reject_truncated:
+        return "truncated"
     if too_long(text, cfg):
         return "too_long"
     if cfg.require_format and unparsable(read, cfg):
@@ -166,25 +176,32 @@ def rejection_reason(text: str, example: dict, check: Callable[[str, dict], floa
 
 def filter_samples(examples: Sequence[dict], samples: Sequence[Sequence[str]],
                    checker_for: Callable[[dict], Callable[[str, dict], float]],
-                   cfg: RejectionFilterConfig, keep_per_prompt: int | None = None
+                   cfg: RejectionFilterConfig, keep_per_prompt: int | None = None,
+                   truncated: Sequence[Sequence[bool]] | None = None
                    ) -> tuple[list[dict], dict[str, Any]]:
     """Kept ``{"prompt", "completion", "id"}`` rows of ``samples[i]`` (answers to
     ``examples[i]``) and the summary: prompts, samples, kept, prompts_with_a_kept_sample,
-    rejected (count per reason, every reason listed), over_limit, and the rules used."""
+    rejected (count per reason, every reason listed), over_limit, and the rules used.
+    ``truncated[i][j]`` marks samples cut at the generation limit (None: none were)."""
     if len(samples) != len(examples):
         raise ValueError(f"samples and examples must have the same length, got {len(samples)} "
                          f"and {len(examples)}")
+    if truncated is None:
+        truncated = [[False] * len(outs) for outs in samples]
+    if [len(t) for t in truncated] != [len(outs) for outs in samples]:
+        raise ValueError("truncated must have one flag per sample, shaped like samples")
     if keep_per_prompt is not None and keep_per_prompt < 1:
         raise ValueError(f"keep_per_prompt must be >= 1 or None (no limit), got {keep_per_prompt}")
     rejected = dict.fromkeys(REASONS, 0)
     rows: list[dict] = []
     solved = over = total = 0
-    for ex, outs in zip(examples, samples):
+    for ex, outs, cuts in zip(examples, samples, truncated):
         check = checker_for(ex)
         kept: dict[str, str] = {}  # normalised -> text, in sampling order
-        for text in outs:
+        for text, cut in zip(outs, cuts):
             total += 1
-            reason = rejection_reason(text, ex, check, cfg, set(kept) if cfg.dedupe else set())
+            reason = rejection_reason(text, ex, check, cfg, set(kept) if cfg.dedupe else set(),
+                                      truncated=cut)
             if reason is not None:
                 rejected[reason] += 1
             elif keep_per_prompt is not None and len(kept) >= keep_per_prompt:

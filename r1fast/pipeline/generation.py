@@ -8,6 +8,7 @@ stop tokens end the samples).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,9 +32,26 @@ def load_model(path: str | Path, parallel=None):
     return policy, tokenizer
 
 
+@dataclass(kw_only=True)
+class Samples:
+    """Completions of :func:`sample_with_flags`, indexed ``[prompt][sample]``."""
+
+    texts: list[list[str]]
+    """Decoded completions (the stop token excluded)."""
+    truncated: list[list[bool]]
+    """True where generation hit ``max_new_tokens`` before a stop token: the text is cut."""
+
+
 def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: SamplingConfig,
            seed: int = 0, batch_rows: int = 64) -> list[list[str]]:
-    """``k`` completions (decoded text) per prompt, rows generated ``batch_rows`` at a time.
+    """``k`` completions (decoded text) per prompt: :func:`sample_with_flags`'s texts."""
+    return sample_with_flags(policy, tokenizer, prompts, k, sampling, seed, batch_rows).texts
+
+
+def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
+                      sampling: SamplingConfig, seed: int = 0, batch_rows: int = 64) -> Samples:
+    """``k`` completions per prompt and which were cut at ``max_new_tokens``, rows generated
+    ``batch_rows`` at a time.
 
     Row ``j`` of prompt ``i`` uses the random stream ``(seed, i, j)``, so results do not depend
     on batching.
@@ -45,12 +63,13 @@ def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: Sampling
     rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
     out: list[list[str]] = [[""] * k for _ in prompts]
+    cut = [[False] * k for _ in prompts]
     decoder = make_decoder(policy)  # KV cache at pp == 1, else prefix recomputation
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
         seeds = [hash((seed, i, j)) & 0x7FFF_FFFF_FFFF_FFFF for i, j in chunk]
         ro = generate(decoder, [encoded[i] for i, _ in chunk], sampling,
                       eos_token_id=tokenizer.eos_id, row_seeds=seeds)
-        for (i, j), ids in zip(chunk, ro.completion_ids):
-            out[i][j] = tokenizer.decode(ids)
-    return out
+        for (i, j), ids, truncated in zip(chunk, ro.completion_ids, ro.truncated):
+            out[i][j], cut[i][j] = tokenizer.decode(ids), bool(truncated)
+    return Samples(texts=out, truncated=cut)

@@ -171,14 +171,15 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
                          f"overwrite=True (--overwrite) to replace it")
     from r1fast.pipeline.evaluate import checker
     from r1fast.pipeline.filters import filter_samples
-    from r1fast.pipeline.generation import load_model, sample
+    from r1fast.pipeline.generation import load_model, sample_with_flags
 
     policy, tok = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    samples = sample(policy, tok, [ex["prompt"] for ex in examples], k, cfg, seed=seed)
+    samples = sample_with_flags(policy, tok, [ex["prompt"] for ex in examples], k, cfg,
+                                seed=seed)
     checkers: dict[str, Any] = {}
-    rows, summary = filter_samples(examples, samples, lambda ex: checker(ex, checkers), filters,
-                                   keep_per_prompt)
+    rows, summary = filter_samples(examples, samples.texts, lambda ex: checker(ex, checkers),
+                                   filters, keep_per_prompt, truncated=samples.truncated)
     summary_path = path.with_suffix(".summary.json")
     summary["summary_path"] = str(summary_path)
     write_text_atomic(summary_path, json.dumps(summary, indent=1) + "\n")

@@ -37,19 +37,20 @@ def test_each_reason_on_its_own_sample():
 
 
 def test_batch_counts_every_reason_once_and_keeps_the_rest():
-    samples = [[GOOD, *SAMPLES.values()], [GOOD]]
+    samples = [[GOOD, *SAMPLES.values(), GOOD + " and then"], [GOOD]]
+    cut = [[False] * (len(SAMPLES) + 1) + [True], [False]]  # the last one hit the token limit
     examples = [EX, {**EX, "id": 8, "prompt": "other"}]
-    rows, summary = filter_samples(examples, samples, lambda ex: MATH, RULES)
+    rows, summary = filter_samples(examples, samples, lambda ex: MATH, RULES, truncated=cut)
     assert summary["rejected"] == {**dict.fromkeys(REASONS, 1)}
     assert list(summary["rejected"]) == list(REASONS)
-    assert summary["samples"] == 10 and summary["kept"] == 2 and summary["prompts"] == 2
-    assert summary["kept"] + sum(summary["rejected"].values()) + summary["over_limit"] == 10
+    assert summary["samples"] == 11 and summary["kept"] == 2 and summary["prompts"] == 2
+    assert summary["kept"] + sum(summary["rejected"].values()) + summary["over_limit"] == 11
     assert summary["prompts_with_a_kept_sample"] == 2
     assert rows == [{"prompt": EX["prompt"], "completion": GOOD, "id": 7},
                     {"prompt": "other", "completion": GOOD, "id": 8}]
     assert summary["rules"]["max_paragraph_chars"] == 200
     table = format_summary(summary)
-    assert "kept 2 (20.0%)" in table and "mixed_language" in table and "10.0%" in table
+    assert "kept 2 (18.2%)" in table and "mixed_language" in table and "9.1%" in table
 
 
 def test_a_prompt_that_opened_the_thought_is_read_with_it():
@@ -109,6 +110,21 @@ def test_presets_and_per_prompt_limit():
     rows, s = filter_samples([EX], [[GOOD, GOOD.replace("First", "So")]], lambda ex: MATH,
                              RejectionFilterConfig(), keep_per_prompt=1)
     assert s["kept"] == 1 and s["over_limit"] == 1 and rows[0]["completion"] == GOOD
+
+
+def test_samples_cut_at_the_token_limit_are_dropped_by_every_preset():
+    """A cut completion (even a correct one whose box came before the cut) became an SFT row
+    ending in eos; it is now dropped as ``truncated`` unless reject_truncated is off."""
+    cut = [[GOOD, GOOD + " and then"]]
+    for keep in ("all", "well_formed", "correct"):
+        rows, s = filter_samples([EX], cut, lambda ex: MATH, RejectionFilterConfig.for_keep(keep),
+                                 truncated=[[False, True]])
+        assert s["kept"] == 1 and s["rejected"]["truncated"] == 1 and rows[0]["completion"] == GOOD
+    rows, s = filter_samples([EX], cut, lambda ex: MATH, RejectionFilterConfig(
+        reject_truncated=False, dedupe=False, require_correct=False), truncated=[[False, True]])
+    assert s["kept"] == 2 and s["rejected"]["truncated"] == 0
+    with pytest.raises(ValueError, match="one flag per sample"):
+        filter_samples([EX], cut, lambda ex: MATH, RejectionFilterConfig(), truncated=[[True]])
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -11,6 +11,7 @@ from r1fast.pipeline import demo_report, stages
 from r1fast.pipeline import demo_task as task
 from r1fast.pipeline.demo import Demo, DemoConfig, dense_model, moe_model
 from r1fast.pipeline.evaluate import score_samples, standard_error
+from r1fast.pipeline.filters import RejectionFilterConfig
 from r1fast.train.metrics import read_jsonl
 
 
@@ -50,14 +51,17 @@ def test_every_stage_runs_and_hands_off(tmp_path):
     assert (tmp_path / "rl" / "metrics.jsonl").is_file()
     cold = stages.sft(stages.cold_start_data(train[:8]), tmp_path / "cold", init_from=rl,
                       steps=2, batch_size=4)
+    # 6 new tokens cut nearly every answer of these 2-step models: keep the cut ones here
+    everything = dataclasses.replace(RejectionFilterConfig.for_keep("all"), reject_truncated=False)
     path, stats = stages.rejection_sample(cold, train[:3], tmp_path / "rs.jsonl", k=2,
-                                          max_new_tokens=6, keep="all")
+                                          max_new_tokens=6, filters=everything)
     assert stats["samples"] == 6 and stats["kept"] >= 3
     rows = read_jsonl(path)
     assert {"prompt", "completion"} <= set(rows[0])
     rs = stages.sft(rows, tmp_path / "rs_sft", init_from=base, steps=2, batch_size=4)
     student, dstats = stages.distill(rs, train[:3], tmp_path / "student", student=dense_model(),
-                                     k=2, max_new_tokens=6, steps=2, batch_size=4, keep="all")
+                                     k=2, max_new_tokens=6, steps=2, batch_size=4,
+                                     filters=everything)
     cfg = json.loads((student / "r1fast_config.json").read_text())
     assert cfg["num_experts"] is None  # the student is dense
     assert stages.evaluate(student, test, k=1, max_new_tokens=6)["k"] == 1
@@ -72,9 +76,9 @@ def test_stage_argument_errors(tmp_path):
 
 MINI = ["--num_train=200", "--num_test=8", "--pretrain_steps=5", "--cold_start_examples=8",
         "--cold_start_steps=2", "--rl_steps=2", "--rl_prompts_per_step=2", "--group_size=2",
-        "--rs_prompts=16", "--rs_k=2", "--rs_keep=all", "--sft_steps=2", "--rm_pairs=16",
-        "--rm_test_pairs=8", "--rm_steps=2", "--stage4_steps=4", "--eval_k=2",
-        "--max_new_tokens=16", "--greeting_names=4"]
+        "--rs_prompts=16", "--rs_k=2", "--rs_keep=all", "--rs_keep_truncated=true",
+        "--sft_steps=2", "--rm_pairs=16", "--rm_test_pairs=8", "--rm_steps=2",
+        "--stage4_steps=4", "--eval_k=2", "--max_new_tokens=16", "--greeting_names=4"]
 
 
 def test_demo_runs_every_stage_in_miniature(tmp_path, capsys):

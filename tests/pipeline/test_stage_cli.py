@@ -65,12 +65,13 @@ def test_rejection_sample_then_sft_with_a_mix(greek_base, tmp_path, capsys):
     rs = tmp_path / "rs.jsonl"
     assert main(["rejection-sample", "--model", str(greek_base), "--out", str(rs),
                  "--k", "2", "--prompts", "3", "--max-new-tokens", "6", "--keep", "all",
-                 *SMALL]) == 0
+                 "--keep-truncated", *SMALL]) == 0  # 6 tokens cut these answers
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "rs.summary.json").read_text())
     assert "rejection sampling: 3 prompts, 6 samples" in printed
     assert summary["samples"] == 6 and summary["kept"] + sum(summary["rejected"].values()) == 6
     assert summary["rules"]["require_correct"] is False  # --keep all
+    assert summary["rules"]["reject_truncated"] is False  # --keep-truncated
     # SFT on those rows plus a quarter of non-reasoning ones (--keep all keeps one per prompt)
     rows = read_jsonl(rs)
     assert len(rows) >= 3 and all(r["prompt_rendered"] is True for r in rows)
