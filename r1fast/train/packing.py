@@ -23,9 +23,13 @@ gradients equal the padded ones up to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Sequence
 
 import torch
+
+log = logging.getLogger("r1fast.train")
+_warned_budgets: set[int] = set()  # one warning per budget per process, not one per step
 
 
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -115,6 +119,13 @@ def packed_micro_batches(valid_lengths: Sequence[int], max_tokens: int,
     spans data-parallel ranks)."""
     bins = pack_rows(valid_lengths, max_tokens)
     longest = max(valid_lengths, default=1)
+    if longest > max_tokens and max_tokens not in _warned_budgets:
+        _warned_budgets.add(max_tokens)
+        log.warning("a row of %d tokens is longer than the packing budget of %d tokens "
+                    "(parallel.max_tokens_per_microbatch, or max_tokens_per_logprob_forward "
+                    "for log-prob forwards): it gets a micro-batch of its own and every packed "
+                    "micro-batch is that long, so memory follows the row, not the budget "
+                    "(warned once per budget)", longest, max_tokens)
     fullest = max((sum(valid_lengths[i] for i in b) for b in bins), default=1)
     if agree is not None:
         fullest, count = agree(fullest, "max"), agree(len(bins), "max")

@@ -142,3 +142,16 @@ def test_a_packed_row_may_exceed_max_positions_but_no_sequence_may():
     assert out.shape == (1, 30) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="sequence length 20 exceeds max_position_embeddings=16"):
         policy.logprobs(tokens, tokens, micro_batch_size=1, cu_seqlens=torch.tensor([[0, 20, 30]]))
+
+
+def test_a_row_over_the_budget_is_warned_about_once(caplog):
+    from r1fast.train import packing
+
+    packing._warned_budgets.discard(40)
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        packs = packed_micro_batches([100, 10, 20], 40)
+        packed_micro_batches([100, 10, 20], 40)
+    assert [p.rows for p in packs] == [[0], [1, 2]] and {p.length for p in packs} == {100}
+    warned = [r.getMessage() for r in caplog.records if "packing budget" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("a row of 100 tokens is longer than the "
+                                                     "packing budget of 40 tokens")
