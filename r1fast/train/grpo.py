@@ -45,8 +45,9 @@ from r1fast.train.config import TrainConfig, load_train_config, sampling_warning
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, combine_micro_metrics,
-                                  gather_expert_load, load_imbalance, truncate_metrics)
-from r1fast.train.packing import PackedMicroBatch, packed_micro_batches
+                                  gather_expert_load, load_imbalance, read_jsonl,
+                                  truncate_metrics)
+from r1fast.train.packing import PackedMicroBatch, pack_routing, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.policy_io import copy_weights, load_model_state
@@ -311,7 +312,7 @@ class GRPOTrainer:
             kw = {"micro_batch_size": 1,
                   "cu_seqlens": torch.stack([p.cu_seqlens(width) for p in packs])}
             if routing is not None:
-                routing = {k: torch.cat([_pack_routing(p, v) for p in packs])
+                routing = {k: torch.cat([pack_routing(p, v) for p in packs])
                            for k, v in routing.items()}
 
         def unpacked(x: torch.Tensor) -> torch.Tensor:
@@ -423,7 +424,7 @@ class GRPOTrainer:
                "adv": torch.cat([mb.advantages[p.rows],
                                  mb.advantages.new_zeros(p.num_tail_pieces)])}
         if routing is not None:
-            out["routing"] = {k: _pack_routing(p, v) for k, v in routing.items()}
+            out["routing"] = {k: pack_routing(p, v) for k, v in routing.items()}
         return out
 
     def _global_normalizer(self, mb: UpdateBatch) -> tuple[float, int]:
@@ -536,6 +537,13 @@ class GRPOTrainer:
                  result["pass_at_1"], d.eval_k, result["cons_at_k"], result["num_problems"])
         return row
 
+    def _final_eval_missing(self) -> bool:
+        """Held-out problems exist and eval.jsonl has no row of this step (collective)."""
+        path = self.run_dir / "eval.jsonl"
+        missing = self.is_logger and self.task.held_out is not None and not (
+            path.is_file() and any(r.get("step") == self.step_idx for r in read_jsonl(path)))
+        return bool(all_ranks_int(int(missing), "max"))
+
     # -------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
         """Run until ``run.steps``; returns the metrics rows of the steps run here."""
@@ -552,8 +560,11 @@ class GRPOTrainer:
         rows = []
         try:
             if self.step_idx >= run.steps:
-                log.warning("the checkpoint is at step %d and run.steps=%d: nothing to do (raise "
-                            "--run.steps to continue)", self.step_idx, run.steps)
+                if self._final_eval_missing():  # the run stopped during its final evaluation
+                    self.evaluate()
+                else:
+                    log.warning("the checkpoint is at step %d and run.steps=%d: nothing to do "
+                                "(raise --run.steps to continue)", self.step_idx, run.steps)
                 return rows
             while self.step_idx < run.steps:
                 metrics = self.step()
@@ -571,15 +582,6 @@ class GRPOTrainer:
             logger.close()
             self.task.close()
         return rows
-
-
-def _pack_routing(p: PackedMicroBatch, routing: torch.Tensor) -> torch.Tensor:
-    """Packed ``[1, T, k]`` experts of ``routing [N, L, k]``; the padding tail gets experts
-    0..k-1 (replay needs k distinct experts per token, a fill of 0 would repeat one)."""
-    out = p.pack(routing)
-    k = routing.shape[-1]
-    out[0, sum(p.lengths):] = torch.arange(k, dtype=out.dtype)
-    return out
 
 
 def train_main(recipe: str | None, overrides: Sequence[str]) -> int:

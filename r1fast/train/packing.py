@@ -137,3 +137,12 @@ def packed_micro_batches(valid_lengths: Sequence[int], max_tokens: int,
     if T < fullest:
         raise ValueError(f"packed length {T} is shorter than the fullest micro-batch ({fullest})")
     return [PackedMicroBatch(b, [valid_lengths[i] for i in b], T, max(longest, 1)) for b in bins]
+
+
+def pack_routing(p: PackedMicroBatch, routing: torch.Tensor) -> torch.Tensor:
+    """Packed ``[1, T, k]`` experts of ``routing [N, L, k]``; the padding tail gets experts
+    0..k-1 (replay needs k distinct experts per token, a fill of 0 would repeat one)."""
+    out = p.pack(routing)
+    k = routing.shape[-1]
+    out[0, sum(p.lengths):] = torch.arange(k, dtype=out.dtype)
+    return out

@@ -70,7 +70,7 @@ def r3_mismatches(policy, seed: int) -> dict[str, int]:
     without replay) and count tokens whose training experts differ from the decoder's."""
     from r1fast.rollout.kv_cache import make_decoder
     from r1fast.train.batch import build_update_batch
-    from r1fast.train.grpo import _pack_routing
+    from r1fast.train.packing import pack_routing
     from r1fast.train.packing import packed_micro_batches
 
     prompts, seeds = _prompts(seed)
@@ -91,7 +91,7 @@ def r3_mismatches(policy, seed: int) -> dict[str, int]:
         routing = ro.routing.padded(L) if replay else None
         padded = [{"tokens": batch.tokens, **({"routing": routing} if replay else {})}]
         packed = [{"tokens": p.pack(batch.tokens), "cu_seqlens": p.cu_seqlens(),
-                   **({"routing": {k: _pack_routing(p, v) for k, v in routing.items()}}
+                   **({"routing": {k: pack_routing(p, v) for k, v in routing.items()}}
                       if replay else {})} for p in packs]
         for name, batches in (("padded", padded), ("packed", packed)):
             seen = _training_choices(policy, batches)

@@ -341,6 +341,13 @@ def test_synthetic_task_evaluates_its_held_out_split(tmp_path):
     tr.fit()
     (ev,) = read_jsonl(tmp_path / "eval.jsonl")
     assert (ev["step"], ev["held_out"], ev["num_problems"], ev["k"]) == (1, "arithmetic:test", 3, 2)
+    # a rerun of the finished run has nothing to do: no second evaluation row
+    assert GRPOTrainer(cfg).fit() == [] and len(read_jsonl(tmp_path / "eval.jsonl")) == 1
+    # a run killed during its final evaluation (after the last checkpoint) used to end up
+    # with no eval.jsonl: the rerun said "nothing to do"; it now evaluates
+    (tmp_path / "eval.jsonl").unlink()
+    assert GRPOTrainer(cfg).fit() == []
+    assert [r["step"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [1]
     # the default asks for no evaluation; num_test with a dataset names what to use instead
     assert held_out_examples(make_cfg(tmp_path), tr.task.tokenizer) is None
     with pytest.raises(ValueError, match=r"data.num_test=3 counts held-out problems of the "
