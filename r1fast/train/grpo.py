@@ -510,7 +510,8 @@ class GRPOTrainer:
         if self.policy.model_cfg.is_moe:  # the per-expert counts go to expert_load.jsonl
             self.expert_loads = gather_expert_load(self.policy)
             metrics.update(load_imbalance(self.expert_loads))
-        metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics().items()})
+        metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics(
+            self.engine.dp_sum).items()})
         return metrics
 
     # -------------------------------------------------------------------------- evaluation

@@ -55,6 +55,10 @@ class TaskData:
         self.runner = RewardRunner(CompositeReward(list(reward_parts)), runner_config)
         self.part_names = [name for name, _, _ in reward_parts]
         self.mixed = None
+        self.failures_before: dict[str, float] = {}
+        """Reward-failure counts of the processes before a resume (from the checkpoint)."""
+        self.failures: dict[str, float] = {}
+        """The run's counts as of the last :meth:`failure_metrics`."""
         if model_reward is not None:
             model = RewardRunner(CompositeReward([("reward_model", model_reward, model_weight)]),
                                  runner_config)
@@ -80,17 +84,28 @@ class TaskData:
         out = self.runner(rule_texts, list(examples))
         return {"total": list(out.total), **{k: list(v) for k, v in out.parts.items()}}
 
-    def failure_metrics(self) -> dict[str, float]:
+    def failure_metrics(self, dp_sum: Callable[[list[float]], list[float]] | None = None
+                        ) -> dict[str, float]:
+        """Failed reward calls of the run so far (errors, timeouts, crashes): this process's
+        counts, summed over the data-parallel ranks with ``dp_sum`` (each scores its own
+        share; collective), plus those of the processes before a resume (checkpointed)."""
         if self.mixed is not None:
-            return self.mixed.failure_metrics()
-        m = self.runner.metrics()
-        return {k: m.get(f"rewards/{k}", 0.0) for k in ("errors", "timeouts", "crashes")}
+            local = self.mixed.failure_metrics()
+        else:
+            m = self.runner.metrics()
+            local = {k: m.get(f"rewards/{k}", 0.0) for k in ("errors", "timeouts", "crashes")}
+        summed = dp_sum(list(local.values())) if dp_sum is not None else list(local.values())
+        self.failures = {k: v + self.failures_before.get(k, 0.0) for k, v in zip(local, summed)}
+        return self.failures
 
     def state_dict(self) -> dict:
-        return self.dataset.state_dict()
+        """The prompt order's position and the run's reward-failure counts."""
+        return {**self.dataset.state_dict(), "reward_failures": dict(self.failures)}
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)
+        self.failures_before = dict(state.get("reward_failures", {}))
+        self.failures = dict(self.failures_before)
 
     def close(self) -> None:
         if self.mixed is not None:

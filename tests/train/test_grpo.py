@@ -395,3 +395,24 @@ def test_dr_grpo_divides_by_the_generation_budget(tmp_path):
                                    torch.tensor([1.0, -1.0]), torch.ones(2, dtype=torch.bool),
                                    pad_id=0)
         assert tr._global_normalizer(batch) == (2 * 24, 2)
+
+
+def failing_reward(completion: str, example: dict) -> float:
+    raise RuntimeError("reward bug")
+
+
+def test_reward_failure_counts_continue_across_a_resume(tmp_path):
+    """reward_failures/* are the run's cumulative counts; a resumed run restarted them at 0
+    (its step-2 row said 4 errors where the uninterrupted run says 8)."""
+    from r1fast.train.grpo import GRPOTrainer
+
+    def run(steps):
+        cfg = make_cfg(tmp_path, f"--run.steps={steps}", "--algo.group_size=2")
+        return GRPOTrainer(cfg, reward=failing_reward).fit()
+
+    (first,) = run(1)
+    (second,) = run(2)  # resumes from step 1's checkpoint
+    per_step = 2 * 2  # prompts_per_step x group_size calls, each an error
+    assert first["reward_failures/errors"] == per_step
+    assert second["reward_failures/errors"] == 2 * per_step
+    assert second["reward_failures/timeouts"] == 0
