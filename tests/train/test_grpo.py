@@ -9,6 +9,7 @@ from r1fast.ops._dispatch import triton_missing
 from r1fast.train.batch import build_update_batch
 from r1fast.train.config import load_train_config
 from r1fast.train.metrics import read_jsonl
+from r1fast.train.policy_io import model_state
 from tests.helpers.spawn import run_ranks
 
 BASE = ["--model.vocab_size=128", "--data.prompts_per_step=2", "--algo.group_size=4",
@@ -59,14 +60,21 @@ def test_one_update_lowers_the_loss_on_a_fixed_batch(tmp_path):
 def test_fit_writes_metrics_and_resume_is_bitwise(tmp_path, layout):
     from r1fast.train.grpo import GRPOTrainer
 
+    trainers = {}
+
     def run(folder, steps, *extra):
-        return GRPOTrainer(make_cfg(tmp_path / folder, f"--run.steps={steps}", "--optim.lr=0.003",
-                                    *layout, *extra), reward=varied_reward).fit()
+        trainers[folder] = GRPOTrainer(make_cfg(tmp_path / folder, f"--run.steps={steps}",
+                                                "--optim.lr=0.003", *layout, *extra),
+                                       reward=varied_reward)
+        return trainers[folder].fit()
 
     full = run("full", 4, "--run.save_every=2")
     assert len(full) == 4 and full[0]["reward_std"] > 0
     first = run("resumed", 2)
     rest = run("resumed", 4)
+    # the weights too, not only the logged numbers
+    ours, theirs = (model_state(trainers[f].policy) for f in ("full", "resumed"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert [r["step"] for r in rest] == [3, 4]
     skip = {"time", "tokens_per_s", "time_generation_s", "time_logprobs_s", "time_update_s",
             "time_fwd_bwd_s", "time_optimizer_s"}
