@@ -180,6 +180,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# slow (~75 s on 2 cores): the default suite checks the launcher's exact torchrun command (dry
+# run) and trains this layout (TP2 x EP2, DP2) through spawned ranks in tests/train/test_grpo.py
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.skipif(_trainer_missing() is not None,
                     reason=f"GRPO trainer not ready: {_trainer_missing()}")
