@@ -37,8 +37,8 @@ from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
 from r1fast.checks import check_choice, check_range
 
-REASONS = ("empty", "truncated", "too_long", "unparsable", "wrong", "mixed_language", "long_paragraph",
-           "code_block", "duplicate")
+REASONS = ("empty", "truncated", "too_long", "unparsable", "wrong", "mixed_language",
+           "long_paragraph", "code_block", "duplicate")
 CODE_FENCE = "```"
 
 

@@ -217,7 +217,7 @@ class RewardModelTrainer:
                                         self.max_length)
         self.order = RowStream(len(self.train_pairs), config.seed)  # without replacement
 
-    def _micro_batch(self) -> dict[str, torch.Tensor]:
+    def _micro_batch(self) -> tuple[dict[str, torch.Tensor], int]:
         """This DP rank's share of the next global batch of pairs: its chosen rows, then their
         rejected rows (every rank takes the same global batch), and how many texts were cut."""
         n, k = self.cfg.batch_size, self.cfg.batch_size // self.info.dp

@@ -213,8 +213,8 @@ class SFTTrainer:
         barrier()
 
     def _resume(self, path: Path) -> None:
-        """Model, optimizer (resharded to this layout), LR schedule, data position and step from the
-        checkpoint ``path``; metrics.jsonl is cut back to its step."""
+        """Model, optimizer (resharded to this layout), LR schedule, data position and step from
+        the checkpoint ``path``; metrics.jsonl is cut back to its step."""
         state, meta = load_checkpoint(path)
         data = meta.get("sft_data")
         if not isinstance(data, dict) or not ("position" in data or "rng" in data):
@@ -227,7 +227,7 @@ class SFTTrainer:
         self.step_idx = int(meta["step"])
         if "position" in data:
             self.order.position = int(data["position"])
-        else:  # r1fast <= 0.17 drew rows with replacement from a saved RNG
+        else:  # older checkpoints: rows were drawn with replacement from a saved RNG
             self.order.position = self.step_idx * self.cfg.batch_size
             log.warning("checkpoint %s drew SFT rows with replacement (an older r1fast); the "
                         "run continues without replacement from row %d of the epoch order, so "
