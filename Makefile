@@ -60,8 +60,10 @@ gpu-check:
 # folder; carry it with the checkout). --no-deps: torch/Triton come with the machine.
 PYTHON_VERSION ?= 3.12
 PLATFORM ?= manylinux2014_x86_64
-WHEELHOUSE_PKGS ?= megatron-core==0.16.1 liger-kernel math-verify latex2sympy2_extended \
-	antlr4-python3-runtime==4.13.2 psutil
+# pinned to the versions whose offline install was checked together (math-verify 0.9.0 needs
+# latex2sympy2_extended 1.11.0 exactly)
+WHEELHOUSE_PKGS ?= megatron-core==0.16.1 liger-kernel==0.8.5 math-verify==0.9.0 \
+	latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 psutil==7.2.2
 
 wheelhouse:
 	@test -n "$(WHEELHOUSE)" || { echo "usage: make wheelhouse WHEELHOUSE=<dir>" >&2; exit 2; }

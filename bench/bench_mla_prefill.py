@@ -101,8 +101,8 @@ def main(argv=None) -> list[dict]:
                 r["gmacs"] = macs[r["provider"]] / 1e9
         print_table(case, extra=["gmacs"])
         rows += case
-    if not args.no_save:
-        print(f"\nsaved {save_rows(rows, 'mla_prefill_' + device.type, with_autotune=False)}")
+        if not args.no_save:  # after each case: a run cut short keeps it
+            print(f"saved {save_rows(rows, 'mla_prefill_' + device.type, with_autotune=False)}")
     return rows
 
 

@@ -177,14 +177,16 @@ def main(argv=None) -> None:
         rows = bench_case(n, E, H, F, dtype, device, reps)
         print_table(rows, extra=["copy_ms", "frac_copy"])
         all_rows += rows
+        if not args.no_save:  # after each case: a run cut short keeps it
+            print(f"saved {save_rows(all_rows, 'moe_experts_' + device.type)}")
     for n in args.train_rows if args.train_rows is not None else ([16384] if cuda else [48]):
         print(f"\n== moe_grouped_swiglu training rows={n} E={E} H={H} F={F} {dtype} on "
               f"{device.type}")
         rows = bench_training_case(n, E, H, F, dtype, device, reps)
         print_table(rows)
         all_rows += rows
-    if not args.no_save:
-        print(f"\nsaved {save_rows(all_rows, 'moe_experts_' + device.type)}")
+        if not args.no_save:
+            print(f"saved {save_rows(all_rows, 'moe_experts_' + device.type)}")
 
 
 if __name__ == "__main__":

@@ -196,8 +196,8 @@ def main(argv=None) -> None:
                 rows = bench_case(T, E, k, config, dtype, device, args.modes, reps)
                 print_table(rows, extra=["copy_ms", "frac_copy"])
                 all_rows += rows
-    if not args.no_save:
-        print(f"\nsaved {save_rows(all_rows, 'moe_route_' + device.type)}")
+                if not args.no_save:  # after each case: a run cut short keeps it
+                    print(f"saved {save_rows(all_rows, 'moe_route_' + device.type)}")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ def main() -> int:
         r = run(args.recipe, args.steps, fused, overrides)
         rows.append({"op": "grpo_step", "provider": "r1fast kernels " + ("on" if fused else "off"),
                      "recipe": args.recipe, **r, **env})
+        save_rows(rows, f"step_{'cpu' if env['device'].startswith('cpu') else 'cuda'}")
     print(f"GRPO step phases (median of {args.steps} steps after one warm-up), {env['device']}")
     print("kernels | generation s | log-probs s | loss+fwd/bwd s | optimizer s | step s | "
           "tokens/s | rollout tok/s | train tok/s")

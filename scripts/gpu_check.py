@@ -4,14 +4,15 @@ GPU, writing every result into a folder stage by stage, so a run cut short keeps
 
 Usage::
 
-    make gpu-check RESULTS=<dir> [WHEELHOUSE=<dir>] [GPU_CHECK_ARGS="--budget 470"]
+    make gpu-check RESULTS=<dir> [WHEELHOUSE=<dir>] [GPU_CHECK_ARGS="--budget 510"]
     python scripts/gpu_check.py --results <dir> [--wheelhouse <dir>] [--dry | --no-dry]
                                 [--budget SECONDS] [--limit STAGE=SECONDS ...]
                                 [--only STAGE,STAGE] [--benches NAME,NAME]
 
 Stages, in order, each in its own subprocess with its own time limit (``--limit``), all of them
-together inside ``--budget`` seconds (default 470: the GPU machines of this project are lent
-for about 8 minutes):
+together inside ``--budget`` seconds (default 510: one command of at most 570 s on the GPU
+machines this project is lent for about 15 minutes); the benchmarks no target reads run after
+the tests:
 
 ``env``      device, clocks (``nvidia-smi``), versions (python, torch, CUDA, Triton, nvcc,
              driver), the git commit, and which optional peers are importable.
@@ -90,7 +91,7 @@ from gpu_check_report import (  # noqa: E402
 )
 from gpu_check_plan import (  # noqa: E402
     BENCH_ARGS, BENCHES, DRY_BENCH_ARGS, DRY_LIMITS, DRY_RESOURCE_WORKLOADS, DRY_TESTS,
-    GPU_TESTS, LIMITS, RESOURCE_WORKLOADS, STAGES,
+    GPU_TESTS, LATE_BENCHES, LIMITS, RESOURCE_WORKLOADS, STAGES,
 )
 from gpu_check_targets import render_targets  # noqa: E402
 
@@ -194,6 +195,21 @@ def environment(dry: bool) -> dict:
     return env
 
 
+def _remove_build_locks(env: dict) -> int:
+    """Delete the ``lock`` files torch's extension builder leaves in a build folder when it is
+    killed (every later build of that folder would wait on them); returns how many."""
+    root = env.get("R1FAST_EXT_DIR") or str(Path.home() / ".cache" / "r1fast" / "torch_extensions")
+    locks = list(Path(root).glob("*/*/lock"))
+    for lock in locks:
+        lock.unlink(missing_ok=True)
+    return len(locks)
+
+
+#: env-row key -> distribution of the peers the benchmarks compare with
+_PEERS = (("have_megatron", "megatron-core"), ("have_liger_kernel", "liger-kernel"),
+          ("have_math_verify", "math-verify"), ("have_transformer_engine", "transformer-engine"))
+
+
 def _version_of(module: str) -> str | None:
     import importlib.metadata as md
     import importlib.util
@@ -235,22 +251,31 @@ class Runner:
         return max(0.0, min(self.limits.get(stage, 60.0), self.remaining() - 3.0))
 
     def run(self, stage: str, cmd: list[str], limit: float) -> tuple[str, int | None, str, float]:
-        """Run ``cmd`` in its own process group; (status, rc, output, seconds)."""
+        """Run ``cmd`` in its own process group; (status, rc, output, seconds). Its output goes
+        straight into gpu_check.log (a run cut from outside still shows how far each stage
+        got) and one progress line per start and end to stdout."""
         self.rec.log(f"\n===== {stage} ({_now()}, limit {limit:.0f} s)\n$ {' '.join(cmd)}")
+        print(f"[gpu-check {_now()}] {stage}: start, limit {limit:.0f} s", flush=True)
+        log = self.rec.dir / "gpu_check.log"
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=limit)
-            status = "ok" if proc.returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            status = "timeout"
+        with open(log, "a") as sink:
+            start = sink.tell()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=sink,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                proc.wait(timeout=limit)
+                status = "ok" if proc.returncode == 0 else "failed"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                status = "timeout"
         seconds = time.monotonic() - t0
-        self.rec.log(out or "")
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            out = f.read()
         self.rec.log(f"----- {stage}: {status} rc={proc.returncode} in {seconds:.1f} s")
-        return status, proc.returncode, out or "", seconds
+        print(f"[gpu-check {_now()}] {stage}: {status} in {seconds:.0f} s", flush=True)
+        return status, proc.returncode, out, seconds
 
     def record(self, stage: str, status: str, seconds: float, limit: float, detail: str,
                **extra) -> None:
@@ -304,8 +329,14 @@ class Runner:
                 notes.append(_last_line(out))
         else:
             notes.append("no wheelhouse given: nothing installed")
-        check = [sys.executable, "-c", "import r1fast.kernels, r1fast.csrc, r1fast.ops; "
-                 "print(r1fast.__file__)"]
+        # a fresh interpreter also sees what was just installed: the peers' versions
+        check = [sys.executable, "-c", "import json, importlib.metadata as md\n"
+                 "import r1fast.kernels, r1fast.csrc, r1fast.ops\n"
+                 "def version(d):\n"
+                 "    try:\n        return md.version(d)\n"
+                 "    except md.PackageNotFoundError:\n        return None\n"
+                 "print('PEERS_JSON ' + json.dumps({k: version(d) for k, d in PEER_LIST}))"
+                 .replace("PEER_LIST", repr(_PEERS))]
         status, rc, out, _ = self.run("import check", check, 30)
         method = "pip" if installed_r1fast and not self.dry else "present"
         if status != "ok":
@@ -314,9 +345,11 @@ class Runner:
             status, rc, out, _ = self.run("import check (overlay)", check, 30)
             method = f"overlay {overlay}"
         notes.append(f"r1fast imports: {status} ({method})")
+        peers = _marker_json(out, "PEERS_JSON") or {}
+        self.rec.rows[0].update(peers)  # the env row: the summary shows the installed peers
         self.record(stage, "ok" if status == "ok" and wheels_ok else "failed",
                     time.monotonic() - t0, limit,
-                    "; ".join(notes), wheelhouse=wh, method=method)
+                    "; ".join(notes), wheelhouse=wh, method=method, peers=peers)
 
     def make_overlay(self) -> Path:
         """``<tmp>/r1fast`` mirroring the installed layout with links into the checkout."""
@@ -352,6 +385,12 @@ class Runner:
             status = "skipped" if self.dry or not self._cuda() else "failed"
         detail = "; ".join(reasons) if reasons else (
             f"extension built/loaded for {', '.join(missing)}" if missing else _last_line(out))
+        if status in ("failed", "timeout") and not self.dry:
+            # later processes would each compile again (or wait on a killed build's lock)
+            self.env["R1FAST_CUDA_EXT"] = "0"
+            removed = _remove_build_locks(self.env)
+            detail += (f"; later stages run with R1FAST_CUDA_EXT=0 (Triton paths)"
+                       f"{f', removed {removed} stale build lock(s)' if removed else ''}")
         self.record(stage, status, secs, limit, detail, missing=missing,
                     build_seconds=info.get("seconds"))
 
@@ -479,7 +518,7 @@ def parse_args(argv=None):
     dry.add_argument("--dry", dest="dry", action="store_true", default=None,
                      help="tiny shapes + Triton interpreter (default without CUDA)")
     dry.add_argument("--no-dry", dest="dry", action="store_false")
-    p.add_argument("--budget", type=float, default=470.0, help="seconds for all stages")
+    p.add_argument("--budget", type=float, default=510.0, help="seconds for all stages")
     p.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
                    help="override one stage's limit (bench stages: bench_<name>)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {STAGES}")
@@ -528,10 +567,13 @@ def main(argv=None) -> int:
         if "build" in only:
             runner.stage_build()
         if "bench" in only:
-            for name in benches:
+            for name in (b for b in benches if b not in LATE_BENCHES):
                 runner.stage_bench(name)
         if "tests" in only:
             runner.stage_tests()
+        if "bench" in only:
+            for name in (b for b in benches if b in LATE_BENCHES):
+                runner.stage_bench(name)
         if "sanitizer" in only:
             runner.stage_sanitizer()
         if "resources" in only:

@@ -7,6 +7,8 @@ builds one extension module, ``r1fast_<stem>``, with ``torch.utils.cpp_extension
 ninja, the first time an op needs it. The build directory is cached (``R1FAST_EXT_DIR``, default
 ``~/.cache/r1fast/torch_extensions/<torch>-cu<cuda>/<stem>``): later processes reuse it and ninja
 rebuilds only what changed. A build is tried once per process; its failure is remembered.
+``R1FAST_CUDA_EXT=0`` turns the extension off (every op reports why): ``make gpu-check`` sets it
+for the stages after a failed or cut build, so each process does not compile again.
 
 Everything here is answered once per process and cached: the environment check (CUDA torch, a
 device, nvcc, ninja -- ``is_ninja_available`` starts a ``ninja --version`` subprocess, 1-20 ms),
@@ -86,6 +88,8 @@ def first_error_line(text: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _environment_missing() -> str | None:
+    if os.environ.get("R1FAST_CUDA_EXT", "1") == "0":
+        return "the CUDA extension is turned off (R1FAST_CUDA_EXT=0)"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (no CUDA torch)"
     if not torch.cuda.is_available():

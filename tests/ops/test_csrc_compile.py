@@ -82,6 +82,17 @@ def test_missing_names_a_cpu_only_torch():
     assert why is not None and "CPU-only build" in why
 
 
+def test_the_extension_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("R1FAST_CUDA_EXT", "0")
+    _cuda_ext.clear_caches()
+    try:
+        assert _cuda_ext.missing("moe_route") == \
+            "the CUDA extension is turned off (R1FAST_CUDA_EXT=0)"
+    finally:
+        monkeypatch.delenv("R1FAST_CUDA_EXT")
+        _cuda_ext.clear_caches()
+
+
 def test_first_error_line_picks_the_compiler_error():
     log = ("[1/3] c++ -c foo.cpp\nFAILED: foo.o\nfoo.cpp:3:1: error: expected ';' before '}'\n"
            "ninja: build stopped: subcommand failed.\n")

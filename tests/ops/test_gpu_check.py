@@ -48,6 +48,9 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert "5 op runs without compute-sanitizer" in stages["sanitizer"]["detail"]
     assert all(r["status"] in ("ok", "skipped") for r in stages.values()), stages
     assert "CPU-only" in stages["build"]["detail"] or "CUDA" in stages["build"]["detail"]
+    # peers as a fresh interpreter sees them after the install; one progress line per stage
+    assert "have_megatron" in stages["install"]["peers"]
+    assert "] tests: start, limit" in res.stdout and "] tests: ok in" in res.stdout
     assert stages["tests"]["tests"] > 0 and stages["tests"]["failures"] == 0
     bench = [r for r in rows if r["kind"] == "bench"]
     assert bench and all(r["device"] and "git_commit" in r for r in bench)
@@ -111,3 +114,29 @@ def test_overlay_makes_r1fast_importable_without_pip(tmp_path):
 
     shutil.rmtree(runner.tmp, ignore_errors=True)
     assert out.stdout.strip().startswith(str(overlay)), out.stdout
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_cut_build_turns_the_extension_off_for_later_stages(tmp_path, monkeypatch):
+    """A build killed at its limit left torch's build lock (every later process would wait on
+    it) and each later process would compile again; now the later stages run without the
+    extension and the lock is gone."""
+    monkeypatch.setenv("R1FAST_EXT_DIR", str(tmp_path / "ext"))
+    lock = tmp_path / "ext" / "2.11.0-cu130" / "moe_route" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    mod = _script()
+    args = mod.parse_args(["--results", str(tmp_path / "r"), "--no-dry", "--limit", "build=1"])
+    runner = mod.Runner(args, mod.Recorder(tmp_path / "r", False, {}))
+    runner.stage_build()  # importing torch alone takes longer than 1 s
+    (row,) = [r for r in runner.rec.rows if r.get("stage") == "build"]
+    assert row["status"] == "timeout" and runner.env["R1FAST_CUDA_EXT"] == "0"
+    assert "removed 1 stale build lock" in row["detail"] and not lock.exists()
