@@ -222,12 +222,13 @@ def main() -> int:
     if args.mix:
         return main_mix(args, overrides)
     env = environment()
+    dev = "cpu" if env["device"].startswith("cpu") else "cuda"
     rows = []
     for fused in (True, False):
         r = run(args.recipe, args.steps, fused, overrides)
         rows.append({"op": "grpo_step", "provider": "r1fast kernels " + ("on" if fused else "off"),
                      "recipe": args.recipe, **r, **env})
-        save_rows(rows, f"step_{'cpu' if env['device'].startswith('cpu') else 'cuda'}")
+        save_rows(rows, f"step_{dev}")  # after each provider: a run cut short keeps it
     print(f"GRPO step phases (median of {args.steps} steps after one warm-up), {env['device']}")
     print("kernels | generation s | log-probs s | loss+fwd/bwd s | optimizer s | step s | "
           "tokens/s | rollout tok/s | train tok/s")
@@ -236,7 +237,6 @@ def main() -> int:
               f"{r['time_logprobs_s']:.3f} | {r['time_fwd_bwd_s']:.3f} | "
               f"{r['time_optimizer_s']:.3f} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['rollout_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f}")
-    dev = "cpu" if env["device"].startswith("cpu") else "cuda"
     print("saved", save_rows(rows, f"step_{dev}"))
     return 0
 

@@ -21,12 +21,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def sync_tree(path: str | os.PathLike) -> None:
+def sync_tree(path: str | os.PathLike, files: bool = True) -> None:
     """``fsync`` every file and folder under ``path`` (and ``path``): before a folder written
-    by other libraries (safetensors, tokenizers) is renamed into place."""
+    by other libraries (safetensors, tokenizers) is renamed into place. ``files=False``: the
+    folders only (the files were synced already)."""
     root = Path(path)
     for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # deepest first
-        if p.is_file():
+        if p.is_file() and files:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         elif p.is_dir():

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from r1fast.atomic import fsync_dir
+from r1fast.atomic import fsync_dir, sync_tree
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
@@ -207,8 +207,7 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     if rank == 0:
         meta = _sealed({**meta, "step": step, "world_size": world, "files": digests})
         _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        for folder in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:  # deepest entries too
-            fsync_dir(folder)
+        sync_tree(tmp, files=False)  # the files were synced as they were hashed
         if _before_commit is not None:
             _before_commit()
         if final.exists():
