@@ -19,8 +19,8 @@ mean are undone, so gradients are sums; the MoE aux losses keep megatron's mean 
 
 Sequences. ``tokens`` [B, L] are right-padded, or packed (``cu_seqlens``: positions restart per
 sequence and attention stays within it, r1fast.policy.packed_attention); under sequence
-parallelism L is padded to a multiple of tp inside (pads stay out of real positions; routers
-ignore them).
+parallelism L is padded to a multiple of tp inside (pads stay out of real positions). Routers
+ignore those pads, and those past a microbatch's ``lengths`` (right padding, a packed tail).
 Decoders (:mod:`r1fast.rollout`) use :meth:`Policy.rotary_table`, :meth:`Policy.head_input`,
 :meth:`Policy.vocab_logits` and record MoE routing as they decode (post hoc: record_routing);
 ``routing=`` in :meth:`Policy.logprobs` and :meth:`Policy.forward_backward` replays it.
@@ -227,12 +227,15 @@ class Policy:
         return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
 
     def _stage_forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor],
-                       attention_mask: Optional[torch.Tensor] = None, packed_seq_params=None):
+                       attention_mask: Optional[torch.Tensor] = None, packed_seq_params=None,
+                       real_lengths: Optional[torch.Tensor] = None):
         """Run this rank's chunk. First stage: embed ``tokens``; other stages read the tensor
         the schedule received (``set_input_tensor``). Returns [L', b, H] (L' = padded L, /tp
         under sequence parallelism); on the last stage final-normed. ``attention_mask``
         [b|1, 1, L', L'] bool (True = hidden), e.g. block-diagonal for packed sequences; None:
-        causal. ``packed_seq_params``: megatron's ``thd`` boundaries of one packed row."""
+        causal. ``packed_seq_params``: megatron's ``thd`` boundaries of one packed row.
+        ``real_lengths`` [b]: real tokens per row; the pads after them pass the experts but
+        not the routers' load counts and aux/z losses."""
         gpt = self.gpt
         b, length = tokens.shape
         lp = self._padded_len(length)
@@ -242,13 +245,9 @@ class Policy:
             tokens = F.pad(tokens, (0, lp - length))
             tail = position_ids[:, -1:] + torch.arange(1, lp - length + 1, device=self.device)
             position_ids = torch.cat([position_ids, tail], dim=1)
-        padding_mask = None
-        if lp > length:
-            padding_mask = torch.zeros(b, lp, dtype=torch.bool, device=self.device)
-            padding_mask[:, length:] = True
-            if self.sequence_parallel:
-                n = lp // self.info.tp
-                padding_mask = padding_mask[:, self.info.tp_rank * n:(self.info.tp_rank + 1) * n]
+        padding_mask = self.token_layout.padding_mask(
+            b, length, self.device, None if real_lengths is None else
+            to_device_async(real_lengths.to(torch.int64), self.device))  # [b, L'] or None
         decoder_input = None
         if gpt.pre_process:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)
@@ -289,14 +288,12 @@ class Policy:
 
     @contextlib.contextmanager
     def _hooked(self, hook):
-        routers = self._routers()
-        previous = [r.routing_hook for r in routers]
-        for r in routers:
-            r.routing_hook = hook
+        previous = [(r, r.routing_hook) for r in self._routers()]
+        self.set_routing_hook(hook)
         try:
             yield
         finally:
-            for r, h in zip(routers, previous):
+            for r, h in previous:
                 r.routing_hook = h
 
     @contextlib.contextmanager
@@ -352,6 +349,9 @@ class Policy:
                 raise ValueError(f"batches[{i}] must have a 'tokens' entry [b, L]")
             t = mb["tokens"]
             check_tensor(f"batches[{i}]['tokens']", t, ndim=2, dtypes=(torch.int64, torch.int32))
+            if mb.get("lengths") is not None:
+                check_tensor(f"batches[{i}]['lengths']", mb["lengths"], shape=[t.shape[0]],
+                             dtypes=(torch.int64, torch.int32))
             if shape is None:
                 shape = tuple(t.shape)
             elif tuple(t.shape) != shape and self.info.pp > 1:
@@ -380,8 +380,8 @@ class Policy:
             if cu is not None:  # packed sequences: mask or per-sequence boundaries
                 pos, mask, cu = packed_inputs(self, cu, mb["tokens"].shape[1])
             with self._replaying(mb.get("routing"), mb["tokens"].shape):
-                hidden = self._stage_forward(mb["tokens"],
-                                             None if pos is None else pos.to(self.device), mask, cu)
+                hidden = self._stage_forward(mb["tokens"], None if pos is None else
+                                             pos.to(self.device), mask, cu, mb.get("lengths"))
 
             def loss_func(output, non_loss_data: bool = False):
                 return head(self.head_input(output, mb["tokens"].shape[1]), mb)
@@ -530,8 +530,9 @@ class Policy:
         """One gradient accumulation over ``batches`` (the microbatches of this DP rank).
 
         Each batch is a dict with ``tokens`` [b, L] (same shape in every microbatch), optional
-        ``position_ids`` [b, L] and ``routing`` ({layer: [b, L, k]} experts to replay), and
-        whatever ``loss_fn`` reads.
+        ``position_ids`` [b, L], ``routing`` ({layer: [b, L, k]} experts to replay) and
+        ``lengths`` [b] (real tokens per row: the rest, right padding or a packed row's tail,
+        stays out of the routers' statistics and aux losses), and whatever ``loss_fn`` reads.
         ``loss_fn(hidden [b, L, H], output_weight [V/tp, H], batch) -> (loss, metrics)`` runs on
         the last stage; ``loss`` is this microbatch's share of the global loss (sum over all
         microbatches of all DP ranks = the loss). Gradients land in the DDP buffers

@@ -67,6 +67,24 @@ class TokenLayout:
         m = self.tp if self.sequence_parallel else 1
         return -(-length // m) * m
 
+    def padding_mask(self, b: int, length: int, device: torch.device,
+                     real: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """megatron's ``padding_mask`` for a [b, L] microbatch: [b, L'] bool, True at the pads
+        the routers must not count (this rank's slice under sequence parallelism): the
+        sequence-parallel tail past ``length`` and, given ``real`` [b] (real tokens per row,
+        on ``device``), each row's positions from ``real[row]`` on (right padding, a packed
+        row's tail). None when nothing is padded."""
+        lp = self.padded_len(length)
+        if real is None:
+            if lp == length:
+                return None
+            real = torch.full((b,), length, device=device)
+        mask = torch.arange(lp, device=device)[None, :] >= real[:, None]  # [b, L']
+        if self.sequence_parallel:
+            n = lp // self.tp
+            mask = mask[:, self.tp_rank * n:(self.tp_rank + 1) * n]
+        return mask
+
     def to_router_order(self, indices: torch.Tensor) -> torch.Tensor:
         """[b, L, k] expert indices (batch-first, real positions) -> the [T, k] rows a router
         sees (pad rows get experts 0..k-1)."""

@@ -354,14 +354,8 @@ class KVCacheDecoder:
             ids = F.pad(ids, (0, padded - n))  # [B', padded]
         end = offset + padded
         positions = torch.arange(offset, end, device=device)[None, :] - self.pads[:, None]
-        padding_mask = None
-        if padded > n:  # as the training forward does: routers ignore step pads in statistics
-            padding_mask = torch.zeros(b, padded, dtype=torch.bool, device=device)
-            padding_mask[:, n:] = True
-            if policy.sequence_parallel:
-                rows = padded // self.multiple
-                r = policy.info.tp_rank
-                padding_mask = padding_mask[:, r * rows:(r + 1) * rows]
+        # as the training forward does: routers ignore step pads in statistics
+        padding_mask = policy.token_layout.padding_mask(b, n, device)  # [B', padded/sp] or None
         if self.recorder is not None:
             self.recorder.dest = None if dest is None else self._router_dest(dest, padded)
         if self.mla:  # LatentMLAAttention ropes the new slots at their positions itself

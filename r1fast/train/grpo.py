@@ -406,10 +406,10 @@ class GRPOTrainer:
         mbs = self.cfg.parallel.micro_batch_size or mb.num_rows
         micro = []
         for part in split_even(mb.num_rows, max(mb.num_rows // mbs, 1)):
-            micro.append({"tokens": mb.tokens[part], "targets": mb.targets[part],
-                          "mask": mb.mask[part], "adv": mb.advantages[part],
-                          "old": old[part], "rollout": mb.rollout_logp[part],
-                          "ref": None if ref is None else ref[part]})
+            micro.append({"tokens": mb.tokens[part], "lengths": mb.lengths[part],
+                          "targets": mb.targets[part], "mask": mb.mask[part],
+                          "adv": mb.advantages[part], "old": old[part], "rollout":
+                          mb.rollout_logp[part], "ref": None if ref is None else ref[part]})
             if routing is not None:
                 micro[-1]["routing"] = {k: v[part] for k, v in routing.items()}
         return micro
@@ -418,8 +418,9 @@ class GRPOTrainer:
     def _packed_micro_batch(p: PackedMicroBatch, mb: UpdateBatch, old, ref, routing) -> dict:
         """One packed micro-batch: [1, T] token streams, per-row advantages (0 for the tail's
         pieces)."""
-        out = {"tokens": p.pack(mb.tokens), "targets": p.pack(mb.targets),
-               "mask": p.pack(mb.mask), "old": p.pack(old), "rollout": p.pack(mb.rollout_logp),
+        out = {"tokens": p.pack(mb.tokens), "lengths": p.real_lengths(), "targets":
+               p.pack(mb.targets), "mask": p.pack(mb.mask), "old": p.pack(old),
+               "rollout": p.pack(mb.rollout_logp),
                "ref": None if ref is None else p.pack(ref), "cu_seqlens": p.cu_seqlens(),
                "adv": torch.cat([mb.advantages[p.rows],
                                  mb.advantages.new_zeros(p.num_tail_pieces)])}

@@ -79,6 +79,11 @@ class PackedMicroBatch:
     def num_tail_pieces(self) -> int:
         return len(self.segments()) - len(self.rows)
 
+    def real_lengths(self) -> torch.Tensor:
+        """[1] int64: the real tokens of the packed row (the policy's ``lengths`` entry, which
+        keeps the tail out of the routers' statistics)."""
+        return torch.tensor([sum(self.lengths)])
+
     def cu_seqlens(self, width: int | None = None) -> torch.Tensor:
         """int32 boundaries of :meth:`segments`; padded to ``width`` entries by repeating T
         (empty sequences), so packed rows can be stacked."""

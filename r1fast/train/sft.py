@@ -283,11 +283,13 @@ class SFTTrainer:
             packs = packed_micro_batches(batch.lengths.tolist(), budget, multiple,
                                          agree=all_ranks_int)
             pad = self.tokenizer.pad_id
-            return [{"tokens": p.pack(batch.tokens, pad), "targets": p.pack(batch.targets, pad),
-                     "mask": p.pack(batch.mask), "cu_seqlens": p.cu_seqlens()} for p in packs]
+            return [{"tokens": p.pack(batch.tokens, pad), "lengths": p.real_lengths(),
+                     "targets": p.pack(batch.targets, pad), "mask": p.pack(batch.mask),
+                     "cu_seqlens": p.cu_seqlens()} for p in packs]
         n = batch.num_rows
         mbs = self.cfg.parallel.micro_batch_size or n
-        return [{"tokens": batch.tokens[s], "targets": batch.targets[s], "mask": batch.mask[s]}
+        return [{"tokens": batch.tokens[s], "lengths": batch.lengths[s],
+                 "targets": batch.targets[s], "mask": batch.mask[s]}
                 for s in split_even(n, max(n // mbs, 1))]
 
     def _normalizer(self, batch: UpdateBatch) -> float:

@@ -173,6 +173,52 @@ def test_microbatches_of_different_shapes_without_pipeline(moe):
         assert torch.allclose(v, whole[k], atol=1e-6, rtol=1e-4), k
 
 
+@pytest.fixture(scope="module")
+def balanced():
+    """A MoE policy with both router losses on: pads would move their gradients."""
+    cfg = ModelConfig.preset("tiny-moe").replace(aux_loss_coef=1e-2, z_loss_coef=1e-3)
+    return sharpen(build_policy(cfg, ParallelConfig(), seed=3))
+
+
+def test_pads_past_lengths_stay_out_of_router_losses_and_load(balanced):
+    """Rows of 5 and 3 real tokens padded to 9 with ``lengths`` give the gradients and expert
+    load of the same rows without pads (each row its own micro-batch, so the per-micro-batch
+    aux loss sees the same tokens); a micro-batch of pads only moves nothing."""
+    from r1fast.policy.router import expert_load
+
+    tokens, targets = data(b=2, length=9, seed=11)
+    real = torch.tensor([5, 3])
+    targets[0, 5:] = targets[1, 3:] = -100
+    n = float((targets != -100).sum())
+    expert_load(balanced)  # start the counts from 0
+    padded = [{"tokens": tokens[i:i + 1], "targets": targets[i:i + 1], "lengths": real[i:i + 1]}
+              for i in range(2)]
+    balanced.forward_backward(padded, _loss(balanced, n))
+    g_padded, load_padded = _main_grads(balanced), expert_load(balanced)
+    bare = [{"tokens": tokens[i:i + 1, :m], "targets": targets[i:i + 1, :m]}
+            for i, m in enumerate(real.tolist())]
+    balanced.forward_backward(bare, _loss(balanced, n))
+    g_bare, load_bare = _main_grads(balanced), expert_load(balanced)
+    for layer, counts in load_bare.items():
+        assert counts.sum().item() == 8 * 2  # 8 real tokens, top-2
+        assert torch.equal(load_padded[layer], counts), layer
+    for name, g in g_bare.items():
+        assert torch.allclose(g_padded[name], g, atol=1e-6, rtol=1e-4), name
+    # without lengths the pads count: the load and the router gradients change
+    balanced.forward_backward([{k: v for k, v in mb.items() if k != "lengths"} for mb in padded],
+                              _loss(balanced, n))
+    assert expert_load(balanced)[0].sum().item() == 18 * 2
+    router = [k for k in g_bare if k.endswith("router.weight")]
+    moved = max((balanced.gpt.get_parameter(k).main_grad - g_bare[k]).abs().max().item()
+                for k in router)
+    assert moved > 1e-4
+    # pads only: no gradient anywhere, no load
+    balanced.forward_backward([{"tokens": tokens[:1], "targets": torch.full_like(targets[:1], -100),
+                                "lengths": torch.zeros(1, dtype=torch.long)}], _loss(balanced, n))
+    assert all(g.abs().max().item() == 0.0 for g in _main_grads(balanced).values())
+    assert all(c.sum().item() == 0 for c in expert_load(balanced).values())
+
+
 def test_dp_shard_single_rank(moe):
     x = torch.arange(6).view(3, 2)
     assert torch.equal(moe.dp_shard(x), x)
@@ -202,6 +248,9 @@ def test_dp_shard_single_rank(moe):
                           routing={0: torch.zeros(2, 3, 3, dtype=torch.long)}),
      r"routing\[0\] must have shape \[2, 3, 2\], got \[2, 3, 3\]"),
     (lambda p: p.forward_backward([], None), r"batches must hold at least one microbatch"),
+    (lambda p: p.forward_backward([{"tokens": torch.zeros(2, 3, dtype=torch.long),
+                                    "lengths": torch.tensor([3])}], None),
+     r"batches\[0\]\['lengths'\] must have shape \[2\], got \[1\]"),
     (lambda p: p.forward_backward([{"targets": torch.zeros(1, 2)}], None),
      r"batches\[0\] must have a 'tokens' entry"),
     (lambda p: p.forward_backward([{"tokens": torch.zeros(1, 2, dtype=torch.long)}],

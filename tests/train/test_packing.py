@@ -97,6 +97,7 @@ def test_policy_logprobs_packed_equal_padded():
 def test_grpo_update_packed_equals_padded(tmp_path):
     from r1fast.train.config import load_train_config
     from r1fast.train.grpo import GRPOTrainer
+    from r1fast.train.metrics import gather_expert_load
 
     def trainer(name, *extra):
         cfg = load_train_config(None, [
@@ -118,10 +119,15 @@ def test_grpo_update_packed_equals_padded(tmp_path):
         upd = tr._update(batch, old, ref)
         weights = {k: v.detach().clone() for k, v in tr.policy.gpt.state_dict().items()
                    if isinstance(v, torch.Tensor)}
-        results[name] = (old, upd, weights)
+        results[name] = (old, upd, weights, gather_expert_load(tr.policy))
         tr.task.close()
-    (old_a, upd_a, w_a), (old_b, upd_b, w_b) = results["padded"], results["packed"]
+    (old_a, upd_a, w_a, load_a), (old_b, upd_b, w_b, load_b) = results["padded"], \
+        results["packed"]
     valid = torch.arange(batch.tokens.shape[1])[None] < batch.lengths[:, None]  # pads differ
+    assert not valid.all()
+    # every real token routed once per update pass, no pad (right padding, packed tail) counted
+    assert load_a.keys() == load_b.keys() and all(load_a[k] == load_b[k] for k in load_a)
+    assert sum(load_a[0]) % (int(batch.lengths.sum()) * 2) == 0
     assert (old_a - old_b)[valid].abs().max().item() < 1e-5
     for key in ("loss", "grad_norm", "kl_mean"):
         assert abs(upd_a[key] - upd_b[key]) <= 1e-5 * max(1.0, abs(upd_a[key])), key

@@ -12,9 +12,10 @@ import torch
 from r1fast.data import CharTokenizer
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
+from r1fast.policy.router import expert_load
 from r1fast.train.sft import SFTConfig, SFTTrainer
 
-# the MoE aux loss is left out: packing drops pads from the router statistics by design
+# the MoE aux loss is left out: it is a mean per micro-batch, so regrouping rows moves it
 MODEL = dataclasses.replace(ModelConfig.preset("tiny-moe"), vocab_size=128, aux_loss_coef=0.0)
 
 
@@ -51,6 +52,7 @@ def test_micro_batches_equal_one_padded_micro_batch(tmp_path, parallel):
     batch = ref._batch()
     assert len(set(batch.lengths.tolist())) > 3  # uneven rows: packing changes the layout
     loss_a, grads_a, n_a = loss_and_grads(ref, batch)
+    load_a = expert_load(ref.policy)
     # the padded loss is the batch's mean target NLL (an independent computation)
     with torch.no_grad():
         logp = ref.policy.logprobs(batch.tokens, batch.targets)
@@ -59,6 +61,12 @@ def test_micro_batches_equal_one_padded_micro_batch(tmp_path, parallel):
 
     other = trainer(tmp_path, "other", **parallel)
     loss_b, grads_b, n_b = loss_and_grads(other, batch)
+    # the routers count each real token once: no pad of either layout (right padding, packed
+    # tail) reaches the expert load
+    real = int(batch.lengths.sum()) * MODEL.moe_router_topk
+    for layer, counts in expert_load(other.policy).items():
+        assert counts.sum().item() == load_a[layer].sum().item() == real, layer
+        assert torch.equal(counts, load_a[layer]), layer
     assert n_a == 1 and 1 < n_b < batch.num_rows + 1, (n_a, n_b)
     assert abs(loss_a - loss_b) <= 1e-5 * max(1.0, abs(loss_a)), (loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys()
