@@ -10,6 +10,8 @@ network) with the small interface the trainer, sampler and stages use, the same 
     vocab_size, pad_id, eos_id, bos_id, stop_ids, encode(text, add_bos, add_eos),
     decode(ids), apply_chat_template(messages), has_chat_template, save(folder), name
 
+and :meth:`HFTokenizer.turn_end`, what the chat template writes after an assistant turn.
+
 Nothing is silent: text the tokenizer can only encode as its unknown token is an error naming
 the text and the tokenizer, and a folder that is neither kind of tokenizer is an error naming
 the folder. :func:`load_tokenizer` picks the kind from the folder's files.
@@ -109,6 +111,21 @@ class HFTokenizer:
                              f"prompts")
         return self.tok.apply_chat_template(list(messages), tokenize=False,
                                             add_generation_prompt=add_generation_prompt)
+
+    def turn_end(self) -> str:
+        """The text the chat template writes after an assistant message's content (ChatML:
+        ``<|im_end|>`` and a newline), which SFT targets end with, as a chat model learns to
+        close its turn (the tokenizer's eos may be another token: a base model's
+        ``<|endoftext|>``). "" when the template writes nothing there."""
+        marker = "r1fast-assistant-content-7f3a"  # no think tags: templates may strip those
+        text = self.apply_chat_template([{"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": marker}],
+                                        add_generation_prompt=False)
+        if text.count(marker) != 1:
+            raise ValueError(f"tokenizer {self.name}: its chat template does not write an "
+                             f"assistant message's content as given, so the end of a turn "
+                             f"cannot be found (rendered: {text[-200:]!r})")
+        return text[text.index(marker) + len(marker):]
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -84,17 +84,23 @@ def mix_non_reasoning(rows: Sequence[dict], extra: Sequence[dict], ratio: float,
 def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = True,
                    system_prompt: str | None = None) -> list[dict]:
     """Rows whose ``prompt`` is a user message rendered with the tokenizer's chat template
-    (with ``system_prompt`` first), as a chat model is prompted; unchanged when the tokenizer
-    has no template or ``chat_template`` is False. Rows marked ``"prompt_rendered": true``
+    (with ``system_prompt`` first), as a chat model is prompted, and whose ``completion`` ends
+    as the template ends an assistant turn (``"completion_ends_turn": true``: ChatML's
+    ``<|im_end|>`` and newline, not the tokenizer's eos, which for a base tokenizer is
+    ``<|endoftext|>``; transformers renders the same text); unchanged when the tokenizer has
+    no template or ``chat_template`` is False. Rows marked ``"prompt_rendered": true``
     (rejection-sampled rows: the prompt is the text the model was given) are kept as they are,
-    so their template is not applied twice (an INFO line counts them). A system prompt with
-    nothing to render it is an error, not dropped."""
+    so their template is not applied twice (an INFO line counts them; rejection sampling
+    closed their turn already). A system prompt with nothing to render it is an error, not dropped."""
     if not (chat_template and tokenizer.has_chat_template):
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
         return [dict(r) for r in rows]
-    out, as_given = [], 0
+    out, as_given, turn_end = [], 0, tokenizer.turn_end()
+    if not turn_end:
+        log.warning("the chat template of %r writes nothing after an assistant turn: SFT "
+                    "completions end with the tokenizer's eos instead", tokenizer)
     for r in rows:
         if r.get("prompt_rendered") is True:
             out.append(dict(r))
@@ -102,8 +108,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             continue
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                    [{"role": "user", "content": r["prompt"]}]
-        out.append({**r, "prompt": tokenizer.apply_chat_template(messages,
-                                                                 add_generation_prompt=True)})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        out.append(end_turn({**r, "prompt": prompt}, turn_end))
     if as_given:
         log.info("%d of %d SFT rows are marked prompt_rendered (already in the model's "
                  "prompt format, e.g. rejection-sampled): the chat template%s is not applied "
@@ -111,14 +117,23 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
     return out
 
 
+def end_turn(row: dict, turn_end: str) -> dict:
+    """``row`` whose completion closes the assistant turn with ``turn_end`` (the tokenizer's
+    :meth:`~r1fast.data.hf_tokenizer.HFTokenizer.turn_end`), marked so the SFT trainer adds no
+    eos after it; unchanged (eos added) when ``turn_end`` is ""."""
+    if not turn_end:
+        return dict(row)
+    return {**row, "completion": row["completion"] + turn_end, "completion_ends_turn": True}
+
+
 def drop_long_rows(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[dict], int]:
     """Rows whose prompt + completion fit in ``max_tokens`` tokens (bos and eos counted, as the
     SFT trainer encodes them), and how many were dropped (a warning names the count)."""
+    from r1fast.train.sft import encode_sft_row
+
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2 (bos + eos), got {max_tokens}")
-    kept = [r for r in rows
-            if len(tokenizer.encode(r["prompt"], add_bos=True))
-            + len(tokenizer.encode(r["completion"], add_eos=True)) <= max_tokens]
+    kept = [r for r in rows if sum(map(len, encode_sft_row(tokenizer, r))) <= max_tokens]
     dropped = len(rows) - len(kept)
     if dropped:
         log.warning("dropped %d of %d SFT rows longer than %d tokens", dropped, len(rows),

@@ -129,7 +129,9 @@ def load_problems(path: str | Path, model_dir: str | Path, *, preset: str | None
                   template: str | None = None, chat_template: bool = True,
                   system_prompt: str | None = None) -> list[dict]:
     """Problems of a dataset file, each with its ``prompt`` rendered for ``model_dir``'s
-    tokenizer (template, then chat template), ready for the sampling stages."""
+    tokenizer (template, then chat template), ready for the sampling stages; ``chat_rendered``
+    says whether the chat template was applied (rejection sampling then closes each kept
+    answer's turn as the template does)."""
     from r1fast.data.files import load_examples
     from r1fast.train.config import DataConfig
     from r1fast.train.task import render_prompt
@@ -141,6 +143,7 @@ def load_problems(path: str | Path, model_dir: str | Path, *, preset: str | None
                                 answer_key=answer_key)
     for ex in examples:
         ex["prompt"] = render_prompt(ex, tokenizer, data)
+        ex["chat_rendered"] = bool(chat_template and tokenizer.has_chat_template)
     return examples
 
 
@@ -155,7 +158,8 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
     "correct", "well_formed" or "all"), at most ``keep_per_prompt`` per prompt, as
     ``{"prompt", "completion", "id", "prompt_rendered"}`` JSONL rows (``prompt_rendered``: the
     prompt is the exact text the model was given, chat template included, so an SFT recipe
-    does not template it again). The summary (kept, rejected count per reason) is also
+    does not template it again; answers to ``chat_rendered`` prompts end with the template's
+    end of turn, ``completion_ends_turn``). The summary (kept, rejected count per reason) is also
     written next to them as ``<out>.summary.json``. An existing ``out_path`` is an error
     unless ``overwrite``; keeping no sample is an error (the summary is still written).
     Returns (path, summary)."""
@@ -172,6 +176,7 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
     from r1fast.pipeline.evaluate import checker
     from r1fast.pipeline.filters import filter_samples
     from r1fast.pipeline.generation import load_model, sample_with_flags
+    from r1fast.pipeline.sft_data import end_turn
 
     policy, tok = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
@@ -188,6 +193,10 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
         raise ValueError(f"rejection sampling kept none of {summary['samples']} samples "
                          f"(dropped: {dropped}); nothing written to {path}, counts in "
                          f"{summary_path}")
+    # an answer to a chat-templated prompt ends its turn as the template does (SFT's target)
+    chat = {ex["prompt"] for ex in examples if ex.get("chat_rendered") is True}
+    turn_end = tok.turn_end() if chat else ""
+    rows = [end_turn(r, turn_end) if r["prompt"] in chat else r for r in rows]
     return write_jsonl([dict(r, prompt_rendered=True) for r in rows], path), summary
 
 

@@ -163,8 +163,7 @@ class SFTTrainer:
                                   init_from=config.init_from)
         self.policy, self.info = self.engine.policy, self.engine.info
         self._check_layout()
-        self.data = [(tokenizer.encode(ex["prompt"], add_bos=True),
-                      tokenizer.encode(ex["completion"], add_eos=True)) for ex in examples]
+        self.data = [encode_sft_row(tokenizer, ex) for ex in examples]
         _check_rows(self.data, config.model.max_position_embeddings)
         self.data_fingerprint = _fingerprint(self.data)
         self.order = RowStream(len(self.data), config.seed)
@@ -339,6 +338,17 @@ class SFTTrainer:
         finally:
             logger.close()
         return self.engine.save_model(self.tokenizer, self.run_dir / "model")
+
+
+def encode_sft_row(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """``(prompt ids with bos, completion ids)`` of an SFT row. The completion ends with the
+    tokenizer's eos, unless the row says ``"completion_ends_turn": true`` (its text already
+    ends with the chat template's end of turn: r1fast.pipeline.sft_data.render_prompts)."""
+    closed = row.get("completion_ends_turn", False)
+    if not isinstance(closed, bool):
+        raise ValueError(f"completion_ends_turn must be true or false, got {closed!r}")
+    return (tokenizer.encode(row["prompt"], add_bos=True),
+            tokenizer.encode(row["completion"], add_eos=not closed))
 
 
 def _check_rows(rows: Sequence[tuple[list[int], list[int]]], max_positions: int) -> None:

@@ -99,9 +99,40 @@ def test_chat_rendering(tmp_path):
                          system_prompt="Think long.")
     assert out[0]["prompt"] == ("<|im_start|>system\nThink long.<|im_end|>\n<|im_start|>user\n"
                                 "What is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    # the answer closes the turn as the template does: prompt + completion is what
+    # transformers renders for the whole conversation
+    assert out[0]["completion"] == "5<|im_end|>\n" and out[0]["completion_ends_turn"] is True
+    whole = hf.tok.apply_chat_template([{"role": "system", "content": "Think long."},
+                                        {"role": "user", "content": "What is 2 + 3?"},
+                                        {"role": "assistant", "content": "5"}], tokenize=False)
+    assert out[0]["prompt"] + out[0]["completion"] == whole
     assert render_prompts(out[:1], hf, chat_template=False) == out[:1]
     with pytest.raises(ValueError, match="system_prompt is set but"):
         render_prompts(out, CharTokenizer(), system_prompt="x")
+
+
+def test_sft_targets_end_the_turn_not_the_document(tmp_path):
+    """A base tokenizer (eos ``<|endoftext|>``) with a ChatML template: the SFT target ends
+    with the template's ``<|im_end|>`` and newline, with no eos after it; plain rows (no
+    template) still end with eos."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.train.sft import encode_sft_row
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    hf.tok.eos_token = "<|endoftext|>"  # as a base model's tokenizer has it
+    row = render_prompts([{"prompt": "What is 2 + 3?", "completion": "5"}], hf)[0]
+    prompt, completion = encode_sft_row(hf, row)
+    im_end, newline = hf.tok.convert_tokens_to_ids("<|im_end|>"), hf.encode("\n")
+    assert completion == hf.encode("5") + [im_end] + newline and hf.eos_id not in completion
+    plain = render_prompts([{"prompt": "What is 2 + 3?", "completion": "5"}], hf,
+                           chat_template=False)[0]
+    assert encode_sft_row(hf, plain)[1] == hf.encode("5") + [hf.eos_id]
+    kept, dropped = drop_long_rows([row], hf, len(prompt) + len(completion))
+    assert kept == [row] and not dropped  # the length filter counts the same ids
+    with pytest.raises(ValueError, match="completion_ends_turn must be true or false, got 'yes'"):
+        encode_sft_row(hf, dict(row, completion_ends_turn="yes"))
 
 
 def test_rejection_sampled_prompts_are_not_templated_twice(tmp_path, caplog):

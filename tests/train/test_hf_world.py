@@ -154,6 +154,9 @@ def test_every_stage_runs_on_the_hf_folder(world, tmp_path):
     data, stats = stages.rejection_sample(world["model"], problems[:4], tmp_path / "rs.jsonl",
                                           k=2, max_new_tokens=6, filters=everything)
     assert stats["kept"] > 0 and len(rows_of(data)) == stats["kept"]
+    # answers to chat prompts close the turn as the template does (no eos added by SFT)
+    assert all(r["completion"].endswith("<|im_end|>\n") and r["completion_ends_turn"]
+               for r in rows_of(data))
     sft_model = stages.sft(rows_of(data), tmp_path / "sft", init_from=world["model"], steps=2,
                            batch_size=4)
     assert isinstance(load_tokenizer(sft_model), HFTokenizer)
