@@ -117,6 +117,31 @@ def set_aside(run_dir: str | Path, names: tuple[str, ...]) -> Path:
     return aside
 
 
+def start_fresh(run_dir: str | Path, names: tuple[str, ...], *, overwrite: bool, resume: bool,
+                what: str, resume_off: str, overwrite_on: str,
+                error: type[Exception] = ValueError) -> None:
+    """Step 0 in ``run_dir``. A folder that holds checkpoints or metrics is an ``error`` naming
+    them, unless ``overwrite``: then rank 0 moves ``names`` into ``previous_<time>/`` (never
+    deleted) with a warning, and every rank waits for it (collective). ``what`` names the run
+    ("SFT run"); ``resume_off`` / ``overwrite_on`` spell the settings as the user writes
+    them."""
+    run_dir = Path(run_dir)
+    found = has_run_files(run_dir)
+    if not found:
+        return
+    if not overwrite:
+        why = "holds no complete checkpoint" if resume else f"has {resume_off}"
+        raise error(f"{what} folder {run_dir} already holds {', '.join(found[:3])}"
+                    f"{' ...' if len(found) > 3 else ''} but {why}: starting over from step 0 "
+                    f"needs {overwrite_on}, which keeps the old files in {run_dir}/"
+                    f"previous_<time>/; or choose another out_dir")
+    if _rank_world()[0] == 0:
+        aside = set_aside(run_dir, names)
+        log.warning("%s starts from step 0 (%s); the previous run's files are in %s", what,
+                    overwrite_on, aside)
+    barrier()
+
+
 def _gather(obj: Any, world: int) -> list:
     if world == 1:
         return [obj]

@@ -38,9 +38,8 @@ from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)
-from r1fast.train.checkpoint import (barrier, check_resumed_config, has_run_files,
-                                     latest_checkpoint, load_checkpoint, save_checkpoint,
-                                     set_aside)
+from r1fast.train.checkpoint import (check_resumed_config, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint, start_fresh)
 from r1fast.train.config import TrainConfig, load_train_config, sampling_warnings
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
@@ -158,33 +157,19 @@ class GRPOTrainer:
         log.info("resumed from %s at step %d", path, self.step_idx)
         if self.is_logger:
             truncate_metrics(self.run_dir / "expert_load.jsonl", self.step_idx)
-            dropped, torn = truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
-            if dropped or torn:
-                log.info("metrics.jsonl: dropped %d row(s) after step %d (logged again from the "
-                         "checkpoint) and %d unreadable line(s)", dropped, self.step_idx, torn)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
         a = self.cfg.algo
         self.engine.fit_schedule(self.cfg.run.steps * a.ppo_epochs * a.mini_batches,
                                  self.cfg.optim.warmup_steps, f"run.steps={self.cfg.run.steps}")
 
     def _check_fresh_start(self) -> None:
-        """Step 0 in a folder that holds checkpoints or metrics: an error unless
-        ``run.overwrite``; with it the old files move to ``previous_<time>/`` (never deleted)."""
-        found = has_run_files(self.run_dir)
-        if not found:
-            return
-        if not self.cfg.run.overwrite:
-            why = "holds no complete checkpoint" if self.cfg.run.resume else "has run.resume=false"
-            raise ConfigError(
-                f"run folder {self.run_dir} already holds {', '.join(found[:3])}"
-                f"{' ...' if len(found) > 3 else ''} but {why}: starting over from step 0 needs "
-                f"--run.overwrite=true (the old files are kept in {self.run_dir}/previous_<time>/)"
-                f", or choose another --run.out_dir")
-        if self.is_logger:
-            aside = set_aside(self.run_dir, ("checkpoints", "metrics.jsonl", "expert_load.jsonl",
-                                             "eval.jsonl", "tensorboard", "config.toml"))
-            log.warning("run.overwrite: starting from step 0; the previous run's files are in %s",
-                        aside)
-        barrier()
+        """Step 0: a folder that holds checkpoints or metrics is an error unless
+        ``run.overwrite`` (then the old files move to ``previous_<time>/``)."""
+        start_fresh(self.run_dir, ("checkpoints", "metrics.jsonl", "expert_load.jsonl",
+                                   "eval.jsonl", "tensorboard", "config.toml"),
+                    overwrite=self.cfg.run.overwrite, resume=self.cfg.run.resume,
+                    what="run", resume_off="run.resume=false",
+                    overwrite_on="--run.overwrite=true", error=ConfigError)
 
     def save(self) -> Path:
         """A checkpoint of this step (collective): model, optimizer and reference in megatron's

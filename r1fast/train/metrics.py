@@ -6,6 +6,7 @@ TensorBoard is for people; the progress bar shows the latest reward and accuracy
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Mapping
 import torch
 
 from r1fast.atomic import write_text_atomic
+
+log = logging.getLogger("r1fast.train")
 
 
 def _scalar(v) -> float:
@@ -102,6 +105,8 @@ def truncate_metrics(path: str | Path, last_step: int) -> tuple[int, int]:
             kept.append(line)
     if dropped or torn:
         write_text_atomic(path, "".join(k + "\n" for k in kept))
+        log.info("%s: dropped %d row(s) after step %d (logged again from the checkpoint) and "
+                 "%d unreadable line(s)", path.name, dropped, last_step, torn)
     return dropped, torn
 
 

@@ -51,9 +51,8 @@ from r1fast.policy.config_checks import Range, check_fields
 from r1fast.policy.optim import OptimConfig
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
-from r1fast.train.checkpoint import (CheckpointError, barrier, check_resumed_config,
-                                     has_run_files, latest_checkpoint, load_checkpoint,
-                                     save_checkpoint, set_aside)
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, latest_checkpoint,
+                                     load_checkpoint, save_checkpoint, start_fresh)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import packed_micro_batches
@@ -193,23 +192,10 @@ class SFTTrainer:
 
     # -------------------------------------------------------------------------- checkpoints
     def _check_fresh_start(self) -> None:
-        """Step 0 in a folder that holds checkpoints or metrics: an error unless ``overwrite``;
-        with it the old files move to ``previous_<time>/`` (never deleted)."""
-        found = has_run_files(self.run_dir)
-        if not found:
-            return
-        if not self.cfg.overwrite:
-            why = "holds no complete checkpoint" if self.cfg.resume else "has resume=False"
-            raise ValueError(
-                f"SFT run folder {self.run_dir} already holds {', '.join(found[:3])}"
-                f"{' ...' if len(found) > 3 else ''} but {why}: starting over from step 0 needs "
-                f"overwrite=True (SFTConfig.overwrite; in a recipe --sft.overwrite=true; the old "
-                f"files are kept in {self.run_dir}/previous_<time>/), or choose another out_dir")
-        if self.engine.is_logger:
-            aside = set_aside(self.run_dir, RUN_FILES)
-            log.warning("overwrite: SFT starts from step 0; the previous run's files are in %s",
-                        aside)
-        barrier()
+        start_fresh(self.run_dir, RUN_FILES, overwrite=self.cfg.overwrite,
+                    resume=self.cfg.resume, what="SFT run",
+                    resume_off="resume=False",
+                    overwrite_on="overwrite=True (in a recipe --sft.overwrite=true)")
 
     def _resume(self, path: Path) -> None:
         """Model, optimizer (resharded to this layout), LR schedule, data position and step from
@@ -239,10 +225,7 @@ class SFTTrainer:
                             "here on is not that of an uninterrupted run", path,
                             data.get("rows", -1), str(data.get("fingerprint")), len(self.data),
                             self.data_fingerprint)
-            dropped, torn = truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
-            if dropped or torn:
-                log.info("metrics.jsonl: dropped %d row(s) after step %d (logged again from the "
-                         "checkpoint) and %d unreadable line(s)", dropped, self.step_idx, torn)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
         log.info("resumed from %s at step %d", path, self.step_idx)
         self.engine.fit_schedule(self.cfg.steps, self.cfg.optim.warmup_steps, "steps")
 
