@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -86,10 +86,24 @@ def _drop_empty_param_state(common: dict) -> dict:
     return strip(common)
 
 
-def sharded_state(policy, optimizer, *, is_loading: bool) -> dict:
-    """The sharded state dict of this rank: ``{"model": ..., "optimizer": ...}`` (no optimizer
-    entry when ``optimizer`` is None)."""
+def model_sharded_state(policy, extra: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
+    """The GPT chunk's sharded state dict, plus ``extra`` parameters that train with it outside
+    the chunk (a reward model's head), each whole and replicated over TP and DP."""
+    from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
     model = policy.gpt.sharded_state_dict()
+    for key, param in (extra or {}).items():
+        if key in model:
+            raise ValueError(f"extra checkpoint parameter {key!r} clashes with the model's")
+        model[key] = make_sharded_tensor_for_checkpoint(param, key)
+    return model
+
+
+def sharded_state(policy, optimizer, *, is_loading: bool,
+                  extra: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
+    """The sharded state dict of this rank: ``{"model": ..., "optimizer": ...}`` (no optimizer
+    entry when ``optimizer`` is None); ``extra``: see :func:`model_sharded_state`."""
+    model = model_sharded_state(policy, extra)
     state = {"model": model}
     if optimizer is not None:
         _ensure_adam_state(optimizer)
@@ -98,8 +112,10 @@ def sharded_state(policy, optimizer, *, is_loading: bool) -> dict:
     return state
 
 
-def save_sharded(policy, optimizer, folder: str | Path) -> None:
-    """Write this rank's pieces of the model (and optimizer) into ``folder``; collective."""
+def save_sharded(policy, optimizer, folder: str | Path,
+                 extra: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Write this rank's pieces of the model (and optimizer, and ``extra`` parameters: see
+    :func:`model_sharded_state`) into ``folder``; collective."""
     from megatron.core import dist_checkpointing
 
     folder = Path(folder)
@@ -108,18 +124,21 @@ def save_sharded(policy, optimizer, folder: str | Path) -> None:
     if dist.is_initialized():
         dist.barrier()
     with _quiet_deprecations():
-        dist_checkpointing.save(sharded_state(policy, optimizer, is_loading=False), str(folder),
+        dist_checkpointing.save(sharded_state(policy, optimizer, is_loading=False, extra=extra),
+                                str(folder),
                                 preprocess_common_before_consistancy_check=_drop_empty_param_state)
 
 
-def load_sharded(policy, optimizer: Optional[Any], folder: str | Path) -> None:
+def load_sharded(policy, optimizer: Optional[Any], folder: str | Path,
+                 extra: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Load ``folder`` (written by :func:`save_sharded` at any layout) into this rank's model
-    chunk and, when given, its optimizer shard; collective. A key of this model missing from
-    the checkpoint, or one the checkpoint has and this model lacks, is an error."""
+    chunk (and ``extra`` parameters) and, when given, its optimizer shard; collective. A key
+    of this model missing from the checkpoint, or one the checkpoint has and this model
+    lacks, is an error."""
     from megatron.core import dist_checkpointing
 
-    check_same_model(policy, folder)
-    template = sharded_state(policy, optimizer, is_loading=True)
+    check_same_model(policy, folder, extra)
+    template = sharded_state(policy, optimizer, is_loading=True, extra=extra)
     with _quiet_deprecations():
         if optimizer is not None:
             loaded = dist_checkpointing.load(template, str(folder), strict="raise_all")
@@ -132,6 +151,9 @@ def load_sharded(policy, optimizer: Optional[Any], folder: str | Path) -> None:
             if extra or absent:
                 raise ValueError(f"checkpoint {folder} does not match this model: it lacks "
                                  f"{sorted(absent)[:5]}, and holds unknown {extra[:5]}")
+    with torch.no_grad():
+        for key, param in (extra or {}).items():
+            param.copy_(loaded["model"].pop(key))
     result = policy.gpt.load_state_dict(loaded["model"], strict=False)
     bad = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if bad or result.unexpected_keys:
@@ -142,7 +164,8 @@ def load_sharded(policy, optimizer: Optional[Any], folder: str | Path) -> None:
         optimizer.reload_model_params()  # fp32 masters -> the model's (maybe 16-bit) weights
 
 
-def check_same_model(policy, folder: str | Path) -> None:
+def check_same_model(policy, folder: str | Path,
+                     extra: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """One-line ValueError when the checkpoint in ``folder`` holds another model: a weight whose
     global shape differs, or weights only one side has, over all ranks' chunks (megatron would
     fail deep inside with every key listed); collective."""
@@ -153,7 +176,7 @@ def check_same_model(policy, folder: str | Path) -> None:
     with _quiet_deprecations():
         saved = {k: tuple(v.global_shape) for k, v in load_tensors_metadata(str(folder)).items()
                  if not k.startswith("optimizer.")}
-    model = policy.gpt.sharded_state_dict()
+    model = model_sharded_state(policy, extra)
     apply_factories(model)
     wanted = {v.key: tuple(v.global_shape) for v in nested_values(model)
               if isinstance(v, ShardedTensor)}

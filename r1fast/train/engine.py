@@ -237,11 +237,16 @@ class TrainEngine:
         return {"layout": self.layout(), "scheduler": dict(self.scheduler.state_dict()),
                 "nonfinite_skips": self.nonfinite_skips}
 
+    def extra_params(self) -> dict[str, torch.Tensor]:
+        """Parameters outside the GPT chunk that train with it (none here; a reward model's
+        head in :class:`r1fast.train.reward_model.RewardEngine`), checkpointed beside it."""
+        return {}
+
     def shared_tensors(self) -> dict[str, Any]:
         """The tensors :meth:`write_shared` writes (for the finite-value check before it)."""
         inner = [getattr(o, "optimizer", None) for o in _sub_optimizers(self.optimizer)]
-        return {"model": {k: v for k, v in self.policy.gpt.state_dict().items()
-                          if isinstance(v, torch.Tensor)},
+        return {"model": {**{k: v for k, v in self.policy.gpt.state_dict().items()
+                             if isinstance(v, torch.Tensor)}, **self.extra_params()},
                 "optimizer": [{str(i): st for i, st in enumerate(o.state.values())}
                               for o in inner if o is not None]}
 
@@ -249,7 +254,7 @@ class TrainEngine:
         """Model and optimizer into ``folder/policy`` (megatron distributed checkpoint)."""
         from r1fast.policy.dist_ckpt import save_sharded
 
-        save_sharded(self.policy, self.optimizer, Path(folder) / "policy")
+        save_sharded(self.policy, self.optimizer, Path(folder) / "policy", self.extra_params())
 
     def load_checkpoint(self, path: Path, rank_state: Optional[Mapping[str, Any]],
                         meta: Mapping[str, Any]) -> None:
@@ -261,7 +266,7 @@ class TrainEngine:
         if rank_state is not None and "model" in rank_state:  # older format: same layout only
             self.load_state_dict(rank_state)
             return
-        load_sharded(self.policy, self.optimizer, Path(path) / "policy")
+        load_sharded(self.policy, self.optimizer, Path(path) / "policy", self.extra_params())
         load_scheduler_state(self.scheduler, meta["scheduler"])
         self.nonfinite_skips = int(meta.get("nonfinite_skips", 0))
         written = meta.get("layout")

@@ -16,7 +16,11 @@ optimizer with the guarded step of :class:`~r1fast.train.engine.TrainEngine` (th
 more parameter of the same optimizer, clipped and checked with the rest).
 
 Held-out accuracy is the share of test pairs whose chosen response scores higher (a tie counts
-one half), measured before training and at the end. ``r1fast stage reward-model --init MODEL
+one half), measured before training and at the end. Checkpoints follow SFT's
+(:mod:`r1fast.train.checkpoint`): every ``save_every`` steps and at the end, backbone, head and
+optimizer in megatron's distributed format (resumable at any layout), the pair order's
+position and the "before" accuracy in ``meta.json``; a rerun into the same folder continues
+from the latest one. ``r1fast stage reward-model --init MODEL
 --data pairs.jsonl --test pairs_test.jsonl --out DIR`` writes ``DIR/metrics.jsonl``,
 ``DIR/eval.json``, the reward-model folder ``DIR/model`` (what ``[reward] reward_model``
 names) and, for models with a Hugging Face family, ``DIR/hf`` (an
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -42,8 +47,11 @@ from r1fast.data.dataset import RowStream
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.batch import all_ranks_int
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, latest_checkpoint,
+                                     load_checkpoint, save_checkpoint, start_fresh)
 from r1fast.train.engine import TrainEngine
-from r1fast.train.metrics import MetricsLogger
+from r1fast.train.metrics import MetricsLogger, truncate_metrics
+from r1fast.typed_toml import dump_toml
 from r1fast.train.reward_model_io import (META_FILE, PolicyRewardModel, RewardBackbone,
                                           encode_texts, export_sequence_classifier, head_scores,
                                           load_head, save_reward_model)
@@ -51,6 +59,9 @@ from r1fast.train.reward_model_io import (META_FILE, PolicyRewardModel, RewardBa
 log = logging.getLogger("r1fast.train")
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
+HEAD_KEY = "reward_head.weight"  # the head's name in distributed checkpoints
+#: what a fresh start with ``overwrite`` moves to ``out_dir/previous_<time>/``
+RUN_FILES = ("checkpoints", "metrics.jsonl", "eval.json", "model", "hf")
 
 
 @dataclass(kw_only=True)
@@ -66,7 +77,8 @@ class RewardModelTrainConfig:
     test: Optional[str] = None
     """Held-out pairs in the same layout (accuracy before and after training), or None."""
     out_dir: str = "runs/reward_model"
-    """Run folder: metrics.jsonl, eval.json, model/ (the reward model), hf/ (its export)."""
+    """Run folder: metrics.jsonl, eval.json, checkpoints/, model/ (the reward model), hf/ (its
+    export)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """TP/PP/EP layout (DP is what remains of the world size)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
@@ -89,10 +101,18 @@ class RewardModelTrainConfig:
     export_hf: bool = True
     """Also write out_dir/hf, the Hugging Face sequence-classifier layout (when the backbone has
     an HF family; otherwise a WARNING)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end; a checkpoint is always written at the
+    end)."""
+    resume: bool = True
+    """Continue from ``out_dir/checkpoints`` when it holds a complete checkpoint."""
+    overwrite: bool = False
+    """Allow starting from step 0 in an out_dir that already holds checkpoints or metrics: the
+    old files move to out_dir/previous_<time>/ (nothing is deleted). Without it, an error."""
 
     def __post_init__(self):
         for name, lo in (("steps", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                         ("max_length", 0)):
+                         ("max_length", 0), ("save_every", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"reward model: {name} must be >= {lo}, got "
                                  f"{getattr(self, name)}")
@@ -161,6 +181,10 @@ class RewardEngine(TrainEngine):
                     load_head(init_from, self.policy.model_cfg.hidden_size))
         self.optimizer.reload_model_params()  # fp32 masters of the backbone and the head
 
+    def extra_params(self) -> dict[str, torch.Tensor]:
+        """The head, checkpointed beside the backbone (last pipeline stage)."""
+        return {} if self.backbone.score is None else {HEAD_KEY: self.backbone.score.weight}
+
     @property
     def head_weight(self) -> Optional[torch.Tensor]:
         """The head [1, H] (last pipeline stage; None elsewhere)."""
@@ -193,9 +217,11 @@ class RewardModelTrainer:
         from r1fast.policy.hf_checkpoint import load_model_config
 
         self.cfg = config
-        if (Path(config.out_dir) / "metrics.jsonl").exists():
-            raise ValueError(f"reward model: out_dir {config.out_dir} already holds a run "
-                             f"(metrics.jsonl); choose another folder")
+        self.run_dir = Path(config.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        path = latest_checkpoint(self.ckpt_dir) if config.resume else None
+        if path is None and not config.overwrite:
+            self._start_fresh()  # only raises: without overwrite nothing is moved
         self.train_pairs = load_pairs(config.data)  # bad files fail before the model is built
         self.test_pairs = load_pairs(config.test) if config.test else []
         model = load_model_config(config.init_from)
@@ -216,6 +242,59 @@ class RewardModelTrainer:
         self.scorer = PolicyRewardModel(self.policy, self.engine.head_weight, self.tokenizer,
                                         self.max_length)
         self.order = RowStream(len(self.train_pairs), config.seed)  # without replacement
+        self.fingerprint = hashlib.sha256(json.dumps(self.train_pairs).encode()).hexdigest()
+        self.step_idx = 0
+        """Optimizer steps done (restored from a checkpoint on resume)."""
+        self.before: Optional[dict] = None
+        """Held-out accuracy before training (measured at step 0, kept in checkpoints)."""
+        self.last_loss: Optional[float] = None
+        if path is None:
+            self._start_fresh()
+        else:
+            self._resume(path)
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _start_fresh(self) -> None:
+        start_fresh(self.run_dir, RUN_FILES, overwrite=self.cfg.overwrite,
+                    resume=self.cfg.resume, what="reward-model run", resume_off="resume=False",
+                    overwrite_on="overwrite=True (--overwrite)")
+
+    def _resume(self, path: Path) -> None:
+        """Backbone, head, optimizer (resharded to this layout), LR schedule, pair position,
+        step and the "before" accuracy from checkpoint ``path``; metrics.jsonl is cut back to
+        its step."""
+        state, meta = load_checkpoint(path)
+        data = meta.get("reward_data")
+        if not isinstance(data, dict) or "position" not in data:
+            raise CheckpointError(f"checkpoint {path} is not a reward-model checkpoint (its "
+                                  f"meta.json has no reward_data); choose another out_dir")
+        check_resumed_config(meta.get("config"), dump_toml(self.cfg), path,
+                             ("steps", "resume", "overwrite", "progress", "save_every",
+                              "export_hf", "eval_batch_size", "parallel."))
+        self.engine.load_checkpoint(path, state, meta)
+        self.step_idx, self.order.position = int(meta["step"]), int(data["position"])
+        self.before, self.last_loss = data.get("heldout_before"), data.get("last_loss")
+        if self.engine.is_logger:
+            if data.get("fingerprint") != self.fingerprint:
+                log.warning("resuming %s with other training pairs than the run's (%s pairs "
+                            "then, %d now): the pair order from here on is not that of an "
+                            "uninterrupted run", path, data.get("pairs"), len(self.train_pairs))
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
+        log.info("resumed from %s at step %d", path, self.step_idx)
+        self.engine.fit_schedule(self.cfg.steps, self.cfg.optim.warmup_steps, "steps")
+
+    def save(self) -> Path:
+        """A checkpoint of this step (collective): backbone, head and optimizer in megatron's
+        distributed format, RNG per rank, pair position and config in meta."""
+        meta = {"reward_data": {"position": self.order.position, "pairs": len(self.train_pairs),
+                                "fingerprint": self.fingerprint, "last_loss": self.last_loss,
+                                "heldout_before": self.before},
+                "config": dump_toml(self.cfg), **self.engine.checkpoint_meta()}
+        return save_checkpoint(self.ckpt_dir, self.step_idx, self.engine.rank_state(), meta,
+                               write_shared=self.engine.write_shared,
+                               shared_tensors=self.engine.shared_tensors())
+
+    # -------------------------------------------------------------------------- training
 
     def _micro_batch(self) -> tuple[dict[str, torch.Tensor], int]:
         """This DP rank's share of the next global batch of pairs: its chosen rows, then their
@@ -269,19 +348,15 @@ class RewardModelTrainer:
     def fit(self) -> dict:
         """Train for ``steps``, evaluate, save ``out_dir/model`` (and ``out_dir/hf``); returns
         the summary written to ``out_dir/eval.json``."""
-        cfg, out = self.cfg, Path(self.cfg.out_dir)
-        before = self.heldout() if self.test_pairs else None
-        logger = MetricsLogger(out, enabled=self.engine.is_logger, tensorboard=False,
-                               progress=cfg.progress, total_steps=cfg.steps, desc="reward-model")
-        try:
-            rows = [logger.log(i, self.step()) for i in range(1, cfg.steps + 1)]
-        finally:
-            logger.close()
+        cfg, out = self.cfg, self.run_dir
+        if self.before is None and self.test_pairs:
+            self.before = self.heldout()
+        self._train()
         after = self.heldout() if self.test_pairs else None
         summary = {"train_pairs": len(self.train_pairs), "steps": cfg.steps,
-                   "final_train_loss": rows[-1]["loss"], "test_pairs": len(self.test_pairs)}
+                   "final_train_loss": self.last_loss, "test_pairs": len(self.test_pairs)}
         if after is not None:
-            summary.update(heldout_accuracy_before=before["accuracy"],
+            summary.update(heldout_accuracy_before=self.before["accuracy"],
                            heldout_accuracy=after["accuracy"], heldout_margin=after["margin"])
         path = save_reward_model(self.policy, self.engine.head_weight, self.tokenizer,
                                  out / "model", max_length=self.max_length, summary=summary)
@@ -292,6 +367,29 @@ class RewardModelTrainer:
             write_text_atomic(out / "eval.json", json.dumps(summary, indent=1))
         _barrier()
         return summary
+
+
+    def _train(self) -> None:
+        """Steps up to ``steps``, a checkpoint every ``save_every`` and one at the end."""
+        cfg = self.cfg
+        logger = MetricsLogger(self.run_dir, enabled=self.engine.is_logger, tensorboard=False,
+                               progress=cfg.progress, total_steps=cfg.steps,
+                               initial_step=self.step_idx, desc="reward-model")
+        try:
+            if self.step_idx >= cfg.steps:
+                log.warning("the checkpoint is at step %d and steps=%d: nothing to train (raise "
+                            "steps to continue); writing its model", self.step_idx, cfg.steps)
+                return
+            while self.step_idx < cfg.steps:
+                metrics = self.step()
+                self.step_idx += 1
+                self.last_loss = logger.log(self.step_idx, metrics)["loss"]
+                if cfg.save_every and self.step_idx % cfg.save_every == 0:
+                    self.save()
+            if not cfg.save_every or self.step_idx % cfg.save_every:
+                self.save()
+        finally:
+            logger.close()
 
 
 def _barrier() -> None:
@@ -320,6 +418,10 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("tp", "pp", "ep"):
         ap.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size (under "
                         f"torchrun)")
+    ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at "
+                    "the end only); a rerun with the same --out resumes from the latest")
+    ap.add_argument("--overwrite", action="store_true", help="start from step 0 in an --out "
+                    "that holds a run (its files move to previous_<time>/)")
     ap.add_argument("--no-export", action="store_true", help="skip the out/hf export")
     ap.add_argument("--progress", action="store_true")
     return ap
@@ -334,7 +436,8 @@ def stage_main(argv: Sequence[str]) -> int:
         parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
         optim=OptimConfig(lr=args.lr), steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
-        progress=args.progress, export_hf=not args.no_export)
+        progress=args.progress, export_hf=not args.no_export, save_every=args.save_every,
+        overwrite=args.overwrite)
     summary = RewardModelTrainer(cfg).fit()
     import torch.distributed as dist
 

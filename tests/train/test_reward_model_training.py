@@ -260,5 +260,43 @@ def test_stage_cli_learns_a_held_out_preference(tmp_path):
     meta = json.loads((out / "model" / "reward_model.json").read_text())
     assert meta["heldout_accuracy"] == summary["heldout_accuracy"]
     assert (out / "hf" / "model.safetensors").is_file()
-    with pytest.raises(ValueError, match="already holds a run"):
+    # a rerun into the folder resumes from its last checkpoint (step 60), so other optimizer
+    # settings (the default lr) are refused rather than silently not applied
+    with pytest.raises(ValueError, match="with other optimizer settings.*optim.lr"):
         main(["reward-model", "--init", init, "--data", train, "--out", str(out)])
+
+
+def test_a_stopped_run_resumes_bit_for_bit(tmp_path):
+    """4 steps with a checkpoint every 2 == 2 steps, then a rerun to 4 into the same folder:
+    the backbone, the head and the Adam moments come back from the distributed checkpoint and
+    the pair order from its position, so the losses and the final weights and head are equal
+    bit for bit, and the "before" accuracy is still the step-0 one."""
+    from r1fast.train.reward_model import RewardModelTrainConfig, RewardModelTrainer
+
+    init = save_init(str(tmp_path / "init"))
+    train = write_jsonl(tmp_path / "train.jsonl", sorted_digit_pairs(48, 0))
+    test = write_jsonl(tmp_path / "test.jsonl", sorted_digit_pairs(16, 1))
+
+    def run(out: str, steps: int):
+        cfg = RewardModelTrainConfig(init_from=init, data=train, test=test, steps=steps,
+                                     out_dir=str(tmp_path / out), batch_size=8, save_every=2,
+                                     optim=OptimConfig(lr=3e-3), export_hf=False)
+        trainer = RewardModelTrainer(cfg)
+        return trainer, trainer.fit()
+
+    full, summary_full = run("full", 4)
+    run("resumed", 2)
+    resumed, summary = run("resumed", 4)
+    assert resumed.step_idx == 4 and summary["steps"] == 4
+    assert summary["final_train_loss"] == summary_full["final_train_loss"]
+    assert summary["heldout_accuracy_before"] == summary_full["heldout_accuracy_before"]
+    assert summary["heldout_accuracy"] == summary_full["heldout_accuracy"]
+    ours, theirs = full.policy.gpt.state_dict(), resumed.policy.gpt.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if isinstance(ours[k], torch.Tensor))
+    assert torch.equal(full.engine.head_weight, resumed.engine.head_weight)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl")
+                   .read_text().splitlines()] for name in ("full", "resumed")}
+    assert [r["step"] for r in rows["resumed"]] == [1, 2, 3, 4]
+    for a, b in zip(rows["full"], rows["resumed"]):
+        assert {k: a[k] for k in ("loss", "accuracy", "grad_norm")} == \
+            {k: b[k] for k in ("loss", "accuracy", "grad_norm")}
