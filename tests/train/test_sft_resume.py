@@ -87,6 +87,30 @@ def test_killed_and_resumed_equals_uninterrupted_bitwise(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_checkpoint_of_the_older_row_draw_resumes_with_a_warning(tmp_path, caplog):
+    """Checkpoints written before the data order became a position (rows drawn with
+    replacement from a saved RNG) resume at ``step * batch_size`` of the epoch order, and the
+    warning says the order differs from an uninterrupted run's."""
+    import json
+
+    from r1fast.train.checkpoint import _sealed
+
+    run = tmp_path / "old"
+    fit(SFTTrainer, run, steps=2)
+    meta_path = run / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sft_data"] = {"rng": [3, [1, 2, 3], None], "rows": meta["sft_data"]["rows"],
+                        "fingerprint": meta["sft_data"]["fingerprint"]}
+    meta_path.write_text(json.dumps(_sealed({k: v for k, v in meta.items()
+                                             if k != "meta_sha256"})))
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        trainer = SFTTrainer(make_cfg(run, steps=3), uneven_examples(), CharTokenizer())
+    assert trainer.step_idx == 2 and trainer.order.position == 2 * 8
+    assert "drew SFT rows with replacement (an older r1fast)" in caplog.text
+    trainer.fit()
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_fresh_start_over_a_run_needs_overwrite_and_keeps_the_old_files(tmp_path):
     run = tmp_path / "run"
     fit(SFTTrainer, run, steps=1)
