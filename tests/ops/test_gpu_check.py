@@ -140,3 +140,21 @@ def test_a_cut_build_turns_the_extension_off_for_later_stages(tmp_path, monkeypa
     (row,) = [r for r in runner.rec.rows if r.get("stage") == "build"]
     assert row["status"] == "timeout" and runner.env["R1FAST_CUDA_EXT"] == "0"
     assert "removed 1 stale build lock" in row["detail"] and not lock.exists()
+
+
+def test_the_lock_sweep_looks_where_the_extension_builds(tmp_path, monkeypatch):
+    """gpu_check cannot import r1fast before it installs it, so it spells the extension's
+    build folder itself: both places must name the same folder, with R1FAST_EXT_DIR and
+    without it (the default under ~/.cache)."""
+    from r1fast.ops import _cuda_ext
+
+    mod = _script()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for env in ({"R1FAST_EXT_DIR": str(tmp_path / "ext")}, {}):
+        if env:
+            monkeypatch.setenv("R1FAST_EXT_DIR", env["R1FAST_EXT_DIR"])
+        else:
+            monkeypatch.delenv("R1FAST_EXT_DIR", raising=False)
+        (_cuda_ext._build_dir("moe_route") / "lock").write_text("")
+        assert mod._remove_build_locks(env) == 1
+        assert not (_cuda_ext._build_dir("moe_route") / "lock").exists()
