@@ -227,7 +227,7 @@ def main() -> int:
     for fused in (True, False):
         r = run(args.recipe, args.steps, fused, overrides)
         rows.append({"op": "grpo_step", "provider": "r1fast kernels " + ("on" if fused else "off"),
-                     "recipe": args.recipe, **r, **env})
+                     "recipe": args.recipe, "overrides": overrides, **r, **env})
         save_rows(rows, f"step_{dev}")  # after each provider: a run cut short keeps it
     print(f"GRPO step phases (median of {args.steps} steps after one warm-up), {env['device']}")
     print("kernels | generation s | log-probs s | loss+fwd/bwd s | optimizer s | step s | "

@@ -14,7 +14,7 @@ LATE_BENCHES = ("rollout", "mla_prefill")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
 LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 240, "bench_linear_logprob": 150,
-          "bench_grpo_loss": 120, "bench_moe_route": 120, "bench_moe_permute": 60, "bench_step": 60,
+          "bench_grpo_loss": 120, "bench_moe_route": 120, "bench_moe_permute": 60, "bench_step": 90,
           "bench_rollout": 120, "bench_mla_prefill": 45, "bench_moe_experts": 75, "sanitizer": 150,
           "resources": 90}
 DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
@@ -44,7 +44,14 @@ BENCH_ARGS = {
     "moe_route": ["--T", "16384", "--E", "256", "--k", "8", "--reps", "10"],
     "moe_permute": ["--T", "16384", "--H", "4096", "7168", "--k", "8", "--E", "256",
                     "--reps", "10"],
-    "step": ["--steps", "2"],
+    # a small bf16 MoE (H=1024, 4 layers, 32 experts top-2, V=32000; 16 prompts x 8 samples of
+    # up to 128 tokens): the tiny recipe's model (H=64, V=256) would time launches, not kernels
+    "step": ["--steps", "2", "--model.hidden_size=1024", "--model.num_layers=4",
+             "--model.num_attention_heads=16", "--model.num_query_groups=4",
+             "--model.num_experts=32", "--model.moe_ffn_hidden_size=512",
+             "--model.ffn_hidden_size=2048", "--model.vocab_size=32000",
+             "--model.params_dtype=bfloat16", "--data.prompts_per_step=16",
+             "--algo.group_size=8", "--rollout.max_new_tokens=128"],
     # 64 rows of the length mix on a small bf16 MoE (H=1024, 4 layers, 32 experts, V=32000)
     "rollout": ["--rows", "64", "--hidden", "1024", "--layers", "4", "--experts", "32",
                 "--vocab", "32000", "--dtype", "bfloat16", "--reps", "2"],

@@ -217,7 +217,9 @@ def _step(rows: list[dict]) -> dict:
     if not on or not off:
         return _row(target, goal, "not measured (no step rows)", None, "")
     ratio = off["step_s"] / on["step_s"]
-    return _row(target, goal, ratio, ratio >= 1.3, on.get("recipe", ""))
+    where = " ".join([Path(on.get("recipe", "?")).name,
+                      *(o.removeprefix("--") for o in on.get("overrides", []))])
+    return _row(target, goal, ratio, ratio >= 1.3, where)
 
 
 def _experts(rows: list[dict]) -> list[dict]:

@@ -73,7 +73,8 @@ def run_rows(liger_ms=60.0, step_on=1.0, route_bwd_memsets=0, route_fwd_kernels=
         {"kind": "bench", "bench": "moe_permute", "op": "moe_unpermute",
          "provider": "r1fast cuda", "shape": perm, "skipped": "the extension did not build"},
         {"kind": "bench", "bench": "step", "op": "grpo_step", "provider": "r1fast kernels on",
-         "step_s": step_on, "recipe": "recipes/tiny.toml"},
+         "step_s": step_on, "recipe": "recipes/tiny.toml",
+         "overrides": ["--model.hidden_size=1024", "--model.params_dtype=bfloat16"]},
         {"kind": "bench", "bench": "step", "op": "grpo_step", "provider": "r1fast kernels off",
          "step_s": 1.5},
         *experts_rows(grouped_train_ms),
@@ -104,6 +105,8 @@ def test_each_ratio_is_taken_from_the_rows_of_its_target():
     unpermute = got["unpermute / copy bandwidth"]
     assert unpermute["met"] is None and "the extension did not build" in unpermute["value"]
     assert got["GRPO step, kernels off / on"]["value"] == pytest.approx(1.5)
+    assert got["GRPO step, kernels off / on"]["where"] == \
+        "tiny.toml model.hidden_size=1024 model.params_dtype=bfloat16"
     # the decoding step of 256 rows (not 2048), the training micro-batch
     assert got["grouped experts (decoding): loop / grouped"]["value"] == pytest.approx(9.0)
     training = got["grouped experts (training): loop / grouped"]
