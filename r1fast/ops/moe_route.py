@@ -22,11 +22,10 @@ Megatron router can call :func:`moe_route` instead, and extend it where DeepSeek
   stay, top-k is taken within them.
 - ``scaling_factor`` multiplies the weights last. Ties break to the lowest expert index (in
   the group choice too), identically in every implementation.
-- replay (``replay_indices`` [T, k]): the routing recorded at rollout time is reused; weights are
-  recomputed from the current logits for those experts (so gradients flow), and the counts are
-  those of the replayed indices. Replayed indices are validated (range, distinct per row): one
-  host sync; the plain path has none. NaN logits give unspecified weights,
-  but k distinct in-range experts per row (NaN ranks above every number, as in torch.topk).
+- replay (``replay_indices`` [T, k]): the routing recorded at rollout time is reused; weights
+  are recomputed from the current logits for those experts (so gradients flow), counts are the
+  replayed ones; replayed indices are validated (range, distinct per row: one host sync; the
+  plain path has none). NaN logits give unspecified weights but k distinct in-range experts.
 
 Returns :class:`MoERouting` ``(weights [T,k] fp32, indices [T,k] int64, tokens_per_expert [E]
 int64)``; ``weights`` is differentiable w.r.t. ``logits``. Implementations (``impl``):
@@ -35,10 +34,10 @@ int64)``; ``weights`` is differentiable w.r.t. ``logits``. Implementations (``im
 n_groups <= 64). The fast paths are ``torch.library`` custom ops with fake and autograd
 registrations, so they trace under ``torch.compile``.
 
-Aux losses (docs/DESIGN.md §3), kept apart from routing so the caller picks the token counts:
-:func:`moe_aux_scores` gives Megatron's aux-loss scores (full softmax, or sigmoid normalised
-per token) with the counts of a plain top-k on them; :func:`moe_aux_loss` is
-``coef*E/(k*T^2) * sum_e n_e * sum_t P_te``; :func:`moe_z_loss` is ``coef/T * sum_t lse(l_t)^2``.
+Aux losses (docs/DESIGN.md §3), apart from routing so the caller picks the token counts:
+:func:`moe_aux_scores` (Megatron's scores: full softmax, or sigmoid normalised per token, and
+the counts of a plain top-k on them); :func:`moe_aux_loss` ``coef*E/(k*T^2) * sum_e n_e *
+sum_t P_te``; :func:`moe_z_loss` ``coef/T * sum_t lse(l_t)^2``.
 """
 from __future__ import annotations
 
@@ -548,35 +547,44 @@ def moe_aux_scores(logits: Tensor, topk: int, *, score: str = "softmax",
 
 
 def moe_aux_loss(scores: Tensor, tokens_per_expert: Tensor, topk: int, coef: float, *,
-                 num_tokens: Optional[int] = None) -> Tensor:
+                 num_tokens: Optional[int | Tensor] = None) -> Tensor:
     """Load-balancing loss ``coef * E / (k * T^2) * sum_e n_e * sum_t P_te`` (fp32 scalar).
 
     ``scores`` [T, E]: :func:`moe_aux_scores` output (differentiable); ``tokens_per_expert`` [E]:
-    the counts n_e (Megatron uses those of :func:`moe_aux_scores`; pass global counts with
-    ``num_tokens`` = the global T under data/sequence parallelism, as Megatron's
-    ``total_num_tokens``). The gradient w.r.t. ``P_te`` is the constant ``coef*E*n_e/(k*T^2)``.
-    """
+    the counts n_e (Megatron uses those of :func:`moe_aux_scores`; pass global counts with the
+    global T as ``num_tokens``, Megatron's ``total_num_tokens``: an int, or a 0-d tensor kept on
+    the device). The gradient w.r.t. ``P_te`` is the constant ``coef*E*n_e/(k*T^2)``."""
     check_tensor("scores", scores, ndim=2, dtypes=_LOGIT_DTYPES)
     T, E = scores.shape
     check_tensor("tokens_per_expert", tokens_per_expert, shape=(E,), device=scores.device)
     check_range("topk", topk, 1, E)
     check_range("coef", float(coef), 0.0, None)
-    n_tok = T if num_tokens is None else num_tokens
-    check_range("num_tokens", n_tok, 1, None)
     per_expert = scores.to(_compute_dtype(scores)).sum(0)  # [E]
-    return (per_expert * tokens_per_expert.to(per_expert.dtype)).sum() * (
-        coef * E / (topk * float(n_tok) ** 2))
+    scale = _per_tokens(coef * E / topk, T if num_tokens is None else num_tokens, 2, per_expert)
+    return (per_expert * tokens_per_expert.to(per_expert.dtype)).sum() * scale
 
 
-def moe_z_loss(logits: Tensor, coef: float, *, num_tokens: Optional[int] = None) -> Tensor:
-    """Router z-loss ``coef / T * sum_t logsumexp(l_t)^2`` in fp32 (``T`` = ``num_tokens`` or
-    the rows of ``logits``); gradient ``2*coef*lse_t*softmax(l_t)/T``."""
+def _per_tokens(constant: float, n: int | Tensor, power: int, like: Tensor) -> float | Tensor:
+    """``constant / n ** power``; a 0-d tensor ``n`` stays on the device, clamped to >= 1."""
+    if isinstance(n, Tensor):
+        check_tensor("num_tokens", n, ndim=0, device=like.device)
+        return constant / n.to(like.dtype).clamp_min(1.0) ** power
+    check_range("num_tokens", n, 1, None)
+    return constant / float(n) ** power
+
+
+def moe_z_loss(logits: Tensor, coef: float, *, num_tokens: Optional[int | Tensor] = None,
+               valid: Optional[Tensor] = None) -> Tensor:
+    """Router z-loss ``coef / T * sum_t logsumexp(l_t)^2`` in fp32 (``T``: ``num_tokens`` as in
+    :func:`moe_aux_loss`, or the rows of ``logits``); gradient ``2*coef*lse_t*softmax(l_t)/T``.
+    ``valid`` [T] bool: only those rows count (boolean indexing would read the host)."""
     T, _ = _check_logits(logits)
     check_range("coef", float(coef), 0.0, None)
-    n_tok = T if num_tokens is None else num_tokens
-    check_range("num_tokens", n_tok, 1, None)
     lse = torch.logsumexp(logits.to(_compute_dtype(logits)), dim=-1)  # [T]
-    return lse.square().sum() * (coef / n_tok)
+    if valid is not None:
+        check_tensor("valid", valid, shape=(T,), dtypes=(torch.bool,), device=logits.device)
+        lse = torch.where(valid, lse, 0.0)
+    return lse.square().sum() * _per_tokens(coef, T if num_tokens is None else num_tokens, 1, lse)
 
 
 def routing_to_dense(weights: Tensor, indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:

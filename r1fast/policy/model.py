@@ -245,9 +245,7 @@ class Policy:
             tokens = F.pad(tokens, (0, lp - length))
             tail = position_ids[:, -1:] + torch.arange(1, lp - length + 1, device=self.device)
             position_ids = torch.cat([position_ids, tail], dim=1)
-        padding_mask = self.token_layout.padding_mask(
-            b, length, self.device, None if real_lengths is None else
-            to_device_async(real_lengths.to(torch.int64), self.device))  # [b, L'] or None
+        padding_mask = self.token_layout.padding_mask(b, length, self.device, real_lengths)
         decoder_input = None
         if gpt.pre_process:
             decoder_input = gpt.embedding(input_ids=tokens, position_ids=position_ids)

@@ -36,6 +36,8 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from r1fast.policy.transfer import to_device_async
+
 
 class RoutingHook(Protocol):
     """What a router asks of the replay machinery, once per MoE layer per forward."""
@@ -71,14 +73,17 @@ class TokenLayout:
                      real: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """megatron's ``padding_mask`` for a [b, L] microbatch: [b, L'] bool, True at the pads
         the routers must not count (this rank's slice under sequence parallelism): the
-        sequence-parallel tail past ``length`` and, given ``real`` [b] (real tokens per row,
-        on ``device``), each row's positions from ``real[row]`` on (right padding, a packed
-        row's tail). None when nothing is padded."""
+        sequence-parallel tail past ``length`` and, given ``real`` [b] (real tokens per row),
+        each row's positions from ``real[row]`` on (right padding, a packed row's tail). None
+        when nothing is padded (for a host ``real`` decided on the host, where it is free)."""
+        if real is not None and real.device.type == "cpu" and bool((real >= length).all()):
+            real = None  # every row is full
         lp = self.padded_len(length)
         if real is None:
             if lp == length:
                 return None
             real = torch.full((b,), length, device=device)
+        real = to_device_async(real.to(torch.int64), device)  # no wait for the GPU
         mask = torch.arange(lp, device=device)[None, :] >= real[:, None]  # [b, L']
         if self.sequence_parallel:
             n = lp // self.tp
@@ -147,15 +152,18 @@ class R1fastRouter(TopKRouter):
         num_tokens = logits.shape[0]
         valid = None if padding_mask is None else ~padding_mask.reshape(-1).bool()  # [T]
         training = self.training and torch.is_grad_enabled()
+        losses = training and (cfg.moe_z_loss_coeff or self.is_aux_loss_enabled())
+        # the tokens that count, over the TP(xCP) group: pads masked, never indexed away (a
+        # boolean index waits for the GPU in every MoE layer of every micro-batch)
+        counted = self._token_count(valid, num_tokens) if losses else None
 
         if training and cfg.moe_z_loss_coeff:
             # Under sequence parallelism each TP(xCP) rank holds a slice of the tokens: with the
             # global (valid) token count as the denominator the ranks' losses add up to the
             # one-rank mean (megatron divides by the group size, which is the same without
             # padding and wrong with it).
-            z_logits = logits if valid is None else logits[valid]
             coeff = cfg.moe_z_loss_coeff
-            z_loss = moe_z_loss(z_logits, coeff, num_tokens=self._global_count(z_logits.shape[0]))
+            z_loss = moe_z_loss(logits, coeff, num_tokens=counted, valid=valid)
             logits = MoEAuxLossAutoScaler.apply(logits, z_loss)
             save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number,
                                        self._num_layers_total())
@@ -176,7 +184,7 @@ class R1fastRouter(TopKRouter):
             hook.record(self.layer_index, indices.detach())
 
         if training and self.is_aux_loss_enabled():
-            weights = self._attach_aux_loss(logits, weights, valid)
+            weights = self._attach_aux_loss(logits, weights, valid, counted)
 
         if torch.is_grad_enabled():
             # Load of this microbatch, accumulated over the microbatches of a step; megatron's
@@ -197,37 +205,47 @@ class R1fastRouter(TopKRouter):
         return routing_to_dense(weights, indices, num_experts)  # probs [T, E], map [T, E]
 
     def _attach_aux_loss(self, logits: torch.Tensor, weights: torch.Tensor,
-                         valid: Optional[torch.Tensor]) -> torch.Tensor:
+                         valid: Optional[torch.Tensor], counted) -> torch.Tensor:
         """Megatron's load-balancing loss (scores = full softmax or normalised sigmoid, counts
-        of a plain top-k on them), attached to the routing weights."""
+        of a plain top-k on them) over the ``valid`` tokens (``counted`` of them in the TP(xCP)
+        group), attached to the routing weights."""
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
         from r1fast.ops.moe_route import moe_aux_loss, moe_aux_scores
 
         coeff = self.get_aux_loss_coeff("aux_loss")
         if coeff <= 0:  # enabled, but not as the plain per-microbatch "aux_loss" type
             raise ValueError("R1fastRouter supports moe_router_load_balancing_type='aux_loss' only")
-        aux_logits = logits if valid is None else logits[valid]  # [T_valid, E]
+        aux_logits = logits  # [T, E]
+        if valid is not None:  # pads get strictly decreasing logits: their top-k is 0..k-1
+            fill = -torch.arange(logits.shape[1], device=logits.device, dtype=logits.dtype)
+            aux_logits = torch.where(valid[:, None], logits, fill)
         scores, counts = moe_aux_scores(aux_logits, self.topk,
                                         score=self.config.moe_router_score_function,
                                         impl=self.impl)
+        if valid is not None:  # take the pads out: their scores, and their known top-k counts
+            scores = scores * valid[:, None].to(scores.dtype)
+            first_k = torch.arange(counts.shape[0], device=counts.device) < self.topk
+            counts = counts - first_k.to(counts.dtype) * (~valid).sum().to(counts.dtype)
         # Counts and token total of the whole TP(xCP) group: under sequence parallelism each
         # rank holds a slice of the tokens, and the balance loss is defined on all of them.
         group = self.tp_cp_group
         global_counts = reduce_from_tensor_model_parallel_region(counts.float(), group)
-        aux = moe_aux_loss(scores, global_counts, self.topk, coeff,
-                           num_tokens=self._global_count(aux_logits.shape[0]))
+        aux = moe_aux_loss(scores, global_counts, self.topk, coeff, num_tokens=counted)
         save_to_aux_losses_tracker("load_balancing_loss", aux / coeff, self.layer_number,
                                    self._num_layers_total(), reduce_group=group)
         return MoEAuxLossAutoScaler.apply(weights, aux)
 
-    def _global_count(self, local: int) -> int:
-        """Tokens of the whole TP(xCP) group (>= 1)."""
+    def _token_count(self, valid: Optional[torch.Tensor], rows: int):
+        """Tokens of the whole TP(xCP) group that count: ``rows`` (>= 1) on one rank without
+        pads, else a 0-d device tensor (summed over the group, not read on the host)."""
         group = self.tp_cp_group
-        if group.size() == 1:
-            return max(local, 1)
-        total = torch.tensor([float(local)], device=self.weight.device)
-        torch.distributed.all_reduce(total, group=group)
-        return max(int(total.item()), 1)
+        if valid is None and group.size() == 1:
+            return max(rows, 1)
+        n = valid.sum() if valid is not None else torch.tensor(rows, device=self.weight.device)
+        n = n.to(torch.float64)  # exact for any count; all-reduced over the group below
+        if group.size() > 1:
+            torch.distributed.all_reduce(n, group=group)
+        return n
 
     def _num_layers_total(self) -> int:
         return self.config.num_layers + (self.config.mtp_num_layers or 0)

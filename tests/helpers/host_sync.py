@@ -1,6 +1,6 @@
 """Recording host syncs issued from r1fast code (tests/ops/test_host_sync.py and the policy's
 router test): ``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``bool(t)`` / ``int(t)``,
-``nonzero``, ``bincount``, ``unique``, ``masked_select``. On a CPU nothing waits, so the
+``nonzero``, ``bincount``, ``unique``, ``masked_select``, indexing with a boolean mask. On a CPU nothing waits, so the
 recorder stands in for the GPU; on a GPU it also turns on ``torch.cuda.set_sync_debug_mode
 ("error")``, which raises on any synchronising CUDA call."""
 from __future__ import annotations
@@ -28,6 +28,11 @@ def _from_r1fast() -> bool:
             return "/tests/" not in name
         f = f.f_back
     return False
+
+
+def _boolean_index(args) -> bool:
+    """``x[mask]``: the output's size is the mask's count, which a GPU must report first."""
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
 
 
 class SyncRecorder(TorchDispatchMode):
@@ -63,4 +68,6 @@ class SyncRecorder(TorchDispatchMode):
         name = func._schema.name
         if name in _SYNC_OPS and _from_r1fast():
             self.calls.append(name)
+        elif name == "aten::index" and _boolean_index(args) and _from_r1fast():
+            self.calls.append("aten::index (boolean mask)")  # its result size needs the host
         return func(*args, **(kwargs or {}))

@@ -234,6 +234,31 @@ def test_z_loss_matches_formula_and_megatron():
     assert moe_z_loss(logits.detach(), 1e-3, num_tokens=14) * 2 == pytest.approx(z.item())
 
 
+def test_a_device_token_count_and_a_valid_mask_give_the_indexed_losses():
+    """A 0-d tensor ``num_tokens`` (a count that stays on the device) gives the int count's
+    losses, clamped to >= 1; ``valid`` in the z-loss equals the valid rows alone, with no
+    gradient to the others."""
+    T, E, k = 9, 8, 2
+    logits = torch.randn(T, E, requires_grad=True)
+    valid = torch.tensor([True, False, True, True, False, True, True, True, False])
+    z = moe_z_loss(logits, 1e-3, num_tokens=torch.tensor(6.0), valid=valid)
+    kept = logits.detach()[valid].requires_grad_()
+    want = moe_z_loss(kept, 1e-3)
+    torch.testing.assert_close(z, want, atol=0, rtol=1e-6)
+    z.backward()
+    want.backward()
+    torch.testing.assert_close(logits.grad[valid], kept.grad, atol=0, rtol=1e-6)
+    assert logits.grad[~valid].abs().max().item() == 0.0
+    p, counts = moe_aux_scores(logits.detach(), k, impl="torch")
+    by_int = moe_aux_loss(p, counts, k, 0.01, num_tokens=T)
+    by_tensor = moe_aux_loss(p, counts, k, 0.01, num_tokens=torch.tensor(float(T)))
+    torch.testing.assert_close(by_tensor, by_int, atol=0, rtol=1e-6)
+    assert moe_z_loss(logits.detach(), 1e-3, num_tokens=torch.tensor(0.0)) == \
+        pytest.approx(moe_z_loss(logits.detach(), 1e-3, num_tokens=1).item())
+    with pytest.raises(ValueError, match="num_tokens must be 0-D"):
+        moe_z_loss(logits.detach(), 1e-3, num_tokens=torch.tensor([6.0]))
+
+
 def test_bf16_logits_compute_in_fp32():
     logits = torch.randn(7, 16)
     got = moe_route(logits.bfloat16(), 2, score="sigmoid", impl="torch")

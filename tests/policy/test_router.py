@@ -123,20 +123,26 @@ def test_padding_tokens_are_excluded_from_losses_and_counts(name):
         cfg.moe_router_topk
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["no-pads", "pads"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_a_training_forward_does_not_wait_for_the_device(name, monkeypatch):
-    """Without padding the router issues no host sync from r1fast code (on a GPU each would
-    stall the launch queue once per MoE layer per micro-batch): the load counts come from the
-    routing op, not from bincount."""
+def test_a_training_forward_does_not_wait_for_the_device(name, padded, monkeypatch):
+    """The router issues no host sync from r1fast code (on a GPU each would stall the launch
+    queue once per MoE layer per micro-batch): the load counts come from the routing op, not
+    from bincount, and pads are masked out of the losses and counts, not indexed away (every
+    trainer micro-batch carries lengths, so a mask is the common case)."""
     from tests.helpers.host_sync import SyncRecorder
 
     mine, _ = routers(CONFIGS[name])
     x = torch.randn(7, 3, 64, generator=torch.Generator().manual_seed(6))
-    run(mine, x)  # warm-up
+    mask = None
+    if padded:
+        mask = torch.zeros(7, 3, dtype=torch.bool)
+        mask[5:, 1] = True  # the last two positions of the second row
+    run(mine, x, mask)  # warm-up
     with SyncRecorder(monkeypatch) as rec:
-        run(mine, x)
+        run(mine, x, mask)
     assert rec.calls == []
-    assert mine.load_counts.sum().item() == 2 * 21 * CONFIGS[name].moe_router_topk
+    assert mine.load_counts.sum().item() == 2 * (21 - 2 * padded) * CONFIGS[name].moe_router_topk
 
 
 class Hook:
