@@ -145,12 +145,12 @@ def load_sharded(policy, optimizer: Optional[Any], folder: str | Path,
         else:  # weights only: the checkpoint's optimizer state is expected and skipped
             # megatron's names: "missing" = in the checkpoint, not asked for; "unexpected" =
             # asked for, not in the checkpoint
-            loaded, extra, absent = dist_checkpointing.load(template, str(folder),
-                                                            strict="return_all")
-            extra = sorted(k for k in extra if not k.startswith("optimizer."))
-            if extra or absent:
+            loaded, unknown, absent = dist_checkpointing.load(template, str(folder),
+                                                              strict="return_all")
+            unknown = sorted(k for k in unknown if not k.startswith("optimizer."))
+            if unknown or absent:
                 raise ValueError(f"checkpoint {folder} does not match this model: it lacks "
-                                 f"{sorted(absent)[:5]}, and holds unknown {extra[:5]}")
+                                 f"{sorted(absent)[:5]}, and holds unknown {unknown[:5]}")
     with torch.no_grad():
         for key, param in (extra or {}).items():
             param.copy_(loaded["model"].pop(key))

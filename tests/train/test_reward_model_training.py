@@ -300,3 +300,21 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path):
     for a, b in zip(rows["full"], rows["resumed"]):
         assert {k: a[k] for k in ("loss", "accuracy", "grad_norm")} == \
             {k: b[k] for k in ("loss", "accuracy", "grad_norm")}
+
+
+def test_a_weights_only_load_restores_the_head(tmp_path):
+    """``load_sharded`` without an optimizer (export, init) loads the extra parameters too."""
+    from r1fast.policy.dist_ckpt import load_sharded, save_sharded
+    from r1fast.policy.hf_checkpoint import load_model_config
+    from r1fast.train.reward_model import RewardEngine
+
+    init = save_init(str(tmp_path / "init"))
+    engine = RewardEngine(load_model_config(init), ParallelConfig(), OptimConfig(lr=1e-3),
+                          total_updates=1, seed=0, init_from=init)
+    extra = engine.extra_params()
+    head = engine.head_weight.detach().clone()
+    save_sharded(engine.policy, None, tmp_path / "ckpt", extra)
+    with torch.no_grad():
+        engine.head_weight.zero_()
+    load_sharded(engine.policy, None, tmp_path / "ckpt", extra)
+    assert torch.equal(engine.head_weight, head) and head.abs().max() > 0
