@@ -87,7 +87,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
     (with ``system_prompt`` first), as a chat model is prompted, and whose ``completion`` ends
     as the template ends an assistant turn (``"completion_ends_turn": true``: ChatML's
     ``<|im_end|>`` and newline, not the tokenizer's eos, which for a base tokenizer is
-    ``<|endoftext|>``; transformers renders the same text); unchanged when the tokenizer has
+    ``<|endoftext|>``; transformers renders the same text; see :func:`chat_turn_end` for an
+    end of turn that holds no stop id); unchanged when the tokenizer has
     no template or ``chat_template`` is False. Rows marked ``"prompt_rendered": true``
     (rejection-sampled rows: the prompt is the text the model was given) are kept as they are,
     so their template is not applied twice (an INFO line counts them; rejection sampling
@@ -97,33 +98,54 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
         return [dict(r) for r in rows]
-    out, as_given, turn_end = [], 0, tokenizer.turn_end()
-    if not turn_end:
-        log.warning("the chat template of %r writes nothing after an assistant turn: SFT "
-                    "completions end with the tokenizer's eos instead", tokenizer)
+    out, as_given, open_ended = [], 0, 0
+    closing = chat_turn_end(tokenizer)
     for r in rows:
         if r.get("prompt_rendered") is True:
             out.append(dict(r))
             as_given += 1
+            open_ended += r.get("completion_ends_turn") is not True
             continue
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                    [{"role": "user", "content": r["prompt"]}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        out.append(end_turn({**r, "prompt": prompt}, turn_end))
+        out.append(end_turn({**r, "prompt": prompt}, *closing))
     if as_given:
         log.info("%d of %d SFT rows are marked prompt_rendered (already in the model's "
                  "prompt format, e.g. rejection-sampled): the chat template%s is not applied "
                  "to them", as_given, len(rows), " and system_prompt" if system_prompt else "")
+    if open_ended and closing[0]:
+        log.warning("%d SFT rows marked prompt_rendered do not say completion_ends_turn (an "
+                    "older r1fast's rejection sampling, or prompts without the chat template): "
+                    "they end with the tokenizer's eos, not the template's end of turn %r",
+                    open_ended, closing[0])
     return out
 
 
-def end_turn(row: dict, turn_end: str) -> dict:
-    """``row`` whose completion closes the assistant turn with ``turn_end`` (the tokenizer's
-    :meth:`~r1fast.data.hf_tokenizer.HFTokenizer.turn_end`), marked so the SFT trainer adds no
-    eos after it; unchanged (eos added) when ``turn_end`` is ""."""
-    if not turn_end:
+def chat_turn_end(tokenizer) -> tuple[str, bool]:
+    """What an SFT answer under ``tokenizer``'s chat template ends with: the text the template
+    writes after an assistant message (:meth:`~r1fast.data.hf_tokenizer.HFTokenizer.turn_end`)
+    and whether it closes the completion, i.e. holds one of the tokenizer's stop ids (a
+    rollout stops only there); if not (a "User:/Assistant:" template's newline, or an end of
+    turn the tokenizer does not stop at), the eos follows it, with a warning."""
+    turn_end = tokenizer.turn_end()
+    closes = any(t in tokenizer.stop_ids for t in tokenizer.encode(turn_end))
+    if not closes:
+        log.warning("the chat template of %r ends an assistant turn with %r, which holds none of "
+                    "its stop ids %s: SFT answers end with it and then the eos%s", tokenizer,
+                    turn_end, list(tokenizer.stop_ids), "" if not turn_end else " (list the end-"
+                    "of-turn token in generation_config.json's eos_token_id to stop there)")
+    return turn_end, closes
+
+
+def end_turn(row: dict, turn_end: str, closes: bool) -> dict:
+    """``row`` whose completion ends the assistant turn with ``turn_end`` (see
+    :func:`chat_turn_end`); marked ``completion_ends_turn`` when that closes it (the SFT
+    trainer then adds no eos). A row already marked is left as it is (not closed twice)."""
+    if not turn_end or row.get("completion_ends_turn") is True:
         return dict(row)
-    return {**row, "completion": row["completion"] + turn_end, "completion_ends_turn": True}
+    return {**row, "completion": row["completion"] + turn_end, **(
+        {"completion_ends_turn": True} if closes else {})}
 
 
 def drop_long_rows(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[dict], int]:

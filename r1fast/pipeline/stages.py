@@ -176,7 +176,7 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
     from r1fast.pipeline.evaluate import checker
     from r1fast.pipeline.filters import filter_samples
     from r1fast.pipeline.generation import load_model, sample_with_flags
-    from r1fast.pipeline.sft_data import end_turn
+    from r1fast.pipeline.sft_data import chat_turn_end, end_turn
 
     policy, tok = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
@@ -195,8 +195,8 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
                          f"{summary_path}")
     # an answer to a chat-templated prompt ends its turn as the template does (SFT's target)
     chat = {ex["prompt"] for ex in examples if ex.get("chat_rendered") is True}
-    turn_end = tok.turn_end() if chat else ""
-    rows = [end_turn(r, turn_end) if r["prompt"] in chat else r for r in rows]
+    closing = chat_turn_end(tok) if chat else ("", False)
+    rows = [end_turn(r, *closing) if r["prompt"] in chat else r for r in rows]
     return write_jsonl([dict(r, prompt_rendered=True) for r in rows], path), summary
 
 

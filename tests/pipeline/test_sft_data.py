@@ -135,6 +135,34 @@ def test_sft_targets_end_the_turn_not_the_document(tmp_path):
         encode_sft_row(hf, dict(row, completion_ends_turn="yes"))
 
 
+def test_an_end_of_turn_without_a_stop_id_is_followed_by_eos(tmp_path, caplog):
+    """A "role: content" template ends a turn with a newline, which no rollout stops at: the
+    answer ends with it and then the eos, and a warning says so. A row already marked
+    completion_ends_turn is not closed twice; rows marked prompt_rendered without the mark
+    are named in a warning."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.train.sft import encode_sft_row
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    plain = {"prompt": "What is 2 + 3?", "completion": "5"}
+    closed = render_prompts([plain], hf)[0]
+    assert render_prompts([dict(closed, prompt="x")], hf)[0]["completion"] == "5<|im_end|>\n"
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        render_prompts([dict(closed, prompt_rendered=True),
+                        dict(plain, prompt_rendered=True)], hf)
+    assert "1 SFT rows marked prompt_rendered do not say completion_ends_turn" in caplog.text
+    hf.tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                            "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        row = render_prompts([plain], hf)[0]
+    assert row["completion"] == "5\n" and "completion_ends_turn" not in row
+    assert encode_sft_row(hf, row)[1] == hf.encode("5\n") + [hf.eos_id]
+    assert "which holds none of its stop ids" in caplog.text
+
+
 def test_rejection_sampled_prompts_are_not_templated_twice(tmp_path, caplog):
     """Rows that rejection sampling wrote carry the prompt the model saw, chat template
     included (``prompt_rendered``); an SFT recipe over them used to wrap it a second time."""
