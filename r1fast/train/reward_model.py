@@ -48,7 +48,7 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.batch import all_ranks_int
 from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, latest_checkpoint,
-                                     load_checkpoint, save_checkpoint, start_fresh)
+                                     load_checkpoint, run_steps, save_checkpoint, start_fresh)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.typed_toml import dump_toml
@@ -310,15 +310,17 @@ class RewardModelTrainer:
         return {"tokens": tokens, "lengths": lengths}, cut
 
     def step(self) -> dict[str, float]:
-        """One optimizer step on ``batch_size`` pairs: loss, train accuracy and mean margin of
-        the batch (before the step), grad norm, lr."""
+        """One optimizer step on ``batch_size`` pairs (counted in ``step_idx``): loss, train
+        accuracy and mean margin of the batch (before the step), grad norm, lr."""
         n = float(self.cfg.batch_size)
         micro, cut = self._micro_batch()
         upd = self.engine.update([micro], pair_loss_fn(self.engine, n))
         local = {k: sum(float(r[k]) for r in upd.metrics)
                  for k in ("bt_sum", "correct", "margin_sum")}
         sums = self.engine.last_stage_reduce(local, list(local), op="sum")
-        return {"loss": sums["bt_sum"] / n, "accuracy": sums["correct"] / n,
+        self.step_idx += 1
+        self.last_loss = sums["bt_sum"] / n
+        return {"loss": self.last_loss, "accuracy": sums["correct"] / n,
                 "margin": sums["margin_sum"] / n, "grad_norm": upd.grad_norm,
                 "lr": self.engine.lr, "skipped": float(upd.skipped),
                 "texts_cut": self.engine.dp_sum([float(cut)])[0]}
@@ -368,7 +370,6 @@ class RewardModelTrainer:
         _barrier()
         return summary
 
-
     def _train(self) -> None:
         """Steps up to ``steps``, a checkpoint every ``save_every`` and one at the end."""
         cfg = self.cfg
@@ -376,18 +377,7 @@ class RewardModelTrainer:
                                progress=cfg.progress, total_steps=cfg.steps,
                                initial_step=self.step_idx, desc="reward-model")
         try:
-            if self.step_idx >= cfg.steps:
-                log.warning("the checkpoint is at step %d and steps=%d: nothing to train (raise "
-                            "steps to continue); writing its model", self.step_idx, cfg.steps)
-                return
-            while self.step_idx < cfg.steps:
-                metrics = self.step()
-                self.step_idx += 1
-                self.last_loss = logger.log(self.step_idx, metrics)["loss"]
-                if cfg.save_every and self.step_idx % cfg.save_every == 0:
-                    self.save()
-            if not cfg.save_every or self.step_idx % cfg.save_every:
-                self.save()
+            run_steps(self, cfg.steps, cfg.save_every, logger)
         finally:
             logger.close()
 

@@ -52,7 +52,7 @@ from r1fast.policy.optim import OptimConfig
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
 from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, latest_checkpoint,
-                                     load_checkpoint, save_checkpoint, start_fresh)
+                                     load_checkpoint, run_steps, save_checkpoint, start_fresh)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import packed_micro_batches
@@ -307,17 +307,7 @@ class SFTTrainer:
                                progress=cfg.progress, total_steps=cfg.steps,
                                initial_step=self.step_idx, desc="sft")
         try:
-            if self.step_idx >= cfg.steps:
-                log.warning("the checkpoint is at step %d and steps=%d: nothing to train (raise "
-                            "steps to continue); writing its model", self.step_idx, cfg.steps)
-            else:
-                while self.step_idx < cfg.steps:
-                    metrics = self.step()  # counts the step
-                    logger.log(self.step_idx, metrics)
-                    if cfg.save_every and self.step_idx % cfg.save_every == 0:
-                        self.save()
-                if not cfg.save_every or self.step_idx % cfg.save_every:
-                    self.save()
+            run_steps(self, cfg.steps, cfg.save_every, logger)
         finally:
             logger.close()
         return self.engine.save_model(self.tokenizer, self.run_dir / "model")
