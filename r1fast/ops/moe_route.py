@@ -505,8 +505,7 @@ def moe_route(
     ``expert_bias`` [E] fp32 shifts the selection only; ``replay_indices`` [T, k] (int64/int32,
     distinct in-range experts per row) replaces the selection. ``scaling_factor=None`` means 1.
     ``validate``: check the replayed ids' values (a host sync); None follows
-    ``R1FAST_DEBUG_CHECKS`` (``r1fast.ops._dispatch.debug_checks``).
-    """
+    ``R1FAST_DEBUG_CHECKS`` (``r1fast.ops._dispatch.debug_checks``)."""
     T, E = _check_logits(logits)
     cfg = MoERouteConfig(topk=topk, score=score, pre_softmax=bool(pre_softmax),
                          n_groups=n_groups, topk_groups=topk_groups,
@@ -575,15 +574,16 @@ def _per_tokens(constant: float, n: int | Tensor, power: int, like: Tensor) -> f
 
 def moe_z_loss(logits: Tensor, coef: float, *, num_tokens: Optional[int | Tensor] = None,
                valid: Optional[Tensor] = None) -> Tensor:
-    """Router z-loss ``coef / T * sum_t logsumexp(l_t)^2`` in fp32 (``T``: ``num_tokens`` as in
-    :func:`moe_aux_loss`, or the rows of ``logits``); gradient ``2*coef*lse_t*softmax(l_t)/T``.
-    ``valid`` [T] bool: only those rows count (boolean indexing would read the host)."""
+    """Router z-loss ``coef/T * sum_t lse(l_t)^2`` in fp32 (``T``: ``num_tokens`` as in
+    :func:`moe_aux_loss`, or the rows); ``valid`` [T] bool: only those rows count."""
     T, _ = _check_logits(logits)
     check_range("coef", float(coef), 0.0, None)
-    lse = torch.logsumexp(logits.to(_compute_dtype(logits)), dim=-1)  # [T]
-    if valid is not None:
+    x = logits.to(_compute_dtype(logits))
+    if valid is not None:  # pads' logits go too: a NaN there would reach the gradient (0 * NaN)
         check_tensor("valid", valid, shape=(T,), dtypes=(torch.bool,), device=logits.device)
-        lse = torch.where(valid, lse, 0.0)
+        x = torch.where(valid[:, None], x, 0.0)
+    lse = torch.logsumexp(x, dim=-1)  # [T]
+    lse = lse if valid is None else torch.where(valid, lse, 0.0)
     return lse.square().sum() * _per_tokens(coef, T if num_tokens is None else num_tokens, 1, lse)
 
 

@@ -241,8 +241,8 @@ class R1fastRouter(TopKRouter):
         group = self.tp_cp_group
         if valid is None and group.size() == 1:
             return max(rows, 1)
-        n = valid.sum() if valid is not None else torch.tensor(rows, device=self.weight.device)
-        n = n.to(torch.float64)  # exact for any count; all-reduced over the group below
+        n = valid.sum().to(torch.float64) if valid is not None else torch.full(
+            (), float(rows), dtype=torch.float64, device=self.weight.device)  # no host copy
         if group.size() > 1:
             torch.distributed.all_reduce(n, group=group)
         return n

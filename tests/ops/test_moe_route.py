@@ -249,6 +249,12 @@ def test_a_device_token_count_and_a_valid_mask_give_the_indexed_losses():
     want.backward()
     torch.testing.assert_close(logits.grad[valid], kept.grad, atol=0, rtol=1e-6)
     assert logits.grad[~valid].abs().max().item() == 0.0
+    poisoned = logits.detach().clone()
+    poisoned[~valid] = float("nan")  # a pad's logits never reach the loss or its gradient
+    poisoned.requires_grad_()
+    z_nan = moe_z_loss(poisoned, 1e-3, num_tokens=torch.tensor(6.0), valid=valid)
+    z_nan.backward()
+    assert torch.isfinite(poisoned.grad).all() and torch.equal(z_nan, z.detach())
     p, counts = moe_aux_scores(logits.detach(), k, impl="torch")
     by_int = moe_aux_loss(p, counts, k, 0.01, num_tokens=T)
     by_tensor = moe_aux_loss(p, counts, k, 0.01, num_tokens=torch.tensor(float(T)))
