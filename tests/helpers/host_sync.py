@@ -30,9 +30,14 @@ def _from_r1fast() -> bool:
     return False
 
 
+#: ``x[mask]`` and ``x[mask] = v``: the mask becomes indices (its count), which a GPU must
+#: report to the host first
+_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+
 def _boolean_index(args) -> bool:
-    """``x[mask]``: the output's size is the mask's count, which a GPU must report first."""
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+               for i in args[1] or ())
 
 
 class SyncRecorder(TorchDispatchMode):
@@ -68,6 +73,6 @@ class SyncRecorder(TorchDispatchMode):
         name = func._schema.name
         if name in _SYNC_OPS and _from_r1fast():
             self.calls.append(name)
-        elif name == "aten::index" and _boolean_index(args) and _from_r1fast():
-            self.calls.append("aten::index (boolean mask)")  # its result size needs the host
+        elif name in _INDEX_OPS and _boolean_index(args) and _from_r1fast():
+            self.calls.append(f"{name} (boolean mask)")  # the mask's count, read on the host
         return func(*args, **(kwargs or {}))

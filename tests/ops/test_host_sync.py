@@ -188,6 +188,27 @@ def test_recorder_sees_a_sync(monkeypatch):
     assert rec.calls
 
 
+def test_recorder_sees_boolean_mask_indexing(monkeypatch, tmp_path):
+    """``x[mask]`` (a bool or a deprecated uint8 mask) and ``x[mask] = v`` turn the mask into
+    indices, a count a GPU must report first; the recorder names them when r1fast code does
+    it."""
+    import importlib.util
+
+    path = tmp_path / "r1fast" / "probe.py"  # a module whose frames look like r1fast code
+    path.parent.mkdir()
+    path.write_text("def read(x, m):\n    return x[m]\n\n\ndef write(x, m):\n    x[m] = 0.0\n")
+    spec = importlib.util.spec_from_file_location("r1fast_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    x = torch.randn(6)
+    with SyncRecorder(monkeypatch) as rec, pytest.warns(UserWarning, match="uint8"):
+        probe.read(x, x > 0)
+        probe.read(x, (x > 0).to(torch.uint8))
+        probe.write(x, x > 0)
+        x[x > 0]  # the test's own indexing is not r1fast's
+    assert rec.calls == ["aten::index (boolean mask)"] * 2 + ["aten::index_put_ (boolean mask)"]
+
+
 # ----------------------------------------------------------------------------- debug checks
 
 @pytest.mark.parametrize("how", ["env", "argument"])
