@@ -118,6 +118,10 @@ def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False)
                          f" replacing it would delete the run's checkpoints; choose another "
                          f"folder (e.g. {run_dir / 'hf'})")
     meta = json.loads((ckpt / "meta.json").read_text())
+    if "reward_data" in meta:
+        raise ValueError(f"export: {ckpt} is a reward-model checkpoint (export writes policies); "
+                         f"run `r1fast stage reward-model` again with --out {run_dir} and the "
+                         f"same settings: it resumes there and writes {run_dir / 'model'}")
     text = meta.get("config") or (run_dir / "config.toml").read_text()
     cfg = _run_config(text)
     parallel = cfg.parallel

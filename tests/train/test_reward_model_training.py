@@ -286,6 +286,10 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path):
 
     full, summary_full = run("full", 4)
     run("resumed", 2)
+    from r1fast.train.export import export_checkpoint
+
+    with pytest.raises(ValueError, match="is a reward-model checkpoint.*it resumes there"):
+        export_checkpoint(tmp_path / "resumed", tmp_path / "exported")
     resumed, summary = run("resumed", 4)
     assert resumed.step_idx == 4 and summary["steps"] == 4
     assert summary["final_train_loss"] == summary_full["final_train_loss"]
