@@ -92,7 +92,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
     no template or ``chat_template`` is False. Rows marked ``"prompt_rendered": true``
     (rejection-sampled rows: the prompt is the text the model was given) are kept as they are,
     so their template is not applied twice (an INFO line counts them; rejection sampling
-    closed their turn already). A system prompt with nothing to render it is an error, not dropped."""
+    closed their turn already). A system prompt with nothing to render it is an error, not
+    dropped."""
     if not (chat_template and tokenizer.has_chat_template):
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "

@@ -144,20 +144,24 @@ def start_fresh(run_dir: str | Path, names: tuple[str, ...], *, overwrite: bool,
 
 def run_steps(trainer, steps: int, save_every: int, logger) -> None:
     """The step loop of SFT and reward-model training: ``trainer.step()`` (which advances
-    ``trainer.step_idx``) until ``steps``, each step's metrics to ``logger``, a checkpoint
-    (``trainer.save()``) every ``save_every`` steps and one at the end; a run whose checkpoint
-    is already at ``steps`` trains nothing (a warning says so)."""
-    if trainer.step_idx >= steps:
-        log.warning("the checkpoint is at step %d and steps=%d: nothing to train (raise steps "
-                    "to continue); writing its model", trainer.step_idx, steps)
-        return
-    while trainer.step_idx < steps:
-        metrics = trainer.step()
-        logger.log(trainer.step_idx, metrics)
-        if save_every and trainer.step_idx % save_every == 0:
+    ``trainer.step_idx``) until ``steps``, each step's metrics to ``logger`` (closed at the
+    end, also on an error), a checkpoint (``trainer.save()``) every ``save_every`` steps and
+    one at the end; a run whose checkpoint is already at ``steps`` trains nothing (a warning
+    says so)."""
+    try:
+        if trainer.step_idx >= steps:
+            log.warning("the checkpoint is at step %d and steps=%d: nothing to train (raise "
+                        "steps to continue); writing its model", trainer.step_idx, steps)
+            return
+        while trainer.step_idx < steps:
+            metrics = trainer.step()
+            logger.log(trainer.step_idx, metrics)
+            if save_every and trainer.step_idx % save_every == 0:
+                trainer.save()
+        if not save_every or trainer.step_idx % save_every:
             trainer.save()
-    if not save_every or trainer.step_idx % save_every:
-        trainer.save()
+    finally:
+        logger.close()
 
 
 def _gather(obj: Any, world: int) -> list:

@@ -248,10 +248,10 @@ class RewardModelTrainer:
         self.before: Optional[dict] = None
         """Held-out accuracy before training (measured at step 0, kept in checkpoints)."""
         self.last_loss: Optional[float] = None
-        if path is None:
-            self._start_fresh()
-        else:
+        if path is not None:
             self._resume(path)
+        elif config.overwrite:  # without it the check above already found nothing to move
+            self._start_fresh()
 
     # -------------------------------------------------------------------------- checkpoints
     def _start_fresh(self) -> None:
@@ -353,7 +353,10 @@ class RewardModelTrainer:
         cfg, out = self.cfg, self.run_dir
         if self.before is None and self.test_pairs:
             self.before = self.heldout()
-        self._train()
+        run_steps(self, cfg.steps, cfg.save_every,
+                  MetricsLogger(out, enabled=self.engine.is_logger, tensorboard=False,
+                                progress=cfg.progress, total_steps=cfg.steps,
+                                initial_step=self.step_idx, desc="reward-model"))
         after = self.heldout() if self.test_pairs else None
         summary = {"train_pairs": len(self.train_pairs), "steps": cfg.steps,
                    "final_train_loss": self.last_loss, "test_pairs": len(self.test_pairs)}
@@ -369,17 +372,6 @@ class RewardModelTrainer:
             write_text_atomic(out / "eval.json", json.dumps(summary, indent=1))
         _barrier()
         return summary
-
-    def _train(self) -> None:
-        """Steps up to ``steps``, a checkpoint every ``save_every`` and one at the end."""
-        cfg = self.cfg
-        logger = MetricsLogger(self.run_dir, enabled=self.engine.is_logger, tensorboard=False,
-                               progress=cfg.progress, total_steps=cfg.steps,
-                               initial_step=self.step_idx, desc="reward-model")
-        try:
-            run_steps(self, cfg.steps, cfg.save_every, logger)
-        finally:
-            logger.close()
 
 
 def _barrier() -> None:

@@ -154,8 +154,8 @@ class SFTTrainer:
         check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if not config.overwrite and (not config.resume or latest_checkpoint(self.ckpt_dir)
-                                     is None):
+        path = latest_checkpoint(self.ckpt_dir) if config.resume else None
+        if path is None and not config.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.steps, seed=config.seed,
@@ -168,11 +168,10 @@ class SFTTrainer:
         self.order = RowStream(len(self.data), config.seed)
         self.step_idx = 0
         """Optimizer steps done (restored from a checkpoint on resume)."""
-        path = latest_checkpoint(self.ckpt_dir) if config.resume else None
-        if path is None:
-            self._check_fresh_start()
-        else:
+        if path is not None:
             self._resume(path)
+        elif config.overwrite:  # without it the check above already found nothing to move
+            self._check_fresh_start()
 
     def _check_layout(self) -> None:
         cfg, dp = self.cfg, self.info.dp
@@ -303,13 +302,10 @@ class SFTTrainer:
         cfg = self.cfg
         if self.engine.is_logger:  # `r1fast export` of a checkpoint reads it from here
             self.tokenizer.save(self.run_dir / "tokenizer")
-        logger = MetricsLogger(self.run_dir, enabled=self.engine.is_logger, tensorboard=False,
-                               progress=cfg.progress, total_steps=cfg.steps,
-                               initial_step=self.step_idx, desc="sft")
-        try:
-            run_steps(self, cfg.steps, cfg.save_every, logger)
-        finally:
-            logger.close()
+        run_steps(self, cfg.steps, cfg.save_every,
+                  MetricsLogger(self.run_dir, enabled=self.engine.is_logger, tensorboard=False,
+                                progress=cfg.progress, total_steps=cfg.steps,
+                                initial_step=self.step_idx, desc="sft"))
         return self.engine.save_model(self.tokenizer, self.run_dir / "model")
 
 
