@@ -22,6 +22,7 @@ from typing import Sequence
 from r1fast.cli import ArgumentParser
 from r1fast.plan.memory import (DECODERS, SPECS, GiB, RECOMPUTE_MODES, MemoryPlan, StagePlan,
                                 plan_memory)
+from r1fast.rollout.sampler import sample_rows_per_chunk
 
 __all__ = ["plan_main", "format_plan"]
 
@@ -89,6 +90,10 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
     rows.append(("rollout sampling logits (fp32)",
                  "[B, V] per step" if opt.decoder == "kv-cache"
                  else "[B, L, V]: prefix-recomputing decoder", _gib(w.rollout_logits_bytes)))
+    if w.sampling_bytes:
+        chunk = min(plan.rollout_seqs, sample_rows_per_chunk(m.vocab_size))
+        rows.append(("rollout sampler (transient)", f"fp64 CDFs of {chunk} rows at a time; "
+                     "the peak counts it or the prefill, the larger", _gib(w.sampling_bytes)))
     if opt.decoder == "kv-cache":
         sliced = w.prefill_tokens < plan.rollout_seqs * plan.prompt_len
         rows.append(("rollout prefill (transient)",

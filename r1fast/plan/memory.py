@@ -42,7 +42,9 @@ matching r1fast's policy (r1fast.policy.optim):
 - rollout: a KV cache for this DP rank's share of ``prompts_per_step * group_size`` sequences
   while the weights and optimizer state stay resident (colocated training and sampling), and
   the transient of one prefill forward over those prompts, or over a slice of
-  ``rollout.prefill_tokens`` tokens (r1fast.plan.prefill);
+  ``rollout.prefill_tokens`` tokens (r1fast.plan.prefill), and, at another moment, the
+  sampler's temporaries (one chunk of rows of fp64 CDFs: r1fast.rollout.sampler) beside the
+  last stage's ``[B, V]`` fp32 logits;
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator fragmentation).
 
 Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
@@ -68,6 +70,7 @@ from r1fast.plan.prefill import prefill_bytes
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.config_checks import runs_grouped
 from r1fast.rollout.kv_cache import prefill_width
+from r1fast.rollout.sampler import SAMPLE_BYTES_PER_LOGIT, sample_rows_per_chunk
 
 GiB = 1024 ** 3
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -158,7 +161,11 @@ class StagePlan:
     kv_cache_bytes: int
     """Rollout KV cache of this stage's layers for this DP rank's sequences."""
     rollout_logits_bytes: int
-    """Sampling logits held during rollout (decoder-dependent)."""
+    """Sampling logits held during rollout (decoder-dependent; KV-cache decoder: the last
+    stage only)."""
+    sampling_bytes: int
+    """The sampler's temporaries for one chunk of those logits' rows (fp64 CDF and more:
+    ``r1fast.rollout.sampler.SAMPLE_BYTES_PER_LOGIT`` per logit)."""
     prefill_bytes: int
     """Transient of one prefill forward of the KV-cache decoder (r1fast.plan.prefill): this
     DP rank's prompts, in slices of ``rollout.prefill_tokens`` tokens when set."""
@@ -167,7 +174,8 @@ class StagePlan:
     train_peak: int
     """Resident state + activations + log-prob head + reserve."""
     rollout_peak: int
-    """Resident state + KV cache + sampling logits + prefill transient + reserve."""
+    """Resident state + KV cache + sampling logits + the larger of the prefill transient and
+    the sampler's temporaries + reserve."""
 
     @property
     def resident_bytes(self) -> int:
@@ -435,10 +443,16 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     lp = lp_fused if cfg.algo.use_fused_kernels else lp_unfused
     lo, hi = stage_layers(m, pp, stage, split)
     kv = kv_cache_bytes(m, tp, hi - lo, batch.rows, batch.seq_len)
-    # sampling logits [B, V] fp32 (gathered) + the local shard, one step of a KV decoder;
-    # the prefix-recomputing decoder holds them for every position [B, L, V]
+    # sampling logits [B, V] fp32 (gathered) + the local shard, one step of a KV decoder, on
+    # the last stage (the others receive its tokens); the prefix-recomputing decoder
+    # broadcasts them to every stage for every position [B, L, V]
     positions = 1 if opts.decoder == "kv-cache" else batch.seq_len
+    samples_here = stage == pp - 1 or opts.decoder != "kv-cache"
     roll_logits = batch.rows * positions * (m.vocab_size + m.vocab_size // tp) * 4
+    roll_logits = roll_logits if samples_here else 0
+    # the sampler's temporaries (r1fast.rollout.sampler), one chunk of rows at a time
+    sampling = (SAMPLE_BYTES_PER_LOGIT * min(batch.rows, sample_rows_per_chunk(m.vocab_size))
+                * m.vocab_size) if samples_here else 0
     prefill = prefill_tokens = 0
     if opts.decoder == "recompute":
         kv = 0
@@ -458,10 +472,11 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
         adam_bytes=shard * 8, reference_bytes=n * p_bytes if _uses_reference(cfg) else 0,
         activation_bytes=acts, in_flight=in_flight, activations_total=act_total,
         logprob_fused_bytes=lp_fused, logprob_unfused_bytes=lp_unfused, logprob_bytes=lp,
-        kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, prefill_bytes=prefill,
-        prefill_tokens=prefill_tokens, train_peak=0, rollout_peak=0)
+        kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, sampling_bytes=sampling,
+        prefill_bytes=prefill, prefill_tokens=prefill_tokens, train_peak=0, rollout_peak=0)
     st.train_peak = st.resident_bytes + act_total + lp + reserve
-    st.rollout_peak = st.resident_bytes + kv + roll_logits + prefill + reserve
+    # a prefill's transient is gone before its logits are sampled
+    st.rollout_peak = st.resident_bytes + kv + roll_logits + max(prefill, sampling) + reserve
     return st
 
 
@@ -480,6 +495,7 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
                  "activations": worst.activations_total, "log-prob head": worst.logprob_bytes,
                  "rollout KV cache": worst.kv_cache_bytes,
                  "rollout logits": worst.rollout_logits_bytes,
+                 "rollout sampling": worst.sampling_bytes,
                  "rollout prefill": worst.prefill_bytes}
         top = max(parts, key=parts.get)
         notes.append(f"does not fit: stage {worst.stage} needs {worst.peak / GiB:.1f} GiB of "

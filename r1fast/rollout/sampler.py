@@ -101,12 +101,31 @@ def filter_logits(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tenso
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
+        del sorted_logits  # each [B, V] temporary goes as soon as it is used
         # drop a token when the mass strictly before it already reaches top_p
-        before = probs.cumsum(-1) - probs
+        before = probs.cumsum(-1).sub_(probs)
+        del probs
         drop_sorted = before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        del before
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+#: logits sampled together (rows x vocabulary): sampling holds fp64 and int64 temporaries the
+#: size of its chunk, so a decode batch of 1024 rows at a 152k vocabulary is sampled in five
+#: chunks of 220 rows (~1.1 GB of temporaries) rather than with ~6 GB of them at once
+SAMPLE_CHUNK_LOGITS = 1 << 25
+#: peak bytes of temporaries per logit of a chunk beside the logits themselves: what
+#: :func:`_sample_rows` holds during its CDF scan (fp32 scaled and filtered logits, the
+#: zero-probability mask, the fp64 CDF, cummax's fp64 values and int64 indices); the memory
+#: planner adds it to a rollout's peak (r1fast.plan.memory)
+SAMPLE_BYTES_PER_LOGIT = 4 + 4 + 1 + 8 + 8 + 8
+
+
+def sample_rows_per_chunk(vocab: int) -> int:
+    """Rows of ``[rows, vocab]`` logits :func:`sample_tokens` samples at once."""
+    return max(1, SAMPLE_CHUNK_LOGITS // vocab)
 
 
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
@@ -117,37 +136,63 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     With ``uniforms`` ([B] in [0, 1)) each row is sampled by inverting its CDF at its own
     number, so a row's sample does not depend on which other rows share the batch (the same
     completions at any data-parallel layout); otherwise ``torch.multinomial`` with ``generator``.
+    Rows are sampled in chunks of :func:`sample_rows_per_chunk` rows, which bounds the
+    temporaries; with ``uniforms`` the result does not depend on the chunking.
     """
-    logits = logits.float()
+    rows = sample_rows_per_chunk(logits.shape[-1])
+    if logits.shape[0] <= rows:
+        return _sample_rows(logits, cfg, generator, uniforms)
+    chunks = [_sample_rows(logits[i:i + rows], cfg, generator,
+                           None if uniforms is None else uniforms[i:i + rows])
+              for i in range(0, logits.shape[0], rows)]
+    return torch.cat([t for t, _ in chunks]), torch.cat([lp for _, lp in chunks])
+
+
+def _sample_rows(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
+                 uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_tokens` on one chunk of rows."""
     if cfg.vocab_limit is not None and cfg.vocab_limit < logits.shape[-1]:
         allowed = torch.arange(logits.shape[-1], device=logits.device) < cfg.vocab_limit
     else:
         allowed = None
     if cfg.temperature == 0:
+        logits = logits.float()
         masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
         tokens = masked.argmax(-1)
         if cfg.logprobs == "sampled":  # a point mass
             return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
         return tokens, logp
-    full = logits / cfg.temperature  # [B, V]
+    full = logits.to(torch.float32, copy=True).div_(cfg.temperature)  # [B, V], one copy
     scaled = full if allowed is None else full.masked_fill(~allowed, float("-inf"))
     kept = filter_logits(scaled, cfg.top_p, cfg.top_k)  # [B, V], -inf outside
-    probs = kept.softmax(-1)
-    logp_all = torch.log_softmax(kept if cfg.logprobs == "sampled" else full, -1)  # [B, V]
+    del scaled
     if uniforms is not None:
-        # fp64: in an fp32 CDF near 1, every id under half an fp32 step (~3e-8; tens of
-        # thousands of a 152k vocabulary) had zero width and could never be drawn.
-        # Zero-probability ids get zero width: a single-row CUDA cumsum (a CUB scan) may move
-        # by a rounding unit across them, which would give a masked id a sliver of mass
-        cdf = torch.where(probs > 0, probs.double().cumsum(-1), 0.0).cummax(-1).values  # [B, V]
-        u = uniforms.to(cdf)[:, None] * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, u, right=True)[:, 0]
-        # never land on a zero-probability id through rounding at the top of the CDF
-        tokens = torch.minimum(tokens, probs.gt(0).cumsum(-1).argmax(-1))
+        tokens = _invert_cdf(kept, uniforms)
     else:
-        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        tokens = torch.multinomial(kept.softmax(-1), 1, generator=generator)[:, 0]
+    # the [B, V] log-softmax comes after the CDF's temporaries are gone
+    logp_all = torch.log_softmax(kept if cfg.logprobs == "sampled" else full, -1)  # [B, V]
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
+
+
+def _invert_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Row ``b``'s id whose interval of the CDF of ``softmax(logits [B, V])`` holds
+    ``uniforms[b]``, ``[B]``."""
+    probs = logits.softmax(-1)
+    impossible = probs == 0  # [B, V]
+    # fp64: in an fp32 CDF near 1, every id under half an fp32 step (~3e-8; tens of
+    # thousands of a 152k vocabulary) had zero width and could never be drawn.
+    cdf = probs.double().cumsum(-1)  # [B, V]
+    del probs
+    # Zero-probability ids get zero width: a single-row CUDA cumsum (a CUB scan) may move
+    # by a rounding unit across them, which would give a masked id a sliver of mass
+    cdf = cdf.masked_fill_(impossible, 0.0).cummax(-1).values
+    u = uniforms.to(cdf)[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True)[:, 0]
+    # never past the CDF's last rise (u * total may round up to the total): the first id at
+    # the maximum has non-zero probability, as every id after it adds nothing
+    return torch.minimum(tokens, cdf.argmax(-1))
 
 
 @torch.no_grad()

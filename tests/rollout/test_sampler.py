@@ -157,3 +157,49 @@ def test_low_probability_ids_late_in_the_vocabulary_can_be_drawn():
     u = torch.tensor([below + float(p[rare]) / 2], dtype=torch.float64)  # inside its width
     tok, lp = sample_tokens(logits, SamplingConfig(temperature=1.0), uniforms=u)
     assert int(tok) == rare and abs(float(lp) - float(p[rare].log())) < 1e-4
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_p=0.7, vocab_limit=50),
+                                dict(top_k=5, logprobs="sampled")])
+def test_chunked_sampling_equals_one_chunk(monkeypatch, kw):
+    """Rows sampled in chunks (which bound the fp64 CDF's temporaries) give exactly what one
+    chunk gives: each row inverts its own CDF at its own uniform."""
+    from r1fast.rollout import sampler
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(23, 61, generator=g).to(torch.bfloat16)
+    u = torch.rand(23, generator=g, dtype=torch.float64)
+    cfg = SamplingConfig(temperature=0.8, **kw)
+    whole = sample_tokens(logits, cfg, uniforms=u)
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK_LOGITS", 5 * 61 + 7)  # chunks of 5 rows
+    assert sampler.sample_rows_per_chunk(61) == 5
+    chunked = sample_tokens(logits, cfg, uniforms=u)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+@pytest.mark.parametrize("rows, chunk_rows, top_p, vocab_limit, dtype", [
+    (48, 0, 1.0, None, torch.float32),    # one chunk, no filter: 29 bytes per logit
+    (48, 0, 0.9, -3, torch.bfloat16),     # top-p's sort, vocab_limit and a 16-bit input
+    (48, 0, 1.0, -3, torch.float32),
+    (512, 48, 0.9, -3, torch.float32),    # 11 chunks of <= 48 rows: bounded by one chunk
+])
+def test_sampling_temporaries_stay_within_the_planned_bytes(monkeypatch, rows, chunk_rows,
+                                                            top_p, vocab_limit, dtype):
+    """The sampler's peak memory beside its input is at most SAMPLE_BYTES_PER_LOGIT per logit
+    of one chunk, what r1fast.plan.memory counts (it was 40-46 bytes per logit of the whole
+    batch before rows were chunked and temporaries freed early)."""
+    from r1fast.plan.measure import measure_peak_alloc_bytes
+    from r1fast.rollout import sampler
+
+    V = 65536
+    if chunk_rows:
+        monkeypatch.setattr(sampler, "SAMPLE_CHUNK_LOGITS", chunk_rows * V)
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, V, generator=g).to(dtype)
+    u = torch.rand(rows, generator=g, dtype=torch.float64)
+    cfg = SamplingConfig(temperature=0.9, top_p=top_p,
+                         vocab_limit=None if vocab_limit is None else V + vocab_limit)
+    _, peak, _ = measure_peak_alloc_bytes(lambda: sample_tokens(logits, cfg, uniforms=u))
+    planned = sampler.SAMPLE_BYTES_PER_LOGIT * min(rows, chunk_rows or rows) * V
+    # + per-row outputs and vocab_limit's [V] masks
+    assert peak <= planned + 64 * rows + 2 * V, f"{peak / 2**20:.1f} MiB > {planned / 2**20:.1f} MiB"
