@@ -14,8 +14,9 @@ of that region. The rules, in order (the first that yields something wins):
 3. the last ``<answer> ... </answer>`` pair (TinyZero's tag);
 4. the rest of the line after the last ``Answer:`` (any case) or ``####`` before a number
    (GSM8K's marker, which verl's GSM8K prompts ask for), whichever comes last;
-5. only when ``</think>`` was present: the region itself when it is one short line, otherwise
-   the last plain number in it.
+5. only when ``</think>`` was present: the region itself when it is one short line (less a
+   leading "the answer is", "so the final answer is", ...), otherwise the last plain number
+   in it.
 
 Steps 3-5 are skipped with ``require_boxed=True``. Everything here is a single linear scan over
 at most ``max_chars`` characters (the tail of the text is kept), so hostile input (megabytes
@@ -36,6 +37,10 @@ _BOXED = "\\boxed"
 # ASCII digits only: lookalike digits (fullwidth, Arabic-Indic, mathematical bold) are not
 # accepted as numbers anywhere in the rewards, so an answer must be written in 0-9.
 _LAST_NUMBER = re.compile(r"-?[0-9]+(?:,[0-9]{3})*(?:\.[0-9]+)?")
+# "The answer is 5", "So, the final answer is: 5" -> 5 (rule 5's short line)
+_ANSWER_PHRASE = re.compile(r"^(?:(?:so|thus|therefore|hence),?\s+)?(?:the\s+)?(?:final\s+)?"
+                            r"answer\s+is\b\s*:?\s*", re.IGNORECASE)
+_ANSWER_MARKER = re.compile(r"answer:", re.IGNORECASE)
 
 
 def tail(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> str:
@@ -113,9 +118,10 @@ _GSM8K_ANSWER = re.compile(r"####[ \t]*(?=[-0-9.$\\])")
 def after_answer_marker(text: str) -> str | None:
     """The rest of the line after the last ``Answer:`` (case-insensitive) or GSM8K's ``####``
     marker, whichever comes last, cleaned, or None."""
-    answer = text.lower().rfind("answer:")
+    # matched in the text itself: lower() may change its length ("İ" becomes two characters)
+    answer = [m.end() for m in _ANSWER_MARKER.finditer(text)]
     gsm8k = [m.end() for m in _GSM8K_ANSWER.finditer(text)]
-    starts = ([answer + len("answer:")] if answer >= 0 else []) + gsm8k[-1:]
+    starts = answer[-1:] + gsm8k[-1:]
     if not starts:
         return None
     line = text[max(starts):].split("\n", 1)[0]
@@ -188,6 +194,7 @@ def extract_answer(text: str, *, require_boxed: bool = False, think_in_prompt: b
         return None
     region = region.strip()
     if 0 < len(region) <= _SHORT_REGION and "\n" not in region:
+        region = _ANSWER_PHRASE.sub("", region, count=1).rstrip(".").strip()
         return region.strip("$").strip().rstrip(".").strip() or None
     numbers = _LAST_NUMBER.findall(region)
     return numbers[-1] if numbers else None

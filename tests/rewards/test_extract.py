@@ -107,3 +107,23 @@ def test_a_thought_cut_off_before_closing_answers_nothing():
 def test_a_markdown_answer_marker():
     assert extract_answer("<think>t</think> **Answer:** 72") == "72"
     assert extract_answer("<think>t</think> **Answer: 72**") == "72"
+
+
+@pytest.mark.parametrize("completion, want", [
+    ("<think>t</think> The answer is 5.", "5"),
+    ("<think>t</think> So, the final answer is: $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("<think>t</think> answer is -3", "-3"),
+    ("<think>t</think> $x = 3$.", "x = 3"),
+    ("<think>t</think> The answer isn't clear", "The answer isn't clear"),  # not the phrase
+])
+def test_a_short_prose_answer_line(completion, want):
+    """"The answer is 5." was taken whole ('The answer is 5'), which the checker cannot parse,
+    while the same sentence over 64 characters fell back to its last number and scored."""
+    assert extract_answer(completion) == want
+
+
+def test_the_answer_marker_is_found_in_the_text_itself():
+    """The marker was searched in text.lower(), whose indices shift where lower-casing changes
+    a character's length ('İ' -> 'i̇'): 'Answer: 123' was read as '23'."""
+    assert extract_answer("<think>x</think>\nİİ Answer: 123") == "123"
+    assert after_answer_marker("ẞİ ANSWER: 7") == "7"
