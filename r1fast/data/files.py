@@ -24,9 +24,11 @@ verl ground truth ``{"target", "numbers"}`` (TinyZero's countdown) gives the cou
 
 Without a preset, ``prompt_key`` / ``answer_key`` name the columns (default ``prompt`` /
 ``answer``). A row's own ``reward`` field (or verl's ``data_source``) routes it to a reward.
-Bad rows (a missing key, an empty prompt, an answer that cannot be parsed) are skipped and
-counted, with the first offending row number in the report; a file where most rows are bad is
-an error, since then the layout is almost certainly not what the user thinks it is.
+Bad rows (a missing key, an empty prompt, chat messages that do not end with the user's turn,
+an answer that cannot be parsed) are skipped and counted, with the first offending row's file
+and row in the report; a file where most rows are bad is an error, since then the layout is
+almost certainly not what the user thinks it is. A folder's files are read one by one (their
+columns may differ); an example's id is its ``"file:row"``.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import decimal
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from r1fast.rewards.extract import last_boxed
 
@@ -63,11 +65,17 @@ class LoadReport:
     bad: int
     first_bad_row: Optional[int]
     first_bad_reason: Optional[str]
+    first_bad_where: Optional[str] = None
+    """The first bad row as ``"file:row"`` (its file and its row there), when known."""
+
+    def first_bad(self) -> str:
+        """The first bad row, named: ``b.jsonl:1`` (or ``row 4`` of the one list of rows)."""
+        return self.first_bad_where or f"row {self.first_bad_row}"
 
     def summary(self) -> str:
         s = f"{self.path}: {self.kept} of {self.rows} rows kept"
         if self.bad:
-            s += (f"; {self.bad} bad rows skipped (first: row {self.first_bad_row}, "
+            s += (f"; {self.bad} bad rows skipped (first: {self.first_bad()}, "
                   f"{self.first_bad_reason})")
         return s
 
@@ -127,14 +135,18 @@ def _integer(value: Any, key: str) -> int:
     return int(value)
 
 
-def _prompt(value: Any) -> dict:
-    """A text question, or a list of chat messages ``[{"role", "content"}]``."""
+def prompt_fields(value: Any) -> dict:
+    """``{"question"}`` of a text prompt, or ``{"messages", "question"}`` of a list of chat
+    messages ``[{"role", "content"}]`` ending with the user's turn; else :class:`BadRow`."""
     if isinstance(value, (list, tuple)):
         if not value or any(not isinstance(m, dict) or not isinstance(m.get("content"), str)
                             or "role" not in m for m in value):
             raise BadRow("prompt messages must be a non-empty list of {role, content}")
         msgs = [dict(m) for m in value]
-        return {"messages": msgs, "question": msgs[-1]["content"]}
+        if msgs[-1]["role"] != "user":  # e.g. an SFT conversation: the answer would be shown
+            raise BadRow(f"prompt messages must end with the user's turn, not "
+                         f"{msgs[-1]['role']!r}")
+        return {"messages": msgs, "question": _text(msgs[-1]["content"], "prompt's last message")}
     return {"question": _text(value, "prompt")}
 
 
@@ -154,7 +166,7 @@ def _countdown(row: dict) -> dict:
 
 
 def _verl(row: dict) -> dict:
-    out = _prompt(_get(row, "prompt"))
+    out = prompt_fields(_get(row, "prompt"))
     truth = _get(row, "reward_model.ground_truth")
     if isinstance(truth, dict):  # TinyZero's countdown: {"target", "numbers"}
         out.update(_countdown_fields(_get(truth, "numbers"), _get(truth, "target")))
@@ -192,7 +204,7 @@ def _dapo(row: dict) -> dict:
 
 def _keyed(prompt_key: str, answer_key: str, parse: Callable[[Any], str]):
     def convert(row: dict) -> dict:
-        out = _prompt(_get(row, prompt_key))
+        out = prompt_fields(_get(row, prompt_key))
         out["answer"] = parse(_get(row, answer_key))
         return out
     return convert
@@ -209,12 +221,19 @@ PRESETS: dict[str, Callable[[dict], dict]] = {
 
 
 def data_files(path: str | Path) -> tuple[str, list[str]]:
-    """(``datasets`` builder, sorted file list) of a file or a folder of data files."""
+    """(``datasets`` builder, sorted file list) of a file or a folder of data files; a folder's
+    other files (not hidden ones) are named in a warning, never read."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
         if not files:
             raise ValueError(f"data folder {path} has no .jsonl/.json/.parquet files")
+        other = sorted(p.name for p in path.iterdir()
+                       if p.suffix not in SUFFIXES and not p.name.startswith("."))
+        if other:
+            log.warning("data folder %s: %d entries not read (only %s files are): %s", path,
+                        len(other), "/".join(SUFFIXES), ", ".join(other[:5])
+                        + (", ..." if len(other) > 5 else ""))
     elif path.is_file():
         if path.suffix not in SUFFIXES:
             raise ValueError(f"data file {path} must end in one of {sorted(SUFFIXES)}")
@@ -227,25 +246,49 @@ def data_files(path: str | Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a data file or folder, as dicts, in file order."""
+def read_rows(path: str | Path, *, origins: bool = False):
+    """The rows of a data file or folder, as dicts, in file order; with ``origins``,
+    ``(rows, where)`` where ``where[i]`` is row ``i``'s ``"file:row"`` (its row in its own
+    file). Each file is read on its own (files of a folder may differ in columns); a file that
+    cannot be read is an error naming it."""
     import datasets
+    import pyarrow
 
     builder, files = data_files(path)
+    rows: list[dict] = []
+    where: list[str] = []
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a progress bar per tiny file is noise
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        for f in files:
+            try:
+                file_rows = datasets.load_dataset(builder, data_files=[f], split="train").to_list()
+            except (datasets.exceptions.DatasetsError, pyarrow.lib.ArrowException) as e:
+                raise ValueError(f"data file {f} cannot be read as {builder}: "
+                                 f"{e.__cause__ or e}") from e
+            rows += file_rows
+            where += [f"{Path(f).name}:{j}" for j in range(len(file_rows))]
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
-    return ds.to_list()
+    return (rows, where) if origins else rows
+
+
+def row_name(path: str | Path, where: str) -> str:
+    """A row for messages, from the data path and its ``"file:row"`` (:func:`read_rows`):
+    ``data/b.jsonl row 1``."""
+    name, row = where.rsplit(":", 1)
+    path = Path(path)
+    return f"{path if path.name == name else path / name} row {row}"
 
 
 def convert_rows(rows: list[dict], path: str, *, preset: Optional[str] = None,
                  prompt_key: Optional[str] = None, answer_key: Optional[str] = None,
-                 max_bad_fraction: float = 0.5) -> tuple[list[dict], LoadReport]:
-    """Rows -> examples (see the module docstring) and the report of what was skipped."""
+                 max_bad_fraction: float = 0.5,
+                 where: Optional[Sequence[str]] = None) -> tuple[list[dict], LoadReport]:
+    """Rows -> examples (see the module docstring) and the report of what was skipped.
+    ``where``: each row's ``"file:row"`` (:func:`read_rows`), the examples' ids and what the
+    report names; default ``"<path name>:<index>"``."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"data.preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if preset is not None and (prompt_key or answer_key):
@@ -263,13 +306,14 @@ def convert_rows(rows: list[dict], path: str, *, preset: Optional[str] = None,
             continue
         if isinstance(row.get("reward"), str):
             ex["reward"] = row["reward"]
-        examples.append({"id": f"{Path(path).name}:{i}", "row": i, **ex})
+        examples.append({"id": where[i] if where else f"{Path(path).name}:{i}", "row": i, **ex})
     report = LoadReport(str(path), len(rows), len(examples), bad,
-                        None if first is None else first[0], None if first is None else first[1])
+                        None if first is None else first[0], None if first is None else first[1],
+                        None if first is None or not where else where[first[0]])
     if not rows or bad > max_bad_fraction * len(rows):
         raise ValueError(f"data {path}: {bad} of {len(rows)} rows do not fit the layout "
                          f"(preset={preset!r}, prompt_key={prompt_key!r}, "
-                         f"answer_key={answer_key!r}); first bad row {report.first_bad_row}: "
+                         f"answer_key={answer_key!r}); first bad row {report.first_bad()}: "
                          f"{report.first_bad_reason}")
     if bad:
         log.warning("%s", report.summary())
@@ -284,4 +328,5 @@ def convert_rows(rows: list[dict], path: str, *, preset: Optional[str] = None,
 
 def load_examples(path: str | Path, **kw) -> tuple[list[dict], LoadReport]:
     """Read and convert a dataset (see :func:`convert_rows` for the keywords)."""
-    return convert_rows(read_rows(path), str(path), **kw)
+    rows, where = read_rows(path, origins=True)
+    return convert_rows(rows, str(path), where=where, **kw)

@@ -130,21 +130,21 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 def load_pairs(path: str | Path) -> list[dict]:
     """The preference pairs of a data file or folder; a bad row is a one-line error naming the
     file, the row and the key."""
-    from r1fast.data.files import read_rows
+    from r1fast.data.files import read_rows, row_name
 
-    rows = read_rows(path)
+    rows, where = read_rows(path, origins=True)
     if not rows:
         raise ValueError(f"preference pairs {path}: no rows")
-    for i, row in enumerate(rows):
+    for row, at in zip(rows, where):
         for key in PAIR_KEYS:
             v = row.get(key)
             if not isinstance(v, str) or (key != "prompt" and not v.strip()):
                 what = "a string" if key == "prompt" else "a non-empty string"
-                raise ValueError(f"preference pairs {path} row {i}: key {key!r} must be {what}, "
-                                 f"got {v!r:.60}")
+                raise ValueError(f"preference pairs {row_name(path, at)}: key {key!r} must be "
+                                 f"{what}, got {v!r:.60}")
         if row["chosen"] == row["rejected"]:
-            raise ValueError(f"preference pairs {path} row {i}: 'chosen' and 'rejected' are the "
-                             f"same text (the pair says nothing)")
+            raise ValueError(f"preference pairs {row_name(path, at)}: 'chosen' and 'rejected' "
+                             f"are the same text (the pair says nothing)")
     return [{k: row[k] for k in PAIR_KEYS} for row in rows]
 
 

@@ -26,7 +26,6 @@ numerator and denominator are global sums).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 #: values of a row's ``reward`` field that route it to the reward model
@@ -43,28 +42,23 @@ def row_source(row: Mapping[str, Any]) -> str:
     return "model" if row.get("reward") in MODEL_SOURCES else "rule"
 
 
-def general_example(row: Mapping[str, Any], index: int, path: str, preset: str | None,
-                    prompt_key: str | None) -> dict:
-    """The example of a model-source row: its prompt (text, or chat ``messages``) only."""
+def general_example(row: Mapping[str, Any], index: int, where: str, path: str,
+                    preset: str | None, prompt_key: str | None) -> dict:
+    """The example of a model-source row: its prompt (text, or chat ``messages`` ending with
+    the user's turn) only; ``where``: the row's ``"file:row"``, its id."""
+    from r1fast.data.files import BadRow, prompt_fields, row_name
+
     if preset == "countdown":
-        raise ValueError(f"data {path} row {index}: reward={row.get('reward')!r} routes the row "
-                         f"to the reward model, but preset 'countdown' builds every prompt from "
-                         f"nums/target; use a preset with a prompt column or prompt_key")
+        raise ValueError(f"data {row_name(path, where)}: reward={row.get('reward')!r} routes "
+                         f"the row to the reward model, but preset 'countdown' builds every "
+                         f"prompt from nums/target; use a preset with a prompt column or "
+                         f"prompt_key")
     key = PROMPT_COLUMN[preset] if preset else (prompt_key or "prompt")
-    value = row.get(key)
-    if isinstance(value, (list, tuple)):
-        msgs = [dict(m) for m in value]
-        if not msgs or any(not isinstance(m.get("content"), str) or "role" not in m
-                           for m in msgs):
-            raise ValueError(f"data {path} row {index}: key {key!r} must be text or a non-empty "
-                             f"list of {{role, content}} messages")
-        prompt = {"messages": msgs, "question": msgs[-1]["content"]}
-    elif isinstance(value, str) and value.strip():
-        prompt = {"question": value}
-    else:
-        raise ValueError(f"data {path} row {index}: key {key!r} must be a non-empty prompt, got "
-                         f"{value!r:.60}")
-    return {"id": f"{Path(path).name}:{index}", "row": index, **prompt, "reward": "reward_model"}
+    try:
+        prompt = prompt_fields(row.get(key))
+    except BadRow as e:
+        raise ValueError(f"data {row_name(path, where)}: key {key!r}: {e}") from e
+    return {"id": where, "row": index, **prompt, "reward": "reward_model"}
 
 
 def split_rows(rows: list[dict]) -> tuple[list[int], list[int]]:

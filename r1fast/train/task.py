@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate_task,
                          load_tokenizer, make_prompt)
-from r1fast.data.files import convert_rows, load_examples, read_rows
+from r1fast.data.files import convert_rows, load_examples, read_rows, row_name
 from r1fast.rewards import (CompositeReward, RewardRunner, RoutedReward, RunnerConfig,
                             available_rewards, get_reward)
 from r1fast.rewards.extract import as_scored, opens_thought
@@ -287,25 +287,24 @@ def held_out_examples(cfg, tokenizer) -> tuple[str, list[dict]] | None:
 def _file_examples(d) -> list[dict]:
     """The rows of ``data.path``: rule rows in the preset's layout (bad ones skipped and
     counted), rows routed to the reward model with their prompt only, in file order."""
-    rows = read_rows(d.path)
+    rows, where = read_rows(d.path, origins=True)
     rule, model = split_rows(rows)
     examples, report = convert_rows([rows[i] for i in rule], str(d.path), preset=d.preset,
-                                    prompt_key=d.prompt_key, answer_key=d.answer_key) \
-        if rule else ([], None)
-    name = Path(d.path).name
+                                    prompt_key=d.prompt_key, answer_key=d.answer_key,
+                                    where=[where[i] for i in rule]) if rule else ([], None)
     known = available_rewards()
     for ex in examples:  # row numbers of the whole file, not of the rule rows alone
         ex["row"] = rule[ex["row"]]
-        ex["id"] = f"{name}:{ex['row']}"
         # RoutedReward's names: a registered reward or a default route (the run's checker);
         # a typo would otherwise fail every call of the row, counted as a reward error
         if ex.get("reward") not in (*DEFAULT_ROUTES, *known):
-            raise ValueError(f"{d.path} row {ex['row']}: reward={ex['reward']!r} is not a "
+            raise ValueError(f"{row_name(d.path, ex['id'])}: reward={ex['reward']!r} is not a "
                              f"reward; use one of {tuple(known)}, 'rule' (the run's checker) "
                              f"or reward_model")
     if report is not None:
         log.info("%s", report.summary() + (f" (of the {len(rule)} rule rows)" if model else ""))
-    examples += [general_example(rows[i], i, str(d.path), d.preset, d.prompt_key) for i in model]
+    examples += [general_example(rows[i], i, where[i], str(d.path), d.preset, d.prompt_key)
+                 for i in model]
     if model:
         log.info("%s: %d rows routed to the reward model", d.path, len(model))
     return sorted(examples, key=lambda ex: ex["row"])

@@ -59,7 +59,7 @@ def test_bad_rows_are_counted_and_a_mostly_bad_file_is_an_error(tmp_path, caplog
     assert report.kept == 4 and report.bad == 2 and report.first_bad_row == 4
     assert "empty" in report.first_bad_reason and "2 bad rows skipped" in report.summary()
     with pytest.raises(ValueError, match=r"m.jsonl: 3 of 4 rows do not fit the layout "
-                                         r"\(preset='gsm8k'.*first bad row 1: missing key"):
+                                         r"\(preset='gsm8k'.*first bad row m.jsonl:1: missing key"):
         load_examples(write_jsonl(tmp_path / "m.jsonl", good[:1] + [{"x": 1}] * 3),
                       preset="gsm8k")
 
@@ -136,3 +136,42 @@ def test_dapo_math_17k_as_published(tmp_path):
     assert ex[0]["question"] == "What is $1+1$?" and "messages" not in ex[0]
     assert (ex[0]["answer"], ex[0]["reward"]) == ("2", "math_accuracy")
     assert ex[1]["messages"] == [{"role": "user", "content": "Plain: 3+4?"}]  # as written
+
+
+def test_a_chat_prompt_must_end_with_a_user_turn_that_says_something(tmp_path):
+    """A conversation ending in the assistant's turn (an SFT row pointed at as a prompt) put
+    the gold answer in the prompt, and a blank last message was kept and failed later without
+    naming the row: both are bad rows now."""
+    def verl(messages):
+        return {"data_source": "openai/gsm8k", "prompt": messages,
+                "reward_model": {"ground_truth": "5"}}
+
+    user = {"role": "user", "content": "What is 2+3?"}
+    rows = [verl([user])] * 3 + [verl([user, {"role": "assistant", "content": "5"}]),
+                                 verl([{"role": "user", "content": "   "}])]
+    ex, report = load_examples(write_jsonl(tmp_path / "v.jsonl", rows), preset="verl")
+    assert report.kept == 3 and report.bad == 2 and report.first_bad_row == 3
+    assert "end with the user's turn, not 'assistant'" in report.first_bad_reason
+
+
+def test_a_folder_reads_each_file_and_names_files_and_rows(tmp_path, caplog):
+    """Files of a folder are read one by one: differing columns are fine, a bad row is named by
+    its file and its row there, a file that cannot be read is an error naming it, and files
+    that are not read are named in a warning (they were silently ignored)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"prompt": f"p{i}", "answer": str(i)} for i in range(3)])
+    write_jsonl(folder / "b.jsonl", [{"prompt": "q", "answer": 4, "extra": 1},
+                                     {"prompt": "r", "answer": [1]}])  # a list: a bad row
+    (folder / "c.JSONL").write_text("{}\n")
+    (folder / "d.jsonl.gz").write_bytes(b"")
+    (folder / ".hidden").write_text("")
+    with caplog.at_level("WARNING", logger="r1fast.data"):
+        ex, report = load_examples(folder)
+    assert [e["id"] for e in ex] == ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2", "b.jsonl:0"]
+    assert ex[3]["answer"] == "4" and report.first_bad_where == "b.jsonl:1"
+    assert "first: b.jsonl:1" in report.summary()
+    assert "2 entries not read" in caplog.text and "c.JSONL, d.jsonl.gz" in caplog.text
+    (folder / "e.jsonl").write_text('{"prompt": "p", "answer": "1"}\n{"prompt": oops\n')
+    with pytest.raises(ValueError, match=r"data file .*e.jsonl cannot be read as json: .*JSON"):
+        load_examples(folder)

@@ -202,8 +202,8 @@ def test_mixed_routing_errors_name_the_key(reward_world, tmp_path):
         build_task(cfg(f"--data.path={data}", f"--reward.reward_model={tmp / 'init'}"))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "answer": "1"},
                                                {"prompt": " ", "reward": "reward_model"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl row 1: key 'prompt' must be a non-empty "
-                                         r"prompt"):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1: key 'prompt': prompt is empty or "
+                                         r"not text"):
         build_task(cfg(f"--data.path={bad}", f"--reward.reward_model={rm}"))
 
 
