@@ -27,7 +27,9 @@ Host syncs. Nothing in a chunk reads a device value on the host (no ``.item()``,
 live count is read once per ``check_every`` steps; rows that finish inside a chunk keep being
 fed (their outputs are masked) until that check drops them. Under expert or pipeline
 parallelism every rank must make the same model calls: a rank whose rows are all done keeps
-one finished row in its batch until every rank is done.
+one finished row in its batch until every rank is done, and a sliced prefill
+(``prefill_tokens``) pads every rank's prompts to the longest of any rank and cuts them into
+the same number of slices.
 
 Routing (R3). With ``record_routing`` the decoder records each router's choices for every
 token it feeds (prompt tokens at the prefill, each generated token but the last when it is fed
@@ -59,6 +61,21 @@ def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, to
         flat[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
     pads = torch.tensor([width - n for n in lens], dtype=torch.long)
     return flat.to(device), pads.to(device)
+
+
+def _agree_prefill_slices(decoder, tokens: torch.Tensor, pads: torch.Tensor,
+                          sync: Callable[[int, str], int]):
+    """(tokens, pads, positions per slice) such that every rank's sliced prefill makes the
+    same number of forwards, as expert parallelism's all-to-all and pipeline sends need: the
+    prompts left-padded to the longest of any rank, sliced at the narrowest slice any rank's
+    ``prefill_tokens`` budget allows. (Each rank slicing its own prompts made a rank with
+    longer prompts run more forwards than its EP peers, and both waited forever.)"""
+    width = sync(tokens.shape[1], "max")
+    if width > tokens.shape[1]:
+        extra = width - tokens.shape[1]
+        tokens = torch.nn.functional.pad(tokens, (extra, 0))
+        pads = pads + extra
+    return tokens, pads, sync(decoder.prefill_width(tokens.shape[0], width), "min")
 
 
 def _prefill_dest(pads: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
@@ -106,6 +123,9 @@ def _generate_ragged(decoder, prompts, cfg, eos_token_id, uniforms, sync, record
                          f"{list(uniforms.shape)}")
     lens_host = [len(p) for p in prompts]
     tokens, pads = left_pad(prompts, device)  # [B, P], [B]
+    slice_width = None
+    if sync is not None and getattr(decoder, "prefill_tokens", 0):
+        tokens, pads, slice_width = _agree_prefill_slices(decoder, tokens, pads, sync)
     width = tokens.shape[1]
     lens = torch.tensor(lens_host, device=device)
     # routing table rows: each row's prompt, then every generated token but the last
@@ -120,7 +140,8 @@ def _generate_ragged(decoder, prompts, cfg, eos_token_id, uniforms, sync, record
     alive = torch.zeros(B, steps, dtype=torch.bool, device=device)  # token s of row i is real
 
     logits = decoder.prefill(tokens, pads, width + steps,
-                             dest=_prefill_dest(pads, starts, width) if record_routing else None)
+                             dest=_prefill_dest(pads, starts, width) if record_routing else None,
+                             **({} if slice_width is None else {"width": slice_width}))
     rows = torch.arange(B, device=device)  # original ids of the rows in the batch
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per row of the batch
     for s in range(steps):

@@ -213,13 +213,20 @@ class KVCacheDecoder:
             yield
 
     # -- the ragged protocol ------------------------------------------------------------------
+    def prefill_width(self, rows: int, prompt_len: int) -> int:
+        """Positions per forward of a prefill of ``rows`` prompts of ``prompt_len`` slots."""
+        return prefill_width(rows, prompt_len, self.prefill_tokens, self.multiple)
+
     def prefill(self, tokens: torch.Tensor, pads: torch.Tensor, max_len: int,
-                dest: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                dest: Optional[torch.Tensor] = None, *,
+                width: Optional[int] = None) -> Optional[torch.Tensor]:
         """Reset for ``tokens.shape[0]`` rows of ``max_len`` slots and run the left-padded
         prompts ``tokens [B, P]`` (row b's prompt in slots ``pads[b] .. P-1``); returns the
         logits ``[B, V]`` of slot ``P-1`` (last stage; None elsewhere). ``dest [B, P]``:
         routing destinations of the tokens (-1: not recorded). Over ``prefill_tokens`` tokens
-        the positions go in slices, so one forward's transients are those of that many."""
+        the positions go in slices, so one forward's transients are those of that many;
+        ``width`` sets the positions per slice instead (every rank the same number of
+        forwards: r1fast.rollout.engine)."""
         check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64, torch.int32))
         check_tensor("pads", pads, shape=[tokens.shape[0]], dtypes=(torch.int64, torch.int32))
         if tokens.shape[1] > max_len:
@@ -229,7 +236,11 @@ class KVCacheDecoder:
                              "at least one token per row")
         self.reset(tokens.shape[0], max_len, pads)
         B, P = tokens.shape
-        width = prefill_width(B, P, self.prefill_tokens, self.multiple)
+        if width is None:
+            width = self.prefill_width(B, P)
+        elif width < 1 or width % self.multiple and width < P:
+            raise ValueError(f"width={width}: positions per prefill slice must be >= 1 and a "
+                             f"multiple of {self.multiple} (sequence parallelism)")
         logits = None
         for s0 in range(0, P, width):  # slots s0 .. s1-1 of every row
             s1 = min(P, s0 + width)

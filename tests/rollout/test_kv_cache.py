@@ -9,6 +9,7 @@ bad input. The ragged loop (left-padded prefill, dropped rows, R3) is tested in
 tests/rollout/test_engine.py."""
 from __future__ import annotations
 
+import faulthandler
 import os
 
 import pytest
@@ -52,6 +53,19 @@ def run_schedule(decoder, tokens: torch.Tensor) -> list[torch.Tensor]:
 def sample(decoder, eos: int):
     cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=5)
     return generate(decoder, PROMPTS, cfg, eos_token_id=eos, row_seeds=SEEDS)
+
+
+def ragged_prompts(dp_rank: int) -> list[list[int]]:
+    """Rank 0's prompts fit one prefill forward of 64 tokens; rank 1's need four slices."""
+    lens = [10, 12, 9, 11] if dp_rank == 0 else [60, 3, 40, 7]
+    g = torch.Generator().manual_seed(dp_rank)
+    return [torch.randint(2, 256, (n,), generator=g).tolist() for n in lens]
+
+
+def sample_ragged(decoder, dp_rank: int, sync=None) -> list[list[int]]:
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=6)
+    return generate(decoder, ragged_prompts(dp_rank), cfg, eos_token_id=256, sync=sync,
+                    row_seeds=[10 * dp_rank + i for i in range(4)], check_every=2).completion_ids
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -390,12 +404,13 @@ def test_reset_bad_max_len(policy):
 
 def _worker(rank: int, ckpt: str, out_dir: str) -> None:
     """Each layout in turn on this rank: TP2 (sequence parallel), EP2 (x DP2; also with the
-    grouped expert kernels), PP2."""
+    grouped expert kernels, and a sliced prefill of other prompt lengths per DP rank), PP2."""
     from r1fast.policy.config import ParallelConfig
     from r1fast.policy.hf_checkpoint import load_hf_checkpoint, load_model_config
     from r1fast.policy.model import build_policy
     from r1fast.policy.parallel import destroy_parallel
     from r1fast.rollout.recompute import RecomputeDecoder
+    from r1fast.train.batch import all_ranks_int
 
     cfg = load_model_config(ckpt)
     out = {}
@@ -407,14 +422,19 @@ def _worker(rank: int, ckpt: str, out_dir: str) -> None:
         kv = run_schedule(KVCacheDecoder(policy), tokens)
         ref = run_schedule(RecomputeDecoder(policy), tokens)
         a, b = sample(KVCacheDecoder(policy), 256), sample(RecomputeDecoder(policy), 256)
-        grouped = grouped_training = None
+        grouped = grouped_training = ragged = None
+        if name == "ep2":  # DP ranks whose prompts need 1 and 4 prefill slices (this hung)
+            faulthandler.dump_traceback_later(300, exit=True)  # a hang fails, with stacks
+            ragged = [sample_ragged(KVCacheDecoder(policy, prefill_tokens=n), policy.info.dp_rank,
+                                    sync=all_ranks_int) for n in (0, 64)]
+            faulthandler.cancel_dump_traceback_later()
         if name == "ep2" and triton_missing(torch.device("cpu")) is None:
             dec = KVCacheDecoder(policy, experts="grouped")  # device counts across EP ranks
             with dec.session():
                 grouped = run_schedule(dec, tokens)
             grouped_training = _grouped_training_diff(policy)
         out[name] = {"kv": kv, "ref": ref, "grouped": grouped, "dp_rank": policy.info.dp_rank,
-                     "grouped_training": grouped_training,
+                     "grouped_training": grouped_training, "ragged": ragged,
                      "sp": policy.sequence_parallel, "kv_completions": a.completion_ids,
                      "ref_completions": b.completion_ids,
                      "decoder": type(make_decoder(policy)).__name__}
@@ -460,6 +480,8 @@ def test_tp2_ep2_pp2_match_recomputation_and_one_rank(policy, tmp_path):
             assert max_diff(got["kv"], got["ref"]) <= TOL, (r, name)
             assert max_diff(got["kv"], one_rank[got["dp_rank"]]) <= TOL, (r, name)
             assert got["kv_completions"] == got["ref_completions"] == completions, (r, name)
+        dp = res["ep2"]["dp_rank"]  # a sliced prefill, other prompt lengths on each DP rank
+        assert res["ep2"]["ragged"] == [sample_ragged(KVCacheDecoder(policy), dp)] * 2, r
         if triton_missing(torch.device("cpu")) is None:  # the grouped experts at EP2
             assert max_diff(res["ep2"]["grouped"], res["ep2"]["kv"]) <= TOL, r
             assert res["ep2"]["grouped_training"] <= 1e-5, r  # forward + backward, fp32
