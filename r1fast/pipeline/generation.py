@@ -54,9 +54,11 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
     ``batch_rows`` at a time.
 
     Row ``j`` of prompt ``i`` uses the random stream ``(seed, i, j)``, so results do not depend
-    on batching.
+    on batching. A policy over several processes needs every one of them to call this with the
+    same prompts (its forwards are collective); the loop lengths are agreed between them.
     """
     from r1fast.rollout.kv_cache import make_decoder
+    from r1fast.train.batch import all_ranks_int
 
     sampling = SamplingConfig(**{**sampling.__dict__, "vocab_limit": tokenizer.vocab_size,
                                  "stop_token_ids": tuple(tokenizer.stop_ids)})
@@ -64,12 +66,12 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
     out: list[list[str]] = [[""] * k for _ in prompts]
     cut = [[False] * k for _ in prompts]
-    decoder = make_decoder(policy)  # KV cache at pp == 1, else prefix recomputation
+    decoder = make_decoder(policy)
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
         seeds = [hash((seed, i, j)) & 0x7FFF_FFFF_FFFF_FFFF for i, j in chunk]
         ro = generate(decoder, [encoded[i] for i, _ in chunk], sampling,
-                      eos_token_id=tokenizer.eos_id, row_seeds=seeds)
+                      eos_token_id=tokenizer.eos_id, row_seeds=seeds, sync=all_ranks_int)
         for (i, j), ids, truncated in zip(chunk, ro.completion_ids, ro.truncated):
             out[i][j], cut[i][j] = tokenizer.decode(ids), bool(truncated)
     return Samples(texts=out, truncated=cut)
