@@ -270,10 +270,11 @@ class Policy:
         return hidden[:length].transpose(0, 1)
 
     # -- MoE routing: replay and record -----------------------------------------------------
-    def _routers(self) -> list:
+    def _routers(self) -> list:  # walked once: a decode step must not walk every module
         from r1fast.policy.router import R1fastRouter
-
-        return [m for m in self.gpt.modules() if isinstance(m, R1fastRouter)]
+        if "_router_list" not in vars(self):
+            self._router_list = [m for m in self.gpt.modules() if isinstance(m, R1fastRouter)]
+        return self._router_list
 
     def moe_layers(self) -> list[int]:
         """0-based (global) indices of the MoE layers held by this rank's pipeline stage."""
