@@ -66,7 +66,7 @@ class MathRewardConfig:
     """CPU-time budget of the math-verify tier when no reward-call limit is open (evaluation,
     rejection sampling, direct calls): seconds of this thread's CPU, main thread only; 0
     disables it; exceeding it makes the answer wrong. Inside a RewardRunner call, that call's
-    own limit (``reward.cpu_time_s``, else ``reward.timeout_s``) bounds the check instead, and
+    own limit (``reward.cpu_time_s``, else half of ``reward.timeout_s``) bounds the check, and
     a check that exceeds it is counted as the call's timeout, not scored as a wrong answer."""
 
     def __post_init__(self):
@@ -163,8 +163,9 @@ def answers_equal(pred: str, gold: str, config: MathRewardConfig | None = None) 
         return False
     if cfg.exact_arithmetic:
         pv, gv = _exact(pred), _exact(gold)
-        if isinstance(pv, str):  # too large to represent, or undefined: never a valid answer
-            return False
+        if isinstance(pv, str):  # too large to represent, or undefined: never a valid answer,
+            # but for the very expression of a gold that is too large as well (10^{2000})
+            return pv == gv == "huge" and "".join(pred.split()) == "".join(gold.split())
         if pv is not None and gv is not None and not isinstance(gv, str):
             return pv == gv
     if cfg.use_math_verify and _HAS_MATH_VERIFY:

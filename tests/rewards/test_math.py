@@ -53,6 +53,18 @@ def test_huge_but_bounded_literal_is_compared_exactly():
     assert score("\\boxed{10^{40}}", big) == 1.0
 
 
+@pytest.mark.parametrize("gold, completion, want", [
+    ("10^{2000}", "\\boxed{10^{2000}}", 1.0),        # a gold too large to evaluate, as written
+    ("10^{2000}", "\\boxed{10^{ 2000 }}", 1.0),
+    ("10^{2000}", "\\boxed{10^{2001}}", 0.0),
+    ("3^{3000}-1", "\\boxed{3^{3000}-1}", 1.0),
+    ("5", "\\boxed{10^{2000}}", 0.0),
+])
+def test_an_answer_too_large_to_evaluate_matches_the_same_gold(gold, completion, want):
+    """A prediction too large for exact arithmetic was wrong even against the same huge gold."""
+    assert score("<think>t</think> " + completion, gold) == want
+
+
 def test_injection_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     payload = f"__import__('os').system('touch {marker}')"
