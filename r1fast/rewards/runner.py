@@ -54,7 +54,8 @@ class RunnerConfig:
     cpu_time_s: float | None = None
     """CPU-time limit per call, in seconds of the scoring process's CPU (load-independent),
     the same in worker and inline mode (main thread); an exceeded call is a "timeout".
-    None: ``timeout_s``."""
+    None: half of ``timeout_s`` (CPU time never runs ahead of the wall clock, so a CPU limit
+    equal to ``timeout_s`` would never be the one that ends a call)."""
     start_method: str = "spawn"
     """multiprocessing start method of the workers; spawn inherits no threads or CUDA state."""
     memory_limit_mb: int | None = 4096
@@ -200,7 +201,7 @@ class RewardRunner:
     @property
     def _cpu_limit_s(self) -> float:
         cfg = self.config
-        return cfg.timeout_s if cfg.cpu_time_s is None else cfg.cpu_time_s
+        return cfg.timeout_s / 2 if cfg.cpu_time_s is None else cfg.cpu_time_s
 
     def _inline(self, fn, completions, examples) -> list[TaskOutcome]:
         out = []

@@ -233,7 +233,8 @@ class RewardConfig:
     """Wall-clock limit per reward call in a worker (the worker is killed): the outer bound."""
     cpu_time_s: Optional[float] = None
     """CPU-time limit per reward call, in seconds of CPU: what decides a "timeout" verdict, the
-    same on a busy and an idle machine, in workers and in-process. None: ``timeout_s``."""
+    same on a busy and an idle machine, in workers and in-process. None: half of
+    ``timeout_s`` (a CPU limit equal to the wall-clock one would never be reached first)."""
     workers: int = 1
     """Worker processes evaluating rewards (0: in-process: the CPU-time limit applies, there is
     no wall-clock kill)."""

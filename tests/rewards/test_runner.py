@@ -55,6 +55,17 @@ def importable_tests():
         yield
 
 
+def test_by_default_the_cpu_limit_ends_a_slow_check_before_the_wall_clock_kill():
+    """Unset, cpu_time_s was timeout_s: CPU time never runs ahead of the wall clock, so the
+    kill (a worker restart, a verdict that depends on machine load) decided every timeout.
+    It is now half of timeout_s, and the worker's own limit ends the call."""
+    slow = "<think>t</think> \\boxed{(x+y+z)^{300}}"  # minutes of sympy
+    with RewardRunner([(MathAccuracyReward(), 1.0)], timeout_s=2.0, num_workers=1) as runner:
+        assert runner([slow], [{"answer": "1"}]).status == {"math_accuracy": ["timeout"]}
+        m = runner.metrics()
+        assert m["rewards/timeouts"] == 1 and m["rewards/worker_restarts"] == 0, m
+
+
 def test_failures_score_zero_counted_and_workers_replaced(importable_tests, caplog):
     parts = [(length, 1.0), (sleeper, 1.0), ("loop", looper, 1.0), (raiser, 1.0), (crasher, 1.0),
              (returns_nan, 1.0), (returns_text, 1.0), (FormatReward(), 0.5)]
