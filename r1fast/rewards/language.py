@@ -10,7 +10,9 @@ thoughts. Language is approximated by Unicode script, which needs no model:
   scripts (``en`` -> Latin, ``zh`` -> Han, ``ja`` -> Han/Hiragana/Katakana, ...). A Latin word
   with a Cyrillic lookalike inside (``pаssword``) therefore does not count as English;
 - math is not language: LaTeX command names (``\\frac``, ``\\sqrt``, ``\\times``, ``\\alpha``)
-  and one-letter words (variables ``x``, ``n``; symbols ``π``) are counted in neither total;
+  and one-letter words (variables ``x``, ``n``; symbols ``π``) are counted in neither total,
+  and for a target not written in Greek a lone Greek letter is a symbol even where it touches
+  other letters (``2πr``, ``Δx``: it splits them), while a run of Greek letters is a word;
   prose inside ``\\text{...}`` still counts;
 - the reward is ``score * target_words / words`` over the thought (see
   :func:`r1fast.rewards.extract.thought_text`), ``empty_score`` when it has no words.
@@ -62,6 +64,9 @@ def script_of(ch: str) -> str:
 
 #: a LaTeX command name (``\\frac``): notation, not a word
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_GREEK = "\u0370-\u03ff\u1f00-\u1fff"  # Greek and Coptic, Greek Extended
+#: one Greek letter between non-Greek characters: a math symbol (2πr, Δx), not part of a word
+_LONE_GREEK = re.compile(f"(?<![{_GREEK}])[{_GREEK}](?![{_GREEK}])")
 
 
 def word_counts(text: str, scripts: frozenset[str]) -> tuple[int, int]:
@@ -76,7 +81,10 @@ def word_counts(text: str, scripts: frozenset[str]) -> tuple[int, int]:
             total, hits = total + 1, hits + word_ok
         letters = 0
 
-    for ch in _LATEX_COMMAND.sub(" ", text):
+    text = _LATEX_COMMAND.sub(" ", text)
+    if "GREEK" not in scripts:
+        text = _LONE_GREEK.sub(" ", text)
+    for ch in text:
         if ch.isalpha():
             script = script_of(ch)
             if script in _PER_CHAR:

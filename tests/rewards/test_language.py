@@ -79,3 +79,15 @@ def test_math_notation_is_not_a_foreign_language():
     assert word_counts("Let x be \\alpha times π", LANGUAGE_SCRIPTS["en"]) == (3, 3)
     # prose inside \text{} is still language
     assert word_counts("因此 \\text{apples}", LANGUAGE_SCRIPTS["zh"]) == (3, 2)
+
+
+def test_a_greek_letter_touching_other_letters_is_a_symbol():
+    """'2πr' and 'Δx' were two-letter words mixing Greek and Latin, so an all-English thought
+    about a circle scored 0.714 (under the rejection filter's 0.95). A run of Greek letters is
+    still a Greek word, and a Greek target keeps its letters."""
+    en = LANGUAGE_SCRIPTS["en"]
+    thought = "<think>The area is 2πr and Δx is small, so the slope is Δy/Δx.</think>\\boxed{1}"
+    assert language_consistency(thought) == 1.0
+    assert word_counts("αβγ δέλτα word", en) == (3, 1)
+    assert word_counts("γράμμα δέλτα", LANGUAGE_SCRIPTS["el"]) == (2, 2)
+    assert word_counts("pаssword", en) == (1, 0)  # a Cyrillic lookalike still spoils a word
