@@ -4,14 +4,17 @@ The R1-Zero accuracy reward. The answer is pulled out of the completion by
 :func:`r1fast.rewards.extract.extract_answer` (last ``\\boxed{}`` after ``</think>``, then the
 fallbacks described there) and compared with ``example["answer"]`` in three tiers:
 
-1. guards, no parsing: an over-long answer, nesting deeper than ``max_nesting`` (the LaTeX
-   parser's time grows exponentially with nested parentheses: 50 levels take seconds), or any
-   non-ASCII digit (fullwidth ``５``, Arabic-Indic ``٥``, bold ``𝟓``) -> wrong;
+1. guards, no parsing: an answer longer than ``max_answer_chars`` (or twice the gold's
+   length, when that is more), or any non-ASCII digit (fullwidth ``５``, Arabic-Indic ``٥``,
+   bold ``𝟓``) -> wrong;
 2. exact arithmetic: when both sides are plain arithmetic (integers, decimals, ``\\frac``,
-   ``+ - * / ^``), they are evaluated exactly by :mod:`r1fast.rewards.arith` and compared as
-   rationals; a value too large to hold (``9^{9^{9}}``, ``10^{100000}``) is wrong, decided
-   without ever computing it;
-3. otherwise math-verify (LaTeX extraction only: its plain-expression path runs sympy's
+   ``+ - * / ^``), they are evaluated exactly by :mod:`r1fast.rewards.arith` (bounded in
+   length, depth and size) and compared as rationals; a value too large to hold
+   (``9^{9^{9}}``, ``10^{100000}``) is wrong, decided without ever computing it, unless the
+   gold is the very same expression;
+3. otherwise, nesting deeper than ``max_nesting`` (or the gold's) is wrong (the LaTeX
+   parser's time grows exponentially with nested parentheses: 50 levels take seconds); then
+   math-verify (LaTeX extraction only: its plain-expression path runs sympy's
    ``parse_expr``, which uses ``eval``), or, when math-verify is missing, a whitespace- and
    ``$``-insensitive string comparison.
 
@@ -55,9 +58,11 @@ class MathRewardConfig:
     max_chars: int = DEFAULT_MAX_CHARS
     """Only the last ``max_chars`` characters of a completion are read."""
     max_answer_chars: int = 256
-    """Longer extracted answers are wrong without being parsed."""
+    """Longer extracted answers are wrong without being parsed (the limit is twice the gold's
+    length when that is more: a long gold answer stays reachable)."""
     max_nesting: int = 12
-    """Answers nested deeper (``( [ {``) are wrong without being parsed."""
+    """Answers nested deeper (``( [ {``) than this and than the gold are wrong without reaching
+    math-verify (plain arithmetic is decided before, by the bounded exact evaluator)."""
     exact_arithmetic: bool = True
     """Decide plain-arithmetic pairs by exact rational equality (no rounding, no math-verify)."""
     use_math_verify: bool = True
@@ -157,9 +162,7 @@ def answers_equal(pred: str, gold: str, config: MathRewardConfig | None = None) 
     pred, gold = _clean(pred), _clean(str(gold))
     if not pred or not gold:
         return False
-    if len(pred) > cfg.max_answer_chars or _nesting(pred) > cfg.max_nesting:
-        return False
-    if _has_foreign_digit(pred):
+    if len(pred) > max(cfg.max_answer_chars, 2 * len(gold)) or _has_foreign_digit(pred):
         return False
     if cfg.exact_arithmetic:
         pv, gv = _exact(pred), _exact(gold)
@@ -168,6 +171,8 @@ def answers_equal(pred: str, gold: str, config: MathRewardConfig | None = None) 
             return pv == gv == "huge" and "".join(pred.split()) == "".join(gold.split())
         if pv is not None and gv is not None and not isinstance(gv, str):
             return pv == gv
+    if _nesting(pred) > max(cfg.max_nesting, _nesting(gold)):  # the parser's exponential case
+        return False
     if cfg.use_math_verify and _HAS_MATH_VERIFY:
         return _math_verify_equal(pred, gold, cfg.parse_timeout_s)
     return "".join(pred.split()) == "".join(gold.split())

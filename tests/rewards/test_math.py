@@ -65,6 +65,15 @@ def test_an_answer_too_large_to_evaluate_matches_the_same_gold(gold, completion,
     assert score("<think>t</think> " + completion, gold) == want
 
 
+def test_the_guards_leave_a_long_or_deep_gold_reachable():
+    """An answer over max_answer_chars could never match a gold as long; 13 levels of
+    parentheses around 1 were wrong before the exact tier, which handles them."""
+    long_gold = "x^2 + " * 60 + "1"  # 361 characters
+    assert score("<think>t</think> \\boxed{" + long_gold + "}", long_gold) == 1.0
+    assert score("<think>t</think> \\boxed{" + "(" * 13 + " 1 " + ")" * 13 + "}", "1") == 1.0
+    assert score("<think>t</think> \\boxed{" + "x" * 300 + "}", "5") == 0.0  # still a guard
+
+
 def test_injection_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     payload = f"__import__('os').system('touch {marker}')"
