@@ -18,7 +18,8 @@ preset          prompt                                              answer
 ``verl``        ``prompt`` (chat messages), reward from ``data_source``  ``reward_model.ground_truth``
 ==============  ==================================================  ===========================
 
-A MATH solution with several ``\\boxed{}`` (a multi-part answer) is a bad row; a float answer
+A MATH solution with several different ``\\boxed{}`` (a multi-part answer) is a bad row (the
+same box repeated is its answer); a float answer
 is written positionally (``0.00001``, not ``1e-05``); countdown numbers must be integers; a
 verl ground truth ``{"target", "numbers"}`` (TinyZero's countdown) gives the countdown fields.
 
@@ -110,9 +111,12 @@ def _boxed_answer(text: Any) -> str:
     boxed = last_boxed(text)
     if boxed is None:
         raise BadRow("solution has no \\boxed{} answer")
-    boxes = text.count("\\boxed")
-    if boxes > 1:  # a multi-part answer: its last box alone would be scored as the whole
-        raise BadRow(f"solution has {boxes} \\boxed{{}} answers: which is meant is ambiguous")
+    pieces = text.split("\\boxed")[1:]
+    answers = {"".join(a.split()) if a else a for a in
+               (last_boxed("\\boxed" + piece) for piece in pieces)}  # spacing aside
+    if len(answers) > 1:  # a multi-part answer: its last box alone would be scored as the whole
+        raise BadRow(f"solution has {len(pieces)} different \\boxed{{}} answers: which is "
+                     f"meant is ambiguous")
     return _text(boxed, "boxed answer")
 
 

@@ -76,9 +76,10 @@ def test_values_are_read_as_written_and_ambiguous_rows_are_bad(tmp_path):
 
     rows = [{"problem": f"p{i}", "solution": "\\boxed{2}"} for i in range(3)]
     rows.append({"problem": "two parts", "solution": "(a) \\boxed{2} (b) \\boxed{3}"})
+    rows.append({"problem": "restated", "solution": "so \\boxed{5}. Indeed: \\boxed{ 5 }"})
     ex, report = load_examples(write_jsonl(tmp_path / "m.jsonl", rows), preset="math")
-    assert report.bad == 1 and report.first_bad_row == 3
-    assert "2 \\boxed{} answers" in report.first_bad_reason
+    assert report.bad == 1 and report.first_bad_row == 3 and ex[-1]["answer"] == " 5 "
+    assert "2 different \\boxed{} answers" in report.first_bad_reason
     fbox = [{"problem": "p", "solution": "so it is $\\fbox{7}$."}]  # as a few MATH rows write it
     ex, _ = load_examples(write_jsonl(tmp_path / "fbox.jsonl", fbox), preset="math")
     assert ex[0]["answer"] == "7"
