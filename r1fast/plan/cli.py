@@ -90,10 +90,13 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
     rows.append(("rollout sampling logits (fp32)",
                  "[B, V] per step" if opt.decoder == "kv-cache"
                  else "[B, L, V]: prefix-recomputing decoder", _gib(w.rollout_logits_bytes)))
+    if opt.decoder == "kv-cache":
+        rows.append(("rollout decode step (transient)", f"one token per row over {plan.seq_len}"
+                     " cached slots; the peak counts the largest transient", _gib(w.decode_bytes)))
     if w.sampling_bytes:
         chunk = min(plan.rollout_seqs, sample_rows_per_chunk(m.vocab_size))
         rows.append(("rollout sampler (transient)", f"fp64 CDFs of {chunk} rows at a time; "
-                     "the peak counts it or the prefill, the larger", _gib(w.sampling_bytes)))
+                     "the peak counts the largest transient", _gib(w.sampling_bytes)))
     if opt.decoder == "kv-cache":
         sliced = w.prefill_tokens < plan.rollout_seqs * plan.prompt_len
         rows.append(("rollout prefill (transient)",

@@ -42,9 +42,9 @@ matching r1fast's policy (r1fast.policy.optim):
 - rollout: a KV cache for this DP rank's share of ``prompts_per_step * group_size`` sequences
   while the weights and optimizer state stay resident (colocated training and sampling), and
   the transient of one prefill forward over those prompts, or over a slice of
-  ``rollout.prefill_tokens`` tokens (r1fast.plan.prefill), and, at another moment, the
-  sampler's temporaries (one chunk of rows of fp64 CDFs: r1fast.rollout.sampler) beside the
-  last stage's ``[B, V]`` fp32 logits;
+  ``rollout.prefill_tokens`` tokens (r1fast.plan.prefill), or, at other moments, a decode
+  step's (one query per row over the longest cache) or the sampler's temporaries (one chunk
+  of rows of fp64 CDFs: r1fast.rollout.sampler) beside the last stage's ``[B, V]`` logits;
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator fragmentation).
 
 Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
@@ -171,11 +171,14 @@ class StagePlan:
     DP rank's prompts, in slices of ``rollout.prefill_tokens`` tokens when set."""
     prefill_tokens: int
     """Query tokens of that forward (rows x positions per slice)."""
+    decode_bytes: int
+    """Transient of one decode step (r1fast.plan.prefill with one query per row over the
+    longest cache; MLA's decoder attends over an fp32 copy of a layer's latent cache)."""
     train_peak: int
     """Resident state + activations + log-prob head + reserve."""
     rollout_peak: int
-    """Resident state + KV cache + sampling logits + the larger of the prefill transient and
-    the sampler's temporaries + reserve."""
+    """Resident state + KV cache + sampling logits + the largest of the prefill transient, a
+    decode step's and the sampler's temporaries + reserve."""
 
     @property
     def resident_bytes(self) -> int:
@@ -453,7 +456,7 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
     # the sampler's temporaries (r1fast.rollout.sampler), one chunk of rows at a time
     sampling = (SAMPLE_BYTES_PER_LOGIT * min(batch.rows, sample_rows_per_chunk(m.vocab_size))
                 * m.vocab_size) if samples_here else 0
-    prefill = prefill_tokens = 0
+    prefill = prefill_tokens = decode = 0
     if opts.decoder == "recompute":
         kv = 0
     else:
@@ -462,9 +465,11 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
         prefill_tokens = batch.rows * width
         # the decoder's experts (r1fast.policy.local_experts.grouped_experts)
         grouped = runs_grouped(cfg.rollout.experts, on_gpu=opts.spec != "local")
-        prefill = prefill_bytes(m, tp, sp, _BYTES[m.params_dtype], (lo, hi), batch.rows, width,
-                                batch.prompt_len, "local" if opts.spec == "local" else "te",
-                                grouped_experts=grouped)
+        args = (m, tp, sp, _BYTES[m.params_dtype], (lo, hi), batch.rows)
+        spec = "local" if opts.spec == "local" else "te"
+        prefill = prefill_bytes(*args, width, batch.prompt_len, spec, grouped_experts=grouped)
+        # a decode step: one query per row over the longest cache (MLA: an fp32 copy of it)
+        decode = prefill_bytes(*args, 1, batch.seq_len, spec, grouped_experts=grouped)
     shard = math.ceil(dense / shard_dense) + math.ceil(expert / shard_expert)
     st = StagePlan(
         stage=stage, layers=(lo, hi), dense_params=dense, expert_params=expert,
@@ -473,10 +478,12 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
         activation_bytes=acts, in_flight=in_flight, activations_total=act_total,
         logprob_fused_bytes=lp_fused, logprob_unfused_bytes=lp_unfused, logprob_bytes=lp,
         kv_cache_bytes=kv, rollout_logits_bytes=roll_logits, sampling_bytes=sampling,
-        prefill_bytes=prefill, prefill_tokens=prefill_tokens, train_peak=0, rollout_peak=0)
+        prefill_bytes=prefill, prefill_tokens=prefill_tokens, decode_bytes=decode, train_peak=0,
+        rollout_peak=0)
     st.train_peak = st.resident_bytes + act_total + lp + reserve
-    # a prefill's transient is gone before its logits are sampled
-    st.rollout_peak = st.resident_bytes + kv + roll_logits + max(prefill, sampling) + reserve
+    # a prefill's or a decode step's transient is gone before its logits are sampled
+    st.rollout_peak = (st.resident_bytes + kv + roll_logits + max(prefill, decode, sampling)
+                       + reserve)
     return st
 
 
@@ -496,6 +503,7 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
                  "rollout KV cache": worst.kv_cache_bytes,
                  "rollout logits": worst.rollout_logits_bytes,
                  "rollout sampling": worst.sampling_bytes,
+                 "rollout decode step": worst.decode_bytes,
                  "rollout prefill": worst.prefill_bytes}
         top = max(parts, key=parts.get)
         notes.append(f"does not fit: stage {worst.stage} needs {worst.peak / GiB:.1f} GiB of "

@@ -87,6 +87,53 @@ def test_slicing_bounds_the_prefill_and_the_plan_carries_it():
     assert 5 * GiB < whole.worst.prefill_bytes < 10 * GiB
 
 
+def measured_decode_step(policy, rows: int, prompt: int, new: int) -> int:
+    """Peak bytes of the last of ``new`` decode steps after a prefill (the step attends to
+    ``prompt + new`` slots), with its logits."""
+    dec = KVCacheDecoder(policy, experts="sequential")
+    g = torch.Generator().manual_seed(rows)
+    V = policy.model_cfg.vocab_size
+    tokens, tok = torch.randint(3, V, (rows, prompt), generator=g), torch.randint(3, V, (rows,))
+    with dec.session():
+        dec.prefill(tokens, torch.randint(0, 4, (rows,), generator=g), prompt + new)
+        for _ in range(new - 1):
+            dec.decode(tok)
+        _, peak, _ = measure_peak_alloc_bytes(lambda: dec.decode(tok))
+    return peak
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planned_decode_step_bounds_the_measured_one(policy, dtype):
+    """The plan's decode-step term (one query per row over the longest cache: MLA attends over
+    an fp32 copy of a layer's latent cache) plus the step's logits bound what a decode step
+    makes. GQA in bf16 on a CPU is left out: there SDPA's math path upcasts (unmodelled)."""
+    import dataclasses
+
+    from r1fast.policy.model import build_policy
+
+    m = policy.model_cfg
+    if dtype == "bfloat16":
+        if not m.is_mla:
+            pytest.skip("GQA decode in bf16 on a CPU: SDPA's math path (module doc)")
+        m = dataclasses.replace(m, params_dtype=dtype)
+        policy = build_policy(m, ParallelConfig(), seed=0, trainable=False)
+    rows, prompt, new = 16, 40, 24
+    planned = prefill_bytes(m, 1, 1, 2 if dtype == "bfloat16" else 4, (0, m.num_layers), rows,
+                            1, prompt + new, "local") + rows * m.vocab_size * 4
+    measured = measured_decode_step(policy, rows, prompt, new)
+    assert measured <= planned <= 1.5 * measured, planned / measured
+
+
+def test_the_plan_counts_the_largest_rollout_transient():
+    """Sliced prefills of DeepSeek-V3 leave a decode step as the largest rollout transient
+    (1.4 GiB: an fp32 copy of a layer's latent cache per step): the peak counts it."""
+    cfg = load_train_config(RECIPES / "deepseek_v3.toml", ["--rollout.prefill_tokens=4096"])
+    w = plan_memory(cfg).worst
+    assert w.decode_bytes > w.prefill_bytes > 0
+    assert w.rollout_peak == (w.resident_bytes + w.kv_cache_bytes + w.rollout_logits_bytes
+                              + max(w.decode_bytes, w.sampling_bytes) + 2 * GiB)
+
+
 def test_no_prefill_term_for_the_recomputing_decoder():
     cfg = load_train_config(RECIPES / "tiny.toml", [])
     assert plan_memory(cfg, decoder="recompute").worst.prefill_bytes == 0
