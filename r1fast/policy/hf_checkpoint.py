@@ -14,8 +14,10 @@ DeepSeek-V3 (``deepseek_v3``, an MLA ModelConfig): ``self_attn.q_a_proj`` / ``q_
 ``o_proj``; ``mlp.shared_experts.*`` (plural) and the ``mlp.gate.e_score_correction_bias``.
 DeepSeek-V2 (``deepseek_v2``) has the same names without the correction bias.
 Multi-token-prediction layers (``model.layers.{num_layers + i}.*``, ``mtp_layers``) are not
-built: load records their names and save copies them back, bit for bit, from the checkpoint
-the policy was loaded from (so that folder must still exist at export).
+built: load records their names and save copies them back, bit for bit (an FP8 release's as
+bf16), from the checkpoint the policy was loaded from (so that folder must still exist at
+export). DeepSeek's FP8 release (float8 weights with a scale per 128 x 128 block) loads
+directly, each weight read as bf16 (r1fast.policy.hf_fp8).
 
 Loading: each rank reads only its slices (safetensors ``get_slice``: TP rows/columns, its
 pipeline stage's layers, its EP share of the experts) and copies them into its parameters;
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from r1fast.policy.config import ModelConfig
+from r1fast.policy import hf_fp8 as fp8
 
 log = logging.getLogger("r1fast.policy")
 
@@ -154,7 +157,8 @@ def _qkv_groups(cfg: ModelConfig) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------------
 
 class _Reader:
-    """Lazy access to the tensors of a safetensors checkpoint (single file or index)."""
+    """Lazy access to the tensors of a safetensors checkpoint (single file or index); an FP8
+    weight with a block scale reads as bf16 (r1fast.policy.hf_fp8), its scale as no tensor."""
 
     def __init__(self, path: str) -> None:
         from safetensors import safe_open
@@ -172,6 +176,12 @@ class _Reader:
         else:
             raise ValueError(f"load_hf_checkpoint: no {SAFETENSORS} or {INDEX} in {path!r}")
         self._handles: dict[str, Any] = {}
+        self._block = fp8.block_size(path) or fp8.DEFAULT_BLOCK
+        suffix = fp8.SCALE_SUFFIX
+        scales = {k[:-len(suffix)]: k for k in self.files if k.endswith(suffix)}
+        self._scales = {w: scale for w, scale in scales.items() if w in self.files}
+        for scale in self._scales.values():
+            del self.files[scale]
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -179,7 +189,13 @@ class _Reader:
     def slice(self, key: str):
         if key not in self.files:
             raise ValueError(f"load_hf_checkpoint: checkpoint has no tensor {key!r}")
-        f = self.files[key]
+        if key in self._scales:
+            return fp8.DequantSlice(key, self._stored(key), self._stored(self._scales[key]),
+                                    self._block)
+        return self._stored(key)
+
+    def _stored(self, key: str):
+        f = self.files.get(key) or self.files[key[:-len(fp8.SCALE_SUFFIX)]]
         if f not in self._handles:
             self._handles[f] = self._open(f, framework="pt")
         return self._handles[f].get_slice(key)
@@ -238,8 +254,8 @@ def load_model_config(path: str) -> ModelConfig:
         return ModelConfig.from_hf_config(json.load(f))
 
 
-#: safetensors dtypes a weight may have (ints and bools are never weights; FP8 weights need
-#: their block scales, ``weight_scale_inv``, which the loader does not apply)
+#: safetensors dtypes a weight may have (ints and bools are never weights; an FP8 weight is
+#: read through its block scale as BF16)
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 #: checkpoint tensors that are not weights of any policy and are ignored
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -273,9 +289,8 @@ def _entry_problems(reader: _Reader, want: dict[str, tuple[int, ...]]) -> list[s
     for key, shape in want.items():
         got, dtype = reader.info(key)
         if dtype.startswith("F8"):
-            out.append(f"{key} is {dtype}, block-quantized (DeepSeek-V3's FP8 release): "
-                       f"dequantize the checkpoint to bf16 first (its weight_scale_inv tensors "
-                       f"are not applied here)")
+            out.append(f"{key} is {dtype} without its block scale {key}_scale_inv (an FP8 "
+                       f"weight loads only with the scale DeepSeek's release stores beside it)")
         elif dtype not in _FLOAT_DTYPES:
             out.append(f"{key} has dtype {dtype}, a weight must be a float tensor "
                        f"({'/'.join(_FLOAT_DTYPES)})")
