@@ -21,6 +21,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from r1fast.rewards.extract import THINK_OPEN, opens_thought
+
 log = logging.getLogger("r1fast.pipeline")
 
 
@@ -92,8 +94,9 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
     no template or ``chat_template`` is False. Rows marked ``"prompt_rendered": true``
     (rejection-sampled rows: the prompt is the text the model was given) are kept as they are,
     so their template is not applied twice (an INFO line counts them; rejection sampling
-    closed their turn already). A system prompt with nothing to render it is an error, not
-    dropped."""
+    closed their turn already). Under a template whose generation prompt opens the thought,
+    a completion's own leading ``<think>`` goes (:func:`inside_opened_thought`). A system
+    prompt with nothing to render it is an error, not dropped."""
     if not (chat_template and tokenizer.has_chat_template):
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
@@ -110,7 +113,9 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
                    [{"role": "user", "content": r["prompt"]}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        out.append(end_turn({**r, "prompt": prompt}, *closing))
+        out.append(end_turn({**r, "prompt": prompt,
+                             "completion": inside_opened_thought(prompt, r["completion"])},
+                            *closing))
     if as_given:
         log.info("%d of %d SFT rows are marked prompt_rendered (already in the model's "
                  "prompt format, e.g. rejection-sampled): the chat template%s is not applied "
@@ -137,6 +142,17 @@ def chat_turn_end(tokenizer) -> tuple[str, bool]:
                     turn_end, list(tokenizer.stop_ids), "" if not turn_end else " (list the end-"
                     "of-turn token in generation_config.json's eos_token_id to stop there)")
     return turn_end, closes
+
+
+def inside_opened_thought(prompt: str, completion: str) -> str:
+    """``completion`` as it follows ``prompt``: when the prompt already opens the thought (a
+    thinking template's generation prompt ends with ``<think>``: DeepSeek-R1-Distill, QwQ), the
+    completion's own leading ``<think>`` (and the newline after it) goes, else the model would
+    learn to open a second thought, which the format reward scores 0."""
+    if opens_thought(prompt) and completion.startswith(THINK_OPEN):
+        rest = completion[len(THINK_OPEN):]
+        return rest[1:] if rest.startswith("\n") and prompt.endswith("\n") else rest
+    return completion
 
 
 def end_turn(row: dict, turn_end: str, closes: bool) -> dict:

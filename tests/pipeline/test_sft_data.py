@@ -163,6 +163,32 @@ def test_an_end_of_turn_without_a_stop_id_is_followed_by_eos(tmp_path, caplog):
     assert "which holds none of its stop ids" in caplog.text
 
 
+def test_a_template_that_opens_the_thought_gets_no_second_think(tmp_path):
+    """A thinking template's generation prompt ends with ``<think>\\n`` (DeepSeek-R1-Distill,
+    QwQ): a cold-start target starting with its own ``<think>`` taught the model to open a
+    second thought, which the format reward scores 0. The completion now continues the thought
+    the prompt opened, and the rewards read it whole again."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.rewards import FormatReward
+    from r1fast.rewards.extract import as_scored
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? assistant user system think"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    hf.tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+                            "{% endif %}")
+    completion = "<think>2 plus 3 is 5.</think> \\boxed{5}"
+    row = render_prompts([{"prompt": "What is 2 + 3?", "completion": completion}], hf)[0]
+    assert row["prompt"].endswith("<think>\n")
+    assert row["completion"] == "2 plus 3 is 5.</think> \\boxed{5}<|im_end|>\n"
+    read = as_scored(row["completion"], row["prompt"])
+    assert read.count("<think>") == 1 and FormatReward()(read, {}) == 1.0
+    plain = render_prompts([{"prompt": "q", "completion": "no thought"}], hf)[0]
+    assert plain["completion"].startswith("no thought")  # nothing to take off
+
+
 def test_rejection_sampled_prompts_are_not_templated_twice(tmp_path, caplog):
     """Rows that rejection sampling wrote carry the prompt the model saw, chat template
     included (``prompt_rendered``); an SFT recipe over them used to wrap it a second time."""
