@@ -27,15 +27,42 @@ def hf_hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         raise ValueError("model must have a torch.nn.Linear output head (get_output_embeddings())")
     if head.bias is not None:
         raise ValueError("output heads with a bias are not supported (the logits would differ)")
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"model config sets {attr}={getattr(cfg, attr)}: its logits are not a "
-                             "plain linear map of the hidden states, which these helpers assume")
+    _check_plain_logits(model)
     decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, **decoder_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden, head.weight
+
+
+#: config fields of transformers models whose logits are not ``hidden @ W^T``: a softcap
+#: (Gemma 2/3: ``cap * tanh(z / cap)``, at any value) and scales (Cohere's ``logit_scale``,
+#: Granite's ``logits_scaling`` divisor, Falcon-H1's ``lm_head_multiplier``, ...), fine at 1
+_SOFTCAPS = ("final_logit_softcapping",)
+_SCALES = ("logit_scale", "output_multiplier_scale", "output_multiplier", "logits_scaling",
+           "lm_head_multiplier")
+
+
+def _check_plain_logits(model) -> None:
+    """An error naming the field when ``model``'s logits are not a plain linear map of its
+    hidden states (these helpers would compute other log-probs, silently)."""
+    cfg = getattr(model, "config", None)
+    configs = [cfg] if cfg is None or not hasattr(cfg, "get_text_config") else \
+        [cfg, cfg.get_text_config()]
+    for c in configs:
+        bad = [(a, getattr(c, a)) for a in _SOFTCAPS if getattr(c, a, None) is not None]
+        bad += [(a, getattr(c, a)) for a in _SCALES if getattr(c, a, None) not in (None, 1, 1.0)]
+        if bad:
+            attr, value = bad[0]
+            raise ValueError(f"model config sets {attr}={value}: its logits are not a plain "
+                             f"linear map of the hidden states, which these helpers assume")
+    if getattr(model, "final_logits_bias", None) is not None:
+        raise ValueError("model adds final_logits_bias to its logits: not a plain linear map of "
+                         "the hidden states, which these helpers assume")
+
+
+def _check_ids(input_ids: torch.Tensor) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:  # next-token targets need L >= 2
+        raise ValueError(f"input_ids must be [B, L] with L >= 2, got {tuple(input_ids.shape)}")
 
 
 def per_token_temperature(temperature: float | torch.Tensor, input_ids: torch.Tensor
@@ -57,8 +84,7 @@ def hf_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
                 impl: str = "auto"):
     """Log-prob of each next token, ``[B, L-1]`` fp32 (and entropy when asked);
     ``temperature`` is one float, ``[B]`` (one per sample) or ``[B, L-1]`` (one per token)."""
-    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids must be [B, L] with L >= 2, got {tuple(input_ids.shape)}")
+    _check_ids(input_ids)
     tau = per_token_temperature(temperature, input_ids)
     hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask)
     B, L, H = hidden.shape
@@ -84,8 +110,12 @@ def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     ``completion_mask``, ``old_logp``, ``ref_logp``, ``rollout_logp``: ``[B, L-1]`` aligned with
     the next-token targets ``input_ids[:, 1:]``; ``advantages``: ``[B]`` per sequence;
     ``temperature``: one float, ``[B]`` or ``[B, L-1]``. Returns ``(loss, metrics)`` as
-    :func:`r1fast.ops.policy_loss`.
+    :func:`r1fast.ops.policy_loss`. An integer or bool ``completion_mask`` (TRL's and verl's
+    are) is taken as 0/1 weights.
     """
+    _check_ids(input_ids)
+    if isinstance(completion_mask, torch.Tensor) and not completion_mask.is_floating_point():
+        completion_mask = completion_mask.float()
     tau = per_token_temperature(temperature, input_ids)
     hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask)
     config = config or ops.PolicyLossConfig()

@@ -94,8 +94,32 @@ def test_per_sample_temperatures():
         hf_logprobs(model, ids, temperature=torch.ones(B, L))
 
 
-def test_rejects_softcapped_heads():
+@pytest.mark.parametrize("attr, value", [
+    ("final_logit_softcapping", 30.0),
+    ("final_logit_softcapping", 1.0),  # tanh(z): a softcap is never the identity
+    ("logits_scaling", 8.0),           # Granite divides its logits (0.33 off before)
+    ("lm_head_multiplier", 0.5),       # Falcon-H1
+    ("logit_scale", 0.25),             # Cohere
+])
+def test_rejects_heads_that_are_not_a_plain_linear_map(attr, value):
     model = tiny_qwen3()
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    setattr(model.config, attr, value)
+    with pytest.raises(ValueError, match=f"model config sets {attr}={value}"):
         hf_logprobs(model, torch.randint(0, 97, (1, 4)))
+    setattr(model.config, attr, None)
+    hf_logprobs(model, torch.randint(0, 97, (1, 4)))
+
+
+def test_grpo_loss_takes_integer_masks_and_needs_two_positions():
+    """TRL and verl hand integer completion masks; they were an error."""
+    model = tiny_qwen3(2)
+    ids = torch.randint(0, 97, (2, 6))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    old, adv = torch.zeros(2, 5), torch.tensor([1.0, -1.0])
+    a, _ = hf_grpo_loss(model, ids, None, mask, old, adv)
+    b, _ = hf_grpo_loss(model, ids, None, mask.float(), old, adv)
+    c, _ = hf_grpo_loss(model, ids, None, mask.bool(), old, adv)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, L\] with L >= 2, got \(2, 1\)"):
+        hf_grpo_loss(model, ids[:, :1], None, mask[:, :0], old[:, :0], adv)
