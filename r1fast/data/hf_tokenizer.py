@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from r1fast.data.tokenizer import FILE_NAME, FORMAT, CharTokenizer
+from r1fast.rewards.extract import THINK_CLOSE, THINK_OPEN
 
 
 class HFTokenizer:
@@ -42,6 +43,11 @@ class HFTokenizer:
                 stops.append(tid)
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(int(t) for t in stops))
         """Ids that end a completion: eos, generation_config's eos ids, end-of-turn tokens."""
+        special = {int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        special |= {int(i) for i in tokenizer.all_special_ids}
+        think = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)}
+        self._special_think_ids = special & think
+        self._dropped_ids = special - think  # what skip_special_tokens drops here
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HFTokenizer":
@@ -90,7 +96,9 @@ class HFTokenizer:
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         ids = list(self.tok.encode(text, add_special_tokens=False))
         unk = self.tok.unk_token_id
-        if unk is not None and unk in ids:
+        # the unknown token written in the text is not a failure: GPT-2 and GPT-NeoX make
+        # <|endoftext|> their unk, bos and eos, and templates write it
+        if unk is not None and ids.count(unk) > text.count(str(self.tok.unk_token)):
             raise ValueError(f"tokenizer {self.name} cannot encode part of the text (it becomes "
                              f"the unknown token {self.tok.unk_token!r}): {text[:200]!r}")
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
@@ -100,7 +108,14 @@ class HFTokenizer:
         return ids
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of ``ids``; ``skip_special_tokens`` drops control tokens but never the think
+        tags, which some tokenizers mark special although the model writes them as content
+        (dropped, the rewards would never see a well-formed thought)."""
+        ids = [int(i) for i in ids]
+        if not skip_special_tokens or not self._special_think_ids:
+            return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tok.decode([i for i in ids if i not in self._dropped_ids],
+                               skip_special_tokens=False)
 
     def apply_chat_template(self, messages: Sequence[dict], *,
                             add_generation_prompt: bool = True) -> str:

@@ -157,3 +157,44 @@ def test_mixed_sentence_round_trip_with_a_real_bpe_tokenizer(tmp_path):
     ids = hf.encode(MIXED)
     assert hf.decode(ids) == MIXED
     assert language_consistency(hf.decode(ids)) == language_consistency(MIXED) == pytest.approx(7 / 10)
+
+
+def test_an_unknown_token_written_in_the_text_is_not_a_failure():
+    """GPT-2 and GPT-NeoX make <|endoftext|> their unk, bos and eos, and a template writes
+    it: every prompt was refused as holding text the tokenizer cannot encode. A word the
+    vocabulary lacks is still refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from r1fast.data.hf_tokenizer import HFTokenizer
+
+    end = "<|endoftext|>"
+    word = Tokenizer(models.WordLevel({end: 0, "hello": 1, "world": 2}, unk_token=end))
+    word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word, unk_token=end, bos_token=end,
+                                  eos_token=end)
+    hf = HFTokenizer(tok, "gpt2-like")
+    assert hf.encode(f"{end} hello world {end}") == [0, 1, 2, 0]
+    assert hf.encode("hello world", add_bos=True) == [0, 1, 2]
+    with pytest.raises(ValueError, match="cannot encode part of the text .*'hello mars'"):
+        hf.encode("hello mars")
+    with pytest.raises(ValueError, match="cannot encode part of the text"):
+        hf.encode(f"{end} mars")
+
+
+def test_think_tags_marked_special_survive_decoding():
+    """A tokenizer that marks <think> and </think> special lost them to skip_special_tokens,
+    so the rewards read a completion without its thought's tags (format 0, silently)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from r1fast.data.hf_tokenizer import HFTokenizer
+
+    word = Tokenizer(models.WordLevel({"<unk>": 0, "so": 1, "5": 2}, unk_token="<unk>"))
+    word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word.add_special_tokens([AddedToken(t, special=True) for t in ("<think>", "</think>", "<eos>")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=word, unk_token="<unk>", eos_token="<eos>")
+    hf = HFTokenizer(tok, "special-think")
+    ids = hf.encode("<think> so </think> 5", add_eos=True)
+    assert hf.decode(ids).replace(" ", "") == "<think>so</think>5"  # eos dropped, tags kept
+    assert "<eos>" in hf.decode(ids, skip_special_tokens=False)
