@@ -48,6 +48,9 @@ class HFTokenizer:
         think = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)}
         self._special_think_ids = special & think
         self._dropped_ids = special - think  # what skip_special_tokens drops here
+        bos = tokenizer.bos_token_id
+        self._bos = bos if bos is not None and \
+            tokenizer.encode("", add_special_tokens=True)[:1] == [bos] else None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HFTokenizer":
@@ -77,7 +80,10 @@ class HFTokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        return self.tok.bos_token_id
+        """The id ``encode(add_bos=True)`` puts first: the tokenizer's bos when the tokenizer
+        itself starts a text with it (Llama-3, DeepSeek), else None (Qwen has no bos; GPT-2's
+        bos is its eos, which it never prepends), as transformers and vLLM encode prompts."""
+        return self._bos
 
     @property
     def pad_id(self) -> int:
@@ -91,7 +97,8 @@ class HFTokenizer:
     # -- text ------------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Ids of ``text`` (special tokens written in the text, e.g. a rendered chat template,
-        become their ids); bos/eos only when asked (bos only if the tokenizer has one)."""
+        become their ids); bos/eos only when asked (bos only where the tokenizer itself adds
+        one: :attr:`bos_id`)."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         ids = list(self.tok.encode(text, add_special_tokens=False))

@@ -175,7 +175,6 @@ def test_an_unknown_token_written_in_the_text_is_not_a_failure():
                                   eos_token=end)
     hf = HFTokenizer(tok, "gpt2-like")
     assert hf.encode(f"{end} hello world {end}") == [0, 1, 2, 0]
-    assert hf.encode("hello world", add_bos=True) == [0, 1, 2]
     with pytest.raises(ValueError, match="cannot encode part of the text .*'hello mars'"):
         hf.encode("hello mars")
     with pytest.raises(ValueError, match="cannot encode part of the text"):
@@ -198,3 +197,29 @@ def test_think_tags_marked_special_survive_decoding():
     ids = hf.encode("<think> so </think> 5", add_eos=True)
     assert hf.decode(ids).replace(" ", "") == "<think>so</think>5"  # eos dropped, tags kept
     assert "<eos>" in hf.decode(ids, skip_special_tokens=False)
+
+
+def test_bos_is_added_where_the_tokenizer_itself_adds_it():
+    """GPT-2's bos is its eos, which its encoder never prepends: r1fast put it before every
+    prompt and SFT row. A tokenizer whose post-processor starts texts with bos (Llama-3,
+    DeepSeek) still gets it, once."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from r1fast.data.hf_tokenizer import HFTokenizer
+
+    def word_level(post=None, **special):
+        word = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "hi": 1, "<s>": 2},
+                                          unk_token="<|endoftext|>"))
+        word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        if post:
+            word.post_processor = post
+        return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=word, **special), "t")
+
+    gpt2 = word_level(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    assert gpt2.bos_id is None and gpt2.encode("hi", add_bos=True) == [1]
+    llama = word_level(processors.TemplateProcessing(single="<s> $A",
+                                                     special_tokens=[("<s>", 2)]),
+                       bos_token="<s>", eos_token="<|endoftext|>")
+    assert llama.bos_id == 2 and llama.encode("hi", add_bos=True) == [2, 1]
+    assert llama.encode("<s> hi", add_bos=True) == [2, 1]  # a template's own bos: not twice
