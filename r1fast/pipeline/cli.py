@@ -54,7 +54,7 @@ STAGE_OPTIONS: dict[str, frozenset[str]] = {name: frozenset(opts) for name, opts
     "pretrain": ("out", "model", "scripts", "steps", "lr", "long_share", "greek_share",
                  "greetings", "num_train", "seed"),
     "sft": ("out", "init", "data", "cold_start", "mix", "mix_ratio", "recipe", "steps", "lr",
-            "num_train", "seed"),
+            "num_train", "seed", "overwrite"),
     "grpo": ("out", "init", "recipe", "steps", "lr", "language", "num_train", "seed"),
     "rejection-sample": ("out", "model", "overwrite", "prompts", "num_train", "seed", *SAMPLING,
                          *FILTERS, *PROBLEMS),
@@ -148,7 +148,9 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     help="rejection-sample: keep completions cut at --max-new-tokens (SFT "
                          "then ends them with the eos)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="rejection-sample, distill: replace an existing output JSONL")
+                    help="rejection-sample, distill: replace an existing output JSONL; sft, "
+                         "distill: train from step 0 in an --out that holds a run (its files "
+                         "move to previous_<time>/; without it a rerun resumes)")
     return ap
 
 
@@ -261,7 +263,7 @@ class _Run:
             rows, counts = stages.mix_sft_data(rows, a.mix, a.mix_ratio, a.seed)
             print(json.dumps({"mix": counts}))
         return stages.sft(rows, a.out, init_from=a.init, steps=self.steps, lr=self.lr,
-                          seed=a.seed)
+                          seed=a.seed, overwrite=a.overwrite)
 
     def sft_recipe(self) -> object:
         from r1fast.pipeline.sft_recipe import load_sft_recipe, run_sft_recipe
@@ -313,7 +315,7 @@ class _Run:
         if a.student_init is not None:
             self.unused("student", why="with --student-init (that folder is the student)")
         if a.data is not None:
-            self.unused("prompts", "num_train", "overwrite", *SAMPLING, *FILTERS, *PROBLEMS,
+            self.unused("prompts", "num_train", *SAMPLING, *FILTERS, *PROBLEMS,
                         why="with --data (the teacher's answers are read from it)")
             problems, filters = [], None
         else:

@@ -44,10 +44,12 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
         model: ModelConfig | None = None, steps: int = 100, batch_size: int = 32,
         lr: float = 1e-3, loss_on_prompt: bool = False, seed: int = 0,
         parallel: ParallelConfig | None = None, progress: bool = False,
-        tokenizer=None) -> Path:
+        tokenizer=None, overwrite: bool = False) -> Path:
     """Fine-tune ``init_from`` (or a fresh ``model``) on ``{"prompt", "completion"}`` rows;
     returns the model folder ``out_dir/model``. The tokenizer is ``init_from``'s, else
-    ``tokenizer`` (e.g. a teacher's), else the character tokenizer."""
+    ``tokenizer`` (e.g. a teacher's), else the character tokenizer. A rerun into ``out_dir``
+    resumes its run; ``overwrite`` starts over from step 0 instead (the old run's files move
+    to ``out_dir/previous_<time>/``)."""
     from r1fast.train.sft import SFTConfig, SFTTrainer
 
     if (init_from is None) == (model is None):
@@ -57,7 +59,8 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
                                       lr_decay_style="cosine", min_lr=lr / 10),
                     steps=steps, batch_size=batch_size, loss_on_prompt=loss_on_prompt,
                     init_from=None if init_from is None else str(init_from),
-                    out_dir=str(out_dir), seed=seed, progress=progress)
+                    out_dir=str(out_dir), seed=seed, progress=progress, resume=not overwrite,
+                    overwrite=overwrite)
     if init_from:
         tokenizer = load_tokenizer(init_from)
     return SFTTrainer(cfg, list(examples), tokenizer or CharTokenizer()).fit()
@@ -210,7 +213,8 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
     """The teacher answers ``examples`` (k samples each, kept by ``filters`` or the preset
     ``keep``, correct ones by default, as R1's 800k distillation set was; written to
     ``out_dir/teacher_data.jsonl``, replaced only with ``overwrite``), then a dense student
-    (``student_init`` folder or a fresh ``student`` config) is fine-tuned on them.
+    (``student_init`` folder or a fresh ``student`` config) is fine-tuned on them (from step 0
+    with ``overwrite``, else resuming a run in ``out_dir``).
     ``teacher_data``: a JSONL the teacher already wrote (e.g. by :func:`rejection_sample`),
     used instead of generating again. Returns (student folder, data stats)."""
     from r1fast.pipeline.sft_data import read_sft_rows
@@ -229,7 +233,7 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
     rows = read_sft_rows(data_path)
     # a fresh student speaks the teacher's tokenizer (its prompts and answers are in it)
     model = sft(rows, out_dir, init_from=student_init, model=student, steps=steps,
-                batch_size=batch_size, lr=lr, seed=seed,
+                batch_size=batch_size, lr=lr, seed=seed, overwrite=overwrite,
                 tokenizer=None if student_init else load_tokenizer(teacher_dir))
     return model, stats
 

@@ -365,6 +365,19 @@ def _pointer_target(root: Path) -> tuple[Path | None, str]:
     return path, ""
 
 
+def resume_point(root: str | Path, *, resume: bool, overwrite: bool,
+                 start_over: str) -> Path | None:
+    """The checkpoint a run continues from: the latest under ``root`` when ``resume``, else
+    None. ``overwrite`` starts over only where there is nothing to resume; when a checkpoint is
+    resumed anyway, a WARNING says that ``overwrite`` did nothing and how to start over
+    (``start_over``, the setting as the user writes it)."""
+    path = latest_checkpoint(root) if resume else None
+    if path is not None and overwrite:
+        log.warning("resuming from %s: overwrite applies only to a run that does not resume; "
+                    "to start over from step 0, set %s", path, start_over)
+    return path
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The last committed checkpoint folder under ``root``, or None when there is none.
 

@@ -38,7 +38,7 @@ from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, split_even)
-from r1fast.train.checkpoint import (check_resumed_config, latest_checkpoint, load_checkpoint,
+from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
                                      save_checkpoint, start_fresh)
 from r1fast.train.config import TrainConfig, load_train_config, sampling_warnings
 from r1fast.train.engine import TrainEngine
@@ -97,7 +97,9 @@ class GRPOTrainer:
         check_kernel_choice(a)
         tokenizer = task.tokenizer if task is not None else run_tokenizer(config)
         check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
-        self._resume_from = latest_checkpoint(self.ckpt_dir) if config.run.resume else None
+        self._resume_from = resume_point(self.ckpt_dir, resume=config.run.resume,
+                                         overwrite=config.run.overwrite,
+                                         start_over="--run.resume=false")
         if self._resume_from is None and not config.run.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,

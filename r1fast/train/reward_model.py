@@ -47,8 +47,8 @@ from r1fast.data.dataset import RowStream
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.batch import all_ranks_int
-from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, latest_checkpoint,
-                                     load_checkpoint, run_steps, save_checkpoint, start_fresh)
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load_checkpoint,
+                                     resume_point, run_steps, save_checkpoint, start_fresh)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.typed_toml import dump_toml
@@ -219,7 +219,8 @@ class RewardModelTrainer:
         self.cfg = config
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        path = latest_checkpoint(self.ckpt_dir) if config.resume else None
+        path = resume_point(self.ckpt_dir, resume=config.resume, overwrite=config.overwrite,
+                            start_over="resume=False (--overwrite on the command line)")
         if path is None and not config.overwrite:
             self._start_fresh()  # only raises: without overwrite nothing is moved
         self.train_pairs = load_pairs(config.data)  # bad files fail before the model is built
@@ -419,7 +420,7 @@ def stage_main(argv: Sequence[str]) -> int:
         optim=OptimConfig(lr=args.lr), steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
         progress=args.progress, export_hf=not args.no_export, save_every=args.save_every,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, resume=not args.overwrite)
     summary = RewardModelTrainer(cfg).fit()
     import torch.distributed as dist
 

@@ -51,8 +51,8 @@ from r1fast.policy.config_checks import Range, check_fields
 from r1fast.policy.optim import OptimConfig
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
-from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, latest_checkpoint,
-                                     load_checkpoint, run_steps, save_checkpoint, start_fresh)
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load_checkpoint,
+                                     resume_point, run_steps, save_checkpoint, start_fresh)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import packed_micro_batches
@@ -154,7 +154,8 @@ class SFTTrainer:
         check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        path = latest_checkpoint(self.ckpt_dir) if config.resume else None
+        path = resume_point(self.ckpt_dir, resume=config.resume, overwrite=config.overwrite,
+                            start_over="resume=False (in a recipe --sft.resume=false)")
         if path is None and not config.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,

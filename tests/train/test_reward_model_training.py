@@ -15,6 +15,7 @@ from r1fast.data import CharTokenizer
 from r1fast.policy.config import ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.policy.parallel import destroy_parallel
+from r1fast.train.metrics import read_jsonl
 from tests.helpers.reward_world import (MODEL, save_init, save_reward_folder, sorted_digit_pairs,
                                         write_jsonl)
 from tests.helpers.spawn import run_ranks
@@ -264,6 +265,11 @@ def test_stage_cli_learns_a_held_out_preference(tmp_path):
     # settings (the default lr) are refused rather than silently not applied
     with pytest.raises(ValueError, match="with other optimizer settings.*optim.lr"):
         main(["reward-model", "--init", init, "--data", train, "--out", str(out)])
+    # --overwrite starts from step 0 (it resumed step 60 and trained nothing), the old run aside
+    assert main(["reward-model", "--init", init, "--data", train, "--out", str(out),
+                 "--steps", "2", "--overwrite", "--no-export"]) == 0
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert len(read_jsonl(next(out.glob("previous_*")) / "metrics.jsonl")) == 60
 
 
 def test_a_stopped_run_resumes_bit_for_bit(tmp_path):

@@ -111,7 +111,7 @@ def test_a_checkpoint_of_the_older_row_draw_resumes_with_a_warning(tmp_path, cap
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_fresh_start_over_a_run_needs_overwrite_and_keeps_the_old_files(tmp_path):
+def test_fresh_start_over_a_run_needs_overwrite_and_keeps_the_old_files(tmp_path, caplog):
     run = tmp_path / "run"
     fit(SFTTrainer, run, steps=1)
     # a finished run asked for the same steps: nothing to train, the model is written again
@@ -130,6 +130,17 @@ def test_fresh_start_over_a_run_needs_overwrite_and_keeps_the_old_files(tmp_path
     assert len(read_jsonl(aside[0] / "metrics.jsonl")) == 1
     assert any((aside[0] / "model").glob("*.safetensors"))
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    # overwrite while resume is on and a checkpoint is there: it resumes, and says so
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        fit(SFTTrainer, run, steps=1, overwrite=True)
+    assert "overwrite applies only to a run that does not resume" in caplog.text
+    assert len(sorted(run.glob("previous_*"))) == 1
+    # the stage function's overwrite starts over (stage sft / distill --overwrite)
+    from r1fast.pipeline import stages
+
+    rows = [{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in uneven_examples()]
+    stages.sft(rows, run, init_from=aside[0] / "model", steps=1, batch_size=4, overwrite=True)
+    assert len(sorted(run.glob("previous_*"))) == 2
     # metrics without a complete checkpoint (a run killed before its first save)
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(ValueError, match="already holds metrics.jsonl but holds no complete "
