@@ -6,12 +6,12 @@
     r1fast plan RECIPE [--gpu-mem GiB]  per-GPU memory plan of a recipe's layout
     r1fast export RUN OUT_DIR           a run's checkpoint as a Hugging Face folder
     r1fast stage NAME [...]             one stage of the R1 pipeline (pretrain, sft, grpo,
-                                        rejection-sample, distill, evaluate)
+                                        rejection-sample, distill, reward-model, evaluate)
 
 Each subcommand is a thin shell over the Python API it names; heavy imports happen inside the
 subcommand so ``r1fast --help`` is instant. A bad config value, input file, checkpoint or
-command-line usage is one line on stderr, ``r1fast: error: <message>``, and exit code 2 (1 for a run stopped by non-finite
-values); set ``R1FAST_DEBUG=1`` for the traceback.
+command-line usage is one line on stderr, ``r1fast: error: <message>``, and exit code 2 (1
+for a run stopped by non-finite values); set ``R1FAST_DEBUG=1`` for the traceback.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
     r1fast stage pretrain --out runs/x/base --model tiny-moe --steps 500
     r1fast stage grpo --init runs/x/base/model --out runs/x/zero --run.steps=40
     r1fast stage grpo --init runs/x/cold/model --out runs/x/r1 --language en   # R1 stage 2
-    r1fast stage grpo --init runs/x/base/model --out runs/x/g --recipe recipes/tiny.toml --steps 20
+    r1fast stage grpo --init runs/x/base/model --out runs/x/g --recipe my_run.toml --steps 20
+                                 # a recipe's [model], if it has one, must agree with --init
     r1fast stage sft --init runs/x/base/model --out runs/x/cold --cold-start 200
     r1fast stage rejection-sample --model runs/x/zero/model --out runs/x/rs.jsonl --k 4
     r1fast stage sft --init runs/x/base/model --out runs/x/rs_sft --data runs/x/rs.jsonl \\
