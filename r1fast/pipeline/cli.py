@@ -187,6 +187,7 @@ class _Run:
     def problems(self, model_dir: str, demo: Callable[[], list[dict]]) -> list[dict]:
         """The ``--problems`` file's rows, else ``demo()`` (generated only then)."""
         if self.args.problems is None:
+            self.demo_task_fits(model_dir, "--problems FILE")
             return demo()
         self.unused("num_train", "num_test", why="with --problems (its rows are the problems)")
         return stages.load_problems(self.args.problems, model_dir, preset=self.args.preset,
@@ -204,6 +205,17 @@ class _Run:
                      else "the demo's --num-train")
             self.ap.error(f"--prompts {n} is more than the {len(rows)} problems of {where}")
         return rows[:n] if self.args.problems else rows[-n:]
+
+    def demo_task_fits(self, model_dir: str, instead: str) -> None:
+        """The demo's problems are raw ``Q: ... A:`` text for r1fast's character tokenizer: a
+        model with another tokenizer (a Hugging Face chat model) would be prompted without its
+        chat template, silently; that is an error naming what to give ``instead``."""
+        from r1fast.data import CharTokenizer, load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+        if not isinstance(tokenizer, CharTokenizer):
+            self.ap.error(f"the demo's problems are written for r1fast's character tokenizer, "
+                          f"but {model_dir} has {tokenizer!r}; give {instead}")
 
     def need(self, *names: str) -> None:
         missing = [_flag(n) for n in names if getattr(self.args, n) is None]
@@ -248,6 +260,8 @@ class _Run:
         self.need("out", "init")
         if (a.data is None) == (a.cold_start is None):
             self.ap.error("sft needs exactly one of --data FILE.jsonl or --cold-start N")
+        if (a.mix is None) != (a.mix_ratio is None):
+            self.ap.error("--mix FILE and --mix-ratio R go together")
         if a.data is not None:
             from r1fast.pipeline.sft_data import read_sft_rows
 
@@ -257,9 +271,8 @@ class _Run:
             if a.cold_start > a.num_train:
                 self.ap.error(f"--cold-start {a.cold_start} is more than --num-train "
                               f"{a.num_train} demo problems")
+            self.demo_task_fits(a.init, "--data FILE.jsonl")
             rows = stages.cold_start_data(self.train[:a.cold_start])
-        if (a.mix is None) != (a.mix_ratio is None):
-            self.ap.error("--mix FILE and --mix-ratio R go together")
         if a.mix is not None:
             rows, counts = stages.mix_sft_data(rows, a.mix, a.mix_ratio, a.seed)
             print(json.dumps({"mix": counts}))

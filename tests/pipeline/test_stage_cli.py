@@ -196,6 +196,25 @@ def test_sampling_stages_take_every_problem_and_the_filter_flags(monkeypatch, tm
               "--problems", str(problems), "--prompts", "2000"])
 
 
+def test_the_demo_task_needs_the_character_tokenizer(tmp_path, capsys):
+    """On a Hugging Face chat model, evaluate / rejection-sample / sft --cold-start ran the
+    demo's raw 'Q: ... A:' prompts without the chat template, silently (grpo refused)."""
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    build_tokenizer(tmp_path / "hf", ["What is 2 + 3? assistant user system"] * 20)
+    for argv, instead in (
+            (["evaluate", "--model", str(tmp_path / "hf")], "give --problems FILE"),
+            (["rejection-sample", "--model", str(tmp_path / "hf"), "--out", "o.jsonl"],
+             "give --problems FILE"),
+            (["sft", "--init", str(tmp_path / "hf"), "--out", "o", "--cold-start", "4"],
+             "give --data FILE.jsonl")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "written for r1fast's character tokenizer" in err, err
+        assert instead in err
+
+
 def test_pretrain_reads_lr(monkeypatch):
     import r1fast.pipeline.cli as cli
 
