@@ -58,7 +58,11 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
                 return _coerce(value, a, key, base, finite)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config key '{key}': {value!r} does not match {tp}")
+        optional = ' (or "none")' if type(None) in args else ""
+        if len(errors) == 1:  # Optional[X]: X's own message, not typing's repr
+            raise ConfigError(errors[0] + optional)
+        raise ConfigError(f"config key '{key}': {value!r} fits none of: "
+                          + "; ".join(e.split(": ", 1)[-1] for e in errors) + optional)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"config key '{key}' must be one of {typing.get_args(tp)}, got {value!r}")

@@ -77,6 +77,14 @@ def test_bad_config_value_is_one_line_naming_the_key(override, key):
     assert key in msg and "\n" not in msg, msg
 
 
+def test_an_optional_choice_names_its_choices_not_a_typing_repr():
+    """'k9' for an Optional[Literal[...]] said 'does not match typing.Optional[...]'."""
+    with pytest.raises(ValueError) as e:
+        load_train_config(None, ["--algo.kl=k9"])
+    assert str(e.value) == ("config key 'algo.kl' must be one of ('k1', 'k2', 'k3', 'k3+'), "
+                            "got 'k9' (or \"none\")")
+
+
 def test_group_size_one_says_why():
     with pytest.raises(ConfigError, match=r"algo.group_size must be >= 2.*always 0"):
         load_train_config(None, ["--algo.group_size=1", "--algo.estimator=rloo"])
