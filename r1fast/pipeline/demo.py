@@ -1,5 +1,6 @@
-"""``make demo``: the whole DeepSeek-R1 recipe on a tiny MoE, on a CPU, in about 15 minutes,
-reproducing the report's findings in miniature.
+"""``make demo``: the whole DeepSeek-R1 recipe on a tiny MoE, on a CPU, in about 7 minutes.
+
+It reproduces the report's findings in miniature.
 
 The task (:mod:`r1fast.pipeline.demo_task`) is addition where the quick answer is a trap and
 the column-by-column chain is right, written by a base corpus that mixes English and Greek.

@@ -1,6 +1,6 @@
-"""``python -m r1fast.policy --preset tiny-moe``: build a tiny policy on this machine (CPU or
-one GPU), print its parameter count and the log-probability of a random sequence; with
-``--hf PATH`` load a Hugging Face checkpoint instead of a preset.
+"""``r1fast policy --preset tiny-moe`` (or ``python -m r1fast.policy``): build a tiny policy
+on this machine (CPU or one GPU), print its parameter count and the log-probability of a
+random sequence; with ``--hf PATH`` load a Hugging Face checkpoint instead of a preset.
 
 Single process by default; under ``torchrun --nproc-per-node N`` pass ``--tp/--pp/--ep``.
 """
@@ -16,8 +16,7 @@ from r1fast.cli import ArgumentParser
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from r1fast.policy.config import PRESETS
 
-    ap = ArgumentParser(prog="python -m r1fast.policy",
-                                 description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="r1fast policy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny-moe", choices=sorted(PRESETS))
     ap.add_argument("--hf", default=None, help="load this HF checkpoint directory instead")
     ap.add_argument("--tp", type=int, default=1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tomllib
 from pathlib import Path
 from typing import Sequence
@@ -147,6 +146,5 @@ def export_main(argv: Sequence[str]) -> int:
                     help="replace an existing out_dir, whatever it holds")
     args = ap.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = export_checkpoint(args.source, args.out_dir, overwrite=args.overwrite)
-    print(f"exported to {path}", file=sys.stderr)
+    export_checkpoint(args.source, args.out_dir, overwrite=args.overwrite)  # logs where
     return 0
