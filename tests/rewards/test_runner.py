@@ -60,7 +60,7 @@ def test_by_default_the_cpu_limit_ends_a_slow_check_before_the_wall_clock_kill()
     kill (a worker restart, a verdict that depends on machine load) decided every timeout.
     It is now half of timeout_s, and the worker's own limit ends the call."""
     slow = "<think>t</think> \\boxed{(x+y+z)^{300}}"  # minutes of sympy
-    with RewardRunner([(MathAccuracyReward(), 1.0)], timeout_s=2.0, num_workers=1) as runner:
+    with RewardRunner([(MathAccuracyReward(), 1.0)], timeout_s=4.0, num_workers=1) as runner:
         assert runner([slow], [{"answer": "1"}]).status == {"math_accuracy": ["timeout"]}
         m = runner.metrics()
         assert m["rewards/timeouts"] == 1 and m["rewards/worker_restarts"] == 0, m
