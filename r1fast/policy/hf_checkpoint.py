@@ -17,7 +17,7 @@ Multi-token-prediction layers (``model.layers.{num_layers + i}.*``, ``mtp_layers
 built: load records their names and save copies them back, bit for bit (an FP8 release's as
 bf16), from the checkpoint the policy was loaded from (so that folder must still exist at
 export). DeepSeek's FP8 release (float8 weights with a scale per 128 x 128 block) loads
-directly, each weight read as bf16 (r1fast.policy.hf_fp8).
+directly, each weight read as its fp32 dequantization (r1fast.policy.hf_fp8).
 
 Loading: each rank reads only its slices (safetensors ``get_slice``: TP rows/columns, its
 pipeline stage's layers, its EP share of the experts) and copies them into its parameters;
@@ -158,7 +158,8 @@ def _qkv_groups(cfg: ModelConfig) -> tuple[int, int, int]:
 
 class _Reader:
     """Lazy access to the tensors of a safetensors checkpoint (single file or index); an FP8
-    weight with a block scale reads as bf16 (r1fast.policy.hf_fp8), its scale as no tensor."""
+    weight with a block scale reads as its fp32 dequantization (r1fast.policy.hf_fp8), its
+    scale as no tensor."""
 
     def __init__(self, path: str) -> None:
         from safetensors import safe_open
@@ -180,6 +181,7 @@ class _Reader:
         suffix = fp8.SCALE_SUFFIX
         scales = {k[:-len(suffix)]: k for k in self.files if k.endswith(suffix)}
         self._scales = {w: scale for w, scale in scales.items() if w in self.files}
+        self.fp8 = frozenset(self._scales)  # weights read through their block scales
         for scale in self._scales.values():
             del self.files[scale]
 
@@ -408,7 +410,9 @@ def _passthrough(policy) -> dict[str, torch.Tensor]:
     if not keys:
         return {}
     reader = _Reader(src)
-    return {k: reader.full(k) for k in keys}
+    # an FP8 release's MTP weights as DeepSeek's bf16 conversion writes them
+    return {k: reader.full(k).to(torch.bfloat16) if k in reader.fp8 else reader.full(k)
+            for k in keys}
 
 
 #: fields whose difference leaves every tensor's shape alone: not an error (a longer context or

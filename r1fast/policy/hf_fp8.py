@@ -8,10 +8,12 @@ the name, the factor the FP8 values are multiplied by); ``config.json`` says so 
 
 The checkpoint loader (:mod:`r1fast.policy.hf_checkpoint`) reads such a weight through
 :class:`DequantSlice`: only the rows and columns the rank's shard needs, each value times its
-block's factor in fp32, rounded to bf16, which is what DeepSeek's own conversion script
-(``inference/fp8_cast_bf16.py``, a Triton kernel that needs a GPU) writes. So an FP8 release
-loads at any TP/PP/EP layout without a conversion pass, and a saved or exported model holds
-bf16 weights.
+block's factor in fp32. Loaded into bf16 parameters that rounds to what DeepSeek's own
+conversion script (``inference/fp8_cast_bf16.py``, a Triton kernel that needs a GPU) writes;
+into fp32 ones it is what transformers' FP8 dequantization gives. So an FP8 release loads at
+any TP/PP/EP layout without a conversion pass, and a saved or exported model holds the
+parameters' dtype. Factors stored as E8M0 exponents (one unsigned byte per block, the scale
+``2 ** (byte - 127)``, as MXFP8 checkpoints ship them) are decoded, never read as numbers.
 """
 from __future__ import annotations
 
@@ -69,8 +71,8 @@ def _bounds(index: Any, shape: tuple[int, int]) -> tuple[slice, slice]:
 
 
 class DequantSlice:
-    """A safetensors slice of an FP8 weight that reads as its bf16 dequantization (module
-    doc): ``get_shape()``, ``get_dtype()`` ("BF16") and ``[rows, cols]`` indexing."""
+    """A safetensors slice of an FP8 weight that reads as its fp32 dequantization (module
+    doc): ``get_shape()``, ``get_dtype()`` ("F32") and ``[rows, cols]`` indexing."""
 
     def __init__(self, key: str, weight: Any, scale: Any, block: tuple[int, int]) -> None:
         self.key, self.weight, self.scale, self.block = key, weight, scale, block
@@ -92,13 +94,14 @@ class DequantSlice:
         return list(self.shape)
 
     def get_dtype(self) -> str:
-        return "BF16"
+        return "F32"
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         rows, cols = _bounds(index, self.shape)
         (b0, b1), (r0, c0) = self.block, (rows.start, cols.start)
         w = self.weight[rows, cols].float()  # [r, c]
-        s = self.scale[r0 // b0: -(-rows.stop // b0), c0 // b1: -(-cols.stop // b1)].float()
+        s = self.scale[r0 // b0: -(-rows.stop // b0), c0 // b1: -(-cols.stop // b1)]
+        s = (s.float() - 127.0).exp2() if s.dtype == torch.uint8 else s.float()  # E8M0 bytes
         s = s.repeat_interleave(b0, 0).repeat_interleave(b1, 1)  # a factor per value
         s = s[r0 % b0: r0 % b0 + w.shape[0], c0 % b1: c0 % b1 + w.shape[1]]
-        return (w * s).to(torch.bfloat16)
+        return w * s

@@ -143,7 +143,8 @@ def test_loading_into_other_math_settings_warns(tmp_path, caplog):
 
 def test_fp8_weights_are_refused_not_cast(tmp_path):
     """FP8 tensors were cast to the policy's dtype without their block scales (wrong weights,
-    no error unless a scale tensor happened to be left over)."""
+    no error unless a scale tensor happened to be left over). Without its scale an FP8 weight
+    is refused; with it, it is dequantized (tests/policy/test_hf_fp8.py)."""
     from safetensors.torch import load_file, save_file
 
     model = make_hf(seed=13)
@@ -152,5 +153,5 @@ def test_fp8_weights_are_refused_not_cast(tmp_path):
     key = "model.layers.1.mlp.experts.0.up_proj.weight"
     state[key] = state[key].to(torch.float8_e4m3fn)
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"{key} is F8_E4M3, block-quantized"):
+    with pytest.raises(ValueError, match=rf"{key} is F8_E4M3 without its block scale"):
         load(str(tmp_path))

@@ -1,8 +1,9 @@
-"""DeepSeek's block-FP8 release read as bf16 (r1fast.policy.hf_fp8): any slice of a weight
-equals the same slice of the whole dequantization (DeepSeek's fp32 product rounded to bf16,
-within one bf16 step of the fp64 product); a tiny DeepSeek-V3 saved in that format loads into
-exactly the parameters of its dequantized twin, and exports without scales; checkpoints the
-loader cannot read are errors naming the tensor or config field."""
+"""DeepSeek's block-FP8 release read through its scales (r1fast.policy.hf_fp8): any slice of
+a weight equals the same slice of the whole dequantization (the fp32 product, within fp32
+rounding of fp64; E8M0 byte scales decoded); a tiny DeepSeek-V3 saved in that format loads
+into exactly the parameters of its dequantized twin, in fp32 and in bf16 (DeepSeek's
+conversion), and exports without scales; checkpoints the loader cannot read are errors naming
+the tensor or config field."""
 from __future__ import annotations
 
 import json
@@ -36,10 +37,10 @@ def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, tor
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block, dtype=torch.float32):
-    """The whole weight: every value times its block's factor in ``dtype``, then bf16."""
+    """The whole weight: every value times its block's factor, in ``dtype``."""
     b0, b1 = block
     full = scale.repeat_interleave(b0, 0).repeat_interleave(b1, 1)[:q.shape[0], :q.shape[1]]
-    return (q.to(dtype) * full.to(dtype)).to(torch.bfloat16)
+    return q.to(dtype) * full.to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -60,29 +61,36 @@ def test_any_slice_is_that_slice_of_the_whole_dequantization(fp8_file, r0, r1, c
     whole = dequantize(q, scale, block)
     with safe_open(str(path), framework="pt") as f:
         sl = DequantSlice("w", f.get_slice("w"), f.get_slice("w_scale_inv"), block)
-        assert sl.get_shape() == [37, 50] and sl.get_dtype() == "BF16"
+        assert sl.get_shape() == [37, 50] and sl.get_dtype() == "F32"
         got = sl[r0:r1, c0:c1]
-        assert got.dtype == torch.bfloat16 and torch.equal(got, whole[r0:r1, c0:c1])
+        assert got.dtype == torch.float32 and torch.equal(got, whole[r0:r1, c0:c1])
         assert torch.equal(sl[r0:r1], whole[r0:r1]) and torch.equal(sl[:], whole)
 
 
-def test_the_dequantization_is_within_one_bf16_step_of_fp64(fp8_file):
+def test_the_dequantization_is_fp32_rounding_of_fp64_and_decodes_e8m0(fp8_file, tmp_path):
     _, q, scale, block = fp8_file
     mine, exact = dequantize(q, scale, block).double(), dequantize(q, scale, block, torch.float64)
-    rel = ((mine - exact.double()).abs() / exact.double().abs().clamp_min(1e-30)).max().item()
-    assert rel <= 2 ** -8
+    rel = ((mine - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
+    assert rel <= 2 ** -24
+    # MXFP8-style factors: one E8M0 byte per block, the scale 2 ** (byte - 127)
+    exponents = torch.randint(100, 140, scale.shape, dtype=torch.uint8)
+    save_file({"w": q, "w_scale_inv": exponents}, str(tmp_path / "e8m0.safetensors"))
+    with safe_open(str(tmp_path / "e8m0.safetensors"), framework="pt") as f:
+        got = DequantSlice("w", f.get_slice("w"), f.get_slice("w_scale_inv"), block)[:]
+    powers = torch.pow(2.0, exponents.double() - 127)
+    assert torch.equal(got.double(), dequantize(q, powers, block, torch.float64))
 
 
 def _fp8_twins(src, tmp_path, block):
-    """(FP8 folder, folder of the same weights dequantized): every projection weight of the
-    checkpoint ``src`` quantized in ``block``s, as DeepSeek-V3's release is."""
+    """(FP8 folder, folder of the same weights dequantized in fp32): every projection weight of
+    the checkpoint ``src`` quantized in ``block``s, as DeepSeek-V3's release is."""
     tensors = load_file(f"{src}/model.safetensors")
     fp8, ref = dict(tensors), dict(tensors)
     for key, w in tensors.items():
         if key.endswith("proj.weight") or key.endswith("proj_with_mqa.weight"):
             q, scale = quantize(w.float(), block)
             fp8[key], fp8[key + "_scale_inv"] = q, scale
-            ref[key] = dequantize(q, scale, block).to(w.dtype)
+            ref[key] = dequantize(q, scale, block)
     folders = []
     for name, tensors_out, quant in (("fp8", fp8, True), ("ref", ref, False)):
         out = tmp_path / name
@@ -110,6 +118,12 @@ def dsv3(tmp_path_factory):
 def test_an_fp8_release_loads_as_its_dequantized_twin_and_exports_bf16(dsv3, tmp_path):
     from r1fast.policy.hf_checkpoint import save_hf_checkpoint
 
+    import dataclasses
+
+    from r1fast.policy.config import ParallelConfig
+    from r1fast.policy.hf_checkpoint import load_hf_checkpoint, load_model_config
+    from r1fast.policy.model import build_policy
+
     fp8, ref = _fp8_twins(dsv3, tmp_path, (8, 16))
     assert block_size(str(fp8)) == (8, 16) and block_size(str(ref)) is None
     a, b = load(str(fp8)), load(str(ref))
@@ -118,9 +132,17 @@ def test_an_fp8_release_loads_as_its_dequantized_twin_and_exports_bf16(dsv3, tmp
     assert pa.keys() == pb.keys()
     for name in pa:
         assert torch.equal(pa[name], pb[name]), name
+    # bf16 parameters: the fp32 products rounded once, as DeepSeek's fp8_cast_bf16.py writes
+    cfg = dataclasses.replace(load_model_config(str(fp8)), params_dtype="bfloat16")
+    half = build_policy(cfg, ParallelConfig(), trainable=False)
+    load_hf_checkpoint(half, str(fp8))
+    halves = dict(half.gpt.named_parameters())
+    for name, p in halves.items():
+        assert torch.equal(p, pb[name].to(p.dtype)), name
     # the FP8 values were read, not the original ones: quantization moved every projection
     moved = [n for n in pa if not torch.equal(pa[n], original[n])]
     assert len(moved) >= 10 and all("norm" not in n and "router" not in n for n in moved)
+    assert all(halves[n].dtype == torch.bfloat16 for n in moved)
     save_hf_checkpoint(a, str(tmp_path / "export"))
     out = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert not [k for k in out if k.endswith("_scale_inv")]
