@@ -137,13 +137,22 @@ def test_a_slow_check_inside_a_runner_call_is_a_counted_timeout():
     status "ok" and no count anywhere, and reward.cpu_time_s / timeout_s never reached it.
     Inside a runner call the call's limit now decides (a counted timeout); a direct call keeps
     parse_timeout_s (wrong when exceeded)."""
+    import sympy
+    from sympy.core.cache import clear_cache
+
     from r1fast.rewards import MathAccuracyReward, RewardRunner
     from r1fast.rewards.math import warm_up
 
+    def check(k):  # ~0.2 s of sympy for a fresh k, cold: sympy caches what it computed
+        x = sympy.Symbol("x")
+        return (f"<think>x</think> \\boxed{{(x+{k})^{{24}}}}",
+                {"answer": sympy.latex(sympy.expand((x + k) ** 24))})
+
     warm_up()
-    c, ex = "<think>x</think> \\boxed{\\sqrt{2}+\\sqrt{3}}", {"answer": "\\sqrt{5+2\\sqrt{6}}"}
+    first, (c, ex) = check(3), check(5)
+    clear_cache()  # building the golds expanded them: a cached expansion made a check fast
     tight = MathAccuracyReward(parse_timeout_s=0.005)
-    assert tight(c, ex) == 0.0  # outside a reward call: its own budget, as before
+    assert tight(*first) == 0.0  # outside a reward call: its own budget, as before
     runner = RewardRunner(tight, mode="inline", cpu_time_s=0.005)
     out = runner([c], [ex])
     assert out.status == {"math_accuracy": ["timeout"]}
