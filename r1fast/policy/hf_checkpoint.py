@@ -257,7 +257,7 @@ def load_model_config(path: str) -> ModelConfig:
 
 
 #: safetensors dtypes a weight may have (ints and bools are never weights; an FP8 weight is
-#: read through its block scale as BF16)
+#: read through its block scale, as F32)
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 #: checkpoint tensors that are not weights of any policy and are ignored
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")

@@ -1,4 +1,4 @@
-"""Block-quantized FP8 checkpoints (DeepSeek-V3's and R1's release), read as bf16 on load.
+"""Block-quantized FP8 checkpoints (DeepSeek-V3's and R1's release), dequantized on load.
 
 DeepSeek publishes V3 and R1 with most linear weights in ``float8_e4m3fn`` and one float32
 factor per ``128 x 128`` block of each, in a companion tensor ``<name>_scale_inv`` (despite
