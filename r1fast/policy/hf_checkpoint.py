@@ -182,8 +182,8 @@ class _Reader:
         scales = {k[:-len(suffix)]: k for k in self.files if k.endswith(suffix)}
         self._scales = {w: scale for w, scale in scales.items() if w in self.files}
         self.fp8 = frozenset(self._scales)  # weights read through their block scales
-        for scale in self._scales.values():
-            del self.files[scale]
+        # scales are no tensors of the policy; a shard of their own is possible in an index
+        self._scale_files = {scale: self.files.pop(scale) for scale in self._scales.values()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -197,7 +197,7 @@ class _Reader:
         return self._stored(key)
 
     def _stored(self, key: str):
-        f = self.files.get(key) or self.files[key[:-len(fp8.SCALE_SUFFIX)]]
+        f = self.files[key] if key in self.files else self._scale_files[key]
         if f not in self._handles:
             self._handles[f] = self._open(f, framework="pt")
         return self._handles[f].get_slice(key)

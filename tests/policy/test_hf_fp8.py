@@ -149,6 +149,25 @@ def test_an_fp8_release_loads_as_its_dequantized_twin_and_exports_bf16(dsv3, tmp
     assert {t.dtype for t in out.values()} <= {torch.float32, torch.bfloat16}
 
 
+def test_scales_in_another_shard_of_an_index_are_found(dsv3, tmp_path):
+    """An index may file a weight and its scale in different shards; the reader looked for the
+    scale in the weight's file."""
+    fp8, ref = _fp8_twins(dsv3, tmp_path, (8, 16))
+    tensors = load_file(str(fp8 / "model.safetensors"))
+    scales = {k: v for k, v in tensors.items() if k.endswith("_scale_inv")}
+    weights = {k: v for k, v in tensors.items() if k not in scales}
+    (fp8 / "model.safetensors").unlink()
+    save_file(weights, str(fp8 / "weights.safetensors"))
+    save_file(scales, str(fp8 / "scales.safetensors"))
+    index = {"metadata": {}, "weight_map": {**{k: "weights.safetensors" for k in weights},
+                                            **{k: "scales.safetensors" for k in scales}}}
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps(index))
+    a, b = load(str(fp8)), load(str(ref))
+    pb = dict(b.gpt.named_parameters())
+    for name, p in a.gpt.named_parameters():
+        assert torch.equal(p, pb[name]), name
+
+
 def test_what_the_loader_cannot_read_is_named(dsv3, tmp_path):
     fp8, _ = _fp8_twins(dsv3, tmp_path, (8, 16))
     key = "model.layers.0.self_attn.o_proj.weight"
