@@ -52,7 +52,7 @@ from r1fast.policy.transfer import to_device_async
 from r1fast.train.policy_io import copy_weights, load_model_state
 from r1fast.train.reward_routing import source_means
 from r1fast.train.task import (TaskData, build_task, check_inputs, check_tokenizer_fits,
-                               run_tokenizer)
+                               read_prompts, run_tokenizer)
 from r1fast.typed_toml import ConfigError, dump_toml
 
 log = logging.getLogger("r1fast.train")
@@ -97,6 +97,7 @@ class GRPOTrainer:
         check_kernel_choice(a)
         tokenizer = task.tokenizer if task is not None else run_tokenizer(config)
         check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
+        prompts = read_prompts(config, tokenizer) if task is None else None
         self._resume_from = resume_point(self.ckpt_dir, resume=config.run.resume,
                                          overwrite=config.run.overwrite,
                                          start_over="--run.resume=false")
@@ -111,7 +112,8 @@ class GRPOTrainer:
                                       trainable=False) if use_kl else None
         # without a reference there is no KL term, not even a reported one
         self.loss_cfg = a.objective if use_kl else dataclasses.replace(a.objective, kl=None)
-        self.task = task or build_task(config, reward=reward, tokenizer=tokenizer)
+        self.task = task or build_task(config, reward=reward, tokenizer=tokenizer,
+                                      prompts=prompts)
         self.step_idx = 0
         self.expert_loads: dict[int, list[float]] = {}
         """Tokens per expert of each MoE layer in the last step (see expert_load.jsonl)."""

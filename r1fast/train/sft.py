@@ -145,13 +145,15 @@ class SFTTrainer:
             raise ValueError(f"config must be an SFTConfig, got {type(config).__name__}")
         if not examples:
             raise ValueError("examples must be a non-empty list of {'prompt', 'completion'} dicts")
-        for i, ex in enumerate(examples[:1000]):
+        for i, ex in enumerate(examples):
             if not isinstance(ex, dict) or "prompt" not in ex or "completion" not in ex:
                 raise ValueError(f"examples[{i}] must be a dict with 'prompt' and 'completion'")
         self.cfg = config
         self.tokenizer = tokenizer
         # what can fail without the model fails before it is built (seconds of construction)
         check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
+        self.data = [encode_sft_row(tokenizer, ex) for ex in examples]
+        _check_rows(self.data, config.model.max_position_embeddings)
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         path = resume_point(self.ckpt_dir, resume=config.resume, overwrite=config.overwrite,
@@ -163,8 +165,6 @@ class SFTTrainer:
                                   init_from=config.init_from)
         self.policy, self.info = self.engine.policy, self.engine.info
         self._check_layout()
-        self.data = [encode_sft_row(tokenizer, ex) for ex in examples]
-        _check_rows(self.data, config.model.max_position_embeddings)
         self.data_fingerprint = _fingerprint(self.data)
         self.order = RowStream(len(self.data), config.seed)
         self.step_idx = 0

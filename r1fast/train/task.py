@@ -20,6 +20,7 @@ character tokenizer; asking for one with another tokenizer is an error, not a si
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -311,16 +312,12 @@ def _file_examples(d) -> list[dict]:
 
 
 def _model_reward(cfg, examples: list[dict]):
-    """The recipe's reward model (None without ``reward.reward_model``); routed rows without
-    one are an error, a reward model nothing uses a WARNING."""
+    """The recipe's reward model (None without ``reward.reward_model``); a reward model
+    nothing uses is a WARNING."""
     r = cfg.reward
-    routed = sum(row_source(ex) == "model" for ex in examples)
-    if r.reward_model is None:
-        if routed:
-            raise ValueError(f"{routed} of {len(examples)} rows of data.path={cfg.data.path} have "
-                             f"reward = 'reward_model' (or 'model'), which needs "
-                             f"reward.reward_model = <reward-model folder>")
+    if r.reward_model is None:  # rows routed to none are an error of read_prompts
         return None
+    routed = sum(row_source(ex) == "model" for ex in examples)
     if not routed and "reward_model" not in r.weights:
         log.warning("reward.reward_model=%s is loaded but unused: no row routes to it (reward "
                     "field 'reward_model') and reward.weights has no reward_model",
@@ -361,17 +358,31 @@ def _prompts_that_fit(examples: list[dict], tokenizer, cfg, what: str = "prompts
     return examples
 
 
-def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
-    """TaskData for a :class:`~r1fast.train.config.TrainConfig` (``reward`` replaces the
-    recipe's reward parts, e.g. a custom function from the Python API; ``tokenizer`` defaults
-    to :func:`run_tokenizer`)."""
-    d, r = cfg.data, cfg.reward
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskPrompts:
+    """What :func:`read_prompts` read: everything of a task that does not need the model."""
+
+    examples: list[dict]
+    """The training prompts, rendered for the run's tokenizer, each under the length cap."""
+    held_out: tuple[str, list[dict]] | None
+    """(name, examples) the end of training evaluates (:func:`held_out_examples`)."""
+
+
+def read_prompts(cfg, tokenizer) -> TaskPrompts:
+    """The ``[data]`` prompts of a :class:`~r1fast.train.config.TrainConfig`, read, rendered
+    and checked. It needs no model or process group, so a trainer calls it before building
+    the policy: a bad file is an error in seconds, not after the model is constructed."""
+    d = cfg.data
     for key, path in (("data.path", d.path), ("data.test_path", d.test_path)):
         if path is not None and not Path(path).exists():  # before any training, not after
             raise ValueError(f"{key}={path} does not exist (a .jsonl/.json/.parquet file or a "
                              f"folder of them)")
-    tokenizer = tokenizer or run_tokenizer(cfg)
     examples = _prompts_that_fit(_training_examples(cfg, tokenizer), tokenizer, cfg)
+    routed = sum(row_source(ex) == "model" for ex in examples)
+    if routed and cfg.reward.reward_model is None:
+        raise ValueError(f"{routed} of {len(examples)} rows of data.path={d.path} have "
+                         f"reward = 'reward_model' (or 'model'), which needs "
+                         f"reward.reward_model = <reward-model folder>")
     held_out = held_out_examples(cfg, tokenizer)
     if held_out is not None:  # measured now, not when the end-of-training evaluation runs
         source, rows = held_out
@@ -380,13 +391,25 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None) -> TaskData:
     if opened:
         log.info("%d of %d prompts end with <think> (the chat template opens the thought): "
                  "the rule rewards read each completion with it in front", opened, len(examples))
-    task = None if d.path is not None else d.task
+    return TaskPrompts(examples=examples, held_out=held_out)
+
+
+def build_task(cfg, reward: Callable | None = None, tokenizer=None,
+               prompts: TaskPrompts | None = None) -> TaskData:
+    """TaskData for a :class:`~r1fast.train.config.TrainConfig` (``reward`` replaces the
+    recipe's reward parts, e.g. a custom function from the Python API; ``tokenizer`` defaults
+    to :func:`run_tokenizer`; ``prompts``: what :func:`read_prompts` read, else read now)."""
+    r = cfg.reward
+    tokenizer = tokenizer or run_tokenizer(cfg)
+    prompts = prompts or read_prompts(cfg, tokenizer)
+    examples = prompts.examples
+    task = None if cfg.data.path is not None else cfg.data.task
     model_reward = _model_reward(cfg, examples)
     parts = (reward_parts(task, r.weights, language=r.language, model_reward=model_reward)
              if reward is None else [("custom", reward, 1.0)])
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",
                               num_workers=max(r.workers, 1), timeout_s=r.timeout_s,
                               cpu_time_s=r.cpu_time_s)
-    return TaskData(examples, tokenizer, parts, d.prompts_per_step, d.seed, runner_cfg,
-                    model_reward=model_reward, model_weight=r.reward_model_weight,
-                    held_out=held_out)
+    return TaskData(examples, tokenizer, parts, cfg.data.prompts_per_step, cfg.data.seed,
+                    runner_cfg, model_reward=model_reward, model_weight=r.reward_model_weight,
+                    held_out=prompts.held_out)

@@ -47,7 +47,16 @@ def _cases(tmp_path):
     no_head.mkdir()
     (no_head / META_FILE).write_text(json.dumps({"format": FORMAT, "max_length": 64}))
     (no_head / R1FAST_CONFIG).write_text(json.dumps(ModelConfig.preset("tiny-moe").to_dict()))
+    bad_row = tmp_path / "bad_row.jsonl"  # data errors need the file read, not the model
+    bad_row.write_text('{"prompt": " ", "answer": "3"}\n')  # bad rows are skipped; none left
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text('{"prompt": "Write a poem.", "reward": "reward_model"}\n')
+    long_prompt = tmp_path / "long.jsonl"
+    long_prompt.write_text(json.dumps({"prompt": "1+" * 300 + "1=", "answer": "301"}) + "\n")
     return [
+        ([f"--data.path={bad_row}"], "bad_row.jsonl"),
+        ([f"--data.path={routed}"], "1 of 1 rows of data.path="),
+        ([f"--data.path={long_prompt}"], "longer than"),
         ([f"--data.path={missing}.jsonl"], "data.path="),
         ([f"--data.test_path={missing}.jsonl"], "data.test_path="),
         ([f"--run.init_from={missing}"], "run.init_from="),
@@ -69,7 +78,7 @@ def _cases(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("i", range(16))
+@pytest.mark.parametrize("i", range(19))
 def test_error_comes_before_the_model(tmp_path, no_model, i):
     from r1fast.train.grpo import GRPOTrainer
 
@@ -80,7 +89,7 @@ def test_error_comes_before_the_model(tmp_path, no_model, i):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("i", [0, 2, 4, 6, 8, 10, 12])
+@pytest.mark.parametrize("i", [0, 3, 5, 7, 9, 11, 13, 15])
 def test_cli_error_is_one_line_exit_2(tmp_path, no_model, capsys, i):
     extra, msg = _cases(tmp_path)[i]
     with pytest.raises(SystemExit) as e:

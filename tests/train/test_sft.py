@@ -127,6 +127,23 @@ def test_layout_errors_name_the_setting(tmp_path):
                    CharTokenizer())
 
 
+def test_row_errors_come_before_the_model(tmp_path, monkeypatch):
+    """Building the policy takes seconds and prints megatron's dump; a bad row needs none of
+    it. Row 1200 is past what a check of the first rows alone would see."""
+    import r1fast.train.sft as sft
+
+    def built(*a, **k):
+        raise AssertionError("the model was built before the row error was raised")
+
+    monkeypatch.setattr(sft, "TrainEngine", built)
+    rows = examples(1200) + [{"prompt": "c"}]
+    with pytest.raises(ValueError, match=r"examples\[1200\] must be a dict with 'prompt'"):
+        sft.SFTTrainer(make_cfg(tmp_path), rows, CharTokenizer())
+    too_long = [{"prompt": "1+1=", "completion": "2" * MODEL.max_position_embeddings}]
+    with pytest.raises(ValueError, match="longer than model.max_position_embeddings"):
+        sft.SFTTrainer(make_cfg(tmp_path), too_long, CharTokenizer())
+
+
 def test_one_epoch_of_batches_shows_every_row_once(tmp_path):
     from r1fast.train.sft import SFTTrainer
 
