@@ -70,8 +70,11 @@ class LoadReport:
     """The first bad row as ``"file:row"`` (its file and its row there), when known."""
 
     def first_bad(self) -> str:
-        """The first bad row, named: ``b.jsonl:1`` (or ``row 4`` of the one list of rows)."""
-        return self.first_bad_where or f"row {self.first_bad_row}"
+        """The first bad row, named: ``b.jsonl row 1 (counting from 0)`` (or ``row 4 ...`` of
+        the one list of rows)."""
+        if self.first_bad_where is None:
+            return f"row {self.first_bad_row}{FROM_ZERO}"
+        return row_name(self.first_bad_where.rsplit(":", 1)[0], self.first_bad_where)
 
     def summary(self) -> str:
         s = f"{self.path}: {self.kept} of {self.rows} rows kept"
@@ -278,12 +281,16 @@ def read_rows(path: str | Path, *, origins: bool = False):
     return (rows, where) if origins else rows
 
 
+FROM_ZERO = " (counting from 0)"
+"""Said after a row number: "b.jsonl:1" would read as a line, which counts from 1."""
+
+
 def row_name(path: str | Path, where: str) -> str:
     """A row for messages, from the data path and its ``"file:row"`` (:func:`read_rows`):
-    ``data/b.jsonl row 1``."""
+    ``data/b.jsonl row 1 (counting from 0)``."""
     name, row = where.rsplit(":", 1)
     path = Path(path)
-    return f"{path if path.name == name else path / name} row {row}"
+    return f"{path if path.name == name else path / name} row {row}{FROM_ZERO}"
 
 
 def convert_rows(rows: list[dict], path: str, *, preset: Optional[str] = None,
@@ -317,7 +324,7 @@ def convert_rows(rows: list[dict], path: str, *, preset: Optional[str] = None,
     if not rows or bad > max_bad_fraction * len(rows):
         raise ValueError(f"data {path}: {bad} of {len(rows)} rows do not fit the layout "
                          f"(preset={preset!r}, prompt_key={prompt_key!r}, "
-                         f"answer_key={answer_key!r}); first bad row {report.first_bad()}: "
+                         f"answer_key={answer_key!r}); first bad: {report.first_bad()}: "
                          f"{report.first_bad_reason}")
     if bad:
         log.warning("%s", report.summary())

@@ -326,7 +326,7 @@ def _check_rows(rows: Sequence[tuple[list[int], list[int]]], max_positions: int)
     have a first token to predict from (a tokenizer without bos encodes "" to nothing)."""
     empty = [i for i, (p, _) in enumerate(rows) if not p]
     if empty:
-        raise ValueError(f"SFT rows {empty[:5]}{' ...' if len(empty) > 5 else ''} "
+        raise ValueError(f"SFT examples {empty[:5]}{' ...' if len(empty) > 5 else ''} "
                          f"({len(empty)} in all) have an empty prompt and this tokenizer adds "
                          f"no bos, so their first token has nothing to be predicted from; give "
                          f"each row a non-empty prompt")
@@ -334,7 +334,7 @@ def _check_rows(rows: Sequence[tuple[list[int], list[int]]], max_positions: int)
     long = [(i, len(p) + len(c) - 1) for i, (p, c) in enumerate(rows)
             if len(p) + len(c) - 1 > max_positions]
     if long:
-        shown = ", ".join(f"row {i}: {n}" for i, n in long[:5])
+        shown = ", ".join(f"examples[{i}]: {n}" for i, n in long[:5])
         raise ValueError(f"{len(long)} SFT row(s) are longer than model.max_position_embeddings="
                          f"{max_positions} tokens ({shown}{' ...' if len(long) > 5 else ''}); "
                          f"drop them first (an SFT recipe drops and counts them) or use a model "

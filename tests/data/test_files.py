@@ -59,7 +59,7 @@ def test_bad_rows_are_counted_and_a_mostly_bad_file_is_an_error(tmp_path, caplog
     assert report.kept == 4 and report.bad == 2 and report.first_bad_row == 4
     assert "empty" in report.first_bad_reason and "2 bad rows skipped" in report.summary()
     with pytest.raises(ValueError, match=r"m.jsonl: 3 of 4 rows do not fit the layout "
-                                         r"\(preset='gsm8k'.*first bad row m.jsonl:1: missing key"):
+                                         r"\(preset='gsm8k'.*first bad: m.jsonl row 1 \(counting from 0\): missing key"):
         load_examples(write_jsonl(tmp_path / "m.jsonl", good[:1] + [{"x": 1}] * 3),
                       preset="gsm8k")
 
@@ -171,7 +171,7 @@ def test_a_folder_reads_each_file_and_names_files_and_rows(tmp_path, caplog):
         ex, report = load_examples(folder)
     assert [e["id"] for e in ex] == ["a.jsonl:0", "a.jsonl:1", "a.jsonl:2", "b.jsonl:0"]
     assert ex[3]["answer"] == "4" and report.first_bad_where == "b.jsonl:1"
-    assert "first: b.jsonl:1" in report.summary()
+    assert "first: b.jsonl row 1 (counting from 0)" in report.summary()
     assert "2 entries not read" in caplog.text and "c.JSONL, d.jsonl.gz" in caplog.text
     (folder / "e.jsonl").write_text('{"prompt": "p", "answer": "1"}\n{"prompt": oops\n')
     with pytest.raises(ValueError, match=r"data file .*e.jsonl cannot be read as json: .*JSON"):

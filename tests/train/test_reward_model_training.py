@@ -223,11 +223,18 @@ def test_ranks_with_fewer_texts_keep_the_expert_all_to_all_in_step(tmp_path):
     assert torch.allclose(one, many[0], atol=1e-5, rtol=0)
 
 
+FROM_0 = r"row 1 \(counting from 0\): "
+
+
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": "p", "chosen": "a"}, r"row 1: key 'rejected' must be a non-empty string, got None"),
-    ({"prompt": 3, "chosen": "a", "rejected": "b"}, r"row 1: key 'prompt' must be a string"),
-    ({"prompt": "p", "chosen": " ", "rejected": "b"}, r"row 1: key 'chosen' must be a non-empty"),
-    ({"prompt": "p", "chosen": "a", "rejected": "a"}, r"row 1: 'chosen' and 'rejected' are the"),
+    ({"prompt": "p", "chosen": "a"},
+     FROM_0 + r"key 'rejected' must be a non-empty string, got None"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"},
+     FROM_0 + r"key 'prompt' must be a string"),
+    ({"prompt": "p", "chosen": " ", "rejected": "b"},
+     FROM_0 + r"key 'chosen' must be a non-empty"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"},
+     FROM_0 + r"'chosen' and 'rejected' are the"),
 ])
 def test_bad_pair_rows_are_one_line_errors_naming_file_row_and_key(tmp_path, row, message):
     from r1fast.train.reward_model import load_pairs

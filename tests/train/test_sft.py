@@ -168,14 +168,14 @@ def test_rows_that_cannot_train_fail_at_construction(tmp_path):
     rows = examples(8) + [{"prompt": "1+1=", "completion": "2" * 80}]  # 85 > 64 positions
     small = dataclasses.replace(MODEL, max_position_embeddings=64)
     with pytest.raises(ValueError, match=r"^1 SFT row\(s\) are longer than model.max_position_"
-                                         r"embeddings=64 tokens \(row 8: 85\)"):
+                                         r"embeddings=64 tokens \(examples\[8\]: 85\)"):
         SFTTrainer(dataclasses.replace(make_cfg(tmp_path), model=small), rows, CharTokenizer())
     build_tokenizer(tmp_path / "tok", [r["question"] + " " + r["answer"]
                                        for r in gsm8k_rows(addition_problems(50, 0))])
     no_bos = HFTokenizer.load(tmp_path / "tok")
     assert no_bos.encode("", add_bos=True) == []
     wide = dataclasses.replace(MODEL, vocab_size=512)
-    with pytest.raises(ValueError, match=r"SFT rows \[1\] \(1 in all\) have an empty prompt"):
+    with pytest.raises(ValueError, match=r"SFT examples \[1\] \(1 in all\) have an empty prompt"):
         SFTTrainer(dataclasses.replace(make_cfg(tmp_path / "run"), model=wide),
                    [{"prompt": "3 + 4 =", "completion": "7"}, {"prompt": "", "completion": "7"}],
                    no_bos)

@@ -202,7 +202,7 @@ def test_mixed_routing_errors_name_the_key(reward_world, tmp_path):
         build_task(cfg(f"--data.path={data}", f"--reward.reward_model={tmp / 'init'}"))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "answer": "1"},
                                                {"prompt": " ", "reward": "reward_model"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl row 1: key 'prompt': prompt is empty or "
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1 \(counting from 0\): key 'prompt': prompt is empty or "
                                          r"not text"):
         build_task(cfg(f"--data.path={bad}", f"--reward.reward_model={rm}"))
 
@@ -270,7 +270,7 @@ def test_a_row_naming_an_unknown_reward_is_an_error_before_training(tmp_path):
     data = tmp_path / "typo.jsonl"
     data.write_text('{"prompt": "1+1", "answer": "2"}\n'
                     '{"prompt": "2+2", "answer": "4", "reward": "mathh"}\n')
-    with pytest.raises(ValueError, match=r"typo.jsonl row 1: reward='mathh' is not a reward; "
+    with pytest.raises(ValueError, match=r"typo.jsonl row 1 \(counting from 0\): reward='mathh' is not a reward; "
                                          r"use one of \(.*'math_accuracy'.*\), 'rule'"):
         build_task(cfg(f"--data.path={data}"))
 
