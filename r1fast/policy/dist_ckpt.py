@@ -160,8 +160,10 @@ def load_sharded(policy, optimizer: Optional[Any], folder: str | Path,
         raise ValueError(f"checkpoint {folder} does not match this model: missing {bad[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
     if optimizer is not None:
+        # the checkpoint's fp32 masters; megatron's reload_model_params would copy the other
+        # way (16-bit weights -> masters: right for a weights-only load, a rounding of every
+        # master here), so it is not called: the weights are those masters, already rounded
         _load_optimizer(optimizer, loaded["optimizer"])
-        optimizer.reload_model_params()  # fp32 masters -> the model's (maybe 16-bit) weights
 
 
 def check_same_model(policy, folder: str | Path,

@@ -109,3 +109,47 @@ def _load_weights_only_into_other_model(rank, folder):
 @pytest.mark.multiproc
 def test_a_checkpoint_of_another_model_is_refused(saved):
     run_ranks(1, _load_weights_only_into_other_model, str(saved / "ckpt"))
+
+
+
+def _bf16_masters_roundtrip(rank, folder):
+    """bf16 weights with fp32 masters that bf16 cannot hold: the load must give back the
+    masters, not the weights widened (megatron's reload_model_params copies weights ->
+    masters, which would round every master to bf16 at each resume)."""
+    import dataclasses
+
+    from r1fast.policy import build_optimizer, build_policy
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.dist_ckpt import load_sharded, save_sharded
+    from r1fast.policy.optim import OptimConfig
+
+    dist.init_process_group("gloo")
+    model = dataclasses.replace(ModelConfig.preset("tiny-moe"), params_dtype="bfloat16")
+
+    def make(seed):
+        policy = build_policy(model, ParallelConfig(), seed=seed)
+        return policy, build_optimizer(policy, OptimConfig(lr=1e-3))[0]
+
+    policy, optimizer = make(seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p, _ in _adam_states(optimizer):
+            assert p.dtype == torch.float32  # the master, not the bf16 weight
+            p.add_(torch.randn(p.shape, generator=g) * 1e-4)
+    masters = [p.clone() for p, _ in _adam_states(optimizer)]
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters)
+    save_sharded(policy, optimizer, folder)
+    weights = {k: v.clone() for k, v in policy.gpt.state_dict().items()
+               if isinstance(v, torch.Tensor)}
+
+    policy, optimizer = make(seed=7)
+    load_sharded(policy, optimizer, folder)
+    for want, (got, _) in zip(masters, _adam_states(optimizer), strict=True):
+        assert torch.equal(got, want)
+    for k, v in policy.gpt.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, weights[k]), k
+
+
+def test_bf16_resume_keeps_the_fp32_masters(tmp_path):
+    run_ranks(1, _bf16_masters_roundtrip, str(tmp_path / "ckpt"))
