@@ -100,16 +100,15 @@ class OptimConfig:
         return self
 
 
-def wrap_ddp(policy, ddp_config: Any = None) -> None:
+def wrap_ddp(policy, distributed_optimizer: bool = True) -> None:
     """Wrap ``policy.gpt`` in megatron DDP (fp32 grad buffers; no overlap, so the step is
     deterministic) and install megatron's finalize_model_grads in the config."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
 
-    if ddp_config is None:
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=True, bucket_size=None)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer, bucket_size=None)
     policy.module = DistributedDataParallel(config=policy.config, ddp_config=ddp_config,
                                             module=policy.gpt)
     policy.config.finalize_model_grads_func = finalize_model_grads

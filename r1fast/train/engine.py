@@ -62,6 +62,25 @@ class UpdateResult:
     """The step was skipped (non-finite loss or gradient norm): nothing changed."""
 
 
+def check_trainable(model: ModelConfig, optim: OptimConfig) -> None:
+    """One-line ValueError for the settings a run can train but not checkpoint and resume, or
+    cannot train right; before anything is built."""
+    if model.params_dtype == "float16":
+        raise ValueError("model.params_dtype='float16' cannot be trained here: megatron's fp16 "
+                         "optimizer needs a scaled loss, which the guarded step does not "
+                         "apply; use 'bfloat16' or 'float32'")
+    if optim.optimizer == "sgd":
+        raise ValueError("optim.optimizer='sgd' cannot be trained here: megatron-core cannot "
+                         "load an SGD checkpoint (no state initialiser for a load), so the run "
+                         "could not resume; use 'adam'")
+    if not optim.use_distributed_optimizer and model.params_dtype != "float32":
+        raise ValueError(f"optim.use_distributed_optimizer=false with model.params_dtype="
+                         f"{model.params_dtype!r} cannot be checkpointed: megatron-core's "
+                         f"16-bit optimizer maps only 16-bit weights to checkpoint keys and "
+                         f"the norm weights are fp32; use the distributed optimizer (at one "
+                         f"data-parallel rank it shards nothing)")
+
+
 class TrainEngine:
     """The trainable policy of a run with its optimizer (see the module docstring)."""
 
@@ -69,8 +88,9 @@ class TrainEngine:
                  total_updates: int, seed: int, init_from: Optional[str] = None):
         from r1fast.policy import build_optimizer
 
+        check_trainable(model, optim)
         torch.manual_seed(seed)
-        self.policy = self._build_policy(model, parallel, seed)
+        self.policy = self._build_policy(model, parallel, seed, optim.use_distributed_optimizer)
         self.info = self.policy.info
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
@@ -80,12 +100,14 @@ class TrainEngine:
         if init_from:
             self._load_initial_weights(init_from)
 
-    def _build_policy(self, model: ModelConfig, parallel: ParallelConfig, seed: int):
-        """The trainable policy (megatron DDP over it); objectives with extra trainable modules
-        (a reward model's head) override this."""
+    def _build_policy(self, model: ModelConfig, parallel: ParallelConfig, seed: int,
+                      distributed_optimizer: bool):
+        """The trainable policy (megatron DDP over it, laid out for ``distributed_optimizer``);
+        objectives with extra trainable modules (a reward model's head) override this."""
         from r1fast.policy import build_policy
 
-        return build_policy(model, parallel, seed=seed)
+        return build_policy(model, parallel, seed=seed,
+                            distributed_optimizer=distributed_optimizer)
 
     def _load_initial_weights(self, init_from: str) -> None:
         """Weights from a Hugging Face or r1fast checkpoint folder; the optimizer re-copies its
@@ -103,6 +125,9 @@ class TrainEngine:
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         t0 = time.perf_counter()
+        # the last step's .grad: without the distributed optimizer megatron points each
+        # param's .grad at its main_grad, and the next backward would add it in again
+        self.optimizer.zero_grad()
         results = list(self.policy.forward_backward(micro_batches, loss_fn))
         t1 = time.perf_counter()
         found_inf = bool(self.optimizer.prepare_grads())  # main grads; True only via a scaler

@@ -154,7 +154,8 @@ class RewardEngine(TrainEngine):
     the head added, and then megatron DDP wraps both (``policy.gpt`` stays the bare GPT chunk,
     so HF save/load of the backbone is untouched)."""
 
-    def _build_policy(self, model: ModelConfig, parallel: ParallelConfig, seed: int):
+    def _build_policy(self, model: ModelConfig, parallel: ParallelConfig, seed: int,
+                      distributed_optimizer: bool):
         import types
 
         from r1fast.policy import build_policy
@@ -167,7 +168,7 @@ class RewardEngine(TrainEngine):
         gpt.train()
         self.backbone = RewardBackbone(gpt, model.hidden_size, init_std=model.init_std, seed=seed)
         shim = types.SimpleNamespace(gpt=self.backbone, config=policy.config)
-        wrap_ddp(shim)  # the policy's DDP setup, over backbone + head
+        wrap_ddp(shim, distributed_optimizer)  # the policy's DDP setup, over backbone + head
         policy.module = shim.module
         return policy
 

@@ -1,0 +1,92 @@
+"""The training engine's checkpoint state (r1fast.train.engine): a resumed engine's next update
+equals the uninterrupted one bit for bit, with bf16 weights over fp32 masters and with the
+non-distributed optimizer; settings that could train but not resume fail before any build."""
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from r1fast.policy.config import ModelConfig, ParallelConfig
+from r1fast.policy.optim import OptimConfig
+from tests.helpers.spawn import run_ranks
+
+
+def _loss(hidden, weight, micro_batch):
+    return (hidden.float() @ weight.float().t()).logsumexp(-1).mean(), {}
+
+
+def _resume_worker(rank, folder, dtype, distributed):
+    from r1fast.train.engine import TrainEngine
+
+    dist.init_process_group("gloo")
+    model = dataclasses.replace(ModelConfig.preset("tiny-moe"), vocab_size=64,
+                                params_dtype=dtype)
+
+    def make():
+        return TrainEngine(model, ParallelConfig(), OptimConfig(
+            lr=1e-4, use_distributed_optimizer=distributed), total_updates=10, seed=0)
+
+    batch = [{"tokens": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))}]
+    first = make()
+    for _ in range(3):  # lr 1e-4: most updates are below bf16's precision of the weights
+        first.update(batch, _loss)
+    first.write_shared(folder)
+    meta, rank_state = first.checkpoint_meta(), first.rank_state()
+    second = make()
+    second.load_checkpoint(folder, rank_state, meta)
+    first.update(batch, _loss)
+    second.update(batch, _loss)
+    want, got = first.policy.gpt.state_dict(), second.policy.gpt.state_dict()
+    moved = 0
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            assert torch.equal(got[k], v), k
+            moved += 1
+    assert moved > 0
+
+
+@pytest.mark.parametrize("dtype, distributed", [("bfloat16", True), ("float32", False)],
+                         ids=["bf16-dist-optim", "fp32-plain-optim"])
+def test_resumed_update_equals_the_uninterrupted_one(tmp_path, dtype, distributed):
+    run_ranks(1, _resume_worker, str(tmp_path / "ckpt"), dtype, distributed)
+
+
+def _optimizer_kinds_worker(rank):
+    from r1fast.train.engine import TrainEngine
+
+    dist.init_process_group("gloo")
+    model = dataclasses.replace(ModelConfig.preset("tiny-moe"), vocab_size=64)
+    batch = [{"tokens": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))}]
+    weights = []
+    for distributed in (True, False):
+        engine = TrainEngine(model, ParallelConfig(), OptimConfig(
+            lr=1e-2, use_distributed_optimizer=distributed), total_updates=10, seed=0)
+        for _ in range(3):
+            engine.update(batch, _loss)
+        weights.append(engine.policy.gpt.state_dict())
+    for k, v in weights[0].items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            torch.testing.assert_close(weights[1][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_the_plain_optimizer_steps_as_the_distributed_one():
+    """Without the distributed optimizer megatron leaves each .grad pointing at its main_grad
+    after a step; unless zeroed, the next backward counts the old gradient again."""
+    run_ranks(1, _optimizer_kinds_worker)
+
+
+@pytest.mark.parametrize("model, optim, match", [
+    (dict(params_dtype="float16"), {}, r"model.params_dtype='float16' cannot be trained here"),
+    ({}, dict(optimizer="sgd", use_distributed_optimizer=False),
+     r"optim.optimizer='sgd' cannot be trained here: megatron-core cannot load"),
+    (dict(params_dtype="bfloat16"), dict(use_distributed_optimizer=False),
+     r"optim.use_distributed_optimizer=false with model.params_dtype='bfloat16' cannot be "
+     r"checkpointed"),
+])
+def test_settings_that_could_not_resume_fail_before_the_build(model, optim, match):
+    from r1fast.train.engine import check_trainable
+
+    with pytest.raises(ValueError, match=match):
+        check_trainable(dataclasses.replace(ModelConfig.preset("tiny-moe"), **model),
+                        OptimConfig(**optim))
