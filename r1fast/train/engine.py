@@ -8,7 +8,7 @@ on the megatron-core policy need the same things, so they live here once:
 * :meth:`TrainEngine.update`: one gradient accumulation over this rank's micro-batches
   (megatron's forward-backward schedule) and a *guarded* optimizer step: the loss and the
   global gradient norm are checked BEFORE any weight changes; a non-finite one skips the step
-  (weights, optimizer moments and LR schedule untouched, a WARNING), up to
+  (weights, optimizer moments, router expert biases and LR schedule untouched, a WARNING), up to
   ``optim.max_nonfinite_skips`` times in the run, then stops training with an error;
 * reductions on the policy's device (NCCL rejects CPU tensors): sums over data-parallel
   replicas, and the metrics that only the last pipeline stage computes, averaged or summed
@@ -94,6 +94,10 @@ class TrainEngine:
         self.info = self.policy.info
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
+        self._expert_biases = [m.expert_bias for m in self.policy.gpt.modules()
+                               if getattr(m, "expert_bias", None) is not None]
+        """Aux-loss-free balancing's biases (DeepSeek-V3): megatron moves them inside the
+        backward's finalize step, so a skipped step must put them back."""
         self.max_nonfinite_skips = optim.max_nonfinite_skips
         self.nonfinite_skips = 0
         """Steps skipped so far in the run (saved in checkpoints)."""
@@ -128,6 +132,7 @@ class TrainEngine:
         # the last step's .grad: without the distributed optimizer megatron points each
         # param's .grad at its main_grad, and the next backward would add it in again
         self.optimizer.zero_grad()
+        biases = [b.clone() for b in self._expert_biases]
         results = list(self.policy.forward_backward(micro_batches, loss_fn))
         t1 = time.perf_counter()
         found_inf = bool(self.optimizer.prepare_grads())  # main grads; True only via a scaler
@@ -138,6 +143,9 @@ class TrainEngine:
             what = ("non-finite loss" if bad_loss else
                     f"non-finite gradient norm {grad_norm}" if not math.isfinite(grad_norm)
                     else "non-finite gradients (grad scaler)")
+            with torch.no_grad():
+                for bias, before in zip(self._expert_biases, biases):
+                    bias.copy_(before)
             self._skip(what)
             return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1,
                                 skipped=True)

@@ -105,10 +105,9 @@ def engine_factory():
     from r1fast.policy.optim import OptimConfig
     from r1fast.train.engine import TrainEngine
 
-    model = ModelConfig.preset("tiny-moe")
-    model.vocab_size = 64
-
-    def make(skips):
+    def make(skips, preset="tiny-moe"):
+        model = ModelConfig.preset(preset)
+        model.vocab_size = 64
         return TrainEngine(model, ParallelConfig(), OptimConfig(lr=1e-2,
                                                                 max_nonfinite_skips=skips),
                            total_updates=10, seed=0)
@@ -137,6 +136,20 @@ def _loss(kind):
 def _weights(engine):
     return {k: v.detach().clone() for k, v in engine.policy.gpt.state_dict().items()
             if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def test_a_skipped_step_keeps_the_router_expert_biases(engine_factory):
+    """DeepSeek-V3's aux-loss-free biases move inside megatron's backward (finalize step),
+    before the guard sees the loss; a skipped step must put them back."""
+    eng = engine_factory(1, preset="tiny-dsv3")
+    before = _weights(eng)
+    assert any(k.endswith("router.expert_bias") for k in before)
+    assert eng.update(_batch(), _loss("nan_loss")).skipped
+    after = _weights(eng)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert not eng.update(_batch(), _loss("finite")).skipped  # a real step does move them
+    moved = _weights(eng)
+    assert any(not torch.equal(before[k], moved[k]) for k in before if "expert_bias" in k)
 
 
 @pytest.mark.parametrize("kind", ["nan_loss", "inf_loss", "nan_grad"])
