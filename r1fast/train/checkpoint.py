@@ -491,18 +491,24 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> tuple[dict | No
     return state, meta
 
 
+OPTIM_READ_LIVE = ("optim.max_nonfinite_skips", "optim.clip_grad", "optim.total_steps")
+"""``optim`` keys the engine reads from the running config at every step (the skip budget, the
+clipping norm), or never (the schedule's length comes from the run's): a resume may change
+them, as the fix a NonFiniteError suggests (more skips) must be possible without a restart."""
+
+
 def check_resumed_config(saved: str | None, now: str, path, free: tuple[str, ...]) -> None:
     """A resume whose config differs from the checkpoint's (``saved``, the ``dump_toml`` text
     in its meta) says so: ``optim.*`` changes are an error, since megatron restores the
-    optimizer and its LR schedule from the checkpoint and they would not apply; any other
-    change is a WARNING listing it. Keys starting with one of ``free`` (run length, layout,
-    logging) may change silently."""
+    optimizer and its LR schedule from the checkpoint and they would not apply (except
+    :data:`OPTIM_READ_LIVE`); any other change is a WARNING listing it. Keys starting with
+    one of ``free`` (run length, layout, logging) may change silently."""
     from r1fast.typed_toml import ConfigError, config_changes
 
     if not saved:
         return
     changes = [c for c in config_changes(saved, now) if not c[0].startswith(free)]
-    optim = [c for c in changes if c[0].startswith("optim.")]
+    optim = [c for c in changes if c[0].startswith("optim.") and c[0] not in OPTIM_READ_LIVE]
     if optim:
         listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in optim)
         raise ConfigError(f"resuming {path} with other optimizer settings ({listed}): the "

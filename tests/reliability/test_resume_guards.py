@@ -100,17 +100,21 @@ def test_a_damaged_model_file_stops_the_resume_naming_it(tmp_path):
 def test_a_resume_with_another_config_says_so_and_other_optimizer_settings_stop_it(tmp_path,
                                                                                      caplog):
     """Megatron restores the optimizer and its LR schedule from the checkpoint, so a changed
-    optim.lr would not apply: an error naming it. Other changes resume with a warning listing
-    them; the run's length does not count."""
+    optim.lr would not apply: an error naming it. Other changes (optim.max_nonfinite_skips
+    among them) resume with a warning listing them; the run's length does not count."""
     out = tmp_path / "run"
     _fit(out, "--run.steps=1")
     with pytest.raises(ConfigError, match=r"other optimizer settings \(optim.lr: checkpoint "
                                           r"0.0001, now 5e-06\)"):
         _fit(out, "--run.steps=2", "--optim.lr=5e-6")
+    # the skip budget and the clipping norm are read from the running config at each step:
+    # raising the budget is what a NonFiniteError tells the user to do, so it resumes
     with caplog.at_level(logging.WARNING, logger="r1fast.train"):
-        rows = _fit(out, "--run.steps=2", "--algo.clip_high=0.25")
+        rows = _fit(out, "--run.steps=2", "--algo.clip_high=0.25",
+                    "--optim.max_nonfinite_skips=3")
     assert [r["step"] for r in rows] == [2]
-    assert "differs from the checkpoint's: algo.clip_high: 0.28 -> 0.25" in caplog.text
+    assert ("differs from the checkpoint's: algo.clip_high: 0.28 -> 0.25; "
+            "optim.max_nonfinite_skips: 0 -> 3") in caplog.text
     assert "run.steps" not in caplog.text.split("differs from the checkpoint's")[1]
 
 
