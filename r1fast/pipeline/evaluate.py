@@ -4,8 +4,12 @@ majority voting (cons@k).
 pass@1 = mean over problems of (correct samples / k), at a sampling temperature and top-p (the
 report uses 0.6 and 0.95). cons@k: the most frequent extracted answer among the k samples (ties
 to the first seen) is the model's answer; the problem counts as solved when that answer is
-correct. Votes compare answers as math-verify does (``5``, ``5.0`` and ``\\frac{10}{2}`` are one
-vote); samples without an extractable final answer cast no vote and are counted
+correct. On rows scored by math accuracy, votes compare answers as math-verify does (``5``,
+``5.0`` and ``\\frac{10}{2}`` are one vote). On rows with another checker (Countdown, a reward
+of one's own) votes compare the answer text with whitespace removed: math equality would put
+every expression of the same value in one vote, so for Countdown numbers [2, 5] and target 10
+a bare ``10`` (not an equation) and ``2*5`` would vote together and whichever came first would
+decide. Samples without an extractable final answer cast no vote and are counted
 (``no_answer_rate``). Correctness is the example's own reward (its ``reward`` field: math
 accuracy or the Countdown checker; math accuracy for dataset rows without one) applied to
 ``\\boxed{answer}``, so both metrics use the same rule as training.
@@ -15,11 +19,18 @@ per-problem values over sqrt(problems)): with k samples per problem the problems
 samples, are the independent draws. ``language_mixing`` is the mean share of chain-of-thought
 words outside the target language (:mod:`r1fast.rewards.language`; a thought without words
 mixes nothing), the quantity R1's language-consistency reward drives down.
+
+``truncated_rate`` is the share of samples that hit ``max_new_tokens`` before a stop token: their
+answers are cut off, so they score as wrong or missing whatever the model would have said. A
+reasoning model given too few new tokens scores near 0 for that reason alone, so more than
+:data:`TRUNCATION_WARN_RATE` of them logs a WARNING, and the result echoes the sampling
+settings and seed it was measured with.
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from r1fast.rewards import answers_equal, extract_answer, get_reward, is_well_formed
@@ -27,6 +38,12 @@ from r1fast.rewards.extract import as_scored
 from r1fast.rewards.language import LanguageRewardConfig, language_consistency
 from r1fast.rewards.registry import DEFAULT_ROUTES
 from r1fast.rollout.sampler import SamplingConfig
+
+log = logging.getLogger("r1fast.pipeline")
+
+#: above this share of samples cut at max_new_tokens, the scores say more about the length
+#: limit than about the model: evaluate_model warns
+TRUNCATION_WARN_RATE = 0.05
 
 
 @dataclass
@@ -53,29 +70,59 @@ class EvalResult:
     """Standard error of language_mixing over problems."""
     language: str = "en"
     """Target language of ``language_mixing``."""
+    num_samples: int = 0
+    """Samples scored, over all problems."""
+    truncated_rate: float | None = None
+    """Fraction of samples cut at ``max_new_tokens`` before a stop token (None: the samples
+    were scored without their truncation flags)."""
+    truncated_rate_se: float | None = None
+    """Standard error of truncated_rate over problems."""
+    temperature: float | None = None
+    """Sampling temperature (None here and below: samples scored as given, settings unknown)."""
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    """Base seed: sample j of problem i drew from the random stream (seed, i, j)."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def checker(example: dict, cache: dict) -> object:
-    """The reward that decides whether an answer to ``example`` is correct: its ``reward``
-    field, or math accuracy where training's default checker would score it (no field, or
-    "rule")."""
+def checker_name(example: dict) -> str:
+    """The name of the reward that decides whether an answer to ``example`` is correct: its
+    ``reward`` field, or math accuracy where training's default checker would score it (no
+    field, or "rule")."""
     name = example.get("reward")
-    name = "math_accuracy" if name in DEFAULT_ROUTES else name
+    return "math_accuracy" if name in DEFAULT_ROUTES else name
+
+
+def checker(example: dict, cache: dict) -> object:
+    """The reward of :func:`checker_name` for ``example``, built once per name in ``cache``."""
+    name = checker_name(example)
     if name not in cache:
         cache[name] = get_reward(name)
     return cache[name]
 
 
-def majority_answer(answers: Sequence[str]) -> str | None:
-    """The answer of the largest group of equivalent answers (math-verify equality; ties to the
-    group seen first), or None when there is none."""
+def vote_key(answer: str) -> str:
+    """What a vote on a non-math row compares: the answer with all whitespace removed
+    (``2 * 5`` and ``2*5`` are one vote, ``5*2`` another)."""
+    return "".join(answer.split())
+
+
+def majority_answer(answers: Sequence[str], math_equal: bool = True) -> str | None:
+    """The first answer of the largest group of equivalent answers (ties to the group seen
+    first), or None when there is none. ``math_equal``: equivalent means math-verify equal;
+    else equal :func:`vote_key` (for checkers other than math accuracy)."""
+    def same(a: str, b: str) -> bool:
+        if math_equal:
+            return a == b or answers_equal(a, b)
+        return vote_key(a) == vote_key(b)
+
     groups: list[list[str]] = []
     for a in answers:
         for g in groups:
-            if a == g[0] or answers_equal(a, g[0]):
+            if same(a, g[0]):
                 g.append(a)
                 break
         else:
@@ -94,13 +141,17 @@ def standard_error(values: Sequence[float]) -> float:
 
 
 def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
-                  language: str = "en") -> EvalResult:
-    """Metrics of already generated ``samples[i][j]`` for ``examples[i]``."""
+                  language: str = "en",
+                  truncated: Sequence[Sequence[bool]] | None = None) -> EvalResult:
+    """Metrics of already generated ``samples[i][j]`` for ``examples[i]``; ``truncated[i][j]``
+    marks samples cut at the generation limit (None: unknown, ``truncated_rate`` is None)."""
     if len(samples) != len(examples) or not samples:
         raise ValueError("samples and examples must be non-empty and of the same length")
+    if truncated is not None and [len(t) for t in truncated] != [len(o) for o in samples]:
+        raise ValueError("truncated must have one flag per sample, shaped like samples")
     checkers: dict[str, object] = {}
     lang = LanguageRewardConfig(target=language, empty_score=1.0)
-    passes, solved, mixing = [], [], []
+    passes, solved, mixing, cut = [], [], [], []
     fmt = length = missing = 0.0
     k = len(samples[0])
     for outs, ex in zip(samples, examples):
@@ -112,26 +163,50 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
 
         answers = [extract_answer(o) for o in read]
         passes.append(sum(correct(a) for a in answers) / len(outs))
-        majority = majority_answer([a for a in answers if a is not None])
+        majority = majority_answer([a for a in answers if a is not None],
+                                   math_equal=checker_name(ex) == "math_accuracy")
         solved.append(float(majority is not None and correct(majority)))
         mixing.append(sum(1.0 - language_consistency(o, lang) for o in read) / len(outs))
         missing += sum(a is None for a in answers) / len(outs)
         fmt += sum(is_well_formed(o) for o in read) / len(outs)
         length += sum(len(o) for o in outs) / len(outs)
+    if truncated is not None:  # per problem, like the other rates: problems are the draws
+        cut = [sum(map(bool, flags)) / len(flags) for flags in truncated]
     n = len(examples)
     return EvalResult(sum(passes) / n, sum(solved) / n, fmt / n, length / n, k, n, missing / n,
                       standard_error(passes), standard_error(solved), sum(mixing) / n,
-                      standard_error(mixing), language)
+                      standard_error(mixing), language, sum(len(o) for o in samples),
+                      sum(cut) / n if truncated is not None else None,
+                      standard_error(cut) if truncated is not None else None)
 
 
 def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,
                    top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
                    policy=None, tokenizer=None, language: str = "en") -> EvalResult:
-    """pass@1 and cons@k of the model folder ``model_dir`` (or a loaded policy) on ``examples``."""
-    from r1fast.pipeline.generation import load_model, sample
+    """pass@1 and cons@k of the model folder ``model_dir`` (or a loaded policy) on ``examples``,
+    with the share of samples cut at ``max_new_tokens`` and the settings sampled with."""
+    from r1fast.pipeline.generation import load_model, sample_with_flags
 
     if policy is None:
         policy, tokenizer = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    samples = sample(policy, tokenizer, [ex["prompt"] for ex in examples], k, cfg, seed=seed)
-    return score_samples(samples, examples, language)
+    out = sample_with_flags(policy, tokenizer, [ex["prompt"] for ex in examples], k, cfg,
+                            seed=seed)
+    result = replace(score_samples(out.texts, examples, language, truncated=out.truncated),
+                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                     seed=seed)
+    warn_if_truncated(result)
+    return result
+
+
+def warn_if_truncated(result: EvalResult) -> None:
+    """A WARNING when more than :data:`TRUNCATION_WARN_RATE` of the samples were cut at
+    ``max_new_tokens``: their answers are missing, so the scores understate the model."""
+    rate = result.truncated_rate
+    if rate is None or rate <= TRUNCATION_WARN_RATE:
+        return
+    log.warning("evaluation: %.1f%% of the %d samples hit max_new_tokens=%s before a stop "
+                "token, so their answers are cut off and pass@1 / cons@k understate the model; "
+                "raise it (r1fast stage evaluate --max-new-tokens N; in GRPO's held-out "
+                "evaluation --rollout.max_new_tokens=N)", 100 * rate, result.num_samples,
+                result.max_new_tokens)

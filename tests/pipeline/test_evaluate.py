@@ -1,0 +1,91 @@
+"""Evaluation reports truncation and its sampling settings, and cons@k votes by the row's own
+checker: Countdown answers vote by their text, math answers by math equality."""
+import logging
+
+import pytest
+
+from r1fast.pipeline import generation
+from r1fast.pipeline.evaluate import (evaluate_model, majority_answer, score_samples,
+                                      standard_error)
+from r1fast.pipeline.generation import Samples
+
+COUNTDOWN = {"prompt": "Use 2 and 5 to make 10.", "numbers": [2, 5], "target": 10,
+             "reward": "countdown"}
+
+
+def boxed(*answers: str) -> list[str]:
+    return [f"<think>x</think> \\boxed{{{a}}}" for a in answers]
+
+
+@pytest.mark.parametrize("answers, pass_at_1, cons", [
+    # math equality put all three in one vote, led by the invalid "10": cons 0.0
+    (("10", "2*5", "2*5"), 2 / 3, 1.0),
+    # ... and here by the valid "2*5" though two of three samples answered a bare "10": 1.0
+    (("2*5", "10", "10"), 1 / 3, 0.0),
+    (("2 * 5", "2*5", "10"), 2 / 3, 1.0),  # whitespace does not split a vote
+    # three votes of one: ties go to the vote seen first, the bare "10"
+    (("10", "2*5", "5*2"), 2 / 3, 0.0),
+    (("5*2", "10", "2*5"), 2 / 3, 1.0),
+])
+def test_countdown_votes_compare_equations_not_values(answers, pass_at_1, cons):
+    r = score_samples([boxed(*answers)], [COUNTDOWN])
+    assert r.pass_at_1 == pytest.approx(pass_at_1)
+    assert r.cons_at_k == cons
+
+
+def test_majority_answer_by_text_or_by_math():
+    assert majority_answer(["10", "2*5", "2 * 5"], math_equal=False) == "2*5"
+    assert majority_answer(["10", "2*5", "2 * 5"]) == "10"  # math rows: one vote, as before
+    assert majority_answer([], math_equal=False) is None
+
+
+def test_truncated_rate_is_per_problem_with_its_standard_error():
+    exs = [{"answer": "5"}, {"answer": "7"}]
+    samples = [boxed("5", "5"), boxed("7", "1")]
+    flags = [[True, False], [False, False]]
+    r = score_samples(samples, exs, truncated=flags)
+    assert r.truncated_rate == pytest.approx(0.25)
+    assert r.truncated_rate_se == pytest.approx(standard_error([0.5, 0.0]))
+    assert r.num_samples == 4 and r.num_problems == 2 and r.k == 2
+    plain = score_samples(samples, exs)  # no flags: unknown, never a claimed 0.0
+    assert plain.truncated_rate is None and plain.truncated_rate_se is None
+    assert plain.pass_at_1 == r.pass_at_1 and plain.cons_at_k == r.cons_at_k
+    with pytest.raises(ValueError, match="one flag per sample"):
+        score_samples(samples, exs, truncated=[[True], [False, False]])
+
+
+def fake_sampler(texts, flags, calls):
+    def sample_with_flags(policy, tokenizer, prompts, k, sampling, seed=0, batch_rows=64):
+        calls.append((list(prompts), k, sampling, seed))
+        return Samples(texts=texts, truncated=flags)
+    return sample_with_flags
+
+
+def test_evaluate_model_echoes_settings_and_warns_on_truncation(monkeypatch, caplog):
+    exs = [{"prompt": "1+4", "answer": "5"}, {"prompt": "3+4", "answer": "7"}]
+    texts = [boxed("5", "5"), ["<think>3+4 is", "<think>3 plus"]]
+    calls = []
+    monkeypatch.setattr(generation, "sample_with_flags",
+                        fake_sampler(texts, [[False, False], [True, True]], calls))
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        r = evaluate_model(None, exs, k=2, temperature=0.7, top_p=0.9, max_new_tokens=64,
+                           seed=3, policy=object(), tokenizer=object())
+    (prompts, k, sampling, seed), = calls
+    assert prompts == ["1+4", "3+4"] and k == 2 and seed == 3
+    assert (sampling.temperature, sampling.top_p, sampling.max_new_tokens) == (0.7, 0.9, 64)
+    d = r.as_dict()
+    assert (d["temperature"], d["top_p"], d["max_new_tokens"], d["seed"]) == (0.7, 0.9, 64, 3)
+    assert d["truncated_rate"] == 0.5 and d["truncated_rate_se"] == pytest.approx(0.5)
+    assert d["pass_at_1"] == 0.5 and d["no_answer_rate"] == 0.5  # the numbers as before
+    assert "max_new_tokens=64" in caplog.text and "--max-new-tokens" in caplog.text
+    assert "50.0% of the 4 samples" in caplog.text
+
+
+def test_no_warning_at_or_below_five_percent(monkeypatch, caplog):
+    exs = [{"prompt": "1+4", "answer": "5"}]
+    flags = [[True] + [False] * 19]  # exactly 5%
+    monkeypatch.setattr(generation, "sample_with_flags",
+                        fake_sampler([boxed(*["5"] * 20)], flags, []))
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        r = evaluate_model(None, exs, k=20, policy=object(), tokenizer=object())
+    assert r.truncated_rate == pytest.approx(0.05) and "max_new_tokens" not in caplog.text
