@@ -150,7 +150,8 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
     matter."""
     from r1fast.policy.parallel import check_layout
 
-    check_layout(cfg.parallel, cfg.model)  # world size and divisibility, before any start-up
+    layout = check_layout(cfg.parallel, cfg.model)  # world size and divisibility, first
+    _check_micro_batch_size(cfg, layout.dp)
     # the model here is the final one (run.init_from's architecture, when it names a folder)
     room = prompt_room(cfg)
     if room <= 0:
@@ -182,6 +183,24 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
     if cfg.reward.accuracy_metric not in cfg.reward.weights:  # else no "accuracy" is logged
         raise ValueError(f"reward.accuracy_metric={cfg.reward.accuracy_metric!r} is not one of "
                          f"the reward parts {tuple(cfg.reward.weights)} (reward.weights)")
+
+
+def _check_micro_batch_size(cfg, dp: int) -> None:
+    """Without packing, ``parallel.micro_batch_size`` rows must divide what a data-parallel
+    rank holds: the step's rows (the old/reference log-prob forward needs equal micro-batches)
+    and each update's share of them (else the update's micro-batches silently grow, and with
+    them the activation memory the user sized)."""
+    mbs, a = cfg.parallel.micro_batch_size, cfg.algo
+    prompts = cfg.data.prompts_per_step
+    if not mbs or cfg.parallel.max_tokens_per_microbatch > 0 or prompts % dp:
+        return  # packing sizes by tokens; prompts_per_step % dp is the dataset's error
+    rows = prompts // dp * a.group_size
+    per_update = rows // a.mini_batches
+    if rows % mbs or rows % a.mini_batches or per_update % mbs:
+        raise ValueError(f"parallel.micro_batch_size={mbs} must divide the rows a data-parallel "
+                         f"rank trains on: {rows} per step (data.prompts_per_step {prompts} / "
+                         f"dp {dp} x algo.group_size {a.group_size}), {rows / a.mini_batches:g} "
+                         f"per update (/ algo.mini_batches {a.mini_batches})")
 
 
 def check_tokenizer_fits(tokenizer, vocab_size: int, key: str) -> None:

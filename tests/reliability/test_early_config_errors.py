@@ -57,6 +57,10 @@ def _cases(tmp_path):
         ([f"--data.path={bad_row}"], "bad_row.jsonl"),
         ([f"--data.path={routed}"], "1 of 1 rows of data.path="),
         ([f"--data.path={long_prompt}"], "longer than"),
+        (["--parallel.micro_batch_size=3"], "parallel.micro_batch_size=3 must divide the rows "
+                                             "a data-parallel rank trains on: 2 per step"),
+        (["--parallel.micro_batch_size=2", "--algo.mini_batches=2"],
+         r"2 per step .* 1 per update \(/ algo.mini_batches 2\)"),
         ([f"--data.path={missing}.jsonl"], "data.path="),
         ([f"--data.test_path={missing}.jsonl"], "data.test_path="),
         ([f"--run.init_from={missing}"], "run.init_from="),
@@ -78,7 +82,7 @@ def _cases(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("i", range(19))
+@pytest.mark.parametrize("i", range(21))
 def test_error_comes_before_the_model(tmp_path, no_model, i):
     from r1fast.train.grpo import GRPOTrainer
 
@@ -89,7 +93,7 @@ def test_error_comes_before_the_model(tmp_path, no_model, i):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("i", [0, 3, 5, 7, 9, 11, 13, 15])
+@pytest.mark.parametrize("i", [0, 5, 7, 9, 11, 13, 15, 17])
 def test_cli_error_is_one_line_exit_2(tmp_path, no_model, capsys, i):
     extra, msg = _cases(tmp_path)[i]
     with pytest.raises(SystemExit) as e:
