@@ -71,6 +71,24 @@ NUM_TOTALS = 12
 
 
 @triton.jit
+def _min_nan(a, b):
+    """tl.minimum that keeps a NaN (its default drops it, as fmin does): a NaN log-prob on a
+    real token must reach the loss, as it does on the torch path, so the trainer sees it."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """tl.maximum that keeps a NaN (see :func:`_min_nan`)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp_nan(x, lo, hi):
+    return _min_nan(_max_nan(x, lo), hi)
+
+
+@triton.jit
 def _expm1(x):
     """expm1 in fp32 without cancellation: a degree-9 Taylor polynomial for |x| < 0.5 (the
     first omitted term is < 3e-10 relative), ``exp(x) - 1`` elsewhere (|result| > 0.39)."""
@@ -141,7 +159,7 @@ def _grpo_loss_seq_kernel(
         safe_cnt = tl.where(cnt != 0.0, cnt, 1.0)
         if LOSS == 1:
             log_s = tl.where(cnt != 0.0, tl.sum(acc_d, axis=0) / safe_cnt, 0.0)
-            log_s = tl.minimum(tl.maximum(log_s, -20.0), 20.0)
+            log_s = _clamp_nan(log_s, -20.0, 20.0)
         if SMTM:
             seq_w = tl.where(cnt != 0.0, 1.0 / safe_cnt, 0.0)
 
@@ -177,18 +195,18 @@ def _grpo_loss_seq_kernel(
             dr = r
         else:
             delta = lp - od
-            r = tl.exp(tl.minimum(tl.maximum(delta, -20.0), 20.0))
+            r = tl.exp(_clamp_nan(delta, -20.0, 20.0))
             dr = tl.where((delta >= -20.0) & (delta <= 20.0), r, 0.0)
 
         pos = a > 0.0
         neg = a < 0.0
         clipped = (pos & (r > hi)) | (neg & (r < lo))
         if LOSS == 2:
-            w_clip = tl.minimum(tl.maximum(r, lo), hi)
+            w_clip = _clamp_nan(r, lo, hi)
             pg = -w_clip * a * lp
             dpg = -w_clip * a
         else:
-            pg = tl.where(pos, -a * tl.minimum(r, hi), tl.where(neg, -a * tl.maximum(r, lo), 0.0))
+            pg = tl.where(pos, -a * _min_nan(r, hi), tl.where(neg, -a * _max_nan(r, lo), 0.0))
             dpg = tl.where((pos & (r <= hi)) | (neg & (r >= lo)), -a * dr, 0.0)
             if DUAL:
                 dual = neg & (r > dual_c)
@@ -197,7 +215,7 @@ def _grpo_loss_seq_kernel(
                 acc_dual += tl.where(dual & valid, m, 0.0)
         if TIS:
             rl = tl.where(valid, tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-            w_tis = tl.minimum(tl.exp(od - rl), tis_cap)
+            w_tis = _min_nan(tl.exp(od - rl), tis_cap)
             pg = pg * w_tis
             dpg = dpg * w_tis
             acc_tis += tl.where(valid, m * w_tis, 0.0)
@@ -206,7 +224,7 @@ def _grpo_loss_seq_kernel(
         if KL != 0:
             rf = tl.where(valid, tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
             d_raw = rf - lp
-            d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+            d = _clamp_nan(d_raw, -20.0, 20.0)
             in_d = (d_raw >= -20.0) & (d_raw <= 20.0)
             if KL == 1:
                 klv = -d
@@ -217,7 +235,7 @@ def _grpo_loss_seq_kernel(
             else:
                 em1 = _expm1(d)
                 k3 = em1 - d
-                klv = tl.minimum(tl.maximum(k3, -10.0), 10.0)
+                klv = _clamp_nan(k3, -10.0, 10.0)
                 if KL == 3:
                     dkl = tl.where(in_d & (k3 >= -10.0) & (k3 <= 10.0), -em1, 0.0)
                 else:
@@ -229,8 +247,8 @@ def _grpo_loss_seq_kernel(
         acc_cnt += m
         acc_clip += tl.where(clipped & valid, m, 0.0)
         acc_r += tl.where(valid, m * r, 0.0)
-        r_min = tl.minimum(r_min, tl.where(valid, r, float("inf")))
-        r_max = tl.maximum(r_max, tl.where(valid, r, float("-inf")))
+        r_min = _min_nan(r_min, tl.where(valid, r, float("inf")))
+        r_max = _max_nan(r_max, tl.where(valid, r, float("-inf")))
         tl.store(dlogp_ptr + offs, tl.where(valid, m * dtok * seq_w, 0.0), mask=inb)
 
     tl.store(stats_ptr + _S_PG * B + pid, tl.sum(acc_pg, axis=0))
@@ -239,8 +257,8 @@ def _grpo_loss_seq_kernel(
     tl.store(stats_ptr + _S_CLIP * B + pid, tl.sum(acc_clip, axis=0))
     tl.store(stats_ptr + _S_DUAL * B + pid, tl.sum(acc_dual, axis=0))
     tl.store(stats_ptr + _S_RATIO * B + pid, tl.sum(acc_r, axis=0))
-    tl.store(stats_ptr + _S_RMIN * B + pid, tl.min(r_min, axis=0))
-    tl.store(stats_ptr + _S_RMAX * B + pid, tl.max(r_max, axis=0))
+    tl.store(stats_ptr + _S_RMIN * B + pid, tl.reduce(r_min, 0, _min_nan))
+    tl.store(stats_ptr + _S_RMAX * B + pid, tl.reduce(r_max, 0, _max_nan))
     tl.store(stats_ptr + _S_TIS * B + pid, tl.sum(acc_tis, axis=0))
     # The program that finishes last folds every sequence's sums into the totals, so the whole
     # forward is one launch. The ticket is an integer atomic (exact; acq_rel orders the stats
@@ -299,10 +317,10 @@ def _reduce_totals(stats_ptr, totals_ptr, norm_ptr, B, kl_coef, norm_value,
         t_clip += tl.load(stats_ptr + _S_CLIP * B + offs, mask=inb, other=0.0)
         t_dual += tl.load(stats_ptr + _S_DUAL * B + offs, mask=inb, other=0.0)
         t_r += tl.load(stats_ptr + _S_RATIO * B + offs, mask=inb, other=0.0)
-        t_min = tl.minimum(t_min, tl.load(stats_ptr + _S_RMIN * B + offs, mask=inb,
-                                          other=float("inf")))
-        t_max = tl.maximum(t_max, tl.load(stats_ptr + _S_RMAX * B + offs, mask=inb,
-                                          other=float("-inf")))
+        t_min = _min_nan(t_min, tl.load(stats_ptr + _S_RMIN * B + offs, mask=inb,
+                                       other=float("inf")))
+        t_max = _max_nan(t_max, tl.load(stats_ptr + _S_RMAX * B + offs, mask=inb,
+                                       other=float("-inf")))
         t_tis += tl.load(stats_ptr + _S_TIS * B + offs, mask=inb, other=0.0)
     n = tl.sum(t_cnt, axis=0)
     has = n > 0.0
@@ -322,9 +340,9 @@ def _reduce_totals(stats_ptr, totals_ptr, norm_ptr, B, kl_coef, norm_value,
     tl.store(totals_ptr + _T_CLIP, tl.where(has, tl.sum(t_clip, axis=0) / safe_n, 0.0))
     tl.store(totals_ptr + _T_DUAL, tl.where(has, tl.sum(t_dual, axis=0) / safe_n, 0.0))
     tl.store(totals_ptr + _T_KL_MEAN, tl.where(has, tl.sum(t_klraw, axis=0) / safe_n, 0.0))
-    tl.store(totals_ptr + _T_RMIN, tl.where(has, tl.min(t_min, axis=0), 1.0))
+    tl.store(totals_ptr + _T_RMIN, tl.where(has, tl.reduce(t_min, 0, _min_nan), 1.0))
     tl.store(totals_ptr + _T_RMEAN, tl.where(has, tl.sum(t_r, axis=0) / safe_n, 1.0))
-    tl.store(totals_ptr + _T_RMAX, tl.where(has, tl.max(t_max, axis=0), 1.0))
+    tl.store(totals_ptr + _T_RMAX, tl.where(has, tl.reduce(t_max, 0, _max_nan), 1.0))
     if TIS:
         tl.store(totals_ptr + _T_TIS, tl.where(has, tl.sum(t_tis, axis=0) / safe_n, 1.0))
     else:

@@ -269,6 +269,23 @@ def check_junk_in_padding(variant, device, impl):
     assert torch.equal(got[1][pad], torch.zeros_like(got[1][pad]))
 
 
+def check_nan_on_a_real_token_is_not_hidden(variant, device, impl):
+    """A NaN log-prob (current, old, reference or rollout) on a token the mask counts makes
+    the loss NaN on every path, so the trainer's non-finite guard sees a diverged policy (a
+    clamp that drops NaN, as tl.maximum does by default, would turn it into a finite loss)."""
+    batch = make_batch(2, 6, seed=3, device=device, adv_per_token=True)
+    batch["mask"][:, :] = True
+    for key in ("logp", "old", "ref", "roll"):
+        bad = dict(batch)
+        bad[key] = batch[key].clone()
+        bad[key][1, 2] = float("nan")
+        value, _, metrics = run_op(bad, impl, **grid_kwargs(variant, 2.0, "k3", "token-mean",
+                                                           bad))
+        assert value.isnan(), (key, float(value))
+        if key in ("logp", "old") and variant[0] != "gspo":  # the token's own ratio
+            assert math.isnan(float(metrics["ratio_min"])), key
+
+
 def check_clamps(device, impl):
     """|logp - old| > 20 (ratio clamp, zero gradient) and |ref - logp| > 20 / k3 > 10."""
     logp = torch.tensor([[-1.0, -30.0, -2.0, -0.5, -25.0, -3.0]], device=device)

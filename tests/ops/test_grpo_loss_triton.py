@@ -131,6 +131,11 @@ def test_junk_in_padding_is_ignored(variant, device):
     P.check_junk_in_padding(variant, device, "triton")
 
 
+@pytest.mark.parametrize("variant", P.VARIANTS)
+def test_nan_on_a_real_token_is_not_hidden(variant, device):
+    P.check_nan_on_a_real_token_is_not_hidden(variant, device, "triton")
+
+
 def test_clamps_match_fp64(device):
     P.check_clamps(device, "triton")
 

@@ -14,6 +14,7 @@ from r1fast.ops.policy_loss import (AGGREGATIONS, METRICS, PolicyLossConfig, los
 from tests.helpers.policy_loss_cases import (GRID, GRID_IDS, VARIANTS, assert_matches,
                                              call_policy_loss, check_clamps,
                                              check_everything_masked, check_junk_in_padding,
+                                             check_nan_on_a_real_token_is_not_hidden,
                                              check_two_ranks, grid_kwargs, make_batch,
                                              random_cases, run_naive, run_op, split_ranks,
                                              to_packed)
@@ -133,6 +134,11 @@ def test_everything_masked(agg, loss, device, impl="torch"):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_junk_in_padding_is_ignored(variant, device, impl="torch"):
     check_junk_in_padding(variant, device, impl)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nan_on_a_real_token_is_not_hidden(variant, device, impl="torch"):
+    check_nan_on_a_real_token_is_not_hidden(variant, device, impl)
 
 
 def test_clamps_match_fp64(device, impl="torch"):
