@@ -58,11 +58,13 @@ def _group_advantages_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, group_size, eps,
     offs0 = tl.arange(0, BLOCK)
     # Shift by the group's first reward: sums of r - r0 lose precision relative to the spread of
     # the group, not to the magnitude of the rewards (which may share a large offset).
+    # (an empty group reads nothing: the public op never makes one, a direct launch may)
+    nonempty = end > start
     if CONTIG:
         first = start
     else:
-        first = tl.load(perm_ptr + start)
-    r0 = tl.load(r_ptr + first).to(tl.float32)
+        first = tl.load(perm_ptr + start, mask=nonempty, other=0)
+    r0 = tl.load(r_ptr + first, mask=nonempty, other=0.0).to(tl.float32)
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     v_min = tl.full([BLOCK], float("inf"), dtype=tl.float32)

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from r1fast.kernels._launch import on_device_of
+from r1fast.kernels._launch import on_device_of, short_trials
 
 #: triton.jit returns interpreted functions when this is set at import time, so the launchers
 #: decide block sizes and the bf16 upcast from the same snapshot.
@@ -299,12 +299,12 @@ def _kernel(name: str):
             kernel = triton.autotune(
                 _MM_CONFIGS_16 + _MM_CONFIGS_32, key=["N", "K_BUCKET", "ACCUMULATE"],
                 prune_configs_by={"early_config_prune": _by_dtype(_MM_CONFIGS_32, "a_ptr")},
-                restore_value=["c_ptr"])(kernel)
+                restore_value=["c_ptr"], do_bench=short_trials)(kernel)
         else:
             prune = _by_dtype(_TILE_CONFIGS_32, "x_ptr")
             kernel = triton.autotune(
                 _TILE_CONFIGS_16 + _TILE_CONFIGS_32, key=["H", "V", "T_BUCKET"],
-                prune_configs_by={"early_config_prune": prune})(kernel)
+                prune_configs_by={"early_config_prune": prune}, do_bench=short_trials)(kernel)
     _tuned[name] = kernel
     return kernel
 

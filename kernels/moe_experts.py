@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from r1fast.kernels._launch import on_device_of
+from r1fast.kernels._launch import on_device_of, short_trials
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -271,19 +271,10 @@ _tuned: dict[str, object] = {}
 _RESET = {"dh": ["dp_ptr"]}
 
 
-def _short_trials(fn, quantiles):
-    """An autotuning trial of ~30 ms (Triton's default is ~125 ms): the kernels take 0.1-5 ms
-    at real shapes, every new shape bucket tunes four kernels of four configs, and the GPU
-    tests meet many shapes."""
-    from triton.runtime import driver
-
-    return driver.active.get_benchmarker()(fn, quantiles=quantiles, warmup=5, rep=25)
-
-
 def autotuned(name: str):
     """Kernel ``name`` under Triton's autotuner (its configs, keys and resets)."""
     return triton.autotune(_configs(name), key=_KEYS[name], reset_to_zero=_RESET.get(name),
-                           do_bench=_short_trials)(_KERNELS[name])
+                           do_bench=short_trials)(_KERNELS[name])
 
 
 def _kernel(name: str):
@@ -313,8 +304,10 @@ def _launch(name: str, n: int, E: int, grid_of, *args, **constexprs) -> None:
     kernel's runtime arguments before the row-count bucket (an autotune key that the kernel
     does not read, appended here) and the ones after it."""
     precision = "ieee" if args[0].dtype == torch.float32 or INTERPRET else "tf32"
-    fixed = dict(BLOCK_E=triton.next_power_of_2(E), UPCAST=INTERPRET, PRECISION=precision,
-                 **constexprs)
+    # at least 16: one compiled variant for every E up to 16 (tests and small models meet
+    # many), the extra lanes masked
+    fixed = dict(BLOCK_E=max(16, triton.next_power_of_2(E)), UPCAST=INTERPRET,
+                 PRECISION=precision, **constexprs)
     kernel, pinned = _kernel(name), _pinned.get(name)
     if pinned is not None:
         kernel = _KERNELS[name]
