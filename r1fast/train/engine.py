@@ -60,6 +60,9 @@ class UpdateResult:
     """Seconds in the optimizer step."""
     skipped: bool = False
     """The step was skipped (non-finite loss or gradient norm): nothing changed."""
+    lr: float = 0.0
+    """The learning rate this update stepped with (read before the schedule advances: the
+    engine's ``lr`` afterwards is the next update's)."""
 
 
 def check_trainable(model: ModelConfig, optim: OptimConfig) -> None:
@@ -128,7 +131,7 @@ class TrainEngine:
         than ``optim.max_nonfinite_skips`` steps were skipped."""
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-        t0 = time.perf_counter()
+        t0, lr = time.perf_counter(), self.lr
         # the last step's .grad: without the distributed optimizer megatron points each
         # param's .grad at its main_grad, and the next backward would add it in again
         self.optimizer.zero_grad()
@@ -148,7 +151,7 @@ class TrainEngine:
                     bias.copy_(before)
             self._skip(what)
             return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1,
-                                skipped=True)
+                                skipped=True, lr=lr)
         for opt in _sub_optimizers(self.optimizer):
             params = opt.get_parameters()
             if params and opt.config.clip_grad > 0.0:
@@ -159,7 +162,7 @@ class TrainEngine:
             raise FloatingPointError("megatron's optimizer reported a failed step after the "
                                      "finite-value checks passed")
         self.scheduler.step(1)
-        return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1)
+        return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1, lr=lr)
 
     def _any_rank(self, flags: Sequence[bool]) -> bool:
         """True on every rank when any flag on any rank is True (collective)."""

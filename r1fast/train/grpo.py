@@ -351,6 +351,7 @@ class GRPOTrainer:
         a = self.cfg.algo
         stats: dict[str, list[float]] = {}
         grad_norms: list[float] = []
+        lrs: list[float] = []  # what each update stepped with
         timing = {"time_fwd_bwd_s": 0.0, "time_optimizer_s": 0.0}
         skipped = 0
         for _ in range(a.ppo_epochs):
@@ -367,6 +368,7 @@ class GRPOTrainer:
                 timing["time_fwd_bwd_s"] += upd.time_fwd_bwd_s
                 timing["time_optimizer_s"] += upd.time_optimizer_s
                 grad_norms.append(upd.grad_norm)
+                lrs.append(upd.lr)
                 for r in upd.metrics:
                     for k, v in r.items():
                         stats.setdefault(k, []).append(float(v))
@@ -379,6 +381,7 @@ class GRPOTrainer:
         out = self.engine.last_stage_reduce(local, UPDATE_METRICS)
         out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
         out["updates_skipped"] = skipped
+        out["lr"] = sum(lrs) / len(lrs) if lrs else self.engine.lr
         if not grad_norms:  # nothing ran: no ratio to report, no gradient
             return {**out, "grad_norm": 0.0, **timing}
         for k, op in (("ratio_min", "min"), ("ratio_max", "max")):
@@ -483,7 +486,7 @@ class GRPOTrainer:
             "reward_mean": mean, "reward_std": max(r2_sum / n - mean * mean, 0.0) ** 0.5,
             "response_length": len_sum / n,
             "truncated_frac": trunc_sum / n, "kept_frac": keep_sum / n,
-            "logp_mismatch": mm_sum / max(tok_sum, 1.0), "lr": self.engine.lr,
+            "logp_mismatch": mm_sum / max(tok_sum, 1.0), "lr": upd["lr"],
             **{k: v for k, v in timing.items() if k != "time_step_s"},
             "tokens_per_s": all_tok / max(timing["time_step_s"], 1e-9),
         }

@@ -324,7 +324,7 @@ class RewardModelTrainer:
         self.last_loss = sums["bt_sum"] / n
         return {"loss": self.last_loss, "accuracy": sums["correct"] / n,
                 "margin": sums["margin_sum"] / n, "grad_norm": upd.grad_norm,
-                "lr": self.engine.lr, "skipped": float(upd.skipped),
+                "lr": upd.lr, "skipped": float(upd.skipped),
                 "texts_cut": self.engine.dp_sum([float(cut)])[0]}
 
     def score_pairs(self, pairs: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:

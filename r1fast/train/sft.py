@@ -292,7 +292,7 @@ class SFTTrainer:
         local = {"nll": sum(float(r["nll"]) for r in upd.metrics)}
         loss = self.engine.last_stage_reduce(local, ["nll"], op="sum")["nll"]
         seen = self.engine.dp_sum([float(batch.lengths.sum())])[0]  # real tokens run
-        return {"loss": loss, "grad_norm": upd.grad_norm, "tokens": total, "lr": self.engine.lr,
+        return {"loss": loss, "grad_norm": upd.grad_norm, "tokens": total, "lr": upd.lr,
                 "micro_batches": len(micro),
                 "tokens_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
 

@@ -76,6 +76,29 @@ def test_the_plain_optimizer_steps_as_the_distributed_one():
     run_ranks(1, _optimizer_kinds_worker)
 
 
+def _lr_worker(rank):
+    from r1fast.train.engine import TrainEngine
+
+    dist.init_process_group("gloo")
+    model = dataclasses.replace(ModelConfig.preset("tiny-moe"), vocab_size=64)
+    engine = TrainEngine(model, ParallelConfig(), OptimConfig(lr=1e-2, warmup_steps=2),
+                         total_updates=10, seed=0)
+    batch = [{"tokens": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))}]
+    before = {k: v.clone() for k, v in engine.policy.gpt.state_dict().items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    used = [engine.update(batch, _loss).lr]
+    after = engine.policy.gpt.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # it stepped with lr 0
+    used += [engine.update(batch, _loss).lr for _ in range(2)]
+    assert used == [0.0, 5e-3, 1e-2], used
+
+
+def test_an_update_reports_the_lr_it_stepped_with():
+    """Metrics rows report UpdateResult.lr; the engine's lr after an update is the next one's
+    (warmup from 0: the first update does not move the weights)."""
+    run_ranks(1, _lr_worker)
+
+
 @pytest.mark.parametrize("model, optim, match", [
     (dict(params_dtype="float16"), {}, r"model.params_dtype='float16' cannot be trained here"),
     ({}, dict(optimizer="sgd", use_distributed_optimizer=False),
