@@ -14,6 +14,11 @@ threshold in :class:`RejectionFilterConfig`, and every dropped sample is counted
 ``unparsable``      not ``<think>...</think>`` + a non-empty ``\\boxed{}`` answer
 ``wrong``           the example's checker (its ``reward`` field, else math accuracy)
                     scores it below 1
+``timeout``         the checker ran past ``checker_cpu_time_s`` CPU seconds (counted apart
+                    from ``wrong``: a hard-to-check answer may well be right)
+``checker_error``   the checker raised, or returned no finite number (the first error is
+                    named in the summary's ``first_checker_error``; the stage goes on, as
+                    training scores a failing reward 0 and goes on)
 ``mixed_language``  share of thought words in ``language`` below ``min_language_share``
 ``long_paragraph``  a paragraph (text between blank lines) over ``max_paragraph_chars``
 ``code_block``      a fenced (```) code block
@@ -24,22 +29,33 @@ threshold in :class:`RejectionFilterConfig`, and every dropped sample is counted
 so ``kept + sum(rejected.values()) + over_limit == samples`` (``over_limit``: distinct
 passing answers beyond ``keep_per_prompt``). :func:`filter_samples` returns the kept rows and
 that summary; :func:`format_summary` prints it as a table.
+
+Checkers are looked up only when the rules need correctness (``keep="well_formed"`` and
+``"all"`` never score an answer, so a ``reward_model`` row is fine there), and all of them
+before the first sample is scored: :func:`resolve_checkers` is cheap and can run before
+sampling, so a row that no checker can score fails at once, naming the row.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from r1fast.rewards import is_well_formed
+from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
 from r1fast.rewards.extract import as_scored
 from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
+from r1fast.rewards.registry import available_rewards
 from r1fast.checks import check_choice, check_range
 
-REASONS = ("empty", "truncated", "too_long", "unparsable", "wrong", "mixed_language",
-           "long_paragraph", "code_block", "duplicate")
+REASONS = ("empty", "truncated", "too_long", "unparsable", "wrong", "timeout", "checker_error",
+           "mixed_language", "long_paragraph", "code_block", "duplicate")
 CODE_FENCE = "```"
+Checker = Callable[[str, dict], float]
+log = logging.getLogger("r1fast.pipeline")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +69,13 @@ class RejectionFilterConfig:
     """``unparsable``: drop completions that are not one think block + a boxed answer."""
     require_correct: bool = True
     """``wrong``: drop completions the example's checker scores below 1."""
+    checker_cpu_time_s: float = 3.0
+    """``timeout``: CPU seconds (of the main thread) one checker call may use; a call that
+    needs more is dropped as ``timeout``, not ``wrong``. Within this limit math accuracy leaves
+    the verdict to it (its own ``parse_timeout_s`` is not used). 0: no limit of this stage's
+    own; math accuracy then bounds its symbolic tier by ``parse_timeout_s`` and scores an
+    answer needing more as wrong, so such answers count as ``wrong``. Off the main thread no
+    signal can stop a call and neither limit applies."""
     language: str | None = "en"
     """``mixed_language``: target language of the thought (a code of
     r1fast.rewards.language.LANGUAGE_SCRIPTS); None: no language rule."""
@@ -74,6 +97,7 @@ class RejectionFilterConfig:
 
     def __post_init__(self):
         check_range("max_chars", self.max_chars, 0)
+        check_range("checker_cpu_time_s", self.checker_cpu_time_s, 0)
         check_range("max_paragraph_chars", self.max_paragraph_chars, 0)
         check_range("min_language_share", self.min_language_share, 0, 1)
         if self.language is not None:
@@ -142,12 +166,40 @@ def normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-def rejection_reason(text: str, example: dict, check: Callable[[str, dict], float],
+def check_answer(read: str, example: dict, check: Checker,
+                 cfg: RejectionFilterConfig) -> tuple[str | None, str | None]:
+    """``(reason, error)`` of the checker on ``read``: reason None (scored 1 or more),
+    "wrong" (below 1), "timeout" (past ``cfg.checker_cpu_time_s``) or "checker_error" (it
+    raised or returned no finite number; ``error`` says what). As in the reward runner's
+    inline mode, one bad call must not end a stage that may have sampled for hours."""
+    token = None
+    try:
+        with cpu_time_limit(cfg.checker_cpu_time_s) as token:
+            score = check(read, example)
+    except CpuTimeExceeded as exc:
+        if exc.token is not token:  # an outer limit fired: not ours to decide
+            raise
+        return "timeout", None
+    except Exception as exc:
+        return "checker_error", " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        return "checker_error", (f"checker returned {type(score).__name__} {score!r:.100}, "
+                                 f"not a number")
+    if not math.isfinite(value):  # NaN < 1 is False: it would pass as correct
+        return "checker_error", f"checker returned a non-finite value {value}"
+    return (None if value >= 1.0 else "wrong"), None
+
+
+def rejection_reason(text: str, example: dict, check: Checker | None,
                      cfg: RejectionFilterConfig, kept: set[str],
-                     truncated: bool = False) -> str | None:
+                     truncated: bool = False, errors: list[str] | None = None) -> str | None:
     """The first rule ``text`` fails (a name of :data:`REASONS`), or None to keep it; ``kept``
     holds the normalised answers already kept for this prompt; ``truncated``: generation cut
-    the text at its token limit. A completion whose prompt
+    the text at its token limit; ``check``: the example's checker (None when
+    ``cfg.require_correct`` is off); ``errors``: when given, a checker error's message is
+    appended to it. A completion whose prompt
     opened ``<think>`` is read with it in front (:func:`~r1fast.rewards.extract.as_scored`),
     unless ``cfg.think_in_prompt`` already says so."""
     read = text if cfg.think_in_prompt else as_scored(text, example.get("prompt", ""))
@@ -159,8 +211,14 @@ def rejection_reason(text: str, example: dict, check: Callable[[str, dict], floa
         return "too_long"
     if cfg.require_format and unparsable(read, cfg):
         return "unparsable"
-    if cfg.require_correct and check(read, example) < 1.0:
-        return "wrong"
+    if cfg.require_correct:
+        if check is None:
+            raise ValueError("require_correct needs the example's checker, got check=None")
+        reason, error = check_answer(read, example, check, cfg)
+        if error is not None and errors is not None:
+            errors.append(error)
+        if reason is not None:
+            return reason
     if cfg.language is not None and mixed_language(read, cfg):
         return "mixed_language"
     if long_paragraph(text, cfg):
@@ -174,15 +232,47 @@ def rejection_reason(text: str, example: dict, check: Callable[[str, dict], floa
 
 # ---------------------------------------------------------------------------- a whole batch
 
+def _named(i: int, example: dict) -> str:
+    """An example as messages name it: its place in the batch and its id (``file:row``)."""
+    return f"example {i} (id {example.get('id')!r})"
+
+
+def resolve_checkers(examples: Sequence[dict], checker_for: Callable[[dict], Checker],
+                     cfg: RejectionFilterConfig) -> list[Checker | None]:
+    """Each example's checker, or all None when ``cfg.require_correct`` is off (no answer is
+    scored then, so a row whose reward cannot score one is fine). Cheap: call it before
+    sampling, so that such a row fails in seconds rather than after the whole generation.
+    A checker that cannot be built is a ValueError naming the row and its reward."""
+    if not cfg.require_correct:
+        return [None] * len(examples)
+    checks = []
+    for i, ex in enumerate(examples):
+        try:
+            checks.append(checker_for(ex))
+        except Exception as exc:
+            # reward_model scores preference, not correctness, and needs a loaded model
+            allowed = tuple(n for n in available_rewards() if n != "reward_model")
+            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise ValueError(
+                f"rejection sampling: {_named(i, ex)} has reward {ex.get('reward')!r}, whose "
+                f"checker cannot be built ({cause}); keeping only correct answers needs a "
+                f"row's reward to be one of {allowed}, or absent / 'rule' (math accuracy); "
+                f"keep='well_formed' or 'all' scores no answer") from exc
+    return checks
+
+
 def filter_samples(examples: Sequence[dict], samples: Sequence[Sequence[str]],
-                   checker_for: Callable[[dict], Callable[[str, dict], float]],
+                   checker_for: Callable[[dict], Checker],
                    cfg: RejectionFilterConfig, keep_per_prompt: int | None = None,
                    truncated: Sequence[Sequence[bool]] | None = None
                    ) -> tuple[list[dict], dict[str, Any]]:
     """Kept ``{"prompt", "completion", "id"}`` rows of ``samples[i]`` (answers to
     ``examples[i]``) and the summary: prompts, samples, kept, prompts_with_a_kept_sample,
-    rejected (count per reason, every reason listed), over_limit, and the rules used.
-    ``truncated[i][j]`` marks samples cut at the generation limit (None: none were)."""
+    rejected (count per reason, every reason listed), over_limit, the rules used and
+    first_checker_error (None, or the first checker error: its example's index and id, the
+    reward and the message).
+    ``truncated[i][j]`` marks samples cut at the generation limit (None: none were).
+    Checkers come from ``checker_for``, all of them before the first sample is scored."""
     if len(samples) != len(examples):
         raise ValueError(f"samples and examples must have the same length, got {len(samples)} "
                          f"and {len(examples)}")
@@ -192,16 +282,21 @@ def filter_samples(examples: Sequence[dict], samples: Sequence[Sequence[str]],
         raise ValueError("truncated must have one flag per sample, shaped like samples")
     if keep_per_prompt is not None and keep_per_prompt < 1:
         raise ValueError(f"keep_per_prompt must be >= 1 or None (no limit), got {keep_per_prompt}")
+    checks = resolve_checkers(examples, checker_for, cfg)
     rejected = dict.fromkeys(REASONS, 0)
     rows: list[dict] = []
     solved = over = total = 0
-    for ex, outs, cuts in zip(examples, samples, truncated):
-        check = checker_for(ex)
+    first_error: dict[str, Any] | None = None
+    for i, (ex, outs, cuts, check) in enumerate(zip(examples, samples, truncated, checks)):
         kept: dict[str, str] = {}  # normalised -> text, in sampling order
         for text, cut in zip(outs, cuts):
             total += 1
+            errors: list[str] = []
             reason = rejection_reason(text, ex, check, cfg, set(kept) if cfg.dedupe else set(),
-                                      truncated=cut)
+                                      truncated=cut, errors=errors)
+            if errors and first_error is None:
+                first_error = {"example": i, "id": ex.get("id"), "reward": ex.get("reward"),
+                               "error": errors[0]}
             if reason is not None:
                 rejected[reason] += 1
             elif keep_per_prompt is not None and len(kept) >= keep_per_prompt:
@@ -213,8 +308,24 @@ def filter_samples(examples: Sequence[dict], samples: Sequence[Sequence[str]],
                     for t in kept.values())
     summary = {"prompts": len(examples), "samples": total, "kept": len(rows),
                "prompts_with_a_kept_sample": solved, "rejected": rejected, "over_limit": over,
-               "rules": dataclasses.asdict(cfg)}
+               "rules": dataclasses.asdict(cfg), "first_checker_error": first_error}
+    _warn_checker_failures(summary, cfg)
     return rows, summary
+
+
+def _warn_checker_failures(summary: dict[str, Any], cfg: RejectionFilterConfig) -> None:
+    """One WARNING per kind of checker failure: those samples were dropped for the checker's
+    sake, not the answer's."""
+    rejected, n = summary["rejected"], summary["samples"]
+    if rejected["checker_error"]:
+        first = summary["first_checker_error"]
+        log.warning("rejection sampling: the checker failed on %d of %d samples, dropped as "
+                    "checker_error; first: %s, reward %r: %s", rejected["checker_error"], n,
+                    _named(first["example"], first), first["reward"], first["error"])
+    if rejected["timeout"]:
+        log.warning("rejection sampling: the checker ran past checker_cpu_time_s=%g CPU "
+                    "seconds on %d of %d samples, dropped as timeout", cfg.checker_cpu_time_s,
+                    rejected["timeout"], n)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -228,4 +339,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("over_limit"):
         lines.append(f"  {'over_limit':<16} {summary['over_limit']:>7}  "
                      f"{summary['over_limit'] / n:6.1%}")
+    first = summary.get("first_checker_error")
+    if first:
+        lines.append(f"  first checker_error: {_named(first['example'], first)}, reward "
+                     f"{first['reward']!r}: {first['error']}")
     return "\n".join(lines)

@@ -177,17 +177,20 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
         raise ValueError(f"rejection sampling output {path} already exists; give a new path or "
                          f"overwrite=True (--overwrite) to replace it")
     from r1fast.pipeline.evaluate import checker
-    from r1fast.pipeline.filters import filter_samples
+    from r1fast.pipeline.filters import filter_samples, resolve_checkers
     from r1fast.pipeline.generation import load_model, sample_with_flags
     from r1fast.pipeline.sft_data import chat_turn_end, end_turn
 
+    checkers: dict[str, Any] = {}
+    resolve_checkers(examples, lambda ex: checker(ex, checkers), filters)  # before sampling
     policy, tok = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     samples = sample_with_flags(policy, tok, [ex["prompt"] for ex in examples], k, cfg,
                                 seed=seed)
-    checkers: dict[str, Any] = {}
     rows, summary = filter_samples(examples, samples.texts, lambda ex: checker(ex, checkers),
                                    filters, keep_per_prompt, truncated=samples.truncated)
+    summary["sampling"] = {"model": str(model_dir), "k": k, "temperature": temperature,
+                           "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
     summary_path = path.with_suffix(".summary.json")
     summary["summary_path"] = str(summary_path)
     write_text_atomic(summary_path, json.dumps(summary, indent=1) + "\n")

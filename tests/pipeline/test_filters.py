@@ -41,7 +41,8 @@ def test_batch_counts_every_reason_once_and_keeps_the_rest():
     cut = [[False] * (len(SAMPLES) + 1) + [True], [False]]  # the last one hit the token limit
     examples = [EX, {**EX, "id": 8, "prompt": "other"}]
     rows, summary = filter_samples(examples, samples, lambda ex: MATH, RULES, truncated=cut)
-    assert summary["rejected"] == {**dict.fromkeys(REASONS, 1)}
+    # every reason once but the checker's own failures (test_filters_checker_errors.py)
+    assert summary["rejected"] == {**dict.fromkeys(REASONS, 1), "timeout": 0, "checker_error": 0}
     assert list(summary["rejected"]) == list(REASONS)
     assert summary["samples"] == 11 and summary["kept"] == 2 and summary["prompts"] == 2
     assert summary["kept"] + sum(summary["rejected"].values()) + summary["over_limit"] == 11
