@@ -14,6 +14,7 @@ repeat (each about equally often) and a warning says so.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -83,6 +84,32 @@ def mix_non_reasoning(rows: Sequence[dict], extra: Sequence[dict], ratio: float,
     return mixed, counts
 
 
+def prompt_format(tokenizer, chat_template: bool = True) -> str:
+    """What a rendered prompt's markup depends on, as a short fingerprint: ``"plain"`` without a
+    chat template, else a hash of the template's rendering of a probe conversation and of its
+    end of turn. Rejection-sampled rows record it (``prompt_format``), so a model with another
+    format (a student with its own tokenizer) gets them rendered again, not in foreign markup."""
+    if not (chat_template and tokenizer.has_chat_template):
+        return "plain"
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}],
+                                          add_generation_prompt=True)
+    return "chat:" + hashlib.sha256(f"{probe}\x00{tokenizer.turn_end()}".encode()).hexdigest()[:16]
+
+
+def _rerender(row: dict, fmt: str, i: int) -> dict:
+    """A rendered row as the plain ``{"prompt" (messages), "completion"}`` it came from, for a
+    tokenizer whose prompt format is not the row's; without its messages it cannot be."""
+    if not row.get("messages") or "response" not in row:
+        raise ValueError(f"SFT row {i} (id {row.get('id')!r}) was rendered for prompt format "
+                         f"{row.get('prompt_format')!r}, this model's is {fmt!r}, and it lacks "
+                         f"the 'messages' and 'response' to render it again (written by an "
+                         f"older r1fast): sample it again for this model, or train a model "
+                         f"with the sampling model's tokenizer")
+    keep = {k: v for k, v in row.items() if k not in ("prompt_rendered", "completion_ends_turn",
+                                                      "prompt_format")}
+    return {**keep, "completion": row["response"]}
+
+
 def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = True,
                    system_prompt: str | None = None) -> list[dict]:
     """Rows whose ``prompt`` is a user message rendered with the tokenizer's chat template
@@ -94,24 +121,35 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
     no template or ``chat_template`` is False. Rows marked ``"prompt_rendered": true``
     (rejection-sampled rows: the prompt is the text the model was given) are kept as they are,
     so their template is not applied twice (an INFO line counts them; rejection sampling
-    closed their turn already). Under a template whose generation prompt opens the thought,
-    a completion's own leading ``<think>`` goes (:func:`inside_opened_thought`). A system
-    prompt with nothing to render it is an error, not dropped."""
-    if not (chat_template and tokenizer.has_chat_template):
+    closed their turn already), unless their ``prompt_format`` is not this tokenizer's
+    (:func:`prompt_format`: a student with its own tokenizer): then they are rendered again
+    from their ``messages`` and ``response`` (an INFO line counts them). Under a template
+    whose generation prompt opens the thought, a completion's own leading ``<think>`` goes
+    (:func:`inside_opened_thought`). A system prompt with nothing to render it is an error,
+    not dropped."""
+    fmt = prompt_format(tokenizer, chat_template)
+    again = [r.get("prompt_rendered") is True and r.get("prompt_format", fmt) != fmt
+             for r in rows]
+    rows = [_rerender(r, fmt, i) if a else r for i, (r, a) in enumerate(zip(rows, again))]
+    if any(again):
+        log.info("%d of %d SFT rows were sampled in another prompt format than this "
+                 "tokenizer's: rendered again from their messages", sum(again), len(rows))
+    if fmt == "plain":
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
-        return [dict(r) for r in rows]
+        return [_plain(r, i) if a else dict(r) for i, (r, a) in enumerate(zip(rows, again))]
     out, as_given, open_ended = [], 0, 0
     closing = chat_turn_end(tokenizer)
-    for r in rows:
+    for r, a in zip(rows, again):
         if r.get("prompt_rendered") is True:
             out.append(dict(r))
             as_given += 1
             open_ended += r.get("completion_ends_turn") is not True
             continue
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-                   [{"role": "user", "content": r["prompt"]}]
+        messages = r["messages"] if a else [{"role": "user", "content": r["prompt"]}]
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         out.append(end_turn({**r, "prompt": prompt,
                              "completion": inside_opened_thought(prompt, r["completion"])},
@@ -126,6 +164,14 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
                     "they end with the tokenizer's eos, not the template's end of turn %r",
                     open_ended, closing[0])
     return out
+
+
+def _plain(row: dict, i: int) -> dict:
+    """A re-rendered row for a tokenizer without a chat template: its one message as text."""
+    if len(row["messages"]) > 1:
+        raise ValueError(f"SFT row {i} (id {row.get('id')!r}) is a chat conversation (or has a "
+                         f"system prompt), but this tokenizer has no chat template to render it")
+    return {**row, "prompt": row["messages"][0]["content"]}
 
 
 def chat_turn_end(tokenizer) -> tuple[str, bool]:

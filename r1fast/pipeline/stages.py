@@ -44,12 +44,15 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
         model: ModelConfig | None = None, steps: int = 100, batch_size: int = 32,
         lr: float = 1e-3, loss_on_prompt: bool = False, seed: int = 0,
         parallel: ParallelConfig | None = None, progress: bool = False,
-        tokenizer=None, overwrite: bool = False) -> Path:
+        tokenizer=None, overwrite: bool = False, chat_template: bool = True) -> Path:
     """Fine-tune ``init_from`` (or a fresh ``model``) on ``{"prompt", "completion"}`` rows;
     returns the model folder ``out_dir/model``. The tokenizer is ``init_from``'s, else
-    ``tokenizer`` (e.g. a teacher's), else the character tokenizer. A rerun into ``out_dir``
+    ``tokenizer`` (e.g. a teacher's), else the character tokenizer; with a chat template (and
+    ``chat_template``) prompts are rendered in it and answers end its turn
+    (:func:`~r1fast.pipeline.sft_data.render_prompts`). A rerun into ``out_dir``
     resumes its run; ``overwrite`` starts over from step 0 instead (the old run's files move
     to ``out_dir/previous_<time>/``)."""
+    from r1fast.pipeline.sft_data import render_prompts
     from r1fast.train.sft import SFTConfig, SFTTrainer
 
     if (init_from is None) == (model is None):
@@ -63,7 +66,11 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
                     overwrite=overwrite)
     if init_from:
         tokenizer = load_tokenizer(init_from)
-    return SFTTrainer(cfg, list(examples), tokenizer or CharTokenizer()).fit()
+    tokenizer = tokenizer or CharTokenizer()
+    # a chat model is trained as it is prompted: the chat template around each prompt, the
+    # template's end of turn after each answer (rows sampled in another format rendered again)
+    rows = render_prompts(examples, tokenizer, chat_template=chat_template)
+    return SFTTrainer(cfg, rows, tokenizer).fit()
 
 
 def pretraining_corpus(examples: Sequence[dict], noise: float, seed: int = 0) -> list[dict]:
@@ -137,7 +144,7 @@ def load_problems(path: str | Path, model_dir: str | Path, *, preset: str | None
     answer's turn as the template does)."""
     from r1fast.data.files import load_examples
     from r1fast.train.config import DataConfig
-    from r1fast.train.task import render_prompt
+    from r1fast.train.task import prompt_messages, render_prompt
 
     data = DataConfig(template=template, chat_template=chat_template,
                       system_prompt=system_prompt)
@@ -146,6 +153,7 @@ def load_problems(path: str | Path, model_dir: str | Path, *, preset: str | None
                                 answer_key=answer_key)
     for ex in examples:
         ex["prompt"] = render_prompt(ex, tokenizer, data)
+        ex["prompt_messages"] = prompt_messages(ex, data)  # to render it again elsewhere
         ex["chat_rendered"] = bool(chat_template and tokenizer.has_chat_template)
     return examples
 
@@ -179,7 +187,6 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
     from r1fast.pipeline.evaluate import checker
     from r1fast.pipeline.filters import filter_samples, resolve_checkers
     from r1fast.pipeline.generation import load_model, sample_with_flags
-    from r1fast.pipeline.sft_data import chat_turn_end, end_turn
 
     checkers: dict[str, Any] = {}
     resolve_checkers(examples, lambda ex: checker(ex, checkers), filters)  # before sampling
@@ -199,11 +206,32 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
         raise ValueError(f"rejection sampling kept none of {summary['samples']} samples "
                          f"(dropped: {dropped}); nothing written to {path}, counts in "
                          f"{summary_path}")
-    # an answer to a chat-templated prompt ends its turn as the template does (SFT's target)
-    chat = {ex["prompt"] for ex in examples if ex.get("chat_rendered") is True}
+    return write_jsonl(sampled_rows(rows, examples, tok), path), summary
+
+
+def sampled_rows(rows: Sequence[dict], examples: Sequence[dict], tok) -> list[dict]:
+    """Kept samples as SFT rows: the prompt as the model saw it (``prompt_rendered``), an
+    answer to a chat-templated prompt closing its turn as the template does (SFT's target),
+    and what another tokenizer needs to render the row again: the prompt's ``messages``, the
+    bare ``response`` and the ``prompt_format`` it was sampled in
+    (:func:`~r1fast.pipeline.sft_data.render_prompts`)."""
+    from r1fast.pipeline.sft_data import chat_turn_end, end_turn, prompt_format
+
+    by_prompt = {ex["prompt"]: ex for ex in examples}
+    chat = any(ex.get("chat_rendered") is True for ex in examples)
     closing = chat_turn_end(tok) if chat else ("", False)
-    rows = [end_turn(r, *closing) if r["prompt"] in chat else r for r in rows]
-    return write_jsonl([dict(r, prompt_rendered=True) for r in rows], path), summary
+    formats = {True: prompt_format(tok) if chat else "plain", False: "plain"}
+    out = []
+    for r in rows:
+        ex = by_prompt[r["prompt"]]
+        rendered = ex.get("chat_rendered") is True
+        messages = ex.get("prompt_messages") or (
+            None if rendered else [{"role": "user", "content": ex["prompt"]}])
+        row = end_turn(r, *closing) if rendered else dict(r)
+        out.append({**row, "prompt_rendered": True, "prompt_format": formats[rendered],
+                    "response": r["completion"],
+                    **({"messages": messages} if messages else {})})
+    return out
 
 
 def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Path, *,

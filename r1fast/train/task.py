@@ -230,23 +230,30 @@ def run_tokenizer(cfg):
     return CharTokenizer()
 
 
-def render_prompt(ex: dict, tokenizer, d) -> str:
-    """An example's prompt text: the template around the question (a conversation's last
-    message), then the chat template with ``data.system_prompt`` unless the row has its own."""
+def prompt_messages(ex: dict, d) -> list[dict]:
+    """The chat messages of an example's prompt: the template around the question (a
+    conversation's last message), ``data.system_prompt`` first unless the row has its own."""
     template = PROMPT_TEMPLATE if d.template == "r1-zero" else d.template
     messages = [dict(m) for m in ex.get("messages", ())] or \
         [{"role": "user", "content": ex["question"]}]
     if template is not None:  # the earlier turns (a system message too) stay as they are
         messages[-1]["content"] = make_prompt(ex["question"], template)
+    if d.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": d.system_prompt})
+    return messages
+
+
+def render_prompt(ex: dict, tokenizer, d) -> str:
+    """An example's prompt text: :func:`prompt_messages` through the tokenizer's chat template,
+    or the one message as plain text without one."""
+    messages = prompt_messages(ex, d)
     if not (d.chat_template and tokenizer.has_chat_template):
-        if len(messages) > 1 or d.system_prompt:
-            what = "is a chat conversation" if len(messages) > 1 else \
+        if len(messages) > 1:
+            what = "is a chat conversation" if len(ex.get("messages", ())) > 1 else \
                 f"needs data.system_prompt={d.system_prompt!r} in a chat"
             raise ValueError(f"example {ex.get('id')} {what}, but the tokenizer has no chat "
                              f"template (or data.chat_template is false)")
         return messages[0]["content"]
-    if d.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": d.system_prompt})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
@@ -330,12 +337,22 @@ def _file_examples(d) -> list[dict]:
     return sorted(examples, key=lambda ex: ex["row"])
 
 
-def _model_reward(cfg, examples: list[dict]):
+def _model_reward(cfg, examples: list[dict], tokenizer):
     """The recipe's reward model (None without ``reward.reward_model``); a reward model
-    nothing uses is a WARNING."""
+    nothing uses, or one trained on prompts rendered otherwise than this run's, is a
+    WARNING."""
     r = cfg.reward
     if r.reward_model is None:  # rows routed to none are an error of read_prompts
         return None
+    from r1fast.train.reward_model_io import read_meta
+
+    trained_chat = read_meta(r.reward_model, "reward.reward_model").get("chat_template")
+    run_chat = bool(cfg.data.chat_template and tokenizer.has_chat_template)
+    if trained_chat is not None and trained_chat != run_chat:
+        log.warning("reward.reward_model=%s was trained on prompts %s the chat template, but "
+                    "this run's prompts are %s it (data.chat_template, the tokenizer): it "
+                    "scores texts unlike those it learned on", r.reward_model,
+                    "in" if trained_chat else "without", "in" if run_chat else "without")
     routed = sum(row_source(ex) == "model" for ex in examples)
     if not routed and "reward_model" not in r.weights:
         log.warning("reward.reward_model=%s is loaded but unused: no row routes to it (reward "
@@ -423,7 +440,7 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None,
     prompts = prompts or read_prompts(cfg, tokenizer)
     examples = prompts.examples
     task = None if cfg.data.path is not None else cfg.data.task
-    model_reward = _model_reward(cfg, examples)
+    model_reward = _model_reward(cfg, examples, tokenizer)
     parts = (reward_parts(task, r.weights, language=r.language, model_reward=model_reward)
              if reward is None else [("custom", reward, 1.0)])
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",

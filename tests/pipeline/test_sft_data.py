@@ -211,3 +211,69 @@ def test_a_share_that_rounds_to_no_rows_warns(caplog):
     mixed, counts = mix_non_reasoning(REASONING[:2], GENERAL, 0.1)  # 0.1 * 2 / 0.9 -> 0
     assert counts["non_reasoning"] == 0 and len(mixed) == 2
     assert "rounds to 0 rows: nothing is mixed in" in caplog.text
+
+
+def test_rows_sampled_in_another_prompt_format_are_rendered_again(tmp_path, caplog):
+    """Distillation into a student with its own tokenizer: rows sampled under the teacher's
+    ChatML template are rendered again for the student (its format, its end of turn), not
+    trained as foreign markup that never ends in the student's stop token; and rows sampled
+    as plain text get a chat student's template."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.pipeline.sft_data import prompt_format
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? assistant user system"] * 20)
+    hf, char = HFTokenizer.load(tmp_path), CharTokenizer()
+    question, answer = "What is 2 + 3?", "<think>2 and 3 make 5</think> \\boxed{5}"
+    messages = [{"role": "user", "content": question}]
+    chat_ex = {"prompt": hf.apply_chat_template(messages), "prompt_messages": messages,
+               "chat_rendered": True}
+    sampled = stages.sampled_rows([{"prompt": chat_ex["prompt"], "completion": answer,
+                                    "id": "a.jsonl:0"}], [chat_ex], hf)
+    assert sampled[0]["completion"] == answer + "<|im_end|>\n"
+    assert sampled[0]["prompt_format"] == prompt_format(hf) != "plain"
+    assert render_prompts(sampled, hf) == sampled  # the sampling model's own format: as written
+    with caplog.at_level(logging.INFO, logger="r1fast.pipeline"):
+        again = render_prompts(sampled, char)[0]
+    assert (again["prompt"], again["completion"]) == (question, answer)
+    assert "prompt_rendered" not in again and "completion_ends_turn" not in again
+    assert "1 of 1 SFT rows were sampled in another prompt format" in caplog.text
+
+    plain_ex = {"prompt": question, "chat_rendered": False}
+    plain = stages.sampled_rows([{"prompt": question, "completion": answer, "id": "a.jsonl:0"}],
+                                [plain_ex], char)
+    assert plain[0]["prompt_format"] == "plain" and plain[0]["messages"] == messages
+    want = render_prompts([{"prompt": question, "completion": answer}], hf)[0]
+    got = render_prompts(plain, hf)[0]
+    assert (got["prompt"], got["completion"], got["completion_ends_turn"]) == \
+        (want["prompt"], want["completion"], True)
+    older = {k: v for k, v in sampled[0].items() if k not in ("messages", "response")}
+    with pytest.raises(ValueError, match=r"SFT row 0 \(id 'a.jsonl:0'\) was rendered for prompt "
+                                         r"format 'chat:.*this model's is 'plain', and it lacks"):
+        render_prompts([older], char)
+
+
+def test_the_sft_stage_renders_prompts_for_a_chat_model(tmp_path, monkeypatch):
+    """stages.sft (and so `r1fast stage sft --data`) trains a chat model as it is prompted:
+    the template around each prompt, its end of turn after each answer."""
+    import r1fast.train.sft as sft_module
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.policy.config import ModelConfig
+
+    build_tokenizer(tmp_path / "tok", ["What is 2 + 3? assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path / "tok")
+    seen = []
+
+    class Spy:
+        def __init__(self, cfg, rows, tokenizer):
+            seen.extend(rows)
+
+        def fit(self):
+            return tmp_path / "model"
+
+    monkeypatch.setattr(sft_module, "SFTTrainer", Spy)
+    rows = [{"prompt": "What is 2 + 3?", "completion": "5"}]
+    stages.sft(rows, tmp_path / "run", model=ModelConfig.preset("tiny-moe"), tokenizer=hf)
+    assert seen == render_prompts(rows, hf)
+    assert seen[0]["prompt"].startswith("<|im_start|>user") and seen[0]["completion_ends_turn"]
