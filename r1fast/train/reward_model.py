@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ class RewardModelTrainConfig:
     max_position_embeddings."""
     eval_batch_size: int = 32
     """Texts per forward when scoring the held-out pairs."""
+    chat_template: bool = True
+    """Render each pair's (non-empty) prompt with the tokenizer's chat template, when it has
+    one: GRPO scores the policy's answers after prompts rendered that way, so the model learns
+    on the texts it will score (recorded as ``chat_template`` in reward_model.json)."""
     aux_loss_coef: Optional[float] = None
     """MoE load-balancing loss coefficient during this training; None: the checkpoint's."""
     seed: int = 0
@@ -118,6 +123,14 @@ class RewardModelTrainConfig:
                                  f"{getattr(self, name)}")
         if self.max_length == 1:
             raise ValueError("reward model: max_length must be 0 (the model's) or >= 2")
+
+
+def render_pair_prompts(pairs: Sequence[dict], tokenizer) -> list[dict]:
+    """``pairs`` whose non-empty prompts are a user turn in ``tokenizer``'s chat template, up to
+    the assistant's turn, which ``chosen`` / ``rejected`` then fill."""
+    return [{**p, "prompt": tokenizer.apply_chat_template(
+        [{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)}
+        if p["prompt"] else dict(p) for p in pairs]
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -230,6 +243,11 @@ class RewardModelTrainer:
         if config.aux_loss_coef is not None:
             model = dataclasses.replace(model, aux_loss_coef=config.aux_loss_coef)
         self.tokenizer = load_tokenizer(config.init_from)
+        self.chat = config.chat_template and self.tokenizer.has_chat_template
+        """The pairs' prompts are in the chat template (as GRPO renders its prompts)."""
+        if self.chat:
+            self.train_pairs, self.test_pairs = (render_pair_prompts(p, self.tokenizer)
+                                                 for p in (self.train_pairs, self.test_pairs))
         self.max_length = config.max_length or model.max_position_embeddings
         if self.max_length > model.max_position_embeddings:
             raise ValueError(f"reward model: max_length={self.max_length} exceeds the model's "
@@ -340,14 +358,17 @@ class RewardModelTrainer:
         return scores[:len(pairs)], scores[len(pairs):]
 
     def heldout(self) -> dict[str, float]:
-        """Accuracy (a tie counts 1/2) and mean margin on the test pairs, each DP rank scoring
-        its share."""
+        """Accuracy (a tie counts 1/2) with its standard error over pairs (sample standard
+        deviation / sqrt(pairs)) and mean margin on the test pairs, each DP rank scoring its
+        share."""
         mine = self.test_pairs[self.info.dp_rank::self.info.dp]
         chosen, rejected = self.score_pairs(mine)
-        correct = float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
-        c, n, m = self.engine.dp_sum([correct, float(len(mine)),
-                                      float((chosen - rejected).sum())])
-        return {"accuracy": c / n, "margin": m / n, "pairs": int(n)}
+        wins, ties = float((chosen > rejected).sum()), float((chosen == rejected).sum())
+        c, c2, n, m = self.engine.dp_sum([wins + 0.5 * ties, wins + 0.25 * ties,
+                                          float(len(mine)), float((chosen - rejected).sum())])
+        var = max(c2 - c * c / n, 0.0) / (n - 1) if n > 1 else 0.0  # per-pair outcomes
+        return {"accuracy": c / n, "accuracy_se": math.sqrt(var / n), "margin": m / n,
+                "pairs": int(n)}
 
     def fit(self) -> dict:
         """Train for ``steps``, evaluate, save ``out_dir/model`` (and ``out_dir/hf``); returns
@@ -364,7 +385,10 @@ class RewardModelTrainer:
                    "final_train_loss": self.last_loss, "test_pairs": len(self.test_pairs)}
         if after is not None:
             summary.update(heldout_accuracy_before=self.before["accuracy"],
-                           heldout_accuracy=after["accuracy"], heldout_margin=after["margin"])
+                           heldout_accuracy=after["accuracy"],
+                           heldout_accuracy_se=after["accuracy_se"],
+                           heldout_margin=after["margin"])
+        summary["chat_template"] = self.chat
         path = save_reward_model(self.policy, self.engine.head_weight, self.tokenizer,
                                  out / "model", max_length=self.max_length, summary=summary)
         summary["model"] = str(path)
@@ -399,6 +423,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--aux-loss-coef", type=float, help="MoE aux-loss coefficient (default: the "
                     "checkpoint's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-chat-template", action="store_true", help="train on prompt + answer "
+                    "as plain text even when the tokenizer has a chat template")
     for name in ("tp", "pp", "ep"):
         ap.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size (under "
                         f"torchrun)")
@@ -421,7 +447,8 @@ def stage_main(argv: Sequence[str]) -> int:
         optim=OptimConfig(lr=args.lr), steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
         progress=args.progress, export_hf=not args.no_export, save_every=args.save_every,
-        overwrite=args.overwrite, resume=not args.overwrite)
+        overwrite=args.overwrite, resume=not args.overwrite,
+        chat_template=not args.no_chat_template)
     summary = RewardModelTrainer(cfg).fit()
     import torch.distributed as dist
 

@@ -267,6 +267,10 @@ def test_stage_cli_learns_a_held_out_preference(tmp_path):
     assert sum(r["loss"] for r in rows[-10:]) < 0.5 * sum(r["loss"] for r in rows[:10])
     meta = json.loads((out / "model" / "reward_model.json").read_text())
     assert meta["heldout_accuracy"] == summary["heldout_accuracy"]
+    # 200 pairs: the standard error of a ~0.95 accuracy is ~0.015 (binomial sqrt(p(1-p)/n))
+    p = summary["heldout_accuracy"]
+    assert summary["heldout_accuracy_se"] == pytest.approx((p * (1 - p) / 199) ** 0.5, rel=0.05)
+    assert meta["chat_template"] is False  # the character tokenizer has none
     assert (out / "hf" / "model.safetensors").is_file()
     # a rerun into the folder resumes from its last checkpoint (step 60), so other optimizer
     # settings (the default lr) are refused rather than silently not applied
@@ -335,3 +339,42 @@ def test_a_weights_only_load_restores_the_head(tmp_path):
         engine.head_weight.zero_()
     load_sharded(engine.policy, None, tmp_path / "ckpt", extra)
     assert torch.equal(engine.head_weight, head) and head.abs().max() > 0
+
+
+def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog):
+    """A reward model scores, in GRPO, the chat-rendered prompt + the answer: it trains on the
+    same texts (empty prompts stay empty), and a run whose prompts are rendered otherwise
+    than its reward model's were is warned."""
+    import logging
+
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.train.config import load_train_config
+    from r1fast.train.reward_model import render_pair_prompts
+    from r1fast.train.reward_model_io import FORMAT, META_FILE
+    from r1fast.train.task import _model_reward
+
+    build_tokenizer(tmp_path / "tok", ["Write a poem. assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path / "tok")
+    pairs = [{"prompt": "Write a poem.", "chosen": "Roses", "rejected": "No"},
+             {"prompt": "", "chosen": "a", "rejected": "b"}]
+    out = render_pair_prompts(pairs, hf)
+    assert out[0]["prompt"] == hf.apply_chat_template([{"role": "user",
+                                                         "content": "Write a poem."}])
+    assert out[1] == pairs[1] and out[0]["chosen"] == "Roses"
+
+    class Stop(Exception):
+        pass
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / META_FILE).write_text(json.dumps({"format": FORMAT, "chat_template": True}))
+    cfg = load_train_config(None, [f"--reward.reward_model={rm}", "--data.chat_template=false"])
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr("r1fast.train.reward_model_io.load_reward_model",
+                   lambda *a, **k: (_ for _ in ()).throw(Stop()))
+        with pytest.raises(Stop):
+            _model_reward(cfg, [], hf)
+    assert "was trained on prompts in the chat template, but this run's prompts are without" \
+        in caplog.text
