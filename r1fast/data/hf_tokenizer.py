@@ -49,8 +49,11 @@ class HFTokenizer:
         self._special_think_ids = special & think
         self._dropped_ids = special - think  # what skip_special_tokens drops here
         bos = tokenizer.bos_token_id
+        # a text's first id with and without the tokenizer's own special tokens (not of "":
+        # a tokenizer that appends its eos, when bos == eos, would look like one adding bos)
         self._bos = bos if bos is not None and \
-            tokenizer.encode("", add_special_tokens=True)[:1] == [bos] else None
+            tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] != \
+            tokenizer.encode("a", add_special_tokens=False)[:1] else None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HFTokenizer":

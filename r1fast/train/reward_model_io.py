@@ -263,6 +263,44 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def tokenizer_appends_eos(folder: Path) -> None:
+    """Make the Hugging Face tokenizer in ``folder`` end every text with its eos, as r1fast's
+    scoring does (:func:`encode_texts`): transformers' classifier scores the last non-pad
+    token, and ``AutoTokenizer(text)`` of a Qwen/Llama tokenizer ends at the text's last token,
+    so a user scoring the export the usual way would read another token than the head learned
+    on (a WARNING instead where transformers cannot load or change the tokenizer)."""
+    from tokenizers.processors import Sequence as Processors, TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from r1fast.data.hf_tokenizer import is_char_tokenizer_folder
+
+    if is_char_tokenizer_folder(folder):
+        log.warning("reward model export %s: its tokenizer is r1fast's character tokenizer, "
+                    "which transformers cannot load: score it with ids that end in the eos, as "
+                    "r1fast does", folder)
+        return
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    eos, probe = tok.eos_token, "a"
+    if tok(probe)["input_ids"][-1:] == [tok.eos_token_id]:
+        return
+    if not tok.is_fast:
+        log.warning("reward model export %s: its slow tokenizer does not end texts with the eos "
+                    "%r; append it before scoring", folder, eos)
+        return
+    backend = tok.backend_tokenizer
+    add_eos = TemplateProcessing(single=f"$A {eos}", pair=f"$A $B:1 {eos}:1",
+                                 special_tokens=[(eos, tok.eos_token_id)])
+    backend.post_processor = add_eos if backend.post_processor is None else \
+        Processors([backend.post_processor, add_eos])
+    tok.save_pretrained(str(folder))
+    again = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(probe)["input_ids"]
+    if again[-1:] != [tok.eos_token_id]:
+        raise ValueError(f"reward model export {folder}: the tokenizer still does not end texts "
+                         f"with the eos ({again})")
+    log.info("reward model export %s: its tokenizer now ends every text with %r, the token "
+             "the score is read at", folder, eos)
+
+
 def export_sequence_classifier(src: str | Path, out: str | Path) -> Optional[Path]:
     """Write reward-model folder ``src`` as a Hugging Face sequence classifier ``out``
     (``config.json`` with ``XForSequenceClassification``, ``num_labels = 1`` and the pad id;
@@ -301,6 +339,7 @@ def export_sequence_classifier(src: str | Path, out: str | Path) -> Optional[Pat
     for f in src.iterdir():  # tokenizer files, generation_config.json, reward_model.json
         if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
             shutil.copy2(f, tmp / f.name)
+    tokenizer_appends_eos(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

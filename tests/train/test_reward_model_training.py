@@ -378,3 +378,28 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
             _model_reward(cfg, [], hf)
     assert "was trained on prompts in the chat template, but this run's prompts are without" \
         in caplog.text
+
+
+def test_the_export_tokenizer_ends_texts_with_the_eos_the_head_reads(tmp_path):
+    """transformers' classifier scores the last non-pad token; r1fast's head reads the eos it
+    appends. The exported tokenizer appends it too, so AutoTokenizer(text) gives r1fast's ids."""
+    from transformers import AutoTokenizer
+
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.train.reward_model_io import tokenizer_appends_eos
+
+    build_tokenizer(tmp_path, ["Write a poem. assistant user system Roses"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    texts = ["Write a poem. Roses", hf.apply_chat_template([{"role": "user", "content": "Hi"}])]
+    assert AutoTokenizer.from_pretrained(tmp_path)(texts[0])["input_ids"][-1] != hf.eos_id
+    tokenizer_appends_eos(tmp_path)
+    exported = AutoTokenizer.from_pretrained(tmp_path)
+    again = HFTokenizer.load(tmp_path)  # r1fast reading the export encodes as before
+    for text in texts:
+        want = hf.encode(text, add_bos=True, add_eos=True)
+        assert exported(text)["input_ids"] == want
+        assert again.encode(text, add_bos=True, add_eos=True) == want
+    tokenizer_appends_eos(tmp_path)  # already ends with the eos: unchanged, not twice
+    assert AutoTokenizer.from_pretrained(tmp_path)(texts[0])["input_ids"] == \
+        hf.encode(texts[0], add_bos=True, add_eos=True)
