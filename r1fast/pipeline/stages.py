@@ -19,7 +19,10 @@ with prompts rendered for a model folder's tokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +34,8 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.hf_checkpoint import load_model_config
 from r1fast.policy.optim import OptimConfig
 from r1fast.rollout.sampler import SamplingConfig
+
+log = logging.getLogger("r1fast.pipeline")
 
 
 def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
@@ -196,8 +201,8 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
                                 seed=seed)
     rows, summary = filter_samples(examples, samples.texts, lambda ex: checker(ex, checkers),
                                    filters, keep_per_prompt, truncated=samples.truncated)
-    summary["sampling"] = {"model": str(model_dir), "k": k, "temperature": temperature,
-                           "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    summary["sampling"] = sampling_record(model_dir, examples, k=k, temperature=temperature,
+                                          top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     summary_path = path.with_suffix(".summary.json")
     summary["summary_path"] = str(summary_path)
     write_text_atomic(summary_path, json.dumps(summary, indent=1) + "\n")
@@ -207,6 +212,30 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
                          f"(dropped: {dropped}); nothing written to {path}, counts in "
                          f"{summary_path}")
     return write_jsonl(sampled_rows(rows, examples, tok), path), summary
+
+
+def sampling_record(model_dir, examples: Sequence[dict], **settings) -> dict[str, Any]:
+    """What a rejection-sampling summary records of how its rows were drawn: the model, the
+    settings and a hash of the prompts (a rerun that would draw the same reuses them)."""
+    prompts = hashlib.sha256(json.dumps([ex["prompt"] for ex in examples]).encode())
+    return {"model": str(model_dir), **settings, "prompts_sha256": prompts.hexdigest()}
+
+
+def _reusable_teacher_data(path: Path, sampling: dict, filters: RejectionFilterConfig) -> bool:
+    """Whether ``path`` (a distillation's earlier teacher data) was drawn exactly as this run
+    would draw it (its summary's sampling record and rules); another draw there is an error."""
+    if not path.exists():
+        return False
+    summary_path = path.with_suffix(".summary.json")
+    stored = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    want = json.loads(json.dumps({"sampling": sampling, "rules": dataclasses.asdict(filters)}))
+    differ = [k for k in want if stored.get(k) != want[k]]
+    if differ:
+        raise ValueError(f"{path} holds teacher data drawn with other {' and '.join(differ)} "
+                         f"(see {summary_path}); give --overwrite (overwrite=True) to sample "
+                         f"again, or --data {path} (teacher_data=) to train on it as it is")
+    log.info("%s was drawn with these settings: reused (not sampled again)", path)
+    return True
 
 
 def sampled_rows(rows: Sequence[dict], examples: Sequence[dict], tok) -> list[dict]:
@@ -254,12 +283,18 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
         raise ValueError("give exactly one of student_init (a model folder) or student (a "
                          "config)")
     out_dir = Path(out_dir)
+    filters = filters or RejectionFilterConfig.for_keep(keep)
+    drawn = out_dir / "teacher_data.jsonl"  # a rerun resumes: it reuses its own draw
+    if teacher_data is None and not overwrite and _reusable_teacher_data(
+            drawn, sampling_record(teacher_dir, examples, k=k, temperature=temperature,
+                                   top_p=1.0, max_new_tokens=max_new_tokens, seed=seed), filters):
+        teacher_data = drawn
     if teacher_data is not None:
         data_path, stats = Path(teacher_data), {"reused": str(teacher_data)}
     else:
-        data_path, stats = rejection_sample(teacher_dir, examples, out_dir / "teacher_data.jsonl",
-                                            k=k, temperature=temperature,
-                                            max_new_tokens=max_new_tokens, seed=seed, keep=keep,
+        data_path, stats = rejection_sample(teacher_dir, examples, drawn, k=k,
+                                            temperature=temperature,
+                                            max_new_tokens=max_new_tokens, seed=seed,
                                             filters=filters, overwrite=overwrite)
     rows = read_sft_rows(data_path)
     # a fresh student speaks the teacher's tokenizer (its prompts and answers are in it)

@@ -243,3 +243,27 @@ def test_rejection_sampling_that_keeps_nothing_is_an_error(greek_base, tmp_path)
     assert out.read_text() == "earlier\n"
     with pytest.raises(ValueError, match="is a folder"):
         main([*args[:3], "--out", str(tmp_path), *args[5:]])
+
+
+def test_a_distillation_rerun_reuses_its_own_teacher_data(greek_base, tmp_path):
+    """The second run into the same folder resumes: the teacher data drawn with the same
+    model, prompts, settings and rules is reused (not an 'already exists' error, not a new
+    draw); drawn otherwise, it is an error naming --overwrite and --data."""
+    import dataclasses
+
+    from r1fast.pipeline.filters import RejectionFilterConfig
+
+    problems = [{"prompt": f"{i} + 1 = ", "answer": str(i + 1), "id": f"p:{i}"}
+                for i in range(4)]
+    keep_all = dataclasses.replace(RejectionFilterConfig.for_keep("all"), reject_truncated=False)
+    run = dict(student_init=greek_base, k=1, max_new_tokens=4, steps=1, batch_size=2,
+               filters=keep_all)
+    _, first = stages.distill(greek_base, problems, tmp_path / "d", **run)
+    data = tmp_path / "d" / "teacher_data.jsonl"
+    assert "reused" not in first and data.is_file()
+    written = data.read_bytes()
+    _, second = stages.distill(greek_base, problems, tmp_path / "d", **{**run, "steps": 2})
+    assert second == {"reused": str(data)} and data.read_bytes() == written
+    with pytest.raises(ValueError, match=r"teacher_data.jsonl holds teacher data drawn with "
+                                         r"other sampling .* --overwrite .* --data"):
+        stages.distill(greek_base, problems, tmp_path / "d", **{**run, "k": 2})
