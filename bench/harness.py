@@ -288,19 +288,23 @@ def _float_outputs(out: Any) -> list[torch.Tensor]:
     return [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
 
 
-def _backward_loss(out: Any, weights: dict[int, torch.Tensor]) -> torch.Tensor:
-    """A scalar that gives every floating output a fixed random upstream gradient."""
-    total = None
-    for i, t in enumerate(_float_outputs(out)):
-        if i not in weights:
-            g = torch.Generator(device="cpu").manual_seed(1234 + i)
-            weights[i] = torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device)
-        # fp32 for 16-bit outputs, fp64 stays fp64 (the reference's gradients)
-        term = (t.to(torch.promote_types(t.dtype, torch.float32)) * weights[i]).sum()
-        total = term if total is None else total + term
-    if total is None:
+def _upstream(out: Any, grads: dict[tuple, torch.Tensor]
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the floating outputs, a fixed random upstream gradient for each, in its own dtype and
+    device): made once and cached in ``grads``, so that the timed backward is the op's own
+    (``torch.autograd.backward(outputs, gradients)``: no loss, cast or product of the
+    harness's in it). The values, multiples of 1/64 in [-4, 4], are exact in every float
+    dtype, so a bf16 provider and the fp64 reference get the same gradients."""
+    outs = _float_outputs(out)
+    if not outs:
         raise RuntimeError("provider output has nothing to differentiate")
-    return total
+    for i, t in enumerate(outs):
+        key = (i, t.dtype, t.device)
+        if key not in grads:
+            g = torch.Generator(device="cpu").manual_seed(1234 + i)
+            grads[key] = (torch.randint(-256, 257, t.shape, generator=g) / 64.0).to(
+                device=t.device, dtype=t.dtype)
+    return outs, [grads[(i, t.dtype, t.device)] for i, t in enumerate(outs)]
 
 
 def reference_grads(fn: Callable[..., Any], inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -309,7 +313,7 @@ def reference_grads(fn: Callable[..., Any], inputs: dict[str, Any]) -> dict[str,
     their gradients with. ``fn`` must accept fp64 copies of those inputs."""
     leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()
               if isinstance(v, torch.Tensor) and v.requires_grad}
-    _backward_loss(fn(**{**inputs, **leaves}), {}).backward()
+    torch.autograd.backward(*_upstream(fn(**{**inputs, **leaves}), {}))
     return {k: v.grad for k, v in leaves.items()}
 
 
@@ -328,7 +332,7 @@ def _grad_errors(leaves: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
 
 
 def _mode_functions(p: "Provider", inputs: dict[str, Any], grad_leaves: list[torch.Tensor],
-                    weights: dict[int, torch.Tensor]):
+                    grads: dict[tuple, torch.Tensor]):
     """``(clear_grads, {mode: (timed fn, untimed setup or None)})`` for one provider: forward
     under no_grad, full = forward + backward, backward = the backward of a fresh forward."""
     state: dict[str, Any] = {}
@@ -339,15 +343,15 @@ def _mode_functions(p: "Provider", inputs: dict[str, Any], grad_leaves: list[tor
 
     def full():
         out = p.fn(**inputs)
-        _backward_loss(out, weights).backward()
+        torch.autograd.backward(*_upstream(out, grads))
         return out
 
     def backward_setup():
         clear_grads()
-        state["loss"] = _backward_loss(p.fn(**inputs), weights)
+        state["upstream"] = _upstream(p.fn(**inputs), grads)
 
     def backward():
-        state["loss"].backward()
+        torch.autograd.backward(*state["upstream"])
 
     return clear_grads, {"forward": ((lambda: _run_no_grad(p, inputs)), None),
                          "full": (full, clear_grads), "backward": (backward, backward_setup)}
@@ -432,8 +436,8 @@ def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
     """One provider's rows, appended to ``rows`` as each mode finishes: forward error, then
     each mode's time, memory and errors."""
     grad_leaves = list(case.named_leaves.values())
-    weights: dict[int, torch.Tensor] = {}
-    clear_grads, mode_fns = _mode_functions(p, case.inputs, grad_leaves, weights)
+    grads: dict[tuple, torch.Tensor] = {}
+    clear_grads, mode_fns = _mode_functions(p, case.inputs, grad_leaves, grads)
     err = None
     if case.reference is not None:
         with torch.no_grad():

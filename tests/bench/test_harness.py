@@ -156,3 +156,32 @@ def test_a_failing_launch_profile_is_a_field_not_a_crash():
 
     got = device_activity(lambda: None, torch.device("cuda"))
     assert set(got) == {"launches_error"} and got["launches_error"], got
+
+
+class _Doubling(torch.autograd.Function):
+    """2x as bf16, recording the upstream gradient its backward receives."""
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return (2 * x).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, g):
+        _Doubling.seen.append(g)
+        return 2 * g.float()
+
+
+def test_the_timed_backward_is_the_ops_own():
+    """The timed backward hands the op its upstream gradient as is (its output's dtype,
+    values exact in every dtype): no loss, cast or product of the harness's is timed with
+    it, and the fp64 reference got the very same values."""
+    inputs = {"x": torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()}
+    rows = run_case("double", {}, inputs, [Provider("ours", _Doubling.apply)],
+                    modes=["backward", "full"], reps=1, warmup=0, measure_memory=False,
+                    grad_reference=reference_grads(lambda x: 2 * x, inputs))
+    g = _Doubling.seen[-1]
+    assert g.dtype == torch.bfloat16 and g.shape == (6, 5)
+    assert torch.equal(g.float() * 64, (g.float() * 64).round()) and g.abs().max() <= 4
+    assert [r["mode"] for r in rows] == ["backward", "full"]
+    assert rows[1]["max_grad_rel_err"] == {"x": 0.0}
