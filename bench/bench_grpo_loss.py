@@ -191,11 +191,15 @@ def bench_fused(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
          [Provider(f"r1fast linear_logprob ({impl})", _logprob_alone(impl))]),
         ("fused_linear_policy_loss", _fused(CONFIG, "torch"),
          [Provider(f"r1fast-fused ({impl})", _fused(CONFIG, impl)), in_forward(CONFIG),
-          Provider("logits+log_softmax+loss (torch)", _separate(impl))]),
+          # the logits kept for the backward: 4THV there, no recompute
+          Provider("logits+log_softmax+loss (torch)", _separate(impl),
+                   flops={"forward": 2 * thv, "backward": 4 * thv, "full": 6 * thv})]),
         ("fused_linear_policy_loss (liger's objective)", _fused(LIGER_CONFIG, "torch"),
          [Provider(f"r1fast-fused ({impl})", _fused(LIGER_CONFIG, impl)),
           in_forward(LIGER_CONFIG),
-          Provider("liger fused-linear grpo (bnpo)", _liger_fused, _liger_missing, peer=True)]),
+          # Liger's gradients are made in its forward (6THV there, nothing after)
+          Provider("liger fused-linear grpo (bnpo)", _liger_fused, _liger_missing, peer=True,
+                   flops={"forward": 6 * thv, "full": 6 * thv})]),
     ]
     for op, reference_fn, providers in groups:
         yield run_case(op, shape, inputs, providers, flops=flops, reps=reps, warmup=1,

@@ -9,16 +9,20 @@ Providers:
   slow to time);
 - ``r1fast triton (gemm tiles)``: ``tiles="gemm"``, cuBLAS fp32 logit tiles reduced by Triton
   row kernels (kernels/linear_logprob_gemm.py), the other arrangement of the same op;
-- ``liger flce``: Liger's fused linear cross-entropy with ``reduction="none"`` (logp = -loss),
-  when ``liger_kernel`` is importable and CUDA is present;
+- ``liger flce (sum)``: Liger's fused linear cross-entropy summed over tokens (its supported
+  path; = -sum of the log-probs), when ``liger_kernel`` is importable and CUDA is present; its
+  forward is checked against the fp64 sum, its gradients are not (another upstream gradient),
+  and its TFLOP/s counts the 6THV it does in the forward;
 - ``r1fast triton (per-row tau)``: the fused kernels with a ``[T]`` temperature tensor (all
   1.0): what one temperature per sample costs over the scalar;
 - ``naive torch.compile``: the naive formula through ``torch.compile`` (CUDA only: inductor's
   CPU compile takes minutes on a two-core machine).
 
 Errors: ``max_abs_err`` is the forward's max |logp - fp64 logp|; in ``full`` mode
-``max_grad_rel_err`` compares every provider's gradients of hidden and weight (Liger's too)
+``max_grad_rel_err`` compares every provider's gradients of hidden and weight (not Liger's)
 with fp64 gradients under the same upstream gradient: max |error| / max |fp64 gradient|.
+TFLOP/s counts each provider's own work: the recomputing kernels 2/6/8THV (forward, backward,
+full), the naive formulas, which keep the logits, 2/4/6THV.
 
 On CUDA the same run also times the bare GEMMs of the shape with ``torch.matmul`` (forward: one
 ``[T, H] x [H, V]``; backward: ``dX = G W`` and ``dW = G^T X``; full: all three) as the roofline.
@@ -106,6 +110,7 @@ def fp64_reference(inputs, with_grads: bool) -> tuple[torch.Tensor, dict | None]
 
 
 _compiled_naive = compiled_at_first_call(naive_linear_logprob)
+LIGER = "liger flce (sum)"
 
 
 def _liger_missing(cuda: bool) -> str | None:
@@ -118,10 +123,14 @@ def _liger_missing(cuda: bool) -> str | None:
     return None
 
 
-def _liger_logp(hidden, weight, targets):
+def _liger_loss(hidden, weight, targets):
+    """Liger's fused linear cross-entropy summed over tokens (= -sum of the log-probs): its
+    supported path. With reduction="none" and a per-token upstream gradient it folds dW per
+    token before the backward (Liger issue #1298): wrong or refused, depending on the
+    version. Its gradients are made in the forward whenever the input requires grad."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, targets)
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets)
 
 
 def _per_row_tau_logp(hidden, weight, targets):
@@ -131,24 +140,28 @@ def _per_row_tau_logp(hidden, weight, targets):
     return linear_logprob(hidden, weight, targets, impl="triton", temperature=tau)
 
 
-def providers(cuda: bool) -> list[Provider]:
+def providers(cuda: bool, f: float) -> list[Provider]:
     """Most wanted numbers first (a run may be stopped at its time limit): r1fast's two Triton
-    arrangements, the peer, then the slow baselines."""
+    arrangements, the peer, then the slow baselines. ``f``: the forward GEMM's FLOPs (2THV);
+    the providers that keep the logits do 1f more in the backward than none (no recompute),
+    Liger makes its gradients in the forward (3f there, nothing after)."""
     on_gpu = (lambda: None if cuda or interpreter_timed() else
               "needs CUDA (the interpreter is not timed)")
+    stored = {"forward": f, "backward": 2 * f, "full": 3 * f}
     return [
         Provider("r1fast triton", lambda hidden, weight, targets:
                  linear_logprob(hidden, weight, targets, impl="triton"), missing=on_gpu),
         Provider("r1fast triton (gemm tiles)", lambda hidden, weight, targets:
                  linear_logprob(hidden, weight, targets, impl="triton", tiles="gemm"),
                  missing=on_gpu),
-        Provider("liger flce", _liger_logp, missing=lambda: _liger_missing(cuda), peer=True),
+        Provider(LIGER, _liger_loss, missing=lambda: _liger_missing(cuda), peer=True,
+                 flops={"forward": 3 * f, "full": 3 * f}),
         Provider("r1fast triton (per-row tau)", _per_row_tau_logp, missing=on_gpu),
         Provider("naive torch", lambda hidden, weight, targets:
-                 naive_linear_logprob(hidden, weight, targets)),
+                 naive_linear_logprob(hidden, weight, targets), flops=stored),
         Provider("naive torch.compile", _compiled_naive,
                  missing=lambda: None if cuda else "timed on CUDA only (inductor's CPU compile "
-                 "takes minutes on a two-core machine)", peer=True),
+                 "takes minutes on a two-core machine)", peer=True, flops=stored),
         Provider("r1fast torch", lambda hidden, weight, targets:
                  linear_logprob(hidden, weight, targets, impl="torch")),
     ]
@@ -201,9 +214,12 @@ def main(argv=None) -> list[dict]:
             keep(g_rows)
         reference, grads = fp64_reference(inputs, with_grads="full" in args.modes)
         first = len(all_rows)
-        for p in providers(cuda):
+        for p in providers(cuda, flops["forward"]):
+            # Liger's loss is the negated sum: its forward against that, no gradient check
+            summed = p.name == LIGER
             rows = run_case("linear_logprob", shape, inputs, [p], modes=args.modes,
-                            reference=reference, grad_reference=grads, flops=flops,
+                            reference=-reference.double().sum() if summed else reference,
+                            grad_reference=None if summed else grads, flops=flops,
                             warmup=warmup, reps=reps,
                             count_launches=False)  # GEMM-bound: the count says nothing
             for r in rows:

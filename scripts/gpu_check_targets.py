@@ -53,6 +53,11 @@ PERMUTE_SHAPE = {"T": 16384, "H": 4096, "E": 256, "k": 8}
 EXPERTS_CASES = {"decoding": ("forward", {"rows": 256, "E": 128, "H": 2048, "F": 768}),
                  "training": ("full", {"rows": 16384, "E": 128, "H": 2048, "F": 768})}
 R1FAST_LOGPROB = ("r1fast triton", "r1fast triton (gemm tiles)")
+LIGER = "liger flce (sum)"
+#: bytes per element of the benches' dtype names
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+#: the routing configs the issue names: a missing one reads "not measured", not nothing
+ROUTE_CONFIGS = ("softmax", "dsv3")
 
 
 def _bench_rows(rows: list[dict], bench: str, op: str | None = None,
@@ -93,7 +98,7 @@ def _row(target: str, goal: str, value, met, where: str, provider: str | None = 
 _LOGPROB_TARGETS = (
     ("linear_logprob fwd+bwd / 8THV floor", "<= 1.25", lambda v: v <= 1.25),
     ("Liger FLCE / linear_logprob", "> 1", lambda v: v > 1),
-    ("linear_logprob extra memory (MiB)", "< 2048", lambda v: v < 2048),
+    ("linear_logprob extra memory beyond dW, dX (MiB)", "< 2048", lambda v: v < 2048),
     ("linear_logprob logp error vs fp64", "<= 1e-4", lambda v: v <= 1e-4),
 )
 
@@ -108,13 +113,23 @@ def _linear_logprob(rows: list[dict]) -> list[dict]:
         best = min(ours.values(), key=lambda r: r["ms"])
         where = f"{where}; {best['provider']}"
         gemm = _timed(lp, ("bare GEMM (roofline)",)).get("bare GEMM (roofline)")
-        liger = _timed(lp, ("liger flce",)).get("liger flce")
+        liger = _timed(lp, (LIGER,)).get(LIGER)
         values = [best["ms"] / (gemm["ms"] * 8 / 6) if gemm
                   else _why_missing(lp, ("bare GEMM (roofline)",)),
-                  liger["ms"] / best["ms"] if liger else _why_missing(lp, ("liger flce",)),
-                  best.get("peak_extra_mib"), best.get("max_abs_err")]
+                  liger["ms"] / best["ms"] if liger else _why_missing(lp, (LIGER,)),
+                  _beyond_gradients(best), best.get("max_abs_err")]
     return [_row(target, goal, value, met(value) if isinstance(value, (int, float)) else None,
                  where) for (target, goal, met), value in zip(_LOGPROB_TARGETS, values)]
+
+
+def _beyond_gradients(row: dict):
+    """A full run's peak extra memory less the gradients it must return (dW [V, H] and dX
+    [T, H] in the inputs' dtype), as tests/ops/test_real_shapes.py bounds it."""
+    shape, peak = row.get("shape") or {}, row.get("peak_extra_mib")
+    if peak is None or shape.get("dtype") not in DTYPE_BYTES:
+        return peak
+    grads = (shape["V"] + shape["T"]) * shape["H"] * DTYPE_BYTES[shape["dtype"]]
+    return peak - grads / 2**20
 
 
 def _per_row_temperature(rows: list[dict]) -> dict:
@@ -133,7 +148,9 @@ def _fused_loss(rows: list[dict]) -> dict:
     alone, _ = _at_shape(_bench_rows(rows, "grpo_loss", "linear_logprob (the fused loss's yardstick)"),
                          LOGPROB_SHAPE)
     impl = "triton" if any("(triton)" in r.get("provider", "") for r in fused) else "torch"
-    ours = _timed(fused, (f"r1fast-fused ({impl})", f"r1fast-fused grad-in-forward ({impl})"))
+    # the fused loss's own path against linear_logprob's: grad-in-forward is another
+    # algorithm (6THV against 8THV), its own row in the bench table
+    ours = _timed(fused, (f"r1fast-fused ({impl})",))
     base = _timed(alone, (f"r1fast linear_logprob ({impl})",))
     goal, target = "<= 1.03", "fused policy loss / linear_logprob alone"
     if not ours or not base:
@@ -161,7 +178,8 @@ def _faster_than(rows: list[dict], exact: bool, target: str, peer: str, goal: fl
 
 def _routing(rows: list[dict]) -> list[dict]:
     route = _bench_rows(rows, "moe_route", "moe_route")
-    configs = sorted({(r.get("shape") or {}).get("config") for r in route} - {None})
+    configs = sorted(({(r.get("shape") or {}).get("config") for r in route} - {None})
+                     | set(ROUTE_CONFIGS))
     out = []
     for c in configs:
         speed = _faster_than(*_at_shape([r for r in route if r["shape"].get("config") == c],
