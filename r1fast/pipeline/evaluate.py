@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from r1fast.pipeline.filters import check_answer
 from r1fast.rewards import answers_equal, extract_answer, get_reward, is_well_formed
 from r1fast.rewards.extract import as_scored
 from r1fast.rewards.language import LanguageRewardConfig, language_consistency
@@ -44,6 +45,9 @@ log = logging.getLogger("r1fast.pipeline")
 #: above this share of samples cut at max_new_tokens, the scores say more about the length
 #: limit than about the model: evaluate_model warns
 TRUNCATION_WARN_RATE = 0.05
+#: CPU seconds one answer check may use (math-verify on a pathological answer can take
+#: minutes); past it the answer counts as wrong, and as a checker timeout
+CHECK_CPU_TIME_S = 3.0
 
 
 @dataclass
@@ -83,6 +87,12 @@ class EvalResult:
     max_new_tokens: int | None = None
     seed: int | None = None
     """Base seed: sample j of problem i drew from the random stream (seed, i, j)."""
+    checker_timeouts: int = 0
+    """Answers (samples and majority answers) whose check ran past :data:`CHECK_CPU_TIME_S`
+    CPU seconds: counted as wrong, with a WARNING."""
+    checker_errors: int = 0
+    """Answers whose checker raised or returned no finite number: counted as wrong, with a
+    WARNING naming the first."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -153,13 +163,25 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
     lang = LanguageRewardConfig(target=language, empty_score=1.0)
     passes, solved, mixing, cut = [], [], [], []
     fmt = length = missing = 0.0
+    failed: dict[str, list] = {"timeout": [], "checker_error": []}  # (example id, error)
+    for i, ex in enumerate(examples):  # every checker first: a row none can score is named
+        try:
+            checker(ex, checkers)
+        except ValueError as e:
+            raise ValueError(f"evaluation: example {i} (id {ex.get('id')!r}) has reward "
+                             f"{ex.get('reward')!r}, which cannot score an answer: {e}") from e
     k = len(samples[0])
     for outs, ex in zip(samples, examples):
         check = checker(ex, checkers)
         read = [as_scored(o, ex.get("prompt", "")) for o in outs]  # a <think> the prompt opened
 
         def correct(answer: str | None) -> bool:
-            return answer is not None and check(f"\\boxed{{{answer}}}", ex) >= 1.0
+            if answer is None:
+                return False
+            reason, error = check_answer(f"\\boxed{{{answer}}}", ex, check, CHECK_CPU_TIME_S)
+            if reason in failed:  # scored wrong, counted and warned about below
+                failed[reason].append((ex.get("id"), error))
+            return reason is None
 
         answers = [extract_answer(o) for o in read]
         passes.append(sum(correct(a) for a in answers) / len(outs))
@@ -172,12 +194,27 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
         length += sum(len(o) for o in outs) / len(outs)
     if truncated is not None:  # per problem, like the other rates: problems are the draws
         cut = [sum(map(bool, flags)) / len(flags) for flags in truncated]
+    _warn_failed_checks(failed)
     n = len(examples)
     return EvalResult(sum(passes) / n, sum(solved) / n, fmt / n, length / n, k, n, missing / n,
                       standard_error(passes), standard_error(solved), sum(mixing) / n,
                       standard_error(mixing), language, sum(len(o) for o in samples),
                       sum(cut) / n if truncated is not None else None,
-                      standard_error(cut) if truncated is not None else None)
+                      standard_error(cut) if truncated is not None else None,
+                      checker_timeouts=len(failed["timeout"]),
+                      checker_errors=len(failed["checker_error"]))
+
+
+def _warn_failed_checks(failed: dict[str, list]) -> None:
+    """A WARNING per kind of answer the checker could not score (counted as wrong)."""
+    if failed["checker_error"]:
+        where, error = failed["checker_error"][0]
+        log.warning("evaluation: the checker failed on %d answers, counted as wrong; first: "
+                    "example %r: %s", len(failed["checker_error"]), where, error)
+    if failed["timeout"]:
+        log.warning("evaluation: the checker ran past %g CPU seconds on %d answers, counted as "
+                    "wrong (first: example %r)", CHECK_CPU_TIME_S, len(failed["timeout"]),
+                    failed["timeout"][0][0])
 
 
 def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,

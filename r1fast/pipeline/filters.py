@@ -167,14 +167,15 @@ def normalised(text: str) -> str:
 
 
 def check_answer(read: str, example: dict, check: Checker,
-                 cfg: RejectionFilterConfig) -> tuple[str | None, str | None]:
+                 cpu_time_s: float) -> tuple[str | None, str | None]:
     """``(reason, error)`` of the checker on ``read``: reason None (scored 1 or more),
-    "wrong" (below 1), "timeout" (past ``cfg.checker_cpu_time_s``) or "checker_error" (it
-    raised or returned no finite number; ``error`` says what). As in the reward runner's
-    inline mode, one bad call must not end a stage that may have sampled for hours."""
+    "wrong" (below 1), "timeout" (past ``cpu_time_s`` CPU seconds; 0: no limit) or
+    "checker_error" (it raised or returned no finite number; ``error`` says what). As in the
+    reward runner's inline mode, one bad call must not end a stage (rejection sampling, an
+    evaluation) that may have sampled for hours."""
     token = None
     try:
-        with cpu_time_limit(cfg.checker_cpu_time_s) as token:
+        with cpu_time_limit(cpu_time_s) as token:
             score = check(read, example)
     except CpuTimeExceeded as exc:
         if exc.token is not token:  # an outer limit fired: not ours to decide
@@ -214,7 +215,7 @@ def rejection_reason(text: str, example: dict, check: Checker | None,
     if cfg.require_correct:
         if check is None:
             raise ValueError("require_correct needs the example's checker, got check=None")
-        reason, error = check_answer(read, example, check, cfg)
+        reason, error = check_answer(read, example, check, cfg.checker_cpu_time_s)
         if error is not None and errors is not None:
             errors.append(error)
         if reason is not None:

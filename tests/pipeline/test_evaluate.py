@@ -89,3 +89,32 @@ def test_no_warning_at_or_below_five_percent(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
         r = evaluate_model(None, exs, k=20, policy=object(), tokenizer=object())
     assert r.truncated_rate == pytest.approx(0.05) and "max_new_tokens" not in caplog.text
+
+
+def test_a_checker_that_fails_or_runs_long_counts_as_wrong_and_says_so(monkeypatch, caplog):
+    """One checker exception used to end the evaluation (after all the sampling); now the
+    answer is wrong, counted in checker_errors / checker_timeouts, with a WARNING; a row no
+    checker can score is an error naming it."""
+    import r1fast.pipeline.evaluate as ev
+
+    # a Countdown row without its numbers: the checker raises on every answer
+    countdown = {"prompt": "Reach 7.", "target": 7, "reward": "countdown", "id": "c:3"}
+    math = {"prompt": "2 + 3 = ?", "answer": "5", "id": "m:0"}
+    good = "<think>add</think> \\boxed{5}"
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        result = ev.score_samples([[good, good], ["<think>x</think> \\boxed{3+4}"] * 2],
+                                  [math, countdown])
+    assert result.pass_at_1 == 0.5 and result.checker_errors == 3  # 2 samples + the majority
+    assert "the checker failed on 3 answers" in caplog.text and "'c:3'" in caplog.text
+
+    def slow(text, example):
+        while True:
+            pass
+
+    monkeypatch.setattr(ev, "CHECK_CPU_TIME_S", 0.2)
+    monkeypatch.setattr(ev, "checker", lambda ex, cache: slow)
+    result = ev.score_samples([[good]], [math])
+    assert result.pass_at_1 == 0.0 and result.checker_timeouts == 2
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"example 0 \(id 'r:1'\) has reward 'reward_model'"):
+        ev.score_samples([[good]], [{"prompt": "Greet.", "reward": "reward_model", "id": "r:1"}])
