@@ -129,6 +129,14 @@ def _plain_answer(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise BadRow(f"answer is {value}")
+        digits = len(repr(value).split("e")[0].replace(".", "").replace("-", "").strip("0"))
+        if value.is_integer() and abs(value) > 2 ** 53 and digits >= 16:
+            # a column mixing integers and decimals is read as 64-bit floats: an integer of
+            # more digits than a float keeps has lost some (12345678901234567891 reads
+            # 1.2345678901234567e+19); a round 1e16 is exact and kept
+            raise BadRow(f"answer {value!r} is a float above 2^53, where an integer answer "
+                         f"loses digits (its column mixes integers and decimals); write such "
+                         f"answers as strings")
         # positional, as a model writes it: str() would give '1e-05' or '1e+16'
         return format(decimal.Decimal(repr(value)), "f")
     return _text(value, "answer").strip()

@@ -73,6 +73,13 @@ def test_values_are_read_as_written_and_ambiguous_rows_are_bad(tmp_path):
                                ).to_parquet(str(path))
     ex, _ = load_examples(path)
     assert [e["answer"] for e in ex] == ["0.00001", "10000000000000000", "72.5"]
+    # an integer column with one decimal is read as 64-bit floats: a big integer lost digits
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(f'{{"prompt": "p{i}", "answer": {a}}}\n' for i, a in
+                             enumerate(["12345678901234567891", "1.5", "2", "3"])))
+    ex, report = load_examples(mixed)
+    assert [e["answer"] for e in ex] == ["1.5", "2.0", "3.0"] and report.first_bad_row == 0
+    assert "is a float above 2^53" in report.first_bad_reason
 
     rows = [{"problem": f"p{i}", "solution": "\\boxed{2}"} for i in range(3)]
     rows.append({"problem": "two parts", "solution": "(a) \\boxed{2} (b) \\boxed{3}"})
