@@ -298,9 +298,17 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
                                             filters=filters, overwrite=overwrite)
     rows = read_sft_rows(data_path)
     # a fresh student speaks the teacher's tokenizer (its prompts and answers are in it)
+    tokenizer = None if student_init else load_tokenizer(teacher_dir)
+    if student is not None and tokenizer.vocab_size > student.vocab_size:
+        wide = -(-tokenizer.vocab_size // 8) * 8  # every token a row, a multiple of 8
+        log.warning("distill: the student's model.vocab_size=%d cannot hold the teacher's "
+                    "tokenizer (%d tokens): the fresh student gets vocab_size=%d (or give "
+                    "student_init / --student-init, a model with its own tokenizer)",
+                    student.vocab_size, tokenizer.vocab_size, wide)
+        student = student.replace(vocab_size=wide)
     model = sft(rows, out_dir, init_from=student_init, model=student, steps=steps,
                 batch_size=batch_size, lr=lr, seed=seed, overwrite=overwrite,
-                tokenizer=None if student_init else load_tokenizer(teacher_dir))
+                tokenizer=tokenizer)
     return model, stats
 
 

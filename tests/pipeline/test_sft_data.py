@@ -277,3 +277,26 @@ def test_the_sft_stage_renders_prompts_for_a_chat_model(tmp_path, monkeypatch):
     stages.sft(rows, tmp_path / "run", model=ModelConfig.preset("tiny-moe"), tokenizer=hf)
     assert seen == render_prompts(rows, hf)
     assert seen[0]["prompt"].startswith("<|im_start|>user") and seen[0]["completion_ends_turn"]
+
+
+def test_a_fresh_student_is_sized_to_the_teachers_tokenizer(tmp_path, monkeypatch, caplog):
+    """A preset student (the demo's 168-token vocabulary) distilled from a Hugging Face
+    teacher: its embedding grows to hold every teacher token, with a WARNING, rather than an
+    error naming neither --student nor --student-init."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.policy.config import ModelConfig
+
+    build_tokenizer(tmp_path / "teacher", ["What is 2 + 3? assistant user system"] * 20)
+    size = HFTokenizer.load(tmp_path / "teacher").vocab_size
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 + 3?", "completion": "5"}) + "\n")
+    seen = {}
+    monkeypatch.setattr(stages, "sft", lambda rows, out, **kw: seen.update(kw))
+    student = ModelConfig.preset("tiny-dense").replace(vocab_size=168)
+    assert size > 168
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        stages.distill(tmp_path / "teacher", [], tmp_path / "out", student=student,
+                       teacher_data=data)
+    assert seen["model"].vocab_size == -(-size // 8) * 8 >= size
+    assert f"cannot hold the teacher's tokenizer ({size} tokens)" in caplog.text
