@@ -45,6 +45,21 @@ def write_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------- supervised
 
+def warmup_steps(out_dir: str | Path, steps: int, overwrite: bool) -> int:
+    """The stage helpers' warmup: a tenth of the run, at most 10 steps; a run that resumes in
+    ``out_dir`` keeps its checkpoint's (a rerun with more steps would otherwise change the
+    schedule, which the resume refuses as an optimizer setting that cannot apply)."""
+    import tomllib
+
+    from r1fast.train.checkpoint import latest_checkpoint, read_meta
+
+    last = None if overwrite else latest_checkpoint(Path(out_dir) / "checkpoints")
+    saved = read_meta(last).get("config") if last is not None else None
+    if saved:
+        return int(tomllib.loads(saved)["optim"]["warmup_steps"])
+    return min(10, steps // 10)
+
+
 def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path | None = None,
         model: ModelConfig | None = None, steps: int = 100, batch_size: int = 32,
         lr: float = 1e-3, loss_on_prompt: bool = False, seed: int = 0,
@@ -62,8 +77,9 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
 
     if (init_from is None) == (model is None):
         raise ValueError("give exactly one of init_from (a model folder) or model (a config)")
-    cfg = SFTConfig(model=model or load_model_config(str(init_from)), parallel=parallel or ParallelConfig(),
-                    optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 10),
+    cfg = SFTConfig(model=model or load_model_config(str(init_from)),
+                    parallel=parallel or ParallelConfig(),
+                    optim=OptimConfig(lr=lr, warmup_steps=warmup_steps(out_dir, steps, overwrite),
                                       lr_decay_style="cosine", min_lr=lr / 10),
                     steps=steps, batch_size=batch_size, loss_on_prompt=loss_on_prompt,
                     init_from=None if init_from is None else str(init_from),
@@ -325,7 +341,8 @@ def reward_model(init_from: str | Path, pairs: str | Path, out_dir: str | Path, 
     cfg = RewardModelTrainConfig(init_from=str(init_from), data=str(pairs),
                                  test=None if test is None else str(test),
                                  out_dir=str(out_dir), parallel=parallel or ParallelConfig(),
-                                 optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 10)),
+                                 optim=OptimConfig(lr=lr, warmup_steps=warmup_steps(
+                                     out_dir, steps, overwrite=False)),
                                  steps=steps, batch_size=batch_size, seed=seed)
     summary = RewardModelTrainer(cfg).fit()
     return Path(summary["model"]), summary

@@ -267,3 +267,13 @@ def test_a_distillation_rerun_reuses_its_own_teacher_data(greek_base, tmp_path):
     with pytest.raises(ValueError, match=r"teacher_data.jsonl holds teacher data drawn with "
                                          r"other sampling .* --overwrite .* --data"):
         stages.distill(greek_base, problems, tmp_path / "d", **{**run, "k": 2})
+
+
+def test_an_sft_stage_rerun_with_more_steps_resumes(greek_base, tmp_path):
+    """stages.sft's warmup is a tenth of the run: a rerun asking for more steps keeps the
+    checkpoint's warmup and goes on, instead of refusing a changed optimizer schedule."""
+    rows = [{"prompt": f"{i} + 1 = ", "completion": str(i + 1)} for i in range(8)]
+    stages.sft(rows, tmp_path / "s", init_from=greek_base, steps=10, batch_size=2)
+    stages.sft(rows, tmp_path / "s", init_from=greek_base, steps=20, batch_size=2)
+    assert [r["step"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")] == \
+        list(range(1, 21))
