@@ -53,15 +53,17 @@ PROBLEMS = ("problems", "preset", "template")
 #: an option that is accepted and then ignored runs something other than what was asked
 STAGE_OPTIONS: dict[str, frozenset[str]] = {name: frozenset(opts) for name, opts in {
     "pretrain": ("out", "model", "scripts", "steps", "lr", "long_share", "greek_share",
-                 "greetings", "num_train", "seed"),
+                 "greetings", "num_train", "seed", "data_seed"),
     "sft": ("out", "init", "data", "cold_start", "mix", "mix_ratio", "recipe", "steps", "lr",
-            "num_train", "seed", "overwrite"),
+            "num_train", "seed", "data_seed", "overwrite"),
     "grpo": ("out", "init", "recipe", "steps", "lr", "language", "num_train", "seed"),
-    "rejection-sample": ("out", "model", "overwrite", "prompts", "num_train", "seed", *SAMPLING,
+    "rejection-sample": ("out", "model", "overwrite", "prompts", "num_train", "seed",
+                         "data_seed", *SAMPLING,
                          *FILTERS, *PROBLEMS),
     "distill": ("out", "teacher", "student", "student_init", "data", "overwrite", "prompts",
-                "num_train", "seed", "steps", "lr", *SAMPLING, *FILTERS, *PROBLEMS),
-    "evaluate": ("model", "num_test", "seed", *SAMPLING, *PROBLEMS),
+                "num_train", "seed", "data_seed", "steps", "lr", *SAMPLING, *FILTERS,
+                *PROBLEMS),
+    "evaluate": ("model", "num_test", "seed", "data_seed", *SAMPLING, *PROBLEMS),
 }.items()}
 
 
@@ -123,7 +125,11 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     f"row of --problems; its first N)")
     ap.add_argument("--num-train", type=_at_least(1), default=default(3000))
     ap.add_argument("--num-test", type=_at_least(1), default=default(DemoConfig.num_test))
-    ap.add_argument("--seed", type=int, default=default(0))
+    ap.add_argument("--seed", type=int, default=default(0), help="seed of sampling and "
+                    "training")
+    ap.add_argument("--data-seed", type=int, default=default(0), help="seed of the demo's "
+                    "problem sets: the same problems whatever --seed, so runs that differ in "
+                    "--seed differ in sampling only")
     ap.add_argument("--max-new-tokens", type=_at_least(1),
                     default=default(DemoConfig.max_new_tokens))
     ap.add_argument("--problems", help="dataset file/folder of problems (rejection-sample, "
@@ -176,7 +182,7 @@ class _Run:
     @property
     def train(self) -> list[dict]:
         a = self.args
-        return demo_task.problems(a.num_train, "train", a.seed)
+        return demo_task.problems(a.num_train, "train", a.data_seed)
 
     def unused(self, *dests: str, why: str) -> None:
         """An error when one of ``dests`` was given: in this case the stage does not read it."""
@@ -189,7 +195,8 @@ class _Run:
         if self.args.problems is None:
             self.demo_task_fits(model_dir, "--problems FILE")
             return demo()
-        self.unused("num_train", "num_test", why="with --problems (its rows are the problems)")
+        self.unused("num_train", "num_test", "data_seed",
+                    why="with --problems (its rows are the problems)")
         return stages.load_problems(self.args.problems, model_dir, preset=self.args.preset,
                                     template=self.args.template)
 
@@ -265,7 +272,8 @@ class _Run:
         if a.data is not None:
             from r1fast.pipeline.sft_data import read_sft_rows
 
-            self.unused("num_train", why="with --data (it sizes --cold-start's demo problems)")
+            self.unused("num_train", "data_seed",
+                        why="with --data (they make --cold-start's demo problems)")
             rows = read_sft_rows(a.data)
         else:
             if a.cold_start > a.num_train:
@@ -346,9 +354,13 @@ class _Run:
     def evaluate(self) -> None:
         a = self.args
         self.need("model")
-        test = self.problems(a.model, lambda: demo_task.problems(a.num_test, "test", a.seed))
-        print(json.dumps(stages.evaluate(a.model, test, k=a.k, temperature=a.temperature,
-                                         max_new_tokens=a.max_new_tokens, seed=a.seed)))
+        test = self.problems(a.model, lambda: demo_task.problems(a.num_test, "test",
+                                                                 a.data_seed))
+        result = stages.evaluate(a.model, test, k=a.k, temperature=a.temperature,
+                                 max_new_tokens=a.max_new_tokens, seed=a.seed)
+        if a.problems is None:
+            result["data_seed"] = a.data_seed
+        print(json.dumps(result))
 
 
 #: stage name -> the _Run method that runs it (what it returns is printed: a path)

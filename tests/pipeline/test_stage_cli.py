@@ -277,3 +277,23 @@ def test_an_sft_stage_rerun_with_more_steps_resumes(greek_base, tmp_path):
     stages.sft(rows, tmp_path / "s", init_from=greek_base, steps=20, batch_size=2)
     assert [r["step"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")] == \
         list(range(1, 21))
+
+
+def test_seed_changes_the_sampling_not_the_demo_problems(greek_base, monkeypatch, capsys):
+    """evaluate --seed 0 and --seed 1 score the same demo test problems (--data-seed picks
+    those), so their difference is sampling alone; the output says which problem seed."""
+    seen = []
+
+    def record(model, problems, **kw):
+        seen.append(([p["prompt"] for p in problems], kw["seed"]))
+        return {"pass_at_1": 0.0}
+
+    monkeypatch.setattr(stages, "evaluate", record)
+    for seed in ("0", "1"):
+        assert main(["evaluate", "--model", str(greek_base), "--num-test", "20",
+                     "--seed", seed]) == 0
+    assert seen[0][0] == seen[1][0] and (seen[0][1], seen[1][1]) == (0, 1)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["data_seed"] == 0
+    assert main(["evaluate", "--model", str(greek_base), "--num-test", "20",
+                 "--data-seed", "1"]) == 0
+    assert seen[2][0] != seen[0][0]
