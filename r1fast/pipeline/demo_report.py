@@ -1,9 +1,12 @@
 """The demo's report: the results table (every rate with its standard error), the findings
 checked against it, and the RL curves as PNG files.
 
-A finding "holds" when the claimed gain is larger than two standard errors of the difference
-(``sqrt(se_a^2 + se_b^2)``; the two evaluations use disjoint samples, so their errors add in
-quadrature; the held-out problems are shared, which makes this conservative for paired gains).
+A finding "holds" when the claimed gain is larger than two standard errors of the difference.
+Two evaluations of the same held-out problems, with the same sampling streams, are paired: the
+error is that of the per-problem differences (their standard deviation / sqrt(problems)). The
+errors of unpaired results (no per-problem values) add in quadrature, ``sqrt(se_a^2 + se_b^2)``,
+which overstates the error of a paired difference: it makes a gain harder to show and a
+"not below" claim easier to pass, so paired values are used wherever they exist.
 """
 from __future__ import annotations
 
@@ -32,7 +35,15 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def gain(better: dict, worse: dict, key: str = "pass_at_1") -> tuple[float, float]:
-    """(difference, its standard error) of ``key`` between two evaluations."""
+    """(difference, its standard error) of ``key`` between two evaluations: paired over
+    problems when both carry ``per_problem`` values of the same problems, else in
+    quadrature (see the module docstring)."""
+    from r1fast.pipeline.evaluate import standard_error
+
+    a = (better.get("per_problem") or {}).get(key)
+    b = (worse.get("per_problem") or {}).get(key)
+    if a is not None and b is not None and len(a) == len(b) > 1:
+        return better[key] - worse[key], standard_error([x - y for x, y in zip(a, b)])
     return (better[key] - worse[key],
             math.sqrt(better[key + "_se"] ** 2 + worse[key + "_se"] ** 2))
 

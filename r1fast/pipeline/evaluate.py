@@ -93,6 +93,10 @@ class EvalResult:
     checker_errors: int = 0
     """Answers whose checker raised or returned no finite number: counted as wrong, with a
     WARNING naming the first."""
+    per_problem: dict[str, list[float]] | None = None
+    """``pass_at_1``, ``cons_at_k`` and ``language_mixing`` of each problem, in order: two
+    evaluations of the same problems with the same sampling streams differ per problem, so
+    their difference has a paired standard error (:func:`r1fast.pipeline.demo_report.gain`)."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -202,7 +206,9 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
                       sum(cut) / n if truncated is not None else None,
                       standard_error(cut) if truncated is not None else None,
                       checker_timeouts=len(failed["timeout"]),
-                      checker_errors=len(failed["checker_error"]))
+                      checker_errors=len(failed["checker_error"]),
+                      per_problem={"pass_at_1": passes, "cons_at_k": solved,
+                                   "language_mixing": mixing})
 
 
 def _warn_failed_checks(failed: dict[str, list]) -> None:

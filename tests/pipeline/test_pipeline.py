@@ -183,6 +183,15 @@ def test_findings_need_two_standard_errors():
     assert not demo_report.finding("x", -0.07, 0.03, claim="not_below")["holds"]
     with pytest.raises(ValueError, match="claim must be"):
         demo_report.finding("x", 0.1, 0.01, claim="better")
+    # the same problems: the error of the per-problem differences, not the quadrature sum
+    # (here every problem moves by 0 or 0.25, so the paired error is far smaller)
+    per_a, per_b = [1.0, 0.75, 0.5, 1.0], [1.0, 0.5, 0.5, 0.75]
+    a = {"pass_at_1": 0.8125, "pass_at_1_se": 0.12, "per_problem": {"pass_at_1": per_a}}
+    b = {"pass_at_1": 0.6875, "pass_at_1_se": 0.12, "per_problem": {"pass_at_1": per_b}}
+    diff, se = demo_report.gain(a, b)
+    assert diff == pytest.approx(0.125) and se == pytest.approx(math.sqrt(0.25 ** 2 / 3 / 4))
+    assert demo_report.gain(a, {k: v for k, v in b.items() if k != "per_problem"})[1] == \
+        pytest.approx(math.sqrt(2 * 0.12 ** 2))
 
 
 def test_votes_group_equivalent_answers():
