@@ -55,9 +55,9 @@ class UpdateResult:
     grad_norm: float
     """Global gradient norm before clipping (the same on every rank)."""
     time_fwd_bwd_s: float
-    """Seconds in the forward-backward schedule."""
+    """Seconds in the forward-backward schedule (on a GPU until its kernels finish)."""
     time_optimizer_s: float
-    """Seconds in the optimizer step."""
+    """Seconds in the optimizer step (on a GPU until its kernels finish)."""
     skipped: bool = False
     """The step was skipped (non-finite loss or gradient norm): nothing changed."""
     lr: float = 0.0
@@ -137,6 +137,8 @@ class TrainEngine:
         self.optimizer.zero_grad()
         biases = [b.clone() for b in self._expert_biases]
         results = list(self.policy.forward_backward(micro_batches, loss_fn))
+        if self.device.type == "cuda":  # the backward's queued kernels count as fwd-bwd time
+            torch.cuda.synchronize(self.device)  # (the grad norm below waits for them anyway)
         t1 = time.perf_counter()
         found_inf = bool(self.optimizer.prepare_grads())  # main grads; True only via a scaler
         grad_norm = float(self.optimizer.get_grad_norm() or 0.0)  # global over every shard
@@ -162,6 +164,8 @@ class TrainEngine:
             raise FloatingPointError("megatron's optimizer reported a failed step after the "
                                      "finite-value checks passed")
         self.scheduler.step(1)
+        if self.device.type == "cuda":  # the step's kernels in its own time, not the next's
+            torch.cuda.synchronize(self.device)
         return UpdateResult(results, grad_norm, t1 - t0, time.perf_counter() - t1, lr=lr)
 
     def _any_rank(self, flags: Sequence[bool]) -> bool:
