@@ -162,10 +162,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_L2_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    """Evict the GPU's L2 (50-60 MB on Hopper) by writing 256 MiB, as triton.testing.do_bench
+    does: the routing logits (18 MB) or a GRPO loss's inputs (a few MB) would otherwise be
+    read from cache in every repeat after the first, and their GB/s would not be HBM's."""
+    if device.type != "cuda":
+        return
+    key = str(device)
+    if key not in _L2_FLUSH:
+        _L2_FLUSH[key] = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    _L2_FLUSH[key].zero_()
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, reps: int = 5,
             setup: Callable[[], Any] | None = None) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU). ``setup`` runs before
-    each repeat, outside the timed region."""
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU, the L2 flushed before
+    each repeat: :func:`_flush_l2`). ``setup`` runs before each repeat, outside the timed
+    region."""
     for _ in range(warmup):
         if setup:
             setup()
@@ -175,6 +191,7 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, rep
     for _ in range(reps):
         if setup:
             setup()
+        _flush_l2(device)
         _sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
