@@ -45,7 +45,7 @@ from r1fast.pipeline.demo import DemoConfig, dense_model, moe_model, pretrain_ba
 MODELS = {"tiny-moe": moe_model, "tiny-dense": dense_model}
 DEFAULT_STEPS, DEFAULT_LR, PRETRAIN_LR = 200, 1e-3, 3e-3
 DEFAULT_PROMPTS = 1024  # demo problems sampled by rejection-sample / distill
-SAMPLING = ("k", "temperature", "max_new_tokens")
+SAMPLING = ("k", "temperature", "top_p", "max_new_tokens")
 FILTERS = ("keep", "language", "max_chars", "max_paragraph_chars", "min_language_share",
            "allow_code_blocks", "keep_truncated")
 PROBLEMS = ("problems", "preset", "template")
@@ -58,12 +58,12 @@ STAGE_OPTIONS: dict[str, frozenset[str]] = {name: frozenset(opts) for name, opts
             "num_train", "seed", "data_seed", "overwrite"),
     "grpo": ("out", "init", "recipe", "steps", "lr", "language", "num_train", "seed"),
     "rejection-sample": ("out", "model", "overwrite", "prompts", "num_train", "seed",
-                         "data_seed", *SAMPLING,
+                         "data_seed", "keep_per_prompt", *SAMPLING,
                          *FILTERS, *PROBLEMS),
     "distill": ("out", "teacher", "student", "student_init", "data", "overwrite", "prompts",
-                "num_train", "seed", "data_seed", "steps", "lr", *SAMPLING, *FILTERS,
-                *PROBLEMS),
-    "evaluate": ("model", "num_test", "seed", "data_seed", *SAMPLING, *PROBLEMS),
+                "num_train", "seed", "data_seed", "steps", "lr", "keep_per_prompt", *SAMPLING,
+                *FILTERS, *PROBLEMS),
+    "evaluate": ("model", "num_test", "seed", "data_seed", "language", *SAMPLING, *PROBLEMS),
 }.items()}
 
 
@@ -120,6 +120,10 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     help="pretrain: greeting rows (half warm, half poor) in the corpus")
     ap.add_argument("--k", type=_at_least(1), default=default(4), help="samples per prompt")
     ap.add_argument("--temperature", type=float, default=default(0.6))
+    ap.add_argument("--top-p", type=float, help="nucleus sampling (default: evaluate 0.95, as "
+                    "R1's report; rejection-sample, distill 1.0)")
+    ap.add_argument("--keep-per-prompt", type=_at_least(1), help="rejection-sample, distill: "
+                    "at most N kept answers per prompt (default: every distinct one, up to --k)")
     ap.add_argument("--prompts", type=_at_least(1), help=f"problems to sample (default: the "
                     f"last {DEFAULT_PROMPTS} demo problems or all of them if fewer, or every "
                     f"row of --problems; its first N)")
@@ -138,7 +142,8 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
     ap.add_argument("--template", help="prompt template for --problems ({question}, or r1-zero)")
     ap.add_argument("--language", help="grpo: add the language-consistency reward toward this "
                     "language (en, zh, el, ...); rejection-sample, distill: the thought's "
-                    "language ('none': no language rule; default en)")
+                    "language ('none': no language rule; default en); evaluate: the language "
+                    "that language mixing is measured against (default en)")
     ap.add_argument("--keep", default=default("correct"),
                     choices=("correct", "well_formed", "all"),
                     help="rejection-sample, distill: rule preset (all = only drop empty answers and "
@@ -325,7 +330,9 @@ class _Run:
         self.need("out", "model")
         out, summary = stages.rejection_sample(a.model, self.sampled_problems(a.model), a.out,
                                                k=a.k, temperature=a.temperature,
+                                               top_p=1.0 if a.top_p is None else a.top_p,
                                                max_new_tokens=a.max_new_tokens, seed=a.seed,
+                                               keep_per_prompt=a.keep_per_prompt,
                                                filters=self.filters(), overwrite=a.overwrite)
         print(format_summary(summary))
         print(json.dumps(summary))
@@ -337,15 +344,16 @@ class _Run:
         if a.student_init is not None:
             self.unused("student", why="with --student-init (that folder is the student)")
         if a.data is not None:
-            self.unused("prompts", "num_train", *SAMPLING, *FILTERS, *PROBLEMS,
-                        why="with --data (the teacher's answers are read from it)")
+            self.unused("prompts", "num_train", "keep_per_prompt", *SAMPLING, *FILTERS,
+                        *PROBLEMS, why="with --data (the teacher's answers are read from it)")
             problems, filters = [], None
         else:
             problems, filters = self.sampled_problems(a.teacher), self.filters()
         student = None if a.student_init else MODELS[a.student or "tiny-dense"]()
         out, stats = stages.distill(
             a.teacher, problems, a.out, student=student, student_init=a.student_init, k=a.k,
-            temperature=a.temperature, max_new_tokens=a.max_new_tokens, steps=self.steps,
+            temperature=a.temperature, top_p=1.0 if a.top_p is None else a.top_p,
+            keep_per_prompt=a.keep_per_prompt, max_new_tokens=a.max_new_tokens, steps=self.steps,
             lr=self.lr, seed=a.seed, filters=filters, teacher_data=a.data,
             overwrite=a.overwrite)
         print(json.dumps(stats))
@@ -356,8 +364,13 @@ class _Run:
         self.need("model")
         test = self.problems(a.model, lambda: demo_task.problems(a.num_test, "test",
                                                                  a.data_seed))
+        if a.language == "none":
+            self.ap.error("evaluate --language: 'none' has no meaning here (it measures mixing "
+                          "against one language); give a code such as en, zh, el")
         result = stages.evaluate(a.model, test, k=a.k, temperature=a.temperature,
-                                 max_new_tokens=a.max_new_tokens, seed=a.seed)
+                                 top_p=0.95 if a.top_p is None else a.top_p,
+                                 max_new_tokens=a.max_new_tokens, seed=a.seed,
+                                 language=a.language or "en")
         if a.problems is None:
             result["data_seed"] = a.data_seed
         print(json.dumps(result))

@@ -219,6 +219,7 @@ def rejection_sample(model_dir: str | Path, examples: Sequence[dict], out_path: 
                                    filters, keep_per_prompt, truncated=samples.truncated)
     summary["sampling"] = sampling_record(model_dir, examples, k=k, temperature=temperature,
                                           top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    summary["keep_per_prompt"] = keep_per_prompt
     summary_path = path.with_suffix(".summary.json")
     summary["summary_path"] = str(summary_path)
     write_text_atomic(summary_path, json.dumps(summary, indent=1) + "\n")
@@ -237,14 +238,16 @@ def sampling_record(model_dir, examples: Sequence[dict], **settings) -> dict[str
     return {"model": str(model_dir), **settings, "prompts_sha256": prompts.hexdigest()}
 
 
-def _reusable_teacher_data(path: Path, sampling: dict, filters: RejectionFilterConfig) -> bool:
+def _reusable_teacher_data(path: Path, sampling: dict, filters: RejectionFilterConfig,
+                           keep_per_prompt: int | None) -> bool:
     """Whether ``path`` (a distillation's earlier teacher data) was drawn exactly as this run
     would draw it (its summary's sampling record and rules); another draw there is an error."""
     if not path.exists():
         return False
     summary_path = path.with_suffix(".summary.json")
     stored = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    want = json.loads(json.dumps({"sampling": sampling, "rules": dataclasses.asdict(filters)}))
+    want = json.loads(json.dumps({"sampling": sampling, "rules": dataclasses.asdict(filters),
+                                  "keep_per_prompt": keep_per_prompt}))
     differ = [k for k in want if stored.get(k) != want[k]]
     if differ:
         raise ValueError(f"{path} holds teacher data drawn with other {' and '.join(differ)} "
@@ -281,9 +284,10 @@ def sampled_rows(rows: Sequence[dict], examples: Sequence[dict], tok) -> list[di
 
 def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Path, *,
             student: ModelConfig | None = None, student_init: str | Path | None = None,
-            k: int = 4, temperature: float = 1.0, max_new_tokens: int = 64, steps: int = 200,
-            batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+            k: int = 4, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
+            steps: int = 200, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
             keep: str = "correct", filters: RejectionFilterConfig | None = None,
+            keep_per_prompt: int | None = None,
             teacher_data: str | Path | None = None,
             overwrite: bool = False) -> tuple[Path, dict]:
     """The teacher answers ``examples`` (k samples each, kept by ``filters`` or the preset
@@ -303,15 +307,17 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
     drawn = out_dir / "teacher_data.jsonl"  # a rerun resumes: it reuses its own draw
     if teacher_data is None and not overwrite and _reusable_teacher_data(
             drawn, sampling_record(teacher_dir, examples, k=k, temperature=temperature,
-                                   top_p=1.0, max_new_tokens=max_new_tokens, seed=seed), filters):
+                                   top_p=top_p, max_new_tokens=max_new_tokens, seed=seed),
+            filters, keep_per_prompt):
         teacher_data = drawn
     if teacher_data is not None:
         data_path, stats = Path(teacher_data), {"reused": str(teacher_data)}
     else:
         data_path, stats = rejection_sample(teacher_dir, examples, drawn, k=k,
-                                            temperature=temperature,
+                                            temperature=temperature, top_p=top_p,
                                             max_new_tokens=max_new_tokens, seed=seed,
-                                            filters=filters, overwrite=overwrite)
+                                            keep_per_prompt=keep_per_prompt, filters=filters,
+                                            overwrite=overwrite)
     rows = read_sft_rows(data_path)
     # a fresh student speaks the teacher's tokenizer (its prompts and answers are in it)
     tokenizer = None if student_init else load_tokenizer(teacher_dir)

@@ -297,3 +297,22 @@ def test_seed_changes_the_sampling_not_the_demo_problems(greek_base, monkeypatch
     assert main(["evaluate", "--model", str(greek_base), "--num-test", "20",
                  "--data-seed", "1"]) == 0
     assert seen[2][0] != seen[0][0]
+
+
+def test_top_p_keep_per_prompt_and_language_reach_the_stages(greek_base, monkeypatch):
+    """--top-p (each stage's own default when not given), --keep-per-prompt and evaluate's
+    --language are handed on, not accepted and dropped."""
+    rs = _capture(monkeypatch, "rejection_sample")
+    assert main(["rejection-sample", "--model", str(greek_base), "--out", "x.jsonl",
+                 "--prompts", "2", "--keep-per-prompt", "1", "--top-p", "0.9"]) == 0
+    assert rs[-1][1]["keep_per_prompt"] == 1 and rs[-1][1]["top_p"] == 0.9
+    assert main(["rejection-sample", "--model", str(greek_base), "--out", "x.jsonl",
+                 "--prompts", "2"]) == 0
+    assert rs[-1][1]["keep_per_prompt"] is None and rs[-1][1]["top_p"] == 1.0
+    seen = []
+    monkeypatch.setattr(stages, "evaluate", lambda model, problems, **kw: seen.append(kw) or {})
+    assert main(["evaluate", "--model", str(greek_base), "--num-test", "4",
+                 "--language", "el"]) == 0
+    assert seen[-1]["language"] == "el" and seen[-1]["top_p"] == 0.95
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(greek_base), "--language", "none"])
