@@ -177,9 +177,13 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
     _check_hf(get, family)
     if get("attention_bias", False):
         raise ValueError(f"from_hf_config: attention_bias=True is not supported for {family}")
-    if get("rope_interleave", True) is False:
-        raise ValueError(f"from_hf_config: {family} with rope_interleave=False is not "
-                         "supported (megatron's MLA applies DeepSeek's interleaved RoPE)")
+    # transformers' V3 interleaves only when the key is truthy (null too means it does not);
+    # its V2 always interleaves
+    if family == "deepseek_v3" and not get("rope_interleave", True):
+        raise ValueError(f"from_hf_config: {family} with rope_interleave="
+                         f"{get('rope_interleave', True)!r} is not supported (megatron's MLA "
+                         f"applies DeepSeek's interleaved RoPE; transformers interleaves only "
+                         f"when it is true)")
     score = "softmax" if family == "deepseek_v2" else "sigmoid"
     if (get("scoring_func", score) or score) != score:
         raise ValueError(f"from_hf_config: {family} scoring_func must be {score!r}, got "

@@ -92,6 +92,15 @@ def test_yarn_that_cannot_be_matched_is_an_error(rope, match):
                                     "rope_parameters": rope})
 
 
+@pytest.mark.parametrize("value", [False, None])
+def test_rope_not_interleaved_is_an_error(value):
+    """transformers' DeepSeek-V3 interleaves the rope dims only when rope_interleave is
+    truthy: a null there is the other layout (|d log p| 1.1 on a tiny model), not a default."""
+    with pytest.raises(ValueError, match=f"rope_interleave={value} is not supported"):
+        ModelConfig.from_hf_config({**HF_CONFIG, "model_type": "deepseek_v3",
+                                    "rope_interleave": value})
+
+
 def test_qwen3_moe_without_expert_count_names_the_key():
     cfg = {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
