@@ -355,10 +355,13 @@ class ModelConfig:
             dense = tuple(i for i in range(kw["num_layers"])
                           if i in only or not (n_exp > 0 and (i + 1) % step == 0))
             norm = bool(get("norm_topk_prob", False))
+            # top-1 renormalised is weight 1: megatron reaches it only as a softmax over all
+            # experts renormalised (its top-1 refuses the softmax over the k logits)
+            top1 = norm and get("num_experts_per_tok") == 1
             kw.update(num_experts=n_exp, moe_ffn_hidden_size=get("moe_intermediate_size"),
                       moe_router_topk=get("num_experts_per_tok"), dense_layers=dense,
-                      router_score="softmax", router_pre_softmax=not norm,
-                      router_normalize=None if norm else False,
+                      router_score="softmax", router_pre_softmax=not norm or top1,
+                      router_normalize=True if top1 else None if norm else False,
                       aux_loss_coef=float(get("router_aux_loss_coef", 0.0) or 0.0)
                       if get("output_router_logits", False) else 0.0)
         return validated_from_hf(cls, kw, model_type)

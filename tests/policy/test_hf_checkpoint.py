@@ -33,6 +33,10 @@ MODELS = {
         transformers.Qwen3MoeConfig(head_dim=16, moe_intermediate_size=32, num_experts=8,
                                     num_experts_per_tok=2, norm_topk_prob=False,
                                     mlp_only_layers=[0], **COMMON)),
+    # top-1 renormalised: every token's expert output at weight 1
+    "qwen3_moe-top1-norm": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=1,
+        norm_topk_prob=True, **COMMON)),
     "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16,
                                                                             **COMMON)),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON)),
