@@ -175,8 +175,9 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
     (``get(key, default)``), on top of ``base`` (the family-independent ones)."""
     get = _with_hf_defaults(get, family)
     _check_hf(get, family)
-    if get("attention_bias", False):
-        raise ValueError(f"from_hf_config: attention_bias=True is not supported for {family}")
+    for key in ("attention_bias", "mlp_bias"):  # biases megatron's MLA / experts do not have
+        if get(key, False):
+            raise ValueError(f"from_hf_config: {key}=True is not supported for {family}")
     # transformers' V3 interleaves only when the key is truthy (null too means it does not);
     # its V2 always interleaves
     if family == "deepseek_v3" and not get("rope_interleave", True):

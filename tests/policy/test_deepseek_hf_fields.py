@@ -92,6 +92,14 @@ def test_yarn_that_cannot_be_matched_is_an_error(rope, match):
                                     "rope_parameters": rope})
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+def test_biases_are_refused_by_name(family):
+    v2 = {"norm_topk_prob": False} if family == "deepseek_v2" else {}  # V2's only routing
+    for key in ("attention_bias", "mlp_bias"):
+        with pytest.raises(ValueError, match=f"{key}=True is not supported for {family}"):
+            ModelConfig.from_hf_config({**HF_CONFIG, **v2, "model_type": family, key: True})
+
+
 @pytest.mark.parametrize("value", [False, None])
 def test_rope_not_interleaved_is_an_error(value):
     """transformers' DeepSeek-V3 interleaves the rope dims only when rope_interleave is
