@@ -557,12 +557,10 @@ class Policy:
 
 
 def build_policy(model_cfg: ModelConfig, parallel_cfg: Optional[ParallelConfig] = None,
-                 seed: int = 0, *, trainable: bool = True,
-                 distributed_optimizer: bool = True) -> Policy:
+                 seed: int = 0, *, trainable: bool = True, distributed_optimizer: bool = True
+                 ) -> Policy:
     """Initialise the parallel layout (if needed), build this rank's GPTModel chunk with the
-    r1fast router, and wrap it in megatron DDP when ``trainable`` (see r1fast.policy.optim;
-    ``distributed_optimizer``: its buffers laid out for the optimizer that shards its state
-    over DP, which :func:`~r1fast.policy.optim.build_optimizer` then must match)."""
+    r1fast router, and wrap it in megatron DDP when ``trainable`` (optim.wrap_ddp)."""
     from megatron.core.models.gpt import GPTModel
 
     from r1fast.policy.dispatcher import use_fixed_order_dispatch

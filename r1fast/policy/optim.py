@@ -102,7 +102,9 @@ class OptimConfig:
 
 def wrap_ddp(policy, distributed_optimizer: bool = True) -> None:
     """Wrap ``policy.gpt`` in megatron DDP (fp32 grad buffers; no overlap, so the step is
-    deterministic) and install megatron's finalize_model_grads in the config."""
+    deterministic) and install megatron's finalize_model_grads in the config. Its buffers are
+    laid out for ``distributed_optimizer`` (ZeRO-1), which :func:`build_optimizer` then must
+    match."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
 
