@@ -177,8 +177,16 @@ HF_KEYS: dict[str, str] = {
 def validated_from_hf(cls, kw: dict[str, Any], model_type: str):
     """``cls(**kw).validate()``; a ValueError also names the HF keys of the fields it names, so
     a bad config.json is reported in its own vocabulary."""
+    import logging
     import re
 
+    if kw.get("aux_loss_coef"):  # Qwen3-MoE's router_aux_loss_coef, with output_router_logits
+        logging.getLogger("r1fast.policy").warning(
+            "from_hf_config: %s router_aux_loss_coef=%g becomes megatron's aux-loss "
+            "coefficient, a loss per MoE layer summed over the layers (c*E/k*sum f*P each), "
+            "where transformers pools every layer's counts into one loss (c*E*sum f*P): the "
+            "same value weighs about layers/k times more here; set model.aux_loss_coef to "
+            "choose", model_type, kw["aux_loss_coef"])
     try:
         return cls(**kw).validate()
     except ValueError as e:

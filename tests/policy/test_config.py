@@ -3,6 +3,7 @@ translation from and to Hugging Face configs, and the derived data-parallel size
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import pytest
@@ -91,11 +92,14 @@ def test_from_hf_qwen3_moe():
     assert cfg.aux_loss_coef == 0.0  # HF applies the coefficient only with output_router_logits
 
 
-def test_from_hf_qwen3_moe_without_topk_renormalisation():
-    cfg = ModelConfig.from_hf_config(dict(QWEN3_MOE, norm_topk_prob=False,
-                                          output_router_logits=True))
+def test_from_hf_qwen3_moe_without_topk_renormalisation(caplog):
+    with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
+        cfg = ModelConfig.from_hf_config(dict(QWEN3_MOE, norm_topk_prob=False,
+                                              output_router_logits=True))
     assert cfg.router_pre_softmax and cfg.router_normalize is False
     assert cfg.aux_loss_coef == 0.001
+    # megatron's per-layer aux loss is not transformers' pooled one: said, not silent
+    assert "router_aux_loss_coef=0.001 becomes megatron's aux-loss coefficient" in caplog.text
 
 
 def test_from_hf_qwen2_has_qkv_bias_and_no_qk_norm():
