@@ -439,8 +439,9 @@ class Demo:
     def stage4_text(self) -> str:
         rm = self.summary["reward_model"]
         streams, greet = self.summary["stage4_streams"], self.summary["greetings"]
-        return (f"Stage 4: reward model held-out pair accuracy {rm['heldout_accuracy']:.3f} "
-                f"({rm['test_pairs']} pairs; {rm['heldout_accuracy_before']:.3f} before "
+        return (f"Stage 4: reward model held-out pair accuracy {rm['heldout_accuracy']:.3f} ± "
+                f"{rm['heldout_accuracy_se']:.3f} ({rm['test_pairs']} pairs; "
+                f"{rm['heldout_accuracy_before']:.3f} before "
                 f"training). GRPO reward per source, first -> last 5 steps: rule rows "
                 f"{streams['rule'][0]:.3f} -> {streams['rule'][1]:.3f}, reward-model rows "
                 f"{streams['model'][0]:.3f} -> {streams['model'][1]:.3f}. Warm greetings to "
