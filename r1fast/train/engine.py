@@ -97,6 +97,7 @@ class TrainEngine:
         self.info = self.policy.info
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
+        self.distributed_optimizer = optim.use_distributed_optimizer
         self._expert_biases = [m.expert_bias for m in self.policy.gpt.modules()
                                if getattr(m, "expert_bias", None) is not None]
         """Aux-loss-free balancing's biases (DeepSeek-V3): megatron moves them inside the
@@ -132,9 +133,10 @@ class TrainEngine:
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         t0, lr = time.perf_counter(), self.lr
-        # the last step's .grad: without the distributed optimizer megatron points each
-        # param's .grad at its main_grad, and the next backward would add it in again
-        self.optimizer.zero_grad()
+        if not self.distributed_optimizer:  # (its zero_grad reads .grad of shard views)
+            # megatron's plain optimizer leaves each param's .grad pointing at its main_grad
+            # after a step: the next backward would add the old gradient in again
+            self.optimizer.zero_grad()
         biases = [b.clone() for b in self._expert_biases]
         results = list(self.policy.forward_backward(micro_batches, loss_fn))
         if self.device.type == "cuda":  # the backward's queued kernels count as fwd-bwd time
