@@ -55,9 +55,8 @@ def warmup_steps(out_dir: str | Path, steps: int, overwrite: bool) -> int:
 
     last = None if overwrite else latest_checkpoint(Path(out_dir) / "checkpoints")
     saved = read_meta(last).get("config") if last is not None else None
-    if saved:
-        return int(tomllib.loads(saved)["optim"]["warmup_steps"])
-    return min(10, steps // 10)
+    kept = tomllib.loads(saved).get("optim", {}).get("warmup_steps") if saved else None
+    return min(10, steps // 10) if kept is None else int(kept)
 
 
 def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path | None = None,

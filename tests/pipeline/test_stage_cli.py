@@ -316,3 +316,15 @@ def test_top_p_keep_per_prompt_and_language_reach_the_stages(greek_base, monkeyp
     assert seen[-1]["language"] == "el" and seen[-1]["top_p"] == 0.95
     with pytest.raises(SystemExit):
         main(["evaluate", "--model", str(greek_base), "--language", "none"])
+
+
+def test_a_reward_model_stage_rerun_with_more_steps_resumes(greek_base, tmp_path):
+    """The same for stages.reward_model: the rerun keeps the checkpoint's warmup."""
+    from r1fast.pipeline import demo_task
+
+    pairs = stages.write_jsonl(demo_task.preference_pairs(16, "train", 0), tmp_path / "p.jsonl")
+    stages.reward_model(greek_base, pairs, tmp_path / "rm", steps=10, batch_size=4)
+    _, summary = stages.reward_model(greek_base, pairs, tmp_path / "rm", steps=20, batch_size=4)
+    assert summary["steps"] == 20
+    assert [r["step"] for r in read_jsonl(tmp_path / "rm" / "metrics.jsonl")] == \
+        list(range(1, 21))
