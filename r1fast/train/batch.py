@@ -91,6 +91,28 @@ def all_ranks_int(value: int, op: str) -> int:
     return int(t.item())
 
 
+def model_parallel_agreed(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``values`` as the first rank of this rank's model-parallel group (TP x PP: the ranks
+    that hold the same completions) has them: every rank scores its completions, but a
+    wall-clock reward timeout can differ between them, and ranks training one replica must
+    use the same rewards (else their sharded gradients disagree). Collective over that
+    group; a no-op without one."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return values
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return values
+    keys = sorted(values)  # the same parts on every rank (one config)
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dev)  # [parts, n]
+    dist.broadcast(t, dist.get_global_rank(group, 0), group=group)
+    return {k: row.tolist() for k, row in zip(keys, t.cpu())}
+
+
 def split_even(n: int, parts: int) -> list[slice]:
     """``parts`` contiguous slices of ``range(n)``; n must divide evenly."""
     if parts < 1 or n % parts != 0:

@@ -47,3 +47,23 @@ def test_split_even_and_single_process_reduction():
     with pytest.raises(ValueError, match="cannot split 5 rows into 2 equal parts"):
         split_even(5, 2)
     assert all_ranks_int(7, "max") == 7 and all_ranks_int(7, "min") == 7
+
+
+def _agree_worker(rank):
+    import torch.distributed as dist
+
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.parallel import init_parallel
+    from r1fast.train.batch import model_parallel_agreed
+
+    dist.init_process_group("gloo")
+    init_parallel(ParallelConfig(tp=2), ModelConfig.preset("tiny-moe"))
+    # the two TP ranks scored the same completions differently (a timeout on one of them)
+    mine = {"total": [float(rank), 2.0 + rank], "accuracy": [1.0 * rank, 0.5]}
+    assert model_parallel_agreed(mine) == {"total": [0.0, 2.0], "accuracy": [0.0, 0.5]}
+
+
+def test_tensor_parallel_ranks_train_on_the_same_rewards():
+    from tests.helpers.spawn import run_ranks
+
+    run_ranks(2, _agree_worker)
