@@ -216,7 +216,11 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqle
             raise ValueError(f"global_normalizer must be a finite number > 0, got the tensor "
                              f"value {norm}")
     if max_len is None and length is None and not padded and global_normalizer is None \
-            and cfg.agg == "seq-mean-token-sum-norm" and not torch.compiler.is_compiling():
+            and cfg.agg == "seq-mean-token-sum-norm":
+        if torch.compiler.is_compiling():  # reading L_max is a host sync a graph cannot hold
+            raise ValueError("agg='seq-mean-token-sum-norm' on packed rows under torch.compile "
+                             "needs max_len (Dr.GRPO's L_max, e.g. the max completion length) "
+                             "or global_normalizer")
         length = int(cu_seqlens.diff().max()) if num_seqs > 0 else 0  # needed: L_max (a sync)
     if max_len is None:
         max_len = length if length is not None else 0

@@ -279,3 +279,28 @@ def test_unavailable_impl():
     b = make_batch(2, 3)
     with pytest.raises(ImplUnavailableError, match="policy_loss: impl='cuda'"):
         call_policy_loss(b["logp"], b["old"], b["adv"], b["mask"], impl="cuda")
+
+
+def test_dr_grpo_on_packed_rows_under_compile_needs_its_lmax():
+    """Under torch.compile, L_max cannot be read from cu_seqlens in the graph (a host sync),
+    and the loss used to divide by B * 0 -> 1: 15x too large here, silently. Now the traced
+    check raises: Dynamo runs that frame eagerly (right value), fullgraph=True is an error
+    naming max_len, and with max_len the compiled loss equals the eager one."""
+    cfg = PolicyLossConfig(agg="seq-mean-token-sum-norm")
+    cu = torch.tensor([0, 3, 8, 10])
+    lp = torch.randn(10, generator=torch.Generator().manual_seed(0)) - 2
+    adv, mask = torch.tensor([1.0, -2.0, 0.5]), torch.ones(10)
+
+    def loss(lp, max_len=None):
+        return policy_loss(lp, lp.clone(), adv, mask, cfg, cu_seqlens=cu, max_len=max_len,
+                           impl="torch")[0]
+
+    want = -(3 * 1.0 + 5 * -2.0 + 2 * 0.5) / (3 * 5)
+    assert float(loss(lp)) == pytest.approx(want)
+    torch._dynamo.reset()
+    assert float(torch.compile(loss, backend="aot_eager")(lp)) == pytest.approx(want)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="needs max_len"):
+        torch.compile(loss, backend="aot_eager", fullgraph=True)(lp)
+    torch._dynamo.reset()
+    assert float(torch.compile(loss, backend="aot_eager")(lp, 5)) == pytest.approx(want)
