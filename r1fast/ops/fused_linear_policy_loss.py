@@ -112,6 +112,9 @@ def fused_linear_policy_loss(
     tok_shape = tuple(hidden.shape[:-1])  # [B, L] or [T]
     check_tensor("targets", targets, dtypes=INDEX_DTYPES, shape=tok_shape, device=hidden.device)
     check_tensor("mask", mask, shape=tok_shape, device=hidden.device)
+    # an HF label of -100 means "no loss here" whatever the mask says (a mask taken from the
+    # attention mask would otherwise count those tokens with logp 0 in the loss and metrics)
+    mask = torch.where(targets == _IGNORE, torch.zeros_like(mask), mask)
     if isinstance(temperature, torch.Tensor):
         check_tensor("temperature", temperature, dtypes=FLOAT_DTYPES, shape=tok_shape,
                      device=hidden.device)

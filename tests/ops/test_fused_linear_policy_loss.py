@@ -126,6 +126,20 @@ def test_padded_matches_fp64(impl, config, device):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_an_ignore_index_target_is_masked_whatever_the_mask(impl, device):
+    """HF labels keep -100 where nothing is scored; with a mask taken from the attention mask
+    those tokens used to count in the loss and its metrics with logp 0."""
+    _skip_if_no_triton(impl, device)
+    inp = make_inputs(3, 5, 16, 37, seed=1, device=device)
+    hf = dict(inp, targets=torch.where(inp["mask"], inp["targets"], -100),
+              mask=torch.ones_like(inp["mask"]))  # every token "attended"
+    got, want = run_fused(hf, CONFIGS[0], impl), run_fused(inp, CONFIGS[0], impl)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    for k in want[3]:
+        torch.testing.assert_close(got[3][k], want[3][k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_packed_matches_fp64_and_padded(impl, device):
     _skip_if_no_triton(impl, device)
     config = CONFIGS[0]
