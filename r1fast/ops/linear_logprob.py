@@ -34,6 +34,7 @@ backward each rank computes its shard's ``dW`` and a partial ``dx`` that is all-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -160,6 +161,18 @@ def _pick(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.where(hit, val, torch.zeros_like(val))
 
 
+def _autocast_off(fn):
+    """``fn`` with autocast off: its fp32 accumulation is the op's contract, and under
+    ``torch.autocast(bf16)`` its matmuls would run in bf16 (the backward, outside autocast,
+    would then recompute in fp32 against a bf16 log-sum-exp)."""
+    @functools.wraps(fn)
+    def run(hidden, *args, **kwargs):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fn(hidden, *args, **kwargs)
+    return run
+
+
+@_autocast_off
 def _torch_partials(hidden, weight, targets, inv_tau, vocab_start, ct, cv) -> torch.Tensor:
     """[4, T] online statistics (m, s, S, z_y) of this weight shard, tile by tile."""
     T = hidden.shape[0]
@@ -193,6 +206,7 @@ def _dlogits(z, idx, lse, ent, g, h) -> torch.Tensor:
     return dz
 
 
+@_autocast_off
 def _torch_grads(hidden, weight, targets, lse, ent, g, h, inv_tau, vocab_start, ct, cv,
                  need_dw):
     """(dx [T, H] in the accumulation dtype, dW [V, H] in weight's dtype or None)."""

@@ -96,6 +96,15 @@ def test_half_inputs_accumulate_in_fp32(dtype, T, H, V):
     assert_close_to_truth(got, fp64_truth(hidden, weight, targets, 1.3, g, h), 2e-5, 2 * eps)
 
 
+def test_autocast_does_not_lower_the_accumulation():
+    """Under torch.autocast(bf16) the torch path's matmuls ran in bf16 (logp error 4e-3
+    against fp64, not 1e-7); the op accumulates in fp32 whatever the autocast state."""
+    hidden, weight, targets, g, h = make_inputs(7, 33, 257, n_ignored=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_op(hidden, weight, targets, 1.0, g, h, impl="torch")
+    assert_close_to_truth(got, fp64_truth(hidden, weight, targets, 1.0, g, h), 2e-5, 2e-5)
+
+
 def row_temperatures(T, seed=1, ignored=None):
     """[T] per-row temperatures in [0.3, 2.3); 0 (invalid) on the ``ignored`` rows, which the
     op must not read."""
