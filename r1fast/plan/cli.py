@@ -221,8 +221,10 @@ def _parser() -> argparse.ArgumentParser:
                         "tp*pp*dp with --dp, else the smallest valid world)")
     p.add_argument("--dp", type=int, default=None,
                    help="data-parallel size; the world is tp*pp*dp (ignored with --gpus)")
-    p.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
-                   help="activation recompute counted in the total (all three are shown)")
+    p.add_argument("--recompute", choices=RECOMPUTE_MODES, default=None,
+                   help="activation recompute counted in the total (default: the recipe's "
+                        "parallel.recompute; another value is a what-if, said on stderr; "
+                        "all three are shown)")
     p.add_argument("--prompt-len", type=int, default=None,
                    help="prompt tokens per sequence (default min(512, max_position_embeddings "
                         "- max_new_tokens))")
@@ -258,7 +260,13 @@ def plan_main(argv: Sequence[str]) -> int:
             if args.dp < 1:
                 raise ValueError(f"--dp must be >= 1, got {args.dp}")
             world = cfg.parallel.tp * cfg.parallel.pp * args.dp
-        plan = plan_memory(cfg, world, args.gpu_mem, recompute=args.recompute,
+        recompute = cfg.parallel.recompute if args.recompute is None else args.recompute
+        if recompute != cfg.parallel.recompute:  # a plan of a run the recipe would not make
+            print(f"r1fast plan: note: --recompute {recompute} is a what-if: the recipe runs "
+                  f"with parallel.recompute={cfg.parallel.recompute} (set it, e.g. "
+                  f"--override parallel.recompute={recompute}, to run what this plans)",
+                  file=sys.stderr)
+        plan = plan_memory(cfg, world, args.gpu_mem, recompute=recompute,
                            prompt_len=args.prompt_len, spec=args.spec,
                            decoder=args.decoder, reserve_gib=args.reserve)
     except (ConfigError, ValueError) as e:

@@ -234,6 +234,20 @@ def test_cli_overrides_and_check(capsys):
                       "--plain"]) == 0
 
 
+def test_the_plan_counts_the_recipes_recompute(capsys):
+    """The planner used `--recompute` (default none) and never the recipe's
+    parallel.recompute: a run planned as fitting with `--recompute full` ran without it, and a
+    recipe with recompute was planned as if it had none. The recipe's setting is the default
+    now; another `--recompute` is a what-if, said on stderr."""
+    qwen = [str(RECIPES / "qwen3_30b_a3b.toml"), "--gpus", "16", "--check", "--plain"]
+    assert plan_main([*qwen, "--override", "parallel.recompute=full"]) == 0  # 69.9 GiB: fits
+    assert "activations (recompute full, x1)" in capsys.readouterr().out
+    assert plan_main(qwen) == 1  # as the recipe runs: no recompute, 89 GiB
+    assert plan_main([*qwen, "--recompute", "full"]) == 0
+    err = capsys.readouterr().err
+    assert "--recompute full is a what-if: the recipe runs with parallel.recompute=none" in err
+
+
 # ----------------------------------------------------------------------------- impossible layouts
 
 @pytest.mark.parametrize("overrides,world,match", [
