@@ -86,6 +86,14 @@ if [[ "$NPROC_PER_NODE" -lt 1 || "$NNODES" -lt 1 || "$NODE_RANK" -ge "$NNODES" ]
         "(got $NPROC_PER_NODE, $NNODES, $NODE_RANK)" >&2
     exit 2
 fi
+# several nodes meet at node 0's address: a loopback one would leave the others waiting on
+# themselves until the rendezvous times out, with no word
+if [[ "$NNODES" -gt 1 && ( "$MASTER_ADDR" == 127.* || "$MASTER_ADDR" == localhost \
+        || "$MASTER_ADDR" == ::1 ) ]]; then
+    echo "launch.sh: NNODES=$NNODES needs MASTER_ADDR set to node 0's address reachable by" \
+        "every node (got '$MASTER_ADDR')" >&2
+    exit 2
+fi
 
 stem=$(basename "$RECIPE" .toml)
 LOG_DIR=${LOG_DIR:-logs/${stem}-$(date +%Y%m%d-%H%M%S)/node${NODE_RANK}}

@@ -67,10 +67,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
-    """Initialise the default process group if it is not yet (idempotent)."""
+def dist_timeout_s() -> float:
+    """Seconds a collective may wait: ``R1FAST_DIST_TIMEOUT_S``, else 600."""
+    raw = os.environ.get("R1FAST_DIST_TIMEOUT_S", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # NaN too
+        raise ValueError(f"R1FAST_DIST_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
+    """Initialise the default process group if it is not yet (idempotent). ``timeout_s``: how
+    long a collective may wait (default ``R1FAST_DIST_TIMEOUT_S``, else 600 s; a checkpoint
+    of a 671B run on a slow filesystem keeps the other ranks at a barrier for longer)."""
     if dist.is_initialized():
         return
+    timeout_s = dist_timeout_s() if timeout_s is None else timeout_s
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -44,3 +44,16 @@ def test_a_different_layout_while_one_is_active():
 def test_free_port():
     port = parallel.free_port()
     assert 0 < port < 65536
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5", "nan"])
+def test_a_bad_collective_timeout_names_the_variable(monkeypatch, value):
+    """R1FAST_DIST_TIMEOUT_S sets how long a collective waits (a 671B checkpoint on a slow
+    filesystem can keep ranks at a barrier past the 600 s default); bad values are refused."""
+    assert parallel.dist_timeout_s() == 600.0
+    monkeypatch.setenv("R1FAST_DIST_TIMEOUT_S", "3600")
+    assert parallel.dist_timeout_s() == 3600.0
+    monkeypatch.setenv("R1FAST_DIST_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match=f"R1FAST_DIST_TIMEOUT_S must be a number of seconds "
+                                         f"> 0, got '{value}'"):
+        parallel.dist_timeout_s()

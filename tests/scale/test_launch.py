@@ -100,6 +100,9 @@ def test_gpu_count_from_cuda_visible_devices():
     (["recipes/tiny.toml"], {"NPROC_PER_NODE": "four"},
      r"NPROC_PER_NODE must be a non-negative integer, got 'four'"),
     (["recipes/tiny.toml"], {"NPROC_PER_NODE": "0"}, r"need NPROC_PER_NODE >= 1"),
+    # node 1 would wait on its own loopback until the rendezvous times out, saying nothing
+    (["recipes/tiny.toml"], {"NNODES": "2", "NODE_RANK": "1"},
+     r"NNODES=2 needs MASTER_ADDR set to node 0's address .* \(got '127\.0\.0\.1'\)"),
 ])
 def test_launch_bad_input(args, env, match):
     res = dry(*args, **env)
@@ -129,13 +132,15 @@ def test_slurm_runs_one_launcher_per_node(tmp_path):
     bin_dir = _fake_slurm(tmp_path, 2)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "gpu-[1-2]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_CPUS_PER_TASK": "64",
            "SLURM_SUBMIT_DIR": str(ROOT), "LAUNCH_DRY_RUN": "1", "PYTHON": "python3"}
     res = run(["bash", str(SBATCH), "recipes/deepseek_v3.toml", "--run.steps=3"], env=env,
               timeout=60)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "srun-option --nodes=2" in out and "srun-option --ntasks-per-node=1" in out
-    assert "srun-option --kill-on-bad-exit=1" in out
+    assert "srun-option --kill-on-bad-exit=1" in out and "srun-option --label" in out
+    assert "srun-option --cpus-per-task=64" in out  # not inherited from sbatch everywhere
     cmds = [line for line in out.splitlines() if "torch.distributed.run" in line]
     assert len(cmds) == 2
     port = 20000 + 4242 % 20000
