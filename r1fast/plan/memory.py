@@ -530,6 +530,9 @@ def plan_memory(cfg, world_size: Optional[int] = None, gpu_mem_gib: float = 80.0
     m.validate()
     ws = resolve_world_size(cfg.parallel, opts.world_size)
     par = dataclasses.replace(cfg.parallel, world_size=ws).validate(m)
+    from r1fast.train.task import check_micro_batch_size
+
+    check_micro_batch_size(cfg, par.dp)  # a layout the trainer refuses is not planned
     batch = _batch(cfg, par, opts)
     stages = [_stage_plan(cfg, par, s, batch, opts) for s in range(par.pp)]
     worst = max(stages, key=lambda st: st.peak)

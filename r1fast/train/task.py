@@ -151,7 +151,7 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
     from r1fast.policy.parallel import check_layout
 
     layout = check_layout(cfg.parallel, cfg.model)  # world size and divisibility, first
-    _check_micro_batch_size(cfg, layout.dp)
+    check_micro_batch_size(cfg, layout.dp)
     # the model here is the final one (run.init_from's architecture, when it names a folder)
     room = prompt_room(cfg)
     if room <= 0:
@@ -185,7 +185,7 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
                          f"the reward parts {tuple(cfg.reward.weights)} (reward.weights)")
 
 
-def _check_micro_batch_size(cfg, dp: int) -> None:
+def check_micro_batch_size(cfg, dp: int) -> None:
     """Without packing, ``parallel.micro_batch_size`` rows must divide what a data-parallel
     rank holds: the step's rows (the old/reference log-prob forward needs equal micro-batches)
     and each update's share of them (else the update's micro-batches silently grow, and with

@@ -248,6 +248,12 @@ def test_the_plan_counts_the_recipes_recompute(capsys):
     assert "--recompute full is a what-if: the recipe runs with parallel.recompute=none" in err
 
 
+def test_a_batch_layout_the_trainer_refuses_is_not_planned(capsys):
+    qwen = [str(RECIPES / "qwen3_30b_a3b.toml"), "--gpus", "16", "--plain"]
+    assert plan_main([*qwen, "--override", "parallel.micro_batch_size=3"]) == 2
+    assert "parallel.micro_batch_size=3 must divide the rows" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- impossible layouts
 
 @pytest.mark.parametrize("overrides,world,match", [
