@@ -104,14 +104,17 @@ def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  config: "ops.PolicyLossConfig | None" = None, *,
                  temperature: float | torch.Tensor = 1.0,
                  rollout_logp: torch.Tensor | None = None,
-                 global_normalizer: float | None = None, impl: str = "auto"):
+                 global_normalizer: float | None = None, max_len: int | None = None,
+                 impl: str = "auto"):
     """GRPO loss of an HF causal LM from hidden states.
 
     ``completion_mask``, ``old_logp``, ``ref_logp``, ``rollout_logp``: ``[B, L-1]`` aligned with
     the next-token targets ``input_ids[:, 1:]``; ``advantages``: ``[B]`` per sequence;
     ``temperature``: one float, ``[B]`` or ``[B, L-1]``. Returns ``(loss, metrics)`` as
     :func:`r1fast.ops.policy_loss`. An integer or bool ``completion_mask`` (TRL's and verl's
-    are) is taken as 0/1 weights.
+    are) is taken as 0/1 weights. Dr.GRPO (``agg="seq-mean-token-sum-norm"``) divides by
+    B * ``max_len``: pass TRL's ``max_completion_length`` (the default, L-1, counts the prompt
+    too and changes with it from batch to batch), or ``global_normalizer``.
     """
     _check_ids(input_ids)
     if isinstance(completion_mask, torch.Tensor) and not completion_mask.is_floating_point():
@@ -122,4 +125,4 @@ def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return ops.fused_linear_policy_loss(
         hidden[:, :-1], weight, input_ids[:, 1:], old_logp, advantages, completion_mask,
         ref_logp, config, rollout_logp=rollout_logp, temperature=tau,
-        global_normalizer=global_normalizer, impl=impl)
+        global_normalizer=global_normalizer, max_len=max_len, impl=impl)

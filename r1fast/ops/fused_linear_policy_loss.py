@@ -55,6 +55,7 @@ def fused_linear_policy_loss(
     temperature: float | torch.Tensor = 1.0,
     tp_group=None,
     global_normalizer: float | torch.Tensor | None = None,
+    max_len: int | None = None,
     return_entropy: bool = False,
     active_rows: torch.Tensor | None = None,
     tiles: str | None = None,
@@ -79,6 +80,8 @@ def fused_linear_policy_loss(
         tp_group: vocabulary-parallel process group of the LM head, or None.
         global_normalizer: the aggregation's GLOBAL denominator under data parallelism (see
             ``policy_loss``).
+        max_len: L_max of ``agg="seq-mean-token-sum-norm"`` (Dr.GRPO's constant normaliser,
+            e.g. the max completion length); default the padded L or the longest packed row.
         return_entropy: also compute the policy entropy; reported as ``metrics["entropy_mean"]``
             (mask-weighted mean over valid tokens; no gradient, it is not part of the loss).
         active_rows: ``[N]`` int64, the increasing flat indices (into ``targets.reshape(-1)``)
@@ -140,7 +143,7 @@ def fused_linear_policy_loss(
         return policy_loss(
             at_positions(logp_rows).reshape(tok_shape), old_logp, advantages, mask, config,
             ref_logp=ref_logp, global_normalizer=global_normalizer, rollout_logp=rollout_logp,
-            cu_seqlens=cu_seqlens, impl=impl)
+            cu_seqlens=cu_seqlens, max_len=max_len, impl=impl)
 
     if grad_in_forward:
         if tiles not in (None, "gemm"):

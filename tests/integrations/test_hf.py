@@ -61,6 +61,25 @@ def test_grpo_loss_and_grads_equal_model_logits_path():
         torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_dr_grpo_divides_by_the_given_completion_length():
+    """Dr.GRPO's normaliser is B * max completion length (TRL's dr_grpo), a constant: the
+    default L-1 counts the prompt too. max_len is handed to the loss."""
+    model = tiny_qwen3(2)
+    B, L = 2, 11
+    ids = torch.randint(0, 97, (B, L))
+    comp = torch.zeros(B, L - 1)
+    comp[:, 6:] = 1  # 4 completion tokens after a 6-token prompt
+    with torch.no_grad():
+        old = reference_logp(model, ids, None).float()
+    adv = torch.tensor([1.0, -0.5])
+    cfg = ops.PolicyLossConfig(agg="seq-mean-token-sum-norm")
+    whole, _ = hf_grpo_loss(model, ids, None, comp, old, adv, None, cfg)
+    mine, _ = hf_grpo_loss(model, ids, None, comp, old, adv, None, cfg, max_len=4)
+    # ratio 1 at old = current: the loss is -sum(A * tokens) / (B * L_max)
+    assert whole.item() == pytest.approx(-(1.0 - 0.5) * 4 / (B * (L - 1)), rel=1e-5)
+    assert mine.item() == pytest.approx(-(1.0 - 0.5) * 4 / (B * 4), rel=1e-5)
+
+
 def test_per_sample_temperatures():
     """A [B] temperature: each sample's log-probs (and its GRPO loss gradients) are those of
     the model's logits divided by its own temperature."""
