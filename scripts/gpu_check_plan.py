@@ -32,7 +32,8 @@ GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
              "tests/policy/test_dispatcher.py", "tests/ops/test_moe_experts.py",
              "tests/policy/test_local_experts.py",
              "tests/policy/test_transfer.py",
-             "tests/policy/test_packed_attention.py::test_packed_plans_reach_the_gpu_without_a_wait"]
+             "tests/policy/test_packed_attention.py::test_packed_plans_reach_the_gpu_without_a_wait",
+             "tests/ops/test_linear_logprob.py::test_fp64_with_auto_takes_the_torch_path_on_a_gpu"]
 # Dry: the CUDA file (collected, skipped without a device) and a few interpreter cases.
 DRY_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_grpo_loss_triton.py",
              "-k", "cuda or ticket or poison"]

@@ -517,7 +517,9 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
               chunk_tokens, chunk_vocab, validate)
     if tiles not in _TILES:
         raise ValueError(f"tiles must be one of {_TILES}, got {tiles!r}")
-    chosen = resolve_impl(_OP, impl, hidden.device, supported=("torch", "triton"))
+    # auto on a GPU picks Triton, which has no fp64: fp64 inputs then take the torch path
+    chosen = resolve_impl(_OP, impl, hidden.device, supported=(
+        "torch", "triton") if impl != "auto" or hidden.dtype in _TRITON_DTYPES else ("torch",))
     if tiles != "fused" and chosen != "triton":
         raise ValueError(f"tiles={tiles!r} is a way of running impl='triton'; impl={impl!r} "
                          f"runs {chosen!r} here, which takes only tiles='fused'")

@@ -105,6 +105,16 @@ def test_autocast_does_not_lower_the_accumulation():
     assert_close_to_truth(got, fp64_truth(hidden, weight, targets, 1.0, g, h), 2e-5, 2e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="impl='auto' picks Triton on CUDA only")
+def test_fp64_with_auto_takes_the_torch_path_on_a_gpu():
+    """Triton has no fp64; impl='auto' used to pick it on a GPU and then refuse the dtype."""
+    hidden, weight, targets, g, h = make_inputs(7, 33, 257, n_ignored=2)
+    hidden, weight, targets = hidden.double().cuda(), weight.double().cuda(), targets.cuda()
+    got = linear_logprob(hidden, weight, targets, impl="auto")
+    want = linear_logprob(hidden, weight, targets, impl="torch")
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
 def row_temperatures(T, seed=1, ignored=None):
     """[T] per-row temperatures in [0.3, 2.3); 0 (invalid) on the ``ignored`` rows, which the
     op must not read."""
