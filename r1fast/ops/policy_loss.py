@@ -121,6 +121,9 @@ class PolicyLossConfig:
         _check_number("tis_cap", self.tis_cap, allow_none=True)
         if self.tis_cap is not None:
             check_range("tis_cap", self.tis_cap, 0.0, lo_open=True)
+        # the custom op's string form, made once here: json.dumps at every call is a graph
+        # break under torch.compile (not a field: equality and replace() ignore it)
+        object.__setattr__(self, "_key", json.dumps(dataclasses.asdict(self), sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -426,8 +429,8 @@ def _config_from_key(key: str) -> PolicyLossConfig:
 
 def _config_key(cfg: PolicyLossConfig) -> str:
     """The config as the custom op's one string argument (ops take tensors and scalars only);
-    decoded once per distinct config by :func:`_config_from_key`."""
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    decoded once per distinct config by :func:`_config_from_key`; made in ``__post_init__``."""
+    return cfg._key
 
 
 @torch.library.custom_op("r1fast::grpo_loss", mutates_args=())

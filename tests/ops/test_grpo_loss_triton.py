@@ -303,3 +303,22 @@ def test_ticket_is_allocated_eagerly_per_device(device):
     assert t.device.type == device.type and t.dtype == torch.int32 and t.numel() == 1
     assert K._ticket(device) is t and K.prepare(device) is t  # one per device, kept
     assert K.prepare() is K._ticket(device)  # default: the current CUDA device, else the CPU
+
+
+def test_the_triton_path_traces_without_a_graph_break(device):
+    """The config reached the custom op as json.dumps at every call, a graph break under
+    torch.compile; it is made once with the config now."""
+    from r1fast.ops import policy_loss
+
+    batch = P.make_batch(3, 7, seed=1, device=device)
+    cfg = PolicyLossConfig(kl="k3", kl_coef=0.01)
+
+    def loss(logp):
+        return policy_loss(logp, batch["old"], batch["adv"], batch["mask"], cfg,
+                           ref_logp=batch["ref"], impl="triton")[0]
+
+    logp = batch["logp"].clone().requires_grad_()
+    loss(logp)  # the first call logs the dispatch choice, outside the traced one
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(logp)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
