@@ -574,8 +574,8 @@ def _per_tokens(constant: float, n: int | Tensor, power: int, like: Tensor) -> f
 
 def moe_z_loss(logits: Tensor, coef: float, *, num_tokens: Optional[int | Tensor] = None,
                valid: Optional[Tensor] = None) -> Tensor:
-    """Router z-loss ``coef/T * sum_t lse(l_t)^2`` in fp32 (``T``: ``num_tokens`` as in
-    :func:`moe_aux_loss`, or the rows); ``valid`` [T] bool: only those rows count."""
+    """Router z-loss ``coef/T * sum_t lse(l_t)^2`` in fp32; ``valid`` [T] bool: only those rows
+    enter the sum, but ``T`` is ``num_tokens`` (the router passes the valid count) else all."""
     T, _ = _check_logits(logits)
     check_range("coef", float(coef), 0.0, None)
     x = logits.to(_compute_dtype(logits))
