@@ -28,10 +28,28 @@ def hf_hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     if head.bias is not None:
         raise ValueError("output heads with a bias are not supported (the logits would differ)")
     _check_plain_logits(model)
+    _check_gathered(model, head)
     decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, **decoder_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden, head.weight
+
+
+def _check_gathered(model, head: torch.nn.Linear) -> None:
+    """An error when the embedding or the head is still sharded (FSDP2's DTensor, DeepSpeed
+    ZeRO-3's partitioned placeholder): these helpers call the decoder and read the head weight
+    directly, so the root module's forward, which would gather them, never runs."""
+    from torch.distributed.tensor import DTensor
+
+    embed = model.get_input_embeddings()
+    for name, w in (("input embedding", getattr(embed, "weight", None)),
+                    ("output head", head.weight)):
+        if isinstance(w, DTensor) or hasattr(w, "ds_id"):
+            raise ValueError(f"the model's {name} weight is sharded ({type(w).__name__}, FSDP2 "
+                             f"or ZeRO-3): these helpers skip the root forward that gathers it; "
+                             f"gather it first (FSDP2 keeps the root unit gathered after a root "
+                             f"forward; ZeRO-3: deepspeed.zero.GatheredParameters) or leave the "
+                             f"embedding and head out of the sharding")
 
 
 #: config fields of transformers models whose logits are not ``hidden @ W^T``: a softcap

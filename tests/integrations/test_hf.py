@@ -142,3 +142,30 @@ def test_grpo_loss_takes_integer_masks_and_needs_two_positions():
     assert torch.equal(a, b) and torch.equal(a, c)
     with pytest.raises(ValueError, match=r"input_ids must be \[B, L\] with L >= 2, got \(2, 1\)"):
         hf_grpo_loss(model, ids[:, :1], None, mask[:, :0], old[:, :0], adv)
+
+
+def _fsdp2_worker(rank):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    model = tiny_qwen3(3)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root unit holds the embedding and the head
+    ids = torch.randint(0, 97, (2, 6))
+    with pytest.raises(ValueError, match="weight is sharded .* gather it first"):
+        hf_logprobs(model, ids, impl="torch")
+    want = reference_logp(model, ids, None)  # a root forward: FSDP2 leaves the root gathered
+    ours = hf_logprobs(model, ids, impl="torch")
+    assert (ours.double() - want).abs().max() < 1e-5
+
+
+def test_an_fsdp2_sharded_head_is_named_not_misread():
+    """These helpers call the decoder and read the head directly, so the root forward that
+    gathers FSDP2's root parameters never runs: an error saying so, not a DTensor mix-up."""
+    from tests.helpers.spawn import run_ranks
+
+    run_ranks(1, _fsdp2_worker)
