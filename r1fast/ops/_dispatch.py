@@ -150,7 +150,8 @@ def resolve_impl(
             raise ImplUnavailableError(f"{op}: impl={impl!r} is unavailable: {why}")
         chosen = impl
     key = (op, impl, chosen)
-    if key not in _logged:
+    # (logging is a graph break under torch.compile; an eager call logs it)
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         log.info("r1fast.ops.%s: impl=%s -> %s on %s", op, impl, chosen, device.type)
     return chosen

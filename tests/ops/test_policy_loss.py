@@ -304,3 +304,22 @@ def test_dr_grpo_on_packed_rows_under_compile_needs_its_lmax():
         torch.compile(loss, backend="aot_eager", fullgraph=True)(lp)
     torch._dynamo.reset()
     assert float(torch.compile(loss, backend="aot_eager")(lp, 5)) == pytest.approx(want)
+
+
+def test_a_first_call_under_compile_traces_without_a_graph_break(monkeypatch):
+    """The dispatch logs its choice once per op; inside a traced call that log line was a
+    graph break (logging is not traceable): a compiled first call now traces in one graph."""
+    from r1fast.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_logged", set())  # as in a fresh process
+    B, L = 3, 7
+    lp = (torch.randn(B, L, generator=torch.Generator().manual_seed(0)) - 2).requires_grad_()
+    adv, mask = torch.randn(B), torch.ones(B, L, dtype=torch.bool)
+    cfg = PolicyLossConfig()
+
+    def loss(lp):
+        return policy_loss(lp, lp.detach() + 0.1, adv, mask, cfg, impl="auto")[0]
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(lp)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
