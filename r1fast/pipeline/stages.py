@@ -302,6 +302,8 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
         raise ValueError("give exactly one of student_init (a model folder) or student (a "
                          "config)")
     out_dir = Path(out_dir)
+    if filters is not None and keep != "correct":
+        raise ValueError(f"give keep ({keep!r}) or filters, not both")
     filters = filters or RejectionFilterConfig.for_keep(keep)
     drawn = out_dir / "teacher_data.jsonl"  # a rerun resumes: it reuses its own draw
     if teacher_data is None and not overwrite and _reusable_teacher_data(

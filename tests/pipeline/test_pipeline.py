@@ -72,6 +72,9 @@ def test_stage_argument_errors(tmp_path):
         stages.sft([{"prompt": "a", "completion": "b"}], tmp_path)
     with pytest.raises(ValueError, match="keep must be one of"):
         stages.rejection_sample(tmp_path, [], tmp_path / "x.jsonl", keep="best")
+    with pytest.raises(ValueError, match=r"give keep \('all'\) or filters, not both"):
+        stages.distill(tmp_path, [], tmp_path / "d", student_init=tmp_path, keep="all",
+                       filters=RejectionFilterConfig.for_keep("correct"))
 
 
 MINI = ["--num_train=200", "--num_test=8", "--pretrain_steps=5", "--cold_start_examples=8",
