@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from r1fast.policy.config import ModelConfig
 from r1fast.policy import hf_fp8 as fp8
+from r1fast.policy.parallel import host_group
 
 log = logging.getLogger("r1fast.policy")
 
@@ -519,7 +520,7 @@ def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
     if dist.get_world_size() == 1:
         return mine
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
+    dist.gather_object(mine, gathered, dst=0, group=host_group())  # in host memory
     if dist.get_rank() != 0:
         return None
     out: dict[str, torch.Tensor] = {}

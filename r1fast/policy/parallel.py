@@ -15,7 +15,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from r1fast.megatron_compat import install as install_megatron_compat
 from r1fast.policy.config import ModelConfig, ParallelConfig
 
 _LAYOUT: Optional[tuple[int, int, int]] = None  # (tp, pp, ep) megatron was initialised with
+_HOST_GROUP: Optional[Any] = None  # gloo over every rank, made by host_group() when needed
 
 
 @dataclass(frozen=True)
@@ -165,14 +166,30 @@ def parallel_info() -> ParallelInfo:
     )
 
 
+def host_group() -> Optional[Any]:
+    """The group for object collectives that carry tensors (an HF export's weights): over
+    NCCL, ``gather_object`` stages every rank's pickled bytes on the destination's GPU (world
+    x the largest object: ~83 GB for Qwen3-30B's export on 8 ranks), so they go over a gloo
+    group made once (collective at that first call); None (the default group) when the
+    default group is gloo already."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
 def destroy_parallel(destroy_process_group: bool = True) -> None:
     """Tear down megatron's parallel state (and the default process group)."""
-    global _LAYOUT
+    global _LAYOUT, _HOST_GROUP
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     _LAYOUT = None
+    if destroy_process_group:
+        _HOST_GROUP = None
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -57,3 +57,21 @@ def test_a_bad_collective_timeout_names_the_variable(monkeypatch, value):
     with pytest.raises(ValueError, match=f"R1FAST_DIST_TIMEOUT_S must be a number of seconds "
                                          f"> 0, got '{value}'"):
         parallel.dist_timeout_s()
+
+
+def _host_group_worker(rank):
+    dist.init_process_group("gloo")
+    assert parallel.host_group() is None  # the default group is gloo already: no new group
+    parts = [None, None] if rank == 0 else None
+    dist.gather_object({"rank": rank}, parts, dst=0, group=parallel.host_group())
+    if rank == 0:
+        assert parts == [{"rank": 0}, {"rank": 1}]
+
+
+def test_object_gathers_use_the_host_group():
+    """The HF export gathers every rank's tensors as objects; over NCCL that stages them on
+    rank 0's GPU, so they take a gloo group (here, under gloo, the default group). The NCCL
+    branch (a gloo group made once) needs several GPUs and is not exercised here."""
+    from tests.helpers.spawn import run_ranks
+
+    run_ranks(2, _host_group_worker)
