@@ -438,6 +438,11 @@ def _check_temperature(temperature, T: int, device: torch.device) -> None:
         if temperature.requires_grad:
             raise ValueError("temperature requires grad, but linear_logprob gives it no "
                              "gradient; pass temperature.detach()")
+    elif torch.compiler.is_compiling() and isinstance(temperature, (int, float)) \
+            and not isinstance(temperature, bool):
+        # a traced float (dynamic=True) is symbolic: math.isfinite cannot read it, a runtime
+        # check in the graph can (inf > 0 passes it: the eager check below catches that)
+        torch._check(temperature > 0, lambda: "temperature must be a finite number > 0")
     elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError("temperature must be a finite number > 0 or a [T] float tensor, got "

@@ -115,6 +115,22 @@ def test_fp64_with_auto_takes_the_torch_path_on_a_gpu():
     assert got.dtype == torch.float64 and torch.equal(got, want)
 
 
+def test_a_float_temperature_traces_under_dynamic_compile():
+    """torch.compile(dynamic=True) makes a float temperature symbolic, which math.isfinite
+    cannot read (fullgraph failed); the check runs in the graph instead."""
+    hidden, weight, targets, _, _ = make_inputs(5, 8, 11)
+
+    def logp(hidden, tau):
+        return linear_logprob(hidden, weight, targets, temperature=tau, impl="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(logp, dynamic=True, fullgraph=True)
+    torch.testing.assert_close(compiled(hidden, 0.7), logp(hidden, 0.7), rtol=1e-6, atol=1e-6)
+    with pytest.raises(Exception):
+        compiled(hidden, -0.5)
+    torch._dynamo.reset()
+
+
 def row_temperatures(T, seed=1, ignored=None):
     """[T] per-row temperatures in [0.3, 2.3); 0 (invalid) on the ``ignored`` rows, which the
     op must not read."""
