@@ -77,6 +77,13 @@ def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return varied.repeat_interleave(group_size)
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensor lives: the current GPU (NCCL takes no CPU tensors), else
+    the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def all_ranks_int(value: int, op: str) -> int:
     """min or max (``op``) of an int over every process: shapes the pipeline and collectives
     need equal, and the length of generation loops."""
@@ -84,8 +91,7 @@ def all_ranks_int(value: int, op: str) -> int:
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    dev = _collective_device()
     t = torch.tensor([value], dtype=torch.long, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
     return int(t.item())
@@ -106,8 +112,7 @@ def model_parallel_agreed(values: dict[str, list[float]]) -> dict[str, list[floa
     if dist.get_world_size(group) == 1:
         return values
     keys = sorted(values)  # the same parts on every rank (one config)
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    dev = _collective_device()
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dev)  # [parts, n]
     dist.broadcast(t, dist.get_global_rank(group, 0), group=group)
     return {k: row.tolist() for k, row in zip(keys, t.cpu())}
