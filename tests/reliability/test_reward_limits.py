@@ -187,3 +187,49 @@ def test_limit_basics_hold_on_both_timers(timer_kind):
     assert e.value.token is outer
     with cpu_time_limit(30):  # disarmed and restored after the blocks
         rc.spin(0.05)
+
+
+def test_a_limit_that_fires_before_its_exit_runs_is_closed():
+    """The signal can land between any two bytecodes, also before the block's ``__exit__``
+    did its bookkeeping: the limit stayed open, and every later check in the process ran
+    unbounded (CI: math-verify's own 5 ms budget let a 0.2 s check score correct)."""
+    import signal
+
+    from r1fast.rewards.cpu_limit import limit_active
+
+    before = signal.getsignal(signal.SIGPROF)
+    limit = cpu_time_limit(0.05)
+    token = limit.__enter__()  # a block whose __exit__ the raise skipped
+    with pytest.raises(CpuTimeExceeded) as e:
+        rc.spin()
+    assert e.value.token is token and not limit_active()  # closed by the handler that fired
+    limit.__exit__(CpuTimeExceeded, e.value, None)  # then the late __exit__ is harmless
+    assert not limit_active() and signal.getsignal(signal.SIGPROF) is before
+
+
+def test_many_tiny_limits_leave_none_open():
+    """Limits firing at every point of a block's life (0.2 ms each, some just past the end):
+    none stays open (the old bookkeeping leaked about 1 in 5,000). The per-thread timer only:
+    ITIMER_PROF's resolution is coarser than these blocks."""
+    from r1fast.rewards.cpu_limit import limit_active
+
+    fired = 0
+    for i in range(10_000):
+        try:
+            with cpu_time_limit(2e-4):
+                rc.spin(1.9e-4 + (i % 7) * 1e-5)
+        except CpuTimeExceeded:
+            fired += 1
+        assert not limit_active(), f"a limit left open after block {i}"
+    assert fired > 0
+
+
+def test_an_outer_limit_firing_inside_an_inner_exit_closes_both():
+    from r1fast.rewards.cpu_limit import limit_active
+
+    with pytest.raises(CpuTimeExceeded) as e:
+        with cpu_time_limit(0.05) as outer:
+            inner = cpu_time_limit(30)
+            inner.__enter__()  # its __exit__ never runs: the outer limit fires first
+            rc.spin()
+    assert e.value.token is outer and not limit_active()
