@@ -39,12 +39,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from r1fast.rewards import is_well_formed
-from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
+from r1fast.rewards.workers import bounded_call
 from r1fast.rewards.extract import as_scored
 from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
@@ -173,24 +172,10 @@ def check_answer(read: str, example: dict, check: Checker,
     "checker_error" (it raised or returned no finite number; ``error`` says what). As in the
     reward runner's inline mode, one bad call must not end a stage (rejection sampling, an
     evaluation) that may have sampled for hours."""
-    token = None
-    try:
-        with cpu_time_limit(cpu_time_s) as token:
-            score = check(read, example)
-    except CpuTimeExceeded as exc:
-        if exc.token is not token:  # an outer limit fired: not ours to decide
-            raise
-        return "timeout", None
-    except Exception as exc:
-        return "checker_error", " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-    try:
-        value = float(score)
-    except (TypeError, ValueError):
-        return "checker_error", (f"checker returned {type(score).__name__} {score!r:.100}, "
-                                 f"not a number")
-    if not math.isfinite(value):  # NaN < 1 is False: it would pass as correct
-        return "checker_error", f"checker returned a non-finite value {value}"
-    return (None if value >= 1.0 else "wrong"), None
+    out = bounded_call(check, (read, example), cpu_time_s)
+    if out.status != "ok":
+        return ("timeout", None) if out.status == "timeout" else ("checker_error", out.message)
+    return (None if out.value >= 1.0 else "wrong"), None
 
 
 def rejection_reason(text: str, example: dict, check: Checker | None,

@@ -22,15 +22,13 @@ as a warning (the first ``log_failures`` per part and kind), and the batch goes 
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from r1fast.rewards.compose import CompositeReward, RewardPart, reward_name
-from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
-from r1fast.rewards.workers import TaskOutcome, WorkerPool
+from r1fast.rewards.workers import TaskOutcome, WorkerPool, bounded_call, scored
 from r1fast.checks import check_choice, check_range
 
 logger = logging.getLogger("r1fast.rewards")
@@ -188,35 +186,14 @@ class RewardRunner:
             return 0.0
         return outcome.value
 
-    @staticmethod
-    def _checked(value: object) -> TaskOutcome:
-        try:
-            v = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
-            return TaskOutcome("error", 0.0, f"reward returned {type(value).__name__}, not a number: {exc}")
-        if not math.isfinite(v):
-            return TaskOutcome("error", 0.0, f"reward returned a non-finite value {v}")
-        return TaskOutcome("ok", v)
-
     @property
     def _cpu_limit_s(self) -> float:
         cfg = self.config
         return cfg.timeout_s / 2 if cfg.cpu_time_s is None else cfg.cpu_time_s
 
     def _inline(self, fn, completions, examples) -> list[TaskOutcome]:
-        out = []
-        for c, e in zip(completions, examples):
-            try:
-                with cpu_time_limit(self._cpu_limit_s) as token:
-                    value = fn(c, e)
-                out.append(self._checked(value))
-            except CpuTimeExceeded as exc:  # the same CPU limit as in a worker
-                if exc.token is not token:
-                    raise
-                out.append(TaskOutcome("timeout", 0.0, f"call {exc}"))
-            except Exception as exc:  # a buggy reward must not stop training: scored 0, counted
-                out.append(TaskOutcome("error", 0.0, f"{type(exc).__name__}: {exc}"[:500]))
-        return out
+        # the same CPU limit and verdicts as in a worker
+        return [bounded_call(fn, (c, e), self._cpu_limit_s) for c, e in zip(completions, examples)]
 
     def _batched(self, fn, completions, examples) -> list[TaskOutcome]:
         try:
@@ -226,7 +203,7 @@ class RewardRunner:
         if len(values) != len(completions):
             msg = f"score_batch returned {len(values)} scores for {len(completions)} completions"
             return [TaskOutcome("error", 0.0, msg)] * len(completions)
-        return [self._checked(v) for v in values]
+        return [scored(v) for v in values]
 
     def __call__(self, completions: Sequence[str], examples: Sequence[dict]) -> RewardOutput:
         """Score ``completions[i]`` against ``examples[i]`` with every part."""

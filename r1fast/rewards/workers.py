@@ -61,6 +61,37 @@ class TaskOutcome:
     """Error text for failures."""
 
 
+def scored(value: object) -> TaskOutcome:
+    """A reward's return value as an outcome: "ok" with a finite float, else "error" (a
+    non-number, or a NaN that would compare as neither right nor wrong)."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return TaskOutcome("error", 0.0, f"returned {type(value).__name__} {value!r:.100}, "
+                                         f"not a number")
+    if not math.isfinite(v):
+        return TaskOutcome("error", 0.0, f"returned a non-finite value {v}")
+    return TaskOutcome("ok", v)
+
+
+def bounded_call(fn: Callable[..., Any], args: tuple, cpu_limit_s: float | None) -> TaskOutcome:
+    """``fn(*args)`` under ``cpu_limit_s`` seconds of this thread's CPU (None or 0: no limit):
+    the one rule for a reward or checker call, in a worker, in the runner's inline mode and in
+    the pipeline's answer checks. One bad call must not end a run that may have sampled for
+    hours: a raise is "error" (with its text), the limit is "timeout"."""
+    token = None
+    try:
+        with cpu_time_limit(cpu_limit_s) as token:
+            value = fn(*args)
+    except CpuTimeExceeded as exc:
+        if exc.token is not token:  # an outer limit fired: not ours to decide
+            raise
+        return TaskOutcome("timeout", 0.0, f"call {exc}")
+    except Exception as exc:
+        return TaskOutcome("error", 0.0, " ".join(f"{type(exc).__name__}: {exc}".split())[:500])
+    return scored(value)
+
+
 def _set_cpu_backstop(cpu_limit_s: float | None) -> None:
     """RLIMIT_CPU soft limit at (CPU used + the call's limit + 2 s): when C code ignores
     SIGPROF, the kernel's SIGXCPU ends the worker on CPU time, not wall time."""
@@ -109,13 +140,8 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
         try:
             fn, args = pickle.loads(payload)
             _set_cpu_backstop(cpu_limit_s)
-            with cpu_time_limit(cpu_limit_s):
-                value = float(fn(*args))
-            if not math.isfinite(value):
-                raise ValueError(f"reward returned a non-finite value {value}")
-            reply = (task_id, "ok", value)
-        except CpuTimeExceeded as exc:
-            reply = (task_id, "timeout", f"call {exc}")
+            out = bounded_call(fn, args, cpu_limit_s)
+            reply = (task_id, out.status, out.value if out.status == "ok" else out.message)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # SystemExit from user code included: report, keep serving
