@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from r1fast.pipeline.filters import check_answer
+from r1fast.pipeline.filters import build_checkers, check_answer
 from r1fast.rewards import answers_equal, extract_answer, get_reward, is_well_formed
 from r1fast.rewards.extract import as_scored
 from r1fast.rewards.language import LanguageRewardConfig, language_consistency
@@ -163,20 +163,14 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
         raise ValueError("samples and examples must be non-empty and of the same length")
     if truncated is not None and [len(t) for t in truncated] != [len(o) for o in samples]:
         raise ValueError("truncated must have one flag per sample, shaped like samples")
-    checkers: dict[str, object] = {}
+    cache: dict[str, object] = {}
+    checks = build_checkers(examples, lambda ex: checker(ex, cache), "evaluation")
     lang = LanguageRewardConfig(target=language, empty_score=1.0)
     passes, solved, mixing, cut = [], [], [], []
     fmt = length = missing = 0.0
     failed: dict[str, list] = {"timeout": [], "checker_error": []}  # (example id, error)
-    for i, ex in enumerate(examples):  # every checker first: a row none can score is named
-        try:
-            checker(ex, checkers)
-        except ValueError as e:
-            raise ValueError(f"evaluation: example {i} (id {ex.get('id')!r}) has reward "
-                             f"{ex.get('reward')!r}, which cannot score an answer: {e}") from e
     k = len(samples[0])
-    for outs, ex in zip(samples, examples):
-        check = checker(ex, checkers)
+    for outs, ex, check in zip(samples, examples, checks):
         read = [as_scored(o, ex.get("prompt", "")) for o in outs]  # a <think> the prompt opened
 
         def correct(answer: str | None) -> bool:

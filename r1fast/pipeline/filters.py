@@ -223,28 +223,34 @@ def _named(i: int, example: dict) -> str:
     return f"example {i} (id {example.get('id')!r})"
 
 
-def resolve_checkers(examples: Sequence[dict], checker_for: Callable[[dict], Checker],
-                     cfg: RejectionFilterConfig) -> list[Checker | None]:
-    """Each example's checker, or all None when ``cfg.require_correct`` is off (no answer is
-    scored then, so a row whose reward cannot score one is fine). Cheap: call it before
-    sampling, so that such a row fails in seconds rather than after the whole generation.
-    A checker that cannot be built is a ValueError naming the row and its reward."""
-    if not cfg.require_correct:
-        return [None] * len(examples)
+def build_checkers(examples: Sequence[dict], checker_for: Callable[[dict], Checker],
+                   stage: str, hint: str = "") -> list[Checker]:
+    """Each example's checker, built before anything is sampled or scored, so that a row no
+    checker can score fails in seconds rather than after the whole generation: a ValueError
+    naming the ``stage``, the row and its reward (``hint``: what the stage accepts instead)."""
     checks = []
     for i, ex in enumerate(examples):
         try:
             checks.append(checker_for(ex))
         except Exception as exc:
-            # reward_model scores preference, not correctness, and needs a loaded model
-            allowed = tuple(n for n in available_rewards() if n != "reward_model")
             cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise ValueError(
-                f"rejection sampling: {_named(i, ex)} has reward {ex.get('reward')!r}, whose "
-                f"checker cannot be built ({cause}); keeping only correct answers needs a "
-                f"row's reward to be one of {allowed}, or absent / 'rule' (math accuracy); "
-                f"keep='well_formed' or 'all' scores no answer") from exc
+            raise ValueError(f"{stage}: {_named(i, ex)} has reward {ex.get('reward')!r}, whose "
+                             f"checker cannot be built ({cause}){hint}") from exc
     return checks
+
+
+def resolve_checkers(examples: Sequence[dict], checker_for: Callable[[dict], Checker],
+                     cfg: RejectionFilterConfig) -> list[Checker | None]:
+    """Each example's checker (:func:`build_checkers`), or all None when
+    ``cfg.require_correct`` is off (no answer is scored then, so a row whose reward cannot
+    score one is fine)."""
+    if not cfg.require_correct:
+        return [None] * len(examples)
+    # reward_model scores preference, not correctness, and needs a loaded model
+    allowed = tuple(n for n in available_rewards() if n != "reward_model")
+    return build_checkers(examples, checker_for, "rejection sampling", hint=(
+        f"; keeping only correct answers needs a row's reward to be one of {allowed}, or "
+        f"absent / 'rule' (math accuracy); keep='well_formed' or 'all' scores no answer"))
 
 
 def filter_samples(examples: Sequence[dict], samples: Sequence[Sequence[str]],
