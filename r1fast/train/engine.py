@@ -98,8 +98,8 @@ class TrainEngine:
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
         self.distributed_optimizer = optim.use_distributed_optimizer
-        self._expert_biases = [m.expert_bias for m in self.policy.gpt.modules()
-                               if getattr(m, "expert_bias", None) is not None]
+        self._expert_biases = [r.expert_bias for r in self.policy._routers()
+                               if r.expert_bias is not None]
         """Aux-loss-free balancing's biases (DeepSeek-V3): megatron moves them inside the
         backward's finalize step, so a skipped step must put them back."""
         self.max_nonfinite_skips = optim.max_nonfinite_skips
