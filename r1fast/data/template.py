@@ -32,6 +32,15 @@ def make_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     return template.replace("{question}", question)
 
 
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """``messages`` with ``system_prompt`` first, unless it is empty or the conversation opens
+    with its own system message (a row's own system prompt wins): one rule for GRPO prompts
+    and SFT rows."""
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def _balanced(s: str) -> bool:
     depth = 0
     for c in s:

@@ -22,6 +22,7 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from r1fast.data.template import with_system_prompt
 from r1fast.rewards.extract import THINK_OPEN, opens_thought
 
 log = logging.getLogger("r1fast.pipeline")
@@ -147,9 +148,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             as_given += 1
             open_ended += r.get("completion_ends_turn") is not True
             continue
-        messages = r["messages"] if a else [{"role": "user", "content": r["prompt"]}]
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
+        messages = with_system_prompt(
+            r["messages"] if a else [{"role": "user", "content": r["prompt"]}], system_prompt)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         out.append(end_turn({**r, "prompt": prompt,
                              "completion": inside_opened_thought(prompt, r["completion"])},

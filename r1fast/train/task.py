@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 from r1fast.data import (PROMPT_TEMPLATE, CharTokenizer, PromptDataset, generate_task,
                          load_tokenizer, make_prompt)
 from r1fast.data.files import convert_rows, load_examples, read_rows, row_name
+from r1fast.data.template import with_system_prompt
 from r1fast.rewards import (CompositeReward, RewardRunner, RoutedReward, RunnerConfig,
                             available_rewards, get_reward)
 from r1fast.rewards.extract import as_scored, opens_thought
@@ -238,9 +239,7 @@ def prompt_messages(ex: dict, d) -> list[dict]:
         [{"role": "user", "content": ex["question"]}]
     if template is not None:  # the earlier turns (a system message too) stay as they are
         messages[-1]["content"] = make_prompt(ex["question"], template)
-    if d.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": d.system_prompt})
-    return messages
+    return with_system_prompt(messages, d.system_prompt)
 
 
 def render_prompt(ex: dict, tokenizer, d) -> str:
