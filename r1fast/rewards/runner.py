@@ -83,7 +83,8 @@ class RewardOutput:
     parts: dict[str, list[float]]
     """Raw (unweighted) score per part name, per completion; 0.0 where the call failed."""
     status: dict[str, list[str]] = field(default_factory=dict)
-    """Per part, per completion: "ok", "error", "timeout" or "crash"."""
+    """Per part, per completion: "ok", "error", "timeout", "crash" (or "skipped":
+    :meth:`RewardRunner.unscored`)."""
 
 
 def _module_of(fn: object) -> str | None:
@@ -248,6 +249,14 @@ class RewardRunner:
         self._last_means = {k: (sum(v) / n if n else 0.0) for k, v in parts.items()}
         self._last_means["total"] = sum(total) / n if n else 0.0
         return RewardOutput(total=total, parts=parts, status=status)
+
+    def unscored(self, n: int) -> RewardOutput:
+        """Zeros shaped like the output of a call on ``n`` completions, computing and counting
+        nothing (status "skipped"): for a rank whose model-parallel peer scores the same
+        completions and broadcasts them (:func:`r1fast.train.batch.model_parallel_agreed`)."""
+        names = [p.name for p in self.composite.parts]
+        return RewardOutput(total=[0.0] * n, parts={k: [0.0] * n for k in names},
+                            status={k: ["skipped"] * n for k in names})
 
     # -- metrics ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:

@@ -97,19 +97,37 @@ def all_ranks_int(value: int, op: str) -> int:
     return int(t.item())
 
 
-def model_parallel_agreed(values: dict[str, list[float]]) -> dict[str, list[float]]:
-    """``values`` as the first rank of this rank's model-parallel group (TP x PP: the ranks
-    that hold the same completions) has them: every rank scores its completions, but a
-    wall-clock reward timeout can differ between them, and ranks training one replica must
-    use the same rewards (else their sharded gradients disagree). Collective over that
-    group; a no-op without one."""
+def _model_parallel_group():
+    """This rank's model-parallel group (TP x PP: the ranks that hold the same completions),
+    None without one or when it is this rank alone."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
-        return values
+        return None
     group = ps.get_model_parallel_group()
-    if dist.get_world_size(group) == 1:
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def scores_for_model_parallel_group() -> bool:
+    """Whether this rank computes the rule rewards of its model-parallel group: its first
+    rank does and :func:`model_parallel_agreed` hands them to the others (on a node of 8
+    TP ranks, scoring on each would run every math check 8 times)."""
+    import torch.distributed as dist
+
+    group = _model_parallel_group()
+    return group is None or dist.get_rank(group) == 0
+
+
+def model_parallel_agreed(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``values`` as the first rank of this rank's model-parallel group has them: that rank
+    scored the rule rewards (the others hold zeros), and a reward model's scores, computed on
+    every rank, must be the same on ranks that train one replica (else their sharded
+    gradients disagree). Collective over that group; a no-op without one."""
+    import torch.distributed as dist
+
+    group = _model_parallel_group()
+    if group is None:
         return values
     keys = sorted(values)  # the same parts on every rank (one config)
     dev = _collective_device()

@@ -37,7 +37,8 @@ from r1fast.rollout.kv_cache import make_decoder
 from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
-                                groups_with_signal, model_parallel_agreed, split_even)
+                                groups_with_signal, model_parallel_agreed,
+                                scores_for_model_parallel_group, split_even)
 from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
                                      save_checkpoint, start_fresh)
 from r1fast.train.config import TrainConfig, load_train_config, sampling_warnings
@@ -198,7 +199,8 @@ class GRPOTrainer:
         samples = self._rollout(self.task.next_prompts(self.cfg.data.prompts_per_step,
                                                        self.info.dp, self.info.dp_rank))
         t_gen = time.perf_counter()
-        rewards = model_parallel_agreed(self.task.score(samples.texts, samples.examples))
+        rewards = model_parallel_agreed(self.task.score(
+            samples.texts, samples.examples, rules=scores_for_model_parallel_group()))
         batch, truncated = self._advantages(samples.rollout, rewards["total"])
         routing = self._replay_routing(samples.rollout, batch)
         batch, routing, balance = self._balance(batch, routing)

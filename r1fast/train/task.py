@@ -75,15 +75,17 @@ class TaskData:
         k = n // dp
         return batch[dp_rank * k:(dp_rank + 1) * k]
 
-    def score(self, texts: Sequence[str], examples: Sequence[dict]) -> dict[str, list[float]]:
+    def score(self, texts: Sequence[str], examples: Sequence[dict], *,
+              rules: bool = True) -> dict[str, list[float]]:
         """``{"total": [...], <part>: [...]}`` per completion (with a reward model, also the
         per-source columns of :class:`~r1fast.train.reward_routing.MixedScorer`). The rule
         rewards read a completion whose prompt opened ``<think>`` with it in front
-        (:func:`~r1fast.rewards.extract.as_scored`)."""
+        (:func:`~r1fast.rewards.extract.as_scored`). ``rules=False``: zeros in place of the
+        rule rewards, computed by a model-parallel peer instead (a reward model still runs)."""
         rule_texts = [as_scored(t, ex.get("prompt", "")) for t, ex in zip(texts, examples)]
         if self.mixed is not None:
-            return self.mixed(list(texts), list(examples), rule_texts)
-        out = self.runner(rule_texts, list(examples))
+            return self.mixed(list(texts), list(examples), rule_texts, rules=rules)
+        out = self.runner(rule_texts, list(examples)) if rules else self.runner.unscored(len(texts))
         return {"total": list(out.total), **{k: list(v) for k, v in out.parts.items()}}
 
     def failure_metrics(self, dp_sum: Callable[[list[float]], list[float]] | None = None

@@ -54,10 +54,11 @@ def _agree_worker(rank):
 
     from r1fast.policy.config import ModelConfig, ParallelConfig
     from r1fast.policy.parallel import init_parallel
-    from r1fast.train.batch import model_parallel_agreed
+    from r1fast.train.batch import model_parallel_agreed, scores_for_model_parallel_group
 
     dist.init_process_group("gloo")
     init_parallel(ParallelConfig(tp=2), ModelConfig.preset("tiny-moe"))
+    assert scores_for_model_parallel_group() == (rank == 0)  # one scorer per replica
     # the two TP ranks scored the same completions differently (a timeout on one of them)
     mine = {"total": [float(rank), 2.0 + rank], "accuracy": [1.0 * rank, 0.5]}
     assert model_parallel_agreed(mine) == {"total": [0.0, 2.0], "accuracy": [0.0, 0.5]}

@@ -44,6 +44,10 @@ def test_score_sums_weighted_parts_and_counts_failures():
         assert out["accuracy"] == [1.0, 0.0]
         assert out["total"][0] == pytest.approx(1.0 + 0.1 * out["format"][0])
         assert set(task.failure_metrics()) == {"errors", "timeouts", "crashes"}
+        # a model-parallel peer's view: the same columns, zeros, nothing computed or counted
+        calls = task.runner.metrics()["rewards/calls"]
+        assert task.score([good], [example], rules=False) == {k: [0.0] for k in out}
+        assert task.runner.metrics()["rewards/calls"] == calls
     finally:
         task.close()
 
@@ -165,6 +169,11 @@ def test_mixed_dataset_routes_rows_by_their_reward_field(reward_world):
         rule_only = source_means({**step, "reward/rows_model": 0.0})
         assert "reward/source_model" not in rule_only  # no model rows: no mean, not 0
         assert task.failure_metrics() == {"errors": 0.0, "timeouts": 0.0, "crashes": 0.0}
+        # without the rule rewards (a peer computes them) the reward model still runs
+        peer = task.score(texts, exs, rules=False)
+        assert set(peer) == set(out) and peer["accuracy"] == [0.0] * 5
+        assert peer["reward_model"] == pytest.approx(out["reward_model"], abs=1e-6)
+        assert peer["rows_model"] == out["rows_model"]
     finally:
         task.close()
 
