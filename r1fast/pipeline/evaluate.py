@@ -219,16 +219,22 @@ def _warn_failed_checks(failed: dict[str, list]) -> None:
 
 def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,
                    top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
-                   policy=None, tokenizer=None, language: str = "en") -> EvalResult:
+                   policy=None, tokenizer=None, language: str = "en", dp_group=None,
+                   scored_here: bool = True) -> EvalResult | None:
     """pass@1 and cons@k of the model folder ``model_dir`` (or a loaded policy) on ``examples``,
-    with the share of samples cut at ``max_new_tokens`` and the settings sampled with."""
+    with the share of samples cut at ``max_new_tokens`` and the settings sampled with.
+    In a parallel run (collective): ``dp_group`` shares the generation between the policy's
+    replicas (:func:`~r1fast.pipeline.generation.sample_with_flags`), and a process with
+    ``scored_here=False`` returns None instead of checking every answer again."""
     from r1fast.pipeline.generation import load_model, sample_with_flags
 
     if policy is None:
         policy, tokenizer = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     out = sample_with_flags(policy, tokenizer, [ex["prompt"] for ex in examples], k, cfg,
-                            seed=seed)
+                            seed=seed, dp_group=dp_group)
+    if not scored_here:
+        return None
     result = replace(score_samples(out.texts, examples, language, truncated=out.truncated),
                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                      seed=seed)

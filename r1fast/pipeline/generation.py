@@ -49,13 +49,17 @@ def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: Sampling
 
 
 def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
-                      sampling: SamplingConfig, seed: int = 0, batch_rows: int = 64) -> Samples:
+                      sampling: SamplingConfig, seed: int = 0, batch_rows: int = 64,
+                      dp_group=None) -> Samples:
     """``k`` completions per prompt and which were cut at ``max_new_tokens``, rows generated
     ``batch_rows`` at a time.
 
     Row ``j`` of prompt ``i`` uses the random stream ``(seed, i, j)``, so results do not depend
-    on batching. A policy over several processes needs every one of them to call this with the
-    same prompts (its forwards are collective); the loop lengths are agreed between them.
+    on batching nor on how the rows are shared. A policy over several processes needs every
+    one of them to call this with the same prompts (its forwards are collective); the loop
+    lengths are agreed between them. ``dp_group``: the data-parallel group of policy replicas,
+    which share the rows (replica r takes rows r, r + size, ...) and then exchange them, so
+    every process returns all of them at 1/size of the generation time.
     """
     from r1fast.rollout.kv_cache import make_decoder
     from r1fast.train.batch import all_ranks_int
@@ -63,15 +67,39 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
     sampling = SamplingConfig(**{**sampling.__dict__, "vocab_limit": tokenizer.vocab_size,
                                  "stop_token_ids": tuple(tokenizer.stop_ids)})
     rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
+    mine, padding = _replica_share(rows, dp_group)
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
-    out: list[list[str]] = [[""] * k for _ in prompts]
-    cut = [[False] * k for _ in prompts]
+    done: dict[tuple[int, int], tuple[str, bool]] = {}
     decoder = make_decoder(policy)
-    for start in range(0, len(rows), batch_rows):
-        chunk = rows[start:start + batch_rows]
+    for start in range(0, len(mine), batch_rows):
+        chunk = mine[start:start + batch_rows]
         seeds = [hash((seed, i, j)) & 0x7FFF_FFFF_FFFF_FFFF for i, j in chunk]
         ro = generate(decoder, [encoded[i] for i, _ in chunk], sampling,
                       eos_token_id=tokenizer.eos_id, row_seeds=seeds, sync=all_ranks_int)
-        for (i, j), ids, truncated in zip(chunk, ro.completion_ids, ro.truncated):
-            out[i][j], cut[i][j] = tokenizer.decode(ids), bool(truncated)
-    return Samples(texts=out, truncated=cut)
+        for n, (row, ids, truncated) in enumerate(zip(chunk, ro.completion_ids, ro.truncated),
+                                                  start):
+            if n < len(mine) - padding:
+                done[row] = (tokenizer.decode(ids), bool(truncated))
+    if dp_group is not None:
+        import torch.distributed as dist
+
+        shares: list = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(shares, done, group=dp_group)
+        done = {row: v for share in shares for row, v in share.items()}
+    return Samples(texts=[[done[i, j][0] for j in range(k)] for i in range(len(prompts))],
+                   truncated=[[done[i, j][1] for j in range(k)] for i in range(len(prompts))])
+
+
+def _replica_share(rows: list[tuple[int, int]], dp_group) -> tuple[list[tuple[int, int]], int]:
+    """This replica's rows (every ``size``-th from its rank) and how many copies of one of
+    them pad the list to the same length on every replica: the replicas must run the same
+    number of generation batches, whose steps are collective (expert parallelism exchanges
+    tokens between them); the copies' results are dropped."""
+    if dp_group is None or not rows:
+        return rows, 0
+    import torch.distributed as dist
+
+    rank, size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
+    mine = rows[rank::size]
+    padding = -(-len(rows) // size) - len(mine)
+    return mine + [mine[-1] if mine else rows[0]] * padding, padding

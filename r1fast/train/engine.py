@@ -209,6 +209,14 @@ class TrainEngine:
         copies)."""
         return bool(self.policy.gpt.post_process) and self.info.tp_rank == 0
 
+    def dp_group(self):
+        """The data-parallel group of policy replicas (megatron's), None with one replica."""
+        if self.info.dp == 1:
+            return None
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
     def dp_sum(self, values: Sequence[float]) -> list[float]:
         """Sum each value over the data-parallel replicas (fp64)."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)

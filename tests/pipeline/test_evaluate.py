@@ -55,7 +55,8 @@ def test_truncated_rate_is_per_problem_with_its_standard_error():
 
 
 def fake_sampler(texts, flags, calls):
-    def sample_with_flags(policy, tokenizer, prompts, k, sampling, seed=0, batch_rows=64):
+    def sample_with_flags(policy, tokenizer, prompts, k, sampling, seed=0, batch_rows=64,
+                          dp_group=None):
         calls.append((list(prompts), k, sampling, seed))
         return Samples(texts=texts, truncated=flags)
     return sample_with_flags
@@ -118,3 +119,39 @@ def test_a_checker_that_fails_or_runs_long_counts_as_wrong_and_says_so(monkeypat
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"example 0 \(id 'r:1'\) has reward 'reward_model'"):
         ev.score_samples([[good]], [{"prompt": "Greet.", "reward": "reward_model", "id": "r:1"}])
+
+
+def _shared_sampling_worker(rank, layout):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from r1fast.data import CharTokenizer
+    from r1fast.policy import build_policy
+    from r1fast.policy.config import ParallelConfig
+    from r1fast.rollout.sampler import SamplingConfig
+    from tests.helpers.reward_world import MODEL
+
+    policy = build_policy(MODEL, ParallelConfig(world_size=dist.get_world_size(), **layout),
+                          seed=5, trainable=False)
+    tok = CharTokenizer()
+    cfg = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=6)
+    prompts = ["1+2=", "30+4=", "5+67="]
+    group = ps.get_data_parallel_group()
+    for k, batch_rows in ((1, 1), (2, 64)):  # 3 rows over 2 replicas: one pads a batch
+        whole = generation.sample_with_flags(policy, tok, prompts, k, cfg, seed=9,
+                                             batch_rows=batch_rows)
+        shared = generation.sample_with_flags(policy, tok, prompts, k, cfg, seed=9,
+                                              batch_rows=batch_rows, dp_group=group)
+        assert shared == whole, (rank, k, shared, whole)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("layout", [{}, {"ep": 2}], ids=["dp2", "dp2-ep2"])
+def test_replicas_share_the_sampling_and_return_every_sample(tmp_path, layout):
+    """GRPO's held-out evaluation sampled every problem on every data-parallel replica (the
+    same work, dp times). Replicas now take every dp-th row and exchange them: the samples
+    are those of one process, row for row (each row has its own random stream); under
+    expert parallelism the replicas' forwards are collective, so they run as many batches."""
+    from tests.helpers.spawn import run_gloo
+
+    run_gloo(2, str(tmp_path / "store"), _shared_sampling_worker, layout)

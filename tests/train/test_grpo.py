@@ -141,9 +141,12 @@ def test_parallel_steps_equal_one_rank(tmp_path, world, layout, packed):
     run_ranks(1, _save_init, str(init))
     extra = ["--run.steps=2", "--optim.lr=0.003", "--algo.kl_coef=0.01",
              "--model.aux_loss_coef=0.0", f"--run.init_from={init}",
-             *(["--parallel.max_tokens_per_microbatch=256"] if packed else [])]  # ~2 rows each
+             *(["--parallel.max_tokens_per_microbatch=256"] if packed else []),  # ~2 rows each
+             "--data.num_test=3", "--data.eval_k=3"]  # 9 samples: DP2 replicas share 5 + 4
     one = _run(1, tmp_path / "one", extra)
     four = _run(world, tmp_path / "many", [*extra, *layout])
+    (ev_one,), (ev_many,) = (read_jsonl(tmp_path / d / "eval.jsonl") for d in ("one", "many"))
+    assert ev_many["num_samples"] == ev_one["num_samples"] == 9  # one row, every sample
     for a, b in zip(one, four):
         assert a["reward_std"] > 0  # the policy gradient is not trivially zero
         if packed and world == 4:  # DP2: rows balanced over the DP ranks (r1fast.train.balance)
