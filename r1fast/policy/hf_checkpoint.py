@@ -21,8 +21,8 @@ directly, each weight read as its fp32 dequantization (r1fast.policy.hf_fp8).
 
 Loading: each rank reads only its slices (safetensors ``get_slice``: TP rows/columns, its
 pipeline stage's layers, its EP share of the experts) and copies them into its parameters;
-no pickle. Saving: each tensor is all-gathered over its TP group, one owner per tensor sends
-it to rank 0, which writes the files.
+no pickle. Saving (r1fast.policy.hf_save): each tensor is all-gathered over its TP group and
+has one owner rank, which writes it (a small model: rank 0 writes one file).
 
 Megatron <-> HF layouts: ``linear_qkv`` [(nq + 2*nkv) * d, H] interleaves per KV group the
 group's query heads, then its key and value head, and TP splits it by groups;
@@ -404,7 +404,7 @@ def keep_mtp_from(policy, path: str) -> list[str]:
     return keys
 
 
-def _passthrough(policy) -> dict[str, torch.Tensor]:
+def passthrough_tensors(policy) -> dict[str, torch.Tensor]:
     """The checkpoint tensors the policy keeps but does not build (MTP layers), read again from
     the checkpoint it was loaded from."""
     src, keys = getattr(policy, "hf_passthrough", (None, []))
@@ -492,19 +492,20 @@ def _kept_fp32(cfg: ModelConfig, key: str) -> bool:
     return cfg.is_mla and key.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"))
 
 
-def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
-                         grads: bool = False) -> Optional[dict]:
-    """The whole model as HF-named full tensors on global rank 0 (None on other ranks), in
-    ``dtype`` when given (DeepSeek's router weight and bias stay fp32, as in transformers).
-    Collective: every rank must call it. ``grads=True`` gathers the gradients instead
-    (``main_grad`` under DDP -- call optim.unshard_main_grads first with the distributed
-    optimizer -- else ``.grad``; tensors without a gradient are left out)."""
+def owned_hf_tensors(policy, dtype: Optional[torch.dtype] = None, *,
+                     grads: bool = False) -> dict[str, torch.Tensor]:
+    """The HF-named full tensors this rank owns, on the CPU, in ``dtype`` when given
+    (DeepSeek's router weight and bias stay fp32, as in transformers). Each tensor has one
+    owner: for an expert, the first rank of its expert-data-parallel group; else the first TP
+    rank of its pipeline stage's first replica. Collective (each tensor is all-gathered over
+    its TP group). ``grads=True``: the gradients instead (``main_grad`` under DDP -- call
+    optim.unshard_main_grads first with the distributed optimizer -- else ``.grad``; tensors
+    without a gradient are left out)."""
     from megatron.core import parallel_state as ps
 
     cfg = policy.model_cfg
     tp_group = ps.get_tensor_model_parallel_group()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    dense_owner = policy.info.dp_rank == 0 and tp_rank == 0
+    dense_owner = policy.info.dp_rank == 0 and ps.get_tensor_model_parallel_rank() == 0
     expert_owner = ps.get_expert_data_parallel_rank() == 0
     mine: dict[str, torch.Tensor] = {}
     for name, t, mp in _local_tensors(policy):
@@ -517,6 +518,16 @@ def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
             for k, v in full.items():
                 to = torch.float32 if dtype is not None and _kept_fp32(cfg, k) else dtype
                 mine[k] = v.to(to or v.dtype).cpu().clone()
+    return mine
+
+
+def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
+                         grads: bool = False) -> Optional[dict]:
+    """The whole model as HF-named full tensors on global rank 0 (None on other ranks): every
+    rank's :func:`owned_hf_tensors` (same arguments), sent to rank 0's host memory. For
+    tests and small models; :func:`save_hf_checkpoint` never holds a large model in one
+    process. Collective: every rank must call it."""
+    mine = owned_hf_tensors(policy, dtype, grads=grads)
     if dist.get_world_size() == 1:
         return mine
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -531,68 +542,14 @@ def gather_hf_state_dict(policy, dtype: Optional[torch.dtype] = None, *,
 
 def save_hf_checkpoint(policy, path: str, *, dtype: Optional[torch.dtype] = None,
                        max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``policy`` to ``path`` in the HF layout (collective; rank 0 writes).
+    """Write ``policy`` to ``path`` in the HF layout (collective; see
+    :func:`r1fast.policy.hf_save.write_hf_folder`, which does the work).
 
     Files: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards plus
-    ``model.safetensors.index.json`` when larger than ``max_shard_bytes``), ``config.json``
-    when the model is of a supported HF family, and ``r1fast_config.json`` always.
+    ``model.safetensors.index.json`` when larger than ``max_shard_bytes``, each written by
+    the rank that owns its tensors), ``config.json`` when the model is of a supported HF
+    family, and ``r1fast_config.json`` always. A non-finite tensor writes nothing.
     """
-    from safetensors.torch import save_file
+    from r1fast.policy.hf_save import write_hf_folder
 
-    if max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
-    state = gather_hf_state_dict(policy, dtype)
-    # rank 0 holds every tensor: it checks them and tells the others (no rank may hang)
-    bad = [] if state is None else [k for k in sorted(state) if state[k].is_floating_point()
-                                    and not bool(torch.isfinite(state[k]).all())]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [bad]
-        dist.broadcast_object_list(box, src=0)
-        bad = box[0]
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise FloatingPointError(f"save_hf_checkpoint: tensor(s) {', '.join(bad[:5])}{more} hold "
-                                 f"NaN/Inf; nothing written to {path}")
-    if state is None:
-        dist.barrier()
-        return
-    state.update(_passthrough(policy))
-    os.makedirs(path, exist_ok=True)
-    keys = sorted(state)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for k in keys:
-        nbytes = state[k].numel() * state[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file({k: state[k].contiguous() for k in keys}, os.path.join(path, SAFETENSORS),
-                  metadata=meta)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({k: state[k].contiguous() for k in shard}, os.path.join(path, fname),
-                      metadata=meta)
-            weight_map.update({k: fname for k in shard})
-        total = sum(state[k].numel() * state[k].element_size() for k in keys)
-        with open(os.path.join(path, INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    cfg = policy.model_cfg
-    with open(os.path.join(path, R1FAST_CONFIG), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
-    try:
-        hf = cfg.to_hf_config()
-    except ValueError:
-        hf = None  # no HF family has this architecture; r1fast_config.json describes it
-    if hf is not None:
-        if dtype is not None:
-            hf["dtype"] = str(dtype).replace("torch.", "")
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    write_hf_folder(policy, path, dtype=dtype, max_shard_bytes=max_shard_bytes)

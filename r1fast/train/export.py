@@ -8,7 +8,8 @@ tokenizer's stop ids, the tokenizer files, and ``r1fast_config.json`` (the exact
 checkpoint is taken) or one ``checkpoints/step_N`` folder. The model is in megatron's
 distributed-checkpoint format, so one process exports a checkpoint written at any layout (it
 builds the model at one rank); under ``torchrun --nproc-per-node N`` (``scripts/launch.sh``)
-the run's own parallel layout is used, the HF writer gathers the shards and rank 0 writes.
+the run's own parallel layout is used and each rank writes the tensors it owns
+(:mod:`r1fast.policy.hf_save`): a model too large for one process exports this way.
 Checkpoints of the older per-rank format export only at the layout that wrote them. The
 tokenizer is the run's (``tokenizer/``), else the one of its ``run.init_from`` folder; MTP
 layers (never trained) are copied from ``init_from``. ``OUT_DIR`` may not be the run folder or

@@ -1,0 +1,135 @@
+"""Writing a policy as a Hugging Face model folder, at any layout and any size.
+
+Every tensor of the policy, all-gathered over its TP group, has one owner rank
+(:func:`~r1fast.policy.hf_checkpoint.owned_hf_tensors`). The ranks first exchange only names
+and sizes, so that every rank knows the whole plan before a byte is written:
+
+- a non-finite tensor anywhere stops every rank with the same error, before any file exists;
+- a model of at most ``max_shard_bytes`` goes to rank 0 (host memory), which writes
+  ``model.safetensors``;
+- a larger one is cut into shards per owner, numbered over all ranks
+  (``model-0000i-of-0000n.safetensors``), and each owner writes its own; rank 0 writes
+  ``model.safetensors.index.json``. No process holds more than its own tensors: DeepSeek-V3
+  is 1.3 TB in bf16, which no rank could gather.
+
+Rank 0 also writes ``r1fast_config.json`` and, for a supported family, ``config.json``, and
+adds the tensors the policy carries without building them (DeepSeek's MTP layers).
+Transformers and :func:`~r1fast.policy.hf_checkpoint.load_hf_checkpoint` read either form.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from r1fast.policy.hf_checkpoint import (INDEX, R1FAST_CONFIG, SAFETENSORS, owned_hf_tensors,
+                                         passthrough_tensors)
+from r1fast.policy.parallel import host_group
+
+
+def _shards(keys_bytes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Consecutive groups of the keys, each at most ``max_shard_bytes`` unless one tensor
+    alone is larger."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, nbytes in keys_bytes:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    return shards if shards[0] else []
+
+
+def _all_ranks(obj) -> list:
+    """``obj`` of every rank, in rank order (names and sizes only: small)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=host_group())
+    return out
+
+
+def _write(tensors: dict[str, torch.Tensor], keys: list[str], file: str) -> None:
+    """One safetensors file, durable when this returns: on a shared file system only the
+    rank that wrote it can flush it."""
+    from safetensors.torch import save_file
+
+    save_file({k: tensors[k].contiguous() for k in keys}, file, metadata={"format": "pt"})
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_configs(policy, path: str, dtype: Optional[torch.dtype]) -> None:
+    cfg = policy.model_cfg
+    with open(os.path.join(path, R1FAST_CONFIG), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    try:
+        hf = cfg.to_hf_config()
+    except ValueError:
+        hf = None  # no HF family has this architecture; r1fast_config.json describes it
+    if hf is not None:
+        if dtype is not None:
+            hf["dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+
+
+def write_hf_folder(policy, path: str, *, dtype: Optional[torch.dtype] = None,
+                    max_shard_bytes: int = 4 << 30) -> list[str]:
+    """``policy`` as an HF folder at ``path`` (module docstring); returns the names of the
+    weight files this rank wrote. Collective: every rank must call it; ``path`` must be on a
+    file system all ranks share when the model is larger than ``max_shard_bytes``."""
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = owned_hf_tensors(policy, dtype)
+    if rank == 0:
+        mine.update(passthrough_tensors(policy))
+    sized = [(k, mine[k].numel() * mine[k].element_size()) for k in sorted(mine)]
+    bad = [k for k, _ in sized if mine[k].is_floating_point()
+           and not bool(torch.isfinite(mine[k]).all())]
+    plans = _all_ranks((sized, bad))
+    bad = sorted(k for _, b in plans for k in b)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise FloatingPointError(f"save_hf_checkpoint: tensor(s) {', '.join(bad[:5])}{more} hold "
+                                 f"NaN/Inf; nothing written to {path}")
+    total = sum(n for s, _ in plans for _, n in s)
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+    written = []
+    if total <= max_shard_bytes:  # small: one file, written by rank 0
+        if len(plans) > 1:
+            parts = [None] * len(plans) if rank == 0 else None
+            dist.gather_object(mine, parts, dst=0, group=host_group())  # in host memory
+            mine = {k: v for part in parts for k, v in part.items()} if rank == 0 else {}
+        if rank == 0:
+            _write(mine, sorted(mine), os.path.join(path, SAFETENSORS))
+            written.append(SAFETENSORS)
+    else:
+        _barrier()  # the folder exists before any rank writes into it
+        shards = [(owner, keys) for owner, (sized_keys, _) in enumerate(plans)
+                  for keys in _shards(sized_keys, max_shard_bytes)]
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for (owner, keys), name in zip(shards, names):
+            if owner == rank:
+                _write(mine, keys, os.path.join(path, name))
+                written.append(name)
+        if rank == 0:
+            with open(os.path.join(path, INDEX), "w") as f:
+                where = {k: name for (_, keys), name in zip(shards, names) for k in keys}
+                json.dump({"metadata": {"total_size": total},
+                           "weight_map": dict(sorted(where.items()))}, f, indent=2)
+    if rank == 0:
+        _write_configs(policy, path, dtype)
+    _barrier()  # every file is written when any rank returns
+    return written
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
