@@ -31,6 +31,10 @@ def _entry(rank, world, port, fn, args):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _one_thread_with_stacks()
     fn(rank, *args)
+    if dist.is_initialized():  # fn left its group open: every rank ends its collectives
+        # before any tears down (gloo aborts a rank whose peer left in the middle of one)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(world: int, fn, *args) -> None:

@@ -60,7 +60,6 @@ def test_a_bad_collective_timeout_names_the_variable(monkeypatch, value):
 
 
 def _host_group_worker(rank):
-    dist.init_process_group("gloo")
     assert parallel.host_group() is None  # the default group is gloo already: no new group
     parts = [None, None] if rank == 0 else None
     dist.gather_object({"rank": rank}, parts, dst=0, group=parallel.host_group())
@@ -68,10 +67,12 @@ def _host_group_worker(rank):
         assert parts == [{"rank": 0}, {"rank": 1}]
 
 
-def test_object_gathers_use_the_host_group():
+def test_object_gathers_use_the_host_group(tmp_path):
     """The HF export gathers every rank's tensors as objects; over NCCL that stages them on
     rank 0's GPU, so they take a gloo group (here, under gloo, the default group). The NCCL
     branch (a gloo group made once) needs several GPUs and is not exercised here."""
-    from tests.helpers.spawn import run_ranks
+    from tests.helpers.spawn import run_gloo
 
-    run_ranks(2, _host_group_worker)
+    # run_gloo: a barrier and the group's teardown in step (CI: rank 1 left while rank 0 was
+    # still in the gather, and gloo aborted it)
+    run_gloo(2, str(tmp_path / "store"), _host_group_worker)

@@ -50,13 +50,10 @@ def test_split_even_and_single_process_reduction():
 
 
 def _agree_worker(rank):
-    import torch.distributed as dist
-
     from r1fast.policy.config import ModelConfig, ParallelConfig
     from r1fast.policy.parallel import init_parallel
     from r1fast.train.batch import model_parallel_agreed, scores_for_model_parallel_group
 
-    dist.init_process_group("gloo")
     init_parallel(ParallelConfig(tp=2), ModelConfig.preset("tiny-moe"))
     assert scores_for_model_parallel_group() == (rank == 0)  # one scorer per replica
     # the two TP ranks scored the same completions differently (a timeout on one of them)
@@ -64,7 +61,7 @@ def _agree_worker(rank):
     assert model_parallel_agreed(mine) == {"total": [0.0, 2.0], "accuracy": [0.0, 0.5]}
 
 
-def test_tensor_parallel_ranks_train_on_the_same_rewards():
-    from tests.helpers.spawn import run_ranks
+def test_tensor_parallel_ranks_train_on_the_same_rewards(tmp_path):
+    from tests.helpers.spawn import run_gloo
 
-    run_ranks(2, _agree_worker)
+    run_gloo(2, str(tmp_path / "store"), _agree_worker)
