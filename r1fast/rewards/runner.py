@@ -83,8 +83,8 @@ class RewardOutput:
     parts: dict[str, list[float]]
     """Raw (unweighted) score per part name, per completion; 0.0 where the call failed."""
     status: dict[str, list[str]] = field(default_factory=dict)
-    """Per part, per completion: "ok", "error", "timeout", "crash" (or "skipped":
-    :meth:`RewardRunner.unscored`)."""
+    """Per part, per completion: "ok", "error", "timeout", "crash" (or "skipped": computed by
+    a model-parallel peer, ``RewardRunner.__call__(local_parts=False)``)."""
 
 
 def _module_of(fn: object) -> str | None:
@@ -174,6 +174,8 @@ class RewardRunner:
 
     # -- evaluation ------------------------------------------------------------------------
     def _record(self, part: str, outcome: TaskOutcome) -> float:
+        if outcome.status == "skipped":  # a model-parallel peer computes it: not counted here
+            return 0.0
         key = _METRIC[outcome.status]
         self._counts[key] += 1
         self._counts[f"{part}/{key}"] += 1
@@ -206,8 +208,13 @@ class RewardRunner:
             return [TaskOutcome("error", 0.0, msg)] * len(completions)
         return [scored(v) for v in values]
 
-    def __call__(self, completions: Sequence[str], examples: Sequence[dict]) -> RewardOutput:
-        """Score ``completions[i]`` against ``examples[i]`` with every part."""
+    def __call__(self, completions: Sequence[str], examples: Sequence[dict], *,
+                 local_parts: bool = True) -> RewardOutput:
+        """Score ``completions[i]`` against ``examples[i]`` with every part.
+        ``local_parts=False``: the parts one process computes alone (inline and worker parts)
+        give 0.0 with status "skipped", uncounted: for a rank whose model-parallel peer computes
+        them and broadcasts them (:func:`r1fast.train.batch.model_parallel_agreed`). Batched
+        parts still run: a reward model's forward and its syncs are collective."""
         if isinstance(completions, str) or not isinstance(completions, Sequence):
             raise ValueError("completions must be a sequence of str")
         if not isinstance(examples, Sequence):
@@ -225,38 +232,33 @@ class RewardRunner:
         outcomes: dict[str, list[TaskOutcome]] = {}
         for part in self.composite.parts:
             where = self._where(part)
-            if where == "inline":
-                outcomes[part.name] = self._inline(part.fn, completions, examples)
-            elif where == "batched":
+            if where == "batched":
                 outcomes[part.name] = self._batched(part.fn, completions, examples)
-        if self._worker_parts and n:
+            elif not local_parts:
+                outcomes[part.name] = [TaskOutcome("skipped")] * n
+            elif where == "inline":
+                outcomes[part.name] = self._inline(part.fn, completions, examples)
+        worker_parts = self._worker_parts if local_parts else []
+        if worker_parts and n:
             # All sandboxed parts of the batch in one pool run, so they share the workers.
-            tasks = [(p.fn, (c, e)) for p in self._worker_parts for c, e in zip(completions, examples)]
+            tasks = [(p.fn, (c, e)) for p in worker_parts for c, e in zip(completions, examples)]
             flat = self.pool.run(tasks, self.config.timeout_s)
-            for k, p in enumerate(self._worker_parts):
+            for k, p in enumerate(worker_parts):
                 outcomes[p.name] = flat[k * n:(k + 1) * n]
-        elif self._worker_parts:
-            for p in self._worker_parts:
+        elif worker_parts:
+            for p in worker_parts:
                 outcomes[p.name] = []
         parts: dict[str, list[float]] = {}
         status: dict[str, list[str]] = {}
         for part in self.composite.parts:
             parts[part.name] = [self._record(part.name, o) for o in outcomes[part.name]]
             status[part.name] = [o.status for o in outcomes[part.name]]
-        self._counts["calls"] += n * len(self.composite.parts)
+        self._counts["calls"] += sum(o.status != "skipped" for v in outcomes.values() for o in v)
         self._counts["batches"] += 1
         total = [self.composite.combine({k: v[i] for k, v in parts.items()}) for i in range(n)]
         self._last_means = {k: (sum(v) / n if n else 0.0) for k, v in parts.items()}
         self._last_means["total"] = sum(total) / n if n else 0.0
         return RewardOutput(total=total, parts=parts, status=status)
-
-    def unscored(self, n: int) -> RewardOutput:
-        """Zeros shaped like the output of a call on ``n`` completions, computing and counting
-        nothing (status "skipped"): for a rank whose model-parallel peer scores the same
-        completions and broadcasts them (:func:`r1fast.train.batch.model_parallel_agreed`)."""
-        names = [p.name for p in self.composite.parts]
-        return RewardOutput(total=[0.0] * n, parts={k: [0.0] * n for k in names},
-                            status={k: ["skipped"] * n for k in names})
 
     # -- metrics ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:

@@ -54,7 +54,8 @@ class TaskOutcome:
     """What happened to one call."""
 
     status: str
-    """"ok", "error" (raised or returned a non-finite/non-number), "timeout", or "crash"."""
+    """"ok", "error" (raised or returned a non-finite/non-number), "timeout", "crash", or
+    "skipped" (not computed in this process: :class:`~r1fast.rewards.runner.RewardRunner`)."""
     value: float = 0.0
     """The returned value when ok, else 0.0."""
     message: str = ""

@@ -79,18 +79,17 @@ class MixedScorer:
                  rule_texts: Sequence[str] | None = None, *, rules: bool = True
                  ) -> dict[str, list[float]]:
         """``rule_texts``: the completions as the rule rewards read them (default ``texts``,
-        which the reward model reads); ``rules=False``: the rule rows get zeros (a
-        model-parallel peer scores them), the reward model still runs (collective)."""
+        which the reward model reads); ``rules=False``: zeros for the parts this
+        process would compute alone (a model-parallel peer scores them); a reward model still
+        runs (collective)."""
         n = len(texts)
         source = [row_source(e) for e in examples]
         read = {"rule": texts if rule_texts is None else rule_texts, "model": texts}
         out: dict[str, list[float]] = {"total": [0.0] * n}
         for name, runner in self.runners.items():  # both, always: the model's is collective
             rows = [i for i in range(n) if source[i] == name]
-            if name == "rule" and not rules:
-                scored = runner.unscored(len(rows))
-            else:
-                scored = runner([read[name][i] for i in rows], [examples[i] for i in rows])
+            scored = runner([read[name][i] for i in rows], [examples[i] for i in rows],
+                            local_parts=rules)
             for j, i in enumerate(rows):
                 out["total"][i] = scored.total[j]
             for part, values in scored.parts.items():

@@ -81,11 +81,12 @@ class TaskData:
         per-source columns of :class:`~r1fast.train.reward_routing.MixedScorer`). The rule
         rewards read a completion whose prompt opened ``<think>`` with it in front
         (:func:`~r1fast.rewards.extract.as_scored`). ``rules=False``: zeros in place of the
-        rule rewards, computed by a model-parallel peer instead (a reward model still runs)."""
+        rewards this process would compute alone, which a model-parallel peer computes
+        instead (a reward model still runs: collective)."""
         rule_texts = [as_scored(t, ex.get("prompt", "")) for t, ex in zip(texts, examples)]
         if self.mixed is not None:
             return self.mixed(list(texts), list(examples), rule_texts, rules=rules)
-        out = self.runner(rule_texts, list(examples)) if rules else self.runner.unscored(len(texts))
+        out = self.runner(rule_texts, list(examples), local_parts=rules)
         return {"total": list(out.total), **{k: list(v) for k, v in out.parts.items()}}
 
     def failure_metrics(self, dp_sum: Callable[[list[float]], list[float]] | None = None

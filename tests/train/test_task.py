@@ -193,6 +193,19 @@ def test_reward_model_in_weights_scores_every_rule_row(reward_world):
             assert out["total"][i] == pytest.approx(out["accuracy"][i] + 2.0 * want[i], abs=1e-5)
         for i in MODEL_ROWS:
             assert out["total"][i] == pytest.approx(want[i], abs=1e-5)  # weight 1.0 (default)
+        # a model-parallel peer skips the rule parts, but the reward model among them runs:
+        # its forward and syncs are collective (skipping it hung TP x PP runs)
+        reward = next(p.fn for p in task.mixed.runners["rule"].composite.parts
+                      if p.name == "reward_model")
+        calls, batch = [], reward.score_batch
+        reward.score_batch = lambda *a: (calls.append(len(a[0])), batch(*a))[1]
+        task.score(texts, exs)
+        scoring_rank, calls[:] = list(calls), []
+        peer = task.score(texts, exs, rules=False)
+        assert calls == scoring_rank == [3, 2]  # rule rows, then model rows: as on the scorer
+        assert peer["accuracy"] == [0.0] * 5
+        assert [peer["reward_model"][i] for i in RULE] == pytest.approx(
+            [want[i] for i in RULE], abs=1e-5)
     finally:
         task.close()
 
