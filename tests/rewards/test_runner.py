@@ -61,6 +61,11 @@ def test_by_default_the_cpu_limit_ends_a_slow_check_before_the_wall_clock_kill()
     It is now half of timeout_s, and the worker's own limit ends the call."""
     slow = "<think>t</think> \\boxed{(x+y+z)^{300}}"  # minutes of sympy
     with RewardRunner([(MathAccuracyReward(), 1.0)], timeout_s=4.0, num_workers=1) as runner:
+        assert runner.pool.cpu_limit_s == 2.0  # half of timeout_s
+    # the worker's CPU limit ends the call itself; a wall limit far above it, so that a loaded
+    # machine (a worker given under half a core) cannot make the kill win the race
+    with RewardRunner([(MathAccuracyReward(), 1.0)], timeout_s=60.0, cpu_time_s=1.0,
+                      num_workers=1) as runner:
         assert runner([slow], [{"answer": "1"}]).status == {"math_accuracy": ["timeout"]}
         m = runner.metrics()
         assert m["rewards/timeouts"] == 1 and m["rewards/worker_restarts"] == 0, m
