@@ -496,8 +496,8 @@ def owned_hf_tensors(policy, dtype: Optional[torch.dtype] = None, *,
                      grads: bool = False) -> dict[str, torch.Tensor]:
     """The HF-named full tensors this rank owns, on the CPU, in ``dtype`` when given
     (DeepSeek's router weight and bias stay fp32, as in transformers). Each tensor has one
-    owner: for an expert, the first rank of its expert-data-parallel group; else the first TP
-    rank of its pipeline stage's first replica. Collective (each tensor is all-gathered over
+    owner: for an expert, one rank of its expert-data-parallel group; else one TP rank of its
+    pipeline stage's first replica. Collective (each tensor is all-gathered over
     its TP group). ``grads=True``: the gradients instead (``main_grad`` under DDP -- call
     optim.unshard_main_grads first with the distributed optimizer -- else ``.grad``; tensors
     without a gradient are left out)."""
@@ -505,16 +505,20 @@ def owned_hf_tensors(policy, dtype: Optional[torch.dtype] = None, *,
 
     cfg = policy.model_cfg
     tp_group = ps.get_tensor_model_parallel_group()
-    dense_owner = policy.info.dp_rank == 0 and ps.get_tensor_model_parallel_rank() == 0
-    expert_owner = ps.get_expert_data_parallel_rank() == 0
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    edp = max(ps.get_expert_data_parallel_world_size(), 1)
+    edp_rank = ps.get_expert_data_parallel_rank()
     mine: dict[str, torch.Tensor] = {}
-    for name, t, mp in _local_tensors(policy):
+    # Owners take turns (the i-th tensor of a stage, counted alike on the ranks that hold it):
+    # an export's host memory and writes spread over the TP ranks of replica 0 and over the
+    # expert-data-parallel ranks, rather than all on their first rank.
+    for i, (name, t, mp) in enumerate(_local_tensors(policy)):
         if grads:
             t = getattr(t, "main_grad", None) if hasattr(t, "main_grad") else t.grad
             if t is None:
                 continue
         full = _full_hf(t, mp, cfg, tp_group)  # every TP rank joins the gather
-        if (expert_owner if not mp.tp else dense_owner):
+        if (policy.info.dp_rank == 0 and i % tp == tp_rank) if mp.tp else i % edp == edp_rank:
             for k, v in full.items():
                 to = torch.float32 if dtype is not None and _kept_fp32(cfg, k) else dtype
                 mine[k] = v.to(to or v.dtype).cpu().clone()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -82,54 +82,108 @@ def write_hf_folder(policy, path: str, *, dtype: Optional[torch.dtype] = None,
                     max_shard_bytes: int = 4 << 30) -> list[str]:
     """``policy`` as an HF folder at ``path`` (module docstring); returns the names of the
     weight files this rank wrote. Collective: every rank must call it; ``path`` must be on a
-    file system all ranks share when the model is larger than ``max_shard_bytes``."""
+    file system all ranks share when the model is larger than ``max_shard_bytes``. A failure
+    on any rank (a full disk, a missing MTP source folder) raises on every rank, so none waits
+    in a collective for one that is gone."""
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = owned_hf_tensors(policy, dtype)
+    error, token = None, None  # this rank's failure (raised on every rank by _agree)
     if rank == 0:
-        mine.update(passthrough_tensors(policy))
+        _, error = _attempt(lambda: mine.update(passthrough_tensors(policy)))
     sized = [(k, mine[k].numel() * mine[k].element_size()) for k in sorted(mine)]
     bad = [k for k, _ in sized if mine[k].is_floating_point()
            and not bool(torch.isfinite(mine[k]).all())]
-    plans = _all_ranks((sized, bad))
-    bad = sorted(k for _, b in plans for k in b)
+    plans = _all_ranks((sized, bad, _said(error)))
+    _agree([p[2] for p in plans], path, error)
+    bad = sorted(k for _, b, _ in plans for k in b)
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise FloatingPointError(f"save_hf_checkpoint: tensor(s) {', '.join(bad[:5])}{more} hold "
                                  f"NaN/Inf; nothing written to {path}")
-    total = sum(n for s, _ in plans for _, n in s)
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-    written = []
+    if rank == 0:  # after the checks: a refused export leaves no folder
+        token, error = _attempt(lambda: _make_folder(path))
+    made_error, token = _all_ranks((_said(error), token))[0]
+    _agree([made_error], path, error)
+    total = sum(n for sized_keys, _, _ in plans for _, n in sized_keys)
     if total <= max_shard_bytes:  # small: one file, written by rank 0
         if len(plans) > 1:
             parts = [None] * len(plans) if rank == 0 else None
             dist.gather_object(mine, parts, dst=0, group=host_group())  # in host memory
             mine = {k: v for part in parts for k, v in part.items()} if rank == 0 else {}
-        if rank == 0:
-            _write(mine, sorted(mine), os.path.join(path, SAFETENSORS))
-            written.append(SAFETENSORS)
+        written = [SAFETENSORS] if rank == 0 else []
     else:
-        _barrier()  # the folder exists before any rank writes into it
-        shards = [(owner, keys) for owner, (sized_keys, _) in enumerate(plans)
+        shards = [(owner, keys) for owner, (sized_keys, _, _) in enumerate(plans)
                   for keys in _shards(sized_keys, max_shard_bytes)]
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for (owner, keys), name in zip(shards, names):
-            if owner == rank:
-                _write(mine, keys, os.path.join(path, name))
-                written.append(name)
+        written = [name for (owner, _), name in zip(shards, names) if owner == rank]
+        where = {k: name for (_, keys), name in zip(shards, names) for k in keys}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
+
+    def write_mine() -> None:
+        if total > max_shard_bytes:
+            _check_shared(path, token)
+            for (owner, keys), name in zip(shards, names):
+                if owner == rank:
+                    _write(mine, keys, os.path.join(path, name))
         if rank == 0:
-            with open(os.path.join(path, INDEX), "w") as f:
-                where = {k: name for (_, keys), name in zip(shards, names) for k in keys}
-                json.dump({"metadata": {"total_size": total},
-                           "weight_map": dict(sorted(where.items()))}, f, indent=2)
-    if rank == 0:
-        _write_configs(policy, path, dtype)
-    _barrier()  # every file is written when any rank returns
+            if total <= max_shard_bytes:
+                _write(mine, sorted(mine), os.path.join(path, SAFETENSORS))
+            else:
+                with open(os.path.join(path, INDEX), "w") as f:
+                    json.dump(index, f, indent=2)
+            _write_configs(policy, path, dtype)
+
+    _, error = _attempt(write_mine)
+    _agree(_all_ranks(_said(error)), path, error)  # also: every file is written when any returns
+    if rank == 0:  # no rank reads it any more
+        os.remove(os.path.join(path, _MARKER))
     return written
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+_MARKER = ".r1fast_export"
+
+
+def _make_folder(path: str) -> str:
+    """Make ``path`` and put a random token in it, which every rank then reads back."""
+    token = os.urandom(8).hex()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, _MARKER), "w") as f:
+        f.write(token)
+    return token
+
+
+def _check_shared(path: str, token: str) -> None:
+    """Whether this rank sees rank 0's folder: a node-local path would scatter the shards
+    over the nodes' own disks."""
+    try:
+        with open(os.path.join(path, _MARKER)) as f:
+            seen = f.read()
+    except FileNotFoundError:
+        seen = None
+    if seen != token:
+        raise FileNotFoundError(f"{path} is not the folder rank 0 made: each rank writes its own "
+                                f"shards there, so it must be on a file system all nodes share")
+
+
+def _attempt(work) -> tuple[Any, BaseException | None]:
+    """``(work(), None)``, or ``(None, its exception)``: a rank's own I/O failure, which
+    :func:`_agree` then raises on every rank."""
+    try:
+        return work(), None
+    except Exception as exc:
+        return None, exc
+
+
+def _said(error: BaseException | None) -> str | None:
+    return None if error is None else " ".join(f"{type(error).__name__}: {error}".split())[:500]
+
+
+def _agree(errors: list, path: str, mine: BaseException | None) -> None:
+    """Raise on every rank when any failed (naming the first by rank)."""
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        r, text = failed[0]
+        raise RuntimeError(f"save_hf_checkpoint: rank {r} failed ({text}); {path} is "
+                           f"incomplete") from mine

@@ -57,3 +57,34 @@ def test_each_owner_writes_its_shards(tmp_path, layout):
     from tests.helpers.spawn import run_gloo
 
     run_gloo(2, str(tmp_path / "store"), _save_worker, str(tmp_path), layout)
+
+
+def _failure_worker(rank, out):
+    import torch.distributed as dist
+
+    from r1fast.policy import build_policy, hf_save
+    from r1fast.policy.config import ParallelConfig
+    from tests.helpers.reward_world import MODEL
+
+    policy = build_policy(MODEL, ParallelConfig(world_size=dist.get_world_size(), ep=2),
+                          seed=3, trainable=False)
+    # a node-local path: each node's disk gets its own folder, rank 1 never sees rank 0's
+    with pytest.raises(RuntimeError, match=r"rank 1 failed \(FileNotFoundError: .* must be on "
+                                           r"a file system all nodes share\)"):
+        hf_save.write_hf_folder(policy, os.path.join(out, f"local{rank}"),
+                                max_shard_bytes=48 * 1024)
+    # one rank's disk is full: both ranks raise, neither waits for the other
+    if rank == 1:
+        def full(*_):
+            raise OSError(28, "No space left on device")
+        hf_save._write = full
+    with pytest.raises(RuntimeError, match=r"rank 1 failed \(OSError: \[Errno 28\] No space"):
+        hf_save.write_hf_folder(policy, os.path.join(out, "full"), max_shard_bytes=48 * 1024)
+
+
+def test_a_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    """A rank whose write failed used to raise alone while the others waited at the final
+    barrier (until the collective timeout); rank 0 made the folder on its own node only."""
+    from tests.helpers.spawn import run_gloo
+
+    run_gloo(2, str(tmp_path / "store"), _failure_worker, str(tmp_path))
