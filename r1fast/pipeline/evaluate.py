@@ -156,9 +156,14 @@ def standard_error(values: Sequence[float]) -> float:
 
 def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
                   language: str = "en",
-                  truncated: Sequence[Sequence[bool]] | None = None) -> EvalResult:
+                  truncated: Sequence[Sequence[bool]] | None = None, *,
+                  share_checks: bool = False, warn: bool = True) -> EvalResult:
     """Metrics of already generated ``samples[i][j]`` for ``examples[i]``; ``truncated[i][j]``
-    marks samples cut at the generation limit (None: unknown, ``truncated_rate`` is None)."""
+    marks samples cut at the generation limit (None: unknown, ``truncated_rate`` is None).
+    ``share_checks``: every process of the job calls this with the same samples (collective):
+    process r checks problems r, r + world, ... and they exchange the results, so each
+    returns the whole result in 1/world of the time. ``warn=False``: no WARNINGs (another
+    process gives them)."""
     if len(samples) != len(examples) or not samples:
         raise ValueError("samples and examples must be non-empty and of the same length")
     if truncated is not None and [len(t) for t in truncated] != [len(o) for o in samples]:
@@ -166,43 +171,75 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
     cache: dict[str, object] = {}
     checks = build_checkers(examples, lambda ex: checker(ex, cache), "evaluation")
     lang = LanguageRewardConfig(target=language, empty_score=1.0)
-    passes, solved, mixing, cut = [], [], [], []
-    fmt = length = missing = 0.0
-    failed: dict[str, list] = {"timeout": [], "checker_error": []}  # (example id, error)
-    k = len(samples[0])
-    for outs, ex, check in zip(samples, examples, checks):
-        read = [as_scored(o, ex.get("prompt", "")) for o in outs]  # a <think> the prompt opened
+    rank, world = _process_share() if share_checks else (0, 1)
+    scores = {i: _problem_scores(samples[i], examples[i], checks[i], lang)
+              for i in range(rank, len(examples), world)}
+    if world > 1:
+        import torch.distributed as dist
 
-        def correct(answer: str | None) -> bool:
-            if answer is None:
-                return False
-            reason, error = check_answer(f"\\boxed{{{answer}}}", ex, check, CHECK_CPU_TIME_S)
-            if reason in failed:  # scored wrong, counted and warned about below
-                failed[reason].append((ex.get("id"), error))
-            return reason is None
+        from r1fast.policy.parallel import host_group
 
-        answers = [extract_answer(o) for o in read]
-        passes.append(sum(correct(a) for a in answers) / len(outs))
-        majority = majority_answer([a for a in answers if a is not None],
-                                   math_equal=checker_name(ex) == "math_accuracy")
-        solved.append(float(majority is not None and correct(majority)))
-        mixing.append(sum(1.0 - language_consistency(o, lang) for o in read) / len(outs))
-        missing += sum(a is None for a in answers) / len(outs)
-        fmt += sum(is_well_formed(o) for o in read) / len(outs)
-        length += sum(len(o) for o in outs) / len(outs)
-    if truncated is not None:  # per problem, like the other rates: problems are the draws
-        cut = [sum(map(bool, flags)) / len(flags) for flags in truncated]
-    _warn_failed_checks(failed)
+        parts: list = [None] * world
+        dist.all_gather_object(parts, scores, group=host_group())
+        scores = {i: v for part in parts for i, v in part.items()}
+    per = [scores[i] for i in range(len(examples))]
+    failed = {kind: [f for p in per for f in p["failed"][kind]] for kind in FAILED_CHECKS}
+    if warn:
+        _warn_failed_checks(failed)
+    passes, solved, mixing = ([p[key] for p in per] for key in ("pass", "solved", "mixing"))
+    cut = [sum(map(bool, flags)) / len(flags) for flags in truncated] \
+        if truncated is not None else []
     n = len(examples)
-    return EvalResult(sum(passes) / n, sum(solved) / n, fmt / n, length / n, k, n, missing / n,
-                      standard_error(passes), standard_error(solved), sum(mixing) / n,
-                      standard_error(mixing), language, sum(len(o) for o in samples),
+    return EvalResult(sum(passes) / n, sum(solved) / n, sum(p["format"] for p in per) / n,
+                      sum(p["length"] for p in per) / n, len(samples[0]), n,
+                      sum(p["missing"] for p in per) / n, standard_error(passes),
+                      standard_error(solved), sum(mixing) / n, standard_error(mixing), language,
+                      sum(len(o) for o in samples),
                       sum(cut) / n if truncated is not None else None,
                       standard_error(cut) if truncated is not None else None,
                       checker_timeouts=len(failed["timeout"]),
                       checker_errors=len(failed["checker_error"]),
                       per_problem={"pass_at_1": passes, "cons_at_k": solved,
                                    "language_mixing": mixing})
+
+
+#: how an answer's check can fail (counted as wrong, with a WARNING)
+FAILED_CHECKS = ("timeout", "checker_error")
+
+
+def _process_share() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the job; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _problem_scores(outs: Sequence[str], ex: dict, check, lang: LanguageRewardConfig) -> dict:
+    """One problem's numbers: the share of correct samples (``pass``), whether the majority
+    answer is correct (``solved``), the mean language mixing, the shares without an answer
+    (``missing``) and in format, the mean length, and the failed checks (example id, error)."""
+    read = [as_scored(o, ex.get("prompt", "")) for o in outs]  # a <think> the prompt opened
+    failed: dict[str, list] = {kind: [] for kind in FAILED_CHECKS}
+
+    def correct(answer: str | None) -> bool:
+        if answer is None:
+            return False
+        reason, error = check_answer(f"\\boxed{{{answer}}}", ex, check, CHECK_CPU_TIME_S)
+        if reason in failed:  # scored wrong, counted and warned about
+            failed[reason].append((ex.get("id"), error))
+        return reason is None
+
+    answers = [extract_answer(o) for o in read]
+    majority = majority_answer([a for a in answers if a is not None],
+                               math_equal=checker_name(ex) == "math_accuracy")
+    return {"pass": sum(correct(a) for a in answers) / len(outs),
+            "solved": float(majority is not None and correct(majority)),
+            "mixing": sum(1.0 - language_consistency(o, lang) for o in read) / len(outs),
+            "missing": sum(a is None for a in answers) / len(outs),
+            "format": sum(is_well_formed(o) for o in read) / len(outs),
+            "length": sum(len(o) for o in outs) / len(outs), "failed": failed}
 
 
 def _warn_failed_checks(failed: dict[str, list]) -> None:
@@ -220,12 +257,13 @@ def _warn_failed_checks(failed: dict[str, list]) -> None:
 def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,
                    top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
                    policy=None, tokenizer=None, language: str = "en", dp_group=None,
-                   scored_here: bool = True) -> EvalResult | None:
+                   share_checks: bool = False, warn: bool = True) -> EvalResult:
     """pass@1 and cons@k of the model folder ``model_dir`` (or a loaded policy) on ``examples``,
     with the share of samples cut at ``max_new_tokens`` and the settings sampled with.
     In a parallel run (collective): ``dp_group`` shares the generation between the policy's
-    replicas (:func:`~r1fast.pipeline.generation.sample_with_flags`), and a process with
-    ``scored_here=False`` returns None instead of checking every answer again."""
+    replicas (:func:`~r1fast.pipeline.generation.sample_with_flags`), ``share_checks`` the
+    answer checks between all processes (:func:`score_samples`); ``warn=False``: no
+    WARNINGs (another process gives them)."""
     from r1fast.pipeline.generation import load_model, sample_with_flags
 
     if policy is None:
@@ -233,12 +271,12 @@ def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature:
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     out = sample_with_flags(policy, tokenizer, [ex["prompt"] for ex in examples], k, cfg,
                             seed=seed, dp_group=dp_group)
-    if not scored_here:
-        return None
-    result = replace(score_samples(out.texts, examples, language, truncated=out.truncated),
+    result = replace(score_samples(out.texts, examples, language, truncated=out.truncated,
+                                   share_checks=share_checks, warn=warn),
                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                      seed=seed)
-    warn_if_truncated(result)
+    if warn:
+        warn_if_truncated(result)
     return result
 
 

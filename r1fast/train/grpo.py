@@ -513,8 +513,8 @@ class GRPOTrainer:
     def evaluate(self) -> dict[str, Any] | None:
         """pass@1 / cons@k of the policy on the held-out problems (``data.test_path``, or
         ``data.num_test`` of the synthetic task's test split); collective: the data-parallel
-        replicas share the sampling, rank 0 scores and appends the result to
-        out_dir/eval.jsonl and returns it (other ranks None, as without held-out problems)."""
+        replicas share the sampling and all ranks the answer checks; rank 0 appends the result
+        to out_dir/eval.jsonl. None without held-out problems."""
         from r1fast.pipeline.evaluate import evaluate_model
 
         d = self.cfg.data
@@ -526,11 +526,10 @@ class GRPOTrainer:
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 seed=self.cfg.run.seed, policy=self.policy,
                                 tokenizer=self.task.tokenizer, dp_group=self.engine.dp_group(),
-                                scored_here=self.is_logger)
-        if result is None:
-            return None
-        result = result.as_dict()
+                                share_checks=True, warn=self.is_logger).as_dict()
         row = {"step": self.step_idx, "test_path": d.test_path, "held_out": source, **result}
+        if not self.is_logger:
+            return row
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         log.info("eval at step %d: pass@1 %.3f, cons@%d %.3f on %d problems", self.step_idx,

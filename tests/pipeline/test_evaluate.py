@@ -143,6 +143,13 @@ def _shared_sampling_worker(rank, layout):
         shared = generation.sample_with_flags(policy, tok, prompts, k, cfg, seed=9,
                                               batch_rows=batch_rows, dp_group=group)
         assert shared == whole, (rank, k, shared, whole)
+    # the answer checks shared over the processes: every one gets the whole result
+    texts = [[f"<think>a</think> \\boxed{{{a}}}", "\\boxed{4}"] for a in ("3", "5", "72")]
+    exs = [{"prompt": p, "answer": a, "id": i} for i, (p, a) in enumerate(
+        zip(prompts, ("3", "34", "72")))]
+    alone = score_samples(texts, exs, truncated=[[False, True]] * 3)
+    assert alone.pass_at_1 == 1 / 3 and alone.truncated_rate == 0.5
+    assert score_samples(texts, exs, truncated=[[False, True]] * 3, share_checks=True) == alone
 
 
 @pytest.mark.multiproc
@@ -151,7 +158,8 @@ def test_replicas_share_the_sampling_and_return_every_sample(tmp_path, layout):
     """GRPO's held-out evaluation sampled every problem on every data-parallel replica (the
     same work, dp times). Replicas now take every dp-th row and exchange them: the samples
     are those of one process, row for row (each row has its own random stream); under
-    expert parallelism the replicas' forwards are collective, so they run as many batches."""
+    expert parallelism the replicas' forwards are collective, so they run as many batches.
+    The answer checks are shared too, and every process gets the same result."""
     from tests.helpers.spawn import run_gloo
 
     run_gloo(2, str(tmp_path / "store"), _shared_sampling_worker, layout)
