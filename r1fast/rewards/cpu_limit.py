@@ -155,18 +155,26 @@ def _on_sigprof(signum, frame) -> None:
 
 def cpu_time_limit(seconds: float | None):
     """``with cpu_time_limit(s) as token:`` raises :class:`CpuTimeExceeded` (``.token is
-    token``) once the block used ``s`` seconds of this thread's CPU time (user + system,
+    token``, also readable before the block as ``cpu_time_limit(s).token``) once the block used ``s`` seconds of this thread's CPU time (user + system,
     ``time.thread_time``), however loaded the machine is and whatever other threads of the
     process burn. Blocks nest (the earliest deadline fires, with its own token). A no-op
     (token None) off the main thread, where no signal handler runs, or when ``seconds`` is
     None or <= 0."""
     if not seconds or seconds <= 0 or not hasattr(signal, "setitimer") or \
             threading.current_thread() is not threading.main_thread():
-        return contextlib.nullcontext(None)
+        return _NoLimit(None)
     return _CpuLimit(float(seconds))
 
 
+class _NoLimit(contextlib.nullcontext):
+    token = None
+
+
 class _CpuLimit:
+    """``token`` is known before the block is entered: a limit that fires inside
+    ``__enter__`` (a sub-millisecond one) is told apart from an outer one by ``limit.token``,
+    where ``as token`` would not be bound yet."""
+
     def __init__(self, seconds: float):
         self.seconds = seconds
         self.token = object()

@@ -140,13 +140,14 @@ def _math_verify_equal(pred: str, gold: str, cpu_s: float) -> bool:
 
     if limit_active():  # inside a reward call: its limit decides, and the runner counts it
         return equal()
-    with cpu_time_limit(cpu_s) as token:
-        try:
+    limit = cpu_time_limit(cpu_s)
+    try:  # around the block: the limit can also fire in its __exit__
+        with limit:
             return equal()
-        except CpuTimeExceeded as exc:
-            if exc.token is not token:  # an outer limit: not ours to decide
-                raise
-            return False
+    except CpuTimeExceeded as exc:
+        if exc.token is not limit.token:  # an outer limit: not ours to decide
+            raise
+        return False
 
 
 def warm_up() -> None:

@@ -80,17 +80,16 @@ def bounded_call(fn: Callable[..., Any], args: tuple, cpu_limit_s: float | None)
     the one rule for a reward or checker call, in a worker, in the runner's inline mode and in
     the pipeline's answer checks. One bad call must not end a run that may have sampled for
     hours: a raise is "error" (with its text), the limit is "timeout"."""
-    token = None
+    limit = cpu_time_limit(cpu_limit_s)
     try:
-        with cpu_time_limit(cpu_limit_s) as token:
-            value = fn(*args)
+        with limit:
+            return scored(fn(*args))  # float() of a returned sympy object is bounded too
     except CpuTimeExceeded as exc:
-        if exc.token is not token:  # an outer limit fired: not ours to decide
+        if exc.token is not limit.token:  # an outer limit fired: not ours to decide
             raise
         return TaskOutcome("timeout", 0.0, f"call {exc}")
     except Exception as exc:
         return TaskOutcome("error", 0.0, " ".join(f"{type(exc).__name__}: {exc}".split())[:500])
-    return scored(value)
 
 
 def _set_cpu_backstop(cpu_limit_s: float | None) -> None:

@@ -233,3 +233,16 @@ def test_an_outer_limit_firing_inside_an_inner_exit_closes_both():
             inner.__enter__()  # its __exit__ never runs: the outer limit fires first
             rc.spin()
     assert e.value.token is outer and not limit_active()
+
+
+def test_a_limit_names_its_token_before_the_block_and_calls_never_leak_it():
+    """``as token`` is bound only after ``__enter__`` returns; a limit that fired inside it
+    was taken for an outer one and escaped bounded_call. The token is readable first."""
+    from r1fast.rewards.workers import bounded_call
+
+    limit = cpu_time_limit(30)
+    with limit as token:
+        assert token is limit.token is not None
+    assert cpu_time_limit(None).token is None  # the no-op limit
+    seen = {bounded_call(rc.spin, (1.9e-4 + (i % 7) * 1e-5,), 2e-4).status for i in range(3000)}
+    assert seen <= {"ok", "timeout"} and "timeout" in seen, seen
