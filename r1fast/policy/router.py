@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
+    get_moe_layer_wise_logging_tracker,
     save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -165,8 +166,7 @@ class R1fastRouter(TopKRouter):
             coeff = cfg.moe_z_loss_coeff
             z_loss = moe_z_loss(logits, coeff, num_tokens=counted, valid=valid)
             logits = MoEAuxLossAutoScaler.apply(logits, z_loss)
-            save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number,
-                                       self._num_layers_total())
+            self._track("z_loss", z_loss / coeff)
 
         hook = self.routing_hook
         replay = None
@@ -231,8 +231,7 @@ class R1fastRouter(TopKRouter):
         group = self.tp_cp_group
         global_counts = reduce_from_tensor_model_parallel_region(counts.float(), group)
         aux = moe_aux_loss(scores, global_counts, self.topk, coeff, num_tokens=counted)
-        save_to_aux_losses_tracker("load_balancing_loss", aux / coeff, self.layer_number,
-                                   self._num_layers_total(), reduce_group=group)
+        self._track("load_balancing_loss", aux / coeff, reduce_group=group)
         return MoEAuxLossAutoScaler.apply(weights, aux)
 
     def _token_count(self, valid: Optional[torch.Tensor], rows: int):
@@ -249,6 +248,16 @@ class R1fastRouter(TopKRouter):
 
     def _num_layers_total(self) -> int:
         return self.config.num_layers + (self.config.mtp_num_layers or 0)
+
+    def _track(self, name: str, loss: torch.Tensor, **groups) -> None:
+        """Megatron's per-layer log of ``loss``. Its process-wide table is sized by the first
+        model that writes it: one of another depth starts the row again (a deeper one failed
+        with IndexError in the router)."""
+        total = self._num_layers_total()
+        tracker = get_moe_layer_wise_logging_tracker()
+        if name in tracker and tracker[name]["values"].numel() != total:
+            del tracker[name]
+        save_to_aux_losses_tracker(name, loss, self.layer_number, total, **groups)
 
 
 def expert_load(policy, reset: bool = True) -> dict[int, torch.Tensor]:

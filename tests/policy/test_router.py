@@ -204,3 +204,19 @@ def test_token_layout_matches_megatron_order(b, length, k, tp, sp):
             assert torch.equal(rows[s * b + j], idx[j, s])
     if not sp:
         assert torch.equal(layouts[0].from_router_order(rows, b, length), idx)
+
+
+def test_models_of_another_depth_train_in_one_process():
+    """megatron's per-layer loss table is sized by the first model that writes it: training a
+    deeper model after a shallower one in the same process failed in the router with
+    IndexError (a Python-API user, a pipeline that trains two models)."""
+    from r1fast.policy import build_policy
+
+    for layers in (2, 3):
+        cfg = ModelConfig.preset("tiny-moe").replace(num_layers=layers)
+        assert cfg.aux_loss_coef > 0  # the load-balancing loss is logged per layer
+        policy = build_policy(cfg, ParallelConfig(), seed=0)
+        tokens = torch.randint(0, cfg.vocab_size, (1, 8),
+                               generator=torch.Generator().manual_seed(0))
+        policy.forward_backward([{"tokens": tokens, "targets": tokens}],
+                                lambda h, w, mb: (h.float().pow(2).mean(), {}))
