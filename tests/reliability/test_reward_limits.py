@@ -1,5 +1,6 @@
 """Rewards under hostile load: a verdict decided by CPU time, not wall time (the same limit in
 a worker and in-process), and a killed worker takes its child processes with it."""
+import contextlib
 import os
 import time
 
@@ -264,22 +265,50 @@ def test_a_limit_whose_raise_a_finalizer_swallowed_fires_again():
     assert CpuTimeExceeded in swallowed  # the case happened (about 1 in 3), yet every block ended
 
 
-def _open_and_leave():
-    limit = cpu_time_limit(0.05)
-    limit.__enter__()  # a block whose frame returns without closing it
-    return limit
+@contextlib.contextmanager
+def _limited(seconds):
+    with cpu_time_limit(seconds) as token:  # opened in a generator frame, suspended at yield
+        yield token
 
 
-def test_a_limit_whose_block_is_gone_is_closed_without_a_raise():
-    """A limit left open made every later check in the process unbounded; one whose frame
-    has returned is closed when it fires, and raises in no unrelated code."""
-    import signal
-
+def test_a_limit_opened_in_another_frame_still_fires():
+    """A limit opened by a contextmanager (its frame suspended) or by ExitStack (its frame
+    returned) was dropped without a raise by the first version of the retry (helper-47):
+    the block ran its 0.5 s unbounded."""
     from r1fast.rewards.cpu_limit import limit_active
 
-    before = signal.getsignal(signal.SIGPROF)
-    limit = _open_and_leave()
-    rc.spin(0.1)  # no CpuTimeExceeded here
-    assert not limit_active()
-    limit.__exit__(None, None, None)  # then the late __exit__ is harmless
-    assert signal.getsignal(signal.SIGPROF) is before
+    for how in ("contextmanager", "exit stack"):
+        t0 = time.thread_time()
+        with pytest.raises(CpuTimeExceeded):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(_limited(0.05) if how == "contextmanager"
+                                    else cpu_time_limit(0.05))
+                rc.spin(0.5)
+        assert time.thread_time() - t0 < 0.3, how
+        assert not limit_active()
+
+
+class _HashInFinalizer:
+    def __del__(self):  # C work in a finalizer: the limit fires here and the raise is discarded
+        import hashlib
+
+        hashlib.pbkdf2_hmac("sha256", b"x", b"s", 300_000)
+
+
+def test_a_block_that_ends_after_a_swallowed_raise_still_times_out():
+    """The block returned within the retry interval after a finalizer swallowed the raise:
+    bounded_call said "ok" past the limit (helper-47: 0.068 s of CPU under a 0.01 s limit)."""
+    import sys
+
+    from r1fast.rewards.workers import bounded_call
+
+    def check():
+        d = _HashInFinalizer()
+        del d
+        return 1.0
+
+    hook, sys.unraisablehook = sys.unraisablehook, lambda u: None
+    try:
+        assert bounded_call(check, (), 0.01).status == "timeout"
+    finally:
+        sys.unraisablehook = hook
