@@ -175,13 +175,9 @@ def score_samples(samples: Sequence[Sequence[str]], examples: Sequence[dict],
     scores = {i: _problem_scores(samples[i], examples[i], checks[i], lang)
               for i in range(rank, len(examples), world)}
     if world > 1:
-        import torch.distributed as dist
+        from r1fast.policy.parallel import all_ranks_object
 
-        from r1fast.policy.parallel import host_group
-
-        parts: list = [None] * world
-        dist.all_gather_object(parts, scores, group=host_group())
-        scores = {i: v for part in parts for i, v in part.items()}
+        scores = {i: v for part in all_ranks_object(scores) for i, v in part.items()}
     per = [scores[i] for i in range(len(examples))]
     failed = {kind: [f for p in per for f in p["failed"][kind]] for kind in FAILED_CHECKS}
     if warn:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from r1fast.policy.optim import _init_unstepped_adam, _sub_optimizers
+from r1fast.policy.parallel import all_ranks_object
 
 # megatron's format of the distributed optimizer state that reshards over TP/PP/EP/DP
 OPTIM_FORMAT = "fully_reshardable"
@@ -182,11 +183,8 @@ def check_same_model(policy, folder: str | Path,
     apply_factories(model)
     wanted = {v.key: tuple(v.global_shape) for v in nested_values(model)
               if isinstance(v, ShardedTensor)}
-    if dist.is_initialized() and dist.get_world_size() > 1:  # pipeline stages hold other layers
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, wanted)
-        for part in parts:
-            wanted.update(part)
+    for part in all_ranks_object(wanted):  # pipeline stages hold other layers
+        wanted.update(part)
     shapes = [f"{k} is {list(saved[k])} there and {list(wanted[k])} here"
               for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
     only_here = sorted(set(wanted) - set(saved))

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from r1fast.policy.config import ModelConfig
 from r1fast.policy import hf_fp8 as fp8
-from r1fast.policy.parallel import host_group
+from r1fast.policy.parallel import all_ranks_object, host_group
 
 log = logging.getLogger("r1fast.policy")
 
@@ -361,12 +361,10 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
                 bad = _entry_problems(reader, {key: (n * tp, *w.shape[1:])})
                 problems.extend(bad or _load_one(w, reader.rows(key, rank * n, (rank + 1) * n),
                                                  (key,), allow_nonfinite))
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (missing, problems, sorted(used)))
-        missing = [k for p in parts for k in p[0]]
-        problems = [k for p in parts for k in p[1]]
-        used = {k for p in parts for k in p[2]}
+    parts = all_ranks_object((missing, problems, sorted(used)))
+    missing = [k for p in parts for k in p[0]]
+    problems = [k for p in parts for k in p[1]]
+    used = {k for p in parts for k in p[2]}
     missing = list(dict.fromkeys(missing))
     problems = list(dict.fromkeys(problems))
     extra = sorted(k for k in reader.files if k not in used and not _IGNORED.match(k)

@@ -25,9 +25,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from r1fast.checks import one_line
 from r1fast.policy.hf_checkpoint import (INDEX, R1FAST_CONFIG, SAFETENSORS, owned_hf_tensors,
                                          passthrough_tensors)
-from r1fast.policy.parallel import host_group
+from r1fast.policy.parallel import all_ranks_object, host_group
 
 
 def _shards(keys_bytes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -42,15 +43,6 @@ def _shards(keys_bytes: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
         shards[-1].append(k)
         size += nbytes
     return shards if shards[0] else []
-
-
-def _all_ranks(obj) -> list:
-    """``obj`` of every rank, in rank order (names and sizes only: small)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=host_group())
-    return out
 
 
 def _write(tensors: dict[str, torch.Tensor], keys: list[str], file: str) -> None:
@@ -95,7 +87,7 @@ def write_hf_folder(policy, path: str, *, dtype: Optional[torch.dtype] = None,
     sized = [(k, mine[k].numel() * mine[k].element_size()) for k in sorted(mine)]
     bad = [k for k, _ in sized if mine[k].is_floating_point()
            and not bool(torch.isfinite(mine[k]).all())]
-    plans = _all_ranks((sized, bad, _said(error)))
+    plans = all_ranks_object((sized, bad, _said(error)))
     _agree([p[2] for p in plans], path, error)
     bad = sorted(k for _, b, _ in plans for k in b)
     if bad:
@@ -104,7 +96,7 @@ def write_hf_folder(policy, path: str, *, dtype: Optional[torch.dtype] = None,
                                  f"NaN/Inf; nothing written to {path}")
     if rank == 0:  # after the checks: a refused export leaves no folder
         token, error = _attempt(lambda: _make_folder(path))
-    made_error, token = _all_ranks((_said(error), token))[0]
+    made_error, token = all_ranks_object((_said(error), token))[0]
     _agree([made_error], path, error)
     total = sum(n for sized_keys, _, _ in plans for _, n in sized_keys)
     if total <= max_shard_bytes:  # small: one file, written by rank 0
@@ -136,7 +128,7 @@ def write_hf_folder(policy, path: str, *, dtype: Optional[torch.dtype] = None,
             _write_configs(policy, path, dtype)
 
     _, error = _attempt(write_mine)
-    _agree(_all_ranks(_said(error)), path, error)  # also: every file is written when any returns
+    _agree(all_ranks_object(_said(error)), path, error)  # also: every file is written when any returns
     if rank == 0:  # no rank reads it any more
         os.remove(os.path.join(path, _MARKER))
     return written
@@ -177,7 +169,7 @@ def _attempt(work) -> tuple[Any, BaseException | None]:
 
 
 def _said(error: BaseException | None) -> str | None:
-    return None if error is None else " ".join(f"{type(error).__name__}: {error}".split())[:500]
+    return None if error is None else one_line(error, 500)
 
 
 def _agree(errors: list, path: str, mine: BaseException | None) -> None:

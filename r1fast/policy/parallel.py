@@ -180,6 +180,17 @@ def host_group() -> Optional[Any]:
     return _HOST_GROUP
 
 
+def all_ranks_object(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (collective; ``[obj]`` without a process group):
+    small picklable values such as names, shapes and per-problem scores, sent over
+    :func:`host_group`, so nothing is staged on a GPU."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=host_group())
+    return out
+
+
 def destroy_parallel(destroy_process_group: bool = True) -> None:
     """Tear down megatron's parallel state (and the default process group)."""
     global _LAYOUT, _HOST_GROUP

@@ -113,16 +113,12 @@ def truncate_metrics(path: str | Path, last_step: int) -> tuple[int, int]:
 def gather_expert_load(policy) -> dict[int, list[float]]:
     """Tokens the training forwards routed to each expert of every MoE layer (all pipeline
     stages) since the last call, ``{layer: [E]}``, the same on every rank (collective)."""
-    import torch.distributed as dist
-
+    from r1fast.policy.parallel import all_ranks_object
     from r1fast.policy.router import expert_load
 
     loads = {layer: load.tolist() for layer, load in expert_load(policy).items()}
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, loads)
-        for part in parts:  # stages hold different layers; replicas hold the same sums
-            loads.update(part)
+    for part in all_ranks_object(loads):  # stages hold different layers; replicas the same sums
+        loads.update(part)
     return dict(sorted(loads.items()))
 
 
