@@ -48,7 +48,7 @@ from r1fast.rewards.extract import as_scored
 from r1fast.rewards.format import FormatRewardConfig
 from r1fast.rewards.language import LANGUAGE_SCRIPTS, LanguageRewardConfig, language_consistency
 from r1fast.rewards.registry import available_rewards
-from r1fast.checks import check_choice, check_range
+from r1fast.checks import check_choice, check_range, one_line
 
 REASONS = ("empty", "truncated", "too_long", "unparsable", "wrong", "timeout", "checker_error",
            "mixed_language", "long_paragraph", "code_block", "duplicate")
@@ -233,9 +233,8 @@ def build_checkers(examples: Sequence[dict], checker_for: Callable[[dict], Check
         try:
             checks.append(checker_for(ex))
         except Exception as exc:
-            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise ValueError(f"{stage}: {_named(i, ex)} has reward {ex.get('reward')!r}, whose "
-                             f"checker cannot be built ({cause}){hint}") from exc
+                             f"checker cannot be built ({one_line(exc)}){hint}") from exc
     return checks
 
 

@@ -46,7 +46,7 @@ from multiprocessing.connection import wait as _wait
 from typing import Any, Callable, Sequence
 
 from r1fast.rewards.cpu_limit import CpuTimeExceeded, cpu_time_limit
-from r1fast.checks import check_choice, check_range
+from r1fast.checks import check_choice, check_range, one_line
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def bounded_call(fn: Callable[..., Any], args: tuple, cpu_limit_s: float | None)
             raise
         return TaskOutcome("timeout", 0.0, f"call {exc}")
     except Exception as exc:
-        return TaskOutcome("error", 0.0, " ".join(f"{type(exc).__name__}: {exc}".split())[:500])
+        return TaskOutcome("error", 0.0, one_line(exc, 500))
 
 
 def _set_cpu_backstop(cpu_limit_s: float | None) -> None:
