@@ -220,10 +220,9 @@ class TrainEngine:
     def dp_sum(self, values: Sequence[float]) -> list[float]:
         """Sum each value over the data-parallel replicas (fp64)."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        if self.info.dp > 1:
-            from megatron.core import parallel_state as ps
-
-            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        group = self.dp_group()
+        if group is not None:
+            dist.all_reduce(t, group=group)
         return t.tolist()
 
     def last_stage_reduce(self, local: Mapping[str, float], keys: Sequence[str],

@@ -283,10 +283,8 @@ class GRPOTrainer:
         par = self.cfg.parallel
         if not (par.balance_dp_tokens and par.max_tokens_per_microbatch > 0 and self.info.dp > 1):
             return batch, routing, None
-        from megatron.core import parallel_state as ps
-
         return balance_over_dp(batch, routing, self.cfg.algo.mini_batches,
-                               ps.get_data_parallel_group(), self.info.dp_rank, self.info.dp)
+                               self.engine.dp_group(), self.info.dp_rank, self.info.dp)
 
     def _old_and_ref_logprobs(self, batch: UpdateBatch, routing):
         """Log-probs of the sampled tokens under the policy before the update (with the
