@@ -12,7 +12,6 @@ group on a free local port.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -61,13 +60,6 @@ class ParallelInfo:
         return self.pp_rank == self.pp - 1
 
 
-def free_port() -> int:
-    """An unused local TCP port (for single-node gloo rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dist_timeout_s() -> float:
     """Seconds a collective may wait: ``R1FAST_DIST_TIMEOUT_S``, else 600."""
     raw = os.environ.get("R1FAST_DIST_TIMEOUT_S", "600")
@@ -94,7 +86,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+        # port 0: the store binds a port the OS picks (a port found free and bound later
+        # could be taken in between)
+        dist.init_process_group(backend, init_method="tcp://127.0.0.1:0", rank=0,
                                 world_size=1, timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 """Multi-process helper of the policy and megatron_compat tests: start N gloo ranks as plain
 subprocesses (one ``python tests/helpers/dist.py <scenario> <out>`` per rank, torchrun-style
-environment, a free port), run a scenario in each, and return what each rank saved.
+environment, a rendezvous store this process serves), run a scenario in each, and return what each rank saved.
 Subprocesses (not multiprocessing.spawn) keep the workers independent of how pytest imports
 test modules. Test files import it as ``from tests.helpers import dist``.
 
@@ -30,16 +30,16 @@ def launch(world_size: int, scenario: str, args: dict[str, Any], timeout: float 
     """Run ``scenario(args)`` on ``world_size`` ranks; return each rank's saved dict."""
     import torch
 
-    from r1fast.policy.parallel import free_port
+    from tests.helpers.spawn import hosted_store
 
     out = tempfile.mkdtemp(prefix="r1fast_dist_")
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(args, f)
-    port = free_port()
+    store, rendezvous = hosted_store(world_size)
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   **rendezvous, OMP_NUM_THREADS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PYTHONWARNINGS="ignore",
                    PYTHONFAULTHANDLER="1")  # a rank killed by a signal logs every stack
@@ -60,6 +60,7 @@ def launch(world_size: int, scenario: str, args: dict[str, Any], timeout: float 
         log.close()
         if rc != 0:
             failed.append((rank, rc))
+    del store  # served until every rank has exited
     if failed:
         tails = []
         for rank, rc in failed:

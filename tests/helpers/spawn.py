@@ -1,10 +1,11 @@
 """Running a function on several gloo ranks of this machine, for the tests that compare a
 parallel layout with one rank.
 
-Two rendezvous: :func:`run_ranks` gives ``fn`` a torchrun-style environment (``RANK``,
-``MASTER_PORT``, ...) for code that calls ``init_process_group()`` itself; :func:`run_gloo`
-makes the group from a file store (no port to pick, so no other process can take it in
-between) and tears it down in step. Both pin each rank to one intra-op thread: two ranks of
+Two rendezvous, neither with a port picked free and bound later (which another process could
+take in between): :func:`run_ranks` gives ``fn`` a torchrun-style environment (``RANK``,
+``MASTER_PORT``, ...) for code that calls ``init_process_group()`` itself, whose store this
+process serves (:func:`hosted_store`); :func:`run_gloo` makes the group from a file store and
+tears it down in step. Both pin each rank to one intra-op thread: two ranks of
 two threads each on a 2-core CI box would oversubscribe it. Each rank enables faulthandler,
 so that a rank killed by a signal (an abort in C++ teardown, a segfault) leaves every
 thread's Python stack in the test's captured stderr rather than only "terminated with
@@ -17,8 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from r1fast.policy.parallel import free_port
-
 
 def _one_thread_with_stacks() -> None:
     faulthandler.enable(all_threads=True)
@@ -26,9 +25,18 @@ def _one_thread_with_stacks() -> None:
     torch.set_num_threads(1)
 
 
-def _entry(rank, world, port, fn, args):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def hosted_store(world: int) -> tuple[dist.TCPStore, dict[str, str]]:
+    """(the rendezvous store of a ``world``-rank group, the environment variables that make
+    every rank's ``init_process_group()`` a client of it). This process serves the store, on a
+    port the OS picks as it binds it, the way torchrun's agent serves its workers'
+    (``TORCHELASTIC_USE_AGENT_STORE``); keep the store alive until the ranks are done."""
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    return store, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                   "TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def _entry(rank, world, rendezvous, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), **rendezvous)
     _one_thread_with_stacks()
     fn(rank, *args)
     if dist.is_initialized():  # fn left its group open: every rank ends its collectives
@@ -40,8 +48,12 @@ def _entry(rank, world, port, fn, args):
 def run_ranks(world: int, fn, *args) -> None:
     """``fn(rank, *args)`` on ``world`` spawned processes (``fn`` must be importable: a
     module-level function of a test file or helper)."""
-    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
-                       start_method="spawn")
+    store, rendezvous = hosted_store(world)
+    try:
+        mp.start_processes(_entry, args=(world, rendezvous, fn, args), nprocs=world, join=True,
+                           start_method="spawn")
+    finally:
+        del store  # the server closes when the last reference goes
 
 
 def _gloo_entry(rank, world, store, fn, args):

@@ -26,7 +26,6 @@ from r1fast.plan import (GiB, format_plan, measure_saved_bytes, measure_state_by
 from r1fast.ops._dispatch import triton_missing
 from r1fast.plan.memory import stage_activation_bytes, stage_params, total_params
 from r1fast.policy.config import ModelConfig, ParallelConfig
-from r1fast.policy.parallel import free_port
 from r1fast.train.config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,9 +140,8 @@ def test_per_rank_counts_match_megatron_layouts(tmp_path):
     match within 3% (measured: 0.5%, the EP ranks' routed loads differ)."""
     out = tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-           "--master-port", str(free_port()), str(Path(__file__).with_name("_plan_worker.py")),
-           str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(Path(__file__).with_name("_plan_worker.py")), str(out)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())

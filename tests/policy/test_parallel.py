@@ -41,11 +41,6 @@ def test_a_different_layout_while_one_is_active():
         parallel.destroy_parallel()
 
 
-def test_free_port():
-    port = parallel.free_port()
-    assert 0 < port < 65536
-
-
 @pytest.mark.parametrize("value", ["ten", "0", "-5", "nan"])
 def test_a_bad_collective_timeout_names_the_variable(monkeypatch, value):
     """R1FAST_DIST_TIMEOUT_S sets how long a collective waits (a 671B checkpoint on a slow
