@@ -25,6 +25,7 @@ def test_the_readme_has_python_examples():
     assert len(BLOCKS) >= 3
 
 
+@pytest.mark.timeout(2000)  # above the block's own 1800 s, which names the block
 @pytest.mark.parametrize("code", list(_params()))
 def test_readme_block_runs(code, tmp_path):
     """Saved as a file and run as ``python example.py``, as a user runs it: under ``-c`` the
