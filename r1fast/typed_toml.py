@@ -115,7 +115,10 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
 
 def _coerce_table(value: Any, tp: type, key: str, base: Any) -> Any:
     """A nested dataclass from a table, merged onto ``base`` (the field's default) or onto
-    ``tp.preset(name)`` when the table says ``preset = name``."""
+    ``tp.preset(name)`` when the table says ``preset = name``: the fields the table names
+    replace the base's, a dict-valued one whole (``weights = {accuracy = 1.0}`` is accuracy
+    alone, not the default's parts plus accuracy). Overrides still edit a recipe's table key
+    by key (:func:`read`)."""
     if isinstance(value, tp):
         return value
     if not isinstance(value, dict):
@@ -128,7 +131,7 @@ def _coerce_table(value: Any, tp: type, key: str, base: Any) -> Any:
         except ValueError as e:
             raise ConfigError(f"config key '{key}.preset': {e}") from e
     if dataclasses.is_dataclass(base) and not isinstance(base, type):
-        value = merge(_shallow_fields(base), value)
+        value = {**_shallow_fields(base), **value}
     return from_dict(tp, value, prefix=key + "." if key else "")
 
 

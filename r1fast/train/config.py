@@ -228,7 +228,8 @@ class RewardConfig:
 
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     """Reward name -> weight (names from r1fast.rewards), for every row that does not route to
-    the reward model; ``reward_model`` may be one of them (then ``reward_model`` must be set)."""
+    the reward model; ``reward_model`` may be one of them (then ``reward_model`` must be set).
+    A table replaces this default whole: ``{accuracy = 1.0}`` scores accuracy alone."""
     timeout_s: float = 5.0
     """Wall-clock limit per reward call in a worker (the worker is killed): the outer bound."""
     cpu_time_s: Optional[float] = None
@@ -313,6 +314,12 @@ class RunConfig:
             raise ValueError("run.out_dir must be a folder path, got an empty string")
 
 
+DEFAULT_LR = 1e-4
+"""The trainer's learning rate when nothing sets ``optim.lr``: sized for the small models r1fast
+trains from scratch (the tiny presets); :func:`config_warnings` says so when a run starts from a
+pretrained checkpoint with it."""
+
+
 @dataclass
 class TrainConfig:
     """A whole GRPO run."""
@@ -325,7 +332,7 @@ class TrainConfig:
     """Objective and update schedule."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=DEFAULT_LR))
     """Optimizer and LR schedule (megatron-core's); total_steps is set from the run length."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompts."""
@@ -343,9 +350,21 @@ class TrainConfig:
                              "algo.router_replay_capture='posthoc' (or use the kv_cache decoder)")
 
 
-def sampling_warnings(cfg: TrainConfig) -> list[str]:
-    """What the trainer warns about its sampling: a truncated sampler whose bias nothing
-    corrects, or sampled log-probs that nothing reads but a metric."""
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """What the trainer warns about at its start: its sampling (:func:`_sampling_warnings`), and
+    the default learning rate of a run that starts from a pretrained checkpoint."""
+    out = _sampling_warnings(cfg)
+    init = cfg.run.init_from
+    if cfg.optim.lr == DEFAULT_LR and init and _is_model_folder(init):
+        out.append(f"optim.lr={DEFAULT_LR:g} is the trainer's default, sized for the small "
+                   f"models r1fast trains from scratch; RL from a pretrained checkpoint "
+                   f"({init}) usually runs near 1e-6 (verl's actor default): set optim.lr")
+    return out
+
+
+def _sampling_warnings(cfg: TrainConfig) -> list[str]:
+    """A truncated sampler whose bias nothing corrects, or sampled log-probs that nothing reads
+    but a metric."""
     r, tis = cfg.rollout, cfg.algo.objective.tis_cap
     truncation = ([f"rollout.top_p={r.top_p}"] if r.top_p < 1 else []) + (
         [f"rollout.top_k={r.top_k}"] if r.top_k > 0 else [])

@@ -41,7 +41,7 @@ from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 scores_for_model_parallel_group, split_even)
 from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
                                      save_checkpoint, start_fresh)
-from r1fast.train.config import TrainConfig, load_train_config, sampling_warnings
+from r1fast.train.config import TrainConfig, config_warnings, load_train_config
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, combine_micro_metrics,
@@ -123,7 +123,7 @@ class GRPOTrainer:
             top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
             stop_token_ids=tuple(self.task.tokenizer.stop_ids),
             vocab_limit=self.task.tokenizer.vocab_size, logprobs=config.rollout.logprobs)
-        for warning in sampling_warnings(config) if self.is_logger else ():
+        for warning in config_warnings(config) if self.is_logger else ():
             log.warning(warning)
         if config.run.resume:
             self._maybe_resume()

@@ -72,9 +72,9 @@ def test_from_dict_nested_unknown():
     (["--rollout.logprobs=sampled"], "without algo.tis_cap"),
 ])
 def test_sampling_warnings_name_an_uncorrected_truncation(overrides, says):
-    from r1fast.train.config import load_train_config, sampling_warnings
+    from r1fast.train.config import config_warnings, load_train_config
 
-    warnings = sampling_warnings(load_train_config(None, overrides))
+    warnings = config_warnings(load_train_config(None, overrides))
     assert warnings == [] if says is None else (len(warnings) == 1 and says in warnings[0])
 
 
@@ -90,6 +90,41 @@ def test_dump_toml_round_trips_any_text_and_key():
     back = tomllib.loads(dump_toml(cfg))
     assert back["data"]["system_prompt"] == 'Think.\n"Then" answer\t\x01.'
     assert back["reward"]["weights"] == cfg.reward.weights and "a.b" in cfg.reward.weights
+
+
+def test_the_default_learning_rate_is_named_when_a_run_starts_from_a_checkpoint(tmp_path):
+    """1e-4 suits the tiny models trained from scratch; from a pretrained folder it is a
+    warning (verl's actor default is 1e-6), and an optim.lr set by the user is not."""
+    import json
+
+    from r1fast.policy.config import ModelConfig
+    from r1fast.train.config import config_warnings, load_train_config
+
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny-moe").to_hf_config()))
+    start = [f"--run.init_from={tmp_path}"]
+    (warning,) = config_warnings(load_train_config(None, start))
+    assert warning.startswith("optim.lr=0.0001 is the trainer's default")
+    assert str(tmp_path) in warning
+    assert config_warnings(load_train_config(None, [*start, "--optim.lr=1e-6"])) == []
+    assert config_warnings(load_train_config(None, [])) == []
+
+
+def test_a_weights_table_replaces_the_default_and_overrides_edit_the_recipes(tmp_path):
+    """``weights = {accuracy = 1.0}`` is accuracy alone: it was merged onto the default
+    {accuracy = 1.0, format = 0.1}, so a format reward was paid that nobody wrote. A dotted
+    override still edits the recipe's table key by key, and a table that leaves ``weights``
+    out keeps the default."""
+    from r1fast.train.config import load_train_config
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[reward]\nweights = { accuracy = 1.0 }\n")
+    assert load_train_config(recipe).reward.weights == {"accuracy": 1.0}
+    assert load_train_config(None, ["--reward.weights={accuracy = 1.0}"]).reward.weights == {
+        "accuracy": 1.0}
+    edited = load_train_config(recipe, ["--reward.weights.format=0.2"])
+    assert edited.reward.weights == {"accuracy": 1.0, "format": 0.2}
+    assert load_train_config(None, ["--reward.workers=3"]).reward.weights == {
+        "accuracy": 1.0, "format": 0.1}
 
 
 
