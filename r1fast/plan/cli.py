@@ -226,8 +226,8 @@ def _parser() -> argparse.ArgumentParser:
                         "parallel.recompute; another value is a what-if, said on stderr; "
                         "all three are shown)")
     p.add_argument("--prompt-len", type=int, default=None,
-                   help="prompt tokens per sequence (default min(512, max_position_embeddings "
-                        "- max_new_tokens))")
+                   help="prompt tokens per sequence (default data.max_prompt_tokens, else 512, "
+                        "at most max_position_embeddings - max_new_tokens)")
     p.add_argument("--decoder", choices=DECODERS, default="kv-cache",
                    help="rollout memory model (default kv-cache)")
     p.add_argument("--spec", choices=SPECS, default="te",
@@ -244,10 +244,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say_where_the_model_comes_from(cfg, has_model_table: bool) -> None:
+    """A run starts from ``run.init_from``'s architecture; a plan made where that folder is not
+    plans the recipe's [model] table instead (said on stderr), and without one there is no
+    model to plan (an error, not the tiny default's plan)."""
+    from r1fast.train.config import is_model_folder
+
+    init = cfg.run.init_from
+    if not init or is_model_folder(init):
+        return
+    if not has_model_table:
+        raise ValueError(f"run.init_from={init} holds no config.json or r1fast_config.json here, "
+                         f"and the recipe has no [model] table: nothing says which model to "
+                         f"plan; point run.init_from at the checkpoint folder (its config.json "
+                         f"is enough) or write [model]")
+    print(f"r1fast plan: note: run.init_from={init} is not a model folder here: planning the "
+          f"recipe's [model] table (the run checks it against the checkpoint's config.json)",
+          file=sys.stderr)
+
+
 def plan_main(argv: Sequence[str]) -> int:
     """Entry of ``r1fast plan``: 0 (1 with ``--check`` when it does not fit), 2 on a bad
     recipe, option or layout."""
-    from r1fast.typed_toml import ConfigError
+    from r1fast.typed_toml import ConfigError, read
     from r1fast.train.config import load_train_config
 
     parser = _parser()
@@ -255,6 +274,7 @@ def plan_main(argv: Sequence[str]) -> int:
     overrides = [o if o.startswith("--") else f"--{o}" for o in args.override] + list(rest)
     try:
         cfg = load_train_config(args.recipe, overrides)
+        _say_where_the_model_comes_from(cfg, "model" in read(args.recipe, overrides))
         world = args.world_size
         if world is None and args.dp is not None:
             if args.dp < 1:

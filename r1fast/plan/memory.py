@@ -90,7 +90,8 @@ class PlanOptions:
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute assumed for the total (all three are reported)."""
     prompt_len: Optional[int] = None
-    """Prompt tokens per sequence; None: min(512, max_position_embeddings - max_new_tokens)."""
+    """Prompt tokens per sequence; None: ``data.max_prompt_tokens`` (the longest prompt the
+    trainer keeps), else 512, at most max_position_embeddings - max_new_tokens."""
     spec: Literal["te", "local"] = "te"
     """Layer implementation the activations are counted for: "te" (Transformer Engine on GPU:
     flash attention, fused RMSNorm) or "local" (megatron's local layers, as on CPU)."""
@@ -395,7 +396,8 @@ def _batch(cfg, par: ParallelConfig, opts: PlanOptions) -> _Batch:
                          f"the data parallel size {dp} (world {par.world_size} / "
                          f"(tp {par.tp} * pp {par.pp}))")
     new = cfg.rollout.max_new_tokens
-    prompt = opts.prompt_len or max(1, min(512, m.max_position_embeddings - new))
+    longest = data.max_prompt_tokens or 512
+    prompt = opts.prompt_len or max(1, min(longest, m.max_position_embeddings - new))
     rows = data.prompts_per_step * algo.group_size // dp  # this DP rank's sequences
     rows_per_step = max(1, rows // algo.mini_batches)
     # as the trainer splits a mini-batch: max(rows // micro_batch_size, 1) near-even parts

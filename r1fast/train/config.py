@@ -355,7 +355,7 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     the default learning rate of a run that starts from a pretrained checkpoint."""
     out = _sampling_warnings(cfg)
     init = cfg.run.init_from
-    if cfg.optim.lr == DEFAULT_LR and init and _is_model_folder(init):
+    if cfg.optim.lr == DEFAULT_LR and init and is_model_folder(init):
         out.append(f"optim.lr={DEFAULT_LR:g} is the trainer's default, sized for the small "
                    f"models r1fast trains from scratch; RL from a pretrained checkpoint "
                    f"({init}) usually runs near 1e-6 (verl's actor default): set optim.lr")
@@ -393,7 +393,7 @@ def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) 
         data = _config.read(recipe, overrides)
         cfg = _config.from_dict(TrainConfig, data)
         init = cfg.run.init_from
-        if init and _is_model_folder(init):
+        if init and is_model_folder(init):
             cfg = _model_from_checkpoint(cfg, init, data.get("model", {}))
         return cfg
     except ValueError as e:
@@ -402,7 +402,8 @@ def load_train_config(recipe: str | Path | None, overrides: Sequence[str] = ()) 
         raise _config.ConfigError(str(e)) from e
 
 
-def _is_model_folder(path: str) -> bool:
+def is_model_folder(path: str) -> bool:
+    """Whether ``path`` holds a model's config (Hugging Face or r1fast)."""
     return any((Path(path) / f).is_file() for f in ("config.json", "r1fast_config.json"))
 
 

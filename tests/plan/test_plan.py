@@ -232,6 +232,24 @@ def test_cli_overrides_and_check(capsys):
                       "--plain"]) == 0
 
 
+def test_a_checkpoint_that_is_not_here_is_said_or_refused(tmp_path, capsys):
+    """Planned where run.init_from is not, a recipe with [model] plans that table and says so;
+    one without [model] used to plan the tiny default model (157 K parameters) for a 3B run."""
+    assert plan_main([str(RECIPES / "deepseek_v3.toml"), "--plain"]) == 0
+    out, err = capsys.readouterr()
+    assert "671" in out and "run.init_from=/path/to/DeepSeek-V3-Base is not a model folder" in err
+    assert plan_main([str(RECIPES / "countdown_tinyzero.toml"), "--plain"]) == 2
+    err = capsys.readouterr().err
+    assert "run.init_from=ckpt/Qwen2.5-3B holds no config.json" in err and "no [model]" in err
+    # with the checkpoint's config.json, the plan is of that model, prompts as the recipe keeps
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny-moe").replace(
+        max_position_embeddings=2048).to_hf_config()))
+    assert plan_main([str(RECIPES / "countdown_tinyzero.toml"), f"--run.init_from={tmp_path}",
+                      "--plain"]) == 0
+    out, err = capsys.readouterr()
+    assert "(256 prompt + 1024 new)" in out and "note" not in err
+
+
 def test_the_plan_counts_the_recipes_recompute(capsys):
     """The planner used `--recompute` (default none) and never the recipe's
     parallel.recompute: a run planned as fitting with `--recompute full` ran without it, and a
