@@ -22,6 +22,16 @@ Aggregation (B sequences, N the sum of mask weights):
 ``seq-mean-token-mean`` ``sum_i (sum_t m l / sum_t m) / B`` (an empty sequence adds 0);
 ``seq-mean-token-sum-norm`` (Dr.GRPO) ``sum m l / (B * L_max)``.
 
+Against the peers' names: ``token-mean`` is verl's ``token-mean`` and TRL's ``bnpo`` (TRL's
+``dapo`` is it with the global token count as ``global_normalizer``); ``seq-mean-token-mean`` is
+TRL's ``grpo``, where an empty sequence counts in B, as here (verl divides by the non-empty
+sequences only); ``seq-mean-token-sum-norm`` is TRL's and Liger's ``dr_grpo`` with
+``L_max = max_completion_length``: verl's mode of the same name divides by ``L_max`` alone, so
+its loss is B times this one. verl's KL names: ``kl`` is k1, ``mse`` is k2, ``low_var_kl`` is
+k3, ``low_var_kl+`` is k3+; its vanilla loss always applies ``clip_ratio_c = 3`` (here
+``dual_clip=3.0``). TRL's and Liger's ``cispo`` cap the ratio at ``epsilon_high`` with no lower
+bound: ``clip_low=1.0, clip_high=epsilon_high - 1``.
+
 Data parallelism: each rank passes ``global_normalizer`` = the denominator above computed over
 the GLOBAL batch (all ranks): N_global for token-mean, B_global for the seq-mean-* modes, and
 B_global * L_max_global for seq-mean-token-sum-norm. Each rank's loss is then its share of the
@@ -40,6 +50,7 @@ import dataclasses
 import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -50,6 +61,7 @@ from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check
 
 LOSSES = ("ppo", "gspo", "cispo")
 KL_ESTIMATORS = (None, "k1", "k2", "k3", "k3+")
+VERL_KL_NAMES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "low_var_kl+": "k3+"}
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                 "seq-mean-token-sum-norm")
 METRICS = ("pg_loss", "kl_loss", "clip_frac", "dual_clip_frac", "kl_mean", "ratio_min",
@@ -79,12 +91,12 @@ class PolicyLossConfig:
     """Objective: ``"ppo"`` (token ratio), ``"gspo"`` (sequence ratio), ``"cispo"`` (clipped
     IS-weighted REINFORCE)."""
     clip_low: float = 0.2
-    """eps_low: the ratio is clipped below at ``1 - clip_low``; in [0, 1)."""
+    """eps_low: the ratio is clipped below at ``1 - clip_low``; in [0, 1] (1: no lower bound)."""
     clip_high: float = 0.2
     """eps_high: clipped above at ``1 + clip_high``; >= 0 (e.g. 0.28 for DAPO's clip-higher)."""
     dual_clip: Optional[float] = None
-    """c of dual-clip PPO (e.g. 3.0): for A < 0 the loss is capped at ``-c A``; > 1; ppo/gspo
-    only. None disables it."""
+    """c of dual-clip PPO (e.g. 3.0, verl's ``clip_ratio_c``, which verl always applies): for
+    A < 0 the loss is capped at ``-c A``; > 1; ppo/gspo only. None disables it."""
     kl: Optional[Literal["k1", "k2", "k3", "k3+"]] = None
     """KL estimator to the reference policy: ``"k1"``, ``"k2"``, ``"k3"``, ``"k3+"`` or None.
     Needs ``ref_logp``; with ``kl_coef = 0`` it is only reported (``kl_mean``)."""
@@ -102,7 +114,7 @@ class PolicyLossConfig:
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, LOSSES)
         _check_number("clip_low", self.clip_low)
-        check_range("clip_low", self.clip_low, 0.0, 1.0, hi_open=True)
+        check_range("clip_low", self.clip_low, 0.0, 1.0)
         _check_number("clip_high", self.clip_high)
         check_range("clip_high", self.clip_high, 0.0)
         _check_number("dual_clip", self.dual_clip, allow_none=True)
@@ -111,6 +123,9 @@ class PolicyLossConfig:
             if self.loss == "cispo":
                 raise ValueError("dual_clip applies to loss='ppo' or 'gspo', got loss='cispo' "
                                  "(set dual_clip=None)")
+        if self.kl in VERL_KL_NAMES:
+            raise ValueError(f"kl={self.kl!r} is verl's name: here it is "
+                             f"kl={VERL_KL_NAMES[self.kl]!r}")
         check_choice("kl", self.kl, KL_ESTIMATORS)
         _check_number("kl_coef", self.kl_coef)
         check_range("kl_coef", self.kl_coef, 0.0)
@@ -118,6 +133,12 @@ class PolicyLossConfig:
             raise ValueError(f"kl_coef={self.kl_coef} > 0 needs a KL estimator: set kl to one "
                              f"of {KL_ESTIMATORS[1:]}")
         check_choice("agg", self.agg, AGGREGATIONS)
+        if self.loss == "gspo" and self.agg != "seq-mean-token-mean":
+            # GSPO's objective averages its sequence ratios per sequence; verl forces that
+            # aggregation and TRL warns about the others
+            warnings.warn(f"loss='gspo' with agg={self.agg!r}: GSPO is defined with "
+                          f"agg='seq-mean-token-mean'; this weighs each sequence by its length",
+                          stacklevel=3)
         _check_number("tis_cap", self.tis_cap, allow_none=True)
         if self.tis_cap is not None:
             check_range("tis_cap", self.tis_cap, 0.0, lo_open=True)

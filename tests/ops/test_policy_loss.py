@@ -188,13 +188,14 @@ def test_only_logp_gets_gradients():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"loss": "grpo"}, "loss must be one of"),
-    ({"clip_low": 1.0}, r"clip_low must be in \[0.0, 1.0\)"),
-    ({"clip_low": -0.1}, r"clip_low must be in \[0.0, 1.0\)"),
+    ({"clip_low": 1.5}, r"clip_low must be in \[0.0, 1.0\]"),
+    ({"clip_low": -0.1}, r"clip_low must be in \[0.0, 1.0\]"),
     ({"clip_high": -0.1}, r"clip_high must be in \[0.0, inf\]"),
     ({"clip_high": float("nan")}, "clip_high must be a finite float"),
     ({"dual_clip": 1.0}, r"dual_clip must be in \(1.0, inf\]"),
     ({"dual_clip": 3.0, "loss": "cispo"}, "dual_clip applies to loss='ppo' or 'gspo'"),
     ({"kl": "k4"}, "kl must be one of"),
+    ({"kl": "low_var_kl"}, "kl='low_var_kl' is verl's name: here it is kl='k3'"),
     ({"kl_coef": -1.0, "kl": "k1"}, r"kl_coef must be in \[0.0, inf\]"),
     ({"kl_coef": 0.1}, "kl_coef=0.1 > 0 needs a KL estimator"),
     ({"agg": "mean"}, "agg must be one of"),

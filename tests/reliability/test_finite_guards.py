@@ -66,7 +66,7 @@ pytestmark = pytest.mark.reliability
     ("--data.task_options={min_value=1}", "data.task_options.min_value"),  # arithmetic has none
     # the loss options [algo] embeds flat are named as written, not bare ('clip_low must ...')
     ("--algo.clip_low=-1", "algo.clip_low"),
-    ("--algo.clip_low=1", "algo.clip_low"),
+    ("--algo.clip_low=1.5", "algo.clip_low"),
     ("--algo.tis_cap=-1", "algo.tis_cap"),
     ("--algo.dual_clip=0.5", "algo.dual_clip"),
 ])
