@@ -7,7 +7,10 @@ states and the head weight to :func:`r1fast.ops.linear_logprob` /
 :func:`r1fast.ops.fused_linear_policy_loss`, which stream over the vocabulary.
 
 Shapes follow the causal-LM convention: the log-prob at position ``t`` is that of token
-``t + 1``, so outputs have length ``L - 1``. Models whose head is more than a linear map
+``t + 1``, so outputs have length ``L - 1``; with ``logits_to_keep=C`` (TRL's completion-only
+tensors) they are the last ``C`` targets, ``[B, C]``, and the head runs on those rows only.
+Extra keyword arguments go to the decoder (``position_ids`` of a padding-free batch, a VLM's
+``pixel_values``). Models whose head is more than a linear map
 (final-logit soft-capping, logit scaling, a head bias) are rejected with a clear error rather
 than silently computing something different from the model's own logits.
 """
@@ -78,42 +81,60 @@ def _check_plain_logits(model) -> None:
                          "the hidden states, which these helpers assume")
 
 
-def _check_ids(input_ids: torch.Tensor) -> None:
+def scored_targets(input_ids: torch.Tensor, logits_to_keep: int | None) -> int:
+    """How many next-token targets are scored: the last ``logits_to_keep``, else all ``L - 1``."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:  # next-token targets need L >= 2
         raise ValueError(f"input_ids must be [B, L] with L >= 2, got {tuple(input_ids.shape)}")
+    last = input_ids.shape[1] - 1
+    if logits_to_keep is None:
+        return last
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) \
+            or not 1 <= logits_to_keep <= last:
+        raise ValueError(f"logits_to_keep must be an int in [1, {last}] (input_ids is "
+                         f"{tuple(input_ids.shape)}), got {logits_to_keep!r}")
+    return logits_to_keep
 
 
-def per_token_temperature(temperature: float | torch.Tensor, input_ids: torch.Tensor
-                          ) -> float | torch.Tensor:
-    """A float as it is; a ``[B]`` tensor of per-sample temperatures as ``[B, L-1]``, one per
-    next-token position of ``input_ids [B, L]``; a ``[B, L-1]`` tensor (one per token) as it
-    is."""
+def per_token_temperature(temperature: float | torch.Tensor, input_ids: torch.Tensor,
+                          targets: int | None = None) -> float | torch.Tensor:
+    """A float as it is; a ``[B]`` tensor of per-sample temperatures as ``[B, C]``, one per
+    scored target of ``input_ids [B, L]`` (``C = targets``, default ``L - 1``); a ``[B, C]``
+    tensor (one per token) as it is."""
     if not isinstance(temperature, torch.Tensor):
         return temperature
     B, L = input_ids.shape
-    shape = (B, L - 1) if temperature.dim() == 2 else (B,)
+    c = L - 1 if targets is None else targets
+    shape = (B, c) if temperature.dim() == 2 else (B,)
     check_tensor("temperature", temperature, dtypes=FLOAT_DTYPES, shape=shape,
                  device=input_ids.device)
-    return temperature if temperature.dim() == 2 else temperature[:, None].expand(B, L - 1)
+    return temperature if temperature.dim() == 2 else temperature[:, None].expand(B, c)
+
+
+def _scored(model, input_ids, attention_mask, logits_to_keep, decoder_kwargs):
+    """(hidden states before each scored target [B, C, H], head weight, targets [B, C])."""
+    c = scored_targets(input_ids, logits_to_keep)
+    hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask, **decoder_kwargs)
+    last = input_ids.shape[1] - 1
+    return hidden[:, last - c:last], weight, input_ids[:, last + 1 - c:]
 
 
 def hf_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 temperature: float | torch.Tensor = 1.0, return_entropy: bool = False,
-                impl: str = "auto"):
-    """Log-prob of each next token, ``[B, L-1]`` fp32 (and entropy when asked);
-    ``temperature`` is one float, ``[B]`` (one per sample) or ``[B, L-1]`` (one per token)."""
-    _check_ids(input_ids)
-    tau = per_token_temperature(temperature, input_ids)
-    hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask)
-    B, L, H = hidden.shape
-    targets = input_ids[:, 1:].reshape(-1)
+                logits_to_keep: int | None = None, impl: str = "auto", **decoder_kwargs):
+    """Log-prob of each next token, ``[B, L-1]`` fp32 (``[B, C]`` with ``logits_to_keep=C``),
+    and entropy when asked; ``temperature`` is one float, ``[B]`` (one per sample) or one per
+    scored token."""
+    hidden, weight, targets = _scored(model, input_ids, attention_mask, logits_to_keep,
+                                      decoder_kwargs)
+    B, C, H = hidden.shape
+    tau = per_token_temperature(temperature, input_ids, C)
     if isinstance(tau, torch.Tensor):
-        tau = tau.reshape(-1)  # [B * (L-1)]
-    out = ops.linear_logprob(hidden[:, :-1].reshape(-1, H), weight, targets,
+        tau = tau.reshape(-1)  # [B * C]
+    out = ops.linear_logprob(hidden.reshape(-1, H), weight, targets.reshape(-1),
                              temperature=tau, return_entropy=return_entropy, impl=impl)
     if return_entropy:
-        return out[0].view(B, L - 1), out[1].view(B, L - 1)
-    return out.view(B, L - 1)
+        return out[0].view(B, C), out[1].view(B, C)
+    return out.view(B, C)
 
 
 def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -123,24 +144,25 @@ def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  temperature: float | torch.Tensor = 1.0,
                  rollout_logp: torch.Tensor | None = None,
                  global_normalizer: float | None = None, max_len: int | None = None,
-                 impl: str = "auto"):
+                 logits_to_keep: int | None = None, impl: str = "auto", **decoder_kwargs):
     """GRPO loss of an HF causal LM from hidden states.
 
     ``completion_mask``, ``old_logp``, ``ref_logp``, ``rollout_logp``: ``[B, L-1]`` aligned with
-    the next-token targets ``input_ids[:, 1:]``; ``advantages``: ``[B]`` per sequence;
-    ``temperature``: one float, ``[B]`` or ``[B, L-1]``. Returns ``(loss, metrics)`` as
+    the next-token targets ``input_ids[:, 1:]``, or ``[B, C]`` with ``logits_to_keep=C`` (the
+    last C targets: TRL's completion tensors); ``advantages``: ``[B]`` per sequence;
+    ``temperature``: one float, ``[B]`` or one per scored token. Returns ``(loss, metrics)`` as
     :func:`r1fast.ops.policy_loss`. An integer or bool ``completion_mask`` (TRL's and verl's
     are) is taken as 0/1 weights. Dr.GRPO (``agg="seq-mean-token-sum-norm"``) divides by
     B * ``max_len``: pass TRL's ``max_completion_length`` (the default, L-1, counts the prompt
     too and changes with it from batch to batch), or ``global_normalizer``.
     """
-    _check_ids(input_ids)
     if isinstance(completion_mask, torch.Tensor) and not completion_mask.is_floating_point():
         completion_mask = completion_mask.float()
-    tau = per_token_temperature(temperature, input_ids)
-    hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask)
+    hidden, weight, targets = _scored(model, input_ids, attention_mask, logits_to_keep,
+                                      decoder_kwargs)
+    tau = per_token_temperature(temperature, input_ids, hidden.shape[1])
     config = config or ops.PolicyLossConfig()
     return ops.fused_linear_policy_loss(
-        hidden[:, :-1], weight, input_ids[:, 1:], old_logp, advantages, completion_mask,
+        hidden, weight, targets, old_logp, advantages, completion_mask,
         ref_logp, config, rollout_logp=rollout_logp, temperature=tau,
         global_normalizer=global_normalizer, max_len=max_len, impl=impl)

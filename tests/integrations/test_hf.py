@@ -144,6 +144,51 @@ def test_grpo_loss_takes_integer_masks_and_needs_two_positions():
         hf_grpo_loss(model, ids[:, :1], None, mask[:, :0], old[:, :0], adv)
 
 
+def test_completion_only_tensors_as_trl_passes_them():
+    """``logits_to_keep=C``: [B, C] tensors of the last C targets (TRL's completion tensors)
+    give the log-probs, loss and gradients of the full [B, L-1] form with the prompt masked."""
+    model = tiny_qwen3(4)
+    B, L, C = 3, 10, 6
+    ids = torch.randint(0, 97, (B, L))
+    tau = torch.tensor([0.7, 1.0, 1.3])
+    full = hf_logprobs(model, ids, None, temperature=tau)
+    cut = hf_logprobs(model, ids, None, temperature=tau, logits_to_keep=C)
+    assert cut.shape == (B, C) and torch.equal(cut, full[:, -C:])
+    comp = torch.ones(B, C)
+    comp[2, 4:] = 0
+    old = cut.detach() + 0.1 * torch.randn(B, C)
+    adv = torch.tensor([1.0, -0.6, 0.4])
+    cfg = ops.PolicyLossConfig(agg="seq-mean-token-mean")
+    grads = []
+    for keep, mask, old_logp in ((C, comp, old),
+                                 (None, torch.cat([torch.zeros(B, L - 1 - C), comp], 1),
+                                  torch.cat([torch.zeros(B, L - 1 - C), old], 1))):
+        model.zero_grad()
+        loss, _ = hf_grpo_loss(model, ids, None, mask, old_logp, adv, config=cfg,
+                               temperature=tau, logits_to_keep=keep)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    for bad in (0, L, True, 2.0):
+        with pytest.raises(ValueError, match=rf"logits_to_keep must be an int in \[1, {L - 1}\]"):
+            hf_logprobs(model, ids, logits_to_keep=bad)
+
+
+def test_decoder_arguments_reach_the_decoder():
+    """``position_ids`` (a padding-free batch's) are the decoder's, as in the model's own call;
+    they were dropped, so every row was read at positions 0 .. L-1."""
+    model = tiny_qwen3(5)
+    ids = torch.randint(0, 97, (2, 8))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12]])
+    logits = model(input_ids=ids, position_ids=positions).logits[:, :-1].double()
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    ours = hf_logprobs(model, ids, position_ids=positions)
+    assert (ours.double() - want).abs().max() < 1e-5
+    assert (hf_logprobs(model, ids).double() - want).abs().max() > 1e-3  # positions matter
+
+
 def _fsdp2_worker(rank):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
