@@ -210,6 +210,46 @@ def _plan_dict(plan: MemoryPlan) -> dict:
     return d
 
 
+def what_fits(cfg, plan: MemoryPlan, **options) -> list[dict]:
+    """For a plan that does not fit: per GPU count (this one, then 2x and 4x), the cheapest
+    activation recompute that fits, as ``{"world_size", "recompute", "peak"}`` (at most
+    two); ``options`` as :func:`plan_memory` took them, less world size and recompute."""
+    found: list[dict] = []
+    for world in (plan.world_size, 2 * plan.world_size, 4 * plan.world_size):
+        for recompute in RECOMPUTE_MODES:  # cheapest first
+            if (world, recompute) == (plan.world_size, plan.options.recompute):
+                continue
+            try:
+                other = plan_memory(cfg, world, plan.options.gpu_mem_gib,
+                                    recompute=recompute, **options)
+            except ValueError:  # a layout the trainer refuses at that size
+                continue
+            if other.fits:
+                found.append({"world_size": world, "recompute": recompute,
+                              "peak": other.worst.peak})
+                break
+        if len(found) == 2:
+            break
+    return found
+
+
+def _fits_lines(found: list[dict], plan: MemoryPlan, recipe_recompute: str) -> list[str]:
+    """What a run needs for each of :func:`what_fits`' layouts, as plan flags and overrides."""
+    if plan.fits:
+        return []
+    gib = plan.options.gpu_mem_gib
+    if not found:
+        return [f"no layout of up to {4 * plan.world_size} GPUs (this one's tp/pp/ep, more data "
+                f"parallelism) fits {gib:g} GiB with any recompute"]
+    lines = []
+    for f in found:
+        flags = [f"--gpus {f['world_size']}"] if f["world_size"] != plan.world_size else []
+        if f["recompute"] != recipe_recompute:
+            flags.append(f"--override parallel.recompute={f['recompute']}")
+        lines.append(f"fits {gib:g} GiB with {' '.join(flags)}: {f['peak'] / GiB:.1f} GiB")
+    return lines + ["(a run takes --parallel.world_size=N for --gpus N, and the same overrides)"]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="r1fast plan",
                                 description="per-GPU memory plan of a GRPO recipe")
@@ -286,17 +326,20 @@ def plan_main(argv: Sequence[str]) -> int:
                   f"with parallel.recompute={cfg.parallel.recompute} (set it, e.g. "
                   f"--override parallel.recompute={recompute}, to run what this plans)",
                   file=sys.stderr)
-        plan = plan_memory(cfg, world, args.gpu_mem, recompute=recompute,
-                           prompt_len=args.prompt_len, spec=args.spec,
-                           decoder=args.decoder, reserve_gib=args.reserve)
+        options = dict(prompt_len=args.prompt_len, spec=args.spec, decoder=args.decoder,
+                       reserve_gib=args.reserve)
+        plan = plan_memory(cfg, world, args.gpu_mem, recompute=recompute, **options)
     except (ConfigError, ValueError) as e:
         print(f"r1fast plan: error: {e}", file=sys.stderr)
         return 2
+    found = [] if plan.fits else what_fits(cfg, plan, **options)
     if args.json:
-        print(json.dumps(_plan_dict(plan), indent=1))
+        print(json.dumps({**_plan_dict(plan), "fits_with": found}, indent=1))
     else:
         title = f"r1fast plan {args.recipe}" + (f" {' '.join(overrides)}" if overrides else "")
         print(format_plan(plan, cfg, title=title, use_rich=False if args.plain else None))
+        for line in _fits_lines(found, plan, cfg.parallel.recompute):
+            print(line)
     return 1 if args.check and not plan.fits else 0
 
 

@@ -232,6 +232,25 @@ def test_cli_overrides_and_check(capsys):
                       "--plain"]) == 0
 
 
+def test_a_plan_that_does_not_fit_says_what_would(capsys):
+    """The cheapest recompute that fits at 1x, 2x and 4x the GPUs (README's 30B numbers), in
+    the text and the JSON; nothing for a plan that fits, and a line when nothing does."""
+    qwen = str(RECIPES / "qwen3_30b_a3b.toml")
+    assert plan_main([qwen, "--plain"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:-1] == [
+        "fits 80 GiB with --gpus 16 --override parallel.recompute=full: 69.9 GiB",
+        "fits 80 GiB with --gpus 32: 78.4 GiB"]
+    cfg = recipe("qwen3_30b_a3b.toml")
+    assert not plan_memory(cfg, 8, recompute="full").fits  # 8 GPUs: no recompute is enough
+    assert plan_memory(cfg, 16, recompute="full").fits and not plan_memory(
+        cfg, 16, recompute="selective").fits
+    assert plan_main([qwen, "--json", "--gpu-mem", "140"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits_with"] == []
+    assert plan_main([qwen, "--plain", "--gpu-mem", "40"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("no layout of up to 32 GPUs")
+
+
 def test_a_checkpoint_that_is_not_here_is_said_or_refused(tmp_path, capsys):
     """Planned where run.init_from is not, a recipe with [model] plans that table and says so;
     one without [model] used to plan the tiny default model (157 K parameters) for a 3B run."""
