@@ -7,7 +7,7 @@ with CUDA and gloo without. :func:`init_parallel` is the one place that installs
 adapters (:func:`r1fast.megatron_compat.install`: the CPU bridges when CUDA is absent), right
 after torch.distributed starts and before megatron builds anything. Under ``torchrun`` the usual
 environment variables are read; a single process with no environment initialises a one-rank
-group on a free local port.
+group whose store binds a local port the OS picks.
 """
 from __future__ import annotations
 
