@@ -95,7 +95,8 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         if finite and not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-        return float(value)
+        # a float subclass stays itself: a default's type may mark it (train.config.DefaultLR)
+        return value if isinstance(value, float) else float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")

@@ -314,10 +314,14 @@ class RunConfig:
             raise ValueError("run.out_dir must be a folder path, got an empty string")
 
 
-DEFAULT_LR = 1e-4
-"""The trainer's learning rate when nothing sets ``optim.lr``: sized for the small models r1fast
-trains from scratch (the tiny presets); :func:`config_warnings` says so when a run starts from a
-pretrained checkpoint with it."""
+class DefaultLR(float):
+    """The trainer's learning rate when nothing sets ``optim.lr``: sized for the small models
+    r1fast trains from scratch (the tiny presets). Its own type marks it as nobody's choice
+    (a recipe's or override's 1e-4 is a plain float), so :func:`config_warnings` names it only
+    when a run starts from a pretrained checkpoint without choosing."""
+
+
+DEFAULT_LR = DefaultLR(1e-4)
 
 
 @dataclass
@@ -355,7 +359,7 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     the default learning rate of a run that starts from a pretrained checkpoint."""
     out = _sampling_warnings(cfg)
     init = cfg.run.init_from
-    if cfg.optim.lr == DEFAULT_LR and init and is_model_folder(init):
+    if isinstance(cfg.optim.lr, DefaultLR) and init and is_model_folder(init):
         out.append(f"optim.lr={DEFAULT_LR:g} is the trainer's default, sized for the small "
                    f"models r1fast trains from scratch; RL from a pretrained checkpoint "
                    f"({init}) usually runs near 1e-6 (verl's actor default): set optim.lr")

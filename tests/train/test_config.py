@@ -94,7 +94,8 @@ def test_dump_toml_round_trips_any_text_and_key():
 
 def test_the_default_learning_rate_is_named_when_a_run_starts_from_a_checkpoint(tmp_path):
     """1e-4 suits the tiny models trained from scratch; from a pretrained folder it is a
-    warning (verl's actor default is 1e-6), and an optim.lr set by the user is not."""
+    warning (verl's actor default is 1e-6), also under an [optim] table that leaves lr out;
+    an optim.lr the user set, 1e-4 included, is not."""
     import json
 
     from r1fast.policy.config import ModelConfig
@@ -105,7 +106,9 @@ def test_the_default_learning_rate_is_named_when_a_run_starts_from_a_checkpoint(
     (warning,) = config_warnings(load_train_config(None, start))
     assert warning.startswith("optim.lr=0.0001 is the trainer's default")
     assert str(tmp_path) in warning
-    assert config_warnings(load_train_config(None, [*start, "--optim.lr=1e-6"])) == []
+    assert len(config_warnings(load_train_config(None, [*start, "--optim.clip_grad=0.5"]))) == 1
+    for chosen in ("1e-6", "1e-4"):
+        assert config_warnings(load_train_config(None, [*start, f"--optim.lr={chosen}"])) == []
     assert config_warnings(load_train_config(None, [])) == []
 
 
