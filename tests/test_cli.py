@@ -140,3 +140,16 @@ def test_export_of_an_sft_run(tmp_path, capsys):
             main(["export", str(tmp_path / "sft"), str(target), "--overwrite"])
         assert "is or holds the run being exported" in capsys.readouterr().err
     assert (tmp_path / "sft" / "checkpoints").is_dir() and (model / "model.safetensors").is_file()
+
+
+def test_a_finished_run_says_that_no_step_ran(tmp_path, capsys):
+    """A rerun into a run already at run.steps resumes and trains nothing: its last line said
+    'last reward nan'."""
+    run = ["train", "recipes/tiny.toml", f"--run.out_dir={tmp_path}", "--run.steps=1",
+           "--rollout.max_new_tokens=4", "--data.prompts_per_step=2", "--algo.group_size=2",
+           "--reward.workers=0", "--run.progress=false", "--run.tensorboard=false"]
+    assert main(run) == 0
+    assert "done: 1 steps" in capsys.readouterr().err.splitlines()[-1]
+    assert main(run) == 0
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "no step ran here (the checkpoint was at run.steps)" in last and "nan" not in last

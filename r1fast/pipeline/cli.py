@@ -405,7 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unused = sorted(_flag(d) for d in given - STAGE_OPTIONS[args.name] - {"name"})
     if unused:
         reads = ", ".join(sorted(_flag(d) for d in STAGE_OPTIONS[args.name]))
-        ap.error(f"stage {args.name} does not use {', '.join(unused)}; it reads {reads}")
+        hint = ("; a GRPO run starts over with --run.resume=false --run.overwrite=true"
+                if args.name == "grpo" and "--overwrite" in unused else "")
+        ap.error(f"stage {args.name} does not use {', '.join(unused)}; it reads {reads}{hint}")
     out = STAGES[args.name](_Run(ap, args, overrides, given))
     if out is not None:
         print(out)

@@ -588,8 +588,8 @@ def train_main(recipe: str | None, overrides: Sequence[str]) -> int:
     trainer = GRPOTrainer(cfg)
     rows = trainer.fit()
     if trainer.is_logger:
-        last = rows[-1] if rows else {}
+        last = (f"last reward {rows[-1]['reward_mean']:.3f}" if rows else
+                "no step ran here (the checkpoint was at run.steps)")
         print(f"done: {trainer.step_idx} steps, run folder {trainer.run_dir} "
-              f"(metrics.jsonl, tensorboard/, checkpoints/); last reward "
-              f"{last.get('reward_mean', float('nan')):.3f}", file=sys.stderr)
+              f"(metrics.jsonl, tensorboard/, checkpoints/); {last}", file=sys.stderr)
     return 0

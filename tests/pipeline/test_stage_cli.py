@@ -113,6 +113,8 @@ def test_rejection_sample_then_sft_with_a_mix(greek_base, tmp_path, capsys):
      "does not use --num-train with --recipe"),
     (["grpo", "--init", "i", "--out", "o", "--steps", "3", "--run.steps=4"],
      "--run.steps set twice"),
+    (["grpo", "--init", "i", "--out", "o", "--overwrite"],
+     "a GRPO run starts over with --run.resume=false --run.overwrite=true"),
     (["sft", "--recipe", "recipes/sky_t1_sft.toml", "--seed", "3"],
      "with --recipe, set --seed in the recipe"),
     # values that used to slice or look up silently
