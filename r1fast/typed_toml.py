@@ -95,8 +95,7 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None, finite: bool = True
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         if finite and not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-        # a float subclass stays itself: a default's type may mark it (train.config.DefaultLR)
-        return value if isinstance(value, float) else float(value)
+        return value if isinstance(value, DefaultFloat) else float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
@@ -118,8 +117,8 @@ def _coerce_table(value: Any, tp: type, key: str, base: Any) -> Any:
     """A nested dataclass from a table, merged onto ``base`` (the field's default) or onto
     ``tp.preset(name)`` when the table says ``preset = name``: the fields the table names
     replace the base's, a dict-valued one whole (``weights = {accuracy = 1.0}`` is accuracy
-    alone, not the default's parts plus accuracy). Overrides still edit a recipe's table key
-    by key (:func:`read`)."""
+    alone, not the default's parts plus accuracy), unless dotted override keys made it
+    (:class:`_Edits`: ``--reward.weights.format=0.2`` edits the weights there are)."""
     if isinstance(value, tp):
         return value
     if not isinstance(value, dict):
@@ -132,8 +131,20 @@ def _coerce_table(value: Any, tp: type, key: str, base: Any) -> Any:
         except ValueError as e:
             raise ConfigError(f"config key '{key}.preset': {e}") from e
     if dataclasses.is_dataclass(base) and not isinstance(base, type):
-        value = {**_shallow_fields(base), **value}
+        fields = _shallow_fields(base)
+        value = {**fields, **{k: _edited(v, fields.get(k)) for k, v in value.items()}}
     return from_dict(tp, value, prefix=key + "." if key else "")
+
+
+class _Edits(dict):
+    """A table made by dotted override keys (``--reward.weights.format=0.2``): it edits the
+    table it lands on (a recipe's, else the default), key by key, where a written table
+    (``--reward.weights={format = 0.2}``, or a recipe's) replaces it."""
+
+
+def _edited(value: Any, base: Any) -> Any:
+    """``value``, or for :class:`_Edits` over a dict ``base``, ``base`` with those edits."""
+    return {**base, **value} if isinstance(value, _Edits) and isinstance(base, dict) else value
 
 
 def _shallow_fields(obj: Any) -> dict:
@@ -144,6 +155,16 @@ def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
+
+
+class DefaultFloat(float):
+    """A float field's default, marked as nobody's choice: it keeps its type through a table
+    merged onto it (a value a recipe or override writes is a plain float), so a check can ask
+    whether the user chose the value. Pickled (a checkpoint's optimizer state, a spawned
+    process) it is a plain float."""
+
+    def __reduce__(self):
+        return float, (float(self),)
 
 
 ALLOW_NONFINITE = {"allow_nonfinite": True}
@@ -193,6 +214,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             raise _unknown_key(key, prefix, sorted((set(fields) - set(owner.values()))
                                                    | set(owner)))
         base = _field_default(fields[key]) if isinstance(value, dict) else None
+        value = _edited(value, base)
         # a FLATTEN field's keys are named as the user wrote them: in the parent's table
         name = prefix.rstrip(".") if fields[key].metadata.get("flatten") else prefix + key
         kwargs[key] = _coerce(value, hints[key], name, base,
@@ -255,7 +277,7 @@ def parse_overrides(args: Sequence[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override key {key!r} is malformed")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            node = node.setdefault(p, _Edits())
             if not isinstance(node, dict):
                 raise ConfigError(f"override key {key!r} conflicts with another override")
         node[parts[-1]] = _parse_literal(text)

@@ -130,15 +130,16 @@ def build_optimizer(policy, cfg: OptimConfig):
         raise ValueError("build_optimizer: use_distributed_optimizer must match the DDP config "
                          f"({policy.module.ddp_config.use_distributed_optimizer})")
     mc = policy.config
+    lr = float(cfg.lr)  # a plain float: megatron saves it, and a resume reads it weights-only
     opt_cfg = OptimizerConfig(
-        optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        optimizer=cfg.optimizer, lr=lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         sgd_momentum=cfg.sgd_momentum, clip_grad=cfg.clip_grad,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         bf16=mc.bf16, fp16=mc.fp16, params_dtype=mc.params_dtype)
     optimizer = get_megatron_optimizer(opt_cfg, [policy.module])
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if cfg.warmup_steps > 0 else cfg.lr, max_lr=cfg.lr,
+        optimizer, init_lr=0.0 if cfg.warmup_steps > 0 else lr, max_lr=lr,
         min_lr=cfg.min_lr, lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=cfg.total_steps,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.total_steps, wd_incr_style="constant",

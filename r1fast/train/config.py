@@ -314,14 +314,13 @@ class RunConfig:
             raise ValueError("run.out_dir must be a folder path, got an empty string")
 
 
-class DefaultLR(float):
-    """The trainer's learning rate when nothing sets ``optim.lr``: sized for the small models
-    r1fast trains from scratch (the tiny presets). Its own type marks it as nobody's choice
-    (a recipe's or override's 1e-4 is a plain float), so :func:`config_warnings` names it only
-    when a run starts from a pretrained checkpoint without choosing."""
-
-
-DEFAULT_LR = DefaultLR(1e-4)
+DEFAULT_LR = _config.DefaultFloat(1e-4)
+"""The trainer's learning rate when nothing sets ``optim.lr``: sized for the small models r1fast
+trains from scratch (the tiny presets). Marked as nobody's choice (a recipe's or override's 1e-4
+is a plain float), so :func:`config_warnings` names it only when a run starts from a large
+pretrained checkpoint without choosing."""
+LARGE_MODEL_PARAMS = 10**8
+"""From this many parameters a checkpoint counts as a pretrained LLM for the default-lr warning."""
 
 
 @dataclass
@@ -356,13 +355,19 @@ class TrainConfig:
 
 def config_warnings(cfg: TrainConfig) -> list[str]:
     """What the trainer warns about at its start: its sampling (:func:`_sampling_warnings`), and
-    the default learning rate of a run that starts from a pretrained checkpoint."""
+    the default learning rate of a run that starts from a pretrained checkpoint of at least
+    :data:`LARGE_MODEL_PARAMS` parameters (the tiny models r1fast pretrains itself want it)."""
+    from r1fast.plan.memory import total_params
+
     out = _sampling_warnings(cfg)
     init = cfg.run.init_from
-    if isinstance(cfg.optim.lr, DefaultLR) and init and is_model_folder(init):
-        out.append(f"optim.lr={DEFAULT_LR:g} is the trainer's default, sized for the small "
-                   f"models r1fast trains from scratch; RL from a pretrained checkpoint "
-                   f"({init}) usually runs near 1e-6 (verl's actor default): set optim.lr")
+    if isinstance(cfg.optim.lr, _config.DefaultFloat) and init and is_model_folder(init):
+        params = total_params(cfg.model)
+        if params >= LARGE_MODEL_PARAMS:
+            out.append(f"optim.lr={DEFAULT_LR:g} is the trainer's default, sized for the small "
+                       f"models r1fast trains from scratch; RL from a pretrained checkpoint "
+                       f"({init}, {params / 1e9:.2f} B parameters) usually runs near 1e-6 "
+                       f"(verl's actor default): set optim.lr")
     return out
 
 

@@ -93,30 +93,41 @@ def test_dump_toml_round_trips_any_text_and_key():
 
 
 def test_the_default_learning_rate_is_named_when_a_run_starts_from_a_checkpoint(tmp_path):
-    """1e-4 suits the tiny models trained from scratch; from a pretrained folder it is a
+    """1e-4 suits the tiny models trained from scratch; from a large pretrained folder it is a
     warning (verl's actor default is 1e-6), also under an [optim] table that leaves lr out;
-    an optim.lr the user set, 1e-4 included, is not."""
+    an optim.lr the user set, 1e-4 included, is not, nor a tiny model r1fast pretrained."""
     import json
+    import pickle
+    import shutil
+    from pathlib import Path
 
     from r1fast.policy.config import ModelConfig
-    from r1fast.train.config import config_warnings, load_train_config
+    from r1fast.train.config import DEFAULT_LR, config_warnings, load_train_config
 
-    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny-moe").to_hf_config()))
-    start = [f"--run.init_from={tmp_path}"]
+    big, tiny = tmp_path / "qwen3", tmp_path / "tiny"
+    big.mkdir(), tiny.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "fixtures/hf_configs/qwen3_30b_a3b_base.json",
+                big / "config.json")
+    (tiny / "config.json").write_text(json.dumps(ModelConfig.preset("tiny-moe").to_hf_config()))
+    start = [f"--run.init_from={big}"]
     (warning,) = config_warnings(load_train_config(None, start))
     assert warning.startswith("optim.lr=0.0001 is the trainer's default")
-    assert str(tmp_path) in warning
+    assert f"({big}, 30.53 B parameters)" in warning
     assert len(config_warnings(load_train_config(None, [*start, "--optim.clip_grad=0.5"]))) == 1
     for chosen in ("1e-6", "1e-4"):
         assert config_warnings(load_train_config(None, [*start, f"--optim.lr={chosen}"])) == []
     assert config_warnings(load_train_config(None, [])) == []
+    assert config_warnings(load_train_config(None, [f"--run.init_from={tiny}"])) == []
+    # the mark stays in this process: a spawned process or a pickle reads a plain float
+    back = pickle.loads(pickle.dumps(DEFAULT_LR))
+    assert type(back) is float and back == 1e-4
 
 
 def test_a_weights_table_replaces_the_default_and_overrides_edit_the_recipes(tmp_path):
     """``weights = {accuracy = 1.0}`` is accuracy alone: it was merged onto the default
     {accuracy = 1.0, format = 0.1}, so a format reward was paid that nobody wrote. A dotted
-    override still edits the recipe's table key by key, and a table that leaves ``weights``
-    out keeps the default."""
+    override edits the weights there are (the recipe's, else the default) key by key, and a
+    table that leaves ``weights`` out keeps the default."""
     from r1fast.train.config import load_train_config
 
     recipe = tmp_path / "r.toml"
@@ -126,6 +137,10 @@ def test_a_weights_table_replaces_the_default_and_overrides_edit_the_recipes(tmp
         "accuracy": 1.0}
     edited = load_train_config(recipe, ["--reward.weights.format=0.2"])
     assert edited.reward.weights == {"accuracy": 1.0, "format": 0.2}
+    assert load_train_config(None, ["--reward.weights.format=0.2"]).reward.weights == {
+        "accuracy": 1.0, "format": 0.2}
+    assert load_train_config(None, ["--reward.weights.language=0.5"]).reward.weights == {
+        "accuracy": 1.0, "format": 0.1, "language": 0.5}
     assert load_train_config(None, ["--reward.workers=3"]).reward.weights == {
         "accuracy": 1.0, "format": 0.1}
 
