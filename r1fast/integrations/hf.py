@@ -9,8 +9,9 @@ states and the head weight to :func:`r1fast.ops.linear_logprob` /
 Shapes follow the causal-LM convention: the log-prob at position ``t`` is that of token
 ``t + 1``, so outputs have length ``L - 1``; with ``logits_to_keep=C`` (TRL's completion-only
 tensors) they are the last ``C`` targets, ``[B, C]``, and the head runs on those rows only.
-Extra keyword arguments go to the decoder (``position_ids`` of a padding-free batch, a VLM's
-``pixel_values``). Models whose head is more than a linear map
+Extra keyword arguments go to the decoder (``position_ids`` of a padding-free batch) and must
+be arguments its ``forward`` names: a name it would swallow unread in ``**kwargs`` (a VLM's
+``pixel_values`` reach only its text model) is an error. Models whose head is more than a linear map
 (final-logit soft-capping, logit scaling, a head bias) are rejected with a clear error rather
 than silently computing something different from the model's own logits.
 """
@@ -33,9 +34,29 @@ def hf_hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     _check_plain_logits(model)
     _check_gathered(model, head)
     decoder = model.get_decoder()
+    _check_decoder_arguments(decoder, decoder_kwargs)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, **decoder_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden, head.weight
+
+
+def _check_decoder_arguments(decoder, kwargs: dict) -> None:
+    """An error naming each argument that neither ``decoder.forward`` names nor transformers'
+    layers read from its ``**kwargs`` (``TransformersKwargs``: ``cu_seq_lens_q``, ...): the
+    decoder would take it and never read it (a VLM's images, a misspelt ``position_id``)."""
+    import inspect
+
+    params = inspect.signature(decoder.forward).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        from transformers.utils.generic import TransformersKwargs
+
+        named |= set(TransformersKwargs.__annotations__)
+    unknown = sorted(set(kwargs) - named)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an argument of the model's decoder "
+                         f"({type(decoder).__name__}.forward takes {', '.join(sorted(named))}); "
+                         f"a vision-language model's image inputs are not supported")
 
 
 def _check_gathered(model, head: torch.nn.Linear) -> None:
@@ -153,8 +174,8 @@ def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     ``temperature``: one float, ``[B]`` or one per scored token. Returns ``(loss, metrics)`` as
     :func:`r1fast.ops.policy_loss`. An integer or bool ``completion_mask`` (TRL's and verl's
     are) is taken as 0/1 weights. Dr.GRPO (``agg="seq-mean-token-sum-norm"``) divides by
-    B * ``max_len``: pass TRL's ``max_completion_length`` (the default, L-1, counts the prompt
-    too and changes with it from batch to batch), or ``global_normalizer``.
+    B * ``max_len``: pass TRL's ``max_completion_length`` (the default is the scored width,
+    L-1 or C, which changes from batch to batch), or ``global_normalizer``.
     """
     if isinstance(completion_mask, torch.Tensor) and not completion_mask.is_floating_point():
         completion_mask = completion_mask.float()

@@ -187,6 +187,23 @@ def test_decoder_arguments_reach_the_decoder():
     ours = hf_logprobs(model, ids, position_ids=positions)
     assert (ours.double() - want).abs().max() < 1e-5
     assert (hf_logprobs(model, ids).double() - want).abs().max() > 1e-3  # positions matter
+    with pytest.raises(ValueError, match="position_id: not an argument of the model's decoder"):
+        hf_logprobs(model, ids, position_id=positions)  # the decoder's **kwargs took it unread
+
+
+def test_a_vision_language_models_images_are_refused_not_dropped():
+    """get_decoder() of a VLM is its text model: images passed on to it were ignored."""
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=97, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1, in_channels=3))
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    ids = torch.randint(0, 90, (1, 6))
+    with pytest.raises(ValueError, match="image_grid_thw, pixel_values: not an argument"):
+        hf_logprobs(model, ids, pixel_values=torch.randn(4, 12),
+                    image_grid_thw=torch.tensor([[1, 2, 2]]))
 
 
 def _fsdp2_worker(rank):
