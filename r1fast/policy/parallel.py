@@ -87,9 +87,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         dist.init_process_group(backend, timeout=timeout)
     else:
         # port 0: the store binds a port the OS picks (a port found free and bound later
-        # could be taken in between)
-        dist.init_process_group(backend, init_method="tcp://127.0.0.1:0", rank=0,
-                                world_size=1, timeout=timeout)
+        # could be taken in between); a store object, as tcp://...:0 needs torch >= 2.8
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
 def expected_world_size() -> int:
