@@ -135,10 +135,11 @@ class PolicyLossConfig:
         check_choice("agg", self.agg, AGGREGATIONS)
         if self.loss == "gspo" and self.agg != "seq-mean-token-mean":
             # GSPO's objective averages its sequence ratios per sequence; verl forces that
-            # aggregation and TRL warns about the others
+            # aggregation and TRL warns about the others. Attributed to this line, so that it
+            # is shown once per process however many configs (replace(), the op's key) follow
             warnings.warn(f"loss='gspo' with agg={self.agg!r}: GSPO is defined with "
                           f"agg='seq-mean-token-mean'; this weighs each sequence by its length",
-                          stacklevel=3)
+                          stacklevel=1)
         _check_number("tis_cap", self.tis_cap, allow_none=True)
         if self.tis_cap is not None:
             check_range("tis_cap", self.tis_cap, 0.0, lo_open=True)
