@@ -212,8 +212,9 @@ def _plan_dict(plan: MemoryPlan) -> dict:
 
 def what_fits(cfg, plan: MemoryPlan, **options) -> list[dict]:
     """For a plan that does not fit: per GPU count (this one, then 2x and 4x), the cheapest
-    activation recompute that fits, as ``{"world_size", "recompute", "peak"}`` (at most
-    two); ``options`` as :func:`plan_memory` took them, less world size and recompute."""
+    activation recompute that fits, as ``{"world_size", "recompute", "peak"}`` (the first
+    two found); ``options`` as :func:`plan_memory` took them, less world size and recompute.
+    A layout the trainer refuses at a GPU count is ``{"world_size", "refused": reason}``."""
     found: list[dict] = []
     for world in (plan.world_size, 2 * plan.world_size, 4 * plan.world_size):
         for recompute in RECOMPUTE_MODES:  # cheapest first
@@ -222,13 +223,14 @@ def what_fits(cfg, plan: MemoryPlan, **options) -> list[dict]:
             try:
                 other = plan_memory(cfg, world, plan.options.gpu_mem_gib,
                                     recompute=recompute, **options)
-            except ValueError:  # a layout the trainer refuses at that size
-                continue
+            except ValueError as e:  # the same for every recompute at this GPU count
+                found.append({"world_size": world, "refused": str(e)})
+                break
             if other.fits:
                 found.append({"world_size": world, "recompute": recompute,
                               "peak": other.worst.peak})
                 break
-        if len(found) == 2:
+        if sum("peak" in f for f in found) == 2:
             break
     return found
 
@@ -238,15 +240,19 @@ def _fits_lines(found: list[dict], plan: MemoryPlan, recipe_recompute: str) -> l
     if plan.fits:
         return []
     gib = plan.options.gpu_mem_gib
-    if not found:
-        return [f"no layout of up to {4 * plan.world_size} GPUs (this one's tp/pp/ep, more data "
-                f"parallelism) fits {gib:g} GiB with any recompute"]
-    lines = []
-    for f in found:
+    lines = [f"at {f['world_size']} GPUs the layout is refused: {f['refused']}"
+             for f in found if "refused" in f]
+    fits = [f for f in found if "peak" in f]
+    if not fits:
+        return lines + [f"nothing else planned at up to {4 * plan.world_size} GPUs (this "
+                        f"layout's tp/pp/ep, more data parallelism) fits {gib:g} GiB with any "
+                        f"recompute"]
+    for f in fits:
         flags = [f"--gpus {f['world_size']}"] if f["world_size"] != plan.world_size else []
         if f["recompute"] != recipe_recompute:
             flags.append(f"--override parallel.recompute={f['recompute']}")
-        lines.append(f"fits {gib:g} GiB with {' '.join(flags)}: {f['peak'] / GiB:.1f} GiB")
+        how = " ".join(flags) if flags else "the run's own settings (no --recompute what-if)"
+        lines.append(f"fits {gib:g} GiB with {how}: {f['peak'] / GiB:.1f} GiB")
     return lines + ["(a run takes --parallel.world_size=N for --gpus N, and the same overrides)"]
 
 

@@ -248,7 +248,17 @@ def test_a_plan_that_does_not_fit_says_what_would(capsys):
     assert plan_main([qwen, "--json", "--gpu-mem", "140"]) == 0
     assert json.loads(capsys.readouterr().out)["fits_with"] == []
     assert plan_main([qwen, "--plain", "--gpu-mem", "40"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("no layout of up to 32 GPUs")
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "nothing else planned at up to 32 GPUs")
+    # a what-if recompute of a run that fits as set: said, not an empty flag list
+    assert plan_main([qwen, "--plain", "--gpus", "16", "--override", "parallel.recompute=full",
+                      "--recompute", "none"]) == 0
+    assert "fits 80 GiB with the run's own settings (no --recompute what-if): 69.9 GiB" in \
+        capsys.readouterr().out
+    # a GPU count the trainer refuses is named with its reason
+    assert plan_main([str(RECIPES / "tiny_tp2ep2.toml"), "--plain", "--gpu-mem", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "at 16 GPUs the layout is refused: data.prompts_per_step (4) must be divisible" in out
 
 
 def test_a_checkpoint_that_is_not_here_is_said_or_refused(tmp_path, capsys):
