@@ -49,17 +49,23 @@ def launch(world_size: int, scenario: str, args: dict[str, Any], timeout: float 
                                        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT),
                       log))
     failed = []
-    for rank, (p, log) in enumerate(procs):
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                if q.poll() is None:
-                    q.kill()
-            rc = "timeout"
-        log.close()
-        if rc != 0:
-            failed.append((rank, rc))
+    try:
+        for rank, (p, log) in enumerate(procs):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q, _ in procs:
+                    if q.poll() is None:
+                        q.kill()
+                rc = "timeout"
+            log.close()
+            if rc != 0:
+                failed.append((rank, rc))
+    finally:  # interrupted (pytest-timeout's alarm): no rank is left waiting in a collective
+        for q, log in procs:
+            if q.poll() is None:
+                q.kill()
+            log.close()
     del store  # served until every rank has exited
     if failed:
         tails = []

@@ -49,11 +49,9 @@ def run_ranks(world: int, fn, *args) -> None:
     """``fn(rank, *args)`` on ``world`` spawned processes (``fn`` must be importable: a
     module-level function of a test file or helper)."""
     store, rendezvous = hosted_store(world)
-    try:
-        mp.start_processes(_entry, args=(world, rendezvous, fn, args), nprocs=world, join=True,
-                           start_method="spawn")
-    finally:
-        del store  # the server closes when the last reference goes
+    _joined(mp.start_processes(_entry, args=(world, rendezvous, fn, args), nprocs=world,
+                               join=False, start_method="spawn"))
+    del store  # served until every rank has exited
 
 
 def _gloo_entry(rank, world, store, fn, args):
@@ -72,5 +70,18 @@ def _gloo_entry(rank, world, store, fn, args):
 def run_gloo(world: int, store: str, fn, *args) -> None:
     """``fn(rank, *args)`` on ``world`` spawned processes inside the default gloo group,
     made from the file store ``store`` (a path in a fresh temporary folder)."""
-    mp.start_processes(_gloo_entry, args=(world, store, fn, args), nprocs=world, join=True,
-                       start_method="spawn")
+    _joined(mp.start_processes(_gloo_entry, args=(world, store, fn, args), nprocs=world,
+                               join=False, start_method="spawn"))
+
+
+def _joined(ranks: mp.ProcessContext) -> None:
+    """Wait for every rank (an error in one is raised here, as ``join=True`` does); if the wait
+    itself is interrupted (pytest-timeout's alarm, Ctrl-C), kill the ranks still running, so
+    that none is left waiting in a collective for the rest of the session."""
+    try:
+        while not ranks.join():
+            pass
+    finally:
+        for p in ranks.processes:
+            if p.is_alive():
+                p.kill()

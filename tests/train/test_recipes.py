@@ -7,6 +7,7 @@ architecture in ``[model]`` so that ``r1fast plan`` can size a run before any we
 Qwen3-30B-A3B-Base (no weights), so a recipe field that the real checkpoint contradicts fails
 here, not on the cluster.
 """
+import json
 import shutil
 from pathlib import Path
 
@@ -31,3 +32,10 @@ def test_recipe_loads_over_its_published_checkpoint_config(recipe, tmp_path):
     planned = load_train_config(str(path), [])
     started = load_train_config(str(path), [f"--run.init_from={folder}"])
     assert planned.model.to_hf_config() == started.model.to_hf_config()
+    published = json.loads((FIXTURES / RECIPES[recipe]).read_text())
+    m = started.model
+    experts = published.get("n_routed_experts", published.get("num_experts"))
+    assert (m.num_layers, m.hidden_size, m.vocab_size, m.num_experts, m.moe_router_topk,
+            m.max_position_embeddings) == (
+        published["num_hidden_layers"], published["hidden_size"], published["vocab_size"],
+        experts, published["num_experts_per_tok"], published["max_position_embeddings"])
