@@ -167,6 +167,12 @@ class DefaultFloat(float):
         return float, (float(self),)
 
 
+NAMES_ELSEWHERE = "names_elsewhere"
+"""``field(metadata={NAMES_ELSEWHERE: {"low_var_kl": "verl's name for 'k3'"}})``: a value
+another tool spells that way is an error saying what it is here (not only "must be one of");
+written as the literal key where a module may not import this one (r1fast.ops)."""
+
+
 ALLOW_NONFINITE = {"allow_nonfinite": True}
 """``field(metadata=ALLOW_NONFINITE)`` on a float field lets it be ``inf``/``nan``; every
 other float of a config must be finite."""
@@ -217,6 +223,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         value = _edited(value, base)
         # a FLATTEN field's keys are named as the user wrote them: in the parent's table
         name = prefix.rstrip(".") if fields[key].metadata.get("flatten") else prefix + key
+        elsewhere = fields[key].metadata.get(NAMES_ELSEWHERE, {})
+        if isinstance(value, str) and value in elsewhere:
+            raise ConfigError(f"config key '{name}': {value!r} is {elsewhere[value]}")
         kwargs[key] = _coerce(value, hints[key], name, base,
                               finite=not fields[key].metadata.get("allow_nonfinite", False))
     try:

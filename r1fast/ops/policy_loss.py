@@ -97,7 +97,8 @@ class PolicyLossConfig:
     dual_clip: Optional[float] = None
     """c of dual-clip PPO (e.g. 3.0, verl's ``clip_ratio_c``, which verl always applies): for
     A < 0 the loss is capped at ``-c A``; > 1; ppo/gspo only. None disables it."""
-    kl: Optional[Literal["k1", "k2", "k3", "k3+"]] = None
+    kl: Optional[Literal["k1", "k2", "k3", "k3+"]] = dataclasses.field(default=None, metadata={
+        "names_elsewhere": {k: f"verl's name for {v!r}" for k, v in VERL_KL_NAMES.items()}})
     """KL estimator to the reference policy: ``"k1"``, ``"k2"``, ``"k3"``, ``"k3+"`` or None.
     Needs ``ref_logp``; with ``kl_coef = 0`` it is only reported (``kl_mean``)."""
     kl_coef: float = 0.0

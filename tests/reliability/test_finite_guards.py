@@ -83,6 +83,10 @@ def test_an_optional_choice_names_its_choices_not_a_typing_repr():
         load_train_config(None, ["--algo.kl=k9"])
     assert str(e.value) == ("config key 'algo.kl' must be one of ('k1', 'k2', 'k3', 'k3+'), "
                             "got 'k9' (or \"none\")")
+    # a verl recipe's name says what it is here
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["--algo.kl=low_var_kl"])
+    assert str(e.value) == "config key 'algo.kl': 'low_var_kl' is verl's name for 'k3'"
 
 
 def test_group_size_one_says_why():
