@@ -86,7 +86,10 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
         return argparse.SUPPRESS if probe else value
 
     ap = ArgumentParser(prog="r1fast stage", description=__doc__.splitlines()[0],
-                        argument_default=argparse.SUPPRESS if probe else None)
+                        argument_default=argparse.SUPPRESS if probe else None,
+                        epilog="reward-model has options of its own (--data, --test, "
+                               "--batch-size, --save-every, ...): r1fast stage reward-model "
+                               "--help")
     ap.add_argument("name", choices=(*STAGES, "reward-model"))
     ap.add_argument("--out", help="output folder (a .jsonl path for rejection-sample)")
     ap.add_argument("--init", help="model folder to start from (sft, grpo)")
