@@ -1,7 +1,8 @@
 """Argument checks that need nothing but Python: one-line ``ValueError`` messages naming the
-argument, its value and what is allowed (and :func:`one_line`, an exception as such a line). Reward workers and configs use them without importing
-torch (a fresh worker would otherwise pay ~2 s of CPU for it on its first call, inside that
-call's time limit); the tensor checks are in ``r1fast.ops._validate``, which re-exports these.
+argument, its value and what is allowed (and :func:`one_line`, an exception as such a line).
+Reward workers and configs use them without importing torch (a fresh worker would otherwise
+pay ~2 s of CPU for it on its first call, inside that call's time limit); the tensor checks are
+in ``r1fast.ops._validate``, which re-exports these.
 """
 from __future__ import annotations
 

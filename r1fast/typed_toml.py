@@ -160,8 +160,9 @@ def _field_default(f: dataclasses.Field) -> Any:
 class DefaultFloat(float):
     """A float field's default, marked as nobody's choice: it keeps its type through a table
     merged onto it (a value a recipe or override writes is a plain float), so a check can ask
-    whether the user chose the value. Pickled (a checkpoint's optimizer state, a spawned
-    process) it is a plain float."""
+    whether the user chose the value. Pickled or deep-copied (a spawned process) it is a plain
+    float; code that hands it to torch state a checkpoint saves passes ``float(value)``, since
+    torch's weights-only load refuses any class, ``float`` included (r1fast.policy.optim)."""
 
     def __reduce__(self):
         return float, (float(self),)

@@ -128,7 +128,8 @@ def write_hf_folder(policy, path: str, *, dtype: Optional[torch.dtype] = None,
             _write_configs(policy, path, dtype)
 
     _, error = _attempt(write_mine)
-    _agree(all_ranks_object(_said(error)), path, error)  # also: every file is written when any returns
+    # also a barrier: every file is written when any rank returns
+    _agree(all_ranks_object(_said(error)), path, error)
     if rank == 0:  # no rank reads it any more
         os.remove(os.path.join(path, _MARKER))
     return written
