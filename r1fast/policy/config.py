@@ -411,6 +411,7 @@ class ModelConfig:
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
             "rope_theta": self.rope_theta, "initializer_range": self.init_std,
             "attention_dropout": 0.0, "use_sliding_window": False, "dtype": self.params_dtype,
+            "torch_dtype": self.params_dtype,  # the name before transformers 5
         }
 
 

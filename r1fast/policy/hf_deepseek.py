@@ -309,6 +309,9 @@ def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
         if not (m and m_all) and not math.isclose(ours, yarn_mscale(f), rel_tol=1e-12):
             rope["attention_factor"] = ours  # transformers would infer yarn_mscale(f)
     d["rope_parameters"] = rope
+    if cfg.rope_type == "yarn":  # transformers < 5 and the engines on it read only this key
+        legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
+        d["rope_scaling"] = {**legacy, "type": "yarn"}
     if cfg.is_moe:
         shared = cfg.shared_expert_size or 0
         if shared % cfg.moe_ffn_hidden_size != 0:
@@ -319,13 +322,17 @@ def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
                  n_shared_experts=shared // cfg.moe_ffn_hidden_size,
                  n_group=cfg.router_n_groups or 1, topk_group=cfg.router_topk_groups or 1,
                  routed_scaling_factor=cfg.router_scaling_factor,
-                 norm_topk_prob=_normalizes(cfg))
+                 norm_topk_prob=_normalizes(cfg),
+                 # transformers infers these from the family; vLLM and SGLang read them (the
+                 # expert bias exists only under noaux_tc)
+                 topk_method="noaux_tc", scoring_func="sigmoid")
         if family == "deepseek_v2":
             for key in ("rope_interleave", "num_nextn_predict_layers"):
                 d.pop(key)
             grouped = cfg.router_n_groups is not None
             d.update(topk_method="group_limited_greedy" if grouped else "greedy",
-                     n_group=cfg.router_n_groups, topk_group=cfg.router_topk_groups)
+                     scoring_func="softmax", n_group=cfg.router_n_groups,
+                     topk_group=cfg.router_topk_groups)
     else:
         raise ValueError("to_hf_config: deepseek_v3 has routed experts; a dense MLA model has "
                          "no HF family here (r1fast_config.json describes it)")

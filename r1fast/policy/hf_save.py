@@ -65,7 +65,7 @@ def _write_configs(policy, path: str, dtype: Optional[torch.dtype]) -> None:
         hf = None  # no HF family has this architecture; r1fast_config.json describes it
     if hf is not None:
         if dtype is not None:
-            hf["dtype"] = str(dtype).replace("torch.", "")
+            hf["dtype"] = hf["torch_dtype"] = str(dtype).replace("torch.", "")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
 

@@ -84,6 +84,7 @@ def test_config_translation(saved):
             (2, 1, 1)
     hf = cfg.to_hf_config()
     assert hf["model_type"] == "deepseek_v2" and hf["topk_method"] == method
+    assert hf["scoring_func"] == "softmax"  # vLLM reads it (transformers knows it)
     assert ModelConfig.from_hf_config(hf) == cfg
 
 

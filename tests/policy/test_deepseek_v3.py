@@ -105,6 +105,25 @@ def test_export_then_reload_in_transformers_is_exact(saved, tmp_path):
                                  str(tmp_path / "export"), "deepseek_v3")
 
 
+def test_export_config_has_what_serving_engines_read(saved, tmp_path):
+    """vLLM and SGLang read topk_method (the expert bias exists only under noaux_tc) and
+    scoring_func, which transformers infers from the family; engines on transformers < 5 read
+    YaRN from rope_scaling and the dtype from torch_dtype. The legacy keys alone must describe
+    the same model as the new ones."""
+    out = tmp_path / "export"
+    save_hf_checkpoint(load(saved[1]), str(out))
+    hf = json.loads((out / "config.json").read_text())
+    assert (hf["topk_method"], hf["scoring_func"]) == ("noaux_tc", "sigmoid")
+    assert hf["torch_dtype"] == hf["dtype"] == "float32"
+    legacy = {k: v for k, v in hf.items() if k not in ("rope_parameters", "dtype")}
+    assert legacy["rope_scaling"]["type"] == "yarn"
+    (out / "config.json").write_text(json.dumps(legacy))
+    old_style = transformers.AutoConfig.from_pretrained(str(out))
+    read = {k: v for k, v in old_style.rope_parameters.items() if k != "type"}
+    assert read == hf["rope_parameters"]
+    assert ModelConfig.from_hf_config(legacy) == ModelConfig.from_hf_config(hf)
+
+
 def _with_mtp(path, tmp_path):
     """A copy of the checkpoint ``path`` with num_nextn_predict_layers=1 and MTP tensors."""
     from safetensors.torch import load_file, save_file
