@@ -23,16 +23,25 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from r1fast.atomic import write_text_atomic
 from r1fast.data.tokenizer import FILE_NAME, FORMAT, CharTokenizer
 from r1fast.rewards.extract import THINK_CLOSE, THINK_OPEN
+
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 class HFTokenizer:
     """A ``transformers`` tokenizer folder (see the module docstring)."""
 
-    def __init__(self, tokenizer, name: str, extra_stop_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer, name: str, extra_stop_ids: Sequence[int] = (),
+                 generation_config: dict | None = None):
         self.tok = tokenizer
         self.name = name
+        self.generation_config: dict = dict(generation_config or {})
+        """The folder's ``generation_config.json`` (the model's sampling defaults: Qwen3 and R1
+        ask for temperature 0.6, top_p 0.95), written back by :meth:`save`, so an exported
+        model is served as its makers meant; {} when the folder has none."""
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {name}: has no eos token (tokenizer_config.json "
                              f"eos_token); generation could never stop")
@@ -65,11 +74,12 @@ class HFTokenizer:
         except (OSError, ValueError) as e:
             raise ValueError(f"tokenizer folder {path}: transformers cannot load it ({e})") from e
         extra: list[int] = []
-        gen = path / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
+        gen_file, gen = path / GENERATION_CONFIG, {}
+        if gen_file.is_file():
+            gen = json.loads(gen_file.read_text())
+            eos = gen.get("eos_token_id")
             extra = [eos] if isinstance(eos, int) else list(eos or [])
-        return cls(tok, str(path), extra)
+        return cls(tok, str(path), extra, gen)
 
     # -- ids ------------------------------------------------------------------------------------
     @property
@@ -154,9 +164,13 @@ class HFTokenizer:
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer files into folder ``path`` (what ``AutoTokenizer`` loads)."""
+        """Write the tokenizer files into folder ``path`` (what ``AutoTokenizer`` loads) and
+        the generation config it was loaded with."""
         os.makedirs(path, exist_ok=True)
         self.tok.save_pretrained(str(path))
+        if self.generation_config:
+            write_text_atomic(Path(path) / GENERATION_CONFIG,
+                              json.dumps(self.generation_config, indent=1))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"

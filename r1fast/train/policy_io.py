@@ -68,8 +68,8 @@ def copy_weights(src, dst) -> None:
 
 def save_model(policy, tokenizer, path: str | Path) -> Path:
     """A self-contained model folder: HF safetensors + config.json, r1fast_config.json, the
-    tokenizer and generation_config.json (its stop ids, so HF ``generate`` stops where r1fast's
-    sampler does). Collective; rank 0 writes, under a temporary name, then renames."""
+    tokenizer and generation_config.json (the tokenizer folder's, sampling defaults included,
+    with its stop ids, so HF ``generate`` and vLLM stop where r1fast's sampler does). Collective; rank 0 writes, under a temporary name, then renames."""
     import json
     import os
     import shutil
@@ -87,9 +87,11 @@ def save_model(policy, tokenizer, path: str | Path) -> Path:
     if rank == 0:
         tokenizer.save(tmp)
         stops = [int(t) for t in tokenizer.stop_ids]
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"eos_token_id": stops if len(stops) > 1 else stops[0],
-             "pad_token_id": int(tokenizer.pad_id)}, indent=1))
+        # the model's own sampling defaults stay (vLLM applies them); the stop ids are ours
+        gen = {**getattr(tokenizer, "generation_config", {}),
+               "eos_token_id": stops if len(stops) > 1 else stops[0],
+               "pad_token_id": int(tokenizer.pad_id)}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
         sync_tree(tmp)  # durable before the rename publishes it
         old = path.with_name(path.name + ".old")
         if path.exists():  # set aside, not deleted, until the new folder is in place
