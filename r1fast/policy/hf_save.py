@@ -19,7 +19,9 @@ Transformers and :func:`~r1fast.policy.hf_checkpoint.load_hf_checkpoint` read ei
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -29,6 +31,8 @@ from r1fast.checks import one_line
 from r1fast.policy.hf_checkpoint import (INDEX, R1FAST_CONFIG, SAFETENSORS, owned_hf_tensors,
                                          passthrough_tensors)
 from r1fast.policy.parallel import all_ranks_object, host_group
+
+log = logging.getLogger("r1fast.policy")
 
 
 def _shards(keys_bytes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -138,10 +142,23 @@ def write_hf_folder(policy, path: str, *, dtype: Optional[torch.dtype] = None,
 _MARKER = ".r1fast_export"
 
 
+#: the weight files of an earlier save: ours, or transformers' own names (the same)
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
 def _make_folder(path: str) -> str:
-    """Make ``path`` and put a random token in it, which every rank then reads back."""
+    """Make ``path`` (without the weight files of an earlier save, which loaders would read
+    beside the new ones: r1fast and vLLM follow an old index, transformers prefers a single
+    file) and put a random token in it, which every rank then reads back."""
     token = os.urandom(8).hex()
     os.makedirs(path, exist_ok=True)
+    stale = sorted(f for f in os.listdir(path) if _WEIGHT_FILE.fullmatch(f))
+    for name in stale:
+        os.remove(os.path.join(path, name))
+    if stale:
+        log.warning("save_hf_checkpoint: removed the weight files of an earlier save from %s "
+                    "(%d: %s)", path, len(stale), ", ".join(stale[:3]) + (
+                        ", ..." if len(stale) > 3 else ""))
     with open(os.path.join(path, _MARKER), "w") as f:
         f.write(token)
     return token

@@ -150,6 +150,37 @@ def test_sharded_save_writes_an_index_and_reloads(saved, tmp_path):
         assert torch.equal(reloaded.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("first_shard_bytes,second_shard_bytes",
+                         [(64 * 1024, 4 << 30), (4 << 30, 64 * 1024)],
+                         ids=["sharded-then-one-file", "one-file-then-sharded"])
+def test_a_save_over_an_earlier_one_leaves_no_old_weights(saved, tmp_path, caplog,
+                                                          first_shard_bytes, second_shard_bytes):
+    """A second save into the same folder with another shard layout left the first one's files:
+    r1fast and vLLM followed the old index, transformers preferred the old single file, and
+    each loaded the old weights. The new save removes them, with a warning."""
+    import logging
+
+    model, path = saved["qwen3_moe"]
+    policy = load(path)
+    out = str(tmp_path / "out")
+    save_hf_checkpoint(policy, out, max_shard_bytes=first_shard_bytes)
+    (tmp_path / "out" / "notes.txt").write_text("mine")  # not a weight file: kept
+    w = policy.gpt.embedding.word_embeddings.weight
+    with torch.no_grad():
+        w.add_(1.0)
+    with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
+        save_hf_checkpoint(policy, out, max_shard_bytes=second_shard_bytes)
+    assert "removed the weight files of an earlier save" in caplog.text
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert os.path.exists(os.path.join(out, INDEX)) == (second_shard_bytes < 4 << 30)
+    assert os.path.exists(os.path.join(out, "model.safetensors")) == (second_shard_bytes >= 4 << 30)
+    new = w.detach().clone()
+    again = load(out)
+    assert torch.equal(again.gpt.embedding.word_embeddings.weight, new)
+    reloaded = type(model).from_pretrained(out).float()
+    assert torch.equal(reloaded.model.embed_tokens.weight, new)
+
+
 def test_round_trip_of_a_deepseek_style_policy(tmp_path):
     """No HF family has sigmoid/grouped routing with an expert bias and a shared expert:
     the tensors still use HF-style names and r1fast_config.json restores the model exactly."""
