@@ -302,6 +302,18 @@ def _entry_problems(reader: _Reader, want: dict[str, tuple[int, ...]]) -> list[s
     return out
 
 
+#: bytes per element of the safetensors float dtypes
+_FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def _narrowed(reader: _Reader, keys: Sequence[str], dtype: torch.dtype) -> list[str]:
+    """The checkpoint tensors among ``keys`` stored wider than ``dtype`` (an FP8 weight's
+    dequantisation is not: its block scale makes it fp32 only in passing)."""
+    width = torch.finfo(dtype).bits // 8
+    return [k for k in keys
+            if k not in reader.fp8 and _FLOAT_BYTES.get(reader.info(k)[1], 0) > width]
+
+
 def _load_one(t: torch.Tensor, value: torch.Tensor, keys: Sequence[str],
               allow_nonfinite: bool) -> list[str]:
     if not allow_nonfinite and value.is_floating_point() and \
@@ -332,6 +344,7 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
     tp, rank = policy.info.tp, ps.get_tensor_model_parallel_rank()
     missing: list[str] = []
     problems: list[str] = []
+    narrowed: list[str] = []  # stored wider than the parameter (a transformers-saved fp32 gate)
     used: set[str] = set()
     with torch.no_grad():
         for name, t, mp in _local_tensors(policy):
@@ -349,6 +362,7 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
                                 f"{name}, expected {list(t.shape)}")
                 continue
             problems.extend(_load_one(t, value, mp.keys, allow_nonfinite))
+            narrowed.extend(_narrowed(reader, mp.keys, t.dtype))
         if cfg.tie_embeddings and policy.gpt.post_process and not policy.gpt.pre_process:
             # The last stage's copy of the tied embedding.
             key = "model.embed_tokens.weight"
@@ -361,10 +375,11 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
                 bad = _entry_problems(reader, {key: (n * tp, *w.shape[1:])})
                 problems.extend(bad or _load_one(w, reader.rows(key, rank * n, (rank + 1) * n),
                                                  (key,), allow_nonfinite))
-    parts = all_ranks_object((missing, problems, sorted(used)))
+    parts = all_ranks_object((missing, problems, sorted(used), narrowed))
     missing = [k for p in parts for k in p[0]]
     problems = [k for p in parts for k in p[1]]
     used = {k for p in parts for k in p[2]}
+    narrowed = sorted({k for p in parts for k in p[3]})
     missing = list(dict.fromkeys(missing))
     problems = list(dict.fromkeys(problems))
     extra = sorted(k for k in reader.files if k not in used and not _IGNORED.match(k)
@@ -385,6 +400,16 @@ def load_hf_checkpoint(policy, path: str, *, allow_nonfinite: bool = False) -> N
         report.append("; ".join(problems[:5]) + more)
     if report:
         raise ValueError(f"load_hf_checkpoint: checkpoint at {path!r} " + "; ".join(report))
+    if narrowed and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("load_hf_checkpoint: %d tensor(s) of %s are stored wider than the policy's "
+                    "params_dtype=%s and were rounded to it (e.g. %s)%s", len(narrowed), path,
+                    cfg.params_dtype, ", ".join(narrowed[:3]), _GATE_NOTE
+                    if any(k.endswith("mlp.gate.weight") for k in narrowed) else "")
+
+
+_GATE_NOTE = (": a router's gate.weight is among them, which transformers keeps in fp32; "
+              "tokens whose expert scores nearly tie may route differently from the "
+              "checkpoint's own model")
 
 
 def _is_mtp(key: str, cfg: ModelConfig) -> bool:

@@ -124,6 +124,27 @@ def test_export_config_has_what_serving_engines_read(saved, tmp_path):
     assert ModelConfig.from_hf_config(legacy) == ModelConfig.from_hf_config(hf)
 
 
+def test_a_wider_gate_rounded_to_the_params_dtype_is_a_warning(saved, tmp_path, caplog):
+    """transformers keeps DeepSeek's gate.weight in fp32, so a fine-tune it saved in bf16 stores
+    the gate as F32: loading rounded it to bf16 without a word."""
+    import logging
+
+    bf16 = tmp_path / "bf16"
+    transformers.DeepseekV3ForCausalLM.from_pretrained(
+        saved[1], dtype=torch.bfloat16).save_pretrained(str(bf16))
+    policy = build_policy(load_model_config(str(bf16)), ParallelConfig(), trainable=False)
+    assert policy.model_cfg.params_dtype == "bfloat16"
+    with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
+        load_hf_checkpoint(policy, str(bf16))
+    assert "stored wider than the policy's params_dtype=bfloat16" in caplog.text
+    assert "model.layers.1.mlp.gate.weight" in caplog.text and "gate.weight is among" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="r1fast.policy"):  # fp32 into fp32: nothing
+        load_hf_checkpoint(build_policy(load_model_config(saved[1]), ParallelConfig(),
+                                        trainable=False), saved[1])
+    assert "stored wider" not in caplog.text
+
+
 def _with_mtp(path, tmp_path):
     """A copy of the checkpoint ``path`` with num_nextn_predict_layers=1 and MTP tensors."""
     from safetensors.torch import load_file, save_file
