@@ -28,6 +28,7 @@ top-p; vLLM's "processed" log-probs), so that truncated importance sampling agai
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Literal, Optional, Protocol, Sequence
 
 import torch
@@ -60,12 +61,15 @@ class SamplingConfig:
     from, after vocab_limit, top-k and top-p; 0 for greedy)."""
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ValueError(f"top_k must be >= 0 (0 disables it: vLLM's and verl's -1), got "
+                             f"{self.top_k}")
+        if self.vocab_limit is not None and self.vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be >= 1 or None, got {self.vocab_limit}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.logprobs not in LOGPROB_MODES:
@@ -159,8 +163,10 @@ def _sample_rows(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gen
         logits = logits.float()
         masked = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
         tokens = masked.argmax(-1)
-        if cfg.logprobs == "sampled":  # a point mass
-            return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        if cfg.logprobs == "sampled":  # a point mass, unless the row's logits were broken
+            broken = ~torch.isfinite(masked.amax(-1))  # NaN propagates through amax
+            return tokens, torch.zeros(tokens.shape, dtype=torch.float32,
+                                       device=tokens.device).masked_fill_(broken, float("nan"))
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
         return tokens, logp
     full = logits.to(torch.float32, copy=True).div_(cfg.temperature)  # [B, V], one copy
@@ -230,14 +236,31 @@ def generate(decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
     if getattr(decoder, "ragged", False):
         from r1fast.rollout.engine import generate_ragged
 
-        return generate_ragged(decoder, prompts, cfg, eos_token_id, uniforms, sync=sync,
-                               record_routing=record_routing, check_every=check_every)
+        return _finite(generate_ragged(decoder, prompts, cfg, eos_token_id, uniforms, sync=sync,
+                                       record_routing=record_routing, check_every=check_every))
     if record_routing and not hasattr(decoder, "start_recording"):
         raise ValueError(f"record_routing: {type(decoder).__name__} cannot record routing while "
                          f"decoding (a KVCacheDecoder can); capture it after sampling instead "
                          f"(Policy.record_routing)")
-    return _generate_shared(decoder, prompts, cfg, eos_token_id, uniforms, device, sync,
-                            record_routing)
+    return _finite(_generate_shared(decoder, prompts, cfg, eos_token_id, uniforms, device, sync,
+                                    record_routing))
+
+
+def _finite(rollout: Rollout) -> Rollout:
+    """``rollout``, if every recorded log-prob is finite. A NaN or infinite logit makes the row's
+    log-softmax NaN, and its "sample" is an arbitrary id (the CDF search lands on id 0):
+    text drawn from broken logits is an error, not a completion (the log-probs are on the host
+    by now, so the check costs no device sync)."""
+    rows = [i for i, lps in enumerate(rollout.logprobs) if not math.isfinite(sum(lps))]
+    if rows:  # (a sum of finite log-probs is finite: one C loop per row finds the bad ones)
+        bad = [(i, s) for i in rows for s, lp in enumerate(rollout.logprobs[i])
+               if not math.isfinite(lp)]
+        i, s = bad[0]
+        raise FloatingPointError(
+            f"generate: the model's logits were NaN or infinite at {len(bad)} sampled tokens "
+            f"of {len(rows)} of {len(rollout.logprobs)} rows (first: row {i}, generated token "
+            f"{s}); its weights or its KV cache hold non-finite values")
+    return rollout
 
 
 def _generate_shared(decoder: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,

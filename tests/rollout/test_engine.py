@@ -280,3 +280,20 @@ def test_kv_cache_loop_reads_the_host_only_at_checks(policy, monkeypatch, preset
     assert dec.decode_calls == cfg.max_new_tokens - 1  # stop id 3 is rare: no early end
     in_loop = [(c, w) for c, w in rec.reads if c < dec.decode_calls]
     assert in_loop and all((c + 1) % 4 == 0 for c, _ in in_loop), in_loop
+
+
+class BrokenRagged(ToyRagged):
+    """ToyRagged whose logits of every row turn NaN at the second decode call."""
+
+    def decode(self, tokens, dest=None):
+        out = super().decode(tokens, dest)
+        return out.fill_(float("nan")) if self.decode_calls == 2 else out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_logits_in_the_ragged_loop_are_an_error(temperature):
+    """The ragged loop sampled NaN logits as id 0 with a NaN log-prob, and went on."""
+    cfg = SamplingConfig(temperature=temperature, max_new_tokens=6)
+    with pytest.raises(FloatingPointError, match=r"of 2 of 2 rows \(first: row 0, generated "
+                                                 r"token 2\)"):
+        generate(BrokenRagged(), [[1, 2], [3, 4, 5]], cfg, eos_token_id=V + 1, row_seeds=[3, 4])

@@ -203,3 +203,42 @@ def test_sampling_temporaries_stay_within_the_planned_bytes(monkeypatch, rows, c
     planned = sampler.SAMPLE_BYTES_PER_LOGIT * min(rows, chunk_rows or rows) * V
     # + per-row outputs and vocab_limit's [V] masks
     assert peak <= planned + 64 * rows + 2 * V, (peak / 2**20, planned / 2**20)
+
+
+class BrokenDecoder(ToyDecoder):
+    """ToyDecoder whose logits of ``row`` turn NaN (or +inf) from generated token ``at`` on."""
+
+    def __init__(self, row, at, value=float("nan")):
+        super().__init__()
+        self.row, self.at, self.value = row, at, value
+
+    def step(self, tokens, offset):
+        out = super().step(tokens, offset)
+        if self.cache.shape[1] >= 3 + self.at:  # prompts of 3 tokens
+            out[self.row] = self.value
+        return out
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(temperature=0.7, top_p=0.9),
+                                dict(temperature=0), dict(temperature=0, logprobs="sampled"),
+                                dict(temperature=0.7, logprobs="sampled")],
+                         ids=["sample", "top_p", "greedy", "greedy-sampled", "sampled"])
+def test_broken_logits_are_an_error_not_a_completion(kw, value):
+    """NaN logits were sampled as id 0 (the CDF search's first id; greedy: the NaN's own id)
+    with a NaN log-prob, and generation went on: a broken checkpoint or KV cache looked like
+    a model that writes one token forever."""
+    dec = BrokenDecoder(row=1, at=2, value=value)
+    cfg = SamplingConfig(max_new_tokens=5, **kw)
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite at \d+ sampled tokens of 1 "
+                                                 r"of 2 rows \(first: row 1, generated token 2\)"):
+        generate(dec, [[1, 2, 3], [4, 5, 6]], cfg, eos_token_id=99, row_seeds=[1, 2])
+
+
+@pytest.mark.parametrize("kw,match", [(dict(temperature=float("nan")), "finite"),
+                                      (dict(temperature=float("inf")), "finite"),
+                                      (dict(vocab_limit=0), "vocab_limit must be >= 1"),
+                                      (dict(top_k=-1), "vLLM's and verl's -1")])
+def test_sampling_values_that_would_sample_garbage_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kw)
