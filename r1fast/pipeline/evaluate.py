@@ -253,20 +253,22 @@ def _warn_failed_checks(failed: dict[str, list]) -> None:
 def evaluate_model(model_dir, examples: Sequence[dict], k: int = 8, temperature: float = 0.6,
                    top_p: float = 0.95, max_new_tokens: int = 64, seed: int = 0,
                    policy=None, tokenizer=None, language: str = "en", dp_group=None,
-                   share_checks: bool = False, warn: bool = True) -> EvalResult:
+                   share_checks: bool = False, warn: bool = True,
+                   decoder_options: dict | None = None) -> EvalResult:
     """pass@1 and cons@k of the model folder ``model_dir`` (or a loaded policy) on ``examples``,
     with the share of samples cut at ``max_new_tokens`` and the settings sampled with.
     In a parallel run (collective): ``dp_group`` shares the generation between the policy's
     replicas (:func:`~r1fast.pipeline.generation.sample_with_flags`), ``share_checks`` the
     answer checks between all processes (:func:`score_samples`); ``warn=False``: no
-    WARNINGs (another process gives them)."""
+    WARNINGs (another process gives them); ``decoder_options``: the rollout decoder's
+    settings (a run's ``rollout``: :meth:`~r1fast.train.config.RolloutConfig.decoder_options`)."""
     from r1fast.pipeline.generation import load_model, sample_with_flags
 
     if policy is None:
         policy, tokenizer = load_model(model_dir)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     out = sample_with_flags(policy, tokenizer, [ex["prompt"] for ex in examples], k, cfg,
-                            seed=seed, dp_group=dp_group)
+                            seed=seed, dp_group=dp_group, decoder_options=decoder_options)
     result = replace(score_samples(out.texts, examples, language, truncated=out.truncated,
                                    share_checks=share_checks, warn=warn),
                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,

@@ -50,7 +50,7 @@ def sample(policy, tokenizer, prompts: Sequence[str], k: int, sampling: Sampling
 
 def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
                       sampling: SamplingConfig, seed: int = 0, batch_rows: int = 64,
-                      dp_group=None) -> Samples:
+                      dp_group=None, decoder_options: dict | None = None) -> Samples:
     """``k`` completions per prompt and which were cut at ``max_new_tokens``, rows generated
     ``batch_rows`` at a time.
 
@@ -60,17 +60,25 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
     lengths are agreed between them. ``dp_group``: the data-parallel group of policy replicas,
     which share the rows (replica r takes rows r, r + size, ...) and then exchange them, so
     every process returns all of them at 1/size of the generation time.
+    ``decoder_options``: :func:`~r1fast.rollout.kv_cache.make_decoder`'s keywords (a run's
+    ``rollout`` settings: prefill slicing, expert kernels). Every prompt must leave room for
+    ``max_new_tokens`` in the model's positions (checked before anything is sampled). The
+    tokenizer's stop ids are added to ``sampling``'s, and its vocabulary bounds what is drawn.
     """
     from r1fast.rollout.kv_cache import make_decoder
     from r1fast.train.batch import all_ranks_int
 
-    sampling = SamplingConfig(**{**sampling.__dict__, "vocab_limit": tokenizer.vocab_size,
-                                 "stop_token_ids": tuple(tokenizer.stop_ids)})
+    limit = tokenizer.vocab_size if sampling.vocab_limit is None \
+        else min(sampling.vocab_limit, tokenizer.vocab_size)
+    stops = tuple(dict.fromkeys((*sampling.stop_token_ids, *tokenizer.stop_ids)))
+    sampling = SamplingConfig(**{**sampling.__dict__, "vocab_limit": limit,
+                                 "stop_token_ids": stops})
     rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
     mine, padding = _replica_share(rows, dp_group)
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    _check_room(encoded, policy.model_cfg.max_position_embeddings, sampling.max_new_tokens)
     done: dict[tuple[int, int], tuple[str, bool]] = {}
-    decoder = make_decoder(policy)
+    decoder = make_decoder(policy, **(decoder_options or {}))
     for start in range(0, len(mine), batch_rows):
         chunk = mine[start:start + batch_rows]
         seeds = [hash((seed, i, j)) & 0x7FFF_FFFF_FFFF_FFFF for i, j in chunk]
@@ -88,6 +96,20 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
         done = {row: v for share in shares for row, v in share.items()}
     return Samples(texts=[[done[i, j][0] for j in range(k)] for i in range(len(prompts))],
                    truncated=[[done[i, j][1] for j in range(k)] for i in range(len(prompts))])
+
+
+def _check_room(encoded: Sequence[Sequence[int]], positions: int, max_new_tokens: int) -> None:
+    """Every prompt leaves ``max_new_tokens`` of the model's ``positions``: else the batch that
+    holds it would fail part-way through, after the batches before it were sampled."""
+    room = positions - max_new_tokens
+    long = [i for i, ids in enumerate(encoded) if len(ids) > room]
+    if long:
+        worst = max(long, key=lambda i: len(encoded[i]))
+        raise ValueError(f"{len(long)} of {len(encoded)} prompts are longer than the {room} "
+                         f"tokens max_position_embeddings={positions} leaves beside "
+                         f"max_new_tokens={max_new_tokens} (the longest, prompt {worst}, has "
+                         f"{len(encoded[worst])}): lower max_new_tokens (--max-new-tokens) or "
+                         f"leave those problems out")
 
 
 def _replica_share(rows: list[tuple[int, int]], dp_group) -> tuple[list[tuple[int, int]], int]:

@@ -152,6 +152,12 @@ class RolloutConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
+    def decoder_options(self) -> dict:
+        """:func:`~r1fast.rollout.kv_cache.make_decoder`'s keywords for these settings: the
+        rollout's decoder and the held-out evaluation's are the same one."""
+        return dict(recompute=self.decoder == "recompute", prefill_tokens=self.prefill_tokens,
+                    experts=self.experts)
+
 
 @dataclass
 class DataConfig:

@@ -233,9 +233,7 @@ class GRPOTrainer:
         # KV-cached decoding on the policy's device; every rank makes the same model calls. R3:
         # the decoder records the experts of every token it runs (replayed in training)
         record = self.cfg.algo.router_replay and self.cfg.algo.router_replay_capture == "rollout"
-        decoder = make_decoder(self.policy, recompute=self.cfg.rollout.decoder == "recompute",
-                               prefill_tokens=self.cfg.rollout.prefill_tokens,
-                               experts=self.cfg.rollout.experts)
+        decoder = make_decoder(self.policy, **self.cfg.rollout.decoder_options())
         out = generate(decoder, prompts, self.sampling, sync=all_ranks_int,
                        eos_token_id=tok.eos_id, row_seeds=seeds, record_routing=record)
         return RolloutBatch(out, [tok.decode(c) for c in out.completion_ids],
@@ -524,7 +522,8 @@ class GRPOTrainer:
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 seed=self.cfg.run.seed, policy=self.policy,
                                 tokenizer=self.task.tokenizer, dp_group=self.engine.dp_group(),
-                                share_checks=True, warn=self.is_logger).as_dict()
+                                share_checks=True, warn=self.is_logger,
+                                decoder_options=self.cfg.rollout.decoder_options()).as_dict()
         row = {"step": self.step_idx, "test_path": d.test_path, "held_out": source, **result}
         if not self.is_logger:
             return row

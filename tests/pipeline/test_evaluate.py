@@ -56,7 +56,7 @@ def test_truncated_rate_is_per_problem_with_its_standard_error():
 
 def fake_sampler(texts, flags, calls):
     def sample_with_flags(policy, tokenizer, prompts, k, sampling, seed=0, batch_rows=64,
-                          dp_group=None):
+                          dp_group=None, decoder_options=None):
         calls.append((list(prompts), k, sampling, seed))
         return Samples(texts=texts, truncated=flags)
     return sample_with_flags
