@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from r1fast.data.template import with_system_prompt
-from r1fast.rewards.extract import THINK_OPEN, opens_thought
+from r1fast.rewards.extract import THINK_CLOSE, THINK_OPEN, opens_thought
 
 log = logging.getLogger("r1fast.pipeline")
 
@@ -140,7 +140,7 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
         return [_plain(r, i) if a else dict(r) for i, (r, a) in enumerate(zip(rows, again))]
-    out, as_given, open_ended = [], 0, 0
+    out, as_given, open_ended, empty = [], 0, 0, 0
     closing = chat_turn_end(tokenizer)
     for r, a in zip(rows, again):
         if r.get("prompt_rendered") is True:
@@ -151,13 +151,19 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
         messages = with_system_prompt(
             r["messages"] if a else [{"role": "user", "content": r["prompt"]}], system_prompt)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        empty += lacks_thought(prompt, r["completion"])
         out.append(end_turn({**r, "prompt": prompt,
                              "completion": inside_opened_thought(prompt, r["completion"])},
                             *closing))
-    if as_given:
-        log.info("%d of %d SFT rows are marked prompt_rendered (already in the model's "
-                 "prompt format, e.g. rejection-sampled): the chat template%s is not applied "
-                 "to them", as_given, len(rows), " and system_prompt" if system_prompt else "")
+    if as_given:  # a system prompt they do not get is a change to what was asked: louder
+        (log.warning if system_prompt else log.info)(
+            "%d of %d SFT rows are marked prompt_rendered (already in the model's prompt "
+            "format, e.g. rejection-sampled): the chat template%s is not applied to them",
+            as_given, len(rows), " and system_prompt" if system_prompt else "")
+    if empty:
+        log.warning("%d of %d SFT rows have no thought (no </think>) while %r's chat template "
+                    "opens one: each answer follows an empty thought, closed at once", empty,
+                    len(rows), tokenizer)
     if open_ended and closing[0]:
         log.warning("%d SFT rows marked prompt_rendered do not say completion_ends_turn (an "
                     "older r1fast's rejection sampling, or prompts without the chat template): "
@@ -192,13 +198,32 @@ def chat_turn_end(tokenizer) -> tuple[str, bool]:
 
 def inside_opened_thought(prompt: str, completion: str) -> str:
     """``completion`` as it follows ``prompt``: when the prompt already opens the thought (a
-    thinking template's generation prompt ends with ``<think>``: DeepSeek-R1-Distill, QwQ), the
-    completion's own leading ``<think>`` (and the newline after it) goes, else the model would
-    learn to open a second thought, which the format reward scores 0."""
-    if opens_thought(prompt) and completion.startswith(THINK_OPEN):
+    thinking template's generation prompt ends with ``<think>``: DeepSeek-R1-Distill, QwQ),
+    the completion's own leading ``<think>`` (and the newline after it) goes, else the model
+    would learn to open a second thought, which the format reward scores 0; a completion with
+    no thought at all (a greeting, R1's non-reasoning data) gets an empty one closed in front
+    (``<think>\n\n</think>\n\n``, as Qwen3 writes a turn without thinking), else the model
+    would learn to answer inside a thought it never closes (:func:`lacks_thought`)."""
+    if not opens_thought(prompt):
+        return completion
+    if completion.startswith(THINK_OPEN):
         rest = completion[len(THINK_OPEN):]
         return rest[1:] if rest.startswith("\n") and prompt.endswith("\n") else rest
+    if THINK_CLOSE not in completion:
+        return ("\n" if prompt.endswith("\n") else "\n\n") + THINK_CLOSE + "\n\n" + completion
     return completion
+
+
+def lacks_thought(prompt: str, completion: str) -> bool:
+    """Whether :func:`inside_opened_thought` gives ``completion`` an empty thought."""
+    return opens_thought(prompt) and not completion.startswith(THINK_OPEN) \
+        and THINK_CLOSE not in completion
+
+
+def thought_opened_by(prompt: str) -> str:
+    """The text with which ``prompt`` opens the thought (``"<think>\n"``), "" if it does not:
+    what a completion sampled after it needs in front to stand alone (another template)."""
+    return prompt[prompt.rstrip().rfind(THINK_OPEN):] if opens_thought(prompt) else ""
 
 
 def end_turn(row: dict, turn_end: str, closes: bool) -> dict:

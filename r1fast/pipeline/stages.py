@@ -262,7 +262,8 @@ def sampled_rows(rows: Sequence[dict], examples: Sequence[dict], tok) -> list[di
     and what another tokenizer needs to render the row again: the prompt's ``messages``, the
     bare ``response`` and the ``prompt_format`` it was sampled in
     (:func:`~r1fast.pipeline.sft_data.render_prompts`)."""
-    from r1fast.pipeline.sft_data import chat_turn_end, end_turn, prompt_format
+    from r1fast.pipeline.sft_data import (chat_turn_end, end_turn, prompt_format,
+                                          thought_opened_by)
 
     by_prompt = {ex["prompt"]: ex for ex in examples}
     chat = any(ex.get("chat_rendered") is True for ex in examples)
@@ -276,7 +277,9 @@ def sampled_rows(rows: Sequence[dict], examples: Sequence[dict], tok) -> list[di
             None if rendered else [{"role": "user", "content": ex["prompt"]}])
         row = end_turn(r, *closing) if rendered else dict(r)
         out.append({**row, "prompt_rendered": True, "prompt_format": formats[rendered],
-                    "response": r["completion"],
+                    # the thought its prompt opened, so a template that does not open it
+                    # renders a well-formed answer
+                    "response": thought_opened_by(r["prompt"]) + r["completion"],
                     **({"messages": messages} if messages else {})})
     return out
 

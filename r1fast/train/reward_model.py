@@ -127,10 +127,21 @@ class RewardModelTrainConfig:
 
 def render_pair_prompts(pairs: Sequence[dict], tokenizer) -> list[dict]:
     """``pairs`` whose non-empty prompts are a user turn in ``tokenizer``'s chat template, up to
-    the assistant's turn, which ``chosen`` / ``rejected`` then fill."""
-    return [{**p, "prompt": tokenizer.apply_chat_template(
-        [{"role": "user", "content": p["prompt"]}], add_generation_prompt=True)}
-        if p["prompt"] else dict(p) for p in pairs]
+    the assistant's turn, which ``chosen`` / ``rejected`` then fill, as a policy's completion
+    follows that prompt (:func:`~r1fast.pipeline.sft_data.inside_opened_thought`: one
+    ``<think>`` under a template that opens it, which GRPO's scored texts have)."""
+    from r1fast.pipeline.sft_data import inside_opened_thought
+
+    out = []
+    for p in pairs:
+        if not p["prompt"]:
+            out.append(dict(p))
+            continue
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}],
+                                               add_generation_prompt=True)
+        out.append({**p, "prompt": prompt,
+                    **{k: inside_opened_thought(prompt, p[k]) for k in ("chosen", "rejected")}})
+    return out
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

@@ -185,8 +185,79 @@ def test_a_template_that_opens_the_thought_gets_no_second_think(tmp_path):
     assert row["completion"] == "2 plus 3 is 5.</think> \\boxed{5}<|im_end|>\n"
     read = as_scored(row["completion"], row["prompt"])
     assert read.count("<think>") == 1 and FormatReward()(read, {}) == 1.0
-    plain = render_prompts([{"prompt": "q", "completion": "no thought"}], hf)[0]
-    assert plain["completion"].startswith("no thought")  # nothing to take off
+
+
+
+def _thinking(tmp_path, name="think"):
+    """A tiny ChatML tokenizer whose generation prompt opens the thought (R1-Distill's way)."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    build_tokenizer(tmp_path / name, ["What is 2 + 3? assistant user system think"] * 20)
+    hf = HFTokenizer.load(tmp_path / name)
+    hf.tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+                            "{% endif %}")
+    return hf
+
+
+def test_an_answer_without_a_thought_gets_an_empty_one_under_a_thinking_template(tmp_path,
+                                                                                caplog):
+    """R1's non-reasoning rows (a greeting) under a template that opens the thought were
+    trained as an answer inside a thought never closed."""
+    from r1fast.rewards.extract import as_scored, split_think
+
+    hf = _thinking(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        row = render_prompts([{"prompt": "hi", "completion": "Hello!"},
+                              {"prompt": "q", "completion": "<think>a</think> b"}], hf)[0]
+    assert row["completion"] == "\n</think>\n\nHello!<|im_end|>\n"
+    assert (row["prompt"] + row["completion"]).endswith("<think>\n\n</think>\n\nHello!<|im_end|>\n")
+    cot, answer = split_think(as_scored(row["completion"], row["prompt"]))
+    assert cot.strip() == "" and answer.strip().startswith("Hello!")
+    assert "1 of 2 SFT rows have no thought (no </think>)" in caplog.text
+
+
+def test_a_distilled_row_keeps_the_thought_its_teachers_prompt_opened(tmp_path):
+    """The teacher's prompt opened <think>, so its samples start inside the thought; a student
+    whose template does not open it was trained on 'reasoning</think> answer' (format reward 0
+    for the student, every rejection sample of it unparsable)."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+    from r1fast.rewards import FormatReward
+    from r1fast.rewards.extract import as_scored
+
+    teacher = _thinking(tmp_path)
+    build_tokenizer(tmp_path / "student", ["What is 2 + 3? assistant user system think"] * 20)
+    student = HFTokenizer.load(tmp_path / "student")
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    ex = {"prompt": teacher.apply_chat_template(messages), "prompt_messages": messages,
+          "chat_rendered": True}
+    sample = "2 and 3 make 5</think> \\boxed{5}"  # inside the thought the prompt opened
+    rows = stages.sampled_rows([{"prompt": ex["prompt"], "completion": sample, "id": "t:0"}],
+                               [ex], teacher)
+    assert rows[0]["response"] == "<think>\n" + sample
+    row = render_prompts(rows, student)[0]
+    assert row["completion"] == "<think>\n" + sample + "<|im_end|>\n"
+    assert FormatReward()(as_scored(row["completion"], row["prompt"]), {}) == 1.0
+    other_thinker = _thinking(tmp_path, "think2")  # same markup: the row is used as written
+    assert render_prompts(rows, other_thinker)[0]["completion"] == sample + "<|im_end|>\n"
+
+
+def test_a_system_prompt_rows_do_not_get_is_a_warning(tmp_path, caplog):
+    """Rows marked prompt_rendered keep their own prompt, so system_prompt does not reach them:
+    that was an INFO line, which `r1fast stage` does not show."""
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    build_tokenizer(tmp_path, ["What is 2 + 3? assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path)
+    sampled = dict(render_prompts([{"prompt": "q", "completion": "5"}], hf)[0],
+                   prompt_rendered=True)
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        render_prompts([sampled], hf, system_prompt="Think first.")
+    assert "the chat template and system_prompt is not applied" in caplog.text
 
 
 def test_rejection_sampled_prompts_are_not_templated_twice(tmp_path, caplog):

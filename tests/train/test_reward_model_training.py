@@ -362,6 +362,17 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
     assert out[0]["prompt"] == hf.apply_chat_template([{"role": "user",
                                                          "content": "Write a poem."}])
     assert out[1] == pairs[1] and out[0]["chosen"] == "Roses"
+    # a template that opens the thought: GRPO scores 'prompt<think>\n' + 'thought</think> ...',
+    # so a pair's own leading <think> goes (it trained on '<think>\n<think>thought...')
+    hf.tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+                            "{% endif %}")
+    thought = render_pair_prompts([{"prompt": "Write a poem.",
+                                    "chosen": "<think>rhyme</think> Roses",
+                                    "rejected": "<think>\nnone</think> No"}], hf)[0]
+    assert thought["prompt"].endswith("<think>\n")
+    assert (thought["chosen"], thought["rejected"]) == ("rhyme</think> Roses", "none</think> No")
 
     class Stop(Exception):
         pass
