@@ -63,15 +63,17 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
         model: ModelConfig | None = None, steps: int = 100, batch_size: int = 32,
         lr: float = 1e-3, loss_on_prompt: bool = False, seed: int = 0,
         parallel: ParallelConfig | None = None, progress: bool = False,
-        tokenizer=None, overwrite: bool = False, chat_template: bool = True) -> Path:
+        tokenizer=None, overwrite: bool = False, chat_template: bool = True,
+        drop_long: bool = False) -> Path:
     """Fine-tune ``init_from`` (or a fresh ``model``) on ``{"prompt", "completion"}`` rows;
     returns the model folder ``out_dir/model``. The tokenizer is ``init_from``'s, else
     ``tokenizer`` (e.g. a teacher's), else the character tokenizer; with a chat template (and
     ``chat_template``) prompts are rendered in it and answers end its turn
     (:func:`~r1fast.pipeline.sft_data.render_prompts`). A rerun into ``out_dir``
     resumes its run; ``overwrite`` starts over from step 0 instead (the old run's files move
-    to ``out_dir/previous_<time>/``)."""
-    from r1fast.pipeline.sft_data import render_prompts
+    to ``out_dir/previous_<time>/``). A row longer than the model's positions is an error,
+    or with ``drop_long`` is dropped (a warning counts them: a teacher's long answers)."""
+    from r1fast.pipeline.sft_data import drop_long_rows, render_prompts
     from r1fast.train.sft import SFTConfig, SFTTrainer
 
     if (init_from is None) == (model is None):
@@ -90,6 +92,8 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
     # a chat model is trained as it is prompted: the chat template around each prompt, the
     # template's end of turn after each answer (rows sampled in another format rendered again)
     rows = render_prompts(examples, tokenizer, chat_template=chat_template)
+    if drop_long:
+        rows, _ = drop_long_rows(rows, tokenizer, cfg.model.max_position_embeddings)
     return SFTTrainer(cfg, rows, tokenizer).fit()
 
 
@@ -332,9 +336,10 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
                     "student_init / --student-init, a model with its own tokenizer)",
                     student.vocab_size, tokenizer.vocab_size, wide)
         student = student.replace(vocab_size=wide)
+    # an answer the teacher could write may not fit a smaller student's context
     model = sft(rows, out_dir, init_from=student_init, model=student, steps=steps,
                 batch_size=batch_size, lr=lr, seed=seed, overwrite=overwrite,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, drop_long=True)
     return model, stats
 
 

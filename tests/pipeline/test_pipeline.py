@@ -67,6 +67,28 @@ def test_every_stage_runs_and_hands_off(tmp_path):
     assert stages.evaluate(student, test, k=1, max_new_tokens=6)["k"] == 1
 
 
+def test_distillation_drops_teacher_rows_longer_than_the_students_context(tmp_path, caplog):
+    """A teacher answer longer than a smaller student's positions stopped the stage (and, its
+    data being reused, every rerun): such rows are dropped with a warning, as the SFT recipe
+    drops them."""
+    import logging
+
+    from tests.helpers.reward_world import save_init
+
+    teacher = save_init(str(tmp_path / "teacher"))  # only its tokenizer is read
+    student = dense_model()
+    short = {"prompt": "What is 1 + 2?", "completion": "<think>" + "add " * 8 + "</think> 3"}
+    long = dict(short, completion="<think>" + "add " * student.max_position_embeddings
+                + "</think> 3")
+    data = tmp_path / "teacher.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [short] * 7 + [long]))
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        stages.distill(teacher, [], tmp_path / "student", student=student, teacher_data=data,
+                       steps=1, batch_size=4)
+    assert f"dropped 1 of 8 SFT rows longer than {student.max_position_embeddings} tokens" \
+        in caplog.text
+
+
 def test_stage_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly one of init_from"):
         stages.sft([{"prompt": "a", "completion": "b"}], tmp_path)
