@@ -139,7 +139,20 @@ def _plain_answer(value: Any) -> str:
                          f"answers as strings")
         # positional, as a model writes it: str() would give '1e-05' or '1e+16'
         return format(decimal.Decimal(repr(value)), "f")
-    return _text(value, "answer").strip()
+    return _not_a_solution(_text(value, "answer").strip())
+
+
+def _not_a_solution(answer: str) -> str:
+    """``answer``, unless it is a worked solution, which no final answer ever equals (every
+    reward would be 0, silently): GSM8K's ``#### <number>`` line, or text before a MATH-style
+    ``\\boxed{}``; their presets take the answer out of it."""
+    if "####" in answer:
+        raise BadRow(f"answer {answer[-60:]!r} holds GSM8K's '####' line: the column is a "
+                     f"worked solution (data.preset = \"gsm8k\" takes the number after it)")
+    if "\\boxed" in answer and not answer.lstrip("$ ").startswith("\\boxed"):
+        raise BadRow(f"answer {answer[-60:]!r} is a worked solution around a \\boxed{{}} "
+                     f"(data.preset = \"math\" takes the boxed answer)")
+    return answer
 
 
 def _integer(value: Any, key: str) -> int:

@@ -52,6 +52,24 @@ def test_custom_keys_and_a_row_reward_field(tmp_path):
     assert [(e["answer"], e.get("reward")) for e in ex] == [("3", "format"), ("4", None)]
 
 
+def test_a_worked_solution_in_the_answer_column_is_a_bad_row_naming_the_preset(tmp_path):
+    """GSM8K read with prompt_key='question' alone took its worked solutions ('... #### 7') as
+    the gold answers: every correct answer scored 0, without a word."""
+    gsm8k = [{"question": f"q{i}", "answer": f"So 3+4=7.\n#### {i}"} for i in range(3)]
+    with pytest.raises(ValueError, match=r"3 of 3 rows do not fit.*holds GSM8K's '####' line: "
+                                         r"the column is a worked solution \(data.preset = "
+                                         r"\"gsm8k\""):
+        load_examples(write_jsonl(tmp_path / "g.jsonl", gsm8k), prompt_key="question")
+    math = [{"problem": "p", "solution": "Add them: $\\boxed{7}$."}] * 2
+    with pytest.raises(ValueError, match=r"worked solution around a \\boxed\{\} \(data.preset = "
+                                         r"\"math\""):
+        load_examples(write_jsonl(tmp_path / "m.jsonl", math), prompt_key="problem",
+                      answer_key="solution")
+    boxed = [{"problem": "p", "answer": "$\\boxed{7}$"}, {"problem": "q", "answer": "\\boxed{8}"}]
+    ex, _ = load_examples(write_jsonl(tmp_path / "b.jsonl", boxed), prompt_key="problem")
+    assert [e["answer"] for e in ex] == ["$\\boxed{7}$", "\\boxed{8}"]  # an answer, boxed
+
+
 def test_bad_rows_are_counted_and_a_mostly_bad_file_is_an_error(tmp_path, caplog):
     good = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(4)]
     bad = [{"question": "", "answer": "#### 1"}, {"question": "q", "answer": "no marker"}]
