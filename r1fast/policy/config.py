@@ -494,6 +494,11 @@ class ParallelConfig:
         return self.resolved_world_size() // (self.tp * self.pp)
 
     @property
+    def logprob_forward_tokens(self) -> int:
+        """Tokens of one packed no-grad log-prob forward (its field's value, else 4 x update's)."""
+        return self.max_tokens_per_logprob_forward or 4 * self.max_tokens_per_microbatch
+
+    @property
     def expert_dp(self) -> int:
         return self.resolved_world_size() // (self.ep * self.etp * self.pp)
 

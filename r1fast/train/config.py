@@ -51,7 +51,13 @@ class AlgoConfig:
     ref_reset_every: int = 0
     """Copy the policy into the reference every N steps (0: the reference stays frozen)."""
     dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal (they carry no gradient), as DAPO does."""
+    """Mask the groups whose rewards are all equal (they carry no gradient); with
+    max_sampling_rounds > 1, replace them by sampling more prompts, as DAPO does."""
+    max_sampling_rounds: int = 1
+    """With dynamic_sampling: rounds of data.prompts_per_step prompts a step may sample until
+    groups whose rewards vary fill its batch (DAPO's refill; verl's
+    filter_groups.max_num_gen_batches); each round advances the data. 1: one round, the step
+    trains on the groups with signal it has (r1fast.train.dynamic_sampling)."""
     overlong_filter: bool = False
     """Mask the loss of completions truncated at max_new_tokens."""
     router_replay: bool = False
@@ -95,6 +101,12 @@ class AlgoConfig:
             raise ValueError(f"algo.logprob_head=\"grad-in-forward\" needs a token-level "
                              f"algo.loss {TOKEN_LEVEL_LOSSES}, got {self.objective.loss!r} (it "
                              "couples the tokens of a sequence)")
+        if self.max_sampling_rounds < 1 or (self.max_sampling_rounds > 1
+                                            and not self.dynamic_sampling):
+            raise ValueError(f"algo.max_sampling_rounds must be >= 1, and > 1 only with "
+                             f"algo.dynamic_sampling = true (it refills the groups that "
+                             f"dynamic sampling masks), got {self.max_sampling_rounds} with "
+                             f"dynamic_sampling = {str(self.dynamic_sampling).lower()}")
         if self.ref_reset_every < 0:
             raise ValueError(f"algo.ref_reset_every must be >= 0 (0: never), got "
                              f"{self.ref_reset_every}")

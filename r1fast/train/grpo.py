@@ -6,7 +6,9 @@ One step (``GRPOTrainer.step``), on every data-parallel rank for its share of th
    ``group_size`` completions per prompt from the policy, with the sampler's log-probs (and the
    routing decisions, for router replay);
 2. **rewards**: rule-based rewards in sandboxed workers (a failing reward scores 0, counted);
-3. **advantages**: group-normalised (grpo / drgrpo / rloo), optional dynamic sampling (drop
+   with DAPO's refill, 1-2 repeat on further prompts until the groups whose rewards vary fill
+   the batch (r1fast.train.dynamic_sampling);
+3. **advantages**: group-normalised (grpo / drgrpo / rloo), optional dynamic sampling (mask
    groups with identical rewards) and overlong filtering (mask truncated completions);
 4. **old and reference log-probs**: recomputed by the trainer (not the sampler) with the
    current policy and the frozen reference, through the fused log-prob op;
@@ -42,6 +44,7 @@ from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
 from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
                                      save_checkpoint, start_fresh)
 from r1fast.train.config import TrainConfig, config_warnings, load_train_config
+from r1fast.train.dynamic_sampling import RolloutBatch, gather_groups, sample_until_full
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, combine_micro_metrics,
@@ -64,17 +67,6 @@ UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "ratio_mean", 
 REPORTED_UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad_norm",
                            "ratio_max", "ratio_min", "tis_mean", "updates_skipped",
                            "time_fwd_bwd_s", "time_optimizer_s")
-
-
-@dataclasses.dataclass
-class RolloutBatch:
-    """One step's samples on this DP rank: ``G`` completions per prompt, rows adjacent."""
-
-    rollout: Rollout
-    texts: list[str]
-    """Decoded completions."""
-    examples: list[dict]
-    """The example of each row (its prompt's, repeated G times)."""
 
 
 #: config keys a resume may change without a word: the run's length, layout and logging
@@ -196,11 +188,8 @@ class GRPOTrainer:
     def step(self) -> dict[str, float]:
         """One GRPO step: rollout -> rewards -> advantages -> log-probs -> update."""
         t0 = time.perf_counter()
-        samples = self._rollout(self.task.next_prompts(self.cfg.data.prompts_per_step,
-                                                       self.info.dp, self.info.dp_rank))
+        samples, rewards, rounds = self._sample_and_score()
         t_gen = time.perf_counter()
-        rewards = model_parallel_agreed(self.task.score(
-            samples.texts, samples.examples, rules=scores_for_model_parallel_group()))
         batch, truncated = self._advantages(samples.rollout, rewards["total"])
         routing = self._replay_routing(samples.rollout, batch)
         batch, routing, balance = self._balance(batch, routing)
@@ -212,6 +201,7 @@ class GRPOTrainer:
         timing = {"time_generation_s": t_gen - t0, "time_logprobs_s": t_logp - t_gen,
                   "time_update_s": t_upd - t_logp, "time_step_s": t_upd - t0}
         metrics = self._step_metrics(samples.rollout, rewards, batch, old, truncated, upd, timing)
+        metrics["sampling_rounds"] = rounds
         if balance is not None:  # the fullest DP rank's tokens over the mean rank's
             metrics.update(dp_token_imbalance_before=balance.before,
                            dp_token_imbalance_after=balance.after,
@@ -219,17 +209,36 @@ class GRPOTrainer:
                            dp_balance_bytes_sent=balance.bytes_sent)
         return metrics
 
-    def _rollout(self, examples: list[dict]) -> RolloutBatch:
+    def _sample_and_score(self) -> tuple[RolloutBatch, dict[str, list[float]], int]:
+        """This rank's samples, their rewards, and the rounds of prompts they took (DAPO's
+        refill with algo.max_sampling_rounds > 1: r1fast.train.dynamic_sampling)."""
+        a = self.cfg.algo
+
+        def sample_round(r: int):
+            samples = self._rollout(self.task.next_prompts(
+                self.cfg.data.prompts_per_step, self.info.dp, self.info.dp_rank), r)
+            return samples, model_parallel_agreed(self.task.score(
+                samples.texts, samples.examples, rules=scores_for_model_parallel_group()))
+        if not (a.dynamic_sampling and a.max_sampling_rounds > 1):
+            return (*sample_round(0), 1)
+        rounds, chosen, n = sample_until_full(
+            sample_round, group_size=a.group_size, max_rounds=a.max_sampling_rounds,
+            groups=self.cfg.data.prompts_per_step // self.info.dp, step=self.step_idx + 1,
+            lacking_anywhere=lambda k: all_ranks_int(k, "max"))
+        return (*gather_groups(rounds, chosen, a.group_size), n)
+
+    def _rollout(self, examples: list[dict], round_: int = 0) -> RolloutBatch:
         G = self.cfg.algo.group_size
         tok = self.task.tokenizer
         ids = [tok.encode(ex["prompt"], add_bos=True) for ex in examples]  # once per prompt
         prompts = [list(p) for p in ids for _ in range(G)]
         # every completion has its own random stream, a function of (run seed, step, its index in
-        # the global batch): the same samples at any TP/EP/PP/DP layout, identical across the
-        # ranks of one model replica, and reproducible after a resume
+        # the global batch, the refill round after the first): the same samples at any
+        # TP/EP/PP/DP layout, identical across the ranks of one model replica, and reproducible
+        # after a resume
         first = self.info.dp_rank * len(prompts)
-        seeds = [hash((self.cfg.run.seed, self.step_idx, first + i)) & 0x7FFF_FFFF_FFFF_FFFF
-                 for i in range(len(prompts))]
+        seeds = [hash((self.cfg.run.seed, self.step_idx, first + i, *((round_,) if round_ else ())))
+                 & 0x7FFF_FFFF_FFFF_FFFF for i in range(len(prompts))]
         # KV-cached decoding on the policy's device; every rank makes the same model calls. R3:
         # the decoder records the experts of every token it runs (replayed in training)
         record = self.cfg.algo.router_replay and self.cfg.algo.router_replay_capture == "rollout"
@@ -289,7 +298,7 @@ class GRPOTrainer:
         rollout's routing when replaying) and under the frozen reference (None without KL),
         [N, L] in the padded layout; computed on packed micro-batches when packing is on."""
         temperature = self.cfg.rollout.temperature
-        packs = self._packs(batch, self._logprob_budget())
+        packs = self._packs(batch, self.cfg.parallel.logprob_forward_tokens)
         if packs is None:
             inputs, kw = (batch.tokens, batch.targets), {}
         else:
@@ -315,12 +324,6 @@ class GRPOTrainer:
             ref = None if self.reference is None else unpacked(
                 self.reference.logprobs(*inputs, temperature, **kw))
         return old, ref
-
-    def _logprob_budget(self) -> int:
-        """Tokens of one packed no-grad log-prob forward (parallel.max_tokens_per_logprob_forward,
-        default four update micro-batches)."""
-        par = self.cfg.parallel
-        return par.max_tokens_per_logprob_forward or 4 * par.max_tokens_per_microbatch
 
     def _packs(self, batch: UpdateBatch, budget: int | None = None
                ) -> list[PackedMicroBatch] | None:

@@ -392,6 +392,64 @@ def test_a_step_that_keeps_no_completion_takes_no_optimizer_step(tmp_path, caplo
     assert row["updates_skipped"] == 0 and row["grad_norm"] > 0
 
 
+def half_the_prompts_teach(completion: str, example: dict) -> float:
+    """varied_reward on about half the prompts (by a stable hash of the prompt), 0 on the
+    others: their groups carry no signal."""
+    import zlib
+
+    return varied_reward(completion, example) if zlib.crc32(example["prompt"].encode()) % 2 \
+        else 0.0
+
+
+def test_dynamic_sampling_refills_the_batch_with_groups_that_teach(tmp_path):
+    """DAPO's refill: further rounds of prompts until every group of the batch has signal; each
+    round advances the data, and a resume takes up the same rounds."""
+    from r1fast.train.grpo import GRPOTrainer
+
+    def run(folder, steps):
+        tr = GRPOTrainer(make_cfg(tmp_path / folder, f"--run.steps={steps}",
+                                  "--algo.dynamic_sampling=true", "--algo.max_sampling_rounds=8"),
+                         reward=half_the_prompts_teach)
+        return tr, tr.fit()
+
+    tr, rows = run("whole", 3)
+    assert [r["kept_frac"] for r in rows] == [1.0] * 3
+    assert any(r["sampling_rounds"] > 1 for r in rows)
+    assert tr.task.dataset.state_dict()["position"] == 2 * sum(r["sampling_rounds"] for r in rows)
+    one_round = GRPOTrainer(make_cfg(tmp_path / "one", "--run.steps=3",
+                                     "--algo.dynamic_sampling=true"),
+                            reward=half_the_prompts_teach).fit()
+    assert [r["sampling_rounds"] for r in one_round] == [1] * 3
+    assert min(r["kept_frac"] for r in one_round) < 1.0  # what the refill replaced
+    run("resumed", 1)
+    _, rest = run("resumed", 3)
+    for a, b in zip(rows[1:], rest):
+        assert (a["sampling_rounds"], a["loss"], a["reward_mean"]) == \
+            (b["sampling_rounds"], b["loss"], b["reward_mean"])
+
+
+def _refill_worker(rank, out_dir):
+    from r1fast.train.grpo import GRPOTrainer
+
+    tr = GRPOTrainer(make_cfg(out_dir, "--run.steps=2", "--algo.dynamic_sampling=true",
+                              "--algo.max_sampling_rounds=8"), reward=half_the_prompts_teach)
+    rows = tr.fit()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rows": rows, "position": tr.task.dataset.state_dict()["position"]}, f)
+
+
+@pytest.mark.multiproc
+def test_data_parallel_ranks_refill_together(tmp_path):
+    """Each DP rank fills its own groups; a rank whose batch is full keeps sampling while the
+    other lacks (generation is collective), so both run the same rounds and stay in step."""
+    run_ranks(2, _refill_worker, str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0]["position"] == got[1]["position"] == \
+        2 * sum(r["sampling_rounds"] for r in got[0]["rows"])
+    assert [r["kept_frac"] for r in got[0]["rows"]] == [1.0, 1.0]
+    assert any(r["sampling_rounds"] > 1 for r in got[0]["rows"])
+
+
 def test_dr_grpo_divides_by_the_generation_budget(tmp_path):
     """Dr.GRPO's divisor was B x the step's padded width (longest prompt + completion), so
     one long prompt in a step shrank every token's gradient (13x in the review's example);
