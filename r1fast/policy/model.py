@@ -41,7 +41,7 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.mla import mla_packed_params
 from r1fast.megatron_compat import te_absent
 from r1fast.policy.parallel import ParallelInfo, init_parallel, mark_expert_params
-from r1fast.policy.transfer import to_device_async, to_device_once
+from r1fast.policy.transfer import to_device_async
 
 log = logging.getLogger("r1fast.policy")
 
@@ -295,30 +295,6 @@ class Policy:
             for r, h in previous:
                 r.routing_hook = h
 
-    @contextlib.contextmanager
-    def _replaying(self, routing: Optional[Mapping[int, torch.Tensor]], shape):
-        """Replay ``routing`` ({layer: [b, L, k]}) in this microbatch's forward."""
-        if routing is None:
-            yield
-            return
-        from r1fast.policy.router_replay import RouterReplay
-
-        b, length = shape
-        layers, k = [i for i in self.moe_layers() if i in routing], self.model_cfg.moe_router_topk
-        for layer in layers:
-            idx = routing[layer]
-            check_tensor(f"routing[{layer}]", idx, ndim=3, dtypes=(torch.int64, torch.int32))
-            if tuple(idx.shape) != (b, length, k):
-                raise ValueError(f"routing[{layer}] must have shape [{b}, {length}, {k}], "
-                                 f"got {list(idx.shape)}")
-        # every layer in one copy that does not wait (a plain .to() of a host tensor waits for
-        # the previous micro-batch's backward): no idle GPU between micro-batches
-        moved = to_device_once(self.device, [routing[layer] for layer in layers])
-        targets = {i: self.token_layout.to_router_order(t) for i, t in zip(layers, moved)}
-        replay = RouterReplay()
-        with replay.replay(targets), self._hooked(replay):
-            yield
-
     def record_routing(self, tokens: torch.Tensor, *,
                        micro_batch_size: Optional[int] = None) -> dict[int, torch.Tensor]:
         """Run an inference forward and return the experts each MoE layer of this stage chose:
@@ -366,6 +342,7 @@ class Policy:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from r1fast.policy.packed_attention import packed_inputs
+        from r1fast.policy.router_replay import kept_for_recompute, replaying
 
         b, length = self._microbatches(batches)
         batches = [{**mb, "tokens": self._check_tokens(mb["tokens"], mb.get("cu_seqlens"))}
@@ -378,7 +355,7 @@ class Policy:
             pos, mask, cu = mb.get("position_ids"), None, mb.get("cu_seqlens")
             if cu is not None:  # packed sequences: mask or per-sequence boundaries
                 pos, mask, cu = packed_inputs(self, cu, mb["tokens"].shape[1])
-            with self._replaying(mb.get("routing"), mb["tokens"].shape):
+            with replaying(self, mb.get("routing"), mb["tokens"].shape):
                 hidden = self._stage_forward(mb["tokens"], None if pos is None else
                                              pos.to(self.device), mask, cu, mb.get("lengths"))
 
@@ -388,10 +365,14 @@ class Policy:
             return hidden, loss_func
 
         fb = get_forward_backward_func()
-        return fb(forward_step_func=forward_step, data_iterator=it, model=self.module,
-                  num_microbatches=len(batches), seq_length=self._padded_len(length),
-                  micro_batch_size=b, forward_only=forward_only,
-                  collect_non_loss_data=forward_only)
+        with kept_for_recompute(self._routers() if not forward_only
+                                and self.parallel_cfg.recompute == "full"
+                                and any(mb.get("routing") is not None for mb in batches)
+                                else []):
+            return fb(forward_step_func=forward_step, data_iterator=it, model=self.module,
+                      num_microbatches=len(batches), seq_length=self._padded_len(length),
+                      micro_batch_size=b, forward_only=forward_only,
+                      collect_non_loss_data=forward_only)
 
     def _reset_aux_loss_scale(self) -> None:
         """megatron keeps the MoE aux-loss gradient scale in a class variable that the schedule

@@ -26,11 +26,14 @@ ones.
 Token order is the caller's business: recorded indices are concatenated in call order
 (prefill rows, then decode step 1 rows, ...); :meth:`steps` gives the per-call tensors so the
 rollout code can reorder them into the trainer's [sequence, position] layout before replay.
-In replay mode every call of a layer uses its full tensor, so activation recomputation (which
-runs the router again) sees the same indices; a call whose token count differs raises.
+In replay mode every call of a layer uses its full tensor, so a recomputation inside the replay
+block sees the same indices; a call whose token count differs raises. Full activation recompute
+re-runs a layer in the backward, after the block: :func:`kept_for_recompute` carries the indices
+there.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
@@ -182,3 +185,55 @@ class RouterReplay:
         if self._mode != _IDLE:
             raise RuntimeError(f"cannot clear while in {self._mode!r} mode")
         self._steps = {}
+
+
+# ---------------------------------------------------------------------- the policy's replay
+
+@contextlib.contextmanager
+def replaying(policy, routing: Optional[Mapping[int, Tensor]], shape) -> Iterator[None]:
+    """``policy``'s routers replay ``routing`` ({layer: [b, L, k]}) in one micro-batch's
+    forward (``shape`` = (b, L) of its tokens); nothing without ``routing``."""
+    if routing is None:
+        yield
+        return
+    from r1fast.ops._validate import check_tensor
+    from r1fast.policy.transfer import to_device_once
+
+    b, length = shape
+    k = policy.model_cfg.moe_router_topk
+    layers = [i for i in policy.moe_layers() if i in routing]
+    for layer in layers:
+        idx = routing[layer]
+        check_tensor(f"routing[{layer}]", idx, ndim=3, dtypes=(torch.int64, torch.int32))
+        if tuple(idx.shape) != (b, length, k):
+            raise ValueError(f"routing[{layer}] must have shape [{b}, {length}, {k}], "
+                             f"got {list(idx.shape)}")
+    # every layer in one copy that does not wait (a plain .to() of a host tensor waits for
+    # the previous micro-batch's backward): no idle GPU between micro-batches
+    moved = to_device_once(policy.device, [routing[layer] for layer in layers])
+    targets = {i: policy.token_layout.to_router_order(t) for i, t in zip(layers, moved)}
+    replay = RouterReplay()
+    with replay.replay(targets), policy._hooked(replay):
+        yield
+
+
+@contextlib.contextmanager
+def kept_for_recompute(routers: Sequence) -> Iterator[None]:
+    """While a training schedule runs under full activation recompute: the backward re-runs
+    each checkpointed layer after :func:`replaying` has ended for its micro-batch, so
+    ``routers`` keep the indices each checkpointed forward replayed and hand them to its
+    recompute, oldest first (``R1fastRouter.replays_to_recompute``, megatron's
+    REPLAY_BACKWARD); every one must be taken by the end. Without this, the recomputed forward
+    routed afresh and the gradients were those of other experts than the loss's."""
+    for r in routers:
+        r.replays_to_recompute = collections.deque()
+    try:
+        yield
+        left = {r.layer_index: len(r.replays_to_recompute) for r in routers
+                if r.replays_to_recompute}
+        if left:
+            raise RuntimeError(f"router replay under full recompute: checkpointed forwards "
+                               f"never recomputed ({{layer: count}} {left})")
+    finally:
+        for r in routers:
+            r.replays_to_recompute = None
