@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import environment, save_rows  # noqa: E402
 
-PHASES = ("time_generation_s", "time_logprobs_s", "time_fwd_bwd_s", "time_optimizer_s")
+PHASES = ("time_generation_s", "time_rewards_s", "time_logprobs_s", "time_fwd_bwd_s",
+          "time_optimizer_s")
 
 
 def run(recipe: str | None, steps: int, fused: bool, overrides: list[str]) -> dict:
@@ -55,8 +56,9 @@ def run(recipe: str | None, steps: int, fused: bool, overrides: list[str]) -> di
         trainer.task.close()
     out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
     step_s = sum(out.values())
-    tokens = statistics.median(r["tokens_per_s"] * (r["time_generation_s"] + r["time_logprobs_s"]
-                                                     + r["time_update_s"]) for r in rows)
+    tokens = statistics.median(r["tokens_per_s"] * (r["time_generation_s"] + r["time_rewards_s"]
+                                                     + r["time_logprobs_s"] + r["time_update_s"])
+                               for r in rows)
     out.update(step_s=step_s, tokens=tokens, tokens_per_s=tokens / step_s,
                train_tokens_per_s=tokens / (out["time_logprobs_s"] + out["time_fwd_bwd_s"]
                                             + out["time_optimizer_s"]),
@@ -230,10 +232,11 @@ def main() -> int:
                      "recipe": args.recipe, "overrides": overrides, **r, **env})
         save_rows(rows, f"step_{dev}")  # after each provider: a run cut short keeps it
     print(f"GRPO step phases (median of {args.steps} steps after one warm-up), {env['device']}")
-    print("kernels | generation s | log-probs s | loss+fwd/bwd s | optimizer s | step s | "
-          "tokens/s | rollout tok/s | train tok/s")
+    print("kernels | generation s | rewards s | log-probs s | loss+fwd/bwd s | optimizer s | "
+          "step s | tokens/s | rollout tok/s | train tok/s")
     for r in rows:
         print(f"{r['provider'].split()[-1]:>7} | {r['time_generation_s']:.3f} | "
+              f"{r['time_rewards_s']:.3f} | "
               f"{r['time_logprobs_s']:.3f} | {r['time_fwd_bwd_s']:.3f} | "
               f"{r['time_optimizer_s']:.3f} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['rollout_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f}")

@@ -12,12 +12,13 @@ Here (``algo.dynamic_sampling = true``):
 * ``algo.max_sampling_rounds = 1``: one round; the groups without signal are masked and the
   step trains on the others (``kept_frac`` reports the share);
 * ``N > 1``: up to ``N`` rounds of ``prompts_per_step`` prompts each, every round drawn from
-  the data stream (the data position advances with each). Each DP rank keeps, in round order,
-  the first of its own ``prompts_per_step / dp`` groups with signal; the rounds continue while
-  any rank has fewer (every rank runs every round: sampling is collective). A rank still short
-  after ``N`` rounds fills its batch with groups without signal, masked as with one round, and
-  the step warns with the count. Groups with signal beyond what the batch holds are dropped,
-  as DAPO drops them.
+  the data stream (the data position advances with each), until the rounds hold
+  ``prompts_per_step`` groups with signal over all DP ranks. The step trains on the first of
+  them in the order of a one-rank run (round, then prompt), each rank on an equal consecutive
+  slice, fetched from the rank that sampled it (groups move between DP ranks as objects, a
+  few per step), so the batch does not depend on the layout. Short after ``N`` rounds, the
+  step fills up with groups without signal, masked as with one round, and warns with the
+  count. Groups with signal beyond what the batch holds are dropped, as DAPO drops them.
 
 Each round's completions draw their own random streams (the round is part of the row's seed),
 and round 0's are those of a run without refill, so ``max_sampling_rounds`` changes nothing on a
@@ -60,53 +61,74 @@ class RolloutBatch:
 Round = tuple[RolloutBatch, dict[str, list[float]]]
 
 
+def row_seeds(seed: int, step: int, round_: int, rows: Sequence[int]) -> list[int]:
+    """The random stream of each completion, a function of (run seed, step, its row in the
+    global batch, the refill round after the first): the same samples at any TP/EP/PP/DP
+    layout, identical across the ranks of one model replica, reproducible after a resume."""
+    extra = (round_,) if round_ else ()  # round 0: the seeds of a run without refill
+    return [hash((seed, step, i, *extra)) & 0x7FFF_FFFF_FFFF_FFFF for i in rows]
+
+
 def has_signal(rewards: Sequence[float], group_size: int) -> list[bool]:
     """Per group (``group_size`` adjacent rows): whether its rewards are not all equal."""
     return [max(rewards[i:i + group_size]) > min(rewards[i:i + group_size])
             for i in range(0, len(rewards), group_size)]
 
 
-def sample_until_full(sample_round: Callable[[int], Round], *, group_size: int, groups: int,
-                      max_rounds: int, lacking_anywhere: Callable[[int], int],
-                      step: int) -> tuple[list[Round], list[tuple[int, int]], int]:
-    """Rounds ``sample_round(r)`` (r = 0, 1, ...) until this rank holds ``groups`` groups with
-    signal, ``lacking_anywhere(n)`` (the most any rank lacks: collective) says every rank does,
-    or ``max_rounds`` ran. Returns (the rounds, the chosen ``(round, group)`` pairs: ``groups``
-    of them, those with signal first in round order, then fill, the rounds run)."""
+#: a group of a step: (round, DP rank that sampled it, its index on that rank), the order of
+#: the groups of a one-rank run (rank q's prompts are slice q of each round's batch)
+Group = tuple[int, int, int]
+
+
+def sample_until_full(sample_round: Callable[[int], Round], *, group_size: int,
+                      groups: int, max_rounds: int, dp_rank: int,
+                      all_gather: Callable[[object], list], step: int,
+                      warn: bool = True) -> tuple[Round, int]:
+    """Rounds ``sample_round(r)`` (r = 0, 1, ...) on every DP rank until the step holds
+    ``groups`` groups with signal over all ranks, or ``max_rounds`` ran; then this rank's share
+    of them: the first ``groups`` in the order of a one-rank run (filled up with groups
+    without signal when short), cut into equal consecutive slices, slice ``dp_rank`` here,
+    fetched from the ranks that sampled them. ``all_gather(obj)``: the objects of every DP
+    rank, in rank order (collective). Returns (this rank's batch, the rounds run)."""
     rounds: list[Round] = []
-    chosen: list[tuple[int, int]] = []
-    while True:
+    signal: list[Group] = []
+    quiet: list[Group] = []  # without signal, for filling
+    while len(signal) < groups and len(rounds) < max_rounds:
         r = len(rounds)
         rounds.append(sample_round(r))
-        signal = has_signal(rounds[-1][1]["total"], group_size)
-        chosen += [(r, g) for g, s in enumerate(signal) if s][:groups - len(chosen)]
-        short = lacking_anywhere(groups - len(chosen))
-        if short == 0 or len(rounds) == max_rounds:
-            break
-    if len(chosen) < groups:
-        taken = set(chosen)
-        fill = [(r, g) for r in range(len(rounds))
-                for g in range(len(rounds[r][1]["total"]) // group_size) if (r, g) not in taken]
-        chosen += fill[:groups - len(chosen)]
-    if short:
-        log.warning("step %d: after %d sampling rounds a data-parallel rank still lacks %d of "
-                    "its %d groups with signal: they are masked (algo.max_sampling_rounds "
-                    "bounds the rounds)", step, len(rounds), short, groups)
-    return rounds, chosen, len(rounds)
+        flags = all_gather(has_signal(rounds[-1][1]["total"], group_size))
+        for q, rank_flags in enumerate(flags):
+            for g, s in enumerate(rank_flags):
+                (signal if s else quiet).append((r, q, g))
+    chosen = (signal + quiet)[:groups]
+    if len(signal) < groups and warn:
+        log.warning("step %d: after %d sampling rounds %d of the %d groups have signal: the "
+                    "others are masked (algo.max_sampling_rounds bounds the rounds)", step,
+                    len(rounds), len(signal), groups)
+    per_rank = groups // len(flags)
+    mine = chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    # the groups this rank sampled for another rank's slice travel there
+    outgoing = {(r, q, g): _group(rounds[r], g, group_size)
+                for i, (r, q, g) in enumerate(chosen)
+                if q == dp_rank and i // per_rank != dp_rank}
+    received = {k: v for part in all_gather(outgoing) for k, v in part.items()}
+    pieces = [_group(rounds[r], g, group_size) if q == dp_rank else received[(r, q, g)]
+              for r, q, g in mine]
+    return _concat(pieces), len(rounds)
 
 
-def gather_groups(rounds: Sequence[Round], chosen: Sequence[tuple[int, int]], group_size: int
-                  ) -> Round:
-    """The batch of the ``chosen`` ``(round, group)`` pairs, in that order: their samples
-    and rewards."""
-    rows = [(r, g * group_size + j) for r, g in chosen for j in range(group_size)]
-    order: list[tuple[int, list[int]]] = []
-    for r, i in rows:  # consecutive rows of one round go together
-        if not order or order[-1][0] != r:
-            order.append((r, []))
-        order[-1][1].append(i)
-    samples = RolloutBatch.select([(rounds[r][0], idx) for r, idx in order])
-    rewards = {k: [rounds[r][1][k][i] for r, i in rows] for k in rounds[0][1]}
+def _group(round_: Round, g: int, group_size: int) -> Round:
+    """Group ``g`` of a round: its rows and their rewards."""
+    rows = list(range(g * group_size, (g + 1) * group_size))
+    samples, rewards = round_
+    return (RolloutBatch.select([(samples, rows)]),
+            {k: [v[i] for i in rows] for k, v in rewards.items()})
+
+
+def _concat(pieces: Sequence[Round]) -> Round:
+    """The rows of ``pieces`` one after the other."""
+    samples = RolloutBatch.select([(b, list(range(len(b.texts)))) for b, _ in pieces])
+    rewards = {k: [x for _, r in pieces for x in r[k]] for k in pieces[0][1]}
     return samples, rewards
 
 

@@ -217,6 +217,15 @@ class TrainEngine:
 
         return ps.get_data_parallel_group()
 
+    def dp_all_gather(self, obj) -> list:
+        """``obj`` of every data-parallel replica, in rank order (collective)."""
+        group = self.dp_group()
+        if group is None:
+            return [obj]
+        out: list = [None] * self.info.dp
+        torch.distributed.all_gather_object(out, obj, group=group)
+        return out
+
     def dp_sum(self, values: Sequence[float]) -> list[float]:
         """Sum each value over the data-parallel replicas (fp64)."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)

@@ -44,7 +44,7 @@ from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
 from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
                                      save_checkpoint, start_fresh)
 from r1fast.train.config import TrainConfig, config_warnings, load_train_config
-from r1fast.train.dynamic_sampling import RolloutBatch, gather_groups, sample_until_full
+from r1fast.train.dynamic_sampling import RolloutBatch, row_seeds, sample_until_full
 from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, combine_micro_metrics,
@@ -188,7 +188,7 @@ class GRPOTrainer:
     def step(self) -> dict[str, float]:
         """One GRPO step: rollout -> rewards -> advantages -> log-probs -> update."""
         t0 = time.perf_counter()
-        samples, rewards, rounds = self._sample_and_score()
+        samples, rewards, rounds, t_rewards = self._sample_and_score()
         t_gen = time.perf_counter()
         batch, truncated = self._advantages(samples.rollout, rewards["total"])
         routing = self._replay_routing(samples.rollout, batch)
@@ -198,7 +198,8 @@ class GRPOTrainer:
         upd = self._update(batch, old, ref, routing)
         t_upd = time.perf_counter()
         self._advance()
-        timing = {"time_generation_s": t_gen - t0, "time_logprobs_s": t_logp - t_gen,
+        timing = {"time_generation_s": t_gen - t0 - t_rewards, "time_rewards_s": t_rewards,
+                  "time_logprobs_s": t_logp - t_gen,
                   "time_update_s": t_upd - t_logp, "time_step_s": t_upd - t0}
         metrics = self._step_metrics(samples.rollout, rewards, batch, old, truncated, upd, timing)
         metrics["sampling_rounds"] = rounds
@@ -209,36 +210,35 @@ class GRPOTrainer:
                            dp_balance_bytes_sent=balance.bytes_sent)
         return metrics
 
-    def _sample_and_score(self) -> tuple[RolloutBatch, dict[str, list[float]], int]:
-        """This rank's samples, their rewards, and the rounds of prompts they took (DAPO's
-        refill with algo.max_sampling_rounds > 1: r1fast.train.dynamic_sampling)."""
-        a = self.cfg.algo
+    def _sample_and_score(self) -> tuple[RolloutBatch, dict[str, list[float]], int, float]:
+        """(samples, rewards, rounds of prompts: DAPO's refill in r1fast.train.dynamic_sampling,
+        seconds of scoring) of this rank."""
+        a, scoring = self.cfg.algo, [0.0]
 
         def sample_round(r: int):
             samples = self._rollout(self.task.next_prompts(
                 self.cfg.data.prompts_per_step, self.info.dp, self.info.dp_rank), r)
-            return samples, model_parallel_agreed(self.task.score(
+            t = time.perf_counter()
+            rewards = model_parallel_agreed(self.task.score(
                 samples.texts, samples.examples, rules=scores_for_model_parallel_group()))
+            scoring[0] += time.perf_counter() - t
+            return samples, rewards
         if not (a.dynamic_sampling and a.max_sampling_rounds > 1):
-            return (*sample_round(0), 1)
-        rounds, chosen, n = sample_until_full(
-            sample_round, group_size=a.group_size, max_rounds=a.max_sampling_rounds,
-            groups=self.cfg.data.prompts_per_step // self.info.dp, step=self.step_idx + 1,
-            lacking_anywhere=lambda k: all_ranks_int(k, "max"))
-        return (*gather_groups(rounds, chosen, a.group_size), n)
+            return (*sample_round(0), 1, scoring[0])
+        batch, n = sample_until_full(
+            sample_round, group_size=a.group_size, groups=self.cfg.data.prompts_per_step,
+            max_rounds=a.max_sampling_rounds, dp_rank=self.info.dp_rank,
+            all_gather=self.engine.dp_all_gather, step=self.step_idx + 1, warn=self.is_logger)
+        return (*batch, n, scoring[0])
 
     def _rollout(self, examples: list[dict], round_: int = 0) -> RolloutBatch:
         G = self.cfg.algo.group_size
         tok = self.task.tokenizer
         ids = [tok.encode(ex["prompt"], add_bos=True) for ex in examples]  # once per prompt
         prompts = [list(p) for p in ids for _ in range(G)]
-        # every completion has its own random stream, a function of (run seed, step, its index in
-        # the global batch, the refill round after the first): the same samples at any
-        # TP/EP/PP/DP layout, identical across the ranks of one model replica, and reproducible
-        # after a resume
-        first = self.info.dp_rank * len(prompts)
-        seeds = [hash((self.cfg.run.seed, self.step_idx, first + i, *((round_,) if round_ else ())))
-                 & 0x7FFF_FFFF_FFFF_FFFF for i in range(len(prompts))]
+        first = self.info.dp_rank * len(prompts)  # this rank's rows in the global batch
+        seeds = row_seeds(self.cfg.run.seed, self.step_idx, round_,
+                          range(first, first + len(prompts)))
         # KV-cached decoding on the policy's device; every rank makes the same model calls. R3:
         # the decoder records the experts of every token it runs (replayed in training)
         record = self.cfg.algo.router_replay and self.cfg.algo.router_replay_capture == "rollout"

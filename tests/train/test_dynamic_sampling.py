@@ -3,13 +3,14 @@ and the batch built from the chosen groups of several rounds."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
 
 from r1fast.rollout.routing import RolloutRouting
 from r1fast.rollout.sampler import Rollout
-from r1fast.train.dynamic_sampling import (RolloutBatch, gather_groups, has_signal,
+from r1fast.train.dynamic_sampling import (RolloutBatch, has_signal, row_seeds,
                                            sample_until_full, select_rollout)
 
 G = 2
@@ -27,6 +28,10 @@ def test_has_signal_is_per_group():
     assert has_signal([1, 1, 0, 1, 0.5, 0.5], 2) == [False, True, False]
 
 
+def one_rank(obj):
+    return [obj]
+
+
 def test_rounds_run_until_the_batch_is_full_and_extra_groups_are_dropped():
     # round 0: group 1 has signal; round 1: groups 0 and 2; want 2 groups
     plan = [[1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 0, 1, 0, 1]]
@@ -35,35 +40,78 @@ def test_rounds_run_until_the_batch_is_full_and_extra_groups_are_dropped():
     def sample(r):
         ran.append(r)
         return fake_round(r, plan[r])
-    rounds, chosen, n = sample_until_full(sample, group_size=G, groups=2, max_rounds=5,
-                                          lacking_anywhere=lambda k: k, step=1)
-    assert ran == [0, 1] and n == 2
-    assert chosen == [(0, 1), (1, 0)]  # round 1's group 2 is not needed: dropped
-    samples, rewards = gather_groups(rounds, chosen, G)
+    (samples, rewards), n = sample_until_full(sample, group_size=G, groups=2, max_rounds=5,
+                                              dp_rank=0, all_gather=one_rank, step=1)
+    assert ran == [0, 1] and n == 2  # round 1's group 2 is not needed: dropped
     assert samples.rollout.completion_ids == [[0, 2], [0, 3], [1, 0], [1, 1]]
     assert samples.texts == ["0.2", "0.3", "1.0", "1.1"]
     assert [e["round"] for e in samples.examples] == [0, 0, 1, 1]
     assert rewards == {"total": [0, 1, 0, 1], "accuracy": [False, True, False, True]}
 
 
-def test_another_rank_still_lacking_keeps_every_rank_sampling():
-    """Rounds are collective: a rank whose batch is full samples on while another lacks (its
-    extra groups are dropped), and both stop together."""
-    lacking = iter([3, 1, 0])
-    rounds, chosen, n = sample_until_full(lambda r: fake_round(r, [0, 1, 0, 1]), group_size=G,
-                                          groups=2, max_rounds=9,
-                                          lacking_anywhere=lambda k: next(lacking), step=1)
-    assert n == 3 and chosen == [(0, 0), (0, 1)]
-
-
-def test_a_rank_still_short_after_the_last_round_fills_with_masked_groups(caplog):
+def test_a_step_still_short_after_the_last_round_fills_with_masked_groups(caplog):
     with caplog.at_level(logging.WARNING, logger="r1fast.train"):
-        rounds, chosen, n = sample_until_full(lambda r: fake_round(r, [0, 0, 1 - min(r, 1), 0]),
-                                              group_size=G, groups=2, max_rounds=3,
-                                              lacking_anywhere=lambda k: k, step=4)
-    assert n == 3 and chosen == [(0, 1), (0, 0)]  # round 0's group 1 has signal; fill after
-    assert "step 4: after 3 sampling rounds a data-parallel rank still lacks 1 of its 2" \
-        in caplog.text
+        (samples, rewards), n = sample_until_full(
+            lambda r: fake_round(r, [0, 0, 1 - min(r, 1), 0]), group_size=G, groups=2,
+            max_rounds=3, dp_rank=0, all_gather=one_rank, step=4)
+    assert n == 3 and samples.texts == ["0.2", "0.3", "0.0", "0.1"]  # signal first, then fill
+    assert "step 4: after 3 sampling rounds 1 of the 2 groups have signal" in caplog.text
+
+
+class ThreadGroup:
+    """all_gather between threads standing in for DP ranks."""
+
+    def __init__(self, size):
+        self.size, self.slots = size, [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def for_rank(self, rank):
+        def all_gather(obj):
+            self.slots[rank] = obj
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()  # every rank has read before the next call writes
+            return out
+        return all_gather
+
+
+def run_dp(plan, dp, groups, max_rounds=9):
+    """Each rank's batch and rounds when the round-r batch of prompts has per-group rewards
+    plan[r] (a one-rank view: rank q samples slice q of it)."""
+    group = ThreadGroup(dp)
+    out = [None] * dp
+
+    def rank(q):
+        def sample(r):
+            rewards = plan[r]
+            n = len(rewards) // dp
+            samples, rw = fake_round(r, rewards)
+            rows = list(range(q * n, (q + 1) * n))
+            return (RolloutBatch.select([(samples, rows)]),
+                    {k: [v[i] for i in rows] for k, v in rw.items()})
+        out[q] = sample_until_full(sample, group_size=G, groups=groups, max_rounds=max_rounds,
+                                   dp_rank=q, all_gather=group.for_rank(q), step=1, warn=False)
+    threads = [threading.Thread(target=rank, args=(q,)) for q in range(dp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_the_batch_does_not_depend_on_the_data_parallel_layout():
+    """Groups are chosen over all ranks in a one-rank run's order and each rank trains on its
+    slice: a rank whose own prompts lack signal gets groups another rank sampled (choosing
+    per rank made the batch, the rounds and the data position depend on dp)."""
+    plan = [[0, 1, 0, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]]
+    (one, rounds), = run_dp(plan, 1, 4)
+    assert rounds == 3
+    parts = run_dp(plan, 2, 4)
+    assert [n for _, n in parts] == [3, 3]
+    texts = [t for (samples, _), _ in parts for t in samples.texts]
+    assert texts == one[0].texts == ["0.0", "0.1", "0.2", "0.3", "1.0", "1.1", "2.4", "2.5"]
+    rewards = [x for (_, rw), _ in parts for x in rw["total"]]
+    assert rewards == one[1]["total"] == [0, 1, 0, 1, 0, 1, 1, 0]
 
 
 def test_selected_rows_keep_their_routing():
@@ -90,3 +138,8 @@ def test_bad_round_settings_are_named(rounds, dynamic):
                                          "with algo.dynamic_sampling = true"):
         load_train_config(None, [f"--algo.max_sampling_rounds={rounds}",
                                  f"--algo.dynamic_sampling={str(dynamic).lower()}"])
+
+
+def test_round_zero_seeds_are_those_of_a_run_without_refill():
+    assert row_seeds(3, 5, 0, [0, 1]) == [hash((3, 5, i)) & 0x7FFF_FFFF_FFFF_FFFF for i in (0, 1)]
+    assert row_seeds(3, 5, 1, [0, 1]) != row_seeds(3, 5, 0, [0, 1])

@@ -17,8 +17,8 @@ from tests.helpers.ckpt_state import assert_same, checkpoint_state
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "tiny_dsv3_mla.toml")
-TIMINGS = {"time", "tokens_per_s", "time_generation_s", "time_logprobs_s", "time_update_s",
-           "time_fwd_bwd_s", "time_optimizer_s"}
+TIMINGS = {"time", "tokens_per_s", "time_generation_s", "time_rewards_s", "time_logprobs_s",
+           "time_update_s", "time_fwd_bwd_s", "time_optimizer_s"}
 
 @register_reward("mla_train_test_varied")
 def varied_reward(completion: str, example: dict) -> float:
