@@ -60,14 +60,16 @@ def test_a_worked_solution_in_the_answer_column_is_a_bad_row_naming_the_preset(t
                                          r"the column is a worked solution \(data.preset = "
                                          r"\"gsm8k\""):
         load_examples(write_jsonl(tmp_path / "g.jsonl", gsm8k), prompt_key="question")
-    math = [{"problem": "p", "solution": "Add them: $\\boxed{7}$."}] * 2
-    with pytest.raises(ValueError, match=r"worked solution around a \\boxed\{\} \(data.preset = "
-                                         r"\"math\""):
-        load_examples(write_jsonl(tmp_path / "m.jsonl", math), prompt_key="problem",
-                      answer_key="solution")
-    boxed = [{"problem": "p", "answer": "$\\boxed{7}$"}, {"problem": "q", "answer": "\\boxed{8}"}]
-    ex, _ = load_examples(write_jsonl(tmp_path / "b.jsonl", boxed), prompt_key="problem")
-    assert [e["answer"] for e in ex] == ["$\\boxed{7}$", "\\boxed{8}"]  # an answer, boxed
+    # a MATH solution as the gold is scored right (math-verify reads its boxed answer): kept
+    math = [{"problem": "p", "solution": "Add them: $\\boxed{7}$."},
+            {"problem": "q", "solution": "\\(\\boxed{8}\\)"}]
+    ex, _ = load_examples(write_jsonl(tmp_path / "m.jsonl", math), prompt_key="problem",
+                          answer_key="solution")
+    assert [e["answer"] for e in ex] == ["Add them: $\\boxed{7}$.", "\\(\\boxed{8}\\)"]
+    from r1fast.rewards.math import MathAccuracyReward
+
+    assert MathAccuracyReward()("<think>x</think> \\boxed{7}", ex[0]) == 1.0
+    assert MathAccuracyReward()("<think>x</think> \\boxed{8}", ex[0]) == 0.0
 
 
 def test_bad_rows_are_counted_and_a_mostly_bad_file_is_an_error(tmp_path, caplog):
