@@ -162,8 +162,9 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             as_given, len(rows), " and system_prompt" if system_prompt else "")
     if empty:
         log.warning("%d of %d SFT rows have no thought (no </think>) while %r's chat template "
-                    "opens one: each answer follows an empty thought, closed at once", empty,
-                    len(rows), tokenizer)
+                    "opens one: each answer follows an empty thought, closed at once (a "
+                    "completion cut inside its thought would be misread so: drop those)",
+                    empty, len(rows), tokenizer)
     if open_ended and closing[0]:
         log.warning("%d SFT rows marked prompt_rendered do not say completion_ends_turn (an "
                     "older r1fast's rejection sampling, or prompts without the chat template): "

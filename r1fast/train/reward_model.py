@@ -128,19 +128,27 @@ class RewardModelTrainConfig:
 def render_pair_prompts(pairs: Sequence[dict], tokenizer) -> list[dict]:
     """``pairs`` whose non-empty prompts are a user turn in ``tokenizer``'s chat template, up to
     the assistant's turn, which ``chosen`` / ``rejected`` then fill, as a policy's completion
-    follows that prompt (:func:`~r1fast.pipeline.sft_data.inside_opened_thought`: one
-    ``<think>`` under a template that opens it, which GRPO's scored texts have)."""
-    from r1fast.pipeline.sft_data import inside_opened_thought
+    follows that prompt (:func:`~r1fast.pipeline.sft_data.inside_opened_thought`: under a
+    template that opens the thought, an answer's own leading ``<think>`` goes, and an answer
+    without a thought gets an empty one closed, with a warning counting them; GRPO's scored
+    texts have that shape)."""
+    from r1fast.pipeline.sft_data import inside_opened_thought, lacks_thought
 
-    out = []
+    out, empty = [], 0
     for p in pairs:
         if not p["prompt"]:
             out.append(dict(p))
             continue
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}],
                                                add_generation_prompt=True)
+        empty += sum(lacks_thought(prompt, p[k]) for k in ("chosen", "rejected"))
         out.append({**p, "prompt": prompt,
                     **{k: inside_opened_thought(prompt, p[k]) for k in ("chosen", "rejected")}})
+    if empty:
+        log.warning("%d answers of %d preference pairs have no thought (no </think>) while "
+                    "%r's chat template opens one: each follows an empty thought, closed at "
+                    "once (an answer cut inside its thought would be misread so)", empty,
+                    len(pairs), tokenizer)
     return out
 
 

@@ -373,6 +373,12 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
                                     "rejected": "<think>\nnone</think> No"}], hf)[0]
     assert thought["prompt"].endswith("<think>\n")
     assert (thought["chosen"], thought["rejected"]) == ("rhyme</think> Roses", "none</think> No")
+    with caplog.at_level(logging.WARNING, logger="r1fast.train"):
+        bare = render_pair_prompts([{"prompt": "Write a poem.", "chosen": "Roses",
+                                     "rejected": "<think>x</think> No"}], hf)[0]
+    assert bare["chosen"] == "\n</think>\n\nRoses" and bare["rejected"] == "x</think> No"
+    assert "1 answers of 1 preference pairs have no thought" in caplog.text
+    caplog.clear()
 
     class Stop(Exception):
         pass
