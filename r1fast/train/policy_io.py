@@ -69,7 +69,8 @@ def copy_weights(src, dst) -> None:
 def save_model(policy, tokenizer, path: str | Path) -> Path:
     """A self-contained model folder: HF safetensors + config.json, r1fast_config.json, the
     tokenizer and generation_config.json (the tokenizer folder's, sampling defaults included,
-    with its stop ids, so HF ``generate`` and vLLM stop where r1fast's sampler does). Collective; rank 0 writes, under a temporary name, then renames."""
+    with its stop ids, so HF ``generate`` and vLLM stop where r1fast's sampler does).
+    Collective; rank 0 writes, under a temporary name, then renames."""
     import json
     import os
     import shutil
