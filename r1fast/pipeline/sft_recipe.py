@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from r1fast.policy.config import ParallelConfig
 from r1fast.policy.optim import OptimConfig
+
+log = logging.getLogger("r1fast.pipeline")
 
 
 @dataclass(kw_only=True)
@@ -143,6 +146,7 @@ def prepare_rows(recipe: SFTRecipe, tokenizer, max_positions: int) -> tuple[list
 def sft_config(run: SFTRun, model, steps: int):
     """The :class:`r1fast.train.sft.SFTConfig` of ``run`` for ``model`` (a ModelConfig) and a
     run of ``steps`` steps (warmup from ``sft.warmup_fraction``)."""
+    from r1fast.pipeline.stages import checkpoint_warmup
     from r1fast.train.sft import SFTConfig
 
     r = run.sft
@@ -151,7 +155,15 @@ def sft_config(run: SFTRun, model, steps: int):
         if run.optim.warmup_steps:
             raise ValueError(f"set sft.warmup_fraction ({r.warmup_fraction}) or "
                              f"optim.warmup_steps ({run.optim.warmup_steps}), not both")
-        optim = dataclasses.replace(optim, warmup_steps=int(r.warmup_fraction * steps))
+        warmup = int(r.warmup_fraction * steps)
+        kept = checkpoint_warmup(r.out_dir) if r.resume else None
+        if kept is not None and kept != warmup:  # a longer run resumed: its schedule stays
+            log.warning("sft.warmup_fraction=%g: the resumed run keeps its checkpoint's warmup "
+                        "of %d steps (%g of this run's %d steps would be %d; the optimizer's "
+                        "schedule resumes from the checkpoint)", r.warmup_fraction, kept,
+                        r.warmup_fraction, steps, warmup)
+            warmup = kept
+        optim = dataclasses.replace(optim, warmup_steps=warmup)
     return SFTConfig(model=model, parallel=run.parallel, optim=optim, steps=steps,
                      batch_size=r.batch_size, loss_on_prompt=r.loss_on_prompt,
                      init_from=r.init_from, out_dir=r.out_dir, seed=r.seed, progress=r.progress,

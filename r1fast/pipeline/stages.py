@@ -49,14 +49,21 @@ def warmup_steps(out_dir: str | Path, steps: int, overwrite: bool) -> int:
     """The stage helpers' warmup: a tenth of the run, at most 10 steps; a run that resumes in
     ``out_dir`` keeps its checkpoint's (a rerun with more steps would otherwise change the
     schedule, which the resume refuses as an optimizer setting that cannot apply)."""
+    kept = None if overwrite else checkpoint_warmup(out_dir)
+    return min(10, steps // 10) if kept is None else kept
+
+
+def checkpoint_warmup(out_dir: str | Path) -> int | None:
+    """``optim.warmup_steps`` of the checkpoint a run in ``out_dir`` would resume from, None
+    without one."""
     import tomllib
 
     from r1fast.train.checkpoint import latest_checkpoint, read_meta
 
-    last = None if overwrite else latest_checkpoint(Path(out_dir) / "checkpoints")
+    last = latest_checkpoint(Path(out_dir) / "checkpoints")
     saved = read_meta(last).get("config") if last is not None else None
     kept = tomllib.loads(saved).get("optim", {}).get("warmup_steps") if saved else None
-    return min(10, steps // 10) if kept is None else int(kept)
+    return None if kept is None else int(kept)
 
 
 def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path | None = None,

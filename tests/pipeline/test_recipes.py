@@ -110,3 +110,24 @@ def test_sky_t1_recipe_one_step(world, tmp_path):
 def test_sky_t1_recipe_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_sft_recipe(SKY, overrides)
+
+
+def test_a_recipe_run_with_a_warmup_fraction_can_be_extended(world, tmp_path, caplog):
+    """More steps changed warmup_fraction x steps, which the resume refused as an optimizer
+    setting (and the message's advice, the checkpoint's warmup_steps, cannot be combined with a
+    fraction): the resumed run keeps its checkpoint's warmup, with a warning."""
+    import logging
+
+    from r1fast.train.metrics import read_jsonl
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "completion": f"{i}"}) + "\n"
+                            for i in range(8)))
+    common = [f"--sft.init_from={world['model']}", f"--sft.data={data}",
+              f"--sft.out_dir={tmp_path / 'run'}", "--sft.batch_size=4",
+              "--sft.warmup_fraction=0.5", "--sft.progress=false", "--sft.save_every=1"]
+    run_sft_recipe(load_sft_recipe(None, [*common, "--sft.steps=2"]))  # warmup 1
+    with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
+        run_sft_recipe(load_sft_recipe(None, [*common, "--sft.steps=4"]))  # 0.5 x 4 = 2
+    assert "the resumed run keeps its checkpoint's warmup of 1 steps" in caplog.text
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
