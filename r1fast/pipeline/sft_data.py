@@ -255,7 +255,9 @@ def drop_long_rows(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[li
 
 
 def steps_for_epochs(epochs: float, rows: int, batch_size: int) -> int:
-    """Optimizer steps that show the trainer ``epochs`` passes' worth of rows (at least 1)."""
+    """Optimizer steps that show the trainer ``epochs`` passes' worth of rows (at least 1),
+    rounded up to whole batches: the last one is completed from the next epoch's order, so a
+    few rows come twice (100 rows in batches of 96: 2 steps, 92 rows seen twice)."""
     if not epochs > 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
     return max(1, math.ceil(epochs * rows / batch_size))

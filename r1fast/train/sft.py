@@ -13,7 +13,9 @@ One step (:meth:`SFTTrainer.step`):
 1. every rank takes the same next ``batch_size`` rows of the data order and keeps its DP
    share (so the rows of a step do not depend on the layout). The order is drawn without
    replacement, each epoch a fresh seeded permutation (:class:`r1fast.data.RowStream`), so
-   ``epochs = 1`` shows every row once;
+   ``epochs = 1`` shows every row, and a row twice only where the last batch of an epoch is
+   completed from the next epoch's order (steps are whole batches: ``steps_for_epochs``
+   rounds up);
 2. the rows become micro-batches: packed end to end under the token budget
    ``parallel.max_tokens_per_microbatch`` (:mod:`r1fast.train.packing`, the layout GRPO uses:
    memory follows tokens, not the longest row), or padded micro-batches of
@@ -293,7 +295,7 @@ class SFTTrainer:
         loss = self.engine.last_stage_reduce(local, ["nll"], op="sum")["nll"]
         seen = self.engine.dp_sum([float(batch.lengths.sum())])[0]  # real tokens run
         return {"loss": loss, "grad_norm": upd.grad_norm, "tokens": total, "lr": upd.lr,
-                "micro_batches": len(micro),
+                "micro_batches": len(micro), "skipped": float(upd.skipped),  # non-finite
                 "tokens_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
 
     # -------------------------------------------------------------------------- the loop

@@ -232,3 +232,32 @@ def test_task_options_with_a_dataset_are_an_error():
     with pytest.raises(ConfigError, match=r"data.task_options=\{'min_digits': 1\} configures "
                                           r"the synthetic data.task, but data.path=x.jsonl"):
         load_train_config(None, ["--data.path=x.jsonl", "--data.task_options={min_digits=1}"])
+
+
+def test_a_skipped_sft_step_says_so_in_its_metrics(tmp_path):
+    """A step skipped for a non-finite loss looked like a normal one in metrics.jsonl."""
+    import dataclasses
+
+    from r1fast.data import CharTokenizer
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.optim import OptimConfig
+    from r1fast.train.sft import SFTConfig, SFTTrainer
+    from tests.train.test_sft_microbatches import uneven_examples
+
+    class NanAtStep2(SFTTrainer):
+        def _loss_fn(self, total):
+            loss_fn = super()._loss_fn(total)
+            if self.step_idx + 1 != 2:
+                return loss_fn
+
+            def nan_loss(h, w, mb):
+                loss, metrics = loss_fn(h, w, mb)
+                return loss * float("nan"), metrics
+            return nan_loss
+
+    cfg = SFTConfig(model=dataclasses.replace(ModelConfig.preset("tiny-moe"), vocab_size=128),
+                    parallel=ParallelConfig(), optim=OptimConfig(lr=1e-3, max_nonfinite_skips=1),
+                    steps=3, batch_size=8, out_dir=str(tmp_path))
+    trainer = NanAtStep2(cfg, uneven_examples(), CharTokenizer())
+    rows = [trainer.step() for _ in range(3)]
+    assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0]
