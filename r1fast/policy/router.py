@@ -281,8 +281,9 @@ def expert_load(policy, reset: bool = True) -> dict[int, torch.Tensor]:
     """Tokens routed to each expert ``{layer: [E] float64}`` for the MoE layers of this rank's
     pipeline stage, counted by the training forwards since the last call (``reset``) and summed
     over the tensor x data parallel group (collective there), e.g. to log the per-expert load
-    and its imbalance (max / mean) next to the aux-loss-free bias. Recomputed forwards
-    (``recompute = "full"``) count twice, which leaves the shares unchanged."""
+    and its imbalance (max / mean) next to the aux-loss-free bias. Under ``recompute = "full"``
+    a token counts once: the checkpointed forward runs without gradients and does not count,
+    its recomputation in the backward does."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
