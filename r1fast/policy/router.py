@@ -131,11 +131,11 @@ class R1fastRouter(TopKRouter):
         self.layer_index: Optional[int] = None
         self.routing_hook: Optional[RoutingHook] = None
         self.replays_to_recompute: Optional[collections.deque] = None
-        """While a training schedule with full activation recompute runs (set by the policy),
-        the replayed indices of each checkpointed forward, oldest first: the backward re-runs
-        that forward after its replay hook is gone, and takes them back in the same order
-        (micro-batches are recomputed in the order they ran), as megatron's REPLAY_BACKWARD
-        does. None otherwise."""
+        """While a training schedule with full activation recompute replays routing (set by
+        the policy), what each checkpointed forward replayed (None where its micro-batch had
+        no routing for this layer), oldest first: the backward re-runs that forward after its
+        replay hook is gone and takes it back in the same order (micro-batches are recomputed
+        in the order they ran), as megatron's REPLAY_BACKWARD does. None otherwise."""
         # tokens routed to each expert by the training forwards since expert_load() last read
         # it (valid tokens only; not saved in checkpoints)
         self.register_buffer("load_counts", torch.zeros(config.num_moe_experts,
@@ -178,14 +178,14 @@ class R1fastRouter(TopKRouter):
 
         hook = self.routing_hook
         replay = None
-        queue = self.replays_to_recompute
         if hook is not None and self.layer_index is not None:
             replay = hook.replay_indices(self.layer_index, num_tokens, logits.device)
-            if replay is not None and queue is not None and not torch.is_grad_enabled():
-                queue.append(replay)  # a checkpointed forward: its recompute comes later
-        elif queue and torch.is_grad_enabled():  # that recompute, in the backward
+        queue = self.replays_to_recompute
+        if queue is not None and not torch.is_grad_enabled():
+            queue.append(replay)  # a checkpointed forward (None: it routed afresh)
+        elif queue and hook is None:  # its recompute, in the backward
             replay = queue.popleft()
-            if replay.shape[0] != num_tokens:
+            if replay is not None and replay.shape[0] != num_tokens:
                 raise RuntimeError(f"router replay under full recompute: layer "
                                    f"{self.layer_index} recomputes {num_tokens} tokens, the "
                                    f"oldest checkpointed forward replayed {replay.shape[0]}")

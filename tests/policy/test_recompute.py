@@ -109,22 +109,27 @@ def _replayed_grads(preset: str, recompute: str, batches):
     return losses, grads, loads
 
 
+def _replayed_batches(m: ModelConfig, n: int, seed: int = 1) -> list[dict]:
+    """n micro-batches, each replaying its own random distinct experts in every MoE layer."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [i for i in range(m.num_layers) if i not in m.dense_layers]
+    batches = []
+    for _ in range(n):
+        tokens = torch.randint(0, 256, (B, 16), generator=g)
+        routing = {i: torch.stack([torch.randperm(m.num_experts, generator=g)[:m.moe_router_topk]
+                                   for _ in range(B * 16)]).view(B, 16, -1) for i in layers}
+        batches.append({"tokens": tokens, "targets": torch.roll(tokens, -1, 1),
+                        "routing": routing})
+    return batches
+
+
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dsv3-mla"])
 def test_replayed_routing_survives_full_recompute(preset):
     """Full recompute re-runs each layer in the backward, after the micro-batch's replay hook
     was gone: the recomputed routers chose their own experts, so the gradients (1.1 relative
     error in a router's) and the expert loads were those of other experts than the loss's.
     Two micro-batches with different replayed experts: each recompute takes its own."""
-    m = ModelConfig.preset(preset)
-    g = torch.Generator().manual_seed(1)
-    layers = [i for i in range(m.num_layers) if i not in m.dense_layers]
-    batches = []
-    for _ in range(2):
-        tokens = torch.randint(0, 256, (B, 16), generator=g)
-        routing = {i: torch.stack([torch.randperm(m.num_experts, generator=g)[:m.moe_router_topk]
-                                   for _ in range(B * 16)]).view(B, 16, -1) for i in layers}
-        batches.append({"tokens": tokens, "targets": torch.roll(tokens, -1, 1),
-                        "routing": routing})
+    batches = _replayed_batches(ModelConfig.preset(preset), 2)
     ref_losses, ref_grads, ref_loads = _replayed_grads(preset, "none", batches)
     for mode in ("selective", "full"):
         losses, grads, loads = _replayed_grads(preset, mode, batches)
@@ -133,3 +138,33 @@ def test_replayed_routing_survives_full_recompute(preset):
             assert (grads[k] - ref_grads[k]).abs().max().item() < 1e-6, (mode, k)
         for i in ref_loads:
             assert torch.equal(loads[i], ref_loads[i]), (mode, i)
+
+
+def _pipelined_replay_worker(rank):
+    """PP2 under 1F1B: a stage holds two checkpointed micro-batches before their backwards;
+    the first micro-batch replays nothing (its recompute must route afresh, not take the
+    next one's experts)."""
+    m = ModelConfig.preset("tiny-moe")
+    batches = _replayed_batches(m, 4)
+    batches[0].pop("routing")
+    grads = {}
+    for mode in ("none", "full"):
+        policy = build_policy(m, ParallelConfig(pp=2, recompute=mode, micro_batch_size=B), seed=3)
+
+        def loss_fn(hidden, weight, mb):
+            lp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                mb["targets"].reshape(-1))
+            return -lp.mean(), {}
+        policy.forward_backward(batches, loss_fn)
+        grads[mode] = gather_hf_state_dict(policy, grads=True)
+        destroy_parallel(destroy_process_group=False)
+    if rank == 0:
+        for k in grads["none"]:
+            assert (grads["full"][k] - grads["none"][k]).abs().max().item() < 1e-6, k
+
+
+@pytest.mark.multiproc
+def test_replay_under_full_recompute_keeps_the_micro_batch_order_of_a_pipeline(tmp_path):
+    from tests.helpers.spawn import run_gloo
+
+    run_gloo(2, str(tmp_path / "store"), _pipelined_replay_worker)
