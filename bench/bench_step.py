@@ -1,7 +1,8 @@
 """Throughput of one GRPO step, split by phase, with r1fast's fused kernels on and off.
 
-Phases: generation (rollout sampling), log-probs (old + reference, trainer side), loss +
-forward/backward (megatron schedule with the GRPO loss on the last stage), optimizer step.
+Phases: generation (rollout sampling), rewards (rule scoring; before time_rewards_s existed it
+was counted in log-probs), log-probs (old + reference, trainer side), loss + forward/backward
+(megatron schedule with the GRPO loss on the last stage), optimizer step.
 "kernels on" computes the update's loss from hidden states with r1fast's fused op and the routed
 experts as configured (``parallel.experts`` / ``rollout.experts``: grouped kernels on a GPU);
 "kernels off" materialises the full logits of the update, uses the plain PyTorch loss and runs

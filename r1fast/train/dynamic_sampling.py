@@ -15,8 +15,9 @@ Here (``algo.dynamic_sampling = true``):
   the data stream (the data position advances with each), until the rounds hold
   ``prompts_per_step`` groups with signal over all DP ranks. The step trains on the first of
   them in the order of a one-rank run (round, then prompt), each rank on an equal consecutive
-  slice, fetched from the rank that sampled it (groups move between DP ranks as objects, a
-  few per step), so the batch does not depend on the layout. Short after ``N`` rounds, the
+  slice, fetched from the rank that sampled it (a group sampled on one rank for another's
+  slice is sent to that rank alone, as an object over gloo), so the batch does not depend on
+  the layout. Short after ``N`` rounds, the
   step fills up with groups without signal, masked as with one round, and warns with the
   count. Groups with signal beyond what the batch holds are dropped, as DAPO drops them.
 
@@ -82,14 +83,15 @@ Group = tuple[int, int, int]
 
 def sample_until_full(sample_round: Callable[[int], Round], *, group_size: int,
                       groups: int, max_rounds: int, dp_rank: int,
-                      all_gather: Callable[[object], list], step: int,
-                      warn: bool = True) -> tuple[Round, int]:
+                      all_gather: Callable[[object], list], exchange: Callable[[list], list],
+                      step: int, warn: bool = True) -> tuple[Round, int]:
     """Rounds ``sample_round(r)`` (r = 0, 1, ...) on every DP rank until the step holds
     ``groups`` groups with signal over all ranks, or ``max_rounds`` ran; then this rank's share
     of them: the first ``groups`` in the order of a one-rank run (filled up with groups
     without signal when short), cut into equal consecutive slices, slice ``dp_rank`` here,
     fetched from the ranks that sampled them. ``all_gather(obj)``: the objects of every DP
-    rank, in rank order (collective). Returns (this rank's batch, the rounds run)."""
+    rank, in rank order; ``exchange(outgoing)``: ``outgoing[r]`` sent to rank r, what each
+    rank sent here returned (both collective). Returns (this rank's batch, the rounds run)."""
     rounds: list[Round] = []
     signal: list[Group] = []
     quiet: list[Group] = []  # without signal, for filling
@@ -105,13 +107,15 @@ def sample_until_full(sample_round: Callable[[int], Round], *, group_size: int,
         log.warning("step %d: after %d sampling rounds %d of the %d groups have signal: the "
                     "others are masked (algo.max_sampling_rounds bounds the rounds)", step,
                     len(rounds), len(signal), groups)
-    per_rank = groups // len(flags)
+    dp = len(flags)
+    per_rank = groups // dp
     mine = chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    # the groups this rank sampled for another rank's slice travel there
-    outgoing = {(r, q, g): _group(rounds[r], g, group_size)
-                for i, (r, q, g) in enumerate(chosen)
-                if q == dp_rank and i // per_rank != dp_rank}
-    received = {k: v for part in all_gather(outgoing) for k, v in part.items()}
+    # the groups this rank sampled for another rank's slice travel there, and only there
+    outgoing: list[dict] = [{} for _ in range(dp)]
+    for i, (r, q, g) in enumerate(chosen):
+        if q == dp_rank and i // per_rank != dp_rank:
+            outgoing[i // per_rank][(r, q, g)] = _group(rounds[r], g, group_size)
+    received = {k: v for part in exchange(outgoing) for k, v in part.items()}
     pieces = [_group(rounds[r], g, group_size) if q == dp_rank else received[(r, q, g)]
               for r, q, g in mine]
     return _concat(pieces), len(rounds)

@@ -217,14 +217,41 @@ class TrainEngine:
 
         return ps.get_data_parallel_group()
 
+    def _dp_host_group(self):
+        """The data-parallel group for objects: megatron's gloo twin of it under NCCL (an
+        object collective over NCCL stages every pickled object on the GPU)."""
+        from megatron.core import parallel_state as ps
+
+        group = self.dp_group()
+        if group is None or torch.distributed.get_backend(group) == "gloo":
+            return group
+        return ps.get_data_parallel_group_gloo()
+
     def dp_all_gather(self, obj) -> list:
         """``obj`` of every data-parallel replica, in rank order (collective)."""
-        group = self.dp_group()
+        group = self._dp_host_group()
         if group is None:
             return [obj]
         out: list = [None] * self.info.dp
         torch.distributed.all_gather_object(out, obj, group=group)
         return out
+
+    def dp_exchange(self, outgoing: list) -> list:
+        """Objects between the data-parallel replicas: ``outgoing[r]`` goes to replica r
+        (this replica's own stays here, unpickled); returns what each replica sent here, in
+        rank order (collective: one scatter per replica, over the gloo group)."""
+        group = self._dp_host_group()
+        if group is None:
+            return list(outgoing)
+        dist, me = torch.distributed, self.info.dp_rank
+        received = []
+        for src in range(self.info.dp):
+            box: list = [None]
+            sent = [None if r == me else o for r, o in enumerate(outgoing)]
+            dist.scatter_object_list(box, sent if src == me else None,
+                                     src=dist.get_global_rank(group, src), group=group)
+            received.append(outgoing[me] if src == me else box[0])
+        return received
 
     def dp_sum(self, values: Sequence[float]) -> list[float]:
         """Sum each value over the data-parallel replicas (fp64)."""

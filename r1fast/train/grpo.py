@@ -228,7 +228,8 @@ class GRPOTrainer:
         batch, n = sample_until_full(
             sample_round, group_size=a.group_size, groups=self.cfg.data.prompts_per_step,
             max_rounds=a.max_sampling_rounds, dp_rank=self.info.dp_rank,
-            all_gather=self.engine.dp_all_gather, step=self.step_idx + 1, warn=self.is_logger)
+            all_gather=self.engine.dp_all_gather, exchange=self.engine.dp_exchange,
+            step=self.step_idx + 1, warn=self.is_logger)
         return (*batch, n, scoring[0])
 
     def _rollout(self, examples: list[dict], round_: int = 0) -> RolloutBatch:

@@ -32,6 +32,10 @@ def one_rank(obj):
     return [obj]
 
 
+def keep_own(outgoing):
+    return list(outgoing)
+
+
 def test_rounds_run_until_the_batch_is_full_and_extra_groups_are_dropped():
     # round 0: group 1 has signal; round 1: groups 0 and 2; want 2 groups
     plan = [[1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 0, 1, 0, 1]]
@@ -41,7 +45,7 @@ def test_rounds_run_until_the_batch_is_full_and_extra_groups_are_dropped():
         ran.append(r)
         return fake_round(r, plan[r])
     (samples, rewards), n = sample_until_full(sample, group_size=G, groups=2, max_rounds=5,
-                                              dp_rank=0, all_gather=one_rank, step=1)
+                                              dp_rank=0, all_gather=one_rank, exchange=keep_own, step=1)
     assert ran == [0, 1] and n == 2  # round 1's group 2 is not needed: dropped
     assert samples.rollout.completion_ids == [[0, 2], [0, 3], [1, 0], [1, 1]]
     assert samples.texts == ["0.2", "0.3", "1.0", "1.1"]
@@ -53,7 +57,7 @@ def test_a_step_still_short_after_the_last_round_fills_with_masked_groups(caplog
     with caplog.at_level(logging.WARNING, logger="r1fast.train"):
         (samples, rewards), n = sample_until_full(
             lambda r: fake_round(r, [0, 0, 1 - min(r, 1), 0]), group_size=G, groups=2,
-            max_rounds=3, dp_rank=0, all_gather=one_rank, step=4)
+            max_rounds=3, dp_rank=0, all_gather=one_rank, exchange=keep_own, step=4)
     assert n == 3 and samples.texts == ["0.2", "0.3", "0.0", "0.1"]  # signal first, then fill
     assert "step 4: after 3 sampling rounds 1 of the 2 groups have signal" in caplog.text
 
@@ -62,7 +66,7 @@ class ThreadGroup:
     """all_gather between threads standing in for DP ranks."""
 
     def __init__(self, size):
-        self.size, self.slots = size, [None] * size
+        self.size, self.slots, self.sent = size, [None] * size, []
         self.barrier = threading.Barrier(size)
 
     def for_rank(self, rank):
@@ -72,7 +76,11 @@ class ThreadGroup:
             out = list(self.slots)
             self.barrier.wait()  # every rank has read before the next call writes
             return out
-        return all_gather
+
+        def exchange(outgoing):
+            self.sent.append((rank, [bool(o) for o in outgoing]))
+            return [box[rank] for box in all_gather(outgoing)]
+        return all_gather, exchange
 
 
 def run_dp(plan, dp, groups, max_rounds=9):
@@ -89,14 +97,16 @@ def run_dp(plan, dp, groups, max_rounds=9):
             rows = list(range(q * n, (q + 1) * n))
             return (RolloutBatch.select([(samples, rows)]),
                     {k: [v[i] for i in rows] for k, v in rw.items()})
+        gather, exchange = group.for_rank(q)
         out[q] = sample_until_full(sample, group_size=G, groups=groups, max_rounds=max_rounds,
-                                   dp_rank=q, all_gather=group.for_rank(q), step=1, warn=False)
+                                   dp_rank=q, all_gather=gather, exchange=exchange, step=1,
+                                   warn=False)
     threads = [threading.Thread(target=rank, args=(q,)) for q in range(dp)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return out
+    return out, group.sent
 
 
 def test_the_batch_does_not_depend_on_the_data_parallel_layout():
@@ -104,10 +114,12 @@ def test_the_batch_does_not_depend_on_the_data_parallel_layout():
     slice: a rank whose own prompts lack signal gets groups another rank sampled (choosing
     per rank made the batch, the rounds and the data position depend on dp)."""
     plan = [[0, 1, 0, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]]
-    (one, rounds), = run_dp(plan, 1, 4)
+    ((one, rounds),), _ = run_dp(plan, 1, 4)
     assert rounds == 3
-    parts = run_dp(plan, 2, 4)
+    parts, sent = run_dp(plan, 2, 4)
     assert [n for _, n in parts] == [3, 3]
+    # rank 0 sampled a group of rank 1's slice: it goes to rank 1 alone, nothing else moves
+    assert sorted(sent) == [(0, [False, True]), (1, [False, False])]
     texts = [t for (samples, _), _ in parts for t in samples.texts]
     assert texts == one[0].texts == ["0.0", "0.1", "0.2", "0.3", "1.0", "1.1", "2.4", "2.5"]
     rewards = [x for (_, rw), _ in parts for x in rw["total"]]
