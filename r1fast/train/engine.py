@@ -37,7 +37,7 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import (OptimConfig, _sub_optimizers, load_optim_state_dict,
                                  load_scheduler_state, optim_state_dict)
 from r1fast.train.checkpoint import rng_state, set_rng_state
-from r1fast.train.policy_io import load_model_state, model_state
+from r1fast.train.policy_io import keep_mtp_of_init, load_model_state, model_state
 
 log = logging.getLogger("r1fast.train")
 
@@ -88,7 +88,8 @@ class TrainEngine:
     """The trainable policy of a run with its optimizer (see the module docstring)."""
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *,
-                 total_updates: int, seed: int, init_from: Optional[str] = None):
+                 total_updates: int, seed: int, init_from: Optional[str] = None,
+                 resuming: bool = False):
         from r1fast.policy import build_optimizer
 
         check_trainable(model, optim)
@@ -105,7 +106,9 @@ class TrainEngine:
         self.max_nonfinite_skips = optim.max_nonfinite_skips
         self.nonfinite_skips = 0
         """Steps skipped so far in the run (saved in checkpoints)."""
-        if init_from:
+        if init_from and resuming:  # the checkpoint's weights replace them: read what it lacks
+            keep_mtp_of_init(self.policy, init_from, "resume")
+        elif init_from:
             self._load_initial_weights(init_from)
 
     def _build_policy(self, model: ModelConfig, parallel: ParallelConfig, seed: int,

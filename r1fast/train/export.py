@@ -60,26 +60,6 @@ def _run_field(cfg, name: str):
     return getattr(cfg.run if hasattr(cfg, "run") else cfg, name)
 
 
-def _keep_mtp(policy, cfg) -> None:
-    """MTP layers (DeepSeek-V3) are not built, so checkpoints do not hold them; the HF folder
-    takes them, unchanged, from the run's ``init_from``, as the run's own ``model/`` does."""
-    from r1fast.policy.hf_checkpoint import keep_mtp_from
-
-    if not cfg.model.mtp_layers:
-        return
-    init = _run_field(cfg, "init_from")
-    if init and Path(init, "config.json").is_file():
-        if keep_mtp_from(policy, init):
-            return
-        log.info("export: init_from=%s holds no MTP tensors (transformers saves none); the HF "
-                 "folder has none either", init)
-        return
-    log.warning("export: the model has mtp_layers=%d but the run's init_from=%s is gone, so the "
-                "HF folder has NO multi-token-prediction tensors although its config counts "
-                "them; copy them from the original checkpoint if you need them",
-                cfg.model.mtp_layers, init)
-
-
 def _tokenizer(run_dir: Path, cfg):
     from r1fast.data import load_tokenizer
     from r1fast.train.task import run_tokenizer
@@ -105,7 +85,7 @@ def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False)
     from r1fast.policy.config import ParallelConfig
     from r1fast.policy.dist_ckpt import load_sharded
     from r1fast.train.checkpoint import load_checkpoint
-    from r1fast.train.policy_io import load_model_state, save_model
+    from r1fast.train.policy_io import keep_mtp_of_init, load_model_state, save_model
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -133,7 +113,7 @@ def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False)
         load_sharded(policy, None, ckpt / "policy")
     else:
         load_model_state(policy, state["model"])
-    _keep_mtp(policy, cfg)
+    keep_mtp_of_init(policy, _run_field(cfg, "init_from"), "export")
     path = save_model(policy, _tokenizer(run_dir, cfg), out)
     log.info("exported %s (step %s) to %s", ckpt, meta.get("step"), path)
     return path

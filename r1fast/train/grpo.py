@@ -98,7 +98,8 @@ class GRPOTrainer:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.run.steps * a.ppo_epochs * a.mini_batches,
-                                  seed=config.run.seed, init_from=config.run.init_from)
+                                  seed=config.run.seed, init_from=config.run.init_from,
+                                  resuming=self._resume_from is not None)
         self.policy, self.info = self.engine.policy, self.engine.info
         use_kl = a.objective.kl is not None and a.objective.kl_coef > 0
         self.reference = build_policy(config.model, config.parallel, seed=config.run.seed,

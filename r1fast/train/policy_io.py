@@ -106,3 +106,27 @@ def save_model(policy, tokenizer, path: str | Path) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def keep_mtp_of_init(policy, init_from: str | None, what: str) -> None:
+    """MTP layers (DeepSeek-V3) are not built, so checkpoints do not hold them: an HF folder
+    written from ``policy`` takes them, unchanged, from its run's ``init_from``
+    (:func:`~r1fast.policy.hf_checkpoint.keep_mtp_from`); a WARNING (``what`` says whose)
+    when that folder is gone."""
+    import logging
+
+    from r1fast.policy.hf_checkpoint import keep_mtp_from
+
+    if not policy.model_cfg.mtp_layers:
+        return
+    log = logging.getLogger("r1fast.train")
+    if init_from and Path(init_from, "config.json").is_file():
+        if not keep_mtp_from(policy, init_from):
+            log.info("%s: init_from=%s holds no MTP tensors (transformers saves none); the HF "
+                     "folder has none either", what, init_from)
+        return
+    log.warning("%s: the model has mtp_layers=%d but the run's init_from=%s is gone, so the "
+                "HF folder has NO multi-token-prediction tensors although its config counts "
+                "them; copy them from the original checkpoint if you need them", what,
+                policy.model_cfg.mtp_layers, init_from)
+

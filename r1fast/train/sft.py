@@ -164,7 +164,7 @@ class SFTTrainer:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.steps, seed=config.seed,
-                                  init_from=config.init_from)
+                                  init_from=config.init_from, resuming=path is not None)
         self.policy, self.info = self.engine.policy, self.engine.info
         self._check_layout()
         self.data_fingerprint = _fingerprint(self.data)

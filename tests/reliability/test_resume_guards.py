@@ -125,3 +125,30 @@ def test_a_step_whose_completions_are_all_filtered_out_says_so(tmp_path, caplog)
         rows = _fit(tmp_path / "run", "--run.steps=1", "--algo.dynamic_sampling=true")
     assert rows[0]["kept_frac"] == 0.0
     assert "step 1: algo.dynamic_sampling / overlong_filter kept none" in caplog.text
+
+
+def _save_init(rank, path):
+    from r1fast.data import CharTokenizer
+    from r1fast.policy import build_policy
+    from r1fast.train.policy_io import save_model
+
+    cfg = load_train_config(None, [*BASE, f"--run.out_dir={path}-unused"])
+    save_model(build_policy(cfg.model, cfg.parallel, trainable=False, seed=5), CharTokenizer(),
+               path)
+
+
+def test_a_resume_does_not_read_the_initial_weights_again(tmp_path):
+    """Every resume loaded run.init_from's weights, then replaced them by the checkpoint's:
+    minutes for a large model. The resumed run equals the uninterrupted one with the initial
+    weights' file unreadable."""
+    from tests.helpers.spawn import run_ranks
+
+    init = tmp_path / "init"
+    run_ranks(1, _save_init, str(init))
+    start = f"--run.init_from={init}"
+    whole = _fit(tmp_path / "whole", "--run.steps=2", start)
+    _fit(tmp_path / "resumed", "--run.steps=1", start)
+    (init / "model.safetensors").write_bytes(b"not weights")
+    (row,) = _fit(tmp_path / "resumed", "--run.steps=2", start)
+    assert (row["step"], row["loss"], row["reward_mean"], row["grad_norm"]) == \
+        (2, whole[1]["loss"], whole[1]["reward_mean"], whole[1]["grad_norm"])
