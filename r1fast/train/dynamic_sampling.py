@@ -17,9 +17,9 @@ Here (``algo.dynamic_sampling = true``):
   them in the order of a one-rank run (round, then prompt), each rank on an equal consecutive
   slice, fetched from the rank that sampled it (a group sampled on one rank for another's
   slice is sent to that rank alone, as an object over gloo), so the batch does not depend on
-  the layout. Short after ``N`` rounds, the
-  step fills up with groups without signal, masked as with one round, and warns with the
-  count. Groups with signal beyond what the batch holds are dropped, as DAPO drops them.
+  the layout. Short after ``N`` rounds, the step fills up with groups without signal, masked
+  as with one round, and warns with the count. Groups with signal beyond what the batch holds
+  are dropped, as DAPO drops them.
 
 Each round's completions draw their own random streams (the round is part of the row's seed),
 and round 0's are those of a run without refill, so ``max_sampling_rounds`` changes nothing on a
@@ -39,6 +39,7 @@ from r1fast.rollout.routing import RolloutRouting
 from r1fast.rollout.sampler import Rollout
 
 log = logging.getLogger("r1fast.train")
+
 
 @dataclasses.dataclass
 class RolloutBatch:
