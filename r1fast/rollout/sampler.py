@@ -259,7 +259,8 @@ def _finite(rollout: Rollout) -> Rollout:
         raise FloatingPointError(
             f"generate: the model's logits were NaN or infinite at {len(bad)} sampled tokens "
             f"of {len(rows)} of {len(rollout.logprobs)} rows (first: row {i}, generated token "
-            f"{s}); its weights or its KV cache hold non-finite values")
+            f"{s}): the policy's weights have diverged (values too large for its dtype, or "
+            f"non-finite) or its KV cache holds non-finite values")
     return rollout
 
 

@@ -205,7 +205,8 @@ def test_non_finite_weights_are_never_exported(engine_factory, tmp_path):
 
 def test_a_grpo_run_that_diverges_stops_and_never_saves_non_finite(tmp_path):
     """lr=1e30 is finite (so it passes the config check) but blows the weights up: the run
-    must stop with NonFiniteError instead of finishing "done", and every checkpoint it wrote
+    must stop (a non-finite update, or the next rollout's overflowing logits, which are an
+    error rather than samples) instead of finishing "done", and every checkpoint it wrote
     holds finite tensors only."""
     from r1fast.train.checkpoint import nonfinite_tensors
     from r1fast.train.engine import NonFiniteError
@@ -218,8 +219,10 @@ def test_a_grpo_run_that_diverges_stops_and_never_saves_non_finite(tmp_path):
         "--run.tensorboard=false", "--data.num_train=16", "--algo.kl_coef=0",
         "--optim.lr=1e30", "--optim.clip_grad=0", "--run.steps=6", "--run.save_every=1",
         f"--run.out_dir={tmp_path}"])
-    with pytest.raises(NonFiniteError, match="max_nonfinite_skips=0"):
+    with pytest.raises(FloatingPointError) as stopped:
         GRPOTrainer(cfg).fit()
+    assert isinstance(stopped.value, NonFiniteError) and "max_nonfinite_skips=0" in str(
+        stopped.value) or "the policy's weights have diverged" in str(stopped.value)
     saved = sorted((tmp_path / "checkpoints").glob("step_*"))
     assert saved  # steps before the blow-up were checkpointed
     for path in saved:  # the model and optimizer (distributed checkpoint) and the rank file
