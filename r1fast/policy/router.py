@@ -26,7 +26,6 @@ is megatron's: sequence-major ``t = s * b + j`` over this rank's (sequence-paral
 from __future__ import annotations
 
 import collections
-
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
