@@ -16,7 +16,8 @@ rational arithmetic (``fractions.Fraction``):
     atom  := NUMBER | '(' expr ')' | '{' expr '}' | '\\frac' '{' expr '}' '{' expr '}'
 
 LaTeX spellings (``\\times \\cdot \\div \\left( \\right)`` and spacing commands) are accepted with
-``allow_latex``. Anything else, including non-ASCII digits and letters, is a syntax error.
+``allow_latex``, and the Unicode signs ``× · ⋅ ÷ −`` always. Anything else, including
+non-ASCII digits and letters, is a syntax error.
 Every resource is bounded by :class:`ArithConfig`: input length, token count, nesting depth,
 digits per literal, and the bit length of every intermediate numerator and denominator
 (a power is refused BEFORE it is computed when its result would be too large).
@@ -25,6 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+
+
+#: Unicode operator signs and the ASCII operator each means
+_UNICODE_OPS = {"\u00d7": "*", "\u00b7": "*", "\u22c5": "*", "\u00f7": "/", "\u2212": "-"}
 
 
 class ArithError(ValueError):
@@ -125,6 +130,9 @@ def _tokenize(text: str, cfg: ArithConfig) -> list[tuple[str, object]]:
             i = j
         elif c in "+-/()^":
             toks.append(("op", c))
+            i += 1
+        elif c in _UNICODE_OPS:  # what models write for times, divided by, minus
+            toks.append(("op", _UNICODE_OPS[c]))
             i += 1
         elif c == "*":
             if i + 1 < n and text[i + 1] == "*":

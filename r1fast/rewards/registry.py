@@ -14,6 +14,7 @@ object; a recipe names a reward-model folder in ``[reward] reward_model`` instea
 from __future__ import annotations
 
 import inspect
+import pickle
 from typing import Callable
 
 from r1fast.rewards.compose import RewardFn
@@ -84,8 +85,31 @@ class RoutedReward:
         if name in DEFAULT_ROUTES:
             name = self.default
         if name not in self._rewards:
-            self._rewards[name] = get_reward(name)
+            carried = getattr(self, "_carried", {})
+            if name in carried:
+                reward, build = carried[name]
+                self._rewards[name] = reward() if build else reward
+            else:
+                self._rewards[name] = get_reward(name)
         return self._rewards[name]
+
+    def __getstate__(self) -> dict:
+        """A worker process registers only the built-in rewards: the ones this process
+        registered (``register_reward`` in a script) travel with the object, by reference
+        (a row naming one scored 0 in every worker, counted as an error); one that cannot
+        be pickled stays behind (its rows then fail in the worker, named)."""
+        carried = {}
+        for name, factory in _REGISTRY.items():
+            if name in _BUILT_IN:
+                continue
+            plain = getattr(factory, "reward", None)  # a function registered as it is
+            entry = (plain, False) if plain is not None else (factory, True)
+            try:
+                pickle.dumps(entry[0])
+            except (pickle.PicklingError, AttributeError, TypeError):
+                continue
+            carried[name] = entry
+        return {**self.__dict__, "_rewards": {}, "_carried": carried}
 
     def __call__(self, completion: str, example: dict) -> float:
         return self.reward_for(example)(completion, example)
@@ -124,3 +148,4 @@ def _reward_model(**kwargs) -> RewardModelReward:
 
 
 register_reward("reward_model", _reward_model)
+_BUILT_IN = frozenset(_REGISTRY)  # what every process registers on import

@@ -88,7 +88,7 @@ def bounded_call(fn: Callable[..., Any], args: tuple, cpu_limit_s: float | None)
         if exc.token is not limit.token:  # an outer limit fired: not ours to decide
             raise
         return TaskOutcome("timeout", 0.0, f"call {exc}")
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a reward must not end the run
         return TaskOutcome("error", 0.0, one_line(exc, 500))
 
 
@@ -129,6 +129,7 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
         conn.send(("init_error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", os.getpid()))
+    me = os.getpid()
     while True:
         try:
             msg = conn.recv()
@@ -137,18 +138,25 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
         if msg is None:
             return
         task_id, payload = msg
+        exhausted = False
         try:
             fn, args = pickle.loads(payload)
             _set_cpu_backstop(cpu_limit_s)
             out = bounded_call(fn, args, cpu_limit_s)
             reply = (task_id, out.status, out.value if out.status == "ok" else out.message)
+            exhausted = out.message.startswith("MemoryError")
         except KeyboardInterrupt:
             raise
-        except BaseException as exc:  # SystemExit from user code included: report, keep serving
+        except BaseException as exc:  # an unpicklable task, MemoryError: report, keep serving
             reply = (task_id, "error", f"{type(exc).__name__}: {exc}"[:500])
+            exhausted = isinstance(exc, MemoryError)
+        if os.getpid() != me:  # a child the reward forked came back here: it must not serve
+            os._exit(0)
         try:
             conn.send(reply)
         except (EOFError, OSError):
+            return
+        if exhausted:  # what leaked stays leaked: a fresh worker takes the next task
             return
 
 
@@ -292,11 +300,16 @@ class WorkerPool:
                 except (EOFError, OSError):
                     self._fail(w, results, "crash", self._death(w))
                     continue
+                if task_id != w.task:  # not the call it runs (a forked child's): ignored
+                    continue
                 results[task_id] = (TaskOutcome("ok", payload) if status == "ok" else
                                     TaskOutcome("timeout" if status == "timeout" else "error",
                                                 0.0, str(payload)))
                 w.task, w.deadline, w.served = None, math.inf, w.served + 1
-                if self.max_tasks_per_worker and w.served >= self.max_tasks_per_worker:
+                exhausted = status == "error" and str(payload).startswith("MemoryError")
+                if exhausted or (self.max_tasks_per_worker
+                                 and w.served >= self.max_tasks_per_worker):
+                    # (an exhausted worker ends itself after this reply: never hand it more)
                     w.stop()
                     self._workers.remove(w)
                     self._spawn()

@@ -61,6 +61,7 @@ def test_fuzz_only_arith_errors(text):
     ("2^-1", Fraction(1, 2)), ("\\frac{566}{2}", 283), ("0.5", Fraction(1, 2)), ("1,000", 1000),
     ("3 \\times 4", 12), ("3 \\cdot 4", 12), ("8 \\div 2", 4), ("\\left( 1 + 1 \\right)", 2),
     ("1\\,000", 1000), ("{2}+{3}", 5), ("6 / 4 * 2", 3), (".25", Fraction(1, 4)),
+    ("6\u00f74\u00d72", 3), ("7 \u2212 2", 5), ("3\u00b74", 12), ("3\u22c54", 12),
 ])
 def test_values(text, want):
     assert evaluate(text).value == want

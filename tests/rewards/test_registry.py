@@ -46,3 +46,23 @@ def test_a_routed_reward_in_a_fresh_worker_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["1.0", "False"]
+
+
+def test_a_reward_registered_at_run_time_reaches_the_workers():
+    """A worker registers only the built-in rewards: rows routed to a reward the main process
+    registered (after import, e.g. in a script's main block) scored 0 there, as errors."""
+    import operator
+
+    from r1fast.rewards import RewardRunner
+    from r1fast.rewards.registry import _REGISTRY
+
+    register_reward("test_not_equal_run_time", operator.ne)  # 1.0 for any text and row
+    try:
+        with RewardRunner([("accuracy", RoutedReward("math_accuracy"), 1.0)],
+                          num_workers=1) as runner:
+            out = runner(["ABC", "\\boxed{4}"], [{"answer": "4",
+                                                    "reward": "test_not_equal_run_time"},
+                                                   {"answer": "4"}])
+    finally:
+        del _REGISTRY["test_not_equal_run_time"]
+    assert out.parts["accuracy"] == [1.0, 1.0] and out.status["accuracy"] == ["ok", "ok"]

@@ -74,6 +74,25 @@ def test_memory_limit(pool):
     assert out[0].status == "error" and "MemoryError" in out[0].message
 
 
+def test_a_worker_that_ran_out_of_memory_is_replaced():
+    """A reward that leaks made every later call on its worker a MemoryError (until recycling
+    after 10,000 calls): the worker now ends after the reply and a fresh one takes the next."""
+    from tests.helpers.hostile_rewards import leak_150mb
+
+    with WorkerPool(1, memory_limit_mb=512, startup_timeout_s=120) as p:
+        out = [o.status for o in p.run([(leak_150mb, ("", {}))] * 8, timeout_s=60)]
+    assert "error" in out and "crash" not in out, out
+    assert all(out[i + 1] == "ok" for i, s in enumerate(out[:-1]) if s == "error"), out
+
+
+def test_a_forked_child_that_returns_does_not_answer_for_the_worker(pool):
+    """A reward that forks and returns in the child: the child's -1 took the task's place."""
+    from tests.helpers.hostile_rewards import fork_and_return
+
+    out = pool.run([(fork_and_return, (float(i),)) for i in range(4)], timeout_s=30)
+    assert [(o.status, o.value) for o in out] == [("ok", float(i)) for i in range(4)]
+
+
 @pytest.mark.parametrize("entry, match", [
     ("r1fast_no_such_module_xyz", "ModuleNotFoundError"),
     ("os:no_such_warm_up", "AttributeError"),
@@ -118,3 +137,12 @@ def test_recycling_after_max_tasks():
         pids = [o.value for o in out]
         assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
         assert p.restarts == 0  # recycling is not a failure
+
+
+def test_sys_exit_in_a_reward_called_inline_is_an_error_not_the_end_of_the_run():
+    """bounded_call serves the runner's inline mode and rewards marked sandbox=False:
+    SystemExit went through it and ended the training process."""
+    from r1fast.rewards.workers import bounded_call
+
+    out = bounded_call(sys.exit, (3,), None)
+    assert out.status == "error" and "SystemExit" in out.message
