@@ -138,25 +138,20 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
         if msg is None:
             return
         task_id, payload = msg
-        exhausted = False
         try:
             fn, args = pickle.loads(payload)
             _set_cpu_backstop(cpu_limit_s)
             out = bounded_call(fn, args, cpu_limit_s)
             reply = (task_id, out.status, out.value if out.status == "ok" else out.message)
-            exhausted = out.message.startswith("MemoryError")
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # an unpicklable task, MemoryError: report, keep serving
             reply = (task_id, "error", f"{type(exc).__name__}: {exc}"[:500])
-            exhausted = isinstance(exc, MemoryError)
         if os.getpid() != me:  # a child the reward forked came back here: it must not serve
             os._exit(0)
         try:
             conn.send(reply)
         except (EOFError, OSError):
-            return
-        if exhausted:  # what leaked stays leaked: a fresh worker takes the next task
             return
 
 
@@ -306,10 +301,10 @@ class WorkerPool:
                                     TaskOutcome("timeout" if status == "timeout" else "error",
                                                 0.0, str(payload)))
                 w.task, w.deadline, w.served = None, math.inf, w.served + 1
+                # a worker that ran out of memory keeps what leaked: a fresh one takes over
                 exhausted = status == "error" and str(payload).startswith("MemoryError")
                 if exhausted or (self.max_tasks_per_worker
                                  and w.served >= self.max_tasks_per_worker):
-                    # (an exhausted worker ends itself after this reply: never hand it more)
                     w.stop()
                     self._workers.remove(w)
                     self._spawn()
