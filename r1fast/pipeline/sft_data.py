@@ -205,18 +205,17 @@ def inside_opened_thought(prompt: str, completion: str) -> str:
     no thought at all (a greeting, R1's non-reasoning data) gets an empty one closed in front
     (``<think>\n\n</think>\n\n``, as Qwen3 writes a turn without thinking), else the model
     would learn to answer inside a thought it never closes (:func:`lacks_thought`)."""
-    if not opens_thought(prompt):
-        return completion
-    if completion.startswith(THINK_OPEN):
+    if lacks_thought(prompt, completion):
+        return ("\n" if prompt.endswith("\n") else "\n\n") + THINK_CLOSE + "\n\n" + completion
+    if opens_thought(prompt) and completion.startswith(THINK_OPEN):
         rest = completion[len(THINK_OPEN):]
         return rest[1:] if rest.startswith("\n") and prompt.endswith("\n") else rest
-    if THINK_CLOSE not in completion:
-        return ("\n" if prompt.endswith("\n") else "\n\n") + THINK_CLOSE + "\n\n" + completion
     return completion
 
 
 def lacks_thought(prompt: str, completion: str) -> bool:
-    """Whether :func:`inside_opened_thought` gives ``completion`` an empty thought."""
+    """Whether ``completion`` has no thought (no leading ``<think>``, no ``</think>``) while
+    ``prompt`` opens one: :func:`inside_opened_thought` then gives it an empty one."""
     return opens_thought(prompt) and not completion.startswith(THINK_OPEN) \
         and THINK_CLOSE not in completion
 
