@@ -185,6 +185,20 @@ def all_ranks_object(obj: Any) -> list:
     return out
 
 
+def exchange_objects(outgoing: list, group, rank: int) -> list:
+    """Objects between the ranks of ``group`` (None: the default group): ``outgoing[r]`` goes
+    to rank r, this rank's own stays here unpickled; returns what each rank sent here, in rank
+    order (collective: one scatter per rank)."""
+    received = []
+    for src in range(len(outgoing)):
+        box: list = [None]
+        sent = [None if r == rank else o for r, o in enumerate(outgoing)]
+        src_global = src if group is None else dist.get_global_rank(group, src)
+        dist.scatter_object_list(box, sent if src == rank else None, src=src_global, group=group)
+        received.append(outgoing[rank] if src == rank else box[0])
+    return received
+
+
 def destroy_parallel(destroy_process_group: bool = True) -> None:
     """Tear down megatron's parallel state (and the default process group)."""
     global _LAYOUT, _HOST_GROUP

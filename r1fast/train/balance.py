@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from r1fast.policy.parallel import exchange_objects
 from r1fast.train.batch import UpdateBatch, split_even
 
 
@@ -89,7 +90,7 @@ def balance_over_dp(batch: UpdateBatch, routing: Optional[dict[int, torch.Tensor
         for r in range(dp):
             before[r] += sum(lengths[r * per:(r + 1) * per])
             after[r] += sum(lengths[i] for i in split[r])
-        pieces, sent = _exchange(local, split, per, group, dp_rank, dp)  # by source rank
+        pieces, sent = _exchange(local, split, per, group, dp_rank)  # by source rank
         rows_sent += sum(p["batch"].num_rows for p in sent)
         bytes_sent += sum(_nbytes(p) for p in sent)
         mine = UpdateBatch.cat([p["batch"] for p in pieces])  # global row order
@@ -110,8 +111,8 @@ def _nbytes(piece: dict) -> int:
     return sum(t.numel() * t.element_size() for t in fields + tables)
 
 
-def _exchange(local: dict, split: list[list[int]], per: int, group, dp_rank: int,
-              dp: int) -> tuple[list[dict], list[dict]]:
+def _exchange(local: dict, split: list[list[int]], per: int, group,
+              dp_rank: int) -> tuple[list[dict], list[dict]]:
     """The rows of ``split[dp_rank]`` (global indices; rank r holds ``r*per .. r*per+per-1``)
     as ``[{"batch", "routing"}]`` per source rank, ascending: each source scatters to every
     rank the rows of that rank's part it holds, itself included (kept, not sent). Also the
@@ -123,15 +124,5 @@ def _exchange(local: dict, split: list[list[int]], per: int, group, dp_rank: int
 
     lo = dp_rank * per
     outgoing = [take([i - lo for i in part if lo <= i < lo + per]) for part in split]
-    pieces = []
-    for src in range(dp):
-        if src == dp_rank:
-            pieces.append(outgoing[dp_rank])
-        box: list = [None]
-        src_global = src if group is None else dist.get_global_rank(group, src)
-        sent = [None if r == src else o for r, o in enumerate(outgoing)]  # own rows stay
-        dist.scatter_object_list(box, sent if src == dp_rank else None, src=src_global,
-                                 group=group)
-        if src != dp_rank:
-            pieces.append(box[0])
-    return pieces, [o for r, o in enumerate(outgoing) if r != dp_rank]
+    return (exchange_objects(outgoing, group, dp_rank),
+            [o for r, o in enumerate(outgoing) if r != dp_rank])

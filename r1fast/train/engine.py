@@ -243,18 +243,11 @@ class TrainEngine:
         """Objects between the data-parallel replicas: ``outgoing[r]`` goes to replica r
         (this replica's own stays here, unpickled); returns what each replica sent here, in
         rank order (collective: one scatter per replica, over the gloo group)."""
+        from r1fast.policy.parallel import exchange_objects
+
         group = self._dp_host_group()
-        if group is None:
-            return list(outgoing)
-        dist, me = torch.distributed, self.info.dp_rank
-        received = []
-        for src in range(self.info.dp):
-            box: list = [None]
-            sent = [None if r == me else o for r, o in enumerate(outgoing)]
-            dist.scatter_object_list(box, sent if src == me else None,
-                                     src=dist.get_global_rank(group, src), group=group)
-            received.append(outgoing[me] if src == me else box[0])
-        return received
+        return list(outgoing) if group is None else \
+            exchange_objects(outgoing, group, self.info.dp_rank)
 
     def dp_sum(self, values: Sequence[float]) -> list[float]:
         """Sum each value over the data-parallel replicas (fp64)."""
