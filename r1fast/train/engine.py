@@ -220,7 +220,7 @@ class TrainEngine:
 
         return ps.get_data_parallel_group()
 
-    def _dp_host_group(self):
+    def dp_host_group(self):
         """The data-parallel group for objects: megatron's gloo twin of it under NCCL (an
         object collective over NCCL stages every pickled object on the GPU)."""
         from megatron.core import parallel_state as ps
@@ -232,7 +232,7 @@ class TrainEngine:
 
     def dp_all_gather(self, obj) -> list:
         """``obj`` of every data-parallel replica, in rank order (collective)."""
-        group = self._dp_host_group()
+        group = self.dp_host_group()
         if group is None:
             return [obj]
         out: list = [None] * self.info.dp
@@ -245,7 +245,7 @@ class TrainEngine:
         rank order (collective: one scatter per replica, over the gloo group)."""
         from r1fast.policy.parallel import exchange_objects
 
-        group = self._dp_host_group()
+        group = self.dp_host_group()
         return list(outgoing) if group is None else \
             exchange_objects(outgoing, group, self.info.dp_rank)
 

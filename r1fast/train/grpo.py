@@ -293,7 +293,7 @@ class GRPOTrainer:
         if not (par.balance_dp_tokens and par.max_tokens_per_microbatch > 0 and self.info.dp > 1):
             return batch, routing, None
         return balance_over_dp(batch, routing, self.cfg.algo.mini_batches,
-                               self.engine.dp_group(), self.info.dp_rank, self.info.dp)
+                               self.engine.dp_host_group(), self.info.dp_rank, self.info.dp)
 
     def _old_and_ref_logprobs(self, batch: UpdateBatch, routing):
         """Log-probs of the sampled tokens under the policy before the update (with the
@@ -526,7 +526,7 @@ class GRPOTrainer:
         result = evaluate_model(None, examples, k=d.eval_k,
                                 max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 seed=self.cfg.run.seed, policy=self.policy,
-                                tokenizer=self.task.tokenizer, dp_group=self.engine.dp_group(),
+                                tokenizer=self.task.tokenizer, dp_group=self.engine.dp_host_group(),
                                 share_checks=True, warn=self.is_logger,
                                 decoder_options=self.cfg.rollout.decoder_options()).as_dict()
         row = {"step": self.step_idx, "test_path": d.test_path, "held_out": source, **result}
