@@ -236,6 +236,13 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
                       router_topk_groups=topk_group if limited else None,
                       router_group_score_topk=1 if limited else None,
                       router_bias_update_rate=0.0)
+        alpha = get("aux_loss_alpha", 0.0) or 0.0
+        if alpha:  # DeepSeek's own training keys; transformers reads neither
+            log.warning("from_hf_config: %s aux_loss_alpha=%g (seq_aux=%s) is not applied: "
+                        "r1fast has no sequence-wise balance loss; model.aux_loss_coef sets "
+                        "megatron's micro-batch one and model.router_bias_update_rate the "
+                        "aux-loss-free bias update (both 0 here)", family, alpha,
+                        get("seq_aux", None))
     return kw
 
 

@@ -172,3 +172,17 @@ def test_fp8_weights_are_refused_not_cast(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"{key} is F8_E4M3 without its block scale"):
         load(str(tmp_path))
+
+
+def test_sequence_wise_balance_loss_not_applied_warns(caplog):
+    """DeepSeek-V3's config.json carries its pretraining balance loss (aux_loss_alpha with
+    seq_aux); r1fast has none of that kind, so loading it says so instead of dropping it."""
+    with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
+        cfg = ModelConfig.from_hf_config({**HF_CONFIG, "model_type": "deepseek_v3",
+                                          "aux_loss_alpha": 0.001, "seq_aux": True})
+    assert cfg.aux_loss_coef == 0.0
+    assert "aux_loss_alpha=0.001 (seq_aux=True) is not applied" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
+        ModelConfig.from_hf_config({**HF_CONFIG, "model_type": "deepseek_v3"})
+    assert "aux_loss_alpha" not in caplog.text
