@@ -152,7 +152,8 @@ class RewardRunner:
                                     memory_limit_mb=cfg.memory_limit_mb, preload=preload,
                                     max_tasks_per_worker=cfg.max_tasks_per_worker,
                                     startup_timeout_s=cfg.startup_timeout_s,
-                                    cpu_limit_s=self._cpu_limit_s)
+                                    cpu_limit_s=self._cpu_limit_s,
+                                    startup_check=pickle.dumps([p.fn for p in self._worker_parts]))
         return self._pool
 
     def start(self) -> None:

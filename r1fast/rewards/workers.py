@@ -108,8 +108,9 @@ def _set_cpu_backstop(cpu_limit_s: float | None) -> None:
 
 
 def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
-                 cpu_limit_s: float | None = None) -> None:
-    """Worker process body (module-level so that spawn can import it)."""
+                 cpu_limit_s: float | None = None, startup_check: bytes | None = None) -> None:
+    """Worker process body (module-level so that spawn can import it). ``startup_check``:
+    pickled objects unpickled before "ready" (the rewards it will run)."""
     os.setsid()  # its own session and process group: a kill takes its children too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which kills us
     if memory_limit_mb:
@@ -125,6 +126,8 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
             mod = importlib.import_module(module)
             if warm_up:
                 getattr(mod, warm_up)()
+        if startup_check is not None:
+            pickle.loads(startup_check)
     except Exception as exc:  # reported to the parent, which raises a setup error
         conn.send(("init_error", f"{type(exc).__name__}: {exc}"))
         return
@@ -157,10 +160,11 @@ def _worker_main(conn, memory_limit_mb: int | None, preload: tuple[str, ...],
 
 class _Worker:
     def __init__(self, ctx, memory_limit_mb: int | None, preload: tuple[str, ...],
-                 cpu_limit_s: float | None = None):
+                 cpu_limit_s: float | None = None, startup_check: bytes | None = None):
         parent, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main,
-                                args=(child, memory_limit_mb, preload, cpu_limit_s),
+                                args=(child, memory_limit_mb, preload, cpu_limit_s,
+                                      startup_check),
                                 daemon=True, name="r1fast-reward-worker")
         self.proc.start()
         child.close()
@@ -210,7 +214,7 @@ class WorkerPool:
     def __init__(self, num_workers: int = 2, *, start_method: str = "spawn",
                  memory_limit_mb: int | None = 4096, preload: Sequence[str] = (),
                  max_tasks_per_worker: int | None = 10_000, startup_timeout_s: float = 120.0,
-                 cpu_limit_s: float | None = None):
+                 cpu_limit_s: float | None = None, startup_check: bytes | None = None):
         check_range("num_workers", num_workers, 1)
         check_choice("start_method", start_method, mp.get_all_start_methods())
         if memory_limit_mb is not None:
@@ -226,6 +230,9 @@ class WorkerPool:
         self._ctx = mp.get_context(start_method)
         self.memory_limit_mb = memory_limit_mb
         self.preload = tuple(dict.fromkeys(preload))
+        self.startup_check = startup_check
+        """Pickled objects each worker must unpickle before it is ready (e.g. the rewards it
+        will run): one a spawned process cannot import fails the start, not every call."""
         self.max_tasks_per_worker = max_tasks_per_worker
         self.startup_timeout_s = float(startup_timeout_s)
         self.restarts = 0  # workers replaced after a kill or a crash
@@ -234,7 +241,8 @@ class WorkerPool:
 
     # -- worker lifecycle ------------------------------------------------------------------
     def _spawn(self) -> _Worker:
-        w = _Worker(self._ctx, self.memory_limit_mb, self.preload, self.cpu_limit_s)
+        w = _Worker(self._ctx, self.memory_limit_mb, self.preload, self.cpu_limit_s,
+                    self.startup_check)
         self._workers.append(w)
         return w
 
@@ -251,7 +259,12 @@ class WorkerPool:
             kind, detail = "init_error", f"exit code {w.proc.exitcode}"
         if kind != "ready":
             self.close()
-            raise RuntimeError(f"reward worker failed to start (preload {list(self.preload)}): {detail}")
+            hint = ("; a reward defined in __main__ (a notebook, `python -c`, or under `if "
+                    "__name__ == '__main__':`) cannot be imported by a spawned worker: define it "
+                    "in a module, or mark it sandbox = False") \
+                if "'__main__'" in detail or "'__mp_main__'" in detail else ""
+            raise RuntimeError(f"reward worker failed to start (preload {list(self.preload)}): "
+                               f"{detail}{hint}")
         w.ready = True
 
     def start(self) -> None:

@@ -156,6 +156,29 @@ def test_batched_part_failures():
     assert out.total == [0.0, 0.0] and out.status["reward_model"] == ["error", "error"]
 
 
+def test_a_reward_workers_cannot_import_fails_the_start_not_every_call(tmp_path):
+    """A reward defined in a script's main block pickles by name but a spawned worker cannot
+    find it: each call used to fail in the worker and score 0, counted as an error, for the
+    whole run. The workers now unpickle the rewards before they report ready."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from r1fast.rewards import RewardRunner\n"
+        "if __name__ == '__main__':\n"
+        "    def my_reward(completion, example):\n"
+        "        return 1.0\n"
+        "    with RewardRunner(my_reward, num_workers=1) as runner:\n"
+        "        print(runner(['a'], [{}]).status)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0, out.stdout
+    assert "RuntimeError: reward worker failed to start" in out.stderr
+    assert "Can't get attribute 'my_reward'" in out.stderr
+    assert "a reward defined in __main__" in out.stderr
+
+
 def test_empty_batch_spawns_nothing():
     runner = RewardRunner(MathAccuracyReward())
     out = runner([], [])
