@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from r1fast.data import load_tokenizer
-from r1fast.rollout.sampler import SamplingConfig, generate
+from r1fast.rollout.sampler import SamplingConfig, check_prompt_room, generate
 
 
 def load_model(path: str | Path, parallel=None):
@@ -76,7 +76,11 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
     rows = [(i, j) for i in range(len(prompts)) for j in range(k)]
     mine, padding = _replica_share(rows, dp_group)
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
-    _check_room(encoded, policy.model_cfg.max_position_embeddings, sampling.max_new_tokens)
+    positions = policy.model_cfg.max_position_embeddings
+    check_prompt_room([len(ids) for ids in encoded], positions - sampling.max_new_tokens,
+                      limits=f"max_position_embeddings={positions} leaves beside "
+                             f"max_new_tokens={sampling.max_new_tokens}",
+                      fix="lower max_new_tokens (--max-new-tokens) or leave those problems out")
     done: dict[tuple[int, int], tuple[str, bool]] = {}
     decoder = make_decoder(policy, **(decoder_options or {}))
     for start in range(0, len(mine), batch_rows):
@@ -96,20 +100,6 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
         done = {row: v for share in shares for row, v in share.items()}
     return Samples(texts=[[done[i, j][0] for j in range(k)] for i in range(len(prompts))],
                    truncated=[[done[i, j][1] for j in range(k)] for i in range(len(prompts))])
-
-
-def _check_room(encoded: Sequence[Sequence[int]], positions: int, max_new_tokens: int) -> None:
-    """Every prompt leaves ``max_new_tokens`` of the model's ``positions``: else the batch that
-    holds it would fail part-way through, after the batches before it were sampled."""
-    room = positions - max_new_tokens
-    long = [i for i, ids in enumerate(encoded) if len(ids) > room]
-    if long:
-        worst = max(long, key=lambda i: len(encoded[i]))
-        raise ValueError(f"{len(long)} of {len(encoded)} prompts are longer than the {room} "
-                         f"tokens max_position_embeddings={positions} leaves beside "
-                         f"max_new_tokens={max_new_tokens} (the longest, prompt {worst}, has "
-                         f"{len(encoded[worst])}): lower max_new_tokens (--max-new-tokens) or "
-                         f"leave those problems out")
 
 
 def _replica_share(rows: list[tuple[int, int]], dp_group) -> tuple[list[tuple[int, int]], int]:

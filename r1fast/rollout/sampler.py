@@ -201,6 +201,20 @@ def _invert_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.minimum(tokens, cdf.argmax(-1))
 
 
+def check_prompt_room(lengths: Sequence[int], room: int, *, limits: str, fix: str,
+                      what: str = "prompts", names: Sequence | None = None) -> None:
+    """Every prompt (``lengths`` in tokens) within ``room``, the context less the completion
+    budget; else a ValueError counting the long ones and naming the longest (``names[i]``, else
+    ``prompt i``), raised before anything is sampled, not by the batch that holds it after
+    the batches before it ran. ``limits`` says where ``room`` comes from, ``fix`` what to do."""
+    long = [i for i, n in enumerate(lengths) if n > room]
+    if long:
+        worst = max(long, key=lengths.__getitem__)
+        name = f"prompt {worst}" if names is None else names[worst]
+        raise ValueError(f"{len(long)} of {len(lengths)} {what} are longer than the {room} "
+                         f"tokens {limits} (the longest, {name}, has {lengths[worst]}); {fix}")
+
+
 @torch.no_grad()
 def generate(decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
              eos_token_id: int, generator: torch.Generator | None = None,

@@ -383,16 +383,15 @@ def _prompts_that_fit(examples: list[dict], tokenizer, cfg, what: str = "prompts
         if not kept:
             raise ValueError(f"data.max_prompt_tokens={limit} drops every one of the {what}")
         return kept
+    from r1fast.rollout.sampler import check_prompt_room
+
     room = prompt_room(cfg)
-    long = [i for i, n in enumerate(lengths) if n > room]
-    if long:
-        worst = max(long, key=lengths.__getitem__)
-        raise ValueError(f"{len(long)} of {len(examples)} {what} are longer than the {room} "
-                         f"tokens model.max_position_embeddings="
-                         f"{cfg.model.max_position_embeddings} leaves beside rollout."
-                         f"max_new_tokens={cfg.rollout.max_new_tokens} (the longest, "
-                         f"{examples[worst].get('id', worst)}, has {lengths[worst]}); set "
-                         f"data.max_prompt_tokens={room} to drop them")
+    check_prompt_room(lengths, room, what=what,
+                      names=[ex.get("id", i) for i, ex in enumerate(examples)],
+                      limits=f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
+                             f" leaves beside rollout.max_new_tokens="
+                             f"{cfg.rollout.max_new_tokens}",
+                      fix=f"set data.max_prompt_tokens={room} to drop them")
     return examples
 
 

@@ -44,7 +44,7 @@ def test_a_prompt_without_room_for_the_completion_fails_before_sampling(policy):
     prompts = ["1+2=", "9" * 60 + "+1=", "3+4="]
     with pytest.raises(ValueError, match=r"1 of 3 prompts are longer than the 56 tokens "
                                          r"max_position_embeddings=64 leaves beside "
-                                         r"max_new_tokens=8 \(the longest, prompt 1, has 64\): "
+                                         r"max_new_tokens=8 \(the longest, prompt 1, has 64\); "
                                          r"lower max_new_tokens"):
         sample_with_flags(policy, TOK, prompts, 2, SamplingConfig(max_new_tokens=8))
 
