@@ -200,7 +200,10 @@ def _grpo_loss_seq_kernel(
 
         pos = a > 0.0
         neg = a < 0.0
-        clipped = (pos & (r > hi)) | (neg & (r < lo))
+        if LOSS == 2:  # cispo truncates the weight whatever the sign of A
+            clipped = (r > hi) | (r < lo)
+        else:
+            clipped = (pos & (r > hi)) | (neg & (r < lo))
         if LOSS == 2:
             w_clip = _clamp_nan(r, lo, hi)
             pg = -w_clip * a * lp

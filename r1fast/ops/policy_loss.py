@@ -425,7 +425,9 @@ def _reference_metrics(cfg: PolicyLossConfig, ratio, adv, valid, m, tis_w, pg_nu
     r = ratio.detach()
     lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
     pos, neg = adv > 0, adv < 0
-    clipped = (pos & (r > hi)) | (neg & (r < lo))
+    # ppo/gspo: the clipped branch is the active one; cispo truncates the IS weight of every
+    # token outside [lo, hi], whatever the sign of A
+    clipped = ((r > hi) | (r < lo)) if cfg.loss == "cispo" else (pos & (r > hi)) | (neg & (r < lo))
     dual = (neg & (r > cfg.dual_clip)) if cfg.dual_clip is not None and cfg.loss != "cispo" \
         else torch.zeros_like(valid)
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
@@ -578,7 +580,8 @@ def policy_loss(
         ``(loss, metrics)``: ``loss`` a 0-d fp32 tensor (fp64 for fp64 inputs on the torch
         path); ``metrics`` detached 0-d tensors: ``pg_loss`` and ``kl_loss`` (the two parts of
         the loss, same normaliser, ``kl_loss`` includes ``kl_coef``), ``clip_frac`` (valid
-        tokens with A > 0 and ratio > 1+clip_high or A < 0 and ratio < 1-clip_low),
+        tokens with A > 0 and ratio > 1+clip_high or A < 0 and ratio < 1-clip_low; for cispo,
+        whose weight is truncated for either sign, ratio outside [1-clip_low, 1+clip_high]),
         ``dual_clip_frac`` (A < 0 and ratio > dual_clip), ``kl_mean`` (token mean of the KL
         estimate, 0 without ``kl``), ``ratio_min/mean/max`` (the ratio the loss uses: token
         ratio, or the sequence ratio for gspo), ``tis_mean`` (mean TIS weight, 1 without TIS)

@@ -92,7 +92,9 @@ def naive_fp64(logp, old, adv, mask, *, ref=None, roll=None, loss="ppo", clip_lo
             r = float(ratio.detach())
             ratios.append(r)
             ratio_sum += float(m[i, t]) * r
-            clip += float(m[i, t]) * float((a > 0 and r > hi) or (a < 0 and r < lo))
+            truncated = (r > hi or r < lo) if loss == "cispo" else \
+                ((a > 0 and r > hi) or (a < 0 and r < lo))  # cispo: the weight, any sign of A
+            clip += float(m[i, t]) * float(truncated)
         if agg == "seq-mean-token-mean":
             if toks:
                 seq, seq_pg, seq_kl = seq / w_i, seq_pg / w_i, seq_kl / w_i

@@ -62,6 +62,17 @@ def test_metrics_by_hand(device):
     torch.testing.assert_close(m["ratio_mean"].cpu(), torch.tensor(7.5 / 4))
 
 
+def test_cispo_counts_every_truncated_weight(device):
+    """CISPO truncates the IS weight of every token outside [lo, hi], whatever the sign of A:
+    its clip_frac counted only PPO's clipped branch (about half of them)."""
+    logp = torch.log(torch.tensor([[2.0, 0.5, 1.0, 4.0]], device=device))  # ratios, old = 0
+    adv = torch.tensor([[-1.0, 1.0, 1.0, 1.0]], device=device)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    _, m = call_policy_loss(logp, torch.zeros_like(logp), adv, mask, loss="cispo",
+                            impl="torch")
+    assert float(m["clip_frac"]) == 0.75  # ratios 2, 0.5, 4 are truncated; 1 is not
+
+
 @settings(max_examples=40, deadline=None)
 @given(case=random_cases())
 def test_random_cases_match_fp64(case):
