@@ -49,7 +49,7 @@ from r1fast.train.engine import TrainEngine
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, combine_micro_metrics,
                                   gather_expert_load, load_imbalance, read_jsonl,
-                                  truncate_metrics)
+                                  replica_token_means, truncate_metrics)
 from r1fast.train.packing import PackedMicroBatch, pack_routing, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.policy.transfer import to_device_async
@@ -381,8 +381,9 @@ class GRPOTrainer:
                         "completion of their mini-batch on any rank", self.step_idx + 1,
                         skipped, a.ppo_epochs * a.mini_batches)
         local = combine_micro_metrics(stats)  # loss summed, extremes, token-weighted means
-        out = self.engine.last_stage_reduce(local, UPDATE_METRICS)
-        out["loss"] = out["loss"] * self.info.dp / (a.ppo_epochs * a.mini_batches)
+        out = replica_token_means(local, UPDATE_METRICS, sum(stats.get("num_tokens", ())),
+                                  lambda v, k: self.engine.last_stage_reduce(v, k, op="sum"))
+        out["loss"] /= max(len(grad_norms), 1)  # mean over the updates that ran
         out["updates_skipped"] = skipped
         out["lr"] = sum(lrs) / len(lrs) if lrs else self.engine.lr
         if not grad_norms:  # nothing ran: no ratio to report, no gradient
@@ -495,8 +496,8 @@ class GRPOTrainer:
         }
         if acc_key in rewards:
             metrics["accuracy"] = acc_sum / n
-        for k in REPORTED_UPDATE_METRICS:
-            if k in upd:
+        for k in REPORTED_UPDATE_METRICS:  # no reference (kl_coef = 0): no KL to report
+            if k in upd and (k != "kl_mean" or self.reference is not None):
                 metrics[k.replace("_mean", "") if k in ("kl_mean", "entropy_mean") else k] = upd[k]
         for part, vals in rewards.items():
             if part != "total":

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -153,6 +153,19 @@ def combine_micro_metrics(stats: Mapping[str, list[float]]) -> dict[str, float |
         else:
             out[key] = sum(vals) / len(vals)
     return out
+
+
+def replica_token_means(local: Mapping[str, float | None], keys: Sequence[str], tokens: float,
+                        reduce_sum: Callable[[dict, list], dict]) -> dict[str, float]:
+    """``keys`` of one replica's :func:`combine_micro_metrics` over the DP replicas: ``loss``
+    summed, every other key a mean over all their ``tokens`` (each replica's mean weighted by
+    its own count), so the numbers equal a one-rank run's over the same rows at any DP size
+    (a plain mean over replicas halved them at DP 2 when one replica kept no tokens).
+    ``reduce_sum(values, keys)``: the sum over the replicas (collective)."""
+    vals = {k: float(local.get(k) or 0.0) * (1.0 if k == "loss" else tokens) for k in keys}
+    out = reduce_sum({**vals, "num_tokens": float(tokens)}, [*keys, "num_tokens"])
+    total = out.pop("num_tokens")
+    return {k: v if k == "loss" else (v / total if total > 0 else 0.0) for k, v in out.items()}
 
 
 def append_jsonl(path: str | Path, row: Mapping) -> None:

@@ -392,6 +392,36 @@ def test_a_step_that_keeps_no_completion_takes_no_optimizer_step(tmp_path, caplo
     assert row["updates_skipped"] == 0 and row["grad_norm"] > 0
 
 
+def test_reported_loss_is_the_mean_of_the_updates_that_ran_and_no_kl_without_reference(
+        tmp_path):
+    """The step's loss divided by every planned update, skipped ones included (half the one
+    update's loss with one of two skipped); with kl_coef = 0 there is no reference and the
+    row said kl = 0.0 while the policy drifted."""
+    import copy
+
+    from r1fast.train.grpo import GRPOTrainer
+
+    teaching: set[str] = set()
+    tr = GRPOTrainer(make_cfg(tmp_path, "--run.steps=1", "--algo.dynamic_sampling=true",
+                              "--algo.mini_batches=2", "--algo.kl_coef=0"),
+                     reward=lambda c, ex: varied_reward(c, ex) if ex["prompt"] in teaching
+                     else 0.0)
+    first, second = copy.deepcopy(tr.task.dataset).next_batch()
+    teaching.add(first["prompt"])  # mini-batch 0 (group 0) teaches, mini-batch 1 is skipped
+    assert second["prompt"] not in teaching
+    losses, update = [], tr.engine.update
+
+    def spy(micro, loss_fn):
+        out = update(micro, loss_fn)
+        losses.append(sum(float(m["loss"]) for m in out.metrics))
+        return out
+    tr.engine.update = spy
+    (row,) = tr.fit()
+    assert row["updates_skipped"] == 1 and len(losses) == 1 and losses[0] != 0
+    assert row["loss"] == pytest.approx(losses[0], rel=1e-6)
+    assert tr.reference is None and "kl" not in row and "clip_frac" in row
+
+
 def half_the_prompts_teach(completion: str, example: dict) -> float:
     """varied_reward on about half the prompts (by a stable hash of the prompt), 0 on the
     others: their groups carry no signal."""

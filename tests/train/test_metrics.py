@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from r1fast.train.metrics import MetricsLogger, combine_micro_metrics, read_jsonl
+from r1fast.train.metrics import (MetricsLogger, combine_micro_metrics, read_jsonl,
+                                  replica_token_means)
 
 
 def test_rows_are_written_and_read_back(tmp_path):
@@ -43,6 +44,27 @@ def test_micro_batch_metrics_keep_extremes_and_weigh_tokens():
     assert math.isclose(out["clip_frac"], (500 + 10 + 5) / 5015)
     # a rank without tokens has no ratio (the extreme over ranks skips it)
     assert combine_micro_metrics({"ratio_max": [1.0], "num_tokens": [0.0]})["ratio_max"] is None
+
+
+def test_replica_metrics_are_means_over_all_their_tokens():
+    """Update metrics were a plain mean of the replicas' token means: a replica that kept no
+    tokens (dynamic sampling, the overlong filter) halved clip_frac, kl and entropy at DP 2,
+    and uneven token counts weighed a short replica like a long one."""
+    keys = ["loss", "clip_frac", "entropy_mean"]
+    ranks = [({"loss": 0.25, "clip_frac": 0.5, "entropy_mean": 2.0}, 30.0),
+             ({"loss": 0.125, "clip_frac": 0.1, "entropy_mean": 1.0}, 10.0),
+             ({"loss": 0.0, "clip_frac": 1.0, "entropy_mean": 1.0}, 0.0)]  # kept nothing
+
+    sent = []  # what each replica puts into the all-reduce
+    for local, tokens in ranks:
+        replica_token_means(local, keys, tokens, lambda v, k: sent.append(v) or dict(v))
+    total = {k: sum(v[k] for v in sent) for k in sent[0]}
+    out = replica_token_means(ranks[0][0], keys, ranks[0][1], lambda v, k: dict(total))
+    assert out["loss"] == 0.375  # shares of each update's global loss: summed
+    assert math.isclose(out["clip_frac"], (15 + 1) / 40)
+    assert math.isclose(out["entropy_mean"], (60 + 10) / 40)
+    nothing = replica_token_means({}, keys, 0.0, lambda v, k: {n: 0.0 for n in k})
+    assert nothing == {"loss": 0.0, "clip_frac": 0.0, "entropy_mean": 0.0}
 
 
 def test_a_resumed_run_purges_tensorboard_points_after_its_checkpoint(tmp_path):
