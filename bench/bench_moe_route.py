@@ -135,7 +135,9 @@ def max_error(p: Provider, logits, k, kw, ref_dense, failed: set[str]) -> float 
     return (dense.double() - ref_dense).abs().max().item()
 
 
-def bench_case(T, E, k, config, dtype, device, modes, reps) -> list[dict]:
+def bench_case(T, E, k, config, dtype, device, modes, reps, saved=None) -> list[dict]:
+    """The case's rows, provider by provider (the compiled peer last); ``saved(rows)`` after
+    each, so a stage cut at its time limit keeps every provider it measured."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(T, E, generator=g) * 2).to(dtype).to(device).requires_grad_()
     kw = route_kwargs(config, E, k, device)
@@ -160,20 +162,26 @@ def bench_case(T, E, k, config, dtype, device, modes, reps) -> list[dict]:
     bwd = T * k * (4 + 8) + 2 * T * E * elt
     bytes_moved = {"forward": fwd, "backward": bwd, "full": fwd + bwd}
     shape = {"T": T, "E": E, "k": k, "config": config, "dtype": str(dtype).split(".")[-1]}
-    rows = run_case("moe_route", shape, {"logits": logits}, providers, modes=modes,
-                    bytes_moved=bytes_moved, reps=reps, measure_memory=True)
     # Error of each provider's dense probs against fp64 weights of the reference's selection
     # (replayed, so a near-tie decided differently in fp64 does not count as an error).
     with torch.no_grad():
         sel = moe_route(logits.detach(), k, impl="torch", **kw).indices
         ref = moe_route(logits.detach().double(), k, impl="torch", replay_indices=sel, **kw)
     ref_dense = routing_to_dense(ref.weights, ref.indices, E)[0]
-    failed = {r["provider"] for r in rows if "the peer failed" in str(r.get("skipped", ""))}
-    errs = {p.name: max_error(p, logits.detach(), k, kw, ref_dense, failed) for p in providers}
-    for r in rows:
-        if "ms" in r:
-            r["max_abs_err"] = errs[r["provider"]]
-    add_copy_fraction(rows, {m: bytes_moved[m] for m in modes}, device, reps)
+    floor = {m: copy_floor_ms(bytes_moved[m], device, reps) for m in modes}
+    rows: list[dict] = []
+    for p in providers:
+        got = run_case("moe_route", shape, {"logits": logits}, [p], modes=modes,
+                       bytes_moved=bytes_moved, reps=reps, measure_memory=True)
+        failed = {r["provider"] for r in got if "the peer failed" in str(r.get("skipped", ""))}
+        err = max_error(p, logits.detach(), k, kw, ref_dense, failed)
+        for r in got:
+            if "ms" in r:
+                r["max_abs_err"] = err
+                r["copy_ms"], r["frac_copy"] = floor[r["mode"]], floor[r["mode"]] / r["ms"]
+        rows += got
+        if saved is not None:
+            saved(rows)
     return rows
 
 
@@ -193,11 +201,12 @@ def main(argv=None) -> None:
         for E, k in pairs:
             for config in args.configs:
                 print(f"\n== moe_route T={T} E={E} k={k} {config} {args.dtype} on {device.type}")
-                rows = bench_case(T, E, k, config, dtype, device, args.modes, reps)
+                done = list(all_rows)
+                save = None if args.no_save else (  # after each provider: a cut run keeps it
+                    lambda rows, done=done: save_rows(done + rows, "moe_route_" + device.type))
+                rows = bench_case(T, E, k, config, dtype, device, args.modes, reps, save)
                 print_table(rows, extra=["copy_ms", "frac_copy"])
                 all_rows += rows
-                if not args.no_save:  # after each case: a run cut short keeps it
-                    print(f"saved {save_rows(all_rows, 'moe_route_' + device.type)}")
 
 
 if __name__ == "__main__":

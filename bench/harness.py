@@ -77,6 +77,10 @@ def compiled_at_first_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 # ----------------------------------------------------------------------------- environment
 
 def _git_commit() -> str:
+    """HEAD of the checkout, else ``$R1FAST_GIT_COMMIT`` (a copy sent to a GPU machine travels
+    without .git: the command that sends it names the commit), else "unknown"."""
+    if os.environ.get("R1FAST_GIT_COMMIT"):
+        return os.environ["R1FAST_GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
                                        cwd=Path(__file__).parent, text=True,
@@ -177,11 +181,21 @@ def _flush_l2(device: torch.device) -> None:
     _L2_FLUSH[key].zero_()
 
 
+#: GPU cycles of the spin queued before each timed repeat (about 1 ms on an H100/H200): the
+#: host enqueues the timed call while the GPU spins, so a microsecond op is timed as its
+#: kernels, not as Python's launch overhead between two events on an idle GPU
+SPIN_CYCLES = 2_000_000
+HIDES_LAUNCH = hasattr(torch.cuda, "_sleep")
+"""Whether CUDA timings hide the launch overhead (rows say so as ``launch_hidden``)."""
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, reps: int = 5,
-            setup: Callable[[], Any] | None = None) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU, the L2 flushed before
-    each repeat: :func:`_flush_l2`). ``setup`` runs before each repeat, outside the timed
-    region."""
+            setup: Callable[[], Any] | None = None, stats: dict | None = None) -> float:
+    """Median time of ``fn`` in milliseconds: on a GPU the kernels' time between CUDA events,
+    the L2 flushed (:func:`_flush_l2`) and the launch hidden behind a spin (``SPIN_CYCLES``)
+    before each repeat; on a CPU wall time. ``setup`` runs before each repeat, outside the
+    timed region. ``stats``, if given, receives ``ms_min``, ``ms_max`` and ``ms_all`` (every
+    repeat), the spread a comparison of two medians is judged against."""
     for _ in range(warmup):
         if setup:
             setup()
@@ -195,6 +209,8 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, rep
         _sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if HIDES_LAUNCH:
+                torch.cuda._sleep(SPIN_CYCLES)
             start.record()
             fn()
             end.record()
@@ -204,6 +220,8 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, rep
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    if stats is not None:
+        stats.update(ms_min=min(times), ms_max=max(times), ms_all=[round(t, 5) for t in times])
     return statistics.median(times)
 
 
@@ -466,7 +484,9 @@ def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
             continue
         fn, setup = mode_fns[mode]
         try:
-            ms = time_ms(fn, case.device, warmup=case.warmup, reps=case.reps, setup=setup)
+            spread: dict = {}
+            ms = time_ms(fn, case.device, warmup=case.warmup, reps=case.reps, setup=setup,
+                         stats=spread)
             mem = None
             if case.measure_memory:
                 if setup:
@@ -476,7 +496,8 @@ def _provider_rows(p: Provider, case: _Case, rows: list[dict]) -> None:
             rows.append({**base, "mode": mode, **case.env,
                          "skipped": f"out of memory: {str(e).splitlines()[0]}"})
             continue
-        row = {**base, "mode": mode, "ms": ms,
+        row = {**base, "mode": mode, "ms": ms, **spread,
+               "launch_hidden": case.device.type == "cuda" and HIDES_LAUNCH,
                "peak_extra_mib": None if mem is None else mem / 2**20,
                "max_abs_err": err, **case.env,
                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

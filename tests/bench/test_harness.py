@@ -186,3 +186,13 @@ def test_the_timed_backward_is_the_ops_own():
     assert torch.equal(g.float() * 64, (g.float() * 64).round()) and g.abs().max() <= 4
     assert [r["mode"] for r in rows] == ["backward", "full"]
     assert rows[1]["max_grad_rel_err"] == {"x": 0.0}
+
+
+def test_rows_keep_the_spread_of_their_repeats():
+    """Rows kept only the median, so two providers' medians could not be judged against the
+    noise of their repeats."""
+    p = Provider("f", _f)
+    rows = run_case("f", {"n": 7}, _inputs(), [p], modes=["forward"], reps=4)
+    (row,) = rows
+    assert len(row["ms_all"]) == 4 and row["ms_min"] <= row["ms"] <= row["ms_max"]
+    assert row["launch_hidden"] is False  # CPU wall time: nothing to hide
