@@ -9,10 +9,10 @@ Usage::
                                 [--budget SECONDS] [--limit STAGE=SECONDS ...]
                                 [--only STAGE,STAGE] [--benches NAME,NAME]
 
-Stages, in order, each in its own subprocess with its own time limit (``--limit``), all of them
-together inside ``--budget`` seconds (default 510: one command of at most 570 s on the GPU
-machines this project is lent for about 15 minutes); the benchmarks no target reads run after
-the tests:
+Stages, in order, each in its own process group with its own time limit (``--limit``), all of
+them together (counted from this script's start) inside ``--budget`` seconds (default 510: one
+command of at most 570 s on the GPU machines this project is lent for about 15 minutes); the
+benchmarks no target reads run after the tests:
 
 ``env``      device, clocks (``nvidia-smi``), versions (python, torch, CUDA, Triton, nvcc,
              driver), the git commit, and which optional peers are importable.
@@ -24,6 +24,9 @@ the tests:
              wheelhouse it only checks that ``r1fast.kernels`` imports (overlay if not).
 ``build``    builds the CUDA extension (``r1fast.ops._cuda_ext``: ``missing(op)`` for every op
              compiles ``csrc/`` once) and records build time or the first error line.
+``smoke``    ``pytest -x`` on the few test files that must pass before any number means
+             something (the CUDA router's first run, the kernels at the benchmarks' shapes
+             against fp64): ``SMOKE_TESTS`` of gpu_check_plan.py.
 ``bench_*``  ``bench/bench_<name>.py`` at real shapes (T=16384, H=4096, V=151936 bf16;
              E=256 k=8; H=4096/7168; the GRPO step; the rollout length mix, old decoder vs
              the ragged KV cache; MLA's prefill and decode attention at DeepSeek-V3's sizes),
@@ -40,15 +43,16 @@ the tests:
              instruction mix of each Triton kernel and autotune config, compiled for sm_90
              (needs no GPU), one ``{"kind": "resources", ...}`` row per compiled kernel.
 
-Files written into RESULTS (at most five, flat, so the device tool returns all of them):
+Files written into RESULTS (five, flat, so the device tool returns all of them):
 
 ``results.jsonl``  one JSON object per line, ``{"kind": "env"|"stage"|"bench"|"resources",
                    ...}``; every stage row has ``stage``, ``status`` (ok / failed / timeout /
-                   skipped), ``seconds``, ``limit_s``, ``detail``, and the run's device,
+                   skipped / incomplete: a sanitizer cut by its limit with no error found),
+                   ``seconds``, ``limit_s``, ``detail``, and the run's device,
                    commit and versions.
 ``summary.md``     a markdown summary, rewritten after every stage.
 ``gpu_check.log``  every stage's command and output.
-``junit.xml``      the test stage's JUnit report.
+``junit.xml``      the test stage's JUnit report (``junit_smoke.xml``: the smoke stage's).
 
 Dry mode (``--dry``, the default where ``torch.cuda.is_available()`` is False): tiny shapes,
 ``TRITON_INTERPRET=1``, the same stages, code paths and files (pip gets ``--dry-run``; the
@@ -63,13 +67,12 @@ docs/GPU.md): ``pip download --only-binary=:all: --no-deps --python-version ... 
 antlr4-python3-runtime==4.13.2`` (``--no-deps``: torch and Triton come with the machine's CUDA
 stack and must not be replaced). The folder is git-ignored; carry it with the checkout.
 
-Exit status: 0 when every stage that ran is ok or skipped, 1 otherwise (the files are written
+Exit status: 0 when every stage that ran is ok, skipped or incomplete, 1 otherwise (the files are written
 either way).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import re
@@ -90,29 +93,20 @@ from gpu_check_report import (  # noqa: E402
     render_summary,
 )
 from gpu_check_plan import (  # noqa: E402
-    BENCH_ARGS, BENCHES, DRY_BENCH_ARGS, DRY_LIMITS, DRY_RESOURCE_WORKLOADS, DRY_TESTS,
-    GPU_TESTS, LATE_BENCHES, LIMITS, RESOURCE_WORKLOADS, STAGES,
+    BENCH_ARGS, BENCHES, DRY_BENCH_ARGS, DRY_LIMITS, DRY_RESOURCE_WORKLOADS, DRY_SMOKE_TESTS,
+    DRY_TESTS, GPU_TESTS, LATE_BENCHES, LIMITS, RESOURCE_WORKLOADS, SMOKE_TESTS, STAGES,
 )
+from gpu_check_env import _PEERS, _now, _remove_build_locks, environment  # noqa: E402
 from gpu_check_targets import render_targets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the budget counts from here: the env stage (a cold ``import torch``, CUDA's start) is in it
+STARTED = time.monotonic()
 
-RESULT_FILES = ("results.jsonl", "summary.md", "gpu_check.log", "junit.xml")
+RESULT_FILES = ("results.jsonl", "summary.md", "gpu_check.log", "junit.xml", "junit_smoke.xml")
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _run_quiet(cmd: list[str], timeout: float = 10) -> str | None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
 
 def parse_limits(items: list[str]) -> dict[str, float]:
     out = {}
@@ -152,81 +146,6 @@ class Recorder:
                                                             time.monotonic() - self.started))
 
 
-# ----------------------------------------------------------------------------- environment
-
-def environment(dry: bool) -> dict:
-    import platform
-
-    env: dict = {"python": platform.python_version(), "dry": dry, "time": _now(),
-                 "git_commit": _run_quiet(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
-                 "git_dirty": bool(_run_quiet(["git", "status", "--porcelain",
-                                               "--untracked-files=no"]))}
-    try:
-        import torch
-
-        env.update(torch=torch.__version__, cuda_runtime=torch.version.cuda,
-                   cuda_available=torch.cuda.is_available())
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            env.update(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
-                       gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                       capability=f"{p.major}.{p.minor}")
-        else:
-            env["device"] = f"cpu ({os.cpu_count()} cores)"
-    except ImportError as e:
-        env.update(torch=None, device="unknown", torch_error=str(e))
-    for mod in ("triton", "megatron.core", "liger_kernel", "transformer_engine", "math_verify"):
-        env[f"have_{mod.split('.')[0]}"] = _version_of(mod)
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
-                                    if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-    if nvcc:
-        m = re.search(r"release ([\d.]+)", _run_quiet([nvcc, "--version"]) or "")
-        env["nvcc"] = m.group(1) if m else nvcc
-    else:
-        env["nvcc"] = None
-    clocks = _run_quiet(["nvidia-smi", "--query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,"
-                         "clocks.max.mem,power.draw,power.limit,temperature.gpu,driver_version",
-                         "--format=csv,noheader,nounits", "-i", "0"])
-    if clocks:
-        keys = ["name", "clocks_sm_mhz", "clocks_max_sm_mhz", "clocks_mem_mhz",
-                "clocks_max_mem_mhz", "power_w", "power_limit_w", "temperature_c", "driver"]
-        env["clocks"] = dict(zip(keys, [v.strip() for v in clocks.splitlines()[0].split(",")]))
-    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return env
-
-
-def _remove_build_locks(env: dict) -> int:
-    """Delete the ``lock`` files torch's extension builder leaves in a build folder when it is
-    killed (every later build of that folder would wait on them); returns how many."""
-    root = env.get("R1FAST_EXT_DIR") or str(Path.home() / ".cache" / "r1fast" / "torch_extensions")
-    locks = list(Path(root).glob("*/*/lock"))
-    for lock in locks:
-        lock.unlink(missing_ok=True)
-    return len(locks)
-
-
-#: env-row key -> distribution of the peers the benchmarks compare with
-_PEERS = (("have_megatron", "megatron-core"), ("have_liger_kernel", "liger-kernel"),
-          ("have_math_verify", "math-verify"), ("have_transformer_engine", "transformer-engine"))
-
-
-def _version_of(module: str) -> str | None:
-    import importlib.metadata as md
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec(module) is None:
-            return None
-    except (ImportError, ValueError):
-        return None
-    dist = {"megatron.core": "megatron-core", "liger_kernel": "liger-kernel",
-            "transformer_engine": "transformer-engine", "math_verify": "math-verify"}
-    try:
-        return md.version(dist.get(module, module))
-    except md.PackageNotFoundError:
-        return "present"
-
-
 # ----------------------------------------------------------------------------- stage runner
 
 class Runner:
@@ -234,11 +153,17 @@ class Runner:
         self.args = args
         self.rec = rec
         self.dry = args.dry
-        self.deadline = time.monotonic() + args.budget
+        self.deadline = STARTED + args.budget
         self.limits = {**(DRY_LIMITS if self.dry else LIMITS), **parse_limits(args.limit)}
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
         if self.dry:
             self.env.update(TRITON_INTERPRET="1", R1FAST_BENCH_INTERPRET="1")
+        # every stage is a new process: the autotuners' choices are kept on disk between them
+        self.env["TRITON_CACHE_AUTOTUNING"] = "1"
+        capability = rec.base.get("capability")
+        if capability:  # the extension for this GPU alone (an image's list may name archs
+            self.env["TORCH_CUDA_ARCH_LIST"] = capability  # nvcc 13 no longer has)
+        self.current: subprocess.Popen | None = None  # the stage's process, for SIGTERM
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         self.ok = True
@@ -250,8 +175,10 @@ class Runner:
     def limit_for(self, stage: str) -> float:
         return max(0.0, min(self.limits.get(stage, 60.0), self.remaining() - 3.0))
 
-    def run(self, stage: str, cmd: list[str], limit: float) -> tuple[str, int | None, str, float]:
-        """Run ``cmd`` in its own process group; (status, rc, output, seconds). Its output goes
+    def run(self, stage: str, cmd: list[str], limit: float, env: dict | None = None
+            ) -> tuple[str, int | None, str, float]:
+        """Run ``cmd`` in its own process group (in this session: the device tool's limit
+        ends it with this script); (status, rc, output, seconds). Its output goes
         straight into gpu_check.log (a run cut from outside still shows how far each stage
         got) and one progress line per start and end to stdout."""
         self.rec.log(f"\n===== {stage} ({_now()}, limit {limit:.0f} s)\n$ {' '.join(cmd)}")
@@ -260,8 +187,9 @@ class Runner:
         t0 = time.monotonic()
         with open(log, "a") as sink:
             start = sink.tell()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=sink,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=sink,
+                                    stderr=subprocess.STDOUT, text=True, process_group=0)
+            self.current = proc
             try:
                 proc.wait(timeout=limit)
                 status = "ok" if proc.returncode == 0 else "failed"
@@ -269,6 +197,8 @@ class Runner:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 status = "timeout"
+            finally:
+                self.current = None
         seconds = time.monotonic() - t0
         with open(log, errors="replace") as f:
             f.seek(start)
@@ -277,9 +207,15 @@ class Runner:
         print(f"[gpu-check {_now()}] {stage}: {status} in {seconds:.0f} s", flush=True)
         return status, proc.returncode, out, seconds
 
+    def stop_current(self) -> None:
+        """Kill the running stage's process group (SIGTERM to this script: nothing outlives
+        it on the GPU)."""
+        if self.current is not None and self.current.poll() is None:
+            os.killpg(self.current.pid, signal.SIGKILL)
+
     def record(self, stage: str, status: str, seconds: float, limit: float, detail: str,
                **extra) -> None:
-        if status not in ("ok", "skipped"):
+        if status not in ("ok", "skipped", "incomplete"):
             self.ok = False
         self.rec.add({"kind": "stage", "stage": stage, "status": status,
                       "seconds": round(seconds, 2), "limit_s": round(limit), "detail": detail,
@@ -394,13 +330,17 @@ class Runner:
         self.record(stage, status, secs, limit, detail, missing=missing,
                     build_seconds=info.get("seconds"))
 
-    def stage_tests(self) -> None:
-        stage = "tests"
+    def stage_tests(self, stage: str = "tests") -> None:
+        """``tests``: the GPU test files; ``smoke``: the few that run before the benchmarks
+        (``-x``: the first failure ends it, the benchmarks still run)."""
         if self.out_of_time(stage):
             return
         limit = self.limit_for(stage)
-        junit = self.rec.dir / "junit.xml"
-        files = DRY_TESTS if self.dry else GPU_TESTS
+        junit = self.rec.dir / ("junit.xml" if stage == "tests" else f"junit_{stage}.xml")
+        if stage == "smoke":
+            files = ["-x", *(DRY_SMOKE_TESTS if self.dry else SMOKE_TESTS)]
+        else:
+            files = DRY_TESTS if self.dry else GPU_TESTS
         if junit.exists():
             junit.unlink()
         # -v: one line per test, so a run cut short still says what passed (junit is written
@@ -477,15 +417,22 @@ class Runner:
         for tool in ("memcheck", "racecheck"):
             cmd = [sanitizer, "--tool", tool, "--error-exitcode", "3", "--print-limit", "20",
                    *script]
-            status, rc, out, secs = self.run(f"{stage}_{tool}", cmd, limit / 2)
+            # torch's caching allocator hands out pieces of larger blocks: an access past a
+            # tensor's end inside its block is invisible to memcheck without this
+            env = {**self.env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+            status, rc, out, secs = self.run(f"{stage}_{tool}", cmd, limit / 2, env)
             t_all += secs
             errors = re.search(r"ERROR SUMMARY: (\d+) error", out)
             results[tool] = {"status": status, "rc": rc, "op_runs": out.count("SANITIZE_OK"),
                              "errors": int(errors.group(1)) if errors else None}
         ok = all(r["status"] == "ok" and r["errors"] == 0 for r in results.values())
+        # a tool cut by its time limit with no error found so far proves less, not a defect
+        cut = all(r["status"] in ("ok", "timeout") and not r["errors"]
+                  for r in results.values())
         detail = "; ".join(f"{t}: {r['op_runs']} op runs, {r['errors']} errors ({r['status']})"
                            for t, r in results.items())
-        self.record(stage, "ok" if ok else "failed", t_all, limit, detail, sanitizer=results)
+        self.record(stage, "ok" if ok else "incomplete" if cut else "failed", t_all, limit,
+                    detail, sanitizer=results)
 
     def stage_resources(self) -> None:
         stage = "resources"
@@ -552,7 +499,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     env = environment(args.dry)
     base = {k: env.get(k) for k in ("device", "git_commit", "torch", "cuda_runtime", "nvcc",
-                                    "python", "dry", "cuda_available")}
+                                    "python", "dry", "cuda_available", "capability")}
     base["triton_version"] = env.get("have_triton")
     rec = Recorder(results, args.dry, base)
     rec.add({"kind": "env", **env})
@@ -561,11 +508,18 @@ def main(argv=None) -> int:
              "detail": f"{env.get('device')}; torch {env.get('torch')}"})
     rec.summary(finished=False)
     runner = Runner(args, rec)
+
+    def terminated(signum, frame):  # the device tool's limit: end the stage with this script
+        runner.stop_current()
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, terminated)
     try:
         if "install" in only:
             runner.stage_install()
         if "build" in only:
             runner.stage_build()
+        if "smoke" in only:
+            runner.stage_tests("smoke")
         if "bench" in only:
             for name in (b for b in benches if b not in LATE_BENCHES):
                 runner.stage_bench(name)

@@ -3,9 +3,11 @@ arguments, the test files, the compiler-report workloads, and each stage's time 
 and in the dry mode of a CPU machine (docs/GPU.md has the same table in prose). The runner
 itself (subprocesses, limits, result files) is gpu_check.py."""
 
-# Order: the numbers #18 needs first (a stage the budget cuts is recorded as skipped, and
-# ``--only`` runs it in a second call), then the tests, the sanitizer and the compiler's report.
-STAGES = ("env", "install", "build", "bench", "tests", "sanitizer", "resources")
+# Order: correct first (the smoke tests: the CUDA router's first execution, the kernels at the
+# benchmarks' real shapes against fp64), then the numbers #18 needs (a stage the budget cuts is
+# recorded as skipped, and ``--only`` runs it in a second call), then the other tests, the
+# sanitizer and the compiler's report.
+STAGES = ("env", "install", "build", "smoke", "bench", "tests", "sanitizer", "resources")
 # the benchmarks of #18's targets, then the experts rows that set the experts defaults; the
 # LATE ones (no target reads them) run after the tests, so a budget cut takes them first
 BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "moe_experts",
@@ -13,21 +15,26 @@ BENCHES = ("linear_logprob", "grpo_loss", "moe_route", "moe_permute", "step", "m
 LATE_BENCHES = ("rollout", "mla_prefill")
 
 # Per-stage limits in seconds (GPU). The sum may exceed the budget: later stages get what is left.
-LIMITS = {"env": 30, "install": 60, "build": 150, "tests": 240, "bench_linear_logprob": 150,
+LIMITS = {"env": 30, "install": 60, "build": 150, "smoke": 120, "tests": 240, "bench_linear_logprob": 150,
           "bench_grpo_loss": 120, "bench_moe_route": 120, "bench_moe_permute": 60, "bench_step": 90,
           "bench_rollout": 120, "bench_mla_prefill": 45, "bench_moe_experts": 75, "sanitizer": 150,
           "resources": 90}
-DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "tests": 120, "bench_linear_logprob": 60,
+DRY_LIMITS = {"env": 30, "install": 60, "build": 60, "smoke": 60, "tests": 120, "bench_linear_logprob": 60,
               "bench_grpo_loss": 60, "bench_moe_route": 90, "bench_moe_permute": 90,
               "bench_step": 120, "bench_rollout": 90, "bench_mla_prefill": 60,
               "bench_moe_experts": 60, "sanitizer": 90, "resources": 90}
 
-GPU_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_moe_route_triton.py",
+# the smoke stage: run with -x before the benchmarks, left out of the tests stage
+SMOKE_TESTS = ["tests/ops/test_moe_cuda.py", "tests/ops/test_advantages.py",
+               "tests/ops/test_real_shapes.py"]
+DRY_SMOKE_TESTS = ["tests/ops/test_moe_cuda.py",
+                   "tests/ops/test_advantages.py::test_binary_rewards_and_large_offset"]
+GPU_TESTS = ["tests/ops/test_moe_route_triton.py",
              "tests/ops/test_moe_permute.py", "tests/ops/test_grpo_loss_triton.py",
              "tests/ops/test_linear_logprob_triton.py",
              "tests/ops/test_linear_logprob_vocab_parallel.py",
              "tests/ops/test_fused_linear_policy_loss.py",
-             "tests/ops/test_host_sync.py", "tests/ops/test_real_shapes.py",
+             "tests/ops/test_host_sync.py",
              "tests/bench/test_harness.py", "tests/rollout/test_attention.py",
              "tests/policy/test_dispatcher.py", "tests/ops/test_moe_experts.py",
              "tests/policy/test_local_experts.py",

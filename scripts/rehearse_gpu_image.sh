@@ -9,7 +9,7 @@
 # the missing packages the way the device gets them (`make wheelhouse`, then pip --no-index
 # --no-deps), and runs in a clean clone of HEAD:
 #   1. `make gpu-check` (dry mode: tiny shapes, Triton 3.6's interpreter, every stage);
-#   2. the GPU stage's test files (scripts/gpu_check_plan.py GPU_TESTS), whose CPU cases run;
+#   2. the GPU stages' test files (scripts/gpu_check_plan.py SMOKE_TESTS, GPU_TESTS), whose CPU cases run;
 #   3. the sm_90 compile of every Triton kernel with Triton 3.6 (bench/kernel_resources.py).
 # NumPy stays below 2.4 here: Triton 3.6's interpreter cannot run with 2.4+ (the device has
 # 2.5 and runs no interpreter).
@@ -62,11 +62,11 @@ status=0
 echo "rehearse: 1/3 make gpu-check (dry)"
 make -C "$clone" gpu-check PYTHON="$py" RESULTS="$work/results" WHEELHOUSE="$work/wheelhouse" > "$work/gpu_check.out" 2>&1 \
   || { status=1; echo "rehearse: gpu-check FAILED (see $work/gpu_check.out)"; }
-grep -E '^\| [a-z_]+ \| (ok|failed|skipped|timeout)' "$work/results/summary.md" || true
+grep -E '^\| [a-z_]+ \| (ok|failed|skipped|timeout|incomplete)' "$work/results/summary.md" || true
 
 echo "rehearse: 2/3 the GPU stage's test files"
 mapfile -t gpu_tests < <(cd "$clone" && "$py" -c \
-  'import sys; sys.path.insert(0, "scripts"); from gpu_check_plan import GPU_TESTS; print(*GPU_TESTS, sep="\n")')
+  'import sys; sys.path.insert(0, "scripts"); from gpu_check_plan import GPU_TESTS, SMOKE_TESTS; print(*SMOKE_TESTS, *GPU_TESTS, sep="\n")')
 (cd "$clone" && "$py" -m pytest -q -p no:cacheprovider -m "not slow" \
    --junitxml="$work/gpu_tests.xml" "${gpu_tests[@]}") > "$work/gpu_tests.out" 2>&1 \
   || { status=1; echo "rehearse: GPU test files FAILED (see $work/gpu_tests.out)"; }

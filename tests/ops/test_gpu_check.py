@@ -36,13 +36,15 @@ def test_dry_run_writes_every_result_file(tmp_path):
     out = tmp_path / "out"
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {"results.jsonl", "summary.md", "gpu_check.log",
-                                               "junit.xml"}
+                                               "junit.xml", "junit_smoke.xml"}
     rows = _rows(out)
     env = [r for r in rows if r["kind"] == "env"]
     assert len(env) == 1 and env[0]["dry"] is True and env[0]["git_commit"]
     stages = {r["stage"]: r for r in rows if r["kind"] == "stage"}
-    assert list(stages) == ["env", "install", "build", "bench_linear_logprob", "tests",
-                            "sanitizer", "resources"]
+    # correct first: the smoke tests before the numbers
+    assert list(stages) == ["env", "install", "build", "smoke", "bench_linear_logprob",
+                            "tests", "sanitizer", "resources"]
+    assert stages["smoke"]["tests"] > 0 and stages["smoke"]["failures"] == 0
     # no sanitizer here: the ops ran without it, and that is not reported as a pass
     assert stages["sanitizer"]["status"] == "skipped"
     assert "5 op runs without compute-sanitizer" in stages["sanitizer"]["detail"]
@@ -158,3 +160,42 @@ def test_the_lock_sweep_looks_where_the_extension_builds(tmp_path, monkeypatch):
         (_cuda_ext._build_dir("moe_route") / "lock").write_text("")
         assert mod._remove_build_locks(env) == 1
         assert not (_cuda_ext._build_dir("moe_route") / "lock").exists()
+
+
+def test_stages_stay_in_the_session_and_end_with_the_script(tmp_path):
+    """Stages ran in a new session, which outlives the device tool's command limit and keeps
+    the GPU busy under the next call; each is now a process group of this session, and
+    SIGTERM to the script kills the running one (stop_current)."""
+    import threading
+    import time
+
+    mod = _script()
+    runner = mod.Runner(mod.parse_args(["--results", str(tmp_path / "r"), "--dry"]),
+                        mod.Recorder(tmp_path / "r", True, {}))
+    code = ("import os, time; print('IDS', os.getsid(0), os.getpgid(0), flush=True); "
+            "time.sleep(120)")
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        out=runner.run("sleeper", [sys.executable, "-c", code], 200)))
+    thread.start()
+    log = tmp_path / "r" / "gpu_check.log"
+    for _ in range(300):
+        if "IDS" in log.read_text():
+            break
+        time.sleep(0.1)
+    runner.stop_current()
+    thread.join(30)
+    status, rc, out, seconds = result["out"]
+    assert status == "failed" and rc == -9 and seconds < 60
+    sid, pgid = map(int, out.split("IDS")[1].split()[:2])
+    assert sid == os.getsid(0) and pgid != os.getpgid(0)
+
+
+def test_the_commit_comes_from_the_command_where_git_is_absent(monkeypatch):
+    """The copy sent to a GPU machine has no .git: every row's commit read "unknown"."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from harness import _git_commit
+
+    monkeypatch.setenv("R1FAST_GIT_COMMIT", "abc1234")
+    assert _git_commit() == "abc1234"
+    assert _script().environment(True)["git_commit"] == "abc1234"
