@@ -58,8 +58,9 @@ def test_a_reward_registered_at_run_time_reaches_the_workers():
 
     register_reward("test_not_equal_run_time", operator.ne)  # 1.0 for any text and row
     try:
+        # a loaded machine may take seconds over the first call's imports: not what is tested
         with RewardRunner([("accuracy", RoutedReward("math_accuracy"), 1.0)],
-                          num_workers=1) as runner:
+                          num_workers=1, timeout_s=60.0) as runner:
             out = runner(["ABC", "\\boxed{4}"], [{"answer": "4",
                                                     "reward": "test_not_equal_run_time"},
                                                    {"answer": "4"}])
