@@ -37,6 +37,7 @@ import torch
 
 from r1fast.rollout.routing import RolloutRouting
 from r1fast.rollout.sampler import Rollout
+from r1fast.train.batch import groups_with_signal
 
 log = logging.getLogger("r1fast.train")
 
@@ -72,9 +73,11 @@ def row_seeds(seed: int, step: int, round_: int, rows: Sequence[int]) -> list[in
 
 
 def has_signal(rewards: Sequence[float], group_size: int) -> list[bool]:
-    """Per group (``group_size`` adjacent rows): whether its rewards are not all equal."""
-    return [max(rewards[i:i + group_size]) > min(rewards[i:i + group_size])
-            for i in range(0, len(rewards), group_size)]
+    """Per group (``group_size`` adjacent rows): whether its rewards are not all equal, in the
+    fp32 the trainer's advantages and mask use (rewards equal only there would fill the batch
+    with a group the update then masks)."""
+    varied = groups_with_signal(torch.tensor(rewards, dtype=torch.float32), group_size)
+    return varied[::group_size].tolist()
 
 
 #: a group of a step: (round, DP rank that sampled it, its index on that rank), the order of
