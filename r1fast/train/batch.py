@@ -136,6 +136,33 @@ def model_parallel_agreed(values: dict[str, list[float]]) -> dict[str, list[floa
     return {k: row.tolist() for k, row in zip(keys, t.cpu())}
 
 
+def rank_prompts(n: int, dp: int, dp_rank: int, mini_batches: int = 1) -> list[int]:
+    """The prompts (groups) of a step's ``n`` that data-parallel rank ``dp_rank`` of ``dp``
+    holds, as indices into the step's batch, in its local order: its share of each of the
+    ``mini_batches`` consecutive mini-batches in turn. Its local mini-batch j (``split_even``
+    of its rows) is then its share of a one-rank run's mini-batch j, so every optimizer step
+    trains on the same rows at any DP size. Where ``n`` is not a multiple of
+    ``mini_batches * dp`` a mini-batch cannot be shared in whole groups: slice ``dp_rank``
+    (:func:`mini_batches_follow_dp` says when)."""
+    k = n // dp
+    if dp == 1 or mini_batches == 1 or n % (mini_batches * dp):
+        return list(range(dp_rank * k, (dp_rank + 1) * k))
+    per, share = n // mini_batches, n // (mini_batches * dp)
+    return [j * per + dp_rank * share + t for j in range(mini_batches) for t in range(share)]
+
+
+def rank_rows(n: int, dp: int, dp_rank: int, mini_batches: int, group_size: int) -> list[int]:
+    """The rows (``group_size`` per prompt) of :func:`rank_prompts` in the step's batch."""
+    return [p * group_size + j for p in rank_prompts(n, dp, dp_rank, mini_batches)
+            for j in range(group_size)]
+
+
+def mini_batches_follow_dp(n: int, dp: int, mini_batches: int) -> bool:
+    """Whether the rows of an optimizer step depend on the DP size (each rank's mini-batch j
+    from its own slice, as verl's): ``n`` prompts not a multiple of ``mini_batches * dp``."""
+    return dp > 1 and mini_batches > 1 and n % (mini_batches * dp) != 0
+
+
 def split_even(n: int, parts: int) -> list[slice]:
     """``parts`` contiguous slices of ``range(n)``; n must divide evenly."""
     if parts < 1 or n % parts != 0:

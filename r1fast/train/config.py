@@ -47,7 +47,10 @@ class AlgoConfig:
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1
-    """Optimizer steps per epoch (the rollout batch is split into this many)."""
+    """Optimizer steps per epoch: the rollout batch split into this many consecutive
+    mini-batches, each DP rank holding its share of every one (the same rows per step at any
+    DP size when ``data.prompts_per_step`` is a multiple of ``mini_batches`` x dp; warned
+    otherwise)."""
     ref_reset_every: int = 0
     """Copy the policy into the reference every N steps (0: the reference stays frozen)."""
     dynamic_sampling: bool = False

@@ -14,10 +14,10 @@ Here (``algo.dynamic_sampling = true``):
 * ``N > 1``: up to ``N`` rounds of ``prompts_per_step`` prompts each, every round drawn from
   the data stream (the data position advances with each), until the rounds hold
   ``prompts_per_step`` groups with signal over all DP ranks. The step trains on the first of
-  them in the order of a one-rank run (round, then prompt), each rank on an equal consecutive
-  slice, fetched from the rank that sampled it (a group sampled on one rank for another's
-  slice is sent to that rank alone, as an object over gloo), so the batch does not depend on
-  the layout. Short after ``N`` rounds, the step fills up with groups without signal, masked
+  them in the order of a one-rank run (round, then prompt), each rank on its share, dealt as a
+  round's prompts are (:func:`r1fast.train.batch.rank_prompts`), fetched from the rank that
+  sampled it (a group sampled on one rank for another's share is sent to that rank alone, as
+  an object over gloo), so the batch does not depend on the layout. Short after ``N`` rounds, the step fills up with groups without signal, masked
   as with one round, and warns with the count. Groups with signal beyond what the batch holds
   are dropped, as DAPO drops them.
 
@@ -37,7 +37,7 @@ import torch
 
 from r1fast.rollout.routing import RolloutRouting
 from r1fast.rollout.sampler import Rollout
-from r1fast.train.batch import groups_with_signal
+from r1fast.train.batch import groups_with_signal, rank_prompts
 
 log = logging.getLogger("r1fast.train")
 
@@ -80,22 +80,24 @@ def has_signal(rewards: Sequence[float], group_size: int) -> list[bool]:
     return varied[::group_size].tolist()
 
 
-#: a group of a step: (round, DP rank that sampled it, its index on that rank), the order of
-#: the groups of a one-rank run (rank q's prompts are slice q of each round's batch)
-Group = tuple[int, int, int]
+#: a group of a step: (round, its prompt's index in the round's batch, DP rank that sampled
+#: it, its index on that rank), sorted as a one-rank run orders its groups
+Group = tuple[int, int, int, int]
 
 
 def sample_until_full(sample_round: Callable[[int], Round], *, group_size: int,
                       groups: int, max_rounds: int, dp_rank: int,
                       all_gather: Callable[[object], list], exchange: Callable[[list], list],
-                      step: int, warn: bool = True) -> tuple[Round, int]:
+                      step: int, warn: bool = True, mini_batches: int = 1
+                      ) -> tuple[Round, int]:
     """Rounds ``sample_round(r)`` (r = 0, 1, ...) on every DP rank until the step holds
     ``groups`` groups with signal over all ranks, or ``max_rounds`` ran; then this rank's share
     of them: the first ``groups`` in the order of a one-rank run (filled up with groups
-    without signal when short), cut into equal consecutive slices, slice ``dp_rank`` here,
-    fetched from the ranks that sampled them. ``all_gather(obj)``: the objects of every DP
-    rank, in rank order; ``exchange(outgoing)``: ``outgoing[r]`` sent to rank r, what each
-    rank sent here returned (both collective). Returns (this rank's batch, the rounds run)."""
+    without signal when short), dealt as each round's prompts are
+    (:func:`r1fast.train.batch.rank_prompts` with ``mini_batches``), fetched from the ranks
+    that sampled them. ``all_gather(obj)``: the objects of every DP rank, in rank order;
+    ``exchange(outgoing)``: ``outgoing[r]`` sent to rank r, what each rank sent here returned
+    (both collective). Returns (this rank's batch, the rounds run)."""
     rounds: list[Round] = []
     signal: list[Group] = []
     quiet: list[Group] = []  # without signal, for filling
@@ -103,25 +105,27 @@ def sample_until_full(sample_round: Callable[[int], Round], *, group_size: int,
         r = len(rounds)
         rounds.append(sample_round(r))
         flags = all_gather(has_signal(rounds[-1][1]["total"], group_size))
-        for q, rank_flags in enumerate(flags):
-            for g, s in enumerate(rank_flags):
-                (signal if s else quiet).append((r, q, g))
+        dp, size = len(flags), sum(map(len, flags))  # the round's prompts, dealt over dp
+        index = [rank_prompts(size, dp, q, mini_batches) for q in range(dp)]
+        signal += sorted((r, index[q][g], q, g) for q, rank_flags in enumerate(flags)
+                         for g, s in enumerate(rank_flags) if s)
+        quiet += sorted((r, index[q][g], q, g) for q, rank_flags in enumerate(flags)
+                        for g, s in enumerate(rank_flags) if not s)
     chosen = (signal + quiet)[:groups]
     if len(signal) < groups and warn:
         log.warning("step %d: after %d sampling rounds %d of the %d groups have signal: the "
                     "others are masked (algo.max_sampling_rounds bounds the rounds)", step,
                     len(rounds), len(signal), groups)
-    dp = len(flags)
-    per_rank = groups // dp
-    mine = chosen[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    # the groups this rank sampled for another rank's slice travel there, and only there
-    outgoing: list[dict] = [{} for _ in range(dp)]
-    for i, (r, q, g) in enumerate(chosen):
-        if q == dp_rank and i // per_rank != dp_rank:
-            outgoing[i // per_rank][(r, q, g)] = _group(rounds[r], g, group_size)
+    deal = [rank_prompts(groups, dp, q, mini_batches) for q in range(dp)]
+    owner = {i: q for q, idx in enumerate(deal) for i in idx}  # chosen[i] trains on rank q
+    # the groups this rank sampled for another rank's share travel there, and only there
+    outgoing: list[dict] = [{} for _ in deal]
+    for i, (r, _, q, g) in enumerate(chosen):
+        if q == dp_rank and owner[i] != dp_rank:
+            outgoing[owner[i]][(r, q, g)] = _group(rounds[r], g, group_size)
     received = {k: v for part in exchange(outgoing) for k, v in part.items()}
     pieces = [_group(rounds[r], g, group_size) if q == dp_rank else received[(r, q, g)]
-              for r, q, g in mine]
+              for r, _, q, g in (chosen[i] for i in deal[dp_rank])]
     return _concat(pieces), len(rounds)
 
 

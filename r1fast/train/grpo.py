@@ -2,7 +2,7 @@
 
 One step (``GRPOTrainer.step``), on every data-parallel rank for its share of the prompts:
 
-1. **rollout**: take ``prompts_per_step`` prompts (each DP rank its slice), sample
+1. **rollout**: take ``prompts_per_step`` prompts (each DP rank its share), sample
    ``group_size`` completions per prompt from the policy, with the sampler's log-probs (and the
    routing decisions, for router replay);
 2. **rewards**: rule-based rewards in sandboxed workers (a failing reward scores 0, counted);
@@ -39,7 +39,7 @@ from r1fast.rollout.kv_cache import make_decoder
 from r1fast.rollout.sampler import Rollout, SamplingConfig, generate
 from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
-                                groups_with_signal, model_parallel_agreed,
+                                groups_with_signal, model_parallel_agreed, rank_rows,
                                 scores_for_model_parallel_group, split_even)
 from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
                                      save_checkpoint, start_fresh)
@@ -218,7 +218,7 @@ class GRPOTrainer:
 
         def sample_round(r: int):
             samples = self._rollout(self.task.next_prompts(
-                self.cfg.data.prompts_per_step, self.info.dp, self.info.dp_rank), r)
+                self.cfg.data.prompts_per_step, self.info.dp, self.info.dp_rank, a.mini_batches), r)
             t = time.perf_counter()
             rewards = model_parallel_agreed(self.task.score(
                 samples.texts, samples.examples, rules=scores_for_model_parallel_group()))
@@ -230,7 +230,7 @@ class GRPOTrainer:
             sample_round, group_size=a.group_size, groups=self.cfg.data.prompts_per_step,
             max_rounds=a.max_sampling_rounds, dp_rank=self.info.dp_rank,
             all_gather=self.engine.dp_all_gather, exchange=self.engine.dp_exchange,
-            step=self.step_idx + 1, warn=self.is_logger)
+            step=self.step_idx + 1, warn=self.is_logger, mini_batches=a.mini_batches)
         return (*batch, n, scoring[0])
 
     def _rollout(self, examples: list[dict], round_: int = 0) -> RolloutBatch:
@@ -238,9 +238,9 @@ class GRPOTrainer:
         tok = self.task.tokenizer
         ids = [tok.encode(ex["prompt"], add_bos=True) for ex in examples]  # once per prompt
         prompts = [list(p) for p in ids for _ in range(G)]
-        first = self.info.dp_rank * len(prompts)  # this rank's rows in the global batch
-        seeds = row_seeds(self.cfg.run.seed, self.step_idx, round_,
-                          range(first, first + len(prompts)))
+        rows = rank_rows(self.cfg.data.prompts_per_step, self.info.dp, self.info.dp_rank,
+                         self.cfg.algo.mini_batches, G)  # in the global batch
+        seeds = row_seeds(self.cfg.run.seed, self.step_idx, round_, rows)
         # KV-cached decoding on the policy's device; every rank makes the same model calls. R3:
         # the decoder records the experts of every token it runs (replayed in training)
         record = self.cfg.algo.router_replay and self.cfg.algo.router_replay_capture == "rollout"

@@ -33,6 +33,7 @@ from r1fast.rewards import (CompositeReward, RewardRunner, RoutedReward, RunnerC
                             available_rewards, get_reward)
 from r1fast.rewards.extract import as_scored, opens_thought
 from r1fast.rewards.registry import DEFAULT_ROUTES
+from r1fast.train.batch import mini_batches_follow_dp, rank_prompts
 from r1fast.train.reward_routing import MixedScorer, general_example, row_source, split_rows
 
 log = logging.getLogger("r1fast.train")
@@ -66,14 +67,14 @@ class TaskData:
                                  runner_config)
             self.mixed = MixedScorer(self.runner, model)
 
-    def next_prompts(self, n: int, dp: int, dp_rank: int) -> list[dict]:
-        """This DP rank's slice of the next ``n`` prompts (every rank draws the same batch)."""
+    def next_prompts(self, n: int, dp: int, dp_rank: int, mini_batches: int = 1) -> list[dict]:
+        """This DP rank's share of the next ``n`` prompts (every rank draws the same batch):
+        those of :func:`r1fast.train.batch.rank_prompts`, in its order."""
         if n % dp != 0:
             raise ValueError(f"data.prompts_per_step ({n}) must be divisible by the data parallel "
                              f"size ({dp})")
         batch = self.dataset.next_batch()
-        k = n // dp
-        return batch[dp_rank * k:(dp_rank + 1) * k]
+        return [batch[i] for i in rank_prompts(n, dp, dp_rank, mini_batches)]
 
     def score(self, texts: Sequence[str], examples: Sequence[dict], *,
               rules: bool = True) -> dict[str, list[float]]:
@@ -156,6 +157,13 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
 
     layout = check_layout(cfg.parallel, cfg.model)  # world size and divisibility, first
     check_micro_batch_size(cfg, layout.dp)
+    a, prompts = cfg.algo, cfg.data.prompts_per_step
+    if mini_batches_follow_dp(prompts, layout.dp, a.mini_batches):
+        log.warning("algo.mini_batches=%d at dp %d: data.prompts_per_step=%d is not a multiple "
+                    "of %d, so each rank's mini-batch comes from its own prompts and an "
+                    "optimizer step trains on other rows than at another DP size (as verl's); "
+                    "a multiple of mini_batches x dp gives every step a one-rank run's rows",
+                    a.mini_batches, layout.dp, prompts, a.mini_batches * layout.dp)
     # the model here is the final one (run.init_from's architecture, when it names a folder)
     room = prompt_room(cfg)
     if room <= 0:
@@ -190,15 +198,22 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
 
 
 def check_micro_batch_size(cfg, dp: int) -> None:
-    """Without packing, ``parallel.micro_batch_size`` rows must divide what a data-parallel
+    """``algo.mini_batches`` must divide the rows a data-parallel rank holds per step. Without
+    packing, ``parallel.micro_batch_size`` rows must divide what a data-parallel
     rank holds: the step's rows (the old/reference log-prob forward needs equal micro-batches)
     and each update's share of them (else the update's micro-batches silently grow, and with
     them the activation memory the user sized)."""
     mbs, a = cfg.parallel.micro_batch_size, cfg.algo
     prompts = cfg.data.prompts_per_step
-    if not mbs or cfg.parallel.max_tokens_per_microbatch > 0 or prompts % dp:
-        return  # packing sizes by tokens; prompts_per_step % dp is the dataset's error
+    if prompts % dp:
+        return  # the dataset's error, which names prompts_per_step and dp
     rows = prompts // dp * a.group_size
+    if rows % a.mini_batches:  # else found by the first update, after a whole rollout
+        raise ValueError(f"algo.mini_batches={a.mini_batches} must divide the {rows} rows a "
+                         f"data-parallel rank trains on per step (data.prompts_per_step "
+                         f"{prompts} / dp {dp} x algo.group_size {a.group_size})")
+    if not mbs or cfg.parallel.max_tokens_per_microbatch > 0:
+        return  # packing sizes by tokens
     per_update = rows // a.mini_batches
     if rows % mbs or rows % a.mini_batches or per_update % mbs:
         raise ValueError(f"parallel.micro_batch_size={mbs} must divide the rows a data-parallel "

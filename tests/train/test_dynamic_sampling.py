@@ -10,6 +10,7 @@ import torch
 
 from r1fast.rollout.routing import RolloutRouting
 from r1fast.rollout.sampler import Rollout
+from r1fast.train.batch import rank_prompts, rank_rows
 from r1fast.train.dynamic_sampling import (RolloutBatch, has_signal, row_seeds,
                                            sample_until_full, select_rollout)
 
@@ -85,24 +86,23 @@ class ThreadGroup:
         return all_gather, exchange
 
 
-def run_dp(plan, dp, groups, max_rounds=9):
+def run_dp(plan, dp, groups, max_rounds=9, mini_batches=1):
     """Each rank's batch and rounds when the round-r batch of prompts has per-group rewards
-    plan[r] (a one-rank view: rank q samples slice q of it)."""
+    plan[r] (a one-rank view: rank q samples its share of it, rank_prompts)."""
     group = ThreadGroup(dp)
     out = [None] * dp
 
     def rank(q):
         def sample(r):
             rewards = plan[r]
-            n = len(rewards) // dp
             samples, rw = fake_round(r, rewards)
-            rows = list(range(q * n, (q + 1) * n))
+            rows = rank_rows(len(rewards) // G, dp, q, mini_batches, G)
             return (RolloutBatch.select([(samples, rows)]),
                     {k: [v[i] for i in rows] for k, v in rw.items()})
         gather, exchange = group.for_rank(q)
         out[q] = sample_until_full(sample, group_size=G, groups=groups, max_rounds=max_rounds,
                                    dp_rank=q, all_gather=gather, exchange=exchange, step=1,
-                                   warn=False)
+                                   warn=False, mini_batches=mini_batches)
     threads = [threading.Thread(target=rank, args=(q,)) for q in range(dp)]
     for t in threads:
         t.start()
@@ -126,6 +126,23 @@ def test_the_batch_does_not_depend_on_the_data_parallel_layout():
     assert texts == one[0].texts == ["0.0", "0.1", "0.2", "0.3", "1.0", "1.1", "2.4", "2.5"]
     rewards = [x for (_, rw), _ in parts for x in rw["total"]]
     assert rewards == one[1]["total"] == [0, 1, 0, 1, 0, 1, 1, 0]
+
+
+def test_each_optimizer_step_trains_on_a_one_rank_runs_mini_batch():
+    """With mini_batches > 1 each rank's mini-batch j was cut from its own slice, so an
+    optimizer step trained on other rows at DP 2 than at DP 1 (rows 0,1,4,5 where one rank
+    trains 0-3): the prompts are dealt so that rank q's mini-batch j is its share of the
+    one-rank run's mini-batch j, the refill's chosen groups too."""
+    plan = [[0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 1, 0],
+            [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]]
+    ((one, _),), _ = run_dp(plan, 1, 4, mini_batches=2)
+    parts, _ = run_dp(plan, 2, 4, mini_batches=2)
+    texts = [samples.texts for (samples, _), _ in parts]
+    for j in range(2):  # mini-batch j: split_even of each rank's rows
+        rank_rows_j = [t for rank in texts for t in rank[j * G:(j + 1) * G]]
+        assert sorted(rank_rows_j) == sorted(one[0].texts[j * 2 * G:(j + 1) * 2 * G])
+    assert rank_prompts(8, 2, 1, 2) == [2, 3, 6, 7] and rank_prompts(6, 2, 1, 2) == [3, 4, 5]
+    assert rank_rows(4, 2, 1, 2, 2) == [2, 3, 6, 7]
 
 
 def test_selected_rows_keep_their_routing():

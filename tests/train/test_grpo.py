@@ -143,6 +143,9 @@ def test_parallel_steps_equal_one_rank(tmp_path, world, layout, packed):
              "--model.aux_loss_coef=0.0", f"--run.init_from={init}",
              *(["--parallel.max_tokens_per_microbatch=256"] if packed else []),  # ~2 rows each
              "--data.num_test=3", "--data.eval_k=3"]  # 9 samples: DP2 replicas share 5 + 4
+    if packed and world == 4:  # DP2 with two optimizer steps per step: each trains on the
+        # rows of the one-rank run's mini-batch (they came from each rank's own slice)
+        extra += ["--algo.mini_batches=2", "--data.prompts_per_step=4"]
     one = _run(1, tmp_path / "one", extra)
     four = _run(world, tmp_path / "many", [*extra, *layout])
     (ev_one,), (ev_many,) = (read_jsonl(tmp_path / d / "eval.jsonl") for d in ("one", "many"))

@@ -386,3 +386,25 @@ def test_held_out_prompts_are_measured_at_load_too(tmp_path, caplog):
     task = build_task(cfg(f"--data.path={train}", "--data.chat_template=false"))
     assert task.held_out is None  # nothing asked for, nothing evaluated
     task.close()
+
+
+def test_mini_batches_that_do_not_divide_the_rows_fail_before_the_model(caplog, monkeypatch):
+    """With packing, algo.mini_batches that does not divide a rank's rows failed at the first
+    update ("cannot split 16 rows into 3 equal parts"), after a whole rollout, naming no key;
+    a step whose mini-batches cannot be shared out in whole groups at this DP size says so."""
+    from r1fast.train.task import check_inputs, check_micro_batch_size
+
+    packed = ["--parallel.max_tokens_per_microbatch=512", "--algo.group_size=4"]
+    with pytest.raises(ValueError, match=r"algo.mini_batches=3 must divide the 16 rows a "
+                                         r"data-parallel rank trains on per step"):
+        check_micro_batch_size(cfg(*packed, "--algo.mini_batches=3"), 1)
+    # two processes, DP 2 (an earlier test's process group would otherwise say 1)
+    monkeypatch.setattr("r1fast.policy.parallel.expected_world_size", lambda: 2)
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        check_inputs(cfg(*packed, "--algo.mini_batches=4"))
+    assert "algo.mini_batches=4 at dp 2: data.prompts_per_step=4 is not a multiple of 8" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        check_inputs(cfg(*packed, "--algo.mini_batches=2"))
+    assert "mini_batches" not in caplog.text
