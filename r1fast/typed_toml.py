@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import re
 import tomllib
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("r1fast")
 
 
 class ConfigError(ValueError):
@@ -267,6 +269,7 @@ def _parse_literal(text: str) -> Any:
 def parse_overrides(args: Sequence[str]) -> dict:
     """``["--algo.kl_coef=0.001", "--run.steps", "5"]`` -> ``{"algo": {"kl_coef": 0.001}, ...}``."""
     out: dict = {}
+    given: dict[str, str] = {}  # key -> the text it was first given
     i = 0
     args = list(args)
     while i < len(args):
@@ -290,15 +293,21 @@ def parse_overrides(args: Sequence[str]) -> dict:
             node = node.setdefault(p, _Edits())
             if not isinstance(node, dict):
                 raise ConfigError(f"override key {key!r} conflicts with another override")
+        if key in given and given[key] != text:  # the last one is used: say so
+            log.warning("override --%s is given twice (%s, then %s): the last one is used",
+                        key, given[key], text)
+        given[key] = text
         node[parts[-1]] = _parse_literal(text)
     return out
 
 
 def merge(base: dict, extra: dict) -> dict:
-    """Deep merge ``extra`` into a copy of ``base``."""
+    """``base`` with the overrides ``extra`` applied: a table made by dotted keys
+    (:class:`_Edits`) edits the table it lands on, key by key; a written one replaces it
+    (``--reward.weights={accuracy = 1.0}`` over a recipe's weights is those weights alone)."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, _Edits) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
             out[k] = v

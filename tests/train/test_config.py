@@ -143,6 +143,21 @@ def test_a_weights_table_replaces_the_default_and_overrides_edit_the_recipes(tmp
         "accuracy": 1.0, "format": 0.1, "language": 0.5}
     assert load_train_config(None, ["--reward.workers=3"]).reward.weights == {
         "accuracy": 1.0, "format": 0.1}
+    # a written table over a recipe's replaces it too (it was merged in: the README's
+    # hf_tiny example trained with a format reward nobody wrote; helper-62)
+    recipe.write_text("[reward]\nweights = { accuracy = 1.0, format = 0.1 }\n")
+    written = load_train_config(recipe, ["--reward.weights={accuracy = 1.0, short = 0.2}"])
+    assert written.reward.weights == {"accuracy": 1.0, "short": 0.2}
+
+
+def test_a_key_given_twice_says_which_one_is_used(caplog):
+    """``--run.steps=5 --run.steps=7`` took 7 without a word."""
+    from r1fast.train.config import load_train_config
+
+    with caplog.at_level("WARNING", logger="r1fast"):
+        assert load_train_config(None, ["--run.steps=5", "--run.steps", "7"]).run.steps == 7
+    assert "override --run.steps is given twice (5, then 7): the last one is used" in \
+        caplog.text
 
 
 
