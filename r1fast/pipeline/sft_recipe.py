@@ -108,7 +108,8 @@ class SFTRun:
     sft: SFTRecipe = field(default_factory=SFTRecipe)
     """Model, data, length and batch."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    """Optimizer and learning-rate schedule; total_steps is set from the run length."""
+    """Optimizer and learning-rate schedule; total_steps is set from the run length (another
+    value is an error)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """TP/PP/EP layout (DP is what remains of the world size)."""
 
@@ -150,7 +151,7 @@ def sft_config(run: SFTRun, model, steps: int):
     from r1fast.train.sft import SFTConfig
 
     r = run.sft
-    optim = dataclasses.replace(run.optim, total_steps=steps)
+    optim = run.optim  # the engine sets total_steps to the run's steps (refusing another)
     if r.warmup_fraction:
         if run.optim.warmup_steps:
             raise ValueError(f"set sft.warmup_fraction ({r.warmup_fraction}) or "

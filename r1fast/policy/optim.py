@@ -48,7 +48,9 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup from 0 to lr over this many steps."""
     total_steps: int = 1000
-    """Steps of the schedule (the decay ends here)."""
+    """Steps of the schedule (the decay ends here), for :func:`build_optimizer`. The trainers
+    (GRPO, SFT, reward model) set it to the run's optimizer updates: another value given to
+    them is an error."""
     lr_decay_style: str = "constant"
     """After warmup: "constant", "cosine" or "linear" decay to min_lr."""
     use_distributed_optimizer: bool = True
@@ -80,20 +82,27 @@ class OptimConfig:
         if self.max_nonfinite_skips < 0:
             raise ValueError(f"OptimConfig: optim.max_nonfinite_skips must be >= 0, got "
                              f"{self.max_nonfinite_skips}")
+        # choices too: a recipe's misspelling is an error at load, not after the model is built
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"OptimConfig: optim.optimizer must be one of ('adam', 'sgd'), "
+                             f"got {self.optimizer!r}")
+        if self.lr_decay_style not in ("constant", "cosine", "linear"):
+            raise ValueError(f"OptimConfig: optim.lr_decay_style must be one of ('constant', "
+                             f"'cosine', 'linear'), got {self.lr_decay_style!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"OptimConfig: optim.min_lr must be in [0, lr={self.lr}], got "
+                             f"{self.min_lr}")
+        if self.optimizer == "sgd" and self.use_distributed_optimizer:
+            raise ValueError("OptimConfig: megatron's distributed optimizer supports adam only; "
+                             "use optim.optimizer='adam' or "
+                             "optim.use_distributed_optimizer=false")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+                or self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig: optim.warmup_steps must be an int >= 0, got "
+                             f"{self.warmup_steps!r}")
 
     def validate(self) -> "OptimConfig":
         self._check_values()
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"OptimConfig: optimizer must be one of ('adam', 'sgd'), "
-                             f"got {self.optimizer!r}")
-        if self.lr_decay_style not in ("constant", "cosine", "linear"):
-            raise ValueError(f"OptimConfig: lr_decay_style must be one of ('constant', 'cosine',"
-                             f" 'linear'), got {self.lr_decay_style!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"OptimConfig: min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.optimizer == "sgd" and self.use_distributed_optimizer:
-            raise ValueError("OptimConfig: megatron's distributed optimizer supports adam only; "
-                             "use optimizer='adam' or use_distributed_optimizer=False")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ValueError(f"OptimConfig: warmup_steps must be in [0, total_steps="
                              f"{self.total_steps}), got {self.warmup_steps}")

@@ -357,7 +357,8 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=DEFAULT_LR))
-    """Optimizer and LR schedule (megatron-core's); total_steps is set from the run length."""
+    """Optimizer and LR schedule (megatron-core's); total_steps is set from the run length
+    (another value is an error)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompts."""
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -84,6 +84,19 @@ def check_trainable(model: ModelConfig, optim: OptimConfig) -> None:
                          f"data-parallel rank it shards nothing)")
 
 
+def _check_schedule(optim: OptimConfig, updates: int) -> None:
+    """The schedule spans the run's ``updates``: a ``total_steps`` given for another length
+    was dropped without a word, and a warmup as long as the run stretched silently."""
+    default = next(f.default for f in dataclasses.fields(OptimConfig) if f.name == "total_steps")
+    if optim.total_steps not in (default, updates):
+        raise ValueError(f"optim.total_steps={optim.total_steps} is set by the trainer to the "
+                         f"run's {updates} optimizer updates (the LR schedule spans the run); "
+                         f"leave it out")
+    if optim.warmup_steps >= updates:
+        log.warning("optim.warmup_steps=%d >= the run's %d optimizer updates: the LR never "
+                    "reaches optim.lr=%g", optim.warmup_steps, updates, optim.lr)
+
+
 class TrainEngine:
     """The trainable policy of a run with its optimizer (see the module docstring)."""
 
@@ -96,6 +109,7 @@ class TrainEngine:
         torch.manual_seed(seed)
         self.policy = self._build_policy(model, parallel, seed, optim.use_distributed_optimizer)
         self.info = self.policy.info
+        _check_schedule(optim, total_updates)
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
         self.distributed_optimizer = optim.use_distributed_optimizer

@@ -83,7 +83,7 @@ class RewardModelTrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """TP/PP/EP layout (DP is what remains of the world size)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
-    """Optimizer and schedule (total_steps is set from steps)."""
+    """Optimizer and schedule (total_steps is set from steps; another value is an error)."""
     steps: int = 100
     """Optimizer steps."""
     batch_size: int = 16

@@ -114,3 +114,33 @@ def test_settings_that_could_not_resume_fail_before_the_build(model, optim, matc
     with pytest.raises(ValueError, match=match):
         check_trainable(dataclasses.replace(ModelConfig.preset("tiny-moe"), **model),
                         OptimConfig(**optim))
+
+
+def test_the_schedule_spans_the_run_and_says_so(caplog):
+    """optim.total_steps was replaced by the run's length without a word (a linear decay
+    asked over 1000 steps ran over 2), and a warmup as long as the run was stretched."""
+    from r1fast.policy.optim import OptimConfig
+    from r1fast.train.engine import _check_schedule
+
+    with pytest.raises(ValueError, match=r"optim.total_steps=1234 is set by the trainer to the "
+                                         r"run's 8 optimizer updates"):
+        _check_schedule(OptimConfig(lr=1e-3, total_steps=1234), 8)
+    _check_schedule(OptimConfig(lr=1e-3, total_steps=8), 8)  # the same length: no word
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        _check_schedule(OptimConfig(lr=1e-3, warmup_steps=10), 8)
+    assert "optim.warmup_steps=10 >= the run's 8 optimizer updates: the LR never reaches " \
+        "optim.lr=0.001" in caplog.text
+
+
+def test_optimizer_choices_fail_when_the_config_is_read():
+    """optim.optimizer / lr_decay_style were checked when the optimizer was built, after the
+    policy (minutes for a real checkpoint), by a name the user did not write."""
+    from r1fast.train.config import load_train_config
+
+    with pytest.raises(ValueError, match=r"optim.optimizer must be one of \('adam', 'sgd'\), "
+                                         r"got 'adamw'"):
+        load_train_config(None, ["--optim.optimizer=adamw"])
+    with pytest.raises(ValueError, match=r"optim.lr_decay_style must be one of"):
+        load_train_config(None, ["--optim.lr_decay_style=cosin"])
+    with pytest.raises(ValueError, match=r"optim.warmup_steps must be an int >= 0, got -1"):
+        load_train_config(None, ["--optim.warmup_steps=-1"])
