@@ -366,12 +366,18 @@ def _pointer_target(root: Path) -> tuple[Path | None, str]:
 
 
 def resume_point(root: str | Path, *, resume: bool, overwrite: bool,
-                 start_over: str) -> Path | None:
+                 start_over: str, expect: tuple[str, str] | None = None) -> Path | None:
     """The checkpoint a run continues from: the latest under ``root`` when ``resume``, else
     None. ``overwrite`` starts over only where there is nothing to resume; when a checkpoint is
     resumed anyway, a WARNING says that ``overwrite`` did nothing and how to start over
-    (``start_over``, the setting as the user writes it)."""
+    (``start_over``, the setting as the user writes it). ``expect``: (the meta.json key this
+    kind of run writes, its name): a checkpoint without it is another kind of run's, refused
+    before anything is built or loaded."""
     path = latest_checkpoint(root) if resume else None
+    if path is not None and expect is not None and expect[0] not in read_meta(path):
+        raise CheckpointError(f"checkpoint {path} is not a {expect[1]} checkpoint (its "
+                              f"meta.json has no {expect[0]!r}: another kind of run writes "
+                              f"there); choose another out_dir for this {expect[1]} run")
     if path is not None and overwrite:
         log.warning("resuming from %s: overwrite applies only to a run that does not resume; "
                     "to start over from step 0, set %s", path, start_over)

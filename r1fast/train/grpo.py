@@ -93,7 +93,7 @@ class GRPOTrainer:
         prompts = read_prompts(config, tokenizer) if task is None else None
         self._resume_from = resume_point(self.ckpt_dir, resume=config.run.resume,
                                          overwrite=config.run.overwrite,
-                                         start_over="--run.resume=false")
+                                         start_over="--run.resume=false", expect=("data", "GRPO"))
         if self._resume_from is None and not config.run.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,

@@ -253,7 +253,8 @@ class RewardModelTrainer:
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         path = resume_point(self.ckpt_dir, resume=config.resume, overwrite=config.overwrite,
-                            start_over="resume=False (--overwrite on the command line)")
+                            start_over="resume=False (--overwrite on the command line)",
+                            expect=("reward_data", "reward-model"))
         if path is None and not config.overwrite:
             self._start_fresh()  # only raises: without overwrite nothing is moved
         self.train_pairs = load_pairs(config.data)  # bad files fail before the model is built

@@ -159,7 +159,8 @@ class SFTTrainer:
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         path = resume_point(self.ckpt_dir, resume=config.resume, overwrite=config.overwrite,
-                            start_over="resume=False (in a recipe --sft.resume=false)")
+                            start_over="resume=False (in a recipe --sft.resume=false)",
+                            expect=("sft_data", "SFT"))
         if path is None and not config.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
         self.engine = TrainEngine(config.model, config.parallel, config.optim,

@@ -90,3 +90,17 @@ def test_unsafe_pickle_rejected(tmp_path):
     (d / "meta.json").write_text(json.dumps({"world_size": 1, "step": 1}))
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_checkpoint(d)
+
+
+def test_a_run_of_another_kind_is_refused_before_anything_is_built(tmp_path):
+    """GRPO pointed at an SFT run's folder tried to resume it: it built the model, loaded the
+    policy, then died on a missing reference or ``KeyError: 'data'``."""
+    from r1fast.train.checkpoint import CheckpointError, resume_point
+
+    save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {"sft_data": {"position": 5}})
+    with pytest.raises(CheckpointError, match=r"is not a GRPO checkpoint \(its meta.json has no "
+                                              r"'data'.*choose another out_dir"):
+        resume_point(tmp_path, resume=True, overwrite=False, start_over="x",
+                     expect=("data", "GRPO"))
+    assert resume_point(tmp_path, resume=True, overwrite=False, start_over="x",
+                        expect=("sft_data", "SFT")).name == "step_00000003"
