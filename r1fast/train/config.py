@@ -381,7 +381,7 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     :data:`LARGE_MODEL_PARAMS` parameters (the tiny models r1fast pretrains itself want it)."""
     from r1fast.plan.memory import total_params
 
-    out = _sampling_warnings(cfg)
+    out = _sampling_warnings(cfg) + _unused_option_warnings(cfg)
     init = cfg.run.init_from
     if isinstance(cfg.optim.lr, _config.DefaultFloat) and init and is_model_folder(init):
         params = total_params(cfg.model)
@@ -390,6 +390,36 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
                        f"models r1fast trains from scratch; RL from a pretrained checkpoint "
                        f"({init}, {params / 1e9:.2f} B parameters) usually runs near 1e-6 "
                        f"(verl's actor default): set optim.lr")
+    return out
+
+
+def _unused_option_warnings(cfg: TrainConfig) -> list[str]:
+    """Options set to something other than their default that this run never reads, because
+    the option they depend on is off (each used to be accepted without a word)."""
+    def changed(section: str, name: str) -> bool:
+        obj = getattr(cfg, section)
+        f = next(f for f in dataclasses.fields(obj) if f.name == name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        return getattr(obj, name) != default
+
+    p, a, d, r = cfg.parallel, cfg.algo, cfg.data, cfg.reward
+    packed = p.max_tokens_per_microbatch > 0
+    kl = a.objective.kl is not None and a.objective.kl_coef > 0
+    unread = [  # (section, option, unread when, why)
+        ("parallel", "micro_batch_size", packed, "parallel.max_tokens_per_microbatch packs"),
+        ("parallel", "max_tokens_per_logprob_forward", not packed,
+         "it sizes packed forwards, and parallel.max_tokens_per_microbatch is 0"),
+        ("data", "task", d.path is not None, f"data.path={d.path} is the data"),
+        ("data", "num_train", d.path is not None, f"data.path={d.path} is the data"),
+        ("algo", "router_replay_capture", not a.router_replay, "algo.router_replay is off"),
+        ("algo", "ref_reset_every", not kl, "there is no reference (algo.kl_coef 0 or no kl)"),
+        ("reward", "reward_model_weight", r.reward_model is None, "no reward.reward_model")]
+    out = [f"{section}.{name}={getattr(getattr(cfg, section), name)!r} is not used: {why}"
+           for section, name, unread_, why in unread if unread_ and changed(section, name)]
+    if r.cpu_time_s is not None and r.cpu_time_s >= r.timeout_s:
+        out.append(f"reward.cpu_time_s={r.cpu_time_s:g} >= reward.timeout_s={r.timeout_s:g}: "
+                   f"the wall-clock limit always ends a call first (CPU time never runs ahead "
+                   f"of it)")
     return out
 
 

@@ -175,3 +175,27 @@ def test_both_spellings_of_a_flattened_key_must_agree(tmp_path):
     assert load_train_config(recipe, ["--algo.objective.kl_coef=0.1"]).algo.objective.kl_coef == 0.1
     assert load_train_config(None, ["--algo.objective.kl_coef=0.3"]).algo.objective.kl_coef == 0.3
     assert load_train_config(recipe, ["--algo.kl_coef=0.4"]).algo.objective.kl_coef == 0.4
+
+
+def test_options_a_run_never_reads_are_named_at_its_start():
+    """Each of these was accepted and ignored without a word (helper-62)."""
+    from r1fast.train.config import config_warnings, load_train_config
+
+    def warned(*overrides):
+        return config_warnings(load_train_config(None, list(overrides)))
+
+    assert warned() == []
+    assert warned("--parallel.micro_batch_size=3", "--parallel.max_tokens_per_microbatch=512") \
+        == ["parallel.micro_batch_size=3 is not used: parallel.max_tokens_per_microbatch packs"]
+    assert warned("--parallel.max_tokens_per_logprob_forward=100")[0].startswith(
+        "parallel.max_tokens_per_logprob_forward=100 is not used")
+    assert warned("--algo.router_replay_capture=posthoc")[0].startswith(
+        "algo.router_replay_capture='posthoc' is not used: algo.router_replay is off")
+    assert warned("--algo.ref_reset_every=5", "--algo.kl_coef=0")[0].startswith(
+        "algo.ref_reset_every=5 is not used: there is no reference")
+    assert warned("--reward.reward_model_weight=3")[0].startswith(
+        "reward.reward_model_weight=3.0 is not used")
+    assert warned("--reward.cpu_time_s=10")[0].startswith(
+        "reward.cpu_time_s=10 >= reward.timeout_s=5: the wall-clock limit always ends")
+    assert warned("--data.path=x.jsonl", "--data.num_train=5") == [
+        "data.num_train=5 is not used: data.path=x.jsonl is the data"]
