@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from typing import Sequence
 
@@ -274,8 +275,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=None,
                    help="prompt tokens per sequence (default data.max_prompt_tokens, else 512, "
                         "at most max_position_embeddings - max_new_tokens)")
-    p.add_argument("--decoder", choices=DECODERS, default="kv-cache",
-                   help="rollout memory model (default kv-cache)")
+    p.add_argument("--decoder", choices=DECODERS, default=None,
+                   help="rollout memory model (default: the recipe's rollout.decoder; another "
+                        "value is a what-if, said on stderr, and an error when the recipe or an "
+                        "override sets rollout.decoder)")
     p.add_argument("--spec", choices=SPECS, default="te",
                    help="layers the activations are counted for: te (Transformer Engine, flash "
                         "attention; GPU default) or local (megatron local layers, as on CPU)")
@@ -309,6 +312,41 @@ def _say_where_the_model_comes_from(cfg, has_model_table: bool) -> None:
           file=sys.stderr)
 
 
+def _check_flags(args: argparse.Namespace, cfg) -> None:
+    """Bad flag values as one-line errors naming the flag the user typed (PlanOptions would
+    name its own fields, which are not what was typed)."""
+    for flag, value in (("--gpu-mem", args.gpu_mem), ("--reserve", args.reserve)):
+        lo_ok = value > 0 if flag == "--gpu-mem" else value >= 0
+        if not (math.isfinite(value) and lo_ok):  # inf would overflow int(GiB * value)
+            allowed = "a finite number > 0" if flag == "--gpu-mem" else "a finite number >= 0"
+            raise ValueError(f"{flag} must be {allowed} (GiB), got {value:g}")
+    if args.world_size is not None and args.world_size < 1:
+        raise ValueError(f"--gpus must be >= 1, got {args.world_size}")
+    if args.prompt_len is not None:
+        # prompt + new tokens must fit the positions the model was built for (as the trainer's
+        # data.max_prompt_tokens check); a longer plan describes a run that cannot happen
+        most = cfg.model.max_position_embeddings - cfg.rollout.max_new_tokens
+        if not 1 <= args.prompt_len <= most:
+            raise ValueError(f"--prompt-len must be in [1, {most}] (model.max_position_embeddings "
+                             f"{cfg.model.max_position_embeddings} - rollout.max_new_tokens "
+                             f"{cfg.rollout.max_new_tokens}), got {args.prompt_len}")
+
+
+def _decoder(args: argparse.Namespace, cfg, raw: dict) -> str:
+    """The rollout decoder to plan: the run's ``rollout.decoder`` unless ``--decoder`` says
+    otherwise; ``--decoder`` against a decoder the recipe or an override sets is an error."""
+    run = cfg.rollout.decoder.replace("_", "-")  # the config says kv_cache, the planner kv-cache
+    if args.decoder is None or args.decoder == run:
+        return run
+    if "decoder" in (raw.get("rollout") or {}):
+        raise ValueError(f"--decoder {args.decoder} contradicts rollout.decoder="
+                         f"{cfg.rollout.decoder} of the recipe/overrides: give one of them")
+    print(f"r1fast plan: note: --decoder {args.decoder} is a what-if: the recipe runs with "
+          f"rollout.decoder={cfg.rollout.decoder} (set it, e.g. --override rollout.decoder="
+          f"{args.decoder.replace('-', '_')}, to run what this plans)", file=sys.stderr)
+    return args.decoder
+
+
 def plan_main(argv: Sequence[str]) -> int:
     """Entry of ``r1fast plan``: 0 (1 with ``--check`` when it does not fit), 2 on a bad
     recipe, option or layout."""
@@ -320,7 +358,9 @@ def plan_main(argv: Sequence[str]) -> int:
     overrides = [o if o.startswith("--") else f"--{o}" for o in args.override] + list(rest)
     try:
         cfg = load_train_config(args.recipe, overrides)
-        _say_where_the_model_comes_from(cfg, "model" in read(args.recipe, overrides))
+        raw = read(args.recipe, overrides)
+        _say_where_the_model_comes_from(cfg, "model" in raw)
+        _check_flags(args, cfg)
         world = args.world_size
         if world is None and args.dp is not None:
             if args.dp < 1:
@@ -332,8 +372,8 @@ def plan_main(argv: Sequence[str]) -> int:
                   f"with parallel.recompute={cfg.parallel.recompute} (set it, e.g. "
                   f"--override parallel.recompute={recompute}, to run what this plans)",
                   file=sys.stderr)
-        options = dict(prompt_len=args.prompt_len, spec=args.spec, decoder=args.decoder,
-                       reserve_gib=args.reserve)
+        options = dict(prompt_len=args.prompt_len, spec=args.spec,
+                       decoder=_decoder(args, cfg, raw), reserve_gib=args.reserve)
         plan = plan_memory(cfg, world, args.gpu_mem, recompute=recompute, **options)
     except (ConfigError, ValueError) as e:
         print(f"r1fast plan: error: {e}", file=sys.stderr)

@@ -388,7 +388,8 @@ class _Batch:
 
 def _batch(cfg, par: ParallelConfig, opts: PlanOptions) -> _Batch:
     """Split this DP rank's sequences as the trainer does; raises ValueError when the prompts of
-    a step do not divide over the data-parallel ranks."""
+    a step do not divide over the data-parallel ranks, or an explicit prompt length leaves no
+    room for max_new_tokens within the model's positions."""
     m, algo, data = cfg.model, cfg.algo, cfg.data
     dp = par.dp
     if data.prompts_per_step % dp != 0:
@@ -397,6 +398,12 @@ def _batch(cfg, par: ParallelConfig, opts: PlanOptions) -> _Batch:
                          f"(tp {par.tp} * pp {par.pp}))")
     new = cfg.rollout.max_new_tokens
     longest = data.max_prompt_tokens or 512
+    if opts.prompt_len is not None and opts.prompt_len > m.max_position_embeddings - new:
+        # the default is clipped to the model's positions; an explicit length past them would
+        # plan sequences the run cannot make
+        raise ValueError(f"prompt_len must be at most model.max_position_embeddings "
+                         f"{m.max_position_embeddings} - rollout.max_new_tokens {new} = "
+                         f"{m.max_position_embeddings - new}, got {opts.prompt_len}")
     prompt = opts.prompt_len or max(1, min(longest, m.max_position_embeddings - new))
     rows = data.prompts_per_step * algo.group_size // dp  # this DP rank's sequences
     rows_per_step = max(1, rows // algo.mini_batches)

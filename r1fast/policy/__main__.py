@@ -22,9 +22,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
-    ap.add_argument("--length", type=int, default=16, help="tokens of the random sequence")
+    ap.add_argument("--length", type=int, default=16,
+                    help="tokens of the random sequence (at least 2: the first token predicts "
+                         "the second; at most the model's max_position_embeddings)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.length < 2:  # length - 1 predicted tokens: none at 1, so the mean would be NaN
+        ap.error(f"--length must be >= 2 (the log-prob is of the tokens after the first), "
+                 f"got {args.length}")
 
     import torch
 
@@ -39,6 +44,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_model_config(args.hf)
     else:
         cfg = ModelConfig.preset(args.preset)
+    if args.length > cfg.max_position_embeddings:  # known before building: no traceback later
+        ap.error(f"--length must be <= max_position_embeddings {cfg.max_position_embeddings} of "
+                 f"{args.hf or args.preset}, got {args.length}")
     policy = build_policy(cfg, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
                           seed=args.seed, trainable=False)
     if args.hf:

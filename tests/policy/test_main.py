@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,3 +33,30 @@ def test_main_in_process_dense(capsys):
     out = capsys.readouterr().out
     assert "(dense)" in out and "parameters:" in out
     assert not torch.distributed.is_initialized()  # main() cleans up after itself
+
+
+@pytest.mark.parametrize("length,allowed", [("0", ">= 2"), ("-3", ">= 2"),
+                                            ("513", "<= max_position_embeddings 512")])
+def test_bad_length_is_a_one_line_error(capsys, length, allowed):
+    from r1fast.policy.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "tiny-dense", "--length", length])
+    assert exc.value.code == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and len(cap.err.strip().splitlines()) == 1
+    assert cap.err.startswith(f"r1fast: error: r1fast policy: --length must be {allowed}")
+    assert f"got {length}" in cap.err
+    assert not torch.distributed.is_initialized()
+
+
+def test_one_token_is_refused_two_is_the_shortest(capsys):
+    """One token predicts nothing (its mean log-prob was NaN); two predict one."""
+    from r1fast.policy.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny-dense", "--length", "1"])
+    assert "--length must be >= 2" in capsys.readouterr().err
+    assert main(["--preset", "tiny-dense", "--length", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "random 2-token sequence" in out
