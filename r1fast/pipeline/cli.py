@@ -34,13 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Callable, Sequence
 
+from r1fast.checks import check_range
 from r1fast.cli import ArgumentParser
 from r1fast.pipeline import stages
 from r1fast.pipeline import demo_task
 from r1fast.pipeline.demo import DemoConfig, dense_model, moe_model, pretrain_base, task_overrides
+from r1fast.train.config import DEFAULT_LR as GRPO_LR, RunConfig
 
 MODELS = {"tiny-moe": moe_model, "tiny-dense": dense_model}
 DEFAULT_STEPS, DEFAULT_LR, PRETRAIN_LR = 200, 1e-3, 3e-3
@@ -79,6 +82,59 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _number(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+            why: str = "") -> Callable[[str], float]:
+    """A float option in a range: a value the stage would refuse later (or, worse, run with)
+    is refused while parsing, named by its flag."""
+    if hi is None:  # no upper bound: still finite (nan and inf fail the check)
+        hi, hi_open = math.inf, True
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+            check_range("value", value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+        except ValueError as e:
+            msg = (str(e).removeprefix("value ") if "must" in str(e)
+                   else f"must be a number, got {text!r}")
+            raise argparse.ArgumentTypeError(msg + why) from None
+        return value
+    return parse
+
+
+def _demo_share(key: str) -> Callable[[str], float]:
+    """A DemoConfig field given as a flag, checked by DemoConfig itself (the same bounds as
+    ``r1fast demo``'s)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+            DemoConfig(**{key: value})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) if "demo" in str(e)
+                                             else f"must be a number, got {text!r}") from None
+        return value
+    return parse
+
+
+def _language(text: str) -> str:
+    from r1fast.rewards.language import LANGUAGE_SCRIPTS
+
+    if text != "none" and text not in LANGUAGE_SCRIPTS:
+        raise argparse.ArgumentTypeError(f"must be one of {sorted(LANGUAGE_SCRIPTS)} or 'none', "
+                                         f"got {text!r}")
+    return text
+
+
+def _override_keys(overrides: Sequence[str]) -> dict[str, str]:
+    """key -> value text of each ``--section.key=value`` (or ``--section.key value``)."""
+    out, i = {}, 0
+    while i < len(overrides):
+        key, eq, value = overrides[i].removeprefix("--").partition("=")
+        if not eq and i + 1 < len(overrides):
+            value, i = overrides[i + 1], i + 1
+        out[key], i = value.strip("\"'"), i + 1
+    return out
+
+
 def _parser(probe: bool = False) -> argparse.ArgumentParser:
     """The stage command line; ``probe``: every default suppressed, so that parsing names
     exactly the options the user wrote."""
@@ -106,25 +162,31 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     "teacher's answers, already sampled)")
     ap.add_argument("--cold-start", type=_at_least(1), help="sft on N clean chains of thought")
     ap.add_argument("--mix", help="sft: JSONL of non-reasoning prompt/completion rows to mix in")
-    ap.add_argument("--mix-ratio", type=float, help="sft: share of the SFT set from --mix "
-                    "(R1: 0.25)")
+    ap.add_argument("--mix-ratio", type=_number(0, 1, lo_open=True, hi_open=True, why=(
+                    " (with --mix, a share > 0, as sft.mix_ratio with sft.mix)")),
+                    help="sft: share of the SFT set from --mix (R1: 0.25)")
     ap.add_argument("--recipe", help="sft, grpo: a TOML recipe (e.g. recipes/sky_t1_sft.toml); "
                     "override its keys as --section.KEY=VALUE")
+    # grpo sets run.steps / optim.lr only when given (else the recipe's, else the trainer's)
     ap.add_argument("--steps", type=_at_least(1), help=f"optimizer steps (default "
-                    f"{DEFAULT_STEPS}; grpo: sets run.steps)")
-    ap.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR}, pretrain "
-                    f"{PRETRAIN_LR}; grpo: sets optim.lr)")
-    ap.add_argument("--long-share", type=float, default=default(DemoConfig.long_share),
+                    f"{DEFAULT_STEPS}; grpo: sets run.steps, default the recipe's, else "
+                    f"{RunConfig.steps})")
+    ap.add_argument("--lr", type=_number(0, lo_open=True), help=f"learning rate (default "
+                    f"{DEFAULT_LR:g}, pretrain {PRETRAIN_LR:g}; grpo: sets optim.lr, default the "
+                    f"recipe's, else {GRPO_LR:g})")
+    ap.add_argument("--long-share", type=_demo_share("long_share"),
+                    default=default(DemoConfig.long_share),
                     help="pretrain: share of corpus answers that reason column by column")
-    ap.add_argument("--greek-share", type=float, default=default(DemoConfig.greek_share),
+    ap.add_argument("--greek-share", type=_demo_share("greek_share"),
+                    default=default(DemoConfig.greek_share),
                     help="pretrain: chance that a connective of a corpus chain is Greek")
     ap.add_argument("--greetings", type=_at_least(0),
                     default=default(DemoConfig.pretrain_greetings),
                     help="pretrain: greeting rows (half warm, half poor) in the corpus")
     ap.add_argument("--k", type=_at_least(1), default=default(4), help="samples per prompt")
-    ap.add_argument("--temperature", type=float, default=default(0.6))
-    ap.add_argument("--top-p", type=float, help="nucleus sampling (default: evaluate 0.95, as "
-                    "R1's report; rejection-sample, distill 1.0)")
+    ap.add_argument("--temperature", type=_number(0), default=default(0.6))
+    ap.add_argument("--top-p", type=_number(0, 1, lo_open=True), help="nucleus sampling "
+                    "(default: evaluate 0.95, as R1's report; rejection-sample, distill 1.0)")
     ap.add_argument("--keep-per-prompt", type=_at_least(1), help="rejection-sample, distill: "
                     "at most N kept answers per prompt (default: every distinct one, up to --k)")
     ap.add_argument("--prompts", type=_at_least(1), help=f"problems to sample (default: the "
@@ -143,10 +205,10 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     "distill, evaluate) instead of the demo's additions")
     ap.add_argument("--preset", help="column layout of --problems (gsm8k, math, dapo, ...)")
     ap.add_argument("--template", help="prompt template for --problems ({question}, or r1-zero)")
-    ap.add_argument("--language", help="grpo: add the language-consistency reward toward this "
-                    "language (en, zh, el, ...); rejection-sample, distill: the thought's "
-                    "language ('none': no language rule; default en); evaluate: the language "
-                    "that language mixing is measured against (default en)")
+    ap.add_argument("--language", type=_language, help="grpo: add the language-consistency "
+                    "reward toward this language (en, zh, el, ...); rejection-sample, distill: "
+                    "the thought's language ('none': no language rule; default en); evaluate: "
+                    "the language that language mixing is measured against (default en)")
     ap.add_argument("--keep", default=default("correct"),
                     choices=("correct", "well_formed", "all"),
                     help="rejection-sample, distill: rule preset (all = only drop empty answers and "
@@ -155,7 +217,7 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     help="rejection-sample: drop longer completions")
     ap.add_argument("--max-paragraph-chars", type=_at_least(0),
                     help="rejection-sample: longest paragraph kept (default 2000; 0: no limit)")
-    ap.add_argument("--min-language-share", type=float,
+    ap.add_argument("--min-language-share", type=_number(0, 1),
                     help="rejection-sample: least share of thought words in --language (0.95)")
     ap.add_argument("--allow-code-blocks", action="store_true",
                     help="rejection-sample: keep completions with fenced code blocks")
@@ -201,6 +263,7 @@ class _Run:
     def problems(self, model_dir: str, demo: Callable[[], list[dict]]) -> list[dict]:
         """The ``--problems`` file's rows, else ``demo()`` (generated only then)."""
         if self.args.problems is None:
+            self.unused("preset", "template", why="without --problems (they describe its rows)")
             self.demo_task_fits(model_dir, "--problems FILE")
             return demo()
         self.unused("num_train", "num_test", "data_seed",
@@ -309,18 +372,27 @@ class _Run:
     def grpo(self) -> object:
         a = self.args
         self.need("out", "init")
-        own_data = a.recipe is not None or any(o.split("=")[0] == "--data.path"
-                                               for o in self.overrides)
+        if a.language == "none":
+            self.ap.error("grpo --language: 'none' is for rejection-sample and distill; "
+                          "omit --language for no language reward")
+        written = _override_keys(self.overrides)
+        # the demo task's options (arithmetic's digits, its template) fit no other data.task
+        own_data = (a.recipe is not None or "data.path" in written
+                    or written.get("data.task", "arithmetic") != "arithmetic")
         if own_data:
-            self.unused("num_train", why="with --recipe or --data.path (the demo task's size)")
+            self.unused("num_train", why="with --recipe, --data.path or another --data.task "
+                                         "(the demo task's size)")
         flags = [f"--{key}={getattr(a, dest)}" for dest, key in (
             ("steps", "run.steps"), ("lr", "optim.lr"), ("seed", "run.seed"),
             ("seed", "data.seed")) if dest in self.given]
-        written = {o.split("=")[0] for o in self.overrides}
-        clash = [f for f in flags if f.split("=")[0] in written]
+        # keys the stage writes after the user's overrides: an override of one would be dropped
+        sets = {"run.steps": "steps", "optim.lr": "lr", "run.seed": "seed", "data.seed": "seed",
+                "run.init_from": "init", "run.out_dir": "out", "reward.language": "language",
+                "data.num_train": "num_train"}
+        clash = [f"--{key} set twice: by {_flag(dest)} and as an override"
+                 for key, dest in sets.items() if key in written and dest in self.given]
         if clash:
-            self.ap.error(f"{', '.join(f.split('=')[0] for f in clash)} set twice: by "
-                          f"--steps/--lr/--seed and as an override; give one")
+            self.ap.error("; ".join(clash) + "; give one")
         task = [] if own_data else task_overrides(a.num_train)
         out, _ = stages.grpo(a.init, a.out, recipe=a.recipe,
                              overrides=[*task, *flags, *self.overrides], language=a.language)
@@ -365,11 +437,11 @@ class _Run:
     def evaluate(self) -> None:
         a = self.args
         self.need("model")
-        test = self.problems(a.model, lambda: demo_task.problems(a.num_test, "test",
-                                                                 a.data_seed))
         if a.language == "none":
             self.ap.error("evaluate --language: 'none' has no meaning here (it measures mixing "
                           "against one language); give a code such as en, zh, el")
+        test = self.problems(a.model, lambda: demo_task.problems(a.num_test, "test",
+                                                                 a.data_seed))
         result = stages.evaluate(a.model, test, k=a.k, temperature=a.temperature,
                                  top_p=0.95 if a.top_p is None else a.top_p,
                                  max_new_tokens=a.max_new_tokens, seed=a.seed,

@@ -127,6 +127,33 @@ def test_rejection_sample_then_sft_with_a_mix(greek_base, tmp_path, capsys):
     (["distill", "--teacher", "t", "--out", "o", "--student", "nope"],
      "argument --student: invalid choice: 'nope'"),
     (["--seed", "1", "reward-model"], "write reward-model first"),
+    # options that used to be dropped: --preset/--template without --problems ...
+    (["evaluate", "--model", "m", "--template", "Q{question}"],
+     "does not use --template without --problems"),
+    (["evaluate", "--model", "m", "--preset", "gsm8k"], "does not use --preset without --problems"),
+    (["rejection-sample", "--model", "m", "--out", "o", "--template", "Q{question}"],
+     "does not use --template without --problems"),
+    (["distill", "--teacher", "t", "--out", "o", "--preset", "gsm8k"],
+     "does not use --preset without --problems"),
+    # ... and grpo's overrides of keys the stage sets itself (written after them)
+    (["grpo", "--init", "i", "--out", "g1", "--run.out_dir=g_other"],
+     "--run.out_dir set twice: by --out and as an override"),
+    (["grpo", "--init", "i", "--out", "g1", "--run.init_from", "x"],
+     "--run.init_from set twice: by --init and as an override"),
+    (["grpo", "--init", "i", "--out", "g1", "--language", "zh", "--reward.language=el"],
+     "--reward.language set twice: by --language and as an override"),
+    (["grpo", "--init", "i", "--out", "g1", "--num-train", "5", "--data.num_train=7"],
+     "--data.num_train set twice: by --num-train and as an override"),
+    # values the demo config, the SFT recipe or the sampler refuse, named by their flag
+    (["pretrain", "--out", "x", "--model", "tiny-moe", "--long-share", "1.5"],
+     "argument --long-share: demo long_share must be in [0, 1]"),
+    (["pretrain", "--out", "x", "--model", "tiny-moe", "--greek-share", "-1"],
+     "argument --greek-share: demo greek_share must be in [0, 1]"),
+    (["sft", "--out", "x", "--init", "y", "--data", "d.jsonl", "--mix", "g.jsonl",
+      "--mix-ratio", "0"], "argument --mix-ratio: must be in (0, 1), got 0.0"),
+    (["evaluate", "--model", "m", "--language", "xx"], "argument --language: must be one of"),
+    (["evaluate", "--model", "m", "--temperature", "-1"],
+     "argument --temperature: must be in [0, inf), got -1.0"),
 ])
 def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -166,6 +193,29 @@ def test_stage_grpo_reads_recipe_steps_lr_and_seed(monkeypatch, tmp_path):
     assert main(["grpo", "--init", "i", "--out", "o"]) == 0
     cfg = load_train_config(None, calls[0][1]["overrides"])
     assert cfg.data.task == "arithmetic" and cfg.run.steps == load_train_config(None).run.steps
+
+
+def test_stage_grpo_another_task_gets_none_of_the_demo_task_options(monkeypatch):
+    """`--data.task=countdown` was given the arithmetic task's options and failed with
+    "unknown config key 'data.task_options.min_digits'"."""
+    calls = _capture(monkeypatch, "grpo")
+    assert main(["grpo", "--init", "i", "--out", "o", "--data.task=countdown"]) == 0
+    overrides = calls[0][1]["overrides"]
+    assert overrides == ["--data.task=countdown"]
+    assert load_train_config(None, overrides).data.task == "countdown"
+
+
+def test_stage_help_says_the_grpo_defaults(capsys):
+    """--help said grpo's --steps / --lr default to 200 / 1e-3; grpo leaves them to the recipe
+    or the trainer (run.steps=10, optim.lr=1e-4)."""
+    from r1fast.train.config import DEFAULT_LR, RunConfig
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert f"grpo: sets run.steps, default the recipe's, else {RunConfig.steps}" in text
+    assert f"grpo: sets optim.lr, default the recipe's, else {DEFAULT_LR:g}" in text
 
 
 def test_sampling_stages_take_every_problem_and_the_filter_flags(monkeypatch, tmp_path,
