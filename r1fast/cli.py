@@ -40,6 +40,10 @@ def _demo(args: argparse.Namespace, rest: Sequence[str]) -> int:
 def _train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from r1fast.train.grpo import train_main
 
+    if not os.path.exists(args.recipe) and any(r.endswith(".toml") for r in rest):
+        # `r1fast train --run.steps 1 recipe.toml`: argparse took "1" for the recipe
+        raise ValueError(f"r1fast train: the recipe comes first, then the overrides as "
+                         f"--section.key=value (the recipe was read as {args.recipe!r})")
     return train_main(args.recipe, list(rest))
 
 

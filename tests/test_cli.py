@@ -153,3 +153,19 @@ def test_a_finished_run_says_that_no_step_ran(tmp_path, capsys):
     assert main(run) == 0
     last = capsys.readouterr().err.splitlines()[-1]
     assert "no step ran here (the checkpoint was at run.steps)" in last and "nan" not in last
+
+
+@pytest.mark.parametrize("argv, says", [
+    # argparse took "1" for the recipe: "recipe file not found: 1"
+    (["train", "--run.steps", "1", "recipes/tiny.toml"],
+     "the recipe comes first, then the overrides as --section.key=value (the recipe was read "
+     "as '1')"),
+    # "is neither a run folder ... nor a checkpoint folder"
+    (["export", "/nonexistent/run", "/nonexistent/out"], "export: /nonexistent/run does not "
+                                                         "exist"),
+])
+def test_misplaced_arguments_say_what_was_read(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and err.count("\n") == 1, err

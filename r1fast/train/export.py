@@ -34,6 +34,9 @@ def _resolve(src: Path) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) of ``src``."""
     from r1fast.train.checkpoint import latest_checkpoint
 
+    if not src.exists():
+        raise ValueError(f"export: {src} does not exist (give a run folder or one of its "
+                         f"checkpoints/step_* folders)")
     if (src / "meta.json").is_file():
         return src.parent.parent, src
     if not (src / "config.toml").is_file() and not (src / "checkpoints").is_dir():

@@ -180,6 +180,14 @@ def check_inputs(cfg, custom_reward: bool = False) -> None:
                       ("reward.reward_model", cfg.reward.reward_model)):
         if path is not None and not Path(path).exists():
             raise ValueError(f"{key}={path} does not exist")
+    init = cfg.run.init_from
+    if init and (Path(init) / "checkpoints").is_dir() and not (Path(init) / "meta.json").exists() \
+            and not any((Path(init) / f).is_file() for f in ("config.json", "r1fast_config.json")):
+        # a run folder (its checkpoints/ also hold optimizer state): read as a checkpoint, it
+        # failed on a missing meta.json
+        raise ValueError(f"run.init_from={init} is a run folder: give its model folder "
+                         f"({Path(init) / 'model'}, written when the run ends) or a "
+                         f"folder that `r1fast export` made of one of its checkpoints")
     if cfg.reward.reward_model is not None:
         from r1fast.train.reward_model_io import check_reward_model_folder
 

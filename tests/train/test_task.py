@@ -408,3 +408,13 @@ def test_mini_batches_that_do_not_divide_the_rows_fail_before_the_model(caplog, 
     with caplog.at_level("WARNING", logger="r1fast.train"):
         check_inputs(cfg(*packed, "--algo.mini_batches=2"))
     assert "mini_batches" not in caplog.text
+
+
+def test_a_run_folder_as_init_from_names_its_model_folder(tmp_path):
+    """run.init_from=<a run folder> failed reading a checkpoint's meta.json there."""
+    from r1fast.train.task import check_inputs
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match=rf"run.init_from={tmp_path} is a run folder: give its "
+                                         rf"model folder \({tmp_path / 'model'}"):
+        check_inputs(cfg(f"--run.init_from={tmp_path}"))
