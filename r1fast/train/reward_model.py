@@ -274,7 +274,7 @@ class RewardModelTrainer:
                              f"max_position_embeddings={model.max_position_embeddings}")
         self.engine = RewardEngine(model, config.parallel, config.optim,
                                    total_updates=config.steps, seed=config.seed,
-                                   init_from=config.init_from)
+                                   init_from=config.init_from, resuming=path is not None)
         self.policy, self.info = self.engine.policy, self.engine.info
         if config.batch_size % self.info.dp:
             raise ValueError(f"reward model: batch_size ({config.batch_size}) must be divisible "
