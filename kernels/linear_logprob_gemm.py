@@ -105,21 +105,29 @@ def _tile_dz_kernel(z_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, V, str
 
 @contextlib.contextmanager
 def _ieee_fp32():
-    """fp32 GEMMs exact in fp32 (no TF32), whatever ``torch.backends.cuda.matmul.allow_tf32``
-    or ``set_float32_matmul_precision`` the caller chose: the fused tiles use IEEE fp32 too."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """fp32 GEMMs exact in fp32 (no TF32), whatever TF32 setting the caller chose (the fused
+    tiles use IEEE fp32 too), and that setting as it was afterwards. Through torch's precision
+    API where it exists (torch >= 2.9): after a caller set it, reading the legacy
+    ``allow_tf32`` flag raises, and writing the flag over ``set_float32_matmul_precision
+    ("medium")`` left torch in a mixed state whose getter raised for the rest of the process."""
+    matmul = torch.backends.cuda.matmul
+    name, ieee = (("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision")
+                  else ("allow_tf32", False))
+    before = getattr(matmul, name)
+    setattr(matmul, name, ieee)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        setattr(matmul, name, before)
 
 
 def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a @ b`` in out's dtype, rounded once from fp32 accumulators."""
-    if a.is_cuda:
+    if a.is_cuda and a.dtype == torch.float32:
         with _ieee_fp32():
             torch.mm(a, b, out=out)
+    elif a.is_cuda:  # 16-bit operands: TF32 does not apply
+        torch.mm(a, b, out=out)
     else:
         out.copy_(torch.mm(a.float(), b.float()))
 

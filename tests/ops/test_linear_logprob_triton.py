@@ -395,6 +395,30 @@ def test_tiles_are_checked_and_belong_to_the_triton_impl():
         linear_logprob(hidden, weight, targets, impl="torch", tiles="gemm")
 
 
+@pytest.mark.parametrize("setting", ["medium", "new-api-tf32"])
+def test_gemm_tiles_keep_the_callers_precision_setting(setting):
+    """The tiles wrote the legacy allow_tf32 flag: after set_float32_matmul_precision("medium")
+    that left torch in a mixed state whose getter raised for the rest of the process, and
+    after torch.backends.cuda.matmul.fp32_precision = "tf32" reading the flag raised."""
+    matmul = torch.backends.cuda.matmul
+    before = torch.get_float32_matmul_precision()
+    try:
+        if setting == "medium":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            matmul.fp32_precision = "tf32"
+        hidden, weight, targets, g, h = make_inputs(11, 24, 90, n_ignored=2)
+        got = run_op(hidden, weight, targets, 0.8, g, h, impl="triton", tiles="gemm",
+                     chunk_tokens=4, chunk_vocab=32)
+        assert matmul.fp32_precision == "tf32"
+        if setting == "medium":
+            assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.backends.fp32_precision = "none"  # out of the new API, then the old setting
+        torch.set_float32_matmul_precision(before)
+    assert_close_to_truth(got, fp64_truth(hidden, weight, targets, 0.8, g, h), 2e-5, 2e-5)
+
+
 def test_gemm_tiles_run_fp32_without_tf32_and_leave_the_flag_as_it_was():
     """fp32 GEMM tiles are exact in fp32 whatever the caller's TF32 setting (on a GPU the flag
     would round them to TF32), and the setting is put back afterwards."""
