@@ -297,20 +297,31 @@ def parse_overrides(args: Sequence[str]) -> dict:
             log.warning("override --%s is given twice (%s, then %s): the last one is used",
                         key, given[key], text)
         given[key] = text
-        node[parts[-1]] = _parse_literal(text)
+        value = _parse_literal(text)
+        if isinstance(node.get(parts[-1]), _Edits) and node[parts[-1]]:
+            log.warning("override --%s=%s replaces the earlier --%s.KEY edits (%s)", key, text,
+                        key, ", ".join(sorted(node[parts[-1]])))
+        node[parts[-1]] = value
     return out
 
 
-def merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict, prefix: str = "") -> dict:
     """``base`` with the overrides ``extra`` applied: a table made by dotted keys
     (:class:`_Edits`) edits the table it lands on, key by key; a written one replaces it
-    (``--reward.weights={accuracy = 1.0}`` over a recipe's weights is those weights alone)."""
+    (``--reward.weights={accuracy = 1.0}`` over a recipe's weights is those weights alone),
+    with a warning naming the recipe's keys it drops."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, _Edits) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
+            out[k] = merge(out[k], v, f"{prefix}{k}.")
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            dropped = sorted(set(out[k]) - set(v))
+            if dropped:
+                log.warning("override --%s%s={...} replaces the recipe's table, whose %s %s "
+                            "dropped (to change one key, write --%s%s.KEY=VALUE)", prefix, k,
+                            ", ".join(dropped), "is" if len(dropped) == 1 else "are", prefix, k)
+        out[k] = v
     return out
 
 

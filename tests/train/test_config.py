@@ -123,7 +123,7 @@ def test_the_default_learning_rate_is_named_when_a_run_starts_from_a_checkpoint(
     assert type(back) is float and back == 1e-4
 
 
-def test_a_weights_table_replaces_the_default_and_overrides_edit_the_recipes(tmp_path):
+def test_a_weights_table_replaces_the_default_and_overrides_edit_the_recipes(tmp_path, caplog):
     """``weights = {accuracy = 1.0}`` is accuracy alone: it was merged onto the default
     {accuracy = 1.0, format = 0.1}, so a format reward was paid that nobody wrote. A dotted
     override edits the weights there are (the recipe's, else the default) key by key, and a
@@ -145,9 +145,24 @@ def test_a_weights_table_replaces_the_default_and_overrides_edit_the_recipes(tmp
         "accuracy": 1.0, "format": 0.1}
     # a written table over a recipe's replaces it too (it was merged in: the README's
     # hf_tiny example trained with a format reward nobody wrote; helper-62)
-    recipe.write_text("[reward]\nweights = { accuracy = 1.0, format = 0.1 }\n")
-    written = load_train_config(recipe, ["--reward.weights={accuracy = 1.0, short = 0.2}"])
+    recipe.write_text("[reward]\nweights = { accuracy = 1.0, format = 0.1 }\n[rollout]\n"
+                      "max_new_tokens = 77\n")
+    with caplog.at_level("WARNING", logger="r1fast"):
+        written = load_train_config(recipe, ["--reward.weights={accuracy = 1.0, short = 0.2}"])
     assert written.reward.weights == {"accuracy": 1.0, "short": 0.2}
+    assert "override --reward.weights={...} replaces the recipe's table, whose format is " \
+        "dropped" in caplog.text
+    # a section written as a table: the recipe's other keys go back to their defaults, said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1fast"):
+        cfg = load_train_config(recipe, ["--rollout={temperature = 0.7}"])
+    assert cfg.rollout.max_new_tokens != 77 and "whose max_new_tokens is dropped" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1fast"):
+        cfg = load_train_config(None, ["--reward.weights.format=0.2",
+                                       "--reward.weights={accuracy = 1.0}"])
+    assert cfg.reward.weights == {"accuracy": 1.0}
+    assert "replaces the earlier --reward.weights.KEY edits (format)" in caplog.text
 
 
 def test_a_key_given_twice_says_which_one_is_used(caplog):
