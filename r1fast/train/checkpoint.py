@@ -513,7 +513,10 @@ def check_resumed_config(saved: str | None, now: str, path, free: tuple[str, ...
 
     if not saved:
         return
-    changes = [c for c in config_changes(saved, now) if not c[0].startswith(free)]
+    # optim.total_steps: the engine sets the schedule's length from the run (older SFT
+    # checkpoints recorded it as the run's steps, now the config keeps the default)
+    changes = [c for c in config_changes(saved, now)
+               if not c[0].startswith(free) and c[0] != "optim.total_steps"]
     optim = [c for c in changes if c[0].startswith("optim.") and c[0] not in OPTIM_READ_LIVE]
     if optim:
         listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in optim)

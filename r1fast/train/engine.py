@@ -106,10 +106,10 @@ class TrainEngine:
         from r1fast.policy import build_optimizer
 
         check_trainable(model, optim)
+        _check_schedule(optim, total_updates)  # before the model: seconds, not minutes
         torch.manual_seed(seed)
         self.policy = self._build_policy(model, parallel, seed, optim.use_distributed_optimizer)
         self.info = self.policy.info
-        _check_schedule(optim, total_updates)
         optim = dataclasses.replace(optim, total_steps=max(total_updates, optim.warmup_steps + 1))
         self.optimizer, self.scheduler = build_optimizer(self.policy, optim)
         self.distributed_optimizer = optim.use_distributed_optimizer

@@ -79,7 +79,7 @@ class SFTConfig:
     into micro-batches of at most that many tokens; else ``micro_batch_size`` rows per padded
     micro-batch (None: the whole per-rank batch at once)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-    """Optimizer and schedule (total_steps is set from steps)."""
+    """Optimizer and schedule (total_steps is set from steps; another value is an error)."""
     steps: int = 100
     """Optimizer steps in total, including resumed ones (>= 1)."""
     batch_size: int = 32

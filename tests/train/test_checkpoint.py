@@ -104,3 +104,16 @@ def test_a_run_of_another_kind_is_refused_before_anything_is_built(tmp_path):
                      expect=("data", "GRPO"))
     assert resume_point(tmp_path, resume=True, overwrite=False, start_over="x",
                         expect=("sft_data", "SFT")).name == "step_00000003"
+
+
+def test_a_resume_does_not_report_the_schedule_length_as_a_change(caplog):
+    """Older SFT checkpoints recorded optim.total_steps as the run's steps; the config now keeps
+    the default (the engine sets the length): a resume said the config differed."""
+    from r1fast.policy.optim import OptimConfig
+    from r1fast.train.checkpoint import check_resumed_config
+    from r1fast.typed_toml import dump_toml
+
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        check_resumed_config("[optim]\n" + dump_toml(OptimConfig(lr=1e-3, total_steps=100)),
+                             "[optim]\n" + dump_toml(OptimConfig(lr=1e-3)), "ckpt", ())
+    assert "differs" not in caplog.text

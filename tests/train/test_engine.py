@@ -132,6 +132,20 @@ def test_the_schedule_spans_the_run_and_says_so(caplog):
         "optim.lr=0.001" in caplog.text
 
 
+def test_a_bad_schedule_fails_before_the_model_is_built(monkeypatch):
+    """The total_steps check ran after the policy was built (minutes for a large model)."""
+    from r1fast.policy.config import ModelConfig, ParallelConfig
+    from r1fast.policy.optim import OptimConfig
+    from r1fast.train.engine import TrainEngine
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the schedule was checked")
+    monkeypatch.setattr(TrainEngine, "_build_policy", built)
+    with pytest.raises(ValueError, match="optim.total_steps=50 is set by the trainer"):
+        TrainEngine(ModelConfig.preset("tiny-dense"), ParallelConfig(),
+                    OptimConfig(lr=1e-3, total_steps=50), total_updates=2, seed=0)
+
+
 def test_optimizer_choices_fail_when_the_config_is_read():
     """optim.optimizer / lr_decay_style were checked when the optimizer was built, after the
     policy (minutes for a real checkpoint), by a name the user did not write."""
