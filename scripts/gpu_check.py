@@ -164,6 +164,7 @@ class Runner:
         if capability:  # the extension for this GPU alone (an image's list may name archs
             self.env["TORCH_CUDA_ARCH_LIST"] = capability  # nvcc 13 no longer has)
         self.current: subprocess.Popen | None = None  # the stage's process, for SIGTERM
+        self.current_stage: str | None = None
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         self.ok = True
@@ -189,7 +190,7 @@ class Runner:
             start = sink.tell()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=sink,
                                     stderr=subprocess.STDOUT, text=True, process_group=0)
-            self.current = proc
+            self.current, self.current_stage = proc, stage
             try:
                 proc.wait(timeout=limit)
                 status = "ok" if proc.returncode == 0 else "failed"
@@ -198,7 +199,7 @@ class Runner:
                 proc.wait()
                 status = "timeout"
             finally:
-                self.current = None
+                self.current = self.current_stage = None
         seconds = time.monotonic() - t0
         with open(log, errors="replace") as f:
             f.seek(start)
@@ -212,6 +213,18 @@ class Runner:
         it on the GPU)."""
         if self.current is not None and self.current.poll() is None:
             os.killpg(self.current.pid, signal.SIGKILL)
+
+    def cut(self, signum: int) -> None:
+        """A signal ended the run (the command's time limit): the running stage is killed and
+        recorded as ``timeout``, a benchmark with the rows it saved so far."""
+        stage = self.current_stage
+        self.stop_current()
+        if stage is None:
+            return
+        n = self.add_bench_rows(stage[len("bench_"):], self.saved_rows(stage)) \
+            if stage.startswith("bench_") else 0
+        self.record(stage, "timeout", 0.0, 0.0, f"cut by signal {signum} (the command's time "
+                    f"limit)" + (f"; {n} rows it saved" if n else ""), rows=n)
 
     def record(self, stage: str, status: str, seconds: float, limit: float, detail: str,
                **extra) -> None:
@@ -371,11 +384,7 @@ class Runner:
         args = (DRY_BENCH_ARGS if self.dry else BENCH_ARGS)[name]
         status, out, secs, files = self.run_writing_rows(
             stage, [sys.executable, str(script), *args], limit)
-        n = 0
-        for file, rows in files:
-            for row in rows:
-                self.rec.add({"kind": "bench", "bench": name, "file": file, **row})
-                n += 1
+        n = self.add_bench_rows(name, files)
         detail = f"{n} rows" + ("" if status == "ok" else f"; {_last_line(out)}")
         self.record(stage, status, secs, limit, detail, rows=n)
 
@@ -388,13 +397,24 @@ class Runner:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.env["R1FAST_BENCH_RESULTS"] = str(out_dir)
         status, _, out, secs = self.run(stage, cmd, limit)
+        return status, out, secs, self.saved_rows(stage)
+
+    def saved_rows(self, stage: str) -> list[tuple[str, list[dict]]]:
+        """``[(file name, rows)]`` a stage's script saved (``R1FAST_BENCH_RESULTS``)."""
         files = []
-        for path in sorted(out_dir.glob("*.json")):
+        for path in sorted((self.tmp / stage).glob("*.json")):
             try:
                 files.append((path.name, json.loads(path.read_text())))
             except (OSError, ValueError):
                 continue
-        return status, out, secs, files
+        return files
+
+    def add_bench_rows(self, name: str, files: list[tuple[str, list[dict]]]) -> int:
+        """Benchmark ``name``'s saved rows into results.jsonl; how many."""
+        rows = [(file, row) for file, file_rows in files for row in file_rows]
+        for file, row in rows:
+            self.rec.add({"kind": "bench", "bench": name, "file": file, **row})
+        return len(rows)
 
     def stage_sanitizer(self) -> None:
         stage = "sanitizer"
@@ -422,12 +442,16 @@ class Runner:
             env = {**self.env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
             status, rc, out, secs = self.run(f"{stage}_{tool}", cmd, limit / 2, env)
             t_all += secs
-            errors = re.search(r"ERROR SUMMARY: (\d+) error", out)
+            summary = re.search(r"ERROR SUMMARY: (\d+) error", out)
+            # the summary comes at exit: a run cut by its limit has only the error lines it
+            # printed (a headline each, its details indented)
+            headlines = re.findall(r"^========= (?!COMPUTE-SANITIZER|ERROR SUMMARY| )\S", out,
+                                   flags=re.M)
             results[tool] = {"status": status, "rc": rc, "op_runs": out.count("SANITIZE_OK"),
-                             "errors": int(errors.group(1)) if errors else None}
+                             "errors": int(summary.group(1)) if summary else len(headlines)}
         ok = all(r["status"] == "ok" and r["errors"] == 0 for r in results.values())
         # a tool cut by its time limit with no error found so far proves less, not a defect
-        cut = all(r["status"] in ("ok", "timeout") and not r["errors"]
+        cut = all(r["status"] in ("ok", "timeout") and r["errors"] == 0
                   for r in results.values())
         detail = "; ".join(f"{t}: {r['op_runs']} op runs, {r['errors']} errors ({r['status']})"
                            for t, r in results.items())
@@ -509,8 +533,11 @@ def main(argv=None) -> int:
     rec.summary(finished=False)
     runner = Runner(args, rec)
 
+    cut: list[int] = []
+
     def terminated(signum, frame):  # the device tool's limit: end the stage with this script
-        runner.stop_current()
+        cut.append(signum)
+        runner.cut(signum)
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, terminated)
     try:
@@ -533,7 +560,7 @@ def main(argv=None) -> int:
         if "resources" in only:
             runner.stage_resources()
     finally:
-        rec.summary(finished=True)
+        rec.summary(finished=not cut)
         shutil.rmtree(runner.tmp, ignore_errors=True)
     print((results / "summary.md").read_text())
     # once more last, where the tail of a long log shows it

@@ -199,3 +199,48 @@ def test_the_commit_comes_from_the_command_where_git_is_absent(monkeypatch):
     monkeypatch.setenv("R1FAST_GIT_COMMIT", "abc1234")
     assert _git_commit() == "abc1234"
     assert _script().environment(True)["git_commit"] == "abc1234"
+
+
+def test_a_signal_records_the_cut_stage_and_the_summary_says_so(tmp_path):
+    """SIGTERM (the command's limit) killed the stage but left no row for it, and the summary
+    said "finished"."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "R1FAST_BENCH_RESULTS"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--results", str(out), "--dry",
+                             "--only", "bench", "--benches", "step"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "gpu_check.log"
+    for _ in range(600):
+        if log.exists() and "===== bench_step" in log.read_text():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    (row,) = [r for r in _rows(out) if r.get("stage") == "bench_step"]
+    assert row["status"] == "timeout" and row["detail"].startswith("cut by signal 15")
+    assert "state: in progress or cut short" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("output, status", [
+    ("========= Invalid __global__ write of size 4 bytes\n=========     at k+0x10\n", "failed"),
+    ("", "incomplete"),
+])
+def test_a_sanitizer_cut_by_its_limit_counts_the_errors_it_printed(tmp_path, monkeypatch,
+                                                                    output, status):
+    """The error summary comes at exit: a run cut after reporting an error read as "no
+    error" and the stage as incomplete, exit 0."""
+    mod = _script()
+    runner = mod.Runner(mod.parse_args(["--results", str(tmp_path / "r"), "--no-dry"]),
+                        mod.Recorder(tmp_path / "r", False, {}))
+    monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/true")
+    banner = "========= COMPUTE-SANITIZER\n"
+    monkeypatch.setattr(runner, "run", lambda stage, cmd, limit, env=None: (
+        "timeout", -9, banner + output + "SANITIZE_OK\n", 1.0))
+    runner.stage_sanitizer()
+    (row,) = [r for r in runner.rec.rows if r.get("stage") == "sanitizer"]
+    assert row["status"] == status and runner.ok == (status == "incomplete")
+    assert row["sanitizer"]["memcheck"]["errors"] == (1 if output else 0)
