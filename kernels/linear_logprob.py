@@ -191,11 +191,12 @@ def _dz_kernel(x_ptr, w_ptr, y_ptr, lse_ptr, ent_ptr, g_ptr, h_ptr, dz_ptr,
 
 @triton.jit
 def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-               stride_cm, stride_cn, K_BUCKET,
+               stride_cm, stride_cn, K_BUCKET, M_BUCKET, A_ROWS,
                ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
-    """C[M, N] (+)= A[M, K] @ B[K, N], fp32 accumulator; C may be fp32 or 16-bit."""
+    """C[M, N] (+)= A[M, K] @ B[K, N], fp32 accumulator; C may be fp32 or 16-bit. K_BUCKET,
+    M_BUCKET and A_ROWS (A row-major) only key the autotuner."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                 GROUP_M)
 
@@ -297,7 +298,10 @@ def _kernel(name: str):
         if name == "mm":
             # restore C between trials: with ACCUMULATE the kernel reads what it writes
             kernel = triton.autotune(
-                _MM_CONFIGS_16 + _MM_CONFIGS_32, key=["N", "K_BUCKET", "ACCUMULATE"],
+                # dx (dz row-major) and dW (dz transposed) can share N and K: the layout of A
+                # and an M bucket keep their tunings apart
+                _MM_CONFIGS_16 + _MM_CONFIGS_32,
+                key=["N", "K_BUCKET", "M_BUCKET", "A_ROWS", "ACCUMULATE"],
                 prune_configs_by={"early_config_prune": _by_dtype(_MM_CONFIGS_32, "a_ptr")},
                 restore_value=["c_ptr"], do_bench=short_trials)(kernel)
         else:
@@ -429,7 +433,8 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: b
 
     with on_device_of(a):
         kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                     c.stride(0), c.stride(1), _bucket(K), ACCUMULATE=accumulate,
+                     c.stride(0), c.stride(1), _bucket(K), _bucket(M), int(a.stride(1) == 1),
+                     ACCUMULATE=accumulate,
                      GROUP_M=_GROUP, UPCAST=INTERPRET and a.dtype != torch.float32,
                      PRECISION=_precision(a.dtype), **_meta(_INTERP_MM))
 
