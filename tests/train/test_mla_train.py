@@ -30,7 +30,7 @@ def varied_reward(completion: str, example: dict) -> float:
 def train(out: Path, steps: int) -> list[dict]:
     rc = main(["train", RECIPE, f"--run.out_dir={out}", f"--run.steps={steps}",
                "--run.progress=false", "--run.tensorboard=false", "--reward.workers=0",
-               "--reward.weights={mla_train_test_varied = 1.0}", "--data.prompts_per_step=2",
+               "--reward.weights.mla_train_test_varied=1.0", "--data.prompts_per_step=2",
                "--rollout.max_new_tokens=12"])
     assert rc == 0
     return read_jsonl(out / "metrics.jsonl")
