@@ -241,21 +241,26 @@ def test_logprob_heads_give_the_same_updates(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ops, "fused_linear_policy_loss", spy)
 
-    def run(name, *extra):
-        return GRPOTrainer(make_cfg(tmp_path / name, "--run.steps=2", "--algo.kl_coef=0.01",
-                                    *extra), reward=varied_reward).fit()
+    def run(name, *extra):  # one step: its metrics, and the weights its update left
+        tr = GRPOTrainer(make_cfg(tmp_path / name, "--run.steps=1", "--algo.kl_coef=0.01",
+                                  *extra), reward=varied_reward)
+        rows = tr.fit()
+        return rows, {k: v.detach().clone() for k, v in tr.policy.gpt.state_dict().items()
+                      if isinstance(v, torch.Tensor)}
 
-    base = run("torch")
+    base, weights = run("torch")
     assert set(seen) == {("auto", None, False)}
     for head, used in (("fused", ("triton", None, False)), ("gemm", ("triton", "gemm", False)),
                        ("grad-in-forward", ("triton", None, True))):
         seen.clear()
-        rows = run(head, "--algo.kernel_impl=triton", f"--algo.logprob_head={head}")
+        rows, after = run(head, "--algo.kernel_impl=triton", f"--algo.logprob_head={head}")
         assert set(seen) == {used}, (head, set(seen))
         for a, b in zip(base, rows, strict=True):
             for key in ("loss", "grad_norm", "entropy", "kl", "reward_mean"):
                 assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), \
                     (head, key, a[key], b[key])
+        moved = max((after[k] - weights[k]).abs().max().item() for k in weights)
+        assert moved <= 1e-6, (head, moved)  # the update itself, not only its loss
 
 
 @pytest.mark.parametrize("overrides, match", [
