@@ -546,9 +546,14 @@ def save_rows(rows: Sequence[dict], name: str, out_dir: Path | None = None, *,
               with_autotune: bool = True) -> Path:
     """Write rows to ``<out_dir>/<name>.json`` atomically (default: ``$R1FAST_BENCH_RESULTS``,
     else ``bench/results/``); returns the path. Rows get the autotune choices made by now,
-    unless ``with_autotune`` is False (a process whose autotuner timed nothing real)."""
+    unless ``with_autotune`` is False (a process whose autotuner timed nothing real), and on
+    a GPU ``clocks_after``: the clocks when the row was first saved, under load."""
     env_dir = os.environ.get("R1FAST_BENCH_RESULTS")
     out_dir = out_dir or (Path(env_dir) if env_dir else RESULTS_DIR)
+    if torch.cuda.is_available():  # the clocks under load, just after the rows' timings (the
+        after = gpu_clocks()        # env's are read before any): kept from a row's first save
+        for r in rows:
+            r.setdefault("clocks_after", after)
     tuned = autotune_choices() if with_autotune else {}
     if tuned:
         rows = [{**r, "autotune": tuned} for r in rows]

@@ -196,3 +196,20 @@ def test_rows_keep_the_spread_of_their_repeats():
     (row,) = rows
     assert len(row["ms_all"]) == 4 and row["ms_min"] <= row["ms"] <= row["ms_max"]
     assert row["launch_hidden"] is False  # CPU wall time: nothing to hide
+
+
+def test_rows_record_the_clocks_under_load(tmp_path, monkeypatch):
+    """The env's clocks are read before any timing (idle clocks); rows keep the clocks read
+    when they are first saved, right after their timings."""
+    import harness
+
+    readings = iter([{"clocks.sm": "1980"}, {"clocks.sm": "1755"}])
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness, "gpu_clocks", lambda: next(readings))
+    first = [{"op": "a"}]
+    harness.save_rows(first, "x", tmp_path, with_autotune=False)
+    rows = first + [{"op": "b"}]
+    harness.save_rows(rows, "x", tmp_path, with_autotune=False)
+    import json
+    saved = json.loads((tmp_path / "x.json").read_text())
+    assert [r["clocks_after"]["clocks.sm"] for r in saved] == ["1980", "1755"]
