@@ -125,31 +125,30 @@ def vote_key(answer: str) -> str:
 
 
 def majority_answer(answers: Sequence[str], math_equal: bool = True) -> str | None:
-    """The first answer of the largest group of equivalent answers (ties to the group seen
-    first), or None when there is none. ``math_equal``: equivalent means math-verify equal;
-    else equal :func:`vote_key` (for checkers other than math accuracy)."""
+    """The answer equivalent to the most answers (ties to the one seen first), or None when
+    there is none. ``math_equal``: equivalent means math-verify equal; else equal
+    :func:`vote_key` (for checkers other than math accuracy). Every answer is counted against
+    every other, not against a group's first member: math equality is not transitive (``5\%``
+    equals ``5`` and ``0.05``), and grouping by first members made the winner depend on the
+    order of the same votes."""
     def same(a: str, b: str) -> bool:
         if math_equal:
             return a == b or answers_equal(a, b)
         return vote_key(a) == vote_key(b)
 
-    groups: list[list[str]] = []
-    for a in answers:
-        for g in groups:
-            if same(a, g[0]):
-                g.append(a)
-                break
-        else:
-            groups.append([a])
-    return max(groups, key=len)[0] if groups else None
+    votes: dict[str, int] = {}
+    for a in answers:  # identical strings are compared once, in first-seen order
+        votes[a] = votes.get(a, 0) + 1
+    support = {a: sum(n for b, n in votes.items() if b == a or same(a, b)) for a in votes}
+    return max(votes, key=support.__getitem__) if votes else None
 
 
 def standard_error(values: Sequence[float]) -> float:
-    """Sample standard deviation over sqrt(n): the standard error of the mean of ``values``
-    (0.0 for fewer than two)."""
+    """Sample standard deviation over sqrt(n): the standard error of the mean of ``values``;
+    NaN for fewer than two (one problem has no spread to measure: "± 0" would claim one)."""
     n = len(values)
     if n < 2:
-        return 0.0
+        return math.nan
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 

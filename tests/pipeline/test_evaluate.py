@@ -39,6 +39,15 @@ def test_majority_answer_by_text_or_by_math():
     assert majority_answer([], math_equal=False) is None
 
 
+def test_the_majority_does_not_depend_on_the_order_of_the_votes():
+    """5% equals both 5 and 0.05 (math equality is not transitive): grouped by each group's
+    first member, the same six votes elected 0.05 in one order and 5% in another."""
+    votes = ["0.05", "0.05", "0.05", "5\\%", "5", "5"]
+    winners = {majority_answer(order) for order in (votes, votes[3:] + votes[:3],
+                                                    [votes[3], *votes[:3], *votes[4:]])}
+    assert winners == {"5\\%"}  # equal to all six
+
+
 def test_truncated_rate_is_per_problem_with_its_standard_error():
     exs = [{"answer": "5"}, {"answer": "7"}]
     samples = [boxed("5", "5"), boxed("7", "1")]

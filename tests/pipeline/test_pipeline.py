@@ -186,7 +186,7 @@ def test_demo_general_prompts_and_pairs():
 
 
 def test_standard_errors_and_language_mixing():
-    assert standard_error([1.0]) == 0.0
+    assert math.isnan(standard_error([1.0]))  # one problem: no spread to measure, not "± 0"
     assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(1 / 3 / 4))
     exs = [{"answer": "5"}, {"answer": "7"}]
     samples = [["<think>then 2+3</think> \\boxed{5}", "<think>μετά 2+3</think> \\boxed{5}"],
