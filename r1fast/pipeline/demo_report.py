@@ -29,8 +29,12 @@ def format_table(rows: Sequence[dict]) -> str:
                      f"{_pm(r, 'language_mixing')} | {r['mean_length']:.1f} | "
                      f"{r['format_rate']:.2f} |")
     n = rows[0]["num_problems"]
-    lines.append(f"\n{n} held-out problems x {k} samples (T=0.6, top-p 0.95); ± one standard "
-                 f"error over problems.")
+    sampling = sorted({(r.get("temperature"), r.get("top_p"), r.get("seed")) for r in rows},
+                      key=str)  # as the rows say: one line per setting they used
+    said = "; ".join(f"T={t}, top-p {p}, seed {s}" for t, p, s in sampling)
+    lines.append(f"\n{n} held-out problems x {k} samples ({said}); ± one standard error over "
+                 f"problems, of the evaluation's sampling given each model's weights (not of "
+                 f"training: another training run moves these more).")
     return "\n".join(lines)
 
 
