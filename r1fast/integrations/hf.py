@@ -1,17 +1,20 @@
 """r1fast ops on a Hugging Face causal LM, without materialising logits.
 
-A ``*ForCausalLM`` model is a decoder (``model.get_decoder()``) whose last hidden state goes
-through an output head (``model.get_output_embeddings()``). Calling the model computes
-``[batch, length, vocab]`` logits; these helpers call the decoder instead and hand its hidden
+A ``*ForCausalLM`` model is a decoder whose last hidden state goes through an output head
+(``model.get_output_embeddings()``). Calling the model computes ``[batch, length, vocab]``
+logits; :func:`hf_logprobs` and :func:`hf_grpo_loss` call the model as it is, through any
+DDP / FSDP / DeepSpeed wrapper (whose hooks then run: gradient synchronisation, gathering of
+sharded weights), with the head replaced for that one call by a stand-in that hands the hidden
 states and the head weight to :func:`r1fast.ops.linear_logprob` /
-:func:`r1fast.ops.fused_linear_policy_loss`, which stream over the vocabulary.
+:func:`r1fast.ops.fused_linear_policy_loss`, which stream over the vocabulary. (Calling the
+decoder alone skipped the wrapper: DDP then synchronised no gradient, silently.)
 
 Shapes follow the causal-LM convention: the log-prob at position ``t`` is that of token
 ``t + 1``, so outputs have length ``L - 1``; with ``logits_to_keep=C`` (TRL's completion-only
 tensors) they are the last ``C`` targets, ``[B, C]``, and the head runs on those rows only.
-Extra keyword arguments go to the decoder (``position_ids`` of a padding-free batch) and must
-be arguments its ``forward`` names: a name it would swallow unread in ``**kwargs`` (a VLM's
-``pixel_values`` reach only its text model) is an error. Models whose head is more than a linear map
+Extra keyword arguments go to the model's forward (``position_ids`` of a padding-free batch, a
+VLM's images) and must be arguments it names: a name it would swallow unread in ``**kwargs``
+is an error. Models whose head is more than a linear map
 (final-logit soft-capping, logit scaling, a head bias) are rejected with a clear error rather
 than silently computing something different from the model's own logits.
 """
@@ -26,18 +29,72 @@ from r1fast.ops._validate import FLOAT_DTYPES, check_tensor
 def hf_hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        **decoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states ``[B, L, H]`` and the output weight ``[V, H]`` of an HF causal LM."""
+    head = _plain_head(model)
+    _check_gathered("input embedding", getattr(model.get_input_embeddings(), "weight", None))
+    _check_gathered("output head", head.weight)
+    decoder = model.get_decoder()
+    _check_decoder_arguments(decoder, decoder_kwargs)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, **decoder_kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden, head.weight
+
+
+def _unwrapped(model):
+    """The transformers model inside DDP / FSDP1 / DeepSpeed wrappers (their ``.module``)."""
+    inner = model
+    while not hasattr(inner, "get_output_embeddings") \
+            and isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module
+    return inner
+
+
+class _HeadCall(torch.nn.Module):
+    """The output head's stand-in for one call of the model: ``fn(hidden, weight)`` on the
+    hidden states the model hands its head and the weight as that forward sees it (gathered
+    by FSDP), returned as the model's "logits"."""
+
+    def __init__(self, head: torch.nn.Linear, fn):
+        super().__init__()
+        self.head, self.fn = head, fn
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        _check_gathered("output head", self.head.weight)
+        return self.fn(hidden, self.head.weight)
+
+
+def _through_model(model, input_ids, attention_mask, scored: int, fn, model_kwargs: dict):
+    """``fn(hidden [B, C, H] before each of the last C = scored targets, weight)`` computed
+    inside the model's own forward, called through ``model`` (its wrappers included)."""
+    import inspect
+
+    inner = _unwrapped(model)
+    head = _plain_head(inner)
+    _check_decoder_arguments(inner, model_kwargs)
+    params = inspect.signature(inner.forward).parameters
+    # use_cache stays the caller's (the model's config): transformers reads position_ids
+    # resets as packed sequences only without a cache, so it changes the numbers
+    extra = {"logits_to_keep": scored + 1} if "logits_to_keep" in params else {}
+
+    def on_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return fn(hidden[:, -(scored + 1):-1], weight)  # the last row predicts no target
+
+    inner.set_output_embeddings(_HeadCall(head, on_hidden))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **extra, **model_kwargs)
+    finally:
+        inner.set_output_embeddings(head)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _plain_head(model) -> torch.nn.Linear:
+    """The output head, if the logits are a plain ``hidden @ W^T`` of it (else an error)."""
     head = model.get_output_embeddings()
     if head is None or not isinstance(head, torch.nn.Linear):
         raise ValueError("model must have a torch.nn.Linear output head (get_output_embeddings())")
     if head.bias is not None:
         raise ValueError("output heads with a bias are not supported (the logits would differ)")
     _check_plain_logits(model)
-    _check_gathered(model, head)
-    decoder = model.get_decoder()
-    _check_decoder_arguments(decoder, decoder_kwargs)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, **decoder_kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden, head.weight
+    return head
 
 
 def _check_decoder_arguments(decoder, kwargs: dict) -> None:
@@ -59,21 +116,18 @@ def _check_decoder_arguments(decoder, kwargs: dict) -> None:
                          f"a vision-language model's image inputs are not supported")
 
 
-def _check_gathered(model, head: torch.nn.Linear) -> None:
-    """An error when the embedding or the head is still sharded (FSDP2's DTensor, DeepSpeed
-    ZeRO-3's partitioned placeholder): these helpers call the decoder and read the head weight
-    directly, so the root module's forward, which would gather them, never runs."""
+def _check_gathered(name: str, w) -> None:
+    """An error when a weight read directly is still sharded (FSDP2's DTensor, DeepSpeed
+    ZeRO-3's partitioned placeholder): the head's stand-in never calls the head's own forward,
+    whose hooks would gather a head sharded on its own; :func:`hf_hidden_and_head` calls the
+    decoder alone, past the root forward that gathers the root unit."""
     from torch.distributed.tensor import DTensor
 
-    embed = model.get_input_embeddings()
-    for name, w in (("input embedding", getattr(embed, "weight", None)),
-                    ("output head", head.weight)):
-        if isinstance(w, DTensor) or hasattr(w, "ds_id"):
-            raise ValueError(f"the model's {name} weight is sharded ({type(w).__name__}, FSDP2 "
-                             f"or ZeRO-3): these helpers skip the root forward that gathers it; "
-                             f"gather it first (FSDP2 keeps the root unit gathered after a root "
-                             f"forward; ZeRO-3: deepspeed.zero.GatheredParameters) or leave the "
-                             f"embedding and head out of the sharding")
+    if isinstance(w, DTensor) or hasattr(w, "ds_id"):
+        raise ValueError(f"the model's {name} weight is sharded ({type(w).__name__}, FSDP2 "
+                         f"or ZeRO-3) where r1fast reads it; gather it first (ZeRO-3: "
+                         f"deepspeed.zero.GatheredParameters), or shard the head with the root "
+                         f"unit (FSDP2: fully_shard(model) gathers it for the model's forward)")
 
 
 #: config fields of transformers models whose logits are not ``hidden @ W^T``: a softcap
@@ -131,31 +185,26 @@ def per_token_temperature(temperature: float | torch.Tensor, input_ids: torch.Te
     return temperature if temperature.dim() == 2 else temperature[:, None].expand(B, c)
 
 
-def _scored(model, input_ids, attention_mask, logits_to_keep, decoder_kwargs):
-    """(hidden states before each scored target [B, C, H], head weight, targets [B, C])."""
-    c = scored_targets(input_ids, logits_to_keep)
-    hidden, weight = hf_hidden_and_head(model, input_ids, attention_mask, **decoder_kwargs)
-    last = input_ids.shape[1] - 1
-    return hidden[:, last - c:last], weight, input_ids[:, last + 1 - c:]
-
-
 def hf_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 temperature: float | torch.Tensor = 1.0, return_entropy: bool = False,
                 logits_to_keep: int | None = None, impl: str = "auto", **decoder_kwargs):
     """Log-prob of each next token, ``[B, L-1]`` fp32 (``[B, C]`` with ``logits_to_keep=C``),
     and entropy when asked; ``temperature`` is one float, ``[B]`` (one per sample) or one per
     scored token."""
-    hidden, weight, targets = _scored(model, input_ids, attention_mask, logits_to_keep,
-                                      decoder_kwargs)
-    B, C, H = hidden.shape
+    C = scored_targets(input_ids, logits_to_keep)
+    B = input_ids.shape[0]
+    targets = input_ids[:, -C:].reshape(-1)  # [B * C]
     tau = per_token_temperature(temperature, input_ids, C)
     if isinstance(tau, torch.Tensor):
         tau = tau.reshape(-1)  # [B * C]
-    out = ops.linear_logprob(hidden.reshape(-1, H), weight, targets.reshape(-1),
-                             temperature=tau, return_entropy=return_entropy, impl=impl)
-    if return_entropy:
-        return out[0].view(B, C), out[1].view(B, C)
-    return out.view(B, C)
+
+    def logprobs(hidden, weight):  # [B, C, H] -> [B, C], or [2, B, C] with the entropy
+        out = ops.linear_logprob(hidden.reshape(B * C, -1), weight, targets, temperature=tau,
+                                 return_entropy=return_entropy, impl=impl)
+        return torch.stack(out).view(2, B, C) if return_entropy else out.view(B, C)
+
+    out = _through_model(model, input_ids, attention_mask, C, logprobs, decoder_kwargs)
+    return (out[0], out[1]) if return_entropy else out
 
 
 def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -179,11 +228,19 @@ def hf_grpo_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     """
     if isinstance(completion_mask, torch.Tensor) and not completion_mask.is_floating_point():
         completion_mask = completion_mask.float()
-    hidden, weight, targets = _scored(model, input_ids, attention_mask, logits_to_keep,
-                                      decoder_kwargs)
-    tau = per_token_temperature(temperature, input_ids, hidden.shape[1])
+    C = scored_targets(input_ids, logits_to_keep)
+    targets = input_ids[:, -C:]
+    tau = per_token_temperature(temperature, input_ids, C)
     config = config or ops.PolicyLossConfig()
-    return ops.fused_linear_policy_loss(
-        hidden, weight, targets, old_logp, advantages, completion_mask,
-        ref_logp, config, rollout_logp=rollout_logp, temperature=tau,
-        global_normalizer=global_normalizer, max_len=max_len, impl=impl)
+    metrics: dict = {}
+
+    def loss_of(hidden, weight):  # the metrics leave beside the model's output
+        loss, m = ops.fused_linear_policy_loss(
+            hidden, weight, targets, old_logp, advantages, completion_mask, ref_logp, config,
+            rollout_logp=rollout_logp, temperature=tau, global_normalizer=global_normalizer,
+            max_len=max_len, impl=impl)
+        metrics.update(m)
+        return loss
+
+    loss = _through_model(model, input_ids, attention_mask, C, loss_of, decoder_kwargs)
+    return loss, metrics

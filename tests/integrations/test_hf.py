@@ -191,19 +191,27 @@ def test_decoder_arguments_reach_the_decoder():
         hf_logprobs(model, ids, position_id=positions)  # the decoder's **kwargs took it unread
 
 
-def test_a_vision_language_models_images_are_refused_not_dropped():
-    """get_decoder() of a VLM is its text model: images passed on to it were ignored."""
+def test_a_vision_language_models_images_reach_the_model():
+    """The images of a VLM reach the model's forward (its text model alone ignored them) and
+    the log-probs equal the model's own logits path with them."""
     cfg = transformers.Qwen2VLConfig(
         text_config=dict(vocab_size=97, hidden_size=32, intermediate_size=48,
                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                          rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2,
-                           spatial_merge_size=1, temporal_patch_size=1, in_channels=3))
+                           spatial_merge_size=1, temporal_patch_size=1, in_channels=3),
+        image_token_id=96, vision_start_token_id=95, video_token_id=94)
+    torch.manual_seed(0)
     model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
-    ids = torch.randint(0, 90, (1, 6))
-    with pytest.raises(ValueError, match="image_grid_thw, pixel_values: not an argument"):
-        hf_logprobs(model, ids, pixel_values=torch.randn(4, 12),
-                    image_grid_thw=torch.tensor([[1, 2, 2]]))
+    ids = torch.tensor([[1, 2, 95, 96, 96, 96, 96, 3, 4, 5]])  # one 2x2 image: 4 tokens
+    image = dict(pixel_values=torch.randn(4, 12), image_grid_thw=torch.tensor([[1, 2, 2]]),
+                 mm_token_type_ids=(ids == 96).long())
+    logits = model(input_ids=ids, **image).logits[:, :-1].double()
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert (hf_logprobs(model, ids, **image).double() - want).abs().max() < 1e-5
+    assert (hf_logprobs(model, ids).double() - want).abs().max() > 1e-3  # the image matters
+    with pytest.raises(ValueError, match="pixel_value: not an argument"):
+        hf_logprobs(model, ids, pixel_value=image["pixel_values"])
 
 
 def _fsdp2_worker(rank):
@@ -212,22 +220,61 @@ def _fsdp2_worker(rank):
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo")
-    model = tiny_qwen3(3)
     mesh = init_device_mesh("cpu", (1,))
+    model = tiny_qwen3(3)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the root unit holds the embedding and the head
     ids = torch.randint(0, 97, (2, 6))
-    with pytest.raises(ValueError, match="weight is sharded .* gather it first"):
-        hf_logprobs(model, ids, impl="torch")
-    want = reference_logp(model, ids, None)  # a root forward: FSDP2 leaves the root gathered
-    ours = hf_logprobs(model, ids, impl="torch")
+    ours = hf_logprobs(model, ids, impl="torch")  # the model's forward gathers the root unit
+    want = reference_logp(model, ids, None)
     assert (ours.double() - want).abs().max() < 1e-5
+    apart = tiny_qwen3(3)
+    fully_shard(apart.lm_head, mesh=mesh)  # a head sharded on its own: its forward gathers it
+    fully_shard(apart, mesh=mesh)
+    with pytest.raises(ValueError, match="output head weight is sharded"):
+        hf_logprobs(apart, ids, impl="torch")
 
 
-def test_an_fsdp2_sharded_head_is_named_not_misread():
-    """These helpers call the decoder and read the head directly, so the root forward that
-    gathers FSDP2's root parameters never runs: an error saying so, not a DTensor mix-up."""
+def test_fsdp2_models_run_through_their_forward():
+    """The helpers called the decoder and read the head directly, past the root forward that
+    gathers FSDP2's root parameters; they now call the model itself. A head sharded as its own
+    unit (whose forward the stand-in never calls) is named, not misread."""
     from tests.helpers.spawn import run_ranks
 
     run_ranks(1, _fsdp2_worker)
+
+
+def _ddp_worker(rank):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    model = tiny_qwen3(6).train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(10)
+    ids = torch.randint(0, 97, (4, 7), generator=g)  # every rank: the whole batch, then its half
+    old = -torch.rand(4, 6, generator=g)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    mine = slice(2 * rank, 2 * rank + 2)
+    loss, _ = hf_grpo_loss(ddp, ids[mine], None, torch.ones(2, 6), old[mine], adv[mine],
+                           config=ops.PolicyLossConfig(agg="token-mean"), impl="torch")
+    loss.backward()
+    synced = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for half in (slice(0, 2), slice(2, 4)):  # DDP averages the ranks' gradients
+        loss, _ = hf_grpo_loss(model, ids[half], None, torch.ones(2, 6), old[half], adv[half],
+                               config=ops.PolicyLossConfig(agg="token-mean"), impl="torch")
+        (loss / 2).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(synced[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    dist.barrier()
+
+
+@pytest.mark.multiproc
+def test_a_ddp_model_gets_its_gradients_synchronised():
+    """hf_grpo_loss(ddp_model) failed (no get_output_embeddings) and hf_grpo_loss(ddp.module)
+    ran past DDP's forward, so no gradient was synchronised, silently (helper-68): the call
+    now goes through the wrapper, and each rank's gradient is the mean over the ranks."""
+    from tests.helpers.spawn import run_ranks
+
+    run_ranks(2, _ddp_worker)
