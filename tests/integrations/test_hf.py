@@ -234,12 +234,20 @@ def _fsdp2_worker(rank):
     fully_shard(apart, mesh=mesh)
     with pytest.raises(ValueError, match="output head weight is sharded"):
         hf_logprobs(apart, ids, impl="torch")
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # FSDP1: flat params
+
+    flat = FSDP(tiny_qwen3(3), device_id=torch.device("cpu"), use_orig_params=False)
+    ours = hf_logprobs(flat, ids, impl="torch")  # it failed inside the embedding
+    with FSDP.summon_full_params(flat):
+        want = reference_logp(flat.module, ids, None)
+    assert (ours.double() - want).abs().max() < 1e-5
 
 
-def test_fsdp2_models_run_through_their_forward():
+def test_fsdp_models_run_through_their_forward():
     """The helpers called the decoder and read the head directly, past the root forward that
-    gathers FSDP2's root parameters; they now call the model itself. A head sharded as its own
-    unit (whose forward the stand-in never calls) is named, not misread."""
+    gathers FSDP2's root parameters (and FSDP1 failed inside the embedding); they now call the
+    model itself. A head sharded as its own unit (whose forward the stand-in never calls) is
+    named, not misread."""
     from tests.helpers.spawn import run_ranks
 
     run_ranks(1, _fsdp2_worker)
