@@ -56,6 +56,11 @@ def debug_checks(validate: bool | None = None) -> bool:
     return os.environ.get("R1FAST_DEBUG_CHECKS", "0").strip().lower() in ("1", "true", "yes")
 
 
+def checks_values(validate: bool | None, device: torch.device) -> bool:
+    """An op's ``validate=`` argument when given, else :func:`value_checks` of ``device``."""
+    return bool(validate) if validate is not None else value_checks(device)
+
+
 def value_checks(device: torch.device) -> bool:
     """Whether an op reads tensor values to validate them: always for CPU tensors (no device to
     wait for), on an accelerator only under ``R1FAST_DEBUG_CHECKS=1`` (each read is a host sync

@@ -40,7 +40,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from r1fast.ops._dispatch import debug_checks, resolve_impl
+from r1fast.ops._dispatch import checks_values, resolve_impl
 from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 __all__ = ["linear_logprob", "naive_linear_logprob", "LinearLogprobChunks", "DEFAULT_CHUNKS",
@@ -418,7 +418,7 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("tp_group was given but torch.distributed is not initialized")
         world = dist.get_world_size(tp_group)
-    if not debug_checks(validate):  # the values below: a host sync, debug mode only
+    if not checks_values(validate, targets.device):  # a host sync on a GPU: debug mode only
         return
     check_temperature_values(temperature, targets, ignore_index)
     v_total = weight.shape[0] * world
@@ -511,9 +511,9 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
             (cuBLAS fp32 logit tiles, reduced by Triton row kernels; see
             ``r1fast.kernels.linear_logprob_gemm``). Any other impl takes only ``"fused"``.
         validate: check that every target is in the vocabulary or ``ignore_index``, and a
-            tensor temperature finite and > 0 on the other rows (a host sync); None follows
-            ``R1FAST_DEBUG_CHECKS`` (off: an out-of-range target is undefined behaviour, as
-            indexing out of range).
+            tensor temperature finite and > 0 on the other rows (a host sync on a GPU);
+            None: always for CPU tensors, on a GPU as ``R1FAST_DEBUG_CHECKS`` says (off: an
+            out-of-range target is undefined behaviour, as indexing out of range).
 
     Returns ``logp [T]`` float32 (float64 for fp64 inputs), or ``(logp, entropy)``. Gradients
     flow to ``hidden`` and ``weight`` in their dtypes; dW is accumulated in fp32.

@@ -14,9 +14,10 @@ from a ``searchsorted`` of the sorted ids (``torch.bincount`` would wait for the
 size depends on the data).
 
 Host syncs: none on the hot path when ``num_experts`` is given. The value checks (expert ids in
-``[0, E)``, a row map that is a permutation) need the data, so they run only under
+``[0, E)``, a row map that is a permutation) need the data, so on a GPU they run only under
 ``R1FAST_DEBUG_CHECKS=1`` or ``validate=True`` (``r1fast.ops._dispatch.debug_checks``);
 out-of-range ids otherwise give undefined rows, as an out-of-range index into a tensor would.
+The expert ids of CPU tensors are always checked (no device to wait for).
 
 The row copies and the weighted combine are the bandwidth-bound part
 and run in the Triton (``r1fast.kernels.moe_permute``) or CUDA (``csrc/moe_route.cu``) kernels.
@@ -32,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from r1fast.ops._dispatch import debug_checks, resolve_impl
+from r1fast.ops._dispatch import checks_values, debug_checks, resolve_impl
 from r1fast.ops._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -257,7 +258,7 @@ def moe_permute(x: Tensor, indices: Tensor, num_experts: Optional[int] = None, *
         num_experts = int(indices.max()) + 1 if indices.numel() else 1
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if debug_checks(validate) and indices.numel() and \
+    if checks_values(validate, indices.device) and indices.numel() and \
             bool(((indices < 0) | (indices >= num_experts)).any()):
         raise ValueError(f"indices must hold expert ids in [0, {num_experts}), got values in "
                          f"[{int(indices.min())}, {int(indices.max())}]")

@@ -48,6 +48,13 @@ class SyncRecorder(TorchDispatchMode):
         super().__init__()
         self.calls: list[str] = []
         self._cuda = DEVICE.type == "cuda"
+        from r1fast.ops import _dispatch
+
+        # CPU tensors always get their value checks (nothing waits there); standing in for
+        # the GPU, the recorder puts the accelerator's rule in place (checks under
+        # R1FAST_DEBUG_CHECKS or validate=True only)
+        monkeypatch.setattr(_dispatch, "value_checks",
+                            lambda device: _dispatch.debug_checks())
         for name in ("item", "tolist", "cpu", "numpy"):
             original = getattr(torch.Tensor, name)
 

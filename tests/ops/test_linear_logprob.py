@@ -420,3 +420,18 @@ def test_fp32_logits_accumulate_in_fp32(dtype):
     w = weight.clone().requires_grad_()
     fp32_logits(hidden, w).sum().backward()
     assert w.grad is not None and w.grad.shape == w.shape
+
+
+def test_cpu_targets_out_of_the_vocabulary_are_errors_without_debug_mode(monkeypatch):
+    """The value checks ran only in debug mode, also on CPU tensors where they cost no sync:
+    a target equal to V or -1 returned numbers without a word (helper-68)."""
+    from r1fast import ops
+
+    monkeypatch.delenv("R1FAST_DEBUG_CHECKS", raising=False)
+    hidden, weight = torch.randn(3, 8), torch.randn(11, 8)
+    for bad in (11, -1):
+        with pytest.raises(ValueError, match=rf"targets\[1\] = {bad}"):
+            ops.linear_logprob(hidden, weight, torch.tensor([0, bad, 2]), impl="torch")
+    ops.linear_logprob(hidden, weight, torch.tensor([0, -100, 2]), impl="torch")  # ignored
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 4\)"):
+        ops.moe_permute(hidden, torch.tensor([[0], [4], [1]]), 4)
