@@ -401,6 +401,10 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
               chunk_tokens, chunk_vocab, validate=None) -> None:
     check_tensor("hidden", hidden, ndim=2, dtypes=_TORCH_DTYPES)
     T, H = hidden.shape
+    if isinstance(weight, torch.Tensor) and weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have hidden's dtype ({hidden.dtype}), got {weight.dtype} "
+                         f"(a bf16 body with an fp32 head: cast hidden, the smaller tensor, "
+                         f"e.g. hidden.to(weight.dtype))")
     check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), shape=(None, H),
                  device=hidden.device)
     if weight.shape[0] == 0:

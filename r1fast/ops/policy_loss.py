@@ -563,7 +563,8 @@ def policy_loss(
         advantages: ``[B]`` per sequence, or per token with the shape of ``logp`` (a packed
             batch with N == B is read per token).
         mask: same shape, bool, or float weights ``m`` (0 excludes a token; positions with
-            ``m == 0`` may hold any value, NaN included).
+            ``m == 0`` may hold any value, NaN included); an integer mask (verl's and TRL's
+            ``response_mask`` are int64) is taken as float weights.
         config: the objective, clipping, KL estimator and aggregation
             (:class:`PolicyLossConfig`).
         ref_logp: reference-policy log-probs, needed when ``config.kl`` is set.
@@ -589,6 +590,9 @@ def policy_loss(
     """
     if not isinstance(config, PolicyLossConfig):
         raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    if isinstance(mask, torch.Tensor) and mask.dtype in INDEX_DTYPES + (torch.int8, torch.uint8,
+                                                                        torch.int16):
+        mask = mask.to(torch.float32)  # 0/1 int64 masks, as verl's response_mask
     layout = _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqlens,
                        max_len, global_normalizer, config)
     chosen = resolve_impl("policy_loss", impl, logp.device, supported=("torch", "triton"))

@@ -342,7 +342,7 @@ BAD = {
     "hidden_int": (dict(hidden=torch.ones(5, 7, dtype=torch.int64)), "hidden must have dtype in"),
     "weight_width": (dict(weight=torch.randn(11, 6)), r"weight must have shape \[\*, 7\]"),
     "weight_dtype": (dict(weight=torch.randn(11, 7, dtype=torch.float64)),
-                     r"weight must have dtype in \(float32\), got float64"),
+                     r"weight must have hidden's dtype \(torch.float32\), got torch.float64"),
     "weight_3d": (dict(weight=torch.randn(2, 11, 7)), "weight must be 2-D"),
     "weight_empty": (dict(weight=torch.randn(0, 7)), "weight must have at least one vocabulary"),
     "targets_float": (dict(targets=torch.zeros(5)), r"targets must have dtype in \(int64, int32\)"),
@@ -435,3 +435,20 @@ def test_cpu_targets_out_of_the_vocabulary_are_errors_without_debug_mode(monkeyp
     ops.linear_logprob(hidden, weight, torch.tensor([0, -100, 2]), impl="torch")  # ignored
     with pytest.raises(ValueError, match=r"expert ids in \[0, 4\)"):
         ops.moe_permute(hidden, torch.tensor([[0], [4], [1]]), 4)
+
+
+def test_a_head_of_another_dtype_and_an_integer_mask_say_what_to_do():
+    """A bf16 body with an fp32 head was refused as "weight must have dtype in (bfloat16)";
+    verl's int64 response_mask was refused by the loss (helper-68)."""
+    from r1fast import ops
+
+    hidden, weight = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(11, 8)
+    with pytest.raises(ValueError, match=r"weight must have hidden's dtype \(torch.bfloat16\), "
+                                         r"got torch.float32 .* hidden.to\(weight.dtype\)"):
+        ops.linear_logprob(hidden, weight, torch.tensor([0, 1, 2, 3]), impl="torch")
+    logp = -torch.rand(2, 5)
+    args = (logp, logp.detach() - 0.1, torch.tensor([1.0, -1.0]))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    as_int, _ = ops.policy_loss(*args, mask, ops.PolicyLossConfig(), impl="torch")
+    as_float, _ = ops.policy_loss(*args, mask.float(), ops.PolicyLossConfig(), impl="torch")
+    assert torch.equal(as_int, as_float)

@@ -229,7 +229,8 @@ def _bad_cases():
         ((lp[0, 0], old, adv, mask), {}, r"logp must be 1-D or 2-D, got shape \(\)"),
         ((lp.long(), old, adv, mask), {}, "logp must have dtype in"),
         ((lp, old[:, :2], adv, mask), {}, r"old_logp must have shape \[2, 3\], got \[2, 2\]"),
-        ((lp, old, adv, mask.long()), {}, "mask must have dtype in"),
+        ((lp, old, adv, mask.to(torch.complex64)), {}, "mask must have dtype in"),  # (an
+        # integer mask is taken as weights)
         ((lp, old, adv[:1], mask), {},
          r"advantages must have shape \[2\] \(one per sequence\) or \[2, 3\]"),
         ((lp, old, adv, mask), {"kl": "k3"}, "ref_logp is required when kl='k3'"),
