@@ -425,8 +425,7 @@ def _reference_metrics(cfg: PolicyLossConfig, ratio, adv, valid, m, tis_w, pg_nu
     r = ratio.detach()
     lo, hi = 1.0 - cfg.clip_low, 1.0 + cfg.clip_high
     pos, neg = adv > 0, adv < 0
-    # ppo/gspo: the clipped branch is the active one; cispo truncates the IS weight of every
-    # token outside [lo, hi], whatever the sign of A
+    # cispo truncates the IS weight of every token outside [lo, hi], whatever the sign of A
     clipped = ((r > hi) | (r < lo)) if cfg.loss == "cispo" else (pos & (r > hi)) | (neg & (r < lo))
     dual = (neg & (r > cfg.dual_clip)) if cfg.dual_clip is not None and cfg.loss != "cispo" \
         else torch.zeros_like(valid)
@@ -562,9 +561,8 @@ def policy_loss(
         old_logp: log-probs of the policy that sampled, same shape (a constant).
         advantages: ``[B]`` per sequence, or per token with the shape of ``logp`` (a packed
             batch with N == B is read per token).
-        mask: same shape, bool, or float weights ``m`` (0 excludes a token; positions with
-            ``m == 0`` may hold any value, NaN included); an integer mask (verl's and TRL's
-            ``response_mask`` are int64) is taken as float weights.
+        mask: same shape, bool, or float (or integer: verl's) weights ``m`` (0 excludes a
+            token; positions with ``m == 0`` may hold any value, NaN included).
         config: the objective, clipping, KL estimator and aggregation
             (:class:`PolicyLossConfig`).
         ref_logp: reference-policy log-probs, needed when ``config.kl`` is set.
@@ -590,9 +588,8 @@ def policy_loss(
     """
     if not isinstance(config, PolicyLossConfig):
         raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
-    if isinstance(mask, torch.Tensor) and mask.dtype in INDEX_DTYPES + (torch.int8, torch.uint8,
-                                                                        torch.int16):
-        mask = mask.to(torch.float32)  # 0/1 int64 masks, as verl's response_mask
+    if isinstance(mask, torch.Tensor) and not (mask.is_floating_point() or mask.is_complex()):
+        mask = mask if mask.dtype == torch.bool else mask.float()  # verl's int64 0/1 mask
     layout = _validate(logp, old_logp, advantages, mask, ref_logp, rollout_logp, cu_seqlens,
                        max_len, global_normalizer, config)
     chosen = resolve_impl("policy_loss", impl, logp.device, supported=("torch", "triton"))
