@@ -111,10 +111,10 @@ def test_export_never_replaces_a_folder_it_was_not_told_to(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "already exists and is not empty" in err and "--overwrite" in err
     assert (out / "notes.txt").read_text() == "precious"
-    # with --overwrite it goes on to the source (here: not a run, named as such)
+    # with --overwrite it goes on to the source (here: a folder that does not exist, named)
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "no_run"), str(out), "--overwrite"])
-    assert "is neither a run folder" in capsys.readouterr().err
+    assert "no_run does not exist" in capsys.readouterr().err
 
 
 def test_export_of_an_sft_run(tmp_path, capsys):
