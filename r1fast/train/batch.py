@@ -144,8 +144,8 @@ def rank_prompts(n: int, dp: int, dp_rank: int, mini_batches: int = 1) -> list[i
     trains on the same rows at any DP size. Where ``n`` is not a multiple of
     ``mini_batches * dp`` a mini-batch cannot be shared in whole groups: slice ``dp_rank``
     (:func:`mini_batches_follow_dp` says when)."""
-    k = n // dp
-    if dp == 1 or mini_batches == 1 or n % (mini_batches * dp):
+    if n % (mini_batches * dp):  # (at dp 1 or one mini-batch, the share below is the slice)
+        k = n // dp
         return list(range(dp_rank * k, (dp_rank + 1) * k))
     per, share = n // mini_batches, n // (mini_batches * dp)
     return [j * per + dp_rank * share + t for j in range(mini_batches) for t in range(share)]

@@ -399,8 +399,7 @@ def _unused_option_warnings(cfg: TrainConfig) -> list[str]:
     def changed(section: str, name: str) -> bool:
         obj = getattr(cfg, section)
         f = next(f for f in dataclasses.fields(obj) if f.name == name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        return getattr(obj, name) != default
+        return getattr(obj, name) != _config._field_default(f)
 
     p, a, d, r = cfg.parallel, cfg.algo, cfg.data, cfg.reward
     packed = p.max_tokens_per_microbatch > 0

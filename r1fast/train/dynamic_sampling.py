@@ -17,8 +17,8 @@ Here (``algo.dynamic_sampling = true``):
   them in the order of a one-rank run (round, then prompt), each rank on its share, dealt as a
   round's prompts are (:func:`r1fast.train.batch.rank_prompts`), fetched from the rank that
   sampled it (a group sampled on one rank for another's share is sent to that rank alone, as
-  an object over gloo), so the batch does not depend on the layout. Short after ``N`` rounds, the step fills up with groups without signal, masked
-  as with one round, and warns with the count. Groups with signal beyond what the batch holds
+  an object over gloo), so the batch does not depend on the layout. Short after ``N``
+  rounds, the step fills up with groups without signal, masked as with one round, and warns with the count. Groups with signal beyond what the batch holds
   are dropped, as DAPO drops them.
 
 Each round's completions draw their own random streams (the round is part of the row's seed),
@@ -107,10 +107,9 @@ def sample_until_full(sample_round: Callable[[int], Round], *, group_size: int,
         flags = all_gather(has_signal(rounds[-1][1]["total"], group_size))
         dp, size = len(flags), sum(map(len, flags))  # the round's prompts, dealt over dp
         index = [rank_prompts(size, dp, q, mini_batches) for q in range(dp)]
-        signal += sorted((r, index[q][g], q, g) for q, rank_flags in enumerate(flags)
-                         for g, s in enumerate(rank_flags) if s)
-        quiet += sorted((r, index[q][g], q, g) for q, rank_flags in enumerate(flags)
-                        for g, s in enumerate(rank_flags) if not s)
+        for q, g in sorted(((q, g) for q in range(dp) for g in range(len(flags[q]))),
+                           key=lambda qg: index[qg[0]][qg[1]]):  # the one-rank order
+            (signal if flags[q][g] else quiet).append((r, index[q][g], q, g))
     chosen = (signal + quiet)[:groups]
     if len(signal) < groups and warn:
         log.warning("step %d: after %d sampling rounds %d of the %d groups have signal: the "

@@ -87,8 +87,7 @@ def check_trainable(model: ModelConfig, optim: OptimConfig) -> None:
 def _check_schedule(optim: OptimConfig, updates: int) -> None:
     """The schedule spans the run's ``updates``: a ``total_steps`` given for another length
     was dropped without a word, and a warmup as long as the run stretched silently."""
-    default = next(f.default for f in dataclasses.fields(OptimConfig) if f.name == "total_steps")
-    if optim.total_steps not in (default, updates):
+    if optim.total_steps not in (OptimConfig.total_steps, updates):  # the class default
         raise ValueError(f"optim.total_steps={optim.total_steps} is set by the trainer to the "
                          f"run's {updates} optimizer updates (the LR schedule spans the run); "
                          f"leave it out")
