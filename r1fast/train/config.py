@@ -183,11 +183,17 @@ class DataConfig:
     r1fast.data.files); None: the synthetic ``task``."""
     test_path: Optional[str] = None
     """Held-out data in the same layout, or None: evaluated at the end of training (pass@1 over
-    ``eval_k`` samples at T=0.6/top-p 0.95, cons@k), written to out_dir/eval.jsonl."""
+    ``eval_k`` samples at T=0.6/top-p 0.95, cons@k; also see ``eval_every`` and
+    ``eval_before_train``), written to out_dir/eval.jsonl (r1fast.train.held_out)."""
     eval_k: int = 4
     """Samples per held-out problem."""
     eval_max_problems: int = 64
     """Held-out problems evaluated (the first ones of test_path)."""
+    eval_every: int = 0
+    """Also evaluate the held-out problems every N steps (0: only at the end)."""
+    eval_before_train: bool = False
+    """Also evaluate them before the first step: the baseline each later row of eval.jsonl
+    reports its change against (paired over problems, with a standard error)."""
     preset: Optional[Literal["gsm8k", "math", "dapo", "deepscaler", "countdown", "verl"]] = None
     """Column layout of the files; None: ``prompt_key`` / ``answer_key``."""
     prompt_key: Optional[str] = None
@@ -222,10 +228,12 @@ class DataConfig:
         # checked here, at load time: prompts_per_step=0 used to pass until the dataset was
         # built after the model (seconds later) and was then reported as 'batch_size'
         for key, low in (("prompts_per_step", 1), ("num_train", 1), ("num_test", 0),
-                         ("eval_k", 1), ("eval_max_problems", 1), ("max_prompt_tokens", 0)):
+                         ("eval_k", 1), ("eval_max_problems", 1), ("max_prompt_tokens", 0),
+                         ("eval_every", 0)):
             value = getattr(self, key)
             if value < low:
-                allowed = " (0: keep all)" if key == "max_prompt_tokens" else ""
+                allowed = {"max_prompt_tokens": " (0: keep all)",
+                           "eval_every": " (0: only at the end)"}.get(key, "")
                 raise ValueError(f"data.{key} must be >= {low}{allowed}, got {value}")
         if self.num_test and (self.path is not None or self.test_path is not None):
             given = "data.path" if self.path is not None else "data.test_path"
@@ -403,6 +411,7 @@ def _unused_option_warnings(cfg: TrainConfig) -> list[str]:
 
     p, a, d, r = cfg.parallel, cfg.algo, cfg.data, cfg.reward
     packed = p.max_tokens_per_microbatch > 0
+    no_held_out = d.test_path is None and not (d.path is None and d.num_test)
     kl = a.objective.kl is not None and a.objective.kl_coef > 0
     unread = [  # (section, option, unread when, why)
         ("parallel", "micro_batch_size", packed, "parallel.max_tokens_per_microbatch packs"),
@@ -412,7 +421,10 @@ def _unused_option_warnings(cfg: TrainConfig) -> list[str]:
         ("data", "num_train", d.path is not None, f"data.path={d.path} is the data"),
         ("algo", "router_replay_capture", not a.router_replay, "algo.router_replay is off"),
         ("algo", "ref_reset_every", not kl, "there is no reference (algo.kl_coef 0 or no kl)"),
-        ("reward", "reward_model_weight", r.reward_model is None, "no reward.reward_model")]
+        ("reward", "reward_model_weight", r.reward_model is None, "no reward.reward_model"),
+        *(("data", key, no_held_out, "there are no held-out problems (data.test_path, or "
+           "data.num_test with the synthetic task)")
+          for key in ("eval_k", "eval_max_problems", "eval_every", "eval_before_train"))]
     out = [f"{section}.{name}={getattr(getattr(cfg, section), name)!r} is not used: {why}"
            for section, name, unread_, why in unread if unread_ and changed(section, name)]
     if r.cpu_time_s is not None and r.cpu_time_s >= r.timeout_s:

@@ -24,7 +24,6 @@ checkpoints (model, optimizer, RNG, data position) are atomic and resume bit-exa
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -46,9 +45,10 @@ from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resu
 from r1fast.train.config import TrainConfig, config_warnings, load_train_config
 from r1fast.train.dynamic_sampling import RolloutBatch, row_seeds, sample_until_full
 from r1fast.train.engine import TrainEngine
+from r1fast.train.held_out import HeldOutEvaluator
 from r1fast.train.loss_head import check_kernel_choice, unfused_policy_loss
 from r1fast.train.metrics import (MetricsLogger, append_jsonl, combine_micro_metrics,
-                                  gather_expert_load, load_imbalance, read_jsonl,
+                                  gather_expert_load, load_imbalance,
                                   replica_token_means, truncate_metrics)
 from r1fast.train.packing import PackedMicroBatch, pack_routing, packed_micro_batches
 from r1fast.policy.dist_ckpt import load_sharded, save_sharded
@@ -71,7 +71,8 @@ REPORTED_UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad
 
 #: config keys a resume may change without a word: the run's length, layout and logging
 _FREE_ON_RESUME = ("run.steps", "run.resume", "run.overwrite", "run.progress",
-                   "run.tensorboard", "run.save_every", "parallel.")
+                   "run.tensorboard", "run.save_every", "parallel.", "data.eval_every",
+                   "data.eval_before_train")
 
 
 class GRPOTrainer:
@@ -109,6 +110,7 @@ class GRPOTrainer:
         self.task = task or build_task(config, reward=reward, tokenizer=tokenizer,
                                       prompts=prompts)
         self.step_idx = 0
+        self.held_out_eval = HeldOutEvaluator(trainer=self)
         self.expert_loads: dict[int, list[float]] = {}
         """Tokens per expert of each MoE layer in the last step (see expert_load.jsonl)."""
         self.sampling = SamplingConfig(
@@ -156,6 +158,7 @@ class GRPOTrainer:
         if self.is_logger:
             truncate_metrics(self.run_dir / "expert_load.jsonl", self.step_idx)
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step_idx)
+        self.held_out_eval.cut_after(self.step_idx)
         a = self.cfg.algo
         self.engine.fit_schedule(self.cfg.run.steps * a.ppo_epochs * a.mini_batches,
                                  self.cfg.optim.warmup_steps, f"run.steps={self.cfg.run.steps}")
@@ -512,39 +515,11 @@ class GRPOTrainer:
         return metrics
 
     # -------------------------------------------------------------------------- evaluation
-    def evaluate(self) -> dict[str, Any] | None:
-        """pass@1 / cons@k of the policy on the held-out problems (``data.test_path``, or
-        ``data.num_test`` of the synthetic task's test split); collective: the data-parallel
-        replicas share the sampling and all ranks the answer checks; rank 0 appends the result
-        to out_dir/eval.jsonl. None without held-out problems."""
-        from r1fast.pipeline.evaluate import evaluate_model
-
-        d = self.cfg.data
-        held_out = self.task.held_out  # loaded and length-checked at start-up
-        if held_out is None:
-            return None
-        source, examples = held_out
-        result = evaluate_model(None, examples, k=d.eval_k,
-                                max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                seed=self.cfg.run.seed, policy=self.policy,
-                                tokenizer=self.task.tokenizer, dp_group=self.engine.dp_host_group(),
-                                share_checks=True, warn=self.is_logger,
-                                decoder_options=self.cfg.rollout.decoder_options()).as_dict()
-        row = {"step": self.step_idx, "test_path": d.test_path, "held_out": source, **result}
-        if not self.is_logger:
-            return row
-        with open(self.run_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("eval at step %d: pass@1 %.3f, cons@%d %.3f on %d problems", self.step_idx,
-                 result["pass_at_1"], d.eval_k, result["cons_at_k"], result["num_problems"])
-        return row
-
-    def _final_eval_missing(self) -> bool:
-        """Held-out problems exist and eval.jsonl has no row of this step (collective)."""
-        path = self.run_dir / "eval.jsonl"
-        missing = self.is_logger and self.task.held_out is not None and not (
-            path.is_file() and any(r.get("step") == self.step_idx for r in read_jsonl(path)))
-        return bool(all_ranks_int(int(missing), "max"))
+    def evaluate(self, logger=None) -> dict[str, Any] | None:
+        """pass@1 / cons@k of the policy on the held-out problems now, as this step's row of
+        out_dir/eval.jsonl (collective; None without held-out problems): see
+        :mod:`r1fast.train.held_out`."""
+        return self.held_out_eval.evaluate(self.step_idx, logger)
 
     # -------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict]:
@@ -559,15 +534,14 @@ class GRPOTrainer:
         logger = MetricsLogger(self.run_dir, enabled=self.is_logger, tensorboard=run.tensorboard,
                                progress=run.progress, total_steps=run.steps,
                                initial_step=self.step_idx)
-        rows = []
+        rows, evals = [], self.held_out_eval
         try:
-            if self.step_idx >= run.steps:
-                if self._final_eval_missing():  # the run stopped during its final evaluation
-                    self.evaluate()
-                else:
-                    log.warning("the checkpoint is at step %d and run.steps=%d: nothing to do "
-                                "(raise --run.steps to continue)", self.step_idx, run.steps)
-                return rows
+            # the step-0 baseline, or an evaluation a kill cut off after its step's checkpoint
+            if evals.missing(self.step_idx):
+                self.evaluate(logger)
+            elif self.step_idx >= run.steps:
+                log.warning("the checkpoint is at step %d and run.steps=%d: nothing to do "
+                            "(raise --run.steps to continue)", self.step_idx, run.steps)
             while self.step_idx < run.steps:
                 metrics = self.step()
                 rows.append(logger.log(self.step_idx, metrics))
@@ -577,9 +551,13 @@ class GRPOTrainer:
                             str(layer): counts for layer, counts in self.expert_loads.items()}})
                 if run.save_every and self.step_idx % run.save_every == 0:
                     self.save()
+                if evals.due(self.step_idx) and self.step_idx < run.steps:
+                    self.evaluate(logger)
+            if not rows:
+                return rows
             if not run.save_every or self.step_idx % run.save_every != 0:
                 self.save()
-            self.evaluate()
+            self.evaluate(logger)  # after the last checkpoint: a kill here evaluates at restart
         finally:
             logger.close()
             self.task.close()

@@ -67,6 +67,14 @@ class MetricsLogger:
             self._bar.update(1)
         return row
 
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """TensorBoard scalars at ``step`` that are not a metrics.jsonl row (e.g. an
+        evaluation's, whose row is in eval.jsonl)."""
+        if self._tb is not None:
+            for k, v in values.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
     def close(self) -> None:
         if self._file:
             self._file.close()

@@ -34,6 +34,7 @@ from r1fast.rewards import (CompositeReward, RewardRunner, RoutedReward, RunnerC
 from r1fast.rewards.extract import as_scored, opens_thought
 from r1fast.rewards.registry import DEFAULT_ROUTES
 from r1fast.train.batch import mini_batches_follow_dp, rank_prompts
+from r1fast.train.held_out import HeldOut
 from r1fast.train.reward_routing import MixedScorer, general_example, row_source, split_rows
 
 log = logging.getLogger("r1fast.train")
@@ -45,15 +46,15 @@ class TaskData:
     """The prompts of a run, their tokenizer and the rewards. ``model_reward``: the reward
     model that scores the rows routed to it (``reward`` field ``"reward_model"``), with weight
     ``model_weight``; None: every row is scored by ``reward_parts``. ``held_out``: what the
-    end of training evaluates (:func:`held_out_examples`)."""
+    run evaluates, a :class:`~r1fast.train.held_out.HeldOut` or ``(name, examples)``."""
 
     def __init__(self, examples: Sequence[dict], tokenizer, reward_parts: Sequence[tuple],
                  prompts_per_step: int, seed: int, runner_config: RunnerConfig,
                  model_reward: Callable | None = None, model_weight: float = 1.0,
-                 held_out: tuple[str, list[dict]] | None = None):
+                 held_out: HeldOut | tuple[str, list[dict]] | None = None):
         self.tokenizer = tokenizer
-        self.held_out = held_out
-        """(name, examples) the end of training evaluates, prompts rendered; None: nothing."""
+        self.held_out = None if held_out is None else HeldOut(*held_out)
+        """The problems the run evaluates, prompts rendered; None: nothing."""
         self.dataset = PromptDataset(list(examples), prompts_per_step, seed=seed)
         self.runner = RewardRunner(CompositeReward(list(reward_parts)), runner_config)
         self.part_names = [name for name, _, _ in reward_parts]
@@ -424,8 +425,8 @@ class TaskPrompts:
 
     examples: list[dict]
     """The training prompts, rendered for the run's tokenizer, each under the length cap."""
-    held_out: tuple[str, list[dict]] | None
-    """(name, examples) the end of training evaluates (:func:`held_out_examples`)."""
+    held_out: HeldOut | None
+    """The held-out problems the run evaluates (:func:`held_out_examples`)."""
 
 
 def read_prompts(cfg, tokenizer) -> TaskPrompts:
@@ -444,9 +445,10 @@ def read_prompts(cfg, tokenizer) -> TaskPrompts:
                          f"reward = 'reward_model' (or 'model'), which needs "
                          f"reward.reward_model = <reward-model folder>")
     held_out = held_out_examples(cfg, tokenizer)
-    if held_out is not None:  # measured now, not when the end-of-training evaluation runs
+    if held_out is not None:  # measured now, not when the first evaluation runs
         source, rows = held_out
-        held_out = source, _prompts_that_fit(rows, tokenizer, cfg, f"held-out prompts ({source})")
+        kept = _prompts_that_fit(rows, tokenizer, cfg, f"held-out prompts ({source})")
+        held_out = HeldOut(source, kept, dropped=len(rows) - len(kept))
     opened = sum(opens_thought(ex["prompt"]) for ex in examples)
     if opened:
         log.info("%d of %d prompts end with <think> (the chat template opens the thought): "

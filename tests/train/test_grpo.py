@@ -1,6 +1,7 @@
 """The GRPO trainer on a tiny MoE policy (CPU, megatron-core under gloo)."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -362,13 +363,10 @@ def test_synthetic_task_evaluates_its_held_out_split(tmp_path):
     assert (ev["step"], ev["held_out"], ev["num_problems"], ev["k"]) == (1, "arithmetic:test", 3, 2)
     # a rerun of the finished run has nothing to do: no second evaluation row
     assert GRPOTrainer(cfg).fit() == [] and len(read_jsonl(tmp_path / "eval.jsonl")) == 1
-    # a run killed during its final evaluation (after the last checkpoint) used to end up
-    # with no eval.jsonl: the rerun said "nothing to do"; it now evaluates
-    (tmp_path / "eval.jsonl").unlink()
-    assert GRPOTrainer(cfg).fit() == []
-    assert [r["step"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [1]
     # the default asks for no evaluation; num_test with a dataset names what to use instead
     assert held_out_examples(make_cfg(tmp_path), tr.task.tokenizer) is None
+    with pytest.raises(ValueError, match=r"data.eval_every must be >= 0 \(0: only at the end\)"):
+        make_cfg(tmp_path, "--data.eval_every=-1")
     with pytest.raises(ValueError, match=r"data.num_test=3 counts held-out problems of the "
                                          r"synthetic data.task, but data.path is set"):
         make_cfg(tmp_path, "--data.path=x.jsonl", "--data.num_test=3")
@@ -531,3 +529,54 @@ def test_reward_failure_counts_continue_across_a_resume(tmp_path):
     assert first["reward_failures/errors"] == per_step
     assert second["reward_failures/errors"] == 2 * per_step
     assert second["reward_failures/timeouts"] == 0
+
+
+def test_held_out_rows_have_a_baseline_a_schedule_and_their_statistics(tmp_path, caplog):
+    """GRPO evaluated only at the end, and its log line had neither a standard error nor what
+    the scores were over. With data.eval_before_train and data.eval_every each due step gets
+    one eval.jsonl row (kept exactly once through kills and resumes) with its statistics and,
+    after step 0, the paired change since step 0."""
+    from r1fast.pipeline.demo_report import gain
+    from r1fast.train.grpo import GRPOTrainer
+
+    cfg = make_cfg(tmp_path, "--run.steps=3", "--run.save_every=2", "--data.num_test=3",
+                   "--data.eval_k=2", "--data.eval_every=2", "--data.eval_before_train=true")
+    with caplog.at_level("INFO", logger="r1fast.train"):
+        GRPOTrainer(cfg).fit()
+    rows = read_jsonl(tmp_path / "eval.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    for r in rows:
+        assert (r["num_problems"], r["k"], r["num_samples"], r["seed"]) == (3, 2, 6, 0)
+        assert r["held_out_dropped"] == 0 and r["pass_at_1_se"] >= 0
+    assert "vs_step_0" not in rows[0]
+    for r in rows[1:]:
+        for key in ("pass_at_1", "cons_at_k"):
+            diff, se = gain(r, rows[0], key)
+            assert r["vs_step_0"][key] == pytest.approx(diff)
+            assert r["vs_step_0"][f"{key}_se"] == pytest.approx(se, nan_ok=True)
+    assert (f"eval at step 3: pass@1 {rows[2]['pass_at_1']:.3f} +- {rows[2]['pass_at_1_se']:.3f}"
+            in caplog.text)
+    assert "(3 problems x 2 samples of arithmetic:test, seed 0); since step 0: pass@1" in caplog.text
+    # a resume from step 2's checkpoint cuts the rows after it and evaluates step 3 again
+    def back_to_step_2():
+        ckpts = tmp_path / "checkpoints"
+        shutil.rmtree(next(p for p in ckpts.iterdir() if p.name.endswith("3")))
+        (ckpts / "latest").unlink()
+
+    back_to_step_2()
+    GRPOTrainer(cfg).fit()
+    again = read_jsonl(tmp_path / "eval.jsonl")
+    assert [r["step"] for r in again] == [0, 2, 3]
+    # a kill during step 2's evaluation (after its checkpoint) used to lose that row for good
+    # (at the end of a run, the rerun said "nothing to do"); the restart now evaluates it, from
+    # the same weights with the same sampling streams: the same scores (checked on the CPU)
+    back_to_step_2()
+    (tmp_path / "eval.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    GRPOTrainer(cfg).fit()
+    redone = read_jsonl(tmp_path / "eval.jsonl")
+    assert [r["step"] for r in redone] == [0, 2, 3]
+    assert redone[1]["per_problem"] == rows[1]["per_problem"]
+    # options that need held-out problems say so when there are none
+    from r1fast.train.config import config_warnings
+    warned = config_warnings(make_cfg(tmp_path, "--data.eval_every=5"))
+    assert any(w.startswith("data.eval_every=5 is not used: there are no held-out") for w in warned)

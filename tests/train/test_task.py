@@ -380,8 +380,9 @@ def test_held_out_prompts_are_measured_at_load_too(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="r1fast.train"):
         task = build_task(cfg(*args, "--data.max_prompt_tokens=240"))
     assert "dropped 1 of 2 held-out prompts" in caplog.text
-    source, examples = task.held_out
-    assert source == str(test) and [ex["answer"] for ex in examples] == ["4"]
+    held_out = task.held_out  # the eval.jsonl rows report the dropped one beside the scores
+    assert held_out.source == str(test) and [ex["answer"] for ex in held_out.examples] == ["4"]
+    assert held_out.dropped == 1
     task.close()
     task = build_task(cfg(f"--data.path={train}", "--data.chat_template=false"))
     assert task.held_out is None  # nothing asked for, nothing evaluated
