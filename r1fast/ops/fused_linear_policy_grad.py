@@ -42,9 +42,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from r1fast.ops._dispatch import debug_checks
-from r1fast.ops.linear_logprob import (DEFAULT_CHUNKS, _check_temperature, _finish,
-                                       check_temperature_values, inverse_temperature)
+from r1fast.ops._dispatch import value_checks
+from r1fast.ops.linear_logprob import (DEFAULT_CHUNKS, _check_even_shards, _check_temperature,
+                                       _finish, check_temperature_values, inverse_temperature)
 from r1fast.ops.policy_loss import PolicyLossConfig
 
 __all__ = ["forward_with_grads", "check_grad_in_forward", "chunk_rows", "group_rows",
@@ -117,8 +117,10 @@ def forward_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     N, H = hidden.shape
     V = weight.shape[0]
     _check_temperature(temperature, N, hidden.device)
-    if debug_checks():  # a host sync, as linear_logprob's value checks
+    if value_checks(hidden.device):  # host syncs on a GPU: debug mode, as linear_logprob's
         check_temperature_values(temperature, targets, ignore_index)
+        if tp_group is not None:
+            _check_even_shards(weight, tp_group, dist.get_world_size(tp_group))
     inv_tau = inverse_temperature(temperature, targets, ignore_index)  # float or [N] fp32
     with torch.no_grad():
         x, w, y = hidden.detach().contiguous(), weight.detach().contiguous(), targets.contiguous()

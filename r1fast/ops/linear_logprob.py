@@ -425,12 +425,28 @@ def _validate(hidden, weight, targets, temperature, return_entropy, ignore_index
     if not checks_values(validate, targets.device):  # a host sync on a GPU: debug mode only
         return
     check_temperature_values(temperature, targets, ignore_index)
+    if world > 1:
+        _check_even_shards(weight, tp_group, world)
     v_total = weight.shape[0] * world
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= v_total))  # [T]
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"targets must be in [0, {v_total}) (the vocabulary size) or equal "
                          f"ignore_index={ignore_index}; got targets[{i}] = {int(targets[i])}")
+
+
+def _check_even_shards(weight: torch.Tensor, group, world: int) -> None:
+    """Every rank of ``group`` holds as many vocabulary rows: rank r's shard starts at r x its
+    own row count, so unequal shards would score targets against the wrong rows (collective;
+    debug mode on a GPU, as the other value checks)."""
+    on_host = dist.get_backend(group) != "nccl"
+    mine = torch.tensor([weight.shape[0]], device="cpu" if on_host else weight.device)
+    sizes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=group)
+    rows = [int(n) for n in sizes]
+    if len(set(rows)) > 1:
+        raise ValueError(f"weight: the vocabulary shards of tp_group must be equal (Megatron pads "
+                         f"the vocabulary to a multiple of the TP size), got {rows} rows per rank")
 
 
 def _check_temperature(temperature, T: int, device: torch.device) -> None:

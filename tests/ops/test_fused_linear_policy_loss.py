@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -439,6 +440,11 @@ def _tp_worker(rank: int, impl: str, in_forward: bool) -> None:
     torch.testing.assert_close(shard[2], full[2][rows], atol=1e-5, rtol=1e-5)
     for k in full[3]:
         torch.testing.assert_close(shard[3][k], full[3][k], atol=1e-6, rtol=1e-6)
+    # shards of unequal size used to score targets against the wrong rows, without a word
+    uneven = inp["weight"][:17] if rank == 0 else inp["weight"][17:33]
+    with pytest.raises(ValueError, match=re.escape("got [17, 16] rows per rank")):
+        run_fused(dict(inp, weight=uneven.contiguous(), targets=inp["targets"].clamp(max=31)),
+                  config, impl, tp_group=dist.group.WORLD, grad_in_forward=in_forward)
 
 
 @pytest.mark.slow  # ~25 s: two spawned gloo processes, each importing torch

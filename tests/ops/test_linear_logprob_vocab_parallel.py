@@ -78,6 +78,11 @@ def _worker(rank: int, impl: str, tiles: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"targets must be in [0, {V})")):
         linear_logprob(hidden, weight[rows], targets, impl=impl, tp_group=dist.group.WORLD,
                        validate=True)
+    # shards of unequal size used to score targets against the wrong rows, without a word
+    uneven = weight[:v_local] if rank == 0 else weight[v_local:V - 1]
+    with pytest.raises(ValueError, match=re.escape(f"got {[v_local, v_local - 1]} rows per rank")):
+        linear_logprob(hidden, uneven, targets.clamp(max=V - 2), impl=impl,
+                       tp_group=dist.group.WORLD, validate=True)
 
 
 @pytest.mark.multiproc
