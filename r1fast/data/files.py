@@ -37,6 +37,7 @@ import dataclasses
 import decimal
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -253,6 +254,7 @@ def data_files(path: str | Path) -> tuple[str, list[str]]:
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
         if not files:
             raise ValueError(f"data folder {path} has no .jsonl/.json/.parquet files")
+        _check_one_split(path, files)
         other = sorted(p.name for p in path.iterdir()
                        if p.suffix not in SUFFIXES and not p.name.startswith("."))
         if other:
@@ -269,6 +271,26 @@ def data_files(path: str | Path) -> tuple[str, list[str]]:
     if len(kinds) > 1:
         raise ValueError(f"data folder {path} mixes file types {sorted(kinds)}; use one kind")
     return kinds.pop(), [str(p) for p in files]
+
+
+#: a file named as one split of a dataset (Hugging Face's ``test-00000-of-00001.parquet``,
+#: ``validation.jsonl``, ``train_0.json``)
+_SPLIT_NAME = re.compile(r"^(train|test|validation|valid|val|dev|eval)(?:[-_.]|$)", re.I)
+
+
+def _check_one_split(folder: Path, files: list[Path]) -> None:
+    """A folder of one dataset's splits (a Hugging Face snapshot holds train-*.parquet beside
+    test-*.parquet) is refused: read whole, training would see the held-out rows."""
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        if m := _SPLIT_NAME.match(f.stem):
+            splits.setdefault(m.group(1).lower(), []).append(f.name)
+    if len(splits) > 1:
+        named = "; ".join(f"{k}: {', '.join(v[:2])}" + (", ..." if len(v) > 2 else "")
+                          for k, v in sorted(splits.items()))
+        raise ValueError(f"data folder {folder} holds the files of {len(splits)} splits "
+                         f"({named}) and would read them all; give the training split's file "
+                         f"(data.path) and the held-out one's (data.test_path)")
 
 
 def read_rows(path: str | Path, *, origins: bool = False):

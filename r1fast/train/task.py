@@ -449,11 +449,23 @@ def read_prompts(cfg, tokenizer) -> TaskPrompts:
         source, rows = held_out
         kept = _prompts_that_fit(rows, tokenizer, cfg, f"held-out prompts ({source})")
         held_out = HeldOut(source, kept, dropped=len(rows) - len(kept))
+        _warn_trained_on(held_out, examples)
     opened = sum(opens_thought(ex["prompt"]) for ex in examples)
     if opened:
         log.info("%d of %d prompts end with <think> (the chat template opens the thought): "
                  "the rule rewards read each completion with it in front", opened, len(examples))
     return TaskPrompts(examples=examples, held_out=held_out)
+
+
+def _warn_trained_on(held_out: HeldOut, examples: Sequence[dict]) -> None:
+    """A WARNING when held-out prompts are also training prompts (the same file twice, or a
+    dataset whose splits overlap): their scores then measure recall, not generalisation."""
+    train = {ex["prompt"] for ex in examples}
+    seen = sum(ex["prompt"] in train for ex in held_out.examples)
+    if seen:
+        log.warning("%d of the %d held-out prompts (%s) are also training prompts: their "
+                    "evaluation measures what the run trained on", seen,
+                    len(held_out.examples), held_out.source)
 
 
 def build_task(cfg, reward: Callable | None = None, tokenizer=None,

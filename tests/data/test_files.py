@@ -203,3 +203,27 @@ def test_a_folder_reads_each_file_and_names_files_and_rows(tmp_path, caplog):
     (folder / "e.jsonl").write_text('{"prompt": "p", "answer": "1"}\n{"prompt": oops\n')
     with pytest.raises(ValueError, match=r"data file .*e.jsonl cannot be read as json: .*JSON"):
         load_examples(folder)
+
+
+def test_a_folder_of_several_splits_is_refused(tmp_path):
+    """A Hugging Face snapshot folder holds train-*.parquet beside test-*.parquet: read whole,
+    the test rows became training rows without a word. One split's shards still read."""
+    folder = tmp_path / "gsm8k" / "main"
+    folder.mkdir(parents=True)
+    row = {"question": "q", "answer": "#### 1"}
+    for name in ("train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"):
+        write_jsonl(folder / name, [row])
+    ex, _ = load_examples(folder, preset="gsm8k")
+    assert len(ex) == 2
+    write_jsonl(folder / "test-00000-of-00001.jsonl", [row])
+    with pytest.raises(ValueError, match=r"main holds the files of 2 splits \(test: "
+                                         r"test-00000-of-00001.jsonl; train: "
+                                         r"train-00000-of-00002.jsonl, train-00001-of-00002"
+                                         r".jsonl\) and would read them all"):
+        load_examples(folder, preset="gsm8k")
+    # names that merely start like a split are not one
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("training_set.jsonl", "testing.jsonl", "valuable.jsonl"):
+        write_jsonl(other / name, [row])
+    assert len(load_examples(other, preset="gsm8k")[0]) == 3

@@ -419,3 +419,20 @@ def test_a_run_folder_as_init_from_names_its_model_folder(tmp_path):
     with pytest.raises(ValueError, match=rf"run.init_from={tmp_path} is a run folder: give its "
                                          rf"model folder \({tmp_path / 'model'}"):
         check_inputs(cfg(f"--run.init_from={tmp_path}"))
+
+
+def test_held_out_prompts_that_are_training_prompts_are_warned(tmp_path, caplog):
+    """The same file as data.path and data.test_path (or splits that overlap) evaluated the
+    run on what it trained on, without a word."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n')
+    test.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "3+3", "answer": "6"}\n')
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        build_task(cfg(f"--data.path={train}", f"--data.test_path={test}",
+                       "--data.chat_template=false", "--data.prompts_per_step=2")).close()
+    assert f"1 of the 2 held-out prompts ({test}) are also training prompts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        build_task(cfg(f"--data.path={test}", f"--data.test_path={train}",
+                       "--data.chat_template=false", "--data.prompts_per_step=2", "--data.eval_max_problems=1")).close()
+    assert "are also training prompts" not in caplog.text  # 1+1 alone is held out
