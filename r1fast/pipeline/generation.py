@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from r1fast.data import load_tokenizer
+from r1fast.rollout.engine import stream_seed
 from r1fast.rollout.sampler import SamplingConfig, check_prompt_room, generate
 
 
@@ -85,7 +86,7 @@ def sample_with_flags(policy, tokenizer, prompts: Sequence[str], k: int,
     decoder = make_decoder(policy, **(decoder_options or {}))
     for start in range(0, len(mine), batch_rows):
         chunk = mine[start:start + batch_rows]
-        seeds = [hash((seed, i, j)) & 0x7FFF_FFFF_FFFF_FFFF for i, j in chunk]
+        seeds = [stream_seed(seed, i, j) for i, j in chunk]
         ro = generate(decoder, [encoded[i] for i, _ in chunk], sampling,
                       eos_token_id=tokenizer.eos_id, row_seeds=seeds, sync=all_ranks_int)
         for n, (row, ids, truncated) in enumerate(zip(chunk, ro.completion_ids, ro.truncated),

@@ -46,6 +46,16 @@ import torch
 from r1fast.rollout.routing import RolloutRouting, table_bounds
 
 
+def stream_seed(seed: int, *where: int) -> int:
+    """The 63-bit seed of the random stream at ``where`` (step, row, ...) of a run seeded with
+    ``seed`` >= 0: deterministic across processes (int tuples hash without PYTHONHASHSEED).
+    A negative seed is refused: CPython hashes -1 as -2, so seeds -1 and -2 would share
+    every stream."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return hash((seed, *where)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def row_uniforms(row_seeds: Sequence[int], steps: int) -> torch.Tensor:
     """``[B, steps]`` float64: row i's first ``steps`` draws of ``Generator(seed_i)``."""
     return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s)),

@@ -336,6 +336,8 @@ class RunConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"run.steps must be >= 1, got {self.steps}")
+        if self.seed < 0:  # the sampling streams hash it: -1 and -2 would share them
+            raise ValueError(f"run.seed must be >= 0, got {self.seed}")
         if self.save_every < 0:
             raise ValueError(f"run.save_every must be >= 0 (0: only at the end), got "
                              f"{self.save_every}")

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from r1fast.rollout.engine import stream_seed
 from r1fast.rollout.routing import RolloutRouting
 from r1fast.rollout.sampler import Rollout
 from r1fast.train.batch import groups_with_signal, rank_prompts
@@ -69,7 +70,7 @@ def row_seeds(seed: int, step: int, round_: int, rows: Sequence[int]) -> list[in
     global batch, the refill round after the first): the same samples at any TP/EP/PP/DP
     layout, identical across the ranks of one model replica, reproducible after a resume."""
     extra = (round_,) if round_ else ()  # round 0: the seeds of a run without refill
-    return [hash((seed, step, i, *extra)) & 0x7FFF_FFFF_FFFF_FFFF for i in rows]
+    return [stream_seed(seed, step, i, *extra) for i in rows]
 
 
 def has_signal(rewards: Sequence[float], group_size: int) -> list[bool]:

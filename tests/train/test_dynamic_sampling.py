@@ -3,6 +3,7 @@ and the batch built from the chosen groups of several rounds."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 import pytest
@@ -174,3 +175,17 @@ def test_bad_round_settings_are_named(rounds, dynamic):
 def test_round_zero_seeds_are_those_of_a_run_without_refill():
     assert row_seeds(3, 5, 0, [0, 1]) == [hash((3, 5, i)) & 0x7FFF_FFFF_FFFF_FFFF for i in (0, 1)]
     assert row_seeds(3, 5, 1, [0, 1]) != row_seeds(3, 5, 0, [0, 1])
+
+
+def test_negative_seeds_are_refused_where_they_would_share_streams():
+    """CPython hashes -1 as -2, so run.seed=-1 and -2 sampled the same completions (helper-70)."""
+    from r1fast.rollout.engine import stream_seed
+    from r1fast.train.config import load_train_config
+
+    assert hash((-1, 5, 0)) == hash((-2, 5, 0))  # why: the collision the check prevents
+    for bad in (-1, -2, True, 1.5):
+        with pytest.raises(ValueError, match=re.escape(f"seed must be an int >= 0, got {bad!r}")):
+            stream_seed(bad, 5, 0)
+    with pytest.raises(ValueError, match=r"run.seed must be >= 0, got -1"):
+        load_train_config(None, ["--run.seed=-1"])
+    assert stream_seed(0, 5, 0) != stream_seed(1, 5, 0)
