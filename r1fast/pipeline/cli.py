@@ -20,7 +20,8 @@
 Problems are the demo's additions (:mod:`r1fast.pipeline.demo_task`; ``--num-train``,
 ``--num-test``, ``--seed``), or a user's dataset file with
 ``--problems FILE [--preset gsm8k|math|...]`` (prompts rendered with the model folder's tokenizer
-and chat template; ``grpo`` takes ``--data.path=FILE --data.preset=...`` or a ``--recipe`` like
+and chat template as a run's ``[data]`` would: ``--template``, ``--no-chat-template``,
+``--system-prompt``, ``--prompt-key`` / ``--answer-key`` mirror its keys; ``grpo`` takes ``--data.path=FILE --data.preset=...`` or a ``--recipe`` like
 ``r1fast train``). An option the stage does not read is an error, never ignored.
 Models are folders written by a previous stage or Hugging Face checkpoint folders; SFT datasets
 are JSONL of ``{"prompt", "completion"}``. ``rejection-sample`` prints how many samples each
@@ -51,7 +52,8 @@ DEFAULT_PROMPTS = 1024  # demo problems sampled by rejection-sample / distill
 SAMPLING = ("k", "temperature", "top_p", "max_new_tokens")
 FILTERS = ("keep", "language", "max_chars", "max_paragraph_chars", "min_language_share",
            "allow_code_blocks", "keep_truncated")
-PROBLEMS = ("problems", "preset", "template")
+PROBLEMS = ("problems", "preset", "template", "chat_template", "system_prompt", "prompt_key",
+            "answer_key")
 #: the options (argparse dests) each stage reads; giving it any other one is an error, since
 #: an option that is accepted and then ignored runs something other than what was asked
 STAGE_OPTIONS: dict[str, frozenset[str]] = {name: frozenset(opts) for name, opts in {
@@ -194,8 +196,8 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     f"row of --problems; its first N)")
     ap.add_argument("--num-train", type=_at_least(1), default=default(3000))
     ap.add_argument("--num-test", type=_at_least(1), default=default(DemoConfig.num_test))
-    ap.add_argument("--seed", type=int, default=default(0), help="seed of sampling and "
-                    "training")
+    ap.add_argument("--seed", type=_at_least(0), default=default(0),
+                    help="seed of sampling and training")
     ap.add_argument("--data-seed", type=int, default=default(0), help="seed of the demo's "
                     "problem sets: the same problems whatever --seed, so runs that differ in "
                     "--seed differ in sampling only")
@@ -205,6 +207,14 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
                     "distill, evaluate) instead of the demo's additions")
     ap.add_argument("--preset", help="column layout of --problems (gsm8k, math, dapo, ...)")
     ap.add_argument("--template", help="prompt template for --problems ({question}, or r1-zero)")
+    ap.add_argument("--chat-template", action=argparse.BooleanOptionalAction,
+                    default=default(True), help="--problems: render the prompts with the "
+                    "model's chat template (--no-chat-template: plain text, as a run trained "
+                    "with data.chat_template = false)")
+    ap.add_argument("--system-prompt", help="--problems: a system message before each prompt "
+                    "(chat template only), as a run's data.system_prompt")
+    ap.add_argument("--prompt-key", help="--problems: column of the prompt (without --preset)")
+    ap.add_argument("--answer-key", help="--problems: column of the answer (without --preset)")
     ap.add_argument("--language", type=_language, help="grpo: add the language-consistency "
                     "reward toward this language (en, zh, el, ...); rejection-sample, distill: "
                     "the thought's language ('none': no language rule; default en); evaluate: "
@@ -263,13 +273,16 @@ class _Run:
     def problems(self, model_dir: str, demo: Callable[[], list[dict]]) -> list[dict]:
         """The ``--problems`` file's rows, else ``demo()`` (generated only then)."""
         if self.args.problems is None:
-            self.unused("preset", "template", why="without --problems (they describe its rows)")
+            self.unused("preset", "template", "chat_template", "system_prompt", "prompt_key",
+                        "answer_key", why="without --problems (they describe its rows)")
             self.demo_task_fits(model_dir, "--problems FILE")
             return demo()
         self.unused("num_train", "num_test", "data_seed",
                     why="with --problems (its rows are the problems)")
-        return stages.load_problems(self.args.problems, model_dir, preset=self.args.preset,
-                                    template=self.args.template)
+        a = self.args
+        return stages.load_problems(a.problems, model_dir, preset=a.preset, template=a.template,
+                                    chat_template=a.chat_template, system_prompt=a.system_prompt,
+                                    prompt_key=a.prompt_key, answer_key=a.answer_key)
 
     def sampled_problems(self, model_dir: str) -> list[dict]:
         """What rejection-sample / distill answer: ``--prompts`` of the demo's training

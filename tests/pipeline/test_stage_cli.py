@@ -135,6 +135,9 @@ def test_rejection_sample_then_sft_with_a_mix(greek_base, tmp_path, capsys):
      "does not use --template without --problems"),
     (["distill", "--teacher", "t", "--out", "o", "--preset", "gsm8k"],
      "does not use --preset without --problems"),
+    (["evaluate", "--model", "m", "--no-chat-template"],
+     "does not use --chat-template without --problems"),
+    (["evaluate", "--model", "m", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
     # ... and grpo's overrides of keys the stage sets itself (written after them)
     (["grpo", "--init", "i", "--out", "g1", "--run.out_dir=g_other"],
      "--run.out_dir set twice: by --out and as an override"),
@@ -246,6 +249,30 @@ def test_sampling_stages_take_every_problem_and_the_filter_flags(monkeypatch, tm
     with pytest.raises(SystemExit):
         main(["rejection-sample", "--model", str(greek_base), "--out", "o.jsonl",
               "--problems", str(problems), "--prompts", "2000"])
+
+
+def test_problems_are_rendered_as_the_run_trained_on_them(monkeypatch, tmp_path):
+    """evaluate / rejection-sample / distill --problems always applied the chat template and
+    could not set a system prompt or columns: a run trained with data.chat_template = false
+    (countdown_tinyzero) was evaluated on ChatML-wrapped prompts, silently (helper-69)."""
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    model = tmp_path / "model"
+    build_tokenizer(model, ["What is 2 + 2? Be brief. assistant user system"] * 20)  # ChatML
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"q": "2 + 2 = ?", "a": "4"}) + "\n")
+    kw = dict(preset=None, template=None, prompt_key="q", answer_key="a")
+    plain = stages.load_problems(problems, model, chat_template=False, **kw)
+    chat = stages.load_problems(problems, model, system_prompt="Be brief.", **kw)
+    assert plain[0]["prompt"] == "2 + 2 = ?"
+    assert "<|im_start|>system\nBe brief." in chat[0]["prompt"]
+    calls = _capture(monkeypatch, "evaluate")
+    for flags, want in (([], chat), (["--no-chat-template"], plain)):
+        calls.clear()
+        argv = ["evaluate", "--model", str(model), "--problems", str(problems),
+                "--prompt-key", "q", "--answer-key", "a", *flags]
+        assert main(argv + ([] if flags else ["--system-prompt", "Be brief."])) == 0
+        assert [ex["prompt"] for ex in calls[0][0][1]] == [want[0]["prompt"]]
 
 
 def test_the_demo_task_needs_the_character_tokenizer(tmp_path, capsys):
