@@ -130,11 +130,10 @@ def _plain_answer(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise BadRow(f"answer is {value}")
-        digits = len(repr(value).split("e")[0].replace(".", "").replace("-", "").strip("0"))
-        if value.is_integer() and abs(value) > 2 ** 53 and digits >= 16:
-            # a column mixing integers and decimals is read as 64-bit floats: an integer of
-            # more digits than a float keeps has lost some (12345678901234567891 reads
-            # 1.2345678901234567e+19); a round 1e16 is exact and kept
+        if value.is_integer() and abs(value) > 2 ** 53:
+            # a column mixing integers and decimals is read as 64-bit floats: above 2^53 an
+            # integer may have lost digits (12345678901234567891 reads 1.2345678901234567e+19,
+            # 10000000000000001 reads 1e16), and the float cannot tell which it was
             raise BadRow(f"answer {value!r} is a float above 2^53, where an integer answer "
                          f"loses digits (its column mixes integers and decimals); write such "
                          f"answers as strings")
@@ -293,6 +292,34 @@ def _check_one_split(folder: Path, files: list[Path]) -> None:
                          f"(data.path) and the held-out one's (data.test_path)")
 
 
+def _json_rows_one_by_one(path: str, why: Exception) -> list[dict]:
+    """The rows of a JSON(-lines) file read with Python's ``json``, when ``datasets`` cannot
+    give a column one type (pyarrow infers it from the first block: integer answers, then
+    ``"\\frac12"`` 250k rows on, fail). WARNING: slower, and said."""
+    import json
+
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        lines = [(1, text)]
+    else:
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:  # not a typing problem: a broken file
+            raise ValueError(f"data file {path} cannot be read as json: line {n}: {e.msg} "
+                             f"(JSON parse error)") from e
+        rows += value if len(lines) == 1 and isinstance(value, list) else [value]
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise ValueError(f"data file {path}: row {bad} is a {type(rows[bad]).__name__}, not a "
+                         f"JSON object")
+    log.warning("data file %s: datasets could not read a column as one type (%s); read it "
+                "row by row with Python's json instead (slower)", path, why)
+    return rows
+
+
 def read_rows(path: str | Path, *, origins: bool = False):
     """The rows of a data file or folder, as dicts, in file order; with ``origins``,
     ``(rows, where)`` where ``where[i]`` is row ``i``'s ``"file:row"`` (its row in its own
@@ -311,8 +338,10 @@ def read_rows(path: str | Path, *, origins: bool = False):
             try:
                 file_rows = datasets.load_dataset(builder, data_files=[f], split="train").to_list()
             except (datasets.exceptions.DatasetsError, pyarrow.lib.ArrowException) as e:
-                raise ValueError(f"data file {f} cannot be read as {builder}: "
-                                 f"{e.__cause__ or e}") from e
+                cause = e.__cause__ or e
+                if builder != "json" or not isinstance(cause, pyarrow.lib.ArrowInvalid):
+                    raise ValueError(f"data file {f} cannot be read as {builder}: {cause}") from e
+                file_rows = _json_rows_one_by_one(f, cause)
             rows += file_rows
             where += [f"{Path(f).name}:{j}" for j in range(len(file_rows))]
     finally:

@@ -91,8 +91,10 @@ def test_values_are_read_as_written_and_ambiguous_rows_are_bad(tmp_path):
     path = tmp_path / "f.parquet"
     datasets.Dataset.from_list([{"prompt": "p", "answer": v} for v in (1e-05, 1e16, 72.5)]
                                ).to_parquet(str(path))
-    ex, _ = load_examples(path)
-    assert [e["answer"] for e in ex] == ["0.00001", "10000000000000000", "72.5"]
+    ex, report = load_examples(path)
+    assert [e["answer"] for e in ex] == ["0.00001", "72.5"]
+    # 1e16 may have been 10000000000000001 before the column became floats: a bad row, named
+    assert report.first_bad_row == 1 and "is a float above 2^53" in report.first_bad_reason
     # an integer column with one decimal is read as 64-bit floats: a big integer lost digits
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(f'{{"prompt": "p{i}", "answer": {a}}}\n' for i, a in
@@ -227,3 +229,20 @@ def test_a_folder_of_several_splits_is_refused(tmp_path):
     for name in ("training_set.jsonl", "testing.jsonl", "valuable.jsonl"):
         write_jsonl(other / name, [row])
     assert len(load_examples(other, preset="gsm8k")[0]) == 3
+
+
+def test_a_column_of_two_types_across_blocks_is_read_row_by_row(tmp_path, monkeypatch, caplog):
+    """pyarrow types a JSON column from its first block: integer answers and a '\\frac12'
+    far down a large file failed with 'Failed to parse string ... as a scalar of type int64'
+    (naming neither column nor fix). Small blocks stand in for a 250k-row file here."""
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: real(*a, chunksize=64, **kw))
+    rows = [{"prompt": f"p{i}", "answer": i} for i in range(50)]
+    path = write_jsonl(tmp_path / "big.jsonl", rows + [{"prompt": "x", "answer": "\\frac12"}])
+    with caplog.at_level("WARNING", logger="r1fast.data"):
+        ex, report = load_examples(path)
+    assert [e["answer"] for e in ex[-2:]] == ["49", "\\frac12"] and report.kept == 51
+    assert "could not read a column as one type" in caplog.text
+    path.write_text(path.read_text() + "[1, 2]\n")
+    with pytest.raises(ValueError, match=r"big.jsonl: row 51 is a list, not a JSON object"):
+        load_examples(path)
