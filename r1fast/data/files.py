@@ -1,5 +1,8 @@
-"""Prompt datasets from files: JSONL / JSON / parquet, one file or a folder of them, read with
-the ``datasets`` library (local files only), in the layouts users bring.
+"""Prompt datasets from files: JSONL / JSON / parquet, one file or a folder of them, in the
+layouts users bring. Parquet is read with the ``datasets`` library (local files only); JSON with
+Python's ``json``, value for value: ``datasets`` gives each column one type, and a column that
+mixes them (integer answers beside ``"1/2"``) came back changed (``"007"`` as 7, ``"1e3"`` as
+1000.0, ``"[1, 2]"`` as a list) or failed 250k rows into a file.
 
 Every row becomes an example ``{"id", "question" | "messages", "answer", "reward"?, ...}``:
 ``question`` is the problem text (the prompt template and chat template are applied later,
@@ -292,31 +295,29 @@ def _check_one_split(folder: Path, files: list[Path]) -> None:
                          f"(data.path) and the held-out one's (data.test_path)")
 
 
-def _json_rows_one_by_one(path: str, why: Exception) -> list[dict]:
-    """The rows of a JSON(-lines) file read with Python's ``json``, when ``datasets`` cannot
-    give a column one type (pyarrow infers it from the first block: integer answers, then
-    ``"\\frac12"`` 250k rows on, fail). WARNING: slower, and said."""
+def _json_rows(path: str) -> list[dict]:
+    """The rows of a JSON-lines file, or of a JSON file holding a list of rows, exactly as
+    written (see the module docstring); a line that is not JSON is an error naming it."""
     import json
 
     text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json") and text.lstrip().startswith("["):
-        lines = [(1, text)]
+    if text.lstrip().startswith("["):
+        chunks = [(1, text)]  # one JSON list of rows
     else:
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        chunks = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows = []
-    for n, line in lines:
+    for n, chunk in chunks:
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:  # not a typing problem: a broken file
-            raise ValueError(f"data file {path} cannot be read as json: line {n}: {e.msg} "
-                             f"(JSON parse error)") from e
-        rows += value if len(lines) == 1 and isinstance(value, list) else [value]
+            value = json.loads(chunk)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data file {path} cannot be read as json: line {n + e.lineno - 1}:"
+                             f" {e.msg} (JSON parse error; one object per line, or one list of "
+                             f"objects)") from e
+        rows += value if chunk is text else [value]
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
     if bad is not None:
         raise ValueError(f"data file {path}: row {bad} is a {type(rows[bad]).__name__}, not a "
                          f"JSON object")
-    log.warning("data file %s: datasets could not read a column as one type (%s); read it "
-                "row by row with Python's json instead (slower)", path, why)
     return rows
 
 
@@ -335,13 +336,15 @@ def read_rows(path: str | Path, *, origins: bool = False):
     datasets.disable_progress_bars()  # a progress bar per tiny file is noise
     try:
         for f in files:
-            try:
-                file_rows = datasets.load_dataset(builder, data_files=[f], split="train").to_list()
-            except (datasets.exceptions.DatasetsError, pyarrow.lib.ArrowException) as e:
-                cause = e.__cause__ or e
-                if builder != "json" or not isinstance(cause, pyarrow.lib.ArrowInvalid):
-                    raise ValueError(f"data file {f} cannot be read as {builder}: {cause}") from e
-                file_rows = _json_rows_one_by_one(f, cause)
+            if builder == "json":
+                file_rows = _json_rows(f)
+            else:
+                try:
+                    file_rows = datasets.load_dataset(builder, data_files=[f],
+                                                      split="train").to_list()
+                except (datasets.exceptions.DatasetsError, pyarrow.lib.ArrowException) as e:
+                    raise ValueError(f"data file {f} cannot be read as {builder}: "
+                                     f"{e.__cause__ or e}") from e
             rows += file_rows
             where += [f"{Path(f).name}:{j}" for j in range(len(file_rows))]
     finally:

@@ -21,10 +21,11 @@ Problems are the demo's additions (:mod:`r1fast.pipeline.demo_task`; ``--num-tra
 ``--num-test``, ``--seed``), or a user's dataset file with
 ``--problems FILE [--preset gsm8k|math|...]`` (prompts rendered with the model folder's tokenizer
 and chat template as a run's ``[data]`` would: ``--template``, ``--no-chat-template``,
-``--system-prompt``, ``--prompt-key`` / ``--answer-key`` mirror its keys; ``grpo`` takes ``--data.path=FILE --data.preset=...`` or a ``--recipe`` like
-``r1fast train``). An option the stage does not read is an error, never ignored.
+``--system-prompt``, ``--prompt-key`` / ``--answer-key`` mirror its keys; ``grpo`` takes
+``--data.path=FILE --data.preset=...`` or a ``--recipe`` like ``r1fast train``). An option the stage does not read is an error, never ignored.
 Models are folders written by a previous stage or Hugging Face checkpoint folders; SFT datasets
-are JSONL of ``{"prompt", "completion"}``. ``rejection-sample`` prints how many samples each
+are ``{"prompt", "completion"}`` rows, TRL conversations or ShareGPT (.jsonl / .json / .parquet:
+:func:`~r1fast.pipeline.sft_data.read_sft_rows`). ``rejection-sample`` prints how many samples each
 readability rule dropped and writes that summary next to its JSONL.
 
     r1fast stage grpo --init ckpt/Qwen3-tiny --out runs/q --data.path=gsm8k.jsonl --data.preset=gsm8k
@@ -160,10 +161,10 @@ def _parser(probe: bool = False) -> argparse.ArgumentParser:
     ap.add_argument("--student", choices=tuple(MODELS),
                     help="student preset (distill; default tiny-dense)")
     ap.add_argument("--student-init", help="student model folder to fine-tune (distill)")
-    ap.add_argument("--data", help="JSONL of prompt/completion rows (sft; distill: the "
-                    "teacher's answers, already sampled)")
+    ap.add_argument("--data", help="SFT rows: prompt/completion, TRL messages or ShareGPT "
+                    "(sft; distill: the teacher's answers, already sampled)")
     ap.add_argument("--cold-start", type=_at_least(1), help="sft on N clean chains of thought")
-    ap.add_argument("--mix", help="sft: JSONL of non-reasoning prompt/completion rows to mix in")
+    ap.add_argument("--mix", help="sft: non-reasoning SFT rows to mix in")
     ap.add_argument("--mix-ratio", type=_number(0, 1, lo_open=True, hi_open=True, why=(
                     " (with --mix, a share > 0, as sft.mix_ratio with sft.mix)")),
                     help="sft: share of the SFT set from --mix (R1: 0.25)")

@@ -15,7 +15,6 @@ repeat (each about equally often) and a warning says so.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
@@ -29,27 +28,77 @@ log = logging.getLogger("r1fast.pipeline")
 
 
 def read_sft_rows(path: str | Path) -> list[dict]:
-    """``{"prompt", "completion"}`` rows of a JSONL file; a line that is not such a row (both
-    strings, the completion non-empty) is an error naming the file and line."""
+    """The SFT rows of a data file or folder (.jsonl / .json / .parquet, read as GRPO data is:
+    :func:`r1fast.data.files.read_rows`), each ``{"prompt", "completion"}`` and, for a
+    conversation, its ``"messages"`` before the answer (rendered with the chat template as
+    they are). A row is one of
+      - ``{"prompt": str, "completion": str}``;
+      - TRL's conversational ``{"messages": [..., {"role": "assistant", ...}]}`` or
+        ``{"prompt": [messages], "completion": [{"role": "assistant", ...}]}``;
+      - ShareGPT's ``{"conversations": [{"from": "human", "value"}, {"from": "gpt", ...}],
+        "system"}`` (Sky-T1's and OpenThoughts' releases).
+    Anything else is an error naming the file and row."""
+    from r1fast.data.files import read_rows, row_name
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"SFT data {path} does not exist (a JSONL file of prompt/completion rows)")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
-        if (not isinstance(row, dict) or not isinstance(row.get("prompt"), str)
-                or not isinstance(row.get("completion"), str) or not row["completion"]):
-            raise ValueError(f"{path}:{n}: a row must have a str 'prompt' and a non-empty str "
-                             f"'completion', got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}")
-        rows.append(row)
-    if not rows:
+    if not path.exists():
+        raise ValueError(f"SFT data {path} does not exist (a .jsonl/.json/.parquet file or a "
+                         f"folder of them, of prompt/completion rows)")
+    rows, where = read_rows(path, origins=True)
+    out = [_sft_row({k: v for k, v in row.items() if v is not None}, row_name(path, w))
+           for row, w in zip(rows, where)]  # None: a key of other rows (datasets fills it)
+    if not out:
         raise ValueError(f"SFT data {path} has no rows")
-    return rows
+    return out
+
+
+#: ShareGPT's speakers as chat roles
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "system": "system"}
+
+
+def _sft_row(row: dict, name: str) -> dict:
+    """One SFT row of :func:`read_sft_rows` in r1fast's layout (``name`` in errors)."""
+    if "conversations" in row:  # ShareGPT
+        turns = row.pop("conversations")
+        if not isinstance(turns, list) or not all(
+                isinstance(t, dict) and t.get("from") in _SHAREGPT_ROLES for t in turns):
+            raise ValueError(f"{name}: 'conversations' must be a list of {{'from', 'value'}} "
+                             f"turns, 'from' one of {sorted(_SHAREGPT_ROLES)}")
+        system = row.pop("system", None)
+        row["messages"] = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": _SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
+    if "messages" in row and "completion" not in row:  # TRL conversational
+        messages = row.pop("messages")
+        row["prompt"], row["completion"] = messages[:-1], messages[-1:]
+    if isinstance(row.get("prompt"), list):  # TRL conversational prompt-completion
+        row = {**row, **_conversation(row.pop("prompt"), row.get("completion"), name)}
+    if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str) \
+            or not row["completion"]:
+        raise ValueError(f"{name}: a row must have a str 'prompt' and a non-empty str "
+                         f"'completion' (or be a conversation: 'messages', 'conversations', "
+                         f"or message lists), got keys {sorted(row)}")
+    return row
+
+
+def _conversation(prompt: list, completion: Any, name: str) -> dict:
+    """``{"prompt", "messages", "completion"}`` of a conversation ``prompt`` (messages ending
+    with a user turn) answered by ``completion`` (one assistant message, or a str)."""
+    ok = all(isinstance(m, dict) and isinstance(m.get("content"), str)
+             and m.get("role") in ("system", "user", "assistant") for m in prompt)
+    if not ok or not prompt or prompt[-1]["role"] != "user":
+        roles = [m.get("role") if isinstance(m, dict) else m for m in prompt]
+        raise ValueError(f"{name}: the conversation before the answer must be messages "
+                         f"{{'role': system|user|assistant, 'content': str}} ending with a user "
+                         f"turn, got roles {roles}")
+    if isinstance(completion, list):
+        if len(completion) != 1 or not isinstance(completion[0], dict) \
+                or completion[0].get("role") != "assistant":
+            raise ValueError(f"{name}: the answer must be one assistant message, got "
+                             f"{completion!r:.200}")
+        completion = completion[0].get("content")
+    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return {"prompt": messages[-1]["content"], "messages": messages, "completion": completion}
 
 
 def mix_non_reasoning(rows: Sequence[dict], extra: Sequence[dict], ratio: float,
@@ -139,7 +188,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
-        return [_plain(r, i) if a else dict(r) for i, (r, a) in enumerate(zip(rows, again))]
+        return [_plain(r, i) if a or "messages" in r else dict(r)
+                for i, (r, a) in enumerate(zip(rows, again))]
     out, as_given, open_ended, empty = [], 0, 0, 0
     closing = chat_turn_end(tokenizer)
     for r, a in zip(rows, again):
@@ -148,8 +198,9 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             as_given += 1
             open_ended += r.get("completion_ends_turn") is not True
             continue
-        messages = with_system_prompt(
-            r["messages"] if a else [{"role": "user", "content": r["prompt"]}], system_prompt)
+        messages = with_system_prompt(  # a conversation's own messages, or its user turn
+            r["messages"] if a or "messages" in r else [{"role": "user", "content": r["prompt"]}],
+            system_prompt)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         empty += lacks_thought(prompt, r["completion"])
         out.append(end_turn({**r, "prompt": prompt,

@@ -1,4 +1,4 @@
-"""SFT from a TOML recipe: long reasoning traces (Sky-T1 style) or any prompt/completion JSONL.
+"""SFT from a TOML recipe: long reasoning traces (Sky-T1 style) or any SFT data file.
 
 Sky-T1 showed that supervised fine-tuning alone turns an instruct model into a long-chain
 reasoner: ~17k correct traces from a reasoning teacher, 3 epochs, learning rate 1e-5, batch 96.
@@ -40,11 +40,12 @@ class SFTRecipe:
     """Model folder to fine-tune (Hugging Face checkpoint or an r1fast stage's output); it
     defines the architecture and the tokenizer. Required."""
     data: Optional[str] = None
-    """JSONL of {"prompt", "completion"} rows (the long reasoning traces). Required."""
+    """SFT rows (the long reasoning traces): {"prompt", "completion"}, TRL conversations or
+    ShareGPT, in .jsonl / .json / .parquet (r1fast.pipeline.sft_data.read_sft_rows). Required."""
     out_dir: str = "runs/sft"
     """Run folder: metrics.jsonl, data_summary.json and the model under model/."""
     mix: Optional[str] = None
-    """JSONL of non-reasoning {"prompt", "completion"} rows mixed in at ``mix_ratio``."""
+    """Non-reasoning SFT rows (as ``data``) mixed in at ``mix_ratio``."""
     mix_ratio: float = 0.0
     """Share of the SFT set drawn from ``mix`` (R1: 200k of 800k = 0.25); 0: no mixing."""
     chat_template: bool = True

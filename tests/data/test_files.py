@@ -95,11 +95,17 @@ def test_values_are_read_as_written_and_ambiguous_rows_are_bad(tmp_path):
     assert [e["answer"] for e in ex] == ["0.00001", "72.5"]
     # 1e16 may have been 10000000000000001 before the column became floats: a bad row, named
     assert report.first_bad_row == 1 and "is a float above 2^53" in report.first_bad_reason
-    # an integer column with one decimal is read as 64-bit floats: a big integer lost digits
+    # JSON numbers are read as written (an integer beside a decimal stays whole) ...
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(f'{{"prompt": "p{i}", "answer": {a}}}\n' for i, a in
                              enumerate(["12345678901234567891", "1.5", "2", "3"])))
     ex, report = load_examples(mixed)
+    assert [e["answer"] for e in ex] == ["12345678901234567891", "1.5", "2", "3"]
+    # ... a parquet column of 64-bit floats may have lost a big integer's digits: a bad row
+    datasets.Dataset.from_list([{"prompt": f"p{i}", "answer": a} for i, a in
+                                enumerate([12345678901234567891.0, 1.5, 2.0, 3.0])]
+                               ).to_parquet(str(tmp_path / "mixed.parquet"))
+    ex, report = load_examples(tmp_path / "mixed.parquet")
     assert [e["answer"] for e in ex] == ["1.5", "2.0", "3.0"] and report.first_bad_row == 0
     assert "is a float above 2^53" in report.first_bad_reason
 
@@ -231,18 +237,20 @@ def test_a_folder_of_several_splits_is_refused(tmp_path):
     assert len(load_examples(other, preset="gsm8k")[0]) == 3
 
 
-def test_a_column_of_two_types_across_blocks_is_read_row_by_row(tmp_path, monkeypatch, caplog):
-    """pyarrow types a JSON column from its first block: integer answers and a '\\frac12'
-    far down a large file failed with 'Failed to parse string ... as a scalar of type int64'
-    (naming neither column nor fix). Small blocks stand in for a 250k-row file here."""
-    real = datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: real(*a, chunksize=64, **kw))
-    rows = [{"prompt": f"p{i}", "answer": i} for i in range(50)]
-    path = write_jsonl(tmp_path / "big.jsonl", rows + [{"prompt": "x", "answer": "\\frac12"}])
-    with caplog.at_level("WARNING", logger="r1fast.data"):
-        ex, report = load_examples(path)
-    assert [e["answer"] for e in ex[-2:]] == ["49", "\\frac12"] and report.kept == 51
-    assert "could not read a column as one type" in caplog.text
-    path.write_text(path.read_text() + "[1, 2]\n")
-    with pytest.raises(ValueError, match=r"big.jsonl: row 51 is a list, not a JSON object"):
-        load_examples(path)
+def test_json_values_are_read_exactly_as_written(tmp_path):
+    """datasets gives a JSON column one type: integer answers beside strings came back changed
+    ("007" as 7, "1e3" as 1000.0, "[1, 2]" as a list: a bad row) or, spread over a large
+    file, failed with 'Failed to parse string ... as a scalar of type int64' (helper-69)."""
+    answers = [3, "1/2", "007", "1e3", "[1, 2]", "\\frac12"]
+    rows = [{"prompt": f"p{i}", "answer": a} for i, a in enumerate(answers)]
+    ex, report = load_examples(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    assert [e["answer"] for e in ex] == ["3", *answers[1:]] and report.bad == 0
+    (tmp_path / "list.json").write_text(json.dumps(rows, indent=1))  # one list of rows
+    assert [e["answer"] for e in load_examples(tmp_path / "list.json")[0]] == ["3", *answers[1:]]
+    (tmp_path / "big.jsonl").write_text(json.dumps(rows[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"big.jsonl: row 1 is a list, not a JSON object"):
+        load_examples(tmp_path / "big.jsonl")
+    (tmp_path / "broken.json").write_text('[{"prompt": "p", "answer": 1},\n {"prompt": }]')
+    with pytest.raises(ValueError, match=r"broken.json cannot be read as json: line 2: "
+                                         r"Expecting value"):
+        load_examples(tmp_path / "broken.json")

@@ -70,10 +70,11 @@ def test_read_rows_and_the_stage_helper(tmp_path):
     assert counts["non_reasoning"] == 2 and len(mixed) == 8
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(GENERAL[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: a row must have a str 'prompt'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1 \(counting from 0\): a row must "
+                                         r"have a str 'prompt'"):
         read_sft_rows(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl cannot be read as json: .*JSON"):
         read_sft_rows(bad)
     with pytest.raises(ValueError, match="does not exist"):
         read_sft_rows(tmp_path / "missing.jsonl")
@@ -109,6 +110,52 @@ def test_chat_rendering(tmp_path):
     assert render_prompts(out[:1], hf, chat_template=False) == out[:1]
     with pytest.raises(ValueError, match="system_prompt is set but"):
         render_prompts(out, CharTokenizer(), system_prompt="x")
+
+
+def test_sft_rows_in_the_layouts_trl_and_sharegpt_users_bring(tmp_path):
+    """SFT data was JSONL of string prompt/completion only: a parquet file failed with a raw
+    UnicodeDecodeError, and TRL's conversational rows and ShareGPT (Sky-T1's release) were
+    refused (helper-69). They are read, and a conversation is rendered as it is."""
+    import datasets
+    from r1fast.data.hf_tokenizer import HFTokenizer
+    from r1fast.data.tiny_hf import build_tokenizer
+
+    user = {"role": "user", "content": "What is 2 + 3?"}
+    rows = [
+        {"messages": [user, {"role": "assistant", "content": "5"}]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, user],
+         "completion": [{"role": "assistant", "content": "5"}]},
+        {"system": "Be brief.", "conversations": [{"from": "human", "value": "What is 2 + 3?"},
+                                                  {"from": "gpt", "value": "5"}]},
+        {"prompt": "What is 2 + 3?", "completion": "5"}]
+    path = tmp_path / "sft.parquet"
+    datasets.Dataset.from_list([{"row": json.dumps(r)} for r in rows])  # columns differ: jsonl
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_sft_rows(tmp_path / "sft.jsonl")
+    assert [r["prompt"] for r in got] == ["What is 2 + 3?"] * 4
+    assert [r["completion"] for r in got] == ["5"] * 4
+    assert got[0]["messages"] == [user] and "messages" not in got[3]
+    assert got[1]["messages"] == got[2]["messages"] == [{"role": "system", "content": "Be brief."},
+                                                        user]
+    datasets.Dataset.from_list(rows[3:] * 2).to_parquet(str(path))
+    assert read_sft_rows(path) == [rows[3]] * 2
+    # rendered: the conversation's own system message, the user turn alone otherwise
+    build_tokenizer(tmp_path / "tok", ["What is 2 + 3? Be brief. assistant user system"] * 20)
+    hf = HFTokenizer.load(tmp_path / "tok")
+    out = render_prompts(got, hf)
+    assert out[1]["prompt"] == out[2]["prompt"] == hf.apply_chat_template(got[1]["messages"])
+    assert out[0]["prompt"] == out[3]["prompt"] == hf.apply_chat_template([user])
+    with pytest.raises(ValueError, match="SFT row 1 .* is a chat conversation"):
+        render_prompts(got, CharTokenizer())  # no template: a system message cannot be kept
+    for bad, match in (
+            ({"messages": [{"role": "assistant", "content": "5"}]}, "ending with a user turn"),
+            ({"messages": [user, user]}, "must be one assistant message"),
+            ({"conversations": [{"from": "bot", "value": "x"}]}, "'from' one of"),
+            ({"prompt": [user], "completion": [{"role": "assistant", "content": ""}]},
+             "non-empty str 'completion'")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=r"bad.jsonl row 0 \(counting from 0\): .*" + match):
+            read_sft_rows(tmp_path / "bad.jsonl")
 
 
 def test_sft_targets_end_the_turn_not_the_document(tmp_path):
