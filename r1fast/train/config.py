@@ -424,6 +424,9 @@ def _unused_option_warnings(cfg: TrainConfig) -> list[str]:
         ("algo", "router_replay_capture", not a.router_replay, "algo.router_replay is off"),
         ("algo", "ref_reset_every", not kl, "there is no reference (algo.kl_coef 0 or no kl)"),
         ("reward", "reward_model_weight", r.reward_model is None, "no reward.reward_model"),
+        ("data", "system_prompt", d.path is None and d.template is None,
+         f"the synthetic data.task={d.task!r} prompts as written, outside any chat template "
+         f"(set data.template, e.g. 'r1-zero', to render its questions in the chat template)"),
         *(("data", key, no_held_out, "there are no held-out problems (data.test_path, or "
            "data.num_test with the synthetic task)")
           for key in ("eval_k", "eval_max_problems", "eval_every", "eval_before_train"))]

@@ -214,3 +214,12 @@ def test_options_a_run_never_reads_are_named_at_its_start():
         "reward.cpu_time_s=10 >= reward.timeout_s=5: the wall-clock limit always ends")
     assert warned("--data.path=x.jsonl", "--data.num_train=5") == [
         "data.num_train=5 is not used: data.path=x.jsonl is the data"]
+    # a system prompt for a synthetic task's own prompts, held-out settings without held-out
+    # problems (helper-69)
+    assert warned("--data.system_prompt=Be brief.")[0].startswith(
+        "data.system_prompt='Be brief.' is not used: the synthetic data.task='arithmetic' "
+        "prompts as written")
+    assert warned("--data.system_prompt=Be brief.", "--data.template=r1-zero") == []
+    assert warned("--data.eval_k=8")[0].startswith("data.eval_k=8 is not used: there are no "
+                                                   "held-out problems")
+    assert warned("--data.eval_k=8", "--data.num_test=4") == []
