@@ -78,9 +78,14 @@ class RewardModelReward:
         self.model, self.tokenizer, self.sync = model, tokenizer, sync
 
     def _text(self, completion: str, example: dict) -> str:
-        if self.config.include_prompt:
-            return str(example.get(self.config.prompt_key, "")) + completion
-        return completion
+        if not self.config.include_prompt:
+            return completion
+        key = self.config.prompt_key
+        if key not in example:  # it was scored as an empty prompt, without a word
+            raise ValueError(f"reward model: the example has no {key!r} (the prompt scored "
+                             f"before the completion; include_prompt=False scores completions "
+                             f"alone), got keys {sorted(example)}")
+        return str(example[key]) + completion
 
     def _device(self):
         params = getattr(self.model, "parameters", None)

@@ -222,12 +222,13 @@ def load_head(path: str | Path, hidden_size: int) -> torch.Tensor:
 
 
 def load_reward_model(path: str | Path, parallel=None, *, seed: int = 0, batch_size: int = 16,
-                      sync: Optional[Callable[[int], int]] = None, what: str = "reward model"):
+                      sync: Optional[Callable[[int], int]] = None, what: str = "reward model",
+                      prompt_key: str = "prompt"):
     """The reward-model folder ``path`` as a :class:`~r1fast.rewards.reward_model.RewardModelReward`
-    (``prompt + completion`` scored in batches of ``batch_size`` texts, in this process), built
-    at ``parallel`` (the run's layout: megatron holds one layout per process). ``sync``: see
-    RewardModelReward (pass :func:`r1fast.train.batch.all_ranks_int`'s max when several
-    processes score different numbers of texts)."""
+    (``example[prompt_key] + completion`` scored in batches of ``batch_size`` texts, in this
+    process), built at ``parallel`` (the run's layout: megatron holds one layout per process).
+    ``sync``: see RewardModelReward (pass :func:`r1fast.train.batch.all_ranks_int`'s max when
+    several processes score different numbers of texts)."""
     from r1fast.data import load_tokenizer
     from r1fast.policy import build_policy
     from r1fast.policy.config import ParallelConfig
@@ -242,7 +243,8 @@ def load_reward_model(path: str | Path, parallel=None, *, seed: int = 0, batch_s
     head = load_head(path, model_cfg.hidden_size).to(policy.device)
     scorer = PolicyRewardModel(policy, head if policy.gpt.post_process else None,
                                load_tokenizer(path), meta["max_length"])
-    config = RewardModelConfig(batch_size=batch_size, max_length=meta["max_length"])
+    config = RewardModelConfig(batch_size=batch_size, max_length=meta["max_length"],
+                               prompt_key=prompt_key)
     reward = RewardModelReward(scorer, config=config, sync=sync)
     reward.source = str(path)
     return reward

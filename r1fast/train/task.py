@@ -373,12 +373,7 @@ def _model_reward(cfg, examples: list[dict], tokenizer):
     from r1fast.train.reward_model_io import read_meta
 
     trained_chat = read_meta(r.reward_model, "reward.reward_model").get("chat_template")
-    run_chat = bool(cfg.data.chat_template and tokenizer.has_chat_template)
-    if trained_chat is not None and trained_chat != run_chat:
-        log.warning("reward.reward_model=%s was trained on prompts %s the chat template, but "
-                    "this run's prompts are %s it (data.chat_template, the tokenizer): it "
-                    "scores texts unlike those it learned on", r.reward_model,
-                    "in" if trained_chat else "without", "in" if run_chat else "without")
+    _reward_model_prompts(cfg, examples, trained_chat)
     routed = sum(row_source(ex) == "model" for ex in examples)
     if not routed and "reward_model" not in r.weights:
         log.warning("reward.reward_model=%s is loaded but unused: no row routes to it (reward "
@@ -389,7 +384,48 @@ def _model_reward(cfg, examples: list[dict], tokenizer):
 
     return load_reward_model(r.reward_model, cfg.parallel, seed=cfg.run.seed,
                              batch_size=r.reward_model_batch_size, what="reward.reward_model",
-                             sync=lambda n: all_ranks_int(n, "max"))
+                             sync=lambda n: all_ranks_int(n, "max"), prompt_key=RM_PROMPT)
+
+
+RM_PROMPT = "rm_prompt"
+"""The example field holding its prompt as the reward model reads it."""
+
+
+def _reward_model_prompts(cfg, examples: list[dict], trained_chat: bool | None) -> None:
+    """Each example's prompt as the reward model was trained to read it, in ``rm_prompt``: the
+    same messages (``data.template`` around the question) through the reward model's own
+    tokenizer and chat template (or none, as it was trained), without ``data.system_prompt``
+    (reward-model training renders the user turn alone). The policy's prompt went to the
+    reward model as it was: another tokenizer's markup, a system turn it never saw. When the
+    policy's prompt opens the thought and the reward model's does not, the opened thought
+    follows the reward model's prompt, so the completion reads as a whole answer."""
+    from r1fast.data import load_tokenizer
+    from r1fast.pipeline.sft_data import thought_opened_by
+
+    d = cfg.data
+    tokenizer = load_tokenizer(cfg.reward.reward_model)
+    as_trained = dataclasses.replace(d, system_prompt=None, chat_template=bool(
+        d.chat_template if trained_chat is None else trained_chat))
+    changed = doubled = 0
+    own = d.path is None and d.template is None  # a synthetic task's own prompt, as written
+    for ex in examples:
+        text = ex["prompt"] if own else render_prompt(ex, tokenizer, as_trained)
+        opened = thought_opened_by(ex["prompt"])
+        if opened and not opens_thought(text):
+            text += opened
+        doubled += opens_thought(text) and not opened
+        changed += text != ex["prompt"]
+        ex[RM_PROMPT] = text
+    if changed:
+        log.info("%d of %d prompts go to reward.reward_model=%s as it was trained to read them "
+                 "(its tokenizer%s%s)", changed, len(examples), cfg.reward.reward_model,
+                 "'s chat template" if as_trained.chat_template and tokenizer.has_chat_template
+                 else ", no chat template", "; without data.system_prompt" if d.system_prompt
+                 else "")
+    if doubled:
+        log.warning("reward.reward_model=%s's chat template opens the thought but this run's "
+                    "does not: %d completions reach it after a <think> of its prompt, then their "
+                    "own", cfg.reward.reward_model, doubled)
 
 
 def _prompts_that_fit(examples: list[dict], tokenizer, cfg, what: str = "prompts") -> list[dict]:

@@ -59,9 +59,12 @@ def test_text_model_and_logits_output():
 
 
 def test_bad_output_shape():
-    rm = RewardModelReward(lambda texts: torch.zeros(len(texts), 3))
+    rm = RewardModelReward(lambda texts: torch.zeros(len(texts), 3), include_prompt=False)
     with pytest.raises(ValueError, match=r"output must have shape \[2\] or \[2, 1\]"):
         rm.score_batch(["a", "b"], [{}, {}])
+    # an example without its prompt was scored as if the prompt were empty
+    with pytest.raises(ValueError, match=r"the example has no 'prompt' .* got keys \['id'\]"):
+        RewardModelReward(lambda texts: [0.0] * len(texts)).score_batch(["a"], [{"id": 1}])
 
 
 def test_bad_inputs():

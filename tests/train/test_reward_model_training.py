@@ -347,7 +347,7 @@ def test_a_weights_only_load_restores_the_head(tmp_path):
 def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog):
     """A reward model scores, in GRPO, the chat-rendered prompt + the answer: it trains on the
     same texts (empty prompts stay empty), and a run whose prompts are rendered otherwise
-    than its reward model's were is warned."""
+    gives the reward model its prompts rendered as they were in its training."""
     import logging
 
     from r1fast.data.hf_tokenizer import HFTokenizer
@@ -355,7 +355,7 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
     from r1fast.train.config import load_train_config
     from r1fast.train.reward_model import render_pair_prompts
     from r1fast.train.reward_model_io import FORMAT, META_FILE
-    from r1fast.train.task import _model_reward
+    from r1fast.train.task import _model_reward, render_prompt
 
     build_tokenizer(tmp_path / "tok", ["Write a poem. assistant user system"] * 20)
     hf = HFTokenizer.load(tmp_path / "tok")
@@ -386,18 +386,32 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
     class Stop(Exception):
         pass
 
+    # GRPO gave the reward model the policy's prompt: another tokenizer's markup and a system
+    # turn reward-model training never renders, without a word (helper-72). It now reads the
+    # prompt as it was trained to: its own template, the user turn alone, then the thought the
+    # policy's prompt opened (the completion continues it)
     rm = tmp_path / "rm"
-    rm.mkdir()
+    build_tokenizer(rm, ["Write a poem. assistant user system"] * 20)  # ChatML, as trained
     (rm / META_FILE).write_text(json.dumps({"format": FORMAT, "chat_template": True}))
-    cfg = load_train_config(None, [f"--reward.reward_model={rm}", "--data.chat_template=false"])
-    with caplog.at_level(logging.WARNING, logger="r1fast.train"), \
+    hf.tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                            "{% endfor %}{% if add_generation_prompt %}[assistant] <think>\n"
+                            "{% endif %}")  # the policy's: another markup, opening the thought
+    cfg = load_train_config(None, [f"--reward.reward_model={rm}", "--data.template={question}",
+                                   "--data.system_prompt=Be terse."])
+    ex = {"id": 0, "question": "Write a poem."}
+    ex["prompt"] = render_prompt(ex, hf, cfg.data)
+    assert ex["prompt"] == "[system] Be terse.\n[user] Write a poem.\n[assistant] <think>\n"
+    with caplog.at_level(logging.INFO, logger="r1fast.train"), \
             pytest.MonkeyPatch.context() as mp:
         mp.setattr("r1fast.train.reward_model_io.load_reward_model",
                    lambda *a, **k: (_ for _ in ()).throw(Stop()))
         with pytest.raises(Stop):
-            _model_reward(cfg, [], hf)
-    assert "was trained on prompts in the chat template, but this run's prompts are without" \
-        in caplog.text
+            _model_reward(cfg, [ex], hf)
+    as_trained = HFTokenizer.load(rm).apply_chat_template([{"role": "user",
+                                                            "content": "Write a poem."}])
+    assert ex["rm_prompt"] == as_trained + "<think>\n"
+    assert (f"1 of 1 prompts go to reward.reward_model={rm} as it was trained to read them (its "
+            f"tokenizer's chat template; without data.system_prompt)") in caplog.text
 
 
 def test_the_export_tokenizer_ends_texts_with_the_eos_the_head_reads(tmp_path):
