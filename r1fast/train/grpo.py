@@ -512,6 +512,7 @@ class GRPOTrainer:
             metrics.update(load_imbalance(self.expert_loads))
         metrics.update({f"reward_failures/{k}": v for k, v in self.task.failure_metrics(
             self.engine.dp_sum).items()})
+        metrics.update(self.task.reward_model_metrics(self.engine.dp_sum))
         return metrics
 
     # -------------------------------------------------------------------------- evaluation

@@ -63,6 +63,8 @@ class TaskData:
         """Reward-failure counts of the processes before a resume (from the checkpoint)."""
         self.failures: dict[str, float] = {}
         """The run's counts as of the last :meth:`failure_metrics`."""
+        self.model_reward = model_reward
+        self._texts_cut = 0
         if model_reward is not None:
             model = RewardRunner(CompositeReward([("reward_model", model_reward, model_weight)]),
                                  runner_config)
@@ -104,6 +106,18 @@ class TaskData:
         summed = dp_sum(list(local.values())) if dp_sum is not None else list(local.values())
         self.failures = {k: v + self.failures_before.get(k, 0.0) for k, v in zip(local, summed)}
         return self.failures
+
+    def reward_model_metrics(self, dp_sum: Callable[[list[float]], list[float]]
+                             ) -> dict[str, float]:
+        """``reward_model_texts_cut``: texts the reward model scored on their end alone (longer
+        than its ``max_length``) since the last call, summed over the data-parallel ranks
+        (collective); {} without a reward model that counts them. The reward model warns at
+        its first cut only: completions grow during RL, and this says by how much."""
+        scorer = getattr(self.model_reward, "model", None)
+        if not hasattr(scorer, "texts_cut"):
+            return {}
+        new, self._texts_cut = scorer.texts_cut - self._texts_cut, scorer.texts_cut
+        return {"reward_model_texts_cut": dp_sum([float(new)])[0]}
 
     def state_dict(self) -> dict:
         """The prompt order's position and the run's reward-failure counts."""
@@ -372,8 +386,9 @@ def _model_reward(cfg, examples: list[dict], tokenizer):
         return None
     from r1fast.train.reward_model_io import read_meta
 
-    trained_chat = read_meta(r.reward_model, "reward.reward_model").get("chat_template")
-    _reward_model_prompts(cfg, examples, trained_chat)
+    meta = read_meta(r.reward_model, "reward.reward_model")
+    rm_tokenizer = _reward_model_prompts(cfg, examples, meta.get("chat_template"))
+    _warn_of_cut_texts(cfg, examples, rm_tokenizer, meta.get("max_length"))
     routed = sum(row_source(ex) == "model" for ex in examples)
     if not routed and "reward_model" not in r.weights:
         log.warning("reward.reward_model=%s is loaded but unused: no row routes to it (reward "
@@ -391,14 +406,15 @@ RM_PROMPT = "rm_prompt"
 """The example field holding its prompt as the reward model reads it."""
 
 
-def _reward_model_prompts(cfg, examples: list[dict], trained_chat: bool | None) -> None:
+def _reward_model_prompts(cfg, examples: list[dict], trained_chat: bool | None):
     """Each example's prompt as the reward model was trained to read it, in ``rm_prompt``: the
     same messages (``data.template`` around the question) through the reward model's own
     tokenizer and chat template (or none, as it was trained), without ``data.system_prompt``
     (reward-model training renders the user turn alone). The policy's prompt went to the
     reward model as it was: another tokenizer's markup, a system turn it never saw. When the
     policy's prompt opens the thought and the reward model's does not, the opened thought
-    follows the reward model's prompt, so the completion reads as a whole answer."""
+    follows the reward model's prompt, so the completion reads as a whole answer. Returns the
+    reward model's tokenizer."""
     from r1fast.data import load_tokenizer
     from r1fast.pipeline.sft_data import thought_opened_by
 
@@ -426,6 +442,23 @@ def _reward_model_prompts(cfg, examples: list[dict], trained_chat: bool | None) 
         log.warning("reward.reward_model=%s's chat template opens the thought but this run's "
                     "does not: %d completions reach it after a <think> of its prompt, then their "
                     "own", cfg.reward.reward_model, doubled)
+    return tokenizer
+
+
+def _warn_of_cut_texts(cfg, examples: list[dict], tokenizer, max_length: int | None) -> None:
+    """A WARNING when the longest prompts (by characters: the 64 longest are encoded) and
+    ``rollout.max_new_tokens`` of completion (counted in the reward model's tokens, roughly)
+    can exceed the reward model's ``max_length``: such texts lose their start."""
+    if not max_length or not examples:
+        return
+    longest = sorted(examples, key=lambda ex: len(ex[RM_PROMPT]))[-64:]
+    prompt = max(len(tokenizer.encode(ex[RM_PROMPT], add_bos=True)) for ex in longest)
+    if prompt + cfg.rollout.max_new_tokens + 1 > max_length:  # + its eos
+        log.warning("reward.reward_model=%s reads %d tokens, but the longest prompts take %d "
+                    "and rollout.max_new_tokens=%d: longer texts are scored on their last %d "
+                    "tokens, their start cut (counted each step in reward_model_texts_cut)",
+                    cfg.reward.reward_model, max_length, prompt, cfg.rollout.max_new_tokens,
+                    max_length)
 
 
 def _prompts_that_fit(examples: list[dict], tokenizer, cfg, what: str = "prompts") -> list[dict]:

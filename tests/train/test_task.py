@@ -436,3 +436,26 @@ def test_held_out_prompts_that_are_training_prompts_are_warned(tmp_path, caplog)
         build_task(cfg(f"--data.path={test}", f"--data.test_path={train}",
                        "--data.chat_template=false", "--data.prompts_per_step=2", "--data.eval_max_problems=1")).close()
     assert "are also training prompts" not in caplog.text  # 1+1 alone is held out
+
+
+def test_reward_model_cuts_are_warned_at_start_and_counted_each_step(reward_world, caplog):
+    """The reward model warned at its first cut only ('later cuts are counted in texts_cut',
+    which nothing read): completions grow during RL, their prompts' starts cut without a word
+    (helper-72). A run whose texts can exceed its max_length warns at the start, and each step
+    reports the texts cut since the last."""
+    rm, data, _ = reward_world  # the reward model reads 64 tokens
+    with caplog.at_level("WARNING", logger="r1fast.train"):
+        task = build_task(cfg(f"--data.path={data}", f"--reward.reward_model={rm}",
+                              "--rollout.max_new_tokens=60"))
+    try:
+        assert f"reward.reward_model={rm} reads 64 tokens, but the longest prompts take" \
+            in caplog.text
+        exs = task.dataset.examples
+        assert task.reward_model_metrics(lambda v: v) == {"reward_model_texts_cut": 0.0}
+        task.score(["y", "x" * 70, "w", "z" * 80, "v"], exs)  # rows 1 and 3: the model's
+        assert task.reward_model_metrics(lambda v: [2 * x for x in v]) == {  # 2 DP ranks
+            "reward_model_texts_cut": 4.0}
+        task.score(["y"] * 5, exs)
+        assert task.reward_model_metrics(lambda v: v) == {"reward_model_texts_cut": 0.0}
+    finally:
+        task.close()
