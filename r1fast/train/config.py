@@ -279,10 +279,16 @@ class RewardConfig:
     """A reward-model folder (the ``model/`` folder ``r1fast stage reward-model`` writes),
     loaded once at the run's parallel layout and scored in this process, in batches. Rows whose
     ``reward`` field is ``"reward_model"`` (or ``"model"``) are scored by it alone, as
-    ``reward_model_weight * score`` of ``prompt + completion`` (the rendered prompt the policy
-    saw: train the reward model on pairs whose prompts look the same)."""
+    ``reward_model_weight * score`` of ``prompt + completion``, the prompt rendered as the
+    reward model was trained to read it (its tokenizer and chat template)."""
     reward_model_weight: float = 1.0
     """Weight of the reward model's score on the rows routed to it."""
+    reward_model_normalize: bool = False
+    """Standardise the reward model's scores with the mean and standard deviation its training
+    recorded (OpenRLHF's normalize_reward): raw Bradley-Terry scores have an arbitrary offset
+    and a spread that grows with training, which matters where they are added to 0/1 rule
+    rewards in one row or where the advantage is not divided by the group's spread (drgrpo,
+    rloo); a run like that without it is warned."""
     reward_model_batch_size: int = 16
     """Texts per reward-model forward."""
 
@@ -424,6 +430,7 @@ def _unused_option_warnings(cfg: TrainConfig) -> list[str]:
         ("algo", "router_replay_capture", not a.router_replay, "algo.router_replay is off"),
         ("algo", "ref_reset_every", not kl, "there is no reference (algo.kl_coef 0 or no kl)"),
         ("reward", "reward_model_weight", r.reward_model is None, "no reward.reward_model"),
+        ("reward", "reward_model_normalize", r.reward_model is None, "no reward.reward_model"),
         ("data", "system_prompt", d.path is None and d.template is None,
          f"the synthetic data.task={d.task!r} prompts as written, outside any chat template "
          f"(set data.template, e.g. 'r1-zero', to render its questions in the chat template)"),

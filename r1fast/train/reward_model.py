@@ -180,6 +180,10 @@ def load_pairs(path: str | Path) -> list[dict]:
     return [{k: row[k] for k in PAIR_KEYS} for row in rows]
 
 
+SCALE_PAIRS = 256
+"""Training pairs whose scores give a reward model's score scale when it has no test pairs."""
+
+
 class RewardEngine(TrainEngine):
     """A :class:`TrainEngine` whose DDP module (and so its optimizer, grad clipping and
     non-finite guard) holds the scalar head next to the backbone: the policy is built bare,
@@ -388,7 +392,24 @@ class RewardModelTrainer:
                                           float(len(mine)), float((chosen - rejected).sum())])
         var = max(c2 - c * c / n, 0.0) / (n - 1) if n > 1 else 0.0  # per-pair outcomes
         return {"accuracy": c / n, "accuracy_se": math.sqrt(var / n), "margin": m / n,
-                "pairs": int(n)}
+                "pairs": int(n), **self._moments(torch.cat([chosen, rejected]))}
+
+    def _moments(self, scores: torch.Tensor) -> dict[str, float]:
+        """Mean and standard deviation of ``scores`` over every DP rank's (collective)."""
+        n, total, squares = self.engine.dp_sum([float(scores.numel()), float(scores.sum()),
+                                                float((scores.double() ** 2).sum())])
+        mean = total / n
+        return {"score_mean": mean,
+                "score_std": math.sqrt(max(squares / n - mean * mean, 0.0) * n / max(n - 1, 1))}
+
+    def train_score_stats(self) -> dict:
+        """The scale of this model's scores without test pairs (GRPO's
+        ``reward.reward_model_normalize``): their mean and standard deviation over the chosen
+        and rejected texts of the first :data:`SCALE_PAIRS` training pairs (collective)."""
+        pairs = self.train_pairs[:SCALE_PAIRS]
+        chosen, rejected = self.score_pairs(pairs[self.info.dp_rank::self.info.dp])
+        return {**self._moments(torch.cat([chosen, rejected])),
+                "score_stats_from": f"{len(pairs)} training pairs"}
 
     def fit(self) -> dict:
         """Train for ``steps``, evaluate, save ``out_dir/model`` (and ``out_dir/hf``); returns
@@ -407,7 +428,11 @@ class RewardModelTrainer:
             summary.update(heldout_accuracy_before=self.before["accuracy"],
                            heldout_accuracy=after["accuracy"],
                            heldout_accuracy_se=after["accuracy_se"],
-                           heldout_margin=after["margin"])
+                           heldout_margin=after["margin"], score_mean=after["score_mean"],
+                           score_std=after["score_std"],
+                           score_stats_from=f"{after['pairs']} test pairs")
+        else:
+            summary.update(self.train_score_stats())
         summary["chat_template"] = self.chat
         path = save_reward_model(self.policy, self.engine.head_weight, self.tokenizer,
                                  out / "model", max_length=self.max_length, summary=summary)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -221,14 +222,32 @@ def load_head(path: str | Path, hidden_size: int) -> torch.Tensor:
     return w.float()
 
 
+def score_scale(meta: dict, path, what: str = "reward model") -> tuple[float, float]:
+    """``(scale, bias)`` that standardise a reward model's scores with the mean and standard
+    deviation its training recorded (``score_mean`` / ``score_std`` of reward_model.json):
+    Bradley-Terry fixes score differences only, so the raw scores have an arbitrary offset and
+    a spread that grows with training. An error for a folder without them."""
+    mean, std = meta.get("score_mean"), meta.get("score_std")
+    if mean is None or std is None:
+        raise ValueError(f"{what} {path} records no score scale (score_mean / score_std in "
+                         f"{META_FILE}: an older r1fast trained it), so its scores cannot be "
+                         f"standardised; train it again, or use its raw scores "
+                         f"(reward.reward_model_normalize = false)")
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ValueError(f"{what} {path}: score_std must be finite and > 0 to standardise its "
+                         f"scores, got mean {mean}, std {std}")
+    return 1.0 / std, -mean / std
+
+
 def load_reward_model(path: str | Path, parallel=None, *, seed: int = 0, batch_size: int = 16,
                       sync: Optional[Callable[[int], int]] = None, what: str = "reward model",
-                      prompt_key: str = "prompt"):
+                      prompt_key: str = "prompt", normalize: bool = False):
     """The reward-model folder ``path`` as a :class:`~r1fast.rewards.reward_model.RewardModelReward`
     (``example[prompt_key] + completion`` scored in batches of ``batch_size`` texts, in this
     process), built at ``parallel`` (the run's layout: megatron holds one layout per process).
     ``sync``: see RewardModelReward (pass :func:`r1fast.train.batch.all_ranks_int`'s max when
-    several processes score different numbers of texts)."""
+    several processes score different numbers of texts). ``normalize``: standardised scores,
+    ``(score - score_mean) / score_std`` of its training's record (:func:`score_scale`)."""
     from r1fast.data import load_tokenizer
     from r1fast.policy import build_policy
     from r1fast.policy.config import ParallelConfig
@@ -243,8 +262,9 @@ def load_reward_model(path: str | Path, parallel=None, *, seed: int = 0, batch_s
     head = load_head(path, model_cfg.hidden_size).to(policy.device)
     scorer = PolicyRewardModel(policy, head if policy.gpt.post_process else None,
                                load_tokenizer(path), meta["max_length"])
+    scale, bias = score_scale(meta, path, what) if normalize else (1.0, 0.0)
     config = RewardModelConfig(batch_size=batch_size, max_length=meta["max_length"],
-                               prompt_key=prompt_key)
+                               prompt_key=prompt_key, scale=scale, bias=bias)
     reward = RewardModelReward(scorer, config=config, sync=sync)
     reward.source = str(path)
     return reward

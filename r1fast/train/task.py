@@ -377,90 +377,6 @@ def _file_examples(d) -> list[dict]:
     return sorted(examples, key=lambda ex: ex["row"])
 
 
-def _model_reward(cfg, examples: list[dict], tokenizer):
-    """The recipe's reward model (None without ``reward.reward_model``); a reward model
-    nothing uses, or one trained on prompts rendered otherwise than this run's, is a
-    WARNING."""
-    r = cfg.reward
-    if r.reward_model is None:  # rows routed to none are an error of read_prompts
-        return None
-    from r1fast.train.reward_model_io import read_meta
-
-    meta = read_meta(r.reward_model, "reward.reward_model")
-    rm_tokenizer = _reward_model_prompts(cfg, examples, meta.get("chat_template"))
-    _warn_of_cut_texts(cfg, examples, rm_tokenizer, meta.get("max_length"))
-    routed = sum(row_source(ex) == "model" for ex in examples)
-    if not routed and "reward_model" not in r.weights:
-        log.warning("reward.reward_model=%s is loaded but unused: no row routes to it (reward "
-                    "field 'reward_model') and reward.weights has no reward_model",
-                    r.reward_model)
-    from r1fast.train.batch import all_ranks_int
-    from r1fast.train.reward_model_io import load_reward_model
-
-    return load_reward_model(r.reward_model, cfg.parallel, seed=cfg.run.seed,
-                             batch_size=r.reward_model_batch_size, what="reward.reward_model",
-                             sync=lambda n: all_ranks_int(n, "max"), prompt_key=RM_PROMPT)
-
-
-RM_PROMPT = "rm_prompt"
-"""The example field holding its prompt as the reward model reads it."""
-
-
-def _reward_model_prompts(cfg, examples: list[dict], trained_chat: bool | None):
-    """Each example's prompt as the reward model was trained to read it, in ``rm_prompt``: the
-    same messages (``data.template`` around the question) through the reward model's own
-    tokenizer and chat template (or none, as it was trained), without ``data.system_prompt``
-    (reward-model training renders the user turn alone). The policy's prompt went to the
-    reward model as it was: another tokenizer's markup, a system turn it never saw. When the
-    policy's prompt opens the thought and the reward model's does not, the opened thought
-    follows the reward model's prompt, so the completion reads as a whole answer. Returns the
-    reward model's tokenizer."""
-    from r1fast.data import load_tokenizer
-    from r1fast.pipeline.sft_data import thought_opened_by
-
-    d = cfg.data
-    tokenizer = load_tokenizer(cfg.reward.reward_model)
-    as_trained = dataclasses.replace(d, system_prompt=None, chat_template=bool(
-        d.chat_template if trained_chat is None else trained_chat))
-    changed = doubled = 0
-    own = d.path is None and d.template is None  # a synthetic task's own prompt, as written
-    for ex in examples:
-        text = ex["prompt"] if own else render_prompt(ex, tokenizer, as_trained)
-        opened = thought_opened_by(ex["prompt"])
-        if opened and not opens_thought(text):
-            text += opened
-        doubled += opens_thought(text) and not opened
-        changed += text != ex["prompt"]
-        ex[RM_PROMPT] = text
-    if changed:
-        log.info("%d of %d prompts go to reward.reward_model=%s as it was trained to read them "
-                 "(its tokenizer%s%s)", changed, len(examples), cfg.reward.reward_model,
-                 "'s chat template" if as_trained.chat_template and tokenizer.has_chat_template
-                 else ", no chat template", "; without data.system_prompt" if d.system_prompt
-                 else "")
-    if doubled:
-        log.warning("reward.reward_model=%s's chat template opens the thought but this run's "
-                    "does not: %d completions reach it after a <think> of its prompt, then their "
-                    "own", cfg.reward.reward_model, doubled)
-    return tokenizer
-
-
-def _warn_of_cut_texts(cfg, examples: list[dict], tokenizer, max_length: int | None) -> None:
-    """A WARNING when the longest prompts (by characters: the 64 longest are encoded) and
-    ``rollout.max_new_tokens`` of completion (counted in the reward model's tokens, roughly)
-    can exceed the reward model's ``max_length``: such texts lose their start."""
-    if not max_length or not examples:
-        return
-    longest = sorted(examples, key=lambda ex: len(ex[RM_PROMPT]))[-64:]
-    prompt = max(len(tokenizer.encode(ex[RM_PROMPT], add_bos=True)) for ex in longest)
-    if prompt + cfg.rollout.max_new_tokens + 1 > max_length:  # + its eos
-        log.warning("reward.reward_model=%s reads %d tokens, but the longest prompts take %d "
-                    "and rollout.max_new_tokens=%d: longer texts are scored on their last %d "
-                    "tokens, their start cut (counted each step in reward_model_texts_cut)",
-                    cfg.reward.reward_model, max_length, prompt, cfg.rollout.max_new_tokens,
-                    max_length)
-
-
 def _prompts_that_fit(examples: list[dict], tokenizer, cfg, what: str = "prompts") -> list[dict]:
     """The prompts under ``data.max_prompt_tokens`` (the dropped ones counted in a WARNING);
     without that cap, a prompt longer than the context leaves next to ``rollout.max_new_tokens``
@@ -547,7 +463,9 @@ def build_task(cfg, reward: Callable | None = None, tokenizer=None,
     prompts = prompts or read_prompts(cfg, tokenizer)
     examples = prompts.examples
     task = None if cfg.data.path is not None else cfg.data.task
-    model_reward = _model_reward(cfg, examples, tokenizer)
+    from r1fast.train.run_reward_model import model_reward as load_model_reward
+
+    model_reward = load_model_reward(cfg, examples)
     parts = (reward_parts(task, r.weights, language=r.language, model_reward=model_reward)
              if reward is None else [("custom", reward, 1.0)])
     runner_cfg = RunnerConfig(mode="inline" if r.workers == 0 else "auto",

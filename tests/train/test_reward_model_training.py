@@ -272,6 +272,20 @@ def test_stage_cli_learns_a_held_out_preference(tmp_path):
     assert summary["heldout_accuracy_se"] == pytest.approx((p * (1 - p) / 199) ** 0.5, rel=0.05)
     assert meta["chat_template"] is False  # the character tokenizer has none
     assert (out / "hf" / "model.safetensors").is_file()
+    # the scale of its scores, for GRPO's reward.reward_model_normalize: the 400 test texts'
+    from r1fast.train.reward_model_io import load_reward_model
+
+    assert meta["score_stats_from"] == "200 test pairs" and meta["score_std"] > 0
+    pairs = read_jsonl(test)
+    texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    examples = [{"prompt": p["prompt"]} for p in pairs] * 2
+    raw = torch.tensor(load_reward_model(out / "model").score_batch(texts, examples),
+                       dtype=torch.float64)
+    assert meta["score_mean"] == pytest.approx(float(raw.mean()), abs=1e-5)
+    assert meta["score_std"] == pytest.approx(float(raw.std()), rel=1e-4)
+    standard = load_reward_model(out / "model", normalize=True).score_batch(texts, examples)
+    assert standard == pytest.approx(((raw - meta["score_mean"]) / meta["score_std"]).tolist(),
+                                     abs=1e-5)
     # a rerun into the folder resumes from its last checkpoint (step 60), so other optimizer
     # settings (the default lr) are refused rather than silently not applied
     with pytest.raises(ValueError, match="with other optimizer settings.*optim.lr"):
@@ -355,7 +369,8 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
     from r1fast.train.config import load_train_config
     from r1fast.train.reward_model import render_pair_prompts
     from r1fast.train.reward_model_io import FORMAT, META_FILE
-    from r1fast.train.task import _model_reward, render_prompt
+    from r1fast.train.run_reward_model import model_reward
+    from r1fast.train.task import render_prompt
 
     build_tokenizer(tmp_path / "tok", ["Write a poem. assistant user system"] * 20)
     hf = HFTokenizer.load(tmp_path / "tok")
@@ -406,7 +421,7 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
         mp.setattr("r1fast.train.reward_model_io.load_reward_model",
                    lambda *a, **k: (_ for _ in ()).throw(Stop()))
         with pytest.raises(Stop):
-            _model_reward(cfg, [ex], hf)
+            model_reward(cfg, [ex])
     as_trained = HFTokenizer.load(rm).apply_chat_template([{"role": "user",
                                                             "content": "Write a poem."}])
     assert ex["rm_prompt"] == as_trained + "<think>\n"

@@ -459,3 +459,29 @@ def test_reward_model_cuts_are_warned_at_start_and_counted_each_step(reward_worl
         assert task.reward_model_metrics(lambda v: v) == {"reward_model_texts_cut": 0.0}
     finally:
         task.close()
+
+
+def test_raw_reward_model_scores_that_set_the_advantages_are_warned(reward_world, caplog):
+    """A reward model's raw Bradley-Terry score (arbitrary offset, a spread that grows with its
+    training) was added to 0/1 rule rewards without a word (helper-72: it outweighed accuracy).
+    Where its scale matters the start warns; reward.reward_model_normalize standardises it with
+    the scale its training recorded, and refuses a folder that recorded none."""
+    rm, data, _ = reward_world  # written without a score scale, as an older r1fast did
+
+    def warnings(*extra):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="r1fast.train"):
+            build_task(cfg(f"--data.path={data}", f"--reward.reward_model={rm}", *extra)).close()
+        return [r.getMessage() for r in caplog.records if "raw score" in r.getMessage()]
+
+    assert warnings() == []  # routed rows alone under grpo: normalised per group, scale cancels
+    (mixed,) = warnings("--reward.weights={accuracy = 1.0, reward_model = 2.0}")
+    assert mixed == (f"reward.reward_model={rm}'s raw score (a scale it did not record) is "
+                     f"added to the rule rewards of each row (reward.weights): set "
+                     f"reward.reward_model_normalize = true to standardise it")
+    (rloo,) = warnings("--algo.estimator=rloo")
+    assert "sets the advantages' size under algo.estimator='rloo'" in rloo
+    with pytest.raises(ValueError, match=r"records no score scale \(score_mean / score_std in "
+                                         r"reward_model.json"):
+        build_task(cfg(f"--data.path={data}", f"--reward.reward_model={rm}",
+                       "--reward.reward_model_normalize=true"))
