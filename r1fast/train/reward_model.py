@@ -6,11 +6,13 @@ architecture with a scalar head (:mod:`r1fast.train.reward_model_io`), started f
 folder (``init_from``: backbone and tokenizer) at any TP/PP/EP/DP layout, and trained to score
 ``prompt + chosen`` above ``prompt + rejected``:
 
-    loss = mean over pairs of  -log sigmoid(r(prompt + chosen) - r(prompt + rejected))
+    loss = mean over pairs of  -log sigmoid(r(prompt + chosen) - r(prompt + rejected) - margin)
 
-(:func:`bradley_terry_loss`, computed as ``softplus(r_rejected - r_chosen)``, stable for any
-margin). Each step draws ``batch_size`` pairs (every DP rank its share); a rank's micro-batch
-holds its chosen rows then its rejected rows, so each pair is scored in one forward; the loss
+(:func:`bradley_terry_loss`, computed as ``softplus(r_rejected - r_chosen + margin)``, stable
+for any difference; ``margin`` is the pairs' own column when they have one, as TRL's
+RewardTrainer reads it, else 0). Each step draws ``batch_size`` pairs (every DP rank its share);
+a rank's micro-batch (``parallel.micro_batch_size`` texts, default its whole share) holds its
+pairs' chosen rows then their rejected rows, so each pair is scored in one forward; the loss
 is each rank's share of the global mean, through megatron's forward-backward and distributed
 optimizer with the guarded step of :class:`~r1fast.train.engine.TrainEngine` (the head is one
 more parameter of the same optimizer, clipped and checked with the rest).
@@ -123,6 +125,15 @@ class RewardModelTrainConfig:
                                  f"{getattr(self, name)}")
         if self.max_length == 1:
             raise ValueError("reward model: max_length must be 0 (the model's) or >= 2")
+        p = self.parallel
+        if p.max_tokens_per_microbatch:  # it was accepted and ignored
+            raise ValueError(f"reward model: parallel.max_tokens_per_microbatch="
+                             f"{p.max_tokens_per_microbatch} (packing) is not supported here; "
+                             f"set parallel.micro_batch_size (texts per micro-batch) instead")
+        if p.micro_batch_size is not None and p.micro_batch_size % 2:
+            raise ValueError(f"reward model: parallel.micro_batch_size must be even (a "
+                             f"micro-batch holds whole pairs, chosen and rejected texts), got "
+                             f"{p.micro_batch_size}")
 
 
 def render_pair_prompts(pairs: Sequence[dict], tokenizer) -> list[dict]:
@@ -152,11 +163,14 @@ def render_pair_prompts(pairs: Sequence[dict], tokenizer) -> list[dict]:
     return out
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Per-pair ``-log sigmoid(chosen - rejected)`` [P] (fp32 or wider), as
-    ``softplus(rejected - chosen)``: no overflow for any margin."""
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor,
+                       margin: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-pair ``-log sigmoid(chosen - rejected - margin)`` [P] (fp32 or wider), as
+    ``softplus(rejected - chosen + margin)``: no overflow for any difference. ``margin`` [P]:
+    how much higher the chosen answer must score (None: 0)."""
     dtype = torch.promote_types(chosen.dtype, torch.float32)
-    return F.softplus(rejected.to(dtype) - chosen.to(dtype))
+    gap = rejected.to(dtype) - chosen.to(dtype)
+    return F.softplus(gap if margin is None else gap + margin.to(gap))
 
 
 def load_pairs(path: str | Path) -> list[dict]:
@@ -177,7 +191,14 @@ def load_pairs(path: str | Path) -> list[dict]:
         if row["chosen"] == row["rejected"]:
             raise ValueError(f"preference pairs {row_name(path, at)}: 'chosen' and 'rejected' "
                              f"are the same text (the pair says nothing)")
-    return [{k: row[k] for k in PAIR_KEYS} for row in rows]
+    keys = PAIR_KEYS + (("margin",) if any(row.get("margin") is not None for row in rows) else ())
+    for row, at in zip(rows, where):  # all or none: a pair without one would train at 0
+        m = row.get("margin")
+        if "margin" in keys and (isinstance(m, bool) or not isinstance(m, (int, float))
+                                 or not math.isfinite(m)):
+            raise ValueError(f"preference pairs {row_name(path, at)}: key 'margin' must be a "
+                             f"finite number in every row when any row has one, got {m!r:.60}")
+    return [{k: row[k] for k in keys} for row in rows]
 
 
 SCALE_PAIRS = 256
@@ -235,7 +256,7 @@ def pair_loss_fn(engine: RewardEngine, total_pairs: float):
     def loss_fn(hidden, output_weight, mb):
         r = head_scores(engine.head_weight, hidden, mb["lengths"])  # [2P]
         chosen, rejected = r.chunk(2)
-        per_pair = bradley_terry_loss(chosen, rejected)
+        per_pair = bradley_terry_loss(chosen, rejected, mb.get("margin"))
         loss = per_pair.sum() / total_pairs
         return loss, {"bt_sum": per_pair.detach().sum(),
                       "correct": (chosen > rejected).float().sum().detach()
@@ -283,6 +304,12 @@ class RewardModelTrainer:
         if config.batch_size % self.info.dp:
             raise ValueError(f"reward model: batch_size ({config.batch_size}) must be divisible "
                              f"by the data parallel size ({self.info.dp})")
+        mb = config.parallel.micro_batch_size
+        self.pairs_per_micro_batch = config.batch_size // self.info.dp if mb is None else mb // 2
+        if (config.batch_size // self.info.dp) % self.pairs_per_micro_batch:
+            raise ValueError(f"reward model: a rank's {config.batch_size // self.info.dp} pairs "
+                             f"(batch_size / dp) must split into micro-batches of "
+                             f"parallel.micro_batch_size / 2 = {self.pairs_per_micro_batch}")
         self.scorer = PolicyRewardModel(self.policy, self.engine.head_weight, self.tokenizer,
                                         self.max_length)
         self.order = RowStream(len(self.train_pairs), config.seed)  # without replacement
@@ -340,9 +367,10 @@ class RewardModelTrainer:
 
     # -------------------------------------------------------------------------- training
 
-    def _micro_batch(self) -> tuple[dict[str, torch.Tensor], int]:
-        """This DP rank's share of the next global batch of pairs: its chosen rows, then their
-        rejected rows (every rank takes the same global batch), and how many texts were cut."""
+    def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """This DP rank's share of the next global batch of pairs (every rank takes the same
+        global batch), in micro-batches of ``parallel.micro_batch_size`` texts (default: one),
+        each its pairs' chosen rows then their rejected rows; and how many texts were cut."""
         n, k = self.cfg.batch_size, self.cfg.batch_size // self.info.dp
         pairs = [self.train_pairs[i] for i in self.order.take(n)]
         mine = pairs[self.info.dp_rank * k:(self.info.dp_rank + 1) * k]
@@ -351,14 +379,22 @@ class RewardModelTrainer:
         tokens, lengths, cut = encode_texts(self.tokenizer, texts, self.max_length)  # [2k, L]
         width = all_ranks_int(tokens.shape[1], "max")  # one shape on every rank
         tokens = F.pad(tokens, (0, width - tokens.shape[1]), value=int(self.tokenizer.pad_id))
-        return {"tokens": tokens, "lengths": lengths}, cut
+        margin = (torch.tensor([float(p["margin"]) for p in mine], dtype=torch.float32)
+                  if mine and "margin" in mine[0] else None)  # [k]
+        micro = []
+        for start in range(0, k, self.pairs_per_micro_batch):
+            pairs_here = torch.arange(start, start + self.pairs_per_micro_batch)
+            rows = torch.cat([pairs_here, pairs_here + k])  # the chosen rows, then the rejected
+            micro.append({"tokens": tokens[rows], "lengths": lengths[rows],
+                          **({} if margin is None else {"margin": margin[pairs_here]})})
+        return micro, cut
 
     def step(self) -> dict[str, float]:
         """One optimizer step on ``batch_size`` pairs (counted in ``step_idx``): loss, train
         accuracy and mean margin of the batch (before the step), grad norm, lr."""
         n = float(self.cfg.batch_size)
-        micro, cut = self._micro_batch()
-        upd = self.engine.update([micro], pair_loss_fn(self.engine, n))
+        micro, cut = self._micro_batches()
+        upd = self.engine.update(micro, pair_loss_fn(self.engine, n))
         local = {k: sum(float(r[k]) for r in upd.metrics)
                  for k in ("bt_sum", "correct", "margin_sum")}
         sums = self.engine.last_stage_reduce(local, list(local), op="sum")
@@ -473,6 +509,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("tp", "pp", "ep"):
         ap.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size (under "
                         f"torchrun)")
+    ap.add_argument("--micro-batch-size", type=int, help="texts per micro-batch (even: whole "
+                    "pairs; default: a rank's whole share of the batch at once)")
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at "
                     "the end only); a rerun with the same --out resumes from the latest")
     ap.add_argument("--overwrite", action="store_true", help="start from step 0 in an --out "
@@ -488,7 +526,8 @@ def stage_main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     cfg = RewardModelTrainConfig(
         init_from=args.init, data=args.data, test=args.test, out_dir=args.out,
-        parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep),
+        parallel=ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep,
+                                micro_batch_size=args.micro_batch_size),
         optim=OptimConfig(lr=args.lr), steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
         progress=args.progress, export_hf=not args.no_export, save_every=args.save_every,

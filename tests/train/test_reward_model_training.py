@@ -48,6 +48,38 @@ def test_bradley_terry_loss_and_gradient_match_a_closed_form_in_fp64():
         assert got == pytest.approx(want, rel=1e-9, abs=1e-300), i
         assert float(c.grad[i]) == pytest.approx(dd, rel=1e-6, abs=1e-30), i
         assert float(r.grad[i]) == pytest.approx(-dd, rel=1e-6, abs=1e-30), i
+    # a margin the chosen answer must clear: -log sigmoid(d - m) (TRL's RewardTrainer)
+    margin = torch.rand(64, generator=g, dtype=torch.float64) * 4
+    got = bradley_terry_loss(chosen.double(), rejected.double(), margin)
+    assert torch.allclose(got, bradley_terry_loss(chosen.double() - margin, rejected.double()),
+                          rtol=1e-12, atol=0)
+
+
+def test_a_margin_column_trains_each_pair_to_its_margin(tmp_path):
+    """Pairs' own 'margin' was dropped without a word (helper-72); it now enters the loss of
+    its pair, in every micro-batch, and a margin on some rows only is refused."""
+    from r1fast.train.reward_model import RewardModelTrainConfig, RewardModelTrainer, load_pairs
+
+    init = save_init(str(tmp_path / "init"))
+    pairs = sorted_digit_pairs(8, 0)
+    plain = write_jsonl(tmp_path / "plain.jsonl", pairs)
+    wide = write_jsonl(tmp_path / "wide.jsonl", [{**p, "margin": 2.0} for p in pairs])
+
+    def first_loss(data, **parallel):
+        t = RewardModelTrainer(RewardModelTrainConfig(
+            init_from=init, data=data, steps=1, batch_size=8, out_dir=str(tmp_path / "o"),
+            export_hf=False, overwrite=True, parallel=ParallelConfig(**parallel)))
+        return t.step()
+
+    base, margin = first_loss(plain), first_loss(wide, micro_batch_size=4)
+    # the same scores: the step's loss is that of every pair's difference minus 2
+    assert margin["margin"] == pytest.approx(base["margin"], rel=1e-5)
+    assert margin["loss"] > base["loss"] + 0.5
+    write_jsonl(tmp_path / "some.jsonl", [{**pairs[0], "margin": 1}, pairs[1]])
+    with pytest.raises(ValueError, match=r"some.jsonl row 1 \(counting from 0\): key 'margin' "
+                                         r"must be a finite number in every row"):
+        load_pairs(tmp_path / "some.jsonl")
+    assert "margin" not in load_pairs(plain)[0]  # no column, no key: resumes stay compatible
 
 
 def _fixed_batch(n_pairs: int = 4, seed: int = 5):
@@ -338,6 +370,38 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path):
     for a, b in zip(rows["full"], rows["resumed"]):
         assert {k: a[k] for k in ("loss", "accuracy", "grad_norm")} == \
             {k: b[k] for k in ("loss", "accuracy", "grad_norm")}
+
+
+def test_micro_batches_of_pairs_train_as_one_batch(tmp_path):
+    """parallel.micro_batch_size was accepted and ignored (every rank's pairs ran as one
+    micro-batch, so shrinking batch_size was the only memory lever), and packing too
+    (helper-72). Micro-batches of whole pairs now give the one-batch step, and what cannot
+    be honoured is refused."""
+    from r1fast.train.reward_model import RewardModelTrainConfig, RewardModelTrainer
+
+    init = save_init(str(tmp_path / "init"))
+    train = write_jsonl(tmp_path / "train.jsonl", sorted_digit_pairs(24, 0))
+
+    def config(out: str, **parallel):
+        return RewardModelTrainConfig(init_from=init, data=train, steps=2, batch_size=8,
+                                      out_dir=str(tmp_path / out), optim=OptimConfig(lr=3e-3),
+                                      export_hf=False, parallel=ParallelConfig(**parallel))
+
+    whole = RewardModelTrainer(config("whole"))
+    split = RewardModelTrainer(config("split", micro_batch_size=4))  # 2 pairs each
+    rows = [[t.step() for _ in range(2)] for t in (whole, split)]
+    for a, b in zip(*rows):
+        for k in ("loss", "accuracy", "margin", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+    assert torch.allclose(whole.engine.head_weight, split.engine.head_weight, atol=1e-6)
+    assert [len(t._micro_batches()[0]) for t in (whole, split)] == [1, 4]
+    for bad, match in (({"micro_batch_size": 3}, "micro_batch_size must be even"),
+                       ({"max_tokens_per_microbatch": 64}, "packing.*is not supported here")):
+        with pytest.raises(ValueError, match=match):
+            config("bad", **bad)
+    with pytest.raises(ValueError, match=r"a rank's 8 pairs \(batch_size / dp\) must split into "
+                                         r"micro-batches of parallel.micro_batch_size / 2 = 3"):
+        RewardModelTrainer(config("bad", micro_batch_size=6))
 
 
 def test_a_weights_only_load_restores_the_head(tmp_path):
