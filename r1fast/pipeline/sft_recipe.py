@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -128,19 +129,31 @@ def load_sft_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> S
 
 
 def prepare_rows(recipe: SFTRecipe, tokenizer, max_positions: int) -> tuple[list[dict], dict]:
-    """The recipe's rows, mixed, rendered and length-filtered, and a summary of the counts."""
+    """The recipe's rows, rendered and length-filtered, then mixed (so the non-reasoning share
+    is that of the rows trained on: the long rows dropped are mostly reasoning traces), and a
+    summary of the counts."""
     from r1fast.pipeline.sft_data import (drop_long_rows, mix_non_reasoning, read_sft_rows,
                                           render_prompts)
 
-    rows = read_sft_rows(recipe.data)
-    summary: dict[str, Any] = {"data": recipe.data, "rows": len(rows)}
-    if recipe.mix is not None:
-        rows, summary["mix"] = mix_non_reasoning(rows, read_sft_rows(recipe.mix),
-                                                 recipe.mix_ratio, recipe.seed)
-    rows = render_prompts(rows, tokenizer, chat_template=recipe.chat_template,
-                          system_prompt=recipe.system_prompt)
+    if recipe.max_tokens > max_positions:  # its longer rows could not be trained
+        raise ValueError(f"sft.max_tokens={recipe.max_tokens} is more than the model's "
+                         f"max_position_embeddings={max_positions}; use at most that (0: the "
+                         f"model's)")
     limit = recipe.max_tokens or max_positions
-    rows, summary["dropped_too_long"] = drop_long_rows(rows, tokenizer, limit)
+
+    def ready(path: str) -> tuple[list[dict], int]:
+        rows = render_prompts(read_sft_rows(path), tokenizer,
+                              chat_template=recipe.chat_template,
+                              system_prompt=recipe.system_prompt)
+        return drop_long_rows(rows, tokenizer, limit)
+
+    rows, dropped = ready(recipe.data)
+    summary: dict[str, Any] = {"data": recipe.data, "rows": len(rows) + dropped,
+                               "dropped_too_long": dropped}
+    if recipe.mix is not None:
+        extra, dropped_extra = ready(recipe.mix)
+        summary["dropped_too_long"] += dropped_extra
+        rows, summary["mix"] = mix_non_reasoning(rows, extra, recipe.mix_ratio, recipe.seed)
     summary.update(max_tokens=limit, trained_rows=len(rows))
     return rows, summary
 
@@ -157,7 +170,9 @@ def sft_config(run: SFTRun, model, steps: int):
         if run.optim.warmup_steps:
             raise ValueError(f"set sft.warmup_fraction ({r.warmup_fraction}) or "
                              f"optim.warmup_steps ({run.optim.warmup_steps}), not both")
-        warmup = int(r.warmup_fraction * steps)
+        # rounded up, as transformers does (0.1 of 5 steps is 1, not 0: a fraction > 0 was
+        # no warmup at all), past float noise (0.1 x 30 = 3.0000000000000004 is 3)
+        warmup = math.ceil(round(r.warmup_fraction * steps, 9))
         kept = checkpoint_warmup(r.out_dir) if r.resume else None
         if kept is not None and kept != warmup:  # a longer run resumed: its schedule stays
             log.warning("sft.warmup_fraction=%g: the resumed run keeps its checkpoint's warmup "

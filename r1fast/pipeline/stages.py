@@ -79,7 +79,8 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
     (:func:`~r1fast.pipeline.sft_data.render_prompts`). A rerun into ``out_dir``
     resumes its run; ``overwrite`` starts over from step 0 instead (the old run's files move
     to ``out_dir/previous_<time>/``). A row longer than the model's positions is an error,
-    or with ``drop_long`` is dropped (a warning counts them: a teacher's long answers)."""
+    or with ``drop_long`` is dropped (a teacher's long answers), counted in a warning and in
+    ``out_dir/data_summary.json`` (``rows``, ``dropped_too_long``, ``trained_rows``)."""
     from r1fast.pipeline.sft_data import drop_long_rows, render_prompts
     from r1fast.train.sft import SFTConfig, SFTTrainer
 
@@ -99,9 +100,14 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
     # a chat model is trained as it is prompted: the chat template around each prompt, the
     # template's end of turn after each answer (rows sampled in another format rendered again)
     rows = render_prompts(examples, tokenizer, chat_template=chat_template)
+    dropped = 0
     if drop_long:
-        rows, _ = drop_long_rows(rows, tokenizer, cfg.model.max_position_embeddings)
-    return SFTTrainer(cfg, rows, tokenizer).fit()
+        rows, dropped = drop_long_rows(rows, tokenizer, cfg.model.max_position_embeddings)
+    trainer = SFTTrainer(cfg, rows, tokenizer)  # moves an overwritten run's files aside first
+    summary = {"rows": len(rows) + dropped, "dropped_too_long": dropped, "trained_rows": len(rows)}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(out_dir) / "data_summary.json", json.dumps(summary, indent=1) + "\n")
+    return trainer.fit()
 
 
 def pretraining_corpus(examples: Sequence[dict], noise: float, seed: int = 0) -> list[dict]:
@@ -347,7 +353,9 @@ def distill(teacher_dir: str | Path, examples: Sequence[dict], out_dir: str | Pa
     model = sft(rows, out_dir, init_from=student_init, model=student, steps=steps,
                 batch_size=batch_size, lr=lr, seed=seed, overwrite=overwrite,
                 tokenizer=tokenizer, drop_long=True)
-    return model, stats
+    counts = json.loads((Path(out_dir) / "data_summary.json").read_text())
+    return model, {**stats, "dropped_too_long": counts["dropped_too_long"],
+                   "trained_rows": counts["trained_rows"]}
 
 
 def reward_model(init_from: str | Path, pairs: str | Path, out_dir: str | Path, *,

@@ -24,7 +24,10 @@ One step (:meth:`SFTTrainer.step`):
    guarded optimizer step. Each micro-batch contributes its share of ONE global mean: the
    summed NLL of its target tokens over the target tokens of the whole global batch (over all
    tokens with ``loss_on_prompt``), so the layout of micro-batches and ranks never changes
-   the loss or its gradient beyond rounding.
+   the NLL or its gradient beyond rounding. A MoE's load-balancing loss is the exception: it
+   is a mean per micro-batch (megatron's convention), so another split of the rows moves it
+   (helper-71: its gradient by 11-240% between layouts of 8 rows; the whole gradient by
+   2e-3 relative at ``aux_loss_coef`` 1e-3).
 
 Checkpoints follow GRPO's (:mod:`r1fast.train.checkpoint`): every ``save_every`` steps and at
 the end, the model and optimizer as a megatron distributed checkpoint (resumable at any
@@ -52,6 +55,7 @@ from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.config_checks import Range, check_fields
 from r1fast.policy.optim import OptimConfig
 from r1fast.policy.transfer import to_device_async
+from r1fast.train.balance import balanced_partition
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
 from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load_checkpoint,
                                      resume_point, run_steps, save_checkpoint, start_fresh)
@@ -245,10 +249,18 @@ class SFTTrainer:
 
     # -------------------------------------------------------------------------- one step
     def _batch(self) -> UpdateBatch:
-        """This DP rank's share of the next global batch (every rank draws the same rows)."""
+        """This DP rank's share of the next global batch (every rank draws the same rows): with
+        packing and ``parallel.balance_dp_tokens``, rows of balanced token sums (every rank
+        holds the step's rows, so nothing is exchanged; each rank otherwise runs as many
+        packed micro-batches as its fullest peer), else a contiguous slice."""
         rows = [self.data[i] for i in self.order.take(self.cfg.batch_size)]
-        k = self.cfg.batch_size // self.info.dp
-        rows = rows[self.info.dp_rank * k:(self.info.dp_rank + 1) * k]
+        dp, par = self.info.dp, self.cfg.parallel
+        if dp > 1 and par.balance_dp_tokens and par.max_tokens_per_microbatch > 0:
+            parts = balanced_partition([len(p) + len(c) for p, c in rows], dp)
+            rows = [rows[i] for i in parts[self.info.dp_rank]]
+        else:
+            k = self.cfg.batch_size // dp
+            rows = rows[self.info.dp_rank * k:(self.info.dp_rank + 1) * k]
         prompts = [[p[0]] if self.cfg.loss_on_prompt else p for p, _ in rows]
         comps = [p[1:] + c if self.cfg.loss_on_prompt else c for p, c in rows]
         n = len(rows)

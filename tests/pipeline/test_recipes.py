@@ -93,10 +93,11 @@ def test_sky_t1_recipe_one_step(world, tmp_path):
                                 "--parallel.tp=1", "--parallel.recompute=none"])
     model, summary = run_sft_recipe(run)
     assert (model / "model.safetensors").is_file() and (model / "tokenizer.json").is_file()
-    assert summary["rows"] == 6 and summary["mix"]["non_reasoning"] == 2
+    # the 2 long traces go first, then 1 general row is a quarter of the 4 + 1 trained on
+    assert summary["rows"] == 6 and summary["mix"]["non_reasoning"] == 1
     assert summary["max_tokens"] == 512  # the checkpoint's context
-    assert summary["dropped_too_long"] == 2 and summary["trained_rows"] == 6
-    assert summary["steps"] == 1  # ceil(0.2 * 6 / 2)
+    assert summary["dropped_too_long"] == 2 and summary["trained_rows"] == 5
+    assert summary["steps"] == 1  # ceil(0.2 * 5 / 2)
     on_disk = json.loads((tmp_path / "sky" / "data_summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
 

@@ -410,7 +410,12 @@ def test_a_fresh_student_is_sized_to_the_teachers_tokenizer(tmp_path, monkeypatc
     data = tmp_path / "t.jsonl"
     data.write_text(json.dumps({"prompt": "What is 2 + 3?", "completion": "5"}) + "\n")
     seen = {}
-    monkeypatch.setattr(stages, "sft", lambda rows, out, **kw: seen.update(kw))
+    def sft(rows, out, **kw):  # what the SFT stage records, without training
+        seen.update(kw)
+        out.mkdir(parents=True)
+        (out / "data_summary.json").write_text('{"dropped_too_long": 0, "trained_rows": 1}')
+
+    monkeypatch.setattr(stages, "sft", sft)
     student = ModelConfig.preset("tiny-dense").replace(vocab_size=168)
     assert size > 168
     with caplog.at_level(logging.WARNING, logger="r1fast.pipeline"):
@@ -418,3 +423,29 @@ def test_a_fresh_student_is_sized_to_the_teachers_tokenizer(tmp_path, monkeypatc
                        teacher_data=data)
     assert seen["model"].vocab_size == -(-size // 8) * 8 >= size
     assert f"cannot hold the teacher's tokenizer ({size} tokens)" in caplog.text
+
+
+def test_the_mix_share_is_that_of_the_rows_trained_on(tmp_path):
+    """The non-reasoning share was set before the long rows were dropped, and those are mostly
+    reasoning traces: 0.25 asked, 0.33 trained, and data_summary.json said 0.25 (helper-71).
+    The sets are length-filtered first; a token budget past the model's context is refused."""
+    from r1fast.pipeline.sft_recipe import SFTRecipe, prepare_rows
+
+    traces = [{"prompt": f"Q{i}", "completion": "<think>" + "r" * (200 if i < 10 else 5)
+               + "</think> 1"} for i in range(30)]  # 10 too long for 64 tokens
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in traces))
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps(r) + "\n" for r in GENERAL))
+    recipe = SFTRecipe(init_from="unused", data=str(data), mix=str(general), mix_ratio=0.25,
+                       max_tokens=64)
+    rows, summary = prepare_rows(recipe, CharTokenizer(), 128)
+    share = sum(r["source"] == "non_reasoning" for r in rows) / len(rows)
+    assert summary["mix"]["reasoning"] == 20 and summary["dropped_too_long"] == 10
+    assert summary["mix"]["non_reasoning_share"] == pytest.approx(share)
+    assert abs(share - 0.25) < 0.02 and summary["trained_rows"] == len(rows) == 27
+    assert summary["rows"] == 30
+    with pytest.raises(ValueError, match=r"sft.max_tokens=200 is more than the model's "
+                                         r"max_position_embeddings=128"):
+        prepare_rows(SFTRecipe(init_from="unused", data=str(data), max_tokens=200),
+                     CharTokenizer(), 128)

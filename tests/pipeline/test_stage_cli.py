@@ -342,7 +342,9 @@ def test_a_distillation_rerun_reuses_its_own_teacher_data(greek_base, tmp_path):
     assert "reused" not in first and data.is_file()
     written = data.read_bytes()
     _, second = stages.distill(greek_base, problems, tmp_path / "d", **{**run, "steps": 2})
-    assert second == {"reused": str(data)} and data.read_bytes() == written
+    # the stats count the answers too long for the student (they were in a log line only)
+    assert second == {"reused": str(data), "dropped_too_long": 0, "trained_rows": 4}
+    assert data.read_bytes() == written and first["dropped_too_long"] == 0
     with pytest.raises(ValueError, match=r"teacher_data.jsonl holds teacher data drawn with "
                                          r"other sampling .* --overwrite .* --data"):
         stages.distill(greek_base, problems, tmp_path / "d", **{**run, "k": 2})

@@ -161,6 +161,33 @@ def test_one_epoch_of_batches_shows_every_row_once(tmp_path):
     assert trainer.order.position == 48
 
 
+def test_packed_dp_shares_are_balanced_by_tokens(tmp_path):
+    """parallel.balance_dp_tokens was accepted and ignored by SFT: each DP rank took a
+    contiguous slice, so with packing every rank ran the micro-batches of its fullest peer
+    (helper-71: 5-13% more forward-backwards per step at DP 4-8). Every rank holds the step's
+    rows, so it now takes a part of balanced token sums; the shares still cover the batch."""
+    from r1fast.train.sft import SFTTrainer
+
+    rows = [{"prompt": f"{i}=", "completion": "x" * (40 if i % 4 == 0 else 2)} for i in range(48)]
+    packed = ParallelConfig(max_tokens_per_microbatch=64)
+
+    def shares(parallel):
+        trainer = SFTTrainer(make_cfg(tmp_path / str(id(parallel)), parallel), rows,
+                             CharTokenizer())
+        out = []
+        for rank in range(2):  # as DP rank `rank` of 2 draws the same step
+            trainer.order.position = 0
+            trainer.info = dataclasses.replace(trainer.info, dp=2, dp_rank=rank)
+            out.append(trainer._batch().lengths.tolist())
+        return out
+
+    balanced = shares(packed)
+    sliced = shares(dataclasses.replace(packed, balance_dp_tokens=False))
+    assert sorted(balanced[0] + balanced[1]) == sorted(sliced[0] + sliced[1])  # the same rows
+    assert [len(s) for s in balanced] == [4, 4]
+    assert abs(sum(balanced[0]) - sum(balanced[1])) < abs(sum(sliced[0]) - sum(sliced[1]))
+
+
 def test_rows_that_cannot_train_fail_at_construction(tmp_path):
     from r1fast.data.tiny_hf import addition_problems, build_tokenizer, gsm8k_rows
     from r1fast.data.hf_tokenizer import HFTokenizer
@@ -197,6 +224,9 @@ def test_recipe_exposes_checkpoints_resume_and_the_token_budget(tmp_path):
     assert (cfg.save_every, cfg.resume, cfg.overwrite) == (5, False, True)
     assert cfg.parallel.max_tokens_per_microbatch == 64 and cfg.optim.warmup_steps == 3
     assert cfg.out_dir == str(tmp_path) and cfg.steps == 30
+    # a fraction rounds up (helper-71: 0.1 of 5 or 9 steps was no warmup at all)
+    assert [sft_config(run, MODEL, steps=n).optim.warmup_steps for n in (5, 9, 19, 532)] == \
+        [1, 1, 2, 54]
     for bad, match in ((["--sft.save_every=-2"], "sft.save_every must be >= 0"),
                        (["--parallel.max_tokens_per_microbatch=-1"], "max_tokens_per_microbatch"),
                        (["--sft.resume=maybe"], "sft.resume")):
