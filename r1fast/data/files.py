@@ -296,24 +296,26 @@ def _check_one_split(folder: Path, files: list[Path]) -> None:
 
 
 def _json_rows(path: str) -> list[dict]:
-    """The rows of a JSON-lines file, or of a JSON file holding a list of rows, exactly as
-    written (see the module docstring); a line that is not JSON is an error naming it."""
+    """The rows of a JSON-lines file (read line by line), or of a JSON file holding a list of
+    rows, exactly as written (see the module docstring); a UTF-8 byte-order mark is skipped; a
+    line that is not JSON is an error naming it."""
     import json
 
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        chunks = [(1, text)]  # one JSON list of rows
-    else:
-        chunks = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    rows = []
-    for n, chunk in chunks:
+    def parsed(text: str, n: int):
         try:
-            value = json.loads(chunk)
+            return json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"data file {path} cannot be read as json: line {n + e.lineno - 1}:"
                              f" {e.msg} (JSON parse error; one object per line, or one list of "
                              f"objects)") from e
-        rows += value if chunk is text else [value]
+
+    with open(path, encoding="utf-8-sig") as f:
+        if f.read(4096).lstrip().startswith("["):  # one JSON list of rows
+            f.seek(0)
+            rows = parsed(f.read(), 1)
+        else:
+            f.seek(0)
+            rows = [parsed(line, n) for n, line in enumerate(f, 1) if line.strip()]
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
     if bad is not None:
         raise ValueError(f"data file {path}: row {bad} is a {type(rows[bad]).__name__}, not a "

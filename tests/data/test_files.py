@@ -247,6 +247,8 @@ def test_json_values_are_read_exactly_as_written(tmp_path):
     assert [e["answer"] for e in ex] == ["3", *answers[1:]] and report.bad == 0
     (tmp_path / "list.json").write_text(json.dumps(rows, indent=1))  # one list of rows
     assert [e["answer"] for e in load_examples(tmp_path / "list.json")[0]] == ["3", *answers[1:]]
+    (tmp_path / "bom.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8-sig")
+    assert load_examples(tmp_path / "bom.jsonl")[0][0]["answer"] == "3"  # a byte-order mark
     (tmp_path / "big.jsonl").write_text(json.dumps(rows[0]) + "\n[1, 2]\n")
     with pytest.raises(ValueError, match=r"big.jsonl: row 1 is a list, not a JSON object"):
         load_examples(tmp_path / "big.jsonl")
