@@ -253,9 +253,9 @@ def _configs(name: str) -> list:
 
 
 #: autotune keys: the sizes, the row-count bucket, and what changes the access pattern
-_KEYS = {"fc1": ["E", "H", "F", "N_BUCKET", "SAVE_PRE"],
-         "rows": ["E", "K", "N", "N_BUCKET", "stride_wk"],
-         "dh": ["E", "K", "N", "N_BUCKET"],
+_KEYS = {"fc1": ["E", "H", "F", "N_BUCKET", "SAVE_PRE", "W_ALIGNED"],
+         "rows": ["E", "K", "N", "N_BUCKET", "stride_wk", "W_ALIGNED"],
+         "dh": ["E", "K", "N", "N_BUCKET", "W_ALIGNED"],
          "wgrad": ["E", "M", "N", "N_BUCKET"]}
 _KERNELS = {"fc1": _fc1_swiglu_kernel, "rows": _rows_kernel, "dh": _rows_kernel,
             "wgrad": _weight_grad_kernel}
