@@ -123,3 +123,25 @@ def test_trl_and_liger_cispo(epsilon_high):
     theirs = _theirs(per_token, logp, lambda t: (t * m).sum() / m.sum())
     cfg = PolicyLossConfig(loss="cispo", clip_low=1.0, clip_high=epsilon_high - 1)
     _close(_ours(cfg, logp, old, ref, adv, mask), theirs)
+
+
+def test_trl_two_sided_delta_is_our_dual_clip():
+    """TRL's two-sided GRPO (``delta``): the unclipped ratio is capped at delta before the
+    min, which bounds a negative-advantage token's loss at delta * |A|: r1fast's dual_clip.
+    (A positive advantage never reaches the cap: its min takes the clipped term first.)"""
+    logp, old, ref, adv, mask = _batch(4)
+    logp = logp.clone()
+    logp[1, :3] = old[1, :3] + 1.6  # ratios near 5 with A < 0: the cap binds
+    logp[0, :2] = old[0, :2] + 1.6  # and with A > 0, where it must not matter
+    m = mask.double()
+    delta = 3.0
+
+    def per_token(x):
+        ratio = torch.exp(x - old)
+        a = adv[:, None]
+        capped = torch.clamp(ratio, max=delta)
+        return -torch.minimum(capped * a, torch.clamp(ratio, 1 - 0.2, 1 + 0.28) * a)
+
+    theirs = _theirs(per_token, logp, lambda t: ((t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean())
+    cfg = PolicyLossConfig(clip_high=0.28, dual_clip=delta, agg="seq-mean-token-mean")
+    _close(_ours(cfg, logp, old, ref, adv, mask), theirs)
