@@ -145,3 +145,26 @@ def test_trl_two_sided_delta_is_our_dual_clip():
     theirs = _theirs(per_token, logp, lambda t: ((t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean())
     cfg = PolicyLossConfig(clip_high=0.28, dual_clip=delta, agg="seq-mean-token-mean")
     _close(_ours(cfg, logp, old, ref, adv, mask), theirs)
+
+
+def test_trl_vllm_importance_sampling_correction_is_our_tis():
+    """TRL's vllm_importance_sampling_correction (token level, cap C): the surrogate of each
+    token times min(exp(old - sampler), C), the KL term not weighed: r1fast's tis_cap=C with
+    the sampler's log-probs as rollout_logp."""
+    logp, old, ref, adv, mask = _batch(5)
+    g = torch.Generator().manual_seed(6)
+    sampler = old + 0.5 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    m = mask.double()
+    cap, beta = 2.0, 0.04
+    ppo = _ppo_tokens(old, adv, 0.2, 0.28)
+    weight = torch.clamp(torch.exp(old - sampler), max=cap)
+    assert (weight == cap).any() and (weight < 1).any()  # the cap binds somewhere
+
+    def per_token(x):
+        kl = torch.exp(ref - x) - (ref - x) - 1  # TRL's k3
+        return ppo(x) * weight + beta * kl
+
+    theirs = _theirs(per_token, logp, lambda t: ((t * m).sum(-1) / m.sum(-1).clamp(min=1)).mean())
+    cfg = PolicyLossConfig(clip_high=0.28, kl="k3", kl_coef=beta, tis_cap=cap,
+                           agg="seq-mean-token-mean")
+    _close(_ours(cfg, logp, old, ref, adv, mask, rollout_logp=sampler), theirs)
