@@ -408,13 +408,15 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def has_run_files(run_dir: str | Path) -> list[str]:
     """What in a run folder a fresh start would overwrite: checkpoint folders (complete or not)
-    and a non-empty metrics.jsonl."""
+    and a non-empty metrics.jsonl or eval.jsonl (a GRPO run's step-0 evaluation is written
+    before its first checkpoint or metrics row: a later start must not take it as its own)."""
     run_dir = Path(run_dir)
     found = [p.name for _, p in _step_dirs(run_dir / "checkpoints")]
     found = [f"checkpoints/{n}" for n in found]
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append("metrics.jsonl")
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        file = run_dir / name
+        if file.is_file() and file.stat().st_size > 0:
+            found.append(name)
     return found
 
 

@@ -209,6 +209,10 @@ def test_has_run_files(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
     assert has_run_files(tmp_path) == ["checkpoints/step_00000001", "metrics.jsonl"]
+    # a GRPO run's step-0 evaluation comes before its first checkpoint and metrics row: a
+    # start after a first attempt that died in step 1 took that row as its own baseline
+    (tmp_path / "eval.jsonl").write_text('{"step": 0}\n')
+    assert has_run_files(tmp_path)[-1] == "eval.jsonl"
 
 
 def test_meta_json_without_its_seal_loads_with_a_warning_naming_it(tmp_path, caplog):
