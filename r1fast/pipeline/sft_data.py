@@ -30,8 +30,9 @@ log = logging.getLogger("r1fast.pipeline")
 def read_sft_rows(path: str | Path) -> list[dict]:
     """The SFT rows of a data file or folder (.jsonl / .json / .parquet, read as GRPO data is:
     :func:`r1fast.data.files.read_rows`), each ``{"prompt", "completion"}`` and, for a
-    conversation, its ``"messages"`` before the answer (rendered with the chat template as
-    they are). A row is one of
+    conversation, its messages before the answer in ``"conversation"`` (rendered with the
+    chat template as they are; a row's own ``"messages"`` beside a string prompt and
+    completion is not read). A row is one of
       - ``{"prompt": str, "completion": str}``;
       - TRL's conversational ``{"messages": [..., {"role": "assistant", ...}]}`` or
         ``{"prompt": [messages], "completion": [{"role": "assistant", ...}]}``;
@@ -51,6 +52,9 @@ def read_sft_rows(path: str | Path) -> list[dict]:
         raise ValueError(f"SFT data {path} has no rows")
     return out
 
+
+CONVERSATION = "conversation"
+"""An SFT row's messages before its answer, when it was given as a conversation."""
 
 #: ShareGPT's speakers as chat roles
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
@@ -82,7 +86,7 @@ def _sft_row(row: dict, name: str) -> dict:
 
 
 def _conversation(prompt: list, completion: Any, name: str) -> dict:
-    """``{"prompt", "messages", "completion"}`` of a conversation ``prompt`` (messages ending
+    """``{"prompt", "conversation", "completion"}`` of a conversation ``prompt`` (messages ending
     with a user turn) answered by ``completion`` (one assistant message, or a str)."""
     ok = all(isinstance(m, dict) and isinstance(m.get("content"), str)
              and m.get("role") in ("system", "user", "assistant") for m in prompt)
@@ -98,7 +102,7 @@ def _conversation(prompt: list, completion: Any, name: str) -> dict:
                              f"{completion!r:.200}")
         completion = completion[0].get("content")
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    return {"prompt": messages[-1]["content"], "messages": messages, "completion": completion}
+    return {"prompt": messages[-1]["content"], CONVERSATION: messages, "completion": completion}
 
 
 def mix_non_reasoning(rows: Sequence[dict], extra: Sequence[dict], ratio: float,
@@ -188,8 +192,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
-        return [_plain(r, i) if a or "messages" in r else dict(r)
-                for i, (r, a) in enumerate(zip(rows, again))]
+        return [_plain(r, i, r["messages"] if a else r[CONVERSATION])
+                if a or CONVERSATION in r else dict(r) for i, (r, a) in enumerate(zip(rows, again))]
     out, as_given, open_ended, empty = [], 0, 0, 0
     closing = chat_turn_end(tokenizer)
     for r, a in zip(rows, again):
@@ -199,8 +203,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             open_ended += r.get("completion_ends_turn") is not True
             continue
         messages = with_system_prompt(  # a conversation's own messages, or its user turn
-            r["messages"] if a or "messages" in r else [{"role": "user", "content": r["prompt"]}],
-            system_prompt)
+            r["messages"] if a else r.get(CONVERSATION)
+            or [{"role": "user", "content": r["prompt"]}], system_prompt)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         empty += lacks_thought(prompt, r["completion"])
         out.append(end_turn({**r, "prompt": prompt,
@@ -224,12 +228,12 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
     return out
 
 
-def _plain(row: dict, i: int) -> dict:
-    """A re-rendered row for a tokenizer without a chat template: its one message as text."""
-    if len(row["messages"]) > 1:
+def _plain(row: dict, i: int, messages: list[dict]) -> dict:
+    """A row for a tokenizer without a chat template: its one message as text."""
+    if len(messages) > 1:
         raise ValueError(f"SFT row {i} (id {row.get('id')!r}) is a chat conversation (or has a "
                          f"system prompt), but this tokenizer has no chat template to render it")
-    return {**row, "prompt": row["messages"][0]["content"]}
+    return {**row, "prompt": messages[0]["content"]}
 
 
 def chat_turn_end(tokenizer) -> tuple[str, bool]:

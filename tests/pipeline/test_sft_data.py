@@ -129,22 +129,29 @@ def test_sft_rows_in_the_layouts_trl_and_sharegpt_users_bring(tmp_path):
                                                   {"from": "gpt", "value": "5"}]},
         {"prompt": "What is 2 + 3?", "completion": "5"}]
     path = tmp_path / "sft.parquet"
-    datasets.Dataset.from_list([{"row": json.dumps(r)} for r in rows])  # columns differ: jsonl
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = read_sft_rows(tmp_path / "sft.jsonl")
     assert [r["prompt"] for r in got] == ["What is 2 + 3?"] * 4
     assert [r["completion"] for r in got] == ["5"] * 4
-    assert got[0]["messages"] == [user] and "messages" not in got[3]
-    assert got[1]["messages"] == got[2]["messages"] == [{"role": "system", "content": "Be brief."},
-                                                        user]
+    assert got[0]["conversation"] == [user] and "conversation" not in got[3]
+    assert got[1]["conversation"] == got[2]["conversation"] == [
+        {"role": "system", "content": "Be brief."}, user]
     datasets.Dataset.from_list(rows[3:] * 2).to_parquet(str(path))
     assert read_sft_rows(path) == [rows[3]] * 2
+    datasets.Dataset.from_list(rows[:1] * 2).to_parquet(str(path))  # conversations in parquet
+    assert [r["conversation"] for r in read_sft_rows(path)] == [[user]] * 2
     # rendered: the conversation's own system message, the user turn alone otherwise
     build_tokenizer(tmp_path / "tok", ["What is 2 + 3? Be brief. assistant user system"] * 20)
     hf = HFTokenizer.load(tmp_path / "tok")
     out = render_prompts(got, hf)
-    assert out[1]["prompt"] == out[2]["prompt"] == hf.apply_chat_template(got[1]["messages"])
+    assert out[1]["prompt"] == out[2]["prompt"] == hf.apply_chat_template(got[1]["conversation"])
     assert out[0]["prompt"] == out[3]["prompt"] == hf.apply_chat_template([user])
+    # a row's own 'messages' (the whole dialogue, answer included) beside its prompt and
+    # completion is not the prompt: it was rendered with the answer in it (helper-73)
+    whole = {**rows[3], "messages": [user, {"role": "assistant", "content": "5"}]}
+    (tmp_path / "whole.jsonl").write_text(json.dumps(whole) + "\n")
+    assert render_prompts(read_sft_rows(tmp_path / "whole.jsonl"), hf)[0]["prompt"] == \
+        out[3]["prompt"]
     with pytest.raises(ValueError, match="SFT row 1 .* is a chat conversation"):
         render_prompts(got, CharTokenizer())  # no template: a system message cannot be kept
     for bad, match in (
