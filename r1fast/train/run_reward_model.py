@@ -19,7 +19,7 @@ import logging
 
 from r1fast.rewards.extract import opens_thought
 from r1fast.train.reward_routing import row_source
-from r1fast.train.task import render_prompt
+from r1fast.train.task import prompt_messages, render_prompt
 
 log = logging.getLogger("r1fast.train")
 
@@ -70,10 +70,17 @@ def _reward_model_prompts(cfg, examples: list[dict], trained_chat: bool | None):
     tokenizer = load_tokenizer(cfg.reward.reward_model)
     as_trained = dataclasses.replace(d, system_prompt=None, chat_template=bool(
         d.chat_template if trained_chat is None else trained_chat))
-    changed = doubled = 0
+    changed = doubled = turns_left = 0
     own = d.path is None and d.template is None  # a synthetic task's own prompt, as written
+    chat = as_trained.chat_template and tokenizer.has_chat_template
     for ex in examples:
-        text = ex["prompt"] if own else render_prompt(ex, tokenizer, as_trained)
+        if own:
+            text = ex["prompt"]
+        elif chat:
+            text = render_prompt(ex, tokenizer, as_trained)
+        else:  # the user turn's text, as reward-model training reads a prompt without one
+            messages = prompt_messages(ex, as_trained)
+            text, turns_left = messages[-1]["content"], turns_left + (len(messages) > 1)
         opened = thought_opened_by(ex["prompt"])
         if opened and not opens_thought(text):
             text += opened
@@ -82,10 +89,10 @@ def _reward_model_prompts(cfg, examples: list[dict], trained_chat: bool | None):
         ex[RM_PROMPT] = text
     if changed:
         log.info("%d of %d prompts go to reward.reward_model=%s as it was trained to read them "
-                 "(its tokenizer%s%s)", changed, len(examples), cfg.reward.reward_model,
-                 "'s chat template" if as_trained.chat_template and tokenizer.has_chat_template
-                 else ", no chat template", "; without data.system_prompt" if d.system_prompt
-                 else "")
+                 "(its tokenizer%s%s%s)", changed, len(examples), cfg.reward.reward_model,
+                 "'s chat template" if chat else ", no chat template",
+                 "; without data.system_prompt" if d.system_prompt else "",
+                 f"; {turns_left} conversations as their last user turn" if turns_left else "")
     if doubled:
         log.warning("reward.reward_model=%s's chat template opens the thought but this run's "
                     "does not: %d completions reach it after a <think> of its prompt, then their "

@@ -491,6 +491,18 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
     assert ex["rm_prompt"] == as_trained + "<think>\n"
     assert (f"1 of 1 prompts go to reward.reward_model={rm} as it was trained to read them (its "
             f"tokenizer's chat template; without data.system_prompt)") in caplog.text
+    # a reward model trained without a template reads the user turn's text, as its training
+    # did: a conversation (a system turn here) was refused at start-up (helper-73)
+    (rm / META_FILE).write_text(json.dumps({"format": FORMAT, "chat_template": False}))
+    conv = {"id": 1, "question": "Write a poem.", "messages": [
+        {"role": "system", "content": "Rhyme."}, {"role": "user", "content": "Write a poem."}]}
+    conv["prompt"] = render_prompt(conv, hf, cfg.data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("r1fast.train.reward_model_io.load_reward_model",
+                   lambda *a, **k: (_ for _ in ()).throw(Stop()))
+        with pytest.raises(Stop):
+            model_reward(cfg, [conv])
+    assert conv["rm_prompt"] == "Write a poem.<think>\n"
 
 
 def test_the_export_tokenizer_ends_texts_with_the_eos_the_head_reads(tmp_path):
