@@ -134,9 +134,10 @@ def _plain_answer(value: Any) -> str:
         if not math.isfinite(value):
             raise BadRow(f"answer is {value}")
         if value.is_integer() and abs(value) > 2 ** 53:
-            # a column mixing integers and decimals is read as 64-bit floats: above 2^53 an
+            # a parquet column mixing integers and decimals holds 64-bit floats: above 2^53 an
             # integer may have lost digits (12345678901234567891 reads 1.2345678901234567e+19,
-            # 10000000000000001 reads 1e16), and the float cannot tell which it was
+            # 10000000000000001 reads 1e16), and the float cannot tell which it was (JSON is
+            # read exactly: such numbers come as integers, see _json_number)
             raise BadRow(f"answer {value!r} is a float above 2^53, where an integer answer "
                          f"loses digits (its column mixes integers and decimals); write such "
                          f"answers as strings")
@@ -295,6 +296,16 @@ def _check_one_split(folder: Path, files: list[Path]) -> None:
                          f"(data.path) and the held-out one's (data.test_path)")
 
 
+def _json_number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent: a float, except a whole one beyond 2^53,
+    which is the exact integer written (``6.02e23`` is 602000000000000000000000, where a
+    float holds 601999999999999995805696)."""
+    value = float(text)
+    if value.is_integer() and abs(value) > 2 ** 53:
+        return int(decimal.Decimal(text))
+    return value
+
+
 def _json_rows(path: str) -> list[dict]:
     """The rows of a JSON-lines file (read line by line), or of a JSON file holding a list of
     rows, exactly as written (see the module docstring); a UTF-8 byte-order mark is skipped; a
@@ -303,19 +314,24 @@ def _json_rows(path: str) -> list[dict]:
 
     def parsed(text: str, n: int):
         try:
-            return json.loads(text)
+            return json.loads(text, parse_float=_json_number)
         except json.JSONDecodeError as e:
             raise ValueError(f"data file {path} cannot be read as json: line {n + e.lineno - 1}:"
                              f" {e.msg} (JSON parse error; one object per line, or one list of "
                              f"objects)") from e
 
-    with open(path, encoding="utf-8-sig") as f:
-        if f.read(4096).lstrip().startswith("["):  # one JSON list of rows
-            f.seek(0)
-            rows = parsed(f.read(), 1)
-        else:
-            f.seek(0)
-            rows = [parsed(line, n) for n, line in enumerate(f, 1) if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            if f.read(4096).lstrip().startswith("["):  # one JSON list of rows
+                f.seek(0)
+                rows = parsed(f.read(), 1)
+            else:
+                f.seek(0)
+                rows = [parsed(line.rstrip("\r\n"), n) for n, line in enumerate(f, 1)
+                        if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {path} cannot be read as json: it is not UTF-8 text "
+                         f"({e.reason} at byte {e.start})") from e
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
     if bad is not None:
         raise ValueError(f"data file {path}: row {bad} is a {type(rows[bad]).__name__}, not a "

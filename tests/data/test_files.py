@@ -252,6 +252,17 @@ def test_json_values_are_read_exactly_as_written(tmp_path):
     (tmp_path / "big.jsonl").write_text(json.dumps(rows[0]) + "\n[1, 2]\n")
     with pytest.raises(ValueError, match=r"big.jsonl: row 1 is a list, not a JSON object"):
         load_examples(tmp_path / "big.jsonl")
+    # a whole float beyond 2^53 is the integer written: was a bad row "above 2^53" (helper-73)
+    big = [{"prompt": "Avogadro?", "answer": 6.02e23}, {"prompt": "p", "answer": 1e16}]
+    ex, report = load_examples(write_jsonl(tmp_path / "big_float.jsonl", big))
+    assert [e["answer"] for e in ex] == ["602000000000000000000000", "10000000000000000"]
+    # errors name the line that is wrong (it named the next one), and a file that is not UTF-8
+    (tmp_path / "brace.jsonl").write_text('{"prompt": "p", "answer": 1}\n{"prompt": "q"\n')
+    with pytest.raises(ValueError, match=r"brace.jsonl cannot be read as json: line 2: "):
+        load_examples(tmp_path / "brace.jsonl")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "caf\xe9", "answer": 1}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl cannot be read as json: it is not UTF-8"):
+        load_examples(tmp_path / "latin.jsonl")
     (tmp_path / "broken.json").write_text('[{"prompt": "p", "answer": 1},\n {"prompt": }]')
     with pytest.raises(ValueError, match=r"broken.json cannot be read as json: line 2: "
                                          r"Expecting value"):
