@@ -209,7 +209,7 @@ def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:
     # the trainer checks the run folder first (a fresh start over an old run is an error, or
     # with overwrite moves the old files aside, data_summary.json included)
     trainer = SFTTrainer(sft_config(run, model, steps), rows, tokenizer)
-    out = Path(r.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "data_summary.json", json.dumps(summary, indent=1) + "\n")
+    if trainer.engine.is_logger:  # one writer under torchrun (the temporary file is shared)
+        write_text_atomic(Path(r.out_dir) / "data_summary.json",
+                          json.dumps(summary, indent=1) + "\n")
     return trainer.fit(), summary

@@ -105,8 +105,8 @@ def sft(examples: Sequence[dict], out_dir: str | Path, *, init_from: str | Path 
         rows, dropped = drop_long_rows(rows, tokenizer, cfg.model.max_position_embeddings)
     trainer = SFTTrainer(cfg, rows, tokenizer)  # moves an overwritten run's files aside first
     summary = {"rows": len(rows) + dropped, "dropped_too_long": dropped, "trained_rows": len(rows)}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(out_dir) / "data_summary.json", json.dumps(summary, indent=1) + "\n")
+    if trainer.engine.is_logger:  # one writer under torchrun (the temporary file is shared)
+        write_text_atomic(Path(out_dir) / "data_summary.json", json.dumps(summary, indent=1) + "\n")
     return trainer.fit()
 
 
