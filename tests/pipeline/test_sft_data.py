@@ -391,6 +391,8 @@ def test_the_sft_stage_renders_prompts_for_a_chat_model(tmp_path, monkeypatch):
     seen = []
 
     class Spy:
+        engine = type("Engine", (), {"is_logger": True})  # the one writer of data_summary.json
+
         def __init__(self, cfg, rows, tokenizer):
             seen.extend(rows)
 
