@@ -72,13 +72,25 @@ def dist_timeout_s() -> float:
     return value
 
 
+_TIMEOUT_S: Optional[float] = None
+"""The default group's collective timeout as :func:`init_distributed` set it (None: not set
+here): megatron's groups and the gloo host group get the same."""
+
+
+def group_timeout() -> timedelta:
+    """How long a collective of any group r1fast makes may wait: the default group's."""
+    return timedelta(seconds=_TIMEOUT_S if _TIMEOUT_S is not None else dist_timeout_s())
+
+
 def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
     """Initialise the default process group if it is not yet (idempotent). ``timeout_s``: how
     long a collective may wait (default ``R1FAST_DIST_TIMEOUT_S``, else 600 s; a checkpoint
     of a 671B run on a slow filesystem keeps the other ranks at a barrier for longer)."""
+    global _TIMEOUT_S
     if dist.is_initialized():
         return
     timeout_s = dist_timeout_s() if timeout_s is None else timeout_s
+    _TIMEOUT_S = timeout_s
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -135,6 +147,8 @@ def init_parallel(parallel: ParallelConfig, model: Optional[ModelConfig] = None,
             pipeline_model_parallel_size=parallel.pp,
             expert_model_parallel_size=parallel.ep,
             expert_tensor_parallel_size=parallel.etp,
+            # megatron's groups (TP, DP, EP, their gloo twins) waited its 30-minute default
+            distributed_timeout_minutes=group_timeout().total_seconds() / 60,
         )
         _LAYOUT = layout
     model_parallel_cuda_manual_seed(seed)
@@ -170,7 +184,7 @@ def host_group() -> Optional[Any]:
     if dist.get_backend() == "gloo":
         return None
     if _HOST_GROUP is None:
-        _HOST_GROUP = dist.new_group(backend="gloo")
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=group_timeout())
     return _HOST_GROUP
 
 
@@ -201,14 +215,14 @@ def exchange_objects(outgoing: list, group, rank: int) -> list:
 
 def destroy_parallel(destroy_process_group: bool = True) -> None:
     """Tear down megatron's parallel state (and the default process group)."""
-    global _LAYOUT, _HOST_GROUP
+    global _LAYOUT, _HOST_GROUP, _TIMEOUT_S
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     _LAYOUT = None
     if destroy_process_group:
-        _HOST_GROUP = None
+        _HOST_GROUP = _TIMEOUT_S = None
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
 

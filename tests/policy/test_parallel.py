@@ -54,6 +54,26 @@ def test_a_bad_collective_timeout_names_the_variable(monkeypatch, value):
         parallel.dist_timeout_s()
 
 
+def test_every_group_waits_as_long_as_the_default_group(monkeypatch):
+    """R1FAST_DIST_TIMEOUT_S reached the default group only: megatron's TP / DP / EP groups
+    (and their gloo twins) waited its 30-minute default, so a rank that hung in a gradient
+    reduce kept the others 30 minutes (helper-74: a DP all-reduce waited 40 s past a 5 s
+    setting)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    monkeypatch.setenv("R1FAST_DIST_TIMEOUT_S", "7")
+    parallel.init_parallel(ParallelConfig())
+    try:
+        cpu = torch.device("cpu")
+        for group in (ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group(),
+                      ps.get_expert_model_parallel_group(), ps.get_data_parallel_group_gloo()):
+            assert group._get_backend(cpu).options._timeout.total_seconds() == 7.0
+        assert parallel.group_timeout().total_seconds() == 7.0
+    finally:
+        parallel.destroy_parallel()
+
+
 def _host_group_worker(rank):
     assert parallel.host_group() is None  # the default group is gloo already: no new group
     parts = [None, None] if rank == 0 else None
