@@ -127,6 +127,12 @@ def start_fresh(run_dir: str | Path, names: tuple[str, ...], *, overwrite: bool,
     them."""
     run_dir = Path(run_dir)
     found = has_run_files(run_dir)
+    if _rank_world()[1] > 1:
+        # every rank acts on rank 0's view: a rank that looked after rank 0 had moved the files
+        # saw none, skipped the barrier below, and the ranks' collectives parted (helper-74)
+        from r1fast.policy.parallel import all_ranks_object
+
+        found = all_ranks_object(found)[0]
     if not found:
         return
     if not overwrite:

@@ -235,3 +235,35 @@ def test_meta_json_without_its_seal_loads_with_a_warning_naming_it(tmp_path, cap
         f.write(b"\0")
     with pytest.raises(CheckpointError, match="rank_00000.pt is damaged"):
         load_checkpoint(path)
+
+
+def _fresh_start_worker(rank, run_dir):
+    import time
+
+    import torch.distributed as dist
+
+    from r1fast.train.checkpoint import start_fresh
+
+    if rank == 1:
+        time.sleep(1.0)  # looks at the folder after rank 0 has moved its files aside
+    start_fresh(run_dir, ("metrics.jsonl", "eval.jsonl"), overwrite=True, resume=False,
+                what="run", resume_off="run.resume=false", overwrite_on="--run.overwrite=true")
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)  # the next collective still pairs up
+    assert t.item() == 3.0
+
+
+@pytest.mark.multiproc
+def test_a_fresh_start_over_a_run_decides_once_for_every_rank(tmp_path):
+    """Each rank looked at the folder itself: one that looked after rank 0 had moved the old
+    files aside saw none, skipped the barrier rank 0 waited in, and the run hung at its next
+    collective (helper-74, with the plain CLI under torchrun). Rank 0's view now holds for all."""
+    from tests.helpers.spawn import run_gloo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    run_gloo(2, str(tmp_path / "store"), _fresh_start_worker, str(run))
+    assert not (run / "metrics.jsonl").exists()
+    (aside,) = run.glob("previous_*")
+    assert (aside / "metrics.jsonl").is_file()
