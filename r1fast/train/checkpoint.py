@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from r1fast.atomic import fsync_dir, sync_tree
+from r1fast.atomic import fsync_dir, sync_tree, write_text_atomic
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
@@ -97,6 +97,43 @@ def barrier() -> None:
 
 
 _barrier = barrier
+
+
+SHARED_MARKER = ".r1fast_shared_check"
+
+
+def check_shared_folder(folder: str | Path, key: str) -> None:
+    """Under several processes (collective): every rank sees the file rank 0 writes into
+    ``folder``, else a one-line error naming ``key``. Every rank writes its shards of each
+    checkpoint into the run folder, so a node-local path failed only at the first checkpoint
+    (``save_every`` steps, maybe hours, in) with a bare FileNotFoundError on one rank. Starts
+    torch.distributed when torchrun asked for several processes."""
+    import secrets
+
+    from r1fast.policy.parallel import all_ranks_object, expected_world_size, init_distributed
+
+    if expected_world_size() == 1:
+        return
+    init_distributed()
+    folder, rank = Path(folder), _rank_world()[0]
+    marker = folder / SHARED_MARKER
+    token = None
+    if rank == 0:
+        token = secrets.token_hex(8)
+        write_text_atomic(marker, token)
+    token = all_ranks_object(token)[0]
+    try:
+        seen = marker.read_text()
+    except OSError:
+        seen = None
+    blind = [r for r, ok in enumerate(all_ranks_object(seen == token)) if not ok]
+    if rank == 0:  # every rank has looked (the gather above waits for all)
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ValueError(f"{key}={folder} is not one folder for every process: rank(s) "
+                         f"{blind[:8]} do not see the file rank 0 wrote there; every rank writes "
+                         f"its shards of each checkpoint into it, so it must be on a file "
+                         f"system all nodes share")
 
 
 def set_aside(run_dir: str | Path, names: tuple[str, ...]) -> Path:

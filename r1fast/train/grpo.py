@@ -40,8 +40,8 @@ from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, model_parallel_agreed, rank_rows,
                                 scores_for_model_parallel_group, split_even)
-from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
-                                     save_checkpoint, start_fresh)
+from r1fast.train.checkpoint import (check_resumed_config, check_shared_folder,
+                                     load_checkpoint, resume_point, save_checkpoint, start_fresh)
 from r1fast.train.config import TrainConfig, config_warnings, load_train_config
 from r1fast.train.dynamic_sampling import RolloutBatch, row_seeds, sample_until_full
 from r1fast.train.engine import TrainEngine
@@ -97,6 +97,7 @@ class GRPOTrainer:
                                          start_over="--run.resume=false", expect=("data", "GRPO"))
         if self._resume_from is None and not config.run.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
+        check_shared_folder(self.run_dir, "run.out_dir")
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.run.steps * a.ppo_epochs * a.mini_batches,
                                   seed=config.run.seed, init_from=config.run.init_from,

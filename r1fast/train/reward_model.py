@@ -50,8 +50,9 @@ from r1fast.data.dataset import RowStream
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.batch import all_ranks_int
-from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load_checkpoint,
-                                     resume_point, run_steps, save_checkpoint, start_fresh)
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, check_shared_folder,
+                                     load_checkpoint, resume_point, run_steps, save_checkpoint,
+                                     start_fresh)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.typed_toml import dump_toml
@@ -297,6 +298,7 @@ class RewardModelTrainer:
         if self.max_length > model.max_position_embeddings:
             raise ValueError(f"reward model: max_length={self.max_length} exceeds the model's "
                              f"max_position_embeddings={model.max_position_embeddings}")
+        check_shared_folder(self.run_dir, "the reward model's out_dir (--out)")
         self.engine = RewardEngine(model, config.parallel, config.optim,
                                    total_updates=config.steps, seed=config.seed,
                                    init_from=config.init_from, resuming=path is not None)

@@ -57,8 +57,9 @@ from r1fast.policy.optim import OptimConfig
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.balance import balanced_partition
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
-from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load_checkpoint,
-                                     resume_point, run_steps, save_checkpoint, start_fresh)
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, check_shared_folder,
+                                     load_checkpoint, resume_point, run_steps, save_checkpoint,
+                                     start_fresh)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import packed_micro_batches
@@ -167,6 +168,7 @@ class SFTTrainer:
                             expect=("sft_data", "SFT"))
         if path is None and not config.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
+        check_shared_folder(self.run_dir, "sft.out_dir")
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.steps, seed=config.seed,
                                   init_from=config.init_from, resuming=path is not None)

@@ -267,3 +267,27 @@ def test_a_fresh_start_over_a_run_decides_once_for_every_rank(tmp_path):
     assert not (run / "metrics.jsonl").exists()
     (aside,) = run.glob("previous_*")
     assert (aside / "metrics.jsonl").is_file()
+
+
+def _shared_folder_worker(rank, root):
+    from r1fast.train.checkpoint import SHARED_MARKER, check_shared_folder
+
+    shared = os.path.join(root, "shared")
+    check_shared_folder(shared, "run.out_dir")  # one folder for both: passes
+    assert rank != 0 or not os.path.exists(os.path.join(shared, SHARED_MARKER))  # removed
+    local = os.path.join(root, f"node{rank}")  # as a node-local path is on each node
+    with pytest.raises(ValueError, match=r"run.out_dir=.*node\d is not one folder for every "
+                                         r"process: rank\(s\) \[1\] do not see the file rank 0 "
+                                         r"wrote there; .* a file system all nodes share"):
+        check_shared_folder(local, "run.out_dir")
+
+
+@pytest.mark.multiproc
+def test_a_run_folder_that_is_not_shared_is_refused_at_the_start(tmp_path):
+    """A run.out_dir on node-local disks ran the whole interval up to the first checkpoint,
+    then failed with a bare FileNotFoundError on one rank and 'Connection closed' on the
+    others (helper-74). Every rank now checks that it sees rank 0's file there, at the start."""
+    from tests.helpers.spawn import run_gloo
+
+    (tmp_path / "shared").mkdir()
+    run_gloo(2, str(tmp_path / "store"), _shared_folder_worker, str(tmp_path))
