@@ -142,6 +142,28 @@ def test_export_of_an_sft_run(tmp_path, capsys):
     assert (tmp_path / "sft" / "checkpoints").is_dir() and (model / "model.safetensors").is_file()
 
 
+def test_export_under_torchrun_takes_the_processes_at_hand():
+    """A run that pinned parallel.world_size (the README's multi-node example pins 16) could
+    not be exported under torchrun on fewer processes: the error said to set the world size,
+    which export takes no option for (helper-74). The distributed checkpoint reads at any
+    layout: the export builds at the run's TP/PP/EP (or --tp/--pp/--ep) over the processes at
+    hand."""
+    from r1fast.policy.config import ParallelConfig
+    from r1fast.train.export import export_layout
+
+    run = ParallelConfig(tp=2, ep=4, world_size=16)
+    assert export_layout(run, True, None, 1, "c") == ParallelConfig(world_size=1)
+    under = export_layout(run, True, None, 8, "c")
+    assert (under.tp, under.ep, under.world_size) == (2, 4, None)
+    override = export_layout(run, True, {"tp": 1, "ep": 2}, 2, "c")
+    assert (override.tp, override.ep, override.world_size) == (1, 2, None)
+    assert export_layout(run, True, {"tp": 1}, 1, "c").tp == 1  # asked for: built so
+    with pytest.raises(ValueError, match=r"c is a single-file checkpoint .* drop --tp/--pp/--ep"):
+        export_layout(run, False, {"tp": 1}, 2, "c")
+    with pytest.raises(SystemExit):
+        main(["export", "run", "out", "--tp", "x"])
+
+
 def test_a_finished_run_says_that_no_step_ran(tmp_path, capsys):
     """A rerun into a run already at run.steps resumes and trains nothing: its last line said
     'last reward nan'."""

@@ -17,6 +17,7 @@ hold it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -81,11 +82,29 @@ def _tokenizer(run_dir: Path, cfg):
     return load_tokenizer(cfg.init_from)
 
 
-def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the policy of checkpoint ``src`` as an HF folder ``out`` (collective); an
-    existing non-empty ``out`` is replaced only with ``overwrite``."""
-    from r1fast.policy import build_policy
+def export_layout(run, sharded: bool, layout: dict[str, int] | None, world: int, ckpt):
+    """The ParallelConfig an export of checkpoint ``ckpt`` builds its model at, from the run's
+    (``run``): one process reads a distributed (``sharded``) checkpoint at any layout; under
+    torchrun the run's TP/PP/EP (or ``layout``) over the ``world`` processes at hand, whatever
+    the run's pinned ``world_size`` was (a 16-GPU run exported on 8 was refused, with advice
+    export could not take)."""
     from r1fast.policy.config import ParallelConfig
+
+    if layout and not sharded:
+        raise ValueError(f"export: {ckpt} is a single-file checkpoint (an older format), read "
+                         f"at the run's own layout only; drop --tp/--pp/--ep")
+    if world == 1 and sharded and not layout:
+        return ParallelConfig(world_size=1)  # any layout reshards into one process
+    return dataclasses.replace(run, world_size=None, **(layout or {}))
+
+
+def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False,
+                      layout: dict[str, int] | None = None) -> Path:
+    """Write the policy of checkpoint ``src`` as an HF folder ``out`` (collective); an
+    existing non-empty ``out`` is replaced only with ``overwrite``. Under torchrun the model is
+    built at the run's TP/PP/EP over the processes at hand, or at ``layout`` (``{"tp": 2,
+    ...}``): a distributed checkpoint reads at any layout."""
+    from r1fast.policy import build_policy
     from r1fast.policy.dist_ckpt import load_sharded
     from r1fast.train.checkpoint import load_checkpoint
     from r1fast.train.policy_io import keep_mtp_of_init, load_model_state, save_model
@@ -107,9 +126,8 @@ def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False)
                          f"same settings: it resumes there and writes {run_dir / 'model'}")
     text = meta.get("config") or (run_dir / "config.toml").read_text()
     cfg = _run_config(text)
-    parallel = cfg.parallel
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and (ckpt / "policy").is_dir():
-        parallel = ParallelConfig(world_size=1)  # any layout reshards into one process
+    parallel = export_layout(cfg.parallel, (ckpt / "policy").is_dir(), layout,
+                             int(os.environ.get("WORLD_SIZE", "1")), ckpt)
     policy = build_policy(cfg.model, parallel, trainable=False, seed=_run_field(cfg, "seed"))
     state, _ = load_checkpoint(ckpt)
     if state is None or "model" not in state:
@@ -128,7 +146,13 @@ def export_main(argv: Sequence[str]) -> int:
     ap.add_argument("out_dir", help="the Hugging Face folder to write (new or empty)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing out_dir, whatever it holds")
+    for name in ("tp", "pp", "ep"):
+        ap.add_argument(f"--{name}", type=int, help=f"under torchrun: {name.upper()} size to "
+                        f"build the model at (default: the run's; any layout reads the "
+                        f"checkpoint, and the processes at hand need not be the run's)")
     args = ap.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    export_checkpoint(args.source, args.out_dir, overwrite=args.overwrite)  # logs where
+    layout = {k: getattr(args, k) for k in ("tp", "pp", "ep") if getattr(args, k) is not None}
+    export_checkpoint(args.source, args.out_dir, overwrite=args.overwrite,
+                      layout=layout)  # logs where
     return 0
