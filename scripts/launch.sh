@@ -20,7 +20,7 @@
 #                   else 1)
 #   MASTER_ADDR     host of node 0 (127.0.0.1)
 #   MASTER_PORT     rendezvous port on MASTER_ADDR (29500)
-#   LOG_DIR         per-rank logs, LOG_DIR/<run id>/attempt_0/<local rank>/{stdout,stderr}.log
+#   LOG_DIR         per-rank logs, LOG_DIR/<run id>_<random>/attempt_0/<local rank>/{stdout,stderr}.log
 #                   (logs/<recipe>-<date>-<time>/node<NODE_RANK>)
 #   MAX_RESTARTS    torchrun restarts of the whole node group after a failure (0)
 #   RUN_ID          names the torchrun log folder and rendezvous (the recipe's name)
@@ -113,7 +113,6 @@ threads=$((cores / NPROC_PER_NODE))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
 export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export PYTHONUNBUFFERED=1
@@ -131,7 +130,7 @@ echo "launch.sh: node $NODE_RANK/$NNODES, $NPROC_PER_NODE process(es), master" \
     "$MASTER_ADDR:$MASTER_PORT, OMP_NUM_THREADS=$OMP_NUM_THREADS, logs in $LOG_DIR" >&2
 if [[ "${LAUNCH_DRY_RUN:-0}" == "1" ]]; then
     for var in OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING \
-        NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG PYTHONPATH; do
+        TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG PYTHONPATH; do
         echo "$var=${!var}"
     done
     printf '%q ' "${cmd[@]}"

@@ -66,7 +66,7 @@ def test_single_node_defaults():
     env = dict(line.split("=", 1) for line in out.splitlines()[:-1])
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
-    assert env["NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert "NCCL_ASYNC_ERROR_HANDLING" not in env  # torch's old name: it warns (helper-74)
     assert int(env["OMP_NUM_THREADS"]) == max(1, len(os.sched_getaffinity(0)))
     assert env["PYTHONPATH"].split(":")[0] == str(ROOT)
 
@@ -143,7 +143,7 @@ def test_slurm_runs_one_launcher_per_node(tmp_path):
     assert "srun-option --cpus-per-task=64" in out  # not inherited from sbatch everywhere
     cmds = [line for line in out.splitlines() if "torch.distributed.run" in line]
     assert len(cmds) == 2
-    port = 20000 + 4242 % 20000
+    port = 20000 + 4242 % 12000  # under Linux's ephemeral ports (32768+)
     for rank, cmd in enumerate(cmds):
         assert (f"--nnodes 2 --node-rank {rank} --nproc-per-node 8 --master-addr gpu-1 "
                 f"--master-port {port} ") in cmd, cmd
