@@ -53,8 +53,9 @@ def read_sft_rows(path: str | Path) -> list[dict]:
     return out
 
 
-CONVERSATION = "conversation"
-"""An SFT row's messages before its answer, when it was given as a conversation."""
+CONVERSATION = "_r1fast_conversation"
+"""An SFT row's messages before its answer, when it was given as a conversation (a name no
+dataset uses: lmsys-chat-1m and WildChat carry a whole dialogue in 'conversation')."""
 
 #: ShareGPT's speakers as chat roles
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
@@ -63,6 +64,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
 
 def _sft_row(row: dict, name: str) -> dict:
     """One SFT row of :func:`read_sft_rows` in r1fast's layout (``name`` in errors)."""
+    row.pop(CONVERSATION, None)  # only this function sets it
     if "conversations" in row:  # ShareGPT
         turns = row.pop("conversations")
         if not isinstance(turns, list) or not all(

@@ -133,25 +133,27 @@ def test_sft_rows_in_the_layouts_trl_and_sharegpt_users_bring(tmp_path):
     got = read_sft_rows(tmp_path / "sft.jsonl")
     assert [r["prompt"] for r in got] == ["What is 2 + 3?"] * 4
     assert [r["completion"] for r in got] == ["5"] * 4
-    assert got[0]["conversation"] == [user] and "conversation" not in got[3]
-    assert got[1]["conversation"] == got[2]["conversation"] == [
-        {"role": "system", "content": "Be brief."}, user]
+    conv = "_r1fast_conversation"
+    assert got[0][conv] == [user] and conv not in got[3]
+    assert got[1][conv] == got[2][conv] == [{"role": "system", "content": "Be brief."}, user]
     datasets.Dataset.from_list(rows[3:] * 2).to_parquet(str(path))
     assert read_sft_rows(path) == [rows[3]] * 2
     datasets.Dataset.from_list(rows[:1] * 2).to_parquet(str(path))  # conversations in parquet
-    assert [r["conversation"] for r in read_sft_rows(path)] == [[user]] * 2
+    assert [r[conv] for r in read_sft_rows(path)] == [[user]] * 2
     # rendered: the conversation's own system message, the user turn alone otherwise
     build_tokenizer(tmp_path / "tok", ["What is 2 + 3? Be brief. assistant user system"] * 20)
     hf = HFTokenizer.load(tmp_path / "tok")
     out = render_prompts(got, hf)
-    assert out[1]["prompt"] == out[2]["prompt"] == hf.apply_chat_template(got[1]["conversation"])
+    assert out[1]["prompt"] == out[2]["prompt"] == hf.apply_chat_template(got[1][conv])
     assert out[0]["prompt"] == out[3]["prompt"] == hf.apply_chat_template([user])
     # a row's own 'messages' (the whole dialogue, answer included) beside its prompt and
     # completion is not the prompt: it was rendered with the answer in it (helper-73)
-    whole = {**rows[3], "messages": [user, {"role": "assistant", "content": "5"}]}
-    (tmp_path / "whole.jsonl").write_text(json.dumps(whole) + "\n")
-    assert render_prompts(read_sft_rows(tmp_path / "whole.jsonl"), hf)[0]["prompt"] == \
-        out[3]["prompt"]
+    dialogue = [user, {"role": "assistant", "content": "5"}]
+    (tmp_path / "whole.jsonl").write_text(  # and lmsys-chat-1m's / WildChat's 'conversation'
+        json.dumps({**rows[3], "messages": dialogue}) + "\n"
+        + json.dumps({**rows[3], "conversation": dialogue}) + "\n")
+    assert [r["prompt"] for r in render_prompts(read_sft_rows(tmp_path / "whole.jsonl"), hf)] \
+        == [out[3]["prompt"]] * 2
     with pytest.raises(ValueError, match="SFT row 1 .* is a chat conversation"):
         render_prompts(got, CharTokenizer())  # no template: a system message cannot be kept
     for bad, match in (
