@@ -302,7 +302,9 @@ def _json_number(text: str) -> float | int:
     float holds 601999999999999995805696)."""
     value = float(text)
     if value.is_integer() and abs(value) > 2 ** 53:
-        return int(decimal.Decimal(text))
+        exact = decimal.Decimal(text)
+        if exact == exact.to_integral_value():  # 1e16, not 12345678901234567891.5
+            return int(exact)
     return value
 
 
@@ -331,7 +333,7 @@ def _json_rows(path: str) -> list[dict]:
                         if line.strip()]
     except UnicodeDecodeError as e:
         raise ValueError(f"data file {path} cannot be read as json: it is not UTF-8 text "
-                         f"({e.reason} at byte {e.start})") from e
+                         f"({e.reason})") from e
     bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
     if bad is not None:
         raise ValueError(f"data file {path}: row {bad} is a {type(rows[bad]).__name__}, not a "

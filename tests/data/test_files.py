@@ -256,6 +256,11 @@ def test_json_values_are_read_exactly_as_written(tmp_path):
     big = [{"prompt": "Avogadro?", "answer": 6.02e23}, {"prompt": "p", "answer": 1e16}]
     ex, report = load_examples(write_jsonl(tmp_path / "big_float.jsonl", big))
     assert [e["answer"] for e in ex] == ["602000000000000000000000", "10000000000000000"]
+    # a fraction written there is not whole, though its float is: still a counted bad row
+    (tmp_path / "half.jsonl").write_text('{"prompt": "p", "answer": 12345678901234567891.5}\n'
+                                         '{"prompt": "q", "answer": 2}\n')
+    ex, report = load_examples(tmp_path / "half.jsonl")
+    assert [e["answer"] for e in ex] == ["2"] and "is a float above 2^53" in report.first_bad_reason
     # errors name the line that is wrong (it named the next one), and a file that is not UTF-8
     (tmp_path / "brace.jsonl").write_text('{"prompt": "p", "answer": 1}\n{"prompt": "q"\n')
     with pytest.raises(ValueError, match=r"brace.jsonl cannot be read as json: line 2: "):
