@@ -158,6 +158,10 @@ def test_export_under_torchrun_takes_the_processes_at_hand():
     override = export_layout(run, True, {"tp": 1, "ep": 2}, 2, "c")
     assert (override.tp, override.ep, override.world_size) == (1, 2, None)
     assert export_layout(run, True, {"tp": 1}, 1, "c").tp == 1  # asked for: built so
+    # the run's settings for its own TP / PP go with another one (they were refused: helper-75)
+    split = ParallelConfig(tp=2, pp=2, sequence_parallel=True, pp_first_stage_layers=1)
+    other = export_layout(split, True, {"tp": 1, "pp": 1}, 1, "c")
+    assert (other.sequence_parallel, other.pp_first_stage_layers) == (None, None)
     with pytest.raises(ValueError, match=r"c is a single-file checkpoint .* drop --tp/--pp/--ep"):
         export_layout(run, False, {"tp": 1}, 2, "c")
     with pytest.raises(SystemExit):

@@ -95,7 +95,12 @@ def export_layout(run, sharded: bool, layout: dict[str, int] | None, world: int,
                          f"at the run's own layout only; drop --tp/--pp/--ep")
     if world == 1 and sharded and not layout:
         return ParallelConfig(world_size=1)  # any layout reshards into one process
-    return dataclasses.replace(run, world_size=None, **(layout or {}))
+    layout = dict(layout or {})
+    if layout.get("tp", run.tp) != run.tp:  # the run's choice was for its own TP
+        layout.setdefault("sequence_parallel", None)
+    if layout.get("pp", run.pp) != run.pp:  # the run's stage split was for its own PP
+        layout.update(pp_first_stage_layers=None, pp_last_stage_layers=None)
+    return dataclasses.replace(run, world_size=None, **layout)
 
 
 def export_checkpoint(src: str | Path, out: str | Path, overwrite: bool = False,
