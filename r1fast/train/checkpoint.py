@@ -100,6 +100,8 @@ _barrier = barrier
 
 
 SHARED_MARKER = ".r1fast_shared_check"
+SHARED_WAIT_S = 5.0
+"""How long a rank retries reading rank 0's marker before it reports the folder unshared."""
 
 
 def check_shared_folder(folder: str | Path, key: str) -> None:
@@ -122,10 +124,17 @@ def check_shared_folder(folder: str | Path, key: str) -> None:
         token = secrets.token_hex(8)
         write_text_atomic(marker, token)
     token = all_ranks_object(token)[0]
-    try:
-        seen = marker.read_text()
-    except OSError:
-        seen = None
+    folder.mkdir(parents=True, exist_ok=True)  # an NFS client may cache "no such folder"
+    seen, waited = None, 0.0
+    while True:  # and take a few seconds to see a file another node wrote
+        try:
+            seen = marker.read_text()
+        except OSError:
+            seen = None
+        if seen == token or waited >= SHARED_WAIT_S:
+            break
+        time.sleep(0.5)
+        waited += 0.5
     blind = [r for r, ok in enumerate(all_ranks_object(seen == token)) if not ok]
     if rank == 0:  # every rank has looked (the gather above waits for all)
         marker.unlink(missing_ok=True)
@@ -163,7 +172,7 @@ def start_fresh(run_dir: str | Path, names: tuple[str, ...], *, overwrite: bool,
     ("SFT run"); ``resume_off`` / ``overwrite_on`` spell the settings as the user writes
     them."""
     run_dir = Path(run_dir)
-    found = has_run_files(run_dir)
+    found = has_run_files(run_dir, tuple(n for n in names if n.endswith(".jsonl")))
     if _rank_world()[1] > 1:
         # every rank acts on rank 0's view: a rank that looked after rank 0 had moved the files
         # saw none, skipped the barrier below, and the ranks' collectives parted (helper-74)
@@ -449,14 +458,16 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return complete[-1]
 
 
-def has_run_files(run_dir: str | Path) -> list[str]:
+def has_run_files(run_dir: str | Path,
+                  logs: tuple[str, ...] = ("metrics.jsonl", "eval.jsonl")) -> list[str]:
     """What in a run folder a fresh start would overwrite: checkpoint folders (complete or not)
-    and a non-empty metrics.jsonl or eval.jsonl (a GRPO run's step-0 evaluation is written
-    before its first checkpoint or metrics row: a later start must not take it as its own)."""
+    and the non-empty ``logs`` of the kind of run (a GRPO run's step-0 evaluation is written to
+    eval.jsonl before its first checkpoint or metrics row: a later start must not take it as
+    its own)."""
     run_dir = Path(run_dir)
     found = [p.name for _, p in _step_dirs(run_dir / "checkpoints")]
     found = [f"checkpoints/{n}" for n in found]
-    for name in ("metrics.jsonl", "eval.jsonl"):
+    for name in logs:
         file = run_dir / name
         if file.is_file() and file.stat().st_size > 0:
             found.append(name)

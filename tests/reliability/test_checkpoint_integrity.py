@@ -213,6 +213,8 @@ def test_has_run_files(tmp_path):
     # start after a first attempt that died in step 1 took that row as its own baseline
     (tmp_path / "eval.jsonl").write_text('{"step": 0}\n')
     assert has_run_files(tmp_path)[-1] == "eval.jsonl"
+    # an SFT run neither writes nor sets one aside: it is no file of its kind (helper-75)
+    assert "eval.jsonl" not in has_run_files(tmp_path, ("metrics.jsonl",))
 
 
 def test_meta_json_without_its_seal_loads_with_a_warning_naming_it(tmp_path, caplog):
@@ -270,7 +272,10 @@ def test_a_fresh_start_over_a_run_decides_once_for_every_rank(tmp_path):
 
 
 def _shared_folder_worker(rank, root):
+    from r1fast.train import checkpoint
     from r1fast.train.checkpoint import SHARED_MARKER, check_shared_folder
+
+    checkpoint.SHARED_WAIT_S = 0.5  # the blind rank's retries (5 s on a real file system)
 
     shared = os.path.join(root, "shared")
     check_shared_folder(shared, "run.out_dir")  # one folder for both: passes
