@@ -93,6 +93,12 @@ def save_model(policy, tokenizer, path: str | Path) -> Path:
                "eos_token_id": stops if len(stops) > 1 else stops[0],
                "pad_token_id": int(tokenizer.pad_id)}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
+        # and the tokenizer's ids in config.json, where some tools read them (they were absent)
+        config = json.loads((tmp / "config.json").read_text())
+        bos = getattr(tokenizer, "bos_id", None)
+        config.update(bos_token_id=None if bos is None else int(bos),
+                      eos_token_id=int(tokenizer.eos_id), pad_token_id=int(tokenizer.pad_id))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         sync_tree(tmp)  # durable before the rename publishes it
         old = path.with_name(path.name + ".old")
         if path.exists():  # set aside, not deleted, until the new folder is in place

@@ -44,3 +44,8 @@ def test_the_models_sampling_defaults_survive_the_save(tmp_path):
                      "pad_token_id": tok.pad_id}
     read = transformers.GenerationConfig.from_pretrained(str(out))
     assert (read.do_sample, read.temperature, read.top_p, read.top_k) == (True, 0.6, 0.95, 20)
+    # config.json carries the tokenizer's ids too (helper-76: they were absent, None to a tool
+    # reading them there); transformers reads them
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == \
+        (tok.bos_id, tok.eos_id, tok.pad_id)
