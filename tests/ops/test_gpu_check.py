@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -179,8 +180,8 @@ def test_stages_stay_in_the_session_and_end_with_the_script(tmp_path):
         out=runner.run("sleeper", [sys.executable, "-c", code], 200)))
     thread.start()
     log = tmp_path / "r" / "gpu_check.log"
-    for _ in range(300):
-        if "IDS" in log.read_text():
+    for _ in range(300):  # the child's own line: the log's echo of the command holds "IDS" too
+        if re.search(r"IDS \d+ \d+", log.read_text()) and runner.current is not None:
             break
         time.sleep(0.1)
     runner.stop_current()
