@@ -31,6 +31,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"r1fast: error: {self.prog}: {msg} (see {self.prog} --help)\n")
 
 
+def log_to_stderr(fmt: str) -> None:
+    """INFO lines from the first process of a torchrun job, WARNINGs and errors from every
+    one (the INFO lines came once per rank)."""
+    import logging
+
+    first = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if first else logging.WARNING, format=fmt)
+
+
 def _demo(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from r1fast.pipeline.demo import main as demo_main
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from r1fast import typed_toml
-from r1fast.cli import ArgumentParser
+from r1fast.cli import ArgumentParser, log_to_stderr
 
 log = logging.getLogger("r1fast.train")
 
@@ -156,8 +156,7 @@ def export_main(argv: Sequence[str]) -> int:
                         f"build the model at (default: the run's; any layout reads the "
                         f"checkpoint, and the processes at hand need not be the run's)")
     args = ap.parse_args(list(argv))
-    first = os.environ.get("RANK", "0") == "0"  # INFO once, not once per rank
-    logging.basicConfig(level=logging.INFO if first else logging.WARNING, format="%(message)s")
+    log_to_stderr("%(message)s")
     layout = {k: getattr(args, k) for k in ("tp", "pp", "ep") if getattr(args, k) is not None}
     export_checkpoint(args.source, args.out_dir, overwrite=args.overwrite,
                       layout=layout)  # logs where

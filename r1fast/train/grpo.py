@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -569,10 +568,9 @@ class GRPOTrainer:
 
 def train_main(recipe: str | None, overrides: Sequence[str]) -> int:
     """``r1fast train RECIPE [--a.b=v ...]``."""
-    # INFO from the first process alone: under torchrun every line came once per rank
-    first = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if first else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+    from r1fast.cli import log_to_stderr
+
+    log_to_stderr("%(asctime)s %(name)s %(message)s")
     cfg = load_train_config(recipe, overrides)
     trainer = GRPOTrainer(cfg)
     rows = trainer.fit()
