@@ -56,10 +56,7 @@ class MetricsLogger:
         if not self.enabled:
             return row
         self._file.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time") and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        self.scalars(step, {k: v for k, v in row.items() if k not in ("step", "time")})
         if self._bar is not None:
             shown = {k: f"{row[k]:.3g}" for k in ("reward_mean", "accuracy", "loss", "kl")
                      if k in row}
@@ -68,8 +65,8 @@ class MetricsLogger:
         return row
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """TensorBoard scalars at ``step`` that are not a metrics.jsonl row (e.g. an
-        evaluation's, whose row is in eval.jsonl)."""
+        """TensorBoard scalars at ``step`` (non-finite ones left out): a metrics row's, or
+        those of no metrics.jsonl row (an evaluation's, whose row is in eval.jsonl)."""
         if self._tb is not None:
             for k, v in values.items():
                 if math.isfinite(v):
