@@ -30,9 +30,9 @@ log = logging.getLogger("r1fast.pipeline")
 def read_sft_rows(path: str | Path) -> list[dict]:
     """The SFT rows of a data file or folder (.jsonl / .json / .parquet, read as GRPO data is:
     :func:`r1fast.data.files.read_rows`), each ``{"prompt", "completion"}`` and, for a
-    conversation, its messages before the answer in ``"conversation"`` (rendered with the
-    chat template as they are; a row's own ``"messages"`` beside a string prompt and
-    completion is not read). A row is one of
+    conversation, its messages before the answer under :data:`CONVERSATION` (rendered with
+    the chat template as they are; a row's own ``"messages"`` or ``"conversation"`` beside a
+    string prompt and completion is not read). A row is one of
       - ``{"prompt": str, "completion": str}``;
       - TRL's conversational ``{"messages": [..., {"role": "assistant", ...}]}`` or
         ``{"prompt": [messages], "completion": [{"role": "assistant", ...}]}``;
@@ -194,8 +194,8 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
         if system_prompt:
             raise ValueError(f"system_prompt is set but {tokenizer!r} has no chat template (or "
                              f"chat_template is false): it could not be used")
-        return [_plain(r, i, r["messages"] if a else r[CONVERSATION])
-                if a or CONVERSATION in r else dict(r) for i, (r, a) in enumerate(zip(rows, again))]
+        return [_plain(r, i, m) if (m := _own_messages(r, a)) else dict(r)
+                for i, (r, a) in enumerate(zip(rows, again))]
     out, as_given, open_ended, empty = [], 0, 0, 0
     closing = chat_turn_end(tokenizer)
     for r, a in zip(rows, again):
@@ -205,8 +205,7 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
             open_ended += r.get("completion_ends_turn") is not True
             continue
         messages = with_system_prompt(  # a conversation's own messages, or its user turn
-            r["messages"] if a else r.get(CONVERSATION)
-            or [{"role": "user", "content": r["prompt"]}], system_prompt)
+            _own_messages(r, a) or [{"role": "user", "content": r["prompt"]}], system_prompt)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         empty += lacks_thought(prompt, r["completion"])
         out.append(end_turn({**r, "prompt": prompt,
@@ -228,6 +227,13 @@ def render_prompts(rows: Sequence[dict], tokenizer, *, chat_template: bool = Tru
                     "they end with the tokenizer's eos, not the template's end of turn %r",
                     open_ended, closing[0])
     return out
+
+
+def _own_messages(row: dict, again: bool) -> list[dict] | None:
+    """The messages a row's prompt is rendered from: a row sampled in another prompt format
+    (``again``) its ``messages``, a conversation its :data:`CONVERSATION`; None: its prompt
+    is one user turn."""
+    return row["messages"] if again else row.get(CONVERSATION)
 
 
 def _plain(row: dict, i: int, messages: list[dict]) -> dict:
