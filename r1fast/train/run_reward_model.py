@@ -26,8 +26,8 @@ log = logging.getLogger("r1fast.train")
 
 def model_reward(cfg, examples: list[dict]):
     """The recipe's reward model (None without ``reward.reward_model``), after each example of
-    ``examples`` got its ``rm_prompt`` (see the module docstring); a reward model nothing uses
-    is a WARNING."""
+    ``examples`` it scores got its ``rm_prompt`` (see the module docstring); a reward model
+    nothing uses is a WARNING."""
     from r1fast.train.batch import all_ranks_int
     from r1fast.train.reward_model_io import load_reward_model, read_meta
 
@@ -36,11 +36,13 @@ def model_reward(cfg, examples: list[dict]):
         return None
 
     meta = read_meta(r.reward_model, "reward.reward_model")
-    rm_tokenizer = _reward_model_prompts(cfg, examples, meta.get("chat_template"))
-    _warn_of_cut_texts(cfg, examples, rm_tokenizer, meta.get("max_length"))
+    # the rows it scores: every row as a part of reward.weights, else those routed to it
+    scored = examples if "reward_model" in r.weights else [
+        ex for ex in examples if row_source(ex) == "model"]
+    rm_tokenizer = _reward_model_prompts(cfg, scored, meta.get("chat_template"))
+    _warn_of_cut_texts(cfg, scored, rm_tokenizer, meta.get("max_length"))
     _warn_of_raw_scores(cfg, meta)
-    routed = sum(row_source(ex) == "model" for ex in examples)
-    if not routed and "reward_model" not in r.weights:
+    if not scored:
         log.warning("reward.reward_model=%s is loaded but unused: no row routes to it (reward "
                     "field 'reward_model') and reward.weights has no reward_model",
                     r.reward_model)

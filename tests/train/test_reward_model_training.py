@@ -477,7 +477,7 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
                             "{% endif %}")  # the policy's: another markup, opening the thought
     cfg = load_train_config(None, [f"--reward.reward_model={rm}", "--data.template={question}",
                                    "--data.system_prompt=Be terse."])
-    ex = {"id": 0, "question": "Write a poem."}
+    ex = {"id": 0, "question": "Write a poem.", "reward": "reward_model"}  # a row it scores
     ex["prompt"] = render_prompt(ex, hf, cfg.data)
     assert ex["prompt"] == "[system] Be terse.\n[user] Write a poem.\n[assistant] <think>\n"
     with caplog.at_level(logging.INFO, logger="r1fast.train"), \
@@ -494,7 +494,7 @@ def test_pair_prompts_are_rendered_as_grpo_renders_its_prompts(tmp_path, caplog)
     # a reward model trained without a template reads the user turn's text, as its training
     # did: a conversation (a system turn here) was refused at start-up (helper-73)
     (rm / META_FILE).write_text(json.dumps({"format": FORMAT, "chat_template": False}))
-    conv = {"id": 1, "question": "Write a poem.", "messages": [
+    conv = {"id": 1, "question": "Write a poem.", "reward": "reward_model", "messages": [
         {"role": "system", "content": "Rhyme."}, {"role": "user", "content": "Write a poem."}]}
     conv["prompt"] = render_prompt(conv, hf, cfg.data)
     with pytest.MonkeyPatch.context() as mp:
