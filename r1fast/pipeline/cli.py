@@ -22,11 +22,12 @@ Problems are the demo's additions (:mod:`r1fast.pipeline.demo_task`; ``--num-tra
 ``--problems FILE [--preset gsm8k|math|...]`` (prompts rendered with the model folder's tokenizer
 and chat template as a run's ``[data]`` would: ``--template``, ``--no-chat-template``,
 ``--system-prompt``, ``--prompt-key`` / ``--answer-key`` mirror its keys; ``grpo`` takes
-``--data.path=FILE --data.preset=...`` or a ``--recipe`` like ``r1fast train``). An option the stage does not read is an error, never ignored.
-Models are folders written by a previous stage or Hugging Face checkpoint folders; SFT datasets
-are ``{"prompt", "completion"}`` rows, TRL conversations or ShareGPT (.jsonl / .json / .parquet:
-:func:`~r1fast.pipeline.sft_data.read_sft_rows`). ``rejection-sample`` prints how many samples each
-readability rule dropped and writes that summary next to its JSONL.
+``--data.path=FILE --data.preset=...`` or a ``--recipe`` like ``r1fast train``). An option the
+stage does not read is an error, never ignored. Models are folders written by a previous stage
+or Hugging Face checkpoint folders; SFT datasets are ``{"prompt", "completion"}`` rows, TRL
+conversations or ShareGPT (.jsonl / .json / .parquet:
+:func:`~r1fast.pipeline.sft_data.read_sft_rows`). ``rejection-sample`` prints how many samples
+each readability rule dropped and writes that summary next to its JSONL.
 
     r1fast stage grpo --init ckpt/Qwen3-tiny --out runs/q --data.path=gsm8k.jsonl --data.preset=gsm8k
     r1fast stage evaluate --model runs/q/model --problems gsm8k_test.jsonl --preset gsm8k --k 8
