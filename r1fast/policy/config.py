@@ -335,36 +335,9 @@ class ModelConfig:
             from r1fast.policy.hf_deepseek import deepseek_from_hf
 
             return validated_from_hf(cls, deepseek_from_hf(get, kw, model_type), model_type)
-        if model_type == "qwen2":
-            kw.update(qk_layernorm=False, add_qkv_bias=True)
-        else:
-            if get("attention_bias", False):
-                raise ValueError("from_hf_config: attention_bias=True is not supported for "
-                                 f"{model_type}")
-            kw.update(qk_layernorm=True, add_qkv_bias=False)
-        if model_type == "qwen3_moe":
-            n_exp = get("num_experts") or get("num_local_experts")
-            for key, value in (("num_experts", n_exp), ("num_experts_per_tok",
-                               get("num_experts_per_tok")),
-                               ("moe_intermediate_size", get("moe_intermediate_size"))):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"from_hf_config: qwen3_moe {key} must be an int >= 1, "
-                                     f"got {value!r}")
-            step = get("decoder_sparse_step", 1) or 1
-            only = set(get("mlp_only_layers", []) or [])
-            dense = tuple(i for i in range(kw["num_layers"])
-                          if i in only or not (n_exp > 0 and (i + 1) % step == 0))
-            norm = bool(get("norm_topk_prob", False))
-            # top-1 renormalised is weight 1: megatron reaches it only as a softmax over all
-            # experts renormalised (its top-1 refuses the softmax over the k logits)
-            top1 = norm and get("num_experts_per_tok") == 1
-            kw.update(num_experts=n_exp, moe_ffn_hidden_size=get("moe_intermediate_size"),
-                      moe_router_topk=get("num_experts_per_tok"), dense_layers=dense,
-                      router_score="softmax", router_pre_softmax=not norm or top1,
-                      router_normalize=True if top1 else None if norm else False,
-                      aux_loss_coef=float(get("router_aux_loss_coef", 0.0) or 0.0)
-                      if get("output_router_logits", False) else 0.0)
-        return validated_from_hf(cls, kw, model_type)
+        from r1fast.policy.hf_qwen import qwen_from_hf
+
+        return validated_from_hf(cls, qwen_from_hf(get, kw, model_type), model_type)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` dict of the matching HF family (qwen3_moe / qwen3 / qwen2;
@@ -373,31 +346,9 @@ class ModelConfig:
             from r1fast.policy.hf_deepseek import deepseek_to_hf
 
             return deepseek_to_hf(self, self._hf_common())
-        if self.shared_expert_size is not None or self.router_score != "softmax" \
-                or self.router_n_groups is not None or self.router_expert_bias \
-                or self.router_scaling_factor != 1.0:
-            raise ValueError("to_hf_config: only Qwen3-MoE-style routing (softmax, no groups, no "
-                             "expert bias, no shared expert, scaling 1) has an HF layout here")
-        if self.add_qkv_bias and (self.qk_layernorm or self.is_moe):
-            raise ValueError("to_hf_config: qkv biases map to qwen2, which is dense without "
-                             "q/k norm")
-        if not self.add_qkv_bias and not self.qk_layernorm:
-            raise ValueError("to_hf_config: qwen3/qwen3_moe have q/k norm; a model without it "
-                             "and without qkv biases has no supported HF family")
-        model_type = "qwen2" if self.add_qkv_bias else ("qwen3_moe" if self.is_moe else "qwen3")
-        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "qwen3_moe": "Qwen3MoeForCausalLM"}[model_type]
-        d = {"architectures": [arch], "model_type": model_type, **self._hf_common()}
-        if model_type != "qwen2":
-            d["attention_bias"] = False
-        if self.is_moe:
-            d.update(num_experts=self.num_experts, moe_intermediate_size=self.moe_ffn_hidden_size,
-                     num_experts_per_tok=self.moe_router_topk, decoder_sparse_step=1,
-                     mlp_only_layers=list(self.dense_layers),
-                     norm_topk_prob=not self.router_pre_softmax or bool(self.router_normalize),
-                     router_aux_loss_coef=self.aux_loss_coef,
-                     output_router_logits=self.aux_loss_coef > 0)
-        return d
+        from r1fast.policy.hf_qwen import qwen_to_hf
+
+        return qwen_to_hf(self, self._hf_common())
 
     def _hf_common(self) -> dict[str, Any]:
         return {
