@@ -34,10 +34,10 @@ int64)``; ``weights`` is differentiable w.r.t. ``logits``. Implementations (``im
 n_groups <= 64). The fast paths are ``torch.library`` custom ops with fake and autograd
 registrations, so they trace under ``torch.compile``.
 
-Aux losses (docs/DESIGN.md §3), apart from routing so the caller picks the token counts:
-:func:`moe_aux_scores` (Megatron's scores: full softmax, or sigmoid normalised per token, and
-the counts of a plain top-k on them); :func:`moe_aux_loss` ``coef*E/(k*T^2) * sum_e n_e *
-sum_t P_te``; :func:`moe_z_loss` ``coef/T * sum_t lse(l_t)^2``.
+Aux losses (docs/DESIGN.md §3): :func:`moe_aux_scores` gives Megatron's scores (full softmax,
+or sigmoid normalised per token) and the counts of a plain top-k on them;
+:mod:`r1fast.ops.moe_losses` turns them into the batch-wise and sequence-wise balance losses
+(and has the z-loss).
 """
 from __future__ import annotations
 
@@ -543,48 +543,6 @@ def moe_aux_scores(logits: Tensor, topk: int, *, score: str = "softmax",
     if chosen == "torch":
         return _aux_scores_reference(logits, topk, score)
     return _aux_fwd_op(logits, topk, score == "sigmoid", chosen)
-
-
-def moe_aux_loss(scores: Tensor, tokens_per_expert: Tensor, topk: int, coef: float, *,
-                 num_tokens: Optional[int | Tensor] = None) -> Tensor:
-    """Load-balancing loss ``coef * E / (k * T^2) * sum_e n_e * sum_t P_te`` (fp32 scalar).
-
-    ``scores`` [T, E]: :func:`moe_aux_scores` output (differentiable); ``tokens_per_expert`` [E]:
-    the counts n_e (Megatron uses those of :func:`moe_aux_scores`; pass global counts with the
-    global T as ``num_tokens``, Megatron's ``total_num_tokens``: an int, or a 0-d tensor kept on
-    the device). The gradient w.r.t. ``P_te`` is the constant ``coef*E*n_e/(k*T^2)``."""
-    check_tensor("scores", scores, ndim=2, dtypes=_LOGIT_DTYPES)
-    T, E = scores.shape
-    check_tensor("tokens_per_expert", tokens_per_expert, shape=(E,), device=scores.device)
-    check_range("topk", topk, 1, E)
-    check_range("coef", float(coef), 0.0, None)
-    per_expert = scores.to(_compute_dtype(scores)).sum(0)  # [E]
-    scale = _per_tokens(coef * E / topk, T if num_tokens is None else num_tokens, 2, per_expert)
-    return (per_expert * tokens_per_expert.to(per_expert.dtype)).sum() * scale
-
-
-def _per_tokens(constant: float, n: int | Tensor, power: int, like: Tensor) -> float | Tensor:
-    """``constant / n ** power``; a 0-d tensor ``n`` stays on the device, clamped to >= 1."""
-    if isinstance(n, Tensor):
-        check_tensor("num_tokens", n, ndim=0, device=like.device)
-        return constant / n.to(like.dtype).clamp_min(1.0) ** power
-    check_range("num_tokens", n, 1, None)
-    return constant / float(n) ** power
-
-
-def moe_z_loss(logits: Tensor, coef: float, *, num_tokens: Optional[int | Tensor] = None,
-               valid: Optional[Tensor] = None) -> Tensor:
-    """Router z-loss ``coef/T * sum_t lse(l_t)^2`` in fp32; ``valid`` [T] bool: only those rows
-    enter the sum, but ``T`` is ``num_tokens`` (the router passes the valid count) else all."""
-    T, _ = _check_logits(logits)
-    check_range("coef", float(coef), 0.0, None)
-    x = logits.to(_compute_dtype(logits))
-    if valid is not None:  # pads' logits go too: a NaN there would reach the gradient (0 * NaN)
-        check_tensor("valid", valid, shape=(T,), dtypes=(torch.bool,), device=logits.device)
-        x = torch.where(valid[:, None], x, 0.0)
-    lse = torch.logsumexp(x, dim=-1)  # [T]
-    lse = lse if valid is None else torch.where(valid, lse, 0.0)
-    return lse.square().sum() * _per_tokens(coef, T if num_tokens is None else num_tokens, 1, lse)
 
 
 def routing_to_dense(weights: Tensor, indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:

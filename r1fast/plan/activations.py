@@ -123,8 +123,8 @@ def _router_bytes(m: ModelConfig, act: int, mb_tokens: float) -> float:
         out += 4 * H + 4 * E * H / mb_tokens
     out += 4 * E + 8 * E + 4 * k  # scores, top-k index storage (int64 over E), weights
     out += E + 4 * E + 8 * k  # routing map (bool), probabilities [E, T], permutation indices
-    if m.aux_loss_coef > 0:
-        out += 4 * E  # the aux loss's scores
+    if m.aux_loss_coef > 0:  # the aux loss's scores (+ the row of each token: seq_aux_loss)
+        out += 4 * E + (8 if m.aux_loss_type == "seq_aux_loss" else 0)
     if m.router_score == "sigmoid" and m.router_normalize is not False:
         out += 4  # the sum the k weights are normalised by
     return out

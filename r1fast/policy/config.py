@@ -32,6 +32,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 SUPPORTED_HF_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2", "deepseek_v3", "deepseek_v2")
 ATTENTIONS = ("gqa", "mla")
 ROPE_TYPES = ("default", "yarn")
+AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss")
 
 
 @dataclass
@@ -92,7 +93,11 @@ class ModelConfig:
     """Renormalise the k selected weights to sum to 1; None: the op's default for the score
     function (sigmoid: yes; softmax: implied by router_pre_softmax=False)."""
     aux_loss_coef: float = 0.0
-    """Coefficient of the load-balancing auxiliary loss (0 disables it)."""
+    """Coefficient of the load-balancing auxiliary loss (0 disables it), per MoE layer."""
+    aux_loss_type: str = "aux_loss"
+    """Which load-balancing loss: "aux_loss" (Switch / megatron's, over each micro-batch's
+    tokens) or "seq_aux_loss" (DeepSeek-V3's sequence-wise one: the same loss within each row
+    of a micro-batch, averaged over the rows; a packed row is one sequence)."""
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss (0 disables it)."""
     rope_theta: float = 10000.0
@@ -193,6 +198,8 @@ class ModelConfig:
              f"({self.num_attention_heads}) when head_dim is not given")
         need(self.params_dtype in _DTYPES,
              f"params_dtype must be one of {tuple(_DTYPES)}, got {self.params_dtype!r}")
+        need(self.aux_loss_type in AUX_LOSS_TYPES, f"aux_loss_type must be one of "
+             f"{AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
         need(self.router_score in ("softmax", "sigmoid"),
              f"router_score must be one of ('softmax', 'sigmoid'), got {self.router_score!r}")
         if self.is_moe:

@@ -237,12 +237,14 @@ def deepseek_from_hf(get: Callable[..., Any], base: dict[str, Any],
                       router_group_score_topk=1 if limited else None,
                       router_bias_update_rate=0.0)
         alpha = get("aux_loss_alpha", 0.0) or 0.0
-        if alpha:  # DeepSeek's own training keys; transformers reads neither
-            log.warning("from_hf_config: %s aux_loss_alpha=%g (seq_aux=%s) is not applied: "
-                        "r1fast has no sequence-wise balance loss; model.aux_loss_coef sets "
-                        "megatron's micro-batch one and model.router_bias_update_rate the "
-                        "aux-loss-free bias update (both 0 here)", family, alpha,
-                        get("seq_aux", None))
+        if alpha:  # DeepSeek's own training keys (seq_aux defaults to true in its code)
+            seq = bool(_given(get, "seq_aux", True))
+            kw["aux_loss_type"] = "seq_aux_loss" if seq else "aux_loss"
+            log.warning("from_hf_config: %s aux_loss_alpha=%g (seq_aux=%s) is not applied, as "
+                        "transformers does not train with it: model.aux_loss_coef = %g turns "
+                        "on that %s balance loss (model.aux_loss_type = %r)", family, alpha,
+                        seq, alpha, "sequence-wise" if seq else "batch-wise",
+                        kw["aux_loss_type"])
     return kw
 
 
@@ -333,6 +335,9 @@ def deepseek_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
                  # transformers infers these from the family; vLLM and SGLang read them (the
                  # expert bias exists only under noaux_tc)
                  topk_method="noaux_tc", scoring_func="sigmoid")
+        if cfg.aux_loss_coef > 0:  # DeepSeek's training keys (transformers reads neither)
+            d.update(aux_loss_alpha=cfg.aux_loss_coef,
+                     seq_aux=cfg.aux_loss_type == "seq_aux_loss")
         if family == "deepseek_v2":
             for key in ("rope_interleave", "num_nextn_predict_layers"):
                 d.pop(key)

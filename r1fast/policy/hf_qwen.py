@@ -11,7 +11,10 @@ coefficient only when ``output_router_logits`` is true, as transformers trains w
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
+
+log = logging.getLogger("r1fast.policy")
 
 
 def qwen_from_hf(get: Callable[..., Any], kw: dict[str, Any], model_type: str
@@ -72,10 +75,14 @@ def qwen_to_hf(cfg, base: dict[str, Any]) -> dict[str, Any]:
     if model_type != "qwen2":
         d["attention_bias"] = False
     if cfg.is_moe:
+        aux = cfg.aux_loss_coef if cfg.aux_loss_type == "aux_loss" else 0.0
+        if aux != cfg.aux_loss_coef:
+            log.warning("to_hf_config: qwen3_moe has no sequence-wise balance loss: "
+                        "aux_loss_coef=%g with aux_loss_type=%r is written as "
+                        "router_aux_loss_coef=0", cfg.aux_loss_coef, cfg.aux_loss_type)
         d.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
                  num_experts_per_tok=cfg.moe_router_topk, decoder_sparse_step=1,
                  mlp_only_layers=list(cfg.dense_layers),
                  norm_topk_prob=not cfg.router_pre_softmax or bool(cfg.router_normalize),
-                 router_aux_loss_coef=cfg.aux_loss_coef,
-                 output_router_logits=cfg.aux_loss_coef > 0)
+                 router_aux_loss_coef=aux, output_router_logits=aux > 0)
     return d

@@ -71,7 +71,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
             moe_router_topk_scaling_factor=model.router_scaling_factor,
             moe_router_enable_expert_bias=model.router_expert_bias,
             moe_router_bias_update_rate=model.router_bias_update_rate,
-            moe_router_load_balancing_type="aux_loss" if model.aux_loss_coef > 0 else "none",
+            moe_router_load_balancing_type=model.aux_loss_type if model.aux_loss_coef > 0
+            else "none",
             moe_aux_loss_coeff=model.aux_loss_coef,
             moe_z_loss_coeff=model.z_loss_coef if model.z_loss_coef > 0 else None,
             moe_shared_expert_intermediate_size=model.shared_expert_size,

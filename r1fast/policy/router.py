@@ -1,6 +1,8 @@
 """The MoE router of the policy: megatron's ``TopKRouter`` with its routing math replaced by
 :func:`r1fast.ops.moe_route.moe_route` (one fused kernel each way on a GPU; the fp32 torch
-reference on a CPU) and its auxiliary losses by ``moe_aux_loss`` / ``moe_z_loss``.
+reference on a CPU) and its auxiliary losses by :mod:`r1fast.ops.moe_losses`: megatron's
+``aux_loss`` (batch-wise) or ``seq_aux_loss`` (DeepSeek-V3's sequence-wise, a row of the
+micro-batch as the sequence), and the z-loss.
 
 What stays megatron's: the gate weight and its initialisation, the ``expert_bias`` and
 ``local_tokens_per_expert`` buffers (so megatron's ``finalize_model_grads`` performs the
@@ -152,11 +154,13 @@ class R1fastRouter(TopKRouter):
         return F.linear(input.float(), self.weight.float(), bias)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        from r1fast.ops.moe_route import moe_route, moe_z_loss, routing_to_dense
+        from r1fast.ops.moe_losses import moe_z_loss
+        from r1fast.ops.moe_route import moe_route, routing_to_dense
 
         cfg = self.config
         num_experts = cfg.num_moe_experts
-        logits = logits.view(-1, num_experts)  # [T, E] fp32
+        rows = logits.shape[1] if logits.dim() == 3 else 1  # B of megatron's [S, B, E]
+        logits = logits.view(-1, num_experts)  # [T, E] fp32, token t = s * B + b
         num_tokens = logits.shape[0]
         valid = None if padding_mask is None else ~padding_mask.reshape(-1).bool()  # [T]
         training = self.training and torch.is_grad_enabled()
@@ -200,7 +204,7 @@ class R1fastRouter(TopKRouter):
             hook.record(self.layer_index, indices.detach())
 
         if training and self.is_aux_loss_enabled():
-            weights = self._attach_aux_loss(logits, weights, valid, counted)
+            weights = self._attach_aux_loss(logits, weights, valid, counted, rows)
 
         if torch.is_grad_enabled():
             # Load of this microbatch, accumulated over the microbatches of a step; megatron's
@@ -221,16 +225,20 @@ class R1fastRouter(TopKRouter):
         return routing_to_dense(weights, indices, num_experts)  # probs [T, E], map [T, E]
 
     def _attach_aux_loss(self, logits: torch.Tensor, weights: torch.Tensor,
-                         valid: Optional[torch.Tensor], counted) -> torch.Tensor:
+                         valid: Optional[torch.Tensor], counted, rows: int) -> torch.Tensor:
         """Megatron's load-balancing loss (scores = full softmax or normalised sigmoid, counts
         of a plain top-k on them) over the ``valid`` tokens (``counted`` of them in the TP(xCP)
-        group), attached to the routing weights."""
+        group), attached to the routing weights: batch-wise (``aux_loss``) or per row of the
+        micro-batch (``seq_aux_loss``, ``rows`` of them)."""
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-        from r1fast.ops.moe_route import moe_aux_loss, moe_aux_scores
+        from r1fast.ops.moe_losses import moe_aux_loss
+        from r1fast.ops.moe_route import moe_aux_scores
 
-        coeff = self.get_aux_loss_coeff("aux_loss")
-        if coeff <= 0:  # enabled, but not as the plain per-microbatch "aux_loss" type
-            raise ValueError("R1fastRouter supports moe_router_load_balancing_type='aux_loss' only")
+        kind = self.routing_type
+        if kind not in ("aux_loss", "seq_aux_loss"):
+            raise ValueError("R1fastRouter supports moe_router_load_balancing_type 'aux_loss' "
+                             f"and 'seq_aux_loss', got {kind!r}")
+        coeff = self.get_aux_loss_coeff(kind)
         aux_logits = logits  # [T, E]
         if valid is not None:  # pads get strictly decreasing logits: their top-k is 0..k-1
             fill = -torch.arange(logits.shape[1], device=logits.device, dtype=logits.dtype)
@@ -242,13 +250,43 @@ class R1fastRouter(TopKRouter):
             scores = scores * valid[:, None].to(scores.dtype)
             first_k = torch.arange(counts.shape[0], device=counts.device) < self.topk
             counts = counts - first_k.to(counts.dtype) * (~valid).sum().to(counts.dtype)
+        group = self.tp_cp_group
+        if kind == "seq_aux_loss":
+            aux = self._sequence_aux_loss(scores, valid, rows, coeff)
+            self._track("seq_load_balancing_loss", aux / coeff, reduce_group=group)
+            return MoEAuxLossAutoScaler.apply(weights, aux)
         # Counts and token total of the whole TP(xCP) group: under sequence parallelism each
         # rank holds a slice of the tokens, and the balance loss is defined on all of them.
-        group = self.tp_cp_group
         global_counts = reduce_from_tensor_model_parallel_region(counts.float(), group)
         aux = moe_aux_loss(scores, global_counts, self.topk, coeff, num_tokens=counted)
         self._track("load_balancing_loss", aux / coeff, reduce_group=group)
         return MoEAuxLossAutoScaler.apply(weights, aux)
+
+    def _sequence_aux_loss(self, scores: torch.Tensor, valid: Optional[torch.Tensor],
+                           rows: int, coeff: float) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss with a row of the micro-batch as the
+        sequence (megatron's ``seq_aux_loss``; a packed row is one sequence, as in V3's
+        pretraining on packed documents), each row over its own valid tokens. Under sequence
+        parallelism a rank holds a slice of every row: the counts and lengths are summed over
+        the TP(xCP) group, the scores stay local, so the ranks' shares add up."""
+        from r1fast.ops.moe_losses import moe_seq_aux_loss
+        from r1fast.ops.moe_route import _topk_lowest_first
+
+        T, E = scores.shape
+        # the plain top-k of each token (ties to the lowest expert, as moe_aux_scores counts)
+        top = torch.zeros_like(scores).scatter_(1, _topk_lowest_first(scores.detach(),
+                                                                      self.topk), 1.0)
+        ones = torch.ones(T, 1, dtype=scores.dtype, device=scores.device)
+        per_token = torch.cat([top, ones], dim=1)  # [T, E + 1]: top-k, and one token
+        if valid is not None:
+            per_token = per_token * valid[:, None].to(per_token.dtype)
+        per_row = per_token.view(-1, rows, E + 1).sum(0)  # [B, E + 1]
+        group = self.tp_cp_group
+        if group.size() > 1:
+            torch.distributed.all_reduce(per_row, group=group)
+        row = torch.arange(T, device=scores.device) % rows  # token s * B + b is in row b
+        return moe_seq_aux_loss(scores, row, per_row[:, :E], per_row[:, E], self.topk, coeff,
+                                validate=False)  # row ids in range by construction
 
     def _token_count(self, valid: Optional[torch.Tensor], rows: int):
         """Tokens of the whole TP(xCP) group that count: ``rows`` (>= 1) on one rank without

@@ -493,8 +493,8 @@ def is_model_folder(path: str) -> bool:
 
 #: ModelConfig fields that are training choices, not architecture: [model] may set them on top
 #: of a checkpoint's architecture
-TRAINING_CHOICES = frozenset({"aux_loss_coef", "z_loss_coef", "router_bias_update_rate",
-                              "params_dtype", "init_std"})
+TRAINING_CHOICES = frozenset({"aux_loss_coef", "aux_loss_type", "z_loss_coef",
+                              "router_bias_update_rate", "params_dtype", "init_std"})
 
 
 def _model_from_checkpoint(cfg: TrainConfig, init: str, given: dict) -> TrainConfig:

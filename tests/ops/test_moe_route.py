@@ -13,14 +13,13 @@ from hypothesis import strategies as st
 from r1fast.ops._dispatch import ImplUnavailableError
 from r1fast.ops.moe_route import (
     MoERouteConfig,
-    moe_aux_loss,
     moe_aux_scores,
     moe_route,
-    moe_z_loss,
     naive_moe_aux_scores,
     naive_moe_route,
     routing_to_dense,
 )
+from r1fast.ops.moe_losses import moe_aux_loss
 from tests.helpers.moe_route_cases import NAN_ROUTES, check_nan_logits
 
 # (score, pre_softmax, groups, normalize): every branch of the rule
@@ -219,52 +218,6 @@ def test_aux_scores_and_loss_match_naive_and_megatron(score):
     torch.testing.assert_close(loss.detach(), mega.float(), atol=1e-7, rtol=1e-5)
 
 
-def test_z_loss_matches_formula_and_megatron():
-    from megatron.core.transformer.moe.moe_utils import z_loss_func
-
-    logits = torch.randn(7, 8, requires_grad=True)
-    z = moe_z_loss(logits, 1e-3)
-    xr = logits.detach().double().requires_grad_()
-    naive = 1e-3 / 7 * sum(torch.log(torch.exp(r).sum()) ** 2 for r in xr)
-    torch.testing.assert_close(z.double(), naive, atol=1e-10, rtol=1e-6)
-    z.backward()
-    naive.backward()
-    torch.testing.assert_close(logits.grad.double(), xr.grad, atol=1e-9, rtol=1e-5)
-    torch.testing.assert_close(z.detach(), z_loss_func(logits.detach(), 1e-3))
-    assert moe_z_loss(logits.detach(), 1e-3, num_tokens=14) * 2 == pytest.approx(z.item())
-
-
-def test_a_device_token_count_and_a_valid_mask_give_the_indexed_losses():
-    """A 0-d tensor ``num_tokens`` (a count that stays on the device) gives the int count's
-    losses, clamped to >= 1; ``valid`` in the z-loss equals the valid rows alone, with no
-    gradient to the others."""
-    T, E, k = 9, 8, 2
-    logits = torch.randn(T, E, requires_grad=True)
-    valid = torch.tensor([True, False, True, True, False, True, True, True, False])
-    z = moe_z_loss(logits, 1e-3, num_tokens=torch.tensor(6.0), valid=valid)
-    kept = logits.detach()[valid].requires_grad_()
-    want = moe_z_loss(kept, 1e-3)
-    torch.testing.assert_close(z, want, atol=0, rtol=1e-6)
-    z.backward()
-    want.backward()
-    torch.testing.assert_close(logits.grad[valid], kept.grad, atol=0, rtol=1e-6)
-    assert logits.grad[~valid].abs().max().item() == 0.0
-    poisoned = logits.detach().clone()
-    poisoned[~valid] = float("nan")  # a pad's logits never reach the loss or its gradient
-    poisoned.requires_grad_()
-    z_nan = moe_z_loss(poisoned, 1e-3, num_tokens=torch.tensor(6.0), valid=valid)
-    z_nan.backward()
-    assert torch.isfinite(poisoned.grad).all() and torch.equal(z_nan, z.detach())
-    p, counts = moe_aux_scores(logits.detach(), k, impl="torch")
-    by_int = moe_aux_loss(p, counts, k, 0.01, num_tokens=T)
-    by_tensor = moe_aux_loss(p, counts, k, 0.01, num_tokens=torch.tensor(float(T)))
-    torch.testing.assert_close(by_tensor, by_int, atol=0, rtol=1e-6)
-    assert moe_z_loss(logits.detach(), 1e-3, num_tokens=torch.tensor(0.0)) == \
-        pytest.approx(moe_z_loss(logits.detach(), 1e-3, num_tokens=1).item())
-    with pytest.raises(ValueError, match="num_tokens must be 0-D"):
-        moe_z_loss(logits.detach(), 1e-3, num_tokens=torch.tensor([6.0]))
-
-
 def test_bf16_logits_compute_in_fp32():
     logits = torch.randn(7, 16)
     got = moe_route(logits.bfloat16(), 2, score="sigmoid", impl="torch")
@@ -326,15 +279,6 @@ def test_bad_route_input(kwargs, match, monkeypatch):
 
 
 BAD_LOSS = [
-    (lambda: moe_aux_loss(torch.rand(4, 8), torch.ones(7), 2, 0.1),
-     r"tokens_per_expert must have shape \[8\]"),
-    (lambda: moe_aux_loss(torch.rand(8), torch.ones(8), 2, 0.1), "scores must be 2-D"),
-    (lambda: moe_aux_loss(torch.rand(4, 8), torch.ones(8), 9, 0.1), r"topk must be in \[1, 8\]"),
-    (lambda: moe_aux_loss(torch.rand(4, 8), torch.ones(8), 2, -1.0), "coef must be in"),
-    (lambda: moe_aux_loss(torch.rand(4, 8), torch.ones(8), 2, 0.1, num_tokens=0),
-     "num_tokens must be in"),
-    (lambda: moe_z_loss(torch.randn(4), 0.1), "logits must be 2-D"),
-    (lambda: moe_z_loss(torch.randn(4, 8), -0.1), "coef must be in"),
     (lambda: moe_aux_scores(torch.randn(4, 8), 0), r"topk must be in \[1, 8\]"),
     (lambda: moe_aux_scores(torch.randn(4, 8), 2, score="tanh"), "score must be one of"),
     (lambda: routing_to_dense(torch.rand(4, 2), torch.zeros(4, 3, dtype=torch.int64), 8),

@@ -47,6 +47,7 @@ BAD_MODEL = [
     (dict(head_dim=None, hidden_size=66), r"hidden_size \(66\) must be divisible by num_attention_heads"),
     (dict(params_dtype="int8"), r"params_dtype must be one of"),
     (dict(router_score="relu"), r"router_score must be one of \('softmax', 'sigmoid'\)"),
+    (dict(aux_loss_type="global_aux_loss"), r"aux_loss_type must be one of \('aux_loss', 'seq_aux_loss'\), got 'global_aux_loss'"),
     (dict(moe_ffn_hidden_size=None), r"moe_ffn_hidden_size must be set"),
     (dict(moe_router_topk=9), r"moe_router_topk must be in \[1, num_experts=8\], got 9"),
     (dict(dense_layers=(5,)), r"dense_layers must be layer indices in \[0, 2\)"),
@@ -150,6 +151,17 @@ def test_to_hf_config_round_trip(cfg):
                   "moe_router_topk", "dense_layers", "router_pre_softmax", "qk_layernorm",
                   "add_qkv_bias", "tie_embeddings", "rope_theta", "rms_norm_eps"):
         assert getattr(back, field) == getattr(cfg, field), field
+
+
+def test_to_hf_config_of_a_sequence_wise_loss_says_qwen_has_none(caplog):
+    """Qwen3-MoE's router_aux_loss_coef is a batch-wise loss: a sequence-wise one is not
+    written as it (export warns), a batch-wise one is."""
+    cfg = ModelConfig.preset("tiny-moe").replace(aux_loss_coef=1e-3)
+    assert cfg.to_hf_config()["router_aux_loss_coef"] == 1e-3
+    with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
+        d = cfg.replace(aux_loss_type="seq_aux_loss").to_hf_config()
+    assert d["router_aux_loss_coef"] == 0.0 and d["output_router_logits"] is False
+    assert "qwen3_moe has no sequence-wise balance loss" in caplog.text
 
 
 def test_to_hf_config_rejects_deepseek_routing():

@@ -174,15 +174,25 @@ def test_fp8_weights_are_refused_not_cast(tmp_path):
         load(str(tmp_path))
 
 
-def test_sequence_wise_balance_loss_not_applied_warns(caplog):
+def test_sequence_wise_balance_loss_is_read_but_not_applied(caplog):
     """DeepSeek-V3's config.json carries its pretraining balance loss (aux_loss_alpha with
-    seq_aux); r1fast has none of that kind, so loading it says so instead of dropping it."""
+    seq_aux, true by default in DeepSeek's code): transformers does not train with it, so the
+    coefficient stays 0 and a warning says how to turn it on; the kind is kept. Export writes
+    both keys back when the loss is on."""
     with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
         cfg = ModelConfig.from_hf_config({**HF_CONFIG, "model_type": "deepseek_v3",
                                           "aux_loss_alpha": 0.001, "seq_aux": True})
-    assert cfg.aux_loss_coef == 0.0
+    assert cfg.aux_loss_coef == 0.0 and cfg.aux_loss_type == "seq_aux_loss"
     assert "aux_loss_alpha=0.001 (seq_aux=True) is not applied" in caplog.text
+    assert "model.aux_loss_coef = 0.001 turns on that sequence-wise balance loss" in caplog.text
+    for seq_aux, kind in ((False, "aux_loss"), (None, "seq_aux_loss")):
+        got = ModelConfig.from_hf_config({**HF_CONFIG, "model_type": "deepseek_v3",
+                                          "aux_loss_alpha": 0.001, "seq_aux": seq_aux})
+        assert got.aux_loss_type == kind
+    on = cfg.replace(aux_loss_coef=1e-4).to_hf_config()
+    assert on["aux_loss_alpha"] == 1e-4 and on["seq_aux"] is True
+    assert "aux_loss_alpha" not in cfg.to_hf_config()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="r1fast.policy"):
-        ModelConfig.from_hf_config({**HF_CONFIG, "model_type": "deepseek_v3"})
-    assert "aux_loss_alpha" not in caplog.text
+        plain = ModelConfig.from_hf_config({**HF_CONFIG, "model_type": "deepseek_v3"})
+    assert "aux_loss_alpha" not in caplog.text and plain.aux_loss_type == "aux_loss"

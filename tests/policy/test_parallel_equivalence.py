@@ -81,3 +81,20 @@ def test_reference_is_not_trivial(results):
     ref = results["ref"]
     assert ref["grad_norm"].item() > 1.0
     assert ref["logprobs"].abs().max().item() > 1.0
+
+
+def test_sequence_wise_balance_loss_under_sequence_parallelism(tmp_path):
+    """TP2 with sequence parallelism holds half of every row on each rank (the second half
+    with the pad): the sequence-wise loss sums the rows' counts and lengths over the two ranks,
+    so the gradients are the one-rank ones."""
+    cfg = ModelConfig.preset("tiny-dsv3").replace(aux_loss_coef=5e-2,
+                                                  aux_loss_type="seq_aux_loss")
+    base = dict(ckpt=str(tmp_path / "ckpt"), lr=1e-3, adam_eps=1e-3, batch=2, length=LENGTH,
+                model=cfg.to_dict())
+    ref = _dist.launch(1, "parity", dict(base, tp=1, pp=1, ep=1, create=True))[0]
+    tp2 = _dist.launch(2, "parity", dict(base, tp=2, pp=1, ep=1))
+    assert max_diff(tp2[0]["grads"], ref["grads"]) < 1e-6
+    off = _dist.launch(1, "parity", dict(base, tp=1, pp=1, ep=1, create=True,
+                                         ckpt=str(tmp_path / "off"),  # the same weights
+                                         model=cfg.replace(aux_loss_coef=0.0).to_dict()))[0]
+    assert max_diff(off["grads"], ref["grads"]) > 1e-5  # the loss moves the gradients

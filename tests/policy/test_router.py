@@ -1,6 +1,6 @@
 """R1fastRouter (r1fast.ops.moe_route inside megatron's router) against megatron's own
 TopKRouter: the same dispatcher inputs (probs, routing map), the same gradients including the
-load-balancing and z losses, the same expert-load counts for the aux-loss-free bias; padding
+load-balancing (batch- and sequence-wise) and z losses, the same expert-load counts for the aux-loss-free bias; padding
 tokens excluded from the losses and counts; the routing hook (replay/record)."""
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ CONFIGS = {
                                                                   aux_loss_coef=0.0),
     "sigmoid-groups-bias+aux+z": ModelConfig.preset("tiny-dsv3").replace(aux_loss_coef=1e-2,
                                                                          z_loss_coef=1e-3),
+    "sigmoid-groups-bias+seq_aux": ModelConfig.preset("tiny-dsv3").replace(
+        aux_loss_coef=1e-2, aux_loss_type="seq_aux_loss"),
+    "softmax-after-topk+seq_aux+z": ModelConfig.preset("tiny-moe").replace(
+        aux_loss_coef=1e-2, aux_loss_type="seq_aux_loss", z_loss_coef=1e-3),
 }
 
 
@@ -91,7 +95,8 @@ def test_aux_and_z_losses_contribute_gradient():
     assert (gw1 - gw2).abs().max().item() > 1e-6
 
 
-@pytest.mark.parametrize("name", ["softmax-after-topk+aux+z", "sigmoid-groups-bias+aux+z"])
+@pytest.mark.parametrize("name", ["softmax-after-topk+aux+z", "sigmoid-groups-bias+aux+z",
+                                  "sigmoid-groups-bias+seq_aux"])
 def test_padding_tokens_are_excluded_from_losses_and_counts(name):
     """Router on [S, B] with the last position padded == router on the first S-1 positions,
     for the valid rows' probabilities, all gradients, and the expert-load counts."""
@@ -169,11 +174,36 @@ def test_routing_hook_replays_and_records():
     mine.routing_hook = None
 
 
+@pytest.mark.parametrize("name", ["sigmoid-groups-bias+seq_aux", "softmax-after-topk+seq_aux+z"])
+def test_sequence_wise_loss_is_the_mean_of_each_rows_own(name):
+    """seq_aux_loss on a [S, 2] micro-batch whose first row ends early (pads after position
+    3): the router weight's gradient from the loss alone is the mean of the two rows' routed
+    alone, each over its own tokens; the batch-wise loss is not (it pools the rows)."""
+    cfg = CONFIGS[name].replace(z_loss_coef=0.0)
+    x = torch.randn(6, 2, 64, generator=torch.Generator().manual_seed(6))  # [S, B, H]
+    mask = torch.zeros(6, 2, dtype=torch.bool)
+    mask[4:, 0] = True
+
+    def aux_grad(c, inp, m=None):
+        router, _ = routers(c)
+        router.weight.grad = None
+        probs, _ = router(inp, padding_mask=m)
+        (probs * 0).sum().backward()  # only the attached loss reaches the weight
+        return router.weight.grad.clone()
+
+    both = aux_grad(cfg, x, mask)
+    alone = (aux_grad(cfg, x[:4, :1]) + aux_grad(cfg, x[:, 1:])) / 2
+    assert both.abs().max().item() > 1e-6
+    torch.testing.assert_close(both, alone, atol=1e-8, rtol=1e-5)
+    pooled = aux_grad(cfg.replace(aux_loss_type="aux_loss"), x, mask)
+    assert (pooled - both).abs().max().item() > 1e-6
+
+
 def test_unsupported_load_balancing_type():
     cfg = CONFIGS["softmax-after-topk+aux+z"]
     mine, _ = routers(cfg)
-    mine.routing_type = "seq_aux_loss"
-    with pytest.raises(ValueError, match="supports moe_router_load_balancing_type='aux_loss' only"):
+    mine.routing_type = "global_aux_loss"
+    with pytest.raises(ValueError, match="'aux_loss' and 'seq_aux_loss', got 'global_aux_loss'"):
         run(mine, torch.randn(2, 1, 64))
 
 
