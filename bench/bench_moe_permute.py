@@ -1,6 +1,7 @@
 """Benchmark of MoE token permutation: ``moe_permute`` (token rows -> expert-contiguous rows)
 and ``moe_unpermute`` (weighted combine back), forward and backward: time, GB/s, fraction of
-the device's copy bandwidth measured in the same run, peak extra memory, max error.
+the device's copy bandwidth measured in the same run, peak extra memory, max error of the
+output and (full mode) of the gradients against fp64.
 
 Both are bandwidth bound (ANCHORS §3C: T=16384, H=4096, k=8 moves 1.21 GB -> 0.40 ms on an
 H100), so the yardstick is ``copy_`` of the same bytes (``frac_copy = copy_ms / ms``).
@@ -31,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 from bench_moe_route import add_copy_fraction, fast_missing, megatron_missing  # noqa: E402
-from harness import MODES, Provider, print_table, run_case, save_rows  # noqa: E402
+from harness import (MODES, Provider, print_table, reference_grads, run_case,  # noqa: E402
+                     save_rows)
 
 from r1fast.ops.moe_permute import _unpermute_reference, moe_permute, moe_unpermute  # noqa: E402
 from r1fast.ops.moe_route import moe_route, routing_to_dense  # noqa: E402
@@ -89,6 +91,9 @@ def bench_case(op, T, H, k, E, dtype, device, modes, reps) -> list[dict]:
             return megatron_permute(x, rmap, T * k)
         with torch.no_grad():
             reference = moe_permute(x.detach(), idx, E, impl="torch").permuted
+
+        def exact(x):
+            return moe_permute(x, idx, E, impl="torch").permuted
         bytes_moved = {"forward": tok_bytes + rows_bytes, "backward": rows_bytes + tok_bytes}
     else:
         _, row_map, _ = moe_permute(torch.empty(T, 1, device=device), idx, E, impl="torch")
@@ -106,6 +111,9 @@ def bench_case(op, T, H, k, E, dtype, device, modes, reps) -> list[dict]:
             return megatron_unpermute(y, weights, idx, rmap, sorted_idx)
         with torch.no_grad():
             reference = _unpermute_reference(y.detach().double(), row_map, w.double())
+
+        def exact(y, weights):
+            return _unpermute_reference(y, row_map, weights)
         bytes_moved = {"forward": rows_bytes + tok_bytes,
                        "backward": tok_bytes + 2 * rows_bytes}
     bytes_moved["full"] = bytes_moved["forward"] + bytes_moved["backward"]
@@ -115,8 +123,11 @@ def bench_case(op, T, H, k, E, dtype, device, modes, reps) -> list[dict]:
         Provider("reference", ours("torch")),
         Provider("megatron", mega, megatron_missing, peer=True),
     ]
+    # every provider's rows are in the same order and its gradients against the same
+    # upstream, so each is checked against the fp64 gradients (megatron's too)
+    grads = reference_grads(exact, inputs) if "full" in modes else None
     rows = run_case(f"moe_{op}", shape, inputs, providers, modes=modes, reference=reference,
-                    bytes_moved=bytes_moved, reps=reps)
+                    grad_reference=grads, bytes_moved=bytes_moved, reps=reps)
     add_copy_fraction(rows, {m: bytes_moved[m] for m in modes}, device, reps)
     return rows
 
@@ -132,9 +143,9 @@ def main(argv=None) -> None:
                                                              ("bf16" if cuda else "fp32")]
     reps = args.reps or (20 if cuda else 3)
     all_rows = []
-    for op in args.ops:
-        for T in Ts:
-            for H in Hs:
+    for H in Hs:  # the first H (the target's 4096) for both ops before the next one
+        for op in args.ops:
+            for T in Ts:
                 for k in ks:
                     print(f"\n== moe_{op} T={T} H={H} k={k} E={args.E} {dtype} on {device.type}")
                     rows = bench_case(op, T, H, k, args.E, dtype, device, args.modes, reps)

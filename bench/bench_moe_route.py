@@ -1,6 +1,7 @@
 """Benchmark of MoE routing (top-k with score function, groups, bias, weights, counts): time,
-GB/s, fraction of the device's copy bandwidth measured in the same run, peak extra memory and
-max |weight error| against an fp64 reference.
+GB/s, fraction of the device's copy bandwidth measured in the same run, peak extra memory,
+max |weight error| against an fp64 reference and (r1fast's providers, full mode) the
+relative error of d(logits) against fp64.
 
 Routing is memory/launch bound (ANCHORS §3C: T=16384, E=256, k=8 moves ~18 MB forward), so the
 yardstick is ``dst.copy_(src)`` of the same number of bytes (a copy reads and writes, so a
@@ -41,6 +42,7 @@ from harness import (  # noqa: E402
     compiled_at_first_call,
     interpreter_timed,
     print_table,
+    reference_grads,
     run_case,
     save_rows,
     time_ms,
@@ -135,9 +137,12 @@ def max_error(p: Provider, logits, k, kw, ref_dense, failed: set[str]) -> float 
     return (dense.double() - ref_dense).abs().max().item()
 
 
-def bench_case(T, E, k, config, dtype, device, modes, reps, saved=None) -> list[dict]:
-    """The case's rows, provider by provider (the compiled peer last); ``saved(rows)`` after
-    each, so a stage cut at its time limit keeps every provider it measured."""
+def bench_case(T, E, k, config, dtype, device, modes, reps, saved=None, compiled=False
+               ) -> list[dict]:
+    """The case's rows, provider by provider; ``saved(rows)`` after each, so a stage cut at
+    its time limit keeps every provider it measured. ``compiled``: the torch.compile peer
+    alone (main() runs it after every config's other providers: its compiles take the longest
+    and no target reads it)."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(T, E, generator=g) * 2).to(dtype).to(device).requires_grad_()
     kw = route_kwargs(config, E, k, device)
@@ -151,12 +156,14 @@ def bench_case(T, E, k, config, dtype, device, modes, reps, saved=None) -> list[
         Provider("reference", ours("torch")),
         Provider("megatron", lambda logits: megatron_route(logits, k, kw), megatron_missing,
                  peer=True),
-        Provider("megatron torch.compile", lambda logits: compiled_megatron_route(logits, k, kw),
-                 lambda: megatron_missing() or (None if device.type == "cuda" else
-                                                "timed on CUDA only (inductor's CPU compile "
-                                                "takes minutes on a two-core machine)"),
-                 peer=True),
     ]
+    if compiled:
+        providers = [Provider(
+            "megatron torch.compile", lambda logits: compiled_megatron_route(logits, k, kw),
+            lambda: megatron_missing() or (None if device.type == "cuda" else
+                                           "timed on CUDA only (inductor's CPU compile "
+                                           "takes minutes on a two-core machine)"),
+            peer=True)]
     elt = logits.element_size()
     fwd = T * E * elt + E * 4 + T * k * (4 + 8) + E * 8
     bwd = T * k * (4 + 8) + 2 * T * E * elt
@@ -168,11 +175,17 @@ def bench_case(T, E, k, config, dtype, device, modes, reps, saved=None) -> list[
         sel = moe_route(logits.detach(), k, impl="torch", **kw).indices
         ref = moe_route(logits.detach().double(), k, impl="torch", replay_indices=sel, **kw)
     ref_dense = routing_to_dense(ref.weights, ref.indices, E)[0]
+    # fp64 d(logits) of the [T, k] weights under the harness's fixed upstream gradient, for
+    # r1fast's providers (megatron returns dense [T, E] probs: another upstream, no check)
+    grads = reference_grads(lambda logits: moe_route(logits, k, impl="torch",
+                                                     replay_indices=sel, **kw),
+                            {"logits": logits}) if "full" in modes else None
     floor = {m: copy_floor_ms(bytes_moved[m], device, reps) for m in modes}
     rows: list[dict] = []
     for p in providers:
         got = run_case("moe_route", shape, {"logits": logits}, [p], modes=modes,
-                       bytes_moved=bytes_moved, reps=reps, measure_memory=True)
+                       bytes_moved=bytes_moved, reps=reps, measure_memory=True,
+                       grad_reference=None if p.name.startswith("megatron") else grads)
         failed = {r["provider"] for r in got if "the peer failed" in str(r.get("skipped", ""))}
         err = max_error(p, logits.detach(), k, kw, ref_dense, failed)
         for r in got:
@@ -197,16 +210,20 @@ def main(argv=None) -> None:
     reps = args.reps or (20 if cuda else 3)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     all_rows = []
-    for T in Ts:
-        for E, k in pairs:
-            for config in args.configs:
-                print(f"\n== moe_route T={T} E={E} k={k} {config} {args.dtype} on {device.type}")
-                done = list(all_rows)
-                save = None if args.no_save else (  # after each provider: a cut run keeps it
-                    lambda rows, done=done: save_rows(done + rows, "moe_route_" + device.type))
-                rows = bench_case(T, E, k, config, dtype, device, args.modes, reps, save)
-                print_table(rows, extra=["copy_ms", "frac_copy"])
-                all_rows += rows
+    for compiled in (False, True):  # the compiled peer after every case's other providers
+        for T in Ts:
+            for E, k in pairs:
+                for config in args.configs:
+                    print(f"\n== moe_route T={T} E={E} k={k} {config} {args.dtype} on "
+                          f"{device.type}" + (" (torch.compile)" if compiled else ""))
+                    done = list(all_rows)
+                    save = None if args.no_save else (  # after each provider: a cut run
+                        lambda rows, done=done: save_rows(done + rows,  # keeps it
+                                                          "moe_route_" + device.type))
+                    rows = bench_case(T, E, k, config, dtype, device, args.modes, reps, save,
+                                      compiled=compiled)
+                    print_table(rows, extra=["copy_ms", "frac_copy"])
+                    all_rows += rows
 
 
 if __name__ == "__main__":
