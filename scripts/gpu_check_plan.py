@@ -54,12 +54,15 @@ BENCH_ARGS = {
                     "--reps", "10"],
     # a small bf16 MoE (H=1024, 4 layers, 32 experts top-2, V=32000; 16 prompts x 8 samples of
     # up to 128 tokens): the tiny recipe's model (H=64, V=256) would time launches, not kernels
-    "step": ["--steps", "2", "--model.hidden_size=1024", "--model.num_layers=4",
+    "step": ["--steps", "3", "--model.hidden_size=1024", "--model.num_layers=4",
              "--model.num_attention_heads=16", "--model.num_query_groups=4",
              "--model.num_experts=32", "--model.moe_ffn_hidden_size=512",
              "--model.ffn_hidden_size=2048", "--model.vocab_size=32000",
              "--model.params_dtype=bfloat16", "--data.prompts_per_step=16",
-             "--algo.group_size=8", "--rollout.max_new_tokens=128"],
+             "--algo.group_size=8", "--rollout.max_new_tokens=128",
+             # the tiny recipe's 512-token micro-batches would cut the update into ~30 pieces
+             # and time launches: one micro-batch of up to 8192 tokens per forward/backward
+             "--parallel.max_tokens_per_microbatch=8192"],
     # 64 rows of the length mix on a small bf16 MoE (H=1024, 4 layers, 32 experts, V=32000)
     "rollout": ["--rows", "64", "--hidden", "1024", "--layers", "4", "--experts", "32",
                 "--vocab", "32000", "--dtype", "bfloat16", "--reps", "2"],
@@ -72,7 +75,9 @@ BENCH_ARGS = {
                     "--reps", "5"],
 }
 DRY_BENCH_ARGS = {
-    "linear_logprob": ["--T", "32", "--H", "32", "--V", "256", "--modes", "full", "--reps", "1"],
+    # every mode and the bare-GEMM floor rows, as on a GPU (the targets table reads them)
+    "linear_logprob": ["--T", "32", "--H", "32", "--V", "256", "--modes", "forward", "backward",
+                       "full", "--gemm", "--reps", "1"],
     "grpo_loss": ["--tokens", "256", "--fused-shape", "32", "32", "256"],
     "moe_route": ["--T", "32", "--E", "16", "--k", "2", "--modes", "full", "--reps", "1"],
     "moe_permute": ["--T", "32", "--H", "64", "--k", "2", "--E", "16", "--modes", "full",

@@ -69,6 +69,12 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert "## Targets (issue #18" in summary
     assert "| linear_logprob logp error vs fp64 | <= 1e-4 |" in summary
     assert "(not the issue's shape); r1fast triton" in summary
+    # the floor rows (--gemm) and every mode run in dry mode too, as on a GPU
+    floor = next(line for line in summary.splitlines()
+                 if line.startswith("| linear_logprob fwd+bwd / 8THV floor |"))
+    assert "not measured" not in floor, floor
+    assert {r.get("mode") for r in bench if r.get("provider") == "r1fast triton"} == \
+        {"forward", "backward", "full"}
     # the compiler's report runs for real (sm_90 cubins) even without a GPU
     res = [r for r in rows if r["kind"] == "resources"]
     assert res and all(r["regs"] > 0 and r["arch"] == "sm_90" for r in res), res
