@@ -74,6 +74,9 @@ class SFTRecipe:
     save_every: int = 0
     """Checkpoint (model, optimizer, data order) every N steps; 0: only at the end. A long run
     killed in between resumes from its last checkpoint."""
+    keep_last: int = 0
+    """Keep the newest N checkpoints: older ones are deleted after each save, each deletion
+    logged; 0 keeps every checkpoint (as Megatron-LM and verl do)."""
     resume: bool = True
     """Continue from ``out_dir/checkpoints`` when it holds a complete checkpoint (resharded to
     this run's ``[parallel]`` layout if that differs)."""
@@ -91,6 +94,9 @@ class SFTRecipe:
         if self.save_every < 0:
             raise ValueError(f"sft.save_every must be >= 0 (0: only at the end), got "
                              f"{self.save_every}")
+        if self.keep_last < 0:
+            raise ValueError(f"sft.keep_last must be >= 0 (0: keep every checkpoint), got "
+                             f"{self.keep_last}")
         if self.max_tokens < 0:
             raise ValueError(f"sft.max_tokens must be >= 0 (0: the model's positions), got "
                              f"{self.max_tokens}")
@@ -184,7 +190,8 @@ def sft_config(run: SFTRun, model, steps: int):
     return SFTConfig(model=model, parallel=run.parallel, optim=optim, steps=steps,
                      batch_size=r.batch_size, loss_on_prompt=r.loss_on_prompt,
                      init_from=r.init_from, out_dir=r.out_dir, seed=r.seed, progress=r.progress,
-                     save_every=r.save_every, resume=r.resume, overwrite=r.overwrite)
+                     save_every=r.save_every, keep_last=r.keep_last, resume=r.resume,
+                     overwrite=r.overwrite)
 
 
 def run_sft_recipe(run: SFTRun) -> tuple[Path, dict]:

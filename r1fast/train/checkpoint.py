@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from r1fast.atomic import fsync_dir, sync_tree, write_text_atomic
+from r1fast.atomic import fsync_dir, sync_tree
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
@@ -97,101 +96,6 @@ def barrier() -> None:
 
 
 _barrier = barrier
-
-
-SHARED_MARKER = ".r1fast_shared_check"
-SHARED_WAIT_S = 5.0
-"""How long a rank retries reading rank 0's marker before it reports the folder unshared."""
-
-
-def check_shared_folder(folder: str | Path, key: str) -> None:
-    """Under several processes (collective): every rank sees the file rank 0 writes into
-    ``folder``, else a one-line error naming ``key``. Every rank writes its shards of each
-    checkpoint into the run folder, so a node-local path failed only at the first checkpoint
-    (``save_every`` steps, maybe hours, in) with a bare FileNotFoundError on one rank. Starts
-    torch.distributed when torchrun asked for several processes."""
-    import secrets
-
-    from r1fast.policy.parallel import all_ranks_object, expected_world_size, init_distributed
-
-    if expected_world_size() == 1:
-        return
-    init_distributed()
-    folder, rank = Path(folder), _rank_world()[0]
-    marker = folder / SHARED_MARKER
-    token = None
-    if rank == 0:
-        token = secrets.token_hex(8)
-        write_text_atomic(marker, token)
-    token = all_ranks_object(token)[0]
-    folder.mkdir(parents=True, exist_ok=True)  # an NFS client may cache "no such folder"
-    seen, waited = None, 0.0
-    while True:  # and take a few seconds to see a file another node wrote
-        try:
-            seen = marker.read_text()
-        except OSError:
-            seen = None
-        if seen == token or waited >= SHARED_WAIT_S:
-            break
-        time.sleep(0.5)
-        waited += 0.5
-    blind = [r for r, ok in enumerate(all_ranks_object(seen == token)) if not ok]
-    if rank == 0:  # every rank has looked (the gather above waits for all)
-        marker.unlink(missing_ok=True)
-    if blind:
-        raise ValueError(f"{key}={folder} is not one folder for every process: rank(s) "
-                         f"{blind[:8]} do not see the file rank 0 wrote there; every rank writes "
-                         f"its shards of each checkpoint into it, so it must be on a file "
-                         f"system all nodes share")
-
-
-def set_aside(run_dir: str | Path, names: tuple[str, ...]) -> Path:
-    """Move the ``names`` that exist in ``run_dir`` into a new ``run_dir/previous_<time>/``
-    (never deletes anything); returns that folder."""
-    run_dir = Path(run_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = run_dir / f"previous_{stamp}"
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = run_dir / f"previous_{stamp}_{n}"
-    aside.mkdir(parents=True)
-    for name in names:
-        if (run_dir / name).exists():
-            os.replace(run_dir / name, aside / name)
-    fsync_dir(run_dir)
-    return aside
-
-
-def start_fresh(run_dir: str | Path, names: tuple[str, ...], *, overwrite: bool, resume: bool,
-                what: str, resume_off: str, overwrite_on: str,
-                error: type[Exception] = ValueError) -> None:
-    """Step 0 in ``run_dir``. A folder that holds checkpoints or metrics is an ``error`` naming
-    them, unless ``overwrite``: then rank 0 moves ``names`` into ``previous_<time>/`` (never
-    deleted) with a warning, and every rank waits for it (collective). ``what`` names the run
-    ("SFT run"); ``resume_off`` / ``overwrite_on`` spell the settings as the user writes
-    them."""
-    run_dir = Path(run_dir)
-    found = has_run_files(run_dir, tuple(n for n in names if n.endswith(".jsonl")))
-    if _rank_world()[1] > 1:
-        # every rank acts on rank 0's view: a rank that looked after rank 0 had moved the files
-        # saw none, skipped the barrier below, and the ranks' collectives parted (helper-74)
-        from r1fast.policy.parallel import all_ranks_object
-
-        found = all_ranks_object(found)[0]
-    if not found:
-        return
-    if not overwrite:
-        why = "holds no complete checkpoint" if resume else f"has {resume_off}"
-        raise error(f"{what} folder {run_dir} already holds {', '.join(found[:3])}"
-                    f"{' ...' if len(found) > 3 else ''} but {why}: starting over from step 0 "
-                    f"needs {overwrite_on}, which keeps the old files in {run_dir}/"
-                    f"previous_<time>/; or choose another out_dir")
-    if _rank_world()[0] == 0:
-        aside = set_aside(run_dir, names)
-        log.warning("%s starts from step 0 (%s); the previous run's files are in %s", what,
-                    overwrite_on, aside)
-    barrier()
 
 
 def run_steps(trainer, steps: int, save_every: int, logger) -> None:
@@ -264,7 +168,7 @@ def check_finite_state(state: Any, what: str) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
-                    keep_last: int | None = 2,
+                    keep_last: int = 0,
                     write_shared: Callable[[Path], None] | None = None,
                     shared_tensors: Any = None,
                     _before_commit: Callable[[], None] | None = None) -> Path:
@@ -274,9 +178,10 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
     ``write_shared(folder)`` is called on every rank with the (temporary) checkpoint folder to
     write the parts all ranks write together (the distributed model and optimizer state);
     ``shared_tensors`` holds this rank's tensors it writes, checked for NaN/Inf with
-    ``rank_state`` before anything is written. ``_before_commit`` is a test hook called on rank 0
-    after all files are written and before the rename: a kill there must leave the previous
-    checkpoint as ``latest``.
+    ``rank_state`` before anything is written. ``keep_last`` > 0 deletes all but the newest
+    ``keep_last`` checkpoints up to this step once it is committed (0 keeps all).
+    ``_before_commit`` is a test hook called on rank 0 after all files are written and before
+    the rename: a kill there must leave the previous checkpoint as ``latest``.
     """
     rank, world = _rank_world()
     bad = nonfinite_tensors(rank_state) + nonfinite_tensors(shared_tensors or {})
@@ -322,6 +227,7 @@ def save_checkpoint(root: str | Path, step: int, rank_state: dict, meta: dict,
             # has not reached) is never removed here
             done = sorted(s for s, _ in _step_dirs(root) if s <= step)
             for old in done[:-keep_last]:
+                log.info("removing checkpoint step_%08d (keeping the newest %d)", old, keep_last)
                 shutil.rmtree(root / f"step_{old:08d}")
     _barrier()
     return final
@@ -424,8 +330,10 @@ def resume_point(root: str | Path, *, resume: bool, overwrite: bool,
     resumed anyway, a WARNING says that ``overwrite`` did nothing and how to start over
     (``start_over``, the setting as the user writes it). ``expect``: (the meta.json key this
     kind of run writes, its name): a checkpoint without it is another kind of run's, refused
-    before anything is built or loaded."""
-    path = latest_checkpoint(root) if resume else None
+    before anything is built or loaded. Under several processes (torch.distributed started:
+    :func:`r1fast.train.run_folder.check_shared_folder` first) every rank takes rank 0's
+    checkpoint (collective)."""
+    path = _rank_zeros(latest_checkpoint(root) if resume else None)
     if path is not None and expect is not None and expect[0] not in read_meta(path):
         raise CheckpointError(f"checkpoint {path} is not a {expect[1]} checkpoint (its "
                               f"meta.json has no {expect[0]!r}: another kind of run writes "
@@ -434,6 +342,24 @@ def resume_point(root: str | Path, *, resume: bool, overwrite: bool,
         log.warning("resuming from %s: overwrite applies only to a run that does not resume; "
                     "to start over from step 0, set %s", path, start_over)
     return path
+
+
+def _rank_zeros(path: Path | None) -> Path | None:
+    """Rank 0's ``path`` on every rank (collective under several processes). Each rank found
+    the latest checkpoint itself: a node whose file-system cache still showed the previous
+    ``latest`` resumed an older step than the others, and its ranks trained other weights on
+    other data without an error until the next save (helper-78)."""
+    if _rank_world()[1] == 1:
+        return path
+    from r1fast.policy.parallel import all_ranks_object
+
+    views = all_ranks_object(None if path is None else str(path))
+    stale = [r for r, v in enumerate(views) if v != views[0]]
+    if stale and _rank_world()[0] == 0:
+        log.warning("rank(s) %s saw another latest checkpoint (%s) than rank 0 (%s), as a "
+                    "file-system cache can; every rank resumes rank 0's", stale[:8],
+                    views[stale[0]], views[0])
+    return None if views[0] is None else Path(views[0])
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -456,22 +382,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         return None
     log.warning("%s; using the newest complete checkpoint %s instead", why, complete[-1])
     return complete[-1]
-
-
-def has_run_files(run_dir: str | Path,
-                  logs: tuple[str, ...] = ("metrics.jsonl", "eval.jsonl")) -> list[str]:
-    """What in a run folder a fresh start would overwrite: checkpoint folders (complete or not)
-    and the non-empty ``logs`` of the kind of run (a GRPO run's step-0 evaluation is written to
-    eval.jsonl before its first checkpoint or metrics row: a later start must not take it as
-    its own)."""
-    run_dir = Path(run_dir)
-    found = [p.name for _, p in _step_dirs(run_dir / "checkpoints")]
-    found = [f"checkpoints/{n}" for n in found]
-    for name in logs:
-        file = run_dir / name
-        if file.is_file() and file.stat().st_size > 0:
-            found.append(name)
-    return found
 
 
 def read_meta(path: str | Path) -> dict:

@@ -326,6 +326,9 @@ class RunConfig:
     """Seed of model init and sampling."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 0
+    """Keep the newest N checkpoints: older ones are deleted after each save, each deletion
+    logged; 0 keeps every checkpoint (as Megatron-LM and verl do)."""
     resume: bool = True
     """Continue from out_dir/checkpoints/latest when present."""
     init_from: Optional[str] = None
@@ -347,6 +350,9 @@ class RunConfig:
         if self.save_every < 0:
             raise ValueError(f"run.save_every must be >= 0 (0: only at the end), got "
                              f"{self.save_every}")
+        if self.keep_last < 0:
+            raise ValueError(f"run.keep_last must be >= 0 (0: keep every checkpoint), got "
+                             f"{self.keep_last}")
         if not str(self.out_dir).strip():
             raise ValueError("run.out_dir must be a folder path, got an empty string")
 

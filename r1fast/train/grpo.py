@@ -40,8 +40,8 @@ from r1fast.train.balance import balance_over_dp
 from r1fast.train.batch import (UpdateBatch, all_ranks_int, build_update_batch,
                                 groups_with_signal, model_parallel_agreed, rank_rows,
                                 scores_for_model_parallel_group, split_even)
-from r1fast.train.checkpoint import (check_resumed_config, check_shared_folder,
-                                     load_checkpoint, resume_point, save_checkpoint, start_fresh)
+from r1fast.train.checkpoint import (check_resumed_config, load_checkpoint, resume_point,
+                                     save_checkpoint)
 from r1fast.train.config import TrainConfig, config_warnings, load_train_config
 from r1fast.train.dynamic_sampling import RolloutBatch, row_seeds, sample_until_full
 from r1fast.train.engine import TrainEngine
@@ -55,6 +55,7 @@ from r1fast.policy.dist_ckpt import load_sharded, save_sharded
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.policy_io import copy_weights, load_model_state
 from r1fast.train.reward_routing import source_means
+from r1fast.train.run_folder import check_shared_folder, start_fresh
 from r1fast.train.task import (TaskData, build_task, check_inputs, check_tokenizer_fits,
                                read_prompts, run_tokenizer)
 from r1fast.typed_toml import ConfigError, dump_toml
@@ -71,7 +72,8 @@ REPORTED_UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad
 
 #: config keys a resume may change without a word: the run's length, layout and logging
 _FREE_ON_RESUME = ("run.steps", "run.resume", "run.overwrite", "run.progress",
-                   "run.tensorboard", "run.save_every", "parallel.", "data.eval_every",
+                   "run.tensorboard", "run.save_every", "run.keep_last", "parallel.",
+                   "data.eval_every",
                    "data.eval_before_train")
 
 
@@ -92,18 +94,24 @@ class GRPOTrainer:
         tokenizer = task.tokenizer if task is not None else run_tokenizer(config)
         check_tokenizer_fits(tokenizer, config.model.vocab_size, "model.vocab_size")
         prompts = read_prompts(config, tokenizer) if task is None else None
+        check_shared_folder(self.run_dir, "run.out_dir")  # starts torch.distributed
         self._resume_from = resume_point(self.ckpt_dir, resume=config.run.resume,
                                          overwrite=config.run.overwrite,
                                          start_over="--run.resume=false", expect=("data", "GRPO"))
         if self._resume_from is None and not config.run.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
-        check_shared_folder(self.run_dir, "run.out_dir")
+        use_kl = a.objective.kl is not None and a.objective.kl_coef > 0
+        if use_kl and self._resume_from is not None and (self._resume_from / "policy").is_dir() \
+                and not (self._resume_from / "reference").is_dir():
+            raise ConfigError(f"algo.kl_coef={a.objective.kl_coef}: checkpoint "
+                              f"{self._resume_from} has no reference model (its run had no KL "
+                              f"term); resume with algo.kl_coef = 0, or start a new run from "
+                              f"the model (run.init_from)")
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.run.steps * a.ppo_epochs * a.mini_batches,
                                   seed=config.run.seed, init_from=config.run.init_from,
                                   resuming=self._resume_from is not None)
         self.policy, self.info = self.engine.policy, self.engine.info
-        use_kl = a.objective.kl is not None and a.objective.kl_coef > 0
         self.reference = build_policy(config.model, config.parallel, seed=config.run.seed,
                                       trainable=False) if use_kl else None
         # without a reference there is no KL term, not even a reported one
@@ -187,7 +195,8 @@ class GRPOTrainer:
         meta = {"data": self.task.state_dict(), "config": dump_toml(self.cfg),
                 **self.engine.checkpoint_meta()}
         return save_checkpoint(self.ckpt_dir, self.step_idx, self.engine.rank_state(), meta,
-                               write_shared=write_shared, shared_tensors=shared)
+                               keep_last=self.cfg.run.keep_last, write_shared=write_shared,
+                               shared_tensors=shared)
 
     # -------------------------------------------------------------------------- one step
     def step(self) -> dict[str, float]:

@@ -50,15 +50,15 @@ from r1fast.data.dataset import RowStream
 from r1fast.policy.config import ModelConfig, ParallelConfig
 from r1fast.policy.optim import OptimConfig
 from r1fast.train.batch import all_ranks_int
-from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, check_shared_folder,
-                                     load_checkpoint, resume_point, run_steps, save_checkpoint,
-                                     start_fresh)
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load_checkpoint,
+                                     resume_point, run_steps, save_checkpoint)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.typed_toml import dump_toml
 from r1fast.train.reward_model_io import (META_FILE, PolicyRewardModel, RewardBackbone,
                                           encode_texts, export_sequence_classifier, head_scores,
                                           load_head, save_reward_model)
+from r1fast.train.run_folder import check_shared_folder, start_fresh
 
 log = logging.getLogger("r1fast.train")
 
@@ -112,6 +112,9 @@ class RewardModelTrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end; a checkpoint is always written at the
     end)."""
+    keep_last: int = 0
+    """Keep the newest N checkpoints: older ones are deleted after each save, each deletion
+    logged; 0 keeps every checkpoint (as Megatron-LM and verl do)."""
     resume: bool = True
     """Continue from ``out_dir/checkpoints`` when it holds a complete checkpoint."""
     overwrite: bool = False
@@ -120,7 +123,7 @@ class RewardModelTrainConfig:
 
     def __post_init__(self):
         for name, lo in (("steps", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                         ("max_length", 0), ("save_every", 0)):
+                         ("max_length", 0), ("save_every", 0), ("keep_last", 0)):
             if getattr(self, name) < lo:
                 raise ValueError(f"reward model: {name} must be >= {lo}, got "
                                  f"{getattr(self, name)}")
@@ -278,6 +281,7 @@ class RewardModelTrainer:
         self.cfg = config
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        check_shared_folder(self.run_dir, "the reward model's out_dir (--out)")  # starts dist
         path = resume_point(self.ckpt_dir, resume=config.resume, overwrite=config.overwrite,
                             start_over="resume=False (--overwrite on the command line)",
                             expect=("reward_data", "reward-model"))
@@ -298,7 +302,6 @@ class RewardModelTrainer:
         if self.max_length > model.max_position_embeddings:
             raise ValueError(f"reward model: max_length={self.max_length} exceeds the model's "
                              f"max_position_embeddings={model.max_position_embeddings}")
-        check_shared_folder(self.run_dir, "the reward model's out_dir (--out)")
         self.engine = RewardEngine(model, config.parallel, config.optim,
                                    total_updates=config.steps, seed=config.seed,
                                    init_from=config.init_from, resuming=path is not None)
@@ -343,7 +346,7 @@ class RewardModelTrainer:
                                   f"meta.json has no reward_data); choose another out_dir")
         check_resumed_config(meta.get("config"), dump_toml(self.cfg), path,
                              ("steps", "resume", "overwrite", "progress", "save_every",
-                              "export_hf", "eval_batch_size", "parallel."))
+                              "keep_last", "export_hf", "eval_batch_size", "parallel."))
         self.engine.load_checkpoint(path, state, meta)
         self.step_idx, self.order.position = int(meta["step"]), int(data["position"])
         self.before, self.last_loss = data.get("heldout_before"), data.get("last_loss")
@@ -364,7 +367,7 @@ class RewardModelTrainer:
                                 "heldout_before": self.before},
                 "config": dump_toml(self.cfg), **self.engine.checkpoint_meta()}
         return save_checkpoint(self.ckpt_dir, self.step_idx, self.engine.rank_state(), meta,
-                               write_shared=self.engine.write_shared,
+                               keep_last=self.cfg.keep_last, write_shared=self.engine.write_shared,
                                shared_tensors=self.engine.shared_tensors())
 
     # -------------------------------------------------------------------------- training
@@ -515,6 +518,8 @@ def _parser() -> argparse.ArgumentParser:
                     "pairs; default: a rank's whole share of the batch at once)")
     ap.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at "
                     "the end only); a rerun with the same --out resumes from the latest")
+    ap.add_argument("--keep-last", type=int, default=0, help="keep the newest N checkpoints "
+                    "(0: every one)")
     ap.add_argument("--overwrite", action="store_true", help="start from step 0 in an --out "
                     "that holds a run (its files move to previous_<time>/)")
     ap.add_argument("--no-export", action="store_true", help="skip the out/hf export")
@@ -533,7 +538,7 @@ def stage_main(argv: Sequence[str]) -> int:
         optim=OptimConfig(lr=args.lr), steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
         progress=args.progress, export_hf=not args.no_export, save_every=args.save_every,
-        overwrite=args.overwrite, resume=not args.overwrite,
+        keep_last=args.keep_last, overwrite=args.overwrite, resume=not args.overwrite,
         chat_template=not args.no_chat_template)
     summary = RewardModelTrainer(cfg).fit()
     import torch.distributed as dist

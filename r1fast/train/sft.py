@@ -57,12 +57,12 @@ from r1fast.policy.optim import OptimConfig
 from r1fast.policy.transfer import to_device_async
 from r1fast.train.balance import balanced_partition
 from r1fast.train.batch import UpdateBatch, all_ranks_int, build_update_batch, split_even
-from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, check_shared_folder,
-                                     load_checkpoint, resume_point, run_steps, save_checkpoint,
-                                     start_fresh)
+from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load_checkpoint,
+                                     resume_point, run_steps, save_checkpoint)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
 from r1fast.train.packing import packed_micro_batches
+from r1fast.train.run_folder import check_shared_folder, start_fresh
 from r1fast.train.task import check_tokenizer_fits
 from r1fast.typed_toml import dump_toml
 
@@ -102,6 +102,9 @@ class SFTConfig:
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end; a checkpoint is always written at the
     end)."""
+    keep_last: int = 0
+    """Keep the newest N checkpoints: older ones are deleted after each save, each deletion
+    logged; 0 keeps every checkpoint (as Megatron-LM and verl do)."""
     resume: bool = True
     """Continue from ``out_dir/checkpoints`` when it holds a complete checkpoint."""
     overwrite: bool = False
@@ -115,7 +118,8 @@ class SFTConfig:
 
 
 _RANGES = {"steps": Range(integer=True, lo=1), "batch_size": Range(integer=True, lo=1),
-           "save_every": Range(integer=True, lo=0), "seed": Range(integer=True, lo=0)}
+           "save_every": Range(integer=True, lo=0), "keep_last": Range(integer=True, lo=0),
+           "seed": Range(integer=True, lo=0)}
 
 
 def _check_config(cfg: SFTConfig) -> None:
@@ -163,12 +167,12 @@ class SFTTrainer:
         _check_rows(self.data, config.model.max_position_embeddings)
         self.run_dir = Path(config.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        check_shared_folder(self.run_dir, "sft.out_dir")  # starts torch.distributed
         path = resume_point(self.ckpt_dir, resume=config.resume, overwrite=config.overwrite,
                             start_over="resume=False (in a recipe --sft.resume=false)",
                             expect=("sft_data", "SFT"))
         if path is None and not config.overwrite:
             self._check_fresh_start()  # only raises: without overwrite nothing is moved
-        check_shared_folder(self.run_dir, "sft.out_dir")
         self.engine = TrainEngine(config.model, config.parallel, config.optim,
                                   total_updates=config.steps, seed=config.seed,
                                   init_from=config.init_from, resuming=path is not None)
@@ -216,7 +220,7 @@ class SFTTrainer:
                                   f"no sft_data); choose another out_dir for this SFT run")
         check_resumed_config(meta.get("config"), dump_toml(self.cfg), path,
                              ("steps", "resume", "overwrite", "progress", "save_every",
-                              "parallel."))
+                              "keep_last", "parallel."))
         self.engine.load_checkpoint(path, state, meta)
         self.step_idx = int(meta["step"])
         if "position" in data:
@@ -246,7 +250,7 @@ class SFTTrainer:
                              "fingerprint": self.data_fingerprint},
                 "config": dump_toml(self.cfg), **self.engine.checkpoint_meta()}
         return save_checkpoint(self.ckpt_dir, self.step_idx, self.engine.rank_state(), meta,
-                               write_shared=self.engine.write_shared,
+                               keep_last=self.cfg.keep_last, write_shared=self.engine.write_shared,
                                shared_tensors=self.engine.shared_tensors())
 
     # -------------------------------------------------------------------------- one step

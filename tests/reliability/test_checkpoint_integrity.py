@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from r1fast.train.checkpoint import (CheckpointError, has_run_files, latest_checkpoint,
-                                     load_checkpoint, save_checkpoint)
+from r1fast.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint)
+from r1fast.train.run_folder import has_run_files
 
 pytestmark = pytest.mark.reliability
 
@@ -244,7 +245,7 @@ def _fresh_start_worker(rank, run_dir):
 
     import torch.distributed as dist
 
-    from r1fast.train.checkpoint import start_fresh
+    from r1fast.train.run_folder import start_fresh
 
     if rank == 1:
         time.sleep(1.0)  # looks at the folder after rank 0 has moved its files aside
@@ -272,10 +273,10 @@ def test_a_fresh_start_over_a_run_decides_once_for_every_rank(tmp_path):
 
 
 def _shared_folder_worker(rank, root):
-    from r1fast.train import checkpoint
-    from r1fast.train.checkpoint import SHARED_MARKER, check_shared_folder
+    from r1fast.train import run_folder
+    from r1fast.train.run_folder import SHARED_MARKER, check_shared_folder
 
-    checkpoint.SHARED_WAIT_S = 0.5  # the blind rank's retries (5 s on a real file system)
+    run_folder.SHARED_WAIT_S = 0.5  # the blind rank's retries (5 s on a real file system)
 
     shared = os.path.join(root, "shared")
     check_shared_folder(shared, "run.out_dir")  # one folder for both: passes
@@ -296,3 +297,41 @@ def test_a_run_folder_that_is_not_shared_is_refused_at_the_start(tmp_path):
 
     (tmp_path / "shared").mkdir()
     run_gloo(2, str(tmp_path / "store"), _shared_folder_worker, str(tmp_path))
+
+
+def _resume_worker(rank, root):
+    import logging
+
+    import torch.distributed as dist
+
+    from r1fast.train import checkpoint
+
+    from pathlib import Path
+
+    # rank 1's node: its file-system cache still shows the previous latest
+    seen = Path(root) / ("step_00000002" if rank == 0 else "step_00000001")
+    checkpoint.latest_checkpoint = lambda _root: seen
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("r1fast.train").addHandler(handler)
+    path = checkpoint.resume_point(root, resume=True, overwrite=False, start_over="-")
+    assert path == Path(root) / "step_00000002", (rank, path)
+    said = " ".join(r.getMessage() for r in records)
+    if rank == 0:
+        assert "rank(s) [1] saw another latest checkpoint" in said and \
+            "every rank resumes rank 0's" in said, said
+    assert checkpoint.resume_point(root, resume=False, overwrite=False, start_over="-") is None
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)  # the collectives still pair up
+    assert t.item() == 3.0
+
+
+@pytest.mark.multiproc
+def test_every_rank_resumes_rank_zeros_checkpoint(tmp_path):
+    """Each rank found the latest checkpoint itself: a rank whose file-system cache showed the
+    previous one resumed step 1 while rank 0 resumed step 2, and both trained on without an
+    error until the next save (helper-78). Every rank now takes rank 0's."""
+    from tests.helpers.spawn import run_gloo
+
+    run_gloo(2, str(tmp_path / "store"), _resume_worker, str(tmp_path / "checkpoints"))

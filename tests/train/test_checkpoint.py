@@ -22,10 +22,18 @@ def test_save_load_roundtrip_and_latest(tmp_path):
     assert torch.equal(loaded["w"], torch.ones(2))
 
 
-def test_keep_last(tmp_path):
-    for s in range(4):
-        save_checkpoint(tmp_path, s, {"s": s}, {}, keep_last=2)
+def test_keep_last(tmp_path, caplog):
+    """Every checkpoint stays unless asked (Megatron-LM's and verl's default: a hard-coded 2
+    deleted older ones without a word, helper-78); keep_last=N keeps the newest N and logs each
+    deletion."""
+    for s in range(3):
+        save_checkpoint(tmp_path / "all", s, {"s": s}, {})
+    assert len(list((tmp_path / "all").glob("step_*"))) == 3
+    with caplog.at_level("INFO", logger="r1fast.train"):
+        for s in range(4):
+            save_checkpoint(tmp_path, s, {"s": s}, {}, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    assert "removing checkpoint step_00000001 (keeping the newest 2)" in caplog.text
 
 
 def _killed_save(root):
