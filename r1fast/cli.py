@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 
@@ -80,6 +82,18 @@ def _stage(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return stage_main(list(rest))
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, Slurm's notice before its SIGKILL) ends the run as an
+    exception would: ``finally`` blocks and exit handlers run (logs closed, megatron's
+    checkpoint-writer Manager shut down), where the default action left that server running
+    under init, holding the terminal's output open (helper-78). Exit status 143 as before."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="r1fast", description="R1-style RL for MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("stage", help="one stage of the R1 pipeline", add_help=False)
     p.set_defaults(fn=_stage)
     args, rest = parser.parse_known_args(argv)
+    exit_on_sigterm()
     try:
         return int(args.fn(args, rest) or 0)
     except (ValueError, FloatingPointError) as e:

@@ -119,6 +119,9 @@ def save_sharded(policy, optimizer, folder: str | Path,
     :func:`model_sharded_state`) into ``folder``; collective."""
     from megatron.core import dist_checkpointing
 
+    from r1fast.megatron_compat import results_queue
+
+    results_queue.install()  # megatron's writer Manager, stopped with this process
     folder = Path(folder)
     if (not dist.is_initialized() or dist.get_rank() == 0):
         folder.mkdir(parents=True, exist_ok=True)
