@@ -243,6 +243,11 @@ class ModelConfig:
                  "router_expert_bias (aux-loss-free balancing) needs router_score='sigmoid'")
             need(not (self.router_pre_softmax and self.router_score == "sigmoid"),
                  "router_pre_softmax applies to router_score='softmax' only")
+            # a softmax over the one selected logit is 1 whatever the logits: megatron refuses it
+            need(not (self.moe_router_topk == 1 and self.router_score == "softmax"
+                      and not self.router_pre_softmax),
+                 "moe_router_topk=1 with router_score='softmax' needs router_pre_softmax=true "
+                 "(a softmax over the one selected logit is always 1: nothing trains the router)")
         else:
             need(not self.dense_layers and self.shared_expert_size is None,
                  "dense_layers/shared_expert_size need num_experts (an MoE model)")

@@ -47,6 +47,7 @@ BAD_MODEL = [
     (dict(head_dim=None, hidden_size=66), r"hidden_size \(66\) must be divisible by num_attention_heads"),
     (dict(params_dtype="int8"), r"params_dtype must be one of"),
     (dict(router_score="relu"), r"router_score must be one of \('softmax', 'sigmoid'\)"),
+    (dict(moe_router_topk=1), r"moe_router_topk=1 with router_score='softmax' needs router_pre_softmax=true"),
     (dict(aux_loss_type="global_aux_loss"), r"aux_loss_type must be one of \('aux_loss', 'seq_aux_loss'\), got 'global_aux_loss'"),
     (dict(moe_ffn_hidden_size=None), r"moe_ffn_hidden_size must be set"),
     (dict(moe_router_topk=9), r"moe_router_topk must be in \[1, num_experts=8\], got 9"),
