@@ -83,14 +83,17 @@ def _stage(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 def exit_on_sigterm() -> None:
-    """SIGTERM (``kill``, ``timeout``, Slurm's notice before its SIGKILL) ends the run as an
-    exception would: ``finally`` blocks and exit handlers run (logs closed, megatron's
-    checkpoint-writer Manager shut down), where the default action left that server running
-    under init, holding the terminal's output open (helper-78). Exit status 143 as before."""
+    """SIGTERM (``kill``, ``timeout``) ends a single-process run as an exception would:
+    ``finally`` blocks and exit handlers run (logs closed, megatron's checkpoint-writer Manager
+    shut down), where the default action left that server running under init, holding the
+    terminal's output open (helper-78). Exit status 143 as before. Not under torchrun: a
+    Python handler runs only between bytecodes, so a rank blocked in a collective would outlive
+    the signal until its timeout (helper-79); there the default action stays."""
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
-    if threading.current_thread() is threading.main_thread():
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if single and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
 
 
