@@ -164,7 +164,10 @@ class R1fastRouter(TopKRouter):
         num_tokens = logits.shape[0]
         valid = None if padding_mask is None else ~padding_mask.reshape(-1).bool()  # [T]
         training = self.training and torch.is_grad_enabled()
-        losses = training and (cfg.moe_z_loss_coeff or self.is_aux_loss_enabled())
+        # the token total is the z-loss's and the batch-wise loss's (the sequence-wise one
+        # counts per row); without them it is never formed (a collective under SP)
+        losses = training and (cfg.moe_z_loss_coeff or (self.is_aux_loss_enabled()
+                                                        and self.routing_type == "aux_loss"))
         # the tokens that count, over the TP(xCP) group: pads masked, never indexed away (a
         # boolean index waits for the GPU in every MoE layer of every micro-batch)
         counted = self._token_count(valid, num_tokens) if losses else None
@@ -246,15 +249,16 @@ class R1fastRouter(TopKRouter):
         scores, counts = moe_aux_scores(aux_logits, self.topk,
                                         score=self.config.moe_router_score_function,
                                         impl=self.impl)
-        if valid is not None:  # take the pads out: their scores, and their known top-k counts
+        if valid is not None:  # take the pads' scores out
             scores = scores * valid[:, None].to(scores.dtype)
-            first_k = torch.arange(counts.shape[0], device=counts.device) < self.topk
-            counts = counts - first_k.to(counts.dtype) * (~valid).sum().to(counts.dtype)
         group = self.tp_cp_group
-        if kind == "seq_aux_loss":
+        if kind == "seq_aux_loss":  # counts of its own, per row
             aux = self._sequence_aux_loss(scores, valid, rows, coeff)
             self._track("seq_load_balancing_loss", aux / coeff, reduce_group=group)
             return MoEAuxLossAutoScaler.apply(weights, aux)
+        if valid is not None:  # and the pads' known top-k from the counts
+            first_k = torch.arange(counts.shape[0], device=counts.device) < self.topk
+            counts = counts - first_k.to(counts.dtype) * (~valid).sum().to(counts.dtype)
         # Counts and token total of the whole TP(xCP) group: under sequence parallelism each
         # rank holds a slice of the tokens, and the balance loss is defined on all of them.
         global_counts = reduce_from_tensor_model_parallel_region(counts.float(), group)

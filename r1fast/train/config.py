@@ -403,7 +403,10 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     :data:`LARGE_MODEL_PARAMS` parameters (the tiny models r1fast pretrains itself want it)."""
     from r1fast.plan.memory import total_params
 
+    from r1fast.train.packing import sequence_loss_on_packed_rows
+
     out = _sampling_warnings(cfg) + _unused_option_warnings(cfg)
+    out += [w for w in (sequence_loss_on_packed_rows(cfg.model, cfg.parallel),) if w]
     init = cfg.run.init_from
     if isinstance(cfg.optim.lr, _config.DefaultFloat) and init and is_model_folder(init):
         params = total_params(cfg.model)

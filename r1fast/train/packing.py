@@ -32,6 +32,21 @@ log = logging.getLogger("r1fast.train")
 _warned_budgets: set[int] = set()  # one warning per budget per process, not one per step
 
 
+def sequence_loss_on_packed_rows(model, parallel) -> str | None:
+    """The warning for a sequence-wise balance loss over packed micro-batches, else None: the
+    router sees a packed micro-batch as one row, so the loss balances each packed row (as
+    DeepSeek-V3's own packed pretraining rows), not each sample; it is then the batch-wise
+    loss of that micro-batch."""
+    if not (model.is_moe and model.aux_loss_coef > 0 and model.aux_loss_type == "seq_aux_loss"
+            and parallel.max_tokens_per_microbatch > 0):
+        return None
+    return (f"model.aux_loss_type = 'seq_aux_loss' with packed micro-batches "
+            f"(parallel.max_tokens_per_microbatch = {parallel.max_tokens_per_microbatch}): a "
+            f"packed row counts as one sequence, so the loss balances each micro-batch of up to "
+            f"that many tokens (DeepSeek-V3's packed pretraining rows), not each sample; "
+            f"parallel.max_tokens_per_microbatch = 0 puts one sample in each row")
+
+
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Row indices per micro-batch: first-fit decreasing under ``max_tokens`` real tokens.
     A row longer than the budget gets a micro-batch of its own. Rows of length 0 are left

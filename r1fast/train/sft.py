@@ -61,7 +61,7 @@ from r1fast.train.checkpoint import (CheckpointError, check_resumed_config, load
                                      resume_point, run_steps, save_checkpoint)
 from r1fast.train.engine import TrainEngine
 from r1fast.train.metrics import MetricsLogger, truncate_metrics
-from r1fast.train.packing import packed_micro_batches
+from r1fast.train.packing import packed_micro_batches, sequence_loss_on_packed_rows
 from r1fast.train.run_folder import check_shared_folder, start_fresh
 from r1fast.train.task import check_tokenizer_fits
 from r1fast.typed_toml import dump_toml
@@ -194,6 +194,9 @@ class SFTTrainer:
                              f"parallel size ({dp})")
         rows, mbs = cfg.batch_size // dp, cfg.parallel.micro_batch_size
         if cfg.parallel.max_tokens_per_microbatch > 0:
+            said = sequence_loss_on_packed_rows(cfg.model, cfg.parallel)
+            if said and self.engine.is_logger:
+                log.warning("%s", said)
             if mbs and self.engine.is_logger:
                 log.warning("parallel.micro_batch_size=%d is not used by SFT training: "
                             "parallel.max_tokens_per_microbatch=%d packs the rows by tokens",

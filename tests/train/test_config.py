@@ -70,6 +70,11 @@ def test_from_dict_nested_unknown():
     (["--rollout.top_k=20", "--rollout.logprobs=sampled"], "rollout.top_k=20: completions"),
     (["--rollout.top_k=20", "--rollout.logprobs=sampled", "--algo.tis_cap=2"], None),
     (["--rollout.logprobs=sampled"], "without algo.tis_cap"),
+    # a sequence-wise balance loss over packed rows balances rows, not samples (helper-79)
+    (["--model.aux_loss_coef=1e-3", "--model.aux_loss_type=seq_aux_loss",
+      "--parallel.max_tokens_per_microbatch=512"],
+     "model.aux_loss_type = 'seq_aux_loss' with packed micro-batches"),
+    (["--model.aux_loss_coef=1e-3", "--model.aux_loss_type=seq_aux_loss"], None),
 ])
 def test_sampling_warnings_name_an_uncorrected_truncation(overrides, says):
     from r1fast.train.config import config_warnings, load_train_config
