@@ -175,6 +175,14 @@ def providers(cuda: bool, f: float) -> list[Provider]:
 R1FAST_LAST = "r1fast triton (gemm tiles)"
 
 
+def _fractions(rows: list[dict], floor_rows: list[dict]) -> None:
+    """``frac_roofline`` of each timed row: the bare GEMMs' time of its mode over its own."""
+    floor = {r["mode"]: r["ms"] for r in floor_rows}
+    for r in rows:
+        if r.get("mode") in floor and "ms" in r:
+            r["frac_roofline"] = floor[r["mode"]] / r["ms"]
+
+
 def gemm_rows(inputs, shape, modes, device, flops, warmup, reps) -> tuple[list[dict], dict]:
     """Bare torch.matmul GEMMs of the shape: the roofline rows and their times per mode."""
     rows = [{"op": "linear_logprob", "provider": "bare GEMM (roofline)", "mode": mode,
@@ -241,14 +249,12 @@ def main(argv=None) -> list[dict]:
                             grad_reference=None if summed else grads, flops=flops,
                             warmup=warmup, reps=reps,
                             count_launches=False)  # GEMM-bound: the count says nothing
+            _fractions(rows, g_rows)  # saved with each provider: a cut stage keeps them
             keep(rows)
             if p.name == R1FAST_LAST and g_rows:  # the floor again, at r1fast's clocks
                 time_floor(g_rows, inputs, device, flops, warmup, floor_reps)
-        g_ms = {r["mode"]: r["ms"] for r in g_rows}
-        for r in all_rows[first:]:
-            if r.get("mode") in g_ms and "ms" in r:
-                r["frac_roofline"] = g_ms[r["mode"]] / r["ms"]
-        keep([])  # the rows again, with the floor's second time and the fractions
+                _fractions(all_rows[first:], g_rows)
+                keep([])  # the rows again, with the floor's second time
         print_table(all_rows[first:], extra=["frac_roofline"])
         _acceptance(all_rows[first:])
         del inputs, reference, grads
