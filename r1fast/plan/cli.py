@@ -105,8 +105,13 @@ def _rows(plan: MemoryPlan, cfg) -> list[tuple[str, str, str]]:
                      + (" per slice" if sliced else " (all prompts at once)"),
                      _gib(w.prefill_bytes)))
     rows.append((f"= rollout peak (+{opt.reserve_gib:g} GiB reserve)", "", _gib(w.rollout_peak)))
-    rows.append(("PEAK", f"fits {opt.gpu_mem_gib:g} GiB: {'yes' if plan.fits else 'NO'}",
-                 _gib(w.peak)))
+    if w.save_bytes:
+        rows.append(("checkpoint save (transient)", "the optimizer state all-gathered over DP "
+                     "on the GPU, one buffer at a time", _gib(w.save_bytes)))
+        rows.append((f"= save peak (+{opt.reserve_gib:g} GiB reserve)", "", _gib(w.save_peak)))
+    room = plan.gpu_mem_bytes - w.peak
+    rows.append(("PEAK", f"fits {opt.gpu_mem_gib:g} GiB: {'yes' if plan.fits else 'NO'} "
+                 f"({'margin' if room >= 0 else 'short by'} {_gib(abs(room))})", _gib(w.peak)))
     return rows
 
 
@@ -133,7 +138,8 @@ def format_plan(plan: MemoryPlan, cfg, title: str = "", use_rich: bool | None = 
     rows = _rows(plan, cfg)
     stage_rows = [(str(s.stage), f"{s.layers[0]}-{s.layers[1] - 1}",
                    _count(s.dense_params + s.expert_params), _gib(s.train_peak),
-                   _gib(s.rollout_peak)) for s in plan.stages] if plan.pp > 1 else []
+                   _gib(s.rollout_peak), _gib(s.save_peak)) for s in plan.stages] \
+        if plan.pp > 1 else []
     tail = [f"note: {n}" for n in plan.notes]
     if use_rich is None:
         try:
@@ -157,8 +163,9 @@ def _render_plain(title, head, table_title, rows, stage_rows, tail) -> str:
     if stage_rows:
         out += ["", "per pipeline stage:",
                 f"{'stage':>5}  {'layers':>7}  {'params/rank':>11}  {'train peak':>11}  "
-                f"{'rollout peak':>12}"]
-        out += [f"{a:>5}  {b:>7}  {c:>11}  {d:>11}  {e:>12}" for a, b, c, d, e in stage_rows]
+                f"{'rollout peak':>12}  {'save peak':>10}"]
+        out += [f"{a:>5}  {b:>7}  {c:>11}  {d:>11}  {e:>12}  {f:>10}"
+                for a, b, c, d, e, f in stage_rows]
     return "\n".join(out + tail)
 
 
@@ -181,7 +188,8 @@ def _render_rich(title, head, table_title, rows, stage_rows, tail) -> str:
     console.print(table)
     if stage_rows:
         st = Table(title="per pipeline stage", title_justify="left")
-        for name in ("stage", "layers", "params/rank", "train peak", "rollout peak"):
+        for name in ("stage", "layers", "params/rank", "train peak", "rollout peak",
+                     "save peak"):
             st.add_column(name, justify="right")
         for r in stage_rows:
             st.add_row(*(Text(x) for x in r))
@@ -347,6 +355,20 @@ def _decoder(args: argparse.Namespace, cfg, raw: dict) -> str:
     return args.decoder
 
 
+def _without_te(local: MemoryPlan) -> str:
+    """The note that the default plan counts Transformer Engine's layers, with the peak of the
+    layers r1fast builds where Transformer Engine is absent (it is not a dependency)."""
+    from r1fast.megatron_compat import te_absent
+
+    here = " (not installed on this machine)" if te_absent() else ""
+    return (f"activations are counted for Transformer Engine's layers (--spec te: flash "
+            f"attention, fused norms). r1fast does not install Transformer Engine{here}; on "
+            f"GPUs without it, it builds megatron's local layers (unpacked rows keep [s, s] "
+            f"attention scores; MLA's attention keeps fp32 scores per head): peak "
+            f"{local.worst.peak / GiB:.1f} GiB, {'fits' if local.fits else 'does NOT fit'} "
+            f"(--spec local)")
+
+
 def plan_main(argv: Sequence[str]) -> int:
     """Entry of ``r1fast plan``: 0 (1 with ``--check`` when it does not fit), 2 on a bad
     recipe, option or layout."""
@@ -375,6 +397,10 @@ def plan_main(argv: Sequence[str]) -> int:
         options = dict(prompt_len=args.prompt_len, spec=args.spec,
                        decoder=_decoder(args, cfg, raw), reserve_gib=args.reserve)
         plan = plan_memory(cfg, world, args.gpu_mem, recompute=recompute, **options)
+        if args.spec == "te":
+            local = plan_memory(cfg, world, args.gpu_mem, recompute=recompute,
+                                **{**options, "spec": "local"})
+            plan.notes.append(_without_te(local))
     except (ConfigError, ValueError) as e:
         print(f"r1fast plan: error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,9 @@ matching r1fast's policy (r1fast.policy.optim):
   of rows of fp64 CDFs: r1fast.rollout.sampler) beside the last stage's ``[B, V]`` logits;
 - a fixed runtime reserve (CUDA context, NCCL buffers, allocator fragmentation).
 
+- a checkpoint save (between steps): the GPU all-gather of one optimizer buffer (see
+  ``StagePlan.save_bytes``).
+
 Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
 transient is below the training one), expert load imbalance (the busiest expert's rank holds
 more routed tokens), MTP layers (not built), CPU offload, and megatron's
@@ -180,6 +183,13 @@ class StagePlan:
     rollout_peak: int
     """Resident state + KV cache + sampling logits + the largest of the prefill transient, a
     decode step's and the sampler's temporaries + reserve."""
+    save_bytes: int = 0
+    """Transient of a checkpoint save: on a GPU megatron all-gathers the distributed
+    optimizer's state over data parallelism one buffer and key at a time (r1fast.policy.
+    dist_ckpt's fully reshardable format), the whole buffer of this rank's parameters in fp32
+    beside a copy of its own shard."""
+    save_peak: int = 0
+    """Resident state + the save transient + reserve."""
 
     @property
     def resident_bytes(self) -> int:
@@ -188,7 +198,7 @@ class StagePlan:
 
     @property
     def peak(self) -> int:
-        return max(self.train_peak, self.rollout_peak)
+        return max(self.train_peak, self.rollout_peak, self.save_peak)
 
 
 @dataclass
@@ -332,8 +342,12 @@ def logprob_head_bytes(m: ModelConfig, tp: int, tokens: int,
         if tokens > ct and act < 4:
             fused += v_local * h * 4  # fp32 dW accumulator across token chunks
         fused += 7 * tokens * 4  # (m, s, S, z_y) partials + logp, entropy, lse
+        # the gradients its backward returns: fp32 dx [T, H] and dW [V/tp, H] in the weight's
+        # dtype (megatron adds dW to main_grad after)
+        fused += tokens * h * 4 + v_local * h * act
     per_logit = 4 + 4 + 4 + rounded  # logits, softmax, grad (+ 16-bit matmul out)
-    return int(fused), int(tokens * v_local * per_logit)
+    # + the matmul backward's dx [T, H] and dW [V/tp, H] in the activations' dtype
+    return int(fused), int(tokens * v_local * per_logit + (tokens + v_local) * h * act)
 
 
 def kv_cache_bytes(m: ModelConfig, tp: int, layers: int, seqs: int, seq_len: int) -> int:
@@ -490,6 +504,10 @@ def _stage_plan(cfg, par: ParallelConfig, stage: int, batch: _Batch,
         prefill_bytes=prefill, prefill_tokens=prefill_tokens, decode_bytes=decode, train_peak=0,
         rollout_peak=0)
     st.train_peak = st.resident_bytes + act_total + lp + reserve
+    if dist_opt:  # one sub-optimizer's buffer gathered whole (experts: their own at ep > 1)
+        parts = [(dense, shard_dense), (expert, shard_expert)] if ep > 1 else [(n, dp)]
+        st.save_bytes = max(4 * (k + math.ceil(k / d)) for k, d in parts)
+        st.save_peak = st.resident_bytes + st.save_bytes + reserve
     # a prefill's or a decode step's transient is gone before its logits are sampled
     st.rollout_peak = (st.resident_bytes + kv + roll_logits + max(prefill, decode, sampling)
                        + reserve)
@@ -513,7 +531,8 @@ def _notes(m: ModelConfig, tp: int, batch: _Batch, worst: StagePlan, fits: bool,
                  "rollout logits": worst.rollout_logits_bytes,
                  "rollout sampling": worst.sampling_bytes,
                  "rollout decode step": worst.decode_bytes,
-                 "rollout prefill": worst.prefill_bytes}
+                 "rollout prefill": worst.prefill_bytes,
+                 "checkpoint save transient": worst.save_bytes}
         top = max(parts, key=parts.get)
         notes.append(f"does not fit: stage {worst.stage} needs {worst.peak / GiB:.1f} GiB of "
                      f"{opts.gpu_mem_gib:g}; the largest term is {top} "
