@@ -29,14 +29,15 @@ Without ``packed_seq_params`` (right-padded rows, the rollout's prefill) the mod
 ``DotProductAttention`` unchanged, and the KV-cache decoder may swap it out like any core
 attention. ``Policy.packed_attention = "mask"`` keeps the explicit-mask path (for comparison);
 MLA keeps its own core attention (r1fast.policy.mla), which calls :func:`segment_attention` on
-the boundaries megatron's MLA finds in the restarted positions; the Transformer Engine spec
-(GPU) keeps the mask path too, with a warning, as its attention is not this module.
+the boundaries megatron's MLA finds in the restarted positions. Under the Transformer Engine
+spec (a GPU with TE installed) packing is refused with an error naming the setting: megatron
+builds TE's core attention with ``attn_mask_type=causal``, which does not take an explicit
+mask, so the block-diagonal mask would be dropped (TE's own ``thd`` path is not wired yet).
 Scores follow SDPA's precision: fp32 accumulation for fp32/bf16 inputs (docs/DESIGN.md §4).
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Optional
 
 import torch
@@ -47,7 +48,6 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from r1fast.policy.packed import packed_layout
 from r1fast.policy.transfer import to_device_once
 
-log = logging.getLogger("r1fast.policy")
 
 GROUP_SLACK = 1.5
 """A group of segments may cost at most this many times the attention work of its segments
@@ -244,16 +244,18 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     if cu_seqlens.dim() == 2 and cu_seqlens.shape[0] != 1:
         raise ValueError(f"cu_seqlens: one packed row per micro-batch, got "
                          f"{list(cu_seqlens.shape)}")
-    if mode == "segments" and not policy.model_cfg.is_mla \
-            and not _cores_are(policy, PackedDotProductAttention):
-        if not getattr(policy, "_warned_packed_mask", False):
-            policy._warned_packed_mask = True
-            log.warning("WARNING: packed_attention='segments' needs r1fast's local core "
-                        "attention; this policy's layers have another (Transformer Engine), "
-                        "so packed rows run the explicit [T, T] block-diagonal mask instead")
-        mode = "mask"
-    padded = policy._padded_len(length)
     from r1fast.policy.mla import MLACoreAttention, mla_thd_params
+
+    if not (_cores_are(policy, PackedDotProductAttention)
+            or _cores_are(policy, MLACoreAttention)):
+        # Transformer Engine's core attention, built by megatron with attn_mask_type=causal,
+        # does not take an explicit mask: packed sequences would attend to each other
+        raise ValueError("packed micro-batches (parallel.max_tokens_per_microbatch > 0) need "
+                         "r1fast's local core attention, and this policy's layers run "
+                         "Transformer Engine's, whose causal attention does not take r1fast's "
+                         "block-diagonal mask (the packed sequences would attend to each "
+                         "other); set parallel.max_tokens_per_microbatch = 0 for padded rows")
+    padded = policy._padded_len(length)
 
     if policy.model_cfg.is_mla and mode == "segments" and _cores_are(policy, MLACoreAttention):
         # MLA ropes the restarted positions itself from thd boundaries (the ones

@@ -261,6 +261,16 @@ def test_policy_segments_equal_the_mask_path_and_each_sequence_alone():
         policy.packed_attention = "flash"
         with pytest.raises(ValueError, match="packed_attention must be one of"):
             packed_inputs(policy, cu, 19)
+        # another core attention (Transformer Engine's, built causal, drops an explicit mask):
+        # packing is refused by its setting, in either mode (it was a warning and the mask)
+        layer = policy.gpt.decoder.layers[0]
+        layer.self_attention.core_attention = torch.nn.Identity()
+        for mode in ("segments", "mask"):
+            policy.packed_attention = mode
+            with pytest.raises(ValueError, match=r"packed micro-batches \(parallel.max_tokens_"
+                                                 r"per_microbatch > 0\) need r1fast's local "
+                                                 r"core attention"):
+                packed_inputs(policy, cu, 19)
     finally:
         destroy_parallel()
 
