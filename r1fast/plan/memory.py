@@ -50,10 +50,12 @@ matching r1fast's policy (r1fast.policy.optim):
 - a checkpoint save (between steps): the GPU all-gather of one optimizer buffer (see
   ``StagePlan.save_bytes``).
 
-Not modelled: forward-only passes (old and reference log-probs: no saved activations, their
-transient is below the training one), expert load imbalance (the busiest expert's rank holds
-more routed tokens), MTP layers (not built), CPU offload, and megatron's
-buffer padding (< 1%). r1fast.plan.measure measures a built policy for comparison;
+Not modelled: the optimizer step's transient (torch's AdamW, without TE or apex, makes an fp32
+``sqrt(v)`` per parameter of its shard: below the checkpoint save's gather, which holds a whole
+buffer, with the distributed optimizer), forward-only passes (old and reference log-probs: no
+saved activations, their transient is below the training one), expert load imbalance (the
+busiest expert's rank holds more routed tokens), MTP layers (not built), CPU offload, NCCL
+communicators beyond the reserve, and megatron's buffer padding (< 1%). r1fast.plan.measure measures a built policy for comparison;
 tests/plan/test_plan.py and tests/policy/test_recompute.py hold the formulas to megatron that
 way.
 """
