@@ -261,7 +261,9 @@ def _fits_lines(found: list[dict], plan: MemoryPlan, recipe_recompute: str) -> l
         if f["recompute"] != recipe_recompute:
             flags.append(f"--override parallel.recompute={f['recompute']}")
         how = " ".join(flags) if flags else "the run's own settings (no --recompute what-if)"
-        lines.append(f"fits {gib:g} GiB with {how}: {f['peak'] / GiB:.1f} GiB")
+        margin = plan.gpu_mem_bytes - f["peak"]  # the mode is named: a what-if may differ
+        lines.append(f"fits {gib:g} GiB with {how}: {f['peak'] / GiB:.1f} GiB (recompute "
+                     f"{f['recompute']}, margin {margin / GiB:.1f} GiB)")
     return lines + ["(a run takes --parallel.world_size=N for --gpus N, and the same overrides)"]
 
 
@@ -355,6 +357,15 @@ def _decoder(args: argparse.Namespace, cfg, raw: dict) -> str:
     return args.decoder
 
 
+def _on_a_gpu(cfg):
+    """``cfg`` with its "auto" experts settings as a GPU resolves them (the grouped kernels):
+    the local spec alone would plan them as on a CPU (megatron's per-expert loop)."""
+    def grouped(obj):
+        return dataclasses.replace(obj, experts="grouped") if obj.experts == "auto" else obj
+
+    return dataclasses.replace(cfg, parallel=grouped(cfg.parallel), rollout=grouped(cfg.rollout))
+
+
 def _without_te(local: MemoryPlan) -> str:
     """The note that the default plan counts Transformer Engine's layers, with the peak of the
     layers r1fast builds where Transformer Engine is absent (it is not a dependency)."""
@@ -397,8 +408,8 @@ def plan_main(argv: Sequence[str]) -> int:
         options = dict(prompt_len=args.prompt_len, spec=args.spec,
                        decoder=_decoder(args, cfg, raw), reserve_gib=args.reserve)
         plan = plan_memory(cfg, world, args.gpu_mem, recompute=recompute, **options)
-        if args.spec == "te":
-            local = plan_memory(cfg, world, args.gpu_mem, recompute=recompute,
+        if args.spec == "te":  # the layers a GPU without Transformer Engine runs
+            local = plan_memory(_on_a_gpu(cfg), world, args.gpu_mem, recompute=recompute,
                                 **{**options, "spec": "local"})
             plan.notes.append(_without_te(local))
     except (ConfigError, ValueError) as e:

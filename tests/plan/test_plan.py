@@ -243,7 +243,7 @@ def test_a_plan_that_does_not_fit_says_what_would(capsys):
     qwen = str(RECIPES / "qwen3_30b_a3b.toml")
     assert plan_main([qwen, "--plain"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[-2] == "fits 80 GiB with --gpus 32: 79.0 GiB"
+    assert out[-2] == "fits 80 GiB with --gpus 32: 79.0 GiB (recompute none, margin 1.0 GiB)"
     cfg = recipe("qwen3_30b_a3b.toml")
     assert not plan_memory(cfg, 8, recompute="full").fits  # 8 GPUs: no recompute is enough
     # 16 GPUs train and sample in 70 GiB with full recompute, but the checkpoint save gathers
@@ -266,7 +266,8 @@ def test_a_plan_that_does_not_fit_says_what_would(capsys):
     # a what-if recompute of a run that fits as set: said, not an empty flag list
     assert plan_main([qwen, "--plain", "--gpus", "32", "--gpu-mem", "72", "--override",
                       "parallel.recompute=full", "--recompute", "none"]) == 0
-    assert "fits 72 GiB with the run's own settings (no --recompute what-if): 68.0 GiB" in \
+    assert "fits 72 GiB with the run's own settings (no --recompute what-if): 68.0 GiB " \
+        "(recompute full, margin 4.0 GiB)" in \
         capsys.readouterr().out
     # a GPU count the trainer refuses is named with its reason
     assert plan_main([str(RECIPES / "tiny_tp2ep2.toml"), "--plain", "--gpu-mem", "0.001"]) == 0
