@@ -440,6 +440,7 @@ def _unused_option_warnings(cfg: TrainConfig) -> list[str]:
         ("algo", "ref_reset_every", not kl, "there is no reference (algo.kl_coef 0 or no kl)"),
         ("reward", "reward_model_weight", r.reward_model is None, "no reward.reward_model"),
         ("reward", "reward_model_normalize", r.reward_model is None, "no reward.reward_model"),
+        ("model", "aux_loss_type", not cfg.model.aux_loss_coef, "model.aux_loss_coef is 0"),
         ("data", "system_prompt", d.path is None and d.template is None,
          f"the synthetic data.task={d.task!r} prompts as written, outside any chat template "
          f"(set data.template, e.g. 'r1-zero', to render its questions in the chat template)"),

@@ -75,6 +75,8 @@ def test_from_dict_nested_unknown():
       "--parallel.max_tokens_per_microbatch=512"],
      "model.aux_loss_type = 'seq_aux_loss' with packed micro-batches"),
     (["--model.aux_loss_coef=1e-3", "--model.aux_loss_type=seq_aux_loss"], None),
+    (["--model.aux_loss_coef=0", "--model.aux_loss_type=seq_aux_loss"],  # no weight: unused
+     "model.aux_loss_type='seq_aux_loss' is not used: model.aux_loss_coef is 0"),
 ])
 def test_sampling_warnings_name_an_uncorrected_truncation(overrides, says):
     from r1fast.train.config import config_warnings, load_train_config
