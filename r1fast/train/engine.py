@@ -313,8 +313,8 @@ class TrainEngine:
             return
         if sched.lr_decay_style == "constant" and want > sched.lr_warmup_steps:
             sched.lr_decay_steps = sched.wd_incr_steps = want
-            log.info("%s: the constant LR schedule is extended from %d to %d updates", key,
-                     have, want)
+            log.info("%s: the constant LR schedule is %s from %d to %d updates", key,
+                     "extended" if want > have else "shortened", have, want)
             return
         log.warning("%s asks for an LR schedule of %d updates, but the checkpoint's schedule "
                     "(kept) has %d (lr_decay_style=%s): the LR continues on the checkpoint's "

@@ -586,6 +586,7 @@ def train_main(recipe: str | None, overrides: Sequence[str]) -> int:
     if trainer.is_logger:
         last = (f"last reward {rows[-1]['reward_mean']:.3f}" if rows else
                 "no step ran here (the checkpoint was at run.steps)")
+        tb = "tensorboard/, " if cfg.run.tensorboard else ""
         print(f"done: {trainer.step_idx} steps, run folder {trainer.run_dir} "
-              f"(metrics.jsonl, tensorboard/, checkpoints/); {last}", file=sys.stderr)
+              f"(metrics.jsonl, {tb}checkpoints/); {last}", file=sys.stderr)
     return 0
