@@ -1,7 +1,7 @@
 """A GRPO run over a hostile run folder: a damaged ``latest`` pointer must resume from the
 newest committed checkpoint, a fresh start never overwrites or deletes an existing run without
 ``run.overwrite``, resumed metrics have no duplicate steps, a longer run.steps says what
-happens to the LR schedule."""
+happens to the LR schedule, a KL term turned on at resume is refused before the build."""
 import logging
 
 import pytest
@@ -152,3 +152,23 @@ def test_a_resume_does_not_read_the_initial_weights_again(tmp_path):
     (row,) = _fit(tmp_path / "resumed", "--run.steps=2", start)
     assert (row["step"], row["loss"], row["reward_mean"], row["grad_norm"]) == \
         (2, whole[1]["loss"], whole[1]["reward_mean"], whole[1]["grad_norm"])
+
+
+def test_a_resume_that_turns_the_kl_term_on_is_refused_before_the_model_is_built(
+        tmp_path, monkeypatch):
+    """A run saved without a KL term has no reference model in its checkpoints: resuming it
+    with algo.kl_coef > 0 failed after the whole model was built, with megatron's traceback
+    about a missing 'reference' folder (helper-78). Now a one-line error naming the key."""
+    from r1fast.train import grpo
+
+    out = tmp_path / "run"
+    _fit(out, "--run.steps=2", "--run.save_every=1", "--run.keep_last=1")
+    # run.keep_last reaches the saves: the newest checkpoint only
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000002"]
+    monkeypatch.setattr(grpo, "TrainEngine", None)  # building the model would fail loudly
+    cfg = load_train_config(None, [*BASE, f"--run.out_dir={out}", "--run.steps=3",
+                                   "--algo.kl_coef=0.01"])
+    with pytest.raises(ConfigError, match=r"algo.kl_coef=0.0\d+: checkpoint .*step_00000002 has "
+                                          r"no reference model \(its run had no KL term\); "
+                                          r"resume with algo.kl_coef = 0"):
+        grpo.GRPOTrainer(cfg)
