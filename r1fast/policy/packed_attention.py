@@ -229,15 +229,16 @@ class SegmentedSeqParams(PackedSeqParams):
 def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
     """``(position_ids [1, T], attention_mask, packed_seq_params)`` of one packed micro-batch of
     ``T = length`` tokens for ``policy`` (on its device): restarted positions, then either the
-    block-diagonal mask [1, 1, T', T'] (``policy.packed_attention == "mask"``, the TE spec;
-    T' = T padded for sequence parallelism, the pads hidden) and None, or None and
+    block-diagonal mask [1, 1, T', T'] (``policy.packed_attention == "mask"``; T' = T padded
+    for sequence parallelism, the pads hidden) and None, or None and
     :class:`SegmentedSeqParams` (``"segments"``; the pads one more sequence), or, for MLA on
     r1fast's MLACoreAttention, no mask and the thd boundaries MLA would find in the positions
     (the sequence-parallel pads continue the last sequence, after every real token of it);
     there, a row that holds one sequence gives ``(None, None, None)``: its positions are the
     default ``0 .. T-1``, which MLA then takes without reading them off the device.
     Everything is derived on the host from ``cu_seqlens`` (give the host copy) and sent to
-    the device without a wait (r1fast.policy.packed)."""
+    the device without a wait (r1fast.policy.packed). Core attentions other than r1fast's
+    (Transformer Engine's) are refused."""
     mode = getattr(policy, "packed_attention", "segments")
     if mode not in MODES:
         raise ValueError(f"Policy.packed_attention must be one of {MODES}, got {mode!r}")
@@ -256,8 +257,7 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
                          "block-diagonal mask (the packed sequences would attend to each "
                          "other); set parallel.max_tokens_per_microbatch = 0 for padded rows")
     padded = policy._padded_len(length)
-
-    if policy.model_cfg.is_mla and mode == "segments" and _cores_are(policy, MLACoreAttention):
+    if policy.model_cfg.is_mla and mode == "segments":
         # MLA ropes the restarted positions itself from thd boundaries (the ones
         # r1fast.policy.mla.mla_packed_params would read off the positions, built here on the
         # host); its core attention attends per sequence from them (no mask)
@@ -266,7 +266,7 @@ def packed_inputs(policy, cu_seqlens: torch.Tensor, length: int):
             return None, None, None
         pos, _ = packed_layout(cu_seqlens, length, policy.device, mask=False)
         return pos, None, thd
-    if mode == "mask" or policy.model_cfg.is_mla:  # MLA on another core attention: the mask
+    if mode == "mask":
         pos, mask = packed_layout(cu_seqlens, length, policy.device)
         if padded > length:  # pads see nothing real, and nothing real sees them
             mask = F.pad(mask, (0, padded - length, 0, padded - length), value=True)
