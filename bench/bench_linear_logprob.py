@@ -183,17 +183,18 @@ def _fractions(rows: list[dict], floor_rows: list[dict]) -> None:
             r["frac_roofline"] = floor[r["mode"]] / r["ms"]
 
 
-def gemm_rows(inputs, shape, modes, device, flops, warmup, reps) -> tuple[list[dict], dict]:
-    """Bare torch.matmul GEMMs of the shape: the roofline rows and their times per mode."""
+def gemm_rows(inputs, shape, modes, device, flops, warmup, reps) -> list[dict]:
+    """Bare torch.matmul GEMMs of the shape: the roofline rows, timed."""
     rows = [{"op": "linear_logprob", "provider": "bare GEMM (roofline)", "mode": mode,
              "shape": shape, **environment()} for mode in modes]
-    return rows, time_floor(rows, inputs, device, flops, warmup, reps)
+    time_floor(rows, inputs, device, flops, warmup, reps)
+    return rows
 
 
-def time_floor(rows: list[dict], inputs, device, flops, warmup, reps) -> dict:
+def time_floor(rows: list[dict], inputs, device, flops, warmup, reps) -> None:
     """Time the bare GEMMs of each floor row's mode; a row timed before keeps the faster of its
     two times (``ms_first``, ``ms_again`` beside): the floor at the best clocks the run saw,
-    never one a cold or throttled GPU flatters r1fast with. Returns {mode: ms}."""
+    never one a cold or throttled GPU flatters r1fast with."""
     x, w = inputs["hidden"].detach(), inputs["weight"].detach()
     grad = torch.randn(x.shape[0], w.shape[0], device=device, dtype=x.dtype)  # [T, V] dlogits
     fns = {"forward": lambda: x @ w.T,
@@ -207,7 +208,6 @@ def time_floor(rows: list[dict], inputs, device, flops, warmup, reps) -> dict:
             r["ms_first"], r["ms_again"] = r["ms"], ms
             ms = min(ms, r["ms"])
         r["ms"], r["tflops"] = ms, gemm_flops[r["mode"]] / (ms * 1e-3) / 1e12
-    return {r["mode"]: r["ms"] for r in rows}
 
 
 def main(argv=None) -> list[dict]:
@@ -238,7 +238,7 @@ def main(argv=None) -> list[dict]:
         g_rows: list[dict] = []
         floor_reps = max(reps, 10)  # each GEMM call is short; the floor sets every fraction
         if cuda or args.gemm:
-            g_rows, _ = gemm_rows(inputs, shape, args.modes, device, flops, warmup, floor_reps)
+            g_rows = gemm_rows(inputs, shape, args.modes, device, flops, warmup, floor_reps)
             keep(g_rows)
         first = len(all_rows)
         for p in providers(cuda, flops["forward"]):

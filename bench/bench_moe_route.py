@@ -176,10 +176,11 @@ def bench_case(T, E, k, config, dtype, device, modes, reps, saved=None, compiled
         ref = moe_route(logits.detach().double(), k, impl="torch", replay_indices=sel, **kw)
     ref_dense = routing_to_dense(ref.weights, ref.indices, E)[0]
     # fp64 d(logits) of the [T, k] weights under the harness's fixed upstream gradient, for
-    # r1fast's providers (megatron returns dense [T, E] probs: another upstream, no check)
+    # r1fast's providers (megatron returns dense [T, E] probs: another upstream, no check;
+    # the compiled pass holds megatron's only)
     grads = reference_grads(lambda logits: moe_route(logits, k, impl="torch",
                                                      replay_indices=sel, **kw),
-                            {"logits": logits}) if "full" in modes else None
+                            {"logits": logits}) if "full" in modes and not compiled else None
     floor = {m: copy_floor_ms(bytes_moved[m], device, reps) for m in modes}
     rows: list[dict] = []
     for p in providers:
@@ -217,9 +218,9 @@ def main(argv=None) -> None:
                     print(f"\n== moe_route T={T} E={E} k={k} {config} {args.dtype} on "
                           f"{device.type}" + (" (torch.compile)" if compiled else ""))
                     done = list(all_rows)
-                    save = None if args.no_save else (  # after each provider: a cut run
-                        lambda rows, done=done: save_rows(done + rows,  # keeps it
-                                                          "moe_route_" + device.type))
+                    # after each provider: a stage cut at its limit keeps what it measured
+                    save = None if args.no_save else (
+                        lambda rows, done=done: save_rows(done + rows, "moe_route_" + device.type))
                     rows = bench_case(T, E, k, config, dtype, device, args.modes, reps, save,
                                       compiled=compiled)
                     print_table(rows, extra=["copy_ms", "frac_copy"])
