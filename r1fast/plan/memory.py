@@ -55,9 +55,9 @@ Not modelled: the optimizer step's transient (torch's AdamW, without TE or apex,
 buffer, with the distributed optimizer), forward-only passes (old and reference log-probs: no
 saved activations, their transient is below the training one), expert load imbalance (the
 busiest expert's rank holds more routed tokens), MTP layers (not built), CPU offload, NCCL
-communicators beyond the reserve, and megatron's buffer padding (< 1%). r1fast.plan.measure measures a built policy for comparison;
-tests/plan/test_plan.py and tests/policy/test_recompute.py hold the formulas to megatron that
-way.
+communicators beyond the reserve, and megatron's buffer padding (< 1%). r1fast.plan.measure
+measures a built policy for comparison; tests/plan/test_plan.py and
+tests/policy/test_recompute.py hold the formulas to megatron that way.
 """
 from __future__ import annotations
 

@@ -406,7 +406,8 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     from r1fast.train.packing import sequence_loss_on_packed_rows
 
     out = _sampling_warnings(cfg) + _unused_option_warnings(cfg)
-    out += [w for w in (sequence_loss_on_packed_rows(cfg.model, cfg.parallel),) if w]
+    if packed_rows := sequence_loss_on_packed_rows(cfg.model, cfg.parallel):
+        out.append(packed_rows)
     init = cfg.run.init_from
     if isinstance(cfg.optim.lr, _config.DefaultFloat) and init and is_model_folder(init):
         params = total_params(cfg.model)

@@ -73,8 +73,7 @@ REPORTED_UPDATE_METRICS = ("loss", "clip_frac", "kl_mean", "entropy_mean", "grad
 #: config keys a resume may change without a word: the run's length, layout and logging
 _FREE_ON_RESUME = ("run.steps", "run.resume", "run.overwrite", "run.progress",
                    "run.tensorboard", "run.save_every", "run.keep_last", "parallel.",
-                   "data.eval_every",
-                   "data.eval_before_train")
+                   "data.eval_every", "data.eval_before_train")
 
 
 class GRPOTrainer:
